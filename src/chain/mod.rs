@@ -1,0 +1,156 @@
+//! Chain backends: where transactions are broadcast and chain state is read.
+//!
+//! [`ChainBackend`] is the one trait the server, the client and settlement use. The crate
+//! ships [`SimulatedChain`](sim::SimulatedChain) (feature `sim`), an in-process chain for tests
+//! and demos that checks every input script with Bitcoin Core's consensus interpreter and
+//! applies Bitcoin Core's main relay-policy rules ([`policy`]).
+
+use core::fmt;
+use std::future::Future;
+
+use bitcoin::{FeeRate, OutPoint, Transaction, TxOut, Txid};
+
+pub use crate::channel::ChainTip;
+
+pub mod policy;
+#[cfg(feature = "sim")]
+pub mod sim;
+
+/// Where a transaction stands, as far as a backend can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TxStatus {
+    /// Neither in the mempool nor in a block.
+    Unknown,
+    /// Accepted to the mempool, not yet in a block.
+    InMempool,
+    /// In a block of the best chain.
+    Confirmed {
+        /// Height of the block that holds the transaction.
+        height: u32,
+        /// Number of confirmations (1 when in the tip block).
+        confirmations: u32,
+    },
+}
+
+/// Why a backend refused to broadcast a transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RejectReason {
+    /// An input spends an output that does not exist (or was already spent in a block).
+    MissingInputs,
+    /// An input is already spent by another transaction in the mempool.
+    Conflict,
+    /// The outputs are worth more than the inputs.
+    ValueCreation,
+    /// The absolute lock time has not been reached.
+    NonFinal,
+    /// A relative lock time (BIP-0068) has not been reached.
+    NonBip68Final,
+    /// An input script fails under the consensus interpreter.
+    ScriptFailure,
+    /// The transaction breaks a relay-policy (standardness) rule.
+    NonStandard,
+    /// The fee is below the minimum relay fee.
+    FeeTooLow,
+    /// The fee rate is above the backend's maximum (Bitcoin Core's `maxfeerate`).
+    FeeTooHigh,
+    /// The transaction is already in a block.
+    AlreadyConfirmed,
+    /// The transaction is malformed (no inputs, no outputs, duplicate inputs, ...).
+    Invalid,
+}
+
+impl RejectReason {
+    /// The stable, machine-readable name of this reason.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::MissingInputs => "missing-inputs",
+            Self::Conflict => "conflict",
+            Self::ValueCreation => "value-creation",
+            Self::NonFinal => "non-final",
+            Self::NonBip68Final => "non-bip68-final",
+            Self::ScriptFailure => "script-failure",
+            Self::NonStandard => "non-standard",
+            Self::FeeTooLow => "fee-too-low",
+            Self::FeeTooHigh => "fee-too-high",
+            Self::AlreadyConfirmed => "already-confirmed",
+            Self::Invalid => "invalid",
+        }
+    }
+}
+
+/// An error from a [`ChainBackend`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ChainError {
+    /// The backend refused the transaction.
+    Rejected {
+        /// The reason, mapped to a stable kind.
+        reason: RejectReason,
+        /// The backend's own message (for logs).
+        message: String,
+    },
+    /// The backend could not be reached or answered something unexpected; retrying may help.
+    Unavailable {
+        /// What went wrong (for logs).
+        message: String,
+    },
+}
+
+impl ChainError {
+    pub(crate) fn rejected(reason: RejectReason, message: impl Into<String>) -> Self {
+        Self::Rejected { reason, message: message.into() }
+    }
+
+    /// The rejection reason, if the backend refused a transaction.
+    pub fn reject_reason(&self) -> Option<RejectReason> {
+        match self {
+            Self::Rejected { reason, .. } => Some(*reason),
+            Self::Unavailable { .. } => None,
+        }
+    }
+}
+
+impl fmt::Display for ChainError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Rejected { reason, message } => {
+                write!(f, "transaction rejected ({}): {message}", reason.code())
+            }
+            Self::Unavailable { message } => write!(f, "chain backend unavailable: {message}"),
+        }
+    }
+}
+
+impl std::error::Error for ChainError {}
+
+/// A view of the Bitcoin chain that can also relay transactions.
+///
+/// Methods return `impl Future + Send` so that implementations may do network I/O; the
+/// simulated chain answers immediately.
+pub trait ChainBackend: Send + Sync {
+    /// Submits `tx` to the mempool (and the network). A transaction that is already in the
+    /// mempool is not an error: its txid is returned.
+    fn broadcast(&self, tx: &Transaction)
+    -> impl Future<Output = Result<Txid, ChainError>> + Send;
+
+    /// Reports whether `txid` is unknown, in the mempool or confirmed.
+    fn tx_status(&self, txid: &Txid) -> impl Future<Output = Result<TxStatus, ChainError>> + Send;
+
+    /// Returns the best block's height and median time past.
+    fn tip(&self) -> impl Future<Output = Result<ChainTip, ChainError>> + Send;
+
+    /// Estimates the fee rate needed to confirm within `target_blocks`.
+    fn estimate_fee_rate(
+        &self,
+        target_blocks: u16,
+    ) -> impl Future<Output = Result<FeeRate, ChainError>> + Send;
+
+    /// Returns the output at `outpoint` if it exists and is unspent (mempool spends count as
+    /// spent; unconfirmed outputs count as existing).
+    fn unspent_output(
+        &self,
+        outpoint: &OutPoint,
+    ) -> impl Future<Output = Result<Option<TxOut>, ChainError>> + Send;
+}

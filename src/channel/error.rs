@@ -1,0 +1,522 @@
+//! The typed failures of each protocol check. Every variant names one check and has a stable
+//! machine-readable [`code`](PaymentError::code), which the HTTP layer turns into a problem
+//! `type`.
+
+use core::fmt;
+
+use bitcoin::absolute::LockTime;
+use bitcoin::{Amount, OutPoint, Sequence, Txid};
+
+use super::sig::SignatureError;
+
+/// An expiry outside the server's lifetime bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpiryOutOfBounds {
+    /// The requested expiry.
+    pub expiry: LockTime,
+    /// The earliest acceptable expiry, in the same unit.
+    pub earliest: u32,
+    /// The latest acceptable expiry, in the same unit.
+    pub latest: u32,
+}
+
+impl fmt::Display for ExpiryOutOfBounds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "expiry {} is outside the accepted range {}..={}",
+            self.expiry, self.earliest, self.latest
+        )
+    }
+}
+
+macro_rules! error_codes {
+    ($ty:ident { $($variant:ident $( { $($field:ident),* } )? $( ( $($tuple:tt),* ) )? => $code:literal,)* }) => {
+        impl $ty {
+            /// The stable, machine-readable name of the failed check.
+            pub fn code(&self) -> &'static str {
+                match self {
+                    $(Self::$variant $( { $($field: _),* } )? $( ( $($tuple),* ) )? => $code,)*
+                }
+            }
+        }
+    };
+}
+
+/// Why the server refused to open a channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// The client key equals the server key.
+    SameKeys,
+    /// The channel value is outside the server's bounds (or too small to pay anything).
+    ValueOutOfBounds {
+        /// Requested value.
+        value: Amount,
+        /// Smallest accepted value.
+        min: Amount,
+        /// Largest accepted value.
+        max: Amount,
+    },
+    /// The expiry is outside the server's lifetime bounds.
+    Expiry(ExpiryOutOfBounds),
+    /// The client's refund/change script is not a standard output type.
+    NonStandardClientScript,
+    /// The server's payout script is not a standard output type.
+    NonStandardServerScript,
+}
+
+error_codes!(OpenError {
+    SameKeys => "same-keys",
+    ValueOutOfBounds { value, min, max } => "value-out-of-bounds",
+    Expiry(_e) => "expiry-out-of-bounds",
+    NonStandardClientScript => "non-standard-client-script",
+    NonStandardServerScript => "non-standard-server-script",
+});
+
+impl fmt::Display for OpenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::SameKeys => f.write_str("client and server keys are the same"),
+            Self::ValueOutOfBounds { value, min, max } => {
+                write!(f, "channel value {value} is outside {min}..={max} or cannot pay dust")
+            }
+            Self::Expiry(e) => e.fmt(f),
+            Self::NonStandardClientScript => f.write_str("client script is not a standard output"),
+            Self::NonStandardServerScript => f.write_str("server script is not a standard output"),
+        }
+    }
+}
+
+impl std::error::Error for OpenError {}
+
+/// Why the server refused to sign a refund transaction (T2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RefundError {
+    /// The refund has other than exactly one input.
+    InputCount {
+        /// Inputs found.
+        found: usize,
+    },
+    /// The refund does not spend an output of the given funding transaction.
+    WrongFundingTxid {
+        /// The funding transaction's txid.
+        expected: Txid,
+        /// The txid the refund spends.
+        found: Txid,
+    },
+    /// The spent funding output does not exist or is not the channel's P2WSH script.
+    WrongFundingScript {
+        /// The outpoint the refund spends.
+        outpoint: OutPoint,
+    },
+    /// The funding output's value is not the agreed channel value.
+    WrongFundingValue {
+        /// The agreed value.
+        expected: Amount,
+        /// The funding output's value.
+        found: Amount,
+    },
+    /// The refund's version is not 2.
+    Version {
+        /// The version found.
+        found: i32,
+    },
+    /// The refund has other than exactly one output.
+    OutputCount {
+        /// Outputs found.
+        found: usize,
+    },
+    /// The refund output does not pay the client's agreed script.
+    WrongOutputScript,
+    /// The input's sequence is final (`0xffffffff`), which would disable the lock time.
+    FinalSequence,
+    /// The lock time is not the agreed expiry.
+    WrongLockTime {
+        /// The agreed expiry.
+        expected: LockTime,
+        /// The refund's lock time.
+        found: LockTime,
+    },
+    /// The agreed expiry is (no longer) within the server's lifetime bounds.
+    Expiry(ExpiryOutOfBounds),
+    /// The refund pays more than the channel holds.
+    ValueCreation,
+    /// The refund output is below its dust threshold.
+    DustOutput {
+        /// Output value.
+        value: Amount,
+        /// Dust threshold of its script.
+        threshold: Amount,
+    },
+    /// The refund's fee is below the agreed minimum at its co-signed size.
+    FeeTooLow {
+        /// The refund's fee.
+        fee: Amount,
+        /// The minimum fee.
+        required: Amount,
+    },
+    /// The refund's fee is above the agreed maximum at its co-signed size.
+    FeeTooHigh {
+        /// The refund's fee.
+        fee: Amount,
+        /// The maximum fee.
+        max: Amount,
+    },
+}
+
+error_codes!(RefundError {
+    InputCount { found } => "refund-input-count",
+    WrongFundingTxid { expected, found } => "refund-wrong-funding-txid",
+    WrongFundingScript { outpoint } => "refund-wrong-funding-script",
+    WrongFundingValue { expected, found } => "refund-wrong-funding-value",
+    Version { found } => "refund-version",
+    OutputCount { found } => "refund-output-count",
+    WrongOutputScript => "refund-wrong-output-script",
+    FinalSequence => "refund-final-sequence",
+    WrongLockTime { expected, found } => "refund-wrong-lock-time",
+    Expiry(_e) => "refund-expiry-out-of-bounds",
+    ValueCreation => "refund-value-creation",
+    DustOutput { value, threshold } => "refund-dust-output",
+    FeeTooLow { fee, required } => "refund-fee-too-low",
+    FeeTooHigh { fee, max } => "refund-fee-too-high",
+});
+
+impl fmt::Display for RefundError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::InputCount { found } => write!(f, "refund has {found} inputs, expected 1"),
+            Self::WrongFundingTxid { expected, found } => {
+                write!(f, "refund spends {found}, not the funding transaction {expected}")
+            }
+            Self::WrongFundingScript { outpoint } => {
+                write!(f, "funding output {outpoint} is missing or not the channel's P2WSH")
+            }
+            Self::WrongFundingValue { expected, found } => {
+                write!(f, "funding output holds {found}, agreed {expected}")
+            }
+            Self::Version { found } => write!(f, "refund version {found}, expected 2"),
+            Self::OutputCount { found } => write!(f, "refund has {found} outputs, expected 1"),
+            Self::WrongOutputScript => f.write_str("refund does not pay the agreed client script"),
+            Self::FinalSequence => f.write_str("refund input sequence is final: lock time ignored"),
+            Self::WrongLockTime { expected, found } => {
+                write!(f, "refund lock time {found}, agreed expiry {expected}")
+            }
+            Self::Expiry(e) => e.fmt(f),
+            Self::ValueCreation => f.write_str("refund pays more than the channel holds"),
+            Self::DustOutput { value, threshold } => {
+                write!(f, "refund output {value} is below the dust threshold {threshold}")
+            }
+            Self::FeeTooLow { fee, required } => {
+                write!(f, "refund fee {fee} is below the minimum {required}")
+            }
+            Self::FeeTooHigh { fee, max } => write!(f, "refund fee {fee} is above the maximum {max}"),
+        }
+    }
+}
+
+impl std::error::Error for RefundError {}
+
+/// Why the server refused a signed funding transaction (T1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FundingError {
+    /// The txid differs from the one the refund was signed against.
+    TxidMismatch {
+        /// The txid the refund spends.
+        expected: Txid,
+        /// The funding transaction's txid.
+        found: Txid,
+    },
+    /// The output at the channel's vout is missing or not the channel's P2WSH script.
+    WrongOutputScript,
+    /// The funding output's value is not the agreed channel value.
+    WrongValue {
+        /// Agreed value.
+        expected: Amount,
+        /// Value found.
+        found: Amount,
+    },
+    /// The value is outside the server's channel size bounds.
+    ValueOutOfBounds {
+        /// Value found.
+        value: Amount,
+        /// Smallest accepted.
+        min: Amount,
+        /// Largest accepted.
+        max: Amount,
+    },
+    /// An input carries no signature data (neither witness nor script_sig).
+    Unsigned {
+        /// Index of the input.
+        input: usize,
+    },
+    /// The number of spent outputs supplied does not match the inputs.
+    PrevoutCount {
+        /// Inputs.
+        inputs: usize,
+        /// Spent outputs supplied.
+        prevouts: usize,
+    },
+    /// The outputs are worth more than the spent outputs.
+    ValueCreation,
+    /// The fee rate is below the server's floor.
+    FeeTooLow {
+        /// The fee.
+        fee: Amount,
+        /// The minimum fee at the transaction's size.
+        required: Amount,
+    },
+}
+
+error_codes!(FundingError {
+    TxidMismatch { expected, found } => "funding-txid-mismatch",
+    WrongOutputScript => "funding-wrong-output-script",
+    WrongValue { expected, found } => "funding-wrong-value",
+    ValueOutOfBounds { value, min, max } => "funding-value-out-of-bounds",
+    Unsigned { input } => "funding-unsigned",
+    PrevoutCount { inputs, prevouts } => "funding-prevout-count",
+    ValueCreation => "funding-value-creation",
+    FeeTooLow { fee, required } => "funding-fee-too-low",
+});
+
+impl fmt::Display for FundingError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::TxidMismatch { expected, found } => {
+                write!(f, "funding txid {found} is not the {expected} the refund was signed for")
+            }
+            Self::WrongOutputScript => f.write_str("funding output is not the channel's P2WSH"),
+            Self::WrongValue { expected, found } => {
+                write!(f, "funding output holds {found}, agreed {expected}")
+            }
+            Self::ValueOutOfBounds { value, min, max } => {
+                write!(f, "funding value {value} is outside {min}..={max}")
+            }
+            Self::Unsigned { input } => write!(f, "funding input {input} is not signed"),
+            Self::PrevoutCount { inputs, prevouts } => {
+                write!(f, "{prevouts} spent outputs supplied for {inputs} inputs")
+            }
+            Self::ValueCreation => f.write_str("funding outputs exceed its inputs"),
+            Self::FeeTooLow { fee, required } => {
+                write!(f, "funding fee {fee} is below the minimum {required}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for FundingError {}
+
+/// Why the server refused a payment transaction (T3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PaymentError {
+    /// The payment has other than exactly one input.
+    InputCount {
+        /// Inputs found.
+        found: usize,
+    },
+    /// The input does not spend the channel's funding outpoint.
+    WrongOutpoint {
+        /// The outpoint spent.
+        found: OutPoint,
+    },
+    /// The version is not 2.
+    Version {
+        /// The version found.
+        found: i32,
+    },
+    /// The input's sequence is not final (`0xffffffff`).
+    Sequence {
+        /// The sequence found.
+        found: Sequence,
+    },
+    /// The lock time is not 0.
+    LockTime {
+        /// The lock time found.
+        found: LockTime,
+    },
+    /// The payment has other than one or two outputs.
+    OutputCount {
+        /// Outputs found.
+        found: usize,
+    },
+    /// Output 0 does not pay the server's agreed script.
+    WrongServerScript,
+    /// Output 1 does not pay the client's agreed script.
+    WrongChangeScript,
+    /// The outputs are worth more than the channel holds.
+    ValueCreation,
+    /// The server output is below its dust threshold.
+    ServerOutputDust {
+        /// Output value.
+        value: Amount,
+        /// Dust threshold.
+        threshold: Amount,
+    },
+    /// The change output is below its dust threshold (omit it instead).
+    ChangeDust {
+        /// Output value.
+        value: Amount,
+        /// Dust threshold.
+        threshold: Amount,
+    },
+    /// The change was omitted although it would not have been dust.
+    ChangeOmitted {
+        /// What the change would have been at the minimum fee.
+        would_be: Amount,
+    },
+    /// The fee is below the agreed minimum at the co-signed size.
+    FeeTooLow {
+        /// The fee.
+        fee: Amount,
+        /// The minimum fee.
+        required: Amount,
+    },
+    /// The fee is above the agreed maximum at the co-signed size.
+    FeeTooHigh {
+        /// The fee.
+        fee: Amount,
+        /// The maximum fee.
+        max: Amount,
+    },
+    /// The payment does not pay the server more than the best payment so far.
+    NotAnIncrease {
+        /// The server amount of the best payment so far.
+        best: Amount,
+        /// The server amount of this payment.
+        found: Amount,
+    },
+    /// The witness is not exactly one item, the client's signature.
+    WitnessShape {
+        /// Witness items found.
+        items: usize,
+    },
+    /// The client's signature is malformed, not `SIGHASH_ALL`, or does not verify.
+    Signature(SignatureError),
+    /// The channel is within its close margin: no new payments; open a new channel.
+    Closing {
+        /// The channel's expiry.
+        expiry: LockTime,
+    },
+}
+
+error_codes!(PaymentError {
+    InputCount { found } => "payment-input-count",
+    WrongOutpoint { found } => "payment-wrong-outpoint",
+    Version { found } => "payment-version",
+    Sequence { found } => "payment-sequence",
+    LockTime { found } => "payment-lock-time",
+    OutputCount { found } => "payment-output-count",
+    WrongServerScript => "payment-wrong-server-script",
+    WrongChangeScript => "payment-wrong-change-script",
+    ValueCreation => "payment-value-creation",
+    ServerOutputDust { value, threshold } => "payment-server-output-dust",
+    ChangeDust { value, threshold } => "payment-change-dust",
+    ChangeOmitted { would_be } => "payment-change-omitted",
+    FeeTooLow { fee, required } => "payment-fee-too-low",
+    FeeTooHigh { fee, max } => "payment-fee-too-high",
+    NotAnIncrease { best, found } => "payment-not-an-increase",
+    WitnessShape { items } => "payment-witness-shape",
+    Signature(_e) => "payment-signature",
+    Closing { expiry } => "payment-channel-closing",
+});
+
+impl fmt::Display for PaymentError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::InputCount { found } => write!(f, "payment has {found} inputs, expected 1"),
+            Self::WrongOutpoint { found } => write!(f, "payment spends {found}, not the channel"),
+            Self::Version { found } => write!(f, "payment version {found}, expected 2"),
+            Self::Sequence { found } => write!(f, "payment sequence {found}, expected 0xffffffff"),
+            Self::LockTime { found } => write!(f, "payment lock time {found}, expected 0"),
+            Self::OutputCount { found } => write!(f, "payment has {found} outputs, expected 1 or 2"),
+            Self::WrongServerScript => f.write_str("output 0 does not pay the server's script"),
+            Self::WrongChangeScript => f.write_str("output 1 does not pay the client's script"),
+            Self::ValueCreation => f.write_str("payment outputs exceed the channel value"),
+            Self::ServerOutputDust { value, threshold } => {
+                write!(f, "server output {value} is below the dust threshold {threshold}")
+            }
+            Self::ChangeDust { value, threshold } => {
+                write!(f, "change {value} is below the dust threshold {threshold}: omit it")
+            }
+            Self::ChangeOmitted { would_be } => {
+                write!(f, "change of {would_be} is not dust and may not be omitted")
+            }
+            Self::FeeTooLow { fee, required } => {
+                write!(f, "payment fee {fee} is below the minimum {required}")
+            }
+            Self::FeeTooHigh { fee, max } => write!(f, "payment fee {fee} is above the maximum {max}"),
+            Self::NotAnIncrease { best, found } => {
+                write!(f, "payment of {found} to the server does not exceed the best {best}")
+            }
+            Self::WitnessShape { items } => {
+                write!(f, "payment witness has {items} items, expected the client signature only")
+            }
+            Self::Signature(e) => write!(f, "client signature: {e}"),
+            Self::Closing { expiry } => {
+                write!(f, "channel expiring at {expiry} is closing; open a new channel")
+            }
+        }
+    }
+}
+
+impl std::error::Error for PaymentError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Signature(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// Why a transaction could not be signed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SignError {
+    /// The secret key does not belong to the public key the input must be signed for.
+    WrongKey,
+    /// The transaction has no input 0 to sign.
+    NoInput,
+}
+
+impl fmt::Display for SignError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::WrongKey => f.write_str("the secret key does not match the channel's public key"),
+            Self::NoInput => f.write_str("the transaction has no input to sign"),
+        }
+    }
+}
+
+impl std::error::Error for SignError {}
+
+/// Why the server could not co-sign a payment into a closing transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CloseError {
+    /// The secret key is not the channel's server key.
+    WrongKey,
+    /// The payment's witness is not exactly the client's signature.
+    WitnessShape {
+        /// Witness items found.
+        items: usize,
+    },
+    /// The client's signature is not a standard `SIGHASH_ALL` signature.
+    Signature(SignatureError),
+}
+
+impl fmt::Display for CloseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::WrongKey => f.write_str("the secret key is not the channel's server key"),
+            Self::WitnessShape { items } => {
+                write!(f, "payment witness has {items} items, expected the client signature")
+            }
+            Self::Signature(e) => write!(f, "client signature: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for CloseError {}

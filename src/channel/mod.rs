@@ -1,0 +1,150 @@
+//! The payment channel protocol core: pure functions over transactions, with no I/O, no clock
+//! and no randomness. Time enters as a [`ChainTip`] argument; keys enter as arguments.
+//!
+//! The channel is the classic unidirectional ("Spillman") contract on segwit v0, following
+//! the seed's nine steps:
+//!
+//! | step | who | what | here |
+//! |---|---|---|---|
+//! | 1 | both | client key K1, fresh server key K2; terms agreed | [`Terms::agree`] → [`ChannelParams`] |
+//! | 2 | client | unsigned funding T1 paying the 2-of-2 P2WSH | [`ChannelParams::build_funding`] |
+//! | 3 | client | refund T2 spending T1, locked until the expiry | [`ChannelParams::build_refund`] |
+//! | 4 | server | checks and signs T2 | [`ChannelParams::check_refund`] → [`CheckedRefund::sign`] |
+//! | 5 | client | verifies the server's refund signature, aborts if wrong | [`ChannelParams::verify_refund_signature`] |
+//! | 6 | server | checks the signed T1 is the one T2 spends; broadcasts it | [`ChannelParams::check_funding`] |
+//! | 7–8 | client | signs payments T3, each paying the server more | [`Channel::build_payment`], [`Channel::sign_payment`] |
+//! | 9 | server | checks each T3; co-signs the best and broadcasts to close | [`Channel::check_payment`], [`Channel::close_transaction`] |
+//!
+//! The wire formats and every rule are specified, with test vectors, in `docs/PROTOCOL.md`.
+//!
+//! # Examples
+//!
+//! ```
+//! use bitcoin::absolute::LockTime;
+//! use bitcoin::secp256k1::{Secp256k1, SecretKey};
+//! use bitcoin::{Amount, CompressedPublicKey, OutPoint, ScriptBuf, Txid, hashes::Hash};
+//! use paychan::channel::{ChainTip, PaymentCheck, Terms};
+//!
+//! let secp = Secp256k1::new();
+//! let (k1, k2) = (SecretKey::from_slice(&[1; 32])?, SecretKey::from_slice(&[2; 32])?);
+//! let pk = |k: &SecretKey| CompressedPublicKey(k.public_key(&secp));
+//! let script = |k: &SecretKey| ScriptBuf::new_p2wpkh(&pk(k).wpubkey_hash());
+//! let tip = ChainTip { height: 800_000, median_time_past: 1_700_000_000 };
+//!
+//! // Step 1: the server agrees to a 100 000 sat channel expiring in 1 000 blocks.
+//! let params = Terms::default().agree(
+//!     pk(&k1), pk(&k2), Amount::from_sat(100_000), LockTime::from_height(801_000)?,
+//!     script(&k1), script(&k2), tip,
+//! )?;
+//! // Steps 2-6 (funding and refund) are elided: say T1 created this outpoint.
+//! let channel = params.at(OutPoint { txid: Txid::all_zeros(), vout: 0 });
+//!
+//! // Step 7-8: the client pays the server 1 000 sat in total.
+//! let mut t3 = channel.build_payment(Amount::from_sat(1_000))?;
+//! channel.sign_payment(&mut t3, &k1)?;
+//!
+//! // Step 9: the server checks it against its best payment so far (none).
+//! let check = channel.check_payment(None, &t3, tip)?;
+//! assert_eq!(check, PaymentCheck::Increase {
+//!     previous: Amount::ZERO,
+//!     server_amount: Amount::from_sat(1_000),
+//! });
+//! let close = channel.close_transaction(&t3, &k2)?;
+//! assert_eq!(close.input[0].witness.len(), 4);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::sync::OnceLock;
+
+use bitcoin::secp256k1::{All, Message, Secp256k1, SecretKey};
+use bitcoin::sighash::{EcdsaSighashType, SighashCache};
+use bitcoin::{CompressedPublicKey, OutPoint, Transaction, Witness, ecdsa};
+use serde::{Deserialize, Serialize};
+
+mod error;
+mod funding;
+mod params;
+mod payment;
+mod refund;
+pub mod sig;
+mod tip;
+
+pub use error::{
+    CloseError, ExpiryOutOfBounds, FundingError, OpenError, PaymentError, RefundError, SignError,
+};
+pub use params::{
+    ChannelParams, FUNDING_SPEND_WITNESS_WEIGHT, LifetimeBounds, TX_VERSION, Terms,
+    is_standard_payout,
+};
+pub use payment::PaymentCheck;
+pub use refund::{CheckedRefund, REFUND_SEQUENCE};
+pub use tip::ChainTip;
+
+/// A funded channel: the agreed parameters and the funding outpoint (the channel's id).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Channel {
+    params: ChannelParams,
+    outpoint: OutPoint,
+}
+
+impl Channel {
+    /// Creates the channel funded at `outpoint`.
+    pub fn new(params: ChannelParams, outpoint: OutPoint) -> Self { Self { params, outpoint } }
+
+    /// Returns the agreed parameters.
+    pub fn params(&self) -> &ChannelParams { &self.params }
+
+    /// Returns the funding outpoint, which identifies the channel.
+    pub fn outpoint(&self) -> OutPoint { self.outpoint }
+}
+
+/// The crate's shared secp256k1 context.
+pub(crate) fn secp() -> &'static Secp256k1<All> {
+    static SECP: OnceLock<Secp256k1<All>> = OnceLock::new();
+    SECP.get_or_init(Secp256k1::new)
+}
+
+impl ChannelParams {
+    /// The BIP-0143 `SIGHASH_ALL` message for input 0 of `tx` spending the funding output;
+    /// `None` if `tx` has no input.
+    pub(crate) fn sighash(&self, tx: &Transaction) -> Option<Message> {
+        let sighash = SighashCache::new(tx)
+            .p2wsh_signature_hash(0, &self.witness_script(), self.value, EcdsaSighashType::All)
+            .ok()?;
+        Some(Message::from(sighash))
+    }
+
+    /// Signs input 0 of `tx` for `expected`, refusing a key that is not `expected`'s.
+    pub(crate) fn sign_input(
+        &self,
+        tx: &Transaction,
+        secret: &SecretKey,
+        expected: &CompressedPublicKey,
+    ) -> Result<ecdsa::Signature, SignError> {
+        if secret.public_key(secp()) != expected.0 {
+            return Err(SignError::WrongKey);
+        }
+        let msg = self.sighash(tx).ok_or(SignError::NoInput)?;
+        Ok(sig::sign_all(secp(), &msg, secret))
+    }
+
+    /// Returns `tx` with the full 2-of-2 witness `[<empty>, sig, sig, witness_script]`, the
+    /// signatures in key order.
+    pub(crate) fn with_witness(
+        &self,
+        tx: &Transaction,
+        client: &ecdsa::Signature,
+        server: &ecdsa::Signature,
+    ) -> Transaction {
+        let [first, _] = self.sorted_keys();
+        let (a, b) = if first == self.client_key { (client, server) } else { (server, client) };
+        let mut witness = Witness::new();
+        witness.push([]);
+        witness.push_ecdsa_signature(a);
+        witness.push_ecdsa_signature(b);
+        witness.push(self.witness_script().as_bytes());
+        let mut tx = tx.clone();
+        tx.input[0].witness = witness;
+        tx
+    }
+}

@@ -1,0 +1,231 @@
+use bitcoin::absolute::LockTime;
+use bitcoin::secp256k1::SecretKey;
+use bitcoin::{Amount, ScriptBuf, Sequence, Transaction, TxIn, TxOut, Witness};
+
+use super::error::{CloseError, PaymentError, SignError};
+use super::params::{TX_VERSION, fee_at, funding_spend_weight};
+use super::sig;
+use super::{ChainTip, Channel};
+
+/// The outcome of a successful [`Channel::check_payment`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum PaymentCheck {
+    /// The payment is the channel's current best (byte-identical, or the same transaction
+    /// with another valid client signature): nothing new was paid.
+    Repeat,
+    /// The payment is valid and pays the server more than the best so far.
+    Increase {
+        /// The server amount of the best payment so far (zero if none).
+        previous: Amount,
+        /// The server amount of this payment.
+        server_amount: Amount,
+    },
+}
+
+impl Channel {
+    /// Builds an unsigned payment (client side, seed step 7) that pays the server
+    /// `server_amount` in total, with the agreed minimum fee taken from the client's side.
+    ///
+    /// Output 0 pays the server; output 1, the change, is omitted when it would be dust (and
+    /// then goes to the fee).
+    ///
+    /// # Errors
+    ///
+    /// [`PaymentError::ServerOutputDust`] or [`PaymentError::ValueCreation`] when the server
+    /// would refuse the result.
+    pub fn build_payment(&self, server_amount: Amount) -> Result<Transaction, PaymentError> {
+        let params = &self.params;
+        let threshold = params.min_server_amount();
+        if server_amount < threshold {
+            return Err(PaymentError::ServerOutputDust { value: server_amount, threshold });
+        }
+        let mut output =
+            vec![TxOut { value: server_amount, script_pubkey: params.server_script.clone() }];
+        let change = server_amount
+            .checked_add(params.payment_fee(true))
+            .and_then(|spent| params.value.checked_sub(spent));
+        match change {
+            Some(change) if change >= params.min_change() => output
+                .push(TxOut { value: change, script_pubkey: params.client_script.clone() }),
+            _ => {
+                let spent = server_amount.checked_add(params.payment_fee(false));
+                if spent.is_none_or(|spent| spent > params.value) {
+                    return Err(PaymentError::ValueCreation);
+                }
+            }
+        }
+        Ok(Transaction {
+            version: TX_VERSION,
+            lock_time: LockTime::ZERO,
+            input: vec![TxIn {
+                previous_output: self.outpoint,
+                script_sig: ScriptBuf::new(),
+                sequence: Sequence::MAX,
+                witness: Witness::new(),
+            }],
+            output,
+        })
+    }
+
+    /// Signs a payment with the client's key (seed step 8): the witness becomes exactly one
+    /// item, the client's `SIGHASH_ALL` signature. This is the form the server accepts.
+    ///
+    /// # Errors
+    ///
+    /// [`SignError`] if `client_secret` is not the channel's client key.
+    pub fn sign_payment(
+        &self,
+        payment: &mut Transaction,
+        client_secret: &SecretKey,
+    ) -> Result<(), SignError> {
+        let signature = self.params.sign_input(payment, client_secret, &self.params.client_key)?;
+        let mut witness = Witness::new();
+        witness.push_ecdsa_signature(&signature);
+        payment.input[0].witness = witness;
+        Ok(())
+    }
+
+    /// Checks a client-signed payment (server side, seed step 9) against the channel and its
+    /// best payment so far.
+    ///
+    /// A payment byte-identical to `best` is a [`PaymentCheck::Repeat`] without further
+    /// checks. Otherwise, in order: one input spending the funding outpoint; version 2; final
+    /// sequence; lock time 0; one or two outputs, server first, exactly the agreed scripts;
+    /// the channel not within its close margin at `tip`; no value creation; no dust outputs,
+    /// and change omitted only when it would be dust; fee within the agreed rates at the
+    /// co-signed size (no upper bound when the change was omitted: the dust went to the fee);
+    /// a server amount strictly above `best`'s (the same transaction is a repeat); a witness
+    /// of exactly the client's signature, which must be strict DER, low-S, exactly
+    /// `SIGHASH_ALL` and valid for the client key over the BIP-0143 sighash with the channel
+    /// value.
+    ///
+    /// # Errors
+    ///
+    /// The first failed check as a [`PaymentError`].
+    pub fn check_payment(
+        &self,
+        best: Option<&Transaction>,
+        payment: &Transaction,
+        tip: ChainTip,
+    ) -> Result<PaymentCheck, PaymentError> {
+        if best == Some(payment) {
+            return Ok(PaymentCheck::Repeat);
+        }
+        let params = &self.params;
+        let [input] = payment.input.as_slice() else {
+            return Err(PaymentError::InputCount { found: payment.input.len() });
+        };
+        if input.previous_output != self.outpoint {
+            return Err(PaymentError::WrongOutpoint { found: input.previous_output });
+        }
+        if payment.version != TX_VERSION {
+            return Err(PaymentError::Version { found: payment.version.0 });
+        }
+        if input.sequence != Sequence::MAX {
+            return Err(PaymentError::Sequence { found: input.sequence });
+        }
+        if payment.lock_time != LockTime::ZERO {
+            return Err(PaymentError::LockTime { found: payment.lock_time });
+        }
+        let (server, change) = match payment.output.as_slice() {
+            [server] => (server, None),
+            [server, change] => (server, Some(change)),
+            outputs => return Err(PaymentError::OutputCount { found: outputs.len() }),
+        };
+        if server.script_pubkey != params.server_script {
+            return Err(PaymentError::WrongServerScript);
+        }
+        if change.is_some_and(|change| change.script_pubkey != params.client_script) {
+            return Err(PaymentError::WrongChangeScript);
+        }
+        if params.is_closing(tip) {
+            return Err(PaymentError::Closing { expiry: params.expiry });
+        }
+        let change_value = change.map_or(Amount::ZERO, |change| change.value);
+        let fee = server
+            .value
+            .checked_add(change_value)
+            .and_then(|out| params.value.checked_sub(out))
+            .ok_or(PaymentError::ValueCreation)?;
+        let threshold = params.min_server_amount();
+        if server.value < threshold {
+            return Err(PaymentError::ServerOutputDust { value: server.value, threshold });
+        }
+        let threshold = params.min_change();
+        if change.is_some() && change_value < threshold {
+            return Err(PaymentError::ChangeDust { value: change_value, threshold });
+        }
+        let scripts: Vec<usize> = payment.output.iter().map(|o| o.script_pubkey.len()).collect();
+        let weight = funding_spend_weight(&scripts);
+        let required = fee_at(params.min_fee_rate, weight);
+        if fee < required {
+            return Err(PaymentError::FeeTooLow { fee, required });
+        }
+        if change.is_some() {
+            let max = fee_at(params.max_fee_rate, weight);
+            if fee > max {
+                return Err(PaymentError::FeeTooHigh { fee, max });
+            }
+        } else {
+            let would_be = params
+                .value
+                .checked_sub(server.value)
+                .and_then(|rest| rest.checked_sub(params.payment_fee(true)))
+                .unwrap_or(Amount::ZERO);
+            if would_be >= threshold {
+                return Err(PaymentError::ChangeOmitted { would_be });
+            }
+        }
+        let previous = best.and_then(|best| best.output.first()).map_or(Amount::ZERO, |o| o.value);
+        let repeat = best.is_some_and(|best| best.compute_txid() == payment.compute_txid());
+        if server.value <= previous && !repeat {
+            return Err(PaymentError::NotAnIncrease { best: previous, found: server.value });
+        }
+        self.verify_client_signature(payment)?;
+        Ok(if repeat {
+            PaymentCheck::Repeat
+        } else {
+            PaymentCheck::Increase { previous, server_amount: server.value }
+        })
+    }
+
+    fn verify_client_signature(&self, payment: &Transaction) -> Result<(), PaymentError> {
+        let witness = &payment.input[0].witness;
+        let [client_sig] = witness.to_vec().try_into().map_err(|items: Vec<Vec<u8>>| {
+            PaymentError::WitnessShape { items: items.len() }
+        })?;
+        let client_sig = sig::parse_sighash_all(&client_sig).map_err(PaymentError::Signature)?;
+        let msg = self.params.sighash(payment).ok_or(PaymentError::InputCount { found: 0 })?;
+        sig::verify(super::secp(), &msg, &client_sig, &self.params.client_key)
+            .map_err(PaymentError::Signature)
+    }
+
+    /// Co-signs a payment the server accepted and returns the complete transaction that
+    /// closes the channel (seed step 9): witness `[<empty>, sig, sig, witness_script]`, the
+    /// signatures in the witness script's key order.
+    ///
+    /// # Errors
+    ///
+    /// [`CloseError`] if the key is not the channel's server key or the payment does not carry
+    /// a standard client signature.
+    pub fn close_transaction(
+        &self,
+        payment: &Transaction,
+        server_secret: &SecretKey,
+    ) -> Result<Transaction, CloseError> {
+        let [client_sig] = payment
+            .input
+            .first()
+            .map(|input| input.witness.to_vec())
+            .unwrap_or_default()
+            .try_into()
+            .map_err(|items: Vec<Vec<u8>>| CloseError::WitnessShape { items: items.len() })?;
+        let client_sig = sig::parse_sighash_all(&client_sig).map_err(CloseError::Signature)?;
+        let server_sig = self
+            .params
+            .sign_input(payment, server_secret, &self.params.server_key)
+            .map_err(|_| CloseError::WrongKey)?;
+        Ok(self.params.with_witness(payment, &client_sig, &server_sig))
+    }
+}

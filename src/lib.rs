@@ -1,0 +1,31 @@
+//! Charge per HTTP request over Bitcoin payment channels.
+//!
+//! A client opens a unidirectional payment channel with the server — a 2-of-2 P2WSH output,
+//! protected by a time-locked refund the server signs first — and then sends, with every
+//! request, a signed transaction that pays the server a little more. The server checks it,
+//! meters the request, and before the channel expires co-signs the best payment and collects.
+//!
+//! This crate is built in layers:
+//!
+//! * [`channel`] — the protocol core: pure functions (no I/O, no clock, no randomness) that
+//!   build and check the funding, refund and payment transactions, with one typed error per
+//!   rule. Specified in `docs/PROTOCOL.md`.
+//! * [`wire`] — the `Payment-Channel` header and channel ids.
+//! * [`chain`] — the [`ChainBackend`](chain::ChainBackend) trait, Bitcoin Core's relay policy,
+//!   and (feature `sim`) a simulated chain that checks every input with Bitcoin Core's
+//!   consensus interpreter.
+//! * [`MilliSats`] — prices and allocations at millisatoshi granularity.
+//!
+//! # Features
+//!
+//! * `sim` — [`chain::sim::SimulatedChain`] and with it rust-bitcoin's `bitcoinconsensus`
+//!   (Bitcoin Core's C++ script interpreter). Off by default; the tests, examples and benches
+//!   turn it on.
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub mod chain;
+pub mod channel;
+mod msat;
+pub mod wire;
+
+pub use msat::{MilliSats, ParseMilliSatsError};

@@ -1,0 +1,218 @@
+//! The HTTP wire format of payments: the `Payment-Channel` header and channel ids.
+//!
+//! A request carries the client's latest signed payment transaction (T3) in the
+//! `Payment-Channel` header, as base64 (RFC 4648, standard alphabet, padded) of its consensus
+//! serialisation, segwit marker and witness included. The witness of its single input is one
+//! item: the client's DER signature followed by the `SIGHASH_ALL` byte. A value longer than
+//! [`MAX_HEADER_LEN`] is refused before it is decoded. See `docs/PROTOCOL.md`.
+//!
+//! # Examples
+//!
+//! ```
+//! use bitcoin::{Amount, OutPoint, ScriptBuf, Transaction, TxIn, TxOut, absolute, transaction};
+//! use paychan::wire;
+//!
+//! let tx = Transaction {
+//!     version: transaction::Version::TWO,
+//!     lock_time: absolute::LockTime::ZERO,
+//!     input: vec![TxIn::default()],
+//!     output: vec![TxOut { value: Amount::from_sat(1_000), script_pubkey: ScriptBuf::new() }],
+//! };
+//! let header = wire::encode_payment(&tx);
+//! assert_eq!(wire::decode_payment(header.as_bytes())?, tx);
+//! assert!(wire::decode_payment(b"not base64!").is_err());
+//! # Ok::<(), wire::DecodeError>(())
+//! ```
+
+use core::fmt;
+use core::str::FromStr;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use bitcoin::{OutPoint, Transaction, consensus};
+use serde::{Deserialize, Serialize};
+
+/// The request header that carries the client's latest signed payment.
+pub const PAYMENT_CHANNEL: &str = "payment-channel";
+
+/// The longest `Payment-Channel` header value accepted, in bytes.
+pub const MAX_HEADER_LEN: usize = 1024;
+
+/// Why a `Payment-Channel` header value could not be decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The value is longer than [`MAX_HEADER_LEN`].
+    TooLong {
+        /// Length of the value in bytes.
+        len: usize,
+    },
+    /// The value is not padded standard base64.
+    Base64,
+    /// The bytes are not exactly one consensus-serialised transaction.
+    Transaction,
+}
+
+impl DecodeError {
+    /// The stable, machine-readable name of this failure.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::TooLong { .. } => "header-too-long",
+            Self::Base64 => "header-not-base64",
+            Self::Transaction => "header-not-a-transaction",
+        }
+    }
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::TooLong { len } => {
+                write!(f, "header is {len} bytes, more than the {MAX_HEADER_LEN} allowed")
+            }
+            Self::Base64 => f.write_str("header is not padded standard base64 (RFC 4648)"),
+            Self::Transaction => f.write_str("header is not one consensus-encoded transaction"),
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+/// Encodes a signed payment as a `Payment-Channel` header value.
+pub fn encode_payment(payment: &Transaction) -> String {
+    STANDARD.encode(consensus::serialize(payment))
+}
+
+/// Decodes a `Payment-Channel` header value.
+///
+/// # Errors
+///
+/// [`DecodeError`]: too long, not base64, or not exactly one transaction (trailing bytes are
+/// refused).
+pub fn decode_payment(value: &[u8]) -> Result<Transaction, DecodeError> {
+    if value.len() > MAX_HEADER_LEN {
+        return Err(DecodeError::TooLong { len: value.len() });
+    }
+    let bytes = STANDARD.decode(value).map_err(|_| DecodeError::Base64)?;
+    consensus::deserialize(&bytes).map_err(|_| DecodeError::Transaction)
+}
+
+/// A channel's id: its funding outpoint, written `txid:vout`.
+///
+/// # Examples
+///
+/// ```
+/// use paychan::wire::ChannelId;
+///
+/// let id: ChannelId =
+///     "4a5e1e4baab89f3a32518a88c31bc87f618f76673e2cc77ab2127b7afdeda33b:1".parse()?;
+/// assert_eq!(id.outpoint().vout, 1);
+/// assert_eq!(id.to_string().parse::<ChannelId>()?, id);
+/// # Ok::<(), paychan::wire::ParseChannelIdError>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub struct ChannelId(OutPoint);
+
+impl ChannelId {
+    /// The channel funded at `outpoint`.
+    pub const fn new(outpoint: OutPoint) -> Self { Self(outpoint) }
+
+    /// Returns the funding outpoint.
+    pub const fn outpoint(&self) -> OutPoint { self.0 }
+}
+
+impl From<OutPoint> for ChannelId {
+    fn from(outpoint: OutPoint) -> Self { Self(outpoint) }
+}
+
+impl fmt::Display for ChannelId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.0.txid, self.0.vout)
+    }
+}
+
+/// A string that is not `txid:vout`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ParseChannelIdError;
+
+impl fmt::Display for ParseChannelIdError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("expected a channel id as `txid:vout` (64 hex digits, a colon, a number)")
+    }
+}
+
+impl std::error::Error for ParseChannelIdError {}
+
+impl FromStr for ChannelId {
+    type Err = ParseChannelIdError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (txid, vout) = s.split_once(':').ok_or(ParseChannelIdError)?;
+        if txid.len() != 64 || vout.is_empty() || !vout.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(ParseChannelIdError);
+        }
+        Ok(Self(OutPoint {
+            txid: txid.parse().map_err(|_| ParseChannelIdError)?,
+            vout: vout.parse().map_err(|_| ParseChannelIdError)?,
+        }))
+    }
+}
+
+impl From<ChannelId> for String {
+    fn from(id: ChannelId) -> Self { id.to_string() }
+}
+
+impl TryFrom<String> for ChannelId {
+    type Error = ParseChannelIdError;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> { s.parse() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_long_values_before_decoding() {
+        let long = vec![b'A'; MAX_HEADER_LEN + 4];
+        assert_eq!(decode_payment(&long), Err(DecodeError::TooLong { len: MAX_HEADER_LEN + 4 }));
+    }
+
+    #[test]
+    fn refuses_unpadded_url_safe_and_garbage() {
+        let tx = Transaction {
+            version: bitcoin::transaction::Version::TWO,
+            lock_time: bitcoin::absolute::LockTime::ZERO,
+            input: vec![bitcoin::TxIn::default()],
+            output: vec![],
+        };
+        let good = encode_payment(&tx);
+        assert!(good.ends_with('='), "fixture must exercise padding: {good}");
+        let unpadded = good.trim_end_matches('=');
+        assert_eq!(decode_payment(unpadded.as_bytes()), Err(DecodeError::Base64));
+        assert_eq!(decode_payment(b"@@@@"), Err(DecodeError::Base64));
+        assert_eq!(decode_payment(b"AAAA"), Err(DecodeError::Transaction));
+        let mut trailing = consensus::serialize(&tx);
+        trailing.push(0);
+        assert_eq!(
+            decode_payment(STANDARD.encode(trailing).as_bytes()),
+            Err(DecodeError::Transaction)
+        );
+    }
+
+    #[test]
+    fn channel_ids_round_trip_and_refuse_junk() {
+        let id: ChannelId =
+            "4a5e1e4baab89f3a32518a88c31bc87f618f76673e2cc77ab2127b7afdeda33b:0".parse().unwrap();
+        assert_eq!(serde_json::to_string(&id).unwrap(), format!("\"{id}\""));
+        for bad in ["", "abc:1", "4a5e1e4baab89f3a32518a88c31bc87f618f76673e2cc77ab2127b7afdeda33b",
+            "4a5e1e4baab89f3a32518a88c31bc87f618f76673e2cc77ab2127b7afdeda33b:",
+            "4a5e1e4baab89f3a32518a88c31bc87f618f76673e2cc77ab2127b7afdeda33b:-1",
+            "4a5e1e4baab89f3a32518a88c31bc87f618f76673e2cc77ab2127b7afdeda33b:99999999999"] {
+            assert!(bad.parse::<ChannelId>().is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! A funded channel on the simulated chain, built through the protocol's own steps.
+#![allow(dead_code, unreachable_pub)]
+
+use bitcoin::absolute::LockTime;
+use bitcoin::secp256k1::{Secp256k1, SecretKey};
+use bitcoin::{Amount, CompressedPublicKey, OutPoint, ScriptBuf, Transaction, TxOut};
+use paychan::chain::policy;
+use paychan::chain::sim::{SimulatedChain, sign_p2wpkh_input};
+use paychan::channel::{ChainTip, Channel, ChannelParams, Terms};
+
+pub const CHANNEL_VALUE: Amount = Amount::from_sat(100_000);
+pub const FAUCET_VALUE: Amount = Amount::from_sat(250_000);
+pub const FUNDING_FEE: Amount = Amount::from_sat(1_000);
+pub const LIFETIME_BLOCKS: u32 = 200;
+
+pub fn secret(byte: u8) -> SecretKey { SecretKey::from_slice(&[byte; 32]).expect("non-zero") }
+
+pub fn public(secret: &SecretKey) -> CompressedPublicKey {
+    CompressedPublicKey(secret.public_key(&Secp256k1::new()))
+}
+
+pub fn p2wpkh(secret: &SecretKey) -> ScriptBuf { ScriptBuf::new_p2wpkh(&public(secret).wpubkey_hash()) }
+
+/// Everything a test needs about one channel, opened step by step.
+pub struct Setup {
+    pub chain: SimulatedChain,
+    pub terms: Terms,
+    pub client: SecretKey,
+    pub server: SecretKey,
+    pub wallet: SecretKey,
+    pub params: ChannelParams,
+    /// The unsigned funding transaction the refund was signed against.
+    pub unsigned_funding: Transaction,
+    /// The signed funding transaction.
+    pub funding: Transaction,
+    pub funding_prevouts: Vec<TxOut>,
+    pub outpoint: OutPoint,
+    /// The unsigned refund.
+    pub refund: Transaction,
+    pub channel: Channel,
+}
+
+impl Setup {
+    /// Client key byte 1, server key byte 2 (or the given pair), default terms, an expiry
+    /// [`LIFETIME_BLOCKS`] after the tip.
+    pub fn new() -> Self { Self::with(1, 2, Terms::default(), None) }
+
+    /// Agrees, funds from the faucet and builds (but does not broadcast) the funding.
+    pub fn with(client: u8, server: u8, terms: Terms, expiry: Option<LockTime>) -> Self {
+        let chain = SimulatedChain::new();
+        let (client, server, wallet) = (secret(client), secret(server), secret(9));
+        let tip = chain.tip();
+        let expiry = expiry.unwrap_or_else(|| {
+            LockTime::from_height(tip.height + LIFETIME_BLOCKS).expect("valid height")
+        });
+        let params = terms
+            .agree(
+                public(&client),
+                public(&server),
+                CHANNEL_VALUE,
+                expiry,
+                p2wpkh(&client),
+                p2wpkh(&server),
+                tip,
+            )
+            .expect("default terms accept the channel");
+        let (coin, prevout) = chain.faucet_p2wpkh(&public(&wallet), FAUCET_VALUE);
+        let change = TxOut {
+            value: FAUCET_VALUE - CHANNEL_VALUE - FUNDING_FEE,
+            script_pubkey: p2wpkh(&wallet),
+        };
+        let (unsigned_funding, outpoint) = params.build_funding(&[coin], Some(change));
+        let mut funding = unsigned_funding.clone();
+        sign_p2wpkh_input(&mut funding, 0, &prevout, &wallet);
+        let refund = params.build_refund(outpoint, params.refund_fee());
+        let channel = params.clone().at(outpoint);
+        Self {
+            chain,
+            terms,
+            client,
+            server,
+            wallet,
+            params,
+            unsigned_funding,
+            funding,
+            funding_prevouts: vec![prevout],
+            outpoint,
+            refund,
+            channel,
+        }
+    }
+
+    pub fn tip(&self) -> ChainTip { self.chain.tip() }
+
+    /// Steps 4-6: the server checks and signs the refund, the client verifies it, the server
+    /// checks and broadcasts the funding. Returns the fully signed refund.
+    pub fn open(&self) -> Transaction {
+        let checked = self
+            .params
+            .check_refund(&self.terms, &self.unsigned_funding, &self.refund, self.tip())
+            .expect("refund passes");
+        assert_eq!(checked.funding_outpoint(), self.outpoint);
+        let server_sig = checked.sign(&self.server).expect("server key");
+        self.params.verify_refund_signature(&self.refund, &server_sig).expect("valid signature");
+        let refund =
+            self.params.complete_refund(&self.refund, &self.client, &server_sig).expect("client key");
+        self.params
+            .check_funding(&self.terms, self.outpoint, &self.funding, &self.funding_prevouts)
+            .expect("funding passes");
+        self.chain.submit(&self.funding).expect("funding accepted by the chain");
+        refund
+    }
+
+    /// A signed payment of `sat` to the server.
+    pub fn pay(&self, sat: u64) -> Transaction {
+        let mut tx = self.channel.build_payment(Amount::from_sat(sat)).expect("buildable");
+        self.channel.sign_payment(&mut tx, &self.client).expect("client key");
+        tx
+    }
+
+    /// Re-signs input 0 of an arbitrary (mutated) payment with the client's key.
+    pub fn resign(&self, mut tx: Transaction) -> Transaction {
+        self.channel.sign_payment(&mut tx, &self.client).expect("client key");
+        tx
+    }
+
+    pub fn funding_txout(&self) -> TxOut { self.funding.output[self.outpoint.vout as usize].clone() }
+
+    /// Verifies a spend of the funding output with Bitcoin Core's interpreter and the
+    /// relay-policy checks.
+    pub fn assert_valid_spend(&self, tx: &Transaction) {
+        let txout = self.funding_txout();
+        let outpoint = self.outpoint;
+        tx.verify(|op| (*op == outpoint).then(|| txout.clone()))
+            .unwrap_or_else(|e| panic!("consensus rejects {}: {e}", tx.compute_txid()));
+        policy::check_standard(tx, &[txout.clone()])
+            .unwrap_or_else(|e| panic!("policy rejects {}: {e}", tx.compute_txid()));
+    }
+}
