@@ -187,7 +187,10 @@ mod tests {
             version: bitcoin::transaction::Version::TWO,
             lock_time: bitcoin::absolute::LockTime::ZERO,
             input: vec![bitcoin::TxIn::default()],
-            output: vec![],
+            output: vec![bitcoin::TxOut {
+                value: bitcoin::Amount::ZERO,
+                script_pubkey: bitcoin::ScriptBuf::from_bytes(vec![0x51]),
+            }],
         };
         let good = encode_payment(&tx);
         assert!(good.ends_with('='), "fixture must exercise padding: {good}");

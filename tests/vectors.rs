@@ -11,7 +11,7 @@ use bitcoin::sighash::{EcdsaSighashType, SighashCache};
 use bitcoin::{Amount, CompressedPublicKey, Network, OutPoint, ScriptBuf, Transaction, TxOut, Txid};
 use paychan::chain::policy;
 use paychan::chain::sim::sign_p2wpkh_input;
-use paychan::channel::{ChainTip, Terms};
+use paychan::channel::{ChainTip, PaymentCheck, Terms};
 use paychan::wire;
 use serde_json::{Value, json};
 
@@ -87,7 +87,7 @@ fn compute() -> Value {
             .p2wsh_signature_hash(0, &params.witness_script(), params.value, EcdsaSighashType::All)
             .unwrap();
         channel.sign_payment(&mut tx, &client).unwrap();
-        channel.check_payment(None, &tx, tip).unwrap();
+        assert!(matches!(channel.check_payment(None, &tx, tip), Ok(PaymentCheck::Increase { .. })));
         json!({
             "server_amount_sat": sat,
             "unsigned_hex": serialize_hex(&Transaction {

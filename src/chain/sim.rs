@@ -1,0 +1,562 @@
+//! An in-process **simulated** chain for tests and demos. Not a node: no proof of work, no
+//! peers, no reorganisations.
+//!
+//! What it does check is what matters for payment channels: [`SimulatedChain::submit`]
+//! refuses malformed transactions, missing or already-spent inputs, mempool conflicts (no
+//! replace-by-fee), value creation, non-final transactions (absolute lock time against the
+//! next block's height and the tip's median time past, as Bitcoin Core's `IsFinalTx` with
+//! BIP-0113), unmet BIP-0068 relative lock times, any [relay-policy](super::policy) violation,
+//! fees above Bitcoin Core's default `maxfeerate`, and — last — any input that Bitcoin Core's
+//! consensus interpreter (`bitcoinconsensus`, all consensus flags) rejects.
+//!
+//! Blocks are made by [`mine`](SimulatedChain::mine), 600 seconds apart; coins are created
+//! by the [faucet](SimulatedChain::faucet), already confirmed and spendable at once.
+//!
+//! # Examples
+//!
+//! ```
+//! use bitcoin::secp256k1::{Secp256k1, SecretKey};
+//! use bitcoin::{Amount, CompressedPublicKey};
+//! use paychan::chain::TxStatus;
+//! use paychan::chain::sim::SimulatedChain;
+//!
+//! let chain = SimulatedChain::new();
+//! let key = CompressedPublicKey(SecretKey::from_slice(&[1; 32])?.public_key(&Secp256k1::new()));
+//! let (outpoint, txout) = chain.faucet_p2wpkh(&key, Amount::from_sat(10_000));
+//! assert_eq!(chain.utxo(&outpoint), Some(txout));
+//! assert!(matches!(chain.tx_status(&outpoint.txid), TxStatus::Confirmed { confirmations: 1, .. }));
+//! chain.mine(2);
+//! assert!(matches!(chain.tx_status(&outpoint.txid), TxStatus::Confirmed { confirmations: 3, .. }));
+//! # Ok::<(), bitcoin::secp256k1::Error>(())
+//! ```
+
+use std::collections::{HashMap, HashSet};
+use std::future::{Future, ready};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bitcoin::absolute::LockTime;
+use bitcoin::secp256k1::{Message, SecretKey};
+use bitcoin::sighash::{EcdsaSighashType, SighashCache};
+use bitcoin::{
+    Amount, CompressedPublicKey, FeeRate, OutPoint, ScriptBuf, Sequence, Transaction, TxIn, TxOut,
+    Txid, Witness, absolute, ecdsa, transaction,
+};
+
+use super::{ChainBackend, ChainError, ChainTip, RejectReason, TxStatus, policy};
+
+/// Height of the simulated chain's tip when it is created.
+pub const START_HEIGHT: u32 = 200;
+
+/// Timestamp of block 0; block `h` is stamped `GENESIS_TIME + 600·h`.
+pub const GENESIS_TIME: u32 = 1_700_000_000;
+
+/// Bitcoin Core's default `maxfeerate` for `sendrawtransaction`: 0.1 BTC/kvB.
+pub const MAX_FEE_RATE: FeeRate = FeeRate::from_sat_per_kwu(2_500_000);
+
+/// All consensus script flags libbitcoinconsensus knows (its `VERIFY_ALL`): P2SH, DERSIG,
+/// NULLDUMMY, CHECKLOCKTIMEVERIFY, CHECKSEQUENCEVERIFY and WITNESS.
+const VERIFY_ALL: u32 = 0x0E15;
+
+/// BIP-0068 fields of `nSequence`, as Bitcoin Core names them.
+const SEQUENCE_DISABLE_FLAG: u32 = 1 << 31;
+const SEQUENCE_TYPE_FLAG: u32 = 1 << 22;
+const SEQUENCE_LOCKTIME_MASK: u32 = 0x0000_ffff;
+
+#[derive(Debug, Clone)]
+struct Coin {
+    output: TxOut,
+    /// Confirmation height; `None` while the creating transaction is in the mempool.
+    height: Option<u32>,
+}
+
+#[derive(Debug)]
+struct State {
+    /// Block timestamps, indexed by height.
+    times: Vec<u32>,
+    /// Unspent outputs, confirmed or created by mempool transactions.
+    coins: HashMap<OutPoint, Coin>,
+    /// Outpoints spent by mempool transactions.
+    mempool_spent: HashSet<OutPoint>,
+    /// Mempool transactions in arrival order.
+    mempool: Vec<Transaction>,
+    /// Confirmed transactions and their heights.
+    confirmed: HashMap<Txid, (u32, Transaction)>,
+    fee_rate: FeeRate,
+    faucet_counter: u32,
+}
+
+impl State {
+    fn tip(&self) -> ChainTip {
+        let height = u32::try_from(self.times.len() - 1).expect("fewer than 2^32 blocks");
+        ChainTip { height, median_time_past: self.median_time_past(height) }
+    }
+
+    /// Bitcoin Core's `GetMedianTimePast`: the median of the last 11 block times.
+    fn median_time_past(&self, height: u32) -> u32 {
+        let end = height as usize + 1;
+        let mut times: Vec<u32> = self.times[end.saturating_sub(11)..end].to_vec();
+        times.sort_unstable();
+        times[times.len() / 2]
+    }
+}
+
+/// The simulated chain. Cloning it gives another handle to the same chain.
+#[derive(Debug, Clone)]
+pub struct SimulatedChain {
+    state: Arc<Mutex<State>>,
+}
+
+impl Default for SimulatedChain {
+    fn default() -> Self { Self::new() }
+}
+
+impl SimulatedChain {
+    /// Creates a chain whose tip is at [`START_HEIGHT`], with a fee estimate of 2 sat/vB.
+    pub fn new() -> Self {
+        let times = (0..=START_HEIGHT).map(|h| GENESIS_TIME + 600 * h).collect();
+        Self {
+            state: Arc::new(Mutex::new(State {
+                times,
+                coins: HashMap::new(),
+                mempool_spent: HashSet::new(),
+                mempool: Vec::new(),
+                confirmed: HashMap::new(),
+                fee_rate: FeeRate::from_sat_per_vb_u32(2),
+                faucet_counter: 0,
+            })),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent state (every write is last).
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Returns the tip's height and median time past.
+    pub fn tip(&self) -> ChainTip { self.lock().tip() }
+
+    /// Creates a confirmed output of `amount` to `script_pubkey`, spendable at once.
+    pub fn faucet(&self, script_pubkey: ScriptBuf, amount: Amount) -> OutPoint {
+        let mut state = self.lock();
+        state.faucet_counter += 1;
+        // A unique, never-validated transaction standing in for a coinbase.
+        let tx = Transaction {
+            version: transaction::Version::ONE,
+            lock_time: absolute::LockTime::ZERO,
+            input: vec![TxIn {
+                previous_output: OutPoint::null(),
+                script_sig: ScriptBuf::from_bytes(state.faucet_counter.to_le_bytes().to_vec()),
+                sequence: Sequence::MAX,
+                witness: Witness::new(),
+            }],
+            output: vec![TxOut { value: amount, script_pubkey }],
+        };
+        let txid = tx.compute_txid();
+        let height = state.tip().height;
+        let outpoint = OutPoint { txid, vout: 0 };
+        state.coins.insert(outpoint, Coin { output: tx.output[0].clone(), height: Some(height) });
+        state.confirmed.insert(txid, (height, tx));
+        outpoint
+    }
+
+    /// Creates a confirmed P2WPKH output of `amount` to `key`; see [`faucet`](Self::faucet).
+    pub fn faucet_p2wpkh(&self, key: &CompressedPublicKey, amount: Amount) -> (OutPoint, TxOut) {
+        let script_pubkey = ScriptBuf::new_p2wpkh(&key.wpubkey_hash());
+        let outpoint = self.faucet(script_pubkey.clone(), amount);
+        (outpoint, TxOut { value: amount, script_pubkey })
+    }
+
+    /// Submits `tx` to the mempool: what [`ChainBackend::broadcast`] does, synchronously.
+    ///
+    /// # Errors
+    ///
+    /// [`ChainError::Rejected`] with the first failed check (see the [module docs](self)).
+    pub fn submit(&self, tx: &Transaction) -> Result<Txid, ChainError> {
+        let mut state = self.lock();
+        let txid = tx.compute_txid();
+        if state.mempool.iter().any(|m| m.compute_txid() == txid) {
+            return Ok(txid);
+        }
+        if state.confirmed.contains_key(&txid) {
+            return Err(ChainError::rejected(RejectReason::AlreadyConfirmed, "transaction already in block chain"));
+        }
+        let mut seen = HashSet::new();
+        if tx.input.is_empty() || tx.output.is_empty() {
+            return Err(ChainError::rejected(RejectReason::Invalid, "bad-txns-vin-empty or bad-txns-vout-empty"));
+        }
+        if !tx.input.iter().all(|i| seen.insert(i.previous_output)) {
+            return Err(ChainError::rejected(RejectReason::Invalid, "bad-txns-inputs-duplicate"));
+        }
+        let mut coins = Vec::with_capacity(tx.input.len());
+        for input in &tx.input {
+            if state.mempool_spent.contains(&input.previous_output) {
+                return Err(ChainError::rejected(RejectReason::Conflict, "txn-mempool-conflict"));
+            }
+            let coin = state.coins.get(&input.previous_output).cloned().ok_or_else(|| {
+                ChainError::rejected(RejectReason::MissingInputs, "bad-txns-inputs-missingorspent")
+            })?;
+            coins.push(coin);
+        }
+        let prevouts: Vec<TxOut> = coins.iter().map(|c| c.output.clone()).collect();
+        let fee = sum(&prevouts)
+            .zip(sum(&tx.output))
+            .and_then(|(inputs, outputs)| inputs.checked_sub(outputs))
+            .ok_or_else(|| ChainError::rejected(RejectReason::ValueCreation, "bad-txns-in-belowout"))?;
+        let tip = state.tip();
+        if !is_final(tx, tip.height + 1, tip.median_time_past) {
+            return Err(ChainError::rejected(RejectReason::NonFinal, "non-final"));
+        }
+        if !sequence_locks_satisfied(&state, tx, &coins) {
+            return Err(ChainError::rejected(RejectReason::NonBip68Final, "non-BIP68-final"));
+        }
+        policy::check_standard(tx, &prevouts).map_err(|e| {
+            let reason = match e {
+                policy::PolicyError::FeeTooLow { .. } => RejectReason::FeeTooLow,
+                _ => RejectReason::NonStandard,
+            };
+            ChainError::rejected(reason, format!("{}: {e}", e.code()))
+        })?;
+        let max_fee = MAX_FEE_RATE.fee_vb(tx.vsize() as u64).unwrap_or(Amount::MAX);
+        if fee > max_fee {
+            return Err(ChainError::rejected(RejectReason::FeeTooHigh, "max-fee-exceeded"));
+        }
+        let spent = |op: &OutPoint| {
+            tx.input.iter().position(|i| i.previous_output == *op).map(|i| prevouts[i].clone())
+        };
+        tx.verify_with_flags(spent, VERIFY_ALL).map_err(|e| {
+            ChainError::rejected(
+                RejectReason::ScriptFailure,
+                format!("mandatory-script-verify-flag-failed ({e})"),
+            )
+        })?;
+        for input in &tx.input {
+            state.mempool_spent.insert(input.previous_output);
+        }
+        for (vout, output) in tx.output.iter().enumerate() {
+            let vout = u32::try_from(vout).expect("fewer than 2^32 outputs");
+            state.coins.insert(OutPoint { txid, vout }, Coin { output: output.clone(), height: None });
+        }
+        state.mempool.push(tx.clone());
+        Ok(txid)
+    }
+
+    /// Mines `n` blocks, 600 seconds apart. Each block takes every mempool transaction that is
+    /// final for it. Returns the txids confirmed.
+    pub fn mine(&self, n: u32) -> Vec<Txid> {
+        let mut state = self.lock();
+        let mut confirmed = Vec::new();
+        for _ in 0..n {
+            let height = state.tip().height + 1;
+            let time = state.times.last().copied().unwrap_or(GENESIS_TIME) + 600;
+            let mtp = state.tip().median_time_past;
+            state.times.push(time);
+            let (ready, waiting): (Vec<_>, Vec<_>) =
+                std::mem::take(&mut state.mempool).into_iter().partition(|tx| is_final(tx, height, mtp));
+            state.mempool = waiting;
+            for tx in ready {
+                let txid = tx.compute_txid();
+                for input in &tx.input {
+                    state.mempool_spent.remove(&input.previous_output);
+                    state.coins.remove(&input.previous_output);
+                }
+                for vout in 0..tx.output.len() {
+                    let vout = u32::try_from(vout).expect("fewer than 2^32 outputs");
+                    if let Some(coin) = state.coins.get_mut(&OutPoint { txid, vout }) {
+                        coin.height = Some(height);
+                    }
+                }
+                state.confirmed.insert(txid, (height, tx));
+                confirmed.push(txid);
+            }
+        }
+        confirmed
+    }
+
+    /// Reports where `txid` stands.
+    pub fn tx_status(&self, txid: &Txid) -> TxStatus {
+        let state = self.lock();
+        if let Some((height, _)) = state.confirmed.get(txid) {
+            let confirmations = state.tip().height - height + 1;
+            return TxStatus::Confirmed { height: *height, confirmations };
+        }
+        if state.mempool.iter().any(|tx| tx.compute_txid() == *txid) {
+            return TxStatus::InMempool;
+        }
+        TxStatus::Unknown
+    }
+
+    /// Returns the unspent output at `outpoint` (mempool outputs included, mempool spends
+    /// excluded).
+    pub fn utxo(&self, outpoint: &OutPoint) -> Option<TxOut> {
+        let state = self.lock();
+        if state.mempool_spent.contains(outpoint) {
+            return None;
+        }
+        state.coins.get(outpoint).map(|coin| coin.output.clone())
+    }
+
+    /// Returns a transaction from the mempool or a block.
+    pub fn get_transaction(&self, txid: &Txid) -> Option<Transaction> {
+        let state = self.lock();
+        state
+            .confirmed
+            .get(txid)
+            .map(|(_, tx)| tx.clone())
+            .or_else(|| state.mempool.iter().find(|tx| tx.compute_txid() == *txid).cloned())
+    }
+
+    /// Returns the txids in the mempool, in arrival order.
+    pub fn mempool_txids(&self) -> Vec<Txid> {
+        self.lock().mempool.iter().map(Transaction::compute_txid).collect()
+    }
+
+    /// Sets the fee rate [`estimate_fee_rate`](ChainBackend::estimate_fee_rate) answers.
+    pub fn set_fee_rate(&self, rate: FeeRate) { self.lock().fee_rate = rate; }
+}
+
+fn sum(outputs: &[TxOut]) -> Option<Amount> {
+    outputs.iter().try_fold(Amount::ZERO, |acc, o| acc.checked_add(o.value))
+}
+
+/// Bitcoin Core's `IsFinalTx` for a block at `height` whose lock-time clock is `time`.
+fn is_final(tx: &Transaction, height: u32, time: u32) -> bool {
+    let lock = tx.lock_time.to_consensus_u32();
+    if lock == 0 {
+        return true;
+    }
+    let now = if matches!(tx.lock_time, LockTime::Blocks(_)) { height } else { time };
+    lock < now || tx.input.iter().all(|i| i.sequence == Sequence::MAX)
+}
+
+/// Bitcoin Core's `CalculateSequenceLocks` + `EvaluateSequenceLocks` for the next block.
+fn sequence_locks_satisfied(state: &State, tx: &Transaction, coins: &[Coin]) -> bool {
+    if tx.version.0 < 2 {
+        return true;
+    }
+    let tip = state.tip();
+    let next = tip.height + 1;
+    let (mut min_height, mut min_time) = (-1i64, -1i64);
+    for (input, coin) in tx.input.iter().zip(coins) {
+        let seq = input.sequence.to_consensus_u32();
+        if seq & SEQUENCE_DISABLE_FLAG != 0 {
+            continue;
+        }
+        let coin_height = coin.height.unwrap_or(next);
+        let value = i64::from(seq & SEQUENCE_LOCKTIME_MASK);
+        if seq & SEQUENCE_TYPE_FLAG != 0 {
+            let base = state.median_time_past(coin_height.saturating_sub(1).min(tip.height));
+            min_time = min_time.max(i64::from(base) + (value << 9) - 1);
+        } else {
+            min_height = min_height.max(i64::from(coin_height) + value - 1);
+        }
+    }
+    min_height < i64::from(next) && min_time < i64::from(tip.median_time_past)
+}
+
+impl ChainBackend for SimulatedChain {
+    fn broadcast(&self, tx: &Transaction) -> impl Future<Output = Result<Txid, ChainError>> + Send {
+        ready(self.submit(tx))
+    }
+
+    fn tx_status(&self, txid: &Txid) -> impl Future<Output = Result<TxStatus, ChainError>> + Send {
+        ready(Ok(SimulatedChain::tx_status(self, txid)))
+    }
+
+    fn tip(&self) -> impl Future<Output = Result<ChainTip, ChainError>> + Send {
+        ready(Ok(SimulatedChain::tip(self)))
+    }
+
+    fn estimate_fee_rate(
+        &self,
+        _target_blocks: u16,
+    ) -> impl Future<Output = Result<FeeRate, ChainError>> + Send {
+        ready(Ok(self.lock().fee_rate))
+    }
+
+    fn unspent_output(
+        &self,
+        outpoint: &OutPoint,
+    ) -> impl Future<Output = Result<Option<TxOut>, ChainError>> + Send {
+        ready(Ok(self.utxo(outpoint)))
+    }
+}
+
+/// Signs P2WPKH input `input` of `tx`, which spends `prevout`, with `key` (`SIGHASH_ALL`): a
+/// wallet stand-in for tests and demos.
+///
+/// # Panics
+///
+/// If `input` is out of range or `prevout` is not a P2WPKH output.
+pub fn sign_p2wpkh_input(tx: &mut Transaction, input: usize, prevout: &TxOut, key: &SecretKey) {
+    let secp = crate::channel::secp();
+    let sighash = SighashCache::new(&*tx)
+        .p2wpkh_signature_hash(input, &prevout.script_pubkey, prevout.value, EcdsaSighashType::All)
+        .expect("input in range and prevout is P2WPKH");
+    let signature = ecdsa::Signature {
+        signature: secp.sign_ecdsa(&Message::from(sighash), key),
+        sighash_type: EcdsaSighashType::All,
+    };
+    tx.input[input].witness = Witness::p2wpkh(&signature, &key.public_key(secp));
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::pin;
+    use std::task::{Context, Poll, Waker};
+
+    use bitcoin::secp256k1::Secp256k1;
+
+    use super::*;
+
+    fn wallet() -> (SecretKey, CompressedPublicKey) {
+        let secret = SecretKey::from_slice(&[5; 32]).unwrap();
+        (secret, CompressedPublicKey(secret.public_key(&Secp256k1::new())))
+    }
+
+    /// A signed spend of `coin` paying `value` back to the wallet.
+    fn spend(coin: (OutPoint, TxOut), value: u64, lock_time: u32, sequence: Sequence) -> Transaction {
+        let mut tx = Transaction {
+            version: transaction::Version::TWO,
+            lock_time: LockTime::from_consensus(lock_time),
+            input: vec![TxIn { previous_output: coin.0, sequence, ..TxIn::default() }],
+            output: vec![TxOut { value: Amount::from_sat(value), script_pubkey: coin.1.script_pubkey.clone() }],
+        };
+        sign_p2wpkh_input(&mut tx, 0, &coin.1, &wallet().0);
+        tx
+    }
+
+    fn funded(chain: &SimulatedChain) -> (OutPoint, TxOut) {
+        chain.faucet_p2wpkh(&wallet().1, Amount::from_sat(100_000))
+    }
+
+    fn reason(result: Result<Txid, ChainError>) -> RejectReason {
+        result.expect_err("rejected").reject_reason().expect("a rejection")
+    }
+
+    #[test]
+    fn spends_confirm_and_cannot_be_spent_twice() {
+        let chain = SimulatedChain::new();
+        let coin = funded(&chain);
+        let tx = spend(coin.clone(), 99_000, 0, Sequence::MAX);
+        let txid = chain.submit(&tx).unwrap();
+        assert_eq!(chain.submit(&tx), Ok(txid), "resubmitting is idempotent");
+        assert_eq!(chain.tx_status(&txid), TxStatus::InMempool);
+        assert_eq!(chain.utxo(&coin.0), None);
+        let double = spend(coin.clone(), 98_000, 0, Sequence::MAX);
+        assert_eq!(reason(chain.submit(&double)), RejectReason::Conflict);
+        assert_eq!(chain.mine(1), vec![txid]);
+        assert_eq!(chain.tx_status(&txid), TxStatus::Confirmed { height: START_HEIGHT + 1, confirmations: 1 });
+        assert_eq!(reason(chain.submit(&double)), RejectReason::MissingInputs);
+        assert_eq!(reason(chain.submit(&tx)), RejectReason::AlreadyConfirmed);
+        // The new output is spendable.
+        let child = spend((OutPoint { txid, vout: 0 }, tx.output[0].clone()), 98_000, 0, Sequence::MAX);
+        assert!(chain.submit(&child).is_ok());
+    }
+
+    #[test]
+    fn refuses_missing_inputs_value_creation_and_bad_scripts() {
+        let chain = SimulatedChain::new();
+        let coin = funded(&chain);
+        let ghost = (OutPoint { vout: 1, ..coin.0 }, coin.1.clone());
+        assert_eq!(reason(chain.submit(&spend(ghost, 1_000, 0, Sequence::MAX))), RejectReason::MissingInputs);
+        assert_eq!(
+            reason(chain.submit(&spend(coin.clone(), 100_001, 0, Sequence::MAX))),
+            RejectReason::ValueCreation
+        );
+        // A valid-looking signature over the wrong amount: only the interpreter can tell.
+        let mut wrong = spend(coin.clone(), 99_000, 0, Sequence::MAX);
+        let lying = TxOut { value: Amount::from_sat(100_001), ..coin.1.clone() };
+        sign_p2wpkh_input(&mut wrong, 0, &lying, &wallet().0);
+        assert_eq!(reason(chain.submit(&wrong)), RejectReason::ScriptFailure);
+        assert_eq!(reason(chain.submit(&spend(coin.clone(), 99_990, 0, Sequence::MAX))), RejectReason::FeeTooLow);
+        assert_eq!(reason(chain.submit(&spend(coin.clone(), 100, 0, Sequence::MAX))), RejectReason::NonStandard);
+        let whale = chain.faucet_p2wpkh(&wallet().1, Amount::from_sat(20_000_000));
+        let greedy = spend(whale.clone(), 300, 0, Sequence::MAX);
+        assert_eq!(reason(chain.submit(&greedy)), RejectReason::FeeTooHigh);
+        let max = MAX_FEE_RATE.fee_vb(greedy.vsize() as u64).unwrap();
+        assert!(chain.submit(&spend(whale, (Amount::from_sat(20_000_000) - max).to_sat(), 0, Sequence::MAX)).is_ok());
+        assert!(chain.submit(&spend(coin, 99_000, 0, Sequence::MAX)).is_ok());
+    }
+
+    #[test]
+    fn height_lock_times_are_final_from_the_next_block() {
+        let chain = SimulatedChain::new();
+        let coin = funded(&chain);
+        let lock = chain.tip().height + 2;
+        let tx = spend(coin, 99_000, lock, Sequence::ENABLE_LOCKTIME_NO_RBF);
+        assert_eq!(reason(chain.submit(&tx)), RejectReason::NonFinal);
+        chain.mine(1);
+        assert_eq!(reason(chain.submit(&tx)), RejectReason::NonFinal, "tip + 1 == lock time");
+        chain.mine(1);
+        assert!(chain.submit(&tx).is_ok(), "tip + 1 > lock time");
+    }
+
+    #[test]
+    fn final_sequences_disable_the_lock_time() {
+        let chain = SimulatedChain::new();
+        let coin = funded(&chain);
+        let lock = chain.tip().height + 100;
+        assert!(chain.submit(&spend(coin, 99_000, lock, Sequence::MAX)).is_ok());
+    }
+
+    #[test]
+    fn time_lock_times_follow_median_time_past() {
+        let chain = SimulatedChain::new();
+        let coin = funded(&chain);
+        let lock = chain.tip().median_time_past + 1_800;
+        let tx = spend(coin, 99_000, lock, Sequence::ENABLE_LOCKTIME_NO_RBF);
+        while chain.tip().median_time_past <= lock {
+            assert_eq!(reason(chain.submit(&tx)), RejectReason::NonFinal);
+            chain.mine(1);
+        }
+        assert!(chain.submit(&tx).is_ok());
+    }
+
+    #[test]
+    fn relative_height_locks_count_from_the_coin() {
+        let chain = SimulatedChain::new();
+        let coin = funded(&chain); // confirmed at the tip
+        let tx = spend(coin, 99_000, 0, Sequence::from_height(3));
+        // coin height + 3 <= next height
+        assert_eq!(reason(chain.submit(&tx)), RejectReason::NonBip68Final);
+        chain.mine(1);
+        assert_eq!(reason(chain.submit(&tx)), RejectReason::NonBip68Final);
+        chain.mine(1);
+        assert!(chain.submit(&tx).is_ok());
+    }
+
+    #[test]
+    fn backend_trait_answers_from_the_same_state() {
+        let chain = SimulatedChain::new();
+        let coin = funded(&chain);
+        let tx = spend(coin.clone(), 99_000, 0, Sequence::MAX);
+        let txid = now(ChainBackend::broadcast(&chain, &tx)).unwrap();
+        assert_eq!(now(ChainBackend::tx_status(&chain, &txid)), Ok(TxStatus::InMempool));
+        assert_eq!(now(ChainBackend::unspent_output(&chain, &coin.0)), Ok(None));
+        assert_eq!(
+            now(ChainBackend::unspent_output(&chain, &OutPoint { txid, vout: 0 })),
+            Ok(Some(tx.output[0].clone()))
+        );
+        chain.set_fee_rate(FeeRate::from_sat_per_vb_u32(7));
+        assert_eq!(now(chain.estimate_fee_rate(6)), Ok(FeeRate::from_sat_per_vb_u32(7)));
+        assert_eq!(now(ChainBackend::tip(&chain)), Ok(chain.tip()));
+        assert_eq!(chain.get_transaction(&txid), Some(tx));
+        assert_eq!(chain.mempool_txids(), vec![txid]);
+    }
+
+    #[test]
+    fn median_time_past_is_the_median_of_eleven_blocks() {
+        let chain = SimulatedChain::new();
+        let tip = chain.tip();
+        assert_eq!(tip.height, START_HEIGHT);
+        assert_eq!(tip.median_time_past, GENESIS_TIME + 600 * (START_HEIGHT - 5));
+    }
+
+    /// Polls a future that is ready at once.
+    fn now<F: Future>(future: F) -> F::Output {
+        match pin!(future).poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(output) => output,
+            Poll::Pending => panic!("the simulated chain answers at once"),
+        }
+    }
+}
