@@ -14,13 +14,21 @@ use paychan::wire;
 
 fn protocol(c: &mut Criterion) {
     let secp = Secp256k1::new();
-    let (k1, k2) = (SecretKey::from_slice(&[1; 32]).unwrap(), SecretKey::from_slice(&[2; 32]).unwrap());
+    let (k1, k2) =
+        (SecretKey::from_slice(&[1; 32]).unwrap(), SecretKey::from_slice(&[2; 32]).unwrap());
     let pk = |k: &SecretKey| CompressedPublicKey(k.public_key(&secp));
     let script = |k: &SecretKey| ScriptBuf::new_p2wpkh(&pk(k).wpubkey_hash());
     let tip = ChainTip { height: 800_000, median_time_past: 1_700_000_000 };
     let params = Terms::default()
-        .agree(pk(&k1), pk(&k2), Amount::from_sat(100_000), LockTime::from_height(801_000).unwrap(),
-            script(&k1), script(&k2), tip)
+        .agree(
+            pk(&k1),
+            pk(&k2),
+            Amount::from_sat(100_000),
+            LockTime::from_height(801_000).unwrap(),
+            script(&k1),
+            script(&k2),
+            tip,
+        )
         .unwrap();
     let channel = params.clone().at(OutPoint { txid: Txid::from_byte_array([3; 32]), vout: 0 });
     let pay = |sat| {
@@ -32,7 +40,9 @@ fn protocol(c: &mut Criterion) {
     let next = pay(1_001);
     let header = wire::encode_payment(&next);
 
-    c.bench_function("header_decode", |b| b.iter(|| wire::decode_payment(black_box(header.as_bytes()))));
+    c.bench_function("header_decode", |b| {
+        b.iter(|| wire::decode_payment(black_box(header.as_bytes())))
+    });
     c.bench_function("check_payment_new", |b| {
         b.iter(|| channel.check_payment(black_box(Some(&best)), black_box(&next), tip))
     });
@@ -51,7 +61,9 @@ fn protocol(c: &mut Criterion) {
             verifier.verify_ecdsa(&Message::from(sighash), &sig.signature, &client_key)
         })
     });
-    c.bench_function("close_transaction", |b| b.iter(|| channel.close_transaction(black_box(&next), &k2)));
+    c.bench_function("close_transaction", |b| {
+        b.iter(|| channel.close_transaction(black_box(&next), &k2))
+    });
 }
 
 criterion_group!(benches, protocol);

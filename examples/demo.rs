@@ -26,7 +26,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let chain = SimulatedChain::new();
     let terms = Terms::default();
     let (coin, coin_out) = chain.faucet_p2wpkh(&pk(&wallet), Amount::from_sat(250_000));
-    println!("simulated chain at height {}; client wallet holds {}", chain.tip().height, coin_out.value);
+    println!(
+        "simulated chain at height {}; client wallet holds {}",
+        chain.tip().height,
+        coin_out.value
+    );
 
     // 1. Agree: 100 000 sat for 1 000 blocks.
     let tip = chain.tip();
@@ -53,7 +57,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     params.check_funding(&terms, outpoint, &t1, &[coin_out])?;
     chain.submit(&t1)?;
     chain.mine(1);
-    println!("channel {outpoint} open: {} in 2-of-2 P2WSH, refund locked until {}", params.value, params.expiry);
+    println!(
+        "channel {outpoint} open: {} in 2-of-2 P2WSH, refund locked until {}",
+        params.value, params.expiry
+    );
     println!("  the client holds a fully signed refund: {}", refund.compute_txid());
 
     // 7-9. Each request is paid by a payment that pays the server more.
@@ -76,7 +83,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         best = Some(received);
     }
     let best = best.ok_or("no payment")?;
-    println!("served {served} requests at {PRICE} each; header is {} bytes", wire::encode_payment(&best).len());
+    println!(
+        "served {served} requests at {PRICE} each; header is {} bytes",
+        wire::encode_payment(&best).len()
+    );
 
     // Close: the server co-signs the best payment and broadcasts it.
     let close = channel.close_transaction(&best, &server)?;
@@ -91,10 +101,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("\nsummary");
     println!("  requests served     {served}");
     println!("  metered             {spent}");
-    println!("  sats paid           {paid}");
+    println!("  sats paid           {} sat", paid.to_sat());
     println!("  settlement txid     {txid} ({confirmations} confirmation)");
-    println!("  server received     {paid}");
-    println!("  client got back     {change} (fee {fee})");
+    println!("  server received     {} sat", paid.to_sat());
+    println!("  client got back     {} sat (fee {} sat)", change.to_sat(), fee.to_sat());
     assert_eq!(paid, spent.to_sat_ceil());
     assert_eq!(paid + change + fee, params.value);
     Ok(())

@@ -23,8 +23,9 @@ use serde::{Deserialize, Serialize};
 /// assert_eq!(paid.checked_sub(price), Some(MilliSats::from_msat(1_750)));
 /// assert_eq!(price.to_string(), "250 msat");
 /// ```
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-#[derive(Serialize, Deserialize)]
+#[derive(
+    Debug, Default, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct MilliSats(u64);
 
@@ -37,10 +38,14 @@ impl MilliSats {
     pub const MAX: Self = Self(u64::MAX);
 
     /// Creates an amount of `msat` millisatoshis.
-    pub const fn from_msat(msat: u64) -> Self { Self(msat) }
+    pub const fn from_msat(msat: u64) -> Self {
+        Self(msat)
+    }
 
     /// Returns the amount in millisatoshis.
-    pub const fn to_msat(self) -> u64 { self.0 }
+    pub const fn to_msat(self) -> u64 {
+        self.0
+    }
 
     /// Converts a whole-satoshi [`Amount`]; `None` if it does not fit (above ~18.4M BTC).
     pub fn from_sat(amount: Amount) -> Option<Self> {
@@ -48,26 +53,40 @@ impl MilliSats {
     }
 
     /// Returns the whole satoshis in this amount, rounding down.
-    pub fn to_sat_floor(self) -> Amount { Amount::from_sat(self.0 / 1_000) }
+    pub fn to_sat_floor(self) -> Amount {
+        Amount::from_sat(self.0 / 1_000)
+    }
 
     /// Returns the satoshis needed to pay this amount, rounding up.
-    pub fn to_sat_ceil(self) -> Amount { Amount::from_sat(self.0.div_ceil(1_000)) }
+    pub fn to_sat_ceil(self) -> Amount {
+        Amount::from_sat(self.0.div_ceil(1_000))
+    }
 
     /// Adds, returning `None` on overflow.
-    pub fn checked_add(self, rhs: Self) -> Option<Self> { self.0.checked_add(rhs.0).map(Self) }
+    pub fn checked_add(self, rhs: Self) -> Option<Self> {
+        self.0.checked_add(rhs.0).map(Self)
+    }
 
     /// Subtracts, returning `None` if `rhs` is larger.
-    pub fn checked_sub(self, rhs: Self) -> Option<Self> { self.0.checked_sub(rhs.0).map(Self) }
+    pub fn checked_sub(self, rhs: Self) -> Option<Self> {
+        self.0.checked_sub(rhs.0).map(Self)
+    }
 
     /// Subtracts, stopping at zero.
-    pub fn saturating_sub(self, rhs: Self) -> Self { Self(self.0.saturating_sub(rhs.0)) }
+    pub fn saturating_sub(self, rhs: Self) -> Self {
+        Self(self.0.saturating_sub(rhs.0))
+    }
 
     /// Multiplies by a count (for example a number of units), returning `None` on overflow.
-    pub fn checked_mul(self, count: u64) -> Option<Self> { self.0.checked_mul(count).map(Self) }
+    pub fn checked_mul(self, count: u64) -> Option<Self> {
+        self.0.checked_mul(count).map(Self)
+    }
 }
 
 impl fmt::Display for MilliSats {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result { write!(f, "{} msat", self.0) }
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} msat", self.0)
+    }
 }
 
 /// The error from parsing a [`MilliSats`] string.
@@ -114,7 +133,10 @@ mod tests {
     fn arithmetic_is_checked() {
         assert_eq!(MilliSats::MAX.checked_add(MilliSats::from_msat(1)), None);
         assert_eq!(MilliSats::ZERO.checked_sub(MilliSats::from_msat(1)), None);
-        assert_eq!(MilliSats::from_msat(5).saturating_sub(MilliSats::from_msat(9)), MilliSats::ZERO);
+        assert_eq!(
+            MilliSats::from_msat(5).saturating_sub(MilliSats::from_msat(9)),
+            MilliSats::ZERO
+        );
         assert_eq!(MilliSats::from_msat(7).checked_mul(3), Some(MilliSats::from_msat(21)));
         assert_eq!(MilliSats::MAX.checked_mul(2), None);
     }

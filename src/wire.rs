@@ -110,21 +110,26 @@ pub fn decode_payment(value: &[u8]) -> Result<Transaction, DecodeError> {
 /// assert_eq!(id.to_string().parse::<ChannelId>()?, id);
 /// # Ok::<(), paychan::wire::ParseChannelIdError>(())
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-#[derive(Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(into = "String", try_from = "String")]
 pub struct ChannelId(OutPoint);
 
 impl ChannelId {
     /// The channel funded at `outpoint`.
-    pub const fn new(outpoint: OutPoint) -> Self { Self(outpoint) }
+    pub const fn new(outpoint: OutPoint) -> Self {
+        Self(outpoint)
+    }
 
     /// Returns the funding outpoint.
-    pub const fn outpoint(&self) -> OutPoint { self.0 }
+    pub const fn outpoint(&self) -> OutPoint {
+        self.0
+    }
 }
 
 impl From<OutPoint> for ChannelId {
-    fn from(outpoint: OutPoint) -> Self { Self(outpoint) }
+    fn from(outpoint: OutPoint) -> Self {
+        Self(outpoint)
+    }
 }
 
 impl fmt::Display for ChannelId {
@@ -162,13 +167,17 @@ impl FromStr for ChannelId {
 }
 
 impl From<ChannelId> for String {
-    fn from(id: ChannelId) -> Self { id.to_string() }
+    fn from(id: ChannelId) -> Self {
+        id.to_string()
+    }
 }
 
 impl TryFrom<String> for ChannelId {
     type Error = ParseChannelIdError;
 
-    fn try_from(s: String) -> Result<Self, Self::Error> { s.parse() }
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
 }
 
 #[cfg(test)]
@@ -211,10 +220,14 @@ mod tests {
         let id: ChannelId =
             "4a5e1e4baab89f3a32518a88c31bc87f618f76673e2cc77ab2127b7afdeda33b:0".parse().unwrap();
         assert_eq!(serde_json::to_string(&id).unwrap(), format!("\"{id}\""));
-        for bad in ["", "abc:1", "4a5e1e4baab89f3a32518a88c31bc87f618f76673e2cc77ab2127b7afdeda33b",
+        for bad in [
+            "",
+            "abc:1",
+            "4a5e1e4baab89f3a32518a88c31bc87f618f76673e2cc77ab2127b7afdeda33b",
             "4a5e1e4baab89f3a32518a88c31bc87f618f76673e2cc77ab2127b7afdeda33b:",
             "4a5e1e4baab89f3a32518a88c31bc87f618f76673e2cc77ab2127b7afdeda33b:-1",
-            "4a5e1e4baab89f3a32518a88c31bc87f618f76673e2cc77ab2127b7afdeda33b:99999999999"] {
+            "4a5e1e4baab89f3a32518a88c31bc87f618f76673e2cc77ab2127b7afdeda33b:99999999999",
+        ] {
             assert!(bad.parse::<ChannelId>().is_err(), "{bad}");
         }
     }

@@ -111,7 +111,10 @@ fn payments_stop_inside_the_close_margin() {
     let t3 = s.pay(2_000);
     let expiry = s.params.expiry.to_consensus_u32();
     s.chain.mine(expiry - s.params.close_margin - 1 - s.tip().height);
-    assert!(matches!(s.channel.check_payment(None, &t3, s.tip()), Ok(PaymentCheck::Increase { .. })));
+    assert!(matches!(
+        s.channel.check_payment(None, &t3, s.tip()),
+        Ok(PaymentCheck::Increase { .. })
+    ));
     s.chain.mine(1);
     assert!(s.params.is_closing(s.tip()));
     assert_eq!(
@@ -139,8 +142,17 @@ fn agree_refuses_each_term_violation() {
     let good = |value| agree(value, p.expiry, p.client_script.clone(), p.server_script.clone());
     assert!(good(CHANNEL_VALUE).is_ok());
     assert_eq!(
-        terms.agree(p.client_key, p.client_key, CHANNEL_VALUE, p.expiry, p2wpkh(&s.client),
-            p2wpkh(&s.server), tip).map(|_| ()),
+        terms
+            .agree(
+                p.client_key,
+                p.client_key,
+                CHANNEL_VALUE,
+                p.expiry,
+                p2wpkh(&s.client),
+                p2wpkh(&s.server),
+                tip
+            )
+            .map(|_| ()),
         Err(OpenError::SameKeys)
     );
     for value in [terms.min_value - Amount::ONE_SAT, terms.max_value + Amount::ONE_SAT] {
@@ -153,7 +165,9 @@ fn agree_refuses_each_term_violation() {
     }
     for blocks in [terms.blocks.min, terms.blocks.max] {
         let expiry = LockTime::from_height(tip.height + blocks).unwrap();
-        assert!(agree(CHANNEL_VALUE, expiry, p.client_script.clone(), p.server_script.clone()).is_ok());
+        assert!(
+            agree(CHANNEL_VALUE, expiry, p.client_script.clone(), p.server_script.clone()).is_ok()
+        );
     }
     let seconds = LockTime::from_time(tip.median_time_past + terms.seconds.min - 1).unwrap();
     assert!(matches!(
@@ -174,8 +188,13 @@ fn agree_refuses_each_term_violation() {
 // ---------------------------------------------------------------------------------------
 // Refund (T2): the untouched fixture passes, each mutation fails with its own error.
 
+/// A change to a transaction that should make exactly one check fail.
+type Mutation = Box<dyn FnOnce(&mut Transaction)>;
+
 fn check_refund(s: &Setup, refund: &Transaction) -> Result<OutPoint, RefundError> {
-    s.params.check_refund(&s.terms, &s.unsigned_funding, refund, s.tip()).map(|c| c.funding_outpoint())
+    s.params
+        .check_refund(&s.terms, &s.unsigned_funding, refund, s.tip())
+        .map(|c| c.funding_outpoint())
 }
 
 fn mutated_refund(s: &Setup, f: impl FnOnce(&mut Transaction)) -> Result<OutPoint, RefundError> {
@@ -189,7 +208,7 @@ fn refund_checks_each_rule() {
     let s = Setup::new();
     assert_eq!(check_refund(&s, &s.refund), Ok(s.outpoint));
     let other_txid = bitcoin::Txid::from_byte_array([7; 32]);
-    let cases: Vec<(RefundError, Box<dyn FnOnce(&mut Transaction)>)> = vec![
+    let cases: Vec<(RefundError, Mutation)> = vec![
         (RefundError::InputCount { found: 2 }, Box::new(|t| t.input.push(t.input[0].clone()))),
         (RefundError::InputCount { found: 0 }, Box::new(|t| t.input.clear())),
         (
@@ -217,14 +236,19 @@ fn refund_checks_each_rule() {
                 expected: s.params.expiry,
                 found: LockTime::from_consensus(s.params.expiry.to_consensus_u32() - 1),
             },
-            Box::new(|t| t.lock_time = LockTime::from_consensus(t.lock_time.to_consensus_u32() - 1)),
+            Box::new(|t| {
+                t.lock_time = LockTime::from_consensus(t.lock_time.to_consensus_u32() - 1)
+            }),
         ),
         (
             RefundError::ValueCreation,
             Box::new(|t| t.output[0].value = CHANNEL_VALUE + Amount::ONE_SAT),
         ),
         (
-            RefundError::DustOutput { value: Amount::from_sat(293), threshold: Amount::from_sat(294) },
+            RefundError::DustOutput {
+                value: Amount::from_sat(293),
+                threshold: Amount::from_sat(294),
+            },
             Box::new(|t| t.output[0].value = Amount::from_sat(293)),
         ),
         (
@@ -341,7 +365,10 @@ fn funding_checks_each_rule() {
         check(terms, op, &s.unsigned_funding, prev),
         Err(FundingError::Unsigned { input: 0 })
     );
-    assert_eq!(check(terms, op, tx, &[]), Err(FundingError::PrevoutCount { inputs: 1, prevouts: 0 }));
+    assert_eq!(
+        check(terms, op, tx, &[]),
+        Err(FundingError::PrevoutCount { inputs: 1, prevouts: 0 })
+    );
     let mut poor = s.funding_prevouts.clone();
     poor[0].value = Amount::from_sat(1_000);
     assert_eq!(check(terms, op, tx, &poor), Err(FundingError::ValueCreation));
@@ -353,7 +380,11 @@ fn funding_checks_each_rule() {
 // ---------------------------------------------------------------------------------------
 // Payments (T3).
 
-fn check(s: &Setup, best: Option<&Transaction>, t3: &Transaction) -> Result<PaymentCheck, PaymentError> {
+fn check(
+    s: &Setup,
+    best: Option<&Transaction>,
+    t3: &Transaction,
+) -> Result<PaymentCheck, PaymentError> {
     s.channel.check_payment(best, t3, s.tip())
 }
 
@@ -370,12 +401,15 @@ fn payment_checks_each_structural_rule() {
     assert!(mutated(&s, |_| ()).is_ok());
     let other = OutPoint { vout: 1, ..s.outpoint };
     let stranger = p2wpkh(&secret(5));
-    let cases: Vec<(PaymentError, Box<dyn FnOnce(&mut Transaction)>)> = vec![
+    let cases: Vec<(PaymentError, Mutation)> = vec![
         (
             PaymentError::InputCount { found: 2 },
             Box::new(move |t| t.input.push(TxIn { previous_output: other, ..t.input[0].clone() })),
         ),
-        (PaymentError::WrongOutpoint { found: other }, Box::new(move |t| t.input[0].previous_output = other)),
+        (
+            PaymentError::WrongOutpoint { found: other },
+            Box::new(move |t| t.input[0].previous_output = other),
+        ),
         (PaymentError::Version { found: 1 }, Box::new(|t| t.version = Version::ONE)),
         (PaymentError::Version { found: 3 }, Box::new(|t| t.version = Version(3))),
         (
@@ -448,7 +482,15 @@ fn payment_checks_dust_and_fees() {
     let t3 = s.pay(max.to_sat());
     assert!(check(&s, None, &t3).is_ok());
     s.assert_valid_spend(&s.channel.close_transaction(&t3, &s.server).unwrap());
-    assert!(s.channel.build_payment(max + Amount::ONE_SAT).is_err());
+    assert_eq!(s.channel.build_payment(max + Amount::ONE_SAT), Err(PaymentError::ValueCreation));
+    let below_dust = s.params.min_server_amount() - Amount::ONE_SAT;
+    assert_eq!(
+        s.channel.build_payment(below_dust),
+        Err(PaymentError::ServerOutputDust {
+            value: below_dust,
+            threshold: s.params.min_server_amount()
+        })
+    );
     // Fee one sat below the floor.
     assert_eq!(
         mutated(&s, |t| t.output[1].value += Amount::ONE_SAT),
@@ -473,22 +515,30 @@ fn payment_amounts_only_increase_and_repeats_are_not_errors() {
     assert_eq!(check(&s, Some(&best), &best), Ok(PaymentCheck::Repeat));
     assert_eq!(
         check(&s, Some(&best), &s.pay(4_999)),
-        Err(PaymentError::NotAnIncrease { best: Amount::from_sat(5_000), found: Amount::from_sat(4_999) })
+        Err(PaymentError::NotAnIncrease {
+            best: Amount::from_sat(5_000),
+            found: Amount::from_sat(4_999)
+        })
     );
     // Same server amount, different change (so a different transaction): not an increase.
     let mut same_amount = best.clone();
     same_amount.output[1].value -= Amount::ONE_SAT;
     assert_eq!(
         check(&s, Some(&best), &s.resign(same_amount)),
-        Err(PaymentError::NotAnIncrease { best: Amount::from_sat(5_000), found: Amount::from_sat(5_000) })
+        Err(PaymentError::NotAnIncrease {
+            best: Amount::from_sat(5_000),
+            found: Amount::from_sat(5_000)
+        })
     );
     // The same transaction with another valid signature is a repeat.
     let mut resigned = best.clone();
     let sighash = SighashCache::new(&best)
         .p2wsh_signature_hash(0, &s.params.witness_script(), CHANNEL_VALUE, EcdsaSighashType::All)
         .unwrap();
-    let other_sig = Secp256k1::new().sign_ecdsa_with_noncedata(&Message::from(sighash), &s.client, &[9; 32]);
-    let other_sig = bitcoin::ecdsa::Signature { signature: other_sig, sighash_type: EcdsaSighashType::All };
+    let other_sig =
+        Secp256k1::new().sign_ecdsa_with_noncedata(&Message::from(sighash), &s.client, &[9; 32]);
+    let other_sig =
+        bitcoin::ecdsa::Signature { signature: other_sig, sighash_type: EcdsaSighashType::All };
     resigned.input[0].witness = Witness::from_slice(&[other_sig.to_vec()]);
     assert_ne!(resigned, best);
     assert_eq!(check(&s, Some(&best), &resigned), Ok(PaymentCheck::Repeat));
@@ -515,7 +565,7 @@ fn payment_signature_rules() {
         check(&s, None, &tx)
     };
     let good = t3.input[0].witness.nth(0).unwrap().to_vec();
-    assert!(with_witness(&[good.clone()]).is_ok());
+    assert!(with_witness(std::slice::from_ref(&good)).is_ok());
     assert_eq!(with_witness(&[]), Err(PaymentError::WitnessShape { items: 0 }));
     assert_eq!(
         with_witness(&[good.clone(), good.clone()]),
@@ -523,25 +573,35 @@ fn payment_signature_rules() {
     );
     let mut not_der = good.clone();
     not_der[0] = 0x31;
-    assert_eq!(with_witness(&[not_der]), Err(PaymentError::Signature(SignatureError::NotStrictDer)));
+    assert_eq!(
+        with_witness(&[not_der]),
+        Err(PaymentError::Signature(SignatureError::NotStrictDer))
+    );
 
     let secp = Secp256k1::new();
     let sign_as = |ty: EcdsaSighashType, key: &bitcoin::secp256k1::SecretKey, amount: Amount| {
         let sighash = SighashCache::new(&t3)
             .p2wsh_signature_hash(0, &s.params.witness_script(), amount, ty)
             .unwrap();
-        bitcoin::ecdsa::Signature { signature: secp.sign_ecdsa(&Message::from(sighash), key), sighash_type: ty }
-            .to_vec()
+        bitcoin::ecdsa::Signature {
+            signature: secp.sign_ecdsa(&Message::from(sighash), key),
+            sighash_type: ty,
+        }
+        .to_vec()
     };
-    for ty in [EcdsaSighashType::None, EcdsaSighashType::Single, EcdsaSighashType::AllPlusAnyoneCanPay] {
+    for ty in
+        [EcdsaSighashType::None, EcdsaSighashType::Single, EcdsaSighashType::AllPlusAnyoneCanPay]
+    {
         assert_eq!(
             with_witness(&[sign_as(ty, &s.client, CHANNEL_VALUE)]),
             Err(PaymentError::Signature(SignatureError::NotSighashAll { found: ty as u8 }))
         );
     }
     // Signed by the server's key, or over the wrong amount (BIP-0143 commits to it).
-    for sig in [sign_as(EcdsaSighashType::All, &s.server, CHANNEL_VALUE),
-        sign_as(EcdsaSighashType::All, &s.client, CHANNEL_VALUE + Amount::ONE_SAT)] {
+    for sig in [
+        sign_as(EcdsaSighashType::All, &s.server, CHANNEL_VALUE),
+        sign_as(EcdsaSighashType::All, &s.client, CHANNEL_VALUE + Amount::ONE_SAT),
+    ] {
         assert_eq!(with_witness(&[sig]), Err(PaymentError::Signature(SignatureError::Invalid)));
     }
     // The high-S twin of the valid signature verifies mathematically but is non-standard.
@@ -549,8 +609,10 @@ fn payment_signature_rules() {
     let high = high_s(&parsed.signature);
     let mut high_bytes = high.serialize_der().to_vec();
     high_bytes.push(0x01);
-    assert!(secp.verify_ecdsa(&msg(&s, &t3), &high, &s.channel.params().client_key.0).is_err(),
-        "libsecp256k1 itself refuses high-S");
+    assert!(
+        secp.verify_ecdsa(&msg(&s, &t3), &high, &s.channel.params().client_key.0).is_err(),
+        "libsecp256k1 itself refuses high-S"
+    );
     assert_eq!(with_witness(&[high_bytes]), Err(PaymentError::Signature(SignatureError::HighS)));
 }
 
@@ -561,7 +623,10 @@ fn closing_requires_the_server_key_and_a_client_signature() {
     assert_eq!(s.channel.close_transaction(&t3, &s.client), Err(CloseError::WrongKey));
     let mut unsigned = t3.clone();
     unsigned.input[0].witness = Witness::new();
-    assert_eq!(s.channel.close_transaction(&unsigned, &s.server), Err(CloseError::WitnessShape { items: 0 }));
+    assert_eq!(
+        s.channel.close_transaction(&unsigned, &s.server),
+        Err(CloseError::WitnessShape { items: 0 })
+    );
     assert_eq!(
         s.channel.sign_payment(&mut unsigned, &s.server),
         Err(SignError::WrongKey),

@@ -8,7 +8,9 @@ use bitcoin::consensus::encode::serialize_hex;
 use bitcoin::hashes::Hash;
 use bitcoin::secp256k1::{Secp256k1, SecretKey};
 use bitcoin::sighash::{EcdsaSighashType, SighashCache};
-use bitcoin::{Amount, CompressedPublicKey, Network, OutPoint, ScriptBuf, Transaction, TxOut, Txid};
+use bitcoin::{
+    Amount, CompressedPublicKey, Network, OutPoint, ScriptBuf, Transaction, TxOut, Txid,
+};
 use paychan::chain::policy;
 use paychan::chain::sim::sign_p2wpkh_input;
 use paychan::channel::{ChainTip, PaymentCheck, Terms};
@@ -18,7 +20,9 @@ use serde_json::{Value, json};
 const VECTORS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/test-vectors.json");
 const PROTOCOL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/PROTOCOL.md");
 
-fn key(byte: u8) -> SecretKey { SecretKey::from_slice(&[byte; 32]).unwrap() }
+fn key(byte: u8) -> SecretKey {
+    SecretKey::from_slice(&[byte; 32]).unwrap()
+}
 
 fn hex(bytes: impl AsRef<[u8]>) -> String {
     bytes.as_ref().iter().map(|b| format!("{b:02x}")).collect()
@@ -61,7 +65,7 @@ fn compute() -> Value {
     let (unsigned_t1, outpoint) = params.build_funding(&[coin], Some(change));
     let mut t1 = unsigned_t1.clone();
     sign_p2wpkh_input(&mut t1, 0, &coin_out, &wallet);
-    params.check_funding(&terms, outpoint, &t1, &[coin_out.clone()]).unwrap();
+    params.check_funding(&terms, outpoint, &t1, std::slice::from_ref(&coin_out)).unwrap();
     verify(&t1, &[(coin, coin_out)]);
     let funding_out = t1.output[0].clone();
 

@@ -132,8 +132,7 @@ impl std::error::Error for ChainError {}
 pub trait ChainBackend: Send + Sync {
     /// Submits `tx` to the mempool (and the network). A transaction that is already in the
     /// mempool is not an error: its txid is returned.
-    fn broadcast(&self, tx: &Transaction)
-    -> impl Future<Output = Result<Txid, ChainError>> + Send;
+    fn broadcast(&self, tx: &Transaction) -> impl Future<Output = Result<Txid, ChainError>> + Send;
 
     /// Reports whether `txid` is unknown, in the mempool or confirmed.
     fn tx_status(&self, txid: &Txid) -> impl Future<Output = Result<TxStatus, ChainError>> + Send;

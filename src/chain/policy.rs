@@ -142,11 +142,15 @@ impl fmt::Display for PolicyError {
             Self::Version { found } => write!(f, "version {found} is not standard"),
             Self::TxWeight { weight } => write!(f, "weight {weight} exceeds the standard maximum"),
             Self::ScriptSig { input } => write!(f, "input {input}: script_sig is not standard"),
-            Self::NonStandardOutput { index } => write!(f, "output {index}: script is not standard"),
+            Self::NonStandardOutput { index } => {
+                write!(f, "output {index}: script is not standard")
+            }
             Self::Dust { index, value, threshold } => {
                 write!(f, "output {index}: {value} is below the dust threshold {threshold}")
             }
-            Self::NonStandardWitness { input } => write!(f, "input {input}: witness is not standard"),
+            Self::NonStandardWitness { input } => {
+                write!(f, "input {input}: witness is not standard")
+            }
             Self::Signature { input, error } => write!(f, "input {input}: {error}"),
             Self::ValueCreation => f.write_str("outputs are worth more than inputs"),
             Self::FeeTooLow { fee, required } => {
@@ -201,7 +205,8 @@ pub fn check_standard(tx: &Transaction, prevouts: &[TxOut]) -> Result<(), Policy
     for (input, (txin, prevout)) in tx.input.iter().zip(prevouts).enumerate() {
         check_witness(input, &txin.witness.to_vec(), &prevout.script_pubkey)?;
     }
-    let sum = |outs: &[TxOut]| outs.iter().try_fold(Amount::ZERO, |acc, o| acc.checked_add(o.value));
+    let sum =
+        |outs: &[TxOut]| outs.iter().try_fold(Amount::ZERO, |acc, o| acc.checked_add(o.value));
     let total_in = sum(prevouts).ok_or(PolicyError::ValueCreation)?;
     let total_out = sum(&tx.output).ok_or(PolicyError::ValueCreation)?;
     let fee = total_in.checked_sub(total_out).ok_or(PolicyError::ValueCreation)?;
@@ -216,7 +221,9 @@ pub fn check_standard(tx: &Transaction, prevouts: &[TxOut]) -> Result<(), Policy
 fn check_witness(input: usize, items: &[Vec<u8>], spent: &Script) -> Result<(), PolicyError> {
     let nonstandard = PolicyError::NonStandardWitness { input };
     let signature = |bytes: &[u8]| {
-        sig::parse_standard(bytes).map(|_| ()).map_err(|error| PolicyError::Signature { input, error })
+        sig::parse_standard(bytes)
+            .map(|_| ())
+            .map_err(|error| PolicyError::Signature { input, error })
     };
     if spent.is_p2wpkh() {
         let [sig_bytes, key] = items else { return Err(nonstandard) };
@@ -270,7 +277,10 @@ mod tests {
     }
 
     fn coin() -> TxOut {
-        TxOut { value: Amount::from_sat(50_000), script_pubkey: ScriptBuf::new_p2wpkh(&key().1.wpubkey_hash()) }
+        TxOut {
+            value: Amount::from_sat(50_000),
+            script_pubkey: ScriptBuf::new_p2wpkh(&key().1.wpubkey_hash()),
+        }
     }
 
     /// A signed P2WPKH spend of [`coin`] paying `value` to a P2WPKH output.
@@ -284,7 +294,10 @@ mod tests {
                 sequence: Sequence::MAX,
                 witness: Witness::new(),
             }],
-            output: vec![TxOut { value: Amount::from_sat(value), script_pubkey: coin().script_pubkey }],
+            output: vec![TxOut {
+                value: Amount::from_sat(value),
+                script_pubkey: coin().script_pubkey,
+            }],
         };
         sign(&mut tx);
         tx
@@ -296,7 +309,8 @@ mod tests {
             .p2wpkh_signature_hash(0, &coin().script_pubkey, coin().value, EcdsaSighashType::All)
             .unwrap();
         let signature = Secp256k1::new().sign_ecdsa(&Message::from(sighash), &secret);
-        let signature = bitcoin::ecdsa::Signature { signature, sighash_type: EcdsaSighashType::All };
+        let signature =
+            bitcoin::ecdsa::Signature { signature, sighash_type: EcdsaSighashType::All };
         tx.input[0].witness = Witness::p2wpkh(&signature, &public.0);
     }
 
@@ -313,39 +327,59 @@ mod tests {
         let mut v = spend(49_000);
         v.version = transaction::Version(4);
         sign(&mut v);
-        assert_eq!(check_standard(&v, &[c.clone()]), Err(PolicyError::Version { found: 4 }));
+        assert_eq!(
+            check_standard(&v, std::slice::from_ref(&c)),
+            Err(PolicyError::Version { found: 4 })
+        );
 
         let mut big = spend(1_000);
         big.output = vec![big.output[0].clone(); 12_000];
-        assert!(matches!(check_standard(&big, &[c.clone()]), Err(PolicyError::TxWeight { .. })));
+        assert!(matches!(
+            check_standard(&big, std::slice::from_ref(&c)),
+            Err(PolicyError::TxWeight { .. })
+        ));
 
         let mut ss = spend(49_000);
         ss.input[0].script_sig = ScriptBuf::from_bytes(vec![0x76]); // OP_DUP: not push-only
-        assert_eq!(check_standard(&ss, &[c.clone()]), Err(PolicyError::ScriptSig { input: 0 }));
+        assert_eq!(
+            check_standard(&ss, std::slice::from_ref(&c)),
+            Err(PolicyError::ScriptSig { input: 0 })
+        );
 
         let mut bare = spend(49_000);
         bare.output[0].script_pubkey = ScriptBuf::from_bytes(vec![0x51]); // OP_TRUE
-        assert_eq!(check_standard(&bare, &[c.clone()]), Err(PolicyError::NonStandardOutput { index: 0 }));
+        assert_eq!(
+            check_standard(&bare, std::slice::from_ref(&c)),
+            Err(PolicyError::NonStandardOutput { index: 0 })
+        );
 
         let mut two_returns = spend(49_000);
-        let op_return = TxOut { value: Amount::ZERO, script_pubkey: ScriptBuf::new_op_return([1u8; 4]) };
+        let op_return =
+            TxOut { value: Amount::ZERO, script_pubkey: ScriptBuf::new_op_return([1u8; 4]) };
         two_returns.output.push(op_return.clone());
-        assert_eq!(check_standard(&two_returns, &[c.clone()]), Ok(()));
+        assert_eq!(check_standard(&two_returns, std::slice::from_ref(&c)), Ok(()));
         two_returns.output.push(op_return);
         assert_eq!(
-            check_standard(&two_returns, &[c.clone()]),
+            check_standard(&two_returns, std::slice::from_ref(&c)),
             Err(PolicyError::NonStandardOutput { index: 2 })
         );
 
         assert_eq!(
-            check_standard(&spend(293), &[c.clone()]),
-            Err(PolicyError::Dust { index: 0, value: Amount::from_sat(293), threshold: Amount::from_sat(294) })
+            check_standard(&spend(293), std::slice::from_ref(&c)),
+            Err(PolicyError::Dust {
+                index: 0,
+                value: Amount::from_sat(293),
+                threshold: Amount::from_sat(294)
+            })
         );
-        assert_eq!(check_standard(&spend(294), &[c.clone()]), Ok(()));
+        assert_eq!(check_standard(&spend(294), std::slice::from_ref(&c)), Ok(()));
 
         let mut wit = spend(49_000);
         wit.input[0].witness.push([1u8]);
-        assert_eq!(check_standard(&wit, &[c.clone()]), Err(PolicyError::NonStandardWitness { input: 0 }));
+        assert_eq!(
+            check_standard(&wit, std::slice::from_ref(&c)),
+            Err(PolicyError::NonStandardWitness { input: 0 })
+        );
 
         let mut high = spend(49_000);
         let items = high.input[0].witness.to_vec();
@@ -357,14 +391,17 @@ mod tests {
         bytes.push(0x01);
         high.input[0].witness = Witness::from_slice(&[bytes, items[1].clone()]);
         assert_eq!(
-            check_standard(&high, &[c.clone()]),
+            check_standard(&high, std::slice::from_ref(&c)),
             Err(PolicyError::Signature { input: 0, error: SignatureError::HighS })
         );
 
-        assert_eq!(check_standard(&spend(50_001), &[c.clone()]), Err(PolicyError::ValueCreation));
+        assert_eq!(
+            check_standard(&spend(50_001), std::slice::from_ref(&c)),
+            Err(PolicyError::ValueCreation)
+        );
         let vsize = spend(49_999).vsize() as u64;
         assert_eq!(
-            check_standard(&spend(50_000 - vsize + 1), &[c.clone()]),
+            check_standard(&spend(50_000 - vsize + 1), std::slice::from_ref(&c)),
             Err(PolicyError::FeeTooLow {
                 fee: Amount::from_sat(vsize - 1),
                 required: Amount::from_sat(vsize)

@@ -107,7 +107,9 @@ pub struct SimulatedChain {
 }
 
 impl Default for SimulatedChain {
-    fn default() -> Self { Self::new() }
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl SimulatedChain {
@@ -133,7 +135,9 @@ impl SimulatedChain {
     }
 
     /// Returns the tip's height and median time past.
-    pub fn tip(&self) -> ChainTip { self.lock().tip() }
+    pub fn tip(&self) -> ChainTip {
+        self.lock().tip()
+    }
 
     /// Creates a confirmed output of `amount` to `script_pubkey`, spendable at once.
     pub fn faucet(&self, script_pubkey: ScriptBuf, amount: Amount) -> OutPoint {
@@ -178,11 +182,17 @@ impl SimulatedChain {
             return Ok(txid);
         }
         if state.confirmed.contains_key(&txid) {
-            return Err(ChainError::rejected(RejectReason::AlreadyConfirmed, "transaction already in block chain"));
+            return Err(ChainError::rejected(
+                RejectReason::AlreadyConfirmed,
+                "transaction already in block chain",
+            ));
         }
         let mut seen = HashSet::new();
         if tx.input.is_empty() || tx.output.is_empty() {
-            return Err(ChainError::rejected(RejectReason::Invalid, "bad-txns-vin-empty or bad-txns-vout-empty"));
+            return Err(ChainError::rejected(
+                RejectReason::Invalid,
+                "bad-txns-vin-empty or bad-txns-vout-empty",
+            ));
         }
         if !tx.input.iter().all(|i| seen.insert(i.previous_output)) {
             return Err(ChainError::rejected(RejectReason::Invalid, "bad-txns-inputs-duplicate"));
@@ -201,7 +211,9 @@ impl SimulatedChain {
         let fee = sum(&prevouts)
             .zip(sum(&tx.output))
             .and_then(|(inputs, outputs)| inputs.checked_sub(outputs))
-            .ok_or_else(|| ChainError::rejected(RejectReason::ValueCreation, "bad-txns-in-belowout"))?;
+            .ok_or_else(|| {
+                ChainError::rejected(RejectReason::ValueCreation, "bad-txns-in-belowout")
+            })?;
         let tip = state.tip();
         if !is_final(tx, tip.height + 1, tip.median_time_past) {
             return Err(ChainError::rejected(RejectReason::NonFinal, "non-final"));
@@ -234,7 +246,9 @@ impl SimulatedChain {
         }
         for (vout, output) in tx.output.iter().enumerate() {
             let vout = u32::try_from(vout).expect("fewer than 2^32 outputs");
-            state.coins.insert(OutPoint { txid, vout }, Coin { output: output.clone(), height: None });
+            state
+                .coins
+                .insert(OutPoint { txid, vout }, Coin { output: output.clone(), height: None });
         }
         state.mempool.push(tx.clone());
         Ok(txid)
@@ -250,8 +264,9 @@ impl SimulatedChain {
             let time = state.times.last().copied().unwrap_or(GENESIS_TIME) + 600;
             let mtp = state.tip().median_time_past;
             state.times.push(time);
-            let (ready, waiting): (Vec<_>, Vec<_>) =
-                std::mem::take(&mut state.mempool).into_iter().partition(|tx| is_final(tx, height, mtp));
+            let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut state.mempool)
+                .into_iter()
+                .partition(|tx| is_final(tx, height, mtp));
             state.mempool = waiting;
             for tx in ready {
                 let txid = tx.compute_txid();
@@ -311,7 +326,9 @@ impl SimulatedChain {
     }
 
     /// Sets the fee rate [`estimate_fee_rate`](ChainBackend::estimate_fee_rate) answers.
-    pub fn set_fee_rate(&self, rate: FeeRate) { self.lock().fee_rate = rate; }
+    pub fn set_fee_rate(&self, rate: FeeRate) {
+        self.lock().fee_rate = rate;
+    }
 }
 
 fn sum(outputs: &[TxOut]) -> Option<Amount> {
@@ -414,12 +431,20 @@ mod tests {
     }
 
     /// A signed spend of `coin` paying `value` back to the wallet.
-    fn spend(coin: (OutPoint, TxOut), value: u64, lock_time: u32, sequence: Sequence) -> Transaction {
+    fn spend(
+        coin: (OutPoint, TxOut),
+        value: u64,
+        lock_time: u32,
+        sequence: Sequence,
+    ) -> Transaction {
         let mut tx = Transaction {
             version: transaction::Version::TWO,
             lock_time: LockTime::from_consensus(lock_time),
             input: vec![TxIn { previous_output: coin.0, sequence, ..TxIn::default() }],
-            output: vec![TxOut { value: Amount::from_sat(value), script_pubkey: coin.1.script_pubkey.clone() }],
+            output: vec![TxOut {
+                value: Amount::from_sat(value),
+                script_pubkey: coin.1.script_pubkey.clone(),
+            }],
         };
         sign_p2wpkh_input(&mut tx, 0, &coin.1, &wallet().0);
         tx
@@ -445,11 +470,15 @@ mod tests {
         let double = spend(coin.clone(), 98_000, 0, Sequence::MAX);
         assert_eq!(reason(chain.submit(&double)), RejectReason::Conflict);
         assert_eq!(chain.mine(1), vec![txid]);
-        assert_eq!(chain.tx_status(&txid), TxStatus::Confirmed { height: START_HEIGHT + 1, confirmations: 1 });
+        assert_eq!(
+            chain.tx_status(&txid),
+            TxStatus::Confirmed { height: START_HEIGHT + 1, confirmations: 1 }
+        );
         assert_eq!(reason(chain.submit(&double)), RejectReason::MissingInputs);
         assert_eq!(reason(chain.submit(&tx)), RejectReason::AlreadyConfirmed);
         // The new output is spendable.
-        let child = spend((OutPoint { txid, vout: 0 }, tx.output[0].clone()), 98_000, 0, Sequence::MAX);
+        let child =
+            spend((OutPoint { txid, vout: 0 }, tx.output[0].clone()), 98_000, 0, Sequence::MAX);
         assert!(chain.submit(&child).is_ok());
     }
 
@@ -458,7 +487,10 @@ mod tests {
         let chain = SimulatedChain::new();
         let coin = funded(&chain);
         let ghost = (OutPoint { vout: 1, ..coin.0 }, coin.1.clone());
-        assert_eq!(reason(chain.submit(&spend(ghost, 1_000, 0, Sequence::MAX))), RejectReason::MissingInputs);
+        assert_eq!(
+            reason(chain.submit(&spend(ghost, 1_000, 0, Sequence::MAX))),
+            RejectReason::MissingInputs
+        );
         assert_eq!(
             reason(chain.submit(&spend(coin.clone(), 100_001, 0, Sequence::MAX))),
             RejectReason::ValueCreation
@@ -468,13 +500,28 @@ mod tests {
         let lying = TxOut { value: Amount::from_sat(100_001), ..coin.1.clone() };
         sign_p2wpkh_input(&mut wrong, 0, &lying, &wallet().0);
         assert_eq!(reason(chain.submit(&wrong)), RejectReason::ScriptFailure);
-        assert_eq!(reason(chain.submit(&spend(coin.clone(), 99_990, 0, Sequence::MAX))), RejectReason::FeeTooLow);
-        assert_eq!(reason(chain.submit(&spend(coin.clone(), 100, 0, Sequence::MAX))), RejectReason::NonStandard);
+        assert_eq!(
+            reason(chain.submit(&spend(coin.clone(), 99_990, 0, Sequence::MAX))),
+            RejectReason::FeeTooLow
+        );
+        assert_eq!(
+            reason(chain.submit(&spend(coin.clone(), 100, 0, Sequence::MAX))),
+            RejectReason::NonStandard
+        );
         let whale = chain.faucet_p2wpkh(&wallet().1, Amount::from_sat(20_000_000));
         let greedy = spend(whale.clone(), 300, 0, Sequence::MAX);
         assert_eq!(reason(chain.submit(&greedy)), RejectReason::FeeTooHigh);
         let max = MAX_FEE_RATE.fee_vb(greedy.vsize() as u64).unwrap();
-        assert!(chain.submit(&spend(whale, (Amount::from_sat(20_000_000) - max).to_sat(), 0, Sequence::MAX)).is_ok());
+        assert!(
+            chain
+                .submit(&spend(
+                    whale,
+                    (Amount::from_sat(20_000_000) - max).to_sat(),
+                    0,
+                    Sequence::MAX
+                ))
+                .is_ok()
+        );
         assert!(chain.submit(&spend(coin, 99_000, 0, Sequence::MAX)).is_ok());
     }
 

@@ -211,7 +211,9 @@ impl fmt::Display for RefundError {
             Self::FeeTooLow { fee, required } => {
                 write!(f, "refund fee {fee} is below the minimum {required}")
             }
-            Self::FeeTooHigh { fee, max } => write!(f, "refund fee {fee} is above the maximum {max}"),
+            Self::FeeTooHigh { fee, max } => {
+                write!(f, "refund fee {fee} is above the maximum {max}")
+            }
         }
     }
 }
@@ -431,7 +433,9 @@ impl fmt::Display for PaymentError {
             Self::Version { found } => write!(f, "payment version {found}, expected 2"),
             Self::Sequence { found } => write!(f, "payment sequence {found}, expected 0xffffffff"),
             Self::LockTime { found } => write!(f, "payment lock time {found}, expected 0"),
-            Self::OutputCount { found } => write!(f, "payment has {found} outputs, expected 1 or 2"),
+            Self::OutputCount { found } => {
+                write!(f, "payment has {found} outputs, expected 1 or 2")
+            }
             Self::WrongServerScript => f.write_str("output 0 does not pay the server's script"),
             Self::WrongChangeScript => f.write_str("output 1 does not pay the client's script"),
             Self::ValueCreation => f.write_str("payment outputs exceed the channel value"),
@@ -447,7 +451,9 @@ impl fmt::Display for PaymentError {
             Self::FeeTooLow { fee, required } => {
                 write!(f, "payment fee {fee} is below the minimum {required}")
             }
-            Self::FeeTooHigh { fee, max } => write!(f, "payment fee {fee} is above the maximum {max}"),
+            Self::FeeTooHigh { fee, max } => {
+                write!(f, "payment fee {fee} is above the maximum {max}")
+            }
             Self::NotAnIncrease { best, found } => {
                 write!(f, "payment of {found} to the server does not exceed the best {best}")
             }

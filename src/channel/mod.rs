@@ -89,13 +89,19 @@ pub struct Channel {
 
 impl Channel {
     /// Creates the channel funded at `outpoint`.
-    pub fn new(params: ChannelParams, outpoint: OutPoint) -> Self { Self { params, outpoint } }
+    pub fn new(params: ChannelParams, outpoint: OutPoint) -> Self {
+        Self { params, outpoint }
+    }
 
     /// Returns the agreed parameters.
-    pub fn params(&self) -> &ChannelParams { &self.params }
+    pub fn params(&self) -> &ChannelParams {
+        &self.params
+    }
 
     /// Returns the funding outpoint, which identifies the channel.
-    pub fn outpoint(&self) -> OutPoint { self.outpoint }
+    pub fn outpoint(&self) -> OutPoint {
+        self.outpoint
+    }
 }
 
 /// The crate's shared secp256k1 context.

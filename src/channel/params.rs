@@ -2,7 +2,9 @@ use bitcoin::absolute::LockTime;
 use bitcoin::opcodes::all::OP_CHECKMULTISIG;
 use bitcoin::script::Builder;
 use bitcoin::transaction::Version;
-use bitcoin::{Address, Amount, CompressedPublicKey, FeeRate, Network, OutPoint, ScriptBuf, Weight};
+use bitcoin::{
+    Address, Amount, CompressedPublicKey, FeeRate, Network, OutPoint, ScriptBuf, Weight,
+};
 use serde::{Deserialize, Serialize};
 
 use super::ChainTip;
@@ -239,10 +241,14 @@ impl ChannelParams {
     }
 
     /// Returns the smallest payment the server output may carry (its dust threshold).
-    pub fn min_server_amount(&self) -> Amount { self.server_script.minimal_non_dust() }
+    pub fn min_server_amount(&self) -> Amount {
+        self.server_script.minimal_non_dust()
+    }
 
     /// Returns the smallest change output the client may keep (its dust threshold).
-    pub fn min_change(&self) -> Amount { self.client_script.minimal_non_dust() }
+    pub fn min_change(&self) -> Amount {
+        self.client_script.minimal_non_dust()
+    }
 
     /// Returns the minimum fee of a payment transaction, with or without a change output, at
     /// its co-signed size and [`min_fee_rate`](Self::min_fee_rate).
@@ -287,7 +293,9 @@ impl ChannelParams {
     }
 
     /// Returns the funded channel at `outpoint`.
-    pub fn at(self, outpoint: OutPoint) -> super::Channel { super::Channel::new(self, outpoint) }
+    pub fn at(self, outpoint: OutPoint) -> super::Channel {
+        super::Channel::new(self, outpoint)
+    }
 }
 
 /// The co-signed weight of a transaction spending the funding output to outputs whose script

@@ -46,8 +46,9 @@ impl Channel {
             .checked_add(params.payment_fee(true))
             .and_then(|spent| params.value.checked_sub(spent));
         match change {
-            Some(change) if change >= params.min_change() => output
-                .push(TxOut { value: change, script_pubkey: params.client_script.clone() }),
+            Some(change) if change >= params.min_change() => {
+                output.push(TxOut { value: change, script_pubkey: params.client_script.clone() })
+            }
             _ => {
                 let spent = server_amount.checked_add(params.payment_fee(false));
                 if spent.is_none_or(|spent| spent > params.value) {
@@ -192,9 +193,10 @@ impl Channel {
 
     fn verify_client_signature(&self, payment: &Transaction) -> Result<(), PaymentError> {
         let witness = &payment.input[0].witness;
-        let [client_sig] = witness.to_vec().try_into().map_err(|items: Vec<Vec<u8>>| {
-            PaymentError::WitnessShape { items: items.len() }
-        })?;
+        let [client_sig] = witness
+            .to_vec()
+            .try_into()
+            .map_err(|items: Vec<Vec<u8>>| PaymentError::WitnessShape { items: items.len() })?;
         let client_sig = sig::parse_sighash_all(&client_sig).map_err(PaymentError::Signature)?;
         let msg = self.params.sighash(payment).ok_or(PaymentError::InputCount { found: 0 })?;
         sig::verify(super::secp(), &msg, &client_sig, &self.params.client_key)

@@ -23,7 +23,9 @@ pub struct CheckedRefund<'a> {
 
 impl CheckedRefund<'_> {
     /// The funding outpoint the refund spends: the channel's id.
-    pub fn funding_outpoint(&self) -> OutPoint { self.refund.input[0].previous_output }
+    pub fn funding_outpoint(&self) -> OutPoint {
+        self.refund.input[0].previous_output
+    }
 
     /// Signs the refund with the server's key (BIP-0143, `SIGHASH_ALL`, committing to the
     /// channel value).
@@ -85,7 +87,10 @@ impl ChannelParams {
         let outpoint = input.previous_output;
         let funding_txid = funding.compute_txid();
         if outpoint.txid != funding_txid {
-            return Err(RefundError::WrongFundingTxid { expected: funding_txid, found: outpoint.txid });
+            return Err(RefundError::WrongFundingTxid {
+                expected: funding_txid,
+                found: outpoint.txid,
+            });
         }
         let funding_output = usize::try_from(outpoint.vout)
             .ok()
@@ -111,7 +116,10 @@ impl ChannelParams {
             return Err(RefundError::FinalSequence);
         }
         if refund.lock_time != self.expiry {
-            return Err(RefundError::WrongLockTime { expected: self.expiry, found: refund.lock_time });
+            return Err(RefundError::WrongLockTime {
+                expected: self.expiry,
+                found: refund.lock_time,
+            });
         }
         terms.check_expiry(self.expiry, tip).map_err(RefundError::Expiry)?;
         let fee = self.value.checked_sub(output.value).ok_or(RefundError::ValueCreation)?;
@@ -164,5 +172,4 @@ impl ChannelParams {
         let client_signature = self.sign_input(refund, client_secret, &self.client_key)?;
         Ok(self.with_witness(refund, &client_signature, server_signature))
     }
-
 }

@@ -13,13 +13,17 @@ pub const FAUCET_VALUE: Amount = Amount::from_sat(250_000);
 pub const FUNDING_FEE: Amount = Amount::from_sat(1_000);
 pub const LIFETIME_BLOCKS: u32 = 200;
 
-pub fn secret(byte: u8) -> SecretKey { SecretKey::from_slice(&[byte; 32]).expect("non-zero") }
+pub fn secret(byte: u8) -> SecretKey {
+    SecretKey::from_slice(&[byte; 32]).expect("non-zero")
+}
 
 pub fn public(secret: &SecretKey) -> CompressedPublicKey {
     CompressedPublicKey(secret.public_key(&Secp256k1::new()))
 }
 
-pub fn p2wpkh(secret: &SecretKey) -> ScriptBuf { ScriptBuf::new_p2wpkh(&public(secret).wpubkey_hash()) }
+pub fn p2wpkh(secret: &SecretKey) -> ScriptBuf {
+    ScriptBuf::new_p2wpkh(&public(secret).wpubkey_hash())
+}
 
 /// Everything a test needs about one channel, opened step by step.
 pub struct Setup {
@@ -43,7 +47,9 @@ pub struct Setup {
 impl Setup {
     /// Client key byte 1, server key byte 2 (or the given pair), default terms, an expiry
     /// [`LIFETIME_BLOCKS`] after the tip.
-    pub fn new() -> Self { Self::with(1, 2, Terms::default(), None) }
+    pub fn new() -> Self {
+        Self::with(1, 2, Terms::default(), None)
+    }
 
     /// Agrees, funds from the faucet and builds (but does not broadcast) the funding.
     pub fn with(client: u8, server: u8, terms: Terms, expiry: Option<LockTime>) -> Self {
@@ -90,7 +96,9 @@ impl Setup {
         }
     }
 
-    pub fn tip(&self) -> ChainTip { self.chain.tip() }
+    pub fn tip(&self) -> ChainTip {
+        self.chain.tip()
+    }
 
     /// Steps 4-6: the server checks and signs the refund, the client verifies it, the server
     /// checks and broadcasts the funding. Returns the fully signed refund.
@@ -102,8 +110,10 @@ impl Setup {
         assert_eq!(checked.funding_outpoint(), self.outpoint);
         let server_sig = checked.sign(&self.server).expect("server key");
         self.params.verify_refund_signature(&self.refund, &server_sig).expect("valid signature");
-        let refund =
-            self.params.complete_refund(&self.refund, &self.client, &server_sig).expect("client key");
+        let refund = self
+            .params
+            .complete_refund(&self.refund, &self.client, &server_sig)
+            .expect("client key");
         self.params
             .check_funding(&self.terms, self.outpoint, &self.funding, &self.funding_prevouts)
             .expect("funding passes");
@@ -124,7 +134,9 @@ impl Setup {
         tx
     }
 
-    pub fn funding_txout(&self) -> TxOut { self.funding.output[self.outpoint.vout as usize].clone() }
+    pub fn funding_txout(&self) -> TxOut {
+        self.funding.output[self.outpoint.vout as usize].clone()
+    }
 
     /// Verifies a spend of the funding output with Bitcoin Core's interpreter and the
     /// relay-policy checks.
@@ -133,7 +145,7 @@ impl Setup {
         let outpoint = self.outpoint;
         tx.verify(|op| (*op == outpoint).then(|| txout.clone()))
             .unwrap_or_else(|e| panic!("consensus rejects {}: {e}", tx.compute_txid()));
-        policy::check_standard(tx, &[txout.clone()])
+        policy::check_standard(tx, std::slice::from_ref(&txout))
             .unwrap_or_else(|e| panic!("policy rejects {}: {e}", tx.compute_txid()));
     }
 }
