@@ -27,7 +27,7 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (1u64..20_000).prop_map(Op::Increase),
         1 => Just(Op::Repeat),
-        1 => (0u64..5_000).prop_map(Op::Decrease),
+        1 => (1u64..5_000).prop_map(Op::Decrease),
         2 => (0u8..6, 1u64..5_000).prop_map(|(k, d)| Op::Corrupt(k, d)),
     ]
 }

@@ -1,0 +1,261 @@
+//! The conformance suite every [`ChannelStore`] must pass.
+//!
+//! Call [`run`] from a test of your store, inside a multi-threaded tokio runtime, with a store
+//! that holds no channel whose funding txid starts with the suite's `prefix` byte (use a fresh
+//! prefix per run against a shared database). It panics with a message naming the broken rule.
+//!
+//! ```
+//! # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+//! # async fn main() {
+//! use std::sync::Arc;
+//! use paychan::store::{MemoryStore, conformance};
+//!
+//! conformance::run(Arc::new(MemoryStore::new()), 0x01).await;
+//! # }
+//! ```
+
+use std::sync::Arc;
+
+use bitcoin::absolute::LockTime;
+use bitcoin::hashes::Hash;
+use bitcoin::secp256k1::SecretKey;
+use bitcoin::{Amount, CompressedPublicKey, OutPoint, ScriptBuf, Transaction, Txid};
+
+use super::{ChannelRecord, ChannelState, ChannelStore, Debit, StoreError, StorePayment};
+use crate::MilliSats;
+use crate::channel::{ChainTip, Channel, Terms};
+use crate::wire::ChannelId;
+
+const CLIENT: [u8; 32] = [0x51; 32];
+const SERVER: [u8; 32] = [0x52; 32];
+
+/// Test fixtures: channels with real, signed payments.
+#[derive(Debug)]
+struct Fixture {
+    client: SecretKey,
+    prefix: u8,
+}
+
+impl Fixture {
+    fn channel(&self, n: u8, expiry: LockTime) -> Channel {
+        let secp = crate::channel::secp();
+        let pk = |k: &SecretKey| CompressedPublicKey(k.public_key(secp));
+        let server = SecretKey::from_slice(&SERVER).expect("valid key");
+        let script = |k: &SecretKey| ScriptBuf::new_p2wpkh(&pk(k).wpubkey_hash());
+        let tip = ChainTip { height: 800_000, median_time_past: 1_700_000_000 };
+        let mut terms = Terms::default();
+        terms.seconds.min = 0;
+        terms.seconds.max = u32::MAX;
+        terms.blocks.min = 0;
+        terms.blocks.max = u32::MAX;
+        let params = terms
+            .agree(
+                pk(&self.client),
+                pk(&server),
+                Amount::from_sat(1_000_000),
+                expiry,
+                script(&self.client),
+                script(&server),
+                tip,
+            )
+            .expect("fixture terms");
+        let mut txid = [n; 32];
+        txid[0] = self.prefix;
+        params.at(OutPoint { txid: Txid::from_byte_array(txid), vout: u32::from(n) })
+    }
+
+    fn at_height(&self, n: u8, height: u32) -> Channel {
+        self.channel(n, LockTime::from_height(height).expect("height"))
+    }
+
+    fn payment(&self, channel: &Channel, sat: u64) -> Transaction {
+        let mut tx = channel.build_payment(Amount::from_sat(sat)).expect("fixture payment");
+        channel.sign_payment(&mut tx, &self.client).expect("client key");
+        tx
+    }
+
+    fn record(&self, channel: Channel, sat: u64) -> ChannelRecord {
+        let first = self.payment(&channel, sat);
+        ChannelRecord::open(channel, 7, first)
+    }
+}
+
+fn msat(sat: u64) -> MilliSats {
+    MilliSats::from_msat(sat * 1_000)
+}
+
+/// Runs every conformance check against `store`. See the [module docs](self).
+pub async fn run<S: ChannelStore>(store: Arc<S>, prefix: u8) {
+    let fx = Fixture { client: SecretKey::from_slice(&CLIENT).expect("valid key"), prefix };
+    create_and_load(&*store, &fx).await;
+    best_payment_only_grows(&*store, &fx).await;
+    debits_and_credits_are_exact(&*store, &fx).await;
+    transitions_compare_and_swap(&*store, &fx).await;
+    list_by_state_earliest_expiry_first(&*store, &fx).await;
+    unknown_channels(&*store, &fx).await;
+    racing_payments_keep_the_best(store.clone(), &fx).await;
+    racing_debits_never_overspend(store, &fx).await;
+}
+
+async fn create_and_load<S: ChannelStore>(store: &S, fx: &Fixture) {
+    let record = fx.record(fx.at_height(1, 900_000), 1_000);
+    let id = record.id();
+    assert_eq!(store.load(id).await, Ok(None), "load of an unknown channel");
+    store.create(record.clone()).await.expect("create");
+    assert_eq!(store.load(id).await, Ok(Some(record.clone())), "load returns what was created");
+    assert_eq!(store.create(record).await, Err(StoreError::AlreadyExists), "create twice");
+}
+
+async fn best_payment_only_grows<S: ChannelStore>(store: &S, fx: &Fixture) {
+    let channel = fx.at_height(2, 900_000);
+    let record = fx.record(channel.clone(), 1_000);
+    let id = record.id();
+    store.create(record).await.expect("create");
+    let higher = fx.payment(&channel, 3_000);
+    assert_eq!(
+        store.store_payment(id, higher.clone()).await,
+        Ok(StorePayment::Stored { balance: msat(3_000) })
+    );
+    for stale in [fx.payment(&channel, 2_000), higher.clone()] {
+        assert_eq!(
+            store.store_payment(id, stale).await,
+            Ok(StorePayment::Stale { best: Amount::from_sat(3_000) }),
+            "a payment that does not pay more is stale"
+        );
+    }
+    let loaded = store.load(id).await.expect("load").expect("exists");
+    assert_eq!(loaded.best, Some(higher), "the best payment is kept byte for byte");
+}
+
+async fn debits_and_credits_are_exact<S: ChannelStore>(store: &S, fx: &Fixture) {
+    let record = fx.record(fx.at_height(3, 900_000), 2_000);
+    let id = record.id();
+    store.create(record).await.expect("create");
+    let third = MilliSats::from_msat(666_667);
+    assert_eq!(
+        store.debit(id, third).await,
+        Ok(Debit::Debited { balance: MilliSats::from_msat(1_333_333) })
+    );
+    assert_eq!(
+        store.debit(id, third).await,
+        Ok(Debit::Debited { balance: MilliSats::from_msat(666_666) })
+    );
+    assert_eq!(
+        store.debit(id, third).await,
+        Ok(Debit::Insufficient { balance: MilliSats::from_msat(666_666) }),
+        "a debit larger than the balance changes nothing"
+    );
+    assert_eq!(
+        store.debit(id, MilliSats::from_msat(666_666)).await,
+        Ok(Debit::Debited { balance: MilliSats::ZERO })
+    );
+    assert_eq!(store.credit(id, third).await, Ok(third), "credit gives back");
+    assert_eq!(
+        store.credit(id, msat(10_000)).await,
+        Ok(msat(2_000)),
+        "spent never goes below zero"
+    );
+    let loaded = store.load(id).await.expect("load").expect("exists");
+    assert_eq!(loaded.spent, MilliSats::ZERO);
+}
+
+async fn transitions_compare_and_swap<S: ChannelStore>(store: &S, fx: &Fixture) {
+    let record = fx.record(fx.at_height(4, 900_000), 2_000);
+    let id = record.id();
+    store.create(record).await.expect("create");
+    assert_eq!(store.transition(id, ChannelState::Closing, ChannelState::Closed).await, Ok(false));
+    assert_eq!(store.transition(id, ChannelState::Open, ChannelState::Closing).await, Ok(true));
+    assert_eq!(store.transition(id, ChannelState::Open, ChannelState::Closing).await, Ok(false));
+    assert_eq!(
+        store.debit(id, msat(1)).await,
+        Ok(Debit::NotOpen { state: ChannelState::Closing }),
+        "no debits once closing"
+    );
+}
+
+async fn list_by_state_earliest_expiry_first<S: ChannelStore>(store: &S, fx: &Fixture) {
+    let late = fx.record(fx.at_height(5, 950_000), 1_000);
+    let early = fx.record(fx.at_height(6, 910_000), 1_000);
+    let timed = fx.record(fx.channel(7, LockTime::from_time(1_800_000_000).expect("time")), 1_000);
+    for record in [late.clone(), early.clone(), timed.clone()] {
+        store.create(record.clone()).await.expect("create");
+        store
+            .transition(record.id(), ChannelState::Open, ChannelState::Failed)
+            .await
+            .expect("transition");
+    }
+    let ids: Vec<ChannelId> = store
+        .list(ChannelState::Failed)
+        .await
+        .expect("list")
+        .iter()
+        .map(ChannelRecord::id)
+        .filter(|id| id.outpoint().txid.to_byte_array()[0] == fx.prefix)
+        .collect();
+    assert_eq!(ids, vec![early.id(), late.id(), timed.id()], "heights by value, then timestamps");
+    let open = store.list(ChannelState::Open).await.expect("list");
+    assert!(open.iter().all(|r| r.state == ChannelState::Open), "list filters by state");
+}
+
+async fn unknown_channels<S: ChannelStore>(store: &S, fx: &Fixture) {
+    let id = ChannelId::new(fx.at_height(99, 900_000).outpoint());
+    let payment = fx.payment(&fx.at_height(99, 900_000), 1_000);
+    assert_eq!(store.store_payment(id, payment).await, Err(StoreError::NotFound));
+    assert_eq!(store.debit(id, msat(1)).await, Err(StoreError::NotFound));
+    assert_eq!(store.credit(id, msat(1)).await, Err(StoreError::NotFound));
+    assert_eq!(
+        store.transition(id, ChannelState::Open, ChannelState::Closing).await,
+        Err(StoreError::NotFound)
+    );
+}
+
+async fn racing_payments_keep_the_best<S: ChannelStore>(store: Arc<S>, fx: &Fixture) {
+    let channel = fx.at_height(10, 900_000);
+    let record = fx.record(channel.clone(), 1_000);
+    let id = record.id();
+    store.create(record).await.expect("create");
+    let payments: Vec<Transaction> =
+        (1..=32).map(|i| fx.payment(&channel, 1_000 + i * 100)).collect();
+    let tasks: Vec<_> = payments
+        .into_iter()
+        .map(|payment| {
+            let store = store.clone();
+            tokio::spawn(async move { store.store_payment(id, payment).await })
+        })
+        .collect();
+    let mut stored = 0;
+    for task in tasks {
+        if let StorePayment::Stored { .. } = task.await.expect("task").expect("store_payment") {
+            stored += 1;
+        }
+    }
+    assert!(stored >= 1, "the best payment was stored");
+    let loaded = store.load(id).await.expect("load").expect("exists");
+    assert_eq!(
+        loaded.paid_amount(),
+        Amount::from_sat(4_200),
+        "racing writers keep the best payment"
+    );
+}
+
+async fn racing_debits_never_overspend<S: ChannelStore>(store: Arc<S>, fx: &Fixture) {
+    let record = fx.record(fx.at_height(11, 900_000), 1_000);
+    let id = record.id();
+    store.create(record).await.expect("create");
+    let price = MilliSats::from_msat(30_000); // 1 000 sat pays for exactly 33 of these
+    let tasks: Vec<_> = (0..64)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.debit(id, price).await })
+        })
+        .collect();
+    let mut served = 0;
+    for task in tasks {
+        if let Debit::Debited { .. } = task.await.expect("task").expect("debit") {
+            served += 1;
+        }
+    }
+    assert_eq!(served, 33, "concurrent debits are served exactly as much as was paid");
+    let loaded = store.load(id).await.expect("load").expect("exists");
+    assert_eq!(loaded.balance(), MilliSats::from_msat(10_000));
+}

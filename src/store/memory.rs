@@ -1,0 +1,142 @@
+use std::future::{Future, Ready as StdReady, ready};
+use std::sync::Arc;
+
+use bitcoin::Transaction;
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+
+use super::{ChannelRecord, ChannelState, ChannelStore, Debit, StoreError, StorePayment};
+use crate::MilliSats;
+use crate::wire::ChannelId;
+
+type Ready<T> = StdReady<Result<T, StoreError>>;
+
+/// The default store: channels in process memory, in a sharded concurrent map.
+///
+/// Every operation is atomic under the channel's shard lock. Nothing survives a restart:
+/// use it for tests, demos and APIs where losing the unsettled payments of a crash is
+/// acceptable; otherwise use a durable store. Cloning gives another handle to the same map.
+///
+/// # Examples
+///
+/// ```
+/// use paychan::store::{ChannelStore, MemoryStore};
+/// # use paychan::wire::ChannelId;
+/// # async fn demo(id: ChannelId) -> Result<(), paychan::store::StoreError> {
+/// let store = MemoryStore::new();
+/// assert!(store.load(id).await?.is_none());
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct MemoryStore {
+    channels: Arc<DashMap<ChannelId, ChannelRecord>>,
+}
+
+impl MemoryStore {
+    /// Creates an empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Applies `f` to the channel under its shard lock.
+    fn update<T>(&self, id: ChannelId, f: impl FnOnce(&mut ChannelRecord) -> T) -> Ready<T> {
+        ready(
+            self.channels.get_mut(&id).map(|mut record| f(&mut record)).ok_or(StoreError::NotFound),
+        )
+    }
+}
+
+impl ChannelStore for MemoryStore {
+    fn create(&self, record: ChannelRecord) -> impl Future<Output = Result<(), StoreError>> + Send {
+        ready(match self.channels.entry(record.id()) {
+            Entry::Occupied(_) => Err(StoreError::AlreadyExists),
+            Entry::Vacant(slot) => {
+                slot.insert(record);
+                Ok(())
+            }
+        })
+    }
+
+    fn load(
+        &self,
+        id: ChannelId,
+    ) -> impl Future<Output = Result<Option<ChannelRecord>, StoreError>> + Send {
+        ready(Ok(self.channels.get(&id).map(|record| record.clone())))
+    }
+
+    fn store_payment(
+        &self,
+        id: ChannelId,
+        payment: Transaction,
+    ) -> impl Future<Output = Result<StorePayment, StoreError>> + Send {
+        self.update(id, move |record| {
+            let best = record.paid_amount();
+            let offered = payment.output.first().map(|out| out.value).unwrap_or_default();
+            if offered <= best {
+                return StorePayment::Stale { best };
+            }
+            record.best = Some(payment);
+            StorePayment::Stored { balance: record.balance() }
+        })
+    }
+
+    fn debit(
+        &self,
+        id: ChannelId,
+        amount: MilliSats,
+    ) -> impl Future<Output = Result<Debit, StoreError>> + Send {
+        self.update(id, move |record| {
+            if record.state != ChannelState::Open {
+                return Debit::NotOpen { state: record.state };
+            }
+            let balance = record.balance();
+            match (balance.checked_sub(amount), record.spent.checked_add(amount)) {
+                (Some(left), Some(spent)) => {
+                    record.spent = spent;
+                    Debit::Debited { balance: left }
+                }
+                _ => Debit::Insufficient { balance },
+            }
+        })
+    }
+
+    fn credit(
+        &self,
+        id: ChannelId,
+        amount: MilliSats,
+    ) -> impl Future<Output = Result<MilliSats, StoreError>> + Send {
+        self.update(id, move |record| {
+            record.spent = record.spent.saturating_sub(amount);
+            record.balance()
+        })
+    }
+
+    fn transition(
+        &self,
+        id: ChannelId,
+        from: ChannelState,
+        to: ChannelState,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        self.update(id, move |record| {
+            let matches = record.state == from;
+            if matches {
+                record.state = to;
+            }
+            matches
+        })
+    }
+
+    fn list(
+        &self,
+        state: ChannelState,
+    ) -> impl Future<Output = Result<Vec<ChannelRecord>, StoreError>> + Send {
+        let mut records: Vec<ChannelRecord> = self
+            .channels
+            .iter()
+            .filter(|record| record.state == state)
+            .map(|record| record.clone())
+            .collect();
+        records.sort_by_key(super::expiry_key);
+        ready(Ok(records))
+    }
+}

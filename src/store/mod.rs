@@ -1,0 +1,227 @@
+//! Where channel state lives: the [`ChannelStore`] trait and the in-memory [`MemoryStore`].
+//!
+//! # The rule: persist before acknowledging
+//!
+//! A payment the server acknowledged is money. A store method that returns `Ok` must have made
+//! its write **durable** for that store's durability model (in memory: visible to every
+//! handle; in a database: committed) — the server serves a request only after the write that
+//! pays for it returned. A store that cannot reach its backend returns
+//! [`StoreError::Unavailable`], and the server answers 503 without serving.
+//!
+//! # Atomicity
+//!
+//! Every method is one atomic read-modify-write on one channel (compare-and-swap semantics):
+//! [`store_payment`](ChannelStore::store_payment) replaces the best payment only if the new one
+//! pays the server more; [`debit`](ChannelStore::debit) succeeds only if the balance covers the
+//! amount. Concurrent requests on one channel are therefore served exactly as much as was paid.
+//!
+//! # Implementing a store
+//!
+//! Methods return `impl Future + Send` (no `async_trait`). Stores hold public data only —
+//! never private keys: the server's key for a channel is re-derived from its
+//! [`key_index`](ChannelRecord::key_index). Run [`conformance::run`] against a new store in its
+//! tests; every backend of this crate does.
+
+use core::fmt;
+use std::future::Future;
+
+use bitcoin::{Amount, Transaction};
+use serde::{Deserialize, Serialize};
+
+use crate::MilliSats;
+use crate::channel::Channel;
+use crate::wire::ChannelId;
+
+pub mod conformance;
+mod memory;
+
+pub use memory::MemoryStore;
+
+/// Where a channel is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ChannelState {
+    /// Funded; payments are accepted.
+    Open,
+    /// A close was requested or the expiry is near; no new payments.
+    Closing,
+    /// The close transaction was broadcast; waiting for confirmation.
+    Closed,
+    /// The close confirmed.
+    Settled,
+    /// The funding failed (double-spent or never confirmed).
+    Failed,
+}
+
+/// What a store keeps about one channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelRecord {
+    /// The agreed parameters and the funding outpoint.
+    pub channel: Channel,
+    /// The BIP-0032 index the server's key for this channel was derived at.
+    pub key_index: u32,
+    /// Where the channel is in its life.
+    pub state: ChannelState,
+    /// The best (highest-paying) client-signed payment so far.
+    pub best: Option<Transaction>,
+    /// What requests have consumed so far.
+    pub spent: MilliSats,
+}
+
+impl ChannelRecord {
+    /// Creates the record of a freshly funded channel whose first payment is `first`.
+    pub fn open(channel: Channel, key_index: u32, first: Transaction) -> Self {
+        Self {
+            channel,
+            key_index,
+            state: ChannelState::Open,
+            best: Some(first),
+            spent: MilliSats::ZERO,
+        }
+    }
+
+    /// The channel's id.
+    pub fn id(&self) -> ChannelId {
+        ChannelId::new(self.channel.outpoint())
+    }
+
+    /// What the best payment pays the server.
+    pub fn paid_amount(&self) -> Amount {
+        self.best.as_ref().and_then(|tx| tx.output.first()).map_or(Amount::ZERO, |out| out.value)
+    }
+
+    /// What the client has paid, in millisatoshis.
+    pub fn paid(&self) -> MilliSats {
+        MilliSats::from_sat(self.paid_amount()).unwrap_or(MilliSats::MAX)
+    }
+
+    /// What is left to spend: paid − spent.
+    pub fn balance(&self) -> MilliSats {
+        self.paid().saturating_sub(self.spent)
+    }
+}
+
+/// The outcome of [`ChannelStore::store_payment`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum StorePayment {
+    /// The payment is now the channel's best. `balance` is the new paid − spent.
+    Stored {
+        /// The balance after the payment.
+        balance: MilliSats,
+    },
+    /// The stored best pays at least as much; nothing changed.
+    Stale {
+        /// What the stored best pays the server.
+        best: Amount,
+    },
+}
+
+/// The outcome of [`ChannelStore::debit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum Debit {
+    /// The amount was debited.
+    Debited {
+        /// The balance left.
+        balance: MilliSats,
+    },
+    /// The balance does not cover the amount; nothing changed.
+    Insufficient {
+        /// The balance.
+        balance: MilliSats,
+    },
+    /// The channel is not [`ChannelState::Open`]; nothing changed.
+    NotOpen {
+        /// Its state.
+        state: ChannelState,
+    },
+}
+
+/// An error from a [`ChannelStore`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// No channel with this id.
+    NotFound,
+    /// [`create`](ChannelStore::create) found a channel with this id.
+    AlreadyExists,
+    /// The backend could not be reached or failed; nothing is known to have changed.
+    Unavailable {
+        /// What went wrong (for logs).
+        message: String,
+    },
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NotFound => f.write_str("no such channel"),
+            Self::AlreadyExists => f.write_str("a channel with this id already exists"),
+            Self::Unavailable { message } => write!(f, "channel store unavailable: {message}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+/// Persistent, atomic channel state. See the [module docs](self) for the rules.
+pub trait ChannelStore: Send + Sync + 'static {
+    /// Creates a channel record.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::AlreadyExists`] if the id is taken.
+    fn create(&self, record: ChannelRecord) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Loads a channel; `Ok(None)` if it does not exist.
+    fn load(
+        &self,
+        id: ChannelId,
+    ) -> impl Future<Output = Result<Option<ChannelRecord>, StoreError>> + Send;
+
+    /// Makes `payment` the channel's best **only if** it pays the server strictly more than
+    /// the stored best (compare-and-swap). The caller has checked the payment
+    /// ([`Channel::check_payment`]).
+    fn store_payment(
+        &self,
+        id: ChannelId,
+        payment: Transaction,
+    ) -> impl Future<Output = Result<StorePayment, StoreError>> + Send;
+
+    /// Debits `amount` from the balance if it covers it and the channel is open.
+    fn debit(
+        &self,
+        id: ChannelId,
+        amount: MilliSats,
+    ) -> impl Future<Output = Result<Debit, StoreError>> + Send;
+
+    /// Gives back `amount` of an earlier debit (never making `spent` negative); returns the
+    /// new balance.
+    fn credit(
+        &self,
+        id: ChannelId,
+        amount: MilliSats,
+    ) -> impl Future<Output = Result<MilliSats, StoreError>> + Send;
+
+    /// Moves the channel from state `from` to `to`; `Ok(false)` if it was not in `from`.
+    fn transition(
+        &self,
+        id: ChannelId,
+        from: ChannelState,
+        to: ChannelState,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Lists the channels in `state`, those with the earliest expiry first.
+    fn list(
+        &self,
+        state: ChannelState,
+    ) -> impl Future<Output = Result<Vec<ChannelRecord>, StoreError>> + Send;
+}
+
+/// Sort key for "earliest expiry first": block heights before timestamps, then by value.
+pub(crate) fn expiry_key(record: &ChannelRecord) -> (bool, u32) {
+    let expiry = record.channel.params().expiry;
+    (expiry.is_block_time(), expiry.to_consensus_u32())
+}
