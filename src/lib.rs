@@ -26,6 +26,7 @@
 pub mod chain;
 pub mod channel;
 mod msat;
+pub mod server;
 pub mod store;
 pub mod wire;
 

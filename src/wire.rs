@@ -35,6 +35,9 @@ use serde::{Deserialize, Serialize};
 /// The request header that carries the client's latest signed payment.
 pub const PAYMENT_CHANNEL: &str = "payment-channel";
 
+/// The response header that carries the channel's balance after the request, in msat.
+pub const PAYMENT_CHANNEL_BALANCE: &str = "payment-channel-balance";
+
 /// The longest `Payment-Channel` header value accepted, in bytes.
 pub const MAX_HEADER_LEN: usize = 1024;
 

@@ -191,7 +191,16 @@ impl Channel {
         })
     }
 
-    fn verify_client_signature(&self, payment: &Transaction) -> Result<(), PaymentError> {
+    /// Verifies only the client's signature of a payment (witness shape, encoding, validity).
+    ///
+    /// For a payment that passed every other rule of [`check_payment`](Self::check_payment)
+    /// but pays less than the best — a request that raced a top-up — this proves the sender
+    /// holds the client key, so the payment can identify the channel without changing it.
+    ///
+    /// # Errors
+    ///
+    /// [`PaymentError::WitnessShape`] or [`PaymentError::Signature`].
+    pub fn verify_client_signature(&self, payment: &Transaction) -> Result<(), PaymentError> {
         let witness = &payment.input[0].witness;
         let [client_sig] = witness
             .to_vec()

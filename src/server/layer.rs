@@ -1,0 +1,110 @@
+use std::fmt;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tower::Layer;
+
+use super::Paywall;
+use crate::MilliSats;
+use crate::channel::ChainTip;
+
+/// The path of the terms document served to clients (RFC 8615 well-known URI).
+pub const DEFAULT_TERMS_URL: &str = "/.well-known/payment-channel";
+
+/// How much a 402's suggested top-up prepays beyond the minimum: 1 000 sat.
+pub const DEFAULT_BUNDLE: MilliSats = MilliSats::from_msat(1_000_000);
+
+/// Applies [`Paywall`] to a service: every priced request must be paid through a channel.
+///
+/// # Examples
+///
+/// ```
+/// use axum::{Router, routing::get};
+/// use paychan::MilliSats;
+/// use paychan::channel::ChainTip;
+/// use paychan::server::PaywallLayer;
+/// use paychan::store::MemoryStore;
+///
+/// let (_tip_tx, tip) = tokio::sync::watch::channel(ChainTip { height: 800_000, median_time_past: 0 });
+/// let app: Router = Router::new()
+///     .route("/joke", get(|| async { "two satoshis walk into a bar" }))
+///     .layer(PaywallLayer::new(MemoryStore::new(), MilliSats::from_msat(2_000), tip));
+/// ```
+#[must_use]
+pub struct PaywallLayer<St, P> {
+    pub(super) config: Arc<Config<St, P>>,
+}
+
+pub(super) struct Config<St, P> {
+    pub(super) store: St,
+    pub(super) pricing: P,
+    pub(super) tip: watch::Receiver<ChainTip>,
+    pub(super) bundle: MilliSats,
+    pub(super) refund_server_errors: bool,
+    pub(super) terms_url: String,
+}
+
+impl<St, P> PaywallLayer<St, P> {
+    /// Meters requests priced by `pricing` against channels in `store`. `tip` follows the
+    /// chain's best block (the settlement task keeps it current); payments are refused inside
+    /// a channel's close margin.
+    pub fn new(store: St, pricing: P, tip: watch::Receiver<ChainTip>) -> Self {
+        Self {
+            config: Arc::new(Config {
+                store,
+                pricing,
+                tip,
+                bundle: DEFAULT_BUNDLE,
+                refund_server_errors: true,
+                terms_url: DEFAULT_TERMS_URL.to_owned(),
+            }),
+        }
+    }
+
+    fn config_mut(&mut self) -> &mut Config<St, P> {
+        Arc::get_mut(&mut self.config).expect("the layer is configured before it is cloned")
+    }
+
+    /// Sets how much a 402's suggested top-up prepays beyond the minimum
+    /// (default [`DEFAULT_BUNDLE`]).
+    pub fn with_bundle(mut self, bundle: MilliSats) -> Self {
+        self.config_mut().bundle = bundle;
+        self
+    }
+
+    /// Whether a 5xx answer from the inner service gives the charge back (default `true`).
+    pub fn refund_server_errors(mut self, refund: bool) -> Self {
+        self.config_mut().refund_server_errors = refund;
+        self
+    }
+
+    /// Sets the terms URL that 402 challenges point to (default [`DEFAULT_TERMS_URL`]).
+    pub fn with_terms_url(mut self, url: impl Into<String>) -> Self {
+        self.config_mut().terms_url = url.into();
+        self
+    }
+}
+
+impl<St, P> Clone for PaywallLayer<St, P> {
+    fn clone(&self) -> Self {
+        Self { config: self.config.clone() }
+    }
+}
+
+impl<St, P> fmt::Debug for PaywallLayer<St, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PaywallLayer")
+            .field("bundle", &self.config.bundle)
+            .field("refund_server_errors", &self.config.refund_server_errors)
+            .field("terms_url", &self.config.terms_url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, St, P> Layer<S> for PaywallLayer<St, P> {
+    type Service = Paywall<S, St, P>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Paywall { inner, config: self.config.clone() }
+    }
+}

@@ -1,0 +1,184 @@
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{HeaderValue, Request, Response};
+use tower::Service;
+
+use super::future::ResponseFuture;
+use super::layer::{Config, PaywallLayer};
+use super::problem::{ChannelSnapshot, Rejection, RejectionKind};
+use super::{ActualCost, Paid, Pricing};
+use crate::MilliSats;
+use crate::channel::{PaymentCheck, PaymentError};
+use crate::store::{ChannelRecord, ChannelState, ChannelStore, Debit};
+use crate::wire::{self, ChannelId, PAYMENT_CHANNEL, PAYMENT_CHANNEL_BALANCE};
+
+/// Middleware that charges every priced request to a payment channel. See the
+/// [module docs](super) for the request flow.
+pub struct Paywall<S, St, P> {
+    pub(super) inner: S,
+    pub(super) config: Arc<Config<St, P>>,
+}
+
+impl<S, St, P> Paywall<S, St, P> {
+    /// Wraps `inner` with the configuration of `layer`.
+    pub fn new(inner: S, layer: &PaywallLayer<St, P>) -> Self {
+        Self { inner, config: layer.config.clone() }
+    }
+
+    /// Returns a reference to the inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// Returns a mutable reference to the inner service.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Returns the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Clone, St, P> Clone for Paywall<S, St, P> {
+    fn clone(&self) -> Self {
+        Self { inner: self.inner.clone(), config: self.config.clone() }
+    }
+}
+
+impl<S: fmt::Debug, St, P> fmt::Debug for Paywall<S, St, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Paywall").field("inner", &self.inner).finish_non_exhaustive()
+    }
+}
+
+impl<S, St, P, ReqBody, ResBody> Service<Request<ReqBody>> for Paywall<S, St, P>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    St: ChannelStore,
+    P: Pricing<ReqBody>,
+    ReqBody: Send + 'static,
+    ResBody: From<String> + Send + 'static,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, Result<Response<ResBody>, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let Some(price) = self.config.pricing.price(&request) else {
+            return ResponseFuture::free(self.inner.call(request));
+        };
+        // Use the service that was driven to readiness; leave a fresh clone in its place
+        // (https://docs.rs/tower/latest/tower/trait.Service.html#be-careful-when-cloning-inner-services).
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let config = self.config.clone();
+        ResponseFuture::metered(config.serve(inner, request, price))
+    }
+}
+
+impl<St: ChannelStore, P> Config<St, P> {
+    async fn serve<S, ReqBody, ResBody>(
+        self: Arc<Self>,
+        mut inner: S,
+        mut request: Request<ReqBody>,
+        price: MilliSats,
+    ) -> Result<Response<ResBody>, S::Error>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+        ResBody: From<String>,
+    {
+        // Taken out so that the request (whose body need not be `Sync`) is not borrowed
+        // across an await.
+        let header = request.headers().get(PAYMENT_CHANNEL).cloned();
+        let paid = match self.charge(header, price).await {
+            Ok(paid) => paid,
+            Err(rejection) => return Ok(rejection.into_response(&self.terms_url)),
+        };
+        request.extensions_mut().insert(paid);
+        let mut response = inner.call(request).await?;
+        let give_back = if self.refund_server_errors && response.status().is_server_error() {
+            price
+        } else {
+            response
+                .extensions()
+                .get::<ActualCost>()
+                .map_or(MilliSats::ZERO, |ActualCost(cost)| price.saturating_sub(*cost))
+        };
+        let mut balance = paid.balance;
+        if give_back > MilliSats::ZERO {
+            // If the store fails here the client stays charged for this request; the
+            // channel's money is safe either way.
+            if let Ok(after) = self.store.credit(paid.channel, give_back).await {
+                balance = after;
+            }
+        }
+        response
+            .headers_mut()
+            .insert(PAYMENT_CHANNEL_BALANCE, HeaderValue::from(balance.to_msat()));
+        Ok(response)
+    }
+
+    /// Identifies the channel, stores a better payment before anything is served, and debits
+    /// the price atomically.
+    async fn charge(
+        &self,
+        header: Option<HeaderValue>,
+        price: MilliSats,
+    ) -> Result<Paid, Rejection> {
+        let reject = |kind, record: Option<&ChannelRecord>| {
+            Rejection::new(kind, record.map(|r| ChannelSnapshot::new(r, price, self.bundle)))
+        };
+        let header = header.ok_or_else(|| reject(RejectionKind::PaymentRequired, None))?;
+        let payment = wire::decode_payment(header.as_bytes())
+            .map_err(|e| reject(RejectionKind::Header(e), None))?;
+        let outpoint =
+            payment.input.first().map(|input| input.previous_output).ok_or_else(|| {
+                reject(RejectionKind::Payment(PaymentError::InputCount { found: 0 }), None)
+            })?;
+        let id = ChannelId::new(outpoint);
+        let record = self
+            .store
+            .load(id)
+            .await?
+            .ok_or_else(|| reject(RejectionKind::UnknownChannel, None))?;
+        if record.state != ChannelState::Open {
+            return Err(reject(RejectionKind::ChannelNotOpen(record.state), Some(&record)));
+        }
+        if record.best.as_ref() != Some(&payment) {
+            let tip = *self.tip.borrow();
+            match record.channel.check_payment(record.best.as_ref(), &payment, tip) {
+                // Stale means a concurrent request stored an even better payment: fine.
+                Ok(PaymentCheck::Increase { .. }) => {
+                    let _stored_or_stale = self.store.store_payment(id, payment).await?;
+                }
+                Ok(PaymentCheck::Repeat) => {}
+                // An older payment of this channel (it raced a top-up): identification only.
+                Err(PaymentError::NotAnIncrease { .. }) => record
+                    .channel
+                    .verify_client_signature(&payment)
+                    .map_err(|e| reject(RejectionKind::Payment(e), Some(&record)))?,
+                Err(e) => return Err(reject(RejectionKind::Payment(e), Some(&record))),
+            }
+        }
+        match self.store.debit(id, price).await? {
+            Debit::Debited { balance } => Ok(Paid { channel: id, price, balance }),
+            Debit::Insufficient { .. } => {
+                let record = self.store.load(id).await?.unwrap_or(record);
+                Err(reject(RejectionKind::InsufficientBalance, Some(&record)))
+            }
+            Debit::NotOpen { state } => {
+                Err(reject(RejectionKind::ChannelNotOpen(state), Some(&record)))
+            }
+        }
+    }
+}
