@@ -1,0 +1,248 @@
+//! The metering layer in-process: payment, 402s with resync numbers, top-up, every rejection
+//! class with its state untouched, give-backs, and concurrency on one channel.
+
+mod common;
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::routing::get;
+use axum::{Extension, Router};
+use bitcoin::Transaction;
+use common::{Setup, p2wpkh, secret};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use paychan::MilliSats;
+use paychan::server::{ActualCost, Paid, PaywallLayer, RoutePrices};
+use paychan::store::{ChannelRecord, ChannelState, ChannelStore, MemoryStore};
+use paychan::wire::{self, ChannelId};
+use serde_json::Value;
+use tokio::sync::watch;
+use tower::ServiceExt;
+
+const PRICE: MilliSats = MilliSats::from_msat(250_000);
+
+struct Api {
+    setup: Setup,
+    store: MemoryStore,
+    app: Router,
+    id: ChannelId,
+    tip: watch::Sender<paychan::channel::ChainTip>,
+}
+
+/// A funded channel whose first payment pays `first_sat`, behind an API priced at 250 sat.
+fn api(first_sat: u64) -> Api {
+    let setup = Setup::new();
+    setup.open();
+    let store = MemoryStore::new();
+    let first = setup.pay(first_sat);
+    let record = ChannelRecord::open(setup.channel.clone(), 0, first);
+    let id = record.id();
+    futures_now(store.create(record)).unwrap();
+    let (tip, tip_rx) = watch::channel(setup.tip());
+    let prices = RoutePrices::new()
+        .route(Method::GET, "/paid", PRICE)
+        .route(Method::GET, "/boom", PRICE)
+        .route(Method::GET, "/cached", PRICE);
+    let app = Router::new()
+        .route(
+            "/paid",
+            get(|paid: Paid| async move { format!("{} {}", paid.channel, paid.balance) }),
+        )
+        .route("/free", get(|| async { "free" }))
+        .route("/boom", get(|| async { (StatusCode::INTERNAL_SERVER_ERROR, "boom") }))
+        .route(
+            "/cached",
+            get(|| async { (Extension(ActualCost(MilliSats::from_msat(50_000))), "cached") }),
+        )
+        .layer(PaywallLayer::new(store.clone(), prices, tip_rx));
+    Api { setup, store, app, id, tip }
+}
+
+fn futures_now<F: std::future::Future>(f: F) -> F::Output {
+    use std::task::{Context, Poll, Waker};
+    match std::pin::pin!(f).poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(out) => out,
+        Poll::Pending => panic!("memory store answers at once"),
+    }
+}
+
+async fn get_with(app: &Router, path: &str, header: Option<&str>) -> Response<Body> {
+    let mut request = Request::get(path);
+    if let Some(header) = header {
+        request = request.header(wire::PAYMENT_CHANNEL, header);
+    }
+    app.clone().oneshot(request.body(Body::empty()).unwrap()).await.unwrap()
+}
+
+async fn json(response: Response<Body>) -> Value {
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+fn balance(response: &Response<Body>) -> u64 {
+    response.headers()[wire::PAYMENT_CHANNEL_BALANCE].to_str().unwrap().parse().unwrap()
+}
+
+impl Api {
+    fn header(&self, tx: &Transaction) -> String {
+        wire::encode_payment(tx)
+    }
+    fn pay(&self, sat: u64) -> String {
+        self.header(&self.setup.pay(sat))
+    }
+    async fn record(&self) -> ChannelRecord {
+        self.store.load(self.id).await.unwrap().unwrap()
+    }
+}
+
+#[tokio::test]
+async fn free_routes_pass_and_priced_routes_need_a_channel() {
+    let api = api(1_000);
+    let free = get_with(&api.app, "/free", None).await;
+    assert_eq!(free.status(), StatusCode::OK);
+    assert!(free.headers().get(wire::PAYMENT_CHANNEL_BALANCE).is_none());
+
+    let response = get_with(&api.app, "/paid", None).await;
+    assert_eq!(response.status(), StatusCode::PAYMENT_REQUIRED);
+    assert_eq!(response.headers()["content-type"], "application/problem+json");
+    assert_eq!(response.headers()["cache-control"], "no-store");
+    let challenge = response.headers()["www-authenticate"].to_str().unwrap().to_owned();
+    assert!(challenge.starts_with("Payment method=\"bitcoin-channel\""), "{challenge}");
+    assert!(challenge.contains("terms=\"/.well-known/payment-channel\""), "{challenge}");
+    let body = json(response).await;
+    assert_eq!(body["type"], "urn:paychan:problem:payment-required");
+    assert_eq!(body["status"], 402);
+}
+
+#[tokio::test]
+async fn pays_until_the_allocation_runs_out_then_tops_up() {
+    let api = api(1_000);
+    let header = api.pay(1_000);
+    for served in 1..=4u64 {
+        let response = get_with(&api.app, "/paid", Some(&header)).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(balance(&response), 1_000_000 - served * 250_000);
+    }
+    let response = get_with(&api.app, "/paid", Some(&header)).await;
+    assert_eq!(response.status(), StatusCode::PAYMENT_REQUIRED);
+    let challenge = response.headers()["www-authenticate"].to_str().unwrap().to_owned();
+    assert!(challenge.contains(&format!("channel=\"{}\"", api.id)), "{challenge}");
+    assert!(challenge.contains("min_server_amount=\"1250\""), "{challenge}");
+    let body = json(response).await;
+    assert_eq!(body["type"], "urn:paychan:problem:insufficient-balance");
+    let channel = &body["channel"];
+    assert_eq!(channel["channel"], api.id.to_string());
+    assert_eq!(channel["paid_msat"], 1_000_000);
+    assert_eq!(channel["spent_msat"], 1_000_000);
+    assert_eq!(channel["balance_msat"], 0);
+    assert_eq!(channel["price_msat"], 250_000);
+    assert_eq!(channel["min_server_amount_sat"], 1_250);
+    assert_eq!(channel["suggested_server_amount_sat"], 2_250);
+    let max = api.setup.params.max_server_amount().to_sat();
+    assert_eq!(channel["capacity_left_sat"], max - 1_000);
+    assert_eq!(channel["expiry"], api.setup.params.expiry.to_consensus_u32());
+
+    // Top up to the minimum the server asked for: exactly one more request.
+    let response = get_with(&api.app, "/paid", Some(&api.pay(1_250))).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(balance(&response), 0);
+    assert_eq!(api.record().await.paid_amount().to_sat(), 1_250);
+}
+
+#[tokio::test]
+async fn every_rejection_has_its_type_and_changes_nothing() {
+    let api = api(1_000);
+    let before = api.record().await;
+    let mut wrong_script =
+        api.setup.channel.build_payment(bitcoin::Amount::from_sat(5_000)).unwrap();
+    wrong_script.output[0].script_pubkey = p2wpkh(&secret(5));
+    let wrong_script = api.setup.resign(wrong_script);
+    let mut forged = api.setup.pay(5_000);
+    forged.input[0].witness = api.setup.pay(6_000).input[0].witness.clone();
+    let mut stranger = api.setup.pay(5_000);
+    stranger.input[0].previous_output.vout = 9;
+    let closing_before = api.setup.pay(9_000);
+    let cases: Vec<(String, StatusCode, &str)> = vec![
+        ("%%%".into(), StatusCode::BAD_REQUEST, "header-not-base64"),
+        ("A".repeat(2_000), StatusCode::BAD_REQUEST, "header-too-long"),
+        ("AAAA".into(), StatusCode::BAD_REQUEST, "header-not-a-transaction"),
+        (api.header(&stranger), StatusCode::PAYMENT_REQUIRED, "unknown-channel"),
+        (api.header(&wrong_script), StatusCode::BAD_REQUEST, "payment-wrong-server-script"),
+        (api.header(&forged), StatusCode::BAD_REQUEST, "payment-signature"),
+    ];
+    for (header, status, code) in cases {
+        let response = get_with(&api.app, "/paid", Some(&header)).await;
+        assert_eq!(response.status(), status, "{code}");
+        assert_eq!(response.headers()["content-type"], "application/problem+json");
+        let body = json(response).await;
+        assert_eq!(body["type"], format!("urn:paychan:problem:{code}"));
+        assert_eq!(body["code"], code);
+        assert_eq!(api.record().await, before, "{code} changed the channel");
+    }
+
+    // Inside the close margin a new payment is refused with 402 and the state is untouched.
+    let expiry = api.setup.params.expiry.to_consensus_u32();
+    let mut tip = api.setup.tip();
+    tip.height = expiry - api.setup.params.close_margin;
+    api.tip.send(tip).unwrap();
+    let response = get_with(&api.app, "/paid", Some(&api.header(&closing_before))).await;
+    assert_eq!(response.status(), StatusCode::PAYMENT_REQUIRED);
+    assert_eq!(json(response).await["type"], "urn:paychan:problem:payment-channel-closing");
+    assert_eq!(api.record().await, before);
+
+    // A channel that is no longer open.
+    api.store.transition(api.id, ChannelState::Open, ChannelState::Closing).await.unwrap();
+    let response = get_with(&api.app, "/paid", Some(&api.pay(1_000))).await;
+    assert_eq!(response.status(), StatusCode::PAYMENT_REQUIRED);
+    let body = json(response).await;
+    assert_eq!(body["type"], "urn:paychan:problem:channel-not-open");
+    assert_eq!(body["channel"]["state"], "closing");
+}
+
+#[tokio::test]
+async fn an_older_payment_identifies_but_never_downgrades() {
+    let api = api(1_000);
+    let old = api.pay(1_000);
+    let response = get_with(&api.app, "/paid", Some(&api.pay(3_000))).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let response = get_with(&api.app, "/paid", Some(&old)).await;
+    assert_eq!(response.status(), StatusCode::OK, "a request that raced the top-up is served");
+    assert_eq!(balance(&response), 3_000_000 - 2 * 250_000);
+    assert_eq!(api.record().await.paid_amount().to_sat(), 3_000, "the best payment is kept");
+}
+
+#[tokio::test]
+async fn server_errors_and_actual_costs_give_money_back() {
+    let api = api(1_000);
+    let header = api.pay(1_000);
+    let response = get_with(&api.app, "/boom", Some(&header)).await;
+    assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(balance(&response), 1_000_000, "a 5xx is not charged");
+    let response = get_with(&api.app, "/cached", Some(&header)).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(balance(&response), 1_000_000 - 50_000, "only the actual cost is charged");
+    assert_eq!(api.record().await.spent, MilliSats::from_msat(50_000));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_requests_are_served_exactly_what_was_paid() {
+    let api = Arc::new(api(2_500));
+    let header = api.pay(2_500); // 2 500 sat at 250 sat a request: exactly 10
+    let tasks: Vec<_> = (0..64)
+        .map(|_| {
+            let (app, header) = (api.app.clone(), header.clone());
+            tokio::spawn(async move { get_with(&app, "/paid", Some(&header)).await.status() })
+        })
+        .collect();
+    let mut served = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            StatusCode::OK => served += 1,
+            StatusCode::PAYMENT_REQUIRED => {}
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(served, 2_500 / 250);
+    assert_eq!(api.record().await.balance(), MilliSats::ZERO);
+}
