@@ -4,9 +4,11 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tower::Layer;
 
-use super::Paywall;
+use super::{Negotiation, Paywall};
 use crate::MilliSats;
+use crate::chain::ChainBackend;
 use crate::channel::ChainTip;
+use crate::store::ChannelStore;
 
 /// The path of the terms document served to clients (RFC 8615 well-known URI).
 pub const DEFAULT_TERMS_URL: &str = "/.well-known/payment-channel";
@@ -36,12 +38,14 @@ pub struct PaywallLayer<St, P> {
 }
 
 pub(super) struct Config<St, P> {
-    pub(super) store: St,
+    pub(super) store: Arc<St>,
     pub(super) pricing: P,
     pub(super) tip: watch::Receiver<ChainTip>,
     pub(super) bundle: MilliSats,
     pub(super) refund_server_errors: bool,
     pub(super) terms_url: String,
+    /// The negotiation endpoints: their path prefix and router.
+    pub(super) negotiation: Option<(String, axum::Router)>,
 }
 
 impl<St, P> PaywallLayer<St, P> {
@@ -51,12 +55,13 @@ impl<St, P> PaywallLayer<St, P> {
     pub fn new(store: St, pricing: P, tip: watch::Receiver<ChainTip>) -> Self {
         Self {
             config: Arc::new(Config {
-                store,
+                store: Arc::new(store),
                 pricing,
                 tip,
                 bundle: DEFAULT_BUNDLE,
                 refund_server_errors: true,
                 terms_url: DEFAULT_TERMS_URL.to_owned(),
+                negotiation: None,
             }),
         }
     }
@@ -78,9 +83,26 @@ impl<St, P> PaywallLayer<St, P> {
         self
     }
 
-    /// Sets the terms URL that 402 challenges point to (default [`DEFAULT_TERMS_URL`]).
+    /// Sets the terms URL that 402 challenges point to, and where the terms are served
+    /// (default [`DEFAULT_TERMS_URL`]). Call it before
+    /// [`with_negotiation`](Self::with_negotiation).
     pub fn with_terms_url(mut self, url: impl Into<String>) -> Self {
         self.config_mut().terms_url = url.into();
+        self
+    }
+
+    /// Serves the terms document and the negotiation endpoints of `negotiation` (open,
+    /// refund, fund, status, close) from the layer itself, in front of the inner service.
+    pub fn with_negotiation<C>(mut self, negotiation: Negotiation<C>) -> Self
+    where
+        St: ChannelStore,
+        C: ChainBackend + Clone + 'static,
+    {
+        let config = self.config_mut();
+        let prefix = negotiation.prefix().to_owned();
+        let router =
+            negotiation.router(config.store.clone(), config.tip.clone(), &config.terms_url);
+        config.negotiation = Some((prefix, router));
         self
     }
 }
@@ -97,6 +119,7 @@ impl<St, P> fmt::Debug for PaywallLayer<St, P> {
             .field("bundle", &self.config.bundle)
             .field("refund_server_errors", &self.config.refund_server_errors)
             .field("terms_url", &self.config.terms_url)
+            .field("negotiation", &self.config.negotiation.as_ref().map(|(prefix, _)| prefix))
             .finish_non_exhaustive()
     }
 }

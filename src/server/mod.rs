@@ -53,6 +53,7 @@
 
 mod future;
 mod layer;
+mod negotiate;
 mod pricing;
 mod problem;
 mod receipt;
@@ -60,6 +61,7 @@ mod service;
 
 pub use future::ResponseFuture;
 pub use layer::{DEFAULT_BUNDLE, DEFAULT_TERMS_URL, PaywallLayer};
+pub use negotiate::{DEFAULT_PREFIX, Negotiation};
 pub use pricing::{Pricing, RoutePrices};
 pub use problem::{ChannelSnapshot, PROBLEM_TYPE_PREFIX, Rejection, RejectionKind};
 pub use receipt::{ActualCost, Paid};

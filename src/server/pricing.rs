@@ -89,7 +89,20 @@ impl RoutePrices {
         self
     }
 
-    /// Iterates over the priced routes (for the terms document).
+    /// Describes the table for the terms document: `[{"method", "path", "price_msat"}]`,
+    /// plus `{"fallback_msat"}` when set.
+    pub fn describe(&self) -> serde_json::Value {
+        let mut routes: Vec<serde_json::Value> = self
+            .iter()
+            .map(|(method, path, price)| {
+                serde_json::json!({ "method": method.as_str(), "path": path, "price_msat": price })
+            })
+            .collect();
+        routes.sort_by_key(|route| (route["path"].to_string(), route["method"].to_string()));
+        serde_json::json!({ "routes": routes, "fallback_msat": self.fallback })
+    }
+
+    /// Iterates over the priced routes.
     pub fn iter(&self) -> impl Iterator<Item = (&Method, &str, MilliSats)> {
         self.routes.iter().flat_map(|(method, paths)| {
             paths.iter().map(move |(path, price)| (method, path.as_str(), *price))

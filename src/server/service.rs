@@ -2,8 +2,11 @@ use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use axum::BoxError;
+use axum::body::{Bytes, HttpBody};
 use http::{HeaderValue, Request, Response};
-use tower::Service;
+use http_body_util::BodyExt;
+use tower::{Service, ServiceExt};
 
 use super::future::ResponseFuture;
 use super::layer::{Config, PaywallLayer};
@@ -62,7 +65,8 @@ where
     S::Error: Send + 'static,
     St: ChannelStore,
     P: Pricing<ReqBody>,
-    ReqBody: Send + 'static,
+    ReqBody: HttpBody<Data = Bytes> + Send + 'static,
+    ReqBody::Error: Into<BoxError>,
     ResBody: From<String> + Send + 'static,
 {
     type Response = Response<ResBody>;
@@ -74,6 +78,12 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        if let Some((prefix, router)) = &self.config.negotiation
+            && is_negotiation(request.uri().path(), prefix, &self.config.terms_url)
+        {
+            let router = router.clone();
+            return ResponseFuture::metered(negotiate(router, request));
+        }
         let Some(price) = self.config.pricing.price(&request) else {
             return ResponseFuture::free(self.inner.call(request));
         };
@@ -84,6 +94,31 @@ where
         let config = self.config.clone();
         ResponseFuture::metered(config.serve(inner, request, price))
     }
+}
+
+fn is_negotiation(path: &str, prefix: &str, terms_url: &str) -> bool {
+    path == terms_url || path.strip_prefix(prefix).is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// Answers a negotiation request with the crate's own router, converting the bodies.
+async fn negotiate<ReqBody, ResBody, E>(
+    router: axum::Router,
+    request: Request<ReqBody>,
+) -> Result<Response<ResBody>, E>
+where
+    ReqBody: HttpBody<Data = Bytes> + Send + 'static,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: From<String>,
+{
+    let request = request.map(|body| axum::body::Body::new(body.map_err(Into::into)));
+    let response = match router.oneshot(request).await {
+        Ok(response) => response,
+        Err(never) => match never {},
+    };
+    let (parts, body) = response.into_parts();
+    // Negotiation answers are small JSON documents built by this crate.
+    let bytes = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    Ok(Response::from_parts(parts, ResBody::from(String::from_utf8_lossy(&bytes).into_owned())))
 }
 
 impl<St: ChannelStore, P> Config<St, P> {

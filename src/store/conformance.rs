@@ -94,7 +94,23 @@ pub async fn run<S: ChannelStore>(store: Arc<S>, prefix: u8) {
     list_by_state_earliest_expiry_first(&*store, &fx).await;
     unknown_channels(&*store, &fx).await;
     racing_payments_keep_the_best(store.clone(), &fx).await;
-    racing_debits_never_overspend(store, &fx).await;
+    racing_debits_never_overspend(store.clone(), &fx).await;
+    key_indexes_are_unique(store).await;
+}
+
+async fn key_indexes_are_unique<S: ChannelStore>(store: Arc<S>) {
+    let tasks: Vec<_> = (0..32)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.next_key_index().await })
+        })
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    for task in tasks {
+        let index = task.await.expect("task").expect("next_key_index");
+        assert!(index < 1 << 31, "indexes are valid hardened child numbers");
+        assert!(seen.insert(index), "key index {index} was handed out twice");
+    }
 }
 
 async fn create_and_load<S: ChannelStore>(store: &S, fx: &Fixture) {

@@ -1,5 +1,6 @@
 use std::future::{Future, Ready as StdReady, ready};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use bitcoin::Transaction;
 use dashmap::DashMap;
@@ -30,6 +31,7 @@ type Ready<T> = StdReady<Result<T, StoreError>>;
 #[derive(Debug, Clone, Default)]
 pub struct MemoryStore {
     channels: Arc<DashMap<ChannelId, ChannelRecord>>,
+    key_index: Arc<AtomicU32>,
 }
 
 impl MemoryStore {
@@ -123,6 +125,15 @@ impl ChannelStore for MemoryStore {
                 record.state = to;
             }
             matches
+        })
+    }
+
+    fn next_key_index(&self) -> impl Future<Output = Result<u32, StoreError>> + Send {
+        let index = self.key_index.fetch_add(1, Ordering::Relaxed);
+        ready(if index < 1 << 31 {
+            Ok(index)
+        } else {
+            Err(StoreError::Unavailable { message: "key indexes exhausted".to_owned() })
         })
     }
 

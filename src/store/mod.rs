@@ -213,6 +213,10 @@ pub trait ChannelStore: Send + Sync + 'static {
         to: ChannelState,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
+    /// Allocates a BIP-0032 index for a new channel's server key: never the same twice, also
+    /// across restarts, so that no server key is ever reused.
+    fn next_key_index(&self) -> impl Future<Output = Result<u32, StoreError>> + Send;
+
     /// Lists the channels in `state`, those with the earliest expiry first.
     fn list(
         &self,

@@ -1,0 +1,516 @@
+//! The negotiation endpoints: terms, open, refund, fund, status and cooperative close.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use bitcoin::absolute::LockTime;
+use bitcoin::bip32::{ChildNumber, Xpriv};
+use bitcoin::consensus::encode::{deserialize_hex, serialize_hex};
+use bitcoin::secp256k1::SecretKey;
+use bitcoin::{Amount, CompressedPublicKey, Network, ScriptBuf, Transaction, TxOut};
+use dashmap::DashMap;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use super::problem::{ChannelSnapshot, PROBLEM_TYPE_PREFIX};
+use crate::MilliSats;
+use crate::chain::ChainBackend;
+use crate::channel::{ChainTip, ChannelParams, Terms};
+use crate::store::{ChannelRecord, ChannelState, ChannelStore};
+use crate::wire::{self, ChannelId, PAYMENT_CHANNEL};
+
+/// Where the negotiation endpoints live by default.
+pub const DEFAULT_PREFIX: &str = "/payment-channel";
+
+/// The negotiation side of the server: its terms, its keys and where it broadcasts.
+///
+/// Plug it into the layer with [`PaywallLayer::with_negotiation`](super::PaywallLayer::with_negotiation);
+/// the layer then answers `GET /.well-known/payment-channel` (the terms) and, under
+/// [`DEFAULT_PREFIX`], `POST /open`, `POST /refund`, `POST /fund`, `GET /channels/{id}` and
+/// `POST /channels/{id}/close`. See `docs/HTTP.md`.
+///
+/// Each channel's server key is derived from `master` at the hardened index
+/// `m/<index>'`, where the index comes from [`ChannelStore::next_key_index`]: the store holds
+/// indexes, never keys.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct Negotiation<C> {
+    terms: Terms,
+    master: Xpriv,
+    network: Network,
+    payout_script: ScriptBuf,
+    chain: C,
+    prefix: String,
+    open_limit: u32,
+    open_window: Duration,
+    max_pending: usize,
+    prices: Value,
+}
+
+impl<C: ChainBackend + Clone + 'static> Negotiation<C> {
+    /// Negotiates channels on `network` under `terms`, deriving keys from `master`, paying
+    /// the server to `payout_script`, broadcasting through `chain`.
+    pub fn new(
+        network: Network,
+        terms: Terms,
+        master: Xpriv,
+        payout_script: ScriptBuf,
+        chain: C,
+    ) -> Self {
+        Self {
+            terms,
+            master,
+            network,
+            payout_script,
+            chain,
+            prefix: DEFAULT_PREFIX.to_owned(),
+            open_limit: 10,
+            open_window: Duration::from_secs(60),
+            max_pending: 10_000,
+            prices: Value::Null,
+        }
+    }
+
+    /// Publishes `prices` in the terms document (for example [`RoutePrices::describe`]).
+    ///
+    /// [`RoutePrices::describe`]: super::RoutePrices::describe
+    pub fn with_prices(mut self, prices: Value) -> Self {
+        self.prices = prices;
+        self
+    }
+
+    /// Serves the endpoints under `prefix` instead of [`DEFAULT_PREFIX`].
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Allows each client address `limit` channel openings per `window` (default 10 a
+    /// minute). Behind a proxy, the address is the proxy's unless the server is run with
+    /// `into_make_service_with_connect_info` on the real peer.
+    pub fn with_open_rate_limit(mut self, limit: u32, window: Duration) -> Self {
+        self.open_limit = limit;
+        self.open_window = window;
+        self
+    }
+
+    pub(super) fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub(super) fn router<St: ChannelStore>(
+        self,
+        store: Arc<St>,
+        tip: watch::Receiver<ChainTip>,
+        terms_url: &str,
+    ) -> Router {
+        let prefix = self.prefix.clone();
+        let state = Arc::new(Shared {
+            negotiation: self,
+            store,
+            tip,
+            pending: DashMap::new(),
+            opens: DashMap::new(),
+        });
+        Router::new()
+            .route(terms_url, get(terms::<C, St>))
+            .route(&format!("{prefix}/open"), post(open::<C, St>))
+            .route(&format!("{prefix}/refund"), post(refund::<C, St>))
+            .route(&format!("{prefix}/fund"), post(fund::<C, St>))
+            .route(&format!("{prefix}/channels/{{id}}"), get(status::<C, St>))
+            .route(&format!("{prefix}/channels/{{id}}/close"), post(close::<C, St>))
+            .with_state(state)
+    }
+}
+
+struct Shared<C, St> {
+    negotiation: Negotiation<C>,
+    store: Arc<St>,
+    tip: watch::Receiver<ChainTip>,
+    /// Channels agreed but not yet funded, by key index. Lost on restart: a client whose
+    /// proposal vanished opens again (if it broadcast its funding itself, its refund returns
+    /// the money at expiry).
+    pending: DashMap<u32, Proposal>,
+    /// Openings per client address in the current window.
+    opens: DashMap<Option<IpAddr>, (Instant, u32)>,
+}
+
+#[derive(Debug, Clone)]
+struct Proposal {
+    params: ChannelParams,
+    /// Set once the refund is signed: the funding transaction it was signed against.
+    funding_outpoint: Option<bitcoin::OutPoint>,
+}
+
+impl<C: ChainBackend, St> Shared<C, St> {
+    fn key(&self, index: u32) -> Result<SecretKey, Problem> {
+        let child = ChildNumber::from_hardened_idx(index).map_err(|_| {
+            Problem::new(StatusCode::BAD_REQUEST, "unknown-proposal", "bad key index")
+        })?;
+        let xpriv =
+            self.negotiation.master.derive_priv(crate::channel::secp(), &[child]).map_err(|e| {
+                Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "key-derivation", e)
+            })?;
+        Ok(xpriv.private_key)
+    }
+
+    fn tip(&self) -> ChainTip {
+        *self.tip.borrow()
+    }
+
+    fn allow_open(&self, addr: Option<IpAddr>) -> bool {
+        let now = Instant::now();
+        let mut entry = self.opens.entry(addr).or_insert((now, 0));
+        if now.duration_since(entry.0) >= self.negotiation.open_window {
+            *entry = (now, 0);
+        }
+        entry.1 += 1;
+        entry.1 <= self.negotiation.open_limit
+    }
+}
+
+/// An RFC 9457 problem from a negotiation endpoint.
+#[derive(Debug)]
+struct Problem {
+    status: StatusCode,
+    code: &'static str,
+    detail: String,
+}
+
+impl Problem {
+    fn new(status: StatusCode, code: &'static str, detail: impl ToString) -> Self {
+        Self { status, code, detail: detail.to_string() }
+    }
+
+    fn bad(code: &'static str, detail: impl ToString) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, detail)
+    }
+
+    fn store(error: crate::store::StoreError) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "store-unavailable", error)
+    }
+
+    fn chain(error: crate::chain::ChainError) -> Self {
+        match error.reject_reason() {
+            Some(reason) => Self::bad("funding-rejected", format!("{} ({})", error, reason.code())),
+            None => Self::new(StatusCode::SERVICE_UNAVAILABLE, "chain-unavailable", error),
+        }
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let body = json!({
+            "type": format!("{PROBLEM_TYPE_PREFIX}{}", self.code),
+            "title": self.status.canonical_reason().unwrap_or("Error"),
+            "status": self.status.as_u16(),
+            "detail": self.detail,
+            "code": self.code,
+        });
+        let mut response = (self.status, Json(body)).into_response();
+        let headers = response.headers_mut();
+        headers.insert("content-type", "application/problem+json".parse().expect("static"));
+        headers.insert("cache-control", "no-store".parse().expect("static"));
+        response
+    }
+}
+
+fn hex_script(hex: &str) -> Result<ScriptBuf, Problem> {
+    ScriptBuf::from_hex(hex).map_err(|e| Problem::bad("bad-request", format!("script: {e}")))
+}
+
+fn hex_tx(hex: &str, what: &str) -> Result<Transaction, Problem> {
+    if hex.len() > 200_000 {
+        return Err(Problem::bad("bad-request", format!("{what} is too large")));
+    }
+    deserialize_hex(hex).map_err(|e| Problem::bad("bad-request", format!("{what}: {e}")))
+}
+
+fn lock_time_json(lock_time: LockTime) -> u32 {
+    lock_time.to_consensus_u32()
+}
+
+async fn terms<C: ChainBackend, St: ChannelStore>(
+    State(s): State<Arc<Shared<C, St>>>,
+) -> Json<Value> {
+    let t = &s.negotiation.terms;
+    let p = &s.negotiation.prefix;
+    Json(json!({
+        "version": 1,
+        "scheme": "bitcoin-channel",
+        "network": s.negotiation.network.to_core_arg(),
+        "prices": s.negotiation.prices,
+        "min_value_sat": t.min_value.to_sat(),
+        "max_value_sat": t.max_value.to_sat(),
+        "lifetime_blocks": t.blocks,
+        "lifetime_seconds": t.seconds,
+        "min_fee_rate_sat_per_vb": t.min_fee_rate.to_sat_per_vb_ceil(),
+        "max_fee_rate_sat_per_vb": t.max_fee_rate.to_sat_per_vb_floor(),
+        "funding_min_fee_rate_sat_per_vb": t.funding_min_fee_rate.to_sat_per_vb_ceil(),
+        "dust_limit_sat": s.negotiation.payout_script.minimal_non_dust().to_sat(),
+        "server_script": s.negotiation.payout_script.to_hex_string(),
+        "tip": s.tip(),
+        "endpoints": {
+            "open": format!("{p}/open"),
+            "refund": format!("{p}/refund"),
+            "fund": format!("{p}/fund"),
+            "channel": format!("{p}/channels/{{id}}"),
+            "close": format!("{p}/channels/{{id}}/close"),
+        },
+    }))
+}
+
+/// `POST {prefix}/open`.
+#[derive(Debug, Deserialize)]
+struct OpenRequest {
+    client_pubkey: String,
+    value_sat: u64,
+    /// The requested refund lock time: a height (< 500 000 000) or a Unix time.
+    expiry: u32,
+    client_script: String,
+}
+
+#[derive(Debug, Serialize)]
+struct OpenResponse {
+    proposal: u32,
+    server_pubkey: String,
+    witness_script: String,
+    funding_script_pubkey: String,
+    funding_address: String,
+    value_sat: u64,
+    expiry: u32,
+    close_margin: u32,
+    client_script: String,
+    server_script: String,
+    min_fee_rate_sat_per_vb: u64,
+    max_fee_rate_sat_per_vb: u64,
+    refund_fee_sat: u64,
+    payment_fee_sat: u64,
+    min_server_amount_sat: u64,
+}
+
+async fn open<C: ChainBackend, St: ChannelStore>(
+    State(s): State<Arc<Shared<C, St>>>,
+    connect: Option<Extension<ConnectInfo<SocketAddr>>>,
+    Json(req): Json<OpenRequest>,
+) -> Result<Json<OpenResponse>, Problem> {
+    if !s.allow_open(connect.map(|Extension(ConnectInfo(addr))| addr.ip())) {
+        return Err(Problem::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate-limited",
+            "too many channel openings",
+        ));
+    }
+    if s.pending.len() >= s.negotiation.max_pending {
+        return Err(Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too-many-pending",
+            "try again later",
+        ));
+    }
+    let client_key: CompressedPublicKey = req
+        .client_pubkey
+        .parse()
+        .map_err(|e| Problem::bad("bad-request", format!("client_pubkey: {e}")))?;
+    let client_script = hex_script(&req.client_script)?;
+    let index = s.store.next_key_index().await.map_err(Problem::store)?;
+    let server_key = CompressedPublicKey(s.key(index)?.public_key(crate::channel::secp()));
+    let params = s
+        .negotiation
+        .terms
+        .agree(
+            client_key,
+            server_key,
+            Amount::from_sat(req.value_sat),
+            LockTime::from_consensus(req.expiry),
+            client_script,
+            s.negotiation.payout_script.clone(),
+            s.tip(),
+        )
+        .map_err(|e| Problem::bad(e.code(), e))?;
+    let response = OpenResponse {
+        proposal: index,
+        server_pubkey: server_key.to_string(),
+        witness_script: params.witness_script().to_hex_string(),
+        funding_script_pubkey: params.funding_script_pubkey().to_hex_string(),
+        funding_address: params.funding_address(s.negotiation.network).to_string(),
+        value_sat: params.value.to_sat(),
+        expiry: lock_time_json(params.expiry),
+        close_margin: params.close_margin,
+        client_script: params.client_script.to_hex_string(),
+        server_script: params.server_script.to_hex_string(),
+        min_fee_rate_sat_per_vb: params.min_fee_rate.to_sat_per_vb_ceil(),
+        max_fee_rate_sat_per_vb: params.max_fee_rate.to_sat_per_vb_floor(),
+        refund_fee_sat: params.refund_fee().to_sat(),
+        payment_fee_sat: params.payment_fee(true).to_sat(),
+        min_server_amount_sat: params.min_server_amount().to_sat(),
+    };
+    s.pending.insert(index, Proposal { params, funding_outpoint: None });
+    Ok(Json(response))
+}
+
+/// `POST {prefix}/refund`.
+#[derive(Debug, Deserialize)]
+struct RefundRequest {
+    proposal: u32,
+    /// The unsigned funding transaction (hex).
+    funding_tx: String,
+    /// The unsigned refund transaction (hex).
+    refund_tx: String,
+}
+
+async fn refund<C: ChainBackend, St: ChannelStore>(
+    State(s): State<Arc<Shared<C, St>>>,
+    Json(req): Json<RefundRequest>,
+) -> Result<Json<Value>, Problem> {
+    let funding = hex_tx(&req.funding_tx, "funding_tx")?;
+    let refund = hex_tx(&req.refund_tx, "refund_tx")?;
+    let mut proposal = s.pending.get_mut(&req.proposal).ok_or_else(|| {
+        Problem::new(StatusCode::NOT_FOUND, "unknown-proposal", "open a channel first")
+    })?;
+    let checked = proposal
+        .params
+        .check_refund(&s.negotiation.terms, &funding, &refund, s.tip())
+        .map_err(|e| Problem::bad(e.code(), e))?;
+    let outpoint = checked.funding_outpoint();
+    let signature = checked
+        .sign(&s.key(req.proposal)?)
+        .map_err(|e| Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "signing", e))?;
+    proposal.funding_outpoint = Some(outpoint);
+    Ok(Json(json!({
+        "channel": ChannelId::new(outpoint),
+        "signature": hex(&signature.to_vec()),
+    })))
+}
+
+/// `POST {prefix}/fund`.
+#[derive(Debug, Deserialize)]
+struct FundRequest {
+    proposal: u32,
+    /// The signed funding transaction (hex).
+    funding_tx: String,
+    /// The first payment, in `Payment-Channel` header form (base64).
+    payment: String,
+}
+
+async fn fund<C: ChainBackend, St: ChannelStore>(
+    State(s): State<Arc<Shared<C, St>>>,
+    Json(req): Json<FundRequest>,
+) -> Result<(StatusCode, Json<Value>), Problem> {
+    let funding = hex_tx(&req.funding_tx, "funding_tx")?;
+    let payment =
+        wire::decode_payment(req.payment.as_bytes()).map_err(|e| Problem::bad(e.code(), e))?;
+    let proposal = s.pending.get(&req.proposal).map(|p| p.clone()).ok_or_else(|| {
+        Problem::new(StatusCode::NOT_FOUND, "unknown-proposal", "open a channel first")
+    })?;
+    let outpoint = proposal.funding_outpoint.ok_or_else(|| {
+        Problem::new(StatusCode::CONFLICT, "refund-not-signed", "have the refund signed first")
+    })?;
+    let mut prevouts: Vec<TxOut> = Vec::with_capacity(funding.input.len());
+    for input in &funding.input {
+        let prevout = s
+            .negotiation
+            .chain
+            .unspent_output(&input.previous_output)
+            .await
+            .map_err(Problem::chain)?
+            .ok_or_else(|| Problem::bad("funding-missing-inputs", input.previous_output))?;
+        prevouts.push(prevout);
+    }
+    let params = proposal.params;
+    params
+        .check_funding(&s.negotiation.terms, outpoint, &funding, &prevouts)
+        .map_err(|e| Problem::bad(e.code(), e))?;
+    let channel = params.at(outpoint);
+    // With no best payment, every valid payment is an increase.
+    if let Err(e) = channel.check_payment(None, &payment, s.tip()) {
+        return Err(Problem::bad(e.code(), e));
+    }
+    // Broadcast before the channel exists: a channel is never open without its funding.
+    s.negotiation.chain.broadcast(&funding).await.map_err(Problem::chain)?;
+    let record = ChannelRecord::open(channel, req.proposal, payment);
+    let id = record.id();
+    let balance = record.balance();
+    match s.store.create(record).await {
+        Ok(()) | Err(crate::store::StoreError::AlreadyExists) => {}
+        Err(e) => return Err(Problem::store(e)),
+    }
+    s.pending.remove(&req.proposal);
+    Ok((StatusCode::CREATED, Json(json!({ "channel": id, "balance_msat": balance }))))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn parse_id(id: &str) -> Result<ChannelId, Problem> {
+    id.parse().map_err(|e| Problem::bad("bad-request", e))
+}
+
+async fn load<C, St: ChannelStore>(
+    s: &Shared<C, St>,
+    id: ChannelId,
+) -> Result<ChannelRecord, Problem> {
+    s.store
+        .load(id)
+        .await
+        .map_err(Problem::store)?
+        .ok_or_else(|| Problem::new(StatusCode::NOT_FOUND, "unknown-channel", id))
+}
+
+async fn status<C: ChainBackend, St: ChannelStore>(
+    State(s): State<Arc<Shared<C, St>>>,
+    Path(id): Path<String>,
+) -> Result<Json<ChannelSnapshot>, Problem> {
+    let record = load(&s, parse_id(&id)?).await?;
+    Ok(Json(ChannelSnapshot::new(&record, MilliSats::ZERO, MilliSats::ZERO)))
+}
+
+/// `POST {prefix}/channels/{id}/close`: the caller proves it is the client by sending a
+/// payment of the channel in the `Payment-Channel` header.
+async fn close<C: ChainBackend, St: ChannelStore>(
+    State(s): State<Arc<Shared<C, St>>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, Problem> {
+    let id = parse_id(&id)?;
+    let record = load(&s, id).await?;
+    let proof = headers.get(PAYMENT_CHANNEL).ok_or_else(|| {
+        Problem::new(StatusCode::UNAUTHORIZED, "payment-required", "send a payment of this channel")
+    })?;
+    let proof = wire::decode_payment(proof.as_bytes()).map_err(|e| Problem::bad(e.code(), e))?;
+    if proof.input.first().map(|i| i.previous_output) != Some(id.outpoint()) {
+        return Err(Problem::bad("payment-wrong-outpoint", "the payment is not of this channel"));
+    }
+    record.channel.verify_client_signature(&proof).map_err(|e| Problem::bad(e.code(), e))?;
+    let best =
+        record.best.as_ref().ok_or_else(|| Problem::bad("no-payment", "nothing to close"))?;
+    if record.state == ChannelState::Open {
+        s.store
+            .transition(id, ChannelState::Open, ChannelState::Closing)
+            .await
+            .map_err(Problem::store)?;
+    }
+    let close = record
+        .channel
+        .close_transaction(best, &s.key(record.key_index)?)
+        .map_err(|e| Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "close", e))?;
+    let txid = s.negotiation.chain.broadcast(&close).await.map_err(Problem::chain)?;
+    s.store
+        .transition(id, ChannelState::Closing, ChannelState::Closed)
+        .await
+        .map_err(Problem::store)?;
+    Ok(Json(json!({
+        "channel": id,
+        "txid": txid,
+        "server_amount_sat": record.paid_amount().to_sat(),
+        "close_tx": serialize_hex(&close),
+    })))
+}

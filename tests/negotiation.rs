@@ -1,0 +1,234 @@
+//! The negotiation endpoints over real loopback HTTP, on the simulated chain: terms, open,
+//! refund, fund, paid requests and a cooperative close that settles — and the refusals.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::get;
+use bitcoin::absolute::LockTime;
+use bitcoin::bip32::Xpriv;
+use bitcoin::consensus::encode::{deserialize_hex, serialize_hex};
+use bitcoin::{
+    Amount, CompressedPublicKey, FeeRate, Network, ScriptBuf, Transaction, TxOut, ecdsa,
+};
+use common::http::{Reply, call};
+use common::{FAUCET_VALUE, p2wpkh, public, secret};
+use paychan::MilliSats;
+use paychan::chain::TxStatus;
+use paychan::chain::sim::{SimulatedChain, sign_p2wpkh_input};
+use paychan::channel::{ChannelParams, Terms};
+use paychan::server::{Negotiation, PaywallLayer};
+use paychan::store::MemoryStore;
+use paychan::wire::{self, ChannelId};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+const PRICE: MilliSats = MilliSats::from_msat(100_000);
+
+struct Server {
+    addr: SocketAddr,
+    chain: SimulatedChain,
+}
+
+async fn server(open_limit: u32) -> Server {
+    let chain = SimulatedChain::new();
+    let (_tip_tx, tip) = watch::channel(chain.tip());
+    std::mem::forget(_tip_tx); // the tip stays fixed for these tests
+    let master = Xpriv::new_master(Network::Regtest, &[7; 32]).unwrap();
+    let negotiation = Negotiation::new(
+        Network::Regtest,
+        Terms::default(),
+        master,
+        p2wpkh(&secret(2)),
+        chain.clone(),
+    )
+    .with_open_rate_limit(open_limit, Duration::from_secs(60));
+    let app = Router::new()
+        .route("/paid", get(|| async { "paid content" }))
+        .layer(PaywallLayer::new(MemoryStore::new(), PRICE, tip).with_negotiation(negotiation));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+            .await
+            .unwrap();
+    });
+    Server { addr, chain }
+}
+
+impl Server {
+    async fn post(&self, path: &str, body: Value) -> Reply {
+        call(self.addr, "POST", &format!("/payment-channel/{path}"), &[], Some(&body)).await
+    }
+
+    async fn open(&self, value: u64, blocks: u32) -> Reply {
+        let expiry = self.chain.tip().height + blocks;
+        self.post(
+            "open",
+            json!({
+                "client_pubkey": public(&secret(1)).to_string(),
+                "value_sat": value,
+                "expiry": expiry,
+                "client_script": p2wpkh(&secret(1)).to_hex_string(),
+            }),
+        )
+        .await
+    }
+}
+
+/// What the client rebuilds from the server's answer to `open`.
+fn params_from(open: &Value) -> ChannelParams {
+    let s = |k: &str| open[k].as_str().unwrap().to_owned();
+    ChannelParams {
+        client_key: public(&secret(1)),
+        server_key: s("server_pubkey").parse::<CompressedPublicKey>().unwrap(),
+        value: Amount::from_sat(open["value_sat"].as_u64().unwrap()),
+        expiry: LockTime::from_consensus(open["expiry"].as_u64().unwrap() as u32),
+        client_script: ScriptBuf::from_hex(&s("client_script")).unwrap(),
+        server_script: ScriptBuf::from_hex(&s("server_script")).unwrap(),
+        min_fee_rate: FeeRate::from_sat_per_vb_u32(
+            open["min_fee_rate_sat_per_vb"].as_u64().unwrap() as u32,
+        ),
+        max_fee_rate: FeeRate::from_sat_per_vb_u32(
+            open["max_fee_rate_sat_per_vb"].as_u64().unwrap() as u32,
+        ),
+        close_margin: open["close_margin"].as_u64().unwrap() as u32,
+    }
+}
+
+/// The client's funding (from the faucet) and refund for an opened proposal.
+fn funding_and_refund(
+    srv: &Server,
+    params: &ChannelParams,
+) -> (Transaction, Transaction, Transaction) {
+    let wallet = secret(9);
+    let (coin, prevout) = srv.chain.faucet_p2wpkh(&public(&wallet), FAUCET_VALUE);
+    let change = TxOut {
+        value: FAUCET_VALUE - params.value - Amount::from_sat(1_000),
+        script_pubkey: p2wpkh(&wallet),
+    };
+    let (unsigned, outpoint) = params.build_funding(&[coin], Some(change));
+    let mut signed = unsigned.clone();
+    sign_p2wpkh_input(&mut signed, 0, &prevout, &wallet);
+    let refund = params.build_refund(outpoint, params.refund_fee());
+    (unsigned, signed, refund)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_refund_fund_pay_and_close_over_http() {
+    let srv = server(10).await;
+    let terms = call(srv.addr, "GET", "/.well-known/payment-channel", &[], None).await;
+    assert_eq!(terms.status, 200);
+    let terms = terms.json();
+    assert_eq!(terms["network"], "regtest");
+    assert_eq!(terms["endpoints"]["open"], "/payment-channel/open");
+    assert_eq!(terms["min_value_sat"], 10_000);
+
+    let open = srv.open(100_000, 200).await;
+    assert_eq!(open.status, 200, "{}", open.body);
+    let open = open.json();
+    let params = params_from(&open);
+    assert_eq!(params.funding_script_pubkey().to_hex_string(), open["funding_script_pubkey"]);
+    let (unsigned, signed, refund) = funding_and_refund(&srv, &params);
+
+    // Funding before the refund is signed is refused.
+    let channel = params.clone().at(refund.input[0].previous_output);
+    let mut first = channel.build_payment(Amount::from_sat(1_000)).unwrap();
+    channel.sign_payment(&mut first, &secret(1)).unwrap();
+    let fund = json!({ "proposal": open["proposal"], "funding_tx": serialize_hex(&signed), "payment": wire::encode_payment(&first) });
+    assert_eq!(srv.post("fund", fund.clone()).await.status, 409);
+
+    // A refund with the wrong lock time is refused with its rule's code.
+    let mut bad = refund.clone();
+    bad.lock_time = LockTime::from_consensus(bad.lock_time.to_consensus_u32() + 1);
+    let reply = srv
+        .post("refund", json!({ "proposal": open["proposal"], "funding_tx": serialize_hex(&unsigned), "refund_tx": serialize_hex(&bad) }))
+        .await;
+    assert_eq!(reply.status, 400);
+    assert_eq!(reply.header("content-type"), Some("application/problem+json"));
+    assert_eq!(reply.json()["type"], "urn:paychan:problem:refund-wrong-lock-time");
+
+    let reply = srv
+        .post("refund", json!({ "proposal": open["proposal"], "funding_tx": serialize_hex(&unsigned), "refund_tx": serialize_hex(&refund) }))
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let reply = reply.json();
+    let signature: Vec<u8> = (0..reply["signature"].as_str().unwrap().len() / 2)
+        .map(|i| {
+            u8::from_str_radix(&reply["signature"].as_str().unwrap()[2 * i..2 * i + 2], 16).unwrap()
+        })
+        .collect();
+    let signature = ecdsa::Signature::from_slice(&signature).unwrap();
+    params
+        .verify_refund_signature(&refund, &signature)
+        .expect("the client verifies the refund signature");
+    let id: ChannelId = reply["channel"].as_str().unwrap().parse().unwrap();
+    assert_eq!(id.outpoint(), channel.outpoint());
+
+    let reply = srv.post("fund", fund).await;
+    assert_eq!(reply.status, 201, "{}", reply.body);
+    assert_eq!(reply.json()["balance_msat"], 1_000_000);
+    assert_eq!(srv.chain.tx_status(&id.outpoint().txid), TxStatus::InMempool);
+
+    // Ten requests at 100 sat are paid by the first 1 000 sat; the eleventh is a 402.
+    let header = wire::encode_payment(&first);
+    for _ in 0..10 {
+        let reply = call(srv.addr, "GET", "/paid", &[("payment-channel", &header)], None).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    }
+    let reply = call(srv.addr, "GET", "/paid", &[("payment-channel", &header)], None).await;
+    assert_eq!(reply.status, 402);
+    assert_eq!(reply.json()["channel"]["min_server_amount_sat"], 1_100);
+    let status = call(srv.addr, "GET", &format!("/payment-channel/channels/{id}"), &[], None).await;
+    assert_eq!(status.json()["spent_msat"], 1_000_000);
+
+    // Cooperative close: the client proves itself with a payment of the channel.
+    let refused = srv.post(&format!("channels/{id}/close"), json!({})).await;
+    assert_eq!(refused.status, 401);
+    let reply = call(
+        srv.addr,
+        "POST",
+        &format!("/payment-channel/channels/{id}/close"),
+        &[("payment-channel", &header)],
+        None,
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let reply = reply.json();
+    let close: Transaction = deserialize_hex(reply["close_tx"].as_str().unwrap()).unwrap();
+    srv.chain.mine(1);
+    assert!(matches!(srv.chain.tx_status(&close.compute_txid()), TxStatus::Confirmed { .. }));
+    assert_eq!(close.output[0].value, Amount::from_sat(1_000));
+    assert_eq!(close.output[0].script_pubkey, p2wpkh(&secret(2)));
+    // No more service on a closed channel.
+    let reply = call(srv.addr, "GET", "/paid", &[("payment-channel", &header)], None).await;
+    assert_eq!(reply.json()["type"], "urn:paychan:problem:channel-not-open");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_and_rate_limit() {
+    let srv = server(3).await;
+    let reply = srv.open(1_000, 200).await;
+    assert_eq!(reply.status, 400);
+    assert_eq!(reply.json()["type"], "urn:paychan:problem:value-out-of-bounds");
+    let reply = srv.open(100_000, 10).await;
+    assert_eq!(reply.json()["type"], "urn:paychan:problem:expiry-out-of-bounds");
+    let reply = srv.post("open", json!({ "client_pubkey": "zz" })).await;
+    assert!(reply.status >= 400 && reply.status < 500, "{}", reply.status);
+    let reply = srv
+        .post("refund", json!({ "proposal": 12345, "funding_tx": "00", "refund_tx": "00" }))
+        .await;
+    assert_eq!(reply.status, 400, "malformed transactions are refused first");
+    let reply = srv.post("fund", json!({ "proposal": 12345, "funding_tx": serialize_hex(&Transaction {
+        version: bitcoin::transaction::Version::TWO, lock_time: LockTime::ZERO, input: vec![], output: vec![] }), "payment": "AAAA" })).await;
+    assert_eq!(reply.status, 400);
+    // Two refused openings counted; the third is allowed, the fourth within the window from
+    // this address is refused.
+    assert_eq!(srv.open(100_000, 200).await.status, 200);
+    let reply = srv.open(100_000, 200).await;
+    assert_eq!(reply.status, 429, "{}", reply.body);
+    assert_eq!(reply.json()["type"], "urn:paychan:problem:rate-limited");
+}
