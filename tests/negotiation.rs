@@ -11,15 +11,14 @@ use axum::routing::get;
 use bitcoin::absolute::LockTime;
 use bitcoin::bip32::Xpriv;
 use bitcoin::consensus::encode::{deserialize_hex, serialize_hex};
-use bitcoin::{
-    Amount, CompressedPublicKey, FeeRate, Network, ScriptBuf, Transaction, TxOut, ecdsa,
-};
+use bitcoin::{Amount, Network, Transaction, ecdsa};
+use common::client::{funding_and_refund, params_from};
 use common::http::{Reply, call};
-use common::{FAUCET_VALUE, p2wpkh, public, secret};
+use common::{p2wpkh, public, secret};
 use paychan::MilliSats;
 use paychan::chain::TxStatus;
-use paychan::chain::sim::{SimulatedChain, sign_p2wpkh_input};
-use paychan::channel::{ChannelParams, Terms};
+use paychan::chain::sim::SimulatedChain;
+use paychan::channel::Terms;
 use paychan::server::{Negotiation, PaywallLayer};
 use paychan::store::MemoryStore;
 use paychan::wire::{self, ChannelId};
@@ -79,44 +78,6 @@ impl Server {
     }
 }
 
-/// What the client rebuilds from the server's answer to `open`.
-fn params_from(open: &Value) -> ChannelParams {
-    let s = |k: &str| open[k].as_str().unwrap().to_owned();
-    ChannelParams {
-        client_key: public(&secret(1)),
-        server_key: s("server_pubkey").parse::<CompressedPublicKey>().unwrap(),
-        value: Amount::from_sat(open["value_sat"].as_u64().unwrap()),
-        expiry: LockTime::from_consensus(open["expiry"].as_u64().unwrap() as u32),
-        client_script: ScriptBuf::from_hex(&s("client_script")).unwrap(),
-        server_script: ScriptBuf::from_hex(&s("server_script")).unwrap(),
-        min_fee_rate: FeeRate::from_sat_per_vb_u32(
-            open["min_fee_rate_sat_per_vb"].as_u64().unwrap() as u32,
-        ),
-        max_fee_rate: FeeRate::from_sat_per_vb_u32(
-            open["max_fee_rate_sat_per_vb"].as_u64().unwrap() as u32,
-        ),
-        close_margin: open["close_margin"].as_u64().unwrap() as u32,
-    }
-}
-
-/// The client's funding (from the faucet) and refund for an opened proposal.
-fn funding_and_refund(
-    srv: &Server,
-    params: &ChannelParams,
-) -> (Transaction, Transaction, Transaction) {
-    let wallet = secret(9);
-    let (coin, prevout) = srv.chain.faucet_p2wpkh(&public(&wallet), FAUCET_VALUE);
-    let change = TxOut {
-        value: FAUCET_VALUE - params.value - Amount::from_sat(1_000),
-        script_pubkey: p2wpkh(&wallet),
-    };
-    let (unsigned, outpoint) = params.build_funding(&[coin], Some(change));
-    let mut signed = unsigned.clone();
-    sign_p2wpkh_input(&mut signed, 0, &prevout, &wallet);
-    let refund = params.build_refund(outpoint, params.refund_fee());
-    (unsigned, signed, refund)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_refund_fund_pay_and_close_over_http() {
     let srv = server(10).await;
@@ -132,7 +93,7 @@ async fn open_refund_fund_pay_and_close_over_http() {
     let open = open.json();
     let params = params_from(&open);
     assert_eq!(params.funding_script_pubkey().to_hex_string(), open["funding_script_pubkey"]);
-    let (unsigned, signed, refund) = funding_and_refund(&srv, &params);
+    let (unsigned, signed, refund) = funding_and_refund(&srv.chain, &params);
 
     // Funding before the refund is signed is refused.
     let channel = params.clone().at(refund.input[0].previous_output);

@@ -153,3 +153,34 @@ pub trait ChainBackend: Send + Sync {
         outpoint: &OutPoint,
     ) -> impl Future<Output = Result<Option<TxOut>, ChainError>> + Send;
 }
+
+/// Follows the chain's tip: returns a receiver that always holds the latest [`ChainTip`],
+/// polled from `chain` every `every` by a background tokio task. The task stops when every
+/// receiver is dropped; a failed poll keeps the last known tip and tries again.
+///
+/// This is what [`PaywallLayer`](crate::server::PaywallLayer) reads to refuse payments inside
+/// a channel's close margin.
+///
+/// # Errors
+///
+/// The first poll's [`ChainError`]: without a tip the server cannot check expiries.
+pub async fn follow_tip<C: ChainBackend + 'static>(
+    chain: C,
+    every: std::time::Duration,
+) -> Result<tokio::sync::watch::Receiver<ChainTip>, ChainError> {
+    let (sender, receiver) = tokio::sync::watch::channel(chain.tip().await?);
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(every);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            if sender.is_closed() {
+                break;
+            }
+            if let Ok(tip) = chain.tip().await {
+                sender.send_if_modified(|current| std::mem::replace(current, tip) != tip);
+            }
+        }
+    });
+    Ok(receiver)
+}

@@ -228,3 +228,128 @@ pub mod http {
         out
     }
 }
+
+/// The client side of the negotiation, by hand (the client library is a later issue).
+pub mod client {
+    use std::net::SocketAddr;
+
+    use bitcoin::absolute::LockTime;
+    use bitcoin::consensus::encode::serialize_hex;
+    use bitcoin::{Amount, CompressedPublicKey, FeeRate, ScriptBuf, Transaction, TxOut, ecdsa};
+    use paychan::chain::sim::{SimulatedChain, sign_p2wpkh_input};
+    use paychan::channel::{Channel, ChannelParams};
+    use paychan::wire;
+    use serde_json::{Value, json};
+
+    use super::http::call;
+    use super::{FAUCET_VALUE, p2wpkh, public, secret};
+
+    /// What the client rebuilds from the server's answer to `open`.
+    pub fn params_from(open: &Value) -> ChannelParams {
+        let s = |k: &str| open[k].as_str().unwrap().to_owned();
+        ChannelParams {
+            client_key: public(&secret(1)),
+            server_key: s("server_pubkey").parse::<CompressedPublicKey>().unwrap(),
+            value: Amount::from_sat(open["value_sat"].as_u64().unwrap()),
+            expiry: LockTime::from_consensus(open["expiry"].as_u64().unwrap() as u32),
+            client_script: ScriptBuf::from_hex(&s("client_script")).unwrap(),
+            server_script: ScriptBuf::from_hex(&s("server_script")).unwrap(),
+            min_fee_rate: FeeRate::from_sat_per_vb_u32(
+                open["min_fee_rate_sat_per_vb"].as_u64().unwrap() as u32,
+            ),
+            max_fee_rate: FeeRate::from_sat_per_vb_u32(
+                open["max_fee_rate_sat_per_vb"].as_u64().unwrap() as u32,
+            ),
+            close_margin: open["close_margin"].as_u64().unwrap() as u32,
+        }
+    }
+
+    /// The client's funding (from the faucet) and refund for an opened proposal.
+    pub fn funding_and_refund(
+        chain: &SimulatedChain,
+        params: &ChannelParams,
+    ) -> (Transaction, Transaction, Transaction) {
+        let wallet = secret(9);
+        let (coin, prevout) = chain.faucet_p2wpkh(&public(&wallet), FAUCET_VALUE);
+        let change = TxOut {
+            value: FAUCET_VALUE - params.value - Amount::from_sat(1_000),
+            script_pubkey: p2wpkh(&wallet),
+        };
+        let (unsigned, outpoint) = params.build_funding(&[coin], Some(change));
+        let mut signed = unsigned.clone();
+        sign_p2wpkh_input(&mut signed, 0, &prevout, &wallet);
+        let refund = params.build_refund(outpoint, params.refund_fee());
+        (unsigned, signed, refund)
+    }
+
+    /// A channel opened and funded through the server's endpoints.
+    pub struct Opened {
+        pub channel: Channel,
+    }
+
+    impl Opened {
+        /// A `Payment-Channel` header paying the server `sat` in total.
+        pub fn header(&self, sat: u64) -> String {
+            let mut tx = self.channel.build_payment(Amount::from_sat(sat)).expect("payable");
+            self.channel.sign_payment(&mut tx, &secret(1)).expect("client key");
+            wire::encode_payment(&tx)
+        }
+    }
+
+    fn hex_decode(hex: &str) -> Vec<u8> {
+        (0..hex.len() / 2)
+            .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// Opens a channel of `value` sat whose first payment is `first` sat, over HTTP.
+    pub async fn open_channel(
+        addr: SocketAddr,
+        chain: &SimulatedChain,
+        value: u64,
+        first: u64,
+    ) -> Opened {
+        let post = |path: &'static str, body: Value| async move {
+            let reply =
+                call(addr, "POST", &format!("/payment-channel/{path}"), &[], Some(&body)).await;
+            assert!(reply.status < 300, "{path}: {} {}", reply.status, reply.body);
+            reply.json()
+        };
+        let open = post(
+            "open",
+            json!({
+                "client_pubkey": public(&secret(1)).to_string(),
+                "value_sat": value,
+                "expiry": chain.tip().height + 200,
+                "client_script": p2wpkh(&secret(1)).to_hex_string(),
+            }),
+        )
+        .await;
+        let params = params_from(&open);
+        let (unsigned, signed, refund) = funding_and_refund(chain, &params);
+        let signed_refund = post(
+            "refund",
+            json!({
+                "proposal": open["proposal"],
+                "funding_tx": serialize_hex(&unsigned),
+                "refund_tx": serialize_hex(&refund),
+            }),
+        )
+        .await;
+        let signature =
+            ecdsa::Signature::from_slice(&hex_decode(signed_refund["signature"].as_str().unwrap()))
+                .unwrap();
+        params.verify_refund_signature(&refund, &signature).expect("a valid refund signature");
+        let opened = Opened { channel: params.clone().at(refund.input[0].previous_output) };
+        post(
+            "fund",
+            json!({
+                "proposal": open["proposal"],
+                "funding_tx": serialize_hex(&signed),
+                "payment": opened.header(first),
+            }),
+        )
+        .await;
+        opened
+    }
+}
