@@ -1,31 +1,31 @@
-//! The metering layer in-process: payment, 402s with resync numbers, top-up, every rejection
+//! The metering layer over real loopback HTTP: payment, 402s with resync numbers, top-up, every rejection
 //! class with its state untouched, give-backs, and concurrency on one channel.
 
 mod common;
 
 use std::sync::Arc;
 
-use axum::body::Body;
+use std::net::SocketAddr;
+
 use axum::routing::get;
 use axum::{Extension, Router};
 use bitcoin::Transaction;
+use common::http::{Reply, call};
 use common::{Setup, p2wpkh, secret};
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::BodyExt;
+use http::{Method, StatusCode};
 use paychan::MilliSats;
 use paychan::server::{ActualCost, Paid, PaywallLayer, RoutePrices};
 use paychan::store::{ChannelRecord, ChannelState, ChannelStore, MemoryStore};
 use paychan::wire::{self, ChannelId};
 use serde_json::Value;
 use tokio::sync::watch;
-use tower::ServiceExt;
 
 const PRICE: MilliSats = MilliSats::from_msat(250_000);
 
 struct Api {
     setup: Setup,
     store: MemoryStore,
-    app: Router,
+    app: SocketAddr,
     id: ChannelId,
     tip: watch::Sender<paychan::channel::ChainTip>,
 }
@@ -56,8 +56,17 @@ fn api(first_sat: u64) -> Api {
             get(|| async { (Extension(ActualCost(MilliSats::from_msat(50_000))), "cached") }),
         )
         .layer(PaywallLayer::new(store.clone(), prices, tip_rx));
-    Api { setup, store, app, id, tip }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        axum::serve(listener, app).await.unwrap();
+    });
+    Api { setup, store, app: addr, id, tip }
 }
+
+fn status(reply: &Reply) -> StatusCode { StatusCode::from_u16(reply.status).unwrap() }
 
 fn futures_now<F: std::future::Future>(f: F) -> F::Output {
     use std::task::{Context, Poll, Waker};
@@ -67,21 +76,16 @@ fn futures_now<F: std::future::Future>(f: F) -> F::Output {
     }
 }
 
-async fn get_with(app: &Router, path: &str, header: Option<&str>) -> Response<Body> {
-    let mut request = Request::get(path);
-    if let Some(header) = header {
-        request = request.header(wire::PAYMENT_CHANNEL, header);
-    }
-    app.clone().oneshot(request.body(Body::empty()).unwrap()).await.unwrap()
+/// A GET over a real loopback connection.
+async fn get_with(app: &SocketAddr, path: &str, header: Option<&str>) -> Reply {
+    let headers: Vec<(&str, &str)> = header.map(|h| (wire::PAYMENT_CHANNEL, h)).into_iter().collect();
+    call(*app, "GET", path, &headers, None).await
 }
 
-async fn json(response: Response<Body>) -> Value {
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    serde_json::from_slice(&bytes).unwrap()
-}
+async fn json(reply: Reply) -> Value { reply.json() }
 
-fn balance(response: &Response<Body>) -> u64 {
-    response.headers()[wire::PAYMENT_CHANNEL_BALANCE].to_str().unwrap().parse().unwrap()
+fn balance(reply: &Reply) -> u64 {
+    reply.header(wire::PAYMENT_CHANNEL_BALANCE).expect("balance header").parse().unwrap()
 }
 
 impl Api {
@@ -100,14 +104,14 @@ impl Api {
 async fn free_routes_pass_and_priced_routes_need_a_channel() {
     let api = api(1_000);
     let free = get_with(&api.app, "/free", None).await;
-    assert_eq!(free.status(), StatusCode::OK);
-    assert!(free.headers().get(wire::PAYMENT_CHANNEL_BALANCE).is_none());
+    assert_eq!(status(&free), StatusCode::OK);
+    assert!(free.header(wire::PAYMENT_CHANNEL_BALANCE).is_none());
 
     let response = get_with(&api.app, "/paid", None).await;
-    assert_eq!(response.status(), StatusCode::PAYMENT_REQUIRED);
-    assert_eq!(response.headers()["content-type"], "application/problem+json");
-    assert_eq!(response.headers()["cache-control"], "no-store");
-    let challenge = response.headers()["www-authenticate"].to_str().unwrap().to_owned();
+    assert_eq!(status(&response), StatusCode::PAYMENT_REQUIRED);
+    assert_eq!(response.header("content-type"), Some("application/problem+json"));
+    assert_eq!(response.header("cache-control"), Some("no-store"));
+    let challenge = response.header("www-authenticate").unwrap().to_owned();
     assert!(challenge.starts_with("Payment method=\"bitcoin-channel\""), "{challenge}");
     assert!(challenge.contains("terms=\"/.well-known/payment-channel\""), "{challenge}");
     let body = json(response).await;
@@ -121,12 +125,12 @@ async fn pays_until_the_allocation_runs_out_then_tops_up() {
     let header = api.pay(1_000);
     for served in 1..=4u64 {
         let response = get_with(&api.app, "/paid", Some(&header)).await;
-        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(status(&response), StatusCode::OK);
         assert_eq!(balance(&response), 1_000_000 - served * 250_000);
     }
     let response = get_with(&api.app, "/paid", Some(&header)).await;
-    assert_eq!(response.status(), StatusCode::PAYMENT_REQUIRED);
-    let challenge = response.headers()["www-authenticate"].to_str().unwrap().to_owned();
+    assert_eq!(status(&response), StatusCode::PAYMENT_REQUIRED);
+    let challenge = response.header("www-authenticate").unwrap().to_owned();
     assert!(challenge.contains(&format!("channel=\"{}\"", api.id)), "{challenge}");
     assert!(challenge.contains("min_server_amount=\"1250\""), "{challenge}");
     let body = json(response).await;
@@ -145,7 +149,7 @@ async fn pays_until_the_allocation_runs_out_then_tops_up() {
 
     // Top up to the minimum the server asked for: exactly one more request.
     let response = get_with(&api.app, "/paid", Some(&api.pay(1_250))).await;
-    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(status(&response), StatusCode::OK);
     assert_eq!(balance(&response), 0);
     assert_eq!(api.record().await.paid_amount().to_sat(), 1_250);
 }
@@ -171,10 +175,10 @@ async fn every_rejection_has_its_type_and_changes_nothing() {
         (api.header(&wrong_script), StatusCode::BAD_REQUEST, "payment-wrong-server-script"),
         (api.header(&forged), StatusCode::BAD_REQUEST, "payment-signature"),
     ];
-    for (header, status, code) in cases {
+    for (header, expected, code) in cases {
         let response = get_with(&api.app, "/paid", Some(&header)).await;
-        assert_eq!(response.status(), status, "{code}");
-        assert_eq!(response.headers()["content-type"], "application/problem+json");
+        assert_eq!(status(&response), expected, "{code}");
+        assert_eq!(response.header("content-type"), Some("application/problem+json"));
         let body = json(response).await;
         assert_eq!(body["type"], format!("urn:paychan:problem:{code}"));
         assert_eq!(body["code"], code);
@@ -187,14 +191,14 @@ async fn every_rejection_has_its_type_and_changes_nothing() {
     tip.height = expiry - api.setup.params.close_margin;
     api.tip.send(tip).unwrap();
     let response = get_with(&api.app, "/paid", Some(&api.header(&closing_before))).await;
-    assert_eq!(response.status(), StatusCode::PAYMENT_REQUIRED);
+    assert_eq!(status(&response), StatusCode::PAYMENT_REQUIRED);
     assert_eq!(json(response).await["type"], "urn:paychan:problem:payment-channel-closing");
     assert_eq!(api.record().await, before);
 
     // A channel that is no longer open.
     api.store.transition(api.id, ChannelState::Open, ChannelState::Closing).await.unwrap();
     let response = get_with(&api.app, "/paid", Some(&api.pay(1_000))).await;
-    assert_eq!(response.status(), StatusCode::PAYMENT_REQUIRED);
+    assert_eq!(status(&response), StatusCode::PAYMENT_REQUIRED);
     let body = json(response).await;
     assert_eq!(body["type"], "urn:paychan:problem:channel-not-open");
     assert_eq!(body["channel"]["state"], "closing");
@@ -205,9 +209,9 @@ async fn an_older_payment_identifies_but_never_downgrades() {
     let api = api(1_000);
     let old = api.pay(1_000);
     let response = get_with(&api.app, "/paid", Some(&api.pay(3_000))).await;
-    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(status(&response), StatusCode::OK);
     let response = get_with(&api.app, "/paid", Some(&old)).await;
-    assert_eq!(response.status(), StatusCode::OK, "a request that raced the top-up is served");
+    assert_eq!(status(&response), StatusCode::OK, "a request that raced the top-up is served");
     assert_eq!(balance(&response), 3_000_000 - 2 * 250_000);
     assert_eq!(api.record().await.paid_amount().to_sat(), 3_000, "the best payment is kept");
 }
@@ -217,10 +221,10 @@ async fn server_errors_and_actual_costs_give_money_back() {
     let api = api(1_000);
     let header = api.pay(1_000);
     let response = get_with(&api.app, "/boom", Some(&header)).await;
-    assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(status(&response), StatusCode::INTERNAL_SERVER_ERROR);
     assert_eq!(balance(&response), 1_000_000, "a 5xx is not charged");
     let response = get_with(&api.app, "/cached", Some(&header)).await;
-    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(status(&response), StatusCode::OK);
     assert_eq!(balance(&response), 1_000_000 - 50_000, "only the actual cost is charged");
     assert_eq!(api.record().await.spent, MilliSats::from_msat(50_000));
 }
@@ -231,8 +235,8 @@ async fn concurrent_requests_are_served_exactly_what_was_paid() {
     let header = api.pay(2_500); // 2 500 sat at 250 sat a request: exactly 10
     let tasks: Vec<_> = (0..64)
         .map(|_| {
-            let (app, header) = (api.app.clone(), header.clone());
-            tokio::spawn(async move { get_with(&app, "/paid", Some(&header)).await.status() })
+            let (app, header) = (api.app, header.clone());
+            tokio::spawn(async move { status(&get_with(&app, "/paid", Some(&header)).await) })
         })
         .collect();
     let mut served = 0;
@@ -245,4 +249,17 @@ async fn concurrent_requests_are_served_exactly_what_was_paid() {
     }
     assert_eq!(served, 2_500 / 250);
     assert_eq!(api.record().await.balance(), MilliSats::ZERO);
+}
+
+#[tokio::test]
+async fn follow_tip_tracks_the_chain() {
+    let chain = paychan::chain::sim::SimulatedChain::new();
+    let mut tip = paychan::chain::follow_tip(chain.clone(), std::time::Duration::from_millis(5))
+        .await
+        .unwrap();
+    assert_eq!(*tip.borrow(), chain.tip());
+    chain.mine(3);
+    // Bounded wait: the poller runs every 5 ms.
+    tokio::time::timeout(std::time::Duration::from_secs(10), tip.changed()).await.unwrap().unwrap();
+    assert_eq!(tip.borrow().height, chain.tip().height);
 }
