@@ -66,7 +66,9 @@ fn api(first_sat: u64) -> Api {
     Api { setup, store, app: addr, id, tip }
 }
 
-fn status(reply: &Reply) -> StatusCode { StatusCode::from_u16(reply.status).unwrap() }
+fn status(reply: &Reply) -> StatusCode {
+    StatusCode::from_u16(reply.status).unwrap()
+}
 
 fn futures_now<F: std::future::Future>(f: F) -> F::Output {
     use std::task::{Context, Poll, Waker};
@@ -78,11 +80,14 @@ fn futures_now<F: std::future::Future>(f: F) -> F::Output {
 
 /// A GET over a real loopback connection.
 async fn get_with(app: &SocketAddr, path: &str, header: Option<&str>) -> Reply {
-    let headers: Vec<(&str, &str)> = header.map(|h| (wire::PAYMENT_CHANNEL, h)).into_iter().collect();
+    let headers: Vec<(&str, &str)> =
+        header.map(|h| (wire::PAYMENT_CHANNEL, h)).into_iter().collect();
     call(*app, "GET", path, &headers, None).await
 }
 
-async fn json(reply: Reply) -> Value { reply.json() }
+async fn json(reply: Reply) -> Value {
+    reply.json()
+}
 
 fn balance(reply: &Reply) -> u64 {
     reply.header(wire::PAYMENT_CHANNEL_BALANCE).expect("balance header").parse().unwrap()

@@ -46,7 +46,14 @@ pub(super) struct Config<St, P> {
     pub(super) terms_url: String,
     /// The negotiation endpoints: their path prefix and router.
     pub(super) negotiation: Option<(String, axum::Router)>,
+    /// Header values already verified as payments of a channel. A verified payment stays a
+    /// valid proof of its channel forever, so a hit skips decoding and verification; the
+    /// atomic debit still enforces the balance and the channel's state.
+    pub(super) verified: dashmap::DashMap<http::HeaderValue, crate::wire::ChannelId>,
 }
+
+/// How many verified headers the fast-path cache keeps before it starts over.
+pub(super) const VERIFIED_CACHE_LIMIT: usize = 100_000;
 
 impl<St, P> PaywallLayer<St, P> {
     /// Meters requests priced by `pricing` against channels in `store`. `tip` follows the
@@ -62,6 +69,7 @@ impl<St, P> PaywallLayer<St, P> {
                 refund_server_errors: true,
                 terms_url: DEFAULT_TERMS_URL.to_owned(),
                 negotiation: None,
+                verified: dashmap::DashMap::new(),
             }),
         }
     }

@@ -9,7 +9,7 @@ use http_body_util::BodyExt;
 use tower::{Service, ServiceExt};
 
 use super::future::ResponseFuture;
-use super::layer::{Config, PaywallLayer};
+use super::layer::{Config, PaywallLayer, VERIFIED_CACHE_LIMIT};
 use super::problem::{ChannelSnapshot, Rejection, RejectionKind};
 use super::{ActualCost, Paid, Pricing};
 use crate::MilliSats;
@@ -174,6 +174,9 @@ impl<St: ChannelStore, P> Config<St, P> {
             Rejection::new(kind, record.map(|r| ChannelSnapshot::new(r, price, self.bundle)))
         };
         let header = header.ok_or_else(|| reject(RejectionKind::PaymentRequired, None))?;
+        if let Some(id) = self.verified.get(&header).map(|id| *id) {
+            return self.debit(id, price, None).await;
+        }
         let payment = wire::decode_payment(header.as_bytes())
             .map_err(|e| reject(RejectionKind::Header(e), None))?;
         let outpoint =
@@ -205,15 +208,26 @@ impl<St: ChannelStore, P> Config<St, P> {
                 Err(e) => return Err(reject(RejectionKind::Payment(e), Some(&record))),
             }
         }
-        match self.store.debit(id, price).await? {
-            Debit::Debited { balance } => Ok(Paid { channel: id, price, balance }),
-            Debit::Insufficient { .. } => {
-                let record = self.store.load(id).await?.unwrap_or(record);
-                Err(reject(RejectionKind::InsufficientBalance, Some(&record)))
-            }
-            Debit::NotOpen { state } => {
-                Err(reject(RejectionKind::ChannelNotOpen(state), Some(&record)))
-            }
+        if self.verified.len() >= VERIFIED_CACHE_LIMIT {
+            self.verified.clear();
         }
+        self.verified.insert(header, id);
+        self.debit(id, price, Some(record)).await
+    }
+
+    /// Debits `price`; on refusal, reports the channel's current state.
+    async fn debit(
+        &self,
+        id: ChannelId,
+        price: MilliSats,
+        record: Option<ChannelRecord>,
+    ) -> Result<Paid, Rejection> {
+        let kind = match self.store.debit(id, price).await? {
+            Debit::Debited { balance } => return Ok(Paid { channel: id, price, balance }),
+            Debit::Insufficient { .. } => RejectionKind::InsufficientBalance,
+            Debit::NotOpen { state } => RejectionKind::ChannelNotOpen(state),
+        };
+        let record = self.store.load(id).await?.or(record);
+        Err(Rejection::new(kind, record.map(|r| ChannelSnapshot::new(&r, price, self.bundle))))
     }
 }
