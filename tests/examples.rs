@@ -15,24 +15,11 @@ mod wrap_hyper_service;
 #[path = "../examples/metered_internal_api.rs"]
 mod metered_internal_api;
 
-use std::net::SocketAddr;
-
 use common::client::open_channel;
-use common::http::call;
+use common::http::{call, serve};
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use paychan::chain::sim::SimulatedChain;
-
-async fn serve(app: axum::Router) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-            .await
-            .unwrap();
-    });
-    addr
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pay_as_you_go_charges_per_route() {

@@ -13,7 +13,7 @@ use bitcoin::bip32::Xpriv;
 use bitcoin::consensus::encode::{deserialize_hex, serialize_hex};
 use bitcoin::{Amount, Network, Transaction, ecdsa};
 use common::client::{funding_and_refund, params_from};
-use common::http::{Reply, call};
+use common::http::{Reply, call, serve};
 use common::{p2wpkh, public, secret};
 use paychan::MilliSats;
 use paychan::chain::TxStatus;
@@ -48,14 +48,7 @@ async fn server(open_limit: u32) -> Server {
     let app = Router::new()
         .route("/paid", get(|| async { "paid content" }))
         .layer(PaywallLayer::new(MemoryStore::new(), PRICE, tip).with_negotiation(negotiation));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-            .await
-            .unwrap();
-    });
-    Server { addr, chain }
+    Server { addr: serve(app).await, chain }
 }
 
 impl Server {

@@ -384,9 +384,7 @@ mod tests {
         let mut high = spend(49_000);
         let items = high.input[0].witness.to_vec();
         let parsed = bitcoin::ecdsa::Signature::from_slice(&items[0]).unwrap();
-        let mut compact = parsed.signature.serialize_compact();
-        negate_s(&mut compact);
-        let flipped = bitcoin::secp256k1::ecdsa::Signature::from_compact(&compact).unwrap();
+        let flipped = crate::channel::sig::tests::high_s_twin(&parsed.signature);
         let mut bytes = flipped.serialize_der().to_vec();
         bytes.push(0x01);
         high.input[0].witness = Witness::from_slice(&[bytes, items[1].clone()]);
@@ -408,16 +406,5 @@ mod tests {
             })
         );
         assert_eq!(check_standard(&spend(50_000 - vsize), &[c]), Ok(()));
-    }
-
-    /// Replaces S with n - S in a compact signature.
-    fn negate_s(compact: &mut [u8; 64]) {
-        let order = bitcoin::secp256k1::constants::CURVE_ORDER;
-        let mut borrow = 0i16;
-        for i in (0..32).rev() {
-            let d = i16::from(order[i]) - i16::from(compact[32 + i]) - borrow;
-            borrow = i16::from(d < 0);
-            compact[32 + i] = (d + 256 * borrow) as u8;
-        }
     }
 }

@@ -179,7 +179,7 @@ pub(crate) fn verify<C: Verification>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use bitcoin::hashes::Hash;
 
     use super::*;
@@ -217,24 +217,23 @@ mod tests {
         }
     }
 
-    #[test]
-    fn rejects_high_s() {
-        let sig = fixture();
-        let parsed = parse_standard(&sig).unwrap();
-        // n - s is the high-S twin of a valid low-S signature.
-        let compact = parsed.signature.serialize_compact();
+    /// Returns `sig` with S replaced by n − S: its high-S twin, equally valid mathematically.
+    pub(crate) fn high_s_twin(sig: &secp256k1::ecdsa::Signature) -> secp256k1::ecdsa::Signature {
+        let mut compact = sig.serialize_compact();
         let order = secp256k1::constants::CURVE_ORDER;
-        let mut s = [0u8; 32];
         let mut borrow = 0i16;
         for i in (0..32).rev() {
-            let d = order[i] as i16 - compact[32 + i] as i16 - borrow;
+            let d = i16::from(order[i]) - i16::from(compact[32 + i]) - borrow;
             borrow = i16::from(d < 0);
-            s[i] = (d + 256 * borrow) as u8;
+            compact[32 + i] = (d + 256 * borrow) as u8;
         }
-        let mut high = compact;
-        high[32..].copy_from_slice(&s);
-        let high = secp256k1::ecdsa::Signature::from_compact(&high).unwrap();
-        let mut bytes = high.serialize_der().to_vec();
+        secp256k1::ecdsa::Signature::from_compact(&compact).expect("n - s is in range")
+    }
+
+    #[test]
+    fn rejects_high_s() {
+        let parsed = parse_standard(&fixture()).unwrap();
+        let mut bytes = high_s_twin(&parsed.signature).serialize_der().to_vec();
         bytes.push(0x01);
         assert_eq!(parse_sighash_all(&bytes), Err(SignatureError::HighS));
     }

@@ -193,6 +193,10 @@ impl Problem {
         Self::new(StatusCode::BAD_REQUEST, code, detail)
     }
 
+    fn unknown_proposal() -> Self {
+        Self::new(StatusCode::NOT_FOUND, "unknown-proposal", "open a channel first")
+    }
+
     fn store(error: crate::store::StoreError) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "store-unavailable", error)
     }
@@ -372,9 +376,7 @@ async fn refund<C: ChainBackend, St: ChannelStore>(
 ) -> Result<Json<Value>, Problem> {
     let funding = hex_tx(&req.funding_tx, "funding_tx")?;
     let refund = hex_tx(&req.refund_tx, "refund_tx")?;
-    let mut proposal = s.pending.get_mut(&req.proposal).ok_or_else(|| {
-        Problem::new(StatusCode::NOT_FOUND, "unknown-proposal", "open a channel first")
-    })?;
+    let mut proposal = s.pending.get_mut(&req.proposal).ok_or_else(Problem::unknown_proposal)?;
     let checked = proposal
         .params
         .check_refund(&s.negotiation.terms, &funding, &refund, s.tip())
@@ -407,9 +409,8 @@ async fn fund<C: ChainBackend, St: ChannelStore>(
     let funding = hex_tx(&req.funding_tx, "funding_tx")?;
     let payment =
         wire::decode_payment(req.payment.as_bytes()).map_err(|e| Problem::bad(e.code(), e))?;
-    let proposal = s.pending.get(&req.proposal).map(|p| p.clone()).ok_or_else(|| {
-        Problem::new(StatusCode::NOT_FOUND, "unknown-proposal", "open a channel first")
-    })?;
+    let proposal =
+        s.pending.get(&req.proposal).map(|p| p.clone()).ok_or_else(Problem::unknown_proposal)?;
     let outpoint = proposal.funding_outpoint.ok_or_else(|| {
         Problem::new(StatusCode::CONFLICT, "refund-not-signed", "have the refund signed first")
     })?;

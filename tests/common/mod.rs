@@ -175,6 +175,18 @@ pub mod http {
         }
     }
 
+    /// Serves `app` on a fresh loopback port (with the peer address available to handlers).
+    pub async fn serve(app: axum::Router) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("bound");
+        tokio::spawn(async move {
+            axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+                .await
+                .expect("serve");
+        });
+        addr
+    }
+
     pub async fn call(
         addr: SocketAddr,
         method: &str,
