@@ -268,3 +268,25 @@ async fn follow_tip_tracks_the_chain() {
     tokio::time::timeout(std::time::Duration::from_secs(10), tip.changed()).await.unwrap().unwrap();
     assert_eq!(tip.borrow().height, chain.tip().height);
 }
+
+#[tokio::test]
+async fn the_layer_also_works_on_a_single_route() {
+    let api = api(1_000);
+    let (_tx, tip) = watch::channel(api.setup.tip());
+    let app = Router::new()
+        .route(
+            "/priced",
+            get(|paid: Paid| async move { paid.balance.to_string() }).layer(PaywallLayer::new(
+                api.store.clone(),
+                PRICE,
+                tip,
+            )),
+        )
+        .route("/open", get(|| async { "free" }));
+    let addr = common::http::serve(app).await;
+    assert_eq!(get_with(&addr, "/open", None).await.status, 200);
+    assert_eq!(get_with(&addr, "/priced", None).await.status, 402);
+    let reply = get_with(&addr, "/priced", Some(&api.pay(1_000))).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.body, "750000 msat");
+}
