@@ -179,7 +179,9 @@ impl Channel {
             }
         }
         let previous = best.and_then(|best| best.output.first()).map_or(Amount::ZERO, |o| o.value);
-        let repeat = best.is_some_and(|best| best.compute_txid() == payment.compute_txid());
+        // Only a payment that does not pay more can be a repeat: hash only then.
+        let repeat = server.value <= previous
+            && best.is_some_and(|best| best.compute_txid() == payment.compute_txid());
         if server.value <= previous && !repeat {
             return Err(PaymentError::NotAnIncrease { best: previous, found: server.value });
         }
