@@ -1,0 +1,84 @@
+//! The store operations on the per-request path, one generic benchmark per backend: storing a
+//! better payment (compare-and-swap) and debiting a price.
+
+use std::hint::black_box;
+
+use bitcoin::absolute::LockTime;
+use bitcoin::hashes::Hash;
+use bitcoin::secp256k1::{Secp256k1, SecretKey};
+use bitcoin::{Amount, CompressedPublicKey, OutPoint, ScriptBuf, Transaction, Txid};
+use criterion::{Criterion, criterion_group, criterion_main};
+use paychan::MilliSats;
+use paychan::channel::{ChainTip, Channel, Terms};
+use paychan::store::{ChannelRecord, ChannelStore, MemoryStore};
+use paychan::wire::ChannelId;
+
+fn fixture() -> (Channel, Vec<Transaction>) {
+    let secp = Secp256k1::new();
+    let (k1, k2) =
+        (SecretKey::from_slice(&[1; 32]).unwrap(), SecretKey::from_slice(&[2; 32]).unwrap());
+    let pk = |k: &SecretKey| CompressedPublicKey(k.public_key(&secp));
+    let script = |k: &SecretKey| ScriptBuf::new_p2wpkh(&pk(k).wpubkey_hash());
+    let tip = ChainTip { height: 800_000, median_time_past: 1_700_000_000 };
+    let channel = Terms::default()
+        .agree(
+            pk(&k1),
+            pk(&k2),
+            Amount::from_sat(10_000_000),
+            LockTime::from_height(801_000).unwrap(),
+            script(&k1),
+            script(&k2),
+            tip,
+        )
+        .unwrap()
+        .at(OutPoint { txid: Txid::from_byte_array([3; 32]), vout: 0 });
+    // Signing is not what is measured: a pool of payments reused with rising amounts below.
+    let payments = (0..64u64)
+        .map(|i| {
+            let mut tx = channel.build_payment(Amount::from_sat(1_000 + i)).unwrap();
+            channel.sign_payment(&mut tx, &k1).unwrap();
+            tx
+        })
+        .collect();
+    (channel, payments)
+}
+
+fn bench_store<S: ChannelStore>(c: &mut Criterion, name: &str, store: S) {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).build().unwrap();
+    let (channel, payments) = fixture();
+    let id = ChannelId::new(channel.outpoint());
+    rt.block_on(store.create(ChannelRecord::open(channel, 0, payments[0].clone()))).unwrap();
+    let mut group = c.benchmark_group(name);
+    let mut sat = 1_000_000u64;
+    group.bench_function("store_payment", |b| {
+        b.iter(|| {
+            // The amount must keep rising for every call to be a real write.
+            sat += 1;
+            let mut payment = payments[(sat % 64) as usize].clone();
+            payment.output[0].value = Amount::from_sat(sat);
+            rt.block_on(store.store_payment(id, black_box(payment))).unwrap()
+        })
+    });
+    group.bench_function("debit", |b| {
+        b.iter(|| rt.block_on(store.debit(id, black_box(MilliSats::from_msat(1)))).unwrap())
+    });
+    group.finish();
+}
+
+fn stores(c: &mut Criterion) {
+    bench_store(c, "memory", MemoryStore::new());
+    #[cfg(feature = "sqlite")]
+    {
+        let dir = std::env::temp_dir().join(format!("paychan-bench-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        bench_store(
+            c,
+            "sqlite",
+            paychan::store::SqliteStore::open(dir.join("bench.sqlite3")).unwrap(),
+        );
+    }
+}
+
+criterion_group!(benches, stores);
+criterion_main!(benches);
