@@ -60,3 +60,67 @@ async fn sqlite_store_keeps_everything_across_a_reopen() {
     // Key indexes continue after a restart: a server key is never reused.
     assert_eq!(reopened.next_key_index().await.unwrap(), memory.next_key_index().await.unwrap());
 }
+
+/// A PostgreSQL configuration whose `search_path` is a fresh schema, so every run starts empty;
+/// `None` (after printing "skipped: …") when `PAYCHAN_TEST_POSTGRES_URL` is not set.
+#[cfg(feature = "postgres")]
+async fn postgres_config(name: &str) -> Option<paychan::store::tokio_postgres::Config> {
+    use paychan::store::tokio_postgres;
+    let Ok(url) = std::env::var("PAYCHAN_TEST_POSTGRES_URL") else {
+        println!("skipped: PAYCHAN_TEST_POSTGRES_URL is not set");
+        return None;
+    };
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let schema = format!("paychan_test_{name}_{}_{nanos}", std::process::id());
+    let mut config: tokio_postgres::Config =
+        url.parse().expect("a valid PAYCHAN_TEST_POSTGRES_URL");
+    let (client, connection) =
+        config.connect(tokio_postgres::NoTls).await.expect("PostgreSQL is reachable");
+    tokio::spawn(connection);
+    client.batch_execute(&format!("CREATE SCHEMA {schema}")).await.unwrap();
+    config.options(format!("-c search_path={schema}"));
+    Some(config)
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_store_conforms() {
+    let Some(config) = postgres_config("conforms").await else { return };
+    let store = paychan::store::PostgresStore::connect_with(config).await.unwrap();
+    conformance::run(Arc::new(store), 0x01).await;
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_store_keeps_everything_across_a_reconnect() {
+    use paychan::store::{ChannelState, ChannelStore, PostgresStore};
+    let Some(config) = postgres_config("reconnect").await else { return };
+    let memory = MemoryStore::new();
+    {
+        let store = Arc::new(PostgresStore::connect_with(config.clone()).await.unwrap());
+        conformance::run(store.clone(), 0x07).await;
+        conformance::run(Arc::new(memory.clone()), 0x07).await;
+        assert_eq!(store.next_key_index().await.unwrap(), memory.next_key_index().await.unwrap());
+    }
+    let reconnected = PostgresStore::connect_with(config).await.unwrap();
+    for state in [ChannelState::Open, ChannelState::Closing, ChannelState::Failed] {
+        let mut expected = memory.list(state).await.unwrap();
+        let mut found = reconnected.list(state).await.unwrap();
+        expected.sort_by_key(paychan::store::ChannelRecord::id);
+        found.sort_by_key(paychan::store::ChannelRecord::id);
+        assert!(!found.is_empty(), "the suite leaves {state:?} channels behind");
+        assert_eq!(found, expected, "{state:?} channels after reconnecting");
+    }
+    assert_eq!(reconnected.next_key_index().await.unwrap(), memory.next_key_index().await.unwrap());
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test]
+async fn postgres_store_unreachable_is_unavailable() {
+    // Port 9 (discard) on loopback: nothing listens there.
+    let error = paychan::store::PostgresStore::connect("postgres://postgres@127.0.0.1:9/test")
+        .await
+        .expect_err("nothing listens on port 9");
+    assert!(matches!(error, paychan::store::StoreError::Unavailable { .. }), "{error:?}");
+}

@@ -1,0 +1,333 @@
+use std::future::Future;
+use std::time::Duration;
+
+use bitcoin::consensus::{deserialize, serialize};
+use bitcoin::{Amount, Transaction};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+use tokio_postgres::types::ToSql;
+
+use super::{ChannelRecord, ChannelState, ChannelStore, Debit, StoreError, StorePayment};
+use crate::MilliSats;
+use crate::channel::Channel;
+use crate::wire::ChannelId;
+
+const MIGRATION: &str = "
+    SELECT pg_advisory_xact_lock(7305063461);
+    CREATE TABLE IF NOT EXISTS paychan_channels (
+        id TEXT PRIMARY KEY,
+        channel TEXT NOT NULL,
+        key_index BIGINT NOT NULL,
+        state TEXT NOT NULL,
+        best BYTEA,
+        best_sat BIGINT NOT NULL,
+        spent_msat BIGINT NOT NULL,
+        expiry_is_time BOOLEAN NOT NULL,
+        expiry BIGINT NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS paychan_channels_state_expiry
+        ON paychan_channels (state, expiry_is_time, expiry);
+    CREATE SEQUENCE IF NOT EXISTS paychan_key_index MINVALUE 0 START 0;
+";
+
+/// Channels in PostgreSQL, shared by any number of API nodes.
+///
+/// Every operation is a single conditional statement (`UPDATE … WHERE … RETURNING`), atomic
+/// in PostgreSQL: the best payment is replaced only by a better one and a debit happens only
+/// if the balance covers it, whichever node runs it. A write is durable when the method
+/// returns (the statement committed; with PostgreSQL's default `synchronous_commit = on` the
+/// WAL is flushed). Server key indexes come from a sequence, so no two nodes ever derive the
+/// same key. Tables (`paychan_channels`, sequence `paychan_key_index`) are created on connect
+/// in the connection's `search_path`. A connection pool of 16 per node; an unreachable server
+/// is reported as [`StoreError::Unavailable`] within 5 seconds, and the pool reconnects by
+/// itself.
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: Pool,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore").field("status", &self.pool.status()).finish()
+    }
+}
+
+fn unavailable(error: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable { message: error.to_string() }
+}
+
+fn to_i64(value: u64) -> Result<i64, StoreError> {
+    i64::try_from(value).map_err(|_| unavailable("value exceeds PostgreSQL's BIGINT"))
+}
+
+fn msat(value: i64) -> MilliSats {
+    MilliSats::from_msat(u64::try_from(value).unwrap_or(0))
+}
+
+fn state_name(state: ChannelState) -> &'static str {
+    match state {
+        ChannelState::Open => "open",
+        ChannelState::Closing => "closing",
+        ChannelState::Closed => "closed",
+        ChannelState::Settled => "settled",
+        ChannelState::Failed => "failed",
+    }
+}
+
+fn parse_state(name: &str) -> Result<ChannelState, StoreError> {
+    Ok(match name {
+        "open" => ChannelState::Open,
+        "closing" => ChannelState::Closing,
+        "closed" => ChannelState::Closed,
+        "settled" => ChannelState::Settled,
+        "failed" => ChannelState::Failed,
+        other => return Err(unavailable(format!("unknown channel state {other:?}"))),
+    })
+}
+
+const SELECT: &str = "SELECT channel, key_index, state, best, spent_msat FROM paychan_channels";
+
+fn decode(row: &tokio_postgres::Row) -> Result<ChannelRecord, StoreError> {
+    let channel: Channel = serde_json::from_str(row.get::<_, &str>(0)).map_err(unavailable)?;
+    let best: Option<Vec<u8>> = row.get(3);
+    Ok(ChannelRecord {
+        channel,
+        key_index: u32::try_from(row.get::<_, i64>(1)).map_err(unavailable)?,
+        state: parse_state(row.get(2))?,
+        best: best.map(|b| deserialize(&b)).transpose().map_err(unavailable)?,
+        spent: msat(row.get(4)),
+    })
+}
+
+impl PostgresStore {
+    /// Connects to `url` (for example `postgres://postgres@127.0.0.1:5432/paychan`) and
+    /// creates the tables if they do not exist.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unavailable`] if the URL is invalid or the server cannot be reached.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_with(url.parse().map_err(unavailable)?).await
+    }
+
+    /// Connects with a driver configuration (for example to set `options` such as a
+    /// `search_path`, or credentials from elsewhere).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unavailable`] if the server cannot be reached or migrated.
+    pub async fn connect_with(config: tokio_postgres::Config) -> Result<Self, StoreError> {
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(16)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(Duration::from_secs(5)))
+            .create_timeout(Some(Duration::from_secs(5)))
+            .recycle_timeout(Some(Duration::from_secs(5)))
+            .build()
+            .map_err(unavailable)?;
+        let store = Self { pool };
+        let mut client = store.client().await?;
+        let tx = client.transaction().await.map_err(unavailable)?;
+        tx.batch_execute(MIGRATION).await.map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(store)
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
+        self.pool.get().await.map_err(unavailable)
+    }
+
+    async fn query_opt(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<tokio_postgres::Row>, StoreError> {
+        let client = self.client().await?;
+        client.query_opt(sql, params).await.map_err(unavailable)
+    }
+
+    /// The state and balance of a channel; `NotFound` if it does not exist.
+    async fn state_and_balance(
+        &self,
+        id: &str,
+    ) -> Result<(ChannelState, MilliSats, Amount), StoreError> {
+        let row = self
+            .query_opt(
+                "SELECT state, best_sat * 1000 - spent_msat, best_sat FROM paychan_channels WHERE id = $1",
+                &[&id],
+            )
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        let best = u64::try_from(row.get::<_, i64>(2)).unwrap_or(0);
+        Ok((parse_state(row.get(0))?, msat(row.get(1)), Amount::from_sat(best)))
+    }
+}
+
+impl ChannelStore for PostgresStore {
+    fn create(&self, record: ChannelRecord) -> impl Future<Output = Result<(), StoreError>> + Send {
+        async move {
+            let expiry = record.channel.params().expiry;
+            let channel = serde_json::to_string(&record.channel).map_err(unavailable)?;
+            let best = record.best.as_ref().map(serialize);
+            let client = self.client().await?;
+            let inserted = client
+                .execute(
+                    "INSERT INTO paychan_channels
+                     (id, channel, key_index, state, best, best_sat, spent_msat, expiry_is_time, expiry)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (id) DO NOTHING",
+                    &[
+                        &record.id().to_string(),
+                        &channel,
+                        &i64::from(record.key_index),
+                        &state_name(record.state),
+                        &best,
+                        &to_i64(record.paid_amount().to_sat())?,
+                        &to_i64(record.spent.to_msat())?,
+                        &expiry.is_block_time(),
+                        &i64::from(expiry.to_consensus_u32()),
+                    ],
+                )
+                .await
+                .map_err(unavailable)?;
+            if inserted == 0 { Err(StoreError::AlreadyExists) } else { Ok(()) }
+        }
+    }
+
+    fn load(
+        &self,
+        id: ChannelId,
+    ) -> impl Future<Output = Result<Option<ChannelRecord>, StoreError>> + Send {
+        async move {
+            let row =
+                self.query_opt(&format!("{SELECT} WHERE id = $1"), &[&id.to_string()]).await?;
+            row.as_ref().map(decode).transpose()
+        }
+    }
+
+    fn store_payment(
+        &self,
+        id: ChannelId,
+        payment: Transaction,
+    ) -> impl Future<Output = Result<StorePayment, StoreError>> + Send {
+        async move {
+            let id = id.to_string();
+            let offered = payment.output.first().map(|out| out.value).unwrap_or_default();
+            let offered = to_i64(offered.to_sat())?;
+            let row = self
+                .query_opt(
+                    "UPDATE paychan_channels SET best = $1, best_sat = $2
+                     WHERE id = $3 AND best_sat < $2 RETURNING best_sat * 1000 - spent_msat",
+                    &[&serialize(&payment), &offered, &id],
+                )
+                .await?;
+            match row {
+                Some(row) => Ok(StorePayment::Stored { balance: msat(row.get(0)) }),
+                None => Ok(StorePayment::Stale { best: self.state_and_balance(&id).await?.2 }),
+            }
+        }
+    }
+
+    fn debit(
+        &self,
+        id: ChannelId,
+        amount: MilliSats,
+    ) -> impl Future<Output = Result<Debit, StoreError>> + Send {
+        async move {
+            let id = id.to_string();
+            let amount_sql = to_i64(amount.to_msat())?;
+            let row = self
+                .query_opt(
+                    "UPDATE paychan_channels SET spent_msat = spent_msat + $1
+                     WHERE id = $2 AND state = 'open' AND best_sat * 1000 - spent_msat >= $1
+                     RETURNING best_sat * 1000 - spent_msat",
+                    &[&amount_sql, &id],
+                )
+                .await?;
+            if let Some(row) = row {
+                return Ok(Debit::Debited { balance: msat(row.get(0)) });
+            }
+            // Refused: report why, from a fresh read (nothing was changed).
+            let (state, balance, _) = self.state_and_balance(&id).await?;
+            Ok(if state == ChannelState::Open {
+                Debit::Insufficient { balance }
+            } else {
+                Debit::NotOpen { state }
+            })
+        }
+    }
+
+    fn credit(
+        &self,
+        id: ChannelId,
+        amount: MilliSats,
+    ) -> impl Future<Output = Result<MilliSats, StoreError>> + Send {
+        async move {
+            let row = self
+                .query_opt(
+                    "UPDATE paychan_channels SET spent_msat = GREATEST(spent_msat - $1, 0)
+                     WHERE id = $2 RETURNING best_sat * 1000 - spent_msat",
+                    &[&to_i64(amount.to_msat())?, &id.to_string()],
+                )
+                .await?
+                .ok_or(StoreError::NotFound)?;
+            Ok(msat(row.get(0)))
+        }
+    }
+
+    fn transition(
+        &self,
+        id: ChannelId,
+        from: ChannelState,
+        to: ChannelState,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        async move {
+            let id = id.to_string();
+            let row = self
+                .query_opt(
+                    "UPDATE paychan_channels SET state = $1 WHERE id = $2 AND state = $3 RETURNING id",
+                    &[&state_name(to), &id, &state_name(from)],
+                )
+                .await?;
+            if row.is_some() {
+                return Ok(true);
+            }
+            self.state_and_balance(&id).await?;
+            Ok(false)
+        }
+    }
+
+    fn next_key_index(&self) -> impl Future<Output = Result<u32, StoreError>> + Send {
+        async move {
+            let row = self
+                .query_opt("SELECT nextval('paychan_key_index')", &[])
+                .await?
+                .ok_or_else(|| unavailable("nextval returned nothing"))?;
+            u32::try_from(row.get::<_, i64>(0))
+                .ok()
+                .filter(|index| *index < 1 << 31)
+                .ok_or_else(|| unavailable("key indexes exhausted"))
+        }
+    }
+
+    fn list(
+        &self,
+        state: ChannelState,
+    ) -> impl Future<Output = Result<Vec<ChannelRecord>, StoreError>> + Send {
+        async move {
+            let client = self.client().await?;
+            let rows = client
+                .query(
+                    &format!("{SELECT} WHERE state = $1 ORDER BY expiry_is_time, expiry"),
+                    &[&state_name(state)],
+                )
+                .await
+                .map_err(unavailable)?;
+            rows.iter().map(decode).collect()
+        }
+    }
+}
