@@ -1,4 +1,3 @@
-use std::future::Future;
 use std::time::Duration;
 
 use bitcoin::consensus::{deserialize, serialize};
@@ -169,165 +168,134 @@ impl PostgresStore {
 }
 
 impl ChannelStore for PostgresStore {
-    fn create(&self, record: ChannelRecord) -> impl Future<Output = Result<(), StoreError>> + Send {
-        async move {
-            let expiry = record.channel.params().expiry;
-            let channel = serde_json::to_string(&record.channel).map_err(unavailable)?;
-            let best = record.best.as_ref().map(serialize);
-            let client = self.client().await?;
-            let inserted = client
-                .execute(
-                    "INSERT INTO paychan_channels
-                     (id, channel, key_index, state, best, best_sat, spent_msat, expiry_is_time, expiry)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (id) DO NOTHING",
-                    &[
-                        &record.id().to_string(),
-                        &channel,
-                        &i64::from(record.key_index),
-                        &state_name(record.state),
-                        &best,
-                        &to_i64(record.paid_amount().to_sat())?,
-                        &to_i64(record.spent.to_msat())?,
-                        &expiry.is_block_time(),
-                        &i64::from(expiry.to_consensus_u32()),
-                    ],
-                )
-                .await
-                .map_err(unavailable)?;
-            if inserted == 0 { Err(StoreError::AlreadyExists) } else { Ok(()) }
-        }
+    async fn create(&self, record: ChannelRecord) -> Result<(), StoreError> {
+        let expiry = record.channel.params().expiry;
+        let channel = serde_json::to_string(&record.channel).map_err(unavailable)?;
+        let best = record.best.as_ref().map(serialize);
+        let client = self.client().await?;
+        let inserted = client
+            .execute(
+                "INSERT INTO paychan_channels
+                 (id, channel, key_index, state, best, best_sat, spent_msat, expiry_is_time, expiry)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (id) DO NOTHING",
+                &[
+                    &record.id().to_string(),
+                    &channel,
+                    &i64::from(record.key_index),
+                    &state_name(record.state),
+                    &best,
+                    &to_i64(record.paid_amount().to_sat())?,
+                    &to_i64(record.spent.to_msat())?,
+                    &expiry.is_block_time(),
+                    &i64::from(expiry.to_consensus_u32()),
+                ],
+            )
+            .await
+            .map_err(unavailable)?;
+        if inserted == 0 { Err(StoreError::AlreadyExists) } else { Ok(()) }
     }
 
-    fn load(
-        &self,
-        id: ChannelId,
-    ) -> impl Future<Output = Result<Option<ChannelRecord>, StoreError>> + Send {
-        async move {
-            let row =
-                self.query_opt(&format!("{SELECT} WHERE id = $1"), &[&id.to_string()]).await?;
-            row.as_ref().map(decode).transpose()
-        }
+    async fn load(&self, id: ChannelId) -> Result<Option<ChannelRecord>, StoreError> {
+        let row = self.query_opt(&format!("{SELECT} WHERE id = $1"), &[&id.to_string()]).await?;
+        row.as_ref().map(decode).transpose()
     }
 
-    fn store_payment(
+    async fn store_payment(
         &self,
         id: ChannelId,
         payment: Transaction,
-    ) -> impl Future<Output = Result<StorePayment, StoreError>> + Send {
-        async move {
-            let id = id.to_string();
-            let offered = payment.output.first().map(|out| out.value).unwrap_or_default();
-            let offered = to_i64(offered.to_sat())?;
-            let row = self
-                .query_opt(
-                    "UPDATE paychan_channels SET best = $1, best_sat = $2
-                     WHERE id = $3 AND best_sat < $2 RETURNING best_sat * 1000 - spent_msat",
-                    &[&serialize(&payment), &offered, &id],
-                )
-                .await?;
-            match row {
-                Some(row) => Ok(StorePayment::Stored { balance: msat(row.get(0)) }),
-                None => Ok(StorePayment::Stale { best: self.state_and_balance(&id).await?.2 }),
-            }
+    ) -> Result<StorePayment, StoreError> {
+        let id = id.to_string();
+        let offered = payment.output.first().map(|out| out.value).unwrap_or_default();
+        let offered = to_i64(offered.to_sat())?;
+        let row = self
+            .query_opt(
+                "UPDATE paychan_channels SET best = $1, best_sat = $2
+                 WHERE id = $3 AND best_sat < $2 RETURNING best_sat * 1000 - spent_msat",
+                &[&serialize(&payment), &offered, &id],
+            )
+            .await?;
+        match row {
+            Some(row) => Ok(StorePayment::Stored { balance: msat(row.get(0)) }),
+            None => Ok(StorePayment::Stale { best: self.state_and_balance(&id).await?.2 }),
         }
     }
 
-    fn debit(
-        &self,
-        id: ChannelId,
-        amount: MilliSats,
-    ) -> impl Future<Output = Result<Debit, StoreError>> + Send {
-        async move {
-            let id = id.to_string();
-            let amount_sql = to_i64(amount.to_msat())?;
-            let row = self
-                .query_opt(
-                    "UPDATE paychan_channels SET spent_msat = spent_msat + $1
-                     WHERE id = $2 AND state = 'open' AND best_sat * 1000 - spent_msat >= $1
-                     RETURNING best_sat * 1000 - spent_msat",
-                    &[&amount_sql, &id],
-                )
-                .await?;
-            if let Some(row) = row {
-                return Ok(Debit::Debited { balance: msat(row.get(0)) });
-            }
-            // Refused: report why, from a fresh read (nothing was changed).
-            let (state, balance, _) = self.state_and_balance(&id).await?;
-            Ok(if state == ChannelState::Open {
-                Debit::Insufficient { balance }
-            } else {
-                Debit::NotOpen { state }
-            })
+    async fn debit(&self, id: ChannelId, amount: MilliSats) -> Result<Debit, StoreError> {
+        let id = id.to_string();
+        let amount_sql = to_i64(amount.to_msat())?;
+        let row = self
+            .query_opt(
+                "UPDATE paychan_channels SET spent_msat = spent_msat + $1
+                 WHERE id = $2 AND state = 'open' AND best_sat * 1000 - spent_msat >= $1
+                 RETURNING best_sat * 1000 - spent_msat",
+                &[&amount_sql, &id],
+            )
+            .await?;
+        if let Some(row) = row {
+            return Ok(Debit::Debited { balance: msat(row.get(0)) });
         }
+        // Refused: report why, from a fresh read (nothing was changed).
+        let (state, balance, _) = self.state_and_balance(&id).await?;
+        Ok(if state == ChannelState::Open {
+            Debit::Insufficient { balance }
+        } else {
+            Debit::NotOpen { state }
+        })
     }
 
-    fn credit(
-        &self,
-        id: ChannelId,
-        amount: MilliSats,
-    ) -> impl Future<Output = Result<MilliSats, StoreError>> + Send {
-        async move {
-            let row = self
-                .query_opt(
-                    "UPDATE paychan_channels SET spent_msat = GREATEST(spent_msat - $1, 0)
-                     WHERE id = $2 RETURNING best_sat * 1000 - spent_msat",
-                    &[&to_i64(amount.to_msat())?, &id.to_string()],
-                )
-                .await?
-                .ok_or(StoreError::NotFound)?;
-            Ok(msat(row.get(0)))
-        }
+    async fn credit(&self, id: ChannelId, amount: MilliSats) -> Result<MilliSats, StoreError> {
+        let row = self
+            .query_opt(
+                "UPDATE paychan_channels SET spent_msat = GREATEST(spent_msat - $1, 0)
+                 WHERE id = $2 RETURNING best_sat * 1000 - spent_msat",
+                &[&to_i64(amount.to_msat())?, &id.to_string()],
+            )
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        Ok(msat(row.get(0)))
     }
 
-    fn transition(
+    async fn transition(
         &self,
         id: ChannelId,
         from: ChannelState,
         to: ChannelState,
-    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
-        async move {
-            let id = id.to_string();
-            let row = self
-                .query_opt(
-                    "UPDATE paychan_channels SET state = $1 WHERE id = $2 AND state = $3 RETURNING id",
-                    &[&state_name(to), &id, &state_name(from)],
-                )
-                .await?;
-            if row.is_some() {
-                return Ok(true);
-            }
-            self.state_and_balance(&id).await?;
-            Ok(false)
+    ) -> Result<bool, StoreError> {
+        let id = id.to_string();
+        let row = self
+            .query_opt(
+                "UPDATE paychan_channels SET state = $1 WHERE id = $2 AND state = $3 RETURNING id",
+                &[&state_name(to), &id, &state_name(from)],
+            )
+            .await?;
+        if row.is_some() {
+            return Ok(true);
         }
+        self.state_and_balance(&id).await?;
+        Ok(false)
     }
 
-    fn next_key_index(&self) -> impl Future<Output = Result<u32, StoreError>> + Send {
-        async move {
-            let row = self
-                .query_opt("SELECT nextval('paychan_key_index')", &[])
-                .await?
-                .ok_or_else(|| unavailable("nextval returned nothing"))?;
-            u32::try_from(row.get::<_, i64>(0))
-                .ok()
-                .filter(|index| *index < 1 << 31)
-                .ok_or_else(|| unavailable("key indexes exhausted"))
-        }
+    async fn next_key_index(&self) -> Result<u32, StoreError> {
+        let row = self
+            .query_opt("SELECT nextval('paychan_key_index')", &[])
+            .await?
+            .ok_or_else(|| unavailable("nextval returned nothing"))?;
+        u32::try_from(row.get::<_, i64>(0))
+            .ok()
+            .filter(|index| *index < 1 << 31)
+            .ok_or_else(|| unavailable("key indexes exhausted"))
     }
 
-    fn list(
-        &self,
-        state: ChannelState,
-    ) -> impl Future<Output = Result<Vec<ChannelRecord>, StoreError>> + Send {
-        async move {
-            let client = self.client().await?;
-            let rows = client
-                .query(
-                    &format!("{SELECT} WHERE state = $1 ORDER BY expiry_is_time, expiry"),
-                    &[&state_name(state)],
-                )
-                .await
-                .map_err(unavailable)?;
-            rows.iter().map(decode).collect()
-        }
+    async fn list(&self, state: ChannelState) -> Result<Vec<ChannelRecord>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                &format!("{SELECT} WHERE state = $1 ORDER BY expiry_is_time, expiry"),
+                &[&state_name(state)],
+            )
+            .await
+            .map_err(unavailable)?;
+        rows.iter().map(decode).collect()
     }
 }
