@@ -13,7 +13,7 @@ use paychan::channel::{ChainTip, Channel, Terms};
 use paychan::store::{ChannelRecord, ChannelStore, MemoryStore};
 use paychan::wire::ChannelId;
 
-fn fixture() -> (Channel, Vec<Transaction>) {
+fn fixture(run: u64) -> (Channel, Vec<Transaction>) {
     let secp = Secp256k1::new();
     let (k1, k2) =
         (SecretKey::from_slice(&[1; 32]).unwrap(), SecretKey::from_slice(&[2; 32]).unwrap());
@@ -31,7 +31,11 @@ fn fixture() -> (Channel, Vec<Transaction>) {
             tip,
         )
         .unwrap()
-        .at(OutPoint { txid: Txid::from_byte_array([3; 32]), vout: 0 });
+        // A channel id of its own per run, so that shared databases never see it twice.
+        .at(OutPoint {
+            txid: Txid::from_byte_array([3; 32]),
+            vout: (run % u64::from(u32::MAX)) as u32,
+        });
     // Signing is not what is measured: a pool of payments reused with rising amounts below.
     let payments = (0..64u64)
         .map(|i| {
@@ -43,9 +47,15 @@ fn fixture() -> (Channel, Vec<Transaction>) {
     (channel, payments)
 }
 
-fn bench_store<S: ChannelStore>(c: &mut Criterion, name: &str, store: S) {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).build().unwrap();
-    let (channel, payments) = fixture();
+fn bench_store<S: ChannelStore>(
+    c: &mut Criterion,
+    rt: &tokio::runtime::Runtime,
+    name: &str,
+    store: S,
+) {
+    let run =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros();
+    let (channel, payments) = fixture(run as u64);
     let id = ChannelId::new(channel.outpoint());
     rt.block_on(store.create(ChannelRecord::open(channel, 0, payments[0].clone()))).unwrap();
     let mut group = c.benchmark_group(name);
@@ -66,17 +76,27 @@ fn bench_store<S: ChannelStore>(c: &mut Criterion, name: &str, store: S) {
 }
 
 fn stores(c: &mut Criterion) {
-    bench_store(c, "memory", MemoryStore::new());
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    bench_store(c, &rt, "memory", MemoryStore::new());
     #[cfg(feature = "sqlite")]
     {
         let dir = std::env::temp_dir().join(format!("paychan-bench-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        bench_store(
-            c,
-            "sqlite",
-            paychan::store::SqliteStore::open(dir.join("bench.sqlite3")).unwrap(),
-        );
+        let store = paychan::store::SqliteStore::open(dir.join("bench.sqlite3")).unwrap();
+        bench_store(c, &rt, "sqlite", store);
+    }
+    #[cfg(feature = "postgres")]
+    if let Ok(url) = std::env::var("PAYCHAN_TEST_POSTGRES_URL") {
+        let store = rt.block_on(paychan::store::PostgresStore::connect(&url)).unwrap();
+        bench_store(c, &rt, "postgres", store);
+    }
+    #[cfg(feature = "redis")]
+    if let Ok(url) = std::env::var("PAYCHAN_TEST_REDIS_URL") {
+        let store = rt.block_on(paychan::store::RedisStore::connect(&url)).unwrap();
+        let prefix = format!("{{paychan-bench-{}}}:", std::process::id());
+        bench_store(c, &rt, "redis", store.with_prefix(prefix));
     }
 }
 

@@ -124,3 +124,58 @@ async fn postgres_store_unreachable_is_unavailable() {
         .expect_err("nothing listens on port 9");
     assert!(matches!(error, paychan::store::StoreError::Unavailable { .. }), "{error:?}");
 }
+
+/// A Redis store under a key prefix of its own; `None` (after printing "skipped: …") when
+/// `PAYCHAN_TEST_REDIS_URL` is not set.
+#[cfg(feature = "redis")]
+async fn redis_store(name: &str) -> Option<paychan::store::RedisStore> {
+    let Ok(url) = std::env::var("PAYCHAN_TEST_REDIS_URL") else {
+        println!("skipped: PAYCHAN_TEST_REDIS_URL is not set");
+        return None;
+    };
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let store = paychan::store::RedisStore::connect(&url).await.expect("Redis is reachable");
+    Some(store.with_prefix(format!("{{paychan-test-{name}-{}-{nanos}}}:", std::process::id())))
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_store_conforms() {
+    let Some(store) = redis_store("conforms").await else { return };
+    conformance::run(Arc::new(store), 0x01).await;
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_store_keeps_everything_across_a_reconnect() {
+    use paychan::store::{ChannelState, ChannelStore};
+    let Some(store) = redis_store("reconnect").await else { return };
+    let memory = MemoryStore::new();
+    let store = Arc::new(store);
+    conformance::run(store.clone(), 0x07).await;
+    conformance::run(Arc::new(memory.clone()), 0x07).await;
+    assert_eq!(store.next_key_index().await.unwrap(), memory.next_key_index().await.unwrap());
+    // A new connection (another node) sees the same state.
+    let url = std::env::var("PAYCHAN_TEST_REDIS_URL").unwrap();
+    let other =
+        paychan::store::RedisStore::connect(&url).await.unwrap().with_prefix(store.prefix());
+    for state in [ChannelState::Open, ChannelState::Closing, ChannelState::Failed] {
+        let mut expected = memory.list(state).await.unwrap();
+        let mut found = other.list(state).await.unwrap();
+        expected.sort_by_key(paychan::store::ChannelRecord::id);
+        found.sort_by_key(paychan::store::ChannelRecord::id);
+        assert!(!found.is_empty(), "the suite leaves {state:?} channels behind");
+        assert_eq!(found, expected, "{state:?} channels seen from another connection");
+    }
+    assert_eq!(other.next_key_index().await.unwrap(), memory.next_key_index().await.unwrap());
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn redis_store_unreachable_is_unavailable() {
+    let error = paychan::store::RedisStore::connect("redis://127.0.0.1:9/")
+        .await
+        .expect_err("nothing listens on port 9");
+    assert!(matches!(error, paychan::store::StoreError::Unavailable { .. }), "{error:?}");
+}

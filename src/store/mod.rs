@@ -36,9 +36,15 @@ pub mod conformance;
 mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;
+#[cfg(feature = "redis")]
+mod redis;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
+#[cfg(feature = "redis")]
+pub use self::redis::{
+    DEFAULT_PREFIX as REDIS_DEFAULT_PREFIX, MAX_CHANNEL_SAT as REDIS_MAX_CHANNEL_SAT, RedisStore,
+};
 pub use memory::MemoryStore;
 #[cfg(feature = "postgres")]
 pub use postgres::PostgresStore;
