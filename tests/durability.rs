@@ -1,0 +1,270 @@
+//! Durability and multi-node accounting with real server processes (`examples/durable_server`):
+//! a node on SQLite killed with SIGKILL under load keeps every payment it acknowledged, and
+//! two nodes sharing PostgreSQL (and, separately, Redis) serve exactly what was paid.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use bitcoin::absolute::LockTime;
+use bitcoin::hashes::Hash;
+use bitcoin::{Amount, OutPoint, Txid};
+use common::http::call;
+use common::{p2wpkh, public, secret};
+use paychan::MilliSats;
+use paychan::channel::{ChainTip, Channel, Terms};
+use paychan::store::{ChannelRecord, ChannelStore};
+use paychan::wire::{self, ChannelId};
+
+const PRICE_MSAT: u64 = 100_000;
+
+/// A server process, killed when dropped.
+struct Node {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_node(env: &[(&str, String)]) -> Node {
+    let exe = std::env::current_exe().unwrap();
+    let binary = exe.parent().unwrap().parent().unwrap().join("examples").join("durable_server");
+    let mut child = Command::new(&binary)
+        .env("PAYCHAN_ADDR", "127.0.0.1:0")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot start {}: {e} (`cargo test --all-features` builds it; or run \
+                 `cargo build --all-features --example durable_server`)",
+                binary.display()
+            )
+        });
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr =
+        line.trim().strip_prefix("listening on http://").unwrap_or_else(|| panic!("{line:?}"));
+    Node { addr: addr.parse().unwrap(), child }
+}
+
+/// A funded channel (recorded directly in the store; the servers need no chain to meter it),
+/// unique to this run.
+fn channel() -> Channel {
+    let tip = ChainTip { height: 200, median_time_past: 0 };
+    let mut terms = Terms::default();
+    terms.blocks.min = 0;
+    let params = terms
+        .agree(
+            public(&secret(1)),
+            public(&secret(2)),
+            Amount::from_sat(1_000_000),
+            LockTime::from_height(2_000).unwrap(),
+            p2wpkh(&secret(1)),
+            p2wpkh(&secret(2)),
+            tip,
+        )
+        .unwrap();
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let mut txid = [0u8; 32];
+    txid[..16].copy_from_slice(&nanos.to_le_bytes());
+    params.at(OutPoint { txid: Txid::from_byte_array(txid), vout: std::process::id() })
+}
+
+fn header(channel: &Channel, sat: u64) -> String {
+    let mut tx = channel.build_payment(Amount::from_sat(sat)).unwrap();
+    channel.sign_payment(&mut tx, &secret(1)).unwrap();
+    wire::encode_payment(&tx)
+}
+
+fn record(channel: &Channel, sat: u64) -> ChannelRecord {
+    let mut tx = channel.build_payment(Amount::from_sat(sat)).unwrap();
+    channel.sign_payment(&mut tx, &secret(1)).unwrap();
+    ChannelRecord::open(channel.clone(), 0, tx)
+}
+
+#[cfg(feature = "sqlite")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_node_killed_under_load_keeps_every_acknowledged_payment() {
+    use paychan::store::SqliteStore;
+    let dir = std::env::temp_dir().join(format!("paychan-crash-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("channels.sqlite3");
+    let channel = Arc::new(channel());
+    let id = ChannelId::new(channel.outpoint());
+    SqliteStore::open(&path).unwrap().create(record(&channel, 1_000)).await.unwrap();
+    let node = spawn_node(&[("PAYCHAN_STORE", format!("sqlite:{}", path.display()))]);
+
+    // Load: four clients, each request with a new, larger payment (+200 sat, 100 sat price).
+    let next = Arc::new(AtomicU64::new(1_000));
+    let acked = Arc::new(AtomicU64::new(0));
+    let acked_max = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let (next, acked, acked_max, stop, channel, addr) = (
+                next.clone(),
+                acked.clone(),
+                acked_max.clone(),
+                stop.clone(),
+                channel.clone(),
+                node.addr,
+            );
+            tokio::spawn(async move {
+                for _ in 0..500 {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let sat = next.fetch_add(200, Ordering::SeqCst) + 200;
+                    let header = header(&channel, sat);
+                    let Ok(Ok(reply)) = tokio::time::timeout(
+                        std::time::Duration::from_secs(5),
+                        tokio::spawn(async move {
+                            call(addr, "GET", "/paid", &[("payment-channel", &header)], None).await
+                        }),
+                    )
+                    .await
+                    else {
+                        break; // the node is gone
+                    };
+                    if reply.status == 200 {
+                        acked.fetch_add(1, Ordering::SeqCst);
+                        acked_max.fetch_max(sat, Ordering::SeqCst);
+                    }
+                }
+            })
+        })
+        .collect();
+    // Kill the node with SIGKILL once it has served a good number of requests.
+    let mut node = node;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while acked.load(Ordering::SeqCst) < 40 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    node.child.kill().unwrap();
+    node.child.wait().unwrap();
+    stop.store(true, Ordering::SeqCst);
+    for worker in workers {
+        let _ = worker.await;
+    }
+    let (acked, acked_max) = (acked.load(Ordering::SeqCst), acked_max.load(Ordering::SeqCst));
+    assert!(acked >= 40, "the node served {acked} requests before the deadline");
+
+    let record = SqliteStore::open(&path).unwrap().load(id).await.unwrap().unwrap();
+    assert!(record.paid_amount().to_sat() >= acked_max, "an acknowledged payment was lost");
+    assert!(
+        record.spent >= MilliSats::from_msat(acked * PRICE_MSAT),
+        "an acknowledged debit was lost"
+    );
+    assert!(record.spent <= record.paid(), "served more than paid");
+
+    // The restarted node carries on from the stored state.
+    let node = spawn_node(&[("PAYCHAN_STORE", format!("sqlite:{}", path.display()))]);
+    let top_up = record.paid_amount().to_sat() + 1_000;
+    let reply =
+        call(node.addr, "GET", "/paid", &[("payment-channel", &header(&channel, top_up))], None)
+            .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let expected = top_up * 1_000 - record.spent.to_msat() - PRICE_MSAT;
+    assert_eq!(reply.header("payment-channel-balance"), Some(expected.to_string().as_str()));
+}
+
+/// Two nodes on one shared store: requests spread over both are served exactly what was paid.
+async fn two_nodes_serve_exactly_what_was_paid<S: ChannelStore>(
+    store: S,
+    env: Vec<(&str, String)>,
+) {
+    let channel = Arc::new(channel());
+    let id = ChannelId::new(channel.outpoint());
+    store.create(record(&channel, 2_000)).await.unwrap();
+    let nodes = [spawn_node(&env), spawn_node(&env)];
+    let addrs = [nodes[0].addr, nodes[1].addr];
+    let burst = |sat: u64| {
+        let header = header(&channel, sat);
+        async move {
+            let tasks: Vec<_> = (0..64)
+                .map(|i| {
+                    let (addr, header) = (addrs[i % 2], header.clone());
+                    tokio::spawn(async move {
+                        call(addr, "GET", "/paid", &[("payment-channel", &header)], None)
+                            .await
+                            .status
+                    })
+                })
+                .collect();
+            let mut served = 0;
+            for task in tasks {
+                match task.await.unwrap() {
+                    200 => served += 1,
+                    402 => {}
+                    other => panic!("unexpected status {other}"),
+                }
+            }
+            served
+        }
+    };
+    assert_eq!(burst(2_000).await, 20, "2 000 sat at 100 sat a request");
+    assert_eq!(burst(3_000).await, 10, "the top-up to 3 000 sat pays for 10 more");
+    let record = store.load(id).await.unwrap().unwrap();
+    assert_eq!(record.paid(), MilliSats::from_msat(3_000_000));
+    assert_eq!(record.spent, record.paid(), "total served equals total paid exactly");
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_nodes_on_postgres_serve_exactly_what_was_paid() {
+    use paychan::store::{PostgresStore, tokio_postgres};
+    let Ok(url) = std::env::var("PAYCHAN_TEST_POSTGRES_URL") else {
+        println!("skipped: PAYCHAN_TEST_POSTGRES_URL is not set");
+        return;
+    };
+    let schema = format!(
+        "paychan_nodes_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros()
+    );
+    let (client, connection) = url
+        .parse::<tokio_postgres::Config>()
+        .unwrap()
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client.batch_execute(&format!("CREATE SCHEMA {schema}")).await.unwrap();
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let node_url = format!("{url}{separator}options=-c%20search_path%3D{schema}");
+    let store = PostgresStore::connect(&node_url).await.unwrap();
+    two_nodes_serve_exactly_what_was_paid(
+        store,
+        vec![("PAYCHAN_STORE", format!("postgres:{node_url}"))],
+    )
+    .await;
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_nodes_on_redis_serve_exactly_what_was_paid() {
+    use paychan::store::RedisStore;
+    let Ok(url) = std::env::var("PAYCHAN_TEST_REDIS_URL") else {
+        println!("skipped: PAYCHAN_TEST_REDIS_URL is not set");
+        return;
+    };
+    let prefix = format!("{{paychan-nodes-{}}}:", std::process::id());
+    let store = RedisStore::connect(&url).await.unwrap().with_prefix(prefix.clone());
+    two_nodes_serve_exactly_what_was_paid(
+        store,
+        vec![("PAYCHAN_STORE", format!("redis:{url}")), ("PAYCHAN_REDIS_PREFIX", prefix)],
+    )
+    .await;
+}
