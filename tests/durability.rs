@@ -268,3 +268,124 @@ async fn two_nodes_on_redis_serve_exactly_what_was_paid() {
     )
     .await;
 }
+
+/// A loopback TCP proxy that can stop answering (refuse new connections and cut open ones).
+struct Proxy {
+    addr: SocketAddr,
+    up: Arc<AtomicBool>,
+    connections: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Proxy {
+    async fn start(upstream: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = Arc::new(AtomicBool::new(true));
+        let connections = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (up2, connections2) = (up.clone(), connections.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !up2.load(Ordering::SeqCst) {
+                    continue; // dropped: the client sees the connection closed
+                }
+                let task = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                connections2.lock().unwrap().push(task);
+            }
+        });
+        Self { addr, up, connections }
+    }
+
+    fn down(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        for task in self.connections.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+
+    fn up(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The layer on a store behind `proxy`: 503 while the store is cut off, then recovery.
+async fn outage_fails_closed_and_recovers<S: ChannelStore + Clone>(store: S, proxy: &Proxy) {
+    let channel = channel();
+    store.create(record(&channel, 2_000)).await.unwrap();
+    let (_tip_tx, tip) = tokio::sync::watch::channel(ChainTip { height: 200, median_time_past: 0 });
+    let app = axum::Router::new()
+        .route("/paid", axum::routing::get(|| async { "served" }))
+        .layer(paychan::server::PaywallLayer::new(store, MilliSats::from_msat(PRICE_MSAT), tip));
+    let addr = common::http::serve(app).await;
+    let header = header(&channel, 2_000);
+    let headers = [("payment-channel", header.as_str())];
+    let get = || call(addr, "GET", "/paid", &headers, None);
+    assert_eq!(get().await.status, 200);
+    proxy.down();
+    for _ in 0..3 {
+        let reply = get().await;
+        assert_eq!(reply.status, 503, "{}", reply.body);
+        assert_eq!(reply.json()["type"], "urn:paychan:problem:store-unavailable");
+    }
+    proxy.up();
+    // Recovers by itself: bounded retries while the client library reconnects.
+    let mut status = 0;
+    for _ in 0..100 {
+        status = get().await.status;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, 200, "the layer did not recover");
+}
+
+/// The socket address a service URL points to.
+fn upstream(url: &str, default_port: u16) -> SocketAddr {
+    let host_port = upstream_authority(url);
+    let with_port = if host_port.contains(':') {
+        host_port.to_owned()
+    } else {
+        format!("{host_port}:{default_port}")
+    };
+    std::net::ToSocketAddrs::to_socket_addrs(&with_port).unwrap().next().unwrap()
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_outage_fails_closed_and_recovers() {
+    let Ok(url) = std::env::var("PAYCHAN_TEST_POSTGRES_URL") else {
+        println!("skipped: PAYCHAN_TEST_POSTGRES_URL is not set");
+        return;
+    };
+    let proxy = Proxy::start(upstream(&url, 5432)).await;
+    let via_proxy = url.replacen(&upstream_authority(&url), &proxy.addr.to_string(), 1);
+    let store = paychan::store::PostgresStore::connect(&via_proxy).await.unwrap();
+    outage_fails_closed_and_recovers(store, &proxy).await;
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_fails_closed_and_recovers() {
+    let Ok(url) = std::env::var("PAYCHAN_TEST_REDIS_URL") else {
+        println!("skipped: PAYCHAN_TEST_REDIS_URL is not set");
+        return;
+    };
+    let proxy = Proxy::start(upstream(&url, 6379)).await;
+    let via_proxy = url.replacen(&upstream_authority(&url), &proxy.addr.to_string(), 1);
+    let store = paychan::store::RedisStore::connect(&via_proxy)
+        .await
+        .unwrap()
+        .with_prefix(format!("{{paychan-outage-{}}}:", std::process::id()));
+    outage_fails_closed_and_recovers(store, &proxy).await;
+}
+
+/// The `host[:port]` part of a URL, as written.
+fn upstream_authority(url: &str) -> String {
+    let rest = url.split("://").nth(1).unwrap();
+    let authority = rest.split(['/', '?']).next().unwrap();
+    authority.rsplit('@').next().unwrap().to_owned()
+}
