@@ -129,12 +129,7 @@ impl ChannelStore for MemoryStore {
     }
 
     fn next_key_index(&self) -> impl Future<Output = Result<u32, StoreError>> + Send {
-        let index = self.key_index.fetch_add(1, Ordering::Relaxed);
-        ready(if index < 1 << 31 {
-            Ok(index)
-        } else {
-            Err(StoreError::Unavailable { message: "key indexes exhausted".to_owned() })
-        })
+        ready(super::key_index(u64::from(self.key_index.fetch_add(1, Ordering::Relaxed))))
     }
 
     fn list(

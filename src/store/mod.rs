@@ -71,6 +71,31 @@ pub enum ChannelState {
     Failed,
 }
 
+impl ChannelState {
+    /// The state's stable name, as stored by the database backends and sent in JSON.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Open => "open",
+            Self::Closing => "closing",
+            Self::Closed => "closed",
+            Self::Settled => "settled",
+            Self::Failed => "failed",
+        }
+    }
+
+    /// Parses a name written by [`as_str`](Self::as_str).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unavailable`]: an unknown name means the stored data is not ours.
+    pub fn from_name(name: &str) -> Result<Self, StoreError> {
+        [Self::Open, Self::Closing, Self::Closed, Self::Settled, Self::Failed]
+            .into_iter()
+            .find(|state| state.as_str() == name)
+            .ok_or_else(|| StoreError::unavailable(format!("unknown channel state {name:?}")))
+    }
+}
+
 /// What a store keeps about one channel.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChannelRecord {
@@ -169,6 +194,21 @@ pub enum StoreError {
         /// What went wrong (for logs).
         message: String,
     },
+}
+
+impl StoreError {
+    /// A backend failure, with its message.
+    pub(crate) fn unavailable(error: impl fmt::Display) -> Self {
+        Self::Unavailable { message: error.to_string() }
+    }
+}
+
+/// Checks that a counter value is a usable hardened BIP-0032 index.
+pub(crate) fn key_index(value: u64) -> Result<u32, StoreError> {
+    u32::try_from(value)
+        .ok()
+        .filter(|index| *index < 1 << 31)
+        .ok_or_else(|| StoreError::unavailable("key indexes exhausted"))
 }
 
 impl fmt::Display for StoreError {

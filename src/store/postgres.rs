@@ -52,7 +52,7 @@ impl std::fmt::Debug for PostgresStore {
 }
 
 fn unavailable(error: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable { message: error.to_string() }
+    StoreError::unavailable(error)
 }
 
 fn to_i64(value: u64) -> Result<i64, StoreError> {
@@ -63,27 +63,6 @@ fn msat(value: i64) -> MilliSats {
     MilliSats::from_msat(u64::try_from(value).unwrap_or(0))
 }
 
-fn state_name(state: ChannelState) -> &'static str {
-    match state {
-        ChannelState::Open => "open",
-        ChannelState::Closing => "closing",
-        ChannelState::Closed => "closed",
-        ChannelState::Settled => "settled",
-        ChannelState::Failed => "failed",
-    }
-}
-
-fn parse_state(name: &str) -> Result<ChannelState, StoreError> {
-    Ok(match name {
-        "open" => ChannelState::Open,
-        "closing" => ChannelState::Closing,
-        "closed" => ChannelState::Closed,
-        "settled" => ChannelState::Settled,
-        "failed" => ChannelState::Failed,
-        other => return Err(unavailable(format!("unknown channel state {other:?}"))),
-    })
-}
-
 const SELECT: &str = "SELECT channel, key_index, state, best, spent_msat FROM paychan_channels";
 
 fn decode(row: &tokio_postgres::Row) -> Result<ChannelRecord, StoreError> {
@@ -92,7 +71,7 @@ fn decode(row: &tokio_postgres::Row) -> Result<ChannelRecord, StoreError> {
     Ok(ChannelRecord {
         channel,
         key_index: u32::try_from(row.get::<_, i64>(1)).map_err(unavailable)?,
-        state: parse_state(row.get(2))?,
+        state: ChannelState::from_name(row.get(2))?,
         best: best.map(|b| deserialize(&b)).transpose().map_err(unavailable)?,
         spent: msat(row.get(4)),
     })
@@ -163,7 +142,7 @@ impl PostgresStore {
             .await?
             .ok_or(StoreError::NotFound)?;
         let best = u64::try_from(row.get::<_, i64>(2)).unwrap_or(0);
-        Ok((parse_state(row.get(0))?, msat(row.get(1)), Amount::from_sat(best)))
+        Ok((ChannelState::from_name(row.get(0))?, msat(row.get(1)), Amount::from_sat(best)))
     }
 }
 
@@ -182,7 +161,7 @@ impl ChannelStore for PostgresStore {
                     &record.id().to_string(),
                     &channel,
                     &i64::from(record.key_index),
-                    &state_name(record.state),
+                    &record.state.as_str(),
                     &best,
                     &to_i64(record.paid_amount().to_sat())?,
                     &to_i64(record.spent.to_msat())?,
@@ -266,7 +245,7 @@ impl ChannelStore for PostgresStore {
         let row = self
             .query_opt(
                 "UPDATE paychan_channels SET state = $1 WHERE id = $2 AND state = $3 RETURNING id",
-                &[&state_name(to), &id, &state_name(from)],
+                &[&to.as_str(), &id, &from.as_str()],
             )
             .await?;
         if row.is_some() {
@@ -281,10 +260,7 @@ impl ChannelStore for PostgresStore {
             .query_opt("SELECT nextval('paychan_key_index')", &[])
             .await?
             .ok_or_else(|| unavailable("nextval returned nothing"))?;
-        u32::try_from(row.get::<_, i64>(0))
-            .ok()
-            .filter(|index| *index < 1 << 31)
-            .ok_or_else(|| unavailable("key indexes exhausted"))
+        super::key_index(u64::try_from(row.get::<_, i64>(0)).map_err(unavailable)?)
     }
 
     async fn list(&self, state: ChannelState) -> Result<Vec<ChannelRecord>, StoreError> {
@@ -292,7 +268,7 @@ impl ChannelStore for PostgresStore {
         let rows = client
             .query(
                 &format!("{SELECT} WHERE state = $1 ORDER BY expiry_is_time, expiry"),
-                &[&state_name(state)],
+                &[&state.as_str()],
             )
             .await
             .map_err(unavailable)?;

@@ -86,28 +86,7 @@ impl std::fmt::Debug for RedisStore {
 }
 
 fn unavailable(error: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable { message: error.to_string() }
-}
-
-fn state_name(state: ChannelState) -> &'static str {
-    match state {
-        ChannelState::Open => "open",
-        ChannelState::Closing => "closing",
-        ChannelState::Closed => "closed",
-        ChannelState::Settled => "settled",
-        ChannelState::Failed => "failed",
-    }
-}
-
-fn parse_state(name: &str) -> Result<ChannelState, StoreError> {
-    Ok(match name {
-        "open" => ChannelState::Open,
-        "closing" => ChannelState::Closing,
-        "closed" => ChannelState::Closed,
-        "settled" => ChannelState::Settled,
-        "failed" => ChannelState::Failed,
-        other => return Err(unavailable(format!("unknown channel state {other:?}"))),
-    })
+    StoreError::unavailable(error)
 }
 
 fn number(text: &str) -> Result<u64, StoreError> {
@@ -148,7 +127,7 @@ impl RedisStore {
     }
 
     fn state_key(&self, state: ChannelState) -> String {
-        format!("{}state:{}", self.prefix, state_name(state))
+        format!("{}state:{}", self.prefix, state.as_str())
     }
 
     async fn invoke<T: redis::FromRedisValue>(
@@ -186,7 +165,7 @@ impl RedisStore {
         Ok(Some(ChannelRecord {
             channel,
             key_index: u32::try_from(number(&text("key_index")?)?).map_err(unavailable)?,
-            state: parse_state(&text("state")?)?,
+            state: ChannelState::from_name(&text("state")?)?,
             best: best.map(|b| deserialize::<Transaction>(b)).transpose().map_err(unavailable)?,
             spent: MilliSats::from_msat(number(&text("spent_msat")?)?),
         }))
@@ -213,7 +192,7 @@ impl ChannelStore for RedisStore {
                     arg(record.id()),
                     serde_json::to_vec(&record.channel).map_err(unavailable)?,
                     arg(record.key_index),
-                    arg(state_name(record.state)),
+                    arg(record.state.as_str()),
                     record.best.as_ref().map(serialize).unwrap_or_default(),
                     arg(paid),
                     arg(record.spent.to_msat()),
@@ -254,7 +233,7 @@ impl ChannelStore for RedisStore {
         match code {
             1 => Ok(Debit::Debited { balance: MilliSats::from_msat(number(&value)?) }),
             0 => Ok(Debit::Insufficient { balance: MilliSats::from_msat(number(&value)?) }),
-            2 => Ok(Debit::NotOpen { state: parse_state(&value)? }),
+            2 => Ok(Debit::NotOpen { state: ChannelState::from_name(&value)? }),
             _ => Err(StoreError::NotFound),
         }
     }
@@ -279,7 +258,7 @@ impl ChannelStore for RedisStore {
             .invoke(
                 TRANSITION,
                 &[self.channel_key(id), self.state_key(from), self.state_key(to)],
-                &[arg(state_name(from)), arg(state_name(to)), arg(id)],
+                &[arg(from.as_str()), arg(to.as_str()), arg(id)],
             )
             .await?;
         match code {
@@ -293,10 +272,7 @@ impl ChannelStore for RedisStore {
         let mut connection = self.connection.clone();
         let next: u64 =
             connection.incr(format!("{}key_index", self.prefix), 1).await.map_err(unavailable)?;
-        u32::try_from(next - 1)
-            .ok()
-            .filter(|i| *i < 1 << 31)
-            .ok_or_else(|| unavailable("key indexes exhausted"))
+        super::key_index(next.checked_sub(1).ok_or_else(|| unavailable("INCR returned 0"))?)
     }
 
     async fn list(&self, state: ChannelState) -> Result<Vec<ChannelRecord>, StoreError> {

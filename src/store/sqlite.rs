@@ -56,7 +56,7 @@ pub struct SqliteStore {
 }
 
 fn unavailable(error: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable { message: error.to_string() }
+    StoreError::unavailable(error)
 }
 
 impl SqliteStore {
@@ -135,29 +135,6 @@ fn sql_u64(value: u64) -> Result<i64, StoreError> {
     i64::try_from(value).map_err(|_| unavailable("value exceeds SQLite's integer range"))
 }
 
-fn state_name(state: ChannelState) -> &'static str {
-    match state {
-        ChannelState::Open => "open",
-        ChannelState::Closing => "closing",
-        ChannelState::Closed => "closed",
-        ChannelState::Settled => "settled",
-        ChannelState::Failed => "failed",
-    }
-}
-
-fn parse_state(name: &str) -> Result<ChannelState, StoreError> {
-    Ok(match name {
-        "open" => ChannelState::Open,
-        "closing" => ChannelState::Closing,
-        "closed" => ChannelState::Closed,
-        "settled" => ChannelState::Settled,
-        "failed" => ChannelState::Failed,
-        other => {
-            return Err(unavailable(format!("unknown channel state {other:?} in the database")));
-        }
-    })
-}
-
 const SELECT: &str = "SELECT channel, key_index, state, best, spent_msat FROM channels";
 
 /// A `channels` row as stored: channel JSON, key index, state, best payment, spent msat.
@@ -176,7 +153,7 @@ fn decode_record(
     Ok(ChannelRecord {
         channel,
         key_index: u32::try_from(key_index).map_err(unavailable)?,
-        state: parse_state(&state)?,
+        state: ChannelState::from_name(&state)?,
         best,
         spent: msat(spent),
     })
@@ -196,7 +173,11 @@ fn state_and_balance(
         .optional()
         .map_err(unavailable)?;
     let (state, balance, best) = row.ok_or(StoreError::NotFound)?;
-    Ok((parse_state(&state)?, msat(balance), Amount::from_sat(u64::try_from(best).unwrap_or(0))))
+    Ok((
+        ChannelState::from_name(&state)?,
+        msat(balance),
+        Amount::from_sat(u64::try_from(best).unwrap_or(0)),
+    ))
 }
 
 impl ChannelStore for SqliteStore {
@@ -211,7 +192,7 @@ impl ChannelStore for SqliteStore {
                         record.id().to_string(),
                         serde_json::to_string(&record.channel).map_err(unavailable)?,
                         record.key_index,
-                        state_name(record.state),
+                        record.state.as_str(),
                         record.best.as_ref().map(serialize),
                         sql_u64(record.paid_amount().to_sat())?,
                         sql_u64(record.spent.to_msat())?,
@@ -313,7 +294,7 @@ impl ChannelStore for SqliteStore {
             let updated = tx
                 .execute(
                     "UPDATE channels SET state = ?1 WHERE id = ?2 AND state = ?3",
-                    params![state_name(to), id, state_name(from)],
+                    params![to.as_str(), id, from.as_str()],
                 )
                 .map_err(unavailable)?;
             Ok(updated == 1)
@@ -327,10 +308,7 @@ impl ChannelStore for SqliteStore {
                     row.get(0)
                 })
                 .map_err(unavailable)?;
-            u32::try_from(index)
-                .ok()
-                .filter(|i| *i < 1 << 31)
-                .ok_or_else(|| unavailable("key indexes exhausted"))
+            super::key_index(u64::try_from(index).map_err(unavailable)?)
         })
     }
 
@@ -343,7 +321,7 @@ impl ChannelStore for SqliteStore {
                 .prepare(&format!("{SELECT} WHERE state = ?1 ORDER BY expiry_is_time, expiry"))
                 .map_err(unavailable)?;
             let rows =
-                statement.query_map([state_name(state)], record_from_row).map_err(unavailable)?;
+                statement.query_map([state.as_str()], record_from_row).map_err(unavailable)?;
             rows.map(|row| decode_record(row.map_err(unavailable)?)).collect()
         })
     }
