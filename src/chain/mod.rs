@@ -12,6 +12,8 @@ use bitcoin::{FeeRate, OutPoint, Transaction, TxOut, Txid};
 
 pub use crate::channel::ChainTip;
 
+#[cfg(feature = "bitcoind")]
+pub mod bitcoind;
 pub mod policy;
 #[cfg(feature = "sim")]
 pub mod sim;

@@ -1,0 +1,388 @@
+//! [`BitcoindRpc`]: a [`ChainBackend`] over Bitcoin Core's JSON-RPC interface.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use base64::Engine as _;
+use bitcoin::consensus::encode::serialize_hex;
+use bitcoin::{Amount, Denomination, FeeRate, OutPoint, ScriptBuf, Transaction, TxOut, Txid};
+use http::{Request, header};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{ChainBackend, ChainError, ChainTip, RejectReason, TxStatus};
+
+/// How to authenticate to Bitcoin Core.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Auth {
+    /// The `.cookie` file Bitcoin Core writes in its data directory (read on every call, so a
+    /// node restart that rotates the cookie is picked up).
+    CookieFile(PathBuf),
+    /// `rpcuser` / `rpcpassword` (or an `rpcauth` line's credentials).
+    UserPass(String, String),
+}
+
+/// Bitcoin Core's JSON-RPC interface as a [`ChainBackend`].
+///
+/// | method | RPC |
+/// |---|---|
+/// | [`broadcast`](ChainBackend::broadcast) | `sendrawtransaction` (already in the mempool: success) |
+/// | [`tx_status`](ChainBackend::tx_status) | `getrawtransaction` verbose (confirmed transactions need `-txindex`) |
+/// | [`tip`](ChainBackend::tip) | `getblockchaininfo` (`blocks`, `mediantime`) |
+/// | [`estimate_fee_rate`](ChainBackend::estimate_fee_rate) | `estimatesmartfee` |
+/// | [`unspent_output`](ChainBackend::unspent_output) | `gettxout` with the mempool |
+///
+/// Rejections are mapped from Core's error codes and reject reasons: `-26` policy and
+/// consensus rejections (`non-final`, `non-BIP68-final`, `min relay fee not met`, `dust`,
+/// `txn-mempool-conflict`, `mandatory-script-verify-flag-failed`, …), `-25` missing inputs and
+/// `max-fee-exceeded`, `-27` already in a block. Amounts in Core's JSON are decimal BTC and are
+/// parsed exactly, never through a float.
+#[derive(Debug, Clone)]
+pub struct BitcoindRpc {
+    authority: String,
+    path: String,
+    auth: Auth,
+}
+
+#[derive(Debug, Deserialize)]
+struct RpcResponse {
+    result: Option<Value>,
+    error: Option<RpcError>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RpcError {
+    code: i64,
+    message: String,
+}
+
+fn unavailable(message: impl ToString) -> ChainError {
+    ChainError::Unavailable { message: message.to_string() }
+}
+
+/// Parses one of Core's decimal BTC amounts exactly.
+fn btc(value: &Value) -> Result<Amount, ChainError> {
+    let text = match value {
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => s.clone(),
+        other => return Err(unavailable(format!("expected an amount, got {other}"))),
+    };
+    Amount::from_str_in(&text, Denomination::Bitcoin)
+        .map_err(|e| unavailable(format!("amount {text}: {e}")))
+}
+
+/// What a `sendrawtransaction` error means.
+#[derive(Debug, PartialEq, Eq)]
+enum BroadcastError {
+    /// The transaction is already in the mempool: success.
+    AlreadyKnown,
+    /// A typed rejection.
+    Rejected(RejectReason),
+    /// Not a verdict on the transaction (node warming up, wrong parameters, …).
+    Other,
+}
+
+/// Maps a `sendrawtransaction` error code and message (Bitcoin Core's `RPCErrorCode` and
+/// reject reasons).
+fn map_broadcast_error(code: i64, message: &str) -> BroadcastError {
+    let has = |needle: &str| message.contains(needle);
+    BroadcastError::Rejected(match code {
+        -27 => RejectReason::AlreadyConfirmed,
+        -25 if has("max-fee-exceeded") || has("Fee exceeds maximum") => RejectReason::FeeTooHigh,
+        -25 => RejectReason::MissingInputs,
+        -26 | -22 => {
+            if has("txn-already-in-mempool") || has("txn-already-known") {
+                return BroadcastError::AlreadyKnown;
+            } else if has("non-BIP68-final") {
+                RejectReason::NonBip68Final
+            } else if has("non-final") {
+                RejectReason::NonFinal
+            } else if has("min relay fee not met")
+                || has("mempool min fee not met")
+                || has("insufficient fee")
+            {
+                RejectReason::FeeTooLow
+            } else if has("txn-mempool-conflict") {
+                RejectReason::Conflict
+            } else if has("bad-txns-in-belowout") {
+                RejectReason::ValueCreation
+            } else if has("bad-txns-inputs-missingorspent") || has("missing-inputs") {
+                RejectReason::MissingInputs
+            } else if has("non-mandatory-script-verify-flag") || has("mempool-script-verify-flag") {
+                // A policy-only script flag (low-S, clean stack, …): non-standard, not invalid.
+                // Core 30 renamed the reasons to mempool-/block-script-verify-flag-failed.
+                RejectReason::NonStandard
+            } else if has("script-verify-flag-failed") {
+                RejectReason::ScriptFailure
+            } else if code == -22 {
+                RejectReason::Invalid
+            } else {
+                RejectReason::NonStandard
+            }
+        }
+        _ => return BroadcastError::Other,
+    })
+}
+
+impl BitcoindRpc {
+    /// A client for the node at `url` (`http://host:port`, optionally with a `/wallet/<name>`
+    /// path).
+    ///
+    /// # Errors
+    ///
+    /// [`ChainError::Unavailable`] if the URL is not `http://host:port[/path]`.
+    pub fn new(url: &str, auth: Auth) -> Result<Self, ChainError> {
+        let rest = url
+            .strip_prefix("http://")
+            .ok_or_else(|| unavailable("only http:// URLs are supported"))?;
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        if authority.is_empty() {
+            return Err(unavailable("the URL has no host"));
+        }
+        Ok(Self { authority: authority.to_owned(), path: path.to_owned(), auth })
+    }
+
+    fn credentials(&self) -> Result<String, ChainError> {
+        let pair = match &self.auth {
+            Auth::UserPass(user, pass) => format!("{user}:{pass}"),
+            Auth::CookieFile(path) => std::fs::read_to_string(path)
+                .map_err(|e| unavailable(format!("cookie file {}: {e}", path.display())))?
+                .trim()
+                .to_owned(),
+        };
+        Ok(format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(pair)))
+    }
+
+    /// Calls `method` with `params`; `Err(Ok((code, message)))` is an RPC error from Core.
+    async fn call(
+        &self,
+        method: &str,
+        params: Value,
+    ) -> Result<Result<Value, (i64, String)>, ChainError> {
+        let body = json!({ "jsonrpc": "1.0", "id": "paychan", "method": method, "params": params });
+        let request = Request::post(&self.path)
+            .header(header::HOST, &self.authority)
+            .header(header::AUTHORIZATION, self.credentials()?)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .map_err(unavailable)?;
+        let stream = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            tokio::net::TcpStream::connect(&self.authority),
+        )
+        .await
+        .map_err(|_| unavailable("connection timed out"))?
+        .map_err(unavailable)?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(unavailable)?;
+        tokio::spawn(connection);
+        let response =
+            tokio::time::timeout(std::time::Duration::from_secs(30), sender.send_request(request))
+                .await
+                .map_err(|_| unavailable("request timed out"))?
+                .map_err(unavailable)?;
+        let status = response.status();
+        let bytes = response.into_body().collect().await.map_err(unavailable)?.to_bytes();
+        if status == http::StatusCode::UNAUTHORIZED || status == http::StatusCode::FORBIDDEN {
+            return Err(unavailable(format!("Bitcoin Core refused the credentials ({status})")));
+        }
+        // Core answers RPC errors with 404/500 and a JSON body; anything else is a failure.
+        let parsed: RpcResponse = serde_json::from_slice(&bytes)
+            .map_err(|e| unavailable(format!("{status}: not a JSON-RPC answer ({e})")))?;
+        match (parsed.error, parsed.result) {
+            (Some(error), _) => Ok(Err((error.code, error.message))),
+            (None, result) => Ok(Ok(result.unwrap_or(Value::Null))),
+        }
+    }
+
+    async fn call_ok(&self, method: &str, params: Value) -> Result<Value, ChainError> {
+        self.call(method, params)
+            .await?
+            .map_err(|(code, message)| unavailable(format!("{method}: {message} ({code})")))
+    }
+}
+
+impl ChainBackend for BitcoindRpc {
+    async fn broadcast(&self, tx: &Transaction) -> Result<Txid, ChainError> {
+        let txid = tx.compute_txid();
+        match self.call("sendrawtransaction", json!([serialize_hex(tx)])).await? {
+            Ok(_) => Ok(txid),
+            Err((code, message)) => match map_broadcast_error(code, &message) {
+                BroadcastError::AlreadyKnown => Ok(txid),
+                BroadcastError::Rejected(reason) => Err(ChainError::Rejected { reason, message }),
+                BroadcastError::Other => {
+                    Err(unavailable(format!("sendrawtransaction: {message} ({code})")))
+                }
+            },
+        }
+    }
+
+    async fn tx_status(&self, txid: &Txid) -> Result<TxStatus, ChainError> {
+        match self.call("getrawtransaction", json!([txid.to_string(), true])).await? {
+            Err((-5, _)) => Ok(TxStatus::Unknown),
+            Err((code, message)) => {
+                Err(unavailable(format!("getrawtransaction: {message} ({code})")))
+            }
+            Ok(tx) => match tx.get("confirmations").and_then(Value::as_u64) {
+                Some(confirmations) if confirmations > 0 => {
+                    let tip = self.tip().await?;
+                    let confirmations = u32::try_from(confirmations).map_err(unavailable)?;
+                    Ok(TxStatus::Confirmed {
+                        height: tip.height + 1 - confirmations,
+                        confirmations,
+                    })
+                }
+                _ => Ok(TxStatus::InMempool),
+            },
+        }
+    }
+
+    async fn tip(&self) -> Result<ChainTip, ChainError> {
+        let info = self.call_ok("getblockchaininfo", json!([])).await?;
+        let field = |name: &str| {
+            info.get(name)
+                .and_then(Value::as_u64)
+                .and_then(|v| u32::try_from(v).ok())
+                .ok_or_else(|| unavailable(format!("getblockchaininfo has no {name}")))
+        };
+        Ok(ChainTip { height: field("blocks")?, median_time_past: field("mediantime")? })
+    }
+
+    async fn estimate_fee_rate(&self, target_blocks: u16) -> Result<FeeRate, ChainError> {
+        let estimate = self.call_ok("estimatesmartfee", json!([target_blocks])).await?;
+        let per_kvb = estimate.get("feerate").ok_or_else(|| {
+            unavailable(format!(
+                "estimatesmartfee has no estimate: {}",
+                estimate.get("errors").unwrap_or(&Value::Null)
+            ))
+        })?;
+        // BTC per 1 000 vbytes → sat per 1 000 weight units (÷ 4), rounded up.
+        let sat_per_kvb = btc(per_kvb)?.to_sat();
+        Ok(FeeRate::from_sat_per_kwu(sat_per_kvb.div_ceil(4)))
+    }
+
+    async fn unspent_output(&self, outpoint: &OutPoint) -> Result<Option<TxOut>, ChainError> {
+        let out = self
+            .call_ok("gettxout", json!([outpoint.txid.to_string(), outpoint.vout, true]))
+            .await?;
+        if out.is_null() {
+            return Ok(None);
+        }
+        let value = btc(out.get("value").ok_or_else(|| unavailable("gettxout has no value"))?)?;
+        let script = out
+            .get("scriptPubKey")
+            .and_then(|s| s.get("hex"))
+            .and_then(Value::as_str)
+            .ok_or_else(|| unavailable("gettxout has no scriptPubKey.hex"))?;
+        let script_pubkey = ScriptBuf::from_hex(script).map_err(unavailable)?;
+        Ok(Some(TxOut { value, script_pubkey }))
+    }
+}
+
+impl FromStr for Auth {
+    type Err = ChainError;
+
+    /// Parses `user:password`, or `cookie:<path>`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(path) = s.strip_prefix("cookie:") {
+            return Ok(Self::CookieFile(PathBuf::from(path)));
+        }
+        let (user, pass) = s
+            .split_once(':')
+            .ok_or_else(|| unavailable("expected user:password or cookie:<path>"))?;
+        Ok(Self::UserPass(user.to_owned(), pass.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_core_error_codes_and_reasons() {
+        use BroadcastError::{AlreadyKnown, Other, Rejected};
+        let cases = [
+            (-26, "non-final", Rejected(RejectReason::NonFinal)),
+            (-26, "non-BIP68-final", Rejected(RejectReason::NonBip68Final)),
+            (-26, "min relay fee not met, 100 < 169", Rejected(RejectReason::FeeTooLow)),
+            (-26, "mempool min fee not met, 100 < 300", Rejected(RejectReason::FeeTooLow)),
+            (-26, "txn-mempool-conflict", Rejected(RejectReason::Conflict)),
+            (-26, "dust", Rejected(RejectReason::NonStandard)),
+            (-26, "scriptpubkey", Rejected(RejectReason::NonStandard)),
+            (
+                -26,
+                "bad-txns-in-belowout, value in (0.001) < value out (0.002)",
+                Rejected(RejectReason::ValueCreation),
+            ),
+            (
+                -26,
+                "mandatory-script-verify-flag-failed (Signature must be zero for failed CHECK(MULTI)SIG operation)",
+                Rejected(RejectReason::ScriptFailure),
+            ),
+            (
+                -26,
+                "non-mandatory-script-verify-flag (Non-canonical signature: S value is unnecessarily high)",
+                Rejected(RejectReason::NonStandard),
+            ),
+            (
+                -26,
+                "mempool-script-verify-flag-failed (Non-canonical DER signature)",
+                Rejected(RejectReason::NonStandard),
+            ),
+            (
+                -26,
+                "block-script-verify-flag-failed (Script failed an OP_EQUALVERIFY operation)",
+                Rejected(RejectReason::ScriptFailure),
+            ),
+            (-26, "txn-already-in-mempool", AlreadyKnown),
+            (-27, "Transaction already in block chain", Rejected(RejectReason::AlreadyConfirmed)),
+            (-25, "bad-txns-inputs-missingorspent", Rejected(RejectReason::MissingInputs)),
+            (
+                -25,
+                "Fee exceeds maximum configured by user (e.g. -maxtxfee, maxfeerate)",
+                Rejected(RejectReason::FeeTooHigh),
+            ),
+            (-22, "TX decode failed", Rejected(RejectReason::Invalid)),
+            (-28, "Loading block index...", Other),
+            (-1, "something else", Other),
+        ];
+        for (code, message, expected) in cases {
+            assert_eq!(map_broadcast_error(code, message), expected, "{code} {message}");
+        }
+    }
+
+    #[test]
+    fn parses_amounts_exactly() {
+        assert_eq!(btc(&json!(0.00012345)).unwrap(), Amount::from_sat(12_345));
+        assert_eq!(
+            btc(&serde_json::from_str::<Value>("20999999.97690000").unwrap()).unwrap().to_sat(),
+            2_099_999_997_690_000
+        );
+        assert!(btc(&json!("abc")).is_err());
+        assert!(btc(&json!(0.000000001)).is_err(), "more precision than a satoshi is refused");
+    }
+
+    #[test]
+    fn parses_urls_and_auth() {
+        let rpc = BitcoindRpc::new(
+            "http://127.0.0.1:18443/wallet/w",
+            Auth::UserPass("u".into(), "p".into()),
+        )
+        .unwrap();
+        assert_eq!((rpc.authority.as_str(), rpc.path.as_str()), ("127.0.0.1:18443", "/wallet/w"));
+        assert!(BitcoindRpc::new("https://x:1", Auth::UserPass("u".into(), "p".into())).is_err());
+        assert_eq!(
+            "cookie:/tmp/.cookie".parse::<Auth>().unwrap(),
+            Auth::CookieFile("/tmp/.cookie".into())
+        );
+        assert_eq!("a:b:c".parse::<Auth>().unwrap(), Auth::UserPass("a".into(), "b:c".into()));
+    }
+}
