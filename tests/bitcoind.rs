@@ -14,35 +14,12 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use bitcoin::consensus::encode::deserialize_hex;
-use bitcoin::{
-    Amount, Denomination, FeeRate, OutPoint, Sequence, Transaction, TxIn, TxOut, absolute,
-    transaction,
-};
-use common::{p2wpkh, public, secret};
+use bitcoin::{Amount, Denomination, FeeRate, OutPoint, Transaction};
+use common::{core_error, public, secret, spend};
 use paychan::chain::bitcoind::{Auth, BitcoindRpc};
-use paychan::chain::sim::{SimulatedChain, sign_p2wpkh_input};
+use paychan::chain::sim::SimulatedChain;
 use paychan::chain::{ChainBackend, ChainError, RejectReason, TxStatus};
 use serde_json::{Value, json};
-
-/// Bitcoin Core's answer to a rejected `sendrawtransaction`: (code, reject reason).
-fn core_error(reason: RejectReason, message: &str) -> (i64, String) {
-    match reason {
-        RejectReason::MissingInputs => (-25, "bad-txns-inputs-missingorspent".into()),
-        RejectReason::AlreadyConfirmed => (-27, "Transaction already in block chain".into()),
-        RejectReason::FeeTooHigh => {
-            (-25, "Fee exceeds maximum configured by user (e.g. -maxtxfee, maxfeerate)".into())
-        }
-        RejectReason::FeeTooLow => (-26, "min relay fee not met, 0 < 110".into()),
-        RejectReason::Conflict => (-26, "txn-mempool-conflict".into()),
-        RejectReason::NonFinal => (-26, "non-final".into()),
-        RejectReason::NonBip68Final => (-26, "non-BIP68-final".into()),
-        RejectReason::ValueCreation => (-26, "bad-txns-in-belowout".into()),
-        RejectReason::ScriptFailure => {
-            (-26, format!("mandatory-script-verify-flag-failed ({message})"))
-        }
-        _ => (-26, "dust".into()),
-    }
-}
 
 fn rpc_error(id: &Value, code: i64, message: &str) -> Response {
     let body = json!({ "result": null, "error": { "code": code, "message": message }, "id": id });
@@ -111,21 +88,6 @@ async fn core(
 async fn fake_core(chain: SimulatedChain) -> SocketAddr {
     let app = axum::Router::new().route("/", post(core)).with_state(chain);
     common::http::serve(app).await
-}
-
-fn spend(coin: (OutPoint, TxOut), value: u64, lock_time: u32) -> Transaction {
-    let mut tx = Transaction {
-        version: transaction::Version::TWO,
-        lock_time: absolute::LockTime::from_consensus(lock_time),
-        input: vec![TxIn {
-            previous_output: coin.0,
-            sequence: Sequence::ENABLE_LOCKTIME_NO_RBF,
-            ..TxIn::default()
-        }],
-        output: vec![TxOut { value: Amount::from_sat(value), script_pubkey: p2wpkh(&secret(3)) }],
-    };
-    sign_p2wpkh_input(&mut tx, 0, &coin.1, &secret(3));
-    tx
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,13 +7,12 @@ use base64::Engine as _;
 use bitcoin::consensus::encode::serialize_hex;
 use bitcoin::{Amount, Denomination, FeeRate, OutPoint, ScriptBuf, Transaction, TxOut, Txid};
 use http::{Request, header};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ChainBackend, ChainError, ChainTip, RejectReason, TxStatus};
+use super::{ChainBackend, ChainError, ChainTip, TxStatus};
 
 /// How to authenticate to Bitcoin Core.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,9 +59,8 @@ struct RpcError {
     message: String,
 }
 
-fn unavailable(message: impl ToString) -> ChainError {
-    ChainError::Unavailable { message: message.to_string() }
-}
+use super::core_reject::{BroadcastError, map_broadcast_error};
+use super::http::{send, split_url, unavailable};
 
 /// Parses one of Core's decimal BTC amounts exactly.
 fn btc(value: &Value) -> Result<Amount, ChainError> {
@@ -75,59 +73,6 @@ fn btc(value: &Value) -> Result<Amount, ChainError> {
         .map_err(|e| unavailable(format!("amount {text}: {e}")))
 }
 
-/// What a `sendrawtransaction` error means.
-#[derive(Debug, PartialEq, Eq)]
-enum BroadcastError {
-    /// The transaction is already in the mempool: success.
-    AlreadyKnown,
-    /// A typed rejection.
-    Rejected(RejectReason),
-    /// Not a verdict on the transaction (node warming up, wrong parameters, …).
-    Other,
-}
-
-/// Maps a `sendrawtransaction` error code and message (Bitcoin Core's `RPCErrorCode` and
-/// reject reasons).
-fn map_broadcast_error(code: i64, message: &str) -> BroadcastError {
-    let has = |needle: &str| message.contains(needle);
-    BroadcastError::Rejected(match code {
-        -27 => RejectReason::AlreadyConfirmed,
-        -25 if has("max-fee-exceeded") || has("Fee exceeds maximum") => RejectReason::FeeTooHigh,
-        -25 => RejectReason::MissingInputs,
-        -26 | -22 => {
-            if has("txn-already-in-mempool") || has("txn-already-known") {
-                return BroadcastError::AlreadyKnown;
-            } else if has("non-BIP68-final") {
-                RejectReason::NonBip68Final
-            } else if has("non-final") {
-                RejectReason::NonFinal
-            } else if has("min relay fee not met")
-                || has("mempool min fee not met")
-                || has("insufficient fee")
-            {
-                RejectReason::FeeTooLow
-            } else if has("txn-mempool-conflict") {
-                RejectReason::Conflict
-            } else if has("bad-txns-in-belowout") {
-                RejectReason::ValueCreation
-            } else if has("bad-txns-inputs-missingorspent") || has("missing-inputs") {
-                RejectReason::MissingInputs
-            } else if has("non-mandatory-script-verify-flag") || has("mempool-script-verify-flag") {
-                // A policy-only script flag (low-S, clean stack, …): non-standard, not invalid.
-                // Core 30 renamed the reasons to mempool-/block-script-verify-flag-failed.
-                RejectReason::NonStandard
-            } else if has("script-verify-flag-failed") {
-                RejectReason::ScriptFailure
-            } else if code == -22 {
-                RejectReason::Invalid
-            } else {
-                RejectReason::NonStandard
-            }
-        }
-        _ => return BroadcastError::Other,
-    })
-}
-
 impl BitcoindRpc {
     /// A client for the node at `url` (`http://host:port`, optionally with a `/wallet/<name>`
     /// path).
@@ -136,17 +81,9 @@ impl BitcoindRpc {
     ///
     /// [`ChainError::Unavailable`] if the URL is not `http://host:port[/path]`.
     pub fn new(url: &str, auth: Auth) -> Result<Self, ChainError> {
-        let rest = url
-            .strip_prefix("http://")
-            .ok_or_else(|| unavailable("only http:// URLs are supported"))?;
-        let (authority, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/"),
-        };
-        if authority.is_empty() {
-            return Err(unavailable("the URL has no host"));
-        }
-        Ok(Self { authority: authority.to_owned(), path: path.to_owned(), auth })
+        let (authority, path) = split_url(url)?;
+        let path = if path.is_empty() { "/".to_owned() } else { path };
+        Ok(Self { authority, path, auth })
     }
 
     fn credentials(&self) -> Result<String, ChainError> {
@@ -173,24 +110,7 @@ impl BitcoindRpc {
             .header(header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body.to_string())))
             .map_err(unavailable)?;
-        let stream = tokio::time::timeout(
-            std::time::Duration::from_secs(10),
-            tokio::net::TcpStream::connect(&self.authority),
-        )
-        .await
-        .map_err(|_| unavailable("connection timed out"))?
-        .map_err(unavailable)?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(unavailable)?;
-        tokio::spawn(connection);
-        let response =
-            tokio::time::timeout(std::time::Duration::from_secs(30), sender.send_request(request))
-                .await
-                .map_err(|_| unavailable("request timed out"))?
-                .map_err(unavailable)?;
-        let status = response.status();
-        let bytes = response.into_body().collect().await.map_err(unavailable)?.to_bytes();
+        let (status, bytes) = send(&self.authority, request).await?;
         if status == http::StatusCode::UNAUTHORIZED || status == http::StatusCode::FORBIDDEN {
             return Err(unavailable(format!("Bitcoin Core refused the credentials ({status})")));
         }
@@ -217,7 +137,7 @@ impl ChainBackend for BitcoindRpc {
             Ok(_) => Ok(txid),
             Err((code, message)) => match map_broadcast_error(code, &message) {
                 BroadcastError::AlreadyKnown => Ok(txid),
-                BroadcastError::Rejected(reason) => Err(ChainError::Rejected { reason, message }),
+                BroadcastError::Rejected(reason) => Err(ChainError::rejected(reason, message)),
                 BroadcastError::Other => {
                     Err(unavailable(format!("sendrawtransaction: {message} ({code})")))
                 }
@@ -305,59 +225,6 @@ impl FromStr for Auth {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn maps_core_error_codes_and_reasons() {
-        use BroadcastError::{AlreadyKnown, Other, Rejected};
-        let cases = [
-            (-26, "non-final", Rejected(RejectReason::NonFinal)),
-            (-26, "non-BIP68-final", Rejected(RejectReason::NonBip68Final)),
-            (-26, "min relay fee not met, 100 < 169", Rejected(RejectReason::FeeTooLow)),
-            (-26, "mempool min fee not met, 100 < 300", Rejected(RejectReason::FeeTooLow)),
-            (-26, "txn-mempool-conflict", Rejected(RejectReason::Conflict)),
-            (-26, "dust", Rejected(RejectReason::NonStandard)),
-            (-26, "scriptpubkey", Rejected(RejectReason::NonStandard)),
-            (
-                -26,
-                "bad-txns-in-belowout, value in (0.001) < value out (0.002)",
-                Rejected(RejectReason::ValueCreation),
-            ),
-            (
-                -26,
-                "mandatory-script-verify-flag-failed (Signature must be zero for failed CHECK(MULTI)SIG operation)",
-                Rejected(RejectReason::ScriptFailure),
-            ),
-            (
-                -26,
-                "non-mandatory-script-verify-flag (Non-canonical signature: S value is unnecessarily high)",
-                Rejected(RejectReason::NonStandard),
-            ),
-            (
-                -26,
-                "mempool-script-verify-flag-failed (Non-canonical DER signature)",
-                Rejected(RejectReason::NonStandard),
-            ),
-            (
-                -26,
-                "block-script-verify-flag-failed (Script failed an OP_EQUALVERIFY operation)",
-                Rejected(RejectReason::ScriptFailure),
-            ),
-            (-26, "txn-already-in-mempool", AlreadyKnown),
-            (-27, "Transaction already in block chain", Rejected(RejectReason::AlreadyConfirmed)),
-            (-25, "bad-txns-inputs-missingorspent", Rejected(RejectReason::MissingInputs)),
-            (
-                -25,
-                "Fee exceeds maximum configured by user (e.g. -maxtxfee, maxfeerate)",
-                Rejected(RejectReason::FeeTooHigh),
-            ),
-            (-22, "TX decode failed", Rejected(RejectReason::Invalid)),
-            (-28, "Loading block index...", Other),
-            (-1, "something else", Other),
-        ];
-        for (code, message, expected) in cases {
-            assert_eq!(map_broadcast_error(code, message), expected, "{code} {message}");
-        }
-    }
 
     #[test]
     fn parses_amounts_exactly() {

@@ -14,6 +14,12 @@ pub use crate::channel::ChainTip;
 
 #[cfg(feature = "bitcoind")]
 pub mod bitcoind;
+#[cfg(any(feature = "bitcoind", feature = "esplora"))]
+mod core_reject;
+#[cfg(feature = "esplora")]
+pub mod esplora;
+#[cfg(any(feature = "bitcoind", feature = "esplora"))]
+mod http;
 pub mod policy;
 #[cfg(feature = "sim")]
 pub mod sim;
@@ -101,6 +107,7 @@ pub enum ChainError {
 }
 
 impl ChainError {
+    #[cfg(any(feature = "sim", feature = "bitcoind", feature = "esplora"))]
     pub(crate) fn rejected(reason: RejectReason, message: impl Into<String>) -> Self {
         Self::Rejected { reason, message: message.into() }
     }

@@ -365,3 +365,44 @@ pub mod client {
         opened
     }
 }
+
+/// Bitcoin Core's answer to a rejected `sendrawtransaction`: (code, reject reason).
+pub fn core_error(reason: paychan::chain::RejectReason, message: &str) -> (i64, String) {
+    match reason {
+        paychan::chain::RejectReason::MissingInputs => {
+            (-25, "bad-txns-inputs-missingorspent".into())
+        }
+        paychan::chain::RejectReason::AlreadyConfirmed => {
+            (-27, "Transaction already in block chain".into())
+        }
+        paychan::chain::RejectReason::FeeTooHigh => {
+            (-25, "Fee exceeds maximum configured by user (e.g. -maxtxfee, maxfeerate)".into())
+        }
+        paychan::chain::RejectReason::FeeTooLow => (-26, "min relay fee not met, 0 < 110".into()),
+        paychan::chain::RejectReason::Conflict => (-26, "txn-mempool-conflict".into()),
+        paychan::chain::RejectReason::NonFinal => (-26, "non-final".into()),
+        paychan::chain::RejectReason::NonBip68Final => (-26, "non-BIP68-final".into()),
+        paychan::chain::RejectReason::ValueCreation => (-26, "bad-txns-in-belowout".into()),
+        paychan::chain::RejectReason::ScriptFailure => {
+            (-26, format!("mandatory-script-verify-flag-failed ({message})"))
+        }
+        _ => (-26, "dust".into()),
+    }
+}
+
+/// A signed spend of a P2WPKH coin of key byte 3, paying `value` back to it, with `lock_time`
+/// and a non-final sequence.
+pub fn spend(coin: (OutPoint, TxOut), value: u64, lock_time: u32) -> Transaction {
+    let mut tx = Transaction {
+        version: bitcoin::transaction::Version::TWO,
+        lock_time: LockTime::from_consensus(lock_time),
+        input: vec![bitcoin::TxIn {
+            previous_output: coin.0,
+            sequence: bitcoin::Sequence::ENABLE_LOCKTIME_NO_RBF,
+            ..bitcoin::TxIn::default()
+        }],
+        output: vec![TxOut { value: Amount::from_sat(value), script_pubkey: p2wpkh(&secret(3)) }],
+    };
+    sign_p2wpkh_input(&mut tx, 0, &coin.1, &secret(3));
+    tx
+}

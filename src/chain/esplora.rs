@@ -1,0 +1,221 @@
+//! [`Esplora`]: a [`ChainBackend`] over the Esplora REST API (Blockstream's esplora,
+//! mempool.space).
+
+use bitcoin::consensus::encode::serialize_hex;
+use bitcoin::{FeeRate, OutPoint, ScriptBuf, Transaction, TxOut, Txid};
+use http::{Method, Request, StatusCode};
+use http_body_util::Full;
+use hyper::body::Bytes;
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::core_reject::{BroadcastError, map_broadcast_error};
+use super::http::{send, split_url, unavailable};
+use super::{ChainBackend, ChainError, ChainTip, TxStatus};
+
+/// The Esplora REST API as a [`ChainBackend`].
+///
+/// | method | endpoint |
+/// |---|---|
+/// | [`broadcast`](ChainBackend::broadcast) | `POST /tx` (Core's error, relayed in the body, is mapped as for [`BitcoindRpc`](super::bitcoind::BitcoindRpc)) |
+/// | [`tx_status`](ChainBackend::tx_status) | `GET /tx/:txid/status` |
+/// | [`tip`](ChainBackend::tip) | `GET /blocks/tip/hash`, `GET /block/:hash` (`height`, `mediantime`) |
+/// | [`estimate_fee_rate`](ChainBackend::estimate_fee_rate) | `GET /fee-estimates` (the nearest target at or below the one asked) |
+/// | [`unspent_output`](ChainBackend::unspent_output) | `GET /tx/:txid`, `GET /tx/:txid/outspend/:vout` |
+///
+/// Use a plain-HTTP Esplora you run (or a local TLS-terminating proxy): this client speaks
+/// HTTP/1.1 without TLS.
+#[derive(Debug, Clone)]
+pub struct Esplora {
+    authority: String,
+    base: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct Status {
+    confirmed: bool,
+    block_height: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Block {
+    height: u32,
+    mediantime: u32,
+}
+
+/// Parses a decimal sat/vB value (as Esplora writes them, e.g. `87.882`) exactly into a
+/// fee rate, rounding up to the next sat per 1 000 weight units.
+fn sat_per_vb(text: &str) -> Result<FeeRate, ChainError> {
+    let bad = || unavailable(format!("not a fee rate: {text}"));
+    let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
+    let whole: u64 = whole.parse().map_err(|_| bad())?;
+    // Thousandths of a sat/vB, rounding up anything finer.
+    let mut millis = 0u64;
+    for (i, digit) in fraction.bytes().enumerate() {
+        let d = u64::from(digit.checked_sub(b'0').filter(|d| *d <= 9).ok_or_else(bad)?);
+        if i < 3 {
+            millis += d * 10u64.pow(2 - i as u32);
+        } else if d > 0 {
+            millis += 1;
+            break;
+        }
+    }
+    let millis = whole.checked_mul(1_000).and_then(|w| w.checked_add(millis)).ok_or_else(bad)?;
+    // 1 sat/vB = 250 sat/kwu, so sat/kwu = millis / 4.
+    Ok(FeeRate::from_sat_per_kwu(millis.div_ceil(4)))
+}
+
+impl Esplora {
+    /// A client for the Esplora API at `url` (for example `http://127.0.0.1:3002/api`).
+    ///
+    /// # Errors
+    ///
+    /// [`ChainError::Unavailable`] if the URL is not `http://host:port[/path]`.
+    pub fn new(url: &str) -> Result<Self, ChainError> {
+        let (authority, base) = split_url(url)?;
+        Ok(Self { authority, base })
+    }
+
+    async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: String,
+    ) -> Result<(StatusCode, Bytes), ChainError> {
+        let request = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base))
+            .header(http::header::HOST, &self.authority)
+            .body(Full::new(Bytes::from(body)))
+            .map_err(unavailable)?;
+        send(&self.authority, request).await
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+    ) -> Result<Option<T>, ChainError> {
+        let (status, body) = self.request(Method::GET, path, String::new()).await?;
+        match status {
+            StatusCode::OK => serde_json::from_slice(&body).map(Some).map_err(unavailable),
+            StatusCode::NOT_FOUND | StatusCode::BAD_REQUEST => Ok(None),
+            other => Err(unavailable(format!("GET {path}: {other}"))),
+        }
+    }
+}
+
+impl ChainBackend for Esplora {
+    async fn broadcast(&self, tx: &Transaction) -> Result<Txid, ChainError> {
+        let txid = tx.compute_txid();
+        let (status, body) = self.request(Method::POST, "/tx", serialize_hex(tx)).await?;
+        if status.is_success() {
+            return Ok(txid);
+        }
+        let text = String::from_utf8_lossy(&body).into_owned();
+        // Esplora relays Core's error: `sendrawtransaction RPC error: {"code":-26,"message":"…"}`.
+        let core: Option<Value> =
+            text.find('{').and_then(|i| serde_json::from_str(&text[i..]).ok());
+        let (code, message) = match &core {
+            Some(error) => (
+                error["code"].as_i64().unwrap_or(0),
+                error["message"].as_str().unwrap_or(&text).to_owned(),
+            ),
+            None if status.is_server_error() => {
+                return Err(unavailable(format!("POST /tx: {status} {text}")));
+            }
+            None => (-22, text),
+        };
+        match map_broadcast_error(code, &message) {
+            BroadcastError::AlreadyKnown => Ok(txid),
+            BroadcastError::Rejected(reason) => Err(ChainError::rejected(reason, message)),
+            BroadcastError::Other => Err(unavailable(format!("POST /tx: {message} ({code})"))),
+        }
+    }
+
+    async fn tx_status(&self, txid: &Txid) -> Result<TxStatus, ChainError> {
+        let Some(status) = self.get_json::<Status>(&format!("/tx/{txid}/status")).await? else {
+            return Ok(TxStatus::Unknown);
+        };
+        match (status.confirmed, status.block_height) {
+            (true, Some(height)) => {
+                let tip = self.tip().await?;
+                Ok(TxStatus::Confirmed {
+                    height,
+                    confirmations: tip.height.saturating_sub(height) + 1,
+                })
+            }
+            _ => Ok(TxStatus::InMempool),
+        }
+    }
+
+    async fn tip(&self) -> Result<ChainTip, ChainError> {
+        let (status, hash) = self.request(Method::GET, "/blocks/tip/hash", String::new()).await?;
+        if status != StatusCode::OK {
+            return Err(unavailable(format!("GET /blocks/tip/hash: {status}")));
+        }
+        let hash = String::from_utf8_lossy(&hash).trim().to_owned();
+        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(unavailable(format!("not a block hash: {hash:?}")));
+        }
+        let block: Block = self
+            .get_json(&format!("/block/{hash}"))
+            .await?
+            .ok_or_else(|| unavailable("the tip block is unknown"))?;
+        Ok(ChainTip { height: block.height, median_time_past: block.mediantime })
+    }
+
+    async fn estimate_fee_rate(&self, target_blocks: u16) -> Result<FeeRate, ChainError> {
+        let estimates: serde_json::Map<String, Value> = self
+            .get_json("/fee-estimates")
+            .await?
+            .ok_or_else(|| unavailable("no fee estimates"))?;
+        let best = estimates
+            .iter()
+            .filter_map(|(target, rate)| Some((target.parse::<u16>().ok()?, rate)))
+            .filter(|(target, _)| *target <= target_blocks.max(1))
+            .max_by_key(|(target, _)| *target)
+            .ok_or_else(|| unavailable(format!("no fee estimate for {target_blocks} blocks")))?;
+        match best.1 {
+            Value::Number(n) => sat_per_vb(&n.to_string()),
+            other => Err(unavailable(format!("not a fee rate: {other}"))),
+        }
+    }
+
+    async fn unspent_output(&self, outpoint: &OutPoint) -> Result<Option<TxOut>, ChainError> {
+        let Some(tx) = self.get_json::<Value>(&format!("/tx/{}", outpoint.txid)).await? else {
+            return Ok(None);
+        };
+        let Some(output) = tx["vout"].get(outpoint.vout as usize) else { return Ok(None) };
+        let spend: Value = self
+            .get_json(&format!("/tx/{}/outspend/{}", outpoint.txid, outpoint.vout))
+            .await?
+            .ok_or_else(|| unavailable("no outspend answer"))?;
+        if spend["spent"].as_bool() != Some(false) {
+            return Ok(None);
+        }
+        let value = output["value"].as_u64().ok_or_else(|| unavailable("vout has no value"))?;
+        let script = output["scriptpubkey"]
+            .as_str()
+            .ok_or_else(|| unavailable("vout has no scriptpubkey"))?;
+        Ok(Some(TxOut {
+            value: bitcoin::Amount::from_sat(value),
+            script_pubkey: ScriptBuf::from_hex(script).map_err(unavailable)?,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fee_rates_parse_exactly_and_round_up() {
+        assert_eq!(sat_per_vb("1").unwrap(), FeeRate::from_sat_per_kwu(250));
+        assert_eq!(sat_per_vb("87.882").unwrap(), FeeRate::from_sat_per_kwu(21_971)); // 87 882 / 4 = 21 970.5
+        assert_eq!(sat_per_vb("2.0001").unwrap(), FeeRate::from_sat_per_kwu(501));
+        assert_eq!(sat_per_vb("0.25").unwrap(), FeeRate::from_sat_per_kwu(63));
+        for bad in ["", "x", "1.a", "-1", "1e3"] {
+            assert!(sat_per_vb(bad).is_err(), "{bad}");
+        }
+    }
+}

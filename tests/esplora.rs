@@ -1,0 +1,146 @@
+//! `Esplora` against a loopback server that answers like the Esplora REST API (plain-text txids
+//! and hashes, JSON documents, Core's `sendrawtransaction` error relayed in a 400 body),
+//! backed by the simulated chain.
+#![cfg(feature = "esplora")]
+
+mod common;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bitcoin::consensus::encode::deserialize_hex;
+use bitcoin::{Amount, FeeRate, OutPoint, Transaction, Txid};
+use common::{core_error, public, secret, spend};
+use paychan::chain::esplora::Esplora;
+use paychan::chain::sim::SimulatedChain;
+use paychan::chain::{ChainBackend, ChainError, RejectReason, TxStatus};
+use serde_json::json;
+
+fn tip_hash(height: u32) -> String {
+    format!("{height:064x}")
+}
+
+async fn broadcast(State(chain): State<SimulatedChain>, body: String) -> Response {
+    let Ok(tx) = deserialize_hex::<Transaction>(body.trim()) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "sendrawtransaction RPC error: {\"code\":-22,\"message\":\"TX decode failed\"}",
+        )
+            .into_response();
+    };
+    match chain.submit(&tx) {
+        Ok(txid) => txid.to_string().into_response(),
+        Err(ChainError::Rejected { reason, message }) => {
+            let (code, message) = core_error(reason, &message);
+            let error = json!({ "code": code, "message": message });
+            (StatusCode::BAD_REQUEST, format!("sendrawtransaction RPC error: {error}"))
+                .into_response()
+        }
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+async fn status(State(chain): State<SimulatedChain>, Path(txid): Path<Txid>) -> Response {
+    match chain.tx_status(&txid) {
+        TxStatus::Confirmed { height, .. } => Json(
+            json!({ "confirmed": true, "block_height": height, "block_hash": tip_hash(height) }),
+        )
+        .into_response(),
+        TxStatus::InMempool => Json(json!({ "confirmed": false })).into_response(),
+        _ => (StatusCode::NOT_FOUND, "Transaction not found").into_response(),
+    }
+}
+
+async fn transaction(State(chain): State<SimulatedChain>, Path(txid): Path<Txid>) -> Response {
+    match chain.get_transaction(&txid) {
+        Some(tx) => {
+            let vout: Vec<_> = tx.output.iter().map(|o| json!({ "scriptpubkey": o.script_pubkey.to_hex_string(), "value": o.value.to_sat() })).collect();
+            Json(json!({ "txid": txid, "vout": vout })).into_response()
+        }
+        None => (StatusCode::NOT_FOUND, "Transaction not found").into_response(),
+    }
+}
+
+async fn outspend(
+    State(chain): State<SimulatedChain>,
+    Path((txid, vout)): Path<(Txid, u32)>,
+) -> Response {
+    Json(json!({ "spent": chain.utxo(&OutPoint { txid, vout }).is_none() })).into_response()
+}
+
+async fn fake_esplora(chain: SimulatedChain) -> String {
+    let app = Router::new()
+        .route("/api/tx", post(broadcast))
+        .route("/api/tx/{txid}/status", get(status))
+        .route("/api/tx/{txid}", get(transaction))
+        .route("/api/tx/{txid}/outspend/{vout}", get(outspend))
+        .route(
+            "/api/blocks/tip/hash",
+            get(|State(chain): State<SimulatedChain>| async move { tip_hash(chain.tip().height) }),
+        )
+        .route(
+            "/api/block/{hash}",
+            get(|State(chain): State<SimulatedChain>, Path(hash): Path<String>| async move {
+                let tip = chain.tip();
+                assert_eq!(hash, tip_hash(tip.height));
+                Json(
+                    json!({ "id": hash, "height": tip.height, "mediantime": tip.median_time_past }),
+                )
+            }),
+        )
+        .route(
+            "/api/fee-estimates",
+            get(|| async { Json(json!({ "1": 87.882, "6": 10.5, "144": 1.0 })) }),
+        )
+        .with_state(chain);
+    format!("http://{}/api", common::http::serve(app).await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcasts_and_reads_state_like_esplora() {
+    let chain = SimulatedChain::new();
+    let esplora = Esplora::new(&fake_esplora(chain.clone()).await).unwrap();
+    assert_eq!(esplora.tip().await.unwrap(), chain.tip());
+
+    let coin = chain.faucet_p2wpkh(&public(&secret(3)), Amount::from_sat(100_000));
+    assert_eq!(esplora.unspent_output(&coin.0).await.unwrap(), Some(coin.1.clone()));
+    let tx = spend(coin.clone(), 99_000, 0);
+    let txid = esplora.broadcast(&tx).await.unwrap();
+    assert_eq!(esplora.tx_status(&txid).await.unwrap(), TxStatus::InMempool);
+    assert_eq!(esplora.unspent_output(&coin.0).await.unwrap(), None);
+    let reject = |e: ChainError| e.reject_reason().expect("a typed rejection");
+    assert_eq!(
+        reject(esplora.broadcast(&spend(coin.clone(), 98_000, 0)).await.unwrap_err()),
+        RejectReason::Conflict
+    );
+    chain.mine(3);
+    assert_eq!(esplora.tip().await.unwrap(), chain.tip());
+    assert_eq!(
+        esplora.tx_status(&txid).await.unwrap(),
+        TxStatus::Confirmed { height: chain.tip().height - 2, confirmations: 3 }
+    );
+    assert_eq!(
+        reject(esplora.broadcast(&spend(coin, 98_000, 0)).await.unwrap_err()),
+        RejectReason::MissingInputs
+    );
+    let fresh = chain.faucet_p2wpkh(&public(&secret(3)), Amount::from_sat(100_000));
+    let locked = spend(fresh.clone(), 99_000, chain.tip().height + 5);
+    assert_eq!(reject(esplora.broadcast(&locked).await.unwrap_err()), RejectReason::NonFinal);
+    assert_eq!(
+        reject(esplora.broadcast(&spend(fresh, 100_000, 0)).await.unwrap_err()),
+        RejectReason::FeeTooLow
+    );
+    let unknown = Txid::from_raw_hash(bitcoin::hashes::Hash::all_zeros());
+    assert_eq!(esplora.tx_status(&unknown).await.unwrap(), TxStatus::Unknown);
+    assert_eq!(esplora.unspent_output(&OutPoint { txid: unknown, vout: 0 }).await.unwrap(), None);
+
+    // The nearest target at or below the one asked: 6 blocks → 10.5 sat/vB = 2 625 sat/kwu.
+    assert_eq!(esplora.estimate_fee_rate(6).await.unwrap(), FeeRate::from_sat_per_kwu(2_625));
+    assert_eq!(esplora.estimate_fee_rate(100).await.unwrap(), FeeRate::from_sat_per_kwu(2_625));
+    assert_eq!(esplora.estimate_fee_rate(1_000).await.unwrap(), FeeRate::from_sat_per_kwu(250));
+
+    let closed = Esplora::new("http://127.0.0.1:9/api").unwrap();
+    assert!(matches!(closed.tip().await, Err(ChainError::Unavailable { .. })));
+}
