@@ -2,7 +2,23 @@
 
 use std::sync::Arc;
 
-use paychan::store::{MemoryStore, conformance};
+use paychan::store::{ChannelRecord, ChannelState, ChannelStore, MemoryStore, conformance};
+
+/// Asserts that `store` (reopened, or another connection) holds exactly what `memory` holds
+/// after the same operations, and that its key index counter continued: a server key is never
+/// reused.
+#[allow(dead_code)]
+async fn assert_same_state<S: ChannelStore>(memory: &MemoryStore, store: &S) {
+    for state in [ChannelState::Open, ChannelState::Closing, ChannelState::Failed] {
+        let mut expected = memory.list(state).await.unwrap();
+        let mut found = store.list(state).await.unwrap();
+        expected.sort_by_key(ChannelRecord::id);
+        found.sort_by_key(ChannelRecord::id);
+        assert!(!found.is_empty(), "the suite leaves {state:?} channels behind");
+        assert_eq!(found, expected, "{state:?} channels");
+    }
+    assert_eq!(store.next_key_index().await.unwrap(), memory.next_key_index().await.unwrap());
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn memory_store_conforms() {
@@ -37,7 +53,7 @@ async fn sqlite_store_conforms() {
 #[cfg(feature = "sqlite")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_store_keeps_everything_across_a_reopen() {
-    use paychan::store::{ChannelState, ChannelStore, SqliteStore};
+    use paychan::store::SqliteStore;
     let path = temp_db("reopen");
     let memory = MemoryStore::new();
     {
@@ -48,17 +64,7 @@ async fn sqlite_store_keeps_everything_across_a_reopen() {
         assert_eq!(store.next_key_index().await.unwrap(), memory.next_key_index().await.unwrap());
     }
     let reopened = SqliteStore::open(&path).unwrap();
-    for state in [ChannelState::Open, ChannelState::Closing, ChannelState::Failed] {
-        let mut expected = memory.list(state).await.unwrap();
-        let mut found = reopened.list(state).await.unwrap();
-        let key = |r: &paychan::store::ChannelRecord| r.id();
-        expected.sort_by_key(key);
-        found.sort_by_key(key);
-        assert_eq!(found, expected, "{state:?} channels after reopening");
-        assert!(!found.is_empty(), "the suite leaves {state:?} channels behind");
-    }
-    // Key indexes continue after a restart: a server key is never reused.
-    assert_eq!(reopened.next_key_index().await.unwrap(), memory.next_key_index().await.unwrap());
+    assert_same_state(&memory, &reopened).await;
 }
 
 /// A PostgreSQL configuration whose `search_path` is a fresh schema, so every run starts empty;
@@ -94,7 +100,7 @@ async fn postgres_store_conforms() {
 #[cfg(feature = "postgres")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_store_keeps_everything_across_a_reconnect() {
-    use paychan::store::{ChannelState, ChannelStore, PostgresStore};
+    use paychan::store::PostgresStore;
     let Some(config) = postgres_config("reconnect").await else { return };
     let memory = MemoryStore::new();
     {
@@ -104,15 +110,7 @@ async fn postgres_store_keeps_everything_across_a_reconnect() {
         assert_eq!(store.next_key_index().await.unwrap(), memory.next_key_index().await.unwrap());
     }
     let reconnected = PostgresStore::connect_with(config).await.unwrap();
-    for state in [ChannelState::Open, ChannelState::Closing, ChannelState::Failed] {
-        let mut expected = memory.list(state).await.unwrap();
-        let mut found = reconnected.list(state).await.unwrap();
-        expected.sort_by_key(paychan::store::ChannelRecord::id);
-        found.sort_by_key(paychan::store::ChannelRecord::id);
-        assert!(!found.is_empty(), "the suite leaves {state:?} channels behind");
-        assert_eq!(found, expected, "{state:?} channels after reconnecting");
-    }
-    assert_eq!(reconnected.next_key_index().await.unwrap(), memory.next_key_index().await.unwrap());
+    assert_same_state(&memory, &reconnected).await;
 }
 
 #[cfg(feature = "postgres")]
@@ -149,7 +147,6 @@ async fn redis_store_conforms() {
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_store_keeps_everything_across_a_reconnect() {
-    use paychan::store::{ChannelState, ChannelStore};
     let Some(store) = redis_store("reconnect").await else { return };
     let memory = MemoryStore::new();
     let store = Arc::new(store);
@@ -160,15 +157,7 @@ async fn redis_store_keeps_everything_across_a_reconnect() {
     let url = std::env::var("PAYCHAN_TEST_REDIS_URL").unwrap();
     let other =
         paychan::store::RedisStore::connect(&url).await.unwrap().with_prefix(store.prefix());
-    for state in [ChannelState::Open, ChannelState::Closing, ChannelState::Failed] {
-        let mut expected = memory.list(state).await.unwrap();
-        let mut found = other.list(state).await.unwrap();
-        expected.sort_by_key(paychan::store::ChannelRecord::id);
-        found.sort_by_key(paychan::store::ChannelRecord::id);
-        assert!(!found.is_empty(), "the suite leaves {state:?} channels behind");
-        assert_eq!(found, expected, "{state:?} channels seen from another connection");
-    }
-    assert_eq!(other.next_key_index().await.unwrap(), memory.next_key_index().await.unwrap());
+    assert_same_state(&memory, &other).await;
 }
 
 #[cfg(feature = "redis")]
