@@ -25,6 +25,7 @@
 
 pub mod chain;
 pub mod channel;
+pub mod client;
 mod msat;
 pub mod server;
 pub mod store;

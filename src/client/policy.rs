@@ -1,0 +1,159 @@
+use core::fmt;
+
+use bitcoin::Amount;
+
+use crate::MilliSats;
+
+/// What a client is willing to spend. Every refusal is a typed [`PolicyRefusal`], never a
+/// silent skip.
+///
+/// # Examples
+///
+/// ```
+/// use bitcoin::Amount;
+/// use paychan::MilliSats;
+/// use paychan::client::{PolicyRefusal, SpendingPolicy};
+///
+/// let policy = SpendingPolicy::default().with_max_per_request(MilliSats::from_msat(5_000));
+/// assert!(policy.check_price(MilliSats::from_msat(5_000)).is_ok());
+/// assert!(matches!(
+///     policy.check_price(MilliSats::from_msat(5_001)),
+///     Err(PolicyRefusal::PriceTooHigh { .. })
+/// ));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use]
+pub struct SpendingPolicy {
+    max_channel_value: Amount,
+    max_per_request: MilliSats,
+    max_total: Amount,
+    auto_open: bool,
+}
+
+impl Default for SpendingPolicy {
+    /// At most 100 000 sat per channel, 10 sat per request, 1 000 000 sat in total; opening
+    /// channels automatically allowed.
+    fn default() -> Self {
+        Self {
+            max_channel_value: Amount::from_sat(100_000),
+            max_per_request: MilliSats::from_msat(10_000),
+            max_total: Amount::from_sat(1_000_000),
+            auto_open: true,
+        }
+    }
+}
+
+impl SpendingPolicy {
+    /// The largest channel the client funds.
+    pub fn with_max_channel_value(mut self, max: Amount) -> Self {
+        self.max_channel_value = max;
+        self
+    }
+
+    /// The highest price of one request the client pays.
+    pub fn with_max_per_request(mut self, max: MilliSats) -> Self {
+        self.max_per_request = max;
+        self
+    }
+
+    /// The most the client pays servers in total, over all channels.
+    pub fn with_max_total(mut self, max: Amount) -> Self {
+        self.max_total = max;
+        self
+    }
+
+    /// Whether the client may open a channel by itself when a server asks for payment.
+    pub fn with_auto_open(mut self, allowed: bool) -> Self {
+        self.auto_open = allowed;
+        self
+    }
+
+    /// Checks opening a channel of `value`.
+    ///
+    /// # Errors
+    ///
+    /// [`PolicyRefusal::AutoOpenDisabled`] or [`PolicyRefusal::ChannelTooLarge`].
+    pub fn check_open(&self, value: Amount, automatic: bool) -> Result<(), PolicyRefusal> {
+        if automatic && !self.auto_open {
+            return Err(PolicyRefusal::AutoOpenDisabled);
+        }
+        if value > self.max_channel_value {
+            return Err(PolicyRefusal::ChannelTooLarge { value, max: self.max_channel_value });
+        }
+        Ok(())
+    }
+
+    /// Checks paying `price` for one request.
+    ///
+    /// # Errors
+    ///
+    /// [`PolicyRefusal::PriceTooHigh`].
+    pub fn check_price(&self, price: MilliSats) -> Result<(), PolicyRefusal> {
+        if price > self.max_per_request {
+            return Err(PolicyRefusal::PriceTooHigh { price, max: self.max_per_request });
+        }
+        Ok(())
+    }
+
+    /// Checks committing `more` to servers when `committed` is already paid over all channels.
+    ///
+    /// # Errors
+    ///
+    /// [`PolicyRefusal::BudgetExhausted`].
+    pub fn check_spend(&self, committed: Amount, more: Amount) -> Result<(), PolicyRefusal> {
+        match committed.checked_add(more) {
+            Some(total) if total <= self.max_total => Ok(()),
+            _ => Err(PolicyRefusal::BudgetExhausted { committed, more, max: self.max_total }),
+        }
+    }
+}
+
+/// Why the client's policy refused to spend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PolicyRefusal {
+    /// The server asks for a channel larger than the client funds.
+    ChannelTooLarge {
+        /// Requested value.
+        value: Amount,
+        /// The policy's maximum.
+        max: Amount,
+    },
+    /// One request costs more than the client pays per request.
+    PriceTooHigh {
+        /// The price.
+        price: MilliSats,
+        /// The policy's maximum.
+        max: MilliSats,
+    },
+    /// Paying more would exceed the client's total budget.
+    BudgetExhausted {
+        /// Already paid over all channels.
+        committed: Amount,
+        /// What paying on would add.
+        more: Amount,
+        /// The policy's maximum.
+        max: Amount,
+    },
+    /// A channel would have to be opened, and the policy forbids doing it automatically.
+    AutoOpenDisabled,
+}
+
+impl fmt::Display for PolicyRefusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::ChannelTooLarge { value, max } => {
+                write!(f, "a channel of {value} exceeds the policy's maximum of {max}")
+            }
+            Self::PriceTooHigh { price, max } => {
+                write!(f, "a price of {price} exceeds the policy's maximum of {max} per request")
+            }
+            Self::BudgetExhausted { committed, more, max } => {
+                write!(f, "paying {more} more on top of {committed} exceeds the budget of {max}")
+            }
+            Self::AutoOpenDisabled => f.write_str("opening channels automatically is disabled"),
+        }
+    }
+}
+
+impl std::error::Error for PolicyRefusal {}
