@@ -1,111 +1,233 @@
-//! End-to-end demo of the channel protocol on the simulated chain: open a channel, pay for
-//! requests with ever larger payments, close cooperatively, and settle on chain.
+//! The end-to-end demo, over real loopback HTTP, in one process: an axum API behind
+//! `PaywallLayer` (memory store, simulated chain) and a hyper-util client behind
+//! `PaymentLayer`. The client opens a channel on its first 402, pays for every request, tops
+//! up when the prepaid balance runs out, closes cooperatively; a block is mined and the
+//! settlement is checked against what was paid.
 //!
-//! Run with `cargo run --example demo`. Everything runs in-process on embedded defaults; the
-//! chain is simulated (no network) but checks every transaction with Bitcoin Core's consensus
-//! interpreter and relay policy. The keys are fixed demo keys: never use them for real coins.
+//! Run with `cargo run --example demo`. The chain is simulated (no network) but checks every
+//! transaction with Bitcoin Core's consensus interpreter and relay policy. The keys are fixed
+//! demo keys: never use them for real coins.
 
-use bitcoin::absolute::LockTime;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::get;
+use bitcoin::bip32::Xpriv;
 use bitcoin::secp256k1::{Secp256k1, SecretKey};
-use bitcoin::{Amount, CompressedPublicKey, ScriptBuf, TxOut};
-use paychan::chain::TxStatus;
-use paychan::chain::sim::{SimulatedChain, sign_p2wpkh_input};
-use paychan::channel::{PaymentCheck, Terms};
-use paychan::{MilliSats, wire};
+use bitcoin::{Amount, CompressedPublicKey, Network, OutPoint, ScriptBuf, Transaction};
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use paychan::MilliSats;
+use paychan::chain::sim::SimulatedChain;
+use paychan::chain::{TxStatus, follow_tip};
+use paychan::channel::Terms;
+use paychan::client::{
+    KeyWallet, MemoryClientStore, Payer, PaymentLayer, ServiceTransport, SpendingPolicy,
+};
+use paychan::server::{Negotiation, Paid, PaywallLayer};
+use paychan::store::MemoryStore;
+use paychan::wire::{PAYMENT_CHANNEL, PAYMENT_CHANNEL_BALANCE};
+use tower::{Service, ServiceBuilder, ServiceExt};
 
-const REQUESTS: u64 = 25;
-const PRICE: MilliSats = MilliSats::from_msat(150_500);
+type Error = Box<dyn std::error::Error + Send + Sync>;
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let secp = Secp256k1::new();
-    let key = |byte| SecretKey::from_slice(&[byte; 32]).expect("non-zero demo key");
-    let (client, server, wallet) = (key(0x11), key(0x22), key(0x33));
-    let pk = |k: &SecretKey| CompressedPublicKey(k.public_key(&secp));
-    let p2wpkh = |k: &SecretKey| ScriptBuf::new_p2wpkh(&pk(k).wpubkey_hash());
+/// What one request costs.
+pub(crate) const PRICE: MilliSats = MilliSats::from_msat(150_000);
+/// How many requests the client makes.
+pub(crate) const REQUESTS: u64 = 12;
+/// The client wallet's one coin.
+pub(crate) const WALLET: Amount = Amount::from_sat(250_000);
+/// The channel the client opens.
+pub(crate) const CHANNEL: Amount = Amount::from_sat(50_000);
 
-    let chain = SimulatedChain::new();
-    let terms = Terms::default();
-    let (coin, coin_out) = chain.faucet_p2wpkh(&pk(&wallet), Amount::from_sat(250_000));
-    println!(
-        "simulated chain at height {}; client wallet holds {}",
-        chain.tip().height,
-        coin_out.value
+fn demo_key(byte: u8) -> SecretKey {
+    SecretKey::from_slice(&[byte; 32]).expect("non-zero demo key")
+}
+
+fn p2wpkh(key: &SecretKey) -> ScriptBuf {
+    let public = CompressedPublicKey(key.public_key(&Secp256k1::new()));
+    ScriptBuf::new_p2wpkh(&public.wpubkey_hash())
+}
+
+/// The API: `GET /joke`, one [`PRICE`] each, with the negotiation endpoints.
+pub(crate) async fn app(chain: SimulatedChain) -> Router {
+    let master = Xpriv::new_master(Network::Regtest, b"paychan demo server").expect("seed");
+    let negotiation = Negotiation::new(
+        Network::Regtest,
+        Terms::default(),
+        master,
+        p2wpkh(&demo_key(0x22)),
+        chain.clone(),
     );
+    let tip =
+        follow_tip(chain, Duration::from_millis(100)).await.expect("the simulated chain answers");
+    Router::new()
+        .route("/joke", get(joke))
+        .layer(PaywallLayer::new(MemoryStore::new(), PRICE, tip).with_negotiation(negotiation))
+}
 
-    // 1. Agree: 100 000 sat for 1 000 blocks.
-    let tip = chain.tip();
-    let params = terms.agree(
-        pk(&client),
-        pk(&server),
-        Amount::from_sat(100_000),
-        LockTime::from_height(tip.height + 1_000)?,
-        p2wpkh(&client),
-        p2wpkh(&server),
-        tip,
-    )?;
-    // 2-3. The client builds the funding (T1) and the refund (T2).
-    let change = TxOut { value: Amount::from_sat(149_000), script_pubkey: p2wpkh(&wallet) };
-    let (unsigned_t1, outpoint) = params.build_funding(&[coin], Some(change));
-    let t2 = params.build_refund(outpoint, params.refund_fee());
-    // 4-5. The server checks and signs the refund; the client verifies the signature.
-    let server_sig = params.check_refund(&terms, &unsigned_t1, &t2, tip)?.sign(&server)?;
-    params.verify_refund_signature(&t2, &server_sig)?;
-    let refund = params.complete_refund(&t2, &client, &server_sig)?;
-    // 6. The client signs T1; the server checks it and broadcasts it.
-    let mut t1 = unsigned_t1;
-    sign_p2wpkh_input(&mut t1, 0, &coin_out, &wallet);
-    params.check_funding(&terms, outpoint, &t1, &[coin_out])?;
-    chain.submit(&t1)?;
-    chain.mine(1);
-    println!(
-        "channel {outpoint} open: {} in 2-of-2 P2WSH, refund locked until {}",
-        params.value, params.expiry
-    );
-    println!("  the client holds a fully signed refund: {}", refund.compute_txid());
+async fn joke(paid: Paid) -> String {
+    format!("a satoshi walks into a bar (charged {})", paid.price)
+}
 
-    // 7-9. Each request is paid by a payment that pays the server more.
-    let channel = params.clone().at(outpoint);
-    let mut best = None;
-    let mut spent = MilliSats::ZERO;
-    let mut served = 0;
-    for _ in 0..REQUESTS {
-        spent = spent.checked_add(PRICE).ok_or("overflow")?;
-        // Whole satoshis on chain, at least the server output's dust threshold.
-        let owed = spent.to_sat_ceil().max(params.min_server_amount());
-        let mut t3 = channel.build_payment(owed)?;
-        channel.sign_payment(&mut t3, &client)?;
-        let header = wire::encode_payment(&t3);
-        // The server side: decode the header and check the payment.
-        let received = wire::decode_payment(header.as_bytes())?;
-        match channel.check_payment(best.as_ref(), &received, chain.tip())? {
-            PaymentCheck::Increase { .. } | PaymentCheck::Repeat => served += 1,
+/// What the demo did, checked against the chain.
+#[derive(Debug)]
+pub(crate) struct Summary {
+    pub(crate) served: u64,
+    pub(crate) payments: usize,
+    pub(crate) client_paid: Amount,
+    pub(crate) settlement: Transaction,
+    pub(crate) server_received: Amount,
+    pub(crate) client_back: Amount,
+    pub(crate) settlement_fee: Amount,
+    pub(crate) funding_fee: Amount,
+    pub(crate) wallet_after: Amount,
+}
+
+/// Serves [`app`] on a loopback port and runs the client against it.
+pub(crate) async fn run(verbose: bool) -> Result<Summary, Error> {
+    let say = |line: String| {
+        if verbose {
+            println!("{line}");
         }
-        best = Some(received);
-    }
-    let best = best.ok_or("no payment")?;
-    println!(
-        "served {served} requests at {PRICE} each; header is {} bytes",
-        wire::encode_payment(&best).len()
-    );
-
-    // Close: the server co-signs the best payment and broadcasts it.
-    let close = channel.close_transaction(&best, &server)?;
-    let txid = chain.submit(&close)?;
-    chain.mine(1);
-    let TxStatus::Confirmed { confirmations, .. } = chain.tx_status(&txid) else {
-        return Err("close did not confirm".into());
     };
-    let paid = close.output[0].value;
-    let change = close.output.get(1).map_or(Amount::ZERO, |o| o.value);
-    let fee = params.value - paid - change;
+    let chain = SimulatedChain::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let server = app(chain.clone()).await.into_make_service_with_connect_info::<SocketAddr>();
+    tokio::spawn(async move { axum::serve(listener, server).await });
+    say(format!("API listening on http://{addr}: GET /joke costs {PRICE}"));
+
+    // The client: a wallet with one coin, a key for its channels, and a spending policy.
+    let wallet = KeyWallet::new(demo_key(0x33));
+    let (coin, output) = (chain.faucet(wallet.script_pubkey(), WALLET), WALLET);
+    wallet.add_coin(coin, chain.utxo(&coin).ok_or("faucet")?);
+    say(format!(
+        "client wallet holds {output} on a simulated regtest chain at height {}",
+        chain.tip().height
+    ));
+    let payer = Payer::builder(
+        &format!("http://{addr}"),
+        Network::Regtest,
+        Xpriv::new_master(Network::Regtest, &[0x11; 32])?,
+    )
+    .store(MemoryClientStore::new())
+    .wallet(wallet.clone())
+    .channel_value(CHANNEL)
+    .policy(
+        SpendingPolicy::default()
+            .with_max_per_request(MilliSats::from_msat(200_000))
+            .with_max_prepaid(Amount::from_sat(1_000))
+            .with_max_total(Amount::from_sat(10_000)),
+    )
+    .build()?;
+
+    // A hyper-util client; the inner service logs every exchange on the wire.
+    let http = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let wire = tower::service_fn(move |request: Request<Full<Bytes>>| {
+        let http = http.clone();
+        async move {
+            let line = format!("{} {}", request.method(), request.uri().path());
+            let paid =
+                if request.headers().contains_key(PAYMENT_CHANNEL) { " + payment" } else { "" };
+            let response = http.request(request).await?;
+            if verbose {
+                let balance =
+                    response.headers().get(PAYMENT_CHANNEL_BALANCE).and_then(|v| v.to_str().ok());
+                let balance = balance.map(|b| format!(", balance {b} msat")).unwrap_or_default();
+                println!("  {line}{paid} -> {}{balance}", response.status());
+            }
+            Ok::<_, hyper_util::client::legacy::Error>(response)
+        }
+    });
+    let mut client =
+        ServiceBuilder::new().layer(PaymentLayer::new(payer.clone())).service(wire.clone());
+
+    let mut served = 0;
+    let mut payments = 0;
+    let mut last_paid = Amount::ZERO;
+    for n in 1..=REQUESTS {
+        say(format!("request {n}"));
+        let request = Request::get(format!("http://{addr}/joke")).body(Full::default())?;
+        let response = client.ready().await?.call(request).await?;
+        let status = response.status();
+        let body = response.into_body().collect().await?.to_bytes();
+        if status != StatusCode::OK {
+            return Err(format!("request {n}: {status} {}", String::from_utf8_lossy(&body)).into());
+        }
+        served += 1;
+        let paid = payer.channel().await?.map_or(Amount::ZERO, |c| c.paid());
+        if paid != last_paid {
+            payments += 1;
+            say(format!("  the client signed a payment of {} sat in total", paid.to_sat()));
+            last_paid = paid;
+        }
+    }
+
+    say("closing the channel cooperatively".into());
+    let closed = payer.close(&ServiceTransport::<_, Full<Bytes>>::new(wire)).await?;
+    chain.mine(1);
+    let TxStatus::Confirmed { confirmations, .. } = chain.tx_status(&closed.txid) else {
+        return Err("the settlement did not confirm".into());
+    };
+    say(format!("settlement {} confirmed ({confirmations} confirmation)", closed.txid));
+    let settlement = chain.get_transaction(&closed.txid).ok_or("settlement missing")?;
+    let received =
+        |vout: u32| chain.utxo(&OutPoint::new(closed.txid, vout)).map_or(Amount::ZERO, |o| o.value);
+    let channel = payer.committed().await?;
+    let funding_fee = WALLET - wallet.balance() - CHANNEL;
+    Ok(Summary {
+        served,
+        payments,
+        client_paid: channel,
+        server_received: received(0),
+        client_back: received(1),
+        settlement_fee: closed.fee,
+        funding_fee,
+        wallet_after: wallet.balance(),
+        settlement,
+    })
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    let s = run(true).await?;
+    let metered = PRICE.checked_mul(s.served).ok_or("overflow")?;
     println!("\nsummary");
-    println!("  requests served     {served}");
-    println!("  metered             {spent}");
-    println!("  sats paid           {} sat", paid.to_sat());
-    println!("  settlement txid     {txid} ({confirmations} confirmation)");
-    println!("  server received     {} sat", paid.to_sat());
-    println!("  client got back     {} sat (fee {} sat)", change.to_sat(), fee.to_sat());
-    assert_eq!(paid, spent.to_sat_ceil());
-    assert_eq!(paid + change + fee, params.value);
+    println!("  requests served      {} at {PRICE} = {metered}", s.served);
+    println!(
+        "  payments signed      {} (one per channel change; each one replaces the last)",
+        s.payments
+    );
+    println!(
+        "  sats paid            {} sat (prepaid and unused: {} sat)",
+        s.client_paid.to_sat(),
+        (s.client_paid - metered.to_sat_ceil()).to_sat()
+    );
+    println!("  settlement txid      {}", s.settlement.compute_txid());
+    println!("  server received      {} sat", s.server_received.to_sat());
+    println!(
+        "  client got back      {} sat from the channel (settlement fee {} sat)",
+        s.client_back.to_sat(),
+        s.settlement_fee.to_sat()
+    );
+    println!(
+        "  client wallet        {} sat -> {} sat + {} sat back (funding fee {} sat)",
+        WALLET.to_sat(),
+        s.wallet_after.to_sat(),
+        s.client_back.to_sat(),
+        s.funding_fee.to_sat()
+    );
+    // The books balance to the satoshi.
+    assert_eq!(s.server_received, s.client_paid, "the server received exactly what was paid");
+    assert_eq!(s.client_back + s.server_received + s.settlement_fee, CHANNEL);
+    assert_eq!(
+        s.wallet_after + s.client_back + s.server_received + s.settlement_fee + s.funding_fee,
+        WALLET
+    );
     Ok(())
 }

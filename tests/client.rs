@@ -100,6 +100,9 @@ impl ClientStore for Broken {
     async fn list(&self) -> Result<Vec<ClientChannel>, ClientStoreError> {
         Ok(vec![])
     }
+    async fn next_key_index(&self) -> Result<u32, ClientStoreError> {
+        Err(ClientStoreError::new("disk full"))
+    }
 }
 
 #[tokio::test]

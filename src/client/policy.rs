@@ -27,17 +27,22 @@ pub struct SpendingPolicy {
     max_channel_value: Amount,
     max_per_request: MilliSats,
     max_total: Amount,
+    max_prepaid: Amount,
+    max_lifetime_blocks: u32,
     auto_open: bool,
 }
 
 impl Default for SpendingPolicy {
-    /// At most 100 000 sat per channel, 10 sat per request, 1 000 000 sat in total; opening
-    /// channels automatically allowed.
+    /// At most 100 000 sat per channel, 10 sat per request, 1 000 000 sat in total, 1 000 sat
+    /// prepaid beyond a request's price, channels locked for at most 4 320 blocks (about 30
+    /// days); opening channels automatically allowed.
     fn default() -> Self {
         Self {
             max_channel_value: Amount::from_sat(100_000),
             max_per_request: MilliSats::from_msat(10_000),
             max_total: Amount::from_sat(1_000_000),
+            max_prepaid: Amount::from_sat(1_000),
+            max_lifetime_blocks: 4_320,
             auto_open: true,
         }
     }
@@ -62,6 +67,30 @@ impl SpendingPolicy {
         self
     }
 
+    /// The most a top-up pays beyond what the refused request needs (servers suggest prepaying
+    /// a bundle; this bounds it).
+    pub fn with_max_prepaid(mut self, max: Amount) -> Self {
+        self.max_prepaid = max;
+        self
+    }
+
+    /// The longest the client locks its coins in a channel (until the refund is valid), in
+    /// blocks.
+    pub fn with_max_lifetime_blocks(mut self, max: u32) -> Self {
+        self.max_lifetime_blocks = max;
+        self
+    }
+
+    /// The largest channel the client funds.
+    pub fn max_channel_value(&self) -> Amount {
+        self.max_channel_value
+    }
+
+    /// The most a top-up pays beyond what the refused request needs.
+    pub fn max_prepaid(&self) -> Amount {
+        self.max_prepaid
+    }
+
     /// Whether the client may open a channel by itself when a server asks for payment.
     pub fn with_auto_open(mut self, allowed: bool) -> Self {
         self.auto_open = allowed;
@@ -79,6 +108,19 @@ impl SpendingPolicy {
         }
         if value > self.max_channel_value {
             return Err(PolicyRefusal::ChannelTooLarge { value, max: self.max_channel_value });
+        }
+        Ok(())
+    }
+
+    /// Checks locking coins for `blocks` (the shortest lifetime the server accepts, or the
+    /// client's own choice).
+    ///
+    /// # Errors
+    ///
+    /// [`PolicyRefusal::LifetimeTooLong`].
+    pub fn check_lifetime(&self, blocks: u32) -> Result<(), PolicyRefusal> {
+        if blocks > self.max_lifetime_blocks {
+            return Err(PolicyRefusal::LifetimeTooLong { blocks, max: self.max_lifetime_blocks });
         }
         Ok(())
     }
@@ -137,6 +179,13 @@ pub enum PolicyRefusal {
     },
     /// A channel would have to be opened, and the policy forbids doing it automatically.
     AutoOpenDisabled,
+    /// The channel would lock the client's coins for longer than the policy allows.
+    LifetimeTooLong {
+        /// The lifetime, in blocks.
+        blocks: u32,
+        /// The policy's maximum.
+        max: u32,
+    },
 }
 
 impl fmt::Display for PolicyRefusal {
@@ -152,6 +201,9 @@ impl fmt::Display for PolicyRefusal {
                 write!(f, "paying {more} more on top of {committed} exceeds the budget of {max}")
             }
             Self::AutoOpenDisabled => f.write_str("opening channels automatically is disabled"),
+            Self::LifetimeTooLong { blocks, max } => {
+                write!(f, "a channel of {blocks} blocks exceeds the policy's maximum of {max}")
+            }
         }
     }
 }

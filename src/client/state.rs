@@ -5,6 +5,7 @@ use bitcoin::{Amount, Transaction, Txid};
 use serde::{Deserialize, Serialize};
 
 use super::store::{ClientStore, ClientStoreError};
+use super::{PolicyRefusal, WalletError};
 use crate::chain::{ChainBackend, ChainError};
 use crate::channel::{Channel, PaymentError, SignError};
 use crate::wire::{self, ChannelId};
@@ -25,6 +26,14 @@ pub struct ClientChannel {
     pub refund: Transaction,
     /// The latest signed payment.
     pub latest: Option<Transaction>,
+    /// The origin (`scheme://authority`) of the server the channel is with; empty when the
+    /// channel was opened by hand.
+    #[serde(default)]
+    pub server: String,
+    /// Set once the client stopped paying on the channel (closed, or refused by the server):
+    /// a [`Payer`](super::Payer) never picks it again. The refund is still kept.
+    #[serde(default)]
+    pub retired: bool,
 }
 
 /// Why a client operation failed.
@@ -46,6 +55,35 @@ pub enum ClientError {
     Store(ClientStoreError),
     /// The chain backend failed.
     Chain(ChainError),
+    /// The spending policy refused.
+    Policy(PolicyRefusal),
+    /// A channel must be opened, and the client has no [`Wallet`](super::Wallet) to fund it.
+    NoWallet,
+    /// There is no channel to act on.
+    NoChannel,
+    /// The wallet failed to fund or sign the funding transaction.
+    Wallet(WalletError),
+    /// The server's refund signature does not verify: the channel was abandoned before the
+    /// funding was signed, and no money moved.
+    InvalidRefundSignature,
+    /// The server answered something the protocol does not allow (a proposal that differs
+    /// from the request, a settlement that is not the client's payment, …).
+    ServerMisbehaved(String),
+    /// The server refused, and the client cannot or may not fix it by paying.
+    Rejected {
+        /// The response's status.
+        status: http::StatusCode,
+        /// The problem's code (`urn:paychan:problem:<code>`), empty if the body had none.
+        code: String,
+        /// The problem's detail.
+        detail: String,
+    },
+    /// The HTTP client failed.
+    Transport(tower::BoxError),
+    /// The server is not `http(s)://host[:port]`.
+    InvalidOrigin(String),
+    /// A client key could not be derived.
+    Key(String),
 }
 
 impl fmt::Display for ClientError {
@@ -58,6 +96,22 @@ impl fmt::Display for ClientError {
             Self::Sign(e) => write!(f, "cannot sign: {e}"),
             Self::Store(e) => write!(f, "client store: {e}"),
             Self::Chain(e) => write!(f, "chain: {e}"),
+            Self::Policy(e) => write!(f, "spending policy: {e}"),
+            Self::NoWallet => f.write_str("a channel must be opened and there is no wallet"),
+            Self::NoChannel => f.write_str("no channel with this server"),
+            Self::Wallet(e) => write!(f, "wallet: {e}"),
+            Self::InvalidRefundSignature => {
+                f.write_str("the server's refund signature is invalid; the channel was abandoned")
+            }
+            Self::ServerMisbehaved(what) => write!(f, "the server broke the protocol: {what}"),
+            Self::Rejected { status, code, detail } => {
+                write!(f, "the server refused ({status}, {code}): {detail}")
+            }
+            Self::Transport(e) => write!(f, "http: {e}"),
+            Self::InvalidOrigin(origin) => {
+                write!(f, "{origin:?} is not an http(s)://host[:port] origin")
+            }
+            Self::Key(e) => write!(f, "key derivation: {e}"),
         }
     }
 }
@@ -69,7 +123,10 @@ impl std::error::Error for ClientError {
             Self::Sign(e) => Some(e),
             Self::Store(e) => Some(e),
             Self::Chain(e) => Some(e),
-            Self::NotAnIncrease { .. } => None,
+            Self::Policy(e) => Some(e),
+            Self::Wallet(e) => Some(e),
+            Self::Transport(e) => Some(&**e),
+            _ => None,
         }
     }
 }
@@ -77,7 +134,7 @@ impl std::error::Error for ClientError {
 impl ClientChannel {
     /// A freshly funded channel with its signed refund and no payment yet.
     pub fn new(channel: Channel, key_index: u32, refund: Transaction) -> Self {
-        Self { channel, key_index, refund, latest: None }
+        Self { channel, key_index, refund, latest: None, server: String::new(), retired: false }
     }
 
     /// The channel's id.

@@ -2,7 +2,8 @@ use core::fmt;
 use std::collections::HashMap;
 use std::future::Future;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::ClientChannel;
@@ -25,6 +26,10 @@ pub trait ClientStore: Send + Sync {
 
     /// Lists every channel.
     fn list(&self) -> impl Future<Output = Result<Vec<ClientChannel>, ClientStoreError>> + Send;
+
+    /// Allocates the next BIP-0032 index for a client key K1: never the same index twice, also
+    /// across restarts, so no two channels share a key.
+    fn next_key_index(&self) -> impl Future<Output = Result<u32, ClientStoreError>> + Send;
 }
 
 /// A client store failure.
@@ -53,6 +58,7 @@ impl std::error::Error for ClientStoreError {}
 #[derive(Debug, Clone, Default)]
 pub struct MemoryClientStore {
     channels: Arc<Mutex<HashMap<ChannelId, ClientChannel>>>,
+    next_index: Arc<AtomicU32>,
 }
 
 impl MemoryClientStore {
@@ -79,6 +85,15 @@ impl ClientStore for MemoryClientStore {
     async fn list(&self) -> Result<Vec<ClientChannel>, ClientStoreError> {
         Ok(self.map().values().cloned().collect())
     }
+
+    async fn next_key_index(&self) -> Result<u32, ClientStoreError> {
+        next_index(self.next_index.fetch_add(1, Ordering::SeqCst))
+    }
+}
+
+/// Indices are hardened (below 2^31).
+fn next_index(index: u32) -> Result<u32, ClientStoreError> {
+    if index < 1 << 31 { Ok(index) } else { Err(ClientStoreError::new("no key index left")) }
 }
 
 /// Channels as JSON files in a directory, one per channel. A save writes a temporary file,
@@ -87,6 +102,8 @@ impl ClientStore for MemoryClientStore {
 #[derive(Debug, Clone)]
 pub struct FileClientStore {
     dir: PathBuf,
+    /// Serialises key-index allocations within this process.
+    index_lock: Arc<Mutex<()>>,
 }
 
 impl FileClientStore {
@@ -98,7 +115,7 @@ impl FileClientStore {
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, ClientStoreError> {
         let dir = dir.into();
         std::fs::create_dir_all(&dir).map_err(ClientStoreError::new)?;
-        Ok(Self { dir })
+        Ok(Self { dir, index_lock: Arc::default() })
     }
 
     fn path(&self, id: ChannelId) -> PathBuf {
@@ -113,6 +130,17 @@ impl FileClientStore {
     }
 }
 
+/// Writes `bytes` to `path` atomically and durably: a temporary file, fsync, rename, fsync of
+/// the directory.
+fn write_durably(dir: &Path, path: &Path, bytes: &[u8]) -> Result<(), ClientStoreError> {
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&tmp).map_err(ClientStoreError::new)?;
+    file.write_all(bytes).map_err(ClientStoreError::new)?;
+    file.sync_all().map_err(ClientStoreError::new)?;
+    std::fs::rename(&tmp, path).map_err(ClientStoreError::new)?;
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(ClientStoreError::new)
+}
+
 fn read(path: &std::path::Path) -> Result<ClientChannel, ClientStoreError> {
     let bytes = std::fs::read(path)
         .map_err(|e| ClientStoreError::new(format!("{}: {e}", path.display())))?;
@@ -125,15 +153,7 @@ impl ClientStore for FileClientStore {
         let path = self.path(channel.id());
         let dir = self.dir.clone();
         let json = serde_json::to_vec_pretty(channel).map_err(ClientStoreError::new)?;
-        Self::blocking(move || {
-            let tmp = path.with_extension("json.tmp");
-            let mut file = std::fs::File::create(&tmp).map_err(ClientStoreError::new)?;
-            file.write_all(&json).map_err(ClientStoreError::new)?;
-            file.sync_all().map_err(ClientStoreError::new)?;
-            std::fs::rename(&tmp, &path).map_err(ClientStoreError::new)?;
-            std::fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(ClientStoreError::new)
-        })
-        .await
+        Self::blocking(move || write_durably(&dir, &path, &json)).await
     }
 
     async fn load(&self, id: ChannelId) -> Result<Option<ClientChannel>, ClientStoreError> {
@@ -152,6 +172,29 @@ impl ClientStore for FileClientStore {
                 }
             }
             Ok(channels)
+        })
+        .await
+    }
+
+    /// The next index is kept in the file `key-index`, written durably before the index is
+    /// handed out.
+    async fn next_key_index(&self) -> Result<u32, ClientStoreError> {
+        let dir = self.dir.clone();
+        let lock = Arc::clone(&self.index_lock);
+        Self::blocking(move || {
+            let _guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+            let path = dir.join("key-index");
+            let index = match std::fs::read_to_string(&path) {
+                Ok(text) => text
+                    .trim()
+                    .parse::<u32>()
+                    .map_err(|e| ClientStoreError::new(format!("{}: {e}", path.display())))?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+                Err(e) => return Err(ClientStoreError::new(e)),
+            };
+            let index = next_index(index)?;
+            write_durably(&dir, &path, (index + 1).to_string().as_bytes())?;
+            Ok(index)
         })
         .await
     }

@@ -3,7 +3,7 @@ use core::fmt;
 use bitcoin::Amount;
 use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue, WWW_AUTHENTICATE};
 use http::{Response, StatusCode};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::MilliSats;
 use crate::channel::PaymentError;
@@ -91,7 +91,7 @@ impl fmt::Display for RejectionKind {
 
 /// A channel's state as a client needs it to resynchronise and top up: part of every
 /// rejection that concerns a known channel.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChannelSnapshot {
     /// The channel (funding outpoint).
     pub channel: ChannelId,
@@ -110,10 +110,18 @@ pub struct ChannelSnapshot {
     pub capacity_left_sat: Amount,
     /// The smallest server amount a new payment must carry for this request, in sat (absent
     /// when the channel cannot pay it: open a new channel).
-    #[serde(with = "bitcoin::amount::serde::as_sat::opt", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "bitcoin::amount::serde::as_sat::opt",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub min_server_amount_sat: Option<Amount>,
     /// A server amount that also prepays the configured bundle, in sat.
-    #[serde(with = "bitcoin::amount::serde::as_sat::opt", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "bitcoin::amount::serde::as_sat::opt",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub suggested_server_amount_sat: Option<Amount>,
     /// The refund's lock time (height or timestamp).
     pub expiry: u32,

@@ -1,0 +1,164 @@
+//! [`PaymentMiddleware`]: channel payments for `reqwest-middleware` clients.
+
+use bytes::Bytes;
+use http::{Extensions, StatusCode, Uri};
+use reqwest_middleware::{Middleware, Next};
+
+use super::payer::{Acted, Problem};
+use super::payment::{MAX_ATTEMPTS, balance};
+use super::transport::MAX_BODY;
+use super::{ClientError, ClientStore, MemoryClientStore, Payer, Transport, TransportFuture};
+use crate::wire::PAYMENT_CHANNEL;
+
+/// Adds channel payments to a `reqwest-middleware` client: every request to the [`Payer`]'s
+/// server carries the `Payment-Channel` header, and a 402 is answered by paying (top-up or a
+/// new channel, within the policy) and retrying — the same behaviour as
+/// [`PaymentLayer`](super::PaymentLayer).
+///
+/// A request whose body cannot be cloned (a stream) is sent once, without a retry. Errors of
+/// the client ([`ClientError`]) are `reqwest_middleware::Error::Middleware`.
+///
+/// # Examples
+///
+/// ```
+/// use bitcoin::Network;
+/// use bitcoin::bip32::Xpriv;
+/// use paychan::client::{Payer, PaymentMiddleware};
+///
+/// let key = Xpriv::new_master(Network::Regtest, &[7; 32]).unwrap();
+/// let payer = Payer::builder("http://127.0.0.1:3000", Network::Regtest, key).build().unwrap();
+/// let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+///     .with(PaymentMiddleware::new(payer))
+///     .build();
+/// # let _ = client;
+/// ```
+#[derive(Debug)]
+pub struct PaymentMiddleware<St = MemoryClientStore> {
+    payer: Payer<St>,
+}
+
+impl<St: ClientStore> PaymentMiddleware<St> {
+    /// Pays with `payer`.
+    pub fn new(payer: Payer<St>) -> Self {
+        Self { payer }
+    }
+
+    /// The payer.
+    pub fn payer(&self) -> &Payer<St> {
+        &self.payer
+    }
+}
+
+fn middleware_error(error: ClientError) -> reqwest_middleware::Error {
+    reqwest_middleware::Error::middleware(error)
+}
+
+#[async_trait::async_trait]
+impl<St: ClientStore + 'static> Middleware for PaymentMiddleware<St> {
+    async fn handle(
+        &self,
+        request: reqwest::Request,
+        extensions: &mut Extensions,
+        next: Next<'_>,
+    ) -> reqwest_middleware::Result<reqwest::Response> {
+        let applies =
+            request.url().as_str().parse::<Uri>().is_ok_and(|uri| self.payer.applies_to(&uri));
+        if !applies {
+            return next.run(request, extensions).await;
+        }
+        let negotiation = NextTransport { next: next.clone() };
+        let mut acted = Acted::default();
+        for attempt in 1..=MAX_ATTEMPTS {
+            let sent = self.payer.current().await.map_err(middleware_error)?;
+            let Some(mut this) = request.try_clone() else {
+                // A streaming body cannot be sent twice: send it once, as it is.
+                let mut request = request;
+                set_header(&mut request, sent.as_ref().map(|s| &s.header));
+                return next.run(request, extensions).await;
+            };
+            let last = attempt == MAX_ATTEMPTS;
+            set_header(&mut this, sent.as_ref().map(|s| &s.header));
+            let response = next.clone().run(this, extensions).await?;
+            if response.status() != StatusCode::PAYMENT_REQUIRED || last {
+                if let (Some(sent), Some(balance)) = (&sent, balance_of(&response)) {
+                    // A refusal here is not this request's failure (see PaymentLayer).
+                    let _ = self.payer.observe_balance(sent, balance).await;
+                }
+                return Ok(response);
+            }
+            let status = response.status();
+            let body = read_limited(response)
+                .await
+                .map_err(|e| middleware_error(ClientError::Transport(e)))?;
+            self.payer
+                .handle_402(&negotiation, sent.as_ref(), status, Problem::parse(&body), &mut acted)
+                .await
+                .map_err(middleware_error)?;
+        }
+        unreachable!("the last attempt returns")
+    }
+}
+
+fn set_header(request: &mut reqwest::Request, header: Option<&http::HeaderValue>) {
+    request.headers_mut().remove(PAYMENT_CHANNEL);
+    if let Some(header) = header {
+        request.headers_mut().insert(PAYMENT_CHANNEL, header.clone());
+    }
+}
+
+fn balance_of(response: &reqwest::Response) -> Option<crate::MilliSats> {
+    let mut probe = http::Response::new(());
+    *probe.headers_mut() = response.headers().clone();
+    balance(&probe)
+}
+
+async fn read_limited(mut response: reqwest::Response) -> Result<Bytes, tower::BoxError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > MAX_BODY {
+            return Err("response body too large".into());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.into())
+}
+
+async fn send(
+    run: impl AsyncFnOnce(reqwest::Request) -> Result<reqwest::Response, tower::BoxError>,
+    request: http::Request<Bytes>,
+) -> Result<http::Response<Bytes>, tower::BoxError> {
+    let request = reqwest::Request::try_from(request.map(reqwest::Body::from))?;
+    let response = run(request).await?;
+    let mut head = http::Response::builder().status(response.status()).version(response.version());
+    if let Some(headers) = head.headers_mut() {
+        *headers = response.headers().clone();
+    }
+    let body = read_limited(response).await?;
+    Ok(head.body(body)?)
+}
+
+/// The client's own requests through the rest of the middleware chain.
+struct NextTransport<'a> {
+    next: Next<'a>,
+}
+
+impl Transport for NextTransport<'_> {
+    fn send(&self, request: http::Request<Bytes>) -> TransportFuture<'_> {
+        let next = self.next.clone();
+        Box::pin(send(
+            async move |request| {
+                let mut extensions = Extensions::new();
+                Ok(next.run(request, &mut extensions).await?)
+            },
+            request,
+        ))
+    }
+}
+
+/// Sends the client's own requests (for [`Payer::open`] and [`Payer::close`]) with a plain
+/// reqwest client.
+impl Transport for reqwest::Client {
+    fn send(&self, request: http::Request<Bytes>) -> TransportFuture<'_> {
+        Box::pin(send(async move |request| Ok(self.execute(request).await?), request))
+    }
+}

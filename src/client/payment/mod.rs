@@ -1,0 +1,9 @@
+//! [`PaymentLayer`]: pays for the requests of a tower HTTP client (hyper-util's `Client`, or
+//! any `Service<http::Request<B>>`).
+
+mod layer;
+mod service;
+
+pub use layer::PaymentLayer;
+pub(crate) use service::{MAX_ATTEMPTS, balance};
+pub use service::{PaymentService, ResponseFuture};

@@ -1,0 +1,227 @@
+use core::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use bitcoin::secp256k1::{Message, SecretKey};
+use bitcoin::sighash::{EcdsaSighashType, SighashCache};
+use bitcoin::transaction::Version;
+use bitcoin::{
+    Amount, CompressedPublicKey, FeeRate, OutPoint, Psbt, ScriptBuf, Sequence, Transaction, TxIn,
+    TxOut, Weight, Witness, absolute,
+};
+
+/// The future a [`Wallet`] returns.
+pub type WalletFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, WalletError>> + Send + 'a>>;
+
+/// Where the coins of a channel's funding transaction T1 come from.
+///
+/// Funding goes through a PSBT (BIP-0174) in two steps, so any wallet can take part — Bitcoin
+/// Core (`walletcreatefundedpsbt`, then `walletprocesspsbt`), BDK, a hardware signer, or
+/// [`KeyWallet`]:
+///
+/// 1. [`fund`](Self::fund) returns an **unsigned** transaction paying the channel output, with
+///    its inputs chosen and a change output added, as a PSBT whose inputs carry their
+///    `witness_utxo`. The client has the server sign the refund T2 against this transaction.
+/// 2. Only once the client holds a valid refund, [`sign`](Self::sign) gets the PSBT back and
+///    returns it with every input finalised.
+///
+/// Every input must be native SegWit: signing must not change the transaction id the refund
+/// spends. The client checks this, and that the signed transaction is the unsigned one.
+pub trait Wallet: Send + Sync + fmt::Debug {
+    /// An unsigned transaction paying `output`, at `fee_rate` or more.
+    fn fund(&self, output: TxOut, fee_rate: FeeRate) -> WalletFuture<'_, Psbt>;
+
+    /// Signs and finalises every input of `psbt`.
+    fn sign(&self, psbt: Psbt) -> WalletFuture<'_, Psbt>;
+}
+
+/// A wallet failed to fund or sign.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct WalletError {
+    message: String,
+}
+
+impl WalletError {
+    /// An error with `message` (for implementers of [`Wallet`]).
+    pub fn new(message: impl ToString) -> Self {
+        Self { message: message.to_string() }
+    }
+}
+
+impl fmt::Display for WalletError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for WalletError {}
+
+/// A wallet of P2WPKH coins of one key, given to it as outputs: enough for tests, demos and a
+/// service that keeps a hot float for its channels.
+///
+/// It chooses the largest coins first, adds a change output back to its key unless the change
+/// would be dust, and reserves the coins it chose (they are not offered twice). Once it signed
+/// a funding transaction, its change output becomes a coin of the wallet.
+///
+/// # Examples
+///
+/// ```
+/// use bitcoin::secp256k1::SecretKey;
+/// use bitcoin::{Amount, FeeRate, OutPoint, ScriptBuf, TxOut};
+/// use paychan::client::{KeyWallet, Wallet};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let key = SecretKey::from_slice(&[7; 32])?;
+/// let wallet = KeyWallet::new(key);
+/// let coin = TxOut { value: Amount::from_sat(50_000), script_pubkey: wallet.script_pubkey() };
+/// wallet.add_coin(OutPoint::default(), coin);
+///
+/// let pay = TxOut { value: Amount::from_sat(20_000), script_pubkey: ScriptBuf::new_op_return([]) };
+/// let psbt = wallet.fund(pay, FeeRate::from_sat_per_vb_unchecked(2)).await?;
+/// assert_eq!(psbt.unsigned_tx.output.len(), 2); // the payment and the change
+/// let signed = wallet.sign(psbt).await?;
+/// assert!(signed.inputs[0].final_script_witness.is_some());
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct KeyWallet {
+    key: SecretKey,
+    public: CompressedPublicKey,
+    coins: Arc<Mutex<Vec<(OutPoint, TxOut)>>>,
+}
+
+impl fmt::Debug for KeyWallet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyWallet")
+            .field("public", &self.public)
+            .field("balance", &self.balance())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The witness weight of a P2WPKH input: the item count, a signature of at most 72 bytes and
+/// a 33-byte key, with their length bytes.
+const P2WPKH_WITNESS_WEIGHT: u64 = 1 + 1 + 72 + 1 + 33;
+
+impl KeyWallet {
+    /// An empty wallet of `key`.
+    pub fn new(key: SecretKey) -> Self {
+        let public = CompressedPublicKey(key.public_key(crate::channel::secp()));
+        Self { key, public, coins: Arc::default() }
+    }
+
+    /// The script of the wallet's coins (P2WPKH of its key).
+    pub fn script_pubkey(&self) -> ScriptBuf {
+        ScriptBuf::new_p2wpkh(&self.public.wpubkey_hash())
+    }
+
+    /// Adds a coin; it must pay [`script_pubkey`](Self::script_pubkey).
+    pub fn add_coin(&self, outpoint: OutPoint, output: TxOut) {
+        self.coins().push((outpoint, output));
+    }
+
+    /// The value of the coins not yet spent by a funding transaction.
+    pub fn balance(&self) -> Amount {
+        self.coins().iter().map(|(_, out)| out.value).sum()
+    }
+
+    fn coins(&self) -> std::sync::MutexGuard<'_, Vec<(OutPoint, TxOut)>> {
+        self.coins.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn select(&self, output: TxOut, fee_rate: FeeRate) -> Result<Psbt, WalletError> {
+        let mut coins = self.coins();
+        coins.sort_by_key(|(_, out)| core::cmp::Reverse(out.value));
+        let change_script = self.script_pubkey();
+        let mut tx = Transaction {
+            version: Version::TWO,
+            lock_time: absolute::LockTime::ZERO,
+            input: Vec::new(),
+            output: vec![
+                output.clone(),
+                TxOut { value: Amount::ZERO, script_pubkey: change_script },
+            ],
+        };
+        let mut total = Amount::ZERO;
+        for (used, (outpoint, coin)) in coins.iter().enumerate() {
+            tx.input.push(TxIn {
+                previous_output: *outpoint,
+                script_sig: ScriptBuf::new(),
+                sequence: Sequence::ENABLE_RBF_NO_LOCKTIME,
+                witness: Witness::new(),
+            });
+            total += coin.value;
+            // The inputs' witnesses, and the SegWit marker and flag.
+            let weight =
+                tx.weight() + Weight::from_wu(2 + P2WPKH_WITNESS_WEIGHT * (used as u64 + 1));
+            let fee = fee_rate.fee_wu(weight).ok_or_else(|| WalletError::new("fee overflow"))?;
+            let Some(change) = total.checked_sub(output.value + fee) else { continue };
+            if change >= tx.output[1].script_pubkey.minimal_non_dust() {
+                tx.output[1].value = change;
+            } else {
+                tx.output.pop();
+            }
+            let chosen: Vec<_> = coins.drain(..=used).collect();
+            let mut psbt = Psbt::from_unsigned_tx(tx).map_err(WalletError::new)?;
+            for (input, (_, coin)) in psbt.inputs.iter_mut().zip(chosen) {
+                input.witness_utxo = Some(coin);
+            }
+            return Ok(psbt);
+        }
+        Err(WalletError::new(format!(
+            "insufficient funds: {total} cannot pay {} and the fee",
+            output.value
+        )))
+    }
+
+    fn sign_all(&self, mut psbt: Psbt) -> Result<Psbt, WalletError> {
+        let secp = crate::channel::secp();
+        let mut cache = SighashCache::new(&psbt.unsigned_tx);
+        for (index, input) in psbt.inputs.iter_mut().enumerate() {
+            let coin = input
+                .witness_utxo
+                .as_ref()
+                .ok_or_else(|| WalletError::new(format!("input {index}: no witness_utxo")))?;
+            if coin.script_pubkey != self.script_pubkey() {
+                return Err(WalletError::new(format!("input {index} is not a coin of this key")));
+            }
+            let sighash = cache
+                .p2wpkh_signature_hash(
+                    index,
+                    &coin.script_pubkey,
+                    coin.value,
+                    EcdsaSighashType::All,
+                )
+                .map_err(WalletError::new)?;
+            let signature = bitcoin::ecdsa::Signature::sighash_all(
+                secp.sign_ecdsa(&Message::from_digest(sighash.to_byte_array()), &self.key),
+            );
+            input.final_script_witness = Some(Witness::p2wpkh(&signature, &self.public.0));
+        }
+        let txid = psbt.unsigned_tx.compute_txid();
+        for (vout, output) in psbt.unsigned_tx.output.iter().enumerate() {
+            if output.script_pubkey == self.script_pubkey() {
+                self.add_coin(OutPoint::new(txid, vout as u32), output.clone());
+            }
+        }
+        Ok(psbt)
+    }
+}
+
+use bitcoin::hashes::Hash as _;
+
+impl Wallet for KeyWallet {
+    fn fund(&self, output: TxOut, fee_rate: FeeRate) -> WalletFuture<'_, Psbt> {
+        let result = self.select(output, fee_rate);
+        Box::pin(async move { result })
+    }
+
+    fn sign(&self, psbt: Psbt) -> WalletFuture<'_, Psbt> {
+        let result = self.sign_all(psbt);
+        Box::pin(async move { result })
+    }
+}
