@@ -4,6 +4,10 @@
 mod common;
 
 #[allow(dead_code)]
+#[path = "../examples/demo.rs"]
+mod demo;
+
+#[allow(dead_code)]
 #[path = "../examples/pay_as_you_go.rs"]
 mod pay_as_you_go;
 
@@ -20,6 +24,25 @@ use common::http::{call, serve};
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use paychan::chain::sim::SimulatedChain;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_settles_exactly_what_was_paid() {
+    let s = demo::run(false).await.expect("the demo runs");
+    assert_eq!(s.served, demo::REQUESTS);
+    let metered = demo::PRICE.checked_mul(demo::REQUESTS).unwrap().to_sat_ceil();
+    assert!(s.client_paid >= metered, "{} paid for {metered}", s.client_paid);
+    assert!(
+        s.client_paid <= metered + bitcoin::Amount::from_sat(1_000) + demo::PRICE.to_sat_ceil()
+    );
+    assert_eq!(s.server_received, s.client_paid, "the server received exactly what was paid");
+    assert_eq!(s.client_back + s.server_received + s.settlement_fee, demo::CHANNEL);
+    assert_eq!(
+        s.wallet_after + s.client_back + s.server_received + s.settlement_fee + s.funding_fee,
+        demo::WALLET
+    );
+    assert!(s.payments >= 2, "an opening payment and at least one top-up");
+    assert!(s.settlement.input[0].witness.len() == 4, "co-signed 2-of-2 witness");
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pay_as_you_go_charges_per_route() {

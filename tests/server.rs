@@ -171,6 +171,22 @@ async fn every_rejection_has_its_type_and_changes_nothing() {
     forged.input[0].witness = api.setup.pay(6_000).input[0].witness.clone();
     let mut stranger = api.setup.pay(5_000);
     stranger.input[0].previous_output.vout = 9;
+    // Signed with SIGHASH_SINGLE instead of SIGHASH_ALL: the server could not trust the rest.
+    let mut wrong_sighash = api.setup.pay(5_000);
+    let sighash = bitcoin::sighash::SighashCache::new(&wrong_sighash)
+        .p2wsh_signature_hash(
+            0,
+            &api.setup.params.witness_script(),
+            api.setup.params.value,
+            bitcoin::EcdsaSighashType::Single,
+        )
+        .unwrap();
+    let signature = bitcoin::ecdsa::Signature {
+        signature: bitcoin::secp256k1::Secp256k1::new()
+            .sign_ecdsa(&bitcoin::secp256k1::Message::from(sighash), &api.setup.client),
+        sighash_type: bitcoin::EcdsaSighashType::Single,
+    };
+    wrong_sighash.input[0].witness = bitcoin::Witness::from_slice(&[signature.to_vec()]);
     let closing_before = api.setup.pay(9_000);
     let cases: Vec<(String, StatusCode, &str)> = vec![
         ("%%%".into(), StatusCode::BAD_REQUEST, "header-not-base64"),
@@ -179,6 +195,7 @@ async fn every_rejection_has_its_type_and_changes_nothing() {
         (api.header(&stranger), StatusCode::PAYMENT_REQUIRED, "unknown-channel"),
         (api.header(&wrong_script), StatusCode::BAD_REQUEST, "payment-wrong-server-script"),
         (api.header(&forged), StatusCode::BAD_REQUEST, "payment-signature"),
+        (api.header(&wrong_sighash), StatusCode::BAD_REQUEST, "payment-signature"),
     ];
     for (header, expected, code) in cases {
         let response = get_with(&api.app, "/paid", Some(&header)).await;

@@ -97,12 +97,17 @@ pub(crate) struct Sent {
     pub(crate) header: HeaderValue,
 }
 
-/// What the client already did for one request; each at most once.
+/// What the client already did for one request: it opens at most one channel and tops up at
+/// most [`MAX_TOP_UPS`] times (more than once only when concurrent requests drained the
+/// balance between its top-up and its retry).
 #[derive(Debug, Default)]
 pub(crate) struct Acted {
     opened: bool,
-    topped_up: bool,
+    top_ups: u8,
 }
+
+/// Top-ups one request may make.
+const MAX_TOP_UPS: u8 = 2;
 
 /// A 402 (or other) problem document from the server (RFC 9457).
 #[derive(Debug, Clone, Deserialize)]
@@ -112,6 +117,8 @@ pub(crate) struct Problem {
     #[serde(default)]
     pub(crate) detail: String,
     #[serde(default)]
+    pub(crate) price_msat: Option<MilliSats>,
+    #[serde(default)]
     pub(crate) channel: Option<ChannelSnapshot>,
 }
 
@@ -120,6 +127,7 @@ impl Problem {
         serde_json::from_slice(body).unwrap_or_else(|_| Self {
             code: String::new(),
             detail: String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
+            price_msat: None,
             channel: None,
         })
     }
@@ -523,39 +531,53 @@ impl<S: ClientStore> Payer<S> {
             .ok_or_else(|| misbehaved("funding fee rate"))?;
         let psbt =
             wallet.fund(funding_output.clone(), fee_rate).await.map_err(ClientError::Wallet)?;
-        let outpoint = check_funding_psbt(&psbt, &funding_output)?;
+        // Between the wallet's unsigned funding and its signature: the refund, signed by the
+        // server and verified before anything else is signed, then saved with the first
+        // payment. On failure the wallet gets its coins back.
+        let prepared = async {
+            let outpoint = check_funding_psbt(&psbt, &funding_output)?;
 
-        // The refund, signed by the server and verified before anything else is signed.
-        let refund = params.build_refund(outpoint, params.refund_fee());
-        let signed = self
-            .call(
-                transport,
-                Method::POST,
-                &terms.endpoints.refund,
-                Some(json!({
-                    "proposal": proposal.proposal,
-                    "funding_tx": serialize_hex(&psbt.unsigned_tx),
-                    "refund_tx": serialize_hex(&refund),
-                })),
-                None,
-            )
-            .await?;
-        let signature = signed["signature"]
-            .as_str()
-            .and_then(|hex| Vec::<u8>::from_hex(hex).ok())
-            .and_then(|bytes| ecdsa::Signature::from_slice(&bytes).ok())
-            .ok_or(ClientError::InvalidRefundSignature)?;
-        params
-            .verify_refund_signature(&refund, &signature)
-            .map_err(|_| ClientError::InvalidRefundSignature)?;
-        let refund = params
-            .complete_refund(&refund, &client_secret, &signature)
-            .map_err(ClientError::Sign)?;
+            // The refund, signed by the server and verified before anything else is signed.
+            let refund = params.build_refund(outpoint, params.refund_fee());
+            let signed = self
+                .call(
+                    transport,
+                    Method::POST,
+                    &terms.endpoints.refund,
+                    Some(json!({
+                        "proposal": proposal.proposal,
+                        "funding_tx": serialize_hex(&psbt.unsigned_tx),
+                        "refund_tx": serialize_hex(&refund),
+                    })),
+                    None,
+                )
+                .await?;
+            let signature = signed["signature"]
+                .as_str()
+                .and_then(|hex| Vec::<u8>::from_hex(hex).ok())
+                .and_then(|bytes| ecdsa::Signature::from_slice(&bytes).ok())
+                .ok_or(ClientError::InvalidRefundSignature)?;
+            params
+                .verify_refund_signature(&refund, &signature)
+                .map_err(|_| ClientError::InvalidRefundSignature)?;
+            let refund = params
+                .complete_refund(&refund, &client_secret, &signature)
+                .map_err(ClientError::Sign)?;
 
-        // The refund and the first payment are saved before T1 is signed or leaves the client.
-        let mut channel = ClientChannel::new(params.at(outpoint), key_index, refund);
-        channel.server = inner.origin.clone();
-        let header = channel.pay(&inner.store, &client_secret, first).await?;
+            // The refund and the first payment are saved before T1 is signed or leaves.
+            let mut channel = ClientChannel::new(params.at(outpoint), key_index, refund);
+            channel.server = inner.origin.clone();
+            let header = channel.pay(&inner.store, &client_secret, first).await?;
+            Ok::<_, ClientError>((channel, header, outpoint))
+        }
+        .await;
+        let (channel, header, outpoint) = match prepared {
+            Ok(prepared) => prepared,
+            Err(e) => {
+                wallet.release(&psbt);
+                return Err(e);
+            }
+        };
         let signed = wallet.sign(psbt).await.map_err(ClientError::Wallet)?;
         let funding = extract_funding(signed, outpoint)?;
         self.call(
@@ -607,6 +629,10 @@ impl<S: ClientStore> Payer<S> {
         problem: Problem,
         acted: &mut Acted,
     ) -> Result<(), ClientError> {
+        // Check the price before paying anything, for a new channel as for a top-up.
+        if let Some(price) = problem.price_msat.or(problem.channel.as_ref().map(|c| c.price_msat)) {
+            self.inner.policy.check_price(price).map_err(ClientError::Policy)?;
+        }
         let mut state = self.state().await?;
         // Another request changed the channel meanwhile: retry with its payment.
         if self.read_current().as_ref().map(|s| (s.id, s.paid)) != sent.map(|s| (s.id, s.paid)) {
@@ -620,10 +646,10 @@ impl<S: ClientStore> Payer<S> {
         };
         match problem.code.as_str() {
             "insufficient-balance" if top_up => {
-                if acted.topped_up {
+                if acted.top_ups >= MAX_TOP_UPS {
                     return Err(problem.into_error(status));
                 }
-                acted.topped_up = true;
+                acted.top_ups += 1;
                 let snapshot = problem.channel.as_ref().expect("checked above");
                 self.top_up_locked(&mut state, snapshot).await
             }
@@ -660,8 +686,13 @@ impl<S: ClientStore> Payer<S> {
             .map_or(Amount::MAX, MilliSats::to_sat_ceil)
             .checked_add(policy.max_prepaid())
             .unwrap_or(Amount::MAX);
-        let target =
-            suggested.min(bound.max(min)).min(channel.channel.params().max_server_amount());
+        // Within the budget, prefer the suggestion; the minimum is the least that works.
+        let room = policy.max_total().checked_sub(state.committed).unwrap_or(Amount::ZERO);
+        let target = suggested
+            .min(bound.max(min))
+            .min(channel.channel.params().max_server_amount())
+            .min(paid.checked_add(room).unwrap_or(Amount::MAX))
+            .max(min);
         if target <= paid {
             // The server has not seen our latest payment yet: sending it again is enough.
             return Ok(());

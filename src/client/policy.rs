@@ -67,6 +67,11 @@ impl SpendingPolicy {
         self
     }
 
+    /// The most the client pays servers in total.
+    pub fn max_total(&self) -> Amount {
+        self.max_total
+    }
+
     /// The most a top-up pays beyond what the refused request needs (servers suggest prepaying
     /// a bundle; this bounds it).
     pub fn with_max_prepaid(mut self, max: Amount) -> Self {

@@ -32,13 +32,19 @@ pub trait Transport: Send + Sync {
 /// ```
 /// use bytes::Bytes;
 /// use http::{Request, Response};
-/// use paychan::client::ServiceTransport;
+/// use http_body_util::Full;
+/// use paychan::client::{ServiceTransport, Transport};
 ///
-/// let echo = tower::service_fn(|request: Request<http_body_util::Full<Bytes>>| async move {
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let echo = tower::service_fn(|request: Request<Full<Bytes>>| async move {
 ///     Ok::<_, std::convert::Infallible>(Response::new(request.into_body()))
 /// });
-/// let transport = ServiceTransport::new(echo);
-/// # let _ = transport;
+/// let transport = ServiceTransport::<_, Full<Bytes>>::new(echo);
+/// let request = Request::post("http://example.com/").body(Bytes::from("ping")).unwrap();
+/// let response = transport.send(request).await.unwrap();
+/// assert_eq!(response.body(), "ping");
+/// # }
 /// ```
 pub struct ServiceTransport<S, ReqBody> {
     service: Mutex<S>,

@@ -34,6 +34,13 @@ pub trait Wallet: Send + Sync + fmt::Debug {
 
     /// Signs and finalises every input of `psbt`.
     fn sign(&self, psbt: Psbt) -> WalletFuture<'_, Psbt>;
+
+    /// Gives back the coins of a funding [`fund`](Self::fund) built and the client abandoned
+    /// without asking for signatures (the server refused, or its refund signature was wrong).
+    /// The default does nothing.
+    fn release(&self, psbt: &Psbt) {
+        let _ = psbt;
+    }
 }
 
 /// A wallet failed to fund or sign.
@@ -215,6 +222,15 @@ impl KeyWallet {
 use bitcoin::hashes::Hash as _;
 
 impl Wallet for KeyWallet {
+    fn release(&self, psbt: &Psbt) {
+        let inputs = psbt.unsigned_tx.input.iter().zip(&psbt.inputs);
+        for (input, coin) in inputs {
+            if let Some(coin) = &coin.witness_utxo {
+                self.add_coin(input.previous_output, coin.clone());
+            }
+        }
+    }
+
     fn fund(&self, output: TxOut, fee_rate: FeeRate) -> WalletFuture<'_, Psbt> {
         let result = self.select(output, fee_rate);
         Box::pin(async move { result })

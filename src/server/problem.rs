@@ -165,6 +165,7 @@ impl ChannelSnapshot {
 pub struct Rejection {
     kind: RejectionKind,
     channel: Option<ChannelSnapshot>,
+    price: Option<MilliSats>,
 }
 
 #[derive(Serialize)]
@@ -175,13 +176,26 @@ struct Body<'a> {
     detail: String,
     code: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
+    price_msat: Option<MilliSats>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     channel: Option<&'a ChannelSnapshot>,
     terms: &'a str,
 }
 
 impl Rejection {
     pub(crate) fn new(kind: RejectionKind, channel: Option<ChannelSnapshot>) -> Self {
-        Self { kind, channel }
+        Self { kind, channel, price: None }
+    }
+
+    /// Records the price of the refused request (a client checks it before paying).
+    pub(crate) fn with_price(mut self, price: MilliSats) -> Self {
+        self.price = Some(price);
+        self
+    }
+
+    /// The price of the refused request, when it was priced.
+    pub fn price(&self) -> Option<MilliSats> {
+        self.price
     }
 
     /// Why the request was refused.
@@ -203,6 +217,7 @@ impl Rejection {
             status: status.as_u16(),
             detail: self.kind.to_string(),
             code: self.kind.code(),
+            price_msat: self.price,
             channel: self.channel.as_ref(),
             terms: terms_url,
         };
@@ -227,6 +242,9 @@ impl Rejection {
             "Payment method=\"bitcoin-channel\", intent=\"session\", code=\"{}\", terms=\"{terms_url}\"",
             self.kind.code()
         );
+        if let Some(price) = self.price {
+            challenge.push_str(&format!(", price_msat=\"{}\"", price.to_msat()));
+        }
         if let Some(snapshot) = &self.channel {
             challenge.push_str(&format!(", channel=\"{}\"", snapshot.channel));
             if let Some(min) = snapshot.min_server_amount_sat {

@@ -172,6 +172,7 @@ impl<St: ChannelStore, P> Config<St, P> {
     ) -> Result<Paid, Rejection> {
         let reject = |kind, record: Option<&ChannelRecord>| {
             Rejection::new(kind, record.map(|r| ChannelSnapshot::new(r, price, self.bundle)))
+                .with_price(price)
         };
         let header = header.ok_or_else(|| reject(RejectionKind::PaymentRequired, None))?;
         if let Some(id) = self.verified.get(&header).map(|id| *id) {
@@ -187,7 +188,8 @@ impl<St: ChannelStore, P> Config<St, P> {
         let record = self
             .store
             .load(id)
-            .await?
+            .await
+            .map_err(|e| Rejection::from(e).with_price(price))?
             .ok_or_else(|| reject(RejectionKind::UnknownChannel, None))?;
         if record.state != ChannelState::Open {
             return Err(reject(RejectionKind::ChannelNotOpen(record.state), Some(&record)));
@@ -197,7 +199,11 @@ impl<St: ChannelStore, P> Config<St, P> {
             match record.channel.check_payment(record.best.as_ref(), &payment, tip) {
                 // Stale means a concurrent request stored an even better payment: fine.
                 Ok(PaymentCheck::Increase { .. }) => {
-                    let _stored_or_stale = self.store.store_payment(id, payment).await?;
+                    let _stored_or_stale = self
+                        .store
+                        .store_payment(id, payment)
+                        .await
+                        .map_err(|e| Rejection::from(e).with_price(price))?;
                 }
                 Ok(PaymentCheck::Repeat) => {}
                 // An older payment of this channel (it raced a top-up): identification only.
@@ -222,12 +228,19 @@ impl<St: ChannelStore, P> Config<St, P> {
         price: MilliSats,
         record: Option<ChannelRecord>,
     ) -> Result<Paid, Rejection> {
-        let kind = match self.store.debit(id, price).await? {
+        let kind = match self
+            .store
+            .debit(id, price)
+            .await
+            .map_err(|e| Rejection::from(e).with_price(price))?
+        {
             Debit::Debited { balance } => return Ok(Paid { channel: id, price, balance }),
             Debit::Insufficient { .. } => RejectionKind::InsufficientBalance,
             Debit::NotOpen { state } => RejectionKind::ChannelNotOpen(state),
         };
-        let record = self.store.load(id).await?.or(record);
-        Err(Rejection::new(kind, record.map(|r| ChannelSnapshot::new(&r, price, self.bundle))))
+        let record =
+            self.store.load(id).await.map_err(|e| Rejection::from(e).with_price(price))?.or(record);
+        Err(Rejection::new(kind, record.map(|r| ChannelSnapshot::new(&r, price, self.bundle)))
+            .with_price(price))
     }
 }

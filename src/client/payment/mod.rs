@@ -5,5 +5,6 @@ mod layer;
 mod service;
 
 pub use layer::PaymentLayer;
+#[cfg(feature = "reqwest")]
 pub(crate) use service::{MAX_ATTEMPTS, balance};
 pub use service::{PaymentService, ResponseFuture};

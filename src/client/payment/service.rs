@@ -12,9 +12,9 @@ use crate::client::transport::read_body;
 use crate::client::{ClientError, ClientStore, Closed, MemoryClientStore, Payer, ServiceTransport};
 use crate::wire::{ChannelId, PAYMENT_CHANNEL, PAYMENT_CHANNEL_BALANCE};
 
-/// How often one request is sent at most: the first try, after opening a channel, after a
-/// top-up.
-pub(crate) const MAX_ATTEMPTS: usize = 3;
+/// How often one request is sent at most: the first try, then after opening a channel, after
+/// a top-up, or with a payment a concurrent request made meanwhile.
+pub(crate) const MAX_ATTEMPTS: usize = 4;
 
 /// The service [`PaymentLayer`](super::PaymentLayer) produces.
 ///

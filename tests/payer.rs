@@ -1,0 +1,527 @@
+//! The paying client over real loopback HTTP: `Payer` behind `PaymentLayer` (hyper-util) and
+//! `PaymentMiddleware` (reqwest), against the server's layer on the simulated chain.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::middleware::{Next, from_fn_with_state};
+use axum::response::Response;
+use axum::routing::get;
+use bitcoin::bip32::Xpriv;
+use bitcoin::secp256k1::{Message, Secp256k1};
+use bitcoin::{Amount, Network, OutPoint};
+use bytes::Bytes;
+use common::http::serve;
+use common::{p2wpkh, secret};
+use http::StatusCode;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use paychan::MilliSats;
+use paychan::chain::sim::SimulatedChain;
+use paychan::chain::{TxStatus, follow_tip, policy};
+use paychan::channel::{LifetimeBounds, Terms};
+use paychan::client::{
+    ClientError, ClientStore, FileClientStore, KeyWallet, MemoryClientStore, Payer, PaymentLayer,
+    PaymentService, PolicyRefusal, ServiceTransport, SpendingPolicy,
+};
+use paychan::server::{Negotiation, PaywallLayer};
+use paychan::store::MemoryStore;
+use paychan::wire::PAYMENT_CHANNEL;
+use serde_json::Value;
+use tower::{Service, ServiceBuilder, ServiceExt};
+
+const PRICE: MilliSats = MilliSats::from_msat(150_000);
+const WALLET: Amount = Amount::from_sat(500_000);
+
+type Edit = fn(&mut Value);
+type Expect = fn(&PolicyRefusal) -> bool;
+
+/// Rewrites the JSON answer of one endpoint: a server that lies.
+#[derive(Clone, Copy)]
+struct Tamper {
+    path: &'static str,
+    edit: Edit,
+}
+
+async fn tamper(State(t): State<Option<Tamper>>, request: Request, next: Next) -> Response {
+    let hit = t.filter(|t| request.uri().path() == t.path);
+    let response = next.run(request).await;
+    let Some(t) = hit else { return response };
+    let (mut parts, body) = response.into_parts();
+    let bytes = axum::body::to_bytes(body, 1 << 20).await.expect("body");
+    let mut value: Value = serde_json::from_slice(&bytes).expect("json");
+    (t.edit)(&mut value);
+    parts.headers.remove(http::header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from(value.to_string()))
+}
+
+/// The default policy, accepting this server's price.
+fn policy() -> SpendingPolicy {
+    SpendingPolicy::default().with_max_per_request(MilliSats::from_msat(200_000))
+}
+
+struct Server {
+    chain: SimulatedChain,
+    origin: String,
+}
+
+async fn server_with(terms: Terms, bundle: Amount, lie: Option<Tamper>) -> Server {
+    let chain = SimulatedChain::new();
+    let master = Xpriv::new_master(Network::Regtest, &[0x5e; 32]).unwrap();
+    let negotiation =
+        Negotiation::new(Network::Regtest, terms, master, p2wpkh(&secret(2)), chain.clone());
+    let tip = follow_tip(chain.clone(), Duration::from_millis(50)).await.unwrap();
+    let paywall = PaywallLayer::new(MemoryStore::new(), PRICE, tip)
+        .with_bundle(MilliSats::from_sat(bundle).unwrap())
+        .with_negotiation(negotiation);
+    let app = Router::new()
+        .route("/work", get(|| async { "done" }))
+        .layer(paywall)
+        .layer(from_fn_with_state(lie, tamper));
+    let addr = serve(app).await;
+    Server { chain, origin: format!("http://{addr}") }
+}
+
+async fn server() -> Server {
+    server_with(Terms::default(), Amount::from_sat(1_000), None).await
+}
+
+type Http = Client<HttpConnector, Full<Bytes>>;
+
+/// An HTTP client that counts the 402s it receives.
+#[derive(Clone)]
+struct Counting {
+    http: Http,
+    refusals: Arc<AtomicUsize>,
+}
+
+impl Service<http::Request<Full<Bytes>>> for Counting {
+    type Response = http::Response<hyper::body::Incoming>;
+    type Error = hyper_util::client::legacy::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Full<Bytes>>) -> Self::Future {
+        let (http, refusals) = (self.http.clone(), Arc::clone(&self.refusals));
+        Box::pin(async move {
+            let response = http.request(request).await?;
+            if response.status() == StatusCode::PAYMENT_REQUIRED {
+                refusals.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok(response)
+        })
+    }
+}
+
+struct Wallet {
+    wallet: KeyWallet,
+}
+
+fn funded_wallet(chain: &SimulatedChain) -> Wallet {
+    let wallet = KeyWallet::new(secret(0x33));
+    let coin = chain.faucet(wallet.script_pubkey(), WALLET);
+    wallet.add_coin(coin, chain.utxo(&coin).unwrap());
+    Wallet { wallet }
+}
+
+fn payer_with<S: ClientStore>(
+    server: &Server,
+    wallet: &Wallet,
+    store: S,
+    policy: SpendingPolicy,
+) -> Payer<S> {
+    let key = Xpriv::new_master(Network::Regtest, &[0x11; 32]).unwrap();
+    Payer::builder(&server.origin, Network::Regtest, key)
+        .store(store)
+        .wallet(wallet.wallet.clone())
+        .channel_value(Amount::from_sat(50_000))
+        .policy(policy)
+        .build()
+        .unwrap()
+}
+
+fn paying_client<S: ClientStore + 'static>(
+    payer: &Payer<S>,
+) -> (PaymentService<Counting, S>, Arc<AtomicUsize>) {
+    let refusals = Arc::new(AtomicUsize::new(0));
+    let http = Client::builder(TokioExecutor::new()).build_http();
+    let inner = Counting { http, refusals: Arc::clone(&refusals) };
+    (ServiceBuilder::new().layer(PaymentLayer::new(payer.clone())).service(inner), refusals)
+}
+
+async fn get_work<S: ClientStore + 'static>(
+    client: &mut PaymentService<Counting, S>,
+    origin: &str,
+) -> Result<(StatusCode, String), ClientError> {
+    let request = http::Request::get(format!("{origin}/work")).body(Full::default()).unwrap();
+    let response = client.ready().await?.call(request).await?;
+    let status = response.status();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// The server's view of a channel.
+async fn server_channel(server: &Server, id: &str) -> Value {
+    let http: Http = Client::builder(TokioExecutor::new()).build_http();
+    let uri = format!("{}/payment-channel/channels/{id}", server.origin);
+    let response = http.get(uri.parse().unwrap()).await.unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    serde_json::from_slice(&body).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opens_on_the_first_402_tops_up_and_settles_exactly() {
+    let server = server().await;
+    let wallet = funded_wallet(&server.chain);
+    let payer = payer_with(&server, &wallet, MemoryClientStore::new(), policy());
+    let (mut client, refusals) = paying_client(&payer);
+    for _ in 0..20 {
+        let (status, body) = get_work(&mut client, &server.origin).await.unwrap();
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "done"));
+    }
+    // One 402 to open, then one per exhausted prepaid bundle (294 sat, then 1 000 sat more).
+    let metered = PRICE.checked_mul(20).unwrap().to_sat_ceil();
+    let committed = payer.committed().await.unwrap();
+    assert!(committed >= metered, "{committed} paid for {metered} of work");
+    assert!(committed <= metered + Amount::from_sat(1_000) + PRICE.to_sat_ceil());
+    assert!(refusals.load(Ordering::SeqCst) >= 2);
+    let channel = payer.channel().await.unwrap().expect("a channel");
+    let view = server_channel(&server, &channel.id().to_string()).await;
+    assert_eq!(view["paid_msat"], committed.to_sat() * 1_000);
+    assert_eq!(view["spent_msat"], metered.to_sat() * 1_000);
+
+    let closed = client.close().await.unwrap();
+    assert_eq!(closed.server_amount, committed);
+    server.chain.mine(1);
+    assert!(matches!(server.chain.tx_status(&closed.txid), TxStatus::Confirmed { .. }));
+    let settlement = server.chain.get_transaction(&closed.txid).unwrap();
+    let funding = server.chain.get_transaction(&channel.channel.outpoint().txid).unwrap();
+    let spent = funding.output[channel.channel.outpoint().vout as usize].clone();
+    settlement.verify(|_| Some(spent.clone())).expect("consensus accepts the settlement");
+    policy::check_standard(&settlement, &[spent]).expect("standard");
+    let out = |vout| server.chain.utxo(&OutPoint::new(closed.txid, vout)).unwrap();
+    assert_eq!(out(0).value, committed, "the server received exactly what was paid");
+    assert_eq!(out(0).script_pubkey, p2wpkh(&secret(2)));
+    assert_eq!(out(1).value, closed.client_amount);
+    assert_eq!(closed.client_amount + committed + closed.fee, Amount::from_sat(50_000));
+    // The channel is retired: the next request opens a new one.
+    assert!(payer.channel().await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_refund_recovers_the_money_after_expiry() {
+    let server = server().await;
+    let wallet = funded_wallet(&server.chain);
+    let key = Xpriv::new_master(Network::Regtest, &[0x11; 32]).unwrap();
+    let payer = Payer::builder(&server.origin, Network::Regtest, key)
+        .policy(policy())
+        .wallet(wallet.wallet.clone())
+        .channel_value(Amount::from_sat(50_000))
+        .lifetime_blocks(150)
+        .build()
+        .unwrap();
+    let (mut client, _) = paying_client(&payer);
+    assert_eq!(get_work(&mut client, &server.origin).await.unwrap().0, StatusCode::OK);
+    server.chain.mine(1);
+    let channel = payer.channel().await.unwrap().unwrap();
+    assert_eq!(channel.refund_if_expired(&server.chain).await.unwrap(), None, "not yet");
+
+    let expiry = channel.channel.params().expiry.to_consensus_u32();
+    server.chain.mine(expiry - server.chain.tip().height);
+    let txid = channel.refund_if_expired(&server.chain).await.unwrap().expect("broadcast");
+    server.chain.mine(1);
+    assert!(matches!(server.chain.tx_status(&txid), TxStatus::Confirmed { .. }));
+    let back = server.chain.utxo(&OutPoint::new(txid, 0)).unwrap();
+    let params = channel.channel.params();
+    assert_eq!(back.value, params.value - params.refund_fee());
+    assert_eq!(back.script_pubkey, params.client_script);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_refund_signature_aborts_before_the_funding_is_signed() {
+    fn forge(answer: &mut Value) {
+        // A well-formed signature, by another key, over another message.
+        let secp = Secp256k1::new();
+        let sig = secp.sign_ecdsa(&Message::from_digest([7; 32]), &secret(0x44));
+        let mut der = sig.serialize_der().to_vec();
+        der.push(1);
+        answer["signature"] = der.iter().map(|b| format!("{b:02x}")).collect::<String>().into();
+    }
+    let lie = Tamper { path: "/payment-channel/refund", edit: forge };
+    let server = server_with(Terms::default(), Amount::from_sat(1_000), Some(lie)).await;
+    let wallet = funded_wallet(&server.chain);
+    let store = MemoryClientStore::new();
+    let payer = payer_with(&server, &wallet, store.clone(), policy());
+    let (mut client, _) = paying_client(&payer);
+    let result = get_work(&mut client, &server.origin).await;
+    assert!(matches!(result, Err(ClientError::InvalidRefundSignature)), "{result:?}");
+    assert!(server.chain.mempool_txids().is_empty(), "no funding was broadcast");
+    assert_eq!(wallet.wallet.balance(), WALLET, "the wallet got its coin back");
+    assert!(store.list().await.unwrap().is_empty(), "no channel was saved");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proposal_that_differs_from_the_request_is_refused() {
+    let lies: [(&str, Edit); 4] = [
+        ("value", |v| v["value_sat"] = (v["value_sat"].as_u64().unwrap() + 1).into()),
+        ("expiry", |v| v["expiry"] = (v["expiry"].as_u64().unwrap() + 1).into()),
+        ("witness_script", |v| v["witness_script"] = "5151ae".into()),
+        ("client_script", |v| {
+            v["client_script"] = p2wpkh(&secret(0x66)).to_hex_string().into();
+        }),
+    ];
+    for (what, edit) in lies {
+        let lie = Tamper { path: "/payment-channel/open", edit };
+        let server = server_with(Terms::default(), Amount::from_sat(1_000), Some(lie)).await;
+        let wallet = funded_wallet(&server.chain);
+        let payer = payer_with(&server, &wallet, MemoryClientStore::new(), policy());
+        let (mut client, _) = paying_client(&payer);
+        let result = get_work(&mut client, &server.origin).await;
+        assert!(matches!(result, Err(ClientError::ServerMisbehaved(_))), "{what}: {result:?}");
+        assert_eq!(wallet.wallet.balance(), WALLET, "{what}: nothing was funded");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terms_beyond_the_policy_are_refused_before_anything_is_funded() {
+    let mut large = Terms::default();
+    large.min_value = Amount::from_sat(200_000);
+    large.max_value = Amount::from_sat(300_000);
+    let mut long = Terms::default();
+    long.blocks = LifetimeBounds { min: 5_000, max: 6_000, close_margin: 36 };
+    let cases: [(Terms, Expect); 2] = [
+        (large, |r| matches!(r, PolicyRefusal::ChannelTooLarge { .. })),
+        (long, |r| matches!(r, PolicyRefusal::LifetimeTooLong { blocks: 5_000, max: 4_320 })),
+    ];
+    for (terms, expected) in cases {
+        let server = server_with(terms, Amount::from_sat(1_000), None).await;
+        let wallet = funded_wallet(&server.chain);
+        let payer = payer_with(&server, &wallet, MemoryClientStore::new(), policy());
+        let (mut client, _) = paying_client(&payer);
+        match get_work(&mut client, &server.origin).await {
+            Err(ClientError::Policy(refusal)) => assert!(expected(&refusal), "{refusal:?}"),
+            other => panic!("expected a policy refusal, got {other:?}"),
+        }
+        assert_eq!(wallet.wallet.balance(), WALLET);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_limits_are_typed_refusals() {
+    // Auto-open off: the first 402 is a refusal; an explicit open is allowed.
+    let server = server().await;
+    let wallet = funded_wallet(&server.chain);
+    let off = policy().with_auto_open(false);
+    let payer = payer_with(&server, &wallet, MemoryClientStore::new(), off);
+    let (mut client, _) = paying_client(&payer);
+    let result = get_work(&mut client, &server.origin).await;
+    assert!(matches!(result, Err(ClientError::Policy(PolicyRefusal::AutoOpenDisabled))));
+    client.open().await.unwrap();
+    assert_eq!(get_work(&mut client, &server.origin).await.unwrap().0, StatusCode::OK);
+
+    // A price above the per-request maximum.
+    let cheap = SpendingPolicy::default().with_max_per_request(MilliSats::from_msat(100_000));
+    let payer = payer_with(&server, &funded_wallet(&server.chain), MemoryClientStore::new(), cheap);
+    let (mut client, _) = paying_client(&payer);
+    let result = get_work(&mut client, &server.origin).await;
+    assert!(matches!(result, Err(ClientError::Policy(PolicyRefusal::PriceTooHigh { .. }))));
+
+    // The total budget: never exceeded, and the request that would exceed it is refused.
+    let budget = policy().with_max_total(Amount::from_sat(1_000));
+    let payer =
+        payer_with(&server, &funded_wallet(&server.chain), MemoryClientStore::new(), budget);
+    let (mut client, _) = paying_client(&payer);
+    let mut served = 0;
+    let refusal = loop {
+        match get_work(&mut client, &server.origin).await {
+            Ok((StatusCode::OK, _)) => served += 1,
+            other => break other,
+        }
+        assert!(served < 100, "the budget must end this");
+    };
+    assert!(
+        matches!(refusal, Err(ClientError::Policy(PolicyRefusal::BudgetExhausted { .. }))),
+        "{refusal:?}"
+    );
+    assert!(payer.committed().await.unwrap() <= Amount::from_sat(1_000));
+    assert!(served >= 6, "1 000 sat pay for six requests at 150 sat, served {served}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_share_one_channel_and_never_overpay() {
+    // The server suggests prepaying 6 000 sat, the client allows it: one top-up serves all.
+    let server = server_with(Terms::default(), Amount::from_sat(6_000), None).await;
+    let wallet = funded_wallet(&server.chain);
+    let policy = policy().with_max_prepaid(Amount::from_sat(6_000));
+    let payer = payer_with(&server, &wallet, MemoryClientStore::new(), policy);
+    let (client, _) = paying_client(&payer);
+    let tasks: Vec<_> = (0..32)
+        .map(|_| {
+            let mut client = client.clone();
+            let origin = server.origin.clone();
+            tokio::spawn(async move { get_work(&mut client, &origin).await })
+        })
+        .collect();
+    for task in tasks {
+        let (status, body) = task.await.unwrap().unwrap();
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let channel = payer.channel().await.unwrap().unwrap();
+    let committed = payer.committed().await.unwrap();
+    assert_eq!(committed, channel.paid(), "one channel, opened once");
+    let metered = PRICE.checked_mul(32).unwrap().to_sat_ceil();
+    assert!(committed <= metered + Amount::from_sat(6_000) + PRICE.to_sat_ceil(), "{committed}");
+    let view = server_channel(&server, &channel.id().to_string()).await;
+    assert_eq!(view["paid_msat"], committed.to_sat() * 1_000);
+    assert_eq!(view["spent_msat"], metered.to_sat() * 1_000);
+    let funding_fee = WALLET - wallet.wallet.balance() - Amount::from_sat(50_000);
+    assert!(funding_fee < Amount::from_sat(1_000), "one funding, fee {funding_fee}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_low_balance_is_topped_up_before_the_next_402() {
+    let server = server().await;
+    let wallet = funded_wallet(&server.chain);
+    let key = Xpriv::new_master(Network::Regtest, &[0x11; 32]).unwrap();
+    let payer = Payer::builder(&server.origin, Network::Regtest, key)
+        .policy(policy())
+        .wallet(wallet.wallet.clone())
+        .channel_value(Amount::from_sat(50_000))
+        .top_up_below(MilliSats::from_msat(400_000), Amount::from_sat(1_000))
+        .build()
+        .unwrap();
+    let (mut client, refusals) = paying_client(&payer);
+    client.open().await.unwrap();
+    for _ in 0..25 {
+        assert_eq!(get_work(&mut client, &server.origin).await.unwrap().0, StatusCode::OK);
+    }
+    assert_eq!(refusals.load(Ordering::SeqCst), 0, "the balance never ran out");
+    let committed = payer.committed().await.unwrap();
+    let metered = PRICE.checked_mul(25).unwrap().to_sat_ceil();
+    assert!(committed >= metered && committed <= metered + Amount::from_sat(1_400));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_client_resumes_its_channel_from_a_file_store() {
+    let dir = std::env::temp_dir().join(format!("paychan-payer-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let server = server().await;
+    let wallet = funded_wallet(&server.chain);
+    let store = FileClientStore::open(&dir).unwrap();
+    let payer = payer_with(&server, &wallet, store, policy());
+    let (mut client, _) = paying_client(&payer);
+    for _ in 0..3 {
+        assert_eq!(get_work(&mut client, &server.origin).await.unwrap().0, StatusCode::OK);
+    }
+    let before = payer.channel().await.unwrap().unwrap();
+    drop((client, payer));
+
+    let payer = payer_with(&server, &wallet, FileClientStore::open(&dir).unwrap(), policy());
+    let (mut client, refusals) = paying_client(&payer);
+    assert_eq!(payer.channel().await.unwrap(), Some(before.clone()));
+    assert_eq!(payer.committed().await.unwrap(), before.paid());
+    assert_eq!(get_work(&mut client, &server.origin).await.unwrap().0, StatusCode::OK);
+    assert_eq!(refusals.load(Ordering::SeqCst), 0, "no new channel was needed");
+    // A second channel gets a key index of its own.
+    client.open().await.unwrap();
+    let second = payer.channel().await.unwrap().unwrap();
+    assert_ne!(second.key_index, before.key_index);
+    assert_ne!(second.channel.params().client_key, before.channel.params().client_key);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_to_other_servers_carry_no_payment() {
+    let server = server().await;
+    let wallet = funded_wallet(&server.chain);
+    let payer = payer_with(&server, &wallet, MemoryClientStore::new(), policy());
+    let (mut client, _) = paying_client(&payer);
+    assert_eq!(get_work(&mut client, &server.origin).await.unwrap().0, StatusCode::OK);
+    let other = serve(Router::new().route(
+        "/work",
+        get(|headers: http::HeaderMap| async move {
+            format!("header: {}", headers.contains_key(PAYMENT_CHANNEL))
+        }),
+    ))
+    .await;
+    let (status, body) = get_work(&mut client, &format!("http://{other}")).await.unwrap();
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "header: false"));
+    assert!(matches!(
+        Payer::builder(
+            "ftp://example.com",
+            Network::Regtest,
+            Xpriv::new_master(Network::Regtest, &[1; 32]).unwrap()
+        )
+        .build(),
+        Err(ClientError::InvalidOrigin(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_wallet_no_channel_is_opened() {
+    let server = server().await;
+    let key = Xpriv::new_master(Network::Regtest, &[0x11; 32]).unwrap();
+    let payer =
+        Payer::builder(&server.origin, Network::Regtest, key).policy(policy()).build().unwrap();
+    let (mut client, _) = paying_client(&payer);
+    let result = get_work(&mut client, &server.origin).await;
+    assert!(matches!(result, Err(ClientError::NoWallet)), "{result:?}");
+    let result =
+        payer.close(&ServiceTransport::<_, Full<Bytes>>::new(client.get_ref().clone())).await;
+    assert!(matches!(result, Err(ClientError::NoChannel)), "{result:?}");
+}
+
+#[cfg(feature = "reqwest")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reqwest_middleware_pays_like_the_layer() {
+    use paychan::client::PaymentMiddleware;
+
+    let server = server().await;
+    let wallet = funded_wallet(&server.chain);
+    let payer = payer_with(&server, &wallet, MemoryClientStore::new(), policy());
+    let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+        .with(PaymentMiddleware::new(payer.clone()))
+        .build();
+    for _ in 0..10 {
+        let response = client.get(format!("{}/work", server.origin)).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.text().await.unwrap(), "done");
+    }
+    let metered = PRICE.checked_mul(10).unwrap().to_sat_ceil();
+    let committed = payer.committed().await.unwrap();
+    assert!(committed >= metered && committed <= metered + Amount::from_sat(1_150));
+
+    let closed = payer.close(&reqwest::Client::new()).await.unwrap();
+    assert_eq!(closed.server_amount, committed);
+    server.chain.mine(1);
+    assert!(matches!(server.chain.tx_status(&closed.txid), TxStatus::Confirmed { .. }));
+
+    // A policy refusal comes back as the middleware's error.
+    let payer = payer_with(
+        &server,
+        &funded_wallet(&server.chain),
+        MemoryClientStore::new(),
+        policy().with_auto_open(false),
+    );
+    let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+        .with(PaymentMiddleware::new(payer))
+        .build();
+    let error = client.get(format!("{}/work", server.origin)).send().await.unwrap_err();
+    assert!(error.to_string().contains("automatically"), "{error}");
+}
