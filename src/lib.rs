@@ -15,12 +15,19 @@
 //!   and (feature `sim`) a simulated chain that checks every input with Bitcoin Core's
 //!   consensus interpreter.
 //! * [`MilliSats`] — prices and allocations at millisatoshi granularity.
+//! * [`server`] — `PaywallLayer`, the tower middleware that meters requests, and the
+//!   negotiation endpoints; [`store`] — where the server keeps its channels.
+//! * [`client`] — `Payer` and `PaymentLayer`: open channels, pay per request, top up on 402.
 //!
 //! # Features
 //!
 //! * `sim` — [`chain::sim::SimulatedChain`] and with it rust-bitcoin's `bitcoinconsensus`
 //!   (Bitcoin Core's C++ script interpreter). Off by default; the tests, examples and benches
 //!   turn it on.
+//! * `sqlite`, `postgres`, `redis` — the durable channel stores.
+//! * `bitcoind`, `esplora` — the Bitcoin Core JSON-RPC and Esplora chain backends.
+//! * `reqwest` — `client::PaymentMiddleware` for `reqwest-middleware` (reqwest without TLS:
+//!   enable the TLS you want on your own reqwest dependency).
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod chain;
