@@ -79,6 +79,10 @@ struct State {
     mempool_spent: HashSet<OutPoint>,
     /// Mempool transactions in arrival order.
     mempool: Vec<Transaction>,
+    /// The fee of every mempool transaction.
+    fees: HashMap<Txid, Amount>,
+    /// The lowest ancestor-package fee rate a block takes.
+    block_min_fee_rate: FeeRate,
     /// Confirmed transactions and their heights.
     confirmed: HashMap<Txid, (u32, Transaction)>,
     fee_rate: FeeRate,
@@ -122,6 +126,8 @@ impl SimulatedChain {
                 coins: HashMap::new(),
                 mempool_spent: HashSet::new(),
                 mempool: Vec::new(),
+                fees: HashMap::new(),
+                block_min_fee_rate: FeeRate::ZERO,
                 confirmed: HashMap::new(),
                 fee_rate: FeeRate::from_sat_per_vb_u32(2),
                 faucet_counter: 0,
@@ -251,11 +257,15 @@ impl SimulatedChain {
                 .insert(OutPoint { txid, vout }, Coin { output: output.clone(), height: None });
         }
         state.mempool.push(tx.clone());
+        state.fees.insert(txid, fee);
         Ok(txid)
     }
 
-    /// Mines `n` blocks, 600 seconds apart. Each block takes every mempool transaction that is
-    /// final for it. Returns the txids confirmed.
+    /// Mines `n` blocks, 600 seconds apart. Each block takes the mempool transactions that are
+    /// final for it and whose ancestor package (the transaction with its unconfirmed mempool
+    /// ancestors, as Bitcoin Core's ancestor-score mining) pays at least the
+    /// [block minimum fee rate](Self::set_block_min_fee_rate) — so a child paying for its
+    /// parent (CPFP) confirms both. Returns the txids confirmed.
     pub fn mine(&self, n: u32) -> Vec<Txid> {
         let mut state = self.lock();
         let mut confirmed = Vec::new();
@@ -264,12 +274,10 @@ impl SimulatedChain {
             let time = state.times.last().copied().unwrap_or(GENESIS_TIME) + 600;
             let mtp = state.tip().median_time_past;
             state.times.push(time);
-            let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut state.mempool)
-                .into_iter()
-                .partition(|tx| is_final(tx, height, mtp));
-            state.mempool = waiting;
-            for tx in ready {
+            for tx in select_block(&state, height, mtp) {
                 let txid = tx.compute_txid();
+                state.mempool.retain(|m| m.compute_txid() != txid);
+                state.fees.remove(&txid);
                 for input in &tx.input {
                     state.mempool_spent.remove(&input.previous_output);
                     state.coins.remove(&input.previous_output);
@@ -285,6 +293,43 @@ impl SimulatedChain {
             }
         }
         confirmed
+    }
+
+    /// Sets the lowest fee rate a block takes (default zero: every final transaction). Raise
+    /// it to leave low-fee transactions waiting in the mempool, as on a busy network.
+    pub fn set_block_min_fee_rate(&self, rate: FeeRate) {
+        self.lock().block_min_fee_rate = rate;
+    }
+
+    /// Mines one block containing `tx` although it conflicts with mempool transactions, as a
+    /// miner that never saw them would: the conflicting transactions and their descendants
+    /// leave the mempool (a double spend). `tx` must otherwise be valid.
+    ///
+    /// # Errors
+    ///
+    /// As [`submit`](Self::submit), after the conflicts were evicted.
+    pub fn mine_double_spend(&self, tx: &Transaction) -> Result<Txid, ChainError> {
+        {
+            let mut state = self.lock();
+            let conflicts: Vec<Txid> = state
+                .mempool
+                .iter()
+                .filter(|m| {
+                    m.input
+                        .iter()
+                        .any(|i| tx.input.iter().any(|t| t.previous_output == i.previous_output))
+                })
+                .map(Transaction::compute_txid)
+                .collect();
+            for txid in conflicts {
+                evict(&mut state, txid);
+            }
+        }
+        let txid = self.submit(tx)?;
+        let rate = std::mem::replace(&mut self.lock().block_min_fee_rate, FeeRate::ZERO);
+        self.mine(1);
+        self.lock().block_min_fee_rate = rate;
+        Ok(txid)
     }
 
     /// Reports where `txid` stands.
@@ -329,6 +374,88 @@ impl SimulatedChain {
     pub fn set_fee_rate(&self, rate: FeeRate) {
         self.lock().fee_rate = rate;
     }
+}
+
+/// Removes a mempool transaction and, first, its mempool descendants.
+fn evict(state: &mut State, txid: Txid) {
+    let Some(position) = state.mempool.iter().position(|m| m.compute_txid() == txid) else {
+        return;
+    };
+    let tx = state.mempool[position].clone();
+    let children: Vec<Txid> = state
+        .mempool
+        .iter()
+        .filter(|m| m.input.iter().any(|i| i.previous_output.txid == txid))
+        .map(Transaction::compute_txid)
+        .collect();
+    for child in children {
+        evict(state, child);
+    }
+    state.mempool.retain(|m| m.compute_txid() != txid);
+    state.fees.remove(&txid);
+    for input in &tx.input {
+        state.mempool_spent.remove(&input.previous_output);
+    }
+    for vout in 0..tx.output.len() {
+        let vout = u32::try_from(vout).expect("fewer than 2^32 outputs");
+        state.coins.remove(&OutPoint { txid, vout });
+    }
+}
+
+/// The transactions of the next block, parents before children: repeatedly the final
+/// transaction whose not-yet-selected mempool ancestor package has the best fee rate, with
+/// that package, while the rate reaches the block minimum.
+fn select_block(state: &State, height: u32, mtp: u32) -> Vec<Transaction> {
+    let by_id: HashMap<Txid, &Transaction> =
+        state.mempool.iter().map(|tx| (tx.compute_txid(), tx)).collect();
+    let mut selected: HashSet<Txid> = HashSet::new();
+    let mut block = Vec::new();
+    loop {
+        let mut best: Option<(FeeRate, Vec<Txid>)> = None;
+        for tx in &state.mempool {
+            let txid = tx.compute_txid();
+            if selected.contains(&txid) {
+                continue;
+            }
+            // The package: the transaction and its unselected mempool ancestors.
+            let mut package = vec![txid];
+            let mut index = 0;
+            while index < package.len() {
+                for input in &by_id[&package[index]].input {
+                    let parent = input.previous_output.txid;
+                    if by_id.contains_key(&parent)
+                        && !selected.contains(&parent)
+                        && !package.contains(&parent)
+                    {
+                        package.push(parent);
+                    }
+                }
+                index += 1;
+            }
+            if !package.iter().all(|id| is_final(by_id[id], height, mtp)) {
+                continue;
+            }
+            let fee: Amount = package.iter().filter_map(|id| state.fees.get(id)).copied().sum();
+            let weight: bitcoin::Weight = package.iter().map(|id| by_id[id].weight()).sum();
+            let rate = FeeRate::from_sat_per_kwu(fee.to_sat() * 1_000 / weight.to_wu().max(1));
+            if best.as_ref().is_none_or(|(b, _)| rate > *b) {
+                best = Some((rate, package));
+            }
+        }
+        match best {
+            Some((rate, package)) if rate >= state.block_min_fee_rate => {
+                selected.extend(package.iter().copied());
+            }
+            _ => break,
+        }
+    }
+    // Arrival order keeps parents before children.
+    for tx in &state.mempool {
+        if selected.contains(&tx.compute_txid()) {
+            block.push(tx.clone());
+        }
+    }
+    block
 }
 
 fn sum(outputs: &[TxOut]) -> Option<Amount> {
@@ -456,6 +583,54 @@ mod tests {
 
     fn reason(result: Result<Txid, ChainError>) -> RejectReason {
         result.expect_err("rejected").reject_reason().expect("a rejection")
+    }
+
+    #[test]
+    fn a_child_pays_for_its_parent_above_the_block_minimum() {
+        let chain = SimulatedChain::new();
+        chain.set_block_min_fee_rate(FeeRate::from_sat_per_vb_u32(10));
+        // The parent pays 1 000 sat for ~110 vB (9 sat/vB): below the minimum alone.
+        let parent = spend(funded(&chain), 99_000, 0, Sequence::MAX);
+        let parent_id = chain.submit(&parent).unwrap();
+        chain.mine(1);
+        assert_eq!(chain.tx_status(&parent_id), TxStatus::InMempool, "too cheap alone");
+        // A child paying 200 sat is still too little for the package (~5.5 sat/vB).
+        let coin = (OutPoint::new(parent_id, 0), parent.output[0].clone());
+        let weak = spend(coin.clone(), 98_800, 0, Sequence::MAX);
+        let weak_id = chain.submit(&weak).unwrap();
+        chain.mine(1);
+        assert_eq!(chain.tx_status(&parent_id), TxStatus::InMempool);
+        // Replaced by a child paying 2 000 sat: the package reaches 10 sat/vB and both confirm.
+        {
+            let mut state = chain.lock();
+            evict(&mut state, weak_id);
+        }
+        let strong = spend(coin, 97_000, 0, Sequence::MAX);
+        let strong_id = chain.submit(&strong).unwrap();
+        let mined = chain.mine(1);
+        assert_eq!(mined, vec![parent_id, strong_id], "parent first, in one block");
+    }
+
+    #[test]
+    fn a_miner_can_confirm_a_double_spend_of_a_mempool_transaction() {
+        let chain = SimulatedChain::new();
+        let coin = funded(&chain);
+        let first = spend(coin.clone(), 99_000, 0, Sequence::MAX);
+        let first_id = chain.submit(&first).unwrap();
+        let child =
+            spend((OutPoint::new(first_id, 0), first.output[0].clone()), 98_000, 0, Sequence::MAX);
+        let child_id = chain.submit(&child).unwrap();
+        let double = spend(coin, 98_500, 0, Sequence::MAX);
+        assert_eq!(reason(chain.submit(&double)), RejectReason::Conflict, "the mempool refuses it");
+        let double_id = chain.mine_double_spend(&double).unwrap();
+        assert!(matches!(
+            chain.tx_status(&double_id),
+            TxStatus::Confirmed { confirmations: 1, .. }
+        ));
+        assert_eq!(chain.tx_status(&first_id), TxStatus::Unknown, "the first spend is gone");
+        assert_eq!(chain.tx_status(&child_id), TxStatus::Unknown, "and its child with it");
+        assert_eq!(chain.utxo(&OutPoint::new(first_id, 0)), None);
+        assert!(chain.mempool_txids().is_empty());
     }
 
     #[test]

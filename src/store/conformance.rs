@@ -76,7 +76,7 @@ impl Fixture {
 
     fn record(&self, channel: Channel, sat: u64) -> ChannelRecord {
         let first = self.payment(&channel, sat);
-        ChannelRecord::open(channel, 7, first)
+        ChannelRecord::open(channel, 7, first).with_funded_at(123_456)
     }
 }
 
@@ -187,6 +187,15 @@ async fn transitions_compare_and_swap<S: ChannelStore>(store: &S, fx: &Fixture) 
         Ok(Debit::NotOpen { state: ChannelState::Closing }),
         "no debits once closing"
     );
+
+    // A channel waiting for its funding's confirmations takes no debits until it opens.
+    let pending = fx.record(fx.at_height(14, 900_000), 2_000).with_state(ChannelState::Pending);
+    let id = pending.id();
+    store.create(pending.clone()).await.expect("create");
+    assert_eq!(store.load(id).await, Ok(Some(pending)), "state and funding height round-trip");
+    assert_eq!(store.debit(id, msat(1)).await, Ok(Debit::NotOpen { state: ChannelState::Pending }));
+    assert_eq!(store.transition(id, ChannelState::Pending, ChannelState::Open).await, Ok(true));
+    assert!(matches!(store.debit(id, msat(1)).await, Ok(Debit::Debited { .. })));
 }
 
 async fn list_by_state_earliest_expiry_first<S: ChannelStore>(store: &S, fx: &Fixture) {

@@ -59,6 +59,8 @@ pub use tokio_postgres;
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum ChannelState {
+    /// Funded, waiting for the funding's confirmations; no payments yet.
+    Pending,
     /// Funded; payments are accepted.
     Open,
     /// A close was requested or the expiry is near; no new payments.
@@ -75,6 +77,7 @@ impl ChannelState {
     /// The state's stable name, as stored by the database backends and sent in JSON.
     pub fn as_str(&self) -> &'static str {
         match self {
+            Self::Pending => "pending",
             Self::Open => "open",
             Self::Closing => "closing",
             Self::Closed => "closed",
@@ -89,7 +92,7 @@ impl ChannelState {
     ///
     /// [`StoreError::Unavailable`]: an unknown name means the stored data is not ours.
     pub fn from_name(name: &str) -> Result<Self, StoreError> {
-        [Self::Open, Self::Closing, Self::Closed, Self::Settled, Self::Failed]
+        [Self::Pending, Self::Open, Self::Closing, Self::Closed, Self::Settled, Self::Failed]
             .into_iter()
             .find(|state| state.as_str() == name)
             .ok_or_else(|| StoreError::unavailable(format!("unknown channel state {name:?}")))
@@ -109,6 +112,10 @@ pub struct ChannelRecord {
     pub best: Option<Transaction>,
     /// What requests have consumed so far.
     pub spent: MilliSats,
+    /// The chain height when the funding was broadcast: the funding policy's deadline for its
+    /// confirmation counts from here (0 when unknown).
+    #[serde(default)]
+    pub funded_at: u32,
 }
 
 impl ChannelRecord {
@@ -120,7 +127,22 @@ impl ChannelRecord {
             state: ChannelState::Open,
             best: Some(first),
             spent: MilliSats::ZERO,
+            funded_at: 0,
         }
+    }
+
+    /// The same record, funded at `height` (see [`funded_at`](Self::funded_at)).
+    #[must_use]
+    pub fn with_funded_at(mut self, height: u32) -> Self {
+        self.funded_at = height;
+        self
+    }
+
+    /// The same record in `state`.
+    #[must_use]
+    pub fn with_state(mut self, state: ChannelState) -> Self {
+        self.state = state;
+        self
     }
 
     /// The channel's id.

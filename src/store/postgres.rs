@@ -27,6 +27,7 @@ const MIGRATION: &str = "
     CREATE INDEX IF NOT EXISTS paychan_channels_state_expiry
         ON paychan_channels (state, expiry_is_time, expiry);
     CREATE SEQUENCE IF NOT EXISTS paychan_key_index MINVALUE 0 START 0;
+    ALTER TABLE paychan_channels ADD COLUMN IF NOT EXISTS funded_at BIGINT NOT NULL DEFAULT 0;
 ";
 
 /// Channels in PostgreSQL, shared by any number of API nodes.
@@ -63,7 +64,8 @@ fn msat(value: i64) -> MilliSats {
     MilliSats::from_msat(u64::try_from(value).unwrap_or(0))
 }
 
-const SELECT: &str = "SELECT channel, key_index, state, best, spent_msat FROM paychan_channels";
+const SELECT: &str =
+    "SELECT channel, key_index, state, best, spent_msat, funded_at FROM paychan_channels";
 
 fn decode(row: &tokio_postgres::Row) -> Result<ChannelRecord, StoreError> {
     let channel: Channel = serde_json::from_str(row.get::<_, &str>(0)).map_err(unavailable)?;
@@ -74,6 +76,7 @@ fn decode(row: &tokio_postgres::Row) -> Result<ChannelRecord, StoreError> {
         state: ChannelState::from_name(row.get(2))?,
         best: best.map(|b| deserialize(&b)).transpose().map_err(unavailable)?,
         spent: msat(row.get(4)),
+        funded_at: u32::try_from(row.get::<_, i64>(5)).map_err(unavailable)?,
     })
 }
 
@@ -155,8 +158,8 @@ impl ChannelStore for PostgresStore {
         let inserted = client
             .execute(
                 "INSERT INTO paychan_channels
-                 (id, channel, key_index, state, best, best_sat, spent_msat, expiry_is_time, expiry)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (id) DO NOTHING",
+                 (id, channel, key_index, state, best, best_sat, spent_msat, expiry_is_time, expiry, funded_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (id) DO NOTHING",
                 &[
                     &record.id().to_string(),
                     &channel,
@@ -167,6 +170,7 @@ impl ChannelStore for PostgresStore {
                     &to_i64(record.spent.to_msat())?,
                     &expiry.is_block_time(),
                     &i64::from(expiry.to_consensus_u32()),
+                    &i64::from(record.funded_at),
                 ],
             )
             .await

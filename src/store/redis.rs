@@ -21,7 +21,8 @@ pub const MAX_CHANNEL_SAT: u64 = (1 << 53) / 1_000;
 const CREATE: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'channel', ARGV[2], 'key_index', ARGV[3], 'state', ARGV[4],
-  'best', ARGV[5], 'best_sat', ARGV[6], 'spent_msat', ARGV[7], 'score', ARGV[8])
+  'best', ARGV[5], 'best_sat', ARGV[6], 'spent_msat', ARGV[7], 'score', ARGV[8],
+  'funded_at', ARGV[9])
 redis.call('ZADD', KEYS[2], ARGV[8], ARGV[1])
 return 1";
 
@@ -168,6 +169,11 @@ impl RedisStore {
             state: ChannelState::from_name(&text("state")?)?,
             best: best.map(|b| deserialize::<Transaction>(b)).transpose().map_err(unavailable)?,
             spent: MilliSats::from_msat(number(&text("spent_msat")?)?),
+            // Absent in channels created before the field existed.
+            funded_at: match fields.get("funded_at") {
+                Some(_) => u32::try_from(number(&text("funded_at")?)?).map_err(unavailable)?,
+                None => 0,
+            },
         }))
     }
 }
@@ -197,6 +203,7 @@ impl ChannelStore for RedisStore {
                     arg(paid),
                     arg(record.spent.to_msat()),
                     arg(score),
+                    arg(record.funded_at),
                 ],
             )
             .await?;

@@ -27,6 +27,8 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX channels_state_expiry ON channels (state, expiry_is_time, expiry);
     CREATE TABLE key_index (next INTEGER NOT NULL);
     INSERT INTO key_index (next) VALUES (0);",
+    // 2: the height the funding was broadcast at.
+    "ALTER TABLE channels ADD COLUMN funded_at INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// The durable store for one node: channels in a SQLite database file.
@@ -135,17 +137,18 @@ fn sql_u64(value: u64) -> Result<i64, StoreError> {
     i64::try_from(value).map_err(|_| unavailable("value exceeds SQLite's integer range"))
 }
 
-const SELECT: &str = "SELECT channel, key_index, state, best, spent_msat FROM channels";
+const SELECT: &str = "SELECT channel, key_index, state, best, spent_msat, funded_at FROM channels";
 
-/// A `channels` row as stored: channel JSON, key index, state, best payment, spent msat.
-type Row = (String, i64, String, Option<Vec<u8>>, i64);
+/// A `channels` row as stored: channel JSON, key index, state, best payment, spent msat,
+/// funding height.
+type Row = (String, i64, String, Option<Vec<u8>>, i64, i64);
 
 fn record_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
-    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?))
+    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?))
 }
 
 fn decode_record(
-    (channel, key_index, state, best, spent): Row,
+    (channel, key_index, state, best, spent, funded_at): Row,
 ) -> Result<ChannelRecord, StoreError> {
     let channel: Channel = serde_json::from_str(&channel).map_err(unavailable)?;
     let best: Option<Transaction> =
@@ -156,6 +159,7 @@ fn decode_record(
         state: ChannelState::from_name(&state)?,
         best,
         spent: msat(spent),
+        funded_at: u32::try_from(funded_at).map_err(unavailable)?,
     })
 }
 
@@ -186,8 +190,8 @@ impl ChannelStore for SqliteStore {
             let expiry = record.channel.params().expiry;
             let inserted = tx
                 .execute(
-                    "INSERT INTO channels (id, channel, key_index, state, best, best_sat, spent_msat, expiry_is_time, expiry)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT (id) DO NOTHING",
+                    "INSERT INTO channels (id, channel, key_index, state, best, best_sat, spent_msat, expiry_is_time, expiry, funded_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT (id) DO NOTHING",
                     params![
                         record.id().to_string(),
                         serde_json::to_string(&record.channel).map_err(unavailable)?,
@@ -198,6 +202,7 @@ impl ChannelStore for SqliteStore {
                         sql_u64(record.spent.to_msat())?,
                         expiry.is_block_time(),
                         expiry.to_consensus_u32(),
+                        record.funded_at,
                     ],
                 )
                 .map_err(unavailable)?;
