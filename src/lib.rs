@@ -18,6 +18,8 @@
 //! * [`server`] — `PaywallLayer`, the tower middleware that meters requests, and the
 //!   negotiation endpoints; [`store`] — where the server keeps its channels.
 //! * [`client`] — `Payer` and `PaymentLayer`: open channels, pay per request, top up on 402.
+//! * [`settlement`] — the funding watch and the background task that closes every channel on
+//!   chain before its refund becomes valid.
 //!
 //! # Features
 //!
@@ -35,6 +37,7 @@ pub mod channel;
 pub mod client;
 mod msat;
 pub mod server;
+pub mod settlement;
 pub mod store;
 pub mod wire;
 

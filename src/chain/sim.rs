@@ -35,11 +35,10 @@ use std::future::{Future, ready};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bitcoin::absolute::LockTime;
-use bitcoin::secp256k1::{Message, SecretKey};
-use bitcoin::sighash::{EcdsaSighashType, SighashCache};
+use bitcoin::secp256k1::SecretKey;
 use bitcoin::{
     Amount, CompressedPublicKey, FeeRate, OutPoint, ScriptBuf, Sequence, Transaction, TxIn, TxOut,
-    Txid, Witness, absolute, ecdsa, transaction,
+    Txid, Witness, absolute, transaction,
 };
 
 use super::{ChainBackend, ChainError, ChainTip, RejectReason, TxStatus, policy};
@@ -532,15 +531,8 @@ impl ChainBackend for SimulatedChain {
 ///
 /// If `input` is out of range or `prevout` is not a P2WPKH output.
 pub fn sign_p2wpkh_input(tx: &mut Transaction, input: usize, prevout: &TxOut, key: &SecretKey) {
-    let secp = crate::channel::secp();
-    let sighash = SighashCache::new(&*tx)
-        .p2wpkh_signature_hash(input, &prevout.script_pubkey, prevout.value, EcdsaSighashType::All)
+    tx.input[input].witness = crate::channel::sig::p2wpkh_witness(tx, input, prevout, key)
         .expect("input in range and prevout is P2WPKH");
-    let signature = ecdsa::Signature {
-        signature: secp.sign_ecdsa(&Message::from(sighash), key),
-        sighash_type: EcdsaSighashType::All,
-    };
-    tx.input[input].witness = Witness::p2wpkh(&signature, &key.public_key(secp));
 }
 
 #[cfg(test)]

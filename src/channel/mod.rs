@@ -80,6 +80,33 @@ pub use payment::PaymentCheck;
 pub use refund::{CheckedRefund, REFUND_SEQUENCE};
 pub use tip::ChainTip;
 
+/// Derives a channel key at `m/<index>'` of `master`: the server's K2 (index from
+/// [`ChannelStore::next_key_index`](crate::store::ChannelStore::next_key_index)) and the
+/// client's K1 (index from its client store) are both derived this way.
+///
+/// # Errors
+///
+/// If `index` is not below 2^31 (not a hardened index).
+///
+/// # Examples
+///
+/// ```
+/// use bitcoin::Network;
+/// use bitcoin::bip32::Xpriv;
+/// use paychan::channel::channel_key;
+///
+/// let master = Xpriv::new_master(Network::Regtest, &[1; 32]).unwrap();
+/// assert_ne!(channel_key(&master, 0).unwrap(), channel_key(&master, 1).unwrap());
+/// assert!(channel_key(&master, 1 << 31).is_err());
+/// ```
+pub fn channel_key(
+    master: &bitcoin::bip32::Xpriv,
+    index: u32,
+) -> Result<bitcoin::secp256k1::SecretKey, bitcoin::bip32::Error> {
+    let child = bitcoin::bip32::ChildNumber::from_hardened_idx(index)?;
+    Ok(master.derive_priv(secp(), &[child])?.private_key)
+}
+
 /// A funded channel: the agreed parameters and the funding outpoint (the channel's id).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Channel {

@@ -249,3 +249,22 @@ pub(crate) mod tests {
         assert_eq!(parse_standard(&sig), Err(SignatureError::NotSighashAll { found: 0x04 }));
     }
 }
+
+/// The witness of a P2WPKH input of `tx` spending `prevout` with `key` (BIP-0143,
+/// `SIGHASH_ALL`, low-S).
+pub(crate) fn p2wpkh_witness(
+    tx: &bitcoin::Transaction,
+    input: usize,
+    prevout: &bitcoin::TxOut,
+    key: &SecretKey,
+) -> Result<bitcoin::Witness, bitcoin::sighash::P2wpkhError> {
+    let secp = super::secp();
+    let sighash = bitcoin::sighash::SighashCache::new(tx).p2wpkh_signature_hash(
+        input,
+        &prevout.script_pubkey,
+        prevout.value,
+        EcdsaSighashType::All,
+    )?;
+    let signature = ecdsa::Signature::sighash_all(secp.sign_ecdsa(&Message::from(sighash), key));
+    Ok(bitcoin::Witness::p2wpkh(&signature, &key.public_key(secp)))
+}

@@ -1,7 +1,7 @@
 use core::fmt;
 use std::sync::{Arc, RwLock};
 
-use bitcoin::bip32::{ChildNumber, Xpriv};
+use bitcoin::bip32::Xpriv;
 use bitcoin::consensus::encode::{deserialize_hex, serialize_hex};
 use bitcoin::hex::FromHex as _;
 use bitcoin::secp256k1::SecretKey;
@@ -407,11 +407,7 @@ impl<S: ClientStore> Payer<S> {
     }
 
     fn derive(&self, index: u32) -> Result<SecretKey, ClientError> {
-        let child = ChildNumber::from_hardened_idx(index).map_err(|e| misbehaved(e.to_string()))?;
-        self.inner
-            .key
-            .derive_priv(crate::channel::secp(), &[child])
-            .map(|xpriv| xpriv.private_key)
+        crate::channel::channel_key(&self.inner.key, index)
             .map_err(|e| ClientError::Key(e.to_string()))
     }
 

@@ -3,8 +3,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
-use bitcoin::secp256k1::{Message, SecretKey};
-use bitcoin::sighash::{EcdsaSighashType, SighashCache};
+use bitcoin::secp256k1::SecretKey;
 use bitcoin::transaction::Version;
 use bitcoin::{
     Amount, CompressedPublicKey, FeeRate, OutPoint, Psbt, ScriptBuf, Sequence, Transaction, TxIn,
@@ -186,28 +185,18 @@ impl KeyWallet {
     }
 
     fn sign_all(&self, mut psbt: Psbt) -> Result<Psbt, WalletError> {
-        let secp = crate::channel::secp();
-        let mut cache = SighashCache::new(&psbt.unsigned_tx);
-        for (index, input) in psbt.inputs.iter_mut().enumerate() {
-            let coin = input
+        for index in 0..psbt.inputs.len() {
+            let coin = psbt.inputs[index]
                 .witness_utxo
-                .as_ref()
+                .clone()
                 .ok_or_else(|| WalletError::new(format!("input {index}: no witness_utxo")))?;
             if coin.script_pubkey != self.script_pubkey() {
                 return Err(WalletError::new(format!("input {index} is not a coin of this key")));
             }
-            let sighash = cache
-                .p2wpkh_signature_hash(
-                    index,
-                    &coin.script_pubkey,
-                    coin.value,
-                    EcdsaSighashType::All,
-                )
-                .map_err(WalletError::new)?;
-            let signature = bitcoin::ecdsa::Signature::sighash_all(
-                secp.sign_ecdsa(&Message::from_digest(sighash.to_byte_array()), &self.key),
-            );
-            input.final_script_witness = Some(Witness::p2wpkh(&signature, &self.public.0));
+            let witness =
+                crate::channel::sig::p2wpkh_witness(&psbt.unsigned_tx, index, &coin, &self.key)
+                    .map_err(WalletError::new)?;
+            psbt.inputs[index].final_script_witness = Some(witness);
         }
         let txid = psbt.unsigned_tx.compute_txid();
         for (vout, output) in psbt.unsigned_tx.output.iter().enumerate() {
@@ -218,8 +207,6 @@ impl KeyWallet {
         Ok(psbt)
     }
 }
-
-use bitcoin::hashes::Hash as _;
 
 impl Wallet for KeyWallet {
     fn release(&self, psbt: &Psbt) {

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use bitcoin::absolute::LockTime;
-use bitcoin::bip32::{ChildNumber, Xpriv};
+use bitcoin::bip32::Xpriv;
 use bitcoin::consensus::encode::{deserialize_hex, serialize_hex};
 use bitcoin::secp256k1::SecretKey;
 use bitcoin::{Amount, CompressedPublicKey, Network, ScriptBuf, Transaction, TxOut};
@@ -21,8 +21,9 @@ use tokio::sync::watch;
 
 use super::problem::{ChannelSnapshot, PROBLEM_TYPE_PREFIX};
 use crate::MilliSats;
-use crate::chain::ChainBackend;
+use crate::chain::{ChainBackend, ChainError, RejectReason};
 use crate::channel::{ChainTip, ChannelParams, Terms};
+use crate::settlement::FundingPolicy;
 use crate::store::{ChannelRecord, ChannelState, ChannelStore};
 use crate::wire::{self, ChannelId, PAYMENT_CHANNEL};
 
@@ -52,6 +53,7 @@ pub struct Negotiation<C> {
     open_window: Duration,
     max_pending: usize,
     prices: Value,
+    funding: FundingPolicy,
 }
 
 impl<C: ChainBackend + Clone + 'static> Negotiation<C> {
@@ -75,7 +77,16 @@ impl<C: ChainBackend + Clone + 'static> Negotiation<C> {
             open_window: Duration::from_secs(60),
             max_pending: 10_000,
             prices: Value::Null,
+            funding: FundingPolicy::default(),
         }
+    }
+
+    /// When a funded channel starts serving requests (give the same policy to the
+    /// [`Settlement`](crate::settlement::Settlement) task, which watches the funding). With
+    /// `min_confirmations` above 0 a new channel is pending until then.
+    pub fn with_funding_policy(mut self, policy: FundingPolicy) -> Self {
+        self.funding = policy;
+        self
     }
 
     /// Publishes `prices` in the terms document (for example [`RoutePrices::describe`]).
@@ -151,14 +162,8 @@ struct Proposal {
 
 impl<C: ChainBackend, St> Shared<C, St> {
     fn key(&self, index: u32) -> Result<SecretKey, Problem> {
-        let child = ChildNumber::from_hardened_idx(index).map_err(|_| {
-            Problem::new(StatusCode::BAD_REQUEST, "unknown-proposal", "bad key index")
-        })?;
-        let xpriv =
-            self.negotiation.master.derive_priv(crate::channel::secp(), &[child]).map_err(|e| {
-                Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "key-derivation", e)
-            })?;
-        Ok(xpriv.private_key)
+        crate::channel::channel_key(&self.negotiation.master, index)
+            .map_err(|e| Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "key-derivation", e))
     }
 
     fn tip(&self) -> ChainTip {
@@ -436,7 +441,9 @@ async fn fund<C: ChainBackend, St: ChannelStore>(
     }
     // Broadcast before the channel exists: a channel is never open without its funding.
     s.negotiation.chain.broadcast(&funding).await.map_err(Problem::chain)?;
-    let record = ChannelRecord::open(channel, req.proposal, payment);
+    let record = ChannelRecord::open(channel, req.proposal, payment)
+        .with_funded_at(s.tip().height)
+        .with_state(s.negotiation.funding.initial_state());
     let id = record.id();
     let balance = record.balance();
     match s.store.create(record).await {
@@ -480,7 +487,7 @@ async fn close<C: ChainBackend, St: ChannelStore>(
     State(s): State<Arc<Shared<C, St>>>,
     Path(id): Path<String>,
     headers: HeaderMap,
-) -> Result<Json<Value>, Problem> {
+) -> Result<(StatusCode, Json<Value>), Problem> {
     let id = parse_id(&id)?;
     let record = load(&s, id).await?;
     let proof = headers.get(PAYMENT_CHANNEL).ok_or_else(|| {
@@ -493,25 +500,58 @@ async fn close<C: ChainBackend, St: ChannelStore>(
     record.channel.verify_client_signature(&proof).map_err(|e| Problem::bad(e.code(), e))?;
     let best =
         record.best.as_ref().ok_or_else(|| Problem::bad("no-payment", "nothing to close"))?;
-    if record.state == ChannelState::Open {
-        s.store
-            .transition(id, ChannelState::Open, ChannelState::Closing)
-            .await
-            .map_err(Problem::store)?;
-    }
     let close = record
         .channel
         .close_transaction(best, &s.key(record.key_index)?)
         .map_err(|e| Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "close", e))?;
-    let txid = s.negotiation.chain.broadcast(&close).await.map_err(Problem::chain)?;
-    s.store
-        .transition(id, ChannelState::Closing, ChannelState::Closed)
-        .await
-        .map_err(Problem::store)?;
-    Ok(Json(json!({
-        "channel": id,
-        "txid": txid,
-        "server_amount_sat": record.paid_amount().to_sat(),
-        "close_tx": serialize_hex(&close),
-    })))
+    let txid = close.compute_txid();
+    // Queue the close (the settlement task retries it), then try to broadcast it now.
+    let status = match record.state {
+        ChannelState::Pending | ChannelState::Open => {
+            s.store
+                .transition(id, record.state, ChannelState::Closing)
+                .await
+                .map_err(Problem::store)?;
+            try_broadcast(&s, id, &close).await?
+        }
+        ChannelState::Closing => try_broadcast(&s, id, &close).await?,
+        ChannelState::Closed | ChannelState::Settled => StatusCode::OK,
+        state => {
+            return Err(Problem::new(
+                StatusCode::CONFLICT,
+                "channel-not-open",
+                format!("the channel is {}", state.as_str()),
+            ));
+        }
+    };
+    let queued = status == StatusCode::ACCEPTED;
+    Ok((
+        status,
+        Json(json!({
+            "channel": id,
+            "txid": txid,
+            "server_amount_sat": record.paid_amount().to_sat(),
+            "close_tx": serialize_hex(&close),
+            "state": if queued { "closing" } else { "closed" },
+        })),
+    ))
+}
+
+/// Broadcasts a queued close: 200 and `Closed` once the chain took it; 202 when it did not
+/// (the channel stays `Closing` and the settlement task retries with backoff).
+async fn try_broadcast<C: ChainBackend, St: ChannelStore>(
+    s: &Shared<C, St>,
+    id: ChannelId,
+    close: &Transaction,
+) -> Result<StatusCode, Problem> {
+    match s.negotiation.chain.broadcast(close).await {
+        Ok(_) | Err(ChainError::Rejected { reason: RejectReason::AlreadyConfirmed, .. }) => {
+            s.store
+                .transition(id, ChannelState::Closing, ChannelState::Closed)
+                .await
+                .map_err(Problem::store)?;
+            Ok(StatusCode::OK)
+        }
+        Err(_) => Ok(StatusCode::ACCEPTED),
+    }
 }

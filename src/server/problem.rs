@@ -29,6 +29,8 @@ pub enum RejectionKind {
     UnknownChannel,
     /// The channel is no longer open (closing, closed, failed).
     ChannelNotOpen(ChannelState),
+    /// The channel's funding is waiting for its confirmations: retry later.
+    ChannelPending,
     /// The channel's balance does not cover the price: sign a payment that pays more.
     InsufficientBalance,
     /// The channel store could not be reached; nothing was served or changed.
@@ -45,6 +47,7 @@ impl RejectionKind {
             Self::Payment(e) => e.code(),
             Self::UnknownChannel => "unknown-channel",
             Self::ChannelNotOpen(_) => "channel-not-open",
+            Self::ChannelPending => "channel-pending",
             Self::InsufficientBalance => "insufficient-balance",
             Self::StoreUnavailable => "store-unavailable",
         }
@@ -60,6 +63,7 @@ impl RejectionKind {
             | Self::InsufficientBalance
             | Self::Payment(PaymentError::Closing { .. }) => StatusCode::PAYMENT_REQUIRED,
             Self::Header(_) | Self::Payment(_) => StatusCode::BAD_REQUEST,
+            Self::ChannelPending => StatusCode::CONFLICT,
             Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -72,6 +76,7 @@ impl RejectionKind {
             Self::Payment(_) => "Payment refused",
             Self::UnknownChannel => "Unknown payment channel: open a new channel",
             Self::ChannelNotOpen(_) => "Payment channel is not open: open a new channel",
+            Self::ChannelPending => "Payment channel funding is not confirmed yet: retry later",
             Self::InsufficientBalance => "Insufficient channel balance: top up",
             Self::StoreUnavailable => "Channel store unavailable",
         }

@@ -191,8 +191,12 @@ impl<St: ChannelStore, P> Config<St, P> {
             .await
             .map_err(|e| Rejection::from(e).with_price(price))?
             .ok_or_else(|| reject(RejectionKind::UnknownChannel, None))?;
-        if record.state != ChannelState::Open {
-            return Err(reject(RejectionKind::ChannelNotOpen(record.state), Some(&record)));
+        match record.state {
+            ChannelState::Open => {}
+            ChannelState::Pending => {
+                return Err(reject(RejectionKind::ChannelPending, Some(&record)));
+            }
+            state => return Err(reject(RejectionKind::ChannelNotOpen(state), Some(&record))),
         }
         if record.best.as_ref() != Some(&payment) {
             let tip = *self.tip.borrow();
@@ -236,6 +240,7 @@ impl<St: ChannelStore, P> Config<St, P> {
         {
             Debit::Debited { balance } => return Ok(Paid { channel: id, price, balance }),
             Debit::Insufficient { .. } => RejectionKind::InsufficientBalance,
+            Debit::NotOpen { state: ChannelState::Pending } => RejectionKind::ChannelPending,
             Debit::NotOpen { state } => RejectionKind::ChannelNotOpen(state),
         };
         let record =

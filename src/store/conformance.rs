@@ -187,6 +187,13 @@ async fn transitions_compare_and_swap<S: ChannelStore>(store: &S, fx: &Fixture) 
         Ok(Debit::NotOpen { state: ChannelState::Closing }),
         "no debits once closing"
     );
+    let channel = store.load(id).await.expect("load").expect("exists");
+    let better = fx.payment(&channel.channel, 3_000);
+    assert_eq!(
+        store.store_payment(id, better).await,
+        Ok(StorePayment::Stale { best: Amount::from_sat(2_000) }),
+        "the best payment is frozen once closing: the settlement is built from it"
+    );
 
     // A channel waiting for its funding's confirmations takes no debits until it opens.
     let pending = fx.record(fx.at_height(14, 900_000), 2_000).with_state(ChannelState::Pending);

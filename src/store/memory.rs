@@ -74,7 +74,7 @@ impl ChannelStore for MemoryStore {
         self.update(id, move |record| {
             let best = record.paid_amount();
             let offered = payment.output.first().map(|out| out.value).unwrap_or_default();
-            if offered <= best {
+            if offered <= best || record.state != ChannelState::Open {
                 return StorePayment::Stale { best };
             }
             record.best = Some(payment);

@@ -261,8 +261,9 @@ pub trait ChannelStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<ChannelRecord>, StoreError>> + Send;
 
     /// Makes `payment` the channel's best **only if** it pays the server strictly more than
-    /// the stored best (compare-and-swap). The caller has checked the payment
-    /// ([`Channel::check_payment`]).
+    /// the stored best (compare-and-swap) and the channel is open: once a channel is closing,
+    /// its best payment — the one the settlement co-signs — never changes. The caller has
+    /// checked the payment ([`Channel::check_payment`]).
     fn store_payment(
         &self,
         id: ChannelId,

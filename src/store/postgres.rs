@@ -194,7 +194,8 @@ impl ChannelStore for PostgresStore {
         let row = self
             .query_opt(
                 "UPDATE paychan_channels SET best = $1, best_sat = $2
-                 WHERE id = $3 AND best_sat < $2 RETURNING best_sat * 1000 - spent_msat",
+                 WHERE id = $3 AND best_sat < $2 AND state = 'open'
+                 RETURNING best_sat * 1000 - spent_msat",
                 &[&serialize(&payment), &offered, &id],
             )
             .await?;

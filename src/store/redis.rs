@@ -27,9 +27,9 @@ redis.call('ZADD', KEYS[2], ARGV[8], ARGV[1])
 return 1";
 
 const STORE_PAYMENT: &str = r"
-local h = redis.call('HMGET', KEYS[1], 'best_sat', 'spent_msat')
+local h = redis.call('HMGET', KEYS[1], 'best_sat', 'spent_msat', 'state')
 if not h[1] then return {-1, '0'} end
-if tonumber(h[1]) >= tonumber(ARGV[2]) then return {0, h[1]} end
+if tonumber(h[1]) >= tonumber(ARGV[2]) or h[3] ~= 'open' then return {0, h[1]} end
 redis.call('HSET', KEYS[1], 'best', ARGV[1], 'best_sat', ARGV[2])
 return {1, string.format('%.0f', tonumber(ARGV[2]) * 1000 - tonumber(h[2]))}";
 

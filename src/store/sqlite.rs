@@ -234,7 +234,8 @@ impl ChannelStore for SqliteStore {
             let offered = sql_u64(offered.to_sat())?;
             let updated = tx
                 .execute(
-                    "UPDATE channels SET best = ?1, best_sat = ?2 WHERE id = ?3 AND best_sat < ?2",
+                    "UPDATE channels SET best = ?1, best_sat = ?2
+                     WHERE id = ?3 AND best_sat < ?2 AND state = 'open'",
                     params![serialize(&payment), offered, id],
                 )
                 .map_err(unavailable)?;

@@ -1,0 +1,558 @@
+//! Getting paid on chain: the funding watch and the background settlement task.
+//!
+//! Until the server closes a channel on chain, it has been paid nothing. [`Settlement`] is a
+//! tokio task driven **by the store** — every pass lists the channels by state, so it picks
+//! up where it left off after a restart — that, for each channel:
+//!
+//! * **pending / open** — watches the funding ([`FundingPolicy`]): a pending channel opens at
+//!   `min_confirmations`; a funding that vanished (double-spent, or evicted) or that did not
+//!   confirm within `confirm_within_blocks` marks the channel **failed** (no request is
+//!   served on it again); an open channel that reaches its close margin (expiry − margin)
+//!   moves to **closing**;
+//! * **closing** (margin reached, or a cooperative close was asked for) — co-signs the best
+//!   payment and broadcasts it; a failed broadcast is retried with exponential backoff; once
+//!   broadcast the channel is **closed**;
+//! * **closed** — waits for the settlement to confirm and only then marks it **settled**; a
+//!   settlement that vanished is broadcast again; one that has not confirmed `cpfp_after`
+//!   blocks after it was first seen waiting — or that is about to run into the expiry — is
+//!   bumped by a child spending the server's output at the backend's fee estimate (CPFP).
+//!
+//! [`SettlementMetrics`] reports channels by state, sats settled, closes pending, broadcast
+//! failures and bumps; every pass and every channel runs in a `tracing` span.
+//!
+//! # Examples
+//!
+//! ```
+//! use bitcoin::Network;
+//! use bitcoin::bip32::Xpriv;
+//! use paychan::chain::sim::SimulatedChain;
+//! use paychan::settlement::{FundingPolicy, Settlement};
+//! use paychan::store::MemoryStore;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let store = MemoryStore::new(); // the same store the PaywallLayer uses
+//! let master = Xpriv::new_master(Network::Regtest, &[1; 32]).unwrap(); // the Negotiation's key
+//! let mut settlement = Settlement::new(store, SimulatedChain::new(), master)
+//!     .with_funding_policy(FundingPolicy::default().with_min_confirmations(1));
+//! let report = settlement.run_once().await.unwrap();
+//! assert_eq!(report.broadcast, 0);
+//! // In a server: `tokio::spawn(settlement.run(std::time::Duration::from_secs(30)));`
+//! # }
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bitcoin::absolute::LockTime;
+use bitcoin::bip32::Xpriv;
+use bitcoin::secp256k1::SecretKey;
+use bitcoin::transaction::Version;
+use bitcoin::{
+    Amount, CompressedPublicKey, OutPoint, ScriptBuf, Sequence, Transaction, TxIn, TxOut, Txid,
+    Witness,
+};
+use tokio::time::Instant;
+use tracing::Instrument as _;
+
+use crate::chain::{ChainBackend, ChainError, ChainTip, RejectReason, TxStatus};
+use crate::store::{ChannelRecord, ChannelState, ChannelStore, StoreError};
+use crate::wire::ChannelId;
+
+/// When a funding is good enough to serve requests on, and when it has failed.
+///
+/// The same policy is given to the server's [`Negotiation`](crate::server::Negotiation)
+/// (which creates the channel pending or open) and to [`Settlement`] (which opens pending
+/// channels and fails bad fundings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub struct FundingPolicy {
+    min_confirmations: u32,
+    confirm_within_blocks: u32,
+}
+
+impl Default for FundingPolicy {
+    /// Serve at once (0 confirmations: the funding was accepted to the mempool), and fail the
+    /// channel if the funding has not confirmed 144 blocks (about a day) after it was
+    /// broadcast.
+    fn default() -> Self {
+        Self { min_confirmations: 0, confirm_within_blocks: 144 }
+    }
+}
+
+impl FundingPolicy {
+    /// Requests are served once the funding has `confirmations` (0: once it is accepted to the
+    /// mempool). Until then the channel is pending: requests get 409 `channel-pending`.
+    pub fn with_min_confirmations(mut self, confirmations: u32) -> Self {
+        self.min_confirmations = confirmations;
+        self
+    }
+
+    /// A funding that has not confirmed `blocks` after it was broadcast fails the channel.
+    pub fn with_confirm_within_blocks(mut self, blocks: u32) -> Self {
+        self.confirm_within_blocks = blocks;
+        self
+    }
+
+    /// Confirmations needed before requests are served.
+    pub fn min_confirmations(&self) -> u32 {
+        self.min_confirmations
+    }
+
+    /// The state a freshly funded channel starts in.
+    pub fn initial_state(&self) -> ChannelState {
+        if self.min_confirmations == 0 { ChannelState::Open } else { ChannelState::Pending }
+    }
+}
+
+/// Counters and gauges of the settlement task; a snapshot from [`Settlement::metrics`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SettlementMetrics {
+    /// Channels per state at the last pass (by [`ChannelState::as_str`]).
+    pub channels: BTreeMap<&'static str, usize>,
+    /// What the settlements confirmed by this task paid the server.
+    pub sats_settled: Amount,
+    /// Channels closing or closed but not yet settled, at the last pass.
+    pub closes_pending: usize,
+    /// Broadcasts that failed (each is retried).
+    pub broadcast_failures: u64,
+    /// CPFP children broadcast.
+    pub cpfp_bumps: u64,
+    /// Channels marked failed because of their funding.
+    pub failed_fundings: u64,
+}
+
+/// What one pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PassReport {
+    /// Pending channels that opened.
+    pub opened: usize,
+    /// Channels marked failed.
+    pub failed: usize,
+    /// Open channels that reached their close margin.
+    pub closing: usize,
+    /// Settlements broadcast.
+    pub broadcast: usize,
+    /// Settlements confirmed.
+    pub settled: usize,
+    /// CPFP children broadcast.
+    pub bumped: usize,
+    /// Operations that failed and will be retried.
+    pub retrying: usize,
+}
+
+/// Why a pass stopped early (a per-channel failure only delays that channel).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SettlementError {
+    /// The chain backend did not answer the tip.
+    Chain(ChainError),
+    /// The store could not list channels.
+    Store(StoreError),
+}
+
+impl core::fmt::Display for SettlementError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Chain(e) => write!(f, "settlement: {e}"),
+            Self::Store(e) => write!(f, "settlement: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for SettlementError {}
+
+/// A close (or CPFP) waiting to be retried.
+#[derive(Debug, Clone, Copy)]
+struct Retry {
+    failures: u32,
+    next: Instant,
+}
+
+/// The background settlement task. See the [module documentation](self).
+#[derive(Debug)]
+pub struct Settlement<St, C> {
+    store: St,
+    chain: C,
+    master: Xpriv,
+    funding: FundingPolicy,
+    cpfp_key: Option<(SecretKey, ScriptBuf)>,
+    cpfp_after: u32,
+    backoff: (Duration, Duration),
+    retries: HashMap<ChannelId, Retry>,
+    /// The height at which each close was first seen waiting in the mempool.
+    waiting_since: HashMap<ChannelId, u32>,
+    /// CPFP children broadcast, by channel.
+    bumps: HashMap<ChannelId, Txid>,
+    metrics: Arc<Mutex<SettlementMetrics>>,
+}
+
+/// The virtual size of a one-input, one-output P2WPKH child, rounded up.
+const CHILD_VSIZE: u64 = 110;
+
+impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
+    /// Settles the channels of `store` through `chain`, with server keys derived from
+    /// `master` (the [`Negotiation`](crate::server::Negotiation)'s key). Defaults: the
+    /// default [`FundingPolicy`], no CPFP key, CPFP after 3 blocks, retries after 1 s
+    /// doubling up to 5 minutes.
+    pub fn new(store: St, chain: C, master: Xpriv) -> Self {
+        Self {
+            store,
+            chain,
+            master,
+            funding: FundingPolicy::default(),
+            cpfp_key: None,
+            cpfp_after: 3,
+            backoff: (Duration::from_secs(1), Duration::from_secs(300)),
+            retries: HashMap::new(),
+            waiting_since: HashMap::new(),
+            bumps: HashMap::new(),
+            metrics: Arc::default(),
+        }
+    }
+
+    /// The funding policy (give the same to the `Negotiation`).
+    #[must_use]
+    pub fn with_funding_policy(mut self, policy: FundingPolicy) -> Self {
+        self.funding = policy;
+        self
+    }
+
+    /// The key of the server's payout script (P2WPKH), which lets the task bump a stuck
+    /// settlement by CPFP from the server's output. Without it, settlements are only
+    /// rebroadcast.
+    #[must_use]
+    pub fn with_cpfp_key(mut self, key: SecretKey) -> Self {
+        let public = CompressedPublicKey(key.public_key(crate::channel::secp()));
+        self.cpfp_key = Some((key, ScriptBuf::new_p2wpkh(&public.wpubkey_hash())));
+        self
+    }
+
+    /// Bump a settlement that is still unconfirmed `blocks` after it was first seen waiting.
+    #[must_use]
+    pub fn with_cpfp_after(mut self, blocks: u32) -> Self {
+        self.cpfp_after = blocks;
+        self
+    }
+
+    /// Retry a failed broadcast after `initial`, doubling up to `max`.
+    #[must_use]
+    pub fn with_backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.backoff = (initial, max);
+        self
+    }
+
+    /// A handle on the metrics, updated by every pass.
+    pub fn metrics(&self) -> Arc<Mutex<SettlementMetrics>> {
+        Arc::clone(&self.metrics)
+    }
+
+    /// Runs passes forever, one every `every`.
+    pub async fn run(mut self, every: Duration) {
+        let mut interval = tokio::time::interval(every);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            if let Err(error) = self.run_once().await {
+                tracing::warn!(%error, "settlement pass failed; retrying at the next one");
+            }
+        }
+    }
+
+    /// One pass over every channel that is not settled or failed.
+    ///
+    /// # Errors
+    ///
+    /// If the tip or the channel lists cannot be read; nothing was changed then.
+    pub async fn run_once(&mut self) -> Result<PassReport, SettlementError> {
+        let span = tracing::info_span!("settlement_pass");
+        async {
+            let tip = self.chain.tip().await.map_err(SettlementError::Chain)?;
+            let mut report = PassReport::default();
+            for state in [ChannelState::Pending, ChannelState::Open] {
+                for record in self.list(state).await? {
+                    let span = tracing::info_span!("funding", channel = %record.id());
+                    self.watch_funding(&record, tip, &mut report).instrument(span).await;
+                }
+            }
+            for record in self.list(ChannelState::Closing).await? {
+                let span = tracing::info_span!("close", channel = %record.id());
+                self.close(&record, &mut report).instrument(span).await;
+            }
+            for record in self.list(ChannelState::Closed).await? {
+                let span = tracing::info_span!("confirm", channel = %record.id());
+                self.confirm(&record, tip, &mut report).instrument(span).await;
+            }
+            self.count_states().await?;
+            Ok(report)
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn list(&self, state: ChannelState) -> Result<Vec<ChannelRecord>, SettlementError> {
+        self.store.list(state).await.map_err(SettlementError::Store)
+    }
+
+    async fn count_states(&self) -> Result<(), SettlementError> {
+        let mut channels = BTreeMap::new();
+        for state in [
+            ChannelState::Pending,
+            ChannelState::Open,
+            ChannelState::Closing,
+            ChannelState::Closed,
+            ChannelState::Settled,
+            ChannelState::Failed,
+        ] {
+            channels.insert(state.as_str(), self.list(state).await?.len());
+        }
+        let mut metrics = self.metrics.lock().unwrap_or_else(|p| p.into_inner());
+        metrics.closes_pending = channels["closing"] + channels["closed"];
+        metrics.channels = channels;
+        Ok(())
+    }
+
+    fn metric(&self, update: impl FnOnce(&mut SettlementMetrics)) {
+        update(&mut self.metrics.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// Moves `record` from `from` to `to`; `false` if another node did it first.
+    async fn transition(
+        &self,
+        record: &ChannelRecord,
+        from: ChannelState,
+        to: ChannelState,
+    ) -> bool {
+        match self.store.transition(record.id(), from, to).await {
+            Ok(moved) => {
+                if moved {
+                    tracing::info!(from = from.as_str(), to = to.as_str(), "channel state");
+                }
+                moved
+            }
+            Err(error) => {
+                tracing::warn!(%error, "store: state change deferred to the next pass");
+                false
+            }
+        }
+    }
+
+    async fn watch_funding(
+        &mut self,
+        record: &ChannelRecord,
+        tip: ChainTip,
+        report: &mut PassReport,
+    ) {
+        let txid = record.channel.outpoint().txid;
+        let status = match self.chain.tx_status(&txid).await {
+            Ok(status) => status,
+            Err(error) => {
+                tracing::warn!(%error, "funding status unknown this pass");
+                return;
+            }
+        };
+        let deadline = record.funded_at.saturating_add(self.funding.confirm_within_blocks);
+        let failed = match status {
+            // Gone from the mempool and not in a block: double-spent or evicted. One block of
+            // grace covers a backend that has not indexed a fresh broadcast yet.
+            TxStatus::Unknown => tip.height > record.funded_at,
+            TxStatus::InMempool => tip.height >= deadline,
+            _ => false,
+        };
+        if failed {
+            if self.transition(record, record.state, ChannelState::Failed).await {
+                tracing::warn!(?status, "funding failed: the channel serves no more requests");
+                report.failed += 1;
+                self.metric(|m| m.failed_fundings += 1);
+            }
+            return;
+        }
+        let confirmations = match status {
+            TxStatus::Confirmed { confirmations, .. } => confirmations,
+            _ => 0,
+        };
+        let mut state = record.state;
+        if state == ChannelState::Pending
+            && confirmations >= self.funding.min_confirmations
+            && self.transition(record, ChannelState::Pending, ChannelState::Open).await
+        {
+            report.opened += 1;
+            state = ChannelState::Open;
+        }
+        // Payments stop at the close margin; the channel must settle before the refund is
+        // valid. A pending channel whose funding confirmed is closed the same way.
+        let closable = state == ChannelState::Open || confirmations > 0;
+        if closable && record.channel.params().is_closing(tip) {
+            if self.transition(record, state, ChannelState::Closing).await {
+                report.closing += 1;
+                let mut closing = record.clone();
+                closing.state = ChannelState::Closing;
+                self.close(&closing, report).await;
+            }
+        }
+    }
+
+    fn settlement_tx(&self, record: &ChannelRecord) -> Option<Transaction> {
+        let best = record.best.as_ref()?;
+        let key = crate::channel::channel_key(&self.master, record.key_index).ok()?;
+        record.channel.close_transaction(best, &key).ok()
+    }
+
+    fn due(&self, id: ChannelId) -> bool {
+        self.retries.get(&id).is_none_or(|retry| Instant::now() >= retry.next)
+    }
+
+    fn failed(&mut self, id: ChannelId, report: &mut PassReport) {
+        let (initial, max) = self.backoff;
+        let retry = self.retries.entry(id).or_insert(Retry { failures: 0, next: Instant::now() });
+        retry.failures += 1;
+        let delay = initial.saturating_mul(1 << retry.failures.min(16).saturating_sub(1)).min(max);
+        retry.next = Instant::now() + delay;
+        report.retrying += 1;
+        self.metric(|m| m.broadcast_failures += 1);
+    }
+
+    async fn close(&mut self, record: &ChannelRecord, report: &mut PassReport) {
+        let id = record.id();
+        if !self.due(id) {
+            return;
+        }
+        let Some(close) = self.settlement_tx(record) else {
+            tracing::error!("no payment to settle with, or the key cannot sign: marking failed");
+            self.transition(record, ChannelState::Closing, ChannelState::Failed).await;
+            return;
+        };
+        match self.chain.broadcast(&close).await {
+            Ok(_) | Err(ChainError::Rejected { reason: RejectReason::AlreadyConfirmed, .. }) => {
+                self.retries.remove(&id);
+                if self.transition(record, ChannelState::Closing, ChannelState::Closed).await {
+                    tracing::info!(txid = %close.compute_txid(), "settlement broadcast");
+                    report.broadcast += 1;
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "settlement broadcast failed; retrying with backoff");
+                self.failed(id, report);
+            }
+        }
+    }
+
+    async fn confirm(&mut self, record: &ChannelRecord, tip: ChainTip, report: &mut PassReport) {
+        let id = record.id();
+        let Some(close) = self.settlement_tx(record) else { return };
+        let txid = close.compute_txid();
+        let status = match self.chain.tx_status(&txid).await {
+            Ok(status) => status,
+            Err(error) => {
+                tracing::warn!(%error, "settlement status unknown this pass");
+                return;
+            }
+        };
+        match status {
+            TxStatus::Confirmed { .. } => {
+                if self.transition(record, ChannelState::Closed, ChannelState::Settled).await {
+                    report.settled += 1;
+                    self.metric(|m| m.sats_settled += record.paid_amount());
+                }
+                self.waiting_since.remove(&id);
+                self.bumps.remove(&id);
+                self.retries.remove(&id);
+            }
+            TxStatus::Unknown => {
+                // Evicted (or never relayed): broadcast it again.
+                if !self.due(id) {
+                    return;
+                }
+                match self.chain.broadcast(&close).await {
+                    Ok(_) => {
+                        self.retries.remove(&id);
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "settlement rebroadcast failed");
+                        self.failed(id, report);
+                    }
+                }
+            }
+            _ => {
+                let since = *self.waiting_since.entry(id).or_insert(tip.height);
+                let params = record.channel.params();
+                // About to run into the expiry: bump whatever the timer says.
+                let urgent = match params.expiry {
+                    LockTime::Blocks(h) => {
+                        tip.height.saturating_add(self.cpfp_after) >= h.to_consensus_u32()
+                    }
+                    LockTime::Seconds(_) => false,
+                };
+                if (tip.height >= since.saturating_add(self.cpfp_after) || urgent)
+                    && !self.bumps.contains_key(&id)
+                    && self.due(id)
+                {
+                    self.bump(record, &close, report).await;
+                }
+            }
+        }
+    }
+
+    /// Broadcasts a child of `close` spending the server's output, so that parent and child
+    /// together pay the backend's current fee estimate.
+    async fn bump(&mut self, record: &ChannelRecord, close: &Transaction, report: &mut PassReport) {
+        let id = record.id();
+        let Some(child) = self.cpfp_child(record, close).await else { return };
+        match self.chain.broadcast(&child).await {
+            Ok(txid) => {
+                tracing::info!(%txid, "settlement bumped by CPFP");
+                self.bumps.insert(id, txid);
+                report.bumped += 1;
+                self.metric(|m| m.cpfp_bumps += 1);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "CPFP broadcast failed");
+                self.failed(id, report);
+            }
+        }
+    }
+
+    async fn cpfp_child(&self, record: &ChannelRecord, close: &Transaction) -> Option<Transaction> {
+        let (key, script) = self.cpfp_key.as_ref()?;
+        let server_output = close.output.first()?;
+        if server_output.script_pubkey != *script {
+            tracing::warn!("the CPFP key does not own the server's payout script");
+            return None;
+        }
+        let rate = self.chain.estimate_fee_rate(2).await.ok()?;
+        let parent_fee = record
+            .channel
+            .params()
+            .value
+            .checked_sub(close.output.iter().map(|o| o.value).sum())?;
+        let package_vsize = close.weight().to_vbytes_ceil() + CHILD_VSIZE;
+        let package_fee = rate.fee_vb(package_vsize)?;
+        // At least the child's own minimum relay fee (1 sat/vB).
+        let child_fee = package_fee
+            .checked_sub(parent_fee)
+            .unwrap_or(Amount::ZERO)
+            .max(Amount::from_sat(CHILD_VSIZE));
+        let value = server_output.value.checked_sub(child_fee)?;
+        if value < script.minimal_non_dust() {
+            tracing::warn!(%child_fee, "the server's output cannot pay for a CPFP child");
+            return None;
+        }
+        let mut child = Transaction {
+            version: Version::TWO,
+            lock_time: LockTime::ZERO,
+            input: vec![TxIn {
+                previous_output: OutPoint::new(close.compute_txid(), 0),
+                script_sig: ScriptBuf::new(),
+                sequence: Sequence::ENABLE_RBF_NO_LOCKTIME,
+                witness: Witness::new(),
+            }],
+            output: vec![TxOut { value, script_pubkey: script.clone() }],
+        };
+        child.input[0].witness =
+            crate::channel::sig::p2wpkh_witness(&child, 0, server_output, key).ok()?;
+        Some(child)
+    }
+}
