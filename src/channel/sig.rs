@@ -178,6 +178,25 @@ pub(crate) fn verify<C: Verification>(
     secp.verify_ecdsa(msg, &sig.signature, &key.0).map_err(|_| SignatureError::Invalid)
 }
 
+/// The witness of a P2WPKH input of `tx` spending `prevout` with `key` (BIP-0143,
+/// `SIGHASH_ALL`, low-S).
+pub(crate) fn p2wpkh_witness(
+    tx: &bitcoin::Transaction,
+    input: usize,
+    prevout: &bitcoin::TxOut,
+    key: &SecretKey,
+) -> Result<bitcoin::Witness, bitcoin::sighash::P2wpkhError> {
+    let secp = super::secp();
+    let sighash = bitcoin::sighash::SighashCache::new(tx).p2wpkh_signature_hash(
+        input,
+        &prevout.script_pubkey,
+        prevout.value,
+        EcdsaSighashType::All,
+    )?;
+    let signature = ecdsa::Signature::sighash_all(secp.sign_ecdsa(&Message::from(sighash), key));
+    Ok(bitcoin::Witness::p2wpkh(&signature, &key.public_key(secp)))
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use bitcoin::hashes::Hash;
@@ -248,23 +267,4 @@ pub(crate) mod tests {
         *sig.last_mut().unwrap() = 0x04;
         assert_eq!(parse_standard(&sig), Err(SignatureError::NotSighashAll { found: 0x04 }));
     }
-}
-
-/// The witness of a P2WPKH input of `tx` spending `prevout` with `key` (BIP-0143,
-/// `SIGHASH_ALL`, low-S).
-pub(crate) fn p2wpkh_witness(
-    tx: &bitcoin::Transaction,
-    input: usize,
-    prevout: &bitcoin::TxOut,
-    key: &SecretKey,
-) -> Result<bitcoin::Witness, bitcoin::sighash::P2wpkhError> {
-    let secp = super::secp();
-    let sighash = bitcoin::sighash::SighashCache::new(tx).p2wpkh_signature_hash(
-        input,
-        &prevout.script_pubkey,
-        prevout.value,
-        EcdsaSighashType::All,
-    )?;
-    let signature = ecdsa::Signature::sighash_all(secp.sign_ecdsa(&Message::from(sighash), key));
-    Ok(bitcoin::Witness::p2wpkh(&signature, &key.public_key(secp)))
 }

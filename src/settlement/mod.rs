@@ -385,13 +385,13 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
         // Payments stop at the close margin; the channel must settle before the refund is
         // valid. A pending channel whose funding confirmed is closed the same way.
         let closable = state == ChannelState::Open || confirmations > 0;
-        if closable && record.channel.params().is_closing(tip) {
-            if self.transition(record, state, ChannelState::Closing).await {
-                report.closing += 1;
-                let mut closing = record.clone();
-                closing.state = ChannelState::Closing;
-                self.close(&closing, report).await;
-            }
+        if closable
+            && record.channel.params().is_closing(tip)
+            && self.transition(record, state, ChannelState::Closing).await
+        {
+            report.closing += 1;
+            let closing = record.clone().with_state(ChannelState::Closing);
+            self.close(&closing, report).await;
         }
     }
 

@@ -1,0 +1,375 @@
+//! The settlement task on the simulated chain, mining blocks to move time: every channel
+//! settles before its refund is valid (also across a restart), failed broadcasts are retried,
+//! stuck settlements are bumped by a consensus-valid CPFP child, and bad fundings fail their
+//! channel.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::get;
+use bitcoin::absolute::LockTime;
+use bitcoin::bip32::Xpriv;
+use bitcoin::{Amount, FeeRate, Network, OutPoint, Transaction, TxOut, Txid};
+use common::http::{call, serve};
+use common::{p2wpkh, public, secret, spend};
+use paychan::MilliSats;
+use paychan::chain::sim::{SimulatedChain, sign_p2wpkh_input};
+use paychan::chain::{ChainBackend, ChainError, ChainTip, TxStatus, follow_tip, policy};
+use paychan::channel::{Channel, Terms, channel_key};
+use paychan::server::PaywallLayer;
+use paychan::settlement::{FundingPolicy, Settlement};
+use paychan::store::{ChannelRecord, ChannelState, ChannelStore, MemoryStore};
+use paychan::wire;
+
+const VALUE: Amount = Amount::from_sat(100_000);
+
+fn master() -> Xpriv {
+    Xpriv::new_master(Network::Regtest, &[0x5e; 32]).unwrap()
+}
+
+/// The server's payout key: its P2WPKH receives every settlement (and funds CPFP children).
+fn payout() -> bitcoin::secp256k1::SecretKey {
+    secret(0x22)
+}
+
+/// A channel funded on `chain` through the protocol's own steps, with `paid` sat paid.
+struct Funded {
+    channel: Channel,
+    funding: Transaction,
+    /// The funding's input and the key of the coin it spends (to double-spend it).
+    coin: (OutPoint, TxOut),
+    refund: Transaction,
+}
+
+fn fund(chain: &SimulatedChain, index: u32, lifetime: u32, broadcast: bool) -> Funded {
+    let client = secret(100 + index as u8);
+    let server = channel_key(&master(), index).unwrap();
+    let tip = chain.tip();
+    let params = Terms::default()
+        .agree(
+            public(&client),
+            common::public(&server),
+            VALUE,
+            LockTime::from_height(tip.height + lifetime).unwrap(),
+            p2wpkh(&client),
+            p2wpkh(&payout()),
+            tip,
+        )
+        .unwrap();
+    // Coins of key 3, so that `common::spend` can double-spend them.
+    let (coin, prevout) = chain.faucet_p2wpkh(&public(&secret(3)), Amount::from_sat(150_000));
+    let change = TxOut { value: Amount::from_sat(49_000), script_pubkey: p2wpkh(&secret(3)) };
+    let (mut funding, outpoint) = params.build_funding(&[coin], Some(change));
+    sign_p2wpkh_input(&mut funding, 0, &prevout, &secret(3));
+    let refund = params.build_refund(outpoint, params.refund_fee());
+    let server_sig = params.check_refund(&Terms::default(), &funding, &refund, tip).unwrap();
+    let server_sig = server_sig.sign(&server).unwrap();
+    let refund = params.complete_refund(&refund, &client, &server_sig).unwrap();
+    if broadcast {
+        chain.submit(&funding).unwrap();
+    }
+    Funded { channel: params.at(outpoint), funding, coin: (coin, prevout), refund }
+}
+
+fn payment(funded: &Funded, index: u32, sat: u64) -> Transaction {
+    let mut tx = funded.channel.build_payment(Amount::from_sat(sat)).unwrap();
+    funded.channel.sign_payment(&mut tx, &secret(100 + index as u8)).unwrap();
+    tx
+}
+
+async fn open_channel<S: ChannelStore>(
+    store: &S,
+    chain: &SimulatedChain,
+    index: u32,
+    lifetime: u32,
+    paid: u64,
+) -> Funded {
+    let funded = fund(chain, index, lifetime, true);
+    let record = ChannelRecord::open(funded.channel.clone(), index, payment(&funded, index, 1_000))
+        .with_funded_at(chain.tip().height);
+    store.create(record).await.unwrap();
+    let id = wire::ChannelId::new(funded.channel.outpoint());
+    let _ = store.store_payment(id, payment(&funded, index, paid)).await.unwrap();
+    funded
+}
+
+fn settlement<S: ChannelStore, C: ChainBackend>(store: S, chain: C) -> Settlement<S, C> {
+    Settlement::new(store, chain, master())
+        .with_cpfp_key(payout())
+        .with_backoff(Duration::ZERO, Duration::ZERO)
+}
+
+#[tokio::test]
+async fn every_channel_settles_before_its_refund_is_valid_also_across_a_restart() {
+    let chain = SimulatedChain::new();
+    let store = MemoryStore::new();
+    let mut channels = Vec::new();
+    for index in 0..6u32 {
+        // Lifetimes from 150 to 275 blocks (the close margin is 36), all paid differently.
+        let paid = 2_000 + u64::from(index) * 1_000;
+        let funded = open_channel(&store, &chain, index, 150 + 25 * index, paid).await;
+        channels.push((index, funded, paid));
+    }
+    let mut task = settlement(store.clone(), chain.clone());
+    let start = chain.tip().height;
+    let mut settled_at = std::collections::HashMap::new();
+    for step in 0..300u32 {
+        if step == 140 {
+            // A restart: a fresh task with nothing in memory, on the same store.
+            task = settlement(store.clone(), chain.clone());
+        }
+        task.run_once().await.unwrap();
+        let tip = chain.tip();
+        for (index, funded, _) in &channels {
+            let record = store.load(wire::ChannelId::new(funded.channel.outpoint())).await;
+            let record = record.unwrap().unwrap();
+            if record.state == ChannelState::Settled {
+                settled_at.entry(*index).or_insert(tip.height);
+            }
+            assert!(
+                !funded.channel.params().refund_is_valid(tip) || settled_at.contains_key(index),
+                "channel {index}: the refund became valid at {} before the settlement",
+                tip.height
+            );
+        }
+        if settled_at.len() == channels.len() {
+            break;
+        }
+        chain.mine(1);
+    }
+    assert_eq!(settled_at.len(), channels.len(), "every channel settled");
+    assert!(chain.tip().height > start + 150, "time moved");
+    for (index, funded, paid) in &channels {
+        // The refund can never be used: the funding output is spent by the settlement.
+        let refund = chain.submit(&funded.refund);
+        assert!(refund.is_err(), "channel {index}: refund after settlement must fail");
+        let id = wire::ChannelId::new(funded.channel.outpoint());
+        let record = store.load(id).await.unwrap().unwrap();
+        let close = record
+            .channel
+            .close_transaction(
+                record.best.as_ref().unwrap(),
+                &channel_key(&master(), *index).unwrap(),
+            )
+            .unwrap();
+        let txid = close.compute_txid();
+        assert!(matches!(chain.tx_status(&txid), TxStatus::Confirmed { .. }));
+        check_settled_tx(&chain, funded, txid, *paid);
+    }
+    let metrics = task.metrics().lock().unwrap().clone();
+    assert_eq!(metrics.channels["settled"], channels.len());
+    assert_eq!(metrics.closes_pending, 0);
+}
+
+/// Checks a confirmed settlement: consensus- and policy-valid, paying the server exactly `paid`.
+fn check_settled_tx(chain: &SimulatedChain, funded: &Funded, txid: Txid, paid: u64) {
+    let outpoint = funded.channel.outpoint();
+    let tx = chain.get_transaction(&txid).unwrap();
+    let spent = funded.funding.output[outpoint.vout as usize].clone();
+    tx.verify(|op| (*op == outpoint).then(|| spent.clone())).expect("consensus");
+    policy::check_standard(&tx, &[spent]).expect("standard");
+    assert_eq!(tx.output[0].value, Amount::from_sat(paid), "the server gets exactly what was paid");
+    assert_eq!(tx.output[0].script_pubkey, p2wpkh(&payout()));
+}
+
+/// A chain whose first `failures` broadcasts fail as if the node were down.
+#[derive(Clone)]
+struct Flaky {
+    chain: SimulatedChain,
+    failures: Arc<AtomicUsize>,
+}
+
+impl ChainBackend for Flaky {
+    async fn broadcast(&self, tx: &Transaction) -> Result<Txid, ChainError> {
+        let left = self.failures.load(Ordering::SeqCst);
+        if left > 0 {
+            self.failures.store(left - 1, Ordering::SeqCst);
+            return Err(ChainError::Unavailable { message: "connection refused".into() });
+        }
+        self.chain.broadcast(tx).await
+    }
+    async fn tx_status(&self, txid: &Txid) -> Result<TxStatus, ChainError> {
+        ChainBackend::tx_status(&self.chain, txid).await
+    }
+    async fn tip(&self) -> Result<ChainTip, ChainError> {
+        ChainBackend::tip(&self.chain).await
+    }
+    async fn estimate_fee_rate(&self, target: u16) -> Result<FeeRate, ChainError> {
+        self.chain.estimate_fee_rate(target).await
+    }
+    async fn unspent_output(&self, outpoint: &OutPoint) -> Result<Option<TxOut>, ChainError> {
+        self.chain.unspent_output(outpoint).await
+    }
+}
+
+#[tokio::test]
+async fn failed_broadcasts_are_retried_and_a_cooperative_close_is_queued() {
+    let chain = SimulatedChain::new();
+    let store = MemoryStore::new();
+    let funded = open_channel(&store, &chain, 0, 200, 4_000).await;
+    let id = wire::ChannelId::new(funded.channel.outpoint());
+    let flaky = Flaky { chain: chain.clone(), failures: Arc::new(AtomicUsize::new(3)) };
+
+    // The client asks for a cooperative close while the node is down: 202, queued.
+    let tip = follow_tip(chain.clone(), Duration::from_millis(20)).await.unwrap();
+    let negotiation = paychan::server::Negotiation::new(
+        Network::Regtest,
+        Terms::default(),
+        master(),
+        p2wpkh(&payout()),
+        flaky.clone(),
+    );
+    let app = Router::new().route("/paid", get(|| async { "ok" })).layer(
+        PaywallLayer::new(store.clone(), MilliSats::from_msat(1_000), tip)
+            .with_negotiation(negotiation),
+    );
+    let addr = serve(app).await;
+    let header = wire::encode_payment(&payment(&funded, 0, 4_000));
+    let path = format!("/payment-channel/channels/{id}/close");
+    let reply = call(addr, "POST", &path, &[("payment-channel", &header)], None).await;
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    assert_eq!(reply.json()["state"], "closing");
+    assert_eq!(store.load(id).await.unwrap().unwrap().state, ChannelState::Closing);
+    // No more requests are served on it.
+    assert_eq!(call(addr, "GET", "/paid", &[("payment-channel", &header)], None).await.status, 402);
+
+    // The task retries: two more failures, then the broadcast goes through.
+    let mut task = settlement(store.clone(), flaky.clone());
+    let mut retrying = 0;
+    for _ in 0..3 {
+        retrying += task.run_once().await.unwrap().retrying;
+    }
+    assert_eq!(retrying, 2);
+    assert_eq!(store.load(id).await.unwrap().unwrap().state, ChannelState::Closed);
+    assert_eq!(task.metrics().lock().unwrap().broadcast_failures, 2);
+    // Closed is not settled: only a confirmation settles.
+    task.run_once().await.unwrap();
+    assert_eq!(store.load(id).await.unwrap().unwrap().state, ChannelState::Closed);
+    chain.mine(1);
+    assert_eq!(task.run_once().await.unwrap().settled, 1);
+    assert_eq!(store.load(id).await.unwrap().unwrap().state, ChannelState::Settled);
+    assert_eq!(task.metrics().lock().unwrap().sats_settled, Amount::from_sat(4_000));
+}
+
+#[tokio::test]
+async fn a_stuck_settlement_is_bumped_by_a_valid_cpfp_child() {
+    let chain = SimulatedChain::new();
+    let store = MemoryStore::new();
+    let funded = open_channel(&store, &chain, 0, 200, 20_000).await;
+    let id = wire::ChannelId::new(funded.channel.outpoint());
+    chain.mine(1);
+    // Blocks now want 20 sat/vB; the payment was signed at 2 sat/vB. The estimate says 25.
+    chain.set_block_min_fee_rate(FeeRate::from_sat_per_vb_u32(20));
+    chain.set_fee_rate(FeeRate::from_sat_per_vb_u32(25));
+    let mut task = settlement(store.clone(), chain.clone()).with_cpfp_after(2);
+    let close = {
+        let record = store.load(id).await.unwrap().unwrap();
+        let key = channel_key(&master(), 0).unwrap();
+        record.channel.close_transaction(record.best.as_ref().unwrap(), &key).unwrap()
+    };
+    // Mine into the close margin: the task closes, the settlement waits in the mempool.
+    let mut bumped = 0;
+    for _ in 0..200 {
+        let report = task.run_once().await.unwrap();
+        bumped += report.bumped;
+        if bumped > 0 {
+            break;
+        }
+        chain.mine(1);
+    }
+    assert_eq!(bumped, 1, "one child");
+    let record = store.load(id).await.unwrap().unwrap();
+    assert_eq!(record.state, ChannelState::Closed, "broadcast, not confirmed");
+    let child_id = *chain.mempool_txids().last().unwrap();
+    let child = chain.get_transaction(&child_id).unwrap();
+    assert_eq!(child.input[0].previous_output, OutPoint::new(close.compute_txid(), 0));
+    // The child is valid under Bitcoin Core's interpreter and relay policy.
+    let parent_output = close.output[0].clone();
+    child.verify(|_| Some(parent_output.clone())).expect("consensus accepts the child");
+    policy::check_standard(&child, &[parent_output]).expect("standard");
+    let mined = chain.mine(1);
+    assert!(mined.contains(&close.compute_txid()) && mined.contains(&child_id), "both confirm");
+    task.run_once().await.unwrap();
+    assert_eq!(store.load(id).await.unwrap().unwrap().state, ChannelState::Settled);
+    assert!(!funded.channel.params().refund_is_valid(chain.tip()), "before the refund");
+    check_settled_tx(&chain, &funded, close.compute_txid(), 20_000);
+}
+
+#[tokio::test]
+async fn a_double_spent_funding_fails_the_channel_and_nothing_is_served() {
+    let chain = SimulatedChain::new();
+    let store = MemoryStore::new();
+    let funded = open_channel(&store, &chain, 0, 200, 3_000).await;
+    let id = wire::ChannelId::new(funded.channel.outpoint());
+    let tip = follow_tip(chain.clone(), Duration::from_millis(20)).await.unwrap();
+    let app = Router::new().route("/paid", get(|| async { "ok" })).layer(PaywallLayer::new(
+        store.clone(),
+        MilliSats::from_msat(1_000),
+        tip,
+    ));
+    let addr = serve(app).await;
+    let header = wire::encode_payment(&payment(&funded, 0, 3_000));
+    assert_eq!(call(addr, "GET", "/paid", &[("payment-channel", &header)], None).await.status, 200);
+
+    // The client's coin is spent elsewhere by a miner who never saw the funding.
+    chain.mine_double_spend(&spend(funded.coin.clone(), 149_000, 0)).unwrap();
+    assert_eq!(chain.tx_status(&funded.channel.outpoint().txid), TxStatus::Unknown);
+    let mut task = settlement(store.clone(), chain.clone());
+    assert_eq!(task.run_once().await.unwrap().failed, 1);
+    assert_eq!(store.load(id).await.unwrap().unwrap().state, ChannelState::Failed);
+    let reply = call(addr, "GET", "/paid", &[("payment-channel", &header)], None).await;
+    assert_eq!(reply.status, 402);
+    assert_eq!(reply.json()["code"], "channel-not-open");
+    assert_eq!(task.metrics().lock().unwrap().failed_fundings, 1);
+}
+
+#[tokio::test]
+async fn a_funding_that_never_confirms_fails_and_a_pending_channel_opens_when_confirmed() {
+    let chain = SimulatedChain::new();
+    let store = MemoryStore::new();
+    // Blocks refuse everything below 50 sat/vB: this funding (about 7 sat/vB) waits forever.
+    chain.set_block_min_fee_rate(FeeRate::from_sat_per_vb_u32(50));
+    let stuck = open_channel(&store, &chain, 0, 300, 2_000).await;
+    let policy = FundingPolicy::default().with_confirm_within_blocks(10);
+    let mut task = settlement(store.clone(), chain.clone()).with_funding_policy(policy);
+    for _ in 0..9 {
+        chain.mine(1);
+        assert_eq!(task.run_once().await.unwrap().failed, 0);
+    }
+    chain.mine(1);
+    assert_eq!(task.run_once().await.unwrap().failed, 1, "10 blocks without a confirmation");
+    let id = wire::ChannelId::new(stuck.channel.outpoint());
+    assert_eq!(store.load(id).await.unwrap().unwrap().state, ChannelState::Failed);
+
+    // A pending channel (2 confirmations required) opens once its funding has them.
+    chain.set_block_min_fee_rate(FeeRate::ZERO);
+    let store = MemoryStore::new();
+    let funded = fund(&chain, 1, 300, true);
+    let record = ChannelRecord::open(funded.channel.clone(), 1, payment(&funded, 1, 1_000))
+        .with_funded_at(chain.tip().height)
+        .with_state(ChannelState::Pending);
+    let id = record.id();
+    store.create(record).await.unwrap();
+    let policy = FundingPolicy::default().with_min_confirmations(2);
+    let mut task = settlement(store.clone(), chain.clone()).with_funding_policy(policy);
+    let tip = follow_tip(chain.clone(), Duration::from_millis(20)).await.unwrap();
+    let app = Router::new().route("/paid", get(|| async { "ok" })).layer(PaywallLayer::new(
+        store.clone(),
+        MilliSats::from_msat(1_000),
+        tip,
+    ));
+    let addr = serve(app).await;
+    let header = wire::encode_payment(&payment(&funded, 1, 1_000));
+    let reply = call(addr, "GET", "/paid", &[("payment-channel", &header)], None).await;
+    assert_eq!((reply.status, reply.json()["code"].as_str()), (409, Some("channel-pending")));
+    chain.mine(1);
+    assert_eq!(task.run_once().await.unwrap().opened, 0, "one confirmation is not two");
+    chain.mine(1);
+    assert_eq!(task.run_once().await.unwrap().opened, 1);
+    assert_eq!(store.load(id).await.unwrap().unwrap().state, ChannelState::Open);
+    assert_eq!(call(addr, "GET", "/paid", &[("payment-channel", &header)], None).await.status, 200);
+}
