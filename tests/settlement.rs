@@ -105,8 +105,25 @@ fn settlement<S: ChannelStore, C: ChainBackend>(store: S, chain: C) -> Settlemen
 
 #[tokio::test]
 async fn every_channel_settles_before_its_refund_is_valid_also_across_a_restart() {
+    settles_before_refunds(MemoryStore::new, true).await;
+}
+
+#[cfg(feature = "sqlite")]
+#[tokio::test]
+async fn on_sqlite_a_restarted_node_settles_every_channel_in_time() {
+    let path = std::env::temp_dir().join(format!("paychan-settle-{}.db", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    // Each call reopens the database file: a restarted node.
+    let open = || paychan::store::SqliteStore::open(&path).expect("sqlite");
+    settles_before_refunds(open, false).await;
+    let _ = std::fs::remove_file(&path);
+}
+
+/// Six channels of different lifetimes; the node restarts (a new task on `reopen()`) midway.
+/// With `shared`, the first store is kept (an in-memory store survives only in-process).
+async fn settles_before_refunds<S: ChannelStore + Clone>(reopen: impl Fn() -> S, shared: bool) {
     let chain = SimulatedChain::new();
-    let store = MemoryStore::new();
+    let mut store = reopen();
     let mut channels = Vec::new();
     for index in 0..6u32 {
         // Lifetimes from 150 to 275 blocks (the close margin is 36), all paid differently.
@@ -119,7 +136,11 @@ async fn every_channel_settles_before_its_refund_is_valid_also_across_a_restart(
     let mut settled_at = std::collections::HashMap::new();
     for step in 0..300u32 {
         if step == 140 {
-            // A restart: a fresh task with nothing in memory, on the same store.
+            // A restart: a fresh task with nothing in memory, on the store reopened.
+            drop(task);
+            if !shared {
+                store = reopen();
+            }
             task = settlement(store.clone(), chain.clone());
         }
         task.run_once().await.unwrap();
@@ -372,4 +393,27 @@ async fn a_funding_that_never_confirms_fails_and_a_pending_channel_opens_when_co
     assert_eq!(task.run_once().await.unwrap().opened, 1);
     assert_eq!(store.load(id).await.unwrap().unwrap().state, ChannelState::Open);
     assert_eq!(call(addr, "GET", "/paid", &[("payment-channel", &header)], None).await.status, 200);
+}
+
+#[tokio::test]
+async fn a_settlement_beaten_by_the_refund_marks_the_channel_failed() {
+    let chain = SimulatedChain::new();
+    let store = MemoryStore::new();
+    let funded = open_channel(&store, &chain, 0, 150, 5_000).await;
+    let id = wire::ChannelId::new(funded.channel.outpoint());
+    chain.mine(1);
+    // Blocks take nothing below 50 sat/vB and the task has no CPFP key: the close waits.
+    chain.set_block_min_fee_rate(FeeRate::from_sat_per_vb_u32(50));
+    let mut task = Settlement::new(store.clone(), chain.clone(), master())
+        .with_backoff(Duration::ZERO, Duration::ZERO);
+    while !funded.channel.params().refund_is_valid(chain.tip()) {
+        task.run_once().await.unwrap();
+        chain.mine(1);
+    }
+    assert_eq!(store.load(id).await.unwrap().unwrap().state, ChannelState::Closed);
+    // The client's refund, now valid, is mined instead of the settlement.
+    chain.mine_double_spend(&funded.refund).unwrap();
+    let report = task.run_once().await.unwrap();
+    assert_eq!(report.failed, 1);
+    assert_eq!(store.load(id).await.unwrap().unwrap().state, ChannelState::Failed);
 }

@@ -470,6 +470,16 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
                     Ok(_) => {
                         self.retries.remove(&id);
                     }
+                    Err(ChainError::Rejected { reason: RejectReason::MissingInputs, .. })
+                        if self.funding_spent_elsewhere(record).await =>
+                    {
+                        // Not by this settlement (it is unknown): by the refund, too late.
+                        tracing::error!("the funding was spent by another transaction");
+                        if self.transition(record, ChannelState::Closed, ChannelState::Failed).await
+                        {
+                            report.failed += 1;
+                        }
+                    }
                     Err(error) => {
                         tracing::warn!(%error, "settlement rebroadcast failed");
                         self.failed(id, report);
@@ -494,6 +504,17 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
                 }
             }
         }
+    }
+
+    /// Whether the funding output is spent (by something that is not this settlement, which
+    /// the caller found unknown to the chain).
+    async fn funding_spent_elsewhere(&self, record: &ChannelRecord) -> bool {
+        let outpoint = record.channel.outpoint();
+        matches!(self.chain.unspent_output(&outpoint).await, Ok(None))
+            && matches!(
+                self.chain.tx_status(&outpoint.txid).await,
+                Ok(TxStatus::Confirmed { .. } | TxStatus::InMempool)
+            )
     }
 
     /// Broadcasts a child of `close` spending the server's output, so that parent and child
