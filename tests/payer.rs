@@ -29,8 +29,8 @@ use paychan::chain::sim::SimulatedChain;
 use paychan::chain::{TxStatus, follow_tip, policy};
 use paychan::channel::{LifetimeBounds, Terms};
 use paychan::client::{
-    ClientError, ClientStore, FileClientStore, KeyWallet, MemoryClientStore, Payer, PaymentLayer,
-    PaymentService, PolicyRefusal, ServiceTransport, SpendingPolicy,
+    ClientError, ClientStore, FileClientStore, KeyWallet, MemoryClientStore, Payer, PayerBuilder,
+    PaymentLayer, PaymentService, PolicyRefusal, ServiceTransport, SpendingPolicy,
 };
 use paychan::server::{Negotiation, PaywallLayer};
 use paychan::store::MemoryStore;
@@ -140,20 +140,22 @@ fn funded_wallet(chain: &SimulatedChain) -> Wallet {
     Wallet { wallet }
 }
 
+/// A payer for `server` funded by `wallet`: 50 000 sat channels, the test policy.
+fn builder(server: &Server, wallet: &Wallet) -> PayerBuilder<MemoryClientStore> {
+    let key = Xpriv::new_master(Network::Regtest, &[0x11; 32]).unwrap();
+    Payer::builder(&server.origin, Network::Regtest, key)
+        .policy(policy())
+        .wallet(wallet.wallet.clone())
+        .channel_value(Amount::from_sat(50_000))
+}
+
 fn payer_with<S: ClientStore>(
     server: &Server,
     wallet: &Wallet,
     store: S,
     policy: SpendingPolicy,
 ) -> Payer<S> {
-    let key = Xpriv::new_master(Network::Regtest, &[0x11; 32]).unwrap();
-    Payer::builder(&server.origin, Network::Regtest, key)
-        .store(store)
-        .wallet(wallet.wallet.clone())
-        .channel_value(Amount::from_sat(50_000))
-        .policy(policy)
-        .build()
-        .unwrap()
+    builder(server, wallet).store(store).policy(policy).build().unwrap()
 }
 
 fn paying_client<S: ClientStore + 'static>(
@@ -228,14 +230,7 @@ async fn opens_on_the_first_402_tops_up_and_settles_exactly() {
 async fn the_refund_recovers_the_money_after_expiry() {
     let server = server().await;
     let wallet = funded_wallet(&server.chain);
-    let key = Xpriv::new_master(Network::Regtest, &[0x11; 32]).unwrap();
-    let payer = Payer::builder(&server.origin, Network::Regtest, key)
-        .policy(policy())
-        .wallet(wallet.wallet.clone())
-        .channel_value(Amount::from_sat(50_000))
-        .lifetime_blocks(150)
-        .build()
-        .unwrap();
+    let payer = builder(&server, &wallet).lifetime_blocks(150).build().unwrap();
     let (mut client, _) = paying_client(&payer);
     assert_eq!(get_work(&mut client, &server.origin).await.unwrap().0, StatusCode::OK);
     server.chain.mine(1);
@@ -398,11 +393,7 @@ async fn concurrent_requests_share_one_channel_and_never_overpay() {
 async fn a_low_balance_is_topped_up_before_the_next_402() {
     let server = server().await;
     let wallet = funded_wallet(&server.chain);
-    let key = Xpriv::new_master(Network::Regtest, &[0x11; 32]).unwrap();
-    let payer = Payer::builder(&server.origin, Network::Regtest, key)
-        .policy(policy())
-        .wallet(wallet.wallet.clone())
-        .channel_value(Amount::from_sat(50_000))
+    let payer = builder(&server, &wallet)
         .top_up_below(MilliSats::from_msat(400_000), Amount::from_sat(1_000))
         .build()
         .unwrap();

@@ -22,7 +22,7 @@ use super::{
 };
 use crate::MilliSats;
 use crate::channel::{ChainTip, ChannelParams, LifetimeBounds, is_standard_payout};
-use crate::server::ChannelSnapshot;
+use crate::server::{ChannelSnapshot, OpenResponse as Proposal};
 use crate::wire::{ChannelId, PAYMENT_CHANNEL};
 
 /// The client side of channels with one server: opens them, signs every increment, and decides
@@ -61,14 +61,16 @@ impl<S> Clone for Payer<S> {
 impl<S> fmt::Debug for Payer<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Payer")
-            .field("origin", &self.inner.origin)
-            .field("network", &self.inner.network)
-            .field("policy", &self.inner.policy)
+            .field("origin", &self.inner.settings.origin)
+            .field("network", &self.inner.settings.network)
+            .field("policy", &self.inner.settings.policy)
             .finish_non_exhaustive()
     }
 }
 
-struct Inner<S> {
+/// What a payer is configured with.
+#[derive(Debug)]
+struct Settings<S> {
     origin: String,
     network: Network,
     key: Xpriv,
@@ -78,6 +80,10 @@ struct Inner<S> {
     channel_value: Option<Amount>,
     lifetime_blocks: u32,
     top_up: Option<(MilliSats, Amount)>,
+}
+
+struct Inner<S> {
+    settings: Settings<S>,
     state: tokio::sync::Mutex<State>,
     current: RwLock<Option<Sent>>,
 }
@@ -157,67 +163,71 @@ pub struct Closed {
 #[derive(Debug)]
 #[must_use]
 pub struct PayerBuilder<S> {
-    origin: String,
-    network: Network,
-    key: Xpriv,
-    store: S,
-    policy: SpendingPolicy,
-    wallet: Option<Arc<dyn Wallet>>,
-    channel_value: Option<Amount>,
-    lifetime_blocks: u32,
-    top_up: Option<(MilliSats, Amount)>,
+    settings: Settings<S>,
 }
 
 impl PayerBuilder<MemoryClientStore> {
     /// Keeps the channels in `store` instead of in memory. Use a durable store
     /// ([`FileClientStore`](super::FileClientStore)) for real money: it holds the refunds.
     pub fn store<S2: ClientStore>(self, store: S2) -> PayerBuilder<S2> {
-        PayerBuilder {
-            origin: self.origin,
-            network: self.network,
-            key: self.key,
+        let Settings {
+            origin,
+            network,
+            key,
+            policy,
+            wallet,
+            channel_value,
+            lifetime_blocks,
+            top_up,
+            store: _,
+        } = self.settings;
+        let settings = Settings {
+            origin,
+            network,
+            key,
             store,
-            policy: self.policy,
-            wallet: self.wallet,
-            channel_value: self.channel_value,
-            lifetime_blocks: self.lifetime_blocks,
-            top_up: self.top_up,
-        }
+            policy,
+            wallet,
+            channel_value,
+            lifetime_blocks,
+            top_up,
+        };
+        PayerBuilder { settings }
     }
 }
 
 impl<S: ClientStore> PayerBuilder<S> {
     /// What the client is willing to spend (default: [`SpendingPolicy::default`]).
     pub fn policy(mut self, policy: SpendingPolicy) -> Self {
-        self.policy = policy;
+        self.settings.policy = policy;
         self
     }
 
     /// The wallet that funds new channels. Without one, the client pays on channels it
     /// already has and refuses to open new ones ([`ClientError::NoWallet`]).
     pub fn wallet(mut self, wallet: impl Wallet + 'static) -> Self {
-        self.wallet = Some(Arc::new(wallet));
+        self.settings.wallet = Some(Arc::new(wallet));
         self
     }
 
     /// The value of the channels the client opens (default: the policy's maximum, within the
     /// server's bounds).
     pub fn channel_value(mut self, value: Amount) -> Self {
-        self.channel_value = Some(value);
+        self.settings.channel_value = Some(value);
         self
     }
 
     /// How many blocks a new channel lives before its refund becomes valid (default 1 008,
     /// about a week; clamped to the server's bounds).
     pub fn lifetime_blocks(mut self, blocks: u32) -> Self {
-        self.lifetime_blocks = blocks;
+        self.settings.lifetime_blocks = blocks;
         self
     }
 
     /// Proactive top-up: when a response's `Payment-Channel-Balance` falls below `threshold`,
     /// sign a payment of `amount` more right away, so the next requests do not meet a 402.
     pub fn top_up_below(mut self, threshold: MilliSats, amount: Amount) -> Self {
-        self.top_up = Some((threshold, amount));
+        self.settings.top_up = Some((threshold, amount));
         self
     }
 
@@ -227,19 +237,11 @@ impl<S: ClientStore> PayerBuilder<S> {
     ///
     /// [`ClientError::InvalidOrigin`] unless the server is `http://` or `https://` with a
     /// host and nothing after it but an optional `/`.
-    pub fn build(self) -> Result<Payer<S>, ClientError> {
-        let origin = parse_origin(&self.origin)?;
+    pub fn build(mut self) -> Result<Payer<S>, ClientError> {
+        self.settings.origin = parse_origin(&self.settings.origin)?;
         Ok(Payer {
             inner: Arc::new(Inner {
-                origin,
-                network: self.network,
-                key: self.key,
-                store: self.store,
-                policy: self.policy,
-                wallet: self.wallet,
-                channel_value: self.channel_value,
-                lifetime_blocks: self.lifetime_blocks,
-                top_up: self.top_up,
+                settings: self.settings,
                 state: tokio::sync::Mutex::default(),
                 current: RwLock::default(),
             }),
@@ -280,23 +282,6 @@ struct Endpoints {
     close: String,
 }
 
-/// The server's answer to `open`.
-#[derive(Debug, Deserialize)]
-struct Proposal {
-    proposal: u32,
-    server_pubkey: String,
-    witness_script: String,
-    funding_script_pubkey: String,
-    value_sat: u64,
-    expiry: u32,
-    close_margin: u32,
-    client_script: String,
-    server_script: String,
-    min_fee_rate_sat_per_vb: u64,
-    max_fee_rate_sat_per_vb: u64,
-    refund_fee_sat: u64,
-}
-
 const WELL_KNOWN: &str = "/.well-known/payment-channel";
 
 fn misbehaved(what: impl Into<String>) -> ClientError {
@@ -308,15 +293,17 @@ impl Payer<MemoryClientStore> {
     /// client keys K1 are derived from `key` at hardened indices the store allocates.
     pub fn builder(server: &str, network: Network, key: Xpriv) -> PayerBuilder<MemoryClientStore> {
         PayerBuilder {
-            origin: server.to_owned(),
-            network,
-            key,
-            store: MemoryClientStore::new(),
-            policy: SpendingPolicy::default(),
-            wallet: None,
-            channel_value: None,
-            lifetime_blocks: 1_008,
-            top_up: None,
+            settings: Settings {
+                origin: server.to_owned(),
+                network,
+                key,
+                store: MemoryClientStore::new(),
+                policy: SpendingPolicy::default(),
+                wallet: None,
+                channel_value: None,
+                lifetime_blocks: 1_008,
+                top_up: None,
+            },
         }
     }
 }
@@ -324,12 +311,12 @@ impl Payer<MemoryClientStore> {
 impl<S: ClientStore> Payer<S> {
     /// The server's origin, `scheme://host[:port]`.
     pub fn origin(&self) -> &str {
-        &self.inner.origin
+        &self.inner.settings.origin
     }
 
     /// The spending policy.
     pub fn policy(&self) -> &SpendingPolicy {
-        &self.inner.policy
+        &self.inner.settings.policy
     }
 
     /// Whether a request to `uri` goes to this payer's server. Requests elsewhere never carry
@@ -337,7 +324,7 @@ impl<S: ClientStore> Payer<S> {
     pub fn applies_to(&self, uri: &Uri) -> bool {
         match (uri.scheme_str(), uri.authority()) {
             (Some(scheme), Some(authority)) => {
-                let origin = &self.inner.origin;
+                let origin = &self.inner.settings.origin;
                 origin.len() == scheme.len() + 3 + authority.as_str().len()
                     && origin.starts_with(scheme)
                     && origin[scheme.len()..].starts_with("://")
@@ -382,11 +369,13 @@ impl<S: ClientStore> Payer<S> {
     async fn state(&self) -> Result<tokio::sync::MutexGuard<'_, State>, ClientError> {
         let mut state = self.inner.state.lock().await;
         if !state.loaded {
-            let channels = self.inner.store.list().await.map_err(ClientError::Store)?;
+            let channels = self.inner.settings.store.list().await.map_err(ClientError::Store)?;
             state.committed = channels.iter().map(ClientChannel::paid).sum();
             let best = channels
                 .into_iter()
-                .filter(|c| c.server == self.inner.origin && !c.retired && c.latest.is_some())
+                .filter(|c| {
+                    c.server == self.inner.settings.origin && !c.retired && c.latest.is_some()
+                })
                 .max_by_key(|c| c.channel.params().expiry.to_consensus_u32());
             if let Some(channel) = best {
                 let key = self.derive(channel.key_index)?;
@@ -407,7 +396,7 @@ impl<S: ClientStore> Payer<S> {
     }
 
     fn derive(&self, index: u32) -> Result<SecretKey, ClientError> {
-        crate::channel::channel_key(&self.inner.key, index)
+        crate::channel::channel_key(&self.inner.settings.key, index)
             .map_err(|e| ClientError::Key(e.to_string()))
     }
 
@@ -421,7 +410,7 @@ impl<S: ClientStore> Payer<S> {
     ) -> Result<Value, ClientError> {
         let mut request = Request::builder()
             .method(method)
-            .uri(format!("{}{path}", self.inner.origin))
+            .uri(format!("{}{path}", self.inner.settings.origin))
             .header(http::header::ACCEPT, "application/json");
         if let Some(header) = header {
             request = request.header(PAYMENT_CHANNEL, header);
@@ -472,7 +461,7 @@ impl<S: ClientStore> Payer<S> {
         state: &mut State,
         automatic: bool,
     ) -> Result<ChannelId, ClientError> {
-        let inner = &*self.inner;
+        let inner = &self.inner.settings;
         let terms: ServerTerms = serde_json::from_value(
             self.call(transport, Method::GET, WELL_KNOWN, None, None).await?,
         )
@@ -600,7 +589,11 @@ impl<S: ClientStore> Payer<S> {
         let script = ScriptBuf::from_hex(&terms.server_script)
             .map_err(|_| misbehaved("server_script is not hex"))?;
         let first = script.minimal_non_dust();
-        self.inner.policy.check_spend(state.committed, first).map_err(ClientError::Policy)?;
+        self.inner
+            .settings
+            .policy
+            .check_spend(state.committed, first)
+            .map_err(ClientError::Policy)?;
         Ok(first)
     }
 
@@ -608,7 +601,7 @@ impl<S: ClientStore> Payer<S> {
     async fn retire(&self, state: &mut State) -> Result<(), ClientError> {
         if let Some((mut channel, _)) = state.channel.take() {
             channel.retired = true;
-            self.inner.store.save(&channel).await.map_err(ClientError::Store)?;
+            self.inner.settings.store.save(&channel).await.map_err(ClientError::Store)?;
         }
         self.set_channel(state, None);
         Ok(())
@@ -627,7 +620,7 @@ impl<S: ClientStore> Payer<S> {
     ) -> Result<(), ClientError> {
         // Check the price before paying anything, for a new channel as for a top-up.
         if let Some(price) = problem.price_msat.or(problem.channel.as_ref().map(|c| c.price_msat)) {
-            self.inner.policy.check_price(price).map_err(ClientError::Policy)?;
+            self.inner.settings.policy.check_price(price).map_err(ClientError::Policy)?;
         }
         let mut state = self.state().await?;
         // Another request changed the channel meanwhile: retry with its payment.
@@ -669,7 +662,7 @@ impl<S: ClientStore> Payer<S> {
         state: &mut State,
         snapshot: &ChannelSnapshot,
     ) -> Result<(), ClientError> {
-        let policy = &self.inner.policy;
+        let policy = &self.inner.settings.policy;
         policy.check_price(snapshot.price_msat).map_err(ClientError::Policy)?;
         let (channel, key) = state.channel.as_mut().expect("a channel to top up");
         let paid = channel.paid();
@@ -694,7 +687,7 @@ impl<S: ClientStore> Payer<S> {
             return Ok(());
         }
         policy.check_spend(state.committed, target - paid).map_err(ClientError::Policy)?;
-        channel.pay(&self.inner.store, key, target).await?;
+        channel.pay(&self.inner.settings.store, key, target).await?;
         state.committed += target - paid;
         let channel = state.channel.take();
         self.set_channel(state, channel);
@@ -707,7 +700,7 @@ impl<S: ClientStore> Payer<S> {
         sent: &Sent,
         balance: MilliSats,
     ) -> Result<(), ClientError> {
-        let Some((threshold, amount)) = self.inner.top_up else { return Ok(()) };
+        let Some((threshold, amount)) = self.inner.settings.top_up else { return Ok(()) };
         if balance >= threshold {
             return Ok(());
         }
@@ -724,10 +717,11 @@ impl<S: ClientStore> Payer<S> {
             return Ok(());
         }
         self.inner
+            .settings
             .policy
             .check_spend(state.committed, target - paid)
             .map_err(ClientError::Policy)?;
-        channel.pay(&self.inner.store, key, target).await?;
+        channel.pay(&self.inner.settings.store, key, target).await?;
         state.committed += target - paid;
         let channel = state.channel.take();
         self.set_channel(state, channel);

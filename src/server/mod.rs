@@ -54,6 +54,7 @@
 mod future;
 mod layer;
 mod negotiate;
+pub(crate) use negotiate::OpenResponse;
 mod pricing;
 mod problem;
 mod receipt;

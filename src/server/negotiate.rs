@@ -286,23 +286,24 @@ struct OpenRequest {
     client_script: String,
 }
 
-#[derive(Debug, Serialize)]
-struct OpenResponse {
-    proposal: u32,
-    server_pubkey: String,
-    witness_script: String,
-    funding_script_pubkey: String,
-    funding_address: String,
-    value_sat: u64,
-    expiry: u32,
-    close_margin: u32,
-    client_script: String,
-    server_script: String,
-    min_fee_rate_sat_per_vb: u64,
-    max_fee_rate_sat_per_vb: u64,
-    refund_fee_sat: u64,
-    payment_fee_sat: u64,
-    min_server_amount_sat: u64,
+/// The answer to `POST {prefix}/open` (also read by the client).
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct OpenResponse {
+    pub(crate) proposal: u32,
+    pub(crate) server_pubkey: String,
+    pub(crate) witness_script: String,
+    pub(crate) funding_script_pubkey: String,
+    pub(crate) funding_address: String,
+    pub(crate) value_sat: u64,
+    pub(crate) expiry: u32,
+    pub(crate) close_margin: u32,
+    pub(crate) client_script: String,
+    pub(crate) server_script: String,
+    pub(crate) min_fee_rate_sat_per_vb: u64,
+    pub(crate) max_fee_rate_sat_per_vb: u64,
+    pub(crate) refund_fee_sat: u64,
+    pub(crate) payment_fee_sat: u64,
+    pub(crate) min_server_amount_sat: u64,
 }
 
 async fn open<C: ChainBackend, St: ChannelStore>(

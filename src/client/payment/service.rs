@@ -9,7 +9,9 @@ use tower::{BoxError, Service, ServiceExt};
 use crate::MilliSats;
 use crate::client::payer::{Acted, Problem};
 use crate::client::transport::read_body;
-use crate::client::{ClientError, ClientStore, Closed, MemoryClientStore, Payer, ServiceTransport};
+use crate::client::{
+    ClientError, ClientStore, Closed, MemoryClientStore, Payer, ServiceTransport, Transport,
+};
 use crate::wire::{ChannelId, PAYMENT_CHANNEL, PAYMENT_CHANNEL_BALANCE};
 
 /// How often one request is sent at most: the first try, then after opening a channel, after
@@ -65,15 +67,10 @@ where
     /// # Errors
     ///
     /// As [`Payer::open`].
-    pub async fn open<ReqBody, ResBody>(&self) -> Result<ChannelId, ClientError>
+    pub async fn open<ReqBody>(&self) -> Result<ChannelId, ClientError>
     where
-        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
-        S::Future: Send,
-        S::Error: Into<BoxError>,
-        ReqBody: From<Bytes> + Send + 'static,
-        ResBody: http_body::Body + Send + 'static,
-        ResBody::Data: Send,
-        ResBody::Error: Into<BoxError>,
+        S: Clone,
+        ServiceTransport<S, ReqBody>: Transport,
     {
         self.payer.open(&ServiceTransport::new(self.inner.clone())).await
     }
@@ -83,15 +80,10 @@ where
     /// # Errors
     ///
     /// As [`Payer::close`].
-    pub async fn close<ReqBody, ResBody>(&self) -> Result<Closed, ClientError>
+    pub async fn close<ReqBody>(&self) -> Result<Closed, ClientError>
     where
-        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
-        S::Future: Send,
-        S::Error: Into<BoxError>,
-        ReqBody: From<Bytes> + Send + 'static,
-        ResBody: http_body::Body + Send + 'static,
-        ResBody::Data: Send,
-        ResBody::Error: Into<BoxError>,
+        S: Clone,
+        ServiceTransport<S, ReqBody>: Transport,
     {
         self.payer.close(&ServiceTransport::new(self.inner.clone())).await
     }
