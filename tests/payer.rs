@@ -90,6 +90,15 @@ async fn server_with(terms: Terms, bundle: Amount, lie: Option<Tamper>) -> Serve
     Server { chain, origin: format!("http://{addr}") }
 }
 
+/// Drops the `Payment-Channel` header of every request to `/work`, as a misconfigured proxy.
+async fn strip(request: Request, next: Next) -> Response {
+    let mut request = request;
+    if request.uri().path() == "/work" {
+        request.headers_mut().remove(PAYMENT_CHANNEL);
+    }
+    next.run(request).await
+}
+
 async fn server() -> Server {
     server_with(Terms::default(), Amount::from_sat(1_000), None).await
 }
@@ -462,6 +471,37 @@ async fn requests_to_other_servers_carry_no_payment() {
         .build(),
         Err(ClientError::InvalidOrigin(_))
     ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_header_is_an_error_not_a_channel_per_request() {
+    let chain = SimulatedChain::new();
+    let master = Xpriv::new_master(Network::Regtest, &[0x5e; 32]).unwrap();
+    let negotiation = Negotiation::new(
+        Network::Regtest,
+        Terms::default(),
+        master,
+        p2wpkh(&secret(2)),
+        chain.clone(),
+    );
+    let tip = follow_tip(chain.clone(), Duration::from_millis(50)).await.unwrap();
+    let app = Router::new()
+        .route("/work", get(|| async { "done" }))
+        .layer(PaywallLayer::new(MemoryStore::new(), PRICE, tip).with_negotiation(negotiation))
+        .layer(axum::middleware::from_fn(strip));
+    let server = Server { origin: format!("http://{}", serve(app).await), chain };
+    let wallet = funded_wallet(&server.chain);
+    let payer = payer_with(&server, &wallet, MemoryClientStore::new(), policy());
+    let (mut client, _) = paying_client(&payer);
+    for _ in 0..3 {
+        let result = get_work(&mut client, &server.origin).await;
+        assert!(
+            matches!(&result, Err(ClientError::Rejected { code, .. }) if code == "payment-required"),
+            "{result:?}"
+        );
+    }
+    let funded = WALLET - wallet.wallet.balance();
+    assert!(funded > Amount::from_sat(50_000) && funded < Amount::from_sat(51_000), "one channel");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

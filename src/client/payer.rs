@@ -634,6 +634,9 @@ impl<S: ClientStore> Payer<S> {
             _ => false,
         };
         match problem.code.as_str() {
+            // The server did not get the header this request carried (a proxy dropped it?): a
+            // new channel would not help.
+            "payment-required" if sent.is_some() => Err(problem.into_error(status)),
             "insufficient-balance" if top_up => {
                 if acted.top_ups >= MAX_TOP_UPS {
                     return Err(problem.into_error(status));
