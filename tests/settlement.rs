@@ -355,6 +355,11 @@ async fn a_funding_that_never_confirms_fails_and_a_pending_channel_opens_when_co
     // Blocks refuse everything below 50 sat/vB: this funding (about 7 sat/vB) waits forever.
     chain.set_block_min_fee_rate(FeeRate::from_sat_per_vb_u32(50));
     let stuck = open_channel(&store, &chain, 0, 300, 2_000).await;
+    // A channel stored without a funding height (0: recorded before the field existed) has no
+    // deadline.
+    let legacy = fund(&chain, 2, 300, true);
+    let legacy_record = ChannelRecord::open(legacy.channel.clone(), 2, payment(&legacy, 2, 1_000));
+    store.create(legacy_record.clone()).await.unwrap();
     let policy = FundingPolicy::default().with_confirm_within_blocks(10);
     let mut task = settlement(store.clone(), chain.clone()).with_funding_policy(policy);
     for _ in 0..9 {
@@ -365,6 +370,8 @@ async fn a_funding_that_never_confirms_fails_and_a_pending_channel_opens_when_co
     assert_eq!(task.run_once().await.unwrap().failed, 1, "10 blocks without a confirmation");
     let id = wire::ChannelId::new(stuck.channel.outpoint());
     assert_eq!(store.load(id).await.unwrap().unwrap().state, ChannelState::Failed);
+    let legacy = store.load(legacy_record.id()).await.unwrap().unwrap();
+    assert_eq!(legacy.state, ChannelState::Open);
 
     // A pending channel (2 confirmations required) opens once its funding has them.
     chain.set_block_min_fee_rate(FeeRate::ZERO);

@@ -359,7 +359,8 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
             // Gone from the mempool and not in a block: double-spent or evicted. One block of
             // grace covers a backend that has not indexed a fresh broadcast yet.
             TxStatus::Unknown => tip.height > record.funded_at,
-            TxStatus::InMempool => tip.height >= deadline,
+            // A channel recorded before funding heights were (0) has no deadline.
+            TxStatus::InMempool => record.funded_at != 0 && tip.height >= deadline,
             _ => false,
         };
         if failed {

@@ -332,3 +332,67 @@ impl ChannelStore for SqliteStore {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use bitcoin::secp256k1::SecretKey;
+    use bitcoin::{CompressedPublicKey, FeeRate, OutPoint, ScriptBuf, absolute::LockTime};
+
+    use super::*;
+    use crate::channel::ChannelParams;
+
+    fn key(byte: u8) -> CompressedPublicKey {
+        let secret = SecretKey::from_slice(&[byte; 32]).expect("valid key");
+        CompressedPublicKey(secret.public_key(crate::channel::secp()))
+    }
+
+    #[tokio::test]
+    async fn a_version_1_database_is_migrated_and_keeps_its_channels() {
+        let dir = std::env::temp_dir().join(format!("paychan-migrate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("v1.sqlite3");
+        let params = ChannelParams {
+            client_key: key(1),
+            server_key: key(2),
+            value: Amount::from_sat(100_000),
+            expiry: LockTime::from_height(1_000).unwrap(),
+            client_script: ScriptBuf::new_p2wpkh(&key(1).wpubkey_hash()),
+            server_script: ScriptBuf::new_p2wpkh(&key(2).wpubkey_hash()),
+            min_fee_rate: FeeRate::from_sat_per_vb_unchecked(2),
+            max_fee_rate: FeeRate::from_sat_per_vb_unchecked(100),
+            close_margin: 36,
+        };
+        let channel = params.at(OutPoint::default());
+        {
+            // A database written by the first schema, with one channel.
+            let connection = Connection::open(&path).unwrap();
+            connection.execute_batch(MIGRATIONS[0]).unwrap();
+            connection.execute_batch("PRAGMA user_version = 1").unwrap();
+            connection
+                .execute(
+                    "INSERT INTO channels (id, channel, key_index, state, best, best_sat, spent_msat, expiry_is_time, expiry)
+                     VALUES (?1, ?2, 3, 'open', NULL, 0, 5000, 0, 1000)",
+                    params![
+                        ChannelId::new(channel.outpoint()).to_string(),
+                        serde_json::to_string(&channel).unwrap()
+                    ],
+                )
+                .unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let record = store.load(ChannelId::new(channel.outpoint())).await.unwrap().unwrap();
+        assert_eq!(record.channel, channel);
+        assert_eq!((record.key_index, record.state), (3, ChannelState::Open));
+        assert_eq!(record.spent, MilliSats::from_msat(5_000));
+        assert_eq!(record.funded_at, 0, "unknown for channels older than the field");
+        let version: i64 = store
+            .connection
+            .lock()
+            .unwrap()
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len() as i64);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
