@@ -86,7 +86,7 @@ impl std::error::Error for WalletError {}
 /// wallet.add_coin(OutPoint::default(), coin);
 ///
 /// let pay = TxOut { value: Amount::from_sat(20_000), script_pubkey: ScriptBuf::new_op_return([]) };
-/// let psbt = wallet.fund(pay, FeeRate::from_sat_per_vb_unchecked(2)).await?;
+/// let psbt = wallet.fund(pay, FeeRate::from_sat_per_vb_u32(2)).await?;
 /// assert_eq!(psbt.unsigned_tx.output.len(), 2); // the payment and the change
 /// let signed = wallet.sign(psbt).await?;
 /// assert!(signed.inputs[0].final_script_witness.is_some());

@@ -359,8 +359,8 @@ mod tests {
             expiry: LockTime::from_height(1_000).unwrap(),
             client_script: ScriptBuf::new_p2wpkh(&key(1).wpubkey_hash()),
             server_script: ScriptBuf::new_p2wpkh(&key(2).wpubkey_hash()),
-            min_fee_rate: FeeRate::from_sat_per_vb_unchecked(2),
-            max_fee_rate: FeeRate::from_sat_per_vb_unchecked(100),
+            min_fee_rate: FeeRate::from_sat_per_vb_u32(2),
+            max_fee_rate: FeeRate::from_sat_per_vb_u32(100),
             close_margin: 36,
         };
         let channel = params.at(OutPoint::default());
