@@ -499,6 +499,15 @@ async fn close<C: ChainBackend, St: ChannelStore>(
         return Err(Problem::bad("payment-wrong-outpoint", "the payment is not of this channel"));
     }
     record.channel.verify_client_signature(&proof).map_err(|e| Problem::bad(e.code(), e))?;
+    if matches!(record.state, ChannelState::Pending | ChannelState::Open) {
+        s.store
+            .transition(id, record.state, ChannelState::Closing)
+            .await
+            .map_err(Problem::store)?;
+    }
+    // Read again: from `Closing` on the best payment is frozen, so this close is the one the
+    // settlement task would build (a payment may have landed before the transition).
+    let record = load(&s, id).await?;
     let best =
         record.best.as_ref().ok_or_else(|| Problem::bad("no-payment", "nothing to close"))?;
     let close = record
@@ -506,15 +515,8 @@ async fn close<C: ChainBackend, St: ChannelStore>(
         .close_transaction(best, &s.key(record.key_index)?)
         .map_err(|e| Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "close", e))?;
     let txid = close.compute_txid();
-    // Queue the close (the settlement task retries it), then try to broadcast it now.
+    // The close is queued (the settlement task retries it); try to broadcast it now.
     let status = match record.state {
-        ChannelState::Pending | ChannelState::Open => {
-            s.store
-                .transition(id, record.state, ChannelState::Closing)
-                .await
-                .map_err(Problem::store)?;
-            try_broadcast(&s, id, &close).await?
-        }
         ChannelState::Closing => try_broadcast(&s, id, &close).await?,
         ChannelState::Closed | ChannelState::Settled => StatusCode::OK,
         state => {
