@@ -80,7 +80,7 @@ impl<St: ClientStore + 'static> Middleware for PaymentMiddleware<St> {
             set_header(&mut this, sent.as_ref().map(|s| &s.header));
             let response = next.clone().run(this, extensions).await?;
             if response.status() != StatusCode::PAYMENT_REQUIRED || last {
-                if let (Some(sent), Some(balance)) = (&sent, balance_of(&response)) {
+                if let (Some(sent), Some(balance)) = (&sent, balance(response.headers())) {
                     // A refusal here is not this request's failure (see PaymentLayer).
                     let _ = self.payer.observe_balance(sent, balance).await;
                 }
@@ -104,12 +104,6 @@ fn set_header(request: &mut reqwest::Request, header: Option<&http::HeaderValue>
     if let Some(header) = header {
         request.headers_mut().insert(PAYMENT_CHANNEL, header.clone());
     }
-}
-
-fn balance_of(response: &reqwest::Response) -> Option<crate::MilliSats> {
-    let mut probe = http::Response::new(());
-    *probe.headers_mut() = response.headers().clone();
-    balance(&probe)
 }
 
 async fn read_limited(mut response: reqwest::Response) -> Result<Bytes, tower::BoxError> {

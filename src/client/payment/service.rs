@@ -167,7 +167,7 @@ where
         }
         let response = inner.call(request).await.map_err(transport)?;
         if response.status() != StatusCode::PAYMENT_REQUIRED || attempt == MAX_ATTEMPTS {
-            if let (Some(sent), Some(balance)) = (&sent, balance(&response)) {
+            if let (Some(sent), Some(balance)) = (&sent, balance(response.headers())) {
                 // A refusal here is not this request's failure: the next request meets the
                 // 402 and its typed error.
                 let _ = payer.observe_balance(sent, balance).await;
@@ -183,7 +183,7 @@ where
 }
 
 /// The `Payment-Channel-Balance` of a served request.
-pub(crate) fn balance<B>(response: &Response<B>) -> Option<MilliSats> {
-    let value = response.headers().get(PAYMENT_CHANNEL_BALANCE)?;
+pub(crate) fn balance(headers: &http::HeaderMap) -> Option<MilliSats> {
+    let value = headers.get(PAYMENT_CHANNEL_BALANCE)?;
     value.to_str().ok()?.parse().ok().map(MilliSats::from_msat)
 }
