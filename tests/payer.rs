@@ -44,21 +44,30 @@ const WALLET: Amount = Amount::from_sat(500_000);
 type Edit = fn(&mut Value);
 type Expect = fn(&PolicyRefusal) -> bool;
 
-/// Rewrites the JSON answer of one endpoint: a server that lies.
+/// Rewrites the JSON answer of one endpoint (a server that lies) or, without an edit, drops
+/// the `Payment-Channel` header of requests to it (a misconfigured proxy).
 #[derive(Clone, Copy)]
 struct Tamper {
     path: &'static str,
-    edit: Edit,
+    edit: Option<Edit>,
 }
 
 async fn tamper(State(t): State<Option<Tamper>>, request: Request, next: Next) -> Response {
+    let mut request = request;
     let hit = t.filter(|t| request.uri().path() == t.path);
+    let edit = match hit {
+        Some(Tamper { edit: Some(edit), .. }) => edit,
+        Some(Tamper { edit: None, .. }) => {
+            request.headers_mut().remove(PAYMENT_CHANNEL);
+            return next.run(request).await;
+        }
+        None => return next.run(request).await,
+    };
     let response = next.run(request).await;
-    let Some(t) = hit else { return response };
     let (mut parts, body) = response.into_parts();
     let bytes = axum::body::to_bytes(body, 1 << 20).await.expect("body");
     let mut value: Value = serde_json::from_slice(&bytes).expect("json");
-    (t.edit)(&mut value);
+    edit(&mut value);
     parts.headers.remove(http::header::CONTENT_LENGTH);
     Response::from_parts(parts, Body::from(value.to_string()))
 }
@@ -88,15 +97,6 @@ async fn server_with(terms: Terms, bundle: Amount, lie: Option<Tamper>) -> Serve
         .layer(from_fn_with_state(lie, tamper));
     let addr = serve(app).await;
     Server { chain, origin: format!("http://{addr}") }
-}
-
-/// Drops the `Payment-Channel` header of every request to `/work`, as a misconfigured proxy.
-async fn strip(request: Request, next: Next) -> Response {
-    let mut request = request;
-    if request.uri().path() == "/work" {
-        request.headers_mut().remove(PAYMENT_CHANNEL);
-    }
-    next.run(request).await
 }
 
 async fn server() -> Server {
@@ -267,7 +267,7 @@ async fn a_wrong_refund_signature_aborts_before_the_funding_is_signed() {
         der.push(1);
         answer["signature"] = der.iter().map(|b| format!("{b:02x}")).collect::<String>().into();
     }
-    let lie = Tamper { path: "/payment-channel/refund", edit: forge };
+    let lie = Tamper { path: "/payment-channel/refund", edit: Some(forge) };
     let server = server_with(Terms::default(), Amount::from_sat(1_000), Some(lie)).await;
     let wallet = funded_wallet(&server.chain);
     let store = MemoryClientStore::new();
@@ -291,7 +291,7 @@ async fn a_proposal_that_differs_from_the_request_is_refused() {
         }),
     ];
     for (what, edit) in lies {
-        let lie = Tamper { path: "/payment-channel/open", edit };
+        let lie = Tamper { path: "/payment-channel/open", edit: Some(edit) };
         let server = server_with(Terms::default(), Amount::from_sat(1_000), Some(lie)).await;
         let wallet = funded_wallet(&server.chain);
         let payer = payer_with(&server, &wallet, MemoryClientStore::new(), policy());
@@ -475,21 +475,8 @@ async fn requests_to_other_servers_carry_no_payment() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_header_is_an_error_not_a_channel_per_request() {
-    let chain = SimulatedChain::new();
-    let master = Xpriv::new_master(Network::Regtest, &[0x5e; 32]).unwrap();
-    let negotiation = Negotiation::new(
-        Network::Regtest,
-        Terms::default(),
-        master,
-        p2wpkh(&secret(2)),
-        chain.clone(),
-    );
-    let tip = follow_tip(chain.clone(), Duration::from_millis(50)).await.unwrap();
-    let app = Router::new()
-        .route("/work", get(|| async { "done" }))
-        .layer(PaywallLayer::new(MemoryStore::new(), PRICE, tip).with_negotiation(negotiation))
-        .layer(axum::middleware::from_fn(strip));
-    let server = Server { origin: format!("http://{}", serve(app).await), chain };
+    let proxy = Tamper { path: "/work", edit: None };
+    let server = server_with(Terms::default(), Amount::from_sat(1_000), Some(proxy)).await;
     let wallet = funded_wallet(&server.chain);
     let payer = payer_with(&server, &wallet, MemoryClientStore::new(), policy());
     let (mut client, _) = paying_client(&payer);
