@@ -97,6 +97,23 @@ async fn open_channel<S: ChannelStore>(
     funded
 }
 
+/// A fresh chain and memory store with one channel (index 0) of `lifetime` blocks, `paid` sat.
+async fn one_channel(
+    lifetime: u32,
+    paid: u64,
+) -> (SimulatedChain, MemoryStore, Funded, wire::ChannelId) {
+    let chain = SimulatedChain::new();
+    let store = MemoryStore::new();
+    let funded = open_channel(&store, &chain, 0, lifetime, paid).await;
+    let id = wire::ChannelId::new(funded.channel.outpoint());
+    (chain, store, funded, id)
+}
+
+/// The stored state of channel `id`.
+async fn state<S: ChannelStore>(store: &S, id: wire::ChannelId) -> ChannelState {
+    store.load(id).await.unwrap().expect("the channel exists").state
+}
+
 fn settlement<S: ChannelStore, C: ChainBackend>(store: S, chain: C) -> Settlement<S, C> {
     Settlement::new(store, chain, master())
         .with_cpfp_key(payout())
@@ -229,10 +246,7 @@ impl ChainBackend for Flaky {
 
 #[tokio::test]
 async fn failed_broadcasts_are_retried_and_a_cooperative_close_is_queued() {
-    let chain = SimulatedChain::new();
-    let store = MemoryStore::new();
-    let funded = open_channel(&store, &chain, 0, 200, 4_000).await;
-    let id = wire::ChannelId::new(funded.channel.outpoint());
+    let (chain, store, funded, id) = one_channel(200, 4_000).await;
     let flaky = Flaky { chain: chain.clone(), failures: Arc::new(AtomicUsize::new(3)) };
 
     // The client asks for a cooperative close while the node is down: 202, queued.
@@ -254,7 +268,7 @@ async fn failed_broadcasts_are_retried_and_a_cooperative_close_is_queued() {
     let reply = call(addr, "POST", &path, &[("payment-channel", &header)], None).await;
     assert_eq!(reply.status, 202, "{}", reply.body);
     assert_eq!(reply.json()["state"], "closing");
-    assert_eq!(store.load(id).await.unwrap().unwrap().state, ChannelState::Closing);
+    assert_eq!(state(&store, id).await, ChannelState::Closing);
     // No more requests are served on it.
     assert_eq!(call(addr, "GET", "/paid", &[("payment-channel", &header)], None).await.status, 402);
 
@@ -265,23 +279,20 @@ async fn failed_broadcasts_are_retried_and_a_cooperative_close_is_queued() {
         retrying += task.run_once().await.unwrap().retrying;
     }
     assert_eq!(retrying, 2);
-    assert_eq!(store.load(id).await.unwrap().unwrap().state, ChannelState::Closed);
+    assert_eq!(state(&store, id).await, ChannelState::Closed);
     assert_eq!(task.metrics().lock().unwrap().broadcast_failures, 2);
     // Closed is not settled: only a confirmation settles.
     task.run_once().await.unwrap();
-    assert_eq!(store.load(id).await.unwrap().unwrap().state, ChannelState::Closed);
+    assert_eq!(state(&store, id).await, ChannelState::Closed);
     chain.mine(1);
     assert_eq!(task.run_once().await.unwrap().settled, 1);
-    assert_eq!(store.load(id).await.unwrap().unwrap().state, ChannelState::Settled);
+    assert_eq!(state(&store, id).await, ChannelState::Settled);
     assert_eq!(task.metrics().lock().unwrap().sats_settled, Amount::from_sat(4_000));
 }
 
 #[tokio::test]
 async fn a_stuck_settlement_is_bumped_by_a_valid_cpfp_child() {
-    let chain = SimulatedChain::new();
-    let store = MemoryStore::new();
-    let funded = open_channel(&store, &chain, 0, 200, 20_000).await;
-    let id = wire::ChannelId::new(funded.channel.outpoint());
+    let (chain, store, funded, id) = one_channel(200, 20_000).await;
     chain.mine(1);
     // Blocks now want 20 sat/vB; the payment was signed at 2 sat/vB. The estimate says 25.
     chain.set_block_min_fee_rate(FeeRate::from_sat_per_vb_u32(20));
@@ -315,17 +326,14 @@ async fn a_stuck_settlement_is_bumped_by_a_valid_cpfp_child() {
     let mined = chain.mine(1);
     assert!(mined.contains(&close.compute_txid()) && mined.contains(&child_id), "both confirm");
     task.run_once().await.unwrap();
-    assert_eq!(store.load(id).await.unwrap().unwrap().state, ChannelState::Settled);
+    assert_eq!(state(&store, id).await, ChannelState::Settled);
     assert!(!funded.channel.params().refund_is_valid(chain.tip()), "before the refund");
     check_settled_tx(&chain, &funded, close.compute_txid(), 20_000);
 }
 
 #[tokio::test]
 async fn a_double_spent_funding_fails_the_channel_and_nothing_is_served() {
-    let chain = SimulatedChain::new();
-    let store = MemoryStore::new();
-    let funded = open_channel(&store, &chain, 0, 200, 3_000).await;
-    let id = wire::ChannelId::new(funded.channel.outpoint());
+    let (chain, store, funded, id) = one_channel(200, 3_000).await;
     let tip = follow_tip(chain.clone(), Duration::from_millis(20)).await.unwrap();
     let app = Router::new().route("/paid", get(|| async { "ok" })).layer(PaywallLayer::new(
         store.clone(),
@@ -341,7 +349,7 @@ async fn a_double_spent_funding_fails_the_channel_and_nothing_is_served() {
     assert_eq!(chain.tx_status(&funded.channel.outpoint().txid), TxStatus::Unknown);
     let mut task = settlement(store.clone(), chain.clone());
     assert_eq!(task.run_once().await.unwrap().failed, 1);
-    assert_eq!(store.load(id).await.unwrap().unwrap().state, ChannelState::Failed);
+    assert_eq!(state(&store, id).await, ChannelState::Failed);
     let reply = call(addr, "GET", "/paid", &[("payment-channel", &header)], None).await;
     assert_eq!(reply.status, 402);
     assert_eq!(reply.json()["code"], "channel-not-open");
@@ -369,7 +377,7 @@ async fn a_funding_that_never_confirms_fails_and_a_pending_channel_opens_when_co
     chain.mine(1);
     assert_eq!(task.run_once().await.unwrap().failed, 1, "10 blocks without a confirmation");
     let id = wire::ChannelId::new(stuck.channel.outpoint());
-    assert_eq!(store.load(id).await.unwrap().unwrap().state, ChannelState::Failed);
+    assert_eq!(state(&store, id).await, ChannelState::Failed);
     let legacy = store.load(legacy_record.id()).await.unwrap().unwrap();
     assert_eq!(legacy.state, ChannelState::Open);
 
@@ -398,16 +406,13 @@ async fn a_funding_that_never_confirms_fails_and_a_pending_channel_opens_when_co
     assert_eq!(task.run_once().await.unwrap().opened, 0, "one confirmation is not two");
     chain.mine(1);
     assert_eq!(task.run_once().await.unwrap().opened, 1);
-    assert_eq!(store.load(id).await.unwrap().unwrap().state, ChannelState::Open);
+    assert_eq!(state(&store, id).await, ChannelState::Open);
     assert_eq!(call(addr, "GET", "/paid", &[("payment-channel", &header)], None).await.status, 200);
 }
 
 #[tokio::test]
 async fn a_settlement_beaten_by_the_refund_marks_the_channel_failed() {
-    let chain = SimulatedChain::new();
-    let store = MemoryStore::new();
-    let funded = open_channel(&store, &chain, 0, 150, 5_000).await;
-    let id = wire::ChannelId::new(funded.channel.outpoint());
+    let (chain, store, funded, id) = one_channel(150, 5_000).await;
     chain.mine(1);
     // Blocks take nothing below 50 sat/vB and the task has no CPFP key: the close waits.
     chain.set_block_min_fee_rate(FeeRate::from_sat_per_vb_u32(50));
@@ -417,10 +422,10 @@ async fn a_settlement_beaten_by_the_refund_marks_the_channel_failed() {
         task.run_once().await.unwrap();
         chain.mine(1);
     }
-    assert_eq!(store.load(id).await.unwrap().unwrap().state, ChannelState::Closed);
+    assert_eq!(state(&store, id).await, ChannelState::Closed);
     // The client's refund, now valid, is mined instead of the settlement.
     chain.mine_double_spend(&funded.refund).unwrap();
     let report = task.run_once().await.unwrap();
     assert_eq!(report.failed, 1);
-    assert_eq!(store.load(id).await.unwrap().unwrap().state, ChannelState::Failed);
+    assert_eq!(state(&store, id).await, ChannelState::Failed);
 }
