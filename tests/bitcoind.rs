@@ -76,8 +76,8 @@ async fn core(
         },
         "gettxout" => {
             let outpoint = OutPoint { txid: params[0].as_str().unwrap().parse().unwrap(), vout: params[1].as_u64().unwrap() as u32 };
-            match chain.utxo(&outpoint) {
-                Some(out) => ok(json!({ "value": btc(out.value), "scriptPubKey": { "hex": out.script_pubkey.to_hex_string() } })),
+            match ChainBackend::unspent(&chain, &outpoint).await.unwrap() {
+                Some(utxo) => ok(json!({ "value": btc(utxo.output.value), "confirmations": utxo.confirmations, "scriptPubKey": { "hex": utxo.output.script_pubkey.to_hex_string() } })),
                 None => ok(Value::Null),
             }
         }

@@ -18,7 +18,7 @@ use common::http::{call, serve};
 use common::{p2wpkh, public, secret, spend};
 use paychan::MilliSats;
 use paychan::chain::sim::{SimulatedChain, sign_p2wpkh_input};
-use paychan::chain::{ChainBackend, ChainError, ChainTip, TxStatus, follow_tip, policy};
+use paychan::chain::{ChainBackend, ChainError, ChainTip, TxStatus, Utxo, follow_tip, policy};
 use paychan::channel::{Channel, Terms, channel_key};
 use paychan::server::PaywallLayer;
 use paychan::settlement::{FundingPolicy, Settlement};
@@ -239,8 +239,8 @@ impl ChainBackend for Flaky {
     async fn estimate_fee_rate(&self, target: u16) -> Result<FeeRate, ChainError> {
         self.chain.estimate_fee_rate(target).await
     }
-    async fn unspent_output(&self, outpoint: &OutPoint) -> Result<Option<TxOut>, ChainError> {
-        self.chain.unspent_output(outpoint).await
+    async fn unspent(&self, outpoint: &OutPoint) -> Result<Option<Utxo>, ChainError> {
+        self.chain.unspent(outpoint).await
     }
 }
 
@@ -348,6 +348,13 @@ async fn a_double_spent_funding_fails_the_channel_and_nothing_is_served() {
     chain.mine_double_spend(&spend(funded.coin.clone(), 149_000, 0)).unwrap();
     assert_eq!(chain.tx_status(&funded.channel.outpoint().txid), TxStatus::Unknown);
     let mut task = settlement(store.clone(), chain.clone());
+    // A vanished funding is no proof of failure (a node without a transaction index, a
+    // backend that lags): the channel stops serving at once and fails at its deadline.
+    assert_eq!(task.run_once().await.unwrap().suspended, 1);
+    assert_eq!(state(&store, id).await, ChannelState::Pending);
+    let reply = call(addr, "GET", "/paid", &[("payment-channel", &header)], None).await;
+    assert_eq!((reply.status, reply.json()["code"].as_str()), (409, Some("channel-pending")));
+    chain.mine(144);
     assert_eq!(task.run_once().await.unwrap().failed, 1);
     assert_eq!(state(&store, id).await, ChannelState::Failed);
     let reply = call(addr, "GET", "/paid", &[("payment-channel", &header)], None).await;

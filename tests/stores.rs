@@ -55,7 +55,7 @@ async fn sqlite_store_conforms() {
 async fn sqlite_store_keeps_everything_across_a_reopen() {
     use paychan::store::SqliteStore;
     let path = temp_db("reopen");
-    let memory = MemoryStore::new();
+    let memory = MemoryStore::with_first_key_index(0);
     {
         let store = Arc::new(SqliteStore::open(&path).unwrap());
         // Same operations on both stores: the SQLite one must read back what memory holds.

@@ -12,7 +12,7 @@ use hyper::body::Bytes;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ChainBackend, ChainError, ChainTip, TxStatus};
+use super::{ChainBackend, ChainError, ChainTip, TxStatus, Utxo};
 
 /// How to authenticate to Bitcoin Core.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,10 +30,11 @@ pub enum Auth {
 /// | method | RPC |
 /// |---|---|
 /// | [`broadcast`](ChainBackend::broadcast) | `sendrawtransaction` (already in the mempool: success) |
-/// | [`tx_status`](ChainBackend::tx_status) | `getrawtransaction` verbose (confirmed transactions need `-txindex`) |
+/// | [`tx_status`](ChainBackend::tx_status) | `getrawtransaction` verbose (a confirmed transaction is found only with `-txindex`: the crate never relies on it) |
 /// | [`tip`](ChainBackend::tip) | `getblockchaininfo` (`blocks`, `mediantime`) |
 /// | [`estimate_fee_rate`](ChainBackend::estimate_fee_rate) | `estimatesmartfee` |
-/// | [`unspent_output`](ChainBackend::unspent_output) | `gettxout` with the mempool |
+/// | [`unspent`](ChainBackend::unspent) | `gettxout` with the mempool (no index needed) |
+/// | [`broadcast_package`](ChainBackend::broadcast_package) | `submitpackage` (Core 28 or later) |
 ///
 /// Rejections are mapped from Core's error codes and reject reasons: `-26` policy and
 /// consensus rejections (`non-final`, `non-BIP68-final`, `min relay fee not met`, `dust`,
@@ -189,7 +190,7 @@ impl ChainBackend for BitcoindRpc {
         Ok(FeeRate::from_sat_per_kwu(sat_per_kvb.div_ceil(4)))
     }
 
-    async fn unspent_output(&self, outpoint: &OutPoint) -> Result<Option<TxOut>, ChainError> {
+    async fn unspent(&self, outpoint: &OutPoint) -> Result<Option<Utxo>, ChainError> {
         let out = self
             .call_ok("gettxout", json!([outpoint.txid.to_string(), outpoint.vout, true]))
             .await?;
@@ -203,7 +204,50 @@ impl ChainBackend for BitcoindRpc {
             .and_then(Value::as_str)
             .ok_or_else(|| unavailable("gettxout has no scriptPubKey.hex"))?;
         let script_pubkey = ScriptBuf::from_hex(script).map_err(unavailable)?;
-        Ok(Some(TxOut { value, script_pubkey }))
+        let confirmations = out
+            .get("confirmations")
+            .and_then(Value::as_u64)
+            .and_then(|c| u32::try_from(c).ok())
+            .ok_or_else(|| unavailable("gettxout has no confirmations"))?;
+        Ok(Some(Utxo::new(TxOut { value, script_pubkey }, confirmations)))
+    }
+
+    async fn broadcast_package(
+        &self,
+        parent: &Transaction,
+        child: &Transaction,
+    ) -> Result<Txid, ChainError> {
+        let txid = child.compute_txid();
+        let package = json!([[serialize_hex(parent), serialize_hex(child)]]);
+        let answer = match self.call("submitpackage", package).await? {
+            Ok(answer) => answer,
+            Err((code, message)) => {
+                return Err(match map_broadcast_error(code, &message) {
+                    BroadcastError::Rejected(reason) => ChainError::rejected(reason, message),
+                    _ => unavailable(format!("submitpackage: {message} ({code})")),
+                });
+            }
+        };
+        // Core answers "success" or describes each transaction's fate; a transaction that is
+        // already in the mempool (or was accepted now) has no "error".
+        if answer.get("package_msg").and_then(Value::as_str) == Some("success") {
+            return Ok(txid);
+        }
+        let errors: Vec<&str> = answer
+            .get("tx-results")
+            .and_then(Value::as_object)
+            .map(|results| {
+                results.values().filter_map(|r| r.get("error").and_then(Value::as_str)).collect()
+            })
+            .unwrap_or_default();
+        match errors.first() {
+            None => Ok(txid),
+            Some(message) => match map_broadcast_error(-26, message) {
+                BroadcastError::AlreadyKnown => Ok(txid),
+                BroadcastError::Rejected(reason) => Err(ChainError::rejected(reason, *message)),
+                BroadcastError::Other => Err(unavailable(format!("submitpackage: {message}"))),
+            },
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::core_reject::{BroadcastError, map_broadcast_error};
 use super::http::{send, split_url, unavailable};
-use super::{ChainBackend, ChainError, ChainTip, TxStatus};
+use super::{ChainBackend, ChainError, ChainTip, TxStatus, Utxo};
 
 /// The Esplora REST API as a [`ChainBackend`].
 ///
@@ -181,7 +181,7 @@ impl ChainBackend for Esplora {
         }
     }
 
-    async fn unspent_output(&self, outpoint: &OutPoint) -> Result<Option<TxOut>, ChainError> {
+    async fn unspent(&self, outpoint: &OutPoint) -> Result<Option<Utxo>, ChainError> {
         let Some(tx) = self.get_json::<Value>(&format!("/tx/{}", outpoint.txid)).await? else {
             return Ok(None);
         };
@@ -197,10 +197,15 @@ impl ChainBackend for Esplora {
         let script = output["scriptpubkey"]
             .as_str()
             .ok_or_else(|| unavailable("vout has no scriptpubkey"))?;
-        Ok(Some(TxOut {
+        let output = TxOut {
             value: bitcoin::Amount::from_sat(value),
             script_pubkey: ScriptBuf::from_hex(script).map_err(unavailable)?,
-        }))
+        };
+        let confirmations = match self.tx_status(&outpoint.txid).await? {
+            TxStatus::Confirmed { confirmations, .. } => confirmations,
+            _ => 0,
+        };
+        Ok(Some(Utxo::new(output, confirmations)))
     }
 }
 

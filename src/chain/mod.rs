@@ -155,12 +155,58 @@ pub trait ChainBackend: Send + Sync {
         target_blocks: u16,
     ) -> impl Future<Output = Result<FeeRate, ChainError>> + Send;
 
-    /// Returns the output at `outpoint` if it exists and is unspent (mempool spends count as
-    /// spent; unconfirmed outputs count as existing).
+    /// Returns the output at `outpoint` and its depth if it exists and is unspent (mempool
+    /// spends count as spent; unconfirmed outputs count as existing, with 0 confirmations).
+    ///
+    /// This is answered from the UTXO set and the mempool, which every node has (no
+    /// transaction index): the settlement task decides everything about a channel's funding
+    /// from it.
+    fn unspent(
+        &self,
+        outpoint: &OutPoint,
+    ) -> impl Future<Output = Result<Option<Utxo>, ChainError>> + Send;
+
+    /// Returns the output at `outpoint` if it exists and is unspent: [`unspent`](Self::unspent)
+    /// without the depth.
     fn unspent_output(
         &self,
         outpoint: &OutPoint,
-    ) -> impl Future<Output = Result<Option<TxOut>, ChainError>> + Send;
+    ) -> impl Future<Output = Result<Option<TxOut>, ChainError>> + Send {
+        let outpoint = *outpoint;
+        async move { Ok(self.unspent(&outpoint).await?.map(|utxo| utxo.output)) }
+    }
+
+    /// Submits a parent and its child together, so that the child's fee can carry a parent
+    /// whose own fee rate is below the mempool's current minimum (Bitcoin Core's
+    /// `submitpackage`, 1-parent-1-child package relay). The default submits them one by one.
+    fn broadcast_package(
+        &self,
+        parent: &Transaction,
+        child: &Transaction,
+    ) -> impl Future<Output = Result<Txid, ChainError>> + Send {
+        let (parent, child) = (parent.clone(), child.clone());
+        async move {
+            self.broadcast(&parent).await?;
+            self.broadcast(&child).await
+        }
+    }
+}
+
+/// An unspent output, as [`ChainBackend::unspent`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Utxo {
+    /// The output.
+    pub output: TxOut,
+    /// Confirmations of the transaction that created it: 0 while it is in the mempool.
+    pub confirmations: u32,
+}
+
+impl Utxo {
+    /// An output with `confirmations`.
+    pub fn new(output: TxOut, confirmations: u32) -> Self {
+        Self { output, confirmations }
+    }
 }
 
 /// Follows the chain's tip: returns a receiver that always holds the latest [`ChainTip`],

@@ -41,7 +41,7 @@ use bitcoin::{
     Txid, Witness, absolute, transaction,
 };
 
-use super::{ChainBackend, ChainError, ChainTip, RejectReason, TxStatus, policy};
+use super::{ChainBackend, ChainError, ChainTip, RejectReason, TxStatus, Utxo, policy};
 
 /// Height of the simulated chain's tip when it is created.
 pub const START_HEIGHT: u32 = 200;
@@ -516,11 +516,16 @@ impl ChainBackend for SimulatedChain {
         ready(Ok(self.lock().fee_rate))
     }
 
-    fn unspent_output(
+    fn unspent(
         &self,
         outpoint: &OutPoint,
-    ) -> impl Future<Output = Result<Option<TxOut>, ChainError>> + Send {
-        ready(Ok(self.utxo(outpoint)))
+    ) -> impl Future<Output = Result<Option<Utxo>, ChainError>> + Send {
+        let state = self.lock();
+        let tip = state.tip().height;
+        let utxo = state.coins.get(outpoint).filter(|_| !state.mempool_spent.contains(outpoint));
+        ready(Ok(utxo.map(|coin| {
+            Utxo::new(coin.output.clone(), coin.height.map_or(0, |height| tip - height + 1))
+        })))
     }
 }
 

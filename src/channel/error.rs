@@ -164,6 +164,8 @@ pub enum RefundError {
         /// The maximum fee.
         max: Amount,
     },
+    /// The refund input carries a scriptSig (a witness spend must have none).
+    ScriptSig,
 }
 
 error_codes!(RefundError {
@@ -181,6 +183,7 @@ error_codes!(RefundError {
     DustOutput { value, threshold } => "refund-dust-output",
     FeeTooLow { fee, required } => "refund-fee-too-low",
     FeeTooHigh { fee, max } => "refund-fee-too-high",
+    ScriptSig => "refund-script-sig",
 });
 
 impl fmt::Display for RefundError {
@@ -213,6 +216,9 @@ impl fmt::Display for RefundError {
             }
             Self::FeeTooHigh { fee, max } => {
                 write!(f, "refund fee {fee} is above the maximum {max}")
+            }
+            Self::ScriptSig => {
+                f.write_str("refund input has a scriptSig: a witness spend must have none")
             }
         }
     }
@@ -249,7 +255,8 @@ pub enum FundingError {
         /// Largest accepted.
         max: Amount,
     },
-    /// An input carries no signature data (neither witness nor script_sig).
+    /// An input carries no witness: a funding spends segwit outputs only, so that its txid
+    /// cannot change once the refund is signed against it.
     Unsigned {
         /// Index of the input.
         input: usize,
@@ -296,7 +303,7 @@ impl fmt::Display for FundingError {
             Self::ValueOutOfBounds { value, min, max } => {
                 write!(f, "funding value {value} is outside {min}..={max}")
             }
-            Self::Unsigned { input } => write!(f, "funding input {input} is not signed"),
+            Self::Unsigned { input } => write!(f, "funding input {input} has no witness (segwit inputs only)"),
             Self::PrevoutCount { inputs, prevouts } => {
                 write!(f, "{prevouts} spent outputs supplied for {inputs} inputs")
             }
@@ -402,6 +409,10 @@ pub enum PaymentError {
         /// The channel's expiry.
         expiry: LockTime,
     },
+    /// The input carries a scriptSig. BIP-0143 signatures do not commit to it, but a
+    /// witness-program spend with a non-empty scriptSig is invalid in every block, so the
+    /// co-signed close could never be mined.
+    ScriptSig,
 }
 
 error_codes!(PaymentError {
@@ -423,6 +434,7 @@ error_codes!(PaymentError {
     WitnessShape { items } => "payment-witness-shape",
     Signature(_e) => "payment-signature",
     Closing { expiry } => "payment-channel-closing",
+    ScriptSig => "payment-script-sig",
 });
 
 impl fmt::Display for PaymentError {
@@ -463,6 +475,9 @@ impl fmt::Display for PaymentError {
             Self::Signature(e) => write!(f, "client signature: {e}"),
             Self::Closing { expiry } => {
                 write!(f, "channel expiring at {expiry} is closing; open a new channel")
+            }
+            Self::ScriptSig => {
+                f.write_str("payment input has a scriptSig: a witness spend must have none")
             }
         }
     }

@@ -40,7 +40,8 @@ impl ChannelParams {
     /// `outpoint` is the funding outpoint the refund was signed against; `prevouts[i]` is the
     /// output spent by input `i` (from the chain backend or the client's PSBT). The checks:
     /// the txid is the one the refund spends; the output is the channel's P2WSH with exactly
-    /// the agreed value, inside `terms`' bounds; every input carries a signature; the fee rate
+    /// the agreed value, inside `terms`' bounds; every input carries a witness (segwit only, so
+    /// the txid cannot be malleated); the fee rate
     /// (at the transaction's actual virtual size) is at least `terms.funding_min_fee_rate`.
     ///
     /// # Errors
@@ -72,9 +73,9 @@ impl ChannelParams {
                 max: terms.max_value,
             });
         }
-        if let Some(input) =
-            funding.input.iter().position(|i| i.witness.is_empty() && i.script_sig.is_empty())
-        {
+        // A witness on every input: only segwit spends have a txid that nobody (not even a
+        // miner) can change after the refund was signed against it.
+        if let Some(input) = funding.input.iter().position(|i| i.witness.is_empty()) {
             return Err(FundingError::Unsigned { input });
         }
         if prevouts.len() != funding.input.len() {

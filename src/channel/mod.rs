@@ -177,6 +177,9 @@ impl ChannelParams {
         witness.push_ecdsa_signature(b);
         witness.push(self.witness_script().as_bytes());
         let mut tx = tx.clone();
+        // A witness spend carries no scriptSig (consensus: SCRIPT_ERR_WITNESS_MALLEATED); the
+        // signatures do not commit to it, so clearing it keeps them valid.
+        tx.input[0].script_sig = bitcoin::ScriptBuf::new();
         tx.input[0].witness = witness;
         tx
     }

@@ -90,8 +90,10 @@ impl Channel {
     /// Checks a client-signed payment (server side, seed step 9) against the channel and its
     /// best payment so far.
     ///
-    /// A payment byte-identical to `best` is a [`PaymentCheck::Repeat`] without further
-    /// checks. Otherwise, in order: one input spending the funding outpoint; version 2; final
+    /// The payment must have exactly one input, with an empty scriptSig (BIP-0143 signatures
+    /// do not commit to it, and a witness spend with one is invalid in every block). A payment
+    /// byte-identical to `best` is then a [`PaymentCheck::Repeat`] without further checks.
+    /// Otherwise, in order: the input spends the funding outpoint; version 2; final
     /// sequence; lock time 0; one or two outputs, server first, exactly the agreed scripts;
     /// the channel not within its close margin at `tip`; no value creation; no dust outputs,
     /// and change omitted only when it would be dust; fee within the agreed rates at the
@@ -110,13 +112,18 @@ impl Channel {
         payment: &Transaction,
         tip: ChainTip,
     ) -> Result<PaymentCheck, PaymentError> {
+        let [input] = payment.input.as_slice() else {
+            return Err(PaymentError::InputCount { found: payment.input.len() });
+        };
+        // Checked before the repeat shortcut: a best payment stored with a scriptSig (by an
+        // earlier version) must not keep serving.
+        if !input.script_sig.is_empty() {
+            return Err(PaymentError::ScriptSig);
+        }
         if best == Some(payment) {
             return Ok(PaymentCheck::Repeat);
         }
         let params = &self.params;
-        let [input] = payment.input.as_slice() else {
-            return Err(PaymentError::InputCount { found: payment.input.len() });
-        };
         if input.previous_output != self.outpoint {
             return Err(PaymentError::WrongOutpoint { found: input.previous_output });
         }
@@ -201,9 +208,14 @@ impl Channel {
     ///
     /// # Errors
     ///
+    /// [`PaymentError::InputCount`] without an input, [`PaymentError::ScriptSig`],
     /// [`PaymentError::WitnessShape`] or [`PaymentError::Signature`].
     pub fn verify_client_signature(&self, payment: &Transaction) -> Result<(), PaymentError> {
-        let witness = &payment.input[0].witness;
+        let input = payment.input.first().ok_or(PaymentError::InputCount { found: 0 })?;
+        if !input.script_sig.is_empty() {
+            return Err(PaymentError::ScriptSig);
+        }
+        let witness = &input.witness;
         let [client_sig] = witness
             .to_vec()
             .try_into()

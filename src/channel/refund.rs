@@ -65,11 +65,12 @@ impl ChannelParams {
     ///
     /// `funding` is the client's **unsigned** funding transaction; its inputs must all be
     /// segwit so that signing does not change its txid (see `docs/PROTOCOL.md`). The checks,
-    /// in order: exactly one input, spending an output of `funding` that is the channel's
+    /// in order: exactly one input, with an empty scriptSig, spending an output of `funding` that is the channel's
     /// P2WSH holding exactly the agreed value; version 2; exactly one output, to the client's
     /// script; a non-final sequence; lock time equal to the agreed expiry, which must still
-    /// lie within `terms`' lifetime bounds at `tip`; fee within the agreed rates at the
-    /// co-signed size; no dust.
+    /// lie within `terms`' lifetime bounds at `tip`; no dust; a fee of exactly the agreed
+    /// minimum rate at the co-signed size ([`refund_fee`](Self::refund_fee)), so that no
+    /// refund can outbid a close.
     ///
     /// # Errors
     ///
@@ -84,6 +85,9 @@ impl ChannelParams {
         let [input] = refund.input.as_slice() else {
             return Err(RefundError::InputCount { found: refund.input.len() });
         };
+        if !input.script_sig.is_empty() {
+            return Err(RefundError::ScriptSig);
+        }
         let outpoint = input.previous_output;
         let funding_txid = funding.compute_txid();
         if outpoint.txid != funding_txid {
@@ -132,9 +136,11 @@ impl ChannelParams {
         if fee < required {
             return Err(RefundError::FeeTooLow { fee, required });
         }
-        let max = fee_at(self.max_fee_rate, weight);
-        if fee > max {
-            return Err(RefundError::FeeTooHigh { fee, max });
+        // The refund pays exactly the minimum rate: a close (at the minimum rate or more, and
+        // larger) always outbids it, so a refund broadcast at the expiry cannot replace a
+        // pending close. The client can bump its refund by CPFP from its own output.
+        if fee > required {
+            return Err(RefundError::FeeTooHigh { fee, max: required });
         }
         Ok(CheckedRefund { params: self, refund })
     }

@@ -157,7 +157,9 @@ impl KeyWallet {
             tx.input.push(TxIn {
                 previous_output: *outpoint,
                 script_sig: ScriptBuf::new(),
-                sequence: Sequence::ENABLE_RBF_NO_LOCKTIME,
+                // Not replaceable: servers serve zero-confirmation channels only on fundings
+                // that do not signal replacement.
+                sequence: Sequence::ENABLE_LOCKTIME_NO_RBF,
                 witness: Witness::new(),
             });
             total += coin.value;

@@ -50,9 +50,14 @@ pub(super) struct Config<St, P> {
     /// valid proof of its channel forever, so a hit skips decoding and verification; the
     /// atomic debit still enforces the balance and the channel's state.
     pub(super) verified: dashmap::DashMap<http::HeaderValue, crate::wire::ChannelId>,
+    /// The header cached for each channel (one per channel: a new best replaces the old).
+    pub(super) latest: dashmap::DashMap<crate::wire::ChannelId, http::HeaderValue>,
+    /// Whether the inner service sees the `Payment-Channel` header.
+    pub(super) forward_payment_header: bool,
 }
 
-/// How many verified headers the fast-path cache keeps before it starts over.
+/// How many verified headers (one per channel) the fast-path cache keeps before it starts
+/// over.
 pub(super) const VERIFIED_CACHE_LIMIT: usize = 100_000;
 
 impl<St, P> PaywallLayer<St, P> {
@@ -70,6 +75,8 @@ impl<St, P> PaywallLayer<St, P> {
                 terms_url: DEFAULT_TERMS_URL.to_owned(),
                 negotiation: None,
                 verified: dashmap::DashMap::new(),
+                latest: dashmap::DashMap::new(),
+                forward_payment_header: false,
             }),
         }
     }
@@ -85,7 +92,18 @@ impl<St, P> PaywallLayer<St, P> {
         self
     }
 
+    /// Whether the inner service receives the `Payment-Channel` header (default `false`: the
+    /// layer removes it once the request is paid, so a proxy or a log never sees it).
+    pub fn forward_payment_header(mut self, forward: bool) -> Self {
+        self.config_mut().forward_payment_header = forward;
+        self
+    }
+
     /// Whether a 5xx answer from the inner service gives the charge back (default `true`).
+    ///
+    /// The body of a 5xx answer still reaches the client: with this on, a handler must not
+    /// put the paid-for content in a 5xx answer, or a client that can provoke one (an upstream
+    /// timeout behind a proxy) is served for free. Turn it off for such services.
     pub fn refund_server_errors(mut self, refund: bool) -> Self {
         self.config_mut().refund_server_errors = refund;
         self

@@ -4,7 +4,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -52,9 +53,18 @@ pub struct Negotiation<C> {
     open_limit: u32,
     open_window: Duration,
     max_pending: usize,
+    max_pending_per_client: usize,
+    proposal_ttl: Duration,
+    client_ip_header: Option<http::HeaderName>,
     prices: Value,
     funding: FundingPolicy,
 }
+
+/// The most inputs a funding transaction may have (each is looked up on the chain backend).
+pub(crate) const MAX_FUNDING_INPUTS: usize = 64;
+
+/// The largest negotiation request body: 256 KiB, whatever limit the host application sets.
+const MAX_BODY: usize = 256 * 1024;
 
 impl<C: ChainBackend + Clone + 'static> Negotiation<C> {
     /// Negotiates channels on `network` under `terms`, deriving keys from `master`, paying
@@ -76,6 +86,9 @@ impl<C: ChainBackend + Clone + 'static> Negotiation<C> {
             open_limit: 10,
             open_window: Duration::from_secs(60),
             max_pending: 10_000,
+            max_pending_per_client: 20,
+            proposal_ttl: Duration::from_secs(600),
+            client_ip_header: None,
             prices: Value::Null,
             funding: FundingPolicy::default(),
         }
@@ -104,11 +117,31 @@ impl<C: ChainBackend + Clone + 'static> Negotiation<C> {
     }
 
     /// Allows each client address `limit` channel openings per `window` (default 10 a
-    /// minute). Behind a proxy, the address is the proxy's unless the server is run with
-    /// `into_make_service_with_connect_info` on the real peer.
+    /// minute). The address is the peer's from axum's `ConnectInfo` (serve with
+    /// `into_make_service_with_connect_info`; without it every client shares one bucket), or
+    /// the one a trusted proxy reports (see
+    /// [`with_client_ip_header`](Self::with_client_ip_header)). IPv6 addresses count by /64.
     pub fn with_open_rate_limit(mut self, limit: u32, window: Duration) -> Self {
         self.open_limit = limit;
         self.open_window = window;
+        self
+    }
+
+    /// Behind a reverse proxy you trust: take the client address from the **last** address
+    /// in `header` (for example `x-forwarded-for`, which the nearest proxy appends to). Only
+    /// set this when every request passes through that proxy: clients can write the header
+    /// themselves.
+    pub fn with_client_ip_header(mut self, header: http::HeaderName) -> Self {
+        self.client_ip_header = Some(header);
+        self
+    }
+
+    /// How long an opened channel waits for its funding before the proposal is forgotten
+    /// (default 10 minutes), and how many proposals one client address may hold at once
+    /// (default 20). At most 10 000 proposals are kept in all.
+    pub fn with_proposal_limits(mut self, ttl: Duration, per_client: usize) -> Self {
+        self.proposal_ttl = ttl;
+        self.max_pending_per_client = per_client;
         self
     }
 
@@ -137,6 +170,7 @@ impl<C: ChainBackend + Clone + 'static> Negotiation<C> {
             .route(&format!("{prefix}/fund"), post(fund::<C, St>))
             .route(&format!("{prefix}/channels/{{id}}"), get(status::<C, St>))
             .route(&format!("{prefix}/channels/{{id}}/close"), post(close::<C, St>))
+            .layer(DefaultBodyLimit::max(MAX_BODY))
             .with_state(state)
     }
 }
@@ -158,6 +192,9 @@ struct Proposal {
     params: ChannelParams,
     /// Set once the refund is signed: the funding transaction it was signed against.
     funding_outpoint: Option<bitcoin::OutPoint>,
+    /// Who opened it (for the per-client cap), and when (proposals expire).
+    client: Option<IpAddr>,
+    created: Instant,
 }
 
 impl<C: ChainBackend, St> Shared<C, St> {
@@ -172,13 +209,86 @@ impl<C: ChainBackend, St> Shared<C, St> {
 
     fn allow_open(&self, addr: Option<IpAddr>) -> bool {
         let now = Instant::now();
+        let window = self.negotiation.open_window;
+        if self.opens.len() >= OPENS_TRACKED {
+            self.opens.retain(|_, (start, _)| now.duration_since(*start) < window);
+        }
         let mut entry = self.opens.entry(addr).or_insert((now, 0));
-        if now.duration_since(entry.0) >= self.negotiation.open_window {
+        if now.duration_since(entry.0) >= window {
             *entry = (now, 0);
         }
         entry.1 += 1;
         entry.1 <= self.negotiation.open_limit
     }
+
+    /// The client's address: from the trusted proxy header when configured, else the peer's;
+    /// IPv6 by its /64.
+    fn client(
+        &self,
+        connect: Option<Extension<ConnectInfo<SocketAddr>>>,
+        headers: &HeaderMap,
+    ) -> Option<IpAddr> {
+        let addr = match &self.negotiation.client_ip_header {
+            Some(name) => headers
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .next_back()
+                .and_then(|last| last.trim().parse::<IpAddr>().ok()),
+            None => connect.map(|Extension(ConnectInfo(addr))| addr.ip()),
+        }?;
+        Some(match addr {
+            IpAddr::V6(v6) => {
+                let mask = u128::MAX << 64;
+                IpAddr::V6((u128::from(v6) & mask).into())
+            }
+            v4 => v4,
+        })
+    }
+
+    fn live(&self, proposal: &Proposal) -> bool {
+        proposal.created.elapsed() < self.negotiation.proposal_ttl
+    }
+
+    /// Room for a proposal of `client`: expired proposals are dropped first.
+    fn make_room(&self, client: Option<IpAddr>) -> Result<(), Problem> {
+        if self.pending.len() >= self.negotiation.max_pending / 2 {
+            self.pending.retain(|_, p| self.live(p));
+        }
+        if self.pending.len() >= self.negotiation.max_pending {
+            return Err(Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too-many-pending",
+                "try again later",
+            ));
+        }
+        let mine = self.pending.iter().filter(|p| p.client == client && self.live(&p)).count();
+        if mine >= self.negotiation.max_pending_per_client {
+            return Err(Problem::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too-many-pending",
+                "fund or abandon your open proposals first",
+            ));
+        }
+        Ok(())
+    }
+
+    fn proposal(&self, index: u32) -> Result<Proposal, Problem> {
+        self.pending
+            .get(&index)
+            .map(|p| p.clone())
+            .filter(|p| self.live(p))
+            .ok_or_else(Problem::unknown_proposal)
+    }
+}
+
+/// Above this many tracked client addresses, the stale ones are dropped.
+const OPENS_TRACKED: usize = 10_000;
+
+/// A JSON body, or a problem document saying what is wrong with it.
+fn body<T>(json: Result<Json<T>, JsonRejection>) -> Result<T, Problem> {
+    json.map(|Json(value)| value).map_err(|e| Problem::bad("bad-request", e.body_text()))
 }
 
 /// An RFC 9457 problem from a negotiation endpoint.
@@ -309,22 +419,19 @@ pub(crate) struct OpenResponse {
 async fn open<C: ChainBackend, St: ChannelStore>(
     State(s): State<Arc<Shared<C, St>>>,
     connect: Option<Extension<ConnectInfo<SocketAddr>>>,
-    Json(req): Json<OpenRequest>,
+    headers: HeaderMap,
+    req: Result<Json<OpenRequest>, JsonRejection>,
 ) -> Result<Json<OpenResponse>, Problem> {
-    if !s.allow_open(connect.map(|Extension(ConnectInfo(addr))| addr.ip())) {
+    let req = body(req)?;
+    let client = s.client(connect, &headers);
+    if !s.allow_open(client) {
         return Err(Problem::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate-limited",
             "too many channel openings",
         ));
     }
-    if s.pending.len() >= s.negotiation.max_pending {
-        return Err(Problem::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too-many-pending",
-            "try again later",
-        ));
-    }
+    s.make_room(client)?;
     let client_key: CompressedPublicKey = req
         .client_pubkey
         .parse()
@@ -362,7 +469,8 @@ async fn open<C: ChainBackend, St: ChannelStore>(
         payment_fee_sat: params.payment_fee(true).to_sat(),
         min_server_amount_sat: params.min_server_amount().to_sat(),
     };
-    s.pending.insert(index, Proposal { params, funding_outpoint: None });
+    s.pending
+        .insert(index, Proposal { params, funding_outpoint: None, client, created: Instant::now() });
     Ok(Json(response))
 }
 
@@ -378,11 +486,16 @@ struct RefundRequest {
 
 async fn refund<C: ChainBackend, St: ChannelStore>(
     State(s): State<Arc<Shared<C, St>>>,
-    Json(req): Json<RefundRequest>,
+    req: Result<Json<RefundRequest>, JsonRejection>,
 ) -> Result<Json<Value>, Problem> {
+    let req = body(req)?;
     let funding = hex_tx(&req.funding_tx, "funding_tx")?;
     let refund = hex_tx(&req.refund_tx, "refund_tx")?;
-    let mut proposal = s.pending.get_mut(&req.proposal).ok_or_else(Problem::unknown_proposal)?;
+    let mut proposal = s
+        .pending
+        .get_mut(&req.proposal)
+        .filter(|p| s.live(p))
+        .ok_or_else(Problem::unknown_proposal)?;
     let checked = proposal
         .params
         .check_refund(&s.negotiation.terms, &funding, &refund, s.tip())
@@ -410,41 +523,79 @@ struct FundRequest {
 
 async fn fund<C: ChainBackend, St: ChannelStore>(
     State(s): State<Arc<Shared<C, St>>>,
-    Json(req): Json<FundRequest>,
+    req: Result<Json<FundRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Value>), Problem> {
+    let req = body(req)?;
     let funding = hex_tx(&req.funding_tx, "funding_tx")?;
     let payment =
         wire::decode_payment(req.payment.as_bytes()).map_err(|e| Problem::bad(e.code(), e))?;
-    let proposal =
-        s.pending.get(&req.proposal).map(|p| p.clone()).ok_or_else(Problem::unknown_proposal)?;
+    let proposal = match s.proposal(req.proposal) {
+        Ok(proposal) => proposal,
+        // A retry of a /fund that succeeded: answer as then.
+        Err(unknown) => return already_funded(&s, &funding, &payment).await.ok_or(unknown)?,
+    };
     let outpoint = proposal.funding_outpoint.ok_or_else(|| {
         Problem::new(StatusCode::CONFLICT, "refund-not-signed", "have the refund signed first")
     })?;
-    let mut prevouts: Vec<TxOut> = Vec::with_capacity(funding.input.len());
-    for input in &funding.input {
-        let prevout = s
-            .negotiation
-            .chain
-            .unspent_output(&input.previous_output)
-            .await
-            .map_err(Problem::chain)?
-            .ok_or_else(|| Problem::bad("funding-missing-inputs", input.previous_output))?;
-        prevouts.push(prevout);
+    // Checks that need no chain backend come first.
+    let found = funding.compute_txid();
+    if found != outpoint.txid {
+        let e = crate::channel::FundingError::TxidMismatch { expected: outpoint.txid, found };
+        return Err(Problem::bad(e.code(), e));
+    }
+    if funding.input.len() > MAX_FUNDING_INPUTS {
+        return Err(Problem::bad(
+            "funding-too-many-inputs",
+            format!("at most {MAX_FUNDING_INPUTS} inputs"),
+        ));
     }
     let params = proposal.params;
-    params
-        .check_funding(&s.negotiation.terms, outpoint, &funding, &prevouts)
-        .map_err(|e| Problem::bad(e.code(), e))?;
-    let channel = params.at(outpoint);
+    let channel = params.clone().at(outpoint);
     // With no best payment, every valid payment is an increase.
     if let Err(e) = channel.check_payment(None, &payment, s.tip()) {
         return Err(Problem::bad(e.code(), e));
     }
-    // Broadcast before the channel exists: a channel is never open without its funding.
-    s.negotiation.chain.broadcast(&funding).await.map_err(Problem::chain)?;
+    let chain = &s.negotiation.chain;
+    let policy = &s.negotiation.funding;
+    let state = match chain.unspent(&outpoint).await.map_err(Problem::chain)? {
+        // Already broadcast (a /fund whose record could not be stored, retried): the node
+        // took the funding, so only its output is left to check.
+        Some(utxo) => {
+            if utxo.output.script_pubkey != params.funding_script_pubkey()
+                || utxo.output.value != params.value
+            {
+                let e = crate::channel::FundingError::WrongOutputScript;
+                return Err(Problem::bad(e.code(), e));
+            }
+            if utxo.confirmations >= policy.min_confirmations() {
+                ChannelState::Open
+            } else {
+                ChannelState::Pending
+            }
+        }
+        None => {
+            let mut prevouts: Vec<TxOut> = Vec::with_capacity(funding.input.len());
+            let mut depths = Vec::with_capacity(funding.input.len());
+            for input in &funding.input {
+                let utxo = chain
+                    .unspent(&input.previous_output)
+                    .await
+                    .map_err(Problem::chain)?
+                    .ok_or_else(|| Problem::bad("funding-missing-inputs", input.previous_output))?;
+                prevouts.push(utxo.output);
+                depths.push(utxo.confirmations);
+            }
+            params
+                .check_funding(&s.negotiation.terms, outpoint, &funding, &prevouts)
+                .map_err(|e| Problem::bad(e.code(), e))?;
+            // Broadcast before the channel exists: a channel is never open without its funding.
+            chain.broadcast(&funding).await.map_err(Problem::chain)?;
+            policy.initial_state(params.value, &funding, &depths)
+        }
+    };
     let record = ChannelRecord::open(channel, req.proposal, payment)
         .with_funded_at(s.tip().height)
-        .with_state(s.negotiation.funding.initial_state());
+        .with_state(state);
     let id = record.id();
     let balance = record.balance();
     match s.store.create(record).await {
@@ -453,6 +604,27 @@ async fn fund<C: ChainBackend, St: ChannelStore>(
     }
     s.pending.remove(&req.proposal);
     Ok((StatusCode::CREATED, Json(json!({ "channel": id, "balance_msat": balance }))))
+}
+
+/// The answer to a repeated `/fund` of a channel that exists: same funding, same first
+/// payment.
+async fn already_funded<C, St: ChannelStore>(
+    s: &Shared<C, St>,
+    funding: &Transaction,
+    payment: &Transaction,
+) -> Option<Result<(StatusCode, Json<Value>), Problem>> {
+    let outpoint = payment.input.first()?.previous_output;
+    if outpoint.txid != funding.compute_txid() {
+        return None;
+    }
+    let id = ChannelId::new(outpoint);
+    let record = match s.store.load(id).await {
+        Ok(record) => record?,
+        Err(e) => return Some(Err(Problem::store(e))),
+    };
+    // Only the holder of the first payment gets the answer again.
+    record.channel.verify_client_signature(payment).ok()?;
+    Some(Ok((StatusCode::CREATED, Json(json!({ "channel": id, "balance_msat": record.balance() })))))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -499,6 +671,15 @@ async fn close<C: ChainBackend, St: ChannelStore>(
         return Err(Problem::bad("payment-wrong-outpoint", "the payment is not of this channel"));
     }
     record.channel.verify_client_signature(&proof).map_err(|e| Problem::bad(e.code(), e))?;
+    // Only the client's latest payment closes: an old header someone captured does not.
+    let paid = |tx: &Transaction| tx.output.first().map(|out| out.value);
+    if record.best.as_ref().and_then(paid) > paid(&proof) {
+        return Err(Problem::new(
+            StatusCode::FORBIDDEN,
+            "stale-proof",
+            "send the channel's latest payment to close it",
+        ));
+    }
     if matches!(record.state, ChannelState::Pending | ChannelState::Open) {
         s.store
             .transition(id, record.state, ChannelState::Closing)

@@ -111,10 +111,13 @@ impl RoutePrices {
 }
 
 impl<B> Pricing<B> for RoutePrices {
+    /// The route's price; a `HEAD` request not in the table costs what `GET` costs (axum and
+    /// most routers answer `HEAD` with the `GET` handler).
     fn price(&self, request: &Request<B>) -> Option<MilliSats> {
-        self.routes
-            .get(request.method())
-            .and_then(|paths| paths.get(request.uri().path()))
+        let path = request.uri().path();
+        let lookup = |method: &Method| self.routes.get(method).and_then(|paths| paths.get(path));
+        lookup(request.method())
+            .or_else(|| (request.method() == Method::HEAD).then(|| lookup(&Method::GET)).flatten())
             .copied()
             .or(self.fallback)
     }

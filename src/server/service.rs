@@ -140,6 +140,11 @@ impl<St: ChannelStore, P> Config<St, P> {
             Err(rejection) => return Ok(rejection.into_response(&self.terms_url)),
         };
         request.extensions_mut().insert(paid);
+        if !self.forward_payment_header {
+            // A bearer proof of the channel: the inner service (a proxy, a logger) has no
+            // business with it.
+            request.headers_mut().remove(PAYMENT_CHANNEL);
+        }
         let mut response = inner.call(request).await?;
         let give_back = if self.refund_server_errors && response.status().is_server_error() {
             price
@@ -198,31 +203,49 @@ impl<St: ChannelStore, P> Config<St, P> {
             }
             state => return Err(reject(RejectionKind::ChannelNotOpen(state), Some(&record))),
         }
-        if record.best.as_ref() != Some(&payment) {
-            let tip = *self.tip.borrow();
-            match record.channel.check_payment(record.best.as_ref(), &payment, tip) {
-                // Stale means a concurrent request stored an even better payment: fine.
-                Ok(PaymentCheck::Increase { .. }) => {
-                    let _stored_or_stale = self
-                        .store
-                        .store_payment(id, payment)
-                        .await
-                        .map_err(|e| Rejection::from(e).with_price(price))?;
-                }
-                Ok(PaymentCheck::Repeat) => {}
-                // An older payment of this channel (it raced a top-up): identification only.
-                Err(PaymentError::NotAnIncrease { .. }) => record
+        let tip = *self.tip.borrow();
+        let is_best = record.best.as_ref() == Some(&payment);
+        let cache = match record.channel.check_payment(record.best.as_ref(), &payment, tip) {
+            // Stale means a concurrent request stored an even better payment: fine.
+            Ok(PaymentCheck::Increase { .. }) => {
+                let _stored_or_stale = self
+                    .store
+                    .store_payment(id, payment)
+                    .await
+                    .map_err(|e| Rejection::from(e).with_price(price))?;
+                true
+            }
+            // The best payment itself is cached; a re-signed copy of it is not.
+            Ok(PaymentCheck::Repeat) => is_best,
+            // An older payment of this channel (it raced a top-up): identification only.
+            Err(PaymentError::NotAnIncrease { .. }) => {
+                record
                     .channel
                     .verify_client_signature(&payment)
-                    .map_err(|e| reject(RejectionKind::Payment(e), Some(&record)))?,
-                Err(e) => return Err(reject(RejectionKind::Payment(e), Some(&record))),
+                    .map_err(|e| reject(RejectionKind::Payment(e), Some(&record)))?;
+                false
             }
+            Err(e) => return Err(reject(RejectionKind::Payment(e), Some(&record))),
+        };
+        if cache {
+            self.remember(id, header);
         }
+        self.debit(id, price, Some(record)).await
+    }
+
+    /// Caches `header` as the channel's verified best, in place of its previous best: at most
+    /// one header per channel, so no client can crowd the others out.
+    fn remember(&self, id: ChannelId, header: HeaderValue) {
         if self.verified.len() >= VERIFIED_CACHE_LIMIT {
             self.verified.clear();
+            self.latest.clear();
+        }
+        if let Some(previous) = self.latest.insert(id, header.clone())
+            && previous != header
+        {
+            self.verified.remove(&previous);
         }
         self.verified.insert(header, id);
-        self.debit(id, price, Some(record)).await
     }
 
     /// Debits `price`; on refusal, reports the channel's current state.

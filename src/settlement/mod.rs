@@ -50,8 +50,8 @@ use bitcoin::bip32::Xpriv;
 use bitcoin::secp256k1::SecretKey;
 use bitcoin::transaction::Version;
 use bitcoin::{
-    Amount, CompressedPublicKey, OutPoint, ScriptBuf, Sequence, Transaction, TxIn, TxOut, Txid,
-    Witness,
+    Amount, CompressedPublicKey, FeeRate, OutPoint, ScriptBuf, Sequence, Transaction, TxIn, TxOut,
+    Txid, Witness,
 };
 use tokio::time::Instant;
 use tracing::Instrument as _;
@@ -65,27 +65,52 @@ use crate::wire::ChannelId;
 /// The same policy is given to the server's [`Negotiation`](crate::server::Negotiation)
 /// (which creates the channel pending or open) and to [`Settlement`] (which opens pending
 /// channels and fails bad fundings).
+///
+/// **Zero-confirmation channels.** An unconfirmed funding can be replaced (Bitcoin Core
+/// relays full replace-by-fee since v28), and every request served on a replaced funding is
+/// lost. So a channel is served before its funding confirms only when all of these hold
+/// (see [`allows_zero_conf`](Self::allows_zero_conf)): its value is at most
+/// [`zero_conf_max_value`](Self::with_zero_conf_max_value) (default 100 000 sat: the most a
+/// double spend can take), the funding is version 1 or 2 (a TRUC funding could not have an
+/// unconfirmed payment child), does not signal replaceability, and spends only confirmed
+/// outputs. Every settlement pass re-checks the funding output in the mempool: a channel whose
+/// unconfirmed funding vanished is suspended (pending: 409 `channel-pending`) at once, not a
+/// block later. Other channels wait for `min_confirmations` (default 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[must_use]
 pub struct FundingPolicy {
     min_confirmations: u32,
     confirm_within_blocks: u32,
+    zero_conf_max_value: Amount,
 }
 
 impl Default for FundingPolicy {
-    /// Serve at once (0 confirmations: the funding was accepted to the mempool), and fail the
-    /// channel if the funding has not confirmed 144 blocks (about a day) after it was
-    /// broadcast.
+    /// Serve at one confirmation, or at once for a channel of at most 100 000 sat with a safe
+    /// funding (see the type's docs); fail the channel if the funding has not confirmed 144
+    /// blocks (about a day) after it was broadcast.
     fn default() -> Self {
-        Self { min_confirmations: 0, confirm_within_blocks: 144 }
+        Self {
+            min_confirmations: 1,
+            confirm_within_blocks: 144,
+            zero_conf_max_value: Amount::from_sat(100_000),
+        }
     }
 }
 
 impl FundingPolicy {
-    /// Requests are served once the funding has `confirmations` (0: once it is accepted to the
-    /// mempool). Until then the channel is pending: requests get 409 `channel-pending`.
+    /// Requests are served once the funding has `confirmations` (a value of 0 is taken as 1:
+    /// zero-confirmation channels are governed by
+    /// [`with_zero_conf_max_value`](Self::with_zero_conf_max_value)). Until then the channel
+    /// is pending: requests get 409 `channel-pending`.
     pub fn with_min_confirmations(mut self, confirmations: u32) -> Self {
-        self.min_confirmations = confirmations;
+        self.min_confirmations = confirmations.max(1);
+        self
+    }
+
+    /// Serve channels of at most `value` before their funding confirms (when the funding is
+    /// safe enough; see the type's docs). `Amount::ZERO` turns zero-confirmation channels off.
+    pub fn with_zero_conf_max_value(mut self, value: Amount) -> Self {
+        self.zero_conf_max_value = value;
         self
     }
 
@@ -95,15 +120,96 @@ impl FundingPolicy {
         self
     }
 
-    /// Confirmations needed before requests are served.
+    /// Confirmations needed before requests are served (outside the zero-confirmation cap).
     pub fn min_confirmations(&self) -> u32 {
         self.min_confirmations
     }
 
-    /// The state a freshly funded channel starts in.
-    pub fn initial_state(&self) -> ChannelState {
-        if self.min_confirmations == 0 { ChannelState::Open } else { ChannelState::Pending }
+    /// The largest channel served before its funding confirms.
+    pub fn zero_conf_max_value(&self) -> Amount {
+        self.zero_conf_max_value
     }
+
+    /// Whether a channel of `value` funded by `funding` may be served before it confirms.
+    /// `prevout_confirmations[i]` is the depth of the output spent by input `i` (0: in the
+    /// mempool).
+    pub fn allows_zero_conf(
+        &self,
+        value: Amount,
+        funding: &Transaction,
+        prevout_confirmations: &[u32],
+    ) -> bool {
+        value <= self.zero_conf_max_value
+            && value > Amount::ZERO
+            && matches!(funding.version.0, 1 | 2)
+            && !funding.is_explicitly_rbf()
+            && prevout_confirmations.len() == funding.input.len()
+            && prevout_confirmations.iter().all(|&depth| depth > 0)
+    }
+
+    /// The state a freshly funded channel starts in: open when
+    /// [`allows_zero_conf`](Self::allows_zero_conf), pending otherwise.
+    pub fn initial_state(
+        &self,
+        value: Amount,
+        funding: &Transaction,
+        prevout_confirmations: &[u32],
+    ) -> ChannelState {
+        if self.allows_zero_conf(value, funding, prevout_confirmations) {
+            ChannelState::Open
+        } else {
+            ChannelState::Pending
+        }
+    }
+
+    /// What to do with a pending or open channel whose funding output stands at `funding`
+    /// (`None`: not in the UTXO set nor the mempool) at `tip`. Pure: the settlement task's
+    /// funding watch is this decision plus the store transition it names.
+    pub fn funding_action(
+        &self,
+        record: &ChannelRecord,
+        funding: Option<u32>,
+        tip: ChainTip,
+    ) -> FundingAction {
+        let params = record.channel.params();
+        let deadline = record.funded_at.saturating_add(self.confirm_within_blocks);
+        // A channel recorded before funding heights were (0) has no deadline.
+        let late = record.funded_at != 0 && tip.height >= deadline;
+        match funding {
+            // The funding output exists: at the close margin the channel is closed, whatever
+            // its state (a pending channel's payments are valid too).
+            Some(_) if params.is_closing(tip) => FundingAction::Close,
+            Some(depth) if depth >= 1 => match record.state {
+                ChannelState::Pending if depth >= self.min_confirmations => FundingAction::Open,
+                _ => FundingAction::Keep,
+            },
+            Some(_) | None if late => FundingAction::Fail,
+            Some(_) => FundingAction::Keep,
+            // Not in the mempool nor the UTXO set: replaced, evicted or not yet seen by this
+            // backend. Never evidence of failure by itself: stop serving until it is back.
+            None => match record.state {
+                ChannelState::Open => FundingAction::Suspend,
+                _ => FundingAction::Keep,
+            },
+        }
+    }
+}
+
+/// The decision of [`FundingPolicy::funding_action`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FundingAction {
+    /// Nothing changes.
+    Keep,
+    /// Pending → open: the funding has enough confirmations.
+    Open,
+    /// Open → pending: the unconfirmed funding vanished from the mempool; serve nothing until
+    /// it is back.
+    Suspend,
+    /// → closing: the close margin is reached and the funding output is unspent.
+    Close,
+    /// → failed: the funding did not confirm in time.
+    Fail,
 }
 
 /// Counters and gauges of the settlement task; a snapshot from [`Settlement::metrics`].
@@ -132,6 +238,8 @@ pub struct PassReport {
     pub opened: usize,
     /// Channels marked failed.
     pub failed: usize,
+    /// Open channels suspended because their unconfirmed funding vanished.
+    pub suspended: usize,
     /// Open channels that reached their close margin.
     pub closing: usize,
     /// Settlements broadcast.
@@ -181,6 +289,7 @@ pub struct Settlement<St, C> {
     funding: FundingPolicy,
     cpfp_key: Option<(SecretKey, ScriptBuf)>,
     cpfp_after: u32,
+    cpfp_min_fee_rate: FeeRate,
     backoff: (Duration, Duration),
     retries: HashMap<ChannelId, Retry>,
     /// The height at which each close was first seen waiting in the mempool.
@@ -192,6 +301,18 @@ pub struct Settlement<St, C> {
 
 /// The virtual size of a one-input, one-output P2WPKH child, rounded up.
 const CHILD_VSIZE: u64 = 110;
+
+/// How long after its expiry a failed channel is still closed if its funding confirms.
+pub const RESCUE_WINDOW_BLOCKS: u32 = 144;
+
+/// Where a close stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Location {
+    Confirmed,
+    InMempool,
+    /// Neither in the mempool nor (as far as its outputs show) in a block.
+    Missing,
+}
 
 impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
     /// Settles the channels of `store` through `chain`, with server keys derived from
@@ -206,6 +327,7 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
             funding: FundingPolicy::default(),
             cpfp_key: None,
             cpfp_after: 3,
+            cpfp_min_fee_rate: FeeRate::from_sat_per_vb_u32(10),
             backoff: (Duration::from_secs(1), Duration::from_secs(300)),
             retries: HashMap::new(),
             waiting_since: HashMap::new(),
@@ -235,6 +357,14 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
     #[must_use]
     pub fn with_cpfp_after(mut self, blocks: u32) -> Self {
         self.cpfp_after = blocks;
+        self
+    }
+
+    /// The lowest fee rate a CPFP package (settlement and child) pays; the backend's estimate
+    /// is used when it is higher (default 10 sat/vB).
+    #[must_use]
+    pub fn with_cpfp_min_fee_rate(mut self, rate: FeeRate) -> Self {
+        self.cpfp_min_fee_rate = rate;
         self
     }
 
@@ -285,6 +415,10 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
             for record in self.list(ChannelState::Closed).await? {
                 let span = tracing::info_span!("confirm", channel = %record.id());
                 self.confirm(&record, tip, &mut report).instrument(span).await;
+            }
+            for record in self.list(ChannelState::Failed).await? {
+                let span = tracing::info_span!("rescue", channel = %record.id());
+                self.rescue(&record, tip, &mut report).instrument(span).await;
             }
             self.count_states().await?;
             Ok(report)
@@ -346,53 +480,84 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
         tip: ChainTip,
         report: &mut PassReport,
     ) {
-        let txid = record.channel.outpoint().txid;
-        let status = match self.chain.tx_status(&txid).await {
-            Ok(status) => status,
+        let funding = match self.chain.unspent(&record.channel.outpoint()).await {
+            Ok(utxo) => utxo.map(|utxo| utxo.confirmations),
             Err(error) => {
                 tracing::warn!(%error, "funding status unknown this pass");
                 return;
             }
         };
-        let deadline = record.funded_at.saturating_add(self.funding.confirm_within_blocks);
-        let failed = match status {
-            // Gone from the mempool and not in a block: double-spent or evicted. One block of
-            // grace covers a backend that has not indexed a fresh broadcast yet.
-            TxStatus::Unknown => tip.height > record.funded_at,
-            // A channel recorded before funding heights were (0) has no deadline.
-            TxStatus::InMempool => record.funded_at != 0 && tip.height >= deadline,
-            _ => false,
-        };
-        if failed {
-            if self.transition(record, record.state, ChannelState::Failed).await {
-                tracing::warn!(?status, "funding failed: the channel serves no more requests");
-                report.failed += 1;
-                self.metric(|m| m.failed_fundings += 1);
+        let state = record.state;
+        match self.funding.funding_action(record, funding, tip) {
+            FundingAction::Keep => {}
+            FundingAction::Open => {
+                if self.transition(record, state, ChannelState::Open).await {
+                    report.opened += 1;
+                }
             }
+            FundingAction::Suspend => {
+                if self.transition(record, state, ChannelState::Pending).await {
+                    tracing::warn!("the unconfirmed funding vanished: channel suspended");
+                    report.suspended += 1;
+                }
+            }
+            FundingAction::Fail => {
+                if self.transition(record, state, ChannelState::Failed).await {
+                    tracing::warn!(?funding, "funding not confirmed in time: channel failed");
+                    report.failed += 1;
+                    self.metric(|m| m.failed_fundings += 1);
+                }
+            }
+            FundingAction::Close => {
+                if self.transition(record, state, ChannelState::Closing).await {
+                    report.closing += 1;
+                    self.close_reloaded(record.id(), report).await;
+                }
+            }
+        }
+    }
+
+    /// A failed channel whose funding output turned up confirmed after all (the funding
+    /// confirmed after its deadline): it still has a valid best payment, so close it.
+    async fn rescue(&mut self, record: &ChannelRecord, tip: ChainTip, report: &mut PassReport) {
+        if record.best.is_none() || !self.may_rescue(record, tip) {
             return;
         }
-        let confirmations = match status {
-            TxStatus::Confirmed { confirmations, .. } => confirmations,
-            _ => 0,
-        };
-        let mut state = record.state;
-        if state == ChannelState::Pending
-            && confirmations >= self.funding.min_confirmations
-            && self.transition(record, ChannelState::Pending, ChannelState::Open).await
-        {
-            report.opened += 1;
-            state = ChannelState::Open;
-        }
-        // Payments stop at the close margin; the channel must settle before the refund is
-        // valid. A pending channel whose funding confirmed is closed the same way.
-        let closable = state == ChannelState::Open || confirmations > 0;
-        if closable
-            && record.channel.params().is_closing(tip)
-            && self.transition(record, state, ChannelState::Closing).await
-        {
+        let confirmed = matches!(
+            self.chain.unspent(&record.channel.outpoint()).await,
+            Ok(Some(utxo)) if utxo.confirmations > 0
+        );
+        if confirmed && self.transition(record, ChannelState::Failed, ChannelState::Closing).await {
+            tracing::info!("the funding of a failed channel confirmed: closing it");
             report.closing += 1;
-            let closing = record.clone().with_state(ChannelState::Closing);
-            self.close(&closing, report).await;
+            self.close_reloaded(record.id(), report).await;
+        }
+    }
+
+    /// Failed channels are looked at until [`RESCUE_WINDOW_BLOCKS`] after their expiry (in
+    /// the expiry's unit: blocks, or 10 minutes a block).
+    fn may_rescue(&self, record: &ChannelRecord, tip: ChainTip) -> bool {
+        match record.channel.params().expiry {
+            LockTime::Blocks(h) => {
+                tip.height <= h.to_consensus_u32().saturating_add(RESCUE_WINDOW_BLOCKS)
+            }
+            LockTime::Seconds(t) => {
+                tip.median_time_past
+                    <= t.to_consensus_u32().saturating_add(RESCUE_WINDOW_BLOCKS * 600)
+            }
+        }
+    }
+
+    /// Closes the channel from its record as stored now: from `Closing` on the best payment is
+    /// frozen, so this is the close every node and the close endpoint build (a payment stored
+    /// between a listing and the transition is included).
+    async fn close_reloaded(&mut self, id: ChannelId, report: &mut PassReport) {
+        match self.store.load(id).await {
+            Ok(Some(record)) if record.state == ChannelState::Closing => {
+                self.close(&record, report).await;
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "store: close deferred to the next pass"),
         }
     }
 
@@ -426,8 +591,27 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
             self.transition(record, ChannelState::Closing, ChannelState::Failed).await;
             return;
         };
-        match self.chain.broadcast(&close).await {
-            Ok(_) | Err(ChainError::Rejected { reason: RejectReason::AlreadyConfirmed, .. }) => {
+        let outcome = match self.submit(record, &close, report).await {
+            Ok(()) => Ok(()),
+            // Already mined (its outputs spent since), or the funding is gone.
+            Err(error) if error.reject_reason() == Some(RejectReason::MissingInputs) => {
+                match self.locate(record, &close).await {
+                    Some(Location::Confirmed | Location::InMempool) => Ok(()),
+                    Some(Location::Missing) if !self.funding_exists(record).await => {
+                        tracing::error!("the funding output is spent or gone: channel failed");
+                        if self.transition(record, ChannelState::Closing, ChannelState::Failed).await
+                        {
+                            report.failed += 1;
+                        }
+                        return;
+                    }
+                    _ => Err(error),
+                }
+            }
+            Err(error) => Err(error),
+        };
+        match outcome {
+            Ok(()) => {
                 self.retries.remove(&id);
                 if self.transition(record, ChannelState::Closing, ChannelState::Closed).await {
                     tracing::info!(txid = %close.compute_txid(), "settlement broadcast");
@@ -441,19 +625,72 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
         }
     }
 
+    /// Broadcasts a close. One the mempool refuses for its fee goes out with a CPFP child as a
+    /// package (when the task has the key of the server's output).
+    async fn submit(
+        &mut self,
+        record: &ChannelRecord,
+        close: &Transaction,
+        report: &mut PassReport,
+    ) -> Result<(), ChainError> {
+        let error = match self.chain.broadcast(close).await {
+            Ok(_) => return Ok(()),
+            Err(ChainError::Rejected { reason: RejectReason::AlreadyConfirmed, .. }) => {
+                return Ok(());
+            }
+            Err(error) => error,
+        };
+        if error.reject_reason() != Some(RejectReason::FeeTooLow) {
+            return Err(error);
+        }
+        let Some(child) = self.cpfp_child(record, close).await else { return Err(error) };
+        let txid = self.chain.broadcast_package(close, &child).await?;
+        tracing::info!(%txid, "settlement broadcast as a package with a CPFP child");
+        self.bumps.insert(record.id(), txid);
+        report.bumped += 1;
+        self.metric(|m| m.cpfp_bumps += 1);
+        Ok(())
+    }
+
+    /// Whether the funding output exists (unspent, in the mempool or a block).
+    async fn funding_exists(&self, record: &ChannelRecord) -> bool {
+        !matches!(self.chain.unspent(&record.channel.outpoint()).await, Ok(None))
+    }
+
+    /// Where a close stands, found without a transaction index: the backend's status of the
+    /// close (a node finds it in its mempool), else an unspent output of it (or of its CPFP
+    /// child) in a block. `None` if the backend did not answer.
+    async fn locate(&self, record: &ChannelRecord, close: &Transaction) -> Option<Location> {
+        let txid = close.compute_txid();
+        match self.chain.tx_status(&txid).await.ok()? {
+            TxStatus::Confirmed { .. } => return Some(Location::Confirmed),
+            TxStatus::InMempool => return Some(Location::InMempool),
+            _ => {}
+        }
+        let mut outputs: Vec<OutPoint> =
+            (0..close.output.len()).map(|vout| OutPoint::new(txid, vout as u32)).collect();
+        if let Some(child) = self.bumps.get(&record.id()) {
+            outputs.push(OutPoint::new(*child, 0));
+        }
+        for outpoint in outputs {
+            if let Some(utxo) = self.chain.unspent(&outpoint).await.ok()?
+                && utxo.confirmations > 0
+            {
+                return Some(Location::Confirmed);
+            }
+        }
+        Some(Location::Missing)
+    }
+
     async fn confirm(&mut self, record: &ChannelRecord, tip: ChainTip, report: &mut PassReport) {
         let id = record.id();
         let Some(close) = self.settlement_tx(record) else { return };
-        let txid = close.compute_txid();
-        let status = match self.chain.tx_status(&txid).await {
-            Ok(status) => status,
-            Err(error) => {
-                tracing::warn!(%error, "settlement status unknown this pass");
-                return;
-            }
+        let Some(location) = self.locate(record, &close).await else {
+            tracing::warn!("settlement status unknown this pass");
+            return;
         };
-        match status {
-            TxStatus::Confirmed { .. } => {
+        match location {
+            Location::Confirmed => {
                 if self.transition(record, ChannelState::Closed, ChannelState::Settled).await {
                     report.settled += 1;
                     self.metric(|m| m.sats_settled += record.paid_amount());
@@ -462,32 +699,33 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
                 self.bumps.remove(&id);
                 self.retries.remove(&id);
             }
-            TxStatus::Unknown => {
-                // Evicted (or never relayed): broadcast it again.
-                if !self.due(id) {
-                    return;
-                }
-                match self.chain.broadcast(&close).await {
-                    Ok(_) => {
-                        self.retries.remove(&id);
+            Location::Missing => {
+                if self.funding_exists(record).await {
+                    // Evicted (or never relayed): broadcast it again.
+                    if !self.due(id) {
+                        return;
                     }
-                    Err(ChainError::Rejected { reason: RejectReason::MissingInputs, .. })
-                        if self.funding_spent_elsewhere(record).await =>
-                    {
-                        // Not by this settlement (it is unknown): by the refund, too late.
-                        tracing::error!("the funding was spent by another transaction");
-                        if self.transition(record, ChannelState::Closed, ChannelState::Failed).await
-                        {
-                            report.failed += 1;
+                    match self.submit(record, &close, report).await {
+                        Ok(()) => {
+                            self.retries.remove(&id);
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "settlement rebroadcast failed");
+                            self.failed(id, report);
                         }
                     }
-                    Err(error) => {
-                        tracing::warn!(%error, "settlement rebroadcast failed");
-                        self.failed(id, report);
+                } else if record.channel.params().refund_is_valid(tip) {
+                    // The funding is spent, not by this close (none of its outputs is in a
+                    // block), and the refund is valid: the refund won.
+                    tracing::error!("the funding was spent by another transaction");
+                    if self.transition(record, ChannelState::Closed, ChannelState::Failed).await {
+                        report.failed += 1;
                     }
                 }
+                // Otherwise only a close can have spent the funding (the refund is not valid
+                // yet): wait for the next pass to find it.
             }
-            _ => {
+            Location::InMempool => {
                 let since = *self.waiting_since.entry(id).or_insert(tip.height);
                 let params = record.channel.params();
                 // About to run into the expiry: bump whatever the timer says.
@@ -495,7 +733,10 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
                     LockTime::Blocks(h) => {
                         tip.height.saturating_add(self.cpfp_after) >= h.to_consensus_u32()
                     }
-                    LockTime::Seconds(_) => false,
+                    LockTime::Seconds(t) => {
+                        let soon = self.cpfp_after.saturating_mul(600);
+                        tip.median_time_past.saturating_add(soon) >= t.to_consensus_u32()
+                    }
                 };
                 if (tip.height >= since.saturating_add(self.cpfp_after) || urgent)
                     && !self.bumps.contains_key(&id)
@@ -505,17 +746,6 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
                 }
             }
         }
-    }
-
-    /// Whether the funding output is spent (by something that is not this settlement, which
-    /// the caller found unknown to the chain).
-    async fn funding_spent_elsewhere(&self, record: &ChannelRecord) -> bool {
-        let outpoint = record.channel.outpoint();
-        matches!(self.chain.unspent_output(&outpoint).await, Ok(None))
-            && matches!(
-                self.chain.tx_status(&outpoint.txid).await,
-                Ok(TxStatus::Confirmed { .. } | TxStatus::InMempool)
-            )
     }
 
     /// Broadcasts a child of `close` spending the server's output, so that parent and child
@@ -544,7 +774,12 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
             tracing::warn!("the CPFP key does not own the server's payout script");
             return None;
         }
-        let rate = self.chain.estimate_fee_rate(2).await.ok()?;
+        // The estimate when the backend has one, never below the configured floor (a node
+        // without fee data, as on regtest, has no estimate).
+        let rate = match self.chain.estimate_fee_rate(2).await {
+            Ok(rate) => rate.max(self.cpfp_min_fee_rate),
+            Err(_) => self.cpfp_min_fee_rate,
+        };
         let parent_fee = record
             .channel
             .params()

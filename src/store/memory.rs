@@ -28,16 +28,35 @@ type Ready<T> = StdReady<Result<T, StoreError>>;
 /// assert!(store.load(id).await?.is_none());
 /// # Ok(()) }
 /// ```
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct MemoryStore {
     channels: Arc<DashMap<ChannelId, ChannelRecord>>,
     key_index: Arc<AtomicU32>,
 }
 
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl MemoryStore {
     /// Creates an empty store.
+    ///
+    /// Server key indexes start at a random point below 2^30: a restarted server (which keeps
+    /// its master key) must not derive a key it already used, or a refund signed before the
+    /// restart could serve a channel opened after it.
     pub fn new() -> Self {
-        Self::default()
+        use std::hash::{BuildHasher, Hasher};
+        let random = std::collections::hash_map::RandomState::new().build_hasher().finish();
+        let start = u32::try_from(random % (1 << 30)).unwrap_or(0);
+        Self::with_first_key_index(start)
+    }
+
+    /// Creates an empty store whose first server key index is `index` (for tests that compare
+    /// stores; a server uses [`new`](Self::new)).
+    pub fn with_first_key_index(index: u32) -> Self {
+        Self { channels: Arc::default(), key_index: Arc::new(AtomicU32::new(index)) }
     }
 
     /// Applies `f` to the channel under its shard lock.
