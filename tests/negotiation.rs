@@ -33,6 +33,13 @@ struct Server {
 }
 
 async fn server(open_limit: u32) -> Server {
+    server_with(|negotiation| negotiation.with_open_rate_limit(open_limit, Duration::from_secs(60)))
+        .await
+}
+
+async fn server_with(
+    configure: impl FnOnce(Negotiation<SimulatedChain>) -> Negotiation<SimulatedChain>,
+) -> Server {
     let chain = SimulatedChain::new();
     let (_tip_tx, tip) = watch::channel(chain.tip());
     std::mem::forget(_tip_tx); // the tip stays fixed for these tests
@@ -43,8 +50,8 @@ async fn server(open_limit: u32) -> Server {
         master,
         p2wpkh(&secret(2)),
         chain.clone(),
-    )
-    .with_open_rate_limit(open_limit, Duration::from_secs(60));
+    );
+    let negotiation = configure(negotiation);
     let app = Router::new()
         .route("/paid", get(|| async { "paid content" }))
         .layer(PaywallLayer::new(MemoryStore::new(), PRICE, tip).with_negotiation(negotiation));
@@ -57,17 +64,18 @@ impl Server {
     }
 
     async fn open(&self, value: u64, blocks: u32) -> Reply {
+        self.open_from(value, blocks, &[]).await
+    }
+
+    async fn open_from(&self, value: u64, blocks: u32, headers: &[(&str, &str)]) -> Reply {
         let expiry = self.chain.tip().height + blocks;
-        self.post(
-            "open",
-            json!({
-                "client_pubkey": public(&secret(1)).to_string(),
-                "value_sat": value,
-                "expiry": expiry,
-                "client_script": p2wpkh(&secret(1)).to_hex_string(),
-            }),
-        )
-        .await
+        let body = json!({
+            "client_pubkey": public(&secret(1)).to_string(),
+            "value_sat": value,
+            "expiry": expiry,
+            "client_script": p2wpkh(&secret(1)).to_hex_string(),
+        });
+        call(self.addr, "POST", "/payment-channel/open", headers, Some(&body)).await
     }
 }
 
@@ -185,4 +193,69 @@ async fn refusals_and_rate_limit() {
     let reply = srv.open(100_000, 200).await;
     assert_eq!(reply.status, 429, "{}", reply.body);
     assert_eq!(reply.json()["type"], "urn:paychan:problem:rate-limited");
+}
+
+/// Security review S5, S6, S12 and S16: proposals expire and are capped per client (the client
+/// address taken from a trusted proxy's header), `/fund` checks what needs no chain lookup
+/// first and bounds the inputs, a repeated `/fund` answers as the first, and a malformed body
+/// gets a problem document.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn negotiation_abuse_is_bounded_and_fund_is_idempotent() {
+    let srv = server_with(|n| {
+        n.with_proposal_limits(Duration::from_millis(300), 2)
+            .with_client_ip_header(http::HeaderName::from_static("x-forwarded-for"))
+    })
+    .await;
+    let from = |ip: &'static str| [("x-forwarded-for", ip)];
+    // The proxy appends the real address: the last one counts, not what the client wrote.
+    let a = from("6.6.6.6, 1.1.1.1");
+    assert_eq!(srv.open_from(100_000, 200, &a).await.status, 200);
+    let first = srv.open_from(100_000, 200, &from("1.1.1.1")).await;
+    assert_eq!(first.status, 200);
+    let full = srv.open_from(100_000, 200, &from("9.9.9.9, 1.1.1.1")).await;
+    assert_eq!((full.status, full.json()["code"].as_str()), (429, Some("too-many-pending")));
+    assert_eq!(srv.open_from(100_000, 200, &from("2.2.2.2")).await.status, 200);
+    // Proposals expire: the address may open again, and an expired proposal is unknown.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(srv.open_from(100_000, 200, &a).await.status, 200);
+    let params = params_from(&first.json());
+    let (unsigned, _, refund) = funding_and_refund(&srv.chain, &params);
+    let expired = json!({ "proposal": first.json()["proposal"], "funding_tx": serialize_hex(&unsigned), "refund_tx": serialize_hex(&refund) });
+    let reply = srv.post("refund", expired).await;
+    assert_eq!((reply.status, reply.json()["code"].as_str()), (404, Some("unknown-proposal")));
+
+    // A malformed body is a problem document, not axum's plain text.
+    let reply = srv.post("fund", json!({ "proposal": "x" })).await;
+    assert_eq!(reply.status, 400);
+    assert_eq!(reply.header("content-type"), Some("application/problem+json"));
+    assert_eq!(reply.json()["code"], "bad-request");
+
+    // A full channel: open, refund, then /fund tries.
+    let open = srv.open_from(100_000, 200, &from("3.3.3.3")).await.json();
+    let params = params_from(&open);
+    let (unsigned, signed, refund) = funding_and_refund(&srv.chain, &params);
+    let reply = srv.post("refund", json!({ "proposal": open["proposal"], "funding_tx": serialize_hex(&unsigned), "refund_tx": serialize_hex(&refund) })).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let channel = params.clone().at(refund.input[0].previous_output);
+    let mut payment = channel.build_payment(Amount::from_sat(1_000)).unwrap();
+    channel.sign_payment(&mut payment, &secret(1)).unwrap();
+    let fund = |funding: &Transaction| json!({ "proposal": open["proposal"], "funding_tx": serialize_hex(funding), "payment": wire::encode_payment(&payment) });
+
+    // Another transaction (its inputs unknown to the chain): refused for its txid, before
+    // any input is looked up.
+    let mut other = signed.clone();
+    other.input[0].previous_output.vout += 7;
+    let reply = srv.post("fund", fund(&other)).await;
+    assert_eq!((reply.status, reply.json()["code"].as_str()), (400, Some("funding-txid-mismatch")));
+    // Too many inputs to look up.
+    let mut wide = signed.clone();
+    wide.input = vec![signed.input[0].clone(); 65];
+    let reply = srv.post("fund", fund(&wide)).await;
+    assert_eq!(reply.status, 400);
+
+    let reply = srv.post("fund", fund(&signed)).await;
+    assert_eq!(reply.status, 201, "{}", reply.body);
+    let again = srv.post("fund", fund(&signed)).await;
+    assert_eq!((again.status, again.json()), (201, reply.json()), "a retry answers as the first");
+    assert_eq!(srv.chain.tx_status(&signed.compute_txid()), TxStatus::InMempool);
 }

@@ -663,3 +663,77 @@ fn funding_with_a_double_spent_input_is_rejected_by_the_chain() {
     paychan::chain::sim::sign_p2wpkh_input(&mut conflict, 0, &s.funding_prevouts[0], &s.wallet);
     assert_eq!(reject(&s, &conflict), RejectReason::Conflict);
 }
+
+// ---------------------------------------------------------------------------------------
+// Fields the client's signature does not commit to (security review S1).
+
+/// BIP-0143 does not sign the scriptSig, so a client can add one to a validly signed payment;
+/// a witness spend with a scriptSig is invalid in every block, so the server must refuse it,
+/// even when it is byte-identical to a best payment stored by an earlier version.
+#[test]
+fn a_payment_or_refund_with_a_script_sig_is_refused_and_a_close_never_carries_one() {
+    let s = Setup::new();
+    s.open();
+    let mut padded = s.pay(10_000);
+    padded.input[0].script_sig = ScriptBuf::from_bytes(vec![0x00]);
+    // The signature still verifies (the sighash does not cover the scriptSig)...
+    assert_eq!(s.resign(padded.clone()).input[0].witness, padded.input[0].witness);
+    // ...but the server refuses it, as a new payment and as a repeat of a stored best.
+    assert_eq!(check(&s, None, &padded), Err(PaymentError::ScriptSig));
+    assert_eq!(check(&s, Some(&padded), &padded), Err(PaymentError::ScriptSig));
+    assert_eq!(s.channel.verify_client_signature(&padded), Err(PaymentError::ScriptSig));
+    assert_eq!(PaymentError::ScriptSig.code(), "payment-script-sig");
+
+    // Co-signed as it is, Bitcoin Core's interpreter refuses it (witness malleated)...
+    let close = s.channel.close_transaction(&padded, &s.server).unwrap();
+    assert!(close.input[0].script_sig.is_empty(), "the close clears the scriptSig");
+    s.assert_valid_spend(&close);
+    let mut malleated = close.clone();
+    malleated.input[0].script_sig = ScriptBuf::from_bytes(vec![0x00]);
+    let txout = s.funding_txout();
+    assert!(malleated.verify(|op| (*op == s.outpoint).then(|| txout.clone())).is_err());
+    assert_eq!(reject(&s, &malleated), RejectReason::ScriptFailure);
+    // ...and the cleared close is what the chain takes.
+    s.chain.submit(&close).expect("the close without a scriptSig is valid");
+
+    // The refund: a scriptSig is refused before the server signs.
+    let s = Setup::new();
+    let refused = mutated_refund(&s, |t| t.input[0].script_sig = ScriptBuf::from_bytes(vec![0x51]));
+    assert_eq!(refused, Err(RefundError::ScriptSig));
+}
+
+/// A funding input without a witness could have its txid changed after the refund was signed
+/// (legacy scriptSig malleability): only segwit inputs are accepted.
+#[test]
+fn a_funding_input_without_a_witness_is_refused() {
+    let s = Setup::new();
+    let mut funding = s.funding.clone();
+    funding.input[0].script_sig = ScriptBuf::from_bytes(vec![0x00]);
+    funding.input[0].witness = Witness::new();
+    assert_eq!(
+        s.params.check_funding(&s.terms, s.outpoint, &funding, &s.funding_prevouts),
+        Err(FundingError::TxidMismatch { expected: s.outpoint.txid, found: funding.compute_txid() })
+    );
+    // Even with a matching txid (the scriptSig already in the unsigned funding):
+    let outpoint = OutPoint { txid: funding.compute_txid(), ..s.outpoint };
+    assert_eq!(
+        s.params.check_funding(&s.terms, outpoint, &funding, &s.funding_prevouts),
+        Err(FundingError::Unsigned { input: 0 })
+    );
+}
+
+/// The refund pays exactly the agreed minimum rate: a close (at least that rate, and larger)
+/// always pays more, so a refund can never replace a pending close.
+#[test]
+fn a_refund_above_the_minimum_fee_is_refused() {
+    let s = Setup::new();
+    let fee = s.params.refund_fee();
+    let refund = s.params.build_refund(s.outpoint, fee + Amount::ONE_SAT);
+    assert_eq!(
+        check_refund(&s, &refund),
+        Err(RefundError::FeeTooHigh { fee: fee + Amount::ONE_SAT, max: fee })
+    );
+    let close = s.channel.build_payment(Amount::from_sat(1_000)).unwrap();
+    let close_fee = CHANNEL_VALUE - close.output.iter().map(|o| o.value).sum::<Amount>();
+    assert!(close_fee > fee, "a close pays more than any refund: {close_fee} vs {fee}");
+}

@@ -372,3 +372,40 @@ async fn an_unreachable_store_fails_closed_and_recovers() {
     assert_eq!(reply.status, 200, "recovers by itself");
     assert_eq!(balance(&reply), 1_000_000 - 2 * 250_000, "nothing was charged during the outage");
 }
+
+/// Security review S9, S11 and S1 over HTTP: `HEAD` runs the `GET` handler, so it is priced
+/// like `GET`; the inner service never sees the bearer header; a payment padded with a
+/// scriptSig is refused with the books untouched.
+#[tokio::test]
+async fn head_is_priced_the_header_is_not_forwarded_and_a_script_sig_is_refused() {
+    let api = api(1_000);
+    let prices = RoutePrices::new().route(Method::GET, "/echo", PRICE);
+    let (_tip, tip_rx) = watch::channel(api.setup.tip());
+    let app = Router::new()
+        .route(
+            "/echo",
+            get(|headers: http::HeaderMap| async move {
+                format!("header seen: {}", headers.contains_key(wire::PAYMENT_CHANNEL))
+            }),
+        )
+        .layer(PaywallLayer::new(api.store.clone(), prices, tip_rx));
+    let addr = common::http::serve(app).await;
+    let header = api.pay(1_000);
+
+    assert_eq!(call(addr, "HEAD", "/echo", &[], None).await.status, 402);
+    let head = call(addr, "HEAD", "/echo", &[(wire::PAYMENT_CHANNEL, &header)], None).await;
+    assert_eq!(status(&head), StatusCode::OK);
+    assert_eq!(balance(&head), 750_000, "HEAD is charged like GET");
+    let get = get_with(&addr, "/echo", Some(&header)).await;
+    assert_eq!(get.body, "header seen: false");
+    assert_eq!(balance(&get), 500_000);
+
+    let before = api.record().await;
+    let mut padded = api.setup.pay(2_000);
+    padded.input[0].script_sig = bitcoin::ScriptBuf::from_bytes(vec![0x00]);
+    let refused = get_with(&addr, "/echo", Some(&api.header(&padded))).await;
+    assert_eq!(status(&refused), StatusCode::BAD_REQUEST);
+    assert_eq!(refused.header("content-type"), Some("application/problem+json"));
+    assert_eq!(json(refused).await["code"], "payment-script-sig");
+    assert_eq!(api.record().await, before, "the channel is untouched");
+}

@@ -66,12 +66,39 @@ use super::http::{send, split_url, unavailable};
 /// Parses one of Core's decimal BTC amounts exactly.
 fn btc(value: &Value) -> Result<Amount, ChainError> {
     let text = match value {
-        Value::Number(n) => n.to_string(),
+        // serde_json prints small numbers in exponent form (0.000005 as "5e-6").
+        Value::Number(n) => positional(&n.to_string()),
         Value::String(s) => s.clone(),
         other => return Err(unavailable(format!("expected an amount, got {other}"))),
     };
     Amount::from_str_in(&text, Denomination::Bitcoin)
         .map_err(|e| unavailable(format!("amount {text}: {e}")))
+}
+
+/// Writes a decimal number given in exponent form (`1.5e-6`) positionally (`0.0000015`),
+/// digit for digit; other text is returned as it is.
+fn positional(number: &str) -> String {
+    let Some((mantissa, exponent)) = number.split_once(['e', 'E']) else {
+        return number.to_owned();
+    };
+    let Ok(exponent) = exponent.parse::<i32>() else { return number.to_owned() };
+    let (sign, mantissa) = match mantissa.strip_prefix('-') {
+        Some(rest) => ("-", rest),
+        None => ("", mantissa),
+    };
+    let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let digits = format!("{whole}{fraction}");
+    // Where the decimal point falls in `digits`.
+    let point = whole.len() as i64 + i64::from(exponent);
+    let text = if point <= 0 {
+        format!("0.{}{digits}", "0".repeat(point.unsigned_abs() as usize))
+    } else if point as usize >= digits.len() {
+        format!("{digits}{}", "0".repeat(point as usize - digits.len()))
+    } else {
+        let (left, right) = digits.split_at(point as usize);
+        format!("{left}.{right}")
+    };
+    format!("{sign}{text}")
 }
 
 impl BitcoindRpc {
@@ -278,6 +305,14 @@ mod tests {
             2_099_999_997_690_000
         );
         assert!(btc(&json!("abc")).is_err());
+        // Amounts below 0.0001 BTC come in exponent form from serde_json.
+        assert_eq!(json!(0.000005).to_string(), "5e-6");
+        assert_eq!(btc(&json!(0.000005)).unwrap(), Amount::from_sat(500));
+        assert_eq!(btc(&json!(0.0000123)).unwrap(), Amount::from_sat(1_230));
+        assert_eq!(btc(&json!(0.00000001)).unwrap(), Amount::ONE_SAT);
+        assert_eq!(positional("2.5e3"), "2500");
+        assert_eq!(positional("1.25e1"), "12.5");
+        assert_eq!(positional("-1e-2"), "-0.01");
         assert!(btc(&json!(0.000000001)).is_err(), "more precision than a satoshi is refused");
     }
 

@@ -8,6 +8,9 @@ use paychan::chain::policy;
 use paychan::chain::sim::{SimulatedChain, sign_p2wpkh_input};
 use paychan::channel::{ChainTip, Channel, ChannelParams, Terms};
 
+#[cfg(feature = "bitcoind")]
+pub mod node;
+
 pub const CHANNEL_VALUE: Amount = Amount::from_sat(100_000);
 pub const FAUCET_VALUE: Amount = Amount::from_sat(250_000);
 pub const FUNDING_FEE: Amount = Amount::from_sat(1_000);

@@ -1,0 +1,730 @@
+//! The whole money path against a real Bitcoin Core node (regtest), because a simulated chain
+//! shares our bugs: the axum app behind `PaywallLayer` + `Negotiation` over loopback HTTP, the
+//! `Payer` client funded by the node's wallet, the `Settlement` task driven pass by pass, and
+//! every transaction the crate builds judged by Core itself (mempool acceptance, blocks, the
+//! UTXO set). Each scenario runs on a node with `-txindex=0` and one with `-txindex=1`.
+//!
+//! Needs `BITCOIND_EXE` (CI sets it); without it every test prints `skipped: …` and passes.
+#![cfg(feature = "bitcoind")]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::get;
+use bitcoin::bip32::Xpriv;
+use bitcoin::secp256k1::SecretKey;
+use bitcoin::{Amount, Network, OutPoint, ScriptBuf, TxOut, Txid};
+use bytes::Bytes;
+use common::node::{Node, NodeConfig, btc};
+use common::{p2wpkh, secret};
+use http::StatusCode;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use paychan::MilliSats;
+use paychan::chain::bitcoind::BitcoindRpc;
+use paychan::chain::{ChainError, ChainTip, RejectReason, follow_tip};
+use paychan::channel::{Terms, channel_key};
+use paychan::client::{
+    ClientChannel, ClientError, KeyWallet, MemoryClientStore, Payer, PaymentLayer, PaymentService,
+    SpendingPolicy,
+};
+use paychan::server::{Negotiation, PaywallLayer};
+use paychan::settlement::{FundingPolicy, Settlement};
+use paychan::store::{ChannelState, ChannelStore, MemoryStore};
+use paychan::wire::{self, PAYMENT_CHANNEL};
+use serde_json::Value;
+use tokio::sync::{oneshot, watch};
+use tower::{Service, ServiceBuilder, ServiceExt};
+
+const PRICE: MilliSats = MilliSats::from_msat(150_000);
+/// A small channel (the funding policy may serve it before its funding confirms) and a large
+/// one (above the default zero-confirmation cap of 100 000 sat: pending until it confirms).
+const SMALL: Amount = Amount::from_sat(50_000);
+const LARGE: Amount = Amount::from_sat(150_000);
+const WALLET: Amount = Amount::from_sat(500_000);
+/// Channel lifetime in blocks (the default terms' minimum is 144, the close margin 36).
+const LIFETIME: u32 = 150;
+
+/// Runs a scenario `async fn name(txindex: bool)` as `name::txindex_0` and `name::txindex_1`.
+macro_rules! on_both_indexes {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn txindex_0() {
+                super::$name(false).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn txindex_1() {
+                super::$name(true).await
+            }
+        }
+    )*};
+}
+
+on_both_indexes!(
+    a_pay_top_up_close_cooperatively,
+    b_the_server_closes_before_the_refund_is_final,
+    c_a_restarted_server_keeps_the_channel,
+    d_the_client_refunds_after_the_server_vanished,
+    f_a_payment_with_a_script_sig_is_refused,
+);
+
+fn master() -> Xpriv {
+    Xpriv::new_master(Network::Regtest, &[0x5e; 32]).unwrap()
+}
+
+fn client_master() -> Xpriv {
+    Xpriv::new_master(Network::Regtest, &[0x11; 32]).unwrap()
+}
+
+/// The key of the server's payout script.
+fn payout() -> SecretKey {
+    secret(0x22)
+}
+
+/// Requests are served from the funding's first confirmation on, or at once for a small
+/// channel with a safe funding if the policy allows zero-confirmation channels (the same
+/// policy goes to the negotiation and the settlement task).
+fn funding_policy() -> FundingPolicy {
+    FundingPolicy::default().with_min_confirmations(1)
+}
+
+async fn start_node(txindex: bool) -> Option<Node> {
+    let node = Node::start(NodeConfig { txindex, extra_args: vec![] }).await?;
+    node.create_wallet("w").await;
+    node.mine(101).await;
+    Some(node)
+}
+
+type Http = Client<HttpConnector, Full<Bytes>>;
+
+fn http_client() -> Http {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// The API server: `GET /work` at [`PRICE`], the negotiation endpoints, on `store`.
+struct Server<S> {
+    origin: String,
+    port: u16,
+    store: S,
+    tip: watch::Receiver<ChainTip>,
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Serves the app on 127.0.0.1:`port` (0: a fresh port).
+async fn serve<S: ChannelStore + Clone + 'static>(node: &Node, store: S, port: u16) -> Server<S> {
+    let chain = node.chain();
+    let negotiation = Negotiation::new(
+        Network::Regtest,
+        Terms::default(),
+        master(),
+        p2wpkh(&payout()),
+        chain.clone(),
+    )
+    .with_funding_policy(funding_policy());
+    let tip = follow_tip(chain, Duration::from_millis(20)).await.expect("the node answers");
+    let paywall =
+        PaywallLayer::new(store.clone(), PRICE, tip.clone()).with_negotiation(negotiation);
+    let app = Router::new().route("/work", get(|| async { "done" })).layer(paywall);
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.expect("bind");
+    let port = listener.local_addr().unwrap().port();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("serve");
+    });
+    Server { origin: format!("http://127.0.0.1:{port}"), port, store, tip, stop, task }
+}
+
+impl<S> Server<S> {
+    /// Stops serving and waits until every connection is closed.
+    async fn shutdown(self) {
+        let _ = self.stop.send(());
+        let abort = self.task.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(10), self.task).await.is_err() {
+            abort.abort();
+        }
+    }
+
+    /// Waits until the layer's tip (polled from the node) is at `height`.
+    async fn sync(&self, height: u32) {
+        let mut tip = self.tip.clone();
+        while tip.borrow_and_update().height < height {
+            tokio::time::timeout(Duration::from_secs(5), tip.changed())
+                .await
+                .expect("the tip follower sees the new block")
+                .unwrap();
+        }
+    }
+}
+
+fn settlement<S: ChannelStore>(store: S, node: &Node) -> Settlement<S, BitcoindRpc> {
+    Settlement::new(store, node.chain(), master())
+        .with_funding_policy(funding_policy())
+        .with_cpfp_key(payout())
+        .with_backoff(Duration::ZERO, Duration::ZERO)
+}
+
+async fn state<S: ChannelStore>(store: &S, channel: &ClientChannel) -> ChannelState {
+    store.load(channel.id()).await.unwrap().expect("the server knows the channel").state
+}
+
+/// An HTTP client that counts the 402s it receives.
+#[derive(Clone)]
+struct Counting {
+    http: Http,
+    refusals: Arc<AtomicUsize>,
+}
+
+impl Service<http::Request<Full<Bytes>>> for Counting {
+    type Response = http::Response<hyper::body::Incoming>;
+    type Error = hyper_util::client::legacy::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Full<Bytes>>) -> Self::Future {
+        let (http, refusals) = (self.http.clone(), Arc::clone(&self.refusals));
+        Box::pin(async move {
+            let response = http.request(request).await?;
+            if response.status() == StatusCode::PAYMENT_REQUIRED {
+                refusals.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok(response)
+        })
+    }
+}
+
+/// The paying client: a `KeyWallet` holding one coin the node's wallet sent it (confirmed),
+/// a `Payer` behind `PaymentLayer` over hyper-util.
+struct Customer {
+    payer: Payer,
+    wallet: KeyWallet,
+    client: PaymentService<Counting, MemoryClientStore>,
+    refusals: Arc<AtomicUsize>,
+    origin: String,
+    /// Requests answered 200.
+    served: u64,
+}
+
+/// A client opening channels of `value`.
+async fn customer(node: &Node, origin: &str, value: Amount) -> Customer {
+    let wallet = KeyWallet::new(secret(0x33));
+    let (coin, output) = node.fund_address(&wallet.script_pubkey(), WALLET).await;
+    assert_eq!(output.value, WALLET);
+    node.mine(1).await;
+    wallet.add_coin(coin, output);
+    let payer = Payer::builder(origin, Network::Regtest, client_master())
+        .policy(
+            SpendingPolicy::default()
+                .with_max_per_request(MilliSats::from_msat(200_000))
+                .with_max_channel_value(LARGE),
+        )
+        .wallet(wallet.clone())
+        .channel_value(value)
+        .lifetime_blocks(LIFETIME)
+        .build()
+        .unwrap();
+    let refusals = Arc::new(AtomicUsize::new(0));
+    let inner = Counting { http: http_client(), refusals: Arc::clone(&refusals) };
+    let client = ServiceBuilder::new().layer(PaymentLayer::new(payer.clone())).service(inner);
+    Customer { payer, wallet, client, refusals, origin: origin.to_owned(), served: 0 }
+}
+
+impl Customer {
+    async fn get(&mut self) -> (StatusCode, String) {
+        let request =
+            http::Request::get(format!("{}/work", self.origin)).body(Full::default()).unwrap();
+        let response = self.client.ready().await.unwrap().call(request).await;
+        let response = response.unwrap_or_else(|e| panic!("GET /work: {e}"));
+        let status = response.status();
+        self.served += u64::from(status == StatusCode::OK);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// `n` requests, each served.
+    async fn pay(&mut self, n: usize) {
+        for i in 0..n {
+            let (status, body) = self.get().await;
+            assert_eq!((status, body.as_str()), (StatusCode::OK, "done"), "request {i}");
+        }
+    }
+
+    /// A new HTTP client for the same payer (the old one's connections went to a dead server).
+    fn reconnect(&mut self) {
+        let inner = Counting { http: http_client(), refusals: Arc::clone(&self.refusals) };
+        self.client =
+            ServiceBuilder::new().layer(PaymentLayer::new(self.payer.clone())).service(inner);
+    }
+
+    async fn channel(&self) -> ClientChannel {
+        self.payer.channel().await.unwrap().expect("the client has a channel")
+    }
+}
+
+/// A plain request; the JSON body (or the text as a JSON string).
+async fn call(
+    origin: &str,
+    method: http::Method,
+    path: &str,
+    payment: Option<&str>,
+) -> (StatusCode, String, Value) {
+    let mut request = http::Request::builder().method(method).uri(format!("{origin}{path}"));
+    if let Some(payment) = payment {
+        request = request.header(PAYMENT_CHANNEL, payment);
+    }
+    let request = request.body(Full::new(Bytes::from_static(b"{}"))).unwrap();
+    let response = http_client().request(request).await.expect("the server answers");
+    let status = response.status();
+    let content_type = response
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8_lossy(&body).into_owned();
+    (status, content_type, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+/// The server's snapshot of the channel (`GET /payment-channel/channels/{id}`).
+async fn server_view(origin: &str, channel: &ClientChannel) -> Value {
+    let path = format!("/payment-channel/channels/{}", channel.id());
+    let (status, _, view) = call(origin, http::Method::GET, &path, None).await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    view
+}
+
+/// The client's first request opens a channel over HTTP (T1 from its wallet, broadcast by the
+/// server). A channel the funding policy serves at 0 confirmations answers at once; any other
+/// is pending (409) until the settlement task sees the funding's first confirmation. Either
+/// way the channel is open, and not failed, once T1 is mined.
+async fn open<S: ChannelStore>(
+    node: &Node,
+    server: &Server<S>,
+    task: &mut Settlement<S, BitcoindRpc>,
+    customer: &mut Customer,
+) -> ClientChannel {
+    let (status, body) = customer.get().await;
+    let channel = customer.channel().await;
+    let params = channel.channel.params();
+    let outpoint = channel.channel.outpoint();
+    let zero_conf = match status {
+        StatusCode::OK => true,
+        StatusCode::CONFLICT => {
+            assert!(body.contains("channel-pending"), "{body}");
+            false
+        }
+        _ => panic!("the first request opens a channel: {status} {body}"),
+    };
+
+    // T1 was accepted by Core's mempool, and pays the agreed 2-of-2 P2WSH the agreed value.
+    let entry = node.mempool_entry(outpoint.txid).await.expect("T1 is in Core's mempool");
+    let funding = node.mempool_tx(outpoint.txid).await;
+    let expected = TxOut { value: params.value, script_pubkey: params.funding_script_pubkey() };
+    assert_eq!(funding.output[outpoint.vout as usize], expected);
+    // Core's fee for T1 is what left the client's wallet beyond the channel.
+    let fee = btc(&entry["fees"]["base"]);
+    assert_eq!(fee, WALLET - funding.output.iter().map(|o| o.value).sum::<Amount>());
+    assert_eq!(customer.wallet.balance(), WALLET - params.value - fee);
+
+    let report = task.run_once().await.expect("a pass");
+    assert_eq!((report.opened, report.failed), (0, 0), "0 confirmations: {report:?}");
+    let unconfirmed = if zero_conf { ChannelState::Open } else { ChannelState::Pending };
+    assert_eq!(state(&server.store, &channel).await, unconfirmed);
+
+    let height = node.mine(1).await;
+    assert_eq!(node.confirmed_at(outpoint.txid, height).await, Some(height), "T1 is mined");
+    server.sync(height).await;
+    let report = task.run_once().await.expect("a pass");
+    assert_eq!(
+        state(&server.store, &channel).await,
+        ChannelState::Open,
+        "the funding has 1 confirmation: the channel must be open (pass: {report:?})"
+    );
+    assert_eq!((report.opened, report.failed), (usize::from(!zero_conf), 0), "{report:?}");
+    channel
+}
+
+/// The close of `channel` the server would broadcast: its best payment, co-signed.
+async fn server_close<S: ChannelStore>(store: &S, channel: &ClientChannel) -> bitcoin::Transaction {
+    let record = store.load(channel.id()).await.unwrap().unwrap();
+    let key = channel_key(&master(), record.key_index).unwrap();
+    record.channel.close_transaction(record.best.as_ref().unwrap(), &key).unwrap()
+}
+
+/// A close in Core's mempool: Core's fee is the agreed payment fee.
+async fn check_close_in_mempool(node: &Node, channel: &ClientChannel, txid: Txid) {
+    let entry = node.mempool_entry(txid).await.expect("the close is in Core's mempool");
+    let fee = btc(&entry["fees"]["base"]);
+    assert_eq!(fee, channel.channel.params().payment_fee(true), "Core's fee for the close");
+}
+
+/// The books, on chain, to the satoshi: the confirmed close pays the server's payout script
+/// exactly what the server's store says it was paid, and the client the rest minus the fee.
+async fn check_books<S: ChannelStore>(node: &Node, store: &S, channel: &ClientChannel, txid: Txid) {
+    let record = store.load(channel.id()).await.unwrap().unwrap();
+    assert_eq!(record.state, ChannelState::Settled);
+    let params = channel.channel.params();
+    let paid = record.paid_amount();
+    let (server, confirmations) =
+        node.utxo(OutPoint::new(txid, 0)).await.expect("the server's output, unspent");
+    assert!(confirmations >= 1);
+    assert_eq!(server.value, paid, "the server received exactly its best payment");
+    assert_eq!(server.script_pubkey, p2wpkh(&payout()));
+    assert_eq!(node.balance_of_script(&p2wpkh(&payout())).await, paid, "UTXO set: server");
+    let (change, _) = node.utxo(OutPoint::new(txid, 1)).await.expect("the client's change");
+    assert_eq!(change.value, params.value - paid - params.payment_fee(true), "client change");
+    assert_eq!(change.script_pubkey, params.client_script);
+    assert_eq!(node.balance_of_script(&params.client_script).await, change.value);
+    assert!(node.utxo(OutPoint::new(txid, 2)).await.is_none(), "two outputs");
+    assert!(node.utxo(channel.channel.outpoint()).await.is_none(), "the funding is spent");
+}
+
+/// a. Open over HTTP, pay with top-ups, close cooperatively through the client; the close is
+/// mined and settled; the books checked on chain.
+async fn a_pay_top_up_close_cooperatively(txindex: bool) {
+    let Some(node) = start_node(txindex).await else { return };
+    let server = serve(&node, MemoryStore::new(), 0).await;
+    let mut task = settlement(server.store.clone(), &node);
+    let mut customer = customer(&node, &server.origin, SMALL).await;
+    let channel = open(&node, &server, &mut task, &mut customer).await;
+
+    customer.pay(20).await;
+    let committed = customer.payer.committed().await.unwrap();
+    let metered = PRICE.checked_mul(customer.served).unwrap();
+    assert!(committed >= metered.to_sat_ceil(), "{committed} paid for {metered}");
+    assert!(customer.refusals.load(Ordering::SeqCst) >= 3, "the open and at least two top-ups");
+    let view = server_view(&server.origin, &channel).await;
+    assert_eq!(view["paid_msat"], committed.to_sat() * 1_000);
+    assert_eq!(view["spent_msat"], metered.to_msat());
+
+    let closed = customer.client.close().await.expect("a cooperative close");
+    assert_eq!(closed.server_amount, committed);
+    assert_eq!(closed.fee, channel.channel.params().payment_fee(true));
+    check_close_in_mempool(&node, &channel, closed.txid).await;
+    let height = node.mine(1).await;
+    assert_eq!(node.confirmed_at(closed.txid, height).await, Some(height), "the close is mined");
+    server.sync(height).await;
+    let report = task.run_once().await.expect("a pass");
+    assert_eq!(
+        state(&server.store, &channel).await,
+        ChannelState::Settled,
+        "the close confirmed: settled (pass: {report:?})"
+    );
+    assert_eq!(report.settled, 1);
+    assert_eq!(task.metrics().lock().unwrap().sats_settled, committed);
+    check_books(&node, &server.store, &channel, closed.txid).await;
+    assert_eq!(closed.client_amount, SMALL - committed - closed.fee);
+}
+
+/// b. No cooperative close: at expiry − close margin the task co-signs and broadcasts; the
+/// close is mined while the refund is still non-final, and the refund is then a double spend
+/// forever.
+async fn b_the_server_closes_before_the_refund_is_final(txindex: bool) {
+    let Some(node) = start_node(txindex).await else { return };
+    let server = serve(&node, MemoryStore::new(), 0).await;
+    let mut task = settlement(server.store.clone(), &node);
+    let mut customer = customer(&node, &server.origin, SMALL).await;
+    let channel = open(&node, &server, &mut task, &mut customer).await;
+    customer.pay(5).await;
+    let params = channel.channel.params().clone();
+    let expiry = params.expiry.to_consensus_u32();
+    let close_at = expiry - params.close_margin;
+
+    assert_eq!(node.test_mempool_accept(&channel.refund).await, (false, "non-final".into()));
+    let height = node.mine_to(close_at - 1).await;
+    server.sync(height).await;
+    let report = task.run_once().await.expect("a pass");
+    assert_eq!((report.closing, report.broadcast), (0, 0), "not yet in the close margin");
+    assert_eq!(state(&server.store, &channel).await, ChannelState::Open);
+
+    let height = node.mine(1).await;
+    assert_eq!(height, close_at);
+    server.sync(height).await;
+    let report = task.run_once().await.expect("a pass");
+    assert_eq!((report.closing, report.broadcast), (1, 1), "{report:?}");
+    assert_eq!(state(&server.store, &channel).await, ChannelState::Closed);
+    let close = server_close(&server.store, &channel).await;
+    let txid = close.compute_txid();
+    check_close_in_mempool(&node, &channel, txid).await;
+    assert_eq!(node.test_mempool_accept(&channel.refund).await, (false, "non-final".into()));
+
+    let mined = node.mine(1).await;
+    assert_eq!(node.confirmed_at(txid, mined).await, Some(mined), "the close is mined");
+    assert!(mined < expiry, "mined at {mined}, before the refund can be (after {expiry})");
+    server.sync(mined).await;
+    let report = task.run_once().await.expect("a pass");
+    assert_eq!(
+        state(&server.store, &channel).await,
+        ChannelState::Settled,
+        "the close confirmed: settled (pass: {report:?})"
+    );
+    check_books(&node, &server.store, &channel, txid).await;
+
+    // From the expiry on the refund is final, and can never be valid: its input is spent.
+    for target in [expiry, expiry + 10] {
+        node.mine_to(target).await;
+        assert_eq!(
+            node.test_mempool_accept(&channel.refund).await,
+            (false, "missing-inputs".into()),
+            "the refund at height {target}"
+        );
+        assert_eq!(
+            node.send_raw(&channel.refund).await,
+            Err((-25, "bad-txns-inputs-missingorspent".into()))
+        );
+    }
+    match channel.refund_if_expired(&node.chain()).await {
+        Err(ClientError::Chain(ChainError::Rejected { reason, .. })) => {
+            assert_eq!(reason, RejectReason::MissingInputs)
+        }
+        other => panic!("the refund must be refused as a double spend: {other:?}"),
+    }
+}
+
+/// c. The server restarts mid-life on its SQLite file (same master key); the client keeps
+/// paying on the same channel; close and settle after the restart.
+async fn c_a_restarted_server_keeps_the_channel(txindex: bool) {
+    let Some(node) = start_node(txindex).await else { return };
+    let file = TempDb(std::env::temp_dir().join(format!(
+        "paychan-real-node-{}-{}.sqlite3",
+        std::process::id(),
+        u8::from(txindex)
+    )));
+    file.remove();
+    let sqlite = || paychan::store::SqliteStore::open(&file.0).expect("sqlite");
+
+    let server = serve(&node, sqlite(), 0).await;
+    let mut task = settlement(server.store.clone(), &node);
+    let mut customer = customer(&node, &server.origin, LARGE).await;
+    let channel = open(&node, &server, &mut task, &mut customer).await;
+    customer.pay(8).await;
+    let before = server_view(&server.origin, &channel).await;
+    assert_eq!(before["spent_msat"], PRICE.checked_mul(customer.served).unwrap().to_msat());
+
+    // The restart: nothing survives but the file (and the master key).
+    let port = server.port;
+    server.shutdown().await;
+    drop(task);
+    let server = serve(&node, sqlite(), port).await;
+    let mut task = settlement(server.store.clone(), &node);
+    customer.reconnect();
+    let after = server_view(&server.origin, &channel).await;
+    assert_eq!(after, before, "the channel survived the restart unchanged");
+    let report = task.run_once().await.expect("a pass");
+    assert_eq!(report.failed, 0, "{report:?}");
+
+    customer.pay(8).await;
+    let channel_now = customer.channel().await;
+    assert_eq!(channel_now.id(), channel.id(), "the same channel after the restart");
+    let committed = customer.payer.committed().await.unwrap();
+    let view = server_view(&server.origin, &channel).await;
+    assert_eq!(view["paid_msat"], committed.to_sat() * 1_000);
+    assert_eq!(view["spent_msat"], PRICE.checked_mul(customer.served).unwrap().to_msat());
+
+    let closed = customer.client.close().await.expect("a cooperative close after the restart");
+    assert_eq!(closed.server_amount, committed);
+    check_close_in_mempool(&node, &channel, closed.txid).await;
+    let height = node.mine(1).await;
+    assert_eq!(node.confirmed_at(closed.txid, height).await, Some(height));
+    server.sync(height).await;
+    let report = task.run_once().await.expect("a pass");
+    assert_eq!(
+        state(&server.store, &channel).await,
+        ChannelState::Settled,
+        "the close confirmed: settled (pass: {report:?})"
+    );
+    check_books(&node, &server.store, &channel, closed.txid).await;
+    server.shutdown().await;
+}
+
+/// A SQLite database file (with its WAL and shared-memory files), removed on drop.
+struct TempDb(std::path::PathBuf);
+
+impl TempDb {
+    fn remove(&self) {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", self.0.display()));
+        }
+    }
+}
+
+impl Drop for TempDb {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+/// d. The server vanishes: after the expiry the client's refund (T2) is accepted by Core and
+/// mined, and gives back the channel's value minus the refund fee.
+async fn d_the_client_refunds_after_the_server_vanished(txindex: bool) {
+    let Some(node) = start_node(txindex).await else { return };
+    let server = serve(&node, MemoryStore::new(), 0).await;
+    let mut task = settlement(server.store.clone(), &node);
+    let mut customer = customer(&node, &server.origin, SMALL).await;
+    let channel = open(&node, &server, &mut task, &mut customer).await;
+    customer.pay(3).await;
+    server.shutdown().await;
+    drop(task);
+
+    let params = channel.channel.params().clone();
+    let expiry = params.expiry.to_consensus_u32();
+    let chain = node.chain();
+    node.mine_to(expiry - 1).await;
+    assert_eq!(channel.refund_if_expired(&chain).await.unwrap(), None, "not before the expiry");
+    assert_eq!(node.test_mempool_accept(&channel.refund).await, (false, "non-final".into()));
+    assert_eq!(node.send_raw(&channel.refund).await, Err((-26, "non-final".into())));
+
+    node.mine(1).await;
+    assert_eq!(node.test_mempool_accept(&channel.refund).await, (true, String::new()));
+    let txid = channel.refund_if_expired(&chain).await.expect("Core accepts the refund");
+    let txid = txid.expect("the refund is broadcast at the expiry");
+    assert_eq!(txid, channel.refund.compute_txid());
+    let entry = node.mempool_entry(txid).await.expect("the refund is in Core's mempool");
+    assert_eq!(btc(&entry["fees"]["base"]), params.refund_fee(), "Core's fee for the refund");
+    let height = node.mine(1).await;
+    assert_eq!(node.confirmed_at(txid, height).await, Some(height), "the refund is mined");
+    let (back, _) = node.utxo(OutPoint::new(txid, 0)).await.expect("the refund's output");
+    assert_eq!(back.value, params.value - params.refund_fee(), "the client got its money back");
+    assert_eq!(back.script_pubkey, params.client_script);
+    assert_eq!(node.balance_of_script(&params.client_script).await, back.value);
+    assert_eq!(node.balance_of_script(&p2wpkh(&payout())).await, Amount::ZERO);
+}
+
+/// f. A payment whose T3 input has a non-empty scriptSig is refused (4xx problem, books
+/// unchanged); Core shows why: the co-signed close of such a T3 is invalid.
+async fn f_a_payment_with_a_script_sig_is_refused(txindex: bool) {
+    let Some(node) = start_node(txindex).await else { return };
+    let server = serve(&node, MemoryStore::new(), 0).await;
+    let mut task = settlement(server.store.clone(), &node);
+    let mut customer = customer(&node, &server.origin, SMALL).await;
+    open(&node, &server, &mut task, &mut customer).await;
+    customer.pay(3).await;
+    let channel = customer.channel().await;
+    let before = server_view(&server.origin, &channel).await;
+
+    // A valid T3 paying 1 000 sat more, then the same with one OP_0 as scriptSig (BIP-0143
+    // signatures do not commit to it: the client's signature still verifies).
+    let client_key = channel_key(&client_master(), channel.key_index).unwrap();
+    let mut t3 = channel.channel.build_payment(channel.paid() + Amount::from_sat(1_000)).unwrap();
+    channel.channel.sign_payment(&mut t3, &client_key).unwrap();
+    let mut bad = t3.clone();
+    bad.input[0].script_sig = ScriptBuf::from_bytes(vec![0x00]);
+    let header = wire::encode_payment(&bad);
+    let (status, content_type, problem) =
+        call(&server.origin, http::Method::GET, "/work", Some(&header)).await;
+    assert!(status.is_client_error(), "a scriptSig payment must be refused: {status} {problem}");
+    assert_eq!(content_type, "application/problem+json", "{problem}");
+    let after = server_view(&server.origin, &channel).await;
+    assert_eq!(after, before, "a refused payment changes nothing");
+
+    // Why: Core rejects the close of such a payment, while the same payment without the
+    // scriptSig closes fine.
+    let record = server.store.load(channel.id()).await.unwrap().unwrap();
+    let server_key = channel_key(&master(), record.key_index).unwrap();
+    let good_close = record.channel.close_transaction(&t3, &server_key).unwrap();
+    assert_eq!(node.test_mempool_accept(&good_close).await, (true, String::new()));
+    let mut malleated = good_close.clone();
+    malleated.input[0].script_sig = ScriptBuf::from_bytes(vec![0x00]);
+    let (allowed, reason) = node.test_mempool_accept(&malleated).await;
+    assert!(!allowed, "Core must reject a witness spend with a scriptSig");
+    assert!(reason.contains("script-verify-flag-failed"), "{reason}");
+    println!("Core on a close whose input has a scriptSig: {reason}");
+    // The crate never co-signs it into an invalid close: it refuses, or clears the scriptSig.
+    match record.channel.close_transaction(&bad, &server_key) {
+        Ok(close) => {
+            assert_eq!(
+                node.test_mempool_accept(&close).await,
+                (true, String::new()),
+                "close_transaction built an invalid close from a scriptSig payment"
+            );
+        }
+        Err(error) => println!("close_transaction refuses a scriptSig payment: {error}"),
+    }
+
+    // The books close on the best payment, which the refused one did not replace.
+    let closed = customer.client.close().await.expect("a cooperative close");
+    assert_eq!(closed.server_amount, channel.paid());
+    check_close_in_mempool(&node, &channel, closed.txid).await;
+    let height = node.mine(1).await;
+    server.sync(height).await;
+    task.run_once().await.expect("a pass");
+    check_books(&node, &server.store, &channel, closed.txid).await;
+}
+
+/// g. Without `-txindex` (what most nodes run): a confirmed funding is not a vanished one, and
+/// the cooperative close endpoint works and settles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn g_without_txindex_a_confirmed_channel_stays_open_and_settles() {
+    let Some(node) = start_node(false).await else { return };
+    let server = serve(&node, MemoryStore::new(), 0).await;
+    let mut task = settlement(server.store.clone(), &node);
+    let mut customer = customer(&node, &server.origin, LARGE).await;
+    let opened = open(&node, &server, &mut task, &mut customer).await;
+    let height = node.mine(3).await;
+    server.sync(height).await;
+    for _ in 0..2 {
+        let report = task.run_once().await.expect("a pass");
+        assert_eq!(report.failed, 0, "a confirmed funding must not fail the channel: {report:?}");
+        assert_eq!(state(&server.store, &opened).await, ChannelState::Open);
+    }
+    customer.pay(2).await;
+
+    let channel = customer.channel().await;
+    let path = format!("/payment-channel/channels/{}/close", channel.id());
+    let header = channel.header().unwrap();
+    let (status, _, answer) = call(&server.origin, http::Method::POST, &path, Some(&header)).await;
+    assert!(matches!(status.as_u16(), 200 | 202), "close: {status} {answer}");
+    if status == StatusCode::ACCEPTED {
+        task.run_once().await.expect("a pass");
+    }
+    let txid: Txid = answer["txid"].as_str().unwrap().parse().unwrap();
+    check_close_in_mempool(&node, &channel, txid).await;
+    let height = node.mine(1).await;
+    assert_eq!(node.confirmed_at(txid, height).await, Some(height), "the close is mined");
+    server.sync(height).await;
+    let report = task.run_once().await.expect("a pass");
+    assert_eq!(
+        state(&server.store, &channel).await,
+        ChannelState::Settled,
+        "the close confirmed: settled (pass: {report:?})"
+    );
+    check_books(&node, &server.store, &channel, txid).await;
+}
+
+/// The backend reads Core's amounts exactly, also below 0.00001 BTC (which a JSON float
+/// prints as `1e-6`-style text): a wallet coin of 500 sat, as `/fund` reads the funding's
+/// inputs, and the 2-of-2 funding output a settlement pass watches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h_the_backend_reads_small_amounts_exactly() {
+    use paychan::chain::ChainBackend as _;
+    let Some(node) = start_node(false).await else { return };
+    let chain = node.chain();
+    for sat in [500, 999, 1_000, 12_345, 100_000_001] {
+        let script = p2wpkh(&secret(0x44));
+        let (outpoint, output) = node.fund_address(&script, Amount::from_sat(sat)).await;
+        assert_eq!(output.value, Amount::from_sat(sat));
+        let read = chain.unspent_output(&outpoint).await;
+        assert_eq!(read, Ok(Some(output)), "gettxout of a {sat} sat output");
+    }
+}
