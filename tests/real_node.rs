@@ -74,6 +74,8 @@ on_both_indexes!(
     c_a_restarted_server_keeps_the_channel,
     d_the_client_refunds_after_the_server_vanished,
     f_a_payment_with_a_script_sig_is_refused,
+    i_payments_pay_at_least_the_nodes_relay_fee,
+    j_a_stalled_close_is_mined_with_a_cpfp_child,
 );
 
 fn master() -> Xpriv {
@@ -97,7 +99,12 @@ fn funding_policy() -> FundingPolicy {
 }
 
 async fn start_node(txindex: bool) -> Option<Node> {
-    let node = Node::start(NodeConfig { txindex, extra_args: vec![] }).await?;
+    start_node_with(txindex, &[]).await
+}
+
+async fn start_node_with(txindex: bool, args: &[&str]) -> Option<Node> {
+    let extra_args = args.iter().map(|arg| (*arg).to_owned()).collect();
+    let node = Node::start(NodeConfig { txindex, extra_args }).await?;
     node.create_wallet("w").await;
     node.mine(101).await;
     Some(node)
@@ -727,4 +734,90 @@ async fn h_the_backend_reads_small_amounts_exactly() {
         let read = chain.unspent_output(&outpoint).await;
         assert_eq!(read, Ok(Some(output)), "gettxout of a {sat} sat output");
     }
+}
+
+/// i. A node that relays nothing below 5 sat/vB, above the terms' 2 sat/vB: no package can
+/// carry a close below a node's minimum relay fee, so the server agrees channels at the node's
+/// rate; the cooperative close enters the mempool and is mined.
+async fn i_payments_pay_at_least_the_nodes_relay_fee(txindex: bool) {
+    let Some(node) = start_node_with(txindex, &["-minrelaytxfee=0.00005"]).await else { return };
+    let server = serve(&node, MemoryStore::new(), 0).await;
+    let mut task = settlement(server.store.clone(), &node);
+    let mut customer = customer(&node, &server.origin, SMALL).await;
+    let channel = open(&node, &server, &mut task, &mut customer).await;
+    let floor = bitcoin::FeeRate::from_sat_per_vb_u32(5);
+    assert_eq!(channel.channel.params().min_fee_rate, floor, "the channel's rate is the node's");
+    let (_, _, terms) = call(&server.origin, http::Method::GET, "/.well-known/payment-channel", None).await;
+    assert_eq!(terms["min_fee_rate_sat_per_vb"], 5);
+    assert_eq!(terms["funding_min_fee_rate_sat_per_vb"], 5);
+
+    customer.pay(4).await;
+    let closed = customer.client.close().await.expect("a cooperative close");
+    check_close_in_mempool(&node, &channel, closed.txid).await;
+    let height = node.mine(1).await;
+    assert_eq!(node.confirmed_at(closed.txid, height).await, Some(height));
+    server.sync(height).await;
+    task.run_once().await.expect("a pass");
+    check_books(&node, &server.store, &channel, closed.txid).await;
+    server.shutdown().await;
+}
+
+/// j. Miners take nothing below 8 sat/vB: the close (at the agreed 2 sat/vB) waits in the
+/// mempool; the settlement task bumps it with a child spending the server's output (CPFP, at
+/// its 10 sat/vB floor: the node has no fee estimate on regtest); parent and child are mined
+/// together and the server's payout is what it was paid less the child's fee.
+async fn j_a_stalled_close_is_mined_with_a_cpfp_child(txindex: bool) {
+    let Some(node) = start_node_with(txindex, &["-blockmintxfee=0.00008"]).await else { return };
+    let server = serve(&node, MemoryStore::new(), 0).await;
+    let mut task = settlement(server.store.clone(), &node).with_cpfp_after(1);
+    let mut customer = customer(&node, &server.origin, SMALL).await;
+    let (status, body) = customer.get().await;
+    assert_eq!(status, StatusCode::OK, "a small channel is served at once: {body}");
+    let channel = customer.channel().await;
+    // The funding pays 1 sat/vB: let the miner take it anyway.
+    let funding = channel.channel.outpoint().txid;
+    node.rpc("prioritisetransaction", serde_json::json!([funding.to_string(), 0, 1_000_000])).await;
+    let height = node.mine(1).await;
+    assert_eq!(node.confirmed_at(funding, height).await, Some(height));
+    // Enough for the server's output to pay a child (about 2 600 sat at 10 sat/vB).
+    customer.pay(30).await;
+
+    let closed = customer.client.close().await.expect("a cooperative close");
+    check_close_in_mempool(&node, &channel, closed.txid).await;
+    let height = node.mine(2).await;
+    assert!(node.mempool_entry(closed.txid).await.is_some(), "2 sat/vB is not mined");
+    server.sync(height).await;
+    let report = task.run_once().await.expect("a pass");
+    assert_eq!(report.bumped, 0, "the timer starts: {report:?}");
+    let height = node.mine(1).await;
+    server.sync(height).await;
+    let report = task.run_once().await.expect("a pass");
+    assert_eq!(report.bumped, 1, "{report:?}");
+
+    let mempool: Vec<String> = serde_json::from_value(node.rpc("getrawmempool", serde_json::json!([])).await).unwrap();
+    let child: Txid = mempool
+        .iter()
+        .map(|txid| txid.parse().unwrap())
+        .find(|txid| *txid != closed.txid)
+        .expect("the CPFP child is in Core's mempool");
+    let child_tx = node.mempool_tx(child).await;
+    assert_eq!(child_tx.input[0].previous_output, OutPoint::new(closed.txid, 0));
+    let entry = node.mempool_entry(closed.txid).await.unwrap();
+    let package_fee = btc(&entry["fees"]["descendant"]);
+    let package_vsize = entry["descendantsize"].as_u64().unwrap();
+    assert!(package_fee.to_sat() >= 10 * package_vsize, "{package_fee} for {package_vsize} vB");
+
+    let height = node.mine(1).await;
+    assert_eq!(node.confirmed_at(closed.txid, height).await, Some(height), "the close is mined");
+    assert_eq!(node.confirmed_at(child, height).await, Some(height), "with its child");
+    server.sync(height).await;
+    task.run_once().await.expect("a pass");
+    let record = server.store.load(channel.id()).await.unwrap().unwrap();
+    assert_eq!(record.state, ChannelState::Settled, "settled although its server output is spent");
+    let close = server_close(&server.store, &channel).await;
+    assert_eq!(close.output[0].value, record.paid_amount(), "the close paid the server in full");
+    let payout = node.balance_of_script(&p2wpkh(&payout())).await;
+    assert_eq!(payout, child_tx.output[0].value, "the server's payout is the child's output");
+    assert!(payout < record.paid_amount() && payout > Amount::ZERO);
+    server.shutdown().await;
 }

@@ -35,6 +35,7 @@ pub enum Auth {
 /// | [`estimate_fee_rate`](ChainBackend::estimate_fee_rate) | `estimatesmartfee` |
 /// | [`unspent`](ChainBackend::unspent) | `gettxout` with the mempool (no index needed) |
 /// | [`broadcast_package`](ChainBackend::broadcast_package) | `submitpackage` (Core 28 or later) |
+/// | [`min_relay_fee_rate`](ChainBackend::min_relay_fee_rate) | `getmempoolinfo` (`minrelaytxfee`) |
 ///
 /// Rejections are mapped from Core's error codes and reject reasons: `-26` policy and
 /// consensus rejections (`non-final`, `non-BIP68-final`, `min relay fee not met`, `dust`,
@@ -237,6 +238,14 @@ impl ChainBackend for BitcoindRpc {
             .and_then(|c| u32::try_from(c).ok())
             .ok_or_else(|| unavailable("gettxout has no confirmations"))?;
         Ok(Some(Utxo::new(TxOut { value, script_pubkey }, confirmations)))
+    }
+
+    async fn min_relay_fee_rate(&self) -> Result<FeeRate, ChainError> {
+        let info = self.call_ok("getmempoolinfo", json!([])).await?;
+        let per_kvb =
+            info.get("minrelaytxfee").ok_or_else(|| unavailable("getmempoolinfo: no minrelaytxfee"))?;
+        // BTC per 1 000 vbytes → sat per 1 000 weight units (÷ 4), rounded up.
+        Ok(FeeRate::from_sat_per_kwu(btc(per_kvb)?.to_sat().div_ceil(4)))
     }
 
     async fn broadcast_package(

@@ -176,6 +176,13 @@ pub trait ChainBackend: Send + Sync {
         async move { Ok(self.unspent(&outpoint).await?.map(|utxo| utxo.output)) }
     }
 
+    /// The lowest fee rate at which the backend relays a transaction on its own (Bitcoin Core's
+    /// `minrelaytxfee`). No package can carry a (non-TRUC) transaction below it, so the server
+    /// never agrees to payments below it. The default is [`policy::MIN_RELAY_FEE_RATE`].
+    fn min_relay_fee_rate(&self) -> impl Future<Output = Result<FeeRate, ChainError>> + Send {
+        std::future::ready(Ok(policy::MIN_RELAY_FEE_RATE))
+    }
+
     /// Submits a parent and its child together, so that the child's fee can carry a parent
     /// whose own fee rate is below the mempool's current minimum (Bitcoin Core's
     /// `submitpackage`, 1-parent-1-child package relay). The default submits them one by one.

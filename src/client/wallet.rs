@@ -166,7 +166,10 @@ impl KeyWallet {
             // The inputs' witnesses, and the SegWit marker and flag.
             let weight =
                 tx.weight() + Weight::from_wu(2 + P2WPKH_WITNESS_WEIGHT * (used as u64 + 1));
-            let fee = fee_rate.fee_wu(weight).ok_or_else(|| WalletError::new("fee overflow"))?;
+            // Per whole virtual byte, rounded up, as Bitcoin Core (and the server) measure it.
+            let fee = fee_rate
+                .fee_vb(weight.to_vbytes_ceil())
+                .ok_or_else(|| WalletError::new("fee overflow"))?;
             let Some(change) = total.checked_sub(output.value + fee) else { continue };
             if change >= tx.output[1].script_pubkey.minimal_non_dust() {
                 tx.output[1].value = change;

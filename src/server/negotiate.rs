@@ -162,6 +162,7 @@ impl<C: ChainBackend + Clone + 'static> Negotiation<C> {
             tip,
             pending: DashMap::new(),
             opens: DashMap::new(),
+            relay_floor: tokio::sync::OnceCell::new(),
         });
         Router::new()
             .route(terms_url, get(terms::<C, St>))
@@ -185,6 +186,8 @@ struct Shared<C, St> {
     pending: DashMap<u32, Proposal>,
     /// Openings per client address in the current window.
     opens: DashMap<Option<IpAddr>, (Instant, u32)>,
+    /// The chain backend's minimum relay fee rate, asked once.
+    relay_floor: tokio::sync::OnceCell<bitcoin::FeeRate>,
 }
 
 #[derive(Debug, Clone)]
@@ -205,6 +208,23 @@ impl<C: ChainBackend, St> Shared<C, St> {
 
     fn tip(&self) -> ChainTip {
         *self.tip.borrow()
+    }
+
+    /// The terms in force: the configured ones, with every fee rate raised to at least the
+    /// node's minimum relay fee rate, since no package can carry a transaction below it (a
+    /// close at a lower rate could never be broadcast).
+    async fn terms(&self) -> Result<Terms, Problem> {
+        let chain = &self.negotiation.chain;
+        let floor = *self
+            .relay_floor
+            .get_or_try_init(|| chain.min_relay_fee_rate())
+            .await
+            .map_err(Problem::chain)?;
+        let mut terms = self.negotiation.terms.clone();
+        terms.min_fee_rate = terms.min_fee_rate.max(floor);
+        terms.max_fee_rate = terms.max_fee_rate.max(terms.min_fee_rate);
+        terms.funding_min_fee_rate = terms.funding_min_fee_rate.max(floor);
+        Ok(terms)
     }
 
     fn allow_open(&self, addr: Option<IpAddr>) -> bool {
@@ -358,10 +378,10 @@ fn lock_time_json(lock_time: LockTime) -> u32 {
 
 async fn terms<C: ChainBackend, St: ChannelStore>(
     State(s): State<Arc<Shared<C, St>>>,
-) -> Json<Value> {
-    let t = &s.negotiation.terms;
+) -> Result<Json<Value>, Problem> {
+    let t = &s.terms().await?;
     let p = &s.negotiation.prefix;
-    Json(json!({
+    Ok(Json(json!({
         "version": 1,
         "scheme": "bitcoin-channel",
         "network": s.negotiation.network.to_core_arg(),
@@ -383,7 +403,7 @@ async fn terms<C: ChainBackend, St: ChannelStore>(
             "channel": format!("{p}/channels/{{id}}"),
             "close": format!("{p}/channels/{{id}}/close"),
         },
-    }))
+    })))
 }
 
 /// `POST {prefix}/open`.
@@ -437,11 +457,10 @@ async fn open<C: ChainBackend, St: ChannelStore>(
         .parse()
         .map_err(|e| Problem::bad("bad-request", format!("client_pubkey: {e}")))?;
     let client_script = hex_script(&req.client_script)?;
+    let terms = s.terms().await?;
     let index = s.store.next_key_index().await.map_err(Problem::store)?;
     let server_key = CompressedPublicKey(s.key(index)?.public_key(crate::channel::secp()));
-    let params = s
-        .negotiation
-        .terms
+    let params = terms
         .agree(
             client_key,
             server_key,
@@ -586,7 +605,7 @@ async fn fund<C: ChainBackend, St: ChannelStore>(
                 depths.push(utxo.confirmations);
             }
             params
-                .check_funding(&s.negotiation.terms, outpoint, &funding, &prevouts)
+                .check_funding(&s.terms().await?, outpoint, &funding, &prevouts)
                 .map_err(|e| Problem::bad(e.code(), e))?;
             // Broadcast before the channel exists: a channel is never open without its funding.
             chain.broadcast(&funding).await.map_err(Problem::chain)?;
