@@ -17,13 +17,11 @@ use bitcoin::bip32::Xpriv;
 use bitcoin::secp256k1::{Message, Secp256k1};
 use bitcoin::{Amount, Network, OutPoint};
 use bytes::Bytes;
+use common::counting::{Counting, Http, http_client};
 use common::http::serve;
 use common::{p2wpkh, secret};
 use http::StatusCode;
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use paychan::MilliSats;
 use paychan::chain::sim::SimulatedChain;
 use paychan::chain::{TxStatus, follow_tip, policy};
@@ -103,41 +101,6 @@ async fn server() -> Server {
     server_with(Terms::default(), Amount::from_sat(1_000), None).await
 }
 
-type Http = Client<HttpConnector, Full<Bytes>>;
-
-/// An HTTP client that counts the 402s it receives.
-#[derive(Clone)]
-struct Counting {
-    http: Http,
-    refusals: Arc<AtomicUsize>,
-}
-
-impl Service<http::Request<Full<Bytes>>> for Counting {
-    type Response = http::Response<hyper::body::Incoming>;
-    type Error = hyper_util::client::legacy::Error;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
-    >;
-
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: http::Request<Full<Bytes>>) -> Self::Future {
-        let (http, refusals) = (self.http.clone(), Arc::clone(&self.refusals));
-        Box::pin(async move {
-            let response = http.request(request).await?;
-            if response.status() == StatusCode::PAYMENT_REQUIRED {
-                refusals.fetch_add(1, Ordering::SeqCst);
-            }
-            Ok(response)
-        })
-    }
-}
-
 struct Wallet {
     wallet: KeyWallet,
 }
@@ -171,8 +134,7 @@ fn paying_client<S: ClientStore + 'static>(
     payer: &Payer<S>,
 ) -> (PaymentService<Counting, S>, Arc<AtomicUsize>) {
     let refusals = Arc::new(AtomicUsize::new(0));
-    let http = Client::builder(TokioExecutor::new()).build_http();
-    let inner = Counting { http, refusals: Arc::clone(&refusals) };
+    let inner = Counting { http: http_client(), refusals: Arc::clone(&refusals) };
     (ServiceBuilder::new().layer(PaymentLayer::new(payer.clone())).service(inner), refusals)
 }
 
@@ -189,7 +151,7 @@ async fn get_work<S: ClientStore + 'static>(
 
 /// The server's view of a channel.
 async fn server_channel(server: &Server, id: &str) -> Value {
-    let http: Http = Client::builder(TokioExecutor::new()).build_http();
+    let http: Http = http_client();
     let uri = format!("{}/payment-channel/channels/{id}", server.origin);
     let response = http.get(uri.parse().unwrap()).await.unwrap();
     let body = response.into_body().collect().await.unwrap().to_bytes();

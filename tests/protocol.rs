@@ -712,7 +712,10 @@ fn a_funding_input_without_a_witness_is_refused() {
     funding.input[0].witness = Witness::new();
     assert_eq!(
         s.params.check_funding(&s.terms, s.outpoint, &funding, &s.funding_prevouts),
-        Err(FundingError::TxidMismatch { expected: s.outpoint.txid, found: funding.compute_txid() })
+        Err(FundingError::TxidMismatch {
+            expected: s.outpoint.txid,
+            found: funding.compute_txid()
+        })
     );
     // Even with a matching txid (the scriptSig already in the unsigned funding):
     let outpoint = OutPoint { txid: funding.compute_txid(), ..s.outpoint };

@@ -20,13 +20,11 @@ use bitcoin::bip32::Xpriv;
 use bitcoin::secp256k1::SecretKey;
 use bitcoin::{Amount, Network, OutPoint, ScriptBuf, TxOut, Txid};
 use bytes::Bytes;
+use common::counting::{Counting, http_client};
 use common::node::{Node, NodeConfig, btc};
 use common::{p2wpkh, secret};
 use http::StatusCode;
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use paychan::MilliSats;
 use paychan::chain::bitcoind::BitcoindRpc;
 use paychan::chain::{ChainError, ChainTip, RejectReason, follow_tip};
@@ -110,12 +108,6 @@ async fn start_node_with(txindex: bool, args: &[&str]) -> Option<Node> {
     Some(node)
 }
 
-type Http = Client<HttpConnector, Full<Bytes>>;
-
-fn http_client() -> Http {
-    Client::builder(TokioExecutor::new()).build_http()
-}
-
 /// The API server: `GET /work` at [`PRICE`], the negotiation endpoints, on `store`.
 struct Server<S> {
     origin: String,
@@ -186,39 +178,6 @@ fn settlement<S: ChannelStore>(store: S, node: &Node) -> Settlement<S, BitcoindR
 
 async fn state<S: ChannelStore>(store: &S, channel: &ClientChannel) -> ChannelState {
     store.load(channel.id()).await.unwrap().expect("the server knows the channel").state
-}
-
-/// An HTTP client that counts the 402s it receives.
-#[derive(Clone)]
-struct Counting {
-    http: Http,
-    refusals: Arc<AtomicUsize>,
-}
-
-impl Service<http::Request<Full<Bytes>>> for Counting {
-    type Response = http::Response<hyper::body::Incoming>;
-    type Error = hyper_util::client::legacy::Error;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
-    >;
-
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: http::Request<Full<Bytes>>) -> Self::Future {
-        let (http, refusals) = (self.http.clone(), Arc::clone(&self.refusals));
-        Box::pin(async move {
-            let response = http.request(request).await?;
-            if response.status() == StatusCode::PAYMENT_REQUIRED {
-                refusals.fetch_add(1, Ordering::SeqCst);
-            }
-            Ok(response)
-        })
-    }
 }
 
 /// The paying client: a `KeyWallet` holding one coin the node's wallet sent it (confirmed),
@@ -386,6 +345,27 @@ async fn check_close_in_mempool(node: &Node, channel: &ClientChannel, txid: Txid
     assert_eq!(fee, channel.channel.params().payment_fee(true), "Core's fee for the close");
 }
 
+/// Mines the block that confirms the close `txid` of `channel`, runs a settlement pass and
+/// checks the channel is settled; returns the height and the pass's report.
+async fn mine_and_settle<S: ChannelStore>(
+    node: &Node,
+    server: &Server<S>,
+    task: &mut Settlement<S, BitcoindRpc>,
+    channel: &ClientChannel,
+    txid: Txid,
+) -> (u32, paychan::settlement::PassReport) {
+    let height = node.mine(1).await;
+    assert_eq!(node.confirmed_at(txid, height).await, Some(height), "the close is mined");
+    server.sync(height).await;
+    let report = task.run_once().await.expect("a pass");
+    assert_eq!(
+        state(&server.store, channel).await,
+        ChannelState::Settled,
+        "the close confirmed: settled (pass: {report:?})"
+    );
+    (height, report)
+}
+
 /// The books, on chain, to the satoshi: the confirmed close pays the server's payout script
 /// exactly what the server's store says it was paid, and the client the rest minus the fee.
 async fn check_books<S: ChannelStore>(node: &Node, store: &S, channel: &ClientChannel, txid: Txid) {
@@ -429,15 +409,7 @@ async fn a_pay_top_up_close_cooperatively(txindex: bool) {
     assert_eq!(closed.server_amount, committed);
     assert_eq!(closed.fee, channel.channel.params().payment_fee(true));
     check_close_in_mempool(&node, &channel, closed.txid).await;
-    let height = node.mine(1).await;
-    assert_eq!(node.confirmed_at(closed.txid, height).await, Some(height), "the close is mined");
-    server.sync(height).await;
-    let report = task.run_once().await.expect("a pass");
-    assert_eq!(
-        state(&server.store, &channel).await,
-        ChannelState::Settled,
-        "the close confirmed: settled (pass: {report:?})"
-    );
+    let (_, report) = mine_and_settle(&node, &server, &mut task, &channel, closed.txid).await;
     assert_eq!(report.settled, 1);
     assert_eq!(task.metrics().lock().unwrap().sats_settled, committed);
     check_books(&node, &server.store, &channel, closed.txid).await;
@@ -476,16 +448,8 @@ async fn b_the_server_closes_before_the_refund_is_final(txindex: bool) {
     check_close_in_mempool(&node, &channel, txid).await;
     assert_eq!(node.test_mempool_accept(&channel.refund).await, (false, "non-final".into()));
 
-    let mined = node.mine(1).await;
-    assert_eq!(node.confirmed_at(txid, mined).await, Some(mined), "the close is mined");
+    let (mined, _) = mine_and_settle(&node, &server, &mut task, &channel, txid).await;
     assert!(mined < expiry, "mined at {mined}, before the refund can be (after {expiry})");
-    server.sync(mined).await;
-    let report = task.run_once().await.expect("a pass");
-    assert_eq!(
-        state(&server.store, &channel).await,
-        ChannelState::Settled,
-        "the close confirmed: settled (pass: {report:?})"
-    );
     check_books(&node, &server.store, &channel, txid).await;
 
     // From the expiry on the refund is final, and can never be valid: its input is spent.
@@ -552,15 +516,7 @@ async fn c_a_restarted_server_keeps_the_channel(txindex: bool) {
     let closed = customer.client.close().await.expect("a cooperative close after the restart");
     assert_eq!(closed.server_amount, committed);
     check_close_in_mempool(&node, &channel, closed.txid).await;
-    let height = node.mine(1).await;
-    assert_eq!(node.confirmed_at(closed.txid, height).await, Some(height));
-    server.sync(height).await;
-    let report = task.run_once().await.expect("a pass");
-    assert_eq!(
-        state(&server.store, &channel).await,
-        ChannelState::Settled,
-        "the close confirmed: settled (pass: {report:?})"
-    );
+    mine_and_settle(&node, &server, &mut task, &channel, closed.txid).await;
     check_books(&node, &server.store, &channel, closed.txid).await;
     server.shutdown().await;
 }
@@ -707,15 +663,7 @@ async fn g_without_txindex_a_confirmed_channel_stays_open_and_settles() {
     }
     let txid: Txid = answer["txid"].as_str().unwrap().parse().unwrap();
     check_close_in_mempool(&node, &channel, txid).await;
-    let height = node.mine(1).await;
-    assert_eq!(node.confirmed_at(txid, height).await, Some(height), "the close is mined");
-    server.sync(height).await;
-    let report = task.run_once().await.expect("a pass");
-    assert_eq!(
-        state(&server.store, &channel).await,
-        ChannelState::Settled,
-        "the close confirmed: settled (pass: {report:?})"
-    );
+    mine_and_settle(&node, &server, &mut task, &channel, txid).await;
     check_books(&node, &server.store, &channel, txid).await;
 }
 
@@ -747,17 +695,15 @@ async fn i_payments_pay_at_least_the_nodes_relay_fee(txindex: bool) {
     let channel = open(&node, &server, &mut task, &mut customer).await;
     let floor = bitcoin::FeeRate::from_sat_per_vb_u32(5);
     assert_eq!(channel.channel.params().min_fee_rate, floor, "the channel's rate is the node's");
-    let (_, _, terms) = call(&server.origin, http::Method::GET, "/.well-known/payment-channel", None).await;
+    let (_, _, terms) =
+        call(&server.origin, http::Method::GET, "/.well-known/payment-channel", None).await;
     assert_eq!(terms["min_fee_rate_sat_per_vb"], 5);
     assert_eq!(terms["funding_min_fee_rate_sat_per_vb"], 5);
 
     customer.pay(4).await;
     let closed = customer.client.close().await.expect("a cooperative close");
     check_close_in_mempool(&node, &channel, closed.txid).await;
-    let height = node.mine(1).await;
-    assert_eq!(node.confirmed_at(closed.txid, height).await, Some(height));
-    server.sync(height).await;
-    task.run_once().await.expect("a pass");
+    mine_and_settle(&node, &server, &mut task, &channel, closed.txid).await;
     check_books(&node, &server.store, &channel, closed.txid).await;
     server.shutdown().await;
 }
@@ -794,7 +740,8 @@ async fn j_a_stalled_close_is_mined_with_a_cpfp_child(txindex: bool) {
     let report = task.run_once().await.expect("a pass");
     assert_eq!(report.bumped, 1, "{report:?}");
 
-    let mempool: Vec<String> = serde_json::from_value(node.rpc("getrawmempool", serde_json::json!([])).await).unwrap();
+    let mempool: Vec<String> =
+        serde_json::from_value(node.rpc("getrawmempool", serde_json::json!([])).await).unwrap();
     let child: Txid = mempool
         .iter()
         .map(|txid| txid.parse().unwrap())

@@ -22,7 +22,9 @@ use paychan::chain::{ChainBackend, ChainError, ChainTip, TxStatus, Utxo, follow_
 use paychan::channel::{Channel, Terms, channel_key};
 use paychan::server::PaywallLayer;
 use paychan::settlement::{FundingPolicy, Settlement};
-use paychan::store::{ChannelRecord, ChannelState, ChannelStore, MemoryStore};
+use paychan::store::{
+    ChannelRecord, ChannelState, ChannelStore, Debit, MemoryStore, StoreError, StorePayment,
+};
 use paychan::wire;
 
 const VALUE: Amount = Amount::from_sat(100_000);
@@ -435,4 +437,170 @@ async fn a_settlement_beaten_by_the_refund_marks_the_channel_failed() {
     let report = task.run_once().await.unwrap();
     assert_eq!(report.failed, 1);
     assert_eq!(state(&store, id).await, ChannelState::Failed);
+}
+
+/// A memory store on which a better payment lands just before the channel moves to closing:
+/// a request that raced the settlement pass (security review S7).
+#[derive(Clone)]
+struct Racing {
+    inner: MemoryStore,
+    late: Arc<std::sync::Mutex<Option<Transaction>>>,
+}
+
+impl ChannelStore for Racing {
+    async fn create(&self, record: ChannelRecord) -> Result<(), StoreError> {
+        self.inner.create(record).await
+    }
+    async fn load(&self, id: wire::ChannelId) -> Result<Option<ChannelRecord>, StoreError> {
+        self.inner.load(id).await
+    }
+    async fn store_payment(
+        &self,
+        id: wire::ChannelId,
+        payment: Transaction,
+    ) -> Result<StorePayment, StoreError> {
+        self.inner.store_payment(id, payment).await
+    }
+    async fn debit(&self, id: wire::ChannelId, amount: MilliSats) -> Result<Debit, StoreError> {
+        self.inner.debit(id, amount).await
+    }
+    async fn credit(
+        &self,
+        id: wire::ChannelId,
+        amount: MilliSats,
+    ) -> Result<MilliSats, StoreError> {
+        self.inner.credit(id, amount).await
+    }
+    async fn transition(
+        &self,
+        id: wire::ChannelId,
+        from: ChannelState,
+        to: ChannelState,
+    ) -> Result<bool, StoreError> {
+        let late = self.late.lock().unwrap().take();
+        if let Some(payment) = late.filter(|_| to == ChannelState::Closing) {
+            let _stored = self.inner.store_payment(id, payment).await?;
+        }
+        self.inner.transition(id, from, to).await
+    }
+    async fn next_key_index(&self) -> Result<u32, StoreError> {
+        self.inner.next_key_index().await
+    }
+    async fn list(&self, state: ChannelState) -> Result<Vec<ChannelRecord>, StoreError> {
+        self.inner.list(state).await
+    }
+}
+
+#[tokio::test]
+async fn the_margin_close_includes_a_payment_stored_after_the_pass_listed_the_channel() {
+    let (chain, inner, funded, id) = one_channel(150, 5_000).await;
+    chain.mine(1);
+    let late = payment(&funded, 0, 7_000);
+    let store = Racing { inner, late: Arc::new(std::sync::Mutex::new(Some(late.clone()))) };
+    let mut task = settlement(store.clone(), chain.clone());
+    while !funded.channel.params().is_closing(chain.tip()) {
+        chain.mine(1);
+    }
+    let report = task.run_once().await.unwrap();
+    assert_eq!((report.closing, report.broadcast), (1, 1), "{report:?}");
+    let record = store.load(id).await.unwrap().unwrap();
+    assert_eq!(record.best.as_ref(), Some(&late), "the late payment is the frozen best");
+    chain.mine(1);
+    assert_eq!(task.run_once().await.unwrap().settled, 1);
+    let key = channel_key(&master(), record.key_index).unwrap();
+    let close = funded.channel.close_transaction(&late, &key).unwrap();
+    assert!(
+        matches!(chain.tx_status(&close.compute_txid()), TxStatus::Confirmed { .. }),
+        "the close of the late payment (7 000 sat) is what confirmed"
+    );
+    assert_eq!(task.metrics().lock().unwrap().sats_settled, Amount::from_sat(7_000));
+}
+
+/// The funding watch's decisions, as a pure function of the funding output's depth (`None`:
+/// neither in the mempool nor in the UTXO set), the record and the tip.
+#[test]
+fn the_funding_watch_fails_a_channel_only_at_its_deadline() {
+    use paychan::settlement::FundingAction::{Close, Fail, Keep, Open, Suspend};
+    let chain = SimulatedChain::new();
+    let funded = fund(&chain, 0, 300, false);
+    let funded_at = chain.tip().height;
+    let record = |state| {
+        ChannelRecord::open(funded.channel.clone(), 0, payment(&funded, 0, 1_000))
+            .with_funded_at(funded_at)
+            .with_state(state)
+    };
+    let at = |height| ChainTip { height, median_time_past: 0 };
+    let policy = FundingPolicy::default().with_confirm_within_blocks(10);
+    let (pending, open) = (record(ChannelState::Pending), record(ChannelState::Open));
+    let now = at(funded_at + 1);
+    let late = at(funded_at + 10);
+    let cases = [
+        (&open, Some(0), now, Keep),
+        (&pending, Some(0), now, Keep),
+        (&pending, Some(1), now, Open),
+        (&open, Some(1), now, Keep),
+        // Gone from the mempool: an open channel stops serving, nothing fails yet.
+        (&open, None, now, Suspend),
+        (&pending, None, now, Keep),
+        // The deadline: unconfirmed or missing fails; confirmed never does.
+        (&pending, None, late, Fail),
+        (&open, Some(0), late, Fail),
+        (&open, Some(3), late, Keep),
+        (&pending, Some(1), late, Open),
+        // The close margin: an unspent funding output is closed, whatever the state.
+        (&pending, Some(0), at(funded_at + 270), Close),
+        (&open, Some(5), at(funded_at + 270), Close),
+    ];
+    for (record, funding, tip, expected) in cases {
+        assert_eq!(
+            policy.funding_action(record, funding, tip),
+            expected,
+            "{} with {funding:?} at {}",
+            record.state.as_str(),
+            tip.height
+        );
+    }
+    let two = policy.with_min_confirmations(2);
+    assert_eq!(two.funding_action(&pending, Some(1), now), Keep);
+    assert_eq!(two.funding_action(&pending, Some(2), now), Open);
+    // A channel recorded without a funding height has no deadline.
+    let legacy = ChannelRecord { funded_at: 0, ..pending.clone() };
+    assert_eq!(policy.funding_action(&legacy, None, at(funded_at + 200)), Keep);
+}
+
+/// Zero confirmations only for a small channel whose funding cannot be replaced cheaply:
+/// version 1 or 2, no replaceability signal, only confirmed inputs.
+#[test]
+fn zero_confirmation_service_needs_a_small_channel_and_a_safe_funding() {
+    let chain = SimulatedChain::new();
+    let funded = fund(&chain, 0, 300, false);
+    let safe = {
+        let mut tx = funded.funding.clone();
+        tx.input[0].sequence = bitcoin::Sequence::ENABLE_LOCKTIME_NO_RBF;
+        tx
+    };
+    let value = funded.channel.params().value;
+    let policy = FundingPolicy::default();
+    assert!(policy.allows_zero_conf(value, &safe, &[1]));
+    assert_eq!(policy.initial_state(value, &safe, &[1]), ChannelState::Open);
+    let rbf = Transaction {
+        input: vec![bitcoin::TxIn {
+            sequence: bitcoin::Sequence::ENABLE_RBF_NO_LOCKTIME,
+            ..safe.input[0].clone()
+        }],
+        ..safe.clone()
+    };
+    let truc = Transaction { version: bitcoin::transaction::Version(3), ..safe.clone() };
+    for (why, tx, depths, value) in [
+        ("signals replacement", &rbf, &[1][..], value),
+        ("TRUC", &truc, &[1], value),
+        ("unconfirmed input", &safe, &[0], value),
+        ("a depth per input", &safe, &[], value),
+        ("above the cap", &safe, &[1], Amount::from_sat(100_001)),
+    ] {
+        assert!(!policy.allows_zero_conf(value, tx, depths), "{why}");
+        assert_eq!(policy.initial_state(value, tx, depths), ChannelState::Pending, "{why}");
+    }
+    let off = policy.with_zero_conf_max_value(Amount::ZERO);
+    assert!(!off.allows_zero_conf(value, &safe, &[1]));
 }

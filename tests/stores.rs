@@ -102,7 +102,7 @@ async fn postgres_store_conforms() {
 async fn postgres_store_keeps_everything_across_a_reconnect() {
     use paychan::store::PostgresStore;
     let Some(config) = postgres_config("reconnect").await else { return };
-    let memory = MemoryStore::new();
+    let memory = MemoryStore::with_first_key_index(0);
     {
         let store = Arc::new(PostgresStore::connect_with(config.clone()).await.unwrap());
         conformance::run(store.clone(), 0x07).await;
@@ -148,7 +148,7 @@ async fn redis_store_conforms() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_store_keeps_everything_across_a_reconnect() {
     let Some(store) = redis_store("reconnect").await else { return };
-    let memory = MemoryStore::new();
+    let memory = MemoryStore::with_first_key_index(0);
     let store = Arc::new(store);
     conformance::run(store.clone(), 0x07).await;
     conformance::run(Arc::new(memory.clone()), 0x07).await;
@@ -167,4 +167,15 @@ async fn redis_store_unreachable_is_unavailable() {
         .await
         .expect_err("nothing listens on port 9");
     assert!(matches!(error, paychan::store::StoreError::Unavailable { .. }), "{error:?}");
+}
+
+/// Security review S8: a restarted server keeps its master key, so a fresh `MemoryStore` must
+/// not hand out the indexes of the last run (0, 1, 2, …) again.
+#[tokio::test]
+async fn memory_stores_start_key_indexes_at_random() {
+    let (a, b) = (MemoryStore::new(), MemoryStore::new());
+    let (first_a, first_b) = (a.next_key_index().await.unwrap(), b.next_key_index().await.unwrap());
+    assert_ne!(first_a, first_b, "two runs start apart (equal with probability 2^-30)");
+    assert!(first_a < 1 << 30 && first_b < 1 << 30);
+    assert_eq!(a.next_key_index().await.unwrap(), first_a + 1);
 }

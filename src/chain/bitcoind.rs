@@ -242,8 +242,9 @@ impl ChainBackend for BitcoindRpc {
 
     async fn min_relay_fee_rate(&self) -> Result<FeeRate, ChainError> {
         let info = self.call_ok("getmempoolinfo", json!([])).await?;
-        let per_kvb =
-            info.get("minrelaytxfee").ok_or_else(|| unavailable("getmempoolinfo: no minrelaytxfee"))?;
+        let per_kvb = info
+            .get("minrelaytxfee")
+            .ok_or_else(|| unavailable("getmempoolinfo: no minrelaytxfee"))?;
         // BTC per 1 000 vbytes → sat per 1 000 weight units (÷ 4), rounded up.
         Ok(FeeRate::from_sat_per_kwu(btc(per_kvb)?.to_sat().div_ceil(4)))
     }

@@ -38,11 +38,22 @@ pub(crate) async fn send(
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(unavailable)?;
     tokio::spawn(connection);
-    let response = tokio::time::timeout(Duration::from_secs(30), sender.send_request(request))
+    // One deadline for the head and the whole body, and a bound on the body's size: a
+    // broken or hostile backend can neither hang a settlement pass nor exhaust memory.
+    let exchange = async {
+        let response = sender.send_request(request).await.map_err(unavailable)?;
+        let status = response.status();
+        let body = http_body_util::Limited::new(response.into_body(), MAX_BODY)
+            .collect()
+            .await
+            .map_err(|e| unavailable(format!("response body: {e}")))?
+            .to_bytes();
+        Ok((status, body))
+    };
+    tokio::time::timeout(Duration::from_secs(30), exchange)
         .await
         .map_err(|_| unavailable("request timed out"))?
-        .map_err(unavailable)?;
-    let status = response.status();
-    let body = response.into_body().collect().await.map_err(unavailable)?.to_bytes();
-    Ok((status, body))
 }
+
+/// The largest answer read from a backend: 32 MiB (a full block's JSON is far below it).
+const MAX_BODY: usize = 32 * 1024 * 1024;

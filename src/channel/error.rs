@@ -303,7 +303,9 @@ impl fmt::Display for FundingError {
             Self::ValueOutOfBounds { value, min, max } => {
                 write!(f, "funding value {value} is outside {min}..={max}")
             }
-            Self::Unsigned { input } => write!(f, "funding input {input} has no witness (segwit inputs only)"),
+            Self::Unsigned { input } => {
+                write!(f, "funding input {input} has no witness (segwit inputs only)")
+            }
             Self::PrevoutCount { inputs, prevouts } => {
                 write!(f, "{prevouts} spent outputs supplied for {inputs} inputs")
             }

@@ -283,7 +283,7 @@ impl<C: ChainBackend, St> Shared<C, St> {
                 "try again later",
             ));
         }
-        let mine = self.pending.iter().filter(|p| p.client == client && self.live(&p)).count();
+        let mine = self.pending.iter().filter(|p| p.client == client && self.live(p)).count();
         if mine >= self.negotiation.max_pending_per_client {
             return Err(Problem::new(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -488,8 +488,10 @@ async fn open<C: ChainBackend, St: ChannelStore>(
         payment_fee_sat: params.payment_fee(true).to_sat(),
         min_server_amount_sat: params.min_server_amount().to_sat(),
     };
-    s.pending
-        .insert(index, Proposal { params, funding_outpoint: None, client, created: Instant::now() });
+    s.pending.insert(
+        index,
+        Proposal { params, funding_outpoint: None, client, created: Instant::now() },
+    );
     Ok(Json(response))
 }
 
@@ -643,7 +645,10 @@ async fn already_funded<C, St: ChannelStore>(
     };
     // Only the holder of the first payment gets the answer again.
     record.channel.verify_client_signature(payment).ok()?;
-    Some(Ok((StatusCode::CREATED, Json(json!({ "channel": id, "balance_msat": record.balance() })))))
+    Some(Ok((
+        StatusCode::CREATED,
+        Json(json!({ "channel": id, "balance_msat": record.balance() })),
+    )))
 }
 
 fn hex(bytes: &[u8]) -> String {

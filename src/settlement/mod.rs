@@ -382,6 +382,12 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
 
     /// Runs passes forever, one every `every`.
     pub async fn run(mut self, every: Duration) {
+        if self.cpfp_key.is_none() {
+            tracing::warn!(
+                "settlement without a CPFP key: a close that waits in the mempool cannot be \
+                 bumped (give the payout key with `with_cpfp_key`)"
+            );
+        }
         let mut interval = tokio::time::interval(every);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -599,7 +605,9 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
                     Some(Location::Confirmed | Location::InMempool) => Ok(()),
                     Some(Location::Missing) if !self.funding_exists(record).await => {
                         tracing::error!("the funding output is spent or gone: channel failed");
-                        if self.transition(record, ChannelState::Closing, ChannelState::Failed).await
+                        if self
+                            .transition(record, ChannelState::Closing, ChannelState::Failed)
+                            .await
                         {
                             report.failed += 1;
                         }

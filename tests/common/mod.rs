@@ -409,3 +409,54 @@ pub fn spend(coin: (OutPoint, TxOut), value: u64, lock_time: u32) -> Transaction
     sign_p2wpkh_input(&mut tx, 0, &coin.1, &secret(3));
     tx
 }
+
+/// A hyper-util HTTP client that counts the 402s it receives (under a paying client layer).
+pub mod counting {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use bytes::Bytes;
+    use http::StatusCode;
+    use http_body_util::Full;
+    use hyper_util::client::legacy::Client;
+    use hyper_util::client::legacy::connect::HttpConnector;
+    use hyper_util::rt::TokioExecutor;
+
+    pub type Http = Client<HttpConnector, Full<Bytes>>;
+
+    pub fn http_client() -> Http {
+        Client::builder(TokioExecutor::new()).build_http()
+    }
+
+    #[derive(Clone)]
+    pub struct Counting {
+        pub http: Http,
+        pub refusals: Arc<AtomicUsize>,
+    }
+
+    impl tower::Service<http::Request<Full<Bytes>>> for Counting {
+        type Response = http::Response<hyper::body::Incoming>;
+        type Error = hyper_util::client::legacy::Error;
+        type Future = std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+        >;
+
+        fn poll_ready(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Self::Error>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, request: http::Request<Full<Bytes>>) -> Self::Future {
+            let (http, refusals) = (self.http.clone(), Arc::clone(&self.refusals));
+            Box::pin(async move {
+                let response = http.request(request).await?;
+                if response.status() == StatusCode::PAYMENT_REQUIRED {
+                    refusals.fetch_add(1, Ordering::SeqCst);
+                }
+                Ok(response)
+            })
+        }
+    }
+}
