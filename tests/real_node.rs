@@ -74,6 +74,7 @@ on_both_indexes!(
     f_a_payment_with_a_script_sig_is_refused,
     i_payments_pay_at_least_the_nodes_relay_fee,
     j_a_stalled_close_is_mined_with_a_cpfp_child,
+    k_a_close_below_the_mempool_minimum_goes_out_as_a_package,
 );
 
 fn master() -> Xpriv {
@@ -767,4 +768,74 @@ async fn j_a_stalled_close_is_mined_with_a_cpfp_child(txindex: bool) {
     assert_eq!(payout, child_tx.output[0].value, "the server's payout is the child's output");
     assert!(payout < record.paid_amount() && payout > Amount::ZERO);
     server.shutdown().await;
+}
+
+/// Fills the mempool with large low-fee transactions (3 sat/vB, 90 kB of OP_RETURN each) until
+/// the node trims it and its minimum fee rises; returns the new minimum in sat/vB.
+async fn fill_mempool(node: &Node) -> f64 {
+    let coins = node.wallet_rpc("listunspent", serde_json::json!([1])).await;
+    let address = node.wallet_rpc("getnewaddress", serde_json::json!(["", "bech32"])).await;
+    let data = "00".repeat(90_000);
+    for coin in coins.as_array().unwrap() {
+        let fee = Amount::from_sat(3 * 90_300);
+        let change = btc(&coin["amount"]) - fee;
+        let inputs = serde_json::json!([{ "txid": coin["txid"], "vout": coin["vout"] }]);
+        let outputs = serde_json::json!([
+            { "data": data },
+            { address.as_str().unwrap(): change.to_string_in(bitcoin::Denomination::Bitcoin) },
+        ]);
+        let raw =
+            node.wallet_rpc("createrawtransaction", serde_json::json!([inputs, outputs])).await;
+        let signed =
+            node.wallet_rpc("signrawtransactionwithwallet", serde_json::json!([raw])).await;
+        // Refused once the mempool's minimum passed 3 sat/vB: it is full.
+        if node.rpc_result("sendrawtransaction", serde_json::json!([signed["hex"]])).await.is_err()
+        {
+            break;
+        }
+    }
+    let info = node.rpc("getmempoolinfo", serde_json::json!([])).await;
+    info["mempoolminfee"].as_f64().unwrap() * 100_000.0
+}
+
+/// k. A full mempool (5 MB) whose minimum fee rose above the close's 2 sat/vB: the close alone
+/// is refused (the close endpoint queues it: 202), and the settlement task submits it with a
+/// CPFP child as a package (`submitpackage`); both are mined before the filler.
+async fn k_a_close_below_the_mempool_minimum_goes_out_as_a_package(txindex: bool) {
+    let args = ["-maxmempool=5", "-datacarriersize=100000"];
+    let Some(node) = start_node_with(txindex, &args).await else { return };
+    node.mine(80).await; // coins for the filler
+    let server = serve(&node, MemoryStore::new(), 0).await;
+    let mut task = settlement(server.store.clone(), &node);
+    let mut customer = customer(&node, &server.origin, SMALL).await;
+    let channel = open(&node, &server, &mut task, &mut customer).await;
+    customer.pay(30).await;
+
+    let minimum = fill_mempool(&node).await;
+    let close = server_close(&server.store, &channel).await;
+    let rate = close_rate(&channel);
+    assert!(minimum > rate, "the mempool minimum {minimum} sat/vB is above the close's {rate}");
+    assert!(!node.test_mempool_accept(&close).await.0, "the close alone is refused");
+
+    let path = format!("/payment-channel/channels/{}/close", channel.id());
+    // The proof is the client's latest payment: the first one is refused (`stale-proof`).
+    let stale = channel.header().unwrap();
+    let (status, _, _) = call(&server.origin, http::Method::POST, &path, Some(&stale)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let header = customer.channel().await.header().unwrap();
+    let (status, _, answer) = call(&server.origin, http::Method::POST, &path, Some(&header)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "queued: {answer}");
+    let report = task.run_once().await.expect("a pass");
+    assert_eq!((report.broadcast, report.bumped), (1, 1), "{report:?}");
+    let txid = close.compute_txid();
+    let entry =
+        node.mempool_entry(txid).await.expect("the close is in the mempool, with its child");
+    assert_eq!(entry["descendantcount"], 2);
+    mine_and_settle(&node, &server, &mut task, &channel, txid).await;
+    server.shutdown().await;
+}
+
+/// The channel's payment (and close) fee rate in sat/vB.
+fn close_rate(channel: &ClientChannel) -> f64 {
+    channel.channel.params().min_fee_rate.to_sat_per_kwu() as f64 / 250.0
 }

@@ -4,7 +4,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -655,7 +655,9 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn parse_id(id: &str) -> Result<ChannelId, Problem> {
+/// The `{id}` of the path: a percent-decoding failure is a problem document like any other.
+fn parse_id(id: Result<Path<String>, PathRejection>) -> Result<ChannelId, Problem> {
+    let Path(id) = id.map_err(|e| Problem::bad("bad-request", e.body_text()))?;
     id.parse().map_err(|e| Problem::bad("bad-request", e))
 }
 
@@ -672,9 +674,9 @@ async fn load<C, St: ChannelStore>(
 
 async fn status<C: ChainBackend, St: ChannelStore>(
     State(s): State<Arc<Shared<C, St>>>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<ChannelSnapshot>, Problem> {
-    let record = load(&s, parse_id(&id)?).await?;
+    let record = load(&s, parse_id(id)?).await?;
     Ok(Json(ChannelSnapshot::new(&record, MilliSats::ZERO, MilliSats::ZERO)))
 }
 
@@ -682,10 +684,10 @@ async fn status<C: ChainBackend, St: ChannelStore>(
 /// payment of the channel in the `Payment-Channel` header.
 async fn close<C: ChainBackend, St: ChannelStore>(
     State(s): State<Arc<Shared<C, St>>>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<(StatusCode, Json<Value>), Problem> {
-    let id = parse_id(&id)?;
+    let id = parse_id(id)?;
     let record = load(&s, id).await?;
     let proof = headers.get(PAYMENT_CHANNEL).ok_or_else(|| {
         Problem::new(StatusCode::UNAUTHORIZED, "payment-required", "send a payment of this channel")
@@ -696,12 +698,13 @@ async fn close<C: ChainBackend, St: ChannelStore>(
     }
     record.channel.verify_client_signature(&proof).map_err(|e| Problem::bad(e.code(), e))?;
     // Only the client's latest payment closes: an old header someone captured does not.
-    let paid = |tx: &Transaction| tx.output.first().map(|out| out.value);
-    if record.best.as_ref().and_then(paid) > paid(&proof) {
+    let paid = |tx: &Transaction| tx.output.first().map_or(Amount::ZERO, |out| out.value);
+    let (best, proven) = (record.best.as_ref().map_or(Amount::ZERO, paid), paid(&proof));
+    if best > proven {
         return Err(Problem::new(
             StatusCode::FORBIDDEN,
             "stale-proof",
-            "send the channel's latest payment to close it",
+            format!("the payment pays {proven}, the latest {best}: send the latest to close"),
         ));
     }
     if matches!(record.state, ChannelState::Pending | ChannelState::Open) {

@@ -4,18 +4,23 @@
 //! tokio task driven **by the store** — every pass lists the channels by state, so it picks
 //! up where it left off after a restart — that, for each channel:
 //!
-//! * **pending / open** — watches the funding ([`FundingPolicy`]): a pending channel opens at
-//!   `min_confirmations`; a funding that vanished (double-spent, or evicted) or that did not
-//!   confirm within `confirm_within_blocks` marks the channel **failed** (no request is
-//!   served on it again); an open channel that reaches its close margin (expiry − margin)
-//!   moves to **closing**;
+//! * **pending / open** — watches the funding output in the UTXO set and the mempool, which
+//!   every node can answer (no transaction index): a pending channel opens at
+//!   `min_confirmations`; an open channel whose unconfirmed funding left the mempool is
+//!   suspended (pending) until it is back; a funding that did not confirm within
+//!   `confirm_within_blocks` fails the channel; at the close margin (expiry − margin) a channel
+//!   whose funding output is unspent moves to **closing**. The decisions are the pure
+//!   [`FundingPolicy::funding_action`];
 //! * **closing** (margin reached, or a cooperative close was asked for) — co-signs the best
-//!   payment and broadcasts it; a failed broadcast is retried with exponential backoff; once
-//!   broadcast the channel is **closed**;
+//!   payment, read after the move to closing, and broadcasts it; one below the mempool's
+//!   minimum fee goes out as a package with a CPFP child; a failed broadcast is retried with
+//!   exponential backoff; once broadcast the channel is **closed**;
 //! * **closed** — waits for the settlement to confirm and only then marks it **settled**; a
 //!   settlement that vanished is broadcast again; one that has not confirmed `cpfp_after`
 //!   blocks after it was first seen waiting — or that is about to run into the expiry — is
-//!   bumped by a child spending the server's output at the backend's fee estimate (CPFP).
+//!   bumped by a child spending the server's output at the backend's fee estimate (CPFP);
+//! * **failed** — a channel whose funding output shows up confirmed after all (until
+//!   [`RESCUE_WINDOW_BLOCKS`] after its expiry) is closed with its best payment.
 //!
 //! [`SettlementMetrics`] reports channels by state, sats settled, closes pending, broadcast
 //! failures and bumps; every pass and every channel runs in a `tracing` span.
