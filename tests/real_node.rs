@@ -335,8 +335,7 @@ async fn open<S: ChannelStore>(
 /// The close of `channel` the server would broadcast: its best payment, co-signed.
 async fn server_close<S: ChannelStore>(store: &S, channel: &ClientChannel) -> bitcoin::Transaction {
     let record = store.load(channel.id()).await.unwrap().unwrap();
-    let key = channel_key(&master(), record.key_index).unwrap();
-    record.channel.close_transaction(record.best.as_ref().unwrap(), &key).unwrap()
+    record.close_transaction(&master()).unwrap()
 }
 
 /// A close in Core's mempool: Core's fee is the agreed payment fee.

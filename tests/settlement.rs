@@ -507,8 +507,7 @@ async fn the_margin_close_includes_a_payment_stored_after_the_pass_listed_the_ch
     assert_eq!(record.best.as_ref(), Some(&late), "the late payment is the frozen best");
     chain.mine(1);
     assert_eq!(task.run_once().await.unwrap().settled, 1);
-    let key = channel_key(&master(), record.key_index).unwrap();
-    let close = funded.channel.close_transaction(&late, &key).unwrap();
+    let close = record.close_transaction(&master()).unwrap();
     assert!(
         matches!(chain.tx_status(&close.compute_txid()), TxStatus::Confirmed { .. }),
         "the close of the late payment (7 000 sat) is what confirmed"

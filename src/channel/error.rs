@@ -528,11 +528,14 @@ pub enum CloseError {
     },
     /// The client's signature is not a standard `SIGHASH_ALL` signature.
     Signature(SignatureError),
+    /// The channel has no payment to close with.
+    NoPayment,
 }
 
 impl fmt::Display for CloseError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Self::NoPayment => f.write_str("the channel has no payment to close with"),
             Self::WrongKey => f.write_str("the secret key is not the channel's server key"),
             Self::WitnessShape { items } => {
                 write!(f, "payment witness has {items} items, expected the client signature")

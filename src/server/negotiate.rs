@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use super::problem::{ChannelSnapshot, PROBLEM_TYPE_PREFIX};
 use crate::MilliSats;
 use crate::chain::{ChainBackend, ChainError, RejectReason};
-use crate::channel::{ChainTip, ChannelParams, Terms};
+use crate::channel::{ChainTip, ChannelParams, CloseError, Terms};
 use crate::settlement::FundingPolicy;
 use crate::store::{ChannelRecord, ChannelState, ChannelStore};
 use crate::wire::{self, ChannelId, PAYMENT_CHANNEL};
@@ -716,12 +716,10 @@ async fn close<C: ChainBackend, St: ChannelStore>(
     // Read again: from `Closing` on the best payment is frozen, so this close is the one the
     // settlement task would build (a payment may have landed before the transition).
     let record = load(&s, id).await?;
-    let best =
-        record.best.as_ref().ok_or_else(|| Problem::bad("no-payment", "nothing to close"))?;
-    let close = record
-        .channel
-        .close_transaction(best, &s.key(record.key_index)?)
-        .map_err(|e| Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "close", e))?;
+    let close = record.close_transaction(&s.negotiation.master).map_err(|e| match e {
+        CloseError::NoPayment => Problem::bad("no-payment", "nothing to close"),
+        e => Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "close", e),
+    })?;
     let txid = close.compute_txid();
     // The close is queued (the settlement task retries it); try to broadcast it now.
     let status = match record.state {

@@ -573,9 +573,7 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
     }
 
     fn settlement_tx(&self, record: &ChannelRecord) -> Option<Transaction> {
-        let best = record.best.as_ref()?;
-        let key = crate::channel::channel_key(&self.master, record.key_index).ok()?;
-        record.channel.close_transaction(best, &key).ok()
+        record.close_transaction(&self.master).ok()
     }
 
     fn due(&self, id: ChannelId) -> bool {

@@ -25,11 +25,12 @@
 use core::fmt;
 use std::future::Future;
 
+use bitcoin::bip32::Xpriv;
 use bitcoin::{Amount, Transaction};
 use serde::{Deserialize, Serialize};
 
 use crate::MilliSats;
-use crate::channel::Channel;
+use crate::channel::{Channel, CloseError, channel_key};
 use crate::wire::ChannelId;
 
 pub mod conformance;
@@ -163,6 +164,21 @@ impl ChannelRecord {
     /// What is left to spend: paid − spent.
     pub fn balance(&self) -> MilliSats {
         self.paid().saturating_sub(self.spent)
+    }
+
+    /// The close the server broadcasts: the best payment co-signed with the server key derived
+    /// from `master` at [`key_index`](Self::key_index). The close endpoint and the settlement
+    /// task both build it here, from a record read once the channel is closing (its best is
+    /// frozen then), so every node builds the same transaction.
+    ///
+    /// # Errors
+    ///
+    /// [`CloseError::NoPayment`] without a payment; [`CloseError::WrongKey`] if `master` does
+    /// not derive the channel's server key.
+    pub fn close_transaction(&self, master: &Xpriv) -> Result<Transaction, CloseError> {
+        let best = self.best.as_ref().ok_or(CloseError::NoPayment)?;
+        let key = channel_key(master, self.key_index).map_err(|_| CloseError::WrongKey)?;
+        self.channel.close_transaction(best, &key)
     }
 }
 
