@@ -42,3 +42,11 @@ pub mod store;
 pub mod wire;
 
 pub use msat::{MilliSats, ParseMilliSatsError};
+
+/// The rust-bitcoin this crate is built on: use its types through this path so that your
+/// transactions, keys and amounts are the ones the crate takes.
+pub use bitcoin;
+
+pub use client::{Payer, PaymentLayer};
+pub use server::{Negotiation, Paid, PaywallLayer};
+pub use settlement::{FundingPolicy, Settlement};
