@@ -505,3 +505,24 @@ async fn the_reqwest_middleware_pays_like_the_layer() {
     let error = client.get(format!("{}/work", server.origin)).send().await.unwrap_err();
     assert!(error.to_string().contains("automatically"), "{error}");
 }
+
+/// Security review C7: terms whose lifetime bounds are inverted, or whose endpoints are not
+/// paths on the server's origin (`@host/x` would move the request to another host), are a
+/// misbehaving server, not a panic nor a request elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terms_that_would_panic_or_redirect_the_client_are_refused() {
+    let lies: [(&str, Edit); 2] = [
+        ("inverted bounds", |v| v["lifetime_blocks"]["min"] = 100_000.into()),
+        ("another host", |v| v["endpoints"]["open"] = "@127.0.0.2:9/open".into()),
+    ];
+    for (what, edit) in lies {
+        let lie = Tamper { path: "/.well-known/payment-channel", edit: Some(edit) };
+        let server = server_with(Terms::default(), Amount::from_sat(1_000), Some(lie)).await;
+        let wallet = funded_wallet(&server.chain);
+        let payer = payer_with(&server, &wallet, MemoryClientStore::new(), policy());
+        let (mut client, _) = paying_client(&payer);
+        let result = get_work(&mut client, &server.origin).await;
+        assert!(matches!(result, Err(ClientError::ServerMisbehaved(_))), "{what}: {result:?}");
+        assert_eq!(wallet.wallet.balance(), WALLET, "{what}: nothing was funded");
+    }
+}

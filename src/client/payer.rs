@@ -408,6 +408,11 @@ impl<S: ClientStore> Payer<S> {
         body: Option<Value>,
         header: Option<&HeaderValue>,
     ) -> Result<Value, ClientError> {
+        // Paths come from the server's terms: a path that does not start with `/` could move
+        // the request (and the payment header) to another host (`@evil.example/x`).
+        if !path.starts_with('/') {
+            return Err(misbehaved(format!("endpoint {path:?} is not a path on the origin")));
+        }
         let mut request = Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.inner.settings.origin))
@@ -481,6 +486,9 @@ impl<S: ClientStore> Payer<S> {
             .max(min_value);
         inner.policy.check_open(value, automatic).map_err(ClientError::Policy)?;
         let bounds = terms.lifetime_blocks;
+        if bounds.min > bounds.max {
+            return Err(misbehaved("terms: lifetime_blocks.min is above max"));
+        }
         let lifetime = inner.lifetime_blocks.clamp(bounds.min, bounds.max);
         inner.policy.check_lifetime(lifetime).map_err(ClientError::Policy)?;
         let wallet = inner.wallet.clone().ok_or(ClientError::NoWallet)?;
