@@ -47,8 +47,14 @@ where
     }
 }
 
-/// A price table keyed by method and exact path; requests not in the table are free (or cost
-/// the [`fallback`](RoutePrices::fallback) price).
+/// A price table keyed by method and path; requests not in the table are free (or cost the
+/// [`fallback`](RoutePrices::fallback) price: choose it explicitly when unlisted routes must
+/// not be free).
+///
+/// A path is matched exactly, or as a pattern in axum's syntax: `{name}` matches one segment,
+/// `{*name}` the rest of the path (one segment or more). Exact paths win over patterns;
+/// patterns are tried in the order they were added. A `HEAD` request not in the table costs
+/// what the `GET` of the same path costs.
 ///
 /// # Examples
 ///
@@ -63,12 +69,74 @@ where
 /// let req = |m: Method, p: &str| Request::builder().method(m).uri(p).body(()).unwrap();
 /// assert_eq!(prices.price(&req(Method::GET, "/weather")), Some(MilliSats::from_msat(500)));
 /// assert_eq!(prices.price(&req(Method::GET, "/health")), None);
+///
+/// let prices = prices.route(Method::GET, "/cities/{city}/forecast", MilliSats::from_msat(900));
+/// let forecast = req(Method::GET, "/cities/oslo/forecast");
+/// assert_eq!(prices.price(&forecast), Some(MilliSats::from_msat(900)));
+/// assert_eq!(prices.price(&req(Method::HEAD, "/weather")), Some(MilliSats::from_msat(500)));
 /// ```
 #[derive(Debug, Clone, Default)]
 #[must_use]
 pub struct RoutePrices {
     routes: Arc<HashMap<Method, HashMap<String, MilliSats>>>,
+    patterns: Arc<Vec<Pattern>>,
     fallback: Option<MilliSats>,
+}
+
+/// A priced path with `{name}` or `{*name}` segments.
+#[derive(Debug, Clone)]
+struct Pattern {
+    method: Method,
+    path: String,
+    segments: Vec<Segment>,
+    price: MilliSats,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Literal(String),
+    /// `{name}`: any one segment.
+    One,
+    /// `{*name}`: the rest of the path, one segment or more.
+    Rest,
+}
+
+impl Pattern {
+    fn parse(method: Method, path: String, price: MilliSats) -> Option<Self> {
+        let segments: Vec<Segment> = path
+            .split('/')
+            .map(|segment| match segment.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+                Some(name) if name.starts_with('*') => Segment::Rest,
+                Some(_) => Segment::One,
+                None => Segment::Literal(segment.to_owned()),
+            })
+            .collect();
+        let dynamic = segments.iter().any(|s| !matches!(s, Segment::Literal(_)));
+        dynamic.then_some(Self { method, path, segments, price })
+    }
+
+    fn matches(&self, method: &Method, path: &str) -> bool {
+        if *method != self.method {
+            return false;
+        }
+        let mut parts = path.split('/');
+        for segment in &self.segments {
+            match segment {
+                Segment::Rest => return parts.next().is_some_and(|first| !first.is_empty()),
+                Segment::One => {
+                    if parts.next().is_none_or(str::is_empty) {
+                        return false;
+                    }
+                }
+                Segment::Literal(literal) => {
+                    if parts.next() != Some(literal.as_str()) {
+                        return false;
+                    }
+                }
+            }
+        }
+        parts.next().is_none()
+    }
 }
 
 impl RoutePrices {
@@ -77,9 +145,16 @@ impl RoutePrices {
         Self::default()
     }
 
-    /// Prices `method path` at `price`.
+    /// Prices `method path` at `price`; `path` may be a pattern (`/items/{id}`,
+    /// `/files/{*path}`).
     pub fn route(mut self, method: Method, path: impl Into<String>, price: MilliSats) -> Self {
-        Arc::make_mut(&mut self.routes).entry(method).or_default().insert(path.into(), price);
+        let path = path.into();
+        match Pattern::parse(method.clone(), path.clone(), price) {
+            Some(pattern) => Arc::make_mut(&mut self.patterns).push(pattern),
+            None => {
+                Arc::make_mut(&mut self.routes).entry(method).or_default().insert(path, price);
+            }
+        }
         self
     }
 
@@ -104,9 +179,10 @@ impl RoutePrices {
 
     /// Iterates over the priced routes.
     pub fn iter(&self) -> impl Iterator<Item = (&Method, &str, MilliSats)> {
-        self.routes.iter().flat_map(|(method, paths)| {
+        let exact = self.routes.iter().flat_map(|(method, paths)| {
             paths.iter().map(move |(path, price)| (method, path.as_str(), *price))
-        })
+        });
+        exact.chain(self.patterns.iter().map(|p| (&p.method, p.path.as_str(), p.price)))
     }
 }
 
@@ -115,10 +191,47 @@ impl<B> Pricing<B> for RoutePrices {
     /// most routers answer `HEAD` with the `GET` handler).
     fn price(&self, request: &Request<B>) -> Option<MilliSats> {
         let path = request.uri().path();
-        let lookup = |method: &Method| self.routes.get(method).and_then(|paths| paths.get(path));
+        let lookup = |method: &Method| {
+            self.routes.get(method).and_then(|paths| paths.get(path)).or_else(|| {
+                self.patterns.iter().find(|p| p.matches(method, path)).map(|p| &p.price)
+            })
+        };
         lookup(request.method())
             .or_else(|| (request.method() == Method::HEAD).then(|| lookup(&Method::GET)).flatten())
             .copied()
             .or(self.fallback)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn price(prices: &RoutePrices, method: Method, path: &str) -> Option<u64> {
+        let request = Request::builder().method(method).uri(path).body(()).unwrap();
+        prices.price(&request).map(|p| p.to_msat())
+    }
+
+    #[test]
+    fn patterns_match_segments_and_exact_paths_win() {
+        let msat = MilliSats::from_msat;
+        let prices = RoutePrices::new()
+            .route(Method::GET, "/items/{id}", msat(1))
+            .route(Method::GET, "/items/special", msat(2))
+            .route(Method::GET, "/files/{*path}", msat(3))
+            .route(Method::POST, "/items/{id}/buy", msat(4));
+        let get = Method::GET;
+        assert_eq!(price(&prices, get.clone(), "/items/42"), Some(1));
+        assert_eq!(price(&prices, get.clone(), "/items/special"), Some(2));
+        assert_eq!(price(&prices, get.clone(), "/items/"), None, "an empty segment is no id");
+        assert_eq!(price(&prices, get.clone(), "/items/42/more"), None);
+        assert_eq!(price(&prices, get.clone(), "/files/a/b/c.txt"), Some(3));
+        assert_eq!(price(&prices, get.clone(), "/files"), None);
+        assert_eq!(price(&prices, Method::HEAD, "/files/x"), Some(3));
+        assert_eq!(price(&prices, Method::POST, "/items/7/buy"), Some(4));
+        assert_eq!(price(&prices, get.clone(), "/items/7/buy"), None, "methods are kept apart");
+        let fallback = prices.clone().fallback(msat(9));
+        assert_eq!(price(&fallback, get, "/health"), Some(9));
+        assert_eq!(prices.iter().count(), 4);
     }
 }
