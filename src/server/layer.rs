@@ -56,11 +56,28 @@ pub(super) struct Config<St, P> {
     pub(super) forward_payment_header: bool,
 }
 
+impl<St, P: Clone> Clone for Config<St, P> {
+    fn clone(&self) -> Self {
+        Self {
+            store: self.store.clone(),
+            pricing: self.pricing.clone(),
+            tip: self.tip.clone(),
+            bundle: self.bundle,
+            refund_server_errors: self.refund_server_errors,
+            terms_url: self.terms_url.clone(),
+            negotiation: self.negotiation.clone(),
+            verified: dashmap::DashMap::new(),
+            latest: dashmap::DashMap::new(),
+            forward_payment_header: self.forward_payment_header,
+        }
+    }
+}
+
 /// How many verified headers (one per channel) the fast-path cache keeps before it starts
 /// over.
 pub(super) const VERIFIED_CACHE_LIMIT: usize = 100_000;
 
-impl<St, P> PaywallLayer<St, P> {
+impl<St, P: Clone> PaywallLayer<St, P> {
     /// Meters requests priced by `pricing` against channels in `store`. `tip` follows the
     /// chain's best block (the settlement task keeps it current); payments are refused inside
     /// a channel's close margin.
@@ -81,8 +98,10 @@ impl<St, P> PaywallLayer<St, P> {
         }
     }
 
+    /// The configuration to change: a layer configured after it was cloned gets its own copy
+    /// (the clones keep theirs).
     fn config_mut(&mut self) -> &mut Config<St, P> {
-        Arc::get_mut(&mut self.config).expect("the layer is configured before it is cloned")
+        Arc::make_mut(&mut self.config)
     }
 
     /// Sets how much a 402's suggested top-up prepays beyond the minimum
@@ -155,5 +174,23 @@ impl<S, St, P> Layer<S> for PaywallLayer<St, P> {
 
     fn layer(&self, inner: S) -> Self::Service {
         Paywall { inner, config: self.config.clone() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+
+    #[test]
+    fn configuring_a_clone_leaves_the_original_as_it_was() {
+        let (_tx, tip) = watch::channel(ChainTip { height: 1, median_time_past: 0 });
+        let layer = PaywallLayer::new(MemoryStore::new(), MilliSats::from_msat(1), tip);
+        let copy = layer.clone().with_bundle(MilliSats::from_msat(5)).forward_payment_header(true);
+        assert_eq!(copy.config.bundle, MilliSats::from_msat(5));
+        assert!(copy.config.forward_payment_header);
+        assert_eq!(layer.config.bundle, DEFAULT_BUNDLE);
+        assert!(!layer.config.forward_payment_header);
+        assert!(Arc::ptr_eq(&layer.config.store, &copy.config.store), "one store");
     }
 }
