@@ -64,7 +64,9 @@ async fn tamper(State(t): State<Option<Tamper>>, request: Request, next: Next) -
     let response = next.run(request).await;
     let (mut parts, body) = response.into_parts();
     let bytes = axum::body::to_bytes(body, 1 << 20).await.expect("body");
-    let mut value: Value = serde_json::from_slice(&bytes).expect("json");
+    let Ok(mut value) = serde_json::from_slice::<Value>(&bytes) else {
+        return Response::from_parts(parts, Body::from(bytes));
+    };
     edit(&mut value);
     parts.headers.remove(http::header::CONTENT_LENGTH);
     Response::from_parts(parts, Body::from(value.to_string()))
@@ -525,4 +527,64 @@ async fn terms_that_would_panic_or_redirect_the_client_are_refused() {
         assert!(matches!(result, Err(ClientError::ServerMisbehaved(_))), "{what}: {result:?}");
         assert_eq!(wallet.wallet.balance(), WALLET, "{what}: nothing was funded");
     }
+}
+
+/// Security review C2, C3, C5: fee rates the server sets are capped by the policy (funding,
+/// and the channel's rate that the refund and every payment pay), and a 402 asking for more
+/// than the request's price plus `max_prepaid` is refused, whatever the body says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_set_fee_rates_and_top_ups_are_bounded_by_the_policy() {
+    let lies: [(&str, &'static str, Edit); 2] = [
+        ("funding fee rate", "/.well-known/payment-channel", |v| {
+            v["funding_min_fee_rate_sat_per_vb"] = 20_000.into()
+        }),
+        ("channel fee rate", "/payment-channel/open", |v| {
+            // Consistent, so that only the rate is wrong: the refund's 138 vB at 700 sat/vB.
+            v["min_fee_rate_sat_per_vb"] = 700.into();
+            v["max_fee_rate_sat_per_vb"] = 1_000.into();
+            v["refund_fee_sat"] = (138 * 700).into();
+        }),
+    ];
+    for (what, path, edit) in lies {
+        let lie = Tamper { path, edit: Some(edit) };
+        let server = server_with(Terms::default(), Amount::from_sat(1_000), Some(lie)).await;
+        let wallet = funded_wallet(&server.chain);
+        let payer = payer_with(&server, &wallet, MemoryClientStore::new(), policy());
+        let (mut client, _) = paying_client(&payer);
+        let result = get_work(&mut client, &server.origin).await;
+        assert!(
+            matches!(result, Err(ClientError::Policy(PolicyRefusal::FeeRateTooHigh { .. }))),
+            "{what}: {result:?}"
+        );
+        assert_eq!(wallet.wallet.balance(), WALLET, "{what}: nothing was funded");
+    }
+
+    // A 402 that asks for the whole channel for one 150-sat request.
+    let lie = Tamper {
+        path: "/work",
+        edit: Some(|v| {
+            if v["code"] == "insufficient-balance" {
+                v["channel"]["min_server_amount_sat"] = 90_000.into();
+                v["channel"]["suggested_server_amount_sat"] = 90_000.into();
+            }
+        }),
+    };
+    let server = server_with(Terms::default(), Amount::from_sat(1_000), Some(lie)).await;
+    let wallet = funded_wallet(&server.chain);
+    let payer = payer_with(&server, &wallet, MemoryClientStore::new(), policy());
+    let (mut client, _) = paying_client(&payer);
+    let mut served = 0;
+    let refusal = loop {
+        match get_work(&mut client, &server.origin).await {
+            Ok((StatusCode::OK, _)) => served += 1,
+            other => break other,
+        }
+        assert!(served < 50, "the lying 402 must be refused, not paid");
+    };
+    assert!(
+        matches!(refusal, Err(ClientError::Policy(PolicyRefusal::TopUpTooLarge { .. }))),
+        "{refusal:?}"
+    );
+    let paid = payer.committed().await.unwrap();
+    assert!(paid < Amount::from_sat(5_000), "the client paid {paid}, never the 90 000 asked");
 }

@@ -522,6 +522,11 @@ impl<S: ClientStore> Payer<S> {
             TxOut { value: params.value, script_pubkey: params.funding_script_pubkey() };
         let fee_rate = FeeRate::from_sat_per_vb(terms.funding_min_fee_rate_sat_per_vb)
             .ok_or_else(|| misbehaved("funding fee rate"))?;
+        // Fee rates the server sets: the funding's, and the channel's (every payment and the
+        // refund pay it).
+        let policy = &inner.policy;
+        policy.check_fee_rate(fee_rate).map_err(ClientError::Policy)?;
+        policy.check_fee_rate(params.min_fee_rate).map_err(ClientError::Policy)?;
         let psbt =
             wallet.fund(funding_output.clone(), fee_rate).await.map_err(ClientError::Wallet)?;
         // Between the wallet's unsigned funding and its signature: the refund, signed by the
@@ -679,6 +684,18 @@ impl<S: ClientStore> Payer<S> {
         let paid = channel.paid();
         let min = snapshot.min_server_amount_sat.expect("checked by the caller");
         let suggested = snapshot.suggested_server_amount_sat.unwrap_or(min);
+        // A hard bound, whatever the server reports: this request's price and the prepaid
+        // allowance on top of what was paid (an honest minimum is at most paid + price).
+        let most = paid
+            .checked_add(snapshot.price_msat.to_sat_ceil())
+            .and_then(|need| need.checked_add(policy.max_prepaid()))
+            .unwrap_or(Amount::MAX);
+        if min > most {
+            return Err(ClientError::Policy(PolicyRefusal::TopUpTooLarge {
+                asked: min,
+                max: most,
+            }));
+        }
         // Never prepay more than the policy allows beyond what this request needs.
         let bound = snapshot
             .spent_msat
@@ -690,6 +707,7 @@ impl<S: ClientStore> Payer<S> {
         let room = policy.max_total().checked_sub(state.committed).unwrap_or(Amount::ZERO);
         let target = suggested
             .min(bound.max(min))
+            .min(most)
             .min(channel.channel.params().max_server_amount())
             .min(paid.checked_add(room).unwrap_or(Amount::MAX))
             .max(min);

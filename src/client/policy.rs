@@ -1,6 +1,6 @@
 use core::fmt;
 
-use bitcoin::Amount;
+use bitcoin::{Amount, FeeRate};
 
 use crate::MilliSats;
 
@@ -29,13 +29,15 @@ pub struct SpendingPolicy {
     max_total: Amount,
     max_prepaid: Amount,
     max_lifetime_blocks: u32,
+    max_fee_rate: FeeRate,
     auto_open: bool,
 }
 
 impl Default for SpendingPolicy {
     /// At most 100 000 sat per channel, 10 sat per request, 1 000 000 sat in total, 1 000 sat
     /// prepaid beyond a request's price, channels locked for at most 4 320 blocks (about 30
-    /// days); opening channels automatically allowed.
+    /// days); fee rates the server sets (funding, refund, payments) of at most 100 sat/vB;
+    /// opening channels automatically allowed.
     fn default() -> Self {
         Self {
             max_channel_value: Amount::from_sat(100_000),
@@ -43,6 +45,7 @@ impl Default for SpendingPolicy {
             max_total: Amount::from_sat(1_000_000),
             max_prepaid: Amount::from_sat(1_000),
             max_lifetime_blocks: 4_320,
+            max_fee_rate: FeeRate::from_sat_per_vb_u32(100),
             auto_open: true,
         }
     }
@@ -94,6 +97,25 @@ impl SpendingPolicy {
     /// The most a top-up pays beyond what the refused request needs.
     pub fn max_prepaid(&self) -> Amount {
         self.max_prepaid
+    }
+
+    /// The highest fee rate the client pays where the server sets it: the funding's floor and
+    /// the channel's minimum rate, which every payment and the refund pay.
+    pub fn with_max_fee_rate(mut self, max: FeeRate) -> Self {
+        self.max_fee_rate = max;
+        self
+    }
+
+    /// Checks a fee rate the server sets.
+    ///
+    /// # Errors
+    ///
+    /// [`PolicyRefusal::FeeRateTooHigh`].
+    pub fn check_fee_rate(&self, rate: FeeRate) -> Result<(), PolicyRefusal> {
+        if rate > self.max_fee_rate {
+            return Err(PolicyRefusal::FeeRateTooHigh { rate, max: self.max_fee_rate });
+        }
+        Ok(())
     }
 
     /// Whether the client may open a channel by itself when a server asks for payment.
@@ -191,6 +213,21 @@ pub enum PolicyRefusal {
         /// The policy's maximum.
         max: u32,
     },
+    /// The server sets a fee rate above the policy's maximum.
+    FeeRateTooHigh {
+        /// The rate.
+        rate: FeeRate,
+        /// The policy's maximum.
+        max: FeeRate,
+    },
+    /// A 402 asks for a payment beyond the refused request's price and the policy's
+    /// `max_prepaid`.
+    TopUpTooLarge {
+        /// What the server asks the payment to pay in total.
+        asked: Amount,
+        /// The most the policy lets it pay in total.
+        max: Amount,
+    },
 }
 
 impl fmt::Display for PolicyRefusal {
@@ -208,6 +245,16 @@ impl fmt::Display for PolicyRefusal {
             Self::AutoOpenDisabled => f.write_str("opening channels automatically is disabled"),
             Self::LifetimeTooLong { blocks, max } => {
                 write!(f, "a channel of {blocks} blocks exceeds the policy's maximum of {max}")
+            }
+            Self::FeeRateTooHigh { rate, max } => {
+                let (rate, max) = (rate.to_sat_per_vb_ceil(), max.to_sat_per_vb_floor());
+                write!(
+                    f,
+                    "a fee rate of {rate} sat/vB exceeds the policy's maximum of {max} sat/vB"
+                )
+            }
+            Self::TopUpTooLarge { asked, max } => {
+                write!(f, "a top-up to {asked} exceeds what the request needs plus prepaid ({max})")
             }
         }
     }
