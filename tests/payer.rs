@@ -151,6 +151,23 @@ async fn get_work<S: ClientStore + 'static>(
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
+/// The first request against a server that lies on `path` (the answer rewritten by `edit`):
+/// its result, after checking that the wallet funded nothing.
+async fn first_request_to_a_liar(
+    what: &str,
+    path: &'static str,
+    edit: Edit,
+) -> Result<(StatusCode, String), ClientError> {
+    let lie = Tamper { path, edit: Some(edit) };
+    let server = server_with(Terms::default(), Amount::from_sat(1_000), Some(lie)).await;
+    let wallet = funded_wallet(&server.chain);
+    let payer = payer_with(&server, &wallet, MemoryClientStore::new(), policy());
+    let (mut client, _) = paying_client(&payer);
+    let result = get_work(&mut client, &server.origin).await;
+    assert_eq!(wallet.wallet.balance(), WALLET, "{what}: nothing was funded");
+    result
+}
+
 /// The server's view of a channel.
 async fn server_channel(server: &Server, id: &str) -> Value {
     let http: Http = http_client();
@@ -255,14 +272,8 @@ async fn a_proposal_that_differs_from_the_request_is_refused() {
         }),
     ];
     for (what, edit) in lies {
-        let lie = Tamper { path: "/payment-channel/open", edit: Some(edit) };
-        let server = server_with(Terms::default(), Amount::from_sat(1_000), Some(lie)).await;
-        let wallet = funded_wallet(&server.chain);
-        let payer = payer_with(&server, &wallet, MemoryClientStore::new(), policy());
-        let (mut client, _) = paying_client(&payer);
-        let result = get_work(&mut client, &server.origin).await;
+        let result = first_request_to_a_liar(what, "/payment-channel/open", edit).await;
         assert!(matches!(result, Err(ClientError::ServerMisbehaved(_))), "{what}: {result:?}");
-        assert_eq!(wallet.wallet.balance(), WALLET, "{what}: nothing was funded");
     }
 }
 
@@ -518,14 +529,8 @@ async fn terms_that_would_panic_or_redirect_the_client_are_refused() {
         ("another host", |v| v["endpoints"]["open"] = "@127.0.0.2:9/open".into()),
     ];
     for (what, edit) in lies {
-        let lie = Tamper { path: "/.well-known/payment-channel", edit: Some(edit) };
-        let server = server_with(Terms::default(), Amount::from_sat(1_000), Some(lie)).await;
-        let wallet = funded_wallet(&server.chain);
-        let payer = payer_with(&server, &wallet, MemoryClientStore::new(), policy());
-        let (mut client, _) = paying_client(&payer);
-        let result = get_work(&mut client, &server.origin).await;
+        let result = first_request_to_a_liar(what, "/.well-known/payment-channel", edit).await;
         assert!(matches!(result, Err(ClientError::ServerMisbehaved(_))), "{what}: {result:?}");
-        assert_eq!(wallet.wallet.balance(), WALLET, "{what}: nothing was funded");
     }
 }
 
@@ -546,17 +551,11 @@ async fn server_set_fee_rates_and_top_ups_are_bounded_by_the_policy() {
         }),
     ];
     for (what, path, edit) in lies {
-        let lie = Tamper { path, edit: Some(edit) };
-        let server = server_with(Terms::default(), Amount::from_sat(1_000), Some(lie)).await;
-        let wallet = funded_wallet(&server.chain);
-        let payer = payer_with(&server, &wallet, MemoryClientStore::new(), policy());
-        let (mut client, _) = paying_client(&payer);
-        let result = get_work(&mut client, &server.origin).await;
+        let result = first_request_to_a_liar(what, path, edit).await;
         assert!(
             matches!(result, Err(ClientError::Policy(PolicyRefusal::FeeRateTooHigh { .. }))),
             "{what}: {result:?}"
         );
-        assert_eq!(wallet.wallet.balance(), WALLET, "{what}: nothing was funded");
     }
 
     // A 402 that asks for the whole channel for one 150-sat request.
