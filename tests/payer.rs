@@ -151,6 +151,23 @@ async fn get_work<S: ClientStore + 'static>(
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
+/// Requests `/work` until one is not served (at most `most` served): how many were served, and
+/// the first answer that was not a 200.
+async fn until_refused<S: ClientStore + 'static>(
+    client: &mut PaymentService<Counting, S>,
+    origin: &str,
+    most: usize,
+) -> (usize, Result<(StatusCode, String), ClientError>) {
+    let mut served = 0;
+    loop {
+        match get_work(client, origin).await {
+            Ok((StatusCode::OK, _)) => served += 1,
+            other => return (served, other),
+        }
+        assert!(served < most, "served {served} requests: the policy must end this");
+    }
+}
+
 /// The first request against a server that lies on `path` (the answer rewritten by `edit`):
 /// its result, after checking that the wallet funded nothing.
 async fn first_request_to_a_liar(
@@ -326,14 +343,7 @@ async fn policy_limits_are_typed_refusals() {
     let payer =
         payer_with(&server, &funded_wallet(&server.chain), MemoryClientStore::new(), budget);
     let (mut client, _) = paying_client(&payer);
-    let mut served = 0;
-    let refusal = loop {
-        match get_work(&mut client, &server.origin).await {
-            Ok((StatusCode::OK, _)) => served += 1,
-            other => break other,
-        }
-        assert!(served < 100, "the budget must end this");
-    };
+    let (served, refusal) = until_refused(&mut client, &server.origin, 100).await;
     assert!(
         matches!(refusal, Err(ClientError::Policy(PolicyRefusal::BudgetExhausted { .. }))),
         "{refusal:?}"
@@ -572,14 +582,7 @@ async fn server_set_fee_rates_and_top_ups_are_bounded_by_the_policy() {
     let wallet = funded_wallet(&server.chain);
     let payer = payer_with(&server, &wallet, MemoryClientStore::new(), policy());
     let (mut client, _) = paying_client(&payer);
-    let mut served = 0;
-    let refusal = loop {
-        match get_work(&mut client, &server.origin).await {
-            Ok((StatusCode::OK, _)) => served += 1,
-            other => break other,
-        }
-        assert!(served < 50, "the lying 402 must be refused, not paid");
-    };
+    let (_, refusal) = until_refused(&mut client, &server.origin, 50).await;
     assert!(
         matches!(refusal, Err(ClientError::Policy(PolicyRefusal::TopUpTooLarge { .. }))),
         "{refusal:?}"
