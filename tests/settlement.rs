@@ -603,3 +603,16 @@ fn zero_confirmation_service_needs_a_small_channel_and_a_safe_funding() {
     let off = policy.with_zero_conf_max_value(Amount::ZERO);
     assert!(!off.allows_zero_conf(value, &safe, &[1]));
 }
+
+/// A channel failed although its funding is confirmed (a backend answered wrongly once): the
+/// next pass finds the funding and the channel serves again; it is not closed early.
+#[tokio::test]
+async fn a_failed_channel_whose_funding_is_confirmed_opens_again() {
+    let (chain, store, _funded, id) = one_channel(300, 5_000).await;
+    chain.mine(1);
+    assert!(store.transition(id, ChannelState::Open, ChannelState::Failed).await.unwrap());
+    let mut task = settlement(store.clone(), chain.clone());
+    let report = task.run_once().await.unwrap();
+    assert_eq!((report.opened, report.closing, report.broadcast), (1, 0, 0), "{report:?}");
+    assert_eq!(state(&store, id).await, ChannelState::Open);
+}

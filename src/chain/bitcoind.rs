@@ -265,9 +265,10 @@ impl ChainBackend for BitcoindRpc {
                 });
             }
         };
-        // Core answers "success" or describes each transaction's fate; a transaction that is
-        // already in the mempool (or was accepted now) has no "error".
-        if answer.get("package_msg").and_then(Value::as_str) == Some("success") {
+        // Core answers "success" or describes each transaction's fate; a failure of the whole
+        // package (a package policy) comes with no per-transaction error at all.
+        let message = answer.get("package_msg").and_then(Value::as_str).unwrap_or("no package_msg");
+        if message == "success" {
             return Ok(txid);
         }
         let errors: Vec<&str> = answer
@@ -278,7 +279,7 @@ impl ChainBackend for BitcoindRpc {
             })
             .unwrap_or_default();
         match errors.first() {
-            None => Ok(txid),
+            None => Err(unavailable(format!("submitpackage: {message}"))),
             Some(message) => match map_broadcast_error(-26, message) {
                 BroadcastError::AlreadyKnown => Ok(txid),
                 BroadcastError::Rejected(reason) => Err(ChainError::rejected(reason, *message)),

@@ -203,7 +203,10 @@ impl ChainBackend for Esplora {
         };
         let confirmations = match self.tx_status(&outpoint.txid).await? {
             TxStatus::Confirmed { confirmations, .. } => confirmations,
-            _ => 0,
+            TxStatus::InMempool => 0,
+            // The transaction was just served, its status is not: a lagging or load-balanced
+            // instance, not an unconfirmed funding.
+            _ => return Err(unavailable(format!("{}: no status", outpoint.txid))),
         };
         Ok(Some(Utxo::new(output, confirmations)))
     }

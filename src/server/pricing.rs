@@ -52,8 +52,9 @@ where
 /// not be free).
 ///
 /// A path is matched exactly, or as a pattern in axum's syntax: `{name}` matches one segment,
-/// `{*name}` the rest of the path (one segment or more). Exact paths win over patterns;
-/// patterns are tried in the order they were added. A `HEAD` request not in the table costs
+/// `{*name}` the rest of the path (one segment or more). Exact paths win over patterns, and
+/// among patterns the more specific wins, segment by segment (a literal over `{name}` over
+/// `{*name}`), as in axum's router. A `HEAD` request not in the table costs
 /// what the `GET` of the same path costs.
 ///
 /// # Examples
@@ -99,6 +100,16 @@ enum Segment {
     One,
     /// `{*name}`: the rest of the path, one segment or more.
     Rest,
+}
+
+impl Segment {
+    fn rank(&self) -> u8 {
+        match self {
+            Self::Literal(_) => 0,
+            Self::One => 1,
+            Self::Rest => 2,
+        }
+    }
 }
 
 impl Pattern {
@@ -150,7 +161,13 @@ impl RoutePrices {
     pub fn route(mut self, method: Method, path: impl Into<String>, price: MilliSats) -> Self {
         let path = path.into();
         match Pattern::parse(method.clone(), path.clone(), price) {
-            Some(pattern) => Arc::make_mut(&mut self.patterns).push(pattern),
+            Some(pattern) => {
+                let patterns = Arc::make_mut(&mut self.patterns);
+                patterns.push(pattern);
+                // As routers do: a literal segment before a parameter, a parameter before the
+                // rest of the path (the sort is stable: equals keep their order).
+                patterns.sort_by_key(|p| p.segments.iter().map(Segment::rank).collect::<Vec<_>>());
+            }
             None => {
                 Arc::make_mut(&mut self.routes).entry(method).or_default().insert(path, price);
             }
@@ -230,6 +247,9 @@ mod tests {
         assert_eq!(price(&prices, Method::HEAD, "/files/x"), Some(3));
         assert_eq!(price(&prices, Method::POST, "/items/7/buy"), Some(4));
         assert_eq!(price(&prices, get.clone(), "/items/7/buy"), None, "methods are kept apart");
+        let nested = prices.clone().route(Method::GET, "/files/premium/{n}", msat(5));
+        assert_eq!(price(&nested, Method::GET, "/files/premium/1"), Some(5), "the specific wins");
+        assert_eq!(price(&nested, Method::GET, "/files/other/1"), Some(3));
         let fallback = prices.clone().fallback(msat(9));
         assert_eq!(price(&fallback, get, "/health"), Some(9));
         assert_eq!(prices.iter().count(), 4);

@@ -528,8 +528,9 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
         }
     }
 
-    /// A failed channel whose funding output turned up confirmed after all (the funding
-    /// confirmed after its deadline): it still has a valid best payment, so close it.
+    /// A failed channel whose funding output turned up confirmed after all (it confirmed after
+    /// its deadline, or a backend answered wrongly once): it is alive. Before the close margin
+    /// it serves again; at the margin it is closed with its best payment.
     async fn rescue(&mut self, record: &ChannelRecord, tip: ChainTip, report: &mut PassReport) {
         if record.best.is_none() || !self.may_rescue(record, tip) {
             return;
@@ -538,7 +539,15 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
             self.chain.unspent(&record.channel.outpoint()).await,
             Ok(Some(utxo)) if utxo.confirmations > 0
         );
-        if confirmed && self.transition(record, ChannelState::Failed, ChannelState::Closing).await {
+        if !confirmed {
+            return;
+        }
+        if !record.channel.params().is_closing(tip) {
+            if self.transition(record, ChannelState::Failed, ChannelState::Open).await {
+                tracing::info!("the funding of a failed channel is confirmed: open again");
+                report.opened += 1;
+            }
+        } else if self.transition(record, ChannelState::Failed, ChannelState::Closing).await {
             tracing::info!("the funding of a failed channel confirmed: closing it");
             report.closing += 1;
             self.close_reloaded(record.id(), report).await;
