@@ -698,8 +698,8 @@ async fn close<C: ChainBackend, St: ChannelStore>(
     }
     record.channel.verify_client_signature(&proof).map_err(|e| Problem::bad(e.code(), e))?;
     // Only the client's latest payment closes: an old header someone captured does not.
-    let paid = |tx: &Transaction| tx.output.first().map_or(Amount::ZERO, |out| out.value);
-    let (best, proven) = (record.best.as_ref().map_or(Amount::ZERO, paid), paid(&proof));
+    let best = record.paid_amount();
+    let proven = proof.output.first().map_or(Amount::ZERO, |out| out.value);
     if best > proven {
         return Err(Problem::new(
             StatusCode::FORBIDDEN,
