@@ -552,7 +552,7 @@ fn the_funding_watch_fails_a_channel_only_at_its_deadline() {
     ];
     for (record, funding, tip, expected) in cases {
         assert_eq!(
-            policy.funding_action(record, funding, tip),
+            record.funding_action(&policy, funding, tip),
             expected,
             "{} with {funding:?} at {}",
             record.state.as_str(),
@@ -560,11 +560,11 @@ fn the_funding_watch_fails_a_channel_only_at_its_deadline() {
         );
     }
     let two = policy.with_min_confirmations(2);
-    assert_eq!(two.funding_action(&pending, Some(1), now), Keep);
-    assert_eq!(two.funding_action(&pending, Some(2), now), Open);
+    assert_eq!(pending.funding_action(&two, Some(1), now), Keep);
+    assert_eq!(pending.funding_action(&two, Some(2), now), Open);
     // A channel recorded without a funding height has no deadline.
     let legacy = ChannelRecord { funded_at: 0, ..pending.clone() };
-    assert_eq!(policy.funding_action(&legacy, None, at(funded_at + 200)), Keep);
+    assert_eq!(legacy.funding_action(&policy, None, at(funded_at + 200)), Keep);
 }
 
 /// Zero confirmations only for a small channel whose funding cannot be replaced cheaply:

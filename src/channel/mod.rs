@@ -63,6 +63,7 @@ use serde::{Deserialize, Serialize};
 
 mod error;
 mod funding;
+mod lifecycle;
 mod params;
 mod payment;
 mod refund;
@@ -72,11 +73,12 @@ mod tip;
 pub use error::{
     CloseError, ExpiryOutOfBounds, FundingError, OpenError, PaymentError, RefundError, SignError,
 };
+pub use lifecycle::{ChannelState, FundingAction, FundingPolicy, ParseChannelStateError};
 pub use params::{
     ChannelParams, FUNDING_SPEND_WITNESS_WEIGHT, LifetimeBounds, TX_VERSION, Terms,
     is_standard_payout,
 };
-pub use payment::PaymentCheck;
+pub use payment::{PaymentCheck, server_amount};
 pub use refund::{CheckedRefund, REFUND_SEQUENCE};
 pub use tip::ChainTip;
 

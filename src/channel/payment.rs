@@ -7,6 +7,30 @@ use super::params::{TX_VERSION, fee_at, funding_spend_weight};
 use super::sig;
 use super::{ChainTip, Channel};
 
+/// What a payment (or a close, which is a co-signed payment) pays the server: its output 0,
+/// by the protocol's layout (server first, client change second). Zero for a transaction
+/// without outputs.
+///
+/// # Examples
+///
+/// ```
+/// use bitcoin::{Amount, ScriptBuf, Transaction, TxOut, absolute, transaction};
+/// use paychan::channel::server_amount;
+///
+/// let mut tx = Transaction {
+///     version: transaction::Version::TWO,
+///     lock_time: absolute::LockTime::ZERO,
+///     input: vec![],
+///     output: vec![],
+/// };
+/// assert_eq!(server_amount(&tx), Amount::ZERO);
+/// tx.output.push(TxOut { value: Amount::from_sat(700), script_pubkey: ScriptBuf::new() });
+/// assert_eq!(server_amount(&tx), Amount::from_sat(700));
+/// ```
+pub fn server_amount(payment: &Transaction) -> Amount {
+    payment.output.first().map_or(Amount::ZERO, |out| out.value)
+}
+
 /// The outcome of a successful [`Channel::check_payment`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[must_use]
@@ -185,7 +209,7 @@ impl Channel {
                 return Err(PaymentError::ChangeOmitted { would_be });
             }
         }
-        let previous = best.and_then(|best| best.output.first()).map_or(Amount::ZERO, |o| o.value);
+        let previous = best.map_or(Amount::ZERO, server_amount);
         // Only a payment that does not pay more can be a repeat: hash only then.
         let repeat = server.value <= previous
             && best.is_some_and(|best| best.compute_txid() == payment.compute_txid());

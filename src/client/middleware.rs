@@ -4,11 +4,10 @@ use bytes::Bytes;
 use http::{Extensions, StatusCode, Uri};
 use reqwest_middleware::{Middleware, Next};
 
-use super::payer::{Acted, Problem};
-use super::payment::{MAX_ATTEMPTS, balance};
+use super::attempts::{Retry, balance};
 use super::transport::MAX_BODY;
 use super::{ClientError, ClientStore, MemoryClientStore, Payer, Transport, TransportFuture};
-use crate::wire::PAYMENT_CHANNEL;
+use crate::wire::{PAYMENT_CHANNEL, Problem};
 
 /// Adds channel payments to a `reqwest-middleware` client: every request to the [`Payer`]'s
 /// server carries the `Payment-Channel` header, and a 402 is answered by paying (top-up or a
@@ -67,42 +66,37 @@ impl<St: ClientStore + 'static> Middleware for PaymentMiddleware<St> {
             return next.run(request, extensions).await;
         }
         let negotiation = NextTransport { next: next.clone() };
-        let mut acted = Acted::default();
-        for attempt in 1..=MAX_ATTEMPTS {
-            let sent = self.payer.current().await.map_err(middleware_error)?;
+        let mut retry = Retry::new(&self.payer);
+        loop {
+            let header = retry.start().await.map_err(middleware_error)?;
             let Some(mut this) = request.try_clone() else {
                 // A streaming body cannot be sent twice: send it once, as it is.
                 let mut request = request;
-                set_header(&mut request, sent.as_ref().map(|s| &s.header));
+                set_header(&mut request, header);
                 return next.run(request, extensions).await;
             };
-            let last = attempt == MAX_ATTEMPTS;
-            set_header(&mut this, sent.as_ref().map(|s| &s.header));
+            set_header(&mut this, header);
             let response = next.clone().run(this, extensions).await?;
-            if response.status() != StatusCode::PAYMENT_REQUIRED || last {
-                if let (Some(sent), Some(balance)) = (&sent, balance(response.headers())) {
-                    // A refusal here is not this request's failure (see PaymentLayer).
-                    let _ = self.payer.observe_balance(sent, balance).await;
-                }
+            if response.status() != StatusCode::PAYMENT_REQUIRED || retry.is_last() {
+                retry.answered(balance(response.headers())).await;
                 return Ok(response);
             }
             let status = response.status();
             let body = read_limited(response)
                 .await
                 .map_err(|e| middleware_error(ClientError::Transport(e)))?;
-            self.payer
-                .handle_402(&negotiation, sent.as_ref(), status, Problem::parse(&body), &mut acted)
+            retry
+                .payment_required(&negotiation, Problem::from_body(status, &body))
                 .await
                 .map_err(middleware_error)?;
         }
-        unreachable!("the last attempt returns")
     }
 }
 
-fn set_header(request: &mut reqwest::Request, header: Option<&http::HeaderValue>) {
+fn set_header(request: &mut reqwest::Request, header: Option<http::HeaderValue>) {
     request.headers_mut().remove(PAYMENT_CHANNEL);
     if let Some(header) = header {
-        request.headers_mut().insert(PAYMENT_CHANNEL, header.clone());
+        request.headers_mut().insert(PAYMENT_CHANNEL, header);
     }
 }
 

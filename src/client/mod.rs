@@ -39,6 +39,8 @@
 //! # }
 //! ```
 
+mod attempts;
+mod error;
 #[cfg(feature = "reqwest")]
 mod middleware;
 mod payer;
@@ -49,12 +51,14 @@ mod store;
 mod transport;
 mod wallet;
 
+pub use error::ClientError;
 #[cfg(feature = "reqwest")]
 pub use middleware::PaymentMiddleware;
+pub(crate) use payer::RetryBudget;
 pub use payer::{Closed, Payer, PayerBuilder};
 pub use payment::{PaymentLayer, PaymentService, ResponseFuture};
 pub use policy::{PolicyRefusal, SpendingPolicy};
-pub use state::{ClientChannel, ClientError};
+pub use state::ClientChannel;
 pub use store::{ClientStore, ClientStoreError, FileClientStore, MemoryClientStore};
 pub use transport::{ServiceTransport, Transport, TransportFuture};
 pub use wallet::{KeyWallet, Wallet, WalletError, WalletFuture};

@@ -20,7 +20,7 @@
 //!
 //! Every refusal is an RFC 9457 `application/problem+json` body whose `type` is
 //! `urn:paychan:problem:<code>`, with the channel's state when the channel is known
-//! ([`ChannelSnapshot`]); the [`Rejection`] is also in the response extensions. A refused
+//! ([`ChannelSnapshot`](crate::wire::ChannelSnapshot)); the [`Rejection`] is also in the response extensions. A refused
 //! request changes nothing.
 //!
 //! # Examples
@@ -54,16 +54,15 @@
 mod future;
 mod layer;
 mod negotiate;
-pub(crate) use negotiate::OpenResponse;
 mod pricing;
-mod problem;
 mod receipt;
+mod rejection;
 mod service;
 
 pub use future::ResponseFuture;
 pub use layer::{DEFAULT_BUNDLE, DEFAULT_TERMS_URL, PaywallLayer};
 pub use negotiate::{DEFAULT_PREFIX, Negotiation};
 pub use pricing::{Pricing, RoutePrices};
-pub use problem::{ChannelSnapshot, PROBLEM_TYPE_PREFIX, Rejection, RejectionKind};
 pub use receipt::{ActualCost, Paid};
+pub use rejection::{Rejection, RejectionKind};
 pub use service::Paywall;

@@ -1,5 +1,8 @@
 //! The negotiation endpoints: terms, open, refund, fund, status and cooperative close.
+// Handlers fail with the problem document they answer with (152 bytes), on cold paths only.
+#![allow(clippy::result_large_err)]
 
+use core::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,20 +16,24 @@ use axum::{Extension, Json, Router};
 use bitcoin::absolute::LockTime;
 use bitcoin::bip32::Xpriv;
 use bitcoin::consensus::encode::{deserialize_hex, serialize_hex};
+use bitcoin::hex::DisplayHex as _;
 use bitcoin::secp256k1::SecretKey;
 use bitcoin::{Amount, CompressedPublicKey, Network, ScriptBuf, Transaction, TxOut};
 use dashmap::DashMap;
-use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::sync::watch;
 
-use super::problem::{ChannelSnapshot, PROBLEM_TYPE_PREFIX};
 use crate::MilliSats;
 use crate::chain::{ChainBackend, ChainError, RejectReason};
-use crate::channel::{ChainTip, ChannelParams, CloseError, Terms};
-use crate::settlement::FundingPolicy;
-use crate::store::{ChannelRecord, ChannelState, ChannelStore};
-use crate::wire::{self, ChannelId, PAYMENT_CHANNEL};
+use crate::channel::{
+    ChainTip, ChannelParams, ChannelState, CloseError, FundingPolicy, PaymentError, Terms,
+};
+use crate::store::{ChannelRecord, ChannelStore};
+use crate::wire::{
+    self, ChannelId, ChannelSnapshot, CloseResponse, Endpoints, FundRequest, FundResponse,
+    OpenRequest, OpenResponse, PAYMENT_CHANNEL, Problem, ProblemCode, RefundRequest,
+    RefundResponse, TermsDocument,
+};
 
 /// Where the negotiation endpoints live by default.
 pub const DEFAULT_PREFIX: &str = "/payment-channel";
@@ -202,8 +209,9 @@ struct Proposal {
 
 impl<C: ChainBackend, St> Shared<C, St> {
     fn key(&self, index: u32) -> Result<SecretKey, Problem> {
-        crate::channel::channel_key(&self.negotiation.master, index)
-            .map_err(|e| Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "key-derivation", e))
+        crate::channel::channel_key(&self.negotiation.master, index).map_err(|e| {
+            Problem::new(StatusCode::INTERNAL_SERVER_ERROR, ProblemCode::KeyDerivation, e)
+        })
     }
 
     fn tip(&self) -> ChainTip {
@@ -219,7 +227,7 @@ impl<C: ChainBackend, St> Shared<C, St> {
             .relay_floor
             .get_or_try_init(|| chain.min_relay_fee_rate())
             .await
-            .map_err(Problem::chain)?;
+            .map_err(chain_problem)?;
         let mut terms = self.negotiation.terms.clone();
         terms.min_fee_rate = terms.min_fee_rate.max(floor);
         terms.max_fee_rate = terms.max_fee_rate.max(terms.min_fee_rate);
@@ -279,7 +287,7 @@ impl<C: ChainBackend, St> Shared<C, St> {
         if self.pending.len() >= self.negotiation.max_pending {
             return Err(Problem::new(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "too-many-pending",
+                ProblemCode::TooManyPending,
                 "try again later",
             ));
         }
@@ -287,7 +295,7 @@ impl<C: ChainBackend, St> Shared<C, St> {
         if mine >= self.negotiation.max_pending_per_client {
             return Err(Problem::new(
                 StatusCode::TOO_MANY_REQUESTS,
-                "too-many-pending",
+                ProblemCode::TooManyPending,
                 "fund or abandon your open proposals first",
             ));
         }
@@ -299,7 +307,7 @@ impl<C: ChainBackend, St> Shared<C, St> {
             .get(&index)
             .map(|p| p.clone())
             .filter(|p| self.live(p))
-            .ok_or_else(Problem::unknown_proposal)
+            .ok_or_else(unknown_proposal)
     }
 }
 
@@ -308,132 +316,74 @@ const OPENS_TRACKED: usize = 10_000;
 
 /// A JSON body, or a problem document saying what is wrong with it.
 fn body<T>(json: Result<Json<T>, JsonRejection>) -> Result<T, Problem> {
-    json.map(|Json(value)| value).map_err(|e| Problem::bad("bad-request", e.body_text()))
+    json.map(|Json(value)| value).map_err(|e| bad(ProblemCode::BadRequest, e.body_text()))
 }
 
-/// An RFC 9457 problem from a negotiation endpoint.
-#[derive(Debug)]
-struct Problem {
-    status: StatusCode,
-    code: &'static str,
-    detail: String,
+fn bad(code: ProblemCode, detail: impl fmt::Display) -> Problem {
+    Problem::new(StatusCode::BAD_REQUEST, code, detail)
 }
 
-impl Problem {
-    fn new(status: StatusCode, code: &'static str, detail: impl ToString) -> Self {
-        Self { status, code, detail: detail.to_string() }
-    }
+/// A refusal for breaking the protocol core's rule `code`.
+fn broke(code: &'static str, detail: impl fmt::Display) -> Problem {
+    bad(ProblemCode::from_static(code), detail)
+}
 
-    fn bad(code: &'static str, detail: impl ToString) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, code, detail)
-    }
+fn unknown_proposal() -> Problem {
+    Problem::new(StatusCode::NOT_FOUND, ProblemCode::UnknownProposal, "open a channel first")
+}
 
-    fn unknown_proposal() -> Self {
-        Self::new(StatusCode::NOT_FOUND, "unknown-proposal", "open a channel first")
-    }
+fn store_problem(error: crate::store::StoreError) -> Problem {
+    Problem::new(StatusCode::SERVICE_UNAVAILABLE, ProblemCode::StoreUnavailable, error)
+}
 
-    fn store(error: crate::store::StoreError) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "store-unavailable", error)
-    }
-
-    fn chain(error: crate::chain::ChainError) -> Self {
-        match error.reject_reason() {
-            Some(reason) => Self::bad("funding-rejected", format!("{} ({})", error, reason.code())),
-            None => Self::new(StatusCode::SERVICE_UNAVAILABLE, "chain-unavailable", error),
+fn chain_problem(error: ChainError) -> Problem {
+    match error.reject_reason() {
+        Some(reason) => {
+            bad(ProblemCode::FundingRejected, format_args!("{} ({})", error, reason.code()))
         }
+        None => Problem::new(StatusCode::SERVICE_UNAVAILABLE, ProblemCode::ChainUnavailable, error),
     }
 }
 
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
-        let body = json!({
-            "type": format!("{PROBLEM_TYPE_PREFIX}{}", self.code),
-            "title": self.status.canonical_reason().unwrap_or("Error"),
-            "status": self.status.as_u16(),
-            "detail": self.detail,
-            "code": self.code,
-        });
-        let mut response = (self.status, Json(body)).into_response();
-        let headers = response.headers_mut();
-        headers.insert("content-type", "application/problem+json".parse().expect("static"));
-        headers.insert("cache-control", "no-store".parse().expect("static"));
-        response
+        self.to_response::<axum::body::Body>()
     }
 }
 
 fn hex_script(hex: &str) -> Result<ScriptBuf, Problem> {
-    ScriptBuf::from_hex(hex).map_err(|e| Problem::bad("bad-request", format!("script: {e}")))
+    ScriptBuf::from_hex(hex).map_err(|e| bad(ProblemCode::BadRequest, format!("script: {e}")))
 }
 
 fn hex_tx(hex: &str, what: &str) -> Result<Transaction, Problem> {
     if hex.len() > 200_000 {
-        return Err(Problem::bad("bad-request", format!("{what} is too large")));
+        return Err(bad(ProblemCode::BadRequest, format!("{what} is too large")));
     }
-    deserialize_hex(hex).map_err(|e| Problem::bad("bad-request", format!("{what}: {e}")))
-}
-
-fn lock_time_json(lock_time: LockTime) -> u32 {
-    lock_time.to_consensus_u32()
+    deserialize_hex(hex).map_err(|e| bad(ProblemCode::BadRequest, format!("{what}: {e}")))
 }
 
 async fn terms<C: ChainBackend, St: ChannelStore>(
     State(s): State<Arc<Shared<C, St>>>,
-) -> Result<Json<Value>, Problem> {
-    let t = &s.terms().await?;
-    let p = &s.negotiation.prefix;
-    Ok(Json(json!({
-        "version": 1,
-        "scheme": "bitcoin-channel",
-        "network": s.negotiation.network.to_core_arg(),
-        "prices": s.negotiation.prices,
-        "min_value_sat": t.min_value.to_sat(),
-        "max_value_sat": t.max_value.to_sat(),
-        "lifetime_blocks": t.blocks,
-        "lifetime_seconds": t.seconds,
-        "min_fee_rate_sat_per_vb": t.min_fee_rate.to_sat_per_vb_ceil(),
-        "max_fee_rate_sat_per_vb": t.max_fee_rate.to_sat_per_vb_floor(),
-        "funding_min_fee_rate_sat_per_vb": t.funding_min_fee_rate.to_sat_per_vb_ceil(),
-        "dust_limit_sat": s.negotiation.payout_script.minimal_non_dust().to_sat(),
-        "server_script": s.negotiation.payout_script.to_hex_string(),
-        "tip": s.tip(),
-        "endpoints": {
-            "open": format!("{p}/open"),
-            "refund": format!("{p}/refund"),
-            "fund": format!("{p}/fund"),
-            "channel": format!("{p}/channels/{{id}}"),
-            "close": format!("{p}/channels/{{id}}/close"),
-        },
-    })))
-}
-
-/// `POST {prefix}/open`.
-#[derive(Debug, Deserialize)]
-struct OpenRequest {
-    client_pubkey: String,
-    value_sat: u64,
-    /// The requested refund lock time: a height (< 500 000 000) or a Unix time.
-    expiry: u32,
-    client_script: String,
-}
-
-/// The answer to `POST {prefix}/open` (also read by the client).
-#[derive(Debug, Serialize, Deserialize)]
-pub(crate) struct OpenResponse {
-    pub(crate) proposal: u32,
-    pub(crate) server_pubkey: String,
-    pub(crate) witness_script: String,
-    pub(crate) funding_script_pubkey: String,
-    pub(crate) funding_address: String,
-    pub(crate) value_sat: u64,
-    pub(crate) expiry: u32,
-    pub(crate) close_margin: u32,
-    pub(crate) client_script: String,
-    pub(crate) server_script: String,
-    pub(crate) min_fee_rate_sat_per_vb: u64,
-    pub(crate) max_fee_rate_sat_per_vb: u64,
-    pub(crate) refund_fee_sat: u64,
-    pub(crate) payment_fee_sat: u64,
-    pub(crate) min_server_amount_sat: u64,
+) -> Result<Json<TermsDocument>, Problem> {
+    let t = s.terms().await?;
+    let n = &s.negotiation;
+    Ok(Json(TermsDocument {
+        version: 1,
+        scheme: "bitcoin-channel".to_owned(),
+        network: n.network.to_core_arg().to_owned(),
+        prices: n.prices.clone(),
+        min_value_sat: t.min_value.to_sat(),
+        max_value_sat: t.max_value.to_sat(),
+        lifetime_blocks: t.blocks,
+        lifetime_seconds: Some(t.seconds),
+        min_fee_rate_sat_per_vb: t.min_fee_rate.to_sat_per_vb_ceil(),
+        max_fee_rate_sat_per_vb: t.max_fee_rate.to_sat_per_vb_floor(),
+        funding_min_fee_rate_sat_per_vb: t.funding_min_fee_rate.to_sat_per_vb_ceil(),
+        dust_limit_sat: n.payout_script.minimal_non_dust().to_sat(),
+        server_script: n.payout_script.to_hex_string(),
+        tip: s.tip(),
+        endpoints: Endpoints::under(&n.prefix),
+    }))
 }
 
 async fn open<C: ChainBackend, St: ChannelStore>(
@@ -447,7 +397,7 @@ async fn open<C: ChainBackend, St: ChannelStore>(
     if !s.allow_open(client) {
         return Err(Problem::new(
             StatusCode::TOO_MANY_REQUESTS,
-            "rate-limited",
+            ProblemCode::RateLimited,
             "too many channel openings",
         ));
     }
@@ -455,10 +405,10 @@ async fn open<C: ChainBackend, St: ChannelStore>(
     let client_key: CompressedPublicKey = req
         .client_pubkey
         .parse()
-        .map_err(|e| Problem::bad("bad-request", format!("client_pubkey: {e}")))?;
+        .map_err(|e| bad(ProblemCode::BadRequest, format!("client_pubkey: {e}")))?;
     let client_script = hex_script(&req.client_script)?;
     let terms = s.terms().await?;
-    let index = s.store.next_key_index().await.map_err(Problem::store)?;
+    let index = s.store.next_key_index().await.map_err(store_problem)?;
     let server_key = CompressedPublicKey(s.key(index)?.public_key(crate::channel::secp()));
     let params = terms
         .agree(
@@ -470,7 +420,7 @@ async fn open<C: ChainBackend, St: ChannelStore>(
             s.negotiation.payout_script.clone(),
             s.tip(),
         )
-        .map_err(|e| Problem::bad(e.code(), e))?;
+        .map_err(|e| broke(e.code(), e))?;
     let response = OpenResponse {
         proposal: index,
         server_pubkey: server_key.to_string(),
@@ -478,7 +428,7 @@ async fn open<C: ChainBackend, St: ChannelStore>(
         funding_script_pubkey: params.funding_script_pubkey().to_hex_string(),
         funding_address: params.funding_address(s.negotiation.network).to_string(),
         value_sat: params.value.to_sat(),
-        expiry: lock_time_json(params.expiry),
+        expiry: params.expiry.to_consensus_u32(),
         close_margin: params.close_margin,
         client_script: params.client_script.to_hex_string(),
         server_script: params.server_script.to_hex_string(),
@@ -495,90 +445,70 @@ async fn open<C: ChainBackend, St: ChannelStore>(
     Ok(Json(response))
 }
 
-/// `POST {prefix}/refund`.
-#[derive(Debug, Deserialize)]
-struct RefundRequest {
-    proposal: u32,
-    /// The unsigned funding transaction (hex).
-    funding_tx: String,
-    /// The unsigned refund transaction (hex).
-    refund_tx: String,
-}
-
 async fn refund<C: ChainBackend, St: ChannelStore>(
     State(s): State<Arc<Shared<C, St>>>,
     req: Result<Json<RefundRequest>, JsonRejection>,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<RefundResponse>, Problem> {
     let req = body(req)?;
     let funding = hex_tx(&req.funding_tx, "funding_tx")?;
     let refund = hex_tx(&req.refund_tx, "refund_tx")?;
-    let mut proposal = s
-        .pending
-        .get_mut(&req.proposal)
-        .filter(|p| s.live(p))
-        .ok_or_else(Problem::unknown_proposal)?;
+    let mut proposal =
+        s.pending.get_mut(&req.proposal).filter(|p| s.live(p)).ok_or_else(unknown_proposal)?;
     let checked = proposal
         .params
         .check_refund(&s.negotiation.terms, &funding, &refund, s.tip())
-        .map_err(|e| Problem::bad(e.code(), e))?;
+        .map_err(|e| broke(e.code(), e))?;
     let outpoint = checked.funding_outpoint();
     let signature = checked
         .sign(&s.key(req.proposal)?)
-        .map_err(|e| Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "signing", e))?;
+        .map_err(|e| Problem::new(StatusCode::INTERNAL_SERVER_ERROR, ProblemCode::Signing, e))?;
     proposal.funding_outpoint = Some(outpoint);
-    Ok(Json(json!({
-        "channel": ChannelId::new(outpoint),
-        "signature": hex(&signature.to_vec()),
-    })))
-}
-
-/// `POST {prefix}/fund`.
-#[derive(Debug, Deserialize)]
-struct FundRequest {
-    proposal: u32,
-    /// The signed funding transaction (hex).
-    funding_tx: String,
-    /// The first payment, in `Payment-Channel` header form (base64).
-    payment: String,
+    Ok(Json(RefundResponse {
+        channel: ChannelId::new(outpoint),
+        signature: signature.to_vec().to_lower_hex_string(),
+    }))
 }
 
 async fn fund<C: ChainBackend, St: ChannelStore>(
     State(s): State<Arc<Shared<C, St>>>,
     req: Result<Json<FundRequest>, JsonRejection>,
-) -> Result<(StatusCode, Json<Value>), Problem> {
+) -> Result<(StatusCode, Json<FundResponse>), Problem> {
     let req = body(req)?;
     let funding = hex_tx(&req.funding_tx, "funding_tx")?;
-    let payment =
-        wire::decode_payment(req.payment.as_bytes()).map_err(|e| Problem::bad(e.code(), e))?;
+    let payment = wire::decode_payment(req.payment.as_bytes()).map_err(|e| broke(e.code(), e))?;
     let proposal = match s.proposal(req.proposal) {
         Ok(proposal) => proposal,
         // A retry of a /fund that succeeded: answer as then.
         Err(unknown) => return already_funded(&s, &funding, &payment).await.ok_or(unknown)?,
     };
     let outpoint = proposal.funding_outpoint.ok_or_else(|| {
-        Problem::new(StatusCode::CONFLICT, "refund-not-signed", "have the refund signed first")
+        Problem::new(
+            StatusCode::CONFLICT,
+            ProblemCode::RefundNotSigned,
+            "have the refund signed first",
+        )
     })?;
     // Checks that need no chain backend come first.
     let found = funding.compute_txid();
     if found != outpoint.txid {
         let e = crate::channel::FundingError::TxidMismatch { expected: outpoint.txid, found };
-        return Err(Problem::bad(e.code(), e));
+        return Err(broke(e.code(), e));
     }
     if funding.input.len() > MAX_FUNDING_INPUTS {
-        return Err(Problem::bad(
-            "funding-too-many-inputs",
-            format!("at most {MAX_FUNDING_INPUTS} inputs"),
+        return Err(bad(
+            ProblemCode::FundingTooManyInputs,
+            format_args!("at most {MAX_FUNDING_INPUTS} inputs"),
         ));
     }
     let params = proposal.params;
     let channel = params.clone().at(outpoint);
     // With no best payment, every valid payment is an increase.
     if let Err(e) = channel.check_payment(None, &payment, s.tip()) {
-        return Err(Problem::bad(e.code(), e));
+        return Err(broke(e.code(), e));
     }
     let chain = &s.negotiation.chain;
     let policy = &s.negotiation.funding;
-    let state = match chain.unspent(&outpoint).await.map_err(Problem::chain)? {
+    let state = match chain.unspent(&outpoint).await.map_err(chain_problem)? {
         // Already broadcast (a /fund whose record could not be stored, retried): the node
         // took the funding, so only its output is left to check.
         Some(utxo) => {
@@ -586,7 +516,7 @@ async fn fund<C: ChainBackend, St: ChannelStore>(
                 || utxo.output.value != params.value
             {
                 let e = crate::channel::FundingError::WrongOutputScript;
-                return Err(Problem::bad(e.code(), e));
+                return Err(broke(e.code(), e));
             }
             if utxo.confirmations >= policy.min_confirmations() {
                 ChannelState::Open
@@ -601,16 +531,16 @@ async fn fund<C: ChainBackend, St: ChannelStore>(
                 let utxo = chain
                     .unspent(&input.previous_output)
                     .await
-                    .map_err(Problem::chain)?
-                    .ok_or_else(|| Problem::bad("funding-missing-inputs", input.previous_output))?;
+                    .map_err(chain_problem)?
+                    .ok_or_else(|| bad(ProblemCode::FundingMissingInputs, input.previous_output))?;
                 prevouts.push(utxo.output);
                 depths.push(utxo.confirmations);
             }
             params
                 .check_funding(&s.terms().await?, outpoint, &funding, &prevouts)
-                .map_err(|e| Problem::bad(e.code(), e))?;
+                .map_err(|e| broke(e.code(), e))?;
             // Broadcast before the channel exists: a channel is never open without its funding.
-            chain.broadcast(&funding).await.map_err(Problem::chain)?;
+            chain.broadcast(&funding).await.map_err(chain_problem)?;
             policy.initial_state(params.value, &funding, &depths)
         }
     };
@@ -621,10 +551,10 @@ async fn fund<C: ChainBackend, St: ChannelStore>(
     let balance = record.balance();
     match s.store.create(record).await {
         Ok(()) | Err(crate::store::StoreError::AlreadyExists) => {}
-        Err(e) => return Err(Problem::store(e)),
+        Err(e) => return Err(store_problem(e)),
     }
     s.pending.remove(&req.proposal);
-    Ok((StatusCode::CREATED, Json(json!({ "channel": id, "balance_msat": balance }))))
+    Ok((StatusCode::CREATED, Json(FundResponse { channel: id, balance_msat: balance })))
 }
 
 /// The answer to a repeated `/fund` of a channel that exists: same funding, same first
@@ -633,7 +563,7 @@ async fn already_funded<C, St: ChannelStore>(
     s: &Shared<C, St>,
     funding: &Transaction,
     payment: &Transaction,
-) -> Option<Result<(StatusCode, Json<Value>), Problem>> {
+) -> Option<Result<(StatusCode, Json<FundResponse>), Problem>> {
     let outpoint = payment.input.first()?.previous_output;
     if outpoint.txid != funding.compute_txid() {
         return None;
@@ -641,24 +571,20 @@ async fn already_funded<C, St: ChannelStore>(
     let id = ChannelId::new(outpoint);
     let record = match s.store.load(id).await {
         Ok(record) => record?,
-        Err(e) => return Some(Err(Problem::store(e))),
+        Err(e) => return Some(Err(store_problem(e))),
     };
     // Only the holder of the first payment gets the answer again.
     record.channel.verify_client_signature(payment).ok()?;
     Some(Ok((
         StatusCode::CREATED,
-        Json(json!({ "channel": id, "balance_msat": record.balance() })),
+        Json(FundResponse { channel: id, balance_msat: record.balance() }),
     )))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The `{id}` of the path: a percent-decoding failure is a problem document like any other.
 fn parse_id(id: Result<Path<String>, PathRejection>) -> Result<ChannelId, Problem> {
-    let Path(id) = id.map_err(|e| Problem::bad("bad-request", e.body_text()))?;
-    id.parse().map_err(|e| Problem::bad("bad-request", e))
+    let Path(id) = id.map_err(|e| bad(ProblemCode::BadRequest, e.body_text()))?;
+    id.parse().map_err(|e| bad(ProblemCode::BadRequest, e))
 }
 
 async fn load<C, St: ChannelStore>(
@@ -668,8 +594,8 @@ async fn load<C, St: ChannelStore>(
     s.store
         .load(id)
         .await
-        .map_err(Problem::store)?
-        .ok_or_else(|| Problem::new(StatusCode::NOT_FOUND, "unknown-channel", id))
+        .map_err(store_problem)?
+        .ok_or_else(|| Problem::new(StatusCode::NOT_FOUND, ProblemCode::UnknownChannel, id))
 }
 
 async fn status<C: ChainBackend, St: ChannelStore>(
@@ -677,7 +603,7 @@ async fn status<C: ChainBackend, St: ChannelStore>(
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<ChannelSnapshot>, Problem> {
     let record = load(&s, parse_id(id)?).await?;
-    Ok(Json(ChannelSnapshot::new(&record, MilliSats::ZERO, MilliSats::ZERO)))
+    Ok(Json(record.snapshot(MilliSats::ZERO, MilliSats::ZERO)))
 }
 
 /// `POST {prefix}/channels/{id}/close`: the caller proves it is the client by sending a
@@ -686,39 +612,48 @@ async fn close<C: ChainBackend, St: ChannelStore>(
     State(s): State<Arc<Shared<C, St>>>,
     id: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
-) -> Result<(StatusCode, Json<Value>), Problem> {
+) -> Result<(StatusCode, Json<CloseResponse>), Problem> {
     let id = parse_id(id)?;
     let record = load(&s, id).await?;
     let proof = headers.get(PAYMENT_CHANNEL).ok_or_else(|| {
-        Problem::new(StatusCode::UNAUTHORIZED, "payment-required", "send a payment of this channel")
+        Problem::new(
+            StatusCode::UNAUTHORIZED,
+            ProblemCode::PaymentRequired,
+            "send a payment of this channel",
+        )
     })?;
-    let proof = wire::decode_payment(proof.as_bytes()).map_err(|e| Problem::bad(e.code(), e))?;
-    if proof.input.first().map(|i| i.previous_output) != Some(id.outpoint()) {
-        return Err(Problem::bad("payment-wrong-outpoint", "the payment is not of this channel"));
+    let proof = wire::decode_payment(proof.as_bytes()).map_err(|e| broke(e.code(), e))?;
+    match proof.input.first().map(|i| i.previous_output) {
+        Some(outpoint) if outpoint == id.outpoint() => {}
+        Some(found) => {
+            let e = PaymentError::WrongOutpoint { found };
+            return Err(broke(e.code(), e));
+        }
+        None => {
+            let e = PaymentError::InputCount { found: 0 };
+            return Err(broke(e.code(), e));
+        }
     }
-    record.channel.verify_client_signature(&proof).map_err(|e| Problem::bad(e.code(), e))?;
+    record.channel.verify_client_signature(&proof).map_err(|e| broke(e.code(), e))?;
     // Only the client's latest payment closes: an old header someone captured does not.
     let best = record.paid_amount();
-    let proven = proof.output.first().map_or(Amount::ZERO, |out| out.value);
+    let proven = crate::channel::server_amount(&proof);
     if best > proven {
         return Err(Problem::new(
             StatusCode::FORBIDDEN,
-            "stale-proof",
-            format!("the payment pays {proven}, the latest {best}: send the latest to close"),
+            ProblemCode::StaleProof,
+            format_args!("the payment pays {proven}, the latest {best}: send the latest to close"),
         ));
     }
     if matches!(record.state, ChannelState::Pending | ChannelState::Open) {
-        s.store
-            .transition(id, record.state, ChannelState::Closing)
-            .await
-            .map_err(Problem::store)?;
+        s.store.transition(id, record.state, ChannelState::Closing).await.map_err(store_problem)?;
     }
     // Read again: from `Closing` on the best payment is frozen, so this close is the one the
     // settlement task would build (a payment may have landed before the transition).
     let record = load(&s, id).await?;
     let close = record.close_transaction(&s.negotiation.master).map_err(|e| match e {
-        CloseError::NoPayment => Problem::bad("no-payment", "nothing to close"),
-        e => Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "close", e),
+        CloseError::NoPayment => bad(ProblemCode::NoPayment, "nothing to close"),
+        e => Problem::new(StatusCode::INTERNAL_SERVER_ERROR, ProblemCode::Close, e),
     })?;
     let txid = close.compute_txid();
     // The close is queued (the settlement task retries it); try to broadcast it now.
@@ -728,21 +663,22 @@ async fn close<C: ChainBackend, St: ChannelStore>(
         state => {
             return Err(Problem::new(
                 StatusCode::CONFLICT,
-                "channel-not-open",
-                format!("the channel is {}", state.as_str()),
+                ProblemCode::ChannelNotOpen,
+                format_args!("the channel is {}", state.as_str()),
             ));
         }
     };
-    let queued = status == StatusCode::ACCEPTED;
+    let state =
+        if status == StatusCode::ACCEPTED { ChannelState::Closing } else { ChannelState::Closed };
     Ok((
         status,
-        Json(json!({
-            "channel": id,
-            "txid": txid,
-            "server_amount_sat": record.paid_amount().to_sat(),
-            "close_tx": serialize_hex(&close),
-            "state": if queued { "closing" } else { "closed" },
-        })),
+        Json(CloseResponse {
+            channel: id,
+            txid,
+            server_amount_sat: record.paid_amount().to_sat(),
+            close_tx: serialize_hex(&close),
+            state,
+        }),
     ))
 }
 
@@ -758,7 +694,7 @@ async fn try_broadcast<C: ChainBackend, St: ChannelStore>(
             s.store
                 .transition(id, ChannelState::Closing, ChannelState::Closed)
                 .await
-                .map_err(Problem::store)?;
+                .map_err(store_problem)?;
             Ok(StatusCode::OK)
         }
         Err(_) => Ok(StatusCode::ACCEPTED),

@@ -10,7 +10,7 @@ use tower::{Service, ServiceExt};
 
 use super::future::ResponseFuture;
 use super::layer::{Config, PaywallLayer, VERIFIED_CACHE_LIMIT};
-use super::problem::{ChannelSnapshot, Rejection, RejectionKind};
+use super::rejection::{Rejection, RejectionKind};
 use super::{ActualCost, Paid, Pricing};
 use crate::MilliSats;
 use crate::channel::{PaymentCheck, PaymentError};
@@ -176,8 +176,7 @@ impl<St: ChannelStore, P> Config<St, P> {
         price: MilliSats,
     ) -> Result<Paid, Rejection> {
         let reject = |kind, record: Option<&ChannelRecord>| {
-            Rejection::new(kind, record.map(|r| ChannelSnapshot::new(r, price, self.bundle)))
-                .with_price(price)
+            Rejection::new(kind, record.map(|r| r.snapshot(price, self.bundle))).with_price(price)
         };
         let header = header.ok_or_else(|| reject(RejectionKind::PaymentRequired, None))?;
         if let Some(id) = self.verified.get(&header).map(|id| *id) {
@@ -268,7 +267,6 @@ impl<St: ChannelStore, P> Config<St, P> {
         };
         let record =
             self.store.load(id).await.map_err(|e| Rejection::from(e).with_price(price))?.or(record);
-        Err(Rejection::new(kind, record.map(|r| ChannelSnapshot::new(&r, price, self.bundle)))
-            .with_price(price))
+        Err(Rejection::new(kind, record.map(|r| r.snapshot(price, self.bundle))).with_price(price))
     }
 }

@@ -92,7 +92,7 @@ impl ChannelStore for MemoryStore {
     ) -> impl Future<Output = Result<StorePayment, StoreError>> + Send {
         self.update(id, move |record| {
             let best = record.paid_amount();
-            let offered = payment.output.first().map(|out| out.value).unwrap_or_default();
+            let offered = crate::channel::server_amount(&payment);
             if offered <= best || record.state != ChannelState::Open {
                 return StorePayment::Stale { best };
             }

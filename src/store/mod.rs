@@ -30,8 +30,11 @@ use bitcoin::{Amount, Transaction};
 use serde::{Deserialize, Serialize};
 
 use crate::MilliSats;
-use crate::channel::{Channel, CloseError, channel_key};
-use crate::wire::ChannelId;
+use crate::channel::{
+    ChainTip, Channel, CloseError, FundingAction, FundingPolicy, channel_key, server_amount,
+};
+pub use crate::channel::{ChannelState, ParseChannelStateError};
+use crate::wire::{ChannelId, ChannelSnapshot};
 
 pub mod conformance;
 mod memory;
@@ -54,51 +57,6 @@ pub use sqlite::SqliteStore;
 /// The PostgreSQL driver, re-exported for [`PostgresStore::connect_with`].
 #[cfg(feature = "postgres")]
 pub use tokio_postgres;
-
-/// Where a channel is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-#[non_exhaustive]
-pub enum ChannelState {
-    /// Funded, waiting for the funding's confirmations; no payments yet.
-    Pending,
-    /// Funded; payments are accepted.
-    Open,
-    /// A close was requested or the expiry is near; no new payments.
-    Closing,
-    /// The close transaction was broadcast; waiting for confirmation.
-    Closed,
-    /// The close confirmed.
-    Settled,
-    /// The funding failed (double-spent or never confirmed).
-    Failed,
-}
-
-impl ChannelState {
-    /// The state's stable name, as stored by the database backends and sent in JSON.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Self::Pending => "pending",
-            Self::Open => "open",
-            Self::Closing => "closing",
-            Self::Closed => "closed",
-            Self::Settled => "settled",
-            Self::Failed => "failed",
-        }
-    }
-
-    /// Parses a name written by [`as_str`](Self::as_str).
-    ///
-    /// # Errors
-    ///
-    /// [`StoreError::Unavailable`]: an unknown name means the stored data is not ours.
-    pub fn from_name(name: &str) -> Result<Self, StoreError> {
-        [Self::Pending, Self::Open, Self::Closing, Self::Closed, Self::Settled, Self::Failed]
-            .into_iter()
-            .find(|state| state.as_str() == name)
-            .ok_or_else(|| StoreError::unavailable(format!("unknown channel state {name:?}")))
-    }
-}
 
 /// What a store keeps about one channel.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -153,7 +111,19 @@ impl ChannelRecord {
 
     /// What the best payment pays the server.
     pub fn paid_amount(&self) -> Amount {
-        self.best.as_ref().and_then(|tx| tx.output.first()).map_or(Amount::ZERO, |out| out.value)
+        self.best.as_ref().map_or(Amount::ZERO, server_amount)
+    }
+
+    /// What to do with this channel, pending or open, whose funding output stands at `funding`
+    /// (its depth; `None`: neither in the UTXO set nor in the mempool) at `tip`: `policy`'s
+    /// [`funding_action`](FundingPolicy::funding_action) for this record.
+    pub fn funding_action(
+        &self,
+        policy: &FundingPolicy,
+        funding: Option<u32>,
+        tip: ChainTip,
+    ) -> FundingAction {
+        policy.funding_action(&self.channel, self.state, self.funded_at, funding, tip)
     }
 
     /// What the client has paid, in millisatoshis.
@@ -164,6 +134,35 @@ impl ChannelRecord {
     /// What is left to spend: paid − spent.
     pub fn balance(&self) -> MilliSats {
         self.paid().saturating_sub(self.spent)
+    }
+
+    /// The channel's state as a client sees it in a refusal of a request costing `price`:
+    /// the least a new payment must pay, and a suggestion that prepays `prepay` more.
+    pub fn snapshot(&self, price: MilliSats, prepay: MilliSats) -> ChannelSnapshot {
+        let params = self.channel.params();
+        let paid = self.paid_amount();
+        let max = params.max_server_amount();
+        let needed = self.spent.checked_add(price).map(MilliSats::to_sat_ceil);
+        let min = needed
+            .map(|needed| needed.max(paid + Amount::ONE_SAT).max(params.min_server_amount()))
+            .filter(|min| *min <= max);
+        let suggested = min.map(|min| {
+            min.checked_add(prepay.to_sat_ceil()).map_or(max, |suggested| suggested.min(max))
+        });
+        let expiry = params.expiry.to_consensus_u32();
+        ChannelSnapshot {
+            channel: self.id(),
+            state: self.state,
+            paid_msat: self.paid(),
+            spent_msat: self.spent,
+            balance_msat: self.balance(),
+            price_msat: price,
+            capacity_left_sat: max.checked_sub(paid).unwrap_or(Amount::ZERO),
+            min_server_amount_sat: min,
+            suggested_server_amount_sat: suggested,
+            expiry,
+            close_by: expiry.saturating_sub(params.close_margin),
+        }
     }
 
     /// The close the server broadcasts: the best payment co-signed with the server key derived
@@ -232,6 +231,12 @@ pub enum StoreError {
         /// What went wrong (for logs).
         message: String,
     },
+}
+
+impl From<ParseChannelStateError> for StoreError {
+    fn from(error: ParseChannelStateError) -> Self {
+        Self::unavailable(error)
+    }
 }
 
 impl StoreError {

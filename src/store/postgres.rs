@@ -189,7 +189,7 @@ impl ChannelStore for PostgresStore {
         payment: Transaction,
     ) -> Result<StorePayment, StoreError> {
         let id = id.to_string();
-        let offered = payment.output.first().map(|out| out.value).unwrap_or_default();
+        let offered = crate::channel::server_amount(&payment);
         let offered = to_i64(offered.to_sat())?;
         let row = self
             .query_opt(

@@ -219,7 +219,7 @@ impl ChannelStore for RedisStore {
         id: ChannelId,
         payment: Transaction,
     ) -> Result<StorePayment, StoreError> {
-        let offered = payment.output.first().map(|out| out.value).unwrap_or_default();
+        let offered = crate::channel::server_amount(&payment);
         let (code, value): (i64, String) = self
             .invoke(
                 STORE_PAYMENT,

@@ -230,7 +230,7 @@ impl ChannelStore for SqliteStore {
     ) -> impl Future<Output = Result<StorePayment, StoreError>> + Send {
         self.run(move |tx| {
             let id = id.to_string();
-            let offered = payment.output.first().map(|out| out.value).unwrap_or_default();
+            let offered = crate::channel::server_amount(&payment);
             let offered = sql_u64(offered.to_sat())?;
             let updated = tx
                 .execute(

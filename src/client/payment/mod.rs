@@ -5,6 +5,4 @@ mod layer;
 mod service;
 
 pub use layer::PaymentLayer;
-#[cfg(feature = "reqwest")]
-pub(crate) use service::{MAX_ATTEMPTS, balance};
 pub use service::{PaymentService, ResponseFuture};

@@ -6,17 +6,12 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use tower::{BoxError, Service, ServiceExt};
 
-use crate::MilliSats;
-use crate::client::payer::{Acted, Problem};
+use crate::client::attempts::{Retry, balance};
 use crate::client::transport::read_body;
 use crate::client::{
     ClientError, ClientStore, Closed, MemoryClientStore, Payer, ServiceTransport, Transport,
 };
-use crate::wire::{ChannelId, PAYMENT_CHANNEL, PAYMENT_CHANNEL_BALANCE};
-
-/// How often one request is sent at most: the first try, then after opening a channel, after
-/// a top-up, or with a payment a concurrent request made meanwhile.
-pub(crate) const MAX_ATTEMPTS: usize = 4;
+use crate::wire::{ChannelId, PAYMENT_CHANNEL, Problem};
 
 /// The service [`PaymentLayer`](super::PaymentLayer) produces.
 ///
@@ -154,36 +149,22 @@ where
     }
     let (parts, body) = request.into_parts();
     let negotiation = ServiceTransport::new(inner.clone());
-    let mut acted = Acted::default();
-    for attempt in 1..=MAX_ATTEMPTS {
-        let sent = payer.current().await?;
+    let mut retry = Retry::new(&payer);
+    loop {
+        let header = retry.start().await?;
         let mut request = copy(&parts, &body);
         request.headers_mut().remove(PAYMENT_CHANNEL);
-        if let Some(sent) = &sent {
-            request.headers_mut().insert(PAYMENT_CHANNEL, sent.header.clone());
-        }
-        if attempt > 1 {
-            inner.ready().await.map_err(transport)?;
+        if let Some(header) = header {
+            request.headers_mut().insert(PAYMENT_CHANNEL, header);
         }
         let response = inner.call(request).await.map_err(transport)?;
-        if response.status() != StatusCode::PAYMENT_REQUIRED || attempt == MAX_ATTEMPTS {
-            if let (Some(sent), Some(balance)) = (&sent, balance(response.headers())) {
-                // A refusal here is not this request's failure: the next request meets the
-                // 402 and its typed error.
-                let _ = payer.observe_balance(sent, balance).await;
-            }
+        if response.status() != StatusCode::PAYMENT_REQUIRED || retry.is_last() {
+            retry.answered(balance(response.headers())).await;
             return Ok(response);
         }
         let status = response.status();
         let response = read_body(response).await.map_err(ClientError::Transport)?;
-        let problem = Problem::parse(response.body());
-        payer.handle_402(&negotiation, sent.as_ref(), status, problem, &mut acted).await?;
+        retry.payment_required(&negotiation, Problem::from_body(status, response.body())).await?;
+        inner.ready().await.map_err(transport)?;
     }
-    unreachable!("the last attempt returns")
-}
-
-/// The `Payment-Channel-Balance` of a served request.
-pub(crate) fn balance(headers: &http::HeaderMap) -> Option<MilliSats> {
-    let value = headers.get(PAYMENT_CHANNEL_BALANCE)?;
-    value.to_str().ok()?.parse().ok().map(MilliSats::from_msat)
 }

@@ -1,4 +1,8 @@
-//! The HTTP wire format of payments: the `Payment-Channel` header and channel ids.
+//! Everything that crosses the network, typed once for the server and the client: the
+//! `Payment-Channel` header and channel ids (here), the [`Problem`] document of every refusal
+//! with its [`ProblemCode`]s and the [`ChannelSnapshot`] it carries, and the negotiation
+//! documents ([`TermsDocument`], [`OpenRequest`] … [`CloseResponse`]). `docs/HTTP.md` is the
+//! prose version.
 //!
 //! A request carries the client's latest signed payment transaction (T3) in the
 //! `Payment-Channel` header, as base64 (RFC 4648, standard alphabet, padded) of its consensus
@@ -31,6 +35,15 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use bitcoin::{OutPoint, Transaction, consensus};
 use serde::{Deserialize, Serialize};
+
+mod negotiation;
+mod problem;
+
+pub use negotiation::{
+    CloseResponse, Endpoints, FundRequest, FundResponse, OpenRequest, OpenResponse, RefundRequest,
+    RefundResponse, TERMS_PATH, TermsDocument,
+};
+pub use problem::{ChannelSnapshot, PROBLEM_JSON, PROBLEM_TYPE_PREFIX, Problem, ProblemCode};
 
 /// The request header that carries the client's latest signed payment.
 pub const PAYMENT_CHANNEL: &str = "payment-channel";

@@ -1,0 +1,87 @@
+//! The pay-and-retry loop, shared by every HTTP client integration: send with the current
+//! payment; on a 402 pay (top up or open, within the policy) and send again.
+//!
+//! The integrations own the sending (a tower service, a reqwest middleware chain) and drive
+//! a [`Retry`]:
+//!
+//! ```text
+//! let mut retry = Retry::new(&payer);
+//! loop {
+//!     let header = retry.start().await?;          // the current payment, if any
+//!     let response = send(request with header);
+//!     if response is not a 402 || retry.is_last() {
+//!         retry.answered(balance of response).await;
+//!         return response;
+//!     }
+//!     retry.payment_required(&negotiation, problem of response).await?;   // pays, or fails
+//! }
+//! ```
+
+use http::HeaderValue;
+
+use super::payer::CurrentPayment;
+use super::{ClientError, ClientStore, Payer, RetryBudget, Transport};
+use crate::MilliSats;
+use crate::wire::Problem;
+
+/// How often one request is sent at most: the first try, then after opening a channel, after
+/// a top-up, or with a payment a concurrent request made meanwhile.
+const MAX_ATTEMPTS: usize = 4;
+
+/// One request's attempts: which payment each carried, and what the client may still do.
+pub(crate) struct Retry<'a, St> {
+    payer: &'a Payer<St>,
+    budget: RetryBudget,
+    attempt: usize,
+    sent: Option<CurrentPayment>,
+}
+
+impl<'a, St: ClientStore> Retry<'a, St> {
+    pub(crate) fn new(payer: &'a Payer<St>) -> Self {
+        Self { payer, budget: RetryBudget::default(), attempt: 0, sent: None }
+    }
+
+    /// Starts the next attempt: the `Payment-Channel` header it carries, if any.
+    pub(crate) async fn start(&mut self) -> Result<Option<HeaderValue>, ClientError> {
+        self.attempt += 1;
+        self.sent = self.payer.current().await?;
+        Ok(self.sent.as_ref().map(|sent| sent.header.clone()))
+    }
+
+    /// Whether this attempt is the last: its 402 is returned as the response.
+    pub(crate) fn is_last(&self) -> bool {
+        self.attempt >= MAX_ATTEMPTS
+    }
+
+    /// The attempt was answered with `balance` left on the channel: top up ahead of the next
+    /// request if the payer is configured to. A refusal here is not this request's failure:
+    /// the next request meets the 402 and its typed error.
+    pub(crate) async fn answered(self, balance: Option<MilliSats>) {
+        if let (Some(sent), Some(balance)) = (&self.sent, balance) {
+            let _ = self.payer.observe_balance(sent, balance).await;
+        }
+    }
+
+    /// The attempt met a 402 with `problem`: pay (through `negotiation` when a channel must be
+    /// opened) so the next attempt can succeed.
+    ///
+    /// # Errors
+    ///
+    /// Why the client cannot or may not pay; the problem itself on the last attempt.
+    pub(crate) async fn payment_required<T: Transport + ?Sized>(
+        &mut self,
+        negotiation: &T,
+        problem: Problem,
+    ) -> Result<(), ClientError> {
+        if self.is_last() {
+            return Err(problem.into());
+        }
+        self.payer.handle_402(negotiation, self.sent.as_ref(), problem, &mut self.budget).await
+    }
+}
+
+/// The `Payment-Channel-Balance` of a served request.
+pub(crate) fn balance(headers: &http::HeaderMap) -> Option<MilliSats> {
+    let value = headers.get(crate::wire::PAYMENT_CHANNEL_BALANCE)?;
+    value.to_str().ok()?.parse().ok().map(MilliSats::from_msat)
+}

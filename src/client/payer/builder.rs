@@ -1,0 +1,125 @@
+//! Configuring a [`Payer`].
+
+use std::sync::{Arc, RwLock};
+
+use bitcoin::bip32::Xpriv;
+use bitcoin::{Amount, Network};
+use http::Uri;
+
+use super::{Inner, Payer};
+use crate::MilliSats;
+use crate::client::{ClientError, ClientStore, MemoryClientStore, SpendingPolicy, Wallet};
+
+/// What a payer is configured with.
+#[derive(Debug)]
+pub(super) struct Settings {
+    pub(super) origin: String,
+    pub(super) network: Network,
+    pub(super) key: Xpriv,
+    pub(super) policy: SpendingPolicy,
+    pub(super) wallet: Option<Arc<dyn Wallet>>,
+    pub(super) channel_value: Option<Amount>,
+    pub(super) lifetime_blocks: u32,
+    pub(super) top_up: Option<(MilliSats, Amount)>,
+}
+
+/// Builds a [`Payer`]; see [`Payer::builder`].
+#[derive(Debug)]
+#[must_use]
+pub struct PayerBuilder<S> {
+    settings: Settings,
+    store: S,
+}
+
+impl PayerBuilder<MemoryClientStore> {
+    /// Keeps the channels in `store` instead of in memory. Use a durable store
+    /// ([`FileClientStore`](crate::client::FileClientStore)) for real money: it holds the refunds.
+    pub fn store<S2: ClientStore>(self, store: S2) -> PayerBuilder<S2> {
+        PayerBuilder { settings: self.settings, store }
+    }
+}
+
+impl<S: ClientStore> PayerBuilder<S> {
+    /// What the client is willing to spend (default: [`SpendingPolicy::default`]).
+    pub fn policy(mut self, policy: SpendingPolicy) -> Self {
+        self.settings.policy = policy;
+        self
+    }
+
+    /// The wallet that funds new channels. Without one, the client pays on channels it
+    /// already has and refuses to open new ones ([`ClientError::NoWallet`]).
+    pub fn wallet(mut self, wallet: impl Wallet + 'static) -> Self {
+        self.settings.wallet = Some(Arc::new(wallet));
+        self
+    }
+
+    /// The value of the channels the client opens (default: the policy's maximum, within the
+    /// server's bounds).
+    pub fn channel_value(mut self, value: Amount) -> Self {
+        self.settings.channel_value = Some(value);
+        self
+    }
+
+    /// How many blocks a new channel lives before its refund becomes valid (default 1 008,
+    /// about a week; clamped to the server's bounds).
+    pub fn lifetime_blocks(mut self, blocks: u32) -> Self {
+        self.settings.lifetime_blocks = blocks;
+        self
+    }
+
+    /// Proactive top-up: when a response's `Payment-Channel-Balance` falls below `threshold`,
+    /// sign a payment of `amount` more right away, so the next requests do not meet a 402.
+    pub fn top_up_below(mut self, threshold: MilliSats, amount: Amount) -> Self {
+        self.settings.top_up = Some((threshold, amount));
+        self
+    }
+
+    /// Builds the payer.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::InvalidOrigin`] unless the server is `http://` or `https://` with a
+    /// host and nothing after it but an optional `/`.
+    pub fn build(mut self) -> Result<Payer<S>, ClientError> {
+        self.settings.origin = parse_origin(&self.settings.origin)?;
+        Ok(Payer {
+            inner: Arc::new(Inner {
+                settings: self.settings,
+                store: self.store,
+                state: tokio::sync::Mutex::default(),
+                current: RwLock::default(),
+            }),
+        })
+    }
+}
+
+fn parse_origin(server: &str) -> Result<String, ClientError> {
+    let invalid = || ClientError::InvalidOrigin(server.to_owned());
+    let uri: Uri = server.parse().map_err(|_| invalid())?;
+    match (uri.scheme_str(), uri.authority(), uri.path_and_query().map(|p| p.as_str())) {
+        (Some(scheme @ ("http" | "https")), Some(authority), None | Some("/")) => {
+            Ok(format!("{scheme}://{authority}"))
+        }
+        _ => Err(invalid()),
+    }
+}
+
+impl Payer<MemoryClientStore> {
+    /// Starts a payer for the server at `server` (`scheme://host[:port]`), on `network`, whose
+    /// client keys K1 are derived from `key` at hardened indices the store allocates.
+    pub fn builder(server: &str, network: Network, key: Xpriv) -> PayerBuilder<MemoryClientStore> {
+        PayerBuilder {
+            settings: Settings {
+                origin: server.to_owned(),
+                network,
+                key,
+                policy: SpendingPolicy::default(),
+                wallet: None,
+                channel_value: None,
+                lifetime_blocks: 1_008,
+                top_up: None,
+            },
+            store: MemoryClientStore::new(),
+        }
+    }
+}

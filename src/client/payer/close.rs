@@ -1,0 +1,72 @@
+//! The cooperative close.
+
+use bitcoin::consensus::encode::deserialize_hex;
+use bitcoin::{Amount, Transaction, Txid};
+use http::Method;
+
+use super::{Payer, misbehaved};
+use crate::channel::server_amount;
+use crate::client::{ClientError, ClientStore, Transport};
+use crate::wire::{ChannelId, CloseResponse};
+
+/// A channel closed cooperatively by [`Payer::close`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Closed {
+    /// The channel.
+    pub channel: ChannelId,
+    /// The settlement transaction the server broadcast.
+    pub txid: Txid,
+    /// What it pays the server.
+    pub server_amount: Amount,
+    /// What it gives back to the client.
+    pub client_amount: Amount,
+    /// Its fee.
+    pub fee: Amount,
+}
+
+impl<S: ClientStore> Payer<S> {
+    /// Asks the server to close the current channel cooperatively: it co-signs the best
+    /// payment and broadcasts it. The channel is retired; the settlement is checked against
+    /// the client's own latest payment.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::NoChannel`], [`ClientError::Rejected`], [`ClientError::ServerMisbehaved`]
+    /// if the settlement is not the client's latest payment, [`ClientError::Transport`],
+    /// [`ClientError::Store`].
+    pub async fn close<T: Transport + ?Sized>(&self, transport: &T) -> Result<Closed, ClientError> {
+        let mut state = self.state().await?;
+        let current = self.read_current().ok_or(ClientError::NoChannel)?;
+        let terms = self.terms(transport).await?;
+        let path = terms.endpoints.close.replace("{id}", &current.id.to_string());
+        let empty = serde_json::Map::new();
+        let answer: CloseResponse =
+            self.call(transport, Method::POST, &path, Some(&empty), Some(&current.header)).await?;
+        let close: Transaction =
+            deserialize_hex(&answer.close_tx).map_err(|_| misbehaved("close: no close_tx"))?;
+        let (channel, _) = state.channel.as_ref().ok_or(ClientError::NoChannel)?;
+        let latest = channel.latest.as_ref().ok_or(ClientError::NoChannel)?;
+        // The settlement must be our latest payment (only the witness differs).
+        let unsigned = |tx: &Transaction| {
+            let mut tx = tx.clone();
+            tx.input.iter_mut().for_each(|input| input.witness.clear());
+            tx
+        };
+        if unsigned(&close) != unsigned(latest) {
+            return Err(misbehaved("the settlement is not the client's latest payment"));
+        }
+        let txid = close.compute_txid();
+        if answer.txid != txid {
+            return Err(misbehaved("the settlement's txid does not match"));
+        }
+        let server_amount = server_amount(&close);
+        let client_amount = close.output.get(1).map_or(Amount::ZERO, |o| o.value);
+        let fee = (channel.channel.params().value.checked_sub(server_amount))
+            .and_then(|rest| rest.checked_sub(client_amount))
+            .unwrap_or(Amount::ZERO);
+        let closed = Closed { channel: current.id, txid, server_amount, client_amount, fee };
+        self.retire(&mut state).await?;
+        Ok(closed)
+    }
+}

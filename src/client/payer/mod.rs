@@ -1,0 +1,259 @@
+//! [`Payer`]: the client side of channels with one server. Built in `builder.rs`; opens in
+//! `open.rs`; reacts to 402s and tops up in `top_up.rs`; closes in `close.rs`.
+
+use core::fmt;
+use std::sync::{Arc, RwLock};
+
+use bitcoin::Amount;
+use bitcoin::secp256k1::SecretKey;
+use bytes::Bytes;
+use http::header::{ACCEPT, CONTENT_TYPE, HeaderValue};
+use http::{Method, Request, Uri};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::transport::Transport;
+use super::{ClientChannel, ClientError, ClientStore, MemoryClientStore, SpendingPolicy};
+use crate::wire::{ChannelId, PAYMENT_CHANNEL, Problem, TERMS_PATH, TermsDocument};
+
+mod builder;
+mod close;
+mod open;
+mod top_up;
+
+pub use builder::PayerBuilder;
+use builder::Settings;
+pub use close::Closed;
+pub(crate) use top_up::RetryBudget;
+
+/// The client side of channels with one server: opens them, signs every increment, and decides
+/// what to do with a 402. [`PaymentLayer`](super::PaymentLayer) and the reqwest middleware
+/// drive it; it is cheap to clone and shared by every request.
+///
+/// It keeps at most one channel with its server at a time. All changes to the channel happen
+/// one at a time (single flight): when many requests hit a 402 together, one tops up and the
+/// others retry with its payment, so the client's budget is never spent twice.
+///
+/// # Examples
+///
+/// ```
+/// use paychan::bitcoin::{Network, bip32::Xpriv};
+/// use paychan::client::{MemoryClientStore, Payer, SpendingPolicy};
+///
+/// let key = Xpriv::new_master(Network::Regtest, &[7; 32]).unwrap();
+/// let payer = Payer::builder("http://127.0.0.1:3000", Network::Regtest, key)
+///     .store(MemoryClientStore::new())
+///     .policy(SpendingPolicy::default())
+///     .build()
+///     .unwrap();
+/// assert_eq!(payer.origin(), "http://127.0.0.1:3000");
+/// ```
+pub struct Payer<S = MemoryClientStore> {
+    inner: Arc<Inner<S>>,
+}
+
+impl<S> Clone for Payer<S> {
+    fn clone(&self) -> Self {
+        Self { inner: Arc::clone(&self.inner) }
+    }
+}
+
+impl<S> fmt::Debug for Payer<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Payer")
+            .field("origin", &self.inner.settings.origin)
+            .field("network", &self.inner.settings.network)
+            .field("policy", &self.inner.settings.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner<S> {
+    settings: Settings,
+    store: S,
+    state: tokio::sync::Mutex<State>,
+    current: RwLock<Option<CurrentPayment>>,
+}
+
+/// The payer's channel, changed under its lock only.
+#[derive(Default)]
+struct State {
+    loaded: bool,
+    channel: Option<(ClientChannel, SecretKey)>,
+    committed: Amount,
+}
+
+/// The payment the next request carries: which channel, how much it pays in total, and its
+/// header, encoded once when the payment was made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CurrentPayment {
+    pub(crate) id: ChannelId,
+    pub(crate) paid: Amount,
+    pub(crate) header: HeaderValue,
+}
+
+pub(super) fn misbehaved(what: impl Into<String>) -> ClientError {
+    ClientError::ServerMisbehaved(what.into())
+}
+
+impl<S: ClientStore> Payer<S> {
+    /// The server's origin, `scheme://host[:port]`.
+    pub fn origin(&self) -> &str {
+        &self.inner.settings.origin
+    }
+
+    /// The spending policy.
+    pub fn policy(&self) -> &SpendingPolicy {
+        &self.inner.settings.policy
+    }
+
+    /// Whether a request to `uri` goes to this payer's server. Requests elsewhere never carry
+    /// the `Payment-Channel` header: it is a bearer credential for the channel's balance.
+    pub fn applies_to(&self, uri: &Uri) -> bool {
+        match (uri.scheme_str(), uri.authority()) {
+            (Some(scheme), Some(authority)) => {
+                let origin = &self.inner.settings.origin;
+                origin.len() == scheme.len() + 3 + authority.as_str().len()
+                    && origin.starts_with(scheme)
+                    && origin[scheme.len()..].starts_with("://")
+                    && origin.ends_with(authority.as_str())
+            }
+            _ => false,
+        }
+    }
+
+    /// The channel the payer pays on, if any.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::Store`] if the channels cannot be loaded.
+    pub async fn channel(&self) -> Result<Option<ClientChannel>, ClientError> {
+        let state = self.state().await?;
+        Ok(state.channel.as_ref().map(|(channel, _)| channel.clone()))
+    }
+
+    /// What the client committed to pay servers, over every channel of its store.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::Store`] if the channels cannot be loaded.
+    pub async fn committed(&self) -> Result<Amount, ClientError> {
+        Ok(self.state().await?.committed)
+    }
+
+    /// The payment the next request carries.
+    pub(crate) async fn current(&self) -> Result<Option<CurrentPayment>, ClientError> {
+        if let Some(current) = self.read_current() {
+            return Ok(Some(current));
+        }
+        drop(self.state().await?);
+        Ok(self.read_current())
+    }
+
+    fn read_current(&self) -> Option<CurrentPayment> {
+        self.inner.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    async fn state(&self) -> Result<tokio::sync::MutexGuard<'_, State>, ClientError> {
+        let mut state = self.inner.state.lock().await;
+        if !state.loaded {
+            let channels = self.inner.store.list().await.map_err(ClientError::Store)?;
+            state.committed = channels.iter().map(ClientChannel::paid).sum();
+            let best = channels
+                .into_iter()
+                .filter(|c| {
+                    c.server == self.inner.settings.origin && !c.retired && c.latest.is_some()
+                })
+                .max_by_key(|c| c.channel.params().expiry.to_consensus_u32());
+            if let Some(channel) = best {
+                let key = self.derive(channel.key_index)?;
+                let header = channel.header();
+                self.set_channel(&mut state, Some((channel, key)), header);
+            }
+            state.loaded = true;
+        }
+        Ok(state)
+    }
+
+    /// Makes `channel` the one the next requests pay on, with `header` its latest payment's
+    /// encoding.
+    fn set_channel(
+        &self,
+        state: &mut State,
+        channel: Option<(ClientChannel, SecretKey)>,
+        header: Option<String>,
+    ) {
+        let current = channel.as_ref().zip(header).and_then(|((channel, _), header)| {
+            let header = HeaderValue::try_from(header).ok()?;
+            Some(CurrentPayment { id: channel.id(), paid: channel.paid(), header })
+        });
+        state.channel = channel;
+        *self.inner.current.write().unwrap_or_else(|p| p.into_inner()) = current;
+    }
+
+    fn derive(&self, index: u32) -> Result<SecretKey, ClientError> {
+        crate::channel::channel_key(&self.inner.settings.key, index)
+            .map_err(|e| ClientError::Key(e.to_string()))
+    }
+
+    /// Marks the current channel retired (saved) and forgets it.
+    async fn retire(&self, state: &mut State) -> Result<(), ClientError> {
+        if let Some((mut channel, _)) = state.channel.take() {
+            channel.retired = true;
+            self.inner.store.save(&channel).await.map_err(ClientError::Store)?;
+        }
+        self.set_channel(state, None, None);
+        Ok(())
+    }
+
+    /// The server's terms.
+    async fn terms<T: Transport + ?Sized>(
+        &self,
+        transport: &T,
+    ) -> Result<TermsDocument, ClientError> {
+        self.call(transport, Method::GET, TERMS_PATH, None::<&()>, None).await
+    }
+
+    /// Sends one negotiation request to `path` on the origin and reads its typed answer; a
+    /// refusal is [`ClientError::Rejected`].
+    async fn call<T, Req, Resp>(
+        &self,
+        transport: &T,
+        method: Method,
+        path: &str,
+        body: Option<&Req>,
+        header: Option<&HeaderValue>,
+    ) -> Result<Resp, ClientError>
+    where
+        T: Transport + ?Sized,
+        Req: Serialize + ?Sized,
+        Resp: DeserializeOwned,
+    {
+        // Paths come from the server's terms: a path that does not start with `/` could move
+        // the request (and the payment header) to another host (`@evil.example/x`).
+        if !path.starts_with('/') {
+            return Err(misbehaved(format!("endpoint {path:?} is not a path on the origin")));
+        }
+        let mut request = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.inner.settings.origin))
+            .header(ACCEPT, "application/json");
+        if let Some(header) = header {
+            request = request.header(PAYMENT_CHANNEL, header);
+        }
+        let body = match body {
+            Some(body) => {
+                request = request.header(CONTENT_TYPE, "application/json");
+                Bytes::from(serde_json::to_vec(body).map_err(|e| ClientError::Transport(e.into()))?)
+            }
+            None => Bytes::new(),
+        };
+        let request = request.body(body).map_err(|e| ClientError::Transport(e.into()))?;
+        let response = transport.send(request).await.map_err(ClientError::Transport)?;
+        if !response.status().is_success() {
+            return Err(Problem::from_body(response.status(), response.body()).into());
+        }
+        serde_json::from_slice(response.body())
+            .map_err(|e| misbehaved(format!("{path} answered with invalid JSON: {e}")))
+    }
+}

@@ -1,0 +1,262 @@
+//! Opening a channel: terms, proposal, refund, funding.
+
+use bitcoin::consensus::encode::serialize_hex;
+use bitcoin::hex::FromHex as _;
+use bitcoin::{
+    Amount, CompressedPublicKey, FeeRate, OutPoint, Psbt, ScriptBuf, Transaction, TxOut,
+    absolute::LockTime, ecdsa,
+};
+use http::Method;
+
+use super::{Payer, State, misbehaved};
+use crate::channel::{ChannelParams, is_standard_payout};
+use crate::client::{ClientChannel, ClientError, ClientStore, Transport, WalletError};
+use crate::wire::{
+    ChannelId, FundRequest, FundResponse, OpenRequest, OpenResponse, RefundRequest, RefundResponse,
+    TermsDocument,
+};
+
+impl<S: ClientStore> Payer<S> {
+    /// Opens a new channel with the server, funded by the wallet, and makes it the one the
+    /// payer pays on. The previous channel, if any, is retired (its refund stays in the store).
+    ///
+    /// The steps, each checked: fetch the terms; propose the channel with a fresh K1; check
+    /// every field of the server's answer against what was asked; have the wallet build the
+    /// unsigned funding T1; have the server sign the refund T2 and **verify that signature,
+    /// aborting before anything is signed if it is wrong**; save the refund and the first
+    /// payment; only then have the wallet sign T1 and hand it to the server with the first
+    /// payment.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::Policy`] if the server's terms or the channel exceed the policy,
+    /// [`ClientError::NoWallet`], [`ClientError::Wallet`], [`ClientError::InvalidRefundSignature`],
+    /// [`ClientError::ServerMisbehaved`], [`ClientError::Rejected`] if the server refused a step,
+    /// [`ClientError::Transport`], [`ClientError::Store`].
+    pub async fn open<T: Transport + ?Sized>(
+        &self,
+        transport: &T,
+    ) -> Result<ChannelId, ClientError> {
+        let mut state = self.state().await?;
+        self.open_locked(transport, &mut state, false).await
+    }
+
+    pub(super) async fn open_locked<T: Transport + ?Sized>(
+        &self,
+        transport: &T,
+        state: &mut State,
+        automatic: bool,
+    ) -> Result<ChannelId, ClientError> {
+        let inner = &self.inner.settings;
+        let terms = self.terms(transport).await?;
+        if terms.network != inner.network.to_core_arg() {
+            return Err(misbehaved(format!(
+                "the server is on {}, the client on {}",
+                terms.network,
+                inner.network.to_core_arg()
+            )));
+        }
+        let min_value = Amount::from_sat(terms.min_value_sat);
+        let value = inner
+            .channel_value
+            .unwrap_or(inner.policy.max_channel_value())
+            .min(Amount::from_sat(terms.max_value_sat))
+            .max(min_value);
+        inner.policy.check_open(value, automatic).map_err(ClientError::Policy)?;
+        let bounds = terms.lifetime_blocks;
+        if bounds.min > bounds.max {
+            return Err(misbehaved("terms: lifetime_blocks.min is above max"));
+        }
+        let lifetime = inner.lifetime_blocks.clamp(bounds.min, bounds.max);
+        inner.policy.check_lifetime(lifetime).map_err(ClientError::Policy)?;
+        let wallet = inner.wallet.clone().ok_or(ClientError::NoWallet)?;
+        let key_index = self.inner.store.next_key_index().await.map_err(ClientError::Store)?;
+        let client_secret = self.derive(key_index)?;
+        let client_key = CompressedPublicKey(client_secret.public_key(crate::channel::secp()));
+        let client_script = ScriptBuf::new_p2wpkh(&client_key.wpubkey_hash());
+        let expiry = terms.tip.height.saturating_add(lifetime);
+        let first = self.first_payment(state, &terms)?;
+
+        let request = OpenRequest {
+            client_pubkey: client_key.to_string(),
+            value_sat: value.to_sat(),
+            expiry,
+            client_script: client_script.to_hex_string(),
+        };
+        let proposal: OpenResponse =
+            self.call(transport, Method::POST, &terms.endpoints.open, Some(&request), None).await?;
+        let params = check_proposal(&proposal, &terms, client_key, value, expiry, &client_script)?;
+
+        // The unsigned funding, from the wallet.
+        let funding_output =
+            TxOut { value: params.value, script_pubkey: params.funding_script_pubkey() };
+        let fee_rate = FeeRate::from_sat_per_vb(terms.funding_min_fee_rate_sat_per_vb)
+            .ok_or_else(|| misbehaved("funding fee rate"))?;
+        // Fee rates the server sets: the funding's, and the channel's (every payment and the
+        // refund pay it).
+        let policy = &inner.policy;
+        policy.check_fee_rate(fee_rate).map_err(ClientError::Policy)?;
+        policy.check_fee_rate(params.min_fee_rate).map_err(ClientError::Policy)?;
+        let psbt =
+            wallet.fund(funding_output.clone(), fee_rate).await.map_err(ClientError::Wallet)?;
+        // Between the wallet's unsigned funding and its signature: the refund, signed by the
+        // server and verified before anything else is signed, then saved with the first
+        // payment. On failure the wallet gets its coins back.
+        let prepared = async {
+            let outpoint = check_funding_psbt(&psbt, &funding_output)?;
+
+            // The refund, signed by the server and verified before anything else is signed.
+            let refund = params.build_refund(outpoint, params.refund_fee());
+            let request = RefundRequest {
+                proposal: proposal.proposal,
+                funding_tx: serialize_hex(&psbt.unsigned_tx),
+                refund_tx: serialize_hex(&refund),
+            };
+            let signed: RefundResponse = self
+                .call(transport, Method::POST, &terms.endpoints.refund, Some(&request), None)
+                .await?;
+            let signature = Vec::<u8>::from_hex(&signed.signature)
+                .ok()
+                .and_then(|bytes| ecdsa::Signature::from_slice(&bytes).ok())
+                .ok_or(ClientError::InvalidRefundSignature)?;
+            params
+                .verify_refund_signature(&refund, &signature)
+                .map_err(|_| ClientError::InvalidRefundSignature)?;
+            let refund = params
+                .complete_refund(&refund, &client_secret, &signature)
+                .map_err(ClientError::Sign)?;
+
+            // The refund and the first payment are saved before T1 is signed or leaves.
+            let mut channel = ClientChannel::new(params.at(outpoint), key_index, refund);
+            channel.server = inner.origin.clone();
+            let header = channel.pay(&self.inner.store, &client_secret, first).await?;
+            Ok::<_, ClientError>((channel, header, outpoint))
+        }
+        .await;
+        let (channel, header, outpoint) = match prepared {
+            Ok(prepared) => prepared,
+            Err(e) => {
+                wallet.release(&psbt);
+                return Err(e);
+            }
+        };
+        let signed = wallet.sign(psbt).await.map_err(ClientError::Wallet)?;
+        let funding = extract_funding(signed, outpoint)?;
+        let request = FundRequest {
+            proposal: proposal.proposal,
+            funding_tx: serialize_hex(&funding),
+            payment: header.clone(),
+        };
+        let _: FundResponse =
+            self.call(transport, Method::POST, &terms.endpoints.fund, Some(&request), None).await?;
+        state.committed += first;
+        self.retire(state).await?;
+        let id = channel.id();
+        self.set_channel(state, Some((channel, client_secret)), Some(header));
+        Ok(id)
+    }
+
+    /// The first payment of a new channel: the server output's dust threshold, within budget.
+    fn first_payment(&self, state: &State, terms: &TermsDocument) -> Result<Amount, ClientError> {
+        let script = ScriptBuf::from_hex(&terms.server_script)
+            .map_err(|_| misbehaved("server_script is not hex"))?;
+        let first = script.minimal_non_dust();
+        self.inner
+            .settings
+            .policy
+            .check_spend(state.committed, first)
+            .map_err(ClientError::Policy)?;
+        Ok(first)
+    }
+}
+
+/// Checks the server's proposal field by field against what the client asked and the terms,
+/// and returns the agreed parameters.
+fn check_proposal(
+    proposal: &OpenResponse,
+    terms: &TermsDocument,
+    client_key: CompressedPublicKey,
+    value: Amount,
+    expiry: u32,
+    client_script: &ScriptBuf,
+) -> Result<ChannelParams, ClientError> {
+    let hex_script = |hex: &str, what: &str| {
+        ScriptBuf::from_hex(hex).map_err(|_| misbehaved(format!("{what} is not hex")))
+    };
+    let server_key: CompressedPublicKey =
+        proposal.server_pubkey.parse().map_err(|_| misbehaved("server_pubkey"))?;
+    let server_script = hex_script(&proposal.server_script, "server_script")?;
+    let rate = |sat: u64| FeeRate::from_sat_per_vb(sat).ok_or_else(|| misbehaved("fee rate"));
+    let params = ChannelParams {
+        client_key,
+        server_key,
+        value,
+        expiry: LockTime::from_height(expiry).map_err(|_| misbehaved("expiry"))?,
+        client_script: client_script.clone(),
+        server_script,
+        min_fee_rate: rate(proposal.min_fee_rate_sat_per_vb)?,
+        max_fee_rate: rate(proposal.max_fee_rate_sat_per_vb)?,
+        close_margin: proposal.close_margin,
+    };
+    let checks = [
+        (proposal.value_sat == value.to_sat(), "value_sat differs from the request"),
+        (proposal.expiry == expiry, "expiry differs from the request"),
+        (hex_script(&proposal.client_script, "client_script")? == *client_script, "client_script"),
+        (proposal.server_script == terms.server_script, "server_script differs from the terms"),
+        (is_standard_payout(&params.server_script), "server_script is not a standard payout"),
+        (server_key != client_key, "server_pubkey is the client's key"),
+        (params.min_fee_rate <= params.max_fee_rate, "fee rates"),
+        (
+            proposal.close_margin < expiry.saturating_sub(terms.tip.height),
+            "close_margin exceeds the channel's lifetime",
+        ),
+        (
+            hex_script(&proposal.witness_script, "witness_script")? == params.witness_script(),
+            "witness_script is not 2 K1 K2 2 CHECKMULTISIG",
+        ),
+        (
+            hex_script(&proposal.funding_script_pubkey, "funding_script_pubkey")?
+                == params.funding_script_pubkey(),
+            "funding_script_pubkey",
+        ),
+        (proposal.refund_fee_sat == params.refund_fee().to_sat(), "refund_fee_sat"),
+    ];
+    match checks.into_iter().find(|(ok, _)| !ok) {
+        Some((_, what)) => Err(misbehaved(format!("open: {what}"))),
+        None => Ok(params),
+    }
+}
+
+/// The funding output's outpoint in the wallet's unsigned PSBT, which must pay the channel
+/// exactly once and spend native SegWit outputs only.
+fn check_funding_psbt(psbt: &Psbt, funding: &TxOut) -> Result<OutPoint, ClientError> {
+    let tx = &psbt.unsigned_tx;
+    let bad = |what: &str| ClientError::Wallet(WalletError::new(what));
+    let mut outputs = tx.output.iter().enumerate().filter(|(_, out)| *out == funding);
+    let (Some((vout, _)), None) = (outputs.next(), outputs.next()) else {
+        return Err(bad("the funding PSBT must pay the channel output exactly once"));
+    };
+    if tx.input.is_empty() || psbt.inputs.len() != tx.input.len() {
+        return Err(bad("the funding PSBT has no inputs"));
+    }
+    let segwit = psbt.inputs.iter().all(|input| {
+        input.witness_utxo.as_ref().is_some_and(|utxo| utxo.script_pubkey.is_witness_program())
+    });
+    if !segwit {
+        return Err(bad(
+            "every funding input must be native SegWit, with its witness_utxo in the PSBT",
+        ));
+    }
+    Ok(OutPoint::new(tx.compute_txid(), vout as u32))
+}
+
+/// The signed funding transaction, which must be the transaction the refund spends.
+fn extract_funding(psbt: Psbt, outpoint: OutPoint) -> Result<Transaction, ClientError> {
+    let tx = psbt.extract_tx().map_err(|e| ClientError::Wallet(WalletError::new(e)))?;
+    if tx.compute_txid() != outpoint.txid {
+        return Err(ClientError::Wallet(WalletError::new(
+            "signing changed the funding transaction's id",
+        )));
+    }
+    Ok(tx)
+}
