@@ -4,6 +4,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tower::Layer;
 
+use super::meter::Meter;
 use super::{Negotiation, Paywall};
 use crate::MilliSats;
 use crate::chain::ChainBackend;
@@ -34,48 +35,10 @@ pub const DEFAULT_BUNDLE: MilliSats = MilliSats::from_msat(1_000_000);
 /// ```
 #[must_use]
 pub struct PaywallLayer<St, P> {
-    pub(super) config: Arc<Config<St, P>>,
-}
-
-pub(super) struct Config<St, P> {
-    pub(super) store: Arc<St>,
-    pub(super) pricing: P,
-    pub(super) tip: watch::Receiver<ChainTip>,
-    pub(super) bundle: MilliSats,
-    pub(super) refund_server_errors: bool,
-    pub(super) terms_url: String,
+    pub(super) meter: Arc<Meter<St, P>>,
     /// The negotiation endpoints: their path prefix and router.
     pub(super) negotiation: Option<(String, axum::Router)>,
-    /// Header values already verified as payments of a channel. A verified payment stays a
-    /// valid proof of its channel forever, so a hit skips decoding and verification; the
-    /// atomic debit still enforces the balance and the channel's state.
-    pub(super) verified: dashmap::DashMap<http::HeaderValue, crate::wire::ChannelId>,
-    /// The header cached for each channel (one per channel: a new best replaces the old).
-    pub(super) latest: dashmap::DashMap<crate::wire::ChannelId, http::HeaderValue>,
-    /// Whether the inner service sees the `Payment-Channel` header.
-    pub(super) forward_payment_header: bool,
 }
-
-impl<St, P: Clone> Clone for Config<St, P> {
-    fn clone(&self) -> Self {
-        Self {
-            store: self.store.clone(),
-            pricing: self.pricing.clone(),
-            tip: self.tip.clone(),
-            bundle: self.bundle,
-            refund_server_errors: self.refund_server_errors,
-            terms_url: self.terms_url.clone(),
-            negotiation: self.negotiation.clone(),
-            verified: dashmap::DashMap::new(),
-            latest: dashmap::DashMap::new(),
-            forward_payment_header: self.forward_payment_header,
-        }
-    }
-}
-
-/// How many verified headers (one per channel) the fast-path cache keeps before it starts
-/// over.
-pub(super) const VERIFIED_CACHE_LIMIT: usize = 100_000;
 
 impl<St, P: Clone> PaywallLayer<St, P> {
     /// Meters requests priced by `pricing` against channels in `store`. `tip` follows the
@@ -83,14 +46,14 @@ impl<St, P: Clone> PaywallLayer<St, P> {
     /// a channel's close margin.
     pub fn new(store: St, pricing: P, tip: watch::Receiver<ChainTip>) -> Self {
         Self {
-            config: Arc::new(Config {
+            negotiation: None,
+            meter: Arc::new(Meter {
                 store: Arc::new(store),
                 pricing,
                 tip,
                 bundle: DEFAULT_BUNDLE,
                 refund_server_errors: true,
                 terms_url: DEFAULT_TERMS_URL.to_owned(),
-                negotiation: None,
                 verified: dashmap::DashMap::new(),
                 latest: dashmap::DashMap::new(),
                 forward_payment_header: false,
@@ -100,8 +63,8 @@ impl<St, P: Clone> PaywallLayer<St, P> {
 
     /// The configuration to change: a layer configured after it was cloned gets its own copy
     /// (the clones keep theirs).
-    fn config_mut(&mut self) -> &mut Config<St, P> {
-        Arc::make_mut(&mut self.config)
+    fn config_mut(&mut self) -> &mut Meter<St, P> {
+        Arc::make_mut(&mut self.meter)
     }
 
     /// Sets how much a 402's suggested top-up prepays beyond the minimum
@@ -143,28 +106,27 @@ impl<St, P: Clone> PaywallLayer<St, P> {
         St: ChannelStore,
         C: ChainBackend + Clone + 'static,
     {
-        let config = self.config_mut();
         let prefix = negotiation.prefix().to_owned();
-        let router =
-            negotiation.router(config.store.clone(), config.tip.clone(), &config.terms_url);
-        config.negotiation = Some((prefix, router));
+        let meter = &self.meter;
+        let router = negotiation.router(meter.store.clone(), meter.tip.clone(), &meter.terms_url);
+        self.negotiation = Some((prefix, router));
         self
     }
 }
 
 impl<St, P> Clone for PaywallLayer<St, P> {
     fn clone(&self) -> Self {
-        Self { config: self.config.clone() }
+        Self { meter: self.meter.clone(), negotiation: self.negotiation.clone() }
     }
 }
 
 impl<St, P> fmt::Debug for PaywallLayer<St, P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PaywallLayer")
-            .field("bundle", &self.config.bundle)
-            .field("refund_server_errors", &self.config.refund_server_errors)
-            .field("terms_url", &self.config.terms_url)
-            .field("negotiation", &self.config.negotiation.as_ref().map(|(prefix, _)| prefix))
+            .field("bundle", &self.meter.bundle)
+            .field("refund_server_errors", &self.meter.refund_server_errors)
+            .field("terms_url", &self.meter.terms_url)
+            .field("negotiation", &self.negotiation.as_ref().map(|(prefix, _)| prefix))
             .finish_non_exhaustive()
     }
 }
@@ -173,7 +135,7 @@ impl<S, St, P> Layer<S> for PaywallLayer<St, P> {
     type Service = Paywall<S, St, P>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Paywall { inner, config: self.config.clone() }
+        Paywall::new(inner, self)
     }
 }
 
@@ -187,10 +149,10 @@ mod tests {
         let (_tx, tip) = watch::channel(ChainTip { height: 1, median_time_past: 0 });
         let layer = PaywallLayer::new(MemoryStore::new(), MilliSats::from_msat(1), tip);
         let copy = layer.clone().with_bundle(MilliSats::from_msat(5)).forward_payment_header(true);
-        assert_eq!(copy.config.bundle, MilliSats::from_msat(5));
-        assert!(copy.config.forward_payment_header);
-        assert_eq!(layer.config.bundle, DEFAULT_BUNDLE);
-        assert!(!layer.config.forward_payment_header);
-        assert!(Arc::ptr_eq(&layer.config.store, &copy.config.store), "one store");
+        assert_eq!(copy.meter.bundle, MilliSats::from_msat(5));
+        assert!(copy.meter.forward_payment_header);
+        assert_eq!(layer.meter.bundle, DEFAULT_BUNDLE);
+        assert!(!layer.meter.forward_payment_header);
+        assert!(Arc::ptr_eq(&layer.meter.store, &copy.meter.store), "one store");
     }
 }

@@ -53,6 +53,7 @@
 
 mod future;
 mod layer;
+mod meter;
 mod negotiate;
 mod pricing;
 mod receipt;

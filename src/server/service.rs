@@ -4,30 +4,27 @@ use std::task::{Context, Poll};
 
 use axum::BoxError;
 use axum::body::{Bytes, HttpBody};
-use http::{HeaderValue, Request, Response};
+use http::{Request, Response};
 use http_body_util::BodyExt;
 use tower::{Service, ServiceExt};
 
 use super::future::ResponseFuture;
-use super::layer::{Config, PaywallLayer, VERIFIED_CACHE_LIMIT};
-use super::rejection::{Rejection, RejectionKind};
-use super::{ActualCost, Paid, Pricing};
-use crate::MilliSats;
-use crate::channel::{PaymentCheck, PaymentError};
-use crate::store::{ChannelRecord, ChannelState, ChannelStore, Debit};
-use crate::wire::{self, ChannelId, PAYMENT_CHANNEL, PAYMENT_CHANNEL_BALANCE};
+use super::meter::Meter;
+use super::{PaywallLayer, Pricing};
+use crate::store::ChannelStore;
 
 /// Middleware that charges every priced request to a payment channel. See the
 /// [module docs](super) for the request flow.
 pub struct Paywall<S, St, P> {
-    pub(super) inner: S,
-    pub(super) config: Arc<Config<St, P>>,
+    inner: S,
+    meter: Arc<Meter<St, P>>,
+    negotiation: Option<(String, axum::Router)>,
 }
 
 impl<S, St, P> Paywall<S, St, P> {
     /// Wraps `inner` with the configuration of `layer`.
     pub fn new(inner: S, layer: &PaywallLayer<St, P>) -> Self {
-        Self { inner, config: layer.config.clone() }
+        Self { inner, meter: layer.meter.clone(), negotiation: layer.negotiation.clone() }
     }
 
     /// Returns a reference to the inner service.
@@ -48,7 +45,11 @@ impl<S, St, P> Paywall<S, St, P> {
 
 impl<S: Clone, St, P> Clone for Paywall<S, St, P> {
     fn clone(&self) -> Self {
-        Self { inner: self.inner.clone(), config: self.config.clone() }
+        Self {
+            inner: self.inner.clone(),
+            meter: self.meter.clone(),
+            negotiation: self.negotiation.clone(),
+        }
     }
 }
 
@@ -78,21 +79,20 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        if let Some((prefix, router)) = &self.config.negotiation
-            && is_negotiation(request.uri().path(), prefix, &self.config.terms_url)
+        if let Some((prefix, router)) = &self.negotiation
+            && is_negotiation(request.uri().path(), prefix, &self.meter.terms_url)
         {
             let router = router.clone();
             return ResponseFuture::metered(negotiate(router, request));
         }
-        let Some(price) = self.config.pricing.price(&request) else {
+        let Some(price) = self.meter.pricing.price(&request) else {
             return ResponseFuture::free(self.inner.call(request));
         };
         // Use the service that was driven to readiness; leave a fresh clone in its place
         // (https://docs.rs/tower/latest/tower/trait.Service.html#be-careful-when-cloning-inner-services).
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        let config = self.config.clone();
-        ResponseFuture::metered(config.serve(inner, request, price))
+        ResponseFuture::metered(self.meter.clone().serve(inner, request, price))
     }
 }
 
@@ -119,154 +119,4 @@ where
     // Negotiation answers are small JSON documents built by this crate.
     let bytes = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
     Ok(Response::from_parts(parts, ResBody::from(String::from_utf8_lossy(&bytes).into_owned())))
-}
-
-impl<St: ChannelStore, P> Config<St, P> {
-    async fn serve<S, ReqBody, ResBody>(
-        self: Arc<Self>,
-        mut inner: S,
-        mut request: Request<ReqBody>,
-        price: MilliSats,
-    ) -> Result<Response<ResBody>, S::Error>
-    where
-        S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-        ResBody: From<String>,
-    {
-        // Taken out so that the request (whose body need not be `Sync`) is not borrowed
-        // across an await.
-        let header = request.headers().get(PAYMENT_CHANNEL).cloned();
-        let paid = match self.charge(header, price).await {
-            Ok(paid) => paid,
-            Err(rejection) => return Ok(rejection.into_response(&self.terms_url)),
-        };
-        request.extensions_mut().insert(paid);
-        if !self.forward_payment_header {
-            // A bearer proof of the channel: the inner service (a proxy, a logger) has no
-            // business with it.
-            request.headers_mut().remove(PAYMENT_CHANNEL);
-        }
-        let mut response = inner.call(request).await?;
-        let give_back = if self.refund_server_errors && response.status().is_server_error() {
-            price
-        } else {
-            response
-                .extensions()
-                .get::<ActualCost>()
-                .map_or(MilliSats::ZERO, |ActualCost(cost)| price.saturating_sub(*cost))
-        };
-        let mut balance = paid.balance;
-        if give_back > MilliSats::ZERO {
-            // If the store fails here the client stays charged for this request; the
-            // channel's money is safe either way.
-            if let Ok(after) = self.store.credit(paid.channel, give_back).await {
-                balance = after;
-            }
-        }
-        response
-            .headers_mut()
-            .insert(PAYMENT_CHANNEL_BALANCE, HeaderValue::from(balance.to_msat()));
-        Ok(response)
-    }
-
-    /// Identifies the channel, stores a better payment before anything is served, and debits
-    /// the price atomically.
-    async fn charge(
-        &self,
-        header: Option<HeaderValue>,
-        price: MilliSats,
-    ) -> Result<Paid, Rejection> {
-        let reject = |kind, record: Option<&ChannelRecord>| {
-            Rejection::new(kind, record.map(|r| r.snapshot(price, self.bundle))).with_price(price)
-        };
-        let header = header.ok_or_else(|| reject(RejectionKind::PaymentRequired, None))?;
-        if let Some(id) = self.verified.get(&header).map(|id| *id) {
-            return self.debit(id, price, None).await;
-        }
-        let payment = wire::decode_payment(header.as_bytes())
-            .map_err(|e| reject(RejectionKind::Header(e), None))?;
-        let outpoint =
-            payment.input.first().map(|input| input.previous_output).ok_or_else(|| {
-                reject(RejectionKind::Payment(PaymentError::InputCount { found: 0 }), None)
-            })?;
-        let id = ChannelId::new(outpoint);
-        let record = self
-            .store
-            .load(id)
-            .await
-            .map_err(|e| Rejection::from(e).with_price(price))?
-            .ok_or_else(|| reject(RejectionKind::UnknownChannel, None))?;
-        match record.state {
-            ChannelState::Open => {}
-            ChannelState::Pending => {
-                return Err(reject(RejectionKind::ChannelPending, Some(&record)));
-            }
-            state => return Err(reject(RejectionKind::ChannelNotOpen(state), Some(&record))),
-        }
-        let tip = *self.tip.borrow();
-        let is_best = record.best.as_ref() == Some(&payment);
-        let cache = match record.channel.check_payment(record.best.as_ref(), &payment, tip) {
-            // Stale means a concurrent request stored an even better payment: fine.
-            Ok(PaymentCheck::Increase { .. }) => {
-                let _stored_or_stale = self
-                    .store
-                    .store_payment(id, payment)
-                    .await
-                    .map_err(|e| Rejection::from(e).with_price(price))?;
-                true
-            }
-            // The best payment itself is cached; a re-signed copy of it is not.
-            Ok(PaymentCheck::Repeat) => is_best,
-            // An older payment of this channel (it raced a top-up): identification only.
-            Err(PaymentError::NotAnIncrease { .. }) => {
-                record
-                    .channel
-                    .verify_client_signature(&payment)
-                    .map_err(|e| reject(RejectionKind::Payment(e), Some(&record)))?;
-                false
-            }
-            Err(e) => return Err(reject(RejectionKind::Payment(e), Some(&record))),
-        };
-        if cache {
-            self.remember(id, header);
-        }
-        self.debit(id, price, Some(record)).await
-    }
-
-    /// Caches `header` as the channel's verified best, in place of its previous best: at most
-    /// one header per channel, so no client can crowd the others out.
-    fn remember(&self, id: ChannelId, header: HeaderValue) {
-        if self.verified.len() >= VERIFIED_CACHE_LIMIT {
-            self.verified.clear();
-            self.latest.clear();
-        }
-        if let Some(previous) = self.latest.insert(id, header.clone())
-            && previous != header
-        {
-            self.verified.remove(&previous);
-        }
-        self.verified.insert(header, id);
-    }
-
-    /// Debits `price`; on refusal, reports the channel's current state.
-    async fn debit(
-        &self,
-        id: ChannelId,
-        price: MilliSats,
-        record: Option<ChannelRecord>,
-    ) -> Result<Paid, Rejection> {
-        let kind = match self
-            .store
-            .debit(id, price)
-            .await
-            .map_err(|e| Rejection::from(e).with_price(price))?
-        {
-            Debit::Debited { balance } => return Ok(Paid { channel: id, price, balance }),
-            Debit::Insufficient { .. } => RejectionKind::InsufficientBalance,
-            Debit::NotOpen { state: ChannelState::Pending } => RejectionKind::ChannelPending,
-            Debit::NotOpen { state } => RejectionKind::ChannelNotOpen(state),
-        };
-        let record =
-            self.store.load(id).await.map_err(|e| Rejection::from(e).with_price(price))?.or(record);
-        Err(Rejection::new(kind, record.map(|r| r.snapshot(price, self.bundle))).with_price(price))
-    }
 }

@@ -95,6 +95,8 @@ pub async fn run<S: ChannelStore>(store: Arc<S>, prefix: u8) {
     unknown_channels(&*store, &fx).await;
     racing_payments_keep_the_best(store.clone(), &fx).await;
     racing_debits_never_overspend(store.clone(), &fx).await;
+    pay_stores_then_debits(&*store, &fx).await;
+    racing_pays_are_exact(store.clone(), &fx).await;
     key_indexes_are_unique(store).await;
 }
 
@@ -290,4 +292,73 @@ async fn racing_debits_never_overspend<S: ChannelStore>(store: Arc<S>, fx: &Fixt
     assert_eq!(served, 33, "concurrent debits are served exactly as much as was paid");
     let loaded = store.load(id).await.expect("load").expect("exists");
     assert_eq!(loaded.balance(), MilliSats::from_msat(10_000));
+}
+
+async fn pay_stores_then_debits<S: ChannelStore>(store: &S, fx: &Fixture) {
+    let channel = fx.at_height(15, 900_000);
+    let record = fx.record(channel.clone(), 1_000);
+    let id = record.id();
+    store.create(record).await.expect("create");
+    let better = fx.payment(&channel, 3_000);
+    assert_eq!(
+        store.pay(id, better.clone(), msat(2_500)).await,
+        Ok(Debit::Debited { balance: msat(500) }),
+        "the debit sees the balance after the new payment"
+    );
+    assert_eq!(
+        store.pay(id, fx.payment(&channel, 2_000), msat(400)).await,
+        Ok(Debit::Debited { balance: msat(100) }),
+        "a payment that does not pay more still debits"
+    );
+    let loaded = store.load(id).await.expect("load").expect("exists");
+    assert_eq!(loaded.best, Some(better), "the stale payment did not replace the best");
+    let slightly_better = fx.payment(&channel, 3_100);
+    assert_eq!(
+        store.pay(id, slightly_better.clone(), msat(1_000)).await,
+        Ok(Debit::Insufficient { balance: msat(200) }),
+        "a debit the new balance does not cover is refused"
+    );
+    let loaded = store.load(id).await.expect("load").expect("exists");
+    assert_eq!(
+        (loaded.best, loaded.spent),
+        (Some(slightly_better), msat(2_900)),
+        "a refused debit keeps the better payment and spends nothing"
+    );
+    assert_eq!(store.transition(id, ChannelState::Open, ChannelState::Closing).await, Ok(true));
+    assert_eq!(
+        store.pay(id, fx.payment(&channel, 4_000), msat(1)).await,
+        Ok(Debit::NotOpen { state: ChannelState::Closing }),
+        "no payment and no debit once closing"
+    );
+    let loaded = store.load(id).await.expect("load").expect("exists");
+    assert_eq!(loaded.paid_amount(), Amount::from_sat(3_100), "the best is frozen once closing");
+    let unknown = ChannelId::new(fx.at_height(98, 900_000).outpoint());
+    let payment = fx.payment(&fx.at_height(98, 900_000), 1_000);
+    assert_eq!(store.pay(unknown, payment, msat(1)).await, Err(StoreError::NotFound));
+}
+
+async fn racing_pays_are_exact<S: ChannelStore>(store: Arc<S>, fx: &Fixture) {
+    let channel = fx.at_height(16, 900_000);
+    let record = fx.record(channel.clone(), 1_000);
+    let id = record.id();
+    store.create(record).await.expect("create");
+    let price = msat(100);
+    let tasks: Vec<_> = (0..64u64)
+        .map(|i| {
+            let store = store.clone();
+            let payment = fx.payment(&channel, 1_000 + (i % 32 + 1) * 100);
+            tokio::spawn(async move { store.pay(id, payment, price).await })
+        })
+        .collect();
+    let mut served = 0;
+    for task in tasks {
+        if let Debit::Debited { .. } = task.await.expect("task").expect("pay") {
+            served += 1;
+        }
+    }
+    let loaded = store.load(id).await.expect("load").expect("exists");
+    assert_eq!(loaded.paid_amount(), Amount::from_sat(4_200), "racing pays keep the best payment");
+    assert_eq!(loaded.spent, msat(100 * served), "every served request is debited, once");
+    assert!(loaded.spent <= loaded.paid(), "never served more than was paid");
+    assert!(served >= 10, "the first payment alone covers 10 requests: {served}");
 }

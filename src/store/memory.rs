@@ -90,15 +90,7 @@ impl ChannelStore for MemoryStore {
         id: ChannelId,
         payment: Transaction,
     ) -> impl Future<Output = Result<StorePayment, StoreError>> + Send {
-        self.update(id, move |record| {
-            let best = record.paid_amount();
-            let offered = crate::channel::server_amount(&payment);
-            if offered <= best || record.state != ChannelState::Open {
-                return StorePayment::Stale { best };
-            }
-            record.best = Some(payment);
-            StorePayment::Stored { balance: record.balance() }
-        })
+        self.update(id, move |record| store(record, payment))
     }
 
     fn debit(
@@ -106,18 +98,18 @@ impl ChannelStore for MemoryStore {
         id: ChannelId,
         amount: MilliSats,
     ) -> impl Future<Output = Result<Debit, StoreError>> + Send {
+        self.update(id, move |record| debit(record, amount))
+    }
+
+    fn pay(
+        &self,
+        id: ChannelId,
+        payment: Transaction,
+        amount: MilliSats,
+    ) -> impl Future<Output = Result<Debit, StoreError>> + Send {
         self.update(id, move |record| {
-            if record.state != ChannelState::Open {
-                return Debit::NotOpen { state: record.state };
-            }
-            let balance = record.balance();
-            match (balance.checked_sub(amount), record.spent.checked_add(amount)) {
-                (Some(left), Some(spent)) => {
-                    record.spent = spent;
-                    Debit::Debited { balance: left }
-                }
-                _ => Debit::Insufficient { balance },
-            }
+            let _stored_or_stale = store(record, payment);
+            debit(record, amount)
         })
     }
 
@@ -163,5 +155,30 @@ impl ChannelStore for MemoryStore {
             .collect();
         records.sort_by_key(super::expiry_key);
         ready(Ok(records))
+    }
+}
+
+/// Makes `payment` the best of `record` if it is open and the payment pays more.
+fn store(record: &mut ChannelRecord, payment: Transaction) -> StorePayment {
+    let best = record.paid_amount();
+    if crate::channel::server_amount(&payment) <= best || record.state != ChannelState::Open {
+        return StorePayment::Stale { best };
+    }
+    record.best = Some(payment);
+    StorePayment::Stored { balance: record.balance() }
+}
+
+/// Debits `amount` from `record` if it is open and its balance covers it.
+fn debit(record: &mut ChannelRecord, amount: MilliSats) -> Debit {
+    if record.state != ChannelState::Open {
+        return Debit::NotOpen { state: record.state };
+    }
+    let balance = record.balance();
+    match (balance.checked_sub(amount), record.spent.checked_add(amount)) {
+        (Some(left), Some(spent)) => {
+            record.spent = spent;
+            Debit::Debited { balance: left }
+        }
+        _ => Debit::Insufficient { balance },
     }
 }

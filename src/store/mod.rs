@@ -298,6 +298,28 @@ pub trait ChannelStore: Send + Sync + 'static {
         amount: MilliSats,
     ) -> impl Future<Output = Result<Debit, StoreError>> + Send;
 
+    /// Stores `payment` as [`store_payment`](Self::store_payment) does (only if it pays more
+    /// and the channel is open), then debits `amount` as [`debit`](Self::debit) does, **in one
+    /// atomic operation**: the layer's path for a request carrying a new payment, so a shared
+    /// store answers it in one round trip. A payment that does not pay more is not an error:
+    /// the debit is still attempted. A refused debit leaves a stored payment stored (it was
+    /// acknowledged as the channel's best).
+    ///
+    /// The default runs the two methods one after the other, which is correct (each is
+    /// atomic, and the best only grows) but costs two round trips; the crate's backends
+    /// override it.
+    fn pay(
+        &self,
+        id: ChannelId,
+        payment: Transaction,
+        amount: MilliSats,
+    ) -> impl Future<Output = Result<Debit, StoreError>> + Send {
+        async move {
+            let _stored_or_stale = self.store_payment(id, payment).await?;
+            self.debit(id, amount).await
+        }
+    }
+
     /// Gives back `amount` of an earlier debit (never making `spent` negative); returns the
     /// new balance.
     fn credit(

@@ -228,6 +228,46 @@ impl ChannelStore for PostgresStore {
         })
     }
 
+    async fn pay(
+        &self,
+        id: ChannelId,
+        payment: Transaction,
+        amount: MilliSats,
+    ) -> Result<Debit, StoreError> {
+        let id = id.to_string();
+        let offered = to_i64(crate::channel::server_amount(&payment).to_sat())?;
+        let amount = to_i64(amount.to_msat())?;
+        // One statement: the row is locked and read (`old`), then the better payment and
+        // the debit are written together from that read. The balance the debit sees is the
+        // one after the payment.
+        let row = self
+            .query_opt(
+                "WITH old AS (
+                     SELECT best_sat, spent_msat FROM paychan_channels
+                     WHERE id = $3 AND state = 'open' FOR UPDATE
+                 ), next AS (
+                     SELECT GREATEST(old.best_sat, $2) AS best_sat, old.spent_msat,
+                            GREATEST(old.best_sat, $2) * 1000 - old.spent_msat >= $4 AS covers
+                     FROM old
+                 )
+                 UPDATE paychan_channels AS c SET
+                     best = CASE WHEN $2 > c.best_sat THEN $1 ELSE c.best END,
+                     best_sat = next.best_sat,
+                     spent_msat = CASE WHEN next.covers THEN c.spent_msat + $4
+                                       ELSE c.spent_msat END
+                 FROM next WHERE c.id = $3
+                 RETURNING next.covers, c.best_sat * 1000 - c.spent_msat",
+                &[&serialize(&payment), &offered, &id, &amount],
+            )
+            .await?;
+        match row {
+            Some(row) if row.get::<_, bool>(0) => Ok(Debit::Debited { balance: msat(row.get(1)) }),
+            Some(row) => Ok(Debit::Insufficient { balance: msat(row.get(1)) }),
+            // Not open (or gone): nothing was changed; report the state from a fresh read.
+            None => Ok(Debit::NotOpen { state: self.state_and_balance(&id).await?.0 }),
+        }
+    }
+
     async fn credit(&self, id: ChannelId, amount: MilliSats) -> Result<MilliSats, StoreError> {
         let row = self
             .query_opt(

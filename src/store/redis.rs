@@ -43,6 +43,23 @@ if balance < amount then return {0, string.format('%.0f', balance)} end
 redis.call('HSET', KEYS[1], 'spent_msat', string.format('%.0f', tonumber(h[3]) + amount))
 return {1, string.format('%.0f', balance - amount)}";
 
+/// `STORE_PAYMENT` then `DEBIT` in one script: KEYS[1] the channel; ARGV the payment, its
+/// server amount in sat, and the amount to debit in msat.
+const PAY: &str = r"
+local h = redis.call('HMGET', KEYS[1], 'state', 'best_sat', 'spent_msat')
+if not h[1] then return {-1, '0'} end
+if h[1] ~= 'open' then return {2, h[1]} end
+local best = tonumber(h[2])
+if tonumber(ARGV[2]) > best then
+  best = tonumber(ARGV[2])
+  redis.call('HSET', KEYS[1], 'best', ARGV[1], 'best_sat', ARGV[2])
+end
+local balance = best * 1000 - tonumber(h[3])
+local amount = tonumber(ARGV[3])
+if balance < amount then return {0, string.format('%.0f', balance)} end
+redis.call('HSET', KEYS[1], 'spent_msat', string.format('%.0f', tonumber(h[3]) + amount))
+return {1, string.format('%.0f', balance - amount)}";
+
 const CREDIT: &str = r"
 local h = redis.call('HMGET', KEYS[1], 'best_sat', 'spent_msat')
 if not h[1] then return {-1, '0'} end
@@ -235,14 +252,19 @@ impl ChannelStore for RedisStore {
     }
 
     async fn debit(&self, id: ChannelId, amount: MilliSats) -> Result<Debit, StoreError> {
-        let (code, value): (i64, String) =
-            self.invoke(DEBIT, &[self.channel_key(id)], &[arg(amount.to_msat())]).await?;
-        match code {
-            1 => Ok(Debit::Debited { balance: MilliSats::from_msat(number(&value)?) }),
-            0 => Ok(Debit::Insufficient { balance: MilliSats::from_msat(number(&value)?) }),
-            2 => Ok(Debit::NotOpen { state: ChannelState::from_name(&value)? }),
-            _ => Err(StoreError::NotFound),
-        }
+        let reply = self.invoke(DEBIT, &[self.channel_key(id)], &[arg(amount.to_msat())]).await?;
+        debit_reply(reply)
+    }
+
+    async fn pay(
+        &self,
+        id: ChannelId,
+        payment: Transaction,
+        amount: MilliSats,
+    ) -> Result<Debit, StoreError> {
+        let offered = crate::channel::server_amount(&payment);
+        let args = [serialize(&payment), arg(offered.to_sat()), arg(amount.to_msat())];
+        debit_reply(self.invoke(PAY, &[self.channel_key(id)], &args).await?)
     }
 
     async fn credit(&self, id: ChannelId, amount: MilliSats) -> Result<MilliSats, StoreError> {
@@ -295,5 +317,15 @@ impl ChannelStore for RedisStore {
             }
         }
         Ok(records)
+    }
+}
+
+/// Reads the reply of `DEBIT` or `PAY`.
+fn debit_reply((code, value): (i64, String)) -> Result<Debit, StoreError> {
+    match code {
+        1 => Ok(Debit::Debited { balance: MilliSats::from_msat(number(&value)?) }),
+        0 => Ok(Debit::Insufficient { balance: MilliSats::from_msat(number(&value)?) }),
+        2 => Ok(Debit::NotOpen { state: ChannelState::from_name(&value)? }),
+        _ => Err(StoreError::NotFound),
     }
 }

@@ -228,24 +228,7 @@ impl ChannelStore for SqliteStore {
         id: ChannelId,
         payment: Transaction,
     ) -> impl Future<Output = Result<StorePayment, StoreError>> + Send {
-        self.run(move |tx| {
-            let id = id.to_string();
-            let offered = crate::channel::server_amount(&payment);
-            let offered = sql_u64(offered.to_sat())?;
-            let updated = tx
-                .execute(
-                    "UPDATE channels SET best = ?1, best_sat = ?2
-                     WHERE id = ?3 AND best_sat < ?2 AND state = 'open'",
-                    params![serialize(&payment), offered, id],
-                )
-                .map_err(unavailable)?;
-            let (_, balance, best) = state_and_balance(tx, &id)?;
-            Ok(if updated == 1 {
-                StorePayment::Stored { balance }
-            } else {
-                StorePayment::Stale { best }
-            })
-        })
+        self.run(move |tx| store_payment(tx, &id.to_string(), &payment))
     }
 
     fn debit(
@@ -253,21 +236,19 @@ impl ChannelStore for SqliteStore {
         id: ChannelId,
         amount: MilliSats,
     ) -> impl Future<Output = Result<Debit, StoreError>> + Send {
+        self.run(move |tx| debit(tx, &id.to_string(), amount))
+    }
+
+    fn pay(
+        &self,
+        id: ChannelId,
+        payment: Transaction,
+        amount: MilliSats,
+    ) -> impl Future<Output = Result<Debit, StoreError>> + Send {
         self.run(move |tx| {
             let id = id.to_string();
-            let (state, balance, _) = state_and_balance(tx, &id)?;
-            if state != ChannelState::Open {
-                return Ok(Debit::NotOpen { state });
-            }
-            let Some(left) = balance.checked_sub(amount) else {
-                return Ok(Debit::Insufficient { balance });
-            };
-            tx.execute(
-                "UPDATE channels SET spent_msat = spent_msat + ?1 WHERE id = ?2",
-                params![sql_u64(amount.to_msat())?, id],
-            )
-            .map_err(unavailable)?;
-            Ok(Debit::Debited { balance: left })
+            let _stored_or_stale = store_payment(tx, &id, &payment)?;
+            debit(tx, &id, amount)
         })
     }
 
@@ -331,6 +312,41 @@ impl ChannelStore for SqliteStore {
             rows.map(|row| decode_record(row.map_err(unavailable)?)).collect()
         })
     }
+}
+
+/// Makes `payment` the best of channel `id` if it is open and the payment pays more.
+fn store_payment(
+    tx: &rusqlite::Transaction<'_>,
+    id: &str,
+    payment: &Transaction,
+) -> Result<StorePayment, StoreError> {
+    let offered = sql_u64(crate::channel::server_amount(payment).to_sat())?;
+    let updated = tx
+        .execute(
+            "UPDATE channels SET best = ?1, best_sat = ?2
+             WHERE id = ?3 AND best_sat < ?2 AND state = 'open'",
+            params![serialize(payment), offered, id],
+        )
+        .map_err(unavailable)?;
+    let (_, balance, best) = state_and_balance(tx, id)?;
+    Ok(if updated == 1 { StorePayment::Stored { balance } } else { StorePayment::Stale { best } })
+}
+
+/// Debits `amount` from channel `id` if it is open and its balance covers it.
+fn debit(tx: &rusqlite::Transaction<'_>, id: &str, amount: MilliSats) -> Result<Debit, StoreError> {
+    let (state, balance, _) = state_and_balance(tx, id)?;
+    if state != ChannelState::Open {
+        return Ok(Debit::NotOpen { state });
+    }
+    let Some(left) = balance.checked_sub(amount) else {
+        return Ok(Debit::Insufficient { balance });
+    };
+    tx.execute(
+        "UPDATE channels SET spent_msat = spent_msat + ?1 WHERE id = ?2",
+        params![sql_u64(amount.to_msat())?, id],
+    )
+    .map_err(unavailable)?;
+    Ok(Debit::Debited { balance: left })
 }
 
 #[cfg(test)]

@@ -1,0 +1,214 @@
+//! The meter: charge, debit, credit.
+
+use std::sync::Arc;
+
+use http::{HeaderValue, Request, Response};
+use tokio::sync::watch;
+use tower::Service;
+
+use super::rejection::{Rejection, RejectionKind};
+use super::{ActualCost, Paid};
+use crate::MilliSats;
+use crate::channel::{ChainTip, PaymentCheck, PaymentError};
+use crate::store::{ChannelRecord, ChannelState, ChannelStore, Debit, StoreError};
+use crate::wire::{self, ChannelId, PAYMENT_CHANNEL, PAYMENT_CHANNEL_BALANCE};
+
+/// The meter behind [`Paywall`](super::Paywall): prices a request, identifies its channel,
+/// stores a better payment and debits the price in one atomic store operation, and credits
+/// back what the inner service did not use. It owns the store, the chain tip and the
+/// fast-path cache of verified payment headers.
+pub(super) struct Meter<St, P> {
+    pub(super) store: Arc<St>,
+    pub(super) pricing: P,
+    pub(super) tip: watch::Receiver<ChainTip>,
+    pub(super) bundle: MilliSats,
+    pub(super) refund_server_errors: bool,
+    pub(super) terms_url: String,
+    /// Header values already verified as payments of a channel. A verified payment stays a
+    /// valid proof of its channel forever, so a hit skips decoding and verification; the
+    /// atomic debit still enforces the balance and the channel's state.
+    pub(super) verified: dashmap::DashMap<http::HeaderValue, crate::wire::ChannelId>,
+    /// The header cached for each channel (one per channel: a new best replaces the old).
+    pub(super) latest: dashmap::DashMap<crate::wire::ChannelId, http::HeaderValue>,
+    /// Whether the inner service sees the `Payment-Channel` header.
+    pub(super) forward_payment_header: bool,
+}
+
+impl<St, P: Clone> Clone for Meter<St, P> {
+    /// A copy of the configuration with empty caches (see
+    /// [`PaywallLayer::config_mut`](super::PaywallLayer)).
+    fn clone(&self) -> Self {
+        Self {
+            store: self.store.clone(),
+            pricing: self.pricing.clone(),
+            tip: self.tip.clone(),
+            bundle: self.bundle,
+            refund_server_errors: self.refund_server_errors,
+            terms_url: self.terms_url.clone(),
+            verified: dashmap::DashMap::new(),
+            latest: dashmap::DashMap::new(),
+            forward_payment_header: self.forward_payment_header,
+        }
+    }
+}
+
+/// How many verified headers (one per channel) the fast-path cache keeps before it starts
+/// over.
+pub(super) const VERIFIED_CACHE_LIMIT: usize = 100_000;
+
+impl<St: ChannelStore, P> Meter<St, P> {
+    /// Charges `price` for `request`, runs `inner` on it if paid, and credits back what a
+    /// 5xx or a handler's [`ActualCost`] gives back.
+    pub(super) async fn serve<S, ReqBody, ResBody>(
+        self: Arc<Self>,
+        mut inner: S,
+        mut request: Request<ReqBody>,
+        price: MilliSats,
+    ) -> Result<Response<ResBody>, S::Error>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+        ResBody: From<String>,
+    {
+        // Taken out so that the request (whose body need not be `Sync`) is not borrowed
+        // across an await.
+        let header = request.headers().get(PAYMENT_CHANNEL).cloned();
+        let paid = match self.charge(header, price).await {
+            Ok(paid) => paid,
+            Err(rejection) => return Ok(rejection.into_response(&self.terms_url)),
+        };
+        request.extensions_mut().insert(paid);
+        if !self.forward_payment_header {
+            // A bearer proof of the channel: the inner service (a proxy, a logger) has no
+            // business with it.
+            request.headers_mut().remove(PAYMENT_CHANNEL);
+        }
+        let mut response = inner.call(request).await?;
+        let give_back = if self.refund_server_errors && response.status().is_server_error() {
+            price
+        } else {
+            response
+                .extensions()
+                .get::<ActualCost>()
+                .map_or(MilliSats::ZERO, |ActualCost(cost)| price.saturating_sub(*cost))
+        };
+        let mut balance = paid.balance;
+        if give_back > MilliSats::ZERO {
+            // If the store fails here the client stays charged for this request; the
+            // channel's money is safe either way.
+            if let Ok(after) = self.store.credit(paid.channel, give_back).await {
+                balance = after;
+            }
+        }
+        response
+            .headers_mut()
+            .insert(PAYMENT_CHANNEL_BALANCE, HeaderValue::from(balance.to_msat()));
+        Ok(response)
+    }
+
+    /// Identifies the channel, stores a better payment before anything is served, and debits
+    /// the price atomically.
+    async fn charge(
+        &self,
+        header: Option<HeaderValue>,
+        price: MilliSats,
+    ) -> Result<Paid, Rejection> {
+        let reject = |kind, record: Option<&ChannelRecord>| {
+            Rejection::new(kind, record.map(|r| r.snapshot(price, self.bundle))).with_price(price)
+        };
+        let header = header.ok_or_else(|| reject(RejectionKind::PaymentRequired, None))?;
+        if let Some(id) = self.verified.get(&header).map(|id| *id) {
+            return self.debit(id, price, None).await;
+        }
+        let payment = wire::decode_payment(header.as_bytes())
+            .map_err(|e| reject(RejectionKind::Header(e), None))?;
+        let outpoint =
+            payment.input.first().map(|input| input.previous_output).ok_or_else(|| {
+                reject(RejectionKind::Payment(PaymentError::InputCount { found: 0 }), None)
+            })?;
+        let id = ChannelId::new(outpoint);
+        let record = self
+            .store
+            .load(id)
+            .await
+            .map_err(|e| Rejection::from(e).with_price(price))?
+            .ok_or_else(|| reject(RejectionKind::UnknownChannel, None))?;
+        match record.state {
+            ChannelState::Open => {}
+            ChannelState::Pending => {
+                return Err(reject(RejectionKind::ChannelPending, Some(&record)));
+            }
+            state => return Err(reject(RejectionKind::ChannelNotOpen(state), Some(&record))),
+        }
+        let tip = *self.tip.borrow();
+        let is_best = record.best.as_ref() == Some(&payment);
+        let cache = match record.channel.check_payment(record.best.as_ref(), &payment, tip) {
+            // Stale means a concurrent request stored an even better payment: fine.
+            // Stored and debited in one store operation.
+            Ok(PaymentCheck::Increase { .. }) => {
+                let debit = self.store.pay(id, payment, price).await;
+                self.remember(id, header);
+                return self.debited(id, price, debit, Some(record)).await;
+            }
+            // The best payment itself is cached; a re-signed copy of it is not.
+            Ok(PaymentCheck::Repeat) => is_best,
+            // An older payment of this channel (it raced a top-up): identification only.
+            Err(PaymentError::NotAnIncrease { .. }) => {
+                record
+                    .channel
+                    .verify_client_signature(&payment)
+                    .map_err(|e| reject(RejectionKind::Payment(e), Some(&record)))?;
+                false
+            }
+            Err(e) => return Err(reject(RejectionKind::Payment(e), Some(&record))),
+        };
+        if cache {
+            self.remember(id, header);
+        }
+        self.debit(id, price, Some(record)).await
+    }
+
+    /// Caches `header` as the channel's verified best, in place of its previous best: at most
+    /// one header per channel, so no client can crowd the others out.
+    fn remember(&self, id: ChannelId, header: HeaderValue) {
+        if self.verified.len() >= VERIFIED_CACHE_LIMIT {
+            self.verified.clear();
+            self.latest.clear();
+        }
+        if let Some(previous) = self.latest.insert(id, header.clone())
+            && previous != header
+        {
+            self.verified.remove(&previous);
+        }
+        self.verified.insert(header, id);
+    }
+
+    /// Debits `price`; on refusal, reports the channel's current state.
+    async fn debit(
+        &self,
+        id: ChannelId,
+        price: MilliSats,
+        record: Option<ChannelRecord>,
+    ) -> Result<Paid, Rejection> {
+        let debit = self.store.debit(id, price).await;
+        self.debited(id, price, debit, record).await
+    }
+
+    /// The outcome of a debit of `price`: the receipt, or a refusal with the channel's state.
+    async fn debited(
+        &self,
+        id: ChannelId,
+        price: MilliSats,
+        debit: Result<Debit, StoreError>,
+        record: Option<ChannelRecord>,
+    ) -> Result<Paid, Rejection> {
+        let kind = match debit.map_err(|e| Rejection::from(e).with_price(price))? {
+            Debit::Debited { balance } => return Ok(Paid { channel: id, price, balance }),
+            Debit::Insufficient { .. } => RejectionKind::InsufficientBalance,
+            Debit::NotOpen { state: ChannelState::Pending } => RejectionKind::ChannelPending,
+            Debit::NotOpen { state } => RejectionKind::ChannelNotOpen(state),
+        };
+        let record =
+            self.store.load(id).await.map_err(|e| Rejection::from(e).with_price(price))?.or(record);
+        Err(Rejection::new(kind, record.map(|r| r.snapshot(price, self.bundle))).with_price(price))
+    }
+}
