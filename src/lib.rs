@@ -35,12 +35,14 @@
 pub mod chain;
 pub mod channel;
 pub mod client;
+mod error;
 mod msat;
 pub mod server;
 pub mod settlement;
 pub mod store;
 pub mod wire;
 
+pub use error::BackendError;
 pub use msat::{MilliSats, ParseMilliSatsError};
 
 /// The rust-bitcoin this crate is built on: use its types through this path so that your

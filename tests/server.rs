@@ -318,7 +318,7 @@ struct Flaky {
 impl Flaky {
     fn check(&self) -> Result<(), paychan::store::StoreError> {
         if self.down.load(std::sync::atomic::Ordering::SeqCst) {
-            Err(paychan::store::StoreError::Unavailable { message: "connection refused".into() })
+            Err(paychan::store::StoreError::unavailable("connection refused"))
         } else {
             Ok(())
         }

@@ -228,7 +228,7 @@ impl ChainBackend for Flaky {
         let left = self.failures.load(Ordering::SeqCst);
         if left > 0 {
             self.failures.store(left - 1, Ordering::SeqCst);
-            return Err(ChainError::Unavailable { message: "connection refused".into() });
+            return Err(ChainError::unavailable("connection refused"));
         }
         self.chain.broadcast(tx).await
     }

@@ -9,8 +9,10 @@ use hyper_util::rt::TokioIo;
 
 use super::ChainError;
 
-pub(crate) fn unavailable(message: impl ToString) -> ChainError {
-    ChainError::Unavailable { message: message.to_string() }
+pub(crate) fn unavailable(
+    error: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+) -> ChainError {
+    ChainError::unavailable(error)
 }
 
 /// Splits `http://host:port/path` into the authority and the base path (no trailing `/`).

@@ -10,6 +10,7 @@ use std::future::Future;
 
 use bitcoin::{FeeRate, OutPoint, Transaction, TxOut, Txid};
 
+use crate::BackendError;
 pub use crate::channel::ChainTip;
 
 #[cfg(feature = "bitcoind")]
@@ -101,8 +102,8 @@ pub enum ChainError {
     },
     /// The backend could not be reached or answered something unexpected; retrying may help.
     Unavailable {
-        /// What went wrong (for logs).
-        message: String,
+        /// What the backend (or the connection to it) reported.
+        source: BackendError,
     },
 }
 
@@ -110,6 +111,12 @@ impl ChainError {
     #[cfg(any(feature = "sim", feature = "bitcoind", feature = "esplora"))]
     pub(crate) fn rejected(reason: RejectReason, message: impl Into<String>) -> Self {
         Self::Rejected { reason, message: message.into() }
+    }
+
+    /// The backend could not be reached or answered something unexpected: `error` is what
+    /// went wrong, an error or a message.
+    pub fn unavailable(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Unavailable { source: BackendError::new(error) }
     }
 
     /// The rejection reason, if the backend refused a transaction.
@@ -127,12 +134,20 @@ impl fmt::Display for ChainError {
             Self::Rejected { reason, message } => {
                 write!(f, "transaction rejected ({}): {message}", reason.code())
             }
-            Self::Unavailable { message } => write!(f, "chain backend unavailable: {message}"),
+            Self::Unavailable { source } => write!(f, "chain backend unavailable: {source}"),
         }
     }
 }
 
-impl std::error::Error for ChainError {}
+impl std::error::Error for ChainError {
+    /// The cause of the backend's error (whose own message is part of this one's).
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Unavailable { source } => std::error::Error::source(source),
+            Self::Rejected { .. } => None,
+        }
+    }
+}
 
 /// A view of the Bitcoin chain that can also relay transactions.
 ///

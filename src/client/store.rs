@@ -1,4 +1,3 @@
-use core::fmt;
 use std::collections::HashMap;
 use std::future::Future;
 use std::io::Write;
@@ -32,27 +31,9 @@ pub trait ClientStore: Send + Sync {
     fn next_key_index(&self) -> impl Future<Output = Result<u32, ClientStoreError>> + Send;
 }
 
-/// A client store failure.
-#[derive(Debug)]
-#[non_exhaustive]
-pub struct ClientStoreError {
-    message: String,
-}
-
-impl ClientStoreError {
-    /// An error with `message` (for implementers of [`ClientStore`]).
-    pub fn new(message: impl ToString) -> Self {
-        Self { message: message.to_string() }
-    }
-}
-
-impl fmt::Display for ClientStoreError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for ClientStoreError {}
+/// A client store failure: what the store reported. Implementers of [`ClientStore`] build it
+/// with `ClientStoreError::new(error_or_message)`.
+pub type ClientStoreError = crate::BackendError;
 
 /// Channels in process memory (tests, short-lived clients): lost on exit, refunds included.
 #[derive(Debug, Clone, Default)]

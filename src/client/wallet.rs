@@ -42,27 +42,9 @@ pub trait Wallet: Send + Sync + fmt::Debug {
     }
 }
 
-/// A wallet failed to fund or sign.
-#[derive(Debug)]
-#[non_exhaustive]
-pub struct WalletError {
-    message: String,
-}
-
-impl WalletError {
-    /// An error with `message` (for implementers of [`Wallet`]).
-    pub fn new(message: impl ToString) -> Self {
-        Self { message: message.to_string() }
-    }
-}
-
-impl fmt::Display for WalletError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for WalletError {}
+/// A wallet failed to fund or sign: what it reported. Implementers of [`Wallet`] build it with
+/// `WalletError::new(error_or_message)`.
+pub type WalletError = crate::BackendError;
 
 /// A wallet of P2WPKH coins of one key, given to it as outputs: enough for tests, demos and a
 /// service that keeps a hot float for its channels.

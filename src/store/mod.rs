@@ -29,12 +29,12 @@ use bitcoin::bip32::Xpriv;
 use bitcoin::{Amount, Transaction};
 use serde::{Deserialize, Serialize};
 
-use crate::MilliSats;
 use crate::channel::{
     ChainTip, Channel, CloseError, FundingAction, FundingPolicy, channel_key, server_amount,
 };
 pub use crate::channel::{ChannelState, ParseChannelStateError};
 use crate::wire::{ChannelId, ChannelSnapshot};
+use crate::{BackendError, MilliSats};
 
 pub mod conformance;
 mod memory;
@@ -228,8 +228,8 @@ pub enum StoreError {
     AlreadyExists,
     /// The backend could not be reached or failed; nothing is known to have changed.
     Unavailable {
-        /// What went wrong (for logs).
-        message: String,
+        /// What the backend reported.
+        source: BackendError,
     },
 }
 
@@ -240,9 +240,9 @@ impl From<ParseChannelStateError> for StoreError {
 }
 
 impl StoreError {
-    /// A backend failure, with its message.
-    pub(crate) fn unavailable(error: impl fmt::Display) -> Self {
-        Self::Unavailable { message: error.to_string() }
+    /// A backend failure: `error` is the backend's own error, or a message.
+    pub fn unavailable(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Unavailable { source: BackendError::new(error) }
     }
 }
 
@@ -259,12 +259,20 @@ impl fmt::Display for StoreError {
         match self {
             Self::NotFound => f.write_str("no such channel"),
             Self::AlreadyExists => f.write_str("a channel with this id already exists"),
-            Self::Unavailable { message } => write!(f, "channel store unavailable: {message}"),
+            Self::Unavailable { source } => write!(f, "channel store unavailable: {source}"),
         }
     }
 }
 
-impl std::error::Error for StoreError {}
+impl std::error::Error for StoreError {
+    /// The cause of the backend's error (whose own message is part of this one's).
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Unavailable { source } => std::error::Error::source(source),
+            _ => None,
+        }
+    }
+}
 
 /// Persistent, atomic channel state. See the [module docs](self) for the rules.
 pub trait ChannelStore: Send + Sync + 'static {

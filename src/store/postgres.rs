@@ -52,7 +52,7 @@ impl std::fmt::Debug for PostgresStore {
     }
 }
 
-fn unavailable(error: impl std::fmt::Display) -> StoreError {
+fn unavailable(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> StoreError {
     StoreError::unavailable(error)
 }
 

@@ -103,7 +103,7 @@ impl std::fmt::Debug for RedisStore {
     }
 }
 
-fn unavailable(error: impl std::fmt::Display) -> StoreError {
+fn unavailable(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> StoreError {
     StoreError::unavailable(error)
 }
 

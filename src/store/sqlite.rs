@@ -57,7 +57,7 @@ pub struct SqliteStore {
     connection: Arc<Mutex<Connection>>,
 }
 
-fn unavailable(error: impl std::fmt::Display) -> StoreError {
+fn unavailable(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> StoreError {
     StoreError::unavailable(error)
 }
 
