@@ -1,5 +1,5 @@
-//! Pay-as-you-go API: an axum service with per-route prices, behind one `PaywallLayer` that
-//! also serves the channel negotiation endpoints.
+//! Pay-as-you-go API: an axum service with per-route prices, behind the layer a `Merchant`
+//! starts (it also serves the channel negotiation endpoints and runs the settlement task).
 //!
 //! Run with `cargo run --example pay_as_you_go` (binds `PAYCHAN_ADDR`, default
 //! `127.0.0.1:3000`), then `curl -i localhost:3000/weather` for a 402 and
@@ -11,16 +11,11 @@ use std::time::Duration;
 
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use bitcoin::bip32::Xpriv;
-use bitcoin::secp256k1::{Secp256k1, SecretKey};
-use bitcoin::{CompressedPublicKey, Network, ScriptBuf};
 use http::Method;
-use paychan::MilliSats;
-use paychan::chain::follow_tip;
+use paychan::bitcoin::{CompressedPublicKey, Network, ScriptBuf, bip32::Xpriv, secp256k1};
 use paychan::chain::sim::SimulatedChain;
-use paychan::channel::Terms;
-use paychan::server::{Negotiation, Paid, PaywallLayer, RoutePrices};
-use paychan::store::MemoryStore;
+use paychan::server::RoutePrices;
+use paychan::{Merchant, MilliSats, Paid};
 use serde_json::{Value, json};
 
 /// The API: `GET /weather` (0.5 sat), `POST /translate` (20 sat), `GET /health` (free).
@@ -30,23 +25,26 @@ pub(crate) async fn app(chain: SimulatedChain) -> Router {
         .route(Method::POST, "/translate", MilliSats::from_msat(20_000));
     let master =
         Xpriv::new_master(Network::Regtest, b"paychan demo server master seed").expect("seed");
-    let payout = SecretKey::from_slice(&[0x22; 32]).expect("demo key");
-    let payout = CompressedPublicKey(payout.public_key(&Secp256k1::new()));
-    let negotiation = Negotiation::new(
+    let payout_key = secp256k1::SecretKey::from_slice(&[0x22; 32]).expect("demo key");
+    let payout = CompressedPublicKey(payout_key.public_key(&secp256k1::Secp256k1::new()));
+    // The layer, the negotiation endpoints and the settlement task, on one store and key.
+    let paid = Merchant::new(
         Network::Regtest,
-        Terms::default(),
         master,
         ScriptBuf::new_p2wpkh(&payout.wpubkey_hash()),
-        chain.clone(),
+        chain,
     )
-    .with_prices(prices.describe());
-    let tip =
-        follow_tip(chain, Duration::from_millis(250)).await.expect("the simulated chain answers");
+    .with_cpfp_key(payout_key)
+    .with_prices(prices.describe())
+    .with_intervals(Duration::from_millis(250), Duration::from_secs(5))
+    .start(prices)
+    .await
+    .expect("the simulated chain answers");
     Router::new()
         .route("/weather", get(weather))
         .route("/translate", post(translate))
         .route("/health", get(|| async { "ok" }))
-        .layer(PaywallLayer::new(MemoryStore::new(), prices, tip).with_negotiation(negotiation))
+        .layer(paid.layer())
 }
 
 async fn weather(paid: Paid) -> Json<Value> {

@@ -36,6 +36,7 @@ pub mod chain;
 pub mod channel;
 pub mod client;
 mod error;
+mod merchant;
 mod msat;
 pub mod server;
 pub mod settlement;
@@ -43,6 +44,7 @@ pub mod store;
 pub mod wire;
 
 pub use error::BackendError;
+pub use merchant::{Merchant, Started};
 pub use msat::{MilliSats, ParseMilliSatsError};
 
 /// The rust-bitcoin this crate is built on: use its types through this path so that your

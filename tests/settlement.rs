@@ -616,3 +616,58 @@ async fn a_failed_channel_whose_funding_is_confirmed_opens_again() {
     assert_eq!((report.opened, report.closing, report.broadcast), (1, 0, 0), "{report:?}");
     assert_eq!(state(&store, id).await, ChannelState::Open);
 }
+
+/// A `Merchant` wires the layer, the negotiation endpoints and the settlement task on one
+/// store: a channel opened and paid through its layer is closed at the margin and settled by
+/// the task it spawned, with nothing run by hand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_started_merchant_collects_without_any_manual_wiring() {
+    let chain = SimulatedChain::new();
+    let store = MemoryStore::new();
+    let master = Xpriv::new_master(Network::Regtest, &[0x42; 32]).unwrap();
+    let paid = paychan::Merchant::new(Network::Regtest, master, p2wpkh(&secret(2)), chain.clone())
+        .with_store(store.clone())
+        .with_intervals(Duration::from_millis(20), Duration::from_millis(20))
+        .start(MilliSats::from_msat(1_000_000))
+        .await
+        .unwrap();
+    let app = Router::new().route("/paid", get(|| async { "ok" })).layer(paid.layer());
+    let addr = serve(app).await;
+    assert_eq!(call(addr, "GET", "/paid", &[], None).await.status, 402);
+    let opened = common::client::open_channel(addr, &chain, 100_000, 2_000).await;
+    chain.mine(1); // the funding confirms: the task opens the channel
+    let id = wire::ChannelId::new(opened.channel.outpoint());
+    let header = opened.header(2_000);
+    let mut served = false;
+    for _ in 0..500 {
+        if call(addr, "GET", "/paid", &[("payment-channel", &header)], None).await.status == 200 {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(served, "the task opened the channel once its funding confirmed");
+
+    // At the close margin the task closes with the best payment; once mined, it is settled.
+    let params = opened.channel.params();
+    let margin = params.expiry.to_consensus_u32() - params.close_margin;
+    chain.mine(margin - chain.tip().height);
+    let mut settled = false;
+    for _ in 0..500 {
+        if let Some(record) = store.load(id).await.unwrap() {
+            match record.state {
+                ChannelState::Closed => {
+                    chain.mine(1);
+                }
+                ChannelState::Settled => {
+                    settled = true;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(settled, "the merchant's own task closed and settled the channel");
+    assert_eq!(paid.metrics().sats_settled, Amount::from_sat(2_000));
+}

@@ -1,0 +1,213 @@
+//! [`Merchant`]: the server side wired in one place.
+
+use core::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bitcoin::bip32::Xpriv;
+use bitcoin::secp256k1::SecretKey;
+use bitcoin::{Network, ScriptBuf};
+use tokio::task::JoinHandle;
+
+use crate::chain::{ChainBackend, ChainError, follow_tip};
+use crate::channel::{FundingPolicy, Terms};
+use crate::server::{Negotiation, PaywallLayer};
+use crate::settlement::{Settlement, SettlementMetrics};
+use crate::store::{ChannelStore, MemoryStore};
+
+/// Everything a paid API runs, wired on one store, one chain backend and one master key: the
+/// metering layer with the negotiation endpoints, the chain tip it follows, and the
+/// settlement task that collects before every channel expires.
+///
+/// Building the three by hand ([`PaywallLayer`], [`Negotiation`], [`Settlement`]) gives the
+/// same result; this is the short way, and it cannot forget the settlement task.
+///
+/// # Examples
+///
+/// ```
+/// use axum::{Router, routing::get};
+/// use paychan::{Merchant, MilliSats, Paid, bitcoin::{Network, ScriptBuf, bip32::Xpriv}};
+/// # use paychan::chain::sim::SimulatedChain;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let master = Xpriv::new_master(Network::Regtest, &[1; 32])?; // secret: it signs every close
+/// let payout = ScriptBuf::from_hex("0014751e76e8199196d454941c45d1b3a323f1433bd6")?;
+/// let paid = Merchant::new(Network::Regtest, master, payout, SimulatedChain::new())
+///     .start(MilliSats::from_msat(2_000)) // every request costs 2 sat
+///     .await?;
+/// let app: Router = Router::new()
+///     .route("/joke", get(|paid: Paid| async move { format!("{} msat left", paid.balance) }))
+///     .layer(paid.layer());
+/// # Ok(())
+/// # }
+/// ```
+#[must_use]
+pub struct Merchant<St, C> {
+    network: Network,
+    master: Xpriv,
+    payout_script: ScriptBuf,
+    chain: C,
+    store: St,
+    terms: Terms,
+    funding: FundingPolicy,
+    cpfp_key: Option<SecretKey>,
+    prices: serde_json::Value,
+    tip_every: Duration,
+    settle_every: Duration,
+}
+
+impl<St, C> fmt::Debug for Merchant<St, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Merchant")
+            .field("network", &self.network)
+            .field("payout_script", &self.payout_script)
+            .field("terms", &self.terms)
+            .field("funding", &self.funding)
+            .field("cpfp", &self.cpfp_key.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C: ChainBackend + Clone + 'static> Merchant<MemoryStore, C> {
+    /// A merchant on `network` that derives a fresh key per channel from `master`, is paid to
+    /// `payout_script`, and reads and writes the chain through `chain`. Defaults: channels in
+    /// memory ([`with_store`](Self::with_store) for a durable one), [`Terms::default`], the
+    /// default [`FundingPolicy`], the tip read every 10 s, a settlement pass every 30 s.
+    pub fn new(network: Network, master: Xpriv, payout_script: ScriptBuf, chain: C) -> Self {
+        Self {
+            network,
+            master,
+            payout_script,
+            chain,
+            store: MemoryStore::new(),
+            terms: Terms::default(),
+            funding: FundingPolicy::default(),
+            cpfp_key: None,
+            prices: serde_json::Value::Null,
+            tip_every: Duration::from_secs(10),
+            settle_every: Duration::from_secs(30),
+        }
+    }
+}
+
+impl<St, C> Merchant<St, C>
+where
+    St: ChannelStore + Clone,
+    C: ChainBackend + Clone + 'static,
+{
+    /// Keeps the channels in `store` (a clone goes to the settlement task: stores are handles
+    /// on shared state).
+    pub fn with_store<S2: ChannelStore + Clone>(self, store: S2) -> Merchant<S2, C> {
+        Merchant {
+            network: self.network,
+            master: self.master,
+            payout_script: self.payout_script,
+            chain: self.chain,
+            store,
+            terms: self.terms,
+            funding: self.funding,
+            cpfp_key: self.cpfp_key,
+            prices: self.prices,
+            tip_every: self.tip_every,
+            settle_every: self.settle_every,
+        }
+    }
+
+    /// The channels the server agrees to (values, lifetimes, fee rates).
+    pub fn with_terms(mut self, terms: Terms) -> Self {
+        self.terms = terms;
+        self
+    }
+
+    /// When a funded channel is served, given to the negotiation and the settlement task.
+    pub fn with_funding_policy(mut self, policy: FundingPolicy) -> Self {
+        self.funding = policy;
+        self
+    }
+
+    /// The key of the payout script (P2WPKH): lets the settlement task bump a close that
+    /// waits in the mempool (see [`Settlement::with_cpfp_key`]).
+    pub fn with_cpfp_key(mut self, key: SecretKey) -> Self {
+        self.cpfp_key = Some(key);
+        self
+    }
+
+    /// Publishes `prices` in the terms document (for example
+    /// [`RoutePrices::describe`](crate::server::RoutePrices::describe)).
+    pub fn with_prices(mut self, prices: serde_json::Value) -> Self {
+        self.prices = prices;
+        self
+    }
+
+    /// How often the chain tip is read, and how often the settlement task runs a pass.
+    pub fn with_intervals(mut self, tip: Duration, settlement: Duration) -> Self {
+        self.tip_every = tip;
+        self.settle_every = settlement;
+        self
+    }
+
+    /// Reads the chain tip, starts following it, spawns the settlement task, and returns the
+    /// layer that charges by `pricing` and serves the negotiation endpoints. Call it inside
+    /// a tokio runtime.
+    ///
+    /// # Errors
+    ///
+    /// If the chain backend cannot tell its tip.
+    pub async fn start<P: Clone>(self, pricing: P) -> Result<Started<St, P>, ChainError> {
+        let tip = follow_tip(self.chain.clone(), self.tip_every).await?;
+        let negotiation = Negotiation::new(
+            self.network,
+            self.terms,
+            self.master,
+            self.payout_script,
+            self.chain.clone(),
+        )
+        .with_funding_policy(self.funding)
+        .with_prices(self.prices);
+        let layer =
+            PaywallLayer::new(self.store.clone(), pricing, tip).with_negotiation(negotiation);
+        let mut settlement =
+            Settlement::new(self.store, self.chain, self.master).with_funding_policy(self.funding);
+        if let Some(key) = self.cpfp_key {
+            settlement = settlement.with_cpfp_key(key);
+        }
+        let metrics = settlement.metrics();
+        let task = tokio::spawn(settlement.run(self.settle_every));
+        Ok(Started { layer, metrics, task })
+    }
+}
+
+/// A started [`Merchant`]: its layer, and the settlement task running in the background.
+/// Dropping it leaves the task running; [`stop`](Self::stop) ends it.
+#[must_use]
+pub struct Started<St, P> {
+    layer: PaywallLayer<St, P>,
+    metrics: Arc<Mutex<SettlementMetrics>>,
+    task: JoinHandle<()>,
+}
+
+impl<St, P> fmt::Debug for Started<St, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Started").field("layer", &self.layer).finish_non_exhaustive()
+    }
+}
+
+impl<St, P> Started<St, P> {
+    /// The layer to put in front of the API (cheap to clone: every clone meters on the same
+    /// store and cache).
+    pub fn layer(&self) -> PaywallLayer<St, P> {
+        self.layer.clone()
+    }
+
+    /// The settlement task's counters, as of its last pass.
+    pub fn metrics(&self) -> SettlementMetrics {
+        self.metrics.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+
+    /// Stops the settlement task (the layer keeps working; channels are closed by the next
+    /// merchant that runs on the same store).
+    pub fn stop(self) {
+        self.task.abort();
+    }
+}
