@@ -63,7 +63,7 @@ mod service;
 pub use future::ResponseFuture;
 pub use layer::{DEFAULT_BUNDLE, DEFAULT_TERMS_URL, PaywallLayer};
 pub use negotiate::{DEFAULT_PREFIX, Negotiation};
-pub use pricing::{Pricing, RoutePrices};
+pub use pricing::{Pricing, RoutePrices, Unlisted};
 pub use receipt::{ActualCost, Paid};
 pub use rejection::{Rejection, RejectionKind};
 pub use service::Paywall;

@@ -30,6 +30,14 @@ use crate::MilliSats;
 pub trait Pricing<B>: Clone + Send + Sync + 'static {
     /// Returns the price of `request`, or `None` if it is free.
     fn price(&self, request: &Request<B>) -> Option<MilliSats>;
+
+    /// Whether a request [`price`](Self::price) left unpriced is refused instead of served
+    /// free: the layer then answers **404** `route-not-priced` without calling the inner
+    /// service. `false` unless a pricing says otherwise ([`Unlisted::Refuse`]).
+    fn refuses(&self, request: &Request<B>) -> bool {
+        let _ = request;
+        false
+    }
 }
 
 impl<B> Pricing<B> for MilliSats {
@@ -47,9 +55,11 @@ where
     }
 }
 
-/// A price table keyed by method and path; requests not in the table are free (or cost the
-/// [`fallback`](RoutePrices::fallback) price: choose it explicitly when unlisted routes must
-/// not be free).
+/// A price table keyed by method and path. What a request not in the table gets is an
+/// explicit choice, [`unlisted`](RoutePrices::unlisted): served free (the default, for health
+/// checks and the like), charged a price, or refused with a 404 — choose `Refuse` when every
+/// route of the API must be paid for, so a route added to the router but not to the table
+/// is never served for free.
 ///
 /// A path is matched exactly, or as a pattern in axum's syntax: `{name}` matches one segment,
 /// `{*name}` the rest of the path (one segment or more). Exact paths win over patterns, and
@@ -81,7 +91,20 @@ where
 pub struct RoutePrices {
     routes: Arc<HashMap<Method, HashMap<String, MilliSats>>>,
     patterns: Arc<Vec<Pattern>>,
-    fallback: Option<MilliSats>,
+    unlisted: Unlisted,
+}
+
+/// What a [`RoutePrices`] does with a request that is not in its table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Unlisted {
+    /// Served free, unmetered.
+    #[default]
+    Free,
+    /// Charged this price.
+    Price(MilliSats),
+    /// Refused: 404 `route-not-priced`, the inner service is not called.
+    Refuse,
 }
 
 /// A priced path with `{name}` or `{*name}` segments.
@@ -151,7 +174,8 @@ impl Pattern {
 }
 
 impl RoutePrices {
-    /// Creates an empty table: every request is free.
+    /// Creates an empty table: every request is free until priced, and unlisted requests stay
+    /// free unless [`unlisted`](Self::unlisted) says otherwise.
     pub fn new() -> Self {
         Self::default()
     }
@@ -175,14 +199,20 @@ impl RoutePrices {
         self
     }
 
-    /// Prices every request not in the table at `price` (instead of free).
-    pub fn fallback(mut self, price: MilliSats) -> Self {
-        self.fallback = Some(price);
+    /// What requests not in the table get (default [`Unlisted::Free`]).
+    pub fn unlisted(mut self, unlisted: Unlisted) -> Self {
+        self.unlisted = unlisted;
         self
     }
 
+    /// Prices every request not in the table at `price`: `unlisted(Unlisted::Price(price))`.
+    pub fn fallback(self, price: MilliSats) -> Self {
+        self.unlisted(Unlisted::Price(price))
+    }
+
     /// Describes the table for the terms document: `[{"method", "path", "price_msat"}]`,
-    /// plus `{"fallback_msat"}` when set.
+    /// plus `{"fallback_msat"}` when unlisted requests are charged and `{"unlisted":
+    /// "free" | "price" | "refuse"}`.
     pub fn describe(&self) -> serde_json::Value {
         let mut routes: Vec<serde_json::Value> = self
             .iter()
@@ -191,7 +221,12 @@ impl RoutePrices {
             })
             .collect();
         routes.sort_by_key(|route| (route["path"].to_string(), route["method"].to_string()));
-        serde_json::json!({ "routes": routes, "fallback_msat": self.fallback })
+        let (unlisted, fallback) = match self.unlisted {
+            Unlisted::Free => ("free", None),
+            Unlisted::Price(price) => ("price", Some(price)),
+            Unlisted::Refuse => ("refuse", None),
+        };
+        serde_json::json!({ "routes": routes, "fallback_msat": fallback, "unlisted": unlisted })
     }
 
     /// Iterates over the priced routes.
@@ -207,16 +242,29 @@ impl<B> Pricing<B> for RoutePrices {
     /// The route's price; a `HEAD` request not in the table costs what `GET` costs (axum and
     /// most routers answer `HEAD` with the `GET` handler).
     fn price(&self, request: &Request<B>) -> Option<MilliSats> {
-        let path = request.uri().path();
+        self.listed(request.method(), request.uri().path()).or(match self.unlisted {
+            Unlisted::Price(price) => Some(price),
+            Unlisted::Free | Unlisted::Refuse => None,
+        })
+    }
+
+    fn refuses(&self, request: &Request<B>) -> bool {
+        self.unlisted == Unlisted::Refuse
+            && self.listed(request.method(), request.uri().path()).is_none()
+    }
+}
+
+impl RoutePrices {
+    /// The price of `method path` in the table.
+    fn listed(&self, method: &Method, path: &str) -> Option<MilliSats> {
         let lookup = |method: &Method| {
             self.routes.get(method).and_then(|paths| paths.get(path)).or_else(|| {
                 self.patterns.iter().find(|p| p.matches(method, path)).map(|p| &p.price)
             })
         };
-        lookup(request.method())
-            .or_else(|| (request.method() == Method::HEAD).then(|| lookup(&Method::GET)).flatten())
+        lookup(method)
+            .or_else(|| (method == Method::HEAD).then(|| lookup(&Method::GET)).flatten())
             .copied()
-            .or(self.fallback)
     }
 }
 
@@ -251,7 +299,13 @@ mod tests {
         assert_eq!(price(&nested, Method::GET, "/files/premium/1"), Some(5), "the specific wins");
         assert_eq!(price(&nested, Method::GET, "/files/other/1"), Some(3));
         let fallback = prices.clone().fallback(msat(9));
-        assert_eq!(price(&fallback, get, "/health"), Some(9));
+        assert_eq!(price(&fallback, get.clone(), "/health"), Some(9));
+        let refuse = prices.clone().unlisted(Unlisted::Refuse);
+        let request = |path: &str| Request::get(path).body(()).unwrap();
+        assert!(refuse.refuses(&request("/health")), "unlisted is refused");
+        assert!(!refuse.refuses(&request("/items/1")), "listed is not");
+        assert!(!prices.refuses(&request("/health")), "free by default");
+        assert_eq!(price(&refuse, get, "/health"), None);
         assert_eq!(prices.iter().count(), 4);
     }
 }

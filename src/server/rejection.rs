@@ -31,6 +31,9 @@ pub enum RejectionKind {
     InsufficientBalance,
     /// The channel store could not be reached; nothing was served or changed.
     StoreUnavailable,
+    /// The route is not in the price table, which refuses unlisted requests
+    /// ([`Unlisted::Refuse`](super::Unlisted::Refuse)).
+    RouteNotPriced,
 }
 
 impl RejectionKind {
@@ -46,6 +49,7 @@ impl RejectionKind {
             Self::ChannelPending => ProblemCode::ChannelPending,
             Self::InsufficientBalance => ProblemCode::InsufficientBalance,
             Self::StoreUnavailable => ProblemCode::StoreUnavailable,
+            Self::RouteNotPriced => ProblemCode::RouteNotPriced,
         }
     }
 
@@ -61,6 +65,7 @@ impl RejectionKind {
             Self::Header(_) | Self::Payment(_) => StatusCode::BAD_REQUEST,
             Self::ChannelPending => StatusCode::CONFLICT,
             Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::RouteNotPriced => StatusCode::NOT_FOUND,
         }
     }
 
@@ -75,6 +80,7 @@ impl RejectionKind {
             Self::ChannelPending => "Payment channel funding is not confirmed yet: retry later",
             Self::InsufficientBalance => "Insufficient channel balance: top up",
             Self::StoreUnavailable => "Channel store unavailable",
+            Self::RouteNotPriced => "This route is not offered",
         }
     }
 }

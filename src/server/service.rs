@@ -10,6 +10,7 @@ use tower::{Service, ServiceExt};
 
 use super::future::ResponseFuture;
 use super::meter::Meter;
+use super::rejection::{Rejection, RejectionKind};
 use super::{PaywallLayer, Pricing};
 use crate::store::ChannelStore;
 
@@ -86,6 +87,11 @@ where
             return ResponseFuture::metered(negotiate(router, request));
         }
         let Some(price) = self.meter.pricing.price(&request) else {
+            if self.meter.pricing.refuses(&request) {
+                let refusal = Rejection::new(RejectionKind::RouteNotPriced, None)
+                    .into_response(&self.meter.terms_url);
+                return ResponseFuture::metered(std::future::ready(Ok(refusal)));
+            }
             return ResponseFuture::free(self.inner.call(request));
         };
         // Use the service that was driven to readiness; leave a fresh clone in its place

@@ -129,6 +129,8 @@ problem_codes! {
     Signing => "signing",
     /// The server could not build the close.
     Close => "close",
+    /// The route is not offered: the price table refuses requests it does not list.
+    RouteNotPriced => "route-not-priced",
 }
 
 impl ProblemCode {

@@ -1,0 +1,264 @@
+//! The layer and the client service driven in process with `oneshot`, no sockets: refusing
+//! unlisted routes, a store that fails on script (every refusal is a 503 and changes
+//! nothing), and the client's pay-and-retry loop against the server's own router.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::routing::get;
+use bytes::Bytes;
+use common::{Setup, p2wpkh, secret};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use paychan::bitcoin::{Amount, Network, Transaction, bip32::Xpriv};
+use paychan::chain::follow_tip;
+use paychan::chain::sim::SimulatedChain;
+use paychan::channel::{ChainTip, Terms};
+use paychan::client::{KeyWallet, Payer, PaymentLayer, SpendingPolicy};
+use paychan::server::{Negotiation, PaywallLayer, RoutePrices, Unlisted};
+use paychan::store::{
+    ChannelRecord, ChannelState, ChannelStore, Debit, MemoryStore, StoreError, StorePayment,
+};
+use paychan::wire::{self, ChannelId, Problem, ProblemCode};
+use paychan::{MilliSats, Paid};
+use tower::{Service, ServiceBuilder, ServiceExt};
+
+const PRICE: MilliSats = MilliSats::from_msat(100_000);
+
+/// A handler that counts its calls.
+fn counted(calls: &Arc<AtomicUsize>) -> axum::routing::MethodRouter {
+    let calls = calls.clone();
+    get(move |request: axum::extract::Request| async move {
+        calls.fetch_add(1, Ordering::SeqCst);
+        let paid = request.extensions().get::<Paid>();
+        paid.map_or_else(|| "free".to_owned(), |paid| paid.balance.to_string())
+    })
+}
+
+async fn problem(response: Response<Body>) -> Problem {
+    let status = response.status();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    Problem::from_body(status, &body)
+}
+
+fn get_with(path: &str, header: Option<&str>) -> Request<Body> {
+    let mut request = Request::get(path);
+    if let Some(header) = header {
+        request = request.header(wire::PAYMENT_CHANNEL, header);
+    }
+    request.body(Body::empty()).unwrap()
+}
+
+#[tokio::test]
+async fn a_table_that_refuses_unlisted_routes_never_serves_them() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (_tip, tip) =
+        tokio::sync::watch::channel(ChainTip { height: 800_000, median_time_past: 0 });
+    let prices = RoutePrices::new().route(Method::GET, "/listed", PRICE);
+    let app = |unlisted| {
+        Router::new().route("/listed", counted(&calls)).route("/forgotten", counted(&calls)).layer(
+            PaywallLayer::new(MemoryStore::new(), prices.clone().unlisted(unlisted), tip.clone()),
+        )
+    };
+
+    let refused = app(Unlisted::Refuse).oneshot(get_with("/forgotten", None)).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::NOT_FOUND);
+    assert_eq!(problem(refused).await.code, ProblemCode::RouteNotPriced);
+    let listed = app(Unlisted::Refuse).oneshot(get_with("/listed", None)).await.unwrap();
+    assert_eq!(listed.status(), StatusCode::PAYMENT_REQUIRED, "a listed route is charged");
+    assert_eq!(calls.load(Ordering::SeqCst), 0, "neither reached the handler");
+
+    let free = app(Unlisted::Free).oneshot(get_with("/forgotten", None)).await.unwrap();
+    assert_eq!(free.status(), StatusCode::OK, "free by default");
+    let charged = app(Unlisted::Price(PRICE)).oneshot(get_with("/forgotten", None)).await.unwrap();
+    assert_eq!(charged.status(), StatusCode::PAYMENT_REQUIRED);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+/// Which store operations fail.
+#[derive(Default)]
+struct Script {
+    load: AtomicBool,
+    pay: AtomicBool,
+    debit: AtomicBool,
+}
+
+/// A memory store whose operations fail when the script says so.
+#[derive(Clone)]
+struct Failing {
+    inner: MemoryStore,
+    script: Arc<Script>,
+}
+
+fn fails(flag: &AtomicBool) -> Result<(), StoreError> {
+    if flag.load(Ordering::SeqCst) {
+        Err(StoreError::unavailable("scripted failure"))
+    } else {
+        Ok(())
+    }
+}
+
+impl ChannelStore for Failing {
+    async fn create(&self, record: ChannelRecord) -> Result<(), StoreError> {
+        self.inner.create(record).await
+    }
+    async fn load(&self, id: ChannelId) -> Result<Option<ChannelRecord>, StoreError> {
+        fails(&self.script.load)?;
+        self.inner.load(id).await
+    }
+    async fn store_payment(
+        &self,
+        id: ChannelId,
+        payment: Transaction,
+    ) -> Result<StorePayment, StoreError> {
+        fails(&self.script.pay)?;
+        self.inner.store_payment(id, payment).await
+    }
+    async fn debit(&self, id: ChannelId, amount: MilliSats) -> Result<Debit, StoreError> {
+        fails(&self.script.debit)?;
+        self.inner.debit(id, amount).await
+    }
+    async fn pay(
+        &self,
+        id: ChannelId,
+        payment: Transaction,
+        amount: MilliSats,
+    ) -> Result<Debit, StoreError> {
+        fails(&self.script.pay)?;
+        self.inner.pay(id, payment, amount).await
+    }
+    async fn credit(&self, id: ChannelId, amount: MilliSats) -> Result<MilliSats, StoreError> {
+        self.inner.credit(id, amount).await
+    }
+    async fn transition(
+        &self,
+        id: ChannelId,
+        from: ChannelState,
+        to: ChannelState,
+    ) -> Result<bool, StoreError> {
+        self.inner.transition(id, from, to).await
+    }
+    async fn next_key_index(&self) -> Result<u32, StoreError> {
+        self.inner.next_key_index().await
+    }
+    async fn list(&self, state: ChannelState) -> Result<Vec<ChannelRecord>, StoreError> {
+        self.inner.list(state).await
+    }
+}
+
+#[tokio::test]
+async fn every_store_failure_is_a_503_that_serves_nothing_and_changes_nothing() {
+    let setup = Setup::new();
+    setup.open();
+    let store = Failing { inner: MemoryStore::new(), script: Arc::default() };
+    let record = ChannelRecord::open(setup.channel.clone(), 0, setup.pay(1_000));
+    let id = record.id();
+    store.create(record).await.unwrap();
+    let (_tip, tip) = tokio::sync::watch::channel(setup.tip());
+    let calls = Arc::new(AtomicUsize::new(0));
+    let app = Router::new().route("/paid", counted(&calls)).layer(PaywallLayer::new(
+        store.clone(),
+        PRICE,
+        tip,
+    ));
+    let header = |sat| wire::encode_payment(&setup.pay(sat));
+    let before = store.inner.load(id).await.unwrap();
+
+    // A new payment: the load fails, then the one "store and debit" operation fails.
+    for flag in [&store.script.load, &store.script.pay] {
+        flag.store(true, Ordering::SeqCst);
+        let response = app.clone().oneshot(get_with("/paid", Some(&header(2_000)))).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(problem(response).await.code, ProblemCode::StoreUnavailable);
+        assert_eq!(store.inner.load(id).await.unwrap(), before, "nothing changed");
+        flag.store(false, Ordering::SeqCst);
+    }
+    // The fast path (a header already verified): its debit fails.
+    let known = header(1_000);
+    let served = app.clone().oneshot(get_with("/paid", Some(&known))).await.unwrap();
+    assert_eq!(served.status(), StatusCode::OK);
+    let after_one = store.inner.load(id).await.unwrap();
+    store.script.debit.store(true, Ordering::SeqCst);
+    let response = app.clone().oneshot(get_with("/paid", Some(&known))).await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(store.inner.load(id).await.unwrap(), after_one, "nothing changed");
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "only the request whose debit succeeded ran");
+
+    // Recovered: the next request is served and charged once.
+    store.script.debit.store(false, Ordering::SeqCst);
+    let response = app.oneshot(get_with("/paid", Some(&known))).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let spent = store.inner.load(id).await.unwrap().unwrap().spent;
+    assert_eq!(spent, PRICE.checked_mul(2).unwrap());
+}
+
+/// The client's `PaymentLayer` over the server's own router as its HTTP client: the first
+/// request opens a channel, later ones pay from it and top up, all without a socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_pays_and_retries_against_the_router_in_process() {
+    let chain = SimulatedChain::new();
+    let master = Xpriv::new_master(Network::Regtest, &[0x5e; 32]).unwrap();
+    let negotiation = Negotiation::new(
+        Network::Regtest,
+        Terms::default(),
+        master,
+        p2wpkh(&secret(2)),
+        chain.clone(),
+    );
+    let tip = follow_tip(chain.clone(), Duration::from_millis(50)).await.unwrap();
+    let store = MemoryStore::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let router = Router::new().route("/work", counted(&calls)).layer(
+        PaywallLayer::new(store.clone(), PRICE, tip)
+            .with_bundle(MilliSats::from_msat(500_000))
+            .with_negotiation(negotiation),
+    );
+    let (sent, refused) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (sent_, refused_) = (sent.clone(), refused.clone());
+    // The "HTTP client": the router itself.
+    let http = tower::service_fn(move |request: Request<Full<Bytes>>| {
+        sent_.fetch_add(1, Ordering::SeqCst);
+        let (router, refused) = (router.clone(), refused_.clone());
+        async move {
+            let response = router.oneshot(request.map(Body::new)).await?;
+            if response.status() == StatusCode::PAYMENT_REQUIRED {
+                refused.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok::<_, std::convert::Infallible>(response)
+        }
+    });
+    let wallet = KeyWallet::new(secret(0x33));
+    let coin = chain.faucet(wallet.script_pubkey(), Amount::from_sat(500_000));
+    wallet.add_coin(coin, chain.utxo(&coin).unwrap());
+    let key = Xpriv::new_master(Network::Regtest, &[0x11; 32]).unwrap();
+    let payer = Payer::builder("http://api.test", Network::Regtest, key)
+        .wallet(wallet)
+        .channel_value(Amount::from_sat(50_000))
+        .policy(SpendingPolicy::default().with_max_per_request(PRICE))
+        .build()
+        .unwrap();
+    let mut client = ServiceBuilder::new().layer(PaymentLayer::new(payer.clone())).service(http);
+
+    for n in 1..=12 {
+        let request = Request::get("http://api.test/work").body(Full::default()).unwrap();
+        let response = client.ready().await.unwrap().call(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "request {n}");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 12, "every request ran once");
+    let channel = payer.channel().await.unwrap().expect("a channel was opened");
+    let id = channel.id();
+    let record = store.load(id).await.unwrap().unwrap();
+    assert_eq!(record.spent, PRICE.checked_mul(12).unwrap(), "charged once per request");
+    assert_eq!(record.paid_amount(), channel.paid(), "the server holds the client's latest");
+    assert_eq!(payer.committed().await.unwrap(), channel.paid(), "the client's books agree");
+    // Each 402 cost one retry; opening the channel cost four negotiation calls (terms, open,
+    // refund, fund); nothing else was sent.
+    let refused = refused.load(Ordering::SeqCst);
+    assert!(refused >= 2, "one 402 opened the channel, at least one topped it up: {refused}");
+    assert_eq!(sent.load(Ordering::SeqCst), 12 + refused + 4);
+}
