@@ -1,0 +1,139 @@
+//! A channel's status, and the cooperative close.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use bitcoin::Transaction;
+use bitcoin::consensus::encode::serialize_hex;
+
+use super::{Shared, bad, broke, store_problem};
+use crate::MilliSats;
+use crate::chain::{ChainBackend, ChainError, RejectReason};
+use crate::channel::{ChannelState, CloseError, PaymentError};
+use crate::store::{ChannelRecord, ChannelStore};
+use crate::wire::{
+    self, ChannelId, ChannelSnapshot, CloseResponse, PAYMENT_CHANNEL, Problem, ProblemCode,
+};
+
+/// The `{id}` of the path: a percent-decoding failure is a problem document like any other.
+fn parse_id(id: Result<Path<String>, PathRejection>) -> Result<ChannelId, Problem> {
+    let Path(id) = id.map_err(|e| bad(ProblemCode::BadRequest, e.body_text()))?;
+    id.parse().map_err(|e| bad(ProblemCode::BadRequest, e))
+}
+
+async fn load<C, St: ChannelStore>(
+    s: &Shared<C, St>,
+    id: ChannelId,
+) -> Result<ChannelRecord, Problem> {
+    s.store
+        .load(id)
+        .await
+        .map_err(store_problem)?
+        .ok_or_else(|| Problem::new(StatusCode::NOT_FOUND, ProblemCode::UnknownChannel, id))
+}
+
+pub(super) async fn status<C: ChainBackend, St: ChannelStore>(
+    State(s): State<Arc<Shared<C, St>>>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<ChannelSnapshot>, Problem> {
+    let record = load(&s, parse_id(id)?).await?;
+    Ok(Json(record.snapshot(MilliSats::ZERO, MilliSats::ZERO)))
+}
+
+/// `POST {prefix}/channels/{id}/close`: the caller proves it is the client by sending a
+/// payment of the channel in the `Payment-Channel` header.
+pub(super) async fn close<C: ChainBackend, St: ChannelStore>(
+    State(s): State<Arc<Shared<C, St>>>,
+    id: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<(StatusCode, Json<CloseResponse>), Problem> {
+    let id = parse_id(id)?;
+    let record = load(&s, id).await?;
+    let proof = headers.get(PAYMENT_CHANNEL).ok_or_else(|| {
+        Problem::new(
+            StatusCode::UNAUTHORIZED,
+            ProblemCode::PaymentRequired,
+            "send a payment of this channel",
+        )
+    })?;
+    let proof = wire::decode_payment(proof.as_bytes()).map_err(|e| broke(e.code(), e))?;
+    match proof.input.first().map(|i| i.previous_output) {
+        Some(outpoint) if outpoint == id.outpoint() => {}
+        Some(found) => {
+            let e = PaymentError::WrongOutpoint { found };
+            return Err(broke(e.code(), e));
+        }
+        None => {
+            let e = PaymentError::InputCount { found: 0 };
+            return Err(broke(e.code(), e));
+        }
+    }
+    record.channel.verify_client_signature(&proof).map_err(|e| broke(e.code(), e))?;
+    // Only the client's latest payment closes: an old header someone captured does not.
+    let best = record.paid_amount();
+    let proven = crate::channel::server_amount(&proof);
+    if best > proven {
+        return Err(Problem::new(
+            StatusCode::FORBIDDEN,
+            ProblemCode::StaleProof,
+            format_args!("the payment pays {proven}, the latest {best}: send the latest to close"),
+        ));
+    }
+    if matches!(record.state, ChannelState::Pending | ChannelState::Open) {
+        s.store.transition(id, record.state, ChannelState::Closing).await.map_err(store_problem)?;
+    }
+    // Read again: from `Closing` on the best payment is frozen, so this close is the one the
+    // settlement task would build (a payment may have landed before the transition).
+    let record = load(&s, id).await?;
+    let close = record.close_transaction(&s.negotiation.master).map_err(|e| match e {
+        CloseError::NoPayment => bad(ProblemCode::NoPayment, "nothing to close"),
+        e => Problem::new(StatusCode::INTERNAL_SERVER_ERROR, ProblemCode::Close, e),
+    })?;
+    let txid = close.compute_txid();
+    // The close is queued (the settlement task retries it); try to broadcast it now.
+    let status = match record.state {
+        ChannelState::Closing => try_broadcast(&s, id, &close).await?,
+        ChannelState::Closed | ChannelState::Settled => StatusCode::OK,
+        state => {
+            return Err(Problem::new(
+                StatusCode::CONFLICT,
+                ProblemCode::ChannelNotOpen,
+                format_args!("the channel is {}", state.as_str()),
+            ));
+        }
+    };
+    let state =
+        if status == StatusCode::ACCEPTED { ChannelState::Closing } else { ChannelState::Closed };
+    Ok((
+        status,
+        Json(CloseResponse {
+            channel: id,
+            txid,
+            server_amount_sat: record.paid_amount().to_sat(),
+            close_tx: serialize_hex(&close),
+            state,
+        }),
+    ))
+}
+
+/// Broadcasts a queued close: 200 and `Closed` once the chain took it; 202 when it did not
+/// (the channel stays `Closing` and the settlement task retries with backoff).
+async fn try_broadcast<C: ChainBackend, St: ChannelStore>(
+    s: &Shared<C, St>,
+    id: ChannelId,
+    close: &Transaction,
+) -> Result<StatusCode, Problem> {
+    match s.negotiation.chain.broadcast(close).await {
+        Ok(_) | Err(ChainError::Rejected { reason: RejectReason::AlreadyConfirmed, .. }) => {
+            s.store
+                .transition(id, ChannelState::Closing, ChannelState::Closed)
+                .await
+                .map_err(store_problem)?;
+            Ok(StatusCode::OK)
+        }
+        Err(_) => Ok(StatusCode::ACCEPTED),
+    }
+}

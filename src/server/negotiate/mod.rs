@@ -1,0 +1,357 @@
+//! The negotiation endpoints: terms, open, refund, fund, status and cooperative close.
+// Handlers fail with the problem document they answer with (152 bytes), on cold paths only.
+#![allow(clippy::result_large_err)]
+
+mod close;
+mod open;
+
+use core::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{ConnectInfo, DefaultBodyLimit};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use bitcoin::bip32::Xpriv;
+use bitcoin::consensus::encode::deserialize_hex;
+use bitcoin::secp256k1::SecretKey;
+use bitcoin::{Network, ScriptBuf, Transaction};
+use dashmap::DashMap;
+use serde_json::Value;
+use tokio::sync::watch;
+
+use crate::chain::{ChainBackend, ChainError};
+use crate::channel::{ChainTip, ChannelParams, FundingPolicy, Terms};
+use crate::store::ChannelStore;
+use crate::wire::{Problem, ProblemCode};
+
+/// Where the negotiation endpoints live by default.
+pub const DEFAULT_PREFIX: &str = "/payment-channel";
+
+/// The negotiation side of the server: its terms, its keys and where it broadcasts.
+///
+/// Plug it into the layer with [`PaywallLayer::with_negotiation`](super::PaywallLayer::with_negotiation);
+/// the layer then answers `GET /.well-known/payment-channel` (the terms) and, under
+/// [`DEFAULT_PREFIX`], `POST /open`, `POST /refund`, `POST /fund`, `GET /channels/{id}` and
+/// `POST /channels/{id}/close`. See `docs/HTTP.md`.
+///
+/// Each channel's server key is derived from `master` at the hardened index
+/// `m/<index>'`, where the index comes from [`ChannelStore::next_key_index`]: the store holds
+/// indexes, never keys.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct Negotiation<C> {
+    terms: Terms,
+    master: Xpriv,
+    network: Network,
+    payout_script: ScriptBuf,
+    chain: C,
+    prefix: String,
+    open_limit: u32,
+    open_window: Duration,
+    max_pending: usize,
+    max_pending_per_client: usize,
+    proposal_ttl: Duration,
+    client_ip_header: Option<http::HeaderName>,
+    prices: Value,
+    funding: FundingPolicy,
+}
+
+/// The most inputs a funding transaction may have (each is looked up on the chain backend).
+pub(crate) const MAX_FUNDING_INPUTS: usize = 64;
+
+/// The largest negotiation request body: 256 KiB, whatever limit the host application sets.
+const MAX_BODY: usize = 256 * 1024;
+
+impl<C: ChainBackend + Clone + 'static> Negotiation<C> {
+    /// Negotiates channels on `network` under `terms`, deriving keys from `master`, paying
+    /// the server to `payout_script`, broadcasting through `chain`.
+    pub fn new(
+        network: Network,
+        terms: Terms,
+        master: Xpriv,
+        payout_script: ScriptBuf,
+        chain: C,
+    ) -> Self {
+        Self {
+            terms,
+            master,
+            network,
+            payout_script,
+            chain,
+            prefix: DEFAULT_PREFIX.to_owned(),
+            open_limit: 10,
+            open_window: Duration::from_secs(60),
+            max_pending: 10_000,
+            max_pending_per_client: 20,
+            proposal_ttl: Duration::from_secs(600),
+            client_ip_header: None,
+            prices: Value::Null,
+            funding: FundingPolicy::default(),
+        }
+    }
+
+    /// When a funded channel starts serving requests (give the same policy to the
+    /// [`Settlement`](crate::settlement::Settlement) task, which watches the funding). With
+    /// `min_confirmations` above 0 a new channel is pending until then.
+    pub fn with_funding_policy(mut self, policy: FundingPolicy) -> Self {
+        self.funding = policy;
+        self
+    }
+
+    /// Publishes `prices` in the terms document (for example [`RoutePrices::describe`]).
+    ///
+    /// [`RoutePrices::describe`]: super::RoutePrices::describe
+    pub fn with_prices(mut self, prices: Value) -> Self {
+        self.prices = prices;
+        self
+    }
+
+    /// Serves the endpoints under `prefix` instead of [`DEFAULT_PREFIX`].
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Allows each client address `limit` channel openings per `window` (default 10 a
+    /// minute). The address is the peer's from axum's `ConnectInfo` (serve with
+    /// `into_make_service_with_connect_info`; without it every client shares one bucket), or
+    /// the one a trusted proxy reports (see
+    /// [`with_client_ip_header`](Self::with_client_ip_header)). IPv6 addresses count by /64.
+    pub fn with_open_rate_limit(mut self, limit: u32, window: Duration) -> Self {
+        self.open_limit = limit;
+        self.open_window = window;
+        self
+    }
+
+    /// Behind a reverse proxy you trust: take the client address from the **last** address
+    /// in `header` (for example `x-forwarded-for`, which the nearest proxy appends to). Only
+    /// set this when every request passes through that proxy: clients can write the header
+    /// themselves.
+    pub fn with_client_ip_header(mut self, header: http::HeaderName) -> Self {
+        self.client_ip_header = Some(header);
+        self
+    }
+
+    /// How long an opened channel waits for its funding before the proposal is forgotten
+    /// (default 10 minutes), and how many proposals one client address may hold at once
+    /// (default 20). At most 10 000 proposals are kept in all.
+    pub fn with_proposal_limits(mut self, ttl: Duration, per_client: usize) -> Self {
+        self.proposal_ttl = ttl;
+        self.max_pending_per_client = per_client;
+        self
+    }
+
+    pub(super) fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub(super) fn router<St: ChannelStore>(
+        self,
+        store: Arc<St>,
+        tip: watch::Receiver<ChainTip>,
+        terms_url: &str,
+    ) -> Router {
+        let prefix = self.prefix.clone();
+        let state = Arc::new(Shared {
+            negotiation: self,
+            store,
+            tip,
+            pending: DashMap::new(),
+            opens: DashMap::new(),
+            relay_floor: tokio::sync::OnceCell::new(),
+        });
+        Router::new()
+            .route(terms_url, get(open::terms::<C, St>))
+            .route(&format!("{prefix}/open"), post(open::open::<C, St>))
+            .route(&format!("{prefix}/refund"), post(open::refund::<C, St>))
+            .route(&format!("{prefix}/fund"), post(open::fund::<C, St>))
+            .route(&format!("{prefix}/channels/{{id}}"), get(close::status::<C, St>))
+            .route(&format!("{prefix}/channels/{{id}}/close"), post(close::close::<C, St>))
+            .layer(DefaultBodyLimit::max(MAX_BODY))
+            .with_state(state)
+    }
+}
+
+struct Shared<C, St> {
+    negotiation: Negotiation<C>,
+    store: Arc<St>,
+    tip: watch::Receiver<ChainTip>,
+    /// Channels agreed but not yet funded, by key index. Lost on restart: a client whose
+    /// proposal vanished opens again (if it broadcast its funding itself, its refund returns
+    /// the money at expiry).
+    pending: DashMap<u32, Proposal>,
+    /// Openings per client address in the current window.
+    opens: DashMap<Option<IpAddr>, (Instant, u32)>,
+    /// The chain backend's minimum relay fee rate, asked once.
+    relay_floor: tokio::sync::OnceCell<bitcoin::FeeRate>,
+}
+
+#[derive(Debug, Clone)]
+struct Proposal {
+    params: ChannelParams,
+    /// Set once the refund is signed: the funding transaction it was signed against.
+    funding_outpoint: Option<bitcoin::OutPoint>,
+    /// Who opened it (for the per-client cap), and when (proposals expire).
+    client: Option<IpAddr>,
+    created: Instant,
+}
+
+impl<C: ChainBackend, St> Shared<C, St> {
+    fn key(&self, index: u32) -> Result<SecretKey, Problem> {
+        crate::channel::channel_key(&self.negotiation.master, index).map_err(|e| {
+            Problem::new(StatusCode::INTERNAL_SERVER_ERROR, ProblemCode::KeyDerivation, e)
+        })
+    }
+
+    fn tip(&self) -> ChainTip {
+        *self.tip.borrow()
+    }
+
+    /// The terms in force: the configured ones, with every fee rate raised to at least the
+    /// node's minimum relay fee rate, since no package can carry a transaction below it (a
+    /// close at a lower rate could never be broadcast).
+    async fn terms(&self) -> Result<Terms, Problem> {
+        let chain = &self.negotiation.chain;
+        let floor = *self
+            .relay_floor
+            .get_or_try_init(|| chain.min_relay_fee_rate())
+            .await
+            .map_err(chain_problem)?;
+        let mut terms = self.negotiation.terms.clone();
+        terms.min_fee_rate = terms.min_fee_rate.max(floor);
+        terms.max_fee_rate = terms.max_fee_rate.max(terms.min_fee_rate);
+        terms.funding_min_fee_rate = terms.funding_min_fee_rate.max(floor);
+        Ok(terms)
+    }
+
+    fn allow_open(&self, addr: Option<IpAddr>) -> bool {
+        let now = Instant::now();
+        let window = self.negotiation.open_window;
+        if self.opens.len() >= OPENS_TRACKED {
+            self.opens.retain(|_, (start, _)| now.duration_since(*start) < window);
+        }
+        let mut entry = self.opens.entry(addr).or_insert((now, 0));
+        if now.duration_since(entry.0) >= window {
+            *entry = (now, 0);
+        }
+        entry.1 += 1;
+        entry.1 <= self.negotiation.open_limit
+    }
+
+    /// The client's address: from the trusted proxy header when configured, else the peer's;
+    /// IPv6 by its /64.
+    fn client(
+        &self,
+        connect: Option<Extension<ConnectInfo<SocketAddr>>>,
+        headers: &HeaderMap,
+    ) -> Option<IpAddr> {
+        let addr = match &self.negotiation.client_ip_header {
+            Some(name) => headers
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .next_back()
+                .and_then(|last| last.trim().parse::<IpAddr>().ok()),
+            None => connect.map(|Extension(ConnectInfo(addr))| addr.ip()),
+        }?;
+        Some(match addr {
+            IpAddr::V6(v6) => {
+                let mask = u128::MAX << 64;
+                IpAddr::V6((u128::from(v6) & mask).into())
+            }
+            v4 => v4,
+        })
+    }
+
+    fn live(&self, proposal: &Proposal) -> bool {
+        proposal.created.elapsed() < self.negotiation.proposal_ttl
+    }
+
+    /// Room for a proposal of `client`: expired proposals are dropped first.
+    fn make_room(&self, client: Option<IpAddr>) -> Result<(), Problem> {
+        if self.pending.len() >= self.negotiation.max_pending / 2 {
+            self.pending.retain(|_, p| self.live(p));
+        }
+        if self.pending.len() >= self.negotiation.max_pending {
+            return Err(Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ProblemCode::TooManyPending,
+                "try again later",
+            ));
+        }
+        let mine = self.pending.iter().filter(|p| p.client == client && self.live(p)).count();
+        if mine >= self.negotiation.max_pending_per_client {
+            return Err(Problem::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                ProblemCode::TooManyPending,
+                "fund or abandon your open proposals first",
+            ));
+        }
+        Ok(())
+    }
+
+    fn proposal(&self, index: u32) -> Result<Proposal, Problem> {
+        self.pending
+            .get(&index)
+            .map(|p| p.clone())
+            .filter(|p| self.live(p))
+            .ok_or_else(unknown_proposal)
+    }
+}
+
+/// Above this many tracked client addresses, the stale ones are dropped.
+const OPENS_TRACKED: usize = 10_000;
+
+/// A JSON body, or a problem document saying what is wrong with it.
+fn body<T>(json: Result<Json<T>, JsonRejection>) -> Result<T, Problem> {
+    json.map(|Json(value)| value).map_err(|e| bad(ProblemCode::BadRequest, e.body_text()))
+}
+
+fn bad(code: ProblemCode, detail: impl fmt::Display) -> Problem {
+    Problem::new(StatusCode::BAD_REQUEST, code, detail)
+}
+
+/// A refusal for breaking the protocol core's rule `code`.
+fn broke(code: &'static str, detail: impl fmt::Display) -> Problem {
+    bad(ProblemCode::from_static(code), detail)
+}
+
+fn unknown_proposal() -> Problem {
+    Problem::new(StatusCode::NOT_FOUND, ProblemCode::UnknownProposal, "open a channel first")
+}
+
+fn store_problem(error: crate::store::StoreError) -> Problem {
+    Problem::new(StatusCode::SERVICE_UNAVAILABLE, ProblemCode::StoreUnavailable, error)
+}
+
+fn chain_problem(error: ChainError) -> Problem {
+    match error.reject_reason() {
+        Some(reason) => {
+            bad(ProblemCode::FundingRejected, format_args!("{} ({})", error, reason.code()))
+        }
+        None => Problem::new(StatusCode::SERVICE_UNAVAILABLE, ProblemCode::ChainUnavailable, error),
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        self.to_response::<axum::body::Body>()
+    }
+}
+
+fn hex_script(hex: &str) -> Result<ScriptBuf, Problem> {
+    ScriptBuf::from_hex(hex).map_err(|e| bad(ProblemCode::BadRequest, format!("script: {e}")))
+}
+
+fn hex_tx(hex: &str, what: &str) -> Result<Transaction, Problem> {
+    if hex.len() > 200_000 {
+        return Err(bad(ProblemCode::BadRequest, format!("{what} is too large")));
+    }
+    deserialize_hex(hex).map_err(|e| bad(ProblemCode::BadRequest, format!("{what}: {e}")))
+}
