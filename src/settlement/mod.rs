@@ -53,80 +53,19 @@ use std::time::Duration;
 use bitcoin::absolute::LockTime;
 use bitcoin::bip32::Xpriv;
 use bitcoin::secp256k1::SecretKey;
-use bitcoin::transaction::Version;
-use bitcoin::{
-    Amount, CompressedPublicKey, FeeRate, OutPoint, ScriptBuf, Sequence, Transaction, TxIn, TxOut,
-    Txid, Witness,
-};
+use bitcoin::{CompressedPublicKey, FeeRate, OutPoint, ScriptBuf, Transaction, Txid};
 use tokio::time::Instant;
 use tracing::Instrument as _;
 
 use crate::chain::{ChainBackend, ChainError, ChainTip, RejectReason, TxStatus};
-use crate::store::{ChannelRecord, ChannelState, ChannelStore, StoreError};
+use crate::store::{ChannelRecord, ChannelState, ChannelStore};
 use crate::wire::ChannelId;
 
 pub use crate::channel::{FundingAction, FundingPolicy};
+pub use report::{PassReport, SettlementError, SettlementMetrics};
 
-/// Counters and gauges of the settlement task; a snapshot from [`Settlement::metrics`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct SettlementMetrics {
-    /// Channels per state at the last pass (by [`ChannelState::as_str`]).
-    pub channels: BTreeMap<&'static str, usize>,
-    /// What the settlements confirmed by this task paid the server.
-    pub sats_settled: Amount,
-    /// Channels closing or closed but not yet settled, at the last pass.
-    pub closes_pending: usize,
-    /// Broadcasts that failed (each is retried).
-    pub broadcast_failures: u64,
-    /// CPFP children broadcast.
-    pub cpfp_bumps: u64,
-    /// Channels marked failed because of their funding.
-    pub failed_fundings: u64,
-}
-
-/// What one pass did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct PassReport {
-    /// Pending channels that opened.
-    pub opened: usize,
-    /// Channels marked failed.
-    pub failed: usize,
-    /// Open channels suspended because their unconfirmed funding vanished.
-    pub suspended: usize,
-    /// Open channels that reached their close margin.
-    pub closing: usize,
-    /// Settlements broadcast.
-    pub broadcast: usize,
-    /// Settlements confirmed.
-    pub settled: usize,
-    /// CPFP children broadcast.
-    pub bumped: usize,
-    /// Operations that failed and will be retried.
-    pub retrying: usize,
-}
-
-/// Why a pass stopped early (a per-channel failure only delays that channel).
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum SettlementError {
-    /// The chain backend did not answer the tip.
-    Chain(ChainError),
-    /// The store could not list channels.
-    Store(StoreError),
-}
-
-impl core::fmt::Display for SettlementError {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        match self {
-            Self::Chain(e) => write!(f, "settlement: {e}"),
-            Self::Store(e) => write!(f, "settlement: {e}"),
-        }
-    }
-}
-
-impl std::error::Error for SettlementError {}
+mod cpfp;
+mod report;
 
 /// A close (or CPFP) waiting to be retried.
 #[derive(Debug, Clone, Copy)]
@@ -153,9 +92,6 @@ pub struct Settlement<St, C> {
     bumps: HashMap<ChannelId, Txid>,
     metrics: Arc<Mutex<SettlementMetrics>>,
 }
-
-/// The virtual size of a one-input, one-output P2WPKH child, rounded up.
-const CHILD_VSIZE: u64 = 110;
 
 /// How long after its expiry a failed channel is still closed if its funding confirms.
 pub const RESCUE_WINDOW_BLOCKS: u32 = 144;
@@ -616,70 +552,5 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
                 }
             }
         }
-    }
-
-    /// Broadcasts a child of `close` spending the server's output, so that parent and child
-    /// together pay the backend's current fee estimate.
-    async fn bump(&mut self, record: &ChannelRecord, close: &Transaction, report: &mut PassReport) {
-        let id = record.id();
-        let Some(child) = self.cpfp_child(record, close).await else { return };
-        match self.chain.broadcast(&child).await {
-            Ok(txid) => {
-                tracing::info!(%txid, "settlement bumped by CPFP");
-                self.bumps.insert(id, txid);
-                report.bumped += 1;
-                self.metric(|m| m.cpfp_bumps += 1);
-            }
-            Err(error) => {
-                tracing::warn!(%error, "CPFP broadcast failed");
-                self.failed(id, report);
-            }
-        }
-    }
-
-    async fn cpfp_child(&self, record: &ChannelRecord, close: &Transaction) -> Option<Transaction> {
-        let (key, script) = self.cpfp_key.as_ref()?;
-        let server_output = close.output.first()?;
-        if server_output.script_pubkey != *script {
-            tracing::warn!("the CPFP key does not own the server's payout script");
-            return None;
-        }
-        // The estimate when the backend has one, never below the configured floor (a node
-        // without fee data, as on regtest, has no estimate).
-        let rate = match self.chain.estimate_fee_rate(2).await {
-            Ok(rate) => rate.max(self.cpfp_min_fee_rate),
-            Err(_) => self.cpfp_min_fee_rate,
-        };
-        let parent_fee = record
-            .channel
-            .params()
-            .value
-            .checked_sub(close.output.iter().map(|o| o.value).sum())?;
-        let package_vsize = close.weight().to_vbytes_ceil() + CHILD_VSIZE;
-        let package_fee = rate.fee_vb(package_vsize)?;
-        // At least the child's own minimum relay fee (1 sat/vB).
-        let child_fee = package_fee
-            .checked_sub(parent_fee)
-            .unwrap_or(Amount::ZERO)
-            .max(Amount::from_sat(CHILD_VSIZE));
-        let value = server_output.value.checked_sub(child_fee)?;
-        if value < script.minimal_non_dust() {
-            tracing::warn!(%child_fee, "the server's output cannot pay for a CPFP child");
-            return None;
-        }
-        let mut child = Transaction {
-            version: Version::TWO,
-            lock_time: LockTime::ZERO,
-            input: vec![TxIn {
-                previous_output: OutPoint::new(close.compute_txid(), 0),
-                script_sig: ScriptBuf::new(),
-                sequence: Sequence::ENABLE_RBF_NO_LOCKTIME,
-                witness: Witness::new(),
-            }],
-            output: vec![TxOut { value, script_pubkey: script.clone() }],
-        };
-        child.input[0].witness =
-            crate::channel::sig::p2wpkh_witness(&child, 0, server_output, key).ok()?;
-        Some(child)
     }
 }

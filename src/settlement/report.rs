@@ -1,0 +1,69 @@
+//! What the settlement task reports: its counters, one pass, its errors.
+
+use std::collections::BTreeMap;
+
+use bitcoin::Amount;
+
+use crate::chain::ChainError;
+use crate::store::StoreError;
+
+/// Counters and gauges of the settlement task; a snapshot from [`Settlement::metrics`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SettlementMetrics {
+    /// Channels per state at the last pass (by [`ChannelState::as_str`]).
+    pub channels: BTreeMap<&'static str, usize>,
+    /// What the settlements confirmed by this task paid the server.
+    pub sats_settled: Amount,
+    /// Channels closing or closed but not yet settled, at the last pass.
+    pub closes_pending: usize,
+    /// Broadcasts that failed (each is retried).
+    pub broadcast_failures: u64,
+    /// CPFP children broadcast.
+    pub cpfp_bumps: u64,
+    /// Channels marked failed because of their funding.
+    pub failed_fundings: u64,
+}
+
+/// What one pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PassReport {
+    /// Pending channels that opened.
+    pub opened: usize,
+    /// Channels marked failed.
+    pub failed: usize,
+    /// Open channels suspended because their unconfirmed funding vanished.
+    pub suspended: usize,
+    /// Open channels that reached their close margin.
+    pub closing: usize,
+    /// Settlements broadcast.
+    pub broadcast: usize,
+    /// Settlements confirmed.
+    pub settled: usize,
+    /// CPFP children broadcast.
+    pub bumped: usize,
+    /// Operations that failed and will be retried.
+    pub retrying: usize,
+}
+
+/// Why a pass stopped early (a per-channel failure only delays that channel).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SettlementError {
+    /// The chain backend did not answer the tip.
+    Chain(ChainError),
+    /// The store could not list channels.
+    Store(StoreError),
+}
+
+impl core::fmt::Display for SettlementError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Chain(e) => write!(f, "settlement: {e}"),
+            Self::Store(e) => write!(f, "settlement: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for SettlementError {}
