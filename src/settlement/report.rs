@@ -7,11 +7,11 @@ use bitcoin::Amount;
 use crate::chain::ChainError;
 use crate::store::StoreError;
 
-/// Counters and gauges of the settlement task; a snapshot from [`Settlement::metrics`].
+/// Counters and gauges of the settlement task; a snapshot from [`Settlement::metrics`](super::Settlement::metrics).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct SettlementMetrics {
-    /// Channels per state at the last pass (by [`ChannelState::as_str`]).
+    /// Channels per state at the last pass (by [`ChannelState::as_str`](crate::channel::ChannelState::as_str)).
     pub channels: BTreeMap<&'static str, usize>,
     /// What the settlements confirmed by this task paid the server.
     pub sats_settled: Amount,
