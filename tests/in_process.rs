@@ -262,3 +262,33 @@ async fn the_client_pays_and_retries_against_the_router_in_process() {
     assert!(refused >= 2, "one 402 opened the channel, at least one topped it up: {refused}");
     assert_eq!(sent.load(Ordering::SeqCst), 12 + refused + 4);
 }
+
+/// The layer's builder calls may come in any order: a terms URL set after the negotiation is
+/// where the terms are served, and where 402 challenges point.
+#[tokio::test]
+async fn the_terms_url_may_be_set_after_the_negotiation() {
+    let chain = SimulatedChain::new();
+    let master = Xpriv::new_master(Network::Regtest, &[0x5e; 32]).unwrap();
+    let negotiation = Negotiation::new(
+        Network::Regtest,
+        Terms::default(),
+        master,
+        p2wpkh(&secret(2)),
+        chain.clone(),
+    );
+    let (_tip, tip) = tokio::sync::watch::channel(chain.tip());
+    let layer = PaywallLayer::new(MemoryStore::new(), PRICE, tip)
+        .with_negotiation(negotiation)
+        .with_terms_url("/terms.json");
+    let calls = Arc::new(AtomicUsize::new(0));
+    let app = Router::new().route("/paid", counted(&calls)).layer(layer);
+
+    let terms = app.clone().oneshot(get_with("/terms.json", None)).await.unwrap();
+    assert_eq!(terms.status(), StatusCode::OK);
+    let body = terms.into_body().collect().await.unwrap().to_bytes();
+    let terms: wire::TermsDocument = serde_json::from_slice(&body).unwrap();
+    assert_eq!(terms.endpoints.open, "/payment-channel/open");
+    let old = app.clone().oneshot(get_with("/.well-known/payment-channel", None)).await.unwrap();
+    assert_eq!(old.status(), StatusCode::PAYMENT_REQUIRED, "the default URL is just a route now");
+    assert_eq!(problem(old).await.terms.as_deref(), Some("/terms.json"));
+}

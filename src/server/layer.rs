@@ -1,5 +1,5 @@
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use tokio::sync::watch;
 use tower::Layer;
@@ -36,8 +36,28 @@ pub const DEFAULT_BUNDLE: MilliSats = MilliSats::from_msat(1_000_000);
 #[must_use]
 pub struct PaywallLayer<St, P> {
     pub(super) meter: Arc<Meter<St, P>>,
-    /// The negotiation endpoints: their path prefix and router.
-    pub(super) negotiation: Option<(String, axum::Router)>,
+    /// The negotiation endpoints, built once on the first [`Layer::layer`] from the layer's
+    /// final configuration (so builder calls may come in any order) and shared by every
+    /// service the layer makes (one table of pending proposals).
+    pub(super) negotiation: Option<Arc<Endpoints<St>>>,
+}
+
+/// The negotiation endpoints of a layer: their prefix, how to build their router on the
+/// layer's store, tip and terms URL, and the router once built.
+pub(super) struct Endpoints<St> {
+    prefix: String,
+    build: Arc<dyn Fn(Arc<St>, watch::Receiver<ChainTip>, &str) -> axum::Router + Send + Sync>,
+    router: OnceLock<axum::Router>,
+}
+
+impl<St> Endpoints<St> {
+    /// The prefix and the router, built on first use from `meter`'s configuration.
+    pub(super) fn get<P>(&self, meter: &Meter<St, P>) -> (&str, &axum::Router) {
+        let router = self
+            .router
+            .get_or_init(|| (self.build)(meter.store.clone(), meter.tip.clone(), &meter.terms_url));
+        (&self.prefix, router)
+    }
 }
 
 impl<St, P: Clone> PaywallLayer<St, P> {
@@ -64,6 +84,16 @@ impl<St, P: Clone> PaywallLayer<St, P> {
     /// The configuration to change: a layer configured after it was cloned gets its own copy
     /// (the clones keep theirs).
     fn config_mut(&mut self) -> &mut Meter<St, P> {
+        // A router already built for the old configuration is built again for the new one.
+        if let Some(endpoints) = &mut self.negotiation
+            && endpoints.router.get().is_some()
+        {
+            *endpoints = Arc::new(Endpoints {
+                prefix: endpoints.prefix.clone(),
+                build: Arc::clone(&endpoints.build),
+                router: OnceLock::new(),
+            });
+        }
         Arc::make_mut(&mut self.meter)
     }
 
@@ -92,8 +122,7 @@ impl<St, P: Clone> PaywallLayer<St, P> {
     }
 
     /// Sets the terms URL that 402 challenges point to, and where the terms are served
-    /// (default [`DEFAULT_TERMS_URL`]). Call it before
-    /// [`with_negotiation`](Self::with_negotiation).
+    /// (default [`DEFAULT_TERMS_URL`]).
     pub fn with_terms_url(mut self, url: impl Into<String>) -> Self {
         self.config_mut().terms_url = url.into();
         self
@@ -106,10 +135,11 @@ impl<St, P: Clone> PaywallLayer<St, P> {
         St: ChannelStore,
         C: ChainBackend + Clone + 'static,
     {
-        let prefix = negotiation.prefix().to_owned();
-        let meter = &self.meter;
-        let router = negotiation.router(meter.store.clone(), meter.tip.clone(), &meter.terms_url);
-        self.negotiation = Some((prefix, router));
+        self.negotiation = Some(Arc::new(Endpoints {
+            prefix: negotiation.prefix().to_owned(),
+            build: Arc::new(move |store, tip, url| negotiation.clone().router(store, tip, url)),
+            router: OnceLock::new(),
+        }));
         self
     }
 }
@@ -126,7 +156,7 @@ impl<St, P> fmt::Debug for PaywallLayer<St, P> {
             .field("bundle", &self.meter.bundle)
             .field("refund_server_errors", &self.meter.refund_server_errors)
             .field("terms_url", &self.meter.terms_url)
-            .field("negotiation", &self.negotiation.as_ref().map(|(prefix, _)| prefix))
+            .field("negotiation", &self.negotiation.as_ref().map(|endpoints| &endpoints.prefix))
             .finish_non_exhaustive()
     }
 }
@@ -136,6 +166,15 @@ impl<S, St, P> Layer<S> for PaywallLayer<St, P> {
 
     fn layer(&self, inner: S) -> Self::Service {
         Paywall::new(inner, self)
+    }
+}
+
+impl<St, P> PaywallLayer<St, P> {
+    /// The negotiation prefix and router, built on first use.
+    pub(super) fn endpoints(&self) -> Option<(String, axum::Router)> {
+        let endpoints = self.negotiation.as_ref()?;
+        let (prefix, router) = endpoints.get(&self.meter);
+        Some((prefix.to_owned(), router.clone()))
     }
 }
 

@@ -25,7 +25,7 @@ pub struct Paywall<S, St, P> {
 impl<S, St, P> Paywall<S, St, P> {
     /// Wraps `inner` with the configuration of `layer`.
     pub fn new(inner: S, layer: &PaywallLayer<St, P>) -> Self {
-        Self { inner, meter: layer.meter.clone(), negotiation: layer.negotiation.clone() }
+        Self { inner, meter: layer.meter.clone(), negotiation: layer.endpoints() }
     }
 
     /// Returns a reference to the inner service.
