@@ -42,11 +42,15 @@ pub struct PaywallLayer<St, P> {
     pub(super) negotiation: Option<Arc<Endpoints<St>>>,
 }
 
+/// Builds the negotiation router on a store, a tip and a terms URL.
+type BuildRouter<St> =
+    dyn Fn(Arc<St>, watch::Receiver<ChainTip>, &str) -> axum::Router + Send + Sync;
+
 /// The negotiation endpoints of a layer: their prefix, how to build their router on the
 /// layer's store, tip and terms URL, and the router once built.
 pub(super) struct Endpoints<St> {
     prefix: String,
-    build: Arc<dyn Fn(Arc<St>, watch::Receiver<ChainTip>, &str) -> axum::Router + Send + Sync>,
+    build: Arc<BuildRouter<St>>,
     router: OnceLock<axum::Router>,
 }
 
