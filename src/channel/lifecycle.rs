@@ -13,6 +13,7 @@
 
 use core::fmt;
 
+use bitcoin::absolute::LockTime;
 use bitcoin::{Amount, Transaction};
 use serde::{Deserialize, Serialize};
 
@@ -239,4 +240,43 @@ pub enum FundingAction {
     Close,
     /// → failed: the funding did not confirm in time.
     Fail,
+}
+
+/// Whether a close of `channel` that has waited in the mempool since height `waiting_since`
+/// should be bumped by a child (CPFP) at `tip`: once it has waited `after_blocks`, or at once
+/// when the refund's lock time is that close (then a bump is urgent, whatever the wait).
+/// Pure: the settlement task's bump decision.
+///
+/// # Examples
+///
+/// ```
+/// # use paychan::bitcoin::{absolute::LockTime, Amount, CompressedPublicKey, OutPoint, ScriptBuf, secp256k1::SecretKey};
+/// use paychan::channel::{ChainTip, Terms, bump_is_due};
+/// # let secp = paychan::bitcoin::secp256k1::Secp256k1::new();
+/// # let key = |b| CompressedPublicKey(SecretKey::from_slice(&[b; 32]).unwrap().public_key(&secp));
+/// # let script = |b| ScriptBuf::new_p2wpkh(&key(b).wpubkey_hash());
+/// let tip = |height| ChainTip { height, median_time_past: 0 };
+/// let params = Terms::default().agree(key(1), key(2), Amount::from_sat(100_000),
+///     LockTime::from_height(1_000 + 1_008).unwrap(), script(1), script(2), tip(1_000)).unwrap();
+/// let channel = params.at(OutPoint::null());
+/// assert!(!bump_is_due(&channel, 1_900, tip(1_902), 3), "waited 2 blocks of 3");
+/// assert!(bump_is_due(&channel, 1_900, tip(1_903), 3), "waited 3");
+/// assert!(bump_is_due(&channel, 2_005, tip(2_005), 3), "3 blocks before the expiry: urgent");
+/// ```
+pub fn bump_is_due(
+    channel: &Channel,
+    waiting_since: u32,
+    tip: ChainTip,
+    after_blocks: u32,
+) -> bool {
+    let urgent = match channel.params().expiry {
+        LockTime::Blocks(height) => {
+            tip.height.saturating_add(after_blocks) >= height.to_consensus_u32()
+        }
+        LockTime::Seconds(time) => {
+            let soon = after_blocks.saturating_mul(600);
+            tip.median_time_past.saturating_add(soon) >= time.to_consensus_u32()
+        }
+    };
+    urgent || tip.height >= waiting_since.saturating_add(after_blocks)
 }

@@ -73,7 +73,9 @@ mod tip;
 pub use error::{
     CloseError, ExpiryOutOfBounds, FundingError, OpenError, PaymentError, RefundError, SignError,
 };
-pub use lifecycle::{ChannelState, FundingAction, FundingPolicy, ParseChannelStateError};
+pub use lifecycle::{
+    ChannelState, FundingAction, FundingPolicy, ParseChannelStateError, bump_is_due,
+};
 pub use params::{
     ChannelParams, FUNDING_SPEND_WITNESS_WEIGHT, LifetimeBounds, TX_VERSION, Terms,
     is_standard_payout,

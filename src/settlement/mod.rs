@@ -61,6 +61,7 @@ use crate::chain::{ChainBackend, ChainError, ChainTip, RejectReason, TxStatus};
 use crate::store::{ChannelRecord, ChannelState, ChannelStore};
 use crate::wire::ChannelId;
 
+use crate::channel::bump_is_due;
 pub use crate::channel::{FundingAction, FundingPolicy};
 pub use report::{PassReport, SettlementError, SettlementMetrics};
 
@@ -533,18 +534,7 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
             }
             Location::InMempool => {
                 let since = *self.waiting_since.entry(id).or_insert(tip.height);
-                let params = record.channel.params();
-                // About to run into the expiry: bump whatever the timer says.
-                let urgent = match params.expiry {
-                    LockTime::Blocks(h) => {
-                        tip.height.saturating_add(self.cpfp_after) >= h.to_consensus_u32()
-                    }
-                    LockTime::Seconds(t) => {
-                        let soon = self.cpfp_after.saturating_mul(600);
-                        tip.median_time_past.saturating_add(soon) >= t.to_consensus_u32()
-                    }
-                };
-                if (tip.height >= since.saturating_add(self.cpfp_after) || urgent)
+                if bump_is_due(&record.channel, since, tip, self.cpfp_after)
                     && !self.bumps.contains_key(&id)
                     && self.due(id)
                 {
