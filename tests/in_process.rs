@@ -197,6 +197,20 @@ async fn every_store_failure_is_a_503_that_serves_nothing_and_changes_nothing() 
     assert_eq!(spent, PRICE.checked_mul(2).unwrap());
 }
 
+/// A payer for `http://api.test` with a funded wallet: 50 000 sat channels.
+fn payer(chain: &SimulatedChain) -> Payer {
+    let wallet = KeyWallet::new(secret(0x33));
+    let coin = chain.faucet(wallet.script_pubkey(), Amount::from_sat(500_000));
+    wallet.add_coin(coin, chain.utxo(&coin).unwrap());
+    let key = Xpriv::new_master(Network::Regtest, &[0x11; 32]).unwrap();
+    Payer::builder("http://api.test", Network::Regtest, key)
+        .wallet(wallet)
+        .channel_value(Amount::from_sat(50_000))
+        .policy(SpendingPolicy::default().with_max_per_request(PRICE))
+        .build()
+        .unwrap()
+}
+
 /// The client's `PaymentLayer` over the server's own router as its HTTP client: the first
 /// request opens a channel, later ones pay from it and top up, all without a socket.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -232,16 +246,7 @@ async fn the_client_pays_and_retries_against_the_router_in_process() {
             Ok::<_, std::convert::Infallible>(response)
         }
     });
-    let wallet = KeyWallet::new(secret(0x33));
-    let coin = chain.faucet(wallet.script_pubkey(), Amount::from_sat(500_000));
-    wallet.add_coin(coin, chain.utxo(&coin).unwrap());
-    let key = Xpriv::new_master(Network::Regtest, &[0x11; 32]).unwrap();
-    let payer = Payer::builder("http://api.test", Network::Regtest, key)
-        .wallet(wallet)
-        .channel_value(Amount::from_sat(50_000))
-        .policy(SpendingPolicy::default().with_max_per_request(PRICE))
-        .build()
-        .unwrap();
+    let payer = payer(&chain);
     let mut client = ServiceBuilder::new().layer(PaymentLayer::new(payer.clone())).service(http);
 
     for n in 1..=12 {
@@ -291,4 +296,51 @@ async fn the_terms_url_may_be_set_after_the_negotiation() {
     let old = app.clone().oneshot(get_with("/.well-known/payment-channel", None)).await.unwrap();
     assert_eq!(old.status(), StatusCode::PAYMENT_REQUIRED, "the default URL is just a route now");
     assert_eq!(problem(old).await.terms.as_deref(), Some("/terms.json"));
+}
+
+/// The negotiation endpoints mounted as a router of their own, beside a metered route, on the
+/// same store: unmetered themselves, and a channel they fund is the one the layer charges.
+#[tokio::test]
+async fn the_negotiation_router_can_be_mounted_on_its_own() {
+    let chain = SimulatedChain::new();
+    let master = Xpriv::new_master(Network::Regtest, &[0x5e; 32]).unwrap();
+    let negotiation = Negotiation::new(
+        Network::Regtest,
+        Terms::default(),
+        master,
+        p2wpkh(&secret(2)),
+        chain.clone(),
+    );
+    let (_tip, tip) = tokio::sync::watch::channel(chain.tip());
+    let store = MemoryStore::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let app = Router::new()
+        .route("/paid", counted(&calls))
+        .layer(PaywallLayer::new(store.clone(), PRICE, tip.clone()))
+        .merge(negotiation.into_router(store.clone(), tip, wire::TERMS_PATH));
+
+    let terms = app.clone().oneshot(get_with(wire::TERMS_PATH, None)).await.unwrap();
+    assert_eq!(terms.status(), StatusCode::OK, "the terms are not metered");
+    let open = Request::post("/payment-channel/open")
+        .header("content-type", "application/json")
+        .body(Body::from("{}"))
+        .unwrap();
+    let refused = app.clone().oneshot(open).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(problem(refused).await.code, ProblemCode::BadRequest);
+    let unpaid = app.clone().oneshot(get_with("/paid", None)).await.unwrap();
+    assert_eq!(unpaid.status(), StatusCode::PAYMENT_REQUIRED, "the route is still metered");
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+
+    // A client opens through the mounted router and is charged by the layer.
+    let payer = payer(&chain);
+    let http = tower::service_fn(move |request: Request<Full<Bytes>>| {
+        app.clone().oneshot(request.map(Body::new))
+    });
+    let mut client = ServiceBuilder::new().layer(PaymentLayer::new(payer.clone())).service(http);
+    let request = Request::get("http://api.test/paid").body(Full::default()).unwrap();
+    let response = client.ready().await.unwrap().call(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let id = payer.channel().await.unwrap().expect("opened").id();
+    assert_eq!(store.load(id).await.unwrap().unwrap().spent, PRICE, "charged on the same store");
 }

@@ -57,7 +57,7 @@ pub enum ClientError {
     /// The server is not `http(s)://host[:port]`.
     InvalidOrigin(String),
     /// A client key could not be derived.
-    Key(String),
+    Key(bitcoin::bip32::Error),
 }
 
 impl fmt::Display for ClientError {
@@ -100,6 +100,7 @@ impl std::error::Error for ClientError {
             Self::Policy(e) => Some(e),
             Self::Wallet(e) => Some(e),
             Self::Transport(e) => Some(&**e),
+            Self::Key(e) => Some(e),
             _ => None,
         }
     }

@@ -192,8 +192,7 @@ impl<S: ClientStore> Payer<S> {
     }
 
     fn derive(&self, index: u32) -> Result<SecretKey, ClientError> {
-        crate::channel::channel_key(&self.inner.settings.key, index)
-            .map_err(|e| ClientError::Key(e.to_string()))
+        crate::channel::channel_key(&self.inner.settings.key, index).map_err(ClientError::Key)
     }
 
     /// Marks the current channel retired (saved) and forgets it.

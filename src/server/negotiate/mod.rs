@@ -150,6 +150,42 @@ impl<C: ChainBackend + Clone + 'static> Negotiation<C> {
         &self.prefix
     }
 
+    /// The negotiation endpoints as an axum router of their own, on `store` (a handle on the
+    /// same channels the layer meters: stores are cheap handles on shared state), serving the
+    /// terms at `terms_url`. For apps that mount them themselves — with their own middleware,
+    /// or apart from the metered routes — instead of through
+    /// [`PaywallLayer::with_negotiation`](super::PaywallLayer::with_negotiation).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use axum::{Router, routing::get};
+    /// use paychan::bitcoin::{Network, ScriptBuf, bip32::Xpriv};
+    /// use paychan::channel::{ChainTip, Terms};
+    /// use paychan::server::{Negotiation, PaywallLayer};
+    /// use paychan::{MilliSats, store::MemoryStore, wire::TERMS_PATH};
+    /// # use paychan::chain::sim::SimulatedChain;
+    ///
+    /// # let chain = SimulatedChain::new();
+    /// let master = Xpriv::new_master(Network::Regtest, &[1; 32]).unwrap();
+    /// let payout = ScriptBuf::from_hex("0014751e76e8199196d454941c45d1b3a323f1433bd6").unwrap();
+    /// let (_tip_tx, tip) = tokio::sync::watch::channel(ChainTip { height: 800_000, median_time_past: 0 });
+    /// let store = MemoryStore::new();
+    /// let negotiation = Negotiation::new(Network::Regtest, Terms::default(), master, payout, chain);
+    /// let app: Router = Router::new()
+    ///     .route("/joke", get(|| async { "two satoshis walk into a bar" }))
+    ///     .layer(PaywallLayer::new(store.clone(), MilliSats::from_msat(2_000), tip.clone()))
+    ///     .merge(negotiation.into_router(store, tip, TERMS_PATH));
+    /// ```
+    pub fn into_router<St: ChannelStore>(
+        self,
+        store: St,
+        tip: watch::Receiver<ChainTip>,
+        terms_url: &str,
+    ) -> Router {
+        self.router(Arc::new(store), tip, terms_url)
+    }
+
     pub(super) fn router<St: ChannelStore>(
         self,
         store: Arc<St>,
