@@ -30,7 +30,7 @@ use paychan::client::{
     ClientError, ClientStore, FileClientStore, KeyWallet, MemoryClientStore, Payer, PayerBuilder,
     PaymentLayer, PaymentService, PolicyRefusal, ServiceTransport, SpendingPolicy,
 };
-use paychan::server::{Negotiation, PaywallLayer};
+use paychan::server::{Negotiation, PaywallLayer, Pricing, RoutePrices};
 use paychan::store::MemoryStore;
 use paychan::wire::PAYMENT_CHANNEL;
 use serde_json::Value;
@@ -83,16 +83,27 @@ struct Server {
 }
 
 async fn server_with(terms: Terms, bundle: Amount, lie: Option<Tamper>) -> Server {
+    server_priced(PRICE, terms, bundle, lie).await
+}
+
+/// A server whose `/work` and `/dear` cost what `pricing` says.
+async fn server_priced<P: Pricing<Body>>(
+    pricing: P,
+    terms: Terms,
+    bundle: Amount,
+    lie: Option<Tamper>,
+) -> Server {
     let chain = SimulatedChain::new();
     let master = Xpriv::new_master(Network::Regtest, &[0x5e; 32]).unwrap();
     let negotiation =
         Negotiation::new(Network::Regtest, terms, master, p2wpkh(&secret(2)), chain.clone());
     let tip = follow_tip(chain.clone(), Duration::from_millis(50)).await.unwrap();
-    let paywall = PaywallLayer::new(MemoryStore::new(), PRICE, tip)
+    let paywall = PaywallLayer::new(MemoryStore::new(), pricing, tip)
         .with_bundle(MilliSats::from_sat(bundle).unwrap())
         .with_negotiation(negotiation);
     let app = Router::new()
         .route("/work", get(|| async { "done" }))
+        .route("/dear", get(|| async { "dear" }))
         .layer(paywall)
         .layer(from_fn_with_state(lie, tamper));
     let addr = serve(app).await;
@@ -589,4 +600,103 @@ async fn server_set_fee_rates_and_top_ups_are_bounded_by_the_policy() {
     );
     let paid = payer.committed().await.unwrap();
     assert!(paid < Amount::from_sat(5_000), "the client paid {paid}, never the 90 000 asked");
+}
+
+/// Review C1: a server whose terms put the tip a million blocks ahead would have the client
+/// lock its coins for ~19 years. A client with its own chain view refuses before anything is
+/// funded; an honest server's channel gets its lock time from the client's tip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lock_time_comes_from_the_clients_own_tip() {
+    let lie = Tamper {
+        path: "/.well-known/payment-channel",
+        edit: Some(|terms| {
+            let height = terms["tip"]["height"].as_u64().unwrap();
+            terms["tip"]["height"] = (height + 1_000_000).into();
+        }),
+    };
+    let liar = server_with(Terms::default(), Amount::from_sat(1_000), Some(lie)).await;
+    let wallet = funded_wallet(&liar.chain);
+    let payer = builder(&liar, &wallet).chain(liar.chain.clone()).build().unwrap();
+    let (mut client, _) = paying_client(&payer);
+    let result = get_work(&mut client, &liar.origin).await;
+    assert!(
+        matches!(&result, Err(ClientError::ServerMisbehaved(what)) if what.contains("tip")),
+        "{result:?}"
+    );
+    assert_eq!(wallet.wallet.balance(), WALLET, "nothing was funded");
+
+    let honest = server().await;
+    let wallet = funded_wallet(&honest.chain);
+    let payer = builder(&honest, &wallet).chain(honest.chain.clone()).build().unwrap();
+    let (mut client, _) = paying_client(&payer);
+    assert_eq!(get_work(&mut client, &honest.origin).await.unwrap().0, StatusCode::OK);
+    let status = payer.status().await.unwrap().expect("a channel");
+    let own = honest.chain.tip().height;
+    assert_eq!(status.expiry.to_consensus_u32(), own + 1_008, "the client's default lifetime");
+}
+
+/// The user trial of issue #12: a 50-sat route served from the prepaid balance to a client
+/// whose `max_per_request` is 10 sat. The balance the server reports shows the overcharge:
+/// the request was served (what was prepaid is the bound), and the payer pays it no more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_charges_more_than_the_policy_is_paid_no_more() {
+    let prices = RoutePrices::new()
+        .route(http::Method::GET, "/work", MilliSats::from_msat(5_000))
+        .route(http::Method::GET, "/dear", MilliSats::from_msat(50_000));
+    let server = server_priced(prices, Terms::default(), Amount::from_sat(1_000), None).await;
+    let wallet = funded_wallet(&server.chain);
+    let policy = SpendingPolicy::default().with_max_per_request(MilliSats::from_msat(10_000));
+    let payer = payer_with(&server, &wallet, MemoryClientStore::new(), policy);
+    let (mut client, _) = paying_client(&payer);
+    assert_eq!(get_work(&mut client, &server.origin).await.unwrap().0, StatusCode::OK);
+    let committed = payer.committed().await.unwrap();
+    let dear = http::Request::get(format!("{}/dear", server.origin)).body(Full::default()).unwrap();
+    let served = client.ready().await.unwrap().call(dear).await.unwrap();
+    assert_eq!(served.status(), StatusCode::OK, "served from the prepaid balance");
+    let status = payer.status().await.unwrap().expect("a channel");
+    let charged = MilliSats::from_sat(status.paid).unwrap().saturating_sub(status.balance.unwrap());
+    assert_eq!(charged, MilliSats::from_msat(55_000), "what the server reports it spent");
+
+    let result = get_work(&mut client, &server.origin).await;
+    assert!(
+        matches!(result, Err(ClientError::Overcharged { charged, allowed })
+            if charged == MilliSats::from_msat(55_000) && allowed == MilliSats::from_msat(20_000)),
+        "{result:?}"
+    );
+    assert_eq!(payer.committed().await.unwrap(), committed, "nothing more was paid");
+    // The loss is bounded by what was prepaid: the price of the request that opened the
+    // channel (or the refused one) plus the policy's max_prepaid.
+    assert!(committed <= Amount::from_sat(5) + Amount::from_sat(1_000) + Amount::from_sat(330));
+}
+
+/// Review C4: a server that answers `unknown-channel` to every paid request makes the client
+/// open a channel per request; the policy's `max_opens` (3 an hour by default) ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_forgets_every_channel_gets_max_opens_channels() {
+    let lie = Tamper {
+        path: "/work",
+        edit: Some(|problem| {
+            problem["code"] = "unknown-channel".into();
+            problem.as_object_mut().unwrap().remove("channel");
+        }),
+    };
+    let price = MilliSats::from_msat(1_000_000); // more than a first payment prepays
+    let server = server_priced(price, Terms::default(), Amount::from_sat(1_000), Some(lie)).await;
+    let wallet = funded_wallet(&server.chain);
+    let policy = SpendingPolicy::default().with_max_per_request(price);
+    let payer = payer_with(&server, &wallet, MemoryClientStore::new(), policy);
+    let (mut client, _) = paying_client(&payer);
+    for n in 1..=3 {
+        server.chain.mine(1); // the wallet's change confirms: each funding is served at once
+        let result = get_work(&mut client, &server.origin).await;
+        assert!(matches!(result, Err(ClientError::Rejected { .. })), "request {n}: {result:?}");
+    }
+    server.chain.mine(1);
+    let result = get_work(&mut client, &server.origin).await;
+    assert!(
+        matches!(result, Err(ClientError::Policy(PolicyRefusal::TooManyOpens { count: 3, .. }))),
+        "{result:?}"
+    );
+    let locked = WALLET - wallet.wallet.balance();
+    assert!(locked < Amount::from_sat(3 * 50_000 + 3 * 1_000), "three channels at most: {locked}");
 }

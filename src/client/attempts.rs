@@ -42,9 +42,18 @@ impl<'a, St: ClientStore> Retry<'a, St> {
     }
 
     /// Starts the next attempt: the `Payment-Channel` header it carries, if any.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::Overcharged`] once the server charged more than the policy allows, or
+    /// why the payer's channel cannot be loaded.
     pub(crate) async fn start(&mut self) -> Result<Option<HeaderValue>, ClientError> {
+        self.payer.check_trusted()?;
         self.attempt += 1;
         self.sent = self.payer.current().await?;
+        if let Some(sent) = &self.sent {
+            self.payer.note_send(sent.id);
+        }
         Ok(self.sent.as_ref().map(|sent| sent.header.clone()))
     }
 
@@ -53,11 +62,13 @@ impl<'a, St: ClientStore> Retry<'a, St> {
         self.attempt >= MAX_ATTEMPTS
     }
 
-    /// The attempt was answered with `balance` left on the channel: top up ahead of the next
-    /// request if the payer is configured to. A refusal here is not this request's failure:
+    /// The attempt was answered with `balance` left on the channel: check what the server
+    /// charged against the policy (an overcharge stops the payer at the next request), then
+    /// top up ahead of the next request if the payer is configured to. A refusal here is not this request's failure:
     /// the next request meets the 402 and its typed error.
     pub(crate) async fn answered(self, balance: Option<MilliSats>) {
         if let (Some(sent), Some(balance)) = (&self.sent, balance) {
+            self.payer.note_answer(sent, balance);
             let _ = self.payer.observe_balance(sent, balance).await;
         }
     }

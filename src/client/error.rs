@@ -5,6 +5,7 @@ use core::fmt;
 use bitcoin::Amount;
 
 use super::{ClientStoreError, PolicyRefusal, WalletError};
+use crate::MilliSats;
 use crate::chain::ChainError;
 use crate::channel::{PaymentError, SignError};
 use crate::wire::{Problem, ProblemCode};
@@ -52,6 +53,14 @@ pub enum ClientError {
         /// The problem's detail.
         detail: String,
     },
+    /// The server charged more than the policy's `max_per_request` for the requests the
+    /// client sent (read from its `Payment-Channel-Balance`): the payer pays it no more.
+    Overcharged {
+        /// What the server charged since the client started watching the channel.
+        charged: MilliSats,
+        /// The most the policy allowed for the requests sent meanwhile.
+        allowed: MilliSats,
+    },
     /// The HTTP client failed.
     Transport(tower::BoxError),
     /// The server is not `http(s)://host[:port]`.
@@ -81,6 +90,11 @@ impl fmt::Display for ClientError {
             Self::Rejected { status, code, detail } => {
                 write!(f, "the server refused ({status}, {code}): {detail}")
             }
+            Self::Overcharged { charged, allowed } => write!(
+                f,
+                "the server charged {charged}, more than the {allowed} the policy allows for the \
+                 requests sent: paying it no more"
+            ),
             Self::Transport(e) => write!(f, "http: {e}"),
             Self::InvalidOrigin(origin) => {
                 write!(f, "{origin:?} is not an http(s)://host[:port] origin")

@@ -55,7 +55,7 @@ pub use error::ClientError;
 #[cfg(feature = "reqwest")]
 pub use middleware::PaymentMiddleware;
 pub(crate) use payer::RetryBudget;
-pub use payer::{Closed, Payer, PayerBuilder};
+pub use payer::{ChannelStatus, Closed, Payer, PayerBuilder};
 pub use payment::{PaymentLayer, PaymentService, ResponseFuture};
 pub use policy::{PolicyRefusal, SpendingPolicy};
 pub use state::ClientChannel;

@@ -1,5 +1,7 @@
 use core::fmt;
 
+use std::time::Duration;
+
 use bitcoin::{Amount, FeeRate};
 
 use crate::MilliSats;
@@ -31,13 +33,14 @@ pub struct SpendingPolicy {
     max_lifetime_blocks: u32,
     max_fee_rate: FeeRate,
     auto_open: bool,
+    max_opens: (u32, Duration),
 }
 
 impl Default for SpendingPolicy {
     /// At most 100 000 sat per channel, 10 sat per request, 1 000 000 sat in total, 1 000 sat
     /// prepaid beyond a request's price, channels locked for at most 4 320 blocks (about 30
     /// days); fee rates the server sets (funding, refund, payments) of at most 100 sat/vB;
-    /// opening channels automatically allowed.
+    /// opening channels automatically allowed, at most 3 times an hour per server.
     fn default() -> Self {
         Self {
             max_channel_value: Amount::from_sat(100_000),
@@ -47,6 +50,7 @@ impl Default for SpendingPolicy {
             max_lifetime_blocks: 4_320,
             max_fee_rate: FeeRate::from_sat_per_vb_u32(100),
             auto_open: true,
+            max_opens: (3, Duration::from_secs(3_600)),
         }
     }
 }
@@ -68,6 +72,11 @@ impl SpendingPolicy {
     pub fn with_max_total(mut self, max: Amount) -> Self {
         self.max_total = max;
         self
+    }
+
+    /// The highest price of one request the client pays.
+    pub fn max_per_request(&self) -> MilliSats {
+        self.max_per_request
     }
 
     /// The most the client pays servers in total.
@@ -122,6 +131,19 @@ impl SpendingPolicy {
     pub fn with_auto_open(mut self, allowed: bool) -> Self {
         self.auto_open = allowed;
         self
+    }
+
+    /// At most `count` channels opened automatically (on a 402) with one server per `period`:
+    /// a server that keeps answering `unknown-channel` cannot make the client lock a channel
+    /// per request. Opening by hand ([`Payer::open`](super::Payer::open)) is not counted.
+    pub fn with_max_opens(mut self, count: u32, period: Duration) -> Self {
+        self.max_opens = (count, period);
+        self
+    }
+
+    /// How many automatic openings per period the policy allows.
+    pub fn max_opens(&self) -> (u32, Duration) {
+        self.max_opens
     }
 
     /// Checks opening a channel of `value`.
@@ -213,6 +235,14 @@ pub enum PolicyRefusal {
         /// The policy's maximum.
         max: u32,
     },
+    /// The client already opened the policy's maximum of channels with this server in the
+    /// period.
+    TooManyOpens {
+        /// The policy's maximum.
+        count: u32,
+        /// Per this period.
+        period: Duration,
+    },
     /// The server sets a fee rate above the policy's maximum.
     FeeRateTooHigh {
         /// The rate.
@@ -243,6 +273,11 @@ impl fmt::Display for PolicyRefusal {
                 write!(f, "paying {more} more on top of {committed} exceeds the budget of {max}")
             }
             Self::AutoOpenDisabled => f.write_str("opening channels automatically is disabled"),
+            Self::TooManyOpens { count, period } => write!(
+                f,
+                "already {count} channels opened automatically with this server in {}s",
+                period.as_secs()
+            ),
             Self::LifetimeTooLong { blocks, max } => {
                 write!(f, "a channel of {blocks} blocks exceeds the policy's maximum of {max}")
             }

@@ -1,6 +1,9 @@
 //! Configuring a [`Payer`].
 
-use std::sync::{Arc, RwLock};
+use core::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, RwLock};
 
 use bitcoin::bip32::Xpriv;
 use bitcoin::{Amount, Network};
@@ -8,6 +11,7 @@ use http::Uri;
 
 use super::{Inner, Payer};
 use crate::MilliSats;
+use crate::chain::{ChainBackend, ChainError, ChainTip};
 use crate::client::{ClientError, ClientStore, MemoryClientStore, SpendingPolicy, Wallet};
 
 /// What a payer is configured with.
@@ -21,6 +25,34 @@ pub(super) struct Settings {
     pub(super) channel_value: Option<Amount>,
     pub(super) lifetime_blocks: u32,
     pub(super) top_up: Option<(MilliSats, Amount)>,
+    pub(super) chain: Option<ChainView>,
+}
+
+/// The client's own view of the chain tip, from any [`ChainBackend`].
+#[derive(Clone)]
+pub(super) struct ChainView(Arc<dyn TipSource>);
+
+impl ChainView {
+    pub(super) async fn tip(&self) -> Result<ChainTip, ChainError> {
+        self.0.tip().await
+    }
+}
+
+impl fmt::Debug for ChainView {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ChainView")
+    }
+}
+
+/// [`ChainBackend::tip`], object-safe.
+trait TipSource: Send + Sync {
+    fn tip(&self) -> Pin<Box<dyn Future<Output = Result<ChainTip, ChainError>> + Send + '_>>;
+}
+
+impl<C: ChainBackend> TipSource for C {
+    fn tip(&self) -> Pin<Box<dyn Future<Output = Result<ChainTip, ChainError>> + Send + '_>> {
+        Box::pin(ChainBackend::tip(self))
+    }
 }
 
 /// Builds a [`Payer`]; see [`Payer::builder`].
@@ -67,6 +99,17 @@ impl<S: ClientStore> PayerBuilder<S> {
         self
     }
 
+    /// The client's own view of the chain (Bitcoin Core RPC, Esplora, …): the refund's lock
+    /// time is computed from **its** tip, never the server's, and a server whose reported
+    /// tip is more than 6 blocks away from it is refused
+    /// ([`ClientError::ServerMisbehaved`]). Without one, the client trusts the tip in the
+    /// server's terms, so a lying server could lock the client's coins for longer than
+    /// `max_lifetime_blocks`: give every client that pays with real money a chain view.
+    pub fn chain(mut self, chain: impl ChainBackend + 'static) -> Self {
+        self.settings.chain = Some(ChainView(Arc::new(chain)));
+        self
+    }
+
     /// Proactive top-up: when a response's `Payment-Channel-Balance` falls below `threshold`,
     /// sign a payment of `amount` more right away, so the next requests do not meet a 402.
     pub fn top_up_below(mut self, threshold: MilliSats, amount: Amount) -> Self {
@@ -88,6 +131,7 @@ impl<S: ClientStore> PayerBuilder<S> {
                 store: self.store,
                 state: tokio::sync::Mutex::default(),
                 current: RwLock::default(),
+                charges: Mutex::default(),
             }),
         })
     }
@@ -118,6 +162,7 @@ impl Payer<MemoryClientStore> {
                 channel_value: None,
                 lifetime_blocks: 1_008,
                 top_up: None,
+                chain: None,
             },
             store: MemoryClientStore::new(),
         }

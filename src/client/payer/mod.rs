@@ -2,7 +2,9 @@
 //! `open.rs`; reacts to 402s and tops up in `top_up.rs`; closes in `close.rs`.
 
 use core::fmt;
-use std::sync::{Arc, RwLock};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
 
 use bitcoin::Amount;
 use bitcoin::secp256k1::SecretKey;
@@ -14,6 +16,7 @@ use serde::de::DeserializeOwned;
 
 use super::transport::Transport;
 use super::{ClientChannel, ClientError, ClientStore, MemoryClientStore, SpendingPolicy};
+use crate::MilliSats;
 use crate::wire::{ChannelId, PAYMENT_CHANNEL, Problem, TERMS_PATH, TermsDocument};
 
 mod builder;
@@ -73,6 +76,7 @@ struct Inner<S> {
     store: S,
     state: tokio::sync::Mutex<State>,
     current: RwLock<Option<CurrentPayment>>,
+    charges: Mutex<ChargeWatch>,
 }
 
 /// The payer's channel, changed under its lock only.
@@ -81,6 +85,42 @@ struct State {
     loaded: bool,
     channel: Option<(ClientChannel, SecretKey)>,
     committed: Amount,
+    /// When the client opened channels by itself (for the policy's `max_opens`).
+    opens: VecDeque<Instant>,
+}
+
+/// What the server charged on the current channel, checked against the policy's
+/// `max_per_request`: the server's reported balance gives a lower bound of what it spent
+/// (`paid by the request's payment − balance`), which may not grow by more than
+/// `max_per_request` per request the client sent on the channel.
+#[derive(Debug, Default)]
+struct ChargeWatch {
+    channel: Option<ChannelId>,
+    /// The spent the judgement starts from: zero for a channel this payer opened, the first
+    /// report for a channel loaded from the store (earlier requests are not known).
+    baseline: Option<MilliSats>,
+    /// Requests sent on the channel since tracking started.
+    sends: u64,
+    /// The last balance the server reported.
+    balance: Option<MilliSats>,
+    /// Set once the server charged more than the policy allows: the payer stops paying it.
+    overcharged: Option<(MilliSats, MilliSats)>,
+}
+
+/// The payer's current channel as the caller may want to see it; see [`Payer::status`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ChannelStatus {
+    /// The channel.
+    pub channel: ChannelId,
+    /// What the latest payment pays the server.
+    pub paid: Amount,
+    /// The balance the server last reported (`Payment-Channel-Balance`), if any.
+    pub balance: Option<MilliSats>,
+    /// What a close with the latest payment returns to the client (its change output).
+    pub close_returns: Amount,
+    /// The refund's lock time: the client's coins come back by themselves from then on.
+    pub expiry: bitcoin::absolute::LockTime,
 }
 
 /// The payment the next request carries: which channel, how much it pays in total, and its
@@ -139,6 +179,86 @@ impl<S: ClientStore> Payer<S> {
     /// [`ClientError::Store`] if the channels cannot be loaded.
     pub async fn committed(&self) -> Result<Amount, ClientError> {
         Ok(self.state().await?.committed)
+    }
+
+    /// The current channel: what it paid, what the server last reported left, what a close
+    /// would return, and when the refund becomes valid. `None` without a channel.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::Store`] if the channels cannot be loaded.
+    pub async fn status(&self) -> Result<Option<ChannelStatus>, ClientError> {
+        let state = self.state().await?;
+        let Some((channel, _)) = state.channel.as_ref() else { return Ok(None) };
+        let close_returns = channel
+            .latest
+            .as_ref()
+            .and_then(|tx| tx.output.get(1))
+            .map_or(Amount::ZERO, |out| out.value);
+        let charges = self.charges();
+        let balance = charges.balance.filter(|_| charges.channel == Some(channel.id()));
+        Ok(Some(ChannelStatus {
+            channel: channel.id(),
+            paid: channel.paid(),
+            balance,
+            close_returns,
+            expiry: channel.channel.params().expiry,
+        }))
+    }
+
+    fn charges(&self) -> std::sync::MutexGuard<'_, ChargeWatch> {
+        self.inner.charges.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Refuses to pay a server that charged more than the policy allows.
+    pub(crate) fn check_trusted(&self) -> Result<(), ClientError> {
+        match self.charges().overcharged {
+            Some((charged, allowed)) => Err(ClientError::Overcharged { charged, allowed }),
+            None => Ok(()),
+        }
+    }
+
+    /// A request leaves with a payment of `channel`.
+    pub(crate) fn note_send(&self, channel: ChannelId) {
+        let mut charges = self.charges();
+        if charges.channel != Some(channel) {
+            let overcharged = charges.overcharged;
+            *charges =
+                ChargeWatch { channel: Some(channel), overcharged, ..ChargeWatch::default() };
+        }
+        charges.sends += 1;
+    }
+
+    /// The server answered a request that carried `sent` with `balance` left: checks what it
+    /// charged since tracking started against `max_per_request` per request sent.
+    pub(crate) fn note_answer(&self, sent: &CurrentPayment, balance: MilliSats) {
+        let max = self.inner.settings.policy.max_per_request();
+        let mut charges = self.charges();
+        if charges.channel != Some(sent.id) {
+            return;
+        }
+        charges.balance = Some(balance);
+        let paid = MilliSats::from_sat(sent.paid).unwrap_or(MilliSats::MAX);
+        let spent = paid.saturating_sub(balance);
+        let baseline = *charges.baseline.get_or_insert(spent);
+        let charged = spent.saturating_sub(baseline);
+        let allowed = max.checked_mul(charges.sends).unwrap_or(MilliSats::MAX);
+        if charged > allowed && charges.overcharged.is_none() {
+            tracing::warn!(%charged, %allowed, "the server charged more than the policy allows");
+            charges.overcharged = Some((charged, allowed));
+        }
+    }
+
+    /// Starts watching a channel this payer just opened: nothing spent yet.
+    fn watch_new_channel(&self, channel: ChannelId) {
+        let mut charges = self.charges();
+        let overcharged = charges.overcharged;
+        *charges = ChargeWatch {
+            channel: Some(channel),
+            baseline: Some(MilliSats::ZERO),
+            overcharged,
+            ..ChargeWatch::default()
+        };
     }
 
     /// The payment the next request carries.

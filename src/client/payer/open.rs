@@ -7,14 +7,21 @@ use bitcoin::{
     absolute::LockTime, ecdsa,
 };
 use http::Method;
+use std::time::Instant;
 
 use super::{Payer, State, misbehaved};
-use crate::channel::{ChannelParams, is_standard_payout};
-use crate::client::{ClientChannel, ClientError, ClientStore, Transport, WalletError};
+use crate::channel::{ChainTip, ChannelParams, is_standard_payout};
+use crate::client::{
+    ClientChannel, ClientError, ClientStore, PolicyRefusal, Transport, WalletError,
+};
 use crate::wire::{
     ChannelId, FundRequest, FundResponse, OpenRequest, OpenResponse, RefundRequest, RefundResponse,
     TermsDocument,
 };
+
+/// How far the server's reported tip may be from the client's own (blocks propagate in
+/// seconds; six blocks is an hour of disagreement).
+const MAX_TIP_SKEW: u32 = 6;
 
 impl<S: ClientStore> Payer<S> {
     /// Opens a new channel with the server, funded by the wallet, and makes it the one the
@@ -69,12 +76,30 @@ impl<S: ClientStore> Payer<S> {
         }
         let lifetime = inner.lifetime_blocks.clamp(bounds.min, bounds.max);
         inner.policy.check_lifetime(lifetime).map_err(ClientError::Policy)?;
+        if automatic {
+            self.count_open(state)?;
+        }
+        // The lock time counts from the client's own tip when it has one (C1).
+        let tip = match &inner.chain {
+            Some(chain) => {
+                let own = chain.tip().await.map_err(ClientError::Chain)?;
+                if own.height.abs_diff(terms.tip.height) > MAX_TIP_SKEW {
+                    return Err(misbehaved(format!(
+                        "the server's tip {} is more than {MAX_TIP_SKEW} blocks from the \
+                         client's {}",
+                        terms.tip.height, own.height
+                    )));
+                }
+                own
+            }
+            None => terms.tip,
+        };
         let wallet = inner.wallet.clone().ok_or(ClientError::NoWallet)?;
         let key_index = self.inner.store.next_key_index().await.map_err(ClientError::Store)?;
         let client_secret = self.derive(key_index)?;
         let client_key = CompressedPublicKey(client_secret.public_key(crate::channel::secp()));
         let client_script = ScriptBuf::new_p2wpkh(&client_key.wpubkey_hash());
-        let expiry = terms.tip.height.saturating_add(lifetime);
+        let expiry = tip.height.saturating_add(lifetime);
         let first = self.first_payment(state, &terms)?;
 
         let request = OpenRequest {
@@ -85,7 +110,8 @@ impl<S: ClientStore> Payer<S> {
         };
         let proposal: OpenResponse =
             self.call(transport, Method::POST, &terms.endpoints.open, Some(&request), None).await?;
-        let params = check_proposal(&proposal, &terms, client_key, value, expiry, &client_script)?;
+        let params =
+            check_proposal(&proposal, &terms, tip, client_key, value, expiry, &client_script)?;
 
         // The unsigned funding, from the wallet.
         let funding_output =
@@ -153,7 +179,22 @@ impl<S: ClientStore> Payer<S> {
         self.retire(state).await?;
         let id = channel.id();
         self.set_channel(state, Some((channel, client_secret)), Some(header));
+        self.watch_new_channel(id);
         Ok(id)
+    }
+
+    /// Counts an automatic opening against the policy's `max_opens`.
+    fn count_open(&self, state: &mut State) -> Result<(), ClientError> {
+        let (count, period) = self.inner.settings.policy.max_opens();
+        let now = Instant::now();
+        while state.opens.front().is_some_and(|at| now.duration_since(*at) >= period) {
+            state.opens.pop_front();
+        }
+        if state.opens.len() >= count as usize {
+            return Err(ClientError::Policy(PolicyRefusal::TooManyOpens { count, period }));
+        }
+        state.opens.push_back(now);
+        Ok(())
     }
 
     /// The first payment of a new channel: the server output's dust threshold, within budget.
@@ -175,6 +216,7 @@ impl<S: ClientStore> Payer<S> {
 fn check_proposal(
     proposal: &OpenResponse,
     terms: &TermsDocument,
+    tip: ChainTip,
     client_key: CompressedPublicKey,
     value: Amount,
     expiry: u32,
@@ -207,7 +249,7 @@ fn check_proposal(
         (server_key != client_key, "server_pubkey is the client's key"),
         (params.min_fee_rate <= params.max_fee_rate, "fee rates"),
         (
-            proposal.close_margin < expiry.saturating_sub(terms.tip.height),
+            proposal.close_margin < expiry.saturating_sub(tip.height),
             "close_margin exceeds the channel's lifetime",
         ),
         (

@@ -30,6 +30,7 @@ impl<S: ClientStore> Payer<S> {
         problem: Problem,
         budget: &mut RetryBudget,
     ) -> Result<(), ClientError> {
+        self.check_trusted()?;
         // Check the price before paying anything, for a new channel as for a top-up.
         if let Some(price) = problem.price_msat.or(problem.channel.as_ref().map(|c| c.price_msat)) {
             self.inner.settings.policy.check_price(price).map_err(ClientError::Policy)?;
