@@ -700,3 +700,57 @@ async fn a_server_that_forgets_every_channel_gets_max_opens_channels() {
     let locked = WALLET - wallet.wallet.balance();
     assert!(locked < Amount::from_sat(3 * 50_000 + 3 * 1_000), "three channels at most: {locked}");
 }
+
+/// Review C6: a redirect to another origin (reqwest follows it) is answered there with a 402;
+/// that answer is not the server's, so it drives no payment: no channel is opened for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_elsewhere_never_drives_a_payment() {
+    use paychan::client::PaymentMiddleware;
+
+    let elsewhere = server().await; // answers 402 to a header it does not know
+    let target = format!("{}/work", elsewhere.origin);
+    let chain = SimulatedChain::new();
+    let master = Xpriv::new_master(Network::Regtest, &[0x5e; 32]).unwrap();
+    let negotiation = Negotiation::new(
+        Network::Regtest,
+        Terms::default(),
+        master,
+        p2wpkh(&secret(2)),
+        chain.clone(),
+    );
+    let tip = follow_tip(chain.clone(), Duration::from_millis(50)).await.unwrap();
+    let app = Router::new()
+        .route("/work", get(|| async { "done" }))
+        .route(
+            "/moved",
+            get(move || {
+                let target = target.clone();
+                async move { axum::response::Redirect::temporary(&target) }
+            }),
+        )
+        .layer(
+            // `/moved` is free: only the other origin's answer could ask for money.
+            PaywallLayer::new(
+                MemoryStore::new(),
+                RoutePrices::new().route(http::Method::GET, "/work", PRICE),
+                tip,
+            )
+            .with_negotiation(negotiation),
+        );
+    let server = Server { origin: format!("http://{}", serve(app).await), chain };
+    let wallet = funded_wallet(&server.chain);
+    let payer = payer_with(&server, &wallet, MemoryClientStore::new(), policy());
+    let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+        .with(PaymentMiddleware::new(payer.clone()))
+        .build();
+    let served = client.get(format!("{}/work", server.origin)).send().await.unwrap();
+    assert_eq!(served.status(), StatusCode::OK);
+    let (channel, committed) = (payer.channel().await.unwrap(), payer.committed().await.unwrap());
+    let balance = wallet.wallet.balance();
+
+    let moved = client.get(format!("{}/moved", server.origin)).send().await.unwrap();
+    assert_eq!(moved.status(), StatusCode::PAYMENT_REQUIRED, "the other origin's answer, as it is");
+    assert_eq!(payer.channel().await.unwrap(), channel, "no channel opened for it");
+    assert_eq!(payer.committed().await.unwrap(), committed, "nothing paid for it");
+    assert_eq!(wallet.wallet.balance(), balance, "nothing funded for it");
+}

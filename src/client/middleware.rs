@@ -17,6 +17,12 @@ use crate::wire::{PAYMENT_CHANNEL, Problem};
 /// A request whose body cannot be cloned (a stream) is sent once, without a retry. Errors of
 /// the client ([`ClientError`]) are `reqwest_middleware::Error::Middleware`.
 ///
+/// **Redirects.** reqwest follows redirects inside the client, with the request's headers: a
+/// redirect to another origin would carry the `Payment-Channel` header (a bearer credential
+/// for the channel's balance) there. An answer from another origin never drives a payment and
+/// is returned as it is, but the header has left by then: build the `reqwest::Client` with
+/// `redirect(reqwest::redirect::Policy::none())`, or a policy that stops at other origins.
+///
 /// # Examples
 ///
 /// ```
@@ -77,6 +83,13 @@ impl<St: ClientStore + 'static> Middleware for PaymentMiddleware<St> {
             };
             set_header(&mut this, header);
             let response = next.clone().run(this, extensions).await?;
+            // Redirected to another origin (reqwest follows redirects): that answer is not the
+            // server's, so its 402 drives no payment and its balance is not the channel's.
+            let same_origin =
+                response.url().as_str().parse::<Uri>().is_ok_and(|uri| self.payer.applies_to(&uri));
+            if !same_origin {
+                return Ok(response);
+            }
             if response.status() != StatusCode::PAYMENT_REQUIRED || retry.is_last() {
                 retry.answered(balance(response.headers())).await;
                 return Ok(response);
