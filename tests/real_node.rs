@@ -838,3 +838,90 @@ async fn k_a_close_below_the_mempool_minimum_goes_out_as_a_package(txindex: bool
 fn close_rate(channel: &ClientChannel) -> f64 {
     channel.channel.params().min_fee_rate.to_sat_per_kwu() as f64 / 250.0
 }
+
+/// l. Bitcoin Core's own wallet funds the channel (`CoreWallet`: `walletcreatefundedpsbt`,
+/// `walletprocesspsbt`), the client pays and closes cooperatively, and the books add up in the
+/// Core wallet; a funding the client abandons has its coins unlocked (`lockunspent`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l_the_core_wallet_funds_a_channel() {
+    use paychan::chain::bitcoind::Auth;
+    use paychan::client::{CoreWallet, Wallet as _};
+
+    let Some(node) = start_node(false).await else { return };
+    let server = serve(&node, MemoryStore::new(), 0).await;
+    let mut task = settlement(server.store.clone(), &node);
+    node.rpc("createwallet", serde_json::json!(["customer"])).await;
+    let address = node.rpc_at("/wallet/customer", "getnewaddress", serde_json::json!([])).await;
+    let address = address.unwrap().as_str().unwrap().to_owned();
+    node.wallet_rpc("sendtoaddress", serde_json::json!([address, "0.01"])).await;
+    node.mine(1).await;
+    let initial = Amount::from_sat(1_000_000);
+    let url = format!("{}/wallet/customer", node.url());
+    let wallet = CoreWallet::new(
+        BitcoindRpc::new(&url, Auth::CookieFile(node.cookie_path())).unwrap(),
+        Network::Regtest,
+    );
+
+    // Abandoned: the coins come back.
+    let output = TxOut { value: SMALL, script_pubkey: p2wpkh(&secret(0x44)) };
+    let rate = bitcoin::FeeRate::from_sat_per_vb_u32(2);
+    let psbt = wallet.fund(output, rate).await.expect("Core funds the output");
+    let locked = node.rpc_at("/wallet/customer", "listlockunspent", serde_json::json!([])).await;
+    assert_eq!(locked.unwrap().as_array().unwrap().len(), psbt.unsigned_tx.input.len());
+    wallet.release(&psbt);
+    let mut unlocked = false;
+    for _ in 0..100 {
+        let locked =
+            node.rpc_at("/wallet/customer", "listlockunspent", serde_json::json!([])).await;
+        if locked.unwrap().as_array().unwrap().is_empty() {
+            unlocked = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(unlocked, "release unlocks the abandoned funding's coins");
+
+    // Funded by Core, paid, closed.
+    let payer = Payer::builder(&server.origin, Network::Regtest, client_master())
+        .policy(SpendingPolicy::default().with_max_per_request(MilliSats::from_msat(200_000)))
+        .wallet(wallet)
+        .chain(node.chain())
+        .channel_value(SMALL)
+        .lifetime_blocks(LIFETIME)
+        .build()
+        .unwrap();
+    let refusals = Arc::new(AtomicUsize::new(0));
+    let inner = Counting { http: http_client(), refusals: Arc::clone(&refusals) };
+    let mut client = ServiceBuilder::new().layer(PaymentLayer::new(payer.clone())).service(inner);
+    for n in 0..12 {
+        let request =
+            http::Request::get(format!("{}/work", server.origin)).body(Full::default()).unwrap();
+        let response = client.ready().await.unwrap().call(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "request {n}");
+    }
+    let channel = payer.channel().await.unwrap().expect("a channel");
+    let funding = node.mempool_tx(channel.channel.outpoint().txid).await;
+    assert!(!funding.is_explicitly_rbf(), "Core's funding does not signal replacement");
+    let committed = payer.committed().await.unwrap();
+    let closed = client.close().await.expect("a cooperative close");
+    assert_eq!(closed.server_amount, committed);
+    check_close_in_mempool(&node, &channel, closed.txid).await;
+    mine_and_settle(&node, &server, &mut task, &channel, closed.txid).await;
+    check_books(&node, &server.store, &channel, closed.txid).await;
+
+    // The Core wallet paid the channel's value and the funding's fee, nothing else.
+    let funding_tx = node
+        .rpc_at(
+            "/wallet/customer",
+            "gettransaction",
+            serde_json::json!([channel.channel.outpoint().txid.to_string()]),
+        )
+        .await
+        .unwrap();
+    let fee = btc(&serde_json::json!(-funding_tx["fee"].as_f64().unwrap()));
+    let balance = node.rpc_at("/wallet/customer", "getbalance", serde_json::json!([])).await;
+    let balance = btc(&balance.unwrap());
+    assert_eq!(balance + SMALL + fee, initial, "wallet: {balance}, fee {fee}");
+    let vsize = funding.vsize() as u64;
+    assert!(fee >= Amount::from_sat(vsize), "at least the agreed funding fee rate");
+}

@@ -152,7 +152,7 @@ impl BitcoindRpc {
         }
     }
 
-    async fn call_ok(&self, method: &str, params: Value) -> Result<Value, ChainError> {
+    pub(crate) async fn call_ok(&self, method: &str, params: Value) -> Result<Value, ChainError> {
         self.call(method, params)
             .await?
             .map_err(|(code, message)| unavailable(format!("{method}: {message} ({code})")))

@@ -9,7 +9,8 @@
 //!   `reqwest-middleware`.
 //! * [`ClientChannel`] and the [`ClientStore`]s — the channel's state (refund, latest payment,
 //!   key index), saved **before** a new payment leaves the process.
-//! * [`KeyWallet`] — a one-key P2WPKH [`Wallet`] for tests, demos and hot floats.
+//! * [`KeyWallet`] — a one-key P2WPKH [`Wallet`] for tests, demos and hot floats; with
+//!   feature `bitcoind`, `CoreWallet` funds channels from a Bitcoin Core wallet.
 //!
 //! # Examples
 //!
@@ -40,6 +41,8 @@
 //! ```
 
 mod attempts;
+#[cfg(feature = "bitcoind")]
+mod core_wallet;
 mod error;
 #[cfg(feature = "reqwest")]
 mod middleware;
@@ -51,6 +54,8 @@ mod store;
 mod transport;
 mod wallet;
 
+#[cfg(feature = "bitcoind")]
+pub use core_wallet::CoreWallet;
 pub use error::ClientError;
 #[cfg(feature = "reqwest")]
 pub use middleware::PaymentMiddleware;
