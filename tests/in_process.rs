@@ -178,10 +178,17 @@ async fn every_store_failure_is_a_503_that_serves_nothing_and_changes_nothing() 
         assert_eq!(store.inner.load(id).await.unwrap(), before, "nothing changed");
         flag.store(false, Ordering::SeqCst);
     }
-    // The fast path (a header already verified): its debit fails.
-    let known = header(1_000);
-    let served = app.clone().oneshot(get_with("/paid", Some(&known))).await.unwrap();
+    // The payment whose "store and debit" failed was not taken as verified: sent again, it is
+    // stored this time.
+    let better = header(2_000);
+    let served = app.clone().oneshot(get_with("/paid", Some(&better))).await.unwrap();
     assert_eq!(served.status(), StatusCode::OK);
+    let stored = store.inner.load(id).await.unwrap().unwrap();
+    assert_eq!(stored.paid_amount(), Amount::from_sat(2_000), "the better payment is stored");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    // The fast path (a header already verified): its debit fails.
+    let known = better;
     let after_one = store.inner.load(id).await.unwrap();
     store.script.debit.store(true, Ordering::SeqCst);
     let response = app.clone().oneshot(get_with("/paid", Some(&known))).await.unwrap();
@@ -282,9 +289,8 @@ async fn the_terms_url_may_be_set_after_the_negotiation() {
         chain.clone(),
     );
     let (_tip, tip) = tokio::sync::watch::channel(chain.tip());
-    let layer = PaywallLayer::new(MemoryStore::new(), PRICE, tip)
-        .with_negotiation(negotiation)
-        .with_terms_url("/terms.json");
+    let original = PaywallLayer::new(MemoryStore::new(), PRICE, tip).with_negotiation(negotiation);
+    let layer = original.clone().with_terms_url("/terms.json");
     let calls = Arc::new(AtomicUsize::new(0));
     let app = Router::new().route("/paid", counted(&calls)).layer(layer);
 
@@ -296,6 +302,13 @@ async fn the_terms_url_may_be_set_after_the_negotiation() {
     let old = app.clone().oneshot(get_with("/.well-known/payment-channel", None)).await.unwrap();
     assert_eq!(old.status(), StatusCode::PAYMENT_REQUIRED, "the default URL is just a route now");
     assert_eq!(problem(old).await.terms.as_deref(), Some("/terms.json"));
+
+    // The layer it was cloned from keeps its own terms URL, and its own endpoints.
+    let original = Router::new().route("/paid", counted(&calls)).layer(original);
+    let terms = original.clone().oneshot(get_with(wire::TERMS_PATH, None)).await.unwrap();
+    assert_eq!(terms.status(), StatusCode::OK);
+    let moved = original.oneshot(get_with("/terms.json", None)).await.unwrap();
+    assert_eq!(moved.status(), StatusCode::PAYMENT_REQUIRED);
 }
 
 /// The negotiation endpoints mounted as a router of their own, beside a metered route, on the

@@ -646,7 +646,12 @@ async fn a_server_that_charges_more_than_the_policy_is_paid_no_more() {
     let server = server_priced(prices, Terms::default(), Amount::from_sat(1_000), None).await;
     let wallet = funded_wallet(&server.chain);
     let policy = SpendingPolicy::default().with_max_per_request(MilliSats::from_msat(10_000));
-    let payer = payer_with(&server, &wallet, MemoryClientStore::new(), policy);
+    // A proactive top-up would trigger after the overcharge drained the balance: it must not.
+    let payer = builder(&server, &wallet)
+        .policy(policy)
+        .top_up_below(MilliSats::from_sat(Amount::from_sat(2_000)).unwrap(), Amount::from_sat(500))
+        .build()
+        .unwrap();
     let (mut client, _) = paying_client(&payer);
     assert_eq!(get_work(&mut client, &server.origin).await.unwrap().0, StatusCode::OK);
     let committed = payer.committed().await.unwrap();

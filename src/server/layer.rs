@@ -88,10 +88,9 @@ impl<St, P: Clone> PaywallLayer<St, P> {
     /// The configuration to change: a layer configured after it was cloned gets its own copy
     /// (the clones keep theirs).
     fn config_mut(&mut self) -> &mut Meter<St, P> {
-        // A router already built for the old configuration is built again for the new one.
-        if let Some(endpoints) = &mut self.negotiation
-            && endpoints.router.get().is_some()
-        {
+        // The router is built again for the new configuration (clones keep theirs, built or
+        // not).
+        if let Some(endpoints) = &mut self.negotiation {
             *endpoints = Arc::new(Endpoints {
                 prefix: endpoints.prefix.clone(),
                 build: Arc::clone(&endpoints.build),

@@ -144,9 +144,13 @@ impl<St: ChannelStore, P> Meter<St, P> {
         let cache = match record.channel.check_payment(record.best.as_ref(), &payment, tip) {
             // Stale means a concurrent request stored an even better payment: fine.
             // Stored and debited in one store operation.
+            // Cached only once the store holds it (or a better one): a header whose payment
+            // was not stored must come through this check again, or it would never be.
             Ok(PaymentCheck::Increase { .. }) => {
                 let debit = self.store.pay(id, payment, price).await;
-                self.remember(id, header);
+                if matches!(debit, Ok(Debit::Debited { .. } | Debit::Insufficient { .. })) {
+                    self.remember(id, header);
+                }
                 return self.debited(id, price, debit, Some(record)).await;
             }
             // The best payment itself is cached; a re-signed copy of it is not.

@@ -21,7 +21,8 @@
 //! Every refusal is an RFC 9457 `application/problem+json` body whose `type` is
 //! `urn:paychan:problem:<code>`, with the channel's state when the channel is known
 //! ([`ChannelSnapshot`](crate::wire::ChannelSnapshot)); the [`Rejection`] is also in the response extensions. A refused
-//! request changes nothing.
+//! request changes nothing (but a better payment is kept when its balance still falls short of
+//! the price: the client signed it).
 //!
 //! # Examples
 //!

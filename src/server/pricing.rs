@@ -103,7 +103,9 @@ pub enum Unlisted {
     Free,
     /// Charged this price.
     Price(MilliSats),
-    /// Refused: 404 `route-not-priced`, the inner service is not called.
+    /// Refused: 404 `route-not-priced`, the inner service is not called. Through
+    /// [`Pricing::refuses`]: a pricing of your own that wraps a `RoutePrices` must forward
+    /// `refuses` too, or unlisted routes are served free.
     Refuse,
 }
 

@@ -311,8 +311,11 @@ impl Problem {
     /// Reads the body of a refusal with `status`. A body that is not a problem document (a
     /// proxy's error page, say) gives a problem whose code is empty and whose detail is the
     /// body's first 200 bytes.
+    ///
+    /// The status is the response's, whatever the body says.
     pub fn from_body(status: StatusCode, body: &[u8]) -> Self {
-        serde_json::from_slice(body).unwrap_or_else(|_| {
+        let parsed: Result<Self, _> = serde_json::from_slice(body);
+        parsed.map(|problem| Self { status: status.as_u16(), ..problem }).unwrap_or_else(|_| {
             let detail = String::from_utf8_lossy(&body[..body.len().min(RAW_DETAIL_LEN)]);
             let mut problem = Self::new(status, ProblemCode::Rule(Cow::Borrowed("")), detail);
             problem.type_uri = String::new();

@@ -240,7 +240,13 @@ impl<S: ClientStore> Payer<S> {
         charges.balance = Some(balance);
         let paid = MilliSats::from_sat(sent.paid).unwrap_or(MilliSats::MAX);
         let spent = paid.saturating_sub(balance);
-        let baseline = *charges.baseline.get_or_insert(spent);
+        let baseline = match charges.baseline {
+            Some(baseline) => baseline,
+            // The first report on a channel loaded from the store sets the baseline, but only
+            // from an answer to the current payment: an older one under-reports what was spent.
+            None if self.read_current().as_ref() == Some(sent) => *charges.baseline.insert(spent),
+            None => return,
+        };
         let charged = spent.saturating_sub(baseline);
         let allowed = max.checked_mul(charges.sends).unwrap_or(MilliSats::MAX);
         if charged > allowed && charges.overcharged.is_none() {

@@ -146,6 +146,8 @@ impl<S: ClientStore> Payer<S> {
     /// channel already pays that much: the server has not seen our latest payment yet, and
     /// sending it again is enough.
     async fn pay_more(&self, state: &mut State, target: Amount) -> Result<(), ClientError> {
+        // Never a payment more to a server that overcharged (checked under the state lock).
+        self.check_trusted()?;
         let Some((channel, key)) = state.channel.as_mut() else { return Ok(()) };
         let paid = channel.paid();
         if target <= paid {
