@@ -759,3 +759,44 @@ async fn a_redirect_elsewhere_never_drives_a_payment() {
     assert_eq!(payer.committed().await.unwrap(), committed, "nothing paid for it");
     assert_eq!(wallet.wallet.balance(), balance, "nothing funded for it");
 }
+
+/// A slow-loris server: its `/open` never answers. The client gives up after its negotiation
+/// timeout, with nothing funded, and its other requests are not held by the stalled one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_never_answers_stalls_the_client_no_longer_than_its_timeout() {
+    let chain = SimulatedChain::new();
+    let master = Xpriv::new_master(Network::Regtest, &[0x5e; 32]).unwrap();
+    let negotiation = Negotiation::new(
+        Network::Regtest,
+        Terms::default(),
+        master,
+        p2wpkh(&secret(2)),
+        chain.clone(),
+    );
+    let tip = follow_tip(chain.clone(), Duration::from_millis(50)).await.unwrap();
+    let stall = |request: Request, next: Next| async move {
+        if request.uri().path().ends_with("/open") {
+            std::future::pending::<()>().await;
+        }
+        next.run(request).await
+    };
+    let app = Router::new()
+        .route("/work", get(|| async { "done" }))
+        .layer(PaywallLayer::new(MemoryStore::new(), PRICE, tip).with_negotiation(negotiation))
+        .layer(axum::middleware::from_fn(stall));
+    let server = Server { origin: format!("http://{}", serve(app).await), chain };
+    let wallet = funded_wallet(&server.chain);
+    let payer =
+        builder(&server, &wallet).negotiation_timeout(Duration::from_millis(300)).build().unwrap();
+    let (mut client, _) = paying_client(&payer);
+    // Without the client's timeout this would wait forever; the guard turns that into a failure.
+    let result =
+        tokio::time::timeout(Duration::from_secs(60), get_work(&mut client, &server.origin))
+            .await
+            .expect("the client gave up by itself");
+    assert!(
+        matches!(&result, Err(ClientError::Transport(e)) if e.to_string().contains("no answer")),
+        "{result:?}"
+    );
+    assert_eq!(wallet.wallet.balance(), WALLET, "nothing was funded");
+}

@@ -4,6 +4,7 @@ use core::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use bitcoin::bip32::Xpriv;
 use bitcoin::{Amount, Network};
@@ -26,6 +27,7 @@ pub(super) struct Settings {
     pub(super) lifetime_blocks: u32,
     pub(super) top_up: Option<(MilliSats, Amount)>,
     pub(super) chain: Option<ChainView>,
+    pub(super) timeout: Duration,
 }
 
 /// The client's own view of the chain tip, from any [`ChainBackend`].
@@ -110,6 +112,15 @@ impl<S: ClientStore> PayerBuilder<S> {
         self
     }
 
+    /// How long the client waits for each answer of its own negotiation requests (terms,
+    /// open, refund, fund, close) before giving up with [`ClientError::Transport`] (default
+    /// 30 s). The payer's channel is locked meanwhile, so a server that answers slowly on
+    /// purpose cannot stall the payer's other requests for longer.
+    pub fn negotiation_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.timeout = timeout;
+        self
+    }
+
     /// Proactive top-up: when a response's `Payment-Channel-Balance` falls below `threshold`,
     /// sign a payment of `amount` more right away, so the next requests do not meet a 402.
     pub fn top_up_below(mut self, threshold: MilliSats, amount: Amount) -> Self {
@@ -163,6 +174,7 @@ impl Payer<MemoryClientStore> {
                 lifetime_blocks: 1_008,
                 top_up: None,
                 chain: None,
+                timeout: Duration::from_secs(30),
             },
             store: MemoryClientStore::new(),
         }

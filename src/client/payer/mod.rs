@@ -374,7 +374,15 @@ impl<S: ClientStore> Payer<S> {
             None => Bytes::new(),
         };
         let request = request.body(body).map_err(|e| ClientError::Transport(e.into()))?;
-        let response = transport.send(request).await.map_err(ClientError::Transport)?;
+        // The payer's channel is locked while it negotiates: a server that never answers must
+        // not hold every request of this payer.
+        let timeout = self.inner.settings.timeout;
+        let response = tokio::time::timeout(timeout, transport.send(request))
+            .await
+            .map_err(|_| {
+                ClientError::Transport(format!("{path}: no answer in {timeout:?}").into())
+            })?
+            .map_err(ClientError::Transport)?;
         if !response.status().is_success() {
             return Err(Problem::from_body(response.status(), response.body()).into());
         }
