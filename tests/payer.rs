@@ -800,3 +800,32 @@ async fn a_server_that_never_answers_stalls_the_client_no_longer_than_its_timeou
     );
     assert_eq!(wallet.wallet.balance(), WALLET, "nothing was funded");
 }
+
+/// The server vanished: once the refund is final, the payer broadcasts it by itself through
+/// its chain view (only once: the funding is spent then), and retires the channel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_payer_refunds_expired_channels_by_itself() {
+    let server = server().await;
+    let wallet = funded_wallet(&server.chain);
+    let without_chain = builder(&server, &wallet).build().unwrap();
+    assert!(matches!(without_chain.refund_expired().await, Err(ClientError::NoChainView)));
+    let payer =
+        builder(&server, &wallet).lifetime_blocks(150).chain(server.chain.clone()).build().unwrap();
+    let (mut client, _) = paying_client(&payer);
+    assert_eq!(get_work(&mut client, &server.origin).await.unwrap().0, StatusCode::OK);
+    server.chain.mine(1);
+    assert_eq!(payer.refund_expired().await.unwrap(), vec![], "not yet");
+    let channel = payer.channel().await.unwrap().unwrap();
+
+    let expiry = channel.channel.params().expiry.to_consensus_u32();
+    server.chain.mine(expiry - server.chain.tip().height);
+    let refunded = payer.refund_expired().await.unwrap();
+    assert_eq!(refunded.len(), 1);
+    server.chain.mine(1);
+    assert!(matches!(server.chain.tx_status(&refunded[0]), TxStatus::Confirmed { .. }));
+    let back = server.chain.utxo(&OutPoint::new(refunded[0], 0)).unwrap();
+    let params = channel.channel.params();
+    assert_eq!(back.value, params.value - params.refund_fee());
+    assert_eq!(payer.refund_expired().await.unwrap(), vec![], "the funding is spent now");
+    assert_eq!(payer.channel().await.unwrap(), None, "the refunded channel is retired");
+}

@@ -35,6 +35,9 @@ pub enum ClientError {
     NoWallet,
     /// There is no channel to act on.
     NoChannel,
+    /// The operation needs the client's own chain view
+    /// ([`PayerBuilder::chain`](super::PayerBuilder::chain)).
+    NoChainView,
     /// The wallet failed to fund or sign the funding transaction.
     Wallet(WalletError),
     /// The server's refund signature does not verify: the channel was abandoned before the
@@ -82,6 +85,7 @@ impl fmt::Display for ClientError {
             Self::Policy(e) => write!(f, "spending policy: {e}"),
             Self::NoWallet => f.write_str("a channel must be opened and there is no wallet"),
             Self::NoChannel => f.write_str("no channel with this server"),
+            Self::NoChainView => f.write_str("the payer has no chain view (PayerBuilder::chain)"),
             Self::Wallet(e) => write!(f, "wallet: {e}"),
             Self::InvalidRefundSignature => {
                 f.write_str("the server's refund signature is invalid; the channel was abandoned")

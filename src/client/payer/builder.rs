@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bitcoin::bip32::Xpriv;
-use bitcoin::{Amount, Network};
+use bitcoin::{Amount, Network, OutPoint, Transaction, Txid};
 use http::Uri;
 
 use super::{Inner, Payer};
@@ -38,6 +38,14 @@ impl ChainView {
     pub(super) async fn tip(&self) -> Result<ChainTip, ChainError> {
         self.0.tip().await
     }
+
+    pub(super) async fn unspent(&self, outpoint: OutPoint) -> Result<bool, ChainError> {
+        self.0.is_unspent(outpoint).await
+    }
+
+    pub(super) async fn broadcast(&self, tx: &Transaction) -> Result<Txid, ChainError> {
+        self.0.broadcast(tx).await
+    }
 }
 
 impl fmt::Debug for ChainView {
@@ -46,14 +54,27 @@ impl fmt::Debug for ChainView {
     }
 }
 
-/// [`ChainBackend::tip`], object-safe.
+/// A boxed future of the chain view.
+type ChainFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, ChainError>> + Send + 'a>>;
+
+/// What the client asks of its [`ChainBackend`], object-safe.
 trait TipSource: Send + Sync {
-    fn tip(&self) -> Pin<Box<dyn Future<Output = Result<ChainTip, ChainError>> + Send + '_>>;
+    fn tip(&self) -> ChainFuture<'_, ChainTip>;
+    fn is_unspent(&self, outpoint: OutPoint) -> ChainFuture<'_, bool>;
+    fn broadcast<'a>(&'a self, tx: &'a Transaction) -> ChainFuture<'a, Txid>;
 }
 
 impl<C: ChainBackend> TipSource for C {
-    fn tip(&self) -> Pin<Box<dyn Future<Output = Result<ChainTip, ChainError>> + Send + '_>> {
+    fn tip(&self) -> ChainFuture<'_, ChainTip> {
         Box::pin(ChainBackend::tip(self))
+    }
+
+    fn is_unspent(&self, outpoint: OutPoint) -> ChainFuture<'_, bool> {
+        Box::pin(async move { Ok(ChainBackend::unspent(self, &outpoint).await?.is_some()) })
+    }
+
+    fn broadcast<'a>(&'a self, tx: &'a Transaction) -> ChainFuture<'a, Txid> {
+        Box::pin(ChainBackend::broadcast(self, tx))
     }
 }
 
@@ -104,7 +125,8 @@ impl<S: ClientStore> PayerBuilder<S> {
     /// The client's own view of the chain (Bitcoin Core RPC, Esplora, …): the refund's lock
     /// time is computed from **its** tip, never the server's, and a server whose reported
     /// tip is more than 6 blocks away from it is refused
-    /// ([`ClientError::ServerMisbehaved`]). Without one, the client trusts the tip in the
+    /// ([`ClientError::ServerMisbehaved`]); [`Payer::refund_expired`] broadcasts refunds
+    /// through it. Without one, the client trusts the tip in the
     /// server's terms, so a lying server could lock the client's coins for longer than
     /// `max_lifetime_blocks`: give every client that pays with real money a chain view.
     pub fn chain(mut self, chain: impl ChainBackend + 'static) -> Self {

@@ -69,4 +69,44 @@ impl<S: ClientStore> Payer<S> {
         self.retire(&mut state).await?;
         Ok(closed)
     }
+
+    /// Broadcasts, through the payer's chain view, the refund of every channel in its store
+    /// whose refund is valid at the chain's tip and whose funding output is still unspent:
+    /// the client's money comes back from a server that vanished. Idempotent, so a task may
+    /// call it every few blocks; the channels refunded are retired. Returns the refunds
+    /// broadcast.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::NoChainView`], [`ClientError::Store`], or [`ClientError::Chain`] when the
+    /// chain cannot be read. A refund the chain refuses is skipped (logged) and tried again at
+    /// the next call.
+    pub async fn refund_expired(&self) -> Result<Vec<Txid>, ClientError> {
+        let chain = self.inner.settings.chain.clone().ok_or(ClientError::NoChainView)?;
+        let tip = chain.tip().await.map_err(ClientError::Chain)?;
+        let mut state = self.state().await?;
+        let channels = self.inner.store.list().await.map_err(ClientError::Store)?;
+        let mut refunded = Vec::new();
+        for mut channel in channels {
+            let outpoint = channel.channel.outpoint();
+            if !channel.channel.params().refund_is_valid(tip)
+                || !chain.unspent(outpoint).await.map_err(ClientError::Chain)?
+            {
+                continue;
+            }
+            match chain.broadcast(&channel.refund).await {
+                Ok(txid) => {
+                    refunded.push(txid);
+                    if state.channel.as_ref().is_some_and(|(c, _)| c.id() == channel.id()) {
+                        self.retire(&mut state).await?;
+                    } else if !channel.retired {
+                        channel.retired = true;
+                        self.inner.store.save(&channel).await.map_err(ClientError::Store)?;
+                    }
+                }
+                Err(error) => tracing::warn!(%error, %outpoint, "refund refused; retrying later"),
+            }
+        }
+        Ok(refunded)
+    }
 }
