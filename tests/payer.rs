@@ -359,8 +359,11 @@ async fn policy_limits_are_typed_refusals() {
         matches!(refusal, Err(ClientError::Policy(PolicyRefusal::BudgetExhausted { .. }))),
         "{refusal:?}"
     );
-    assert!(payer.committed().await.unwrap() <= Amount::from_sat(1_000));
-    assert!(served >= 6, "1 000 sat pay for six requests at 150 sat, served {served}");
+    // The budget counts the payments and the funding's fee (issue #12).
+    let (committed, fees) = (payer.committed().await.unwrap(), payer.funding_fees().await.unwrap());
+    assert!(committed + fees <= Amount::from_sat(1_000), "{committed} + {fees}");
+    let affordable = (1_000 - fees.to_sat()) / 150;
+    assert!(served as u64 >= affordable, "{affordable} requests at 150 sat, served {served}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -828,4 +831,41 @@ async fn the_payer_refunds_expired_channels_by_itself() {
     assert_eq!(back.value, params.value - params.refund_fee());
     assert_eq!(payer.refund_expired().await.unwrap(), vec![], "the funding is spent now");
     assert_eq!(payer.channel().await.unwrap(), None, "the refunded channel is retired");
+}
+
+/// Locked value and funding fees count: the fee of each funding is part of the budget
+/// (`funding_fees`), and a new channel that would lock more than `max_locked` in channels
+/// whose money is not back is refused, whoever asks for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locked_value_and_funding_fees_count_against_the_policy() {
+    let server = server().await;
+    let wallet = funded_wallet(&server.chain);
+    let policy = policy().with_max_locked(Amount::from_sat(120_000));
+    let payer = payer_with(&server, &wallet, MemoryClientStore::new(), policy);
+    let http = ServiceTransport::<_, Full<Bytes>>::new(http_client());
+    payer.open(&http).await.unwrap();
+    server.chain.mine(1);
+    payer.open(&http).await.unwrap();
+    server.chain.mine(1);
+    let fees = payer.funding_fees().await.unwrap();
+    assert_eq!(
+        WALLET - wallet.wallet.balance(),
+        Amount::from_sat(2 * 50_000) + fees,
+        "the wallet paid two channels and exactly the fees the payer counts"
+    );
+    assert!(fees > Amount::ZERO);
+    let third = payer.open(&http).await;
+    assert!(
+        matches!(
+            third,
+            Err(ClientError::Policy(PolicyRefusal::LockedTooMuch { locked, .. }))
+                if locked == Amount::from_sat(100_000)
+        ),
+        "{third:?}"
+    );
+
+    // A channel closed cooperatively is no longer locked.
+    payer.close(&http).await.unwrap();
+    server.chain.mine(1);
+    payer.open(&http).await.expect("room again after a close");
 }

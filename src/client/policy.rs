@@ -34,13 +34,16 @@ pub struct SpendingPolicy {
     max_fee_rate: FeeRate,
     auto_open: bool,
     max_opens: (u32, Duration),
+    max_locked: Amount,
 }
 
 impl Default for SpendingPolicy {
     /// At most 100 000 sat per channel, 10 sat per request, 1 000 000 sat in total, 1 000 sat
     /// prepaid beyond a request's price, channels locked for at most 4 320 blocks (about 30
     /// days); fee rates the server sets (funding, refund, payments) of at most 100 sat/vB;
-    /// opening channels automatically allowed, at most 3 times an hour per server.
+    /// opening channels automatically allowed, at most 3 times an hour per server; at most
+    /// 1 000 000 sat locked in channels whose money is not back yet. The budget (`max_total`)
+    /// counts what was paid to servers and the fees of the funding transactions.
     fn default() -> Self {
         Self {
             max_channel_value: Amount::from_sat(100_000),
@@ -51,6 +54,7 @@ impl Default for SpendingPolicy {
             max_fee_rate: FeeRate::from_sat_per_vb_u32(100),
             auto_open: true,
             max_opens: (3, Duration::from_secs(3_600)),
+            max_locked: Amount::from_sat(1_000_000),
         }
     }
 }
@@ -144,6 +148,25 @@ impl SpendingPolicy {
     /// How many automatic openings per period the policy allows.
     pub fn max_opens(&self) -> (u32, Duration) {
         self.max_opens
+    }
+
+    /// The most the client keeps locked in channels whose money is not back yet (not closed,
+    /// not refunded, refund not yet valid), counting the one it would open.
+    pub fn with_max_locked(mut self, max: Amount) -> Self {
+        self.max_locked = max;
+        self
+    }
+
+    /// Checks locking `more` in a new channel while `locked` is already in channels.
+    ///
+    /// # Errors
+    ///
+    /// [`PolicyRefusal::LockedTooMuch`].
+    pub fn check_lock(&self, locked: Amount, more: Amount) -> Result<(), PolicyRefusal> {
+        match locked.checked_add(more) {
+            Some(total) if total <= self.max_locked => Ok(()),
+            _ => Err(PolicyRefusal::LockedTooMuch { locked, more, max: self.max_locked }),
+        }
     }
 
     /// Checks opening a channel of `value`.
@@ -243,6 +266,15 @@ pub enum PolicyRefusal {
         /// Per this period.
         period: Duration,
     },
+    /// A new channel would lock more than the policy allows in channels not yet closed.
+    LockedTooMuch {
+        /// Already locked.
+        locked: Amount,
+        /// The new channel's value.
+        more: Amount,
+        /// The policy's maximum.
+        max: Amount,
+    },
     /// The server sets a fee rate above the policy's maximum.
     FeeRateTooHigh {
         /// The rate.
@@ -281,6 +313,10 @@ impl fmt::Display for PolicyRefusal {
             Self::LifetimeTooLong { blocks, max } => {
                 write!(f, "a channel of {blocks} blocks exceeds the policy's maximum of {max}")
             }
+            Self::LockedTooMuch { locked, more, max } => write!(
+                f,
+                "locking {more} more on top of {locked} exceeds the policy's maximum of {max}"
+            ),
             Self::FeeRateTooHigh { rate, max } => {
                 let (rate, max) = (rate.to_sat_per_vb_ceil(), max.to_sat_per_vb_floor());
                 write!(

@@ -32,12 +32,28 @@ pub struct ClientChannel {
     /// a [`Payer`](super::Payer) never picks it again. The refund is still kept.
     #[serde(default)]
     pub retired: bool,
+    /// Set once the channel's money is back or settled (closed cooperatively, or refunded):
+    /// it no longer counts as locked.
+    #[serde(default)]
+    pub closed: bool,
+    /// What the funding transaction paid in fees (counted in the policy's budget).
+    #[serde(default, with = "bitcoin::amount::serde::as_sat")]
+    pub funding_fee: Amount,
 }
 
 impl ClientChannel {
     /// A freshly funded channel with its signed refund and no payment yet.
     pub fn new(channel: Channel, key_index: u32, refund: Transaction) -> Self {
-        Self { channel, key_index, refund, latest: None, server: String::new(), retired: false }
+        Self {
+            channel,
+            key_index,
+            refund,
+            latest: None,
+            server: String::new(),
+            retired: false,
+            closed: false,
+            funding_fee: Amount::ZERO,
+        }
     }
 
     /// The channel's id.

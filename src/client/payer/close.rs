@@ -66,7 +66,7 @@ impl<S: ClientStore> Payer<S> {
             .and_then(|rest| rest.checked_sub(client_amount))
             .unwrap_or(Amount::ZERO);
         let closed = Closed { channel: current.id, txid, server_amount, client_amount, fee };
-        self.retire(&mut state).await?;
+        self.retire(&mut state, true).await?;
         Ok(closed)
     }
 
@@ -98,9 +98,10 @@ impl<S: ClientStore> Payer<S> {
                 Ok(txid) => {
                     refunded.push(txid);
                     if state.channel.as_ref().is_some_and(|(c, _)| c.id() == channel.id()) {
-                        self.retire(&mut state).await?;
-                    } else if !channel.retired {
+                        self.retire(&mut state, true).await?;
+                    } else {
                         channel.retired = true;
+                        channel.closed = true;
                         self.inner.store.save(&channel).await.map_err(ClientError::Store)?;
                     }
                 }

@@ -79,12 +79,21 @@ struct Inner<S> {
     charges: Mutex<ChargeWatch>,
 }
 
+impl State {
+    /// What counts against the policy's `max_total`: payments and funding fees.
+    fn spent(&self) -> Amount {
+        self.committed.checked_add(self.fees).unwrap_or(Amount::MAX)
+    }
+}
+
 /// The payer's channel, changed under its lock only.
 #[derive(Default)]
 struct State {
     loaded: bool,
     channel: Option<(ClientChannel, SecretKey)>,
     committed: Amount,
+    /// What the client paid in funding fees, over every channel of its store.
+    fees: Amount,
     /// When the client opened channels by itself (for the policy's `max_opens`).
     opens: VecDeque<Instant>,
 }
@@ -267,6 +276,16 @@ impl<S: ClientStore> Payer<S> {
         };
     }
 
+    /// What the client paid in funding fees, over every channel of its store (part of the
+    /// policy's budget with [`committed`](Self::committed)).
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::Store`] if the channels cannot be loaded.
+    pub async fn funding_fees(&self) -> Result<Amount, ClientError> {
+        Ok(self.state().await?.fees)
+    }
+
     /// The payment the next request carries.
     pub(crate) async fn current(&self) -> Result<Option<CurrentPayment>, ClientError> {
         if let Some(current) = self.read_current() {
@@ -285,6 +304,7 @@ impl<S: ClientStore> Payer<S> {
         if !state.loaded {
             let channels = self.inner.store.list().await.map_err(ClientError::Store)?;
             state.committed = channels.iter().map(ClientChannel::paid).sum();
+            state.fees = channels.iter().map(|c| c.funding_fee).sum();
             let best = channels
                 .into_iter()
                 .filter(|c| {
@@ -321,10 +341,12 @@ impl<S: ClientStore> Payer<S> {
         crate::channel::channel_key(&self.inner.settings.key, index).map_err(ClientError::Key)
     }
 
-    /// Marks the current channel retired (saved) and forgets it.
-    async fn retire(&self, state: &mut State) -> Result<(), ClientError> {
+    /// Marks the current channel retired (saved) and forgets it; `closed` when its money is
+    /// back or settled.
+    async fn retire(&self, state: &mut State, closed: bool) -> Result<(), ClientError> {
         if let Some((mut channel, _)) = state.channel.take() {
             channel.retired = true;
+            channel.closed |= closed;
             self.inner.store.save(&channel).await.map_err(ClientError::Store)?;
         }
         self.set_channel(state, None, None);

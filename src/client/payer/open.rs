@@ -101,6 +101,8 @@ impl<S: ClientStore> Payer<S> {
         let client_script = ScriptBuf::new_p2wpkh(&client_key.wpubkey_hash());
         let expiry = tip.height.saturating_add(lifetime);
         let first = self.first_payment(state, &terms)?;
+        let locked = self.locked(tip).await?;
+        inner.policy.check_lock(locked, value).map_err(ClientError::Policy)?;
 
         let request = OpenRequest {
             client_pubkey: client_key.to_string(),
@@ -130,6 +132,10 @@ impl<S: ClientStore> Payer<S> {
         // payment. On failure the wallet gets its coins back.
         let prepared = async {
             let outpoint = check_funding_psbt(&psbt, &funding_output)?;
+            // The funding's fee counts in the budget, with the first payment.
+            let funding_fee = psbt.fee().map_err(|e| ClientError::Wallet(WalletError::new(e)))?;
+            let cost = first.checked_add(funding_fee).unwrap_or(Amount::MAX);
+            policy.check_spend(state.spent(), cost).map_err(ClientError::Policy)?;
 
             // The refund, signed by the server and verified before anything else is signed.
             let refund = params.build_refund(outpoint, params.refund_fee());
@@ -155,6 +161,7 @@ impl<S: ClientStore> Payer<S> {
             // The refund and the first payment are saved before T1 is signed or leaves.
             let mut channel = ClientChannel::new(params.at(outpoint), key_index, refund);
             channel.server = inner.origin.clone();
+            channel.funding_fee = funding_fee;
             let header = channel.pay(&self.inner.store, &client_secret, first).await?;
             Ok::<_, ClientError>((channel, header, outpoint))
         }
@@ -176,11 +183,23 @@ impl<S: ClientStore> Payer<S> {
         let _: FundResponse =
             self.call(transport, Method::POST, &terms.endpoints.fund, Some(&request), None).await?;
         state.committed += first;
-        self.retire(state).await?;
+        state.fees += channel.funding_fee;
+        self.retire(state, false).await?;
         let id = channel.id();
         self.set_channel(state, Some((channel, client_secret)), Some(header));
         self.watch_new_channel(id);
         Ok(id)
+    }
+
+    /// The value of the store's channels whose money is not back yet at `tip`: not closed and
+    /// refund not yet valid.
+    async fn locked(&self, tip: ChainTip) -> Result<Amount, ClientError> {
+        let channels = self.inner.store.list().await.map_err(ClientError::Store)?;
+        Ok(channels
+            .iter()
+            .filter(|c| !c.closed && !c.channel.params().refund_is_valid(tip))
+            .map(|c| c.channel.params().value)
+            .sum())
     }
 
     /// Counts an automatic opening against the policy's `max_opens`.
@@ -205,7 +224,7 @@ impl<S: ClientStore> Payer<S> {
         self.inner
             .settings
             .policy
-            .check_spend(state.committed, first)
+            .check_spend(state.spent(), first)
             .map_err(ClientError::Policy)?;
         Ok(first)
     }

@@ -111,7 +111,7 @@ impl<S: ClientStore> Payer<S> {
             .checked_add(policy.max_prepaid())
             .unwrap_or(Amount::MAX);
         // Within the budget, prefer the suggestion; the minimum is the least that works.
-        let room = policy.max_total().checked_sub(state.committed).unwrap_or(Amount::ZERO);
+        let room = policy.max_total().checked_sub(state.spent()).unwrap_or(Amount::ZERO);
         let target = suggested
             .min(bound.max(min))
             .min(most)
@@ -148,6 +148,7 @@ impl<S: ClientStore> Payer<S> {
     async fn pay_more(&self, state: &mut State, target: Amount) -> Result<(), ClientError> {
         // Never a payment more to a server that overcharged (checked under the state lock).
         self.check_trusted()?;
+        let spent = state.spent();
         let Some((channel, key)) = state.channel.as_mut() else { return Ok(()) };
         let paid = channel.paid();
         if target <= paid {
@@ -156,7 +157,7 @@ impl<S: ClientStore> Payer<S> {
         self.inner
             .settings
             .policy
-            .check_spend(state.committed, target - paid)
+            .check_spend(spent, target - paid)
             .map_err(ClientError::Policy)?;
         let header = channel.pay(&self.inner.store, key, target).await?;
         state.committed += target - paid;
