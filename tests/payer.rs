@@ -27,8 +27,9 @@ use paychan::chain::sim::SimulatedChain;
 use paychan::chain::{TxStatus, follow_tip, policy};
 use paychan::channel::{LifetimeBounds, Terms};
 use paychan::client::{
-    ClientError, ClientStore, FileClientStore, KeyWallet, MemoryClientStore, Payer, PayerBuilder,
-    PaymentLayer, PaymentService, PolicyRefusal, ServiceTransport, SpendingPolicy,
+    ClientError, ClientStore, FileClientStore, KeyWallet, MemoryClientStore, MisbehaviorKind,
+    Payer, PayerBuilder, PaymentLayer, PaymentService, PolicyRefusal, ServiceTransport,
+    SpendingPolicy,
 };
 use paychan::server::{Negotiation, PaywallLayer, Pricing, RoutePrices};
 use paychan::store::MemoryStore;
@@ -623,7 +624,7 @@ async fn the_lock_time_comes_from_the_clients_own_tip() {
     let (mut client, _) = paying_client(&payer);
     let result = get_work(&mut client, &liar.origin).await;
     assert!(
-        matches!(&result, Err(ClientError::ServerMisbehaved(what)) if what.contains("tip")),
+        matches!(&result, Err(ClientError::ServerMisbehaved(what)) if what.kind == MisbehaviorKind::TipSkew),
         "{result:?}"
     );
     assert_eq!(wallet.wallet.balance(), WALLET, "nothing was funded");

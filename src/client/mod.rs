@@ -56,7 +56,7 @@ mod wallet;
 
 #[cfg(feature = "bitcoind")]
 pub use core_wallet::CoreWallet;
-pub use error::ClientError;
+pub use error::{ClientError, Misbehavior, MisbehaviorKind};
 #[cfg(feature = "reqwest")]
 pub use middleware::PaymentMiddleware;
 pub(crate) use payer::RetryBudget;

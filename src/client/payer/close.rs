@@ -6,6 +6,7 @@ use http::Method;
 
 use super::{Payer, misbehaved};
 use crate::channel::server_amount;
+use crate::client::error::MisbehaviorKind as Kind;
 use crate::client::{ClientError, ClientStore, Transport};
 use crate::wire::{ChannelId, CloseResponse};
 
@@ -43,8 +44,8 @@ impl<S: ClientStore> Payer<S> {
         let empty = serde_json::Map::new();
         let answer: CloseResponse =
             self.call(transport, Method::POST, &path, Some(&empty), Some(&current.header)).await?;
-        let close: Transaction =
-            deserialize_hex(&answer.close_tx).map_err(|_| misbehaved("close: no close_tx"))?;
+        let close: Transaction = deserialize_hex(&answer.close_tx)
+            .map_err(|_| misbehaved(Kind::InvalidAnswer, "close: no close_tx"))?;
         let (channel, _) = state.channel.as_ref().ok_or(ClientError::NoChannel)?;
         let latest = channel.latest.as_ref().ok_or(ClientError::NoChannel)?;
         // The settlement must be our latest payment (only the witness differs).
@@ -54,11 +55,14 @@ impl<S: ClientStore> Payer<S> {
             tx
         };
         if unsigned(&close) != unsigned(latest) {
-            return Err(misbehaved("the settlement is not the client's latest payment"));
+            return Err(misbehaved(
+                Kind::WrongSettlement,
+                "the settlement is not the client's latest payment",
+            ));
         }
         let txid = close.compute_txid();
         if answer.txid != txid {
-            return Err(misbehaved("the settlement's txid does not match"));
+            return Err(misbehaved(Kind::WrongSettlement, "the settlement's txid does not match"));
         }
         let server_amount = server_amount(&close);
         let client_amount = close.output.get(1).map_or(Amount::ZERO, |o| o.value);

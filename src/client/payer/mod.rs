@@ -14,6 +14,7 @@ use http::{Method, Request, Uri};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use super::error::{Misbehavior, MisbehaviorKind};
 use super::transport::Transport;
 use super::{ClientChannel, ClientError, ClientStore, MemoryClientStore, SpendingPolicy};
 use crate::MilliSats;
@@ -141,8 +142,8 @@ pub(crate) struct CurrentPayment {
     pub(crate) header: HeaderValue,
 }
 
-pub(super) fn misbehaved(what: impl Into<String>) -> ClientError {
-    ClientError::ServerMisbehaved(what.into())
+pub(super) fn misbehaved(kind: MisbehaviorKind, what: impl Into<String>) -> ClientError {
+    ClientError::ServerMisbehaved(Misbehavior::new(kind, what))
 }
 
 impl<S: ClientStore> Payer<S> {
@@ -379,7 +380,10 @@ impl<S: ClientStore> Payer<S> {
         // Paths come from the server's terms: a path that does not start with `/` could move
         // the request (and the payment header) to another host (`@evil.example/x`).
         if !path.starts_with('/') {
-            return Err(misbehaved(format!("endpoint {path:?} is not a path on the origin")));
+            return Err(misbehaved(
+                MisbehaviorKind::ForeignEndpoint,
+                format!("endpoint {path:?} is not a path on the origin"),
+            ));
         }
         let mut request = Request::builder()
             .method(method)
@@ -408,7 +412,11 @@ impl<S: ClientStore> Payer<S> {
         if !response.status().is_success() {
             return Err(Problem::from_body(response.status(), response.body()).into());
         }
-        serde_json::from_slice(response.body())
-            .map_err(|e| misbehaved(format!("{path} answered with invalid JSON: {e}")))
+        serde_json::from_slice(response.body()).map_err(|e| {
+            misbehaved(
+                MisbehaviorKind::InvalidAnswer,
+                format!("{path} answered with invalid JSON: {e}"),
+            )
+        })
     }
 }

@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use super::{Payer, State, misbehaved};
 use crate::channel::{ChainTip, ChannelParams, is_standard_payout};
+use crate::client::error::MisbehaviorKind as Kind;
 use crate::client::{
     ClientChannel, ClientError, ClientStore, PolicyRefusal, Transport, WalletError,
 };
@@ -57,11 +58,14 @@ impl<S: ClientStore> Payer<S> {
         let inner = &self.inner.settings;
         let terms = self.terms(transport).await?;
         if terms.network != inner.network.to_core_arg() {
-            return Err(misbehaved(format!(
-                "the server is on {}, the client on {}",
-                terms.network,
-                inner.network.to_core_arg()
-            )));
+            return Err(misbehaved(
+                Kind::WrongNetwork,
+                format!(
+                    "the server is on {}, the client on {}",
+                    terms.network,
+                    inner.network.to_core_arg()
+                ),
+            ));
         }
         let min_value = Amount::from_sat(terms.min_value_sat);
         let value = inner
@@ -72,7 +76,7 @@ impl<S: ClientStore> Payer<S> {
         inner.policy.check_open(value, automatic).map_err(ClientError::Policy)?;
         let bounds = terms.lifetime_blocks;
         if bounds.min > bounds.max {
-            return Err(misbehaved("terms: lifetime_blocks.min is above max"));
+            return Err(misbehaved(Kind::InvalidTerms, "terms: lifetime_blocks.min is above max"));
         }
         let lifetime = inner.lifetime_blocks.clamp(bounds.min, bounds.max);
         inner.policy.check_lifetime(lifetime).map_err(ClientError::Policy)?;
@@ -84,11 +88,14 @@ impl<S: ClientStore> Payer<S> {
             Some(chain) => {
                 let own = chain.tip().await.map_err(ClientError::Chain)?;
                 if own.height.abs_diff(terms.tip.height) > MAX_TIP_SKEW {
-                    return Err(misbehaved(format!(
-                        "the server's tip {} is more than {MAX_TIP_SKEW} blocks from the \
-                         client's {}",
-                        terms.tip.height, own.height
-                    )));
+                    return Err(misbehaved(
+                        Kind::TipSkew,
+                        format!(
+                            "the server's tip {} is more than {MAX_TIP_SKEW} blocks from the \
+                             client's {}",
+                            terms.tip.height, own.height
+                        ),
+                    ));
                 }
                 own
             }
@@ -119,7 +126,7 @@ impl<S: ClientStore> Payer<S> {
         let funding_output =
             TxOut { value: params.value, script_pubkey: params.funding_script_pubkey() };
         let fee_rate = FeeRate::from_sat_per_vb(terms.funding_min_fee_rate_sat_per_vb)
-            .ok_or_else(|| misbehaved("funding fee rate"))?;
+            .ok_or_else(|| misbehaved(Kind::InvalidTerms, "funding fee rate"))?;
         // Fee rates the server sets: the funding's, and the channel's (every payment and the
         // refund pay it).
         let policy = &inner.policy;
@@ -219,7 +226,7 @@ impl<S: ClientStore> Payer<S> {
     /// The first payment of a new channel: the server output's dust threshold, within budget.
     fn first_payment(&self, state: &State, terms: &TermsDocument) -> Result<Amount, ClientError> {
         let script = ScriptBuf::from_hex(&terms.server_script)
-            .map_err(|_| misbehaved("server_script is not hex"))?;
+            .map_err(|_| misbehaved(Kind::InvalidTerms, "server_script is not hex"))?;
         let first = script.minimal_non_dust();
         self.inner
             .settings
@@ -242,17 +249,23 @@ fn check_proposal(
     client_script: &ScriptBuf,
 ) -> Result<ChannelParams, ClientError> {
     let hex_script = |hex: &str, what: &str| {
-        ScriptBuf::from_hex(hex).map_err(|_| misbehaved(format!("{what} is not hex")))
+        ScriptBuf::from_hex(hex)
+            .map_err(|_| misbehaved(Kind::ProposalMismatch, format!("{what} is not hex")))
     };
-    let server_key: CompressedPublicKey =
-        proposal.server_pubkey.parse().map_err(|_| misbehaved("server_pubkey"))?;
+    let server_key: CompressedPublicKey = proposal
+        .server_pubkey
+        .parse()
+        .map_err(|_| misbehaved(Kind::ProposalMismatch, "server_pubkey"))?;
     let server_script = hex_script(&proposal.server_script, "server_script")?;
-    let rate = |sat: u64| FeeRate::from_sat_per_vb(sat).ok_or_else(|| misbehaved("fee rate"));
+    let rate = |sat: u64| {
+        FeeRate::from_sat_per_vb(sat).ok_or_else(|| misbehaved(Kind::ProposalMismatch, "fee rate"))
+    };
     let params = ChannelParams {
         client_key,
         server_key,
         value,
-        expiry: LockTime::from_height(expiry).map_err(|_| misbehaved("expiry"))?,
+        expiry: LockTime::from_height(expiry)
+            .map_err(|_| misbehaved(Kind::ProposalMismatch, "expiry"))?,
         client_script: client_script.clone(),
         server_script,
         min_fee_rate: rate(proposal.min_fee_rate_sat_per_vb)?,
@@ -283,7 +296,7 @@ fn check_proposal(
         (proposal.refund_fee_sat == params.refund_fee().to_sat(), "refund_fee_sat"),
     ];
     match checks.into_iter().find(|(ok, _)| !ok) {
-        Some((_, what)) => Err(misbehaved(format!("open: {what}"))),
+        Some((_, what)) => Err(misbehaved(Kind::ProposalMismatch, format!("open: {what}"))),
         None => Ok(params),
     }
 }
