@@ -126,7 +126,7 @@ impl ChannelStore for Failing {
     async fn pay(
         &self,
         id: ChannelId,
-        payment: Transaction,
+        payment: paychan::channel::CheckedPayment,
         amount: MilliSats,
     ) -> Result<Debit, StoreError> {
         fails(&self.script.pay)?;

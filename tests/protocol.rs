@@ -740,3 +740,27 @@ fn a_refund_above_the_minimum_fee_is_refused() {
     let close_fee = CHANNEL_VALUE - close.output.iter().map(|o| o.value).sum::<Amount>();
     assert!(close_fee > fee, "a close pays more than any refund: {close_fee} vs {fee}");
 }
+
+/// `check_new_payment` keeps an increase as the `CheckedPayment` a store takes (the same
+/// transaction), answers `Repeat` for the best, and refuses what `check_payment` refuses.
+#[test]
+fn a_checked_payment_is_the_payment_that_passed_every_rule() {
+    use paychan::channel::NewPayment;
+    let s = Setup::new();
+    s.open();
+    let t3 = s.pay(2_000);
+    match s.channel.check_new_payment(None, t3.clone(), s.tip()) {
+        Ok(NewPayment::Increase(checked)) => {
+            assert_eq!(checked.transaction(), &t3);
+            assert_eq!(checked.server_amount(), Amount::from_sat(2_000));
+        }
+        other => panic!("an increase: {other:?}"),
+    }
+    assert_eq!(s.channel.check_new_payment(Some(&t3), t3.clone(), s.tip()), Ok(NewPayment::Repeat));
+    let mut unsigned = t3.clone();
+    unsigned.input[0].witness = Witness::new();
+    assert_eq!(
+        s.channel.check_new_payment(None, unsigned.clone(), s.tip()).unwrap_err(),
+        s.channel.check_payment(None, &unsigned, s.tip()).unwrap_err()
+    );
+}

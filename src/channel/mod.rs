@@ -80,7 +80,7 @@ pub use params::{
     ChannelParams, FUNDING_SPEND_WITNESS_WEIGHT, LifetimeBounds, TX_VERSION, Terms,
     is_standard_payout,
 };
-pub use payment::{PaymentCheck, server_amount};
+pub use payment::{CheckedPayment, NewPayment, PaymentCheck, server_amount};
 pub use refund::{CheckedRefund, REFUND_SEQUENCE};
 pub use tip::ChainTip;
 

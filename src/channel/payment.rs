@@ -31,6 +31,42 @@ pub fn server_amount(payment: &Transaction) -> Amount {
     payment.output.first().map_or(Amount::ZERO, |out| out.value)
 }
 
+/// A payment that passed every rule of its channel ([`Channel::check_new_payment`]): the
+/// client's signature, the shape, the outputs, the fees, and more than the best the checker
+/// knew. Only the protocol core builds one, so a store that takes it
+/// ([`ChannelStore::pay`](crate::store::ChannelStore::pay)) holds checked payments only; the
+/// store still decides, atomically, whether it pays more than its own best.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckedPayment(Transaction);
+
+impl CheckedPayment {
+    /// The payment.
+    pub fn transaction(&self) -> &Transaction {
+        &self.0
+    }
+
+    /// The payment, owned.
+    pub fn into_transaction(self) -> Transaction {
+        self.0
+    }
+
+    /// What it pays the server.
+    pub fn server_amount(&self) -> Amount {
+        server_amount(&self.0)
+    }
+}
+
+/// The outcome of [`Channel::check_new_payment`]: a checked payment that pays more, or the
+/// best again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use]
+pub enum NewPayment {
+    /// The payment pays the server more than the best: store it.
+    Increase(CheckedPayment),
+    /// The payment is the best again (see [`PaymentCheck::Repeat`]).
+    Repeat,
+}
+
 /// The outcome of a successful [`Channel::check_payment`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[must_use]
@@ -109,6 +145,24 @@ impl Channel {
         witness.push_ecdsa_signature(&signature);
         payment.input[0].witness = witness;
         Ok(())
+    }
+
+    /// [`check_payment`](Self::check_payment), keeping a payment that pays more as a
+    /// [`CheckedPayment`] (what a store takes), without checking it twice.
+    ///
+    /// # Errors
+    ///
+    /// As [`check_payment`](Self::check_payment).
+    pub fn check_new_payment(
+        &self,
+        best: Option<&Transaction>,
+        payment: Transaction,
+        tip: ChainTip,
+    ) -> Result<NewPayment, PaymentError> {
+        Ok(match self.check_payment(best, &payment, tip)? {
+            PaymentCheck::Increase { .. } => NewPayment::Increase(CheckedPayment(payment)),
+            PaymentCheck::Repeat => NewPayment::Repeat,
+        })
     }
 
     /// Checks a client-signed payment (server side, seed step 9) against the channel and its

@@ -23,7 +23,7 @@ use bitcoin::{Amount, CompressedPublicKey, OutPoint, ScriptBuf, Transaction, Txi
 
 use super::{ChannelRecord, ChannelState, ChannelStore, Debit, StoreError, StorePayment};
 use crate::MilliSats;
-use crate::channel::{ChainTip, Channel, Terms};
+use crate::channel::{ChainTip, Channel, CheckedPayment, NewPayment, Terms};
 use crate::wire::ChannelId;
 
 const CLIENT: [u8; 32] = [0x51; 32];
@@ -72,6 +72,15 @@ impl Fixture {
         let mut tx = channel.build_payment(Amount::from_sat(sat)).expect("fixture payment");
         channel.sign_payment(&mut tx, &self.client).expect("client key");
         tx
+    }
+
+    /// A payment of `sat`, checked by the protocol core (what `pay` takes).
+    fn checked(&self, channel: &Channel, sat: u64) -> CheckedPayment {
+        let tip = ChainTip { height: 800_000, median_time_past: 1_700_000_000 };
+        match channel.check_new_payment(None, self.payment(channel, sat), tip) {
+            Ok(NewPayment::Increase(payment)) => payment,
+            other => panic!("fixture payment: {other:?}"),
+        }
     }
 
     fn record(&self, channel: Channel, sat: u64) -> ChannelRecord {
@@ -299,20 +308,24 @@ async fn pay_stores_then_debits<S: ChannelStore>(store: &S, fx: &Fixture) {
     let record = fx.record(channel.clone(), 1_000);
     let id = record.id();
     store.create(record).await.expect("create");
-    let better = fx.payment(&channel, 3_000);
+    let better = fx.checked(&channel, 3_000);
     assert_eq!(
         store.pay(id, better.clone(), msat(2_500)).await,
         Ok(Debit::Debited { balance: msat(500) }),
         "the debit sees the balance after the new payment"
     );
     assert_eq!(
-        store.pay(id, fx.payment(&channel, 2_000), msat(400)).await,
+        store.pay(id, fx.checked(&channel, 2_000), msat(400)).await,
         Ok(Debit::Debited { balance: msat(100) }),
         "a payment that does not pay more still debits"
     );
     let loaded = store.load(id).await.expect("load").expect("exists");
-    assert_eq!(loaded.best, Some(better), "the stale payment did not replace the best");
-    let slightly_better = fx.payment(&channel, 3_100);
+    assert_eq!(
+        loaded.best.as_ref(),
+        Some(better.transaction()),
+        "the stale payment did not replace the best"
+    );
+    let slightly_better = fx.checked(&channel, 3_100);
     assert_eq!(
         store.pay(id, slightly_better.clone(), msat(1_000)).await,
         Ok(Debit::Insufficient { balance: msat(200) }),
@@ -321,19 +334,19 @@ async fn pay_stores_then_debits<S: ChannelStore>(store: &S, fx: &Fixture) {
     let loaded = store.load(id).await.expect("load").expect("exists");
     assert_eq!(
         (loaded.best, loaded.spent),
-        (Some(slightly_better), msat(2_900)),
+        (Some(slightly_better.into_transaction()), msat(2_900)),
         "a refused debit keeps the better payment and spends nothing"
     );
     assert_eq!(store.transition(id, ChannelState::Open, ChannelState::Closing).await, Ok(true));
     assert_eq!(
-        store.pay(id, fx.payment(&channel, 4_000), msat(1)).await,
+        store.pay(id, fx.checked(&channel, 4_000), msat(1)).await,
         Ok(Debit::NotOpen { state: ChannelState::Closing }),
         "no payment and no debit once closing"
     );
     let loaded = store.load(id).await.expect("load").expect("exists");
     assert_eq!(loaded.paid_amount(), Amount::from_sat(3_100), "the best is frozen once closing");
     let unknown = ChannelId::new(fx.at_height(98, 900_000).outpoint());
-    let payment = fx.payment(&fx.at_height(98, 900_000), 1_000);
+    let payment = fx.checked(&fx.at_height(98, 900_000), 1_000);
     assert_eq!(store.pay(unknown, payment, msat(1)).await, Err(StoreError::NotFound));
 }
 
@@ -346,7 +359,7 @@ async fn racing_pays_are_exact<S: ChannelStore>(store: Arc<S>, fx: &Fixture) {
     let tasks: Vec<_> = (0..64u64)
         .map(|i| {
             let store = store.clone();
-            let payment = fx.payment(&channel, 1_000 + (i % 32 + 1) * 100);
+            let payment = fx.checked(&channel, 1_000 + (i % 32 + 1) * 100);
             tokio::spawn(async move { store.pay(id, payment, price).await })
         })
         .collect();

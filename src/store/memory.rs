@@ -8,6 +8,7 @@ use dashmap::mapref::entry::Entry;
 
 use super::{ChannelRecord, ChannelState, ChannelStore, Debit, StoreError, StorePayment};
 use crate::MilliSats;
+use crate::channel::CheckedPayment;
 use crate::wire::ChannelId;
 
 type Ready<T> = StdReady<Result<T, StoreError>>;
@@ -104,11 +105,11 @@ impl ChannelStore for MemoryStore {
     fn pay(
         &self,
         id: ChannelId,
-        payment: Transaction,
+        payment: CheckedPayment,
         amount: MilliSats,
     ) -> impl Future<Output = Result<Debit, StoreError>> + Send {
         self.update(id, move |record| {
-            let _stored_or_stale = store(record, payment);
+            let _stored_or_stale = store(record, payment.into_transaction());
             debit(record, amount)
         })
     }

@@ -30,7 +30,8 @@ use bitcoin::{Amount, Transaction};
 use serde::{Deserialize, Serialize};
 
 use crate::channel::{
-    ChainTip, Channel, CloseError, FundingAction, FundingPolicy, channel_key, server_amount,
+    ChainTip, Channel, CheckedPayment, CloseError, FundingAction, FundingPolicy, channel_key,
+    server_amount,
 };
 pub use crate::channel::{ChannelState, ParseChannelStateError};
 use crate::wire::{ChannelId, ChannelSnapshot};
@@ -306,8 +307,9 @@ pub trait ChannelStore: Send + Sync + 'static {
         amount: MilliSats,
     ) -> impl Future<Output = Result<Debit, StoreError>> + Send;
 
-    /// Stores `payment` as [`store_payment`](Self::store_payment) does (only if it pays more
-    /// and the channel is open), then debits `amount` as [`debit`](Self::debit) does, **in one
+    /// Stores `payment` — checked by the protocol core, see [`CheckedPayment`] — as
+    /// [`store_payment`](Self::store_payment) does (only if it pays more and the channel is
+    /// open), then debits `amount` as [`debit`](Self::debit) does, **in one
     /// atomic operation**: the layer's path for a request carrying a new payment, so a shared
     /// store answers it in one round trip. A payment that does not pay more is not an error:
     /// the debit is still attempted. A refused debit leaves a stored payment stored (it was
@@ -319,11 +321,11 @@ pub trait ChannelStore: Send + Sync + 'static {
     fn pay(
         &self,
         id: ChannelId,
-        payment: Transaction,
+        payment: CheckedPayment,
         amount: MilliSats,
     ) -> impl Future<Output = Result<Debit, StoreError>> + Send {
         async move {
-            let _stored_or_stale = self.store_payment(id, payment).await?;
+            let _stored_or_stale = self.store_payment(id, payment.into_transaction()).await?;
             self.debit(id, amount).await
         }
     }

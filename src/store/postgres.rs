@@ -9,6 +9,7 @@ use tokio_postgres::types::ToSql;
 use super::{ChannelRecord, ChannelState, ChannelStore, Debit, StoreError, StorePayment};
 use crate::MilliSats;
 use crate::channel::Channel;
+use crate::channel::CheckedPayment;
 use crate::wire::ChannelId;
 
 const MIGRATION: &str = "
@@ -231,11 +232,12 @@ impl ChannelStore for PostgresStore {
     async fn pay(
         &self,
         id: ChannelId,
-        payment: Transaction,
+        payment: CheckedPayment,
         amount: MilliSats,
     ) -> Result<Debit, StoreError> {
         let id = id.to_string();
-        let offered = to_i64(crate::channel::server_amount(&payment).to_sat())?;
+        let offered = to_i64(payment.server_amount().to_sat())?;
+        let payment = payment.into_transaction();
         let amount = to_i64(amount.to_msat())?;
         // One statement: the row is locked and read (`old`), then the better payment and
         // the debit are written together from that read. The balance the debit sees is the

@@ -8,6 +8,7 @@ use redis::{AsyncCommands, Script};
 use super::{ChannelRecord, ChannelState, ChannelStore, Debit, StoreError, StorePayment};
 use crate::MilliSats;
 use crate::channel::Channel;
+use crate::channel::CheckedPayment;
 use crate::wire::ChannelId;
 
 /// The default key prefix. Its `{…}` hash tag puts every key of a deployment in one Redis
@@ -259,10 +260,11 @@ impl ChannelStore for RedisStore {
     async fn pay(
         &self,
         id: ChannelId,
-        payment: Transaction,
+        payment: CheckedPayment,
         amount: MilliSats,
     ) -> Result<Debit, StoreError> {
-        let offered = crate::channel::server_amount(&payment);
+        let offered = payment.server_amount();
+        let payment = payment.into_transaction();
         let args = [serialize(&payment), arg(offered.to_sat()), arg(amount.to_msat())];
         debit_reply(self.invoke(PAY, &[self.channel_key(id)], &args).await?)
     }

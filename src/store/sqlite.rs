@@ -9,6 +9,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use super::{ChannelRecord, ChannelState, ChannelStore, Debit, StoreError, StorePayment};
 use crate::MilliSats;
 use crate::channel::Channel;
+use crate::channel::CheckedPayment;
 use crate::wire::ChannelId;
 
 const MIGRATIONS: &[&str] = &[
@@ -242,12 +243,12 @@ impl ChannelStore for SqliteStore {
     fn pay(
         &self,
         id: ChannelId,
-        payment: Transaction,
+        payment: CheckedPayment,
         amount: MilliSats,
     ) -> impl Future<Output = Result<Debit, StoreError>> + Send {
         self.run(move |tx| {
             let id = id.to_string();
-            let _stored_or_stale = store_payment(tx, &id, &payment)?;
+            let _stored_or_stale = store_payment(tx, &id, payment.transaction())?;
             debit(tx, &id, amount)
         })
     }
