@@ -12,15 +12,15 @@ use axum::Router;
 use axum::body::Body;
 use axum::routing::get;
 use bytes::Bytes;
-use common::{Setup, p2wpkh, secret};
+use common::{Setup, secret};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use paychan::bitcoin::{Amount, Network, Transaction, bip32::Xpriv};
 use paychan::chain::follow_tip;
 use paychan::chain::sim::SimulatedChain;
-use paychan::channel::{ChainTip, Terms};
+use paychan::channel::ChainTip;
 use paychan::client::{KeyWallet, Payer, PaymentLayer, SpendingPolicy};
-use paychan::server::{Negotiation, PaywallLayer, RoutePrices, Unlisted};
+use paychan::server::{PaywallLayer, RoutePrices, Unlisted};
 use paychan::store::{
     ChannelRecord, ChannelState, ChannelStore, Debit, MemoryStore, StoreError, StorePayment,
 };
@@ -223,14 +223,7 @@ fn payer(chain: &SimulatedChain) -> Payer {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_pays_and_retries_against_the_router_in_process() {
     let chain = SimulatedChain::new();
-    let master = Xpriv::new_master(Network::Regtest, &[0x5e; 32]).unwrap();
-    let negotiation = Negotiation::new(
-        Network::Regtest,
-        Terms::default(),
-        master,
-        p2wpkh(&secret(2)),
-        chain.clone(),
-    );
+    let negotiation = common::negotiation(&chain, 0x5e);
     let tip = follow_tip(chain.clone(), Duration::from_millis(50)).await.unwrap();
     let store = MemoryStore::new();
     let calls = Arc::new(AtomicUsize::new(0));
@@ -280,14 +273,7 @@ async fn the_client_pays_and_retries_against_the_router_in_process() {
 #[tokio::test]
 async fn the_terms_url_may_be_set_after_the_negotiation() {
     let chain = SimulatedChain::new();
-    let master = Xpriv::new_master(Network::Regtest, &[0x5e; 32]).unwrap();
-    let negotiation = Negotiation::new(
-        Network::Regtest,
-        Terms::default(),
-        master,
-        p2wpkh(&secret(2)),
-        chain.clone(),
-    );
+    let negotiation = common::negotiation(&chain, 0x5e);
     let (_tip, tip) = tokio::sync::watch::channel(chain.tip());
     let original = PaywallLayer::new(MemoryStore::new(), PRICE, tip).with_negotiation(negotiation);
     let layer = original.clone().with_terms_url("/terms.json");
@@ -316,14 +302,7 @@ async fn the_terms_url_may_be_set_after_the_negotiation() {
 #[tokio::test]
 async fn the_negotiation_router_can_be_mounted_on_its_own() {
     let chain = SimulatedChain::new();
-    let master = Xpriv::new_master(Network::Regtest, &[0x5e; 32]).unwrap();
-    let negotiation = Negotiation::new(
-        Network::Regtest,
-        Terms::default(),
-        master,
-        p2wpkh(&secret(2)),
-        chain.clone(),
-    );
+    let negotiation = common::negotiation(&chain, 0x5e);
     let (_tip, tip) = tokio::sync::watch::channel(chain.tip());
     let store = MemoryStore::new();
     let calls = Arc::new(AtomicUsize::new(0));

@@ -9,16 +9,14 @@ use std::time::Duration;
 use axum::Router;
 use axum::routing::get;
 use bitcoin::absolute::LockTime;
-use bitcoin::bip32::Xpriv;
 use bitcoin::consensus::encode::{deserialize_hex, serialize_hex};
-use bitcoin::{Amount, Network, Transaction, ecdsa};
+use bitcoin::{Amount, Transaction, ecdsa};
 use common::client::{funding_and_refund, params_from};
 use common::http::{Reply, call, serve};
 use common::{p2wpkh, public, secret};
 use paychan::MilliSats;
 use paychan::chain::TxStatus;
 use paychan::chain::sim::SimulatedChain;
-use paychan::channel::Terms;
 use paychan::server::{Negotiation, PaywallLayer};
 use paychan::store::MemoryStore;
 use paychan::wire::{self, ChannelId};
@@ -43,14 +41,7 @@ async fn server_with(
     let chain = SimulatedChain::new();
     let (_tip_tx, tip) = watch::channel(chain.tip());
     std::mem::forget(_tip_tx); // the tip stays fixed for these tests
-    let master = Xpriv::new_master(Network::Regtest, &[7; 32]).unwrap();
-    let negotiation = Negotiation::new(
-        Network::Regtest,
-        Terms::default(),
-        master,
-        p2wpkh(&secret(2)),
-        chain.clone(),
-    );
+    let negotiation = common::negotiation(&chain, 7);
     let negotiation = configure(negotiation);
     let app = Router::new()
         .route("/paid", get(|| async { "paid content" }))

@@ -719,14 +719,7 @@ async fn a_redirect_elsewhere_never_drives_a_payment() {
     let elsewhere = server().await; // answers 402 to a header it does not know
     let target = format!("{}/work", elsewhere.origin);
     let chain = SimulatedChain::new();
-    let master = Xpriv::new_master(Network::Regtest, &[0x5e; 32]).unwrap();
-    let negotiation = Negotiation::new(
-        Network::Regtest,
-        Terms::default(),
-        master,
-        p2wpkh(&secret(2)),
-        chain.clone(),
-    );
+    let negotiation = common::negotiation(&chain, 0x5e);
     let tip = follow_tip(chain.clone(), Duration::from_millis(50)).await.unwrap();
     let app = Router::new()
         .route("/work", get(|| async { "done" }))
@@ -769,14 +762,7 @@ async fn a_redirect_elsewhere_never_drives_a_payment() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_never_answers_stalls_the_client_no_longer_than_its_timeout() {
     let chain = SimulatedChain::new();
-    let master = Xpriv::new_master(Network::Regtest, &[0x5e; 32]).unwrap();
-    let negotiation = Negotiation::new(
-        Network::Regtest,
-        Terms::default(),
-        master,
-        p2wpkh(&secret(2)),
-        chain.clone(),
-    );
+    let negotiation = common::negotiation(&chain, 0x5e);
     let tip = follow_tip(chain.clone(), Duration::from_millis(50)).await.unwrap();
     let stall = |request: Request, next: Next| async move {
         if request.uri().path().ends_with("/open") {

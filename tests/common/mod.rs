@@ -24,6 +24,22 @@ pub fn public(secret: &SecretKey) -> CompressedPublicKey {
     CompressedPublicKey(secret.public_key(&Secp256k1::new()))
 }
 
+/// The negotiation of the tests' servers: regtest, the default terms, a master key from
+/// `seed`, paid to `p2wpkh(secret(2))`.
+pub fn negotiation(
+    chain: &SimulatedChain,
+    seed: u8,
+) -> paychan::server::Negotiation<SimulatedChain> {
+    let master = bitcoin::bip32::Xpriv::new_master(bitcoin::Network::Regtest, &[seed; 32]).unwrap();
+    paychan::server::Negotiation::new(
+        bitcoin::Network::Regtest,
+        Terms::default(),
+        master,
+        p2wpkh(&secret(2)),
+        chain.clone(),
+    )
+}
+
 pub fn p2wpkh(secret: &SecretKey) -> ScriptBuf {
     ScriptBuf::new_p2wpkh(&public(secret).wpubkey_hash())
 }
