@@ -856,3 +856,69 @@ async fn locked_value_and_funding_fees_count_against_the_policy() {
     server.chain.mine(1);
     payer.open(&http).await.expect("room again after a close");
 }
+
+/// More lies, each bounded by the policy: a 402 whose snapshot names another channel with a
+/// huge minimum (no top-up of our channel; a new channel at most, within `max_opens`), and a
+/// server that answers 402 to every payment (at most two top-ups per request, then the 402 is
+/// returned).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_snapshots_and_402_loops_stay_within_the_policy() {
+    // A snapshot of another channel, asking for everything.
+    let forged = Tamper {
+        path: "/work",
+        edit: Some(|problem| {
+            if let Some(channel) = problem.get_mut("channel") {
+                channel["channel"] =
+                    "4a5e1e4baab89f3a32518a88c31bc87f618f76673e2cc77ab2127b7afdeda33b:0".into();
+                channel["min_server_amount_sat"] = 49_000.into();
+                channel["suggested_server_amount_sat"] = 49_000.into();
+            }
+        }),
+    };
+    let price = MilliSats::from_msat(1_000_000); // a first payment never covers it
+    let server =
+        server_priced(price, Terms::default(), Amount::from_sat(1_000), Some(forged)).await;
+    let wallet = funded_wallet(&server.chain);
+    let payer = payer_with(
+        &server,
+        &wallet,
+        MemoryClientStore::new(),
+        policy().with_max_per_request(price),
+    );
+    let (mut client, _) = paying_client(&payer);
+    let result = get_work(&mut client, &server.origin).await;
+    assert!(matches!(result, Err(ClientError::Rejected { .. })), "{result:?}");
+    let paid = payer.channel().await.unwrap().map(|c| c.paid()).unwrap_or_default();
+    assert!(paid < Amount::from_sat(1_000), "no payment towards the forged minimum: {paid}");
+
+    // Every payment refused with a minimum one sat above what was paid: a 402 loop.
+    let greedy = Tamper {
+        path: "/work",
+        edit: Some(|problem| {
+            if let Some(channel) = problem.get_mut("channel") {
+                let paid = channel["paid_msat"].as_u64().unwrap_or(0) / 1_000;
+                channel["min_server_amount_sat"] = (paid + 1).into();
+                channel["suggested_server_amount_sat"] = (paid + 1).into();
+                problem["code"] = "insufficient-balance".into();
+            }
+        }),
+    };
+    let server =
+        server_priced(price, Terms::default(), Amount::from_sat(1_000), Some(greedy)).await;
+    let wallet = funded_wallet(&server.chain);
+    let payer = payer_with(
+        &server,
+        &wallet,
+        MemoryClientStore::new(),
+        policy().with_max_per_request(price),
+    );
+    let (mut client, refusals) = paying_client(&payer);
+    let result = get_work(&mut client, &server.origin).await;
+    assert!(
+        matches!(result, Ok((StatusCode::PAYMENT_REQUIRED, _)) | Err(ClientError::Rejected { .. })),
+        "the loop ends: {result:?}"
+    );
+    assert!(refusals.load(Ordering::SeqCst) <= 4, "at most four sends");
+    let committed = payer.committed().await.unwrap();
+    assert!(committed <= Amount::from_sat(294 + 2), "two one-sat top-ups at most: {committed}");
+}

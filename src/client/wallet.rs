@@ -107,6 +107,23 @@ impl KeyWallet {
         ScriptBuf::new_p2wpkh(&self.public.wpubkey_hash())
     }
 
+    /// The address of the wallet's coins on `network`: where to send it money.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use paychan::bitcoin::{Network, secp256k1::SecretKey};
+    /// use paychan::client::KeyWallet;
+    ///
+    /// let wallet = KeyWallet::new(SecretKey::from_slice(&[9; 32]).unwrap());
+    /// let address = wallet.address(Network::Regtest);
+    /// assert!(address.to_string().starts_with("bcrt1q"));
+    /// assert_eq!(address.script_pubkey(), wallet.script_pubkey());
+    /// ```
+    pub fn address(&self, network: bitcoin::Network) -> bitcoin::Address {
+        bitcoin::Address::p2wpkh(&self.public, network)
+    }
+
     /// Adds a coin; it must pay [`script_pubkey`](Self::script_pubkey).
     pub fn add_coin(&self, outpoint: OutPoint, output: TxOut) {
         self.coins().push((outpoint, output));
