@@ -820,6 +820,33 @@ async fn the_payer_refunds_expired_channels_by_itself() {
     assert_eq!(payer.channel().await.unwrap(), None, "the refunded channel is retired");
 }
 
+/// The same, with nobody asking: the payer's refund task finds the final refund by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_refund_task_brings_the_money_back_by_itself() {
+    let server = server().await;
+    let wallet = funded_wallet(&server.chain);
+    let payer =
+        builder(&server, &wallet).lifetime_blocks(150).chain(server.chain.clone()).build().unwrap();
+    let (mut client, _) = paying_client(&payer);
+    assert_eq!(get_work(&mut client, &server.origin).await.unwrap().0, StatusCode::OK);
+    let channel = payer.channel().await.unwrap().unwrap();
+    let task = tokio::spawn(payer.clone().refund_when_final(Duration::from_millis(10)));
+    let expiry = channel.channel.params().expiry.to_consensus_u32();
+    server.chain.mine(expiry - server.chain.tip().height);
+    let funding = channel.channel.outpoint();
+    let refunded = tokio::time::timeout(Duration::from_secs(60), async {
+        while server.chain.utxo(&funding).is_some() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    task.abort();
+    assert!(refunded.is_ok(), "the task broadcast the refund");
+    server.chain.mine(1);
+    let refund_txid = channel.refund.compute_txid();
+    assert!(matches!(server.chain.tx_status(&refund_txid), TxStatus::Confirmed { .. }));
+}
+
 /// Locked value and funding fees count: the fee of each funding is part of the budget
 /// (`funding_fees`), and a new channel that would lock more than `max_locked` in channels
 /// whose money is not back is refused, whoever asks for it.

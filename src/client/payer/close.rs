@@ -114,4 +114,23 @@ impl<S: ClientStore> Payer<S> {
         }
         Ok(refunded)
     }
+
+    /// Runs [`refund_expired`](Self::refund_expired) every `every`, forever: spawn it beside
+    /// the client (`tokio::spawn(payer.clone().refund_when_final(Duration::from_secs(600)))`)
+    /// and the money of a vanished server comes back without anyone asking. Failures are
+    /// logged and retried at the next round.
+    pub async fn refund_when_final(self, every: std::time::Duration) {
+        let mut interval = tokio::time::interval(every);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            match self.refund_expired().await {
+                Ok(refunds) if !refunds.is_empty() => {
+                    tracing::info!(?refunds, "refunds of expired channels broadcast");
+                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "refunding expired channels failed"),
+            }
+        }
+    }
 }
