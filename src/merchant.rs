@@ -44,11 +44,16 @@ use crate::store::{ChannelStore, MemoryStore};
 /// ```
 #[must_use]
 pub struct Merchant<St, C> {
+    config: Config<C>,
+    store: St,
+}
+
+/// A merchant's configuration, apart from its store.
+struct Config<C> {
     network: Network,
     master: Xpriv,
     payout_script: ScriptBuf,
     chain: C,
-    store: St,
     terms: Terms,
     funding: FundingPolicy,
     cpfp_key: Option<SecretKey>,
@@ -60,11 +65,11 @@ pub struct Merchant<St, C> {
 impl<St, C> fmt::Debug for Merchant<St, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Merchant")
-            .field("network", &self.network)
-            .field("payout_script", &self.payout_script)
-            .field("terms", &self.terms)
-            .field("funding", &self.funding)
-            .field("cpfp", &self.cpfp_key.is_some())
+            .field("network", &self.config.network)
+            .field("payout_script", &self.config.payout_script)
+            .field("terms", &self.config.terms)
+            .field("funding", &self.config.funding)
+            .field("cpfp", &self.config.cpfp_key.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -75,19 +80,19 @@ impl<C: ChainBackend + Clone + 'static> Merchant<MemoryStore, C> {
     /// memory ([`with_store`](Self::with_store) for a durable one), [`Terms::default`], the
     /// default [`FundingPolicy`], the tip read every 10 s, a settlement pass every 30 s.
     pub fn new(network: Network, master: Xpriv, payout_script: ScriptBuf, chain: C) -> Self {
-        Self {
+        let config = Config {
             network,
             master,
             payout_script,
             chain,
-            store: MemoryStore::new(),
             terms: Terms::default(),
             funding: FundingPolicy::default(),
             cpfp_key: None,
             prices: serde_json::Value::Null,
             tip_every: Duration::from_secs(10),
             settle_every: Duration::from_secs(30),
-        }
+        };
+        Self { config, store: MemoryStore::new() }
     }
 }
 
@@ -99,51 +104,39 @@ where
     /// Keeps the channels in `store` (a clone goes to the settlement task: stores are handles
     /// on shared state).
     pub fn with_store<S2: ChannelStore + Clone>(self, store: S2) -> Merchant<S2, C> {
-        Merchant {
-            network: self.network,
-            master: self.master,
-            payout_script: self.payout_script,
-            chain: self.chain,
-            store,
-            terms: self.terms,
-            funding: self.funding,
-            cpfp_key: self.cpfp_key,
-            prices: self.prices,
-            tip_every: self.tip_every,
-            settle_every: self.settle_every,
-        }
+        Merchant { config: self.config, store }
     }
 
     /// The channels the server agrees to (values, lifetimes, fee rates).
     pub fn with_terms(mut self, terms: Terms) -> Self {
-        self.terms = terms;
+        self.config.terms = terms;
         self
     }
 
     /// When a funded channel is served, given to the negotiation and the settlement task.
     pub fn with_funding_policy(mut self, policy: FundingPolicy) -> Self {
-        self.funding = policy;
+        self.config.funding = policy;
         self
     }
 
     /// The key of the payout script (P2WPKH): lets the settlement task bump a close that
     /// waits in the mempool (see [`Settlement::with_cpfp_key`]).
     pub fn with_cpfp_key(mut self, key: SecretKey) -> Self {
-        self.cpfp_key = Some(key);
+        self.config.cpfp_key = Some(key);
         self
     }
 
     /// Publishes `prices` in the terms document (for example
     /// [`RoutePrices::describe`](crate::server::RoutePrices::describe)).
     pub fn with_prices(mut self, prices: serde_json::Value) -> Self {
-        self.prices = prices;
+        self.config.prices = prices;
         self
     }
 
     /// How often the chain tip is read, and how often the settlement task runs a pass.
     pub fn with_intervals(mut self, tip: Duration, settlement: Duration) -> Self {
-        self.tip_every = tip;
-        self.settle_every = settlement;
+        self.config.tip_every = tip;
+        self.config.settle_every = settlement;
         self
     }
 
@@ -155,25 +148,25 @@ where
     ///
     /// If the chain backend cannot tell its tip.
     pub async fn start<P: Clone>(self, pricing: P) -> Result<Started<St, P>, ChainError> {
-        let tip = follow_tip(self.chain.clone(), self.tip_every).await?;
+        let Self { config, store } = self;
+        let tip = follow_tip(config.chain.clone(), config.tip_every).await?;
         let negotiation = Negotiation::new(
-            self.network,
-            self.terms,
-            self.master,
-            self.payout_script,
-            self.chain.clone(),
+            config.network,
+            config.terms,
+            config.master,
+            config.payout_script,
+            config.chain.clone(),
         )
-        .with_funding_policy(self.funding)
-        .with_prices(self.prices);
-        let layer =
-            PaywallLayer::new(self.store.clone(), pricing, tip).with_negotiation(negotiation);
+        .with_funding_policy(config.funding)
+        .with_prices(config.prices);
+        let layer = PaywallLayer::new(store.clone(), pricing, tip).with_negotiation(negotiation);
         let mut settlement =
-            Settlement::new(self.store, self.chain, self.master).with_funding_policy(self.funding);
-        if let Some(key) = self.cpfp_key {
+            Settlement::new(store, config.chain, config.master).with_funding_policy(config.funding);
+        if let Some(key) = config.cpfp_key {
             settlement = settlement.with_cpfp_key(key);
         }
         let metrics = settlement.metrics();
-        let task = tokio::spawn(settlement.run(self.settle_every));
+        let task = tokio::spawn(settlement.run(config.settle_every));
         Ok(Started { layer, metrics, task })
     }
 }

@@ -197,6 +197,17 @@ async fn first_request_to_a_liar(
     result
 }
 
+/// A server whose every request costs more than a first payment prepays, lying as `lie`
+/// says, and a payer for it (funded, accepting that price): the server, the wallet, the payer.
+async fn greedy_liar(lie: Tamper) -> (Server, Wallet, Payer) {
+    let price = MilliSats::from_msat(1_000_000);
+    let server = server_priced(price, Terms::default(), Amount::from_sat(1_000), Some(lie)).await;
+    let wallet = funded_wallet(&server.chain);
+    let policy = policy().with_max_per_request(price);
+    let payer = payer_with(&server, &wallet, MemoryClientStore::new(), policy);
+    (server, wallet, payer)
+}
+
 /// The server's view of a channel.
 async fn server_channel(server: &Server, id: &str) -> Value {
     let http: Http = http_client();
@@ -689,11 +700,7 @@ async fn a_server_that_forgets_every_channel_gets_max_opens_channels() {
             problem.as_object_mut().unwrap().remove("channel");
         }),
     };
-    let price = MilliSats::from_msat(1_000_000); // more than a first payment prepays
-    let server = server_priced(price, Terms::default(), Amount::from_sat(1_000), Some(lie)).await;
-    let wallet = funded_wallet(&server.chain);
-    let policy = SpendingPolicy::default().with_max_per_request(price);
-    let payer = payer_with(&server, &wallet, MemoryClientStore::new(), policy);
+    let (server, wallet, payer) = greedy_liar(lie).await;
     let (mut client, _) = paying_client(&payer);
     for n in 1..=3 {
         server.chain.mine(1); // the wallet's change confirms: each funding is served at once
@@ -902,16 +909,7 @@ async fn forged_snapshots_and_402_loops_stay_within_the_policy() {
             }
         }),
     };
-    let price = MilliSats::from_msat(1_000_000); // a first payment never covers it
-    let server =
-        server_priced(price, Terms::default(), Amount::from_sat(1_000), Some(forged)).await;
-    let wallet = funded_wallet(&server.chain);
-    let payer = payer_with(
-        &server,
-        &wallet,
-        MemoryClientStore::new(),
-        policy().with_max_per_request(price),
-    );
+    let (server, _wallet, payer) = greedy_liar(forged).await;
     let (mut client, _) = paying_client(&payer);
     let result = get_work(&mut client, &server.origin).await;
     assert!(matches!(result, Err(ClientError::Rejected { .. })), "{result:?}");
@@ -930,15 +928,7 @@ async fn forged_snapshots_and_402_loops_stay_within_the_policy() {
             }
         }),
     };
-    let server =
-        server_priced(price, Terms::default(), Amount::from_sat(1_000), Some(greedy)).await;
-    let wallet = funded_wallet(&server.chain);
-    let payer = payer_with(
-        &server,
-        &wallet,
-        MemoryClientStore::new(),
-        policy().with_max_per_request(price),
-    );
+    let (server, _wallet, payer) = greedy_liar(greedy).await;
     let (mut client, refusals) = paying_client(&payer);
     let result = get_work(&mut client, &server.origin).await;
     assert!(

@@ -40,6 +40,14 @@ pub fn server_amount(payment: &Transaction) -> Amount {
 pub struct CheckedPayment(Transaction);
 
 impl CheckedPayment {
+    /// `payment`, which [`Channel::check_payment`] found to be an increase (for callers that
+    /// checked it by reference and keep it for other uses).
+    pub(crate) fn checked(payment: Transaction) -> Self {
+        Self(payment)
+    }
+}
+
+impl CheckedPayment {
     /// The payment.
     pub fn transaction(&self) -> &Transaction {
         &self.0

@@ -173,11 +173,11 @@ impl<S, St, P> Layer<S> for PaywallLayer<St, P> {
 }
 
 impl<St, P> PaywallLayer<St, P> {
-    /// The negotiation prefix and router, built on first use.
-    pub(super) fn endpoints(&self) -> Option<(String, axum::Router)> {
+    /// The negotiation endpoints, their router built now (once) from the final configuration.
+    pub(super) fn endpoints(&self) -> Option<Arc<Endpoints<St>>> {
         let endpoints = self.negotiation.as_ref()?;
-        let (prefix, router) = endpoints.get(&self.meter);
-        Some((prefix.to_owned(), router.clone()))
+        let _built = endpoints.get(&self.meter);
+        Some(Arc::clone(endpoints))
     }
 }
 

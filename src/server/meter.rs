@@ -9,7 +9,7 @@ use tower::Service;
 use super::rejection::{Rejection, RejectionKind};
 use super::{ActualCost, Paid};
 use crate::MilliSats;
-use crate::channel::{ChainTip, NewPayment, PaymentError};
+use crate::channel::{ChainTip, CheckedPayment, PaymentCheck, PaymentError};
 use crate::store::{ChannelRecord, ChannelState, ChannelStore, Debit, StoreError};
 use crate::wire::{self, ChannelId, PAYMENT_CHANNEL, PAYMENT_CHANNEL_BALANCE};
 
@@ -141,31 +141,31 @@ impl<St: ChannelStore, P> Meter<St, P> {
         }
         let tip = *self.tip.borrow();
         let is_best = record.best.as_ref() == Some(&payment);
-        let cache =
-            match record.channel.check_new_payment(record.best.as_ref(), payment.clone(), tip) {
-                // Stale means a concurrent request stored an even better payment: fine.
-                // Stored and debited in one store operation.
-                // Cached only once the store holds it (or a better one): a header whose payment
-                // was not stored must come through this check again, or it would never be.
-                Ok(NewPayment::Increase(payment)) => {
-                    let debit = self.store.pay(id, payment, price).await;
-                    if matches!(debit, Ok(Debit::Debited { .. } | Debit::Insufficient { .. })) {
-                        self.remember(id, header);
-                    }
-                    return self.debited(id, price, debit, Some(record)).await;
+        let cache = match record.channel.check_payment(record.best.as_ref(), &payment, tip) {
+            // Stale means a concurrent request stored an even better payment: fine.
+            // Stored and debited in one store operation.
+            // Cached only once the store holds it (or a better one): a header whose payment
+            // was not stored must come through this check again, or it would never be.
+            Ok(PaymentCheck::Increase { .. }) => {
+                let payment = CheckedPayment::checked(payment);
+                let debit = self.store.pay(id, payment, price).await;
+                if matches!(debit, Ok(Debit::Debited { .. } | Debit::Insufficient { .. })) {
+                    self.remember(id, header);
                 }
-                // The best payment itself is cached; a re-signed copy of it is not.
-                Ok(NewPayment::Repeat) => is_best,
-                // An older payment of this channel (it raced a top-up): identification only.
-                Err(PaymentError::NotAnIncrease { .. }) => {
-                    record
-                        .channel
-                        .verify_client_signature(&payment)
-                        .map_err(|e| reject(RejectionKind::Payment(e), Some(&record)))?;
-                    false
-                }
-                Err(e) => return Err(reject(RejectionKind::Payment(e), Some(&record))),
-            };
+                return self.debited(id, price, debit, Some(record)).await;
+            }
+            // The best payment itself is cached; a re-signed copy of it is not.
+            Ok(PaymentCheck::Repeat) => is_best,
+            // An older payment of this channel (it raced a top-up): identification only.
+            Err(PaymentError::NotAnIncrease { .. }) => {
+                record
+                    .channel
+                    .verify_client_signature(&payment)
+                    .map_err(|e| reject(RejectionKind::Payment(e), Some(&record)))?;
+                false
+            }
+            Err(e) => return Err(reject(RejectionKind::Payment(e), Some(&record))),
+        };
         if cache {
             self.remember(id, header);
         }

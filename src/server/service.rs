@@ -9,6 +9,7 @@ use http_body_util::BodyExt;
 use tower::{Service, ServiceExt};
 
 use super::future::ResponseFuture;
+use super::layer::Endpoints;
 use super::meter::Meter;
 use super::rejection::{Rejection, RejectionKind};
 use super::{PaywallLayer, Pricing};
@@ -19,7 +20,7 @@ use crate::store::ChannelStore;
 pub struct Paywall<S, St, P> {
     inner: S,
     meter: Arc<Meter<St, P>>,
-    negotiation: Option<(String, axum::Router)>,
+    negotiation: Option<Arc<Endpoints<St>>>,
 }
 
 impl<S, St, P> Paywall<S, St, P> {
@@ -80,7 +81,8 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        if let Some((prefix, router)) = &self.negotiation
+        if let Some(endpoints) = &self.negotiation
+            && let (prefix, router) = endpoints.get(&self.meter)
             && is_negotiation(request.uri().path(), prefix, &self.meter.terms_url)
         {
             let router = router.clone();
