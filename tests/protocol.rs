@@ -12,7 +12,8 @@ use common::{CHANNEL_VALUE, LIFETIME_BLOCKS, Setup, p2wpkh, public, secret};
 use paychan::chain::{RejectReason, TxStatus};
 use paychan::channel::sig::SignatureError;
 use paychan::channel::{
-    CloseError, FundingError, OpenError, PaymentCheck, PaymentError, RefundError, SignError, Terms,
+    CloseError, FeeOutOfBounds, FundingError, OpenError, PaymentCheck, PaymentError, RefundError,
+    SignError, Terms,
 };
 
 #[test]
@@ -252,7 +253,10 @@ fn refund_checks_each_rule() {
             Box::new(|t| t.output[0].value = Amount::from_sat(293)),
         ),
         (
-            RefundError::FeeTooLow { fee: Amount::ONE_SAT, required: s.params.refund_fee() },
+            RefundError::Fee(FeeOutOfBounds::TooLow {
+                fee: Amount::ONE_SAT,
+                required: s.params.refund_fee(),
+            }),
             Box::new(|t| t.output[0].value = CHANNEL_VALUE - Amount::ONE_SAT),
         ),
     ];
@@ -264,7 +268,7 @@ fn refund_checks_each_rule() {
     assert!(mutated_refund(&s, |t| t.output[0].value = CHANNEL_VALUE - min).is_ok());
     assert!(matches!(
         mutated_refund(&s, |t| t.output[0].value = CHANNEL_VALUE - min + Amount::ONE_SAT),
-        Err(RefundError::FeeTooLow { .. })
+        Err(RefundError::Fee(FeeOutOfBounds::TooLow { .. }))
     ));
 }
 
@@ -289,7 +293,10 @@ fn refund_checks_funding_value_fee_cap_and_current_lifetime() {
     terms.max_fee_rate = FeeRate::from_sat_per_vb_u32(10);
     let s = Setup::with(1, 2, terms, None);
     let refund = s.params.build_refund(s.outpoint, Amount::from_sat(5_000));
-    assert!(matches!(check_refund(&s, &refund), Err(RefundError::FeeTooHigh { .. })));
+    assert!(matches!(
+        check_refund(&s, &refund),
+        Err(RefundError::Fee(FeeOutOfBounds::TooHigh { .. }))
+    ));
     let refund = s.params.build_refund(s.outpoint, s.params.refund_fee());
     assert!(check_refund(&s, &refund).is_ok());
 
@@ -374,7 +381,10 @@ fn funding_checks_each_rule() {
     assert_eq!(check(terms, op, tx, &poor), Err(FundingError::ValueCreation));
     let mut greedy = Terms::default();
     greedy.funding_min_fee_rate = FeeRate::from_sat_per_vb_u32(100);
-    assert!(matches!(check(&greedy, op, tx, prev), Err(FundingError::FeeTooLow { .. })));
+    assert!(matches!(
+        check(&greedy, op, tx, prev),
+        Err(FundingError::Fee(FeeOutOfBounds::TooLow { .. }))
+    ));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -494,7 +504,10 @@ fn payment_checks_dust_and_fees() {
     // Fee one sat below the floor.
     assert_eq!(
         mutated(&s, |t| t.output[1].value += Amount::ONE_SAT),
-        Err(PaymentError::FeeTooLow { fee: fee - Amount::ONE_SAT, required: fee })
+        Err(PaymentError::Fee(FeeOutOfBounds::TooLow {
+            fee: fee - Amount::ONE_SAT,
+            required: fee
+        }))
     );
     // Fee above the cap.
     let mut terms = Terms::default();
@@ -505,7 +518,7 @@ fn payment_checks_dust_and_fees() {
         tx.output[1].value -= Amount::from_sat(5_000);
         capped.channel.check_payment(None, &capped.resign(tx), capped.tip())
     };
-    assert!(matches!(result, Err(PaymentError::FeeTooHigh { .. })), "{result:?}");
+    assert!(matches!(result, Err(PaymentError::Fee(FeeOutOfBounds::TooHigh { .. }))), "{result:?}");
 }
 
 #[test]
@@ -734,7 +747,7 @@ fn a_refund_above_the_minimum_fee_is_refused() {
     let refund = s.params.build_refund(s.outpoint, fee + Amount::ONE_SAT);
     assert_eq!(
         check_refund(&s, &refund),
-        Err(RefundError::FeeTooHigh { fee: fee + Amount::ONE_SAT, max: fee })
+        Err(RefundError::Fee(FeeOutOfBounds::TooHigh { fee: fee + Amount::ONE_SAT, max: fee }))
     );
     let close = s.channel.build_payment(Amount::from_sat(1_000)).unwrap();
     let close_fee = CHANNEL_VALUE - close.output.iter().map(|o| o.value).sum::<Amount>();

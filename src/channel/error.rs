@@ -31,17 +31,51 @@ impl fmt::Display for ExpiryOutOfBounds {
 }
 
 macro_rules! error_codes {
-    ($ty:ident { $($variant:ident $( { $($field:ident),* } )? $( ( $($tuple:tt),* ) )? => $code:literal,)* }) => {
+    ($ty:ident { $($pat:pat => $code:literal,)* }) => {
         impl $ty {
             /// The stable, machine-readable name of the failed check.
             pub fn code(&self) -> &'static str {
                 match self {
-                    $(Self::$variant $( { $($field: _),* } )? $( ( $($tuple),* ) )? => $code,)*
+                    $($pat => $code,)*
                 }
             }
         }
     };
 }
+
+/// A fee outside the agreed bounds at the transaction's size (co-signed size for the refund
+/// and the payment, signed size for the funding).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FeeOutOfBounds {
+    /// The fee is below the agreed minimum.
+    TooLow {
+        /// The transaction's fee.
+        fee: Amount,
+        /// The minimum fee.
+        required: Amount,
+    },
+    /// The fee is above the agreed maximum.
+    TooHigh {
+        /// The transaction's fee.
+        fee: Amount,
+        /// The maximum fee.
+        max: Amount,
+    },
+}
+
+impl fmt::Display for FeeOutOfBounds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::TooLow { fee, required } => {
+                write!(f, "fee {fee} is below the minimum {required}")
+            }
+            Self::TooHigh { fee, max } => write!(f, "fee {fee} is above the maximum {max}"),
+        }
+    }
+}
+
+impl std::error::Error for FeeOutOfBounds {}
 
 /// Why the server refused to open a channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,11 +101,11 @@ pub enum OpenError {
 }
 
 error_codes!(OpenError {
-    SameKeys => "same-keys",
-    ValueOutOfBounds { value, min, max } => "value-out-of-bounds",
-    Expiry(_e) => "expiry-out-of-bounds",
-    NonStandardClientScript => "non-standard-client-script",
-    NonStandardServerScript => "non-standard-server-script",
+    Self::SameKeys => "same-keys",
+    Self::ValueOutOfBounds { .. } => "value-out-of-bounds",
+    Self::Expiry(_) => "expiry-out-of-bounds",
+    Self::NonStandardClientScript => "non-standard-client-script",
+    Self::NonStandardServerScript => "non-standard-server-script",
 });
 
 impl fmt::Display for OpenError {
@@ -150,40 +184,28 @@ pub enum RefundError {
         /// Dust threshold of its script.
         threshold: Amount,
     },
-    /// The refund's fee is below the agreed minimum at its co-signed size.
-    FeeTooLow {
-        /// The refund's fee.
-        fee: Amount,
-        /// The minimum fee.
-        required: Amount,
-    },
-    /// The refund's fee is above the agreed maximum at its co-signed size.
-    FeeTooHigh {
-        /// The refund's fee.
-        fee: Amount,
-        /// The maximum fee.
-        max: Amount,
-    },
+    /// The refund's fee is outside the agreed bounds at its co-signed size.
+    Fee(FeeOutOfBounds),
     /// The refund input carries a scriptSig (a witness spend must have none).
     ScriptSig,
 }
 
 error_codes!(RefundError {
-    InputCount { found } => "refund-input-count",
-    WrongFundingTxid { expected, found } => "refund-wrong-funding-txid",
-    WrongFundingScript { outpoint } => "refund-wrong-funding-script",
-    WrongFundingValue { expected, found } => "refund-wrong-funding-value",
-    Version { found } => "refund-version",
-    OutputCount { found } => "refund-output-count",
-    WrongOutputScript => "refund-wrong-output-script",
-    FinalSequence => "refund-final-sequence",
-    WrongLockTime { expected, found } => "refund-wrong-lock-time",
-    Expiry(_e) => "refund-expiry-out-of-bounds",
-    ValueCreation => "refund-value-creation",
-    DustOutput { value, threshold } => "refund-dust-output",
-    FeeTooLow { fee, required } => "refund-fee-too-low",
-    FeeTooHigh { fee, max } => "refund-fee-too-high",
-    ScriptSig => "refund-script-sig",
+    Self::InputCount { .. } => "refund-input-count",
+    Self::WrongFundingTxid { .. } => "refund-wrong-funding-txid",
+    Self::WrongFundingScript { .. } => "refund-wrong-funding-script",
+    Self::WrongFundingValue { .. } => "refund-wrong-funding-value",
+    Self::Version { .. } => "refund-version",
+    Self::OutputCount { .. } => "refund-output-count",
+    Self::WrongOutputScript => "refund-wrong-output-script",
+    Self::FinalSequence => "refund-final-sequence",
+    Self::WrongLockTime { .. } => "refund-wrong-lock-time",
+    Self::Expiry(_) => "refund-expiry-out-of-bounds",
+    Self::ValueCreation => "refund-value-creation",
+    Self::DustOutput { .. } => "refund-dust-output",
+    Self::Fee(FeeOutOfBounds::TooLow { .. }) => "refund-fee-too-low",
+    Self::Fee(FeeOutOfBounds::TooHigh { .. }) => "refund-fee-too-high",
+    Self::ScriptSig => "refund-script-sig",
 });
 
 impl fmt::Display for RefundError {
@@ -211,12 +233,7 @@ impl fmt::Display for RefundError {
             Self::DustOutput { value, threshold } => {
                 write!(f, "refund output {value} is below the dust threshold {threshold}")
             }
-            Self::FeeTooLow { fee, required } => {
-                write!(f, "refund fee {fee} is below the minimum {required}")
-            }
-            Self::FeeTooHigh { fee, max } => {
-                write!(f, "refund fee {fee} is above the maximum {max}")
-            }
+            Self::Fee(e) => write!(f, "refund {e}"),
             Self::ScriptSig => {
                 f.write_str("refund input has a scriptSig: a witness spend must have none")
             }
@@ -270,24 +287,20 @@ pub enum FundingError {
     },
     /// The outputs are worth more than the spent outputs.
     ValueCreation,
-    /// The fee rate is below the server's floor.
-    FeeTooLow {
-        /// The fee.
-        fee: Amount,
-        /// The minimum fee at the transaction's size.
-        required: Amount,
-    },
+    /// The fee is below the server's floor at the transaction's size.
+    Fee(FeeOutOfBounds),
 }
 
 error_codes!(FundingError {
-    TxidMismatch { expected, found } => "funding-txid-mismatch",
-    WrongOutputScript => "funding-wrong-output-script",
-    WrongValue { expected, found } => "funding-wrong-value",
-    ValueOutOfBounds { value, min, max } => "funding-value-out-of-bounds",
-    Unsigned { input } => "funding-unsigned",
-    PrevoutCount { inputs, prevouts } => "funding-prevout-count",
-    ValueCreation => "funding-value-creation",
-    FeeTooLow { fee, required } => "funding-fee-too-low",
+    Self::TxidMismatch { .. } => "funding-txid-mismatch",
+    Self::WrongOutputScript => "funding-wrong-output-script",
+    Self::WrongValue { .. } => "funding-wrong-value",
+    Self::ValueOutOfBounds { .. } => "funding-value-out-of-bounds",
+    Self::Unsigned { .. } => "funding-unsigned",
+    Self::PrevoutCount { .. } => "funding-prevout-count",
+    Self::ValueCreation => "funding-value-creation",
+    Self::Fee(FeeOutOfBounds::TooLow { .. }) => "funding-fee-too-low",
+    Self::Fee(FeeOutOfBounds::TooHigh { .. }) => "funding-fee-too-high",
 });
 
 impl fmt::Display for FundingError {
@@ -310,9 +323,7 @@ impl fmt::Display for FundingError {
                 write!(f, "{prevouts} spent outputs supplied for {inputs} inputs")
             }
             Self::ValueCreation => f.write_str("funding outputs exceed its inputs"),
-            Self::FeeTooLow { fee, required } => {
-                write!(f, "funding fee {fee} is below the minimum {required}")
-            }
+            Self::Fee(e) => write!(f, "funding {e}"),
         }
     }
 }
@@ -378,20 +389,8 @@ pub enum PaymentError {
         /// What the change would have been at the minimum fee.
         would_be: Amount,
     },
-    /// The fee is below the agreed minimum at the co-signed size.
-    FeeTooLow {
-        /// The fee.
-        fee: Amount,
-        /// The minimum fee.
-        required: Amount,
-    },
-    /// The fee is above the agreed maximum at the co-signed size.
-    FeeTooHigh {
-        /// The fee.
-        fee: Amount,
-        /// The maximum fee.
-        max: Amount,
-    },
+    /// The fee is outside the agreed bounds at the co-signed size.
+    Fee(FeeOutOfBounds),
     /// The payment does not pay the server more than the best payment so far.
     NotAnIncrease {
         /// The server amount of the best payment so far.
@@ -418,25 +417,25 @@ pub enum PaymentError {
 }
 
 error_codes!(PaymentError {
-    InputCount { found } => "payment-input-count",
-    WrongOutpoint { found } => "payment-wrong-outpoint",
-    Version { found } => "payment-version",
-    Sequence { found } => "payment-sequence",
-    LockTime { found } => "payment-lock-time",
-    OutputCount { found } => "payment-output-count",
-    WrongServerScript => "payment-wrong-server-script",
-    WrongChangeScript => "payment-wrong-change-script",
-    ValueCreation => "payment-value-creation",
-    ServerOutputDust { value, threshold } => "payment-server-output-dust",
-    ChangeDust { value, threshold } => "payment-change-dust",
-    ChangeOmitted { would_be } => "payment-change-omitted",
-    FeeTooLow { fee, required } => "payment-fee-too-low",
-    FeeTooHigh { fee, max } => "payment-fee-too-high",
-    NotAnIncrease { best, found } => "payment-not-an-increase",
-    WitnessShape { items } => "payment-witness-shape",
-    Signature(_e) => "payment-signature",
-    Closing { expiry } => "payment-channel-closing",
-    ScriptSig => "payment-script-sig",
+    Self::InputCount { .. } => "payment-input-count",
+    Self::WrongOutpoint { .. } => "payment-wrong-outpoint",
+    Self::Version { .. } => "payment-version",
+    Self::Sequence { .. } => "payment-sequence",
+    Self::LockTime { .. } => "payment-lock-time",
+    Self::OutputCount { .. } => "payment-output-count",
+    Self::WrongServerScript => "payment-wrong-server-script",
+    Self::WrongChangeScript => "payment-wrong-change-script",
+    Self::ValueCreation => "payment-value-creation",
+    Self::ServerOutputDust { .. } => "payment-server-output-dust",
+    Self::ChangeDust { .. } => "payment-change-dust",
+    Self::ChangeOmitted { .. } => "payment-change-omitted",
+    Self::Fee(FeeOutOfBounds::TooLow { .. }) => "payment-fee-too-low",
+    Self::Fee(FeeOutOfBounds::TooHigh { .. }) => "payment-fee-too-high",
+    Self::NotAnIncrease { .. } => "payment-not-an-increase",
+    Self::WitnessShape { .. } => "payment-witness-shape",
+    Self::Signature(_) => "payment-signature",
+    Self::Closing { .. } => "payment-channel-closing",
+    Self::ScriptSig => "payment-script-sig",
 });
 
 impl fmt::Display for PaymentError {
@@ -462,12 +461,7 @@ impl fmt::Display for PaymentError {
             Self::ChangeOmitted { would_be } => {
                 write!(f, "change of {would_be} is not dust and may not be omitted")
             }
-            Self::FeeTooLow { fee, required } => {
-                write!(f, "payment fee {fee} is below the minimum {required}")
-            }
-            Self::FeeTooHigh { fee, max } => {
-                write!(f, "payment fee {fee} is above the maximum {max}")
-            }
+            Self::Fee(e) => write!(f, "payment {e}"),
             Self::NotAnIncrease { best, found } => {
                 write!(f, "payment of {found} to the server does not exceed the best {best}")
             }

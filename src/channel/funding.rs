@@ -1,6 +1,6 @@
 use bitcoin::{Amount, OutPoint, ScriptBuf, Sequence, Transaction, TxIn, TxOut, Witness};
 
-use super::error::FundingError;
+use super::error::{FeeOutOfBounds, FundingError};
 use super::params::{TX_VERSION, fee_at};
 use super::{ChannelParams, Terms};
 
@@ -89,7 +89,7 @@ impl ChannelParams {
         let fee = total_in.checked_sub(total_out).ok_or(FundingError::ValueCreation)?;
         let required = fee_at(terms.funding_min_fee_rate, funding.weight());
         if fee < required {
-            return Err(FundingError::FeeTooLow { fee, required });
+            return Err(FundingError::Fee(FeeOutOfBounds::TooLow { fee, required }));
         }
         Ok(())
     }

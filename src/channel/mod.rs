@@ -71,7 +71,8 @@ pub mod sig;
 mod tip;
 
 pub use error::{
-    CloseError, ExpiryOutOfBounds, FundingError, OpenError, PaymentError, RefundError, SignError,
+    CloseError, ExpiryOutOfBounds, FeeOutOfBounds, FundingError, OpenError, PaymentError,
+    RefundError, SignError,
 };
 pub use lifecycle::{
     ChannelState, FundingAction, FundingPolicy, ParseChannelStateError, bump_is_due,

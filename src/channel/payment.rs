@@ -2,7 +2,7 @@ use bitcoin::absolute::LockTime;
 use bitcoin::secp256k1::SecretKey;
 use bitcoin::{Amount, ScriptBuf, Sequence, Transaction, TxIn, TxOut, Witness};
 
-use super::error::{CloseError, PaymentError, SignError};
+use super::error::{CloseError, FeeOutOfBounds, PaymentError, SignError};
 use super::params::{TX_VERSION, fee_at, funding_spend_weight};
 use super::sig;
 use super::{ChainTip, Channel};
@@ -254,12 +254,12 @@ impl Channel {
         let weight = funding_spend_weight(&scripts);
         let required = fee_at(params.min_fee_rate, weight);
         if fee < required {
-            return Err(PaymentError::FeeTooLow { fee, required });
+            return Err(PaymentError::Fee(FeeOutOfBounds::TooLow { fee, required }));
         }
         if change.is_some() {
             let max = fee_at(params.max_fee_rate, weight);
             if fee > max {
-                return Err(PaymentError::FeeTooHigh { fee, max });
+                return Err(PaymentError::Fee(FeeOutOfBounds::TooHigh { fee, max }));
             }
         } else {
             let would_be = params

@@ -1,7 +1,7 @@
 use bitcoin::secp256k1::SecretKey;
 use bitcoin::{Amount, OutPoint, ScriptBuf, Sequence, Transaction, TxIn, TxOut, Witness, ecdsa};
 
-use super::error::{RefundError, SignError};
+use super::error::{FeeOutOfBounds, RefundError, SignError};
 use super::params::{TX_VERSION, fee_at, funding_spend_weight};
 use super::sig::{self, SignatureError};
 use super::{ChainTip, ChannelParams, Terms};
@@ -134,13 +134,13 @@ impl ChannelParams {
         let weight = funding_spend_weight(&[self.client_script.len()]);
         let required = fee_at(self.min_fee_rate, weight);
         if fee < required {
-            return Err(RefundError::FeeTooLow { fee, required });
+            return Err(RefundError::Fee(FeeOutOfBounds::TooLow { fee, required }));
         }
         // The refund pays exactly the minimum rate: a close (at the minimum rate or more, and
         // larger) always outbids it, so a refund broadcast at the expiry cannot replace a
         // pending close. The client can bump its refund by CPFP from its own output.
         if fee > required {
-            return Err(RefundError::FeeTooHigh { fee, max: required });
+            return Err(RefundError::Fee(FeeOutOfBounds::TooHigh { fee, max: required }));
         }
         Ok(CheckedRefund { params: self, refund })
     }
