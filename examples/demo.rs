@@ -169,7 +169,7 @@ pub(crate) async fn run(verbose: bool) -> Result<Summary, Error> {
     }
 
     say("closing the channel cooperatively".into());
-    let closed = payer.close(&ServiceTransport::<_, Full<Bytes>>::new(wire)).await?;
+    let closed = payer.close_via(&ServiceTransport::<_, Full<Bytes>>::new(wire)).await?;
     chain.mine(1);
     let TxStatus::Confirmed { confirmations, .. } = chain.tx_status(&closed.txid) else {
         return Err("the settlement did not confirm".into());

@@ -12,7 +12,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use bitcoin::consensus::encode::deserialize_hex;
 use bitcoin::{Amount, FeeRate, OutPoint, Transaction, Txid};
-use common::{core_error, public, secret, spend};
+use common::{core_error, p2wpkh, public, secret, spend};
 use paychan::chain::esplora::Esplora;
 use paychan::chain::sim::SimulatedChain;
 use paychan::chain::{ChainBackend, ChainError, RejectReason, TxStatus};
@@ -70,8 +70,36 @@ async fn outspend(
     Json(json!({ "spent": chain.utxo(&OutPoint { txid, vout }).is_none() })).into_response()
 }
 
+/// `GET /scripthash/:hash/utxo`: the hash is SHA-256 of the script in byte order.
+async fn script_utxos(State(chain): State<SimulatedChain>, Path(hash): Path<String>) -> Response {
+    use bitcoin::hashes::{Hash, sha256};
+    // The scripts the tests use: P2WPKH of the first test keys.
+    let script = (1..=16).map(|n| p2wpkh(&secret(n))).find(|script| {
+        let digest = sha256::Hash::hash(script.as_bytes()).to_byte_array();
+        digest.iter().map(|b| format!("{b:02x}")).collect::<String>() == hash
+    });
+    let Some(script) = script else { return Json(json!([])).into_response() };
+    let found = ChainBackend::unspent_outputs_of(&chain, &script).await.unwrap();
+    let tip = chain.tip().height;
+    let utxos: Vec<_> = found
+        .into_iter()
+        .map(|(outpoint, utxo)| {
+            let status = match utxo.confirmations {
+                0 => json!({ "confirmed": false }),
+                depth => json!({ "confirmed": true, "block_height": tip + 1 - depth }),
+            };
+            json!({
+                "txid": outpoint.txid, "vout": outpoint.vout,
+                "value": utxo.output.value.to_sat(), "status": status,
+            })
+        })
+        .collect();
+    Json(json!(utxos)).into_response()
+}
+
 async fn fake_esplora(chain: SimulatedChain) -> String {
     let app = Router::new()
+        .route("/api/scripthash/{hash}/utxo", get(script_utxos))
         .route("/api/tx", post(broadcast))
         .route("/api/tx/{txid}/status", get(status))
         .route("/api/tx/{txid}", get(transaction))
@@ -135,6 +163,23 @@ async fn broadcasts_and_reads_state_like_esplora() {
     let unknown = Txid::from_raw_hash(bitcoin::hashes::Hash::all_zeros());
     assert_eq!(esplora.tx_status(&unknown).await.unwrap(), TxStatus::Unknown);
     assert_eq!(esplora.unspent_output(&OutPoint { txid: unknown, vout: 0 }).await.unwrap(), None);
+
+    // The outputs of a script, mempool included, with their depth.
+    // Here: the first spend's output (3 confirmations), `fresh` (1), and a spend in the
+    // mempool (0), whose input is no longer unspent.
+    let pending = chain.faucet_p2wpkh(&public(&secret(3)), Amount::from_sat(100_000));
+    esplora.broadcast(&spend(pending.clone(), 99_000, 0)).await.unwrap();
+    let script = p2wpkh(&secret(3));
+    let found = esplora.unspent_outputs_of(&script).await.unwrap();
+    assert_eq!(found, chain.unspent_outputs_of(&script).await.unwrap());
+    let mut depths: Vec<_> = found.iter().map(|(_, utxo)| utxo.confirmations).collect();
+    depths.sort_unstable();
+    assert_eq!(depths, [0, 1, 3]);
+    assert!(
+        found
+            .iter()
+            .all(|(outpoint, utxo)| *outpoint != pending.0 && utxo.output.script_pubkey == script)
+    );
 
     // The nearest target at or below the one asked: 6 blocks → 10.5 sat/vB = 2 625 sat/kwu.
     assert_eq!(esplora.estimate_fee_rate(6).await.unwrap(), FeeRate::from_sat_per_kwu(2_625));

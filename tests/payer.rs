@@ -43,8 +43,9 @@ const WALLET: Amount = Amount::from_sat(500_000);
 type Edit = fn(&mut Value);
 type Expect = fn(&PolicyRefusal) -> bool;
 
-/// Rewrites the JSON answer of one endpoint (a server that lies) or, without an edit, drops
-/// the `Payment-Channel` header of requests to it (a misconfigured proxy).
+/// Rewrites the JSON answer of the endpoint whose path ends with `path` (a server that lies)
+/// or, without an edit, drops the `Payment-Channel` header of requests to it (a misconfigured
+/// proxy).
 #[derive(Clone, Copy)]
 struct Tamper {
     path: &'static str,
@@ -53,7 +54,7 @@ struct Tamper {
 
 async fn tamper(State(t): State<Option<Tamper>>, request: Request, next: Next) -> Response {
     let mut request = request;
-    let hit = t.filter(|t| request.uri().path() == t.path);
+    let hit = t.filter(|t| request.uri().path().ends_with(t.path));
     let edit = match hit {
         Some(Tamper { edit: Some(edit), .. }) => edit,
         Some(Tamper { edit: None, .. }) => {
@@ -512,8 +513,11 @@ async fn without_a_wallet_no_channel_is_opened() {
     let result = get_work(&mut client, &server.origin).await;
     assert!(matches!(result, Err(ClientError::NoWallet)), "{result:?}");
     let result =
-        payer.close(&ServiceTransport::<_, Full<Bytes>>::new(client.get_ref().clone())).await;
+        payer.close_via(&ServiceTransport::<_, Full<Bytes>>::new(client.get_ref().clone())).await;
     assert!(matches!(result, Err(ClientError::NoChannel)), "{result:?}");
+    // Built without a transport, it cannot open or close by itself.
+    assert!(matches!(payer.open().await, Err(ClientError::NoTransport)));
+    assert!(matches!(payer.close().await, Err(ClientError::NoTransport)));
 }
 
 #[cfg(feature = "reqwest")]
@@ -536,7 +540,7 @@ async fn the_reqwest_middleware_pays_like_the_layer() {
     let committed = payer.committed().await.unwrap();
     assert!(committed >= metered && committed <= metered + Amount::from_sat(1_150));
 
-    let closed = payer.close(&reqwest::Client::new()).await.unwrap();
+    let closed = payer.close_via(&reqwest::Client::new()).await.unwrap();
     assert_eq!(closed.server_amount, committed);
     server.chain.mine(1);
     assert!(matches!(server.chain.tx_status(&closed.txid), TxStatus::Confirmed { .. }));
@@ -723,11 +727,27 @@ async fn a_server_that_forgets_every_channel_gets_max_opens_channels() {
 async fn a_redirect_elsewhere_never_drives_a_payment() {
     use paychan::client::PaymentMiddleware;
 
-    let elsewhere = server().await; // answers 402 to a header it does not know
-    let target = format!("{}/work", elsewhere.origin);
     let chain = SimulatedChain::new();
-    let negotiation = common::negotiation(&chain, 0x5e);
     let tip = follow_tip(chain.clone(), Duration::from_millis(50)).await.unwrap();
+    // Another paywalled origin, which answers a payable 402 to a header it does not know, and
+    // counts the requests it sees.
+    let seen = Arc::new(AtomicUsize::new(0));
+    let count = {
+        let seen = Arc::clone(&seen);
+        move |request: Request, next: Next| {
+            seen.fetch_add(1, Ordering::SeqCst);
+            next.run(request)
+        }
+    };
+    let elsewhere = Router::new()
+        .route("/work", get(|| async { "done" }))
+        .layer(
+            PaywallLayer::new(MemoryStore::new(), PRICE, tip.clone())
+                .with_negotiation(common::negotiation(&chain, 0x5f)),
+        )
+        .layer(axum::middleware::from_fn(count));
+    let target = format!("http://{}/work", serve(elsewhere).await);
+    let negotiation = common::negotiation(&chain, 0x5e);
     let app = Router::new()
         .route("/work", get(|| async { "done" }))
         .route(
@@ -762,6 +782,23 @@ async fn a_redirect_elsewhere_never_drives_a_payment() {
     assert_eq!(payer.channel().await.unwrap(), channel, "no channel opened for it");
     assert_eq!(payer.committed().await.unwrap(), committed, "nothing paid for it");
     assert_eq!(wallet.wallet.balance(), balance, "nothing funded for it");
+
+    // With the middleware's redirect policy the header never leaves: the redirect itself is
+    // the answer, and the other origin sees no request.
+    let before = seen.load(Ordering::SeqCst);
+    assert!(before > 0, "the redirect was followed above");
+    let http = reqwest::Client::builder()
+        .redirect(PaymentMiddleware::redirect_policy(&payer))
+        .build()
+        .unwrap();
+    let client = reqwest_middleware::ClientBuilder::new(http)
+        .with(PaymentMiddleware::new(payer.clone()))
+        .build();
+    let moved = client.get(format!("{}/moved", server.origin)).send().await.unwrap();
+    assert_eq!(moved.status(), StatusCode::TEMPORARY_REDIRECT);
+    assert_eq!(seen.load(Ordering::SeqCst), before, "nothing reached the other origin");
+    let served = client.get(format!("{}/work", server.origin)).send().await.unwrap();
+    assert_eq!(served.status(), StatusCode::OK, "requests at home are paid as before");
 }
 
 /// A slow-loris server: its `/open` never answers. The client gives up after its negotiation
@@ -862,11 +899,15 @@ async fn locked_value_and_funding_fees_count_against_the_policy() {
     let server = server().await;
     let wallet = funded_wallet(&server.chain);
     let policy = policy().with_max_locked(Amount::from_sat(120_000));
-    let payer = payer_with(&server, &wallet, MemoryClientStore::new(), policy);
-    let http = ServiceTransport::<_, Full<Bytes>>::new(http_client());
-    payer.open(&http).await.unwrap();
+    // The payer's own transport: it opens and closes with no request to pay for.
+    let payer = builder(&server, &wallet)
+        .policy(policy)
+        .transport(ServiceTransport::<_, Full<Bytes>>::new(http_client()))
+        .build()
+        .unwrap();
+    payer.open().await.unwrap();
     server.chain.mine(1);
-    payer.open(&http).await.unwrap();
+    payer.open().await.unwrap();
     server.chain.mine(1);
     let fees = payer.funding_fees().await.unwrap();
     assert_eq!(
@@ -875,7 +916,7 @@ async fn locked_value_and_funding_fees_count_against_the_policy() {
         "the wallet paid two channels and exactly the fees the payer counts"
     );
     assert!(fees > Amount::ZERO);
-    let third = payer.open(&http).await;
+    let third = payer.open().await;
     assert!(
         matches!(
             third,
@@ -886,9 +927,9 @@ async fn locked_value_and_funding_fees_count_against_the_policy() {
     );
 
     // A channel closed cooperatively is no longer locked.
-    payer.close(&http).await.unwrap();
+    payer.close().await.unwrap();
     server.chain.mine(1);
-    payer.open(&http).await.expect("room again after a close");
+    payer.open().await.expect("room again after a close");
 }
 
 /// More lies, each bounded by the policy: a 402 whose snapshot names another channel with a
@@ -938,4 +979,44 @@ async fn forged_snapshots_and_402_loops_stay_within_the_policy() {
     assert!(refusals.load(Ordering::SeqCst) <= 4, "at most four sends");
     let committed = payer.committed().await.unwrap();
     assert!(committed <= Amount::from_sat(294 + 2), "two one-sat top-ups at most: {committed}");
+}
+
+/// The close answer claims another settlement than the client's latest payment: another
+/// transaction, or a txid that is not the transaction's. Either is a typed misbehaviour. The
+/// server can only broadcast payments the client signed, so what the client gives up is what
+/// its latest payment pays: here the server did broadcast it, and it is mined.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settlement_that_is_not_the_latest_payment_is_named() {
+    fn another_transaction(answer: &mut Value) {
+        use bitcoin::consensus::encode::{deserialize_hex, serialize_hex};
+        let hex = answer["close_tx"].as_str().unwrap();
+        let mut close: bitcoin::Transaction = deserialize_hex(hex).unwrap();
+        close.output[0].value += Amount::ONE_SAT;
+        answer["close_tx"] = Value::from(serialize_hex(&close));
+    }
+    fn another_txid(answer: &mut Value) {
+        answer["txid"] = Value::from("11".repeat(32));
+    }
+    for (what, edit) in
+        [("another transaction", another_transaction as Edit), ("another txid", another_txid)]
+    {
+        let lie = Tamper { path: "/close", edit: Some(edit) };
+        let server = server_with(Terms::default(), Amount::from_sat(1_000), Some(lie)).await;
+        let wallet = funded_wallet(&server.chain);
+        let payer = payer_with(&server, &wallet, MemoryClientStore::new(), policy());
+        let (mut client, _) = paying_client(&payer);
+        assert_eq!(get_work(&mut client, &server.origin).await.unwrap().0, StatusCode::OK);
+        let latest = payer.channel().await.unwrap().unwrap().latest.unwrap();
+        let result = client.close().await;
+        assert!(
+            matches!(&result, Err(ClientError::ServerMisbehaved(m)) if m.kind == MisbehaviorKind::WrongSettlement),
+            "{what}: {result:?}"
+        );
+        server.chain.mine(1);
+        let status = server.chain.tx_status(&latest.compute_txid());
+        assert!(
+            matches!(status, TxStatus::Confirmed { .. }),
+            "{what}: the latest payment is mined"
+        );
+    }
 }

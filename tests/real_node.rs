@@ -31,7 +31,7 @@ use paychan::chain::{ChainError, ChainTip, RejectReason, follow_tip};
 use paychan::channel::{Terms, channel_key};
 use paychan::client::{
     ClientChannel, ClientError, KeyWallet, MemoryClientStore, Payer, PaymentLayer, PaymentService,
-    SpendingPolicy,
+    ServiceTransport, SpendingPolicy,
 };
 use paychan::server::{Negotiation, PaywallLayer};
 use paychan::settlement::{FundingPolicy, Settlement};
@@ -196,10 +196,14 @@ struct Customer {
 /// A client opening channels of `value`.
 async fn customer(node: &Node, origin: &str, value: Amount) -> Customer {
     let wallet = KeyWallet::new(secret(0x33));
-    let (coin, output) = node.fund_address(&wallet.script_pubkey(), WALLET).await;
+    let (_, output) = node.fund_address(&wallet.script_pubkey(), WALLET).await;
     assert_eq!(output.value, WALLET);
+    let chain = node.chain();
+    assert_eq!(wallet.sync(&chain, 1).await.unwrap(), Amount::ZERO, "not confirmed yet");
     node.mine(1).await;
-    wallet.add_coin(coin, output);
+    // The wallet finds its coin in Core's UTXO set (`scantxoutset`), once.
+    assert_eq!(wallet.sync(&chain, 1).await.unwrap(), WALLET);
+    assert_eq!(wallet.sync(&chain, 1).await.unwrap(), WALLET);
     let payer = Payer::builder(origin, Network::Regtest, client_master())
         .policy(
             SpendingPolicy::default()
@@ -313,6 +317,10 @@ async fn open<S: ChannelStore>(
     let fee = btc(&entry["fees"]["base"]);
     assert_eq!(fee, WALLET - funding.output.iter().map(|o| o.value).sum::<Amount>());
     assert_eq!(customer.wallet.balance(), WALLET - params.value - fee);
+    // Core's UTXO set still holds the coin T1 spends while T1 is unconfirmed: a sync does not
+    // count it again.
+    let chain = node.chain();
+    assert_eq!(customer.wallet.sync(&chain, 0).await.unwrap(), WALLET - params.value - fee);
 
     let report = task.run_once().await.expect("a pass");
     assert_eq!((report.opened, report.failed), (0, 0), "0 confirmations: {report:?}");
@@ -321,6 +329,8 @@ async fn open<S: ChannelStore>(
 
     let height = node.mine(1).await;
     assert_eq!(node.confirmed_at(outpoint.txid, height).await, Some(height), "T1 is mined");
+    // Now the UTXO set holds T1's change, which the wallet already has.
+    assert_eq!(customer.wallet.sync(&chain, 1).await.unwrap(), WALLET - params.value - fee);
     server.sync(height).await;
     let report = task.run_once().await.expect("a pass");
     assert_eq!(
@@ -840,8 +850,10 @@ fn close_rate(channel: &ClientChannel) -> f64 {
 }
 
 /// l. Bitcoin Core's own wallet funds the channel (`CoreWallet`: `walletcreatefundedpsbt`,
-/// `walletprocesspsbt`), the client pays and closes cooperatively, and the books add up in the
-/// Core wallet; a funding the client abandons has its coins unlocked (`lockunspent`).
+/// `walletprocesspsbt`), the client pays (with top-ups) and closes cooperatively, and the books
+/// add up in the Core wallet; a funding the client abandons has its coins unlocked
+/// (`lockunspent`); a second Core-funded channel whose server vanished is refunded by the
+/// payer by itself once final, the refund mined and checked on chain.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn l_the_core_wallet_funds_a_channel() {
     use paychan::chain::bitcoind::Auth;
@@ -888,6 +900,7 @@ async fn l_the_core_wallet_funds_a_channel() {
         .chain(node.chain())
         .channel_value(SMALL)
         .lifetime_blocks(LIFETIME)
+        .transport(ServiceTransport::<_, Full<Bytes>>::new(http_client()))
         .build()
         .unwrap();
     let refusals = Arc::new(AtomicUsize::new(0));
@@ -924,4 +937,27 @@ async fn l_the_core_wallet_funds_a_channel() {
     assert_eq!(balance + SMALL + fee, initial, "wallet: {balance}, fee {fee}");
     let vsize = funding.vsize() as u64;
     assert!(fee >= Amount::from_sat(vsize), "at least the agreed funding fee rate");
+    assert!(refusals.load(Ordering::SeqCst) >= 2, "the open and at least one top-up");
+
+    // A second channel funded by Core, opened outside any request through the payer's own
+    // transport; the server vanishes, and once the refund is final the payer broadcasts it
+    // by itself: the channel's value minus the refund fee comes back, on chain.
+    payer.open().await.expect("a second channel");
+    let second = payer.channel().await.unwrap().expect("the second channel");
+    let params = second.channel.params().clone();
+    assert!(node.mempool_entry(second.channel.outpoint().txid).await.is_some(), "T1 sent");
+    node.mine(1).await;
+    server.shutdown().await;
+    drop(task);
+    node.mine_to(params.expiry.to_consensus_u32() - 1).await;
+    assert_eq!(payer.refund_expired().await.unwrap(), [], "not before the expiry");
+    node.mine(1).await;
+    let refunds = payer.refund_expired().await.expect("the refund is broadcast");
+    assert_eq!(refunds, [second.refund.compute_txid()]);
+    let height = node.mine(1).await;
+    assert_eq!(node.confirmed_at(refunds[0], height).await, Some(height), "the refund is mined");
+    let (back, _) = node.utxo(OutPoint::new(refunds[0], 0)).await.expect("the refund's output");
+    assert_eq!(back.value, params.value - params.refund_fee());
+    assert_eq!(back.script_pubkey, params.client_script);
+    assert_eq!(payer.refund_expired().await.unwrap(), [], "refunded once");
 }

@@ -34,6 +34,7 @@ pub enum Auth {
 /// | [`tip`](ChainBackend::tip) | `getblockchaininfo` (`blocks`, `mediantime`) |
 /// | [`estimate_fee_rate`](ChainBackend::estimate_fee_rate) | `estimatesmartfee` |
 /// | [`unspent`](ChainBackend::unspent) | `gettxout` with the mempool (no index needed) |
+/// | [`unspent_outputs_of`](ChainBackend::unspent_outputs_of) | `scantxoutset` (the UTXO set: confirmed outputs; no index or wallet needed) |
 /// | [`broadcast_package`](ChainBackend::broadcast_package) | `submitpackage` (Core 28 or later) |
 /// | [`min_relay_fee_rate`](ChainBackend::min_relay_fee_rate) | `getmempoolinfo` (`minrelaytxfee`) |
 ///
@@ -238,6 +239,38 @@ impl ChainBackend for BitcoindRpc {
             .and_then(|c| u32::try_from(c).ok())
             .ok_or_else(|| unavailable("gettxout has no confirmations"))?;
         Ok(Some(Utxo::new(TxOut { value, script_pubkey }, confirmations)))
+    }
+
+    async fn unspent_outputs_of(
+        &self,
+        script: &bitcoin::Script,
+    ) -> Result<Vec<(OutPoint, Utxo)>, ChainError> {
+        let descriptor = format!("raw({})", script.to_hex_string());
+        let scan = self.call_ok("scantxoutset", json!(["start", [descriptor]])).await?;
+        let field = |v: &Value, name: &str| {
+            v.get(name).cloned().ok_or_else(|| unavailable(format!("scantxoutset: no {name}")))
+        };
+        let number = |v: &Value, name: &str| {
+            field(v, name)?
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| unavailable(format!("scantxoutset: {name} is not a height")))
+        };
+        let tip = number(&scan, "height")?;
+        let unspents = field(&scan, "unspents")?;
+        let unspents = unspents.as_array().ok_or_else(|| unavailable("unspents is not a list"))?;
+        let mut found = Vec::with_capacity(unspents.len());
+        for unspent in unspents {
+            let txid = field(unspent, "txid")?;
+            let txid = txid.as_str().and_then(|t| Txid::from_str(t).ok());
+            let txid = txid.ok_or_else(|| unavailable("scantxoutset: bad txid"))?;
+            let outpoint = OutPoint::new(txid, number(unspent, "vout")?);
+            let value = btc(&field(unspent, "amount")?)?;
+            let depth = (tip + 1).saturating_sub(number(unspent, "height")?);
+            let output = TxOut { value, script_pubkey: script.to_owned() };
+            found.push((outpoint, Utxo::new(output, depth)));
+        }
+        Ok(found)
     }
 
     async fn min_relay_fee_rate(&self) -> Result<FeeRate, ChainError> {

@@ -22,6 +22,7 @@ use super::{ChainBackend, ChainError, ChainTip, TxStatus, Utxo};
 /// | [`tip`](ChainBackend::tip) | `GET /blocks/tip/hash`, `GET /block/:hash` (`height`, `mediantime`) |
 /// | [`estimate_fee_rate`](ChainBackend::estimate_fee_rate) | `GET /fee-estimates` (the nearest target at or below the one asked) |
 /// | [`unspent_output`](ChainBackend::unspent_output) | `GET /tx/:txid`, `GET /tx/:txid/outspend/:vout` |
+/// | [`unspent_outputs_of`](ChainBackend::unspent_outputs_of) | `GET /scripthash/:hash/utxo` (mempool included) |
 ///
 /// Use a plain-HTTP Esplora you run (or a local TLS-terminating proxy): this client speaks
 /// HTTP/1.1 without TLS.
@@ -179,6 +180,38 @@ impl ChainBackend for Esplora {
             Value::Number(n) => sat_per_vb(&n.to_string()),
             other => Err(unavailable(format!("not a fee rate: {other}"))),
         }
+    }
+
+    async fn unspent_outputs_of(
+        &self,
+        script: &bitcoin::Script,
+    ) -> Result<Vec<(OutPoint, Utxo)>, ChainError> {
+        #[derive(Deserialize)]
+        struct Found {
+            txid: Txid,
+            vout: u32,
+            value: u64,
+            status: Status,
+        }
+        use bitcoin::hashes::{Hash, sha256};
+        // Esplora's script hash: SHA-256 of the script, in byte order (not reversed).
+        let hash = sha256::Hash::hash(script.as_bytes());
+        let path = format!("/scripthash/{hash}/utxo");
+        let outputs: Vec<Found> =
+            self.get_json(&path).await?.ok_or_else(|| unavailable(format!("GET {path}: none")))?;
+        let tip = self.tip().await?.height;
+        Ok(outputs
+            .into_iter()
+            .map(|found| {
+                let depth = match found.status.block_height {
+                    Some(height) if found.status.confirmed => (tip + 1).saturating_sub(height),
+                    _ => 0,
+                };
+                let value = bitcoin::Amount::from_sat(found.value);
+                let output = TxOut { value, script_pubkey: script.to_owned() };
+                (OutPoint::new(found.txid, found.vout), Utxo::new(output, depth))
+            })
+            .collect())
     }
 
     async fn unspent(&self, outpoint: &OutPoint) -> Result<Option<Utxo>, ChainError> {

@@ -8,7 +8,7 @@
 use core::fmt;
 use std::future::Future;
 
-use bitcoin::{FeeRate, OutPoint, Transaction, TxOut, Txid};
+use bitcoin::{FeeRate, OutPoint, Script, Transaction, TxOut, Txid};
 
 use crate::BackendError;
 pub use crate::channel::ChainTip;
@@ -189,6 +189,24 @@ pub trait ChainBackend: Send + Sync {
     ) -> impl Future<Output = Result<Option<TxOut>, ChainError>> + Send {
         let outpoint = *outpoint;
         async move { Ok(self.unspent(&outpoint).await?.map(|utxo| utxo.output)) }
+    }
+
+    /// The unspent outputs paying `script`, with their depth: how a wallet of one key finds
+    /// its coins ([`KeyWallet::sync`](crate::client::KeyWallet::sync)). What "unspent" covers
+    /// depends on the backend's index: Bitcoin Core scans its UTXO set (`scantxoutset`:
+    /// confirmed outputs, mempool spends not seen), Esplora asks its address index (mempool
+    /// included).
+    ///
+    /// The default answers [`ChainError::Unavailable`]: not every backend indexes outputs by
+    /// script, and nothing on the server side needs it.
+    fn unspent_outputs_of(
+        &self,
+        script: &Script,
+    ) -> impl Future<Output = Result<Vec<(OutPoint, Utxo)>, ChainError>> + Send {
+        let _ = script;
+        std::future::ready(Err(ChainError::unavailable(
+            "this chain backend cannot list outputs by script",
+        )))
     }
 
     /// The lowest fee rate at which the backend relays a transaction on its own (Bitcoin Core's

@@ -37,8 +37,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bitcoin::absolute::LockTime;
 use bitcoin::secp256k1::SecretKey;
 use bitcoin::{
-    Amount, CompressedPublicKey, FeeRate, OutPoint, ScriptBuf, Sequence, Transaction, TxIn, TxOut,
-    Txid, Witness, absolute, transaction,
+    Amount, CompressedPublicKey, FeeRate, OutPoint, Script, ScriptBuf, Sequence, Transaction, TxIn,
+    TxOut, Txid, Witness, absolute, transaction,
 };
 
 use super::{ChainBackend, ChainError, ChainTip, RejectReason, TxStatus, Utxo, policy};
@@ -526,6 +526,27 @@ impl ChainBackend for SimulatedChain {
         ready(Ok(utxo.map(|coin| {
             Utxo::new(coin.output.clone(), coin.height.map_or(0, |height| tip - height + 1))
         })))
+    }
+
+    /// Every output paying `script` that is unspent, mempool included (as Esplora answers).
+    fn unspent_outputs_of(
+        &self,
+        script: &Script,
+    ) -> impl Future<Output = Result<Vec<(OutPoint, Utxo)>, ChainError>> + Send {
+        let state = self.lock();
+        let tip = state.tip().height;
+        let mut found: Vec<_> = (state.coins.iter())
+            .filter(|(outpoint, coin)| {
+                coin.output.script_pubkey.as_script() == script
+                    && !state.mempool_spent.contains(outpoint)
+            })
+            .map(|(outpoint, coin)| {
+                let depth = coin.height.map_or(0, |height| tip - height + 1);
+                (*outpoint, Utxo::new(coin.output.clone(), depth))
+            })
+            .collect();
+        found.sort_by_key(|(outpoint, _)| *outpoint);
+        ready(Ok(found))
     }
 }
 

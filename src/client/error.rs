@@ -38,6 +38,10 @@ pub enum ClientError {
     /// The operation needs the client's own chain view
     /// ([`PayerBuilder::chain`](super::PayerBuilder::chain)).
     NoChainView,
+    /// [`Payer::open`](super::Payer::open) or [`Payer::close`](super::Payer::close) was called
+    /// on a payer built without a transport
+    /// ([`PayerBuilder::transport`](super::PayerBuilder::transport)).
+    NoTransport,
     /// The wallet failed to fund or sign the funding transaction.
     Wallet(WalletError),
     /// The server's refund signature does not verify: the channel was abandoned before the
@@ -86,6 +90,9 @@ impl fmt::Display for ClientError {
             Self::NoWallet => f.write_str("a channel must be opened and there is no wallet"),
             Self::NoChannel => f.write_str("no channel with this server"),
             Self::NoChainView => f.write_str("the payer has no chain view (PayerBuilder::chain)"),
+            Self::NoTransport => {
+                f.write_str("the payer has no transport (PayerBuilder::transport)")
+            }
             Self::Wallet(e) => write!(f, "wallet: {e}"),
             Self::InvalidRefundSignature => {
                 f.write_str("the server's refund signature is invalid; the channel was abandoned")

@@ -20,8 +20,9 @@ use crate::wire::{PAYMENT_CHANNEL, Problem};
 /// **Redirects.** reqwest follows redirects inside the client, with the request's headers: a
 /// redirect to another origin would carry the `Payment-Channel` header (a bearer credential
 /// for the channel's balance) there. An answer from another origin never drives a payment and
-/// is returned as it is, but the header has left by then: build the `reqwest::Client` with
-/// `redirect(reqwest::redirect::Policy::none())`, or a policy that stops at other origins.
+/// is returned as it is, but the header would have left by then: build the `reqwest::Client`
+/// with [`PaymentMiddleware::redirect_policy`], which stops at a redirect that leaves the
+/// payer's origin (the caller gets the 3xx), as in the example.
 ///
 /// # Examples
 ///
@@ -32,7 +33,11 @@ use crate::wire::{PAYMENT_CHANNEL, Problem};
 ///
 /// let key = Xpriv::new_master(Network::Regtest, &[7; 32]).unwrap();
 /// let payer = Payer::builder("http://127.0.0.1:3000", Network::Regtest, key).build().unwrap();
-/// let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+/// let http = reqwest::Client::builder()
+///     .redirect(PaymentMiddleware::redirect_policy(&payer))
+///     .build()
+///     .unwrap();
+/// let client = reqwest_middleware::ClientBuilder::new(http)
 ///     .with(PaymentMiddleware::new(payer))
 ///     .build();
 /// # let _ = client;
@@ -51,6 +56,29 @@ impl<St: ClientStore> PaymentMiddleware<St> {
     /// The payer.
     pub fn payer(&self) -> &Payer<St> {
         &self.payer
+    }
+
+    /// A reqwest redirect policy that keeps the `Payment-Channel` header at home: it follows
+    /// up to 10 redirects, except one from the payer's origin to another origin, where it
+    /// stops and returns the redirect to the caller. Redirects between other origins are
+    /// followed as reqwest's default policy does.
+    pub fn redirect_policy(payer: &Payer<St>) -> reqwest::redirect::Policy
+    where
+        St: 'static,
+    {
+        let payer = payer.clone();
+        let at_home = move |url: &reqwest::Url| {
+            url.as_str().parse::<Uri>().is_ok_and(|uri| payer.applies_to(&uri))
+        };
+        reqwest::redirect::Policy::custom(move |attempt| {
+            if attempt.previous().len() > 10 {
+                attempt.error("too many redirects")
+            } else if attempt.previous().last().is_some_and(&at_home) && !at_home(attempt.url()) {
+                attempt.stop()
+            } else {
+                attempt.follow()
+            }
+        })
     }
 }
 

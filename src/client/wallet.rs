@@ -1,8 +1,10 @@
 use core::fmt;
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
+use crate::chain::{ChainBackend, ChainError};
 use bitcoin::secp256k1::SecretKey;
 use bitcoin::transaction::Version;
 use bitcoin::{
@@ -79,7 +81,15 @@ pub type WalletError = crate::BackendError;
 pub struct KeyWallet {
     key: SecretKey,
     public: CompressedPublicKey,
-    coins: Arc<Mutex<Vec<(OutPoint, TxOut)>>>,
+    coins: Arc<Mutex<Coins>>,
+}
+
+/// The wallet's coins, and those it chose for a funding (reserved or spent): a
+/// [`sync`](KeyWallet::sync) does not bring them back while the chain still reports them.
+#[derive(Debug, Default)]
+struct Coins {
+    unspent: Vec<(OutPoint, TxOut)>,
+    used: HashSet<OutPoint>,
 }
 
 impl fmt::Debug for KeyWallet {
@@ -126,21 +136,70 @@ impl KeyWallet {
 
     /// Adds a coin; it must pay [`script_pubkey`](Self::script_pubkey).
     pub fn add_coin(&self, outpoint: OutPoint, output: TxOut) {
-        self.coins().push((outpoint, output));
+        let mut coins = self.coins();
+        if !coins.unspent.iter().any(|(known, _)| *known == outpoint) {
+            coins.unspent.push((outpoint, output));
+        }
+    }
+
+    /// Finds the wallet's coins through `chain` instead of being handed them: adds every
+    /// unspent output paying [`script_pubkey`](Self::script_pubkey) that the chain reports
+    /// with at least `min_depth` confirmations and the wallet neither knows nor chose for a
+    /// funding. Returns the balance afterwards. Bitcoin Core reports confirmed outputs only
+    /// (see [`ChainBackend::unspent_outputs_of`]).
+    ///
+    /// # Errors
+    ///
+    /// The chain's, among them [`ChainError::Unavailable`] from a backend that cannot list
+    /// outputs by script.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use paychan::bitcoin::{Amount, secp256k1::SecretKey};
+    /// use paychan::chain::sim::SimulatedChain;
+    /// use paychan::client::KeyWallet;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let chain = SimulatedChain::new();
+    /// let wallet = KeyWallet::new(SecretKey::from_slice(&[9; 32])?);
+    /// chain.faucet(wallet.script_pubkey(), Amount::from_sat(70_000));
+    /// chain.mine(1);
+    /// assert_eq!(wallet.sync(&chain, 1).await?, Amount::from_sat(70_000));
+    /// assert_eq!(wallet.sync(&chain, 1).await?, Amount::from_sat(70_000)); // counted once
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn sync<C: ChainBackend>(
+        &self,
+        chain: &C,
+        min_depth: u32,
+    ) -> Result<Amount, ChainError> {
+        let found = chain.unspent_outputs_of(&self.script_pubkey()).await?;
+        let mut coins = self.coins();
+        for (outpoint, utxo) in found {
+            let known = coins.used.contains(&outpoint)
+                || coins.unspent.iter().any(|(coin, _)| *coin == outpoint);
+            if !known && utxo.confirmations >= min_depth {
+                coins.unspent.push((outpoint, utxo.output));
+            }
+        }
+        Ok(coins.balance())
     }
 
     /// The value of the coins not yet spent by a funding transaction.
     pub fn balance(&self) -> Amount {
-        self.coins().iter().map(|(_, out)| out.value).sum()
+        self.coins().balance()
     }
 
-    fn coins(&self) -> std::sync::MutexGuard<'_, Vec<(OutPoint, TxOut)>> {
+    fn coins(&self) -> std::sync::MutexGuard<'_, Coins> {
         self.coins.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn select(&self, output: TxOut, fee_rate: FeeRate) -> Result<Psbt, WalletError> {
         let mut coins = self.coins();
-        coins.sort_by_key(|(_, out)| core::cmp::Reverse(out.value));
+        coins.unspent.sort_by_key(|(_, out)| core::cmp::Reverse(out.value));
         let change_script = self.script_pubkey();
         let mut tx = Transaction {
             version: Version::TWO,
@@ -152,7 +211,7 @@ impl KeyWallet {
             ],
         };
         let mut total = Amount::ZERO;
-        for (used, (outpoint, coin)) in coins.iter().enumerate() {
+        for (used, (outpoint, coin)) in coins.unspent.iter().enumerate() {
             tx.input.push(TxIn {
                 previous_output: *outpoint,
                 script_sig: ScriptBuf::new(),
@@ -175,7 +234,8 @@ impl KeyWallet {
             } else {
                 tx.output.pop();
             }
-            let chosen: Vec<_> = coins.drain(..=used).collect();
+            let chosen: Vec<_> = coins.unspent.drain(..=used).collect();
+            coins.used.extend(chosen.iter().map(|(outpoint, _)| *outpoint));
             let mut psbt = Psbt::from_unsigned_tx(tx).map_err(WalletError::new)?;
             for (input, (_, coin)) in psbt.inputs.iter_mut().zip(chosen) {
                 input.witness_utxo = Some(coin);
@@ -212,11 +272,18 @@ impl KeyWallet {
     }
 }
 
+impl Coins {
+    fn balance(&self) -> Amount {
+        self.unspent.iter().map(|(_, out)| out.value).sum()
+    }
+}
+
 impl Wallet for KeyWallet {
     fn release(&self, psbt: &Psbt) {
         let inputs = psbt.unsigned_tx.input.iter().zip(&psbt.inputs);
         for (input, coin) in inputs {
             if let Some(coin) = &coin.witness_utxo {
+                self.coins().used.remove(&input.previous_output);
                 self.add_coin(input.previous_output, coin.clone());
             }
         }

@@ -13,7 +13,9 @@ use http::Uri;
 use super::{Inner, Payer};
 use crate::MilliSats;
 use crate::chain::{ChainBackend, ChainError, ChainTip};
-use crate::client::{ClientError, ClientStore, MemoryClientStore, SpendingPolicy, Wallet};
+use crate::client::{
+    ClientError, ClientStore, MemoryClientStore, SpendingPolicy, Transport, Wallet,
+};
 
 /// What a payer is configured with.
 #[derive(Debug)]
@@ -28,6 +30,17 @@ pub(super) struct Settings {
     pub(super) top_up: Option<(MilliSats, Amount)>,
     pub(super) chain: Option<ChainView>,
     pub(super) timeout: Duration,
+    pub(super) transport: Option<OwnTransport>,
+}
+
+/// The transport given to [`PayerBuilder::transport`].
+#[derive(Clone)]
+pub(super) struct OwnTransport(pub(super) Arc<dyn Transport>);
+
+impl fmt::Debug for OwnTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Transport")
+    }
 }
 
 /// The client's own view of the chain tip, from any [`ChainBackend`].
@@ -150,6 +163,35 @@ impl<S: ClientStore> PayerBuilder<S> {
         self
     }
 
+    /// The payer's own way to reach its server, for the calls made outside a request:
+    /// [`Payer::open`] and [`Payer::close`] (a [`reqwest::Client`] with the `reqwest` feature,
+    /// or a [`ServiceTransport`](crate::client::ServiceTransport) over any tower HTTP client).
+    /// Requests sent through [`PaymentLayer`](crate::client::PaymentLayer) or the reqwest
+    /// middleware negotiate through their own client and do not need it.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http_body_util::Full;
+    /// use paychan::bitcoin::{Network, bip32::Xpriv};
+    /// use paychan::client::{Payer, ServiceTransport};
+    ///
+    /// let http = tower::service_fn(|_request: http::Request<Full<Bytes>>| async {
+    ///     Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::new())))
+    /// });
+    /// let key = Xpriv::new_master(Network::Regtest, &[7; 32]).unwrap();
+    /// let payer = Payer::builder("http://127.0.0.1:3000", Network::Regtest, key)
+    ///     .transport(ServiceTransport::<_, Full<Bytes>>::new(http))
+    ///     .build()
+    ///     .unwrap();
+    /// # drop(payer);
+    /// ```
+    pub fn transport(mut self, transport: impl Transport + 'static) -> Self {
+        self.settings.transport = Some(OwnTransport(Arc::new(transport)));
+        self
+    }
+
     /// Builds the payer.
     ///
     /// # Errors
@@ -197,6 +239,7 @@ impl Payer<MemoryClientStore> {
                 top_up: None,
                 chain: None,
                 timeout: Duration::from_secs(30),
+                transport: None,
             },
             store: MemoryClientStore::new(),
         }

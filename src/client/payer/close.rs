@@ -29,14 +29,29 @@ pub struct Closed {
 impl<S: ClientStore> Payer<S> {
     /// Asks the server to close the current channel cooperatively: it co-signs the best
     /// payment and broadcasts it. The channel is retired; the settlement is checked against
-    /// the client's own latest payment.
+    /// the client's own latest payment. Reaches the server through the payer's own transport
+    /// ([`PayerBuilder::transport`](super::PayerBuilder::transport)); see
+    /// [`close_via`](Self::close_via) to pass one.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::NoTransport`] without a transport, and those of
+    /// [`close_via`](Self::close_via).
+    pub async fn close(&self) -> Result<Closed, ClientError> {
+        self.close_via(&*self.own_transport()?).await
+    }
+
+    /// [`close`](Self::close) through `transport`.
     ///
     /// # Errors
     ///
     /// [`ClientError::NoChannel`], [`ClientError::Rejected`], [`ClientError::ServerMisbehaved`]
     /// if the settlement is not the client's latest payment, [`ClientError::Transport`],
     /// [`ClientError::Store`].
-    pub async fn close<T: Transport + ?Sized>(&self, transport: &T) -> Result<Closed, ClientError> {
+    pub async fn close_via<T: Transport + ?Sized>(
+        &self,
+        transport: &T,
+    ) -> Result<Closed, ClientError> {
         let mut state = self.state().await?;
         let current = self.read_current().ok_or(ClientError::NoChannel)?;
         let terms = self.terms(transport).await?;

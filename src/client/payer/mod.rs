@@ -147,6 +147,12 @@ pub(super) fn misbehaved(kind: MisbehaviorKind, what: impl Into<String>) -> Clie
 }
 
 impl<S: ClientStore> Payer<S> {
+    /// The transport given to the builder, for the calls made outside a request.
+    fn own_transport(&self) -> Result<Arc<dyn Transport>, ClientError> {
+        let own = self.inner.settings.transport.as_ref().ok_or(ClientError::NoTransport)?;
+        Ok(Arc::clone(&own.0))
+    }
+
     /// The server's origin, `scheme://host[:port]`.
     pub fn origin(&self) -> &str {
         &self.inner.settings.origin

@@ -25,8 +25,22 @@ use crate::wire::{
 const MAX_TIP_SKEW: u32 = 6;
 
 impl<S: ClientStore> Payer<S> {
-    /// Opens a new channel with the server, funded by the wallet, and makes it the one the
-    /// payer pays on. The previous channel, if any, is retired (its refund stays in the store).
+    /// Opens a new channel with the server, as [`open_via`](Self::open_via) does, through the
+    /// payer's own transport ([`PayerBuilder::transport`](super::PayerBuilder::transport)).
+    /// A payer driven by [`PaymentLayer`](crate::client::PaymentLayer) or the reqwest
+    /// middleware opens by itself on the first 402 and needs neither.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::NoTransport`] without a transport, and those of
+    /// [`open_via`](Self::open_via).
+    pub async fn open(&self) -> Result<ChannelId, ClientError> {
+        self.open_via(&*self.own_transport()?).await
+    }
+
+    /// Opens a new channel with the server through `transport`, funded by the wallet, and
+    /// makes it the one the payer pays on. The previous channel, if any, is retired (its
+    /// refund stays in the store).
     ///
     /// The steps, each checked: fetch the terms; propose the channel with a fresh K1; check
     /// every field of the server's answer against what was asked; have the wallet build the
@@ -41,7 +55,7 @@ impl<S: ClientStore> Payer<S> {
     /// [`ClientError::NoWallet`], [`ClientError::Wallet`], [`ClientError::InvalidRefundSignature`],
     /// [`ClientError::ServerMisbehaved`], [`ClientError::Rejected`] if the server refused a step,
     /// [`ClientError::Transport`], [`ClientError::Store`].
-    pub async fn open<T: Transport + ?Sized>(
+    pub async fn open_via<T: Transport + ?Sized>(
         &self,
         transport: &T,
     ) -> Result<ChannelId, ClientError> {

@@ -67,7 +67,7 @@ where
         S: Clone,
         ServiceTransport<S, ReqBody>: Transport,
     {
-        self.payer.open(&ServiceTransport::new(self.inner.clone())).await
+        self.payer.open_via(&ServiceTransport::new(self.inner.clone())).await
     }
 
     /// Closes the channel cooperatively (see [`Payer::close`]).
@@ -80,7 +80,7 @@ where
         S: Clone,
         ServiceTransport<S, ReqBody>: Transport,
     {
-        self.payer.close(&ServiceTransport::new(self.inner.clone())).await
+        self.payer.close_via(&ServiceTransport::new(self.inner.clone())).await
     }
 }
 
