@@ -72,6 +72,16 @@ impl MilliSats {
         self.0.checked_sub(rhs.0).map(Self)
     }
 
+    /// Adds, stopping at [`MilliSats::MAX`] (for totals).
+    ///
+    /// ```
+    /// use paychan::MilliSats;
+    /// assert_eq!(MilliSats::MAX.saturating_add(MilliSats::from_msat(1)), MilliSats::MAX);
+    /// ```
+    pub fn saturating_add(self, rhs: Self) -> Self {
+        Self(self.0.saturating_add(rhs.0))
+    }
+
     /// Subtracts, stopping at zero.
     pub fn saturating_sub(self, rhs: Self) -> Self {
         Self(self.0.saturating_sub(rhs.0))

@@ -131,6 +131,9 @@ problem_codes! {
     Close => "close",
     /// The route is not offered: the price table refuses requests it does not list.
     RouteNotPriced => "route-not-priced",
+    /// 502: the API behind a paying proxy (`paychan serve`) did not answer; nothing was
+    /// charged for the request.
+    UpstreamUnavailable => "upstream-unavailable",
 }
 
 impl ProblemCode {

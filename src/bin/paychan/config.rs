@@ -1,0 +1,473 @@
+//! The proxy's TOML configuration: read, checked, and turned into the library's types. Every
+//! error names the key it is about.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::{Method, Uri};
+use paychan::MilliSats;
+use paychan::bitcoin::{Address, Amount, FeeRate, Network, ScriptBuf};
+use paychan::channel::{FundingPolicy, LifetimeBounds, Terms};
+use paychan::server::{RoutePrices, Unlisted};
+use serde::Deserialize;
+
+/// A configuration error: the key and what is wrong with it.
+#[derive(Debug)]
+pub(crate) struct ConfigError {
+    pub(crate) key: String,
+    pub(crate) message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "config key `{}`: {}", self.key, self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn bad(key: &str, message: impl fmt::Display) -> ConfigError {
+    ConfigError { key: key.to_owned(), message: message.to_string() }
+}
+
+/// The file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    network: String,
+    listen: SocketAddr,
+    upstream: String,
+    key_file: PathBuf,
+    payout_address: String,
+    #[serde(default = "yes")]
+    refund_server_errors: bool,
+    chain: ChainFile,
+    #[serde(default)]
+    store: StoreFile,
+    #[serde(default)]
+    prices: PricesFile,
+    #[serde(default)]
+    terms: TermsFile,
+    #[serde(default)]
+    funding: FundingFile,
+    #[serde(default)]
+    settlement: SettlementFile,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChainFile {
+    bitcoind_url: Option<String>,
+    cookie_file: Option<PathBuf>,
+    rpc_user: Option<String>,
+    rpc_password: Option<String>,
+    esplora_url: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoreFile {
+    url: String,
+}
+
+impl Default for StoreFile {
+    fn default() -> Self {
+        Self { url: "sqlite:paychan.db".into() }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PricesFile {
+    /// `"free"`, `"refuse"`, or a price in msat.
+    unlisted: Option<toml::Value>,
+    #[serde(default)]
+    routes: Vec<RouteFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteFile {
+    method: String,
+    path: String,
+    price_msat: u64,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TermsFile {
+    min_value_sat: Option<u64>,
+    max_value_sat: Option<u64>,
+    min_lifetime_blocks: Option<u32>,
+    max_lifetime_blocks: Option<u32>,
+    close_margin_blocks: Option<u32>,
+    min_fee_rate_sat_vb: Option<u64>,
+    max_fee_rate_sat_vb: Option<u64>,
+    funding_min_fee_rate_sat_vb: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FundingFile {
+    min_confirmations: Option<u32>,
+    zero_conf_max_value_sat: Option<u64>,
+    confirm_within_blocks: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SettlementFile {
+    interval_secs: Option<u64>,
+    tip_interval_secs: Option<u64>,
+}
+
+/// Where the chain is read and written.
+#[derive(Debug, Clone)]
+pub(crate) enum ChainSource {
+    /// Bitcoin Core's JSON-RPC.
+    Bitcoind { url: String, auth: paychan::chain::bitcoind::Auth },
+    /// An Esplora REST API.
+    Esplora { url: String },
+}
+
+/// The checked configuration.
+#[derive(Debug)]
+pub(crate) struct Config {
+    pub(crate) network: Network,
+    pub(crate) listen: SocketAddr,
+    /// `scheme://authority`, no trailing slash.
+    pub(crate) upstream: String,
+    pub(crate) key_file: PathBuf,
+    pub(crate) payout_script: ScriptBuf,
+    pub(crate) refund_server_errors: bool,
+    pub(crate) chain: ChainSource,
+    pub(crate) store_url: String,
+    pub(crate) prices: RoutePrices,
+    pub(crate) terms: Terms,
+    pub(crate) funding: FundingPolicy,
+    pub(crate) settle_every: Duration,
+    pub(crate) tip_every: Duration,
+}
+
+impl Config {
+    /// Reads and checks the file at `path`; relative paths in it are relative to its folder.
+    pub(crate) fn load(path: &Path) -> Result<Self, Box<dyn std::error::Error>> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read the config {}: {e}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Ok(Self::parse(&text, base)?)
+    }
+
+    /// Parses and checks a configuration text.
+    pub(crate) fn parse(text: &str, base: &Path) -> Result<Self, ConfigError> {
+        let file: File = toml::from_str(text).map_err(|e| {
+            // toml names the key (and the line) in its message.
+            let key = e.span().map(|span| text[span].trim().to_owned()).unwrap_or_default();
+            ConfigError { key, message: e.message().to_owned() }
+        })?;
+        let network = Network::from_core_arg(&file.network)
+            .or_else(|_| file.network.parse::<Network>())
+            .map_err(|_| bad("network", "expected bitcoin, testnet4, signet or regtest"))?;
+        let upstream = origin(&file.upstream).map_err(|e| bad("upstream", e))?;
+        let payout = file
+            .payout_address
+            .parse::<Address<_>>()
+            .map_err(|e| bad("payout_address", e))?
+            .require_network(network)
+            .map_err(|e| bad("payout_address", e))?;
+        let chain = chain(file.chain, base)?;
+        let store_url = store_url(&file.store.url, base)?;
+        Ok(Self {
+            network,
+            listen: file.listen,
+            upstream,
+            key_file: base.join(file.key_file),
+            payout_script: payout.script_pubkey(),
+            refund_server_errors: file.refund_server_errors,
+            chain,
+            store_url,
+            prices: prices(file.prices)?,
+            terms: terms(file.terms)?,
+            funding: funding(file.funding),
+            settle_every: Duration::from_secs(file.settlement.interval_secs.unwrap_or(30).max(1)),
+            tip_every: Duration::from_secs(file.settlement.tip_interval_secs.unwrap_or(5).max(1)),
+        })
+    }
+}
+
+/// `http://host[:port]` (no path): the origin requests are forwarded to.
+pub(crate) fn origin(url: &str) -> Result<String, String> {
+    let uri: Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+    match (uri.scheme_str(), uri.authority(), uri.path()) {
+        (Some("http"), Some(authority), "" | "/") if uri.query().is_none() => {
+            Ok(format!("http://{authority}"))
+        }
+        (Some("https"), ..) => Err(format!("{url}: https upstreams are not supported yet")),
+        _ => Err(format!("{url}: expected http://host[:port]")),
+    }
+}
+
+fn chain(file: ChainFile, base: &Path) -> Result<ChainSource, ConfigError> {
+    use paychan::chain::bitcoind::Auth;
+    match (file.bitcoind_url, file.esplora_url) {
+        (Some(url), None) => {
+            let auth = match (file.cookie_file, file.rpc_user, file.rpc_password) {
+                (Some(cookie), None, None) => Auth::CookieFile(base.join(cookie)),
+                (None, Some(user), Some(password)) => Auth::UserPass(user, password),
+                _ => {
+                    return Err(bad(
+                        "chain.cookie_file",
+                        "give either cookie_file or rpc_user and rpc_password",
+                    ));
+                }
+            };
+            Ok(ChainSource::Bitcoind { url, auth })
+        }
+        (None, Some(url)) => Ok(ChainSource::Esplora { url }),
+        _ => Err(bad("chain", "give exactly one of bitcoind_url and esplora_url")),
+    }
+}
+
+fn store_url(url: &str, base: &Path) -> Result<String, ConfigError> {
+    if url == "memory" {
+        return Ok(url.to_owned());
+    }
+    match url.split_once(':') {
+        Some(("sqlite", path)) => Ok(format!("sqlite:{}", base.join(path).display())),
+        Some(("postgres" | "postgresql" | "redis", _)) => Ok(url.to_owned()),
+        _ => Err(bad("store.url", "expected sqlite:PATH, postgres://…, redis://… or memory")),
+    }
+}
+
+fn prices(file: PricesFile) -> Result<RoutePrices, ConfigError> {
+    let mut prices = RoutePrices::new();
+    for (n, route) in file.routes.into_iter().enumerate() {
+        let method = Method::from_bytes(route.method.to_ascii_uppercase().as_bytes())
+            .map_err(|e| bad(&format!("prices.routes[{n}].method"), e))?;
+        if !route.path.starts_with('/') {
+            return Err(bad(&format!("prices.routes[{n}].path"), "must start with /"));
+        }
+        prices = prices.route(method, route.path, MilliSats::from_msat(route.price_msat));
+    }
+    let unlisted = match &file.unlisted {
+        None => Unlisted::Refuse,
+        Some(toml::Value::String(name)) if name == "free" => Unlisted::Free,
+        Some(toml::Value::String(name)) if name == "refuse" => Unlisted::Refuse,
+        Some(toml::Value::Integer(msat)) if *msat >= 0 => {
+            Unlisted::Price(MilliSats::from_msat(msat.unsigned_abs()))
+        }
+        Some(other) => {
+            return Err(bad(
+                "prices.unlisted",
+                format!("{other}: expected \"free\", \"refuse\" or msat"),
+            ));
+        }
+    };
+    Ok(prices.unlisted(unlisted))
+}
+
+fn rate(key: &str, sat_vb: Option<u64>, default: FeeRate) -> Result<FeeRate, ConfigError> {
+    match sat_vb {
+        None => Ok(default),
+        Some(rate) => {
+            u32::try_from(rate).map(FeeRate::from_sat_per_vb_u32).map_err(|_| bad(key, "too large"))
+        }
+    }
+}
+
+fn terms(file: TermsFile) -> Result<Terms, ConfigError> {
+    let mut terms = Terms::default();
+    if let Some(sat) = file.min_value_sat {
+        terms.min_value = Amount::from_sat(sat);
+    }
+    if let Some(sat) = file.max_value_sat {
+        terms.max_value = Amount::from_sat(sat);
+    }
+    if terms.min_value > terms.max_value {
+        return Err(bad("terms.min_value_sat", "above terms.max_value_sat"));
+    }
+    let blocks = terms.blocks;
+    terms.blocks = LifetimeBounds {
+        min: file.min_lifetime_blocks.unwrap_or(blocks.min),
+        max: file.max_lifetime_blocks.unwrap_or(blocks.max),
+        close_margin: file.close_margin_blocks.unwrap_or(blocks.close_margin),
+    };
+    if terms.blocks.close_margin >= terms.blocks.min || terms.blocks.min > terms.blocks.max {
+        return Err(bad(
+            "terms.min_lifetime_blocks",
+            "need close_margin_blocks < min_lifetime_blocks <= max_lifetime_blocks",
+        ));
+    }
+    terms.min_fee_rate =
+        rate("terms.min_fee_rate_sat_vb", file.min_fee_rate_sat_vb, terms.min_fee_rate)?;
+    terms.max_fee_rate =
+        rate("terms.max_fee_rate_sat_vb", file.max_fee_rate_sat_vb, terms.max_fee_rate)?;
+    if terms.min_fee_rate > terms.max_fee_rate {
+        return Err(bad("terms.min_fee_rate_sat_vb", "above terms.max_fee_rate_sat_vb"));
+    }
+    terms.funding_min_fee_rate = rate(
+        "terms.funding_min_fee_rate_sat_vb",
+        file.funding_min_fee_rate_sat_vb,
+        terms.funding_min_fee_rate,
+    )?;
+    Ok(terms)
+}
+
+fn funding(file: FundingFile) -> FundingPolicy {
+    let mut policy = FundingPolicy::default();
+    if let Some(confirmations) = file.min_confirmations {
+        policy = policy.with_min_confirmations(confirmations);
+    }
+    if let Some(sat) = file.zero_conf_max_value_sat {
+        policy = policy.with_zero_conf_max_value(Amount::from_sat(sat));
+    }
+    if let Some(blocks) = file.confirm_within_blocks {
+        policy = policy.with_confirm_within_blocks(blocks);
+    }
+    policy
+}
+
+/// The commented configuration `paychan init` writes.
+pub(crate) fn template(init: &Init) -> String {
+    let chain = match &init.esplora_url {
+        Some(url) => format!("esplora_url = \"{url}\"\n"),
+        None => format!(
+            "bitcoind_url = \"{}\"\ncookie_file = \"{}\"   # or rpc_user = \"…\" and rpc_password = \"…\"\n",
+            init.bitcoind_url,
+            init.cookie_file.display()
+        ),
+    };
+    format!(
+        r#"# paychan proxy configuration (https://docs.rs/paychan). Relative paths are relative to
+# this file's folder.
+
+network = "{network}"            # bitcoin, testnet4, signet or regtest
+listen = "{listen}"          # where paying clients connect
+upstream = "{upstream}"   # the API behind the proxy (plain HTTP)
+key_file = "{key_file}"        # the BIP-0032 master key: secret, mode 0600, back it up
+payout_address = "{payout}"
+refund_server_errors = true      # an upstream 5xx (or an unreachable upstream) is not charged
+
+[chain]
+{chain}
+[store]
+url = "{store}"       # sqlite:PATH, postgres://…, redis://…, or memory (lost on restart)
+
+[prices]
+unlisted = "refuse"              # routes not listed: "refuse" (404), "free", or a price in msat
+[[prices.routes]]
+method = "GET"
+path = "/{{*rest}}"
+price_msat = {price}
+
+[terms]                          # what channels the proxy accepts (defaults shown)
+# min_value_sat = 10000
+# max_value_sat = 10000000
+# min_lifetime_blocks = 144
+# max_lifetime_blocks = 4320
+# close_margin_blocks = 36
+# min_fee_rate_sat_vb = 2
+# max_fee_rate_sat_vb = 1000
+# funding_min_fee_rate_sat_vb = 1
+
+[funding]
+# min_confirmations = 1
+# zero_conf_max_value_sat = 100000   # served before confirmation when the funding is safe
+# confirm_within_blocks = 144
+
+[settlement]
+# interval_secs = 30
+# tip_interval_secs = 5
+"#,
+        network = init.network,
+        listen = init.listen,
+        upstream = init.upstream,
+        key_file = init.key_file.display(),
+        payout = init.payout_address,
+        store = init.store,
+        price = init.price_msat,
+    )
+}
+
+/// What `paychan init` writes into the template.
+#[derive(Debug)]
+pub(crate) struct Init {
+    pub(crate) network: String,
+    pub(crate) listen: SocketAddr,
+    pub(crate) upstream: String,
+    pub(crate) key_file: PathBuf,
+    pub(crate) payout_address: String,
+    pub(crate) bitcoind_url: String,
+    pub(crate) cookie_file: PathBuf,
+    pub(crate) esplora_url: Option<String>,
+    pub(crate) store: String,
+    pub(crate) price_msat: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn init() -> Init {
+        Init {
+            network: "regtest".into(),
+            listen: "127.0.0.1:8402".parse().unwrap(),
+            upstream: "http://127.0.0.1:8080".into(),
+            key_file: "paychan.key".into(),
+            payout_address: "bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080".into(),
+            bitcoind_url: "http://127.0.0.1:18443".into(),
+            cookie_file: "/tmp/.cookie".into(),
+            esplora_url: None,
+            store: "sqlite:paychan.db".into(),
+            price_msat: 1_000,
+        }
+    }
+
+    #[test]
+    fn the_template_parses_with_its_defaults() {
+        let config = Config::parse(&template(&init()), Path::new("/srv")).unwrap();
+        assert_eq!(config.network, Network::Regtest);
+        assert_eq!(config.upstream, "http://127.0.0.1:8080");
+        assert_eq!(config.key_file, Path::new("/srv/paychan.key"));
+        assert_eq!(config.store_url, "sqlite:/srv/paychan.db");
+        assert_eq!(config.terms, Terms::default());
+        assert!(config.refund_server_errors);
+        let routes: Vec<_> =
+            config.prices.iter().map(|(m, p, price)| (m.clone(), p.to_owned(), price)).collect();
+        assert_eq!(routes, [(Method::GET, "/{*rest}".to_owned(), MilliSats::from_msat(1_000))]);
+    }
+
+    #[test]
+    fn every_error_names_its_key() {
+        let good = template(&init());
+        let cases = [
+            ("listen = ", "lisen = ", "lisen"),
+            ("network = \"regtest\"", "network = \"mainnet-ish\"", "network"),
+            ("upstream = \"http://127.0.0.1:8080\"", "upstream = \"ftp://x\"", "upstream"),
+            (
+                "payout_address = \"bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080\"",
+                "payout_address = \"bc1qw508d6qejxtdg4y5r3zarvary0c5xw7kv8f3t4\"",
+                "payout_address",
+            ),
+            ("url = \"sqlite:paychan.db\"", "url = \"mysql://x\"", "store.url"),
+            ("unlisted = \"refuse\"", "unlisted = \"maybe\"", "prices.unlisted"),
+            ("method = \"GET\"", "method = \"G T\"", "prices.routes[0].method"),
+            (
+                "# max_fee_rate_sat_vb = 1000",
+                "max_fee_rate_sat_vb = 1",
+                "terms.min_fee_rate_sat_vb",
+            ),
+        ];
+        for (from, to, key) in cases {
+            assert!(good.contains(from), "{from}");
+            let error = Config::parse(&good.replacen(from, to, 1), Path::new(".")).unwrap_err();
+            assert!(error.to_string().contains(key), "{to}: {error}");
+        }
+    }
+}

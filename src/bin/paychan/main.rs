@@ -1,0 +1,272 @@
+//! `paychan`: a paying reverse proxy for any HTTP API, its operator console, and a curl-like
+//! paying client. See `paychan --help` and the README's quickstart.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use paychan::store::ChannelState;
+use paychan::wire::ChannelId;
+
+mod chain;
+mod config;
+mod keys;
+mod operator;
+mod pay;
+mod serve;
+
+type Error = Box<dyn std::error::Error>;
+
+/// Opens the store `$url` names and runs `$body` with it bound to `$store`.
+#[macro_export]
+macro_rules! with_store {
+    ($url:expr, $store:ident => $body:expr) => {{
+        let url: &str = $url;
+        if url == "memory" {
+            let $store = paychan::store::MemoryStore::new();
+            $body
+        } else if let Some(path) = url.strip_prefix("sqlite:") {
+            let $store = paychan::store::SqliteStore::open(path)?;
+            $body
+        } else if url.starts_with("postgres") {
+            #[cfg(feature = "postgres")]
+            {
+                let $store = paychan::store::PostgresStore::connect(url).await?;
+                $body
+            }
+            #[cfg(not(feature = "postgres"))]
+            {
+                Err("this paychan was built without the postgres feature".into())
+            }
+        } else if url.starts_with("redis") {
+            #[cfg(feature = "redis")]
+            {
+                let $store = paychan::store::RedisStore::connect(url).await?;
+                $body
+            }
+            #[cfg(not(feature = "redis"))]
+            {
+                Err("this paychan was built without the redis feature".into())
+            }
+        } else {
+            Err(format!("unknown store {url}").into())
+        }
+    }};
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "paychan",
+    version,
+    about = "Charge per HTTP request over Bitcoin payment channels"
+)]
+struct Cli {
+    /// Log as JSON lines.
+    #[arg(long, global = true)]
+    json_logs: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Args)]
+struct ConfigPath {
+    /// The proxy's configuration file.
+    #[arg(short, long, env = "PAYCHAN_CONFIG", default_value = "paychan.toml")]
+    config: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Writes a commented configuration and a fresh master key file (mode 0600).
+    Init {
+        #[command(flatten)]
+        config: ConfigPath,
+        /// The network.
+        #[arg(long, default_value = "regtest")]
+        network: String,
+        /// Where paying clients connect.
+        #[arg(long, default_value = "127.0.0.1:8402")]
+        listen: SocketAddr,
+        /// The API behind the proxy.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        upstream: String,
+        /// Where the proxy's earnings go.
+        #[arg(long)]
+        payout_address: String,
+        /// Bitcoin Core's RPC URL.
+        #[arg(long, default_value = "http://127.0.0.1:18443")]
+        bitcoind_url: String,
+        /// Bitcoin Core's cookie file.
+        #[arg(long, default_value = "~/.bitcoin/regtest/.cookie")]
+        cookie_file: PathBuf,
+        /// An Esplora URL instead of Bitcoin Core.
+        #[arg(long)]
+        esplora_url: Option<String>,
+        /// The channel store.
+        #[arg(long, default_value = "sqlite:paychan.db")]
+        store: String,
+        /// The price of every GET request, in msat.
+        #[arg(long, default_value_t = 1_000)]
+        price_msat: u64,
+    },
+    /// Runs the paying reverse proxy (the layer, the negotiation endpoints and the settlement
+    /// task) until SIGTERM.
+    Serve {
+        #[command(flatten)]
+        config: ConfigPath,
+    },
+    /// Lists the proxy's channels.
+    Channels {
+        #[command(flatten)]
+        config: ConfigPath,
+        /// Only channels in this state (pending, open, closing, closed, settled, failed).
+        #[arg(long)]
+        state: Option<String>,
+    },
+    /// Shows one channel as JSON.
+    Channel {
+        #[command(flatten)]
+        config: ConfigPath,
+        /// The channel (`txid:vout` of its funding).
+        id: ChannelId,
+    },
+    /// Closes a channel: co-signs its best payment and broadcasts it.
+    Close {
+        #[command(flatten)]
+        config: ConfigPath,
+        /// The channel.
+        id: ChannelId,
+    },
+    /// Revenue paid and settled, open allocations, channels closing soon.
+    Report {
+        #[command(flatten)]
+        config: ConfigPath,
+    },
+    /// Sends a request like curl and pays for it over a channel.
+    Pay(pay::PayArgs),
+    /// The paying client's channels.
+    #[command(subcommand)]
+    Client(ClientCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ClientCommand {
+    /// Lists the client's channels.
+    Channels {
+        #[command(flatten)]
+        options: pay::ClientOptions,
+    },
+    /// Closes the channel with a server cooperatively.
+    Close {
+        /// The server's origin (`http://host:port`).
+        origin: String,
+        #[command(flatten)]
+        options: pay::ClientOptions,
+    },
+    /// Refunds every channel whose refund is final (its server vanished).
+    Refund {
+        #[command(flatten)]
+        options: pay::ClientOptions,
+    },
+}
+
+fn logs(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json { logs.json().init() } else { logs.init() }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logs(cli.json_logs);
+    match run(cli.command).await {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("paychan: {error}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(command: Command) -> Result<ExitCode, Error> {
+    use config::Config;
+    match command {
+        Command::Init {
+            config,
+            network,
+            listen,
+            upstream,
+            payout_address,
+            bitcoind_url,
+            cookie_file,
+            esplora_url,
+            store,
+            price_msat,
+        } => {
+            let path = config.config;
+            if path.exists() {
+                return Err(format!("{} exists: never overwritten", path.display()).into());
+            }
+            let init = config::Init {
+                network,
+                listen,
+                upstream,
+                key_file: PathBuf::from("paychan.key"),
+                payout_address,
+                bitcoind_url,
+                cookie_file: expand_home(cookie_file),
+                esplora_url,
+                store,
+                price_msat,
+            };
+            let text = config::template(&init);
+            let base = path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(std::path::Path::new("."));
+            let checked = Config::parse(&text, base)?;
+            keys::create(&checked.key_file, checked.network)?;
+            std::fs::write(&path, text)?;
+            println!("wrote {} and the key {}", path.display(), checked.key_file.display());
+        }
+        Command::Serve { config } => serve::serve(Config::load(&config.config)?).await?,
+        Command::Channels { config, state } => {
+            let config = Config::load(&config.config)?;
+            let state = state.map(|s| ChannelState::from_name(&s)).transpose()?;
+            with_store!(&config.store_url, store => operator::channels(&store, state).await)?;
+        }
+        Command::Channel { config, id } => {
+            let config = Config::load(&config.config)?;
+            with_store!(&config.store_url, store => operator::channel(&store, id).await)?;
+        }
+        Command::Close { config, id } => {
+            let config = Config::load(&config.config)?;
+            let master = keys::read(&config.key_file, config.network)?;
+            let chain = chain::Chain::new(&config.chain)?;
+            with_store!(&config.store_url, store => operator::close(&store, &chain, &master, id).await)?;
+        }
+        Command::Report { config } => {
+            let config = Config::load(&config.config)?;
+            let chain = chain::Chain::new(&config.chain)?;
+            with_store!(&config.store_url, store => operator::report(&store, Some(&chain)).await)?;
+        }
+        Command::Pay(args) => return pay::pay(args).await,
+        Command::Client(ClientCommand::Channels { options }) => pay::channels(&options).await?,
+        Command::Client(ClientCommand::Close { origin, options }) => {
+            pay::close(&options, &origin).await?
+        }
+        Command::Client(ClientCommand::Refund { options }) => pay::refund(&options).await?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `~/…` with `$HOME`.
+fn expand_home(path: PathBuf) -> PathBuf {
+    match (path.strip_prefix("~"), std::env::var_os("HOME")) {
+        (Ok(rest), Some(home)) => PathBuf::from(home).join(rest),
+        _ => path,
+    }
+}

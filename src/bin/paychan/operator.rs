@@ -1,0 +1,136 @@
+//! The operator console: the channels in the proxy's store, a close, a report.
+
+use paychan::MilliSats;
+use paychan::bitcoin::bip32::Xpriv;
+use paychan::chain::{ChainBackend, ChainError, RejectReason};
+use paychan::store::{ChannelRecord, ChannelState, ChannelStore};
+use paychan::wire::ChannelId;
+
+use crate::Error;
+use crate::chain::Chain;
+
+/// Every state, in the order a channel lives through them.
+const STATES: [ChannelState; 6] = [
+    ChannelState::Pending,
+    ChannelState::Open,
+    ChannelState::Closing,
+    ChannelState::Closed,
+    ChannelState::Settled,
+    ChannelState::Failed,
+];
+
+/// One line per channel: id, state, paid, spent, balance, expiry.
+fn line(record: &ChannelRecord) -> String {
+    format!(
+        "{}  {:<8} paid {:>12} msat  spent {:>12} msat  balance {:>12} msat  expiry {}",
+        record.id(),
+        record.state.as_str(),
+        record.paid().to_msat(),
+        record.spent.to_msat(),
+        record.balance().to_msat(),
+        record.channel.params().expiry,
+    )
+}
+
+/// `paychan channels [--state S]`.
+pub(crate) async fn channels<St: ChannelStore>(
+    store: &St,
+    state: Option<ChannelState>,
+) -> Result<(), Error> {
+    for state in STATES.into_iter().filter(|s| state.is_none_or(|wanted| wanted == *s)) {
+        for record in store.list(state).await? {
+            println!("{}", line(&record));
+        }
+    }
+    Ok(())
+}
+
+/// `paychan channel <id>`: the channel as JSON (its snapshot).
+pub(crate) async fn channel<St: ChannelStore>(store: &St, id: ChannelId) -> Result<(), Error> {
+    let record = store.load(id).await?.ok_or_else(|| format!("no channel {id}"))?;
+    let snapshot = record.snapshot(MilliSats::ZERO, MilliSats::ZERO);
+    println!("{}", serde_json::to_string_pretty(&snapshot)?);
+    Ok(())
+}
+
+/// `paychan close <id>`: queues the close (the proxy's settlement task retries it) and
+/// broadcasts it now.
+pub(crate) async fn close<St: ChannelStore>(
+    store: &St,
+    chain: &Chain,
+    master: &Xpriv,
+    id: ChannelId,
+) -> Result<(), Error> {
+    let record = store.load(id).await?.ok_or_else(|| format!("no channel {id}"))?;
+    if matches!(record.state, ChannelState::Pending | ChannelState::Open) {
+        store.transition(id, record.state, ChannelState::Closing).await?;
+    }
+    // Read again: from `Closing` on the best payment is frozen.
+    let record = store.load(id).await?.ok_or_else(|| format!("no channel {id}"))?;
+    if record.state != ChannelState::Closing {
+        return Err(format!("channel {id} is {}: nothing to close", record.state.as_str()).into());
+    }
+    let close = record.close_transaction(master)?;
+    match chain.broadcast(&close).await {
+        Ok(_) | Err(ChainError::Rejected { reason: RejectReason::AlreadyConfirmed, .. }) => {
+            store.transition(id, ChannelState::Closing, ChannelState::Closed).await?;
+            println!(
+                "closed {id}: {} pays {} to the payout address",
+                close.compute_txid(),
+                paychan::channel::server_amount(&close)
+            );
+        }
+        Err(error) => {
+            println!("close of {id} queued ({error}); the proxy's settlement task retries it");
+        }
+    }
+    Ok(())
+}
+
+/// `paychan report`: channels by state, revenue paid and settled, open allocations, and the
+/// channels that expire within a day.
+pub(crate) async fn report<St: ChannelStore>(
+    store: &St,
+    chain: Option<&Chain>,
+) -> Result<(), Error> {
+    let tip = match chain {
+        Some(chain) => Some(chain.tip().await?.height),
+        None => None,
+    };
+    let (mut paid, mut settled, mut allocated) =
+        (MilliSats::ZERO, MilliSats::ZERO, MilliSats::ZERO);
+    let mut soon = Vec::new();
+    for state in STATES {
+        let records = store.list(state).await?;
+        println!("{:<8} {}", state.as_str(), records.len());
+        for record in &records {
+            if state != ChannelState::Failed {
+                paid = paid.saturating_add(record.paid());
+            }
+            match state {
+                ChannelState::Settled => settled = settled.saturating_add(record.paid()),
+                ChannelState::Open | ChannelState::Pending => {
+                    allocated = allocated.saturating_add(record.balance());
+                    let close_by = record.snapshot(MilliSats::ZERO, MilliSats::ZERO).close_by;
+                    if tip.is_some_and(|tip| close_by <= tip + 144) {
+                        soon.push((record.id(), close_by));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    println!("revenue paid     {} msat", paid.to_msat());
+    println!("revenue settled  {} msat", settled.to_msat());
+    println!("open allocations {} msat (prepaid, not yet served)", allocated.to_msat());
+    match tip {
+        Some(tip) => {
+            println!("closing within 144 blocks of tip {tip}: {}", soon.len());
+            for (id, close_by) in soon {
+                println!("  {id} closes by height {close_by}");
+            }
+        }
+        None => println!("(no chain: expiries not checked)"),
+    }
+    Ok(())
+}

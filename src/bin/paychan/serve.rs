@@ -1,0 +1,160 @@
+//! `paychan serve`: the paying reverse proxy.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::response::{IntoResponse, Response};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{StatusCode, Uri};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use paychan::Merchant;
+use paychan::store::ChannelStore;
+use paychan::wire::{PAYMENT_CHANNEL, Problem, ProblemCode};
+
+use crate::chain::Chain;
+use crate::config::Config;
+use crate::{Error, keys, with_store};
+
+/// What the proxy handler needs.
+struct Upstream {
+    client: Client<HttpConnector, Body>,
+    /// `http://authority`.
+    origin: String,
+}
+
+/// Runs the proxy until SIGTERM or Ctrl-C.
+pub(crate) async fn serve(config: Config) -> Result<(), Error> {
+    let master = keys::read(&config.key_file, config.network)?;
+    let chain = Chain::new(&config.chain)?;
+    with_store!(&config.store_url, store => run(config, master, chain, store).await)
+}
+
+async fn run<St: ChannelStore + Clone + 'static>(
+    config: Config,
+    master: paychan::bitcoin::bip32::Xpriv,
+    chain: Chain,
+    store: St,
+) -> Result<(), Error> {
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| format!("listen {}: {e}", config.listen))?;
+    let paid = Merchant::new(config.network, master, config.payout_script.clone(), chain)
+        .with_store(store)
+        .with_terms(config.terms.clone())
+        .with_funding_policy(config.funding)
+        .with_prices(config.prices.describe())
+        .with_intervals(config.tip_every, config.settle_every)
+        .start(config.prices.clone())
+        .await
+        .map_err(|e| format!("the chain backend: {e}"))?;
+    let upstream = Arc::new(Upstream {
+        client: Client::builder(TokioExecutor::new()).build_http(),
+        origin: config.upstream.clone(),
+    });
+    let app = Router::new()
+        .fallback(forward)
+        .with_state(upstream)
+        .layer(paid.layer().refund_server_errors(config.refund_server_errors));
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        upstream = %config.upstream,
+        network = %config.network,
+        "paychan proxy started"
+    );
+    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(shutdown())
+        .await?;
+    paid.stop();
+    tracing::info!("paychan proxy stopped: in-flight requests finished");
+    Ok(())
+}
+
+/// SIGTERM or Ctrl-C.
+async fn shutdown() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("a SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutting down: finishing in-flight requests");
+}
+
+/// The hop-by-hop headers (RFC 9110 §7.6.1), never forwarded.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Forwards a paid request to the upstream, streaming both bodies.
+async fn forward(
+    State(upstream): State<Arc<Upstream>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+) -> Response {
+    let (mut parts, body) = request.into_parts();
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let Ok(uri) = format!("{}{path}", upstream.origin).parse::<Uri>() else {
+        return Problem::new(StatusCode::BAD_REQUEST, ProblemCode::BadRequest, "bad path")
+            .into_response();
+    };
+    parts.uri = uri;
+    let headers = &mut parts.headers;
+    strip_hop_by_hop(headers);
+    // The payment is the proxy's business; the upstream never sees the credential.
+    headers.remove(PAYMENT_CHANNEL);
+    if let Some(host) = headers.remove(header::HOST) {
+        headers.insert("x-forwarded-host", host);
+    }
+    let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(earlier) => format!("{earlier}, {}", peer.ip()),
+        None => peer.ip().to_string(),
+    };
+    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+        headers.insert("x-forwarded-for", value);
+    }
+    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    match upstream.client.request(http::Request::from_parts(parts, body)).await {
+        Ok(response) => {
+            let (mut parts, body) = response.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            Response::from_parts(parts, Body::new(body))
+        }
+        Err(error) => {
+            tracing::warn!(%error, "upstream unreachable");
+            Problem::new(
+                StatusCode::BAD_GATEWAY,
+                ProblemCode::UpstreamUnavailable,
+                "the upstream did not answer",
+            )
+            .into_response()
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! The `paychan` binary end to end, on a real Bitcoin Core regtest node: `init`, `serve` in
+//! front of a plain upstream that knows nothing of payments, `pay` through it (funded by Core's
+//! wallet), the operator's `channels`, `report` and `close`, the settlement checked on chain,
+//! an upstream 5xx and an upstream that is down (nothing charged), SIGTERM, and bad config.
+#![cfg(feature = "cli")]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::get;
+use bitcoin::{Address, Amount, Network};
+use common::node::{Node, NodeConfig};
+use serde_json::{Value, json};
+
+const PAYCHAN: &str = env!("CARGO_BIN_EXE_paychan");
+
+/// Runs `paychan args…` to completion (off the async workers).
+async fn paychan(args: Vec<String>) -> Output {
+    tokio::task::spawn_blocking(move || Command::new(PAYCHAN).args(&args).output().unwrap())
+        .await
+        .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn args(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// What the upstream saw: requests, and any that carried the payment header or lacked the
+/// forwarding header.
+#[derive(Default)]
+struct Seen {
+    requests: AtomicUsize,
+    leaked: AtomicUsize,
+    unforwarded: AtomicUsize,
+}
+
+/// A plain API: `/hello` answers, `/boom` fails with a 500.
+async fn upstream(seen: Arc<Seen>) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let record = move |headers: HeaderMap| {
+        seen.requests.fetch_add(1, Ordering::SeqCst);
+        if headers.contains_key("payment-channel") {
+            seen.leaked.fetch_add(1, Ordering::SeqCst);
+        }
+        if !headers.contains_key("x-forwarded-for") {
+            seen.unforwarded.fetch_add(1, Ordering::SeqCst);
+        }
+    };
+    let hello = record.clone();
+    let app = Router::new()
+        .route(
+            "/hello",
+            get(move |headers: HeaderMap| async move {
+                hello(headers);
+                "hello from upstream"
+            }),
+        )
+        .route(
+            "/boom",
+            get(move |headers: HeaderMap| async move {
+                record(headers);
+                (StatusCode::INTERNAL_SERVER_ERROR, "boom")
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (addr, task)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Waits until the proxy answers its terms document.
+async fn wait_for(origin: &str, proxy: &mut Child) {
+    let url = format!("{origin}/.well-known/payment-channel");
+    for _ in 0..200 {
+        assert!(proxy.try_wait().unwrap().is_none(), "the proxy exited early");
+        let answer = common::counting::http_client().get(url.parse().unwrap()).await;
+        if answer.is_ok_and(|response| response.status() == StatusCode::OK) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the proxy did not start");
+}
+
+/// The channel the operator sees, as JSON.
+async fn channel_json(config: &Path, id: &str) -> Value {
+    let out = paychan(args(&["channel", "--config", config.to_str().unwrap(), id])).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_proxies_pays_closes_and_settles_on_a_real_node() {
+    let Some(node) = Node::start(NodeConfig { txindex: false, extra_args: Vec::new() }).await
+    else {
+        return;
+    };
+    node.create_wallet("w").await;
+    node.mine(101).await;
+    let seen = Arc::new(Seen::default());
+    let (upstream_addr, upstream_task) = upstream(Arc::clone(&seen)).await;
+    let dir = std::env::temp_dir().join(format!("paychan-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("paychan.toml");
+    let config_arg = config.to_str().unwrap().to_owned();
+    let payout = node.wallet_rpc("getnewaddress", json!([])).await;
+    let payout = payout.as_str().unwrap().to_owned();
+    let port = free_port();
+    let origin = format!("http://127.0.0.1:{port}");
+
+    // init: a config and a private key file; never twice.
+    let init = args(&[
+        "init",
+        "--config",
+        &config_arg,
+        "--network",
+        "regtest",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--upstream",
+        &format!("http://{upstream_addr}"),
+        "--payout-address",
+        &payout,
+        "--bitcoind-url",
+        &node.url(),
+        "--cookie-file",
+        node.cookie_path().to_str().unwrap(),
+        "--price-msat",
+        "2000",
+    ]);
+    let out = paychan(init.clone()).await;
+    assert!(out.status.success(), "init: {}", text(&out.stderr));
+    let key = dir.join("paychan.key");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    let again = paychan(init).await;
+    assert!(!again.status.success(), "init never overwrites");
+
+    // serve
+    let log = std::fs::File::create(dir.join("proxy.log")).unwrap();
+    let mut proxy = Command::new(PAYCHAN)
+        .args(["serve", "--config", &config_arg])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    wait_for(&origin, &mut proxy).await;
+
+    // pay: five requests, each its own process; the first opens a channel funded by Core.
+    let state = dir.join("client");
+    let client = |url: &str| {
+        args(&[
+            "pay",
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--chain-url",
+            &node.url(),
+            "--wallet-url",
+            &format!("{}/wallet/w", node.url()),
+            "--rpc-cookie",
+            node.cookie_path().to_str().unwrap(),
+            url,
+        ])
+    };
+    for n in 0..5 {
+        let out = paychan(client(&format!("{origin}/hello"))).await;
+        assert!(out.status.success(), "pay {n}: {}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "hello from upstream");
+        assert!(text(&out.stderr).contains("paid"), "{}", text(&out.stderr));
+    }
+    assert_eq!(
+        seen.requests.load(Ordering::SeqCst),
+        5,
+        "each paid request reached the upstream once"
+    );
+    assert_eq!(
+        seen.leaked.load(Ordering::SeqCst),
+        0,
+        "the payment header never reaches the upstream"
+    );
+    assert_eq!(seen.unforwarded.load(Ordering::SeqCst), 0, "X-Forwarded-For is set");
+
+    // The operator sees the channel: five requests at 2 sat.
+    let out = paychan(args(&["channels", "--config", &config_arg])).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let listing = text(&out.stdout);
+    let id = listing.split_whitespace().next().expect("a channel").to_owned();
+    assert!(listing.contains("open"), "{listing}");
+    let channel = channel_json(&config, &id).await;
+    assert_eq!(channel["spent_msat"], 10_000);
+
+    // An upstream 5xx is passed on and not charged.
+    let out = paychan(client(&format!("{origin}/boom"))).await;
+    assert_eq!(out.status.code(), Some(22), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "boom");
+    assert_eq!(channel_json(&config, &id).await["spent_msat"], 10_000, "a 5xx is not charged");
+
+    // The report.
+    let out = paychan(args(&["report", "--config", &config_arg])).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("open     1"), "{}", text(&out.stdout));
+
+    // The client's own view.
+    let out = paychan(args(&["client", "channels", "--state-dir", state.to_str().unwrap()])).await;
+    assert!(text(&out.stdout).contains(&id), "{}", text(&out.stdout));
+
+    // The upstream goes down: 502, nothing charged.
+    upstream_task.abort();
+    let _ = upstream_task.await;
+    let out = paychan(client(&format!("{origin}/hello"))).await;
+    assert_eq!(out.status.code(), Some(22), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("upstream-unavailable"), "{}", text(&out.stdout));
+    assert_eq!(channel_json(&config, &id).await["spent_msat"], 10_000, "a 502 is not charged");
+
+    // The operator closes; the settlement pays the payout address what the client paid.
+    let paid = channel_json(&config, &id).await["paid_msat"].as_u64().unwrap();
+    let out = paychan(args(&["close", "--config", &config_arg, &id])).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).starts_with("closed"), "{}", text(&out.stdout));
+    node.mine(1).await;
+    let payout_script = payout
+        .parse::<Address<_>>()
+        .unwrap()
+        .require_network(Network::Regtest)
+        .unwrap()
+        .script_pubkey();
+    assert_eq!(node.balance_of_script(&payout_script).await, Amount::from_sat(paid / 1_000));
+
+    // SIGTERM: the proxy stops cleanly.
+    let kill = Command::new("kill").args(["-TERM", &proxy.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let status = tokio::task::spawn_blocking(move || proxy.wait().unwrap()).await.unwrap();
+    assert!(status.success(), "{status:?}");
+    let log = std::fs::read_to_string(dir.join("proxy.log")).unwrap();
+    assert!(log.contains("proxy stopped"), "{log}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A config error names its key, and the proxy does not start.
+#[tokio::test]
+async fn a_bad_config_names_its_key() {
+    let dir = std::env::temp_dir().join(format!("paychan-cli-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config: PathBuf = dir.join("bad.toml");
+    std::fs::write(
+        &config,
+        "network = \"regtest\"\nlisen = \"127.0.0.1:1\"\nupstream = \"http://127.0.0.1:2\"\n",
+    )
+    .unwrap();
+    let out = paychan(args(&["serve", "--config", config.to_str().unwrap()])).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("lisen"), "{}", text(&out.stderr));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
