@@ -98,7 +98,12 @@ async fn script_utxos(State(chain): State<SimulatedChain>, Path(hash): Path<Stri
 }
 
 async fn fake_esplora(chain: SimulatedChain) -> String {
-    let app = Router::new()
+    format!("http://{}/api", common::http::serve(fake_app(chain)).await)
+}
+
+/// The fake Esplora's routes, under `/api`.
+fn fake_app(chain: SimulatedChain) -> Router {
+    Router::new()
         .route("/api/scripthash/{hash}/utxo", get(script_utxos))
         .route("/api/tx", post(broadcast))
         .route("/api/tx/{txid}/status", get(status))
@@ -122,8 +127,7 @@ async fn fake_esplora(chain: SimulatedChain) -> String {
             "/api/fee-estimates",
             get(|| async { Json(json!({ "1": 87.882, "6": 10.5, "144": 1.0 })) }),
         )
-        .with_state(chain);
-    format!("http://{}/api", common::http::serve(app).await)
+        .with_state(chain)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -188,4 +192,56 @@ async fn broadcasts_and_reads_state_like_esplora() {
 
     let closed = Esplora::new("http://127.0.0.1:9/api").unwrap();
     assert!(matches!(closed.tip().await, Err(ChainError::Unavailable { .. })));
+}
+
+/// With the `tls` feature an `https://` Esplora works, and its certificate is checked: the
+/// same fake behind TLS with a self-signed certificate is refused until that certificate is
+/// trusted.
+#[cfg(feature = "tls")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_esplora_is_reached_and_its_certificate_checked() {
+    use std::sync::Arc;
+
+    use hyper_util::rt::TokioIo;
+    use hyper_util::service::TowerToHyperService;
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+
+    let chain = SimulatedChain::new();
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let cert = certified.cert.der().clone();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(certified.signing_key.serialize_der()));
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![cert.clone()], key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let app = fake_app(chain.clone());
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), TowerToHyperService::new(app))
+                    .await;
+            });
+        }
+    });
+    let url = format!("https://localhost:{port}/api");
+    let untrusted = Esplora::new(&url).unwrap().tip().await.unwrap_err();
+    assert!(untrusted.to_string().contains("certificate"), "{untrusted}");
+    let trusted = Esplora::new(&url).unwrap().with_root_certificate(&cert).unwrap();
+    chain.mine(2);
+    assert_eq!(trusted.tip().await.unwrap(), chain.tip());
+    let coin = chain.faucet_p2wpkh(&public(&secret(3)), Amount::from_sat(100_000));
+    let txid = trusted.broadcast(&spend(coin, 99_000, 0)).await.unwrap();
+    assert_eq!(trusted.tx_status(&txid).await.unwrap(), TxStatus::InMempool);
+    assert!(Esplora::new("http://localhost:1").unwrap().with_root_certificate(&cert).is_err());
 }

@@ -45,7 +45,7 @@ pub enum Auth {
 /// parsed exactly, never through a float.
 #[derive(Debug, Clone)]
 pub struct BitcoindRpc {
-    authority: String,
+    target: Target,
     path: String,
     auth: Auth,
 }
@@ -63,7 +63,7 @@ struct RpcError {
 }
 
 use super::core_reject::{BroadcastError, map_broadcast_error};
-use super::http::{send, split_url, unavailable};
+use super::http::{Target, send, split_url, unavailable};
 
 /// Parses one of Core's decimal BTC amounts exactly.
 fn btc(value: &Value) -> Result<Amount, ChainError> {
@@ -105,15 +105,28 @@ fn positional(number: &str) -> String {
 
 impl BitcoindRpc {
     /// A client for the node at `url` (`http://host:port`, optionally with a `/wallet/<name>`
-    /// path).
+    /// path; `https://` with the `tls` feature, for a node behind a TLS-terminating proxy).
     ///
     /// # Errors
     ///
-    /// [`ChainError::Unavailable`] if the URL is not `http://host:port[/path]`.
+    /// [`ChainError::Unavailable`] if the URL is not `http[s]://host[:port][/path]`.
     pub fn new(url: &str, auth: Auth) -> Result<Self, ChainError> {
-        let (authority, path) = split_url(url)?;
+        let (target, path) = split_url(url)?;
         let path = if path.is_empty() { "/".to_owned() } else { path };
-        Ok(Self { authority, path, auth })
+        Ok(Self { target, path, auth })
+    }
+
+    /// Also trusts `der`, a DER-encoded root certificate, for an `https://` URL (a node behind
+    /// a TLS-terminating proxy with a private CA).
+    ///
+    /// # Errors
+    ///
+    /// [`ChainError::Unavailable`] if the URL is not `https://` or the certificate cannot be
+    /// parsed.
+    #[cfg(feature = "tls")]
+    pub fn with_root_certificate(mut self, der: &[u8]) -> Result<Self, ChainError> {
+        self.target.add_root_certificate(der)?;
+        Ok(self)
     }
 
     fn credentials(&self) -> Result<String, ChainError> {
@@ -135,12 +148,12 @@ impl BitcoindRpc {
     ) -> Result<Result<Value, (i64, String)>, ChainError> {
         let body = json!({ "jsonrpc": "1.0", "id": "paychan", "method": method, "params": params });
         let request = Request::post(&self.path)
-            .header(header::HOST, &self.authority)
+            .header(header::HOST, &self.target.authority)
             .header(header::AUTHORIZATION, self.credentials()?)
             .header(header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body.to_string())))
             .map_err(unavailable)?;
-        let (status, bytes) = send(&self.authority, request).await?;
+        let (status, bytes) = send(&self.target, request).await?;
         if status == http::StatusCode::UNAUTHORIZED || status == http::StatusCode::FORBIDDEN {
             return Err(unavailable(format!("Bitcoin Core refused the credentials ({status})")));
         }
@@ -367,7 +380,10 @@ mod tests {
             Auth::UserPass("u".into(), "p".into()),
         )
         .unwrap();
-        assert_eq!((rpc.authority.as_str(), rpc.path.as_str()), ("127.0.0.1:18443", "/wallet/w"));
+        assert_eq!(
+            (rpc.target.authority.as_str(), rpc.path.as_str()),
+            ("127.0.0.1:18443", "/wallet/w")
+        );
         assert!(BitcoindRpc::new("https://x:1", Auth::UserPass("u".into(), "p".into())).is_err());
         assert_eq!(
             "cookie:/tmp/.cookie".parse::<Auth>().unwrap(),

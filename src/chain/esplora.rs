@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::core_reject::{BroadcastError, map_broadcast_error};
-use super::http::{send, split_url, unavailable};
+use super::http::{Target, send, split_url, unavailable};
 use super::{ChainBackend, ChainError, ChainTip, TxStatus, Utxo};
 
 /// The Esplora REST API as a [`ChainBackend`].
@@ -24,11 +24,11 @@ use super::{ChainBackend, ChainError, ChainTip, TxStatus, Utxo};
 /// | [`unspent_output`](ChainBackend::unspent_output) | `GET /tx/:txid`, `GET /tx/:txid/outspend/:vout` |
 /// | [`unspent_outputs_of`](ChainBackend::unspent_outputs_of) | `GET /scripthash/:hash/utxo` (mempool included) |
 ///
-/// Use a plain-HTTP Esplora you run (or a local TLS-terminating proxy): this client speaks
-/// HTTP/1.1 without TLS.
+/// It speaks HTTP/1.1, over TLS for `https://` URLs with the `tls` feature (rustls and
+/// Mozilla's roots), so a public instance works as well as one you run.
 #[derive(Debug, Clone)]
 pub struct Esplora {
-    authority: String,
+    target: Target,
     base: String,
 }
 
@@ -67,14 +67,38 @@ fn sat_per_vb(text: &str) -> Result<FeeRate, ChainError> {
 }
 
 impl Esplora {
-    /// A client for the Esplora API at `url` (for example `http://127.0.0.1:3002/api`).
+    /// A client for the Esplora API at `url`: `http://127.0.0.1:3002/api`, or with the `tls`
+    /// feature a public instance such as `https://blockstream.info/api` (Mozilla's roots).
     ///
     /// # Errors
     ///
-    /// [`ChainError::Unavailable`] if the URL is not `http://host:port[/path]`.
+    /// [`ChainError::Unavailable`] if the URL is not `http[s]://host[:port][/path]`, or is
+    /// `https://` without the `tls` feature.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use paychan::chain::esplora::Esplora;
+    ///
+    /// assert!(Esplora::new("http://127.0.0.1:3002/api").is_ok());
+    /// assert!(Esplora::new("ftp://example.com").is_err());
+    /// ```
     pub fn new(url: &str) -> Result<Self, ChainError> {
-        let (authority, base) = split_url(url)?;
-        Ok(Self { authority, base })
+        let (target, base) = split_url(url)?;
+        Ok(Self { target, base })
+    }
+
+    /// Also trusts `der`, a DER-encoded root certificate (a private CA, or a test's), for an
+    /// `https://` URL.
+    ///
+    /// # Errors
+    ///
+    /// [`ChainError::Unavailable`] if the URL is not `https://` or the certificate cannot be
+    /// parsed.
+    #[cfg(feature = "tls")]
+    pub fn with_root_certificate(mut self, der: &[u8]) -> Result<Self, ChainError> {
+        self.target.add_root_certificate(der)?;
+        Ok(self)
     }
 
     async fn request(
@@ -86,10 +110,10 @@ impl Esplora {
         let request = Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.base))
-            .header(http::header::HOST, &self.authority)
+            .header(http::header::HOST, &self.target.authority)
             .body(Full::new(Bytes::from(body)))
             .map_err(unavailable)?;
-        send(&self.authority, request).await
+        send(&self.target, request).await
     }
 
     async fn get_json<T: serde::de::DeserializeOwned>(

@@ -201,15 +201,14 @@ impl Config {
     }
 }
 
-/// `http://host[:port]` (no path): the origin requests are forwarded to.
+/// `http[s]://host[:port]` (no path): the origin requests are forwarded to.
 pub(crate) fn origin(url: &str) -> Result<String, String> {
     let uri: Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
     match (uri.scheme_str(), uri.authority(), uri.path()) {
-        (Some("http"), Some(authority), "" | "/") if uri.query().is_none() => {
-            Ok(format!("http://{authority}"))
+        (Some(scheme @ ("http" | "https")), Some(authority), "" | "/") if uri.query().is_none() => {
+            Ok(format!("{scheme}://{authority}"))
         }
-        (Some("https"), ..) => Err(format!("{url}: https upstreams are not supported yet")),
-        _ => Err(format!("{url}: expected http://host[:port]")),
+        _ => Err(format!("{url}: expected http[s]://host[:port]")),
     }
 }
 
@@ -349,7 +348,7 @@ pub(crate) fn template(init: &Init) -> String {
 
 network = "{network}"            # bitcoin, testnet4, signet or regtest
 listen = "{listen}"          # where paying clients connect
-upstream = "{upstream}"   # the API behind the proxy (plain HTTP)
+upstream = "{upstream}"   # the API behind the proxy (http:// or https://)
 key_file = "{key_file}"        # the BIP-0032 master key: secret, mode 0600, back it up
 payout_address = "{payout}"
 refund_server_errors = true      # an upstream 5xx (or an unreachable upstream) is not charged

@@ -12,6 +12,7 @@ use paychan::wire::ChannelId;
 mod chain;
 mod config;
 mod keys;
+mod net;
 mod operator;
 mod pay;
 mod serve;

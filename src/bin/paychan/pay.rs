@@ -7,8 +7,6 @@ use bytes::Bytes;
 use clap::Args;
 use http::{HeaderName, HeaderValue, Method, Request, Uri};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use paychan::MilliSats;
 use paychan::bitcoin::{Amount, Network};
 use paychan::chain::bitcoind::{Auth, BitcoindRpc};
@@ -18,7 +16,7 @@ use paychan::client::{
 };
 use tower::{ServiceBuilder, ServiceExt};
 
-use crate::{Error, keys};
+use crate::{Error, keys, net};
 
 /// Where the client keeps its state, which wallet funds its channels, and its policy.
 #[derive(Debug, Args)]
@@ -98,7 +96,7 @@ impl ClientOptions {
             .with_max_total(Amount::from_sat(self.max_total_sat))
             .with_max_prepaid(Amount::from_sat(self.max_prepaid_sat))
             .with_max_channel_value(Amount::from_sat(self.channel_value_sat));
-        let http = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+        let http = net::client::<Full<Bytes>>();
         let mut builder = Payer::builder(origin, self.network, key)
             .store(store)
             .policy(policy)
@@ -138,7 +136,7 @@ pub(crate) struct PayArgs {
     /// Writes the response body to this file instead of standard output.
     #[arg(short = 'o', long = "output")]
     output: Option<PathBuf>,
-    /// The URL (http://).
+    /// The URL (http:// or https://).
     url: String,
     #[command(flatten)]
     client: ClientOptions,
@@ -147,9 +145,10 @@ pub(crate) struct PayArgs {
 /// The origin of `url`, refused unless plain HTTP.
 fn origin_of(uri: &Uri) -> Result<String, Error> {
     match (uri.scheme_str(), uri.authority()) {
-        (Some("http"), Some(authority)) => Ok(format!("http://{authority}")),
-        (Some("https"), _) => Err("https is not supported by `paychan pay` yet".into()),
-        _ => Err(format!("{uri}: expected http://host[:port]/path").into()),
+        (Some(scheme @ ("http" | "https")), Some(authority)) => {
+            Ok(format!("{scheme}://{authority}"))
+        }
+        _ => Err(format!("{uri}: expected http[s]://host[:port]/path").into()),
     }
 }
 
@@ -168,7 +167,7 @@ pub(crate) async fn pay(args: PayArgs) -> Result<ExitCode, Error> {
             .header(HeaderName::try_from(name.trim())?, HeaderValue::try_from(value.trim())?);
     }
     let request = request.body(Full::new(Bytes::from(args.data.unwrap_or_default())))?;
-    let http = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let http = net::client::<Full<Bytes>>();
     let client = ServiceBuilder::new().layer(PaymentLayer::new(payer.clone())).service(http);
     let response = client.oneshot(request).await?;
     let status = response.status();

@@ -9,21 +9,18 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::response::{IntoResponse, Response};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{StatusCode, Uri};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use paychan::Merchant;
 use paychan::store::ChannelStore;
 use paychan::wire::{PAYMENT_CHANNEL, Problem, ProblemCode};
 
 use crate::chain::Chain;
 use crate::config::Config;
-use crate::{Error, keys, with_store};
+use crate::{Error, keys, net, with_store};
 
 /// What the proxy handler needs.
 struct Upstream {
-    client: Client<HttpConnector, Body>,
-    /// `http://authority`.
+    client: net::HttpClient<Body>,
+    /// `http[s]://authority`.
     origin: String,
 }
 
@@ -52,10 +49,7 @@ async fn run<St: ChannelStore + Clone + 'static>(
         .start(config.prices.clone())
         .await
         .map_err(|e| format!("the chain backend: {e}"))?;
-    let upstream = Arc::new(Upstream {
-        client: Client::builder(TokioExecutor::new()).build_http(),
-        origin: config.upstream.clone(),
-    });
+    let upstream = Arc::new(Upstream { client: net::client(), origin: config.upstream.clone() });
     let app = Router::new()
         .fallback(forward)
         .with_state(upstream)
