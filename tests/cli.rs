@@ -97,6 +97,73 @@ async fn wait_for(origin: &str, proxy: &mut Child) {
     panic!("the proxy did not start");
 }
 
+/// GET `url` (with the admin token as a bearer token): the status and the body.
+async fn fetch(url: &str, token: Option<&str>) -> (StatusCode, String) {
+    use http_body_util::BodyExt;
+    let mut request = http::Request::get(url);
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let request = request.body(http_body_util::Full::default()).unwrap();
+    let response = common::counting::http_client().request(request).await.unwrap();
+    let status = response.status();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, text(&body))
+}
+
+/// Loads the admin page in headless Chromium: the DOM it rendered shows the channel, and a
+/// screenshot is taken (into `PAYCHAN_SCREENSHOT` when set, for the docs). Without Chromium
+/// (outside CI) this prints one `skipped:` line.
+async fn admin_page_in_chromium(admin: &str, token: &str, id: &str, dir: &Path) {
+    let chromium = std::env::var_os("CHROMIUM")
+        .map_or_else(|| PathBuf::from("/usr/bin/chromium"), PathBuf::from);
+    if !chromium.exists() {
+        assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "CI must have Chromium");
+        println!("skipped: Chromium is not installed (the admin page's browser check)");
+        return;
+    }
+    let url = format!("{admin}/?token={token}");
+    let screenshot =
+        std::env::var_os("PAYCHAN_SCREENSHOT").map_or_else(|| dir.join("admin.png"), PathBuf::from);
+    let browse = |extra: Vec<String>| {
+        let chromium = chromium.clone();
+        let profile = dir.join(format!("chromium-{}", extra.len()));
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || {
+            Command::new(chromium)
+                .args([
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-quic",
+                    "--no-first-run",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                    &format!("--user-data-dir={}", profile.display()),
+                ])
+                .args(extra)
+                .arg(url)
+                .output()
+                .unwrap()
+        })
+    };
+    let dom = browse(vec!["--dump-dom".to_owned()]).await.unwrap();
+    let dom = text(&dom.stdout);
+    assert!(dom.contains(id), "the page lists the channel: {dom}");
+    assert!(dom.contains("id=\"count-open\">1<"), "{dom}");
+    assert!(dom.contains("id=\"charged\">10.000 sat<"), "{dom}");
+    let shot = browse(vec![
+        format!("--screenshot={}", screenshot.display()),
+        "--window-size=1280,900".to_owned(),
+        "--hide-scrollbars".to_owned(),
+    ])
+    .await
+    .unwrap();
+    let png = std::fs::read(&screenshot).unwrap_or_else(|e| panic!("{e}: {}", text(&shot.stderr)));
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "a real screenshot");
+}
+
 /// The channel the operator sees, as JSON.
 async fn channel_json(config: &Path, id: &str) -> Value {
     let out = paychan(args(&["channel", "--config", config.to_str().unwrap(), id])).await;
@@ -123,6 +190,7 @@ async fn the_binary_proxies_pays_closes_and_settles_on_a_real_node() {
     let payout = payout.as_str().unwrap().to_owned();
     let port = free_port();
     let origin = format!("http://127.0.0.1:{port}");
+    let admin = format!("http://127.0.0.1:{}", free_port());
 
     // init: a config and a private key file; never twice.
     let init = args(&[
@@ -143,12 +211,17 @@ async fn the_binary_proxies_pays_closes_and_settles_on_a_real_node() {
         node.cookie_path().to_str().unwrap(),
         "--price-msat",
         "2000",
+        "--admin-listen",
+        admin.strip_prefix("http://").unwrap(),
     ]);
     let out = paychan(init.clone()).await;
     assert!(out.status.success(), "init: {}", text(&out.stderr));
     let key = dir.join("paychan.key");
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    let token_file = dir.join("admin.token");
+    assert_eq!(std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777, 0o600);
+    let token = std::fs::read_to_string(&token_file).unwrap().trim().to_owned();
     let again = paychan(init).await;
     assert!(!again.status.success(), "init never overwrites");
 
@@ -227,6 +300,31 @@ async fn the_binary_proxies_pays_closes_and_settles_on_a_real_node() {
     assert_eq!(out.status.code(), Some(22), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("upstream-unavailable"), "{}", text(&out.stdout));
     assert_eq!(channel_json(&config, &id).await["spent_msat"], 10_000, "a 502 is not charged");
+
+    // Metrics, behind the admin token: five served, a 5xx and a 502 not charged, the first
+    // request's 402.
+    assert_eq!(fetch(&format!("{admin}/metrics"), None).await.0, StatusCode::UNAUTHORIZED);
+    let (status, metrics) = fetch(&format!("{admin}/metrics"), Some(&token)).await;
+    assert_eq!(status, StatusCode::OK);
+    let value = |line: &str| -> f64 {
+        let found = metrics
+            .lines()
+            .find(|l| l.starts_with(line))
+            .unwrap_or_else(|| panic!("{line}: {metrics}"));
+        found.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert_eq!(value("paychan_requests_total{route=\"api\",outcome=\"served\"}"), 5.0);
+    assert_eq!(value("paychan_requests_total{route=\"api\",outcome=\"upstream_error\"}"), 2.0);
+    assert!(value("paychan_requests_total{route=\"api\",outcome=\"payment_required\"}") >= 1.0);
+    assert!(value("paychan_refusals_total{code=\"payment-required\"}") >= 1.0);
+    assert_eq!(value("paychan_charged_msat_total"), 10_000.0);
+    assert!(
+        value("paychan_request_duration_seconds_count{route=\"api\",outcome=\"served\"}") >= 5.0
+    );
+    assert!(metrics.contains("paychan_channels{state=\"open\"}"), "{metrics}");
+
+    // The admin page, in a real browser.
+    admin_page_in_chromium(&admin, &token, &id, &dir).await;
 
     // The operator closes; the settlement pays the payout address what the client paid.
     let paid = channel_json(&config, &id).await["paid_msat"].as_u64().unwrap();

@@ -54,6 +54,14 @@ struct File {
     funding: FundingFile,
     #[serde(default)]
     settlement: SettlementFile,
+    admin: Option<AdminFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdminFile {
+    listen: SocketAddr,
+    token_file: PathBuf,
 }
 
 fn yes() -> bool {
@@ -153,6 +161,8 @@ pub(crate) struct Config {
     pub(crate) funding: FundingPolicy,
     pub(crate) settle_every: Duration,
     pub(crate) tip_every: Duration,
+    /// The admin listener (metrics and the page) and its token file.
+    pub(crate) admin: Option<(SocketAddr, PathBuf)>,
 }
 
 impl Config {
@@ -197,6 +207,7 @@ impl Config {
             funding: funding(file.funding),
             settle_every: Duration::from_secs(file.settlement.interval_secs.unwrap_or(30).max(1)),
             tip_every: Duration::from_secs(file.settlement.tip_interval_secs.unwrap_or(5).max(1)),
+            admin: file.admin.map(|admin| (admin.listen, base.join(admin.token_file))),
         })
     }
 }
@@ -383,6 +394,10 @@ price_msat = {price}
 [settlement]
 # interval_secs = 30
 # tip_interval_secs = 5
+
+[admin]                          # Prometheus metrics at /metrics and a read-only page at /
+listen = "{admin_listen}"        # keep it private; every request needs the token
+token_file = "admin.token"       # as `Authorization: Bearer …`, Basic auth's password, or ?token=
 "#,
         network = init.network,
         listen = init.listen,
@@ -391,6 +406,7 @@ price_msat = {price}
         payout = init.payout_address,
         store = init.store,
         price = init.price_msat,
+        admin_listen = init.admin_listen,
     )
 }
 
@@ -407,6 +423,7 @@ pub(crate) struct Init {
     pub(crate) esplora_url: Option<String>,
     pub(crate) store: String,
     pub(crate) price_msat: u64,
+    pub(crate) admin_listen: SocketAddr,
 }
 
 #[cfg(test)]
@@ -425,6 +442,7 @@ mod tests {
             esplora_url: None,
             store: "sqlite:paychan.db".into(),
             price_msat: 1_000,
+            admin_listen: "127.0.0.1:9402".parse().unwrap(),
         }
     }
 
@@ -437,6 +455,8 @@ mod tests {
         assert_eq!(config.store_url, "sqlite:/srv/paychan.db");
         assert_eq!(config.terms, Terms::default());
         assert!(config.refund_server_errors);
+        let admin = ("127.0.0.1:9402".parse().unwrap(), PathBuf::from("/srv/admin.token"));
+        assert_eq!(config.admin, Some(admin));
         let routes: Vec<_> =
             config.prices.iter().map(|(m, p, price)| (m.clone(), p.to_owned(), price)).collect();
         assert_eq!(routes, [(Method::GET, "/{*rest}".to_owned(), MilliSats::from_msat(1_000))]);

@@ -11,20 +11,48 @@ use paychan::bitcoin::{Network, NetworkKind};
 
 type Error = Box<dyn std::error::Error>;
 
-/// Writes a fresh master key to `path`; refuses if the file exists.
-pub(crate) fn create(path: &Path, network: Network) -> Result<Xpriv, Error> {
+/// 32 bytes from the operating system.
+fn random() -> Result<[u8; 32], Error> {
     let mut seed = [0u8; 32];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut random| random.read_exact(&mut seed))
-        .map_err(|e| format!("no randomness for a key (/dev/urandom): {e}"))?;
-    let key = Xpriv::new_master(network, &seed)?;
+        .map_err(|e| format!("no randomness (/dev/urandom): {e}"))?;
+    Ok(seed)
+}
+
+/// Writes `text` to a new file only its owner can read; never overwrites.
+fn write_private(path: &Path, text: &str) -> Result<(), Error> {
     let mut file =
         OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|e| {
-            format!("{}: {e} (an existing key is never overwritten)", path.display())
+            format!("{}: {e} (an existing file is never overwritten)", path.display())
         })?;
-    writeln!(file, "{key}")?;
+    writeln!(file, "{text}")?;
     file.sync_all()?;
+    Ok(())
+}
+
+/// Writes a fresh master key to `path`; refuses if the file exists.
+pub(crate) fn create(path: &Path, network: Network) -> Result<Xpriv, Error> {
+    let key = Xpriv::new_master(network, &random()?)?;
+    write_private(path, &key.to_string())?;
     Ok(key)
+}
+
+/// Writes a fresh admin token (64 hex digits) to `path`; refuses if the file exists.
+pub(crate) fn create_token(path: &Path) -> Result<(), Error> {
+    let token: String = random()?.iter().map(|b| format!("{b:02x}")).collect();
+    write_private(path, &token)
+}
+
+/// Reads the admin token at `path`.
+pub(crate) fn read_token(path: &Path) -> Result<String, Error> {
+    let token = std::fs::read_to_string(path)
+        .map_err(|e| format!("admin token {}: {e}", path.display()))?;
+    let token = token.trim().to_owned();
+    if token.len() < 16 {
+        return Err(format!("admin token {}: shorter than 16 characters", path.display()).into());
+    }
+    Ok(token)
 }
 
 /// Reads the key at `path`, for `network`. A key file others can read is refused on mainnet

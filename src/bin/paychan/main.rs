@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use paychan::store::ChannelState;
 use paychan::wire::ChannelId;
 
+mod admin;
 mod chain;
 mod config;
 mod keys;
@@ -110,6 +111,9 @@ enum Command {
         /// The price of every GET request, in msat.
         #[arg(long, default_value_t = 1_000)]
         price_msat: u64,
+        /// The admin listener (metrics and the page).
+        #[arg(long, default_value = "127.0.0.1:9402")]
+        admin_listen: SocketAddr,
     },
     /// Runs the paying reverse proxy (the layer, the negotiation endpoints and the settlement
     /// task) until SIGTERM.
@@ -206,6 +210,7 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
             esplora_url,
             store,
             price_msat,
+            admin_listen,
         } => {
             let path = config.config;
             if path.exists() {
@@ -222,6 +227,7 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
                 esplora_url,
                 store,
                 price_msat,
+                admin_listen,
             };
             let text = config::template(&init);
             let base = path
@@ -230,6 +236,9 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
                 .unwrap_or(std::path::Path::new("."));
             let checked = Config::parse(&text, base)?;
             keys::create(&checked.key_file, checked.network)?;
+            if let Some((_, token)) = &checked.admin {
+                keys::create_token(token)?;
+            }
             std::fs::write(&path, text)?;
             println!("wrote {} and the key {}", path.display(), checked.key_file.display());
         }

@@ -10,7 +10,7 @@ use crate::Error;
 use crate::chain::Chain;
 
 /// Every state, in the order a channel lives through them.
-const STATES: [ChannelState; 6] = [
+pub(crate) const STATES: [ChannelState; 6] = [
     ChannelState::Pending,
     ChannelState::Open,
     ChannelState::Closing,

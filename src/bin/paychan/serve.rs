@@ -9,10 +9,11 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::response::{IntoResponse, Response};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{StatusCode, Uri};
-use paychan::Merchant;
 use paychan::store::ChannelStore;
 use paychan::wire::{PAYMENT_CHANNEL, Problem, ProblemCode};
+use paychan::{Merchant, Paid};
 
+use crate::admin::{self, Observed};
 use crate::chain::Chain;
 use crate::config::Config;
 use crate::{Error, keys, net, with_store};
@@ -22,6 +23,7 @@ struct Upstream {
     client: net::HttpClient<Body>,
     /// `http[s]://authority`.
     origin: String,
+    observed: Arc<Observed>,
 }
 
 /// Runs the proxy until SIGTERM or Ctrl-C.
@@ -40,8 +42,18 @@ async fn run<St: ChannelStore + Clone + 'static>(
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| format!("listen {}: {e}", config.listen))?;
-    let paid = Merchant::new(config.network, master, config.payout_script.clone(), chain)
-        .with_store(store)
+    let admin = match &config.admin {
+        Some((listen, token)) => {
+            let token = keys::read_token(token)?;
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|e| format!("admin listen {listen}: {e}"))?;
+            Some((listener, token))
+        }
+        None => None,
+    };
+    let paid = Merchant::new(config.network, master, config.payout_script.clone(), chain.clone())
+        .with_store(store.clone())
         .with_terms(config.terms.clone())
         .with_funding_policy(config.funding)
         .with_prices(config.prices.describe())
@@ -49,11 +61,40 @@ async fn run<St: ChannelStore + Clone + 'static>(
         .start(config.prices.clone())
         .await
         .map_err(|e| format!("the chain backend: {e}"))?;
-    let upstream = Arc::new(Upstream { client: net::client(), origin: config.upstream.clone() });
+    let layer = paid.layer().refund_server_errors(config.refund_server_errors);
+    let paid = Arc::new(paid);
+    let observed = Arc::new(Observed::new());
+    let upstream = Arc::new(Upstream {
+        client: net::client(),
+        origin: config.upstream.clone(),
+        observed: Arc::clone(&observed),
+    });
     let app = Router::new()
         .fallback(forward)
         .with_state(upstream)
-        .layer(paid.layer().refund_server_errors(config.refund_server_errors));
+        .layer(layer)
+        .layer(axum::middleware::from_fn_with_state(Arc::clone(&observed), admin::observe));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let admin_task = admin.map(|(listener, token)| {
+        let settlement = Arc::clone(&paid);
+        let state = Arc::new(admin::Admin {
+            store,
+            chain,
+            observed: Arc::clone(&observed),
+            settlement: Box::new(move || settlement.metrics()),
+            token,
+            title: format!("{} → {}", config.network, config.upstream),
+        });
+        let mut stopped = stopped.clone();
+        tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin listener");
+        tokio::spawn(async move {
+            let app = admin::router(state);
+            let until = async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            };
+            axum::serve(listener, app).with_graceful_shutdown(until).await
+        })
+    });
     tracing::info!(
         listen = %listener.local_addr()?,
         upstream = %config.upstream,
@@ -63,7 +104,13 @@ async fn run<St: ChannelStore + Clone + 'static>(
     axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(shutdown())
         .await?;
-    paid.stop();
+    let _ = stop.send(true);
+    if let Some(task) = admin_task {
+        task.await??;
+    }
+    if let Ok(paid) = Arc::try_unwrap(paid) {
+        paid.stop();
+    }
     tracing::info!("paychan proxy stopped: in-flight requests finished");
     Ok(())
 }
@@ -135,10 +182,15 @@ async fn forward(
         headers.insert("x-forwarded-for", value);
     }
     headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    let price = parts.extensions.get::<Paid>().map(|paid| paid.price);
     match upstream.client.request(http::Request::from_parts(parts, body)).await {
         Ok(response) => {
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
+            // A 5xx is given back by the layer (`refund_server_errors`): not revenue.
+            if let Some(price) = price.filter(|_| !parts.status.is_server_error()) {
+                upstream.observed.charge(price);
+            }
             Response::from_parts(parts, Body::new(body))
         }
         Err(error) => {

@@ -1,0 +1,471 @@
+//! The admin listener: Prometheus metrics (`/metrics`) and a read-only page (`/`), both behind
+//! the admin token; and the middleware that observes every request of the proxy.
+
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use base64::Engine as _;
+use paychan::MilliSats;
+use paychan::chain::ChainBackend;
+use paychan::settlement::SettlementMetrics;
+use paychan::store::{ChannelRecord, ChannelState, ChannelStore};
+use paychan::wire::{PROBLEM_JSON, TERMS_PATH};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::chain::Chain;
+use crate::operator::STATES;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    /// `api` or `negotiation`.
+    route: &'static str,
+    /// `served`, `payment_required`, `refused` or `upstream_error`.
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabels {
+    code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
+}
+
+/// What the proxy counts, and its revenue per hour since it started.
+pub(crate) struct Observed {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    refusals: Family<CodeLabels, Counter>,
+    duration: Family<RequestLabels, Histogram>,
+    charged: Counter,
+    channels: Family<StateLabels, Gauge>,
+    settled: Gauge,
+    closes_pending: Gauge,
+    broadcast_failures: Gauge,
+    cpfp_bumps: Gauge,
+    failed_fundings: Gauge,
+    /// (hour start, msat charged in it), the last 48 hours.
+    revenue: Mutex<VecDeque<(u64, u64)>>,
+}
+
+impl std::fmt::Debug for Observed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Observed").finish_non_exhaustive()
+    }
+}
+
+fn duration_family() -> Family<RequestLabels, Histogram> {
+    Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.000_25, 2.0, 16)))
+}
+
+impl Observed {
+    pub(crate) fn new() -> Self {
+        let mut registry = Registry::with_prefix("paychan");
+        let observed = Self {
+            requests: Family::default(),
+            refusals: Family::default(),
+            duration: duration_family(),
+            charged: Counter::default(),
+            channels: Family::default(),
+            settled: Gauge::default(),
+            closes_pending: Gauge::default(),
+            broadcast_failures: Gauge::default(),
+            cpfp_bumps: Gauge::default(),
+            failed_fundings: Gauge::default(),
+            revenue: Mutex::default(),
+            registry: Registry::default(),
+        };
+        registry.register("requests", "Requests by route and outcome", observed.requests.clone());
+        registry.register(
+            "refusals",
+            "Problem answers (4xx) by their code",
+            observed.refusals.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time to answer, by route and outcome",
+            observed.duration.clone(),
+        );
+        registry.register(
+            "charged_msat",
+            "What served requests were charged (an upstream 5xx is given back)",
+            observed.charged.clone(),
+        );
+        registry.register(
+            "channels",
+            "Channels by state, at the settlement task's last pass",
+            observed.channels.clone(),
+        );
+        registry.register(
+            "settled_sat",
+            "What settlements confirmed since the proxy started paid",
+            observed.settled.clone(),
+        );
+        registry.register(
+            "closes_pending",
+            "Channels closing or closed, not yet settled",
+            observed.closes_pending.clone(),
+        );
+        registry.register(
+            "settlement_broadcast_failures",
+            "Broadcasts of the settlement task that failed (each is retried)",
+            observed.broadcast_failures.clone(),
+        );
+        registry.register("cpfp_bumps", "CPFP children broadcast", observed.cpfp_bumps.clone());
+        registry.register(
+            "failed_fundings",
+            "Channels failed because of their funding",
+            observed.failed_fundings.clone(),
+        );
+        Self { registry, ..observed }
+    }
+
+    /// Counts `price` as charged now.
+    pub(crate) fn charge(&self, price: MilliSats) {
+        self.charged.inc_by(price.to_msat());
+        let hour = now() / 3_600 * 3_600;
+        let mut revenue = self.revenue.lock().unwrap_or_else(|p| p.into_inner());
+        match revenue.back_mut() {
+            Some((start, msat)) if *start == hour => *msat += price.to_msat(),
+            _ => revenue.push_back((hour, price.to_msat())),
+        }
+        while revenue.len() > 48 {
+            revenue.pop_front();
+        }
+    }
+
+    /// Copies the settlement task's counters.
+    fn settlement(&self, metrics: &SettlementMetrics) {
+        for state in STATES {
+            let count = metrics.channels.get(state.as_str()).copied().unwrap_or(0);
+            self.channels.get_or_create(&StateLabels { state: state.as_str() }).set(count as i64);
+        }
+        self.settled.set(i64::try_from(metrics.sats_settled.to_sat()).unwrap_or(i64::MAX));
+        self.closes_pending.set(metrics.closes_pending as i64);
+        self.broadcast_failures.set(metrics.broadcast_failures as i64);
+        self.cpfp_bumps.set(metrics.cpfp_bumps as i64);
+        self.failed_fundings.set(metrics.failed_fundings as i64);
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// The middleware around the whole proxy: counts every answer, its time, and the code of
+/// every problem answer.
+pub(crate) async fn observe(
+    State(observed): State<Arc<Observed>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let path = request.uri().path();
+    let route = if path.starts_with(TERMS_PATH) || path.starts_with("/payment-channel/") {
+        "negotiation"
+    } else {
+        "api"
+    };
+    let start = Instant::now();
+    let response = next.run(request).await;
+    let status = response.status();
+    let outcome = match status {
+        StatusCode::PAYMENT_REQUIRED => "payment_required",
+        s if s.is_server_error() => "upstream_error",
+        s if s.is_client_error() => "refused",
+        _ => "served",
+    };
+    let labels = RequestLabels { route, outcome };
+    observed.requests.get_or_create(&labels).inc();
+    observed.duration.get_or_create(&labels).observe(start.elapsed().as_secs_f64());
+    let problem = response.headers().get(header::CONTENT_TYPE).is_some_and(|v| v == PROBLEM_JSON);
+    if !(status.is_client_error() && problem) {
+        return response;
+    }
+    // A problem document is small: read its code, and pass the same bytes on.
+    let (parts, body) = response.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, 64 * 1024).await else {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "problem body too large").into_response();
+    };
+    let code = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|v| v.get("code").and_then(|c| c.as_str()).map(str::to_owned))
+        .unwrap_or_else(|| "unknown".to_owned());
+    observed.refusals.get_or_create(&CodeLabels { code }).inc();
+    Response::from_parts(parts, Body::from(bytes))
+}
+
+/// What the admin routes read.
+pub(crate) struct Admin<St> {
+    pub(crate) store: St,
+    pub(crate) chain: Chain,
+    pub(crate) observed: Arc<Observed>,
+    pub(crate) settlement: Box<dyn Fn() -> SettlementMetrics + Send + Sync>,
+    pub(crate) token: String,
+    pub(crate) title: String,
+}
+
+/// The admin router: `/metrics` and `/`, behind the token.
+pub(crate) fn router<St: ChannelStore + 'static>(admin: Arc<Admin<St>>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics::<St>))
+        .route("/", get(page::<St>))
+        .with_state(admin)
+}
+
+/// The token, from `Authorization: Bearer …`, Basic auth's password, or `?token=…`.
+fn authorized(expected: &str, headers: &HeaderMap, query: Option<&str>) -> bool {
+    let from_header =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|value| {
+            match value.split_once(' ') {
+                Some(("Bearer", token)) => Some(token.to_owned()),
+                Some(("Basic", encoded)) => base64::engine::general_purpose::STANDARD
+                    .decode(encoded)
+                    .ok()
+                    .and_then(|pair| String::from_utf8(pair).ok())
+                    .and_then(|pair| pair.split_once(':').map(|(_, password)| password.to_owned())),
+                _ => None,
+            }
+        });
+    let from_query = query
+        .and_then(|q| q.split('&').find_map(|pair| pair.strip_prefix("token=")).map(str::to_owned));
+    [from_header, from_query]
+        .into_iter()
+        .flatten()
+        .any(|given| same(given.as_bytes(), expected.as_bytes()))
+}
+
+/// Compares without an early exit on the first differing byte.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn unauthorized() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Basic realm=\"paychan admin\"")],
+        "the admin token is required",
+    )
+        .into_response()
+}
+
+async fn metrics<St: ChannelStore>(
+    State(admin): State<Arc<Admin<St>>>,
+    request: Request,
+) -> Response {
+    if !authorized(&admin.token, request.headers(), request.uri().query()) {
+        return unauthorized();
+    }
+    admin.observed.settlement(&(admin.settlement)());
+    let mut text = String::new();
+    if prometheus_client::encoding::text::encode(&mut text, &admin.observed.registry).is_err() {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    }
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
+        .into_response()
+}
+
+/// Escapes text for HTML.
+fn esc(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+fn sat(msat: MilliSats) -> String {
+    format!("{:.3}", msat.to_msat() as f64 / 1_000.0)
+}
+
+async fn page<St: ChannelStore>(State(admin): State<Arc<Admin<St>>>, request: Request) -> Response {
+    if !authorized(&admin.token, request.headers(), request.uri().query()) {
+        return unauthorized();
+    }
+    let tip = admin.chain.tip().await.ok().map(|tip| tip.height);
+    let mut by_state = Vec::new();
+    let mut channels: Vec<ChannelRecord> = Vec::new();
+    for state in STATES {
+        match admin.store.list(state).await {
+            Ok(records) => {
+                by_state.push((state, records.len()));
+                channels.extend(records);
+            }
+            Err(error) => {
+                return (StatusCode::SERVICE_UNAVAILABLE, format!("store: {error}"))
+                    .into_response();
+            }
+        }
+    }
+    let settlement = (admin.settlement)();
+    let allocated = channels
+        .iter()
+        .filter(|r| matches!(r.state, ChannelState::Open | ChannelState::Pending))
+        .fold(MilliSats::ZERO, |sum, r| sum.saturating_add(r.balance()));
+    let charged = MilliSats::from_msat(admin.observed.charged.get());
+    Html(render(
+        &admin.title,
+        tip,
+        &by_state,
+        &channels,
+        &settlement,
+        allocated,
+        charged,
+        &admin.observed,
+    ))
+    .into_response()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn render(
+    title: &str,
+    tip: Option<u32>,
+    by_state: &[(ChannelState, usize)],
+    channels: &[ChannelRecord],
+    settlement: &SettlementMetrics,
+    allocated: MilliSats,
+    charged: MilliSats,
+    observed: &Observed,
+) -> String {
+    let mut html = String::new();
+    let tip_text = tip.map_or("unknown".to_owned(), |t| t.to_string());
+    let _ = write!(
+        html,
+        r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="30">
+<title>paychan admin</title><style>
+body{{font:14px system-ui,sans-serif;margin:2rem;color:#1d2330;background:#f7f8fa}}
+h1{{font-size:1.4rem;margin:0 0 .2rem}} .sub{{color:#5b6475;margin-bottom:1.5rem}}
+.cards{{display:flex;gap:1rem;flex-wrap:wrap;margin-bottom:1.5rem}}
+.card{{background:#fff;border:1px solid #dde1e8;border-radius:8px;padding:.8rem 1rem;min-width:10rem}}
+.card b{{display:block;font-size:1.3rem}} table{{border-collapse:collapse;background:#fff;width:100%;margin-bottom:1.5rem}}
+th,td{{border-bottom:1px solid #e6e9ef;padding:.35rem .6rem;text-align:right}} th{{background:#eef1f6}}
+td:first-child,th:first-child{{text-align:left;font-family:ui-monospace,monospace}}
+.bar{{background:#f2a900;height:.8rem;display:inline-block}} h2{{font-size:1.1rem}}
+</style></head><body><h1>paychan</h1><div class="sub">{title} · chain tip {tip_text}</div><div class="cards">"#,
+        title = esc(title),
+    );
+    for (state, count) in by_state {
+        let _ = write!(
+            html,
+            r#"<div class="card">{}<b id="count-{0}">{count}</b></div>"#,
+            state.as_str()
+        );
+    }
+    let _ = write!(
+        html,
+        r#"<div class="card">charged since start<b id="charged">{} sat</b></div><div class="card">settled since start<b>{} sat</b></div><div class="card">open allocations<b>{} sat</b></div><div class="card">closes pending<b>{}</b></div></div>"#,
+        sat(charged),
+        settlement.sats_settled.to_sat(),
+        sat(allocated),
+        settlement.closes_pending,
+    );
+    html.push_str("<h2>Revenue per hour (charged, since the proxy started)</h2><table><tr><th>hour (UTC)</th><th>sat</th><th style=\"width:50%\"></th></tr>");
+    let revenue: Vec<(u64, u64)> =
+        observed.revenue.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().collect();
+    let most = revenue.iter().map(|(_, msat)| *msat).max().unwrap_or(1).max(1);
+    for (hour, msat) in revenue.iter().rev() {
+        let width = msat * 100 / most;
+        let _ = write!(
+            html,
+            r#"<tr><td>{}</td><td>{}</td><td style="text-align:left"><span class="bar" style="width:{width}%"></span></td></tr>"#,
+            hour_text(*hour),
+            sat(MilliSats::from_msat(*msat)),
+        );
+    }
+    if revenue.is_empty() {
+        html.push_str("<tr><td colspan=\"3\">nothing charged yet</td></tr>");
+    }
+    html.push_str("</table><h2>Channels</h2><table id=\"channels\"><tr><th>channel</th><th>state</th><th>paid (sat)</th><th>spent (sat)</th><th>balance (sat)</th><th>expiry</th><th>blocks to close</th></tr>");
+    for record in channels.iter().take(500) {
+        let close_by = record.snapshot(MilliSats::ZERO, MilliSats::ZERO).close_by;
+        let left = match tip {
+            Some(tip) if record.channel.params().expiry.is_block_height() => {
+                (i64::from(close_by) - i64::from(tip)).to_string()
+            }
+            _ => "–".to_owned(),
+        };
+        let _ = write!(
+            html,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{left}</td></tr>",
+            esc(&record.id().to_string()),
+            record.state.as_str(),
+            sat(record.paid()),
+            sat(record.spent),
+            sat(record.balance()),
+            record.channel.params().expiry,
+        );
+    }
+    if channels.is_empty() {
+        html.push_str("<tr><td colspan=\"7\">no channels yet</td></tr>");
+    }
+    html.push_str("</table><h2>Settlements pending</h2><table><tr><th>channel</th><th>state</th><th>pays (sat)</th></tr>");
+    for record in
+        channels.iter().filter(|r| matches!(r.state, ChannelState::Closing | ChannelState::Closed))
+    {
+        let _ = write!(
+            html,
+            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&record.id().to_string()),
+            record.state.as_str(),
+            sat(record.paid()),
+        );
+    }
+    if !channels.iter().any(|r| matches!(r.state, ChannelState::Closing | ChannelState::Closed)) {
+        html.push_str("<tr><td colspan=\"3\">none</td></tr>");
+    }
+    html.push_str("</table></body></html>");
+    html
+}
+
+/// `YYYY-MM-DD HH:00` of a Unix hour.
+fn hour_text(unix: u64) -> String {
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+    let days = (unix / 86_400) as i64;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {:02}:00", unix % 86_400 / 3_600)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_is_read_from_bearer_basic_or_the_query() {
+        let mut headers = HeaderMap::new();
+        assert!(!authorized("s3cret", &headers, None));
+        assert!(authorized("s3cret", &headers, Some("a=1&token=s3cret")));
+        assert!(!authorized("s3cret", &headers, Some("token=s3cre")));
+        headers.insert(header::AUTHORIZATION, "Bearer s3cret".parse().unwrap());
+        assert!(authorized("s3cret", &headers, None));
+        headers.insert(header::AUTHORIZATION, "Basic YWRtaW46czNjcmV0".parse().unwrap()); // admin:s3cret
+        assert!(authorized("s3cret", &headers, None));
+        headers.insert(header::AUTHORIZATION, "Bearer wrong".parse().unwrap());
+        assert!(!authorized("s3cret", &headers, None));
+    }
+
+    #[test]
+    fn hours_are_civil_dates() {
+        assert_eq!(hour_text(0), "1970-01-01 00:00");
+        assert_eq!(hour_text(1_795_867_200), "2026-11-28 12:00");
+        assert_eq!(hour_text(951_782_400 + 7_200), "2000-02-29 02:00");
+    }
+}
