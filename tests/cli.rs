@@ -44,10 +44,13 @@ struct Seen {
     requests: AtomicUsize,
     leaked: AtomicUsize,
     unforwarded: AtomicUsize,
+    /// `/slow` requests that reached the upstream.
+    slow: AtomicUsize,
 }
 
-/// A plain API: `/hello` answers, `/boom` fails with a 500.
+/// A plain API: `/hello` answers, `/boom` fails with a 500, `/slow` answers after 700 ms.
 async fn upstream(seen: Arc<Seen>) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let slow = Arc::clone(&seen);
     let record = move |headers: HeaderMap| {
         seen.requests.fetch_add(1, Ordering::SeqCst);
         if headers.contains_key("payment-channel") {
@@ -71,6 +74,14 @@ async fn upstream(seen: Arc<Seen>) -> (SocketAddr, tokio::task::JoinHandle<()>) 
             get(move |headers: HeaderMap| async move {
                 record(headers);
                 (StatusCode::INTERNAL_SERVER_ERROR, "boom")
+            }),
+        )
+        .route(
+            "/slow",
+            get(move || async move {
+                slow.slow.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(700)).await;
+                "slow but served"
             }),
         );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -171,88 +182,150 @@ async fn channel_json(config: &Path, id: &str) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_binary_proxies_pays_closes_and_settles_on_a_real_node() {
-    let Some(node) = Node::start(NodeConfig { txindex: false, extra_args: Vec::new() }).await
-    else {
-        return;
-    };
-    node.create_wallet("w").await;
-    node.mine(101).await;
-    let seen = Arc::new(Seen::default());
-    let (upstream_addr, upstream_task) = upstream(Arc::clone(&seen)).await;
-    let dir = std::env::temp_dir().join(format!("paychan-cli-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("paychan.toml");
-    let config_arg = config.to_str().unwrap().to_owned();
-    let payout = node.wallet_rpc("getnewaddress", json!([])).await;
-    let payout = payout.as_str().unwrap().to_owned();
-    let port = free_port();
-    let origin = format!("http://127.0.0.1:{port}");
-    let admin = format!("http://127.0.0.1:{}", free_port());
+/// A regtest node with a funded Core wallet `w`, the upstream, and a proxy configured by
+/// `paychan init` in a fresh folder (SQLite store, 2 sat per GET, an admin listener).
+struct Site {
+    node: Node,
+    seen: Arc<Seen>,
+    upstream_task: tokio::task::JoinHandle<()>,
+    dir: PathBuf,
+    config: PathBuf,
+    origin: String,
+    admin: String,
+    token: String,
+    payout: String,
+}
 
-    // init: a config and a private key file; never twice.
-    let init = args(&[
-        "init",
-        "--config",
-        &config_arg,
-        "--network",
-        "regtest",
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--upstream",
-        &format!("http://{upstream_addr}"),
-        "--payout-address",
-        &payout,
-        "--bitcoind-url",
-        &node.url(),
-        "--cookie-file",
-        node.cookie_path().to_str().unwrap(),
-        "--price-msat",
-        "2000",
-        "--admin-listen",
-        admin.strip_prefix("http://").unwrap(),
-    ]);
-    let out = paychan(init.clone()).await;
-    assert!(out.status.success(), "init: {}", text(&out.stderr));
-    let key = dir.join("paychan.key");
-    use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
-    let token_file = dir.join("admin.token");
-    assert_eq!(std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777, 0o600);
-    let token = std::fs::read_to_string(&token_file).unwrap().trim().to_owned();
-    let again = paychan(init).await;
-    assert!(!again.status.success(), "init never overwrites");
+impl Site {
+    async fn new(name: &str) -> Option<Site> {
+        let node = Node::start(NodeConfig { txindex: false, extra_args: Vec::new() }).await?;
+        node.create_wallet("w").await;
+        node.mine(101).await;
+        let seen = Arc::new(Seen::default());
+        let (upstream_addr, upstream_task) = upstream(Arc::clone(&seen)).await;
+        let dir = std::env::temp_dir().join(format!("paychan-cli-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("paychan.toml");
+        let payout = node.wallet_rpc("getnewaddress", json!([])).await;
+        let payout = payout.as_str().unwrap().to_owned();
+        let port = free_port();
+        let admin = format!("127.0.0.1:{}", free_port());
 
-    // serve
-    let log = std::fs::File::create(dir.join("proxy.log")).unwrap();
-    let mut proxy = Command::new(PAYCHAN)
-        .args(["serve", "--config", &config_arg])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    wait_for(&origin, &mut proxy).await;
+        // init: a config, a private key file and an admin token; never twice.
+        let init = args(&[
+            "init",
+            "--config",
+            config.to_str().unwrap(),
+            "--network",
+            "regtest",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--upstream",
+            &format!("http://{upstream_addr}"),
+            "--payout-address",
+            &payout,
+            "--bitcoind-url",
+            &node.url(),
+            "--cookie-file",
+            node.cookie_path().to_str().unwrap(),
+            "--price-msat",
+            "2000",
+            "--admin-listen",
+            &admin,
+        ]);
+        let out = paychan(init.clone()).await;
+        assert!(out.status.success(), "init: {}", text(&out.stderr));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |name: &str| std::fs::metadata(dir.join(name)).unwrap().permissions().mode();
+        assert_eq!(mode("paychan.key") & 0o777, 0o600);
+        assert_eq!(mode("admin.token") & 0o777, 0o600);
+        let token = std::fs::read_to_string(dir.join("admin.token")).unwrap().trim().to_owned();
+        let again = paychan(init).await;
+        assert!(!again.status.success(), "init never overwrites");
+        Some(Site {
+            node,
+            seen,
+            upstream_task,
+            dir,
+            config,
+            origin: format!("http://127.0.0.1:{port}"),
+            admin: format!("http://{admin}"),
+            token,
+            payout,
+        })
+    }
 
-    // pay: five requests, each its own process; the first opens a channel funded by Core.
-    let state = dir.join("client");
-    let client = |url: &str| {
+    fn config_arg(&self) -> String {
+        self.config.to_str().unwrap().to_owned()
+    }
+
+    /// `paychan serve`, logging to `proxy-N.log`, once it answers.
+    async fn serve(&self, n: u32) -> Child {
+        let log = std::fs::File::create(self.dir.join(format!("proxy-{n}.log"))).unwrap();
+        let mut proxy = Command::new(PAYCHAN)
+            .args(["serve", "--config", &self.config_arg()])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        wait_for(&self.origin, &mut proxy).await;
+        proxy
+    }
+
+    /// SIGTERM to the proxy; its exit status and log.
+    async fn stop(&self, mut proxy: Child, n: u32) -> (std::process::ExitStatus, String) {
+        let kill = Command::new("kill").args(["-TERM", &proxy.id().to_string()]).status().unwrap();
+        assert!(kill.success());
+        let status = tokio::task::spawn_blocking(move || proxy.wait().unwrap()).await.unwrap();
+        (status, std::fs::read_to_string(self.dir.join(format!("proxy-{n}.log"))).unwrap())
+    }
+
+    /// `paychan pay URL` for the client whose state is in `state`, funded by Core's wallet.
+    fn pay(&self, state: &str, path: &str) -> Vec<String> {
+        let node = &self.node;
         args(&[
             "pay",
             "--state-dir",
-            state.to_str().unwrap(),
+            self.dir.join(state).to_str().unwrap(),
             "--chain-url",
             &node.url(),
             "--wallet-url",
             &format!("{}/wallet/w", node.url()),
             "--rpc-cookie",
             node.cookie_path().to_str().unwrap(),
-            url,
+            &format!("{}{path}", self.origin),
         ])
-    };
+    }
+
+    /// What the client in `state` has paid on its channels, in sat, by `client channels`.
+    async fn client_paid(&self, state: &str) -> Vec<(String, u64)> {
+        let state = self.dir.join(state);
+        let out =
+            paychan(args(&["client", "channels", "--state-dir", state.to_str().unwrap()])).await;
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+            .lines()
+            .map(|line| {
+                let id = line.split_whitespace().next().unwrap().to_owned();
+                let paid = line.split("paid ").nth(1).unwrap().split(' ').next().unwrap();
+                (id, paid.parse().unwrap())
+            })
+            .collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_proxies_pays_closes_and_settles_on_a_real_node() {
+    let Some(site) = Site::new("main").await else { return };
+    let Site { node, seen, dir, config, admin, token, payout, .. } = &site;
+    let config_arg = site.config_arg();
+    let proxy = site.serve(0).await;
+
+    // pay: five requests, each its own process; the first opens a channel funded by Core.
+    let client = |path: &str| site.pay("client", path);
     for n in 0..5 {
-        let out = paychan(client(&format!("{origin}/hello"))).await;
+        let out = paychan(client("/hello")).await;
         assert!(out.status.success(), "pay {n}: {}", text(&out.stderr));
         assert_eq!(text(&out.stdout), "hello from upstream");
         assert!(text(&out.stderr).contains("paid"), "{}", text(&out.stderr));
@@ -275,31 +348,30 @@ async fn the_binary_proxies_pays_closes_and_settles_on_a_real_node() {
     let listing = text(&out.stdout);
     let id = listing.split_whitespace().next().expect("a channel").to_owned();
     assert!(listing.contains("open"), "{listing}");
-    let channel = channel_json(&config, &id).await;
+    let channel = channel_json(config, &id).await;
     assert_eq!(channel["spent_msat"], 10_000);
 
     // An upstream 5xx is passed on and not charged.
-    let out = paychan(client(&format!("{origin}/boom"))).await;
+    let out = paychan(client("/boom")).await;
     assert_eq!(out.status.code(), Some(22), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "boom");
-    assert_eq!(channel_json(&config, &id).await["spent_msat"], 10_000, "a 5xx is not charged");
+    assert_eq!(channel_json(config, &id).await["spent_msat"], 10_000, "a 5xx is not charged");
 
     // The report.
     let out = paychan(args(&["report", "--config", &config_arg])).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("open     1"), "{}", text(&out.stdout));
 
-    // The client's own view.
-    let out = paychan(args(&["client", "channels", "--state-dir", state.to_str().unwrap()])).await;
-    assert!(text(&out.stdout).contains(&id), "{}", text(&out.stdout));
+    // The client's own view: what it paid is what the proxy holds.
+    let paid = channel_json(config, &id).await["paid_msat"].as_u64().unwrap();
+    assert_eq!(site.client_paid("client").await, [(id.clone(), paid / 1_000)]);
 
     // The upstream goes down: 502, nothing charged.
-    upstream_task.abort();
-    let _ = upstream_task.await;
-    let out = paychan(client(&format!("{origin}/hello"))).await;
+    site.upstream_task.abort();
+    let out = paychan(client("/hello")).await;
     assert_eq!(out.status.code(), Some(22), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("upstream-unavailable"), "{}", text(&out.stdout));
-    assert_eq!(channel_json(&config, &id).await["spent_msat"], 10_000, "a 502 is not charged");
+    assert_eq!(channel_json(config, &id).await["spent_msat"], 10_000, "a 502 is not charged");
 
     // Metrics, behind the admin token: five served, a 5xx and a 502 not charged, the first
     // request's 402.
@@ -324,10 +396,10 @@ async fn the_binary_proxies_pays_closes_and_settles_on_a_real_node() {
     assert!(metrics.contains("paychan_channels{state=\"open\"}"), "{metrics}");
 
     // The admin page, in a real browser.
-    admin_page_in_chromium(&admin, &token, &id, &dir).await;
+    admin_page_in_chromium(admin, token, &id, dir).await;
 
     // The operator closes; the settlement pays the payout address what the client paid.
-    let paid = channel_json(&config, &id).await["paid_msat"].as_u64().unwrap();
+    let paid = channel_json(config, &id).await["paid_msat"].as_u64().unwrap();
     let out = paychan(args(&["close", "--config", &config_arg, &id])).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).starts_with("closed"), "{}", text(&out.stdout));
@@ -341,13 +413,56 @@ async fn the_binary_proxies_pays_closes_and_settles_on_a_real_node() {
     assert_eq!(node.balance_of_script(&payout_script).await, Amount::from_sat(paid / 1_000));
 
     // SIGTERM: the proxy stops cleanly.
-    let kill = Command::new("kill").args(["-TERM", &proxy.id().to_string()]).status().unwrap();
-    assert!(kill.success());
-    let status = tokio::task::spawn_blocking(move || proxy.wait().unwrap()).await.unwrap();
+    let (status, log) = site.stop(proxy, 0).await;
     assert!(status.success(), "{status:?}");
-    let log = std::fs::read_to_string(dir.join("proxy.log")).unwrap();
     assert!(log.contains("proxy stopped"), "{log}");
-    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// SIGTERM while a paid request is in flight: the proxy finishes it (the client gets its
+/// answer), exits cleanly, and after a restart on the same SQLite store every payment the
+/// clients made is there: the channels carry on where they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_request_loses_no_payment() {
+    let Some(site) = Site::new("sigterm").await else { return };
+    let proxy = site.serve(0).await;
+    // Two clients, each with its channel and a few requests. (A block between them: the
+    // second funding would otherwise spend the first one's unconfirmed change, and such a
+    // funding is not served before it confirms.)
+    for client in ["a", "b"] {
+        for _ in 0..3 {
+            let out = paychan(site.pay(client, "/hello")).await;
+            assert!(out.status.success(), "{client}: {}", text(&out.stderr));
+        }
+        site.node.mine(1).await;
+    }
+    // A slow request is in flight, already paid, when the proxy is told to stop.
+    let slow = tokio::spawn(paychan(site.pay("a", "/slow")));
+    while site.seen.slow.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (status, log) = site.stop(proxy, 0).await;
+    assert!(status.success(), "{status:?}: {log}");
+    let out = slow.await.unwrap();
+    assert!(out.status.success(), "the in-flight request was finished: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "slow but served");
+
+    // Restarted on the same store: the proxy holds every payment the clients made.
+    let proxy = site.serve(1).await;
+    for client in ["a", "b"] {
+        let paid = site.client_paid(client).await;
+        assert_eq!(paid.len(), 1, "{client}: one channel");
+        let (id, sat) = &paid[0];
+        let server = channel_json(&site.config, id).await;
+        assert_eq!(server["paid_msat"].as_u64().unwrap(), sat * 1_000, "{client}: {server}");
+        // And the channel carries on.
+        let out = paychan(site.pay(client, "/hello")).await;
+        assert!(out.status.success(), "{client} after the restart: {}", text(&out.stderr));
+        assert_eq!(site.client_paid(client).await.len(), 1, "{client}: still one channel");
+    }
+    let (status, _) = site.stop(proxy, 1).await;
+    assert!(status.success());
+    std::fs::remove_dir_all(&site.dir).unwrap();
 }
 
 /// A config error names its key, and the proxy does not start.

@@ -181,11 +181,11 @@ pub(crate) async fn pay(args: PayArgs) -> Result<ExitCode, Error> {
     }
     match payer.status().await? {
         Some(channel) => eprintln!(
-            "paychan: {status}; channel {} paid {} in total, balance {}, a close returns {}",
+            "paychan: {status}; channel {} paid {} sat in total, balance {}, a close returns {} sat",
             channel.channel,
-            channel.paid,
+            channel.paid.to_sat(),
             channel.balance.map_or("unknown".to_owned(), |b| b.to_string()),
-            channel.close_returns,
+            channel.close_returns.to_sat(),
         ),
         None => eprintln!("paychan: {status}; no channel"),
     }
@@ -205,12 +205,12 @@ pub(crate) async fn channels(options: &ClientOptions) -> Result<(), Error> {
             (false, false) => "open",
         };
         println!(
-            "{}  {:<7} {}  paid {}  value {}  expiry {}",
+            "{}  {:<7} {}  paid {} sat  value {} sat  expiry {}",
             channel.id(),
             state,
             if channel.server.is_empty() { "-" } else { &channel.server },
-            channel.paid(),
-            channel.channel.params().value,
+            channel.paid().to_sat(),
+            channel.channel.params().value.to_sat(),
             channel.channel.params().expiry,
         );
     }
