@@ -376,7 +376,7 @@ async fn the_binary_proxies_pays_closes_and_settles_on_a_real_node() {
     // Metrics, behind the admin token: five served, a 5xx and a 502 not charged, the first
     // request's 402.
     assert_eq!(fetch(&format!("{admin}/metrics"), None).await.0, StatusCode::UNAUTHORIZED);
-    let (status, metrics) = fetch(&format!("{admin}/metrics"), Some(&token)).await;
+    let (status, metrics) = fetch(&format!("{admin}/metrics"), Some(token)).await;
     assert_eq!(status, StatusCode::OK);
     let value = |line: &str| -> f64 {
         let found = metrics
