@@ -46,6 +46,8 @@ struct Seen {
     unforwarded: AtomicUsize,
     /// `/slow` requests that reached the upstream.
     slow: AtomicUsize,
+    /// Requests forwarded with `X-Forwarded-Proto: https`.
+    https: AtomicUsize,
 }
 
 /// A plain API: `/hello` answers, `/boom` fails with a 500, `/slow` answers after 700 ms.
@@ -58,6 +60,9 @@ async fn upstream(seen: Arc<Seen>) -> (SocketAddr, tokio::task::JoinHandle<()>) 
         }
         if !headers.contains_key("x-forwarded-for") {
             seen.unforwarded.fetch_add(1, Ordering::SeqCst);
+        }
+        if headers.get("x-forwarded-proto").is_some_and(|proto| proto == "https") {
+            seen.https.fetch_add(1, Ordering::SeqCst);
         }
     };
     let hello = record.clone();
@@ -94,12 +99,15 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// Waits until the proxy answers its terms document.
-async fn wait_for(origin: &str, proxy: &mut Child) {
-    let url = format!("{origin}/.well-known/payment-channel");
+/// Waits until the proxy's admin listener answers (it starts with the proxy's).
+async fn wait_for(admin: &str, token: &str, proxy: &mut Child) {
     for _ in 0..200 {
         assert!(proxy.try_wait().unwrap().is_none(), "the proxy exited early");
-        let answer = common::counting::http_client().get(url.parse().unwrap()).await;
+        let request = http::Request::get(format!("{admin}/metrics"))
+            .header("authorization", format!("Bearer {token}"))
+            .body(http_body_util::Full::default())
+            .unwrap();
+        let answer = common::counting::http_client().request(request).await;
         if answer.is_ok_and(|response| response.status() == StatusCode::OK) {
             return;
         }
@@ -256,6 +264,20 @@ impl Site {
         })
     }
 
+    /// Serves the proxy itself over TLS, with a self-signed certificate for `localhost`;
+    /// returns the certificate's PEM file (for `pay --cacert`).
+    fn enable_tls(&mut self) -> PathBuf {
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let (cert, key) = (self.dir.join("cert.pem"), self.dir.join("key.pem"));
+        std::fs::write(&cert, certified.cert.pem()).unwrap();
+        std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+        let mut config = std::fs::read_to_string(&self.config).unwrap();
+        config.push_str("\n[tls]\ncert_file = \"cert.pem\"\nkey_file = \"key.pem\"\n");
+        std::fs::write(&self.config, config).unwrap();
+        self.origin = self.origin.replace("http://127.0.0.1", "https://localhost");
+        cert
+    }
+
     fn config_arg(&self) -> String {
         self.config.to_str().unwrap().to_owned()
     }
@@ -269,7 +291,7 @@ impl Site {
             .stderr(log)
             .spawn()
             .unwrap();
-        wait_for(&self.origin, &mut proxy).await;
+        wait_for(&self.admin, &self.token, &mut proxy).await;
         proxy
     }
 
@@ -283,9 +305,16 @@ impl Site {
 
     /// `paychan pay URL` for the client whose state is in `state`, funded by Core's wallet.
     fn pay(&self, state: &str, path: &str) -> Vec<String> {
+        let mut args = self.client(&["pay"], state);
+        args.push(format!("{}{path}", self.origin));
+        args
+    }
+
+    /// `paychan <command…> --state-dir … --chain-url … --wallet-url … --rpc-cookie …`.
+    fn client(&self, command: &[&str], state: &str) -> Vec<String> {
         let node = &self.node;
-        args(&[
-            "pay",
+        let mut all = args(command);
+        all.extend(args(&[
             "--state-dir",
             self.dir.join(state).to_str().unwrap(),
             "--chain-url",
@@ -294,8 +323,8 @@ impl Site {
             &format!("{}/wallet/w", node.url()),
             "--rpc-cookie",
             node.cookie_path().to_str().unwrap(),
-            &format!("{}{path}", self.origin),
-        ])
+        ]));
+        all
     }
 
     /// What the client in `state` has paid on its channels, in sat, by `client channels`.
@@ -462,6 +491,76 @@ async fn sigterm_mid_request_loses_no_payment() {
     }
     let (status, _) = site.stop(proxy, 1).await;
     assert!(status.success());
+    std::fs::remove_dir_all(&site.dir).unwrap();
+}
+
+/// The client's own commands: `client close` closes its channel cooperatively through the
+/// proxy; `client refund` brings back the money of a channel whose server vanished, once the
+/// refund is final, and only once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_closes_and_refunds_by_itself() {
+    let Some(site) = Site::new("client").await else { return };
+    let proxy = site.serve(0).await;
+    let out = paychan(site.pay("closer", "/hello")).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    site.node.mine(1).await;
+    let mut short = site.client(&["pay", "--lifetime-blocks", "150"], "refunder");
+    short.push(format!("{}/hello", site.origin));
+    let out = paychan(short).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let mut close = site.client(&["client", "close"], "closer");
+    close.push(site.origin.clone());
+    let out = paychan(close).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let closed = text(&out.stdout);
+    let txid = closed.split_whitespace().nth(2).unwrap().trim_end_matches(':');
+    assert!(site.node.mempool_entry(txid.parse().unwrap()).await.is_some(), "{closed}");
+
+    // The server vanishes; the refunder's channel expires 150 blocks after it opened.
+    let (status, _) = site.stop(proxy, 0).await;
+    assert!(status.success());
+    let refund = || paychan(site.client(&["client", "refund"], "refunder"));
+    let out = refund().await;
+    assert!(text(&out.stdout).contains("0 refund(s)"), "not yet: {}", text(&out.stdout));
+    site.node.mine(150).await;
+    let out = refund().await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let refunded = text(&out.stdout);
+    assert!(refunded.contains("1 refund(s)"), "{refunded}");
+    let txid = refunded.lines().next().unwrap().rsplit(' ').next().unwrap();
+    assert!(site.node.mempool_entry(txid.parse().unwrap()).await.is_some(), "{refunded}");
+    let out = refund().await;
+    assert!(text(&out.stdout).contains("0 refund(s)"), "only once: {}", text(&out.stdout));
+    std::fs::remove_dir_all(&site.dir).unwrap();
+}
+
+/// With `[tls]` the proxy itself serves HTTPS: `pay --cacert` pays through it (and the
+/// upstream is told `X-Forwarded-Proto: https`); without trusting the certificate, `pay`
+/// refuses the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_serves_tls() {
+    let Some(mut site) = Site::new("tls").await else { return };
+    let cert = site.enable_tls();
+    let proxy = site.serve(0).await;
+    let untrusted = paychan(site.pay("client", "/hello")).await;
+    assert_eq!(untrusted.status.code(), Some(2), "{}", text(&untrusted.stderr));
+    assert!(
+        text(&untrusted.stderr).to_lowercase().contains("certificate"),
+        "{}",
+        text(&untrusted.stderr)
+    );
+    let mut trusted = site.client(&["pay", "--cacert", cert.to_str().unwrap()], "client");
+    trusted.push(format!("{}/hello", site.origin));
+    for _ in 0..2 {
+        let out = paychan(trusted.clone()).await;
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "hello from upstream");
+    }
+    assert_eq!(site.seen.https.load(Ordering::SeqCst), 2);
+    let (status, log) = site.stop(proxy, 0).await;
+    assert!(status.success(), "{log}");
+    assert!(log.contains("proxy stopped"), "{log}");
     std::fs::remove_dir_all(&site.dir).unwrap();
 }
 

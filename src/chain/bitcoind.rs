@@ -384,7 +384,11 @@ mod tests {
             (rpc.target.authority.as_str(), rpc.path.as_str()),
             ("127.0.0.1:18443", "/wallet/w")
         );
-        assert!(BitcoindRpc::new("https://x:1", Auth::UserPass("u".into(), "p".into())).is_err());
+        let auth = || Auth::UserPass("u".into(), "p".into());
+        // https:// only with the `tls` feature; other schemes never.
+        assert_eq!(BitcoindRpc::new("https://x:1", auth()).is_ok(), cfg!(feature = "tls"));
+        assert!(BitcoindRpc::new("ftp://x:1", auth()).is_err());
+        assert!(BitcoindRpc::new("http://", auth()).is_err());
         assert_eq!(
             "cookie:/tmp/.cookie".parse::<Auth>().unwrap(),
             Auth::CookieFile("/tmp/.cookie".into())

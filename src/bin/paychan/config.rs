@@ -55,6 +55,14 @@ struct File {
     #[serde(default)]
     settlement: SettlementFile,
     admin: Option<AdminFile>,
+    tls: Option<TlsFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsFile {
+    cert_file: PathBuf,
+    key_file: PathBuf,
 }
 
 #[derive(Debug, Deserialize)]
@@ -163,6 +171,8 @@ pub(crate) struct Config {
     pub(crate) tip_every: Duration,
     /// The admin listener (metrics and the page) and its token file.
     pub(crate) admin: Option<(SocketAddr, PathBuf)>,
+    /// TLS on the proxy's own listener: the certificate chain and the key (PEM).
+    pub(crate) tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Config {
@@ -208,6 +218,7 @@ impl Config {
             settle_every: Duration::from_secs(file.settlement.interval_secs.unwrap_or(30).max(1)),
             tip_every: Duration::from_secs(file.settlement.tip_interval_secs.unwrap_or(5).max(1)),
             admin: file.admin.map(|admin| (admin.listen, base.join(admin.token_file))),
+            tls: file.tls.map(|tls| (base.join(tls.cert_file), base.join(tls.key_file))),
         })
     }
 }
@@ -371,6 +382,10 @@ url = "{store}"       # sqlite:PATH, postgres://…, redis://…, or memory (los
 
 [prices]
 unlisted = "refuse"              # routes not listed: "refuse" (404), "free", or a price in msat
+[[prices.routes]]                # patterns: {{name}} one segment, {{*name}} the rest
+method = "GET"
+path = "/"
+price_msat = {price}
 [[prices.routes]]
 method = "GET"
 path = "/{{*rest}}"
@@ -394,6 +409,10 @@ price_msat = {price}
 [settlement]
 # interval_secs = 30
 # tip_interval_secs = 5
+
+# [tls]                          # TLS on the proxy's own listener (or put a TLS proxy in front)
+# cert_file = "cert.pem"         # the certificate chain, PEM
+# key_file = "key.pem"           # its private key, PEM
 
 [admin]                          # Prometheus metrics at /metrics and a read-only page at /
 listen = "{admin_listen}"        # keep it private; every request needs the token
@@ -459,7 +478,11 @@ mod tests {
         assert_eq!(config.admin, Some(admin));
         let routes: Vec<_> =
             config.prices.iter().map(|(m, p, price)| (m.clone(), p.to_owned(), price)).collect();
-        assert_eq!(routes, [(Method::GET, "/{*rest}".to_owned(), MilliSats::from_msat(1_000))]);
+        let price = MilliSats::from_msat(1_000);
+        assert_eq!(
+            routes,
+            [(Method::GET, "/".to_owned(), price), (Method::GET, "/{*rest}".to_owned(), price)]
+        );
     }
 
     #[test]

@@ -179,7 +179,11 @@ enum ClientCommand {
 fn logs(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    use std::io::IsTerminal;
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     if json { logs.json().init() } else { logs.init() }
 }
 
@@ -190,7 +194,17 @@ async fn main() -> ExitCode {
     match run(cli.command).await {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("paychan: {error}");
+            // The whole chain: "http: client error (Connect): invalid peer certificate: …".
+            let mut message = error.to_string();
+            let mut source = error.source();
+            while let Some(cause) = source {
+                let cause_text = cause.to_string();
+                if !message.contains(&cause_text) {
+                    message = format!("{message}: {cause_text}");
+                }
+                source = cause.source();
+            }
+            eprintln!("paychan: {message}");
             ExitCode::from(2)
         }
     }

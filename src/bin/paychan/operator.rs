@@ -75,9 +75,9 @@ pub(crate) async fn close<St: ChannelStore>(
         Ok(_) | Err(ChainError::Rejected { reason: RejectReason::AlreadyConfirmed, .. }) => {
             store.transition(id, ChannelState::Closing, ChannelState::Closed).await?;
             println!(
-                "closed {id}: {} pays {} to the payout address",
+                "closed {id}: {} pays {} sat to the payout address",
                 close.compute_txid(),
-                paychan::channel::server_amount(&close)
+                paychan::channel::server_amount(&close).to_sat()
             );
         }
         Err(error) => {

@@ -38,6 +38,9 @@ pub(crate) struct ClientOptions {
     /// `--chain-url`).
     #[arg(long, conflicts_with = "wallet_url")]
     wallet_key: Option<PathBuf>,
+    /// Also trusts the certificates of this PEM file, for `https://` servers (a private CA).
+    #[arg(long)]
+    cacert: Option<PathBuf>,
     /// Bitcoin Core's cookie file, for `--chain-url` and `--wallet-url`.
     #[arg(long)]
     rpc_cookie: Option<PathBuf>,
@@ -75,6 +78,15 @@ impl ClientOptions {
         }
     }
 
+    /// The HTTP client, trusting `--cacert` as well.
+    fn http(&self) -> Result<net::HttpClient<Full<Bytes>>, Error> {
+        let extra = match &self.cacert {
+            Some(path) => net::certificates(path)?,
+            None => Vec::new(),
+        };
+        net::client(&extra)
+    }
+
     fn chain(&self) -> Result<Option<BitcoindRpc>, Error> {
         match &self.chain_url {
             Some(url) => Ok(Some(BitcoindRpc::new(url, self.auth()?)?)),
@@ -96,7 +108,7 @@ impl ClientOptions {
             .with_max_total(Amount::from_sat(self.max_total_sat))
             .with_max_prepaid(Amount::from_sat(self.max_prepaid_sat))
             .with_max_channel_value(Amount::from_sat(self.channel_value_sat));
-        let http = net::client::<Full<Bytes>>();
+        let http = self.http()?;
         let mut builder = Payer::builder(origin, self.network, key)
             .store(store)
             .policy(policy)
@@ -167,7 +179,7 @@ pub(crate) async fn pay(args: PayArgs) -> Result<ExitCode, Error> {
             .header(HeaderName::try_from(name.trim())?, HeaderValue::try_from(value.trim())?);
     }
     let request = request.body(Full::new(Bytes::from(args.data.unwrap_or_default())))?;
-    let http = net::client::<Full<Bytes>>();
+    let http = args.client.http()?;
     let client = ServiceBuilder::new().layer(PaymentLayer::new(payer.clone())).service(http);
     let response = client.oneshot(request).await?;
     let status = response.status();

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -9,9 +10,15 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::response::{IntoResponse, Response};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{StatusCode, Uri};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use paychan::store::ChannelStore;
 use paychan::wire::{PAYMENT_CHANNEL, Problem, ProblemCode};
 use paychan::{Merchant, Paid};
+use tokio::net::TcpListener;
+use tower::ServiceExt as _;
 
 use crate::admin::{self, Observed};
 use crate::chain::Chain;
@@ -23,6 +30,8 @@ struct Upstream {
     client: net::HttpClient<Body>,
     /// `http[s]://authority`.
     origin: String,
+    /// The scheme clients reach the proxy with, for `X-Forwarded-Proto`.
+    proto: &'static str,
     observed: Arc<Observed>,
 }
 
@@ -65,8 +74,9 @@ async fn run<St: ChannelStore + Clone + 'static>(
     let paid = Arc::new(paid);
     let observed = Arc::new(Observed::new());
     let upstream = Arc::new(Upstream {
-        client: net::client(),
+        client: net::client(&[])?,
         origin: config.upstream.clone(),
+        proto: if config.tls.is_some() { "https" } else { "http" },
         observed: Arc::clone(&observed),
     });
     let app = Router::new()
@@ -101,9 +111,14 @@ async fn run<St: ChannelStore + Clone + 'static>(
         network = %config.network,
         "paychan proxy started"
     );
-    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown())
-        .await?;
+    match &config.tls {
+        Some((cert, key)) => serve_tls(listener, app, net::server_config(cert, key)?).await,
+        None => {
+            axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+                .with_graceful_shutdown(shutdown())
+                .await?;
+        }
+    }
     let _ = stop.send(true);
     if let Some(task) = admin_task {
         task.await??;
@@ -113,6 +128,35 @@ async fn run<St: ChannelStore + Clone + 'static>(
     }
     tracing::info!("paychan proxy stopped: in-flight requests finished");
     Ok(())
+}
+
+/// Serves `app` over TLS until SIGTERM or Ctrl-C, then finishes the requests in flight.
+async fn serve_tls(listener: TcpListener, app: Router, tls: Arc<rustls::ServerConfig>) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let graceful = GracefulShutdown::new();
+    let stop = shutdown();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((tcp, peer)) = accepted else { continue };
+                let (acceptor, app, watcher) = (acceptor.clone(), app.clone(), graceful.watcher());
+                tokio::spawn(async move {
+                    let handshake = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp));
+                    let Ok(Ok(tls)) = handshake.await else { return };
+                    let app = app.map_request(move |mut request: http::Request<Incoming>| {
+                        request.extensions_mut().insert(ConnectInfo(peer));
+                        request
+                    });
+                    let connection = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tls), TowerToHyperService::new(app));
+                    let _ = watcher.watch(connection).await;
+                });
+            }
+            () = &mut stop => break,
+        }
+    }
+    graceful.shutdown().await;
 }
 
 /// SIGTERM or Ctrl-C.
@@ -181,7 +225,7 @@ async fn forward(
     if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
         headers.insert("x-forwarded-for", value);
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    headers.insert("x-forwarded-proto", HeaderValue::from_static(upstream.proto));
     let price = parts.extensions.get::<Paid>().map(|paid| paid.price);
     match upstream.client.request(http::Request::from_parts(parts, body)).await {
         Ok(response) => {
