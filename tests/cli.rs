@@ -379,6 +379,11 @@ async fn the_binary_proxies_pays_closes_and_settles_on_a_real_node() {
     assert!(listing.contains("open"), "{listing}");
     let channel = channel_json(config, &id).await;
     assert_eq!(channel["spent_msat"], 10_000);
+    let filtered =
+        |state: &str| paychan(args(&["channels", "--config", &config_arg, "--state", state]));
+    assert_eq!(text(&filtered("open").await.stdout), listing);
+    assert_eq!(text(&filtered("closed").await.stdout), "");
+    assert_eq!(filtered("opened").await.status.code(), Some(2), "an unknown state is an error");
 
     // An upstream 5xx is passed on and not charged.
     let out = paychan(client("/boom")).await;

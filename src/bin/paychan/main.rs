@@ -254,7 +254,12 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
                 keys::create_token(token)?;
             }
             std::fs::write(&path, text)?;
-            println!("wrote {} and the key {}", path.display(), checked.key_file.display());
+            println!(
+                "wrote {}, the master key {} and the admin token {} (back up the key)",
+                path.display(),
+                checked.key_file.display(),
+                checked.admin.as_ref().map_or("-".into(), |(_, token)| token.display().to_string()),
+            );
         }
         Command::Serve { config } => serve::serve(Config::load(&config.config)?).await?,
         Command::Channels { config, state } => {
