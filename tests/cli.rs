@@ -509,10 +509,39 @@ async fn the_client_closes_and_refunds_by_itself() {
     let out = paychan(site.pay("closer", "/hello")).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
     site.node.mine(1).await;
-    let mut short = site.client(&["pay", "--lifetime-blocks", "150"], "refunder");
-    short.push(format!("{}/hello", site.origin));
+    // The refunder's wallet is a key file whose coin it finds on chain (`--wallet-key`).
+    let key = bitcoin::bip32::Xpriv::new_master(Network::Regtest, &[0x42; 32]).unwrap();
+    let key_file = site.dir.join("wallet.key");
+    std::fs::write(&key_file, format!("{key}\n")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let wallet = paychan::client::KeyWallet::new(key.private_key);
+    site.node.fund_address(&wallet.script_pubkey(), Amount::from_sat(200_000)).await;
+    site.node.mine(1).await;
+    let node = &site.node;
+    let refunder = site.dir.join("refunder");
+    let short = args(&[
+        "pay",
+        "--state-dir",
+        refunder.to_str().unwrap(),
+        "--chain-url",
+        &node.url(),
+        "--rpc-cookie",
+        node.cookie_path().to_str().unwrap(),
+        "--wallet-key",
+        key_file.to_str().unwrap(),
+        "--lifetime-blocks",
+        "150",
+        &format!("{}/hello", site.origin),
+    ]);
     let out = paychan(short).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "hello from upstream");
+    let channel = &site.client_paid("refunder").await[0].0;
+    let funding: bitcoin::Txid = channel.split(':').next().unwrap().parse().unwrap();
+    let funding = node.mempool_tx(funding).await;
+    let change = funding.output.iter().find(|o| o.script_pubkey == wallet.script_pubkey());
+    assert!(change.is_some(), "the key wallet's coin funded the channel, change back to it");
 
     let mut close = site.client(&["client", "close"], "closer");
     close.push(site.origin.clone());

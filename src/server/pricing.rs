@@ -183,7 +183,8 @@ impl RoutePrices {
     }
 
     /// Prices `method path` at `price`; `path` may be a pattern (`/items/{id}`,
-    /// `/files/{*path}`).
+    /// `/files/{*path}`). A price of zero lists the route as free: served without a payment,
+    /// and not refused under [`Unlisted::Refuse`].
     pub fn route(mut self, method: Method, path: impl Into<String>, price: MilliSats) -> Self {
         let path = path.into();
         match Pattern::parse(method.clone(), path.clone(), price) {
@@ -244,10 +245,12 @@ impl<B> Pricing<B> for RoutePrices {
     /// The route's price; a `HEAD` request not in the table costs what `GET` costs (axum and
     /// most routers answer `HEAD` with the `GET` handler).
     fn price(&self, request: &Request<B>) -> Option<MilliSats> {
-        self.listed(request.method(), request.uri().path()).or(match self.unlisted {
+        let price = self.listed(request.method(), request.uri().path()).or(match self.unlisted {
             Unlisted::Price(price) => Some(price),
             Unlisted::Free | Unlisted::Refuse => None,
-        })
+        });
+        // Zero is free: nothing to meter.
+        price.filter(|price| *price > MilliSats::ZERO)
     }
 
     fn refuses(&self, request: &Request<B>) -> bool {
@@ -277,6 +280,22 @@ mod tests {
     fn price(prices: &RoutePrices, method: Method, path: &str) -> Option<u64> {
         let request = Request::builder().method(method).uri(path).body(()).unwrap();
         prices.price(&request).map(|p| p.to_msat())
+    }
+
+    #[test]
+    fn a_zero_price_is_a_free_route_even_under_refuse() {
+        let prices = RoutePrices::new()
+            .route(Method::GET, "/health", MilliSats::ZERO)
+            .route(Method::GET, "/public/{*rest}", MilliSats::ZERO)
+            .route(Method::GET, "/paid", MilliSats::from_msat(7))
+            .unlisted(Unlisted::Refuse);
+        let request = |path: &str| Request::get(path).body(()).unwrap();
+        for free in ["/health", "/public/a.css"] {
+            assert_eq!(prices.price(&request(free)), None, "{free}");
+            assert!(!prices.refuses(&request(free)), "{free}");
+        }
+        assert_eq!(prices.price(&request("/paid")), Some(MilliSats::from_msat(7)));
+        assert!(prices.refuses(&request("/other")));
     }
 
     #[test]

@@ -382,7 +382,7 @@ url = "{store}"       # sqlite:PATH, postgres://…, redis://…, or memory (los
 
 [prices]
 unlisted = "refuse"              # routes not listed: "refuse" (404), "free", or a price in msat
-[[prices.routes]]                # patterns: {{name}} one segment, {{*name}} the rest
+[[prices.routes]]                # patterns: {{name}} one segment, {{*name}} the rest; 0 is free
 method = "GET"
 path = "/"
 price_msat = {price}
