@@ -39,6 +39,16 @@ pub enum ChannelState {
 }
 
 impl ChannelState {
+    /// Every state, in the order a channel lives through them.
+    ///
+    /// ```
+    /// use paychan::channel::ChannelState;
+    /// assert_eq!(ChannelState::ALL.first(), Some(&ChannelState::Pending));
+    /// assert!(ChannelState::ALL.iter().all(|s| ChannelState::from_name(s.as_str()) == Ok(*s)));
+    /// ```
+    pub const ALL: [Self; 6] =
+        [Self::Pending, Self::Open, Self::Closing, Self::Closed, Self::Settled, Self::Failed];
+
     /// The state's stable name, as stored by the database backends and sent in JSON.
     pub fn as_str(&self) -> &'static str {
         match self {

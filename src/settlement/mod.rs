@@ -231,14 +231,7 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
 
     async fn count_states(&self) -> Result<(), SettlementError> {
         let mut channels = BTreeMap::new();
-        for state in [
-            ChannelState::Pending,
-            ChannelState::Open,
-            ChannelState::Closing,
-            ChannelState::Closed,
-            ChannelState::Settled,
-            ChannelState::Failed,
-        ] {
+        for state in ChannelState::ALL {
             channels.insert(state.as_str(), self.list(state).await?.len());
         }
         let mut metrics = self.metrics.lock().unwrap_or_else(|p| p.into_inner());

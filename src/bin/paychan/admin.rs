@@ -24,7 +24,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 use crate::chain::Chain;
 use crate::operator::STATES;
@@ -74,66 +74,43 @@ fn duration_family() -> Family<RequestLabels, Histogram> {
     Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.000_25, 2.0, 16)))
 }
 
+/// Registers a clone of `metric` under `name` and returns it.
+fn register<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 impl Observed {
     pub(crate) fn new() -> Self {
-        let mut registry = Registry::with_prefix("paychan");
-        let observed = Self {
-            requests: Family::default(),
-            refusals: Family::default(),
-            duration: duration_family(),
-            charged: Counter::default(),
-            channels: Family::default(),
-            settled: Gauge::default(),
-            closes_pending: Gauge::default(),
-            broadcast_failures: Gauge::default(),
-            cpfp_bumps: Gauge::default(),
-            failed_fundings: Gauge::default(),
+        let mut r = Registry::with_prefix("paychan");
+        let requests = "Requests by route and outcome";
+        let refusals = "Problem answers (4xx) by their code";
+        let duration = "Time to answer, by route and outcome";
+        let charged = "What served requests were charged (an upstream 5xx is given back)";
+        let channels = "Channels by state, at the settlement task's last pass";
+        let settled = "What settlements confirmed since the proxy started paid";
+        let pending = "Channels closing or closed, not yet settled";
+        let failures = "Broadcasts of the settlement task that failed (each is retried)";
+        let failed = "Channels failed because of their funding";
+        Self {
+            requests: register(&mut r, "requests", requests, Family::default()),
+            refusals: register(&mut r, "refusals", refusals, Family::default()),
+            duration: register(&mut r, "request_duration_seconds", duration, duration_family()),
+            charged: register(&mut r, "charged_msat", charged, Counter::default()),
+            channels: register(&mut r, "channels", channels, Family::default()),
+            settled: register(&mut r, "settled_sat", settled, Gauge::default()),
+            closes_pending: register(&mut r, "closes_pending", pending, Gauge::default()),
+            broadcast_failures: register(
+                &mut r,
+                "settlement_broadcast_failures",
+                failures,
+                Gauge::default(),
+            ),
+            cpfp_bumps: register(&mut r, "cpfp_bumps", "CPFP children broadcast", Gauge::default()),
+            failed_fundings: register(&mut r, "failed_fundings", failed, Gauge::default()),
             revenue: Mutex::default(),
-            registry: Registry::default(),
-        };
-        registry.register("requests", "Requests by route and outcome", observed.requests.clone());
-        registry.register(
-            "refusals",
-            "Problem answers (4xx) by their code",
-            observed.refusals.clone(),
-        );
-        registry.register(
-            "request_duration_seconds",
-            "Time to answer, by route and outcome",
-            observed.duration.clone(),
-        );
-        registry.register(
-            "charged_msat",
-            "What served requests were charged (an upstream 5xx is given back)",
-            observed.charged.clone(),
-        );
-        registry.register(
-            "channels",
-            "Channels by state, at the settlement task's last pass",
-            observed.channels.clone(),
-        );
-        registry.register(
-            "settled_sat",
-            "What settlements confirmed since the proxy started paid",
-            observed.settled.clone(),
-        );
-        registry.register(
-            "closes_pending",
-            "Channels closing or closed, not yet settled",
-            observed.closes_pending.clone(),
-        );
-        registry.register(
-            "settlement_broadcast_failures",
-            "Broadcasts of the settlement task that failed (each is retried)",
-            observed.broadcast_failures.clone(),
-        );
-        registry.register("cpfp_bumps", "CPFP children broadcast", observed.cpfp_bumps.clone());
-        registry.register(
-            "failed_fundings",
-            "Channels failed because of their funding",
-            observed.failed_fundings.clone(),
-        );
-        Self { registry, ..observed }
+            registry: r,
+        }
     }
 
     /// Counts `price` as charged now.

@@ -9,15 +9,7 @@ use paychan::wire::ChannelId;
 use crate::Error;
 use crate::chain::Chain;
 
-/// Every state, in the order a channel lives through them.
-pub(crate) const STATES: [ChannelState; 6] = [
-    ChannelState::Pending,
-    ChannelState::Open,
-    ChannelState::Closing,
-    ChannelState::Closed,
-    ChannelState::Settled,
-    ChannelState::Failed,
-];
+pub(crate) const STATES: [ChannelState; 6] = ChannelState::ALL;
 
 /// One line per channel: id, state, paid, spent, balance, expiry.
 fn line(record: &ChannelRecord) -> String {
