@@ -80,6 +80,55 @@ async fn a_table_that_refuses_unlisted_routes_never_serves_them() {
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
 
+/// Shadow mode: priced requests are served unpaid and counted at their price (a payment
+/// header is ignored and not passed on), free routes stay free and uncounted, refused routes
+/// stay refused, and the store is never asked.
+#[tokio::test]
+async fn shadow_mode_serves_unpaid_and_counts_what_it_would_charge() {
+    let (_tip, tip) =
+        tokio::sync::watch::channel(ChainTip { height: 800_000, median_time_past: 0 });
+    let prices = RoutePrices::new()
+        .route(Method::GET, "/listed", PRICE)
+        .route(Method::GET, "/health", MilliSats::ZERO)
+        .unlisted(Unlisted::Refuse);
+    // A store that fails every operation: shadow mode never asks it.
+    let script = Script {
+        load: AtomicBool::new(true),
+        pay: AtomicBool::new(true),
+        debit: AtomicBool::new(true),
+    };
+    let store = Failing { inner: MemoryStore::new(), script: Arc::new(script) };
+    let layer = PaywallLayer::new(store, prices, tip).shadow();
+    let tally = layer.shadow_tally().expect("shadow mode");
+    let handler = get(|request: axum::extract::Request| async move {
+        let paid = request.extensions().get::<Paid>().copied();
+        let header = request.headers().contains_key(wire::PAYMENT_CHANNEL);
+        format!("{:?} {header}", paid.map(|p| (p.shadow, p.price.to_msat(), p.balance.to_msat())))
+    });
+    let app = Router::new()
+        .route("/listed", handler.clone())
+        .route("/health", handler.clone())
+        .route("/forgotten", handler)
+        .layer(layer);
+    let body = |response: Response<Body>| async move {
+        let status = response.status();
+        (
+            status,
+            String::from_utf8(response.into_body().collect().await.unwrap().to_bytes().to_vec())
+                .unwrap(),
+        )
+    };
+    for header in [None, Some("not-even-a-payment")] {
+        let served = body(app.clone().oneshot(get_with("/listed", header)).await.unwrap()).await;
+        assert_eq!(served, (StatusCode::OK, "Some((true, 100000, 0)) false".to_owned()));
+    }
+    let free = body(app.clone().oneshot(get_with("/health", None)).await.unwrap()).await;
+    assert_eq!(free, (StatusCode::OK, "None false".to_owned()));
+    let refused = app.clone().oneshot(get_with("/forgotten", None)).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::NOT_FOUND);
+    assert_eq!((tally.requests(), tally.would_have_charged()), (2, MilliSats::from_msat(200_000)));
+}
+
 /// Which store operations fail.
 #[derive(Default)]
 struct Script {

@@ -81,6 +81,7 @@ impl<St, P: Clone> PaywallLayer<St, P> {
                 verified: dashmap::DashMap::new(),
                 latest: dashmap::DashMap::new(),
                 forward_payment_header: false,
+                shadow: None,
             }),
         }
     }
@@ -122,6 +123,35 @@ impl<St, P: Clone> PaywallLayer<St, P> {
     pub fn refund_server_errors(mut self, refund: bool) -> Self {
         self.config_mut().refund_server_errors = refund;
         self
+    }
+
+    /// Shadow mode: every priced request is served **without asking for payment**, as if
+    /// paid; the handler gets a [`Paid`](super::Paid) with `shadow: true` and the price, each
+    /// one is logged (`tracing`, info) and counted in the [`ShadowTally`](super::ShadowTally)
+    /// ([`shadow_tally`](Self::shadow_tally)). An operator sees what the API would earn
+    /// before switching payments on. A payment header is ignored; routes the price table
+    /// refuses are still refused, and free routes stay free and uncounted.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use paychan::MilliSats;
+    /// use paychan::chain::ChainTip;
+    /// use paychan::server::PaywallLayer;
+    /// use paychan::store::MemoryStore;
+    ///
+    /// let (_, tip) = tokio::sync::watch::channel(ChainTip { height: 100, median_time_past: 0 });
+    /// let layer = PaywallLayer::new(MemoryStore::new(), MilliSats::from_msat(2_000), tip).shadow();
+    /// assert_eq!(layer.shadow_tally().unwrap().requests(), 0);
+    /// ```
+    pub fn shadow(mut self) -> Self {
+        self.config_mut().shadow = Some(Arc::default());
+        self
+    }
+
+    /// What the layer would have charged, in shadow mode (`None` otherwise).
+    pub fn shadow_tally(&self) -> Option<Arc<super::ShadowTally>> {
+        self.meter.shadow.clone()
     }
 
     /// Sets the terms URL that 402 challenges point to, and where the terms are served

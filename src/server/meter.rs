@@ -7,7 +7,7 @@ use tokio::sync::watch;
 use tower::Service;
 
 use super::rejection::{Rejection, RejectionKind};
-use super::{ActualCost, Paid};
+use super::{ActualCost, Paid, ShadowTally};
 use crate::MilliSats;
 use crate::channel::{ChainTip, CheckedPayment, PaymentCheck, PaymentError};
 use crate::store::{ChannelRecord, ChannelState, ChannelStore, Debit, StoreError};
@@ -32,6 +32,8 @@ pub(super) struct Meter<St, P> {
     pub(super) latest: dashmap::DashMap<crate::wire::ChannelId, http::HeaderValue>,
     /// Whether the inner service sees the `Payment-Channel` header.
     pub(super) forward_payment_header: bool,
+    /// Shadow mode: price, count and serve without asking for payment.
+    pub(super) shadow: Option<Arc<ShadowTally>>,
 }
 
 impl<St, P: Clone> Clone for Meter<St, P> {
@@ -48,6 +50,7 @@ impl<St, P: Clone> Clone for Meter<St, P> {
             verified: dashmap::DashMap::new(),
             latest: dashmap::DashMap::new(),
             forward_payment_header: self.forward_payment_header,
+            shadow: self.shadow.clone(),
         }
     }
 }
@@ -207,7 +210,9 @@ impl<St: ChannelStore, P> Meter<St, P> {
         record: Option<ChannelRecord>,
     ) -> Result<Paid, Rejection> {
         let kind = match debit.map_err(|e| Rejection::from(e).with_price(price))? {
-            Debit::Debited { balance } => return Ok(Paid { channel: id, price, balance }),
+            Debit::Debited { balance } => {
+                return Ok(Paid { channel: id, price, balance, shadow: false });
+            }
             Debit::Insufficient { .. } => RejectionKind::InsufficientBalance,
             Debit::NotOpen { state: ChannelState::Pending } => RejectionKind::ChannelPending,
             Debit::NotOpen { state } => RejectionKind::ChannelNotOpen(state),

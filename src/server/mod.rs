@@ -65,6 +65,6 @@ pub use future::ResponseFuture;
 pub use layer::{DEFAULT_BUNDLE, DEFAULT_TERMS_URL, PaywallLayer};
 pub use negotiate::{DEFAULT_PREFIX, Negotiation};
 pub use pricing::{Pricing, RoutePrices, Unlisted};
-pub use receipt::{ActualCost, Paid};
+pub use receipt::{ActualCost, Paid, ShadowTally};
 pub use rejection::{Rejection, RejectionKind};
 pub use service::Paywall;

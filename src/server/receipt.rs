@@ -28,6 +28,44 @@ pub struct Paid {
     pub price: MilliSats,
     /// The channel's balance after the charge.
     pub balance: MilliSats,
+    /// Set when the layer is in [shadow mode](super::PaywallLayer::shadow): nothing was
+    /// charged, `price` is what would have been, `channel` is the null outpoint and `balance`
+    /// zero.
+    pub shadow: bool,
+}
+
+impl Paid {
+    /// The receipt of a request served in shadow mode at `price`.
+    pub(crate) fn shadow(price: MilliSats) -> Self {
+        let channel = ChannelId::new(bitcoin::OutPoint::null());
+        Self { channel, price, balance: MilliSats::ZERO, shadow: true }
+    }
+}
+
+/// What a layer in [shadow mode](super::PaywallLayer::shadow) would have charged since it was
+/// built. Cheap to read at any time; shared by every clone of the layer.
+#[derive(Debug, Default)]
+pub struct ShadowTally {
+    requests: std::sync::atomic::AtomicU64,
+    msat: std::sync::atomic::AtomicU64,
+}
+
+impl ShadowTally {
+    pub(crate) fn record(&self, price: MilliSats) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.requests.fetch_add(1, Relaxed);
+        self.msat.fetch_add(price.to_msat(), Relaxed);
+    }
+
+    /// Priced requests served without payment.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// What they would have been charged.
+    pub fn would_have_charged(&self) -> MilliSats {
+        MilliSats::from_msat(self.msat.load(std::sync::atomic::Ordering::Relaxed))
+    }
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for Paid {

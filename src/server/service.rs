@@ -12,7 +12,7 @@ use super::future::ResponseFuture;
 use super::layer::Endpoints;
 use super::meter::Meter;
 use super::rejection::{Rejection, RejectionKind};
-use super::{PaywallLayer, Pricing};
+use super::{Paid, PaywallLayer, Pricing};
 use crate::store::ChannelStore;
 
 /// Middleware that charges every priced request to a payment channel. See the
@@ -96,6 +96,16 @@ where
             }
             return ResponseFuture::free(self.inner.call(request));
         };
+        if let Some(tally) = &self.meter.shadow {
+            tally.record(price);
+            tracing::info!(%price, method = %request.method(), path = request.uri().path(), "shadow mode: served unpaid");
+            let mut request = request;
+            request.extensions_mut().insert(Paid::shadow(price));
+            if !self.meter.forward_payment_header {
+                request.headers_mut().remove(crate::wire::PAYMENT_CHANNEL);
+            }
+            return ResponseFuture::free(self.inner.call(request));
+        }
         // Use the service that was driven to readiness; leave a fresh clone in its place
         // (https://docs.rs/tower/latest/tower/trait.Service.html#be-careful-when-cloning-inner-services).
         let clone = self.inner.clone();

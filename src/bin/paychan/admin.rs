@@ -54,6 +54,7 @@ pub(crate) struct Observed {
     refusals: Family<CodeLabels, Counter>,
     duration: Family<RequestLabels, Histogram>,
     charged: Counter,
+    shadow: Counter,
     channels: Family<StateLabels, Gauge>,
     settled: Gauge,
     closes_pending: Gauge,
@@ -87,6 +88,7 @@ impl Observed {
         let refusals = "Problem answers (4xx) by their code";
         let duration = "Time to answer, by route and outcome";
         let charged = "What served requests were charged (an upstream 5xx is given back)";
+        let shadow = "What shadow mode would have charged (served unpaid)";
         let channels = "Channels by state, at the settlement task's last pass";
         let settled = "What settlements confirmed since the proxy started paid";
         let pending = "Channels closing or closed, not yet settled";
@@ -97,6 +99,7 @@ impl Observed {
             refusals: register(&mut r, "refusals", refusals, Family::default()),
             duration: register(&mut r, "request_duration_seconds", duration, duration_family()),
             charged: register(&mut r, "charged_msat", charged, Counter::default()),
+            shadow: register(&mut r, "shadow_charged_msat", shadow, Counter::default()),
             channels: register(&mut r, "channels", channels, Family::default()),
             settled: register(&mut r, "settled_sat", settled, Gauge::default()),
             closes_pending: register(&mut r, "closes_pending", pending, Gauge::default()),
@@ -125,6 +128,11 @@ impl Observed {
         while revenue.len() > 48 {
             revenue.pop_front();
         }
+    }
+
+    /// Counts `price` as what shadow mode would have charged.
+    pub(crate) fn shadow(&self, price: MilliSats) {
+        self.shadow.inc_by(price.to_msat());
     }
 
     /// Copies the settlement task's counters.
@@ -197,10 +205,13 @@ pub(crate) struct Admin<St> {
     pub(crate) title: String,
 }
 
-/// The admin router: `/metrics` and `/`, behind the token.
-pub(crate) fn router<St: ChannelStore + 'static>(admin: Arc<Admin<St>>) -> Router {
+/// The admin router: the metrics at `metrics_path` and the page at `/`, behind the token.
+pub(crate) fn router<St: ChannelStore + 'static>(
+    admin: Arc<Admin<St>>,
+    metrics_path: &str,
+) -> Router {
     Router::new()
-        .route("/metrics", get(metrics::<St>))
+        .route(metrics_path, get(metrics::<St>))
         .route("/", get(page::<St>))
         .with_state(admin)
 }
@@ -341,8 +352,9 @@ td:first-child,th:first-child{{text-align:left;font-family:ui-monospace,monospac
     }
     let _ = write!(
         html,
-        r#"<div class="card">charged since start<b id="charged">{} sat</b></div><div class="card">settled since start<b>{} sat</b></div><div class="card">open allocations<b>{} sat</b></div><div class="card">closes pending<b>{}</b></div></div>"#,
+        r#"<div class="card">charged since start<b id="charged">{} sat</b></div><div class="card">would have charged (shadow)<b id="shadow">{} sat</b></div><div class="card">settled since start<b>{} sat</b></div><div class="card">open allocations<b>{} sat</b></div><div class="card">closes pending<b>{}</b></div></div>"#,
         sat(charged),
+        sat(MilliSats::from_msat(observed.shadow.get())),
         settlement.sats_settled.to_sat(),
         sat(allocated),
         settlement.closes_pending,

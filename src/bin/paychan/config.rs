@@ -43,6 +43,8 @@ struct File {
     payout_address: String,
     #[serde(default = "yes")]
     refund_server_errors: bool,
+    #[serde(default)]
+    shadow: bool,
     chain: ChainFile,
     #[serde(default)]
     store: StoreFile,
@@ -70,6 +72,21 @@ struct TlsFile {
 struct AdminFile {
     listen: SocketAddr,
     token_file: PathBuf,
+    #[serde(default = "metrics_path")]
+    metrics_path: String,
+}
+
+fn metrics_path() -> String {
+    "/metrics".into()
+}
+
+/// The admin listener's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Admin {
+    pub(crate) listen: SocketAddr,
+    pub(crate) token_file: PathBuf,
+    /// Where Prometheus scrapes (default `/metrics`).
+    pub(crate) metrics_path: String,
 }
 
 fn yes() -> bool {
@@ -162,6 +179,8 @@ pub(crate) struct Config {
     pub(crate) key_file: PathBuf,
     pub(crate) payout_script: ScriptBuf,
     pub(crate) refund_server_errors: bool,
+    /// Serve every request unpaid, counting what it would have been charged.
+    pub(crate) shadow: bool,
     pub(crate) chain: ChainSource,
     pub(crate) store_url: String,
     pub(crate) prices: RoutePrices,
@@ -169,8 +188,8 @@ pub(crate) struct Config {
     pub(crate) funding: FundingPolicy,
     pub(crate) settle_every: Duration,
     pub(crate) tip_every: Duration,
-    /// The admin listener (metrics and the page) and its token file.
-    pub(crate) admin: Option<(SocketAddr, PathBuf)>,
+    /// The admin listener (metrics and the page).
+    pub(crate) admin: Option<Admin>,
     /// TLS on the proxy's own listener: the certificate chain and the key (PEM).
     pub(crate) tls: Option<(PathBuf, PathBuf)>,
 }
@@ -210,6 +229,7 @@ impl Config {
             key_file: base.join(file.key_file),
             payout_script: payout.script_pubkey(),
             refund_server_errors: file.refund_server_errors,
+            shadow: file.shadow,
             chain,
             store_url,
             prices: prices(file.prices)?,
@@ -217,7 +237,19 @@ impl Config {
             funding: funding(file.funding),
             settle_every: Duration::from_secs(file.settlement.interval_secs.unwrap_or(30).max(1)),
             tip_every: Duration::from_secs(file.settlement.tip_interval_secs.unwrap_or(5).max(1)),
-            admin: file.admin.map(|admin| (admin.listen, base.join(admin.token_file))),
+            admin: match file.admin {
+                Some(admin)
+                    if !admin.metrics_path.starts_with('/') || admin.metrics_path == "/" =>
+                {
+                    return Err(bad("admin.metrics_path", "a path such as /metrics (not /)"));
+                }
+                Some(admin) => Some(Admin {
+                    listen: admin.listen,
+                    token_file: base.join(admin.token_file),
+                    metrics_path: admin.metrics_path,
+                }),
+                None => None,
+            },
             tls: file.tls.map(|tls| (base.join(tls.cert_file), base.join(tls.key_file))),
         })
     }
@@ -374,6 +406,7 @@ upstream = "{upstream}"   # the API behind the proxy (http:// or https://)
 key_file = "{key_file}"        # the BIP-0032 master key: secret, mode 0600, back it up
 payout_address = "{payout}"
 refund_server_errors = true      # an upstream 5xx (or an unreachable upstream) is not charged
+shadow = false                   # true: serve unpaid, count what would be charged (metrics, page)
 
 [chain]
 {chain}
@@ -417,6 +450,7 @@ price_msat = {price}
 [admin]                          # Prometheus metrics at /metrics and a read-only page at /
 listen = "{admin_listen}"        # keep it private; every request needs the token
 token_file = "admin.token"       # as `Authorization: Bearer …`, Basic auth's password, or ?token=
+# metrics_path = "/metrics"
 "#,
         network = init.network,
         listen = init.listen,
@@ -474,7 +508,14 @@ mod tests {
         assert_eq!(config.store_url, "sqlite:/srv/paychan.db");
         assert_eq!(config.terms, Terms::default());
         assert!(config.refund_server_errors);
-        let admin = ("127.0.0.1:9402".parse().unwrap(), PathBuf::from("/srv/admin.token"));
+        assert!(!config.shadow);
+        let shadow = template(&init()).replace("shadow = false", "shadow = true");
+        assert!(Config::parse(&shadow, Path::new("/srv")).unwrap().shadow);
+        let admin = Admin {
+            listen: "127.0.0.1:9402".parse().unwrap(),
+            token_file: PathBuf::from("/srv/admin.token"),
+            metrics_path: "/metrics".into(),
+        };
         assert_eq!(config.admin, Some(admin));
         let routes: Vec<_> =
             config.prices.iter().map(|(m, p, price)| (m.clone(), p.to_owned(), price)).collect();

@@ -250,15 +250,15 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
                 .unwrap_or(std::path::Path::new("."));
             let checked = Config::parse(&text, base)?;
             keys::create(&checked.key_file, checked.network)?;
-            if let Some((_, token)) = &checked.admin {
-                keys::create_token(token)?;
+            if let Some(admin) = &checked.admin {
+                keys::create_token(&admin.token_file)?;
             }
             std::fs::write(&path, text)?;
             println!(
                 "wrote {}, the master key {} and the admin token {} (back up the key)",
                 path.display(),
                 checked.key_file.display(),
-                checked.admin.as_ref().map_or("-".into(), |(_, token)| token.display().to_string()),
+                checked.admin.as_ref().map_or("-".into(), |a| a.token_file.display().to_string()),
             );
         }
         Command::Serve { config } => serve::serve(Config::load(&config.config)?).await?,

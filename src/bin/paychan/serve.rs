@@ -52,12 +52,12 @@ async fn run<St: ChannelStore + Clone + 'static>(
         .await
         .map_err(|e| format!("listen {}: {e}", config.listen))?;
     let admin = match &config.admin {
-        Some((listen, token)) => {
-            let token = keys::read_token(token)?;
-            let listener = tokio::net::TcpListener::bind(listen)
+        Some(admin) => {
+            let token = keys::read_token(&admin.token_file)?;
+            let listener = tokio::net::TcpListener::bind(admin.listen)
                 .await
-                .map_err(|e| format!("admin listen {listen}: {e}"))?;
-            Some((listener, token))
+                .map_err(|e| format!("admin listen {}: {e}", admin.listen))?;
+            Some((listener, token, admin.metrics_path.clone()))
         }
         None => None,
     };
@@ -70,7 +70,11 @@ async fn run<St: ChannelStore + Clone + 'static>(
         .start(config.prices.clone())
         .await
         .map_err(|e| format!("the chain backend: {e}"))?;
-    let layer = paid.layer().refund_server_errors(config.refund_server_errors);
+    let mut layer = paid.layer().refund_server_errors(config.refund_server_errors);
+    if config.shadow {
+        tracing::warn!("shadow mode: every request is served unpaid");
+        layer = layer.shadow();
+    }
     let paid = Arc::new(paid);
     let observed = Arc::new(Observed::new());
     let upstream = Arc::new(Upstream {
@@ -85,7 +89,7 @@ async fn run<St: ChannelStore + Clone + 'static>(
         .layer(layer)
         .layer(axum::middleware::from_fn_with_state(Arc::clone(&observed), admin::observe));
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let admin_task = admin.map(|(listener, token)| {
+    let admin_task = admin.map(|(listener, token, metrics_path)| {
         let settlement = Arc::clone(&paid);
         let state = Arc::new(admin::Admin {
             store,
@@ -98,7 +102,7 @@ async fn run<St: ChannelStore + Clone + 'static>(
         let mut stopped = stopped.clone();
         tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin listener");
         tokio::spawn(async move {
-            let app = admin::router(state);
+            let app = admin::router(state, &metrics_path);
             let until = async move {
                 let _ = stopped.wait_for(|stop| *stop).await;
             };
@@ -226,14 +230,16 @@ async fn forward(
         headers.insert("x-forwarded-for", value);
     }
     headers.insert("x-forwarded-proto", HeaderValue::from_static(upstream.proto));
-    let price = parts.extensions.get::<Paid>().map(|paid| paid.price);
+    let paid = parts.extensions.get::<Paid>().copied();
     match upstream.client.request(http::Request::from_parts(parts, body)).await {
         Ok(response) => {
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             // A 5xx is given back by the layer (`refund_server_errors`): not revenue.
-            if let Some(price) = price.filter(|_| !parts.status.is_server_error()) {
-                upstream.observed.charge(price);
+            match paid.filter(|_| !parts.status.is_server_error()) {
+                Some(paid) if paid.shadow => upstream.observed.shadow(paid.price),
+                Some(paid) => upstream.observed.charge(paid.price),
+                None => {}
             }
             Response::from_parts(parts, Body::new(body))
         }
