@@ -58,7 +58,13 @@ fn server(c: &mut Criterion) {
         tokio::sync::watch::channel(ChainTip { height: 800_000, median_time_past: 0 });
     let bare: Router = Router::new().route("/", get(|| async { "ok" }));
     let layered =
-        bare.clone().layer(PaywallLayer::new(store.clone(), MilliSats::from_msat(1), tip));
+        bare.clone().layer(PaywallLayer::new(store.clone(), MilliSats::from_msat(1), tip.clone()));
+    // The same with signed receipts (one ECDSA signature per paid request).
+    let master = bitcoin::bip32::Xpriv::new_master(bitcoin::Network::Regtest, &[5; 32]).unwrap();
+    let receipted = bare.clone().layer(
+        PaywallLayer::new(store.clone(), MilliSats::from_msat(1), tip.clone())
+            .with_receipts(master),
+    );
     let best_header = wire::encode_payment(&best);
     let request = |header: Option<&str>| {
         let mut r = Request::get("/");
@@ -77,6 +83,13 @@ fn server(c: &mut Criterion) {
             let response =
                 rt.block_on(layered.clone().oneshot(request(Some(&best_header)))).unwrap();
             assert_eq!(response.status(), 200);
+        })
+    });
+    group.bench_function("layered_fast_path_with_receipts", |b| {
+        b.iter(|| {
+            let response =
+                rt.block_on(receipted.clone().oneshot(request(Some(&best_header)))).unwrap();
+            assert!(response.headers().contains_key(wire::PAYMENT_RECEIPT));
         })
     });
     // Each iteration brings a better payment: decode, check (signature verified), store, debit.

@@ -238,6 +238,14 @@ async fn opens_on_the_first_402_tops_up_and_settles_exactly() {
     let view = server_channel(&server, &channel.id().to_string()).await;
     assert_eq!(view["paid_msat"], committed.to_sat() * 1_000);
     assert_eq!(view["spent_msat"], metered.to_sat() * 1_000);
+    // Every answer carried a receipt signed with K2, which the payer verified: the last one
+    // states what the server spent.
+    let receipt = payer.latest_receipt().expect("a verified receipt");
+    assert_eq!((receipt.channel, receipt.price_msat), (channel.id(), PRICE));
+    assert_eq!(receipt.spent(), MilliSats::from_sat(metered).unwrap());
+    assert!(receipt.is_for("GET", "/work"));
+    let k2 = channel.channel.params().server_key.0;
+    assert_eq!(receipt.verify(&k2), Ok(()));
 
     let closed = client.close().await.unwrap();
     assert_eq!(closed.server_amount, committed);
@@ -1018,5 +1026,84 @@ async fn a_settlement_that_is_not_the_latest_payment_is_named() {
             matches!(status, TxStatus::Confirmed { .. }),
             "{what}: the latest payment is mined"
         );
+    }
+}
+
+/// Receipts that do not verify or add up: forged (another key), for another request, stating
+/// another payment than the request carried, understating the price (so the spent they state
+/// exceeds what the receipts charged), or not a receipt at all. Each is refused: the request
+/// it came with was answered, and the payer pays the server nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_that_do_not_verify_or_add_up_stop_the_payer() {
+    use paychan::bitcoin::secp256k1::SecretKey;
+    use paychan::channel::channel_key;
+    use paychan::store::ChannelStore;
+    use paychan::wire::{PAYMENT_RECEIPT, Receipt, request_digest};
+
+    type Lie = fn(Receipt, &SecretKey) -> Option<Receipt>;
+    let forged: Lie = |r, _| Some(r.sign(&SecretKey::from_slice(&[9; 32]).unwrap()));
+    let elsewhere: Lie = |mut r, k2| {
+        r.request = request_digest("GET", "/dear");
+        Some(r.sign(k2))
+    };
+    let other_payment: Lie = |mut r, k2| {
+        r.paid_msat = r.paid_msat.checked_add(MilliSats::from_msat(1_000)).unwrap();
+        r.balance_msat = r.balance_msat.checked_add(MilliSats::from_msat(1_000)).unwrap();
+        Some(r.sign(k2))
+    };
+    let understated: Lie = |mut r, k2| {
+        r.price_msat = MilliSats::from_msat(1);
+        Some(r.sign(k2))
+    };
+    let garbage: Lie = |_, _| None;
+    for (what, lie) in [
+        ("forged", forged),
+        ("for another request", elsewhere),
+        ("another payment", other_payment),
+        ("an understated price", understated),
+        ("not a receipt", garbage),
+    ] {
+        let chain = SimulatedChain::new();
+        let master = Xpriv::new_master(Network::Regtest, &[0x5e; 32]).unwrap();
+        let negotiation = common::negotiation(&chain, 0x5e);
+        let tip = follow_tip(chain.clone(), Duration::from_millis(50)).await.unwrap();
+        let store = MemoryStore::new();
+        let lying = {
+            let store = store.clone();
+            move |request: Request, next: Next| {
+                let store = store.clone();
+                async move {
+                    let mut response = next.run(request).await;
+                    let Some(value) = response.headers().get(PAYMENT_RECEIPT) else {
+                        return response;
+                    };
+                    let receipt = Receipt::decode(value.as_bytes()).unwrap();
+                    let record = store.load(receipt.channel).await.unwrap().unwrap();
+                    let k2 = channel_key(&master, record.key_index).unwrap();
+                    let value =
+                        lie(receipt, &k2).map_or("bm90IGEgcmVjZWlwdA".into(), |r| r.encode());
+                    response.headers_mut().insert(PAYMENT_RECEIPT, value.parse().unwrap());
+                    response
+                }
+            }
+        };
+        let app = Router::new()
+            .route("/work", get(|| async { "done" }))
+            .layer(PaywallLayer::new(store, PRICE, tip).with_negotiation(negotiation))
+            .layer(axum::middleware::from_fn(lying));
+        let server = Server { origin: format!("http://{}", serve(app).await), chain };
+        let wallet = funded_wallet(&server.chain);
+        let payer = payer_with(&server, &wallet, MemoryClientStore::new(), policy());
+        let (mut client, _) = paying_client(&payer);
+        let (status, _) = get_work(&mut client, &server.origin).await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{what}: the request itself was answered");
+        let committed = payer.committed().await.unwrap();
+        let next = get_work(&mut client, &server.origin).await;
+        assert!(
+            matches!(&next, Err(ClientError::ServerMisbehaved(m)) if m.kind == MisbehaviorKind::BadReceipt),
+            "{what}: {next:?}"
+        );
+        assert_eq!(payer.committed().await.unwrap(), committed, "{what}: nothing more paid");
+        assert!(payer.latest_receipt().is_none(), "{what}: no receipt kept");
     }
 }

@@ -10,7 +10,7 @@
 //!     let header = retry.start().await?;          // the current payment, if any
 //!     let response = send(request with header);
 //!     if response is not a 402 || retry.is_last() {
-//!         retry.answered(balance of response).await;
+//!         retry.answered(headers of response, method, path).await;
 //!         return response;
 //!     }
 //!     retry.payment_required(&negotiation, problem of response).await?;   // pays, or fails
@@ -62,15 +62,25 @@ impl<'a, St: ClientStore> Retry<'a, St> {
         self.attempt >= MAX_ATTEMPTS
     }
 
-    /// The attempt was answered with `balance` left on the channel: check what the server
-    /// charged against the policy (an overcharge stops the payer at the next request), then
-    /// top up ahead of the next request if the payer is configured to. A refusal here is not this request's failure:
-    /// the next request meets the 402 and its typed error.
-    pub(crate) async fn answered(self, balance: Option<MilliSats>) {
-        if let (Some(sent), Some(balance)) = (&self.sent, balance) {
-            self.payer.note_answer(sent, balance);
-            let _ = self.payer.observe_balance(sent, balance).await;
+    /// The attempt, `method path_and_query`, was answered with `headers`: check what the
+    /// server charged (its `Payment-Channel-Balance`, and its signed `Payment-Receipt` when
+    /// it sends one) against the policy — an overcharge or a receipt that does not add up
+    /// stops the payer at the next request — then top up ahead of the next request if the
+    /// payer is configured to. A refusal here is not this request's failure: the next
+    /// request meets it as a typed error.
+    pub(crate) async fn answered(
+        self,
+        headers: &http::HeaderMap,
+        method: &str,
+        path_and_query: &str,
+    ) {
+        let Some(sent) = &self.sent else { return };
+        let Some(balance) = balance(headers) else { return };
+        self.payer.note_answer(sent, balance);
+        if let Some(receipt) = headers.get(crate::wire::PAYMENT_RECEIPT) {
+            self.payer.note_receipt(sent, receipt.as_bytes(), method, path_and_query);
         }
+        let _ = self.payer.observe_balance(sent, balance).await;
     }
 
     /// The attempt met a 402 with `problem`: pay (through `negotiation` when a channel must be

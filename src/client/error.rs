@@ -185,4 +185,7 @@ pub enum MisbehaviorKind {
     InvalidAnswer,
     /// The settlement of a close is not the client's latest payment.
     WrongSettlement,
+    /// A receipt that does not verify under the channel's server key, is for another
+    /// request or payment, charges beyond the policy, or does not add up with the others.
+    BadReceipt,
 }

@@ -4,7 +4,7 @@ use bytes::Bytes;
 use http::{Extensions, StatusCode, Uri};
 use reqwest_middleware::{Middleware, Next};
 
-use super::attempts::{Retry, balance};
+use super::attempts::Retry;
 use super::transport::MAX_BODY;
 use super::{ClientError, ClientStore, MemoryClientStore, Payer, Transport, TransportFuture};
 use crate::wire::{PAYMENT_CHANNEL, Problem};
@@ -110,6 +110,7 @@ impl<St: ClientStore + 'static> Middleware for PaymentMiddleware<St> {
                 return next.run(request, extensions).await;
             };
             set_header(&mut this, header);
+            let this_method = this.method().clone();
             let response = next.clone().run(this, extensions).await?;
             // Redirected to another origin (reqwest follows redirects): that answer is not the
             // server's, so its 402 drives no payment and its balance is not the channel's.
@@ -119,7 +120,13 @@ impl<St: ClientStore + 'static> Middleware for PaymentMiddleware<St> {
                 return Ok(response);
             }
             if response.status() != StatusCode::PAYMENT_REQUIRED || retry.is_last() {
-                retry.answered(balance(response.headers())).await;
+                // The answer's URL: the request charged last, after same-origin redirects.
+                let url = response.url();
+                let path = match url.query() {
+                    Some(query) => format!("{}?{query}", url.path()),
+                    None => url.path().to_owned(),
+                };
+                retry.answered(response.headers(), this_method.as_str(), &path).await;
                 return Ok(response);
             }
             let status = response.status();

@@ -4,8 +4,10 @@ use std::sync::{Arc, OnceLock};
 use tokio::sync::watch;
 use tower::Layer;
 
-use super::meter::Meter;
+use super::meter::{Meter, Signer};
 use super::{Negotiation, Paywall};
+use bitcoin::bip32::Xpriv;
+
 use crate::MilliSats;
 use crate::chain::ChainBackend;
 use crate::channel::ChainTip;
@@ -82,6 +84,8 @@ impl<St, P: Clone> PaywallLayer<St, P> {
                 latest: dashmap::DashMap::new(),
                 forward_payment_header: false,
                 shadow: None,
+                signer: None,
+                no_receipts: false,
             }),
         }
     }
@@ -122,6 +126,27 @@ impl<St, P: Clone> PaywallLayer<St, P> {
     /// timeout behind a proxy) is served for free. Turn it off for such services.
     pub fn refund_server_errors(mut self, refund: bool) -> Self {
         self.config_mut().refund_server_errors = refund;
+        self
+    }
+
+    /// Signs a [`Receipt`](crate::wire::Receipt) for every paid response (the
+    /// `Payment-Receipt` header) with the channel's server key K2, derived from `master` (the
+    /// [`Negotiation`]'s key, which [`with_negotiation`](Self::with_negotiation) sets by
+    /// itself). Costs one ECDSA signature per paid request (and one key derivation per
+    /// channel and node).
+    pub fn with_receipts(mut self, master: Xpriv) -> Self {
+        let meter = self.config_mut();
+        meter.signer = Some(Arc::new(Signer::new(master)));
+        meter.no_receipts = false;
+        self
+    }
+
+    /// No receipts, even with negotiation endpoints (for the last microseconds of the fast
+    /// path; the client then checks the balance header only).
+    pub fn without_receipts(mut self) -> Self {
+        let meter = self.config_mut();
+        meter.signer = None;
+        meter.no_receipts = true;
         self
     }
 
@@ -168,6 +193,11 @@ impl<St, P: Clone> PaywallLayer<St, P> {
         St: ChannelStore,
         C: ChainBackend + Clone + 'static,
     {
+        let master = negotiation.master();
+        let meter = self.config_mut();
+        if !meter.no_receipts {
+            meter.signer.get_or_insert_with(|| Arc::new(Signer::new(master)));
+        }
         self.negotiation = Some(Arc::new(Endpoints {
             prefix: negotiation.prefix().to_owned(),
             build: Arc::new(move |store, tip, url| negotiation.clone().router(store, tip, url)),

@@ -9,9 +9,16 @@ use tower::Service;
 use super::rejection::{Rejection, RejectionKind};
 use super::{ActualCost, Paid, ShadowTally};
 use crate::MilliSats;
-use crate::channel::{ChainTip, CheckedPayment, PaymentCheck, PaymentError};
+use bitcoin::bip32::Xpriv;
+use bitcoin::secp256k1::SecretKey;
+
+use crate::channel::{
+    ChainTip, CheckedPayment, PaymentCheck, PaymentError, channel_key, server_amount,
+};
 use crate::store::{ChannelRecord, ChannelState, ChannelStore, Debit, StoreError};
-use crate::wire::{self, ChannelId, PAYMENT_CHANNEL, PAYMENT_CHANNEL_BALANCE};
+use crate::wire::{
+    self, ChannelId, PAYMENT_CHANNEL, PAYMENT_CHANNEL_BALANCE, PAYMENT_RECEIPT, Receipt,
+};
 
 /// The meter behind [`Paywall`](super::Paywall): prices a request, identifies its channel,
 /// stores a better payment and debits the price in one atomic store operation, and credits
@@ -24,16 +31,45 @@ pub(super) struct Meter<St, P> {
     pub(super) bundle: MilliSats,
     pub(super) refund_server_errors: bool,
     pub(super) terms_url: String,
-    /// Header values already verified as payments of a channel. A verified payment stays a
-    /// valid proof of its channel forever, so a hit skips decoding and verification; the
-    /// atomic debit still enforces the balance and the channel's state.
-    pub(super) verified: dashmap::DashMap<http::HeaderValue, crate::wire::ChannelId>,
+    /// Header values already verified as payments of a channel, with what they pay the
+    /// server. A verified payment stays a valid proof of its channel forever, so a hit skips
+    /// decoding and verification; the atomic debit still enforces the balance and the
+    /// channel's state.
+    pub(super) verified: dashmap::DashMap<http::HeaderValue, (ChannelId, MilliSats)>,
     /// The header cached for each channel (one per channel: a new best replaces the old).
     pub(super) latest: dashmap::DashMap<crate::wire::ChannelId, http::HeaderValue>,
     /// Whether the inner service sees the `Payment-Channel` header.
     pub(super) forward_payment_header: bool,
     /// Shadow mode: price, count and serve without asking for payment.
     pub(super) shadow: Option<Arc<ShadowTally>>,
+    /// Signs a [`Receipt`] for every paid response, with each channel's K2.
+    pub(super) signer: Option<Arc<Signer>>,
+    /// Receipts turned off: negotiation endpoints do not turn them on.
+    pub(super) no_receipts: bool,
+}
+
+/// The receipts' signer: the master key, and each channel's server key once derived.
+pub(super) struct Signer {
+    master: Xpriv,
+    keys: dashmap::DashMap<ChannelId, SecretKey>,
+}
+
+impl Signer {
+    pub(super) fn new(master: Xpriv) -> Self {
+        Self { master, keys: dashmap::DashMap::new() }
+    }
+
+    /// Derives and keeps the server key of `record`'s channel.
+    fn remember(&self, record: &ChannelRecord) {
+        if !self.keys.contains_key(&record.id())
+            && let Ok(key) = channel_key(&self.master, record.key_index)
+        {
+            if self.keys.len() >= VERIFIED_CACHE_LIMIT {
+                self.keys.clear();
+            }
+            self.keys.insert(record.id(), key);
+        }
+    }
 }
 
 impl<St, P: Clone> Clone for Meter<St, P> {
@@ -51,6 +87,8 @@ impl<St, P: Clone> Clone for Meter<St, P> {
             latest: dashmap::DashMap::new(),
             forward_payment_header: self.forward_payment_header,
             shadow: self.shadow.clone(),
+            signer: self.signer.as_ref().map(|signer| Arc::new(Signer::new(signer.master))),
+            no_receipts: self.no_receipts,
         }
     }
 }
@@ -75,10 +113,14 @@ impl<St: ChannelStore, P> Meter<St, P> {
         // Taken out so that the request (whose body need not be `Sync`) is not borrowed
         // across an await.
         let header = request.headers().get(PAYMENT_CHANNEL).cloned();
-        let paid = match self.charge(header, price).await {
-            Ok(paid) => paid,
+        let (paid, carried) = match self.charge(header, price).await {
+            Ok(charged) => charged,
             Err(rejection) => return Ok(rejection.into_response(&self.terms_url)),
         };
+        let target = self.signer.is_some().then(|| {
+            let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
+            (request.method().clone(), path.to_owned())
+        });
         request.extensions_mut().insert(paid);
         if !self.forward_payment_header {
             // A bearer proof of the channel: the inner service (a proxy, a logger) has no
@@ -94,18 +136,39 @@ impl<St: ChannelStore, P> Meter<St, P> {
                 .get::<ActualCost>()
                 .map_or(MilliSats::ZERO, |ActualCost(cost)| price.saturating_sub(*cost))
         };
-        let mut balance = paid.balance;
+        let (mut balance, mut charged) = (paid.balance, price);
         if give_back > MilliSats::ZERO {
             // If the store fails here the client stays charged for this request; the
             // channel's money is safe either way.
             if let Ok(after) = self.store.credit(paid.channel, give_back).await {
                 balance = after;
+                charged = price.saturating_sub(give_back);
             }
         }
-        response
-            .headers_mut()
-            .insert(PAYMENT_CHANNEL_BALANCE, HeaderValue::from(balance.to_msat()));
+        let headers = response.headers_mut();
+        headers.insert(PAYMENT_CHANNEL_BALANCE, HeaderValue::from(balance.to_msat()));
+        if let Some((method, path)) = target {
+            let receipt =
+                Receipt::new(paid.channel, method.as_str(), &path, charged, carried, balance);
+            if let Some(signed) = self.sign(receipt).await
+                && let Ok(value) = HeaderValue::try_from(signed.encode())
+            {
+                headers.insert(PAYMENT_RECEIPT, value);
+            }
+        }
         Ok(response)
+    }
+
+    /// Signs `receipt` with its channel's K2 (derived once per channel; a channel this node
+    /// has not loaded yet is loaded for its key index).
+    async fn sign(&self, receipt: Receipt) -> Option<Receipt> {
+        let signer = self.signer.as_ref()?;
+        if !signer.keys.contains_key(&receipt.channel) {
+            let record = self.store.load(receipt.channel).await.ok()??;
+            signer.remember(&record);
+        }
+        let key = *signer.keys.get(&receipt.channel)?;
+        Some(receipt.sign(&key))
     }
 
     /// Identifies the channel, stores a better payment before anything is served, and debits
@@ -114,13 +177,13 @@ impl<St: ChannelStore, P> Meter<St, P> {
         &self,
         header: Option<HeaderValue>,
         price: MilliSats,
-    ) -> Result<Paid, Rejection> {
+    ) -> Result<(Paid, MilliSats), Rejection> {
         let reject = |kind, record: Option<&ChannelRecord>| {
             Rejection::new(kind, record.map(|r| r.snapshot(price, self.bundle))).with_price(price)
         };
         let header = header.ok_or_else(|| reject(RejectionKind::PaymentRequired, None))?;
-        if let Some(id) = self.verified.get(&header).map(|id| *id) {
-            return self.debit(id, price, None).await;
+        if let Some((id, carried)) = self.verified.get(&header).map(|entry| *entry) {
+            return Ok((self.debit(id, price, None).await?, carried));
         }
         let payment = wire::decode_payment(header.as_bytes())
             .map_err(|e| reject(RejectionKind::Header(e), None))?;
@@ -129,12 +192,16 @@ impl<St: ChannelStore, P> Meter<St, P> {
                 reject(RejectionKind::Payment(PaymentError::InputCount { found: 0 }), None)
             })?;
         let id = ChannelId::new(outpoint);
+        let carried = MilliSats::from_sat(server_amount(&payment)).unwrap_or(MilliSats::MAX);
         let record = self
             .store
             .load(id)
             .await
             .map_err(|e| Rejection::from(e).with_price(price))?
             .ok_or_else(|| reject(RejectionKind::UnknownChannel, None))?;
+        if let Some(signer) = &self.signer {
+            signer.remember(&record);
+        }
         match record.state {
             ChannelState::Open => {}
             ChannelState::Pending => {
@@ -153,9 +220,9 @@ impl<St: ChannelStore, P> Meter<St, P> {
                 let payment = CheckedPayment::checked(payment);
                 let debit = self.store.pay(id, payment, price).await;
                 if matches!(debit, Ok(Debit::Debited { .. } | Debit::Insufficient { .. })) {
-                    self.remember(id, header);
+                    self.remember(id, header, carried);
                 }
-                return self.debited(id, price, debit, Some(record)).await;
+                return Ok((self.debited(id, price, debit, Some(record)).await?, carried));
             }
             // The best payment itself is cached; a re-signed copy of it is not.
             Ok(PaymentCheck::Repeat) => is_best,
@@ -170,14 +237,14 @@ impl<St: ChannelStore, P> Meter<St, P> {
             Err(e) => return Err(reject(RejectionKind::Payment(e), Some(&record))),
         };
         if cache {
-            self.remember(id, header);
+            self.remember(id, header, carried);
         }
-        self.debit(id, price, Some(record)).await
+        Ok((self.debit(id, price, Some(record)).await?, carried))
     }
 
     /// Caches `header` as the channel's verified best, in place of its previous best: at most
     /// one header per channel, so no client can crowd the others out.
-    fn remember(&self, id: ChannelId, header: HeaderValue) {
+    fn remember(&self, id: ChannelId, header: HeaderValue, carried: MilliSats) {
         if self.verified.len() >= VERIFIED_CACHE_LIMIT {
             self.verified.clear();
             self.latest.clear();
@@ -187,7 +254,7 @@ impl<St: ChannelStore, P> Meter<St, P> {
         {
             self.verified.remove(&previous);
         }
-        self.verified.insert(header, id);
+        self.verified.insert(header, (id, carried));
     }
 
     /// Debits `price`; on refusal, reports the channel's current state.

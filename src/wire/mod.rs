@@ -38,12 +38,14 @@ use serde::{Deserialize, Serialize};
 
 mod negotiation;
 mod problem;
+mod receipt;
 
 pub use negotiation::{
     CloseResponse, Endpoints, FundRequest, FundResponse, OpenRequest, OpenResponse, RefundRequest,
     RefundResponse, TERMS_PATH, TermsDocument,
 };
 pub use problem::{ChannelSnapshot, PROBLEM_JSON, PROBLEM_TYPE_PREFIX, Problem, ProblemCode};
+pub use receipt::{PAYMENT_RECEIPT, Receipt, ReceiptError, request_digest};
 
 /// The request header that carries the client's latest signed payment.
 pub const PAYMENT_CHANNEL: &str = "payment-channel";

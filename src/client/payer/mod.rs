@@ -18,7 +18,7 @@ use super::error::{Misbehavior, MisbehaviorKind};
 use super::transport::Transport;
 use super::{ClientChannel, ClientError, ClientStore, MemoryClientStore, SpendingPolicy};
 use crate::MilliSats;
-use crate::wire::{ChannelId, PAYMENT_CHANNEL, Problem, TERMS_PATH, TermsDocument};
+use crate::wire::{ChannelId, PAYMENT_CHANNEL, Problem, Receipt, TERMS_PATH, TermsDocument};
 
 mod builder;
 mod close;
@@ -80,6 +80,20 @@ struct Inner<S> {
     charges: Mutex<ChargeWatch>,
 }
 
+impl ChargeWatch {
+    /// A fresh watch of `channel` from `baseline`, keeping the verdicts and the last receipt.
+    fn for_channel(&self, channel: ChannelId, baseline: Option<MilliSats>) -> Self {
+        Self {
+            channel: Some(channel),
+            baseline,
+            overcharged: self.overcharged,
+            latest_receipt: self.latest_receipt.clone(),
+            bad_receipt: self.bad_receipt.clone(),
+            ..Self::default()
+        }
+    }
+}
+
 impl State {
     /// What counts against the policy's `max_total`: payments and funding fees.
     fn spent(&self) -> Amount {
@@ -115,6 +129,13 @@ struct ChargeWatch {
     balance: Option<MilliSats>,
     /// Set once the server charged more than the policy allows: the payer stops paying it.
     overcharged: Option<(MilliSats, MilliSats)>,
+    /// Receipts received on the channel, and the sum of the prices they state.
+    receipts: u64,
+    receipted: MilliSats,
+    /// The last valid receipt, on any channel.
+    latest_receipt: Option<Receipt>,
+    /// Set once a receipt did not verify or add up: the payer stops paying the server.
+    bad_receipt: Option<String>,
 }
 
 /// The payer's current channel as the caller may want to see it; see [`Payer::status`].
@@ -140,6 +161,8 @@ pub(crate) struct CurrentPayment {
     pub(crate) id: ChannelId,
     pub(crate) paid: Amount,
     pub(crate) header: HeaderValue,
+    /// The channel's server key K2: it signs the server's receipts.
+    pub(crate) server_key: bitcoin::secp256k1::PublicKey,
 }
 
 pub(super) fn misbehaved(kind: MisbehaviorKind, what: impl Into<String>) -> ClientError {
@@ -228,8 +251,12 @@ impl<S: ClientStore> Payer<S> {
 
     /// Refuses to pay a server that charged more than the policy allows.
     pub(crate) fn check_trusted(&self) -> Result<(), ClientError> {
-        match self.charges().overcharged {
-            Some((charged, allowed)) => Err(ClientError::Overcharged { charged, allowed }),
+        let charges = self.charges();
+        if let Some((charged, allowed)) = charges.overcharged {
+            return Err(ClientError::Overcharged { charged, allowed });
+        }
+        match &charges.bad_receipt {
+            Some(why) => Err(misbehaved(MisbehaviorKind::BadReceipt, why.clone())),
             None => Ok(()),
         }
     }
@@ -238,9 +265,7 @@ impl<S: ClientStore> Payer<S> {
     pub(crate) fn note_send(&self, channel: ChannelId) {
         let mut charges = self.charges();
         if charges.channel != Some(channel) {
-            let overcharged = charges.overcharged;
-            *charges =
-                ChargeWatch { channel: Some(channel), overcharged, ..ChargeWatch::default() };
+            *charges = charges.for_channel(channel, None);
         }
         charges.sends += 1;
     }
@@ -274,13 +299,80 @@ impl<S: ClientStore> Payer<S> {
     /// Starts watching a channel this payer just opened: nothing spent yet.
     fn watch_new_channel(&self, channel: ChannelId) {
         let mut charges = self.charges();
-        let overcharged = charges.overcharged;
-        *charges = ChargeWatch {
-            channel: Some(channel),
-            baseline: Some(MilliSats::ZERO),
-            overcharged,
-            ..ChargeWatch::default()
+        *charges = charges.for_channel(channel, Some(MilliSats::ZERO));
+    }
+
+    /// The server answered a request that carried `sent` with the receipt `value`: it must
+    /// verify under the channel's K2, be for this channel, this request and the payment it
+    /// carried, charge at most `max_per_request`, and the channel's spent it states may not
+    /// exceed what the receipts so far charged (plus `max_per_request` for each request not
+    /// receipted yet). Otherwise the payer stops paying the server.
+    pub(crate) fn note_receipt(
+        &self,
+        sent: &CurrentPayment,
+        value: &[u8],
+        method: &str,
+        path_and_query: &str,
+    ) {
+        let max = self.inner.settings.policy.max_per_request();
+        let checked = Receipt::decode(value)
+            .and_then(|receipt| receipt.verify(&sent.server_key).map(|()| receipt))
+            .map_err(|e| e.to_string())
+            .and_then(|receipt| {
+                let paid = MilliSats::from_sat(sent.paid).unwrap_or(MilliSats::MAX);
+                if receipt.channel != sent.id {
+                    Err("the receipt is for another channel".to_owned())
+                } else if !receipt.is_for(method, path_and_query) {
+                    Err("the receipt is for another request".to_owned())
+                } else if receipt.paid_msat != paid {
+                    Err(format!(
+                        "the receipt says {} was paid, the request carried {paid}",
+                        receipt.paid_msat
+                    ))
+                } else if receipt.price_msat > max {
+                    Err(format!(
+                        "the receipt charges {}, above the policy's {max}",
+                        receipt.price_msat
+                    ))
+                } else {
+                    Ok(receipt)
+                }
+            });
+        let mut charges = self.charges();
+        let receipt = match checked {
+            Ok(receipt) => receipt,
+            Err(why) => {
+                tracing::warn!(%why, "a receipt that does not verify");
+                charges.bad_receipt.get_or_insert(why);
+                return;
+            }
         };
+        if charges.channel == Some(sent.id) {
+            charges.receipts += 1;
+            charges.receipted = charges.receipted.saturating_add(receipt.price_msat);
+            if let Some(baseline) = charges.baseline {
+                let unreceipted = charges.sends.saturating_sub(charges.receipts);
+                let allowed = baseline
+                    .saturating_add(charges.receipted)
+                    .saturating_add(max.checked_mul(unreceipted).unwrap_or(MilliSats::MAX));
+                if receipt.spent() > allowed {
+                    let why = format!(
+                        "the receipt says {} spent, its receipts add up to {allowed}",
+                        receipt.spent()
+                    );
+                    tracing::warn!(%why, "receipts that do not add up");
+                    charges.bad_receipt.get_or_insert(why);
+                    return;
+                }
+            }
+        }
+        charges.latest_receipt = Some(receipt);
+    }
+
+    /// The last receipt the server signed and this payer verified: proof of what the channel
+    /// had been charged when it was issued (see [`Receipt`]).
+    pub fn latest_receipt(&self) -> Option<Receipt> {
+        self.charges().latest_receipt.clone()
     }
 
     /// What the client paid in funding fees, over every channel of its store (part of the
@@ -338,7 +430,8 @@ impl<S: ClientStore> Payer<S> {
     ) {
         let current = channel.as_ref().zip(header).and_then(|((channel, _), header)| {
             let header = HeaderValue::try_from(header).ok()?;
-            Some(CurrentPayment { id: channel.id(), paid: channel.paid(), header })
+            let server_key = channel.channel.params().server_key.0;
+            Some(CurrentPayment { id: channel.id(), paid: channel.paid(), header, server_key })
         });
         state.channel = channel;
         *self.inner.current.write().unwrap_or_else(|p| p.into_inner()) = current;

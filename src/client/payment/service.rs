@@ -6,7 +6,7 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use tower::{BoxError, Service, ServiceExt};
 
-use crate::client::attempts::{Retry, balance};
+use crate::client::attempts::Retry;
 use crate::client::transport::read_body;
 use crate::client::{
     ClientError, ClientStore, Closed, MemoryClientStore, Payer, ServiceTransport, Transport,
@@ -159,7 +159,8 @@ where
         }
         let response = inner.call(request).await.map_err(transport)?;
         if response.status() != StatusCode::PAYMENT_REQUIRED || retry.is_last() {
-            retry.answered(balance(response.headers())).await;
+            let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            retry.answered(response.headers(), parts.method.as_str(), path).await;
             return Ok(response);
         }
         let status = response.status();

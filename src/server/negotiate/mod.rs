@@ -146,6 +146,11 @@ impl<C: ChainBackend + Clone + 'static> Negotiation<C> {
         self
     }
 
+    /// The master key the server keys derive from (the receipts' signer uses it).
+    pub(in crate::server) fn master(&self) -> Xpriv {
+        self.master
+    }
+
     pub(super) fn prefix(&self) -> &str {
         &self.prefix
     }

@@ -1,0 +1,250 @@
+//! [`Receipt`]: the server's signed statement of what one request was charged.
+
+use core::fmt;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bitcoin::hashes::{Hash, HashEngine, sha256};
+use bitcoin::hex::{DisplayHex, FromHex};
+use bitcoin::secp256k1::{Message, PublicKey, SecretKey, ecdsa::Signature};
+use serde::{Deserialize, Serialize};
+
+use super::ChannelId;
+use crate::MilliSats;
+
+/// The response header that carries the [`Receipt`] of a paid request.
+pub const PAYMENT_RECEIPT: &str = "payment-receipt";
+
+/// The tag of the receipt's signed hash (a BIP-0340 style tagged hash: no Bitcoin
+/// transaction hash, nor any other use of the key, can collide with it).
+const TAG: &[u8] = b"paychan/receipt/v1";
+
+/// The server's signed statement of what one paid request was charged: the channel, the
+/// request (method and path), the price charged (net of what a 5xx or an
+/// [`ActualCost`](crate::server::ActualCost) gave back), what the payment the request carried
+/// pays the server, and the channel's balance afterwards. It is signed with the channel's
+/// server key K2, which the client knows from the 2-of-2 script, so the client can verify it
+/// and keep it as proof of how it was metered.
+///
+/// `paid − balance` is what the server had spent of the channel when it answered (its
+/// cumulative charge). The client checks it against the prices it accepted.
+///
+/// On the wire: the `Payment-Receipt` header, base64url (no padding) of the JSON document.
+///
+/// # Examples
+///
+/// ```
+/// use paychan::MilliSats;
+/// use paychan::bitcoin::secp256k1::{Secp256k1, SecretKey};
+/// use paychan::wire::{ChannelId, Receipt};
+///
+/// let key = SecretKey::from_slice(&[3; 32]).unwrap();
+/// let k2 = key.public_key(&Secp256k1::new());
+/// let channel: ChannelId = format!("{}:0", "ab".repeat(32)).parse().unwrap();
+/// let receipt = Receipt::new(channel, "GET", "/weather?city=Oslo", MilliSats::from_msat(2_000),
+///     MilliSats::from_msat(50_000_000), MilliSats::from_msat(49_990_000)).sign(&key);
+/// let header = receipt.encode();
+/// let read = Receipt::decode(header.as_bytes()).unwrap();
+/// assert!(read.verify(&k2).is_ok());
+/// assert_eq!(read.spent(), MilliSats::from_msat(10_000));
+/// assert!(read.is_for("GET", "/weather?city=Oslo"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Receipt {
+    /// The format's version: 1.
+    pub v: u8,
+    /// The channel charged.
+    pub channel: ChannelId,
+    /// SHA-256 of `METHOD SP path-and-query`, hex: the request charged.
+    pub request: String,
+    /// What the request was charged.
+    pub price_msat: MilliSats,
+    /// What the payment the request carried pays the server.
+    pub paid_msat: MilliSats,
+    /// The channel's balance after the request.
+    pub balance_msat: MilliSats,
+    /// The server's ECDSA signature (compact, 64 bytes, hex) over [`digest`](Self::digest),
+    /// with the channel's server key K2.
+    pub sig: String,
+}
+
+/// Why a receipt was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ReceiptError {
+    /// Not base64url JSON of a version-1 receipt, or too long.
+    Malformed,
+    /// The signature is missing, malformed, or not K2's over this receipt.
+    Signature,
+}
+
+impl fmt::Display for ReceiptError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Malformed => "the receipt is not a version-1 receipt",
+            Self::Signature => "the receipt's signature is not the channel's server key's",
+        })
+    }
+}
+
+impl std::error::Error for ReceiptError {}
+
+/// The longest `Payment-Receipt` value read.
+const MAX_RECEIPT_LEN: usize = 2048;
+
+/// SHA-256 of `METHOD SP path-and-query`, hex.
+pub fn request_digest(method: &str, path_and_query: &str) -> String {
+    let mut engine = sha256::Hash::engine();
+    engine.input(method.as_bytes());
+    engine.input(b" ");
+    engine.input(path_and_query.as_bytes());
+    sha256::Hash::from_engine(engine).to_string()
+}
+
+impl Receipt {
+    /// An unsigned receipt of `method path_and_query` on `channel`.
+    pub fn new(
+        channel: ChannelId,
+        method: &str,
+        path_and_query: &str,
+        price: MilliSats,
+        paid: MilliSats,
+        balance: MilliSats,
+    ) -> Self {
+        Self {
+            v: 1,
+            channel,
+            request: request_digest(method, path_and_query),
+            price_msat: price,
+            paid_msat: paid,
+            balance_msat: balance,
+            sig: String::new(),
+        }
+    }
+
+    /// What the server had spent of the channel: `paid − balance`.
+    pub fn spent(&self) -> MilliSats {
+        self.paid_msat.saturating_sub(self.balance_msat)
+    }
+
+    /// Whether the receipt is for `method path_and_query`.
+    pub fn is_for(&self, method: &str, path_and_query: &str) -> bool {
+        self.request == request_digest(method, path_and_query)
+    }
+
+    /// The signed hash: `SHA256(SHA256(tag) ‖ SHA256(tag) ‖ message)` with the tag
+    /// `paychan/receipt/v1` and the message `txid (32, internal order) ‖ vout (u32 LE) ‖
+    /// request (32) ‖ price_msat ‖ paid_msat ‖ balance_msat (u64 LE each)`.
+    pub fn digest(&self) -> Option<[u8; 32]> {
+        let request = <[u8; 32]>::try_from(Vec::<u8>::from_hex(&self.request).ok()?).ok()?;
+        let tag = sha256::Hash::hash(TAG);
+        let mut engine = sha256::Hash::engine();
+        engine.input(tag.as_byte_array());
+        engine.input(tag.as_byte_array());
+        let outpoint = self.channel.outpoint();
+        engine.input(outpoint.txid.as_byte_array());
+        engine.input(&outpoint.vout.to_le_bytes());
+        engine.input(&request);
+        for amount in [self.price_msat, self.paid_msat, self.balance_msat] {
+            engine.input(&amount.to_msat().to_le_bytes());
+        }
+        Some(sha256::Hash::from_engine(engine).to_byte_array())
+    }
+
+    /// Signs the receipt with `key` (the channel's K2).
+    pub fn sign(mut self, key: &SecretKey) -> Self {
+        if let Some(digest) = self.digest() {
+            let signature = crate::channel::secp().sign_ecdsa(&Message::from_digest(digest), key);
+            self.sig = signature.serialize_compact().to_lower_hex_string();
+        }
+        self
+    }
+
+    /// Checks the signature against `server_key` (the channel's K2).
+    ///
+    /// # Errors
+    ///
+    /// [`ReceiptError::Signature`].
+    pub fn verify(&self, server_key: &PublicKey) -> Result<(), ReceiptError> {
+        let digest = self.digest().ok_or(ReceiptError::Malformed)?;
+        let signature = Vec::<u8>::from_hex(&self.sig)
+            .ok()
+            .and_then(|bytes| Signature::from_compact(&bytes).ok())
+            .ok_or(ReceiptError::Signature)?;
+        crate::channel::secp()
+            .verify_ecdsa(&Message::from_digest(digest), &signature, server_key)
+            .map_err(|_| ReceiptError::Signature)
+    }
+
+    /// The header value: base64url (no padding) of the JSON document.
+    pub fn encode(&self) -> String {
+        URL_SAFE_NO_PAD.encode(serde_json::to_vec(self).unwrap_or_default())
+    }
+
+    /// Reads a header value written by [`encode`](Self::encode) (the signature is not
+    /// checked: see [`verify`](Self::verify)).
+    ///
+    /// # Errors
+    ///
+    /// [`ReceiptError::Malformed`].
+    pub fn decode(value: &[u8]) -> Result<Self, ReceiptError> {
+        if value.len() > MAX_RECEIPT_LEN {
+            return Err(ReceiptError::Malformed);
+        }
+        let json = URL_SAFE_NO_PAD.decode(value).map_err(|_| ReceiptError::Malformed)?;
+        let receipt: Self = serde_json::from_slice(&json).map_err(|_| ReceiptError::Malformed)?;
+        if receipt.v != 1 || receipt.digest().is_none() {
+            return Err(ReceiptError::Malformed);
+        }
+        Ok(receipt)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bitcoin::secp256k1::Secp256k1;
+
+    use super::*;
+
+    fn receipt() -> Receipt {
+        let channel: ChannelId = format!("{}:1", "11".repeat(32)).parse().unwrap();
+        let msat = MilliSats::from_msat;
+        Receipt::new(channel, "GET", "/joke", msat(150_000), msat(2_350_000), msat(550_000))
+    }
+
+    #[test]
+    fn a_forged_or_altered_receipt_does_not_verify() {
+        let key = SecretKey::from_slice(&[7; 32]).unwrap();
+        let k2 = key.public_key(&Secp256k1::new());
+        let signed = receipt().sign(&key);
+        assert_eq!(signed.verify(&k2), Ok(()));
+        let other = SecretKey::from_slice(&[8; 32]).unwrap();
+        assert_eq!(receipt().sign(&other).verify(&k2), Err(ReceiptError::Signature));
+        assert_eq!(receipt().verify(&k2), Err(ReceiptError::Signature), "unsigned");
+        let mut cheaper = signed.clone();
+        cheaper.balance_msat = MilliSats::ZERO;
+        assert_eq!(cheaper.verify(&k2), Err(ReceiptError::Signature), "altered");
+        let mut elsewhere = signed.clone();
+        elsewhere.request = request_digest("GET", "/other");
+        assert_eq!(elsewhere.verify(&k2), Err(ReceiptError::Signature));
+        assert_eq!(Receipt::decode(b"not base64 json"), Err(ReceiptError::Malformed));
+        assert_eq!(Receipt::decode(&[b'A'; 4096]), Err(ReceiptError::Malformed));
+        assert_eq!(Receipt::decode(signed.encode().as_bytes()), Ok(signed));
+    }
+
+    /// The test vector of docs/HTTP.md: key 0x07…07, this receipt, this digest and signature
+    /// (RFC 6979 deterministic nonces make the signature reproducible).
+    #[test]
+    fn the_documented_vector() {
+        let key = SecretKey::from_slice(&[7; 32]).unwrap();
+        let signed = receipt().sign(&key);
+        let digest = signed.digest().unwrap().to_lower_hex_string();
+        let vector: serde_json::Value =
+            serde_json::from_str(include_str!("../../docs/receipt-vector.json")).unwrap();
+        assert_eq!(vector["digest"], digest);
+        assert_eq!(vector["receipt"], serde_json::to_value(&signed).unwrap());
+        assert_eq!(vector["header"], signed.encode());
+        assert_eq!(signed.request, request_digest("GET", "/joke"));
+    }
+}
