@@ -168,7 +168,7 @@ pub(crate) async fn run(verbose: bool) -> Result<Summary, Error> {
         }
     }
 
-    say("closing the channel cooperatively".into());
+    say("closing the channel fairly: the client signs a payment of what was metered".into());
     let closed = payer.close_via(&ServiceTransport::<_, Full<Bytes>>::new(wire)).await?;
     chain.mine(1);
     let TxStatus::Confirmed { confirmations, .. } = chain.tx_status(&closed.txid) else {
@@ -204,7 +204,7 @@ async fn main() -> Result<(), Error> {
         s.payments
     );
     println!(
-        "  sats paid            {} sat (prepaid and unused: {} sat)",
+        "  sats signed          {} sat (prepaid and unused: {} sat, returned by the fair close)",
         s.client_paid.to_sat(),
         (s.client_paid - metered.to_sat_ceil()).to_sat()
     );
@@ -222,8 +222,9 @@ async fn main() -> Result<(), Error> {
         s.client_back.to_sat(),
         s.funding_fee.to_sat()
     );
-    // The books balance to the satoshi.
-    assert_eq!(s.server_received, s.client_paid, "the server received exactly what was paid");
+    // The books balance to the satoshi: the server received what it metered, nothing
+    // prepaid is lost.
+    assert_eq!(s.server_received, metered.to_sat_ceil(), "the server received what it metered");
     assert_eq!(s.client_back + s.server_received + s.settlement_fee, CHANNEL);
     assert_eq!(
         s.wallet_after + s.client_back + s.server_received + s.settlement_fee + s.funding_fee,

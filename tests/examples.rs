@@ -34,7 +34,9 @@ async fn the_demo_settles_exactly_what_was_paid() {
     assert!(
         s.client_paid <= metered + bitcoin::Amount::from_sat(1_000) + demo::PRICE.to_sat_ceil()
     );
-    assert_eq!(s.server_received, s.client_paid, "the server received exactly what was paid");
+    // The fair close: the server received what it metered; the prepaid rest came back.
+    assert_eq!(s.server_received, metered, "the server received exactly what it metered");
+    assert!(s.client_paid > metered, "something was prepaid, and returned");
     assert_eq!(s.client_back + s.server_received + s.settlement_fee, demo::CHANNEL);
     assert_eq!(
         s.wallet_after + s.client_back + s.server_received + s.settlement_fee + s.funding_fee,

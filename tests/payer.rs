@@ -247,8 +247,9 @@ async fn opens_on_the_first_402_tops_up_and_settles_exactly() {
     let k2 = channel.channel.params().server_key.0;
     assert_eq!(receipt.verify(&k2), Ok(()));
 
+    // A fair close: the server gets what it metered, the prepaid rest comes back.
     let closed = client.close().await.unwrap();
-    assert_eq!(closed.server_amount, committed);
+    assert_eq!(closed.server_amount, metered);
     server.chain.mine(1);
     assert!(matches!(server.chain.tx_status(&closed.txid), TxStatus::Confirmed { .. }));
     let settlement = server.chain.get_transaction(&closed.txid).unwrap();
@@ -257,10 +258,10 @@ async fn opens_on_the_first_402_tops_up_and_settles_exactly() {
     settlement.verify(|_| Some(spent.clone())).expect("consensus accepts the settlement");
     policy::check_standard(&settlement, &[spent]).expect("standard");
     let out = |vout| server.chain.utxo(&OutPoint::new(closed.txid, vout)).unwrap();
-    assert_eq!(out(0).value, committed, "the server received exactly what was paid");
+    assert_eq!(out(0).value, metered, "the server received exactly what it metered");
     assert_eq!(out(0).script_pubkey, p2wpkh(&secret(2)));
     assert_eq!(out(1).value, closed.client_amount);
-    assert_eq!(closed.client_amount + committed + closed.fee, Amount::from_sat(50_000));
+    assert_eq!(closed.client_amount + metered + closed.fee, Amount::from_sat(50_000));
     // The channel is retired: the next request opens a new one.
     assert!(payer.channel().await.unwrap().is_none());
 }
@@ -549,7 +550,7 @@ async fn the_reqwest_middleware_pays_like_the_layer() {
     assert!(committed >= metered && committed <= metered + Amount::from_sat(1_150));
 
     let closed = payer.close_via(&reqwest::Client::new()).await.unwrap();
-    assert_eq!(closed.server_amount, committed);
+    assert_eq!(closed.server_amount, metered, "a fair close");
     server.chain.mine(1);
     assert!(matches!(server.chain.tx_status(&closed.txid), TxStatus::Confirmed { .. }));
 
@@ -1106,4 +1107,43 @@ async fn receipts_that_do_not_verify_or_add_up_stop_the_payer() {
         assert_eq!(payer.committed().await.unwrap(), committed, "{what}: nothing more paid");
         assert!(payer.latest_receipt().is_none(), "{what}: no receipt kept");
     }
+}
+
+/// The fair close corrects a stale estimate: a server whose answers under-report what it
+/// spent (no receipts, a balance header 1 sat too high) refuses the client's first fair
+/// settlement as short; the client reads the channel's exact spent and settles at it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fair_close_from_a_stale_estimate_settles_at_the_exact_spent() {
+    use paychan::wire::{PAYMENT_CHANNEL_BALANCE, PAYMENT_RECEIPT};
+
+    let chain = SimulatedChain::new();
+    let negotiation = common::negotiation(&chain, 0x5e);
+    let tip = follow_tip(chain.clone(), Duration::from_millis(50)).await.unwrap();
+    let understate = |request: Request, next: Next| async move {
+        let mut response = next.run(request).await;
+        let headers = response.headers_mut();
+        headers.remove(PAYMENT_RECEIPT);
+        if let Some(balance) = headers.get(PAYMENT_CHANNEL_BALANCE) {
+            let higher = balance.to_str().unwrap().parse::<u64>().unwrap() + 1_000;
+            headers.insert(PAYMENT_CHANNEL_BALANCE, higher.into());
+        }
+        response
+    };
+    let app = Router::new()
+        .route("/work", get(|| async { "done" }))
+        .layer(PaywallLayer::new(MemoryStore::new(), PRICE, tip).with_negotiation(negotiation))
+        .layer(axum::middleware::from_fn(understate));
+    let server = Server { origin: format!("http://{}", serve(app).await), chain };
+    let wallet = funded_wallet(&server.chain);
+    let payer = payer_with(&server, &wallet, MemoryClientStore::new(), policy());
+    let (mut client, _) = paying_client(&payer);
+    for _ in 0..3 {
+        assert_eq!(get_work(&mut client, &server.origin).await.unwrap().0, StatusCode::OK);
+    }
+    let committed = payer.committed().await.unwrap();
+    let metered = PRICE.checked_mul(3).unwrap().to_sat_ceil();
+    assert!(committed > metered);
+    let closed = client.close().await.unwrap();
+    assert_eq!(closed.server_amount, metered, "settled at the exact spent, not the estimate");
+    assert_eq!(closed.client_amount + metered + closed.fee, Amount::from_sat(50_000));
 }

@@ -278,6 +278,13 @@ async fn call(
 }
 
 /// The server's snapshot of the channel (`GET /payment-channel/channels/{id}`).
+/// What a fair close pays the server: what it spent (its view), rounded up to the satoshi,
+/// and at least the server output's dust threshold.
+async fn fair_amount(origin: &str, channel: &ClientChannel) -> Amount {
+    let spent = server_view(origin, channel).await["spent_msat"].as_u64().unwrap();
+    Amount::from_sat(spent.div_ceil(1_000)).max(channel.channel.params().min_server_amount())
+}
+
 async fn server_view(origin: &str, channel: &ClientChannel) -> Value {
     let path = format!("/payment-channel/channels/{}", channel.id());
     let (status, _, view) = call(origin, http::Method::GET, &path, None).await;
@@ -415,15 +422,18 @@ async fn a_pay_top_up_close_cooperatively(txindex: bool) {
     assert_eq!(view["paid_msat"], committed.to_sat() * 1_000);
     assert_eq!(view["spent_msat"], metered.to_msat());
 
+    // A fair close: the server is paid what it metered, the prepaid rest comes back.
+    let fair = fair_amount(&server.origin, &channel).await;
+    assert!(fair < committed, "something was prepaid and unused");
     let closed = customer.client.close().await.expect("a cooperative close");
-    assert_eq!(closed.server_amount, committed);
+    assert_eq!(closed.server_amount, fair);
     assert_eq!(closed.fee, channel.channel.params().payment_fee(true));
     check_close_in_mempool(&node, &channel, closed.txid).await;
     let (_, report) = mine_and_settle(&node, &server, &mut task, &channel, closed.txid).await;
     assert_eq!(report.settled, 1);
-    assert_eq!(task.metrics().lock().unwrap().sats_settled, committed);
+    assert_eq!(task.metrics().lock().unwrap().sats_settled, fair);
     check_books(&node, &server.store, &channel, closed.txid).await;
-    assert_eq!(closed.client_amount, SMALL - committed - closed.fee);
+    assert_eq!(closed.client_amount, SMALL - fair - closed.fee);
 }
 
 /// b. No cooperative close: at expiry − close margin the task co-signs and broadcasts; the
@@ -523,8 +533,9 @@ async fn c_a_restarted_server_keeps_the_channel(txindex: bool) {
     assert_eq!(view["paid_msat"], committed.to_sat() * 1_000);
     assert_eq!(view["spent_msat"], PRICE.checked_mul(customer.served).unwrap().to_msat());
 
+    let fair = fair_amount(&server.origin, &channel).await;
     let closed = customer.client.close().await.expect("a cooperative close after the restart");
-    assert_eq!(closed.server_amount, committed);
+    assert_eq!(closed.server_amount, fair);
     check_close_in_mempool(&node, &channel, closed.txid).await;
     mine_and_settle(&node, &server, &mut task, &channel, closed.txid).await;
     check_books(&node, &server.store, &channel, closed.txid).await;
@@ -635,9 +646,11 @@ async fn f_a_payment_with_a_script_sig_is_refused(txindex: bool) {
         Err(error) => println!("close_transaction refuses a scriptSig payment: {error}"),
     }
 
-    // The books close on the best payment, which the refused one did not replace.
+    // The books close at what was metered (a fair close of the best payment's channel),
+    // the refused payment changing nothing.
+    let fair = fair_amount(&server.origin, &channel).await;
     let closed = customer.client.close().await.expect("a cooperative close");
-    assert_eq!(closed.server_amount, channel.paid());
+    assert_eq!(closed.server_amount, fair);
     check_close_in_mempool(&node, &channel, closed.txid).await;
     let height = node.mine(1).await;
     server.sync(height).await;
@@ -915,9 +928,9 @@ async fn l_the_core_wallet_funds_a_channel() {
     let channel = payer.channel().await.unwrap().expect("a channel");
     let funding = node.mempool_tx(channel.channel.outpoint().txid).await;
     assert!(!funding.is_explicitly_rbf(), "Core's funding does not signal replacement");
-    let committed = payer.committed().await.unwrap();
+    let fair = fair_amount(&server.origin, &channel).await;
     let closed = client.close().await.expect("a cooperative close");
-    assert_eq!(closed.server_amount, committed);
+    assert_eq!(closed.server_amount, fair);
     check_close_in_mempool(&node, &channel, closed.txid).await;
     mine_and_settle(&node, &server, &mut task, &channel, closed.txid).await;
     check_books(&node, &server.store, &channel, closed.txid).await;

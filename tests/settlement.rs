@@ -471,6 +471,13 @@ impl ChannelStore for Racing {
     ) -> Result<MilliSats, StoreError> {
         self.inner.credit(id, amount).await
     }
+    async fn settle_with(
+        &self,
+        id: wire::ChannelId,
+        payment: paychan::channel::CheckedPayment,
+    ) -> Result<bool, StoreError> {
+        self.inner.settle_with(id, payment).await
+    }
     async fn transition(
         &self,
         id: wire::ChannelId,
@@ -670,4 +677,75 @@ async fn a_started_merchant_collects_without_any_manual_wiring() {
     }
     assert!(settled, "the merchant's own task closed and settled the channel");
     assert_eq!(paid.metrics().sats_settled, Amount::from_sat(2_000));
+}
+
+/// The fair close (issue #15): the client settles at what was metered, not at its best
+/// payment. A settlement below what was spent is refused with 409 and changes nothing, as is
+/// one that is not a payment; a top-up that lands first raises what was paid, not what was
+/// spent; the fair settlement is what the server broadcasts, what the store holds, and what
+/// the settlement task confirms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fair_close_settles_at_what_was_metered() {
+    let (chain, store, funded, id) = one_channel(200, 4_000).await;
+    let tip = follow_tip(chain.clone(), Duration::from_millis(20)).await.unwrap();
+    let negotiation = paychan::server::Negotiation::new(
+        Network::Regtest,
+        Terms::default(),
+        master(),
+        p2wpkh(&payout()),
+        chain.clone(),
+    );
+    // 1 000 sat a request.
+    let app = Router::new().route("/paid", get(|| async { "ok" })).layer(
+        PaywallLayer::new(store.clone(), MilliSats::from_msat(1_000_000), tip)
+            .with_negotiation(negotiation),
+    );
+    let addr = serve(app).await;
+    let header = wire::encode_payment(&payment(&funded, 0, 4_000));
+    for _ in 0..2 {
+        let reply = call(addr, "GET", "/paid", &[("payment-channel", &header)], None).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    }
+    let path = format!("/payment-channel/channels/{id}/close");
+    let close = |fair: &str, proof: &str| {
+        let body = serde_json::json!({ "fair_payment": fair });
+        let proof = proof.to_owned();
+        let path = path.clone();
+        async move { call(addr, "POST", &path, &[("payment-channel", &proof)], Some(&body)).await }
+    };
+    let before = store.load(id).await.unwrap().unwrap();
+
+    // Below the 2 000 sat spent: 409 with the channel's snapshot, nothing changed.
+    let short = wire::encode_payment(&payment(&funded, 0, 1_500));
+    let reply = close(&short, &header).await;
+    assert_eq!(reply.status, 409, "{}", reply.body);
+    assert_eq!(reply.json()["code"], "payment-below-spent");
+    assert_eq!(reply.json()["channel"]["spent_msat"], 2_000_000);
+    // Not a payment: 400, nothing changed.
+    assert_eq!(close("not a payment", &header).await.status, 400);
+    assert_eq!(store.load(id).await.unwrap().unwrap(), before, "the channel is untouched");
+
+    // A late top-up lands first: paid 5 000, spent 3 000.
+    let topped = wire::encode_payment(&payment(&funded, 0, 5_000));
+    let reply = call(addr, "GET", "/paid", &[("payment-channel", &topped)], None).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let fair = payment(&funded, 0, 3_000);
+    let reply = close(&wire::encode_payment(&fair), &topped).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.json()["server_amount_sat"], 3_000);
+    let settled: Transaction =
+        bitcoin::consensus::encode::deserialize_hex(reply.json()["close_tx"].as_str().unwrap())
+            .unwrap();
+    assert_eq!(settled.output[0].value, Amount::from_sat(3_000));
+    assert_eq!(settled.output, fair.output, "the client's fair payment, co-signed");
+    let record = store.load(id).await.unwrap().unwrap();
+    assert_eq!((record.best.as_ref(), record.state), (Some(&fair), ChannelState::Closed));
+
+    // The settlement task confirms the fair settlement (it builds the same close).
+    chain.mine(1);
+    let mut task = settlement(store.clone(), chain.clone());
+    assert_eq!(task.run_once().await.unwrap().settled, 1);
+    assert_eq!(task.metrics().lock().unwrap().sats_settled, Amount::from_sat(3_000));
+    let out = chain.utxo(&OutPoint::new(settled.compute_txid(), 0)).unwrap();
+    assert_eq!(out.value, Amount::from_sat(3_000));
 }

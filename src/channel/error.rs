@@ -410,6 +410,13 @@ pub enum PaymentError {
         /// The channel's expiry.
         expiry: LockTime,
     },
+    /// A fair settlement that pays the server less than the channel's metered amount.
+    BelowSpent {
+        /// What the server spent, rounded up to the satoshi (at least its dust threshold).
+        needed: Amount,
+        /// What the payment pays the server.
+        found: Amount,
+    },
     /// The input carries a scriptSig. BIP-0143 signatures do not commit to it, but a
     /// witness-program spend with a non-empty scriptSig is invalid in every block, so the
     /// co-signed close could never be mined.
@@ -436,6 +443,7 @@ error_codes!(PaymentError {
     Self::Signature(_) => "payment-signature",
     Self::Closing { .. } => "payment-channel-closing",
     Self::ScriptSig => "payment-script-sig",
+    Self::BelowSpent { .. } => "payment-below-spent",
 });
 
 impl fmt::Display for PaymentError {
@@ -474,6 +482,9 @@ impl fmt::Display for PaymentError {
             }
             Self::ScriptSig => {
                 f.write_str("payment input has a scriptSig: a witness spend must have none")
+            }
+            Self::BelowSpent { needed, found } => {
+                write!(f, "a settlement of {found} is below the {needed} the channel spent")
             }
         }
     }

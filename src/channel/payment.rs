@@ -173,6 +173,31 @@ impl Channel {
         })
     }
 
+    /// Checks a **fair settlement**: a payment the client signs to close the channel at
+    /// what was metered instead of at the best payment. Every rule of
+    /// [`check_payment`](Self::check_payment) applies except that it need not pay more than
+    /// the best; it must pay the server at least `spent` rounded up to the satoshi (and never
+    /// less than the server output's dust threshold). The server stores it in place of the
+    /// best only once the channel is closing, so nothing more can be debited.
+    ///
+    /// # Errors
+    ///
+    /// As [`check_payment`](Self::check_payment), and [`PaymentError::BelowSpent`].
+    pub fn check_fair_payment(
+        &self,
+        payment: Transaction,
+        spent: crate::MilliSats,
+        tip: ChainTip,
+    ) -> Result<CheckedPayment, PaymentError> {
+        let _increase = self.check_payment(None, &payment, tip)?;
+        let needed = spent.to_sat_ceil().max(self.params.min_server_amount());
+        let found = server_amount(&payment);
+        if found < needed {
+            return Err(PaymentError::BelowSpent { needed, found });
+        }
+        Ok(CheckedPayment(payment))
+    }
+
     /// Checks a client-signed payment (server side, seed step 9) against the channel and its
     /// best payment so far.
     ///

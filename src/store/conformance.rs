@@ -106,6 +106,7 @@ pub async fn run<S: ChannelStore>(store: Arc<S>, prefix: u8) {
     racing_debits_never_overspend(store.clone(), &fx).await;
     pay_stores_then_debits(&*store, &fx).await;
     racing_pays_are_exact(store.clone(), &fx).await;
+    a_closing_channel_settles_with_a_lower_payment(&*store, &fx).await;
     key_indexes_are_unique(store).await;
 }
 
@@ -348,6 +349,29 @@ async fn pay_stores_then_debits<S: ChannelStore>(store: &S, fx: &Fixture) {
     let unknown = ChannelId::new(fx.at_height(98, 900_000).outpoint());
     let payment = fx.checked(&fx.at_height(98, 900_000), 1_000);
     assert_eq!(store.pay(unknown, payment, msat(1)).await, Err(StoreError::NotFound));
+}
+
+async fn a_closing_channel_settles_with_a_lower_payment<S: ChannelStore>(store: &S, fx: &Fixture) {
+    let channel = fx.at_height(17, 900_000);
+    let record = fx.record(channel.clone(), 5_000);
+    let id = record.id();
+    store.create(record).await.expect("create");
+    let fair = fx.checked(&channel, 2_000);
+    assert_eq!(store.settle_with(id, fair.clone()).await, Ok(false), "not while open");
+    let loaded = store.load(id).await.expect("load").expect("exists");
+    assert_eq!(loaded.paid_amount(), Amount::from_sat(5_000), "an open channel is untouched");
+    assert_eq!(store.transition(id, ChannelState::Open, ChannelState::Closing).await, Ok(true));
+    assert_eq!(store.settle_with(id, fair.clone()).await, Ok(true), "once closing");
+    let loaded = store.load(id).await.expect("load").expect("exists");
+    assert_eq!(
+        (loaded.best.as_ref(), loaded.state),
+        (Some(fair.transaction()), ChannelState::Closing),
+        "the settlement is the lower payment, the channel still closing"
+    );
+    assert_eq!(loaded.paid_amount(), Amount::from_sat(2_000));
+    let unknown = ChannelId::new(fx.at_height(97, 900_000).outpoint());
+    let payment = fx.checked(&fx.at_height(97, 900_000), 1_000);
+    assert_eq!(store.settle_with(unknown, payment).await, Err(StoreError::NotFound));
 }
 
 async fn racing_pays_are_exact<S: ChannelStore>(store: Arc<S>, fx: &Fixture) {

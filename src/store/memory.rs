@@ -114,6 +114,20 @@ impl ChannelStore for MemoryStore {
         })
     }
 
+    fn settle_with(
+        &self,
+        id: ChannelId,
+        payment: CheckedPayment,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        self.update(id, move |record| {
+            let closing = record.state == ChannelState::Closing;
+            if closing {
+                record.best = Some(payment.into_transaction());
+            }
+            closing
+        })
+    }
+
     fn credit(
         &self,
         id: ChannelId,

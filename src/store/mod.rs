@@ -330,6 +330,17 @@ pub trait ChannelStore: Send + Sync + 'static {
         }
     }
 
+    /// Replaces the best payment of a channel that is **closing** with `payment`, which may
+    /// pay the server less than the best: the fair close, settled at the metered amount
+    /// ([`Channel::check_fair_payment`](crate::channel::Channel::check_fair_payment)).
+    /// `Ok(false)` (nothing changed) if the channel is not closing; from `Closing` on no debit
+    /// happens, so the metered amount cannot move under it.
+    fn settle_with(
+        &self,
+        id: ChannelId,
+        payment: CheckedPayment,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
     /// Gives back `amount` of an earlier debit (never making `spent` negative); returns the
     /// new balance.
     fn credit(

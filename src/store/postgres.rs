@@ -206,6 +206,27 @@ impl ChannelStore for PostgresStore {
         }
     }
 
+    async fn settle_with(
+        &self,
+        id: ChannelId,
+        payment: CheckedPayment,
+    ) -> Result<bool, StoreError> {
+        let id = id.to_string();
+        let offered = to_i64(payment.server_amount().to_sat())?;
+        let row = self
+            .query_opt(
+                "UPDATE paychan_channels SET best = $1, best_sat = $2
+                 WHERE id = $3 AND state = 'closing' RETURNING 1",
+                &[&serialize(payment.transaction()), &offered, &id],
+            )
+            .await?;
+        if row.is_none() {
+            // `NotFound` for an unknown channel; otherwise it is not closing.
+            self.state_and_balance(&id).await?;
+        }
+        Ok(row.is_some())
+    }
+
     async fn debit(&self, id: ChannelId, amount: MilliSats) -> Result<Debit, StoreError> {
         let id = id.to_string();
         let amount_sql = to_i64(amount.to_msat())?;

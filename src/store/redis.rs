@@ -61,6 +61,15 @@ if balance < amount then return {0, string.format('%.0f', balance)} end
 redis.call('HSET', KEYS[1], 'spent_msat', string.format('%.0f', tonumber(h[3]) + amount))
 return {1, string.format('%.0f', balance - amount)}";
 
+/// Replaces the best payment of a closing channel: KEYS[1] the channel; ARGV the payment and
+/// its server amount in sat.
+const SETTLE_WITH: &str = r"
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return -1 end
+if state ~= 'closing' then return 0 end
+redis.call('HSET', KEYS[1], 'best', ARGV[1], 'best_sat', ARGV[2])
+return 1";
+
 const CREDIT: &str = r"
 local h = redis.call('HMGET', KEYS[1], 'best_sat', 'spent_msat')
 if not h[1] then return {-1, '0'} end
@@ -267,6 +276,20 @@ impl ChannelStore for RedisStore {
         let payment = payment.into_transaction();
         let args = [serialize(&payment), arg(offered.to_sat()), arg(amount.to_msat())];
         debit_reply(self.invoke(PAY, &[self.channel_key(id)], &args).await?)
+    }
+
+    async fn settle_with(
+        &self,
+        id: ChannelId,
+        payment: CheckedPayment,
+    ) -> Result<bool, StoreError> {
+        let args = [serialize(payment.transaction()), arg(payment.server_amount().to_sat())];
+        let code: i64 = self.invoke(SETTLE_WITH, &[self.channel_key(id)], &args).await?;
+        match code {
+            1 => Ok(true),
+            0 => Ok(false),
+            _ => Err(StoreError::NotFound),
+        }
     }
 
     async fn credit(&self, id: ChannelId, amount: MilliSats) -> Result<MilliSats, StoreError> {

@@ -253,6 +253,28 @@ impl ChannelStore for SqliteStore {
         })
     }
 
+    fn settle_with(
+        &self,
+        id: ChannelId,
+        payment: CheckedPayment,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        self.run(move |tx| {
+            let id = id.to_string();
+            let offered = sql_u64(payment.server_amount().to_sat())?;
+            let updated = tx
+                .execute(
+                    "UPDATE channels SET best = ?1, best_sat = ?2 WHERE id = ?3 AND state = 'closing'",
+                    params![serialize(payment.transaction()), offered, id],
+                )
+                .map_err(unavailable)?;
+            if updated == 0 {
+                // `NotFound` for an unknown channel; otherwise it is not closing.
+                state_and_balance(tx, &id)?;
+            }
+            Ok(updated == 1)
+        })
+    }
+
     fn credit(
         &self,
         id: ChannelId,

@@ -41,8 +41,8 @@ mod problem;
 mod receipt;
 
 pub use negotiation::{
-    CloseResponse, Endpoints, FundRequest, FundResponse, OpenRequest, OpenResponse, RefundRequest,
-    RefundResponse, TERMS_PATH, TermsDocument,
+    CloseRequest, CloseResponse, Endpoints, FundRequest, FundResponse, OpenRequest, OpenResponse,
+    RefundRequest, RefundResponse, TERMS_PATH, TermsDocument,
 };
 pub use problem::{ChannelSnapshot, PROBLEM_JSON, PROBLEM_TYPE_PREFIX, Problem, ProblemCode};
 pub use receipt::{PAYMENT_RECEIPT, Receipt, ReceiptError, request_digest};

@@ -179,6 +179,18 @@ pub struct FundResponse {
     pub balance_msat: MilliSats,
 }
 
+/// The body of `POST …/channels/{id}/close` (optional: `{}` closes at the best payment).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloseRequest {
+    /// A fair settlement: a payment of the channel that pays the server what it metered
+    /// (rounded up to the satoshi), encoded as the `Payment-Channel` header is. The server
+    /// settles with it instead of the best payment, and the unused prepaid amount goes back
+    /// to the client; one that pays less than what was spent is refused (409
+    /// `payment-below-spent`, with the channel's snapshot), the channel staying closing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fair_payment: Option<String>,
+}
+
 /// The answer to `POST …/channels/{id}/close`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CloseResponse {

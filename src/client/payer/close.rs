@@ -1,14 +1,17 @@
 //! The cooperative close.
 
 use bitcoin::consensus::encode::deserialize_hex;
+use bitcoin::secp256k1::SecretKey;
 use bitcoin::{Amount, Transaction, Txid};
 use http::Method;
 
 use super::{Payer, misbehaved};
+use crate::MilliSats;
 use crate::channel::server_amount;
+use crate::client::ClientChannel;
 use crate::client::error::MisbehaviorKind as Kind;
 use crate::client::{ClientError, ClientStore, Transport};
-use crate::wire::{ChannelId, CloseResponse};
+use crate::wire::{self, ChannelId, ChannelSnapshot, CloseRequest, CloseResponse};
 
 /// A channel closed cooperatively by [`Payer::close`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,10 +29,35 @@ pub struct Closed {
     pub fee: Amount,
 }
 
+/// A payment of `channel` that pays the server `spent` rounded up to the satoshi (at least
+/// its dust threshold), signed with `key`; `None` when that is not less than the latest
+/// payment (nothing to give back) or `spent` is unknown.
+fn fair_settlement(
+    channel: &ClientChannel,
+    key: &SecretKey,
+    spent: Option<MilliSats>,
+) -> Result<Option<Transaction>, ClientError> {
+    let (Some(spent), Some(latest)) = (spent, channel.latest.as_ref()) else { return Ok(None) };
+    let params = channel.channel.params();
+    let amount = spent.to_sat_ceil().max(params.min_server_amount());
+    if amount >= server_amount(latest) {
+        return Ok(None);
+    }
+    let Ok(mut payment) = channel.channel.build_payment(amount) else { return Ok(None) };
+    channel.channel.sign_payment(&mut payment, key).map_err(|_| ClientError::NoChannel)?;
+    Ok(Some(payment))
+}
+
 impl<S: ClientStore> Payer<S> {
-    /// Asks the server to close the current channel cooperatively: it co-signs the best
-    /// payment and broadcasts it. The channel is retired; the settlement is checked against
-    /// the client's own latest payment. Reaches the server through the payer's own transport
+    /// Asks the server to close the current channel cooperatively, **fairly**: the client
+    /// signs a payment of what the server reported spent (its last receipt, or its balance
+    /// header), rounded up to the satoshi, and the server co-signs and broadcasts that
+    /// instead of the best payment, so the prepaid rest comes back. If the server spent more
+    /// meanwhile it refuses (409 `payment-below-spent`); the client reads the channel's exact
+    /// spent and signs again (a few times at most, then it closes at its latest payment). The
+    /// channel is retired; the settlement must be the client's fair or latest payment.
+    ///
+    /// Reaches the server through the payer's own transport
     /// ([`PayerBuilder::transport`](super::PayerBuilder::transport)); see
     /// [`close_via`](Self::close_via) to pass one.
     ///
@@ -55,24 +83,48 @@ impl<S: ClientStore> Payer<S> {
         let mut state = self.state().await?;
         let current = self.read_current().ok_or(ClientError::NoChannel)?;
         let terms = self.terms(transport).await?;
-        let path = terms.endpoints.close.replace("{id}", &current.id.to_string());
-        let empty = serde_json::Map::new();
-        let answer: CloseResponse =
-            self.call(transport, Method::POST, &path, Some(&empty), Some(&current.header)).await?;
+        let id = current.id.to_string();
+        let path = terms.endpoints.close.replace("{id}", &id);
+        let (channel, key) = state.channel.as_ref().ok_or(ClientError::NoChannel)?;
+        // A fair settlement at what the server reported spent; if that is short (a request
+        // was charged since), the channel is closing by then: read its exact spent, once.
+        let mut fair = fair_settlement(channel, key, self.reported_spent(current.id))?;
+        // Requests still being charged can move the spent between the read and the close: a
+        // few tries, then the close at the latest payment (which is never refused as short).
+        let mut tries = 0;
+        let answer: CloseResponse = loop {
+            tries += 1;
+            let request = CloseRequest { fair_payment: fair.as_ref().map(wire::encode_payment) };
+            match self
+                .call(transport, Method::POST, &path, Some(&request), Some(&current.header))
+                .await
+            {
+                Err(ClientError::Rejected { code, .. }) if code == "payment-below-spent" => {
+                    let status = terms.endpoints.channel.replace("{id}", &id);
+                    let snapshot: ChannelSnapshot =
+                        self.call(transport, Method::GET, &status, None::<&()>, None).await?;
+                    let exact = fair_settlement(channel, key, Some(snapshot.spent_msat))?;
+                    fair = exact.filter(|exact| tries < 3 && Some(exact) != fair.as_ref());
+                }
+                answer => break answer?,
+            }
+        };
         let close: Transaction = deserialize_hex(&answer.close_tx)
             .map_err(|_| misbehaved(Kind::InvalidAnswer, "close: no close_tx"))?;
-        let (channel, _) = state.channel.as_ref().ok_or(ClientError::NoChannel)?;
         let latest = channel.latest.as_ref().ok_or(ClientError::NoChannel)?;
-        // The settlement must be our latest payment (only the witness differs).
+        // The settlement must be our latest payment or our fair one (only the witness
+        // differs).
         let unsigned = |tx: &Transaction| {
             let mut tx = tx.clone();
             tx.input.iter_mut().for_each(|input| input.witness.clear());
             tx
         };
-        if unsigned(&close) != unsigned(latest) {
+        let ours = unsigned(&close) == unsigned(latest)
+            || fair.as_ref().is_some_and(|fair| unsigned(&close) == unsigned(fair));
+        if !ours {
             return Err(misbehaved(
                 Kind::WrongSettlement,
-                "the settlement is not the client's latest payment",
+                "the settlement is not the client's latest or fair payment",
             ));
         }
         let txid = close.compute_txid();

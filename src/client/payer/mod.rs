@@ -369,6 +369,18 @@ impl<S: ClientStore> Payer<S> {
         charges.latest_receipt = Some(receipt);
     }
 
+    /// What the server last reported spent on `channel`: its latest receipt's, or the
+    /// payment the answer's request carried minus the balance it reported.
+    pub(super) fn reported_spent(&self, channel: ChannelId) -> Option<MilliSats> {
+        let charges = self.charges();
+        if let Some(receipt) = charges.latest_receipt.as_ref().filter(|r| r.channel == channel) {
+            return Some(receipt.spent());
+        }
+        let current = self.read_current().filter(|current| current.id == channel)?;
+        let paid = MilliSats::from_sat(current.paid)?;
+        charges.balance.filter(|_| charges.channel == Some(channel)).map(|b| paid.saturating_sub(b))
+    }
+
     /// The last receipt the server signed and this payer verified: proof of what the channel
     /// had been charged when it was issued (see [`Receipt`]).
     pub fn latest_receipt(&self) -> Option<Receipt> {

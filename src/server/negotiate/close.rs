@@ -15,7 +15,8 @@ use crate::chain::{ChainBackend, ChainError, RejectReason};
 use crate::channel::{ChannelState, CloseError, PaymentError};
 use crate::store::{ChannelRecord, ChannelStore};
 use crate::wire::{
-    self, ChannelId, ChannelSnapshot, CloseResponse, PAYMENT_CHANNEL, Problem, ProblemCode,
+    self, ChannelId, ChannelSnapshot, CloseRequest, CloseResponse, PAYMENT_CHANNEL, Problem,
+    ProblemCode,
 };
 
 /// The `{id}` of the path: a percent-decoding failure is a problem document like any other.
@@ -49,8 +50,20 @@ pub(super) async fn close<C: ChainBackend, St: ChannelStore>(
     State(s): State<Arc<Shared<C, St>>>,
     id: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
+    body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<CloseResponse>), Problem> {
     let id = parse_id(id)?;
+    let request: CloseRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        CloseRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| bad(ProblemCode::BadRequest, e))?
+    };
+    let fair = match &request.fair_payment {
+        Some(encoded) => {
+            Some(wire::decode_payment(encoded.as_bytes()).map_err(|e| broke(e.code(), e))?)
+        }
+        None => None,
+    };
     let record = load(&s, id).await?;
     let proof = headers.get(PAYMENT_CHANNEL).ok_or_else(|| {
         Problem::new(
@@ -82,12 +95,43 @@ pub(super) async fn close<C: ChainBackend, St: ChannelStore>(
             format_args!("the payment pays {proven}, the latest {best}: send the latest to close"),
         ));
     }
+    let fair_problem = |record: &ChannelRecord, e: PaymentError| {
+        let status = match e {
+            PaymentError::BelowSpent { .. } => StatusCode::CONFLICT,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        Problem::new(status, ProblemCode::from_static(e.code()), e)
+            .with_channel(Some(record.snapshot(MilliSats::ZERO, MilliSats::ZERO)))
+    };
+    if let Some(fair) = &fair {
+        // Checked once before anything changes: a bad or short settlement is refused with the
+        // channel untouched (checked again once closing, against the final spent).
+        let tip = *s.tip.borrow();
+        record
+            .channel
+            .check_fair_payment(fair.clone(), record.spent, tip)
+            .map_err(|e| fair_problem(&record, e))?;
+    }
     if matches!(record.state, ChannelState::Pending | ChannelState::Open) {
         s.store.transition(id, record.state, ChannelState::Closing).await.map_err(store_problem)?;
     }
     // Read again: from `Closing` on the best payment is frozen, so this close is the one the
     // settlement task would build (a payment may have landed before the transition).
-    let record = load(&s, id).await?;
+    let mut record = load(&s, id).await?;
+    if let Some(fair) = fair
+        && record.state == ChannelState::Closing
+    {
+        // Settle at what was metered: nothing more can be debited from `Closing` on.
+        let tip = *s.tip.borrow();
+        let checked = record
+            .channel
+            .check_fair_payment(fair, record.spent, tip)
+            .map_err(|e| fair_problem(&record, e))?;
+        if checked.server_amount() < record.paid_amount() {
+            s.store.settle_with(id, checked).await.map_err(store_problem)?;
+            record = load(&s, id).await?;
+        }
+    }
     let close = record.close_transaction(&s.negotiation.master).map_err(|e| match e {
         CloseError::NoPayment => bad(ProblemCode::NoPayment, "nothing to close"),
         e => Problem::new(StatusCode::INTERNAL_SERVER_ERROR, ProblemCode::Close, e),
