@@ -1,0 +1,288 @@
+//! A load benchmark over real sockets (issue #14): the same hello route bare and behind
+//! `PaywallLayer`, driven over loopback HTTP/1.1 keep-alive connections by a hyper load
+//! generator, reported **as ratios measured in the same run** (rounds alternate bare and
+//! layered; the median of the rounds' ratios is printed).
+//!
+//! ```sh
+//! cargo run --release --example load                        # memory and SQLite stores
+//! cargo run --release --all-features --example load         # + PostgreSQL and Redis when
+//!     # PAYCHAN_TEST_POSTGRES_URL / PAYCHAN_TEST_REDIS_URL are set
+//! LOAD_SECONDS=2 LOAD_ROUNDS=5 LOAD_CONNECTIONS=32 cargo run --release --example load
+//! ```
+//!
+//! The server runs on one tokio worker thread, the load generator on another. Paths:
+//! - **fast path**: every request carries the channel's current best payment (a verified,
+//!   cached header: one atomic debit in the store), `LOAD_CONNECTIONS` connections;
+//! - **fast path + receipts**: the same, each answer with a signed `Payment-Receipt`;
+//! - **new payment**: every request carries a better payment (decoded, checked, signature
+//!   verified, stored and debited in one store operation), one connection, in order.
+//!
+//! Not a test: numbers depend on the machine; docs/PERFORMANCE.md has this machine's.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::routing::get;
+use bitcoin::absolute::LockTime;
+use bitcoin::hashes::Hash;
+use bitcoin::secp256k1::{Secp256k1, SecretKey};
+use bitcoin::{Amount, CompressedPublicKey, OutPoint, ScriptBuf, Transaction, Txid};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use paychan::MilliSats;
+use paychan::channel::{ChainTip, Channel, Terms};
+use paychan::server::PaywallLayer;
+use paychan::store::{ChannelRecord, ChannelStore, MemoryStore};
+use paychan::wire;
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// A channel of 10 BTC between fixed keys, at a fresh funding txid (stores may be shared).
+fn channel(k1: &SecretKey, k2: &SecretKey) -> Channel {
+    let secp = Secp256k1::new();
+    let pk = |k: &SecretKey| CompressedPublicKey(k.public_key(&secp));
+    let script = |k: &SecretKey| ScriptBuf::new_p2wpkh(&pk(k).wpubkey_hash());
+    let tip = ChainTip { height: 800_000, median_time_past: 1_700_000_000 };
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    let txid = bitcoin::hashes::sha256d::Hash::hash(&nanos.as_nanos().to_le_bytes());
+    let mut terms = Terms::default();
+    terms.max_value = Amount::from_sat(1_000_000_000);
+    terms
+        .agree(
+            pk(k1),
+            pk(k2),
+            Amount::from_sat(1_000_000_000),
+            LockTime::from_height(801_000).unwrap(),
+            script(k1),
+            script(k2),
+            tip,
+        )
+        .unwrap()
+        .at(OutPoint { txid: Txid::from_raw_hash(txid), vout: 0 })
+}
+
+fn pay(channel: &Channel, k1: &SecretKey, sat: u64) -> Transaction {
+    let mut tx = channel.build_payment(Amount::from_sat(sat)).unwrap();
+    channel.sign_payment(&mut tx, k1).unwrap();
+    tx
+}
+
+/// Serves `app` on a runtime of one worker thread; returns its address.
+fn serve(app: Router) -> SocketAddr {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(listener.local_addr().unwrap()).unwrap();
+            axum::serve(listener, app).await.unwrap();
+        });
+    });
+    rx.recv().unwrap()
+}
+
+/// Latencies of one measurement, in microseconds.
+struct Sample {
+    latencies: Vec<u32>,
+    elapsed: Duration,
+}
+
+impl Sample {
+    fn throughput(&self) -> f64 {
+        self.latencies.len() as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn percentile(&self, p: f64) -> u32 {
+        let mut sorted = self.latencies.clone();
+        sorted.sort_unstable();
+        sorted.get(((sorted.len() as f64 - 1.0) * p) as usize).copied().unwrap_or(0)
+    }
+}
+
+/// Drives `path` on `addr` for `seconds` over `connections` keep-alive connections; each
+/// request carries the header `headers(i)` gives for its number `i` (shared across
+/// connections), if any.
+async fn drive(
+    addr: SocketAddr,
+    path: &str,
+    connections: u64,
+    seconds: f64,
+    header: impl Fn(usize) -> Option<String> + Send + Sync + 'static,
+) -> Result<Sample, Error> {
+    let header = std::sync::Arc::new(header);
+    let counter = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let (header, counter, path) = (header.clone(), counter.clone(), path.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let stream = tokio::net::TcpStream::connect(addr).await?;
+            stream.set_nodelay(true)?;
+            let (mut sender, connection) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            tokio::spawn(connection);
+            let mut latencies = Vec::new();
+            while Instant::now() < deadline {
+                let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let mut request = http::Request::get(path.as_str()).header("host", "load");
+                if let Some(value) = header(n) {
+                    request = request.header(wire::PAYMENT_CHANNEL, value);
+                }
+                let request = request.body(Empty::<Bytes>::new())?;
+                let sent = Instant::now();
+                sender.ready().await?;
+                let response = sender.send_request(request).await?;
+                let status = response.status();
+                response.into_body().collect().await?;
+                if status != http::StatusCode::OK {
+                    return Err(format!("{path}: {status}").into());
+                }
+                latencies.push(sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+            }
+            Ok::<_, Error>(latencies)
+        }));
+    }
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await??);
+    }
+    Ok(Sample { latencies, elapsed: start.elapsed() })
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[values.len() / 2]
+}
+
+/// Measures one store: bare against the fast path (with and without receipts), and the
+/// new-payment path against bare on one connection.
+async fn measure<St: ChannelStore + Clone + 'static>(name: &str, store: St) -> Result<(), Error> {
+    let seconds = env("LOAD_SECONDS", 2) as f64;
+    let rounds = env("LOAD_ROUNDS", 5) as usize;
+    let connections = env("LOAD_CONNECTIONS", 32);
+    let (k1, k2) = (SecretKey::from_slice(&[1; 32])?, SecretKey::from_slice(&[2; 32])?);
+    let channel = channel(&k1, &k2);
+    // A 9.9 BTC allocation at 1 msat a request never runs out.
+    let best = pay(&channel, &k1, 990_000_000);
+    store.create(ChannelRecord::open(channel.clone(), 0, best.clone())).await?;
+    let (_tip, tip) =
+        tokio::sync::watch::channel(ChainTip { height: 800_000, median_time_past: 0 });
+    let master = bitcoin::bip32::Xpriv::new_master(bitcoin::Network::Regtest, &[5; 32])?;
+    let price = MilliSats::from_msat(1);
+    let hello = || get(|| async { "hello" });
+    let app = Router::new()
+        .route("/bare", hello())
+        .nest(
+            "/paid",
+            Router::new().route("/", hello()).layer(PaywallLayer::new(
+                store.clone(),
+                price,
+                tip.clone(),
+            )),
+        )
+        .nest(
+            "/receipted",
+            Router::new()
+                .route("/", hello())
+                .layer(PaywallLayer::new(store.clone(), price, tip).with_receipts(master)),
+        );
+    let addr = serve(app);
+    let header = wire::encode_payment(&best);
+    // Warm up: verify the header once on each layer, and the connections.
+    for path in ["/paid", "/receipted"] {
+        let header = header.clone();
+        drive(addr, path, 1, 0.2, move |_| Some(header.clone())).await?;
+    }
+
+    let (mut fast, mut receipted, mut bare_last, mut fast_last, mut rcpt_last) =
+        (Vec::new(), Vec::new(), None, None, None);
+    for _ in 0..rounds {
+        let bare = drive(addr, "/bare", connections, seconds, |_| None).await?;
+        let h = header.clone();
+        let paid = drive(addr, "/paid", connections, seconds, move |_| Some(h.clone())).await?;
+        let h = header.clone();
+        let rcpt =
+            drive(addr, "/receipted", connections, seconds, move |_| Some(h.clone())).await?;
+        fast.push(paid.throughput() / bare.throughput());
+        receipted.push(rcpt.throughput() / bare.throughput());
+        (bare_last, fast_last, rcpt_last) = (Some(bare), Some(paid), Some(rcpt));
+    }
+    let (bare, paid, rcpt) = (bare_last.unwrap(), fast_last.unwrap(), rcpt_last.unwrap());
+    println!("\n{name} store, {connections} connections, {rounds} rounds of {seconds} s each");
+    println!("  {:<28} {:>10} {:>8} {:>8}", "path", "req/s", "p50 µs", "p99 µs");
+    for (label, sample) in [("bare", &bare), ("fast path", &paid), ("fast path + receipts", &rcpt)]
+    {
+        println!(
+            "  {label:<28} {:>10.0} {:>8} {:>8}",
+            sample.throughput(),
+            sample.percentile(0.5),
+            sample.percentile(0.99)
+        );
+    }
+    println!(
+        "  fast path / bare:            {:.3} (median of {rounds} paired rounds)",
+        median(fast)
+    );
+    println!("  fast + receipts / bare:      {:.3}", median(receipted));
+
+    // New payment every request, one connection, in order: bare, then paid with fresh
+    // payments (signed beforehand), alternating.
+    let mut extra = Vec::new();
+    let mut next = 990_000_001;
+    for _ in 0..rounds {
+        let bare = drive(addr, "/bare", 1, seconds, |_| None).await?;
+        // Enough payments for the round: at most as many requests as bare served.
+        let count = bare.latencies.len() + 1_000;
+        let payments: Vec<String> = (0..count as u64)
+            .map(|i| wire::encode_payment(&pay(&channel, &k1, next + i)))
+            .collect();
+        next += count as u64;
+        let payments = std::sync::Arc::new(payments);
+        let new = drive(addr, "/paid", 1, seconds, move |i| payments.get(i).cloned()).await?;
+        extra.push(f64::from(new.percentile(0.5)) - f64::from(bare.percentile(0.5)));
+        if extra.len() == rounds {
+            println!(
+                "  new payment (1 connection):  p50 {} µs vs bare {} µs, p99 {} µs",
+                new.percentile(0.5),
+                bare.percentile(0.5),
+                new.percentile(0.99)
+            );
+        }
+    }
+    println!("  new payment − bare, p50:     {:.0} µs (median of {rounds} rounds)", median(extra));
+    Ok(())
+}
+
+fn main() -> Result<(), Error> {
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    runtime.block_on(async {
+        measure("memory", MemoryStore::new()).await?;
+        #[cfg(feature = "sqlite")]
+        {
+            let path = std::env::temp_dir().join(format!("paychan-load-{}.db", std::process::id()));
+            measure("SQLite", paychan::store::SqliteStore::open(&path)?).await?;
+            let _ = std::fs::remove_file(&path);
+        }
+        #[cfg(feature = "postgres")]
+        if let Ok(url) = std::env::var("PAYCHAN_TEST_POSTGRES_URL") {
+            measure("PostgreSQL", paychan::store::PostgresStore::connect(&url).await?).await?;
+        }
+        #[cfg(feature = "redis")]
+        if let Ok(url) = std::env::var("PAYCHAN_TEST_REDIS_URL") {
+            measure("Redis", paychan::store::RedisStore::connect(&url).await?).await?;
+        }
+        Ok(())
+    })
+}
