@@ -184,12 +184,12 @@ impl ChannelStore for Failing {
     async fn credit(&self, id: ChannelId, amount: MilliSats) -> Result<MilliSats, StoreError> {
         self.inner.credit(id, amount).await
     }
-    async fn settle_with(
+    async fn close_with(
         &self,
         id: ChannelId,
         payment: paychan::channel::CheckedPayment,
     ) -> Result<bool, StoreError> {
-        self.inner.settle_with(id, payment).await
+        self.inner.close_with(id, payment).await
     }
     async fn transition(
         &self,

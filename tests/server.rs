@@ -341,7 +341,7 @@ impl ChannelStore for Flaky {
         store_payment(id: ChannelId, payment: Transaction) -> paychan::store::StorePayment;
         debit(id: ChannelId, amount: MilliSats) -> paychan::store::Debit;
         credit(id: ChannelId, amount: MilliSats) -> MilliSats;
-        settle_with(id: ChannelId, payment: paychan::channel::CheckedPayment) -> bool;
+        close_with(id: ChannelId, payment: paychan::channel::CheckedPayment) -> bool;
         transition(id: ChannelId, from: ChannelState, to: ChannelState) -> bool;
         next_key_index() -> u32;
         list(state: ChannelState) -> Vec<ChannelRecord>;

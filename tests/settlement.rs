@@ -471,12 +471,12 @@ impl ChannelStore for Racing {
     ) -> Result<MilliSats, StoreError> {
         self.inner.credit(id, amount).await
     }
-    async fn settle_with(
+    async fn close_with(
         &self,
         id: wire::ChannelId,
         payment: paychan::channel::CheckedPayment,
     ) -> Result<bool, StoreError> {
-        self.inner.settle_with(id, payment).await
+        self.inner.close_with(id, payment).await
     }
     async fn transition(
         &self,

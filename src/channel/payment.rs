@@ -176,9 +176,11 @@ impl Channel {
     /// Checks a **fair settlement**: a payment the client signs to close the channel at
     /// what was metered instead of at the best payment. Every rule of
     /// [`check_payment`](Self::check_payment) applies except that it need not pay more than
-    /// the best; it must pay the server at least `spent` rounded up to the satoshi (and never
-    /// less than the server output's dust threshold). The server stores it in place of the
-    /// best only once the channel is closing, so nothing more can be debited.
+    /// the best, and the close margin does not apply (a settlement is not a new payment); it
+    /// must pay the server at least `spent` rounded up to the satoshi (and never less than the
+    /// server output's dust threshold). The server stores it in place of the best in the same
+    /// atomic step that moves the channel to closing, so nothing more can be debited
+    /// ([`ChannelStore::close_with`](crate::store::ChannelStore::close_with)).
     ///
     /// # Errors
     ///
@@ -187,9 +189,10 @@ impl Channel {
         &self,
         payment: Transaction,
         spent: crate::MilliSats,
-        tip: ChainTip,
     ) -> Result<CheckedPayment, PaymentError> {
-        let _increase = self.check_payment(None, &payment, tip)?;
+        // No close margin for a settlement: checked as at a tip before any expiry.
+        let genesis = ChainTip { height: 0, median_time_past: 0 };
+        let _increase = self.check_payment(None, &payment, genesis)?;
         let needed = spent.to_sat_ceil().max(self.params.min_server_amount());
         let found = server_amount(&payment);
         if found < needed {

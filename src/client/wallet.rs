@@ -144,8 +144,8 @@ impl KeyWallet {
 
     /// Finds the wallet's coins through `chain` instead of being handed them: adds every
     /// unspent output paying [`script_pubkey`](Self::script_pubkey) that the chain reports
-    /// with at least `min_depth` confirmations and the wallet neither knows nor chose for a
-    /// funding. Returns the balance afterwards. Bitcoin Core reports confirmed outputs only
+    /// with at least `min_depth` confirmations, that no mempool transaction spends, and that
+    /// the wallet neither knows nor chose for a funding. Returns the balance afterwards. Bitcoin Core reports confirmed outputs only
     /// (see [`ChainBackend::unspent_outputs_of`]).
     ///
     /// # Errors
@@ -176,9 +176,17 @@ impl KeyWallet {
         chain: &C,
         min_depth: u32,
     ) -> Result<Amount, ChainError> {
-        let found = chain.unspent_outputs_of(&self.script_pubkey()).await?;
+        let mut found = chain.unspent_outputs_of(&self.script_pubkey()).await?;
+        // Core's UTXO set does not see mempool spends (an earlier process's unconfirmed
+        // funding): ask for each coin with the mempool.
+        let mut unspent = Vec::with_capacity(found.len());
+        for (outpoint, utxo) in found.drain(..) {
+            if chain.unspent(&outpoint).await?.is_some() {
+                unspent.push((outpoint, utxo));
+            }
+        }
         let mut coins = self.coins();
-        for (outpoint, utxo) in found {
+        for (outpoint, utxo) in unspent {
             let known = coins.used.contains(&outpoint)
                 || coins.unspent.iter().any(|(coin, _)| *coin == outpoint);
             if !known && utxo.confirmations >= min_depth {

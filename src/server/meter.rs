@@ -118,7 +118,13 @@ impl<St: ChannelStore, P> Meter<St, P> {
             Err(rejection) => return Ok(rejection.into_response(&self.terms_url)),
         };
         let target = self.signer.is_some().then(|| {
-            let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
+            // The path the client sent: axum's `nest` strips its prefix from the URI the
+            // layer sees and keeps the original.
+            let uri = request
+                .extensions()
+                .get::<axum::extract::OriginalUri>()
+                .map_or(request.uri(), |original| &original.0);
+            let path = uri.path_and_query().map_or("/", |p| p.as_str());
             (request.method().clone(), path.to_owned())
         });
         request.extensions_mut().insert(paid);

@@ -106,7 +106,7 @@ pub async fn run<S: ChannelStore>(store: Arc<S>, prefix: u8) {
     racing_debits_never_overspend(store.clone(), &fx).await;
     pay_stores_then_debits(&*store, &fx).await;
     racing_pays_are_exact(store.clone(), &fx).await;
-    a_closing_channel_settles_with_a_lower_payment(&*store, &fx).await;
+    a_fair_close_is_one_atomic_step(&*store, &fx).await;
     key_indexes_are_unique(store).await;
 }
 
@@ -351,27 +351,35 @@ async fn pay_stores_then_debits<S: ChannelStore>(store: &S, fx: &Fixture) {
     assert_eq!(store.pay(unknown, payment, msat(1)).await, Err(StoreError::NotFound));
 }
 
-async fn a_closing_channel_settles_with_a_lower_payment<S: ChannelStore>(store: &S, fx: &Fixture) {
+async fn a_fair_close_is_one_atomic_step<S: ChannelStore>(store: &S, fx: &Fixture) {
     let channel = fx.at_height(17, 900_000);
     let record = fx.record(channel.clone(), 5_000);
     let id = record.id();
     store.create(record).await.expect("create");
-    let fair = fx.checked(&channel, 2_000);
-    assert_eq!(store.settle_with(id, fair.clone()).await, Ok(false), "not while open");
-    let loaded = store.load(id).await.expect("load").expect("exists");
-    assert_eq!(loaded.paid_amount(), Amount::from_sat(5_000), "an open channel is untouched");
-    assert_eq!(store.transition(id, ChannelState::Open, ChannelState::Closing).await, Ok(true));
-    assert_eq!(store.settle_with(id, fair.clone()).await, Ok(true), "once closing");
+    assert_eq!(store.debit(id, msat(2_500)).await, Ok(Debit::Debited { balance: msat(2_500) }));
+    let short = fx.checked(&channel, 2_000);
+    assert_eq!(store.close_with(id, short).await, Ok(false), "below what was spent");
     let loaded = store.load(id).await.expect("load").expect("exists");
     assert_eq!(
-        (loaded.best.as_ref(), loaded.state),
-        (Some(fair.transaction()), ChannelState::Closing),
-        "the settlement is the lower payment, the channel still closing"
+        (loaded.state, loaded.paid_amount()),
+        (ChannelState::Open, Amount::from_sat(5_000)),
+        "a refused fair close changes nothing"
     );
-    assert_eq!(loaded.paid_amount(), Amount::from_sat(2_000));
+    let fair = fx.checked(&channel, 2_500);
+    assert_eq!(store.close_with(id, fair.clone()).await, Ok(true));
+    let loaded = store.load(id).await.expect("load").expect("exists");
+    assert_eq!(
+        (loaded.best.as_ref(), loaded.state, loaded.spent),
+        (Some(fair.transaction()), ChannelState::Closing, msat(2_500)),
+        "closing, with the fair settlement in place of the best"
+    );
+    let listed = |records: Vec<ChannelRecord>| records.iter().any(|r| r.id() == id);
+    assert!(listed(store.list(ChannelState::Closing).await.expect("list")), "listed as closing");
+    assert!(!listed(store.list(ChannelState::Open).await.expect("list")), "no longer open");
+    assert_eq!(store.close_with(id, fx.checked(&channel, 3_000)).await, Ok(false), "once only");
     let unknown = ChannelId::new(fx.at_height(97, 900_000).outpoint());
     let payment = fx.checked(&fx.at_height(97, 900_000), 1_000);
-    assert_eq!(store.settle_with(unknown, payment).await, Err(StoreError::NotFound));
+    assert_eq!(store.close_with(unknown, payment).await, Err(StoreError::NotFound));
 }
 
 async fn racing_pays_are_exact<S: ChannelStore>(store: Arc<S>, fx: &Fixture) {

@@ -114,17 +114,21 @@ impl ChannelStore for MemoryStore {
         })
     }
 
-    fn settle_with(
+    fn close_with(
         &self,
         id: ChannelId,
         payment: CheckedPayment,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send {
         self.update(id, move |record| {
-            let closing = record.state == ChannelState::Closing;
-            if closing {
+            let covered = MilliSats::from_sat(payment.server_amount())
+                .is_some_and(|paid| record.spent <= paid);
+            let closes =
+                matches!(record.state, ChannelState::Open | ChannelState::Pending) && covered;
+            if closes {
+                record.state = ChannelState::Closing;
                 record.best = Some(payment.into_transaction());
             }
-            closing
+            closes
         })
     }
 

@@ -330,12 +330,13 @@ pub trait ChannelStore: Send + Sync + 'static {
         }
     }
 
-    /// Replaces the best payment of a channel that is **closing** with `payment`, which may
-    /// pay the server less than the best: the fair close, settled at the metered amount
-    /// ([`Channel::check_fair_payment`](crate::channel::Channel::check_fair_payment)).
-    /// `Ok(false)` (nothing changed) if the channel is not closing; from `Closing` on no debit
-    /// happens, so the metered amount cannot move under it.
-    fn settle_with(
+    /// Moves an **open or pending** channel to closing with `payment` as its settlement in
+    /// place of the best payment, **in one atomic operation**, if `payment` covers what the
+    /// channel spent: the fair close, settled at the metered amount, which may pay the server
+    /// less than the best ([`Channel::check_fair_payment`](crate::channel::Channel::check_fair_payment)).
+    /// `Ok(false)`, nothing changed, if the channel is no longer open or pending or spent more
+    /// meanwhile. From `Closing` on nothing is debited, so what was metered cannot move.
+    fn close_with(
         &self,
         id: ChannelId,
         payment: CheckedPayment,

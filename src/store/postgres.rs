@@ -206,22 +206,19 @@ impl ChannelStore for PostgresStore {
         }
     }
 
-    async fn settle_with(
-        &self,
-        id: ChannelId,
-        payment: CheckedPayment,
-    ) -> Result<bool, StoreError> {
+    async fn close_with(&self, id: ChannelId, payment: CheckedPayment) -> Result<bool, StoreError> {
         let id = id.to_string();
         let offered = to_i64(payment.server_amount().to_sat())?;
         let row = self
             .query_opt(
-                "UPDATE paychan_channels SET best = $1, best_sat = $2
-                 WHERE id = $3 AND state = 'closing' RETURNING 1",
+                "UPDATE paychan_channels SET state = 'closing', best = $1, best_sat = $2
+                 WHERE id = $3 AND state IN ('open', 'pending') AND spent_msat <= $2::bigint * 1000
+                 RETURNING 1",
                 &[&serialize(payment.transaction()), &offered, &id],
             )
             .await?;
         if row.is_none() {
-            // `NotFound` for an unknown channel; otherwise it is not closing.
+            // `NotFound` for an unknown channel; otherwise it moved on or spent more.
             self.state_and_balance(&id).await?;
         }
         Ok(row.is_some())

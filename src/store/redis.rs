@@ -61,13 +61,18 @@ if balance < amount then return {0, string.format('%.0f', balance)} end
 redis.call('HSET', KEYS[1], 'spent_msat', string.format('%.0f', tonumber(h[3]) + amount))
 return {1, string.format('%.0f', balance - amount)}";
 
-/// Replaces the best payment of a closing channel: KEYS[1] the channel; ARGV the payment and
-/// its server amount in sat.
-const SETTLE_WITH: &str = r"
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state then return -1 end
-if state ~= 'closing' then return 0 end
-redis.call('HSET', KEYS[1], 'best', ARGV[1], 'best_sat', ARGV[2])
+/// Moves an open or pending channel to closing with a settlement that covers its spent:
+/// KEYS[1] the channel, KEYS[2..4] the open, pending and closing sets; ARGV the payment, its
+/// server amount in sat, and the channel id.
+const CLOSE_WITH: &str = r"
+local h = redis.call('HMGET', KEYS[1], 'state', 'spent_msat', 'score')
+if not h[1] then return -1 end
+if h[1] ~= 'open' and h[1] ~= 'pending' then return 0 end
+if tonumber(h[2]) > tonumber(ARGV[2]) * 1000 then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'closing', 'best', ARGV[1], 'best_sat', ARGV[2])
+redis.call('ZREM', KEYS[2], ARGV[3])
+redis.call('ZREM', KEYS[3], ARGV[3])
+redis.call('ZADD', KEYS[4], h[3], ARGV[3])
 return 1";
 
 const CREDIT: &str = r"
@@ -278,13 +283,16 @@ impl ChannelStore for RedisStore {
         debit_reply(self.invoke(PAY, &[self.channel_key(id)], &args).await?)
     }
 
-    async fn settle_with(
-        &self,
-        id: ChannelId,
-        payment: CheckedPayment,
-    ) -> Result<bool, StoreError> {
-        let args = [serialize(payment.transaction()), arg(payment.server_amount().to_sat())];
-        let code: i64 = self.invoke(SETTLE_WITH, &[self.channel_key(id)], &args).await?;
+    async fn close_with(&self, id: ChannelId, payment: CheckedPayment) -> Result<bool, StoreError> {
+        let args =
+            [serialize(payment.transaction()), arg(payment.server_amount().to_sat()), arg(id)];
+        let keys = [
+            self.channel_key(id),
+            self.state_key(ChannelState::Open),
+            self.state_key(ChannelState::Pending),
+            self.state_key(ChannelState::Closing),
+        ];
+        let code: i64 = self.invoke(CLOSE_WITH, &keys, &args).await?;
         match code {
             1 => Ok(true),
             0 => Ok(false),

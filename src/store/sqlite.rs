@@ -253,7 +253,7 @@ impl ChannelStore for SqliteStore {
         })
     }
 
-    fn settle_with(
+    fn close_with(
         &self,
         id: ChannelId,
         payment: CheckedPayment,
@@ -263,12 +263,13 @@ impl ChannelStore for SqliteStore {
             let offered = sql_u64(payment.server_amount().to_sat())?;
             let updated = tx
                 .execute(
-                    "UPDATE channels SET best = ?1, best_sat = ?2 WHERE id = ?3 AND state = 'closing'",
+                    "UPDATE channels SET state = 'closing', best = ?1, best_sat = ?2
+                     WHERE id = ?3 AND state IN ('open', 'pending') AND spent_msat <= ?2 * 1000",
                     params![serialize(payment.transaction()), offered, id],
                 )
                 .map_err(unavailable)?;
             if updated == 0 {
-                // `NotFound` for an unknown channel; otherwise it is not closing.
+                // `NotFound` for an unknown channel; otherwise it moved on or spent more.
                 state_and_balance(tx, &id)?;
             }
             Ok(updated == 1)

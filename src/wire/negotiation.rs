@@ -186,7 +186,8 @@ pub struct CloseRequest {
     /// (rounded up to the satoshi), encoded as the `Payment-Channel` header is. The server
     /// settles with it instead of the best payment, and the unused prepaid amount goes back
     /// to the client; one that pays less than what was spent is refused (409
-    /// `payment-below-spent`, with the channel's snapshot), the channel staying closing.
+    /// `payment-below-spent`, with the channel's snapshot), nothing changed. On a channel
+    /// already closing it is ignored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fair_payment: Option<String>,
 }

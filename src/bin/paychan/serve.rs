@@ -87,6 +87,7 @@ async fn run<St: ChannelStore + Clone + 'static>(
         .fallback(forward)
         .with_state(upstream)
         .layer(layer)
+        .layer(axum::middleware::from_fn(reject_ambiguous_paths))
         .layer(axum::middleware::from_fn_with_state(Arc::clone(&observed), admin::observe));
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let admin_task = admin.map(|(listener, token, metrics_path)| {
@@ -161,6 +162,34 @@ async fn serve_tls(listener: TcpListener, app: Router, tls: Arc<rustls::ServerCo
         }
     }
     graceful.shutdown().await;
+}
+
+/// Whether `path` could mean another path to the upstream than the one it was priced as: dot
+/// segments, empty segments, backslashes, or percent-encoded dots, slashes and backslashes
+/// (a free `/public/{*rest}` must not reach `/public/../paid`).
+fn ambiguous(path: &str) -> bool {
+    let lower = path.to_ascii_lowercase();
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    let last = segments.len().saturating_sub(1);
+    path.contains('\\')
+        || ["%2e", "%2f", "%5c"].iter().any(|encoded| lower.contains(encoded))
+        || segments
+            .iter()
+            .enumerate()
+            .any(|(i, segment)| matches!(*segment, "." | "..") || (segment.is_empty() && i != last))
+}
+
+/// Refuses (400) a request whose path is [`ambiguous`], before it is priced.
+async fn reject_ambiguous_paths(request: Request, next: axum::middleware::Next) -> Response {
+    if ambiguous(request.uri().path()) {
+        let problem = Problem::new(
+            StatusCode::BAD_REQUEST,
+            ProblemCode::BadRequest,
+            "the path has dot or empty segments, or encoded separators",
+        );
+        return problem.into_response();
+    }
+    next.run(request).await
 }
 
 /// SIGTERM or Ctrl-C.
@@ -251,6 +280,32 @@ async fn forward(
                 "the upstream did not answer",
             )
             .into_response()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ambiguous;
+
+    #[test]
+    fn paths_that_could_reach_another_route_are_ambiguous() {
+        for path in ["/", "/hello", "/a/b.txt", "/dir/", "/files/.hidden", "/a..b"] {
+            assert!(!ambiguous(path), "{path}");
+        }
+        for path in [
+            "/public/../paid",
+            "/public/..",
+            "/./paid",
+            "//paid",
+            "/a//b",
+            "/public/%2e%2e/paid",
+            "/public/%2E%2E/paid",
+            "/public/..%2fpaid",
+            "/public\\..\\paid",
+            "/a/%5cb",
+        ] {
+            assert!(ambiguous(path), "{path}");
         }
     }
 }

@@ -90,21 +90,28 @@ impl<S: ClientStore> Payer<S> {
         // was charged since), the channel is closing by then: read its exact spent, once.
         let mut fair = fair_settlement(channel, key, self.reported_spent(current.id))?;
         // Requests still being charged can move the spent between the read and the close: a
-        // few tries, then the close at the latest payment (which is never refused as short).
+        // few tries, then the close at the latest payment, which is never refused as short.
         let mut tries = 0;
         let answer: CloseResponse = loop {
             tries += 1;
             let request = CloseRequest { fair_payment: fair.as_ref().map(wire::encode_payment) };
-            match self
-                .call(transport, Method::POST, &path, Some(&request), Some(&current.header))
-                .await
-            {
-                Err(ClientError::Rejected { code, .. }) if code == "payment-below-spent" => {
+            let sent =
+                self.call(transport, Method::POST, &path, Some(&request), Some(&current.header));
+            match sent.await {
+                Err(ClientError::Rejected { code, .. })
+                    if code == "payment-below-spent" && fair.is_some() && tries < 3 =>
+                {
                     let status = terms.endpoints.channel.replace("{id}", &id);
                     let snapshot: ChannelSnapshot =
                         self.call(transport, Method::GET, &status, None::<&()>, None).await?;
                     let exact = fair_settlement(channel, key, Some(snapshot.spent_msat))?;
-                    fair = exact.filter(|exact| tries < 3 && Some(exact) != fair.as_ref());
+                    fair = exact.filter(|exact| Some(exact) != fair.as_ref());
+                }
+                // The server refused the fair settlement itself: close at the latest payment.
+                Err(ClientError::Rejected { code, .. })
+                    if fair.is_some() && code.as_str().starts_with("payment-") =>
+                {
+                    fair = None;
                 }
                 answer => break answer?,
             }
@@ -112,19 +119,27 @@ impl<S: ClientStore> Payer<S> {
         let close: Transaction = deserialize_hex(&answer.close_tx)
             .map_err(|_| misbehaved(Kind::InvalidAnswer, "close: no close_tx"))?;
         let latest = channel.latest.as_ref().ok_or(ClientError::NoChannel)?;
-        // The settlement must be our latest payment or our fair one (only the witness
-        // differs).
+        // The settlement must be one of our payments that pays the server no more than the
+        // latest: our fair one, our latest, or an earlier one (the server's loss). The client
+        // signed whatever spends the channel, so checking the shape and amounts is enough.
         let unsigned = |tx: &Transaction| {
             let mut tx = tx.clone();
             tx.input.iter_mut().for_each(|input| input.witness.clear());
             tx
         };
+        let params = channel.channel.params();
         let ours = unsigned(&close) == unsigned(latest)
-            || fair.as_ref().is_some_and(|fair| unsigned(&close) == unsigned(fair));
+            || fair.as_ref().is_some_and(|fair| unsigned(&close) == unsigned(fair))
+            || (close.input.len() == 1
+                && close.input[0].previous_output == channel.channel.outpoint()
+                && close.output.first().is_some_and(|o| o.script_pubkey == params.server_script)
+                && close.output.get(1).is_none_or(|o| o.script_pubkey == params.client_script)
+                && close.output.len() <= 2
+                && server_amount(&close) <= server_amount(latest));
         if !ours {
             return Err(misbehaved(
                 Kind::WrongSettlement,
-                "the settlement is not the client's latest or fair payment",
+                "the settlement is not a payment of the client's paying no more than its latest",
             ));
         }
         let txid = close.compute_txid();

@@ -134,6 +134,8 @@ struct ChargeWatch {
     receipted: MilliSats,
     /// The last valid receipt, on any channel.
     latest_receipt: Option<Receipt>,
+    /// The last answer's balance, with what the payment its request carried paid.
+    reported: Option<(MilliSats, MilliSats)>,
     /// Set once a receipt did not verify or add up: the payer stops paying the server.
     bad_receipt: Option<String>,
 }
@@ -280,6 +282,7 @@ impl<S: ClientStore> Payer<S> {
         }
         charges.balance = Some(balance);
         let paid = MilliSats::from_sat(sent.paid).unwrap_or(MilliSats::MAX);
+        charges.reported = Some((paid, balance));
         let spent = paid.saturating_sub(balance);
         let baseline = match charges.baseline {
             Some(baseline) => baseline,
@@ -376,9 +379,10 @@ impl<S: ClientStore> Payer<S> {
         if let Some(receipt) = charges.latest_receipt.as_ref().filter(|r| r.channel == channel) {
             return Some(receipt.spent());
         }
-        let current = self.read_current().filter(|current| current.id == channel)?;
-        let paid = MilliSats::from_sat(current.paid)?;
-        charges.balance.filter(|_| charges.channel == Some(channel)).map(|b| paid.saturating_sub(b))
+        // The balance with the payment of the same answer: a top-up signed since then must
+        // not count as spent.
+        let (paid, balance) = charges.reported.filter(|_| charges.channel == Some(channel))?;
+        Some(paid.saturating_sub(balance))
     }
 
     /// The last receipt the server signed and this payer verified: proof of what the channel

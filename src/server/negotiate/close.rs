@@ -103,35 +103,36 @@ pub(super) async fn close<C: ChainBackend, St: ChannelStore>(
         Problem::new(status, ProblemCode::from_static(e.code()), e)
             .with_channel(Some(record.snapshot(MilliSats::ZERO, MilliSats::ZERO)))
     };
-    if let Some(fair) = &fair {
-        // Checked once before anything changes: a bad or short settlement is refused with the
-        // channel untouched (checked again once closing, against the final spent).
-        let tip = *s.tip.borrow();
-        record
+    // A fair settlement moves the channel to closing with it in one atomic store operation,
+    // which also requires that it covers what was spent then: a bad or short one is refused
+    // with the channel untouched. On a channel already closing it is ignored (its close may
+    // be out already): the close is at the best payment.
+    if let Some(fair) = fair
+        && matches!(record.state, ChannelState::Pending | ChannelState::Open)
+    {
+        let checked = record
             .channel
-            .check_fair_payment(fair.clone(), record.spent, tip)
+            .check_fair_payment(fair, record.spent)
             .map_err(|e| fair_problem(&record, e))?;
+        let found = checked.server_amount();
+        if found < record.paid_amount()
+            && !s.store.close_with(id, checked).await.map_err(store_problem)?
+        {
+            // Not closed: it spent more meanwhile, or another close moved it on.
+            let now = load(&s, id).await?;
+            if matches!(now.state, ChannelState::Pending | ChannelState::Open) {
+                let min = now.channel.params().min_server_amount();
+                let needed = now.spent.to_sat_ceil().max(min);
+                return Err(fair_problem(&now, PaymentError::BelowSpent { needed, found }));
+            }
+        }
     }
     if matches!(record.state, ChannelState::Pending | ChannelState::Open) {
         s.store.transition(id, record.state, ChannelState::Closing).await.map_err(store_problem)?;
     }
     // Read again: from `Closing` on the best payment is frozen, so this close is the one the
     // settlement task would build (a payment may have landed before the transition).
-    let mut record = load(&s, id).await?;
-    if let Some(fair) = fair
-        && record.state == ChannelState::Closing
-    {
-        // Settle at what was metered: nothing more can be debited from `Closing` on.
-        let tip = *s.tip.borrow();
-        let checked = record
-            .channel
-            .check_fair_payment(fair, record.spent, tip)
-            .map_err(|e| fair_problem(&record, e))?;
-        if checked.server_amount() < record.paid_amount() {
-            s.store.settle_with(id, checked).await.map_err(store_problem)?;
-            record = load(&s, id).await?;
-        }
-    }
+    let record = load(&s, id).await?;
     let close = record.close_transaction(&s.negotiation.master).map_err(|e| match e {
         CloseError::NoPayment => bad(ProblemCode::NoPayment, "nothing to close"),
         e => Problem::new(StatusCode::INTERNAL_SERVER_ERROR, ProblemCode::Close, e),
