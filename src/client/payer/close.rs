@@ -86,11 +86,11 @@ impl<S: ClientStore> Payer<S> {
         let id = current.id.to_string();
         let path = terms.endpoints.close.replace("{id}", &id);
         let (channel, key) = state.channel.as_ref().ok_or(ClientError::NoChannel)?;
-        // A fair settlement at what the server reported spent; if that is short (a request
-        // was charged since), the channel is closing by then: read its exact spent, once.
+        // A fair settlement at what the server reported spent. If that is short (a request
+        // was charged since), the server refuses it with nothing changed: read the exact spent
+        // and sign again. Requests still being charged can move it between the read and the
+        // close: a few tries, then the close at the latest payment, never refused as short.
         let mut fair = fair_settlement(channel, key, self.reported_spent(current.id))?;
-        // Requests still being charged can move the spent between the read and the close: a
-        // few tries, then the close at the latest payment, which is never refused as short.
         let mut tries = 0;
         let answer: CloseResponse = loop {
             tries += 1;
