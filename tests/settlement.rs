@@ -246,25 +246,35 @@ impl ChainBackend for Flaky {
     }
 }
 
-#[tokio::test]
-async fn failed_broadcasts_are_retried_and_a_cooperative_close_is_queued() {
-    let (chain, store, funded, id) = one_channel(200, 4_000).await;
-    let flaky = Flaky { chain: chain.clone(), failures: Arc::new(AtomicUsize::new(3)) };
-
-    // The client asks for a cooperative close while the node is down: 202, queued.
+/// `GET /paid` at `price` on `store`, with the negotiation endpoints broadcasting through
+/// `backend`; the tip follows `chain`. Its address.
+async fn paid_api<C: ChainBackend + Clone + 'static>(
+    chain: &SimulatedChain,
+    store: &MemoryStore,
+    backend: C,
+    price: MilliSats,
+) -> std::net::SocketAddr {
     let tip = follow_tip(chain.clone(), Duration::from_millis(20)).await.unwrap();
     let negotiation = paychan::server::Negotiation::new(
         Network::Regtest,
         Terms::default(),
         master(),
         p2wpkh(&payout()),
-        flaky.clone(),
+        backend,
     );
-    let app = Router::new().route("/paid", get(|| async { "ok" })).layer(
-        PaywallLayer::new(store.clone(), MilliSats::from_msat(1_000), tip)
-            .with_negotiation(negotiation),
-    );
-    let addr = serve(app).await;
+    let app = Router::new()
+        .route("/paid", get(|| async { "ok" }))
+        .layer(PaywallLayer::new(store.clone(), price, tip).with_negotiation(negotiation));
+    serve(app).await
+}
+
+#[tokio::test]
+async fn failed_broadcasts_are_retried_and_a_cooperative_close_is_queued() {
+    let (chain, store, funded, id) = one_channel(200, 4_000).await;
+    let flaky = Flaky { chain: chain.clone(), failures: Arc::new(AtomicUsize::new(3)) };
+
+    // The client asks for a cooperative close while the node is down: 202, queued.
+    let addr = paid_api(&chain, &store, flaky.clone(), MilliSats::from_msat(1_000)).await;
     let header = wire::encode_payment(&payment(&funded, 0, 4_000));
     let path = format!("/payment-channel/channels/{id}/close");
     let reply = call(addr, "POST", &path, &[("payment-channel", &header)], None).await;
@@ -687,20 +697,8 @@ async fn a_started_merchant_collects_without_any_manual_wiring() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fair_close_settles_at_what_was_metered() {
     let (chain, store, funded, id) = one_channel(200, 4_000).await;
-    let tip = follow_tip(chain.clone(), Duration::from_millis(20)).await.unwrap();
-    let negotiation = paychan::server::Negotiation::new(
-        Network::Regtest,
-        Terms::default(),
-        master(),
-        p2wpkh(&payout()),
-        chain.clone(),
-    );
     // 1 000 sat a request.
-    let app = Router::new().route("/paid", get(|| async { "ok" })).layer(
-        PaywallLayer::new(store.clone(), MilliSats::from_msat(1_000_000), tip)
-            .with_negotiation(negotiation),
-    );
-    let addr = serve(app).await;
+    let addr = paid_api(&chain, &store, chain.clone(), MilliSats::from_msat(1_000_000)).await;
     let header = wire::encode_payment(&payment(&funded, 0, 4_000));
     for _ in 0..2 {
         let reply = call(addr, "GET", "/paid", &[("payment-channel", &header)], None).await;

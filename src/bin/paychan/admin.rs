@@ -27,7 +27,6 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Metric, Registry};
 
 use crate::chain::Chain;
-use crate::operator::STATES;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -137,7 +136,7 @@ impl Observed {
 
     /// Copies the settlement task's counters.
     fn settlement(&self, metrics: &SettlementMetrics) {
-        for state in STATES {
+        for state in ChannelState::ALL {
             let count = metrics.channels.get(state.as_str()).copied().unwrap_or(0);
             self.channels.get_or_create(&StateLabels { state: state.as_str() }).set(count as i64);
         }
@@ -284,7 +283,7 @@ async fn page<St: ChannelStore>(State(admin): State<Arc<Admin<St>>>, request: Re
     let tip = admin.chain.tip().await.ok().map(|tip| tip.height);
     let mut by_state = Vec::new();
     let mut channels: Vec<ChannelRecord> = Vec::new();
-    for state in STATES {
+    for state in ChannelState::ALL {
         match admin.store.list(state).await {
             Ok(records) => {
                 by_state.push((state, records.len()));

@@ -9,8 +9,6 @@ use paychan::wire::ChannelId;
 use crate::Error;
 use crate::chain::Chain;
 
-pub(crate) const STATES: [ChannelState; 6] = ChannelState::ALL;
-
 /// One line per channel: id, state, paid, spent, balance, expiry.
 fn line(record: &ChannelRecord) -> String {
     format!(
@@ -29,7 +27,7 @@ pub(crate) async fn channels<St: ChannelStore>(
     store: &St,
     state: Option<ChannelState>,
 ) -> Result<(), Error> {
-    for state in STATES.into_iter().filter(|s| state.is_none_or(|wanted| wanted == *s)) {
+    for state in ChannelState::ALL.into_iter().filter(|s| state.is_none_or(|wanted| wanted == *s)) {
         for record in store.list(state).await? {
             println!("{}", line(&record));
         }
@@ -92,7 +90,7 @@ pub(crate) async fn report<St: ChannelStore>(
     let (mut paid, mut settled, mut allocated) =
         (MilliSats::ZERO, MilliSats::ZERO, MilliSats::ZERO);
     let mut soon = Vec::new();
-    for state in STATES {
+    for state in ChannelState::ALL {
         let records = store.list(state).await?;
         println!("{:<8} {}", state.as_str(), records.len());
         for record in &records {

@@ -125,8 +125,6 @@ struct ChargeWatch {
     baseline: Option<MilliSats>,
     /// Requests sent on the channel since tracking started.
     sends: u64,
-    /// The last balance the server reported.
-    balance: Option<MilliSats>,
     /// Set once the server charged more than the policy allows: the payer stops paying it.
     overcharged: Option<(MilliSats, MilliSats)>,
     /// Receipts received on the channel, and the sum of the prices they state.
@@ -134,7 +132,7 @@ struct ChargeWatch {
     receipted: MilliSats,
     /// The last valid receipt, on any channel.
     latest_receipt: Option<Receipt>,
-    /// The last answer's balance, with what the payment its request carried paid.
+    /// The last balance the server reported, with what the payment its request carried paid.
     reported: Option<(MilliSats, MilliSats)>,
     /// Set once a receipt did not verify or add up: the payer stops paying the server.
     bad_receipt: Option<String>,
@@ -237,7 +235,10 @@ impl<S: ClientStore> Payer<S> {
             .and_then(|tx| tx.output.get(1))
             .map_or(Amount::ZERO, |out| out.value);
         let charges = self.charges();
-        let balance = charges.balance.filter(|_| charges.channel == Some(channel.id()));
+        let balance = charges
+            .reported
+            .filter(|_| charges.channel == Some(channel.id()))
+            .map(|(_, balance)| balance);
         Ok(Some(ChannelStatus {
             channel: channel.id(),
             paid: channel.paid(),
@@ -280,7 +281,6 @@ impl<S: ClientStore> Payer<S> {
         if charges.channel != Some(sent.id) {
             return;
         }
-        charges.balance = Some(balance);
         let paid = MilliSats::from_sat(sent.paid).unwrap_or(MilliSats::MAX);
         charges.reported = Some((paid, balance));
         let spent = paid.saturating_sub(balance);
