@@ -19,6 +19,14 @@ mod wrap_hyper_service;
 #[path = "../examples/metered_internal_api.rs"]
 mod metered_internal_api;
 
+#[allow(dead_code)]
+#[path = "../examples/sse_tokens.rs"]
+mod sse_tokens;
+
+#[allow(dead_code)]
+#[path = "../examples/audio_stream.rs"]
+mod audio_stream;
+
 use common::client::open_channel;
 use common::http::{call, serve};
 use hyper_util::rt::TokioIo;
@@ -124,4 +132,121 @@ async fn metered_internal_api_reports_usage_per_team() {
     assert_eq!(a["balance_msat"], 1_000_000 - cost);
     let b = teams.iter().find(|t| t["channel"] == team_b.channel.outpoint().to_string()).unwrap();
     assert_eq!(b["spent_msat"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_tokens_streams_every_token_and_tops_up_in_band() {
+    let s = sse_tokens::run(false).await.expect("the example runs");
+    let expected: Vec<&str> =
+        sse_tokens::TEXT.split(' ').cycle().take(sse_tokens::TOKENS as usize).collect();
+    assert_eq!(s.tokens, expected, "every token in order, and no payment event");
+    assert!(s.top_ups >= 2, "the stream ran out and was topped up in band: {}", s.top_ups);
+    let metered = sse_tokens::PER_TOKEN
+        .checked_mul(sse_tokens::TOKENS)
+        .and_then(|tokens| tokens.checked_add(sse_tokens::PROMPT))
+        .unwrap();
+    assert_eq!(s.receipt.price_msat, metered, "the closing receipt states the whole stream");
+    assert_eq!(s.server_received, metered.to_sat_ceil(), "a fair close at what was metered");
+    assert!(s.client_paid > s.server_received, "something was prepaid, and came back");
+    assert_eq!(s.client_back + s.server_received + s.settlement_fee, sse_tokens::CHANNEL);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audio_stream_is_paid_per_second_over_a_websocket() {
+    let s = audio_stream::run(false).await.expect("the example runs");
+    assert_eq!(s.seconds, audio_stream::SECONDS);
+    assert!(s.top_ups >= 2, "top-up frames answered: {}", s.top_ups);
+    let metered = audio_stream::PER_SECOND
+        .checked_mul(audio_stream::SECONDS)
+        .and_then(|audio| audio.checked_add(audio_stream::TUNE_IN))
+        .unwrap();
+    assert_eq!(s.receipt.price_msat, metered);
+    assert_eq!(s.server_received, metered.to_sat_ceil());
+    assert_eq!(s.client_back + s.server_received + s.settlement_fee, audio_stream::CHANNEL);
+}
+
+/// A payer with a funded wallet for the server at `addr` on `chain`.
+fn funded_payer(chain: &SimulatedChain, addr: std::net::SocketAddr) -> paychan::client::Payer {
+    use paychan::client::{KeyWallet, Payer, SpendingPolicy};
+    let wallet = KeyWallet::new(common::secret(0x44));
+    let coin = chain.faucet(wallet.script_pubkey(), bitcoin::Amount::from_sat(250_000));
+    wallet.add_coin(coin, chain.utxo(&coin).unwrap());
+    let key = bitcoin::bip32::Xpriv::new_master(bitcoin::Network::Regtest, &[0x45; 32]).unwrap();
+    Payer::builder(&format!("http://{addr}"), bitcoin::Network::Regtest, key)
+        .wallet(wallet)
+        .channel_value(bitcoin::Amount::from_sat(50_000))
+        .policy(
+            SpendingPolicy::default()
+                .with_max_per_request(paychan::MilliSats::from_msat(100_000))
+                .with_max_prepaid(bitcoin::Amount::from_sat(200))
+                .with_max_total(bitcoin::Amount::from_sat(5_000)),
+        )
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_priced_per_kib_is_counted_and_topped_up_ahead() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use paychan::client::{PaymentLayer, ServiceTransport};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tower::{Service, ServiceExt};
+
+    let chain = SimulatedChain::new();
+    let addr = serve(audio_stream::app(chain.clone()).await).await;
+    let payer = funded_payer(&chain, addr);
+    let top_ups = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = top_ups.clone();
+    let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let wire = tower::service_fn(move |request: http::Request<Full<Bytes>>| {
+        if request.uri().path() == "/payment-channel/payment" {
+            counted.fetch_add(1, Ordering::Relaxed);
+        }
+        http.request(request)
+    });
+    let mut client =
+        tower::ServiceBuilder::new().layer(PaymentLayer::new(payer.clone())).service(wire.clone());
+    let request = http::Request::get(format!("http://{addr}/track.raw?seconds=40"))
+        .body(Full::default())
+        .unwrap();
+    let response = client.ready().await.unwrap().call(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.body().is_metered());
+    let body = response.into_body().collect().await.expect("the download completes").to_bytes();
+    assert_eq!(body.len(), 40 * 8_000);
+    assert!(top_ups.load(Ordering::Relaxed) >= 1, "the client paid ahead of the stream");
+
+    // The fair close settles at what the server metered: up front and every byte.
+    let cost = (body.len() as u64 * audio_stream::PER_KIB.to_msat()).div_ceil(1024);
+    let metered = audio_stream::TUNE_IN.checked_add(paychan::MilliSats::from_msat(cost)).unwrap();
+    let closed = payer.close_via(&ServiceTransport::<_, Full<Bytes>>::new(wire)).await.unwrap();
+    assert_eq!(closed.server_amount, metered.to_sat_ceil());
+    assert!(payer.committed().await.unwrap() > closed.server_amount, "the rest came back");
+}
+
+#[cfg(feature = "reqwest")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reqwest_middleware_reads_a_metered_sse_stream() {
+    use paychan::client::PaymentMiddleware;
+
+    let chain = SimulatedChain::new();
+    let addr = serve(sse_tokens::app(chain.clone()).await).await;
+    let payer = funded_payer(&chain, addr);
+    let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+        .with(PaymentMiddleware::new(payer.clone()))
+        .build();
+    let response = client.get(format!("http://{addr}/generate?tokens=30")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.url().path(), "/generate", "the response keeps its URL");
+    let text = response.text().await.unwrap();
+    let tokens = text.lines().filter(|line| line.starts_with("data: ")).count();
+    assert_eq!(tokens, 30, "{text}");
+    assert!(!text.contains("payment-"), "the payment events are the middleware's: {text}");
+    let metered =
+        sse_tokens::PER_TOKEN.checked_mul(30).unwrap().checked_add(sse_tokens::PROMPT).unwrap();
+    assert_eq!(payer.latest_receipt().unwrap().price_msat, metered);
+    let closed = payer.close_via(&reqwest::Client::new()).await.unwrap();
+    assert_eq!(closed.server_amount, metered.to_sat_ceil());
 }

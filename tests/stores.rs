@@ -2,6 +2,10 @@
 
 use std::sync::Arc;
 
+mod common;
+
+#[allow(unused_imports)]
+use common::stores::*;
 use paychan::store::{ChannelRecord, ChannelState, ChannelStore, MemoryStore, conformance};
 
 /// Asserts that `store` (reopened, or another connection) holds exactly what `memory` holds
@@ -34,15 +38,6 @@ async fn memory_store_handles_share_state() {
     conformance::run(Arc::new(store), 0x03).await;
 }
 
-/// A fresh database path under the system's temporary directory.
-#[cfg(feature = "sqlite")]
-fn temp_db(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("paychan-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join("channels.sqlite3")
-}
-
 #[cfg(feature = "sqlite")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sqlite_store_conforms() {
@@ -65,28 +60,6 @@ async fn sqlite_store_keeps_everything_across_a_reopen() {
     }
     let reopened = SqliteStore::open(&path).unwrap();
     assert_same_state(&memory, &reopened).await;
-}
-
-/// A PostgreSQL configuration whose `search_path` is a fresh schema, so every run starts empty;
-/// `None` (after printing "skipped: …") when `PAYCHAN_TEST_POSTGRES_URL` is not set.
-#[cfg(feature = "postgres")]
-async fn postgres_config(name: &str) -> Option<paychan::store::tokio_postgres::Config> {
-    use paychan::store::tokio_postgres;
-    let Ok(url) = std::env::var("PAYCHAN_TEST_POSTGRES_URL") else {
-        println!("skipped: PAYCHAN_TEST_POSTGRES_URL is not set");
-        return None;
-    };
-    let nanos =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-    let schema = format!("paychan_test_{name}_{}_{nanos}", std::process::id());
-    let mut config: tokio_postgres::Config =
-        url.parse().expect("a valid PAYCHAN_TEST_POSTGRES_URL");
-    let (client, connection) =
-        config.connect(tokio_postgres::NoTls).await.expect("PostgreSQL is reachable");
-    tokio::spawn(connection);
-    client.batch_execute(&format!("CREATE SCHEMA {schema}")).await.unwrap();
-    config.options(format!("-c search_path={schema}"));
-    Some(config)
 }
 
 #[cfg(feature = "postgres")]
@@ -121,20 +94,6 @@ async fn postgres_store_unreachable_is_unavailable() {
         .await
         .expect_err("nothing listens on port 9");
     assert!(matches!(error, paychan::store::StoreError::Unavailable { .. }), "{error:?}");
-}
-
-/// A Redis store under a key prefix of its own; `None` (after printing "skipped: …") when
-/// `PAYCHAN_TEST_REDIS_URL` is not set.
-#[cfg(feature = "redis")]
-async fn redis_store(name: &str) -> Option<paychan::store::RedisStore> {
-    let Ok(url) = std::env::var("PAYCHAN_TEST_REDIS_URL") else {
-        println!("skipped: PAYCHAN_TEST_REDIS_URL is not set");
-        return None;
-    };
-    let nanos =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-    let store = paychan::store::RedisStore::connect(&url).await.expect("Redis is reachable");
-    Some(store.with_prefix(format!("{{paychan-test-{name}-{}-{nanos}}}:", std::process::id())))
 }
 
 #[cfg(feature = "redis")]

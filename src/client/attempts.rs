@@ -57,6 +57,11 @@ impl<'a, St: ClientStore> Retry<'a, St> {
         Ok(self.sent.as_ref().map(|sent| sent.header.clone()))
     }
 
+    /// The payment this attempt carried.
+    pub(crate) fn sent(&self) -> Option<&CurrentPayment> {
+        self.sent.as_ref()
+    }
+
     /// Whether this attempt is the last: its 402 is returned as the response.
     pub(crate) fn is_last(&self) -> bool {
         self.attempt >= MAX_ATTEMPTS

@@ -4,10 +4,14 @@ use bytes::Bytes;
 use http::{Extensions, StatusCode, Uri};
 use reqwest_middleware::{Middleware, Next};
 
-use super::attempts::Retry;
+use reqwest::ResponseBuilderExt as _;
+
+use super::attempts::{Retry, balance};
+use super::payer::CurrentPayment;
+use super::stream::{Hooks, PaidBody};
 use super::transport::MAX_BODY;
 use super::{ClientError, ClientStore, MemoryClientStore, Payer, Transport, TransportFuture};
-use crate::wire::{PAYMENT_CHANNEL, Problem};
+use crate::wire::{PAYMENT_CHANNEL, PAYMENT_CHANNEL_STREAM, Problem};
 
 /// Adds channel payments to a `reqwest-middleware` client: every request to the [`Payer`]'s
 /// server carries the `Payment-Channel` header, and a 402 is answered by paying (top-up or a
@@ -82,6 +86,34 @@ impl<St: ClientStore> PaymentMiddleware<St> {
     }
 }
 
+impl<St: ClientStore + 'static> PaymentMiddleware<St> {
+    /// A metered stream's response, read through [`PaidBody`]: its top-ups go through the
+    /// payer's own [transport](super::PayerBuilder::transport), or a default reqwest client.
+    fn paid_stream(
+        &self,
+        response: reqwest::Response,
+        sent: CurrentPayment,
+        method: &str,
+        path: String,
+    ) -> reqwest::Response {
+        let url = response.url().clone();
+        let transport = self
+            .payer
+            .own_transport()
+            .unwrap_or_else(|_| std::sync::Arc::new(reqwest::Client::new()));
+        let balance = balance(response.headers());
+        let (mut head, body) = http::Response::<reqwest::Body>::from(response).into_parts();
+        // The URL travels in an extension only reqwest's builder extension can make.
+        if let Ok(marker) = http::Response::builder().url(url).body(()) {
+            head.extensions.extend(marker.into_parts().0.extensions);
+        }
+        let hooks =
+            Hooks { payer: self.payer.clone(), transport, sent, method: method.to_owned(), path };
+        let body = PaidBody::paid(body, &head.headers, hooks, self.payer.policy(), balance);
+        reqwest::Response::from(http::Response::from_parts(head, reqwest::Body::wrap(body)))
+    }
+}
+
 fn middleware_error(error: ClientError) -> reqwest_middleware::Error {
     reqwest_middleware::Error::middleware(error)
 }
@@ -126,8 +158,14 @@ impl<St: ClientStore + 'static> Middleware for PaymentMiddleware<St> {
                     Some(query) => format!("{}?{query}", url.path()),
                     None => url.path().to_owned(),
                 };
+                let sent = retry.sent().cloned();
                 retry.answered(response.headers(), this_method.as_str(), &path).await;
-                return Ok(response);
+                return Ok(match sent {
+                    Some(sent) if response.headers().contains_key(PAYMENT_CHANNEL_STREAM) => {
+                        self.paid_stream(response, sent, this_method.as_str(), path)
+                    }
+                    _ => response,
+                });
             }
             let status = response.status();
             let body = read_limited(response)

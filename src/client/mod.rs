@@ -51,6 +51,7 @@ mod payment;
 mod policy;
 mod state;
 mod store;
+mod stream;
 mod transport;
 mod wallet;
 
@@ -60,10 +61,11 @@ pub use error::{ClientError, Misbehavior, MisbehaviorKind};
 #[cfg(feature = "reqwest")]
 pub use middleware::PaymentMiddleware;
 pub(crate) use payer::RetryBudget;
-pub use payer::{ChannelStatus, Closed, Payer, PayerBuilder};
+pub use payer::{ChannelStatus, Closed, PaidStream, Payer, PayerBuilder};
 pub use payment::{PaymentLayer, PaymentService, ResponseFuture};
 pub use policy::{PolicyRefusal, SpendingPolicy};
 pub use state::ClientChannel;
 pub use store::{ClientStore, ClientStoreError, FileClientStore, MemoryClientStore};
+pub use stream::PaidBody;
 pub use transport::{ServiceTransport, Transport, TransportFuture};
 pub use wallet::{KeyWallet, Wallet, WalletError, WalletFuture};

@@ -86,6 +86,8 @@ impl<St, P: Clone> PaywallLayer<St, P> {
                 shadow: None,
                 signer: None,
                 no_receipts: false,
+                stream_hold: super::stream::DEFAULT_HOLD,
+                payment_path: Some(crate::wire::Endpoints::under(super::DEFAULT_PREFIX).payment),
             }),
         }
     }
@@ -103,6 +105,13 @@ impl<St, P: Clone> PaywallLayer<St, P> {
             });
         }
         Arc::make_mut(&mut self.meter)
+    }
+
+    /// Sets how long a metered stream holds, waiting for a top-up, when the balance runs out
+    /// (default [`DEFAULT_HOLD`](super::DEFAULT_HOLD), 10 s); see [`StreamMeter`](super::StreamMeter).
+    pub fn stream_hold(mut self, hold: std::time::Duration) -> Self {
+        self.config_mut().stream_hold = hold;
+        self
     }
 
     /// Sets how much a 402's suggested top-up prepays beyond the minimum
@@ -187,7 +196,9 @@ impl<St, P: Clone> PaywallLayer<St, P> {
     }
 
     /// Serves the terms document and the negotiation endpoints of `negotiation` (open,
-    /// refund, fund, status, close) from the layer itself, in front of the inner service.
+    /// refund, fund, status, close) from the layer itself, in front of the inner service, and
+    /// the payment endpoint (`POST <prefix>/payment`: a better payment stored, nothing
+    /// charged; how a client tops up a metered stream).
     pub fn with_negotiation<C>(mut self, negotiation: Negotiation<C>) -> Self
     where
         St: ChannelStore,
@@ -195,6 +206,7 @@ impl<St, P: Clone> PaywallLayer<St, P> {
     {
         let master = negotiation.master();
         let meter = self.config_mut();
+        meter.payment_path = Some(crate::wire::Endpoints::under(negotiation.prefix()).payment);
         if !meter.no_receipts {
             meter.signer.get_or_insert_with(|| Arc::new(Signer::new(master)));
         }

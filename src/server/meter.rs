@@ -1,12 +1,14 @@
 //! The meter: charge, debit, credit.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{HeaderValue, Request, Response};
 use tokio::sync::watch;
 use tower::Service;
 
 use super::rejection::{Rejection, RejectionKind};
+use super::stream::{BoxFuture, StreamMeter, Units};
 use super::{ActualCost, Paid, ShadowTally};
 use crate::MilliSats;
 use bitcoin::bip32::Xpriv;
@@ -17,7 +19,8 @@ use crate::channel::{
 };
 use crate::store::{ChannelRecord, ChannelState, ChannelStore, Debit, StoreError};
 use crate::wire::{
-    self, ChannelId, PAYMENT_CHANNEL, PAYMENT_CHANNEL_BALANCE, PAYMENT_RECEIPT, Receipt,
+    self, ChannelId, PAYMENT_CHANNEL, PAYMENT_CHANNEL_BALANCE, PAYMENT_CHANNEL_STREAM,
+    PAYMENT_RECEIPT, PaymentAnswer, Problem, Receipt,
 };
 
 /// The meter behind [`Paywall`](super::Paywall): prices a request, identifies its channel,
@@ -46,6 +49,11 @@ pub(super) struct Meter<St, P> {
     pub(super) signer: Option<Arc<Signer>>,
     /// Receipts turned off: negotiation endpoints do not turn them on.
     pub(super) no_receipts: bool,
+    /// How long a [`StreamMeter`] waits for a top-up.
+    pub(super) stream_hold: Duration,
+    /// Where clients hand over a better payment without a request to pay for (`POST`, the
+    /// payment in `Payment-Channel`): under the negotiation endpoints' prefix.
+    pub(super) payment_path: Option<String>,
 }
 
 /// The receipts' signer: the master key, and each channel's server key once derived.
@@ -89,6 +97,8 @@ impl<St, P: Clone> Clone for Meter<St, P> {
             shadow: self.shadow.clone(),
             signer: self.signer.as_ref().map(|signer| Arc::new(Signer::new(signer.master))),
             no_receipts: self.no_receipts,
+            stream_hold: self.stream_hold,
+            payment_path: self.payment_path.clone(),
         }
     }
 }
@@ -97,7 +107,7 @@ impl<St, P: Clone> Clone for Meter<St, P> {
 /// over.
 pub(super) const VERIFIED_CACHE_LIMIT: usize = 100_000;
 
-impl<St: ChannelStore, P> Meter<St, P> {
+impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
     /// Charges `price` for `request`, runs `inner` on it if paid, and credits back what a
     /// 5xx or a handler's [`ActualCost`] gives back.
     pub(super) async fn serve<S, ReqBody, ResBody>(
@@ -127,7 +137,10 @@ impl<St: ChannelStore, P> Meter<St, P> {
             let path = uri.path_and_query().map_or("/", |p| p.as_str());
             (request.method().clone(), path.to_owned())
         });
+        let stream =
+            StreamMeter::new(self.clone(), paid.channel, self.stream_hold, target.clone(), price);
         request.extensions_mut().insert(paid);
+        request.extensions_mut().insert(stream.clone());
         if !self.forward_payment_header {
             // A bearer proof of the channel: the inner service (a proxy, a logger) has no
             // business with it.
@@ -153,6 +166,9 @@ impl<St: ChannelStore, P> Meter<St, P> {
         }
         let headers = response.headers_mut();
         headers.insert(PAYMENT_CHANNEL_BALANCE, HeaderValue::from(balance.to_msat()));
+        if let Some(unit) = stream.stream_header() {
+            headers.insert(PAYMENT_CHANNEL_STREAM, unit);
+        }
         if let Some((method, path)) = target {
             let receipt =
                 Receipt::new(paid.channel, method.as_str(), &path, charged, carried, balance);
@@ -163,6 +179,33 @@ impl<St: ChannelStore, P> Meter<St, P> {
             }
         }
         Ok(response)
+    }
+
+    /// The payment endpoint: stores a better payment of the channel (as a paid request would,
+    /// but charging nothing) and answers the balance.
+    pub(super) async fn accept_payment<B: From<String>>(
+        self: Arc<Self>,
+        header: Option<HeaderValue>,
+    ) -> Response<B> {
+        match self.charge(header, MilliSats::ZERO).await {
+            Ok((paid, carried)) => {
+                let answer = PaymentAnswer {
+                    channel: paid.channel,
+                    paid_msat: carried,
+                    balance_msat: paid.balance,
+                };
+                let mut response =
+                    Response::new(B::from(serde_json::to_string(&answer).unwrap_or_default()));
+                let headers = response.headers_mut();
+                headers.insert(
+                    http::header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                headers.insert(PAYMENT_CHANNEL_BALANCE, HeaderValue::from(paid.balance.to_msat()));
+                response
+            }
+            Err(rejection) => rejection.into_response(&self.terms_url),
+        }
     }
 
     /// Signs `receipt` with its channel's K2 (derived once per channel; a channel this node
@@ -293,5 +336,41 @@ impl<St: ChannelStore, P> Meter<St, P> {
         let record =
             self.store.load(id).await.map_err(|e| Rejection::from(e).with_price(price))?.or(record);
         Err(Rejection::new(kind, record.map(|r| r.snapshot(price, self.bundle))).with_price(price))
+    }
+}
+
+impl<St: ChannelStore, P: Send + Sync + 'static> Units for Meter<St, P> {
+    fn debit(
+        &self,
+        channel: ChannelId,
+        amount: MilliSats,
+    ) -> BoxFuture<'_, Result<MilliSats, Problem>> {
+        Box::pin(async move {
+            match self.debit(channel, amount, None).await {
+                Ok(paid) => Ok(paid.balance),
+                Err(rejection) => Err(rejection.problem(&self.terms_url)),
+            }
+        })
+    }
+
+    fn receipt(
+        &self,
+        channel: ChannelId,
+        (method, path): &(http::Method, String),
+        charged: MilliSats,
+    ) -> BoxFuture<'_, Option<Receipt>> {
+        let (method, path) = (method.clone(), path.clone());
+        Box::pin(async move {
+            let record = self.store.load(channel).await.ok()??;
+            let receipt = Receipt::new(
+                channel,
+                method.as_str(),
+                &path,
+                charged,
+                record.paid(),
+                record.balance(),
+            );
+            self.sign(receipt).await
+        })
     }
 }

@@ -60,6 +60,7 @@ mod pricing;
 mod receipt;
 mod rejection;
 mod service;
+mod stream;
 
 pub use future::ResponseFuture;
 pub use layer::{DEFAULT_BUNDLE, DEFAULT_TERMS_URL, PaywallLayer};
@@ -68,3 +69,4 @@ pub use pricing::{Pricing, RoutePrices, Unlisted};
 pub use receipt::{ActualCost, Paid, ShadowTally};
 pub use rejection::{Rejection, RejectionKind};
 pub use service::Paywall;
+pub use stream::{DEFAULT_HOLD, Exhausted, RECEIPT_EVENT, StreamMeter, TOP_UP_EVENT};

@@ -68,6 +68,27 @@ impl ShadowTally {
     }
 }
 
+impl super::stream::Units for ShadowTally {
+    /// Shadow mode: every unit is served, and counted.
+    fn debit(
+        &self,
+        _: ChannelId,
+        amount: MilliSats,
+    ) -> super::stream::BoxFuture<'_, Result<MilliSats, crate::wire::Problem>> {
+        self.msat.fetch_add(amount.to_msat(), std::sync::atomic::Ordering::Relaxed);
+        Box::pin(std::future::ready(Ok(MilliSats::ZERO)))
+    }
+
+    fn receipt(
+        &self,
+        _: ChannelId,
+        _: &(http::Method, String),
+        _: MilliSats,
+    ) -> super::stream::BoxFuture<'_, Option<crate::wire::Receipt>> {
+        Box::pin(std::future::ready(None))
+    }
+}
+
 impl<S: Send + Sync> FromRequestParts<S> for Paid {
     type Rejection = (StatusCode, &'static str);
 

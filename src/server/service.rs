@@ -81,6 +81,14 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        if let Some(path) = &self.meter.payment_path
+            && request.method() == http::Method::POST
+            && request.uri().path() == path
+        {
+            let header = request.headers().get(crate::wire::PAYMENT_CHANNEL).cloned();
+            let meter = self.meter.clone();
+            return ResponseFuture::metered(async move { Ok(meter.accept_payment(header).await) });
+        }
         if let Some(endpoints) = &self.negotiation
             && let (prefix, router) = endpoints.get(&self.meter)
             && is_negotiation(request.uri().path(), prefix, &self.meter.terms_url)
@@ -100,7 +108,17 @@ where
             tally.record(price);
             tracing::info!(%price, method = %request.method(), path = request.uri().path(), "shadow mode: served unpaid");
             let mut request = request;
-            request.extensions_mut().insert(Paid::shadow(price));
+            let paid = Paid::shadow(price);
+            let units: Arc<dyn super::stream::Units> = tally.clone();
+            let hold = self.meter.stream_hold;
+            request.extensions_mut().insert(paid);
+            request.extensions_mut().insert(super::StreamMeter::new(
+                units,
+                paid.channel,
+                hold,
+                None,
+                price,
+            ));
             if !self.meter.forward_payment_header {
                 request.headers_mut().remove(crate::wire::PAYMENT_CHANNEL);
             }

@@ -177,6 +177,11 @@ async fn debits_and_credits_are_exact<S: ChannelStore>(store: &S, fx: &Fixture) 
         store.debit(id, MilliSats::from_msat(666_666)).await,
         Ok(Debit::Debited { balance: MilliSats::ZERO })
     );
+    assert_eq!(
+        store.debit(id, MilliSats::ZERO).await,
+        Ok(Debit::Debited { balance: MilliSats::ZERO }),
+        "a debit of nothing (the payment endpoint's) succeeds on an open channel at zero"
+    );
     assert_eq!(store.credit(id, third).await, Ok(third), "credit gives back");
     assert_eq!(
         store.credit(id, msat(10_000)).await,
@@ -194,11 +199,13 @@ async fn transitions_compare_and_swap<S: ChannelStore>(store: &S, fx: &Fixture) 
     assert_eq!(store.transition(id, ChannelState::Closing, ChannelState::Closed).await, Ok(false));
     assert_eq!(store.transition(id, ChannelState::Open, ChannelState::Closing).await, Ok(true));
     assert_eq!(store.transition(id, ChannelState::Open, ChannelState::Closing).await, Ok(false));
-    assert_eq!(
-        store.debit(id, msat(1)).await,
-        Ok(Debit::NotOpen { state: ChannelState::Closing }),
-        "no debits once closing"
-    );
+    for amount in [msat(1), MilliSats::ZERO] {
+        assert_eq!(
+            store.debit(id, amount).await,
+            Ok(Debit::NotOpen { state: ChannelState::Closing }),
+            "no debits once closing, not even of nothing"
+        );
+    }
     let channel = store.load(id).await.expect("load").expect("exists");
     let better = fx.payment(&channel.channel, 3_000);
     assert_eq!(

@@ -31,6 +31,7 @@
 use core::fmt;
 use core::str::FromStr;
 
+use crate::MilliSats;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use bitcoin::{OutPoint, Transaction, consensus};
@@ -42,10 +43,78 @@ mod receipt;
 
 pub use negotiation::{
     CloseRequest, CloseResponse, Endpoints, FundRequest, FundResponse, OpenRequest, OpenResponse,
-    RefundRequest, RefundResponse, TERMS_PATH, TermsDocument,
+    PaymentAnswer, RefundRequest, RefundResponse, TERMS_PATH, TermsDocument,
 };
 pub use problem::{ChannelSnapshot, PROBLEM_JSON, PROBLEM_TYPE_PREFIX, Problem, ProblemCode};
 pub use receipt::{PAYMENT_RECEIPT, Receipt, ReceiptError, request_digest};
+
+/// The response header of a metered stream ([`StreamMeter`](crate::server::StreamMeter)):
+/// `sse; per-event=<msat>` for SSE events (watch for the `payment-required` event), or
+/// `bytes; per-kib=<msat>` for a byte stream (count the bytes and top up ahead).
+pub const PAYMENT_CHANNEL_STREAM: &str = "payment-channel-stream";
+
+/// The unit of a metered stream and its price: the value of [`PAYMENT_CHANNEL_STREAM`].
+///
+/// # Examples
+///
+/// ```
+/// use paychan::MilliSats;
+/// use paychan::wire::StreamUnit;
+///
+/// let unit: StreamUnit = "bytes; per-kib=100".parse().unwrap();
+/// assert_eq!(unit, StreamUnit::Kib(MilliSats::from_msat(100)));
+/// assert_eq!(unit.to_string(), "bytes; per-kib=100");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StreamUnit {
+    /// Each SSE event costs this much.
+    Event(MilliSats),
+    /// Each 1 024 bytes cost this much, charged to the millisatoshi.
+    Kib(MilliSats),
+}
+
+impl fmt::Display for StreamUnit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Event(price) => write!(f, "sse; per-event={}", price.to_msat()),
+            Self::Kib(price) => write!(f, "bytes; per-kib={}", price.to_msat()),
+        }
+    }
+}
+
+impl FromStr for StreamUnit {
+    type Err = ParseStreamUnitError;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        let (kind, price) = value.split_once(';').ok_or(ParseStreamUnitError)?;
+        let (name, price) = price.trim().split_once('=').ok_or(ParseStreamUnitError)?;
+        let price = MilliSats::from_msat(price.trim().parse().map_err(|_| ParseStreamUnitError)?);
+        match (kind.trim(), name.trim()) {
+            ("sse", "per-event") => Ok(Self::Event(price)),
+            ("bytes", "per-kib") => Ok(Self::Kib(price)),
+            _ => Err(ParseStreamUnitError),
+        }
+    }
+}
+
+/// A `Payment-Channel-Stream` value that is not a [`StreamUnit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParseStreamUnitError;
+
+impl fmt::Display for ParseStreamUnitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("not a stream unit (`sse; per-event=<msat>` or `bytes; per-kib=<msat>`)")
+    }
+}
+
+impl std::error::Error for ParseStreamUnitError {}
+
+/// What `bytes` bytes cost at `per_kib` per 1 024 bytes, rounded up to the millisatoshi.
+pub(crate) fn per_kib_cost(per_kib: MilliSats, bytes: u64) -> MilliSats {
+    let msat = u128::from(per_kib.to_msat()) * u128::from(bytes);
+    MilliSats::from_msat(u64::try_from(msat.div_ceil(1024)).unwrap_or(u64::MAX))
+}
 
 /// The request header that carries the client's latest signed payment.
 pub const PAYMENT_CHANNEL: &str = "payment-channel";

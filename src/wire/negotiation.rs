@@ -76,6 +76,10 @@ pub struct Endpoints {
     /// `POST`, with a payment of the channel as proof: close cooperatively
     /// ([`CloseResponse`]).
     pub close: String,
+    /// `POST`, with a better payment of the channel in `Payment-Channel`: store it, charge
+    /// nothing ([`PaymentAnswer`]); how a client tops up a metered stream.
+    #[serde(default)]
+    pub payment: String,
 }
 
 impl Endpoints {
@@ -87,8 +91,22 @@ impl Endpoints {
             fund: format!("{prefix}/fund"),
             channel: format!("{prefix}/channels/{{id}}"),
             close: format!("{prefix}/channels/{{id}}/close"),
+            payment: format!("{prefix}/payment"),
         }
     }
+}
+
+/// The answer to `POST …/payment`: the payment is the channel's best (or an earlier one was
+/// better), and what is left to spend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct PaymentAnswer {
+    /// The channel.
+    pub channel: ChannelId,
+    /// What the payment handed over pays the server.
+    pub paid_msat: MilliSats,
+    /// The channel's balance now.
+    pub balance_msat: MilliSats,
 }
 
 /// `POST …/open`: the client's proposal.

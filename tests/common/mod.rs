@@ -10,6 +10,7 @@ use paychan::channel::{ChainTip, Channel, ChannelParams, Terms};
 
 #[cfg(feature = "bitcoind")]
 pub mod node;
+pub mod stores;
 
 pub const CHANNEL_VALUE: Amount = Amount::from_sat(100_000);
 pub const FAUCET_VALUE: Amount = Amount::from_sat(250_000);

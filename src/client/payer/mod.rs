@@ -23,11 +23,13 @@ use crate::wire::{ChannelId, PAYMENT_CHANNEL, Problem, Receipt, TERMS_PATH, Term
 mod builder;
 mod close;
 mod open;
+mod stream;
 mod top_up;
 
 pub use builder::PayerBuilder;
 use builder::Settings;
 pub use close::Closed;
+pub use stream::PaidStream;
 pub(crate) use top_up::RetryBudget;
 
 /// The client side of channels with one server: opens them, signs every increment, and decides
@@ -92,6 +94,15 @@ impl ChargeWatch {
             ..Self::default()
         }
     }
+
+    /// Forgets what was counted: the next report on the current payment (once no stream
+    /// runs) is the new baseline.
+    fn pause(&mut self) {
+        self.baseline = None;
+        self.sends = 0;
+        self.receipts = 0;
+        self.receipted = MilliSats::ZERO;
+    }
 }
 
 impl State {
@@ -136,6 +147,8 @@ struct ChargeWatch {
     reported: Option<(MilliSats, MilliSats)>,
     /// Set once a receipt did not verify or add up: the payer stops paying the server.
     bad_receipt: Option<String>,
+    /// Metered streams running on the channel: the watch pauses while there are any.
+    streams: u32,
 }
 
 /// The payer's current channel as the caller may want to see it; see [`Payer::status`].
@@ -171,7 +184,7 @@ pub(super) fn misbehaved(kind: MisbehaviorKind, what: impl Into<String>) -> Clie
 
 impl<S: ClientStore> Payer<S> {
     /// The transport given to the builder, for the calls made outside a request.
-    fn own_transport(&self) -> Result<Arc<dyn Transport>, ClientError> {
+    pub(crate) fn own_transport(&self) -> Result<Arc<dyn Transport>, ClientError> {
         let own = self.inner.settings.transport.as_ref().ok_or(ClientError::NoTransport)?;
         Ok(Arc::clone(&own.0))
     }
@@ -284,6 +297,9 @@ impl<S: ClientStore> Payer<S> {
         let paid = MilliSats::from_sat(sent.paid).unwrap_or(MilliSats::MAX);
         charges.reported = Some((paid, balance));
         let spent = paid.saturating_sub(balance);
+        if charges.streams > 0 {
+            return; // what a stream costs is not counted request by request
+        }
         let baseline = match charges.baseline {
             Some(baseline) => baseline,
             // The first report on a channel loaded from the store sets the baseline, but only

@@ -80,7 +80,7 @@ impl<S: ClientStore> Payer<S> {
         }
     }
 
-    async fn top_up_locked(
+    pub(super) async fn top_up_locked(
         &self,
         state: &mut State,
         snapshot: &ChannelSnapshot,
@@ -145,7 +145,11 @@ impl<S: ClientStore> Payer<S> {
     /// the policy's budget. Nothing to do when the
     /// channel already pays that much: the server has not seen our latest payment yet, and
     /// sending it again is enough.
-    async fn pay_more(&self, state: &mut State, target: Amount) -> Result<(), ClientError> {
+    pub(super) async fn pay_more(
+        &self,
+        state: &mut State,
+        target: Amount,
+    ) -> Result<(), ClientError> {
         // Never a payment more to a server that overcharged (checked under the state lock).
         self.check_trusted()?;
         let spent = state.spent();

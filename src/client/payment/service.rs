@@ -6,7 +6,10 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use tower::{BoxError, Service, ServiceExt};
 
-use crate::client::attempts::Retry;
+use std::sync::Arc;
+
+use crate::client::attempts::{Retry, balance};
+use crate::client::stream::{Hooks, PaidBody};
 use crate::client::transport::read_body;
 use crate::client::{
     ClientError, ClientStore, Closed, MemoryClientStore, Payer, ServiceTransport, Transport,
@@ -86,7 +89,7 @@ where
 
 /// The response future of [`PaymentService`].
 pub type ResponseFuture<B> =
-    Pin<Box<dyn Future<Output = Result<Response<B>, ClientError>> + Send + 'static>>;
+    Pin<Box<dyn Future<Output = Result<Response<PaidBody<B>>, ClientError>> + Send + 'static>>;
 
 impl<S, St, ReqBody, ResBody> Service<Request<ReqBody>> for PaymentService<S, St>
 where
@@ -99,7 +102,7 @@ where
     ResBody::Data: Send,
     ResBody::Error: Into<BoxError>,
 {
-    type Response = Response<ResBody>;
+    type Response = Response<PaidBody<ResBody>>;
     type Error = ClientError;
     type Future = ResponseFuture<ResBody>;
 
@@ -133,19 +136,19 @@ async fn pay_and_send<S, St, ReqBody, ResBody>(
     payer: Payer<St>,
     mut inner: S,
     request: Request<ReqBody>,
-) -> Result<Response<ResBody>, ClientError>
+) -> Result<Response<PaidBody<ResBody>>, ClientError>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send,
     S::Error: Into<BoxError>,
-    St: ClientStore,
+    St: ClientStore + 'static,
     ReqBody: From<Bytes> + Clone + Send + 'static,
     ResBody: http_body::Body + Send + 'static,
     ResBody::Data: Send,
     ResBody::Error: Into<BoxError>,
 {
     if !payer.applies_to(request.uri()) {
-        return inner.call(request).await.map_err(transport);
+        return inner.call(request).await.map(|r| r.map(PaidBody::plain)).map_err(transport);
     }
     let (parts, body) = request.into_parts();
     let negotiation = ServiceTransport::new(inner.clone());
@@ -160,8 +163,29 @@ where
         let response = inner.call(request).await.map_err(transport)?;
         if response.status() != StatusCode::PAYMENT_REQUIRED || retry.is_last() {
             let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            let sent = retry.sent().cloned();
             retry.answered(response.headers(), parts.method.as_str(), path).await;
-            return Ok(response);
+            let (head, body) = response.into_parts();
+            let body = match sent {
+                Some(sent) => {
+                    let hooks = Hooks {
+                        payer: payer.clone(),
+                        transport: Arc::new(negotiation),
+                        sent,
+                        method: parts.method.to_string(),
+                        path: path.to_owned(),
+                    };
+                    PaidBody::paid(
+                        body,
+                        &head.headers,
+                        hooks,
+                        payer.policy(),
+                        balance(&head.headers),
+                    )
+                }
+                _ => PaidBody::plain(body),
+            };
+            return Ok(Response::from_parts(head, body));
         }
         let status = response.status();
         let response = read_body(response).await.map_err(ClientError::Transport)?;

@@ -1,0 +1,273 @@
+//! Paying while a response streams: in-band top-ups, top-ups ahead of a byte stream, and the
+//! stream's receipt.
+
+use bitcoin::Amount;
+use http::{HeaderValue, Method};
+
+use super::{CurrentPayment, MisbehaviorKind, Payer, misbehaved};
+use crate::MilliSats;
+use crate::client::{ClientError, ClientStore, Transport};
+use crate::wire::{PaymentAnswer, Problem, ProblemCode, Receipt};
+
+impl<S: ClientStore> Payer<S> {
+    /// Answers a metered stream's request for more money — the problem document of a
+    /// `payment-required` SSE event, or of a WebSocket text frame — through the payer's
+    /// [transport](super::PayerBuilder::transport). The tower layer and the reqwest middleware
+    /// do this by themselves for SSE responses.
+    ///
+    /// # Errors
+    ///
+    /// As [`top_up_via`](Self::top_up_via), or [`ClientError::NoTransport`].
+    pub async fn top_up(&self, problem: &Problem) -> Result<PaymentAnswer, ClientError> {
+        self.top_up_via(&*self.own_transport()?, problem).await
+    }
+
+    /// [`top_up`](Self::top_up) through `transport`: pays what `problem` asks for, as for a
+    /// 402 (the unit's price within `max_per_request`, the top-up within `max_prepaid` beyond
+    /// what the channel spent and within `max_total`), and hands the payment over on the
+    /// server's payment endpoint (`POST <prefix>/payment`), which stores it and charges
+    /// nothing; the held stream then resumes.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::Rejected`] with `problem` itself when it is not a top-up request for
+    /// the payer's channel; [`ClientError::Policy`] when the policy forbids it; why the
+    /// payment could not be made or handed over.
+    pub async fn top_up_via<T: Transport + ?Sized>(
+        &self,
+        transport: &T,
+        problem: &Problem,
+    ) -> Result<PaymentAnswer, ClientError> {
+        self.check_trusted()?;
+        let policy = &self.inner.settings.policy;
+        if let Some(price) = problem.price_msat {
+            policy.check_price(price).map_err(ClientError::Policy)?;
+        }
+        let mut state = self.state().await?;
+        let snapshot = match (&state.channel, &problem.channel) {
+            (Some((channel, _)), Some(snapshot))
+                if problem.code == ProblemCode::InsufficientBalance
+                    && snapshot.channel == channel.id()
+                    && snapshot.min_server_amount_sat.is_some() =>
+            {
+                snapshot.clone()
+            }
+            _ => return Err(problem.clone().into()),
+        };
+        self.top_up_locked(&mut state, &snapshot).await?;
+        drop(state);
+        self.hand_over(transport).await
+    }
+
+    /// Pays `amount` more on the current channel (within the policy's `max_total`) and hands
+    /// the payment over on the payment endpoint, through the payer's
+    /// [transport](super::PayerBuilder::transport): a top-up ahead of what a stream will cost,
+    /// for a byte stream or a WebSocket whose price the client knows.
+    ///
+    /// # Errors
+    ///
+    /// As [`top_up_by_via`](Self::top_up_by_via), or [`ClientError::NoTransport`].
+    pub async fn top_up_by(&self, amount: Amount) -> Result<PaymentAnswer, ClientError> {
+        self.top_up_by_via(&*self.own_transport()?, amount).await
+    }
+
+    /// [`top_up_by`](Self::top_up_by) through `transport`.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::NoChannel`] without a channel; [`ClientError::Policy`] beyond
+    /// `max_total`; why the payment could not be made or handed over.
+    pub async fn top_up_by_via<T: Transport + ?Sized>(
+        &self,
+        transport: &T,
+        amount: Amount,
+    ) -> Result<PaymentAnswer, ClientError> {
+        let mut state = self.state().await?;
+        let (channel, _) = state.channel.as_ref().ok_or(ClientError::NoChannel)?;
+        let max = channel.channel.params().max_server_amount();
+        let target = channel.paid().checked_add(amount).unwrap_or(max).min(max);
+        self.pay_more(&mut state, target).await?;
+        drop(state);
+        self.hand_over(transport).await
+    }
+
+    /// Hands the current payment over on the server's payment endpoint.
+    async fn hand_over<T: Transport + ?Sized>(
+        &self,
+        transport: &T,
+    ) -> Result<PaymentAnswer, ClientError> {
+        let current = self.current().await?.ok_or(ClientError::NoChannel)?;
+        let terms = self.terms(transport).await?;
+        if terms.endpoints.payment.is_empty() {
+            return Err(misbehaved(
+                MisbehaviorKind::InvalidAnswer,
+                "the server's terms name no payment endpoint",
+            ));
+        }
+        let answer: PaymentAnswer = self
+            .call(
+                transport,
+                Method::POST,
+                &terms.endpoints.payment,
+                None::<&()>,
+                Some(&current.header),
+            )
+            .await?;
+        if answer.channel != current.id {
+            return Err(misbehaved(
+                MisbehaviorKind::InvalidAnswer,
+                "the payment endpoint answered for another channel",
+            ));
+        }
+        Ok(answer)
+    }
+
+    /// A metered stream started on the channel `sent` pays on: until every stream has ended,
+    /// what the server reports spent grows by units this payer does not see one by one, so
+    /// the charge watch pauses; it starts again from the next report after the last stream.
+    /// A stream's cost is bounded by the top-ups the policy allows.
+    pub(crate) fn stream_started(&self, sent: &CurrentPayment) {
+        let mut charges = self.charges();
+        if charges.channel == Some(sent.id) {
+            charges.streams += 1;
+            charges.pause();
+        }
+    }
+
+    /// A metered stream on `sent`'s channel ended (or was dropped).
+    pub(crate) fn stream_ended(&self, sent: &CurrentPayment) {
+        let mut charges = self.charges();
+        if charges.channel == Some(sent.id) {
+            charges.streams = charges.streams.saturating_sub(1);
+            charges.pause();
+        }
+    }
+
+    /// Starts a metered stream the payer's HTTP integrations do not read themselves — a
+    /// WebSocket, say: the [`PaidStream`] gives the `Payment-Channel` header for the
+    /// handshake, answers the server's top-up requests and checks its receipt.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::NoChannel`] without a channel (open one first); why the payer will not
+    /// pay this server.
+    pub async fn stream(
+        &self,
+        method: &Method,
+        path_and_query: &str,
+    ) -> Result<PaidStream<S>, ClientError> {
+        self.check_trusted()?;
+        let sent = self.current().await?.ok_or(ClientError::NoChannel)?;
+        self.note_send(sent.id);
+        self.stream_started(&sent);
+        Ok(PaidStream {
+            payer: self.clone(),
+            sent,
+            method: method.to_string(),
+            path: path_and_query.to_owned(),
+        })
+    }
+
+    /// The receipt that ends a metered stream of `method path_and_query`, sent with `sent`:
+    /// it must verify under K2, be for this channel and this request, and state a payment at
+    /// least the one the request carried. It becomes the latest receipt; a bad one stops
+    /// the payer, as for any receipt.
+    pub(crate) fn note_stream_receipt(
+        &self,
+        sent: &CurrentPayment,
+        value: &[u8],
+        method: &str,
+        path_and_query: &str,
+    ) -> Result<Receipt, ClientError> {
+        let paid = MilliSats::from_sat(sent.paid).unwrap_or(MilliSats::MAX);
+        let checked = Receipt::decode(value)
+            .and_then(|receipt| receipt.verify(&sent.server_key).map(|()| receipt))
+            .map_err(|e| e.to_string())
+            .and_then(|receipt| {
+                if receipt.channel != sent.id {
+                    Err("the stream's receipt is for another channel".to_owned())
+                } else if !receipt.is_for(method, path_and_query) {
+                    Err("the stream's receipt is for another request".to_owned())
+                } else if receipt.paid_msat < paid {
+                    Err(format!(
+                        "the stream's receipt says {} was paid, less than the request carried",
+                        receipt.paid_msat
+                    ))
+                } else {
+                    Ok(receipt)
+                }
+            });
+        let mut charges = self.charges();
+        match checked {
+            Ok(receipt) => {
+                charges.latest_receipt = Some(receipt.clone());
+                Ok(receipt)
+            }
+            Err(why) => {
+                tracing::warn!(%why, "a stream's receipt that does not verify");
+                charges.bad_receipt.get_or_insert(why.clone());
+                Err(misbehaved(MisbehaviorKind::BadReceipt, why))
+            }
+        }
+    }
+}
+
+/// A metered stream the caller reads itself (a WebSocket): from [`Payer::stream`]. The charge
+/// watch pauses while it lives (see [`Payer::top_up`] for what bounds a stream's cost).
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn listen(payer: paychan::client::Payer) -> Result<(), paychan::client::ClientError> {
+/// use http::Method;
+/// use paychan::wire::Problem;
+///
+/// let stream = payer.stream(&Method::GET, "/listen").await?;
+/// let header = stream.header().clone(); // for the WebSocket handshake
+/// # let frame = String::new();
+/// // A text frame with a problem document: the server waits for a top-up.
+/// if let Ok(problem) = serde_json::from_str::<Problem>(&frame) {
+///     stream.top_up(&problem).await?;
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct PaidStream<S: ClientStore> {
+    payer: Payer<S>,
+    sent: CurrentPayment,
+    method: String,
+    path: String,
+}
+
+impl<S: ClientStore> PaidStream<S> {
+    /// The `Payment-Channel` value to open the stream with.
+    pub fn header(&self) -> &HeaderValue {
+        &self.sent.header
+    }
+
+    /// Answers the server's top-up request (see [`Payer::top_up`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`Payer::top_up`].
+    pub async fn top_up(&self, problem: &Problem) -> Result<PaymentAnswer, ClientError> {
+        self.payer.top_up(problem).await
+    }
+
+    /// Checks the receipt that ends the stream (the encoded [`Receipt`]) and keeps it as the
+    /// payer's latest (see [`Payer::latest_receipt`]).
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::ServerMisbehaved`] (`BadReceipt`) when it does not verify or is not for
+    /// this stream; the payer then stops paying the server.
+    pub fn receipt(&self, value: &[u8]) -> Result<Receipt, ClientError> {
+        self.payer.note_stream_receipt(&self.sent, value, &self.method, &self.path)
+    }
+}
+
+impl<S: ClientStore> Drop for PaidStream<S> {
+    fn drop(&mut self) {
+        self.payer.stream_ended(&self.sent);
+    }
+}
