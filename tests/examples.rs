@@ -250,3 +250,47 @@ async fn the_reqwest_middleware_reads_a_metered_sse_stream() {
     let closed = payer.close_via(&reqwest::Client::new()).await.unwrap();
     assert_eq!(closed.server_amount, metered.to_sat_ceil());
 }
+
+/// A client retry with the same `Idempotency-Key` is answered from the server's record: not
+/// charged again, and the replayed receipt does not trip the client's receipt checks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_retry_with_an_idempotency_key_is_replayed_not_charged() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use paychan::client::PaymentLayer;
+    use paychan::server::IDEMPOTENT_REPLAYED;
+    use tower::{Service, ServiceExt};
+
+    let chain = SimulatedChain::new();
+    let addr = serve(pay_as_you_go::app(chain.clone()).await).await;
+    let payer = funded_payer(&chain, addr);
+    let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let mut client =
+        tower::ServiceBuilder::new().layer(PaymentLayer::new(payer.clone())).service(http);
+    let mut translate = async |key: &str| {
+        let request = http::Request::post(format!("http://{addr}/translate"))
+            .header("idempotency-key", key)
+            .body(Full::from("hello"))
+            .unwrap();
+        let response = client.ready().await.unwrap().call(request).await.unwrap();
+        let replayed = response.headers().contains_key(IDEMPOTENT_REPLAYED);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (replayed, serde_json::from_slice::<serde_json::Value>(&body).unwrap())
+    };
+    let (replayed, first) = translate("order-1").await;
+    assert!(!replayed);
+    let spent = || async { payer.status().await.unwrap().unwrap().balance };
+    let balance = spent().await;
+    let (replayed, again) = translate("order-1").await;
+    assert!(replayed, "the retry is the first answer, replayed");
+    assert_eq!(again, first);
+    // The payer still trusts the server: the replayed receipt was not taken for a new one.
+    let (replayed, _) = translate("order-2").await;
+    assert!(!replayed);
+    let price = paychan::MilliSats::from_msat(20_000);
+    let balance = balance.unwrap().checked_sub(price);
+    assert_eq!(spent().await, balance, "the next request is the only one charged since the first");
+    let receipt = payer.latest_receipt().expect("receipts checked");
+    assert_eq!(receipt.price_msat, paychan::MilliSats::from_msat(20_000));
+}

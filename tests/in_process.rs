@@ -12,19 +12,18 @@ use axum::Router;
 use axum::body::Body;
 use axum::routing::get;
 use bytes::Bytes;
+use common::hooked::{Hooked, Op};
 use common::{Setup, secret};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
-use paychan::bitcoin::{Amount, Network, Transaction, bip32::Xpriv};
+use paychan::bitcoin::{Amount, Network, bip32::Xpriv};
 use paychan::chain::follow_tip;
 use paychan::chain::sim::SimulatedChain;
 use paychan::channel::ChainTip;
 use paychan::client::{KeyWallet, Payer, PaymentLayer, SpendingPolicy};
 use paychan::server::{PaywallLayer, RoutePrices, Unlisted};
-use paychan::store::{
-    ChannelRecord, ChannelState, ChannelStore, Debit, MemoryStore, StoreError, StorePayment,
-};
-use paychan::wire::{self, ChannelId, Problem, ProblemCode};
+use paychan::store::{ChannelRecord, ChannelStore, MemoryStore};
+use paychan::wire::{self, Problem, ProblemCode};
 use paychan::{MilliSats, Paid};
 use tower::{Service, ServiceBuilder, ServiceExt};
 
@@ -97,7 +96,7 @@ async fn shadow_mode_serves_unpaid_and_counts_what_it_would_charge() {
         pay: AtomicBool::new(true),
         debit: AtomicBool::new(true),
     };
-    let store = Failing { inner: MemoryStore::new(), script: Arc::new(script) };
+    let store = failing(&Arc::new(script));
     let layer = PaywallLayer::new(store, prices, tip).shadow();
     let tally = layer.shadow_tally().expect("shadow mode");
     let handler = get(|request: axum::extract::Request| async move {
@@ -138,80 +137,25 @@ struct Script {
 }
 
 /// A memory store whose operations fail when the script says so.
-#[derive(Clone)]
-struct Failing {
-    inner: MemoryStore,
-    script: Arc<Script>,
-}
-
-fn fails(flag: &AtomicBool) -> Result<(), StoreError> {
-    if flag.load(Ordering::SeqCst) {
-        Err(StoreError::unavailable("scripted failure"))
-    } else {
-        Ok(())
-    }
-}
-
-impl ChannelStore for Failing {
-    async fn create(&self, record: ChannelRecord) -> Result<(), StoreError> {
-        self.inner.create(record).await
-    }
-    async fn load(&self, id: ChannelId) -> Result<Option<ChannelRecord>, StoreError> {
-        fails(&self.script.load)?;
-        self.inner.load(id).await
-    }
-    async fn store_payment(
-        &self,
-        id: ChannelId,
-        payment: Transaction,
-    ) -> Result<StorePayment, StoreError> {
-        fails(&self.script.pay)?;
-        self.inner.store_payment(id, payment).await
-    }
-    async fn debit(&self, id: ChannelId, amount: MilliSats) -> Result<Debit, StoreError> {
-        fails(&self.script.debit)?;
-        self.inner.debit(id, amount).await
-    }
-    async fn pay(
-        &self,
-        id: ChannelId,
-        payment: paychan::channel::CheckedPayment,
-        amount: MilliSats,
-    ) -> Result<Debit, StoreError> {
-        fails(&self.script.pay)?;
-        self.inner.pay(id, payment, amount).await
-    }
-    async fn credit(&self, id: ChannelId, amount: MilliSats) -> Result<MilliSats, StoreError> {
-        self.inner.credit(id, amount).await
-    }
-    async fn close_with(
-        &self,
-        id: ChannelId,
-        payment: paychan::channel::CheckedPayment,
-    ) -> Result<bool, StoreError> {
-        self.inner.close_with(id, payment).await
-    }
-    async fn transition(
-        &self,
-        id: ChannelId,
-        from: ChannelState,
-        to: ChannelState,
-    ) -> Result<bool, StoreError> {
-        self.inner.transition(id, from, to).await
-    }
-    async fn next_key_index(&self) -> Result<u32, StoreError> {
-        self.inner.next_key_index().await
-    }
-    async fn list(&self, state: ChannelState) -> Result<Vec<ChannelRecord>, StoreError> {
-        self.inner.list(state).await
-    }
+fn failing(script: &Arc<Script>) -> Hooked {
+    let script = Arc::clone(script);
+    Hooked::failing(MemoryStore::new(), move |op| {
+        let flag = match op {
+            Op::Load => &script.load,
+            Op::StorePayment | Op::Pay => &script.pay,
+            Op::Debit | Op::DebitOnce => &script.debit,
+            _ => return false,
+        };
+        flag.load(Ordering::SeqCst)
+    })
 }
 
 #[tokio::test]
 async fn every_store_failure_is_a_503_that_serves_nothing_and_changes_nothing() {
     let setup = Setup::new();
     setup.open();
-    let store = Failing { inner: MemoryStore::new(), script: Arc::default() };
+    let script = Arc::<Script>::default();
+    let store = failing(&script);
     let record = ChannelRecord::open(setup.channel.clone(), 0, setup.pay(1_000));
     let id = record.id();
     store.create(record).await.unwrap();
@@ -226,7 +170,7 @@ async fn every_store_failure_is_a_503_that_serves_nothing_and_changes_nothing() 
     let before = store.inner.load(id).await.unwrap();
 
     // A new payment: the load fails, then the one "store and debit" operation fails.
-    for flag in [&store.script.load, &store.script.pay] {
+    for flag in [&script.load, &script.pay] {
         flag.store(true, Ordering::SeqCst);
         let response = app.clone().oneshot(get_with("/paid", Some(&header(2_000)))).await.unwrap();
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
@@ -246,14 +190,14 @@ async fn every_store_failure_is_a_503_that_serves_nothing_and_changes_nothing() 
     // The fast path (a header already verified): its debit fails.
     let known = better;
     let after_one = store.inner.load(id).await.unwrap();
-    store.script.debit.store(true, Ordering::SeqCst);
+    script.debit.store(true, Ordering::SeqCst);
     let response = app.clone().oneshot(get_with("/paid", Some(&known))).await.unwrap();
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(store.inner.load(id).await.unwrap(), after_one, "nothing changed");
     assert_eq!(calls.load(Ordering::SeqCst), 1, "only the request whose debit succeeded ran");
 
     // Recovered: the next request is served and charged once.
-    store.script.debit.store(false, Ordering::SeqCst);
+    script.debit.store(false, Ordering::SeqCst);
     let response = app.oneshot(get_with("/paid", Some(&known))).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     let spent = store.inner.load(id).await.unwrap().unwrap().spent;

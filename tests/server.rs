@@ -308,50 +308,15 @@ async fn the_layer_also_works_on_a_single_route() {
     assert_eq!(reply.body, "750000 msat");
 }
 
-/// A store that can be switched off, to test that the layer fails closed and recovers.
-#[derive(Clone)]
-struct Flaky {
-    inner: MemoryStore,
-    down: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Flaky {
-    fn check(&self) -> Result<(), paychan::store::StoreError> {
-        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
-            Err(paychan::store::StoreError::unavailable("connection refused"))
-        } else {
-            Ok(())
-        }
-    }
-}
-
-macro_rules! delegate {
-    ($($name:ident($($arg:ident: $ty:ty),*) -> $out:ty;)*) => {
-        $(fn $name(&self, $($arg: $ty),*) -> impl std::future::Future<Output = Result<$out, paychan::store::StoreError>> + Send {
-            let (check, inner) = (self.check(), self.inner.clone());
-            async move { check?; inner.$name($($arg),*).await }
-        })*
-    };
-}
-
-impl ChannelStore for Flaky {
-    delegate! {
-        create(record: ChannelRecord) -> ();
-        load(id: ChannelId) -> Option<ChannelRecord>;
-        store_payment(id: ChannelId, payment: Transaction) -> paychan::store::StorePayment;
-        debit(id: ChannelId, amount: MilliSats) -> paychan::store::Debit;
-        credit(id: ChannelId, amount: MilliSats) -> MilliSats;
-        close_with(id: ChannelId, payment: paychan::channel::CheckedPayment) -> bool;
-        transition(id: ChannelId, from: ChannelState, to: ChannelState) -> bool;
-        next_key_index() -> u32;
-        list(state: ChannelState) -> Vec<ChannelRecord>;
-    }
-}
-
 #[tokio::test]
 async fn an_unreachable_store_fails_closed_and_recovers() {
     let api = api(1_000);
-    let store = Flaky { inner: api.store.clone(), down: Arc::default() };
+    // A store that can be switched off.
+    let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let switch = down.clone();
+    let store = common::hooked::Hooked::failing(api.store.clone(), move |_| {
+        switch.load(std::sync::atomic::Ordering::SeqCst)
+    });
     let (_tx, tip) = watch::channel(api.setup.tip());
     let app = Router::new().route("/priced", get(|| async { "served" })).layer(PaywallLayer::new(
         store.clone(),
@@ -362,13 +327,13 @@ async fn an_unreachable_store_fails_closed_and_recovers() {
     let header = api.pay(1_000);
     assert_eq!(get_with(&addr, "/priced", Some(&header)).await.status, 200);
 
-    store.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    down.store(true, std::sync::atomic::Ordering::SeqCst);
     for header in [header.clone(), api.pay(2_000)] {
         let reply = get_with(&addr, "/priced", Some(&header)).await;
         assert_eq!(reply.status, 503, "no free service while the store is down");
         assert_eq!(reply.json()["type"], "urn:paychan:problem:store-unavailable");
     }
-    store.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    down.store(false, std::sync::atomic::Ordering::SeqCst);
     let reply = get_with(&addr, "/priced", Some(&header)).await;
     assert_eq!(reply.status, 200, "recovers by itself");
     assert_eq!(balance(&reply), 1_000_000 - 2 * 250_000, "nothing was charged during the outage");

@@ -22,9 +22,7 @@ use paychan::chain::{ChainBackend, ChainError, ChainTip, TxStatus, Utxo, follow_
 use paychan::channel::{Channel, Terms, channel_key};
 use paychan::server::PaywallLayer;
 use paychan::settlement::{FundingPolicy, Settlement};
-use paychan::store::{
-    ChannelRecord, ChannelState, ChannelStore, Debit, MemoryStore, StoreError, StorePayment,
-};
+use paychan::store::{ChannelRecord, ChannelState, ChannelStore, MemoryStore};
 use paychan::wire;
 
 const VALUE: Amount = Amount::from_sat(100_000);
@@ -449,63 +447,24 @@ async fn a_settlement_beaten_by_the_refund_marks_the_channel_failed() {
     assert_eq!(state(&store, id).await, ChannelState::Failed);
 }
 
-/// A memory store on which a better payment lands just before the channel moves to closing:
-/// a request that raced the settlement pass (security review S7).
-#[derive(Clone)]
-struct Racing {
-    inner: MemoryStore,
-    late: Arc<std::sync::Mutex<Option<Transaction>>>,
-}
-
-impl ChannelStore for Racing {
-    async fn create(&self, record: ChannelRecord) -> Result<(), StoreError> {
-        self.inner.create(record).await
-    }
-    async fn load(&self, id: wire::ChannelId) -> Result<Option<ChannelRecord>, StoreError> {
-        self.inner.load(id).await
-    }
-    async fn store_payment(
-        &self,
-        id: wire::ChannelId,
-        payment: Transaction,
-    ) -> Result<StorePayment, StoreError> {
-        self.inner.store_payment(id, payment).await
-    }
-    async fn debit(&self, id: wire::ChannelId, amount: MilliSats) -> Result<Debit, StoreError> {
-        self.inner.debit(id, amount).await
-    }
-    async fn credit(
-        &self,
-        id: wire::ChannelId,
-        amount: MilliSats,
-    ) -> Result<MilliSats, StoreError> {
-        self.inner.credit(id, amount).await
-    }
-    async fn close_with(
-        &self,
-        id: wire::ChannelId,
-        payment: paychan::channel::CheckedPayment,
-    ) -> Result<bool, StoreError> {
-        self.inner.close_with(id, payment).await
-    }
-    async fn transition(
-        &self,
-        id: wire::ChannelId,
-        from: ChannelState,
-        to: ChannelState,
-    ) -> Result<bool, StoreError> {
-        let late = self.late.lock().unwrap().take();
-        if let Some(payment) = late.filter(|_| to == ChannelState::Closing) {
-            let _stored = self.inner.store_payment(id, payment).await?;
-        }
-        self.inner.transition(id, from, to).await
-    }
-    async fn next_key_index(&self) -> Result<u32, StoreError> {
-        self.inner.next_key_index().await
-    }
-    async fn list(&self, state: ChannelState) -> Result<Vec<ChannelRecord>, StoreError> {
-        self.inner.list(state).await
-    }
+/// A memory store on which `late`, a better payment, lands just before the channel moves to
+/// closing: a request that raced the settlement pass (security review S7).
+fn racing(inner: MemoryStore, late: Transaction) -> common::hooked::Hooked {
+    use common::hooked::{Hooked, Op};
+    let late = Arc::new(std::sync::Mutex::new(Some(late)));
+    let store = inner.clone();
+    Hooked::new(inner, move |op| {
+        let (store, late) = (store.clone(), late.clone());
+        Box::pin(async move {
+            if let Op::Transition { id, to: ChannelState::Closing } = op {
+                let late = late.lock().unwrap().take();
+                if let Some(payment) = late {
+                    let _stored = store.store_payment(id, payment).await?;
+                }
+            }
+            Ok(())
+        })
+    })
 }
 
 #[tokio::test]
@@ -513,7 +472,7 @@ async fn the_margin_close_includes_a_payment_stored_after_the_pass_listed_the_ch
     let (chain, inner, funded, id) = one_channel(150, 5_000).await;
     chain.mine(1);
     let late = payment(&funded, 0, 7_000);
-    let store = Racing { inner, late: Arc::new(std::sync::Mutex::new(Some(late.clone()))) };
+    let store = racing(inner, late.clone());
     let mut task = settlement(store.clone(), chain.clone());
     while !funded.channel.params().is_closing(chain.tip()) {
         chain.mine(1);

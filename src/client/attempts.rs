@@ -80,6 +80,11 @@ impl<'a, St: ClientStore> Retry<'a, St> {
         path_and_query: &str,
     ) {
         let Some(sent) = &self.sent else { return };
+        // A replayed answer (`Idempotency-Key`) charged nothing now; its balance and receipt
+        // are the first answer's, already noted.
+        if headers.contains_key(crate::server::IDEMPOTENT_REPLAYED) {
+            return;
+        }
         let Some(balance) = balance(headers) else { return };
         self.payer.note_answer(sent, balance);
         if let Some(receipt) = headers.get(crate::wire::PAYMENT_RECEIPT) {

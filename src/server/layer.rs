@@ -86,6 +86,7 @@ impl<St, P: Clone> PaywallLayer<St, P> {
                 shadow: None,
                 signer: None,
                 no_receipts: false,
+                idempotency: Some(super::Idempotency::default()),
                 stream_hold: super::stream::DEFAULT_HOLD,
                 payment_path: Some(crate::wire::Endpoints::under(super::DEFAULT_PREFIX).payment),
             }),
@@ -105,6 +106,19 @@ impl<St, P: Clone> PaywallLayer<St, P> {
             });
         }
         Arc::make_mut(&mut self.meter)
+    }
+
+    /// Sets how responses to requests with an `Idempotency-Key` are kept for replay (on by
+    /// default, with [`Idempotency::default`](super::Idempotency)): a retry never pays twice.
+    pub fn idempotency(mut self, keep: super::Idempotency) -> Self {
+        self.config_mut().idempotency = Some(keep);
+        self
+    }
+
+    /// Ignores `Idempotency-Key` headers: every request is charged and served.
+    pub fn without_idempotency(mut self) -> Self {
+        self.config_mut().idempotency = None;
+        self
     }
 
     /// Sets how long a metered stream holds, waiting for a top-up, when the balance runs out

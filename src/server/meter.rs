@@ -3,10 +3,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{HeaderValue, Request, Response};
+use http_body::Body as HttpBody;
+use http_body_util::BodyExt;
 use tokio::sync::watch;
+use tower::BoxError;
 use tower::Service;
 
+use super::idempotency::{self, Idempotency};
 use super::rejection::{Rejection, RejectionKind};
 use super::stream::{BoxFuture, StreamMeter, Units};
 use super::{ActualCost, Paid, ShadowTally};
@@ -17,7 +22,10 @@ use bitcoin::secp256k1::SecretKey;
 use crate::channel::{
     ChainTip, CheckedPayment, PaymentCheck, PaymentError, channel_key, server_amount,
 };
-use crate::store::{ChannelRecord, ChannelState, ChannelStore, Debit, StoreError};
+use crate::store::{
+    ChannelRecord, ChannelState, ChannelStore, Debit, DebitOnce, IdempotencyClaim,
+    IdempotencyRecord, StoreError,
+};
 use crate::wire::{
     self, ChannelId, PAYMENT_CHANNEL, PAYMENT_CHANNEL_BALANCE, PAYMENT_CHANNEL_STREAM,
     PAYMENT_RECEIPT, PaymentAnswer, Problem, Receipt,
@@ -49,11 +57,22 @@ pub(super) struct Meter<St, P> {
     pub(super) signer: Option<Arc<Signer>>,
     /// Receipts turned off: negotiation endpoints do not turn them on.
     pub(super) no_receipts: bool,
+    /// How the responses of requests with an `Idempotency-Key` are kept (`None`: the header
+    /// is ignored).
+    pub(super) idempotency: Option<Idempotency>,
     /// How long a [`StreamMeter`] waits for a top-up.
     pub(super) stream_hold: Duration,
     /// Where clients hand over a better payment without a request to pay for (`POST`, the
     /// payment in `Payment-Channel`): under the negotiation endpoints' prefix.
     pub(super) payment_path: Option<String>,
+}
+
+/// What [`Meter::charge`] did.
+pub(super) enum Charged {
+    /// Charged: the receipt, and what the payment the request carried pays.
+    Paid(Paid, MilliSats),
+    /// Nothing charged: the request's idempotency key is held by this record.
+    Held(IdempotencyRecord),
 }
 
 /// The receipts' signer: the master key, and each channel's server key once derived.
@@ -97,6 +116,7 @@ impl<St, P: Clone> Clone for Meter<St, P> {
             shadow: self.shadow.clone(),
             signer: self.signer.as_ref().map(|signer| Arc::new(Signer::new(signer.master))),
             no_receipts: self.no_receipts,
+            idempotency: self.idempotency,
             stream_hold: self.stream_hold,
             payment_path: self.payment_path.clone(),
         }
@@ -118,16 +138,13 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
     ) -> Result<Response<ResBody>, S::Error>
     where
         S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-        ResBody: From<String>,
+        ResBody: HttpBody<Data = Bytes> + From<String> + From<Bytes>,
+        ResBody::Error: Into<BoxError>,
     {
         // Taken out so that the request (whose body need not be `Sync`) is not borrowed
         // across an await.
         let header = request.headers().get(PAYMENT_CHANNEL).cloned();
-        let (paid, carried) = match self.charge(header, price).await {
-            Ok(charged) => charged,
-            Err(rejection) => return Ok(rejection.into_response(&self.terms_url)),
-        };
-        let target = self.signer.is_some().then(|| {
+        let (claim, target) = {
             // The path the client sent: axum's `nest` strips its prefix from the URI the
             // layer sees and keeps the original.
             let uri = request
@@ -135,8 +152,21 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
                 .get::<axum::extract::OriginalUri>()
                 .map_or(request.uri(), |original| &original.0);
             let path = uri.path_and_query().map_or("/", |p| p.as_str());
-            (request.method().clone(), path.to_owned())
-        });
+            let claim = match self.idempotency.as_ref().map(|keep| keep.claim(&request, path)) {
+                Some(Err(kind)) => {
+                    return Ok(Rejection::new(kind, None).into_response(&self.terms_url));
+                }
+                Some(Ok(claim)) => claim,
+                None => None,
+            };
+            let target = self.signer.is_some().then(|| (request.method().clone(), path.to_owned()));
+            (claim, target)
+        };
+        let (paid, carried) = match self.charge(header, price, claim.as_ref()).await {
+            Ok(Charged::Paid(paid, carried)) => (paid, carried),
+            Ok(Charged::Held(record)) => return Ok(self.held(&record, claim.as_ref())),
+            Err(rejection) => return Ok(rejection.into_response(&self.terms_url)),
+        };
         let stream =
             StreamMeter::new(self.clone(), paid.channel, self.stream_hold, target.clone(), price);
         request.extensions_mut().insert(paid);
@@ -178,7 +208,84 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
                 headers.insert(PAYMENT_RECEIPT, value);
             }
         }
-        Ok(response)
+        match claim {
+            Some(claim) => {
+                let streamed = stream.stream_header().is_some();
+                Ok(self.keep(paid.channel, &claim, response, charged, streamed).await)
+            }
+            None => Ok(response),
+        }
+    }
+
+    /// The answer to a request whose idempotency key is held: the kept response, or why not.
+    fn held<B: From<String> + From<Bytes>>(
+        &self,
+        record: &IdempotencyRecord,
+        claim: Option<&IdempotencyClaim>,
+    ) -> Response<B> {
+        let kind = match (claim, &record.response) {
+            (Some(claim), _) if claim.fingerprint != record.fingerprint => {
+                RejectionKind::IdempotencyKeyReused
+            }
+            (_, None) => RejectionKind::IdempotencyKeyInProgress,
+            (_, Some(stored)) => match idempotency::replay(stored) {
+                Ok(response) => return response,
+                Err(kind) => kind,
+            },
+        };
+        Rejection::new(kind, None).into_response(&self.terms_url)
+    }
+
+    /// Finishes `claim` with `response`: kept for replay when it was charged for and fits;
+    /// marked as served but not kept when it does not; released when nothing was charged.
+    async fn keep<B>(
+        &self,
+        channel: ChannelId,
+        claim: &IdempotencyClaim,
+        response: Response<B>,
+        charged: MilliSats,
+        streamed: bool,
+    ) -> Response<B>
+    where
+        B: HttpBody<Data = Bytes> + From<Bytes> + From<String>,
+        B::Error: Into<BoxError>,
+    {
+        let Some(keep) = &self.idempotency else { return response };
+        let finish = async |stored: Option<Vec<u8>>| {
+            let finished =
+                self.store.finish_once(channel, &claim.key, stored, keep.keep_until()).await;
+            if let Err(error) = finished {
+                // The claim lapses by itself; until then a retry is told to wait.
+                tracing::warn!(%error, "an idempotency key could not be finished");
+            }
+        };
+        if charged == MilliSats::ZERO {
+            finish(None).await;
+            return response;
+        }
+        let size = response.body().size_hint().exact();
+        let fits = !streamed && size.is_some_and(|len| len <= keep.max_response_len() as u64);
+        if !fits {
+            finish(Some(idempotency::unavailable())).await;
+            return response;
+        }
+        let (parts, body) = response.into_parts();
+        // The body error (which need not be `Send`) is dropped before anything is awaited.
+        let collected = body.collect().await.map(|collected| collected.to_bytes()).ok();
+        match collected {
+            Some(bytes) => {
+                finish(Some(idempotency::encode(&parts, &bytes))).await;
+                Response::from_parts(parts, B::from(bytes))
+            }
+            None => {
+                // The response failed after it was charged: give the charge back.
+                let _ = self.store.credit(channel, charged).await;
+                finish(None).await;
+                let mut failed = Response::new(B::from("the response failed".to_owned()));
+                *failed.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+                failed
+            }
+        }
     }
 
     /// The payment endpoint: stores a better payment of the channel (as a paid request would,
@@ -187,8 +294,8 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
         self: Arc<Self>,
         header: Option<HeaderValue>,
     ) -> Response<B> {
-        match self.charge(header, MilliSats::ZERO).await {
-            Ok((paid, carried)) => {
+        match self.charge(header, MilliSats::ZERO, None).await {
+            Ok(Charged::Paid(paid, carried)) => {
                 let answer = PaymentAnswer {
                     channel: paid.channel,
                     paid_msat: carried,
@@ -203,6 +310,10 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
                 );
                 headers.insert(PAYMENT_CHANNEL_BALANCE, HeaderValue::from(paid.balance.to_msat()));
                 response
+            }
+            // Without a claim, nothing is ever held.
+            Ok(Charged::Held(_)) => {
+                Rejection::new(RejectionKind::StoreUnavailable, None).into_response(&self.terms_url)
             }
             Err(rejection) => rejection.into_response(&self.terms_url),
         }
@@ -226,13 +337,14 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
         &self,
         header: Option<HeaderValue>,
         price: MilliSats,
-    ) -> Result<(Paid, MilliSats), Rejection> {
+        claim: Option<&IdempotencyClaim>,
+    ) -> Result<Charged, Rejection> {
         let reject = |kind, record: Option<&ChannelRecord>| {
             Rejection::new(kind, record.map(|r| r.snapshot(price, self.bundle))).with_price(price)
         };
         let header = header.ok_or_else(|| reject(RejectionKind::PaymentRequired, None))?;
         if let Some((id, carried)) = self.verified.get(&header).map(|entry| *entry) {
-            return Ok((self.debit(id, price, None).await?, carried));
+            return self.debit(id, price, None, claim, carried).await;
         }
         let payment = wire::decode_payment(header.as_bytes())
             .map_err(|e| reject(RejectionKind::Header(e), None))?;
@@ -265,13 +377,24 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
             // Stored and debited in one store operation.
             // Cached only once the store holds it (or a better one): a header whose payment
             // was not stored must come through this check again, or it would never be.
-            Ok(PaymentCheck::Increase { .. }) => {
+            Ok(PaymentCheck::Increase { .. }) if claim.is_none() => {
                 let payment = CheckedPayment::checked(payment);
                 let debit = self.store.pay(id, payment, price).await;
                 if matches!(debit, Ok(Debit::Debited { .. } | Debit::Insufficient { .. })) {
                     self.remember(id, header, carried);
                 }
-                return Ok((self.debited(id, price, debit, Some(record)).await?, carried));
+                let paid = self.debited(id, price, debit, Some(record)).await?;
+                return Ok(Charged::Paid(paid, carried));
+            }
+            // With an idempotency key: the payment is stored first (it only ever grows the
+            // channel), then the debit claims the key.
+            Ok(PaymentCheck::Increase { .. }) => {
+                let _stored_or_stale = self
+                    .store
+                    .store_payment(id, payment)
+                    .await
+                    .map_err(|e| Rejection::from(e).with_price(price))?;
+                true
             }
             // The best payment itself is cached; a re-signed copy of it is not.
             Ok(PaymentCheck::Repeat) => is_best,
@@ -288,7 +411,7 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
         if cache {
             self.remember(id, header, carried);
         }
-        Ok((self.debit(id, price, Some(record)).await?, carried))
+        self.debit(id, price, Some(record), claim, carried).await
     }
 
     /// Caches `header` as the channel's verified best, in place of its previous best: at most
@@ -306,15 +429,25 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
         self.verified.insert(header, (id, carried));
     }
 
-    /// Debits `price`; on refusal, reports the channel's current state.
+    /// Debits `price` (claiming `claim`'s key with it); on refusal, reports the channel's
+    /// current state.
     async fn debit(
         &self,
         id: ChannelId,
         price: MilliSats,
         record: Option<ChannelRecord>,
-    ) -> Result<Paid, Rejection> {
-        let debit = self.store.debit(id, price).await;
-        self.debited(id, price, debit, record).await
+        claim: Option<&IdempotencyClaim>,
+        carried: MilliSats,
+    ) -> Result<Charged, Rejection> {
+        let debit = match claim {
+            None => self.store.debit(id, price).await,
+            Some(claim) => match self.store.debit_once(id, price, claim).await {
+                Ok(DebitOnce::Claimed(held)) => return Ok(Charged::Held(held)),
+                Ok(DebitOnce::Debit(debit)) => Ok(debit),
+                Err(e) => Err(e),
+            },
+        };
+        Ok(Charged::Paid(self.debited(id, price, debit, record).await?, carried))
     }
 
     /// The outcome of a debit of `price`: the receipt, or a refusal with the channel's state.
@@ -346,7 +479,8 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Units for Meter<St, P> {
         amount: MilliSats,
     ) -> BoxFuture<'_, Result<MilliSats, Problem>> {
         Box::pin(async move {
-            match self.debit(channel, amount, None).await {
+            let debit = self.store.debit(channel, amount).await;
+            match self.debited(channel, amount, debit, None).await {
                 Ok(paid) => Ok(paid.balance),
                 Err(rejection) => Err(rejection.problem(&self.terms_url)),
             }

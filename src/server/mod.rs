@@ -53,6 +53,7 @@
 //! ```
 
 mod future;
+mod idempotency;
 mod layer;
 mod meter;
 mod negotiate;
@@ -63,6 +64,7 @@ mod service;
 mod stream;
 
 pub use future::ResponseFuture;
+pub use idempotency::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, Idempotency};
 pub use layer::{DEFAULT_BUNDLE, DEFAULT_TERMS_URL, PaywallLayer};
 pub use negotiate::{DEFAULT_PREFIX, Negotiation};
 pub use pricing::{Pricing, RoutePrices, Unlisted};

@@ -34,6 +34,14 @@ pub enum RejectionKind {
     /// The route is not in the price table, which refuses unlisted requests
     /// ([`Unlisted::Refuse`](super::Unlisted::Refuse)).
     RouteNotPriced,
+    /// The `Idempotency-Key` header is not 1 to 255 visible ASCII characters.
+    IdempotencyKeyInvalid,
+    /// The `Idempotency-Key` belongs to another request on this channel.
+    IdempotencyKeyReused,
+    /// The request holding the `Idempotency-Key` is still being served.
+    IdempotencyKeyInProgress,
+    /// The request with the `Idempotency-Key` was served, but its response was not kept.
+    IdempotentResponseUnavailable,
 }
 
 impl RejectionKind {
@@ -50,6 +58,10 @@ impl RejectionKind {
             Self::InsufficientBalance => ProblemCode::InsufficientBalance,
             Self::StoreUnavailable => ProblemCode::StoreUnavailable,
             Self::RouteNotPriced => ProblemCode::RouteNotPriced,
+            Self::IdempotencyKeyInvalid => ProblemCode::IdempotencyKeyInvalid,
+            Self::IdempotencyKeyReused => ProblemCode::IdempotencyKeyReused,
+            Self::IdempotencyKeyInProgress => ProblemCode::IdempotencyKeyInProgress,
+            Self::IdempotentResponseUnavailable => ProblemCode::IdempotentResponseUnavailable,
         }
     }
 
@@ -62,8 +74,13 @@ impl RejectionKind {
             | Self::ChannelNotOpen(_)
             | Self::InsufficientBalance
             | Self::Payment(PaymentError::Closing { .. }) => StatusCode::PAYMENT_REQUIRED,
-            Self::Header(_) | Self::Payment(_) => StatusCode::BAD_REQUEST,
-            Self::ChannelPending => StatusCode::CONFLICT,
+            Self::Header(_) | Self::Payment(_) | Self::IdempotencyKeyInvalid => {
+                StatusCode::BAD_REQUEST
+            }
+            Self::ChannelPending
+            | Self::IdempotencyKeyReused
+            | Self::IdempotencyKeyInProgress
+            | Self::IdempotentResponseUnavailable => StatusCode::CONFLICT,
             Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::RouteNotPriced => StatusCode::NOT_FOUND,
         }
@@ -81,6 +98,16 @@ impl RejectionKind {
             Self::InsufficientBalance => "Insufficient channel balance: top up",
             Self::StoreUnavailable => "Channel store unavailable",
             Self::RouteNotPriced => "This route is not offered",
+            Self::IdempotencyKeyInvalid => {
+                "Idempotency-Key must be 1 to 255 visible ASCII characters"
+            }
+            Self::IdempotencyKeyReused => "Idempotency-Key was used by another request",
+            Self::IdempotencyKeyInProgress => {
+                "The request with this Idempotency-Key is still being served: retry later"
+            }
+            Self::IdempotentResponseUnavailable => {
+                "The request with this Idempotency-Key was served, but its response was not kept"
+            }
         }
     }
 }

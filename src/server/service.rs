@@ -70,7 +70,8 @@ where
     P: Pricing<ReqBody>,
     ReqBody: HttpBody<Data = Bytes> + Send + 'static,
     ReqBody::Error: Into<BoxError>,
-    ResBody: From<String> + Send + 'static,
+    ResBody: HttpBody<Data = Bytes> + From<String> + From<Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
 {
     type Response = Response<ResBody>;
     type Error = S::Error;

@@ -21,7 +21,10 @@ use bitcoin::hashes::Hash;
 use bitcoin::secp256k1::SecretKey;
 use bitcoin::{Amount, CompressedPublicKey, OutPoint, ScriptBuf, Transaction, Txid};
 
-use super::{ChannelRecord, ChannelState, ChannelStore, Debit, StoreError, StorePayment};
+use super::{
+    ChannelRecord, ChannelState, ChannelStore, Debit, DebitOnce, IdempotencyClaim,
+    IdempotencyRecord, StoreError, StorePayment,
+};
 use crate::MilliSats;
 use crate::channel::{ChainTip, Channel, CheckedPayment, NewPayment, Terms};
 use crate::wire::ChannelId;
@@ -107,7 +110,125 @@ pub async fn run<S: ChannelStore>(store: Arc<S>, prefix: u8) {
     pay_stores_then_debits(&*store, &fx).await;
     racing_pays_are_exact(store.clone(), &fx).await;
     a_fair_close_is_one_atomic_step(&*store, &fx).await;
+    idempotency_keys_are_claimed_once(&*store, &fx).await;
+    racing_claims_debit_once(store.clone(), &fx).await;
     key_indexes_are_unique(store).await;
+}
+
+async fn spent_of<S: ChannelStore>(store: &S, id: ChannelId) -> MilliSats {
+    store.load(id).await.expect("load").expect("exists").spent
+}
+
+/// Milliseconds since the Unix epoch (a Redis store expires records by its own clock).
+fn now_ms() -> u64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    since.map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn claim(key: &str, fingerprint: u8, lapses_in_ms: u64) -> IdempotencyClaim {
+    let now = now_ms();
+    IdempotencyClaim::new(key, [fingerprint; 32], now, now + lapses_in_ms)
+}
+
+async fn idempotency_keys_are_claimed_once<S: ChannelStore>(store: &S, fx: &Fixture) {
+    let record = fx.record(fx.at_height(40, 900_000), 2_000);
+    let id = record.id();
+    store.create(record).await.expect("create");
+    let price = msat(100);
+    let minute = 60_000;
+
+    let first = store.debit_once(id, price, &claim("k1", 1, minute)).await;
+    assert_eq!(first, Ok(DebitOnce::Debit(Debit::Debited { balance: msat(1_900) })));
+    // The key is held while the request is served: another request (or a retry) gets the
+    // claim, whatever its fingerprint, and nothing is debited.
+    for fingerprint in [1, 2] {
+        let again = store.debit_once(id, price, &claim("k1", fingerprint, minute)).await;
+        assert_eq!(again, Ok(DebitOnce::Claimed(IdempotencyRecord::new([1; 32], None))));
+    }
+    assert_eq!(spent_of(store, id).await, price, "one debit for one key");
+    // Finished with its response: kept, and a second finish changes nothing.
+    store.finish_once(id, "k1", Some(b"response".to_vec()), now_ms() + minute).await.unwrap();
+    store.finish_once(id, "k1", Some(b"other".to_vec()), now_ms() + minute).await.unwrap();
+    store.finish_once(id, "k1", None, now_ms() + minute).await.unwrap();
+    let replay = store.debit_once(id, price, &claim("k1", 1, minute)).await;
+    let kept = IdempotencyRecord::new([1; 32], Some(b"response".to_vec()));
+    assert_eq!(replay, Ok(DebitOnce::Claimed(kept)), "the first response is kept, once");
+    assert_eq!(spent_of(store, id).await, price);
+
+    // A released key (a request whose charge was given back) is free again.
+    assert!(matches!(
+        store.debit_once(id, price, &claim("k2", 3, minute)).await,
+        Ok(DebitOnce::Debit(Debit::Debited { .. }))
+    ));
+    store.finish_once(id, "k2", None, 0).await.unwrap();
+    assert!(matches!(
+        store.debit_once(id, price, &claim("k2", 3, minute)).await,
+        Ok(DebitOnce::Debit(Debit::Debited { .. }))
+    ));
+    assert_eq!(spent_of(store, id).await, msat(300));
+
+    // A refused debit claims nothing.
+    let too_much = store.debit_once(id, msat(5_000), &claim("k3", 4, minute)).await;
+    assert_eq!(too_much, Ok(DebitOnce::Debit(Debit::Insufficient { balance: msat(1_700) })));
+    assert!(matches!(
+        store.debit_once(id, price, &claim("k3", 4, minute)).await,
+        Ok(DebitOnce::Debit(Debit::Debited { .. }))
+    ));
+
+    // A claim never finished lapses (the node that served it died): a retry runs again.
+    assert!(matches!(
+        store.debit_once(id, price, &claim("k4", 5, 50)).await,
+        Ok(DebitOnce::Debit(Debit::Debited { .. }))
+    ));
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    assert!(matches!(
+        store.debit_once(id, price, &claim("k4", 6, minute)).await,
+        Ok(DebitOnce::Debit(Debit::Debited { .. }))
+    ));
+    assert_eq!(spent_of(store, id).await, msat(600));
+
+    // Keys are per channel; a channel that is not open debits nothing and claims nothing.
+    let other = fx.record(fx.at_height(41, 900_000), 2_000);
+    let other_id = other.id();
+    store.create(other).await.expect("create");
+    assert!(matches!(
+        store.debit_once(other_id, price, &claim("k1", 1, minute)).await,
+        Ok(DebitOnce::Debit(Debit::Debited { .. }))
+    ));
+    store.transition(other_id, ChannelState::Open, ChannelState::Closing).await.unwrap();
+    let closing = store.debit_once(other_id, price, &claim("k5", 7, minute)).await;
+    assert_eq!(closing, Ok(DebitOnce::Debit(Debit::NotOpen { state: ChannelState::Closing })));
+    let unknown = fx.at_height(42, 900_000);
+    let unknown = ChannelId::new(unknown.outpoint());
+    assert_eq!(
+        store.debit_once(unknown, price, &claim("k6", 8, minute)).await,
+        Err(StoreError::NotFound)
+    );
+}
+
+async fn racing_claims_debit_once<S: ChannelStore>(store: Arc<S>, fx: &Fixture) {
+    let record = fx.record(fx.at_height(43, 900_000), 2_000);
+    let id = record.id();
+    store.create(record).await.expect("create");
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(
+                async move { store.debit_once(id, msat(10), &claim("race", 9, 60_000)).await },
+            )
+        })
+        .collect();
+    let mut debited = 0;
+    for task in tasks {
+        match task.await.expect("task").expect("debit_once") {
+            DebitOnce::Debit(Debit::Debited { .. }) => debited += 1,
+            DebitOnce::Claimed(record) => assert_eq!(record.fingerprint, [9; 32]),
+            other => panic!("a racing claim: {other:?}"),
+        }
+    }
+    assert_eq!(debited, 1, "exactly one of the racing requests debits");
+    let spent = store.load(id).await.expect("load").expect("exists").spent;
+    assert_eq!(spent, msat(10));
 }
 
 async fn key_indexes_are_unique<S: ChannelStore>(store: Arc<S>) {

@@ -6,7 +6,10 @@ use bitcoin::Transaction;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 
-use super::{ChannelRecord, ChannelState, ChannelStore, Debit, StoreError, StorePayment};
+use super::{
+    ChannelRecord, ChannelState, ChannelStore, Debit, DebitOnce, IdempotencyClaim,
+    IdempotencyRecord, StoreError, StorePayment,
+};
 use crate::MilliSats;
 use crate::channel::CheckedPayment;
 use crate::wire::ChannelId;
@@ -33,7 +36,14 @@ type Ready<T> = StdReady<Result<T, StoreError>>;
 pub struct MemoryStore {
     channels: Arc<DashMap<ChannelId, ChannelRecord>>,
     key_index: Arc<AtomicU32>,
+    /// Idempotency records by channel and key, with when each expires (ms since the epoch).
+    /// Changed under the channel's shard lock (taken first), so a claim is atomic with its
+    /// debit.
+    idempotency: Arc<DashMap<(ChannelId, String), (IdempotencyRecord, u64)>>,
 }
+
+/// How many idempotency records the memory store keeps before it drops the expired ones.
+const IDEMPOTENCY_SWEEP: usize = 10_000;
 
 impl Default for MemoryStore {
     fn default() -> Self {
@@ -57,7 +67,11 @@ impl MemoryStore {
     /// Creates an empty store whose first server key index is `index` (for tests that compare
     /// stores; a server uses [`new`](Self::new)).
     pub fn with_first_key_index(index: u32) -> Self {
-        Self { channels: Arc::default(), key_index: Arc::new(AtomicU32::new(index)) }
+        Self {
+            channels: Arc::default(),
+            key_index: Arc::new(AtomicU32::new(index)),
+            idempotency: Arc::default(),
+        }
     }
 
     /// Applies `f` to the channel under its shard lock.
@@ -130,6 +144,52 @@ impl ChannelStore for MemoryStore {
             }
             closes
         })
+    }
+
+    fn debit_once(
+        &self,
+        id: ChannelId,
+        amount: MilliSats,
+        claim: &IdempotencyClaim,
+    ) -> impl Future<Output = Result<DebitOnce, StoreError>> + Send {
+        let records = &self.idempotency;
+        if records.len() >= IDEMPOTENCY_SWEEP {
+            records.retain(|_, (_, expires)| *expires > claim.now);
+        }
+        self.update(id, |record| match records.entry((id, claim.key.clone())) {
+            Entry::Occupied(held) if held.get().1 > claim.now => {
+                DebitOnce::Claimed(held.get().0.clone())
+            }
+            entry => {
+                let debit = debit(record, amount);
+                if matches!(debit, Debit::Debited { .. }) {
+                    let claimed = IdempotencyRecord::new(claim.fingerprint, None);
+                    entry.insert_entry((claimed, claim.expires_at));
+                }
+                DebitOnce::Debit(debit)
+            }
+        })
+    }
+
+    fn finish_once(
+        &self,
+        id: ChannelId,
+        key: &str,
+        response: Option<Vec<u8>>,
+        expires_at: u64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        if let Entry::Occupied(mut held) = self.idempotency.entry((id, key.to_owned()))
+            && held.get().0.response.is_none()
+        {
+            match response {
+                Some(response) => {
+                    let fingerprint = held.get().0.fingerprint;
+                    held.insert((IdempotencyRecord::new(fingerprint, Some(response)), expires_at));
+                }
+                None => drop(held.remove()),
+            }
+        }
+        ready(Ok(()))
     }
 
     fn credit(

@@ -219,6 +219,58 @@ pub enum Debit {
     },
 }
 
+/// A request's claim on an idempotency key, for [`ChannelStore::debit_once`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct IdempotencyClaim {
+    /// The client's `Idempotency-Key`: 1 to 255 visible ASCII characters.
+    pub key: String,
+    /// What identifies the request: the same key with another fingerprint is another request.
+    pub fingerprint: [u8; 32],
+    /// Now, in milliseconds since the Unix epoch: a record that expires at or before it is
+    /// gone.
+    pub now: u64,
+    /// When the claim lapses if the request is never finished (a node crashed while serving
+    /// it), in milliseconds since the Unix epoch: a retry after it runs again.
+    pub expires_at: u64,
+}
+
+impl IdempotencyClaim {
+    /// A claim of `key` for a request with `fingerprint`, made at `now`, lapsing at
+    /// `expires_at` (both in milliseconds since the Unix epoch).
+    pub fn new(key: impl Into<String>, fingerprint: [u8; 32], now: u64, expires_at: u64) -> Self {
+        Self { key: key.into(), fingerprint, now, expires_at }
+    }
+}
+
+/// What a store keeps for a claimed idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct IdempotencyRecord {
+    /// The fingerprint of the request that claimed the key.
+    pub fingerprint: [u8; 32],
+    /// Its response, as the layer encoded it; `None` while the request is being served.
+    pub response: Option<Vec<u8>>,
+}
+
+impl IdempotencyRecord {
+    /// A record of a request with `fingerprint` and its `response` (`None`: in progress).
+    pub fn new(fingerprint: [u8; 32], response: Option<Vec<u8>>) -> Self {
+        Self { fingerprint, response }
+    }
+}
+
+/// The outcome of [`ChannelStore::debit_once`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use]
+pub enum DebitOnce {
+    /// The key was free: the debit's outcome. The key is claimed if, and only if, it is
+    /// [`Debit::Debited`].
+    Debit(Debit),
+    /// A live record holds the key: nothing was debited or changed.
+    Claimed(IdempotencyRecord),
+}
+
 /// An error from a [`ChannelStore`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -341,6 +393,30 @@ pub trait ChannelStore: Send + Sync + 'static {
         id: ChannelId,
         payment: CheckedPayment,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Debits `amount` as [`debit`](Self::debit) does **and** claims `claim.key` on channel
+    /// `id` for the request `claim.fingerprint`, in one atomic operation — unless a live
+    /// record (one that expires after `claim.now`) holds the key already: then nothing is
+    /// debited or changed, and the record is returned. A refused debit claims nothing. The
+    /// claim lives until `claim.expires_at`, or until [`finish_once`](Self::finish_once).
+    /// Concurrent calls with one key: exactly one debits.
+    fn debit_once(
+        &self,
+        id: ChannelId,
+        amount: MilliSats,
+        claim: &IdempotencyClaim,
+    ) -> impl Future<Output = Result<DebitOnce, StoreError>> + Send;
+
+    /// Finishes the claim of `key` on channel `id`, if it is still in progress: keeps
+    /// `response` (the layer's encoding) until `expires_at` (milliseconds since the Unix
+    /// epoch), or, with `None`, releases the key so that a retry runs again.
+    fn finish_once(
+        &self,
+        id: ChannelId,
+        key: &str,
+        response: Option<Vec<u8>>,
+        expires_at: u64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Gives back `amount` of an earlier debit (never making `spent` negative); returns the
     /// new balance.

@@ -6,7 +6,10 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
 use tokio_postgres::types::ToSql;
 
-use super::{ChannelRecord, ChannelState, ChannelStore, Debit, StoreError, StorePayment};
+use super::{
+    ChannelRecord, ChannelState, ChannelStore, Debit, DebitOnce, IdempotencyClaim,
+    IdempotencyRecord, StoreError, StorePayment,
+};
 use crate::MilliSats;
 use crate::channel::Channel;
 use crate::channel::CheckedPayment;
@@ -29,6 +32,15 @@ const MIGRATION: &str = "
         ON paychan_channels (state, expiry_is_time, expiry);
     CREATE SEQUENCE IF NOT EXISTS paychan_key_index MINVALUE 0 START 0;
     ALTER TABLE paychan_channels ADD COLUMN IF NOT EXISTS funded_at BIGINT NOT NULL DEFAULT 0;
+    CREATE TABLE IF NOT EXISTS paychan_idempotency (
+        channel TEXT NOT NULL,
+        key TEXT NOT NULL,
+        fingerprint BYTEA NOT NULL,
+        response BYTEA,
+        expires_at BIGINT NOT NULL,
+        PRIMARY KEY (channel, key)
+    );
+    CREATE INDEX IF NOT EXISTS paychan_idempotency_expiry ON paychan_idempotency (expires_at);
 ";
 
 /// Channels in PostgreSQL, shared by any number of API nodes.
@@ -286,6 +298,112 @@ impl ChannelStore for PostgresStore {
             // Not open (or gone): nothing was changed; report the state from a fresh read.
             None => Ok(Debit::NotOpen { state: self.state_and_balance(&id).await?.0 }),
         }
+    }
+
+    async fn debit_once(
+        &self,
+        id: ChannelId,
+        amount: MilliSats,
+        claim: &IdempotencyClaim,
+    ) -> Result<DebitOnce, StoreError> {
+        let id = id.to_string();
+        let (now, expires_at) = (to_i64(claim.now)?, to_i64(claim.expires_at)?);
+        let amount = to_i64(amount.to_msat())?;
+        let mut client = self.client().await?;
+        // One transaction: the claim (a row a concurrent claim waits on) and the debit commit
+        // together, or neither does.
+        let tx = client.transaction().await.map_err(unavailable)?;
+        tx.execute(
+            "DELETE FROM paychan_idempotency WHERE channel = $1 AND key = $2 AND expires_at <= $3",
+            &[&id, &claim.key, &now],
+        )
+        .await
+        .map_err(unavailable)?;
+        let claimed = tx
+            .query_opt(
+                "INSERT INTO paychan_idempotency (channel, key, fingerprint, response, expires_at)
+                 VALUES ($1, $2, $3, NULL, $4) ON CONFLICT (channel, key) DO NOTHING RETURNING 1",
+                &[&id, &claim.key, &claim.fingerprint.as_slice(), &expires_at],
+            )
+            .await
+            .map_err(unavailable)?
+            .is_some();
+        if !claimed {
+            let row = tx
+                .query_one(
+                    "SELECT fingerprint, response FROM paychan_idempotency
+                     WHERE channel = $1 AND key = $2",
+                    &[&id, &claim.key],
+                )
+                .await
+                .map_err(unavailable)?;
+            let fingerprint = <[u8; 32]>::try_from(row.get::<_, Vec<u8>>(0))
+                .map_err(|_| unavailable("an idempotency fingerprint that is not 32 bytes"))?;
+            return Ok(DebitOnce::Claimed(IdempotencyRecord::new(fingerprint, row.get(1))));
+        }
+        let debited = tx
+            .query_opt(
+                "UPDATE paychan_channels SET spent_msat = spent_msat + $1
+                 WHERE id = $2 AND state = 'open' AND best_sat * 1000 - spent_msat >= $1
+                 RETURNING best_sat * 1000 - spent_msat",
+                &[&amount, &id],
+            )
+            .await
+            .map_err(unavailable)?;
+        let Some(row) = debited else {
+            // Refused: the claim is rolled back with the transaction; report why.
+            drop(tx);
+            let (state, balance, _) = self.state_and_balance(&id).await?;
+            return Ok(DebitOnce::Debit(if state == ChannelState::Open {
+                Debit::Insufficient { balance }
+            } else {
+                Debit::NotOpen { state }
+            }));
+        };
+        // A few expired records go with every claim.
+        tx.execute(
+            "DELETE FROM paychan_idempotency WHERE ctid IN
+             (SELECT ctid FROM paychan_idempotency WHERE expires_at <= $1 LIMIT 16)",
+            &[&now],
+        )
+        .await
+        .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(DebitOnce::Debit(Debit::Debited { balance: msat(row.get(0)) }))
+    }
+
+    async fn finish_once(
+        &self,
+        id: ChannelId,
+        key: &str,
+        response: Option<Vec<u8>>,
+        expires_at: u64,
+    ) -> Result<(), StoreError> {
+        let id = id.to_string();
+        let expires_at = to_i64(expires_at)?;
+        let client = self.client().await?;
+        match &response {
+            Some(response) => {
+                client
+                    .execute(
+                        "UPDATE paychan_idempotency SET response = $3, expires_at = $4
+                         WHERE channel = $1 AND key = $2 AND response IS NULL",
+                        &[&id, &key, response, &expires_at],
+                    )
+                    .await
+            }
+            None => {
+                client
+                    .execute(
+                        "DELETE FROM paychan_idempotency
+                         WHERE channel = $1 AND key = $2 AND response IS NULL",
+                        &[&id, &key],
+                    )
+                    .await
+            }
+        }
+        .map_err(unavailable)?;
+        Ok(())
     }
 
     async fn credit(&self, id: ChannelId, amount: MilliSats) -> Result<MilliSats, StoreError> {

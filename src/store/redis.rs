@@ -5,7 +5,10 @@ use bitcoin::{Amount, Transaction};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 
-use super::{ChannelRecord, ChannelState, ChannelStore, Debit, StoreError, StorePayment};
+use super::{
+    ChannelRecord, ChannelState, ChannelStore, Debit, DebitOnce, IdempotencyClaim,
+    IdempotencyRecord, StoreError, StorePayment,
+};
 use crate::MilliSats;
 use crate::channel::Channel;
 use crate::channel::CheckedPayment;
@@ -43,6 +46,37 @@ local amount = tonumber(ARGV[1])
 if balance < amount then return {0, string.format('%.0f', balance)} end
 redis.call('HSET', KEYS[1], 'spent_msat', string.format('%.0f', tonumber(h[3]) + amount))
 return {1, string.format('%.0f', balance - amount)}";
+
+/// `DEBIT` and the claim of an idempotency key in one script, unless the key is held: KEYS[1]
+/// the channel, KEYS[2] the key's record (a hash that expires by itself); ARGV the amount in
+/// msat, the fingerprint, and when the claim lapses (ms since the epoch). Replies
+/// `{code, value, fingerprint, response}`: code 3 when the key is held.
+const DEBIT_ONCE: &str = r"
+local held = redis.call('HMGET', KEYS[2], 'fp', 'resp')
+if held[1] then return {3, '', held[1], held[2]} end
+local h = redis.call('HMGET', KEYS[1], 'state', 'best_sat', 'spent_msat')
+if not h[1] then return {-1, '0', false, false} end
+local balance = tonumber(h[2]) * 1000 - tonumber(h[3])
+if h[1] ~= 'open' then return {2, h[1], false, false} end
+local amount = tonumber(ARGV[1])
+if balance < amount then return {0, string.format('%.0f', balance), false, false} end
+redis.call('HSET', KEYS[1], 'spent_msat', string.format('%.0f', tonumber(h[3]) + amount))
+redis.call('HSET', KEYS[2], 'fp', ARGV[2])
+redis.call('PEXPIREAT', KEYS[2], ARGV[3])
+return {1, string.format('%.0f', balance - amount), false, false}";
+
+/// Finishes a claim still in progress: KEYS[1] the key's record; ARGV `keep` with the
+/// response and when it expires, or `release`.
+const FINISH_ONCE: &str = r"
+local held = redis.call('HMGET', KEYS[1], 'fp', 'resp')
+if not held[1] or held[2] then return 0 end
+if ARGV[1] == 'release' then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('HSET', KEYS[1], 'resp', ARGV[2])
+  redis.call('PEXPIREAT', KEYS[1], ARGV[3])
+end
+return 1";
 
 /// `STORE_PAYMENT` then `DEBIT` in one script: KEYS[1] the channel; ARGV the payment, its
 /// server amount in sat, and the amount to debit in msat.
@@ -157,6 +191,10 @@ impl RedisStore {
 
     fn channel_key(&self, id: ChannelId) -> String {
         format!("{}ch:{id}", self.prefix)
+    }
+
+    fn idempotency_key(&self, id: ChannelId, key: &str) -> String {
+        format!("{}idem:{id}:{key}", self.prefix)
     }
 
     fn state_key(&self, state: ChannelState) -> String {
@@ -281,6 +319,42 @@ impl ChannelStore for RedisStore {
         let payment = payment.into_transaction();
         let args = [serialize(&payment), arg(offered.to_sat()), arg(amount.to_msat())];
         debit_reply(self.invoke(PAY, &[self.channel_key(id)], &args).await?)
+    }
+
+    async fn debit_once(
+        &self,
+        id: ChannelId,
+        amount: MilliSats,
+        claim: &IdempotencyClaim,
+    ) -> Result<DebitOnce, StoreError> {
+        // Redis expires the record by its own clock at `expires_at`; `claim.now` is not needed.
+        let keys = [self.channel_key(id), self.idempotency_key(id, &claim.key)];
+        let args = [arg(amount.to_msat()), claim.fingerprint.to_vec(), arg(claim.expires_at)];
+        let (code, value, fingerprint, response): (i64, String, Option<Vec<u8>>, Option<Vec<u8>>) =
+            self.invoke(DEBIT_ONCE, &keys, &args).await?;
+        if code == 3 {
+            let fingerprint = fingerprint
+                .and_then(|fingerprint| <[u8; 32]>::try_from(fingerprint).ok())
+                .ok_or_else(|| unavailable("an idempotency fingerprint that is not 32 bytes"))?;
+            return Ok(DebitOnce::Claimed(IdempotencyRecord::new(fingerprint, response)));
+        }
+        debit_reply((code, value)).map(DebitOnce::Debit)
+    }
+
+    async fn finish_once(
+        &self,
+        id: ChannelId,
+        key: &str,
+        response: Option<Vec<u8>>,
+        expires_at: u64,
+    ) -> Result<(), StoreError> {
+        let args = match response {
+            Some(response) => vec![arg("keep"), response, arg(expires_at)],
+            None => vec![arg("release")],
+        };
+        let _finished: i64 =
+            self.invoke(FINISH_ONCE, &[self.idempotency_key(id, key)], &args).await?;
+        Ok(())
     }
 
     async fn close_with(&self, id: ChannelId, payment: CheckedPayment) -> Result<bool, StoreError> {

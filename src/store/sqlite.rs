@@ -6,7 +6,10 @@ use bitcoin::consensus::{deserialize, serialize};
 use bitcoin::{Amount, Transaction};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-use super::{ChannelRecord, ChannelState, ChannelStore, Debit, StoreError, StorePayment};
+use super::{
+    ChannelRecord, ChannelState, ChannelStore, Debit, DebitOnce, IdempotencyClaim,
+    IdempotencyRecord, StoreError, StorePayment,
+};
 use crate::MilliSats;
 use crate::channel::Channel;
 use crate::channel::CheckedPayment;
@@ -30,6 +33,16 @@ const MIGRATIONS: &[&str] = &[
     INSERT INTO key_index (next) VALUES (0);",
     // 2: the height the funding was broadcast at.
     "ALTER TABLE channels ADD COLUMN funded_at INTEGER NOT NULL DEFAULT 0;",
+    // 3: idempotency keys, with the response of the request that claimed each.
+    "CREATE TABLE idempotency (
+        channel TEXT NOT NULL,
+        key TEXT NOT NULL,
+        fingerprint BLOB NOT NULL,
+        response BLOB,
+        expires_at INTEGER NOT NULL,
+        PRIMARY KEY (channel, key)
+    );
+    CREATE INDEX idempotency_expiry ON idempotency (expires_at);",
 ];
 
 /// The durable store for one node: channels in a SQLite database file.
@@ -250,6 +263,82 @@ impl ChannelStore for SqliteStore {
             let id = id.to_string();
             let _stored_or_stale = store_payment(tx, &id, payment.transaction())?;
             debit(tx, &id, amount)
+        })
+    }
+
+    fn debit_once(
+        &self,
+        id: ChannelId,
+        amount: MilliSats,
+        claim: &IdempotencyClaim,
+    ) -> impl Future<Output = Result<DebitOnce, StoreError>> + Send {
+        let claim = claim.clone();
+        self.run(move |tx| {
+            let id = id.to_string();
+            let now = sql_u64(claim.now)?;
+            let held = tx
+                .query_row(
+                    "SELECT fingerprint, response FROM idempotency
+                     WHERE channel = ?1 AND key = ?2 AND expires_at > ?3",
+                    params![id, claim.key, now],
+                    |row| Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, Option<Vec<u8>>>(1)?)),
+                )
+                .optional()
+                .map_err(unavailable)?;
+            if let Some((fingerprint, response)) = held {
+                let fingerprint = <[u8; 32]>::try_from(fingerprint)
+                    .map_err(|_| unavailable("an idempotency fingerprint that is not 32 bytes"))?;
+                return Ok(DebitOnce::Claimed(IdempotencyRecord::new(fingerprint, response)));
+            }
+            let debit = debit(tx, &id, amount)?;
+            if matches!(debit, Debit::Debited { .. }) {
+                // A few expired records go with every claim.
+                tx.execute(
+                    "DELETE FROM idempotency WHERE rowid IN
+                     (SELECT rowid FROM idempotency WHERE expires_at <= ?1 LIMIT 16)",
+                    params![now],
+                )
+                .map_err(unavailable)?;
+                tx.execute(
+                    "INSERT OR REPLACE INTO idempotency
+                     (channel, key, fingerprint, response, expires_at)
+                     VALUES (?1, ?2, ?3, NULL, ?4)",
+                    params![
+                        id,
+                        claim.key,
+                        claim.fingerprint.as_slice(),
+                        sql_u64(claim.expires_at)?
+                    ],
+                )
+                .map_err(unavailable)?;
+            }
+            Ok(DebitOnce::Debit(debit))
+        })
+    }
+
+    fn finish_once(
+        &self,
+        id: ChannelId,
+        key: &str,
+        response: Option<Vec<u8>>,
+        expires_at: u64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let key = key.to_owned();
+        self.run(move |tx| {
+            let id = id.to_string();
+            match response {
+                Some(response) => tx.execute(
+                    "UPDATE idempotency SET response = ?3, expires_at = ?4
+                     WHERE channel = ?1 AND key = ?2 AND response IS NULL",
+                    params![id, key, response, sql_u64(expires_at)?],
+                ),
+                None => tx.execute(
+                    "DELETE FROM idempotency WHERE channel = ?1 AND key = ?2 AND response IS NULL",
+                    params![id, key],
+                ),
+            }
+            .map_err(unavailable)?;
+            Ok(())
         })
     }
 

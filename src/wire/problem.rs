@@ -131,6 +131,17 @@ problem_codes! {
     Close => "close",
     /// The route is not offered: the price table refuses requests it does not list.
     RouteNotPriced => "route-not-priced",
+    /// 400: an `Idempotency-Key` that is empty, longer than 255 characters, or not visible
+    /// ASCII.
+    IdempotencyKeyInvalid => "idempotency-key-invalid",
+    /// 409: the `Idempotency-Key` was used by another request (another method, path or body
+    /// fingerprint) on this channel.
+    IdempotencyKeyReused => "idempotency-key-reused",
+    /// 409: the request that claimed this `Idempotency-Key` is still being served: retry later.
+    IdempotencyKeyInProgress => "idempotency-key-in-progress",
+    /// 409: the request with this `Idempotency-Key` was served and paid, but its response was
+    /// too large (or streamed) to keep: it cannot be replayed, nor served again unpaid.
+    IdempotentResponseUnavailable => "idempotent-response-unavailable",
     /// 502: the API behind a paying proxy (`paychan serve`) did not answer; nothing was
     /// charged for the request.
     UpstreamUnavailable => "upstream-unavailable",

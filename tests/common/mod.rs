@@ -8,6 +8,7 @@ use paychan::chain::policy;
 use paychan::chain::sim::{SimulatedChain, sign_p2wpkh_input};
 use paychan::channel::{ChainTip, Channel, ChannelParams, Terms};
 
+pub mod hooked;
 #[cfg(feature = "bitcoind")]
 pub mod node;
 pub mod stores;
