@@ -1147,3 +1147,33 @@ async fn a_fair_close_from_a_stale_estimate_settles_at_the_exact_spent() {
     assert_eq!(closed.server_amount, metered, "settled at the exact spent, not the estimate");
     assert_eq!(closed.client_amount + metered + closed.fee, Amount::from_sat(50_000));
 }
+
+/// `require_receipts`: a server that sends none is treated as one whose receipts do not
+/// verify; without the setting it is judged by its balance header alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payer_that_requires_receipts_stops_paying_a_server_that_sends_none() {
+    let chain = SimulatedChain::new();
+    let negotiation = common::negotiation(&chain, 0x5e);
+    let tip = follow_tip(chain.clone(), Duration::from_millis(50)).await.unwrap();
+    let paywall = PaywallLayer::new(MemoryStore::new(), PRICE, tip)
+        .with_negotiation(negotiation)
+        .without_receipts();
+    let app = Router::new().route("/work", get(|| async { "done" })).layer(paywall);
+    let server = Server { origin: format!("http://{}", serve(app).await), chain };
+    for require in [false, true] {
+        let wallet = funded_wallet(&server.chain);
+        let payer = builder(&server, &wallet).require_receipts(require).build().unwrap();
+        let (mut client, _) = paying_client(&payer);
+        let (status, _) = get_work(&mut client, &server.origin).await.unwrap();
+        assert_eq!(status, StatusCode::OK, "the request itself is answered");
+        let next = get_work(&mut client, &server.origin).await;
+        if require {
+            assert!(
+                matches!(&next, Err(ClientError::ServerMisbehaved(m)) if m.kind == MisbehaviorKind::BadReceipt),
+                "{next:?}"
+            );
+        } else {
+            assert_eq!(next.unwrap().0, StatusCode::OK);
+        }
+    }
+}

@@ -87,8 +87,11 @@ impl<'a, St: ClientStore> Retry<'a, St> {
         }
         let Some(balance) = balance(headers) else { return };
         self.payer.note_answer(sent, balance);
-        if let Some(receipt) = headers.get(crate::wire::PAYMENT_RECEIPT) {
-            self.payer.note_receipt(sent, receipt.as_bytes(), method, path_and_query);
+        match headers.get(crate::wire::PAYMENT_RECEIPT) {
+            Some(receipt) => {
+                self.payer.note_receipt(sent, receipt.as_bytes(), method, path_and_query);
+            }
+            None => self.payer.note_missing_receipt("a paid answer without a receipt"),
         }
         let _ = self.payer.observe_balance(sent, balance).await;
     }

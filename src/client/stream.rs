@@ -41,6 +41,8 @@ pub(crate) trait StreamHooks: Send + Sync + 'static {
     fn receipt(&self, value: &[u8]);
     /// A stream starts.
     fn started(&self);
+    /// An SSE stream ended (the server ended it) without a receipt.
+    fn no_receipt(&self);
     /// The stream ended or was dropped.
     fn ended(&self);
 }
@@ -86,6 +88,10 @@ impl<St: ClientStore + 'static> StreamHooks for Hooks<St> {
 
     fn started(&self) {
         self.payer.stream_started(&self.sent);
+    }
+
+    fn no_receipt(&self) {
+        self.payer.note_missing_receipt("a metered stream that ended without a receipt");
     }
 
     fn ended(&self) {
@@ -220,6 +226,8 @@ struct Watch {
     hooks: Box<dyn StreamHooks>,
     sse: Option<(SseScanner, Option<EventCount>)>,
     bytes: Option<ByteCount>,
+    /// Whether the SSE stream's receipt came.
+    receipted: bool,
 }
 
 impl Watch {
@@ -254,15 +262,23 @@ impl Watch {
                     }
                     _ => tracing::warn!("a stream asked for more than it sent: no top-up"),
                 },
-                Found::Receipt(value) => self.hooks.receipt(&value),
+                Found::Receipt(value) => {
+                    self.receipted = true;
+                    self.hooks.receipt(&value);
+                }
                 Found::Data => {}
             }
         }
         out
     }
 
+    /// The server ended the stream: what was held back.
     fn finish(&mut self) -> Bytes {
-        self.sse.as_mut().map(|(scanner, _)| scanner.finish()).unwrap_or_default()
+        let Some((scanner, _)) = self.sse.as_mut() else { return Bytes::new() };
+        if !self.receipted {
+            self.hooks.no_receipt();
+        }
+        scanner.finish()
     }
 }
 
@@ -331,7 +347,8 @@ impl<B> PaidBody<B> {
             _ => (None, None),
         };
         hooks.started();
-        Self { inner, watch: Some(Box::new(Watch { hooks: Box::new(hooks), sse, bytes })) }
+        let watch = Watch { hooks: Box::new(hooks), sse, bytes, receipted: false };
+        Self { inner, watch: Some(Box::new(watch)) }
     }
 
     /// Whether the body is a metered stream the client pays as it reads.
@@ -445,6 +462,9 @@ mod tests {
         }
         fn receipt(&self, _: &[u8]) {}
         fn started(&self) {}
+        fn no_receipt(&self) {
+            self.ahead.lock().unwrap().push(Amount::ZERO); // noted as a zero top-up
+        }
         fn ended(&self) {}
     }
 
@@ -468,7 +488,7 @@ mod tests {
         } else {
             (None, Some(ByteCount { per_kib: per_unit, seen: 0, left: balance }))
         };
-        (Watch { hooks: Box::new(hooks), sse, bytes }, top_ups, ahead)
+        (Watch { hooks: Box::new(hooks), sse, bytes, receipted: false }, top_ups, ahead)
     }
 
     #[test]
@@ -490,6 +510,18 @@ mod tests {
         w.data(Bytes::from(ask.clone()));
         w.data(Bytes::from(ask));
         assert_eq!(top_ups.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn an_sse_stream_the_server_ends_without_a_receipt_is_reported() {
+        let (mut w, _, noted) = watch(0, true, MilliSats::ZERO);
+        w.data(Bytes::from_static(b"data: token\n\n"));
+        w.finish();
+        assert_eq!(*noted.lock().unwrap(), [Amount::ZERO], "reported once");
+        let (mut w, _, noted) = watch(0, true, MilliSats::ZERO);
+        w.data(Bytes::from(format!("data: token\n\nevent: {RECEIPT_EVENT}\ndata: r\n\n")));
+        w.finish();
+        assert!(noted.lock().unwrap().is_empty(), "a receipt came");
     }
 
     #[test]

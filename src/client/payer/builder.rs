@@ -31,6 +31,7 @@ pub(super) struct Settings {
     pub(super) chain: Option<ChainView>,
     pub(super) timeout: Duration,
     pub(super) transport: Option<OwnTransport>,
+    pub(super) require_receipts: bool,
 }
 
 /// The transport given to [`PayerBuilder::transport`].
@@ -156,6 +157,17 @@ impl<S: ClientStore> PayerBuilder<S> {
         self
     }
 
+    /// Requires a signed receipt for every paid answer (`Payment-Receipt`) and at the end of
+    /// every metered SSE stream: a server that sends none is treated as one whose receipt
+    /// does not verify — the payer stops paying it
+    /// ([`MisbehaviorKind::BadReceipt`](crate::client::MisbehaviorKind::BadReceipt)). Off by
+    /// default: without it a server that sends no receipt is judged by its balance header
+    /// alone.
+    pub fn require_receipts(mut self, require: bool) -> Self {
+        self.settings.require_receipts = require;
+        self
+    }
+
     /// Proactive top-up: when a response's `Payment-Channel-Balance` falls below `threshold`,
     /// sign a payment of `amount` more right away, so the next requests do not meet a 402.
     pub fn top_up_below(mut self, threshold: MilliSats, amount: Amount) -> Self {
@@ -239,6 +251,7 @@ impl Payer<MemoryClientStore> {
                 top_up: None,
                 chain: None,
                 timeout: Duration::from_secs(30),
+                require_receipts: false,
                 transport: None,
             },
             store: MemoryClientStore::new(),

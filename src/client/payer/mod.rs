@@ -388,6 +388,17 @@ impl<S: ClientStore> Payer<S> {
         charges.latest_receipt = Some(receipt);
     }
 
+    /// A paid answer, or a stream, came without a receipt: with
+    /// [`require_receipts`](PayerBuilder::require_receipts) the payer stops paying the server.
+    pub(crate) fn note_missing_receipt(&self, what: &str) {
+        if self.inner.settings.require_receipts {
+            tracing::warn!(what, "a receipt is required");
+            self.charges()
+                .bad_receipt
+                .get_or_insert_with(|| format!("{what}, and receipts are required"));
+        }
+    }
+
     /// What the server last reported spent on `channel`: its latest receipt's, or the
     /// payment the answer's request carried minus the balance it reported.
     pub(super) fn reported_spent(&self, channel: ChannelId) -> Option<MilliSats> {
