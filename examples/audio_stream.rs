@@ -185,7 +185,11 @@ pub(crate) async fn run(verbose: bool) -> Result<Summary, Error> {
     let (mut seconds, mut top_ups, mut receipt) = (0, 0, None);
     while let Some(message) = socket.next().await {
         match message? {
-            tungstenite::Message::Binary(_audio) => seconds += 1,
+            tungstenite::Message::Binary(_audio) => {
+                // What the client counts bounds what it tops up.
+                stream.received(PER_SECOND);
+                seconds += 1;
+            }
             tungstenite::Message::Text(text) => {
                 if let Ok(problem) = serde_json::from_str::<Problem>(&text) {
                     let answer = stream.top_up(&problem).await?;

@@ -17,6 +17,9 @@
 //! - **new payment**: every request carries a better payment (decoded, checked, signature
 //!   verified, stored and debited in one store operation), one connection, in order.
 //!
+//! `LOAD_PROFILE=fast` (or `bare`) drives one path only, for a profiler: the server's thread is
+//! named `server` (`perf record -g …; perf report --comm server`).
+//!
 //! Not a test: numbers depend on the machine; docs/PERFORMANCE.md has this machine's.
 
 use std::net::SocketAddr;
@@ -79,6 +82,7 @@ fn serve(app: Router) -> SocketAddr {
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
+            .thread_name("server")
             .enable_all()
             .build()
             .unwrap();
@@ -181,8 +185,9 @@ async fn measure<St: ChannelStore + Clone + 'static>(name: &str, store: St) -> R
     let master = bitcoin::bip32::Xpriv::new_master(bitcoin::Network::Regtest, &[5; 32])?;
     let price = MilliSats::from_msat(1);
     let hello = || get(|| async { "hello" });
+    // Every route nested alike, so the comparison is the layer's alone.
     let app = Router::new()
-        .route("/bare", hello())
+        .nest("/bare", Router::new().route("/", hello()))
         .nest(
             "/paid",
             Router::new().route("/", hello()).layer(PaywallLayer::new(
@@ -205,10 +210,41 @@ async fn measure<St: ChannelStore + Clone + 'static>(name: &str, store: St) -> R
         drive(addr, path, 1, 0.2, move |_| Some(header.clone())).await?;
     }
 
+    // For a profile (`perf record -g`, the server's thread is named `server`): one path only.
+    match std::env::var("LOAD_PROFILE").as_deref() {
+        Ok("fast") => {
+            let h = header.clone();
+            let paid = drive(addr, "/paid", connections, seconds, move |_| Some(h.clone())).await?;
+            println!("{name}: fast path only, {:.0} req/s", paid.throughput());
+            return Ok(());
+        }
+        Ok("bare") => {
+            let h = header.clone();
+            let bare = drive(addr, "/bare", connections, seconds, move |_| Some(h.clone())).await?;
+            println!("{name}: bare only, {:.0} req/s", bare.throughput());
+            return Ok(());
+        }
+        Ok("new") => {
+            let payments: Vec<String> = (0..200_000u64)
+                .map(|i| wire::encode_payment(&pay(&channel, &k1, 990_000_001 + i)))
+                .collect();
+            let payments = std::sync::Arc::new(payments);
+            let new = drive(addr, "/paid", 1, seconds, move |i| payments.get(i).cloned()).await?;
+            println!("{name}: new payment only, p50 {} µs", new.percentile(0.5));
+            return Ok(());
+        }
+        _ => {}
+    }
     let (mut fast, mut receipted, mut bare_last, mut fast_last, mut rcpt_last) =
         (Vec::new(), Vec::new(), None, None, None);
+    let mut wire_cost = Vec::new();
     for _ in 0..rounds {
-        let bare = drive(addr, "/bare", connections, seconds, |_| None).await?;
+        // The bare route gets the same header (and ignores it): the ratio is the layer's
+        // cost. The header's own cost on the wire is measured apart.
+        let plain = drive(addr, "/bare", connections, seconds, |_| None).await?;
+        let h = header.clone();
+        let bare = drive(addr, "/bare", connections, seconds, move |_| Some(h.clone())).await?;
+        wire_cost.push(bare.throughput() / plain.throughput());
         let h = header.clone();
         let paid = drive(addr, "/paid", connections, seconds, move |_| Some(h.clone())).await?;
         let h = header.clone();
@@ -235,6 +271,11 @@ async fn measure<St: ChannelStore + Clone + 'static>(name: &str, store: St) -> R
         median(fast)
     );
     println!("  fast + receipts / bare:      {:.3}", median(receipted));
+    println!(
+        "  bare with / without the header: {:.3} (the header's {} bytes on the wire)",
+        median(wire_cost),
+        header.len()
+    );
 
     // New payment every request, one connection, in order: bare, then paid with fresh
     // payments (signed beforehand), alternating.

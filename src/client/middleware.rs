@@ -49,12 +49,14 @@ use crate::wire::{PAYMENT_CHANNEL, PAYMENT_CHANNEL_STREAM, Problem};
 #[derive(Debug)]
 pub struct PaymentMiddleware<St = MemoryClientStore> {
     payer: Payer<St>,
+    /// The client a stream's top-ups use when the payer has no transport of its own.
+    fallback: std::sync::OnceLock<Result<std::sync::Arc<reqwest::Client>, String>>,
 }
 
 impl<St: ClientStore> PaymentMiddleware<St> {
     /// Pays with `payer`.
     pub fn new(payer: Payer<St>) -> Self {
-        Self { payer }
+        Self { payer, fallback: std::sync::OnceLock::new() }
     }
 
     /// The payer.
@@ -97,10 +99,18 @@ impl<St: ClientStore + 'static> PaymentMiddleware<St> {
         path: String,
     ) -> reqwest::Response {
         let url = response.url().clone();
-        let transport = self
-            .payer
-            .own_transport()
-            .unwrap_or_else(|_| std::sync::Arc::new(reqwest::Client::new()));
+        let transport = self.payer.own_transport().unwrap_or_else(|_| {
+            let client = self.fallback.get_or_init(|| {
+                // No redirects: the payment header stays on the payer's origin.
+                let client =
+                    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build();
+                client.map(std::sync::Arc::new).map_err(|e| e.to_string())
+            });
+            match client {
+                Ok(client) => std::sync::Arc::clone(client) as std::sync::Arc<dyn Transport>,
+                Err(e) => std::sync::Arc::new(Unreachable(e.clone())),
+            }
+        });
         let balance = balance(response.headers());
         let (mut head, body) = http::Response::<reqwest::Body>::from(response).into_parts();
         // The URL travels in an extension only reqwest's builder extension can make.
@@ -209,6 +219,16 @@ async fn send(
     }
     let body = read_limited(response).await?;
     Ok(head.body(body)?)
+}
+
+/// No way to the server: every request fails with why.
+struct Unreachable(String);
+
+impl Transport for Unreachable {
+    fn send(&self, _: http::Request<Bytes>) -> TransportFuture<'_> {
+        let error = self.0.clone();
+        Box::pin(async move { Err(format!("no client for top-ups: {error}").into()) })
+    }
 }
 
 /// The client's own requests through the rest of the middleware chain.

@@ -3,10 +3,15 @@
 //! `payment-required` events are answered with a top-up and its closing `payment-receipt`
 //! is checked, both taken out of what the caller reads; a byte stream's bytes are counted and
 //! the channel topped up ahead of the server's need.
+//!
+//! What a stream may cost the client is its own count: the units it received at the
+//! advertised price (at most `max_per_request` each), the unit held, and the policy's
+//! `max_prepaid`. A stream's top-ups, one at a time, never add more than that, whatever the
+//! server's documents say.
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 
 use bitcoin::Amount;
@@ -26,19 +31,49 @@ use crate::wire::{PAYMENT_CHANNEL_STREAM, Problem, StreamUnit, per_kib_cost};
 const MAX_EVENT: usize = 64 * 1024;
 
 /// How far ahead of a byte stream the client tops up: when what it estimates is left covers
-/// fewer than `LOW_WATER_KIB` KiB, it pays for `AHEAD_KIB` KiB more.
+/// fewer than `LOW_WATER_KIB` KiB, it pays for `AHEAD_KIB` KiB more (at most the policy's
+/// `max_prepaid`).
 const LOW_WATER_KIB: u64 = 64;
 const AHEAD_KIB: u64 = 256;
 
+/// One stream's top-ups: what they added (the client's own numbers) and whether one is on
+/// its way. Shared with the background task that makes it.
+#[derive(Debug, Default)]
+pub(crate) struct TopUps {
+    added_msat: AtomicU64,
+    in_flight: AtomicBool,
+}
+
+impl TopUps {
+    /// Claims the right to make the next top-up; `false` while one is on its way.
+    fn start(&self) -> bool {
+        !self.in_flight.swap(true, Ordering::AcqRel)
+    }
+
+    /// The top-up made (or failed): it added `added`.
+    fn done(&self, added: Amount) {
+        let added = MilliSats::from_sat(added).unwrap_or(MilliSats::MAX);
+        self.added_msat.fetch_add(added.to_msat(), Ordering::Relaxed);
+        self.in_flight.store(false, Ordering::Release);
+    }
+
+    fn added(&self) -> MilliSats {
+        MilliSats::from_msat(self.added_msat.load(Ordering::Relaxed))
+    }
+}
+
 /// What the payer does for a stream; the store's type erased.
 pub(crate) trait StreamHooks: Send + Sync + 'static {
-    /// Answers an in-band top-up request (in the background), adding what it paid more to
-    /// `topped`.
-    fn top_up(&self, problem: Problem, topped: Arc<AtomicU64>);
-    /// Pays `amount` more ahead of a byte stream (in the background).
-    fn top_up_by(&self, amount: Amount);
-    /// Checks the stream's receipt.
-    fn receipt(&self, value: &[u8]);
+    /// Answers an in-band top-up request in the background, adding at most `cap`; records
+    /// what it added in `top_ups` and clears its in-flight mark.
+    fn top_up(&self, problem: Problem, cap: Amount, top_ups: Arc<TopUps>);
+    /// Pays `amount` more ahead of a byte stream in the background, on the stream's channel
+    /// only; records it in `top_ups`.
+    fn top_up_by(&self, amount: Amount, top_ups: Arc<TopUps>);
+    /// The stream delivered units worth `cost` (the client's count).
+    fn delivered(&self, cost: MilliSats);
+    /// Checks the stream's receipt; it may state at most `bound`.
+    fn receipt(&self, value: &[u8], bound: MilliSats);
     /// A stream starts.
     fn started(&self);
     /// An SSE stream ended (the server ended it) without a receipt.
@@ -56,34 +91,55 @@ pub(crate) struct Hooks<St> {
     pub(crate) path: String,
 }
 
+/// Runs `task` on the current tokio runtime; without one (a body polled elsewhere), nothing
+/// is paid and the mark is cleared.
+fn spawn(top_ups: Arc<TopUps>, task: impl Future<Output = ()> + Send + 'static) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => drop(runtime.spawn(task)),
+        Err(_) => {
+            tracing::warn!("a metered stream read outside a tokio runtime: no top-up");
+            top_ups.done(Amount::ZERO);
+        }
+    }
+}
+
 impl<St: ClientStore + 'static> StreamHooks for Hooks<St> {
-    fn top_up(&self, problem: Problem, topped: Arc<AtomicU64>) {
+    fn top_up(&self, problem: Problem, cap: Amount, top_ups: Arc<TopUps>) {
         let (payer, transport) = (self.payer.clone(), Arc::clone(&self.transport));
-        tokio::spawn(async move {
-            match payer.top_up_via(&*transport, &problem).await {
-                Ok(answer) => {
-                    // Against what the server said was paid: an understatement only makes
-                    // the stream's budget run out sooner.
-                    let before = problem.channel.as_ref().map_or(MilliSats::ZERO, |c| c.paid_msat);
-                    let added = answer.paid_msat.saturating_sub(before);
-                    topped.fetch_add(added.to_msat(), Ordering::Relaxed);
+        let task_top_ups = Arc::clone(&top_ups);
+        spawn(top_ups, async move {
+            match payer.top_up_capped(&*transport, &problem, Some(cap)).await {
+                Ok((_, added)) => task_top_ups.done(added),
+                Err(e) => {
+                    tracing::warn!(error = %e, "a stream's top-up failed");
+                    task_top_ups.done(Amount::ZERO);
                 }
-                Err(e) => tracing::warn!(error = %e, "a stream's top-up failed"),
             }
         });
     }
 
-    fn top_up_by(&self, amount: Amount) {
+    fn top_up_by(&self, amount: Amount, top_ups: Arc<TopUps>) {
         let (payer, transport) = (self.payer.clone(), Arc::clone(&self.transport));
-        tokio::spawn(async move {
-            if let Err(e) = payer.top_up_by_via(&*transport, amount).await {
-                tracing::warn!(error = %e, "a top-up ahead of a byte stream failed");
+        let channel = self.sent.id;
+        let task_top_ups = Arc::clone(&top_ups);
+        spawn(top_ups, async move {
+            match payer.top_up_by_on(&*transport, channel, amount).await {
+                Ok((_, added)) => task_top_ups.done(added),
+                Err(e) => {
+                    tracing::warn!(error = %e, "a top-up ahead of a byte stream failed");
+                    task_top_ups.done(Amount::ZERO);
+                }
             }
         });
     }
 
-    fn receipt(&self, value: &[u8]) {
-        let _checked = self.payer.note_stream_receipt(&self.sent, value, &self.method, &self.path);
+    fn delivered(&self, cost: MilliSats) {
+        self.payer.note_streamed(&self.sent, cost);
+    }
+
+    fn receipt(&self, value: &[u8], bound: MilliSats) {
+        let _checked =
+            self.payer.note_stream_receipt(&self.sent, value, &self.method, &self.path, bound);
     }
 
     fn started(&self) {
@@ -95,7 +151,7 @@ impl<St: ClientStore + 'static> StreamHooks for Hooks<St> {
     }
 
     fn ended(&self) {
-        self.payer.stream_ended(&self.sent);
+        self.payer.stream_ended();
     }
 }
 
@@ -108,72 +164,94 @@ pub(crate) enum Found {
     Data,
 }
 
-/// Splits an SSE byte stream into events and takes the payment events out.
-#[derive(Debug, Default)]
+/// Splits an SSE byte stream into events and takes the payment events out. Each byte is
+/// looked at once.
+#[derive(Debug)]
 pub(crate) struct SseScanner {
+    /// The current event's bytes so far.
     buffer: Vec<u8>,
+    /// Where the scan goes on in `buffer`.
+    scan: usize,
+    /// Where the current line starts in `buffer` (`None`: mid-line after a flush).
+    line: Option<usize>,
+    /// An event too long to hold was passed on: the rest of it is passed on unread.
+    skipping: bool,
+}
+
+impl Default for SseScanner {
+    fn default() -> Self {
+        Self { buffer: Vec::new(), scan: 0, line: Some(0), skipping: false }
+    }
 }
 
 impl SseScanner {
     /// Feeds `chunk`; returns what passes on to the caller (whole events, ours taken out) and
-    /// adds ours to `found`.
+    /// adds ours, and a [`Found::Data`] for each event of the application's, to `found`.
     pub(crate) fn push(&mut self, chunk: &[u8], found: &mut Vec<Found>) -> Bytes {
         self.buffer.extend_from_slice(chunk);
         let mut out = Vec::new();
-        let mut start = 0;
-        while let Some((end, next)) = first_event(&self.buffer[start..]) {
-            match ours(&self.buffer[start..start + end]) {
-                Some(Found::Data) => {
-                    found.push(Found::Data);
-                    out.extend_from_slice(&self.buffer[start..start + next]);
+        // Where the current event starts, where to look next, where the current line starts.
+        let (mut event, mut at, mut line) = (0, self.scan, self.line);
+        loop {
+            let Some(offset) = self.buffer[at..].iter().position(|b| matches!(b, b'\n' | b'\r'))
+            else {
+                at = self.buffer.len();
+                break;
+            };
+            let end = at + offset;
+            let next = match (self.buffer[end], self.buffer.get(end + 1)) {
+                (b'\r', Some(b'\n')) => end + 2,
+                // A `\n` may follow: look again with the next chunk.
+                (b'\r', None) => {
+                    at = end;
+                    break;
                 }
-                Some(event) => found.push(event),
-                None => out.extend_from_slice(&self.buffer[start..start + next]),
+                _ => end + 1,
+            };
+            if line == Some(end) {
+                // A blank line: the event `event..end` is whole.
+                let kind = if self.skipping { None } else { ours(&self.buffer[event..end]) };
+                match kind {
+                    Some(Found::Data) => {
+                        found.push(Found::Data);
+                        out.extend_from_slice(&self.buffer[event..next]);
+                    }
+                    Some(ours) => found.push(ours),
+                    None => out.extend_from_slice(&self.buffer[event..next]),
+                }
+                self.skipping = false;
+                event = next;
             }
-            start += next;
+            line = Some(next);
+            at = next;
         }
-        self.buffer.drain(..start);
+        self.buffer.drain(..event);
+        self.scan = at - event;
+        self.line = line.map(|line| line.saturating_sub(event));
         if self.buffer.len() > MAX_EVENT {
+            // Too long to be ours: pass it on, and the rest of the event unread.
+            self.line = (self.line == Some(self.buffer.len())).then_some(0);
             out.append(&mut self.buffer);
+            self.scan = 0;
+            self.skipping = true;
         }
         Bytes::from(out)
     }
 
     /// The stream ended: what was held back.
     pub(crate) fn finish(&mut self) -> Bytes {
+        self.scan = 0;
+        self.line = Some(0);
         Bytes::from(std::mem::take(&mut self.buffer))
     }
 }
 
-/// The first whole event of `data`: where its lines end and where the next event starts
-/// (after the blank line; `\n`, `\r\n` and `\r` all end lines).
-fn first_event(data: &[u8]) -> Option<(usize, usize)> {
-    let mut line = 0;
-    let mut at = 0;
-    while let Some(offset) = data[at..].iter().position(|b| matches!(b, b'\n' | b'\r')) {
-        let end = at + offset;
-        let next = match data[end] {
-            b'\r' => match data.get(end + 1) {
-                Some(b'\n') => end + 2,
-                Some(_) => end + 1,
-                None => return None, // a `\n` may follow
-            },
-            _ => end + 1,
-        };
-        if end == line {
-            return Some((end, next));
-        }
-        line = next;
-        at = next;
-    }
-    None
-}
-
-/// The payment event in `lines`, if it is one.
+/// The payment event in `lines`, if it is one; [`Found::Data`] for an event of the
+/// application's with data. Lines end with `\r\n`, `\n` or `\r`.
 fn ours(lines: &[u8]) -> Option<Found> {
     let text = std::str::from_utf8(lines).ok()?;
     let (mut name, mut data) = ("", Vec::new());
-    for line in text.lines() {
+    for line in text.split("\r\n").flat_map(|l| l.split(['\r', '\n'])) {
         let (field, value) = line.split_once(':').unwrap_or((line, ""));
         let value = value.strip_prefix(' ').unwrap_or(value);
         match field {
@@ -192,81 +270,102 @@ fn ours(lines: &[u8]) -> Option<Found> {
     }
 }
 
-/// A byte stream's count: what the client estimates is left to spend.
-#[derive(Debug)]
-struct ByteCount {
-    per_kib: MilliSats,
-    seen: u64,
-    left: MilliSats,
-}
-
-/// An SSE stream's count: the events received, what they cost, and what the stream's
-/// top-ups added.
-#[derive(Debug)]
-struct EventCount {
-    per_event: MilliSats,
-    events: u64,
-    max_prepaid: MilliSats,
-    topped: Arc<AtomicU64>,
-}
-
-impl EventCount {
-    /// Whether one more in-band top-up is within the stream's budget: what its top-ups added
-    /// so far may not exceed the events received and the one held, plus the policy's
-    /// prepaid allowance. A server that asks again and again without sending gets nothing.
-    fn may_top_up(&self) -> bool {
-        let owed = self.per_event.checked_mul(self.events.saturating_add(1));
-        let budget = owed.map_or(MilliSats::MAX, |owed| owed.saturating_add(self.max_prepaid));
-        MilliSats::from_msat(self.topped.load(Ordering::Relaxed)) <= budget
-    }
-}
-
 /// How the client follows one metered stream.
 struct Watch {
     hooks: Box<dyn StreamHooks>,
-    sse: Option<(SseScanner, Option<EventCount>)>,
-    bytes: Option<ByteCount>,
+    unit: StreamUnit,
+    /// `Some` for an SSE stream.
+    sse: Option<SseScanner>,
+    /// Events (SSE) or bytes received.
+    received: u64,
+    /// What they cost at the advertised price.
+    delivered: MilliSats,
+    /// A byte stream's estimate of what is left to spend.
+    left: MilliSats,
+    max_prepaid: MilliSats,
+    max_per_request: MilliSats,
+    top_ups: Arc<TopUps>,
     /// Whether the SSE stream's receipt came.
     receipted: bool,
 }
 
 impl Watch {
-    fn data(&mut self, chunk: Bytes) -> Bytes {
-        if let Some(count) = &mut self.bytes {
-            let seen = count.seen.saturating_add(chunk.len() as u64);
-            let cost = per_kib_cost(count.per_kib, seen)
-                .saturating_sub(per_kib_cost(count.per_kib, count.seen));
-            count.seen = seen;
-            count.left = count.left.saturating_sub(cost);
-            let low = count.per_kib.checked_mul(LOW_WATER_KIB).unwrap_or(MilliSats::MAX);
-            if count.left < low {
-                let ahead = count.per_kib.checked_mul(AHEAD_KIB).unwrap_or(MilliSats::MAX);
-                let amount = ahead.to_sat_ceil().max(Amount::ONE_SAT);
-                count.left = count
-                    .left
-                    .saturating_add(MilliSats::from_sat(amount).unwrap_or(MilliSats::MAX));
-                self.hooks.top_up_by(amount);
-            }
+    /// The unit's price.
+    fn price(&self) -> MilliSats {
+        match self.unit {
+            StreamUnit::Event(price) | StreamUnit::Kib(price) => price,
         }
-        let Some((scanner, count)) = &mut self.sse else { return chunk };
+    }
+
+    /// What the cost of `received` units is now.
+    fn cost(&self) -> MilliSats {
+        match self.unit {
+            StreamUnit::Event(price) => price.checked_mul(self.received).unwrap_or(MilliSats::MAX),
+            StreamUnit::Kib(price) => per_kib_cost(price, self.received),
+        }
+    }
+
+    /// What the stream's top-ups may still add: what it delivered, the unit held, and
+    /// `max_prepaid`, less what its top-ups already added.
+    fn room(&self) -> MilliSats {
+        self.delivered
+            .saturating_add(self.price())
+            .saturating_add(self.max_prepaid)
+            .saturating_sub(self.top_ups.added())
+    }
+
+    fn count(&mut self, units: u64) {
+        self.received = self.received.saturating_add(units);
+        let cost = self.cost();
+        let new = cost.saturating_sub(self.delivered);
+        self.delivered = cost;
+        self.left = self.left.saturating_sub(new);
+        if new > MilliSats::ZERO {
+            self.hooks.delivered(new);
+        }
+    }
+
+    /// A byte stream: tops up ahead when the estimate runs low.
+    fn ahead(&mut self) {
+        let low = self.price().checked_mul(LOW_WATER_KIB).unwrap_or(MilliSats::MAX);
+        if self.left >= low || !self.top_ups.start() {
+            return;
+        }
+        let ahead = self.price().checked_mul(AHEAD_KIB).unwrap_or(MilliSats::MAX);
+        let amount = ahead.min(self.max_prepaid).to_sat_ceil().max(Amount::ONE_SAT);
+        self.left = self.left.saturating_add(MilliSats::from_sat(amount).unwrap_or(MilliSats::MAX));
+        self.hooks.top_up_by(amount, Arc::clone(&self.top_ups));
+    }
+
+    fn data(&mut self, chunk: Bytes) -> Bytes {
+        let Some(scanner) = &mut self.sse else {
+            self.count(chunk.len() as u64);
+            self.ahead();
+            return chunk;
+        };
         let mut found = Vec::new();
         let out = scanner.push(&chunk, &mut found);
-        if let Some(count) = count {
-            count.events += found.iter().filter(|f| matches!(f, Found::Data)).count() as u64;
-        }
         for event in found {
             match event {
-                Found::TopUp(problem) => match count {
-                    Some(count) if count.may_top_up() => {
-                        self.hooks.top_up(problem, Arc::clone(&count.topped));
+                Found::Data => self.count(1),
+                Found::TopUp(problem) => {
+                    let room = self.room().to_sat_floor();
+                    if room == Amount::ZERO || !self.top_ups.start() {
+                        tracing::warn!("a stream asked for more than it sent, or asked twice");
+                    } else {
+                        self.hooks.top_up(problem, room, Arc::clone(&self.top_ups));
                     }
-                    _ => tracing::warn!("a stream asked for more than it sent: no top-up"),
-                },
+                }
                 Found::Receipt(value) => {
                     self.receipted = true;
-                    self.hooks.receipt(&value);
+                    // The price up front (within `max_per_request`), what was received, and
+                    // the unit in flight.
+                    let bound = self
+                        .delivered
+                        .saturating_add(self.max_per_request)
+                        .saturating_add(self.price());
+                    self.hooks.receipt(&value, bound);
                 }
-                Found::Data => {}
             }
         }
         out
@@ -274,11 +373,12 @@ impl Watch {
 
     /// The server ended the stream: what was held back.
     fn finish(&mut self) -> Bytes {
-        let Some((scanner, _)) = self.sse.as_mut() else { return Bytes::new() };
+        let Some(scanner) = self.sse.as_mut() else { return Bytes::new() };
+        let rest = scanner.finish();
         if !self.receipted {
             self.hooks.no_receipt();
         }
-        scanner.finish()
+        rest
     }
 }
 
@@ -294,11 +394,14 @@ pin_project! {
     /// [`StreamMeter`](crate::server::StreamMeter)), which the client pays as it reads: an SSE
     /// stream's `payment-required` events are answered with a top-up and its
     /// `payment-receipt` is checked, both taken out of what the caller reads; a byte stream
-    /// is counted and the channel topped up ahead of the server's need.
+    /// is counted and the channel topped up ahead of the server's need. A stream's top-ups
+    /// together never add more than what it delivered (at the advertised unit price), the
+    /// unit held, and the policy's `max_prepaid`.
     pub struct PaidBody<B> {
         #[pin]
         inner: B,
         watch: Option<Box<Watch>>,
+        done: bool,
     }
 }
 
@@ -311,11 +414,13 @@ impl<B> std::fmt::Debug for PaidBody<B> {
 impl<B> PaidBody<B> {
     /// A body passed on as it is.
     pub(crate) fn plain(inner: B) -> Self {
-        Self { inner, watch: None }
+        Self { inner, watch: None, done: false }
     }
 
     /// `inner`, a response with `headers` to a request the payer paid: watched when the
-    /// server meters it as a stream (and its unit price is within `max_per_request`).
+    /// server meters it as a stream the client accepts — a unit price within
+    /// `max_per_request`, and for SSE a `text/event-stream` body. Anything else is passed on
+    /// as it is (and, as any answer, judged request by request).
     pub(crate) fn paid(
         inner: B,
         headers: &HeaderMap,
@@ -327,28 +432,35 @@ impl<B> PaidBody<B> {
         let unit = headers
             .get(PAYMENT_CHANNEL_STREAM)
             .and_then(|value| value.to_str().ok()?.parse::<StreamUnit>().ok());
-        let Some(unit) = unit else { return Self::plain(inner) };
-        let (sse, bytes) = match unit {
-            StreamUnit::Event(per_event) => {
-                // In-band top-ups only for a unit price the policy accepts.
-                let count = (per_event <= max_per_request).then(|| EventCount {
-                    per_event,
-                    events: 0,
-                    max_prepaid: MilliSats::from_sat(policy.max_prepaid())
-                        .unwrap_or(MilliSats::MAX),
-                    topped: Arc::default(),
-                });
-                (Some((SseScanner::default(), count)), None)
+        let is_sse = headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .is_some_and(|value| value.trim_start().starts_with("text/event-stream"));
+        let sse = match unit {
+            Some(StreamUnit::Event(price)) if price <= max_per_request && is_sse => {
+                Some(SseScanner::default())
             }
-            StreamUnit::Kib(per_kib) if per_kib <= max_per_request => {
-                let left = balance.unwrap_or(MilliSats::ZERO);
-                (None, Some(ByteCount { per_kib, seen: 0, left }))
-            }
-            _ => (None, None),
+            Some(StreamUnit::Kib(price)) if price <= max_per_request => None,
+            _ => return Self::plain(inner),
         };
         hooks.started();
-        let watch = Watch { hooks: Box::new(hooks), sse, bytes, receipted: false };
-        Self { inner, watch: Some(Box::new(watch)) }
+        let mut watch = Watch {
+            hooks: Box::new(hooks),
+            unit: unit.unwrap_or(StreamUnit::Kib(MilliSats::ZERO)),
+            sse,
+            received: 0,
+            delivered: MilliSats::ZERO,
+            left: balance.unwrap_or(MilliSats::ZERO),
+            max_prepaid: MilliSats::from_sat(policy.max_prepaid()).unwrap_or(MilliSats::MAX),
+            max_per_request,
+            top_ups: Arc::default(),
+            receipted: false,
+        };
+        if watch.sse.is_none() {
+            // A balance already below the mark: pay ahead before the first byte.
+            watch.ahead();
+        }
+        Self { inner, watch: Some(Box::new(watch)), done: false }
     }
 
     /// Whether the body is a metered stream the client pays as it reads.
@@ -369,11 +481,15 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let mut this = self.project();
+        if *this.done {
+            return Poll::Ready(None);
+        }
         loop {
             let frame = match ready!(this.inner.as_mut().poll_frame(cx)) {
                 Some(Ok(frame)) => frame,
                 Some(Err(e)) => return Poll::Ready(Some(Err(e))),
                 None => {
+                    *this.done = true;
                     let rest = this.watch.as_mut().map(|watch| watch.finish()).unwrap_or_default();
                     *this.watch = None;
                     if rest.is_empty() {
@@ -402,7 +518,7 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.watch.is_none() && self.inner.is_end_stream()
+        self.done || (self.watch.is_none() && self.inner.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -445,99 +561,122 @@ mod tests {
         assert_eq!((out.as_str(), found.len()), (expected, 5));
     }
 
-    /// Hooks that count top-ups, each adding `adds` msat, at once.
-    struct Counting {
-        top_ups: Arc<AtomicU64>,
-        adds: u64,
-        ahead: Arc<std::sync::Mutex<Vec<Amount>>>,
+    /// What the hooks were asked to do.
+    #[derive(Default)]
+    struct Asked {
+        /// The caps of in-band top-ups.
+        top_ups: Vec<Amount>,
+        /// The amounts of top-ups ahead.
+        ahead: Vec<Amount>,
+        receipts: Vec<MilliSats>,
+        no_receipt: usize,
+        delivered: MilliSats,
     }
 
-    impl StreamHooks for Counting {
-        fn top_up(&self, _: Problem, topped: Arc<AtomicU64>) {
-            self.top_ups.fetch_add(1, Ordering::Relaxed);
-            topped.fetch_add(self.adds, Ordering::Relaxed);
+    /// Hooks that record what they are asked; the test finishes the top-ups.
+    #[derive(Clone, Default)]
+    struct Recording(Arc<std::sync::Mutex<Asked>>);
+
+    impl StreamHooks for Recording {
+        fn top_up(&self, _: Problem, cap: Amount, _: Arc<TopUps>) {
+            self.0.lock().unwrap().top_ups.push(cap);
         }
-        fn top_up_by(&self, amount: Amount) {
-            self.ahead.lock().unwrap().push(amount);
+        fn top_up_by(&self, amount: Amount, _: Arc<TopUps>) {
+            self.0.lock().unwrap().ahead.push(amount);
         }
-        fn receipt(&self, _: &[u8]) {}
+        fn delivered(&self, cost: MilliSats) {
+            let mut asked = self.0.lock().unwrap();
+            asked.delivered = asked.delivered.saturating_add(cost);
+        }
+        fn receipt(&self, _: &[u8], bound: MilliSats) {
+            self.0.lock().unwrap().receipts.push(bound);
+        }
         fn started(&self) {}
         fn no_receipt(&self) {
-            self.ahead.lock().unwrap().push(Amount::ZERO); // noted as a zero top-up
+            self.0.lock().unwrap().no_receipt += 1;
         }
         fn ended(&self) {}
     }
 
-    fn watch(
-        adds: u64,
-        sse: bool,
-        balance: MilliSats,
-    ) -> (Watch, Arc<AtomicU64>, Arc<std::sync::Mutex<Vec<Amount>>>) {
-        let top_ups = Arc::new(AtomicU64::new(0));
-        let ahead = Arc::default();
-        let hooks = Counting { top_ups: top_ups.clone(), adds, ahead: Arc::clone(&ahead) };
-        let per_unit = MilliSats::from_msat(1_000);
-        let count = EventCount {
-            per_event: per_unit,
-            events: 0,
+    /// A watch of an SSE stream (or a byte stream) at 1 sat a unit, `max_prepaid` 10 sat.
+    fn watch(sse: bool, balance: MilliSats) -> (Watch, Recording) {
+        let hooks = Recording::default();
+        let price = MilliSats::from_msat(1_000);
+        let watch = Watch {
+            hooks: Box::new(hooks.clone()),
+            unit: if sse { StreamUnit::Event(price) } else { StreamUnit::Kib(price) },
+            sse: sse.then(SseScanner::default),
+            received: 0,
+            delivered: MilliSats::ZERO,
+            left: balance,
             max_prepaid: MilliSats::from_msat(10_000),
-            topped: Arc::default(),
+            max_per_request: MilliSats::from_msat(5_000),
+            top_ups: Arc::default(),
+            receipted: false,
         };
-        let (sse, bytes) = if sse {
-            (Some((SseScanner::default(), Some(count))), None)
-        } else {
-            (None, Some(ByteCount { per_kib: per_unit, seen: 0, left: balance }))
-        };
-        (Watch { hooks: Box::new(hooks), sse, bytes, receipted: false }, top_ups, ahead)
+        (watch, hooks)
+    }
+
+    fn ask() -> Bytes {
+        let problem = r#"{"status":402,"code":"insufficient-balance","detail":"more"}"#;
+        Bytes::from(format!("event: {TOP_UP_EVENT}\ndata: {problem}\n\n"))
     }
 
     #[test]
-    fn a_stream_that_asks_without_sending_gets_a_bounded_top_up() {
-        let ask = format!(
-            "event: {TOP_UP_EVENT}\ndata: {}\n\n",
-            r#"{"status":402,"code":"insufficient-balance","detail":"more"}"#
-        );
-        // Each top-up adds a unit and the whole prepaid allowance: two, then nothing.
-        let (mut w, top_ups, _) = watch(11_000, true, MilliSats::ZERO);
-        for _ in 0..10 {
-            w.data(Bytes::from(ask.clone()));
-        }
-        assert_eq!(top_ups.load(Ordering::Relaxed), 2);
-        // Events received earn their price back: one more top-up per 11 events here.
-        for _ in 0..11 {
-            w.data(Bytes::from_static(b"data: token\n\n"));
-        }
-        w.data(Bytes::from(ask.clone()));
-        w.data(Bytes::from(ask));
-        assert_eq!(top_ups.load(Ordering::Relaxed), 3);
+    fn a_stream_that_asks_without_sending_gets_one_bounded_top_up_at_a_time() {
+        let (mut w, hooks) = watch(true, MilliSats::ZERO);
+        // A burst in one chunk: one top-up, capped at a unit and `max_prepaid`.
+        let burst: Vec<u8> = (0..10).flat_map(|_| ask().to_vec()).collect();
+        w.data(Bytes::from(burst));
+        assert_eq!(hooks.0.lock().unwrap().top_ups, [Amount::from_sat(11)]);
+        // It added all of that (the client's own number): nothing more without units.
+        w.top_ups.done(Amount::from_sat(11));
+        w.data(ask());
+        assert_eq!(hooks.0.lock().unwrap().top_ups.len(), 1);
+        // Three events received earn three units of room.
+        w.data(Bytes::from_static(b"data: a\n\ndata: b\n\ndata: c\n\n"));
+        assert_eq!(hooks.0.lock().unwrap().delivered, MilliSats::from_msat(3_000));
+        w.data(ask());
+        assert_eq!(hooks.0.lock().unwrap().top_ups, [Amount::from_sat(11), Amount::from_sat(3)]);
+        // The closing receipt may state what was counted, the price up front and a unit.
+        w.data(Bytes::from(format!("event: {RECEIPT_EVENT}\ndata: r\n\n")));
+        assert_eq!(hooks.0.lock().unwrap().receipts, [MilliSats::from_msat(3_000 + 5_000 + 1_000)]);
     }
 
     #[test]
     fn an_sse_stream_the_server_ends_without_a_receipt_is_reported() {
-        let (mut w, _, noted) = watch(0, true, MilliSats::ZERO);
+        let (mut w, hooks) = watch(true, MilliSats::ZERO);
         w.data(Bytes::from_static(b"data: token\n\n"));
         w.finish();
-        assert_eq!(*noted.lock().unwrap(), [Amount::ZERO], "reported once");
-        let (mut w, _, noted) = watch(0, true, MilliSats::ZERO);
+        assert_eq!(hooks.0.lock().unwrap().no_receipt, 1);
+        let (mut w, hooks) = watch(true, MilliSats::ZERO);
         w.data(Bytes::from(format!("data: token\n\nevent: {RECEIPT_EVENT}\ndata: r\n\n")));
         w.finish();
-        assert!(noted.lock().unwrap().is_empty(), "a receipt came");
+        assert_eq!(hooks.0.lock().unwrap().no_receipt, 0, "a receipt came");
     }
 
     #[test]
-    fn a_byte_stream_is_topped_up_ahead_by_its_own_count() {
-        // 1 sat a KiB; 100 KiB prepaid; the client pays 256 KiB more when under 64 KiB left.
-        let (mut w, _, ahead) = watch(0, false, MilliSats::from_msat(100_000));
+    fn a_byte_stream_is_topped_up_ahead_by_its_own_count_one_at_a_time() {
+        // 1 sat a KiB, 100 KiB prepaid: under 64 KiB left, the client pays `max_prepaid`
+        // (10 sat; 256 KiB would be more) ahead.
+        let (mut w, hooks) = watch(false, MilliSats::from_msat(100_000));
         for _ in 0..36 {
             w.data(Bytes::from(vec![0; 1024]));
         }
-        assert!(ahead.lock().unwrap().is_empty(), "64 KiB left: not yet");
+        assert!(hooks.0.lock().unwrap().ahead.is_empty(), "64 KiB left: not yet");
         w.data(Bytes::from(vec![0; 1024]));
-        assert_eq!(*ahead.lock().unwrap(), [Amount::from_sat(256)]);
-        for _ in 0..256 {
+        assert_eq!(hooks.0.lock().unwrap().ahead, [Amount::from_sat(10)]);
+        w.data(Bytes::from(vec![0; 1024]));
+        assert_eq!(hooks.0.lock().unwrap().ahead.len(), 1, "one at a time");
+        w.top_ups.done(Amount::from_sat(10));
+        // 73 KiB's worth was left after the first; below 64 again after 9 more KiB.
+        for _ in 0..8 {
             w.data(Bytes::from(vec![0; 1024]));
         }
-        assert_eq!(ahead.lock().unwrap().len(), 2, "and again 256 KiB later");
+        assert_eq!(hooks.0.lock().unwrap().ahead.len(), 1);
+        w.data(Bytes::from(vec![0; 1024]));
+        assert_eq!(hooks.0.lock().unwrap().ahead.len(), 2, "low again: again");
+        assert_eq!(hooks.0.lock().unwrap().delivered, MilliSats::from_msat(47_000));
     }
 
     #[test]
@@ -549,5 +688,19 @@ mod tests {
         let long = format!("data: {}", "x".repeat(MAX_EVENT + 1));
         let mut scanner = SseScanner::default();
         assert_eq!(scanner.push(long.as_bytes(), &mut Vec::new()).len(), long.len());
+        // The rest of the long event is passed on unread, even if it looks like ours.
+        let mut found = Vec::new();
+        let tail = format!("x\nevent: {RECEIPT_EVENT}\ndata: r\n\ndata: next\n\n");
+        assert_eq!(scanner.push(tail.as_bytes(), &mut found), tail.as_bytes());
+        assert_eq!(found, [Found::Data], "the next event is read again");
+    }
+
+    #[test]
+    fn payment_events_with_lone_carriage_returns_are_ours() {
+        // (A last `\r` is known to end a line once the next byte comes.)
+        let stream = format!("event: {RECEIPT_EVENT}\rdata: r\r\rdata: x\r\rdata: y");
+        let (out, found) = scan(&[&stream]);
+        assert_eq!(out, "data: x\r\rdata: y");
+        assert_eq!(found, [Found::Receipt(b"r".to_vec()), Found::Data]);
     }
 }

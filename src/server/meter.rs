@@ -185,14 +185,20 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
                 .get::<ActualCost>()
                 .map_or(MilliSats::ZERO, |ActualCost(cost)| price.saturating_sub(*cost))
         };
-        let (mut balance, mut charged) = (paid.balance, price);
+        // Units the handler charged through the stream meter before answering count too.
+        let extra = stream.charged().saturating_sub(price);
+        let (mut balance, mut charged) = (paid.balance, price.saturating_add(extra));
         if give_back > MilliSats::ZERO {
             // If the store fails here the client stays charged for this request; the
             // channel's money is safe either way.
             if let Ok(after) = self.store.credit(paid.channel, give_back).await {
                 balance = after;
-                charged = price.saturating_sub(give_back);
+                charged = charged.saturating_sub(give_back);
             }
+        } else if extra > MilliSats::ZERO
+            && let Ok(Some(record)) = self.store.load(paid.channel).await
+        {
+            balance = record.balance();
         }
         let headers = response.headers_mut();
         headers.insert(PAYMENT_CHANNEL_BALANCE, HeaderValue::from(balance.to_msat()));
@@ -483,6 +489,15 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Units for Meter<St, P> {
             match self.debited(channel, amount, debit, None).await {
                 Ok(paid) => Ok(paid.balance),
                 Err(rejection) => Err(rejection.problem(&self.terms_url)),
+            }
+        })
+    }
+
+    fn try_debit(&self, channel: ChannelId, amount: MilliSats) -> BoxFuture<'_, Option<MilliSats>> {
+        Box::pin(async move {
+            match self.store.debit(channel, amount).await {
+                Ok(Debit::Debited { balance }) => Some(balance),
+                _ => None,
             }
         })
     }

@@ -79,6 +79,15 @@ impl super::stream::Units for ShadowTally {
         Box::pin(std::future::ready(Ok(MilliSats::ZERO)))
     }
 
+    fn try_debit(
+        &self,
+        channel: ChannelId,
+        amount: MilliSats,
+    ) -> super::stream::BoxFuture<'_, Option<MilliSats>> {
+        let debited = super::stream::Units::debit(self, channel, amount);
+        Box::pin(async move { debited.await.ok() })
+    }
+
     fn receipt(
         &self,
         _: ChannelId,

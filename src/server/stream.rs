@@ -42,6 +42,10 @@ pub(super) trait Units: Send + Sync {
         amount: MilliSats,
     ) -> BoxFuture<'_, Result<MilliSats, Problem>>;
 
+    /// Debits `amount` atomically, in one store operation: `Some(balance)`, or `None` if it
+    /// was refused (nothing changed; no problem document is built).
+    fn try_debit(&self, channel: ChannelId, amount: MilliSats) -> BoxFuture<'_, Option<MilliSats>>;
+
     /// The signed receipt of `method path` having been charged `charged` in all, with the
     /// channel's paid and balance as they are now.
     fn receipt(
@@ -91,11 +95,17 @@ pub struct StreamMeter {
     units: Arc<dyn Units>,
     channel: ChannelId,
     hold: Duration,
-    target: Option<Arc<(http::Method, String)>>,
-    charged: Arc<AtomicU64>,
-    /// Set by [`sse`](Self::sse) or [`bytes`](Self::bytes): the `Payment-Channel-Stream`
-    /// header the layer adds to the response.
-    metered: Arc<OnceLock<http::HeaderValue>>,
+    /// One allocation per request (the meter is made for every paid request).
+    shared: Arc<Shared>,
+}
+
+/// What the clones of one request's meter share.
+struct Shared {
+    target: Option<(http::Method, String)>,
+    charged: AtomicU64,
+    /// Set by [`sse`](StreamMeter::sse) or [`bytes`](StreamMeter::bytes): the
+    /// `Payment-Channel-Stream` header the layer adds to the response.
+    metered: OnceLock<http::HeaderValue>,
 }
 
 impl fmt::Debug for StreamMeter {
@@ -154,9 +164,9 @@ impl StreamMeter {
         target: Option<(http::Method, String)>,
         up_front: MilliSats,
     ) -> Self {
-        let charged = Arc::new(AtomicU64::new(up_front.to_msat()));
-        let metered = Arc::new(OnceLock::new());
-        Self { units, channel, hold, target: target.map(Arc::new), charged, metered }
+        let charged = AtomicU64::new(up_front.to_msat());
+        let shared = Arc::new(Shared { target, charged, metered: OnceLock::new() });
+        Self { units, channel, hold, shared }
     }
 
     /// The channel charged.
@@ -173,7 +183,7 @@ impl StreamMeter {
     /// What the request has been charged so far: its price up front and every unit since
     /// (before a 5xx or [`ActualCost`](super::ActualCost) gave any of the price back).
     pub fn charged(&self) -> MilliSats {
-        MilliSats::from_msat(self.charged.load(Ordering::Relaxed))
+        MilliSats::from_msat(self.shared.charged.load(Ordering::Relaxed))
     }
 
     /// Debits `amount` now, atomically, without waiting: the balance left.
@@ -191,7 +201,7 @@ impl StreamMeter {
             .debit(self.channel, amount)
             .await
             .map_err(|problem| Exhausted { problem })?;
-        self.charged.fetch_add(amount.to_msat(), Ordering::Relaxed);
+        self.shared.charged.fetch_add(amount.to_msat(), Ordering::Relaxed);
         Ok(balance)
     }
 
@@ -204,19 +214,26 @@ impl StreamMeter {
     /// The last [`Exhausted`] when the hold elapsed, or at once when the channel is not open
     /// or the store failed; nothing was debited.
     pub async fn wait_and_charge(&self, amount: MilliSats) -> Result<MilliSats, Exhausted> {
+        let exhausted = match self.charge(amount).await {
+            Err(exhausted) if exhausted.can_top_up() => exhausted,
+            done => return done,
+        };
+        // While holding, one store operation per try (no problem document is built).
         let deadline = tokio::time::Instant::now() + self.hold;
         let mut pause = Duration::from_millis(10);
         loop {
-            match self.charge(amount).await {
-                Err(exhausted) if exhausted.can_top_up() => {
-                    let now = tokio::time::Instant::now();
-                    if now >= deadline {
-                        return Err(exhausted);
-                    }
-                    tokio::time::sleep(pause.min(deadline - now)).await;
-                    pause = (pause * 2).min(Duration::from_millis(250));
-                }
-                done => return done,
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(exhausted);
+            }
+            tokio::time::sleep(pause.min(deadline - now)).await;
+            pause = (pause * 2).min(Duration::from_millis(250));
+            if amount == MilliSats::ZERO {
+                return Ok(MilliSats::ZERO);
+            }
+            if let Some(balance) = self.units.try_debit(self.channel, amount).await {
+                self.shared.charged.fetch_add(amount.to_msat(), Ordering::Relaxed);
+                return Ok(balance);
             }
         }
     }
@@ -224,19 +241,19 @@ impl StreamMeter {
     /// The signed receipt of everything the request was charged so far, when the layer signs
     /// receipts.
     pub async fn receipt(&self) -> Option<Receipt> {
-        let target = self.target.as_ref()?;
+        let target = self.shared.target.as_ref()?;
         self.units.receipt(self.channel, target, self.charged()).await
     }
 
     /// The `Payment-Channel-Stream` value of the response, once [`sse`](Self::sse) or
     /// [`bytes`](Self::bytes) metered its body.
     pub(super) fn stream_header(&self) -> Option<http::HeaderValue> {
-        self.metered.get().cloned()
+        self.shared.metered.get().cloned()
     }
 
     fn set_stream_header(&self, unit: StreamUnit) {
         if let Ok(value) = http::HeaderValue::try_from(unit.to_string()) {
-            let _ = self.metered.set(value);
+            let _ = self.shared.metered.set(value);
         }
     }
 
@@ -249,8 +266,10 @@ impl StreamMeter {
     /// Meters a stream of SSE events at `per_event` each, every event debited before it is
     /// sent. When the balance runs out the client gets a [`TOP_UP_EVENT`] and the stream
     /// holds (see [`wait_and_charge`](Self::wait_and_charge)); topped up, it resumes with the
-    /// event it held; otherwise it ends. The last event, however the stream ends (but for a
-    /// client gone), is the [`RECEIPT_EVENT`] when the layer signs receipts. Keep-alive
+    /// event it held; otherwise it ends. When the stream ends — its events done, or not paid
+    /// for — the last event is the [`RECEIPT_EVENT`], when the layer signs receipts (not after
+    /// an error of the application's stream, nor to a client gone). Each `Ok` event is one
+    /// unit: give each data (a client counts the events with data). Keep-alive
     /// comments added by [`Sse::keep_alive`](axum::response::sse::Sse::keep_alive) are free.
     pub fn sse<S, E>(
         self,

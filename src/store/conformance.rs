@@ -367,6 +367,10 @@ async fn list_by_state_earliest_expiry_first<S: ChannelStore>(store: &S, fx: &Fi
     assert_eq!(ids, vec![early.id(), late.id(), timed.id()], "heights by value, then timestamps");
     let open = store.list(ChannelState::Open).await.expect("list");
     assert!(open.iter().all(|r| r.state == ChannelState::Open), "list filters by state");
+    for state in ChannelState::ALL {
+        let listed = store.list(state).await.expect("list").len();
+        assert_eq!(store.count(state).await, Ok(listed), "count({state:?}) is what list finds");
+    }
 }
 
 async fn unknown_channels<S: ChannelStore>(store: &S, fx: &Fixture) {

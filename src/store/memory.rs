@@ -3,8 +3,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use bitcoin::Transaction;
-use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
+use dashmap::{DashMap, DashSet};
 
 use super::{
     ChannelRecord, ChannelState, ChannelStore, Debit, DebitOnce, IdempotencyClaim,
@@ -18,7 +18,9 @@ type Ready<T> = StdReady<Result<T, StoreError>>;
 
 /// The default store: channels in process memory, in a sharded concurrent map.
 ///
-/// Every operation is atomic under the channel's shard lock. Nothing survives a restart:
+/// Every operation is atomic under the channel's shard lock. Channels are also indexed by
+/// state, so [`list`](ChannelStore::list) costs what the listed state holds, however many
+/// channels are settled. Nothing survives a restart:
 /// use it for tests, demos and APIs where losing the unsettled payments of a crash is
 /// acceptable; otherwise use a durable store. Cloning gives another handle to the same map.
 ///
@@ -40,6 +42,14 @@ pub struct MemoryStore {
     /// Changed under the channel's shard lock (taken first), so a claim is atomic with its
     /// debit.
     idempotency: Arc<DashMap<(ChannelId, String), (IdempotencyRecord, u64)>>,
+    /// The channels in each state (by [`ChannelState::ALL`]'s order), changed under the
+    /// channel's shard lock (taken first).
+    by_state: Arc<[DashSet<ChannelId>; ChannelState::ALL.len()]>,
+}
+
+/// `state`'s place in [`ChannelState::ALL`].
+fn slot(state: ChannelState) -> usize {
+    ChannelState::ALL.iter().position(|s| *s == state).unwrap_or(0)
 }
 
 /// How many idempotency records the memory store keeps before it drops the expired ones.
@@ -71,13 +81,25 @@ impl MemoryStore {
             channels: Arc::default(),
             key_index: Arc::new(AtomicU32::new(index)),
             idempotency: Arc::default(),
+            by_state: Arc::default(),
         }
     }
 
-    /// Applies `f` to the channel under its shard lock.
+    /// Applies `f` to the channel under its shard lock, keeping the state index.
     fn update<T>(&self, id: ChannelId, f: impl FnOnce(&mut ChannelRecord) -> T) -> Ready<T> {
         ready(
-            self.channels.get_mut(&id).map(|mut record| f(&mut record)).ok_or(StoreError::NotFound),
+            self.channels
+                .get_mut(&id)
+                .map(|mut record| {
+                    let before = record.state;
+                    let value = f(&mut record);
+                    if record.state != before {
+                        self.by_state[slot(before)].remove(&id);
+                        self.by_state[slot(record.state)].insert(id);
+                    }
+                    value
+                })
+                .ok_or(StoreError::NotFound),
         )
     }
 }
@@ -86,8 +108,10 @@ impl ChannelStore for MemoryStore {
     fn create(&self, record: ChannelRecord) -> impl Future<Output = Result<(), StoreError>> + Send {
         ready(match self.channels.entry(record.id()) {
             Entry::Occupied(_) => Err(StoreError::AlreadyExists),
-            Entry::Vacant(slot) => {
-                slot.insert(record);
+            Entry::Vacant(vacant) => {
+                let (id, state) = (record.id(), record.state);
+                let _locked = vacant.insert(record);
+                self.by_state[slot(state)].insert(id);
                 Ok(())
             }
         })
@@ -226,14 +250,19 @@ impl ChannelStore for MemoryStore {
         &self,
         state: ChannelState,
     ) -> impl Future<Output = Result<Vec<ChannelRecord>, StoreError>> + Send {
-        let mut records: Vec<ChannelRecord> = self
-            .channels
+        // The ids first (no lock held), then each record under its own shard lock.
+        let ids: Vec<ChannelId> = self.by_state[slot(state)].iter().map(|id| *id).collect();
+        let mut records: Vec<ChannelRecord> = ids
             .iter()
+            .filter_map(|id| self.channels.get(id).map(|record| record.clone()))
             .filter(|record| record.state == state)
-            .map(|record| record.clone())
             .collect();
         records.sort_by_key(super::expiry_key);
         ready(Ok(records))
+    }
+
+    fn count(&self, state: ChannelState) -> impl Future<Output = Result<usize, StoreError>> + Send {
+        ready(Ok(self.by_state[slot(state)].len()))
     }
 }
 

@@ -443,6 +443,13 @@ pub trait ChannelStore: Send + Sync + 'static {
         &self,
         state: ChannelState,
     ) -> impl Future<Output = Result<Vec<ChannelRecord>, StoreError>> + Send;
+
+    /// How many channels are in `state`, without reading them: the settlement task counts
+    /// the settled channels it never acts on this way. The default lists them; the crate's
+    /// backends count.
+    fn count(&self, state: ChannelState) -> impl Future<Output = Result<usize, StoreError>> + Send {
+        async move { Ok(self.list(state).await?.len()) }
+    }
 }
 
 /// Sort key for "earliest expiry first": block heights before timestamps, then by value.

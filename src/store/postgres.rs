@@ -457,4 +457,12 @@ impl ChannelStore for PostgresStore {
             .map_err(unavailable)?;
         rows.iter().map(decode).collect()
     }
+
+    async fn count(&self, state: ChannelState) -> Result<usize, StoreError> {
+        let row = self
+            .query_opt("SELECT COUNT(*) FROM paychan_channels WHERE state = $1", &[&state.as_str()])
+            .await?
+            .ok_or_else(|| unavailable("COUNT returned no row"))?;
+        usize::try_from(row.get::<_, i64>(0)).map_err(unavailable)
+    }
 }

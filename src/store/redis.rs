@@ -425,6 +425,11 @@ impl ChannelStore for RedisStore {
         }
         Ok(records)
     }
+
+    async fn count(&self, state: ChannelState) -> Result<usize, StoreError> {
+        let mut connection = self.connection.clone();
+        connection.zcard(self.state_key(state)).await.map_err(unavailable)
+    }
 }
 
 /// Reads the reply of `DEBIT` or `PAY`.

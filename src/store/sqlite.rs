@@ -425,6 +425,19 @@ impl ChannelStore for SqliteStore {
             rows.map(|row| decode_record(row.map_err(unavailable)?)).collect()
         })
     }
+
+    fn count(&self, state: ChannelState) -> impl Future<Output = Result<usize, StoreError>> + Send {
+        self.run(move |tx| {
+            let count: i64 = tx
+                .query_row(
+                    "SELECT COUNT(*) FROM channels WHERE state = ?1",
+                    [state.as_str()],
+                    |row| row.get(0),
+                )
+                .map_err(unavailable)?;
+            usize::try_from(count).map_err(unavailable)
+        })
+    }
 }
 
 /// Makes `payment` the best of channel `id` if it is open and the payment pays more.

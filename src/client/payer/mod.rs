@@ -91,17 +91,26 @@ impl ChargeWatch {
             overcharged: self.overcharged,
             latest_receipt: self.latest_receipt.clone(),
             bad_receipt: self.bad_receipt.clone(),
+            open_streams: self.open_streams,
             ..Self::default()
         }
     }
 
-    /// Forgets what was counted: the next report on the current payment (once no stream
-    /// runs) is the new baseline.
-    fn pause(&mut self) {
-        self.baseline = None;
-        self.sends = 0;
-        self.receipts = 0;
-        self.receipted = MilliSats::ZERO;
+    /// What the channel may have spent by now, beyond the baseline: `max` for each request
+    /// not receipted, the receipts' prices, what the streams delivered, and `slack` for
+    /// each stream still running. `None` before a baseline.
+    fn allowed_spent(&self, max: MilliSats, prepaid: MilliSats) -> Option<MilliSats> {
+        let baseline = self.baseline?;
+        let unreceipted = self.sends.saturating_sub(self.receipts);
+        Some(
+            baseline
+                .saturating_add(self.receipted)
+                .saturating_add(max.checked_mul(unreceipted).unwrap_or(MilliSats::MAX))
+                .saturating_add(self.streamed)
+                .saturating_add(
+                    prepaid.checked_mul(u64::from(self.open_streams)).unwrap_or(MilliSats::MAX),
+                ),
+        )
     }
 }
 
@@ -147,8 +156,11 @@ struct ChargeWatch {
     reported: Option<(MilliSats, MilliSats)>,
     /// Set once a receipt did not verify or add up: the payer stops paying the server.
     bad_receipt: Option<String>,
-    /// Metered streams running on the channel: the watch pauses while there are any.
-    streams: u32,
+    /// Metered streams running (on any channel): each may have been debited up to
+    /// `max_prepaid` beyond what the client has read of it.
+    open_streams: u32,
+    /// What the channel's streams delivered, by the client's own count.
+    streamed: MilliSats,
 }
 
 /// The payer's current channel as the caller may want to see it; see [`Payer::status`].
@@ -297,9 +309,6 @@ impl<S: ClientStore> Payer<S> {
         let paid = MilliSats::from_sat(sent.paid).unwrap_or(MilliSats::MAX);
         charges.reported = Some((paid, balance));
         let spent = paid.saturating_sub(balance);
-        if charges.streams > 0 {
-            return; // what a stream costs is not counted request by request
-        }
         let baseline = match charges.baseline {
             Some(baseline) => baseline,
             // The first report on a channel loaded from the store sets the baseline, but only
@@ -308,11 +317,23 @@ impl<S: ClientStore> Payer<S> {
             None => return,
         };
         let charged = spent.saturating_sub(baseline);
-        let allowed = max.checked_mul(charges.sends).unwrap_or(MilliSats::MAX);
+        let prepaid = self.max_prepaid_msat();
+        let allowed = max
+            .checked_mul(charges.sends)
+            .unwrap_or(MilliSats::MAX)
+            .saturating_add(charges.streamed)
+            .saturating_add(
+                prepaid.checked_mul(u64::from(charges.open_streams)).unwrap_or(MilliSats::MAX),
+            );
         if charged > allowed && charges.overcharged.is_none() {
             tracing::warn!(%charged, %allowed, "the server charged more than the policy allows");
             charges.overcharged = Some((charged, allowed));
         }
+    }
+
+    /// The policy's `max_prepaid`, in msat.
+    pub(super) fn max_prepaid_msat(&self) -> MilliSats {
+        MilliSats::from_sat(self.inner.settings.policy.max_prepaid()).unwrap_or(MilliSats::MAX)
     }
 
     /// Starts watching a channel this payer just opened: nothing spent yet.
@@ -369,20 +390,16 @@ impl<S: ClientStore> Payer<S> {
         if charges.channel == Some(sent.id) {
             charges.receipts += 1;
             charges.receipted = charges.receipted.saturating_add(receipt.price_msat);
-            if let Some(baseline) = charges.baseline {
-                let unreceipted = charges.sends.saturating_sub(charges.receipts);
-                let allowed = baseline
-                    .saturating_add(charges.receipted)
-                    .saturating_add(max.checked_mul(unreceipted).unwrap_or(MilliSats::MAX));
-                if receipt.spent() > allowed {
-                    let why = format!(
-                        "the receipt says {} spent, its receipts add up to {allowed}",
-                        receipt.spent()
-                    );
-                    tracing::warn!(%why, "receipts that do not add up");
-                    charges.bad_receipt.get_or_insert(why);
-                    return;
-                }
+            if let Some(allowed) = charges.allowed_spent(max, self.max_prepaid_msat())
+                && receipt.spent() > allowed
+            {
+                let why = format!(
+                    "the receipt says {} spent, its receipts add up to {allowed}",
+                    receipt.spent()
+                );
+                tracing::warn!(%why, "receipts that do not add up");
+                charges.bad_receipt.get_or_insert(why);
+                return;
             }
         }
         charges.latest_receipt = Some(receipt);

@@ -2,12 +2,14 @@
 //! stream's receipt.
 
 use bitcoin::Amount;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use http::{HeaderValue, Method};
 
 use super::{CurrentPayment, MisbehaviorKind, Payer, misbehaved};
 use crate::MilliSats;
 use crate::client::{ClientError, ClientStore, Transport};
-use crate::wire::{PaymentAnswer, Problem, ProblemCode, Receipt};
+use crate::wire::{ChannelId, PaymentAnswer, Problem, ProblemCode, Receipt};
 
 impl<S: ClientStore> Payer<S> {
     /// Answers a metered stream's request for more money — the problem document of a
@@ -38,6 +40,17 @@ impl<S: ClientStore> Payer<S> {
         transport: &T,
         problem: &Problem,
     ) -> Result<PaymentAnswer, ClientError> {
+        Ok(self.top_up_capped(transport, problem, None).await?.0)
+    }
+
+    /// [`top_up_via`](Self::top_up_via), adding at most `cap` to what the channel pays:
+    /// the answer, and what the payer's own state says the top-up added.
+    pub(crate) async fn top_up_capped<T: Transport + ?Sized>(
+        &self,
+        transport: &T,
+        problem: &Problem,
+        cap: Option<Amount>,
+    ) -> Result<(PaymentAnswer, Amount), ClientError> {
         self.check_trusted()?;
         let policy = &self.inner.settings.policy;
         if let Some(price) = problem.price_msat {
@@ -54,9 +67,11 @@ impl<S: ClientStore> Payer<S> {
             }
             _ => return Err(problem.clone().into()),
         };
-        self.top_up_locked(&mut state, &snapshot).await?;
+        let before = state.channel.as_ref().map_or(Amount::ZERO, |(c, _)| c.paid());
+        self.top_up_locked(&mut state, &snapshot, cap).await?;
+        let added = state.channel.as_ref().map_or(Amount::ZERO, |(c, _)| c.paid()) - before;
         drop(state);
-        self.hand_over(transport).await
+        Ok((self.hand_over(transport).await?, added))
     }
 
     /// Pays `amount` more on the current channel (within the policy's `max_total`) and hands
@@ -82,13 +97,29 @@ impl<S: ClientStore> Payer<S> {
         transport: &T,
         amount: Amount,
     ) -> Result<PaymentAnswer, ClientError> {
+        let channel = self.current().await?.ok_or(ClientError::NoChannel)?.id;
+        Ok(self.top_up_by_on(transport, channel, amount).await?.0)
+    }
+
+    /// [`top_up_by_via`](Self::top_up_by_via) on `channel` only (a stream's; the payer may
+    /// have moved on): the answer and what was added.
+    pub(crate) async fn top_up_by_on<T: Transport + ?Sized>(
+        &self,
+        transport: &T,
+        id: ChannelId,
+        amount: Amount,
+    ) -> Result<(PaymentAnswer, Amount), ClientError> {
         let mut state = self.state().await?;
         let (channel, _) = state.channel.as_ref().ok_or(ClientError::NoChannel)?;
-        let max = channel.channel.params().max_server_amount();
-        let target = channel.paid().checked_add(amount).unwrap_or(max).min(max);
+        if channel.id() != id {
+            return Err(ClientError::NoChannel);
+        }
+        let (before, max) = (channel.paid(), channel.channel.params().max_server_amount());
+        let target = before.checked_add(amount).unwrap_or(max).min(max);
         self.pay_more(&mut state, target).await?;
+        let added = state.channel.as_ref().map_or(before, |(c, _)| c.paid()) - before;
         drop(state);
-        self.hand_over(transport).await
+        Ok((self.hand_over(transport).await?, added))
     }
 
     /// Hands the current payment over on the server's payment endpoint.
@@ -122,24 +153,25 @@ impl<S: ClientStore> Payer<S> {
         Ok(answer)
     }
 
-    /// A metered stream started on the channel `sent` pays on: until every stream has ended,
-    /// what the server reports spent grows by units this payer does not see one by one, so
-    /// the charge watch pauses; it starts again from the next report after the last stream.
-    /// A stream's cost is bounded by the top-ups the policy allows.
-    pub(crate) fn stream_started(&self, sent: &CurrentPayment) {
-        let mut charges = self.charges();
-        if charges.channel == Some(sent.id) {
-            charges.streams += 1;
-            charges.pause();
-        }
+    /// A metered stream started: until it ends, answers may report up to `max_prepaid` more
+    /// spent than counted (units the server debited and sent that the client has not read
+    /// yet).
+    pub(crate) fn stream_started(&self, _sent: &CurrentPayment) {
+        self.charges().open_streams += 1;
     }
 
-    /// A metered stream on `sent`'s channel ended (or was dropped).
-    pub(crate) fn stream_ended(&self, sent: &CurrentPayment) {
+    /// A metered stream ended (or was dropped).
+    pub(crate) fn stream_ended(&self) {
+        let mut charges = self.charges();
+        charges.open_streams = charges.open_streams.saturating_sub(1);
+    }
+
+    /// A stream on `sent`'s channel delivered units worth `cost` (the client's own count):
+    /// the server may have spent that much more than the requests account for.
+    pub(crate) fn note_streamed(&self, sent: &CurrentPayment, cost: MilliSats) {
         let mut charges = self.charges();
         if charges.channel == Some(sent.id) {
-            charges.streams = charges.streams.saturating_sub(1);
-            charges.pause();
+            charges.streamed = charges.streamed.saturating_add(cost);
         }
     }
 
@@ -165,19 +197,23 @@ impl<S: ClientStore> Payer<S> {
             sent,
             method: method.to_string(),
             path: path_and_query.to_owned(),
+            delivered: AtomicU64::new(0),
+            added: AtomicU64::new(0),
         })
     }
 
     /// The receipt that ends a metered stream of `method path_and_query`, sent with `sent`:
-    /// it must verify under K2, be for this channel and this request, and state a payment at
-    /// least the one the request carried. It becomes the latest receipt; a bad one stops
-    /// the payer, as for any receipt.
+    /// it must verify under K2, be for this channel and this request, state a payment at
+    /// least the one the request carried, charge at most `bound` (what the client counted),
+    /// and a spent within what the charge watch allows. It becomes the latest receipt; a bad
+    /// one stops the payer, as for any receipt.
     pub(crate) fn note_stream_receipt(
         &self,
         sent: &CurrentPayment,
         value: &[u8],
         method: &str,
         path_and_query: &str,
+        bound: MilliSats,
     ) -> Result<Receipt, ClientError> {
         let paid = MilliSats::from_sat(sent.paid).unwrap_or(MilliSats::MAX);
         let checked = Receipt::decode(value)
@@ -193,11 +229,24 @@ impl<S: ClientStore> Payer<S> {
                         "the stream's receipt says {} was paid, less than the request carried",
                         receipt.paid_msat
                     ))
+                } else if receipt.price_msat > bound {
+                    Err(format!(
+                        "the stream's receipt charges {}, the client counted at most {bound}",
+                        receipt.price_msat
+                    ))
                 } else {
                     Ok(receipt)
                 }
             });
+        let max = self.inner.settings.policy.max_per_request();
         let mut charges = self.charges();
+        let checked = checked.and_then(|receipt| match charges.allowed_spent(max, self.max_prepaid_msat()) {
+            Some(allowed) if receipt.spent() > allowed => Err(format!(
+                "the stream's receipt says {} spent, the receipts and streams add up to {allowed}",
+                receipt.spent()
+            )),
+            _ => Ok(receipt),
+        });
         match checked {
             Ok(receipt) => {
                 charges.latest_receipt = Some(receipt.clone());
@@ -237,6 +286,9 @@ pub struct PaidStream<S: ClientStore> {
     sent: CurrentPayment,
     method: String,
     path: String,
+    /// What the caller reported received, and what the stream's top-ups added (msat).
+    delivered: AtomicU64,
+    added: AtomicU64,
 }
 
 impl<S: ClientStore> PaidStream<S> {
@@ -245,13 +297,36 @@ impl<S: ClientStore> PaidStream<S> {
         &self.sent.header
     }
 
-    /// Answers the server's top-up request (see [`Payer::top_up`]).
+    /// Reports units received worth `cost` at the price the caller agreed to: what the
+    /// stream's top-ups may add grows by it.
+    pub fn received(&self, cost: MilliSats) {
+        self.delivered.fetch_add(cost.to_msat(), Ordering::Relaxed);
+        self.payer.note_streamed(&self.sent, cost);
+    }
+
+    /// Answers the server's top-up request (see [`Payer::top_up`]), through the payer's
+    /// transport. The stream's top-ups together add at most what was
+    /// [`received`](Self::received), the unit asked for (its price within
+    /// `max_per_request`) and the policy's `max_prepaid`: a server that asks again and again
+    /// without sending gets nothing more.
     ///
     /// # Errors
     ///
-    /// As [`Payer::top_up`].
+    /// As [`Payer::top_up`]; [`ClientError::Policy`] beyond the stream's budget.
     pub async fn top_up(&self, problem: &Problem) -> Result<PaymentAnswer, ClientError> {
-        self.payer.top_up(problem).await
+        let msat = |n: &AtomicU64| MilliSats::from_msat(n.load(Ordering::Relaxed));
+        let prepaid =
+            MilliSats::from_sat(self.payer.policy().max_prepaid()).unwrap_or(MilliSats::MAX);
+        let room = msat(&self.delivered)
+            .saturating_add(problem.price_msat.unwrap_or(MilliSats::ZERO))
+            .saturating_add(prepaid)
+            .saturating_sub(msat(&self.added));
+        let transport = self.payer.own_transport()?;
+        let (answer, added) =
+            self.payer.top_up_capped(&*transport, problem, Some(room.to_sat_floor())).await?;
+        let added = MilliSats::from_sat(added).unwrap_or(MilliSats::MAX);
+        self.added.fetch_add(added.to_msat(), Ordering::Relaxed);
+        Ok(answer)
     }
 
     /// Checks the receipt that ends the stream (the encoded [`Receipt`]) and keeps it as the
@@ -262,12 +337,17 @@ impl<S: ClientStore> PaidStream<S> {
     /// [`ClientError::ServerMisbehaved`] (`BadReceipt`) when it does not verify or is not for
     /// this stream; the payer then stops paying the server.
     pub fn receipt(&self, value: &[u8]) -> Result<Receipt, ClientError> {
-        self.payer.note_stream_receipt(&self.sent, value, &self.method, &self.path)
+        // The price up front and the unit in flight, each within `max_per_request`.
+        let max = self.payer.policy().max_per_request();
+        let bound = MilliSats::from_msat(self.delivered.load(Ordering::Relaxed))
+            .saturating_add(max)
+            .saturating_add(max);
+        self.payer.note_stream_receipt(&self.sent, value, &self.method, &self.path, bound)
     }
 }
 
 impl<S: ClientStore> Drop for PaidStream<S> {
     fn drop(&mut self) {
-        self.payer.stream_ended(&self.sent);
+        self.payer.stream_ended();
     }
 }

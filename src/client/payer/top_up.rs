@@ -60,7 +60,7 @@ impl<S: ClientStore> Payer<S> {
                     return Err(problem.into());
                 }
                 budget.top_ups += 1;
-                self.top_up_locked(&mut state, &snapshot).await
+                self.top_up_locked(&mut state, &snapshot, None).await
             }
             (
                 ProblemCode::InsufficientBalance
@@ -80,10 +80,13 @@ impl<S: ClientStore> Payer<S> {
         }
     }
 
+    /// Tops up from the server's `snapshot`, within the policy and, with `cap`, adding at
+    /// most `cap` to what the channel pays.
     pub(super) async fn top_up_locked(
         &self,
         state: &mut State,
         snapshot: &ChannelSnapshot,
+        cap: Option<Amount>,
     ) -> Result<(), ClientError> {
         let policy = &self.inner.settings.policy;
         policy.check_price(snapshot.price_msat).map_err(ClientError::Policy)?;
@@ -97,6 +100,10 @@ impl<S: ClientStore> Payer<S> {
             .checked_add(snapshot.price_msat.to_sat_ceil())
             .and_then(|need| need.checked_add(policy.max_prepaid()))
             .unwrap_or(Amount::MAX);
+        let most = match cap {
+            Some(cap) => most.min(paid.checked_add(cap).unwrap_or(Amount::MAX)),
+            None => most,
+        };
         if min > most {
             return Err(ClientError::Policy(PolicyRefusal::TopUpTooLarge {
                 asked: min,
