@@ -294,3 +294,81 @@ async fn a_client_retry_with_an_idempotency_key_is_replayed_not_charged() {
     let receipt = payer.latest_receipt().expect("receipts checked");
     assert_eq!(receipt.price_msat, paychan::MilliSats::from_msat(20_000));
 }
+
+/// A WebSocket server that charges without sending and asks for more, again and again: the
+/// client's `PaidStream` pays one unit and `max_prepaid` beyond what it received, then no more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_that_asks_without_sending_gets_a_bounded_top_up() {
+    use axum::extract::ws::{Message, WebSocketUpgrade};
+    use bytes::Bytes;
+    use futures_util::StreamExt;
+    use http_body_util::Full;
+    use paychan::client::{ClientError, ServiceTransport};
+    use paychan::server::{PaywallLayer, RoutePrices, StreamMeter};
+    use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest};
+
+    let price = paychan::MilliSats::from_msat(20_000);
+    let chain = SimulatedChain::new();
+    let negotiation = common::negotiation(&chain, 0x61);
+    let tip = paychan::chain::follow_tip(chain.clone(), std::time::Duration::from_millis(100))
+        .await
+        .unwrap();
+    let prices = RoutePrices::new().route(http::Method::GET, "/drain", price);
+    let drain = move |upgrade: WebSocketUpgrade, meter: StreamMeter| async move {
+        upgrade.on_upgrade(move |mut socket| async move {
+            for _ in 0..5 {
+                // Spend the whole balance without sending anything, then ask.
+                while meter.charge(price).await.is_ok() {}
+                let Err(exhausted) = meter.charge(price).await else { return };
+                if socket.send(Message::Text(exhausted.to_json().into())).await.is_err() {
+                    return;
+                }
+                let _ = meter.wait_and_charge(price).await;
+            }
+        })
+    };
+    let app = axum::Router::new().route("/drain", axum::routing::get(drain)).layer(
+        PaywallLayer::new(paychan::store::MemoryStore::new(), prices, tip)
+            .with_negotiation(negotiation)
+            .stream_hold(std::time::Duration::from_millis(500)),
+    );
+    let addr = serve(app).await;
+    let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let key = bitcoin::bip32::Xpriv::new_master(bitcoin::Network::Regtest, &[0x62; 32]).unwrap();
+    let wallet = paychan::client::KeyWallet::new(common::secret(0x63));
+    let coin = chain.faucet(wallet.script_pubkey(), bitcoin::Amount::from_sat(250_000));
+    wallet.add_coin(coin, chain.utxo(&coin).unwrap());
+    let payer =
+        paychan::client::Payer::builder(&format!("http://{addr}"), bitcoin::Network::Regtest, key)
+            .wallet(wallet)
+            .channel_value(bitcoin::Amount::from_sat(50_000))
+            .transport(ServiceTransport::<_, Full<Bytes>>::new(http))
+            .policy(
+                paychan::client::SpendingPolicy::default()
+                    .with_max_per_request(paychan::MilliSats::from_msat(50_000))
+                    .with_max_prepaid(bitcoin::Amount::from_sat(200)),
+            )
+            .build()
+            .unwrap();
+    payer.open().await.unwrap();
+    let stream = payer.stream(&http::Method::GET, "/drain").await.unwrap();
+    let mut handshake = format!("ws://{addr}/drain").into_client_request().unwrap();
+    handshake.headers_mut().insert(paychan::wire::PAYMENT_CHANNEL, stream.header().clone());
+    let (mut socket, _) = tokio_tungstenite::connect_async(handshake).await.unwrap();
+    let committed = payer.committed().await.unwrap();
+    let mut outcomes = Vec::new();
+    while let Some(Ok(tungstenite::Message::Text(text))) = socket.next().await {
+        let problem: paychan::wire::Problem = serde_json::from_str(&text).unwrap();
+        outcomes.push(stream.top_up(&problem).await.map(|_| ()));
+    }
+    assert!(outcomes.len() >= 2, "{outcomes:?}");
+    assert!(outcomes[0].is_ok(), "the first request is paid: {outcomes:?}");
+    assert!(
+        outcomes[1..].iter().all(|o| matches!(o, Err(ClientError::Policy(_)))),
+        "nothing more without units received: {outcomes:?}"
+    );
+    // One unit and max_prepaid at most, for nothing received.
+    let paid_more = payer.committed().await.unwrap() - committed;
+    assert!(paid_more <= bitcoin::Amount::from_sat(20 + 200), "{paid_more}");
+}

@@ -95,6 +95,17 @@ async fn server_priced<P: Pricing<Body>>(
     bundle: Amount,
     lie: Option<Tamper>,
 ) -> Server {
+    server_priced_with(pricing, terms, bundle, lie, |app| app).await
+}
+
+/// [`server_priced`], its router passed through `wrap` (another layer on top).
+async fn server_priced_with<P: Pricing<Body>>(
+    pricing: P,
+    terms: Terms,
+    bundle: Amount,
+    lie: Option<Tamper>,
+    wrap: impl FnOnce(Router) -> Router,
+) -> Server {
     let chain = SimulatedChain::new();
     let master = Xpriv::new_master(Network::Regtest, &[0x5e; 32]).unwrap();
     let negotiation =
@@ -108,7 +119,7 @@ async fn server_priced<P: Pricing<Body>>(
         .route("/dear", get(|| async { "dear" }))
         .layer(paywall)
         .layer(from_fn_with_state(lie, tamper));
-    let addr = serve(app).await;
+    let addr = serve(wrap(app)).await;
     Server { chain, origin: format!("http://{addr}") }
 }
 
@@ -666,12 +677,32 @@ async fn the_lock_time_comes_from_the_clients_own_tip() {
 /// The user trial of issue #12: a 50-sat route served from the prepaid balance to a client
 /// whose `max_per_request` is 10 sat. The balance the server reports shows the overcharge:
 /// the request was served (what was prepaid is the bound), and the payer pays it no more.
+///
+/// The same server claiming that every answer is a metered stream (`Payment-Channel-Stream`
+/// on plain answers) is judged the same: a claim is not a stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_charges_more_than_the_policy_is_paid_no_more() {
+    for claims_streams in [false, true] {
+        overcharged(claims_streams).await;
+    }
+}
+
+async fn overcharged(claims_streams: bool) {
     let prices = RoutePrices::new()
         .route(http::Method::GET, "/work", MilliSats::from_msat(5_000))
         .route(http::Method::GET, "/dear", MilliSats::from_msat(50_000));
-    let server = server_priced(prices, Terms::default(), Amount::from_sat(1_000), None).await;
+    let wrap = move |app: Router| {
+        if !claims_streams {
+            return app;
+        }
+        app.layer(axum::middleware::map_response(|mut response: Response| async move {
+            let claim = http::HeaderValue::from_static("sse; per-event=1");
+            response.headers_mut().insert(paychan::wire::PAYMENT_CHANNEL_STREAM, claim);
+            response
+        }))
+    };
+    let server =
+        server_priced_with(prices, Terms::default(), Amount::from_sat(1_000), None, wrap).await;
     let wallet = funded_wallet(&server.chain);
     let policy = SpendingPolicy::default().with_max_per_request(MilliSats::from_msat(10_000));
     // A proactive top-up would trigger after the overcharge drained the balance: it must not.

@@ -92,7 +92,14 @@ pub struct Settlement<St, C> {
     /// CPFP children broadcast, by channel.
     bumps: HashMap<ChannelId, Txid>,
     metrics: Arc<Mutex<SettlementMetrics>>,
+    /// Settled channels, counted every [`SETTLED_RECOUNT`] passes and followed in between
+    /// (other nodes' tasks settle too): a pass never reads what it does not act on.
+    settled: Option<usize>,
+    passes: u64,
 }
+
+/// How often (in passes) the settled channels are counted again in the store.
+const SETTLED_RECOUNT: u64 = 100;
 
 /// How long after its expiry a failed channel is still closed if its funding confirms.
 pub const RESCUE_WINDOW_BLOCKS: u32 = 144;
@@ -125,6 +132,8 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
             waiting_since: HashMap::new(),
             bumps: HashMap::new(),
             metrics: Arc::default(),
+            settled: None,
+            passes: 0,
         }
     }
 
@@ -219,7 +228,7 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
                 let span = tracing::info_span!("rescue", channel = %record.id());
                 self.rescue(&record, tip, &mut report).instrument(span).await;
             }
-            self.count_states().await?;
+            self.count_states(&report).await?;
             Ok(report)
         }
         .instrument(span)
@@ -231,13 +240,24 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
     }
 
     /// Counts the channels in every state (after the pass moved some on), without reading
-    /// them.
-    async fn count_states(&self) -> Result<(), SettlementError> {
+    /// them; the settled ones only every [`SETTLED_RECOUNT`] passes.
+    async fn count_states(&mut self, report: &PassReport) -> Result<(), SettlementError> {
         let mut channels = BTreeMap::new();
         for state in ChannelState::ALL {
-            let count = self.store.count(state).await.map_err(SettlementError::Store)?;
+            let count = match (state, self.settled) {
+                (ChannelState::Settled, Some(settled))
+                    if !self.passes.is_multiple_of(SETTLED_RECOUNT) =>
+                {
+                    settled + report.settled
+                }
+                _ => self.store.count(state).await.map_err(SettlementError::Store)?,
+            };
+            if state == ChannelState::Settled {
+                self.settled = Some(count);
+            }
             channels.insert(state.as_str(), count);
         }
+        self.passes += 1;
         let mut metrics = self.metrics.lock().unwrap_or_else(|p| p.into_inner());
         metrics.closes_pending = channels["closing"] + channels["closed"];
         metrics.channels = channels;

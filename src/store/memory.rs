@@ -36,7 +36,7 @@ type Ready<T> = StdReady<Result<T, StoreError>>;
 /// ```
 #[derive(Debug, Clone)]
 pub struct MemoryStore {
-    channels: Arc<DashMap<ChannelId, ChannelRecord>>,
+    channels: Arc<DashMap<ChannelId, Box<Slot>>>,
     key_index: Arc<AtomicU32>,
     /// Idempotency records by channel and key, with when each expires (ms since the epoch).
     /// Changed under the channel's shard lock (taken first), so a claim is atomic with its
@@ -45,6 +45,59 @@ pub struct MemoryStore {
     /// The channels in each state (by [`ChannelState::ALL`]'s order), changed under the
     /// channel's shard lock (taken first).
     by_state: Arc<[DashSet<ChannelId>; ChannelState::ALL.len()]>,
+}
+
+/// How the memory store keeps a channel: boxed, so that the map's free buckets stay small,
+/// and with its best payment serialized (one allocation instead of a transaction's many) and
+/// what it pays beside it.
+#[derive(Debug)]
+struct Slot {
+    channel: crate::channel::Channel,
+    key_index: u32,
+    state: ChannelState,
+    best: Option<Box<[u8]>>,
+    paid: bitcoin::Amount,
+    spent: MilliSats,
+    funded_at: u32,
+}
+
+impl Slot {
+    fn new(record: ChannelRecord) -> Box<Self> {
+        let paid = record.paid_amount();
+        Box::new(Self {
+            best: record.best.as_ref().map(|tx| bitcoin::consensus::serialize(tx).into()),
+            channel: record.channel,
+            key_index: record.key_index,
+            state: record.state,
+            paid,
+            spent: record.spent,
+            funded_at: record.funded_at,
+        })
+    }
+
+    fn record(&self) -> ChannelRecord {
+        ChannelRecord {
+            channel: self.channel.clone(),
+            key_index: self.key_index,
+            state: self.state,
+            // Serialized here from a transaction: it deserializes.
+            best: self
+                .best
+                .as_deref()
+                .and_then(|bytes| bitcoin::consensus::deserialize(bytes).ok()),
+            spent: self.spent,
+            funded_at: self.funded_at,
+        }
+    }
+
+    fn balance(&self) -> MilliSats {
+        MilliSats::from_sat(self.paid).unwrap_or(MilliSats::MAX).saturating_sub(self.spent)
+    }
+
+    fn set_best(&mut self, payment: &Transaction) {
+        self.paid = crate::channel::server_amount(payment);
+        self.best = Some(bitcoin::consensus::serialize(payment).into());
+    }
 }
 
 /// `state`'s place in [`ChannelState::ALL`].
@@ -86,7 +139,7 @@ impl MemoryStore {
     }
 
     /// Applies `f` to the channel under its shard lock, keeping the state index.
-    fn update<T>(&self, id: ChannelId, f: impl FnOnce(&mut ChannelRecord) -> T) -> Ready<T> {
+    fn update<T>(&self, id: ChannelId, f: impl FnOnce(&mut Slot) -> T) -> Ready<T> {
         ready(
             self.channels
                 .get_mut(&id)
@@ -110,7 +163,7 @@ impl ChannelStore for MemoryStore {
             Entry::Occupied(_) => Err(StoreError::AlreadyExists),
             Entry::Vacant(vacant) => {
                 let (id, state) = (record.id(), record.state);
-                let _locked = vacant.insert(record);
+                let _locked = vacant.insert(Slot::new(record));
                 self.by_state[slot(state)].insert(id);
                 Ok(())
             }
@@ -121,7 +174,7 @@ impl ChannelStore for MemoryStore {
         &self,
         id: ChannelId,
     ) -> impl Future<Output = Result<Option<ChannelRecord>, StoreError>> + Send {
-        ready(Ok(self.channels.get(&id).map(|record| record.clone())))
+        ready(Ok(self.channels.get(&id).map(|slot| slot.record())))
     }
 
     fn store_payment(
@@ -129,7 +182,7 @@ impl ChannelStore for MemoryStore {
         id: ChannelId,
         payment: Transaction,
     ) -> impl Future<Output = Result<StorePayment, StoreError>> + Send {
-        self.update(id, move |record| store(record, payment))
+        self.update(id, move |record| store(record, &payment))
     }
 
     fn debit(
@@ -147,7 +200,7 @@ impl ChannelStore for MemoryStore {
         amount: MilliSats,
     ) -> impl Future<Output = Result<Debit, StoreError>> + Send {
         self.update(id, move |record| {
-            let _stored_or_stale = store(record, payment.into_transaction());
+            let _stored_or_stale = store(record, payment.transaction());
             debit(record, amount)
         })
     }
@@ -164,7 +217,7 @@ impl ChannelStore for MemoryStore {
                 matches!(record.state, ChannelState::Open | ChannelState::Pending) && covered;
             if closes {
                 record.state = ChannelState::Closing;
-                record.best = Some(payment.into_transaction());
+                record.set_best(payment.transaction());
             }
             closes
         })
@@ -254,7 +307,7 @@ impl ChannelStore for MemoryStore {
         let ids: Vec<ChannelId> = self.by_state[slot(state)].iter().map(|id| *id).collect();
         let mut records: Vec<ChannelRecord> = ids
             .iter()
-            .filter_map(|id| self.channels.get(id).map(|record| record.clone()))
+            .filter_map(|id| self.channels.get(id).map(|slot| slot.record()))
             .filter(|record| record.state == state)
             .collect();
         records.sort_by_key(super::expiry_key);
@@ -267,17 +320,17 @@ impl ChannelStore for MemoryStore {
 }
 
 /// Makes `payment` the best of `record` if it is open and the payment pays more.
-fn store(record: &mut ChannelRecord, payment: Transaction) -> StorePayment {
-    let best = record.paid_amount();
-    if crate::channel::server_amount(&payment) <= best || record.state != ChannelState::Open {
+fn store(record: &mut Slot, payment: &Transaction) -> StorePayment {
+    let best = record.paid;
+    if crate::channel::server_amount(payment) <= best || record.state != ChannelState::Open {
         return StorePayment::Stale { best };
     }
-    record.best = Some(payment);
+    record.set_best(payment);
     StorePayment::Stored { balance: record.balance() }
 }
 
 /// Debits `amount` from `record` if it is open and its balance covers it.
-fn debit(record: &mut ChannelRecord, amount: MilliSats) -> Debit {
+fn debit(record: &mut Slot, amount: MilliSats) -> Debit {
     if record.state != ChannelState::Open {
         return Debit::NotOpen { state: record.state };
     }
