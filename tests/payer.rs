@@ -1208,3 +1208,40 @@ async fn a_payer_that_requires_receipts_stops_paying_a_server_that_sends_none() 
         }
     }
 }
+
+/// The idle close: a payer that sends nothing for a while closes its channel fairly by
+/// itself; the server settles at what it metered, and the next request opens a new channel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_channel_is_closed_fairly_by_the_payer() {
+    let server = server().await;
+    let wallet = funded_wallet(&server.chain);
+    let payer = builder(&server, &wallet)
+        .transport(ServiceTransport::<_, Full<Bytes>>::new(http_client()))
+        .build()
+        .unwrap();
+    let (mut client, _) = paying_client(&payer);
+    for _ in 0..3 {
+        assert_eq!(get_work(&mut client, &server.origin).await.unwrap().0, StatusCode::OK);
+    }
+    let first = payer.channel().await.unwrap().expect("a channel");
+    let idle = tokio::spawn(payer.clone().close_when_idle(Duration::from_millis(600)));
+    // Busy: requests every 100 ms keep the channel open.
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        get_work(&mut client, &server.origin).await.unwrap();
+    }
+    assert_eq!(payer.channel().await.unwrap().map(|c| c.id()), Some(first.id()));
+    // Idle: closed, at what was metered (8 requests), rounded up to the satoshi.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert!(payer.channel().await.unwrap().is_none(), "the idle channel was closed");
+    let snapshot = server_channel(&server, &first.id().to_string()).await;
+    assert_ne!(snapshot["state"], "open", "{snapshot}");
+    let metered = PRICE.checked_mul(8).unwrap().to_sat_ceil();
+    assert_eq!(snapshot["paid_msat"], metered.to_sat() * 1_000, "settled at the metered amount");
+    // The next request opens a new channel (the wallet's change confirmed: served at once).
+    server.chain.mine(1);
+    assert_eq!(get_work(&mut client, &server.origin).await.unwrap().0, StatusCode::OK);
+    let second = payer.channel().await.unwrap().expect("a new channel");
+    assert_ne!(second.id(), first.id());
+    idle.abort();
+}

@@ -197,6 +197,37 @@ impl<S: ClientStore> Payer<S> {
         Ok(refunded)
     }
 
+    /// The idle close: whenever the payer has a channel and has sent nothing on it for
+    /// `idle` (and no metered stream runs), closes it fairly ([`close`](Self::close), through
+    /// the payer's [transport](super::PayerBuilder::transport)): the server settles at what it
+    /// metered and the unused prepaid amount comes back. The next request opens a new
+    /// channel. Runs forever; spawn it beside the client
+    /// (`tokio::spawn(payer.clone().close_when_idle(Duration::from_secs(3_600)))`). A failed
+    /// close is logged and tried again at the next check (every quarter of `idle`).
+    ///
+    /// The close is the client's to start: the server cannot sign for the client, and a
+    /// server-side idle timer would cost a store write per request to know when the channel
+    /// was last used. A request sent while the close is under way meets a closing channel and
+    /// opens a new one.
+    pub async fn close_when_idle(self, idle: std::time::Duration) {
+        let every = (idle / 4).max(std::time::Duration::from_millis(10));
+        let since = std::time::Instant::now();
+        loop {
+            tokio::time::sleep(every).await;
+            if self.read_current().is_none() || !self.idle_since(since, idle) {
+                continue;
+            }
+            match self.close().await {
+                Ok(closed) => tracing::info!(
+                    channel = %closed.channel,
+                    server_amount = %closed.server_amount,
+                    "idle channel closed"
+                ),
+                Err(error) => tracing::warn!(%error, "closing the idle channel failed"),
+            }
+        }
+    }
+
     /// Runs [`refund_expired`](Self::refund_expired) every `every`, forever: spawn it beside
     /// the client (`tokio::spawn(payer.clone().refund_when_final(Duration::from_secs(600)))`)
     /// and the money of a vanished server comes back without anyone asking. Failures are

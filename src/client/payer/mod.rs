@@ -92,6 +92,7 @@ impl ChargeWatch {
             latest_receipt: self.latest_receipt.clone(),
             bad_receipt: self.bad_receipt.clone(),
             open_streams: self.open_streams,
+            last_send: self.last_send,
             ..Self::default()
         }
     }
@@ -161,6 +162,8 @@ struct ChargeWatch {
     open_streams: u32,
     /// What the channel's streams delivered, by the client's own count.
     streamed: MilliSats,
+    /// When the last request left (on any channel).
+    last_send: Option<Instant>,
 }
 
 /// The payer's current channel as the caller may want to see it; see [`Payer::status`].
@@ -296,6 +299,15 @@ impl<S: ClientStore> Payer<S> {
             *charges = charges.for_channel(channel, None);
         }
         charges.sends += 1;
+        charges.last_send = Some(Instant::now());
+    }
+
+    /// Whether nothing was sent for `idle` since `since` (or the last request, if later) and
+    /// no stream runs.
+    pub(super) fn idle_since(&self, since: Instant, idle: std::time::Duration) -> bool {
+        let charges = self.charges();
+        let last = charges.last_send.map_or(since, |sent| sent.max(since));
+        charges.open_streams == 0 && last.elapsed() >= idle
     }
 
     /// The server answered a request that carried `sent` with `balance` left: checks what it
