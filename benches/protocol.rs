@@ -3,33 +3,19 @@
 
 use std::hint::black_box;
 
-use bitcoin::absolute::LockTime;
 use bitcoin::hashes::Hash;
-use bitcoin::secp256k1::{Message, Secp256k1, SecretKey};
+use bitcoin::secp256k1::{Message, Secp256k1};
 use bitcoin::sighash::{EcdsaSighashType, SighashCache};
-use bitcoin::{Amount, CompressedPublicKey, OutPoint, ScriptBuf, Txid, ecdsa};
+use bitcoin::{Amount, OutPoint, Txid, ecdsa};
 use criterion::{Criterion, criterion_group, criterion_main};
-use paychan::channel::{ChainTip, Terms};
 use paychan::wire;
 
+mod common;
+
 fn protocol(c: &mut Criterion) {
-    let secp = Secp256k1::new();
-    let (k1, k2) =
-        (SecretKey::from_slice(&[1; 32]).unwrap(), SecretKey::from_slice(&[2; 32]).unwrap());
-    let pk = |k: &SecretKey| CompressedPublicKey(k.public_key(&secp));
-    let script = |k: &SecretKey| ScriptBuf::new_p2wpkh(&pk(k).wpubkey_hash());
-    let tip = ChainTip { height: 800_000, median_time_past: 1_700_000_000 };
-    let params = Terms::default()
-        .agree(
-            pk(&k1),
-            pk(&k2),
-            Amount::from_sat(100_000),
-            LockTime::from_height(801_000).unwrap(),
-            script(&k1),
-            script(&k2),
-            tip,
-        )
-        .unwrap();
+    let (k1, k2) = (common::client_key(), common::server_key());
+    let tip = common::TIP;
+    let params = common::params(Amount::from_sat(100_000));
     let channel = params.clone().at(OutPoint { txid: Txid::from_byte_array([3; 32]), vout: 0 });
     let pay = |sat| {
         let mut tx = channel.build_payment(Amount::from_sat(sat)).unwrap();
@@ -52,7 +38,7 @@ fn protocol(c: &mut Criterion) {
     let ws = params.witness_script();
     let sig = ecdsa::Signature::from_slice(next.input[0].witness.nth(0).unwrap()).unwrap();
     let verifier = Secp256k1::verification_only();
-    let client_key = pk(&k1).0;
+    let client_key = params.client_key.0;
     c.bench_function("raw_sighash_and_verify", |b| {
         b.iter(|| {
             let sighash = SighashCache::new(black_box(&next))

@@ -6,38 +6,23 @@
 
 use std::hint::black_box;
 
-use bitcoin::absolute::LockTime;
 use bitcoin::bip32::Xpriv;
 use bitcoin::hashes::{Hash, sha256d};
-use bitcoin::secp256k1::{Secp256k1, SecretKey};
-use bitcoin::{Amount, CompressedPublicKey, Network, OutPoint, ScriptBuf, Transaction, Txid};
+use bitcoin::{Amount, Network, OutPoint, Transaction, Txid};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use paychan::Settlement;
 use paychan::chain::sim::SimulatedChain;
-use paychan::channel::{ChainTip, ChannelParams, Terms};
+use paychan::channel::ChannelParams;
 use paychan::store::{ChannelRecord, ChannelState, ChannelStore, MemoryStore};
 use paychan::wire::ChannelId;
+
+mod common;
 
 /// A channel's parameters and a signed payment, shared by every record (each record still
 /// holds its own copies, as a store does).
 fn template() -> (ChannelParams, Transaction) {
-    let secp = Secp256k1::new();
-    let (k1, k2) =
-        (SecretKey::from_slice(&[1; 32]).unwrap(), SecretKey::from_slice(&[2; 32]).unwrap());
-    let pk = |k: &SecretKey| CompressedPublicKey(k.public_key(&secp));
-    let script = |k: &SecretKey| ScriptBuf::new_p2wpkh(&pk(k).wpubkey_hash());
-    let tip = ChainTip { height: 800_000, median_time_past: 1_700_000_000 };
-    let params = Terms::default()
-        .agree(
-            pk(&k1),
-            pk(&k2),
-            Amount::from_sat(1_000_000),
-            LockTime::from_height(801_000).unwrap(),
-            script(&k1),
-            script(&k2),
-            tip,
-        )
-        .unwrap();
+    let k1 = common::client_key();
+    let params = common::params(Amount::from_sat(1_000_000));
     let channel = params.clone().at(outpoint(0));
     let mut payment = channel.build_payment(Amount::from_sat(10_000)).unwrap();
     channel.sign_payment(&mut payment, &k1).unwrap();

@@ -3,34 +3,19 @@
 
 use std::hint::black_box;
 
-use bitcoin::absolute::LockTime;
 use bitcoin::hashes::Hash;
-use bitcoin::secp256k1::{Secp256k1, SecretKey};
-use bitcoin::{Amount, CompressedPublicKey, OutPoint, ScriptBuf, Transaction, Txid};
+use bitcoin::{Amount, OutPoint, Transaction, Txid};
 use criterion::{Criterion, criterion_group, criterion_main};
 use paychan::MilliSats;
-use paychan::channel::{ChainTip, Channel, Terms};
+use paychan::channel::Channel;
 use paychan::store::{ChannelRecord, ChannelStore, MemoryStore};
 use paychan::wire::ChannelId;
 
+mod common;
+
 fn fixture(run: u64) -> (Channel, Vec<Transaction>) {
-    let secp = Secp256k1::new();
-    let (k1, k2) =
-        (SecretKey::from_slice(&[1; 32]).unwrap(), SecretKey::from_slice(&[2; 32]).unwrap());
-    let pk = |k: &SecretKey| CompressedPublicKey(k.public_key(&secp));
-    let script = |k: &SecretKey| ScriptBuf::new_p2wpkh(&pk(k).wpubkey_hash());
-    let tip = ChainTip { height: 800_000, median_time_past: 1_700_000_000 };
-    let channel = Terms::default()
-        .agree(
-            pk(&k1),
-            pk(&k2),
-            Amount::from_sat(10_000_000),
-            LockTime::from_height(801_000).unwrap(),
-            script(&k1),
-            script(&k2),
-            tip,
-        )
-        .unwrap()
+    let k1 = common::client_key();
+    let channel = common::params(Amount::from_sat(10_000_000))
         // A channel id of its own per run, so that shared databases never see it twice.
         .at(OutPoint {
             txid: Txid::from_byte_array([3; 32]),

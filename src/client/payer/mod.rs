@@ -193,6 +193,26 @@ pub(crate) struct CurrentPayment {
     pub(crate) server_key: bitcoin::secp256k1::PublicKey,
 }
 
+/// A receipt (`value`) that verifies under `sent`'s K2, for its channel and for `method
+/// path_and_query`; or why not.
+pub(super) fn verified_receipt(
+    sent: &CurrentPayment,
+    value: &[u8],
+    method: &str,
+    path_and_query: &str,
+) -> Result<Receipt, String> {
+    let receipt = Receipt::decode(value)
+        .and_then(|receipt| receipt.verify(&sent.server_key).map(|()| receipt))
+        .map_err(|e| e.to_string())?;
+    if receipt.channel != sent.id {
+        Err("the receipt is for another channel".to_owned())
+    } else if !receipt.is_for(method, path_and_query) {
+        Err("the receipt is for another request".to_owned())
+    } else {
+        Ok(receipt)
+    }
+}
+
 pub(super) fn misbehaved(kind: MisbehaviorKind, what: impl Into<String>) -> ClientError {
     ClientError::ServerMisbehaved(Misbehavior::new(kind, what))
 }
@@ -367,29 +387,19 @@ impl<S: ClientStore> Payer<S> {
         path_and_query: &str,
     ) {
         let max = self.inner.settings.policy.max_per_request();
-        let checked = Receipt::decode(value)
-            .and_then(|receipt| receipt.verify(&sent.server_key).map(|()| receipt))
-            .map_err(|e| e.to_string())
-            .and_then(|receipt| {
-                let paid = MilliSats::from_sat(sent.paid).unwrap_or(MilliSats::MAX);
-                if receipt.channel != sent.id {
-                    Err("the receipt is for another channel".to_owned())
-                } else if !receipt.is_for(method, path_and_query) {
-                    Err("the receipt is for another request".to_owned())
-                } else if receipt.paid_msat != paid {
-                    Err(format!(
-                        "the receipt says {} was paid, the request carried {paid}",
-                        receipt.paid_msat
-                    ))
-                } else if receipt.price_msat > max {
-                    Err(format!(
-                        "the receipt charges {}, above the policy's {max}",
-                        receipt.price_msat
-                    ))
-                } else {
-                    Ok(receipt)
-                }
-            });
+        let paid = MilliSats::from_sat(sent.paid).unwrap_or(MilliSats::MAX);
+        let checked = verified_receipt(sent, value, method, path_and_query).and_then(|receipt| {
+            if receipt.paid_msat != paid {
+                Err(format!(
+                    "the receipt says {} was paid, the request carried {paid}",
+                    receipt.paid_msat
+                ))
+            } else if receipt.price_msat > max {
+                Err(format!("the receipt charges {}, above the policy's {max}", receipt.price_msat))
+            } else {
+                Ok(receipt)
+            }
+        });
         let mut charges = self.charges();
         let receipt = match checked {
             Ok(receipt) => receipt,

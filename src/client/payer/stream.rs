@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use http::{HeaderValue, Method};
 
-use super::{CurrentPayment, MisbehaviorKind, Payer, misbehaved};
+use super::{CurrentPayment, MisbehaviorKind, Payer, misbehaved, verified_receipt};
 use crate::MilliSats;
 use crate::client::{ClientError, ClientStore, Transport};
 use crate::wire::{ChannelId, PaymentAnswer, Problem, ProblemCode, Receipt};
@@ -216,31 +216,25 @@ impl<S: ClientStore> Payer<S> {
         bound: MilliSats,
     ) -> Result<Receipt, ClientError> {
         let paid = MilliSats::from_sat(sent.paid).unwrap_or(MilliSats::MAX);
-        let checked = Receipt::decode(value)
-            .and_then(|receipt| receipt.verify(&sent.server_key).map(|()| receipt))
-            .map_err(|e| e.to_string())
-            .and_then(|receipt| {
-                if receipt.channel != sent.id {
-                    Err("the stream's receipt is for another channel".to_owned())
-                } else if !receipt.is_for(method, path_and_query) {
-                    Err("the stream's receipt is for another request".to_owned())
-                } else if receipt.paid_msat < paid {
-                    Err(format!(
-                        "the stream's receipt says {} was paid, less than the request carried",
-                        receipt.paid_msat
-                    ))
-                } else if receipt.price_msat > bound {
-                    Err(format!(
-                        "the stream's receipt charges {}, the client counted at most {bound}",
-                        receipt.price_msat
-                    ))
-                } else {
-                    Ok(receipt)
-                }
-            });
         let max = self.inner.settings.policy.max_per_request();
+        let checked = verified_receipt(sent, value, method, path_and_query).and_then(|receipt| {
+            if receipt.paid_msat < paid {
+                Err(format!(
+                    "the stream's receipt says {} was paid, less than the request carried",
+                    receipt.paid_msat
+                ))
+            } else if receipt.price_msat > bound {
+                Err(format!(
+                    "the stream's receipt charges {}, the client counted at most {bound}",
+                    receipt.price_msat
+                ))
+            } else {
+                Ok(receipt)
+            }
+        });
         let mut charges = self.charges();
-        let checked = checked.and_then(|receipt| match charges.allowed_spent(max, self.max_prepaid_msat()) {
+        let allowed = charges.allowed_spent(max, self.max_prepaid_msat());
+        let checked = checked.and_then(|receipt| match allowed {
             Some(allowed) if receipt.spent() > allowed => Err(format!(
                 "the stream's receipt says {} spent, the receipts and streams add up to {allowed}",
                 receipt.spent()
