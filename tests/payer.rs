@@ -1245,3 +1245,83 @@ async fn an_idle_channel_is_closed_fairly_by_the_payer() {
     assert_ne!(second.id(), first.id());
     idle.abort();
 }
+
+/// Linked receipts: each request names the digest of the latest receipt the client holds
+/// (`Payment-Receipt-Prev`) and the server signs its receipt with that link, so the client's
+/// receipts form a chain; a server that drops or changes a link is paid no more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_link_to_the_previous_one_and_a_broken_link_stops_the_payer() {
+    use paychan::bitcoin::secp256k1::SecretKey;
+    use paychan::channel::channel_key;
+    use paychan::store::ChannelStore;
+    use paychan::wire::{PAYMENT_RECEIPT, Receipt};
+
+    type Lie = fn(Receipt, &SecretKey) -> Receipt;
+    let honest: Lie = |r, _| r;
+    let unlinked: Lie = |mut r, k2| {
+        r.prev = None;
+        r.sign(k2)
+    };
+    let relinked: Lie = |mut r, k2| {
+        if r.prev.is_some() {
+            r.prev = Some("07".repeat(32));
+        }
+        r.sign(k2)
+    };
+    for (what, lie) in [("honest", honest), ("unlinked", unlinked), ("relinked", relinked)] {
+        let chain = SimulatedChain::new();
+        let master = Xpriv::new_master(Network::Regtest, &[0x5e; 32]).unwrap();
+        let negotiation = common::negotiation(&chain, 0x5e);
+        let tip = follow_tip(chain.clone(), Duration::from_millis(50)).await.unwrap();
+        let store = MemoryStore::new();
+        let lying = {
+            let store = store.clone();
+            move |request: Request, next: Next| {
+                let store = store.clone();
+                async move {
+                    let mut response = next.run(request).await;
+                    let Some(value) = response.headers().get(PAYMENT_RECEIPT) else {
+                        return response;
+                    };
+                    let receipt = Receipt::decode(value.as_bytes()).unwrap();
+                    let record = store.load(receipt.channel).await.unwrap().unwrap();
+                    let k2 = channel_key(&master, record.key_index).unwrap();
+                    let value = lie(receipt, &k2).encode();
+                    response.headers_mut().insert(PAYMENT_RECEIPT, value.parse().unwrap());
+                    response
+                }
+            }
+        };
+        let app = Router::new()
+            .route("/work", get(|| async { "done" }))
+            .layer(PaywallLayer::new(store, PRICE, tip).with_negotiation(negotiation))
+            .layer(axum::middleware::from_fn(lying));
+        let server = Server { origin: format!("http://{}", serve(app).await), chain };
+        let wallet = funded_wallet(&server.chain);
+        let payer = payer_with(&server, &wallet, MemoryClientStore::new(), policy());
+        let (mut client, _) = paying_client(&payer);
+        let mut chain_of = Vec::new();
+        let mut outcome = Ok(());
+        for _ in 0..4 {
+            match get_work(&mut client, &server.origin).await {
+                Ok(_) => chain_of.push(payer.latest_receipt().unwrap()),
+                Err(e) => {
+                    outcome = Err(e);
+                    break;
+                }
+            }
+        }
+        if what == "honest" {
+            assert!(outcome.is_ok(), "{outcome:?}");
+            assert_eq!(chain_of[0].prev, None, "the first receipt links to nothing");
+            for pair in chain_of.windows(2) {
+                assert_eq!(pair[1].prev_digest(), pair[0].digest(), "each links to the one before");
+            }
+        } else {
+            assert!(
+                matches!(&outcome, Err(ClientError::ServerMisbehaved(m)) if m.kind == MisbehaviorKind::BadReceipt),
+                "{what}: {outcome:?}"
+            );
+        }
+    }
+}

@@ -17,6 +17,7 @@
 //! }
 //! ```
 
+use bitcoin::hex::DisplayHex;
 use http::HeaderValue;
 
 use super::payer::CurrentPayment;
@@ -34,11 +35,13 @@ pub(crate) struct Retry<'a, St> {
     budget: RetryBudget,
     attempt: usize,
     sent: Option<CurrentPayment>,
+    /// The digest of the receipt the attempt links to (`Payment-Receipt-Prev`).
+    prev: Option<[u8; 32]>,
 }
 
 impl<'a, St: ClientStore> Retry<'a, St> {
     pub(crate) fn new(payer: &'a Payer<St>) -> Self {
-        Self { payer, budget: RetryBudget::default(), attempt: 0, sent: None }
+        Self { payer, budget: RetryBudget::default(), attempt: 0, sent: None, prev: None }
     }
 
     /// Starts the next attempt: the `Payment-Channel` header it carries, if any.
@@ -51,10 +54,24 @@ impl<'a, St: ClientStore> Retry<'a, St> {
         self.payer.check_trusted()?;
         self.attempt += 1;
         self.sent = self.payer.current().await?;
+        self.prev = None;
         if let Some(sent) = &self.sent {
             self.payer.note_send(sent.id);
+            self.prev = self.payer.latest_receipt_digest(sent.id);
         }
         Ok(self.sent.as_ref().map(|sent| sent.header.clone()))
+    }
+
+    /// The `Payment-Receipt-Prev` value this attempt carries: the digest of the latest
+    /// receipt on its channel, which the server links its receipt to.
+    pub(crate) fn prev_header(&self) -> Option<HeaderValue> {
+        let prev = self.prev?.to_lower_hex_string();
+        HeaderValue::try_from(prev).ok()
+    }
+
+    /// The receipt digest this attempt links to.
+    pub(crate) fn prev(&self) -> Option<[u8; 32]> {
+        self.prev
     }
 
     /// The payment this attempt carried.
@@ -89,7 +106,8 @@ impl<'a, St: ClientStore> Retry<'a, St> {
         self.payer.note_answer(sent, balance);
         match headers.get(crate::wire::PAYMENT_RECEIPT) {
             Some(receipt) => {
-                self.payer.note_receipt(sent, receipt.as_bytes(), method, path_and_query);
+                let (value, prev) = (receipt.as_bytes(), self.prev);
+                self.payer.note_receipt(sent, value, method, path_and_query, prev);
             }
             None => self.payer.note_missing_receipt("a paid answer without a receipt"),
         }

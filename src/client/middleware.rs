@@ -11,7 +11,7 @@ use super::payer::CurrentPayment;
 use super::stream::{Hooks, PaidBody};
 use super::transport::MAX_BODY;
 use super::{ClientError, ClientStore, MemoryClientStore, Payer, Transport, TransportFuture};
-use crate::wire::{PAYMENT_CHANNEL, PAYMENT_CHANNEL_STREAM, Problem};
+use crate::wire::{PAYMENT_CHANNEL, PAYMENT_CHANNEL_STREAM, PAYMENT_RECEIPT_PREV, Problem};
 
 /// Adds channel payments to a `reqwest-middleware` client: every request to the [`Payer`]'s
 /// server carries the `Payment-Channel` header, and a 402 is answered by paying (top-up or a
@@ -95,6 +95,7 @@ impl<St: ClientStore + 'static> PaymentMiddleware<St> {
         &self,
         response: reqwest::Response,
         sent: CurrentPayment,
+        prev: Option<[u8; 32]>,
         method: &str,
         path: String,
     ) -> reqwest::Response {
@@ -117,8 +118,14 @@ impl<St: ClientStore + 'static> PaymentMiddleware<St> {
         if let Ok(marker) = http::Response::builder().url(url).body(()) {
             head.extensions.extend(marker.into_parts().0.extensions);
         }
-        let hooks =
-            Hooks { payer: self.payer.clone(), transport, sent, method: method.to_owned(), path };
+        let hooks = Hooks {
+            payer: self.payer.clone(),
+            transport,
+            sent,
+            method: method.to_owned(),
+            path,
+            prev,
+        };
         let body = PaidBody::paid(body, &head.headers, hooks, self.payer.policy(), balance);
         reqwest::Response::from(http::Response::from_parts(head, reqwest::Body::wrap(body)))
     }
@@ -148,10 +155,10 @@ impl<St: ClientStore + 'static> Middleware for PaymentMiddleware<St> {
             let Some(mut this) = request.try_clone() else {
                 // A streaming body cannot be sent twice: send it once, as it is.
                 let mut request = request;
-                set_header(&mut request, header);
+                set_header(&mut request, header, retry.prev_header());
                 return next.run(request, extensions).await;
             };
-            set_header(&mut this, header);
+            set_header(&mut this, header, retry.prev_header());
             let this_method = this.method().clone();
             let response = next.clone().run(this, extensions).await?;
             // Redirected to another origin (reqwest follows redirects): that answer is not the
@@ -168,11 +175,11 @@ impl<St: ClientStore + 'static> Middleware for PaymentMiddleware<St> {
                     Some(query) => format!("{}?{query}", url.path()),
                     None => url.path().to_owned(),
                 };
-                let sent = retry.sent().cloned();
+                let (sent, prev) = (retry.sent().cloned(), retry.prev());
                 retry.answered(response.headers(), this_method.as_str(), &path).await;
                 return Ok(match sent {
                     Some(sent) if response.headers().contains_key(PAYMENT_CHANNEL_STREAM) => {
-                        self.paid_stream(response, sent, this_method.as_str(), path)
+                        self.paid_stream(response, sent, prev, this_method.as_str(), path)
                     }
                     _ => response,
                 });
@@ -189,10 +196,18 @@ impl<St: ClientStore + 'static> Middleware for PaymentMiddleware<St> {
     }
 }
 
-fn set_header(request: &mut reqwest::Request, header: Option<http::HeaderValue>) {
+fn set_header(
+    request: &mut reqwest::Request,
+    header: Option<http::HeaderValue>,
+    prev: Option<http::HeaderValue>,
+) {
     request.headers_mut().remove(PAYMENT_CHANNEL);
+    request.headers_mut().remove(PAYMENT_RECEIPT_PREV);
     if let Some(header) = header {
         request.headers_mut().insert(PAYMENT_CHANNEL, header);
+    }
+    if let Some(prev) = prev {
+        request.headers_mut().insert(PAYMENT_RECEIPT_PREV, prev);
     }
 }
 

@@ -89,6 +89,8 @@ pub(crate) struct Hooks<St> {
     pub(crate) sent: CurrentPayment,
     pub(crate) method: String,
     pub(crate) path: String,
+    /// The receipt digest the request linked to.
+    pub(crate) prev: Option<[u8; 32]>,
 }
 
 /// Runs `task` on the current tokio runtime; without one (a body polled elsewhere), nothing
@@ -138,8 +140,8 @@ impl<St: ClientStore + 'static> StreamHooks for Hooks<St> {
     }
 
     fn receipt(&self, value: &[u8], bound: MilliSats) {
-        let _checked =
-            self.payer.note_stream_receipt(&self.sent, value, &self.method, &self.path, bound);
+        let request = (self.method.as_str(), self.path.as_str());
+        let _checked = self.payer.note_stream_receipt(&self.sent, value, request, self.prev, bound);
     }
 
     fn started(&self) {

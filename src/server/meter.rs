@@ -13,10 +13,11 @@ use tower::Service;
 
 use super::idempotency::{self, Idempotency};
 use super::rejection::{Rejection, RejectionKind};
-use super::stream::{BoxFuture, StreamMeter, Units};
+use super::stream::{BoxFuture, StreamMeter, Target, Units};
 use super::{ActualCost, Paid, ShadowTally};
 use crate::MilliSats;
 use bitcoin::bip32::Xpriv;
+use bitcoin::hex::FromHex;
 use bitcoin::secp256k1::SecretKey;
 
 use crate::channel::{
@@ -28,7 +29,7 @@ use crate::store::{
 };
 use crate::wire::{
     self, ChannelId, PAYMENT_CHANNEL, PAYMENT_CHANNEL_BALANCE, PAYMENT_CHANNEL_STREAM,
-    PAYMENT_RECEIPT, PaymentAnswer, Problem, Receipt,
+    PAYMENT_RECEIPT, PAYMENT_RECEIPT_PREV, PaymentAnswer, Problem, Receipt,
 };
 
 /// The meter behind [`Paywall`](super::Paywall): prices a request, identifies its channel,
@@ -159,7 +160,16 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
                 Some(Ok(claim)) => claim,
                 None => None,
             };
-            let target = self.signer.is_some().then(|| (request.method().clone(), path.to_owned()));
+            let target = self.signer.is_some().then(|| Target {
+                method: request.method().clone(),
+                path: path.to_owned(),
+                // A malformed link is no link: the client sees the receipt unlinked.
+                prev: request
+                    .headers()
+                    .get(PAYMENT_RECEIPT_PREV)
+                    .and_then(|value| Vec::<u8>::from_hex(value.to_str().ok()?).ok())
+                    .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok()),
+            });
             (claim, target)
         };
         let (paid, carried) = match self.charge(header, price, claim.as_ref()).await {
@@ -205,9 +215,8 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
         if let Some(unit) = stream.stream_header() {
             headers.insert(PAYMENT_CHANNEL_STREAM, unit);
         }
-        if let Some((method, path)) = target {
-            let receipt =
-                Receipt::new(paid.channel, method.as_str(), &path, charged, carried, balance);
+        if let Some(target) = target {
+            let receipt = target.receipt(paid.channel, charged, carried, balance);
             if let Some(signed) = self.sign(receipt).await
                 && let Ok(value) = HeaderValue::try_from(signed.encode())
             {
@@ -505,20 +514,13 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Units for Meter<St, P> {
     fn receipt(
         &self,
         channel: ChannelId,
-        (method, path): &(http::Method, String),
+        target: &Target,
         charged: MilliSats,
     ) -> BoxFuture<'_, Option<Receipt>> {
-        let (method, path) = (method.clone(), path.clone());
+        let target = target.clone();
         Box::pin(async move {
             let record = self.store.load(channel).await.ok()??;
-            let receipt = Receipt::new(
-                channel,
-                method.as_str(),
-                &path,
-                charged,
-                record.paid(),
-                record.balance(),
-            );
+            let receipt = target.receipt(channel, charged, record.paid(), record.balance());
             self.sign(receipt).await
         })
     }

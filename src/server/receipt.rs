@@ -91,7 +91,7 @@ impl super::stream::Units for ShadowTally {
     fn receipt(
         &self,
         _: ChannelId,
-        _: &(http::Method, String),
+        _: &super::stream::Target,
         _: MilliSats,
     ) -> super::stream::BoxFuture<'_, Option<crate::wire::Receipt>> {
         Box::pin(std::future::ready(None))

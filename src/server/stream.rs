@@ -32,6 +32,32 @@ pub const DEFAULT_HOLD: Duration = Duration::from_secs(10);
 
 pub(super) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// The request a receipt is for: its method and path, and the receipt the client linked it
+/// to (`Payment-Receipt-Prev`).
+#[derive(Debug, Clone)]
+pub(super) struct Target {
+    pub(super) method: http::Method,
+    pub(super) path: String,
+    pub(super) prev: Option<[u8; 32]>,
+}
+
+impl Target {
+    /// The unsigned receipt of this request on `channel`.
+    pub(super) fn receipt(
+        &self,
+        channel: ChannelId,
+        price: MilliSats,
+        paid: MilliSats,
+        balance: MilliSats,
+    ) -> Receipt {
+        let receipt = Receipt::new(channel, self.method.as_str(), &self.path, price, paid, balance);
+        match self.prev {
+            Some(prev) => receipt.with_prev(prev),
+            None => receipt,
+        }
+    }
+}
+
 /// What a [`StreamMeter`] needs of the layer (its store, its refusals, its signer), with the
 /// store's type erased.
 pub(super) trait Units: Send + Sync {
@@ -51,7 +77,7 @@ pub(super) trait Units: Send + Sync {
     fn receipt(
         &self,
         channel: ChannelId,
-        target: &(http::Method, String),
+        target: &Target,
         charged: MilliSats,
     ) -> BoxFuture<'_, Option<Receipt>>;
 }
@@ -101,7 +127,7 @@ pub struct StreamMeter {
 
 /// What the clones of one request's meter share.
 struct Shared {
-    target: Option<(http::Method, String)>,
+    target: Option<Target>,
     charged: AtomicU64,
     /// Set by [`sse`](StreamMeter::sse) or [`bytes`](StreamMeter::bytes): the
     /// `Payment-Channel-Stream` header the layer adds to the response.
@@ -161,7 +187,7 @@ impl StreamMeter {
         units: Arc<dyn Units>,
         channel: ChannelId,
         hold: Duration,
-        target: Option<(http::Method, String)>,
+        target: Option<Target>,
         up_front: MilliSats,
     ) -> Self {
         let charged = AtomicU64::new(up_front.to_msat());

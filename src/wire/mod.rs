@@ -46,7 +46,7 @@ pub use negotiation::{
     PaymentAnswer, RefundRequest, RefundResponse, TERMS_PATH, TermsDocument,
 };
 pub use problem::{ChannelSnapshot, PROBLEM_JSON, PROBLEM_TYPE_PREFIX, Problem, ProblemCode};
-pub use receipt::{PAYMENT_RECEIPT, Receipt, ReceiptError, request_digest};
+pub use receipt::{PAYMENT_RECEIPT, PAYMENT_RECEIPT_PREV, Receipt, ReceiptError, request_digest};
 
 /// The response header of a metered stream ([`StreamMeter`](crate::server::StreamMeter)):
 /// `sse; per-event=<msat>` for SSE events (watch for the `payment-required` event), or

@@ -15,6 +15,11 @@ use crate::MilliSats;
 /// The response header that carries the [`Receipt`] of a paid request.
 pub const PAYMENT_RECEIPT: &str = "payment-receipt";
 
+/// The request header with the [`digest`](Receipt::digest) (hex) of the latest receipt the
+/// client holds on the channel: the server links the new receipt to it
+/// ([`Receipt::prev`]).
+pub const PAYMENT_RECEIPT_PREV: &str = "payment-receipt-prev";
+
 /// The tag of the receipt's signed hash (a BIP-0340 style tagged hash: no Bitcoin
 /// transaction hash, nor any other use of the key, can collide with it).
 const TAG: &[u8] = b"paychan/receipt/v1";
@@ -64,6 +69,11 @@ pub struct Receipt {
     pub paid_msat: MilliSats,
     /// The channel's balance after the request.
     pub balance_msat: MilliSats,
+    /// The digest (hex) of the receipt the client held when it sent the request
+    /// ([`PAYMENT_RECEIPT_PREV`]): each receipt links to the one before, as the client saw
+    /// them. Absent when the client sent none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev: Option<String>,
     /// The server's ECDSA signature (compact, 64 bytes, hex) over [`digest`](Self::digest),
     /// with the channel's server key K2.
     pub sig: String,
@@ -119,8 +129,21 @@ impl Receipt {
             price_msat: price,
             paid_msat: paid,
             balance_msat: balance,
+            prev: None,
             sig: String::new(),
         }
+    }
+
+    /// The same receipt, linked to the receipt whose digest is `prev`.
+    #[must_use]
+    pub fn with_prev(mut self, prev: [u8; 32]) -> Self {
+        self.prev = Some(prev.to_lower_hex_string());
+        self
+    }
+
+    /// The digest of [`prev`](Self::prev), when there is a valid one.
+    pub fn prev_digest(&self) -> Option<[u8; 32]> {
+        <[u8; 32]>::try_from(Vec::<u8>::from_hex(self.prev.as_deref()?).ok()?).ok()
     }
 
     /// What the server had spent of the channel: `paid − balance`.
@@ -135,7 +158,9 @@ impl Receipt {
 
     /// The signed hash: `SHA256(SHA256(tag) ‖ SHA256(tag) ‖ message)` with the tag
     /// `paychan/receipt/v1` and the message `txid (32, internal order) ‖ vout (u32 LE) ‖
-    /// request (32) ‖ price_msat ‖ paid_msat ‖ balance_msat (u64 LE each)`.
+    /// request (32) ‖ price_msat ‖ paid_msat ‖ balance_msat (u64 LE each)`, followed by
+    /// `prev (32)` when the receipt links to a previous one. `None` for a malformed
+    /// `request` or `prev`.
     pub fn digest(&self) -> Option<[u8; 32]> {
         let request = <[u8; 32]>::try_from(Vec::<u8>::from_hex(&self.request).ok()?).ok()?;
         let tag = sha256::Hash::hash(TAG);
@@ -148,6 +173,9 @@ impl Receipt {
         engine.input(&request);
         for amount in [self.price_msat, self.paid_msat, self.balance_msat] {
             engine.input(&amount.to_msat().to_le_bytes());
+        }
+        if self.prev.is_some() {
+            engine.input(&self.prev_digest()?);
         }
         Some(sha256::Hash::from_engine(engine).to_byte_array())
     }
@@ -230,7 +258,17 @@ mod tests {
         assert_eq!(elsewhere.verify(&k2), Err(ReceiptError::Signature));
         assert_eq!(Receipt::decode(b"not base64 json"), Err(ReceiptError::Malformed));
         assert_eq!(Receipt::decode(&[b'A'; 4096]), Err(ReceiptError::Malformed));
-        assert_eq!(Receipt::decode(signed.encode().as_bytes()), Ok(signed));
+        assert_eq!(Receipt::decode(signed.encode().as_bytes()), Ok(signed.clone()));
+        // A link is signed too: changing it, or garbling it, breaks the receipt.
+        let linked = receipt().with_prev([5; 32]).sign(&key);
+        assert_eq!(linked.verify(&k2), Ok(()));
+        assert_ne!(linked.digest(), signed.digest());
+        let mut relinked = linked.clone();
+        relinked.prev = Some("06".repeat(32));
+        assert_eq!(relinked.verify(&k2), Err(ReceiptError::Signature));
+        relinked.prev = Some("zz".into());
+        assert_eq!(relinked.verify(&k2), Err(ReceiptError::Malformed));
+        assert_eq!(Receipt::decode(linked.encode().as_bytes()), Ok(linked));
     }
 
     /// The test vector of docs/HTTP.md: key 0x07…07, this receipt, this digest and signature

@@ -200,6 +200,7 @@ pub(super) fn verified_receipt(
     value: &[u8],
     method: &str,
     path_and_query: &str,
+    prev: Option<[u8; 32]>,
 ) -> Result<Receipt, String> {
     let receipt = Receipt::decode(value)
         .and_then(|receipt| receipt.verify(&sent.server_key).map(|()| receipt))
@@ -208,6 +209,8 @@ pub(super) fn verified_receipt(
         Err("the receipt is for another channel".to_owned())
     } else if !receipt.is_for(method, path_and_query) {
         Err("the receipt is for another request".to_owned())
+    } else if receipt.prev_digest() != prev || receipt.prev.is_some() != prev.is_some() {
+        Err("the receipt does not link to the receipt the request named".to_owned())
     } else {
         Ok(receipt)
     }
@@ -385,21 +388,26 @@ impl<S: ClientStore> Payer<S> {
         value: &[u8],
         method: &str,
         path_and_query: &str,
+        prev: Option<[u8; 32]>,
     ) {
         let max = self.inner.settings.policy.max_per_request();
         let paid = MilliSats::from_sat(sent.paid).unwrap_or(MilliSats::MAX);
-        let checked = verified_receipt(sent, value, method, path_and_query).and_then(|receipt| {
-            if receipt.paid_msat != paid {
-                Err(format!(
-                    "the receipt says {} was paid, the request carried {paid}",
-                    receipt.paid_msat
-                ))
-            } else if receipt.price_msat > max {
-                Err(format!("the receipt charges {}, above the policy's {max}", receipt.price_msat))
-            } else {
-                Ok(receipt)
-            }
-        });
+        let checked =
+            verified_receipt(sent, value, method, path_and_query, prev).and_then(|receipt| {
+                if receipt.paid_msat != paid {
+                    Err(format!(
+                        "the receipt says {} was paid, the request carried {paid}",
+                        receipt.paid_msat
+                    ))
+                } else if receipt.price_msat > max {
+                    Err(format!(
+                        "the receipt charges {}, above the policy's {max}",
+                        receipt.price_msat
+                    ))
+                } else {
+                    Ok(receipt)
+                }
+            });
         let mut charges = self.charges();
         let receipt = match checked {
             Ok(receipt) => receipt,
@@ -449,6 +457,13 @@ impl<S: ClientStore> Payer<S> {
         // not count as spent.
         let (paid, balance) = charges.reported.filter(|_| charges.channel == Some(channel))?;
         Some(paid.saturating_sub(balance))
+    }
+
+    /// The digest of the latest verified receipt on `channel`: what the next request links
+    /// its receipt to.
+    pub(crate) fn latest_receipt_digest(&self, channel: ChannelId) -> Option<[u8; 32]> {
+        let charges = self.charges();
+        charges.latest_receipt.as_ref().filter(|r| r.channel == channel)?.digest()
     }
 
     /// The last receipt the server signed and this payer verified: proof of what the channel

@@ -211,27 +211,28 @@ impl<S: ClientStore> Payer<S> {
         &self,
         sent: &CurrentPayment,
         value: &[u8],
-        method: &str,
-        path_and_query: &str,
+        (method, path_and_query): (&str, &str),
+        prev: Option<[u8; 32]>,
         bound: MilliSats,
     ) -> Result<Receipt, ClientError> {
         let paid = MilliSats::from_sat(sent.paid).unwrap_or(MilliSats::MAX);
         let max = self.inner.settings.policy.max_per_request();
-        let checked = verified_receipt(sent, value, method, path_and_query).and_then(|receipt| {
-            if receipt.paid_msat < paid {
-                Err(format!(
-                    "the stream's receipt says {} was paid, less than the request carried",
-                    receipt.paid_msat
-                ))
-            } else if receipt.price_msat > bound {
-                Err(format!(
-                    "the stream's receipt charges {}, the client counted at most {bound}",
-                    receipt.price_msat
-                ))
-            } else {
-                Ok(receipt)
-            }
-        });
+        let checked =
+            verified_receipt(sent, value, method, path_and_query, prev).and_then(|receipt| {
+                if receipt.paid_msat < paid {
+                    Err(format!(
+                        "the stream's receipt says {} was paid, less than the request carried",
+                        receipt.paid_msat
+                    ))
+                } else if receipt.price_msat > bound {
+                    Err(format!(
+                        "the stream's receipt charges {}, the client counted at most {bound}",
+                        receipt.price_msat
+                    ))
+                } else {
+                    Ok(receipt)
+                }
+            });
         let mut charges = self.charges();
         let allowed = charges.allowed_spent(max, self.max_prepaid_msat());
         let checked = checked.and_then(|receipt| match allowed {
@@ -336,7 +337,8 @@ impl<S: ClientStore> PaidStream<S> {
         let bound = MilliSats::from_msat(self.delivered.load(Ordering::Relaxed))
             .saturating_add(max)
             .saturating_add(max);
-        self.payer.note_stream_receipt(&self.sent, value, &self.method, &self.path, bound)
+        let request = (self.method.as_str(), self.path.as_str());
+        self.payer.note_stream_receipt(&self.sent, value, request, None, bound)
     }
 }
 

@@ -14,7 +14,7 @@ use crate::client::transport::read_body;
 use crate::client::{
     ClientError, ClientStore, Closed, MemoryClientStore, Payer, ServiceTransport, Transport,
 };
-use crate::wire::{ChannelId, PAYMENT_CHANNEL, Problem};
+use crate::wire::{ChannelId, PAYMENT_CHANNEL, PAYMENT_RECEIPT_PREV, Problem};
 
 /// The service [`PaymentLayer`](super::PaymentLayer) produces.
 ///
@@ -157,13 +157,17 @@ where
         let header = retry.start().await?;
         let mut request = copy(&parts, &body);
         request.headers_mut().remove(PAYMENT_CHANNEL);
+        request.headers_mut().remove(PAYMENT_RECEIPT_PREV);
         if let Some(header) = header {
             request.headers_mut().insert(PAYMENT_CHANNEL, header);
+        }
+        if let Some(prev) = retry.prev_header() {
+            request.headers_mut().insert(PAYMENT_RECEIPT_PREV, prev);
         }
         let response = inner.call(request).await.map_err(transport)?;
         if response.status() != StatusCode::PAYMENT_REQUIRED || retry.is_last() {
             let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-            let sent = retry.sent().cloned();
+            let (sent, prev) = (retry.sent().cloned(), retry.prev());
             retry.answered(response.headers(), parts.method.as_str(), path).await;
             let (head, body) = response.into_parts();
             let body = match sent {
@@ -174,6 +178,7 @@ where
                         sent,
                         method: parts.method.to_string(),
                         path: path.to_owned(),
+                        prev,
                     };
                     PaidBody::paid(
                         body,
