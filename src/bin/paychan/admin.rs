@@ -177,14 +177,22 @@ pub(crate) async fn observe(
     let labels = RequestLabels { route, outcome };
     observed.requests.get_or_create(&labels).inc();
     observed.duration.get_or_create(&labels).observe(start.elapsed().as_secs_f64());
-    let problem = response.headers().get(header::CONTENT_TYPE).is_some_and(|v| v == PROBLEM_JSON);
-    if !(status.is_client_error() && problem) {
+    // The layer's refusals carry their reason: no body to read.
+    if let Some(rejection) = response.extensions().get::<paychan::server::Rejection>() {
+        let code = rejection.kind().code().as_str().to_owned();
+        observed.refusals.get_or_create(&CodeLabels { code }).inc();
         return response;
     }
-    // A problem document is small: read its code, and pass the same bytes on.
+    let problem = response.headers().get(header::CONTENT_TYPE).is_some_and(|v| v == PROBLEM_JSON);
+    // Another problem document (the negotiation's, or the upstream's): read its code only
+    // when it is known to be small, and pass the same bytes on; never replace an answer.
+    let small = http_body::Body::size_hint(response.body()).upper().is_some_and(|n| n <= 64 * 1024);
+    if !(status.is_client_error() && problem && small) {
+        return response;
+    }
     let (parts, body) = response.into_parts();
     let Ok(bytes) = axum::body::to_bytes(body, 64 * 1024).await else {
-        return (StatusCode::INTERNAL_SERVER_ERROR, "problem body too large").into_response();
+        return (StatusCode::BAD_GATEWAY, "the answer's body failed").into_response();
     };
     let code = serde_json::from_slice::<serde_json::Value>(&bytes)
         .ok()

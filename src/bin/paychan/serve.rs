@@ -33,6 +33,19 @@ struct Upstream {
     /// The scheme clients reach the proxy with, for `X-Forwarded-Proto`.
     proto: &'static str,
     observed: Arc<Observed>,
+    /// Whether the layer gives a 5xx's price back (then it is not revenue).
+    refund_server_errors: bool,
+}
+
+impl Upstream {
+    /// Counts what the layer charged for a request answered with `status`.
+    fn count(&self, paid: Option<Paid>, status: StatusCode) {
+        match paid.filter(|_| !(self.refund_server_errors && status.is_server_error())) {
+            Some(paid) if paid.shadow => self.observed.shadow(paid.price),
+            Some(paid) => self.observed.charge(paid.price),
+            None => {}
+        }
+    }
 }
 
 /// Runs the proxy until SIGTERM or Ctrl-C.
@@ -82,6 +95,7 @@ async fn run<St: ChannelStore + Clone + 'static>(
         origin: config.upstream.clone(),
         proto: if config.tls.is_some() { "https" } else { "http" },
         observed: Arc::clone(&observed),
+        refund_server_errors: config.refund_server_errors,
     });
     let app = Router::new()
         .fallback(forward)
@@ -144,7 +158,15 @@ async fn serve_tls(listener: TcpListener, app: Router, tls: Arc<rustls::ServerCo
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((tcp, peer)) = accepted else { continue };
+                let (tcp, peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        // Out of file descriptors, say: wait instead of spinning.
+                        tracing::warn!(%error, "accepting a connection failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
                 let (acceptor, app, watcher) = (acceptor.clone(), app.clone(), graceful.watcher());
                 tokio::spawn(async move {
                     let handshake = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp));
@@ -153,7 +175,10 @@ async fn serve_tls(listener: TcpListener, app: Router, tls: Arc<rustls::ServerCo
                         request.extensions_mut().insert(ConnectInfo(peer));
                         request
                     });
+                    // A client that never finishes its headers is dropped.
                     let connection = hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(Duration::from_secs(30))
                         .serve_connection(TokioIo::new(tls), TowerToHyperService::new(app));
                     let _ = watcher.watch(connection).await;
                 });
@@ -161,8 +186,14 @@ async fn serve_tls(listener: TcpListener, app: Router, tls: Arc<rustls::ServerCo
             () = &mut stop => break,
         }
     }
-    graceful.shutdown().await;
+    // Requests in flight finish, within a deadline.
+    if tokio::time::timeout(SHUTDOWN_DEADLINE, graceful.shutdown()).await.is_err() {
+        tracing::warn!("connections still open after {SHUTDOWN_DEADLINE:?}: closing them");
+    }
 }
+
+/// How long a graceful shutdown waits for the requests in flight.
+const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Whether `path` could mean another path to the upstream than the one it was priced as: dot
 /// segments, empty segments, backslashes, or percent-encoded dots, slashes and backslashes
@@ -264,16 +295,12 @@ async fn forward(
         Ok(response) => {
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            // A 5xx is given back by the layer (`refund_server_errors`): not revenue.
-            match paid.filter(|_| !parts.status.is_server_error()) {
-                Some(paid) if paid.shadow => upstream.observed.shadow(paid.price),
-                Some(paid) => upstream.observed.charge(paid.price),
-                None => {}
-            }
+            upstream.count(paid, parts.status);
             Response::from_parts(parts, Body::new(body))
         }
         Err(error) => {
             tracing::warn!(%error, "upstream unreachable");
+            upstream.count(paid, StatusCode::BAD_GATEWAY);
             Problem::new(
                 StatusCode::BAD_GATEWAY,
                 ProblemCode::UpstreamUnavailable,
