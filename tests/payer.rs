@@ -679,7 +679,8 @@ async fn the_lock_time_comes_from_the_clients_own_tip() {
 /// the request was served (what was prepaid is the bound), and the payer pays it no more.
 ///
 /// The same server claiming that every answer is a metered stream (`Payment-Channel-Stream`
-/// on plain answers) is judged the same: a claim is not a stream.
+/// on plain answers) or a free replay (`Idempotent-Replayed`) is judged the same: a claim is
+/// not a stream, and a request without an idempotency key is never a replay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_charges_more_than_the_policy_is_paid_no_more() {
     for claims_streams in [false, true] {
@@ -698,6 +699,9 @@ async fn overcharged(claims_streams: bool) {
         app.layer(axum::middleware::map_response(|mut response: Response| async move {
             let claim = http::HeaderValue::from_static("sse; per-event=1");
             response.headers_mut().insert(paychan::wire::PAYMENT_CHANNEL_STREAM, claim);
+            // And that it is a replay, free: a request without an idempotency key is not.
+            let replay = http::HeaderValue::from_static("true");
+            response.headers_mut().insert(paychan::server::IDEMPOTENT_REPLAYED, replay);
             response
         }))
     };

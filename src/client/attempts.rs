@@ -37,11 +37,22 @@ pub(crate) struct Retry<'a, St> {
     sent: Option<CurrentPayment>,
     /// The digest of the receipt the attempt links to (`Payment-Receipt-Prev`).
     prev: Option<[u8; 32]>,
+    /// Whether the request may be answered by a replay: an unsafe method with an
+    /// `Idempotency-Key`.
+    keyed: bool,
 }
 
 impl<'a, St: ClientStore> Retry<'a, St> {
-    pub(crate) fn new(payer: &'a Payer<St>) -> Self {
-        Self { payer, budget: RetryBudget::default(), attempt: 0, sent: None, prev: None }
+    /// One request's attempts; `method` and `headers` are the request's.
+    pub(crate) fn new(
+        payer: &'a Payer<St>,
+        method: &http::Method,
+        headers: &http::HeaderMap,
+    ) -> Self {
+        use http::Method;
+        let keyed = matches!(*method, Method::POST | Method::PUT | Method::PATCH | Method::DELETE)
+            && headers.contains_key(crate::server::IDEMPOTENCY_KEY);
+        Self { payer, budget: RetryBudget::default(), attempt: 0, sent: None, prev: None, keyed }
     }
 
     /// Starts the next attempt: the `Payment-Channel` header it carries, if any.
@@ -97,9 +108,10 @@ impl<'a, St: ClientStore> Retry<'a, St> {
         path_and_query: &str,
     ) {
         let Some(sent) = &self.sent else { return };
-        // A replayed answer (`Idempotency-Key`) charged nothing now; its balance and receipt
-        // are the first answer's, already noted.
-        if headers.contains_key(crate::server::IDEMPOTENT_REPLAYED) {
+        // A replayed answer charged nothing now; its balance and receipt are the first
+        // answer's, already noted. Believed only for a request that could be one: an unsafe
+        // method with an `Idempotency-Key` (else a server could skip every check).
+        if headers.contains_key(crate::server::IDEMPOTENT_REPLAYED) && self.keyed {
             return;
         }
         let Some(balance) = balance(headers) else { return };

@@ -149,7 +149,7 @@ impl<St: ClientStore + 'static> Middleware for PaymentMiddleware<St> {
             return next.run(request, extensions).await;
         }
         let negotiation = NextTransport { next: next.clone() };
-        let mut retry = Retry::new(&self.payer);
+        let mut retry = Retry::new(&self.payer, request.method(), request.headers());
         loop {
             let header = retry.start().await.map_err(middleware_error)?;
             let Some(mut this) = request.try_clone() else {

@@ -78,8 +78,8 @@ pub(crate) trait StreamHooks: Send + Sync + 'static {
     fn started(&self);
     /// An SSE stream ended (the server ended it) without a receipt.
     fn no_receipt(&self);
-    /// The stream ended or was dropped.
-    fn ended(&self);
+    /// The stream ended (`early`: the client dropped it before the server ended it).
+    fn ended(&self, early: bool);
 }
 
 /// The payer's hooks for one stream: the request it answers and the transport for top-ups.
@@ -108,15 +108,16 @@ fn spawn(top_ups: Arc<TopUps>, task: impl Future<Output = ()> + Send + 'static) 
 impl<St: ClientStore + 'static> StreamHooks for Hooks<St> {
     fn top_up(&self, problem: Problem, cap: Amount, top_ups: Arc<TopUps>) {
         let (payer, transport) = (self.payer.clone(), Arc::clone(&self.transport));
+        let channel = self.sent.id;
         let task_top_ups = Arc::clone(&top_ups);
         spawn(top_ups, async move {
-            match payer.top_up_capped(&*transport, &problem, Some(cap)).await {
-                Ok((_, added)) => task_top_ups.done(added),
-                Err(e) => {
-                    tracing::warn!(error = %e, "a stream's top-up failed");
-                    task_top_ups.done(Amount::ZERO);
-                }
+            let (added, answer) =
+                payer.top_up_capped(&*transport, &problem, Some(cap), Some(channel)).await;
+            if let Err(e) = answer {
+                tracing::warn!(error = %e, "a stream's top-up failed");
             }
+            // Counted also when the hand-over failed: the server may hold the payment.
+            task_top_ups.done(added);
         });
     }
 
@@ -125,13 +126,11 @@ impl<St: ClientStore + 'static> StreamHooks for Hooks<St> {
         let channel = self.sent.id;
         let task_top_ups = Arc::clone(&top_ups);
         spawn(top_ups, async move {
-            match payer.top_up_by_on(&*transport, channel, amount).await {
-                Ok((_, added)) => task_top_ups.done(added),
-                Err(e) => {
-                    tracing::warn!(error = %e, "a top-up ahead of a byte stream failed");
-                    task_top_ups.done(Amount::ZERO);
-                }
+            let (added, answer) = payer.top_up_by_on(&*transport, channel, amount).await;
+            if let Err(e) = answer {
+                tracing::warn!(error = %e, "a top-up ahead of a byte stream failed");
             }
+            task_top_ups.done(added);
         });
     }
 
@@ -152,8 +151,8 @@ impl<St: ClientStore + 'static> StreamHooks for Hooks<St> {
         self.payer.note_missing_receipt("a metered stream that ended without a receipt");
     }
 
-    fn ended(&self) {
-        self.payer.stream_ended();
+    fn ended(&self, early: bool) {
+        self.payer.stream_ended(&self.sent, early);
     }
 }
 
@@ -289,6 +288,8 @@ struct Watch {
     top_ups: Arc<TopUps>,
     /// Whether the SSE stream's receipt came.
     receipted: bool,
+    /// Whether the server ended the stream.
+    finished: bool,
 }
 
 impl Watch {
@@ -330,11 +331,13 @@ impl Watch {
     /// A byte stream: tops up ahead when the estimate runs low.
     fn ahead(&mut self) {
         let low = self.price().checked_mul(LOW_WATER_KIB).unwrap_or(MilliSats::MAX);
-        if self.left >= low || !self.top_ups.start() {
+        let low = low.min(self.max_prepaid);
+        let ahead = self.price().checked_mul(AHEAD_KIB).unwrap_or(MilliSats::MAX);
+        // Within the stream's budget, as in-band top-ups are.
+        let amount = ahead.min(self.max_prepaid).min(self.room()).to_sat_floor();
+        if self.left >= low || amount == Amount::ZERO || !self.top_ups.start() {
             return;
         }
-        let ahead = self.price().checked_mul(AHEAD_KIB).unwrap_or(MilliSats::MAX);
-        let amount = ahead.min(self.max_prepaid).to_sat_ceil().max(Amount::ONE_SAT);
         self.left = self.left.saturating_add(MilliSats::from_sat(amount).unwrap_or(MilliSats::MAX));
         self.hooks.top_up_by(amount, Arc::clone(&self.top_ups));
     }
@@ -375,6 +378,7 @@ impl Watch {
 
     /// The server ended the stream: what was held back.
     fn finish(&mut self) -> Bytes {
+        self.finished = true;
         let Some(scanner) = self.sse.as_mut() else { return Bytes::new() };
         let rest = scanner.finish();
         if !self.receipted {
@@ -386,7 +390,7 @@ impl Watch {
 
 impl Drop for Watch {
     fn drop(&mut self) {
-        self.hooks.ended();
+        self.hooks.ended(!self.finished);
     }
 }
 
@@ -457,6 +461,7 @@ impl<B> PaidBody<B> {
             max_per_request,
             top_ups: Arc::default(),
             receipted: false,
+            finished: false,
         };
         if watch.sse.is_none() {
             // A balance already below the mark: pay ahead before the first byte.
@@ -597,7 +602,7 @@ mod tests {
         fn no_receipt(&self) {
             self.0.lock().unwrap().no_receipt += 1;
         }
-        fn ended(&self) {}
+        fn ended(&self, _: bool) {}
     }
 
     /// A watch of an SSE stream (or a byte stream) at 1 sat a unit, `max_prepaid` 10 sat.
@@ -615,6 +620,7 @@ mod tests {
             max_per_request: MilliSats::from_msat(5_000),
             top_ups: Arc::default(),
             receipted: false,
+            finished: false,
         };
         (watch, hooks)
     }
@@ -659,26 +665,40 @@ mod tests {
 
     #[test]
     fn a_byte_stream_is_topped_up_ahead_by_its_own_count_one_at_a_time() {
-        // 1 sat a KiB, 100 KiB prepaid: under 64 KiB left, the client pays `max_prepaid`
-        // (10 sat; 256 KiB would be more) ahead.
+        // 1 sat a KiB, 100 KiB prepaid, `max_prepaid` 10 sat: under 10 sat left (the mark is
+        // 64 KiB's worth or `max_prepaid`, the less), the client pays 10 sat ahead.
         let (mut w, hooks) = watch(false, MilliSats::from_msat(100_000));
-        for _ in 0..36 {
-            w.data(Bytes::from(vec![0; 1024]));
+        let kib = || Bytes::from(vec![0; 1024]);
+        for _ in 0..90 {
+            w.data(kib());
         }
-        assert!(hooks.0.lock().unwrap().ahead.is_empty(), "64 KiB left: not yet");
-        w.data(Bytes::from(vec![0; 1024]));
+        assert!(hooks.0.lock().unwrap().ahead.is_empty(), "10 sat left: not yet");
+        w.data(kib());
         assert_eq!(hooks.0.lock().unwrap().ahead, [Amount::from_sat(10)]);
-        w.data(Bytes::from(vec![0; 1024]));
+        w.data(kib());
         assert_eq!(hooks.0.lock().unwrap().ahead.len(), 1, "one at a time");
         w.top_ups.done(Amount::from_sat(10));
-        // 73 KiB's worth was left after the first; below 64 again after 9 more KiB.
+        // 19 sat's worth was left after the first; under 10 again 10 KiB later.
         for _ in 0..8 {
-            w.data(Bytes::from(vec![0; 1024]));
+            w.data(kib());
         }
         assert_eq!(hooks.0.lock().unwrap().ahead.len(), 1);
-        w.data(Bytes::from(vec![0; 1024]));
+        w.data(kib());
         assert_eq!(hooks.0.lock().unwrap().ahead.len(), 2, "low again: again");
-        assert_eq!(hooks.0.lock().unwrap().delivered, MilliSats::from_msat(47_000));
+        assert_eq!(hooks.0.lock().unwrap().delivered, MilliSats::from_msat(101_000));
+    }
+
+    #[test]
+    fn top_ups_ahead_stay_within_the_stream_budget() {
+        // Nothing delivered, nothing left: one unit and `max_prepaid` at most, then nothing
+        // until bytes come.
+        let (mut w, hooks) = watch(false, MilliSats::ZERO);
+        w.ahead();
+        assert_eq!(hooks.0.lock().unwrap().ahead, [Amount::from_sat(10)]);
+        w.top_ups.done(Amount::from_sat(10));
+        w.left = MilliSats::ZERO;
+        w.ahead();
+        assert_eq!(hooks.0.lock().unwrap().ahead, [Amount::from_sat(10), Amount::from_sat(1)]);
     }
 
     #[test]

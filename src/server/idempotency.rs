@@ -160,6 +160,23 @@ fn fingerprint<B>(request: &Request<B>, path_and_query: &str) -> [u8; 32] {
     sha256::Hash::from_engine(engine).to_byte_array()
 }
 
+/// Headers a replay does not repeat: the connection's own, the body's length (the replay
+/// sets its own), and the payment's, which described the first request (a replay charges
+/// nothing).
+const NOT_KEPT: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+    "trailer",
+    "content-length",
+    crate::wire::PAYMENT_CHANNEL_BALANCE,
+    crate::wire::PAYMENT_RECEIPT,
+    crate::wire::PAYMENT_CHANNEL_STREAM,
+];
+
 /// A kept response, as stored.
 #[derive(Debug, Serialize, Deserialize)]
 struct Kept {
@@ -182,6 +199,7 @@ pub(super) fn encode(parts: &http::response::Parts, body: &[u8]) -> Vec<u8> {
     let headers = parts
         .headers
         .iter()
+        .filter(|(name, _)| !NOT_KEPT.contains(&name.as_str()))
         .map(|(name, value)| (name.as_str().to_owned(), STANDARD.encode(value.as_bytes())))
         .collect();
     let kept = Kept { status: parts.status.as_u16(), headers, body: STANDARD.encode(body) };

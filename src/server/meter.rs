@@ -274,7 +274,9 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
                 tracing::warn!(%error, "an idempotency key could not be finished");
             }
         };
-        if charged == MilliSats::ZERO {
+        // A 5xx whose charge was given back releases its key: the retry runs (and pays)
+        // again. Any other answer is kept, even a free one: the handler ran.
+        if charged == MilliSats::ZERO && response.status().is_server_error() {
             finish(None).await;
             return response;
         }

@@ -45,6 +45,8 @@ pub struct MemoryStore {
     /// The channels in each state (by [`ChannelState::ALL`]'s order), changed under the
     /// channel's shard lock (taken first).
     by_state: Arc<[DashSet<ChannelId>; ChannelState::ALL.len()]>,
+    /// The idempotency map's size at which it is swept next.
+    sweep_at: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// How the memory store keeps a channel: boxed, so that the map's free buckets stay small,
@@ -105,7 +107,8 @@ fn slot(state: ChannelState) -> usize {
     ChannelState::ALL.iter().position(|s| *s == state).unwrap_or(0)
 }
 
-/// How many idempotency records the memory store keeps before it drops the expired ones.
+/// How many idempotency records the memory store keeps at least before it drops the expired
+/// ones (then again whenever the map doubled).
 const IDEMPOTENCY_SWEEP: usize = 10_000;
 
 impl Default for MemoryStore {
@@ -135,6 +138,7 @@ impl MemoryStore {
             key_index: Arc::new(AtomicU32::new(index)),
             idempotency: Arc::default(),
             by_state: Arc::default(),
+            sweep_at: Arc::default(),
         }
     }
 
@@ -230,8 +234,11 @@ impl ChannelStore for MemoryStore {
         claim: &IdempotencyClaim,
     ) -> impl Future<Output = Result<DebitOnce, StoreError>> + Send {
         let records = &self.idempotency;
-        if records.len() >= IDEMPOTENCY_SWEEP {
+        // Swept when the map doubled since the last sweep: amortised, not per request.
+        let mark = self.sweep_at.load(Ordering::Relaxed).max(IDEMPOTENCY_SWEEP);
+        if records.len() >= mark {
             records.retain(|_, (_, expires)| *expires > claim.now);
+            self.sweep_at.store(records.len().saturating_mul(2), Ordering::Relaxed);
         }
         self.update(id, |record| match records.entry((id, claim.key.clone())) {
             Entry::Occupied(held) if held.get().1 > claim.now => {

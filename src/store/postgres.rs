@@ -351,8 +351,10 @@ impl ChannelStore for PostgresStore {
             .await
             .map_err(unavailable)?;
         let Some(row) = debited else {
-            // Refused: the claim is rolled back with the transaction; report why.
+            // Refused: the claim is rolled back with the transaction; report why (on another
+            // connection: this one goes back to the pool first).
             drop(tx);
+            drop(client);
             let (state, balance, _) = self.state_and_balance(&id).await?;
             return Ok(DebitOnce::Debit(if state == ChannelState::Open {
                 Debit::Insufficient { balance }
@@ -363,7 +365,8 @@ impl ChannelStore for PostgresStore {
         // A few expired records go with every claim.
         tx.execute(
             "DELETE FROM paychan_idempotency WHERE ctid IN
-             (SELECT ctid FROM paychan_idempotency WHERE expires_at <= $1 LIMIT 16)",
+             (SELECT ctid FROM paychan_idempotency WHERE expires_at <= $1
+              LIMIT 16 FOR UPDATE SKIP LOCKED)",
             &[&now],
         )
         .await

@@ -375,6 +375,8 @@ impl<S: ClientStore> Payer<S> {
     fn watch_new_channel(&self, channel: ChannelId) {
         let mut charges = self.charges();
         *charges = charges.for_channel(channel, Some(MilliSats::ZERO));
+        // A new channel is activity: the idle close does not close it at once.
+        charges.last_send = Some(Instant::now());
     }
 
     /// The server answered a request that carried `sent` with the receipt `value`: it must

@@ -40,17 +40,34 @@ impl<S: ClientStore> Payer<S> {
         transport: &T,
         problem: &Problem,
     ) -> Result<PaymentAnswer, ClientError> {
-        Ok(self.top_up_capped(transport, problem, None).await?.0)
+        self.top_up_capped(transport, problem, None, None).await.1
     }
 
-    /// [`top_up_via`](Self::top_up_via), adding at most `cap` to what the channel pays:
-    /// the answer, and what the payer's own state says the top-up added.
+    /// [`top_up_via`](Self::top_up_via), adding at most `cap` to what the channel pays, on
+    /// channel `on` only when given: what the payer's own state says the top-up added —
+    /// also when the hand-over failed, since the server may hold the payment anyway — and
+    /// the answer.
     pub(crate) async fn top_up_capped<T: Transport + ?Sized>(
         &self,
         transport: &T,
         problem: &Problem,
         cap: Option<Amount>,
-    ) -> Result<(PaymentAnswer, Amount), ClientError> {
+        on: Option<ChannelId>,
+    ) -> (Amount, Result<PaymentAnswer, ClientError>) {
+        match self.sign_top_up(problem, cap, on).await {
+            Ok(added) => (added, self.hand_over(transport).await),
+            Err(error) => (Amount::ZERO, Err(error)),
+        }
+    }
+
+    /// Signs the top-up `problem` asks for (see [`top_up_capped`](Self::top_up_capped)):
+    /// what it added.
+    async fn sign_top_up(
+        &self,
+        problem: &Problem,
+        cap: Option<Amount>,
+        on: Option<ChannelId>,
+    ) -> Result<Amount, ClientError> {
         self.check_trusted()?;
         let policy = &self.inner.settings.policy;
         if let Some(price) = problem.price_msat {
@@ -61,6 +78,7 @@ impl<S: ClientStore> Payer<S> {
             (Some((channel, _)), Some(snapshot))
                 if problem.code == ProblemCode::InsufficientBalance
                     && snapshot.channel == channel.id()
+                    && on.is_none_or(|on| on == channel.id())
                     && snapshot.min_server_amount_sat.is_some() =>
             {
                 snapshot.clone()
@@ -69,9 +87,7 @@ impl<S: ClientStore> Payer<S> {
         };
         let before = state.channel.as_ref().map_or(Amount::ZERO, |(c, _)| c.paid());
         self.top_up_locked(&mut state, &snapshot, cap).await?;
-        let added = state.channel.as_ref().map_or(Amount::ZERO, |(c, _)| c.paid()) - before;
-        drop(state);
-        Ok((self.hand_over(transport).await?, added))
+        Ok(state.channel.as_ref().map_or(Amount::ZERO, |(c, _)| c.paid()) - before)
     }
 
     /// Pays `amount` more on the current channel (within the policy's `max_total`) and hands
@@ -98,17 +114,24 @@ impl<S: ClientStore> Payer<S> {
         amount: Amount,
     ) -> Result<PaymentAnswer, ClientError> {
         let channel = self.current().await?.ok_or(ClientError::NoChannel)?.id;
-        Ok(self.top_up_by_on(transport, channel, amount).await?.0)
+        self.top_up_by_on(transport, channel, amount).await.1
     }
 
     /// [`top_up_by_via`](Self::top_up_by_via) on `channel` only (a stream's; the payer may
-    /// have moved on): the answer and what was added.
+    /// have moved on): what was added (also when the hand-over failed) and the answer.
     pub(crate) async fn top_up_by_on<T: Transport + ?Sized>(
         &self,
         transport: &T,
         id: ChannelId,
         amount: Amount,
-    ) -> Result<(PaymentAnswer, Amount), ClientError> {
+    ) -> (Amount, Result<PaymentAnswer, ClientError>) {
+        match self.sign_ahead(id, amount).await {
+            Ok(added) => (added, self.hand_over(transport).await),
+            Err(error) => (Amount::ZERO, Err(error)),
+        }
+    }
+
+    async fn sign_ahead(&self, id: ChannelId, amount: Amount) -> Result<Amount, ClientError> {
         let mut state = self.state().await?;
         let (channel, _) = state.channel.as_ref().ok_or(ClientError::NoChannel)?;
         if channel.id() != id {
@@ -117,9 +140,7 @@ impl<S: ClientStore> Payer<S> {
         let (before, max) = (channel.paid(), channel.channel.params().max_server_amount());
         let target = before.checked_add(amount).unwrap_or(max).min(max);
         self.pay_more(&mut state, target).await?;
-        let added = state.channel.as_ref().map_or(before, |(c, _)| c.paid()) - before;
-        drop(state);
-        Ok((self.hand_over(transport).await?, added))
+        Ok(state.channel.as_ref().map_or(before, |(c, _)| c.paid()) - before)
     }
 
     /// Hands the current payment over on the server's payment endpoint.
@@ -160,10 +181,16 @@ impl<S: ClientStore> Payer<S> {
         self.charges().open_streams += 1;
     }
 
-    /// A metered stream ended (or was dropped).
-    pub(crate) fn stream_ended(&self) {
+    /// A metered stream on `sent`'s channel ended. One the client dropped before the server
+    /// ended it may have been debited for units the client never read (the server debits
+    /// before it sends): up to `max_prepaid` of them stay allowed.
+    pub(crate) fn stream_ended(&self, sent: &CurrentPayment, early: bool) {
+        let prepaid = self.max_prepaid_msat();
         let mut charges = self.charges();
         charges.open_streams = charges.open_streams.saturating_sub(1);
+        if early && charges.channel == Some(sent.id) {
+            charges.streamed = charges.streamed.saturating_add(prepaid);
+        }
     }
 
     /// A stream on `sent`'s channel delivered units worth `cost` (the client's own count):
@@ -317,11 +344,13 @@ impl<S: ClientStore> PaidStream<S> {
             .saturating_add(prepaid)
             .saturating_sub(msat(&self.added));
         let transport = self.payer.own_transport()?;
-        let (answer, added) =
-            self.payer.top_up_capped(&*transport, problem, Some(room.to_sat_floor())).await?;
+        let cap = Some(room.to_sat_floor());
+        let (added, answer) =
+            self.payer.top_up_capped(&*transport, problem, cap, Some(self.sent.id)).await;
         let added = MilliSats::from_sat(added).unwrap_or(MilliSats::MAX);
+        // Counted also when the hand-over failed: the server may hold the payment.
         self.added.fetch_add(added.to_msat(), Ordering::Relaxed);
-        Ok(answer)
+        answer
     }
 
     /// Checks the receipt that ends the stream (the encoded [`Receipt`]) and keeps it as the
@@ -344,6 +373,8 @@ impl<S: ClientStore> PaidStream<S> {
 
 impl<S: ClientStore> Drop for PaidStream<S> {
     fn drop(&mut self) {
-        self.payer.stream_ended();
+        // The caller cannot tell the payer whether the server ended the stream: allowed as
+        // if it may not have.
+        self.payer.stream_ended(&self.sent, true);
     }
 }

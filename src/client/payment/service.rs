@@ -152,7 +152,7 @@ where
     }
     let (parts, body) = request.into_parts();
     let negotiation = ServiceTransport::new(inner.clone());
-    let mut retry = Retry::new(&payer);
+    let mut retry = Retry::new(&payer, &parts.method, &parts.headers);
     loop {
         let header = retry.start().await?;
         let mut request = copy(&parts, &body);
