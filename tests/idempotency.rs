@@ -220,3 +220,22 @@ async fn without_idempotency_the_key_is_ignored() {
     }
     assert_eq!(spent(&store, id).await, PRICE.checked_mul(2).unwrap());
 }
+
+/// The client goes away while its request is served (the future is dropped): the key is
+/// marked served but not kept, so the retry is refused at once and never charged again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_abandoned_mid_way_is_never_charged_again() {
+    let setup = Setup::new();
+    setup.open();
+    let store = MemoryStore::new();
+    let (id, header) = channel(&store, &setup, 1_000).await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let app = app(store.clone(), &setup, &calls);
+    let abandoned = app.clone().oneshot(request("/work?slow", &header, Some("op")));
+    assert!(tokio::time::timeout(Duration::from_millis(50), abandoned).await.is_err());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let retry = send(&app, request("/work?slow", &header, Some("op"))).await;
+    assert_eq!(code(retry.0, &retry.2), ProblemCode::IdempotentResponseUnavailable);
+    assert_eq!(spent(&store, id).await, PRICE, "charged once");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}

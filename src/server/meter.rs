@@ -68,6 +68,29 @@ pub(super) struct Meter<St, P> {
     pub(super) payment_path: Option<String>,
 }
 
+/// A claimed idempotency key whose request has not been finished yet; dropped unfinished,
+/// it marks the key served but not kept (in the background).
+struct Unfinished<St: ChannelStore> {
+    store: Arc<St>,
+    channel: ChannelId,
+    key: Option<String>,
+    until: u64,
+}
+
+impl<St: ChannelStore> Drop for Unfinished<St> {
+    fn drop(&mut self) {
+        let Some(key) = self.key.take() else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let (store, channel, until) = (Arc::clone(&self.store), self.channel, self.until);
+        runtime.spawn(async move {
+            let unkept = Some(idempotency::unavailable());
+            if let Err(error) = store.finish_once(channel, &key, unkept, until).await {
+                tracing::warn!(%error, "an abandoned idempotency key could not be finished");
+            }
+        });
+    }
+}
+
 /// What [`Meter::charge`] did.
 pub(super) enum Charged {
     /// Charged: the receipt, and what the payment the request carried pays.
@@ -177,6 +200,15 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
             Ok(Charged::Held(record)) => return Ok(self.held(&record, claim.as_ref())),
             Err(rejection) => return Ok(rejection.into_response(&self.terms_url)),
         };
+        // A claim whose request is dropped (the client went away) or fails before it is
+        // finished is marked served but not kept: its retry is refused, never charged again.
+        let mut unfinished =
+            claim.as_ref().zip(self.idempotency.as_ref()).map(|(claim, keep)| Unfinished {
+                store: Arc::clone(&self.store),
+                channel: paid.channel,
+                key: Some(claim.key.clone()),
+                until: keep.keep_until(),
+            });
         let stream =
             StreamMeter::new(self.clone(), paid.channel, self.stream_hold, target.clone(), price);
         request.extensions_mut().insert(paid);
@@ -226,7 +258,11 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
         match claim {
             Some(claim) => {
                 let streamed = stream.stream_header().is_some();
-                Ok(self.keep(paid.channel, &claim, response, charged, streamed).await)
+                let kept = self.keep(paid.channel, &claim, response, charged, streamed).await;
+                if let Some(unfinished) = &mut unfinished {
+                    unfinished.key = None;
+                }
+                Ok(kept)
             }
             None => Ok(response),
         }
