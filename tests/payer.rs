@@ -1065,6 +1065,51 @@ async fn a_settlement_that_is_not_the_latest_payment_is_named() {
     }
 }
 
+/// A server whose receipts `lie` rewrites, with the channel's K2 (`None`: not a receipt).
+async fn receipt_tampering_server(
+    lie: impl Fn(
+        paychan::wire::Receipt,
+        &paychan::bitcoin::secp256k1::SecretKey,
+    ) -> Option<paychan::wire::Receipt>
+    + Clone
+    + Send
+    + Sync
+    + 'static,
+) -> Server {
+    use paychan::channel::channel_key;
+    use paychan::store::ChannelStore;
+    use paychan::wire::{PAYMENT_RECEIPT, Receipt};
+
+    let chain = SimulatedChain::new();
+    let master = Xpriv::new_master(Network::Regtest, &[0x5e; 32]).unwrap();
+    let negotiation = common::negotiation(&chain, 0x5e);
+    let tip = follow_tip(chain.clone(), Duration::from_millis(50)).await.unwrap();
+    let store = MemoryStore::new();
+    let lying = {
+        let store = store.clone();
+        move |request: Request, next: Next| {
+            let (store, lie) = (store.clone(), lie.clone());
+            async move {
+                let mut response = next.run(request).await;
+                let Some(value) = response.headers().get(PAYMENT_RECEIPT) else {
+                    return response;
+                };
+                let receipt = Receipt::decode(value.as_bytes()).unwrap();
+                let record = store.load(receipt.channel).await.unwrap().unwrap();
+                let k2 = channel_key(&master, record.key_index).unwrap();
+                let value = lie(receipt, &k2).map_or("bm90IGEgcmVjZWlwdA".into(), |r| r.encode());
+                response.headers_mut().insert(PAYMENT_RECEIPT, value.parse().unwrap());
+                response
+            }
+        }
+    };
+    let app = Router::new()
+        .route("/work", get(|| async { "done" }))
+        .layer(PaywallLayer::new(store, PRICE, tip).with_negotiation(negotiation))
+        .layer(axum::middleware::from_fn(lying));
+    Server { origin: format!("http://{}", serve(app).await), chain }
+}
+
 /// Receipts that do not verify or add up: forged (another key), for another request, stating
 /// another payment than the request carried, understating the price (so the spent they state
 /// exceeds what the receipts charged), or not a receipt at all. Each is refused: the request
@@ -1072,9 +1117,8 @@ async fn a_settlement_that_is_not_the_latest_payment_is_named() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receipts_that_do_not_verify_or_add_up_stop_the_payer() {
     use paychan::bitcoin::secp256k1::SecretKey;
-    use paychan::channel::channel_key;
-    use paychan::store::ChannelStore;
-    use paychan::wire::{PAYMENT_RECEIPT, Receipt, request_digest};
+
+    use paychan::wire::{Receipt, request_digest};
 
     type Lie = fn(Receipt, &SecretKey) -> Option<Receipt>;
     let forged: Lie = |r, _| Some(r.sign(&SecretKey::from_slice(&[9; 32]).unwrap()));
@@ -1099,35 +1143,7 @@ async fn receipts_that_do_not_verify_or_add_up_stop_the_payer() {
         ("an understated price", understated),
         ("not a receipt", garbage),
     ] {
-        let chain = SimulatedChain::new();
-        let master = Xpriv::new_master(Network::Regtest, &[0x5e; 32]).unwrap();
-        let negotiation = common::negotiation(&chain, 0x5e);
-        let tip = follow_tip(chain.clone(), Duration::from_millis(50)).await.unwrap();
-        let store = MemoryStore::new();
-        let lying = {
-            let store = store.clone();
-            move |request: Request, next: Next| {
-                let store = store.clone();
-                async move {
-                    let mut response = next.run(request).await;
-                    let Some(value) = response.headers().get(PAYMENT_RECEIPT) else {
-                        return response;
-                    };
-                    let receipt = Receipt::decode(value.as_bytes()).unwrap();
-                    let record = store.load(receipt.channel).await.unwrap().unwrap();
-                    let k2 = channel_key(&master, record.key_index).unwrap();
-                    let value =
-                        lie(receipt, &k2).map_or("bm90IGEgcmVjZWlwdA".into(), |r| r.encode());
-                    response.headers_mut().insert(PAYMENT_RECEIPT, value.parse().unwrap());
-                    response
-                }
-            }
-        };
-        let app = Router::new()
-            .route("/work", get(|| async { "done" }))
-            .layer(PaywallLayer::new(store, PRICE, tip).with_negotiation(negotiation))
-            .layer(axum::middleware::from_fn(lying));
-        let server = Server { origin: format!("http://{}", serve(app).await), chain };
+        let server = receipt_tampering_server(lie).await;
         let wallet = funded_wallet(&server.chain);
         let payer = payer_with(&server, &wallet, MemoryClientStore::new(), policy());
         let (mut client, _) = paying_client(&payer);
@@ -1256,9 +1272,8 @@ async fn an_idle_channel_is_closed_fairly_by_the_payer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receipts_link_to_the_previous_one_and_a_broken_link_stops_the_payer() {
     use paychan::bitcoin::secp256k1::SecretKey;
-    use paychan::channel::channel_key;
-    use paychan::store::ChannelStore;
-    use paychan::wire::{PAYMENT_RECEIPT, Receipt};
+
+    use paychan::wire::Receipt;
 
     type Lie = fn(Receipt, &SecretKey) -> Receipt;
     let honest: Lie = |r, _| r;
@@ -1273,34 +1288,7 @@ async fn receipts_link_to_the_previous_one_and_a_broken_link_stops_the_payer() {
         r.sign(k2)
     };
     for (what, lie) in [("honest", honest), ("unlinked", unlinked), ("relinked", relinked)] {
-        let chain = SimulatedChain::new();
-        let master = Xpriv::new_master(Network::Regtest, &[0x5e; 32]).unwrap();
-        let negotiation = common::negotiation(&chain, 0x5e);
-        let tip = follow_tip(chain.clone(), Duration::from_millis(50)).await.unwrap();
-        let store = MemoryStore::new();
-        let lying = {
-            let store = store.clone();
-            move |request: Request, next: Next| {
-                let store = store.clone();
-                async move {
-                    let mut response = next.run(request).await;
-                    let Some(value) = response.headers().get(PAYMENT_RECEIPT) else {
-                        return response;
-                    };
-                    let receipt = Receipt::decode(value.as_bytes()).unwrap();
-                    let record = store.load(receipt.channel).await.unwrap().unwrap();
-                    let k2 = channel_key(&master, record.key_index).unwrap();
-                    let value = lie(receipt, &k2).encode();
-                    response.headers_mut().insert(PAYMENT_RECEIPT, value.parse().unwrap());
-                    response
-                }
-            }
-        };
-        let app = Router::new()
-            .route("/work", get(|| async { "done" }))
-            .layer(PaywallLayer::new(store, PRICE, tip).with_negotiation(negotiation))
-            .layer(axum::middleware::from_fn(lying));
-        let server = Server { origin: format!("http://{}", serve(app).await), chain };
+        let server = receipt_tampering_server(move |r, k2| Some(lie(r, k2))).await;
         let wallet = funded_wallet(&server.chain);
         let payer = payer_with(&server, &wallet, MemoryClientStore::new(), policy());
         let (mut client, _) = paying_client(&payer);
