@@ -144,7 +144,7 @@ impl<St: ClientStore + 'static> StreamHooks for Hooks<St> {
     }
 
     fn started(&self) {
-        self.payer.stream_started(&self.sent);
+        self.payer.stream_started();
     }
 
     fn no_receipt(&self) {

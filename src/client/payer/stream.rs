@@ -177,7 +177,7 @@ impl<S: ClientStore> Payer<S> {
     /// A metered stream started: until it ends, answers may report up to `max_prepaid` more
     /// spent than counted (units the server debited and sent that the client has not read
     /// yet).
-    pub(crate) fn stream_started(&self, _sent: &CurrentPayment) {
+    pub(crate) fn stream_started(&self) {
         self.charges().open_streams += 1;
     }
 
@@ -218,7 +218,7 @@ impl<S: ClientStore> Payer<S> {
         self.check_trusted()?;
         let sent = self.current().await?.ok_or(ClientError::NoChannel)?;
         self.note_send(sent.id);
-        self.stream_started(&sent);
+        self.stream_started();
         Ok(PaidStream {
             payer: self.clone(),
             sent,
