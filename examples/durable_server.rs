@@ -4,8 +4,12 @@
 //! Run with `cargo run --all-features --example durable_server`. Configuration:
 //! - `PAYCHAN_ADDR` — where to listen (default `127.0.0.1:3000`; port 0 picks one);
 //! - `PAYCHAN_STORE` — `memory` (default), `sqlite:<path>`, `postgres:<url>` or `redis:<url>`;
-//! - `PAYCHAN_REDIS_PREFIX` — the Redis key prefix (default `{paychan}:`).
+//! - `PAYCHAN_REDIS_PREFIX` — the Redis key prefix (default `{paychan}:`);
+//! - `PAYCHAN_LEASES` — set (to anything) to serve debits from leases ([`Leased`]), with
+//!   `PAYCHAN_LEASE_MAX_MSAT`, `PAYCHAN_LEASE_IDLE_MS` and `PAYCHAN_LEASE_TTL_SECS` if set.
 //!
+//! SIGTERM or Ctrl-C stops it gracefully: requests in flight finish, then its leases are given
+//! back.
 //! `GET /paid` costs 100 sat. Every node derives the same keys (a fixed demo master key), so
 //! any node can serve and close any channel. The chain is simulated and per process.
 
@@ -22,7 +26,7 @@ use paychan::chain::follow_tip;
 use paychan::chain::sim::SimulatedChain;
 use paychan::channel::Terms;
 use paychan::server::{Negotiation, Paid, PaywallLayer};
-use paychan::store::{ChannelStore, MemoryStore};
+use paychan::store::{ChannelStore, LeaseConfig, Leased, MemoryStore};
 
 /// The price of `GET /paid`.
 pub(crate) const PRICE: MilliSats = MilliSats::from_msat(100_000);
@@ -47,11 +51,48 @@ pub(crate) async fn app<St: ChannelStore>(store: St, chain: SimulatedChain) -> R
         .layer(PaywallLayer::new(store, PRICE, tip).with_negotiation(negotiation))
 }
 
-async fn serve(app: Router, addr: SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
+/// Serves the API on `store` (through leases when `PAYCHAN_LEASES` is set) until SIGTERM or
+/// Ctrl-C.
+async fn serve<St: ChannelStore + Clone>(
+    store: St,
+    chain: SimulatedChain,
+    addr: SocketAddr,
+) -> Result<(), Box<dyn std::error::Error>> {
+    if std::env::var_os("PAYCHAN_LEASES").is_none() {
+        return listen(app(store, chain).await, addr).await;
+    }
+    let number = |name: &str| std::env::var(name).ok().and_then(|value| value.parse::<u64>().ok());
+    let mut config = LeaseConfig::default();
+    if let Some(msat) = number("PAYCHAN_LEASE_MAX_MSAT") {
+        config = config.max_lease(MilliSats::from_msat(msat));
+    }
+    if let Some(ms) = number("PAYCHAN_LEASE_IDLE_MS") {
+        config = config.idle(Duration::from_millis(ms));
+    }
+    if let Some(secs) = number("PAYCHAN_LEASE_TTL_SECS") {
+        config = config.ttl(Duration::from_secs(secs));
+    }
+    let leased = Leased::with_config(store, config);
+    let served = listen(app(leased.clone(), chain).await, addr).await;
+    leased.return_all().await;
+    served
+}
+
+async fn listen(app: Router, addr: SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     // Tests wait for this line.
     println!("listening on http://{}", listener.local_addr()?);
-    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await?;
+    let stop = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("a SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    };
+    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(stop)
+        .await?;
     Ok(())
 }
 
@@ -62,15 +103,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let store = std::env::var("PAYCHAN_STORE").unwrap_or_else(|_| "memory".into());
     let chain = SimulatedChain::new();
     match store.split_once(':').unwrap_or((store.as_str(), "")) {
-        ("memory", _) => serve(app(MemoryStore::new(), chain).await, addr).await,
+        ("memory", _) => serve(MemoryStore::new(), chain, addr).await,
         #[cfg(feature = "sqlite")]
-        ("sqlite", path) => {
-            serve(app(paychan::store::SqliteStore::open(path)?, chain).await, addr).await
-        }
+        ("sqlite", path) => serve(paychan::store::SqliteStore::open(path)?, chain, addr).await,
         #[cfg(feature = "postgres")]
         ("postgres", url) => {
             let store = paychan::store::PostgresStore::connect(url).await?;
-            serve(app(store, chain).await, addr).await
+            serve(store, chain, addr).await
         }
         #[cfg(feature = "redis")]
         ("redis", url) => {
@@ -78,7 +117,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             if let Ok(prefix) = std::env::var("PAYCHAN_REDIS_PREFIX") {
                 store = store.with_prefix(prefix);
             }
-            serve(app(store, chain).await, addr).await
+            serve(store, chain, addr).await
         }
         _ => Err(format!("unsupported PAYCHAN_STORE {store:?} (is its cargo feature on?)").into()),
     }

@@ -14,6 +14,9 @@
 //! - **fast path**: every request carries the channel's current best payment (a verified,
 //!   cached header: one atomic debit in the store), `LOAD_CONNECTIONS` connections;
 //! - **fast path + receipts**: the same, each answer with a signed `Payment-Receipt`;
+//! - **fast path, leased**: the same through [`Leased`] (debits from a lease of the channel's
+//!   balance, one store operation per lease), compared with the fast path on a memory store
+//!   in the same run: what many nodes on a shared store get;
 //! - **new payment**: every request carries a better payment (decoded, checked, signature
 //!   verified, stored and debited in one store operation), one connection, in order.
 //!
@@ -37,7 +40,7 @@ use hyper_util::rt::TokioIo;
 use paychan::MilliSats;
 use paychan::channel::{ChainTip, Channel, Terms};
 use paychan::server::PaywallLayer;
-use paychan::store::{ChannelRecord, ChannelStore, MemoryStore};
+use paychan::store::{ChannelRecord, ChannelStore, Leased, MemoryStore};
 use paychan::wire;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -180,6 +183,10 @@ async fn measure<St: ChannelStore + Clone + 'static>(name: &str, store: St) -> R
     // A 9.9 BTC allocation at 1 msat a request never runs out.
     let best = pay(&channel, &k1, 990_000_000);
     store.create(ChannelRecord::open(channel.clone(), 0, best.clone())).await?;
+    // The memory store's fast path, measured in the same run as the leased one.
+    let memory = MemoryStore::new();
+    memory.create(ChannelRecord::open(channel.clone(), 0, best.clone())).await?;
+    let leased = Leased::new(store.clone());
     let (_tip, tip) =
         tokio::sync::watch::channel(ChainTip { height: 800_000, median_time_past: 0 });
     let master = bitcoin::bip32::Xpriv::new_master(bitcoin::Network::Regtest, &[5; 32])?;
@@ -200,12 +207,24 @@ async fn measure<St: ChannelStore + Clone + 'static>(name: &str, store: St) -> R
             "/receipted",
             Router::new()
                 .route("/", hello())
-                .layer(PaywallLayer::new(store.clone(), price, tip).with_receipts(master)),
+                .layer(PaywallLayer::new(store.clone(), price, tip.clone()).with_receipts(master)),
+        )
+        .nest(
+            "/leased",
+            Router::new().route("/", hello()).layer(PaywallLayer::new(
+                leased.clone(),
+                price,
+                tip.clone(),
+            )),
+        )
+        .nest(
+            "/memory",
+            Router::new().route("/", hello()).layer(PaywallLayer::new(memory, price, tip)),
         );
     let addr = serve(app);
     let header = wire::encode_payment(&best);
     // Warm up: verify the header once on each layer, and the connections.
-    for path in ["/paid", "/receipted"] {
+    for path in ["/paid", "/receipted", "/leased", "/memory"] {
         let header = header.clone();
         drive(addr, path, 1, 0.2, move |_| Some(header.clone())).await?;
     }
@@ -216,6 +235,13 @@ async fn measure<St: ChannelStore + Clone + 'static>(name: &str, store: St) -> R
             let h = header.clone();
             let paid = drive(addr, "/paid", connections, seconds, move |_| Some(h.clone())).await?;
             println!("{name}: fast path only, {:.0} req/s", paid.throughput());
+            return Ok(());
+        }
+        Ok("leased") => {
+            let h = header.clone();
+            let paid =
+                drive(addr, "/leased", connections, seconds, move |_| Some(h.clone())).await?;
+            println!("{name}: leased fast path only, {:.0} req/s", paid.throughput());
             return Ok(());
         }
         Ok("bare") => {
@@ -237,6 +263,7 @@ async fn measure<St: ChannelStore + Clone + 'static>(name: &str, store: St) -> R
     }
     let (mut fast, mut receipted, mut bare_last, mut fast_last, mut rcpt_last) =
         (Vec::new(), Vec::new(), None, None, None);
+    let (mut leased_ratio, mut leased_last) = (Vec::new(), None);
     let mut wire_cost = Vec::new();
     for _ in 0..rounds {
         // The bare route gets the same header (and ignores it): the ratio is the layer's
@@ -250,15 +277,28 @@ async fn measure<St: ChannelStore + Clone + 'static>(name: &str, store: St) -> R
         let h = header.clone();
         let rcpt =
             drive(addr, "/receipted", connections, seconds, move |_| Some(h.clone())).await?;
+        let h = header.clone();
+        let mem = drive(addr, "/memory", connections, seconds, move |_| Some(h.clone())).await?;
+        let h = header.clone();
+        let lease = drive(addr, "/leased", connections, seconds, move |_| Some(h.clone())).await?;
         fast.push(paid.throughput() / bare.throughput());
         receipted.push(rcpt.throughput() / bare.throughput());
+        leased_ratio.push(lease.throughput() / mem.throughput());
         (bare_last, fast_last, rcpt_last) = (Some(bare), Some(paid), Some(rcpt));
+        leased_last = Some((lease, mem));
     }
     let (bare, paid, rcpt) = (bare_last.unwrap(), fast_last.unwrap(), rcpt_last.unwrap());
+    let (lease, mem) = leased_last.unwrap();
     println!("\n{name} store, {connections} connections, {rounds} rounds of {seconds} s each");
     println!("  {:<28} {:>10} {:>8} {:>8}", "path", "req/s", "p50 µs", "p99 µs");
-    for (label, sample) in [("bare", &bare), ("fast path", &paid), ("fast path + receipts", &rcpt)]
-    {
+    let samples = [
+        ("bare", &bare),
+        ("fast path", &paid),
+        ("fast path + receipts", &rcpt),
+        ("fast path, leased", &lease),
+        ("fast path, memory store", &mem),
+    ];
+    for (label, sample) in samples {
         println!(
             "  {label:<28} {:>10.0} {:>8} {:>8}",
             sample.throughput(),
@@ -271,6 +311,10 @@ async fn measure<St: ChannelStore + Clone + 'static>(name: &str, store: St) -> R
         median(fast)
     );
     println!("  fast + receipts / bare:      {:.3}", median(receipted));
+    println!("  leased / memory store:       {:.3} (fast paths)", median(leased_ratio));
+    let (held, _) = leased.held();
+    println!("  (leased: {held} held by this node at the end)");
+    leased.return_all().await;
     println!(
         "  bare with / without the header: {:.3} (the header's {} bytes on the wire)",
         median(wire_cost),

@@ -47,6 +47,16 @@ impl MilliSats {
         self.0
     }
 
+    /// Whether the amount is zero.
+    ///
+    /// ```
+    /// use paychan::MilliSats;
+    /// assert!(MilliSats::ZERO.is_zero() && !MilliSats::from_msat(1).is_zero());
+    /// ```
+    pub const fn is_zero(self) -> bool {
+        self.0 == 0
+    }
+
     /// Converts a whole-satoshi [`Amount`]; `None` if it does not fit (above ~18.4M BTC).
     pub fn from_sat(amount: Amount) -> Option<Self> {
         amount.to_sat().checked_mul(1_000).map(Self)

@@ -392,3 +392,158 @@ fn upstream_authority(url: &str) -> String {
     let authority = rest.split(['/', '?']).next().unwrap();
     authority.rsplit('@').next().unwrap().to_owned()
 }
+
+/// GET `/paid` on `addr` with `header`: the status, or `None` if the node is gone.
+async fn try_paid(addr: SocketAddr, header: String) -> Option<u16> {
+    let call = tokio::spawn(async move {
+        call(addr, "GET", "/paid", &[("payment-channel", &header)], None).await.status
+    });
+    tokio::time::timeout(std::time::Duration::from_secs(5), call).await.ok()?.ok()
+}
+
+/// Two nodes serving from leases on one shared store, under load: one is killed with SIGKILL,
+/// the other serves on, then stops gracefully (giving its leases back). The dead node's lease
+/// lapses after its ttl and counts as spent, exactly; nothing was ever served unpaid, and what
+/// the crash cost the client is at most that one lease (plus requests in flight).
+async fn leased_nodes_killed_under_load_reconcile<S: ChannelStore>(
+    store: S,
+    env: Vec<(&str, String)>,
+) {
+    const MAX_LEASE_MSAT: u64 = 2_000_000;
+    let channel = Arc::new(channel());
+    let id = ChannelId::new(channel.outpoint());
+    store.create(record(&channel, 100_000)).await.unwrap();
+    let node_env = |ttl: &str| {
+        let mut env = env.clone();
+        env.extend([
+            ("PAYCHAN_LEASES", "1".to_owned()),
+            ("PAYCHAN_LEASE_MAX_MSAT", MAX_LEASE_MSAT.to_string()),
+            ("PAYCHAN_LEASE_IDLE_MS", "200".to_owned()),
+            ("PAYCHAN_LEASE_TTL_SECS", ttl.to_owned()),
+        ]);
+        env
+    };
+    // The node to be killed lets its leases lapse after 3 s; the survivor's own expiry sweep
+    // (every half of its ttl) stays out of the way, so the test sees the lapse itself.
+    let (mut doomed, survivor) = (spawn_node(&node_env("3")), spawn_node(&node_env("600")));
+    let addrs = [doomed.addr, survivor.addr];
+    let header = header(&channel, 100_000);
+    // Served (200) and failed (the node was gone) requests, by node.
+    let ok = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+    let failed = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..8usize)
+        .map(|worker| {
+            let (ok, failed, stop, header) =
+                (ok.clone(), failed.clone(), stop.clone(), header.clone());
+            tokio::spawn(async move {
+                let mut node = worker % 2;
+                while !stop.load(Ordering::SeqCst) {
+                    match try_paid(addrs[node], header.clone()).await {
+                        Some(200) => drop(ok[node].fetch_add(1, Ordering::SeqCst)),
+                        Some(402) => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
+                        Some(other) => panic!("unexpected status {other}"),
+                        None => {
+                            // The killed node: at most this one request was in flight there.
+                            assert_eq!(node, 0, "the survivor failed");
+                            failed.fetch_add(1, Ordering::SeqCst);
+                            node = 1;
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    let wait_for = |node: usize, count: u64| {
+        let ok = ok.clone();
+        async move {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while ok[node].load(Ordering::SeqCst) < count {
+                assert!(std::time::Instant::now() < deadline, "node {node} served too little");
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+        }
+    };
+    wait_for(0, 60).await;
+    wait_for(1, 60).await;
+    doomed.child.kill().unwrap();
+    doomed.child.wait().unwrap();
+    let killed_at = std::time::Instant::now();
+    let after_kill = ok[1].load(Ordering::SeqCst);
+    wait_for(1, after_kill + 60).await;
+    stop.store(true, Ordering::SeqCst);
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    // The survivor stops gracefully: its leases go back.
+    let mut survivor = survivor;
+    let term = Command::new("kill").args(["-TERM", &survivor.child.id().to_string()]).status();
+    assert!(term.unwrap().success());
+    assert!(survivor.child.wait().unwrap().success(), "the survivor stopped cleanly");
+
+    let served = (ok[0].load(Ordering::SeqCst) + ok[1].load(Ordering::SeqCst)) * PRICE_MSAT;
+    let in_flight = failed.load(Ordering::SeqCst) * PRICE_MSAT;
+    let before = store.load(id).await.unwrap().unwrap();
+    assert!(!before.leased.is_zero(), "the dead node died holding a lease");
+    assert!(
+        before.leased.to_msat() <= MAX_LEASE_MSAT,
+        "only the dead node's one lease is left: {}",
+        before.leased
+    );
+    // Its lease lapses after its ttl: then all of it counts as spent.
+    let lapse = std::time::Duration::from_millis(3_300).saturating_sub(killed_at.elapsed());
+    tokio::time::sleep(lapse).await;
+    let now = u64::try_from(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis(),
+    )
+    .unwrap();
+    assert_eq!(store.expire_leases(now).await.unwrap(), before.leased, "exactly the lapsed lease");
+    let after = store.load(id).await.unwrap().unwrap();
+    assert_eq!(after.leased, MilliSats::ZERO);
+    assert_eq!(after.spent, before.spent.saturating_add(before.leased), "to the msat");
+    // Reconciled: nothing served unpaid; the crash cost at most the lapsed lease and the
+    // requests in flight at the dead node.
+    let spent = after.spent.to_msat();
+    assert!(served <= spent, "served {served} msat, only {spent} spent: served unpaid");
+    assert!(
+        spent - served <= before.leased.to_msat() + in_flight,
+        "spent {spent} msat for {served} served: more lost than the lapsed lease ({}) and \
+         the {in_flight} msat in flight",
+        before.leased
+    );
+    assert!(after.spent <= after.paid(), "never more than paid");
+    println!(
+        "served {served} msat; spent {spent} msat, of which the dead node's lapsed lease {} \
+         and {in_flight} msat were in flight",
+        before.leased
+    );
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leased_nodes_on_postgres_killed_under_load_reconcile() {
+    let Some(config) = common::stores::postgres_config("leases").await else { return };
+    let store = paychan::store::PostgresStore::connect_with(config.clone()).await.unwrap();
+    let url = std::env::var("PAYCHAN_TEST_POSTGRES_URL").unwrap();
+    let options = config.get_options().unwrap_or_default().replace(' ', "%20").replace('=', "%3D");
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let node_url = format!("{url}{separator}options={options}");
+    leased_nodes_killed_under_load_reconcile(
+        store,
+        vec![("PAYCHAN_STORE", format!("postgres:{node_url}"))],
+    )
+    .await;
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leased_nodes_on_redis_killed_under_load_reconcile() {
+    let Some(store) = common::stores::redis_store("leases").await else { return };
+    let url = std::env::var("PAYCHAN_TEST_REDIS_URL").unwrap();
+    let prefix = store.prefix().to_owned();
+    leased_nodes_killed_under_load_reconcile(
+        store,
+        vec![("PAYCHAN_STORE", format!("redis:{url}")), ("PAYCHAN_REDIS_PREFIX", prefix)],
+    )
+    .await;
+}

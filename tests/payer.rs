@@ -1317,3 +1317,66 @@ async fn receipts_link_to_the_previous_one_and_a_broken_link_stops_the_payer() {
         }
     }
 }
+
+/// Two API nodes serving one channel from leases of a shared store ([`Leased`]), the requests
+/// alternating between them: to the payer they are one server. Balances and receipts count
+/// leases as unspent (no overcharge is seen, every receipt verifies and links), and the fair
+/// close pays exactly what was served: the close waits for the other node's idle lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_leased_nodes_look_like_one_server_to_the_payer() {
+    use paychan::store::{ChannelState, ChannelStore, LeaseConfig, Leased};
+    let chain = SimulatedChain::new();
+    let master = Xpriv::new_master(Network::Regtest, &[0x5e; 32]).unwrap();
+    let tip = follow_tip(chain.clone(), Duration::from_millis(50)).await.unwrap();
+    let shared = MemoryStore::new();
+    // Leases of up to four requests, given back after 100 ms unused.
+    let config = LeaseConfig::default()
+        .max_lease(PRICE.checked_mul(4).unwrap())
+        .idle(Duration::from_millis(100));
+    let nodes =
+        [Leased::with_config(shared.clone(), config), Leased::with_config(shared.clone(), config)];
+    let routers: Vec<Router> = nodes
+        .iter()
+        .map(|store| {
+            let negotiation = Negotiation::new(
+                Network::Regtest,
+                Terms::default(),
+                master,
+                p2wpkh(&secret(2)),
+                chain.clone(),
+            );
+            let paywall = PaywallLayer::new(store.clone(), PRICE, tip.clone())
+                .with_bundle(MilliSats::from_sat(Amount::from_sat(1_000)).unwrap())
+                .with_negotiation(negotiation);
+            Router::new().route("/work", get(|| async { "done" })).layer(paywall)
+        })
+        .collect();
+    // Paid requests alternate; the negotiation (whose proposals live in one node's memory)
+    // and the close go to the first node.
+    let turn = Arc::new(AtomicUsize::new(0));
+    let alternate = tower::service_fn(move |request: Request| {
+        let negotiation = request.uri().path().starts_with(paychan::server::DEFAULT_PREFIX);
+        let node = if negotiation { 0 } else { turn.fetch_add(1, Ordering::SeqCst) % 2 };
+        routers[node].clone().oneshot(request)
+    });
+    let addr = serve(Router::new().fallback_service(alternate)).await;
+    let server = Server { chain, origin: format!("http://{addr}") };
+    let wallet = funded_wallet(&server.chain);
+    let payer = builder(&server, &wallet).require_receipts(true).build().unwrap();
+    let (mut client, _) = paying_client(&payer);
+    for n in 0..40 {
+        let answer = get_work(&mut client, &server.origin).await;
+        assert!(matches!(&answer, Ok((StatusCode::OK, _))), "request {n}: {answer:?}");
+    }
+    let held = nodes[0].held().0.saturating_add(nodes[1].held().0);
+    assert!(!held.is_zero(), "the nodes serve from leases");
+    let metered = PRICE.checked_mul(40).unwrap();
+    let receipt = payer.latest_receipt().expect("a verified receipt");
+    assert!(receipt.spent() <= metered, "receipts count leases as unspent");
+
+    let closed = client.close().await.unwrap();
+    assert_eq!(closed.server_amount, metered.to_sat_ceil(), "exactly what was served");
+    let record = shared.load(closed.channel).await.unwrap().unwrap();
+    assert_ne!(record.state, ChannelState::Open);
+    assert_eq!((record.spent, record.leased), (metered, MilliSats::ZERO));
+}

@@ -1,7 +1,7 @@
 //! Retries that never pay twice: [`Idempotency`] keeps the first paid response of each
 //! `Idempotency-Key` and replays it.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
@@ -130,7 +130,7 @@ fn millis(duration: Duration) -> u64 {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, millis)
+    crate::store::now_ms()
 }
 
 /// The key: 1 to 255 visible ASCII characters, optionally as a structured-field string

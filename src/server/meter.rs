@@ -240,7 +240,7 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
         } else if extra > MilliSats::ZERO
             && let Ok(Some(record)) = self.store.load(paid.channel).await
         {
-            balance = record.balance();
+            balance = record.unspent();
         }
         let headers = response.headers_mut();
         headers.insert(PAYMENT_CHANNEL_BALANCE, HeaderValue::from(balance.to_msat()));
@@ -558,7 +558,7 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Units for Meter<St, P> {
         let target = target.clone();
         Box::pin(async move {
             let record = self.store.load(channel).await.ok()??;
-            let receipt = target.receipt(channel, charged, record.paid(), record.balance());
+            let receipt = target.receipt(channel, charged, record.paid(), record.unspent());
             self.sign(receipt).await
         })
     }

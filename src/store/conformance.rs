@@ -23,7 +23,7 @@ use bitcoin::{Amount, CompressedPublicKey, OutPoint, ScriptBuf, Transaction, Txi
 
 use super::{
     ChannelRecord, ChannelState, ChannelStore, Debit, DebitOnce, IdempotencyClaim,
-    IdempotencyRecord, StoreError, StorePayment,
+    IdempotencyRecord, Lease, LeaseId, LeaseRequest, LeaseTake, StoreError, StorePayment,
 };
 use crate::MilliSats;
 use crate::channel::{ChainTip, Channel, CheckedPayment, NewPayment, Terms};
@@ -112,7 +112,151 @@ pub async fn run<S: ChannelStore>(store: Arc<S>, prefix: u8) {
     a_fair_close_is_one_atomic_step(&*store, &fx).await;
     idempotency_keys_are_claimed_once(&*store, &fx).await;
     racing_claims_debit_once(store.clone(), &fx).await;
+    leases_reserve_and_settle_exactly(&*store, &fx).await;
+    leases_count_in_a_fair_close(&*store, &fx).await;
+    lapsed_leases_count_as_spent(&*store, &fx).await;
+    racing_leases_and_debits_never_overspend(store.clone(), &fx).await;
     key_indexes_are_unique(store).await;
+}
+
+/// A lease of at least `least` and at most `most` msat, lapsing in a minute.
+fn take(id: u64, least: u64, most: u64) -> LeaseTake {
+    let (least, most) = (MilliSats::from_msat(least), MilliSats::from_msat(most));
+    LeaseTake::new(LeaseId::new(id), least, most, now_ms() + 60_000)
+}
+
+async fn leases_reserve_and_settle_exactly<S: ChannelStore>(store: &S, fx: &Fixture) {
+    let channel = fx.at_height(20, 900_000);
+    let record = fx.record(channel, 5_000);
+    let id = record.id();
+    store.create(record).await.expect("create");
+    let (first, second) = (u64::from(fx.prefix) << 56 | 1, u64::from(fx.prefix) << 56 | 2);
+    // At most half of the free balance: 2 500 sat of 5 000.
+    let granted = store.lease(id, LeaseRequest::take(take(first, 1_000, 3_000_000))).await;
+    assert_eq!(granted, Ok(Lease::Granted { amount: msat(2_500), unspent: msat(5_000) }));
+    let loaded = store.load(id).await.expect("load").expect("exists");
+    assert_eq!(
+        (loaded.leased, loaded.spent, loaded.balance(), loaded.unspent(), loaded.committed()),
+        (msat(2_500), MilliSats::ZERO, msat(2_500), msat(5_000), msat(2_500)),
+        "a lease is reserved: neither spent nor free"
+    );
+    assert_eq!(
+        store.debit(id, msat(2_600)).await,
+        Ok(Debit::Insufficient { balance: msat(5_000) }),
+        "a debit draws on the free balance only"
+    );
+    assert_eq!(
+        store.debit(id, msat(1_000)).await,
+        Ok(Debit::Debited { balance: msat(4_000) }),
+        "the balance reported is paid − spent"
+    );
+    let refused = store.lease(id, LeaseRequest::take(take(second, 2_000_000, 9_000_000))).await;
+    assert_eq!(refused, Ok(Lease::Insufficient { balance: msat(1_500) }));
+    // Settle the first (1 200 sat used) and take the second in one step.
+    let request =
+        LeaseRequest::take(take(second, 1, 100)).and_settle(LeaseId::new(first), msat(1_200));
+    let replaced = store.lease(id, request).await;
+    assert_eq!(
+        replaced,
+        Ok(Lease::Granted { amount: MilliSats::from_msat(100), unspent: msat(2_800) })
+    );
+    let again = store.lease(id, LeaseRequest::settle(LeaseId::new(first), msat(2_000))).await;
+    assert_eq!(again, Ok(Lease::Granted { amount: MilliSats::ZERO, unspent: msat(2_800) }), "once");
+    // Used beyond what it held counts as all of it.
+    let over = store.lease(id, LeaseRequest::settle(LeaseId::new(second), msat(5))).await;
+    assert_eq!(
+        over,
+        Ok(Lease::Granted { amount: MilliSats::ZERO, unspent: MilliSats::from_msat(2_799_900) })
+    );
+    let loaded = store.load(id).await.expect("load").expect("exists");
+    assert_eq!((loaded.leased, loaded.spent), (MilliSats::ZERO, MilliSats::from_msat(2_200_100)));
+    let unknown = ChannelId::new(fx.at_height(96, 900_000).outpoint());
+    let request = LeaseRequest::take(take(first, 1, 1));
+    assert_eq!(store.lease(unknown, request).await, Err(StoreError::NotFound));
+}
+
+async fn leases_count_in_a_fair_close<S: ChannelStore>(store: &S, fx: &Fixture) {
+    let channel = fx.at_height(21, 900_000);
+    let record = fx.record(channel.clone(), 5_000);
+    let id = record.id();
+    store.create(record).await.expect("create");
+    let lease = u64::from(fx.prefix) << 56 | 3;
+    let granted = store.lease(id, LeaseRequest::take(take(lease, 1, 1_000_000))).await;
+    assert_eq!(granted, Ok(Lease::Granted { amount: msat(1_000), unspent: msat(5_000) }));
+    assert_eq!(store.debit(id, msat(1_000)).await, Ok(Debit::Debited { balance: msat(4_000) }));
+    let short = fx.checked(&channel, 1_500);
+    assert_eq!(store.close_with(id, short).await, Ok(false), "a lease may still be served");
+    let settled = store.lease(id, LeaseRequest::settle(LeaseId::new(lease), msat(400))).await;
+    assert_eq!(settled, Ok(Lease::Granted { amount: MilliSats::ZERO, unspent: msat(3_600) }));
+    assert_eq!(store.close_with(id, fx.checked(&channel, 1_400)).await, Ok(true));
+    let refused = store.lease(id, LeaseRequest::take(take(lease + 1, 1, 1))).await;
+    assert_eq!(refused, Ok(Lease::NotOpen { state: ChannelState::Closing }));
+}
+
+async fn lapsed_leases_count_as_spent<S: ChannelStore>(store: &S, fx: &Fixture) {
+    let channel = fx.at_height(22, 900_000);
+    let record = fx.record(channel, 5_000);
+    let id = record.id();
+    store.create(record).await.expect("create");
+    let (dead, live) = (u64::from(fx.prefix) << 56 | 4, u64::from(fx.prefix) << 56 | 5);
+    let now = now_ms();
+    let lapsed =
+        LeaseTake::new(LeaseId::new(dead), msat(1_000), msat(1_000), now.saturating_sub(1));
+    assert!(matches!(
+        store.lease(id, LeaseRequest::take(lapsed)).await,
+        Ok(Lease::Granted { amount, .. }) if amount == msat(1_000)
+    ));
+    let granted = store.lease(id, LeaseRequest::take(take(live, 1, 500_000))).await;
+    assert!(matches!(granted, Ok(Lease::Granted { amount, .. }) if amount == msat(500)));
+    let forfeited = store.expire_leases(now).await.expect("expire");
+    assert!(forfeited >= msat(1_000), "the lapsed lease is counted: {forfeited}");
+    let loaded = store.load(id).await.expect("load").expect("exists");
+    assert_eq!(
+        (loaded.spent, loaded.leased),
+        (msat(1_000), msat(500)),
+        "a lapsed lease is all spent; a live one stays"
+    );
+    let late = store.lease(id, LeaseRequest::settle(LeaseId::new(dead), MilliSats::ZERO)).await;
+    assert_eq!(late, Ok(Lease::Granted { amount: MilliSats::ZERO, unspent: msat(4_000) }));
+    let loaded = store.load(id).await.expect("load").expect("exists");
+    assert_eq!(loaded.spent, msat(1_000), "settling a lapsed lease changes nothing");
+}
+
+async fn racing_leases_and_debits_never_overspend<S: ChannelStore>(store: Arc<S>, fx: &Fixture) {
+    let channel = fx.at_height(23, 900_000);
+    let record = fx.record(channel, 1_000);
+    let id = record.id();
+    store.create(record).await.expect("create");
+    let tasks: Vec<_> = (0..32u64)
+        .map(|i| {
+            let store = store.clone();
+            let lease = u64::from(fx.prefix) << 56 | 0x100 | i;
+            tokio::spawn(async move {
+                if i % 2 == 0 {
+                    match store.lease(id, LeaseRequest::take(take(lease, 70_000, 70_000))).await {
+                        Ok(Lease::Granted { amount, .. }) => amount,
+                        other => {
+                            assert!(matches!(other, Ok(Lease::Insufficient { .. })), "{other:?}");
+                            MilliSats::ZERO
+                        }
+                    }
+                } else {
+                    match store.debit(id, msat(3)).await.expect("debit") {
+                        Debit::Debited { .. } => msat(3),
+                        _ => MilliSats::ZERO,
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut taken = MilliSats::ZERO;
+    for task in tasks {
+        taken = taken.saturating_add(task.await.expect("task"));
+    }
+    let loaded = store.load(id).await.expect("load").expect("exists");
+    assert_eq!(loaded.committed(), taken, "every lease and debit is counted, once");
+    assert!(loaded.committed() <= loaded.paid(), "never more than was paid");
+    assert!(loaded.balance() < msat(70), "refused only when short");
 }
 
 async fn spent_of<S: ChannelStore>(store: &S, id: ChannelId) -> MilliSats {
@@ -121,8 +265,7 @@ async fn spent_of<S: ChannelStore>(store: &S, id: ChannelId) -> MilliSats {
 
 /// Milliseconds since the Unix epoch (a Redis store expires records by its own clock).
 fn now_ms() -> u64 {
-    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
-    since.map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
+    super::now_ms()
 }
 
 fn claim(key: &str, fingerprint: u8, lapses_in_ms: u64) -> IdempotencyClaim {

@@ -8,7 +8,7 @@ use dashmap::{DashMap, DashSet};
 
 use super::{
     ChannelRecord, ChannelState, ChannelStore, Debit, DebitOnce, IdempotencyClaim,
-    IdempotencyRecord, StoreError, StorePayment,
+    IdempotencyRecord, Lease, LeaseId, LeaseRequest, StoreError, StorePayment,
 };
 use crate::MilliSats;
 use crate::channel::CheckedPayment;
@@ -47,6 +47,9 @@ pub struct MemoryStore {
     by_state: Arc<[DashSet<ChannelId>; ChannelState::ALL.len()]>,
     /// The idempotency map's size at which it is swept next.
     sweep_at: Arc<std::sync::atomic::AtomicUsize>,
+    /// Live leases by channel and id: what each holds and when it lapses (ms since the
+    /// epoch). Changed under the channel's shard lock (taken first).
+    leases: Arc<DashMap<(ChannelId, LeaseId), (MilliSats, u64)>>,
 }
 
 /// How the memory store keeps a channel: boxed, so that the map's free buckets stay small,
@@ -60,6 +63,7 @@ struct Slot {
     best: Option<Box<[u8]>>,
     paid: bitcoin::Amount,
     spent: MilliSats,
+    leased: MilliSats,
     funded_at: u32,
 }
 
@@ -73,6 +77,7 @@ impl Slot {
             state: record.state,
             paid,
             spent: record.spent,
+            leased: record.leased,
             funded_at: record.funded_at,
         })
     }
@@ -88,12 +93,19 @@ impl Slot {
                 .as_deref()
                 .and_then(|bytes| bitcoin::consensus::deserialize(bytes).ok()),
             spent: self.spent,
+            leased: self.leased,
             funded_at: self.funded_at,
         }
     }
 
-    fn balance(&self) -> MilliSats {
+    /// paid − spent.
+    fn unspent(&self) -> MilliSats {
         MilliSats::from_sat(self.paid).unwrap_or(MilliSats::MAX).saturating_sub(self.spent)
+    }
+
+    /// paid − spent − leased.
+    fn balance(&self) -> MilliSats {
+        self.unspent().saturating_sub(self.leased)
     }
 
     fn set_best(&mut self, payment: &Transaction) {
@@ -139,6 +151,7 @@ impl MemoryStore {
             idempotency: Arc::default(),
             by_state: Arc::default(),
             sweep_at: Arc::default(),
+            leases: Arc::default(),
         }
     }
 
@@ -216,7 +229,7 @@ impl ChannelStore for MemoryStore {
     ) -> impl Future<Output = Result<bool, StoreError>> + Send {
         self.update(id, move |record| {
             let covered = MilliSats::from_sat(payment.server_amount())
-                .is_some_and(|paid| record.spent <= paid);
+                .is_some_and(|paid| record.spent.saturating_add(record.leased) <= paid);
             let closes =
                 matches!(record.state, ChannelState::Open | ChannelState::Pending) && covered;
             if closes {
@@ -283,8 +296,72 @@ impl ChannelStore for MemoryStore {
     ) -> impl Future<Output = Result<MilliSats, StoreError>> + Send {
         self.update(id, move |record| {
             record.spent = record.spent.saturating_sub(amount);
-            record.balance()
+            record.unspent()
         })
+    }
+
+    fn lease(
+        &self,
+        id: ChannelId,
+        request: LeaseRequest,
+    ) -> impl Future<Output = Result<Lease, StoreError>> + Send {
+        let leases = &self.leases;
+        self.update(id, move |record| {
+            if let Some((lease, used)) = request.settle
+                && let Some((_, (held, _))) = leases.remove(&(id, lease))
+            {
+                record.leased = record.leased.saturating_sub(held);
+                record.spent = record.spent.saturating_add(used.min(held));
+            }
+            let Some(take) = request.take else {
+                return Lease::Granted { amount: MilliSats::ZERO, unspent: record.unspent() };
+            };
+            if record.state != ChannelState::Open {
+                return Lease::NotOpen { state: record.state };
+            }
+            match take.grant(record.balance()) {
+                Some(amount) => {
+                    record.leased = record.leased.saturating_add(amount);
+                    leases
+                        .entry((id, take.id))
+                        .and_modify(|(held, until)| {
+                            *held = held.saturating_add(amount);
+                            *until = take.expires_at;
+                        })
+                        .or_insert((amount, take.expires_at));
+                    Lease::Granted { amount, unspent: record.unspent() }
+                }
+                None => Lease::Insufficient { balance: record.balance() },
+            }
+        })
+    }
+
+    fn expire_leases(
+        &self,
+        now: u64,
+    ) -> impl Future<Output = Result<MilliSats, StoreError>> + Send {
+        // The ids first (no lock held), then each under its channel's lock.
+        let lapsed: Vec<(ChannelId, LeaseId)> = self
+            .leases
+            .iter()
+            .filter(|entry| entry.value().1 <= now)
+            .map(|entry| *entry.key())
+            .collect();
+        let mut forfeited = MilliSats::ZERO;
+        for key in lapsed {
+            let counted = self.update(key.0, |record| {
+                let removed = self.leases.remove_if(&key, |_, (_, until)| *until <= now);
+                removed.map_or(MilliSats::ZERO, |(_, (held, _))| {
+                    record.leased = record.leased.saturating_sub(held);
+                    record.spent = record.spent.saturating_add(held);
+                    held
+                })
+            });
+            if let Ok(held) = counted.into_inner() {
+                forfeited = forfeited.saturating_add(held);
+            }
+        }
+        ready(Ok(forfeited))
     }
 
     fn transition(
@@ -333,7 +410,7 @@ fn store(record: &mut Slot, payment: &Transaction) -> StorePayment {
         return StorePayment::Stale { best };
     }
     record.set_best(payment);
-    StorePayment::Stored { balance: record.balance() }
+    StorePayment::Stored { balance: record.unspent() }
 }
 
 /// Debits `amount` from `record` if it is open and its balance covers it.
@@ -341,12 +418,11 @@ fn debit(record: &mut Slot, amount: MilliSats) -> Debit {
     if record.state != ChannelState::Open {
         return Debit::NotOpen { state: record.state };
     }
-    let balance = record.balance();
-    match (balance.checked_sub(amount), record.spent.checked_add(amount)) {
-        (Some(left), Some(spent)) => {
+    match (record.balance().checked_sub(amount), record.spent.checked_add(amount)) {
+        (Some(_), Some(spent)) => {
             record.spent = spent;
-            Debit::Debited { balance: left }
+            Debit::Debited { balance: record.unspent() }
         }
-        _ => Debit::Insufficient { balance },
+        _ => Debit::Insufficient { balance: record.unspent() },
     }
 }

@@ -38,6 +38,7 @@ use crate::wire::{ChannelId, ChannelSnapshot};
 use crate::{BackendError, MilliSats};
 
 pub mod conformance;
+mod leased;
 mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;
@@ -50,6 +51,7 @@ mod sqlite;
 pub use self::redis::{
     DEFAULT_PREFIX as REDIS_DEFAULT_PREFIX, MAX_CHANNEL_SAT as REDIS_MAX_CHANNEL_SAT, RedisStore,
 };
+pub use leased::{LeaseConfig, Leased};
 pub use memory::MemoryStore;
 #[cfg(feature = "postgres")]
 pub use postgres::PostgresStore;
@@ -70,8 +72,13 @@ pub struct ChannelRecord {
     pub state: ChannelState,
     /// The best (highest-paying) client-signed payment so far.
     pub best: Option<Transaction>,
-    /// What requests have consumed so far.
+    /// What requests have consumed so far, as settled in the store: what nodes serving from
+    /// a lease have used is added when they settle it (see [`Leased`]).
     pub spent: MilliSats,
+    /// What nodes hold in live leases of this channel (see [`Leased`]): reserved, neither
+    /// spent nor available to other requests. Zero without leases.
+    #[serde(default)]
+    pub leased: MilliSats,
     /// The chain height when the funding was broadcast: the funding policy's deadline for its
     /// confirmation counts from here (0 when unknown).
     #[serde(default)]
@@ -87,6 +94,7 @@ impl ChannelRecord {
             state: ChannelState::Open,
             best: Some(first),
             spent: MilliSats::ZERO,
+            leased: MilliSats::ZERO,
             funded_at: 0,
         }
     }
@@ -132,8 +140,22 @@ impl ChannelRecord {
         MilliSats::from_sat(self.paid_amount()).unwrap_or(MilliSats::MAX)
     }
 
-    /// What is left to spend: paid − spent.
+    /// What new requests can draw on: paid − spent − leased.
     pub fn balance(&self) -> MilliSats {
+        self.paid().saturating_sub(self.committed())
+    }
+
+    /// What the channel has committed: spent, and held in leases (which a node may serve at
+    /// any moment). A fair close must pay at least this.
+    pub fn committed(&self) -> MilliSats {
+        self.spent.saturating_add(self.leased)
+    }
+
+    /// paid − spent: the balance as the client sees it, leases counted as unspent until a
+    /// node settles what it used of them. Never below the channel's true unspent balance,
+    /// so a client judging the server's charges by it is never misled into seeing an
+    /// overcharge.
+    pub fn unspent(&self) -> MilliSats {
         self.paid().saturating_sub(self.spent)
     }
 
@@ -143,7 +165,7 @@ impl ChannelRecord {
         let params = self.channel.params();
         let paid = self.paid_amount();
         let max = params.max_server_amount();
-        let needed = self.spent.checked_add(price).map(MilliSats::to_sat_ceil);
+        let needed = self.committed().checked_add(price).map(MilliSats::to_sat_ceil);
         let min = needed
             .map(|needed| needed.max(paid + Amount::ONE_SAT).max(params.min_server_amount()))
             .filter(|min| *min <= max);
@@ -155,7 +177,8 @@ impl ChannelRecord {
             channel: self.id(),
             state: self.state,
             paid_msat: self.paid(),
-            spent_msat: self.spent,
+            spent_msat: self.committed(),
+            leased_msat: self.leased,
             balance_msat: self.balance(),
             price_msat: price,
             capacity_left_sat: max.checked_sub(paid).unwrap_or(Amount::ZERO),
@@ -204,12 +227,13 @@ pub enum StorePayment {
 pub enum Debit {
     /// The amount was debited.
     Debited {
-        /// The balance left.
+        /// paid − spent after the debit ([`ChannelRecord::unspent`]: what nodes hold in
+        /// leases counts as unspent).
         balance: MilliSats,
     },
-    /// The balance does not cover the amount; nothing changed.
+    /// The balance (paid − spent − leased) does not cover the amount; nothing changed.
     Insufficient {
-        /// The balance.
+        /// paid − spent ([`ChannelRecord::unspent`]).
         balance: MilliSats,
     },
     /// The channel is not [`ChannelState::Open`]; nothing changed.
@@ -271,6 +295,130 @@ pub enum DebitOnce {
     Claimed(IdempotencyRecord),
 }
 
+/// The id of one lease (see [`Leased`]): unique across nodes and restarts (a random
+/// number), so settling a lease twice, or one that expired meanwhile, changes nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LeaseId(u64);
+
+impl LeaseId {
+    /// The lease with id `id`.
+    pub const fn new(id: u64) -> Self {
+        Self(id)
+    }
+
+    /// A fresh random id.
+    pub fn random() -> Self {
+        use std::hash::{BuildHasher, Hasher};
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |since| since.as_nanos()),
+        );
+        Self(hasher.finish())
+    }
+
+    /// The id as a number.
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for LeaseId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// A new lease for [`ChannelStore::lease`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LeaseTake {
+    /// Its id (fresh: never used before).
+    pub id: LeaseId,
+    /// The least it may be: the request the node is serving.
+    pub least: MilliSats,
+    /// The most it may be.
+    pub most: MilliSats,
+    /// When it lapses unless settled, in milliseconds since the Unix epoch: then
+    /// [`expire_leases`](ChannelStore::expire_leases) counts all of it as spent.
+    pub expires_at: u64,
+}
+
+impl LeaseTake {
+    /// A lease `id` of at least `least` and at most `most`, lapsing at `expires_at`
+    /// (milliseconds since the Unix epoch).
+    pub fn new(id: LeaseId, least: MilliSats, most: MilliSats, expires_at: u64) -> Self {
+        Self { id, least, most, expires_at }
+    }
+
+    /// What a store grants from `available` (paid − spent − leased): `most`, or half of
+    /// `available` if that is less, but never less than `least`; `None` if `available` does
+    /// not cover `least`. Half, so that one node never holds the whole balance while
+    /// another node's request finds none.
+    pub fn grant(&self, available: MilliSats) -> Option<MilliSats> {
+        (available >= self.least).then(|| {
+            let half = MilliSats::from_msat(available.to_msat() / 2);
+            self.most.min(half).max(self.least)
+        })
+    }
+}
+
+/// What [`ChannelStore::lease`] does, in one atomic operation: settles a node's old lease
+/// (what it used becomes spent, the rest returns to the balance), then takes a new one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct LeaseRequest {
+    /// A lease to settle, with what the node used of it (at most the lease: more is
+    /// counted as the whole lease). Nothing happens if it is gone (settled already, or
+    /// expired: then it was all counted as spent).
+    pub settle: Option<(LeaseId, MilliSats)>,
+    /// A lease to take, if the channel is open and its balance covers `least`.
+    pub take: Option<LeaseTake>,
+}
+
+impl LeaseRequest {
+    /// Settles lease `id`, of which `used` was used.
+    pub fn settle(id: LeaseId, used: MilliSats) -> Self {
+        Self { settle: Some((id, used)), take: None }
+    }
+
+    /// Takes lease `take`.
+    pub fn take(take: LeaseTake) -> Self {
+        Self { settle: None, take: Some(take) }
+    }
+
+    /// The same request, also settling lease `id` of which `used` was used (first).
+    #[must_use]
+    pub fn and_settle(mut self, id: LeaseId, used: MilliSats) -> Self {
+        self.settle = Some((id, used));
+        self
+    }
+}
+
+/// The outcome of [`ChannelStore::lease`]. The settlement, if any, happened in every case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum Lease {
+    /// The new lease holds `amount` (zero without a take).
+    Granted {
+        /// What the lease holds.
+        amount: MilliSats,
+        /// paid − spent after the operation ([`ChannelRecord::unspent`]).
+        unspent: MilliSats,
+    },
+    /// The balance (paid − spent − leased) does not cover the take's `least`: no lease.
+    Insufficient {
+        /// paid − spent − leased.
+        balance: MilliSats,
+    },
+    /// The channel is not [`ChannelState::Open`]: no lease.
+    NotOpen {
+        /// Its state.
+        state: ChannelState,
+    },
+}
+
 /// An error from a [`ChannelStore`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -297,6 +445,12 @@ impl StoreError {
     pub fn unavailable(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
         Self::Unavailable { source: BackendError::new(error) }
     }
+}
+
+/// Now, in milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    since.map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Checks that a counter value is a usable hardened BIP-0032 index.
@@ -352,7 +506,8 @@ pub trait ChannelStore: Send + Sync + 'static {
         payment: Transaction,
     ) -> impl Future<Output = Result<StorePayment, StoreError>> + Send;
 
-    /// Debits `amount` from the balance if it covers it and the channel is open.
+    /// Debits `amount` if the balance (paid − spent − leased) covers it and the channel is
+    /// open.
     fn debit(
         &self,
         id: ChannelId,
@@ -384,7 +539,7 @@ pub trait ChannelStore: Send + Sync + 'static {
 
     /// Moves an **open or pending** channel to closing with `payment` as its settlement in
     /// place of the best payment, **in one atomic operation**, if `payment` covers what the
-    /// channel spent: the fair close, settled at the metered amount, which may pay the server
+    /// channel committed (spent and leased, [`ChannelRecord::committed`]): the fair close, settled at the metered amount, which may pay the server
     /// less than the best ([`Channel::check_fair_payment`](crate::channel::Channel::check_fair_payment)).
     /// `Ok(false)`, nothing changed, if the channel is no longer open or pending or spent more
     /// meanwhile. From `Closing` on nothing is debited, so what was metered cannot move.
@@ -418,8 +573,26 @@ pub trait ChannelStore: Send + Sync + 'static {
         expires_at: u64,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// Settles a node's lease and takes a new one, as `request` says, in one atomic
+    /// operation (see [`LeaseRequest`] and [`Lease`]); what a new lease holds is
+    /// [`LeaseTake::grant`] of the balance (paid − spent − leased). A lease adds to
+    /// `leased`; settling it adds what was used to `spent` and removes it from `leased`.
+    /// Never refused for the channel's state when only settling.
+    fn lease(
+        &self,
+        id: ChannelId,
+        request: LeaseRequest,
+    ) -> impl Future<Output = Result<Lease, StoreError>> + Send;
+
+    /// Settles every lease that lapsed at or before `now` (milliseconds since the Unix
+    /// epoch) as **all used**: its node died without settling it, and what it served of it
+    /// cannot be known, so all of it counts as spent (never as served unpaid). Returns what
+    /// was counted so.
+    fn expire_leases(&self, now: u64)
+    -> impl Future<Output = Result<MilliSats, StoreError>> + Send;
+
     /// Gives back `amount` of an earlier debit (never making `spent` negative); returns the
-    /// new balance.
+    /// new paid − spent.
     fn credit(
         &self,
         id: ChannelId,

@@ -8,7 +8,7 @@ use tokio_postgres::types::ToSql;
 
 use super::{
     ChannelRecord, ChannelState, ChannelStore, Debit, DebitOnce, IdempotencyClaim,
-    IdempotencyRecord, StoreError, StorePayment,
+    IdempotencyRecord, Lease, LeaseRequest, StoreError, StorePayment,
 };
 use crate::MilliSats;
 use crate::channel::Channel;
@@ -41,6 +41,15 @@ const MIGRATION: &str = "
         PRIMARY KEY (channel, key)
     );
     CREATE INDEX IF NOT EXISTS paychan_idempotency_expiry ON paychan_idempotency (expires_at);
+    ALTER TABLE paychan_channels ADD COLUMN IF NOT EXISTS leased_msat BIGINT NOT NULL DEFAULT 0;
+    CREATE TABLE IF NOT EXISTS paychan_leases (
+        channel TEXT NOT NULL,
+        lease BIGINT NOT NULL,
+        held_msat BIGINT NOT NULL,
+        expires_at BIGINT NOT NULL,
+        PRIMARY KEY (channel, lease)
+    );
+    CREATE INDEX IF NOT EXISTS paychan_leases_expiry ON paychan_leases (expires_at);
 ";
 
 /// Channels in PostgreSQL, shared by any number of API nodes.
@@ -77,8 +86,8 @@ fn msat(value: i64) -> MilliSats {
     MilliSats::from_msat(u64::try_from(value).unwrap_or(0))
 }
 
-const SELECT: &str =
-    "SELECT channel, key_index, state, best, spent_msat, funded_at FROM paychan_channels";
+const SELECT: &str = "SELECT channel, key_index, state, best, spent_msat, funded_at, leased_msat
+     FROM paychan_channels";
 
 fn decode(row: &tokio_postgres::Row) -> Result<ChannelRecord, StoreError> {
     let channel: Channel = serde_json::from_str(row.get::<_, &str>(0)).map_err(unavailable)?;
@@ -89,6 +98,7 @@ fn decode(row: &tokio_postgres::Row) -> Result<ChannelRecord, StoreError> {
         state: ChannelState::from_name(row.get(2))?,
         best: best.map(|b| deserialize(&b)).transpose().map_err(unavailable)?,
         spent: msat(row.get(4)),
+        leased: msat(row.get(6)),
         funded_at: u32::try_from(row.get::<_, i64>(5)).map_err(unavailable)?,
     })
 }
@@ -224,7 +234,8 @@ impl ChannelStore for PostgresStore {
         let row = self
             .query_opt(
                 "UPDATE paychan_channels SET state = 'closing', best = $1, best_sat = $2
-                 WHERE id = $3 AND state IN ('open', 'pending') AND spent_msat <= $2::bigint * 1000
+                 WHERE id = $3 AND state IN ('open', 'pending')
+                 AND spent_msat + leased_msat <= $2::bigint * 1000
                  RETURNING 1",
                 &[&serialize(payment.transaction()), &offered, &id],
             )
@@ -242,7 +253,8 @@ impl ChannelStore for PostgresStore {
         let row = self
             .query_opt(
                 "UPDATE paychan_channels SET spent_msat = spent_msat + $1
-                 WHERE id = $2 AND state = 'open' AND best_sat * 1000 - spent_msat >= $1
+                 WHERE id = $2 AND state = 'open'
+                 AND best_sat * 1000 - spent_msat - leased_msat >= $1
                  RETURNING best_sat * 1000 - spent_msat",
                 &[&amount_sql, &id],
             )
@@ -275,11 +287,12 @@ impl ChannelStore for PostgresStore {
         let row = self
             .query_opt(
                 "WITH old AS (
-                     SELECT best_sat, spent_msat FROM paychan_channels
+                     SELECT best_sat, spent_msat, leased_msat FROM paychan_channels
                      WHERE id = $3 AND state = 'open' FOR UPDATE
                  ), next AS (
                      SELECT GREATEST(old.best_sat, $2) AS best_sat, old.spent_msat,
-                            GREATEST(old.best_sat, $2) * 1000 - old.spent_msat >= $4 AS covers
+                            GREATEST(old.best_sat, $2) * 1000 - old.spent_msat - old.leased_msat
+                                >= $4 AS covers
                      FROM old
                  )
                  UPDATE paychan_channels AS c SET
@@ -344,7 +357,8 @@ impl ChannelStore for PostgresStore {
         let debited = tx
             .query_opt(
                 "UPDATE paychan_channels SET spent_msat = spent_msat + $1
-                 WHERE id = $2 AND state = 'open' AND best_sat * 1000 - spent_msat >= $1
+                 WHERE id = $2 AND state = 'open'
+                 AND best_sat * 1000 - spent_msat - leased_msat >= $1
                  RETURNING best_sat * 1000 - spent_msat",
                 &[&amount, &id],
             )
@@ -419,6 +433,101 @@ impl ChannelStore for PostgresStore {
             .await?
             .ok_or(StoreError::NotFound)?;
         Ok(msat(row.get(0)))
+    }
+
+    async fn lease(&self, id: ChannelId, request: LeaseRequest) -> Result<Lease, StoreError> {
+        let id = id.to_string();
+        let mut client = self.client().await?;
+        // One transaction, the channel's row locked first (as every statement on it does).
+        let tx = client.transaction().await.map_err(unavailable)?;
+        let lock = "SELECT state, best_sat * 1000 - spent_msat, leased_msat FROM paychan_channels
+                    WHERE id = $1 FOR UPDATE";
+        tx.query_opt(lock, &[&id]).await.map_err(unavailable)?.ok_or(StoreError::NotFound)?;
+        if let Some((lease, used)) = request.settle {
+            let used = to_i64(used.to_msat())?;
+            tx.execute(
+                "WITH gone AS (
+                     DELETE FROM paychan_leases WHERE channel = $1 AND lease = $2
+                     RETURNING held_msat
+                 )
+                 UPDATE paychan_channels SET leased_msat = GREATEST(leased_msat - gone.held_msat, 0),
+                     spent_msat = spent_msat + LEAST($3, gone.held_msat)
+                 FROM gone WHERE id = $1",
+                &[&id, &lease.get().cast_signed(), &used],
+            )
+            .await
+            .map_err(unavailable)?;
+        }
+        let row = tx.query_one(lock, &[&id]).await.map_err(unavailable)?;
+        let (state, unspent, leased) =
+            (ChannelState::from_name(row.get(0))?, msat(row.get(1)), msat(row.get(2)));
+        let outcome = match request.take {
+            None => Lease::Granted { amount: MilliSats::ZERO, unspent },
+            Some(_) if state != ChannelState::Open => Lease::NotOpen { state },
+            Some(take) => match take.grant(unspent.saturating_sub(leased)) {
+                None => Lease::Insufficient { balance: unspent.saturating_sub(leased) },
+                Some(amount) => {
+                    let held = to_i64(amount.to_msat())?;
+                    tx.execute(
+                        "INSERT INTO paychan_leases (channel, lease, held_msat, expires_at)
+                         VALUES ($1, $2, $3, $4) ON CONFLICT (channel, lease) DO UPDATE
+                         SET held_msat = paychan_leases.held_msat + excluded.held_msat,
+                             expires_at = excluded.expires_at",
+                        &[&id, &take.id.get().cast_signed(), &held, &to_i64(take.expires_at)?],
+                    )
+                    .await
+                    .map_err(unavailable)?;
+                    tx.execute(
+                        "UPDATE paychan_channels SET leased_msat = leased_msat + $1 WHERE id = $2",
+                        &[&held, &id],
+                    )
+                    .await
+                    .map_err(unavailable)?;
+                    Lease::Granted { amount, unspent }
+                }
+            },
+        };
+        tx.commit().await.map_err(unavailable)?;
+        Ok(outcome)
+    }
+
+    async fn expire_leases(&self, now: u64) -> Result<MilliSats, StoreError> {
+        let now = to_i64(now)?;
+        let client = self.client().await?;
+        let channels = client
+            .query(
+                "SELECT DISTINCT channel FROM paychan_leases WHERE expires_at <= $1 LIMIT 1000",
+                &[&now],
+            )
+            .await
+            .map_err(unavailable)?;
+        drop(client);
+        let mut forfeited = MilliSats::ZERO;
+        for row in channels {
+            let id: String = row.get(0);
+            let mut client = self.client().await?;
+            // Channel first, then its leases: the order every lease operation locks in.
+            let tx = client.transaction().await.map_err(unavailable)?;
+            tx.execute("SELECT 1 FROM paychan_channels WHERE id = $1 FOR UPDATE", &[&id])
+                .await
+                .map_err(unavailable)?;
+            let held = tx
+                .query_one(
+                    "WITH gone AS (
+                         DELETE FROM paychan_leases WHERE channel = $1 AND expires_at <= $2
+                         RETURNING held_msat
+                     ), total AS (SELECT COALESCE(SUM(held_msat), 0)::bigint AS held FROM gone)
+                     UPDATE paychan_channels SET leased_msat = GREATEST(leased_msat - total.held, 0),
+                         spent_msat = spent_msat + total.held
+                     FROM total WHERE id = $1 RETURNING total.held",
+                    &[&id, &now],
+                )
+                .await
+                .map_err(unavailable)?;
+            tx.commit().await.map_err(unavailable)?;
+            forfeited = forfeited.saturating_add(msat(held.get(0)));
+        }
+        Ok(forfeited)
     }
 
     async fn transition(

@@ -7,7 +7,7 @@ use redis::{AsyncCommands, Script};
 
 use super::{
     ChannelRecord, ChannelState, ChannelStore, Debit, DebitOnce, IdempotencyClaim,
-    IdempotencyRecord, StoreError, StorePayment,
+    IdempotencyRecord, Lease, LeaseRequest, StoreError, StorePayment,
 };
 use crate::MilliSats;
 use crate::channel::Channel;
@@ -38,12 +38,12 @@ redis.call('HSET', KEYS[1], 'best', ARGV[1], 'best_sat', ARGV[2])
 return {1, string.format('%.0f', tonumber(ARGV[2]) * 1000 - tonumber(h[2]))}";
 
 const DEBIT: &str = r"
-local h = redis.call('HMGET', KEYS[1], 'state', 'best_sat', 'spent_msat')
+local h = redis.call('HMGET', KEYS[1], 'state', 'best_sat', 'spent_msat', 'leased_msat')
 if not h[1] then return {-1, '0'} end
 local balance = tonumber(h[2]) * 1000 - tonumber(h[3])
 if h[1] ~= 'open' then return {2, h[1]} end
 local amount = tonumber(ARGV[1])
-if balance < amount then return {0, string.format('%.0f', balance)} end
+if balance - tonumber(h[4] or '0') < amount then return {0, string.format('%.0f', balance)} end
 redis.call('HSET', KEYS[1], 'spent_msat', string.format('%.0f', tonumber(h[3]) + amount))
 return {1, string.format('%.0f', balance - amount)}";
 
@@ -54,12 +54,14 @@ return {1, string.format('%.0f', balance - amount)}";
 const DEBIT_ONCE: &str = r"
 local held = redis.call('HMGET', KEYS[2], 'fp', 'resp')
 if held[1] then return {3, '', held[1], held[2]} end
-local h = redis.call('HMGET', KEYS[1], 'state', 'best_sat', 'spent_msat')
+local h = redis.call('HMGET', KEYS[1], 'state', 'best_sat', 'spent_msat', 'leased_msat')
 if not h[1] then return {-1, '0', false, false} end
 local balance = tonumber(h[2]) * 1000 - tonumber(h[3])
 if h[1] ~= 'open' then return {2, h[1], false, false} end
 local amount = tonumber(ARGV[1])
-if balance < amount then return {0, string.format('%.0f', balance), false, false} end
+if balance - tonumber(h[4] or '0') < amount then
+  return {0, string.format('%.0f', balance), false, false}
+end
 redis.call('HSET', KEYS[1], 'spent_msat', string.format('%.0f', tonumber(h[3]) + amount))
 redis.call('HSET', KEYS[2], 'fp', ARGV[2])
 redis.call('PEXPIREAT', KEYS[2], ARGV[3])
@@ -81,7 +83,7 @@ return 1";
 /// `STORE_PAYMENT` then `DEBIT` in one script: KEYS[1] the channel; ARGV the payment, its
 /// server amount in sat, and the amount to debit in msat.
 const PAY: &str = r"
-local h = redis.call('HMGET', KEYS[1], 'state', 'best_sat', 'spent_msat')
+local h = redis.call('HMGET', KEYS[1], 'state', 'best_sat', 'spent_msat', 'leased_msat')
 if not h[1] then return {-1, '0'} end
 if h[1] ~= 'open' then return {2, h[1]} end
 local best = tonumber(h[2])
@@ -91,18 +93,18 @@ if tonumber(ARGV[2]) > best then
 end
 local balance = best * 1000 - tonumber(h[3])
 local amount = tonumber(ARGV[3])
-if balance < amount then return {0, string.format('%.0f', balance)} end
+if balance - tonumber(h[4] or '0') < amount then return {0, string.format('%.0f', balance)} end
 redis.call('HSET', KEYS[1], 'spent_msat', string.format('%.0f', tonumber(h[3]) + amount))
 return {1, string.format('%.0f', balance - amount)}";
 
-/// Moves an open or pending channel to closing with a settlement that covers its spent:
-/// KEYS[1] the channel, KEYS[2..4] the open, pending and closing sets; ARGV the payment, its
-/// server amount in sat, and the channel id.
+/// Moves an open or pending channel to closing with a settlement that covers its spent and
+/// leased: KEYS[1] the channel, KEYS[2..4] the open, pending and closing sets; ARGV the
+/// payment, its server amount in sat, and the channel id.
 const CLOSE_WITH: &str = r"
-local h = redis.call('HMGET', KEYS[1], 'state', 'spent_msat', 'score')
+local h = redis.call('HMGET', KEYS[1], 'state', 'spent_msat', 'score', 'leased_msat')
 if not h[1] then return -1 end
 if h[1] ~= 'open' and h[1] ~= 'pending' then return 0 end
-if tonumber(h[2]) > tonumber(ARGV[2]) * 1000 then return 0 end
+if tonumber(h[2]) + tonumber(h[4] or '0') > tonumber(ARGV[2]) * 1000 then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'closing', 'best', ARGV[1], 'best_sat', ARGV[2])
 redis.call('ZREM', KEYS[2], ARGV[3])
 redis.call('ZREM', KEYS[3], ARGV[3])
@@ -115,6 +117,68 @@ if not h[1] then return {-1, '0'} end
 local spent = math.max(tonumber(h[2]) - tonumber(ARGV[1]), 0)
 redis.call('HSET', KEYS[1], 'spent_msat', string.format('%.0f', spent))
 return {1, string.format('%.0f', tonumber(h[1]) * 1000 - spent)}";
+
+/// Settles a lease and takes a new one (see `LeaseRequest`): KEYS[1] the channel, KEYS[2]
+/// its leases (a hash: lease id → msat held), KEYS[3] every lease by expiry (members
+/// `channel|lease`); ARGV the lease to settle (or ''), what was used of it, the lease to take
+/// (or ''), its least, its most, when it lapses, and the channel id. Replies `{code, amount,
+/// value}`: 1 granted (`value` the unspent), 0 insufficient (`value` the balance), 2 not
+/// open (`value` the state).
+const LEASE: &str = r"
+local h = redis.call('HMGET', KEYS[1], 'state', 'best_sat', 'spent_msat', 'leased_msat')
+if not h[1] then return {-1, '0', '0'} end
+local function fmt(n) return string.format('%.0f', n) end
+local spent = tonumber(h[3])
+local leased = tonumber(h[4] or '0')
+if ARGV[1] ~= '' then
+  local held = redis.call('HGET', KEYS[2], ARGV[1])
+  if held then
+    held = tonumber(held)
+    redis.call('HDEL', KEYS[2], ARGV[1])
+    redis.call('ZREM', KEYS[3], ARGV[7] .. '|' .. ARGV[1])
+    leased = math.max(leased - held, 0)
+    spent = spent + math.min(tonumber(ARGV[2]), held)
+    redis.call('HSET', KEYS[1], 'spent_msat', fmt(spent), 'leased_msat', fmt(leased))
+  end
+end
+local unspent = tonumber(h[2]) * 1000 - spent
+if ARGV[3] == '' then return {1, '0', fmt(unspent)} end
+if h[1] ~= 'open' then return {2, '0', h[1]} end
+local balance = unspent - leased
+local least = tonumber(ARGV[4])
+if balance < least then return {0, '0', fmt(balance)} end
+local amount = math.max(math.min(tonumber(ARGV[5]), math.floor(balance / 2)), least)
+redis.call('HINCRBY', KEYS[2], ARGV[3], fmt(amount))
+redis.call('ZADD', KEYS[3], ARGV[6], ARGV[7] .. '|' .. ARGV[3])
+redis.call('HSET', KEYS[1], 'leased_msat', fmt(leased + amount))
+return {1, fmt(amount), fmt(unspent)}";
+
+/// Counts every lease lapsed by ARGV[1] (ms since the epoch) as spent: KEYS[1] every lease by
+/// expiry; ARGV[2] the key prefix (the channels' and leases' keys share its hash tag, so
+/// they are in KEYS[1]'s slot). At most 1000 leases a call. Replies the msat counted.
+const EXPIRE_LEASES: &str = r"
+local function fmt(n) return string.format('%.0f', n) end
+local lapsed = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 1000)
+local total = 0
+for _, member in ipairs(lapsed) do
+  redis.call('ZREM', KEYS[1], member)
+  local at = string.find(member, '|', 1, true)
+  local channel, lease = string.sub(member, 1, at - 1), string.sub(member, at + 1)
+  local leases = ARGV[2] .. 'lease:' .. channel
+  local held = redis.call('HGET', leases, lease)
+  if held then
+    redis.call('HDEL', leases, lease)
+    local key = ARGV[2] .. 'ch:' .. channel
+    local h = redis.call('HMGET', key, 'spent_msat', 'leased_msat')
+    if h[1] then
+      held = tonumber(held)
+      redis.call('HSET', key, 'spent_msat', fmt(tonumber(h[1]) + held),
+        'leased_msat', fmt(math.max(tonumber(h[2] or '0') - held, 0)))
+      total = total + held
+    end
+  end
+end
+return fmt(total)";
 
 const TRANSITION: &str = r"
 local h = redis.call('HMGET', KEYS[1], 'state', 'score')
@@ -197,6 +261,14 @@ impl RedisStore {
         format!("{}idem:{id}:{key}", self.prefix)
     }
 
+    fn leases_key(&self, id: ChannelId) -> String {
+        format!("{}lease:{id}", self.prefix)
+    }
+
+    fn expiry_key(&self) -> String {
+        format!("{}leases", self.prefix)
+    }
+
     fn state_key(&self, state: ChannelState) -> String {
         format!("{}state:{}", self.prefix, state.as_str())
     }
@@ -239,6 +311,11 @@ impl RedisStore {
             state: ChannelState::from_name(&text("state")?)?,
             best: best.map(|b| deserialize::<Transaction>(b)).transpose().map_err(unavailable)?,
             spent: MilliSats::from_msat(number(&text("spent_msat")?)?),
+            // Absent until the channel's first lease.
+            leased: match fields.get("leased_msat") {
+                Some(_) => MilliSats::from_msat(number(&text("leased_msat")?)?),
+                None => MilliSats::ZERO,
+            },
             // Absent in channels created before the field existed.
             funded_at: match fields.get("funded_at") {
                 Some(_) => u32::try_from(number(&text("funded_at")?)?).map_err(unavailable)?,
@@ -382,6 +459,35 @@ impl ChannelStore for RedisStore {
         } else {
             Err(StoreError::NotFound)
         }
+    }
+
+    async fn lease(&self, id: ChannelId, request: LeaseRequest) -> Result<Lease, StoreError> {
+        let (settle, used) = request
+            .settle
+            .map_or((Vec::new(), arg(0)), |(lease, used)| (arg(lease.get()), arg(used.to_msat())));
+        let (take, least, most, until) = request.take.map_or_else(
+            || (Vec::new(), arg(0), arg(0), arg(0)),
+            |take| {
+                let least = arg(take.least.to_msat());
+                (arg(take.id.get()), least, arg(take.most.to_msat()), arg(take.expires_at))
+            },
+        );
+        let keys = [self.channel_key(id), self.leases_key(id), self.expiry_key()];
+        let args = [settle, used, take, least, most, until, arg(id)];
+        let (code, amount, value): (i64, String, String) = self.invoke(LEASE, &keys, &args).await?;
+        let msat = |text: &str| number(text).map(MilliSats::from_msat);
+        match code {
+            1 => Ok(Lease::Granted { amount: msat(&amount)?, unspent: msat(&value)? }),
+            0 => Ok(Lease::Insufficient { balance: msat(&value)? }),
+            2 => Ok(Lease::NotOpen { state: ChannelState::from_name(&value)? }),
+            _ => Err(StoreError::NotFound),
+        }
+    }
+
+    async fn expire_leases(&self, now: u64) -> Result<MilliSats, StoreError> {
+        let args = [arg(now), arg(&self.prefix)];
+        let total: String = self.invoke(EXPIRE_LEASES, &[self.expiry_key()], &args).await?;
+        number(&total).map(MilliSats::from_msat)
     }
 
     async fn transition(

@@ -8,7 +8,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
     ChannelRecord, ChannelState, ChannelStore, Debit, DebitOnce, IdempotencyClaim,
-    IdempotencyRecord, StoreError, StorePayment,
+    IdempotencyRecord, Lease, LeaseRequest, StoreError, StorePayment,
 };
 use crate::MilliSats;
 use crate::channel::Channel;
@@ -43,6 +43,16 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (channel, key)
     );
     CREATE INDEX idempotency_expiry ON idempotency (expires_at);",
+    // 4: leases (see `Leased`): what nodes hold of each channel's balance.
+    "ALTER TABLE channels ADD COLUMN leased_msat INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE leases (
+        channel TEXT NOT NULL,
+        lease INTEGER NOT NULL,
+        held_msat INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        PRIMARY KEY (channel, lease)
+    );
+    CREATE INDEX leases_expiry ON leases (expires_at);",
 ];
 
 /// The durable store for one node: channels in a SQLite database file.
@@ -151,18 +161,19 @@ fn sql_u64(value: u64) -> Result<i64, StoreError> {
     i64::try_from(value).map_err(|_| unavailable("value exceeds SQLite's integer range"))
 }
 
-const SELECT: &str = "SELECT channel, key_index, state, best, spent_msat, funded_at FROM channels";
+const SELECT: &str =
+    "SELECT channel, key_index, state, best, spent_msat, funded_at, leased_msat FROM channels";
 
 /// A `channels` row as stored: channel JSON, key index, state, best payment, spent msat,
-/// funding height.
-type Row = (String, i64, String, Option<Vec<u8>>, i64, i64);
+/// funding height, leased msat.
+type Row = (String, i64, String, Option<Vec<u8>>, i64, i64, i64);
 
 fn record_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
-    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?))
+    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?, row.get(6)?))
 }
 
 fn decode_record(
-    (channel, key_index, state, best, spent, funded_at): Row,
+    (channel, key_index, state, best, spent, funded_at, leased): Row,
 ) -> Result<ChannelRecord, StoreError> {
     let channel: Channel = serde_json::from_str(&channel).map_err(unavailable)?;
     let best: Option<Transaction> =
@@ -173,29 +184,45 @@ fn decode_record(
         state: ChannelState::from_name(&state)?,
         best,
         spent: msat(spent),
+        leased: msat(leased),
         funded_at: u32::try_from(funded_at).map_err(unavailable)?,
     })
 }
 
-/// Reads the state and balance of a channel inside `tx`; `NotFound` if it does not exist.
-fn state_and_balance(
-    tx: &rusqlite::Transaction<'_>,
-    id: &str,
-) -> Result<(ChannelState, MilliSats, Amount), StoreError> {
-    let row: Option<(String, i64, i64)> = tx
+/// A channel's state and money as read inside a transaction.
+struct Money {
+    state: ChannelState,
+    /// paid − spent.
+    unspent: MilliSats,
+    leased: MilliSats,
+    best: Amount,
+}
+
+impl Money {
+    /// paid − spent − leased.
+    fn balance(&self) -> MilliSats {
+        self.unspent.saturating_sub(self.leased)
+    }
+}
+
+/// Reads the state and money of a channel inside `tx`; `NotFound` if it does not exist.
+fn money(tx: &rusqlite::Transaction<'_>, id: &str) -> Result<Money, StoreError> {
+    let row: Option<(String, i64, i64, i64)> = tx
         .query_row(
-            "SELECT state, best_sat * 1000 - spent_msat, best_sat FROM channels WHERE id = ?1",
+            "SELECT state, best_sat * 1000 - spent_msat, leased_msat, best_sat
+             FROM channels WHERE id = ?1",
             [id],
-            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
         )
         .optional()
         .map_err(unavailable)?;
-    let (state, balance, best) = row.ok_or(StoreError::NotFound)?;
-    Ok((
-        ChannelState::from_name(&state)?,
-        msat(balance),
-        Amount::from_sat(u64::try_from(best).unwrap_or(0)),
-    ))
+    let (state, unspent, leased, best) = row.ok_or(StoreError::NotFound)?;
+    Ok(Money {
+        state: ChannelState::from_name(&state)?,
+        unspent: msat(unspent),
+        leased: msat(leased),
+        best: Amount::from_sat(u64::try_from(best).unwrap_or(0)),
+    })
 }
 
 impl ChannelStore for SqliteStore {
@@ -353,13 +380,14 @@ impl ChannelStore for SqliteStore {
             let updated = tx
                 .execute(
                     "UPDATE channels SET state = 'closing', best = ?1, best_sat = ?2
-                     WHERE id = ?3 AND state IN ('open', 'pending') AND spent_msat <= ?2 * 1000",
+                     WHERE id = ?3 AND state IN ('open', 'pending')
+                     AND spent_msat + leased_msat <= ?2 * 1000",
                     params![serialize(payment.transaction()), offered, id],
                 )
                 .map_err(unavailable)?;
             if updated == 0 {
                 // `NotFound` for an unknown channel; otherwise it moved on or spent more.
-                state_and_balance(tx, &id)?;
+                money(tx, &id)?;
             }
             Ok(updated == 1)
         })
@@ -372,13 +400,95 @@ impl ChannelStore for SqliteStore {
     ) -> impl Future<Output = Result<MilliSats, StoreError>> + Send {
         self.run(move |tx| {
             let id = id.to_string();
-            state_and_balance(tx, &id)?;
+            money(tx, &id)?;
             tx.execute(
                 "UPDATE channels SET spent_msat = MAX(spent_msat - ?1, 0) WHERE id = ?2",
                 params![sql_u64(amount.to_msat())?, id],
             )
             .map_err(unavailable)?;
-            Ok(state_and_balance(tx, &id)?.1)
+            Ok(money(tx, &id)?.unspent)
+        })
+    }
+
+    fn lease(
+        &self,
+        id: ChannelId,
+        request: LeaseRequest,
+    ) -> impl Future<Output = Result<Lease, StoreError>> + Send {
+        self.run(move |tx| {
+            let id = id.to_string();
+            money(tx, &id)?;
+            if let Some((lease, used)) = request.settle {
+                let held: Option<i64> = tx
+                    .query_row(
+                        "DELETE FROM leases WHERE channel = ?1 AND lease = ?2 RETURNING held_msat",
+                        params![id, lease.get().cast_signed()],
+                        |row| row.get(0),
+                    )
+                    .optional()
+                    .map_err(unavailable)?;
+                if let Some(held) = held {
+                    let used = sql_u64(used.to_msat())?.min(held);
+                    tx.execute(
+                        "UPDATE channels SET leased_msat = MAX(leased_msat - ?1, 0),
+                         spent_msat = spent_msat + ?2 WHERE id = ?3",
+                        params![held, used, id],
+                    )
+                    .map_err(unavailable)?;
+                }
+            }
+            let money = money(tx, &id)?;
+            let Some(take) = request.take else {
+                return Ok(Lease::Granted { amount: MilliSats::ZERO, unspent: money.unspent });
+            };
+            if money.state != ChannelState::Open {
+                return Ok(Lease::NotOpen { state: money.state });
+            }
+            let Some(amount) = take.grant(money.balance()) else {
+                return Ok(Lease::Insufficient { balance: money.balance() });
+            };
+            let held = sql_u64(amount.to_msat())?;
+            tx.execute(
+                "INSERT INTO leases (channel, lease, held_msat, expires_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (channel, lease) DO UPDATE
+                 SET held_msat = held_msat + excluded.held_msat, expires_at = excluded.expires_at",
+                params![id, take.id.get().cast_signed(), held, sql_u64(take.expires_at)?],
+            )
+            .map_err(unavailable)?;
+            tx.execute(
+                "UPDATE channels SET leased_msat = leased_msat + ?1 WHERE id = ?2",
+                params![held, id],
+            )
+            .map_err(unavailable)?;
+            Ok(Lease::Granted { amount, unspent: money.unspent })
+        })
+    }
+
+    fn expire_leases(
+        &self,
+        now: u64,
+    ) -> impl Future<Output = Result<MilliSats, StoreError>> + Send {
+        self.run(move |tx| {
+            let now = sql_u64(now)?;
+            let mut statement = tx
+                .prepare("DELETE FROM leases WHERE expires_at <= ?1 RETURNING channel, held_msat")
+                .map_err(unavailable)?;
+            let lapsed: Vec<(String, i64)> = statement
+                .query_map([now], |row| Ok((row.get(0)?, row.get(1)?)))
+                .map_err(unavailable)?
+                .collect::<Result<_, _>>()
+                .map_err(unavailable)?;
+            let mut forfeited = MilliSats::ZERO;
+            for (channel, held) in lapsed {
+                tx.execute(
+                    "UPDATE channels SET leased_msat = MAX(leased_msat - ?1, 0),
+                     spent_msat = spent_msat + ?1 WHERE id = ?2",
+                    params![held, channel],
+                )
+                .map_err(unavailable)?;
+                forfeited = forfeited.saturating_add(msat(held));
+            }
+            Ok(forfeited)
         })
     }
 
@@ -390,7 +500,7 @@ impl ChannelStore for SqliteStore {
     ) -> impl Future<Output = Result<bool, StoreError>> + Send {
         self.run(move |tx| {
             let id = id.to_string();
-            state_and_balance(tx, &id)?;
+            money(tx, &id)?;
             let updated = tx
                 .execute(
                     "UPDATE channels SET state = ?1 WHERE id = ?2 AND state = ?3",
@@ -454,25 +564,29 @@ fn store_payment(
             params![serialize(payment), offered, id],
         )
         .map_err(unavailable)?;
-    let (_, balance, best) = state_and_balance(tx, id)?;
-    Ok(if updated == 1 { StorePayment::Stored { balance } } else { StorePayment::Stale { best } })
+    let money = money(tx, id)?;
+    Ok(if updated == 1 {
+        StorePayment::Stored { balance: money.unspent }
+    } else {
+        StorePayment::Stale { best: money.best }
+    })
 }
 
 /// Debits `amount` from channel `id` if it is open and its balance covers it.
 fn debit(tx: &rusqlite::Transaction<'_>, id: &str, amount: MilliSats) -> Result<Debit, StoreError> {
-    let (state, balance, _) = state_and_balance(tx, id)?;
-    if state != ChannelState::Open {
-        return Ok(Debit::NotOpen { state });
+    let money = money(tx, id)?;
+    if money.state != ChannelState::Open {
+        return Ok(Debit::NotOpen { state: money.state });
     }
-    let Some(left) = balance.checked_sub(amount) else {
-        return Ok(Debit::Insufficient { balance });
-    };
+    if money.balance() < amount {
+        return Ok(Debit::Insufficient { balance: money.unspent });
+    }
     tx.execute(
         "UPDATE channels SET spent_msat = spent_msat + ?1 WHERE id = ?2",
         params![sql_u64(amount.to_msat())?, id],
     )
     .map_err(unavailable)?;
-    Ok(Debit::Debited { balance: left })
+    Ok(Debit::Debited { balance: money.unspent.saturating_sub(amount) })
 }
 
 #[cfg(test)]

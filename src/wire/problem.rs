@@ -195,9 +195,14 @@ pub struct ChannelSnapshot {
     pub state: ChannelState,
     /// What the best payment pays the server, in msat.
     pub paid_msat: MilliSats,
-    /// What requests consumed, in msat.
+    /// What requests consumed, in msat, with what the server's nodes hold in leases
+    /// (`leased_msat`): what a fair close must pay.
     pub spent_msat: MilliSats,
-    /// paid − spent, in msat.
+    /// The part of `spent_msat` the server's nodes hold in leases, reserved for the requests
+    /// they serve and not yet used (absent: none).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub leased_msat: MilliSats,
+    /// paid − spent, in msat: what requests can draw on.
     pub balance_msat: MilliSats,
     /// The price of this request, in msat.
     pub price_msat: MilliSats,
@@ -223,6 +228,10 @@ pub struct ChannelSnapshot {
     pub expiry: u32,
     /// Payments are refused from this height or timestamp on.
     pub close_by: u32,
+}
+
+fn is_zero(amount: &MilliSats) -> bool {
+    amount.is_zero()
 }
 
 /// An RFC 9457 problem document: the body of every refusal, from the metering layer and from

@@ -9,8 +9,8 @@ use bitcoin::Transaction;
 use paychan::MilliSats;
 use paychan::channel::CheckedPayment;
 use paychan::store::{
-    ChannelRecord, ChannelState, ChannelStore, Debit, DebitOnce, IdempotencyClaim, MemoryStore,
-    StoreError, StorePayment,
+    ChannelRecord, ChannelState, ChannelStore, Debit, DebitOnce, IdempotencyClaim, Lease,
+    LeaseRequest, MemoryStore, StoreError, StorePayment,
 };
 use paychan::wire::ChannelId;
 
@@ -33,6 +33,8 @@ pub enum Op {
     },
     NextKeyIndex,
     List,
+    Lease,
+    ExpireLeases,
 }
 
 pub type HookFuture = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
@@ -91,4 +93,6 @@ hooked! {
     transition(id: ChannelId, from: ChannelState, to: ChannelState) -> bool => Op::Transition { id, to };
     next_key_index() -> u32 => Op::NextKeyIndex;
     list(state: ChannelState) -> Vec<ChannelRecord> => Op::List;
+    lease(id: ChannelId, request: LeaseRequest) -> Lease => Op::Lease;
+    expire_leases(now: u64) -> MilliSats => Op::ExpireLeases;
 }

@@ -307,7 +307,7 @@ async fn page<St: ChannelStore>(State(admin): State<Arc<Admin<St>>>, request: Re
     let allocated = channels
         .iter()
         .filter(|r| matches!(r.state, ChannelState::Open | ChannelState::Pending))
-        .fold(MilliSats::ZERO, |sum, r| sum.saturating_add(r.balance()));
+        .fold(MilliSats::ZERO, |sum, r| sum.saturating_add(r.unspent()));
     let charged = MilliSats::from_msat(admin.observed.charged.get());
     Html(render(
         &admin.title,

@@ -11,6 +11,7 @@ use paychan::MilliSats;
 use paychan::bitcoin::{Address, Amount, FeeRate, Network, ScriptBuf};
 use paychan::channel::{FundingPolicy, LifetimeBounds, Terms};
 use paychan::server::{RoutePrices, Unlisted};
+use paychan::store::LeaseConfig;
 use serde::Deserialize;
 
 /// A configuration error: the key and what is wrong with it.
@@ -107,12 +108,40 @@ struct ChainFile {
 #[serde(deny_unknown_fields)]
 struct StoreFile {
     url: String,
+    /// Present: the node serves debits from leases (several nodes on one shared store).
+    leases: Option<LeasesFile>,
 }
 
 impl Default for StoreFile {
     fn default() -> Self {
-        Self { url: "sqlite:paychan.db".into() }
+        Self { url: "sqlite:paychan.db".into(), leases: None }
     }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LeasesFile {
+    max_msat: Option<u64>,
+    horizon_ms: Option<u64>,
+    idle_ms: Option<u64>,
+    ttl_secs: Option<u64>,
+}
+
+fn leases(file: LeasesFile) -> LeaseConfig {
+    let mut config = LeaseConfig::default();
+    if let Some(max) = file.max_msat {
+        config = config.max_lease(MilliSats::from_msat(max));
+    }
+    if let Some(ms) = file.horizon_ms {
+        config = config.horizon(Duration::from_millis(ms));
+    }
+    if let Some(ms) = file.idle_ms {
+        config = config.idle(Duration::from_millis(ms));
+    }
+    if let Some(secs) = file.ttl_secs {
+        config = config.ttl(Duration::from_secs(secs));
+    }
+    config
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -183,6 +212,8 @@ pub(crate) struct Config {
     pub(crate) shadow: bool,
     pub(crate) chain: ChainSource,
     pub(crate) store_url: String,
+    /// Debits served from leases of each channel's balance (`[store.leases]`).
+    pub(crate) leases: Option<LeaseConfig>,
     pub(crate) prices: RoutePrices,
     pub(crate) terms: Terms,
     pub(crate) funding: FundingPolicy,
@@ -232,6 +263,7 @@ impl Config {
             shadow: file.shadow,
             chain,
             store_url,
+            leases: file.store.leases.map(leases),
             prices: prices(file.prices)?,
             terms: terms(file.terms)?,
             funding: funding(file.funding),
@@ -412,6 +444,11 @@ shadow = false                   # true: serve unpaid, count what would be charg
 {chain}
 [store]
 url = "{store}"       # sqlite:PATH, postgres://…, redis://…, or memory (lost on restart)
+# [store.leases]                 # several nodes on one store: debit from leases (see docs)
+# max_msat = 100000              # the most one lease holds: what a node crash can cost a channel
+# horizon_ms = 100               # a lease covers this much of a channel's traffic on the node
+# idle_ms = 1000                 # an unused lease is given back after this
+# ttl_secs = 30                  # a dead node's lease lapses (counted as spent) after this
 
 [prices]
 unlisted = "refuse"              # routes not listed: "refuse" (404), "free", or a price in msat

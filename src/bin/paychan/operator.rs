@@ -9,10 +9,14 @@ use paychan::wire::ChannelId;
 use crate::Error;
 use crate::chain::Chain;
 
-/// One line per channel: id, state, paid, spent, balance, expiry.
+/// One line per channel: id, state, paid, spent, balance, expiry (and what nodes lease).
 fn line(record: &ChannelRecord) -> String {
+    let leased = match record.leased.to_msat() {
+        0 => String::new(),
+        leased => format!("  leased {leased} msat"),
+    };
     format!(
-        "{}  {:<8} paid {:>12} msat  spent {:>12} msat  balance {:>12} msat  expiry {}",
+        "{}  {:<8} paid {:>12} msat  spent {:>12} msat  balance {:>12} msat  expiry {}{leased}",
         record.id(),
         record.state.as_str(),
         record.paid().to_msat(),
@@ -100,7 +104,7 @@ pub(crate) async fn report<St: ChannelStore>(
             match state {
                 ChannelState::Settled => settled = settled.saturating_add(record.paid()),
                 ChannelState::Open | ChannelState::Pending => {
-                    allocated = allocated.saturating_add(record.balance());
+                    allocated = allocated.saturating_add(record.unspent());
                     let close_by = record.snapshot(MilliSats::ZERO, MilliSats::ZERO).close_by;
                     if tip.is_some_and(|tip| close_by <= tip + 144) {
                         soon.push((record.id(), close_by));

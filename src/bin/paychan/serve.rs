@@ -52,7 +52,19 @@ impl Upstream {
 pub(crate) async fn serve(config: Config) -> Result<(), Error> {
     let master = keys::read(&config.key_file, config.network)?;
     let chain = Chain::new(&config.chain)?;
-    with_store!(&config.store_url, store => run(config, master, chain, store).await)
+    with_store!(&config.store_url, store => match config.leases {
+        Some(leases) => {
+            let store = paychan::store::Leased::with_config(store, leases);
+            let served = run(config, master, chain, store.clone()).await;
+            // After the last request: what this node holds goes back to the channels.
+            let failed = store.return_all().await;
+            if failed > 0 {
+                tracing::warn!(failed, "leases not given back: they lapse, counted as spent");
+            }
+            served
+        }
+        None => run(config, master, chain, store).await,
+    })
 }
 
 async fn run<St: ChannelStore + Clone + 'static>(

@@ -122,7 +122,8 @@ pub(super) async fn close<C: ChainBackend, St: ChannelStore>(
             let now = load(&s, id).await?;
             if matches!(now.state, ChannelState::Pending | ChannelState::Open) {
                 let min = now.channel.params().min_server_amount();
-                let needed = now.spent.to_sat_ceil().max(min);
+                // What is leased counts: a node may serve it until it is given back.
+                let needed = now.committed().to_sat_ceil().max(min);
                 return Err(fair_problem(&now, PaymentError::BelowSpent { needed, found }));
             }
         }

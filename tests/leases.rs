@@ -1,0 +1,204 @@
+//! [`Leased`] on every store backend: nodes (several `Leased` handles on one store) serve
+//! exactly what was paid under concurrency, a node that dies leaves exactly its lease's
+//! unused part spent, a given-back debit returns to the lease, and a fair close counts leases.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use common::Setup;
+#[allow(unused_imports)]
+use common::stores::*;
+use paychan::MilliSats;
+use paychan::channel::{NewPayment, Terms};
+use paychan::store::{
+    ChannelRecord, ChannelState, ChannelStore, Debit, LeaseConfig, Leased, MemoryStore,
+};
+use paychan::wire::ChannelId;
+
+const PRICE: MilliSats = MilliSats::from_msat(70_000);
+const MAX_LEASE: MilliSats = MilliSats::from_msat(500_000);
+
+/// A fresh open channel in `store` whose best payment pays `sat`.
+async fn open<S: ChannelStore>(store: &S, setup: &Setup, sat: u64) -> ChannelId {
+    let record = ChannelRecord::open(setup.channel.clone(), 0, setup.pay(sat));
+    let id = record.id();
+    store.create(record).await.unwrap();
+    id
+}
+
+fn config() -> LeaseConfig {
+    LeaseConfig::default().max_lease(MAX_LEASE).idle(Duration::from_secs(60))
+}
+
+fn now_ms() -> u64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    u64::try_from(since.as_millis()).unwrap()
+}
+
+/// Debits `PRICE` `rounds` times from each of `tasks` tasks, each task alternating between
+/// `nodes`; what each node served.
+async fn hammer<S: ChannelStore>(
+    nodes: &[&Leased<S>],
+    id: ChannelId,
+    tasks: u64,
+    rounds: u64,
+) -> Vec<u64> {
+    let served: Arc<Vec<AtomicU64>> = Arc::new(nodes.iter().map(|_| AtomicU64::new(0)).collect());
+    let handles: Vec<_> = (0..tasks)
+        .map(|task| {
+            let nodes: Vec<Leased<S>> = nodes.iter().map(|node| (*node).clone()).collect();
+            let served = served.clone();
+            tokio::spawn(async move {
+                for round in 0..rounds {
+                    let n = usize::try_from(task + round).unwrap() % nodes.len();
+                    match nodes[n].debit(id, PRICE).await.unwrap() {
+                        Debit::Debited { .. } => drop(served[n].fetch_add(1, Ordering::SeqCst)),
+                        Debit::Insufficient { .. } => {}
+                        other @ Debit::NotOpen { .. } => panic!("{other:?}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    for handle in handles {
+        handle.await.unwrap();
+    }
+    served.iter().map(|count| count.load(Ordering::SeqCst)).collect()
+}
+
+/// Two nodes racing on one channel, more requests than paid for: served never exceeds paid,
+/// and once both gave their leases back, spent is exactly what was served.
+async fn nodes_serve_exactly_what_was_paid<S: ChannelStore + Clone>(store: S) {
+    let setup = Setup::with(11, 2, Terms::default(), None);
+    let id = open(&store, &setup, 10_000).await;
+    let nodes = [
+        Leased::with_config(store.clone(), config()),
+        Leased::with_config(store.clone(), config()),
+    ];
+    let served = hammer(&[&nodes[0], &nodes[1]], id, 16, 20).await;
+    let (a, b) = (served[0], served[1]);
+    let served = PRICE.checked_mul(a + b).unwrap();
+    assert!(a > 0 && b > 0, "both nodes served: {a} and {b}");
+    assert!(served <= MilliSats::from_msat(10_000_000), "served more than paid: {served}");
+    for node in &nodes {
+        assert_eq!(node.return_all().await, 0);
+        assert_eq!(node.held(), (MilliSats::ZERO, MilliSats::ZERO));
+    }
+    let record = store.load(id).await.unwrap().unwrap();
+    assert_eq!((record.spent, record.leased), (served, MilliSats::ZERO), "to the msat");
+    // What one node held unused when the other was refused is all that went unserved.
+    assert!(record.balance() < MAX_LEASE.checked_mul(2).unwrap(), "{}", record.balance());
+}
+
+/// A node that dies (dropped without giving its leases back) leaves its lease; after the
+/// ttl it counts as spent, so spent is what was served plus what the dead node held unused.
+async fn a_dead_nodes_lease_lapses_as_spent<S: ChannelStore + Clone>(store: S) {
+    let setup = Setup::with(12, 2, Terms::default(), None);
+    let id = open(&store, &setup, 10_000).await;
+    let config = config().ttl(Duration::from_secs(3));
+    let (doomed, survivor) =
+        (Leased::with_config(store.clone(), config), Leased::new(store.clone()));
+    let died_serving = hammer(&[&doomed], id, 4, 5).await[0];
+    let (held, used) = doomed.held();
+    assert!(!held.is_zero() && held >= used, "the node dies holding a lease: {held} {used}");
+    drop(doomed);
+    let served = died_serving + hammer(&[&survivor], id, 4, 5).await[0];
+    assert_eq!(survivor.return_all().await, 0);
+    let before = store.load(id).await.unwrap().unwrap();
+    assert_eq!(before.leased, held, "the dead node's lease is left");
+    assert_eq!(store.expire_leases(now_ms()).await.unwrap(), MilliSats::ZERO, "not lapsed yet");
+    let forfeited = store.expire_leases(now_ms() + 3_100).await.unwrap();
+    assert_eq!(forfeited, held);
+    let after = store.load(id).await.unwrap().unwrap();
+    assert_eq!(after.leased, MilliSats::ZERO);
+    assert_eq!(
+        after.spent,
+        PRICE.checked_mul(served).unwrap().saturating_add(held.checked_sub(used).unwrap()),
+        "spent = served + the dead node's unused lease, to the msat"
+    );
+}
+
+/// A debit given back (a refunded 5xx) returns to the node's lease, and so to the channel.
+async fn a_credit_returns_to_the_lease<S: ChannelStore + Clone>(store: S) {
+    let setup = Setup::with(13, 2, Terms::default(), None);
+    let id = open(&store, &setup, 1_000).await;
+    let node = Leased::with_config(store.clone(), config());
+    assert!(matches!(node.debit(id, PRICE).await.unwrap(), Debit::Debited { .. }));
+    assert!(matches!(node.debit(id, PRICE).await.unwrap(), Debit::Debited { .. }));
+    let balance = node.credit(id, PRICE).await.unwrap();
+    assert_eq!(balance, MilliSats::from_msat(1_000_000 - 70_000), "paid − what stays charged");
+    assert_eq!(node.return_all().await, 0);
+    let record = store.load(id).await.unwrap().unwrap();
+    assert_eq!((record.spent, record.leased), (PRICE, MilliSats::ZERO));
+}
+
+/// A fair close on one node settles its own lease; another node's lease counts until it is
+/// given back (idle), and a close that cannot wait for it pays for it.
+async fn a_fair_close_counts_every_lease<S: ChannelStore + Clone>(store: S) {
+    let setup = Setup::with(14, 2, Terms::default(), None);
+    let id = open(&store, &setup, 10_000).await;
+    let idle = config().idle(Duration::from_millis(150));
+    let (here, there) =
+        (Leased::with_config(store.clone(), idle), Leased::with_config(store.clone(), config()));
+    hammer(&[&here], id, 1, 10).await;
+    hammer(&[&there], id, 1, 5).await;
+    let served = PRICE.checked_mul(15).unwrap();
+    let fair = |msat: u64| {
+        let payment = setup.pay(msat.div_ceil(1_000));
+        match setup.channel.check_new_payment(None, payment, setup.tip()).unwrap() {
+            NewPayment::Increase(payment) => payment,
+            other => panic!("{other:?}"),
+        }
+    };
+    // `there` never gives its lease back (60 s idle): the close waits, then refuses.
+    let waited = std::time::Instant::now();
+    assert!(!here.close_with(id, fair(served.to_msat())).await.unwrap());
+    assert!(waited.elapsed() >= Duration::from_millis(300), "it waited for the lease");
+    let record = store.load(id).await.unwrap().unwrap();
+    assert_eq!(record.state, ChannelState::Open);
+    // Served, and what `there` holds but has not used.
+    let (held, used) = there.held();
+    let unused = held.checked_sub(used).unwrap();
+    assert!(!unused.is_zero(), "there holds an unused part");
+    assert_eq!(record.committed(), served.saturating_add(unused));
+    // Given back: the close pays exactly what was served.
+    assert_eq!(there.return_all().await, 0);
+    assert!(here.close_with(id, fair(served.to_msat())).await.unwrap());
+    let record = store.load(id).await.unwrap().unwrap();
+    assert_eq!((record.state, record.spent), (ChannelState::Closing, served));
+}
+
+async fn every_check<S: ChannelStore + Clone>(store: S) {
+    nodes_serve_exactly_what_was_paid(store.clone()).await;
+    a_dead_nodes_lease_lapses_as_spent(store.clone()).await;
+    a_credit_returns_to_the_lease(store.clone()).await;
+    a_fair_close_counts_every_lease(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_on_memory() {
+    every_check(MemoryStore::new()).await;
+}
+
+#[cfg(feature = "sqlite")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_on_sqlite() {
+    every_check(paychan::store::SqliteStore::open(temp_db("leases")).unwrap()).await;
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_on_postgres() {
+    let Some(config) = postgres_config("leases").await else { return };
+    every_check(paychan::store::PostgresStore::connect_with(config).await.unwrap()).await;
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_on_redis() {
+    let Some(store) = redis_store("leases").await else { return };
+    every_check(store).await;
+}
