@@ -94,11 +94,12 @@ async fn nodes_serve_exactly_what_was_paid<S: ChannelStore + Clone>(store: S) {
 }
 
 /// A node that dies (dropped without giving its leases back) leaves its lease; after the
-/// ttl it counts as spent, so spent is what was served plus what the dead node held unused.
+/// ttl it is forfeited: kept for good, not reported spent. So the channel keeps what was
+/// served plus what the dead node held unused, and reports as spent what was settled.
 async fn a_dead_nodes_lease_lapses_as_spent<S: ChannelStore + Clone>(store: S) {
     let setup = Setup::with(12, 2, Terms::default(), None);
     let id = open(&store, &setup, 10_000).await;
-    let config = config().ttl(Duration::from_secs(3));
+    let config = config().ttl(LeaseConfig::MIN_TTL);
     let (doomed, survivor) =
         (Leased::with_config(store.clone(), config), Leased::new(store.clone()));
     let died_serving = hammer(&[&doomed], id, 4, 5).await[0];
@@ -110,14 +111,22 @@ async fn a_dead_nodes_lease_lapses_as_spent<S: ChannelStore + Clone>(store: S) {
     let before = store.load(id).await.unwrap().unwrap();
     assert_eq!(before.leased, held, "the dead node's lease is left");
     assert_eq!(store.expire_leases(now_ms()).await.unwrap(), MilliSats::ZERO, "not lapsed yet");
-    let forfeited = store.expire_leases(now_ms() + 3_100).await.unwrap();
+    // As seen by a clock past the ttl (the test does not wait for it).
+    let later = now_ms() + u64::try_from(LeaseConfig::MIN_TTL.as_millis()).unwrap() + 100;
+    let forfeited = store.expire_leases(later).await.unwrap();
     assert_eq!(forfeited, held);
     let after = store.load(id).await.unwrap().unwrap();
-    assert_eq!(after.leased, MilliSats::ZERO);
+    assert_eq!((after.leased, after.forfeited), (MilliSats::ZERO, held));
+    let served = PRICE.checked_mul(served).unwrap();
     assert_eq!(
         after.spent,
-        PRICE.checked_mul(served).unwrap().saturating_add(held.checked_sub(used).unwrap()),
-        "spent = served + the dead node's unused lease, to the msat"
+        served.checked_sub(used).unwrap(),
+        "spent = served but what the dead node used of its lease, to the msat"
+    );
+    assert_eq!(
+        after.committed(),
+        served.saturating_add(held.checked_sub(used).unwrap()),
+        "kept = served + the dead node's unused lease, to the msat"
     );
 }
 
@@ -201,4 +210,131 @@ async fn leases_on_postgres() {
 async fn leases_on_redis() {
     let Some(store) = redis_store("leases").await else { return };
     every_check(store).await;
+}
+
+/// A lease operation that happened in the store but whose reply was lost: the node never
+/// draws from the lease it was settling again (the store gave its rest back), and the grant
+/// it did not hear of merges into its next lease instead of lapsing. Served stays exactly
+/// what is spent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_reply_never_lets_a_node_serve_from_a_settled_lease() {
+    use common::hooked::{Hooked, Op};
+    use std::sync::atomic::AtomicBool;
+    let memory = MemoryStore::new();
+    let lose = Arc::new(AtomicBool::new(false));
+    let losing = lose.clone();
+    let store = Hooked::new(memory.clone(), |_| Box::pin(std::future::ready(Ok(()))))
+        .losing_replies(move |op| op == Op::Lease && losing.load(Ordering::SeqCst));
+    let setup = Setup::with(15, 2, Terms::default(), None);
+    let id = open(&memory, &setup, 10_000).await;
+    let node = Leased::with_config(store, config());
+    let mut served = MilliSats::ZERO;
+    // A first lease of one request, then one sized by the rate: several requests' worth.
+    for _ in 0..3 {
+        assert!(matches!(node.debit(id, PRICE).await.unwrap(), Debit::Debited { .. }));
+        served = served.saturating_add(PRICE);
+    }
+    let (held, used) = node.held();
+    assert!(held.checked_sub(used).unwrap() >= PRICE, "the lease has room: {held} {used}");
+    // A request bigger than the room: the lease is settled and a new one taken, in the store;
+    // the node hears an error.
+    lose.store(true, Ordering::SeqCst);
+    let big = PRICE.checked_mul(10).unwrap();
+    assert!(node.debit(id, big).await.is_err(), "the reply was lost");
+    lose.store(false, Ordering::SeqCst);
+    assert_eq!(node.held(), (MilliSats::ZERO, MilliSats::ZERO), "nothing is drawn from it again");
+    for _ in 0..3 {
+        assert!(matches!(node.debit(id, PRICE).await.unwrap(), Debit::Debited { .. }));
+        served = served.saturating_add(PRICE);
+    }
+    assert_eq!(node.return_all().await, 0);
+    let record = memory.load(id).await.unwrap().unwrap();
+    assert_eq!(
+        (record.spent, record.leased, record.forfeited),
+        (served, MilliSats::ZERO, MilliSats::ZERO),
+        "spent is what was served, and the unheard grant was given back"
+    );
+}
+
+/// A client that goes away while its request takes a new lease does not cut the lease
+/// operation in two, and a debit given back meanwhile is not lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_refill_and_a_refund_meanwhile_lose_nothing() {
+    use common::hooked::{Hooked, Op};
+    use std::sync::atomic::AtomicBool;
+    let memory = MemoryStore::new();
+    let slow = Arc::new(AtomicBool::new(false));
+    let slowed = slow.clone();
+    let store = Hooked::new(memory.clone(), move |op| {
+        let slow = op == Op::Lease && slowed.load(Ordering::SeqCst);
+        Box::pin(async move {
+            if slow {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            Ok(())
+        })
+    });
+    let setup = Setup::with(16, 2, Terms::default(), None);
+    let id = open(&memory, &setup, 10_000).await;
+    let node = Leased::with_config(store, config());
+    assert!(matches!(node.debit(id, PRICE).await.unwrap(), Debit::Debited { .. }));
+    let record = memory.load(id).await.unwrap().unwrap();
+    assert_eq!(record.spent, MilliSats::ZERO, "the debit is in the lease, not yet in the store");
+    // A request bigger than the lease, whose client gives up while the store is slow.
+    slow.store(true, Ordering::SeqCst);
+    let big = PRICE.checked_mul(10).unwrap();
+    let cancelled = tokio::spawn({
+        let node = node.clone();
+        async move { node.debit(id, big).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    cancelled.abort();
+    // Meanwhile the first debit's request failed: its price is given back (the store does not
+    // count it yet: the lease it came from is being settled).
+    node.credit(id, PRICE).await.unwrap();
+    slow.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(node.return_all().await, 0);
+    let record = memory.load(id).await.unwrap().unwrap();
+    assert_eq!(
+        (record.spent, record.leased),
+        (big, MilliSats::ZERO),
+        "the cancelled request stays charged (the lease operation ran to its end); the \
+         refunded one does not"
+    );
+}
+
+/// After a top-up (stored through this node, or another), the balances this node reports
+/// from its lease count the new payment: never below the true balance, so a client never
+/// sees the top-up as spent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn balances_reported_from_a_lease_count_top_ups() {
+    let store = MemoryStore::new();
+    let setup = Setup::with(17, 2, Terms::default(), None);
+    let id = open(&store, &setup, 10_000).await;
+    let node = Leased::with_config(store.clone(), config());
+    for _ in 0..3 {
+        assert!(matches!(node.debit(id, PRICE).await.unwrap(), Debit::Debited { .. }));
+    }
+    let checked =
+        |sat: u64| match setup.channel.check_new_payment(None, setup.pay(sat), setup.tip()) {
+            Ok(NewPayment::Increase(payment)) => payment,
+            other => panic!("{other:?}"),
+        };
+    let expect = |paid_sat: u64, served: u64| {
+        MilliSats::from_msat(paid_sat * 1_000 - served * PRICE.to_msat())
+    };
+    // A top-up through this node (a request carrying a new payment).
+    assert!(matches!(node.pay(id, checked(11_000), PRICE).await.unwrap(), Debit::Debited { .. }));
+    let Debit::Debited { balance } = node.debit(id, PRICE).await.unwrap() else { panic!() };
+    // Never below the true balance (the payment's own debit went to the store, which this
+    // node counts at its next lease): the top-up counts.
+    assert!(balance >= expect(11_000, 5), "{balance}: the top-up counts");
+    // A top-up through another node: this node reads the record before it serves the new
+    // payment's header (as the layer does).
+    assert!(matches!(store.pay(id, checked(12_000), PRICE).await.unwrap(), Debit::Debited { .. }));
+    node.load(id).await.unwrap();
+    let Debit::Debited { balance } = node.debit(id, PRICE).await.unwrap() else { panic!() };
+    assert!(balance >= expect(12_000, 7), "{balance}: the other node's top-up counts");
+    assert_eq!(node.return_all().await, 0);
 }

@@ -114,7 +114,7 @@ pub async fn run<S: ChannelStore>(store: Arc<S>, prefix: u8) {
     racing_claims_debit_once(store.clone(), &fx).await;
     leases_reserve_and_settle_exactly(&*store, &fx).await;
     leases_count_in_a_fair_close(&*store, &fx).await;
-    lapsed_leases_count_as_spent(&*store, &fx).await;
+    lapsed_leases_are_forfeited(&*store, &fx).await;
     racing_leases_and_debits_never_overspend(store.clone(), &fx).await;
     key_indexes_are_unique(store).await;
 }
@@ -125,6 +125,11 @@ fn take(id: u64, least: u64, most: u64) -> LeaseTake {
     LeaseTake::new(LeaseId::new(id), least, most, now_ms() + 60_000)
 }
 
+/// `Lease::Granted` of `amount`, on a channel paid `paid` sat that spent `spent`.
+fn granted_lease(amount: MilliSats, paid: u64, spent: MilliSats) -> Result<Lease, StoreError> {
+    Ok(Lease::Granted { amount, paid: msat(paid), spent })
+}
+
 async fn leases_reserve_and_settle_exactly<S: ChannelStore>(store: &S, fx: &Fixture) {
     let channel = fx.at_height(20, 900_000);
     let record = fx.record(channel, 5_000);
@@ -133,7 +138,7 @@ async fn leases_reserve_and_settle_exactly<S: ChannelStore>(store: &S, fx: &Fixt
     let (first, second) = (u64::from(fx.prefix) << 56 | 1, u64::from(fx.prefix) << 56 | 2);
     // At most half of the free balance: 2 500 sat of 5 000.
     let granted = store.lease(id, LeaseRequest::take(take(first, 1_000, 3_000_000))).await;
-    assert_eq!(granted, Ok(Lease::Granted { amount: msat(2_500), unspent: msat(5_000) }));
+    assert_eq!(granted, granted_lease(msat(2_500), 5_000, MilliSats::ZERO));
     let loaded = store.load(id).await.expect("load").expect("exists");
     assert_eq!(
         (loaded.leased, loaded.spent, loaded.balance(), loaded.unspent(), loaded.committed()),
@@ -156,18 +161,12 @@ async fn leases_reserve_and_settle_exactly<S: ChannelStore>(store: &S, fx: &Fixt
     let request =
         LeaseRequest::take(take(second, 1, 100)).and_settle(LeaseId::new(first), msat(1_200));
     let replaced = store.lease(id, request).await;
-    assert_eq!(
-        replaced,
-        Ok(Lease::Granted { amount: MilliSats::from_msat(100), unspent: msat(2_800) })
-    );
+    assert_eq!(replaced, granted_lease(MilliSats::from_msat(100), 5_000, msat(2_200)));
     let again = store.lease(id, LeaseRequest::settle(LeaseId::new(first), msat(2_000))).await;
-    assert_eq!(again, Ok(Lease::Granted { amount: MilliSats::ZERO, unspent: msat(2_800) }), "once");
+    assert_eq!(again, granted_lease(MilliSats::ZERO, 5_000, msat(2_200)), "once");
     // Used beyond what it held counts as all of it.
     let over = store.lease(id, LeaseRequest::settle(LeaseId::new(second), msat(5))).await;
-    assert_eq!(
-        over,
-        Ok(Lease::Granted { amount: MilliSats::ZERO, unspent: MilliSats::from_msat(2_799_900) })
-    );
+    assert_eq!(over, granted_lease(MilliSats::ZERO, 5_000, MilliSats::from_msat(2_200_100)));
     let loaded = store.load(id).await.expect("load").expect("exists");
     assert_eq!((loaded.leased, loaded.spent), (MilliSats::ZERO, MilliSats::from_msat(2_200_100)));
     let unknown = ChannelId::new(fx.at_height(96, 900_000).outpoint());
@@ -182,18 +181,18 @@ async fn leases_count_in_a_fair_close<S: ChannelStore>(store: &S, fx: &Fixture) 
     store.create(record).await.expect("create");
     let lease = u64::from(fx.prefix) << 56 | 3;
     let granted = store.lease(id, LeaseRequest::take(take(lease, 1, 1_000_000))).await;
-    assert_eq!(granted, Ok(Lease::Granted { amount: msat(1_000), unspent: msat(5_000) }));
+    assert_eq!(granted, granted_lease(msat(1_000), 5_000, MilliSats::ZERO));
     assert_eq!(store.debit(id, msat(1_000)).await, Ok(Debit::Debited { balance: msat(4_000) }));
     let short = fx.checked(&channel, 1_500);
     assert_eq!(store.close_with(id, short).await, Ok(false), "a lease may still be served");
     let settled = store.lease(id, LeaseRequest::settle(LeaseId::new(lease), msat(400))).await;
-    assert_eq!(settled, Ok(Lease::Granted { amount: MilliSats::ZERO, unspent: msat(3_600) }));
+    assert_eq!(settled, granted_lease(MilliSats::ZERO, 5_000, msat(1_400)));
     assert_eq!(store.close_with(id, fx.checked(&channel, 1_400)).await, Ok(true));
     let refused = store.lease(id, LeaseRequest::take(take(lease + 1, 1, 1))).await;
     assert_eq!(refused, Ok(Lease::NotOpen { state: ChannelState::Closing }));
 }
 
-async fn lapsed_leases_count_as_spent<S: ChannelStore>(store: &S, fx: &Fixture) {
+async fn lapsed_leases_are_forfeited<S: ChannelStore>(store: &S, fx: &Fixture) {
     let channel = fx.at_height(22, 900_000);
     let record = fx.record(channel, 5_000);
     let id = record.id();
@@ -209,17 +208,32 @@ async fn lapsed_leases_count_as_spent<S: ChannelStore>(store: &S, fx: &Fixture) 
     let granted = store.lease(id, LeaseRequest::take(take(live, 1, 500_000))).await;
     assert!(matches!(granted, Ok(Lease::Granted { amount, .. }) if amount == msat(500)));
     let forfeited = store.expire_leases(now).await.expect("expire");
-    assert!(forfeited >= msat(1_000), "the lapsed lease is counted: {forfeited}");
+    assert!(forfeited >= msat(1_000), "the lapsed lease is forfeited: {forfeited}");
     let loaded = store.load(id).await.expect("load").expect("exists");
     assert_eq!(
-        (loaded.spent, loaded.leased),
-        (msat(1_000), msat(500)),
-        "a lapsed lease is all spent; a live one stays"
+        (loaded.spent, loaded.leased, loaded.forfeited, loaded.balance(), loaded.unspent()),
+        (MilliSats::ZERO, msat(500), msat(1_000), msat(3_500), msat(5_000)),
+        "a lapsed lease is forfeited (never free again, not reported spent); a live one stays"
+    );
+    assert_eq!(
+        store.debit(id, msat(3_501)).await,
+        Ok(Debit::Insufficient { balance: msat(5_000) }),
+        "forfeited money is not drawn on"
+    );
+    let channel = fx.at_height(22, 900_000);
+    assert_eq!(
+        store.close_with(id, fx.checked(&channel, 1_499)).await,
+        Ok(false),
+        "nor closed below"
     );
     let late = store.lease(id, LeaseRequest::settle(LeaseId::new(dead), MilliSats::ZERO)).await;
-    assert_eq!(late, Ok(Lease::Granted { amount: MilliSats::ZERO, unspent: msat(4_000) }));
+    assert_eq!(late, granted_lease(MilliSats::ZERO, 5_000, MilliSats::ZERO));
     let loaded = store.load(id).await.expect("load").expect("exists");
-    assert_eq!(loaded.spent, msat(1_000), "settling a lapsed lease changes nothing");
+    assert_eq!(
+        (loaded.spent, loaded.forfeited),
+        (MilliSats::ZERO, msat(1_000)),
+        "settling a lapsed lease changes nothing"
+    );
 }
 
 async fn racing_leases_and_debits_never_overspend<S: ChannelStore>(store: Arc<S>, fx: &Fixture) {

@@ -52,6 +52,9 @@ impl Default for LeaseConfig {
 }
 
 impl LeaseConfig {
+    /// The shortest [`ttl`](Self::ttl).
+    pub const MIN_TTL: Duration = Duration::from_secs(10);
+
     /// A lease covers about this much of the channel's traffic on this node, measured from
     /// how fast it used its last lease: one store operation per `horizon` per busy channel.
     #[must_use]
@@ -77,11 +80,12 @@ impl LeaseConfig {
     }
 
     /// A lease not settled this long after it was taken lapses: its node is taken for dead
-    /// and all of it counts as spent. Live nodes settle and renew their leases after a
-    /// third of it. At least 3 seconds.
+    /// and all of it is forfeited. Live nodes settle and renew their leases after a third
+    /// of it, so the nodes' clocks must agree within a third of it. At least 10 seconds
+    /// (longer than a store's own timeouts).
     #[must_use]
     pub fn ttl(mut self, ttl: Duration) -> Self {
-        self.ttl = ttl.max(Duration::from_secs(3));
+        self.ttl = ttl.max(Self::MIN_TTL);
         self
     }
 
@@ -102,31 +106,46 @@ impl LeaseConfig {
 /// sharing PostgreSQL or Redis.
 ///
 /// - **Exact.** A lease is taken from the balance before anything is served from it, so what
-///   all nodes serve never exceeds what was paid, at any moment. Concurrent requests on one
-///   node draw from its lease under a lock.
+///   all nodes serve never exceeds what was paid. Concurrent requests on one node draw from
+///   its lease under a lock. A lease operation runs to its end even if the request that
+///   started it is dropped, and after a store error (which may hide an operation that did
+///   happen) nothing is drawn from the lease it concerned again: the next operation settles
+///   it (settling is idempotent) and takes the lease of unknown outcome again under the same
+///   id, so a grant the node did not hear of is given back, not lapsed.
 /// - **Sized by traffic.** A lease is what the channel used on this node in
 ///   [`horizon`](LeaseConfig::horizon) (measured from the last lease), at least the request
 ///   and at most [`max_lease`](LeaseConfig::max_lease) — and at most half the channel's free
-///   balance, so one node never holds it all while another node's request finds none.
+///   balance, so one node never holds it all while another node's request finds none. A
+///   request may still be refused (402) while part of the balance sits in another node's
+///   lease: the client tops up, or the lease comes back when idle.
 /// - **Given back.** A lease is settled (what was used becomes spent, the rest is free again)
-///   when it runs out, after [`idle`](LeaseConfig::idle) unused, when this node closes the
-///   channel, and by [`return_all`](Self::return_all) on shutdown.
-/// - **A crash** leaves the dead node's leases unsettled: after
-///   [`ttl`](LeaseConfig::ttl) any node counts each as **all spent**
-///   ([`expire_leases`](ChannelStore::expire_leases)) — what the dead node served of it
-///   cannot be known, and counting less could serve unpaid work. So a crash costs each
-///   channel at most one lease per dead node (≤ `max_lease`, and about `horizon` of its
-///   traffic).
+///   when it no longer covers a request, after [`idle`](LeaseConfig::idle) unused, after a
+///   third of its [`ttl`](LeaseConfig::ttl) (renewed), when this node closes the channel,
+///   and by [`return_all`](Self::return_all) on shutdown.
+/// - **A crash** leaves the dead node's leases unsettled: after their
+///   [`ttl`](LeaseConfig::ttl) any node **forfeits** each
+///   ([`expire_leases`](ChannelStore::expire_leases)): what the dead node served of it
+///   cannot be known, so all of it is kept from the balance for good (never served unpaid),
+///   though not reported as spent. A crash costs each channel at most one lease per dead
+///   node (≤ `max_lease`, and about `horizon` of its traffic there), and a fair close pays
+///   it. The nodes' clocks must agree within a third of the ttl.
 /// - **The client's view.** Balances reported to clients (`Payment-Channel-Balance`,
-///   receipts) count leases as unspent until they are settled: never below the true balance,
-///   so a client watching for overcharges is not misled. A refusal's snapshot reports what
-///   is leased (`leased_msat`), and a fair close must pay for it, unless the leases are given
-///   back first: a close on this node settles its own lease and waits up to twice
+///   receipts) are paid − spent − this node's use of its lease: other nodes' unsettled use
+///   and what was forfeited count as unspent, and a top-up counts as soon as this node
+///   stored it or read the channel (as the layer does before serving a new payment). They are
+///   never below the true balance, so a client watching for overcharges is not misled. A
+///   refusal's snapshot counts what is leased and forfeited in `spent_msat` (and reports it
+///   as `leased_msat`): a fair close must pay for it, unless the leases are given back
+///   first — a close on this node settles its own lease and waits up to twice
 ///   [`idle`](LeaseConfig::idle) for the others'.
+/// - **Until the channel closes everywhere**, a node may still serve from its lease after
+///   another node closed the channel: those requests were paid for (the close covered the
+///   lease) and the lease is given back when idle.
 ///
 /// New payments, idempotent requests and everything else go to the store directly.
 ///
-/// Needs a tokio runtime (a background task gives back idle leases and expires lapsed ones).
+/// Needs a tokio runtime: lease operations run as tasks, and a background task (on the
+/// runtime of the first lease) gives back idle leases and forfeits lapsed ones.
 ///
 /// # Examples
 ///
@@ -184,18 +203,30 @@ impl Slot {
 
 #[derive(Debug, Default, Clone, Copy)]
 struct Local {
-    /// The live lease, if any.
+    /// The live lease draws come from, if any.
     lease: Option<LeaseId>,
     /// What it holds.
     held: MilliSats,
     /// What was used of it.
     used: MilliSats,
-    /// paid − spent when it was taken.
-    unspent: MilliSats,
+    /// The most the channel's payments pay that this node knows of.
+    paid: MilliSats,
+    /// The channel's spent as the store last reported it (this lease's use excluded).
+    spent: MilliSats,
     /// When it was taken.
     taken: Option<Instant>,
     /// When it was last drawn from (or the slot made).
     last: Option<Instant>,
+    /// A lease whose settlement may not have happened (the store failed): settled again by
+    /// the next operation (settling is idempotent); never drawn from again.
+    unsettled: Option<(LeaseId, MilliSats)>,
+    /// The id of a take whose outcome is unknown (the store failed): the next take reuses
+    /// it, so a grant that did happen merges into the new lease instead of lapsing.
+    retake: Option<LeaseId>,
+    /// A store operation on the lease is in flight.
+    busy: bool,
+    /// Debits given back while an operation was in flight: given back to the store after it.
+    owed: MilliSats,
 }
 
 impl Local {
@@ -206,14 +237,32 @@ impl Local {
         left.checked_sub(amount)?;
         self.used = self.used.saturating_add(amount);
         self.last = Some(now);
-        Some(self.unspent.saturating_sub(self.used))
+        Some(self.balance())
     }
 
-    /// Stops draws from the lease (until it is put back), returning it as it was.
-    fn take(&mut self) -> Self {
-        let taken = *self;
+    /// The balance to report: paid − spent − what this node used (other nodes' unsettled
+    /// use counts as unspent: never less than the true balance).
+    fn balance(&self) -> MilliSats {
+        self.paid.saturating_sub(self.spent).saturating_sub(self.used)
+    }
+
+    /// Starts a store operation: no draws until it is done. The lease to settle (the live
+    /// one, or one whose settlement is unknown) with what was used of it.
+    fn begin(&mut self) -> Option<(LeaseId, MilliSats)> {
+        self.busy = true;
+        let live = self.lease.take().map(|lease| (lease, self.used));
+        live.or(self.unsettled)
+    }
+
+    /// The store operation that settled `settled` (and took `taken`) failed: nothing is
+    /// drawn from either again until a later operation settles them.
+    fn failed(&mut self, settled: Option<(LeaseId, MilliSats)>, taken: Option<LeaseId>) {
+        self.busy = false;
         self.lease = None;
-        taken
+        self.unsettled = settled;
+        if taken.is_some() {
+            self.retake = taken;
+        }
     }
 
     /// What the next lease should hold, for a request of `amount`: the rate the last lease
@@ -221,8 +270,9 @@ impl Local {
     fn want(&self, amount: MilliSats, config: &LeaseConfig, now: Instant) -> MilliSats {
         let by_rate = self.taken.filter(|_| !self.used.is_zero()).map_or(amount, |taken| {
             let elapsed = now.duration_since(taken).max(Duration::from_millis(1)).as_micros();
-            let per_horizon =
-                u128::from(self.used.to_msat()) * config.horizon.as_micros() / elapsed;
+            let per_horizon = u128::from(self.used.to_msat())
+                .saturating_mul(config.horizon.as_micros())
+                / elapsed;
             MilliSats::from_msat(u64::try_from(per_horizon).unwrap_or(u64::MAX))
         });
         by_rate.min(config.max_lease).max(amount)
@@ -264,8 +314,8 @@ impl<S: ChannelStore> Leased<S> {
     }
 
     /// Settles every lease this node holds: call it on shutdown, after the last request was
-    /// served. Returns how many leases could not be settled (the store failed): those lapse
-    /// after the [`ttl`](LeaseConfig::ttl), counted as spent.
+    /// served. Returns how many channels' leases could not be settled (the store failed):
+    /// those lapse after the [`ttl`](LeaseConfig::ttl), forfeited.
     pub async fn return_all(&self) -> usize {
         let ids: Vec<ChannelId> = self.inner.slots.iter().map(|slot| *slot.key()).collect();
         let mut failed = 0;
@@ -277,6 +327,14 @@ impl<S: ChannelStore> Leased<S> {
         }
         failed
     }
+}
+
+/// Runs `work` to its end even if the caller goes away (a client disconnects mid-request):
+/// a store operation on a lease and its write-back are never cut in two.
+async fn uncancelled<T: Send + 'static>(
+    work: impl Future<Output = Result<T, StoreError>> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::spawn(work).await.map_err(StoreError::unavailable)?
 }
 
 impl<S: ChannelStore> Inner<S> {
@@ -293,6 +351,15 @@ impl<S: ChannelStore> Inner<S> {
         Arc::clone(&slot)
     }
 
+    /// Notes that channel `id`'s payments pay at least `paid` (a payment this node stored or
+    /// a record it read), so that balances reported after a top-up count it.
+    fn saw_paid(&self, id: ChannelId, paid: MilliSats) {
+        if let Some(slot) = self.slots.get(&id) {
+            let mut local = slot.local();
+            local.paid = local.paid.max(paid);
+        }
+    }
+
     /// Debits `amount` from this node's lease of channel `id`, taking a new lease (and
     /// settling the old one) when it does not hold enough.
     async fn debit(
@@ -300,75 +367,135 @@ impl<S: ChannelStore> Inner<S> {
         id: ChannelId,
         amount: MilliSats,
     ) -> Result<Debit, StoreError> {
+        if amount.is_zero() {
+            // Nothing to lease: the store says whether the channel is open.
+            return self.store.debit(id, amount).await;
+        }
         let slot = self.slot(id);
         if let Some(balance) = slot.local().draw(amount, Instant::now()) {
             return Ok(Debit::Debited { balance });
         }
+        self.start();
+        let inner = Arc::clone(self);
+        uncancelled(async move { inner.refill(id, &slot, amount).await }).await
+    }
+
+    /// The slow path of [`debit`](Self::debit): under the slot's lock, draws from a lease
+    /// another request took meanwhile, or settles the old lease and takes a new one.
+    async fn refill(
+        &self,
+        id: ChannelId,
+        slot: &Slot,
+        amount: MilliSats,
+    ) -> Result<Debit, StoreError> {
         let _refill = slot.refill.lock().await;
         let now = Instant::now();
-        let old = {
+        let (settle, old) = {
             let mut local = slot.local();
             if let Some(balance) = local.draw(amount, now) {
                 return Ok(Debit::Debited { balance });
             }
-            // Nothing draws from a lease being settled: what it used is final here.
-            local.take()
+            let old = *local;
+            (local.begin(), old)
         };
         let ttl = u64::try_from(self.config.ttl.as_millis()).unwrap_or(u64::MAX);
         let take = LeaseTake::new(
-            LeaseId::random(),
+            old.retake.unwrap_or_else(LeaseId::random),
             amount,
             old.want(amount, &self.config, now),
             now_ms().saturating_add(ttl),
         );
-        let request = match old.lease {
-            Some(lease) => LeaseRequest::take(take).and_settle(lease, old.used),
+        let request = match settle {
+            Some((lease, used)) => LeaseRequest::take(take).and_settle(lease, used),
             None => LeaseRequest::take(take),
         };
-        self.start();
-        let lease = match self.store.lease(id, request).await {
-            Ok(lease) => lease,
-            Err(error) => {
-                // The old lease stays (settling it again later is harmless).
-                slot.local().lease = old.lease;
-                return Err(error);
-            }
-        };
-        let mut local = slot.local();
-        match lease {
-            Lease::Granted { amount: held, unspent } => {
-                *local = Local {
+        let lease = self.store.lease(id, request).await;
+        let (outcome, owed) = {
+            let mut local = slot.local();
+            let lease = match lease {
+                Ok(lease) => lease,
+                Err(error) => {
+                    local.failed(settle, Some(take.id));
+                    return Err(error);
+                }
+            };
+            let (owed, paid, spent) = (local.owed, local.paid, local.spent);
+            *local = match lease {
+                Lease::Granted { amount: held, paid: now_paid, spent } => Local {
                     lease: Some(take.id),
                     held,
                     used: amount,
-                    unspent,
+                    paid: paid.max(now_paid),
+                    spent,
                     taken: Some(now),
                     last: Some(now),
-                };
-                Ok(Debit::Debited { balance: unspent.saturating_sub(amount) })
-            }
-            Lease::Insufficient { balance } => {
-                *local = Local { last: Some(now), ..Local::default() };
-                Ok(Debit::Insufficient { balance })
-            }
-            Lease::NotOpen { state } => {
-                *local = Local { last: Some(now), ..Local::default() };
-                Ok(Debit::NotOpen { state })
-            }
+                    ..Local::default()
+                },
+                // Refused: the old lease was settled; a take of unknown outcome may still
+                // hold a grant, settled (unused) by the next operation.
+                Lease::Insufficient { .. } | Lease::NotOpen { .. } => Local {
+                    paid,
+                    spent,
+                    last: Some(now),
+                    unsettled: old.retake.map(|lease| (lease, MilliSats::ZERO)),
+                    ..Local::default()
+                },
+            };
+            let outcome = match lease {
+                Lease::Granted { .. } => Debit::Debited { balance: local.balance() },
+                Lease::Insufficient { balance } => Debit::Insufficient { balance },
+                Lease::NotOpen { state } => Debit::NotOpen { state },
+            };
+            (outcome, owed)
+        };
+        self.give_back(id, owed).await;
+        Ok(outcome)
+    }
+
+    /// Gives `owed` (debits given back while a lease operation was in flight) back to the
+    /// store, now that the settlement that counted them as used is done.
+    async fn give_back(&self, id: ChannelId, owed: MilliSats) {
+        if owed.is_zero() {
+            return;
+        }
+        if let Err(error) = self.store.credit(id, owed).await {
+            tracing::warn!(%error, channel = %id, %owed, "a refund could not be given back");
         }
     }
 
-    /// Settles this node's lease of channel `id`, if it holds one.
-    async fn settle(&self, id: ChannelId) -> Result<(), StoreError> {
+    /// Settles this node's lease of channel `id` (and any of unknown outcome), if it holds
+    /// one.
+    async fn settle(self: &Arc<Self>, id: ChannelId) -> Result<(), StoreError> {
         let Some(slot) = self.slots.get(&id).map(|slot| Arc::clone(&slot)) else { return Ok(()) };
+        let inner = Arc::clone(self);
+        uncancelled(async move { inner.settle_slot(id, &slot).await }).await
+    }
+
+    async fn settle_slot(&self, id: ChannelId, slot: &Slot) -> Result<(), StoreError> {
         let _refill = slot.refill.lock().await;
-        let held = slot.local().take();
-        let Some(lease) = held.lease else { return Ok(()) };
-        if let Err(error) = self.store.lease(id, LeaseRequest::settle(lease, held.used)).await {
-            slot.local().lease = Some(lease);
-            return Err(error);
+        let (settle, retake) = {
+            let mut local = slot.local();
+            (local.begin(), local.retake)
+        };
+        for (lease, used) in settle.into_iter().chain(retake.map(|lease| (lease, MilliSats::ZERO)))
+        {
+            if let Err(error) = self.store.lease(id, LeaseRequest::settle(lease, used)).await {
+                slot.local().failed(settle, retake);
+                return Err(error);
+            }
         }
-        *slot.local() = Local { last: held.last, ..Local::default() };
+        let owed = {
+            let mut local = slot.local();
+            let owed = local.owed;
+            *local = Local {
+                paid: local.paid,
+                spent: local.spent.saturating_add(settle.map_or(MilliSats::ZERO, |(_, used)| used)),
+                last: local.last,
+                ..Local::default()
+            };
+            owed
+        };
+        self.give_back(id, owed).await;
         Ok(())
     }
 
@@ -382,9 +509,9 @@ impl<S: ChannelStore> Inner<S> {
         let _ = self.task.get_or_init(|| runtime.spawn(background(weak)).abort_handle());
     }
 
-    /// Settles the leases unused for `idle` or older than a third of the ttl, and forgets
-    /// idle channels without a lease.
-    async fn sweep(&self, now: Instant) {
+    /// Settles the leases unused for `idle`, older than a third of the ttl, or of unknown
+    /// outcome, and forgets idle channels without a lease.
+    async fn sweep(self: &Arc<Self>, now: Instant) {
         let (idle, old) = (self.config.idle, self.config.ttl / 3);
         let due: Vec<ChannelId> = self
             .slots
@@ -393,7 +520,8 @@ impl<S: ChannelStore> Inner<S> {
                 let local = slot.local();
                 let unused = local.last.is_none_or(|last| now.duration_since(last) >= idle);
                 let aged = local.taken.is_some_and(|taken| now.duration_since(taken) >= old);
-                local.lease.is_some() && (unused || aged)
+                let unknown = local.unsettled.is_some() || local.retake.is_some();
+                !local.busy && (unknown || (local.lease.is_some() && (unused || aged)))
             })
             .map(|slot| *slot.key())
             .collect();
@@ -406,12 +534,14 @@ impl<S: ChannelStore> Inner<S> {
         self.slots.retain(|_, slot| {
             let local = slot.local();
             let unused = local.last.is_none_or(|last| now.duration_since(last) >= idle);
-            Arc::strong_count(slot) > 1 || local.lease.is_some() || !unused
+            let pending =
+                local.lease.is_some() || local.unsettled.is_some() || local.retake.is_some();
+            Arc::strong_count(slot) > 1 || pending || local.busy || !unused
         });
     }
 }
 
-/// Gives back idle leases and expires lapsed ones, until the store is dropped.
+/// Gives back idle leases and forfeits lapsed ones, until the store is dropped.
 async fn background<S: ChannelStore>(weak: Weak<Inner<S>>) {
     let Some(config) = weak.upgrade().map(|inner| inner.config) else { return };
     let tick = (config.idle / 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
@@ -426,7 +556,7 @@ async fn background<S: ChannelStore>(weak: Weak<Inner<S>>) {
             expired = now;
             match inner.store.expire_leases(now_ms()).await {
                 Ok(forfeited) if !forfeited.is_zero() => {
-                    tracing::warn!(%forfeited, "lapsed leases (of nodes that died) counted as spent");
+                    tracing::warn!(%forfeited, "lapsed leases (of nodes that died) forfeited");
                 }
                 Ok(_) => {}
                 Err(error) => tracing::warn!(%error, "lapsed leases could not be expired"),
@@ -444,7 +574,14 @@ impl<S: ChannelStore> ChannelStore for Leased<S> {
         &self,
         id: ChannelId,
     ) -> impl Future<Output = Result<Option<ChannelRecord>, StoreError>> + Send {
-        self.inner.store.load(id)
+        let inner = Arc::clone(&self.inner);
+        async move {
+            let record = inner.store.load(id).await?;
+            if let Some(record) = &record {
+                inner.saw_paid(id, record.paid());
+            }
+            Ok(record)
+        }
     }
 
     fn store_payment(
@@ -452,7 +589,15 @@ impl<S: ChannelStore> ChannelStore for Leased<S> {
         id: ChannelId,
         payment: Transaction,
     ) -> impl Future<Output = Result<StorePayment, StoreError>> + Send {
-        self.inner.store.store_payment(id, payment)
+        let paid = MilliSats::from_sat(crate::channel::server_amount(&payment));
+        let inner = Arc::clone(&self.inner);
+        async move {
+            let stored = inner.store.store_payment(id, payment).await?;
+            if let (StorePayment::Stored { .. }, Some(paid)) = (stored, paid) {
+                inner.saw_paid(id, paid);
+            }
+            Ok(stored)
+        }
     }
 
     /// Debits from this node's lease of the channel (see [`Leased`]).
@@ -465,13 +610,23 @@ impl<S: ChannelStore> ChannelStore for Leased<S> {
         async move { inner.debit(id, amount).await }
     }
 
+    /// Stores the payment and debits in the store itself (a request with a new payment), and
+    /// notes what the payment pays for the balances this node reports.
     fn pay(
         &self,
         id: ChannelId,
         payment: CheckedPayment,
         amount: MilliSats,
     ) -> impl Future<Output = Result<Debit, StoreError>> + Send {
-        self.inner.store.pay(id, payment, amount)
+        let paid = MilliSats::from_sat(payment.server_amount());
+        let inner = Arc::clone(&self.inner);
+        async move {
+            let debit = inner.store.pay(id, payment, amount).await?;
+            if let Some(paid) = paid {
+                inner.saw_paid(id, paid);
+            }
+            Ok(debit)
+        }
     }
 
     /// Settles this node's lease of the channel first, then waits (up to twice
@@ -486,21 +641,32 @@ impl<S: ChannelStore> ChannelStore for Leased<S> {
         async move {
             inner.settle(id).await?;
             let offered = MilliSats::from_sat(payment.server_amount()).unwrap_or(MilliSats::MAX);
-            let deadline = Instant::now() + inner.config.idle * 2;
+            let wait = inner.config.idle.saturating_mul(2);
+            let deadline = Instant::now().checked_add(wait);
+            let mut expired = false;
             loop {
                 if inner.store.close_with(id, payment.clone()).await? {
                     return Ok(true);
                 }
                 let record = inner.store.load(id).await?.ok_or(StoreError::NotFound)?;
                 let open = matches!(record.state, ChannelState::Open | ChannelState::Pending);
-                if !open || record.leased.is_zero() || record.spent > offered {
+                let short = record.spent.saturating_add(record.forfeited) > offered;
+                if !open || record.leased.is_zero() || short {
                     return Ok(false);
                 }
-                if Instant::now() >= deadline {
+                if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
                     return Ok(false);
                 }
-                let _forfeited = inner.store.expire_leases(now_ms()).await?;
-                tokio::time::sleep((inner.config.idle / 8).max(Duration::from_millis(5))).await;
+                if !expired {
+                    // Leases of nodes that died will not come back by themselves.
+                    expired = true;
+                    if let Err(error) = inner.store.expire_leases(now_ms()).await {
+                        tracing::warn!(%error, "lapsed leases could not be expired");
+                    }
+                }
+                let pause =
+                    (inner.config.idle / 8).clamp(Duration::from_millis(5), Duration::from_secs(1));
+                tokio::time::sleep(pause).await;
             }
         }
     }
@@ -537,7 +703,13 @@ impl<S: ChannelStore> ChannelStore for Leased<S> {
                 let mut local = slot.local();
                 if local.lease.is_some() && local.used >= amount {
                     local.used = local.used.saturating_sub(amount);
-                    return Ok(local.unspent.saturating_sub(local.used));
+                    return Ok(local.balance());
+                }
+                if local.busy {
+                    // The lease the debit came from is being settled: after it, to the store
+                    // (before it, the store may not count the debit yet).
+                    local.owed = local.owed.saturating_add(amount);
+                    return Ok(local.balance().saturating_add(local.owed));
                 }
             }
             inner.store.credit(id, amount).await

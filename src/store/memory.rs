@@ -64,6 +64,7 @@ struct Slot {
     paid: bitcoin::Amount,
     spent: MilliSats,
     leased: MilliSats,
+    forfeited: MilliSats,
     funded_at: u32,
 }
 
@@ -78,6 +79,7 @@ impl Slot {
             paid,
             spent: record.spent,
             leased: record.leased,
+            forfeited: record.forfeited,
             funded_at: record.funded_at,
         })
     }
@@ -94,18 +96,28 @@ impl Slot {
                 .and_then(|bytes| bitcoin::consensus::deserialize(bytes).ok()),
             spent: self.spent,
             leased: self.leased,
+            forfeited: self.forfeited,
             funded_at: self.funded_at,
         }
     }
 
-    /// paid − spent.
-    fn unspent(&self) -> MilliSats {
-        MilliSats::from_sat(self.paid).unwrap_or(MilliSats::MAX).saturating_sub(self.spent)
+    fn paid(&self) -> MilliSats {
+        MilliSats::from_sat(self.paid).unwrap_or(MilliSats::MAX)
     }
 
-    /// paid − spent − leased.
+    /// paid − spent.
+    fn unspent(&self) -> MilliSats {
+        self.paid().saturating_sub(self.spent)
+    }
+
+    /// spent + leased + forfeited.
+    fn committed(&self) -> MilliSats {
+        self.spent.saturating_add(self.leased).saturating_add(self.forfeited)
+    }
+
+    /// paid − spent − leased − forfeited.
     fn balance(&self) -> MilliSats {
-        self.unspent().saturating_sub(self.leased)
+        self.paid().saturating_sub(self.committed())
     }
 
     fn set_best(&mut self, payment: &Transaction) {
@@ -229,7 +241,7 @@ impl ChannelStore for MemoryStore {
     ) -> impl Future<Output = Result<bool, StoreError>> + Send {
         self.update(id, move |record| {
             let covered = MilliSats::from_sat(payment.server_amount())
-                .is_some_and(|paid| record.spent.saturating_add(record.leased) <= paid);
+                .is_some_and(|paid| record.committed() <= paid);
             let closes =
                 matches!(record.state, ChannelState::Open | ChannelState::Pending) && covered;
             if closes {
@@ -313,9 +325,12 @@ impl ChannelStore for MemoryStore {
                 record.leased = record.leased.saturating_sub(held);
                 record.spent = record.spent.saturating_add(used.min(held));
             }
-            let Some(take) = request.take else {
-                return Lease::Granted { amount: MilliSats::ZERO, unspent: record.unspent() };
+            let granted = |record: &Slot, amount| Lease::Granted {
+                amount,
+                paid: record.paid(),
+                spent: record.spent,
             };
+            let Some(take) = request.take else { return granted(record, MilliSats::ZERO) };
             if record.state != ChannelState::Open {
                 return Lease::NotOpen { state: record.state };
             }
@@ -329,7 +344,7 @@ impl ChannelStore for MemoryStore {
                             *until = take.expires_at;
                         })
                         .or_insert((amount, take.expires_at));
-                    Lease::Granted { amount, unspent: record.unspent() }
+                    granted(record, amount)
                 }
                 None => Lease::Insufficient { balance: record.balance() },
             }
@@ -353,7 +368,7 @@ impl ChannelStore for MemoryStore {
                 let removed = self.leases.remove_if(&key, |_, (_, until)| *until <= now);
                 removed.map_or(MilliSats::ZERO, |(_, (held, _))| {
                     record.leased = record.leased.saturating_sub(held);
-                    record.spent = record.spent.saturating_add(held);
+                    record.forfeited = record.forfeited.saturating_add(held);
                     held
                 })
             });

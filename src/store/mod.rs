@@ -79,6 +79,11 @@ pub struct ChannelRecord {
     /// spent nor available to other requests. Zero without leases.
     #[serde(default)]
     pub leased: MilliSats,
+    /// What lapsed leases held (their nodes died without settling them; see
+    /// [`ChannelStore::expire_leases`]): maybe served, maybe not, so kept from the balance for
+    /// good, but not reported to the client as spent. Zero without leases.
+    #[serde(default)]
+    pub forfeited: MilliSats,
     /// The chain height when the funding was broadcast: the funding policy's deadline for its
     /// confirmation counts from here (0 when unknown).
     #[serde(default)]
@@ -95,6 +100,7 @@ impl ChannelRecord {
             best: Some(first),
             spent: MilliSats::ZERO,
             leased: MilliSats::ZERO,
+            forfeited: MilliSats::ZERO,
             funded_at: 0,
         }
     }
@@ -140,15 +146,15 @@ impl ChannelRecord {
         MilliSats::from_sat(self.paid_amount()).unwrap_or(MilliSats::MAX)
     }
 
-    /// What new requests can draw on: paid − spent − leased.
+    /// What new requests can draw on: paid − spent − leased − forfeited.
     pub fn balance(&self) -> MilliSats {
         self.paid().saturating_sub(self.committed())
     }
 
-    /// What the channel has committed: spent, and held in leases (which a node may serve at
-    /// any moment). A fair close must pay at least this.
+    /// What the channel has committed: spent, held in leases (which a node may serve at any
+    /// moment) and forfeited by nodes that died. A fair close must pay at least this.
     pub fn committed(&self) -> MilliSats {
-        self.spent.saturating_add(self.leased)
+        self.spent.saturating_add(self.leased).saturating_add(self.forfeited)
     }
 
     /// paid − spent: the balance as the client sees it, leases counted as unspent until a
@@ -178,7 +184,7 @@ impl ChannelRecord {
             state: self.state,
             paid_msat: self.paid(),
             spent_msat: self.committed(),
-            leased_msat: self.leased,
+            leased_msat: self.leased.saturating_add(self.forfeited),
             balance_msat: self.balance(),
             price_msat: price,
             capacity_left_sat: max.checked_sub(paid).unwrap_or(Amount::ZERO),
@@ -231,7 +237,8 @@ pub enum Debit {
         /// leases counts as unspent).
         balance: MilliSats,
     },
-    /// The balance (paid − spent − leased) does not cover the amount; nothing changed.
+    /// The balance (paid − spent − leased − forfeited) does not cover the amount; nothing
+    /// changed.
     Insufficient {
         /// paid − spent ([`ChannelRecord::unspent`]).
         balance: MilliSats,
@@ -352,7 +359,7 @@ impl LeaseTake {
         Self { id, least, most, expires_at }
     }
 
-    /// What a store grants from `available` (paid − spent − leased): `most`, or half of
+    /// What a store grants from `available` ([`ChannelRecord::balance`]): `most`, or half of
     /// `available` if that is less, but never less than `least`; `None` if `available` does
     /// not cover `least`. Half, so that one node never holds the whole balance while
     /// another node's request finds none.
@@ -371,7 +378,7 @@ impl LeaseTake {
 pub struct LeaseRequest {
     /// A lease to settle, with what the node used of it (at most the lease: more is
     /// counted as the whole lease). Nothing happens if it is gone (settled already, or
-    /// expired: then it was all counted as spent).
+    /// expired: then it was all forfeited).
     pub settle: Option<(LeaseId, MilliSats)>,
     /// A lease to take, if the channel is open and its balance covers `least`.
     pub take: Option<LeaseTake>,
@@ -404,12 +411,14 @@ pub enum Lease {
     Granted {
         /// What the lease holds.
         amount: MilliSats,
-        /// paid − spent after the operation ([`ChannelRecord::unspent`]).
-        unspent: MilliSats,
+        /// What the channel's best payment pays, after the operation.
+        paid: MilliSats,
+        /// The channel's spent, after the operation.
+        spent: MilliSats,
     },
-    /// The balance (paid − spent − leased) does not cover the take's `least`: no lease.
+    /// The balance ([`ChannelRecord::balance`]) does not cover the take's `least`: no lease.
     Insufficient {
-        /// paid − spent − leased.
+        /// The balance.
         balance: MilliSats,
     },
     /// The channel is not [`ChannelState::Open`]: no lease.
@@ -506,8 +515,8 @@ pub trait ChannelStore: Send + Sync + 'static {
         payment: Transaction,
     ) -> impl Future<Output = Result<StorePayment, StoreError>> + Send;
 
-    /// Debits `amount` if the balance (paid − spent − leased) covers it and the channel is
-    /// open.
+    /// Debits `amount` if the balance ([`ChannelRecord::balance`]) covers it and the channel
+    /// is open.
     fn debit(
         &self,
         id: ChannelId,
@@ -539,7 +548,7 @@ pub trait ChannelStore: Send + Sync + 'static {
 
     /// Moves an **open or pending** channel to closing with `payment` as its settlement in
     /// place of the best payment, **in one atomic operation**, if `payment` covers what the
-    /// channel committed (spent and leased, [`ChannelRecord::committed`]): the fair close, settled at the metered amount, which may pay the server
+    /// channel committed (spent, leased and forfeited, [`ChannelRecord::committed`]): the fair close, settled at the metered amount, which may pay the server
     /// less than the best ([`Channel::check_fair_payment`](crate::channel::Channel::check_fair_payment)).
     /// `Ok(false)`, nothing changed, if the channel is no longer open or pending or spent more
     /// meanwhile. From `Closing` on nothing is debited, so what was metered cannot move.
@@ -575,7 +584,7 @@ pub trait ChannelStore: Send + Sync + 'static {
 
     /// Settles a node's lease and takes a new one, as `request` says, in one atomic
     /// operation (see [`LeaseRequest`] and [`Lease`]); what a new lease holds is
-    /// [`LeaseTake::grant`] of the balance (paid − spent − leased). A lease adds to
+    /// [`LeaseTake::grant`] of the balance ([`ChannelRecord::balance`]). A lease adds to
     /// `leased`; settling it adds what was used to `spent` and removes it from `leased`.
     /// Never refused for the channel's state when only settling.
     fn lease(
@@ -585,9 +594,9 @@ pub trait ChannelStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Lease, StoreError>> + Send;
 
     /// Settles every lease that lapsed at or before `now` (milliseconds since the Unix
-    /// epoch) as **all used**: its node died without settling it, and what it served of it
-    /// cannot be known, so all of it counts as spent (never as served unpaid). Returns what
-    /// was counted so.
+    /// epoch) as **forfeited**: its node died without settling it, and what it served of it
+    /// cannot be known, so all of it moves from `leased` to `forfeited`, kept from the
+    /// balance for good (never served unpaid). Returns what was forfeited.
     fn expire_leases(&self, now: u64)
     -> impl Future<Output = Result<MilliSats, StoreError>> + Send;
 

@@ -42,6 +42,7 @@ const MIGRATION: &str = "
     );
     CREATE INDEX IF NOT EXISTS paychan_idempotency_expiry ON paychan_idempotency (expires_at);
     ALTER TABLE paychan_channels ADD COLUMN IF NOT EXISTS leased_msat BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE paychan_channels ADD COLUMN IF NOT EXISTS forfeited_msat BIGINT NOT NULL DEFAULT 0;
     CREATE TABLE IF NOT EXISTS paychan_leases (
         channel TEXT NOT NULL,
         lease BIGINT NOT NULL,
@@ -86,8 +87,8 @@ fn msat(value: i64) -> MilliSats {
     MilliSats::from_msat(u64::try_from(value).unwrap_or(0))
 }
 
-const SELECT: &str = "SELECT channel, key_index, state, best, spent_msat, funded_at, leased_msat
-     FROM paychan_channels";
+const SELECT: &str = "SELECT channel, key_index, state, best, spent_msat, funded_at, leased_msat,
+     forfeited_msat FROM paychan_channels";
 
 fn decode(row: &tokio_postgres::Row) -> Result<ChannelRecord, StoreError> {
     let channel: Channel = serde_json::from_str(row.get::<_, &str>(0)).map_err(unavailable)?;
@@ -99,6 +100,7 @@ fn decode(row: &tokio_postgres::Row) -> Result<ChannelRecord, StoreError> {
         best: best.map(|b| deserialize(&b)).transpose().map_err(unavailable)?,
         spent: msat(row.get(4)),
         leased: msat(row.get(6)),
+        forfeited: msat(row.get(7)),
         funded_at: u32::try_from(row.get::<_, i64>(5)).map_err(unavailable)?,
     })
 }
@@ -235,7 +237,7 @@ impl ChannelStore for PostgresStore {
             .query_opt(
                 "UPDATE paychan_channels SET state = 'closing', best = $1, best_sat = $2
                  WHERE id = $3 AND state IN ('open', 'pending')
-                 AND spent_msat + leased_msat <= $2::bigint * 1000
+                 AND spent_msat + leased_msat + forfeited_msat <= $2::bigint * 1000
                  RETURNING 1",
                 &[&serialize(payment.transaction()), &offered, &id],
             )
@@ -254,7 +256,7 @@ impl ChannelStore for PostgresStore {
             .query_opt(
                 "UPDATE paychan_channels SET spent_msat = spent_msat + $1
                  WHERE id = $2 AND state = 'open'
-                 AND best_sat * 1000 - spent_msat - leased_msat >= $1
+                 AND best_sat * 1000 - spent_msat - leased_msat - forfeited_msat >= $1
                  RETURNING best_sat * 1000 - spent_msat",
                 &[&amount_sql, &id],
             )
@@ -287,11 +289,11 @@ impl ChannelStore for PostgresStore {
         let row = self
             .query_opt(
                 "WITH old AS (
-                     SELECT best_sat, spent_msat, leased_msat FROM paychan_channels
-                     WHERE id = $3 AND state = 'open' FOR UPDATE
+                     SELECT best_sat, spent_msat, leased_msat + forfeited_msat AS held
+                     FROM paychan_channels WHERE id = $3 AND state = 'open' FOR UPDATE
                  ), next AS (
                      SELECT GREATEST(old.best_sat, $2) AS best_sat, old.spent_msat,
-                            GREATEST(old.best_sat, $2) * 1000 - old.spent_msat - old.leased_msat
+                            GREATEST(old.best_sat, $2) * 1000 - old.spent_msat - old.held
                                 >= $4 AS covers
                      FROM old
                  )
@@ -358,7 +360,7 @@ impl ChannelStore for PostgresStore {
             .query_opt(
                 "UPDATE paychan_channels SET spent_msat = spent_msat + $1
                  WHERE id = $2 AND state = 'open'
-                 AND best_sat * 1000 - spent_msat - leased_msat >= $1
+                 AND best_sat * 1000 - spent_msat - leased_msat - forfeited_msat >= $1
                  RETURNING best_sat * 1000 - spent_msat",
                 &[&amount, &id],
             )
@@ -440,8 +442,8 @@ impl ChannelStore for PostgresStore {
         let mut client = self.client().await?;
         // One transaction, the channel's row locked first (as every statement on it does).
         let tx = client.transaction().await.map_err(unavailable)?;
-        let lock = "SELECT state, best_sat * 1000 - spent_msat, leased_msat FROM paychan_channels
-                    WHERE id = $1 FOR UPDATE";
+        let lock = "SELECT state, best_sat * 1000, spent_msat, leased_msat + forfeited_msat
+                    FROM paychan_channels WHERE id = $1 FOR UPDATE";
         tx.query_opt(lock, &[&id]).await.map_err(unavailable)?.ok_or(StoreError::NotFound)?;
         if let Some((lease, used)) = request.settle {
             let used = to_i64(used.to_msat())?;
@@ -459,13 +461,15 @@ impl ChannelStore for PostgresStore {
             .map_err(unavailable)?;
         }
         let row = tx.query_one(lock, &[&id]).await.map_err(unavailable)?;
-        let (state, unspent, leased) =
-            (ChannelState::from_name(row.get(0))?, msat(row.get(1)), msat(row.get(2)));
+        let state = ChannelState::from_name(row.get(0))?;
+        let (paid, spent, held) = (msat(row.get(1)), msat(row.get(2)), msat(row.get(3)));
+        let balance = paid.saturating_sub(spent).saturating_sub(held);
+        let granted = |amount| Lease::Granted { amount, paid, spent };
         let outcome = match request.take {
-            None => Lease::Granted { amount: MilliSats::ZERO, unspent },
+            None => granted(MilliSats::ZERO),
             Some(_) if state != ChannelState::Open => Lease::NotOpen { state },
-            Some(take) => match take.grant(unspent.saturating_sub(leased)) {
-                None => Lease::Insufficient { balance: unspent.saturating_sub(leased) },
+            Some(take) => match take.grant(balance) {
+                None => Lease::Insufficient { balance },
                 Some(amount) => {
                     let held = to_i64(amount.to_msat())?;
                     tx.execute(
@@ -483,7 +487,7 @@ impl ChannelStore for PostgresStore {
                     )
                     .await
                     .map_err(unavailable)?;
-                    Lease::Granted { amount, unspent }
+                    granted(amount)
                 }
             },
         };
@@ -512,20 +516,22 @@ impl ChannelStore for PostgresStore {
                 .await
                 .map_err(unavailable)?;
             let held = tx
-                .query_one(
+                .query_opt(
                     "WITH gone AS (
                          DELETE FROM paychan_leases WHERE channel = $1 AND expires_at <= $2
                          RETURNING held_msat
                      ), total AS (SELECT COALESCE(SUM(held_msat), 0)::bigint AS held FROM gone)
                      UPDATE paychan_channels SET leased_msat = GREATEST(leased_msat - total.held, 0),
-                         spent_msat = spent_msat + total.held
+                         forfeited_msat = forfeited_msat + total.held
                      FROM total WHERE id = $1 RETURNING total.held",
                     &[&id, &now],
                 )
                 .await
                 .map_err(unavailable)?;
             tx.commit().await.map_err(unavailable)?;
-            forfeited = forfeited.saturating_add(msat(held.get(0)));
+            if let Some(held) = held {
+                forfeited = forfeited.saturating_add(msat(held.get(0)));
+            }
         }
         Ok(forfeited)
     }

@@ -38,12 +38,15 @@ redis.call('HSET', KEYS[1], 'best', ARGV[1], 'best_sat', ARGV[2])
 return {1, string.format('%.0f', tonumber(ARGV[2]) * 1000 - tonumber(h[2]))}";
 
 const DEBIT: &str = r"
-local h = redis.call('HMGET', KEYS[1], 'state', 'best_sat', 'spent_msat', 'leased_msat')
+local h = redis.call('HMGET', KEYS[1], 'state', 'best_sat', 'spent_msat', 'leased_msat',
+  'forfeited_msat')
 if not h[1] then return {-1, '0'} end
 local balance = tonumber(h[2]) * 1000 - tonumber(h[3])
 if h[1] ~= 'open' then return {2, h[1]} end
 local amount = tonumber(ARGV[1])
-if balance - tonumber(h[4] or '0') < amount then return {0, string.format('%.0f', balance)} end
+if balance - tonumber(h[4] or '0') - tonumber(h[5] or '0') < amount then
+  return {0, string.format('%.0f', balance)}
+end
 redis.call('HSET', KEYS[1], 'spent_msat', string.format('%.0f', tonumber(h[3]) + amount))
 return {1, string.format('%.0f', balance - amount)}";
 
@@ -54,12 +57,13 @@ return {1, string.format('%.0f', balance - amount)}";
 const DEBIT_ONCE: &str = r"
 local held = redis.call('HMGET', KEYS[2], 'fp', 'resp')
 if held[1] then return {3, '', held[1], held[2]} end
-local h = redis.call('HMGET', KEYS[1], 'state', 'best_sat', 'spent_msat', 'leased_msat')
+local h = redis.call('HMGET', KEYS[1], 'state', 'best_sat', 'spent_msat', 'leased_msat',
+  'forfeited_msat')
 if not h[1] then return {-1, '0', false, false} end
 local balance = tonumber(h[2]) * 1000 - tonumber(h[3])
 if h[1] ~= 'open' then return {2, h[1], false, false} end
 local amount = tonumber(ARGV[1])
-if balance - tonumber(h[4] or '0') < amount then
+if balance - tonumber(h[4] or '0') - tonumber(h[5] or '0') < amount then
   return {0, string.format('%.0f', balance), false, false}
 end
 redis.call('HSET', KEYS[1], 'spent_msat', string.format('%.0f', tonumber(h[3]) + amount))
@@ -83,7 +87,8 @@ return 1";
 /// `STORE_PAYMENT` then `DEBIT` in one script: KEYS[1] the channel; ARGV the payment, its
 /// server amount in sat, and the amount to debit in msat.
 const PAY: &str = r"
-local h = redis.call('HMGET', KEYS[1], 'state', 'best_sat', 'spent_msat', 'leased_msat')
+local h = redis.call('HMGET', KEYS[1], 'state', 'best_sat', 'spent_msat', 'leased_msat',
+  'forfeited_msat')
 if not h[1] then return {-1, '0'} end
 if h[1] ~= 'open' then return {2, h[1]} end
 local best = tonumber(h[2])
@@ -93,7 +98,9 @@ if tonumber(ARGV[2]) > best then
 end
 local balance = best * 1000 - tonumber(h[3])
 local amount = tonumber(ARGV[3])
-if balance - tonumber(h[4] or '0') < amount then return {0, string.format('%.0f', balance)} end
+if balance - tonumber(h[4] or '0') - tonumber(h[5] or '0') < amount then
+  return {0, string.format('%.0f', balance)}
+end
 redis.call('HSET', KEYS[1], 'spent_msat', string.format('%.0f', tonumber(h[3]) + amount))
 return {1, string.format('%.0f', balance - amount)}";
 
@@ -101,10 +108,12 @@ return {1, string.format('%.0f', balance - amount)}";
 /// leased: KEYS[1] the channel, KEYS[2..4] the open, pending and closing sets; ARGV the
 /// payment, its server amount in sat, and the channel id.
 const CLOSE_WITH: &str = r"
-local h = redis.call('HMGET', KEYS[1], 'state', 'spent_msat', 'score', 'leased_msat')
+local h = redis.call('HMGET', KEYS[1], 'state', 'spent_msat', 'score', 'leased_msat',
+  'forfeited_msat')
 if not h[1] then return -1 end
 if h[1] ~= 'open' and h[1] ~= 'pending' then return 0 end
-if tonumber(h[2]) + tonumber(h[4] or '0') > tonumber(ARGV[2]) * 1000 then return 0 end
+local committed = tonumber(h[2]) + tonumber(h[4] or '0') + tonumber(h[5] or '0')
+if committed > tonumber(ARGV[2]) * 1000 then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'closing', 'best', ARGV[1], 'best_sat', ARGV[2])
 redis.call('ZREM', KEYS[2], ARGV[3])
 redis.call('ZREM', KEYS[3], ARGV[3])
@@ -122,14 +131,16 @@ return {1, string.format('%.0f', tonumber(h[1]) * 1000 - spent)}";
 /// its leases (a hash: lease id → msat held), KEYS[3] every lease by expiry (members
 /// `channel|lease`); ARGV the lease to settle (or ''), what was used of it, the lease to take
 /// (or ''), its least, its most, when it lapses, and the channel id. Replies `{code, amount,
-/// value}`: 1 granted (`value` the unspent), 0 insufficient (`value` the balance), 2 not
-/// open (`value` the state).
+/// value, spent}`: 1 granted (`value` what is paid), 0 insufficient (`value` the balance), 2
+/// not open (`value` the state).
 const LEASE: &str = r"
-local h = redis.call('HMGET', KEYS[1], 'state', 'best_sat', 'spent_msat', 'leased_msat')
-if not h[1] then return {-1, '0', '0'} end
+local h = redis.call('HMGET', KEYS[1], 'state', 'best_sat', 'spent_msat', 'leased_msat',
+  'forfeited_msat')
+if not h[1] then return {-1, '0', '0', '0'} end
 local function fmt(n) return string.format('%.0f', n) end
 local spent = tonumber(h[3])
 local leased = tonumber(h[4] or '0')
+local paid = tonumber(h[2]) * 1000
 if ARGV[1] ~= '' then
   local held = redis.call('HGET', KEYS[2], ARGV[1])
   if held then
@@ -141,19 +152,18 @@ if ARGV[1] ~= '' then
     redis.call('HSET', KEYS[1], 'spent_msat', fmt(spent), 'leased_msat', fmt(leased))
   end
 end
-local unspent = tonumber(h[2]) * 1000 - spent
-if ARGV[3] == '' then return {1, '0', fmt(unspent)} end
-if h[1] ~= 'open' then return {2, '0', h[1]} end
-local balance = unspent - leased
+if ARGV[3] == '' then return {1, '0', fmt(paid), fmt(spent)} end
+if h[1] ~= 'open' then return {2, '0', h[1], '0'} end
+local balance = paid - spent - leased - tonumber(h[5] or '0')
 local least = tonumber(ARGV[4])
-if balance < least then return {0, '0', fmt(balance)} end
+if balance < least then return {0, '0', fmt(balance), '0'} end
 local amount = math.max(math.min(tonumber(ARGV[5]), math.floor(balance / 2)), least)
 redis.call('HINCRBY', KEYS[2], ARGV[3], fmt(amount))
 redis.call('ZADD', KEYS[3], ARGV[6], ARGV[7] .. '|' .. ARGV[3])
 redis.call('HSET', KEYS[1], 'leased_msat', fmt(leased + amount))
-return {1, fmt(amount), fmt(unspent)}";
+return {1, fmt(amount), fmt(paid), fmt(spent)}";
 
-/// Counts every lease lapsed by ARGV[1] (ms since the epoch) as spent: KEYS[1] every lease by
+/// Forfeits every lease lapsed by ARGV[1] (ms since the epoch): KEYS[1] every lease by
 /// expiry; ARGV[2] the key prefix (the channels' and leases' keys share its hash tag, so
 /// they are in KEYS[1]'s slot). At most 1000 leases a call. Replies the msat counted.
 const EXPIRE_LEASES: &str = r"
@@ -169,10 +179,10 @@ for _, member in ipairs(lapsed) do
   if held then
     redis.call('HDEL', leases, lease)
     local key = ARGV[2] .. 'ch:' .. channel
-    local h = redis.call('HMGET', key, 'spent_msat', 'leased_msat')
-    if h[1] then
+    local h = redis.call('HMGET', key, 'forfeited_msat', 'leased_msat')
+    if redis.call('EXISTS', key) == 1 then
       held = tonumber(held)
-      redis.call('HSET', key, 'spent_msat', fmt(tonumber(h[1]) + held),
+      redis.call('HSET', key, 'forfeited_msat', fmt(tonumber(h[1] or '0') + held),
         'leased_msat', fmt(math.max(tonumber(h[2] or '0') - held, 0)))
       total = total + held
     end
@@ -314,6 +324,10 @@ impl RedisStore {
             // Absent until the channel's first lease.
             leased: match fields.get("leased_msat") {
                 Some(_) => MilliSats::from_msat(number(&text("leased_msat")?)?),
+                None => MilliSats::ZERO,
+            },
+            forfeited: match fields.get("forfeited_msat") {
+                Some(_) => MilliSats::from_msat(number(&text("forfeited_msat")?)?),
                 None => MilliSats::ZERO,
             },
             // Absent in channels created before the field existed.
@@ -474,10 +488,14 @@ impl ChannelStore for RedisStore {
         );
         let keys = [self.channel_key(id), self.leases_key(id), self.expiry_key()];
         let args = [settle, used, take, least, most, until, arg(id)];
-        let (code, amount, value): (i64, String, String) = self.invoke(LEASE, &keys, &args).await?;
+        let (code, amount, value, spent): (i64, String, String, String) =
+            self.invoke(LEASE, &keys, &args).await?;
         let msat = |text: &str| number(text).map(MilliSats::from_msat);
         match code {
-            1 => Ok(Lease::Granted { amount: msat(&amount)?, unspent: msat(&value)? }),
+            1 => {
+                let (amount, paid, spent) = (msat(&amount)?, msat(&value)?, msat(&spent)?);
+                Ok(Lease::Granted { amount, paid, spent })
+            }
             0 => Ok(Lease::Insufficient { balance: msat(&value)? }),
             2 => Ok(Lease::NotOpen { state: ChannelState::from_name(&value)? }),
             _ => Err(StoreError::NotFound),

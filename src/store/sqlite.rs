@@ -45,6 +45,7 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX idempotency_expiry ON idempotency (expires_at);",
     // 4: leases (see `Leased`): what nodes hold of each channel's balance.
     "ALTER TABLE channels ADD COLUMN leased_msat INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE channels ADD COLUMN forfeited_msat INTEGER NOT NULL DEFAULT 0;
     CREATE TABLE leases (
         channel TEXT NOT NULL,
         lease INTEGER NOT NULL,
@@ -161,19 +162,28 @@ fn sql_u64(value: u64) -> Result<i64, StoreError> {
     i64::try_from(value).map_err(|_| unavailable("value exceeds SQLite's integer range"))
 }
 
-const SELECT: &str =
-    "SELECT channel, key_index, state, best, spent_msat, funded_at, leased_msat FROM channels";
+const SELECT: &str = "SELECT channel, key_index, state, best, spent_msat, funded_at, leased_msat,
+     forfeited_msat FROM channels";
 
 /// A `channels` row as stored: channel JSON, key index, state, best payment, spent msat,
-/// funding height, leased msat.
-type Row = (String, i64, String, Option<Vec<u8>>, i64, i64, i64);
+/// funding height, leased msat, forfeited msat.
+type Row = (String, i64, String, Option<Vec<u8>>, i64, i64, i64, i64);
 
 fn record_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
-    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?, row.get(6)?))
+    Ok((
+        row.get(0)?,
+        row.get(1)?,
+        row.get(2)?,
+        row.get(3)?,
+        row.get(4)?,
+        row.get(5)?,
+        row.get(6)?,
+        row.get(7)?,
+    ))
 }
 
 fn decode_record(
-    (channel, key_index, state, best, spent, funded_at, leased): Row,
+    (channel, key_index, state, best, spent, funded_at, leased, forfeited): Row,
 ) -> Result<ChannelRecord, StoreError> {
     let channel: Channel = serde_json::from_str(&channel).map_err(unavailable)?;
     let best: Option<Transaction> =
@@ -185,6 +195,7 @@ fn decode_record(
         best,
         spent: msat(spent),
         leased: msat(leased),
+        forfeited: msat(forfeited),
         funded_at: u32::try_from(funded_at).map_err(unavailable)?,
     })
 }
@@ -194,33 +205,40 @@ struct Money {
     state: ChannelState,
     /// paid − spent.
     unspent: MilliSats,
-    leased: MilliSats,
+    /// leased + forfeited.
+    held: MilliSats,
+    spent: MilliSats,
     best: Amount,
 }
 
 impl Money {
-    /// paid − spent − leased.
+    /// paid − spent − leased − forfeited.
     fn balance(&self) -> MilliSats {
-        self.unspent.saturating_sub(self.leased)
+        self.unspent.saturating_sub(self.held)
+    }
+
+    fn paid(&self) -> MilliSats {
+        MilliSats::from_sat(self.best).unwrap_or(MilliSats::MAX)
     }
 }
 
 /// Reads the state and money of a channel inside `tx`; `NotFound` if it does not exist.
 fn money(tx: &rusqlite::Transaction<'_>, id: &str) -> Result<Money, StoreError> {
-    let row: Option<(String, i64, i64, i64)> = tx
+    let row: Option<(String, i64, i64, i64, i64)> = tx
         .query_row(
-            "SELECT state, best_sat * 1000 - spent_msat, leased_msat, best_sat
-             FROM channels WHERE id = ?1",
+            "SELECT state, best_sat * 1000 - spent_msat, leased_msat + forfeited_msat, best_sat,
+             spent_msat FROM channels WHERE id = ?1",
             [id],
-            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?)),
         )
         .optional()
         .map_err(unavailable)?;
-    let (state, unspent, leased, best) = row.ok_or(StoreError::NotFound)?;
+    let (state, unspent, held, best, spent) = row.ok_or(StoreError::NotFound)?;
     Ok(Money {
         state: ChannelState::from_name(&state)?,
         unspent: msat(unspent),
-        leased: msat(leased),
+        held: msat(held),
+        spent: msat(spent),
         best: Amount::from_sat(u64::try_from(best).unwrap_or(0)),
     })
 }
@@ -381,7 +399,7 @@ impl ChannelStore for SqliteStore {
                 .execute(
                     "UPDATE channels SET state = 'closing', best = ?1, best_sat = ?2
                      WHERE id = ?3 AND state IN ('open', 'pending')
-                     AND spent_msat + leased_msat <= ?2 * 1000",
+                     AND spent_msat + leased_msat + forfeited_msat <= ?2 * 1000",
                     params![serialize(payment.transaction()), offered, id],
                 )
                 .map_err(unavailable)?;
@@ -438,9 +456,9 @@ impl ChannelStore for SqliteStore {
                 }
             }
             let money = money(tx, &id)?;
-            let Some(take) = request.take else {
-                return Ok(Lease::Granted { amount: MilliSats::ZERO, unspent: money.unspent });
-            };
+            let granted =
+                |amount| Lease::Granted { amount, paid: money.paid(), spent: money.spent };
+            let Some(take) = request.take else { return Ok(granted(MilliSats::ZERO)) };
             if money.state != ChannelState::Open {
                 return Ok(Lease::NotOpen { state: money.state });
             }
@@ -460,7 +478,7 @@ impl ChannelStore for SqliteStore {
                 params![held, id],
             )
             .map_err(unavailable)?;
-            Ok(Lease::Granted { amount, unspent: money.unspent })
+            Ok(granted(amount))
         })
     }
 
@@ -482,7 +500,7 @@ impl ChannelStore for SqliteStore {
             for (channel, held) in lapsed {
                 tx.execute(
                     "UPDATE channels SET leased_msat = MAX(leased_msat - ?1, 0),
-                     spent_msat = spent_msat + ?1 WHERE id = ?2",
+                     forfeited_msat = forfeited_msat + ?1 WHERE id = ?2",
                     params![held, channel],
                 )
                 .map_err(unavailable)?;

@@ -199,10 +199,11 @@ pub struct ChannelSnapshot {
     /// (`leased_msat`): what a fair close must pay.
     pub spent_msat: MilliSats,
     /// The part of `spent_msat` the server's nodes hold in leases, reserved for the requests
-    /// they serve and not yet used (absent: none).
+    /// they serve and not yet settled, with what leases of nodes that died held (absent:
+    /// none).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub leased_msat: MilliSats,
-    /// paid − spent, in msat: what requests can draw on.
+    /// paid − spent (with leases), in msat: what requests can draw on.
     pub balance_msat: MilliSats,
     /// The price of this request, in msat.
     pub price_msat: MilliSats,

@@ -1,5 +1,6 @@
 //! [`Hooked`]: a memory store whose every operation first runs a hook, which may fail it or
-//! act on the store first — the tests' failing, flaky and racing stores, in one place.
+//! act on the store first, and whose replies may be lost after the operation happened — the
+//! tests' failing, flaky, racing and lossy stores, in one place.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -39,12 +40,14 @@ pub enum Op {
 
 pub type HookFuture = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
 type Hook = Arc<dyn Fn(Op) -> HookFuture + Send + Sync>;
+type Lost = Arc<dyn Fn(Op) -> bool + Send + Sync>;
 
 /// A [`MemoryStore`] behind a hook.
 #[derive(Clone)]
 pub struct Hooked {
     pub inner: MemoryStore,
     hook: Hook,
+    lost: Lost,
 }
 
 impl Hooked {
@@ -54,7 +57,15 @@ impl Hooked {
         inner: MemoryStore,
         hook: impl Fn(Op) -> HookFuture + Send + Sync + 'static,
     ) -> Self {
-        Self { inner, hook: Arc::new(hook) }
+        Self { inner, hook: Arc::new(hook), lost: Arc::new(|_| false) }
+    }
+
+    /// The same store, whose operations happen but answer an error while `lost(op)` says
+    /// so (a reply lost on the network after the store applied the operation).
+    #[allow(dead_code)]
+    pub fn losing_replies(mut self, lost: impl Fn(Op) -> bool + Send + Sync + 'static) -> Self {
+        self.lost = Arc::new(lost);
+        self
     }
 
     /// `inner`, whose operations fail while `fails(op)` says so.
@@ -70,10 +81,15 @@ macro_rules! hooked {
     ($($name:ident($($arg:ident: $ty:ty),*) -> $out:ty => $op:expr;)*) => {
         impl ChannelStore for Hooked {
             $(fn $name(&self, $($arg: $ty),*) -> impl Future<Output = Result<$out, StoreError>> + Send {
-                let hook = (self.hook)($op);
+                let op = $op;
+                let hook = (self.hook)(op);
                 async move {
                     hook.await?;
-                    self.inner.$name($($arg),*).await
+                    let out = self.inner.$name($($arg),*).await;
+                    if (self.lost)(op) {
+                        return Err(StoreError::unavailable("the reply was lost"));
+                    }
+                    out
                 }
             })*
         }

@@ -448,7 +448,7 @@ url = "{store}"       # sqlite:PATH, postgres://…, redis://…, or memory (los
 # max_msat = 100000              # the most one lease holds: what a node crash can cost a channel
 # horizon_ms = 100               # a lease covers this much of a channel's traffic on the node
 # idle_ms = 1000                 # an unused lease is given back after this
-# ttl_secs = 30                  # a dead node's lease lapses (counted as spent) after this
+# ttl_secs = 30                  # a dead node's lease lapses (forfeited) after this; >= 10
 
 [prices]
 unlisted = "refuse"              # routes not listed: "refuse" (404), "free", or a price in msat
@@ -561,6 +561,23 @@ mod tests {
             routes,
             [(Method::GET, "/".to_owned(), price), (Method::GET, "/{*rest}".to_owned(), price)]
         );
+    }
+
+    #[test]
+    fn leases_are_off_unless_configured() {
+        let base = Path::new("/srv");
+        assert_eq!(Config::parse(&template(&init()), base).unwrap().leases, None);
+        // The template's commented-out example, turned on.
+        let on = template(&init())
+            .replace("# [store.leases]", "[store.leases]")
+            .replace("# max_msat = 100000", "max_msat = 5000")
+            .replace("# ttl_secs = 30", "ttl_secs = 60");
+        let expected = LeaseConfig::default()
+            .max_lease(MilliSats::from_msat(5_000))
+            .ttl(Duration::from_secs(60));
+        assert_eq!(Config::parse(&on, base).unwrap().leases, Some(expected));
+        let typo = on.replace("max_msat = 5000", "max_sat = 5");
+        assert_eq!(Config::parse(&typo, base).unwrap_err().key, "max_sat");
     }
 
     #[test]

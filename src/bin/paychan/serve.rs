@@ -59,7 +59,7 @@ pub(crate) async fn serve(config: Config) -> Result<(), Error> {
             // After the last request: what this node holds goes back to the channels.
             let failed = store.return_all().await;
             if failed > 0 {
-                tracing::warn!(failed, "leases not given back: they lapse, counted as spent");
+                tracing::warn!(failed, "leases not given back: they lapse after their ttl, forfeited");
             }
             served
         }
