@@ -184,10 +184,7 @@ async fn sqlite_node_killed_under_load_keeps_every_acknowledged_payment() {
 }
 
 /// Two nodes on one shared store: requests spread over both are served exactly what was paid.
-async fn two_nodes_serve_exactly_what_was_paid<S: ChannelStore>(
-    store: S,
-    env: Vec<(&str, String)>,
-) {
+async fn two_nodes_serve_exactly_what_was_paid<S: ChannelStore>(store: S, env: NodeEnv) {
     let channel = Arc::new(channel());
     let id = ChannelId::new(channel.outpoint());
     store.create(record(&channel, 2_000)).await.unwrap();
@@ -224,52 +221,44 @@ async fn two_nodes_serve_exactly_what_was_paid<S: ChannelStore>(
     assert_eq!(record.spent, record.paid(), "total served equals total paid exactly");
 }
 
+/// Node processes' environment.
+type NodeEnv = Vec<(&'static str, String)>;
+
+/// A PostgreSQL store on a fresh schema, and the environment that points node processes at
+/// the same schema; `None` (after "skipped: …") without `PAYCHAN_TEST_POSTGRES_URL`.
+#[cfg(feature = "postgres")]
+async fn postgres_nodes(name: &str) -> Option<(paychan::store::PostgresStore, NodeEnv)> {
+    let config = common::stores::postgres_config(name).await?;
+    let store = paychan::store::PostgresStore::connect_with(config.clone()).await.unwrap();
+    let url = std::env::var("PAYCHAN_TEST_POSTGRES_URL").unwrap();
+    let options = config.get_options().unwrap_or_default().replace(' ', "%20").replace('=', "%3D");
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let node_url = format!("{url}{separator}options={options}");
+    Some((store, vec![("PAYCHAN_STORE", format!("postgres:{node_url}"))]))
+}
+
+/// A Redis store under a fresh key prefix, and the environment that points node processes at
+/// it; `None` (after "skipped: …") without `PAYCHAN_TEST_REDIS_URL`.
+#[cfg(feature = "redis")]
+async fn redis_nodes(name: &str) -> Option<(paychan::store::RedisStore, NodeEnv)> {
+    let store = common::stores::redis_store(name).await?;
+    let url = std::env::var("PAYCHAN_TEST_REDIS_URL").unwrap();
+    let prefix = store.prefix().to_owned();
+    Some((store, vec![("PAYCHAN_STORE", format!("redis:{url}")), ("PAYCHAN_REDIS_PREFIX", prefix)]))
+}
+
 #[cfg(feature = "postgres")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_nodes_on_postgres_serve_exactly_what_was_paid() {
-    use paychan::store::{PostgresStore, tokio_postgres};
-    let Ok(url) = std::env::var("PAYCHAN_TEST_POSTGRES_URL") else {
-        println!("skipped: PAYCHAN_TEST_POSTGRES_URL is not set");
-        return;
-    };
-    let schema = format!(
-        "paychan_nodes_{}_{}",
-        std::process::id(),
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros()
-    );
-    let (client, connection) = url
-        .parse::<tokio_postgres::Config>()
-        .unwrap()
-        .connect(tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    client.batch_execute(&format!("CREATE SCHEMA {schema}")).await.unwrap();
-    let separator = if url.contains('?') { '&' } else { '?' };
-    let node_url = format!("{url}{separator}options=-c%20search_path%3D{schema}");
-    let store = PostgresStore::connect(&node_url).await.unwrap();
-    two_nodes_serve_exactly_what_was_paid(
-        store,
-        vec![("PAYCHAN_STORE", format!("postgres:{node_url}"))],
-    )
-    .await;
+    let Some((store, env)) = postgres_nodes("nodes").await else { return };
+    two_nodes_serve_exactly_what_was_paid(store, env).await;
 }
 
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_nodes_on_redis_serve_exactly_what_was_paid() {
-    use paychan::store::RedisStore;
-    let Ok(url) = std::env::var("PAYCHAN_TEST_REDIS_URL") else {
-        println!("skipped: PAYCHAN_TEST_REDIS_URL is not set");
-        return;
-    };
-    let prefix = format!("{{paychan-nodes-{}}}:", std::process::id());
-    let store = RedisStore::connect(&url).await.unwrap().with_prefix(prefix.clone());
-    two_nodes_serve_exactly_what_was_paid(
-        store,
-        vec![("PAYCHAN_STORE", format!("redis:{url}")), ("PAYCHAN_REDIS_PREFIX", prefix)],
-    )
-    .await;
+    let Some((store, env)) = redis_nodes("nodes").await else { return };
+    two_nodes_serve_exactly_what_was_paid(store, env).await;
 }
 
 /// A loopback TCP proxy that can stop answering (refuse new connections and cut open ones).
@@ -405,10 +394,7 @@ async fn try_paid(addr: SocketAddr, header: String) -> Option<u16> {
 /// the other serves on, then stops gracefully (giving its leases back). The dead node's lease
 /// lapses after its ttl and counts as spent, exactly; nothing was ever served unpaid, and what
 /// the crash cost the client is at most that one lease (plus requests in flight).
-async fn leased_nodes_killed_under_load_reconcile<S: ChannelStore>(
-    store: S,
-    env: Vec<(&str, String)>,
-) {
+async fn leased_nodes_killed_under_load_reconcile<S: ChannelStore>(store: S, env: NodeEnv) {
     const MAX_LEASE_MSAT: u64 = 2_000_000;
     let channel = Arc::new(channel());
     let id = ChannelId::new(channel.outpoint());
@@ -525,28 +511,13 @@ async fn leased_nodes_killed_under_load_reconcile<S: ChannelStore>(
 #[cfg(feature = "postgres")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn leased_nodes_on_postgres_killed_under_load_reconcile() {
-    let Some(config) = common::stores::postgres_config("leases").await else { return };
-    let store = paychan::store::PostgresStore::connect_with(config.clone()).await.unwrap();
-    let url = std::env::var("PAYCHAN_TEST_POSTGRES_URL").unwrap();
-    let options = config.get_options().unwrap_or_default().replace(' ', "%20").replace('=', "%3D");
-    let separator = if url.contains('?') { '&' } else { '?' };
-    let node_url = format!("{url}{separator}options={options}");
-    leased_nodes_killed_under_load_reconcile(
-        store,
-        vec![("PAYCHAN_STORE", format!("postgres:{node_url}"))],
-    )
-    .await;
+    let Some((store, env)) = postgres_nodes("leases").await else { return };
+    leased_nodes_killed_under_load_reconcile(store, env).await;
 }
 
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn leased_nodes_on_redis_killed_under_load_reconcile() {
-    let Some(store) = common::stores::redis_store("leases").await else { return };
-    let url = std::env::var("PAYCHAN_TEST_REDIS_URL").unwrap();
-    let prefix = store.prefix().to_owned();
-    leased_nodes_killed_under_load_reconcile(
-        store,
-        vec![("PAYCHAN_STORE", format!("redis:{url}")), ("PAYCHAN_REDIS_PREFIX", prefix)],
-    )
-    .await;
+    let Some((store, env)) = redis_nodes("leases").await else { return };
+    leased_nodes_killed_under_load_reconcile(store, env).await;
 }
