@@ -1320,8 +1320,9 @@ async fn receipts_link_to_the_previous_one_and_a_broken_link_stops_the_payer() {
 
 /// Two API nodes serving one channel from leases of a shared store ([`Leased`]), the requests
 /// alternating between them: to the payer they are one server. Balances and receipts count
-/// leases as unspent (no overcharge is seen, every receipt verifies and links), and the fair
-/// close pays exactly what was served: the close waits for the other node's idle lease.
+/// leases as unspent (no overcharge is seen, every receipt verifies and links, also by a
+/// payer restarted while one node holds a lease the other does not see), and the fair close
+/// pays exactly what was served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_leased_nodes_look_like_one_server_to_the_payer() {
     use paychan::store::{ChannelState, ChannelStore, LeaseConfig, Leased};
@@ -1346,27 +1347,74 @@ async fn two_leased_nodes_look_like_one_server_to_the_payer() {
                 chain.clone(),
             );
             let paywall = PaywallLayer::new(store.clone(), PRICE, tip.clone())
-                .with_bundle(MilliSats::from_sat(Amount::from_sat(1_000)).unwrap())
+                .with_bundle(MilliSats::from_sat(Amount::from_sat(3_000)).unwrap())
                 .with_negotiation(negotiation);
             Router::new().route("/work", get(|| async { "done" })).layer(paywall)
         })
         .collect();
-    // Paid requests alternate; the negotiation (whose proposals live in one node's memory)
-    // and the close go to the first node.
-    let turn = Arc::new(AtomicUsize::new(0));
+    // Paid requests alternate (or go to the node `route` names); the negotiation (whose
+    // proposals live in one node's memory) and the close go to the first node.
+    const ALTERNATE: usize = 2;
+    let route = Arc::new(AtomicUsize::new(ALTERNATE));
+    let (routing, turn) = (route.clone(), Arc::new(AtomicUsize::new(0)));
     let alternate = tower::service_fn(move |request: Request| {
         let negotiation = request.uri().path().starts_with(paychan::server::DEFAULT_PREFIX);
-        let node = if negotiation { 0 } else { turn.fetch_add(1, Ordering::SeqCst) % 2 };
+        let node = match routing.load(Ordering::SeqCst) {
+            _ if negotiation => 0,
+            ALTERNATE => turn.fetch_add(1, Ordering::SeqCst) % 2,
+            node => node,
+        };
         routers[node].clone().oneshot(request)
     });
     let addr = serve(Router::new().fallback_service(alternate)).await;
     let server = Server { chain, origin: format!("http://{addr}") };
     let wallet = funded_wallet(&server.chain);
-    let payer = builder(&server, &wallet).require_receipts(true).build().unwrap();
+    let client_store = MemoryClientStore::new();
+    // Prepaying 20 requests at a time, so that leases are not cut short by the balance.
+    let prepaid = policy().with_max_prepaid(Amount::from_sat(3_000));
+    let payer = builder(&server, &wallet)
+        .store(client_store.clone())
+        .policy(prepaid.clone())
+        .require_receipts(true)
+        .build()
+        .unwrap();
     let (mut client, _) = paying_client(&payer);
-    for n in 0..40 {
-        let answer = get_work(&mut client, &server.origin).await;
+    let sent = std::cell::Cell::new(0);
+    let work = async |client: &mut PaymentService<Counting, MemoryClientStore>| {
+        let answer = get_work(client, &server.origin).await;
+        let n = sent.get();
         assert!(matches!(&answer, Ok((StatusCode::OK, _))), "request {n}: {answer:?}");
+        sent.set(n + 1);
+    };
+    for _ in 0..20 {
+        work(&mut client).await;
+    }
+    // Both nodes give their leases back; then the second serves several requests from a new
+    // lease, which the first does not see.
+    assert_eq!(nodes[0].return_all().await + nodes[1].return_all().await, 0);
+    let transport = ServiceTransport::<_, Full<Bytes>>::new(client.get_ref().clone());
+    payer.top_up_by_via(&transport, Amount::from_sat(3_000)).await.unwrap();
+    route.store(1, Ordering::SeqCst);
+    for _ in 0..5 {
+        work(&mut client).await;
+    }
+    let used = nodes[1].held().1;
+    assert!(used >= PRICE.checked_mul(3).unwrap(), "the second node used its lease: {used}");
+    // A payer restarted on the same client store picks the channel up. Its first answer comes
+    // from the first node, which does not see what the second used of its lease; the
+    // second's answers do: not an overcharge.
+    let payer = builder(&server, &wallet)
+        .store(client_store)
+        .policy(prepaid)
+        .require_receipts(true)
+        .build()
+        .unwrap();
+    let (mut client, _) = paying_client(&payer);
+    route.store(0, Ordering::SeqCst);
+    work(&mut client).await;
+    route.store(ALTERNATE, Ordering::SeqCst);
+    while sent.get() < 40 {
+        work(&mut client).await;
     }
     let held = nodes[0].held().0.saturating_add(nodes[1].held().0);
     assert!(!held.is_zero(), "the nodes serve from leases");
@@ -1378,5 +1426,9 @@ async fn two_leased_nodes_look_like_one_server_to_the_payer() {
     assert_eq!(closed.server_amount, metered.to_sat_ceil(), "exactly what was served");
     let record = shared.load(closed.channel).await.unwrap().unwrap();
     assert_ne!(record.state, ChannelState::Open);
+    assert_eq!(record.committed(), metered, "spent, or used of a lease not given back yet");
+    // The leases still held go back when idle: then all of it is spent.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let record = shared.load(closed.channel).await.unwrap().unwrap();
     assert_eq!((record.spent, record.leased), (metered, MilliSats::ZERO));
 }

@@ -105,6 +105,7 @@ impl ChargeWatch {
         let unreceipted = self.sends.saturating_sub(self.receipts);
         Some(
             baseline
+                .saturating_add(self.slack)
                 .saturating_add(self.receipted)
                 .saturating_add(max.checked_mul(unreceipted).unwrap_or(MilliSats::MAX))
                 .saturating_add(self.streamed)
@@ -144,6 +145,11 @@ struct ChargeWatch {
     /// The spent the judgement starts from: zero for a channel this payer opened, the first
     /// report for a channel loaded from the store (earlier requests are not known).
     baseline: Option<MilliSats>,
+    /// Allowed beyond the baseline from the start: `max_prepaid` when the baseline is a
+    /// report (a server of several nodes serving from leases reports what other nodes used
+    /// of theirs only once they settle it, so a first report may miss up to the prepaid
+    /// balance they hold), zero for a channel this payer opened.
+    slack: MilliSats,
     /// Requests sent on the channel since tracking started.
     sends: u64,
     /// Set once the server charged more than the policy allows: the payer stops paying it.
@@ -348,7 +354,10 @@ impl<S: ClientStore> Payer<S> {
             Some(baseline) => baseline,
             // The first report on a channel loaded from the store sets the baseline, but only
             // from an answer to the current payment: an older one under-reports what was spent.
-            None if self.read_current().as_ref() == Some(sent) => *charges.baseline.insert(spent),
+            None if self.read_current().as_ref() == Some(sent) => {
+                charges.slack = self.max_prepaid_msat();
+                *charges.baseline.insert(spent)
+            }
             None => return,
         };
         let charged = spent.saturating_sub(baseline);
@@ -356,6 +365,7 @@ impl<S: ClientStore> Payer<S> {
         let allowed = max
             .checked_mul(charges.sends)
             .unwrap_or(MilliSats::MAX)
+            .saturating_add(charges.slack)
             .saturating_add(charges.streamed)
             .saturating_add(
                 prepaid.checked_mul(u64::from(charges.open_streams)).unwrap_or(MilliSats::MAX),
