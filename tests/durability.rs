@@ -392,7 +392,7 @@ async fn try_paid(addr: SocketAddr, header: String) -> Option<u16> {
 
 /// Two nodes serving from leases on one shared store, under load: one is killed with SIGKILL,
 /// the other serves on, then stops gracefully (giving its leases back). The dead node's lease
-/// lapses after its ttl and counts as spent, exactly; nothing was ever served unpaid, and what
+/// lapses after its ttl and is forfeited, exactly; nothing was ever served unpaid, and what
 /// the crash cost the client is at most that one lease (plus requests in flight).
 async fn leased_nodes_killed_under_load_reconcile<S: ChannelStore>(store: S, env: NodeEnv) {
     const MAX_LEASE_MSAT: u64 = 2_000_000;

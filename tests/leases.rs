@@ -96,7 +96,7 @@ async fn nodes_serve_exactly_what_was_paid<S: ChannelStore + Clone>(store: S) {
 /// A node that dies (dropped without giving its leases back) leaves its lease; after the
 /// ttl it is forfeited: kept for good, not reported spent. So the channel keeps what was
 /// served plus what the dead node held unused, and reports as spent what was settled.
-async fn a_dead_nodes_lease_lapses_as_spent<S: ChannelStore + Clone>(store: S) {
+async fn a_dead_nodes_lease_is_forfeited<S: ChannelStore + Clone>(store: S) {
     let setup = Setup::with(12, 2, Terms::default(), None);
     let id = open(&store, &setup, 10_000).await;
     let config = config().ttl(LeaseConfig::MIN_TTL);
@@ -182,7 +182,7 @@ async fn a_fair_close_counts_every_lease<S: ChannelStore + Clone>(store: S) {
 
 async fn every_check<S: ChannelStore + Clone>(store: S) {
     nodes_serve_exactly_what_was_paid(store.clone()).await;
-    a_dead_nodes_lease_lapses_as_spent(store.clone()).await;
+    a_dead_nodes_lease_is_forfeited(store.clone()).await;
     a_credit_returns_to_the_lease(store.clone()).await;
     a_fair_close_counts_every_lease(store).await;
 }
@@ -337,4 +337,31 @@ async fn balances_reported_from_a_lease_count_top_ups() {
     let Debit::Debited { balance } = node.debit(id, PRICE).await.unwrap() else { panic!() };
     assert!(balance >= expect(12_000, 7), "{balance}: the other node's top-up counts");
     assert_eq!(node.return_all().await, 0);
+}
+
+/// A lease operation that failed before the store applied it: the lease it was settling is
+/// never drawn from again, a refund of a request served from it waits for its settlement
+/// (the store does not count that request yet), and the next operation settles it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_while_a_settlement_is_unknown_is_kept() {
+    use common::hooked::{Hooked, Op};
+    use std::sync::atomic::AtomicBool;
+    let memory = MemoryStore::new();
+    let fail = Arc::new(AtomicBool::new(false));
+    let failing = fail.clone();
+    let store = Hooked::failing(memory.clone(), move |op| {
+        op == Op::Lease && failing.load(Ordering::SeqCst)
+    });
+    let setup = Setup::with(18, 2, Terms::default(), None);
+    let id = open(&memory, &setup, 10_000).await;
+    let node = Leased::with_config(store, config());
+    assert!(matches!(node.debit(id, PRICE).await.unwrap(), Debit::Debited { .. }));
+    fail.store(true, Ordering::SeqCst);
+    assert!(node.debit(id, PRICE.checked_mul(10).unwrap()).await.is_err());
+    // The first request's answer failed: its price is given back.
+    node.credit(id, PRICE).await.unwrap();
+    fail.store(false, Ordering::SeqCst);
+    assert_eq!(node.return_all().await, 0);
+    let record = memory.load(id).await.unwrap().unwrap();
+    assert_eq!((record.spent, record.leased), (MilliSats::ZERO, MilliSats::ZERO), "refunded");
 }

@@ -115,6 +115,7 @@ pub async fn run<S: ChannelStore>(store: Arc<S>, prefix: u8) {
     leases_reserve_and_settle_exactly(&*store, &fx).await;
     leases_count_in_a_fair_close(&*store, &fx).await;
     lapsed_leases_are_forfeited(&*store, &fx).await;
+    a_repeated_take_adds_to_its_lease(&*store, &fx).await;
     racing_leases_and_debits_never_overspend(store.clone(), &fx).await;
     key_indexes_are_unique(store).await;
 }
@@ -234,6 +235,34 @@ async fn lapsed_leases_are_forfeited<S: ChannelStore>(store: &S, fx: &Fixture) {
         (MilliSats::ZERO, msat(1_000)),
         "settling a lapsed lease changes nothing"
     );
+}
+
+/// A take with the id of a live lease (a node retrying a take whose reply it lost) adds to
+/// it and renews its lapse; one settlement settles all of it.
+async fn a_repeated_take_adds_to_its_lease<S: ChannelStore>(store: &S, fx: &Fixture) {
+    let channel = fx.at_height(24, 900_000);
+    let record = fx.record(channel, 5_000);
+    let id = record.id();
+    store.create(record).await.expect("create");
+    let lease = LeaseId::new(u64::from(fx.prefix) << 56 | 6);
+    let now = now_ms();
+    // The first take would lapse at once; the repeat renews it.
+    let first = LeaseTake::new(lease, msat(300), msat(300), now.saturating_sub(1));
+    assert_eq!(
+        store.lease(id, LeaseRequest::take(first)).await,
+        granted_lease(msat(300), 5_000, MilliSats::ZERO)
+    );
+    let again = LeaseRequest::take(take(lease.get(), 200_000, 200_000));
+    assert_eq!(store.lease(id, again).await, granted_lease(msat(200), 5_000, MilliSats::ZERO));
+    let loaded = store.load(id).await.expect("load").expect("exists");
+    assert_eq!(loaded.leased, msat(500), "the two grants add up");
+    store.expire_leases(now).await.expect("expire");
+    let loaded = store.load(id).await.expect("load").expect("exists");
+    assert_eq!((loaded.leased, loaded.forfeited), (msat(500), MilliSats::ZERO), "renewed");
+    let settled = store.lease(id, LeaseRequest::settle(lease, msat(100))).await;
+    assert_eq!(settled, granted_lease(MilliSats::ZERO, 5_000, msat(100)));
+    let loaded = store.load(id).await.expect("load").expect("exists");
+    assert_eq!((loaded.leased, loaded.spent), (MilliSats::ZERO, msat(100)), "settled at once");
 }
 
 async fn racing_leases_and_debits_never_overspend<S: ChannelStore>(store: Arc<S>, fx: &Fixture) {

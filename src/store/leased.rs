@@ -54,6 +54,8 @@ impl Default for LeaseConfig {
 impl LeaseConfig {
     /// The shortest [`ttl`](Self::ttl).
     pub const MIN_TTL: Duration = Duration::from_secs(10);
+    /// The longest [`ttl`](Self::ttl).
+    pub const MAX_TTL: Duration = Duration::from_secs(86_400);
 
     /// A lease covers about this much of the channel's traffic on this node, measured from
     /// how fast it used its last lease: one store operation per `horizon` per busy channel.
@@ -72,7 +74,8 @@ impl LeaseConfig {
     }
 
     /// A lease unused this long is given back (settled): its balance serves other nodes
-    /// again, and a fair close need not pay for it.
+    /// again, and a fair close need not pay for it (a fair close waits up to twice this,
+    /// at most a minute, for other nodes' leases).
     #[must_use]
     pub fn idle(mut self, idle: Duration) -> Self {
         self.idle = idle;
@@ -81,11 +84,11 @@ impl LeaseConfig {
 
     /// A lease not settled this long after it was taken lapses: its node is taken for dead
     /// and all of it is forfeited. Live nodes settle and renew their leases after a third
-    /// of it, so the nodes' clocks must agree within a third of it. At least 10 seconds
-    /// (longer than a store's own timeouts).
+    /// of it, so the nodes' clocks must agree within a third of it. Between 10 seconds and a
+    /// day; a store call on a lease is given up after a quarter of it.
     #[must_use]
     pub fn ttl(mut self, ttl: Duration) -> Self {
-        self.ttl = ttl.max(Self::MIN_TTL);
+        self.ttl = ttl.clamp(Self::MIN_TTL, Self::MAX_TTL);
         self
     }
 
@@ -334,7 +337,11 @@ impl<S: ChannelStore> Leased<S> {
 async fn uncancelled<T: Send + 'static>(
     work: impl Future<Output = Result<T, StoreError>> + Send + 'static,
 ) -> Result<T, StoreError> {
-    tokio::spawn(work).await.map_err(StoreError::unavailable)?
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => runtime.spawn(work).await.map_err(StoreError::unavailable)?,
+        // No runtime to hand it to: run it here.
+        Err(_) => work.await,
+    }
 }
 
 impl<S: ChannelStore> Inner<S> {
@@ -409,7 +416,14 @@ impl<S: ChannelStore> Inner<S> {
             Some((lease, used)) => LeaseRequest::take(take).and_settle(lease, used),
             None => LeaseRequest::take(take),
         };
-        let lease = self.store.lease(id, request).await;
+        let lease =
+            self.bounded(self.store.lease(id, request)).await.and_then(|lease| match lease {
+                // A store that grants less than asked is broken: what it did is unknown.
+                Lease::Granted { amount: held, .. } if held < amount => {
+                    Err(StoreError::unavailable("the store granted less than the least asked"))
+                }
+                lease => Ok(lease),
+            });
         let (outcome, owed) = {
             let mut local = slot.local();
             let lease = match lease {
@@ -435,7 +449,7 @@ impl<S: ChannelStore> Inner<S> {
                 // hold a grant, settled (unused) by the next operation.
                 Lease::Insufficient { .. } | Lease::NotOpen { .. } => Local {
                     paid,
-                    spent,
+                    spent: spent.saturating_add(settle.map_or(MilliSats::ZERO, |(_, used)| used)),
                     last: Some(now),
                     unsettled: old.retake.map(|lease| (lease, MilliSats::ZERO)),
                     ..Local::default()
@@ -448,19 +462,34 @@ impl<S: ChannelStore> Inner<S> {
             };
             (outcome, owed)
         };
-        self.give_back(id, owed).await;
+        self.give_back(id, slot, owed).await;
         Ok(outcome)
     }
 
     /// Gives `owed` (debits given back while a lease operation was in flight) back to the
     /// store, now that the settlement that counted them as used is done.
-    async fn give_back(&self, id: ChannelId, owed: MilliSats) {
+    /// If the store fails, they stay owed (the sweep tries again).
+    async fn give_back(&self, id: ChannelId, slot: &Slot, owed: MilliSats) {
         if owed.is_zero() {
             return;
         }
-        if let Err(error) = self.store.credit(id, owed).await {
-            tracing::warn!(%error, channel = %id, %owed, "a refund could not be given back");
+        if let Err(error) = self.bounded(self.store.credit(id, owed)).await {
+            tracing::warn!(%error, channel = %id, %owed, "a refund could not be given back yet");
+            let mut local = slot.local();
+            local.owed = local.owed.saturating_add(owed);
         }
+    }
+
+    /// `call` on the store, given up after a quarter of the ttl (then its outcome is
+    /// unknown, as after any store error): a hung store call never keeps a node from
+    /// renewing or giving back its leases before they lapse.
+    async fn bounded<T>(
+        &self,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        tokio::time::timeout(self.config.ttl / 4, call)
+            .await
+            .unwrap_or_else(|_| Err(StoreError::unavailable("the store did not answer in time")))
     }
 
     /// Settles this node's lease of channel `id` (and any of unknown outcome), if it holds
@@ -479,7 +508,8 @@ impl<S: ChannelStore> Inner<S> {
         };
         for (lease, used) in settle.into_iter().chain(retake.map(|lease| (lease, MilliSats::ZERO)))
         {
-            if let Err(error) = self.store.lease(id, LeaseRequest::settle(lease, used)).await {
+            let settled = self.bounded(self.store.lease(id, LeaseRequest::settle(lease, used)));
+            if let Err(error) = settled.await {
                 slot.local().failed(settle, retake);
                 return Err(error);
             }
@@ -495,7 +525,7 @@ impl<S: ChannelStore> Inner<S> {
             };
             owed
         };
-        self.give_back(id, owed).await;
+        self.give_back(id, slot, owed).await;
         Ok(())
     }
 
@@ -520,7 +550,8 @@ impl<S: ChannelStore> Inner<S> {
                 let local = slot.local();
                 let unused = local.last.is_none_or(|last| now.duration_since(last) >= idle);
                 let aged = local.taken.is_some_and(|taken| now.duration_since(taken) >= old);
-                let unknown = local.unsettled.is_some() || local.retake.is_some();
+                let unknown =
+                    local.unsettled.is_some() || local.retake.is_some() || !local.owed.is_zero();
                 !local.busy && (unknown || (local.lease.is_some() && (unused || aged)))
             })
             .map(|slot| *slot.key())
@@ -534,8 +565,10 @@ impl<S: ChannelStore> Inner<S> {
         self.slots.retain(|_, slot| {
             let local = slot.local();
             let unused = local.last.is_none_or(|last| now.duration_since(last) >= idle);
-            let pending =
-                local.lease.is_some() || local.unsettled.is_some() || local.retake.is_some();
+            let pending = local.lease.is_some()
+                || local.unsettled.is_some()
+                || local.retake.is_some()
+                || !local.owed.is_zero();
             Arc::strong_count(slot) > 1 || pending || local.busy || !unused
         });
     }
@@ -622,7 +655,7 @@ impl<S: ChannelStore> ChannelStore for Leased<S> {
         let inner = Arc::clone(&self.inner);
         async move {
             let debit = inner.store.pay(id, payment, amount).await?;
-            if let Some(paid) = paid {
+            if let (Some(paid), false) = (paid, matches!(debit, Debit::NotOpen { .. })) {
                 inner.saw_paid(id, paid);
             }
             Ok(debit)
@@ -641,8 +674,8 @@ impl<S: ChannelStore> ChannelStore for Leased<S> {
         async move {
             inner.settle(id).await?;
             let offered = MilliSats::from_sat(payment.server_amount()).unwrap_or(MilliSats::MAX);
-            let wait = inner.config.idle.saturating_mul(2);
-            let deadline = Instant::now().checked_add(wait);
+            let wait = inner.config.idle.saturating_mul(2).min(Duration::from_secs(60));
+            let deadline = Instant::now() + wait;
             let mut expired = false;
             loop {
                 if inner.store.close_with(id, payment.clone()).await? {
@@ -654,7 +687,7 @@ impl<S: ChannelStore> ChannelStore for Leased<S> {
                 if !open || record.leased.is_zero() || short {
                     return Ok(false);
                 }
-                if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+                if Instant::now() >= deadline {
                     return Ok(false);
                 }
                 if !expired {
@@ -705,9 +738,10 @@ impl<S: ChannelStore> ChannelStore for Leased<S> {
                     local.used = local.used.saturating_sub(amount);
                     return Ok(local.balance());
                 }
-                if local.busy {
-                    // The lease the debit came from is being settled: after it, to the store
-                    // (before it, the store may not count the debit yet).
+                if local.busy || local.unsettled.is_some() {
+                    // The lease the debit came from is being settled (or its settlement is
+                    // unknown): after it, to the store (before it, the store may not count
+                    // the debit yet).
                     local.owed = local.owed.saturating_add(amount);
                     return Ok(local.balance().saturating_add(local.owed));
                 }

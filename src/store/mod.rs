@@ -341,7 +341,8 @@ impl fmt::Display for LeaseId {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct LeaseTake {
-    /// Its id (fresh: never used before).
+    /// Its id: fresh, or the id of a take of this node's whose outcome it does not know (a
+    /// store error): a take with the id of a live lease adds to it and renews its lapse.
     pub id: LeaseId,
     /// The least it may be: the request the node is serving.
     pub least: MilliSats,
