@@ -480,11 +480,8 @@ async fn leased_nodes_killed_under_load_reconcile<S: ChannelStore>(store: S, env
     // Its lease lapses after its ttl: then all of it is forfeited.
     let lapse = std::time::Duration::from_millis(10_300).saturating_sub(killed_at.elapsed());
     tokio::time::sleep(lapse).await;
-    let now = u64::try_from(
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis(),
-    )
-    .unwrap();
-    assert_eq!(store.expire_leases(now).await.unwrap(), before.leased, "exactly the lapsed lease");
+    let forfeited = store.expire_leases(common::now_ms()).await.unwrap();
+    assert_eq!(forfeited, before.leased, "exactly the lapsed lease");
     let after = store.load(id).await.unwrap().unwrap();
     assert_eq!((after.leased, after.spent), (MilliSats::ZERO, before.spent));
     assert_eq!(after.forfeited, before.leased, "the lapsed lease is forfeited, to the msat");

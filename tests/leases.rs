@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::Setup;
 #[allow(unused_imports)]
 use common::stores::*;
+use common::{Setup, now_ms};
 use paychan::MilliSats;
 use paychan::channel::{NewPayment, Terms};
 use paychan::store::{
@@ -31,11 +31,6 @@ async fn open<S: ChannelStore>(store: &S, setup: &Setup, sat: u64) -> ChannelId 
 
 fn config() -> LeaseConfig {
     LeaseConfig::default().max_lease(MAX_LEASE).idle(Duration::from_secs(60))
-}
-
-fn now_ms() -> u64 {
-    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
-    u64::try_from(since.as_millis()).unwrap()
 }
 
 /// Debits `PRICE` `rounds` times from each of `tasks` tasks, each task alternating between

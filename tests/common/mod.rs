@@ -9,6 +9,13 @@ use paychan::chain::sim::{SimulatedChain, sign_p2wpkh_input};
 use paychan::channel::{ChainTip, Channel, ChannelParams, Terms};
 
 pub mod hooked;
+
+/// Now, in milliseconds since the Unix epoch (what leases and idempotency claims lapse by).
+pub fn now_ms() -> u64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    u64::try_from(since.as_millis()).unwrap()
+}
+
 #[cfg(feature = "bitcoind")]
 pub mod node;
 pub mod stores;
