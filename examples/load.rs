@@ -20,8 +20,11 @@
 //! - **new payment**: every request carries a better payment (decoded, checked, signature
 //!   verified, stored and debited in one store operation), one connection, in order.
 //!
-//! `LOAD_PROFILE=fast` (or `bare`) drives one path only, for a profiler: the server's thread is
-//! named `server` (`perf record -g …; perf report --comm server`).
+//! `LOAD_PROFILE=fast` (or `bare`, `new`, `leased`) drives one path only, for a profiler: the
+//! server's thread is named `server` (`perf record -g …; perf report --comm server`).
+//! `LOAD_PROFILE=pairs` runs `LOAD_ROUNDS` pairs of bare and fast path (in alternating order)
+//! and prints the median, quartiles and range of their ratios. `LOAD_STORES=memory,sqlite,
+//! postgres,redis` picks the stores (default: all that are built and configured).
 //!
 //! Not a test: numbers depend on the machine; docs/PERFORMANCE.md has this machine's.
 
@@ -250,6 +253,46 @@ async fn measure<St: ChannelStore + Clone + 'static>(name: &str, store: St) -> R
             println!("{name}: bare only, {:.0} req/s", bare.throughput());
             return Ok(());
         }
+        Ok("pairs") => {
+            // Bare and fast path only, many short pairs whose order alternates (so that a
+            // drift of the machine during a pair favours neither): the spread of the ratios
+            // says whether a target is met beyond the noise.
+            let mut ratios = Vec::new();
+            for round in 0..rounds {
+                let (h1, h2) = (header.clone(), header.clone());
+                let (bare, paid) = if round % 2 == 0 {
+                    let bare =
+                        drive(addr, "/bare", connections, seconds, move |_| Some(h1.clone()));
+                    let bare = bare.await?;
+                    (
+                        bare,
+                        drive(addr, "/paid", connections, seconds, move |_| Some(h2.clone()))
+                            .await?,
+                    )
+                } else {
+                    let paid =
+                        drive(addr, "/paid", connections, seconds, move |_| Some(h2.clone()));
+                    let paid = paid.await?;
+                    (
+                        drive(addr, "/bare", connections, seconds, move |_| Some(h1.clone()))
+                            .await?,
+                        paid,
+                    )
+                };
+                ratios.push(paid.throughput() / bare.throughput());
+            }
+            ratios.sort_by(f64::total_cmp);
+            let at = |q: f64| ratios[((ratios.len() - 1) as f64 * q).round() as usize];
+            println!(
+                "{name}: fast path / bare over {rounds} pairs: median {:.3}, quartiles {:.3} to {:.3}, range {:.3} to {:.3}",
+                at(0.5),
+                at(0.25),
+                at(0.75),
+                at(0.0),
+                at(1.0)
+            );
+            return Ok(());
+        }
         Ok("new") => {
             let payments: Vec<String> = (0..200_000u64)
                 .map(|i| wire::encode_payment(&pay(&channel, &k1, 990_000_001 + i)))
@@ -353,19 +396,28 @@ fn main() -> Result<(), Error> {
     let runtime =
         tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     runtime.block_on(async {
-        measure("memory", MemoryStore::new()).await?;
+        // `LOAD_STORES=memory,redis` measures those stores only (default: all).
+        let stores = std::env::var("LOAD_STORES").unwrap_or_default().to_lowercase();
+        let wanted = |name: &str| stores.is_empty() || stores.split(',').any(|s| s == name);
+        if wanted("memory") {
+            measure("memory", MemoryStore::new()).await?;
+        }
         #[cfg(feature = "sqlite")]
-        {
+        if wanted("sqlite") {
             let path = std::env::temp_dir().join(format!("paychan-load-{}.db", std::process::id()));
             measure("SQLite", paychan::store::SqliteStore::open(&path)?).await?;
             let _ = std::fs::remove_file(&path);
         }
         #[cfg(feature = "postgres")]
-        if let Ok(url) = std::env::var("PAYCHAN_TEST_POSTGRES_URL") {
+        if let Ok(url) = std::env::var("PAYCHAN_TEST_POSTGRES_URL")
+            && wanted("postgres")
+        {
             measure("PostgreSQL", paychan::store::PostgresStore::connect(&url).await?).await?;
         }
         #[cfg(feature = "redis")]
-        if let Ok(url) = std::env::var("PAYCHAN_TEST_REDIS_URL") {
+        if let Ok(url) = std::env::var("PAYCHAN_TEST_REDIS_URL")
+            && wanted("redis")
+        {
             measure("Redis", paychan::store::RedisStore::connect(&url).await?).await?;
         }
         Ok(())

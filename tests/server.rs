@@ -366,6 +366,32 @@ async fn head_is_priced_the_header_is_not_forwarded_and_a_script_sig_is_refused(
     assert_eq!(get.body, "header seen: false");
     assert_eq!(balance(&get), 500_000);
 
+    // Told to forward it, the layer leaves the header to the inner service, on the new
+    // payment's path and on the fast path alike.
+    let (_tip2, tip_rx) = watch::channel(api.setup.tip());
+    let forwarding = Router::new()
+        .route(
+            "/echo",
+            axum::routing::get(|headers: http::HeaderMap| async move {
+                format!("header seen: {}", headers.contains_key(wire::PAYMENT_CHANNEL))
+            }),
+        )
+        .layer(
+            PaywallLayer::new(
+                api.store.clone(),
+                RoutePrices::new().route(Method::GET, "/echo", PRICE),
+                tip_rx,
+            )
+            .forward_payment_header(true),
+        );
+    let forwarding = common::http::serve(forwarding).await;
+    let better = api.pay(1_500);
+    for left in [750_000, 500_000] {
+        let seen = get_with(&forwarding, "/echo", Some(&better)).await;
+        assert_eq!(seen.body, "header seen: true");
+        assert_eq!(balance(&seen), left);
+    }
+
     let before = api.record().await;
     let mut padded = api.setup.pay(2_000);
     padded.input[0].script_sig = bitcoin::ScriptBuf::from_bytes(vec![0x00]);

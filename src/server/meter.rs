@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response};
+use http::{HeaderName, HeaderValue, Request, Response};
 use http_body::Body as HttpBody;
 use http_body_util::BodyExt;
 use tokio::sync::watch;
@@ -32,6 +32,33 @@ use crate::wire::{
     PAYMENT_RECEIPT, PAYMENT_RECEIPT_PREV, PaymentAnswer, Problem, Receipt,
 };
 
+/// The header names of the per-request path, parsed once (a `&str` name is parsed and checked
+/// on every use).
+const CHANNEL_HEADER: HeaderName = HeaderName::from_static(PAYMENT_CHANNEL);
+const BALANCE_HEADER: HeaderName = HeaderName::from_static(PAYMENT_CHANNEL_BALANCE);
+
+/// A verified `Payment-Channel` header value, as the fast-path cache's key. Equal when the
+/// whole values are equal; hashed over the value's length and its last [`Self::HASHED`] bytes
+/// only: the base64 of a payment ends with the client's signature (its last ~32 bytes) and
+/// the lock time, which no two payments share. Hashing all of a 250-byte header was a tenth
+/// of the layer's own cost per request. Keys that agree on the hashed bytes would merely share
+/// a bucket (the hasher is keyed; entries are only ever verified payments, at most one per
+/// channel).
+#[derive(PartialEq, Eq, Clone)]
+pub(super) struct VerifiedHeader(HeaderValue);
+
+impl VerifiedHeader {
+    const HASHED: usize = 48;
+}
+
+impl std::hash::Hash for VerifiedHeader {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let bytes = self.0.as_bytes();
+        state.write_usize(bytes.len());
+        state.write(&bytes[bytes.len().saturating_sub(Self::HASHED)..]);
+    }
+}
+
 /// The meter behind [`Paywall`](super::Paywall): prices a request, identifies its channel,
 /// stores a better payment and debits the price in one atomic store operation, and credits
 /// back what the inner service did not use. It owns the store, the chain tip and the
@@ -47,9 +74,9 @@ pub(super) struct Meter<St, P> {
     /// server. A verified payment stays a valid proof of its channel forever, so a hit skips
     /// decoding and verification; the atomic debit still enforces the balance and the
     /// channel's state.
-    pub(super) verified: dashmap::DashMap<http::HeaderValue, (ChannelId, MilliSats)>,
+    pub(super) verified: dashmap::DashMap<VerifiedHeader, (ChannelId, MilliSats)>,
     /// The header cached for each channel (one per channel: a new best replaces the old).
-    pub(super) latest: dashmap::DashMap<crate::wire::ChannelId, http::HeaderValue>,
+    pub(super) latest: dashmap::DashMap<crate::wire::ChannelId, VerifiedHeader>,
     /// Whether the inner service sees the `Payment-Channel` header.
     pub(super) forward_payment_header: bool,
     /// Shadow mode: price, count and serve without asking for payment.
@@ -154,117 +181,138 @@ pub(super) const VERIFIED_CACHE_LIMIT: usize = 100_000;
 impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
     /// Charges `price` for `request`, runs `inner` on it if paid, and credits back what a
     /// 5xx or a handler's [`ActualCost`] gives back.
-    pub(super) async fn serve<S, ReqBody, ResBody>(
+    ///
+    /// Not an `async fn`: one's `mut` parameters are copied into its future twice, and the
+    /// future of every paid request is moved into a box; the block mutates the captures.
+    #[allow(clippy::manual_async_fn, reason = "an async fn's future is larger (see above)")]
+    pub(super) fn serve<S, ReqBody, ResBody>(
         self: Arc<Self>,
         mut inner: S,
         mut request: Request<ReqBody>,
         price: MilliSats,
-    ) -> Result<Response<ResBody>, S::Error>
+    ) -> impl Future<Output = Result<Response<ResBody>, S::Error>>
     where
         S: Service<Request<ReqBody>, Response = Response<ResBody>>,
         ResBody: HttpBody<Data = Bytes> + From<String> + From<Bytes>,
         ResBody::Error: Into<BoxError>,
     {
-        // Taken out so that the request (whose body need not be `Sync`) is not borrowed
-        // across an await.
-        let header = request.headers().get(PAYMENT_CHANNEL).cloned();
-        let (claim, target) = {
-            // The path the client sent: axum's `nest` strips its prefix from the URI the
-            // layer sees and keeps the original.
-            let uri = request
-                .extensions()
-                .get::<axum::extract::OriginalUri>()
-                .map_or(request.uri(), |original| &original.0);
-            let path = uri.path_and_query().map_or("/", |p| p.as_str());
-            let claim = match self.idempotency.as_ref().map(|keep| keep.claim(&request, path)) {
-                Some(Err(kind)) => {
-                    return Ok(Rejection::new(kind, None).into_response(&self.terms_url));
-                }
-                Some(Ok(claim)) => claim,
-                None => None,
+        async move {
+            // Out of the request, which (its body need not be `Sync`) is not borrowed across an
+            // await. A bearer proof of the channel: unless told to forward it, the inner service
+            // (a proxy, a logger) has no business with it, so it is taken out rather than copied.
+            let header = if self.forward_payment_header {
+                request.headers().get(CHANNEL_HEADER).cloned()
+            } else {
+                request.headers_mut().remove(CHANNEL_HEADER)
             };
-            let target = self.signer.is_some().then(|| Target {
-                method: request.method().clone(),
-                path: path.to_owned(),
-                // A malformed link is no link: the client sees the receipt unlinked.
-                prev: request
-                    .headers()
-                    .get(PAYMENT_RECEIPT_PREV)
-                    .and_then(|value| Vec::<u8>::from_hex(value.to_str().ok()?).ok())
-                    .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok()),
-            });
-            (claim, target)
-        };
-        let (paid, carried) = match self.charge(header, price, claim.as_ref()).await {
-            Ok(Charged::Paid(paid, carried)) => (paid, carried),
-            Ok(Charged::Held(record)) => return Ok(self.held(&record, claim.as_ref())),
-            Err(rejection) => return Ok(rejection.into_response(&self.terms_url)),
-        };
-        // A claim whose request is dropped (the client went away) or fails before it is
-        // finished is marked served but not kept: its retry is refused, never charged again.
-        let mut unfinished =
-            claim.as_ref().zip(self.idempotency.as_ref()).map(|(claim, keep)| Unfinished {
-                store: Arc::clone(&self.store),
-                channel: paid.channel,
-                key: Some(claim.key.clone()),
-                until: keep.keep_until(),
-            });
-        let stream =
-            StreamMeter::new(self.clone(), paid.channel, self.stream_hold, target.clone(), price);
-        request.extensions_mut().insert(paid);
-        request.extensions_mut().insert(stream.clone());
-        if !self.forward_payment_header {
-            // A bearer proof of the channel: the inner service (a proxy, a logger) has no
-            // business with it.
-            request.headers_mut().remove(PAYMENT_CHANNEL);
-        }
-        let mut response = inner.call(request).await?;
-        let give_back = if self.refund_server_errors && response.status().is_server_error() {
-            price
-        } else {
-            response
-                .extensions()
-                .get::<ActualCost>()
-                .map_or(MilliSats::ZERO, |ActualCost(cost)| price.saturating_sub(*cost))
-        };
-        // Units the handler charged through the stream meter before answering count too.
-        let extra = stream.charged().saturating_sub(price);
-        let (mut balance, mut charged) = (paid.balance, price.saturating_add(extra));
-        if give_back > MilliSats::ZERO {
-            // If the store fails here the client stays charged for this request; the
-            // channel's money is safe either way.
-            if let Ok(after) = self.store.credit(paid.channel, give_back).await {
-                balance = after;
-                charged = charged.saturating_sub(give_back);
-            }
-        } else if extra > MilliSats::ZERO
-            && let Ok(Some(record)) = self.store.load(paid.channel).await
-        {
-            balance = record.unspent();
-        }
-        let headers = response.headers_mut();
-        headers.insert(PAYMENT_CHANNEL_BALANCE, HeaderValue::from(balance.to_msat()));
-        if let Some(unit) = stream.stream_header() {
-            headers.insert(PAYMENT_CHANNEL_STREAM, unit);
-        }
-        if let Some(target) = target {
-            let receipt = target.receipt(paid.channel, charged, carried, balance);
-            if let Some(signed) = self.sign(receipt).await
-                && let Ok(value) = HeaderValue::try_from(signed.encode())
-            {
-                headers.insert(PAYMENT_RECEIPT, value);
-            }
-        }
-        match claim {
-            Some(claim) => {
-                let streamed = stream.stream_header().is_some();
-                let kept = self.keep(paid.channel, &claim, response, charged, streamed).await;
-                if let Some(unfinished) = &mut unfinished {
-                    unfinished.key = None;
+            let (claim, target) = {
+                // The path the client sent: axum's `nest` strips its prefix from the URI the
+                // layer sees and keeps the original.
+                let uri = request
+                    .extensions()
+                    .get::<axum::extract::OriginalUri>()
+                    .map_or(request.uri(), |original| &original.0);
+                let path = uri.path_and_query().map_or("/", |p| p.as_str());
+                let claim = match self.idempotency.as_ref().map(|keep| keep.claim(&request, path)) {
+                    Some(Err(kind)) => {
+                        return Ok(Rejection::new(kind, None).into_response(&self.terms_url));
+                    }
+                    // Boxed, as the target and the unfinished claim below: they are rare, and the
+                    // future of every paid request stays small.
+                    Some(Ok(claim)) => claim.map(Box::new),
+                    None => None,
+                };
+                let target = self.signer.is_some().then(|| {
+                    Box::new(Target {
+                        method: request.method().clone(),
+                        path: path.to_owned(),
+                        // A malformed link is no link: the client sees the receipt unlinked.
+                        prev: request
+                            .headers()
+                            .get(PAYMENT_RECEIPT_PREV)
+                            .and_then(|value| Vec::<u8>::from_hex(value.to_str().ok()?).ok())
+                            .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok()),
+                    })
+                });
+                (claim, target)
+            };
+            let (paid, carried) = match self.charge(header, price, claim.as_deref()).await {
+                Ok(Charged::Paid(paid, carried)) => (paid, carried),
+                Ok(Charged::Held(record)) => return Ok(self.held(&record, claim.as_deref())),
+                Err(rejection) => return Ok(rejection.into_response(&self.terms_url)),
+            };
+            // A claim whose request is dropped (the client went away) or fails before it is
+            // finished is marked served but not kept: its retry is refused, never charged again.
+            let mut unfinished =
+                claim.as_ref().zip(self.idempotency.as_ref()).map(|(claim, keep)| {
+                    Box::new(Unfinished {
+                        store: Arc::clone(&self.store),
+                        channel: paid.channel,
+                        key: Some(claim.key.clone()),
+                        until: keep.keep_until(),
+                    })
+                });
+            let stream = StreamMeter::new(
+                self.clone(),
+                paid.channel,
+                self.stream_hold,
+                target.as_deref().cloned(),
+                price,
+            );
+            request.extensions_mut().insert(paid);
+            request.extensions_mut().insert(stream.clone());
+            let mut response = inner.call(request).await?;
+            let give_back = if self.refund_server_errors && response.status().is_server_error() {
+                price
+            } else {
+                response
+                    .extensions()
+                    .get::<ActualCost>()
+                    .map_or(MilliSats::ZERO, |ActualCost(cost)| price.saturating_sub(*cost))
+            };
+            // Units the handler charged through the stream meter before answering count too.
+            let extra = stream.charged().saturating_sub(price);
+            let (mut balance, mut charged) = (paid.balance, price.saturating_add(extra));
+            if give_back > MilliSats::ZERO {
+                // If the store fails here the client stays charged for this request; the
+                // channel's money is safe either way.
+                // Rare paths are boxed (here and below): the future of every paid request stays
+                // small, which the fast path pays for in copies.
+                if let Ok(after) = Box::pin(self.store.credit(paid.channel, give_back)).await {
+                    balance = after;
+                    charged = charged.saturating_sub(give_back);
                 }
-                Ok(kept)
+            } else if extra > MilliSats::ZERO
+                && let Ok(Some(record)) = Box::pin(self.store.load(paid.channel)).await
+            {
+                balance = record.unspent();
             }
-            None => Ok(response),
+            let headers = response.headers_mut();
+            headers.insert(BALANCE_HEADER, HeaderValue::from(balance.to_msat()));
+            if let Some(unit) = stream.stream_header() {
+                headers.insert(PAYMENT_CHANNEL_STREAM, unit);
+            }
+            if let Some(target) = target {
+                let receipt = target.receipt(paid.channel, charged, carried, balance);
+                if let Some(signed) = Box::pin(self.sign(receipt)).await
+                    && let Ok(value) = HeaderValue::try_from(signed.encode())
+                {
+                    headers.insert(PAYMENT_RECEIPT, value);
+                }
+            }
+            match claim {
+                Some(claim) => {
+                    let streamed = stream.stream_header().is_some();
+                    let kept =
+                        Box::pin(self.keep(paid.channel, &claim, response, charged, streamed))
+                            .await;
+                    if let Some(unfinished) = &mut unfinished {
+                        unfinished.key = None;
+                    }
+                    Ok(kept)
+                }
+                None => Ok(response),
+            }
         }
     }
 
@@ -396,9 +444,34 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
             Rejection::new(kind, record.map(|r| r.snapshot(price, self.bundle))).with_price(price)
         };
         let header = header.ok_or_else(|| reject(RejectionKind::PaymentRequired, None))?;
-        if let Some((id, carried)) = self.verified.get(&header).map(|entry| *entry) {
-            return self.debit(id, price, None, claim, carried).await;
+        let header = VerifiedHeader(header);
+        let Some((id, carried)) = self.verified.get(&header).map(|entry| *entry) else {
+            // Boxed, as every path but the fast one below: the future of every paid request
+            // stays small (a few hundred bytes rather than a few kilobytes to copy).
+            return Box::pin(self.charge_new(header.0, price, claim)).await;
+        };
+        if claim.is_some() {
+            return Box::pin(self.debit(id, price, None, claim, carried)).await;
         }
+        // The fast path: a verified header, one atomic debit.
+        let debit = self.store.debit(id, price).await;
+        if let Ok(Debit::Debited { balance }) = debit {
+            return Ok(Charged::Paid(Paid { channel: id, price, balance, shadow: false }, carried));
+        }
+        Ok(Charged::Paid(Box::pin(self.debited(id, price, debit, None)).await?, carried))
+    }
+
+    /// [`charge`](Self::charge) for a header that is not a cached, verified payment: decodes
+    /// and checks it, and stores it if it is a better payment.
+    async fn charge_new(
+        &self,
+        header: HeaderValue,
+        price: MilliSats,
+        claim: Option<&IdempotencyClaim>,
+    ) -> Result<Charged, Rejection> {
+        let reject = |kind, record: Option<&ChannelRecord>| {
+            Rejection::new(kind, record.map(|r| r.snapshot(price, self.bundle))).with_price(price)
+        };
         let payment = wire::decode_payment(header.as_bytes())
             .map_err(|e| reject(RejectionKind::Header(e), None))?;
         let outpoint =
@@ -470,6 +543,7 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
     /// Caches `header` as the channel's verified best, in place of its previous best: at most
     /// one header per channel, so no client can crowd the others out.
     fn remember(&self, id: ChannelId, header: HeaderValue, carried: MilliSats) {
+        let header = VerifiedHeader(header);
         if self.verified.len() >= VERIFIED_CACHE_LIMIT {
             self.verified.clear();
             self.latest.clear();
@@ -519,8 +593,10 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
             Debit::NotOpen { state: ChannelState::Pending } => RejectionKind::ChannelPending,
             Debit::NotOpen { state } => RejectionKind::ChannelNotOpen(state),
         };
-        let record =
-            self.store.load(id).await.map_err(|e| Rejection::from(e).with_price(price))?.or(record);
+        let record = Box::pin(self.store.load(id))
+            .await
+            .map_err(|e| Rejection::from(e).with_price(price))?
+            .or(record);
         Err(Rejection::new(kind, record.map(|r| r.snapshot(price, self.bundle))).with_price(price))
     }
 }
