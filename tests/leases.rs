@@ -360,3 +360,136 @@ async fn a_refund_while_a_settlement_is_unknown_is_kept() {
     let record = memory.load(id).await.unwrap().unwrap();
     assert_eq!((record.spent, record.leased), (MilliSats::ZERO, MilliSats::ZERO), "refunded");
 }
+
+/// A lease operation whose task panics (a store bug; the same holds for a runtime shutting
+/// down under it) leaves nothing in flight: what it was settling is settled by the next
+/// operation, and a refund meanwhile is given back after it. Exact to the msat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_lease_operation_leaves_nothing_in_flight() {
+    use common::hooked::{Hooked, Op};
+    use std::sync::atomic::AtomicBool;
+    let memory = MemoryStore::new();
+    let panics = Arc::new(AtomicBool::new(false));
+    let panicking = panics.clone();
+    let store = Hooked::new(memory.clone(), move |op| {
+        let panic = op == Op::Lease && panicking.load(Ordering::SeqCst);
+        Box::pin(async move {
+            assert!(!panic, "a store bug (expected by this test)");
+            Ok(())
+        })
+    });
+    let setup = Setup::with(19, 2, Terms::default(), None);
+    let id = open(&memory, &setup, 10_000).await;
+    let node = Leased::with_config(store, config());
+    let mut served = MilliSats::ZERO;
+    for _ in 0..3 {
+        assert!(matches!(node.debit(id, PRICE).await.unwrap(), Debit::Debited { .. }));
+        served = served.saturating_add(PRICE);
+    }
+    panics.store(true, Ordering::SeqCst);
+    assert!(node.debit(id, PRICE.checked_mul(10).unwrap()).await.is_err(), "the task panicked");
+    panics.store(false, Ordering::SeqCst);
+    // One of the served requests failed after all: its price is given back.
+    node.credit(id, PRICE).await.unwrap();
+    served = served.checked_sub(PRICE).unwrap();
+    for _ in 0..2 {
+        assert!(matches!(node.debit(id, PRICE).await.unwrap(), Debit::Debited { .. }));
+        served = served.saturating_add(PRICE);
+    }
+    assert_eq!(node.return_all().await, 0);
+    let record = memory.load(id).await.unwrap().unwrap();
+    assert_eq!(
+        (record.spent, record.leased, record.forfeited),
+        (served, MilliSats::ZERO, MilliSats::ZERO),
+        "the lease the panicked operation was settling is settled, the refund given back"
+    );
+}
+
+/// Settling a lease and a take of unknown outcome takes two store operations; when the
+/// first succeeds and the second fails, the next attempt finishes the job, and nothing is
+/// counted twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settlement_half_done_is_finished_by_the_next() {
+    use common::hooked::{Hooked, Op};
+    use std::sync::atomic::AtomicUsize;
+    let memory = MemoryStore::new();
+    // Lease operations fail while `fail_from` ≤ their number (counted from 1).
+    let (count, fail_from) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (counting, failing) = (count.clone(), fail_from.clone());
+    let store = Hooked::failing(memory.clone(), move |op| {
+        if op != Op::Lease {
+            return false;
+        }
+        let n = counting.fetch_add(1, Ordering::SeqCst) + 1;
+        let from = failing.load(Ordering::SeqCst);
+        from != 0 && n >= from
+    });
+    let setup = Setup::with(20, 2, Terms::default(), None);
+    let id = open(&memory, &setup, 10_000).await;
+    let node = Leased::with_config(store, config());
+    let mut served = MilliSats::ZERO;
+    for _ in 0..3 {
+        assert!(matches!(node.debit(id, PRICE).await.unwrap(), Debit::Debited { .. }));
+        served = served.saturating_add(PRICE);
+    }
+    // A refill that fails before the store applies it: a live lease to settle, and a take
+    // of unknown outcome.
+    fail_from.store(count.load(Ordering::SeqCst) + 1, Ordering::SeqCst);
+    assert!(node.debit(id, PRICE.checked_mul(10).unwrap()).await.is_err());
+    // Giving back: the settlement goes through, the take's does not.
+    fail_from.store(count.load(Ordering::SeqCst) + 2, Ordering::SeqCst);
+    assert_eq!(node.return_all().await, 1, "half done");
+    let record = memory.load(id).await.unwrap().unwrap();
+    assert_eq!((record.spent, record.leased), (served, MilliSats::ZERO), "the first half");
+    fail_from.store(0, Ordering::SeqCst);
+    assert_eq!(node.return_all().await, 0);
+    let Debit::Debited { balance } = node.debit(id, PRICE).await.unwrap() else { panic!() };
+    served = served.saturating_add(PRICE);
+    assert_eq!(
+        balance,
+        MilliSats::from_msat(10_000_000).checked_sub(served).unwrap(),
+        "the balance counts the settled lease once"
+    );
+    assert_eq!(node.return_all().await, 0);
+    let record = memory.load(id).await.unwrap().unwrap();
+    assert_eq!(
+        (record.spent, record.leased, record.forfeited),
+        (served, MilliSats::ZERO, MilliSats::ZERO)
+    );
+}
+
+/// A take whose reply was lost (the store granted it) is retried under the same id; when
+/// that retry is refused (the balance does not cover the request), the unheard grant is
+/// still given back, unused, by the next operation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_retake_still_gives_the_unheard_grant_back() {
+    use common::hooked::{Hooked, Op};
+    use std::sync::atomic::AtomicBool;
+    let memory = MemoryStore::new();
+    let lose = Arc::new(AtomicBool::new(false));
+    let losing = lose.clone();
+    let store = Hooked::new(memory.clone(), |_| Box::pin(std::future::ready(Ok(()))))
+        .losing_replies(move |op| op == Op::Lease && losing.load(Ordering::SeqCst));
+    let setup = Setup::with(21, 2, Terms::default(), None);
+    let id = open(&memory, &setup, 10_000).await;
+    let node = Leased::with_config(store, config());
+    let mut served = MilliSats::ZERO;
+    for _ in 0..3 {
+        assert!(matches!(node.debit(id, PRICE).await.unwrap(), Debit::Debited { .. }));
+        served = served.saturating_add(PRICE);
+    }
+    lose.store(true, Ordering::SeqCst);
+    assert!(node.debit(id, PRICE.checked_mul(10).unwrap()).await.is_err(), "reply lost");
+    lose.store(false, Ordering::SeqCst);
+    let granted = memory.load(id).await.unwrap().unwrap().leased;
+    assert!(granted >= PRICE.checked_mul(10).unwrap(), "the store granted it: {granted}");
+    let too_much = MilliSats::from_msat(20_000_000);
+    assert!(matches!(node.debit(id, too_much).await.unwrap(), Debit::Insufficient { .. }));
+    assert_eq!(node.return_all().await, 0);
+    let record = memory.load(id).await.unwrap().unwrap();
+    assert_eq!(
+        (record.spent, record.leased, record.forfeited),
+        (served, MilliSats::ZERO, MilliSats::ZERO),
+        "the unheard grant was given back, unused"
+    );
+}

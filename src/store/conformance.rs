@@ -116,6 +116,8 @@ pub async fn run<S: ChannelStore>(store: Arc<S>, prefix: u8) {
     leases_count_in_a_fair_close(&*store, &fx).await;
     lapsed_leases_are_forfeited(&*store, &fx).await;
     a_repeated_take_adds_to_its_lease(&*store, &fx).await;
+    leased_and_forfeited_money_is_not_paid_for_again(&*store, &fx).await;
+    a_lease_settles_after_the_close(&*store, &fx).await;
     racing_leases_and_debits_never_overspend(store.clone(), &fx).await;
     key_indexes_are_unique(store).await;
 }
@@ -263,6 +265,71 @@ async fn a_repeated_take_adds_to_its_lease<S: ChannelStore>(store: &S, fx: &Fixt
     assert_eq!(settled, granted_lease(MilliSats::ZERO, 5_000, msat(100)));
     let loaded = store.load(id).await.expect("load").expect("exists");
     assert_eq!((loaded.leased, loaded.spent), (MilliSats::ZERO, msat(100)), "settled at once");
+}
+
+/// `pay` and `debit_once` draw on the balance as `debit` does: what nodes hold in leases and
+/// what dead nodes forfeited is not there to be debited.
+async fn leased_and_forfeited_money_is_not_paid_for_again<S: ChannelStore>(
+    store: &S,
+    fx: &Fixture,
+) {
+    let channel = fx.at_height(25, 900_000);
+    let record = fx.record(channel.clone(), 5_000);
+    let id = record.id();
+    store.create(record).await.expect("create");
+    let (dead, live) = (u64::from(fx.prefix) << 56 | 7, u64::from(fx.prefix) << 56 | 8);
+    let now = now_ms();
+    let lapsed = LeaseTake::new(LeaseId::new(dead), msat(500), msat(500), now.saturating_sub(1));
+    let granted = store.lease(id, LeaseRequest::take(lapsed)).await;
+    assert_eq!(granted, granted_lease(msat(500), 5_000, MilliSats::ZERO));
+    assert_eq!(store.expire_leases(now).await.expect("expire"), msat(500));
+    let granted = store.lease(id, LeaseRequest::take(take(live, 1, 1_000_000))).await;
+    assert_eq!(granted, granted_lease(msat(1_000), 5_000, MilliSats::ZERO));
+    // Paid 6 000 sat, of which 500 forfeited and 1 000 leased: 4 500 free.
+    let better = fx.checked(&channel, 6_000);
+    assert_eq!(
+        store.pay(id, better, msat(4_501)).await,
+        Ok(Debit::Insufficient { balance: msat(6_000) }),
+        "a payment's debit does not draw on leased or forfeited money"
+    );
+    let over = store.debit_once(id, msat(4_501), &claim("lease-k1", 1, 60_000)).await;
+    assert_eq!(over, Ok(DebitOnce::Debit(Debit::Insufficient { balance: msat(6_000) })));
+    let exact = store.debit_once(id, msat(4_500), &claim("lease-k2", 1, 60_000)).await;
+    assert_eq!(exact, Ok(DebitOnce::Debit(Debit::Debited { balance: msat(1_500) })));
+    let loaded = store.load(id).await.expect("load").expect("exists");
+    assert_eq!(
+        (loaded.spent, loaded.leased, loaded.forfeited, loaded.balance()),
+        (msat(4_500), msat(1_000), msat(500), MilliSats::ZERO),
+        "the refused debits changed nothing; the claimed one spent all that was free"
+    );
+}
+
+/// A node may settle its lease after another node closed the channel (the close covered the
+/// lease): the settlement is applied, and the lease's unused part is free again for nothing
+/// more to be debited from.
+async fn a_lease_settles_after_the_close<S: ChannelStore>(store: &S, fx: &Fixture) {
+    let channel = fx.at_height(26, 900_000);
+    let record = fx.record(channel.clone(), 5_000);
+    let id = record.id();
+    store.create(record).await.expect("create");
+    let lease = LeaseId::new(u64::from(fx.prefix) << 56 | 9);
+    let granted = store.lease(id, LeaseRequest::take(take(lease.get(), 1, 1_000_000))).await;
+    assert_eq!(granted, granted_lease(msat(1_000), 5_000, MilliSats::ZERO));
+    assert_eq!(store.debit(id, msat(1_000)).await, Ok(Debit::Debited { balance: msat(4_000) }));
+    assert_eq!(store.close_with(id, fx.checked(&channel, 2_000)).await, Ok(true));
+    let settled = store.lease(id, LeaseRequest::settle(lease, msat(400))).await;
+    assert_eq!(settled, granted_lease(MilliSats::ZERO, 2_000, msat(1_400)), "applied");
+    let loaded = store.load(id).await.expect("load").expect("exists");
+    assert_eq!(
+        (loaded.state, loaded.spent, loaded.leased, loaded.paid_amount()),
+        (ChannelState::Closing, msat(1_400), MilliSats::ZERO, Amount::from_sat(2_000)),
+        "settled while closing; the close's payment stands"
+    );
+    assert_eq!(
+        store.debit(id, msat(1)).await,
+        Ok(Debit::NotOpen { state: ChannelState::Closing }),
+        "nothing more is debited"
+    );
 }
 
 async fn racing_leases_and_debits_never_overspend<S: ChannelStore>(store: Arc<S>, fx: &Fixture) {

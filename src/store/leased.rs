@@ -282,6 +282,33 @@ impl Local {
     }
 }
 
+/// A store operation on a slot's lease in flight ([`Local::begin`]) until it is
+/// [`done`](Self::done). Dropped before that (the task panicked, or the runtime shut down
+/// under it), the operation counts as failed ([`Local::failed`]): nothing is drawn from what
+/// it was settling or taking, and the next operation settles both. The slot is never left
+/// busy, which would keep the sweep from settling it and park refunds for good.
+struct InFlight<'a> {
+    slot: &'a Slot,
+    settle: Option<(LeaseId, MilliSats)>,
+    take: Option<LeaseId>,
+    done: bool,
+}
+
+impl InFlight<'_> {
+    /// The operation ended (and its outcome is written into the slot).
+    fn done(mut self) {
+        self.done = true;
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.slot.local().failed(self.settle, self.take);
+        }
+    }
+}
+
 impl<S: ChannelStore> Leased<S> {
     /// Wraps `store` with the default [`LeaseConfig`].
     pub fn new(store: S) -> Self {
@@ -412,6 +439,7 @@ impl<S: ChannelStore> Inner<S> {
             old.want(amount, &self.config, now),
             now_ms().saturating_add(ttl),
         );
+        let in_flight = InFlight { slot, settle, take: Some(take.id), done: false };
         let request = match settle {
             Some((lease, used)) => LeaseRequest::take(take).and_settle(lease, used),
             None => LeaseRequest::take(take),
@@ -430,6 +458,8 @@ impl<S: ChannelStore> Inner<S> {
                 Ok(lease) => lease,
                 Err(error) => {
                     local.failed(settle, Some(take.id));
+                    drop(local);
+                    in_flight.done();
                     return Err(error);
                 }
             };
@@ -462,6 +492,7 @@ impl<S: ChannelStore> Inner<S> {
             };
             (outcome, owed)
         };
+        in_flight.done();
         self.give_back(id, slot, owed).await;
         Ok(outcome)
     }
@@ -506,11 +537,15 @@ impl<S: ChannelStore> Inner<S> {
             let mut local = slot.local();
             (local.begin(), local.retake)
         };
+        let in_flight = InFlight { slot, settle, take: retake, done: false };
+        // Two operations when both are pending: if the second fails, the first is settled
+        // again by the next attempt (settling a settled lease changes nothing).
         for (lease, used) in settle.into_iter().chain(retake.map(|lease| (lease, MilliSats::ZERO)))
         {
             let settled = self.bounded(self.store.lease(id, LeaseRequest::settle(lease, used)));
             if let Err(error) = settled.await {
                 slot.local().failed(settle, retake);
+                in_flight.done();
                 return Err(error);
             }
         }
@@ -525,6 +560,7 @@ impl<S: ChannelStore> Inner<S> {
             };
             owed
         };
+        in_flight.done();
         self.give_back(id, slot, owed).await;
         Ok(())
     }
