@@ -5,7 +5,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 #[allow(unused_imports)]
@@ -31,6 +31,39 @@ async fn open<S: ChannelStore>(store: &S, setup: &Setup, sat: u64) -> ChannelId 
 
 fn config() -> LeaseConfig {
     LeaseConfig::default().max_lease(MAX_LEASE).idle(Duration::from_secs(60))
+}
+
+/// A node over `store` (a hook around `memory`), and a fresh channel in `memory` whose best
+/// payment pays 10 000 sat.
+async fn hooked_node(
+    memory: &MemoryStore,
+    store: common::hooked::Hooked,
+    seed: u8,
+) -> (ChannelId, Leased<common::hooked::Hooked>) {
+    let setup = Setup::with(seed, 2, Terms::default(), None);
+    let id = open(memory, &setup, 10_000).await;
+    (id, Leased::with_config(store, config()))
+}
+
+/// `memory` behind a hook that loses the replies of lease operations (after the store applied
+/// them) while the flag is set.
+fn losing_leases(memory: &MemoryStore) -> (common::hooked::Hooked, Arc<AtomicBool>) {
+    use common::hooked::{Hooked, Op};
+    let lose = Arc::new(AtomicBool::new(false));
+    let losing = lose.clone();
+    let store = Hooked::new(memory.clone(), |_| Box::pin(std::future::ready(Ok(()))))
+        .losing_replies(move |op| op == Op::Lease && losing.load(Ordering::SeqCst));
+    (store, lose)
+}
+
+/// Debits `PRICE` `times` times from `node`, each served: what they add up to.
+async fn serve<S: ChannelStore>(node: &Leased<S>, id: ChannelId, times: u64) -> MilliSats {
+    let mut served = MilliSats::ZERO;
+    for _ in 0..times {
+        assert!(matches!(node.debit(id, PRICE).await.unwrap(), Debit::Debited { .. }));
+        served = served.saturating_add(PRICE);
+    }
+    served
 }
 
 /// Debits `PRICE` `rounds` times from each of `tasks` tasks, each task alternating between
@@ -213,22 +246,11 @@ async fn leases_on_redis() {
 /// what is spent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_reply_never_lets_a_node_serve_from_a_settled_lease() {
-    use common::hooked::{Hooked, Op};
-    use std::sync::atomic::AtomicBool;
     let memory = MemoryStore::new();
-    let lose = Arc::new(AtomicBool::new(false));
-    let losing = lose.clone();
-    let store = Hooked::new(memory.clone(), |_| Box::pin(std::future::ready(Ok(()))))
-        .losing_replies(move |op| op == Op::Lease && losing.load(Ordering::SeqCst));
-    let setup = Setup::with(15, 2, Terms::default(), None);
-    let id = open(&memory, &setup, 10_000).await;
-    let node = Leased::with_config(store, config());
-    let mut served = MilliSats::ZERO;
+    let (store, lose) = losing_leases(&memory);
+    let (id, node) = hooked_node(&memory, store, 15).await;
     // A first lease of one request, then one sized by the rate: several requests' worth.
-    for _ in 0..3 {
-        assert!(matches!(node.debit(id, PRICE).await.unwrap(), Debit::Debited { .. }));
-        served = served.saturating_add(PRICE);
-    }
+    let mut served = serve(&node, id, 3).await;
     let (held, used) = node.held();
     assert!(held.checked_sub(used).unwrap() >= PRICE, "the lease has room: {held} {used}");
     // A request bigger than the room: the lease is settled and a new one taken, in the store;
@@ -238,10 +260,7 @@ async fn a_lost_reply_never_lets_a_node_serve_from_a_settled_lease() {
     assert!(node.debit(id, big).await.is_err(), "the reply was lost");
     lose.store(false, Ordering::SeqCst);
     assert_eq!(node.held(), (MilliSats::ZERO, MilliSats::ZERO), "nothing is drawn from it again");
-    for _ in 0..3 {
-        assert!(matches!(node.debit(id, PRICE).await.unwrap(), Debit::Debited { .. }));
-        served = served.saturating_add(PRICE);
-    }
+    served = served.saturating_add(serve(&node, id, 3).await);
     assert_eq!(node.return_all().await, 0);
     let record = memory.load(id).await.unwrap().unwrap();
     assert_eq!(
@@ -256,7 +275,6 @@ async fn a_lost_reply_never_lets_a_node_serve_from_a_settled_lease() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_refill_and_a_refund_meanwhile_lose_nothing() {
     use common::hooked::{Hooked, Op};
-    use std::sync::atomic::AtomicBool;
     let memory = MemoryStore::new();
     let slow = Arc::new(AtomicBool::new(false));
     let slowed = slow.clone();
@@ -269,9 +287,7 @@ async fn a_cancelled_refill_and_a_refund_meanwhile_lose_nothing() {
             Ok(())
         })
     });
-    let setup = Setup::with(16, 2, Terms::default(), None);
-    let id = open(&memory, &setup, 10_000).await;
-    let node = Leased::with_config(store, config());
+    let (id, node) = hooked_node(&memory, store, 16).await;
     assert!(matches!(node.debit(id, PRICE).await.unwrap(), Debit::Debited { .. }));
     let record = memory.load(id).await.unwrap().unwrap();
     assert_eq!(record.spent, MilliSats::ZERO, "the debit is in the lease, not yet in the store");
@@ -340,16 +356,13 @@ async fn balances_reported_from_a_lease_count_top_ups() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refund_while_a_settlement_is_unknown_is_kept() {
     use common::hooked::{Hooked, Op};
-    use std::sync::atomic::AtomicBool;
     let memory = MemoryStore::new();
     let fail = Arc::new(AtomicBool::new(false));
     let failing = fail.clone();
     let store = Hooked::failing(memory.clone(), move |op| {
         op == Op::Lease && failing.load(Ordering::SeqCst)
     });
-    let setup = Setup::with(18, 2, Terms::default(), None);
-    let id = open(&memory, &setup, 10_000).await;
-    let node = Leased::with_config(store, config());
+    let (id, node) = hooked_node(&memory, store, 18).await;
     assert!(matches!(node.debit(id, PRICE).await.unwrap(), Debit::Debited { .. }));
     fail.store(true, Ordering::SeqCst);
     assert!(node.debit(id, PRICE.checked_mul(10).unwrap()).await.is_err());
@@ -367,7 +380,6 @@ async fn a_refund_while_a_settlement_is_unknown_is_kept() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_lease_operation_leaves_nothing_in_flight() {
     use common::hooked::{Hooked, Op};
-    use std::sync::atomic::AtomicBool;
     let memory = MemoryStore::new();
     let panics = Arc::new(AtomicBool::new(false));
     let panicking = panics.clone();
@@ -378,24 +390,15 @@ async fn a_panicking_lease_operation_leaves_nothing_in_flight() {
             Ok(())
         })
     });
-    let setup = Setup::with(19, 2, Terms::default(), None);
-    let id = open(&memory, &setup, 10_000).await;
-    let node = Leased::with_config(store, config());
-    let mut served = MilliSats::ZERO;
-    for _ in 0..3 {
-        assert!(matches!(node.debit(id, PRICE).await.unwrap(), Debit::Debited { .. }));
-        served = served.saturating_add(PRICE);
-    }
+    let (id, node) = hooked_node(&memory, store, 19).await;
+    let mut served = serve(&node, id, 3).await;
     panics.store(true, Ordering::SeqCst);
     assert!(node.debit(id, PRICE.checked_mul(10).unwrap()).await.is_err(), "the task panicked");
     panics.store(false, Ordering::SeqCst);
     // One of the served requests failed after all: its price is given back.
     node.credit(id, PRICE).await.unwrap();
     served = served.checked_sub(PRICE).unwrap();
-    for _ in 0..2 {
-        assert!(matches!(node.debit(id, PRICE).await.unwrap(), Debit::Debited { .. }));
-        served = served.saturating_add(PRICE);
-    }
+    served = served.saturating_add(serve(&node, id, 2).await);
     assert_eq!(node.return_all().await, 0);
     let record = memory.load(id).await.unwrap().unwrap();
     assert_eq!(
@@ -424,14 +427,8 @@ async fn a_settlement_half_done_is_finished_by_the_next() {
         let from = failing.load(Ordering::SeqCst);
         from != 0 && n >= from
     });
-    let setup = Setup::with(20, 2, Terms::default(), None);
-    let id = open(&memory, &setup, 10_000).await;
-    let node = Leased::with_config(store, config());
-    let mut served = MilliSats::ZERO;
-    for _ in 0..3 {
-        assert!(matches!(node.debit(id, PRICE).await.unwrap(), Debit::Debited { .. }));
-        served = served.saturating_add(PRICE);
-    }
+    let (id, node) = hooked_node(&memory, store, 20).await;
+    let mut served = serve(&node, id, 3).await;
     // A refill that fails before the store applies it: a live lease to settle, and a take
     // of unknown outcome.
     fail_from.store(count.load(Ordering::SeqCst) + 1, Ordering::SeqCst);
@@ -463,21 +460,10 @@ async fn a_settlement_half_done_is_finished_by_the_next() {
 /// still given back, unused, by the next operation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_retake_still_gives_the_unheard_grant_back() {
-    use common::hooked::{Hooked, Op};
-    use std::sync::atomic::AtomicBool;
     let memory = MemoryStore::new();
-    let lose = Arc::new(AtomicBool::new(false));
-    let losing = lose.clone();
-    let store = Hooked::new(memory.clone(), |_| Box::pin(std::future::ready(Ok(()))))
-        .losing_replies(move |op| op == Op::Lease && losing.load(Ordering::SeqCst));
-    let setup = Setup::with(21, 2, Terms::default(), None);
-    let id = open(&memory, &setup, 10_000).await;
-    let node = Leased::with_config(store, config());
-    let mut served = MilliSats::ZERO;
-    for _ in 0..3 {
-        assert!(matches!(node.debit(id, PRICE).await.unwrap(), Debit::Debited { .. }));
-        served = served.saturating_add(PRICE);
-    }
+    let (store, lose) = losing_leases(&memory);
+    let (id, node) = hooked_node(&memory, store, 21).await;
+    let served = serve(&node, id, 3).await;
     lose.store(true, Ordering::SeqCst);
     assert!(node.debit(id, PRICE.checked_mul(10).unwrap()).await.is_err(), "reply lost");
     lose.store(false, Ordering::SeqCst);
