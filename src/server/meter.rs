@@ -100,18 +100,18 @@ pub(super) struct Meter<St, P> {
 struct Unfinished<St: ChannelStore> {
     store: Arc<St>,
     channel: ChannelId,
-    key: Option<String>,
+    claim: Option<IdempotencyClaim>,
     until: u64,
 }
 
 impl<St: ChannelStore> Drop for Unfinished<St> {
     fn drop(&mut self) {
-        let Some(key) = self.key.take() else { return };
+        let Some(claim) = self.claim.take() else { return };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
         let (store, channel, until) = (Arc::clone(&self.store), self.channel, self.until);
         runtime.spawn(async move {
             let unkept = Some(idempotency::unavailable());
-            if let Err(error) = store.finish_once(channel, &key, unkept, until).await {
+            if let Err(error) = store.finish_once(channel, &claim, unkept, until).await {
                 tracing::warn!(%error, "an abandoned idempotency key could not be finished");
             }
         });
@@ -248,7 +248,7 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
                     Box::new(Unfinished {
                         store: Arc::clone(&self.store),
                         channel: paid.channel,
-                        key: Some(claim.key.clone()),
+                        claim: Some((**claim).clone()),
                         until: keep.keep_until(),
                     })
                 });
@@ -307,7 +307,7 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
                         Box::pin(self.keep(paid.channel, &claim, response, charged, streamed))
                             .await;
                     if let Some(unfinished) = &mut unfinished {
-                        unfinished.key = None;
+                        unfinished.claim = None;
                     }
                     Ok(kept)
                 }
@@ -351,8 +351,7 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
     {
         let Some(keep) = &self.idempotency else { return response };
         let finish = async |stored: Option<Vec<u8>>| {
-            let finished =
-                self.store.finish_once(channel, &claim.key, stored, keep.keep_until()).await;
+            let finished = self.store.finish_once(channel, claim, stored, keep.keep_until()).await;
             if let Err(error) = finished {
                 // The claim lapses by itself; until then a retry is told to wait.
                 tracing::warn!(%error, "an idempotency key could not be finished");

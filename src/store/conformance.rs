@@ -390,7 +390,8 @@ async fn idempotency_keys_are_claimed_once<S: ChannelStore>(store: &S, fx: &Fixt
     let price = msat(100);
     let minute = 60_000;
 
-    let first = store.debit_once(id, price, &claim("k1", 1, minute)).await;
+    let k1 = claim("k1", 1, minute);
+    let first = store.debit_once(id, price, &k1).await;
     assert_eq!(first, Ok(DebitOnce::Debit(Debit::Debited { balance: msat(1_900) })));
     // The key is held while the request is served: another request (or a retry) gets the
     // claim, whatever its fingerprint, and nothing is debited.
@@ -400,20 +401,21 @@ async fn idempotency_keys_are_claimed_once<S: ChannelStore>(store: &S, fx: &Fixt
     }
     assert_eq!(spent_of(store, id).await, price, "one debit for one key");
     // Finished with its response: kept, and a second finish changes nothing.
-    store.finish_once(id, "k1", Some(b"response".to_vec()), now_ms() + minute).await.unwrap();
-    store.finish_once(id, "k1", Some(b"other".to_vec()), now_ms() + minute).await.unwrap();
-    store.finish_once(id, "k1", None, now_ms() + minute).await.unwrap();
+    store.finish_once(id, &k1, Some(b"response".to_vec()), now_ms() + minute).await.unwrap();
+    store.finish_once(id, &k1, Some(b"other".to_vec()), now_ms() + minute).await.unwrap();
+    store.finish_once(id, &k1, None, now_ms() + minute).await.unwrap();
     let replay = store.debit_once(id, price, &claim("k1", 1, minute)).await;
     let kept = IdempotencyRecord::new([1; 32], Some(b"response".to_vec()));
     assert_eq!(replay, Ok(DebitOnce::Claimed(kept)), "the first response is kept, once");
     assert_eq!(spent_of(store, id).await, price);
 
     // A released key (a request whose charge was given back) is free again.
+    let k2 = claim("k2", 3, minute);
     assert!(matches!(
-        store.debit_once(id, price, &claim("k2", 3, minute)).await,
+        store.debit_once(id, price, &k2).await,
         Ok(DebitOnce::Debit(Debit::Debited { .. }))
     ));
-    store.finish_once(id, "k2", None, 0).await.unwrap();
+    store.finish_once(id, &k2, None, 0).await.unwrap();
     assert!(matches!(
         store.debit_once(id, price, &claim("k2", 3, minute)).await,
         Ok(DebitOnce::Debit(Debit::Debited { .. }))
@@ -429,15 +431,28 @@ async fn idempotency_keys_are_claimed_once<S: ChannelStore>(store: &S, fx: &Fixt
     ));
 
     // A claim never finished lapses (the node that served it died): a retry runs again.
+    let lapsing = claim("k4", 5, 50);
     assert!(matches!(
-        store.debit_once(id, price, &claim("k4", 5, 50)).await,
+        store.debit_once(id, price, &lapsing).await,
         Ok(DebitOnce::Debit(Debit::Debited { .. }))
     ));
     tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    let taking_over = claim("k4", 6, minute);
     assert!(matches!(
-        store.debit_once(id, price, &claim("k4", 6, minute)).await,
+        store.debit_once(id, price, &taking_over).await,
         Ok(DebitOnce::Debit(Debit::Debited { .. }))
     ));
+    assert_eq!(spent_of(store, id).await, msat(600));
+    // The request whose claim lapsed finishes late: it neither answers for the request that
+    // took the key over nor releases it.
+    store.finish_once(id, &lapsing, Some(b"late".to_vec()), now_ms() + minute).await.unwrap();
+    store.finish_once(id, &lapsing, None, now_ms() + minute).await.unwrap();
+    let held = store.debit_once(id, price, &claim("k4", 6, minute)).await;
+    assert_eq!(held, Ok(DebitOnce::Claimed(IdempotencyRecord::new([6; 32], None))), "in progress");
+    store.finish_once(id, &taking_over, Some(b"own".to_vec()), now_ms() + minute).await.unwrap();
+    let kept = IdempotencyRecord::new([6; 32], Some(b"own".to_vec()));
+    let replay = store.debit_once(id, price, &claim("k4", 6, minute)).await;
+    assert_eq!(replay, Ok(DebitOnce::Claimed(kept)), "its own response");
     assert_eq!(spent_of(store, id).await, msat(600));
 
     // Keys are per channel; a channel that is not open debits nothing and claims nothing.

@@ -752,11 +752,11 @@ impl<S: ChannelStore> ChannelStore for Leased<S> {
     fn finish_once(
         &self,
         id: ChannelId,
-        key: &str,
+        claim: &IdempotencyClaim,
         response: Option<Vec<u8>>,
         expires_at: u64,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
-        self.inner.store.finish_once(id, key, response, expires_at)
+        self.inner.store.finish_once(id, claim, response, expires_at)
     }
 
     /// Gives back to this node's lease when it used at least `amount` of it (the debit

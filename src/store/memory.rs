@@ -283,12 +283,13 @@ impl ChannelStore for MemoryStore {
     fn finish_once(
         &self,
         id: ChannelId,
-        key: &str,
+        claim: &IdempotencyClaim,
         response: Option<Vec<u8>>,
         expires_at: u64,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
-        if let Entry::Occupied(mut held) = self.idempotency.entry((id, key.to_owned()))
+        if let Entry::Occupied(mut held) = self.idempotency.entry((id, claim.key.clone()))
             && held.get().0.response.is_none()
+            && held.get().1 == claim.expires_at
         {
             match response {
                 Some(response) => {

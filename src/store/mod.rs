@@ -572,13 +572,16 @@ pub trait ChannelStore: Send + Sync + 'static {
         claim: &IdempotencyClaim,
     ) -> impl Future<Output = Result<DebitOnce, StoreError>> + Send;
 
-    /// Finishes the claim of `key` on channel `id`, if it is still in progress: keeps
-    /// `response` (the layer's encoding) until `expires_at` (milliseconds since the Unix
-    /// epoch), or, with `None`, releases the key so that a retry runs again.
+    /// Finishes `claim` (made by [`debit_once`](Self::debit_once)) on channel `id`, if its
+    /// key is still held by it, in progress: keeps `response` (the layer's encoding) until
+    /// `expires_at` (milliseconds since the Unix epoch), or, with `None`, releases the key so
+    /// that a retry runs again. Nothing changes if the key is finished already, or if the
+    /// claim lapsed and another request claimed the key since (its claim lapses at another
+    /// time): a request that outlived its claim never answers for the one that took over.
     fn finish_once(
         &self,
         id: ChannelId,
-        key: &str,
+        claim: &IdempotencyClaim,
         response: Option<Vec<u8>>,
         expires_at: u64,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;

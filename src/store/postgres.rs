@@ -394,20 +394,23 @@ impl ChannelStore for PostgresStore {
     async fn finish_once(
         &self,
         id: ChannelId,
-        key: &str,
+        claim: &IdempotencyClaim,
         response: Option<Vec<u8>>,
         expires_at: u64,
     ) -> Result<(), StoreError> {
         let id = id.to_string();
-        let expires_at = to_i64(expires_at)?;
+        let (key, expires_at) = (&claim.key, to_i64(expires_at)?);
+        // An unfinished claim's row expires when the claim lapses: that identifies the claim.
+        let claimed = to_i64(claim.expires_at)?;
         let client = self.client().await?;
         match &response {
             Some(response) => {
                 client
                     .execute(
                         "UPDATE paychan_idempotency SET response = $3, expires_at = $4
-                         WHERE channel = $1 AND key = $2 AND response IS NULL",
-                        &[&id, &key, response, &expires_at],
+                         WHERE channel = $1 AND key = $2 AND response IS NULL
+                           AND expires_at = $5",
+                        &[&id, key, response, &expires_at, &claimed],
                     )
                     .await
             }
@@ -415,8 +418,9 @@ impl ChannelStore for PostgresStore {
                 client
                     .execute(
                         "DELETE FROM paychan_idempotency
-                         WHERE channel = $1 AND key = $2 AND response IS NULL",
-                        &[&id, &key],
+                         WHERE channel = $1 AND key = $2 AND response IS NULL
+                           AND expires_at = $3",
+                        &[&id, key, &claimed],
                     )
                     .await
             }

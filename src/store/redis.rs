@@ -67,20 +67,21 @@ if balance - tonumber(h[4] or '0') - tonumber(h[5] or '0') < amount then
   return {0, string.format('%.0f', balance), false, false}
 end
 redis.call('HSET', KEYS[1], 'spent_msat', string.format('%.0f', tonumber(h[3]) + amount))
-redis.call('HSET', KEYS[2], 'fp', ARGV[2])
+redis.call('HSET', KEYS[2], 'fp', ARGV[2], 'claim', ARGV[3])
 redis.call('PEXPIREAT', KEYS[2], ARGV[3])
 return {1, string.format('%.0f', balance - amount), false, false}";
 
-/// Finishes a claim still in progress: KEYS[1] the key's record; ARGV `keep` with the
-/// response and when it expires, or `release`.
+/// Finishes a claim still in progress: KEYS[1] the key's record; ARGV[1] when the claim
+/// lapses (which identifies it), then `keep` with the response and when it expires, or
+/// `release`.
 const FINISH_ONCE: &str = r"
-local held = redis.call('HMGET', KEYS[1], 'fp', 'resp')
-if not held[1] or held[2] then return 0 end
-if ARGV[1] == 'release' then
+local held = redis.call('HMGET', KEYS[1], 'fp', 'resp', 'claim')
+if not held[1] or held[2] or held[3] ~= ARGV[1] then return 0 end
+if ARGV[2] == 'release' then
   redis.call('DEL', KEYS[1])
 else
-  redis.call('HSET', KEYS[1], 'resp', ARGV[2])
-  redis.call('PEXPIREAT', KEYS[1], ARGV[3])
+  redis.call('HSET', KEYS[1], 'resp', ARGV[3])
+  redis.call('PEXPIREAT', KEYS[1], ARGV[4])
 end
 return 1";
 
@@ -435,16 +436,17 @@ impl ChannelStore for RedisStore {
     async fn finish_once(
         &self,
         id: ChannelId,
-        key: &str,
+        claim: &IdempotencyClaim,
         response: Option<Vec<u8>>,
         expires_at: u64,
     ) -> Result<(), StoreError> {
+        let claimed = arg(claim.expires_at);
         let args = match response {
-            Some(response) => vec![arg("keep"), response, arg(expires_at)],
-            None => vec![arg("release")],
+            Some(response) => vec![claimed, arg("keep"), response, arg(expires_at)],
+            None => vec![claimed, arg("release")],
         };
         let _finished: i64 =
-            self.invoke(FINISH_ONCE, &[self.idempotency_key(id, key)], &args).await?;
+            self.invoke(FINISH_ONCE, &[self.idempotency_key(id, &claim.key)], &args).await?;
         Ok(())
     }
 

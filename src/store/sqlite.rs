@@ -364,22 +364,25 @@ impl ChannelStore for SqliteStore {
     fn finish_once(
         &self,
         id: ChannelId,
-        key: &str,
+        claim: &IdempotencyClaim,
         response: Option<Vec<u8>>,
         expires_at: u64,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
-        let key = key.to_owned();
+        // An unfinished claim's row expires when the claim lapses: that identifies the claim.
+        let (key, claimed) = (claim.key.clone(), claim.expires_at);
         self.run(move |tx| {
             let id = id.to_string();
+            let claimed = sql_u64(claimed)?;
             match response {
                 Some(response) => tx.execute(
                     "UPDATE idempotency SET response = ?3, expires_at = ?4
-                     WHERE channel = ?1 AND key = ?2 AND response IS NULL",
-                    params![id, key, response, sql_u64(expires_at)?],
+                     WHERE channel = ?1 AND key = ?2 AND response IS NULL AND expires_at = ?5",
+                    params![id, key, response, sql_u64(expires_at)?, claimed],
                 ),
                 None => tx.execute(
-                    "DELETE FROM idempotency WHERE channel = ?1 AND key = ?2 AND response IS NULL",
-                    params![id, key],
+                    "DELETE FROM idempotency
+                     WHERE channel = ?1 AND key = ?2 AND response IS NULL AND expires_at = ?3",
+                    params![id, key, claimed],
                 ),
             }
             .map_err(unavailable)?;

@@ -103,7 +103,7 @@ hooked! {
     debit(id: ChannelId, amount: MilliSats) -> Debit => Op::Debit;
     pay(id: ChannelId, payment: CheckedPayment, amount: MilliSats) -> Debit => Op::Pay;
     debit_once(id: ChannelId, amount: MilliSats, claim: &IdempotencyClaim) -> DebitOnce => Op::DebitOnce;
-    finish_once(id: ChannelId, key: &str, response: Option<Vec<u8>>, expires_at: u64) -> () => Op::FinishOnce;
+    finish_once(id: ChannelId, claim: &IdempotencyClaim, response: Option<Vec<u8>>, expires_at: u64) -> () => Op::FinishOnce;
     close_with(id: ChannelId, payment: CheckedPayment) -> bool => Op::CloseWith;
     credit(id: ChannelId, amount: MilliSats) -> MilliSats => Op::Credit;
     transition(id: ChannelId, from: ChannelState, to: ChannelState) -> bool => Op::Transition { id, to };
