@@ -272,6 +272,33 @@ fn refund_checks_each_rule() {
     ));
 }
 
+/// A client that mines could fund the channel with its own block's coinbase: an output no
+/// transaction can spend for 100 blocks (so no close before then) and that a reorganisation
+/// erases. The server signs no refund for it; the same output in an ordinary transaction is
+/// fine.
+#[test]
+fn refund_refuses_a_coinbase_funding() {
+    let s = Setup::new();
+    let mut coinbase = s.unsigned_funding.clone();
+    coinbase.input.truncate(1);
+    coinbase.input[0].previous_output = OutPoint::null();
+    coinbase.input[0].script_sig = bitcoin::ScriptBuf::from_bytes(vec![1, 7]);
+    assert!(coinbase.is_coinbase());
+    let outpoint = OutPoint { txid: coinbase.compute_txid(), vout: 0 };
+    let refund = s.params.build_refund(outpoint, s.params.refund_fee());
+    assert_eq!(
+        s.params.check_refund(&s.terms, &coinbase, &refund, s.tip()).map(|_| ()),
+        Err(RefundError::CoinbaseFunding)
+    );
+    assert_eq!(RefundError::CoinbaseFunding.code(), "refund-coinbase-funding");
+    let mut ordinary = coinbase.clone();
+    ordinary.input[0].previous_output = s.unsigned_funding.input[0].previous_output;
+    ordinary.input[0].script_sig = bitcoin::ScriptBuf::new();
+    let outpoint = OutPoint { txid: ordinary.compute_txid(), vout: 0 };
+    let refund = s.params.build_refund(outpoint, s.params.refund_fee());
+    assert!(s.params.check_refund(&s.terms, &ordinary, &refund, s.tip()).is_ok());
+}
+
 #[test]
 fn refund_checks_funding_value_fee_cap_and_current_lifetime() {
     // A funding output of another value than agreed.

@@ -974,3 +974,41 @@ async fn l_the_core_wallet_funds_a_channel() {
     assert_eq!(back.script_pubkey, params.client_script);
     assert_eq!(payer.refund_expired().await.unwrap(), [], "refunded once");
 }
+
+/// A `KeyWallet` that mines: its coinbase output joins the wallet only at 100 confirmations.
+/// Before, a funding spending it is refused by Core (`bad-txns-premature-spend-of-coinbase`);
+/// after, Core accepts the wallet's funding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn m_a_mined_coin_is_spent_only_once_mature() {
+    use paychan::chain::{COINBASE_MATURITY, ChainBackend as _};
+    use paychan::client::Wallet as _;
+    let Some(node) = start_node(false).await else { return };
+    let chain = node.chain();
+    let wallet = KeyWallet::new(secret(0x44));
+    let address = wallet.address(Network::Regtest).to_string();
+    node.rpc("generatetoaddress", serde_json::json!([1, address])).await;
+    let height = node.height().await;
+    let coinbase = node.block_txs(height).await.remove(0);
+    let outpoint = OutPoint::new(coinbase.compute_txid(), 0);
+    let live = chain.unspent(&outpoint).await.unwrap().expect("the coinbase output");
+    assert!(live.coinbase && !live.is_spendable(), "{live:?}");
+    assert_eq!(wallet.sync(&chain, 1).await.unwrap(), Amount::ZERO, "immature: not counted");
+
+    // What it would cost to count it: a funding spending it is refused by the node.
+    let eager = KeyWallet::new(secret(0x44));
+    eager.add_coin(outpoint, coinbase.output[0].clone());
+    let pay_to = TxOut { value: Amount::from_sat(100_000), script_pubkey: wallet.script_pubkey() };
+    let rate = bitcoin::FeeRate::from_sat_per_vb_u32(2);
+    let early = eager.sign(eager.fund(pay_to.clone(), rate).await.unwrap()).await.unwrap();
+    let early = early.extract_tx().unwrap();
+    let (accepted, reason) = node.test_mempool_accept(&early).await;
+    assert!(!accepted && reason.contains("premature-spend-of-coinbase"), "{reason}");
+
+    node.mine(COINBASE_MATURITY - 2).await;
+    assert_eq!(wallet.sync(&chain, 1).await.unwrap(), Amount::ZERO, "99 confirmations");
+    node.mine(1).await;
+    assert_eq!(wallet.sync(&chain, 1).await.unwrap(), coinbase.output[0].value, "mature");
+    let funding = wallet.sign(wallet.fund(pay_to, rate).await.unwrap()).await.unwrap();
+    let (accepted, reason) = node.test_mempool_accept(&funding.extract_tx().unwrap()).await;
+    assert!(accepted, "{reason}");
+}

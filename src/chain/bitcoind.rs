@@ -251,7 +251,8 @@ impl ChainBackend for BitcoindRpc {
             .and_then(Value::as_u64)
             .and_then(|c| u32::try_from(c).ok())
             .ok_or_else(|| unavailable("gettxout has no confirmations"))?;
-        Ok(Some(Utxo::new(TxOut { value, script_pubkey }, confirmations)))
+        let coinbase = out.get("coinbase").and_then(Value::as_bool).unwrap_or(false);
+        Ok(Some(Utxo::new(TxOut { value, script_pubkey }, confirmations).with_coinbase(coinbase)))
     }
 
     async fn unspent_outputs_of(

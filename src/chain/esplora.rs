@@ -265,7 +265,8 @@ impl ChainBackend for Esplora {
             // instance, not an unconfirmed funding.
             _ => return Err(unavailable(format!("{}: no status", outpoint.txid))),
         };
-        Ok(Some(Utxo::new(output, confirmations)))
+        let coinbase = tx["vin"][0]["is_coinbase"].as_bool().unwrap_or(false);
+        Ok(Some(Utxo::new(output, confirmations).with_coinbase(coinbase)))
     }
 }
 

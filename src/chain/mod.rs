@@ -171,7 +171,9 @@ pub trait ChainBackend: Send + Sync {
     ) -> impl Future<Output = Result<FeeRate, ChainError>> + Send;
 
     /// Returns the output at `outpoint` and its depth if it exists and is unspent (mempool
-    /// spends count as spent; unconfirmed outputs count as existing, with 0 confirmations).
+    /// spends count as spent; unconfirmed outputs count as existing, with 0 confirmations),
+    /// and whether a coinbase created it ([`Utxo::coinbase`]: Core's `gettxout` says so,
+    /// Esplora's transaction does; the simulated chain's faucet coins are not coinbases).
     ///
     /// This is answered from the UTXO set and the mempool, which every node has (no
     /// transaction index): the settlement task decides everything about a channel's funding
@@ -240,12 +242,42 @@ pub struct Utxo {
     pub output: TxOut,
     /// Confirmations of the transaction that created it: 0 while it is in the mempool.
     pub confirmations: u32,
+    /// Whether a coinbase transaction created it: then it can be spent only once it has
+    /// [`COINBASE_MATURITY`] confirmations ([`is_spendable`](Self::is_spendable)).
+    pub coinbase: bool,
 }
 
+/// Confirmations a coinbase output needs before a transaction spending it is valid (in the
+/// next block, and so in the mempool).
+pub const COINBASE_MATURITY: u32 = 100;
+
 impl Utxo {
-    /// An output with `confirmations`.
+    /// An output with `confirmations`, not created by a coinbase.
     pub fn new(output: TxOut, confirmations: u32) -> Self {
-        Self { output, confirmations }
+        Self { output, confirmations, coinbase: false }
+    }
+
+    /// The same output, created by a coinbase transaction if `coinbase`.
+    #[must_use]
+    pub fn with_coinbase(mut self, coinbase: bool) -> Self {
+        self.coinbase = coinbase;
+        self
+    }
+
+    /// Whether a transaction spending it can enter the mempool now: any output but an
+    /// immature coinbase's.
+    ///
+    /// ```
+    /// use paychan::bitcoin::{Amount, ScriptBuf, TxOut};
+    /// use paychan::chain::Utxo;
+    ///
+    /// let output = TxOut { value: Amount::from_sat(50_000), script_pubkey: ScriptBuf::new() };
+    /// assert!(Utxo::new(output.clone(), 1).is_spendable());
+    /// assert!(!Utxo::new(output.clone(), 99).with_coinbase(true).is_spendable());
+    /// assert!(Utxo::new(output, 100).with_coinbase(true).is_spendable());
+    /// ```
+    pub fn is_spendable(&self) -> bool {
+        !self.coinbase || self.confirmations >= COINBASE_MATURITY
     }
 }
 

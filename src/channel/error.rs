@@ -188,6 +188,10 @@ pub enum RefundError {
     Fee(FeeOutOfBounds),
     /// The refund input carries a scriptSig (a witness spend must have none).
     ScriptSig,
+    /// The funding transaction is a coinbase (a client that mines): its output could not be
+    /// spent for 100 blocks, so the server might not close before the refund is valid, and
+    /// it vanishes if its block is reorganised away.
+    CoinbaseFunding,
 }
 
 error_codes!(RefundError {
@@ -206,12 +210,14 @@ error_codes!(RefundError {
     Self::Fee(FeeOutOfBounds::TooLow { .. }) => "refund-fee-too-low",
     Self::Fee(FeeOutOfBounds::TooHigh { .. }) => "refund-fee-too-high",
     Self::ScriptSig => "refund-script-sig",
+    Self::CoinbaseFunding => "refund-coinbase-funding",
 });
 
 impl fmt::Display for RefundError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::InputCount { found } => write!(f, "refund has {found} inputs, expected 1"),
+            Self::CoinbaseFunding => f.write_str("the funding transaction is a coinbase"),
             Self::WrongFundingTxid { expected, found } => {
                 write!(f, "refund spends {found}, not the funding transaction {expected}")
             }

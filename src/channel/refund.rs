@@ -96,6 +96,9 @@ impl ChannelParams {
                 found: outpoint.txid,
             });
         }
+        if funding.is_coinbase() {
+            return Err(RefundError::CoinbaseFunding);
+        }
         let funding_output = usize::try_from(outpoint.vout)
             .ok()
             .and_then(|vout| funding.output.get(vout))

@@ -145,7 +145,9 @@ impl KeyWallet {
     /// Finds the wallet's coins through `chain` instead of being handed them: adds every
     /// unspent output paying [`script_pubkey`](Self::script_pubkey) that the chain reports
     /// with at least `min_depth` confirmations, that no mempool transaction spends, and that
-    /// the wallet neither knows nor chose for a funding. Returns the balance afterwards. Bitcoin Core reports confirmed outputs only
+    /// the wallet neither knows nor chose for a funding; a coinbase output (a wallet that
+    /// mines) once it is mature, at [`COINBASE_MATURITY`](crate::chain::COINBASE_MATURITY)
+    /// confirmations. Returns the balance afterwards. Bitcoin Core reports confirmed outputs only
     /// (see [`ChainBackend::unspent_outputs_of`]).
     ///
     /// # Errors
@@ -180,8 +182,10 @@ impl KeyWallet {
         // Core's UTXO set does not see mempool spends (an earlier process's unconfirmed
         // funding): ask for each coin with the mempool.
         let mut unspent = Vec::with_capacity(found.len());
+        // A coinbase output joins once it is mature: a funding spending it earlier is
+        // refused by every node (`bad-txns-premature-spend-of-coinbase`).
         for (outpoint, utxo) in found.drain(..) {
-            if chain.unspent(&outpoint).await?.is_some() {
+            if chain.unspent(&outpoint).await?.is_some_and(|live| live.is_spendable()) {
                 unspent.push((outpoint, utxo));
             }
         }
