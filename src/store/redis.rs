@@ -18,6 +18,21 @@ use crate::wire::ChannelId;
 /// Cluster slot, which the multi-key scripts require.
 pub const DEFAULT_PREFIX: &str = "{paychan}:";
 
+/// `prefix` if it holds a Redis Cluster hash tag (its first `{` followed, later, by a `}`
+/// with at least one character between), else `prefix` wrapped in one: `{prefix}`, without
+/// any braces it had (`{paychan}` for an empty prefix).
+fn hash_tagged(prefix: String) -> String {
+    let tagged = prefix
+        .find('{')
+        .and_then(|open| prefix[open + 1..].find('}'))
+        .is_some_and(|close| close > 0);
+    if tagged {
+        return prefix;
+    }
+    let bare: String = prefix.chars().filter(|c| !matches!(c, '{' | '}')).collect();
+    if bare.is_empty() { "{paychan}".to_owned() } else { format!("{{{bare}}}") }
+}
+
 /// The largest channel value the Redis store accepts: Lua computes balances in doubles, exact
 /// up to 2^53 msat (about 90 000 BTC).
 pub const MAX_CHANNEL_SAT: u64 = (1 << 53) / 1_000;
@@ -252,10 +267,21 @@ impl RedisStore {
         Ok(Self { connection, prefix: DEFAULT_PREFIX.to_owned() })
     }
 
-    /// Uses `prefix` for every key (several deployments in one Redis; tests).
+    /// Uses `prefix` for every key (several deployments in one Redis; tests). A prefix
+    /// without a Redis Cluster hash tag (`{…}`, not empty) is wrapped in one, so that every
+    /// key of the store stays in one slot, as the multi-key scripts require: `tenant-a:`
+    /// becomes `{tenant-a:}` (any braces of a prefix without a tag are dropped).
+    ///
+    /// ```no_run
+    /// # async fn f() -> Result<(), paychan::store::StoreError> {
+    /// use paychan::store::RedisStore;
+    /// let store = RedisStore::connect("redis://127.0.0.1/").await?.with_prefix("tenant-a:");
+    /// assert_eq!(store.prefix(), "{tenant-a:}");
+    /// # Ok(()) }
+    /// ```
     #[must_use]
     pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.prefix = prefix.into();
+        self.prefix = hash_tagged(prefix.into());
         self
     }
 
@@ -565,5 +591,24 @@ fn debit_reply((code, value): (i64, String)) -> Result<Debit, StoreError> {
         0 => Ok(Debit::Insufficient { balance: MilliSats::from_msat(number(&value)?) }),
         2 => Ok(Debit::NotOpen { state: ChannelState::from_name(&value)? }),
         _ => Err(StoreError::NotFound),
+    }
+}
+
+#[cfg(test)]
+mod prefix_tests {
+    use super::hash_tagged;
+
+    #[test]
+    fn a_prefix_always_carries_a_hash_tag() {
+        for (prefix, tagged) in [
+            ("{paychan}:", "{paychan}:"),
+            ("app:{tenant}:", "app:{tenant}:"),
+            ("tenant-a:", "{tenant-a:}"),
+            ("{}:", "{:}"),
+            ("}x{", "{x}"),
+            ("", "{paychan}"),
+        ] {
+            assert_eq!(hash_tagged(prefix.to_owned()), tagged, "{prefix}");
+        }
     }
 }
