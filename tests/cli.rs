@@ -46,13 +46,17 @@ struct Seen {
     unforwarded: AtomicUsize,
     /// `/slow` requests that reached the upstream.
     slow: AtomicUsize,
+    /// `/hang` requests that reached the upstream.
+    hung: AtomicUsize,
     /// Requests forwarded with `X-Forwarded-Proto: https`.
     https: AtomicUsize,
 }
 
-/// A plain API: `/hello` answers, `/boom` fails with a 500, `/slow` answers after 700 ms.
+/// A plain API: `/hello` answers, `/boom` fails with a 500, `/slow` answers after 700 ms,
+/// `/hang` never.
 async fn upstream(seen: Arc<Seen>) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let slow = Arc::clone(&seen);
+    let hang = Arc::clone(&seen);
     let record = move |headers: HeaderMap| {
         seen.requests.fetch_add(1, Ordering::SeqCst);
         if headers.contains_key("payment-channel") {
@@ -87,6 +91,13 @@ async fn upstream(seen: Arc<Seen>) -> (SocketAddr, tokio::task::JoinHandle<()>) 
                 slow.slow.fetch_add(1, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(700)).await;
                 "slow but served"
+            }),
+        )
+        .route(
+            "/hang",
+            get(move || async move {
+                hang.hung.fetch_add(1, Ordering::SeqCst);
+                std::future::pending::<()>().await;
             }),
         );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -496,6 +507,32 @@ async fn sigterm_mid_request_loses_no_payment() {
     }
     let (status, _) = site.stop(proxy, 1).await;
     assert!(status.success());
+    std::fs::remove_dir_all(&site.dir).unwrap();
+}
+
+/// A request that never finishes (a hung upstream) holds a shutdown only until
+/// `shutdown_secs`: then the proxy closes the connection and exits cleanly, and the client
+/// sees the request fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_request_holds_a_shutdown_only_until_its_deadline() {
+    let Some(site) = Site::new("hung").await else { return };
+    let config = std::fs::read_to_string(&site.config).unwrap();
+    let config = config.replace("shutdown_secs = 30", "shutdown_secs = 1");
+    assert!(config.contains("shutdown_secs = 1"), "init writes the setting");
+    std::fs::write(&site.config, config).unwrap();
+    let proxy = site.serve(0).await;
+    let hung = tokio::spawn(paychan(site.pay("a", "/hang")));
+    while site.seen.hung.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (status, log) =
+        tokio::time::timeout(Duration::from_secs(20), site.stop(proxy, 0)).await.expect(
+            "the proxy stops within its deadline (the default is 30 s; the client's timeout is longer)",
+        );
+    assert!(status.success(), "{status:?}: {log}");
+    assert!(log.contains("closing them"), "{log}");
+    let out = tokio::time::timeout(Duration::from_secs(20), hung).await.unwrap().unwrap();
+    assert!(!out.status.success(), "the hung request failed: {}", text(&out.stdout));
     std::fs::remove_dir_all(&site.dir).unwrap();
 }
 

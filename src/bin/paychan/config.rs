@@ -46,6 +46,9 @@ struct File {
     refund_server_errors: bool,
     #[serde(default)]
     shadow: bool,
+    /// How long a shutdown (SIGTERM) waits for the requests in flight.
+    #[serde(default = "shutdown_secs")]
+    shutdown_secs: u64,
     chain: ChainFile,
     #[serde(default)]
     store: StoreFile,
@@ -92,6 +95,10 @@ pub(crate) struct Admin {
 
 fn yes() -> bool {
     true
+}
+
+fn shutdown_secs() -> u64 {
+    30
 }
 
 #[derive(Debug, Deserialize)]
@@ -210,6 +217,9 @@ pub(crate) struct Config {
     pub(crate) refund_server_errors: bool,
     /// Serve every request unpaid, counting what it would have been charged.
     pub(crate) shadow: bool,
+    /// How long a shutdown waits for the requests in flight before it closes their
+    /// connections.
+    pub(crate) shutdown: Duration,
     pub(crate) chain: ChainSource,
     pub(crate) store_url: String,
     /// Debits served from leases of each channel's balance (`[store.leases]`).
@@ -261,6 +271,7 @@ impl Config {
             payout_script: payout.script_pubkey(),
             refund_server_errors: file.refund_server_errors,
             shadow: file.shadow,
+            shutdown: Duration::from_secs(file.shutdown_secs),
             chain,
             store_url,
             leases: file.store.leases.map(leases),
@@ -439,6 +450,7 @@ key_file = "{key_file}"        # the BIP-0032 master key: secret, mode 0600, bac
 payout_address = "{payout}"
 refund_server_errors = true      # an upstream 5xx (or an unreachable upstream) is not charged
 shadow = false                   # true: serve unpaid, count what would be charged (metrics, page)
+shutdown_secs = 30               # on SIGTERM, requests in flight get this long to finish
 
 [chain]
 {chain}

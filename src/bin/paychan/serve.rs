@@ -143,11 +143,31 @@ async fn run<St: ChannelStore + Clone + 'static>(
         "paychan proxy started"
     );
     match &config.tls {
-        Some((cert, key)) => serve_tls(listener, app, net::server_config(cert, key)?).await,
+        Some((cert, key)) => {
+            serve_tls(listener, app, net::server_config(cert, key)?, config.shutdown).await;
+        }
         None => {
-            axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-                .with_graceful_shutdown(shutdown())
-                .await?;
+            // Requests in flight finish, within the deadline that starts at the signal.
+            let (signalled, signal) = tokio::sync::oneshot::channel::<()>();
+            let until = async move {
+                shutdown().await;
+                let _ = signalled.send(());
+            };
+            let server =
+                axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+                    .with_graceful_shutdown(until)
+                    .into_future();
+            let deadline = async {
+                if signal.await.is_ok() {
+                    tokio::time::sleep(config.shutdown).await;
+                }
+            };
+            tokio::select! {
+                served = server => served?,
+                () = deadline => {
+                    tracing::warn!("connections still open after {:?}: closing them", config.shutdown);
+                }
+            }
         }
     }
     let _ = stop.send(true);
@@ -162,7 +182,12 @@ async fn run<St: ChannelStore + Clone + 'static>(
 }
 
 /// Serves `app` over TLS until SIGTERM or Ctrl-C, then finishes the requests in flight.
-async fn serve_tls(listener: TcpListener, app: Router, tls: Arc<rustls::ServerConfig>) {
+async fn serve_tls(
+    listener: TcpListener,
+    app: Router,
+    tls: Arc<rustls::ServerConfig>,
+    deadline: Duration,
+) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let graceful = GracefulShutdown::new();
     let stop = shutdown();
@@ -198,14 +223,11 @@ async fn serve_tls(listener: TcpListener, app: Router, tls: Arc<rustls::ServerCo
             () = &mut stop => break,
         }
     }
-    // Requests in flight finish, within a deadline.
-    if tokio::time::timeout(SHUTDOWN_DEADLINE, graceful.shutdown()).await.is_err() {
-        tracing::warn!("connections still open after {SHUTDOWN_DEADLINE:?}: closing them");
+    // Requests in flight finish, within the deadline.
+    if tokio::time::timeout(deadline, graceful.shutdown()).await.is_err() {
+        tracing::warn!("connections still open after {deadline:?}: closing them");
     }
 }
-
-/// How long a graceful shutdown waits for the requests in flight.
-const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Whether `path` could mean another path to the upstream than the one it was priced as: dot
 /// segments, empty segments, backslashes, or percent-encoded dots, slashes and backslashes
