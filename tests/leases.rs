@@ -375,26 +375,37 @@ async fn a_refund_while_a_settlement_is_unknown_is_kept() {
 }
 
 /// A lease operation whose task panics (a store bug; the same holds for a runtime shutting
-/// down under it) leaves nothing in flight: what it was settling is settled by the next
-/// operation, and a refund meanwhile is given back after it. Exact to the msat.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_panicking_lease_operation_leaves_nothing_in_flight() {
+/// down under it) leaves nothing in flight, whether the store applied the operation or not:
+/// what it was settling is settled by the next operation, a grant it did not hear of merges
+/// into the next lease, and a refund meanwhile is given back after it. Exact to the msat.
+async fn a_panicking_lease_operation_leaves_nothing_in_flight(after_the_store_applied_it: bool) {
     use common::hooked::{Hooked, Op};
     let memory = MemoryStore::new();
     let panics = Arc::new(AtomicBool::new(false));
-    let panicking = panics.clone();
+    let (before, after) = (panics.clone(), panics.clone());
     let store = Hooked::new(memory.clone(), move |op| {
-        let panic = op == Op::Lease && panicking.load(Ordering::SeqCst);
+        let panic = op == Op::Lease && before.load(Ordering::SeqCst) && !after_the_store_applied_it;
         Box::pin(async move {
             assert!(!panic, "a store bug (expected by this test)");
             Ok(())
         })
+    })
+    // Asked whether to lose the reply once the store applied the operation: panics instead.
+    .losing_replies(move |op| {
+        let panic = op == Op::Lease && after.load(Ordering::SeqCst) && after_the_store_applied_it;
+        assert!(!panic, "a store bug after the operation (expected by this test)");
+        false
     });
     let (id, node) = hooked_node(&memory, store, 19).await;
     let mut served = serve(&node, id, 3).await;
+    let before = memory.load(id).await.unwrap().unwrap().spent;
+    assert!(before < served, "some requests were served from the live lease");
     panics.store(true, Ordering::SeqCst);
     assert!(node.debit(id, PRICE.checked_mul(10).unwrap()).await.is_err(), "the task panicked");
     panics.store(false, Ordering::SeqCst);
+    let spent = memory.load(id).await.unwrap().unwrap().spent;
+    let settled = if after_the_store_applied_it { served } else { before };
+    assert_eq!(spent, settled, "the live lease is settled only if the store applied it");
     // One of the served requests failed after all: its price is given back.
     node.credit(id, PRICE).await.unwrap();
     served = served.checked_sub(PRICE).unwrap();
@@ -408,6 +419,16 @@ async fn a_panicking_lease_operation_leaves_nothing_in_flight() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_operation_panicking_before_the_store_applies_it_leaves_nothing_in_flight() {
+    a_panicking_lease_operation_leaves_nothing_in_flight(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_operation_panicking_after_the_store_applied_it_leaves_nothing_in_flight() {
+    a_panicking_lease_operation_leaves_nothing_in_flight(true).await;
+}
+
 /// Settling a lease and a take of unknown outcome takes two store operations; when the
 /// first succeeds and the second fails, the next attempt finishes the job, and nothing is
 /// counted twice.
@@ -419,6 +440,8 @@ async fn a_settlement_half_done_is_finished_by_the_next() {
     // Lease operations fail while `fail_from` ≤ their number (counted from 1).
     let (count, fail_from) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let (counting, failing) = (count.clone(), fail_from.clone());
+    let lose = Arc::new(AtomicBool::new(false));
+    let losing = lose.clone();
     let store = Hooked::failing(memory.clone(), move |op| {
         if op != Op::Lease {
             return false;
@@ -426,18 +449,22 @@ async fn a_settlement_half_done_is_finished_by_the_next() {
         let n = counting.fetch_add(1, Ordering::SeqCst) + 1;
         let from = failing.load(Ordering::SeqCst);
         from != 0 && n >= from
-    });
+    })
+    .losing_replies(move |op| op == Op::Lease && losing.load(Ordering::SeqCst));
     let (id, node) = hooked_node(&memory, store, 20).await;
     let mut served = serve(&node, id, 3).await;
-    // A refill that fails before the store applies it: a live lease to settle, and a take
-    // of unknown outcome.
-    fail_from.store(count.load(Ordering::SeqCst) + 1, Ordering::SeqCst);
+    // A refill the store applies (the lease settled, a new one granted) whose reply is lost:
+    // a settlement and a grant of unknown outcome.
+    lose.store(true, Ordering::SeqCst);
     assert!(node.debit(id, PRICE.checked_mul(10).unwrap()).await.is_err());
-    // Giving back: the settlement goes through, the take's does not.
+    lose.store(false, Ordering::SeqCst);
+    let granted = memory.load(id).await.unwrap().unwrap().leased;
+    assert!(!granted.is_zero(), "the store granted the lease the node did not hear of");
+    // Giving back: the settlement goes through (again: nothing changes), the grant's does not.
     fail_from.store(count.load(Ordering::SeqCst) + 2, Ordering::SeqCst);
     assert_eq!(node.return_all().await, 1, "half done");
     let record = memory.load(id).await.unwrap().unwrap();
-    assert_eq!((record.spent, record.leased), (served, MilliSats::ZERO), "the first half");
+    assert_eq!((record.spent, record.leased), (served, granted), "the first half");
     fail_from.store(0, Ordering::SeqCst);
     assert_eq!(node.return_all().await, 0);
     let Debit::Debited { balance } = node.debit(id, PRICE).await.unwrap() else { panic!() };

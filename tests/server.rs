@@ -347,13 +347,14 @@ async fn head_is_priced_the_header_is_not_forwarded_and_a_script_sig_is_refused(
     let api = api(1_000);
     let prices = RoutePrices::new().route(Method::GET, "/echo", PRICE);
     let (_tip, tip_rx) = watch::channel(api.setup.tip());
+    let echo = || {
+        get(|headers: http::HeaderMap| async move {
+            format!("header seen: {}", headers.contains_key(wire::PAYMENT_CHANNEL))
+        })
+    };
     let app = Router::new()
-        .route(
-            "/echo",
-            get(|headers: http::HeaderMap| async move {
-                format!("header seen: {}", headers.contains_key(wire::PAYMENT_CHANNEL))
-            }),
-        )
+        .route("/echo", echo())
+        .route("/free-echo", echo())
         .layer(PaywallLayer::new(api.store.clone(), prices, tip_rx));
     let addr = common::http::serve(app).await;
     let header = api.pay(1_000);
@@ -365,6 +366,9 @@ async fn head_is_priced_the_header_is_not_forwarded_and_a_script_sig_is_refused(
     let get = get_with(&addr, "/echo", Some(&header)).await;
     assert_eq!(get.body, "header seen: false");
     assert_eq!(balance(&get), 500_000);
+    // Nor on a free route (clients send the header with every request to the origin).
+    let free = get_with(&addr, "/free-echo", Some(&header)).await;
+    assert_eq!((free.status, free.body.as_str()), (200, "header seen: false"));
 
     // Told to forward it, the layer leaves the header to the inner service, on the new
     // payment's path and on the fast path alike.

@@ -34,13 +34,13 @@ use crate::wire::{
 
 /// The header names of the per-request path, parsed once (a `&str` name is parsed and checked
 /// on every use).
-const CHANNEL_HEADER: HeaderName = HeaderName::from_static(PAYMENT_CHANNEL);
+pub(super) const CHANNEL_HEADER: HeaderName = HeaderName::from_static(PAYMENT_CHANNEL);
 const BALANCE_HEADER: HeaderName = HeaderName::from_static(PAYMENT_CHANNEL_BALANCE);
 
 /// A verified `Payment-Channel` header value, as the fast-path cache's key. Equal when the
 /// whole values are equal; hashed over the value's length and its last [`Self::HASHED`] bytes
-/// only: the base64 of a payment ends with the client's signature (its last ~32 bytes) and
-/// the lock time, which no two payments share. Hashing all of a 250-byte header was a tenth
+/// only: the base64 of a payment ends with the client's signature (its last ~32 bytes, which
+/// depend on the payment's sighash) and the lock time, so no two payments share them. Hashing all of a 250-byte header was a tenth
 /// of the layer's own cost per request. Keys that agree on the hashed bytes would merely share
 /// a bucket (the hasher is keyed; entries are only ever verified payments, at most one per
 /// channel).

@@ -103,6 +103,12 @@ where
                     .into_response(&self.meter.terms_url);
                 return ResponseFuture::metered(std::future::ready(Ok(refusal)));
             }
+            // A bearer proof of the channel (clients send it with every request to the
+            // origin): a free route's service has no more business with it than a paid one's.
+            let mut request = request;
+            if !self.meter.forward_payment_header {
+                request.headers_mut().remove(super::meter::CHANNEL_HEADER);
+            }
             return ResponseFuture::free(self.inner.call(request));
         };
         if let Some(tally) = &self.meter.shadow {
@@ -121,7 +127,7 @@ where
                 price,
             ));
             if !self.meter.forward_payment_header {
-                request.headers_mut().remove(crate::wire::PAYMENT_CHANNEL);
+                request.headers_mut().remove(super::meter::CHANNEL_HEADER);
             }
             return ResponseFuture::free(self.inner.call(request));
         }

@@ -282,7 +282,11 @@ async fn leased_and_forfeited_money_is_not_paid_for_again<S: ChannelStore>(
     let lapsed = LeaseTake::new(LeaseId::new(dead), msat(500), msat(500), now.saturating_sub(1));
     let granted = store.lease(id, LeaseRequest::take(lapsed)).await;
     assert_eq!(granted, granted_lease(msat(500), 5_000, MilliSats::ZERO));
-    assert_eq!(store.expire_leases(now).await.expect("expire"), msat(500));
+    // What is forfeited store-wide may include other runs' lapsed leases: this channel's.
+    let forfeited = store.expire_leases(now).await.expect("expire");
+    assert!(forfeited >= msat(500), "{forfeited}");
+    let loaded = store.load(id).await.expect("load").expect("exists");
+    assert_eq!((loaded.leased, loaded.forfeited), (MilliSats::ZERO, msat(500)));
     let granted = store.lease(id, LeaseRequest::take(take(live, 1, 1_000_000))).await;
     assert_eq!(granted, granted_lease(msat(1_000), 5_000, MilliSats::ZERO));
     // Paid 6 000 sat, of which 500 forfeited and 1 000 leased: 4 500 free.

@@ -493,21 +493,22 @@ impl<S: ChannelStore> Inner<S> {
             (outcome, owed)
         };
         in_flight.done();
-        self.give_back(id, slot, owed).await;
+        self.give_back(id, owed).await;
         Ok(outcome)
     }
 
     /// Gives `owed` (debits given back while a lease operation was in flight) back to the
     /// store, now that the settlement that counted them as used is done.
-    /// If the store fails, they stay owed (the sweep tries again).
-    async fn give_back(&self, id: ChannelId, slot: &Slot, owed: MilliSats) {
+    ///
+    /// Once: if the store fails, the client stays charged, as when the layer's own refund
+    /// fails. A credit is not idempotent, and after an error (a lost reply, a timeout) it may
+    /// have happened: trying again could give the money back twice, and serve unpaid work.
+    async fn give_back(&self, id: ChannelId, owed: MilliSats) {
         if owed.is_zero() {
             return;
         }
         if let Err(error) = self.bounded(self.store.credit(id, owed)).await {
-            tracing::warn!(%error, channel = %id, %owed, "a refund could not be given back yet");
-            let mut local = slot.local();
-            local.owed = local.owed.saturating_add(owed);
+            tracing::warn!(%error, channel = %id, %owed, "a refund was not given back: the client stays charged");
         }
     }
 
@@ -561,7 +562,7 @@ impl<S: ChannelStore> Inner<S> {
             owed
         };
         in_flight.done();
-        self.give_back(id, slot, owed).await;
+        self.give_back(id, owed).await;
         Ok(())
     }
 
