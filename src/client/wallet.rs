@@ -147,8 +147,8 @@ impl KeyWallet {
     /// with at least `min_depth` confirmations, that no mempool transaction spends, and that
     /// the wallet neither knows nor chose for a funding; a coinbase output (a wallet that
     /// mines) once it is mature, at [`COINBASE_MATURITY`](crate::chain::COINBASE_MATURITY)
-    /// confirmations. Returns the balance afterwards. Bitcoin Core reports confirmed outputs only
-    /// (see [`ChainBackend::unspent_outputs_of`]).
+    /// confirmations. Returns the balance afterwards. Bitcoin Core reports confirmed outputs
+    /// only (see [`ChainBackend::unspent_outputs_of`]).
     ///
     /// # Errors
     ///

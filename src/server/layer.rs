@@ -136,7 +136,9 @@ impl<St, P: Clone> PaywallLayer<St, P> {
     }
 
     /// Whether the inner service receives the `Payment-Channel` header (default `false`: the
-    /// layer removes it once the request is paid, so a proxy or a log never sees it).
+    /// layer removes it from every request it passes on, paid or free, so a proxy or a log
+    /// never sees it). An outer layer in front of another `PaywallLayer` (each pricing its
+    /// own routes) must forward it, or the inner one never sees a payment.
     pub fn forward_payment_header(mut self, forward: bool) -> Self {
         self.config_mut().forward_payment_header = forward;
         self

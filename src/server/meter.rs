@@ -40,10 +40,10 @@ const BALANCE_HEADER: HeaderName = HeaderName::from_static(PAYMENT_CHANNEL_BALAN
 /// A verified `Payment-Channel` header value, as the fast-path cache's key. Equal when the
 /// whole values are equal; hashed over the value's length and its last [`Self::HASHED`] bytes
 /// only: the base64 of a payment ends with the client's signature (its last ~32 bytes, which
-/// depend on the payment's sighash) and the lock time, so no two payments share them. Hashing all of a 250-byte header was a tenth
-/// of the layer's own cost per request. Keys that agree on the hashed bytes would merely share
-/// a bucket (the hasher is keyed; entries are only ever verified payments, at most one per
-/// channel).
+/// depend on the payment's sighash) and the lock time, so no two payments share them.
+/// Hashing all of a 250-byte header was a tenth of the layer's own cost per request. Keys that
+/// agree on the hashed bytes would merely share a bucket (the hasher is keyed; entries are
+/// only ever verified payments, at most one per channel).
 #[derive(PartialEq, Eq, Clone)]
 pub(super) struct VerifiedHeader(HeaderValue);
 
