@@ -56,6 +56,24 @@ fn losing_leases(memory: &MemoryStore) -> (common::hooked::Hooked, Arc<AtomicBoo
     (store, lose)
 }
 
+/// `node` gives every lease back, and then `memory`'s books of channel `id` say exactly
+/// `served` spent, nothing leased, nothing forfeited (`why` otherwise).
+async fn all_given_back(
+    node: &Leased<common::hooked::Hooked>,
+    memory: &MemoryStore,
+    id: ChannelId,
+    served: MilliSats,
+    why: &str,
+) {
+    assert_eq!(node.return_all().await, 0);
+    let record = memory.load(id).await.unwrap().unwrap();
+    assert_eq!(
+        (record.spent, record.leased, record.forfeited),
+        (served, MilliSats::ZERO, MilliSats::ZERO),
+        "{why}"
+    );
+}
+
 /// Debits `PRICE` `times` times from `node`, each served: what they add up to.
 async fn serve<S: ChannelStore>(node: &Leased<S>, id: ChannelId, times: u64) -> MilliSats {
     let mut served = MilliSats::ZERO;
@@ -261,13 +279,14 @@ async fn a_lost_reply_never_lets_a_node_serve_from_a_settled_lease() {
     lose.store(false, Ordering::SeqCst);
     assert_eq!(node.held(), (MilliSats::ZERO, MilliSats::ZERO), "nothing is drawn from it again");
     served = served.saturating_add(serve(&node, id, 3).await);
-    assert_eq!(node.return_all().await, 0);
-    let record = memory.load(id).await.unwrap().unwrap();
-    assert_eq!(
-        (record.spent, record.leased, record.forfeited),
-        (served, MilliSats::ZERO, MilliSats::ZERO),
-        "spent is what was served, and the unheard grant was given back"
-    );
+    all_given_back(
+        &node,
+        &memory,
+        id,
+        served,
+        "spent is what was served, and the unheard grant was given back",
+    )
+    .await;
 }
 
 /// A client that goes away while its request takes a new lease does not cut the lease
@@ -410,13 +429,14 @@ async fn a_panicking_lease_operation_leaves_nothing_in_flight(after_the_store_ap
     node.credit(id, PRICE).await.unwrap();
     served = served.checked_sub(PRICE).unwrap();
     served = served.saturating_add(serve(&node, id, 2).await);
-    assert_eq!(node.return_all().await, 0);
-    let record = memory.load(id).await.unwrap().unwrap();
-    assert_eq!(
-        (record.spent, record.leased, record.forfeited),
-        (served, MilliSats::ZERO, MilliSats::ZERO),
-        "the lease the panicked operation was settling is settled, the refund given back"
-    );
+    all_given_back(
+        &node,
+        &memory,
+        id,
+        served,
+        "the lease the panicked operation was settling is settled, the refund given back",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -474,12 +494,7 @@ async fn a_settlement_half_done_is_finished_by_the_next() {
         MilliSats::from_msat(10_000_000).checked_sub(served).unwrap(),
         "the balance counts the settled lease once"
     );
-    assert_eq!(node.return_all().await, 0);
-    let record = memory.load(id).await.unwrap().unwrap();
-    assert_eq!(
-        (record.spent, record.leased, record.forfeited),
-        (served, MilliSats::ZERO, MilliSats::ZERO)
-    );
+    all_given_back(&node, &memory, id, served, "spent is what was served").await;
 }
 
 /// A take whose reply was lost (the store granted it) is retried under the same id; when
@@ -498,11 +513,5 @@ async fn a_refused_retake_still_gives_the_unheard_grant_back() {
     assert!(granted >= PRICE.checked_mul(10).unwrap(), "the store granted it: {granted}");
     let too_much = MilliSats::from_msat(20_000_000);
     assert!(matches!(node.debit(id, too_much).await.unwrap(), Debit::Insufficient { .. }));
-    assert_eq!(node.return_all().await, 0);
-    let record = memory.load(id).await.unwrap().unwrap();
-    assert_eq!(
-        (record.spent, record.leased, record.forfeited),
-        (served, MilliSats::ZERO, MilliSats::ZERO),
-        "the unheard grant was given back, unused"
-    );
+    all_given_back(&node, &memory, id, served, "the unheard grant was given back, unused").await;
 }

@@ -34,7 +34,7 @@ use crate::wire::{
 
 /// The header names of the per-request path, parsed once (a `&str` name is parsed and checked
 /// on every use).
-pub(super) const CHANNEL_HEADER: HeaderName = HeaderName::from_static(PAYMENT_CHANNEL);
+const CHANNEL_HEADER: HeaderName = HeaderName::from_static(PAYMENT_CHANNEL);
 const BALANCE_HEADER: HeaderName = HeaderName::from_static(PAYMENT_CHANNEL_BALANCE);
 
 /// A verified `Payment-Channel` header value, as the fast-path cache's key. Equal when the
@@ -198,13 +198,8 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
     {
         async move {
             // Out of the request, which (its body need not be `Sync`) is not borrowed across an
-            // await. A bearer proof of the channel: unless told to forward it, the inner service
-            // (a proxy, a logger) has no business with it, so it is taken out rather than copied.
-            let header = if self.forward_payment_header {
-                request.headers().get(CHANNEL_HEADER).cloned()
-            } else {
-                request.headers_mut().remove(CHANNEL_HEADER)
-            };
+            // await.
+            let header = self.payment_header(&mut request);
             let (claim, target) = {
                 // The path the client sent: axum's `nest` strips its prefix from the URI the
                 // layer sees and keeps the original.
@@ -316,6 +311,17 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
         }
     }
 
+    /// The request's `Payment-Channel` header. A bearer proof of the channel: unless told to
+    /// forward it, the inner service (a proxy, a logger) has no business with it, paid or
+    /// free, so it is taken out of the request rather than copied.
+    pub(super) fn payment_header<B>(&self, request: &mut Request<B>) -> Option<HeaderValue> {
+        if self.forward_payment_header {
+            request.headers().get(CHANNEL_HEADER).cloned()
+        } else {
+            request.headers_mut().remove(CHANNEL_HEADER)
+        }
+    }
+
     /// The answer to a request whose idempotency key is held: the kept response, or why not.
     fn held<B: From<String> + From<Bytes>>(
         &self,
@@ -408,7 +414,7 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
                     http::header::CONTENT_TYPE,
                     HeaderValue::from_static("application/json"),
                 );
-                headers.insert(PAYMENT_CHANNEL_BALANCE, HeaderValue::from(paid.balance.to_msat()));
+                headers.insert(BALANCE_HEADER, HeaderValue::from(paid.balance.to_msat()));
                 response
             }
             // Without a claim, nothing is ever held.
@@ -439,10 +445,9 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
         price: MilliSats,
         claim: Option<&IdempotencyClaim>,
     ) -> Result<Charged, Rejection> {
-        let reject = |kind, record: Option<&ChannelRecord>| {
-            Rejection::new(kind, record.map(|r| r.snapshot(price, self.bundle))).with_price(price)
-        };
-        let header = header.ok_or_else(|| reject(RejectionKind::PaymentRequired, None))?;
+        let header = header.ok_or_else(|| {
+            Rejection::new(RejectionKind::PaymentRequired, None).with_price(price)
+        })?;
         let header = VerifiedHeader(header);
         let Some((id, carried)) = self.verified.get(&header).map(|entry| *entry) else {
             // Boxed, as every path but the fast one below: the future of every paid request

@@ -106,9 +106,7 @@ where
             // A bearer proof of the channel (clients send it with every request to the
             // origin): a free route's service has no more business with it than a paid one's.
             let mut request = request;
-            if !self.meter.forward_payment_header {
-                request.headers_mut().remove(super::meter::CHANNEL_HEADER);
-            }
+            let _removed = self.meter.payment_header(&mut request);
             return ResponseFuture::free(self.inner.call(request));
         };
         if let Some(tally) = &self.meter.shadow {
@@ -126,9 +124,7 @@ where
                 None,
                 price,
             ));
-            if !self.meter.forward_payment_header {
-                request.headers_mut().remove(super::meter::CHANNEL_HEADER);
-            }
+            let _removed = self.meter.payment_header(&mut request);
             return ResponseFuture::free(self.inner.call(request));
         }
         // Use the service that was driven to readiness; leave a fresh clone in its place

@@ -456,10 +456,9 @@ impl<S: ChannelStore> Inner<S> {
             let mut local = slot.local();
             let lease = match lease {
                 Ok(lease) => lease,
+                // The guard counts the operation as failed, once the slot's lock is let go.
                 Err(error) => {
-                    local.failed(settle, Some(take.id));
                     drop(local);
-                    in_flight.done();
                     return Err(error);
                 }
             };
@@ -544,11 +543,8 @@ impl<S: ChannelStore> Inner<S> {
         for (lease, used) in settle.into_iter().chain(retake.map(|lease| (lease, MilliSats::ZERO)))
         {
             let settled = self.bounded(self.store.lease(id, LeaseRequest::settle(lease, used)));
-            if let Err(error) = settled.await {
-                slot.local().failed(settle, retake);
-                in_flight.done();
-                return Err(error);
-            }
+            // On an error the guard counts the operation as failed.
+            let _settled = settled.await?;
         }
         let owed = {
             let mut local = slot.local();
