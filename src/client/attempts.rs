@@ -40,19 +40,32 @@ pub(crate) struct Retry<'a, St> {
     /// Whether the request may be answered by a replay: an unsafe method with an
     /// `Idempotency-Key`.
     keyed: bool,
+    /// The request's method and path: its route, for the quotes and the count.
+    method: http::Method,
+    path: String,
 }
 
 impl<'a, St: ClientStore> Retry<'a, St> {
-    /// One request's attempts; `method` and `headers` are the request's.
+    /// One request's attempts; `method`, `path` and `headers` are the request's.
     pub(crate) fn new(
         payer: &'a Payer<St>,
         method: &http::Method,
+        path: &str,
         headers: &http::HeaderMap,
     ) -> Self {
         use http::Method;
         let keyed = matches!(*method, Method::POST | Method::PUT | Method::PATCH | Method::DELETE)
             && headers.contains_key(crate::server::IDEMPOTENCY_KEY);
-        Self { payer, budget: RetryBudget::default(), attempt: 0, sent: None, prev: None, keyed }
+        Self {
+            payer,
+            budget: RetryBudget::default(),
+            attempt: 0,
+            sent: None,
+            prev: None,
+            keyed,
+            method: method.clone(),
+            path: path.to_owned(),
+        }
     }
 
     /// Starts the next attempt: the `Payment-Channel` header it carries, if any.
@@ -95,16 +108,18 @@ impl<'a, St: ClientStore> Retry<'a, St> {
         self.attempt >= MAX_ATTEMPTS
     }
 
-    /// The attempt, `method path_and_query`, was answered with `headers`: check what the
-    /// server charged (its `Payment-Channel-Balance`, and its signed `Payment-Receipt` when
-    /// it sends one) against the policy — an overcharge or a receipt that does not add up
+    /// The attempt, `method path_and_query`, was answered with `status` and `headers`: count
+    /// it (a served answer to a priced request is one unit at its quote: the loss bound's
+    /// count), check what the server charged (its `Payment-Channel-Balance`, and its signed
+    /// `Payment-Receipt` when it sends one) against the policy — an overcharge, a receipt
+    /// that does not add up, or a counted answer without a receipt when receipts are required
     /// stops the payer at the next request — then top up ahead of the next request if the
     /// payer is configured to. A refusal here is not this request's failure: the next
     /// request meets it as a typed error.
     pub(crate) async fn answered(
         self,
+        status: http::StatusCode,
         headers: &http::HeaderMap,
-        method: &str,
         path_and_query: &str,
     ) {
         let Some(sent) = &self.sent else { return };
@@ -114,15 +129,23 @@ impl<'a, St: ClientStore> Retry<'a, St> {
         if headers.contains_key(crate::server::IDEMPOTENT_REPLAYED) && self.keyed {
             return;
         }
-        let Some(balance) = balance(headers) else { return };
-        self.payer.note_answer(sent, balance);
-        match headers.get(crate::wire::PAYMENT_RECEIPT) {
-            Some(receipt) => {
+        let method = self.method.as_str();
+        let balance = balance(headers);
+        let receipt = headers.get(crate::wire::PAYMENT_RECEIPT);
+        let metered = balance.is_some() || receipt.is_some();
+        let route = (method, path_and_query);
+        let counted = self.payer.note_served(sent, route, status.as_u16(), metered);
+        match receipt {
+            Some(receipt) if balance.is_some() || counted => {
                 let (value, prev) = (receipt.as_bytes(), self.prev);
                 self.payer.note_receipt(sent, value, method, path_and_query, prev);
             }
-            None => self.payer.note_missing_receipt("a paid answer without a receipt"),
+            Some(_) => {}
+            None if counted => self.payer.note_missing_receipt("a paid answer without a receipt"),
+            None => {}
         }
+        let Some(balance) = balance else { return };
+        self.payer.note_answer(sent, balance);
         let _ = self.payer.observe_balance(sent, balance).await;
     }
 
@@ -137,6 +160,9 @@ impl<'a, St: ClientStore> Retry<'a, St> {
         negotiation: &T,
         problem: Problem,
     ) -> Result<(), ClientError> {
+        if let Some(price) = problem.price_msat {
+            self.payer.note_quote(self.method.as_str(), &self.path, price);
+        }
         if self.is_last() {
             return Err(problem.into());
         }

@@ -4,7 +4,7 @@ use core::fmt;
 
 use bitcoin::Amount;
 
-use super::{ClientStoreError, PolicyRefusal, WalletError};
+use super::{BoundExceeded, ClientStoreError, PolicyRefusal, WalletError};
 use crate::MilliSats;
 use crate::chain::ChainError;
 use crate::channel::{PaymentError, SignError};
@@ -74,6 +74,10 @@ pub enum ClientError {
     InvalidOrigin(String),
     /// A client key could not be derived.
     Key(bitcoin::bip32::Error),
+    /// The server asked for a payment beyond the client's loss bound: more than what the
+    /// client counted served, one price and `max_prepaid` (see
+    /// [`LossBound`](super::LossBound)). Nothing was signed.
+    BoundExceeded(BoundExceeded),
 }
 
 impl fmt::Display for ClientError {
@@ -111,6 +115,7 @@ impl fmt::Display for ClientError {
                 write!(f, "{origin:?} is not an http(s)://host[:port] origin")
             }
             Self::Key(e) => write!(f, "key derivation: {e}"),
+            Self::BoundExceeded(e) => write!(f, "loss bound: {e}"),
         }
     }
 }
@@ -126,6 +131,7 @@ impl std::error::Error for ClientError {
             Self::Wallet(e) => Some(e),
             Self::Transport(e) => Some(&**e),
             Self::Key(e) => Some(e),
+            Self::BoundExceeded(e) => Some(e),
             _ => None,
         }
     }

@@ -149,7 +149,7 @@ impl<St: ClientStore + 'static> Middleware for PaymentMiddleware<St> {
             return next.run(request, extensions).await;
         }
         let negotiation = NextTransport { next: next.clone() };
-        let mut retry = Retry::new(&self.payer, request.method(), request.headers());
+        let mut retry = Retry::new(&self.payer, request.method(), request.url().path(), request.headers());
         loop {
             let header = retry.start().await.map_err(middleware_error)?;
             let Some(mut this) = request.try_clone() else {
@@ -176,7 +176,7 @@ impl<St: ClientStore + 'static> Middleware for PaymentMiddleware<St> {
                     None => url.path().to_owned(),
                 };
                 let (sent, prev) = (retry.sent().cloned(), retry.prev());
-                retry.answered(response.headers(), this_method.as_str(), &path).await;
+                retry.answered(response.status(), response.headers(), &path).await;
                 return Ok(match sent {
                     Some(sent) if response.headers().contains_key(PAYMENT_CHANNEL_STREAM) => {
                         self.paid_stream(response, sent, prev, this_method.as_str(), path)

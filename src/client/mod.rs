@@ -41,6 +41,7 @@
 //! ```
 
 mod attempts;
+mod bound;
 #[cfg(feature = "bitcoind")]
 mod core_wallet;
 mod error;
@@ -55,6 +56,7 @@ mod stream;
 mod transport;
 mod wallet;
 
+pub use bound::{BoundExceeded, LossBound};
 #[cfg(feature = "bitcoind")]
 pub use core_wallet::CoreWallet;
 pub use error::{ClientError, Misbehavior, MisbehaviorKind};

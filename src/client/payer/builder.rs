@@ -14,6 +14,7 @@ use super::{Inner, Payer};
 use crate::MilliSats;
 use crate::chain::{ChainBackend, ChainError, ChainTip};
 use crate::client::{
+    LossBound,
     ClientError, ClientStore, MemoryClientStore, SpendingPolicy, Transport, Wallet,
 };
 
@@ -212,6 +213,7 @@ impl<S: ClientStore> PayerBuilder<S> {
     /// host and nothing after it but an optional `/`.
     pub fn build(mut self) -> Result<Payer<S>, ClientError> {
         self.settings.origin = parse_origin(&self.settings.origin)?;
+        let bound = Mutex::new(LossBound::new(&self.settings.policy));
         Ok(Payer {
             inner: Arc::new(Inner {
                 settings: self.settings,
@@ -219,6 +221,7 @@ impl<S: ClientStore> PayerBuilder<S> {
                 state: tokio::sync::Mutex::default(),
                 current: RwLock::default(),
                 charges: Mutex::default(),
+                bound,
             }),
         })
     }

@@ -16,9 +16,13 @@ use serde::de::DeserializeOwned;
 
 use super::error::{Misbehavior, MisbehaviorKind};
 use super::transport::Transport;
-use super::{ClientChannel, ClientError, ClientStore, MemoryClientStore, SpendingPolicy};
+use super::{
+    ClientChannel, ClientError, ClientStore, LossBound, MemoryClientStore, SpendingPolicy,
+};
 use crate::MilliSats;
-use crate::wire::{ChannelId, PAYMENT_CHANNEL, Problem, Receipt, TERMS_PATH, TermsDocument};
+use crate::wire::{
+    ChannelId, PAYMENT_CHANNEL, PriceList, Problem, Receipt, TERMS_PATH, TermsDocument,
+};
 
 mod builder;
 mod close;
@@ -80,6 +84,9 @@ struct Inner<S> {
     state: tokio::sync::Mutex<State>,
     current: RwLock<Option<CurrentPayment>>,
     charges: Mutex<ChargeWatch>,
+    /// The client's own count of the current channel, and what it pays at most (the one loss
+    /// bound every signing path obeys).
+    bound: Mutex<LossBound>,
 }
 
 impl ChargeWatch {
@@ -168,6 +175,9 @@ struct ChargeWatch {
     open_streams: u32,
     /// What the channel's streams delivered, by the client's own count.
     streamed: MilliSats,
+    /// Whether a stream on the channel was cut before the server ended it (its unread units
+    /// are allowed once per channel).
+    cut: bool,
     /// When the last request left (on any channel).
     last_send: Option<Instant>,
 }
@@ -303,6 +313,30 @@ impl<S: ClientStore> Payer<S> {
             close_returns,
             expiry: channel.channel.params().expiry,
         }))
+    }
+
+    pub(super) fn bound(&self) -> std::sync::MutexGuard<'_, LossBound> {
+        self.inner.bound.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The server quoted `price` for `method path` in a 402 challenge.
+    pub(crate) fn note_quote(&self, method: &str, path: &str, price: MilliSats) {
+        if self.inner.settings.policy.check_price(price).is_ok() {
+            self.bound().quote(method, path, price);
+        }
+    }
+
+    /// The server answered `method path`, sent with `sent`, with `status`; `metered` when the
+    /// answer says it was paid for. Counts it (see [`LossBound::served`]); whether it counted
+    /// as a paid unit.
+    pub(crate) fn note_served(
+        &self,
+        sent: &CurrentPayment,
+        (method, path): (&str, &str),
+        status: u16,
+        metered: bool,
+    ) -> bool {
+        self.bound().served(sent.id, method, path, status, metered).is_some()
     }
 
     fn charges(&self) -> std::sync::MutexGuard<'_, ChargeWatch> {
@@ -537,6 +571,14 @@ impl<S: ClientStore> Payer<S> {
         channel: Option<(ClientChannel, SecretKey)>,
         header: Option<String>,
     ) {
+        if let Some((channel, _)) = &channel {
+            let mut bound = self.bound();
+            if bound.channel() != Some(channel.id()) {
+                // A channel opened now starts from its first payment; one loaded from the store
+                // from its latest (what was served before is not known: taken as served).
+                bound.start(channel.id(), channel.paid());
+            }
+        }
         let current = channel.as_ref().zip(header).and_then(|((channel, _), header)| {
             let header = HeaderValue::try_from(header).ok()?;
             let server_key = channel.channel.params().server_key.0;
@@ -567,7 +609,10 @@ impl<S: ClientStore> Payer<S> {
         &self,
         transport: &T,
     ) -> Result<TermsDocument, ClientError> {
-        self.call(transport, Method::GET, TERMS_PATH, None::<&()>, None).await
+        let terms: TermsDocument =
+            self.call(transport, Method::GET, TERMS_PATH, None::<&()>, None).await?;
+        self.bound().price_list(PriceList::from_terms(&terms.prices));
+        Ok(terms)
     }
 
     /// Sends one negotiation request to `path` on the origin and reads its typed answer; a

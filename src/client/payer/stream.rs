@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use http::{HeaderValue, Method};
 
+use super::top_up::Ask;
 use super::{CurrentPayment, MisbehaviorKind, Payer, misbehaved, verified_receipt};
 use crate::MilliSats;
 use crate::client::{ClientError, ClientStore, Transport};
@@ -139,8 +140,20 @@ impl<S: ClientStore> Payer<S> {
         }
         let (before, max) = (channel.paid(), channel.channel.params().max_server_amount());
         let target = before.checked_add(amount).unwrap_or(max).min(max);
-        self.pay_more(&mut state, target).await?;
-        Ok(state.channel.as_ref().map_or(before, |(c, _)| c.paid()) - before)
+        self.pay_more(&mut state, target, Ask::AHEAD).await?;
+        let added = state.channel.as_ref().map_or(before, |(c, _)| c.paid()) - before;
+        if added == Amount::ZERO && amount > Amount::ZERO {
+            // The bound left no room: say so rather than hand the same payment over again.
+            let bound = self.bound();
+            let asked = before.checked_add(amount).unwrap_or(Amount::MAX);
+            let allowed = bound.allowed(MilliSats::ZERO);
+            if asked > allowed && allowed <= before {
+                let counted = bound.counted();
+                let exceeded = crate::client::BoundExceeded::new(asked, allowed, counted, None);
+                return Err(ClientError::BoundExceeded(exceeded));
+            }
+        }
+        Ok(added)
     }
 
     /// Hands the current payment over on the server's payment endpoint.
@@ -183,12 +196,15 @@ impl<S: ClientStore> Payer<S> {
 
     /// A metered stream on `sent`'s channel ended. One the client dropped before the server
     /// ended it may have been debited for units the client never read (the server debits
-    /// before it sends): up to `max_prepaid` of them stay allowed.
+    /// before it sends): up to `max_prepaid` of them stay allowed — once per channel, however
+    /// many streams are cut (the payments that covered those units are bounded by the
+    /// channel's [`LossBound`], not per stream).
     pub(crate) fn stream_ended(&self, sent: &CurrentPayment, early: bool) {
         let prepaid = self.max_prepaid_msat();
         let mut charges = self.charges();
         charges.open_streams = charges.open_streams.saturating_sub(1);
-        if early && charges.channel == Some(sent.id) {
+        if early && charges.channel == Some(sent.id) && !charges.cut {
+            charges.cut = true;
             charges.streamed = charges.streamed.saturating_add(prepaid);
         }
     }
@@ -196,6 +212,7 @@ impl<S: ClientStore> Payer<S> {
     /// A stream on `sent`'s channel delivered units worth `cost` (the client's own count):
     /// the server may have spent that much more than the requests account for.
     pub(crate) fn note_streamed(&self, sent: &CurrentPayment, cost: MilliSats) {
+        self.bound().streamed(sent.id, cost);
         let mut charges = self.charges();
         if charges.channel == Some(sent.id) {
             charges.streamed = charges.streamed.saturating_add(cost);

@@ -19,6 +19,20 @@ pub(crate) struct RetryBudget {
 /// Top-ups one request may make.
 const MAX_TOP_UPS: u8 = 2;
 
+/// What a payment is for, for the loss bound: the price of the request that waits for it
+/// (zero ahead of any request), the least the server asks, and what it claims spent.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Ask {
+    pub(super) price: MilliSats,
+    pub(super) min: Option<Amount>,
+    pub(super) claimed: Option<MilliSats>,
+}
+
+impl Ask {
+    /// A top-up ahead of any request: as much as the bound allows, no least.
+    pub(super) const AHEAD: Self = Self { price: MilliSats::ZERO, min: None, claimed: None };
+}
+
 impl<S: ClientStore> Payer<S> {
     /// Acts on a 402 to a request that carried `sent`: tops up, opens a channel, or (when
     /// another request already did either) nothing; the caller retries. Errors mean the
@@ -125,7 +139,9 @@ impl<S: ClientStore> Payer<S> {
             .min(channel.channel.params().max_server_amount())
             .min(paid.checked_add(room).unwrap_or(Amount::MAX))
             .max(min);
-        self.pay_more(state, target).await
+        let ask =
+            Ask { price: snapshot.price_msat, min: Some(min), claimed: Some(snapshot.spent_msat) };
+        self.pay_more(state, target, ask).await
     }
 
     /// Proactive top-up after a served request that carried `sent` and reported `balance`.
@@ -145,23 +161,40 @@ impl<S: ClientStore> Payer<S> {
         let Some((channel, _)) = state.channel.as_ref() else { return Ok(()) };
         let target = channel.paid().checked_add(amount).unwrap_or(Amount::MAX);
         let target = target.min(channel.channel.params().max_server_amount());
-        self.pay_more(&mut state, target).await
+        // Ahead of any request: within the loss bound, as much as it allows.
+        self.pay_more(&mut state, target, Ask::AHEAD).await
     }
 
     /// Signs, saves and makes current a payment of `target` on the current channel, within
-    /// the policy's budget. Nothing to do when the
+    /// the policy's budget and the channel's loss bound for `ask` (`target` is lowered to the
+    /// bound; below the least the server asks, nothing is signed). Nothing to do when the
     /// channel already pays that much: the server has not seen our latest payment yet, and
     /// sending it again is enough.
     pub(super) async fn pay_more(
         &self,
         state: &mut State,
         target: Amount,
+        ask: Ask,
     ) -> Result<(), ClientError> {
         // Never a payment more to a server that overcharged (checked under the state lock).
         self.check_trusted()?;
         let spent = state.spent();
         let Some((channel, key)) = state.channel.as_mut() else { return Ok(()) };
         let paid = channel.paid();
+        if target <= paid {
+            return Ok(());
+        }
+        // The loss bound: the one rule for every payment the client signs on a channel.
+        let target = {
+            let bound = self.bound();
+            if let Some(least) = ask.min
+                && let Err(exceeded) = bound.check(channel.id(), least, ask.price, ask.claimed)
+            {
+                tracing::warn!(%exceeded, "the loss bound stops a payment");
+                return Err(ClientError::BoundExceeded(exceeded));
+            }
+            target.min(bound.allowed(ask.price))
+        };
         if target <= paid {
             return Ok(());
         }

@@ -152,7 +152,7 @@ where
     }
     let (parts, body) = request.into_parts();
     let negotiation = ServiceTransport::new(inner.clone());
-    let mut retry = Retry::new(&payer, &parts.method, &parts.headers);
+    let mut retry = Retry::new(&payer, &parts.method, parts.uri.path(), &parts.headers);
     loop {
         let header = retry.start().await?;
         let mut request = copy(&parts, &body);
@@ -168,7 +168,7 @@ where
         if response.status() != StatusCode::PAYMENT_REQUIRED || retry.is_last() {
             let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
             let (sent, prev) = (retry.sent().cloned(), retry.prev());
-            retry.answered(response.headers(), parts.method.as_str(), path).await;
+            retry.answered(response.status(), response.headers(), path).await;
             let (head, body) = response.into_parts();
             let body = match sent {
                 Some(sent) => {
