@@ -613,3 +613,48 @@ async fn a_lease_granted_as_the_channel_leaves_open_is_not_drawn_from() {
         "the grant was given back unused"
     );
 }
+
+/// A node that moves a channel out of open settles its own lease first; requests that take a
+/// new lease on it between that settlement and the move are the last ones it serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_taken_while_this_node_moves_the_channel_is_not_drawn_from_after() {
+    use common::hooked::{Hooked, Op};
+    use std::sync::OnceLock;
+    let memory = MemoryStore::new();
+    let setup = Setup::with(25, 2, Terms::default(), None);
+    let id = open(&memory, &setup, 10_000).await;
+    let node: Arc<OnceLock<Leased<Hooked>>> = Arc::default();
+    let store = Hooked::new(memory.clone(), {
+        let node = node.clone();
+        move |op| {
+            let node = node.clone();
+            Box::pin(async move {
+                if matches!(op, Op::Transition { .. }) {
+                    // Two requests on the node, after its settlement and before the move: the
+                    // second takes a lease sized by their rate, with room left.
+                    let node = node.get().unwrap();
+                    for _ in 0..2 {
+                        assert!(matches!(node.debit(id, PRICE).await?, Debit::Debited { .. }));
+                    }
+                    let (held, used) = node.held();
+                    assert!(held.checked_sub(used).unwrap() >= PRICE, "room: {held} {used}");
+                }
+                Ok(())
+            })
+        }
+    });
+    let node = node.get_or_init(|| Leased::with_config(store, config())).clone();
+    let served = serve(&node, id, 3).await.saturating_add(PRICE.checked_mul(2).unwrap());
+    assert!(node.transition(id, ChannelState::Open, ChannelState::Pending).await.unwrap());
+    for _ in 0..10 {
+        let debit = node.debit(id, PRICE).await.unwrap();
+        assert_eq!(debit, Debit::NotOpen { state: ChannelState::Pending });
+    }
+    assert_eq!(node.return_all().await, 0);
+    let record = memory.load(id).await.unwrap().unwrap();
+    assert_eq!(
+        (record.spent, record.leased, record.forfeited),
+        (served, MilliSats::ZERO, MilliSats::ZERO),
+        "what was served is spent, to the msat"
+    );
+}
