@@ -226,11 +226,62 @@ async fn a_fair_close_counts_every_lease<S: ChannelStore + Clone>(store: S) {
     assert_eq!((record.state, record.spent), (ChannelState::Closing, served));
 }
 
+/// A channel that leaves open on one node (its settlement task suspended it: the zero-conf
+/// funding left the mempool; or it moved it to closing) is served from no node's lease once
+/// each node's settlement pass listed the channels (security review F6): the node that moved
+/// it stops at once, the other at its pass, whether the pass lists the channel in its new
+/// state or only finds it missing from the open ones (it moved in between). Everything
+/// served stays spent, nothing stays leased.
+async fn a_channel_out_of_open_is_served_from_no_lease_after_a_pass<S: ChannelStore + Clone>(
+    store: S,
+) {
+    for (seed, to, listed) in
+        [(22, ChannelState::Pending, true), (23, ChannelState::Closing, false)]
+    {
+        let setup = Setup::with(seed, 2, Terms::default(), None);
+        let id = open(&store, &setup, 10_000).await;
+        let (a, b) = (
+            Leased::with_config(store.clone(), config()),
+            Leased::with_config(store.clone(), config()),
+        );
+        let served = serve(&a, id, 30).await.saturating_add(serve(&b, id, 3).await);
+        let (held, used) = a.held();
+        assert!(held.checked_sub(used).unwrap() >= PRICE, "A's lease has room: {held} {used}");
+        // B's settlement pass moves the channel; then A's pass lists the channels.
+        assert!(b.transition(id, ChannelState::Open, to).await.unwrap());
+        if listed {
+            assert!(a.list(to).await.unwrap().iter().any(|record| record.id() == id));
+        }
+        assert!(a.list(ChannelState::Open).await.unwrap().iter().all(|record| record.id() != id));
+        let mut after = 0;
+        for node in [&a, &b] {
+            for _ in 0..10 {
+                match node.debit(id, PRICE).await.unwrap() {
+                    Debit::Debited { .. } => after += 1,
+                    Debit::NotOpen { state } => assert_eq!(state, to),
+                    other @ Debit::Insufficient { .. } => panic!("{other:?}"),
+                }
+            }
+        }
+        assert_eq!(after, 0, "{after} requests served from a lease of a {to:?} channel");
+        for node in [&a, &b] {
+            assert_eq!(node.return_all().await, 0);
+        }
+        let record = store.load(id).await.unwrap().unwrap();
+        assert_eq!(
+            (record.spent, record.leased, record.forfeited),
+            (served, MilliSats::ZERO, MilliSats::ZERO),
+            "what was served is spent, to the msat"
+        );
+    }
+}
+
 async fn every_check<S: ChannelStore + Clone>(store: S) {
     nodes_serve_exactly_what_was_paid(store.clone()).await;
     a_dead_nodes_lease_is_forfeited(store.clone()).await;
     a_credit_returns_to_the_lease(store.clone()).await;
-    a_fair_close_counts_every_lease(store).await;
+    a_fair_close_counts_every_lease(store.clone()).await;
+    a_channel_out_of_open_is_served_from_no_lease_after_a_pass(store).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -514,4 +565,96 @@ async fn a_refused_retake_still_gives_the_unheard_grant_back() {
     let too_much = MilliSats::from_msat(20_000_000);
     assert!(matches!(node.debit(id, too_much).await.unwrap(), Debit::Insufficient { .. }));
     all_given_back(&node, &memory, id, served, "the unheard grant was given back, unused").await;
+}
+
+/// A lease the store granted just before the channel left open, whose reply reaches the node
+/// after its settlement pass saw the channel pending: the request that asked for it is
+/// refused, nothing is drawn from it, and it is given back unused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_granted_as_the_channel_leaves_open_is_not_drawn_from() {
+    use common::hooked::{Hooked, Op};
+    use futures_util::FutureExt as _;
+    use std::sync::OnceLock;
+    let memory = MemoryStore::new();
+    let setup = Setup::with(24, 2, Terms::default(), None);
+    let id = open(&memory, &setup, 10_000).await;
+    // Once armed, the next lease operation's reply waits while another node suspends the
+    // channel and this node's settlement pass lists the pending channels.
+    let armed = Arc::new(AtomicBool::new(false));
+    let node: Arc<OnceLock<Leased<Hooked>>> = Arc::default();
+    let store = Hooked::new(memory.clone(), |_| Box::pin(std::future::ready(Ok(()))))
+        .losing_replies({
+            let (armed, memory, node) = (armed.clone(), memory.clone(), node.clone());
+            move |op| {
+                if op == Op::Lease && armed.swap(false, Ordering::SeqCst) {
+                    let moved = memory.transition(id, ChannelState::Open, ChannelState::Pending);
+                    assert!(moved.now_or_never().unwrap().unwrap());
+                    let listed = node.get().unwrap().list(ChannelState::Pending);
+                    assert_eq!(listed.now_or_never().unwrap().unwrap().len(), 1);
+                }
+                false
+            }
+        });
+    let node = node.get_or_init(|| Leased::with_config(store, config())).clone();
+    let served = serve(&node, id, 3).await;
+    // A request bigger than the lease's room: a new lease, granted while the channel was open.
+    armed.store(true, Ordering::SeqCst);
+    let big = PRICE.checked_mul(10).unwrap();
+    let refused = node.debit(id, big).await.unwrap();
+    assert!(!armed.load(Ordering::SeqCst), "the reply was held back");
+    assert_eq!(refused, Debit::NotOpen { state: ChannelState::Pending });
+    assert_eq!(node.held(), (MilliSats::ZERO, MilliSats::ZERO), "nothing to draw from");
+    assert!(matches!(node.debit(id, PRICE).await.unwrap(), Debit::NotOpen { .. }));
+    assert_eq!(node.return_all().await, 0);
+    let record = memory.load(id).await.unwrap().unwrap();
+    assert_eq!(
+        (record.spent, record.leased, record.forfeited),
+        (served, MilliSats::ZERO, MilliSats::ZERO),
+        "the grant was given back unused"
+    );
+}
+
+/// A node that moves a channel out of open settles its own lease first; requests that take a
+/// new lease on it between that settlement and the move are the last ones it serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_taken_while_this_node_moves_the_channel_is_not_drawn_from_after() {
+    use common::hooked::{Hooked, Op};
+    use std::sync::OnceLock;
+    let memory = MemoryStore::new();
+    let setup = Setup::with(25, 2, Terms::default(), None);
+    let id = open(&memory, &setup, 10_000).await;
+    let node: Arc<OnceLock<Leased<Hooked>>> = Arc::default();
+    let store = Hooked::new(memory.clone(), {
+        let node = node.clone();
+        move |op| {
+            let node = node.clone();
+            Box::pin(async move {
+                if matches!(op, Op::Transition { .. }) {
+                    // Two requests on the node, after its settlement and before the move: the
+                    // second takes a lease sized by their rate, with room left.
+                    let node = node.get().unwrap();
+                    for _ in 0..2 {
+                        assert!(matches!(node.debit(id, PRICE).await?, Debit::Debited { .. }));
+                    }
+                    let (held, used) = node.held();
+                    assert!(held.checked_sub(used).unwrap() >= PRICE, "room: {held} {used}");
+                }
+                Ok(())
+            })
+        }
+    });
+    let node = node.get_or_init(|| Leased::with_config(store, config())).clone();
+    let served = serve(&node, id, 3).await.saturating_add(PRICE.checked_mul(2).unwrap());
+    assert!(node.transition(id, ChannelState::Open, ChannelState::Pending).await.unwrap());
+    for _ in 0..10 {
+        let debit = node.debit(id, PRICE).await.unwrap();
+        assert_eq!(debit, Debit::NotOpen { state: ChannelState::Pending });
+    }
+    assert_eq!(node.return_all().await, 0);
+    let record = memory.load(id).await.unwrap().unwrap();
+    assert_eq!(
+        (record.spent, record.leased, record.forfeited),
+        (served, MilliSats::ZERO, MilliSats::ZERO),
+        "what was served is spent, to the msat"
+    );
 }

@@ -373,6 +373,79 @@ async fn a_double_spent_funding_fails_the_channel_and_nothing_is_served() {
     assert_eq!(task.metrics().lock().unwrap().failed_fundings, 1);
 }
 
+/// Two nodes serving one channel from leases, each running its settlement task on its own
+/// `Leased` handle: once one task suspends the channel (its zero-conf funding was
+/// double-spent), no request is served from either node's lease after the other node's
+/// next pass (security review F6), and what was served is spent, nothing left leased.
+async fn a_suspension_stops_every_nodes_lease_by_the_next_pass<S: ChannelStore + Clone>(store: S) {
+    use paychan::store::{Debit, LeaseConfig, Leased};
+    let price = MilliSats::from_msat(10_000);
+    let chain = SimulatedChain::new();
+    let funded = open_channel(&store, &chain, 0, 200, 3_000).await;
+    let id = wire::ChannelId::new(funded.channel.outpoint());
+    let config = LeaseConfig::default()
+        .max_lease(MilliSats::from_msat(200_000))
+        .idle(Duration::from_secs(60));
+    let (a, b) =
+        (Leased::with_config(store.clone(), config), Leased::with_config(store.clone(), config));
+    let (mut task_a, mut task_b) =
+        (settlement(a.clone(), chain.clone()), settlement(b.clone(), chain.clone()));
+    let mut served = MilliSats::ZERO;
+    for (node, times) in [(&a, 30), (&b, 3)] {
+        for _ in 0..times {
+            assert!(matches!(node.debit(id, price).await.unwrap(), Debit::Debited { .. }));
+            served = served.saturating_add(price);
+        }
+    }
+    let (held, used) = a.held();
+    assert!(held.checked_sub(used).unwrap() >= price, "A's lease has room: {held} {used}");
+
+    chain.mine_double_spend(&spend(funded.coin.clone(), 149_000, 0)).unwrap();
+    assert_eq!(task_b.run_once().await.unwrap().suspended, 1, "B's pass suspends it");
+    assert_eq!(state(&store, id).await, ChannelState::Pending);
+    assert_eq!(task_a.run_once().await.unwrap().suspended, 0, "A's pass finds it pending");
+    let mut after = 0;
+    for node in [&a, &b] {
+        for _ in 0..20 {
+            match node.debit(id, price).await.unwrap() {
+                Debit::Debited { .. } => after += 1,
+                Debit::NotOpen { state } => assert_eq!(state, ChannelState::Pending),
+                other @ Debit::Insufficient { .. } => panic!("{other:?}"),
+            }
+        }
+    }
+    assert_eq!(after, 0, "{after} requests served from a lease of a suspended channel");
+    for node in [&a, &b] {
+        assert_eq!(node.return_all().await, 0);
+    }
+    let record = store.load(id).await.unwrap().unwrap();
+    assert_eq!(
+        (record.spent, record.leased, record.forfeited),
+        (served, MilliSats::ZERO, MilliSats::ZERO),
+        "what was served is spent, to the msat"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspension_stops_every_nodes_lease_on_memory() {
+    a_suspension_stops_every_nodes_lease_by_the_next_pass(MemoryStore::new()).await;
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspension_stops_every_nodes_lease_on_postgres() {
+    let Some(config) = common::stores::postgres_config("suspended_leases").await else { return };
+    let store = paychan::store::PostgresStore::connect_with(config).await.unwrap();
+    a_suspension_stops_every_nodes_lease_by_the_next_pass(store).await;
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspension_stops_every_nodes_lease_on_redis() {
+    let Some(store) = common::stores::redis_store("suspended_leases").await else { return };
+    a_suspension_stops_every_nodes_lease_by_the_next_pass(store).await;
+}
+
 #[tokio::test]
 async fn a_funding_that_never_confirms_fails_and_a_pending_channel_opens_when_confirmed() {
     let chain = SimulatedChain::new();

@@ -1,6 +1,7 @@
 //! [`Leased`]: a node serves from leases of each channel's balance, at memory speed on a
 //! shared store.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
@@ -141,9 +142,24 @@ impl LeaseConfig {
 ///   as `leased_msat`): a fair close must pay for it, unless the leases are given back
 ///   first — a close on this node settles its own lease and waits up to twice
 ///   [`idle`](LeaseConfig::idle) for the others'.
-/// - **Until the channel closes everywhere**, a node may still serve from its lease after
-///   another node closed the channel: those requests were paid for (the close covered the
-///   lease) and the lease is given back when idle.
+/// - **Stops with its channel.** A node draws on its lease of a channel only until it sees
+///   the channel out of [`Open`](ChannelState::Open): suspended (a zero-conf funding left
+///   the mempool), closing or failed. It sees that at once when it moves the channel itself
+///   ([`transition`](ChannelStore::transition), [`close_with`](ChannelStore::close_with)),
+///   in every record it reads ([`load`](ChannelStore::load), [`list`](ChannelStore::list)),
+///   and when a listing of the open channels leaves out one it holds a lease of, taken
+///   before the listing began (it then reads that record again). The lease is then settled
+///   like one of unknown outcome, and a lease being granted meanwhile is given back unused
+///   and its request refused. The [settlement task](crate::settlement::Settlement) lists
+///   every state on every pass: run on this store on every node (as
+///   [`Merchant`](crate::Merchant) does), **no request is served from any node's lease of a
+///   channel that left open once each node has run one settlement pass that began after the
+///   change** (a pass during which the store failed may not count) — within one pass
+///   interval of the change, plus the pass itself. Until its pass a node may serve from the
+///   lease it holds (at most one per node, ≤ [`max_lease`](LeaseConfig::max_lease)), and
+///   from none taken more than about a third of the [`ttl`](LeaseConfig::ttl) before (the
+///   background task gives it back then, and the store grants nothing on a channel that is
+///   not open). None of this costs the fast path anything: no store round trip per request.
 ///
 /// New payments, idempotent requests and everything else go to the store directly.
 ///
@@ -230,6 +246,9 @@ struct Local {
     busy: bool,
     /// Debits given back while an operation was in flight: given back to the store after it.
     owed: MilliSats,
+    /// The channel was seen out of [`Open`](ChannelState::Open) (in this state) while an
+    /// operation was in flight: a lease it was granted is not drawn from.
+    stopped: Option<ChannelState>,
 }
 
 impl Local {
@@ -253,8 +272,25 @@ impl Local {
     /// one, or one whose settlement is unknown) with what was used of it.
     fn begin(&mut self) -> Option<(LeaseId, MilliSats)> {
         self.busy = true;
+        // What the store answers from now on is newer than what stopped the slot.
+        self.stopped = None;
         let live = self.lease.take().map(|lease| (lease, self.used));
         live.or(self.unsettled)
+    }
+
+    /// The channel is in `state`, not [`Open`](ChannelState::Open): nothing is drawn from the
+    /// live lease again (the next operation settles it, as one of unknown outcome), nor from
+    /// one an operation in flight is being granted.
+    fn stop(&mut self, state: ChannelState) {
+        if let Some(lease) = self.lease.take() {
+            // A live lease and one of unknown settlement never coexist: `begin` settles
+            // either, and every operation's end leaves at most one of them.
+            debug_assert!(self.unsettled.is_none(), "a live lease beside an unsettled one");
+            self.unsettled = Some((lease, self.used));
+        }
+        if self.busy {
+            self.stopped = Some(state);
+        }
     }
 
     /// The store operation that settled `settled` (and took `taken`) failed: nothing is
@@ -394,6 +430,46 @@ impl<S: ChannelStore> Inner<S> {
         }
     }
 
+    /// Notes that channel `id` is in `state`, as a record read from the store says: out of
+    /// [`Open`](ChannelState::Open), this node stops drawing on its lease of it.
+    fn saw_state(&self, id: ChannelId, state: ChannelState) {
+        if state != ChannelState::Open
+            && let Some(slot) = self.slots.get(&id)
+        {
+            slot.local().stop(state);
+        }
+    }
+
+    /// `open` lists every open channel, as read by a listing that began at `began`: a
+    /// channel this node holds a lease of that was taken before, or is being taken, and is
+    /// not in the list, left open since. Each is read again (a channel may also have opened
+    /// after the listing) and its lease stopped if it is not open.
+    async fn saw_open(&self, began: Instant, open: &[ChannelRecord]) {
+        if self.slots.is_empty() {
+            return;
+        }
+        let open: HashSet<ChannelId> = open.iter().map(ChannelRecord::id).collect();
+        let left: Vec<ChannelId> = self
+            .slots
+            .iter()
+            .filter(|slot| {
+                let local = slot.local();
+                let leased = local.lease.is_some() && local.taken.is_some_and(|at| at < began);
+                (leased || local.busy) && !open.contains(slot.key())
+            })
+            .map(|slot| *slot.key())
+            .collect();
+        for id in left {
+            match self.bounded(self.store.load(id)).await {
+                Ok(Some(record)) => self.saw_state(id, record.state),
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::warn!(%error, channel = %id, "the state of a leased channel is unknown");
+                }
+            }
+        }
+    }
+
     /// Debits `amount` from this node's lease of channel `id`, taking a new lease (and
     /// settling the old one) when it does not hold enough.
     async fn debit(
@@ -463,31 +539,50 @@ impl<S: ChannelStore> Inner<S> {
                 }
             };
             let (owed, paid, spent) = (local.owed, local.paid, local.spent);
-            *local = match lease {
-                Lease::Granted { amount: held, paid: now_paid, spent } => Local {
-                    lease: Some(take.id),
-                    held,
-                    used: amount,
-                    paid: paid.max(now_paid),
-                    spent,
-                    taken: Some(now),
-                    last: Some(now),
-                    ..Local::default()
-                },
-                // Refused: the old lease was settled; a take of unknown outcome may still
-                // hold a grant, settled (unused) by the next operation.
-                Lease::Insufficient { .. } | Lease::NotOpen { .. } => Local {
-                    paid,
-                    spent: spent.saturating_add(settle.map_or(MilliSats::ZERO, |(_, used)| used)),
-                    last: Some(now),
-                    unsettled: old.retake.map(|lease| (lease, MilliSats::ZERO)),
-                    ..Local::default()
-                },
+            // Refused: the old lease was settled; a take of unknown outcome may still hold a
+            // grant, settled (unused) by the next operation.
+            let refused = Local {
+                paid,
+                spent: spent.saturating_add(settle.map_or(MilliSats::ZERO, |(_, used)| used)),
+                last: Some(now),
+                unsettled: old.retake.map(|lease| (lease, MilliSats::ZERO)),
+                ..Local::default()
             };
-            let outcome = match lease {
-                Lease::Granted { .. } => Debit::Debited { balance: local.balance() },
-                Lease::Insufficient { balance } => Debit::Insufficient { balance },
-                Lease::NotOpen { state } => Debit::NotOpen { state },
+            let outcome = match (lease, local.stopped) {
+                // The channel was seen out of open while the lease was taken: the grant is
+                // given back unused (by the next operation) and the request refused, as the
+                // store would refuse it now.
+                (Lease::Granted { paid: now_paid, spent, .. }, Some(state)) => {
+                    *local = Local {
+                        paid: paid.max(now_paid),
+                        spent,
+                        last: Some(now),
+                        unsettled: Some((take.id, MilliSats::ZERO)),
+                        ..Local::default()
+                    };
+                    Debit::NotOpen { state }
+                }
+                (Lease::Granted { amount: held, paid: now_paid, spent }, None) => {
+                    *local = Local {
+                        lease: Some(take.id),
+                        held,
+                        used: amount,
+                        paid: paid.max(now_paid),
+                        spent,
+                        taken: Some(now),
+                        last: Some(now),
+                        ..Local::default()
+                    };
+                    Debit::Debited { balance: local.balance() }
+                }
+                (Lease::Insufficient { balance }, _) => {
+                    *local = refused;
+                    Debit::Insufficient { balance }
+                }
+                (Lease::NotOpen { state }, _) => {
+                    *local = refused;
+                    Debit::NotOpen { state }
+                }
             };
             (outcome, owed)
         };
@@ -645,6 +740,7 @@ impl<S: ChannelStore> ChannelStore for Leased<S> {
             let record = inner.store.load(id).await?;
             if let Some(record) = &record {
                 inner.saw_paid(id, record.paid());
+                inner.saw_state(id, record.state);
             }
             Ok(record)
         }
@@ -712,6 +808,8 @@ impl<S: ChannelStore> ChannelStore for Leased<S> {
             let mut expired = false;
             loop {
                 if inner.store.close_with(id, payment.clone()).await? {
+                    // A lease taken since this node settled its own.
+                    inner.saw_state(id, ChannelState::Closing);
                     return Ok(true);
                 }
                 let record = inner.store.load(id).await?.ok_or(StoreError::NotFound)?;
@@ -811,7 +909,12 @@ impl<S: ChannelStore> ChannelStore for Leased<S> {
             if from == ChannelState::Open && to != ChannelState::Open {
                 inner.settle(id).await?;
             }
-            inner.store.transition(id, from, to).await
+            let moved = inner.store.transition(id, from, to).await?;
+            if moved {
+                // A lease taken between the settlement and the move.
+                inner.saw_state(id, to);
+            }
+            Ok(moved)
         }
     }
 
@@ -819,11 +922,26 @@ impl<S: ChannelStore> ChannelStore for Leased<S> {
         self.inner.store.next_key_index()
     }
 
+    /// Lists the channels in `state`; this node stops drawing on its leases of channels that
+    /// are not open: those listed in another state, and those a listing of the open channels
+    /// leaves out (see [`Leased`]). The settlement task lists every state on every pass.
     fn list(
         &self,
         state: ChannelState,
     ) -> impl Future<Output = Result<Vec<ChannelRecord>, StoreError>> + Send {
-        self.inner.store.list(state)
+        let inner = Arc::clone(&self.inner);
+        async move {
+            let began = Instant::now();
+            let records = inner.store.list(state).await?;
+            if state == ChannelState::Open {
+                inner.saw_open(began, &records).await;
+            } else {
+                for record in &records {
+                    inner.saw_state(record.id(), record.state);
+                }
+            }
+            Ok(records)
+        }
     }
 
     fn count(&self, state: ChannelState) -> impl Future<Output = Result<usize, StoreError>> + Send {

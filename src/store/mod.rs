@@ -8,6 +8,14 @@
 //! pays for it returned. A store that cannot reach its backend returns
 //! [`StoreError::Unavailable`], and the server answers 503 without serving.
 //!
+//! An error is no proof that nothing changed: a write whose reply was lost after it was
+//! applied (a PostgreSQL commit whose acknowledgement never arrived, a Redis script that
+//! finished after the response timeout) happened all the same. The server then serves
+//! nothing, but the request **may have been charged** — and with an `Idempotency-Key`, its
+//! claim may hold the key until it lapses. Code that acts on an error must hold for both
+//! outcomes (as [`Leased`] does: it never draws from a lease whose operation failed, and
+//! settles it again).
+//!
 //! # Atomicity
 //!
 //! Every method is one atomic read-modify-write on one channel (compare-and-swap semantics):
@@ -437,7 +445,9 @@ pub enum StoreError {
     NotFound,
     /// [`create`](ChannelStore::create) found a channel with this id.
     AlreadyExists,
-    /// The backend could not be reached or failed; nothing is known to have changed.
+    /// The backend could not be reached, failed or did not answer in time. Whether the
+    /// operation happened is unknown: a reply lost after the backend applied it leaves it
+    /// applied (a debit charged, a claim held).
     Unavailable {
         /// What the backend reported.
         source: BackendError,
