@@ -307,6 +307,7 @@ async fn charges_above_the_quote_without_balance_or_receipt_are_bounded_by_the_c
     let payer = payer(&server, false);
     let (served, last) = jobs(&server, &payer, 300).await;
     let signed = signed(&payer).await;
+    println!("15 sat against a 2 sat quote, no headers: {served} served, {signed} signed");
     assert!(signed <= bound(served), "signed {signed} for {served} served at the quote");
     // The server charges 15 sat: the bound stops it well before 300 requests.
     assert!(served < 300, "{served}");
@@ -320,6 +321,7 @@ async fn charges_above_the_quote_below_max_per_request_are_noticed() {
     let payer = payer(&server, false);
     let (served, last) = jobs(&server, &payer, 400).await;
     let signed = signed(&payer).await;
+    println!("5 sat against a 2 sat quote: {served} served, {signed} signed");
     assert!(signed <= bound(served), "signed {signed} for {served} served at the quote");
     assert!(served < 400, "{served}");
     assert!(last.is_some(), "the client noticed");
