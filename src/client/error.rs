@@ -74,6 +74,10 @@ pub enum ClientError {
     InvalidOrigin(String),
     /// A client key could not be derived.
     Key(bitcoin::bip32::Error),
+    /// The reqwest client under `PaymentMiddleware` is not known to keep redirects on the
+    /// payer's origin, so the payment header was not sent: build it with
+    /// `PaymentMiddleware::client` (or declare it with `PaymentMiddleware::redirects_checked`).
+    RedirectsNotChecked,
 }
 
 impl fmt::Display for ClientError {
@@ -111,6 +115,10 @@ impl fmt::Display for ClientError {
                 write!(f, "{origin:?} is not an http(s)://host[:port] origin")
             }
             Self::Key(e) => write!(f, "key derivation: {e}"),
+            Self::RedirectsNotChecked => f.write_str(
+                "the reqwest client may follow a redirect off the payer's origin with the payment \
+                 header: build it with PaymentMiddleware::client",
+            ),
         }
     }
 }
