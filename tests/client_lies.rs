@@ -431,3 +431,96 @@ async fn without_a_chain_view_every_channel_not_closed_counts_as_locked() {
         "{second:?}"
     );
 }
+
+// --- 4. The switch at the close margin; 5. a close from a fresh process -----------------------
+
+/// Waits until the server's terms report the chain's tip (the server follows it by polling).
+async fn until_the_server_sees(server: &Server, height: u32) {
+    let http = http_client();
+    let uri: http::Uri = format!("{}{}", server.origin, paychan::wire::TERMS_PATH).parse().unwrap();
+    for _ in 0..200 {
+        let response = http.get(uri.clone()).await.unwrap();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let terms: Value = serde_json::from_slice(&body).unwrap();
+        if terms["tip"]["height"].as_u64() == Some(u64::from(height)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the server never saw height {height}");
+}
+
+/// The transaction in the mempool that spends `outpoint`.
+fn spender(chain: &SimulatedChain, outpoint: bitcoin::OutPoint) -> Option<Transaction> {
+    chain
+        .mempool_txids()
+        .into_iter()
+        .filter_map(|txid| chain.get_transaction(&txid))
+        .find(|tx| tx.input.iter().any(|input| input.previous_output == outpoint))
+}
+
+/// F5: an honest server refuses new payments inside its close margin; the payer switches to a
+/// new channel by itself, and first closes the old one fairly: the server gets what it served
+/// on it, not the whole latest payment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_switch_at_the_close_margin_closes_the_old_channel_fairly() {
+    let server = server(|app| app).await;
+    let wallet = funded_wallet(&server.chain);
+    let payer = builder(&server, &wallet).lifetime_blocks(200).build().unwrap();
+    let mut client = paying_client(&payer);
+    let mut served = 0;
+    for _ in 0..3 {
+        assert_eq!(get_work(&mut client, &server.origin).await.unwrap().0, StatusCode::OK);
+        served += 1;
+    }
+    let old = payer.channel().await.unwrap().unwrap();
+    let expiry = old.channel.params().expiry.to_consensus_u32();
+    let margin = old.channel.params().close_margin;
+    server.chain.mine(expiry - margin - server.chain.tip().height);
+    until_the_server_sees(&server, expiry - margin).await;
+    // Served from the old channel until the server asks for a new one.
+    let mut switched = false;
+    for _ in 0..20 {
+        assert_eq!(get_work(&mut client, &server.origin).await.unwrap().0, StatusCode::OK);
+        let now = payer.channel().await.unwrap().unwrap();
+        if now.id() != old.id() {
+            switched = true;
+            break;
+        }
+        served += 1;
+    }
+    assert!(switched, "the payer moved to a new channel");
+    let close = spender(&server.chain, old.channel.outpoint()).expect("the old channel closed");
+    let metered = PRICE.checked_mul(served).unwrap().to_sat_ceil();
+    assert_eq!(close.output[0].value, metered, "the server got what it served on it");
+    let latest = old.paid();
+    assert!(metered < latest, "the whole latest payment ({latest}) was not taken");
+}
+
+/// `paychan client close` runs in a new process: a payer with the store but no report of the
+/// channel. Its close is fair all the same: it pays what was served, not the latest payment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_from_a_fresh_payer_is_fair() {
+    use paychan::client::ServiceTransport;
+
+    let server = server(|app| app).await;
+    let wallet = funded_wallet(&server.chain);
+    let store = MemoryClientStore::new();
+    let payer = builder(&server, &wallet).store(store.clone()).build().unwrap();
+    let mut client = paying_client(&payer);
+    for _ in 0..10 {
+        assert_eq!(get_work(&mut client, &server.origin).await.unwrap().0, StatusCode::OK);
+    }
+    let latest = payer.channel().await.unwrap().unwrap().paid();
+    drop((client, payer));
+
+    let fresh = builder(&server, &wallet)
+        .store(store)
+        .transport(ServiceTransport::<_, Full<bytes::Bytes>>::new(http_client()))
+        .build()
+        .unwrap();
+    let closed = fresh.close().await.unwrap();
+    let metered = PRICE.checked_mul(10).unwrap().to_sat_ceil();
+    assert_eq!(closed.server_amount, metered, "a fair close (the latest paid {latest})");
+    assert!(metered < latest);
+}

@@ -241,14 +241,23 @@ pub(crate) async fn close(options: &ClientOptions, origin: &str) -> Result<(), E
 }
 
 /// `paychan client refund`: broadcasts the refund of every channel whose refund is final and
-/// whose funding is unspent (its server vanished).
+/// whose funding is unspent (its server vanished). The chain decides, not the local `closed`
+/// mark: a close the server answered (202, queued) may never have confirmed.
 pub(crate) async fn refund(options: &ClientOptions) -> Result<(), Error> {
+    use paychan::chain::ChainBackend as _;
+
     let chain = options.chain()?.ok_or("refunds need --chain-url")?;
     let store = options.store()?;
     let mut refunded = 0;
     for mut channel in store.list().await? {
-        if channel.closed {
-            continue;
+        // Spent (closed, refunded) or never broadcast: nothing to bring back.
+        match chain.unspent(&channel.channel.outpoint()).await {
+            Ok(Some(_)) => {}
+            Ok(None) => continue,
+            Err(error) => {
+                eprintln!("{}: not refunded: {error}", channel.id());
+                continue;
+            }
         }
         match channel.refund_if_expired(&chain).await {
             Ok(Some(txid)) => {

@@ -102,6 +102,7 @@ impl<S: ClientStore> Payer<S> {
         inner.policy.check_lifetime(lifetime).map_err(ClientError::Policy)?;
         if automatic {
             self.count_open(state)?;
+            self.close_before_rollover(transport, state).await;
         }
         // The lock time counts from the client's own tip when it has one (C1).
         let tip = match &inner.chain {
@@ -326,6 +327,26 @@ impl<S: ClientStore> Payer<S> {
             }
         }
         Ok(())
+    }
+
+    /// Before the payer switches to a new channel by itself (the server closes the current
+    /// one at its margin, or no longer knows it), it closes the current one fairly, so the
+    /// prepaid rest comes back (F5): best effort, within one negotiation timeout; on failure
+    /// the channel is retired as before (its refund kept).
+    async fn close_before_rollover<T: Transport + ?Sized>(&self, transport: &T, state: &mut State) {
+        if state.channel.is_none() {
+            return;
+        }
+        let timeout = self.inner.settings.timeout;
+        match tokio::time::timeout(timeout, self.close_locked(transport, state)).await {
+            Ok(Ok(closed)) => tracing::info!(
+                channel = %closed.channel,
+                server_amount = %closed.server_amount,
+                "the old channel closed fairly before the switch"
+            ),
+            Ok(Err(error)) => tracing::warn!(%error, "the old channel's fair close failed"),
+            Err(_) => tracing::warn!("the old channel's fair close did not answer in time"),
+        }
     }
 
     /// Counts an automatic opening against the policy's `max_opens`.
