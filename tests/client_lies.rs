@@ -180,7 +180,10 @@ async fn fund_keeps_the_funding_and_fails(lie: FundLie) {
     // Every two fundings the client signed spend a common coin: at most one can confirm.
     for (i, a) in fundings.iter().enumerate() {
         for b in &fundings[i + 1..] {
-            let common = a.input.iter().any(|x| b.input.iter().any(|y| x.previous_output == y.previous_output));
+            let common = a
+                .input
+                .iter()
+                .any(|x| b.input.iter().any(|y| x.previous_output == y.previous_output));
             assert!(common, "{} and {} can both confirm", a.compute_txid(), b.compute_txid());
         }
     }
@@ -199,6 +202,12 @@ async fn fund_keeps_the_funding_and_fails(lie: FundLie) {
     // The wallet counts no change of a funding in doubt as a coin (its only coin is spent by
     // the funding the server broadcast).
     assert_eq!(wallet.balance(), Amount::ZERO);
+    // Until the chain shows which one went out: then its change is the wallet's.
+    let broadcast =
+        fundings.iter().find(|tx| server.chain.mempool_txids().contains(&tx.compute_txid()));
+    let change =
+        broadcast.unwrap().output.iter().find(|o| o.script_pubkey == wallet.script_pubkey());
+    assert_eq!(wallet.sync(&server.chain, 0).await.unwrap(), change.unwrap().value);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -338,7 +347,8 @@ async fn a_fund_redirected_elsewhere_does_not_carry_the_payment() {
 
 /// The terms report a tip 100 000 blocks ahead of the chain.
 async fn far_tip(request: Request, next: Next) -> Response {
-    let terms = request.uri().path().ends_with("/terms") || request.uri().path().contains("well-known");
+    let terms =
+        request.uri().path().ends_with("/terms") || request.uri().path().contains("well-known");
     let response = next.run(request).await;
     if !terms {
         return response;

@@ -234,9 +234,8 @@ async fn the_reqwest_middleware_reads_a_metered_sse_stream() {
     let chain = SimulatedChain::new();
     let addr = serve(sse_tokens::app(chain.clone()).await).await;
     let payer = funded_payer(&chain, addr);
-    let client = PaymentMiddleware::client(payer.clone(), reqwest::Client::builder())
-        .unwrap()
-        .build();
+    let client =
+        PaymentMiddleware::client(payer.clone(), reqwest::Client::builder()).unwrap().build();
     let response = client.get(format!("http://{addr}/generate?tokens=30")).send().await.unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.url().path(), "/generate", "the response keeps its URL");

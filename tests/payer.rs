@@ -548,9 +548,8 @@ async fn the_reqwest_middleware_pays_like_the_layer() {
     let server = server().await;
     let wallet = funded_wallet(&server.chain);
     let payer = payer_with(&server, &wallet, MemoryClientStore::new(), policy());
-    let client = PaymentMiddleware::client(payer.clone(), reqwest::Client::builder())
-        .unwrap()
-        .build();
+    let client =
+        PaymentMiddleware::client(payer.clone(), reqwest::Client::builder()).unwrap().build();
     for _ in 0..10 {
         let response = client.get(format!("{}/work", server.origin)).send().await.unwrap();
         assert_eq!(response.status(), StatusCode::OK);

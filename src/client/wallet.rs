@@ -173,7 +173,9 @@ impl KeyWallet {
     /// the wallet neither knows nor chose for a funding; a coinbase output (a wallet that
     /// mines) once it is mature, at [`COINBASE_MATURITY`](crate::chain::COINBASE_MATURITY)
     /// confirmations. Returns the balance afterwards. Bitcoin Core reports confirmed outputs
-    /// only (see [`ChainBackend::unspent_outputs_of`]).
+    /// only (see [`ChainBackend::unspent_outputs_of`]). A funding [in
+    /// doubt](Wallet::funding_in_doubt) one of whose inputs the chain shows spent (by it, or by
+    /// a transaction conflicting with it) is settled: it no longer holds back later fundings.
     ///
     /// # Errors
     ///
@@ -203,6 +205,29 @@ impl KeyWallet {
         chain: &C,
         min_depth: u32,
     ) -> Result<Amount, ChainError> {
+        // A funding in doubt whose input the chain shows spent (by it, or by a transaction
+        // that conflicts with it) is settled either way: it holds back no later funding, and
+        // its other inputs are coins again if the chain still has them.
+        let in_doubt: Vec<OutPoint> =
+            self.coins().in_doubt.iter().flatten().map(|(outpoint, _)| *outpoint).collect();
+        let mut gone = HashSet::new();
+        for outpoint in in_doubt {
+            if chain.unspent(&outpoint).await?.is_none() {
+                gone.insert(outpoint);
+            }
+        }
+        if !gone.is_empty() {
+            let mut coins = self.coins();
+            let (settled, kept): (Vec<_>, Vec<_>) = core::mem::take(&mut coins.in_doubt)
+                .into_iter()
+                .partition(|inputs| inputs.iter().any(|(op, _)| gone.contains(op)));
+            coins.in_doubt = kept;
+            for (outpoint, _) in settled.into_iter().flatten() {
+                if !gone.contains(&outpoint) && !coins.is_in_doubt(&outpoint) {
+                    coins.used.remove(&outpoint);
+                }
+            }
+        }
         let mut found = chain.unspent_outputs_of(&self.script_pubkey()).await?;
         // Core's UTXO set does not see mempool spends (an earlier process's unconfirmed
         // funding): ask for each coin with the mempool.

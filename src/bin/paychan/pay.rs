@@ -31,6 +31,11 @@ pub(crate) struct ClientOptions {
     /// the key wallet's coins).
     #[arg(long)]
     chain_url: Option<String>,
+    /// Without `--chain-url` on a real network, opens channels all the same, with the refund's
+    /// lock time counted from the tip the server reports (a lying server can lock the coins for
+    /// longer than `--lifetime-blocks`). Regtest always does.
+    #[arg(long)]
+    trust_server_tip: bool,
     /// Bitcoin Core's RPC URL of the wallet that funds channels (`…/wallet/NAME`).
     #[arg(long)]
     wallet_url: Option<String>,
@@ -114,6 +119,7 @@ impl ClientOptions {
             .policy(policy)
             .channel_value(Amount::from_sat(self.channel_value_sat))
             .lifetime_blocks(self.lifetime_blocks)
+            .trust_server_tip(self.trust_server_tip)
             .transport(ServiceTransport::<_, Full<Bytes>>::new(http));
         let chain = self.chain()?;
         if let Some(chain) = &chain {

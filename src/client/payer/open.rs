@@ -52,15 +52,26 @@ impl<S: ClientStore> Payer<S> {
     /// every field of the server's answer against what was asked; have the wallet build the
     /// unsigned funding T1; have the server sign the refund T2 and **verify that signature,
     /// aborting before anything is signed if it is wrong**; save the refund and the first
-    /// payment; only then have the wallet sign T1 and hand it to the server with the first
-    /// payment.
+    /// payment; only then have the wallet sign T1, save it with the channel, and hand it to
+    /// the server with the first payment (`/fund`, sent up to 3 times with the same funding on
+    /// a transport error, a timeout or a 5xx).
+    ///
+    /// A funding the server never acknowledged may still be broadcast by it: it is counted in
+    /// [`committed`](Self::committed) and the [funding fees](Self::funding_fees), its channel
+    /// is retired but counted as locked (the refund is kept), and no later funding is signed
+    /// unless it spends one of its inputs or the chain view shows it broadcast or conflicted
+    /// ([`ClientChannel::unacknowledged_funding`]).
+    ///
+    /// Without a chain view ([`PayerBuilder::chain`](super::PayerBuilder::chain)) on mainnet,
+    /// testnet or signet, nothing is opened ([`ClientError::NoChainView`]) unless the payer
+    /// was told to [`trust_server_tip`](super::PayerBuilder::trust_server_tip).
     ///
     /// # Errors
     ///
     /// [`ClientError::Policy`] if the server's terms or the channel exceed the policy,
     /// [`ClientError::NoWallet`], [`ClientError::Wallet`], [`ClientError::InvalidRefundSignature`],
     /// [`ClientError::ServerMisbehaved`], [`ClientError::Rejected`] if the server refused a step,
-    /// [`ClientError::Transport`], [`ClientError::Store`].
+    /// [`ClientError::Transport`], [`ClientError::Store`], [`ClientError::NoChainView`].
     pub async fn open_via<T: Transport + ?Sized>(
         &self,
         transport: &T,
@@ -320,8 +331,7 @@ impl<S: ClientStore> Payer<S> {
     async fn settle_doubts(&self, funding: &Transaction) -> Result<(), ClientError> {
         let channels = self.inner.store.list().await.map_err(ClientError::Store)?;
         for mut channel in channels {
-            if channel.unacknowledged_funding.as_ref().is_some_and(|tx| shares_input(tx, funding))
-            {
+            if channel.unacknowledged_funding.as_ref().is_some_and(|tx| shares_input(tx, funding)) {
                 channel.unacknowledged_funding = None;
                 self.inner.store.save(&channel).await.map_err(ClientError::Store)?;
             }
