@@ -75,7 +75,10 @@ pub type WalletError = crate::BackendError;
 /// a funding transaction, its change output becomes a coin of the wallet — unless the funding
 /// is [in doubt](Wallet::funding_in_doubt): then its change is no coin, and every later
 /// funding spends one input of it (before any other coin) until a funding is acknowledged,
-/// so that at most one of them can confirm.
+/// so that at most one of them can confirm. It keeps that in memory only: a new `KeyWallet`
+/// knows no funding in doubt, and the payer then opens no channel until its chain view shows
+/// the funding in doubt broadcast or conflicted (see
+/// [`ClientChannel::unacknowledged_funding`](crate::client::ClientChannel::unacknowledged_funding)).
 ///
 /// # Examples
 ///
