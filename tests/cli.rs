@@ -651,3 +651,45 @@ async fn a_bad_config_names_its_key() {
     assert!(text(&out.stderr).contains("lisen"), "{}", text(&out.stderr));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Review F4: a channel the client's state marks closed, whose close never confirmed (the
+/// server answered 202 "closing" and vanished), is refunded by `client refund` once final:
+/// the chain decides (funding output unspent, refund valid), not the local mark.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_refund_asks_the_chain_not_the_closed_mark() {
+    let Some(site) = Site::new("marked").await else { return };
+    let proxy = site.serve(0).await;
+    let mut pay = site.pay("marked", "/hello");
+    pay.extend(args(&["--lifetime-blocks", "150"]));
+    let out = paychan(pay).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    site.node.mine(1).await;
+    // The close the server acknowledged and never broadcast: the state says closed.
+    let channels = site.dir.join("marked").join("channels");
+    let mut marked = 0;
+    for entry in std::fs::read_dir(&channels).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "json") {
+            let mut channel: Value =
+                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            channel["closed"] = true.into();
+            channel["retired"] = true.into();
+            std::fs::write(&path, channel.to_string()).unwrap();
+            marked += 1;
+        }
+    }
+    assert_eq!(marked, 1);
+    let (status, _) = site.stop(proxy, 0).await;
+    assert!(status.success());
+    site.node.mine(150).await;
+    let refund = || paychan(site.client(&["client", "refund"], "marked"));
+    let out = refund().await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let refunded = text(&out.stdout);
+    assert!(refunded.contains("1 refund(s)"), "{refunded}");
+    let txid = refunded.lines().next().unwrap().rsplit(' ').next().unwrap();
+    assert!(site.node.mempool_entry(txid.parse().unwrap()).await.is_some(), "{refunded}");
+    let out = refund().await;
+    assert!(text(&out.stdout).contains("0 refund(s)"), "only once: {}", text(&out.stdout));
+    std::fs::remove_dir_all(&site.dir).unwrap();
+}

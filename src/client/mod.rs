@@ -61,7 +61,7 @@ pub use bound::{BoundExceeded, LossBound};
 pub use core_wallet::CoreWallet;
 pub use error::{ClientError, Misbehavior, MisbehaviorKind};
 #[cfg(feature = "reqwest")]
-pub use middleware::PaymentMiddleware;
+pub use middleware::{PaymentMiddleware, ReqwestTransport};
 pub(crate) use payer::RetryBudget;
 pub use payer::{ChannelStatus, Closed, PaidStream, Payer, PayerBuilder};
 pub use payment::{PaymentLayer, PaymentService, ResponseFuture};
