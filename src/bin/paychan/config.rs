@@ -60,8 +60,69 @@ struct File {
     funding: FundingFile,
     #[serde(default)]
     settlement: SettlementFile,
+    #[serde(default)]
+    listener: ListenerFile,
     admin: Option<AdminFile>,
     tls: Option<TlsFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListenerFile {
+    header_timeout_secs: Option<u64>,
+    max_header_bytes: Option<usize>,
+    max_connections: Option<usize>,
+    #[serde(default)]
+    trust_forwarded_for: bool,
+}
+
+/// The limits of the proxy's own listener (`[listener]`), on plain HTTP and TLS alike.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Listener {
+    /// A client sends its request headers within this (an idle keep-alive connection its
+    /// next ones), or its connection is closed.
+    pub(crate) header_timeout: Duration,
+    /// The most bytes of request line and headers (431 beyond).
+    pub(crate) max_header_bytes: usize,
+    /// The most connections served at once; more wait in the kernel's backlog.
+    pub(crate) max_connections: usize,
+    /// The peer is a front proxy that replaces `X-Forwarded-For`: append to it instead of
+    /// overwriting it.
+    pub(crate) trust_forwarded_for: bool,
+}
+
+impl Default for Listener {
+    fn default() -> Self {
+        Self {
+            header_timeout: Duration::from_secs(30),
+            max_header_bytes: 32 * 1024,
+            max_connections: 512,
+            trust_forwarded_for: false,
+        }
+    }
+}
+
+fn listener(file: ListenerFile) -> Result<Listener, ConfigError> {
+    let mut listener =
+        Listener { trust_forwarded_for: file.trust_forwarded_for, ..Listener::default() };
+    match file.header_timeout_secs {
+        Some(0) => return Err(bad("listener.header_timeout_secs", "at least 1")),
+        Some(secs) => listener.header_timeout = Duration::from_secs(secs),
+        None => {}
+    }
+    match file.max_header_bytes {
+        Some(bytes) if bytes < 1024 => {
+            return Err(bad("listener.max_header_bytes", "at least 1024"));
+        }
+        Some(bytes) => listener.max_header_bytes = bytes,
+        None => {}
+    }
+    match file.max_connections {
+        Some(0) => return Err(bad("listener.max_connections", "at least 1")),
+        Some(max) => listener.max_connections = max,
+        None => {}
+    }
+    Ok(listener)
 }
 
 #[derive(Debug, Deserialize)]
@@ -233,6 +294,8 @@ pub(crate) struct Config {
     pub(crate) admin: Option<Admin>,
     /// TLS on the proxy's own listener: the certificate chain and the key (PEM).
     pub(crate) tls: Option<(PathBuf, PathBuf)>,
+    /// The listener's limits.
+    pub(crate) listener: Listener,
 }
 
 impl Config {
@@ -294,6 +357,7 @@ impl Config {
                 None => None,
             },
             tls: file.tls.map(|tls| (base.join(tls.cert_file), base.join(tls.key_file))),
+            listener: listener(file.listener)?,
         })
     }
 }
@@ -491,6 +555,12 @@ price_msat = {price}
 [settlement]
 # interval_secs = 30
 # tip_interval_secs = 5
+
+[listener]                       # limits on the proxy's own listener (defaults shown)
+# header_timeout_secs = 30       # headers must arrive within this; idle connections close after it
+# max_header_bytes = 32768       # request line and headers; 431 beyond
+# max_connections = 512          # served at once (each may hold a second socket to the upstream)
+# trust_forwarded_for = false    # true only behind your own proxy that replaces X-Forwarded-For
 
 # [tls]                          # TLS on the proxy's own listener (or put a TLS proxy in front)
 # cert_file = "cert.pem"         # the certificate chain, PEM
