@@ -42,7 +42,8 @@ struct File {
     upstream: String,
     key_file: PathBuf,
     payout_address: String,
-    #[serde(default = "yes")]
+    /// Off for a proxy: an upstream's 5xx may carry data or follow side effects.
+    #[serde(default)]
     refund_server_errors: bool,
     #[serde(default)]
     shadow: bool,
@@ -152,10 +153,6 @@ pub(crate) struct Admin {
     pub(crate) token_file: PathBuf,
     /// Where Prometheus scrapes (default `/metrics`).
     pub(crate) metrics_path: String,
-}
-
-fn yes() -> bool {
-    true
 }
 
 fn shutdown_secs() -> u64 {
@@ -338,7 +335,7 @@ impl Config {
             chain,
             store_url,
             leases: file.store.leases.map(leases),
-            prices: prices(file.prices)?,
+            prices: prices(file.prices, file.shadow)?,
             terms: terms(file.terms)?,
             funding: funding(file.funding),
             settle_every: Duration::from_secs(file.settlement.interval_secs.unwrap_or(30).max(1)),
@@ -405,7 +402,9 @@ fn store_url(url: &str, base: &Path) -> Result<String, ConfigError> {
     }
 }
 
-fn prices(file: PricesFile) -> Result<RoutePrices, ConfigError> {
+/// The price table. In shadow mode `unlisted = "refuse"` serves unlisted routes instead
+/// (unpaid, as everything): shadow mode must not change what the upstream serves.
+fn prices(file: PricesFile, shadow: bool) -> Result<RoutePrices, ConfigError> {
     let mut prices = RoutePrices::new();
     for (n, route) in file.routes.into_iter().enumerate() {
         let method = Method::from_bytes(route.method.to_ascii_uppercase().as_bytes())
@@ -429,7 +428,10 @@ fn prices(file: PricesFile) -> Result<RoutePrices, ConfigError> {
             ));
         }
     };
-    Ok(prices.unlisted(unlisted))
+    Ok(prices.unlisted(match unlisted {
+        Unlisted::Refuse if shadow => Unlisted::Free,
+        unlisted => unlisted,
+    }))
 }
 
 fn rate(key: &str, sat_vb: Option<u64>, default: FeeRate) -> Result<FeeRate, ConfigError> {
@@ -512,8 +514,8 @@ listen = "{listen}"          # where paying clients connect
 upstream = "{upstream}"   # the API behind the proxy (http:// or https://)
 key_file = "{key_file}"        # the BIP-0032 master key: secret, mode 0600, back it up
 payout_address = "{payout}"
-refund_server_errors = true      # an upstream 5xx (or an unreachable upstream) is not charged
-shadow = false                   # true: serve unpaid, count what would be charged (metrics, page)
+refund_server_errors = false     # true: an upstream 5xx is not charged (an unreachable one never is)
+shadow = false                   # true: serve every request unpaid (unlisted routes too), count what would be charged
 shutdown_secs = 30               # on SIGTERM, requests in flight get this long to finish
 
 [chain]
@@ -626,8 +628,9 @@ mod tests {
         assert_eq!(config.key_file, Path::new("/srv/paychan.key"));
         assert_eq!(config.store_url, "sqlite:/srv/paychan.db");
         assert_eq!(config.terms, Terms::default());
-        assert!(config.refund_server_errors);
+        assert!(!config.refund_server_errors, "a proxy charges an upstream's 5xx by default");
         assert!(!config.shadow);
+        assert_eq!(config.listener, Listener::default());
         let shadow = template(&init()).replace("shadow = false", "shadow = true");
         assert!(Config::parse(&shadow, Path::new("/srv")).unwrap().shadow);
         let admin = Admin {
@@ -643,6 +646,58 @@ mod tests {
             routes,
             [(Method::GET, "/".to_owned(), price), (Method::GET, "/{*rest}".to_owned(), price)]
         );
+    }
+
+    #[test]
+    fn without_the_key_upstream_server_errors_are_charged() {
+        let good = template(&init());
+        let line = good.lines().find(|l| l.starts_with("refund_server_errors")).unwrap();
+        let without = good.replace(line, "");
+        assert!(!Config::parse(&without, Path::new("/srv")).unwrap().refund_server_errors);
+        let on = good.replace(line, "refund_server_errors = true");
+        assert!(Config::parse(&on, Path::new("/srv")).unwrap().refund_server_errors);
+    }
+
+    #[test]
+    fn shadow_mode_serves_every_method() {
+        use paychan::server::Pricing;
+        let post = http::Request::post("/items/7").body(()).unwrap();
+        let paid = Config::parse(&template(&init()), Path::new("/srv")).unwrap();
+        assert!(paid.prices.refuses(&post), "init's defaults refuse what is not a GET");
+        let shadow = template(&init()).replace("shadow = false", "shadow = true");
+        let shadow = Config::parse(&shadow, Path::new("/srv")).unwrap();
+        assert!(!shadow.prices.refuses(&post), "shadow mode serves it");
+        let get = http::Request::get("/items/7").body(()).unwrap();
+        assert_eq!(shadow.prices.price(&get), Some(MilliSats::from_msat(1_000)), "and counts GETs");
+    }
+
+    #[test]
+    fn the_listener_limits_are_read_and_checked() {
+        let good = template(&init());
+        let set = good
+            .replace("# header_timeout_secs = 30", "header_timeout_secs = 2")
+            .replace("# max_header_bytes = 32768", "max_header_bytes = 8192")
+            .replace("# max_connections = 512", "max_connections = 3")
+            .replace("# trust_forwarded_for = false", "trust_forwarded_for = true");
+        let expected = Listener {
+            header_timeout: Duration::from_secs(2),
+            max_header_bytes: 8_192,
+            max_connections: 3,
+            trust_forwarded_for: true,
+        };
+        assert_eq!(Config::parse(&set, Path::new("/srv")).unwrap().listener, expected);
+        for (from, to, key) in [
+            (
+                "# header_timeout_secs = 30",
+                "header_timeout_secs = 0",
+                "listener.header_timeout_secs",
+            ),
+            ("# max_header_bytes = 32768", "max_header_bytes = 100", "listener.max_header_bytes"),
+            ("# max_connections = 512", "max_connections = 0", "listener.max_connections"),
+        ] {
+            let error = Config::parse(&good.replace(from, to), Path::new("/srv")).unwrap_err();
+            assert_eq!(error.key, key);
+        }
     }
 
     #[test]

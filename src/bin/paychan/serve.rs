@@ -14,9 +14,10 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use paychan::server::ActualCost;
 use paychan::store::ChannelStore;
 use paychan::wire::{PAYMENT_CHANNEL, Problem, ProblemCode};
-use paychan::{Merchant, Paid};
+use paychan::{Merchant, MilliSats, Paid};
 use tokio::net::TcpListener;
 use tower::ServiceExt as _;
 
@@ -40,9 +41,11 @@ struct Upstream {
 }
 
 impl Upstream {
-    /// Counts what the layer charged for a request answered with `status`.
-    fn count(&self, paid: Option<Paid>, status: StatusCode) {
-        match paid.filter(|_| !(self.refund_server_errors && status.is_server_error())) {
+    /// Counts what the layer charged for a request answered with `status` (nothing if the
+    /// layer `gives_back` its price).
+    fn count(&self, paid: Option<Paid>, status: StatusCode, gives_back: bool) {
+        let refunded = gives_back || (self.refund_server_errors && status.is_server_error());
+        match paid.filter(|_| !refunded) {
             Some(paid) if paid.shadow => self.observed.shadow(paid.price),
             Some(paid) => self.observed.charge(paid.price),
             None => {}
@@ -99,7 +102,7 @@ async fn run<St: ChannelStore + Clone + 'static>(
         .map_err(|e| format!("the chain backend: {e}"))?;
     let mut layer = paid.layer().refund_server_errors(config.refund_server_errors);
     if config.shadow {
-        tracing::warn!("shadow mode: every request is served unpaid");
+        tracing::warn!("shadow mode: every request is served unpaid, unlisted routes too");
         layer = layer.shadow();
     }
     let paid = Arc::new(paid);
@@ -450,18 +453,19 @@ async fn forward(
         Ok(response) => {
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            upstream.count(paid, parts.status);
+            upstream.count(paid, parts.status, false);
             Response::from_parts(parts, Body::new(body))
         }
         Err(error) => {
             tracing::warn!(%error, "upstream unreachable");
-            upstream.count(paid, StatusCode::BAD_GATEWAY);
-            Problem::new(
+            upstream.count(paid, StatusCode::BAD_GATEWAY, true);
+            let problem = Problem::new(
                 StatusCode::BAD_GATEWAY,
                 ProblemCode::UpstreamUnavailable,
                 "the upstream did not answer",
-            )
-            .into_response()
+            );
+            // Nothing was served: the price goes back whatever `refund_server_errors` says.
+            (axum::Extension(ActualCost(MilliSats::ZERO)), problem).into_response()
         }
     }
 }
@@ -469,7 +473,6 @@ async fn forward(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use paychan::MilliSats;
     use paychan::server::{Pricing, RoutePrices, Unlisted};
 
     #[test]
