@@ -458,14 +458,21 @@ async fn forward(
         }
         Err(error) => {
             tracing::warn!(%error, "upstream unreachable");
-            upstream.count(paid, StatusCode::BAD_GATEWAY, true);
+            // Not connected: the request never left, nothing was served, the price goes back
+            // whatever `refund_server_errors` says. Any later failure (a reset, an answer that
+            // does not parse) may follow the upstream's work: a 5xx like the upstream's own.
+            let unsent = error.is_connect();
+            upstream.count(paid, StatusCode::BAD_GATEWAY, unsent);
             let problem = Problem::new(
                 StatusCode::BAD_GATEWAY,
                 ProblemCode::UpstreamUnavailable,
                 "the upstream did not answer",
             );
-            // Nothing was served: the price goes back whatever `refund_server_errors` says.
-            (axum::Extension(ActualCost(MilliSats::ZERO)), problem).into_response()
+            let mut response = problem.into_response();
+            if unsent {
+                response.extensions_mut().insert(ActualCost(MilliSats::ZERO));
+            }
+            response
         }
     }
 }
@@ -547,6 +554,45 @@ mod tests {
             let free = prices.price(&request).is_none() && !prices.refuses(&request);
             assert!(!free || guard(path).is_err(), "{path} is forwarded unpaid");
         }
+    }
+
+    /// The proxy's own 502 is given back only when the upstream was never reached: an answer
+    /// that does not parse may follow the upstream's work.
+    #[tokio::test]
+    async fn only_an_unreachable_upstream_is_given_back() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let garbage = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let garbage_at = garbage.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = garbage.accept().await {
+                let mut request = [0u8; 4096];
+                let _ = tcp.read(&mut request).await;
+                let _ = tcp.write_all(b"HTTP/1.1 200 OK\r\nbroken header line\r\n\r\n").await;
+            }
+        });
+        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let closed_at = closed.local_addr().unwrap();
+        drop(closed);
+        let answer = async |origin: SocketAddr| {
+            let upstream = Arc::new(Upstream {
+                client: net::client(&[]).unwrap(),
+                origin: format!("http://{origin}"),
+                proto: "http",
+                observed: Arc::new(Observed::new()),
+                refund_server_errors: false,
+                trust_forwarded_for: false,
+            });
+            let app = Router::new().fallback(forward).with_state(upstream);
+            let mut request = http::Request::get("/work").body(Body::empty()).unwrap();
+            request
+                .extensions_mut()
+                .insert(ConnectInfo("127.0.0.1:1".parse::<SocketAddr>().unwrap()));
+            let response = app.oneshot(request).await.unwrap();
+            (response.status(), response.extensions().get::<ActualCost>().copied())
+        };
+        let given_back = Some(ActualCost(MilliSats::ZERO));
+        assert_eq!(answer(closed_at).await, (StatusCode::BAD_GATEWAY, given_back));
+        assert_eq!(answer(garbage_at).await, (StatusCode::BAD_GATEWAY, None));
     }
 
     #[test]
