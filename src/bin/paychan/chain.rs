@@ -2,10 +2,10 @@
 
 use paychan::bitcoin::{FeeRate, OutPoint, Script, Transaction, Txid};
 use paychan::chain::bitcoind::BitcoindRpc;
-use paychan::chain::esplora::Esplora;
+use paychan::chain::esplora::{Esplora, PackageRelay};
 use paychan::chain::{ChainBackend, ChainError, ChainTip, TxStatus, Utxo};
 
-use crate::config::ChainSource;
+use crate::config::{ChainSource, PackageRelaySource};
 
 /// Bitcoin Core or Esplora.
 #[derive(Debug, Clone)]
@@ -20,7 +20,18 @@ impl Chain {
             ChainSource::Bitcoind { url, auth } => {
                 Self::Bitcoind(BitcoindRpc::new(url, auth.clone())?)
             }
-            ChainSource::Esplora { url } => Self::Esplora(Esplora::new(url)?),
+            ChainSource::Esplora { url, package_relay } => {
+                let esplora = Esplora::new(url)?;
+                Self::Esplora(match package_relay {
+                    None => esplora,
+                    Some(PackageRelaySource::Esplora { url }) => {
+                        esplora.with_package_relay(PackageRelay::Esplora(Esplora::new(url)?))
+                    }
+                    Some(PackageRelaySource::Bitcoind { url, auth }) => esplora.with_package_relay(
+                        PackageRelay::Bitcoind(BitcoindRpc::new(url, auth.clone())?),
+                    ),
+                })
+            }
         })
     }
 }
@@ -65,6 +76,14 @@ impl ChainBackend for Chain {
 
     async fn min_relay_fee_rate(&self) -> Result<FeeRate, ChainError> {
         both!(self, c => c.min_relay_fee_rate())
+    }
+
+    async fn mempool_min_fee_rate(&self) -> Result<FeeRate, ChainError> {
+        both!(self, c => c.mempool_min_fee_rate())
+    }
+
+    async fn has_package_relay(&self) -> Result<bool, ChainError> {
+        both!(self, c => c.has_package_relay())
     }
 
     async fn broadcast_package(
