@@ -4,8 +4,8 @@
 use bitcoin::Txid;
 use serde_json::Value;
 
-use super::{ChainError, RejectReason};
 use super::http::unavailable;
+use super::{ChainError, RejectReason};
 
 /// What a `sendrawtransaction` error means.
 #[derive(Debug, PartialEq, Eq)]
@@ -112,7 +112,10 @@ mod tests {
         let old = r#"sendrawtransaction RPC error: {"code":-26,"message":"txn-mempool-conflict"}"#;
         assert_eq!(relayed_error(old), Some((-26, "txn-mempool-conflict".to_owned())));
         let new = "sendrawtransaction RPC error -27: Transaction already in block chain";
-        assert_eq!(relayed_error(new), Some((-27, "Transaction already in block chain".to_owned())));
+        assert_eq!(
+            relayed_error(new),
+            Some((-27, "Transaction already in block chain".to_owned()))
+        );
         assert_eq!(relayed_error("Invalid hex string"), None);
     }
 

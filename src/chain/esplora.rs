@@ -253,7 +253,8 @@ impl ChainBackend for Esplora {
     async fn tx_status(&self, txid: &Txid) -> Result<TxStatus, ChainError> {
         // Not `/tx/:txid/status` alone: electrs answers `{"confirmed":false}` there for a
         // transaction it never saw as for one in its mempool.
-        let (status, body) = self.request(Method::GET, &format!("/tx/{txid}"), String::new()).await?;
+        let (status, body) =
+            self.request(Method::GET, &format!("/tx/{txid}"), String::new()).await?;
         match status {
             StatusCode::OK => {}
             StatusCode::NOT_FOUND if !no_such_endpoint(status, &String::from_utf8_lossy(&body)) => {

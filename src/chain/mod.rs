@@ -146,7 +146,9 @@ impl fmt::Display for ChainError {
                 write!(f, "transaction rejected ({}): {message}", reason.code())
             }
             Self::Unavailable { source } => write!(f, "chain backend unavailable: {source}"),
-            Self::Unsupported { message } => write!(f, "not supported by the chain backend: {message}"),
+            Self::Unsupported { message } => {
+                write!(f, "not supported by the chain backend: {message}")
+            }
         }
     }
 }

@@ -222,7 +222,11 @@ impl SimulatedChain {
             Err(error) => Some(error),
             Ok(_) if package_fee < required && !parent_known => Some(ChainError::rejected(
                 RejectReason::FeeTooLow,
-                format!("mempool min fee not met, {} < {}", package_fee.to_sat(), required.to_sat()),
+                format!(
+                    "mempool min fee not met, {} < {}",
+                    package_fee.to_sat(),
+                    required.to_sat()
+                ),
             )),
             Ok(_) => None,
         };

@@ -170,7 +170,8 @@ async fn transaction(State(fake): State<Fake>, Path(txid): Path<Txid>) -> Respon
 }
 
 async fn outspend(State(fake): State<Fake>, Path((txid, vout)): Path<(Txid, u32)>) -> Response {
-    let exists = fake.chain.get_transaction(&txid).is_some_and(|tx| (vout as usize) < tx.output.len());
+    let exists =
+        fake.chain.get_transaction(&txid).is_some_and(|tx| (vout as usize) < tx.output.len());
     let spent = exists && fake.chain.utxo(&OutPoint { txid, vout }).is_none();
     json(json!({ "spent": spent }))
 }
@@ -231,7 +232,9 @@ pub fn app(chain: SimulatedChain, flavor: Flavor, scripts: Vec<bitcoin::ScriptBu
             get(|State(fake): State<Fake>, Path(hash): Path<String>| async move {
                 let tip = fake.chain.tip();
                 assert_eq!(hash, tip_hash(tip.height));
-                json(json!({ "id": hash, "height": tip.height, "mediantime": tip.median_time_past }))
+                json(
+                    json!({ "id": hash, "height": tip.height, "mediantime": tip.median_time_past }),
+                )
             }),
         )
         .route("/api/fee-estimates", get(fee_estimates))

@@ -101,7 +101,12 @@ impl Node {
         Ok(node)
     }
 
-    fn spawn(exe: &Path, config: &NodeConfig, datadir: &Path, rpc_port: u16) -> Result<Child, String> {
+    fn spawn(
+        exe: &Path,
+        config: &NodeConfig,
+        datadir: &Path,
+        rpc_port: u16,
+    ) -> Result<Child, String> {
         Command::new(exe)
             .arg("-regtest")
             .arg(format!("-datadir={}", datadir.display()))

@@ -60,6 +60,9 @@ pub(crate) struct Observed {
     broadcast_failures: Gauge,
     cpfp_bumps: Gauge,
     failed_fundings: Gauge,
+    rebroadcasts: Gauge,
+    closes_below_mempool_minimum: Gauge,
+    early_closes: Gauge,
     /// (hour start, msat charged in it), the last 48 hours.
     revenue: Mutex<VecDeque<(u64, u64)>>,
 }
@@ -93,6 +96,11 @@ impl Observed {
         let pending = "Channels closing or closed, not yet settled";
         let failures = "Broadcasts of the settlement task that failed (each is retried)";
         let failed = "Channels failed because of their funding";
+        let rebroadcasts = "Settlements that had left the mempool, broadcast again";
+        let stuck = "Settlements refused below the mempool minimum that no package could carry \
+            (alert: configure a package relay)";
+        let early =
+            "Channels closed early: the mempool minimum neared their fee rate, no package path";
         Self {
             requests: register(&mut r, "requests", requests, Family::default()),
             refusals: register(&mut r, "refusals", refusals, Family::default()),
@@ -110,6 +118,19 @@ impl Observed {
             ),
             cpfp_bumps: register(&mut r, "cpfp_bumps", "CPFP children broadcast", Gauge::default()),
             failed_fundings: register(&mut r, "failed_fundings", failed, Gauge::default()),
+            rebroadcasts: register(
+                &mut r,
+                "settlement_rebroadcasts",
+                rebroadcasts,
+                Gauge::default(),
+            ),
+            closes_below_mempool_minimum: register(
+                &mut r,
+                "closes_below_mempool_minimum",
+                stuck,
+                Gauge::default(),
+            ),
+            early_closes: register(&mut r, "early_closes", early, Gauge::default()),
             revenue: Mutex::default(),
             registry: r,
         }
@@ -145,6 +166,9 @@ impl Observed {
         self.broadcast_failures.set(metrics.broadcast_failures as i64);
         self.cpfp_bumps.set(metrics.cpfp_bumps as i64);
         self.failed_fundings.set(metrics.failed_fundings as i64);
+        self.rebroadcasts.set(metrics.rebroadcasts as i64);
+        self.closes_below_mempool_minimum.set(metrics.closes_below_mempool_minimum as i64);
+        self.early_closes.set(metrics.early_closes as i64);
     }
 }
 

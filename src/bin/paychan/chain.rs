@@ -2,10 +2,10 @@
 
 use paychan::bitcoin::{FeeRate, OutPoint, Script, Transaction, Txid};
 use paychan::chain::bitcoind::BitcoindRpc;
-use paychan::chain::esplora::{Esplora, PackageRelay};
+use paychan::chain::esplora::Esplora;
 use paychan::chain::{ChainBackend, ChainError, ChainTip, TxStatus, Utxo};
 
-use crate::config::{ChainSource, PackageRelaySource};
+use crate::config::ChainSource;
 
 /// Bitcoin Core or Esplora.
 #[derive(Debug, Clone)]
@@ -20,18 +20,7 @@ impl Chain {
             ChainSource::Bitcoind { url, auth } => {
                 Self::Bitcoind(BitcoindRpc::new(url, auth.clone())?)
             }
-            ChainSource::Esplora { url, package_relay } => {
-                let esplora = Esplora::new(url)?;
-                Self::Esplora(match package_relay {
-                    None => esplora,
-                    Some(PackageRelaySource::Esplora { url }) => {
-                        esplora.with_package_relay(PackageRelay::Esplora(Esplora::new(url)?))
-                    }
-                    Some(PackageRelaySource::Bitcoind { url, auth }) => esplora.with_package_relay(
-                        PackageRelay::Bitcoind(BitcoindRpc::new(url, auth.clone())?),
-                    ),
-                })
-            }
+            ChainSource::Esplora { url } => Self::Esplora(Esplora::new(url)?),
         })
     }
 }

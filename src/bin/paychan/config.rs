@@ -109,12 +109,6 @@ struct ChainFile {
     rpc_user: Option<String>,
     rpc_password: Option<String>,
     esplora_url: Option<String>,
-    /// With `esplora_url`: where packages go that the Esplora server cannot take (no
-    /// `POST /txs/package`): another Esplora server's API URL.
-    package_relay_esplora_url: Option<String>,
-    /// With `esplora_url`: a Bitcoin Core node (28 or later) for packages, authenticated with
-    /// `cookie_file` or `rpc_user` and `rpc_password`.
-    package_relay_bitcoind_url: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -207,17 +201,8 @@ struct SettlementFile {
 pub(crate) enum ChainSource {
     /// Bitcoin Core's JSON-RPC.
     Bitcoind { url: String, auth: paychan::chain::bitcoind::Auth },
-    /// An Esplora REST API, and where its packages go if it has no package relay.
-    Esplora { url: String, package_relay: Option<PackageRelaySource> },
-}
-
-/// Where an Esplora backend's packages go.
-#[derive(Debug, Clone)]
-pub(crate) enum PackageRelaySource {
-    /// Another Esplora server.
+    /// An Esplora REST API.
     Esplora { url: String },
-    /// A Bitcoin Core node.
-    Bitcoind { url: String, auth: paychan::chain::bitcoind::Auth },
 }
 
 /// The checked configuration.
@@ -326,36 +311,21 @@ pub(crate) fn origin(url: &str) -> Result<String, String> {
 
 fn chain(file: ChainFile, base: &Path) -> Result<ChainSource, ConfigError> {
     use paychan::chain::bitcoind::Auth;
-    let auth = |cookie_file, rpc_user, rpc_password| match (cookie_file, rpc_user, rpc_password) {
-        (Some(cookie), None, None) => Ok(Auth::CookieFile(base.join(cookie))),
-        (None, Some(user), Some(password)) => Ok(Auth::UserPass(user, password)),
-        _ => Err(bad("chain.cookie_file", "give either cookie_file or rpc_user and rpc_password")),
-    };
-    let relays = (file.package_relay_esplora_url, file.package_relay_bitcoind_url);
-    match (file.bitcoind_url, file.esplora_url, relays) {
-        (Some(url), None, (None, None)) => {
-            Ok(ChainSource::Bitcoind { url, auth: auth(file.cookie_file, file.rpc_user, file.rpc_password)? })
+    match (file.bitcoind_url, file.esplora_url) {
+        (Some(url), None) => {
+            let auth = match (file.cookie_file, file.rpc_user, file.rpc_password) {
+                (Some(cookie), None, None) => Auth::CookieFile(base.join(cookie)),
+                (None, Some(user), Some(password)) => Auth::UserPass(user, password),
+                _ => {
+                    return Err(bad(
+                        "chain.cookie_file",
+                        "give either cookie_file or rpc_user and rpc_password",
+                    ));
+                }
+            };
+            Ok(ChainSource::Bitcoind { url, auth })
         }
-        (None, Some(url), (None, None)) => Ok(ChainSource::Esplora { url, package_relay: None }),
-        (None, Some(url), (Some(relay), None)) => Ok(ChainSource::Esplora {
-            url,
-            package_relay: Some(PackageRelaySource::Esplora { url: relay }),
-        }),
-        (None, Some(url), (None, Some(relay))) => Ok(ChainSource::Esplora {
-            url,
-            package_relay: Some(PackageRelaySource::Bitcoind {
-                url: relay,
-                auth: auth(file.cookie_file, file.rpc_user, file.rpc_password)?,
-            }),
-        }),
-        (_, Some(_), (Some(_), Some(_))) => Err(bad(
-            "chain.package_relay_esplora_url",
-            "give at most one of package_relay_esplora_url and package_relay_bitcoind_url",
-        )),
-        (Some(_), None, _) => Err(bad(
-            "chain.package_relay_esplora_url",
-            "a package relay is for an Esplora backend (Bitcoin Core relays packages itself)",
-        )),
+        (None, Some(url)) => Ok(ChainSource::Esplora { url }),
         _ => Err(bad("chain", "give exactly one of bitcoind_url and esplora_url")),
     }
 }
