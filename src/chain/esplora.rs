@@ -32,8 +32,8 @@ use super::{ChainBackend, ChainError, ChainTip, TxStatus, Utxo, policy};
 /// neither the chain nor the mempool, so that is what [`tx_status`](ChainBackend::tx_status)
 /// asks: an evicted settlement reads [`TxStatus::Unknown`] and is broadcast again.
 ///
-/// Package relay (`POST /txs/package`) is in Blockstream's electrs (`new-index`) and in
-/// mempool's fork since late 2024; older servers answer `404 endpoint does not exist`. Then
+/// Package relay (`POST /txs/package`) is in mempool's electrs since late 2024 and in recent
+/// Blockstream electrs (`new-index`); older servers answer `404 endpoint does not exist`. Then
 /// [`broadcast_package`](ChainBackend::broadcast_package) uses the [`PackageRelay`] given to
 /// [`with_package_relay`](Self::with_package_relay), or fails with
 /// [`ChainError::Unsupported`] — never two plain broadcasts that cannot get a parent below the

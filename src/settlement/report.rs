@@ -27,9 +27,10 @@ pub struct SettlementMetrics {
     /// mempool) and broadcast again.
     pub rebroadcasts: u64,
     /// Settlements refused for a fee rate below the mempool minimum that no package could
-    /// carry: the backend has no package relay (and no [`PackageRelay`](crate::chain::esplora::PackageRelay)
-    /// was given), or the task has no CPFP key (or the server's output cannot pay for a child). Each is retried; alert on any increase: if the
-    /// minimum stays up until the refund is valid, the client's refund wins.
+    /// carry: the backend has no package relay (and no `esplora::PackageRelay` was given), or
+    /// the task has no CPFP key (or the server's output cannot pay for a child). Each is
+    /// retried; alert on any increase: if the minimum stays up until the refund is valid, the
+    /// client's refund wins.
     pub closes_below_mempool_minimum: u64,
     /// Open channels closed before their close margin because the mempool minimum neared their
     /// payment fee rate while no package path was available
