@@ -301,6 +301,10 @@ mod settlement {
         assert!(!esplora.has_package_relay().await.unwrap());
         let mut task = task(&store, esplora.clone());
 
+        // A mempool at its relay floor (1 sat/vB, here 50 % of the channel's rate) is no
+        // pressure, whatever the share configured.
+        let mut eager = self::task(&store, esplora.clone()).with_early_close(50);
+        assert_eq!(eager.run_once().await.unwrap().closing, 0, "no pressure at the floor");
         // 1.5 sat/vB (75 %): nothing happens.
         chain.set_mempool_min_fee_rate(FeeRate::from_sat_per_kwu(375));
         assert_eq!(task.run_once().await.unwrap().closing, 0);

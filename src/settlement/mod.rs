@@ -179,10 +179,10 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
 
     /// Without a package path — the backend has no package relay
     /// ([`ChainBackend::has_package_relay`]), or the task no CPFP key — close an open channel
-    /// before its margin once the mempool minimum ([`ChainBackend::mempool_min_fee_rate`])
-    /// reaches `percent` % of the channel's payment fee rate, while its close still gets in
-    /// (default 80; 0 never closes early). With a package path a close below the minimum goes
-    /// out with a CPFP child instead.
+    /// before its margin once the mempool minimum ([`ChainBackend::mempool_min_fee_rate`]),
+    /// raised above the relay floor, reaches `percent` % of the channel's payment fee rate,
+    /// while its close still gets in (default 80; 0 never closes early). With a package path
+    /// a close below the minimum goes out with a CPFP child instead.
     #[must_use]
     pub fn with_early_close(mut self, percent: u32) -> Self {
         self.early_close_percent = u64::from(percent);
@@ -314,8 +314,9 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
         }
     }
 
-    /// The mempool minimum, when closes could not get in below it: early closing is on and
-    /// there is no package path. `None` otherwise, or if the backend does not answer.
+    /// The mempool minimum, when closes could not get in below it: early closing is on, there
+    /// is no package path, and the minimum is above the relay floor (the mempool is full).
+    /// `None` otherwise, or if the backend does not answer.
     async fn mempool_pressure(&self) -> Option<FeeRate> {
         if self.early_close_percent == 0 {
             return None;
@@ -330,9 +331,11 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
                 }
             }
         }
-        match self.chain.mempool_min_fee_rate().await {
-            Ok(rate) => Some(rate),
-            Err(error) => {
+        match (self.chain.mempool_min_fee_rate().await, self.chain.min_relay_fee_rate().await) {
+            // Only a minimum raised above the relay floor is pressure: a channel agreed at the
+            // floor is not closed early by a mempool that is not full.
+            (Ok(minimum), Ok(floor)) => (minimum > floor).then_some(minimum),
+            (Err(error), _) | (_, Err(error)) => {
                 tracing::warn!(%error, "mempool minimum unknown this pass");
                 None
             }
