@@ -66,6 +66,9 @@ pub(crate) struct Observed {
     store_down: Gauge,
     /// When the current store outage began.
     store_since: Mutex<Option<Instant>>,
+    rebroadcasts: Gauge,
+    closes_below_mempool_minimum: Gauge,
+    early_closes: Gauge,
     /// (hour start, msat charged in it), the last 48 hours.
     revenue: Mutex<VecDeque<(u64, u64)>>,
 }
@@ -101,6 +104,11 @@ impl Observed {
         let failed = "Channels failed because of their funding";
         let outages = "Outages of the channel store seen by requests (503 store-unavailable)";
         let down = "1 while the channel store is unavailable to requests";
+        let rebroadcasts = "Settlements that had left the mempool, broadcast again";
+        let stuck = "Settlements refused below the mempool minimum that no package could carry \
+            (alert: configure a package relay)";
+        let early =
+            "Channels closed early: the mempool minimum neared their fee rate, no package path";
         Self {
             requests: register(&mut r, "requests", requests, Family::default()),
             refusals: register(&mut r, "refusals", refusals, Family::default()),
@@ -121,6 +129,19 @@ impl Observed {
             store_outages: register(&mut r, "store_outages", outages, Counter::default()),
             store_down: register(&mut r, "store_unavailable", down, Gauge::default()),
             store_since: Mutex::default(),
+            rebroadcasts: register(
+                &mut r,
+                "settlement_rebroadcasts",
+                rebroadcasts,
+                Gauge::default(),
+            ),
+            closes_below_mempool_minimum: register(
+                &mut r,
+                "closes_below_mempool_minimum",
+                stuck,
+                Gauge::default(),
+            ),
+            early_closes: register(&mut r, "early_closes", early, Gauge::default()),
             revenue: Mutex::default(),
             registry: r,
         }
@@ -180,6 +201,9 @@ impl Observed {
         self.broadcast_failures.set(metrics.broadcast_failures as i64);
         self.cpfp_bumps.set(metrics.cpfp_bumps as i64);
         self.failed_fundings.set(metrics.failed_fundings as i64);
+        self.rebroadcasts.set(metrics.rebroadcasts as i64);
+        self.closes_below_mempool_minimum.set(metrics.closes_below_mempool_minimum as i64);
+        self.early_closes.set(metrics.early_closes as i64);
     }
 }
 
