@@ -35,7 +35,9 @@ use paychan::MilliSats;
 use paychan::chain::follow_tip;
 use paychan::chain::sim::SimulatedChain;
 use paychan::channel::Terms;
-use paychan::client::{ClientStore, KeyWallet, MemoryClientStore, Payer, PaymentLayer, SpendingPolicy};
+use paychan::client::{
+    ClientStore, KeyWallet, MemoryClientStore, Payer, PaymentLayer, SpendingPolicy,
+};
 use paychan::server::{Negotiation, PaywallLayer};
 use paychan::store::MemoryStore;
 use paychan::wire::{self, ChannelId, PAYMENT_CHANNEL};
@@ -135,7 +137,11 @@ fn forged(id: ChannelId, paid: Amount, spent_permille: u64, min: u64, suggested:
     )
 }
 
-async fn scripted(State(script): State<Arc<Mutex<Script>>>, request: Request, next: Next) -> Response {
+async fn scripted(
+    State(script): State<Arc<Mutex<Script>>>,
+    request: Request,
+    next: Next,
+) -> Response {
     let paid = request.headers().get(PAYMENT_CHANNEL).and_then(payment);
     if let Some((id, amount)) = paid {
         let mut script = script.lock().unwrap();
@@ -232,8 +238,13 @@ impl Service<http::Request<Full<Bytes>>> for InProcess {
 async fn run(answers: Vec<Answer>) -> Result<(), TestCaseError> {
     let chain = SimulatedChain::new();
     let master = Xpriv::new_master(Network::Regtest, &[0x5e; 32]).unwrap();
-    let negotiation =
-        Negotiation::new(Network::Regtest, Terms::default(), master, p2wpkh(&secret(2)), chain.clone());
+    let negotiation = Negotiation::new(
+        Network::Regtest,
+        Terms::default(),
+        master,
+        p2wpkh(&secret(2)),
+        chain.clone(),
+    );
     let tip = follow_tip(chain.clone(), Duration::from_secs(60)).await.unwrap();
     let paywall = PaywallLayer::new(MemoryStore::new(), QUOTE, tip)
         .with_bundle(MilliSats::from_sat(PREPAID).unwrap())
@@ -257,7 +268,8 @@ async fn run(answers: Vec<Answer>) -> Result<(), TestCaseError> {
         .channel_value(Amount::from_sat(100_000))
         .build()
         .unwrap();
-    let mut client = ServiceBuilder::new().layer(PaymentLayer::new(payer.clone())).service(InProcess(router));
+    let mut client =
+        ServiceBuilder::new().layer(PaymentLayer::new(payer.clone())).service(InProcess(router));
     for _ in 0..n {
         let request = http::Request::get("http://server.test/job").body(Full::default()).unwrap();
         let Ok(ready) = client.ready().await else { break };

@@ -22,9 +22,9 @@ use bitcoin::bip32::Xpriv;
 use bitcoin::{Amount, Network};
 use bytes::Bytes;
 use common::counting::{Counting, http_client};
-use futures_util::StreamExt as _;
 use common::http::serve;
 use common::{p2wpkh, secret};
+use futures_util::StreamExt as _;
 use http::StatusCode;
 use http_body_util::{BodyExt, Full};
 use paychan::MilliSats;
@@ -170,7 +170,6 @@ async fn lying(State(liar): State<Arc<Liar>>, request: Request, next: Next) -> R
         _ => next.run(request).await,
     }
 }
-
 
 fn latest(liar: &Liar) -> Amount {
     Amount::from_sat(liar.latest.load(Ordering::SeqCst))

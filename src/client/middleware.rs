@@ -177,7 +177,8 @@ impl<St: ClientStore + 'static> Middleware for PaymentMiddleware<St> {
             return Err(middleware_error(ClientError::RedirectsNotChecked));
         }
         let negotiation = NextTransport { next: next.clone() };
-        let mut retry = Retry::new(&self.payer, request.method(), request.url().path(), request.headers());
+        let mut retry =
+            Retry::new(&self.payer, request.method(), request.url().path(), request.headers());
         loop {
             let header = retry.start().await.map_err(middleware_error)?;
             let Some(mut this) = request.try_clone() else {

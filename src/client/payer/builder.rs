@@ -14,8 +14,7 @@ use super::{Inner, Payer};
 use crate::MilliSats;
 use crate::chain::{ChainBackend, ChainError, ChainTip};
 use crate::client::{
-    LossBound,
-    ClientError, ClientStore, MemoryClientStore, SpendingPolicy, Transport, Wallet,
+    ClientError, ClientStore, LossBound, MemoryClientStore, SpendingPolicy, Transport, Wallet,
 };
 
 /// What a payer is configured with.
