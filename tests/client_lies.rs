@@ -46,14 +46,7 @@ struct Server {
 /// through `wrap` (a layer that makes it lie).
 async fn server(wrap: impl FnOnce(Router) -> Router) -> Server {
     let chain = SimulatedChain::new();
-    let master = Xpriv::new_master(Network::Regtest, &[0x5e; 32]).unwrap();
-    let negotiation = Negotiation::new(
-        Network::Regtest,
-        Terms::default(),
-        master,
-        p2wpkh(&secret(2)),
-        chain.clone(),
-    );
+    let negotiation = common::negotiation(&chain, 0x5e);
     let tip = follow_tip(chain.clone(), Duration::from_millis(50)).await.unwrap();
     let paywall = PaywallLayer::new(MemoryStore::new(), PRICE, tip)
         .with_bundle(MilliSats::from_sat(Amount::from_sat(1_000)).unwrap())

@@ -23,19 +23,18 @@ use bitcoin::{Amount, Network};
 use bytes::Bytes;
 use common::counting::{Counting, http_client};
 use common::http::serve;
-use common::{p2wpkh, secret};
+use common::secret;
 use futures_util::StreamExt as _;
 use http::StatusCode;
 use http_body_util::{BodyExt, Full};
 use paychan::MilliSats;
 use paychan::chain::follow_tip;
 use paychan::chain::sim::SimulatedChain;
-use paychan::channel::Terms;
 use paychan::client::{
     ClientError, KeyWallet, MemoryClientStore, MisbehaviorKind, Payer, PaymentLayer,
     PaymentService, SpendingPolicy,
 };
-use paychan::server::{Negotiation, PaywallLayer};
+use paychan::server::PaywallLayer;
 use paychan::store::MemoryStore;
 use paychan::wire::{self, ChannelId, PAYMENT_CHANNEL};
 use serde_json::{Value, json};
@@ -184,14 +183,7 @@ struct Server {
 /// The real server stack pricing every request at `price`, behind the liar.
 async fn lying_server(lie: Lie, price: MilliSats) -> Server {
     let chain = SimulatedChain::new();
-    let master = Xpriv::new_master(Network::Regtest, &[0x5e; 32]).unwrap();
-    let negotiation = Negotiation::new(
-        Network::Regtest,
-        Terms::default(),
-        master,
-        p2wpkh(&secret(2)),
-        chain.clone(),
-    );
+    let negotiation = common::negotiation(&chain, 0x5e);
     let tip = follow_tip(chain.clone(), Duration::from_millis(50)).await.unwrap();
     let paywall = PaywallLayer::new(MemoryStore::new(), price, tip)
         .with_bundle(MilliSats::from_sat(PREPAID).unwrap())
