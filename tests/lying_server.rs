@@ -63,6 +63,8 @@ enum Lie {
     NoReceipts,
     /// `/stream`: a metered SSE stream that asks for a top-up and sends no unit.
     AskWithoutSending,
+    /// `/stream`: one event, then nothing (the client cuts it); `/job`: the storm.
+    CutStreamsThenStorm,
 }
 
 struct Liar {
@@ -113,7 +115,21 @@ async fn lying(State(liar): State<Arc<Liar>>, request: Request, next: Next) -> R
         liar.latest.fetch_max(amount.to_sat(), Ordering::SeqCst);
     }
     match (liar.lie, path.as_str(), paid) {
-        (Lie::Storm, "/job", Some((id, _))) => {
+        (Lie::CutStreamsThenStorm, "/stream", Some(_)) => {
+            let body = futures_util::stream::once(async { Ok::<_, std::io::Error>("data: 1\n\n") })
+                .chain(futures_util::stream::once(async {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    Ok("")
+                }));
+            Response::builder()
+                .header("content-type", "text/event-stream")
+                .header(wire::PAYMENT_CHANNEL_STREAM, "sse; per-event=2000")
+                .body(Body::from_stream(body))
+                .unwrap()
+        }
+        (Lie::Storm | Lie::CutStreamsThenStorm, "/job", Some((id, _)))
+            if liar.lie == Lie::Storm || liar.served.fetch_add(1, Ordering::SeqCst) >= 1 =>
+        {
             problem_response(&all_spent(id, latest(&liar), QUOTE))
         }
         (Lie::PumpAfter(n), "/job", Some((id, _))) => {
@@ -360,4 +376,32 @@ async fn streams_that_ask_without_sending_share_one_allowance_per_channel() {
     let signed = signed(&payer).await;
     assert!(signed <= bound(1), "signed {signed} over streams that sent nothing");
     assert!(server.liar.served.load(Ordering::SeqCst) == 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_the_client_cuts_do_not_raise_what_it_allows() {
+    let server = lying_server(Lie::CutStreamsThenStorm, QUOTE).await;
+    let payer = payer(&server, false);
+    let mut client = client(&payer);
+    // One paid request opens the channel and is served.
+    let (status, _) = fetch(&mut client, format!("{}/job", server.origin)).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    // Five streams, each cut by the client after its first event.
+    for _ in 0..5 {
+        let request =
+            http::Request::get(format!("{}/stream", server.origin)).body(Full::default()).unwrap();
+        let response = client.ready().await.unwrap().call(request).await.unwrap();
+        let mut body = response.into_body();
+        let first = body.frame().await.expect("one event").expect("read");
+        assert!(first.data_ref().is_some_and(|data| data.starts_with(b"data: 1")));
+        drop(body);
+    }
+    // Then the storm: what the cut streams delivered counts, their cuts do not.
+    let (served, last) = jobs(&server, &payer, 10).await;
+    assert_eq!(served, 0);
+    names_claim_and_count(&last.expect("refused"));
+    let counted = QUOTE.checked_add(MilliSats::from_msat(5 * 2_000)).unwrap();
+    let most = FIRST.max(counted.to_sat_ceil()) + QUOTE.to_sat_ceil() + PREPAID;
+    let signed = signed(&payer).await;
+    assert!(signed <= most, "signed {signed} after five cut streams, bound {most}");
 }
