@@ -87,7 +87,7 @@ impl<S: ClientStore> Payer<S> {
             _ => return Err(problem.clone().into()),
         };
         let before = state.channel.as_ref().map_or(Amount::ZERO, |(c, _)| c.paid());
-        self.top_up_locked(&mut state, &snapshot, cap).await?;
+        self.top_up_locked(&mut state, &super::top_up::quoted(*snapshot, problem), cap).await?;
         Ok(state.channel.as_ref().map_or(Amount::ZERO, |(c, _)| c.paid()) - before)
     }
 

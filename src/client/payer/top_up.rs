@@ -19,6 +19,15 @@ pub(crate) struct RetryBudget {
 /// Top-ups one request may make.
 const MAX_TOP_UPS: u8 = 2;
 
+/// `snapshot` with the price of the refused request as `problem` quotes it, when it quotes
+/// less: the loss bound's "one price" is the quote, not a higher figure in the snapshot.
+pub(super) fn quoted(mut snapshot: ChannelSnapshot, problem: &Problem) -> ChannelSnapshot {
+    if let Some(price) = problem.price_msat {
+        snapshot.price_msat = snapshot.price_msat.min(price);
+    }
+    snapshot
+}
+
 /// What a payment is for, for the loss bound: the price of the request that waits for it
 /// (zero ahead of any request), the least the server asks, and what it claims spent.
 #[derive(Debug, Clone, Copy)]
@@ -74,7 +83,7 @@ impl<S: ClientStore> Payer<S> {
                     return Err(problem.into());
                 }
                 budget.top_ups += 1;
-                self.top_up_locked(&mut state, &snapshot, None).await
+                self.top_up_locked(&mut state, &quoted(snapshot, &problem), None).await
             }
             (
                 ProblemCode::InsufficientBalance
