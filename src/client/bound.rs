@@ -32,7 +32,8 @@ use crate::wire::{ChannelId, PriceList};
 const ROUTES: usize = 4_096;
 
 /// The client's own count of what a channel's server earned, and the most any payment on that
-/// channel may pay the server: see the [module documentation](self).
+/// channel may pay the server: `max(first payment, what the client counted) + one price +
+/// max_prepaid` (docs/SECURITY.md, "The loss bound", gives the cases).
 ///
 /// # Examples
 ///
