@@ -32,18 +32,24 @@
 //!   enable the TLS you want on your own reqwest dependency).
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(feature = "runtime")]
 pub mod chain;
 pub mod channel;
 pub mod client;
 mod error;
+#[cfg(feature = "runtime")]
 mod merchant;
 mod msat;
+#[cfg(feature = "runtime")]
 pub mod server;
+#[cfg(feature = "runtime")]
 pub mod settlement;
+#[cfg(feature = "runtime")]
 pub mod store;
 pub mod wire;
 
 pub use error::BackendError;
+#[cfg(feature = "runtime")]
 pub use merchant::{Merchant, Started};
 pub use msat::{MilliSats, ParseMilliSatsError};
 
@@ -51,6 +57,9 @@ pub use msat::{MilliSats, ParseMilliSatsError};
 /// transactions, keys and amounts are the ones the crate takes.
 pub use bitcoin;
 
+#[cfg(feature = "runtime")]
 pub use client::{Payer, PaymentLayer};
+#[cfg(feature = "runtime")]
 pub use server::{Negotiation, Paid, PaywallLayer};
+#[cfg(feature = "runtime")]
 pub use settlement::{FundingPolicy, Settlement};
