@@ -23,6 +23,12 @@
 //!
 //! # Features
 //!
+//! * `runtime` (default) — everything that does I/O: the server, the stores, the chain
+//!   backends, settlement, `Merchant` and the client's `Payer` and `PaymentLayer` (tokio,
+//!   axum, hyper, tower). Every other feature turns it on. Without it the crate is
+//!   [`channel`], [`wire`], [`MilliSats`] and the client's pure rules
+//!   ([`client::LossBound`], [`client::SpendingPolicy`]), and it builds for
+//!   `wasm32-unknown-unknown` (see `docs/BROWSER.md`).
 //! * `sim` — [`chain::sim::SimulatedChain`] and with it rust-bitcoin's `bitcoinconsensus`
 //!   (Bitcoin Core's C++ script interpreter). Off by default; the tests, examples and benches
 //!   turn it on.
