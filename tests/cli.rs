@@ -1,7 +1,8 @@
 //! The `paychan` binary end to end, on a real Bitcoin Core regtest node: `init`, `serve` in
 //! front of a plain upstream that knows nothing of payments, `pay` through it (funded by Core's
 //! wallet), the operator's `channels`, `report` and `close`, the settlement checked on chain,
-//! an upstream 5xx and an upstream that is down (nothing charged), SIGTERM, and bad config.
+//! an upstream 5xx (charged) and an upstream that is down (nothing charged), SIGTERM, bad
+//! config, the path guard against a logging upstream, and the listener's limits.
 #![cfg(feature = "cli")]
 
 mod common;
@@ -50,13 +51,30 @@ struct Seen {
     hung: AtomicUsize,
     /// Requests forwarded with `X-Forwarded-Proto: https`.
     https: AtomicUsize,
+    /// Requests to any other path: the method, the path and query, and the override and
+    /// forwarding headers they carried.
+    log: std::sync::Mutex<Vec<String>>,
 }
 
+/// The headers that could make an upstream run another request than the one priced.
+const LOGGED: [&str; 9] = [
+    "x-http-method-override",
+    "x-method-override",
+    "x-http-method",
+    "x-original-url",
+    "x-rewrite-url",
+    "forwarded",
+    "x-real-ip",
+    "x-forwarded-for",
+    "x-forwarded-host",
+];
+
 /// A plain API: `/hello` answers, `/boom` fails with a 500, `/slow` answers after 700 ms,
-/// `/hang` never.
+/// `/hang` never; any other path is logged and answered.
 async fn upstream(seen: Arc<Seen>) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let slow = Arc::clone(&seen);
     let hang = Arc::clone(&seen);
+    let log = Arc::clone(&seen);
     let record = move |headers: HeaderMap| {
         seen.requests.fetch_add(1, Ordering::SeqCst);
         if headers.contains_key("payment-channel") {
@@ -99,7 +117,17 @@ async fn upstream(seen: Arc<Seen>) -> (SocketAddr, tokio::task::JoinHandle<()>) 
                 hang.hung.fetch_add(1, Ordering::SeqCst);
                 std::future::pending::<()>().await;
             }),
-        );
+        )
+        .fallback(move |method: http::Method, uri: http::Uri, headers: HeaderMap| async move {
+            let mut line = format!("{method} {uri}");
+            for name in LOGGED {
+                for value in headers.get_all(name) {
+                    line.push_str(&format!(" {name}={}", value.to_str().unwrap_or("?")));
+                }
+            }
+            log.log.lock().unwrap().push(line);
+            "logged"
+        });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -182,7 +210,7 @@ async fn admin_page_in_chromium(admin: &str, token: &str, id: &str, dir: &Path) 
     let dom = text(&dom.stdout);
     assert!(dom.contains(id), "the page lists the channel: {dom}");
     assert!(dom.contains("id=\"count-open\">1<"), "{dom}");
-    assert!(dom.contains("id=\"charged\">10.000 sat<"), "{dom}");
+    assert!(dom.contains("id=\"charged\">12.000 sat<"), "{dom}");
     let shot = browse(vec![
         format!("--screenshot={}", screenshot.display()),
         "--window-size=1280,900".to_owned(),
@@ -287,6 +315,25 @@ impl Site {
         std::fs::write(&self.config, config).unwrap();
         self.origin = self.origin.replace("http://127.0.0.1", "https://localhost");
         cert
+    }
+
+    /// Rewrites the config: `from` (which `init` must have written) becomes `to`.
+    fn edit_config(&self, from: &str, to: &str) {
+        let config = std::fs::read_to_string(&self.config).unwrap();
+        assert!(config.contains(from), "init writes {from}");
+        std::fs::write(&self.config, config.replacen(from, to, 1)).unwrap();
+    }
+
+    /// Lists `GET /public/{*rest}` as free.
+    fn free_public(&self) {
+        let route =
+            "[[prices.routes]]\nmethod = \"GET\"\npath = \"/public/{*rest}\"\nprice_msat = 0\n\n";
+        self.edit_config("[terms]", &format!("{route}[terms]"));
+    }
+
+    /// The proxy's `host:port`.
+    fn authority(&self) -> &str {
+        self.origin.trim_start_matches("http://")
     }
 
     fn config_arg(&self) -> String {
@@ -396,11 +443,12 @@ async fn the_binary_proxies_pays_closes_and_settles_on_a_real_node() {
     assert_eq!(text(&filtered("closed").await.stdout), "");
     assert_eq!(filtered("opened").await.status.code(), Some(2), "an unknown state is an error");
 
-    // An upstream 5xx is passed on and not charged.
+    // An upstream 5xx is passed on and charged (`refund_server_errors = false`, the proxy's
+    // default: the upstream may have done the work).
     let out = paychan(client("/boom")).await;
     assert_eq!(out.status.code(), Some(22), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "boom");
-    assert_eq!(channel_json(config, &id).await["spent_msat"], 10_000, "a 5xx is not charged");
+    assert_eq!(channel_json(config, &id).await["spent_msat"], 12_000, "an upstream 5xx is charged");
 
     // The report.
     let out = paychan(args(&["report", "--config", &config_arg])).await;
@@ -411,15 +459,15 @@ async fn the_binary_proxies_pays_closes_and_settles_on_a_real_node() {
     let paid = channel_json(config, &id).await["paid_msat"].as_u64().unwrap();
     assert_eq!(site.client_paid("client").await, [(id.clone(), paid / 1_000)]);
 
-    // The upstream goes down: 502, nothing charged.
+    // The upstream goes down: the proxy's own 502, nothing charged.
     site.upstream_task.abort();
     let out = paychan(client("/hello")).await;
     assert_eq!(out.status.code(), Some(22), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("upstream-unavailable"), "{}", text(&out.stdout));
-    assert_eq!(channel_json(config, &id).await["spent_msat"], 10_000, "a 502 is not charged");
+    assert_eq!(channel_json(config, &id).await["spent_msat"], 12_000, "a 502 is not charged");
 
-    // Metrics, behind the admin token: five served, a 5xx and a 502 not charged, the first
-    // request's 402.
+    // Metrics, behind the admin token: five served, a charged 5xx and an uncharged 502, the
+    // first request's 402.
     assert_eq!(fetch(&format!("{admin}/metrics"), None).await.0, StatusCode::UNAUTHORIZED);
     let (status, metrics) = fetch(&format!("{admin}/metrics"), Some(token)).await;
     assert_eq!(status, StatusCode::OK);
@@ -434,7 +482,8 @@ async fn the_binary_proxies_pays_closes_and_settles_on_a_real_node() {
     assert_eq!(value("paychan_requests_total{route=\"api\",outcome=\"upstream_error\"}"), 2.0);
     assert!(value("paychan_requests_total{route=\"api\",outcome=\"payment_required\"}") >= 1.0);
     assert!(value("paychan_refusals_total{code=\"payment-required\"}") >= 1.0);
-    assert_eq!(value("paychan_charged_msat_total"), 10_000.0);
+    assert_eq!(value("paychan_charged_msat_total"), 12_000.0);
+    assert_eq!(value("paychan_store_outages_total"), 0.0);
     assert!(
         value("paychan_request_duration_seconds_count{route=\"api\",outcome=\"served\"}") >= 5.0
     );
@@ -650,4 +699,186 @@ async fn a_bad_config_names_its_key() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("lisen"), "{}", text(&out.stderr));
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Review F4: a channel the client's state marks closed, whose close never confirmed (the
+/// server answered 202 "closing" and vanished), is refunded by `client refund` once final:
+/// the chain decides (funding output unspent, refund valid), not the local mark.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_refund_asks_the_chain_not_the_closed_mark() {
+    let Some(site) = Site::new("marked").await else { return };
+    let proxy = site.serve(0).await;
+    let mut pay = site.pay("marked", "/hello");
+    pay.extend(args(&["--lifetime-blocks", "150"]));
+    let out = paychan(pay).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    site.node.mine(1).await;
+    // The close the server acknowledged and never broadcast: the state says closed.
+    let channels = site.dir.join("marked").join("channels");
+    let mut marked = 0;
+    for entry in std::fs::read_dir(&channels).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "json") {
+            let mut channel: Value =
+                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            channel["closed"] = true.into();
+            channel["retired"] = true.into();
+            std::fs::write(&path, channel.to_string()).unwrap();
+            marked += 1;
+        }
+    }
+    assert_eq!(marked, 1);
+    let (status, _) = site.stop(proxy, 0).await;
+    assert!(status.success());
+    site.node.mine(150).await;
+    let refund = || paychan(site.client(&["client", "refund"], "marked"));
+    let out = refund().await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let refunded = text(&out.stdout);
+    assert!(refunded.contains("1 refund(s)"), "{refunded}");
+    let txid = refunded.lines().next().unwrap().rsplit(' ').next().unwrap();
+    assert!(site.node.mempool_entry(txid.parse().unwrap()).await.is_some(), "{refunded}");
+    let out = refund().await;
+    assert!(text(&out.stdout).contains("0 refund(s)"), "only once: {}", text(&out.stdout));
+    std::fs::remove_dir_all(&site.dir).unwrap();
+}
+
+/// `GET path` with `headers` (each line ending in CRLF), exactly as written: no client
+/// normalises the path on the way.
+fn raw_get(path: &str, headers: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n{headers}\r\n")
+}
+
+/// Sends `request` to `authority` and reads the answer to its end.
+async fn raw(authority: &str, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(authority).await.unwrap();
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tcp.read_to_end(&mut answer).await.unwrap();
+    text(&answer)
+}
+
+/// The status code of a raw answer.
+fn status_of(answer: &str) -> &str {
+    answer.split_whitespace().nth(1).unwrap_or_default()
+}
+
+/// With a free `/public/{*rest}` and every other `GET` priced: paths that servlet containers,
+/// double-decoding upstreams or the proxy's own router would resolve differently are refused
+/// (400, a problem document) and never reach the upstream; an encoded path is priced and
+/// forwarded as its normal form; override and client forwarding headers are removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_forwards_only_what_it_priced() {
+    let Some(site) = Site::new("paths").await else { return };
+    site.free_public();
+    let proxy = site.serve(0).await;
+    for path in [
+        "/public/..;/paid",
+        "/public/..;jsessionid=x/paid",
+        "/public/..%252fpaid",
+        "/public/%252e%252e/paid",
+        "/public/%2e%2e/paid",
+        "/public/../paid",
+        "/public/x;a=b",
+        "/public/x?_method=DELETE",
+    ] {
+        let answer = raw(site.authority(), &raw_get(path, "")).await;
+        assert_eq!(status_of(&answer), "400", "{path}: {answer}");
+        assert!(answer.contains("application/problem+json"), "{path}: {answer}");
+    }
+    assert_eq!(
+        *site.seen.log.lock().unwrap(),
+        Vec::<String>::new(),
+        "nothing reached the upstream"
+    );
+
+    // Priced as the path it normalises to (free here, not the priced `/{*rest}`).
+    let answer = raw(site.authority(), &raw_get("/%70ublic/%7Ex", "")).await;
+    assert_eq!(status_of(&answer), "200", "{answer}");
+    let forged = "X-HTTP-Method-Override: DELETE\r\nX-Method-Override: DELETE\r\n\
+        X-HTTP-Method: DELETE\r\nX-Original-URL: /paid\r\nX-Rewrite-URL: /paid\r\n\
+        Forwarded: for=203.0.113.9\r\nX-Real-IP: 203.0.113.9\r\nX-Forwarded-For: 203.0.113.9\r\n\
+        X-Forwarded-Host: evil.example\r\n";
+    let answer = raw(site.authority(), &raw_get("/public/h", forged)).await;
+    assert_eq!(status_of(&answer), "200", "{answer}");
+    // A paid path is paid however it is spelled.
+    let answer = raw(site.authority(), &raw_get("/%68ello", "")).await;
+    assert_eq!(status_of(&answer), "402", "{answer}");
+    let own = "x-forwarded-for=127.0.0.1 x-forwarded-host=proxy";
+    assert_eq!(
+        *site.seen.log.lock().unwrap(),
+        [format!("GET /public/~x {own}"), format!("GET /public/h {own}")],
+        "the upstream saw the priced path and only the proxy's forwarding headers"
+    );
+    let (status, _) = site.stop(proxy, 0).await;
+    assert!(status.success());
+    std::fs::remove_dir_all(&site.dir).unwrap();
+}
+
+/// Waits (45 s at most: far beyond the 1 s header timeout) for the answer to a request sent
+/// while `held` is the proxy's only connection, then checks that the proxy closed `held`
+/// first: the connection limit kept the request waiting, the header timeout freed the slot.
+async fn answered_after_the_proxy_cut(site: &Site, held: std::net::TcpStream, what: &str) {
+    let answer = tokio::time::timeout(
+        Duration::from_secs(45),
+        raw(site.authority(), &raw_get("/public/next", "")),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{what}: still holding the only connection after 45 s"));
+    assert_eq!(status_of(&answer), "200", "{answer}");
+    use std::io::Read;
+    held.set_nonblocking(true).unwrap();
+    let mut buffer = [0u8; 4096];
+    loop {
+        match (&held).read(&mut buffer) {
+            Ok(0) => return,
+            Ok(_) => continue,
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                panic!("{what}: a second request was served while this one was open")
+            }
+            Err(_) => return, // reset: closed as well
+        }
+    }
+}
+
+/// The plain-HTTP listener's limits (`[listener]`): headers larger than `max_header_bytes` are
+/// refused (431); a client trickling its headers, one line every 500 ms, is cut at
+/// `header_timeout_secs`, and so is a client that sends nothing; with `max_connections = 1` a
+/// second client is served only after that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_large_headers_are_cut_on_plain_http() {
+    let Some(site) = Site::new("slowloris").await else { return };
+    site.free_public();
+    site.edit_config("# header_timeout_secs = 30", "header_timeout_secs = 1");
+    site.edit_config("# max_header_bytes = 32768", "max_header_bytes = 8192");
+    site.edit_config("# max_connections = 512", "max_connections = 1");
+    let proxy = site.serve(0).await;
+
+    let large = format!("X-Large: {}\r\n", "a".repeat(16 * 1024));
+    let answer = raw(site.authority(), &raw_get("/public/large", &large)).await;
+    assert_eq!(status_of(&answer), "431", "{answer}");
+
+    // One header line every 500 ms, for 30 s (fewer lines than hyper's 100-header limit).
+    let trickler = std::net::TcpStream::connect(site.authority()).unwrap();
+    let mut writer = trickler.try_clone().unwrap();
+    let trickle = std::thread::spawn(move || {
+        use std::io::Write;
+        writer.write_all(b"GET /public/slow HTTP/1.1\r\nHost: proxy\r\n").unwrap();
+        for n in 0..60 {
+            std::thread::sleep(Duration::from_millis(500));
+            if writer.write_all(format!("X-Line-{n}: a\r\n").as_bytes()).is_err() {
+                return;
+            }
+        }
+    });
+    answered_after_the_proxy_cut(&site, trickler, "a trickling client").await;
+    let silent = std::net::TcpStream::connect(site.authority()).unwrap();
+    answered_after_the_proxy_cut(&site, silent, "a silent client").await;
+    trickle.join().unwrap();
+    let log = site.seen.log.lock().unwrap().clone();
+    assert!(log.iter().all(|line| !line.contains("/public/slow")), "{log:?}");
+    let (status, _) = site.stop(proxy, 0).await;
+    assert!(status.success());
+    std::fs::remove_dir_all(&site.dir).unwrap();
 }

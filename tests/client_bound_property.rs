@@ -28,15 +28,16 @@ use axum::routing::get;
 use bitcoin::bip32::Xpriv;
 use bitcoin::{Amount, Network};
 use bytes::Bytes;
-use common::{p2wpkh, secret};
+use common::secret;
 use http::StatusCode;
 use http_body_util::{BodyExt, Full};
 use paychan::MilliSats;
 use paychan::chain::follow_tip;
 use paychan::chain::sim::SimulatedChain;
-use paychan::channel::Terms;
-use paychan::client::{ClientStore, KeyWallet, MemoryClientStore, Payer, PaymentLayer, SpendingPolicy};
-use paychan::server::{Negotiation, PaywallLayer};
+use paychan::client::{
+    ClientStore, KeyWallet, MemoryClientStore, Payer, PaymentLayer, SpendingPolicy,
+};
+use paychan::server::PaywallLayer;
 use paychan::store::MemoryStore;
 use paychan::wire::{self, ChannelId, PAYMENT_CHANNEL};
 use proptest::prelude::*;
@@ -135,7 +136,11 @@ fn forged(id: ChannelId, paid: Amount, spent_permille: u64, min: u64, suggested:
     )
 }
 
-async fn scripted(State(script): State<Arc<Mutex<Script>>>, request: Request, next: Next) -> Response {
+async fn scripted(
+    State(script): State<Arc<Mutex<Script>>>,
+    request: Request,
+    next: Next,
+) -> Response {
     let paid = request.headers().get(PAYMENT_CHANNEL).and_then(payment);
     if let Some((id, amount)) = paid {
         let mut script = script.lock().unwrap();
@@ -231,9 +236,7 @@ impl Service<http::Request<Full<Bytes>>> for InProcess {
 /// Runs one sequence of answers; checks the bound on every channel the client paid.
 async fn run(answers: Vec<Answer>) -> Result<(), TestCaseError> {
     let chain = SimulatedChain::new();
-    let master = Xpriv::new_master(Network::Regtest, &[0x5e; 32]).unwrap();
-    let negotiation =
-        Negotiation::new(Network::Regtest, Terms::default(), master, p2wpkh(&secret(2)), chain.clone());
+    let negotiation = common::negotiation(&chain, 0x5e);
     let tip = follow_tip(chain.clone(), Duration::from_secs(60)).await.unwrap();
     let paywall = PaywallLayer::new(MemoryStore::new(), QUOTE, tip)
         .with_bundle(MilliSats::from_sat(PREPAID).unwrap())
@@ -257,7 +260,8 @@ async fn run(answers: Vec<Answer>) -> Result<(), TestCaseError> {
         .channel_value(Amount::from_sat(100_000))
         .build()
         .unwrap();
-    let mut client = ServiceBuilder::new().layer(PaymentLayer::new(payer.clone())).service(InProcess(router));
+    let mut client =
+        ServiceBuilder::new().layer(PaymentLayer::new(payer.clone())).service(InProcess(router));
     for _ in 0..n {
         let request = http::Request::get("http://server.test/job").body(Full::default()).unwrap();
         let Ok(ready) = client.ready().await else { break };

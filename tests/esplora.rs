@@ -1,133 +1,27 @@
-//! `Esplora` against a loopback server that answers like the Esplora REST API (plain-text txids
-//! and hashes, JSON documents, Core's `sendrawtransaction` error relayed in a 400 body),
-//! backed by the simulated chain.
+//! `Esplora` against a loopback server that answers what electrs answers
+//! ([`common::esplora_fake`]: plain-text txids and hashes, JSON documents, Core's
+//! `sendrawtransaction` error relayed in a 400 body, `{"confirmed":false}` for an unknown
+//! transaction's status, no `POST /txs/package` on older servers), backed by the simulated
+//! chain; and the settlement task over it.
 #![cfg(feature = "esplora")]
 
 mod common;
 
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
-use bitcoin::consensus::encode::deserialize_hex;
-use bitcoin::{Amount, FeeRate, OutPoint, Transaction, Txid};
-use common::{core_error, p2wpkh, public, secret, spend};
+use bitcoin::{Amount, FeeRate, OutPoint, Txid};
+use common::esplora_fake::{self, Flavor};
+use common::{p2wpkh, public, secret, spend};
 use paychan::chain::esplora::Esplora;
 use paychan::chain::sim::SimulatedChain;
 use paychan::chain::{ChainBackend, ChainError, RejectReason, TxStatus};
-use serde_json::json;
-
-fn tip_hash(height: u32) -> String {
-    format!("{height:064x}")
-}
-
-async fn broadcast(State(chain): State<SimulatedChain>, body: String) -> Response {
-    let Ok(tx) = deserialize_hex::<Transaction>(body.trim()) else {
-        return (
-            StatusCode::BAD_REQUEST,
-            "sendrawtransaction RPC error: {\"code\":-22,\"message\":\"TX decode failed\"}",
-        )
-            .into_response();
-    };
-    match chain.submit(&tx) {
-        Ok(txid) => txid.to_string().into_response(),
-        Err(ChainError::Rejected { reason, message }) => {
-            let (code, message) = core_error(reason, &message);
-            let error = json!({ "code": code, "message": message });
-            (StatusCode::BAD_REQUEST, format!("sendrawtransaction RPC error: {error}"))
-                .into_response()
-        }
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
-    }
-}
-
-async fn status(State(chain): State<SimulatedChain>, Path(txid): Path<Txid>) -> Response {
-    match chain.tx_status(&txid) {
-        TxStatus::Confirmed { height, .. } => Json(
-            json!({ "confirmed": true, "block_height": height, "block_hash": tip_hash(height) }),
-        )
-        .into_response(),
-        TxStatus::InMempool => Json(json!({ "confirmed": false })).into_response(),
-        _ => (StatusCode::NOT_FOUND, "Transaction not found").into_response(),
-    }
-}
-
-async fn transaction(State(chain): State<SimulatedChain>, Path(txid): Path<Txid>) -> Response {
-    match chain.get_transaction(&txid) {
-        Some(tx) => {
-            let vout: Vec<_> = tx.output.iter().map(|o| json!({ "scriptpubkey": o.script_pubkey.to_hex_string(), "value": o.value.to_sat() })).collect();
-            Json(json!({ "txid": txid, "vout": vout })).into_response()
-        }
-        None => (StatusCode::NOT_FOUND, "Transaction not found").into_response(),
-    }
-}
-
-async fn outspend(
-    State(chain): State<SimulatedChain>,
-    Path((txid, vout)): Path<(Txid, u32)>,
-) -> Response {
-    Json(json!({ "spent": chain.utxo(&OutPoint { txid, vout }).is_none() })).into_response()
-}
-
-/// `GET /scripthash/:hash/utxo`: the hash is SHA-256 of the script in byte order.
-async fn script_utxos(State(chain): State<SimulatedChain>, Path(hash): Path<String>) -> Response {
-    use bitcoin::hashes::{Hash, sha256};
-    // The scripts the tests use: P2WPKH of the first test keys.
-    let script = (1..=16).map(|n| p2wpkh(&secret(n))).find(|script| {
-        let digest = sha256::Hash::hash(script.as_bytes()).to_byte_array();
-        digest.iter().map(|b| format!("{b:02x}")).collect::<String>() == hash
-    });
-    let Some(script) = script else { return Json(json!([])).into_response() };
-    let found = ChainBackend::unspent_outputs_of(&chain, &script).await.unwrap();
-    let tip = chain.tip().height;
-    let utxos: Vec<_> = found
-        .into_iter()
-        .map(|(outpoint, utxo)| {
-            let status = match utxo.confirmations {
-                0 => json!({ "confirmed": false }),
-                depth => json!({ "confirmed": true, "block_height": tip + 1 - depth }),
-            };
-            json!({
-                "txid": outpoint.txid, "vout": outpoint.vout,
-                "value": utxo.output.value.to_sat(), "status": status,
-            })
-        })
-        .collect();
-    Json(json!(utxos)).into_response()
-}
 
 async fn fake_esplora(chain: SimulatedChain) -> String {
-    format!("http://{}/api", common::http::serve(fake_app(chain)).await)
+    esplora_fake::serve(chain, Flavor::Old).await
 }
 
 /// The fake Esplora's routes, under `/api`.
-fn fake_app(chain: SimulatedChain) -> Router {
-    Router::new()
-        .route("/api/scripthash/{hash}/utxo", get(script_utxos))
-        .route("/api/tx", post(broadcast))
-        .route("/api/tx/{txid}/status", get(status))
-        .route("/api/tx/{txid}", get(transaction))
-        .route("/api/tx/{txid}/outspend/{vout}", get(outspend))
-        .route(
-            "/api/blocks/tip/hash",
-            get(|State(chain): State<SimulatedChain>| async move { tip_hash(chain.tip().height) }),
-        )
-        .route(
-            "/api/block/{hash}",
-            get(|State(chain): State<SimulatedChain>, Path(hash): Path<String>| async move {
-                let tip = chain.tip();
-                assert_eq!(hash, tip_hash(tip.height));
-                Json(
-                    json!({ "id": hash, "height": tip.height, "mediantime": tip.median_time_past }),
-                )
-            }),
-        )
-        .route(
-            "/api/fee-estimates",
-            get(|| async { Json(json!({ "1": 87.882, "6": 10.5, "144": 1.0 })) }),
-        )
-        .with_state(chain)
+fn fake_app(chain: SimulatedChain) -> axum::Router {
+    let scripts = (1..=16).map(|n| p2wpkh(&secret(n))).collect();
+    esplora_fake::app(chain, Flavor::Old, scripts)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -244,4 +138,195 @@ async fn an_https_esplora_is_reached_and_its_certificate_checked() {
     let txid = trusted.broadcast(&spend(coin, 99_000, 0)).await.unwrap();
     assert_eq!(trusted.tx_status(&txid).await.unwrap(), TxStatus::InMempool);
     assert!(Esplora::new("http://localhost:1").unwrap().with_root_certificate(&cert).is_err());
+}
+
+/// The settlement task over Esplora: channels funded on the simulated chain, closed through
+/// the fake electrs in front of it.
+mod settlement {
+    use std::time::Duration;
+
+    use bitcoin::absolute::LockTime;
+    use bitcoin::bip32::Xpriv;
+    use bitcoin::{Amount, FeeRate, Network, Transaction, TxOut};
+    use paychan::chain::esplora::{Esplora, PackageRelay};
+    use paychan::chain::sim::{SimulatedChain, sign_p2wpkh_input};
+    use paychan::chain::{ChainBackend, TxStatus};
+    use paychan::channel::{Terms, channel_key};
+    use paychan::settlement::Settlement;
+    use paychan::store::{ChannelRecord, ChannelState, ChannelStore, MemoryStore};
+    use paychan::wire::ChannelId;
+
+    use super::common::esplora_fake::{self, Flavor};
+    use super::common::{p2wpkh, public, secret};
+
+    fn master() -> Xpriv {
+        Xpriv::new_master(Network::Regtest, &[0x5e; 32]).unwrap()
+    }
+
+    fn payout() -> bitcoin::secp256k1::SecretKey {
+        secret(0x22)
+    }
+
+    /// A channel of 100 000 sat and `lifetime` blocks (index `index`), funded and confirmed on
+    /// `chain`, stored open in `store` with `paid` sat paid at the default 2 sat/vB.
+    async fn open(store: &MemoryStore, chain: &SimulatedChain, index: u32, paid: u64) -> ChannelId {
+        let client = secret(100 + index as u8);
+        let server = channel_key(&master(), index).unwrap();
+        let tip = chain.tip();
+        let params = Terms::default()
+            .agree(
+                public(&client),
+                public(&server),
+                Amount::from_sat(100_000),
+                LockTime::from_height(tip.height + 200).unwrap(),
+                p2wpkh(&client),
+                p2wpkh(&payout()),
+                tip,
+            )
+            .unwrap();
+        let (coin, prevout) = chain.faucet_p2wpkh(&public(&secret(3)), Amount::from_sat(150_000));
+        let change = TxOut { value: Amount::from_sat(49_000), script_pubkey: p2wpkh(&secret(3)) };
+        let (mut funding, outpoint) = params.build_funding(&[coin], Some(change));
+        sign_p2wpkh_input(&mut funding, 0, &prevout, &secret(3));
+        chain.submit(&funding).unwrap();
+        chain.mine(1);
+        let channel = params.at(outpoint);
+        let pay = |sat: u64| {
+            let mut tx = channel.build_payment(Amount::from_sat(sat)).unwrap();
+            channel.sign_payment(&mut tx, &client).unwrap();
+            tx
+        };
+        let record = ChannelRecord::open(channel.clone(), index, pay(1_000))
+            .with_funded_at(chain.tip().height);
+        store.create(record).await.unwrap();
+        let id = ChannelId::new(outpoint);
+        let _ = store.store_payment(id, pay(paid)).await.unwrap();
+        id
+    }
+
+    fn task(store: &MemoryStore, esplora: Esplora) -> Settlement<MemoryStore, Esplora> {
+        Settlement::new(store.clone(), esplora, master())
+            .with_cpfp_key(payout())
+            .with_backoff(Duration::ZERO, Duration::ZERO)
+    }
+
+    async fn close_of(store: &MemoryStore, id: ChannelId) -> Transaction {
+        store.load(id).await.unwrap().unwrap().close_transaction(&master()).unwrap()
+    }
+
+    async fn state(store: &MemoryStore, id: ChannelId) -> ChannelState {
+        store.load(id).await.unwrap().unwrap().state
+    }
+
+    /// A cooperative close asked for: the channel moves to closing, as the close endpoint does.
+    async fn ask_close(store: &MemoryStore, id: ChannelId) {
+        assert!(store.transition(id, ChannelState::Open, ChannelState::Closing).await.unwrap());
+    }
+
+    /// electrs answers `{"confirmed":false}` for the status of a close that left the mempool:
+    /// the task must not read it as "in the mempool". The close is broadcast again (one
+    /// rebroadcast counted) and settles.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_evicted_close_is_broadcast_again_and_settles() {
+        let chain = SimulatedChain::new();
+        let store = MemoryStore::new();
+        let id = open(&store, &chain, 0, 20_000).await;
+        let esplora = Esplora::new(&esplora_fake::serve(chain.clone(), Flavor::Old).await).unwrap();
+        let mut task = task(&store, esplora.clone());
+        ask_close(&store, id).await;
+        assert_eq!(task.run_once().await.unwrap().broadcast, 1);
+        let close = close_of(&store, id).await.compute_txid();
+        assert_eq!(state(&store, id).await, ChannelState::Closed);
+        assert_eq!(esplora.tx_status(&close).await.unwrap(), TxStatus::InMempool);
+
+        // The node restarted without its mempool: the close is gone, the funding unspent.
+        chain.drop_from_mempool(&close);
+        assert_eq!(esplora.tx_status(&close).await.unwrap(), TxStatus::Unknown);
+        task.run_once().await.unwrap();
+        assert_eq!(chain.tx_status(&close), TxStatus::InMempool, "broadcast again");
+        assert_eq!(task.metrics().lock().unwrap().rebroadcasts, 1);
+        chain.mine(1);
+        assert_eq!(task.run_once().await.unwrap().settled, 1);
+        assert_eq!(state(&store, id).await, ChannelState::Settled);
+    }
+
+    /// The mempool minimum (5 sat/vB) is above the close's 2 sat/vB: the close goes out with a
+    /// CPFP child (at the server's 88 sat/vB estimate for the next block, paid from its 60 000
+    /// sat) through `POST /txs/package` on a server that has it, or through the package
+    /// relay given to one that has not; both confirm and the channel settles.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_close_below_the_mempool_minimum_goes_out_as_a_package() {
+        for relayed in [false, true] {
+            let chain = SimulatedChain::new();
+            let store = MemoryStore::new();
+            let id = open(&store, &chain, 0, 60_000).await;
+            let new = esplora_fake::serve(chain.clone(), Flavor::New).await;
+            let esplora = if relayed {
+                let old = Esplora::new(&esplora_fake::serve(chain.clone(), Flavor::Old).await);
+                old.unwrap().with_package_relay(PackageRelay::Esplora(Esplora::new(&new).unwrap()))
+            } else {
+                Esplora::new(&new).unwrap()
+            };
+            chain.set_mempool_min_fee_rate(FeeRate::from_sat_per_vb_u32(5));
+            let close = close_of(&store, id).await;
+            assert!(chain.submit(&close).is_err(), "the close alone is refused");
+            let mut task = task(&store, esplora);
+            ask_close(&store, id).await;
+            let report = task.run_once().await.unwrap();
+            assert_eq!((report.broadcast, report.bumped), (1, 1), "relayed {relayed}: {report:?}");
+            let txid = close.compute_txid();
+            assert_eq!(chain.tx_status(&txid), TxStatus::InMempool);
+            assert_eq!(chain.mempool_txids().len(), 2, "the close and its child");
+            let mined = chain.mine(1);
+            assert!(mined.contains(&txid));
+            task.run_once().await.unwrap();
+            assert_eq!(state(&store, id).await, ChannelState::Settled);
+            assert_eq!(task.metrics().lock().unwrap().closes_below_mempool_minimum, 0);
+        }
+    }
+
+    /// An electrs without `POST /txs/package` and no package relay: when the mempool minimum
+    /// reaches 80 % of the channels' 2 sat/vB (1.6 sat/vB), open channels are closed early,
+    /// while their closes still get in; a close asked for once the minimum passed 2 sat/vB is
+    /// refused, and counted (`closes_below_mempool_minimum`), not retried silently. With package
+    /// relay nothing is closed early.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn without_package_relay_channels_close_early_and_a_stuck_close_is_reported() {
+        let chain = SimulatedChain::new();
+        let store = MemoryStore::new();
+        let early = open(&store, &chain, 0, 20_000).await;
+        let with_relay = Esplora::new(&esplora_fake::serve(chain.clone(), Flavor::New).await);
+        let mut relayed_task = task(&store, with_relay.unwrap());
+        let esplora = Esplora::new(&esplora_fake::serve(chain.clone(), Flavor::Old).await).unwrap();
+        assert!(!esplora.has_package_relay().await.unwrap());
+        let mut task = task(&store, esplora.clone());
+
+        // A mempool at its relay floor (1 sat/vB, here 50 % of the channel's rate) is no
+        // pressure, whatever the share configured.
+        let mut eager = self::task(&store, esplora.clone()).with_early_close(50);
+        assert_eq!(eager.run_once().await.unwrap().closing, 0, "no pressure at the floor");
+        // 1.5 sat/vB (75 %): nothing happens.
+        chain.set_mempool_min_fee_rate(FeeRate::from_sat_per_kwu(375));
+        assert_eq!(task.run_once().await.unwrap().closing, 0);
+        chain.set_mempool_min_fee_rate(FeeRate::from_sat_per_kwu(400));
+        assert_eq!(esplora.mempool_min_fee_rate().await.unwrap(), FeeRate::from_sat_per_kwu(400));
+        assert_eq!(relayed_task.run_once().await.unwrap().closing, 0, "a package path: no hurry");
+        let report = task.run_once().await.unwrap();
+        assert_eq!((report.closing, report.broadcast), (1, 1), "{report:?}");
+        assert_eq!(task.metrics().lock().unwrap().early_closes, 1);
+        let close = close_of(&store, early).await.compute_txid();
+        assert_eq!(chain.tx_status(&close), TxStatus::InMempool, "in while it could get in");
+
+        // Above 2 sat/vB a close cannot get in: refused, reported, kept closing.
+        let late = open(&store, &chain, 1, 20_000).await;
+        chain.set_mempool_min_fee_rate(FeeRate::from_sat_per_vb_u32(3));
+        ask_close(&store, late).await;
+        let report = task.run_once().await.unwrap();
+        assert_eq!((report.broadcast, report.retrying), (0, 1), "{report:?}");
+        assert_eq!(state(&store, late).await, ChannelState::Closing);
+        assert_eq!(task.metrics().lock().unwrap().closes_below_mempool_minimum, 1);
+        chain.mine(1);
+        task.run_once().await.unwrap();
+        assert_eq!(state(&store, early).await, ChannelState::Settled, "the early close settled");
+    }
 }

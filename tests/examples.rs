@@ -234,9 +234,8 @@ async fn the_reqwest_middleware_reads_a_metered_sse_stream() {
     let chain = SimulatedChain::new();
     let addr = serve(sse_tokens::app(chain.clone()).await).await;
     let payer = funded_payer(&chain, addr);
-    let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
-        .with(PaymentMiddleware::new(payer.clone()))
-        .build();
+    let client =
+        PaymentMiddleware::client(payer.clone(), reqwest::Client::builder()).unwrap().build();
     let response = client.get(format!("http://{addr}/generate?tokens=30")).send().await.unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.url().path(), "/generate", "the response keeps its URL");
@@ -247,7 +246,7 @@ async fn the_reqwest_middleware_reads_a_metered_sse_stream() {
     let metered =
         sse_tokens::PER_TOKEN.checked_mul(30).unwrap().checked_add(sse_tokens::PROMPT).unwrap();
     assert_eq!(payer.latest_receipt().unwrap().price_msat, metered);
-    let closed = payer.close_via(&reqwest::Client::new()).await.unwrap();
+    let closed = payer.close_via(&paychan::client::ReqwestTransport::new().unwrap()).await.unwrap();
     assert_eq!(closed.server_amount, metered.to_sat_ceil());
 }
 

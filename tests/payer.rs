@@ -543,14 +543,13 @@ async fn without_a_wallet_no_channel_is_opened() {
 #[cfg(feature = "reqwest")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_reqwest_middleware_pays_like_the_layer() {
-    use paychan::client::PaymentMiddleware;
+    use paychan::client::{PaymentMiddleware, ReqwestTransport};
 
     let server = server().await;
     let wallet = funded_wallet(&server.chain);
     let payer = payer_with(&server, &wallet, MemoryClientStore::new(), policy());
-    let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
-        .with(PaymentMiddleware::new(payer.clone()))
-        .build();
+    let client =
+        PaymentMiddleware::client(payer.clone(), reqwest::Client::builder()).unwrap().build();
     for _ in 0..10 {
         let response = client.get(format!("{}/work", server.origin)).send().await.unwrap();
         assert_eq!(response.status(), StatusCode::OK);
@@ -560,7 +559,7 @@ async fn the_reqwest_middleware_pays_like_the_layer() {
     let committed = payer.committed().await.unwrap();
     assert!(committed >= metered && committed <= metered + Amount::from_sat(1_150));
 
-    let closed = payer.close_via(&reqwest::Client::new()).await.unwrap();
+    let closed = payer.close_via(&ReqwestTransport::new().unwrap()).await.unwrap();
     assert_eq!(closed.server_amount, metered, "a fair close");
     server.chain.mine(1);
     assert!(matches!(server.chain.tx_status(&closed.txid), TxStatus::Confirmed { .. }));
@@ -572,9 +571,7 @@ async fn the_reqwest_middleware_pays_like_the_layer() {
         MemoryClientStore::new(),
         policy().with_auto_open(false),
     );
-    let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
-        .with(PaymentMiddleware::new(payer))
-        .build();
+    let client = PaymentMiddleware::client(payer, reqwest::Client::builder()).unwrap().build();
     let error = client.get(format!("{}/work", server.origin)).send().await.unwrap_err();
     assert!(error.to_string().contains("automatically"), "{error}");
 }
@@ -813,8 +810,10 @@ async fn a_redirect_elsewhere_never_drives_a_payment() {
     let server = Server { origin: format!("http://{}", serve(app).await), chain };
     let wallet = funded_wallet(&server.chain);
     let payer = payer_with(&server, &wallet, MemoryClientStore::new(), policy());
+    // A client that follows every redirect, wrongly declared safe: the answer of the other
+    // origin must still drive no payment.
     let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
-        .with(PaymentMiddleware::new(payer.clone()))
+        .with(PaymentMiddleware::new(payer.clone()).redirects_checked())
         .build();
     let served = client.get(format!("{}/work", server.origin)).send().await.unwrap();
     assert_eq!(served.status(), StatusCode::OK);
@@ -836,7 +835,7 @@ async fn a_redirect_elsewhere_never_drives_a_payment() {
         .build()
         .unwrap();
     let client = reqwest_middleware::ClientBuilder::new(http)
-        .with(PaymentMiddleware::new(payer.clone()))
+        .with(PaymentMiddleware::new(payer.clone()).redirects_checked())
         .build();
     let moved = client.get(format!("{}/moved", server.origin)).send().await.unwrap();
     assert_eq!(moved.status(), StatusCode::TEMPORARY_REDIRECT);

@@ -37,6 +37,7 @@ pub enum Auth {
 /// | [`unspent_outputs_of`](ChainBackend::unspent_outputs_of) | `scantxoutset` (the UTXO set: confirmed outputs; no index or wallet needed) |
 /// | [`broadcast_package`](ChainBackend::broadcast_package) | `submitpackage` (Core 28 or later) |
 /// | [`min_relay_fee_rate`](ChainBackend::min_relay_fee_rate) | `getmempoolinfo` (`minrelaytxfee`) |
+/// | [`mempool_min_fee_rate`](ChainBackend::mempool_min_fee_rate) | `getmempoolinfo` (`mempoolminfee`) |
 ///
 /// Rejections are mapped from Core's error codes and reject reasons: `-26` policy and
 /// consensus rejections (`non-final`, `non-BIP68-final`, `min relay fee not met`, `dust`,
@@ -62,7 +63,7 @@ struct RpcError {
     message: String,
 }
 
-use super::core_reject::{BroadcastError, map_broadcast_error};
+use super::core_reject::{BroadcastError, map_broadcast_error, package_result};
 use super::http::{Target, send, split_url, unavailable};
 
 /// Parses one of Core's decimal BTC amounts exactly.
@@ -312,27 +313,20 @@ impl ChainBackend for BitcoindRpc {
                 });
             }
         };
-        // Core answers "success" or describes each transaction's fate; a failure of the whole
-        // package (a package policy) comes with no per-transaction error at all.
-        let message = answer.get("package_msg").and_then(Value::as_str).unwrap_or("no package_msg");
-        if message == "success" {
-            return Ok(txid);
-        }
-        let errors: Vec<&str> = answer
-            .get("tx-results")
-            .and_then(Value::as_object)
-            .map(|results| {
-                results.values().filter_map(|r| r.get("error").and_then(Value::as_str)).collect()
-            })
-            .unwrap_or_default();
-        match errors.first() {
-            None => Err(unavailable(format!("submitpackage: {message}"))),
-            Some(message) => match map_broadcast_error(-26, message) {
-                BroadcastError::AlreadyKnown => Ok(txid),
-                BroadcastError::Rejected(reason) => Err(ChainError::rejected(reason, *message)),
-                BroadcastError::Other => Err(unavailable(format!("submitpackage: {message}"))),
-            },
-        }
+        package_result(&answer, txid)
+    }
+
+    async fn has_package_relay(&self) -> Result<bool, ChainError> {
+        Ok(true)
+    }
+
+    async fn mempool_min_fee_rate(&self) -> Result<FeeRate, ChainError> {
+        let info = self.call_ok("getmempoolinfo", json!([])).await?;
+        let per_kvb = info
+            .get("mempoolminfee")
+            .ok_or_else(|| unavailable("getmempoolinfo: no mempoolminfee"))?;
+        // BTC per 1 000 vbytes → sat per 1 000 weight units (÷ 4), rounded up.
+        Ok(FeeRate::from_sat_per_kwu(btc(per_kvb)?.to_sat().div_ceil(4)))
     }
 }
 

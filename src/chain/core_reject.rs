@@ -1,7 +1,11 @@
 //! Bitcoin Core's `sendrawtransaction` errors, as Core and Esplora (which relays them) report
 //! them, mapped to [`RejectReason`].
 
-use super::RejectReason;
+use bitcoin::Txid;
+use serde_json::Value;
+
+use super::http::unavailable;
+use super::{ChainError, RejectReason};
 
 /// What a `sendrawtransaction` error means.
 #[derive(Debug, PartialEq, Eq)]
@@ -29,13 +33,15 @@ pub(crate) fn map_broadcast_error(code: i64, message: &str) -> BroadcastError {
                 RejectReason::NonBip68Final
             } else if has("non-final") {
                 RejectReason::NonFinal
+            } else if has("txn-mempool-conflict") || has("rejecting replacement") {
+                // A conflict with a mempool transaction it may not replace (Core 28 and later
+                // replace by fee: "insufficient fee, rejecting replacement …").
+                RejectReason::Conflict
             } else if has("min relay fee not met")
                 || has("mempool min fee not met")
                 || has("insufficient fee")
             {
                 RejectReason::FeeTooLow
-            } else if has("txn-mempool-conflict") {
-                RejectReason::Conflict
             } else if has("bad-txns-in-belowout") {
                 RejectReason::ValueCreation
             } else if has("bad-txns-inputs-missingorspent") || has("missing-inputs") {
@@ -56,9 +62,62 @@ pub(crate) fn map_broadcast_error(code: i64, message: &str) -> BroadcastError {
     })
 }
 
+/// Reads Bitcoin Core's `submitpackage` answer (as Core returns it, and as Esplora's
+/// `POST /txs/package` relays it): `Ok(child)` if the package is in the mempool.
+pub(crate) fn package_result(answer: &Value, child: Txid) -> Result<Txid, ChainError> {
+    // Core answers "success" or describes each transaction's fate; a failure of the whole
+    // package (a package policy) comes with no per-transaction error at all.
+    let message = answer.get("package_msg").and_then(Value::as_str).unwrap_or("no package_msg");
+    if message == "success" {
+        return Ok(child);
+    }
+    let errors: Vec<&str> = answer
+        .get("tx-results")
+        .and_then(Value::as_object)
+        .map(|results| {
+            results.values().filter_map(|r| r.get("error").and_then(Value::as_str)).collect()
+        })
+        .unwrap_or_default();
+    match errors.first() {
+        None => Err(unavailable(format!("submitpackage: {message}"))),
+        Some(message) => match map_broadcast_error(-26, message) {
+            BroadcastError::AlreadyKnown => Ok(child),
+            BroadcastError::Rejected(reason) => Err(ChainError::rejected(reason, *message)),
+            BroadcastError::Other => Err(unavailable(format!("submitpackage: {message}"))),
+        },
+    }
+}
+
+/// Finds Core's error code and message in an error an Esplora server relays in its body:
+/// `sendrawtransaction RPC error: {"code":-26,"message":"…"}` (electrs up to 2024, mempool's
+/// fork) or `sendrawtransaction RPC error -26: …` (Blockstream's electrs since its error type
+/// carries the code).
+pub(crate) fn relayed_error(text: &str) -> Option<(i64, String)> {
+    if let Some(core) = text.find('{').and_then(|i| serde_json::from_str::<Value>(&text[i..]).ok())
+    {
+        let code = core["code"].as_i64().unwrap_or(0);
+        return Some((code, core["message"].as_str().unwrap_or(text).to_owned()));
+    }
+    let (_, rest) = text.split_once("RPC error ")?;
+    let (code, message) = rest.split_once(": ")?;
+    Some((code.trim().parse().ok()?, message.to_owned()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_core_errors_relayed_by_esplora() {
+        let old = r#"sendrawtransaction RPC error: {"code":-26,"message":"txn-mempool-conflict"}"#;
+        assert_eq!(relayed_error(old), Some((-26, "txn-mempool-conflict".to_owned())));
+        let new = "sendrawtransaction RPC error -27: Transaction already in block chain";
+        assert_eq!(
+            relayed_error(new),
+            Some((-27, "Transaction already in block chain".to_owned()))
+        );
+        assert_eq!(relayed_error("Invalid hex string"), None);
+    }
 
     #[test]
     fn maps_core_error_codes_and_reasons() {
@@ -69,6 +128,11 @@ mod tests {
             (-26, "min relay fee not met, 100 < 169", Rejected(RejectReason::FeeTooLow)),
             (-26, "mempool min fee not met, 100 < 300", Rejected(RejectReason::FeeTooLow)),
             (-26, "txn-mempool-conflict", Rejected(RejectReason::Conflict)),
+            (
+                -26,
+                "insufficient fee, rejecting replacement 5f…, not enough additional fees to relay; 0.00000110 < 0.00000111",
+                Rejected(RejectReason::Conflict),
+            ),
             (-26, "dust", Rejected(RejectReason::NonStandard)),
             (-26, "scriptpubkey", Rejected(RejectReason::NonStandard)),
             (

@@ -9,20 +9,35 @@ use hyper::body::Bytes;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::core_reject::{BroadcastError, map_broadcast_error};
+use super::core_reject::{BroadcastError, map_broadcast_error, package_result, relayed_error};
 use super::http::{Target, send, split_url, unavailable};
-use super::{ChainBackend, ChainError, ChainTip, TxStatus, Utxo};
+use super::{ChainBackend, ChainError, ChainTip, TxStatus, Utxo, policy};
 
 /// The Esplora REST API as a [`ChainBackend`].
 ///
 /// | method | endpoint |
 /// |---|---|
 /// | [`broadcast`](ChainBackend::broadcast) | `POST /tx` (Core's error, relayed in the body, is mapped as for [`BitcoindRpc`](super::bitcoind::BitcoindRpc)) |
-/// | [`tx_status`](ChainBackend::tx_status) | `GET /tx/:txid/status` |
+/// | [`tx_status`](ChainBackend::tx_status) | `GET /tx/:txid` (404: unknown; its `status`, else `GET /tx/:txid/status`) |
 /// | [`tip`](ChainBackend::tip) | `GET /blocks/tip/hash`, `GET /block/:hash` (`height`, `mediantime`) |
 /// | [`estimate_fee_rate`](ChainBackend::estimate_fee_rate) | `GET /fee-estimates` (the nearest target at or below the one asked) |
 /// | [`unspent_output`](ChainBackend::unspent_output) | `GET /tx/:txid`, `GET /tx/:txid/outspend/:vout` |
 /// | [`unspent_outputs_of`](ChainBackend::unspent_outputs_of) | `GET /scripthash/:hash/utxo` (mempool included) |
+/// | [`broadcast_package`](ChainBackend::broadcast_package) | `POST /txs/package` (Core's `submitpackage`), else the [`PackageRelay`] given |
+/// | [`mempool_min_fee_rate`](ChainBackend::mempool_min_fee_rate) | the [`PackageRelay`]'s node, else the lowest `GET /fee-estimates` value |
+///
+/// `GET /tx/:txid/status` alone cannot tell a transaction in the mempool from one the server
+/// never saw or that left the mempool: electrs answers `{"confirmed":false}` for both (its
+/// status is only the confirming block). `GET /tx/:txid` answers 404 for a transaction in
+/// neither the chain nor the mempool, so that is what [`tx_status`](ChainBackend::tx_status)
+/// asks: an evicted settlement reads [`TxStatus::Unknown`] and is broadcast again.
+///
+/// Package relay (`POST /txs/package`) is in mempool's electrs since late 2024 and in recent
+/// Blockstream electrs (`new-index`); older servers answer `404 endpoint does not exist`. Then
+/// [`broadcast_package`](ChainBackend::broadcast_package) uses the [`PackageRelay`] given to
+/// [`with_package_relay`](Self::with_package_relay), or fails with
+/// [`ChainError::Unsupported`] — never two plain broadcasts that cannot get a parent below the
+/// mempool minimum in.
 ///
 /// It speaks HTTP/1.1, over TLS for `https://` URLs with the `tls` feature (rustls and
 /// Mozilla's roots), so a public instance works as well as one you run.
@@ -30,6 +45,34 @@ use super::{ChainBackend, ChainError, ChainTip, TxStatus, Utxo};
 pub struct Esplora {
     target: Target,
     base: String,
+    package_relay: Option<Box<PackageRelay>>,
+}
+
+/// Where an [`Esplora`] backend submits packages its server cannot take: a node with
+/// `submitpackage`, or another Esplora server that has `POST /txs/package`.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum PackageRelay {
+    /// Another Esplora server.
+    Esplora(Esplora),
+    /// A Bitcoin Core node (28 or later) over JSON-RPC (feature `bitcoind`).
+    #[cfg(feature = "bitcoind")]
+    Bitcoind(super::bitcoind::BitcoindRpc),
+}
+
+impl PackageRelay {
+    async fn broadcast_package(
+        &self,
+        parent: &Transaction,
+        child: &Transaction,
+    ) -> Result<Txid, ChainError> {
+        match self {
+            // Its own fallback is not followed: one hop.
+            Self::Esplora(esplora) => esplora.submit_package(parent, child).await,
+            #[cfg(feature = "bitcoind")]
+            Self::Bitcoind(rpc) => rpc.broadcast_package(parent, child).await,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -85,7 +128,46 @@ impl Esplora {
     /// ```
     pub fn new(url: &str) -> Result<Self, ChainError> {
         let (target, base) = split_url(url)?;
-        Ok(Self { target, base })
+        Ok(Self { target, base, package_relay: None })
+    }
+
+    /// Submits packages the server cannot take (no `POST /txs/package`) through `relay`, and
+    /// reads the mempool minimum from it when it is a node.
+    #[must_use]
+    pub fn with_package_relay(mut self, relay: PackageRelay) -> Self {
+        self.package_relay = Some(Box::new(relay));
+        self
+    }
+
+    /// `POST /txs/package` on this server only: [`ChainError::Unsupported`] if it has no such
+    /// endpoint.
+    async fn submit_package(
+        &self,
+        parent: &Transaction,
+        child: &Transaction,
+    ) -> Result<Txid, ChainError> {
+        let body = serde_json::json!([serialize_hex(parent), serialize_hex(child)]).to_string();
+        let (status, answer) = self.request(Method::POST, "/txs/package", body).await?;
+        let text = String::from_utf8_lossy(&answer);
+        if no_such_endpoint(status, &text) {
+            return Err(ChainError::Unsupported {
+                message: format!("{} has no POST /txs/package (package relay)", self.base),
+            });
+        }
+        if status == StatusCode::OK {
+            let answer: Value = serde_json::from_slice(&answer).map_err(unavailable)?;
+            return package_result(&answer, child.compute_txid());
+        }
+        // Core's error for the whole call (electrs relays it in a 400 body).
+        match relayed_error(&text) {
+            Some((code, message)) if status.is_client_error() => {
+                match map_broadcast_error(code, &message) {
+                    BroadcastError::Rejected(reason) => Err(ChainError::rejected(reason, message)),
+                    _ => Err(unavailable(format!("POST /txs/package: {message} ({code})"))),
+                }
+            }
+            _ => Err(unavailable(format!("POST /txs/package: {status} {text}"))),
+        }
     }
 
     /// Also trusts `der`, a DER-encoded root certificate (a private CA, or a test's), for an
@@ -116,6 +198,21 @@ impl Esplora {
         send(&self.target, request).await
     }
 
+    /// A transaction the server has, confirmed or in its mempool.
+    async fn status_of(&self, status: Status) -> Result<TxStatus, ChainError> {
+        match (status.confirmed, status.block_height) {
+            (true, Some(height)) => {
+                let tip = self.tip().await?;
+                Ok(TxStatus::Confirmed {
+                    height,
+                    confirmations: tip.height.saturating_sub(height) + 1,
+                })
+            }
+            (true, None) => Err(unavailable("a confirmed status without a block height")),
+            (false, _) => Ok(TxStatus::InMempool),
+        }
+    }
+
     async fn get_json<T: serde::de::DeserializeOwned>(
         &self,
         path: &str,
@@ -137,14 +234,10 @@ impl ChainBackend for Esplora {
             return Ok(txid);
         }
         let text = String::from_utf8_lossy(&body).into_owned();
-        // Esplora relays Core's error: `sendrawtransaction RPC error: {"code":-26,"message":"…"}`.
-        let core: Option<Value> =
-            text.find('{').and_then(|i| serde_json::from_str(&text[i..]).ok());
-        let (code, message) = match &core {
-            Some(error) => (
-                error["code"].as_i64().unwrap_or(0),
-                error["message"].as_str().unwrap_or(&text).to_owned(),
-            ),
+        // Esplora relays Core's error: `sendrawtransaction RPC error: {"code":-26,"message":"…"}`
+        // or `sendrawtransaction RPC error -26: …`.
+        let (code, message) = match relayed_error(&text) {
+            Some(error) => error,
             None if status.is_server_error() => {
                 return Err(unavailable(format!("POST /tx: {status} {text}")));
             }
@@ -158,19 +251,26 @@ impl ChainBackend for Esplora {
     }
 
     async fn tx_status(&self, txid: &Txid) -> Result<TxStatus, ChainError> {
-        let Some(status) = self.get_json::<Status>(&format!("/tx/{txid}/status")).await? else {
-            return Ok(TxStatus::Unknown);
-        };
-        match (status.confirmed, status.block_height) {
-            (true, Some(height)) => {
-                let tip = self.tip().await?;
-                Ok(TxStatus::Confirmed {
-                    height,
-                    confirmations: tip.height.saturating_sub(height) + 1,
-                })
+        // Not `/tx/:txid/status` alone: electrs answers `{"confirmed":false}` there for a
+        // transaction it never saw as for one in its mempool.
+        let (status, body) =
+            self.request(Method::GET, &format!("/tx/{txid}"), String::new()).await?;
+        match status {
+            StatusCode::OK => {}
+            StatusCode::NOT_FOUND if !no_such_endpoint(status, &String::from_utf8_lossy(&body)) => {
+                return Ok(TxStatus::Unknown);
             }
-            _ => Ok(TxStatus::InMempool),
+            other => return Err(unavailable(format!("GET /tx/{txid}: {other}"))),
         }
+        let tx: Value = serde_json::from_slice(&body).map_err(unavailable)?;
+        let status = match tx.get("status") {
+            Some(status) => Status::deserialize(status).map_err(unavailable)?,
+            None => self
+                .get_json::<Status>(&format!("/tx/{txid}/status"))
+                .await?
+                .ok_or_else(|| unavailable(format!("GET /tx/{txid}/status: none")))?,
+        };
+        self.status_of(status).await
     }
 
     async fn tip(&self) -> Result<ChainTip, ChainError> {
@@ -258,16 +358,76 @@ impl ChainBackend for Esplora {
             value: bitcoin::Amount::from_sat(value),
             script_pubkey: ScriptBuf::from_hex(script).map_err(unavailable)?,
         };
-        let confirmations = match self.tx_status(&outpoint.txid).await? {
+        let status = match tx.get("status") {
+            Some(status) => Status::deserialize(status).map_err(unavailable)?,
+            None => self
+                .get_json::<Status>(&format!("/tx/{}/status", outpoint.txid))
+                .await?
+                // The transaction was just served, its status is not: a lagging or
+                // load-balanced instance, not an unconfirmed funding.
+                .ok_or_else(|| unavailable(format!("{}: no status", outpoint.txid)))?,
+        };
+        let confirmations = match self.status_of(status).await? {
             TxStatus::Confirmed { confirmations, .. } => confirmations,
-            TxStatus::InMempool => 0,
-            // The transaction was just served, its status is not: a lagging or load-balanced
-            // instance, not an unconfirmed funding.
-            _ => return Err(unavailable(format!("{}: no status", outpoint.txid))),
+            _ => 0,
         };
         let coinbase = tx["vin"][0]["is_coinbase"].as_bool().unwrap_or(false);
         Ok(Some(Utxo::new(output, confirmations).with_coinbase(coinbase)))
     }
+
+    async fn broadcast_package(
+        &self,
+        parent: &Transaction,
+        child: &Transaction,
+    ) -> Result<Txid, ChainError> {
+        match (self.submit_package(parent, child).await, &self.package_relay) {
+            (Err(error), Some(relay)) if error.is_unsupported() => {
+                relay.broadcast_package(parent, child).await
+            }
+            (result, _) => result,
+        }
+    }
+
+    /// `true` with a [`PackageRelay`]; else whether the server has `POST /txs/package` (asked
+    /// with an empty package, which a server with the endpoint refuses otherwise than 404).
+    async fn has_package_relay(&self) -> Result<bool, ChainError> {
+        if self.package_relay.is_some() {
+            return Ok(true);
+        }
+        let (status, body) = self.request(Method::POST, "/txs/package", "[]".into()).await?;
+        Ok(!no_such_endpoint(status, &String::from_utf8_lossy(&body)))
+    }
+
+    /// The node's `mempoolminfee` when the [`PackageRelay`] is one; else the lowest of the
+    /// server's fee estimates (Core never estimates below its mempool minimum, so this is at
+    /// least the minimum: an overestimate in calm times), and the relay minimum without any.
+    async fn mempool_min_fee_rate(&self) -> Result<FeeRate, ChainError> {
+        #[cfg(feature = "bitcoind")]
+        if let Some(PackageRelay::Bitcoind(rpc)) = self.package_relay.as_deref() {
+            return rpc.mempool_min_fee_rate().await;
+        }
+        let estimates: serde_json::Map<String, Value> = self
+            .get_json("/fee-estimates")
+            .await?
+            .ok_or_else(|| unavailable("no fee estimates"))?;
+        let mut lowest = None::<FeeRate>;
+        for rate in estimates.values() {
+            let rate = match rate {
+                Value::Number(n) => sat_per_vb(&n.to_string())?,
+                other => return Err(unavailable(format!("not a fee rate: {other}"))),
+            };
+            lowest = Some(lowest.map_or(rate, |l| l.min(rate)));
+        }
+        Ok(lowest.unwrap_or(policy::MIN_RELAY_FEE_RATE).max(policy::MIN_RELAY_FEE_RATE))
+    }
+}
+
+/// electrs's answer to a route it does not have: `404 endpoint does not exist "/…"`
+/// (`src/rest.rs`, the router's last arm); a 404 for a missing transaction says
+/// `Transaction not found`.
+fn no_such_endpoint(status: StatusCode, body: &str) -> bool {
+    (status == StatusCode::NOT_FOUND && body.contains("endpoint does not exist"))
+        || status == StatusCode::METHOD_NOT_ALLOWED
 }
 
 #[cfg(test)]

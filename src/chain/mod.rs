@@ -105,6 +105,12 @@ pub enum ChainError {
         /// What the backend (or the connection to it) reported.
         source: BackendError,
     },
+    /// The backend does not offer the operation at all (an Esplora server without
+    /// `POST /txs/package`): retrying the same backend will not help.
+    Unsupported {
+        /// What is missing, and where.
+        message: String,
+    },
 }
 
 impl ChainError {
@@ -123,8 +129,13 @@ impl ChainError {
     pub fn reject_reason(&self) -> Option<RejectReason> {
         match self {
             Self::Rejected { reason, .. } => Some(*reason),
-            Self::Unavailable { .. } => None,
+            Self::Unavailable { .. } | Self::Unsupported { .. } => None,
         }
+    }
+
+    /// Whether the backend does not offer the operation ([`ChainError::Unsupported`]).
+    pub fn is_unsupported(&self) -> bool {
+        matches!(self, Self::Unsupported { .. })
     }
 }
 
@@ -135,6 +146,9 @@ impl fmt::Display for ChainError {
                 write!(f, "transaction rejected ({}): {message}", reason.code())
             }
             Self::Unavailable { source } => write!(f, "chain backend unavailable: {source}"),
+            Self::Unsupported { message } => {
+                write!(f, "not supported by the chain backend: {message}")
+            }
         }
     }
 }
@@ -144,7 +158,7 @@ impl std::error::Error for ChainError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Self::Unavailable { source } => std::error::Error::source(source),
-            Self::Rejected { .. } => None,
+            Self::Rejected { .. } | Self::Unsupported { .. } => None,
         }
     }
 }
@@ -216,6 +230,21 @@ pub trait ChainBackend: Send + Sync {
     /// never agrees to payments below it. The default is [`policy::MIN_RELAY_FEE_RATE`].
     fn min_relay_fee_rate(&self) -> impl Future<Output = Result<FeeRate, ChainError>> + Send {
         std::future::ready(Ok(policy::MIN_RELAY_FEE_RATE))
+    }
+
+    /// The lowest fee rate the mempool takes a transaction at right now (Bitcoin Core's
+    /// `mempoolminfee`): the relay minimum, raised while the mempool is full. A close below it
+    /// gets in only as a package ([`broadcast_package`](Self::broadcast_package)). The default
+    /// is [`min_relay_fee_rate`](Self::min_relay_fee_rate).
+    fn mempool_min_fee_rate(&self) -> impl Future<Output = Result<FeeRate, ChainError>> + Send {
+        self.min_relay_fee_rate()
+    }
+
+    /// Whether [`broadcast_package`](Self::broadcast_package) can carry a parent below the
+    /// mempool minimum by its child's fee (package relay). The default answers `false`: the
+    /// default `broadcast_package` submits the two one by one.
+    fn has_package_relay(&self) -> impl Future<Output = Result<bool, ChainError>> + Send {
+        std::future::ready(Ok(false))
     }
 
     /// Submits a parent and its child together, so that the child's fee can carry a parent

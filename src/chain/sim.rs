@@ -82,6 +82,10 @@ struct State {
     fees: HashMap<Txid, Amount>,
     /// The lowest ancestor-package fee rate a block takes.
     block_min_fee_rate: FeeRate,
+    /// The lowest fee rate the mempool takes a transaction (or a package) at.
+    mempool_min_fee_rate: FeeRate,
+    /// Whether packages are accepted as packages (`submitpackage`).
+    package_relay: bool,
     /// Confirmed transactions and their heights.
     confirmed: HashMap<Txid, (u32, Transaction)>,
     fee_rate: FeeRate,
@@ -127,6 +131,8 @@ impl SimulatedChain {
                 mempool: Vec::new(),
                 fees: HashMap::new(),
                 block_min_fee_rate: FeeRate::ZERO,
+                mempool_min_fee_rate: policy::MIN_RELAY_FEE_RATE,
+                package_relay: true,
                 confirmed: HashMap::new(),
                 fee_rate: FeeRate::from_sat_per_vb_u32(2),
                 faucet_counter: 0,
@@ -182,6 +188,85 @@ impl SimulatedChain {
     /// [`ChainError::Rejected`] with the first failed check (see the [module docs](self)).
     pub fn submit(&self, tx: &Transaction) -> Result<Txid, ChainError> {
         let mut state = self.lock();
+        let floor = state.mempool_min_fee_rate;
+        Self::accept(&mut state, tx, floor)
+    }
+
+    /// Submits `parent` and `child` as a package, as Bitcoin Core's `submitpackage`: each
+    /// must pay the relay minimum, and together they must pay the
+    /// [mempool minimum](Self::set_mempool_min_fee_rate) — the child's fee can carry a parent
+    /// below it. Returns the child's txid.
+    ///
+    /// # Errors
+    ///
+    /// As [`submit`](Self::submit) for either transaction (nothing is accepted then), and
+    /// [`RejectReason::FeeTooLow`] if the package pays less than the mempool minimum.
+    pub fn submit_package(
+        &self,
+        parent: &Transaction,
+        child: &Transaction,
+    ) -> Result<Txid, ChainError> {
+        let mut state = self.lock();
+        let floor = state.mempool_min_fee_rate;
+        let parent_id = parent.compute_txid();
+        let parent_known = state.mempool.iter().any(|m| m.compute_txid() == parent_id);
+        Self::accept(&mut state, parent, policy::MIN_RELAY_FEE_RATE)?;
+        // A parent already in the mempool is not part of the package: the child stands alone.
+        let child_floor = if parent_known { floor } else { policy::MIN_RELAY_FEE_RATE };
+        let child_result = Self::accept(&mut state, child, child_floor);
+        let ids = [parent_id, child.compute_txid()];
+        let package_fee: Amount = ids.iter().filter_map(|id| state.fees.get(id)).copied().sum();
+        let weight = parent.weight() + child.weight();
+        let required = floor.fee_wu(weight).unwrap_or(Amount::MAX);
+        let refused = match child_result {
+            Err(error) => Some(error),
+            Ok(_) if package_fee < required && !parent_known => Some(ChainError::rejected(
+                RejectReason::FeeTooLow,
+                format!(
+                    "mempool min fee not met, {} < {}",
+                    package_fee.to_sat(),
+                    required.to_sat()
+                ),
+            )),
+            Ok(_) => None,
+        };
+        match refused {
+            Some(error) => {
+                if !parent_known {
+                    evict(&mut state, parent_id);
+                }
+                Err(error)
+            }
+            None => Ok(child.compute_txid()),
+        }
+    }
+
+    /// Removes `txid` (and its descendants) from the mempool, as a node that restarted without
+    /// its mempool or trimmed it: the inputs are unspent again, the outputs gone.
+    pub fn drop_from_mempool(&self, txid: &Txid) {
+        evict(&mut self.lock(), *txid);
+    }
+
+    /// Sets the lowest fee rate the mempool takes a transaction at (default
+    /// [`policy::MIN_RELAY_FEE_RATE`]): a full mempool's rising minimum. Below it, a
+    /// transaction is refused ([`RejectReason::FeeTooLow`]) unless a child carries it in a
+    /// package ([`submit_package`](Self::submit_package)). What is already in the mempool stays.
+    pub fn set_mempool_min_fee_rate(&self, rate: FeeRate) {
+        self.lock().mempool_min_fee_rate = rate.max(policy::MIN_RELAY_FEE_RATE);
+    }
+
+    /// The mempool minimum (see [`set_mempool_min_fee_rate`](Self::set_mempool_min_fee_rate)).
+    pub fn mempool_min_fee_rate(&self) -> FeeRate {
+        self.lock().mempool_min_fee_rate
+    }
+
+    /// Whether [`broadcast_package`](ChainBackend::broadcast_package) submits packages as
+    /// packages (default) or, as a backend without package relay, one by one.
+    pub fn set_package_relay(&self, on: bool) {
+        self.lock().package_relay = on;
+    }
+
+    fn accept(state: &mut State, tx: &Transaction, floor: FeeRate) -> Result<Txid, ChainError> {
         let txid = tx.compute_txid();
         if state.mempool.iter().any(|m| m.compute_txid() == txid) {
             return Ok(txid);
@@ -223,7 +308,7 @@ impl SimulatedChain {
         if !is_final(tx, tip.height + 1, tip.median_time_past) {
             return Err(ChainError::rejected(RejectReason::NonFinal, "non-final"));
         }
-        if !sequence_locks_satisfied(&state, tx, &coins) {
+        if !sequence_locks_satisfied(state, tx, &coins) {
             return Err(ChainError::rejected(RejectReason::NonBip68Final, "non-BIP68-final"));
         }
         policy::check_standard(tx, &prevouts).map_err(|e| {
@@ -233,6 +318,13 @@ impl SimulatedChain {
             };
             ChainError::rejected(reason, format!("{}: {e}", e.code()))
         })?;
+        let min_fee = floor.fee_vb(tx.vsize() as u64).unwrap_or(Amount::MAX);
+        if floor > policy::MIN_RELAY_FEE_RATE && fee < min_fee {
+            return Err(ChainError::rejected(
+                RejectReason::FeeTooLow,
+                format!("mempool min fee not met, {} < {}", fee.to_sat(), min_fee.to_sat()),
+            ));
+        }
         let max_fee = MAX_FEE_RATE.fee_vb(tx.vsize() as u64).unwrap_or(Amount::MAX);
         if fee > max_fee {
             return Err(ChainError::rejected(RejectReason::FeeTooHigh, "max-fee-exceeded"));
@@ -513,7 +605,30 @@ impl ChainBackend for SimulatedChain {
         &self,
         _target_blocks: u16,
     ) -> impl Future<Output = Result<FeeRate, ChainError>> + Send {
-        ready(Ok(self.lock().fee_rate))
+        // As Core's `estimatesmartfee`, never below the mempool minimum.
+        let state = self.lock();
+        ready(Ok(state.fee_rate.max(state.mempool_min_fee_rate)))
+    }
+
+    fn mempool_min_fee_rate(&self) -> impl Future<Output = Result<FeeRate, ChainError>> + Send {
+        ready(Ok(SimulatedChain::mempool_min_fee_rate(self)))
+    }
+
+    fn has_package_relay(&self) -> impl Future<Output = Result<bool, ChainError>> + Send {
+        ready(Ok(self.lock().package_relay))
+    }
+
+    fn broadcast_package(
+        &self,
+        parent: &Transaction,
+        child: &Transaction,
+    ) -> impl Future<Output = Result<Txid, ChainError>> + Send {
+        let package_relay = self.lock().package_relay;
+        ready(if package_relay {
+            self.submit_package(parent, child)
+        } else {
+            self.submit(parent).and_then(|_| self.submit(child))
+        })
     }
 
     fn unspent(

@@ -228,7 +228,8 @@ impl LossBound {
         price: MilliSats,
         claimed: Option<MilliSats>,
     ) -> Result<(), BoundExceeded> {
-        let allowed = if self.channel() == Some(channel) { self.allowed(price) } else { Amount::ZERO };
+        let allowed =
+            if self.channel() == Some(channel) { self.allowed(price) } else { Amount::ZERO };
         if asked <= allowed {
             return Ok(());
         }

@@ -78,6 +78,10 @@ pub enum ClientError {
     /// client counted served, one price and `max_prepaid` (see
     /// [`LossBound`](super::LossBound)). Nothing was signed.
     BoundExceeded(BoundExceeded),
+    /// The reqwest client under `PaymentMiddleware` is not known to keep redirects on the
+    /// payer's origin, so the payment header was not sent: build it with
+    /// `PaymentMiddleware::client` (or declare it with `PaymentMiddleware::redirects_checked`).
+    RedirectsNotChecked,
 }
 
 impl fmt::Display for ClientError {
@@ -116,6 +120,10 @@ impl fmt::Display for ClientError {
             }
             Self::Key(e) => write!(f, "key derivation: {e}"),
             Self::BoundExceeded(e) => write!(f, "loss bound: {e}"),
+            Self::RedirectsNotChecked => f.write_str(
+                "the reqwest client may follow a redirect off the payer's origin with the payment \
+                 header: build it with PaymentMiddleware::client",
+            ),
         }
     }
 }

@@ -23,10 +23,13 @@ use crate::wire::{PAYMENT_CHANNEL, PAYMENT_CHANNEL_STREAM, PAYMENT_RECEIPT_PREV,
 ///
 /// **Redirects.** reqwest follows redirects inside the client, with the request's headers: a
 /// redirect to another origin would carry the `Payment-Channel` header (a bearer credential
-/// for the channel's balance) there. An answer from another origin never drives a payment and
-/// is returned as it is, but the header would have left by then: build the `reqwest::Client`
-/// with [`PaymentMiddleware::redirect_policy`], which stops at a redirect that leaves the
-/// payer's origin (the caller gets the 3xx), as in the example.
+/// for the channel's balance) there, and the middleware cannot see it happen. So the
+/// middleware sends the header only through a client known to stop at such a redirect: one
+/// built by [`PaymentMiddleware::client`] (with [`PaymentMiddleware::redirect_policy`]: the
+/// caller gets the 3xx), as in the example. A middleware made with [`new`](Self::new) and
+/// added to a client by hand refuses to pay ([`ClientError::RedirectsNotChecked`]) until it is
+/// told the client is safe ([`redirects_checked`](Self::redirects_checked)). An answer from
+/// another origin never drives a payment and is returned as it is.
 ///
 /// # Examples
 ///
@@ -37,26 +40,50 @@ use crate::wire::{PAYMENT_CHANNEL, PAYMENT_CHANNEL_STREAM, PAYMENT_RECEIPT_PREV,
 ///
 /// let key = Xpriv::new_master(Network::Regtest, &[7; 32]).unwrap();
 /// let payer = Payer::builder("http://127.0.0.1:3000", Network::Regtest, key).build().unwrap();
-/// let http = reqwest::Client::builder()
-///     .redirect(PaymentMiddleware::redirect_policy(&payer))
-///     .build()
-///     .unwrap();
-/// let client = reqwest_middleware::ClientBuilder::new(http)
-///     .with(PaymentMiddleware::new(payer))
-///     .build();
+/// let client = PaymentMiddleware::client(payer, reqwest::Client::builder()).unwrap().build();
 /// # let _ = client;
 /// ```
 #[derive(Debug)]
 pub struct PaymentMiddleware<St = MemoryClientStore> {
     payer: Payer<St>,
     /// The client a stream's top-ups use when the payer has no transport of its own.
-    fallback: std::sync::OnceLock<Result<std::sync::Arc<reqwest::Client>, String>>,
+    fallback: std::sync::OnceLock<Result<std::sync::Arc<ReqwestTransport>, String>>,
+    /// Set when the reqwest client is known to stop at a redirect off the payer's origin.
+    redirects_checked: bool,
+}
+
+impl<St: ClientStore + 'static> PaymentMiddleware<St> {
+    /// A `reqwest-middleware` client builder paying with `payer`: the reqwest client is built
+    /// from `http` with [`redirect_policy`](Self::redirect_policy) (whatever redirect policy
+    /// `http` had), and this middleware is its first. Add other middlewares to it and build.
+    ///
+    /// # Errors
+    ///
+    /// reqwest's, if the client cannot be built.
+    pub fn client(
+        payer: Payer<St>,
+        http: reqwest::ClientBuilder,
+    ) -> reqwest::Result<reqwest_middleware::ClientBuilder> {
+        let http = http.redirect(Self::redirect_policy(&payer)).build()?;
+        Ok(reqwest_middleware::ClientBuilder::new(http).with(Self::new(payer).redirects_checked()))
+    }
 }
 
 impl<St: ClientStore> PaymentMiddleware<St> {
-    /// Pays with `payer`.
+    /// Pays with `payer`, once the client it is added to is declared safe
+    /// ([`redirects_checked`](Self::redirects_checked)); see [`client`](Self::client).
     pub fn new(payer: Payer<St>) -> Self {
-        Self { payer, fallback: std::sync::OnceLock::new() }
+        Self { payer, fallback: std::sync::OnceLock::new(), redirects_checked: false }
+    }
+
+    /// Declares that the reqwest client this middleware is added to never follows a redirect
+    /// from the payer's origin to another (built with
+    /// `redirect(PaymentMiddleware::redirect_policy(&payer))` or
+    /// `redirect(reqwest::redirect::Policy::none())`). Without it the middleware does not send
+    /// the payment header.
+    pub fn redirects_checked(mut self) -> Self {
+        self.redirects_checked = true;
+        self
     }
 
     /// The payer.
@@ -103,9 +130,7 @@ impl<St: ClientStore + 'static> PaymentMiddleware<St> {
         let transport = self.payer.own_transport().unwrap_or_else(|_| {
             let client = self.fallback.get_or_init(|| {
                 // No redirects: the payment header stays on the payer's origin.
-                let client =
-                    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build();
-                client.map(std::sync::Arc::new).map_err(|e| e.to_string())
+                ReqwestTransport::new().map(std::sync::Arc::new).map_err(|e| e.to_string())
             });
             match client {
                 Ok(client) => std::sync::Arc::clone(client) as std::sync::Arc<dyn Transport>,
@@ -148,8 +173,12 @@ impl<St: ClientStore + 'static> Middleware for PaymentMiddleware<St> {
         if !applies {
             return next.run(request, extensions).await;
         }
+        if !self.redirects_checked {
+            return Err(middleware_error(ClientError::RedirectsNotChecked));
+        }
         let negotiation = NextTransport { next: next.clone() };
-        let mut retry = Retry::new(&self.payer, request.method(), request.url().path(), request.headers());
+        let mut retry =
+            Retry::new(&self.payer, request.method(), request.url().path(), request.headers());
         loop {
             let header = retry.start().await.map_err(middleware_error)?;
             let Some(mut this) = request.try_clone() else {
@@ -264,10 +293,50 @@ impl Transport for NextTransport<'_> {
     }
 }
 
-/// Sends the client's own requests (for [`Payer::open`] and [`Payer::close`]) with a plain
-/// reqwest client.
-impl Transport for reqwest::Client {
+/// A [`Transport`] over reqwest for the payer's own requests ([`Payer::open`],
+/// [`Payer::close`], a stream's top-ups): its client never follows a redirect, since those
+/// requests carry the payment header or a payment in their body (a redirect is answered as
+/// the server's refusal).
+///
+/// # Examples
+///
+/// ```
+/// use paychan::bitcoin::{Network, bip32::Xpriv};
+/// use paychan::client::{Payer, ReqwestTransport};
+///
+/// let key = Xpriv::new_master(Network::Regtest, &[7; 32]).unwrap();
+/// let payer = Payer::builder("http://127.0.0.1:3000", Network::Regtest, key)
+///     .transport(ReqwestTransport::new().unwrap())
+///     .build()
+///     .unwrap();
+/// # drop(payer);
+/// ```
+#[derive(Debug, Clone)]
+pub struct ReqwestTransport(reqwest::Client);
+
+impl ReqwestTransport {
+    /// A transport over a default reqwest client, without redirects.
+    ///
+    /// # Errors
+    ///
+    /// reqwest's, if the client cannot be built.
+    pub fn new() -> reqwest::Result<Self> {
+        Self::from_builder(reqwest::Client::builder())
+    }
+
+    /// A transport over the client `http` builds, without redirects (whatever redirect policy
+    /// it had).
+    ///
+    /// # Errors
+    ///
+    /// reqwest's, if the client cannot be built.
+    pub fn from_builder(http: reqwest::ClientBuilder) -> reqwest::Result<Self> {
+        http.redirect(reqwest::redirect::Policy::none()).build().map(Self)
+    }
+}
+
+impl Transport for ReqwestTransport {
     fn send(&self, request: http::Request<Bytes>) -> TransportFuture<'_> {
-        Box::pin(send(async move |request| Ok(self.execute(request).await?), request))
+        Box::pin(send(async move |request| Ok(self.0.execute(request).await?), request))
     }
 }

@@ -71,7 +71,7 @@ pub use core_wallet::CoreWallet;
 #[cfg(feature = "runtime")]
 pub use error::{ClientError, Misbehavior, MisbehaviorKind};
 #[cfg(feature = "reqwest")]
-pub use middleware::PaymentMiddleware;
+pub use middleware::{PaymentMiddleware, ReqwestTransport};
 #[cfg(feature = "runtime")]
 pub(crate) use payer::RetryBudget;
 #[cfg(feature = "runtime")]

@@ -39,6 +39,13 @@ pub struct ClientChannel {
     /// What the funding transaction paid in fees (counted in the policy's budget).
     #[serde(default, with = "bitcoin::amount::serde::as_sat")]
     pub funding_fee: Amount,
+    /// The signed funding transaction while the server has not acknowledged it (`/fund`
+    /// failed or timed out): the server holds it and may broadcast it at any time. While it
+    /// is set and the channel is not closed, a [`Payer`](super::Payer) signs no other funding
+    /// that does not spend one of its inputs (at most one of them can confirm), unless its
+    /// chain view shows it broadcast or conflicted. Cleared once a funding is acknowledged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unacknowledged_funding: Option<Transaction>,
 }
 
 impl ClientChannel {
@@ -53,6 +60,7 @@ impl ClientChannel {
             retired: false,
             closed: false,
             funding_fee: Amount::ZERO,
+            unacknowledged_funding: None,
         }
     }
 

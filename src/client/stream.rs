@@ -283,6 +283,9 @@ struct Watch {
     delivered: MilliSats,
     /// A byte stream's estimate of what is left to spend.
     left: MilliSats,
+    /// What of the stream's top-ups `left` counts: only what they added, once they are done
+    /// (a top-up may add less than asked: the loss bound lowers it).
+    credited: MilliSats,
     max_prepaid: MilliSats,
     max_per_request: MilliSats,
     top_ups: Arc<TopUps>,
@@ -317,7 +320,15 @@ impl Watch {
             .saturating_sub(self.top_ups.added())
     }
 
+    /// Counts in `left` what the stream's finished top-ups added since last time.
+    fn credit(&mut self) {
+        let added = self.top_ups.added();
+        self.left = self.left.saturating_add(added.saturating_sub(self.credited));
+        self.credited = added;
+    }
+
     fn count(&mut self, units: u64) {
+        self.credit();
         self.received = self.received.saturating_add(units);
         let cost = self.cost();
         let new = cost.saturating_sub(self.delivered);
@@ -335,10 +346,12 @@ impl Watch {
         let ahead = self.price().checked_mul(AHEAD_KIB).unwrap_or(MilliSats::MAX);
         // Within the stream's budget, as in-band top-ups are.
         let amount = ahead.min(self.max_prepaid).min(self.room()).to_sat_floor();
+        self.credit();
         if self.left >= low || amount == Amount::ZERO || !self.top_ups.start() {
             return;
         }
-        self.left = self.left.saturating_add(MilliSats::from_sat(amount).unwrap_or(MilliSats::MAX));
+        // `left` grows by what the top-up adds once it is done, not by what was asked: the
+        // loss bound may let it add less, and the client must ask again as it reads.
         self.hooks.top_up_by(amount, Arc::clone(&self.top_ups));
     }
 
@@ -457,6 +470,7 @@ impl<B> PaidBody<B> {
             received: 0,
             delivered: MilliSats::ZERO,
             left: balance.unwrap_or(MilliSats::ZERO),
+            credited: MilliSats::ZERO,
             max_prepaid: MilliSats::from_sat(policy.max_prepaid()).unwrap_or(MilliSats::MAX),
             max_per_request,
             top_ups: Arc::default(),
@@ -616,6 +630,7 @@ mod tests {
             received: 0,
             delivered: MilliSats::ZERO,
             left: balance,
+            credited: MilliSats::ZERO,
             max_prepaid: MilliSats::from_msat(10_000),
             max_per_request: MilliSats::from_msat(5_000),
             top_ups: Arc::default(),
@@ -696,6 +711,7 @@ mod tests {
         w.ahead();
         assert_eq!(hooks.0.lock().unwrap().ahead, [Amount::from_sat(10)]);
         w.top_ups.done(Amount::from_sat(10));
+        w.credit();
         w.left = MilliSats::ZERO;
         w.ahead();
         assert_eq!(hooks.0.lock().unwrap().ahead, [Amount::from_sat(10), Amount::from_sat(1)]);

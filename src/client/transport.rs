@@ -27,6 +27,11 @@ pub trait Transport: Send + Sync {
 /// A [`Transport`] over a tower HTTP client service, such as hyper-util's `Client`: each
 /// request goes through a clone of the service.
 ///
+/// The service must not follow redirects (hyper-util's `Client` does not; do not wrap it in
+/// tower-http's `FollowRedirect`): the payer's requests carry the `Payment-Channel` header or
+/// a payment in their body, which must never leave the server's origin. A redirect then
+/// reaches the payer as the server's refusal.
+///
 /// # Examples
 ///
 /// ```

@@ -42,6 +42,25 @@ pub trait Wallet: Send + Sync + fmt::Debug {
     fn release(&self, psbt: &Psbt) {
         let _ = psbt;
     }
+
+    /// The funding `psbt` (signed) was handed to the server, which did not acknowledge it
+    /// (`/fund` failed or timed out): the server may broadcast it at any time, or never.
+    ///
+    /// A wallet should then not count the funding's change as a coin, and should spend at
+    /// least one of its inputs in every later funding until one is acknowledged
+    /// ([`funding_acknowledged`](Self::funding_acknowledged)), so that at most one of them
+    /// can confirm. [`KeyWallet`] does. The payer checks it either way: it signs no funding
+    /// that could confirm beside one in doubt. The default does nothing (such a wallet
+    /// cannot fund again until the funding in doubt is seen on the chain or conflicted).
+    fn funding_in_doubt(&self, psbt: &Psbt) {
+        let _ = psbt;
+    }
+
+    /// The server acknowledged the funding `tx` (its `/fund` answered): the fundings in
+    /// doubt it conflicts with can only confirm if it does not. The default does nothing.
+    fn funding_acknowledged(&self, tx: &Transaction) {
+        let _ = tx;
+    }
 }
 
 /// A wallet failed to fund or sign: what it reported. Implementers of [`Wallet`] build it with
@@ -53,7 +72,13 @@ pub type WalletError = crate::BackendError;
 ///
 /// It chooses the largest coins first, adds a change output back to its key unless the change
 /// would be dust, and reserves the coins it chose (they are not offered twice). Once it signed
-/// a funding transaction, its change output becomes a coin of the wallet.
+/// a funding transaction, its change output becomes a coin of the wallet — unless the funding
+/// is [in doubt](Wallet::funding_in_doubt): then its change is no coin, and every later
+/// funding spends one input of it (before any other coin) until a funding is acknowledged,
+/// so that at most one of them can confirm. It keeps that in memory only: a new `KeyWallet`
+/// knows no funding in doubt, and the payer then opens no channel until its chain view shows
+/// the funding in doubt broadcast or conflicted (see
+/// [`ClientChannel::unacknowledged_funding`](crate::client::ClientChannel::unacknowledged_funding)).
 ///
 /// # Examples
 ///
@@ -90,6 +115,9 @@ pub struct KeyWallet {
 struct Coins {
     unspent: Vec<(OutPoint, TxOut)>,
     used: HashSet<OutPoint>,
+    /// The inputs of each signed funding in doubt (in `used`, not in `unspent`): every new
+    /// funding spends one of each, until a funding is acknowledged.
+    in_doubt: Vec<Vec<(OutPoint, TxOut)>>,
 }
 
 impl fmt::Debug for KeyWallet {
@@ -148,7 +176,9 @@ impl KeyWallet {
     /// the wallet neither knows nor chose for a funding; a coinbase output (a wallet that
     /// mines) once it is mature, at [`COINBASE_MATURITY`](crate::chain::COINBASE_MATURITY)
     /// confirmations. Returns the balance afterwards. Bitcoin Core reports confirmed outputs
-    /// only (see [`ChainBackend::unspent_outputs_of`]).
+    /// only (see [`ChainBackend::unspent_outputs_of`]). A funding [in
+    /// doubt](Wallet::funding_in_doubt) one of whose inputs the chain shows spent (by it, or by
+    /// a transaction conflicting with it) is settled: it no longer holds back later fundings.
     ///
     /// # Errors
     ///
@@ -178,6 +208,29 @@ impl KeyWallet {
         chain: &C,
         min_depth: u32,
     ) -> Result<Amount, ChainError> {
+        // A funding in doubt whose input the chain shows spent (by it, or by a transaction
+        // that conflicts with it) is settled either way: it holds back no later funding, and
+        // its other inputs are coins again if the chain still has them.
+        let in_doubt: Vec<OutPoint> =
+            self.coins().in_doubt.iter().flatten().map(|(outpoint, _)| *outpoint).collect();
+        let mut gone = HashSet::new();
+        for outpoint in in_doubt {
+            if chain.unspent(&outpoint).await?.is_none() {
+                gone.insert(outpoint);
+            }
+        }
+        if !gone.is_empty() {
+            let mut coins = self.coins();
+            let (settled, kept): (Vec<_>, Vec<_>) = core::mem::take(&mut coins.in_doubt)
+                .into_iter()
+                .partition(|inputs| inputs.iter().any(|(op, _)| gone.contains(op)));
+            coins.in_doubt = kept;
+            for (outpoint, _) in settled.into_iter().flatten() {
+                if !gone.contains(&outpoint) && !coins.is_in_doubt(&outpoint) {
+                    coins.used.remove(&outpoint);
+                }
+            }
+        }
         let mut found = chain.unspent_outputs_of(&self.script_pubkey()).await?;
         // Core's UTXO set does not see mempool spends (an earlier process's unconfirmed
         // funding): ask for each coin with the mempool.
@@ -200,7 +253,8 @@ impl KeyWallet {
         Ok(coins.balance())
     }
 
-    /// The value of the coins not yet spent by a funding transaction.
+    /// The value of the coins not yet spent by a funding transaction (the inputs of a
+    /// funding in doubt do not count: the server may have broadcast it).
     pub fn balance(&self) -> Amount {
         self.coins().balance()
     }
@@ -212,6 +266,23 @@ impl KeyWallet {
     fn select(&self, output: TxOut, fee_rate: FeeRate) -> Result<Psbt, WalletError> {
         let mut coins = self.coins();
         coins.unspent.sort_by_key(|(_, out)| core::cmp::Reverse(out.value));
+        // First one input of every funding in doubt (its largest), so that the new funding
+        // conflicts with each; then the coins, largest first; then the other inputs in doubt.
+        let mut candidates: Vec<(OutPoint, TxOut)> = Vec::new();
+        for inputs in &coins.in_doubt {
+            let hit = inputs.iter().any(|(op, _)| candidates.iter().any(|(c, _)| c == op));
+            if let Some(largest) = inputs.iter().max_by_key(|(_, out)| out.value)
+                && !hit
+            {
+                candidates.push(largest.clone());
+            }
+        }
+        candidates.extend(coins.unspent.iter().cloned());
+        for coin in coins.in_doubt.iter().flatten() {
+            if !candidates.iter().any(|(c, _)| *c == coin.0) {
+                candidates.push(coin.clone());
+            }
+        }
         let change_script = self.script_pubkey();
         let mut tx = Transaction {
             version: Version::TWO,
@@ -223,7 +294,7 @@ impl KeyWallet {
             ],
         };
         let mut total = Amount::ZERO;
-        for (used, (outpoint, coin)) in coins.unspent.iter().enumerate() {
+        for (used, (outpoint, coin)) in candidates.iter().enumerate() {
             tx.input.push(TxIn {
                 previous_output: *outpoint,
                 script_sig: ScriptBuf::new(),
@@ -246,7 +317,8 @@ impl KeyWallet {
             } else {
                 tx.output.pop();
             }
-            let chosen: Vec<_> = coins.unspent.drain(..=used).collect();
+            let chosen: Vec<_> = candidates.drain(..=used).collect();
+            coins.unspent.retain(|(op, _)| !chosen.iter().any(|(c, _)| c == op));
             coins.used.extend(chosen.iter().map(|(outpoint, _)| *outpoint));
             let mut psbt = Psbt::from_unsigned_tx(tx).map_err(WalletError::new)?;
             for (input, (_, coin)) in psbt.inputs.iter_mut().zip(chosen) {
@@ -290,13 +362,55 @@ impl Coins {
     }
 }
 
+impl Coins {
+    fn is_in_doubt(&self, outpoint: &OutPoint) -> bool {
+        self.in_doubt.iter().flatten().any(|(op, _)| op == outpoint)
+    }
+}
+
 impl Wallet for KeyWallet {
     fn release(&self, psbt: &Psbt) {
         let inputs = psbt.unsigned_tx.input.iter().zip(&psbt.inputs);
         for (input, coin) in inputs {
             if let Some(coin) = &coin.witness_utxo {
+                // An input of a funding in doubt stays in doubt.
+                if self.coins().is_in_doubt(&input.previous_output) {
+                    continue;
+                }
                 self.coins().used.remove(&input.previous_output);
                 self.add_coin(input.previous_output, coin.clone());
+            }
+        }
+    }
+
+    fn funding_in_doubt(&self, psbt: &Psbt) {
+        let txid = psbt.unsigned_tx.compute_txid();
+        let mut coins = self.coins();
+        // Its change is no coin until the funding confirms (a sync finds it then).
+        coins.unspent.retain(|(outpoint, _)| outpoint.txid != txid);
+        let inputs = psbt.unsigned_tx.input.iter().zip(&psbt.inputs);
+        let inputs: Vec<_> = inputs
+            .filter_map(|(input, coin)| Some((input.previous_output, coin.witness_utxo.clone()?)))
+            .collect();
+        if !inputs.is_empty() {
+            coins.in_doubt.push(inputs);
+        }
+    }
+
+    fn funding_acknowledged(&self, tx: &Transaction) {
+        let spent: HashSet<OutPoint> = tx.input.iter().map(|i| i.previous_output).collect();
+        let mut coins = self.coins();
+        let (settled, kept): (Vec<_>, Vec<_>) = core::mem::take(&mut coins.in_doubt)
+            .into_iter()
+            .partition(|inputs| inputs.iter().any(|(op, _)| spent.contains(op)));
+        coins.in_doubt = kept;
+        // The other inputs of a funding this one conflicts with are the wallet's again.
+        for (outpoint, coin) in settled.into_iter().flatten() {
+            if !spent.contains(&outpoint) && !coins.is_in_doubt(&outpoint) {
+                coins.used.remove(&outpoint);
+                if !coins.unspent.iter().any(|(known, _)| *known == outpoint) {
+                    coins.unspent.push((outpoint, coin));
+                }
             }
         }
     }

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use http::{Method, Request};
 
 use crate::MilliSats;
+use crate::wire::PathPattern;
 
 /// Decides what a request costs: `Some(price)`, or `None` for a free request that passes
 /// through unmetered.
@@ -114,64 +115,18 @@ pub enum Unlisted {
 struct Pattern {
     method: Method,
     path: String,
-    segments: Vec<Segment>,
+    pattern: PathPattern,
     price: MilliSats,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Segment {
-    Literal(String),
-    /// `{name}`: any one segment.
-    One,
-    /// `{*name}`: the rest of the path, one segment or more.
-    Rest,
-}
-
-impl Segment {
-    fn rank(&self) -> u8 {
-        match self {
-            Self::Literal(_) => 0,
-            Self::One => 1,
-            Self::Rest => 2,
-        }
-    }
 }
 
 impl Pattern {
     fn parse(method: Method, path: String, price: MilliSats) -> Option<Self> {
-        let segments: Vec<Segment> = path
-            .split('/')
-            .map(|segment| match segment.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
-                Some(name) if name.starts_with('*') => Segment::Rest,
-                Some(_) => Segment::One,
-                None => Segment::Literal(segment.to_owned()),
-            })
-            .collect();
-        let dynamic = segments.iter().any(|s| !matches!(s, Segment::Literal(_)));
-        dynamic.then_some(Self { method, path, segments, price })
+        let pattern = PathPattern::parse(&path);
+        (!pattern.is_exact()).then_some(Self { method, path, pattern, price })
     }
 
     fn matches(&self, method: &Method, path: &str) -> bool {
-        if *method != self.method {
-            return false;
-        }
-        let mut parts = path.split('/');
-        for segment in &self.segments {
-            match segment {
-                Segment::Rest => return parts.next().is_some_and(|first| !first.is_empty()),
-                Segment::One => {
-                    if parts.next().is_none_or(str::is_empty) {
-                        return false;
-                    }
-                }
-                Segment::Literal(literal) => {
-                    if parts.next() != Some(literal.as_str()) {
-                        return false;
-                    }
-                }
-            }
-        }
-        parts.next().is_none()
+        *method == self.method && self.pattern.matches(path)
     }
 }
 
@@ -193,7 +148,7 @@ impl RoutePrices {
                 patterns.push(pattern);
                 // As routers do: a literal segment before a parameter, a parameter before the
                 // rest of the path (the sort is stable: equals keep their order).
-                patterns.sort_by_key(|p| p.segments.iter().map(Segment::rank).collect::<Vec<_>>());
+                patterns.sort_by_key(|p| p.pattern.rank());
             }
             None => {
                 Arc::make_mut(&mut self.routes).entry(method).or_default().insert(path, price);

@@ -11,12 +11,18 @@
 //!   `confirm_within_blocks` fails the channel; at the close margin (expiry − margin) a channel
 //!   whose funding output is unspent moves to **closing**. The decisions are the pure
 //!   [`FundingPolicy::funding_action`];
+//!   Without a package path (a backend without package relay, or no CPFP key), an open
+//!   channel is also closed early, before its margin, once the mempool's minimum fee rate
+//!   reaches [`with_early_close`](Settlement::with_early_close)'s share of the channel's
+//!   payment fee rate: a close below the minimum could not get in;
 //! * **closing** (margin reached, or a cooperative close was asked for) — co-signs the best
 //!   payment, read after the move to closing, and broadcasts it; one below the mempool's
-//!   minimum fee goes out as a package with a CPFP child; a failed broadcast is retried with
-//!   exponential backoff; once broadcast the channel is **closed**;
+//!   minimum fee goes out as a package with a CPFP child (one that cannot is counted in
+//!   [`SettlementMetrics::closes_below_mempool_minimum`] and logged as an error); a failed
+//!   broadcast is retried with exponential backoff; once broadcast the channel is **closed**;
 //! * **closed** — waits for the settlement to confirm and only then marks it **settled**; a
-//!   settlement that vanished is broadcast again; one that has not confirmed `cpfp_after`
+//!   settlement that vanished (the backend knows it neither in its mempool nor in a block) is
+//!   broadcast again ([`SettlementMetrics::rebroadcasts`]); one that has not confirmed `cpfp_after`
 //!   blocks after it was first seen waiting — or that is about to run into the expiry — is
 //!   bumped by a child spending the server's output at the backend's fee estimate (CPFP);
 //! * **failed** — a channel whose funding output shows up confirmed after all (until
@@ -85,6 +91,7 @@ pub struct Settlement<St, C> {
     cpfp_key: Option<(SecretKey, ScriptBuf)>,
     cpfp_after: u32,
     cpfp_min_fee_rate: FeeRate,
+    early_close_percent: u64,
     backoff: (Duration, Duration),
     retries: HashMap<ChannelId, Retry>,
     /// The height at which each close was first seen waiting in the mempool.
@@ -127,6 +134,7 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
             cpfp_key: None,
             cpfp_after: 3,
             cpfp_min_fee_rate: FeeRate::from_sat_per_vb_u32(10),
+            early_close_percent: 80,
             backoff: (Duration::from_secs(1), Duration::from_secs(300)),
             retries: HashMap::new(),
             waiting_since: HashMap::new(),
@@ -166,6 +174,18 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
     #[must_use]
     pub fn with_cpfp_min_fee_rate(mut self, rate: FeeRate) -> Self {
         self.cpfp_min_fee_rate = rate;
+        self
+    }
+
+    /// Without a package path — the backend has no package relay
+    /// ([`ChainBackend::has_package_relay`]), or the task no CPFP key — close an open channel
+    /// before its margin once the mempool minimum ([`ChainBackend::mempool_min_fee_rate`]),
+    /// raised above the relay floor, reaches `percent` % of the channel's payment fee rate,
+    /// while its close still gets in (default 80; 0 never closes early). With a package path
+    /// a close below the minimum goes out with a CPFP child instead.
+    #[must_use]
+    pub fn with_early_close(mut self, percent: u32) -> Self {
+        self.early_close_percent = u64::from(percent);
         self
     }
 
@@ -210,10 +230,15 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
             let tip = self.chain.tip().await.map_err(SettlementError::Chain)?;
             let mut report = PassReport::default();
             // Only the states the pass acts on are read; settled channels are only counted.
+            let mut pressure = None;
             for state in [ChannelState::Pending, ChannelState::Open] {
-                for record in self.list(state).await? {
+                let records = self.list(state).await?;
+                if state == ChannelState::Open && !records.is_empty() {
+                    pressure = self.mempool_pressure().await;
+                }
+                for record in records {
                     let span = tracing::info_span!("funding", channel = %record.id());
-                    self.watch_funding(&record, tip, &mut report).instrument(span).await;
+                    self.watch_funding(&record, tip, pressure, &mut report).instrument(span).await;
                 }
             }
             for record in self.list(ChannelState::Closing).await? {
@@ -289,10 +314,49 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
         }
     }
 
+    /// The mempool minimum, when closes could not get in below it: early closing is on, there
+    /// is no package path, and the minimum is above the relay floor (the mempool is full).
+    /// `None` otherwise, or if the backend does not answer.
+    async fn mempool_pressure(&self) -> Option<FeeRate> {
+        if self.early_close_percent == 0 {
+            return None;
+        }
+        if self.cpfp_key.is_some() {
+            match self.chain.has_package_relay().await {
+                Ok(true) => return None,
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::warn!(%error, "package relay unknown this pass");
+                    return None;
+                }
+            }
+        }
+        match (self.chain.mempool_min_fee_rate().await, self.chain.min_relay_fee_rate().await) {
+            // Only a minimum raised above the relay floor is pressure: a channel agreed at the
+            // floor is not closed early by a mempool that is not full.
+            (Ok(minimum), Ok(floor)) => (minimum > floor).then_some(minimum),
+            (Err(error), _) | (_, Err(error)) => {
+                tracing::warn!(%error, "mempool minimum unknown this pass");
+                None
+            }
+        }
+    }
+
+    /// Whether `record` is closed now, before its margin: `pressure` (the mempool minimum with
+    /// no package path) reached the early-close share of its payment fee rate.
+    fn closes_early(&self, record: &ChannelRecord, pressure: Option<FeeRate>) -> bool {
+        let Some(minimum) = pressure else { return false };
+        let rate = record.channel.params().min_fee_rate.to_sat_per_kwu();
+        record.best.is_some()
+            && minimum.to_sat_per_kwu().saturating_mul(100)
+                >= rate.saturating_mul(self.early_close_percent)
+    }
+
     async fn watch_funding(
         &mut self,
         record: &ChannelRecord,
         tip: ChainTip,
+        pressure: Option<FeeRate>,
         report: &mut PassReport,
     ) {
         let funding = match self.chain.unspent(&record.channel.outpoint()).await {
@@ -304,6 +368,21 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
         };
         let state = record.state;
         match record.funding_action(&self.funding, funding, tip) {
+            FundingAction::Keep
+                if state == ChannelState::Open && self.closes_early(record, pressure) =>
+            {
+                if self.transition(record, state, ChannelState::Closing).await {
+                    tracing::error!(
+                        mempool_min_fee_rate = ?pressure,
+                        channel_fee_rate = ?record.channel.params().min_fee_rate,
+                        "the mempool minimum nears the channel's fee rate and no package can \
+                         carry its close: closing it early"
+                    );
+                    report.closing += 1;
+                    self.metric(|m| m.early_closes += 1);
+                    self.close_reloaded(record.id(), report).await;
+                }
+            }
             FundingAction::Keep => {}
             FundingAction::Open => {
                 if self.transition(record, state, ChannelState::Open).await {
@@ -467,8 +546,24 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
         if error.reject_reason() != Some(RejectReason::FeeTooLow) {
             return Err(error);
         }
-        let Some(child) = self.cpfp_child(record, close).await else { return Err(error) };
-        let txid = self.chain.broadcast_package(close, &child).await?;
+        let Some(child) = self.cpfp_child(record, close).await else {
+            tracing::error!(%error, "the settlement is below the mempool minimum and no CPFP \
+                child can carry it in a package (no CPFP key, or the server's output cannot pay \
+                for one)");
+            self.metric(|m| m.closes_below_mempool_minimum += 1);
+            return Err(error);
+        };
+        let txid = match self.chain.broadcast_package(close, &child).await {
+            Ok(txid) => txid,
+            Err(package_error) if package_error.is_unsupported() => {
+                tracing::error!(%error, %package_error, "the settlement is below the mempool \
+                    minimum and the chain backend has no package relay: configure a package \
+                    relay (a Bitcoin Core node, or an Esplora server with POST /txs/package)");
+                self.metric(|m| m.closes_below_mempool_minimum += 1);
+                return Err(error);
+            }
+            Err(package_error) => return Err(package_error),
+        };
         tracing::info!(%txid, "settlement broadcast as a package with a CPFP child");
         self.bumps.insert(record.id(), txid);
         report.bumped += 1;
@@ -531,10 +626,13 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
                     }
                     match self.submit(record, &close, report).await {
                         Ok(()) => {
+                            tracing::warn!("the settlement had left the mempool: broadcast again");
                             self.retries.remove(&id);
+                            self.metric(|m| m.rebroadcasts += 1);
                         }
                         Err(error) => {
-                            tracing::warn!(%error, "settlement rebroadcast failed");
+                            tracing::error!(%error, "the settlement left the mempool and its \
+                                rebroadcast failed; retrying with backoff");
                             self.failed(id, report);
                         }
                     }

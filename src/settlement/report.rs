@@ -23,6 +23,19 @@ pub struct SettlementMetrics {
     pub cpfp_bumps: u64,
     /// Channels marked failed because of their funding.
     pub failed_fundings: u64,
+    /// Settlements found neither in the mempool nor in a block (evicted, or lost with a node's
+    /// mempool) and broadcast again.
+    pub rebroadcasts: u64,
+    /// Settlements refused for a fee rate below the mempool minimum that no package could
+    /// carry: the backend has no package relay (and no `esplora::PackageRelay` was given), or
+    /// the task has no CPFP key (or the server's output cannot pay for a child). Each is
+    /// retried; alert on any increase: if the minimum stays up until the refund is valid, the
+    /// client's refund wins.
+    pub closes_below_mempool_minimum: u64,
+    /// Open channels closed before their close margin because the mempool minimum neared their
+    /// payment fee rate while no package path was available
+    /// ([`with_early_close`](super::Settlement::with_early_close)).
+    pub early_closes: u64,
 }
 
 /// What one pass did.
@@ -35,7 +48,7 @@ pub struct PassReport {
     pub failed: usize,
     /// Open channels suspended because their unconfirmed funding vanished.
     pub suspended: usize,
-    /// Open channels that reached their close margin.
+    /// Open channels that reached their close margin (or were closed early).
     pub closing: usize,
     /// Settlements broadcast.
     pub broadcast: usize,

@@ -46,6 +46,8 @@ pub use negotiation::{
     CloseRequest, CloseResponse, Endpoints, FundRequest, FundResponse, OpenRequest, OpenResponse,
     PaymentAnswer, RefundRequest, RefundResponse, TERMS_PATH, TermsDocument,
 };
+#[cfg(feature = "runtime")]
+pub(crate) use prices::PathPattern;
 pub use prices::PriceList;
 pub use problem::{ChannelSnapshot, PROBLEM_JSON, PROBLEM_TYPE_PREFIX, Problem, ProblemCode};
 pub use receipt::{PAYMENT_RECEIPT, PAYMENT_RECEIPT_PREV, Receipt, ReceiptError, request_digest};

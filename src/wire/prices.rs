@@ -45,15 +45,72 @@ pub struct PriceList {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Route {
     method: String,
-    segments: Vec<Segment>,
+    pattern: PathPattern,
     price: MilliSats,
 }
+
+/// A route's path as a router reads it: literal segments, `{name}` (any one segment) and
+/// `{*name}` (the rest of the path, one segment or more). The server's
+/// [`RoutePrices`](crate::server::RoutePrices) and the client's [`PriceList`] match paths
+/// with it, so both sides price a request alike.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PathPattern(Vec<Segment>);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Segment {
     Literal(String),
     One,
     Rest,
+}
+
+impl PathPattern {
+    pub(crate) fn parse(path: &str) -> Self {
+        Self(
+            path.split('/')
+                .map(|segment| match segment.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+                    Some(name) if name.starts_with('*') => Segment::Rest,
+                    Some(_) => Segment::One,
+                    None => Segment::Literal(segment.to_owned()),
+                })
+                .collect(),
+        )
+    }
+
+    /// Whether the path has no parameter.
+    pub(crate) fn is_exact(&self) -> bool {
+        self.0.iter().all(|s| matches!(s, Segment::Literal(_)))
+    }
+
+    /// The order a router tries patterns in: a literal segment before a parameter, a parameter
+    /// before the rest of the path (sort by it, stably).
+    pub(crate) fn rank(&self) -> Vec<u8> {
+        let rank = |segment: &Segment| match segment {
+            Segment::Literal(_) => 0,
+            Segment::One => 1,
+            Segment::Rest => 2,
+        };
+        self.0.iter().map(rank).collect()
+    }
+
+    pub(crate) fn matches(&self, path: &str) -> bool {
+        let mut parts = path.split('/');
+        for segment in &self.0 {
+            match segment {
+                Segment::Rest => return parts.next().is_some_and(|first| !first.is_empty()),
+                Segment::One => {
+                    if parts.next().is_none_or(str::is_empty) {
+                        return false;
+                    }
+                }
+                Segment::Literal(literal) => {
+                    if parts.next() != Some(literal.as_str()) {
+                        return false;
+                    }
+                }
+            }
+        }
+        parts.next().is_none()
+    }
 }
 
 #[derive(Deserialize)]
@@ -94,16 +151,13 @@ impl PriceList {
             .into_iter()
             .map(|route| Route {
                 method: route.method,
-                segments: route.path.split('/').map(Segment::parse).collect(),
+                pattern: PathPattern::parse(&route.path),
                 price: route.price_msat,
             })
             .collect();
         // Exact routes first, then a literal segment before a parameter before the rest (a
         // stable sort: equals keep the table's order), as the server's router does.
-        routes.sort_by_key(|route| {
-            let exact = route.segments.iter().all(|s| matches!(s, Segment::Literal(_)));
-            (!exact, route.segments.iter().map(Segment::rank).collect::<Vec<_>>())
-        });
+        routes.sort_by_key(|route| (!route.pattern.is_exact(), route.pattern.rank()));
         Some(Self { routes, unlisted })
     }
 
@@ -111,55 +165,14 @@ impl PriceList {
     /// refuses as unlisted. `HEAD` costs what `GET` costs unless listed.
     pub fn price(&self, method: &str, path: &str) -> Option<MilliSats> {
         let listed = |method: &str| {
-            self.routes.iter().find(|route| route.matches(method, path)).map(|route| route.price)
+            let mut routes = self.routes.iter();
+            let route = routes.find(|route| route.method == method && route.pattern.matches(path));
+            route.map(|route| route.price)
         };
         let listed = match listed(method) {
             None if method == "HEAD" => listed("GET"),
             listed => listed,
         };
         listed.or(self.unlisted)
-    }
-}
-
-impl Segment {
-    fn parse(segment: &str) -> Self {
-        match segment.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
-            Some(name) if name.starts_with('*') => Self::Rest,
-            Some(_) => Self::One,
-            None => Self::Literal(segment.to_owned()),
-        }
-    }
-
-    fn rank(&self) -> u8 {
-        match self {
-            Self::Literal(_) => 0,
-            Self::One => 1,
-            Self::Rest => 2,
-        }
-    }
-}
-
-impl Route {
-    fn matches(&self, method: &str, path: &str) -> bool {
-        if method != self.method {
-            return false;
-        }
-        let mut parts = path.split('/');
-        for segment in &self.segments {
-            match segment {
-                Segment::Rest => return parts.next().is_some_and(|first| !first.is_empty()),
-                Segment::One => {
-                    if parts.next().is_none_or(str::is_empty) {
-                        return false;
-                    }
-                }
-                Segment::Literal(literal) => {
-                    if parts.next() != Some(literal.as_str()) {
-                        return false;
-                    }
-                }
-            }
-        }
-        parts.next().is_none()
     }
 }

@@ -16,6 +16,8 @@ pub fn now_ms() -> u64 {
     u64::try_from(since.as_millis()).unwrap()
 }
 
+#[cfg(feature = "esplora")]
+pub mod esplora_fake;
 #[cfg(feature = "bitcoind")]
 pub mod node;
 pub mod stores;

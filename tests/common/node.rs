@@ -32,6 +32,8 @@ pub struct NodeConfig {
 /// A running regtest node; killed and its data directory removed on drop.
 pub struct Node {
     child: Child,
+    exe: PathBuf,
+    config: NodeConfig,
     datadir: PathBuf,
     rpc_port: u16,
     http: Client<HttpConnector, Full<Bytes>>,
@@ -83,7 +85,29 @@ impl Node {
         ));
         std::fs::create_dir_all(&datadir).map_err(|e| e.to_string())?;
         let rpc_port = free_port();
-        let child = Command::new(exe)
+        let child = Self::spawn(exe, config, &datadir, rpc_port)?;
+        let http = Client::builder(TokioExecutor::new()).build_http();
+        // From here on, Drop kills the process and removes the directory.
+        let mut node = Node {
+            child,
+            exe: exe.to_owned(),
+            config: config.clone(),
+            datadir,
+            rpc_port,
+            http,
+            wallet: Mutex::new(None),
+        };
+        node.wait_for_rpc().await?;
+        Ok(node)
+    }
+
+    fn spawn(
+        exe: &Path,
+        config: &NodeConfig,
+        datadir: &Path,
+        rpc_port: u16,
+    ) -> Result<Child, String> {
+        Command::new(exe)
             .arg("-regtest")
             .arg(format!("-datadir={}", datadir.display()))
             .arg(format!("-txindex={}", u8::from(config.txindex)))
@@ -97,25 +121,45 @@ impl Node {
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(datadir.join("stderr.log")).map_err(|e| e.to_string())?)
             .spawn()
-            .map_err(|e| format!("spawn: {e}"))?;
-        let http = Client::builder(TokioExecutor::new()).build_http();
-        // From here on, Drop kills the process and removes the directory.
-        let mut node = Node { child, datadir, rpc_port, http, wallet: Mutex::new(None) };
+            .map_err(|e| format!("spawn: {e}"))
+    }
+
+    async fn wait_for_rpc(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(Some(status)) = node.child.try_wait() {
-                return Err(format!("exited with {status}: {}", node.log_tail()));
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!("exited with {status}: {}", self.log_tail()));
             }
-            if node.cookie_path().exists()
-                && node.rpc_result("getblockchaininfo", json!([])).await.is_ok()
+            if self.cookie_path().exists()
+                && self.rpc_result("getblockchaininfo", json!([])).await.is_ok()
             {
-                return Ok(node);
+                return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(format!("no RPC answer within 30 s: {}", node.log_tail()));
+                return Err(format!("no RPC answer within 30 s: {}", self.log_tail()));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Stops the node and starts it again on the same data directory without its mempool
+    /// (`-persistmempool=0`), as a node restarted after a crash: every unconfirmed transaction
+    /// is gone. The wallet is loaded again.
+    pub async fn restart_without_mempool(&mut self) {
+        self.rpc("stop", json!([])).await;
+        self.child.wait().expect("bitcoind stops");
+        let _ = std::fs::remove_file(self.datadir.join("regtest").join("mempool.dat"));
+        let mut config = self.config.clone();
+        config.extra_args.push("-persistmempool=0".into());
+        self.child = Self::spawn(&self.exe, &config, &self.datadir, self.rpc_port)
+            .unwrap_or_else(|e| panic!("bitcoind restart: {e}"));
+        self.wait_for_rpc().await.unwrap_or_else(|e| panic!("bitcoind restart: {e}"));
+        let wallet = self.wallet.lock().unwrap().clone();
+        if let Some((name, _)) = wallet {
+            self.rpc("loadwallet", json!([name])).await;
+        }
+        let mempool = self.rpc("getrawmempool", json!([])).await;
+        assert_eq!(mempool, json!([]), "restarted without a mempool");
     }
 
     fn log_tail(&self) -> String {

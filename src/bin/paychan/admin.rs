@@ -32,7 +32,7 @@ use crate::chain::Chain;
 struct RequestLabels {
     /// `api` or `negotiation`.
     route: &'static str,
-    /// `served`, `payment_required`, `refused` or `upstream_error`.
+    /// `served`, `payment_required`, `refused`, `store_unavailable` or `upstream_error`.
     outcome: &'static str,
 }
 
@@ -60,6 +60,15 @@ pub(crate) struct Observed {
     broadcast_failures: Gauge,
     cpfp_bumps: Gauge,
     failed_fundings: Gauge,
+    /// Outages of the channel store seen by requests: each counted and logged once.
+    store_outages: Counter,
+    /// 1 from a request answered `store-unavailable` until the store serves again.
+    store_down: Gauge,
+    /// When the current store outage began.
+    store_since: Mutex<Option<Instant>>,
+    rebroadcasts: Gauge,
+    closes_below_mempool_minimum: Gauge,
+    early_closes: Gauge,
     /// (hour start, msat charged in it), the last 48 hours.
     revenue: Mutex<VecDeque<(u64, u64)>>,
 }
@@ -93,6 +102,13 @@ impl Observed {
         let pending = "Channels closing or closed, not yet settled";
         let failures = "Broadcasts of the settlement task that failed (each is retried)";
         let failed = "Channels failed because of their funding";
+        let outages = "Outages of the channel store seen by requests (503 store-unavailable)";
+        let down = "1 while the channel store is unavailable to requests";
+        let rebroadcasts = "Settlements that had left the mempool, broadcast again";
+        let stuck = "Settlements refused below the mempool minimum that no package could carry \
+            (alert: configure a package relay)";
+        let early =
+            "Channels closed early: the mempool minimum neared their fee rate, no package path";
         Self {
             requests: register(&mut r, "requests", requests, Family::default()),
             refusals: register(&mut r, "refusals", refusals, Family::default()),
@@ -110,13 +126,53 @@ impl Observed {
             ),
             cpfp_bumps: register(&mut r, "cpfp_bumps", "CPFP children broadcast", Gauge::default()),
             failed_fundings: register(&mut r, "failed_fundings", failed, Gauge::default()),
+            store_outages: register(&mut r, "store_outages", outages, Counter::default()),
+            store_down: register(&mut r, "store_unavailable", down, Gauge::default()),
+            store_since: Mutex::default(),
+            rebroadcasts: register(
+                &mut r,
+                "settlement_rebroadcasts",
+                rebroadcasts,
+                Gauge::default(),
+            ),
+            closes_below_mempool_minimum: register(
+                &mut r,
+                "closes_below_mempool_minimum",
+                stuck,
+                Gauge::default(),
+            ),
+            early_closes: register(&mut r, "early_closes", early, Gauge::default()),
             revenue: Mutex::default(),
             registry: r,
         }
     }
 
-    /// Counts `price` as charged now.
+    /// A request was refused because the store could not be reached: the first of an outage
+    /// is logged and counted.
+    fn store_unavailable(&self) {
+        let mut since = self.store_since.lock().unwrap_or_else(|p| p.into_inner());
+        if since.is_none() {
+            *since = Some(Instant::now());
+            self.store_outages.inc();
+            self.store_down.set(1);
+            tracing::error!(
+                "the channel store is unavailable: paid requests are answered 503 store-unavailable until it is back"
+            );
+        }
+    }
+
+    /// The store served a request: an outage, if any, is over.
+    fn store_available(&self) {
+        let mut since = self.store_since.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(began) = since.take() {
+            self.store_down.set(0);
+            tracing::warn!(outage_secs = began.elapsed().as_secs(), "the channel store is back");
+        }
+    }
+
+    /// Counts `price` as charged now (its debit reached the store).
     pub(crate) fn charge(&self, price: MilliSats) {
+        self.store_available();
         self.charged.inc_by(price.to_msat());
         let hour = now() / 3_600 * 3_600;
         let mut revenue = self.revenue.lock().unwrap_or_else(|p| p.into_inner());
@@ -145,6 +201,9 @@ impl Observed {
         self.broadcast_failures.set(metrics.broadcast_failures as i64);
         self.cpfp_bumps.set(metrics.cpfp_bumps as i64);
         self.failed_fundings.set(metrics.failed_fundings as i64);
+        self.rebroadcasts.set(metrics.rebroadcasts as i64);
+        self.closes_below_mempool_minimum.set(metrics.closes_below_mempool_minimum as i64);
+        self.early_closes.set(metrics.early_closes as i64);
     }
 }
 
@@ -168,7 +227,16 @@ pub(crate) async fn observe(
     let start = Instant::now();
     let response = next.run(request).await;
     let status = response.status();
+    let rejection = response.extensions().get::<paychan::server::Rejection>();
+    let store_down = rejection
+        .is_some_and(|r| matches!(r.kind(), paychan::server::RejectionKind::StoreUnavailable));
+    if store_down {
+        observed.store_unavailable();
+    } else if route == "negotiation" && status.is_success() {
+        observed.store_available();
+    }
     let outcome = match status {
+        _ if store_down => "store_unavailable",
         StatusCode::PAYMENT_REQUIRED => "payment_required",
         s if s.is_server_error() => "upstream_error",
         s if s.is_client_error() => "refused",
@@ -456,6 +524,51 @@ mod tests {
         assert!(authorized("s3cret", &headers, None));
         headers.insert(header::AUTHORIZATION, "Bearer wrong".parse().unwrap());
         assert!(!authorized("s3cret", &headers, None));
+    }
+
+    #[tokio::test]
+    async fn a_store_outage_is_its_own_outcome_logged_and_counted_once() {
+        use tower::ServiceExt as _;
+        let observed = Arc::new(Observed::new());
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let store = Arc::clone(&down);
+        let app = Router::new()
+            .fallback(move || {
+                let down = store.load(std::sync::atomic::Ordering::SeqCst);
+                async move {
+                    if down {
+                        let rejection = paychan::server::Rejection::from(
+                            paychan::store::StoreError::unavailable("connection refused"),
+                        );
+                        let mut response = StatusCode::SERVICE_UNAVAILABLE.into_response();
+                        response.extensions_mut().insert(rejection);
+                        response
+                    } else {
+                        "served".into_response()
+                    }
+                }
+            })
+            .layer(axum::middleware::from_fn_with_state(Arc::clone(&observed), observe));
+        let call = async |app: &Router| {
+            let request = Request::get("/api").body(Body::empty()).unwrap();
+            app.clone().oneshot(request).await.unwrap().status()
+        };
+        let count = |outcome: &'static str| {
+            observed.requests.get_or_create(&RequestLabels { route: "api", outcome }).get()
+        };
+        for _ in 0..3 {
+            assert_eq!(call(&app).await, StatusCode::SERVICE_UNAVAILABLE);
+        }
+        assert_eq!((count("store_unavailable"), count("upstream_error")), (3, 0));
+        assert_eq!((observed.store_outages.get(), observed.store_down.get()), (1, 1));
+        // A charged request reached the store: the outage is over; the next one is new.
+        down.store(false, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(call(&app).await, StatusCode::OK);
+        observed.charge(MilliSats::from_msat(1_000));
+        assert_eq!(observed.store_down.get(), 0);
+        down.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(call(&app).await, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(observed.store_outages.get(), 2);
     }
 
     #[test]

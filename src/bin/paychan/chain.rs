@@ -67,6 +67,14 @@ impl ChainBackend for Chain {
         both!(self, c => c.min_relay_fee_rate())
     }
 
+    async fn mempool_min_fee_rate(&self) -> Result<FeeRate, ChainError> {
+        both!(self, c => c.mempool_min_fee_rate())
+    }
+
+    async fn has_package_relay(&self) -> Result<bool, ChainError> {
+        both!(self, c => c.has_package_relay())
+    }
+
     async fn broadcast_package(
         &self,
         parent: &Transaction,

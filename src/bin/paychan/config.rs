@@ -42,7 +42,8 @@ struct File {
     upstream: String,
     key_file: PathBuf,
     payout_address: String,
-    #[serde(default = "yes")]
+    /// Off for a proxy: an upstream's 5xx may carry data or follow side effects.
+    #[serde(default)]
     refund_server_errors: bool,
     #[serde(default)]
     shadow: bool,
@@ -60,8 +61,69 @@ struct File {
     funding: FundingFile,
     #[serde(default)]
     settlement: SettlementFile,
+    #[serde(default)]
+    listener: ListenerFile,
     admin: Option<AdminFile>,
     tls: Option<TlsFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListenerFile {
+    header_timeout_secs: Option<u64>,
+    max_header_bytes: Option<usize>,
+    max_connections: Option<usize>,
+    #[serde(default)]
+    trust_forwarded_for: bool,
+}
+
+/// The limits of the proxy's own listener (`[listener]`), on plain HTTP and TLS alike.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Listener {
+    /// A client sends its request headers within this (an idle keep-alive connection its
+    /// next ones), or its connection is closed.
+    pub(crate) header_timeout: Duration,
+    /// The most bytes of request line and headers (431 beyond).
+    pub(crate) max_header_bytes: usize,
+    /// The most connections served at once; more wait in the kernel's backlog.
+    pub(crate) max_connections: usize,
+    /// The peer is a front proxy that replaces `X-Forwarded-For`: append to it instead of
+    /// overwriting it.
+    pub(crate) trust_forwarded_for: bool,
+}
+
+impl Default for Listener {
+    fn default() -> Self {
+        Self {
+            header_timeout: Duration::from_secs(30),
+            max_header_bytes: 32 * 1024,
+            max_connections: 512,
+            trust_forwarded_for: false,
+        }
+    }
+}
+
+fn listener(file: ListenerFile) -> Result<Listener, ConfigError> {
+    let mut listener =
+        Listener { trust_forwarded_for: file.trust_forwarded_for, ..Listener::default() };
+    match file.header_timeout_secs {
+        Some(0) => return Err(bad("listener.header_timeout_secs", "at least 1")),
+        Some(secs) => listener.header_timeout = Duration::from_secs(secs),
+        None => {}
+    }
+    match file.max_header_bytes {
+        Some(bytes) if bytes < 1024 => {
+            return Err(bad("listener.max_header_bytes", "at least 1024"));
+        }
+        Some(bytes) => listener.max_header_bytes = bytes,
+        None => {}
+    }
+    match file.max_connections {
+        Some(0) => return Err(bad("listener.max_connections", "at least 1")),
+        Some(max) => listener.max_connections = max,
+        None => {}
+    }
+    Ok(listener)
 }
 
 #[derive(Debug, Deserialize)]
@@ -91,10 +153,6 @@ pub(crate) struct Admin {
     pub(crate) token_file: PathBuf,
     /// Where Prometheus scrapes (default `/metrics`).
     pub(crate) metrics_path: String,
-}
-
-fn yes() -> bool {
-    true
 }
 
 fn shutdown_secs() -> u64 {
@@ -233,6 +291,8 @@ pub(crate) struct Config {
     pub(crate) admin: Option<Admin>,
     /// TLS on the proxy's own listener: the certificate chain and the key (PEM).
     pub(crate) tls: Option<(PathBuf, PathBuf)>,
+    /// The listener's limits.
+    pub(crate) listener: Listener,
 }
 
 impl Config {
@@ -275,7 +335,7 @@ impl Config {
             chain,
             store_url,
             leases: file.store.leases.map(leases),
-            prices: prices(file.prices)?,
+            prices: prices(file.prices, file.shadow)?,
             terms: terms(file.terms)?,
             funding: funding(file.funding),
             settle_every: Duration::from_secs(file.settlement.interval_secs.unwrap_or(30).max(1)),
@@ -294,6 +354,7 @@ impl Config {
                 None => None,
             },
             tls: file.tls.map(|tls| (base.join(tls.cert_file), base.join(tls.key_file))),
+            listener: listener(file.listener)?,
         })
     }
 }
@@ -341,7 +402,9 @@ fn store_url(url: &str, base: &Path) -> Result<String, ConfigError> {
     }
 }
 
-fn prices(file: PricesFile) -> Result<RoutePrices, ConfigError> {
+/// The price table. In shadow mode `unlisted = "refuse"` serves unlisted routes instead
+/// (unpaid, as everything): shadow mode must not change what the upstream serves.
+fn prices(file: PricesFile, shadow: bool) -> Result<RoutePrices, ConfigError> {
     let mut prices = RoutePrices::new();
     for (n, route) in file.routes.into_iter().enumerate() {
         let method = Method::from_bytes(route.method.to_ascii_uppercase().as_bytes())
@@ -365,7 +428,10 @@ fn prices(file: PricesFile) -> Result<RoutePrices, ConfigError> {
             ));
         }
     };
-    Ok(prices.unlisted(unlisted))
+    Ok(prices.unlisted(match unlisted {
+        Unlisted::Refuse if shadow => Unlisted::Free,
+        unlisted => unlisted,
+    }))
 }
 
 fn rate(key: &str, sat_vb: Option<u64>, default: FeeRate) -> Result<FeeRate, ConfigError> {
@@ -448,8 +514,8 @@ listen = "{listen}"          # where paying clients connect
 upstream = "{upstream}"   # the API behind the proxy (http:// or https://)
 key_file = "{key_file}"        # the BIP-0032 master key: secret, mode 0600, back it up
 payout_address = "{payout}"
-refund_server_errors = true      # an upstream 5xx (or an unreachable upstream) is not charged
-shadow = false                   # true: serve unpaid, count what would be charged (metrics, page)
+refund_server_errors = false     # true: an upstream 5xx is not charged (an unreachable one never is)
+shadow = false                   # true: serve every request unpaid (unlisted routes too), count what would be charged
 shutdown_secs = 30               # on SIGTERM, requests in flight get this long to finish
 
 [chain]
@@ -491,6 +557,12 @@ price_msat = {price}
 [settlement]
 # interval_secs = 30
 # tip_interval_secs = 5
+
+[listener]                       # limits on the proxy's own listener (defaults shown)
+# header_timeout_secs = 30       # headers must arrive within this; idle connections close after it
+# max_header_bytes = 32768       # request line and headers; 431 beyond
+# max_connections = 512          # served at once (each may hold a second socket to the upstream)
+# trust_forwarded_for = false    # true only behind your own proxy that replaces X-Forwarded-For
 
 # [tls]                          # TLS on the proxy's own listener (or put a TLS proxy in front)
 # cert_file = "cert.pem"         # the certificate chain, PEM
@@ -556,8 +628,9 @@ mod tests {
         assert_eq!(config.key_file, Path::new("/srv/paychan.key"));
         assert_eq!(config.store_url, "sqlite:/srv/paychan.db");
         assert_eq!(config.terms, Terms::default());
-        assert!(config.refund_server_errors);
+        assert!(!config.refund_server_errors, "a proxy charges an upstream's 5xx by default");
         assert!(!config.shadow);
+        assert_eq!(config.listener, Listener::default());
         let shadow = template(&init()).replace("shadow = false", "shadow = true");
         assert!(Config::parse(&shadow, Path::new("/srv")).unwrap().shadow);
         let admin = Admin {
@@ -573,6 +646,58 @@ mod tests {
             routes,
             [(Method::GET, "/".to_owned(), price), (Method::GET, "/{*rest}".to_owned(), price)]
         );
+    }
+
+    #[test]
+    fn without_the_key_upstream_server_errors_are_charged() {
+        let good = template(&init());
+        let line = good.lines().find(|l| l.starts_with("refund_server_errors")).unwrap();
+        let without = good.replace(line, "");
+        assert!(!Config::parse(&without, Path::new("/srv")).unwrap().refund_server_errors);
+        let on = good.replace(line, "refund_server_errors = true");
+        assert!(Config::parse(&on, Path::new("/srv")).unwrap().refund_server_errors);
+    }
+
+    #[test]
+    fn shadow_mode_serves_every_method() {
+        use paychan::server::Pricing;
+        let post = http::Request::post("/items/7").body(()).unwrap();
+        let paid = Config::parse(&template(&init()), Path::new("/srv")).unwrap();
+        assert!(paid.prices.refuses(&post), "init's defaults refuse what is not a GET");
+        let shadow = template(&init()).replace("shadow = false", "shadow = true");
+        let shadow = Config::parse(&shadow, Path::new("/srv")).unwrap();
+        assert!(!shadow.prices.refuses(&post), "shadow mode serves it");
+        let get = http::Request::get("/items/7").body(()).unwrap();
+        assert_eq!(shadow.prices.price(&get), Some(MilliSats::from_msat(1_000)), "and counts GETs");
+    }
+
+    #[test]
+    fn the_listener_limits_are_read_and_checked() {
+        let good = template(&init());
+        let set = good
+            .replace("# header_timeout_secs = 30", "header_timeout_secs = 2")
+            .replace("# max_header_bytes = 32768", "max_header_bytes = 8192")
+            .replace("# max_connections = 512", "max_connections = 3")
+            .replace("# trust_forwarded_for = false", "trust_forwarded_for = true");
+        let expected = Listener {
+            header_timeout: Duration::from_secs(2),
+            max_header_bytes: 8_192,
+            max_connections: 3,
+            trust_forwarded_for: true,
+        };
+        assert_eq!(Config::parse(&set, Path::new("/srv")).unwrap().listener, expected);
+        for (from, to, key) in [
+            (
+                "# header_timeout_secs = 30",
+                "header_timeout_secs = 0",
+                "listener.header_timeout_secs",
+            ),
+            ("# max_header_bytes = 32768", "max_header_bytes = 100", "listener.max_header_bytes"),
+            ("# max_connections = 512", "max_connections = 0", "listener.max_connections"),
+        ] {
+            let error = Config::parse(&good.replace(from, to), Path::new("/srv")).unwrap_err();
+            assert_eq!(error.key, key);
+        }
     }
 
     #[test]

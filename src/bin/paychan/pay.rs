@@ -31,6 +31,11 @@ pub(crate) struct ClientOptions {
     /// the key wallet's coins).
     #[arg(long)]
     chain_url: Option<String>,
+    /// Without `--chain-url` on a real network, opens channels all the same, with the refund's
+    /// lock time counted from the tip the server reports (a lying server can lock the coins for
+    /// longer than `--lifetime-blocks`). Regtest always does.
+    #[arg(long)]
+    trust_server_tip: bool,
     /// Bitcoin Core's RPC URL of the wallet that funds channels (`…/wallet/NAME`).
     #[arg(long)]
     wallet_url: Option<String>,
@@ -114,6 +119,7 @@ impl ClientOptions {
             .policy(policy)
             .channel_value(Amount::from_sat(self.channel_value_sat))
             .lifetime_blocks(self.lifetime_blocks)
+            .trust_server_tip(self.trust_server_tip)
             .transport(ServiceTransport::<_, Full<Bytes>>::new(http));
         let chain = self.chain()?;
         if let Some(chain) = &chain {
@@ -241,14 +247,23 @@ pub(crate) async fn close(options: &ClientOptions, origin: &str) -> Result<(), E
 }
 
 /// `paychan client refund`: broadcasts the refund of every channel whose refund is final and
-/// whose funding is unspent (its server vanished).
+/// whose funding is unspent (its server vanished). The chain decides, not the local `closed`
+/// mark: a close the server answered (202, queued) may never have confirmed.
 pub(crate) async fn refund(options: &ClientOptions) -> Result<(), Error> {
+    use paychan::chain::ChainBackend as _;
+
     let chain = options.chain()?.ok_or("refunds need --chain-url")?;
     let store = options.store()?;
     let mut refunded = 0;
     for mut channel in store.list().await? {
-        if channel.closed {
-            continue;
+        // Spent (closed, refunded) or never broadcast: nothing to bring back.
+        match chain.unspent(&channel.channel.outpoint()).await {
+            Ok(Some(_)) => {}
+            Ok(None) => continue,
+            Err(error) => {
+                eprintln!("{}: not refunded: {error}", channel.id());
+                continue;
+            }
         }
         match channel.refund_if_expired(&chain).await {
             Ok(Some(txid)) => {

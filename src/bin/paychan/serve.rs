@@ -14,15 +14,16 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use paychan::server::ActualCost;
 use paychan::store::ChannelStore;
 use paychan::wire::{PAYMENT_CHANNEL, Problem, ProblemCode};
-use paychan::{Merchant, Paid};
+use paychan::{Merchant, MilliSats, Paid};
 use tokio::net::TcpListener;
 use tower::ServiceExt as _;
 
 use crate::admin::{self, Observed};
 use crate::chain::Chain;
-use crate::config::Config;
+use crate::config::{Config, Listener};
 use crate::{Error, keys, net, with_store};
 
 /// What the proxy handler needs.
@@ -35,12 +36,16 @@ struct Upstream {
     observed: Arc<Observed>,
     /// Whether the layer gives a 5xx's price back (then it is not revenue).
     refund_server_errors: bool,
+    /// Whether the peer is a front proxy whose `X-Forwarded-For` is kept (appended to).
+    trust_forwarded_for: bool,
 }
 
 impl Upstream {
-    /// Counts what the layer charged for a request answered with `status`.
-    fn count(&self, paid: Option<Paid>, status: StatusCode) {
-        match paid.filter(|_| !(self.refund_server_errors && status.is_server_error())) {
+    /// Counts what the layer charged for a request answered with `status` (nothing if the
+    /// layer `gives_back` its price).
+    fn count(&self, paid: Option<Paid>, status: StatusCode, gives_back: bool) {
+        let refunded = gives_back || (self.refund_server_errors && status.is_server_error());
+        match paid.filter(|_| !refunded) {
             Some(paid) if paid.shadow => self.observed.shadow(paid.price),
             Some(paid) => self.observed.charge(paid.price),
             None => {}
@@ -97,7 +102,7 @@ async fn run<St: ChannelStore + Clone + 'static>(
         .map_err(|e| format!("the chain backend: {e}"))?;
     let mut layer = paid.layer().refund_server_errors(config.refund_server_errors);
     if config.shadow {
-        tracing::warn!("shadow mode: every request is served unpaid");
+        tracing::warn!("shadow mode: every request is served unpaid, unlisted routes too");
         layer = layer.shadow();
     }
     let paid = Arc::new(paid);
@@ -108,12 +113,13 @@ async fn run<St: ChannelStore + Clone + 'static>(
         proto: if config.tls.is_some() { "https" } else { "http" },
         observed: Arc::clone(&observed),
         refund_server_errors: config.refund_server_errors,
+        trust_forwarded_for: config.listener.trust_forwarded_for,
     });
     let app = Router::new()
         .fallback(forward)
         .with_state(upstream)
         .layer(layer)
-        .layer(axum::middleware::from_fn(reject_ambiguous_paths))
+        .layer(axum::middleware::from_fn(guard_paths))
         .layer(axum::middleware::from_fn_with_state(Arc::clone(&observed), admin::observe));
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let admin_task = admin.map(|(listener, token, metrics_path)| {
@@ -142,34 +148,11 @@ async fn run<St: ChannelStore + Clone + 'static>(
         network = %config.network,
         "paychan proxy started"
     );
-    match &config.tls {
-        Some((cert, key)) => {
-            serve_tls(listener, app, net::server_config(cert, key)?, config.shutdown).await;
-        }
-        None => {
-            // Requests in flight finish, within the deadline that starts at the signal.
-            let (signalled, signal) = tokio::sync::oneshot::channel::<()>();
-            let until = async move {
-                shutdown().await;
-                let _ = signalled.send(());
-            };
-            let server =
-                axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-                    .with_graceful_shutdown(until)
-                    .into_future();
-            let deadline = async {
-                if signal.await.is_ok() {
-                    tokio::time::sleep(config.shutdown).await;
-                }
-            };
-            tokio::select! {
-                served = server => served?,
-                () = deadline => {
-                    tracing::warn!("connections still open after {:?}: closing them", config.shutdown);
-                }
-            }
-        }
-    }
+    let tls = match &config.tls {
+        Some((cert, key)) => Some(net::server_config(cert, key)?),
+        None => None,
+    };
+    serve_connections(listener, app, tls, config.listener.clone(), config.shutdown).await;
     let _ = stop.send(true);
     if let Some(task) = admin_task {
         task.await??;
@@ -181,47 +164,77 @@ async fn run<St: ChannelStore + Clone + 'static>(
     Ok(())
 }
 
-/// Serves `app` over TLS until SIGTERM or Ctrl-C, then finishes the requests in flight.
-async fn serve_tls(
+/// Serves `app` (over TLS with `tls`) until SIGTERM or Ctrl-C, then finishes the requests in
+/// flight within `deadline`. HTTP/1.1 with the listener's limits: a client must send its
+/// headers within `header_timeout` (an idle keep-alive connection its next ones: then it is
+/// closed), at most `max_header_bytes` of them (431 beyond), and at most `max_connections`
+/// connections are served at once (the others wait in the kernel's backlog).
+async fn serve_connections(
     listener: TcpListener,
     app: Router,
-    tls: Arc<rustls::ServerConfig>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    limits: Listener,
     deadline: Duration,
 ) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_header_size(limits.max_header_bytes);
     let graceful = GracefulShutdown::new();
     let stop = shutdown();
     tokio::pin!(stop);
+    let mut full = false;
     loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (tcp, peer) = match accepted {
-                    Ok(accepted) => accepted,
-                    Err(error) => {
-                        // Out of file descriptors, say: wait instead of spinning.
-                        tracing::warn!(%error, "accepting a connection failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let (acceptor, app, watcher) = (acceptor.clone(), app.clone(), graceful.watcher());
-                tokio::spawn(async move {
-                    let handshake = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp));
-                    let Ok(Ok(tls)) = handshake.await else { return };
-                    let app = app.map_request(move |mut request: http::Request<Incoming>| {
-                        request.extensions_mut().insert(ConnectInfo(peer));
-                        request
-                    });
-                    // A client that never finishes its headers is dropped.
-                    let connection = hyper::server::conn::http1::Builder::new()
-                        .timer(hyper_util::rt::TokioTimer::new())
-                        .header_read_timeout(Duration::from_secs(30))
-                        .serve_connection(TokioIo::new(tls), TowerToHyperService::new(app));
-                    let _ = watcher.watch(connection).await;
-                });
-            }
-            () = &mut stop => break,
+        if slots.available_permits() == 0 && !full {
+            tracing::warn!(
+                max_connections = limits.max_connections,
+                "the connection limit is reached: new connections wait"
+            );
         }
+        full = slots.available_permits() == 0;
+        let slot = tokio::select! {
+            slot = Arc::clone(&slots).acquire_owned() => slot.expect("the semaphore is never closed"),
+            () = &mut stop => break,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut stop => break,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Out of file descriptors, say: wait instead of spinning.
+                tracing::warn!(%error, "accepting a connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (acceptor, app, builder, watcher) =
+            (acceptor.clone(), app.clone(), builder.clone(), graceful.watcher());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let app = app.map_request(move |mut request: http::Request<Incoming>| {
+                request.extensions_mut().insert(ConnectInfo(peer));
+                request
+            });
+            let service = TowerToHyperService::new(app);
+            match acceptor {
+                Some(acceptor) => {
+                    let handshake =
+                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp));
+                    let Ok(Ok(tls)) = handshake.await else { return };
+                    let connection = builder.serve_connection(TokioIo::new(tls), service);
+                    let _ = watcher.watch(connection).await;
+                }
+                None => {
+                    let connection = builder.serve_connection(TokioIo::new(tcp), service);
+                    let _ = watcher.watch(connection).await;
+                }
+            }
+        });
     }
     // Requests in flight finish, within the deadline.
     if tokio::time::timeout(deadline, graceful.shutdown()).await.is_err() {
@@ -229,30 +242,107 @@ async fn serve_tls(
     }
 }
 
-/// Whether `path` could mean another path to the upstream than the one it was priced as: dot
-/// segments, empty segments, backslashes, or percent-encoded dots, slashes and backslashes
-/// (a free `/public/{*rest}` must not reach `/public/../paid`).
-fn ambiguous(path: &str) -> bool {
-    let lower = path.to_ascii_lowercase();
-    let segments: Vec<&str> = path.split('/').skip(1).collect();
+/// The path the proxy prices and forwards, or why it refuses `path` (400): anything a common
+/// upstream could resolve to another route than the one the proxy priced.
+///
+/// Refused: dot segments and empty segments (but a trailing `/`); a `;` anywhere in the path
+/// (servlet containers — Tomcat, Jetty, Spring MVC on them — strip `;params` from every segment
+/// before they resolve dot segments, so `/public/..;/paid` is `/paid` to them; matrix
+/// parameters are rare enough in APIs that the proxy refuses every `;` rather than parse them);
+/// a backslash (a separator to IIS and some Windows servers); percent-encoded dots, slashes,
+/// backslashes, `;` and control characters; any `%25` (an upstream that decodes twice sees
+/// `%252e` as `.`); malformed escapes and escapes that do not decode to UTF-8 (overlong forms
+/// such as `%c0%ae` are dots to old decoders).
+///
+/// Otherwise the path is normalised (RFC 3986 §6.2.2): escapes of unreserved characters
+/// decoded (`/%70aid` is `/paid`, and priced so), the other escapes in upper case.
+fn guard(path: &str) -> Result<String, &'static str> {
+    let bytes = path.as_bytes();
+    let mut normal = Vec::with_capacity(bytes.len());
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = |at: usize| bytes.get(at).and_then(|b| (*b as char).to_digit(16));
+                let (Some(high), Some(low)) = (hex(i + 1), hex(i + 2)) else {
+                    return Err("a malformed percent-encoding");
+                };
+                let byte = (high * 16 + low) as u8;
+                match byte {
+                    b'%' => return Err("double percent-encoding (%25)"),
+                    b'.' | b'/' | b'\\' | b';' => {
+                        return Err("a percent-encoded dot, slash, backslash or ;");
+                    }
+                    0..=0x1f | 0x7f => return Err("a percent-encoded control character"),
+                    b if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'~') => {
+                        normal.push(b);
+                    }
+                    b => normal.extend_from_slice(format!("%{b:02X}").as_bytes()),
+                }
+                decoded.push(byte);
+                i += 3;
+            }
+            b';' => return Err("a ; path parameter"),
+            b'\\' => return Err("a backslash"),
+            b => {
+                normal.push(b);
+                decoded.push(b);
+                i += 1;
+            }
+        }
+    }
+    if std::str::from_utf8(&decoded).is_err() {
+        return Err("a percent-encoding that is not UTF-8");
+    }
+    let normal = String::from_utf8(normal).map_err(|_| "a path that is not UTF-8")?;
+    let segments: Vec<&str> = normal.split('/').skip(1).collect();
     let last = segments.len().saturating_sub(1);
-    path.contains('\\')
-        || ["%2e", "%2f", "%5c"].iter().any(|encoded| lower.contains(encoded))
-        || segments
-            .iter()
-            .enumerate()
-            .any(|(i, segment)| matches!(*segment, "." | "..") || (segment.is_empty() && i != last))
+    let odd = segments
+        .iter()
+        .enumerate()
+        .any(|(i, segment)| matches!(*segment, "." | "..") || (segment.is_empty() && i != last));
+    if odd || !normal.starts_with('/') {
+        return Err("dot or empty segments");
+    }
+    Ok(normal)
 }
 
-/// Refuses (400) a request whose path is [`ambiguous`], before it is priced.
-async fn reject_ambiguous_paths(request: Request, next: axum::middleware::Next) -> Response {
-    if ambiguous(request.uri().path()) {
-        let problem = Problem::new(
-            StatusCode::BAD_REQUEST,
-            ProblemCode::BadRequest,
-            "the path has dot or empty segments, or encoded separators",
-        );
-        return problem.into_response();
+/// Whether the query carries a `_method` parameter: Symfony, Laravel, Rails and Express's
+/// `method-override` can run a `POST` as another method from it.
+fn query_overrides(query: Option<&str>) -> bool {
+    query.into_iter().flat_map(|q| q.split(['&', ';'])).any(|pair| {
+        let key = pair.split('=').next().unwrap_or_default();
+        let key = key.replace("%5F", "_").replace("%5f", "_");
+        key.eq_ignore_ascii_case("_method")
+    })
+}
+
+/// Refuses (400) a request whose path [`guard`] refuses or whose query overrides its method,
+/// before it is priced; prices and forwards the normalised path.
+async fn guard_paths(mut request: Request, next: axum::middleware::Next) -> Response {
+    let refuse = |detail: String| {
+        Problem::new(StatusCode::BAD_REQUEST, ProblemCode::BadRequest, detail).into_response()
+    };
+    let uri = request.uri();
+    if query_overrides(uri.query()) {
+        return refuse("a _method parameter in the query".to_owned());
+    }
+    let path = uri.path();
+    let normal = match guard(path) {
+        Ok(normal) if normal == path => return next.run(request).await,
+        Ok(normal) => normal,
+        Err(reason) => return refuse(format!("the path has {reason}")),
+    };
+    let path_and_query = match uri.query() {
+        Some(query) => format!("{normal}?{query}"),
+        None => normal,
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = path_and_query.parse().ok();
+    match Uri::from_parts(parts) {
+        Ok(uri) => *request.uri_mut() = uri,
+        Err(_) => return refuse("a bad path".to_owned()),
     }
     next.run(request).await
 }
@@ -296,6 +386,50 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Headers that make an upstream run another method or path than the one priced (ASP.NET
+/// Core's `UseHttpMethodOverride`, Express's `method-override`, Laravel, IIS URL Rewrite, old
+/// Symfony), and the client's own claims about its address: never forwarded.
+const OVERRIDES: [&str; 7] = [
+    "x-http-method-override",
+    "x-method-override",
+    "x-http-method",
+    "x-original-url",
+    "x-rewrite-url",
+    "forwarded",
+    "x-real-ip",
+];
+
+/// Removes the override headers and every client-written `X-Forwarded-*`, then writes the
+/// proxy's own: `X-Forwarded-For` is the TCP peer (appended to the received one only when the
+/// peer is a trusted front proxy that replaces it), `X-Forwarded-Host` the request's `Host`,
+/// `X-Forwarded-Proto` the listener's scheme.
+fn rewrite_forwarding(headers: &mut HeaderMap, peer: SocketAddr, proto: &'static str, trust: bool) {
+    for name in OVERRIDES {
+        headers.remove(name);
+    }
+    let earlier = headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+        .filter(|_| trust)
+        .map(str::to_owned);
+    let forwarded: Vec<HeaderName> =
+        headers.keys().filter(|name| name.as_str().starts_with("x-forwarded-")).cloned().collect();
+    for name in forwarded {
+        headers.remove(name);
+    }
+    if let Some(host) = headers.remove(header::HOST) {
+        headers.insert("x-forwarded-host", host);
+    }
+    let forwarded_for = match earlier {
+        Some(earlier) => format!("{earlier}, {}", peer.ip()),
+        None => peer.ip().to_string(),
+    };
+    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+        headers.insert("x-forwarded-for", value);
+    }
+    headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+}
+
 /// Forwards a paid request to the upstream, streaming both bodies.
 async fn forward(
     State(upstream): State<Arc<Upstream>>,
@@ -313,46 +447,47 @@ async fn forward(
     strip_hop_by_hop(headers);
     // The payment is the proxy's business; the upstream never sees the credential.
     headers.remove(PAYMENT_CHANNEL);
-    if let Some(host) = headers.remove(header::HOST) {
-        headers.insert("x-forwarded-host", host);
-    }
-    let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(earlier) => format!("{earlier}, {}", peer.ip()),
-        None => peer.ip().to_string(),
-    };
-    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
-        headers.insert("x-forwarded-for", value);
-    }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static(upstream.proto));
+    rewrite_forwarding(headers, peer, upstream.proto, upstream.trust_forwarded_for);
     let paid = parts.extensions.get::<Paid>().copied();
     match upstream.client.request(http::Request::from_parts(parts, body)).await {
         Ok(response) => {
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            upstream.count(paid, parts.status);
+            upstream.count(paid, parts.status, false);
             Response::from_parts(parts, Body::new(body))
         }
         Err(error) => {
             tracing::warn!(%error, "upstream unreachable");
-            upstream.count(paid, StatusCode::BAD_GATEWAY);
-            Problem::new(
+            // Not connected: the request never left, nothing was served, the price goes back
+            // whatever `refund_server_errors` says. Any later failure (a reset, an answer that
+            // does not parse) may follow the upstream's work: a 5xx like the upstream's own.
+            let unsent = error.is_connect();
+            upstream.count(paid, StatusCode::BAD_GATEWAY, unsent);
+            let problem = Problem::new(
                 StatusCode::BAD_GATEWAY,
                 ProblemCode::UpstreamUnavailable,
                 "the upstream did not answer",
-            )
-            .into_response()
+            );
+            let mut response = problem.into_response();
+            if unsent {
+                response.extensions_mut().insert(ActualCost(MilliSats::ZERO));
+            }
+            response
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::ambiguous;
+    use super::*;
+    use paychan::server::{Pricing, RoutePrices, Unlisted};
 
     #[test]
-    fn paths_that_could_reach_another_route_are_ambiguous() {
-        for path in ["/", "/hello", "/a/b.txt", "/dir/", "/files/.hidden", "/a..b"] {
-            assert!(!ambiguous(path), "{path}");
+    fn paths_that_could_reach_another_route_are_refused() {
+        for path in
+            ["/", "/hello", "/a/b.txt", "/dir/", "/files/.hidden", "/a..b", "/a%20b", "/caf%C3%A9"]
+        {
+            assert_eq!(guard(path).as_deref(), Ok(path), "{path}");
         }
         for path in [
             "/public/../paid",
@@ -362,11 +497,146 @@ mod tests {
             "/a//b",
             "/public/%2e%2e/paid",
             "/public/%2E%2E/paid",
+            "/public/.%2e/paid",
             "/public/..%2fpaid",
+            "/public/..%2Fpaid",
             "/public\\..\\paid",
             "/a/%5cb",
+            // Path parameters: servlet containers strip `;…` from every segment.
+            "/public/..;/paid",
+            "/public/..;jsessionid=x/paid",
+            "/public/.;/paid",
+            "/paid;x",
+            "/public/x;y=1",
+            "/public/..%3b/paid",
+            // Double encoding: an upstream that decodes twice sees `../`.
+            "/public/..%252fpaid",
+            "/public/%252e%252e/paid",
+            "/public/100%25",
+            // Encoded control characters, broken or overlong encodings.
+            "/paid%00.txt",
+            "/public/%0a",
+            "/public/%c0%ae%c0%ae/paid",
+            "/public/%zz",
+            "/public/%2",
+            "/public/%+1",
         ] {
-            assert!(ambiguous(path), "{path}");
+            assert!(guard(path).is_err(), "{path}");
         }
+    }
+
+    #[test]
+    fn the_normalized_path_is_priced_and_forwarded() {
+        // Unreserved characters (RFC 3986 §2.3) decoded, other escapes in upper case.
+        assert_eq!(guard("/%70aid").as_deref(), Ok("/paid"));
+        assert_eq!(guard("/%7Euser/a%2Db%5F").as_deref(), Ok("/~user/a-b_"));
+        assert_eq!(guard("/a%3fb/caf%c3%a9").as_deref(), Ok("/a%3Fb/caf%C3%A9"));
+        let prices = RoutePrices::new()
+            .route(http::Method::GET, "/public/{*rest}", MilliSats::ZERO)
+            .route(http::Method::GET, "/paid", MilliSats::from_msat(1_000))
+            .unlisted(Unlisted::Free);
+        let priced = |path: &str| {
+            let request = http::Request::get(guard(path).unwrap()).body(()).unwrap();
+            prices.price(&request)
+        };
+        assert_eq!(priced("/%70aid"), Some(MilliSats::from_msat(1_000)));
+        assert_eq!(priced("/%70ublic/x"), None);
+    }
+
+    #[test]
+    fn secrev_path_parameters_reach_a_paid_route_through_a_free_pattern() {
+        let prices = RoutePrices::new()
+            .route(http::Method::GET, "/public/{*rest}", MilliSats::ZERO)
+            .route(http::Method::GET, "/paid", MilliSats::from_msat(1_000))
+            .unlisted(Unlisted::Refuse);
+        for path in ["/public/..;/paid", "/public/..;jsessionid=x/paid"] {
+            let request = http::Request::get(path).body(()).unwrap();
+            let free = prices.price(&request).is_none() && !prices.refuses(&request);
+            assert!(!free || guard(path).is_err(), "{path} is forwarded unpaid");
+        }
+    }
+
+    /// The proxy's own 502 is given back only when the upstream was never reached: an answer
+    /// that does not parse may follow the upstream's work.
+    #[tokio::test]
+    async fn only_an_unreachable_upstream_is_given_back() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let garbage = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let garbage_at = garbage.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = garbage.accept().await {
+                let mut request = [0u8; 4096];
+                let _ = tcp.read(&mut request).await;
+                let _ = tcp.write_all(b"HTTP/1.1 200 OK\r\nbroken header line\r\n\r\n").await;
+            }
+        });
+        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let closed_at = closed.local_addr().unwrap();
+        drop(closed);
+        let answer = async |origin: SocketAddr| {
+            let upstream = Arc::new(Upstream {
+                client: net::client(&[]).unwrap(),
+                origin: format!("http://{origin}"),
+                proto: "http",
+                observed: Arc::new(Observed::new()),
+                refund_server_errors: false,
+                trust_forwarded_for: false,
+            });
+            let app = Router::new().fallback(forward).with_state(upstream);
+            let mut request = http::Request::get("/work").body(Body::empty()).unwrap();
+            request
+                .extensions_mut()
+                .insert(ConnectInfo("127.0.0.1:1".parse::<SocketAddr>().unwrap()));
+            let response = app.oneshot(request).await.unwrap();
+            (response.status(), response.extensions().get::<ActualCost>().copied())
+        };
+        let given_back = Some(ActualCost(MilliSats::ZERO));
+        assert_eq!(answer(closed_at).await, (StatusCode::BAD_GATEWAY, given_back));
+        assert_eq!(answer(garbage_at).await, (StatusCode::BAD_GATEWAY, None));
+    }
+
+    #[test]
+    fn a_method_override_in_the_query_is_refused() {
+        for query in ["_method=DELETE", "a=1&_method=put", "%5Fmethod=DELETE", "a;_METHOD=x"] {
+            assert!(query_overrides(Some(query)), "{query}");
+        }
+        for query in ["method=DELETE", "a_method=1", "x=_method"] {
+            assert!(!query_overrides(Some(query)), "{query}");
+        }
+        assert!(!query_overrides(None));
+    }
+
+    #[test]
+    fn override_and_client_forwarding_headers_never_reach_the_upstream() {
+        let peer: SocketAddr = "192.0.2.7:40000".parse().unwrap();
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("x-http-method-override", "DELETE"),
+            ("x-method-override", "DELETE"),
+            ("x-http-method", "DELETE"),
+            ("x-original-url", "/paid"),
+            ("x-rewrite-url", "/paid"),
+            ("forwarded", "for=203.0.113.1"),
+            ("x-real-ip", "203.0.113.1"),
+            ("x-forwarded-for", "203.0.113.1"),
+            ("x-forwarded-host", "evil.example"),
+            ("x-forwarded-prefix", "/paid"),
+            ("x-forwarded-proto", "https"),
+            ("accept", "text/plain"),
+        ] {
+            headers.insert(name, HeaderValue::from_static(value));
+        }
+        let mut own = headers.clone();
+        rewrite_forwarding(&mut own, peer, "http", false);
+        let names: Vec<&str> = own.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names.len(), 3, "{names:?}");
+        assert_eq!(own["accept"], "text/plain");
+        assert_eq!(own["x-forwarded-for"], "192.0.2.7");
+        assert_eq!(own["x-forwarded-proto"], "http");
+        // Behind a front proxy that replaces X-Forwarded-For, its entry is kept.
+        rewrite_forwarding(&mut headers, peer, "http", true);
+        assert_eq!(headers["x-forwarded-for"], "203.0.113.1, 192.0.2.7");
+        assert!(!headers.contains_key("x-http-method-override"));
+        assert!(!headers.contains_key("x-forwarded-host"));
     }
 }

@@ -14,8 +14,7 @@ use super::{Inner, Payer};
 use crate::MilliSats;
 use crate::chain::{ChainBackend, ChainError, ChainTip};
 use crate::client::{
-    LossBound,
-    ClientError, ClientStore, MemoryClientStore, SpendingPolicy, Transport, Wallet,
+    ClientError, ClientStore, LossBound, MemoryClientStore, SpendingPolicy, Transport, Wallet,
 };
 
 /// What a payer is configured with.
@@ -33,6 +32,7 @@ pub(super) struct Settings {
     pub(super) timeout: Duration,
     pub(super) transport: Option<OwnTransport>,
     pub(super) require_receipts: bool,
+    pub(super) trust_server_tip: bool,
 }
 
 /// The transport given to [`PayerBuilder::transport`].
@@ -141,11 +141,25 @@ impl<S: ClientStore> PayerBuilder<S> {
     /// time is computed from **its** tip, never the server's, and a server whose reported
     /// tip is more than 6 blocks away from it is refused
     /// ([`ClientError::ServerMisbehaved`]); [`Payer::refund_expired`] broadcasts refunds
-    /// through it. Without one, the client trusts the tip in the
-    /// server's terms, so a lying server could lock the client's coins for longer than
-    /// `max_lifetime_blocks`: give every client that pays with real money a chain view.
+    /// through it; `max_locked` counts the channels whose refund is not valid at its tip.
+    ///
+    /// Without one, on a real network (mainnet, testnet, signet) the payer opens no channel
+    /// ([`ClientError::NoChainView`]) unless told to
+    /// [`trust_server_tip`](Self::trust_server_tip); on regtest it trusts the server's tip.
+    /// Either way `max_locked` then counts every channel not closed, whatever its expiry.
     pub fn chain(mut self, chain: impl ChainBackend + 'static) -> Self {
         self.settings.chain = Some(ChainView(Arc::new(chain)));
+        self
+    }
+
+    /// Opens channels without a chain view on a real network, computing the refund's lock
+    /// time from the tip **the server** reports (default `false`: refused with
+    /// [`ClientError::NoChainView`]). A server that lies about its tip can then lock the
+    /// client's coins for longer than `max_lifetime_blocks` (a tip 100 000 blocks ahead locks
+    /// them about two years). `max_locked` still holds: without a chain view it counts every
+    /// channel not closed. Regtest trusts the server's tip without this.
+    pub fn trust_server_tip(mut self, trust: bool) -> Self {
+        self.settings.trust_server_tip = trust;
         self
     }
 
@@ -177,10 +191,12 @@ impl<S: ClientStore> PayerBuilder<S> {
     }
 
     /// The payer's own way to reach its server, for the calls made outside a request:
-    /// [`Payer::open`] and [`Payer::close`] (a [`reqwest::Client`] with the `reqwest` feature,
-    /// or a [`ServiceTransport`](crate::client::ServiceTransport) over any tower HTTP client).
-    /// Requests sent through [`PaymentLayer`](crate::client::PaymentLayer) or the reqwest
-    /// middleware negotiate through their own client and do not need it.
+    /// [`Payer::open`] and [`Payer::close`] (`ReqwestTransport` with the `reqwest` feature, or
+    /// a [`ServiceTransport`](crate::client::ServiceTransport) over any tower HTTP client that
+    /// does not follow redirects, such as hyper-util's: these requests carry the payment
+    /// header or a payment, which must not leave the origin). Requests sent through
+    /// [`PaymentLayer`](crate::client::PaymentLayer) or the reqwest middleware negotiate
+    /// through their own client and do not need it.
     ///
     /// # Examples
     ///
@@ -256,6 +272,7 @@ impl Payer<MemoryClientStore> {
                 timeout: Duration::from_secs(30),
                 require_receipts: false,
                 transport: None,
+                trust_server_tip: false,
             },
             store: MemoryClientStore::new(),
         }

@@ -5,7 +5,7 @@ use bitcoin::secp256k1::SecretKey;
 use bitcoin::{Amount, Transaction, Txid};
 use http::Method;
 
-use super::{Payer, misbehaved};
+use super::{Payer, State, misbehaved};
 use crate::MilliSats;
 use crate::channel::server_amount;
 use crate::client::ClientChannel;
@@ -81,16 +81,36 @@ impl<S: ClientStore> Payer<S> {
         transport: &T,
     ) -> Result<Closed, ClientError> {
         let mut state = self.state().await?;
+        self.close_locked(transport, &mut state).await
+    }
+
+    /// [`close_via`](Self::close_via) under the payer's lock.
+    pub(super) async fn close_locked<T: Transport + ?Sized>(
+        &self,
+        transport: &T,
+        state: &mut State,
+    ) -> Result<Closed, ClientError> {
         let current = self.read_current().ok_or(ClientError::NoChannel)?;
         let terms = self.terms(transport).await?;
         let id = current.id.to_string();
         let path = terms.endpoints.close.replace("{id}", &id);
+        let status = terms.endpoints.channel.replace("{id}", &id);
         let (channel, key) = state.channel.as_ref().ok_or(ClientError::NoChannel)?;
         // A fair settlement at what the server reported spent. If that is short (a request
         // was charged since), the server refuses it with nothing changed: read the exact spent
         // and sign again. Requests still being charged can move it between the read and the
         // close: a few tries, then the close at the latest payment, never refused as short.
-        let mut fair = fair_settlement(channel, key, self.reported_spent(current.id))?;
+        // A payer that has no report of this channel (a new process, as `paychan client
+        // close`) asks the server: the fair settlement never pays more than the latest
+        // payment, so the server's word can only lower what it gets.
+        let reported = match self.reported_spent(current.id) {
+            Some(spent) => Some(spent),
+            None => {
+                let snapshot = self.call(transport, Method::GET, &status, None::<&()>, None).await;
+                snapshot.ok().map(|snapshot: ChannelSnapshot| snapshot.spent_msat)
+            }
+        };
+        let mut fair = fair_settlement(channel, key, reported)?;
         let mut tries = 0;
         let answer: CloseResponse = loop {
             tries += 1;
@@ -101,7 +121,6 @@ impl<S: ClientStore> Payer<S> {
                 Err(ClientError::Rejected { code, .. })
                     if code == "payment-below-spent" && fair.is_some() && tries < 3 =>
                 {
-                    let status = terms.endpoints.channel.replace("{id}", &id);
                     let snapshot: ChannelSnapshot =
                         self.call(transport, Method::GET, &status, None::<&()>, None).await?;
                     let exact = fair_settlement(channel, key, Some(snapshot.spent_msat))?;
@@ -152,7 +171,7 @@ impl<S: ClientStore> Payer<S> {
             .and_then(|rest| rest.checked_sub(client_amount))
             .unwrap_or(Amount::ZERO);
         let closed = Closed { channel: current.id, txid, server_amount, client_amount, fee };
-        self.retire(&mut state, true).await?;
+        self.retire(state, true).await?;
         Ok(closed)
     }
 

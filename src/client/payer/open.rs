@@ -3,7 +3,7 @@
 use bitcoin::consensus::encode::serialize_hex;
 use bitcoin::hex::FromHex as _;
 use bitcoin::{
-    Amount, CompressedPublicKey, FeeRate, OutPoint, Psbt, ScriptBuf, Transaction, TxOut,
+    Amount, CompressedPublicKey, FeeRate, Network, OutPoint, Psbt, ScriptBuf, Transaction, TxOut,
     absolute::LockTime, ecdsa,
 };
 use http::Method;
@@ -23,6 +23,12 @@ use crate::wire::{
 /// How far the server's reported tip may be from the client's own (blocks propagate in
 /// seconds; six blocks is an hour of disagreement).
 const MAX_TIP_SKEW: u32 = 6;
+
+/// How many times `/fund` is sent (it is idempotent) before the funding is left in doubt.
+const FUND_TRIES: u32 = 3;
+
+/// The pause before the n-th retry of `/fund`: n times this.
+const FUND_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl<S: ClientStore> Payer<S> {
     /// Opens a new channel with the server, as [`open_via`](Self::open_via) does, through the
@@ -46,15 +52,26 @@ impl<S: ClientStore> Payer<S> {
     /// every field of the server's answer against what was asked; have the wallet build the
     /// unsigned funding T1; have the server sign the refund T2 and **verify that signature,
     /// aborting before anything is signed if it is wrong**; save the refund and the first
-    /// payment; only then have the wallet sign T1 and hand it to the server with the first
-    /// payment.
+    /// payment; only then have the wallet sign T1, save it with the channel, and hand it to
+    /// the server with the first payment (`/fund`, sent up to 3 times with the same funding on
+    /// a transport error, a timeout or a 5xx).
+    ///
+    /// A funding the server never acknowledged may still be broadcast by it: it is counted in
+    /// [`committed`](Self::committed) and the [funding fees](Self::funding_fees), its channel
+    /// is retired but counted as locked (the refund is kept), and no later funding is signed
+    /// unless it spends one of its inputs or the chain view shows it broadcast or conflicted
+    /// ([`ClientChannel::unacknowledged_funding`]).
+    ///
+    /// Without a chain view ([`PayerBuilder::chain`](super::PayerBuilder::chain)) on mainnet,
+    /// testnet or signet, nothing is opened ([`ClientError::NoChainView`]) unless the payer
+    /// was told to [`trust_server_tip`](super::PayerBuilder::trust_server_tip).
     ///
     /// # Errors
     ///
     /// [`ClientError::Policy`] if the server's terms or the channel exceed the policy,
     /// [`ClientError::NoWallet`], [`ClientError::Wallet`], [`ClientError::InvalidRefundSignature`],
     /// [`ClientError::ServerMisbehaved`], [`ClientError::Rejected`] if the server refused a step,
-    /// [`ClientError::Transport`], [`ClientError::Store`].
+    /// [`ClientError::Transport`], [`ClientError::Store`], [`ClientError::NoChainView`].
     pub async fn open_via<T: Transport + ?Sized>(
         &self,
         transport: &T,
@@ -96,6 +113,7 @@ impl<S: ClientStore> Payer<S> {
         inner.policy.check_lifetime(lifetime).map_err(ClientError::Policy)?;
         if automatic {
             self.count_open(state)?;
+            self.close_before_rollover(transport, state).await;
         }
         // The lock time counts from the client's own tip when it has one (C1).
         let tip = match &inner.chain {
@@ -113,7 +131,10 @@ impl<S: ClientStore> Payer<S> {
                 }
                 own
             }
-            None => terms.tip,
+            // Without a chain view the server's tip is trusted: on regtest, or when the user
+            // opted in (a real network needs a chain view otherwise).
+            None if inner.network == Network::Regtest || inner.trust_server_tip => terms.tip,
+            None => return Err(ClientError::NoChainView),
         };
         let wallet = inner.wallet.clone().ok_or(ClientError::NoWallet)?;
         let key_index = self.inner.store.next_key_index().await.map_err(ClientError::Store)?;
@@ -122,7 +143,7 @@ impl<S: ClientStore> Payer<S> {
         let client_script = ScriptBuf::new_p2wpkh(&client_key.wpubkey_hash());
         let expiry = tip.height.saturating_add(lifetime);
         let first = self.first_payment(state, &terms)?;
-        let locked = self.locked(tip).await?;
+        let locked = self.locked(inner.chain.as_ref().map(|_| tip)).await?;
         inner.policy.check_lock(locked, value).map_err(ClientError::Policy)?;
 
         let request = OpenRequest {
@@ -153,6 +174,8 @@ impl<S: ClientStore> Payer<S> {
         // payment. On failure the wallet gets its coins back.
         let prepared = async {
             let outpoint = check_funding_psbt(&psbt, &funding_output)?;
+            // A funding the server may still broadcast must conflict with this one.
+            self.check_doubts(&psbt.unsigned_tx).await?;
             // The funding's fee counts in the budget, with the first payment.
             let funding_fee = psbt.fee().map_err(|e| ClientError::Wallet(WalletError::new(e)))?;
             let cost = first.checked_add(funding_fee).unwrap_or(Amount::MAX);
@@ -187,7 +210,7 @@ impl<S: ClientStore> Payer<S> {
             Ok::<_, ClientError>((channel, header, outpoint))
         }
         .await;
-        let (channel, header, outpoint) = match prepared {
+        let (mut channel, header, outpoint) = match prepared {
             Ok(prepared) => prepared,
             Err(e) => {
                 wallet.release(&psbt);
@@ -195,16 +218,54 @@ impl<S: ClientStore> Payer<S> {
             }
         };
         let signed = wallet.sign(psbt).await.map_err(ClientError::Wallet)?;
-        let funding = extract_funding(signed, outpoint)?;
+        let funding = extract_funding(signed.clone(), outpoint)?;
+        // Saved before it leaves: from now on the server may broadcast it, whatever it answers.
+        channel.unacknowledged_funding = Some(funding.clone());
+        if let Err(e) = self.inner.store.save(&channel).await {
+            wallet.funding_in_doubt(&signed);
+            return Err(ClientError::Store(e));
+        }
         let request = FundRequest {
             proposal: proposal.proposal,
             funding_tx: serialize_hex(&funding),
             payment: header.clone(),
         };
-        let _: FundResponse =
-            self.call(transport, Method::POST, &terms.endpoints.fund, Some(&request), None).await?;
+        // `/fund` is idempotent: a failure or a lost answer is retried with the same funding.
+        let mut tries = 0;
+        let funded = loop {
+            tries += 1;
+            let sent = self.call::<_, _, FundResponse>(
+                transport,
+                Method::POST,
+                &terms.endpoints.fund,
+                Some(&request),
+                None,
+            );
+            match sent.await {
+                Err(e) if tries < FUND_TRIES && may_retry(&e) => {
+                    tokio::time::sleep(FUND_RETRY_PAUSE * tries).await;
+                }
+                answer => break answer,
+            }
+        };
+        // The server holds the signed funding and the first payment: they count, acknowledged
+        // or not.
         state.committed += first;
         state.fees += channel.funding_fee;
+        if let Err(e) = funded {
+            // In doubt: the channel is kept (its refund, counted as locked) but not paid on,
+            // and no later funding may confirm beside this one.
+            tracing::warn!(error = %e, txid = %outpoint.txid, "the server did not acknowledge \
+                the funding; it may still broadcast it");
+            wallet.funding_in_doubt(&signed);
+            channel.retired = true;
+            self.inner.store.save(&channel).await.map_err(ClientError::Store)?;
+            return Err(e);
+        }
+        wallet.funding_acknowledged(&funding);
+        channel.unacknowledged_funding = None;
+        self.inner.store.save(&channel).await.map_err(ClientError::Store)?;
+        self.settle_doubts(&funding).await?;
         self.retire(state, false).await?;
         let id = channel.id();
         self.set_channel(state, Some((channel, client_secret)), Some(header));
@@ -212,15 +273,90 @@ impl<S: ClientStore> Payer<S> {
         Ok(id)
     }
 
-    /// The value of the store's channels whose money is not back yet at `tip`: not closed and
-    /// refund not yet valid.
-    async fn locked(&self, tip: ChainTip) -> Result<Amount, ClientError> {
+    /// The value of the store's channels whose money is not back yet: not closed and, at the
+    /// client's own tip `own_tip`, refund not yet valid. Without a tip of its own, every
+    /// channel not closed: a server's tip far ahead would make every refund look valid (F8).
+    async fn locked(&self, own_tip: Option<ChainTip>) -> Result<Amount, ClientError> {
         let channels = self.inner.store.list().await.map_err(ClientError::Store)?;
         Ok(channels
             .iter()
-            .filter(|c| !c.closed && !c.channel.params().refund_is_valid(tip))
+            .filter(|c| {
+                !c.closed && !own_tip.is_some_and(|tip| c.channel.params().refund_is_valid(tip))
+            })
             .map(|c| c.channel.params().value)
             .sum())
+    }
+
+    /// Refuses a funding `tx` that could confirm beside one the server may still broadcast:
+    /// every funding in doubt (not acknowledged, channel not closed) must share an input with
+    /// `tx`, unless the chain view shows it broadcast or conflicted.
+    async fn check_doubts(&self, tx: &Transaction) -> Result<(), ClientError> {
+        let channels = self.inner.store.list().await.map_err(ClientError::Store)?;
+        for channel in channels.iter().filter(|c| !c.closed) {
+            let Some(earlier) = &channel.unacknowledged_funding else { continue };
+            if shares_input(earlier, tx) || self.seen_or_conflicted(channel, earlier).await? {
+                continue;
+            }
+            return Err(ClientError::Wallet(WalletError::new(format!(
+                "the new funding spends none of the inputs of funding {}, which the server may \
+                 still broadcast (its /fund was not acknowledged): both could confirm",
+                earlier.compute_txid()
+            ))));
+        }
+        Ok(())
+    }
+
+    /// Whether the chain view shows the funding `earlier` of `channel` broadcast (its output
+    /// exists) or one of its inputs spent (by it, or by a conflicting transaction). Without a
+    /// chain view, `false`.
+    async fn seen_or_conflicted(
+        &self,
+        channel: &ClientChannel,
+        earlier: &Transaction,
+    ) -> Result<bool, ClientError> {
+        let Some(chain) = &self.inner.settings.chain else { return Ok(false) };
+        if chain.unspent(channel.channel.outpoint()).await.map_err(ClientError::Chain)? {
+            return Ok(true);
+        }
+        for input in &earlier.input {
+            if !chain.unspent(input.previous_output).await.map_err(ClientError::Chain)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// The server acknowledged `funding`: the fundings in doubt it conflicts with can only
+    /// confirm if it does not, and no longer hold back later ones.
+    async fn settle_doubts(&self, funding: &Transaction) -> Result<(), ClientError> {
+        let channels = self.inner.store.list().await.map_err(ClientError::Store)?;
+        for mut channel in channels {
+            if channel.unacknowledged_funding.as_ref().is_some_and(|tx| shares_input(tx, funding)) {
+                channel.unacknowledged_funding = None;
+                self.inner.store.save(&channel).await.map_err(ClientError::Store)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Before the payer switches to a new channel by itself (the server closes the current
+    /// one at its margin, or no longer knows it), it closes the current one fairly, so the
+    /// prepaid rest comes back (F5): best effort, within one negotiation timeout; on failure
+    /// the channel is retired as before (its refund kept).
+    async fn close_before_rollover<T: Transport + ?Sized>(&self, transport: &T, state: &mut State) {
+        if state.channel.is_none() {
+            return;
+        }
+        let timeout = self.inner.settings.timeout;
+        match tokio::time::timeout(timeout, self.close_locked(transport, state)).await {
+            Ok(Ok(closed)) => tracing::info!(
+                channel = %closed.channel,
+                server_amount = %closed.server_amount,
+                "the old channel closed fairly before the switch"
+            ),
+            Ok(Err(error)) => tracing::warn!(%error, "the old channel's fair close failed"),
+            Err(_) => tracing::warn!("the old channel's fair close did not answer in time"),
+        }
     }
 
     /// Counts an automatic opening against the policy's `max_opens`.
@@ -248,6 +384,20 @@ impl<S: ClientStore> Payer<S> {
             .check_spend(state.spent(), first)
             .map_err(ClientError::Policy)?;
         Ok(first)
+    }
+}
+
+/// Whether `a` and `b` spend a common output (at most one of them can confirm).
+fn shares_input(a: &Transaction, b: &Transaction) -> bool {
+    a.input.iter().any(|x| b.input.iter().any(|y| x.previous_output == y.previous_output))
+}
+
+/// Whether a failed `/fund` is worth sending again: no answer, or a server error.
+fn may_retry(error: &ClientError) -> bool {
+    match error {
+        ClientError::Transport(_) => true,
+        ClientError::Rejected { status, .. } => status.is_server_error(),
+        _ => false,
     }
 }
 

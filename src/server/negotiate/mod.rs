@@ -55,6 +55,7 @@ pub struct Negotiation<C> {
     open_window: Duration,
     max_pending: usize,
     max_pending_per_client: usize,
+    max_pending_per_network: usize,
     proposal_ttl: Duration,
     client_ip_header: Option<http::HeaderName>,
     prices: Value,
@@ -88,6 +89,7 @@ impl<C: ChainBackend + Clone + 'static> Negotiation<C> {
             open_window: Duration::from_secs(60),
             max_pending: 10_000,
             max_pending_per_client: 20,
+            max_pending_per_network: 100,
             proposal_ttl: Duration::from_secs(600),
             client_ip_header: None,
             prices: Value::Null,
@@ -143,6 +145,15 @@ impl<C: ChainBackend + Clone + 'static> Negotiation<C> {
     pub fn with_proposal_limits(mut self, ttl: Duration, per_client: usize) -> Self {
         self.proposal_ttl = ttl;
         self.max_pending_per_client = per_client;
+        self
+    }
+
+    /// How many proposals the clients of one IPv6 /48 may hold at once, all their /64s
+    /// together (default 100: five /64s at the default 20 each). Without it a few hundred /64s,
+    /// which one end site holds, fill the 10 000 proposals of all clients; with it that takes
+    /// a hundred /48s. IPv4 addresses count one by one, as before.
+    pub fn with_network_proposal_limit(mut self, per_network: usize) -> Self {
+        self.max_pending_per_network = per_network;
         self
     }
 
@@ -215,6 +226,14 @@ impl<C: ChainBackend + Clone + 'static> Negotiation<C> {
             .route(&format!("{prefix}/channels/{{id}}/close"), post(close::close::<C, St>))
             .layer(DefaultBodyLimit::max(MAX_BODY))
             .with_state(state)
+    }
+}
+
+/// Whether two clients (IPv6 by their /64) are in the same IPv6 /48.
+fn same_network(a: Option<IpAddr>, b: Option<IpAddr>) -> bool {
+    match (a, b) {
+        (Some(IpAddr::V6(a)), Some(IpAddr::V6(b))) => (u128::from(a) ^ u128::from(b)) >> 80 == 0,
+        _ => false,
     }
 }
 
@@ -326,12 +345,23 @@ impl<C: ChainBackend, St> Shared<C, St> {
                 "try again later",
             ));
         }
-        let mine = self.pending.iter().filter(|p| p.client == client && self.live(p)).count();
+        let (mut mine, mut network) = (0, 0);
+        for proposal in self.pending.iter().filter(|p| self.live(p)) {
+            mine += usize::from(proposal.client == client);
+            network += usize::from(same_network(proposal.client, client));
+        }
         if mine >= self.negotiation.max_pending_per_client {
             return Err(Problem::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 ProblemCode::TooManyPending,
                 "fund or abandon your open proposals first",
+            ));
+        }
+        if network >= self.negotiation.max_pending_per_network {
+            return Err(Problem::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                ProblemCode::TooManyPending,
+                "your network holds too many open proposals",
             ));
         }
         Ok(())
@@ -395,4 +425,62 @@ fn hex_tx(hex: &str, what: &str) -> Result<Transaction, Problem> {
         return Err(bad(ProblemCode::BadRequest, format!("{what} is too large")));
     }
     deserialize_hex(hex).map_err(|e| bad(ProblemCode::BadRequest, format!("{what}: {e}")))
+}
+
+#[cfg(all(test, feature = "sim"))]
+mod tests {
+    use super::*;
+    use crate::chain::sim::SimulatedChain;
+    use crate::store::MemoryStore;
+    use crate::wire::TERMS_PATH;
+    use bitcoin::CompressedPublicKey;
+    use tower::ServiceExt as _;
+
+    /// Review 2026-12 F11: the /64s of one /48 share a proposal limit; another /48 and IPv4
+    /// clients are not held by it.
+    #[tokio::test]
+    async fn the_64s_of_one_48_share_a_proposal_limit() {
+        let chain = SimulatedChain::new();
+        let (_tip_tx, tip) = watch::channel(chain.tip());
+        let master = Xpriv::new_master(Network::Regtest, &[7; 32]).unwrap();
+        let key = |byte: u8| {
+            let secret = SecretKey::from_slice(&[byte; 32]).unwrap();
+            CompressedPublicKey(secret.public_key(crate::channel::secp()))
+        };
+        let payout = ScriptBuf::new_p2wpkh(&key(2).wpubkey_hash());
+        let app =
+            Negotiation::new(Network::Regtest, Terms::default(), master, payout, chain.clone())
+                .with_open_rate_limit(1_000, Duration::from_secs(60))
+                .with_proposal_limits(Duration::from_secs(600), 2)
+                .with_network_proposal_limit(5)
+                .with_client_ip_header(http::HeaderName::from_static("x-forwarded-for"))
+                .into_router(MemoryStore::new(), tip, TERMS_PATH);
+        let body = serde_json::json!({
+            "client_pubkey": key(1).to_string(),
+            "value_sat": 100_000,
+            "expiry": chain.tip().height + 200,
+            "client_script": ScriptBuf::new_p2wpkh(&key(1).wpubkey_hash()).to_hex_string(),
+        })
+        .to_string();
+        let open = async |from: &str| {
+            let request = http::Request::post("/payment-channel/open")
+                .header("content-type", "application/json")
+                .header("x-forwarded-for", from)
+                .body(axum::body::Body::from(body.clone()))
+                .unwrap();
+            app.clone().oneshot(request).await.unwrap().status().as_u16()
+        };
+        // Three /64s of 2001:db8:1::/48: 2 + 2 + 1 proposals fill its 5.
+        for from in ["2001:db8:1:1::1", "2001:db8:1:1::2", "2001:db8:1:2::1", "2001:db8:1:2::9"] {
+            assert_eq!(open(from).await, 200, "{from}");
+        }
+        assert_eq!(open("2001:db8:1:3::1").await, 200);
+        assert_eq!(open("2001:db8:1:4::1").await, 429, "a fresh /64 of the same /48");
+        assert_eq!(open("2001:db8:1:ffff::1").await, 429);
+        // Another /48 and IPv4 clients still open.
+        assert_eq!(open("2001:db8:2:1::1").await, 200);
+        for from in ["192.0.2.1", "192.0.2.2", "192.0.2.3"] {
+            assert_eq!(open(from).await, 200, "{from}");
+        }
+    }
 }

@@ -1,0 +1,249 @@
+//! A loopback Esplora server backed by the simulated chain, answering what electrs answers —
+//! not what the backend would like. Each route follows electrs's REST handler (`src/rest.rs`
+//! of Blockstream/electrs, `new-index` branch, and of mempool/electrs; see docs/PRODUCTION.md,
+//! "Esplora"):
+//!
+//! * `GET /tx/:txid/status` is only the confirming block: `{"confirmed":false}` for a
+//!   transaction in the mempool **and** for one the server never saw or that left the mempool
+//!   (`Query::get_tx_status` → `TransactionStatus::from(chain.tx_confirming_block(txid))`);
+//! * `GET /tx/:txid` looks in the chain, then the mempool (`Query::lookup_txn`) and answers
+//!   `404 Transaction not found` for neither; its JSON carries `status`;
+//! * `GET /tx/:txid/outspend/:vout` answers `{"spent":false}` for any output it does not know
+//!   spent, existing or not (`Query::lookup_spend`);
+//! * `POST /tx` relays Core's `sendrawtransaction` error in a 400 body: older electrs as
+//!   `sendrawtransaction RPC error: {"code":-26,"message":"…"}`, newer Blockstream electrs (whose
+//!   error kind carries the code) as `sendrawtransaction RPC error -26: …`;
+//! * `POST /txs/package` (Core's `submitpackage`, its JSON answer relayed with 200) exists only
+//!   on newer servers; any route a server does not have answers
+//!   `404 endpoint does not exist "/path"` (the router's last arm);
+//! * `GET /fee-estimates` is Core's `estimatesmartfee` per target, which Core never answers
+//!   below its mempool minimum.
+#![allow(dead_code, unreachable_pub)]
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bitcoin::consensus::encode::deserialize_hex;
+use bitcoin::{OutPoint, Transaction, Txid};
+use paychan::chain::sim::SimulatedChain;
+use paychan::chain::{ChainBackend, ChainError, TxStatus};
+use serde_json::json;
+
+/// Which electrs the fake answers as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    /// Without `POST /txs/package`; Core's errors relayed as JSON (electrs of 2021–2024).
+    Old,
+    /// With `POST /txs/package`; Core's errors relayed as `RPC error <code>: <message>`.
+    New,
+}
+
+#[derive(Clone)]
+struct Fake {
+    chain: SimulatedChain,
+    flavor: Flavor,
+    /// The scripts `GET /scripthash/:hash/utxo` can answer for (the tests' keys).
+    scripts: Vec<bitcoin::ScriptBuf>,
+}
+
+pub fn tip_hash(height: u32) -> String {
+    format!("{height:064x}")
+}
+
+fn json(value: serde_json::Value) -> Response {
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], value.to_string()).into_response()
+}
+
+fn not_found(message: &str) -> Response {
+    (StatusCode::NOT_FOUND, message.to_owned()).into_response()
+}
+
+/// Core's error for a rejection, relayed the way `flavor` relays it.
+fn relayed(flavor: Flavor, method: &str, error: &ChainError) -> Response {
+    let (code, message) = match error {
+        ChainError::Rejected { reason, message } => super::core_error(*reason, message),
+        other => return (StatusCode::BAD_REQUEST, other.to_string()).into_response(),
+    };
+    let body = match flavor {
+        Flavor::Old => {
+            let error = json!({ "code": code, "message": message });
+            format!("{method} RPC error: {error}")
+        }
+        Flavor::New => format!("{method} RPC error {code}: {message}"),
+    };
+    (StatusCode::BAD_REQUEST, body).into_response()
+}
+
+async fn broadcast(State(fake): State<Fake>, body: String) -> Response {
+    let tx = match deserialize_hex::<Transaction>(body.trim()) {
+        Ok(tx) => tx,
+        Err(_) => {
+            let error = ChainError::Rejected {
+                reason: paychan::chain::RejectReason::Invalid,
+                message: "TX decode failed".into(),
+            };
+            return relayed(fake.flavor, "sendrawtransaction", &error);
+        }
+    };
+    match fake.chain.submit(&tx) {
+        Ok(txid) => txid.to_string().into_response(),
+        Err(error) => relayed(fake.flavor, "sendrawtransaction", &error),
+    }
+}
+
+/// `POST /txs/package`: a JSON list of hex transactions, answered with `submitpackage`'s JSON.
+async fn package(State(fake): State<Fake>, uri: Uri, body: String) -> Response {
+    if fake.flavor == Flavor::Old {
+        return no_route(uri).await;
+    }
+    let Ok(hexes) = serde_json::from_str::<Vec<String>>(&body) else {
+        return (StatusCode::BAD_REQUEST, "invalid JSON").into_response();
+    };
+    let txs: Result<Vec<Transaction>, _> = hexes.iter().map(|h| deserialize_hex(h)).collect();
+    let txs = match txs {
+        // Core refuses an empty package as a whole: electrs answers 400 "RPC error".
+        Ok(txs) if txs.len() == 2 => txs,
+        _ => return (StatusCode::BAD_REQUEST, "RPC error").into_response(),
+    };
+    let result = |tx: &Transaction, error: Option<String>| {
+        let mut entry = json!({ "txid": tx.compute_txid() });
+        if let Some(error) = error {
+            entry["error"] = json!(error);
+        }
+        (tx.compute_wtxid().to_string(), entry)
+    };
+    let (message, results) = match fake.chain.submit_package(&txs[0], &txs[1]) {
+        Ok(_) => ("success", vec![result(&txs[0], None), result(&txs[1], None)]),
+        Err(error) => {
+            let text = match &error {
+                ChainError::Rejected { reason, message } => super::core_error(*reason, message).1,
+                other => other.to_string(),
+            };
+            ("transaction failed", vec![result(&txs[0], Some(text)), result(&txs[1], None)])
+        }
+    };
+    let results: serde_json::Map<String, serde_json::Value> = results.into_iter().collect();
+    json(json!({ "package_msg": message, "tx-results": results, "replaced-transactions": [] }))
+}
+
+fn status_json(chain: &SimulatedChain, txid: &Txid) -> serde_json::Value {
+    match chain.tx_status(txid) {
+        TxStatus::Confirmed { height, .. } => json!({
+            "confirmed": true, "block_height": height, "block_hash": tip_hash(height),
+            "block_time": paychan::chain::sim::GENESIS_TIME + 600 * height,
+        }),
+        // In the mempool, never seen, or evicted: electrs cannot tell them apart here.
+        _ => json!({ "confirmed": false }),
+    }
+}
+
+async fn status(State(fake): State<Fake>, Path(txid): Path<Txid>) -> Response {
+    json(status_json(&fake.chain, &txid))
+}
+
+async fn transaction(State(fake): State<Fake>, Path(txid): Path<Txid>) -> Response {
+    let Some(tx) = fake.chain.get_transaction(&txid) else {
+        return not_found("Transaction not found");
+    };
+    let vin: Vec<_> = tx
+        .input
+        .iter()
+        .map(|i| {
+            json!({
+                "txid": i.previous_output.txid, "vout": i.previous_output.vout,
+                "is_coinbase": i.previous_output.is_null(),
+            })
+        })
+        .collect();
+    let vout: Vec<_> = tx
+        .output
+        .iter()
+        .map(|o| json!({ "scriptpubkey": o.script_pubkey.to_hex_string(), "value": o.value.to_sat() }))
+        .collect();
+    json(json!({
+        "txid": txid, "version": tx.version.0, "locktime": tx.lock_time.to_consensus_u32(),
+        "vin": vin, "vout": vout, "weight": tx.weight().to_wu(),
+        "status": status_json(&fake.chain, &txid),
+    }))
+}
+
+async fn outspend(State(fake): State<Fake>, Path((txid, vout)): Path<(Txid, u32)>) -> Response {
+    let exists =
+        fake.chain.get_transaction(&txid).is_some_and(|tx| (vout as usize) < tx.output.len());
+    let spent = exists && fake.chain.utxo(&OutPoint { txid, vout }).is_none();
+    json(json!({ "spent": spent }))
+}
+
+/// `GET /scripthash/:hash/utxo`: the hash is SHA-256 of the script in byte order.
+async fn script_utxos(State(fake): State<Fake>, Path(hash): Path<String>) -> Response {
+    use bitcoin::hashes::{Hash, sha256};
+    let script = fake.scripts.iter().find(|script| {
+        let digest = sha256::Hash::hash(script.as_bytes()).to_byte_array();
+        digest.iter().map(|b| format!("{b:02x}")).collect::<String>() == hash
+    });
+    let Some(script) = script else { return json(json!([])) };
+    let found = ChainBackend::unspent_outputs_of(&fake.chain, script).await.unwrap();
+    let tip = fake.chain.tip().height;
+    let utxos: Vec<_> = found
+        .into_iter()
+        .map(|(outpoint, utxo)| {
+            let status = match utxo.confirmations {
+                0 => json!({ "confirmed": false }),
+                depth => json!({ "confirmed": true, "block_height": tip + 1 - depth }),
+            };
+            json!({
+                "txid": outpoint.txid, "vout": outpoint.vout,
+                "value": utxo.output.value.to_sat(), "status": status,
+            })
+        })
+        .collect();
+    json(json!(utxos))
+}
+
+/// Core's `estimatesmartfee` for 1, 6 and 144 blocks (87.882, 10.5 and 1 sat/vB), each raised
+/// to the mempool minimum as Core does.
+async fn fee_estimates(State(fake): State<Fake>) -> Response {
+    let floor = fake.chain.mempool_min_fee_rate().to_sat_per_kwu() as f64 / 250.0;
+    json(json!({ "1": 87.882f64.max(floor), "6": 10.5f64.max(floor), "144": 1.0f64.max(floor) }))
+}
+
+async fn no_route(uri: Uri) -> Response {
+    not_found(&format!("endpoint does not exist {:?}", uri.path()))
+}
+
+/// The fake's routes, under `/api`. `scripts` are those `GET /scripthash/:hash/utxo` knows.
+pub fn app(chain: SimulatedChain, flavor: Flavor, scripts: Vec<bitcoin::ScriptBuf>) -> Router {
+    let fake = Fake { chain, flavor, scripts };
+    Router::new()
+        .route("/api/scripthash/{hash}/utxo", get(script_utxos))
+        .route("/api/tx", post(broadcast))
+        .route("/api/txs/package", post(package))
+        .route("/api/tx/{txid}/status", get(status))
+        .route("/api/tx/{txid}", get(transaction))
+        .route("/api/tx/{txid}/outspend/{vout}", get(outspend))
+        .route(
+            "/api/blocks/tip/hash",
+            get(|State(fake): State<Fake>| async move { tip_hash(fake.chain.tip().height) }),
+        )
+        .route(
+            "/api/block/{hash}",
+            get(|State(fake): State<Fake>, Path(hash): Path<String>| async move {
+                let tip = fake.chain.tip();
+                assert_eq!(hash, tip_hash(tip.height));
+                json(
+                    json!({ "id": hash, "height": tip.height, "mediantime": tip.median_time_past }),
+                )
+            }),
+        )
+        .route("/api/fee-estimates", get(fee_estimates))
+        .fallback(no_route)
+        .with_state(fake)
+}
+
+/// Serves the fake on a loopback port: its API URL (`http://127.0.0.1:<port>/api`).
+pub async fn serve(chain: SimulatedChain, flavor: Flavor) -> String {
+    let scripts = (1..=16).map(|n| super::p2wpkh(&super::secret(n))).collect();
+    format!("http://{}/api", super::http::serve(app(chain, flavor, scripts)).await)
+}
