@@ -23,6 +23,12 @@
 //!
 //! # Features
 //!
+//! * `runtime` (default) — everything that does I/O: the server, the stores, the chain
+//!   backends, settlement, `Merchant` and the client's `Payer` and `PaymentLayer` (tokio,
+//!   axum, hyper, tower). Every other feature turns it on. Without it the crate is
+//!   [`channel`], [`wire`], [`MilliSats`] and the client's pure rules
+//!   ([`client::LossBound`], [`client::SpendingPolicy`]), and it builds for
+//!   `wasm32-unknown-unknown` (see `docs/BROWSER.md`).
 //! * `sim` — [`chain::sim::SimulatedChain`] and with it rust-bitcoin's `bitcoinconsensus`
 //!   (Bitcoin Core's C++ script interpreter). Off by default; the tests, examples and benches
 //!   turn it on.
@@ -32,18 +38,24 @@
 //!   enable the TLS you want on your own reqwest dependency).
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(feature = "runtime")]
 pub mod chain;
 pub mod channel;
 pub mod client;
 mod error;
+#[cfg(feature = "runtime")]
 mod merchant;
 mod msat;
+#[cfg(feature = "runtime")]
 pub mod server;
+#[cfg(feature = "runtime")]
 pub mod settlement;
+#[cfg(feature = "runtime")]
 pub mod store;
 pub mod wire;
 
 pub use error::BackendError;
+#[cfg(feature = "runtime")]
 pub use merchant::{Merchant, Started};
 pub use msat::{MilliSats, ParseMilliSatsError};
 
@@ -51,6 +63,9 @@ pub use msat::{MilliSats, ParseMilliSatsError};
 /// transactions, keys and amounts are the ones the crate takes.
 pub use bitcoin;
 
+#[cfg(feature = "runtime")]
 pub use client::{Payer, PaymentLayer};
+#[cfg(feature = "runtime")]
 pub use server::{Negotiation, Paid, PaywallLayer};
+#[cfg(feature = "runtime")]
 pub use settlement::{FundingPolicy, Settlement};

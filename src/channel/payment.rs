@@ -42,6 +42,7 @@ pub struct CheckedPayment(Transaction);
 impl CheckedPayment {
     /// `payment`, which [`Channel::check_payment`] found to be an increase (for callers that
     /// checked it by reference and keep it for other uses).
+    #[cfg(feature = "runtime")]
     pub(crate) fn checked(payment: Transaction) -> Self {
         Self(payment)
     }

@@ -263,6 +263,7 @@ pub struct BoundExceeded {
 }
 
 impl BoundExceeded {
+    #[cfg(feature = "runtime")]
     pub(crate) fn new(
         asked: Amount,
         allowed: Amount,

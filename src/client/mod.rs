@@ -40,34 +40,52 @@
 //! # }
 //! ```
 
+#[cfg(feature = "runtime")]
 mod attempts;
 mod bound;
 #[cfg(feature = "bitcoind")]
 mod core_wallet;
+#[cfg(feature = "runtime")]
 mod error;
 #[cfg(feature = "reqwest")]
 mod middleware;
+#[cfg(feature = "runtime")]
 mod payer;
+#[cfg(feature = "runtime")]
 mod payment;
 mod policy;
+#[cfg(feature = "runtime")]
 mod state;
+#[cfg(feature = "runtime")]
 mod store;
+#[cfg(feature = "runtime")]
 mod stream;
+#[cfg(feature = "runtime")]
 mod transport;
+#[cfg(feature = "runtime")]
 mod wallet;
 
 pub use bound::{BoundExceeded, LossBound};
 #[cfg(feature = "bitcoind")]
 pub use core_wallet::CoreWallet;
+#[cfg(feature = "runtime")]
 pub use error::{ClientError, Misbehavior, MisbehaviorKind};
 #[cfg(feature = "reqwest")]
 pub use middleware::{PaymentMiddleware, ReqwestTransport};
+#[cfg(feature = "runtime")]
 pub(crate) use payer::RetryBudget;
+#[cfg(feature = "runtime")]
 pub use payer::{ChannelStatus, Closed, PaidStream, Payer, PayerBuilder};
+#[cfg(feature = "runtime")]
 pub use payment::{PaymentLayer, PaymentService, ResponseFuture};
 pub use policy::{PolicyRefusal, SpendingPolicy};
+#[cfg(feature = "runtime")]
 pub use state::ClientChannel;
+#[cfg(feature = "runtime")]
 pub use store::{ClientStore, ClientStoreError, FileClientStore, MemoryClientStore};
+#[cfg(feature = "runtime")]
 pub use stream::PaidBody;
+#[cfg(feature = "runtime")]
 pub use transport::{ServiceTransport, Transport, TransportFuture};
+#[cfg(feature = "runtime")]
 pub use wallet::{KeyWallet, Wallet, WalletError, WalletFuture};

@@ -46,6 +46,7 @@ pub use negotiation::{
     CloseRequest, CloseResponse, Endpoints, FundRequest, FundResponse, OpenRequest, OpenResponse,
     PaymentAnswer, RefundRequest, RefundResponse, TERMS_PATH, TermsDocument,
 };
+#[cfg(feature = "runtime")]
 pub(crate) use prices::PathPattern;
 pub use prices::PriceList;
 pub use problem::{ChannelSnapshot, PROBLEM_JSON, PROBLEM_TYPE_PREFIX, Problem, ProblemCode};
@@ -114,6 +115,7 @@ impl fmt::Display for ParseStreamUnitError {
 impl std::error::Error for ParseStreamUnitError {}
 
 /// What `bytes` bytes cost at `per_kib` per 1 024 bytes, rounded up to the millisatoshi.
+#[cfg(feature = "runtime")]
 pub(crate) fn per_kib_cost(per_kib: MilliSats, bytes: u64) -> MilliSats {
     let msat = u128::from(per_kib.to_msat()) * u128::from(bytes);
     MilliSats::from_msat(u64::try_from(msat.div_ceil(1024)).unwrap_or(u64::MAX))
