@@ -100,14 +100,24 @@ impl LossBound {
         }
     }
 
-    /// Counts `channel` from now on, starting from `floor`: the first payment of a channel the
-    /// client opened, or the latest payment of a channel loaded from the store. Quotes are
-    /// kept (they are the server's, not the channel's); the count starts afresh.
+    /// Counts `channel`, which this client opened with a first payment of `floor`, from now
+    /// on: the bound is `max(floor, counted) + price + max_prepaid`. Quotes are kept (they
+    /// are the server's, not the channel's); the count starts afresh. A channel loaded from
+    /// the store is [`resume`](Self::resume)d instead.
     pub fn start(&mut self, channel: ChannelId, floor: Amount) {
         self.channel = Some((channel, floor));
         self.counted = MilliSats::ZERO;
         self.unquoted.clear();
         self.unquoted_overflow = 0;
+    }
+
+    /// Counts `channel`, loaded from the client's store with its latest payment `paid`, from
+    /// now on: everything paid before is taken as served (the count of those requests is not
+    /// saved), and what is counted from now on adds to it. A lying server may so take one
+    /// more price and `max_prepaid` per load; an honest one is never stuck by a restart.
+    pub fn resume(&mut self, channel: ChannelId, paid: Amount) {
+        self.start(channel, Amount::ZERO);
+        self.counted = MilliSats::from_sat(paid).unwrap_or(MilliSats::MAX);
     }
 
     /// The channel counted, if any.

@@ -182,10 +182,20 @@ impl<St: ClientStore + 'static> Middleware for PaymentMiddleware<St> {
         loop {
             let header = retry.start().await.map_err(middleware_error)?;
             let Some(mut this) = request.try_clone() else {
-                // A streaming body cannot be sent twice: send it once, as it is.
+                // A streaming body cannot be sent twice: send it once, as it is; its answer is
+                // counted as any other (the server charged it).
                 let mut request = request;
                 set_header(&mut request, header, retry.prev_header());
-                return next.run(request, extensions).await;
+                let response = next.run(request, extensions).await?;
+                let url = response.url();
+                if url.as_str().parse::<Uri>().is_ok_and(|uri| self.payer.applies_to(&uri)) {
+                    let path = match url.query() {
+                        Some(query) => format!("{}?{query}", url.path()),
+                        None => url.path().to_owned(),
+                    };
+                    retry.answered(response.status(), response.headers(), &path).await;
+                }
+                return Ok(response);
             };
             set_header(&mut this, header, retry.prev_header());
             let this_method = this.method().clone();

@@ -81,14 +81,18 @@ impl<S: ClientStore> Payer<S> {
         transport: &T,
     ) -> Result<Closed, ClientError> {
         let mut state = self.state().await?;
-        self.close_locked(transport, &mut state).await
+        self.close_locked(transport, &mut state, true).await
     }
 
     /// [`close_via`](Self::close_via) under the payer's lock.
+    /// The channel is retired; marked closed (its value no longer counted in `max_locked`)
+    /// only when `mark_closed`: a close the payer makes by itself, on the server's word, is
+    /// not (a server could answer closes it never broadcasts to get round `max_locked`).
     pub(super) async fn close_locked<T: Transport + ?Sized>(
         &self,
         transport: &T,
         state: &mut State,
+        mark_closed: bool,
     ) -> Result<Closed, ClientError> {
         let current = self.read_current().ok_or(ClientError::NoChannel)?;
         let terms = self.terms(transport).await?;
@@ -171,7 +175,7 @@ impl<S: ClientStore> Payer<S> {
             .and_then(|rest| rest.checked_sub(client_amount))
             .unwrap_or(Amount::ZERO);
         let closed = Closed { channel: current.id, txid, server_amount, client_amount, fee };
-        self.retire(state, true).await?;
+        self.retire(state, mark_closed).await?;
         Ok(closed)
     }
 

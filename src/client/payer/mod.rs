@@ -556,7 +556,9 @@ impl<S: ClientStore> Payer<S> {
             if let Some(channel) = best {
                 let key = self.derive(channel.key_index)?;
                 let header = channel.header();
+                let (id, paid) = (channel.id(), channel.paid());
                 self.set_channel(&mut state, Some((channel, key)), header);
+                self.bound().resume(id, paid);
             }
             state.loaded = true;
         }
@@ -574,8 +576,8 @@ impl<S: ClientStore> Payer<S> {
         if let Some((channel, _)) = &channel {
             let mut bound = self.bound();
             if bound.channel() != Some(channel.id()) {
-                // A channel opened now starts from its first payment; one loaded from the store
-                // from its latest (what was served before is not known: taken as served).
+                // A channel opened now starts from its first payment (one loaded from the
+                // store is resumed by `state`).
                 bound.start(channel.id(), channel.paid());
             }
         }

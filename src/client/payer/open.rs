@@ -342,13 +342,14 @@ impl<S: ClientStore> Payer<S> {
     /// Before the payer switches to a new channel by itself (the server closes the current
     /// one at its margin, or no longer knows it), it closes the current one fairly, so the
     /// prepaid rest comes back (F5): best effort, within one negotiation timeout; on failure
-    /// the channel is retired as before (its refund kept).
+    /// the channel is retired as before (its refund kept). Either way it stays counted in
+    /// `max_locked` until its refund is valid: the close is the server's word.
     async fn close_before_rollover<T: Transport + ?Sized>(&self, transport: &T, state: &mut State) {
         if state.channel.is_none() {
             return;
         }
         let timeout = self.inner.settings.timeout;
-        match tokio::time::timeout(timeout, self.close_locked(transport, state)).await {
+        match tokio::time::timeout(timeout, self.close_locked(transport, state, false)).await {
             Ok(Ok(closed)) => tracing::info!(
                 channel = %closed.channel,
                 server_amount = %closed.server_amount,
