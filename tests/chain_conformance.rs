@@ -105,12 +105,25 @@ async fn conformance<H: Harness>(h: &mut H) {
     // Below the mempool minimum: alone refused, in a package carried by its child's fee.
     let relay = h.chain().min_relay_fee_rate().await.unwrap();
     assert_eq!(relay, FeeRate::from_sat_per_kwu(250), "1 sat/vB");
-    assert!(h.chain().mempool_min_fee_rate().await.unwrap() >= relay);
+    // A mempool minimum is reported by a node (Core, the simulated chain, a Core relay beside
+    // Esplora); Esplora alone has none to tell (its fee estimates are not one).
+    let reported = match h.chain().mempool_min_fee_rate().await {
+        Ok(minimum) => {
+            assert!(minimum >= relay);
+            true
+        }
+        Err(error) => {
+            assert!(error.is_unsupported(), "{error}");
+            false
+        }
+    };
     assert_eq!(h.chain().has_package_relay().await.unwrap(), h.package_relay());
     let parent = spend_at(&fresh, 2);
     h.raise_mempool_minimum(FeeRate::from_sat_per_vb_u32(2)).await;
-    let minimum = h.chain().mempool_min_fee_rate().await.unwrap();
-    assert!(minimum > FeeRate::from_sat_per_vb_u32(2), "{minimum:?}");
+    if reported {
+        let minimum = h.chain().mempool_min_fee_rate().await.unwrap();
+        assert!(minimum > FeeRate::from_sat_per_vb_u32(2), "{minimum:?}");
+    }
     assert_eq!(reason(h.chain().broadcast(&parent).await), RejectReason::FeeTooLow);
     let parent_id = parent.compute_txid();
     let child = spend((OutPoint::new(parent_id, 0), parent.output[0].clone()), 90_000, 0);

@@ -301,19 +301,33 @@ mod settlement {
         assert!(!esplora.has_package_relay().await.unwrap());
         let mut task = task(&store, esplora.clone());
 
+        // Esplora tells no mempool minimum: early closes need a node that does (a Core relay
+        // beside it, here the simulated chain's own view), never fee estimates.
+        assert!(esplora.mempool_min_fee_rate().await.unwrap_err().is_unsupported());
+        chain.set_package_relay(false);
+        let node = || {
+            Settlement::new(store.clone(), chain.clone(), master())
+                .with_backoff(Duration::ZERO, Duration::ZERO)
+        };
         // A mempool at its relay floor (1 sat/vB, here 50 % of the channel's rate) is no
         // pressure, whatever the share configured.
-        let mut eager = self::task(&store, esplora.clone()).with_early_close(50);
+        let mut eager = node().with_early_close(50);
+        assert_eq!(eager.run_once().await.unwrap().closing, 0, "no pressure at the floor");
         assert_eq!(eager.run_once().await.unwrap().closing, 0, "no pressure at the floor");
         // 1.5 sat/vB (75 %): nothing happens.
+        let mut watcher = node();
         chain.set_mempool_min_fee_rate(FeeRate::from_sat_per_kwu(375));
-        assert_eq!(task.run_once().await.unwrap().closing, 0);
+        assert_eq!(watcher.run_once().await.unwrap().closing, 0);
         chain.set_mempool_min_fee_rate(FeeRate::from_sat_per_kwu(400));
-        assert_eq!(esplora.mempool_min_fee_rate().await.unwrap(), FeeRate::from_sat_per_kwu(400));
         assert_eq!(relayed_task.run_once().await.unwrap().closing, 0, "a package path: no hurry");
-        let report = task.run_once().await.unwrap();
+        assert_eq!(task.run_once().await.unwrap().closing, 0, "Esplora alone: no early close");
+        // 2 sat/vB (80 %): one reading is not enough, the second pass in a row closes.
+        let mut fresh = node();
+        assert_eq!(fresh.run_once().await.unwrap().closing, 0, "one reading");
+        let report = fresh.run_once().await.unwrap();
         assert_eq!((report.closing, report.broadcast), (1, 1), "{report:?}");
-        assert_eq!(task.metrics().lock().unwrap().early_closes, 1);
+        assert_eq!(fresh.metrics().lock().unwrap().early_closes, 1);
+        chain.set_package_relay(true);
         let close = close_of(&store, early).await.compute_txid();
         assert_eq!(chain.tx_status(&close), TxStatus::InMempool, "in while it could get in");
 
@@ -328,5 +342,81 @@ mod settlement {
         chain.mine(1);
         task.run_once().await.unwrap();
         assert_eq!(state(&store, early).await, ChannelState::Settled, "the early close settled");
+    }
+
+    /// Review (server side): the fake, with `GET /fee-estimates` answered from `estimates`.
+    async fn esplora_with_estimates(
+        chain: SimulatedChain,
+        estimates: std::sync::Arc<std::sync::Mutex<serde_json::Value>>,
+    ) -> Esplora {
+        let scripts = (1..=16).map(|n| p2wpkh(&secret(n))).collect();
+        let fake = esplora_fake::app(chain, Flavor::Old, scripts);
+        let app = axum::Router::new()
+            .route(
+                "/api/fee-estimates",
+                axum::routing::get(move || {
+                    let value = estimates.lock().unwrap().clone();
+                    async move { axum::Json(value) }
+                }),
+            )
+            .fallback_service(fake);
+        let at = super::common::http::serve(app).await;
+        Esplora::new(&format!("http://{at}/api")).unwrap()
+    }
+
+    /// Review: the mempool is not full (its minimum is the 1 sat/vB relay floor, a close at
+    /// 2 sat/vB is accepted at once), but blocks have been clearing at ~2 sat/vB, so Core's
+    /// `estimatesmartfee` for 1008 blocks — the lowest value of an ordinary mainnet
+    /// `/fee-estimates` — is 1.7 sat/vB. `Esplora::mempool_min_fee_rate` reads that estimate as
+    /// the mempool minimum and every open channel at the default 2 sat/vB is closed early.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn review_an_ordinary_fee_estimate_table_closes_no_channel_early() {
+        let chain = SimulatedChain::new();
+        let store = MemoryStore::new();
+        let ids = [
+            open(&store, &chain, 0, 20_000).await,
+            open(&store, &chain, 1, 20_000).await,
+            open(&store, &chain, 2, 20_000).await,
+        ];
+        let estimates = std::sync::Arc::new(std::sync::Mutex::new(serde_json::json!({
+            "1": 12.0, "6": 6.1, "144": 2.3, "504": 2.0, "1008": 1.7
+        })));
+        let esplora = esplora_with_estimates(chain.clone(), estimates).await;
+        let close = close_of(&store, ids[0]).await;
+        assert!(chain.submit(&close).is_ok(), "a close at 2 sat/vB gets in: no mempool pressure");
+        chain.drop_from_mempool(&close.compute_txid());
+        // As the binary runs it: no CPFP key.
+        let mut task = Settlement::new(store.clone(), esplora, master())
+            .with_backoff(Duration::ZERO, Duration::ZERO);
+        let report = task.run_once().await.unwrap();
+        assert_eq!(report.closing, 0, "channels 200 blocks from expiry closed early: {report:?}");
+        for id in ids {
+            assert_eq!(state(&store, id).await, ChannelState::Open);
+        }
+    }
+
+    /// Review: one pass with one absurd (lying, or glitching) estimate closes every open
+    /// channel at once, for good; the next pass sees calm estimates but the channels stay
+    /// closed. No hysteresis, no second sample, no bound on how many channels one pass closes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn review_one_glitched_fee_estimate_does_not_close_every_channel() {
+        let chain = SimulatedChain::new();
+        let store = MemoryStore::new();
+        let mut ids = Vec::new();
+        for index in 0..5 {
+            ids.push(open(&store, &chain, index, 20_000).await);
+        }
+        let estimates =
+            std::sync::Arc::new(std::sync::Mutex::new(serde_json::json!({ "1": 5000.0 })));
+        let esplora = esplora_with_estimates(chain.clone(), estimates.clone()).await;
+        let mut task = self::task(&store, esplora);
+        let report = task.run_once().await.unwrap();
+        *estimates.lock().unwrap() = serde_json::json!({ "1": 20.0, "144": 1.0, "1008": 1.0 });
+        task.run_once().await.unwrap();
+        let mut closed = 0;
+        for id in &ids {
+            closed += usize::from(state(&store, *id).await != ChannelState::Open);
+        }
+        assert_eq!(closed, 0, "one estimate closed {closed} of 5 channels: {report:?}");
     }
 }

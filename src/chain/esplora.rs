@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::core_reject::{BroadcastError, map_broadcast_error, package_result, relayed_error};
 use super::http::{Target, send, split_url, unavailable};
-use super::{ChainBackend, ChainError, ChainTip, TxStatus, Utxo, policy};
+use super::{ChainBackend, ChainError, ChainTip, TxStatus, Utxo};
 
 /// The Esplora REST API as a [`ChainBackend`].
 ///
@@ -398,27 +398,21 @@ impl ChainBackend for Esplora {
         Ok(!no_such_endpoint(status, &String::from_utf8_lossy(&body)))
     }
 
-    /// The node's `mempoolminfee` when the [`PackageRelay`] is one; else the lowest of the
-    /// server's fee estimates (Core never estimates below its mempool minimum, so this is at
-    /// least the minimum: an overestimate in calm times), and the relay minimum without any.
+    /// The node's `mempoolminfee` when the [`PackageRelay`] is one. Esplora itself does not
+    /// tell its node's mempool minimum: [`ChainError::Unsupported`]. (Its fee estimates are
+    /// not one: the lowest estimate sits above the minimum whenever blocks clear above it, and
+    /// a server could answer any number; closing every channel early on them would be a
+    /// denial of the operator's revenue.)
     async fn mempool_min_fee_rate(&self) -> Result<FeeRate, ChainError> {
         #[cfg(feature = "bitcoind")]
         if let Some(PackageRelay::Bitcoind(rpc)) = self.package_relay.as_deref() {
             return rpc.mempool_min_fee_rate().await;
         }
-        let estimates: serde_json::Map<String, Value> = self
-            .get_json("/fee-estimates")
-            .await?
-            .ok_or_else(|| unavailable("no fee estimates"))?;
-        let mut lowest = None::<FeeRate>;
-        for rate in estimates.values() {
-            let rate = match rate {
-                Value::Number(n) => sat_per_vb(&n.to_string())?,
-                other => return Err(unavailable(format!("not a fee rate: {other}"))),
-            };
-            lowest = Some(lowest.map_or(rate, |l| l.min(rate)));
-        }
-        Ok(lowest.unwrap_or(policy::MIN_RELAY_FEE_RATE).max(policy::MIN_RELAY_FEE_RATE))
+        Err(ChainError::Unsupported {
+            message: "Esplora does not report its node's mempool minimum: configure a Bitcoin \
+                      Core relay (Esplora::with_package_relay) for early closes"
+                .to_owned(),
+        })
     }
 }
 

@@ -92,6 +92,8 @@ pub struct Settlement<St, C> {
     cpfp_after: u32,
     cpfp_min_fee_rate: FeeRate,
     early_close_percent: u64,
+    /// The mempool pressure the last pass saw (see `mempool_pressure`).
+    pressure_before: Option<FeeRate>,
     backoff: (Duration, Duration),
     retries: HashMap<ChannelId, Retry>,
     /// The height at which each close was first seen waiting in the mempool.
@@ -135,6 +137,7 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
             cpfp_after: 3,
             cpfp_min_fee_rate: FeeRate::from_sat_per_vb_u32(10),
             early_close_percent: 80,
+            pressure_before: None,
             backoff: (Duration::from_secs(1), Duration::from_secs(300)),
             retries: HashMap::new(),
             waiting_since: HashMap::new(),
@@ -234,7 +237,11 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
             for state in [ChannelState::Pending, ChannelState::Open] {
                 let records = self.list(state).await?;
                 if state == ChannelState::Open && !records.is_empty() {
-                    pressure = self.mempool_pressure().await;
+                    // One reading is not enough to close every channel early: the pressure
+                    // must hold over two passes in a row (the lower reading counts).
+                    let now = self.mempool_pressure().await;
+                    pressure = now.zip(self.pressure_before).map(|(a, b)| a.min(b));
+                    self.pressure_before = now;
                 }
                 for record in records {
                     let span = tracing::info_span!("funding", channel = %record.id());
@@ -335,6 +342,10 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
             // Only a minimum raised above the relay floor is pressure: a channel agreed at the
             // floor is not closed early by a mempool that is not full.
             (Ok(minimum), Ok(floor)) => (minimum > floor).then_some(minimum),
+            (Err(error), _) | (_, Err(error)) if error.is_unsupported() => {
+                tracing::debug!(%error, "no mempool minimum: no early closes");
+                None
+            }
             (Err(error), _) | (_, Err(error)) => {
                 tracing::warn!(%error, "mempool minimum unknown this pass");
                 None
