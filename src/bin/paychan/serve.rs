@@ -313,9 +313,45 @@ fn guard(path: &str) -> Result<String, &'static str> {
 fn query_overrides(query: Option<&str>) -> bool {
     query.into_iter().flat_map(|q| q.split(['&', ';'])).any(|pair| {
         let key = pair.split('=').next().unwrap_or_default();
-        let key = key.replace("%5F", "_").replace("%5f", "_");
-        key.eq_ignore_ascii_case("_method")
+        // Decoded as far as any upstream decodes it (percent-encoding, twice; `+` as a space),
+        // then read as PHP reads a parameter name (leading spaces trimmed; `.`, `[` and spaces
+        // made `_`), compared case-insensitively: what reads `_method` is an override.
+        let once = percent_decode(&key.replace('+', " "));
+        let twice = percent_decode(&once);
+        let php: String = twice
+            .trim_start_matches(' ')
+            .chars()
+            .map(|c| if matches!(c, '.' | '[' | ' ') { '_' } else { c })
+            .collect();
+        php.eq_ignore_ascii_case("_method")
     })
+}
+
+/// Whether `method` is written in upper case, as every method a price table lists.
+fn upper_case(method: &http::Method) -> bool {
+    !method.as_str().bytes().any(|b| b.is_ascii_lowercase())
+}
+
+/// `text` with its `%XX` escapes decoded (bytes that are not UTF-8 become U+FFFD); a `%` not
+/// followed by two hex digits is kept.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |at: usize| bytes.get(at).and_then(|b| (*b as char).to_digit(16));
+        match (bytes[i], hex(i + 1), hex(i + 2)) {
+            (b'%', Some(high), Some(low)) => {
+                out.push((high * 16 + low) as u8);
+                i += 3;
+            }
+            (byte, _, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Refuses (400) a request whose path [`guard`] refuses or whose query overrides its method,
@@ -324,6 +360,11 @@ async fn guard_paths(mut request: Request, next: axum::middleware::Next) -> Resp
     let refuse = |detail: String| {
         Problem::new(StatusCode::BAD_REQUEST, ProblemCode::BadRequest, detail).into_response()
     };
+    // Methods are case-sensitive: `get` is not `GET` to the price table, but some upstreams
+    // upper-case it (Django, Flask). Only upper-case method names pass.
+    if !upper_case(request.method()) {
+        return refuse(format!("the method {:?} is not upper case", request.method().as_str()));
+    }
     let uri = request.uri();
     if query_overrides(uri.query()) {
         return refuse("a _method parameter in the query".to_owned());
@@ -604,6 +645,51 @@ mod tests {
             assert!(!query_overrides(Some(query)), "{query}");
         }
         assert!(!query_overrides(None));
+    }
+
+    /// Review 2026-12 (server side): what the upstreams the guard names read as `_method` (after percent-decoding
+    /// the key, as Symfony/Laravel's PHP `$_GET`, Express's `qs` and Rack do; PHP also drops
+    /// leading spaces and turns `.`, ` ` and `[` into `_` in parameter names) passes the
+    /// guard: `POST /paid?_%6Dethod=GET` is priced as a POST (free under `unlisted = "free"`,
+    /// or a cheaper POST route) and run as a GET by a Laravel or Symfony upstream.
+    #[test]
+    fn a_method_override_spelled_otherwise_is_refused() {
+        for query in [
+            "_%6Dethod=GET",
+            "_%6dethod=GET",
+            "%5F%6D%65%74%68%6F%64=GET",
+            ".method=GET",
+            "%2Emethod=GET",
+            "[method=GET",
+            "+_method=GET",
+            "%20_method=GET",
+        ] {
+            assert!(query_overrides(Some(query)), "{query} passes the guard");
+        }
+    }
+
+    /// Review 2026-12 (server side): methods are case-sensitive tokens to hyper and to the price table, but Django
+    /// (`environ["REQUEST_METHOD"].upper()`, and its ASGI request alike) and Werkzeug/Flask
+    /// upper-case them. `get /paid` is unlisted to the proxy: with `unlisted = "free"` (or in
+    /// shadow mode) it is forwarded unpaid, as `get`, and such an upstream serves `GET /paid`.
+    #[test]
+    fn a_lower_case_method_is_refused_before_it_is_priced() {
+        // `get /paid` is not `GET /paid` to the price table (unlisted: free here), but Django
+        // and Flask upper-case it: the guard refuses it before pricing.
+        let prices = RoutePrices::new()
+            .route(http::Method::GET, "/paid", MilliSats::from_msat(1_000))
+            .unlisted(Unlisted::Free);
+        for method in ["get", "Get", "pOST"] {
+            let method = http::Method::from_bytes(method.as_bytes()).unwrap();
+            let request = http::Request::builder().method(method.clone()).uri("/paid");
+            let request = request.body(()).unwrap();
+            let free = prices.price(&request).is_none() && !prices.refuses(&request);
+            assert!(!upper_case(&method) && free, "{method}: refused by the guard, not the table");
+        }
+        assert!(
+            upper_case(&http::Method::GET)
+                && upper_case(&http::Method::from_bytes(b"PURGE").unwrap())
+        );
     }
 
     #[test]

@@ -304,7 +304,7 @@ impl<C: ChainBackend, St> Shared<C, St> {
     }
 
     /// The client's address: from the trusted proxy header when configured, else the peer's;
-    /// IPv6 by its /64.
+    /// IPv6 by its /64, IPv4-mapped IPv6 as IPv4.
     fn client(
         &self,
         connect: Option<Extension<ConnectInfo<SocketAddr>>>,
@@ -320,6 +320,12 @@ impl<C: ChainBackend, St> Shared<C, St> {
                 .and_then(|last| last.trim().parse::<IpAddr>().ok()),
             None => connect.map(|Extension(ConnectInfo(addr))| addr.ip()),
         }?;
+        // An IPv4 peer of a dual-stack listener (`::ffff:a.b.c.d`) is counted as the IPv4
+        // address it is, not by the /64 every IPv4 peer shares.
+        let addr = match addr {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr, IpAddr::V4),
+            v4 => v4,
+        };
         Some(match addr {
             IpAddr::V6(v6) => {
                 let mask = u128::MAX << 64;
@@ -482,5 +488,47 @@ mod tests {
         for from in ["192.0.2.1", "192.0.2.2", "192.0.2.3"] {
             assert_eq!(open(from).await, 200, "{from}");
         }
+    }
+
+    /// Review 2026-12 (server side): on a dual-stack listener (`listen = "[::]:8080"`, Linux's default
+    /// `bindv6only = 0`) every IPv4 peer is `::ffff:a.b.c.d`, whose /64 (and /48) is `::`: all
+    /// IPv4 clients share one client's proposal and open-rate limits, so one IPv4 client that
+    /// holds its 20 proposals blocks every other IPv4 client's open.
+    #[tokio::test]
+    async fn ipv4_mapped_peers_are_counted_one_by_one() {
+        let chain = SimulatedChain::new();
+        let (_tip_tx, tip) = watch::channel(chain.tip());
+        let master = Xpriv::new_master(Network::Regtest, &[7; 32]).unwrap();
+        let key = |byte: u8| {
+            let secret = SecretKey::from_slice(&[byte; 32]).unwrap();
+            CompressedPublicKey(secret.public_key(crate::channel::secp()))
+        };
+        let payout = ScriptBuf::new_p2wpkh(&key(2).wpubkey_hash());
+        let app =
+            Negotiation::new(Network::Regtest, Terms::default(), master, payout, chain.clone())
+                .with_open_rate_limit(1_000, Duration::from_secs(60))
+                .with_proposal_limits(Duration::from_secs(600), 2)
+                .into_router(MemoryStore::new(), tip, TERMS_PATH);
+        let body = serde_json::json!({
+            "client_pubkey": key(1).to_string(),
+            "value_sat": 100_000,
+            "expiry": chain.tip().height + 200,
+            "client_script": ScriptBuf::new_p2wpkh(&key(1).wpubkey_hash()).to_hex_string(),
+        })
+        .to_string();
+        let open = async |from: &str| {
+            let mut request = http::Request::post("/payment-channel/open")
+                .header("content-type", "application/json")
+                .body(axum::body::Body::from(body.clone()))
+                .unwrap();
+            let peer: SocketAddr = from.parse().unwrap();
+            request.extensions_mut().insert(ConnectInfo(peer));
+            app.clone().oneshot(request).await.unwrap().status().as_u16()
+        };
+        for from in ["[::ffff:192.0.2.1]:40000", "[::ffff:192.0.2.1]:40001"] {
+            assert_eq!(open(from).await, 200, "{from}");
+        }
+        assert_eq!(open("[::ffff:192.0.2.1]:40002").await, 429, "its own limit");
+        assert_eq!(open("[::ffff:198.51.100.7]:40000").await, 200, "another IPv4 client");
     }
 }
