@@ -224,6 +224,8 @@ pub(crate) async fn observe(
     } else {
         "api"
     };
+    // The terms are answered from memory: their success says nothing of the store.
+    let reads_store = !path.starts_with(TERMS_PATH);
     let start = Instant::now();
     let response = next.run(request).await;
     let status = response.status();
@@ -232,7 +234,7 @@ pub(crate) async fn observe(
         .is_some_and(|r| matches!(r.kind(), paychan::server::RejectionKind::StoreUnavailable));
     if store_down {
         observed.store_unavailable();
-    } else if route == "negotiation" && status.is_success() {
+    } else if route == "negotiation" && reads_store && status.is_success() {
         observed.store_available();
     }
     let outcome = match status {
@@ -569,6 +571,37 @@ mod tests {
         down.store(true, std::sync::atomic::Ordering::SeqCst);
         assert_eq!(call(&app).await, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(observed.store_outages.get(), 2);
+    }
+
+    /// Review 2026-12 (server side): `GET /payment-channel/terms` (and `/open`, whose proposals live in memory)
+    /// succeed without the store, yet a negotiation success is taken as "the store is back":
+    /// during one outage every new client reading the terms ends the outage, and the next paid
+    /// request starts (counts and logs at error level) a new one. A leased node's charges
+    /// (drawn from its lease, no store round trip) do the same.
+    #[tokio::test]
+    async fn a_store_outage_is_counted_once_while_clients_read_the_terms() {
+        use tower::ServiceExt as _;
+        let observed = Arc::new(Observed::new());
+        let app = Router::new()
+            .route(TERMS_PATH, axum::routing::get(|| async { "terms" }))
+            .fallback(|| async {
+                let rejection = paychan::server::Rejection::from(
+                    paychan::store::StoreError::unavailable("connection refused"),
+                );
+                let mut response = StatusCode::SERVICE_UNAVAILABLE.into_response();
+                response.extensions_mut().insert(rejection);
+                response
+            })
+            .layer(axum::middleware::from_fn_with_state(Arc::clone(&observed), observe));
+        let call = async |path: &str| {
+            let request = Request::get(path).body(Body::empty()).unwrap();
+            app.clone().oneshot(request).await.unwrap().status()
+        };
+        for _ in 0..3 {
+            assert_eq!(call("/api").await, StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(call(TERMS_PATH).await, StatusCode::OK);
+        }
+        assert_eq!(observed.store_outages.get(), 1, "one outage, the store never came back");
     }
 
     #[test]
