@@ -882,3 +882,34 @@ async fn slow_and_large_headers_are_cut_on_plain_http() {
     assert!(status.success());
     std::fs::remove_dir_all(&site.dir).unwrap();
 }
+
+/// Review 2026-12 (server side): one client holding silent connections kept every other client
+/// out once it held `max_connections` of them (one global cap, no per-client share). Now a
+/// client holds at most `max_connections_per_client`; its next connections are closed at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_clients_silent_connections_do_not_lock_everyone_out() {
+    let Some(site) = Site::new("per-client").await else { return };
+    site.free_public();
+    site.edit_config("# max_connections = 512", "max_connections = 4");
+    site.edit_config("# max_connections_per_client = 32", "max_connections_per_client = 2");
+    let proxy = site.serve(0).await;
+    // Four silent connections from another loopback address than the next client's.
+    let target: std::net::SocketAddr = site.authority().parse().unwrap();
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        held.push(socket.connect(target).await.unwrap());
+    }
+    let answer = tokio::time::timeout(
+        Duration::from_secs(10),
+        raw(site.authority(), &raw_get("/public/next", "")),
+    )
+    .await;
+    drop(held);
+    let (status, _) = site.stop(proxy, 0).await;
+    assert!(status.success());
+    std::fs::remove_dir_all(&site.dir).unwrap();
+    let answer = answer.expect("one client's silent connections kept another client out");
+    assert_eq!(status_of(&answer), "200", "{answer}");
+}

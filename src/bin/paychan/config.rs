@@ -73,6 +73,7 @@ struct ListenerFile {
     header_timeout_secs: Option<u64>,
     max_header_bytes: Option<usize>,
     max_connections: Option<usize>,
+    max_connections_per_client: Option<usize>,
     #[serde(default)]
     trust_forwarded_for: bool,
 }
@@ -87,6 +88,10 @@ pub(crate) struct Listener {
     pub(crate) max_header_bytes: usize,
     /// The most connections served at once; more wait in the kernel's backlog.
     pub(crate) max_connections: usize,
+    /// The most of them one client (IPv4 address, IPv6 /64) holds; its next are closed at
+    /// once. `None`: no share (the default behind a trusted front proxy, whose address every
+    /// connection has).
+    pub(crate) max_connections_per_client: Option<usize>,
     /// The peer is a front proxy that replaces `X-Forwarded-For`: append to it instead of
     /// overwriting it.
     pub(crate) trust_forwarded_for: bool,
@@ -98,6 +103,7 @@ impl Default for Listener {
             header_timeout: Duration::from_secs(30),
             max_header_bytes: 32 * 1024,
             max_connections: 512,
+            max_connections_per_client: Some(32),
             trust_forwarded_for: false,
         }
     }
@@ -123,6 +129,13 @@ fn listener(file: ListenerFile) -> Result<Listener, ConfigError> {
         Some(max) => listener.max_connections = max,
         None => {}
     }
+    listener.max_connections_per_client = match file.max_connections_per_client {
+        Some(0) => None,
+        Some(max) => Some(max),
+        // Behind a front proxy every connection is the proxy's: no share unless asked.
+        None if listener.trust_forwarded_for => None,
+        None => listener.max_connections_per_client.map(|max| max.min(listener.max_connections)),
+    };
     Ok(listener)
 }
 
@@ -562,6 +575,8 @@ price_msat = {price}
 # header_timeout_secs = 30       # headers must arrive within this; idle connections close after it
 # max_header_bytes = 32768       # request line and headers; 431 beyond
 # max_connections = 512          # served at once (each may hold a second socket to the upstream)
+# max_connections_per_client = 32  # of them, one client's (IPv4 address, IPv6 /64); 0: no share
+#                                # (the default with trust_forwarded_for: all are the front's)
 # trust_forwarded_for = false    # true only behind your own proxy that replaces X-Forwarded-For
 
 # [tls]                          # TLS on the proxy's own listener (or put a TLS proxy in front)
@@ -683,6 +698,7 @@ mod tests {
             header_timeout: Duration::from_secs(2),
             max_header_bytes: 8_192,
             max_connections: 3,
+            max_connections_per_client: None,
             trust_forwarded_for: true,
         };
         assert_eq!(Config::parse(&set, Path::new("/srv")).unwrap().listener, expected);

@@ -164,11 +164,56 @@ async fn run<St: ChannelStore + Clone + 'static>(
     Ok(())
 }
 
+/// The connections each client holds (IPv4 by address, IPv6 by /64).
+#[derive(Debug, Default)]
+struct Clients(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+/// One connection of a client, counted until dropped.
+struct Share(Arc<Clients>, std::net::IpAddr);
+
+impl Clients {
+    fn key(ip: std::net::IpAddr) -> std::net::IpAddr {
+        use std::net::IpAddr;
+        match ip {
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6((u128::from(v6) & (u128::MAX << 64)).into()),
+            },
+            v4 => v4,
+        }
+    }
+
+    /// Counts a connection of `ip` within `max` a client; `None` beyond it.
+    fn enter(this: &Arc<Self>, ip: std::net::IpAddr, max: Option<usize>) -> Option<Share> {
+        let key = Self::key(ip);
+        let mut held = this.0.lock().unwrap_or_else(|p| p.into_inner());
+        let count = held.entry(key).or_default();
+        if max.is_some_and(|max| *count >= max) {
+            return None;
+        }
+        *count += 1;
+        Some(Share(Arc::clone(this), key))
+    }
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        let mut held = self.0.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = held.get_mut(&self.1) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&self.1);
+            }
+        }
+    }
+}
+
 /// Serves `app` (over TLS with `tls`) until SIGTERM or Ctrl-C, then finishes the requests in
 /// flight within `deadline`. HTTP/1.1 with the listener's limits: a client must send its
 /// headers within `header_timeout` (an idle keep-alive connection its next ones: then it is
 /// closed), at most `max_header_bytes` of them (431 beyond), and at most `max_connections`
-/// connections are served at once (the others wait in the kernel's backlog).
+/// connections are served at once (the others wait in the kernel's backlog), at most
+/// `max_connections_per_client` of them one client's.
 async fn serve_connections(
     listener: TcpListener,
     app: Router,
@@ -178,6 +223,7 @@ async fn serve_connections(
 ) {
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let clients = Arc::new(Clients::default());
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(hyper_util::rt::TokioTimer::new())
@@ -212,10 +258,19 @@ async fn serve_connections(
                 continue;
             }
         };
+        // One client's share: beyond it, its new connection is closed at once, so a client
+        // holding silent connections cannot keep every other one out.
+        let Some(share) = Clients::enter(&clients, peer.ip(), limits.max_connections_per_client)
+        else {
+            drop((tcp, slot));
+            continue;
+        };
         let (acceptor, app, builder, watcher) =
             (acceptor.clone(), app.clone(), builder.clone(), graceful.watcher());
         tokio::spawn(async move {
-            let _slot = slot;
+            // The share is given back before the slot, so the next connection the slot lets in
+            // never finds this one still counted.
+            let _slot = (share, slot);
             let app = app.map_request(move |mut request: http::Request<Incoming>| {
                 request.extensions_mut().insert(ConnectInfo(peer));
                 request
