@@ -91,14 +91,17 @@ impl<S: ClientStore> Payer<S> {
         Ok(state.channel.as_ref().map_or(Amount::ZERO, |(c, _)| c.paid()) - before)
     }
 
-    /// Pays `amount` more on the current channel (within the policy's `max_total`) and hands
-    /// the payment over on the payment endpoint, through the payer's
+    /// Pays `amount` more on the current channel (within the policy's `max_total`, and at
+    /// most what the channel's [`LossBound`](crate::client::LossBound) allows ahead of any
+    /// request: what the client counted plus `max_prepaid`, so it may add less than asked) and
+    /// hands the payment over on the payment endpoint, through the payer's
     /// [transport](super::PayerBuilder::transport): a top-up ahead of what a stream will cost,
     /// for a byte stream or a WebSocket whose price the client knows.
     ///
     /// # Errors
     ///
-    /// As [`top_up_by_via`](Self::top_up_by_via), or [`ClientError::NoTransport`].
+    /// As [`top_up_by_via`](Self::top_up_by_via), or [`ClientError::NoTransport`];
+    /// [`ClientError::BoundExceeded`] when the bound leaves nothing to add.
     pub async fn top_up_by(&self, amount: Amount) -> Result<PaymentAnswer, ClientError> {
         self.top_up_by_via(&*self.own_transport()?, amount).await
     }
