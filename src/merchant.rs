@@ -60,6 +60,7 @@ struct Config<C> {
     prices: serde_json::Value,
     tip_every: Duration,
     settle_every: Duration,
+    client_ip_header: Option<http::HeaderName>,
 }
 
 impl<St, C> fmt::Debug for Merchant<St, C> {
@@ -91,6 +92,7 @@ impl<C: ChainBackend + Clone + 'static> Merchant<MemoryStore, C> {
             prices: serde_json::Value::Null,
             tip_every: Duration::from_secs(10),
             settle_every: Duration::from_secs(30),
+            client_ip_header: None,
         };
         Self { config, store: MemoryStore::new() }
     }
@@ -133,6 +135,15 @@ where
         self
     }
 
+    /// Behind a reverse proxy you trust, the negotiation's per-client limits take the client's
+    /// address from the last address in `header` (see
+    /// [`Negotiation::with_client_ip_header`]); without it every client is the proxy and all
+    /// share one client's limits.
+    pub fn with_client_ip_header(mut self, header: http::HeaderName) -> Self {
+        self.config.client_ip_header = Some(header);
+        self
+    }
+
     /// How often the chain tip is read, and how often the settlement task runs a pass.
     pub fn with_intervals(mut self, tip: Duration, settlement: Duration) -> Self {
         self.config.tip_every = tip;
@@ -159,6 +170,10 @@ where
         )
         .with_funding_policy(config.funding)
         .with_prices(config.prices);
+        let negotiation = match config.client_ip_header {
+            Some(header) => negotiation.with_client_ip_header(header),
+            None => negotiation,
+        };
         let layer = PaywallLayer::new(store.clone(), pricing, tip).with_negotiation(negotiation);
         let mut settlement =
             Settlement::new(store, config.chain, config.master).with_funding_policy(config.funding);

@@ -10,7 +10,7 @@ use axum::Router;
 use axum::routing::get;
 use bitcoin::absolute::LockTime;
 use bitcoin::consensus::encode::{deserialize_hex, serialize_hex};
-use bitcoin::{Amount, Transaction, ecdsa};
+use bitcoin::{Amount, Network, Transaction, ecdsa};
 use common::client::{funding_and_refund, params_from};
 use common::http::{Reply, call, serve};
 use common::{p2wpkh, public, secret};
@@ -249,4 +249,34 @@ async fn negotiation_abuse_is_bounded_and_fund_is_idempotent() {
     let again = srv.post("fund", fund(&signed)).await;
     assert_eq!((again.status, again.json()), (201, reply.json()), "a retry answers as the first");
     assert_eq!(srv.chain.tx_status(&signed.compute_txid()), TxStatus::InMempool);
+}
+
+/// Review 2026-12 (server side): behind a trusted front proxy every client's peer is the
+/// proxy; with `Merchant::with_client_ip_header` (what `paychan serve` sets with
+/// `trust_forwarded_for`) the per-client open rate counts the clients the front names, not
+/// the front. Without it the eleventh open in a minute is refused for everyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merchant_behind_a_front_proxy_limits_each_client_not_the_proxy() {
+    for (header, refused) in [(true, 0), (false, 2)] {
+        let chain = SimulatedChain::new();
+        let master = bitcoin::bip32::Xpriv::new_master(Network::Regtest, &[0x42; 32]).unwrap();
+        let merchant =
+            paychan::Merchant::new(Network::Regtest, master, p2wpkh(&secret(2)), chain.clone());
+        let merchant = if header {
+            merchant.with_client_ip_header(http::HeaderName::from_static("x-forwarded-for"))
+        } else {
+            merchant
+        };
+        let paid = merchant.start(PRICE).await.unwrap();
+        let app = Router::new().route("/paid", get(|| async { "ok" })).layer(paid.layer());
+        let srv = Server { addr: serve(app).await, chain };
+        let mut statuses = Vec::new();
+        for n in 0..12 {
+            let client = format!("198.51.100.{n}");
+            statuses
+                .push(srv.open_from(100_000, 200, &[("x-forwarded-for", &client)]).await.status);
+        }
+        assert_eq!(statuses.iter().filter(|s| **s == 429).count(), refused, "{statuses:?}");
+        assert!(statuses.iter().all(|s| *s == 200 || *s == 429), "{statuses:?}");
+    }
 }

@@ -96,10 +96,16 @@ async fn run<St: ChannelStore + Clone + 'static>(
         .with_terms(config.terms.clone())
         .with_funding_policy(config.funding)
         .with_prices(config.prices.describe())
-        .with_intervals(config.tip_every, config.settle_every)
-        .start(config.prices.clone())
-        .await
-        .map_err(|e| format!("the chain backend: {e}"))?;
+        .with_intervals(config.tip_every, config.settle_every);
+    // Behind a trusted front proxy every peer is the proxy: the negotiation's per-client
+    // limits read the client from the X-Forwarded-For the front appended to.
+    let paid = if config.listener.trust_forwarded_for {
+        paid.with_client_ip_header(http::header::HeaderName::from_static("x-forwarded-for"))
+    } else {
+        paid
+    };
+    let paid =
+        paid.start(config.prices.clone()).await.map_err(|e| format!("the chain backend: {e}"))?;
     let mut layer = paid.layer().refund_server_errors(config.refund_server_errors);
     if config.shadow {
         tracing::warn!("shadow mode: every request is served unpaid, unlisted routes too");
