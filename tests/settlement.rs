@@ -214,11 +214,13 @@ fn check_settled_tx(chain: &SimulatedChain, funded: &Funded, txid: Txid, paid: u
     assert_eq!(tx.output[0].script_pubkey, p2wpkh(&payout()));
 }
 
-/// A chain whose first `failures` broadcasts fail as if the node were down.
+/// A chain whose first `failures` broadcasts fail as if the node were down, and whose tip
+/// cannot be read while `tip_down`.
 #[derive(Clone)]
 struct Flaky {
     chain: SimulatedChain,
     failures: Arc<AtomicUsize>,
+    tip_down: bool,
 }
 
 impl ChainBackend for Flaky {
@@ -234,6 +236,9 @@ impl ChainBackend for Flaky {
         ChainBackend::tx_status(&self.chain, txid).await
     }
     async fn tip(&self) -> Result<ChainTip, ChainError> {
+        if self.tip_down {
+            return Err(ChainError::unavailable("connection refused"));
+        }
         ChainBackend::tip(&self.chain).await
     }
     async fn estimate_fee_rate(&self, target: u16) -> Result<FeeRate, ChainError> {
@@ -269,7 +274,8 @@ async fn paid_api<C: ChainBackend + Clone + 'static>(
 #[tokio::test]
 async fn failed_broadcasts_are_retried_and_a_cooperative_close_is_queued() {
     let (chain, store, funded, id) = one_channel(200, 4_000).await;
-    let flaky = Flaky { chain: chain.clone(), failures: Arc::new(AtomicUsize::new(3)) };
+    let flaky =
+        Flaky { chain: chain.clone(), failures: Arc::new(AtomicUsize::new(3)), tip_down: false };
 
     // The client asks for a cooperative close while the node is down: 202, queued.
     let addr = paid_api(&chain, &store, flaky.clone(), MilliSats::from_msat(1_000)).await;
@@ -376,8 +382,12 @@ async fn a_double_spent_funding_fails_the_channel_and_nothing_is_served() {
 /// Two nodes serving one channel from leases, each running its settlement task on its own
 /// `Leased` handle: once one task suspends the channel (its zero-conf funding was
 /// double-spent), no request is served from either node's lease after the other node's
-/// next pass (security review F6), and what was served is spent, nothing left leased.
-async fn a_suspension_stops_every_nodes_lease_by_the_next_pass<S: ChannelStore + Clone>(store: S) {
+/// next pass (security review F6), and what was served is spent, nothing left leased. With
+/// `chain_down`, A's pass cannot read the chain and still stops A's lease.
+async fn a_suspension_stops_every_nodes_lease_by_the_next_pass<S: ChannelStore + Clone>(
+    store: S,
+    chain_down: bool,
+) {
     use paychan::store::{Debit, LeaseConfig, Leased};
     let price = MilliSats::from_msat(10_000);
     let chain = SimulatedChain::new();
@@ -388,8 +398,9 @@ async fn a_suspension_stops_every_nodes_lease_by_the_next_pass<S: ChannelStore +
         .idle(Duration::from_secs(60));
     let (a, b) =
         (Leased::with_config(store.clone(), config), Leased::with_config(store.clone(), config));
+    let down = Flaky { chain: chain.clone(), failures: Arc::default(), tip_down: chain_down };
     let (mut task_a, mut task_b) =
-        (settlement(a.clone(), chain.clone()), settlement(b.clone(), chain.clone()));
+        (settlement(a.clone(), down), settlement(b.clone(), chain.clone()));
     let mut served = MilliSats::ZERO;
     for (node, times) in [(&a, 30), (&b, 3)] {
         for _ in 0..times {
@@ -403,7 +414,10 @@ async fn a_suspension_stops_every_nodes_lease_by_the_next_pass<S: ChannelStore +
     chain.mine_double_spend(&spend(funded.coin.clone(), 149_000, 0)).unwrap();
     assert_eq!(task_b.run_once().await.unwrap().suspended, 1, "B's pass suspends it");
     assert_eq!(state(&store, id).await, ChannelState::Pending);
-    assert_eq!(task_a.run_once().await.unwrap().suspended, 0, "A's pass finds it pending");
+    match task_a.run_once().await {
+        Ok(report) => assert!(!chain_down && report.suspended == 0, "A's pass finds it pending"),
+        Err(_) => assert!(chain_down, "A's pass cannot read the chain"),
+    }
     let mut after = 0;
     for node in [&a, &b] {
         for _ in 0..20 {
@@ -428,7 +442,12 @@ async fn a_suspension_stops_every_nodes_lease_by_the_next_pass<S: ChannelStore +
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_suspension_stops_every_nodes_lease_on_memory() {
-    a_suspension_stops_every_nodes_lease_by_the_next_pass(MemoryStore::new()).await;
+    a_suspension_stops_every_nodes_lease_by_the_next_pass(MemoryStore::new(), false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspension_stops_a_nodes_lease_by_a_pass_without_the_chain() {
+    a_suspension_stops_every_nodes_lease_by_the_next_pass(MemoryStore::new(), true).await;
 }
 
 #[cfg(feature = "postgres")]
@@ -436,14 +455,14 @@ async fn a_suspension_stops_every_nodes_lease_on_memory() {
 async fn a_suspension_stops_every_nodes_lease_on_postgres() {
     let Some(config) = common::stores::postgres_config("suspended_leases").await else { return };
     let store = paychan::store::PostgresStore::connect_with(config).await.unwrap();
-    a_suspension_stops_every_nodes_lease_by_the_next_pass(store).await;
+    a_suspension_stops_every_nodes_lease_by_the_next_pass(store, false).await;
 }
 
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_suspension_stops_every_nodes_lease_on_redis() {
     let Some(store) = common::stores::redis_store("suspended_leases").await else { return };
-    a_suspension_stops_every_nodes_lease_by_the_next_pass(store).await;
+    a_suspension_stops_every_nodes_lease_by_the_next_pass(store, false).await;
 }
 
 #[tokio::test]

@@ -230,7 +230,16 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
     pub async fn run_once(&mut self) -> Result<PassReport, SettlementError> {
         let span = tracing::info_span!("settlement_pass");
         async {
-            let tip = self.chain.tip().await.map_err(SettlementError::Chain)?;
+            let tip = match self.chain.tip().await {
+                Ok(tip) => tip,
+                Err(error) => {
+                    // Without the chain the pass acts on nothing, but it still reads the open
+                    // channels: a store with leases (`store::Leased`) stops drawing on the
+                    // leases of channels that left open, whatever the chain does.
+                    let _ = self.list(ChannelState::Open).await;
+                    return Err(SettlementError::Chain(error));
+                }
+            };
             let mut report = PassReport::default();
             // Only the states the pass acts on are read; settled channels are only counted.
             let mut pressure = None;

@@ -154,7 +154,8 @@ impl LeaseConfig {
 ///   every state on every pass: run on this store on every node (as
 ///   [`Merchant`](crate::Merchant) does), **no request is served from any node's lease of a
 ///   channel that left open once each node has run one settlement pass that began after the
-///   change** (a pass during which the store failed may not count) — within one pass
+///   change** (a pass during which the store failed may not count; one whose chain backend is
+///   down still lists the open channels) — within one pass
 ///   interval of the change, plus the pass itself. Until its pass a node may serve from the
 ///   lease it holds (at most one per node, ≤ [`max_lease`](LeaseConfig::max_lease)), and
 ///   from none taken more than about a third of the [`ttl`](LeaseConfig::ttl) before (the
