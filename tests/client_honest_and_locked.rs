@@ -13,37 +13,22 @@ use bitcoin::bip32::Xpriv;
 use bitcoin::{Amount, Network};
 use common::counting::{Counting, http_client};
 use common::http::serve;
-use common::{p2wpkh, secret};
+use common::secret;
 use http::StatusCode;
 use http_body_util::{BodyExt, Full};
 use paychan::MilliSats;
-use paychan::chain::follow_tip;
 use paychan::chain::sim::SimulatedChain;
-use paychan::channel::Terms;
 use paychan::client::{
     ClientError, ClientStore, KeyWallet, MemoryClientStore, Payer, PaymentLayer, PaymentService,
     SpendingPolicy,
 };
-use paychan::server::{Negotiation, PaywallLayer};
-use paychan::store::MemoryStore;
 use tower::{Service, ServiceBuilder, ServiceExt};
 
 const PRICE: MilliSats = MilliSats::from_msat(150_000);
 
 async fn honest_server() -> (SimulatedChain, String) {
     let chain = SimulatedChain::new();
-    let master = Xpriv::new_master(Network::Regtest, &[0x5e; 32]).unwrap();
-    let negotiation = Negotiation::new(
-        Network::Regtest,
-        Terms::default(),
-        master,
-        p2wpkh(&secret(2)),
-        chain.clone(),
-    );
-    let tip = follow_tip(chain.clone(), Duration::from_millis(50)).await.unwrap();
-    let paywall = PaywallLayer::new(MemoryStore::new(), PRICE, tip)
-        .with_bundle(MilliSats::from_sat(Amount::from_sat(1_000)).unwrap())
-        .with_negotiation(negotiation);
+    let paywall = common::paywall(&chain, PRICE, Amount::from_sat(1_000)).await;
     let app = Router::new().route("/work", get(|| async { "done" })).layer(paywall);
     let addr = serve(app).await;
     (chain, format!("http://{addr}"))
@@ -109,18 +94,7 @@ async fn a_restarted_payer_is_not_stuck_with_an_honest_server() {
 /// `POST /upload`.
 async fn honest_server_with_redirect_and_upload() -> (SimulatedChain, String) {
     let chain = SimulatedChain::new();
-    let master = Xpriv::new_master(Network::Regtest, &[0x5e; 32]).unwrap();
-    let negotiation = Negotiation::new(
-        Network::Regtest,
-        Terms::default(),
-        master,
-        p2wpkh(&secret(2)),
-        chain.clone(),
-    );
-    let tip = follow_tip(chain.clone(), Duration::from_millis(50)).await.unwrap();
-    let paywall = PaywallLayer::new(MemoryStore::new(), PRICE, tip)
-        .with_bundle(MilliSats::from_sat(Amount::from_sat(1_000)).unwrap())
-        .with_negotiation(negotiation);
+    let paywall = common::paywall(&chain, PRICE, Amount::from_sat(1_000)).await;
     let app = Router::new()
         .route("/work", get(|| async { "done" }))
         .route("/old", get(|| async { axum::response::Redirect::permanent("/work") }))
@@ -234,18 +208,7 @@ async fn closes_without_broadcast(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_close_the_server_never_broadcasts_still_counts_as_locked() {
     let chain = SimulatedChain::new();
-    let master = Xpriv::new_master(Network::Regtest, &[0x5e; 32]).unwrap();
-    let negotiation = Negotiation::new(
-        Network::Regtest,
-        Terms::default(),
-        master,
-        p2wpkh(&secret(2)),
-        chain.clone(),
-    );
-    let tip = follow_tip(chain.clone(), Duration::from_millis(50)).await.unwrap();
-    let paywall = PaywallLayer::new(MemoryStore::new(), PRICE, tip)
-        .with_bundle(MilliSats::from_sat(Amount::from_sat(1_000)).unwrap())
-        .with_negotiation(negotiation);
+    let paywall = common::paywall(&chain, PRICE, Amount::from_sat(1_000)).await;
     let app = Router::new()
         .route("/work", get(|| async { "done" }))
         .layer(paywall)

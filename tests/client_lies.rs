@@ -46,11 +46,7 @@ struct Server {
 /// through `wrap` (a layer that makes it lie).
 async fn server(wrap: impl FnOnce(Router) -> Router) -> Server {
     let chain = SimulatedChain::new();
-    let negotiation = common::negotiation(&chain, 0x5e);
-    let tip = follow_tip(chain.clone(), Duration::from_millis(50)).await.unwrap();
-    let paywall = PaywallLayer::new(MemoryStore::new(), PRICE, tip)
-        .with_bundle(MilliSats::from_sat(Amount::from_sat(1_000)).unwrap())
-        .with_negotiation(negotiation);
+    let paywall = common::paywall(&chain, PRICE, Amount::from_sat(1_000)).await;
     let app = Router::new().route("/work", get(|| async { "done" })).layer(paywall);
     let addr = serve(wrap(app)).await;
     Server { chain, origin: format!("http://{addr}") }

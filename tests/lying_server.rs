@@ -28,14 +28,11 @@ use futures_util::StreamExt as _;
 use http::StatusCode;
 use http_body_util::{BodyExt, Full};
 use paychan::MilliSats;
-use paychan::chain::follow_tip;
 use paychan::chain::sim::SimulatedChain;
 use paychan::client::{
     ClientError, KeyWallet, MemoryClientStore, MisbehaviorKind, Payer, PaymentLayer,
     PaymentService, SpendingPolicy,
 };
-use paychan::server::PaywallLayer;
-use paychan::store::MemoryStore;
 use paychan::wire::{self, ChannelId, PAYMENT_CHANNEL};
 use serde_json::{Value, json};
 use tower::{Service, ServiceBuilder, ServiceExt};
@@ -199,11 +196,7 @@ struct Server {
 /// The real server stack pricing every request at `price`, behind the liar.
 async fn lying_server(lie: Lie, price: MilliSats) -> Server {
     let chain = SimulatedChain::new();
-    let negotiation = common::negotiation(&chain, 0x5e);
-    let tip = follow_tip(chain.clone(), Duration::from_millis(50)).await.unwrap();
-    let paywall = PaywallLayer::new(MemoryStore::new(), price, tip)
-        .with_bundle(MilliSats::from_sat(PREPAID).unwrap())
-        .with_negotiation(negotiation);
+    let paywall = common::paywall(&chain, price, PREPAID).await;
     let liar = Arc::new(Liar { lie, served: AtomicUsize::new(0), latest: AtomicU64::new(0) });
     let app = Router::new()
         .route("/job", get(|| async { "done" }))

@@ -487,3 +487,19 @@ pub mod counting {
         }
     }
 }
+
+/// The tests' paying server stack on `chain`: the negotiation of [`negotiation`] (seed
+/// `0x5e`), a memory store, every request at `price`, `bundle` prepaid on a top-up, the tip
+/// followed every 50 ms.
+pub async fn paywall(
+    chain: &SimulatedChain,
+    price: paychan::MilliSats,
+    bundle: Amount,
+) -> paychan::server::PaywallLayer<paychan::store::MemoryStore, paychan::MilliSats> {
+    let tip = paychan::chain::follow_tip(chain.clone(), std::time::Duration::from_millis(50))
+        .await
+        .unwrap();
+    paychan::server::PaywallLayer::new(paychan::store::MemoryStore::new(), price, tip)
+        .with_bundle(paychan::MilliSats::from_sat(bundle).unwrap())
+        .with_negotiation(negotiation(chain, 0x5e))
+}
