@@ -272,18 +272,6 @@ pub struct BoundExceeded {
     pub claimed: Option<MilliSats>,
 }
 
-impl BoundExceeded {
-    #[cfg(feature = "runtime")]
-    pub(crate) fn new(
-        asked: Amount,
-        allowed: Amount,
-        counted: MilliSats,
-        claimed: Option<MilliSats>,
-    ) -> Self {
-        Self { asked, allowed, counted, claimed }
-    }
-}
-
 impl fmt::Display for BoundExceeded {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "the server asks to be paid {}", self.asked)?;

@@ -148,12 +148,11 @@ impl<S: ClientStore> Payer<S> {
         if added == Amount::ZERO && amount > Amount::ZERO {
             // The bound left no room: say so rather than hand the same payment over again.
             let bound = self.bound();
-            let asked = before.checked_add(amount).unwrap_or(Amount::MAX);
-            let allowed = bound.allowed(MilliSats::ZERO);
-            if asked > allowed && allowed <= before {
-                let counted = bound.counted();
-                let exceeded = crate::client::BoundExceeded::new(asked, allowed, counted, None);
-                return Err(ClientError::BoundExceeded(exceeded));
+            if bound.allowed(MilliSats::ZERO) <= before {
+                let asked = before.checked_add(amount).unwrap_or(Amount::MAX);
+                bound
+                    .check(id, asked, MilliSats::ZERO, None)
+                    .map_err(ClientError::BoundExceeded)?;
             }
         }
         Ok(added)

@@ -442,39 +442,68 @@ mod tests {
     use bitcoin::CompressedPublicKey;
     use tower::ServiceExt as _;
 
+    /// A negotiation router (regtest, 1 000 opens a minute, 2 proposals a client, configured
+    /// further by `configure`) and the body of an `/open` it accepts.
+    struct Opens {
+        app: axum::Router,
+        body: String,
+    }
+
+    impl Opens {
+        fn new(
+            configure: impl FnOnce(Negotiation<SimulatedChain>) -> Negotiation<SimulatedChain>,
+        ) -> Self {
+            let chain = SimulatedChain::new();
+            let (tip_tx, tip) = watch::channel(chain.tip());
+            std::mem::forget(tip_tx); // the tip stays where it is for the test's life
+            let master = Xpriv::new_master(Network::Regtest, &[7; 32]).unwrap();
+            let key = |byte: u8| {
+                let secret = SecretKey::from_slice(&[byte; 32]).unwrap();
+                CompressedPublicKey(secret.public_key(crate::channel::secp()))
+            };
+            let payout = ScriptBuf::new_p2wpkh(&key(2).wpubkey_hash());
+            let negotiation =
+                Negotiation::new(Network::Regtest, Terms::default(), master, payout, chain.clone())
+                    .with_open_rate_limit(1_000, Duration::from_secs(60))
+                    .with_proposal_limits(Duration::from_secs(600), 2);
+            let app = configure(negotiation).into_router(MemoryStore::new(), tip, TERMS_PATH);
+            let body = serde_json::json!({
+                "client_pubkey": key(1).to_string(),
+                "value_sat": 100_000,
+                "expiry": chain.tip().height + 200,
+                "client_script": ScriptBuf::new_p2wpkh(&key(1).wpubkey_hash()).to_hex_string(),
+            })
+            .to_string();
+            Self { app, body }
+        }
+
+        /// The status of an `/open` built by `edit`, from `peer` when given.
+        async fn open(
+            &self,
+            edit: impl FnOnce(http::request::Builder) -> http::request::Builder,
+            peer: Option<SocketAddr>,
+        ) -> u16 {
+            let request = http::Request::post("/payment-channel/open")
+                .header("content-type", "application/json");
+            let mut request =
+                edit(request).body(axum::body::Body::from(self.body.clone())).unwrap();
+            if let Some(peer) = peer {
+                request.extensions_mut().insert(ConnectInfo(peer));
+            }
+            self.app.clone().oneshot(request).await.unwrap().status().as_u16()
+        }
+    }
+
     /// Review 2026-12 F11: the /64s of one /48 share a proposal limit; another /48 and IPv4
     /// clients are not held by it.
     #[tokio::test]
     async fn the_64s_of_one_48_share_a_proposal_limit() {
-        let chain = SimulatedChain::new();
-        let (_tip_tx, tip) = watch::channel(chain.tip());
-        let master = Xpriv::new_master(Network::Regtest, &[7; 32]).unwrap();
-        let key = |byte: u8| {
-            let secret = SecretKey::from_slice(&[byte; 32]).unwrap();
-            CompressedPublicKey(secret.public_key(crate::channel::secp()))
-        };
-        let payout = ScriptBuf::new_p2wpkh(&key(2).wpubkey_hash());
-        let app =
-            Negotiation::new(Network::Regtest, Terms::default(), master, payout, chain.clone())
-                .with_open_rate_limit(1_000, Duration::from_secs(60))
-                .with_proposal_limits(Duration::from_secs(600), 2)
-                .with_network_proposal_limit(5)
+        let opens = Opens::new(|n| {
+            n.with_network_proposal_limit(5)
                 .with_client_ip_header(http::HeaderName::from_static("x-forwarded-for"))
-                .into_router(MemoryStore::new(), tip, TERMS_PATH);
-        let body = serde_json::json!({
-            "client_pubkey": key(1).to_string(),
-            "value_sat": 100_000,
-            "expiry": chain.tip().height + 200,
-            "client_script": ScriptBuf::new_p2wpkh(&key(1).wpubkey_hash()).to_hex_string(),
-        })
-        .to_string();
+        });
         let open = async |from: &str| {
-            let request = http::Request::post("/payment-channel/open")
-                .header("content-type", "application/json")
-                .header("x-forwarded-for", from)
-                .body(axum::body::Body::from(body.clone()))
-                .unwrap();
-            app.clone().oneshot(request).await.unwrap().status().as_u16()
+            opens.open(|request| request.header("x-forwarded-for", from), None).await
         };
         // Three /64s of 2001:db8:1::/48: 2 + 2 + 1 proposals fill its 5.
         for from in ["2001:db8:1:1::1", "2001:db8:1:1::2", "2001:db8:1:2::1", "2001:db8:1:2::9"] {
@@ -496,35 +525,9 @@ mod tests {
     /// holds its 20 proposals blocks every other IPv4 client's open.
     #[tokio::test]
     async fn ipv4_mapped_peers_are_counted_one_by_one() {
-        let chain = SimulatedChain::new();
-        let (_tip_tx, tip) = watch::channel(chain.tip());
-        let master = Xpriv::new_master(Network::Regtest, &[7; 32]).unwrap();
-        let key = |byte: u8| {
-            let secret = SecretKey::from_slice(&[byte; 32]).unwrap();
-            CompressedPublicKey(secret.public_key(crate::channel::secp()))
-        };
-        let payout = ScriptBuf::new_p2wpkh(&key(2).wpubkey_hash());
-        let app =
-            Negotiation::new(Network::Regtest, Terms::default(), master, payout, chain.clone())
-                .with_open_rate_limit(1_000, Duration::from_secs(60))
-                .with_proposal_limits(Duration::from_secs(600), 2)
-                .into_router(MemoryStore::new(), tip, TERMS_PATH);
-        let body = serde_json::json!({
-            "client_pubkey": key(1).to_string(),
-            "value_sat": 100_000,
-            "expiry": chain.tip().height + 200,
-            "client_script": ScriptBuf::new_p2wpkh(&key(1).wpubkey_hash()).to_hex_string(),
-        })
-        .to_string();
-        let open = async |from: &str| {
-            let mut request = http::Request::post("/payment-channel/open")
-                .header("content-type", "application/json")
-                .body(axum::body::Body::from(body.clone()))
-                .unwrap();
-            let peer: SocketAddr = from.parse().unwrap();
-            request.extensions_mut().insert(ConnectInfo(peer));
-            app.clone().oneshot(request).await.unwrap().status().as_u16()
-        };
+        let opens = Opens::new(|n| n);
+        let open =
+            async |from: &str| opens.open(|request| request, Some(from.parse().unwrap())).await;
         for from in ["[::ffff:192.0.2.1]:40000", "[::ffff:192.0.2.1]:40001"] {
             assert_eq!(open(from).await, 200, "{from}");
         }
