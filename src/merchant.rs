@@ -9,7 +9,7 @@ use bitcoin::secp256k1::SecretKey;
 use bitcoin::{Network, ScriptBuf};
 use tokio::task::JoinHandle;
 
-use crate::chain::{ChainBackend, ChainError, follow_tip};
+use crate::chain::{ChainBackend, ChainError, check_network, follow_tip};
 use crate::channel::{FundingPolicy, Terms};
 use crate::server::{Negotiation, PaywallLayer};
 use crate::settlement::{Settlement, SettlementMetrics};
@@ -20,7 +20,9 @@ use crate::store::{ChannelStore, MemoryStore};
 /// settlement task that collects before every channel expires.
 ///
 /// Building the three by hand ([`PaywallLayer`], [`Negotiation`], [`Settlement`]) gives the
-/// same result; this is the short way, and it cannot forget the settlement task.
+/// same result; this is the short way, and it cannot forget the settlement task nor the
+/// network check ([`check_network`]: a server configured for
+/// one network never starts on another's chain).
 ///
 /// # Examples
 ///
@@ -151,15 +153,20 @@ where
         self
     }
 
-    /// Reads the chain tip, starts following it, spawns the settlement task, and returns the
-    /// layer that charges by `pricing` and serves the negotiation endpoints. Call it inside
-    /// a tokio runtime.
+    /// Checks that the chain backend is on the merchant's network
+    /// ([`check_network`]), reads the chain tip, starts following
+    /// it, spawns the settlement task, and returns the layer that charges by `pricing` and
+    /// serves the negotiation endpoints. Call it inside a tokio runtime.
     ///
     /// # Errors
     ///
-    /// If the chain backend cannot tell its tip.
+    /// [`ChainError::WrongNetwork`] if the chain backend is on another network than the one
+    /// given to [`new`](Merchant::new) (a mainnet merchant on a regtest node would serve
+    /// clients who pay in regtest coins); any other error if the backend cannot tell its
+    /// network or its tip. Nothing is started then.
     pub async fn start<P: Clone>(self, pricing: P) -> Result<Started<St, P>, ChainError> {
         let Self { config, store } = self;
+        check_network(&config.chain, config.network).await?;
         let tip = follow_tip(config.chain.clone(), config.tip_every).await?;
         let negotiation = Negotiation::new(
             config.network,

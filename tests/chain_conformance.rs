@@ -11,7 +11,8 @@
 //! What it checks: unknown vs in the mempool vs confirmed (`tx_status`, `unspent`), an evicted
 //! transaction reads unknown and is accepted again, rejection codes (conflict, missing inputs,
 //! already confirmed, non-final, value creation, fee too low), the mempool minimum and package
-//! submission below it (or [`ChainError::Unsupported`] where there is no package path).
+//! submission below it (or [`ChainError::Unsupported`] where there is no package path), and
+//! the network (regtest, for all of them).
 //!
 //! The suite lives here, in one test target, rather than in `src/chain/` behind the `sim`
 //! feature (as `store::conformance` does for stores): its harnesses need a real node and an
@@ -54,6 +55,7 @@ fn spend_at(coin: &(OutPoint, TxOut), sat_per_vb: u64) -> Transaction {
 }
 
 async fn conformance<H: Harness>(h: &mut H) {
+    assert_eq!(h.chain().network().await, Ok(bitcoin::Network::Regtest));
     let unknown = Txid::from_raw_hash(bitcoin::hashes::Hash::all_zeros());
     assert_eq!(h.chain().tx_status(&unknown).await.unwrap(), TxStatus::Unknown);
     assert_eq!(h.chain().unspent(&OutPoint::new(unknown, 0)).await.unwrap(), None);

@@ -701,6 +701,105 @@ async fn a_bad_config_names_its_key() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `paychan init` in a fresh folder `name` with `extra` options (a network, a payout address,
+/// a chain backend), then `paychan serve` on it, which must exit within 30 s (a serve that
+/// runs is killed and fails the test): its exit status and its log. The listen port is free.
+async fn init_and_serve(name: &str, extra: &[&str]) -> (Output, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("paychan-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("paychan.toml").to_str().unwrap().to_owned();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let admin = format!("127.0.0.1:{}", free_port());
+    let mut init = args(&["init", "--config", &config, "--listen", &listen]);
+    init.extend(args(&["--admin-listen", &admin, "--upstream", "http://127.0.0.1:9"]));
+    init.extend(args(extra));
+    let out = paychan(init).await;
+    assert!(out.status.success(), "init: {}", text(&out.stderr));
+    let mut serve = Command::new(PAYCHAN)
+        .args(["serve", "--config", &config])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while serve.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = serve.kill();
+            let out = serve.wait_with_output().unwrap();
+            panic!("serve is running on the wrong network: {}", text(&out.stderr));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (serve.wait_with_output().unwrap(), dir)
+}
+
+/// A wrong network does not start (issue #27): a mainnet config (a `bc1` payout address, an
+/// `xprv` key, written by `init --network bitcoin`) against a regtest Bitcoin Core node. Before
+/// this check the proxy served, and clients paying in regtest coins were served. `serve` exits
+/// with status 2 before it listens, naming both networks, the config keys to change and
+/// nothing started. (A regtest config on the same kind of node starts: every `Site` test.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mainnet_config_on_a_regtest_node_does_not_start() {
+    let config = NodeConfig { txindex: false, extra_args: Vec::new() };
+    let Some(node) = Node::start(config).await else { return };
+    let cookie = node.cookie_path();
+    let (out, dir) = init_and_serve(
+        "mainnet-on-regtest",
+        &[
+            "--network",
+            "bitcoin",
+            "--payout-address",
+            "bc1qw508d6qejxtdg4y5r3zarvary0c5xw7kv8f3t4",
+            "--bitcoind-url",
+            &node.url(),
+            "--cookie-file",
+            cookie.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let log = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{log}");
+    for said in [
+        "wrong network",
+        "Bitcoin Core node at [chain] bitcoind_url is on regtest",
+        "network = \"bitcoin\"",
+        "set network = \"regtest\"",
+    ] {
+        assert!(log.contains(said), "{said:?} in {log}");
+    }
+    assert!(!log.contains("proxy started"), "{log}");
+    assert!(!dir.join("paychan.db").exists(), "the store is not even opened");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The same on Esplora (the loopback electrs fake; no node needed): a regtest config against
+/// a server whose block 0 is mainnet's genesis block does not start, naming `esplora_url`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_regtest_config_on_a_mainnet_esplora_does_not_start() {
+    use common::esplora_fake::{Flavor, genesis_of, serve_with_genesis};
+    let chain = paychan::chain::sim::SimulatedChain::new();
+    let url = serve_with_genesis(chain, Flavor::New, genesis_of(Network::Bitcoin)).await;
+    let payout = Address::from_script(&common::p2wpkh(&common::secret(2)), Network::Regtest);
+    let payout = payout.unwrap().to_string();
+    let (out, dir) = init_and_serve(
+        "regtest-on-mainnet-esplora",
+        &["--network", "regtest", "--payout-address", &payout, "--esplora-url", &url],
+    )
+    .await;
+    let log = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{log}");
+    for said in [
+        "wrong network",
+        "Esplora server at [chain] esplora_url is on bitcoin",
+        "network = \"regtest\"",
+        "set network = \"bitcoin\"",
+    ] {
+        assert!(log.contains(said), "{said:?} in {log}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Review F4: a channel the client's state marks closed, whose close never confirmed (the
 /// server answered 202 "closing" and vanished), is refunded by `client refund` once final:
 /// the chain decides (funding output unspent, refund valid), not the local mark.

@@ -12,7 +12,7 @@ use common::esplora_fake::{self, Flavor};
 use common::{p2wpkh, public, secret, spend};
 use paychan::chain::esplora::Esplora;
 use paychan::chain::sim::SimulatedChain;
-use paychan::chain::{ChainBackend, ChainError, RejectReason, TxStatus};
+use paychan::chain::{ChainBackend, ChainError, RejectReason, TxStatus, check_network};
 
 async fn fake_esplora(chain: SimulatedChain) -> String {
     esplora_fake::serve(chain, Flavor::Old).await
@@ -86,6 +86,56 @@ async fn broadcasts_and_reads_state_like_esplora() {
 
     let closed = Esplora::new("http://127.0.0.1:9/api").unwrap();
     assert!(matches!(closed.tip().await, Err(ChainError::Unavailable { .. })));
+}
+
+/// The network is told by the genesis block (`GET /block-height/0`): a regtest server passes a
+/// regtest check and a regtest `Merchant` starts on it; a server whose block 0 is another
+/// network's genesis is refused (`ChainError::WrongNetwork`) and a regtest `Merchant` does not
+/// start on it; a genesis block of no network, or an answer that is no hash, is refused too,
+/// never taken for the nearest network.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_genesis_block_tells_the_network_and_a_mismatch_is_refused() {
+    use bitcoin::Network;
+    use bitcoin::bip32::Xpriv;
+    use esplora_fake::{genesis_of, serve_with_genesis};
+    use paychan::{Merchant, MilliSats};
+
+    let chain = SimulatedChain::new();
+    let merchant = |esplora: Esplora| {
+        let master = Xpriv::new_master(Network::Regtest, &[1; 32]).unwrap();
+        Merchant::new(Network::Regtest, master, p2wpkh(&secret(2)), esplora)
+    };
+    let regtest = Esplora::new(&fake_esplora(chain.clone()).await).unwrap();
+    assert_eq!(regtest.network().await, Ok(Network::Regtest));
+    assert_eq!(check_network(&regtest, Network::Regtest).await, Ok(()));
+    assert_eq!(
+        check_network(&regtest, Network::Bitcoin).await,
+        Err(ChainError::WrongNetwork { expected: Network::Bitcoin, actual: Network::Regtest })
+    );
+    merchant(regtest).start(MilliSats::from_msat(1_000)).await.expect("same network").stop();
+
+    for network in [Network::Bitcoin, Network::Testnet, Network::Testnet4, Network::Signet] {
+        let url = serve_with_genesis(chain.clone(), Flavor::Old, genesis_of(network)).await;
+        let esplora = Esplora::new(&url).unwrap();
+        assert_eq!(esplora.network().await, Ok(network));
+        let started = merchant(esplora).start(MilliSats::from_msat(1_000)).await;
+        assert_eq!(
+            started.err(),
+            Some(ChainError::WrongNetwork { expected: Network::Regtest, actual: network }),
+            "a regtest merchant on {network}"
+        );
+    }
+
+    let unknown = "11".repeat(32);
+    for (genesis, said) in
+        [(unknown.as_str(), unknown.as_str()), ("not a hash", "not a block hash")]
+    {
+        let url = serve_with_genesis(chain.clone(), Flavor::Old, genesis.to_owned()).await;
+        let error = check_network(&Esplora::new(&url).unwrap(), Network::Regtest).await;
+        let error = error.expect_err("refused, not guessed");
+        assert!(matches!(error, ChainError::Unavailable { .. }), "{error:?}");
+        assert!(error.to_string().contains(said), "{error}");
+    }
 }
 
 /// With the `tls` feature an `https://` Esplora works, and its certificate is checked: the

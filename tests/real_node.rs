@@ -1012,3 +1012,27 @@ async fn m_a_mined_coin_is_spent_only_once_mature() {
     let (accepted, reason) = node.test_mempool_accept(&funding.extract_tx().unwrap()).await;
     assert!(accepted, "{reason}");
 }
+
+/// n. A wrong network does not start: Core's `getblockchaininfo` says `regtest`, and a
+/// `Merchant` for mainnet (or testnet, testnet4, signet) on the node refuses to start with
+/// `ChainError::WrongNetwork` naming both networks; a regtest `Merchant` starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn n_a_merchant_for_another_network_does_not_start_on_the_node() {
+    use paychan::Merchant;
+    use paychan::chain::ChainBackend as _;
+    let config = NodeConfig { txindex: false, extra_args: Vec::new() };
+    let Some(node) = Node::start(config).await else { return };
+    let chain = node.chain();
+    assert_eq!(chain.network().await, Ok(Network::Regtest));
+    for network in [Network::Bitcoin, Network::Testnet, Network::Testnet4, Network::Signet] {
+        let master = Xpriv::new_master(network, &[0x5e; 32]).unwrap();
+        let merchant = Merchant::new(network, master, p2wpkh(&payout()), chain.clone());
+        let refused = merchant.start(PRICE).await.err();
+        let expected = ChainError::WrongNetwork { expected: network, actual: Network::Regtest };
+        assert_eq!(refused.as_ref(), Some(&expected), "a {network} merchant");
+        let message = expected.to_string();
+        assert!(message.contains("regtest") && message.contains(&network.to_string()), "{message}");
+    }
+    let merchant = Merchant::new(Network::Regtest, master(), p2wpkh(&payout()), chain);
+    merchant.start(PRICE).await.expect("a regtest merchant on a regtest node").stop();
+}

@@ -685,6 +685,24 @@ async fn a_failed_channel_whose_funding_is_confirmed_opens_again() {
     assert_eq!(state(&store, id).await, ChannelState::Open);
 }
 
+/// A backend that cannot tell its network (`ChainBackend::network`'s default,
+/// `ChainError::Unsupported`, as `Flaky` here) is not refused: the network check passes with a
+/// warning and a `Merchant` of any network starts on it. (The backends that tell, and refuse a
+/// mismatch, are tested in `tests/esplora.rs`, `tests/real_node.rs` and `tests/cli.rs`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_cannot_tell_its_network_is_not_refused() {
+    let chain = SimulatedChain::new();
+    let flaky = Flaky { chain, failures: Arc::new(AtomicUsize::new(0)), tip_down: false };
+    assert!(flaky.network().await.unwrap_err().is_unsupported());
+    assert_eq!(paychan::chain::check_network(&flaky, Network::Bitcoin).await, Ok(()));
+    let master = Xpriv::new_master(Network::Bitcoin, &[0x42; 32]).unwrap();
+    paychan::Merchant::new(Network::Bitcoin, master, p2wpkh(&secret(2)), flaky)
+        .start(MilliSats::from_msat(1_000))
+        .await
+        .expect("not checked, not refused")
+        .stop();
+}
+
 /// A `Merchant` wires the layer, the negotiation endpoints and the settlement task on one
 /// store: a channel opened and paid through its layer is closed at the margin and settled by
 /// the task it spawned, with nothing run by hand.

@@ -5,7 +5,9 @@ use std::str::FromStr;
 
 use base64::Engine as _;
 use bitcoin::consensus::encode::serialize_hex;
-use bitcoin::{Amount, Denomination, FeeRate, OutPoint, ScriptBuf, Transaction, TxOut, Txid};
+use bitcoin::{
+    Amount, Denomination, FeeRate, Network, OutPoint, ScriptBuf, Transaction, TxOut, Txid,
+};
 use http::{Request, header};
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -38,6 +40,7 @@ pub enum Auth {
 /// | [`broadcast_package`](ChainBackend::broadcast_package) | `submitpackage` (Core 28 or later) |
 /// | [`min_relay_fee_rate`](ChainBackend::min_relay_fee_rate) | `getmempoolinfo` (`minrelaytxfee`) |
 /// | [`mempool_min_fee_rate`](ChainBackend::mempool_min_fee_rate) | `getmempoolinfo` (`mempoolminfee`) |
+/// | [`network`](ChainBackend::network) | `getblockchaininfo` (`chain`: `main`, `test`, `testnet4`, `signet`, `regtest`) |
 ///
 /// Rejections are mapped from Core's error codes and reject reasons: `-26` policy and
 /// consensus rejections (`non-final`, `non-BIP68-final`, `min relay fee not met`, `dust`,
@@ -320,6 +323,18 @@ impl ChainBackend for BitcoindRpc {
         Ok(true)
     }
 
+    /// `getblockchaininfo`'s `chain`, as Core names it (`-chain=`): `main`, `test` (testnet3),
+    /// `testnet4`, `signet` (custom signets too) or `regtest`. Any other name is refused
+    /// ([`ChainError::Unavailable`]), never mapped to the nearest network.
+    async fn network(&self) -> Result<Network, ChainError> {
+        let info = self.call_ok("getblockchaininfo", json!([])).await?;
+        let chain = info
+            .get("chain")
+            .and_then(Value::as_str)
+            .ok_or_else(|| unavailable("getblockchaininfo has no chain"))?;
+        core_network(chain)
+    }
+
     async fn mempool_min_fee_rate(&self) -> Result<FeeRate, ChainError> {
         let info = self.call_ok("getmempoolinfo", json!([])).await?;
         let per_kvb = info
@@ -328,6 +343,15 @@ impl ChainBackend for BitcoindRpc {
         // BTC per 1 000 vbytes → sat per 1 000 weight units (÷ 4), rounded up.
         Ok(FeeRate::from_sat_per_kwu(btc(per_kvb)?.to_sat().div_ceil(4)))
     }
+}
+
+/// The network of a chain Bitcoin Core names `chain` (`getblockchaininfo`, `-chain=`).
+fn core_network(chain: &str) -> Result<Network, ChainError> {
+    Network::from_core_arg(chain).map_err(|_| {
+        unavailable(format!(
+            "Bitcoin Core is on chain {chain:?}, none of main, test, testnet4, signet and regtest"
+        ))
+    })
 }
 
 impl FromStr for Auth {
@@ -366,6 +390,23 @@ mod tests {
         assert_eq!(positional("1.25e1"), "12.5");
         assert_eq!(positional("-1e-2"), "-0.01");
         assert!(btc(&json!(0.000000001)).is_err(), "more precision than a satoshi is refused");
+    }
+
+    #[test]
+    fn maps_cores_chain_names_and_refuses_others() {
+        for (name, network) in [
+            ("main", Network::Bitcoin),
+            ("test", Network::Testnet),
+            ("testnet4", Network::Testnet4),
+            ("signet", Network::Signet),
+            ("regtest", Network::Regtest),
+        ] {
+            assert_eq!(core_network(name), Ok(network), "{name}");
+        }
+        for unknown in ["bitcoin", "mainnet", "testnet", "testnet5", "Main", ""] {
+            let error = core_network(unknown).unwrap_err();
+            assert!(!error.is_unsupported() && error.to_string().contains(unknown), "{error}");
+        }
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! mempool.space).
 
 use bitcoin::consensus::encode::serialize_hex;
-use bitcoin::{FeeRate, OutPoint, ScriptBuf, Transaction, TxOut, Txid};
+use bitcoin::{BlockHash, FeeRate, Network, OutPoint, ScriptBuf, Transaction, TxOut, Txid};
 use http::{Method, Request, StatusCode};
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -24,7 +24,8 @@ use super::{ChainBackend, ChainError, ChainTip, TxStatus, Utxo};
 /// | [`unspent_output`](ChainBackend::unspent_output) | `GET /tx/:txid`, `GET /tx/:txid/outspend/:vout` |
 /// | [`unspent_outputs_of`](ChainBackend::unspent_outputs_of) | `GET /scripthash/:hash/utxo` (mempool included) |
 /// | [`broadcast_package`](ChainBackend::broadcast_package) | `POST /txs/package` (Core's `submitpackage`), else the [`PackageRelay`] given |
-/// | [`mempool_min_fee_rate`](ChainBackend::mempool_min_fee_rate) | the [`PackageRelay`]'s node, else the lowest `GET /fee-estimates` value |
+/// | [`mempool_min_fee_rate`](ChainBackend::mempool_min_fee_rate) | the [`PackageRelay`]'s node, else [`ChainError::Unsupported`] |
+/// | [`network`](ChainBackend::network) | `GET /block-height/0`: the genesis block's hash, the network whose genesis it is |
 ///
 /// `GET /tx/:txid/status` alone cannot tell a transaction in the mempool from one the server
 /// never saw or that left the mempool: electrs answers `{"confirmed":false}` for both (its
@@ -398,6 +399,23 @@ impl ChainBackend for Esplora {
         Ok(!no_such_endpoint(status, &String::from_utf8_lossy(&body)))
     }
 
+    /// The network whose genesis block is the server's block 0 (`GET /block-height/0`).
+    /// Every signet, custom ones included, shares the default signet's genesis block: a
+    /// custom signet reads [`Network::Signet`]. A genesis block of no [`Network`] is refused
+    /// ([`ChainError::Unavailable`]).
+    async fn network(&self) -> Result<Network, ChainError> {
+        let (status, body) = self.request(Method::GET, "/block-height/0", String::new()).await?;
+        let text = String::from_utf8_lossy(&body);
+        if status != StatusCode::OK {
+            return Err(unavailable(format!("GET /block-height/0: {status} {}", text.trim())));
+        }
+        let genesis: BlockHash = text
+            .trim()
+            .parse()
+            .map_err(|e| unavailable(format!("GET /block-height/0: not a block hash ({e})")))?;
+        genesis_network(genesis)
+    }
+
     /// The node's `mempoolminfee` when the [`PackageRelay`] is one. Esplora itself does not
     /// tell its node's mempool minimum: [`ChainError::Unsupported`]. (Its fee estimates are
     /// not one: the lowest estimate sits above the minimum whenever blocks clear above it, and
@@ -416,6 +434,21 @@ impl ChainBackend for Esplora {
     }
 }
 
+/// The network whose genesis block is `genesis`.
+fn genesis_network(genesis: BlockHash) -> Result<Network, ChainError> {
+    const NETWORKS: [Network; 5] =
+        [Network::Bitcoin, Network::Testnet, Network::Testnet4, Network::Signet, Network::Regtest];
+    NETWORKS
+        .into_iter()
+        .find(|network| bitcoin::constants::genesis_block(*network).block_hash() == genesis)
+        .ok_or_else(|| {
+            unavailable(format!(
+                "the Esplora server's genesis block {genesis} is none of bitcoin's, testnet's, \
+                 testnet4's, signet's and regtest's"
+            ))
+        })
+}
+
 /// electrs's answer to a route it does not have: `404 endpoint does not exist "/…"`
 /// (`src/rest.rs`, the router's last arm); a 404 for a missing transaction says
 /// `Transaction not found`.
@@ -427,6 +460,22 @@ fn no_such_endpoint(status: StatusCode, body: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn genesis_hashes_name_their_network() {
+        // The genesis hashes as explorers print them (reversed byte order).
+        for (hash, network) in [
+            ("000000000019d6689c085ae165831e934ff763ae46a2a6c172b3f1b60a8ce26f", Network::Bitcoin),
+            ("000000000933ea01ad0ee984209779baaec3ced90fa3f408719526f8d77f4943", Network::Testnet),
+            ("00000000da84f2bafbbc53dee25a72ae507ff4914b867c565be350b0da8bf043", Network::Testnet4),
+            ("00000008819873e925422c1ff0f99f7cc9bbb232af63a077a480a3633bee1ef6", Network::Signet),
+            ("0f9188f13cb7b2c71f2a335e3a4fc328bf5beb436012afca590b1a11466e2206", Network::Regtest),
+        ] {
+            assert_eq!(genesis_network(hash.parse().unwrap()), Ok(network), "{hash}");
+        }
+        let other = "00".repeat(32).parse().unwrap();
+        assert!(genesis_network(other).unwrap_err().to_string().contains(&"00".repeat(32)));
+    }
 
     #[test]
     fn fee_rates_parse_exactly_and_round_up() {

@@ -8,7 +8,7 @@
 use core::fmt;
 use std::future::Future;
 
-use bitcoin::{FeeRate, OutPoint, Script, Transaction, TxOut, Txid};
+use bitcoin::{FeeRate, Network, OutPoint, Script, Transaction, TxOut, Txid};
 
 use crate::BackendError;
 pub use crate::channel::ChainTip;
@@ -111,6 +111,14 @@ pub enum ChainError {
         /// What is missing, and where.
         message: String,
     },
+    /// The backend follows another network than the one configured (a regtest node behind a
+    /// mainnet server would accept regtest coins as payment): see [`check_network`].
+    WrongNetwork {
+        /// The network the server (or the client) is configured for.
+        expected: Network,
+        /// The network the backend's chain is.
+        actual: Network,
+    },
 }
 
 impl ChainError {
@@ -129,7 +137,7 @@ impl ChainError {
     pub fn reject_reason(&self) -> Option<RejectReason> {
         match self {
             Self::Rejected { reason, .. } => Some(*reason),
-            Self::Unavailable { .. } | Self::Unsupported { .. } => None,
+            Self::Unavailable { .. } | Self::Unsupported { .. } | Self::WrongNetwork { .. } => None,
         }
     }
 
@@ -149,6 +157,12 @@ impl fmt::Display for ChainError {
             Self::Unsupported { message } => {
                 write!(f, "not supported by the chain backend: {message}")
             }
+            Self::WrongNetwork { expected, actual } => {
+                write!(
+                    f,
+                    "the chain backend is on {actual}, but the network configured is {expected}"
+                )
+            }
         }
     }
 }
@@ -158,7 +172,7 @@ impl std::error::Error for ChainError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Self::Unavailable { source } => std::error::Error::source(source),
-            Self::Rejected { .. } | Self::Unsupported { .. } => None,
+            Self::Rejected { .. } | Self::Unsupported { .. } | Self::WrongNetwork { .. } => None,
         }
     }
 }
@@ -240,6 +254,30 @@ pub trait ChainBackend: Send + Sync {
         self.min_relay_fee_rate()
     }
 
+    /// The network the backend's chain is, so that a server configured for one network never
+    /// runs on another's chain ([`check_network`], which [`Merchant::start`](crate::Merchant::start)
+    /// calls): a mainnet server on a regtest node would take worthless regtest coins as
+    /// payment and serve for them.
+    ///
+    /// A network, not a genesis block hash: a [`Network`] is what a server is configured
+    /// with, and both backends map onto it exactly. Bitcoin Core names its chain in
+    /// `getblockchaininfo` (`chain`), the call it already answers for the tip (its genesis
+    /// hash, `getblockhash 0`, would tell no more); an Esplora server does not name its chain
+    /// but gives its genesis block's hash (`GET /block-height/0`), which is one network's. Every signet, the default one and custom ones (`-signetchallenge`),
+    /// has the same genesis block in Bitcoin Core (only the challenge and the message start
+    /// differ): a backend on a custom signet reads [`Network::Signet`], which is what a
+    /// server on a custom signet is configured with.
+    ///
+    /// A chain the backend names but [`Network`] does not know (a future test network, an
+    /// Esplora server with another genesis block) is [`ChainError::Unavailable`]: refused, not
+    /// guessed. The default answers [`ChainError::Unsupported`]: a backend that cannot tell
+    /// (then [`check_network`] only warns).
+    fn network(&self) -> impl Future<Output = Result<Network, ChainError>> + Send {
+        std::future::ready(Err(ChainError::Unsupported {
+            message: "this chain backend does not tell its network".to_owned(),
+        }))
+    }
+
     /// Whether [`broadcast_package`](Self::broadcast_package) can carry a parent below the
     /// mempool minimum by its child's fee (package relay). The default answers `false`: the
     /// default `broadcast_package` submits the two one by one.
@@ -307,6 +345,58 @@ impl Utxo {
     /// ```
     pub fn is_spendable(&self) -> bool {
         !self.coinbase || self.confirmations >= COINBASE_MATURITY
+    }
+}
+
+/// Checks that `chain` follows `expected`, the network a server (or a client) is configured
+/// for: [`Merchant::start`](crate::Merchant::start) calls it before anything else, and so
+/// should a server built by hand from [`Negotiation`](crate::server::Negotiation),
+/// [`PaywallLayer`](crate::server::PaywallLayer) and [`Settlement`](crate::settlement::Settlement),
+/// before it listens.
+///
+/// A backend that cannot tell its network ([`ChainError::Unsupported`], the default of
+/// [`ChainBackend::network`]) passes with a warning in the log: the check is only as good as
+/// the backend. Bitcoin Core ([`BitcoindRpc`](bitcoind::BitcoindRpc)), Esplora
+/// ([`Esplora`](esplora::Esplora)) and the simulated chain (regtest) tell theirs.
+///
+/// # Errors
+///
+/// [`ChainError::WrongNetwork`] if the backend is on another network; any other error of
+/// [`ChainBackend::network`] (the backend is down, or on a chain no [`Network`] names).
+///
+/// # Examples
+///
+/// ```
+/// # #[cfg(feature = "sim")] {
+/// use paychan::bitcoin::Network;
+/// use paychan::chain::{ChainError, check_network, sim::SimulatedChain};
+///
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let chain = SimulatedChain::new(); // a regtest chain
+/// assert_eq!(check_network(&chain, Network::Regtest).await, Ok(()));
+/// assert_eq!(
+///     check_network(&chain, Network::Bitcoin).await,
+///     Err(ChainError::WrongNetwork { expected: Network::Bitcoin, actual: Network::Regtest })
+/// );
+/// # });
+/// # }
+/// ```
+pub async fn check_network<C: ChainBackend>(
+    chain: &C,
+    expected: Network,
+) -> Result<(), ChainError> {
+    match chain.network().await {
+        Ok(actual) if actual == expected => Ok(()),
+        Ok(actual) => Err(ChainError::WrongNetwork { expected, actual }),
+        Err(error) if error.is_unsupported() => {
+            tracing::warn!(
+                %expected,
+                %error,
+                "the chain backend cannot tell its network: not checked against the configured one"
+            );
+            Ok(())
+        }
+        Err(error) => Err(error),
     }
 }
 

@@ -614,6 +614,12 @@ impl ChainBackend for SimulatedChain {
         ready(Ok(SimulatedChain::mempool_min_fee_rate(self)))
     }
 
+    /// Always [`Network::Regtest`](bitcoin::Network::Regtest): the simulated chain stands for
+    /// a regtest node (the demo and the tests run it with regtest keys and addresses).
+    fn network(&self) -> impl Future<Output = Result<bitcoin::Network, ChainError>> + Send {
+        ready(Ok(bitcoin::Network::Regtest))
+    }
+
     fn has_package_relay(&self) -> impl Future<Output = Result<bool, ChainError>> + Send {
         ready(Ok(self.lock().package_relay))
     }

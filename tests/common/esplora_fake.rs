@@ -17,7 +17,10 @@
 //!   on newer servers; any route a server does not have answers
 //!   `404 endpoint does not exist "/path"` (the router's last arm);
 //! * `GET /fee-estimates` is Core's `estimatesmartfee` per target, which Core never answers
-//!   below its mempool minimum.
+//!   below its mempool minimum;
+//! * `GET /block-height/:height` is the block's hash as text, `404 Block not found` above the
+//!   tip; block 0 is the genesis block of the network the fake stands for (regtest unless
+//!   [`serve_with_genesis`] says otherwise; the other blocks' hashes are made up).
 #![allow(dead_code, unreachable_pub)]
 
 use axum::Router;
@@ -46,6 +49,22 @@ struct Fake {
     flavor: Flavor,
     /// The scripts `GET /scripthash/:hash/utxo` can answer for (the tests' keys).
     scripts: Vec<bitcoin::ScriptBuf>,
+    /// Block 0's hash, as text.
+    genesis: String,
+}
+
+/// The genesis block hash of `network`, as Esplora writes it.
+pub fn genesis_of(network: bitcoin::Network) -> String {
+    bitcoin::constants::genesis_block(network).block_hash().to_string()
+}
+
+/// `GET /block-height/:height`: the block's hash, as text.
+async fn block_at(State(fake): State<Fake>, Path(height): Path<u32>) -> Response {
+    match height {
+        0 => fake.genesis.into_response(),
+        height if height <= fake.chain.tip().height => tip_hash(height).into_response(),
+        _ => not_found("Block not found"),
+    }
 }
 
 pub fn tip_hash(height: u32) -> String {
@@ -215,7 +234,17 @@ async fn no_route(uri: Uri) -> Response {
 
 /// The fake's routes, under `/api`. `scripts` are those `GET /scripthash/:hash/utxo` knows.
 pub fn app(chain: SimulatedChain, flavor: Flavor, scripts: Vec<bitcoin::ScriptBuf>) -> Router {
-    let fake = Fake { chain, flavor, scripts };
+    app_with_genesis(chain, flavor, scripts, genesis_of(bitcoin::Network::Regtest))
+}
+
+/// The fake's routes, its block 0 `genesis` (a hash as text).
+pub fn app_with_genesis(
+    chain: SimulatedChain,
+    flavor: Flavor,
+    scripts: Vec<bitcoin::ScriptBuf>,
+    genesis: String,
+) -> Router {
+    let fake = Fake { chain, flavor, scripts, genesis };
     Router::new()
         .route("/api/scripthash/{hash}/utxo", get(script_utxos))
         .route("/api/tx", post(broadcast))
@@ -238,12 +267,20 @@ pub fn app(chain: SimulatedChain, flavor: Flavor, scripts: Vec<bitcoin::ScriptBu
             }),
         )
         .route("/api/fee-estimates", get(fee_estimates))
+        .route("/api/block-height/{height}", get(block_at))
         .fallback(no_route)
         .with_state(fake)
 }
 
 /// Serves the fake on a loopback port: its API URL (`http://127.0.0.1:<port>/api`).
 pub async fn serve(chain: SimulatedChain, flavor: Flavor) -> String {
+    serve_with_genesis(chain, flavor, genesis_of(bitcoin::Network::Regtest)).await
+}
+
+/// Serves the fake as a server whose block 0 is `genesis` (a hash as text): another
+/// network's chain, or none known.
+pub async fn serve_with_genesis(chain: SimulatedChain, flavor: Flavor, genesis: String) -> String {
     let scripts = (1..=16).map(|n| super::p2wpkh(&super::secret(n))).collect();
-    format!("http://{}/api", super::http::serve(app(chain, flavor, scripts)).await)
+    let app = app_with_genesis(chain, flavor, scripts, genesis);
+    format!("http://{}/api", super::http::serve(app).await)
 }

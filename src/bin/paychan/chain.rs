@@ -1,6 +1,6 @@
 //! The chain backend the configuration names, as one type.
 
-use paychan::bitcoin::{FeeRate, OutPoint, Script, Transaction, Txid};
+use paychan::bitcoin::{FeeRate, Network, OutPoint, Script, Transaction, Txid};
 use paychan::chain::bitcoind::BitcoindRpc;
 use paychan::chain::esplora::Esplora;
 use paychan::chain::{ChainBackend, ChainError, ChainTip, TxStatus, Utxo};
@@ -69,6 +69,10 @@ impl ChainBackend for Chain {
 
     async fn mempool_min_fee_rate(&self) -> Result<FeeRate, ChainError> {
         both!(self, c => c.mempool_min_fee_rate())
+    }
+
+    async fn network(&self) -> Result<Network, ChainError> {
+        both!(self, c => c.network())
     }
 
     async fn has_package_relay(&self) -> Result<bool, ChainError> {

@@ -23,7 +23,7 @@ use tower::ServiceExt as _;
 
 use crate::admin::{self, Observed};
 use crate::chain::Chain;
-use crate::config::{Config, Listener};
+use crate::config::{ChainSource, Config, Listener};
 use crate::{Error, keys, net, with_store};
 
 /// What the proxy handler needs.
@@ -57,6 +57,9 @@ impl Upstream {
 pub(crate) async fn serve(config: Config) -> Result<(), Error> {
     let master = keys::read(&config.key_file, config.network)?;
     let chain = Chain::new(&config.chain)?;
+    // Before the store is opened and the listener bound: a server on another network's chain
+    // would take that network's coins as payment.
+    check_network(&chain, &config).await?;
     with_store!(&config.store_url, store => match config.leases {
         Some(leases) => {
             let store = paychan::store::Leased::with_config(store, leases);
@@ -70,6 +73,30 @@ pub(crate) async fn serve(config: Config) -> Result<(), Error> {
         }
         None => run(config, master, chain, store).await,
     })
+}
+
+/// Refuses to serve when the chain backend is on another network than the config's
+/// `network`, saying what to change.
+async fn check_network(chain: &Chain, config: &Config) -> Result<(), Error> {
+    use paychan::chain::ChainError;
+    let (backend, key, kind) = match &config.chain {
+        ChainSource::Bitcoind { .. } => ("the Bitcoin Core node", "bitcoind_url", "node"),
+        ChainSource::Esplora { .. } => ("the Esplora server", "esplora_url", "server"),
+    };
+    match paychan::chain::check_network(chain, config.network).await {
+        Ok(()) => Ok(()),
+        Err(ChainError::WrongNetwork { expected, actual }) => Err(format!(
+            "wrong network: {backend} at [chain] {key} is on {actual}, but the config sets \
+             network = \"{expected}\"; refusing to serve (clients would pay in {actual} coins). \
+             Point {key} at a {kind} on {expected}, or set network = \"{actual}\" (with a \
+             payout_address and a key file of that network)"
+        )
+        .into()),
+        Err(error) => Err(format!(
+            "{backend} at [chain] {key}, asked for its network: {error}; refusing to serve"
+        )
+        .into()),
+    }
 }
 
 async fn run<St: ChannelStore + Clone + 'static>(

@@ -71,6 +71,11 @@ const MAX_BODY: usize = 256 * 1024;
 impl<C: ChainBackend + Clone + 'static> Negotiation<C> {
     /// Negotiates channels on `network` under `terms`, deriving keys from `master`, paying
     /// the server to `payout_script`, broadcasting through `chain`.
+    ///
+    /// It does not ask `chain` which network it is on: before serving, call
+    /// [`check_network`](crate::chain::check_network) (as [`Merchant::start`](crate::Merchant::start)
+    /// does), or a server for `network` on another network's backend takes that network's
+    /// coins as payment.
     pub fn new(
         network: Network,
         terms: Terms,
