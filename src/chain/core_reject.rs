@@ -92,6 +92,7 @@ pub(crate) fn package_result(answer: &Value, child: Txid) -> Result<Txid, ChainE
 /// `sendrawtransaction RPC error: {"code":-26,"message":"…"}` (electrs up to 2024, mempool's
 /// fork) or `sendrawtransaction RPC error -26: …` (Blockstream's electrs since its error type
 /// carries the code).
+#[cfg_attr(not(feature = "esplora"), allow(dead_code))]
 pub(crate) fn relayed_error(text: &str) -> Option<(i64, String)> {
     if let Some(core) = text.find('{').and_then(|i| serde_json::from_str::<Value>(&text[i..]).ok())
     {

@@ -180,7 +180,6 @@ pub(crate) fn verify<C: Verification>(
 
 /// The witness of a P2WPKH input of `tx` spending `prevout` with `key` (BIP-0143,
 /// `SIGHASH_ALL`, low-S).
-#[cfg(feature = "runtime")]
 pub(crate) fn p2wpkh_witness(
     tx: &bitcoin::Transaction,
     input: usize,

@@ -4,6 +4,7 @@ use core::fmt;
 
 use bitcoin::Amount;
 
+use super::steps::{Misbehavior, StepError};
 use super::{BoundExceeded, ClientStoreError, PolicyRefusal, WalletError};
 use crate::MilliSats;
 use crate::chain::ChainError;
@@ -151,55 +152,22 @@ impl From<PolicyRefusal> for ClientError {
     }
 }
 
+impl From<StepError> for ClientError {
+    fn from(error: StepError) -> Self {
+        match error {
+            StepError::Policy(refusal) => Self::Policy(refusal),
+            StepError::Misbehaved(what) => Self::ServerMisbehaved(what),
+            StepError::Bound(exceeded) => Self::BoundExceeded(exceeded),
+            funds @ (StepError::InsufficientFunds { .. } | StepError::NotOurCoin { .. }) => {
+                Self::Wallet(WalletError::new(funds))
+            }
+        }
+    }
+}
+
 impl From<Problem> for ClientError {
     /// A refusal the client does not act on.
     fn from(problem: Problem) -> Self {
         Self::Rejected { status: problem.status_code(), code: problem.code, detail: problem.detail }
     }
-}
-
-/// What a server did that the protocol does not allow: its [`kind`](Self::kind), for
-/// programs, and the details, for people.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Misbehavior {
-    /// What kind of misbehaviour.
-    pub kind: MisbehaviorKind,
-    /// What exactly (for logs).
-    pub detail: String,
-}
-
-impl Misbehavior {
-    pub(crate) fn new(kind: MisbehaviorKind, detail: impl Into<String>) -> Self {
-        Self { kind, detail: detail.into() }
-    }
-}
-
-impl fmt::Display for Misbehavior {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.detail)
-    }
-}
-
-/// The kinds of [`Misbehavior`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum MisbehaviorKind {
-    /// The terms are for another network.
-    WrongNetwork,
-    /// The terms cannot be used: inverted bounds, a fee rate or script that does not parse.
-    InvalidTerms,
-    /// The server's tip is too far from the client's own chain view.
-    TipSkew,
-    /// The proposal differs from the request or the terms, or does not parse.
-    ProposalMismatch,
-    /// An endpoint of the terms is not a path on the server's origin.
-    ForeignEndpoint,
-    /// An answer that is not the document the protocol specifies.
-    InvalidAnswer,
-    /// The settlement of a close is not the client's latest payment.
-    WrongSettlement,
-    /// A receipt that does not verify under the channel's server key, is for another
-    /// request or payment, charges beyond the policy, or does not add up with the others.
-    BadReceipt,
 }

@@ -54,8 +54,8 @@ mod payer;
 #[cfg(feature = "runtime")]
 mod payment;
 mod policy;
-#[cfg(feature = "runtime")]
 mod state;
+pub mod steps;
 #[cfg(feature = "runtime")]
 mod store;
 #[cfg(feature = "runtime")]
@@ -69,7 +69,7 @@ pub use bound::{BoundExceeded, LossBound};
 #[cfg(feature = "bitcoind")]
 pub use core_wallet::CoreWallet;
 #[cfg(feature = "runtime")]
-pub use error::{ClientError, Misbehavior, MisbehaviorKind};
+pub use error::ClientError;
 #[cfg(feature = "reqwest")]
 pub use middleware::{PaymentMiddleware, ReqwestTransport};
 #[cfg(feature = "runtime")]
@@ -79,8 +79,8 @@ pub use payer::{ChannelStatus, Closed, PaidStream, Payer, PayerBuilder};
 #[cfg(feature = "runtime")]
 pub use payment::{PaymentLayer, PaymentService, ResponseFuture};
 pub use policy::{PolicyRefusal, SpendingPolicy};
-#[cfg(feature = "runtime")]
 pub use state::ClientChannel;
+pub use steps::{Misbehavior, MisbehaviorKind};
 #[cfg(feature = "runtime")]
 pub use store::{ClientStore, ClientStoreError, FileClientStore, MemoryClientStore};
 #[cfg(feature = "runtime")]

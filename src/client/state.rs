@@ -1,9 +1,13 @@
+#[cfg(feature = "runtime")]
+use bitcoin::Txid;
+#[cfg(feature = "runtime")]
 use bitcoin::secp256k1::SecretKey;
-use bitcoin::{Amount, Transaction, Txid};
+use bitcoin::{Amount, Transaction};
 use serde::{Deserialize, Serialize};
 
-use super::ClientError;
-use super::store::ClientStore;
+#[cfg(feature = "runtime")]
+use super::{ClientError, ClientStore};
+#[cfg(feature = "runtime")]
 use crate::chain::ChainBackend;
 use crate::channel::Channel;
 use crate::wire::{self, ChannelId};
@@ -86,6 +90,7 @@ impl ClientChannel {
     ///
     /// [`ClientError::NotAnIncrease`], [`ClientError::Payment`], [`ClientError::Sign`], or
     /// [`ClientError::Store`] — in every case nothing changed and nothing may be sent.
+    #[cfg(feature = "runtime")]
     pub async fn pay<S: ClientStore>(
         &mut self,
         store: &S,
@@ -110,6 +115,7 @@ impl ClientChannel {
     ///
     /// [`ClientError::Chain`] if the backend fails or refuses the refund (for example because
     /// the server already closed the channel: the funding output is spent).
+    #[cfg(feature = "runtime")]
     pub async fn refund_if_expired<C: ChainBackend>(
         &self,
         chain: &C,

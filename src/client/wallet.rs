@@ -6,10 +6,8 @@ use std::sync::{Arc, Mutex};
 
 use crate::chain::{ChainBackend, ChainError};
 use bitcoin::secp256k1::SecretKey;
-use bitcoin::transaction::Version;
 use bitcoin::{
-    Amount, CompressedPublicKey, FeeRate, OutPoint, Psbt, ScriptBuf, Sequence, Transaction, TxIn,
-    TxOut, Weight, Witness, absolute,
+    Amount, CompressedPublicKey, FeeRate, OutPoint, Psbt, ScriptBuf, Transaction, TxOut,
 };
 
 /// The future a [`Wallet`] returns.
@@ -128,10 +126,6 @@ impl fmt::Debug for KeyWallet {
             .finish_non_exhaustive()
     }
 }
-
-/// The witness weight of a P2WPKH input: the item count, a signature of at most 72 bytes and
-/// a 33-byte key, with their length bytes.
-const P2WPKH_WITNESS_WEIGHT: u64 = 1 + 1 + 72 + 1 + 33;
 
 impl KeyWallet {
     /// An empty wallet of `key`.
@@ -283,69 +277,17 @@ impl KeyWallet {
                 candidates.push(coin.clone());
             }
         }
-        let change_script = self.script_pubkey();
-        let mut tx = Transaction {
-            version: Version::TWO,
-            lock_time: absolute::LockTime::ZERO,
-            input: Vec::new(),
-            output: vec![
-                output.clone(),
-                TxOut { value: Amount::ZERO, script_pubkey: change_script },
-            ],
-        };
-        let mut total = Amount::ZERO;
-        for (used, (outpoint, coin)) in candidates.iter().enumerate() {
-            tx.input.push(TxIn {
-                previous_output: *outpoint,
-                script_sig: ScriptBuf::new(),
-                // Not replaceable: servers serve zero-confirmation channels only on fundings
-                // that do not signal replacement.
-                sequence: Sequence::ENABLE_LOCKTIME_NO_RBF,
-                witness: Witness::new(),
-            });
-            total += coin.value;
-            // The inputs' witnesses, and the SegWit marker and flag.
-            let weight =
-                tx.weight() + Weight::from_wu(2 + P2WPKH_WITNESS_WEIGHT * (used as u64 + 1));
-            // Per whole virtual byte, rounded up, as Bitcoin Core (and the server) measure it.
-            let fee = fee_rate
-                .fee_vb(weight.to_vbytes_ceil())
-                .ok_or_else(|| WalletError::new("fee overflow"))?;
-            let Some(change) = total.checked_sub(output.value + fee) else { continue };
-            if change >= tx.output[1].script_pubkey.minimal_non_dust() {
-                tx.output[1].value = change;
-            } else {
-                tx.output.pop();
-            }
-            let chosen: Vec<_> = candidates.drain(..=used).collect();
-            coins.unspent.retain(|(op, _)| !chosen.iter().any(|(c, _)| c == op));
-            coins.used.extend(chosen.iter().map(|(outpoint, _)| *outpoint));
-            let mut psbt = Psbt::from_unsigned_tx(tx).map_err(WalletError::new)?;
-            for (input, (_, coin)) in psbt.inputs.iter_mut().zip(chosen) {
-                input.witness_utxo = Some(coin);
-            }
-            return Ok(psbt);
-        }
-        Err(WalletError::new(format!(
-            "insufficient funds: {total} cannot pay {} and the fee",
-            output.value
-        )))
+        let (psbt, used) =
+            super::steps::funding_from_coins(&candidates, output, self.script_pubkey(), fee_rate)
+                .map_err(WalletError::new)?;
+        let chosen = &candidates[..used];
+        coins.unspent.retain(|(op, _)| !chosen.iter().any(|(c, _)| c == op));
+        coins.used.extend(chosen.iter().map(|(outpoint, _)| *outpoint));
+        Ok(psbt)
     }
 
     fn sign_all(&self, mut psbt: Psbt) -> Result<Psbt, WalletError> {
-        for index in 0..psbt.inputs.len() {
-            let coin = psbt.inputs[index]
-                .witness_utxo
-                .clone()
-                .ok_or_else(|| WalletError::new(format!("input {index}: no witness_utxo")))?;
-            if coin.script_pubkey != self.script_pubkey() {
-                return Err(WalletError::new(format!("input {index} is not a coin of this key")));
-            }
-            let witness =
-                crate::channel::sig::p2wpkh_witness(&psbt.unsigned_tx, index, &coin, &self.key)
-                    .map_err(WalletError::new)?;
-            psbt.inputs[index].final_script_witness = Some(witness);
-        }
+        super::steps::sign_p2wpkh_inputs(&mut psbt, &self.key).map_err(WalletError::new)?;
         let txid = psbt.unsigned_tx.compute_txid();
         for (vout, output) in psbt.unsigned_tx.output.iter().enumerate() {
             if output.script_pubkey == self.script_pubkey() {

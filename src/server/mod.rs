@@ -52,6 +52,7 @@
 //! # }
 //! ```
 
+mod chain_view;
 mod future;
 mod idempotency;
 mod layer;
@@ -63,6 +64,7 @@ mod rejection;
 mod service;
 mod stream;
 
+pub use chain_view::chain_view;
 pub use future::ResponseFuture;
 pub use idempotency::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, Idempotency};
 pub use layer::{DEFAULT_BUNDLE, DEFAULT_TERMS_URL, PaywallLayer};

@@ -266,7 +266,7 @@ impl Payer<MemoryClientStore> {
                 policy: SpendingPolicy::default(),
                 wallet: None,
                 channel_value: None,
-                lifetime_blocks: 1_008,
+                lifetime_blocks: crate::client::steps::DEFAULT_LIFETIME_BLOCKS,
                 top_up: None,
                 chain: None,
                 timeout: Duration::from_secs(30),

@@ -7,9 +7,8 @@ use http::Method;
 
 use super::{Payer, State, misbehaved};
 use crate::MilliSats;
-use crate::channel::server_amount;
 use crate::client::ClientChannel;
-use crate::client::error::MisbehaviorKind as Kind;
+use crate::client::steps::{self, MisbehaviorKind as Kind};
 use crate::client::{ClientError, ClientStore, Transport};
 use crate::wire::{self, ChannelId, ChannelSnapshot, CloseRequest, CloseResponse};
 
@@ -29,23 +28,14 @@ pub struct Closed {
     pub fee: Amount,
 }
 
-/// A payment of `channel` that pays the server `spent` rounded up to the satoshi (at least
-/// its dust threshold), signed with `key`; `None` when that is not less than the latest
-/// payment (nothing to give back) or `spent` is unknown.
+/// The fair settlement of `channel` at `spent` ([`steps::fair_settlement`]).
 fn fair_settlement(
     channel: &ClientChannel,
     key: &SecretKey,
     spent: Option<MilliSats>,
 ) -> Result<Option<Transaction>, ClientError> {
-    let (Some(spent), Some(latest)) = (spent, channel.latest.as_ref()) else { return Ok(None) };
-    let params = channel.channel.params();
-    let amount = spent.to_sat_ceil().max(params.min_server_amount());
-    if amount >= server_amount(latest) {
-        return Ok(None);
-    }
-    let Ok(mut payment) = channel.channel.build_payment(amount) else { return Ok(None) };
-    channel.channel.sign_payment(&mut payment, key).map_err(|_| ClientError::NoChannel)?;
-    Ok(Some(payment))
+    steps::fair_settlement(&channel.channel, channel.latest.as_ref(), key, spent)
+        .map_err(ClientError::Sign)
 }
 
 impl<S: ClientStore> Payer<S> {
@@ -143,38 +133,19 @@ impl<S: ClientStore> Payer<S> {
             .map_err(|_| misbehaved(Kind::InvalidAnswer, "close: no close_tx"))?;
         let latest = channel.latest.as_ref().ok_or(ClientError::NoChannel)?;
         // The settlement must be one of our payments that pays the server no more than the
-        // latest: our fair one, our latest, or an earlier one (the server's loss). The client
-        // signed whatever spends the channel, so checking the shape and amounts is enough.
-        let unsigned = |tx: &Transaction| {
-            let mut tx = tx.clone();
-            tx.input.iter_mut().for_each(|input| input.witness.clear());
-            tx
-        };
-        let params = channel.channel.params();
-        let ours = unsigned(&close) == unsigned(latest)
-            || fair.as_ref().is_some_and(|fair| unsigned(&close) == unsigned(fair))
-            || (close.input.len() == 1
-                && close.input[0].previous_output == channel.channel.outpoint()
-                && close.output.first().is_some_and(|o| o.script_pubkey == params.server_script)
-                && close.output.get(1).is_none_or(|o| o.script_pubkey == params.client_script)
-                && close.output.len() <= 2
-                && server_amount(&close) <= server_amount(latest));
-        if !ours {
-            return Err(misbehaved(
-                Kind::WrongSettlement,
-                "the settlement is not a payment of the client's paying no more than its latest",
-            ));
-        }
+        // latest.
+        let settlement = steps::check_settlement(&channel.channel, latest, fair.as_ref(), &close)?;
         let txid = close.compute_txid();
         if answer.txid != txid {
             return Err(misbehaved(Kind::WrongSettlement, "the settlement's txid does not match"));
         }
-        let server_amount = server_amount(&close);
-        let client_amount = close.output.get(1).map_or(Amount::ZERO, |o| o.value);
-        let fee = (channel.channel.params().value.checked_sub(server_amount))
-            .and_then(|rest| rest.checked_sub(client_amount))
-            .unwrap_or(Amount::ZERO);
-        let closed = Closed { channel: current.id, txid, server_amount, client_amount, fee };
+        let closed = Closed {
+            channel: current.id,
+            txid,
+            server_amount: settlement.server_amount,
+            client_amount: settlement.client_amount,
+            fee: settlement.fee,
+        };
         self.retire(state, mark_closed).await?;
         Ok(closed)
     }

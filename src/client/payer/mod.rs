@@ -14,7 +14,7 @@ use http::{Method, Request, Uri};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::error::{Misbehavior, MisbehaviorKind};
+use super::steps::{Misbehavior, MisbehaviorKind};
 use super::transport::Transport;
 use super::{
     ClientChannel, ClientError, ClientStore, LossBound, MemoryClientStore, SpendingPolicy,

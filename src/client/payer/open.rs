@@ -4,25 +4,20 @@ use bitcoin::consensus::encode::serialize_hex;
 use bitcoin::hex::FromHex as _;
 use bitcoin::{
     Amount, CompressedPublicKey, FeeRate, Network, OutPoint, Psbt, ScriptBuf, Transaction, TxOut,
-    absolute::LockTime, ecdsa,
+    ecdsa,
 };
 use http::Method;
 use std::time::Instant;
 
 use super::{Payer, State, misbehaved};
-use crate::channel::{ChainTip, ChannelParams, is_standard_payout};
-use crate::client::error::MisbehaviorKind as Kind;
+use crate::channel::ChainTip;
+use crate::client::steps::{self, MisbehaviorKind as Kind};
 use crate::client::{
     ClientChannel, ClientError, ClientStore, PolicyRefusal, Transport, WalletError,
 };
 use crate::wire::{
     ChannelId, FundRequest, FundResponse, OpenRequest, OpenResponse, RefundRequest, RefundResponse,
-    TermsDocument,
 };
-
-/// How far the server's reported tip may be from the client's own (blocks propagate in
-/// seconds; six blocks is an hour of disagreement).
-const MAX_TIP_SKEW: u32 = 6;
 
 /// How many times `/fund` is sent (it is idempotent) before the funding is left in doubt.
 const FUND_TRIES: u32 = 3;
@@ -88,29 +83,15 @@ impl<S: ClientStore> Payer<S> {
     ) -> Result<ChannelId, ClientError> {
         let inner = &self.inner.settings;
         let terms = self.terms(transport).await?;
-        if terms.network != inner.network.to_core_arg() {
-            return Err(misbehaved(
-                Kind::WrongNetwork,
-                format!(
-                    "the server is on {}, the client on {}",
-                    terms.network,
-                    inner.network.to_core_arg()
-                ),
-            ));
-        }
-        let min_value = Amount::from_sat(terms.min_value_sat);
-        let value = inner
-            .channel_value
-            .unwrap_or(inner.policy.max_channel_value())
-            .min(Amount::from_sat(terms.max_value_sat))
-            .max(min_value);
-        inner.policy.check_open(value, automatic).map_err(ClientError::Policy)?;
-        let bounds = terms.lifetime_blocks;
-        if bounds.min > bounds.max {
-            return Err(misbehaved(Kind::InvalidTerms, "terms: lifetime_blocks.min is above max"));
-        }
-        let lifetime = inner.lifetime_blocks.clamp(bounds.min, bounds.max);
-        inner.policy.check_lifetime(lifetime).map_err(ClientError::Policy)?;
+        let plan = steps::plan_open(
+            &terms,
+            inner.network,
+            &inner.policy,
+            inner.channel_value,
+            inner.lifetime_blocks,
+            automatic,
+        )?;
+        let (value, lifetime) = (plan.value, plan.lifetime);
         if automatic {
             self.count_open(state)?;
             self.close_before_rollover(transport, state).await;
@@ -119,16 +100,7 @@ impl<S: ClientStore> Payer<S> {
         let tip = match &inner.chain {
             Some(chain) => {
                 let own = chain.tip().await.map_err(ClientError::Chain)?;
-                if own.height.abs_diff(terms.tip.height) > MAX_TIP_SKEW {
-                    return Err(misbehaved(
-                        Kind::TipSkew,
-                        format!(
-                            "the server's tip {} is more than {MAX_TIP_SKEW} blocks from the \
-                             client's {}",
-                            terms.tip.height, own.height
-                        ),
-                    ));
-                }
+                steps::check_tip(&terms, own)?;
                 own
             }
             // Without a chain view the server's tip is trusted: on regtest, or when the user
@@ -142,7 +114,7 @@ impl<S: ClientStore> Payer<S> {
         let client_key = CompressedPublicKey(client_secret.public_key(crate::channel::secp()));
         let client_script = ScriptBuf::new_p2wpkh(&client_key.wpubkey_hash());
         let expiry = tip.height.saturating_add(lifetime);
-        let first = self.first_payment(state, &terms)?;
+        let first = steps::first_payment(&terms, &inner.policy, state.spent())?;
         let locked = self.locked(inner.chain.as_ref().map(|_| tip)).await?;
         inner.policy.check_lock(locked, value).map_err(ClientError::Policy)?;
 
@@ -154,8 +126,15 @@ impl<S: ClientStore> Payer<S> {
         };
         let proposal: OpenResponse =
             self.call(transport, Method::POST, &terms.endpoints.open, Some(&request), None).await?;
-        let params =
-            check_proposal(&proposal, &terms, tip, client_key, value, expiry, &client_script)?;
+        let params = steps::check_proposal(
+            &proposal,
+            &terms,
+            tip,
+            client_key,
+            value,
+            expiry,
+            &client_script,
+        )?;
 
         // The unsigned funding, from the wallet.
         let funding_output =
@@ -373,19 +352,6 @@ impl<S: ClientStore> Payer<S> {
         state.opens.push_back(now);
         Ok(())
     }
-
-    /// The first payment of a new channel: the server output's dust threshold, within budget.
-    fn first_payment(&self, state: &State, terms: &TermsDocument) -> Result<Amount, ClientError> {
-        let script = ScriptBuf::from_hex(&terms.server_script)
-            .map_err(|_| misbehaved(Kind::InvalidTerms, "server_script is not hex"))?;
-        let first = script.minimal_non_dust();
-        self.inner
-            .settings
-            .policy
-            .check_spend(state.spent(), first)
-            .map_err(ClientError::Policy)?;
-        Ok(first)
-    }
 }
 
 /// Whether `a` and `b` spend a common output (at most one of them can confirm).
@@ -399,70 +365,6 @@ fn may_retry(error: &ClientError) -> bool {
         ClientError::Transport(_) => true,
         ClientError::Rejected { status, .. } => status.is_server_error(),
         _ => false,
-    }
-}
-
-/// Checks the server's proposal field by field against what the client asked and the terms,
-/// and returns the agreed parameters.
-fn check_proposal(
-    proposal: &OpenResponse,
-    terms: &TermsDocument,
-    tip: ChainTip,
-    client_key: CompressedPublicKey,
-    value: Amount,
-    expiry: u32,
-    client_script: &ScriptBuf,
-) -> Result<ChannelParams, ClientError> {
-    let hex_script = |hex: &str, what: &str| {
-        ScriptBuf::from_hex(hex)
-            .map_err(|_| misbehaved(Kind::ProposalMismatch, format!("{what} is not hex")))
-    };
-    let server_key: CompressedPublicKey = proposal
-        .server_pubkey
-        .parse()
-        .map_err(|_| misbehaved(Kind::ProposalMismatch, "server_pubkey"))?;
-    let server_script = hex_script(&proposal.server_script, "server_script")?;
-    let rate = |sat: u64| {
-        FeeRate::from_sat_per_vb(sat).ok_or_else(|| misbehaved(Kind::ProposalMismatch, "fee rate"))
-    };
-    let params = ChannelParams {
-        client_key,
-        server_key,
-        value,
-        expiry: LockTime::from_height(expiry)
-            .map_err(|_| misbehaved(Kind::ProposalMismatch, "expiry"))?,
-        client_script: client_script.clone(),
-        server_script,
-        min_fee_rate: rate(proposal.min_fee_rate_sat_per_vb)?,
-        max_fee_rate: rate(proposal.max_fee_rate_sat_per_vb)?,
-        close_margin: proposal.close_margin,
-    };
-    let checks = [
-        (proposal.value_sat == value.to_sat(), "value_sat differs from the request"),
-        (proposal.expiry == expiry, "expiry differs from the request"),
-        (hex_script(&proposal.client_script, "client_script")? == *client_script, "client_script"),
-        (proposal.server_script == terms.server_script, "server_script differs from the terms"),
-        (is_standard_payout(&params.server_script), "server_script is not a standard payout"),
-        (server_key != client_key, "server_pubkey is the client's key"),
-        (params.min_fee_rate <= params.max_fee_rate, "fee rates"),
-        (
-            proposal.close_margin < expiry.saturating_sub(tip.height),
-            "close_margin exceeds the channel's lifetime",
-        ),
-        (
-            hex_script(&proposal.witness_script, "witness_script")? == params.witness_script(),
-            "witness_script is not 2 K1 K2 2 CHECKMULTISIG",
-        ),
-        (
-            hex_script(&proposal.funding_script_pubkey, "funding_script_pubkey")?
-                == params.funding_script_pubkey(),
-            "funding_script_pubkey",
-        ),
-        (proposal.refund_fee_sat == params.refund_fee().to_sat(), "refund_fee_sat"),
-    ];
-    match checks.into_iter().find(|(ok, _)| !ok) {
-        Some((_, what)) => Err(misbehaved(Kind::ProposalMismatch, format!("open: {what}"))),
-        None => Ok(params),
     }
 }
 

@@ -4,7 +4,8 @@ use bitcoin::Amount;
 
 use super::{CurrentPayment, Payer, State};
 use crate::MilliSats;
-use crate::client::{ClientError, ClientStore, PolicyRefusal, Transport};
+use crate::client::steps;
+use crate::client::{ClientError, ClientStore, Transport};
 use crate::wire::{ChannelSnapshot, Problem, ProblemCode};
 
 /// What the client may still do for one request: it opens at most one channel and tops up at
@@ -19,28 +20,7 @@ pub(crate) struct RetryBudget {
 /// Top-ups one request may make.
 const MAX_TOP_UPS: u8 = 2;
 
-/// `snapshot` with the price of the refused request as `problem` quotes it, when it quotes
-/// less: the loss bound's "one price" is the quote, not a higher figure in the snapshot.
-pub(super) fn quoted(mut snapshot: ChannelSnapshot, problem: &Problem) -> ChannelSnapshot {
-    if let Some(price) = problem.price_msat {
-        snapshot.price_msat = snapshot.price_msat.min(price);
-    }
-    snapshot
-}
-
-/// What a payment is for, for the loss bound: the price of the request that waits for it
-/// (zero ahead of any request), the least the server asks, and what it claims spent.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Ask {
-    pub(super) price: MilliSats,
-    pub(super) min: Option<Amount>,
-    pub(super) claimed: Option<MilliSats>,
-}
-
-impl Ask {
-    /// A top-up ahead of any request: as much as the bound allows, no least.
-    pub(super) const AHEAD: Self = Self { price: MilliSats::ZERO, min: None, claimed: None };
-}
+pub(super) use crate::client::steps::{Ask, quoted};
 
 impl<S: ClientStore> Payer<S> {
     /// Acts on a 402 to a request that carried `sent`: tops up, opens a channel, or (when
@@ -112,44 +92,12 @@ impl<S: ClientStore> Payer<S> {
         cap: Option<Amount>,
     ) -> Result<(), ClientError> {
         let policy = &self.inner.settings.policy;
-        policy.check_price(snapshot.price_msat).map_err(ClientError::Policy)?;
-        let Some((channel, _)) = state.channel.as_ref() else { return Ok(()) };
-        let paid = channel.paid();
-        let Some(min) = snapshot.min_server_amount_sat else { return Ok(()) };
-        let suggested = snapshot.suggested_server_amount_sat.unwrap_or(min);
-        // A hard bound, whatever the server reports: this request's price and the prepaid
-        // allowance on top of what was paid (an honest minimum is at most paid + price).
-        let most = paid
-            .checked_add(snapshot.price_msat.to_sat_ceil())
-            .and_then(|need| need.checked_add(policy.max_prepaid()))
-            .unwrap_or(Amount::MAX);
-        let most = match cap {
-            Some(cap) => most.min(paid.checked_add(cap).unwrap_or(Amount::MAX)),
-            None => most,
+        let spent = state.spent();
+        let Some((channel, _)) = state.channel.as_ref() else {
+            return policy.check_price(snapshot.price_msat).map_err(ClientError::Policy);
         };
-        if min > most {
-            return Err(ClientError::Policy(PolicyRefusal::TopUpTooLarge {
-                asked: min,
-                max: most,
-            }));
-        }
-        // Never prepay more than the policy allows beyond what this request needs.
-        let bound = snapshot
-            .spent_msat
-            .checked_add(snapshot.price_msat)
-            .map_or(Amount::MAX, MilliSats::to_sat_ceil)
-            .checked_add(policy.max_prepaid())
-            .unwrap_or(Amount::MAX);
-        // Within the budget, prefer the suggestion; the minimum is the least that works.
-        let room = policy.max_total().checked_sub(state.spent()).unwrap_or(Amount::ZERO);
-        let target = suggested
-            .min(bound.max(min))
-            .min(most)
-            .min(channel.channel.params().max_server_amount())
-            .min(paid.checked_add(room).unwrap_or(Amount::MAX))
-            .max(min);
-        let ask =
-            Ask { price: snapshot.price_msat, min: Some(min), claimed: Some(snapshot.spent_msat) };
+        let top_up = steps::top_up(policy, &channel.channel, channel.paid(), spent, snapshot, cap)?;
+        let Some((target, ask)) = top_up else { return Ok(()) };
         self.pay_more(state, target, ask).await
     }
 
@@ -187,31 +135,21 @@ impl<S: ClientStore> Payer<S> {
     ) -> Result<(), ClientError> {
         // Never a payment more to a server that overcharged (checked under the state lock).
         self.check_trusted()?;
+        let policy = &self.inner.settings.policy;
         let spent = state.spent();
         let Some((channel, key)) = state.channel.as_mut() else { return Ok(()) };
         let paid = channel.paid();
-        if target <= paid {
-            return Ok(());
-        }
         // The loss bound: the one rule for every payment the client signs on a channel.
-        let target = {
-            let bound = self.bound();
-            if let Some(least) = ask.min
-                && let Err(exceeded) = bound.check(channel.id(), least, ask.price, ask.claimed)
-            {
-                tracing::warn!(%exceeded, "the loss bound stops a payment");
-                return Err(ClientError::BoundExceeded(exceeded));
+        let next =
+            steps::next_payment(policy, &self.bound(), channel.id(), paid, spent, target, ask);
+        let target = match next {
+            Ok(Some(target)) => target,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                tracing::warn!(error = %e, "a payment is refused");
+                return Err(e.into());
             }
-            target.min(bound.allowed(ask.price))
         };
-        if target <= paid {
-            return Ok(());
-        }
-        self.inner
-            .settings
-            .policy
-            .check_spend(spent, target - paid)
-            .map_err(ClientError::Policy)?;
         let header = channel.pay(&self.inner.store, key, target).await?;
         state.committed += target - paid;
         let channel = state.channel.take();

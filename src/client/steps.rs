@@ -1,0 +1,567 @@
+//! The payer's decisions, with no I/O: what to open, whether the server's proposal is the one
+//! asked for, what to pay on a 402, whether a payment stays within the loss bound, what a fair
+//! close pays and whether the server's settlement is the client's.
+//!
+//! Both clients drive these same functions: the Rust [`Payer`](super::Payer) (tokio, a
+//! transport, a [`ClientStore`](super::ClientStore)) and the browser client (`web/`: `fetch`,
+//! IndexedDB). They build without the crate's `runtime` feature, for `wasm32-unknown-unknown`.
+//! The I/O between them (fetching the terms, the tip, saving before a payment leaves) is the
+//! driver's; the order is in `docs/BROWSER.md` and [`Payer::open_via`](super::Payer::open_via).
+
+use core::fmt;
+
+use bitcoin::absolute::LockTime;
+use bitcoin::secp256k1::SecretKey;
+use bitcoin::transaction::Version;
+use bitcoin::{
+    Amount, CompressedPublicKey, FeeRate, Network, OutPoint, Psbt, ScriptBuf, Sequence,
+    Transaction, TxIn, TxOut, Weight, Witness,
+};
+
+use super::{BoundExceeded, LossBound, PolicyRefusal, SpendingPolicy};
+use crate::MilliSats;
+use crate::channel::{
+    ChainTip, Channel, ChannelParams, SignError, is_standard_payout, server_amount,
+};
+use crate::wire::{ChannelId, ChannelSnapshot, OpenResponse, Problem, TermsDocument};
+
+/// How far the server's reported tip may be from the client's own (blocks propagate in
+/// seconds; six blocks is an hour of disagreement).
+pub const MAX_TIP_SKEW: u32 = 6;
+
+/// The lifetime a client asks for when it is not told one: 1 008 blocks, about a week.
+pub const DEFAULT_LIFETIME_BLOCKS: u32 = 1_008;
+
+/// Why a step refused: the policy, the server, or the loss bound.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StepError {
+    /// The spending policy refused.
+    Policy(PolicyRefusal),
+    /// The server answered something the protocol does not allow.
+    Misbehaved(Misbehavior),
+    /// The payment would pay the server more than the loss bound allows.
+    Bound(BoundExceeded),
+    /// Input `input` of a funding is not a coin of the signing key, or has no
+    /// `witness_utxo`.
+    NotOurCoin {
+        /// The input's index.
+        input: usize,
+    },
+    /// The coins cannot pay the funding output and its fee.
+    InsufficientFunds {
+        /// What the coins hold.
+        available: Amount,
+        /// The funding output's value (the fee comes on top).
+        needed: Amount,
+    },
+}
+
+impl fmt::Display for StepError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Policy(refusal) => write!(f, "the spending policy refused: {refusal}"),
+            Self::Misbehaved(what) => write!(f, "the server misbehaved: {what}"),
+            Self::Bound(exceeded) => exceeded.fmt(f),
+            Self::NotOurCoin { input } => {
+                write!(f, "funding input {input} is not a P2WPKH coin of the signing key")
+            }
+            Self::InsufficientFunds { available, needed } => {
+                write!(f, "insufficient funds: {available} cannot pay {needed} and the fee")
+            }
+        }
+    }
+}
+
+impl std::error::Error for StepError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Policy(refusal) => Some(refusal),
+            Self::Misbehaved(_) | Self::NotOurCoin { .. } | Self::InsufficientFunds { .. } => None,
+            Self::Bound(exceeded) => Some(exceeded),
+        }
+    }
+}
+
+impl From<PolicyRefusal> for StepError {
+    fn from(refusal: PolicyRefusal) -> Self {
+        Self::Policy(refusal)
+    }
+}
+
+/// What a server did that the protocol does not allow: its [`kind`](Self::kind), for
+/// programs, and the details, for people.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Misbehavior {
+    /// What kind of misbehaviour.
+    pub kind: MisbehaviorKind,
+    /// What exactly (for logs).
+    pub detail: String,
+}
+
+impl Misbehavior {
+    pub(crate) fn new(kind: MisbehaviorKind, detail: impl Into<String>) -> Self {
+        Self { kind, detail: detail.into() }
+    }
+}
+
+impl fmt::Display for Misbehavior {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.detail)
+    }
+}
+
+/// The kinds of [`Misbehavior`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum MisbehaviorKind {
+    /// The terms are for another network.
+    WrongNetwork,
+    /// The terms cannot be used: inverted bounds, a fee rate or script that does not parse.
+    InvalidTerms,
+    /// The server's tip is too far from the client's own chain view.
+    TipSkew,
+    /// The proposal differs from the request or the terms, or does not parse.
+    ProposalMismatch,
+    /// An endpoint of the terms is not a path on the server's origin.
+    ForeignEndpoint,
+    /// An answer that is not the document the protocol specifies.
+    InvalidAnswer,
+    /// The settlement of a close is not the client's latest payment.
+    WrongSettlement,
+    /// A receipt that does not verify under the channel's server key, is for another
+    /// request or payment, charges beyond the policy, or does not add up with the others.
+    BadReceipt,
+}
+
+fn misbehaved(kind: MisbehaviorKind, detail: impl Into<String>) -> StepError {
+    StepError::Misbehaved(Misbehavior::new(kind, detail))
+}
+
+/// What the client will open, from the server's terms: the channel's value and lifetime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct OpenPlan {
+    /// The channel's value: the one asked for (the policy's `max_channel_value` when none
+    /// is), within the terms' bounds.
+    pub value: Amount,
+    /// The channel's lifetime in blocks: the one asked for, within the terms' bounds.
+    pub lifetime: u32,
+}
+
+/// Checks the server's `terms` for a channel on `network` under `policy`, and plans the
+/// channel: `value` (or the policy's `max_channel_value`) and `lifetime` blocks, moved into
+/// the terms' bounds; `automatic` when the client opens by itself on a 402.
+///
+/// # Errors
+///
+/// [`StepError::Misbehaved`] for terms of another network or with inverted bounds,
+/// [`StepError::Policy`] when the value or the lifetime is beyond the policy.
+pub fn plan_open(
+    terms: &TermsDocument,
+    network: Network,
+    policy: &SpendingPolicy,
+    value: Option<Amount>,
+    lifetime: u32,
+    automatic: bool,
+) -> Result<OpenPlan, StepError> {
+    if terms.network != network.to_core_arg() {
+        return Err(misbehaved(
+            MisbehaviorKind::WrongNetwork,
+            format!("the server is on {}, the client on {}", terms.network, network.to_core_arg()),
+        ));
+    }
+    let value = value
+        .unwrap_or(policy.max_channel_value())
+        .min(Amount::from_sat(terms.max_value_sat))
+        .max(Amount::from_sat(terms.min_value_sat));
+    policy.check_open(value, automatic)?;
+    let bounds = terms.lifetime_blocks;
+    if bounds.min > bounds.max {
+        return Err(misbehaved(
+            MisbehaviorKind::InvalidTerms,
+            "terms: lifetime_blocks.min is above max",
+        ));
+    }
+    let lifetime = lifetime.clamp(bounds.min, bounds.max);
+    policy.check_lifetime(lifetime)?;
+    Ok(OpenPlan { value, lifetime })
+}
+
+/// Checks the server's tip in its terms against the client's `own`: at most
+/// [`MAX_TIP_SKEW`] blocks apart. The lock time counts from the client's own tip.
+///
+/// # Errors
+///
+/// [`StepError::Misbehaved`] ([`MisbehaviorKind::TipSkew`]).
+pub fn check_tip(terms: &TermsDocument, own: ChainTip) -> Result<(), StepError> {
+    if own.height.abs_diff(terms.tip.height) > MAX_TIP_SKEW {
+        return Err(misbehaved(
+            MisbehaviorKind::TipSkew,
+            format!(
+                "the server's tip {} is more than {MAX_TIP_SKEW} blocks from the client's {}",
+                terms.tip.height, own.height
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The first payment of a new channel: the server output's dust threshold, within the
+/// policy's budget given what the client already `spent` (payments and fees).
+///
+/// # Errors
+///
+/// [`StepError::Misbehaved`] when the terms' `server_script` is not hex,
+/// [`StepError::Policy`] when the budget is spent.
+pub fn first_payment(
+    terms: &TermsDocument,
+    policy: &SpendingPolicy,
+    spent: Amount,
+) -> Result<Amount, StepError> {
+    let script = ScriptBuf::from_hex(&terms.server_script)
+        .map_err(|_| misbehaved(MisbehaviorKind::InvalidTerms, "server_script is not hex"))?;
+    let first = script.minimal_non_dust();
+    policy.check_spend(spent, first)?;
+    Ok(first)
+}
+
+/// Checks the server's `proposal` field by field against what the client asked (`client_key`,
+/// `value`, `expiry`, `client_script`), the `terms` and the client's `tip`, and returns the
+/// agreed parameters.
+///
+/// # Errors
+///
+/// [`StepError::Misbehaved`] ([`MisbehaviorKind::ProposalMismatch`]) naming the first field
+/// that differs.
+pub fn check_proposal(
+    proposal: &OpenResponse,
+    terms: &TermsDocument,
+    tip: ChainTip,
+    client_key: CompressedPublicKey,
+    value: Amount,
+    expiry: u32,
+    client_script: &ScriptBuf,
+) -> Result<ChannelParams, StepError> {
+    use MisbehaviorKind::ProposalMismatch as Mismatch;
+    let hex_script = |hex: &str, what: &str| {
+        ScriptBuf::from_hex(hex).map_err(|_| misbehaved(Mismatch, format!("{what} is not hex")))
+    };
+    let server_key: CompressedPublicKey =
+        proposal.server_pubkey.parse().map_err(|_| misbehaved(Mismatch, "server_pubkey"))?;
+    let server_script = hex_script(&proposal.server_script, "server_script")?;
+    let rate =
+        |sat: u64| FeeRate::from_sat_per_vb(sat).ok_or_else(|| misbehaved(Mismatch, "fee rate"));
+    let params = ChannelParams {
+        client_key,
+        server_key,
+        value,
+        expiry: LockTime::from_height(expiry).map_err(|_| misbehaved(Mismatch, "expiry"))?,
+        client_script: client_script.clone(),
+        server_script,
+        min_fee_rate: rate(proposal.min_fee_rate_sat_per_vb)?,
+        max_fee_rate: rate(proposal.max_fee_rate_sat_per_vb)?,
+        close_margin: proposal.close_margin,
+    };
+    let checks = [
+        (proposal.value_sat == value.to_sat(), "value_sat differs from the request"),
+        (proposal.expiry == expiry, "expiry differs from the request"),
+        (hex_script(&proposal.client_script, "client_script")? == *client_script, "client_script"),
+        (proposal.server_script == terms.server_script, "server_script differs from the terms"),
+        (is_standard_payout(&params.server_script), "server_script is not a standard payout"),
+        (server_key != client_key, "server_pubkey is the client's key"),
+        (params.min_fee_rate <= params.max_fee_rate, "fee rates"),
+        (
+            proposal.close_margin < expiry.saturating_sub(tip.height),
+            "close_margin exceeds the channel's lifetime",
+        ),
+        (
+            hex_script(&proposal.witness_script, "witness_script")? == params.witness_script(),
+            "witness_script is not 2 K1 K2 2 CHECKMULTISIG",
+        ),
+        (
+            hex_script(&proposal.funding_script_pubkey, "funding_script_pubkey")?
+                == params.funding_script_pubkey(),
+            "funding_script_pubkey",
+        ),
+        (proposal.refund_fee_sat == params.refund_fee().to_sat(), "refund_fee_sat"),
+    ];
+    match checks.into_iter().find(|(ok, _)| !ok) {
+        Some((_, what)) => Err(misbehaved(Mismatch, format!("open: {what}"))),
+        None => Ok(params),
+    }
+}
+
+/// What a payment is for, for the loss bound: the price of the request that waits for it
+/// (zero ahead of any request), the least the server asks, and what it claims spent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Ask {
+    /// The price of the request that waits for the payment.
+    pub price: MilliSats,
+    /// The least the server asks the payment to pay it, if it asks.
+    pub min: Option<Amount>,
+    /// What the server claims was spent on the channel, if it says.
+    pub claimed: Option<MilliSats>,
+}
+
+impl Ask {
+    /// A top-up ahead of any request: as much as the bound allows, no least.
+    pub const AHEAD: Self = Self { price: MilliSats::ZERO, min: None, claimed: None };
+}
+
+/// `snapshot` with the price of the refused request as `problem` quotes it, when it quotes
+/// less: the loss bound's "one price" is the quote, not a higher figure in the snapshot.
+pub fn quoted(mut snapshot: ChannelSnapshot, problem: &Problem) -> ChannelSnapshot {
+    if let Some(price) = problem.price_msat {
+        snapshot.price_msat = snapshot.price_msat.min(price);
+    }
+    snapshot
+}
+
+/// The top-up a 402 `insufficient-balance` asks for, from the server's `snapshot` of a
+/// channel `channel` that pays `paid` today, when the client already `spent` that much in
+/// all (payments and fees): what the next payment pays the server, and what it is for. With
+/// `cap`, it adds at most `cap` to what the channel pays. `None` when the snapshot asks for
+/// nothing.
+///
+/// The target prefers the server's suggestion, within the policy's `max_prepaid` beyond
+/// the request's need, its budget, and the channel's value; never below the server's least.
+///
+/// # Errors
+///
+/// [`StepError::Policy`] when the price or the least asked is beyond the policy.
+pub fn top_up(
+    policy: &SpendingPolicy,
+    channel: &Channel,
+    paid: Amount,
+    spent: Amount,
+    snapshot: &ChannelSnapshot,
+    cap: Option<Amount>,
+) -> Result<Option<(Amount, Ask)>, StepError> {
+    policy.check_price(snapshot.price_msat)?;
+    let Some(min) = snapshot.min_server_amount_sat else { return Ok(None) };
+    let suggested = snapshot.suggested_server_amount_sat.unwrap_or(min);
+    // A hard bound, whatever the server reports: this request's price and the prepaid
+    // allowance on top of what was paid (an honest minimum is at most paid + price).
+    let most = paid
+        .checked_add(snapshot.price_msat.to_sat_ceil())
+        .and_then(|need| need.checked_add(policy.max_prepaid()))
+        .unwrap_or(Amount::MAX);
+    let most = match cap {
+        Some(cap) => most.min(paid.checked_add(cap).unwrap_or(Amount::MAX)),
+        None => most,
+    };
+    if min > most {
+        return Err(PolicyRefusal::TopUpTooLarge { asked: min, max: most }.into());
+    }
+    // Never prepay more than the policy allows beyond what this request needs.
+    let bound = snapshot
+        .spent_msat
+        .checked_add(snapshot.price_msat)
+        .map_or(Amount::MAX, MilliSats::to_sat_ceil)
+        .checked_add(policy.max_prepaid())
+        .unwrap_or(Amount::MAX);
+    // Within the budget, prefer the suggestion; the minimum is the least that works.
+    let room = policy.max_total().checked_sub(spent).unwrap_or(Amount::ZERO);
+    let target = suggested
+        .min(bound.max(min))
+        .min(most)
+        .min(channel.params().max_server_amount())
+        .min(paid.checked_add(room).unwrap_or(Amount::MAX))
+        .max(min);
+    let ask =
+        Ask { price: snapshot.price_msat, min: Some(min), claimed: Some(snapshot.spent_msat) };
+    Ok(Some((target, ask)))
+}
+
+/// The next payment on `channel`, which pays `paid` today, when the client wants it to pay
+/// `target` for `ask`: `target` lowered to the loss `bound` (below the least the server
+/// asks, nothing is signed), then checked against the policy's budget given what the client
+/// already `spent`. `None` when the channel already pays that much (sending the latest
+/// payment again is enough).
+///
+/// # Errors
+///
+/// [`StepError::Bound`] when even the least the server asks is beyond the bound,
+/// [`StepError::Policy`] when the budget is spent.
+pub fn next_payment(
+    policy: &SpendingPolicy,
+    bound: &LossBound,
+    channel: ChannelId,
+    paid: Amount,
+    spent: Amount,
+    target: Amount,
+    ask: Ask,
+) -> Result<Option<Amount>, StepError> {
+    if target <= paid {
+        return Ok(None);
+    }
+    if let Some(least) = ask.min {
+        bound.check(channel, least, ask.price, ask.claimed).map_err(StepError::Bound)?;
+    }
+    let target = target.min(bound.allowed(ask.price));
+    if target <= paid {
+        return Ok(None);
+    }
+    policy.check_spend(spent, target - paid)?;
+    Ok(Some(target))
+}
+
+/// A payment of `channel` that pays the server `spent` rounded up to the satoshi (at least
+/// its dust threshold), signed with `key`: the fair settlement of a cooperative close. `None`
+/// when that is not less than the `latest` payment (nothing to give back) or `spent` is
+/// unknown.
+///
+/// # Errors
+///
+/// [`SignError`] when `key` is not the channel's client key.
+pub fn fair_settlement(
+    channel: &Channel,
+    latest: Option<&Transaction>,
+    key: &SecretKey,
+    spent: Option<MilliSats>,
+) -> Result<Option<Transaction>, SignError> {
+    let (Some(spent), Some(latest)) = (spent, latest) else { return Ok(None) };
+    let params = channel.params();
+    let amount = spent.to_sat_ceil().max(params.min_server_amount());
+    if amount >= server_amount(latest) {
+        return Ok(None);
+    }
+    let Ok(mut payment) = channel.build_payment(amount) else { return Ok(None) };
+    channel.sign_payment(&mut payment, key)?;
+    Ok(Some(payment))
+}
+
+/// What a checked settlement pays: the server, the client, and the fee.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Settlement {
+    /// What it pays the server.
+    pub server_amount: Amount,
+    /// What it gives back to the client.
+    pub client_amount: Amount,
+    /// Its fee.
+    pub fee: Amount,
+}
+
+/// Checks the `close` transaction the server says settles `channel`: it must be one of the
+/// client's payments that pays the server no more than the `latest` (the `fair` one, the
+/// latest, or an earlier one — the server's loss). The client signed whatever spends the
+/// channel, so checking the shape and amounts is enough.
+///
+/// # Errors
+///
+/// [`StepError::Misbehaved`] ([`MisbehaviorKind::WrongSettlement`]).
+pub fn check_settlement(
+    channel: &Channel,
+    latest: &Transaction,
+    fair: Option<&Transaction>,
+    close: &Transaction,
+) -> Result<Settlement, StepError> {
+    let unsigned = |tx: &Transaction| {
+        let mut tx = tx.clone();
+        tx.input.iter_mut().for_each(|input| input.witness.clear());
+        tx
+    };
+    let params = channel.params();
+    let ours = unsigned(close) == unsigned(latest)
+        || fair.is_some_and(|fair| unsigned(close) == unsigned(fair))
+        || (close.input.len() == 1
+            && close.input[0].previous_output == channel.outpoint()
+            && close.output.first().is_some_and(|o| o.script_pubkey == params.server_script)
+            && close.output.get(1).is_none_or(|o| o.script_pubkey == params.client_script)
+            && close.output.len() <= 2
+            && server_amount(close) <= server_amount(latest));
+    if !ours {
+        return Err(misbehaved(
+            MisbehaviorKind::WrongSettlement,
+            "the settlement is not a payment of the client's paying no more than its latest",
+        ));
+    }
+    let server_amount = server_amount(close);
+    let client_amount = close.output.get(1).map_or(Amount::ZERO, |o| o.value);
+    let fee = (params.value.checked_sub(server_amount))
+        .and_then(|rest| rest.checked_sub(client_amount))
+        .unwrap_or(Amount::ZERO);
+    Ok(Settlement { server_amount, client_amount, fee })
+}
+
+/// The witness weight of a P2WPKH input: items count, signature, key.
+const P2WPKH_WITNESS_WEIGHT: u64 = 1 + 1 + 72 + 1 + 33;
+
+/// The unsigned funding that pays `output` from P2WPKH `coins`, taken in the order given
+/// until they pay the output and the fee at `fee_rate` (per whole virtual byte, rounded up,
+/// as Bitcoin Core and the server measure it, with every input's witness counted at its
+/// largest), with change to `change_script` when it is not dust. Inputs do not signal
+/// replacement: servers serve zero-confirmation channels only on fundings that do not. Each
+/// input carries its `witness_utxo`. Returns the PSBT and how many coins it spends.
+///
+/// # Errors
+///
+/// [`StepError::InsufficientFunds`] when every coin together cannot pay.
+pub fn funding_from_coins(
+    coins: &[(OutPoint, TxOut)],
+    output: TxOut,
+    change_script: ScriptBuf,
+    fee_rate: FeeRate,
+) -> Result<(Psbt, usize), StepError> {
+    let insufficient = |available| StepError::InsufficientFunds { available, needed: output.value };
+    let mut tx = Transaction {
+        version: Version::TWO,
+        lock_time: LockTime::ZERO,
+        input: Vec::new(),
+        output: vec![output.clone(), TxOut { value: Amount::ZERO, script_pubkey: change_script }],
+    };
+    let mut total = Amount::ZERO;
+    for (used, (outpoint, coin)) in coins.iter().enumerate() {
+        tx.input.push(TxIn {
+            previous_output: *outpoint,
+            script_sig: ScriptBuf::new(),
+            sequence: Sequence::ENABLE_LOCKTIME_NO_RBF,
+            witness: Witness::new(),
+        });
+        total = total.checked_add(coin.value).ok_or_else(|| insufficient(Amount::MAX))?;
+        // The inputs' witnesses, and the SegWit marker and flag.
+        let weight = tx.weight() + Weight::from_wu(2 + P2WPKH_WITNESS_WEIGHT * (used as u64 + 1));
+        let fee = fee_rate.fee_vb(weight.to_vbytes_ceil()).ok_or_else(|| insufficient(total))?;
+        let Some(change) = output.value.checked_add(fee).and_then(|need| total.checked_sub(need))
+        else {
+            continue;
+        };
+        if change >= tx.output[1].script_pubkey.minimal_non_dust() {
+            tx.output[1].value = change;
+        } else {
+            tx.output.pop();
+        }
+        let mut psbt = Psbt::from_unsigned_tx(tx).map_err(|_| insufficient(total))?;
+        for (input, (_, coin)) in psbt.inputs.iter_mut().zip(coins) {
+            input.witness_utxo = Some(coin.clone());
+        }
+        return Ok((psbt, used + 1));
+    }
+    Err(insufficient(total))
+}
+
+/// Signs every input of the funding `psbt` with `key`: each must spend a P2WPKH coin of `key`
+/// (its `witness_utxo` says so), and gets its final witness.
+///
+/// # Errors
+///
+/// [`StepError::NotOurCoin`] for an input that is not.
+pub fn sign_p2wpkh_inputs(psbt: &mut Psbt, key: &SecretKey) -> Result<(), StepError> {
+    let public = CompressedPublicKey(key.public_key(crate::channel::secp()));
+    let ours = ScriptBuf::new_p2wpkh(&public.wpubkey_hash());
+    for index in 0..psbt.inputs.len() {
+        let not_ours = StepError::NotOurCoin { input: index };
+        let coin = psbt.inputs[index].witness_utxo.clone().ok_or_else(|| not_ours.clone())?;
+        if coin.script_pubkey != ours {
+            return Err(not_ours);
+        }
+        let witness = crate::channel::sig::p2wpkh_witness(&psbt.unsigned_tx, index, &coin, key)
+            .map_err(|_| not_ours)?;
+        psbt.inputs[index].final_script_witness = Some(witness);
+    }
+    Ok(())
+}

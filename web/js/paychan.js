@@ -1,0 +1,467 @@
+// paychan's browser client: pays for HTTP requests over a Bitcoin payment channel.
+//
+//   import { connect } from './paychan.js';
+//   const client = await paychan.connect('https://api.example.com', {
+//     network: 'main', chain: 'https://blockstream.info/api' });
+//   const res = await client.fetch('/v1/quote');
+//
+// Every rule with money in it (the terms, the proposal, the funding, the refund's signature,
+// the payments, the loss bound, the fair close) is the Rust crate's, compiled to wasm
+// (`../pkg/paychan_web.js`, built by `web/build.sh`). This file only does the I/O: `fetch`,
+// the chain view, IndexedDB, and it saves every signed payment before it leaves the page.
+// The API and the threat model: docs/BROWSER.md.
+
+import init, { Opening, Session, depositAddress, depositScript, publicKey } from '../pkg/paychan_web.js';
+
+export { Session };
+
+/** Where the server publishes its terms. */
+export const TERMS_PATH = '/.well-known/payment-channel';
+const HEADER = 'Payment-Channel';
+const BALANCE = 'Payment-Channel-Balance';
+const RECEIPT = 'Payment-Receipt';
+/** How often one request is sent at most (first try, after an open, after top-ups). */
+const MAX_ATTEMPTS = 4;
+/** How many times `/fund` is sent (it is idempotent) before the funding is left in doubt. */
+const FUND_TRIES = 3;
+
+let ready;
+/** Loads the wasm once (from `wasmUrl`, by default next to the bindings). */
+export function load(wasmUrl) {
+  ready ??= init(wasmUrl ? { module_or_path: wasmUrl } : undefined);
+  return ready;
+}
+
+function randomHex(bytes = 32) {
+  const buf = new Uint8Array(bytes);
+  crypto.getRandomValues(buf);
+  return Array.from(buf, (b) => b.toString(16).padStart(2, '0')).join('');
+}
+
+/** A failure with the server's problem document (RFC 9457) when there is one. */
+export class PaychanError extends Error {
+  constructor(message, { status, problem, cause } = {}) {
+    super(message, { cause });
+    this.name = 'PaychanError';
+    this.status = status;
+    this.problem = problem;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Stores: where keys and channels live. `put` must be durable when its promise resolves.
+
+/** Keys and channels in IndexedDB (database `name`, one object store). */
+export function indexedDbStore(name = 'paychan') {
+  const opened = new Promise((resolve, reject) => {
+    const request = indexedDB.open(name, 1);
+    request.onupgradeneeded = () => request.result.createObjectStore('kv');
+    request.onsuccess = () => resolve(request.result);
+    request.onerror = () => reject(request.error);
+  });
+  const run = async (mode, fn) => {
+    const db = await opened;
+    return new Promise((resolve, reject) => {
+      // 'strict' durability: the write is on disk when the transaction completes.
+      const tx = db.transaction('kv', mode, { durability: 'strict' });
+      const result = fn(tx.objectStore('kv'));
+      tx.oncomplete = () => resolve(result.result);
+      tx.onerror = () => reject(tx.error);
+      tx.onabort = () => reject(tx.error ?? new Error('IndexedDB transaction aborted'));
+    });
+  };
+  return {
+    get: (key) => run('readonly', (kv) => kv.get(key)),
+    put: (key, value) => run('readwrite', (kv) => kv.put(value, key)),
+    keys: () => run('readonly', (kv) => kv.getAllKeys()),
+  };
+}
+
+/** Keys and channels in memory (tests; everything is lost with the page). */
+export function memoryStore() {
+  const map = new Map();
+  return {
+    get: async (key) => map.get(key),
+    put: async (key, value) => void map.set(key, value),
+    keys: async () => [...map.keys()],
+  };
+}
+
+// ---------------------------------------------------------------------------------------
+// The chain view: an Esplora-compatible HTTP API (a public Esplora, your own, or the
+// paying server's `chain_view`).
+
+function chainView(base, fetchImpl) {
+  base = base.replace(/\/$/, '');
+  const text = async (path, init) => {
+    const res = await fetchImpl(base + path, init);
+    const body = await res.text();
+    if (!res.ok) throw new PaychanError(`chain view ${path}: ${res.status} ${body}`, { status: res.status });
+    return body;
+  };
+  return {
+    tip: async () => Number.parseInt(await text('/blocks/tip/height'), 10),
+    utxos: async (address) => JSON.parse(await text(`/address/${address}/utxo`)),
+    broadcast: async (hex) => (await text('/tx', { method: 'POST', body: hex })).trim(),
+    status: async (txid) => {
+      const res = await fetchImpl(`${base}/tx/${txid}/status`);
+      if (res.status === 404) return null;
+      if (!res.ok) throw new PaychanError(`chain view: ${res.status}`, { status: res.status });
+      return res.json();
+    },
+  };
+}
+
+/**
+ * Connects to the paying server at `origin`.
+ *
+ * @param {string} origin the server (`https://api.example.com`); the client pays only for
+ *   requests to this origin, and the payment header never goes anywhere else.
+ * @param {object} options
+ * @param {string} options.network the network the page expects: `main`, `test`, `signet`,
+ *   `regtest`. Terms for another network are refused.
+ * @param {string} options.chain the chain view's base URL (Esplora API).
+ * @param {object} [options.store] where keys and channels live (`indexedDbStore()`).
+ * @param {object} [options.policy] the spending policy (docs/BROWSER.md); the Rust defaults.
+ * @param {number} [options.lifetimeBlocks] the channel lifetime asked for (default 1 008).
+ * @param {Function} [options.fetch] the `fetch` to use.
+ * @returns {Promise<PaychanClient>}
+ */
+export async function connect(origin, options = {}) {
+  await load(options.wasmUrl);
+  if (!options.network) throw new PaychanError('connect: options.network is required');
+  if (!options.chain) throw new PaychanError('connect: options.chain (an Esplora API URL) is required');
+  const client = new PaychanClient(new URL(origin).origin, options);
+  await client._init();
+  return client;
+}
+
+/**
+ * A client of one paying server. Events (`addEventListener`): `open`, `payment` (a top-up),
+ * `refused` (the policy or the loss bound stopped a payment), `close`; `event.detail` says more.
+ */
+export class PaychanClient extends EventTarget {
+  constructor(origin, options) {
+    super();
+    this.origin = origin;
+    this.network = options.network;
+    this.store = options.store ?? indexedDbStore();
+    this.policy = JSON.stringify(options.policy ?? {});
+    this.lifetimeBlocks = options.lifetimeBlocks;
+    this._fetch = options.fetch ?? globalThis.fetch.bind(globalThis);
+    this.chain = chainView(options.chain, this._fetch);
+    /** @type {Session | undefined} */
+    this.session = undefined;
+    this._queue = Promise.resolve();
+  }
+
+  async _init() {
+    let wallet = await this.store.get('wallet');
+    if (!wallet) {
+      wallet = { depositKey: randomHex() };
+      await this.store.put('wallet', wallet);
+    }
+    this._depositKey = wallet.depositKey;
+    /** The deposit: coins sent here fund the channels; change and refunds come back here. */
+    this.deposit = {
+      address: depositAddress(wallet.depositKey, this.network),
+      script: depositScript(wallet.depositKey),
+      publicKey: publicKey(wallet.depositKey),
+    };
+    const current = await this.store.get(`current/${this.origin}`);
+    if (current) {
+      const saved = await this.store.get(`channel/${this.origin}/${current}`);
+      if (saved) {
+        this.session = Session.load(saved, this.policy);
+        const others = (await this.channels()).filter((c) => c.id !== current);
+        this.session.spentElsewhereSat = others.reduce((sum, c) => sum + c.spentSat, 0);
+      }
+    }
+  }
+
+  /** One payment decision at a time per client. */
+  _lock(fn) {
+    const run = this._queue.then(fn, fn);
+    this._queue = run.catch(() => {});
+    return run;
+  }
+
+  _emit(type, detail) {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+
+  async _save(session = this.session) {
+    await this.store.put(`channel/${this.origin}/${session.id}`, session.state());
+  }
+
+  /** A BIP21 URI for a deposit of `amountSat`. */
+  bip21(amountSat) {
+    const uri = `bitcoin:${this.deposit.address}`;
+    return amountSat ? `${uri}?amount=${(amountSat / 1e8).toFixed(8)}` : uri;
+  }
+
+  /** The deposit's coins, from the chain view: `[{txid, vout, value, status}]`. */
+  depositCoins() {
+    return this.chain.utxos(this.deposit.address);
+  }
+
+  /** Waits until the deposit holds at least `minSat` (polling the chain view). */
+  async waitForDeposit(minSat, { every = 2000, signal } = {}) {
+    for (;;) {
+      const coins = await this.depositCoins();
+      const total = coins.reduce((sum, c) => sum + c.value, 0);
+      if (total >= minSat) return coins;
+      signal?.throwIfAborted();
+      await new Promise((r) => setTimeout(r, every));
+    }
+  }
+
+  async _json(method, path, body, headers = {}) {
+    const url = new URL(path, this.origin);
+    if (url.origin !== this.origin) throw new PaychanError(`the terms name an endpoint off the server's origin: ${path}`);
+    const res = await this._fetch(url, {
+      method,
+      headers: { 'content-type': 'application/json', ...headers },
+      body: body === undefined ? undefined : typeof body === 'string' ? body : JSON.stringify(body),
+      redirect: 'error',
+    });
+    const text = await res.text();
+    let doc;
+    try { doc = text ? JSON.parse(text) : undefined; } catch { doc = undefined; }
+    if (!res.ok) {
+      throw new PaychanError(`${method} ${url.pathname}: ${res.status} ${doc?.detail ?? text}`, { status: res.status, problem: doc });
+    }
+    return doc;
+  }
+
+  async _terms() {
+    const terms = await this._json('GET', TERMS_PATH);
+    this._termsText = JSON.stringify(terms);
+    return terms;
+  }
+
+  /** Every channel kept for this server. */
+  async channels() {
+    const prefix = `channel/${this.origin}/`;
+    const out = [];
+    for (const key of await this.store.keys()) {
+      if (typeof key !== 'string' || !key.startsWith(prefix)) continue;
+      const session = Session.load(await this.store.get(key), this.policy);
+      out.push({
+        id: session.id,
+        valueSat: session.valueSat,
+        paidSat: session.paidSat,
+        spentSat: session.spentSat,
+        countedMsat: session.countedMsat,
+        refundHeight: session.refundHeight,
+        retired: session.retired,
+        closed: session.closed,
+        current: session.id === this.session?.id,
+      });
+      session.free();
+    }
+    return out;
+  }
+
+  /** Opens a channel funded from the deposit (`fetch` does it by itself on a 402). */
+  open() {
+    return this._lock(() => this._open());
+  }
+
+  async _open() {
+    const terms = await this._terms();
+    const tip = await this.chain.tip();
+    const kept = await this.channels();
+    const spent = kept.reduce((sum, c) => sum + c.spentSat, 0);
+    const locked = kept.filter((c) => !c.closed && tip < c.refundHeight).reduce((sum, c) => sum + c.valueSat, 0);
+    const opening = new Opening(this._termsText, this.policy, this.network, tip, this.lifetimeBlocks,
+      randomHex(), this._depositKey, spent, locked);
+    try {
+      const endpoints = terms.endpoints;
+      opening.propose(JSON.stringify(await this._json('POST', endpoints.open, opening.request())));
+      const coins = await this.depositCoins();
+      const refundRequest = opening.fund(JSON.stringify(coins));
+      const signed = await this._json('POST', endpoints.refund, refundRequest);
+      // The refund is verified (nothing signed before), and saved with the first payment
+      // before the funding is signed.
+      const session = opening.refundSigned(JSON.stringify(signed), this.origin);
+      await this._save(session);
+      const fund = opening.fundRequest(session);
+      // From here the server may broadcast the funding, whatever it answers.
+      await this._save(session);
+      let error;
+      for (let tries = 1; tries <= FUND_TRIES; tries++) {
+        try {
+          await this._json('POST', endpoints.fund, fund);
+          error = undefined;
+          break;
+        } catch (e) {
+          error = e;
+          if (e.status && e.status < 500) break;
+          await new Promise((r) => setTimeout(r, 100 * tries));
+        }
+      }
+      if (error) throw new PaychanError(`the server did not acknowledge the funding; it may still broadcast it (channel ${session.id} kept with its refund)`, { cause: error, status: error.status, problem: error.problem });
+      session.funded();
+      await this._save(session);
+      await this.store.put(`current/${this.origin}`, session.id);
+      this.session?.free();
+      this.session = session;
+      this._emit('open', { channel: session.id, valueSat: session.valueSat, paidSat: session.paidSat });
+      return session.id;
+    } finally {
+      opening.free();
+    }
+  }
+
+  /**
+   * `fetch`, paying: requests to the server's origin carry the latest payment; a 402 is
+   * answered by a top-up (or a new channel) within the policy and the loss bound, then the
+   * request is sent again. Requests elsewhere go out untouched. Redirects of paid requests
+   * are not followed (`redirect: 'manual'`): the header must not leave the origin.
+   */
+  async fetch(input, init = {}) {
+    const request = new Request(input, init);
+    const url = new URL(request.url);
+    if (url.origin !== this.origin) return this._fetch(request);
+    const method = request.method;
+    const path = url.pathname + url.search;
+    const body = ['GET', 'HEAD'].includes(method) ? undefined : await request.arrayBuffer();
+    let opened = false;
+    for (let attempt = 1; ; attempt++) {
+      const sent = this.session && !this.session.retired ? this.session.header() : undefined;
+      const headers = new Headers(request.headers);
+      if (sent) headers.set(HEADER, sent);
+      const response = await this._fetch(url, {
+        method, headers, body, redirect: 'manual', signal: init.signal ?? request.signal,
+        credentials: request.credentials, cache: request.cache,
+      });
+      if (response.status !== 402 || attempt >= MAX_ATTEMPTS) {
+        if (sent) this._answered(method, path, response);
+        return response;
+      }
+      let problem;
+      try { problem = await response.clone().json(); } catch { return response; }
+      if (problem.code === 'channel-pending') {
+        await new Promise((r) => setTimeout(r, 1000));
+        continue;
+      }
+      if (problem.code === 'payment-required' && sent) return response; // the header was dropped on the way
+      await this._lock(async () => {
+        const current = this.session && !this.session.retired ? this.session.header() : undefined;
+        if (current !== sent) return; // another request paid meanwhile: retry with it
+        let action = { do: 'open' };
+        if (this.session && !this.session.retired) {
+          try {
+            action = JSON.parse(this.session.paymentRequired(method, path, JSON.stringify(problem)));
+          } catch (e) {
+            this._emit('refused', { channel: this.session.id, reason: e.message, problem });
+            throw new PaychanError(e.message, { status: 402, problem, cause: e });
+          }
+          // Saved before the new payment leaves the page.
+          await this._save();
+          if (action.do === 'retry') {
+            this._emit('payment', { channel: this.session.id, paidSat: this.session.paidSat });
+          }
+        }
+        if (action.do === 'open') {
+          if (opened) throw new PaychanError('the server refused the channel just opened', { status: 402, problem });
+          opened = true;
+          await this._open();
+        }
+      });
+    }
+  }
+
+  _answered(method, path, response) {
+    const session = this.session;
+    if (!session) return;
+    const balance = response.headers.get(BALANCE);
+    const metered = balance !== null || response.headers.has(RECEIPT);
+    session.answered(method, path, response.status, metered);
+    if (balance !== null) this.lastBalanceMsat = Number(balance);
+  }
+
+  /**
+   * Closes the current channel cooperatively and fairly: it signs a payment of what the
+   * server reports spent (rounded up), so the prepaid rest comes back, and checks that the
+   * settlement is one of its payments. Resolves `{txid, serverSat, clientSat, feeSat}`.
+   */
+  close() {
+    return this._lock(async () => {
+      const session = this.session;
+      if (!session) throw new PaychanError('no channel to close');
+      const terms = await this._terms();
+      const id = session.id;
+      const snapshotPath = terms.endpoints.channel.replace('{id}', id);
+      const closePath = terms.endpoints.close.replace('{id}', id);
+      const readSpent = async () => (await this._json('GET', snapshotPath)).spent_msat;
+      let spent = await readSpent().catch(() => undefined);
+      let answer;
+      for (let tries = 1; ; tries++) {
+        try {
+          answer = await this._json('POST', closePath, session.closeRequest(spent), { [HEADER]: session.header() });
+          break;
+        } catch (e) {
+          const code = e.problem?.code ?? '';
+          if (spent === undefined || !code.startsWith('payment-')) throw e;
+          // Spent more since the read: read again; after a few tries, close at the latest.
+          spent = code === 'payment-below-spent' && tries < 3 ? await readSpent() : undefined;
+        }
+      }
+      const settlement = JSON.parse(session.checkClose(JSON.stringify(answer), spent));
+      // Closed by the user: no longer counted as locked (as the Rust client's `close`).
+      session.markClosed();
+      await this._save(session);
+      this._emit('close', { channel: id, ...settlement });
+      return { channel: id, ...settlement };
+    });
+  }
+
+  /**
+   * The refund of channel `id` (the current one by default), to keep outside the page: a
+   * JSON document with the signed refund and the height from which any node accepts it.
+   */
+  async refundFile(id = this.session?.id) {
+    const saved = await this.store.get(`channel/${this.origin}/${id}`);
+    if (!saved) throw new PaychanError(`no channel ${id}`);
+    const session = Session.load(saved, this.policy);
+    try {
+      return {
+        channel: session.id,
+        server: this.origin,
+        network: this.network,
+        refundTx: session.refundTx(),
+        refundHeight: session.refundHeight,
+        howTo: `Once the chain's tip is at height ${session.refundHeight} or more, broadcast refundTx (bitcoin-cli sendrawtransaction <refundTx>, or any explorer's "broadcast transaction" page). It pays the channel's value, less its fee, back to ${this.deposit.address}.`,
+      };
+    } finally {
+      session.free();
+    }
+  }
+
+  /**
+   * Broadcasts, through the chain view, the refund of every channel whose lock time has
+   * passed and that is not closed: the money comes back from a server that vanished.
+   * Resolves the txids broadcast.
+   */
+  async refund() {
+    const tip = await this.chain.tip();
+    const done = [];
+    for (const c of await this.channels()) {
+      if (c.closed || tip < c.refundHeight) continue;
+      const key = `channel/${this.origin}/${c.id}`;
+      const session = Session.load(await this.store.get(key), this.policy);
+      try {
+        done.push(await this.chain.broadcast(session.refundTx()));
+        session.markClosed();
+        await this.store.put(key, session.state());
+      } catch (e) {
+        this._emit('refused', { channel: c.id, reason: `refund: ${e.message}` });
+      } finally {
+        session.free();
+      }
+    }
+    return done;
+  }
+}

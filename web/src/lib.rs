@@ -1,0 +1,767 @@
+//! paychan's browser client, the Rust half: the client's sans-IO steps
+//! (`paychan::client::steps`), the channel core and the loss bound, compiled to wasm and bound
+//! for JavaScript. `js/paychan.js` drives it: it does every `fetch`, reads the chain view, and
+//! saves to IndexedDB **before** anything this module signed leaves the page.
+//!
+//! Nothing here does I/O, and nothing here draws randomness: keys come in as 32 bytes the page
+//! drew with `crypto.getRandomValues`. Amounts cross as numbers of satoshis (or millisatoshis
+//! where the protocol counts them), every one below 2^53; documents cross as JSON strings in
+//! the forms of `docs/HTTP.md`.
+//!
+//! Two classes:
+//! - [`Opening`]: one channel being opened, step by step (terms → proposal → funding →
+//!   refund → fund);
+//! - [`Session`]: a funded channel being paid on (402s, served answers, the fair close, the
+//!   refund), saved and loaded as [`Session::state`]'s JSON.
+
+#![forbid(unsafe_code)]
+
+use std::str::FromStr;
+
+use bitcoin::consensus::encode::{deserialize_hex, serialize_hex};
+use bitcoin::hex::{DisplayHex, FromHex};
+use bitcoin::secp256k1::SecretKey;
+use bitcoin::{
+    Address, Amount, CompressedPublicKey, FeeRate, Network, OutPoint, Psbt, ScriptBuf, Transaction,
+    TxOut, ecdsa,
+};
+use paychan::MilliSats;
+use paychan::channel::{ChainTip, ChannelParams, server_amount};
+use paychan::client::steps::{self, Ask, StepError};
+use paychan::client::{ClientChannel, LossBound, SpendingPolicy};
+use paychan::wire::{
+    self, ChannelId, ChannelSnapshot, CloseRequest, CloseResponse, FundRequest, OpenRequest,
+    OpenResponse, PriceList, Problem, ProblemCode, RefundRequest, RefundResponse, TermsDocument,
+};
+use serde::{Deserialize, Serialize};
+use wasm_bindgen::prelude::*;
+
+/// An error for JavaScript: its message says what and why.
+fn error(what: impl std::fmt::Display) -> JsError {
+    JsError::new(&what.to_string())
+}
+
+fn json<T: serde::de::DeserializeOwned>(text: &str, what: &str) -> Result<T, JsError> {
+    serde_json::from_str(text).map_err(|e| error(format!("{what}: {e}")))
+}
+
+fn to_json<T: Serialize>(value: &T) -> String {
+    serde_json::to_string(value).expect("documents serialize")
+}
+
+fn secret(hex: &str) -> Result<SecretKey, JsError> {
+    SecretKey::from_str(hex).map_err(|_| error("a key must be 32 bytes of hex, below the order"))
+}
+
+fn network(name: &str) -> Result<Network, JsError> {
+    Network::from_core_arg(name).map_err(|_| error(format!("unknown network {name:?}")))
+}
+
+fn public(key: &SecretKey) -> CompressedPublicKey {
+    static SECP: std::sync::OnceLock<bitcoin::secp256k1::Secp256k1<bitcoin::secp256k1::SignOnly>> =
+        std::sync::OnceLock::new();
+    CompressedPublicKey(
+        key.public_key(SECP.get_or_init(bitcoin::secp256k1::Secp256k1::signing_only)),
+    )
+}
+
+fn p2wpkh(key: &SecretKey) -> ScriptBuf {
+    ScriptBuf::new_p2wpkh(&public(key).wpubkey_hash())
+}
+
+fn sat(amount: f64, what: &str) -> Result<Amount, JsError> {
+    if amount.is_finite() && amount >= 0.0 && amount.fract() == 0.0 && amount < 2f64.powi(53) {
+        Ok(Amount::from_sat(amount as u64))
+    } else {
+        Err(error(format!("{what} must be a whole number of satoshis")))
+    }
+}
+
+/// The spending policy, in the page's words: every field optional, the Rust client's
+/// defaults otherwise (`SpendingPolicy::default`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct PolicyJson {
+    max_channel_value_sat: Option<u64>,
+    max_per_request_msat: Option<u64>,
+    max_total_sat: Option<u64>,
+    max_prepaid_sat: Option<u64>,
+    max_lifetime_blocks: Option<u32>,
+    max_fee_rate_sat_per_vb: Option<u64>,
+    max_locked_sat: Option<u64>,
+}
+
+fn policy(text: &str) -> Result<SpendingPolicy, JsError> {
+    let p: PolicyJson =
+        if text.trim().is_empty() { PolicyJson::default() } else { json(text, "policy")? };
+    let mut policy = SpendingPolicy::default();
+    if let Some(v) = p.max_channel_value_sat {
+        policy = policy.with_max_channel_value(Amount::from_sat(v));
+    }
+    if let Some(v) = p.max_per_request_msat {
+        policy = policy.with_max_per_request(MilliSats::from_msat(v));
+    }
+    if let Some(v) = p.max_total_sat {
+        policy = policy.with_max_total(Amount::from_sat(v));
+    }
+    if let Some(v) = p.max_prepaid_sat {
+        policy = policy.with_max_prepaid(Amount::from_sat(v));
+    }
+    if let Some(v) = p.max_lifetime_blocks {
+        policy = policy.with_max_lifetime_blocks(v);
+    }
+    if let Some(v) = p.max_fee_rate_sat_per_vb {
+        let rate = FeeRate::from_sat_per_vb(v).ok_or_else(|| error("maxFeeRateSatPerVb"))?;
+        policy = policy.with_max_fee_rate(rate);
+    }
+    if let Some(v) = p.max_locked_sat {
+        policy = policy.with_max_locked(Amount::from_sat(v));
+    }
+    Ok(policy)
+}
+
+/// The public key (hex) of the 32-byte secret `secret` (hex).
+///
+/// # Errors
+///
+/// When `secret` is not a valid key.
+#[wasm_bindgen(js_name = publicKey)]
+pub fn public_key(secret_hex: &str) -> Result<String, JsError> {
+    Ok(public(&secret(secret_hex)?).to_string())
+}
+
+/// The P2WPKH address of `secret_hex` on `network` (`main`, `test`, `signet`, `regtest`, as
+/// the terms name it): where the user deposits the coins that fund channels.
+///
+/// # Errors
+///
+/// When the key or the network is not valid.
+#[wasm_bindgen(js_name = depositAddress)]
+pub fn deposit_address(secret_hex: &str, network_name: &str) -> Result<String, JsError> {
+    let key = secret(secret_hex)?;
+    Ok(Address::p2wpkh(&public(&key), network(network_name)?).to_string())
+}
+
+/// The output script (hex) of [`deposit_address`]: what a chain view lists coins by.
+///
+/// # Errors
+///
+/// When the key is not valid.
+#[wasm_bindgen(js_name = depositScript)]
+pub fn deposit_script(secret_hex: &str) -> Result<String, JsError> {
+    Ok(p2wpkh(&secret(secret_hex)?).to_hex_string())
+}
+
+/// A coin of the deposit key, as an Esplora-compatible chain view lists it
+/// (`GET /address/:address/utxo`).
+#[derive(Debug, Deserialize)]
+struct Coin {
+    txid: bitcoin::Txid,
+    vout: u32,
+    value: u64,
+}
+
+/// One channel being opened. The page drives it:
+///
+/// 1. `new Opening(terms, policy, ownTip, k1, depositKey, spent, locked)` checks the terms;
+///    `request()` is the body of `POST terms.endpoints.open`;
+/// 2. `propose(answer)` checks the server's proposal field by field;
+/// 3. `fund(coins)` builds the unsigned funding from the deposit's coins and returns the
+///    body of `POST …/refund`;
+/// 4. `refundSigned(answer)` verifies the server's refund signature (nothing is signed
+///    before) and returns the [`Session`] whose `state()` the page saves **before** step 5;
+/// 5. `fundRequest(session)` signs the funding: the body of `POST …/fund`. The page saves
+///    the session again (the signed funding is now the server's to broadcast) before it
+///    sends it.
+#[wasm_bindgen]
+pub struct Opening {
+    terms: TermsDocument,
+    network: Network,
+    policy: SpendingPolicy,
+    tip: ChainTip,
+    k1: SecretKey,
+    deposit: SecretKey,
+    value: Amount,
+    expiry: u32,
+    first: Amount,
+    spent: Amount,
+    params: Option<(u32, ChannelParams)>,
+    psbt: Option<(Psbt, OutPoint)>,
+}
+
+#[wasm_bindgen]
+impl Opening {
+    /// Checks the server's `terms` (JSON) under `policy` (JSON, see `docs/BROWSER.md`) for a
+    /// channel on `network_name`, against the page's own chain tip `own_tip` (from its chain
+    /// view, never the server's word alone), for `lifetime_blocks` (by default
+    /// 1 008, within the terms' bounds), with the fresh channel key `k1_hex` and the
+    /// deposit key `deposit_hex`; `spent_sat` is what the page already spent (payments and
+    /// fees, for the budget) and `locked_sat` the value of its channels whose money is not
+    /// back yet (for `maxLockedSat`). Change and the refund go to the deposit key.
+    ///
+    /// # Errors
+    ///
+    /// Why the terms or the policy refuse.
+    #[wasm_bindgen(constructor)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        terms_json: &str,
+        policy_json: &str,
+        network_name: &str,
+        own_tip: u32,
+        lifetime_blocks: Option<u32>,
+        k1_hex: &str,
+        deposit_hex: &str,
+        spent_sat: f64,
+        locked_sat: f64,
+    ) -> Result<Opening, JsError> {
+        let terms: TermsDocument = json(terms_json, "terms")?;
+        let network = network(network_name)?;
+        let policy = policy(policy_json)?;
+        let lifetime = lifetime_blocks.unwrap_or(steps::DEFAULT_LIFETIME_BLOCKS);
+        // The page opens by itself, on a 402: an automatic open for the policy.
+        let plan =
+            steps::plan_open(&terms, network, &policy, None, lifetime, true).map_err(error)?;
+        let own = ChainTip { height: own_tip, median_time_past: 0 };
+        steps::check_tip(&terms, own).map_err(error)?;
+        let spent = sat(spent_sat, "spent")?;
+        let first = steps::first_payment(&terms, &policy, spent).map_err(error)?;
+        policy.check_lock(sat(locked_sat, "locked")?, plan.value).map_err(error)?;
+        let (k1, deposit) = (secret(k1_hex)?, secret(deposit_hex)?);
+        if k1 == deposit {
+            return Err(error("the channel key must not be the deposit key"));
+        }
+        Ok(Opening {
+            expiry: own_tip.saturating_add(plan.lifetime),
+            terms,
+            network,
+            policy,
+            tip: own,
+            k1,
+            deposit,
+            value: plan.value,
+            first,
+            spent,
+            params: None,
+            psbt: None,
+        })
+    }
+
+    /// The body of `POST terms.endpoints.open` (JSON).
+    pub fn request(&self) -> String {
+        to_json(&OpenRequest {
+            client_pubkey: public(&self.k1).to_string(),
+            value_sat: self.value.to_sat(),
+            expiry: self.expiry,
+            client_script: p2wpkh(&self.deposit).to_hex_string(),
+        })
+    }
+
+    /// The channel's value in satoshis (the deposit must hold it and the funding fee).
+    #[wasm_bindgen(getter, js_name = valueSat)]
+    pub fn value_sat(&self) -> f64 {
+        self.value.to_sat() as f64
+    }
+
+    /// Checks the server's answer to the open request (JSON).
+    ///
+    /// # Errors
+    ///
+    /// The first field that differs from the request or the terms.
+    pub fn propose(&mut self, answer_json: &str) -> Result<(), JsError> {
+        let proposal: OpenResponse = json(answer_json, "open answer")?;
+        let params = steps::check_proposal(
+            &proposal,
+            &self.terms,
+            self.tip,
+            public(&self.k1),
+            self.value,
+            self.expiry,
+            &p2wpkh(&self.deposit),
+        )
+        .map_err(error)?;
+        let policy = &self.policy;
+        policy.check_fee_rate(params.min_fee_rate).map_err(error)?;
+        self.params = Some((proposal.proposal, params));
+        Ok(())
+    }
+
+    /// Builds the unsigned funding from the deposit's `coins` (JSON, a chain view's
+    /// `[{txid, vout, value}]`, largest first is best) and returns the body of
+    /// `POST terms.endpoints.refund` (JSON).
+    ///
+    /// # Errors
+    ///
+    /// Before [`propose`](Self::propose), when the coins cannot pay the channel and the fee,
+    /// or when the fee and the first payment are beyond the budget.
+    pub fn fund(&mut self, coins_json: &str) -> Result<String, JsError> {
+        let (proposal, params) = self.params.as_ref().ok_or_else(|| error("propose first"))?;
+        let mut coins: Vec<Coin> = json(coins_json, "coins")?;
+        coins.sort_by_key(|coin| std::cmp::Reverse(coin.value));
+        let script = p2wpkh(&self.deposit);
+        let coins: Vec<_> = coins
+            .iter()
+            .map(|c| {
+                let output =
+                    TxOut { value: Amount::from_sat(c.value), script_pubkey: script.clone() };
+                (OutPoint::new(c.txid, c.vout), output)
+            })
+            .collect();
+        let rate = FeeRate::from_sat_per_vb(self.terms.funding_min_fee_rate_sat_per_vb)
+            .ok_or_else(|| error("the terms' funding fee rate"))?;
+        self.policy.check_fee_rate(rate).map_err(error)?;
+        let output = TxOut { value: params.value, script_pubkey: params.funding_script_pubkey() };
+        let (psbt, _) =
+            steps::funding_from_coins(&coins, output.clone(), script, rate).map_err(error)?;
+        let fee = psbt.fee().map_err(error)?;
+        let cost = self.first.checked_add(fee).unwrap_or(Amount::MAX);
+        self.policy.check_spend(self.spent, cost).map_err(error)?;
+        let vout = psbt.unsigned_tx.output.iter().position(|o| *o == output).unwrap_or(0);
+        let outpoint = OutPoint::new(psbt.unsigned_tx.compute_txid(), vout as u32);
+        let refund = params.build_refund(outpoint, params.refund_fee());
+        let request = RefundRequest {
+            proposal: *proposal,
+            funding_tx: serialize_hex(&psbt.unsigned_tx),
+            refund_tx: serialize_hex(&refund),
+        };
+        self.psbt = Some((psbt, outpoint));
+        Ok(to_json(&request))
+    }
+
+    /// Verifies the server's refund signature (the answer to `POST …/refund`, JSON), completes
+    /// the refund, and signs the first payment: the [`Session`] the page saves before it
+    /// signs the funding. `origin` is the server's.
+    ///
+    /// # Errors
+    ///
+    /// When the signature does not verify: abandon the channel; nothing was signed.
+    #[wasm_bindgen(js_name = refundSigned)]
+    pub fn refund_signed(&self, answer_json: &str, origin: &str) -> Result<Session, JsError> {
+        let (_, params) = self.params.as_ref().ok_or_else(|| error("propose first"))?;
+        let (psbt, outpoint) = self.psbt.as_ref().ok_or_else(|| error("fund first"))?;
+        let answer: RefundResponse = json(answer_json, "refund answer")?;
+        let invalid =
+            || error("the server's refund signature does not verify: abandon the channel");
+        let signature = Vec::<u8>::from_hex(&answer.signature)
+            .ok()
+            .and_then(|bytes| ecdsa::Signature::from_slice(&bytes).ok())
+            .ok_or_else(invalid)?;
+        let refund = params.build_refund(*outpoint, params.refund_fee());
+        params.verify_refund_signature(&refund, &signature).map_err(|_| invalid())?;
+        let refund = params.complete_refund(&refund, &self.k1, &signature).map_err(error)?;
+        let mut channel = ClientChannel::new(params.clone().at(*outpoint), 0, refund);
+        channel.server = origin.to_owned();
+        channel.funding_fee = psbt.fee().map_err(error)?;
+        let mut session =
+            Session::started(channel, self.k1, &self.policy, self.first, &self.terms)?;
+        session.spent = self.spent;
+        session.pay_to(self.first)?;
+        Ok(session)
+    }
+
+    /// Signs the funding with the deposit key and returns the body of `POST …/fund` (JSON),
+    /// carrying `session`'s first payment; `session` keeps the signed funding as
+    /// unacknowledged until [`Session::funded`]. Save `session.state()` before sending.
+    ///
+    /// # Errors
+    ///
+    /// Before [`refund_signed`](Self::refund_signed), or when a coin is not the deposit's.
+    #[wasm_bindgen(js_name = fundRequest)]
+    pub fn fund_request(&self, session: &mut Session) -> Result<String, JsError> {
+        let (proposal, _) = self.params.as_ref().ok_or_else(|| error("propose first"))?;
+        let (psbt, outpoint) = self.psbt.as_ref().ok_or_else(|| error("fund first"))?;
+        if session.channel.channel.outpoint() != *outpoint {
+            return Err(error("the session is another channel's"));
+        }
+        let mut psbt = psbt.clone();
+        steps::sign_p2wpkh_inputs(&mut psbt, &self.deposit).map_err(error)?;
+        let funding = psbt.extract_tx().map_err(error)?;
+        let payment = session.header().ok_or_else(|| error("no first payment"))?;
+        session.channel.unacknowledged_funding = Some(funding.clone());
+        Ok(to_json(&FundRequest {
+            proposal: *proposal,
+            funding_tx: serialize_hex(&funding),
+            payment,
+        }))
+    }
+
+    /// The network of the channel (as the terms name it).
+    #[wasm_bindgen(getter)]
+    pub fn network(&self) -> String {
+        self.network.to_core_arg().to_owned()
+    }
+}
+
+/// What [`Session::state`] saves: the channel as the Rust client keeps it (the same
+/// `ClientChannel`, so a file exported here reads there), its key, and the budget spent.
+#[derive(Debug, Serialize, Deserialize)]
+struct Saved {
+    channel: ClientChannel,
+    /// The channel key K1 (hex). In IndexedDB: see the threat model in `docs/BROWSER.md`.
+    key: String,
+    /// Payments and fees spent with this channel, in satoshis.
+    spent_sat: u64,
+    /// The server's price table, when its terms publish one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    prices: Option<serde_json::Value>,
+}
+
+/// A funded channel being paid on.
+#[wasm_bindgen]
+pub struct Session {
+    channel: ClientChannel,
+    key: SecretKey,
+    policy: SpendingPolicy,
+    bound: LossBound,
+    /// Payments and fees spent with this channel.
+    spent: Amount,
+    /// Payments and fees spent with the client's other channels: with `spent`, what the
+    /// policy's budget (`maxTotalSat`) counts.
+    elsewhere: Amount,
+    prices: Option<serde_json::Value>,
+}
+
+impl Session {
+    fn started(
+        channel: ClientChannel,
+        key: SecretKey,
+        policy: &SpendingPolicy,
+        first: Amount,
+        terms: &TermsDocument,
+    ) -> Result<Session, JsError> {
+        let mut bound = LossBound::new(policy);
+        bound.start(channel.id(), first);
+        let prices = (!terms.prices.is_null()).then(|| terms.prices.clone());
+        bound.price_list(prices.as_ref().and_then(PriceList::from_terms));
+        let spent = channel.funding_fee;
+        let elsewhere = Amount::ZERO;
+        Ok(Session { channel, key, policy: policy.clone(), bound, spent, elsewhere, prices })
+    }
+
+    /// Signs a payment of `total` to the server: the new latest payment.
+    fn pay_to(&mut self, total: Amount) -> Result<(), JsError> {
+        let paid = self.channel.paid();
+        if total <= paid {
+            return Err(error(format!("{total} is not more than the {paid} already paid")));
+        }
+        let channel = &self.channel.channel;
+        let mut payment = channel.build_payment(total).map_err(error)?;
+        channel.sign_payment(&mut payment, &self.key).map_err(error)?;
+        self.channel.latest = Some(payment);
+        self.spent = self.spent.checked_add(total - paid).unwrap_or(Amount::MAX);
+        Ok(())
+    }
+}
+
+#[wasm_bindgen]
+impl Session {
+    /// A channel saved by [`state`](Self::state), paid on under `policy` (JSON). What was paid
+    /// before is taken as served (the loss bound's `resume`).
+    ///
+    /// # Errors
+    ///
+    /// When `state` is not a saved session.
+    pub fn load(state_json: &str, policy_json: &str) -> Result<Session, JsError> {
+        let saved: Saved = json(state_json, "saved channel")?;
+        let policy = policy(policy_json)?;
+        let key = secret(&saved.key)?;
+        if saved.channel.channel.params().client_key != public(&key) {
+            return Err(error("the saved key is not the channel's client key"));
+        }
+        let mut bound = LossBound::new(&policy);
+        bound.resume(saved.channel.id(), saved.channel.paid());
+        bound.price_list(saved.prices.as_ref().and_then(PriceList::from_terms));
+        Ok(Session {
+            spent: Amount::from_sat(saved.spent_sat),
+            elsewhere: Amount::ZERO,
+            channel: saved.channel,
+            key,
+            policy,
+            bound,
+            prices: saved.prices,
+        })
+    }
+
+    /// What to save (JSON), before any header this session returned leaves the page.
+    pub fn state(&self) -> String {
+        to_json(&Saved {
+            channel: self.channel.clone(),
+            key: self.key.secret_bytes().to_lower_hex_string(),
+            spent_sat: self.spent.to_sat(),
+            prices: self.prices.clone(),
+        })
+    }
+
+    /// The channel's id (`txid:vout`).
+    #[wasm_bindgen(getter)]
+    pub fn id(&self) -> String {
+        self.channel.id().to_string()
+    }
+
+    /// The server's origin.
+    #[wasm_bindgen(getter)]
+    pub fn server(&self) -> String {
+        self.channel.server.clone()
+    }
+
+    /// The `Payment-Channel` header of the latest payment.
+    pub fn header(&self) -> Option<String> {
+        self.channel.header()
+    }
+
+    /// What the latest payment pays the server, in satoshis.
+    #[wasm_bindgen(getter, js_name = paidSat)]
+    pub fn paid_sat(&self) -> f64 {
+        self.channel.paid().to_sat() as f64
+    }
+
+    /// The channel's value, in satoshis.
+    #[wasm_bindgen(getter, js_name = valueSat)]
+    pub fn value_sat(&self) -> f64 {
+        self.channel.channel.params().value.to_sat() as f64
+    }
+
+    /// Payments and fees spent with this channel, in satoshis.
+    #[wasm_bindgen(getter, js_name = spentSat)]
+    pub fn spent_sat(&self) -> f64 {
+        self.spent.to_sat() as f64
+    }
+
+    /// Payments and fees spent with the client's other channels, in satoshis: set it after
+    /// [`load`](Self::load), for the policy's budget.
+    #[wasm_bindgen(setter, js_name = spentElsewhereSat)]
+    pub fn set_spent_elsewhere_sat(&mut self, sat: f64) -> Result<(), JsError> {
+        self.elsewhere = self::sat(sat, "spentElsewhereSat")?;
+        Ok(())
+    }
+
+    /// What the client counted served on the channel, in millisatoshis (the loss bound's
+    /// count).
+    #[wasm_bindgen(getter, js_name = countedMsat)]
+    pub fn counted_msat(&self) -> f64 {
+        self.bound.counted().to_msat() as f64
+    }
+
+    /// Whether the channel is retired (closed, or refused by the server).
+    #[wasm_bindgen(getter)]
+    pub fn retired(&self) -> bool {
+        self.channel.retired
+    }
+
+    /// Whether the channel's money is back or settled.
+    #[wasm_bindgen(getter)]
+    pub fn closed(&self) -> bool {
+        self.channel.closed
+    }
+
+    /// The server acknowledged the funding (`POST …/fund` answered 2xx).
+    pub fn funded(&mut self) {
+        self.channel.unacknowledged_funding = None;
+    }
+
+    /// The signed funding (hex) while the server has not acknowledged it.
+    #[wasm_bindgen(getter, js_name = unacknowledgedFunding)]
+    pub fn unacknowledged_funding(&self) -> Option<String> {
+        self.channel.unacknowledged_funding.as_ref().map(serialize_hex)
+    }
+
+    /// The server answered `method path` with `status`; `metered` when the answer carried a
+    /// `Payment-Channel-Balance` or a receipt. Counts a served, priced request (the loss
+    /// bound's count).
+    pub fn answered(&mut self, method: &str, path: &str, status: u16, metered: bool) {
+        self.bound.served(self.channel.id(), method, path, status, metered);
+    }
+
+    /// The server answered `method path` with a 402 whose body is `problem_json`. Returns
+    /// what to do, as JSON: `{"do":"retry","header":…}` after a top-up (save `state()` first,
+    /// then send again with the header), `{"do":"open"}` when the server no longer knows
+    /// the channel (open a new one), or `{"do":"retry","header":…}` with the latest payment
+    /// when it already pays enough.
+    ///
+    /// # Errors
+    ///
+    /// When the policy or the loss bound refuses, or the problem is not one a payment fixes.
+    #[wasm_bindgen(js_name = paymentRequired)]
+    pub fn payment_required(
+        &mut self,
+        method: &str,
+        path: &str,
+        problem_json: &str,
+    ) -> Result<String, JsError> {
+        let problem: Problem = json(problem_json, "402 problem")?;
+        if let Some(price) = problem.price_msat {
+            self.policy.check_price(price).map_err(error)?;
+            self.bound.quote(method, path, price);
+        }
+        let id = self.channel.id();
+        let snapshot = problem
+            .channel
+            .as_deref()
+            .filter(|s| s.channel == id && s.min_server_amount_sat.is_some())
+            .cloned();
+        match (&problem.code, snapshot) {
+            (ProblemCode::InsufficientBalance, Some(snapshot)) => {
+                let snapshot: ChannelSnapshot = steps::quoted(snapshot, &problem);
+                let (paid, spent) = (self.channel.paid(), self.budget_spent());
+                let top_up = steps::top_up(
+                    &self.policy,
+                    &self.channel.channel,
+                    paid,
+                    spent,
+                    &snapshot,
+                    None,
+                )
+                .map_err(error)?;
+                if let Some((target, ask)) = top_up {
+                    self.pay_within_bound(target, ask)?;
+                }
+                Ok(format!(r#"{{"do":"retry","header":{}}}"#, to_json(&self.header())))
+            }
+            (
+                ProblemCode::InsufficientBalance
+                | ProblemCode::UnknownChannel
+                | ProblemCode::ChannelNotOpen
+                | ProblemCode::ChannelClosing,
+                _,
+            ) => {
+                self.channel.retired = true;
+                Ok(r#"{"do":"open"}"#.to_owned())
+            }
+            _ => Err(error(format!(
+                "the server refused ({} {}): {}",
+                problem.status, problem.code, problem.detail
+            ))),
+        }
+    }
+
+    /// Pays `amount_sat` more ahead of any request, as far as the loss bound allows. Returns
+    /// the new header, or `undefined` when the bound allows nothing more. Save `state()` first.
+    ///
+    /// # Errors
+    ///
+    /// When the policy refuses.
+    #[wasm_bindgen(js_name = topUpAhead)]
+    pub fn top_up_ahead(&mut self, amount_sat: f64) -> Result<Option<String>, JsError> {
+        let paid = self.channel.paid();
+        let target = paid.checked_add(sat(amount_sat, "amount")?).unwrap_or(Amount::MAX);
+        let target = target.min(self.channel.channel.params().max_server_amount());
+        let before = self.channel.paid();
+        self.pay_within_bound(target, Ask::AHEAD)?;
+        Ok((self.channel.paid() > before).then(|| self.header()).flatten())
+    }
+
+    /// The body of `POST terms.endpoints.close` (JSON): a fair settlement at `spent_msat` (what
+    /// the server reported spent: its balance header, a receipt, or the channel's snapshot),
+    /// or none (the close at the latest payment) when it is `undefined`.
+    ///
+    /// # Errors
+    ///
+    /// When the key does not sign.
+    #[wasm_bindgen(js_name = closeRequest)]
+    pub fn close_request(&self, spent_msat: Option<f64>) -> Result<String, JsError> {
+        let spent = spent_msat
+            .filter(|m| m.is_finite() && *m >= 0.0)
+            .map(|m| MilliSats::from_msat(m as u64));
+        let fair = self.fair(spent)?;
+        Ok(to_json(&CloseRequest { fair_payment: fair.as_ref().map(wire::encode_payment) }))
+    }
+
+    /// Checks the server's answer to the close (JSON), sent with
+    /// [`close_request`](Self::close_request)`(spent_msat)`: the settlement must be one of
+    /// this client's payments that pays no more than the latest. Retires the channel (marked
+    /// closed when the page sees the settlement on chain). Returns
+    /// `{txid, serverSat, clientSat, feeSat}`.
+    ///
+    /// # Errors
+    ///
+    /// When the settlement is not the client's.
+    #[wasm_bindgen(js_name = checkClose)]
+    pub fn check_close(
+        &mut self,
+        answer_json: &str,
+        spent_msat: Option<f64>,
+    ) -> Result<String, JsError> {
+        let answer: CloseResponse = json(answer_json, "close answer")?;
+        let close: Transaction =
+            deserialize_hex(&answer.close_tx).map_err(|_| error("close: no close_tx"))?;
+        if close.compute_txid() != answer.txid {
+            return Err(error("the server misbehaved: the settlement's txid does not match"));
+        }
+        let spent = spent_msat
+            .filter(|m| m.is_finite() && *m >= 0.0)
+            .map(|m| MilliSats::from_msat(m as u64));
+        let fair = self.fair(spent)?;
+        let latest = self.channel.latest.as_ref().ok_or_else(|| error("no payment yet"))?;
+        let settlement =
+            steps::check_settlement(&self.channel.channel, latest, fair.as_ref(), &close)
+                .map_err(error)?;
+        self.channel.retired = true;
+        Ok(format!(
+            r#"{{"txid":"{}","serverSat":{},"clientSat":{},"feeSat":{}}}"#,
+            answer.txid,
+            settlement.server_amount.to_sat(),
+            settlement.client_amount.to_sat(),
+            settlement.fee.to_sat()
+        ))
+    }
+
+    /// The channel's money is back or settled (the settlement or the refund is on chain).
+    #[wasm_bindgen(js_name = markClosed)]
+    pub fn mark_closed(&mut self) {
+        self.channel.retired = true;
+        self.channel.closed = true;
+    }
+
+    /// The fully signed refund (hex): valid once the chain reaches
+    /// [`refund_height`](Self::refund_height); broadcast it with any node or explorer.
+    #[wasm_bindgen(js_name = refundTx)]
+    pub fn refund_tx(&self) -> String {
+        serialize_hex(&self.channel.refund)
+    }
+
+    /// The height from which the refund can be mined (the channel's lock time).
+    #[wasm_bindgen(getter, js_name = refundHeight)]
+    pub fn refund_height(&self) -> u32 {
+        self.channel.channel.params().expiry.to_consensus_u32()
+    }
+
+    /// The funding output (`txid:vout`), the channel's id.
+    #[wasm_bindgen(getter)]
+    pub fn outpoint(&self) -> String {
+        self.channel.channel.outpoint().to_string()
+    }
+
+    /// What the latest payment pays the server, from its transaction: for checks.
+    #[wasm_bindgen(js_name = latestServerSat)]
+    pub fn latest_server_sat(&self) -> f64 {
+        self.channel.latest.as_ref().map_or(0, |tx| server_amount(tx).to_sat()) as f64
+    }
+}
+
+impl Session {
+    /// What the policy's budget counts: this channel's payments and fees, and the others'.
+    fn budget_spent(&self) -> Amount {
+        self.spent.checked_add(self.elsewhere).unwrap_or(Amount::MAX)
+    }
+
+    fn pay_within_bound(&mut self, target: Amount, ask: Ask) -> Result<(), JsError> {
+        let id: ChannelId = self.channel.id();
+        let (paid, spent) = (self.channel.paid(), self.budget_spent());
+        match steps::next_payment(&self.policy, &self.bound, id, paid, spent, target, ask) {
+            Ok(Some(target)) => self.pay_to(target),
+            Ok(None) => Ok(()),
+            Err(StepError::Bound(exceeded)) => Err(error(format!("loss bound: {exceeded}"))),
+            Err(e) => Err(error(e)),
+        }
+    }
+
+    fn fair(&self, spent: Option<MilliSats>) -> Result<Option<Transaction>, JsError> {
+        steps::fair_settlement(
+            &self.channel.channel,
+            self.channel.latest.as_ref(),
+            &self.key,
+            spent,
+        )
+        .map_err(error)
+    }
+}
