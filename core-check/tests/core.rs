@@ -1,6 +1,11 @@
 //! paychan without `runtime`: the client's loss bound priced by a server's published table,
-//! and payments signed by the protocol core byte for byte as `docs/test-vectors.json` has them.
-//! This is the code a browser client compiles to wasm; here it runs natively.
+//! payments signed by the protocol core byte for byte as `docs/test-vectors.json` has them, and
+//! the client's sans-IO steps (`client::steps`). This is the code the browser client compiles
+//! to wasm. `cargo test -p paychan-core-check` runs it natively; `.ci/run` also runs it in
+//! wasm, in Node.js and in headless Chromium (wasm-bindgen-test-runner).
+
+#[cfg(target_arch = "wasm32")]
+use wasm_bindgen_test::wasm_bindgen_test as test;
 
 use bitcoin::absolute::LockTime;
 use bitcoin::hashes::Hash;
@@ -12,7 +17,8 @@ use paychan::client::{LossBound, PolicyRefusal, SpendingPolicy};
 use paychan::wire::{self, ChannelId, PriceList};
 use serde_json::{Value, json};
 
-const VECTORS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/test-vectors.json");
+/// Compiled in: a wasm test has no file system.
+const VECTORS: &str = include_str!("../../docs/test-vectors.json");
 
 #[test]
 fn the_loss_bound_counts_served_answers_at_the_published_prices() {
@@ -67,7 +73,7 @@ fn key(byte: u8) -> SecretKey {
 
 #[test]
 fn payments_signed_without_the_runtime_match_the_test_vectors() {
-    let vectors: Value = serde_json::from_str(&std::fs::read_to_string(VECTORS).unwrap()).unwrap();
+    let vectors: Value = serde_json::from_str(VECTORS).unwrap();
     let secp = Secp256k1::new();
     let (client, server) = (key(0x11), key(0x22));
     let pk = |k: &SecretKey| CompressedPublicKey(k.public_key(&secp));
@@ -102,4 +108,165 @@ fn payments_signed_without_the_runtime_match_the_test_vectors() {
             Ok(PaymentCheck::Increase { .. })
         ));
     }
+}
+
+/// The channel of the test vectors: client key 0x11, server key 0x22, 100 000 sat.
+fn vector_channel() -> (paychan::channel::Channel, SecretKey, ChainTip) {
+    let vectors: Value = serde_json::from_str(VECTORS).unwrap();
+    let secp = Secp256k1::new();
+    let (client, server) = (key(0x11), key(0x22));
+    let pk = |k: &SecretKey| CompressedPublicKey(k.public_key(&secp));
+    let p2wpkh = |k: &SecretKey| ScriptBuf::new_p2wpkh(&pk(k).wpubkey_hash());
+    let tip = ChainTip { height: 800_000, median_time_past: 1_700_000_000 };
+    let params = Terms::default()
+        .agree(
+            pk(&client),
+            pk(&server),
+            Amount::from_sat(100_000),
+            LockTime::from_height(800_200).unwrap(),
+            p2wpkh(&client),
+            p2wpkh(&server),
+            tip,
+        )
+        .unwrap();
+    let outpoint: OutPoint = vectors["funding"]["outpoint"].as_str().unwrap().parse().unwrap();
+    (params.at(outpoint), client, tip)
+}
+
+#[test]
+fn the_next_payment_stays_within_the_loss_bound_and_the_budget() {
+    use paychan::client::steps::{self, Ask, StepError};
+    let (channel, _, _) = vector_channel();
+    let id = ChannelId::new(channel.outpoint());
+    let policy = SpendingPolicy::default().with_max_prepaid(Amount::from_sat(1_000));
+    let mut bound = LossBound::new(&policy);
+    bound.start(id, Amount::from_sat(294));
+    let price = MilliSats::from_msat(5_000);
+    for _ in 0..100 {
+        bound.served(id, "GET", "/api", 200, true);
+    }
+    // 100 requests counted at `max_per_request` (no quote yet): 1 000 sat, + 5 + 1 000.
+    let paid = Amount::from_sat(294);
+    let ask = |min| Ask::new(price, Some(Amount::from_sat(min)), None);
+    let next = steps::next_payment(&policy, &bound, id, paid, paid, Amount::MAX, ask(400));
+    assert_eq!(next, Ok(Some(Amount::from_sat(2_005))), "lowered to the bound");
+    // The least the server asks beyond the bound: nothing is signed.
+    let refused = steps::next_payment(&policy, &bound, id, paid, paid, Amount::MAX, ask(2_006));
+    assert!(matches!(refused, Err(StepError::Bound(e)) if e.allowed == Amount::from_sat(2_005)));
+    // Nothing to pay: the latest payment already pays that much.
+    let same = steps::next_payment(&policy, &bound, id, paid, paid, paid, Ask::AHEAD);
+    assert_eq!(same, Ok(None));
+    // Another channel than the one counted: the bound allows nothing.
+    let other = ChannelId::new(OutPoint::null());
+    let refused = steps::next_payment(&policy, &bound, other, paid, paid, Amount::MAX, ask(400));
+    assert!(matches!(refused, Err(StepError::Bound(_))));
+    // The budget: 999 900 sat already spent elsewhere leaves room for 100 sat more.
+    let spent = Amount::from_sat(999_900);
+    let refused = steps::next_payment(&policy, &bound, id, paid, spent, Amount::MAX, ask(400));
+    assert!(matches!(refused, Err(StepError::Policy(PolicyRefusal::BudgetExhausted { .. }))));
+}
+
+#[test]
+fn a_top_up_asks_the_servers_least_within_the_policy() {
+    use paychan::client::steps;
+    use paychan::wire::ChannelSnapshot;
+    let (channel, _, _) = vector_channel();
+    let policy = SpendingPolicy::default().with_max_prepaid(Amount::from_sat(1_000));
+    let snapshot = |min: u64, suggested: u64| -> ChannelSnapshot {
+        serde_json::from_value(json!({
+            "channel": ChannelId::new(channel.outpoint()).to_string(),
+            "state": "open",
+            "paid_msat": 294_000, "spent_msat": 290_000, "leased_msat": 0, "balance_msat": 4_000,
+            "price_msat": 5_000, "capacity_left_sat": 99_000,
+            "min_server_amount_sat": min, "suggested_server_amount_sat": suggested,
+            "expiry": 800_200, "close_by": 800_150,
+        }))
+        .unwrap()
+    };
+    let paid = Amount::from_sat(294);
+    let (target, ask) = steps::top_up(&policy, &channel, paid, paid, &snapshot(295, 50_000), None)
+        .unwrap()
+        .unwrap();
+    // The suggestion, lowered to what was spent, the price and max_prepaid: 290 + 5 + 1 000.
+    assert_eq!(target, Amount::from_sat(1_295));
+    assert_eq!(ask.min, Some(Amount::from_sat(295)));
+    // A least beyond paid + price + max_prepaid is refused, whatever the server says.
+    let refused = steps::top_up(&policy, &channel, paid, paid, &snapshot(1_300, 1_300), None);
+    assert!(matches!(refused, Err(steps::StepError::Policy(PolicyRefusal::TopUpTooLarge { .. }))));
+}
+
+#[test]
+fn the_fair_close_and_the_settlement_check() {
+    use paychan::client::steps::{self, MisbehaviorKind, StepError};
+    let (channel, client, _) = vector_channel();
+    let mut latest = channel.build_payment(Amount::from_sat(5_000)).unwrap();
+    channel.sign_payment(&mut latest, &client).unwrap();
+    // 1 234.5 sat spent: the fair settlement pays 1 235, and the server's close may be it.
+    let spent = Some(MilliSats::from_msat(1_234_500));
+    let fair = steps::fair_settlement(&channel, Some(&latest), &client, spent).unwrap().unwrap();
+    assert_eq!(paychan::channel::server_amount(&fair), Amount::from_sat(1_235));
+    let settled = steps::check_settlement(&channel, &latest, Some(&fair), &fair).unwrap();
+    assert_eq!(settled.server_amount, Amount::from_sat(1_235));
+    assert_eq!(
+        settled.server_amount + settled.client_amount + settled.fee,
+        Amount::from_sat(100_000)
+    );
+    // Nothing to give back: no fair settlement.
+    let more = Some(MilliSats::from_msat(6_000_000));
+    assert!(steps::fair_settlement(&channel, Some(&latest), &client, more).unwrap().is_none());
+    // A close that pays the server more than the latest payment is not the client's.
+    let mut greedy = channel.build_payment(Amount::from_sat(9_000)).unwrap();
+    channel.sign_payment(&mut greedy, &client).unwrap();
+    let refused = steps::check_settlement(&channel, &latest, Some(&fair), &greedy);
+    assert!(matches!(
+        refused,
+        Err(StepError::Misbehaved(m)) if m.kind == MisbehaviorKind::WrongSettlement
+    ));
+}
+
+#[test]
+fn a_funding_from_deposited_coins_pays_the_channel_and_the_change() {
+    use bitcoin::{FeeRate, TxOut};
+    use paychan::client::steps::{self, StepError};
+    let deposit = key(0x33);
+    let secp = Secp256k1::new();
+    let script =
+        ScriptBuf::new_p2wpkh(&CompressedPublicKey(deposit.public_key(&secp)).wpubkey_hash());
+    let coin = |n: u8, sat: u64| {
+        let txid = Txid::from_byte_array([n; 32]);
+        (
+            OutPoint::new(txid, 0),
+            TxOut { value: Amount::from_sat(sat), script_pubkey: script.clone() },
+        )
+    };
+    let channel = TxOut {
+        value: Amount::from_sat(100_000),
+        script_pubkey: ScriptBuf::new_p2wsh(&bitcoin::WScriptHash::all_zeros()),
+    };
+    let rate = FeeRate::from_sat_per_vb(2).unwrap();
+    let coins = [coin(1, 60_000), coin(2, 50_000), coin(3, 1_000)];
+    let (mut psbt, used) =
+        steps::funding_from_coins(&coins, channel.clone(), script.clone(), rate).unwrap();
+    assert_eq!(used, 2, "the first two coins pay it");
+    let fee = psbt.fee().unwrap();
+    assert_eq!(
+        psbt.unsigned_tx.output[1].value,
+        Amount::from_sat(10_000) - fee,
+        "change to the deposit"
+    );
+    steps::sign_p2wpkh_inputs(&mut psbt, &deposit).unwrap();
+    let tx = psbt.extract_tx().unwrap();
+    // The fee pays at least the rate at the signed size (the witness was counted at its largest).
+    assert!(fee >= rate.fee_vb(tx.vsize() as u64).unwrap());
+    // Another key's signature is refused, input by input.
+    let (mut psbt, _) = steps::funding_from_coins(&coins, channel.clone(), script, rate).unwrap();
+    assert_eq!(
+        steps::sign_p2wpkh_inputs(&mut psbt, &key(0x44)),
+        Err(StepError::NotOurCoin { input: 0 })
+    );
+    // Not enough: what the coins hold is said.
+    let refused = steps::funding_from_coins(&coins[2..], channel, ScriptBuf::new(), rate);
+    assert!(
+        matches!(refused, Err(StepError::InsufficientFunds { available, .. }) if available == Amount::from_sat(1_000))
+    );
 }

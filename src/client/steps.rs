@@ -189,6 +189,21 @@ pub fn plan_open(
     Ok(OpenPlan { value, lifetime })
 }
 
+/// Checks one more automatic opening against the policy's `max_opens`, when `recent`
+/// channels were opened automatically with this server within its period (the caller keeps
+/// the times: a monotonic clock in the Rust client, the page's in the browser).
+///
+/// # Errors
+///
+/// [`StepError::Policy`] ([`PolicyRefusal::TooManyOpens`]).
+pub fn check_opens(policy: &SpendingPolicy, recent: usize) -> Result<(), StepError> {
+    let (count, period) = policy.max_opens();
+    if recent >= count as usize {
+        return Err(PolicyRefusal::TooManyOpens { count, period }.into());
+    }
+    Ok(())
+}
+
 /// Checks the server's tip in its terms against the client's `own`: at most
 /// [`MAX_TIP_SKEW`] blocks apart. The lock time counts from the client's own tip.
 ///
@@ -309,6 +324,12 @@ pub struct Ask {
 impl Ask {
     /// A top-up ahead of any request: as much as the bound allows, no least.
     pub const AHEAD: Self = Self { price: MilliSats::ZERO, min: None, claimed: None };
+
+    /// A payment for a request of `price`, of which the server asks at least `min`, claiming
+    /// `claimed` spent.
+    pub const fn new(price: MilliSats, min: Option<Amount>, claimed: Option<MilliSats>) -> Self {
+        Self { price, min, claimed }
+    }
 }
 
 /// `snapshot` with the price of the refused request as `problem` quotes it, when it quotes

@@ -274,8 +274,13 @@ export class PaychanClient extends EventTarget {
     const kept = await this.channels();
     const spent = kept.reduce((sum, c) => sum + c.spentSat, 0);
     const locked = kept.filter((c) => !c.closed && tip < c.refundHeight).reduce((sum, c) => sum + c.valueSat, 0);
+    const opensKey = `opens/${this.origin}`;
+    const opened = (await this.store.get(opensKey)) ?? [];
+    const now = Date.now();
     const opening = new Opening(this._termsText, this.policy, this.network, tip, this.lifetimeBlocks,
-      randomHex(), this._depositKey, spent, locked);
+      randomHex(), this._depositKey, spent, locked, Float64Array.from(opened), now);
+    // Counted before anything is asked of the server (the policy's maxOpens).
+    await this.store.put(opensKey, [...opened.filter((t) => now - t < 86_400_000), now]);
     try {
       const endpoints = terms.endpoints;
       opening.propose(JSON.stringify(await this._json('POST', endpoints.open, opening.request())));
@@ -300,6 +305,10 @@ export class PaychanClient extends EventTarget {
           if (e.status && e.status < 500) break;
           await new Promise((r) => setTimeout(r, 100 * tries));
         }
+      }
+      if (error) {
+        session.retire();
+        await this._save(session);
       }
       if (error) throw new PaychanError(`the server did not acknowledge the funding; it may still broadcast it (channel ${session.id} kept with its refund)`, { cause: error, status: error.status, problem: error.problem });
       session.funded();

@@ -197,7 +197,9 @@ impl Opening {
     /// 1 008, within the terms' bounds), with the fresh channel key `k1_hex` and the
     /// deposit key `deposit_hex`; `spent_sat` is what the page already spent (payments and
     /// fees, for the budget) and `locked_sat` the value of its channels whose money is not
-    /// back yet (for `maxLockedSat`). Change and the refund go to the deposit key.
+    /// back yet (for `maxLockedSat`), `opened_ms` the times (`Date.now()`) it opened channels
+    /// with this server and `now_ms` now (for the policy's `max_opens`: 3 an hour by
+    /// default). Change and the refund go to the deposit key.
     ///
     /// # Errors
     ///
@@ -214,6 +216,8 @@ impl Opening {
         deposit_hex: &str,
         spent_sat: f64,
         locked_sat: f64,
+        opened_ms: &[f64],
+        now_ms: f64,
     ) -> Result<Opening, JsError> {
         let terms: TermsDocument = json(terms_json, "terms")?;
         let network = network(network_name)?;
@@ -224,6 +228,11 @@ impl Opening {
             steps::plan_open(&terms, network, &policy, None, lifetime, true).map_err(error)?;
         let own = ChainTip { height: own_tip, median_time_past: 0 };
         steps::check_tip(&terms, own).map_err(error)?;
+        // The policy's max_opens: the times (ms) the page opened channels with this server.
+        let (_, period) = policy.max_opens();
+        let period_ms = period.as_millis() as f64;
+        let recent = opened_ms.iter().filter(|at| now_ms - **at < period_ms).count();
+        steps::check_opens(&policy, recent).map_err(error)?;
         let spent = sat(spent_sat, "spent")?;
         let first = steps::first_payment(&terms, &policy, spent).map_err(error)?;
         policy.check_lock(sat(locked_sat, "locked")?, plan.value).map_err(error)?;
@@ -552,6 +561,12 @@ impl Session {
     #[wasm_bindgen(getter)]
     pub fn closed(&self) -> bool {
         self.channel.closed
+    }
+
+    /// Stops paying on the channel (its refund is kept): the server did not acknowledge the
+    /// funding, or refused the channel.
+    pub fn retire(&mut self) {
+        self.channel.retired = true;
     }
 
     /// The server acknowledged the funding (`POST …/fund` answered 2xx).

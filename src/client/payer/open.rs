@@ -12,9 +12,7 @@ use std::time::Instant;
 use super::{Payer, State, misbehaved};
 use crate::channel::ChainTip;
 use crate::client::steps::{self, MisbehaviorKind as Kind};
-use crate::client::{
-    ClientChannel, ClientError, ClientStore, PolicyRefusal, Transport, WalletError,
-};
+use crate::client::{ClientChannel, ClientError, ClientStore, Transport, WalletError};
 use crate::wire::{
     ChannelId, FundRequest, FundResponse, OpenRequest, OpenResponse, RefundRequest, RefundResponse,
 };
@@ -341,14 +339,12 @@ impl<S: ClientStore> Payer<S> {
 
     /// Counts an automatic opening against the policy's `max_opens`.
     fn count_open(&self, state: &mut State) -> Result<(), ClientError> {
-        let (count, period) = self.inner.settings.policy.max_opens();
+        let (_, period) = self.inner.settings.policy.max_opens();
         let now = Instant::now();
         while state.opens.front().is_some_and(|at| now.duration_since(*at) >= period) {
             state.opens.pop_front();
         }
-        if state.opens.len() >= count as usize {
-            return Err(ClientError::Policy(PolicyRefusal::TooManyOpens { count, period }));
-        }
+        steps::check_opens(&self.inner.settings.policy, state.opens.len())?;
         state.opens.push_back(now);
         Ok(())
     }
