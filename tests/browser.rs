@@ -19,9 +19,10 @@ mod common;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::time::Duration;
 
 use bitcoin::consensus::encode::deserialize_hex;
-use bitcoin::{Address, Amount, Network, Transaction, Txid};
+use bitcoin::{Address, Amount, Network, ScriptBuf, Transaction, Txid};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -51,118 +52,177 @@ fn browser_tools(web: &Path) -> Result<(), String> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_page_deposits_opens_pays_reloads_closes_and_keeps_a_refund_core_accepts() {
-    let web = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("web");
-    if let Err(why) = browser_tools(&web) {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI=true but the browser test cannot run: {why}"
-        );
-        println!("skipped: {why}");
-        return;
+/// A demo server on a real node, and a page script driving Chromium against it.
+struct Harness {
+    node: Node,
+    merchant: Option<paychan::Started<paychan::store::MemoryStore, paychan::server::RoutePrices>>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    page: tokio::process::Child,
+    to_page: Option<tokio::process::ChildStdin>,
+    from_page: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    /// The page's deposit address.
+    deposit: ScriptBuf,
+}
+
+impl Harness {
+    /// Starts the node, the demo server and `script` (in `web/tests/`), and answers the
+    /// page's deposit step: 200 000 sat from Core's wallet to its address, confirmed. `None`
+    /// when the tools are missing (outside CI).
+    async fn start(script: &str) -> Option<Harness> {
+        let web = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("web");
+        if let Err(why) = browser_tools(&web) {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI=true but the browser test cannot run: {why}"
+            );
+            println!("skipped: {why}");
+            return None;
+        }
+        let node = Node::start(NodeConfig::default()).await?;
+        node.create_wallet("w").await;
+        node.mine(101).await;
+
+        let (router, merchant) =
+            app::app(node.chain(), web.clone()).await.expect("the demo server starts");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move {
+            axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>()).await
+        });
+        let mut page = tokio::process::Command::new("node")
+            .arg(web.join("tests").join(script))
+            .arg(&base)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("node starts");
+        let to_page = page.stdin.take();
+        let from_page = BufReader::new(page.stdout.take().unwrap()).lines();
+        let deposit = ScriptBuf::new();
+        let merchant = Some(merchant);
+        let mut h = Harness { node, merchant, server, page, to_page, from_page, deposit };
+        let step = h.next().await;
+        assert_eq!(step["step"], "deposit");
+        let address = step["address"].as_str().unwrap().parse::<Address<_>>().unwrap();
+        h.deposit = address.require_network(Network::Regtest).unwrap().script_pubkey();
+        h.node.fund_address(&h.deposit, Amount::from_sat(200_000)).await;
+        h.node.mine(1).await;
+        h.tell("deposited").await;
+        Some(h)
     }
-    let Some(node) = Node::start(NodeConfig::default()).await else { return };
-    node.create_wallet("w").await;
-    node.mine(101).await;
 
-    let (router, merchant) =
-        app::app(node.chain(), web.clone()).await.expect("the demo server starts");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let server = tokio::spawn(async move {
-        axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>()).await
-    });
-
-    let mut page = tokio::process::Command::new("node")
-        .arg(web.join("tests/e2e.mjs"))
-        .arg(&base)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("node starts");
-    let mut to_page = page.stdin.take().unwrap();
-    let mut from_page = BufReader::new(page.stdout.take().unwrap()).lines();
-    let mut next = async || -> Value {
-        let line = tokio::time::timeout(std::time::Duration::from_secs(180), from_page.next_line())
+    /// The page script's next step.
+    async fn next(&mut self) -> Value {
+        let line = self.from_page.next_line();
+        let line = tokio::time::timeout(Duration::from_secs(180), line)
             .await
             .expect("the page answers within 3 minutes")
             .unwrap()
             .expect("the page's script ended early (its error is above)");
         println!("page: {line}");
         serde_json::from_str(&line).unwrap()
-    };
+    }
 
-    // The deposit: 200 000 sat from Core's wallet to the page's address, confirmed.
-    let step = next().await;
-    assert_eq!(step["step"], "deposit");
-    let deposit: Address = step["address"]
-        .as_str()
-        .unwrap()
-        .parse::<Address<_>>()
-        .unwrap()
-        .require_network(Network::Regtest)
-        .unwrap();
-    node.fund_address(&deposit.script_pubkey(), Amount::from_sat(200_000)).await;
-    node.mine(1).await;
-    to_page.write_all(b"deposited\n").await.unwrap();
+    async fn tell(&mut self, line: &str) {
+        let to_page = self.to_page.as_mut().unwrap();
+        to_page.write_all(format!("{line}\n").as_bytes()).await.unwrap();
+    }
 
-    let paid = next().await;
+    /// The script's last step and its exit: it passed.
+    async fn done(&mut self) {
+        assert_eq!(self.next().await["step"], "done");
+        self.to_page = None;
+        let ended = tokio::time::timeout(Duration::from_secs(60), self.page.wait()).await;
+        let status = ended.expect("the page's script ends").unwrap();
+        assert!(status.success(), "the page's script passed");
+    }
+
+    /// The settlement `txid` is in Core's mempool, then mined; the transaction.
+    async fn mined(&self, txid: Txid) -> Transaction {
+        assert!(self.node.mempool_entry(txid).await.is_some(), "{txid} is in Core's mempool");
+        let tx = self.node.mempool_tx(txid).await;
+        let height = self.node.mine(1).await;
+        assert_eq!(self.node.confirmed_at(txid, height).await, Some(height), "{txid} is mined");
+        tx
+    }
+
+    /// What `tx` pays the page's deposit address.
+    fn to_deposit(&self, tx: &Transaction) -> u64 {
+        let outputs = tx.output.iter().filter(|o| o.script_pubkey == self.deposit);
+        outputs.map(|o| o.value.to_sat()).sum()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_deposits_opens_pays_reloads_closes_and_keeps_a_refund_core_accepts() {
+    let Some(mut h) = Harness::start("e2e.mjs").await else { return };
+    let paid = h.next().await;
     assert_eq!(paid["step"], "paid", "{paid}");
     let channel = paid["channel"].as_str().unwrap().to_owned();
     let funding: Txid = channel.split(':').next().unwrap().parse().unwrap();
+    let recent = h.node.height().await.saturating_sub(3);
     assert!(
-        node.mempool_entry(funding).await.is_some()
-            || node.confirmed_at(funding, node.height().await.saturating_sub(3)).await.is_some(),
+        h.node.mempool_entry(funding).await.is_some()
+            || h.node.confirmed_at(funding, recent).await.is_some(),
         "the server broadcast the page's funding and Core accepted it"
     );
-    let reloaded = next().await;
+    let reloaded = h.next().await;
     assert_eq!(reloaded["step"], "reloaded", "{reloaded}");
     assert_eq!(reloaded["channel"], channel.as_str());
 
     // The fair close: on chain, paying the server what the page was told and the rest back.
-    let closed = next().await;
+    let closed = h.next().await;
     assert_eq!(closed["step"], "closed", "{closed}");
-    let close_txid: Txid = closed["txid"].as_str().unwrap().parse().unwrap();
-    assert!(node.mempool_entry(close_txid).await.is_some(), "the close is in Core's mempool");
-    let close = node.mempool_tx(close_txid).await;
-    let height = node.mine(1).await;
-    assert_eq!(node.confirmed_at(close_txid, height).await, Some(height), "the close is mined");
-    let back: Amount = close
-        .output
-        .iter()
-        .filter(|o| o.script_pubkey == deposit.script_pubkey())
-        .map(|o| o.value)
-        .sum();
-    assert_eq!(back.to_sat(), closed["clientSat"].as_u64().unwrap(), "the prepaid rest came back");
+    assert_eq!(closed["onChain"], true, "the page's chain view took the settlement");
+    let close = h.mined(closed["txid"].as_str().unwrap().parse().unwrap()).await;
+    let back = h.to_deposit(&close);
+    assert_eq!(back, closed["clientSat"].as_u64().unwrap(), "the prepaid rest came back");
     // 120 requests at 5 sat: the server gets what was served, rounded up to its dust floor.
     let server_sat = closed["serverSat"].as_u64().unwrap();
     assert!((600..=600 + 294).contains(&server_sat), "fair close paid the server {server_sat} sat");
-    to_page.write_all(b"close-seen\n").await.unwrap();
+    h.tell("close-seen").await;
 
     // A second channel and its exported refund; then the server vanishes.
-    let refund = next().await;
+    let refund = h.next().await;
     assert_eq!(refund["step"], "refund", "{refund}");
-    assert_eq!(next().await["step"], "done");
-    drop(to_page);
-    let ended = tokio::time::timeout(std::time::Duration::from_secs(60), page.wait()).await;
-    assert!(ended.expect("the page's script ends").unwrap().success(), "the page's script passed");
-    merchant.stop();
-    server.abort();
+    h.done().await;
+    h.merchant.take().unwrap().stop();
+    h.server.abort();
 
     let refund_tx: Transaction = deserialize_hex(refund["refundTx"].as_str().unwrap()).unwrap();
     let refund_height = u32::try_from(refund["refundHeight"].as_u64().unwrap()).unwrap();
-    node.mine_to(refund_height - 1).await;
-    let early = node.send_raw(&refund_tx).await;
+    h.node.mine_to(refund_height - 1).await;
+    let early = h.node.send_raw(&refund_tx).await;
     assert!(early.is_err(), "Core refuses the refund before its lock time: {early:?}");
-    node.mine_to(refund_height).await;
-    let txid =
-        node.send_raw(&refund_tx).await.expect("Core accepts the exported refund at its lock time");
-    let height = node.mine(1).await;
-    assert_eq!(node.confirmed_at(txid, height).await, Some(height));
-    assert!(
-        refund_tx.output.iter().any(|o| o.script_pubkey == deposit.script_pubkey()),
-        "the refund pays the deposit address"
-    );
+    h.node.mine_to(refund_height).await;
+    let txid = h.node.send_raw(&refund_tx).await.expect("Core accepts the refund at its lock time");
+    let height = h.node.mine(1).await;
+    assert_eq!(h.node.confirmed_at(txid, height).await, Some(height));
+    assert!(h.to_deposit(&refund_tx) > 0, "the refund pays the deposit address");
+}
+
+/// Paying for media: a plain `<audio>` element plays the demo's tune while the Service Worker
+/// (`web/js/paychan-sw.js`) pays 1 sat per second fetched on the page's channel; 20 s and more
+/// are played, with a reload mid-stream; the server holds the page's latest payment (none
+/// lost) and charged what the page paid for; the fair close is mined.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_worker_pays_per_second_for_audio_across_a_reload() {
+    let Some(mut h) = Harness::start("listen.mjs").await else { return };
+    let opened = h.next().await;
+    assert_eq!(opened["step"], "opened", "{opened}");
+    let played = h.next().await;
+    assert_eq!(played["step"], "played", "{played}");
+    let listened = h.next().await;
+    assert_eq!(listened["step"], "listened", "{listened}");
+    assert!(listened["seconds"].as_f64().unwrap() >= 20.0);
+    assert_eq!(listened["channel"], opened["channel"]);
+    let closed = h.next().await;
+    assert_eq!(closed["step"], "closed", "{closed}");
+    let close = h.mined(closed["txid"].as_str().unwrap().parse().unwrap()).await;
+    assert_eq!(h.to_deposit(&close), closed["clientSat"].as_u64().unwrap());
+    // The server was paid for the seconds it served, at 1 sat each, from its dust floor.
+    let served = listened["servedSeconds"].as_u64().unwrap();
+    assert_eq!(closed["serverSat"].as_u64().unwrap(), served.max(294));
+    h.done().await;
 }

@@ -270,3 +270,24 @@ fn a_funding_from_deposited_coins_pays_the_channel_and_the_change() {
         matches!(refused, Err(StepError::InsufficientFunds { available, .. }) if available == Amount::from_sat(1_000))
     );
 }
+
+#[test]
+fn a_restored_count_gives_a_lying_server_one_price_per_load_not_max_prepaid() {
+    let policy = SpendingPolicy::default().with_max_prepaid(Amount::from_sat(1_000));
+    let channel = ChannelId::new(OutPoint::null());
+    let price = MilliSats::from_msat(5_000);
+    // Saved with 300 sat counted and 1 305 sat paid (300 + 5 + 1 000: the bound's most).
+    let paid = Amount::from_sat(1_305);
+    let mut bound = LossBound::new(&policy);
+    bound.restore(channel, paid, MilliSats::from_msat(300_000));
+    // An honest server asks at most paid + price: allowed.
+    assert!(bound.check(channel, paid + Amount::from_sat(5), price, None).is_ok());
+    // A liar gets that one price more, not another max_prepaid (`resume` would allow 2 310).
+    assert_eq!(bound.allowed(price), Amount::from_sat(1_310));
+    let mut resumed = LossBound::new(&policy);
+    resumed.resume(channel, paid);
+    assert_eq!(resumed.allowed(price), Amount::from_sat(2_310));
+    // A count saved above paid − max_prepaid is kept as it is.
+    bound.restore(channel, paid, MilliSats::from_msat(900_000));
+    assert_eq!(bound.allowed(price), Amount::from_sat(1_905));
+}

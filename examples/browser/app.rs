@@ -2,13 +2,15 @@
 //! an Esplora-compatible chain view, and the page with the browser client. Shared by the
 //! example (`main.rs`) and the end-to-end test in Chromium (`tests/browser.rs`).
 
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::Router;
 use axum::extract::{Path, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use paychan::bitcoin::bip32::Xpriv;
@@ -17,11 +19,15 @@ use paychan::bitcoin::{CompressedPublicKey, Network, ScriptBuf};
 use paychan::chain::{ChainBackend, ChainError};
 use paychan::server::{RoutePrices, chain_view};
 use paychan::store::MemoryStore;
+use paychan::wire::ChannelId;
 use paychan::{Merchant, MilliSats, Paid, Started};
 use serde_json::{Value, json};
 
 /// What one API call costs: 5 sat.
 pub(crate) const PRICE: MilliSats = MilliSats::from_msat(5_000);
+
+/// What one second of audio costs: 1 sat (each media request is answered with one second).
+pub(crate) const SECOND: MilliSats = MilliSats::from_msat(1_000);
 
 /// The demo server on `chain` (regtest), serving the browser client's files from `web`
 /// (the repository's `web/` folder, with `pkg/` built by `web/build.sh`), and its merchant
@@ -30,7 +36,11 @@ pub(crate) async fn app<C: ChainBackend + Clone + 'static>(
     chain: C,
     web: PathBuf,
 ) -> Result<(Router, Started<MemoryStore, RoutePrices>), ChainError> {
-    let prices = RoutePrices::new().route(http::Method::GET, "/api/fortune", PRICE);
+    let prices = RoutePrices::new().route(http::Method::GET, "/api/fortune", PRICE).route(
+        http::Method::GET,
+        "/media/{*file}",
+        SECOND,
+    );
     let master = Xpriv::new_master(Network::Regtest, b"paychan browser demo master seed")
         .expect("a 32-byte seed");
     let payout_key = SecretKey::from_slice(&[0x33; 32]).expect("a demo key");
@@ -49,12 +59,17 @@ pub(crate) async fn app<C: ChainBackend + Clone + 'static>(
     let files = Router::new()
         .route("/", get(|State(web): State<PathBuf>| file(web, "demo/index.html")))
         .route("/js/{name}", get(|State(web), Path(name): Path<String>| js(web, name)))
+        .route("/listen", get(|State(web): State<PathBuf>| file(web, "demo/listen.html")))
         .route("/pkg/{name}", get(|State(web), Path(name): Path<String>| pkg(web, name)))
         .with_state(web);
     // The layer serves the negotiation endpoints and meters `/api/fortune`; the page, the
     // client's files and the chain view are not in the price table: free (`Unlisted::Free`).
     let router = Router::new()
         .route("/api/fortune", get(fortune))
+        .route("/media/tone.wav", {
+            let pacing = Pacing::default();
+            get(move |paid: Paid, headers: HeaderMap| tone(pacing.clone(), paid, headers))
+        })
         .merge(files)
         .nest("/chain", chain_view(chain, Network::Regtest))
         // A fallback of its own, so that the layer (applied to the routes there are) also
@@ -84,6 +99,12 @@ async fn fortune(paid: Paid) -> Json<Value> {
 async fn js(web: PathBuf, name: String) -> Response {
     match name.as_str() {
         "paychan.js" | "paychan.d.ts" => file(web, &format!("js/{name}")).await,
+        // Served from /js/ but controls the whole origin (registered with `scope: '/'`).
+        "paychan-sw.js" => {
+            let mut response = file(web, "js/paychan-sw.js").await;
+            response.headers_mut().insert("service-worker-allowed", HeaderValue::from_static("/"));
+            response
+        }
         _ => StatusCode::NOT_FOUND.into_response(),
     }
 }
@@ -116,4 +137,115 @@ async fn file(web: PathBuf, name: &str) -> Response {
         )
             .into_response(),
     }
+}
+
+/// The audio: 8 kHz, 8-bit mono PCM (8 000 bytes a second), two minutes of a tune made here.
+const RATE: u32 = 8_000;
+const SECONDS: u32 = 120;
+const WAV_HEADER: u32 = 44;
+const WAV_LEN: u32 = WAV_HEADER + RATE * SECONDS;
+
+/// How far ahead of real time a channel's audio is served at once: a media element buffers as
+/// fast as it is answered, and a listener should pay for what it hears, not for the whole file.
+const AHEAD_SECONDS: u32 = 4;
+
+/// Per channel, the second of audio its stream started at and when: after the first
+/// `AHEAD_SECONDS`, seconds are served at twice real time (at real time exactly, Chromium waits
+/// for a long buffer before it plays). A seek (backwards, or more than 8 s forwards) starts
+/// the clock again.
+#[derive(Clone, Default)]
+struct Pacing(Arc<Mutex<HashMap<ChannelId, Stream>>>);
+
+/// When a channel's stream (re)started, at which second, and the last second asked.
+type Stream = (Instant, u32, u32);
+
+impl Pacing {
+    /// When second `k` of `channel`'s stream may be served.
+    fn due(&self, channel: ChannelId, k: u32) -> Instant {
+        let mut streams = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if streams.len() > 10_000 {
+            streams.clear(); // a demo's bound on memory
+        }
+        let now = Instant::now();
+        let entry = streams.entry(channel).or_insert((now, k, k));
+        let (origin, first, last) = *entry;
+        if k < last || k > last + 8 {
+            *entry = (now, k, k);
+            return now;
+        }
+        entry.2 = k;
+        let ahead = (k - first).saturating_sub(AHEAD_SECONDS);
+        origin + Duration::from_millis(u64::from(ahead) * 500)
+    }
+}
+
+/// `GET /media/tone.wav`: one second of audio per request, whatever range is asked: a 206 for
+/// the asked range cut to 8 000 bytes, so a media element asks again as it plays, and each
+/// request (one second) is paid; paced to real time ([`Pacing`]). Without a `Range` header:
+/// 416 (a media element always sends one).
+async fn tone(pacing: Pacing, paid: Paid, headers: HeaderMap) -> Response {
+    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok()).and_then(parse_range);
+    let Some((start, end)) = range.filter(|(start, _)| *start < WAV_LEN) else {
+        return (
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            [(header::CONTENT_RANGE, format!("bytes */{WAV_LEN}"))],
+            "ask for a byte range (Range: bytes=0-): each answer is one paid second",
+        )
+            .into_response();
+    };
+    let end = end.unwrap_or(WAV_LEN - 1).min(WAV_LEN - 1).min(start + RATE - 1);
+    tokio::time::sleep_until(pacing.due(paid.channel, start / RATE).into()).await;
+    let bytes: Vec<u8> = (start..=end).map(wav_byte).collect();
+    (
+        StatusCode::PARTIAL_CONTENT,
+        [
+            (header::CONTENT_TYPE, "audio/wav".to_owned()),
+            (header::ACCEPT_RANGES, "bytes".to_owned()),
+            (header::CONTENT_RANGE, format!("bytes {start}-{end}/{WAV_LEN}")),
+            (header::CACHE_CONTROL, "no-store".to_owned()),
+        ],
+        bytes,
+    )
+        .into_response()
+}
+
+/// `bytes=a-` or `bytes=a-b` (one range; anything else is not understood).
+fn parse_range(value: &str) -> Option<(u32, Option<u32>)> {
+    let (start, end) = value.strip_prefix("bytes=")?.split_once('-')?;
+    let start = start.trim().parse().ok()?;
+    let end = if end.trim().is_empty() { None } else { Some(end.trim().parse().ok()?) };
+    if end.is_some_and(|end| end < start) {
+        return None;
+    }
+    Some((start, end))
+}
+
+/// Byte `i` of the WAV file: the RIFF header, then the samples.
+fn wav_byte(i: u32) -> u8 {
+    if i < WAV_HEADER {
+        let data = RATE * SECONDS;
+        let mut header = Vec::with_capacity(44);
+        header.extend_from_slice(b"RIFF");
+        header.extend_from_slice(&(36 + data).to_le_bytes());
+        header.extend_from_slice(b"WAVEfmt ");
+        header.extend_from_slice(&16u32.to_le_bytes());
+        header.extend_from_slice(&1u16.to_le_bytes()); // PCM
+        header.extend_from_slice(&1u16.to_le_bytes()); // mono
+        header.extend_from_slice(&RATE.to_le_bytes());
+        header.extend_from_slice(&RATE.to_le_bytes()); // bytes per second
+        header.extend_from_slice(&1u16.to_le_bytes()); // block align
+        header.extend_from_slice(&8u16.to_le_bytes()); // bits per sample
+        header.extend_from_slice(b"data");
+        header.extend_from_slice(&data.to_le_bytes());
+        return header[i as usize];
+    }
+    // A pentatonic tune, one note a second, with a soft attack and decay.
+    const NOTES: [f64; 8] = [261.63, 293.66, 329.63, 392.0, 440.0, 392.0, 329.63, 293.66];
+    let n = i - WAV_HEADER;
+    let (second, at) = (n / RATE, f64::from(n % RATE) / f64::from(RATE));
+    let freq = NOTES[(second as usize) % NOTES.len()];
+    let envelope = (at * 20.0).min(1.0) * (1.0 - at).powf(0.7);
+    let t = f64::from(n) / f64::from(RATE);
+    let sample = (2.0 * std::f64::consts::PI * freq * t).sin() * 0.5 * envelope;
+    (128.0 + sample * 127.0).round().clamp(0.0, 255.0) as u8
 }

@@ -6,8 +6,8 @@
 //! ```
 //!
 //! The page (`web/demo/index.html`) connects with `paychan.connect`, shows a deposit address,
-//! and on a simulated chain (the default) a "faucet" button deposits 200 000 sat and mines a
-//! block. Each "fortune" is a `client.fetch` of `GET /api/fortune`, at 5 sat: the first one
+//! and on a simulated chain (the default, which mines a block every 10 seconds) a "faucet"
+//! button deposits 200 000 sat and mines a block. Each "fortune" is a `client.fetch` of `GET /api/fortune`, at 5 sat: the first one
 //! opens the channel, later ones top up on 402. The page shows the channel, the balance,
 //! each payment, a refund export and a fair close.
 //!
@@ -51,6 +51,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         app::app(BitcoindRpc::new(&url, Auth::CookieFile(cookie))?, web).await?.0
     } else {
         let chain = SimulatedChain::new();
+        // A block every 10 seconds, as a real chain would (fundings confirm, closes settle).
+        let miner = chain.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+                miner.mine(1);
+            }
+        });
         let faucet =
             Router::new().route("/faucet/{address}", post(faucet)).with_state(chain.clone());
         app::app(chain, web).await?.0.merge(faucet)

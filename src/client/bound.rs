@@ -120,6 +120,18 @@ impl LossBound {
         self.counted = MilliSats::from_sat(paid).unwrap_or(MilliSats::MAX);
     }
 
+    /// Counts `channel`, loaded with its latest payment `paid` and the count `counted` saved
+    /// with it (a client that saves its count, as the browser client does with every payment):
+    /// the count goes on from `max(counted, paid − max_prepaid)`. An honest server is never
+    /// stuck (what it may ask, `paid + price`, is allowed); a lying one gets at most one more
+    /// price per load, not [`resume`](Self::resume)'s `max_prepaid`.
+    pub fn restore(&mut self, channel: ChannelId, paid: Amount, counted: MilliSats) {
+        self.start(channel, Amount::ZERO);
+        let floor = paid.checked_sub(self.max_prepaid).unwrap_or(Amount::ZERO);
+        let floor = MilliSats::from_sat(floor).unwrap_or(MilliSats::MAX);
+        self.counted = counted.max(floor);
+    }
+
     /// The channel counted, if any.
     pub fn channel(&self) -> Option<ChannelId> {
         self.channel.map(|(channel, _)| channel)

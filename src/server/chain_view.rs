@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{Path, State};
@@ -27,21 +28,24 @@ const MAX_TX_HEX: usize = 200_000;
 /// |---|---|
 /// | `GET /blocks/tip/height` | the tip's height (text) |
 /// | `GET /address/{address}/utxo` | the address's unspent outputs: `[{txid, vout, value, status: {confirmed, block_height}}]` ([`ChainBackend::unspent_outputs_of`]) |
-/// | `GET /tx/{txid}/status` | `{confirmed, block_height}`; **404 for a transaction the backend does not know** (Esplora itself answers `{"confirmed": false}`) |
+/// | `GET /tx/{txid}/status`, `GET /tx/{txid}` | `{confirmed, block_height}`; **404 for a transaction the backend does not know** (Esplora's `/status` answers `{"confirmed": false}`; its `GET /tx/{txid}`, the transaction, answers 404 too) |
 /// | `POST /tx` | broadcasts the hex body; the txid (text) |
 ///
 /// Refusals are RFC 9457 problem documents: 400 for what does not parse or what the chain
 /// refuses, 503 when the backend cannot be reached.
 ///
-/// What a client may believe from it: a server that lies here cannot take the client's
-/// money. A coin it invents makes a funding no node accepts, and a value it changes makes
-/// the funding's signatures invalid: BIP-143 signatures commit to the amount they spend.
-/// A tip it moves back lengthens the refund's lock time (a tip more than
-/// [`MAX_TIP_SKEW`](crate::client::steps::MAX_TIP_SKEW) blocks from the terms' is refused,
-/// and the server writes both). On a real network, give the browser client an independent
-/// chain view (a public Esplora, or your own), as `docs/BROWSER.md` says. Mount it under a
-/// prefix with [`Router::nest`]; on Bitcoin Core, `unspent_outputs_of` is `scantxoutset`,
-/// which scans the whole UTXO set: fine on regtest and signet, slow on mainnet.
+/// **For regtest, signet and demos: not a mainnet service.** What a client believes from it
+/// is the paying server's word. A coin it invents makes a funding no node accepts, and a value
+/// it changes makes the funding's signatures invalid (BIP-143 signatures commit to the amount
+/// they spend). But the tip decides the refund's lock time: a server that writes a tip far
+/// *ahead* in its terms and here locks the client's money for as long as it likes (the client's
+/// check that the two agree does not help when the server writes both), and it can claim a
+/// settlement was broadcast. So the browser client refuses a chain view on the paying server's
+/// origin on any network but regtest unless told to trust it (`trustServerChainView`); give it
+/// an independent one (a public Esplora, or your own). On Bitcoin Core, `unspent_outputs_of`
+/// is `scantxoutset`, which scans the whole UTXO set (one scan at a time: concurrent address
+/// queries wait their turn here) and sees confirmed outputs only. Mount it under a prefix with
+/// [`Router::nest`].
 ///
 /// # Examples
 ///
@@ -58,11 +62,13 @@ pub fn chain_view<C: ChainBackend + Clone + 'static>(chain: C, network: Network)
         .route("/blocks/tip/height", get(tip::<C>))
         .route("/address/{address}/utxo", get(utxos::<C>))
         .route("/tx/{txid}/status", get(status::<C>))
+        .route("/tx/{txid}", get(status::<C>))
         .route("/tx", post(broadcast::<C>))
-        .with_state((chain, network))
+        .with_state((chain, network, Arc::new(tokio::sync::Mutex::new(()))))
 }
 
-type ViewState<C> = State<(C, Network)>;
+/// The chain, the network, and the one scan of the UTXO set at a time.
+type ViewState<C> = State<(C, Network, Arc<tokio::sync::Mutex<()>>)>;
 
 fn unavailable(error: ChainError) -> Problem {
     Problem::new(StatusCode::SERVICE_UNAVAILABLE, ProblemCode::ChainUnavailable, error)
@@ -72,12 +78,12 @@ fn bad(detail: impl fmt::Display) -> Problem {
     Problem::new(StatusCode::BAD_REQUEST, ProblemCode::BadRequest, detail)
 }
 
-async fn tip<C: ChainBackend>(State((chain, _)): ViewState<C>) -> Result<String, Problem> {
+async fn tip<C: ChainBackend>(State((chain, _, _)): ViewState<C>) -> Result<String, Problem> {
     Ok(chain.tip().await.map_err(unavailable)?.height.to_string())
 }
 
 async fn utxos<C: ChainBackend>(
-    State((chain, network)): ViewState<C>,
+    State((chain, network, scan)): ViewState<C>,
     Path(address): Path<String>,
 ) -> Result<Response, Problem> {
     let address = Address::from_str(&address)
@@ -85,7 +91,10 @@ async fn utxos<C: ChainBackend>(
         .require_network(network)
         .map_err(|_| bad(format_args!("the address is not for {network}")))?;
     let tip = chain.tip().await.map_err(unavailable)?.height;
-    let coins = chain.unspent_outputs_of(&address.script_pubkey()).await.map_err(unavailable)?;
+    let coins = {
+        let _one_at_a_time = scan.lock().await;
+        chain.unspent_outputs_of(&address.script_pubkey()).await.map_err(unavailable)?
+    };
     // Coins a transaction may spend now: an immature coinbase would make the funding invalid.
     let coins: Vec<_> = coins
         .iter()
@@ -105,7 +114,7 @@ async fn utxos<C: ChainBackend>(
 }
 
 async fn status<C: ChainBackend>(
-    State((chain, _)): ViewState<C>,
+    State((chain, _, _)): ViewState<C>,
     Path(txid): Path<String>,
 ) -> Result<Response, Problem> {
     let txid = Txid::from_str(&txid).map_err(|e| bad(format_args!("txid: {e}")))?;
@@ -120,7 +129,7 @@ async fn status<C: ChainBackend>(
 }
 
 async fn broadcast<C: ChainBackend>(
-    State((chain, _)): ViewState<C>,
+    State((chain, _, _)): ViewState<C>,
     body: String,
 ) -> Result<String, Problem> {
     let hex = body.trim();

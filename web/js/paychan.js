@@ -24,12 +24,26 @@ const RECEIPT = 'Payment-Receipt';
 const MAX_ATTEMPTS = 4;
 /** How many times `/fund` is sent (it is idempotent) before the funding is left in doubt. */
 const FUND_TRIES = 3;
+/** How many seconds a request waits for a channel's funding to confirm (`channel-pending`). */
+const PENDING_TRIES = 120;
+
+/** Runs `fn` under the Web Lock `name` where the browser has Web Locks. */
+function withLock(name, fn) {
+  const locks = globalThis.navigator?.locks;
+  return locks ? locks.request(name, fn) : fn();
+}
 
 let ready;
 /** Loads the wasm once (from `wasmUrl`, by default next to the bindings). */
 export function load(wasmUrl) {
   ready ??= init(wasmUrl ? { module_or_path: wasmUrl } : undefined);
   return ready;
+}
+
+function withTimeout(promise, ms) {
+  let timer;
+  const timeout = new Promise((_, reject) => { timer = setTimeout(() => reject(new Error(`no answer in ${ms} ms`)), ms); });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
 }
 
 function randomHex(bytes = 32) {
@@ -100,11 +114,19 @@ function chainView(base, fetchImpl) {
     return body;
   };
   return {
-    tip: async () => Number.parseInt(await text('/blocks/tip/height'), 10),
+    tip: async () => {
+      const body = (await text('/blocks/tip/height')).trim();
+      const height = /^\d{1,9}$/.test(body) ? Number(body) : NaN;
+      // A height, not a time: lock times at or above 500 000 000 are timestamps.
+      if (!(height < 500_000_000)) throw new PaychanError(`chain view: the tip ${JSON.stringify(body.slice(0, 40))} is not a height`);
+      return height;
+    },
     utxos: async (address) => JSON.parse(await text(`/address/${address}/utxo`)),
     broadcast: async (hex) => (await text('/tx', { method: 'POST', body: hex })).trim(),
+    // Whether the chain view knows the transaction (mempool or block): `GET /tx/:txid` answers
+    // 404 for one it does not (its `/status` answers `{"confirmed":false}` either way).
     status: async (txid) => {
-      const res = await fetchImpl(`${base}/tx/${txid}/status`);
+      const res = await fetchImpl(`${base}/tx/${txid}`);
       if (res.status === 404) return null;
       if (!res.ok) throw new PaychanError(`chain view: ${res.status}`, { status: res.status });
       return res.json();
@@ -131,6 +153,12 @@ export async function connect(origin, options = {}) {
   await load(options.wasmUrl);
   if (!options.network) throw new PaychanError('connect: options.network is required');
   if (!options.chain) throw new PaychanError('connect: options.chain (an Esplora API URL) is required');
+  // The chain view decides the lock time (its tip) and whether money came back: on a real
+  // network it must not be the paying server's own word (docs/BROWSER.md).
+  const chainOrigin = new URL(options.chain, globalThis.location?.href).origin;
+  if (options.network !== 'regtest' && chainOrigin === new URL(origin).origin && !options.trustServerChainView) {
+    throw new PaychanError('connect: the chain view is on the paying server\'s origin; on a real network use an independent one (or pass trustServerChainView: true)');
+  }
   const client = new PaychanClient(new URL(origin).origin, options);
   await client._init();
   return client;
@@ -156,11 +184,14 @@ export class PaychanClient extends EventTarget {
   }
 
   async _init() {
-    let wallet = await this.store.get('wallet');
-    if (!wallet) {
-      wallet = { depositKey: randomHex() };
-      await this.store.put('wallet', wallet);
-    }
+    // Created once per store, under a lock: two clients created together must not each
+    // draw a key (the one written last wins, and the other's address would be lost).
+    const wallet = await withLock('paychan wallet', async () => {
+      const kept = await this.store.get('wallet');
+      if (kept) return kept;
+      await this.store.put('wallet', { depositKey: randomHex() });
+      return this.store.get('wallet');
+    });
     this._depositKey = wallet.depositKey;
     /** The deposit: coins sent here fund the channels; change and refunds come back here. */
     this.deposit = {
@@ -168,30 +199,74 @@ export class PaychanClient extends EventTarget {
       script: depositScript(wallet.depositKey),
       publicKey: publicKey(wallet.depositKey),
     };
-    const current = await this.store.get(`current/${this.origin}`);
-    if (current) {
-      const saved = await this.store.get(`channel/${this.origin}/${current}`);
-      if (saved) {
-        this.session = Session.load(saved, this.policy);
-        const others = (await this.channels()).filter((c) => c.id !== current);
-        this.session.spentElsewhereSat = others.reduce((sum, c) => sum + c.spentSat, 0);
-      }
-    }
+    await this._sync();
   }
 
-  /** One payment decision at a time per client. */
+  /**
+   * One payment decision at a time: within this client (a promise queue) and, where the
+   * browser has Web Locks, across every tab and the Service Worker of the origin (one lock
+   * per server). Inside the lock the current channel is read again from the store when another
+   * context changed it (paid, opened, closed), so no payment is made twice or lost.
+   */
   _lock(fn) {
-    const run = this._queue.then(fn, fn);
+    const locked = () => withLock(`paychan ${this.origin}`, async () => {
+      await this._sync();
+      return fn();
+    });
+    const run = this._queue.then(locked, locked);
     this._queue = run.catch(() => {});
     return run;
+  }
+
+  /**
+   * Loads the current channel from the store when it differs from the one in memory. What a
+   * context counted is kept while nobody else paid; a channel another context paid on is
+   * resumed (its payments taken as served, as after a reload).
+   */
+  async _sync() {
+    const current = await this.store.get(`current/${this.origin}`);
+    if (!current) return;
+    const saved = await this.store.get(`channel/${this.origin}/${current}`);
+    const latest = (state) => JSON.stringify(JSON.parse(state).channel.latest ?? null);
+    if (!saved || (this.session?.id === current && latest(this.session.state()) === latest(saved))) return;
+    const next = Session.load(saved, this.policy);
+    const others = (await this.channels()).filter((c) => c.id !== current);
+    next.spentElsewhereSat = others.reduce((sum, c) => sum + c.spentSat, 0);
+    this.session?.free();
+    this.session = next;
   }
 
   _emit(type, detail) {
     this.dispatchEvent(new CustomEvent(type, { detail }));
   }
 
+  /**
+   * Saves `session`. When the store fails, the session in memory goes back to what the store
+   * holds: a payment the store does not have never leaves the page.
+   */
   async _save(session = this.session) {
-    await this.store.put(`channel/${this.origin}/${session.id}`, session.state());
+    const key = `channel/${this.origin}/${session.id}`;
+    try {
+      await this.store.put(key, session.state());
+    } catch (e) {
+      if (session === this.session) {
+        const saved = await this.store.get(key).catch(() => undefined);
+        const spentElsewhere = this.session.spentElsewhereSat;
+        this.session.free();
+        this.session = saved ? Session.load(saved, this.policy) : undefined;
+        if (this.session) this.session.spentElsewhereSat = spentElsewhere;
+      }
+      throw new PaychanError(`the payment could not be saved, so it was not sent: ${e.message}`, { cause: e });
+    }
+  }
+
+  /**
+   * Whether there is a channel to pay on (read again from the store: another tab or the
+   * Service Worker may have opened or closed one).
+   */
+  async hasChannel() {
+    await this._lock(async () => {});
+    return Boolean(this.session && !this.session.retired);
   }
 
   /** A BIP21 URI for a deposit of `amountSat`. */
@@ -313,6 +388,11 @@ export class PaychanClient extends EventTarget {
       if (error) throw new PaychanError(`the server did not acknowledge the funding; it may still broadcast it (channel ${session.id} kept with its refund)`, { cause: error, status: error.status, problem: error.problem });
       session.funded();
       await this._save(session);
+      // The previous channel is no longer paid on (its refund is kept).
+      if (this.session && !this.session.retired) {
+        this.session.retire();
+        await this._save(this.session);
+      }
       await this.store.put(`current/${this.origin}`, session.id);
       this.session?.free();
       this.session = session;
@@ -337,24 +417,32 @@ export class PaychanClient extends EventTarget {
     const path = url.pathname + url.search;
     const body = ['GET', 'HEAD'].includes(method) ? undefined : await request.arrayBuffer();
     let opened = false;
+    let pending = 0;
     for (let attempt = 1; ; attempt++) {
       const sent = this.session && !this.session.retired ? this.session.header() : undefined;
+      const sentOn = sent ? this.session.id : undefined;
       const headers = new Headers(request.headers);
       if (sent) headers.set(HEADER, sent);
       const response = await this._fetch(url, {
         method, headers, body, redirect: 'manual', signal: init.signal ?? request.signal,
         credentials: request.credentials, cache: request.cache,
       });
+      // A channel whose funding waits for its confirmation (409 `channel-pending`): wait.
+      if (response.status === 409 && sent && pending < PENDING_TRIES) {
+        const problem = await response.clone().json().catch(() => null);
+        if (problem?.code === 'channel-pending') {
+          pending += 1;
+          attempt -= 1; // waiting is not one of the attempts to pay
+          await new Promise((r) => setTimeout(r, 1000));
+          continue;
+        }
+      }
       if (response.status !== 402 || attempt >= MAX_ATTEMPTS) {
-        if (sent) this._answered(method, path, response);
+        if (sent) this._answered(sentOn, method, path, response);
         return response;
       }
       let problem;
       try { problem = await response.clone().json(); } catch { return response; }
-      if (problem.code === 'channel-pending') {
-        await new Promise((r) => setTimeout(r, 1000));
-        continue;
-      }
       if (problem.code === 'payment-required' && sent) return response; // the header was dropped on the way
       await this._lock(async () => {
         const current = this.session && !this.session.retired ? this.session.header() : undefined;
@@ -376,15 +464,22 @@ export class PaychanClient extends EventTarget {
         if (action.do === 'open') {
           if (opened) throw new PaychanError('the server refused the channel just opened', { status: 402, problem });
           opened = true;
+          // The old channel first closes fairly, so its prepaid rest comes back (best effort:
+          // a server that forgot it will not; its refund is kept either way).
+          if (this.session) {
+            await withTimeout(this._closeFair(this.session, { markClosed: false }), 10_000)
+              .catch((e) => this._emit('refused', { channel: this.session.id, reason: `fair close before a new channel: ${e.message}` }));
+          }
           await this._open();
         }
       });
     }
   }
 
-  _answered(method, path, response) {
+  /** Counts an answer to a request that paid on channel `sentOn`: on that channel only. */
+  _answered(sentOn, method, path, response) {
     const session = this.session;
-    if (!session) return;
+    if (!session || session.id !== sentOn) return;
     const balance = response.headers.get(BALANCE);
     const metered = balance !== null || response.headers.has(RECEIPT);
     session.answered(method, path, response.status, metered);
@@ -398,33 +493,53 @@ export class PaychanClient extends EventTarget {
    */
   close() {
     return this._lock(async () => {
-      const session = this.session;
-      if (!session) throw new PaychanError('no channel to close');
-      const terms = await this._terms();
-      const id = session.id;
-      const snapshotPath = terms.endpoints.channel.replace('{id}', id);
-      const closePath = terms.endpoints.close.replace('{id}', id);
-      const readSpent = async () => (await this._json('GET', snapshotPath)).spent_msat;
-      let spent = await readSpent().catch(() => undefined);
-      let answer;
-      for (let tries = 1; ; tries++) {
-        try {
-          answer = await this._json('POST', closePath, session.closeRequest(spent), { [HEADER]: session.header() });
-          break;
-        } catch (e) {
-          const code = e.problem?.code ?? '';
-          if (spent === undefined || !code.startsWith('payment-')) throw e;
-          // Spent more since the read: read again; after a few tries, close at the latest.
-          spent = code === 'payment-below-spent' && tries < 3 ? await readSpent() : undefined;
-        }
+      if (!this.session) throw new PaychanError('no channel to close');
+      return this._closeFair(this.session, { markClosed: true });
+    });
+  }
+
+  /**
+   * The fair close of `session` (under the lock). The settlement must be one of the client's
+   * payments; the client broadcasts it itself through the chain view, and only when the chain
+   * view takes it (or has it) is the channel marked closed (with `markClosed`): never on the
+   * server's word alone. Otherwise the channel stays retired with its refund.
+   */
+  async _closeFair(session, { markClosed }) {
+    const terms = await this._terms();
+    const id = session.id;
+    const snapshotPath = terms.endpoints.channel.replace('{id}', id);
+    const closePath = terms.endpoints.close.replace('{id}', id);
+    const readSpent = async () => (await this._json('GET', snapshotPath)).spent_msat;
+    let spent = await readSpent().catch(() => undefined);
+    let answer;
+    for (let tries = 1; ; tries++) {
+      try {
+        answer = await this._json('POST', closePath, session.closeRequest(spent), { [HEADER]: session.header() });
+        break;
+      } catch (e) {
+        const code = e.problem?.code ?? '';
+        if (spent === undefined || !code.startsWith('payment-')) throw e;
+        // Spent more since the read: read again; after a few tries, close at the latest.
+        spent = code === 'payment-below-spent' && tries < 3 ? await readSpent() : undefined;
       }
-      const settlement = JSON.parse(session.checkClose(JSON.stringify(answer), spent));
-      // Closed by the user: no longer counted as locked (as the Rust client's `close`).
+    }
+    const settlement = JSON.parse(session.checkClose(JSON.stringify(answer), spent));
+    await this._save(session);
+    let broadcast;
+    try {
+      await this.chain.broadcast(answer.close_tx);
+      broadcast = true;
+    } catch (e) {
+      // Already in the mempool or a block is fine; anything else: the server's word only.
+      broadcast = (await this.chain.status(settlement.txid).catch(() => null)) !== null;
+      if (!broadcast) this._emit('refused', { channel: id, reason: `the settlement is not on chain: ${e.message}; the refund is kept` });
+    }
+    if (broadcast && markClosed) {
       session.markClosed();
       await this._save(session);
-      this._emit('close', { channel: id, ...settlement });
-      return { channel: id, ...settlement };
-    });
+    }
+    this._emit('close', { channel: id, onChain: broadcast, ...settlement });
+    return { channel: id, onChain: broadcast, ...settlement };
   }
 
   /**

@@ -413,6 +413,10 @@ struct Saved {
     /// The server's price table, when its terms publish one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     prices: Option<serde_json::Value>,
+    /// What the loss bound counted served on the channel, in msat: a load goes on from it
+    /// (`LossBound::restore`), so a reload does not hand a lying server `maxPrepaidSat` more.
+    #[serde(default)]
+    counted_msat: u64,
 }
 
 /// A funded channel being paid on.
@@ -464,8 +468,9 @@ impl Session {
 
 #[wasm_bindgen]
 impl Session {
-    /// A channel saved by [`state`](Self::state), paid on under `policy` (JSON). What was paid
-    /// before is taken as served (the loss bound's `resume`).
+    /// A channel saved by [`state`](Self::state), paid on under `policy` (JSON). The loss
+    /// bound goes on from the count saved with it, or from what was paid less `maxPrepaidSat`
+    /// when that is more (`LossBound::restore`).
     ///
     /// # Errors
     ///
@@ -478,7 +483,8 @@ impl Session {
             return Err(error("the saved key is not the channel's client key"));
         }
         let mut bound = LossBound::new(&policy);
-        bound.resume(saved.channel.id(), saved.channel.paid());
+        let counted = MilliSats::from_msat(saved.counted_msat);
+        bound.restore(saved.channel.id(), saved.channel.paid(), counted);
         bound.price_list(saved.prices.as_ref().and_then(PriceList::from_terms));
         Ok(Session {
             spent: Amount::from_sat(saved.spent_sat),
@@ -498,6 +504,7 @@ impl Session {
             key: self.key.secret_bytes().to_lower_hex_string(),
             spent_sat: self.spent.to_sat(),
             prices: self.prices.clone(),
+            counted_msat: self.bound.counted().to_msat(),
         })
     }
 
@@ -538,6 +545,16 @@ impl Session {
 
     /// Payments and fees spent with the client's other channels, in satoshis: set it after
     /// [`load`](Self::load), for the policy's budget.
+    #[wasm_bindgen(getter, js_name = spentElsewhereSat)]
+    pub fn spent_elsewhere_sat(&self) -> f64 {
+        self.elsewhere.to_sat() as f64
+    }
+
+    /// Sets [`spent_elsewhere_sat`](Self::spent_elsewhere_sat).
+    ///
+    /// # Errors
+    ///
+    /// When `sat` is not a whole number of satoshis.
     #[wasm_bindgen(setter, js_name = spentElsewhereSat)]
     pub fn set_spent_elsewhere_sat(&mut self, sat: f64) -> Result<(), JsError> {
         self.elsewhere = self::sat(sat, "spentElsewhereSat")?;
