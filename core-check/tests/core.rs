@@ -74,25 +74,8 @@ fn key(byte: u8) -> SecretKey {
 #[test]
 fn payments_signed_without_the_runtime_match_the_test_vectors() {
     let vectors: Value = serde_json::from_str(VECTORS).unwrap();
-    let secp = Secp256k1::new();
-    let (client, server) = (key(0x11), key(0x22));
-    let pk = |k: &SecretKey| CompressedPublicKey(k.public_key(&secp));
-    let p2wpkh = |k: &SecretKey| ScriptBuf::new_p2wpkh(&pk(k).wpubkey_hash());
-    let tip = ChainTip { height: 800_000, median_time_past: 1_700_000_000 };
-    let params = Terms::default()
-        .agree(
-            pk(&client),
-            pk(&server),
-            Amount::from_sat(100_000),
-            LockTime::from_height(800_200).unwrap(),
-            p2wpkh(&client),
-            p2wpkh(&server),
-            tip,
-        )
-        .unwrap();
-    let outpoint: OutPoint = vectors["funding"]["outpoint"].as_str().unwrap().parse().unwrap();
-    assert_ne!(outpoint.txid, Txid::all_zeros());
-    let channel = params.at(outpoint);
+    let (channel, client, tip) = vector_channel();
+    assert_ne!(channel.outpoint().txid, Txid::all_zeros());
 
     let payments = vectors["payments"].as_array().unwrap();
     assert_eq!(payments.len(), 2);

@@ -11,28 +11,13 @@
 // pay 20 more on the same channel (no payment lost, none repeated); close fairly; open a
 // second channel by paying again; export its refund (for a server that vanishes).
 
-import { chromium } from 'playwright-core';
-import { execSync } from 'node:child_process';
-import { createInterface } from 'node:readline';
+import { check, hear, inChromium, say } from './harness.mjs';
 
 const base = process.argv[2];
 const faucet = process.argv.includes('--faucet');
 if (!base) throw new Error('usage: e2e.mjs <base-url> [--faucet]');
 
-const say = (step, detail = {}) => console.log(JSON.stringify({ step, ...detail }));
-const lines = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
-const hear = async (expected) => {
-  const { value, done } = await lines.next();
-  if (done || value.trim() !== expected) throw new Error(`expected "${expected}" on stdin, got ${done ? 'EOF' : value}`);
-};
-const check = (ok, what) => { if (!ok) throw new Error(`check failed: ${what}`); };
-
-const executablePath = process.env.CHROMIUM ?? execSync('command -v chromium').toString().trim();
-const browser = await chromium.launch({ executablePath, args: ['--no-sandbox'] });
-try {
-  const page = await browser.newPage();
-  page.on('pageerror', (e) => console.error(`page error: ${e.message}`));
-  page.on('console', (m) => { if (m.type() === 'error') console.error(`page console: ${m.text()}`); });
+await inChromium([], async (page) => {
   const load = async () => {
     const started = Date.now();
     await page.goto(base, { waitUntil: 'load' });
@@ -100,7 +85,4 @@ try {
   check(second.channels.length === 2, `two channels kept, got ${second.channels.length}`);
   say('refund', { channel: second.channel, refundTx: second.refund.refundTx, refundHeight: second.refund.refundHeight });
   say('done');
-} finally {
-  await browser.close();
-  process.stdin.destroy(); // the script ends even while stdin stays open
-}
+});

@@ -11,29 +11,12 @@
 // where it was to 20 s or more on the same channel, check that the server holds the latest
 // payment (none lost) and charged one price per second fetched, close fairly.
 
-import { chromium } from 'playwright-core';
-import { execSync } from 'node:child_process';
-import { createInterface } from 'node:readline';
+import { check, hear, inChromium, say } from './harness.mjs';
 
 const base = process.argv[2];
 const faucet = process.argv.includes('--faucet');
-const say = (step, detail = {}) => console.log(JSON.stringify({ step, ...detail }));
-const lines = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
-const hear = async (expected) => {
-  const { value, done } = await lines.next();
-  if (done || value.trim() !== expected) throw new Error(`expected "${expected}" on stdin, got ${done ? 'EOF' : value}`);
-};
-const check = (ok, what) => { if (!ok) throw new Error(`check failed: ${what}`); };
 
-const executablePath = process.env.CHROMIUM ?? execSync('command -v chromium').toString().trim();
-const browser = await chromium.launch({
-  executablePath,
-  args: ['--no-sandbox', '--autoplay-policy=no-user-gesture-required'],
-});
-try {
-  const page = await browser.newPage();
-  page.on('pageerror', (e) => console.error(`page error: ${e.message}`));
-  page.on('console', (m) => { if (m.type() === 'error') console.error(`page console: ${m.text()}`); });
+await inChromium(['--autoplay-policy=no-user-gesture-required'], async (page) => {
   const load = async () => {
     await page.goto(`${base}/listen`, { waitUntil: 'load' });
     await page.waitForSelector('body[data-ready="yes"]', { timeout: 30_000 });
@@ -87,7 +70,4 @@ try {
   const closed = await page.evaluate(() => window.demo.client.close());
   say('closed', closed);
   say('done');
-} finally {
-  await browser.close();
-  process.stdin.destroy();
-}
+});
