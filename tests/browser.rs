@@ -69,6 +69,12 @@ impl Harness {
     /// page's deposit step: 200 000 sat from Core's wallet to its address, confirmed. `None`
     /// when the tools are missing (outside CI).
     async fn start(script: &str) -> Option<Harness> {
+        Self::start_with(script, axum::Router::new()).await
+    }
+
+    /// [`start`](Self::start), the demo server with the routes of `extra` too (outside its
+    /// paywall).
+    async fn start_with(script: &str, extra: axum::Router) -> Option<Harness> {
         let web = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("web");
         if let Err(why) = browser_tools(&web) {
             assert!(
@@ -84,6 +90,7 @@ impl Harness {
 
         let (router, merchant) =
             app::app(node.chain(), web.clone()).await.expect("the demo server starts");
+        let router = extra.merge(router);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let server = tokio::spawn(async move {
@@ -206,9 +213,37 @@ async fn a_page_deposits_opens_pays_reloads_closes_and_keeps_a_refund_core_accep
 /// (`web/js/paychan-sw.js`) pays 1 sat per second fetched on the page's channel; 20 s and more
 /// are played, with a reload mid-stream; the server holds the page's latest payment (none
 /// lost) and charged what the page paid for; the fair close is mined.
+/// A lying media server: whatever a request paid, it asks for one more second and serves
+/// nothing (`/media/liar.wav`, beside the demo's paywall).
+async fn liar(headers: http::HeaderMap) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let payment = headers
+        .get(paychan::wire::PAYMENT_CHANNEL)
+        .and_then(|h| paychan::wire::decode_payment(h.as_bytes()).ok());
+    let Some(payment) = payment else { return http::StatusCode::PAYMENT_REQUIRED.into_response() };
+    let id = paychan::wire::ChannelId::new(payment.input[0].previous_output);
+    let paid = paychan::channel::server_amount(&payment).to_sat();
+    let problem = serde_json::json!({
+        "type": "urn:paychan:problem:insufficient-balance", "title": "Payment Required",
+        "status": 402, "detail": "one more second, please", "code": "insufficient-balance",
+        "price_msat": 1_000,
+        "channel": {
+            "channel": id.to_string(), "state": "open",
+            "paid_msat": paid * 1_000, "spent_msat": paid * 1_000, "balance_msat": 0,
+            "price_msat": 1_000, "capacity_left_sat": 0,
+            "min_server_amount_sat": paid + 1, "suggested_server_amount_sat": paid + 1_000,
+            "expiry": 0, "close_by": 0
+        }
+    });
+    let mut response = axum::Json(problem).into_response();
+    *response.status_mut() = http::StatusCode::PAYMENT_REQUIRED;
+    response
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_worker_pays_per_second_for_audio_across_a_reload() {
-    let Some(mut h) = Harness::start("listen.mjs").await else { return };
+    let liar = axum::Router::new().route("/media/liar.wav", axum::routing::get(liar));
+    let Some(mut h) = Harness::start_with("listen.mjs", liar).await else { return };
     let opened = h.next().await;
     assert_eq!(opened["step"], "opened", "{opened}");
     let played = h.next().await;
@@ -217,12 +252,94 @@ async fn a_service_worker_pays_per_second_for_audio_across_a_reload() {
     assert_eq!(listened["step"], "listened", "{listened}");
     assert!(listened["seconds"].as_f64().unwrap() >= 20.0);
     assert_eq!(listened["channel"], opened["channel"]);
+    let resumed = h.next().await;
+    assert_eq!(resumed["step"], "resumed", "{resumed}");
+    assert_eq!(resumed["channel"], opened["channel"]);
+    let lied_to = h.next().await;
+    assert_eq!(lied_to["step"], "lied-to", "{lied_to}");
     let closed = h.next().await;
     assert_eq!(closed["step"], "closed", "{closed}");
     let close = h.mined(closed["txid"].as_str().unwrap().parse().unwrap()).await;
     assert_eq!(h.to_deposit(&close), closed["clientSat"].as_u64().unwrap());
-    // The server was paid for the seconds it served, at 1 sat each, from its dust floor.
-    let served = listened["servedSeconds"].as_u64().unwrap();
-    assert_eq!(closed["serverSat"].as_u64().unwrap(), served.max(294));
+    // The server was paid exactly the seconds it served (1 sat each, from its dust floor),
+    // not what the liar beside it was handed.
+    let charged = closed["chargedMsat"].as_u64().unwrap().div_ceil(1_000);
+    assert_eq!(closed["serverSat"].as_u64().unwrap(), charged.max(294));
+    h.done().await;
+}
+
+/// Funding from the user's own wallet by PSBT, and a metered stream (issue #25): Bitcoin
+/// Core's wallet plays the user's (`walletcreatefundedpsbt` makes the unsigned funding,
+/// `walletprocesspsbt` signs it); the page refuses a PSBT that pays the channel too little and
+/// a signed PSBT of another transaction, has the refund signed and saved before the wallet
+/// signs, hands the funding to the server, pays 30 requests with receipts, reads a metered SSE
+/// stream of 2 500 events with in-band top-ups and its receipt, and closes fairly, paying the
+/// server exactly what it served. Core accepts the funding and the close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_funds_a_channel_by_psbt_and_reads_a_metered_stream() {
+    let Some(mut h) = Harness::start("psbt.mjs").await else { return };
+    let output = h.next().await;
+    assert_eq!(output["step"], "fund-psbt", "{output}");
+    let address = output["address"].as_str().unwrap().to_owned();
+    let amount = Amount::from_sat(output["amountSat"].as_u64().unwrap());
+    let fee_rate = output["feeRateSatPerVb"].as_u64().unwrap().max(1);
+    let funded_psbt = |amount: Amount| {
+        let outputs = serde_json::json!([{ address.clone(): amount.to_btc() }]);
+        let options = serde_json::json!({ "replaceable": false, "fee_rate": fee_rate });
+        (outputs, options)
+    };
+    let (outputs, options) = funded_psbt(amount - Amount::from_sat(1));
+    let short = h
+        .node
+        .wallet_rpc("walletcreatefundedpsbt", serde_json::json!([[], outputs, 0, options]))
+        .await;
+    h.tell(&serde_json::json!({ "psbt": short["psbt"] }).to_string()).await;
+    assert_eq!(h.next().await["step"], "refused-short");
+
+    let (outputs, options) = funded_psbt(amount);
+    let unsigned = h
+        .node
+        .wallet_rpc("walletcreatefundedpsbt", serde_json::json!([[], outputs, 0, options]))
+        .await;
+    h.tell(&serde_json::json!({ "psbt": unsigned["psbt"] }).to_string()).await;
+    let to_sign = h.next().await;
+    assert_eq!(to_sign["step"], "sign-psbt", "{to_sign}");
+    // Another funding of the same output, signed: not the transaction whose refund the page
+    // holds.
+    let (outputs, options) = funded_psbt(amount);
+    let other = h
+        .node
+        .wallet_rpc("walletcreatefundedpsbt", serde_json::json!([[], outputs, 0, options]))
+        .await;
+    let other = h.node.wallet_rpc("walletprocesspsbt", serde_json::json!([other["psbt"]])).await;
+    h.tell(&serde_json::json!({ "psbt": other["psbt"] }).to_string()).await;
+    let signed = h.node.wallet_rpc("walletprocesspsbt", serde_json::json!([to_sign["psbt"]])).await;
+    assert_eq!(signed["complete"], true, "{signed}");
+    h.tell(&serde_json::json!({ "psbt": signed["psbt"] }).to_string()).await;
+
+    let funded = h.next().await;
+    assert_eq!(funded["step"], "funded", "{funded}");
+    let channel = funded["channel"].as_str().unwrap().to_owned();
+    let funding: Txid = channel.split(':').next().unwrap().parse().unwrap();
+    let recent = h.node.height().await.saturating_sub(3);
+    assert!(
+        h.node.mempool_entry(funding).await.is_some()
+            || h.node.confirmed_at(funding, recent).await.is_some(),
+        "the server broadcast the funding Core's wallet signed, and Core accepted it"
+    );
+    let paid = h.next().await;
+    assert_eq!(paid["step"], "paid", "{paid}");
+    assert_eq!(paid["channel"], channel.as_str());
+    let streamed = h.next().await;
+    assert_eq!(streamed["step"], "streamed", "{streamed}");
+    let closed = h.next().await;
+    assert_eq!(closed["step"], "closed", "{closed}");
+    assert_eq!(closed["onChain"], true);
+    let close = h.mined(closed["txid"].as_str().unwrap().parse().unwrap()).await;
+    // 30 requests at 5 sat and a stream of 2 500 events at 1 sat with 1 sat up front: the
+    // server's output is exactly what it served.
+    let server_sat = closed["serverSat"].as_u64().unwrap();
+    assert_eq!(server_sat, 150 + 2_501, "fair close paid the server {server_sat} sat");
+    assert!(close.output.iter().any(|o| o.value.to_sat() == closed["clientSat"].as_u64().unwrap()));
     h.done().await;
 }

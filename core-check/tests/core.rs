@@ -228,23 +228,45 @@ fn a_funding_from_deposited_coins_pays_the_channel_and_the_change() {
     };
     let rate = FeeRate::from_sat_per_vb(2).unwrap();
     let coins = [coin(1, 60_000), coin(2, 50_000), coin(3, 1_000)];
-    let (mut psbt, used) =
+    let (mut funding, used) =
         steps::funding_from_coins(&coins, channel.clone(), script.clone(), rate).unwrap();
     assert_eq!(used, 2, "the first two coins pay it");
-    let fee = psbt.fee().unwrap();
-    assert_eq!(
-        psbt.unsigned_tx.output[1].value,
-        Amount::from_sat(10_000) - fee,
-        "change to the deposit"
-    );
-    steps::sign_p2wpkh_inputs(&mut psbt, &deposit).unwrap();
-    let tx = psbt.extract_tx().unwrap();
+    let fee = funding.fee().unwrap();
+    assert_eq!(funding.tx.output[1].value, Amount::from_sat(10_000) - fee, "change to the deposit");
+    let outpoint = steps::check_funding(&funding, &channel).unwrap();
+    assert_eq!(outpoint.vout, 0);
+    // The PSBT a Rust wallet hands over carries the same transaction and coins.
+    let psbt = funding.to_psbt().unwrap();
+    assert_eq!(psbt.fee().unwrap(), fee);
+    assert_eq!(steps::Funding::from_psbt(&psbt), funding);
+    // Unsigned: not a funding to hand over.
+    assert!(matches!(
+        steps::signed_funding(funding.clone(), outpoint),
+        Err(StepError::InvalidFunding(_))
+    ));
+    steps::sign_p2wpkh_inputs(&mut funding, &deposit).unwrap();
+    // Signed, through a PSBT and back: the same transaction, with its witnesses.
+    let signed = steps::Funding::from_psbt(&funding.to_psbt().unwrap());
+    let tx = steps::signed_funding(signed, outpoint).unwrap();
+    assert_eq!(tx, funding.tx);
     // The fee pays at least the rate at the signed size (the witness was counted at its largest).
     assert!(fee >= rate.fee_vb(tx.vsize() as u64).unwrap());
+    // Another transaction is not the one the refund spends.
+    let other = OutPoint::new(Txid::from_byte_array([9; 32]), 0);
+    assert!(steps::signed_funding(funding.clone(), other).is_err());
+    // A funding that does not pay the channel exactly, or spends a coin it does not name:
+    // refused.
+    let mut short = channel.clone();
+    short.value = Amount::from_sat(99_999);
+    assert!(steps::check_funding(&funding, &short).is_err());
+    let mut unknown = funding.clone();
+    unknown.coins[1] = None;
+    assert!(steps::check_funding(&unknown, &channel).is_err());
     // Another key's signature is refused, input by input.
-    let (mut psbt, _) = steps::funding_from_coins(&coins, channel.clone(), script, rate).unwrap();
+    let (mut funding, _) =
+        steps::funding_from_coins(&coins, channel.clone(), script, rate).unwrap();
     assert_eq!(
-        steps::sign_p2wpkh_inputs(&mut psbt, &key(0x44)),
+        steps::sign_p2wpkh_inputs(&mut funding, &key(0x44)),
         Err(StepError::NotOurCoin { input: 0 })
     );
     // Not enough: what the coins hold is said.
@@ -273,4 +295,93 @@ fn a_restored_count_gives_a_lying_server_one_price_per_load_not_max_prepaid() {
     // A count saved above paid − max_prepaid is kept as it is.
     bound.restore(channel, paid, MilliSats::from_msat(900_000));
     assert_eq!(bound.allowed(price), Amount::from_sat(1_905));
+}
+
+#[test]
+fn the_charge_watch_checks_receipts_and_balances_without_the_runtime() {
+    use paychan::client::charges::{ChargeWatch, SentPayment};
+    use paychan::client::steps::StepError;
+    use paychan::wire::Receipt;
+
+    let secp = Secp256k1::new();
+    let (channel, _, _) = vector_channel();
+    let id = ChannelId::new(channel.outpoint());
+    let k2 = key(0x22);
+    let server_key = k2.public_key(&secp);
+    let policy = SpendingPolicy::default()
+        .with_max_per_request(MilliSats::from_msat(10_000))
+        .with_max_prepaid(Amount::from_sat(1_000));
+    let mut watch = ChargeWatch::new(&policy);
+    watch.watch_new(id);
+    let sent = SentPayment::new(id, Amount::from_sat(294), server_key);
+    let paid = MilliSats::from_msat(294_000);
+    let receipt = |price: u64, balance: u64, path: &str| {
+        Receipt::new(
+            id,
+            "GET",
+            path,
+            MilliSats::from_msat(price),
+            paid,
+            MilliSats::from_msat(balance),
+        )
+    };
+
+    // Three honest answers, each receipt linked to the one before.
+    let mut prev = None;
+    for n in 1..=3u64 {
+        watch.note_send(id);
+        let mut honest = receipt(2_000, 294_000 - 2_000 * n, "/weather");
+        if let Some(prev) = prev {
+            honest = honest.with_prev(prev);
+        }
+        let value = honest.sign(&k2).encode();
+        let checked = watch.note_receipt(&sent, value.as_bytes(), ("GET", "/weather"), prev);
+        assert!(checked.is_ok(), "{checked:?}");
+        watch.note_answer(&sent, MilliSats::from_msat(294_000 - 2_000 * n), true);
+        prev = watch.latest_receipt_digest(id);
+        assert!(prev.is_some());
+    }
+    assert!(watch.check().is_ok());
+    assert_eq!(watch.receipts(), 3);
+    assert_eq!(watch.reported_spent(id), Some(MilliSats::from_msat(6_000)));
+
+    // Each of these is refused, and changes nothing of what the watch believed.
+    let refused = [
+        // Signed by another key.
+        receipt(2_000, 286_000, "/weather").with_prev(prev.unwrap()).sign(&key(0x23)).encode(),
+        // For another request.
+        receipt(2_000, 286_000, "/other").with_prev(prev.unwrap()).sign(&k2).encode(),
+        // Not linked to the receipt the request named.
+        receipt(2_000, 286_000, "/weather").sign(&k2).encode(),
+        // Charges beyond the policy's max_per_request.
+        receipt(10_001, 286_000 - 8_001, "/weather").with_prev(prev.unwrap()).sign(&k2).encode(),
+        "AAAA".to_owned(),
+    ];
+    for value in refused {
+        let mut copy = watch.clone();
+        copy.note_send(id);
+        assert!(copy.note_receipt(&sent, value.as_bytes(), ("GET", "/weather"), prev).is_err());
+        assert!(matches!(copy.check(), Err(StepError::Misbehaved(_))), "{value}");
+        assert_eq!(copy.reported_spent(id), Some(MilliSats::from_msat(6_000)));
+    }
+
+    // A receipt within max_per_request whose spent does not add up with the others: three
+    // receipts of 2 sat and one request, yet 20 sat spent.
+    let mut copy = watch.clone();
+    copy.note_send(id);
+    let inflated = receipt(2_000, 274_000, "/weather").with_prev(prev.unwrap()).sign(&k2).encode();
+    assert!(copy.note_receipt(&sent, inflated.as_bytes(), ("GET", "/weather"), prev).is_err());
+    assert!(copy.check().is_err());
+
+    // A balance that says the server charged more than max_per_request for each of the four
+    // requests sent: paid no more.
+    let mut copy = watch.clone();
+    copy.note_send(id);
+    copy.note_answer(&sent, MilliSats::from_msat(294_000 - 40_001), true);
+    assert!(matches!(copy.check(), Err(StepError::Overcharged { .. })));
+    // Within it: fine.
+    let mut copy = watch.clone();
+    copy.note_send(id);
+    copy.note_answer(&sent, MilliSats::from_msat(294_000 - 40_000), true);
+    assert!(copy.check().is_ok());
 }

@@ -3,6 +3,7 @@
 //! example (`main.rs`) and the end-to-end test in Chromium (`tests/browser.rs`).
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -11,13 +12,15 @@ use axum::Json;
 use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use futures_util::StreamExt;
 use paychan::bitcoin::bip32::Xpriv;
 use paychan::bitcoin::secp256k1::{Secp256k1, SecretKey};
 use paychan::bitcoin::{CompressedPublicKey, Network, ScriptBuf};
 use paychan::chain::{ChainBackend, ChainError};
-use paychan::server::{RoutePrices, chain_view};
+use paychan::server::{RoutePrices, StreamMeter, chain_view};
 use paychan::store::MemoryStore;
 use paychan::wire::ChannelId;
 use paychan::{Merchant, MilliSats, Paid, Started};
@@ -26,8 +29,13 @@ use serde_json::{Value, json};
 /// What one API call costs: 5 sat.
 pub(crate) const PRICE: MilliSats = MilliSats::from_msat(5_000);
 
-/// What one second of audio costs: 1 sat (each media request is answered with one second).
-pub(crate) const SECOND: MilliSats = MilliSats::from_msat(1_000);
+/// What one second of audio costs: 5 sat (each media request is answered with one second).
+/// More than the first payment's 294 sat covers within two minutes: a listener's channel is
+/// topped up as it plays.
+pub(crate) const SECOND: MilliSats = MilliSats::from_msat(5_000);
+
+/// What one event of the metered stream `GET /api/ticker` costs, and its price up front: 1 sat.
+pub(crate) const TICK: MilliSats = MilliSats::from_msat(1_000);
 
 /// The demo server on `chain` (regtest), serving the browser client's files from `web`
 /// (the repository's `web/` folder, with `pkg/` built by `web/build.sh`), and its merchant
@@ -36,11 +44,10 @@ pub(crate) async fn app<C: ChainBackend + Clone + 'static>(
     chain: C,
     web: PathBuf,
 ) -> Result<(Router, Started<MemoryStore, RoutePrices>), ChainError> {
-    let prices = RoutePrices::new().route(http::Method::GET, "/api/fortune", PRICE).route(
-        http::Method::GET,
-        "/media/{*file}",
-        SECOND,
-    );
+    let prices = RoutePrices::new()
+        .route(http::Method::GET, "/api/fortune", PRICE)
+        .route(http::Method::GET, "/api/ticker", TICK)
+        .route(http::Method::GET, "/media/{*file}", SECOND);
     let master = Xpriv::new_master(Network::Regtest, b"paychan browser demo master seed")
         .expect("a 32-byte seed");
     let payout_key = SecretKey::from_slice(&[0x33; 32]).expect("a demo key");
@@ -66,6 +73,7 @@ pub(crate) async fn app<C: ChainBackend + Clone + 'static>(
     // client's files and the chain view are not in the price table: free (`Unlisted::Free`).
     let router = Router::new()
         .route("/api/fortune", get(fortune))
+        .route("/api/ticker", get(ticker))
         .route("/media/tone.wav", {
             let pacing = Pacing::default();
             get(move |paid: Paid, headers: HeaderMap| tone(pacing.clone(), paid, headers))
@@ -96,9 +104,29 @@ async fn fortune(paid: Paid) -> Json<Value> {
     }))
 }
 
+/// `GET /api/ticker?n=N`: a metered SSE stream of `N` events (at most 10 000), [`TICK`] each,
+/// every event debited before it is sent; when the balance runs out the stream asks for a
+/// top-up in band (`payment-required`) and holds; it ends with its signed receipt.
+async fn ticker(
+    meter: StreamMeter,
+    uri: http::Uri,
+) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
+    let n = uri
+        .query()
+        .and_then(|q| q.strip_prefix("n="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(10u32)
+        .min(10_000);
+    let events = futures_util::stream::iter(0..n)
+        .map(|tick| Ok(Event::default().data(format!("{{\"tick\":{tick}}}"))));
+    Sse::new(meter.sse(events, TICK))
+}
+
 async fn js(web: PathBuf, name: String) -> Response {
     match name.as_str() {
-        "paychan.js" | "paychan.d.ts" => file(web, &format!("js/{name}")).await,
+        "paychan.js" | "paychan.d.ts" | "qr.js" | "qr.d.ts" => {
+            file(web, &format!("js/{name}")).await
+        }
         // Served from /js/ but controls the whole origin (registered with `scope: '/'`).
         "paychan-sw.js" => {
             let mut response = file(web, "js/paychan-sw.js").await;
@@ -147,35 +175,47 @@ const WAV_LEN: u32 = WAV_HEADER + RATE * SECONDS;
 
 /// How far ahead of real time a channel's audio is served at once: a media element buffers as
 /// fast as it is answered, and a listener should pay for what it hears, not for the whole file.
-const AHEAD_SECONDS: u32 = 4;
+/// Chromium reads about 24 s of this WAV before it says the metadata is loaded (measured: it
+/// asks second after second from the start): a shorter lead held a reloaded page for 12 s.
+const AHEAD_SECONDS: u32 = 28;
 
 /// Per channel, the second of audio its stream started at and when: after the first
 /// `AHEAD_SECONDS`, seconds are served at twice real time (at real time exactly, Chromium waits
 /// for a long buffer before it plays). A seek (backwards, or more than 8 s forwards) starts
-/// the clock again.
+/// the clock again, and answers at once the requests still held for the stream before it (a
+/// page that reloaded left them behind; held, they would keep the browser's connections to
+/// the server busy and the new page waiting).
 #[derive(Clone, Default)]
-struct Pacing(Arc<Mutex<HashMap<ChannelId, Stream>>>);
+struct Pacing(Arc<Mutex<HashMap<ChannelId, Paced>>>);
 
-/// When a channel's stream (re)started, at which second, and the last second asked.
-type Stream = (Instant, u32, u32);
+/// A channel's stream: when it (re)started, at which second, the last second asked, and what
+/// wakes the requests held for it when a seek starts another.
+struct Paced {
+    origin: Instant,
+    first: u32,
+    last: u32,
+    restarted: Arc<tokio::sync::Notify>,
+}
 
 impl Pacing {
-    /// When second `k` of `channel`'s stream may be served.
-    fn due(&self, channel: ChannelId, k: u32) -> Instant {
+    /// When second `k` of `channel`'s stream may be served, and what says the stream was
+    /// restarted meanwhile.
+    fn due(&self, channel: ChannelId, k: u32) -> (Instant, Arc<tokio::sync::Notify>) {
         let mut streams = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if streams.len() > 10_000 {
             streams.clear(); // a demo's bound on memory
         }
         let now = Instant::now();
-        let entry = streams.entry(channel).or_insert((now, k, k));
-        let (origin, first, last) = *entry;
-        if k < last || k > last + 8 {
-            *entry = (now, k, k);
-            return now;
+        let fresh = || Paced { origin: now, first: k, last: k, restarted: Arc::default() };
+        let paced = streams.entry(channel).or_insert_with(fresh);
+        if k < paced.last || k > paced.last + 8 {
+            paced.restarted.notify_waiters();
+            *paced = fresh();
+            return (now, Arc::clone(&paced.restarted));
         }
-        entry.2 = k;
-        let ahead = (k - first).saturating_sub(AHEAD_SECONDS);
-        origin + Duration::from_millis(u64::from(ahead) * 500)
+        paced.last = k;
+        let ahead = (k - paced.first).saturating_sub(AHEAD_SECONDS);
+        (paced.origin + Duration::from_millis(u64::from(ahead) * 500), Arc::clone(&paced.restarted))
     }
 }
 
@@ -194,7 +234,11 @@ async fn tone(pacing: Pacing, paid: Paid, headers: HeaderMap) -> Response {
             .into_response();
     };
     let end = end.unwrap_or(WAV_LEN - 1).min(WAV_LEN - 1).min(start + RATE - 1);
-    tokio::time::sleep_until(pacing.due(paid.channel, start / RATE).into()).await;
+    let (due, restarted) = pacing.due(paid.channel, start / RATE);
+    tokio::select! {
+        () = tokio::time::sleep_until(due.into()) => {}
+        () = restarted.notified() => {}
+    }
     let bytes: Vec<u8> = (start..=end).map(wav_byte).collect();
     (
         StatusCode::PARTIAL_CONTENT,

@@ -158,9 +158,10 @@ impl From<StepError> for ClientError {
             StepError::Policy(refusal) => Self::Policy(refusal),
             StepError::Misbehaved(what) => Self::ServerMisbehaved(what),
             StepError::Bound(exceeded) => Self::BoundExceeded(exceeded),
-            funds @ (StepError::InsufficientFunds { .. } | StepError::NotOurCoin { .. }) => {
-                Self::Wallet(WalletError::new(funds))
-            }
+            StepError::Overcharged { charged, allowed } => Self::Overcharged { charged, allowed },
+            funds @ (StepError::InsufficientFunds { .. }
+            | StepError::NotOurCoin { .. }
+            | StepError::InvalidFunding(_)) => Self::Wallet(WalletError::new(funds)),
         }
     }
 }

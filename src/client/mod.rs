@@ -43,10 +43,12 @@
 #[cfg(feature = "runtime")]
 mod attempts;
 mod bound;
+pub mod charges;
 #[cfg(feature = "bitcoind")]
 mod core_wallet;
 #[cfg(feature = "runtime")]
 mod error;
+pub mod metered;
 #[cfg(feature = "reqwest")]
 mod middleware;
 #[cfg(feature = "runtime")]

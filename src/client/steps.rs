@@ -48,6 +48,16 @@ pub enum StepError {
         /// The input's index.
         input: usize,
     },
+    /// The server charged more than the policy allows: `charged` since the client started
+    /// watching the channel, `allowed` by then (see [`ChargeWatch`](super::charges::ChargeWatch)).
+    Overcharged {
+        /// What the server's reports say it charged.
+        charged: MilliSats,
+        /// What the policy allowed for the requests sent.
+        allowed: MilliSats,
+    },
+    /// A funding PSBT from a wallet that cannot fund the channel: why.
+    InvalidFunding(&'static str),
     /// The coins cannot pay the funding output and its fee.
     InsufficientFunds {
         /// What the coins hold.
@@ -66,6 +76,14 @@ impl fmt::Display for StepError {
             Self::NotOurCoin { input } => {
                 write!(f, "funding input {input} is not a P2WPKH coin of the signing key")
             }
+            Self::Overcharged { charged, allowed } => write!(
+                f,
+                "the server charged {charged}, more than the {allowed} the policy allows for the \
+                 requests sent: paying it no more"
+            ),
+            Self::InvalidFunding(why) => {
+                write!(f, "the funding PSBT cannot fund the channel: {why}")
+            }
             Self::InsufficientFunds { available, needed } => {
                 write!(f, "insufficient funds: {available} cannot pay {needed} and the fee")
             }
@@ -77,7 +95,11 @@ impl std::error::Error for StepError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Self::Policy(refusal) => Some(refusal),
-            Self::Misbehaved(_) | Self::NotOurCoin { .. } | Self::InsufficientFunds { .. } => None,
+            Self::Misbehaved(_)
+            | Self::Overcharged { .. }
+            | Self::NotOurCoin { .. }
+            | Self::InvalidFunding(_)
+            | Self::InsufficientFunds { .. } => None,
             Self::Bound(exceeded) => Some(exceeded),
         }
     }
@@ -512,12 +534,84 @@ pub fn check_settlement(
 /// The witness weight of a P2WPKH input: items count, signature, key.
 const P2WPKH_WITNESS_WEIGHT: u64 = 1 + 1 + 72 + 1 + 33;
 
+/// A funding transaction and the coin each of its inputs spends: what the client needs of a
+/// PSBT (BIP 174), without the rest of it (the browser client reads only this much of the
+/// user's wallet's PSBT; a Rust [`Wallet`](super::Wallet) hands over a [`Psbt`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Funding {
+    /// The transaction: unsigned, or with its inputs' witnesses once signed.
+    pub tx: Transaction,
+    /// The coin each input spends (a PSBT's `witness_utxo`), when known.
+    pub coins: Vec<Option<TxOut>>,
+}
+
+impl Funding {
+    /// `tx`, whose inputs spend `coins` (one per input, `None` when unknown).
+    pub fn new(tx: Transaction, coins: Vec<Option<TxOut>>) -> Self {
+        Self { tx, coins }
+    }
+
+    /// A PSBT's unsigned transaction, with each input's final scriptSig and witness when it
+    /// has them, and its `witness_utxo`s.
+    pub fn from_psbt(psbt: &Psbt) -> Self {
+        let mut tx = psbt.unsigned_tx.clone();
+        for (txin, input) in tx.input.iter_mut().zip(&psbt.inputs) {
+            if let Some(script) = &input.final_script_sig {
+                txin.script_sig = script.clone();
+            }
+            if let Some(witness) = &input.final_script_witness {
+                txin.witness = witness.clone();
+            }
+        }
+        let coins = psbt.inputs.iter().map(|input| input.witness_utxo.clone()).collect();
+        Self { tx, coins }
+    }
+
+    /// As a PSBT: the unsigned transaction with the `witness_utxo`s, and each signed input's
+    /// witness as its final witness.
+    ///
+    /// # Errors
+    ///
+    /// [`StepError::InvalidFunding`] when an input has a scriptSig.
+    pub fn to_psbt(&self) -> Result<Psbt, StepError> {
+        let mut unsigned = self.tx.clone();
+        for txin in &mut unsigned.input {
+            txin.witness = Witness::new();
+        }
+        let mut psbt = Psbt::from_unsigned_tx(unsigned)
+            .map_err(|_| StepError::InvalidFunding("an input has a scriptSig"))?;
+        for ((input, txin), coin) in psbt.inputs.iter_mut().zip(&self.tx.input).zip(&self.coins) {
+            input.witness_utxo.clone_from(coin);
+            if !txin.witness.is_empty() {
+                input.final_script_witness = Some(txin.witness.clone());
+            }
+        }
+        Ok(psbt)
+    }
+
+    /// What the transaction pays in fees: its coins less its outputs. `None` when a coin is
+    /// unknown or the outputs pay more.
+    pub fn fee(&self) -> Option<Amount> {
+        let mut total = Amount::ZERO;
+        for coin in self.coins.iter().take(self.tx.input.len()) {
+            total = total.checked_add(coin.as_ref()?.value)?;
+        }
+        if self.coins.len() < self.tx.input.len() {
+            return None;
+        }
+        let paid =
+            self.tx.output.iter().try_fold(Amount::ZERO, |sum, o| sum.checked_add(o.value))?;
+        total.checked_sub(paid)
+    }
+}
+
 /// The unsigned funding that pays `output` from P2WPKH `coins`, taken in the order given
 /// until they pay the output and the fee at `fee_rate` (per whole virtual byte, rounded up,
 /// as Bitcoin Core and the server measure it, with every input's witness counted at its
 /// largest), with change to `change_script` when it is not dust. Inputs do not signal
-/// replacement: servers serve zero-confirmation channels only on fundings that do not. Each
-/// input carries its `witness_utxo`. Returns the PSBT and how many coins it spends.
+/// replacement: servers serve zero-confirmation channels only on fundings that do not.
+/// Returns the funding and how many coins it spends.
 ///
 /// # Errors
 ///
@@ -527,7 +621,7 @@ pub fn funding_from_coins(
     output: TxOut,
     change_script: ScriptBuf,
     fee_rate: FeeRate,
-) -> Result<(Psbt, usize), StepError> {
+) -> Result<(Funding, usize), StepError> {
     let insufficient = |available| StepError::InsufficientFunds { available, needed: output.value };
     let mut tx = Transaction {
         version: Version::TWO,
@@ -556,33 +650,75 @@ pub fn funding_from_coins(
         } else {
             tx.output.pop();
         }
-        let mut psbt = Psbt::from_unsigned_tx(tx).map_err(|_| insufficient(total))?;
-        for (input, (_, coin)) in psbt.inputs.iter_mut().zip(coins) {
-            input.witness_utxo = Some(coin.clone());
-        }
-        return Ok((psbt, used + 1));
+        let spent = coins[..=used].iter().map(|(_, coin)| Some(coin.clone())).collect();
+        return Ok((Funding::new(tx, spent), used + 1));
     }
     Err(insufficient(total))
 }
 
-/// Signs every input of the funding `psbt` with `key`: each must spend a P2WPKH coin of `key`
-/// (its `witness_utxo` says so), and gets its final witness.
+/// Signs every input of `funding` with `key`: each must spend a P2WPKH coin of `key` (its
+/// coin says so), and gets its witness.
 ///
 /// # Errors
 ///
 /// [`StepError::NotOurCoin`] for an input that is not.
-pub fn sign_p2wpkh_inputs(psbt: &mut Psbt, key: &SecretKey) -> Result<(), StepError> {
+pub fn sign_p2wpkh_inputs(funding: &mut Funding, key: &SecretKey) -> Result<(), StepError> {
     let public = CompressedPublicKey(key.public_key(crate::channel::secp()));
     let ours = ScriptBuf::new_p2wpkh(&public.wpubkey_hash());
-    for index in 0..psbt.inputs.len() {
+    for index in 0..funding.tx.input.len() {
         let not_ours = StepError::NotOurCoin { input: index };
-        let coin = psbt.inputs[index].witness_utxo.clone().ok_or_else(|| not_ours.clone())?;
+        let coin = funding.coins.get(index).cloned().flatten().ok_or_else(|| not_ours.clone())?;
         if coin.script_pubkey != ours {
             return Err(not_ours);
         }
-        let witness = crate::channel::sig::p2wpkh_witness(&psbt.unsigned_tx, index, &coin, key)
+        let witness = crate::channel::sig::p2wpkh_witness(&funding.tx, index, &coin, key)
             .map_err(|_| not_ours)?;
-        psbt.inputs[index].final_script_witness = Some(witness);
+        funding.tx.input[index].witness = witness;
     }
     Ok(())
+}
+
+/// Checks a wallet's unsigned `funding` for the channel output `output`: it pays it exactly
+/// once, and every input is native SegWit with its coin known (so the signatures cannot
+/// change the transaction's id, which the refund spends). Returns the channel's outpoint.
+///
+/// # Errors
+///
+/// [`StepError::InvalidFunding`].
+pub fn check_funding(funding: &Funding, output: &TxOut) -> Result<OutPoint, StepError> {
+    let tx = &funding.tx;
+    let mut outputs = tx.output.iter().enumerate().filter(|(_, out)| *out == output);
+    let (Some((vout, _)), None) = (outputs.next(), outputs.next()) else {
+        return Err(StepError::InvalidFunding("it must pay the channel output exactly once"));
+    };
+    if tx.input.is_empty() || funding.coins.len() != tx.input.len() {
+        return Err(StepError::InvalidFunding("it has no inputs, or not a coin for each"));
+    }
+    let segwit = funding
+        .coins
+        .iter()
+        .all(|coin| coin.as_ref().is_some_and(|coin| coin.script_pubkey.is_witness_program()));
+    if !segwit || tx.input.iter().any(|txin| !txin.script_sig.is_empty()) {
+        return Err(StepError::InvalidFunding(
+            "every input must be native SegWit, with its witness_utxo in the PSBT",
+        ));
+    }
+    Ok(OutPoint::new(tx.compute_txid(), vout as u32))
+}
+
+/// The signed funding out of the wallet's `signed` one: every input has its witness and no
+/// scriptSig, and it is the transaction the refund spends (`outpoint`'s).
+///
+/// # Errors
+///
+/// [`StepError::InvalidFunding`].
+pub fn signed_funding(signed: Funding, outpoint: OutPoint) -> Result<Transaction, StepError> {
+    let tx = signed.tx;
+    if tx.input.iter().any(|txin| txin.witness.is_empty()) {
+        return Err(StepError::InvalidFunding("the wallet did not sign and finalize every input"));
+    }
+    if tx.compute_txid() != outpoint.txid {
+        return Err(StepError::InvalidFunding("signing changed the transaction's id"));
+    }
+    Ok(tx)
 }

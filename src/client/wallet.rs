@@ -277,9 +277,10 @@ impl KeyWallet {
                 candidates.push(coin.clone());
             }
         }
-        let (psbt, used) =
+        let (funding, used) =
             super::steps::funding_from_coins(&candidates, output, self.script_pubkey(), fee_rate)
                 .map_err(WalletError::new)?;
+        let psbt = funding.to_psbt().map_err(WalletError::new)?;
         let chosen = &candidates[..used];
         coins.unspent.retain(|(op, _)| !chosen.iter().any(|(c, _)| c == op));
         coins.used.extend(chosen.iter().map(|(outpoint, _)| *outpoint));
@@ -287,7 +288,11 @@ impl KeyWallet {
     }
 
     fn sign_all(&self, mut psbt: Psbt) -> Result<Psbt, WalletError> {
-        super::steps::sign_p2wpkh_inputs(&mut psbt, &self.key).map_err(WalletError::new)?;
+        let mut funding = super::steps::Funding::from_psbt(&psbt);
+        super::steps::sign_p2wpkh_inputs(&mut funding, &self.key).map_err(WalletError::new)?;
+        for (input, txin) in psbt.inputs.iter_mut().zip(funding.tx.input) {
+            input.final_script_witness = Some(txin.witness);
+        }
         let txid = psbt.unsigned_tx.compute_txid();
         for (vout, output) in psbt.unsigned_tx.output.iter().enumerate() {
             if output.script_pubkey == self.script_pubkey() {

@@ -18,14 +18,7 @@ use tower::BoxError;
 use crate::MilliSats;
 use crate::wire::{ChannelId, Problem, ProblemCode, Receipt};
 
-/// The SSE event a metered stream sends when the balance runs out: its data is the problem
-/// document (`insufficient-balance`, with the channel's snapshot and the unit's price), and the
-/// stream holds until the client tops up on the payment endpoint or the hold elapses.
-pub const TOP_UP_EVENT: &str = "payment-required";
-
-/// The SSE event that ends a metered stream: its data is the signed [`Receipt`] of the whole
-/// request (its price is everything the request was charged, up front and per unit).
-pub const RECEIPT_EVENT: &str = "payment-receipt";
+pub use crate::wire::{RECEIPT_EVENT, TOP_UP_EVENT};
 
 /// How long a stream waits for a top-up by default.
 pub const DEFAULT_HOLD: Duration = Duration::from_secs(10);

@@ -57,6 +57,15 @@ pub use receipt::{PAYMENT_RECEIPT, PAYMENT_RECEIPT_PREV, Receipt, ReceiptError, 
 /// `bytes; per-kib=<msat>` for a byte stream (count the bytes and top up ahead).
 pub const PAYMENT_CHANNEL_STREAM: &str = "payment-channel-stream";
 
+/// The SSE event a metered stream sends when the balance runs out: its data is the problem
+/// document (`insufficient-balance`, with the channel's snapshot and the unit's price), and the
+/// stream holds until the client tops up on the payment endpoint or the hold elapses.
+pub const TOP_UP_EVENT: &str = "payment-required";
+
+/// The SSE event that ends a metered stream: its data is the signed [`Receipt`] of the whole
+/// request (its price is everything the request was charged, up front and per unit).
+pub const RECEIPT_EVENT: &str = "payment-receipt";
+
 /// The unit of a metered stream and its price: the value of [`PAYMENT_CHANNEL_STREAM`].
 ///
 /// # Examples
@@ -115,7 +124,6 @@ impl fmt::Display for ParseStreamUnitError {
 impl std::error::Error for ParseStreamUnitError {}
 
 /// What `bytes` bytes cost at `per_kib` per 1 024 bytes, rounded up to the millisatoshi.
-#[cfg(feature = "runtime")]
 pub(crate) fn per_kib_cost(per_kib: MilliSats, bytes: u64) -> MilliSats {
     let msat = u128::from(per_kib.to_msat()) * u128::from(bytes);
     MilliSats::from_msat(u64::try_from(msat.div_ceil(1024)).unwrap_or(u64::MAX))

@@ -20,6 +20,9 @@ export const TERMS_PATH = '/.well-known/payment-channel';
 const HEADER = 'Payment-Channel';
 const BALANCE = 'Payment-Channel-Balance';
 const RECEIPT = 'Payment-Receipt';
+const RECEIPT_PREV = 'Payment-Receipt-Prev';
+const REPLAYED = 'Idempotent-Replayed';
+const STREAM = 'Payment-Channel-Stream';
 /** How often one request is sent at most (first try, after an open, after top-ups). */
 const MAX_ATTEMPTS = 4;
 /** How many times `/fund` is sent (it is idempotent) before the funding is left in doubt. */
@@ -344,6 +347,23 @@ export class PaychanClient extends EventTarget {
   }
 
   async _open() {
+    const { opening, endpoints } = await this._begin();
+    try {
+      const coins = await this.depositCoins();
+      const refundRequest = opening.fund(JSON.stringify(coins));
+      const session = await this._refunded(opening, endpoints, refundRequest);
+      const fund = opening.fundRequest(session);
+      return await this._funded(session, endpoints, fund);
+    } finally {
+      opening.free();
+    }
+  }
+
+  /**
+   * The terms, the tip, the policy's checks and the server's proposal: an `Opening` ready
+   * to be funded (free it when done).
+   */
+  async _begin() {
     const terms = await this._terms();
     const tip = await this.chain.tip();
     const kept = await this.channels();
@@ -354,53 +374,118 @@ export class PaychanClient extends EventTarget {
     const now = Date.now();
     const opening = new Opening(this._termsText, this.policy, this.network, tip, this.lifetimeBlocks,
       randomHex(), this._depositKey, spent, locked, Float64Array.from(opened), now);
-    // Counted before anything is asked of the server (the policy's maxOpens).
-    await this.store.put(opensKey, [...opened.filter((t) => now - t < 86_400_000), now]);
     try {
+      // Counted before anything is asked of the server (the policy's maxOpens).
+      await this.store.put(opensKey, [...opened.filter((t) => now - t < 86_400_000), now]);
       const endpoints = terms.endpoints;
       opening.propose(JSON.stringify(await this._json('POST', endpoints.open, opening.request())));
-      const coins = await this.depositCoins();
-      const refundRequest = opening.fund(JSON.stringify(coins));
-      const signed = await this._json('POST', endpoints.refund, refundRequest);
-      // The refund is verified (nothing signed before), and saved with the first payment
-      // before the funding is signed.
-      const session = opening.refundSigned(JSON.stringify(signed), this.origin);
-      await this._save(session);
-      const fund = opening.fundRequest(session);
-      // From here the server may broadcast the funding, whatever it answers.
-      await this._save(session);
-      let error;
-      for (let tries = 1; tries <= FUND_TRIES; tries++) {
-        try {
-          await this._json('POST', endpoints.fund, fund);
-          error = undefined;
-          break;
-        } catch (e) {
-          error = e;
-          if (e.status && e.status < 500) break;
-          await new Promise((r) => setTimeout(r, 100 * tries));
-        }
-      }
-      if (error) {
-        session.retire();
-        await this._save(session);
-      }
-      if (error) throw new PaychanError(`the server did not acknowledge the funding; it may still broadcast it (channel ${session.id} kept with its refund)`, { cause: error, status: error.status, problem: error.problem });
-      session.funded();
-      await this._save(session);
-      // The previous channel is no longer paid on (its refund is kept).
-      if (this.session && !this.session.retired) {
-        this.session.retire();
-        await this._save(this.session);
-      }
-      await this.store.put(`current/${this.origin}`, session.id);
-      this.session?.free();
-      this.session = session;
-      this._emit('open', { channel: session.id, valueSat: session.valueSat, paidSat: session.paidSat });
-      return session.id;
-    } finally {
+      return { opening, endpoints };
+    } catch (e) {
       opening.free();
+      throw e;
     }
+  }
+
+  /**
+   * Sends the refund request; the server's signature is verified (nothing was signed
+   * before), and the refund is saved with the first payment before the funding is signed.
+   */
+  async _refunded(opening, endpoints, refundRequest) {
+    const signed = await this._json('POST', endpoints.refund, refundRequest);
+    const session = opening.refundSigned(JSON.stringify(signed), this.origin);
+    await this._save(session);
+    return session;
+  }
+
+  /**
+   * Hands the signed funding (`fund`, the body of `POST …/fund`) to the server, saved first,
+   * and makes `session` the channel paid on once the server acknowledges it.
+   */
+  async _funded(session, endpoints, fund) {
+    // From here the server may broadcast the funding, whatever it answers.
+    await this._save(session);
+    let error;
+    for (let tries = 1; tries <= FUND_TRIES; tries++) {
+      try {
+        await this._json('POST', endpoints.fund, fund);
+        error = undefined;
+        break;
+      } catch (e) {
+        error = e;
+        if (e.status && e.status < 500) break;
+        await new Promise((r) => setTimeout(r, 100 * tries));
+      }
+    }
+    if (error) {
+      session.retire();
+      await this._save(session);
+      throw new PaychanError(`the server did not acknowledge the funding; it may still broadcast it (channel ${session.id} kept with its refund)`, { cause: error, status: error.status, problem: error.problem });
+    }
+    session.funded();
+    await this._save(session);
+    // The previous channel is no longer paid on (its refund is kept).
+    if (this.session && !this.session.retired) {
+      this.session.retire();
+      await this._save(this.session);
+    }
+    await this.store.put(`current/${this.origin}`, session.id);
+    this.session?.free();
+    this.session = session;
+    this._emit('open', { channel: session.id, valueSat: session.valueSat, paidSat: session.paidSat });
+    return session.id;
+  }
+
+  /**
+   * Funding from the user's own wallet (Sparrow, Bitcoin Core, a hardware wallet), step 1 of
+   * 3: checks the terms and gets the server's proposal. Resolves `{address, amountSat,
+   * feeRateSatPerVb}`: the wallet makes an **unsigned** PSBT paying exactly `amountSat` to
+   * `address` (native SegWit inputs; at least `feeRateSatPerVb`; not signalling replacement if
+   * the server should serve before it confirms). A new call starts over.
+   */
+  psbtFunding() {
+    return this._lock(async () => {
+      this._psbtOpening?.opening.free();
+      this._psbtOpening = undefined;
+      const { opening, endpoints } = await this._begin();
+      this._psbtOpening = { opening, endpoints };
+      return JSON.parse(opening.fundingOutput());
+    });
+  }
+
+  /**
+   * Step 2 of 3: takes the wallet's unsigned PSBT (base64), has the server sign the refund,
+   * verifies it and saves it with the first payment. Resolves the PSBT (base64) for the
+   * wallet to sign: the same transaction, whose refund the page now holds.
+   */
+  fundWithPsbt(unsignedBase64) {
+    return this._lock(async () => {
+      const step = this._psbtOpening;
+      if (!step) throw new PaychanError('call psbtFunding() first');
+      if (step.session) throw new PaychanError('this PSBT funding already has its refund: completePsbtFunding()');
+      const refundRequest = step.opening.fundPsbt(unsignedBase64);
+      step.session = await this._refunded(step.opening, step.endpoints, refundRequest);
+      return unsignedBase64.trim();
+    });
+  }
+
+  /**
+   * Step 3 of 3: takes the wallet's signed and finalized PSBT (base64) of the same
+   * transaction, saves the signed funding, and hands it to the server; the channel is then
+   * the one paid on. Resolves the channel's id. (A wallet that broadcast the funding itself
+   * is fine: the server takes it from the page too, and the refund is saved either way.)
+   */
+  completePsbtFunding(signedBase64) {
+    return this._lock(async () => {
+      const step = this._psbtOpening;
+      if (!step?.session) throw new PaychanError('call fundWithPsbt() first');
+      const fund = step.opening.fundRequestSigned(step.session, signedBase64);
+      try {
+        return await this._funded(step.session, step.endpoints, fund);
+      } finally {
+        step.opening.free();
+        this._psbtOpening = undefined;
+      }
+    });
   }
 
   /**
@@ -418,11 +503,15 @@ export class PaychanClient extends EventTarget {
     const body = ['GET', 'HEAD'].includes(method) ? undefined : await request.arrayBuffer();
     let opened = false;
     let pending = 0;
+    // A replayed answer to a keyed request charged nothing now (its receipt was checked
+    // the first time); believed only for a request that could be one.
+    const keyed = ['POST', 'PUT', 'PATCH', 'DELETE'].includes(method) && request.headers.has('Idempotency-Key');
     for (let attempt = 1; ; attempt++) {
-      const sent = this.session && !this.session.retired ? this.session.header() : undefined;
-      const sentOn = sent ? this.session.id : undefined;
+      const sent = this._send();
       const headers = new Headers(request.headers);
-      if (sent) headers.set(HEADER, sent);
+      headers.delete(RECEIPT_PREV);
+      if (sent) headers.set(HEADER, sent.header);
+      if (sent?.prev) headers.set(RECEIPT_PREV, sent.prev);
       const response = await this._fetch(url, {
         method, headers, body, redirect: 'manual', signal: init.signal ?? request.signal,
         credentials: request.credentials, cache: request.cache,
@@ -438,7 +527,10 @@ export class PaychanClient extends EventTarget {
         }
       }
       if (response.status !== 402 || attempt >= MAX_ATTEMPTS) {
-        if (sent) this._answered(sentOn, method, path, response);
+        if (sent && !(keyed && response.headers.has(REPLAYED))) this._answered(sent, method, path, response);
+        if (sent && response.ok && response.body && response.headers.has(STREAM)) {
+          return this._metered(response, sent, method, path);
+        }
         return response;
       }
       let problem;
@@ -446,7 +538,7 @@ export class PaychanClient extends EventTarget {
       if (problem.code === 'payment-required' && sent) return response; // the header was dropped on the way
       await this._lock(async () => {
         const current = this.session && !this.session.retired ? this.session.header() : undefined;
-        if (current !== sent) return; // another request paid meanwhile: retry with it
+        if (current !== sent?.header) return; // another request paid meanwhile: retry with it
         let action = { do: 'open' };
         if (this.session && !this.session.retired) {
           try {
@@ -476,14 +568,173 @@ export class PaychanClient extends EventTarget {
     }
   }
 
-  /** Counts an answer to a request that paid on channel `sentOn`: on that channel only. */
-  _answered(sentOn, method, path, response) {
+  /**
+   * The payment the next request carries (`{header, prev, paidSat, channel}`), or `undefined`
+   * without a channel. Throws (and emits `refused`) when the server charged more than the
+   * policy allows or signed a receipt that does not verify: it is paid no more.
+   */
+  _send() {
     const session = this.session;
-    if (!session || session.id !== sentOn) return;
+    if (!session || session.retired) return undefined;
+    let json;
+    try {
+      json = session.send();
+    } catch (e) {
+      this._emit('refused', { channel: session.id, reason: e.message });
+      throw new PaychanError(e.message, { cause: e });
+    }
+    if (json === undefined) return undefined;
+    return { ...JSON.parse(json), channel: session.id };
+  }
+
+  /**
+   * Counts an answer to a request that paid with `sent` (on that channel only), and checks
+   * its balance and receipt: a server caught overcharging or signing a bad receipt is paid
+   * no more (`refused` tells why).
+   */
+  _answered(sent, method, path, response) {
+    const session = this.session;
+    if (!session || session.id !== sent.channel) return;
+    const balance = response.headers.get(BALANCE) ?? undefined;
+    const receipt = response.headers.get(RECEIPT) ?? undefined;
+    const why = session.answered(sent.paidSat, sent.prev ?? undefined, method, path, response.status, balance, receipt);
+    if (balance !== undefined) this.lastBalanceMsat = Number(balance);
+    if (why) this._emit('refused', { channel: sent.channel, reason: why });
+  }
+
+  /** The session in memory when it is still channel `id`'s. */
+  _on(id) {
+    return this.session?.id === id ? this.session : undefined;
+  }
+
+  /**
+   * A metered stream (`Payment-Channel-Stream`) answering a request that paid with `sent`,
+   * paid as it is read, as the Rust `PaidBody` does (the same `MeteredStream` decides): an SSE
+   * stream's `payment-required` events are answered with a top-up on the payment endpoint and
+   * its closing `payment-receipt` is checked, both taken out of what the reader gets; a byte
+   * stream is counted and topped up ahead. A stream's top-ups, one at a time, never add more
+   * than what it delivered, the unit held and `maxPrepaidSat`. Returns the response with the
+   * paid body; a stream the client does not accept is returned as it is.
+   */
+  _metered(response, sent, method, path) {
+    const session = this._on(sent.channel);
     const balance = response.headers.get(BALANCE);
-    const metered = balance !== null || response.headers.has(RECEIPT);
-    session.answered(method, path, response.status, metered);
-    if (balance !== null) this.lastBalanceMsat = Number(balance);
+    const meter = session?.meter(response.headers.get(STREAM), response.headers.get('content-type') ?? undefined,
+      balance === null ? undefined : Number(balance));
+    if (!meter) return response;
+    const reader = response.body.getReader();
+    const state = { addedMsat: 0, inFlight: false, ended: false };
+    const topUp = (sign) => {
+      state.inFlight = true;
+      this._streamTopUp(sent.channel, sign)
+        .then((addedSat) => { state.addedMsat += addedSat * 1000; })
+        .finally(() => {
+          state.inFlight = false;
+          if (state.ended) meter.free();
+        });
+    };
+    const act = () => {
+      for (const e of JSON.parse(meter.events())) {
+        if (e.delivered !== undefined) {
+          this._on(sent.channel)?.streamed(e.delivered);
+        } else if (e.topUp !== undefined) {
+          if (!state.inFlight) topUp((s) => JSON.parse(s.streamTopUp(meter, e.capSat)));
+        } else if (e.ahead !== undefined) {
+          if (!state.inFlight) {
+            topUp((s) => {
+              const before = s.paidSat;
+              const header = s.topUpAhead(e.ahead);
+              return { header, addedSat: s.paidSat - before };
+            });
+          }
+        } else if (e.receipt !== undefined) {
+          const why = this._on(sent.channel)?.streamReceipt(sent.paidSat, sent.prev ?? undefined, method, path, e.receipt, e.boundMsat);
+          if (why) this._emit('refused', { channel: sent.channel, reason: why });
+        }
+      }
+    };
+    const end = (early) => {
+      if (state.ended) return;
+      state.ended = true;
+      const why = this._on(sent.channel)?.streamEnded(early, meter.missingReceipt);
+      if (why) this._emit('refused', { channel: sent.channel, reason: why });
+      // A top-up on its way still reads the meter's problem: it frees it when done.
+      if (!state.inFlight) meter.free();
+    };
+    if (!meter.isSse) {
+      meter.start();
+      act();
+    }
+    const body = new ReadableStream({
+      async pull(controller) {
+        // Until something passes on to the reader, or the stream ends.
+        for (;;) {
+          let next;
+          try {
+            next = await reader.read();
+          } catch (e) {
+            end(true);
+            controller.error(e);
+            return;
+          }
+          if (next.done) {
+            const rest = meter.finish();
+            act();
+            end(false);
+            if (rest.length) controller.enqueue(rest);
+            controller.close();
+            return;
+          }
+          const out = meter.push(next.value, state.addedMsat);
+          act();
+          if (out.length) {
+            controller.enqueue(out);
+            return;
+          }
+        }
+      },
+      cancel(reason) {
+        end(true);
+        return reader.cancel(reason);
+      },
+    });
+    return new Response(body, { status: response.status, statusText: response.statusText, headers: response.headers });
+  }
+
+  /**
+   * One top-up of a metered stream on channel `id`, under the lock: `sign(session)` pays
+   * (`{header, addedSat}`), the payment is saved, then handed over on the server's payment
+   * endpoint (`POST <prefix>/payment`, which charges nothing; the held stream resumes).
+   * Resolves what it added (also when the hand-over failed: the server may hold it), 0 when
+   * it was refused (`refused` says why).
+   */
+  _streamTopUp(id, sign) {
+    return this._lock(async () => {
+      const session = this._on(id);
+      if (!session || session.retired) return 0;
+      let signed;
+      try {
+        signed = sign(session);
+      } catch (e) {
+        this._emit('refused', { channel: id, reason: e.message });
+        return 0;
+      }
+      if (!signed.header || signed.addedSat === 0) return 0;
+      try {
+        await this._save();
+      } catch (e) {
+        this._emit('refused', { channel: id, reason: e.message });
+        return 0;
+      }
+      this._emit('payment', { channel: id, paidSat: session.paidSat });
+      try {
+        const terms = await this._terms();
+        await this._json('POST', terms.endpoints.payment, undefined, { [HEADER]: signed.header });
+      } catch (e) {
+        this._emit('refused', { channel: id, reason: `the top-up's hand-over failed: ${e.message}` });
+      }
+      return signed.addedSat;
+    });
   }
 
   /**

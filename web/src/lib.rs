@@ -16,17 +16,26 @@
 
 #![forbid(unsafe_code)]
 
+mod psbt;
+
+/// talc, not std's dlmalloc: smaller (see `Cargo.toml`). Single-threaded wasm only.
+#[cfg(all(target_family = "wasm", not(target_feature = "atomics")))]
+#[global_allocator]
+static TALC: talc::wasm::WasmDynamicTalc = talc::wasm::new_wasm_dynamic_allocator();
+
 use std::str::FromStr;
 
 use bitcoin::consensus::encode::{deserialize_hex, serialize_hex};
 use bitcoin::hex::{DisplayHex, FromHex};
 use bitcoin::secp256k1::SecretKey;
 use bitcoin::{
-    Address, Amount, CompressedPublicKey, FeeRate, Network, OutPoint, Psbt, ScriptBuf, Transaction,
+    Address, Amount, CompressedPublicKey, FeeRate, Network, OutPoint, ScriptBuf, Transaction,
     TxOut, ecdsa,
 };
 use paychan::MilliSats;
 use paychan::channel::{ChainTip, ChannelParams, server_amount};
+use paychan::client::charges::{ChargeWatch, SentPayment};
+use paychan::client::metered::{MeteredStream, StreamEvent};
 use paychan::client::steps::{self, Ask, StepError};
 use paychan::client::{ClientChannel, LossBound, SpendingPolicy};
 use paychan::wire::{
@@ -89,11 +98,15 @@ struct PolicyJson {
     max_lifetime_blocks: Option<u32>,
     max_fee_rate_sat_per_vb: Option<u64>,
     max_locked_sat: Option<u64>,
+    /// A paid answer without a receipt stops the payments (the Rust `require_receipts`).
+    require_receipts: Option<bool>,
 }
 
-fn policy(text: &str) -> Result<SpendingPolicy, JsError> {
+/// The policy, and whether it requires receipts.
+fn policy_and_receipts(text: &str) -> Result<(SpendingPolicy, bool), JsError> {
     let p: PolicyJson =
         if text.trim().is_empty() { PolicyJson::default() } else { json(text, "policy")? };
+    let receipts = p.require_receipts.unwrap_or(false);
     let mut policy = SpendingPolicy::default();
     if let Some(v) = p.max_channel_value_sat {
         policy = policy.with_max_channel_value(Amount::from_sat(v));
@@ -117,7 +130,7 @@ fn policy(text: &str) -> Result<SpendingPolicy, JsError> {
     if let Some(v) = p.max_locked_sat {
         policy = policy.with_max_locked(Amount::from_sat(v));
     }
-    Ok(policy)
+    Ok((policy, receipts))
 }
 
 /// The public key (hex) of the 32-byte secret `secret` (hex).
@@ -178,6 +191,8 @@ pub struct Opening {
     terms: TermsDocument,
     network: Network,
     policy: SpendingPolicy,
+    /// Whether the policy requires receipts.
+    require_receipts: bool,
     tip: ChainTip,
     k1: SecretKey,
     deposit: SecretKey,
@@ -186,7 +201,7 @@ pub struct Opening {
     first: Amount,
     spent: Amount,
     params: Option<(u32, ChannelParams)>,
-    psbt: Option<(Psbt, OutPoint)>,
+    funding: Option<(steps::Funding, OutPoint)>,
 }
 
 #[wasm_bindgen]
@@ -221,7 +236,7 @@ impl Opening {
     ) -> Result<Opening, JsError> {
         let terms: TermsDocument = json(terms_json, "terms")?;
         let network = network(network_name)?;
-        let policy = policy(policy_json)?;
+        let (policy, require_receipts) = policy_and_receipts(policy_json)?;
         let lifetime = lifetime_blocks.unwrap_or(steps::DEFAULT_LIFETIME_BLOCKS);
         // The page opens by itself, on a 402: an automatic open for the policy.
         let plan =
@@ -245,6 +260,7 @@ impl Opening {
             terms,
             network,
             policy,
+            require_receipts,
             tip: own,
             k1,
             deposit,
@@ -252,7 +268,7 @@ impl Opening {
             first,
             spent,
             params: None,
-            psbt: None,
+            funding: None,
         })
     }
 
@@ -304,7 +320,7 @@ impl Opening {
     /// Before [`propose`](Self::propose), when the coins cannot pay the channel and the fee,
     /// or when the fee and the first payment are beyond the budget.
     pub fn fund(&mut self, coins_json: &str) -> Result<String, JsError> {
-        let (proposal, params) = self.params.as_ref().ok_or_else(|| error("propose first"))?;
+        let (_, params) = self.params.as_ref().ok_or_else(|| error("propose first"))?;
         let mut coins: Vec<Coin> = json(coins_json, "coins")?;
         coins.sort_by_key(|coin| std::cmp::Reverse(coin.value));
         let script = p2wpkh(&self.deposit);
@@ -320,21 +336,75 @@ impl Opening {
             .ok_or_else(|| error("the terms' funding fee rate"))?;
         self.policy.check_fee_rate(rate).map_err(error)?;
         let output = TxOut { value: params.value, script_pubkey: params.funding_script_pubkey() };
-        let (psbt, _) =
+        let (funding, _) =
             steps::funding_from_coins(&coins, output.clone(), script, rate).map_err(error)?;
-        let fee = psbt.fee().map_err(error)?;
-        let cost = self.first.checked_add(fee).unwrap_or(Amount::MAX);
-        self.policy.check_spend(self.spent, cost).map_err(error)?;
-        let vout = psbt.unsigned_tx.output.iter().position(|o| *o == output).unwrap_or(0);
-        let outpoint = OutPoint::new(psbt.unsigned_tx.compute_txid(), vout as u32);
-        let refund = params.build_refund(outpoint, params.refund_fee());
-        let request = RefundRequest {
-            proposal: *proposal,
-            funding_tx: serialize_hex(&psbt.unsigned_tx),
-            refund_tx: serialize_hex(&refund),
-        };
-        self.psbt = Some((psbt, outpoint));
-        Ok(to_json(&request))
+        self.funded_by(funding, &output)
+    }
+
+    /// The channel's funding output, for funding from the user's own wallet (after
+    /// [`propose`](Self::propose)), as JSON `{address, amountSat, feeRateSatPerVb}`: the
+    /// wallet makes an **unsigned** PSBT paying exactly `amountSat` to `address` (at least
+    /// `feeRateSatPerVb`, native SegWit inputs), which [`fund_psbt`](Self::fund_psbt) takes.
+    ///
+    /// # Errors
+    ///
+    /// Before `propose`.
+    #[wasm_bindgen(js_name = fundingOutput)]
+    pub fn funding_output(&self) -> Result<String, JsError> {
+        let (_, params) = self.params.as_ref().ok_or_else(|| error("propose first"))?;
+        let script = params.funding_script_pubkey();
+        let address = Address::from_script(&script, self.network).map_err(error)?;
+        Ok(format!(
+            r#"{{"address":"{address}","amountSat":{},"feeRateSatPerVb":{}}}"#,
+            params.value.to_sat(),
+            self.terms.funding_min_fee_rate_sat_per_vb
+        ))
+    }
+
+    /// Takes the user's wallet's unsigned funding PSBT (base64, BIP 174) paying
+    /// [`funding_output`](Self::funding_output): it must pay it exactly once and spend only
+    /// native SegWit coins whose `witness_utxo` it carries (their signatures cannot change the
+    /// transaction's id, which the refund spends); its fee counts in the budget. Returns the
+    /// body of `POST terms.endpoints.refund` (JSON), as [`fund`](Self::fund) does. After
+    /// [`refund_signed`](Self::refund_signed) the wallet signs the same PSBT, and
+    /// [`fund_request_signed`](Self::fund_request_signed) takes it back.
+    ///
+    /// # Errors
+    ///
+    /// Before `propose`, for a PSBT that does not parse or cannot fund the channel, or when
+    /// its fee and the first payment are beyond the budget.
+    #[wasm_bindgen(js_name = fundPsbt)]
+    pub fn fund_psbt(&mut self, psbt_base64: &str) -> Result<String, JsError> {
+        let (_, params) = self.params.as_ref().ok_or_else(|| error("propose first"))?;
+        let funding = read_psbt(psbt_base64)?;
+        let output = TxOut { value: params.value, script_pubkey: params.funding_script_pubkey() };
+        self.funded_by(funding, &output)
+    }
+
+    /// Takes the user's wallet's signed (and finalized) funding PSBT (base64): the
+    /// transaction [`fund_psbt`](Self::fund_psbt) took, whose refund the server signed.
+    /// Returns the body of `POST …/fund` (JSON) carrying `session`'s first payment; `session`
+    /// keeps the signed funding as unacknowledged until [`Session::funded`]. Save
+    /// `session.state()` before sending.
+    ///
+    /// # Errors
+    ///
+    /// Before [`refund_signed`](Self::refund_signed), for a PSBT that does not parse, is
+    /// another transaction, or has an input the wallet did not sign and finalize.
+    #[wasm_bindgen(js_name = fundRequestSigned)]
+    pub fn fund_request_signed(
+        &self,
+        session: &mut Session,
+        signed_base64: &str,
+    ) -> Result<String, JsError> {
+        let (proposal, _) = self.params.as_ref().ok_or_else(|| error("propose first"))?;
+        let (_, outpoint) = self.funding.as_ref().ok_or_else(|| error("fund first"))?;
+        if session.channel.channel.outpoint() != *outpoint {
+            return Err(error("the session is another channel's"));
+        }
+        let signed = read_psbt(signed_base64)?;
+        let funding = steps::signed_funding(signed, *outpoint).map_err(error)?;
+        fund_body(session, *proposal, funding)
     }
 
     /// Verifies the server's refund signature (the answer to `POST …/refund`, JSON), completes
@@ -347,7 +417,7 @@ impl Opening {
     #[wasm_bindgen(js_name = refundSigned)]
     pub fn refund_signed(&self, answer_json: &str, origin: &str) -> Result<Session, JsError> {
         let (_, params) = self.params.as_ref().ok_or_else(|| error("propose first"))?;
-        let (psbt, outpoint) = self.psbt.as_ref().ok_or_else(|| error("fund first"))?;
+        let (funding, outpoint) = self.funding.as_ref().ok_or_else(|| error("fund first"))?;
         let answer: RefundResponse = json(answer_json, "refund answer")?;
         let invalid =
             || error("the server's refund signature does not verify: abandon the channel");
@@ -360,9 +430,14 @@ impl Opening {
         let refund = params.complete_refund(&refund, &self.k1, &signature).map_err(error)?;
         let mut channel = ClientChannel::new(params.clone().at(*outpoint), 0, refund);
         channel.server = origin.to_owned();
-        channel.funding_fee = psbt.fee().map_err(error)?;
-        let mut session =
-            Session::started(channel, self.k1, &self.policy, self.first, &self.terms)?;
+        channel.funding_fee = funding.fee().ok_or_else(|| error("the funding's fee"))?;
+        let mut session = Session::started(
+            channel,
+            self.k1,
+            (&self.policy, self.require_receipts),
+            self.first,
+            &self.terms,
+        )?;
         session.spent = self.spent;
         session.pay_to(self.first)?;
         Ok(session)
@@ -378,20 +453,13 @@ impl Opening {
     #[wasm_bindgen(js_name = fundRequest)]
     pub fn fund_request(&self, session: &mut Session) -> Result<String, JsError> {
         let (proposal, _) = self.params.as_ref().ok_or_else(|| error("propose first"))?;
-        let (psbt, outpoint) = self.psbt.as_ref().ok_or_else(|| error("fund first"))?;
+        let (funding, outpoint) = self.funding.as_ref().ok_or_else(|| error("fund first"))?;
         if session.channel.channel.outpoint() != *outpoint {
             return Err(error("the session is another channel's"));
         }
-        let mut psbt = psbt.clone();
-        steps::sign_p2wpkh_inputs(&mut psbt, &self.deposit).map_err(error)?;
-        let funding = psbt.extract_tx().map_err(error)?;
-        let payment = session.header().ok_or_else(|| error("no first payment"))?;
-        session.channel.unacknowledged_funding = Some(funding.clone());
-        Ok(to_json(&FundRequest {
-            proposal: *proposal,
-            funding_tx: serialize_hex(&funding),
-            payment,
-        }))
+        let mut funding = funding.clone();
+        steps::sign_p2wpkh_inputs(&mut funding, &self.deposit).map_err(error)?;
+        fund_body(session, *proposal, funding.tx)
     }
 
     /// The network of the channel (as the terms name it).
@@ -401,11 +469,158 @@ impl Opening {
     }
 }
 
-/// What [`Session::state`] saves: the channel as the Rust client keeps it (the same
-/// `ClientChannel`, so a file exported here reads there), its key, and the budget spent.
+impl Opening {
+    /// Takes `funding` (unsigned) of the channel output `output`: checks it, counts its fee in
+    /// the budget with the first payment, and returns the body of `POST …/refund` (JSON).
+    fn funded_by(&mut self, funding: steps::Funding, output: &TxOut) -> Result<String, JsError> {
+        let (proposal, params) = self.params.as_ref().ok_or_else(|| error("propose first"))?;
+        let outpoint = steps::check_funding(&funding, output).map_err(error)?;
+        let fee = funding.fee().ok_or_else(|| error("the funding's fee: a coin is unknown"))?;
+        let cost = self.first.checked_add(fee).unwrap_or(Amount::MAX);
+        self.policy.check_spend(self.spent, cost).map_err(error)?;
+        let refund = params.build_refund(outpoint, params.refund_fee());
+        let request = RefundRequest {
+            proposal: *proposal,
+            funding_tx: serialize_hex(&funding.tx),
+            refund_tx: serialize_hex(&refund),
+        };
+        self.funding = Some((funding, outpoint));
+        Ok(to_json(&request))
+    }
+}
+
+/// A receipt digest from the page (`Payment-Receipt-Prev`, hex), if any.
+fn hex32(prev: Option<String>) -> Result<Option<[u8; 32]>, JsError> {
+    prev.as_deref()
+        .map(<[u8; 32]>::from_hex)
+        .transpose()
+        .map_err(|_| error("prev is not 32 bytes of hex"))
+}
+
+/// A metered stream being read ([`Session::meter`]): it says what its bytes cost and what to
+/// pay, as the Rust client's `PaidBody` does with the same `MeteredStream`. The page runs one
+/// top-up of the stream at a time.
+#[wasm_bindgen]
+pub struct Meter {
+    stream: MeteredStream,
+    channel: String,
+    pending: Vec<StreamEvent>,
+    /// The problem of the last top-up the stream asked for.
+    problem: Option<Problem>,
+    missing_receipt: bool,
+}
+
+#[wasm_bindgen]
+impl Meter {
+    /// Reads `chunk` after the stream's top-ups added `added_msat` in all (what
+    /// `Session.streamTopUp` and `topUpAhead` added; also for a hand-over that failed).
+    /// Returns what passes on to the reader (an SSE stream's payment events taken out); what
+    /// to do next is in [`events`](Self::events).
+    pub fn push(&mut self, chunk: &[u8], added_msat: f64) -> Vec<u8> {
+        self.stream.top_ups_added(MilliSats::from_msat(added_msat.max(0.0) as u64));
+        self.stream.push(chunk, &mut self.pending)
+    }
+
+    /// A byte stream before its first byte: pays ahead when the balance is already low.
+    pub fn start(&mut self) {
+        self.stream.ahead(&mut self.pending);
+    }
+
+    /// What to do, as JSON, since the last call: `[{"delivered": msat}, {"topUp": true,
+    /// "capSat": n}, {"ahead": sat}, {"receipt": value, "boundMsat": n}]`. A top-up's
+    /// problem stays here for `Session.streamTopUp(meter, capSat)`. The page runs one top-up
+    /// of the stream at a time and skips the others.
+    pub fn events(&mut self) -> String {
+        let mut out = String::from("[");
+        for event in self.pending.drain(..) {
+            if out.len() > 1 {
+                out.push(',');
+            }
+            match event {
+                StreamEvent::Delivered(cost) => {
+                    out += &format!(r#"{{"delivered":{}}}"#, cost.to_msat());
+                }
+                StreamEvent::TopUp { problem, cap } => {
+                    self.problem = Some(problem);
+                    out += &format!(r#"{{"topUp":true,"capSat":{}}}"#, cap.to_sat());
+                }
+                StreamEvent::TopUpAhead(amount) => {
+                    out += &format!(r#"{{"ahead":{}}}"#, amount.to_sat());
+                }
+                StreamEvent::Receipt { value, bound } => {
+                    let value = to_json(&String::from_utf8_lossy(&value));
+                    out += &format!(r#"{{"receipt":{value},"boundMsat":{}}}"#, bound.to_msat());
+                }
+                _ => out += "null",
+            }
+        }
+        out.push(']');
+        out
+    }
+
+    /// The server ended the stream: what was held back. Then
+    /// [`missing_receipt`](Self::missing_receipt) says whether an SSE stream ended without
+    /// its receipt.
+    pub fn finish(&mut self) -> Vec<u8> {
+        let (rest, missing) = self.stream.finish();
+        self.missing_receipt = missing;
+        rest
+    }
+
+    /// Whether it is an SSE stream (else a byte stream).
+    #[wasm_bindgen(getter, js_name = isSse)]
+    pub fn is_sse(&self) -> bool {
+        self.stream.is_sse()
+    }
+
+    /// Whether the server ended the stream.
+    #[wasm_bindgen(getter)]
+    pub fn finished(&self) -> bool {
+        self.stream.finished()
+    }
+
+    /// Whether an SSE stream the server ended had no receipt.
+    #[wasm_bindgen(getter, js_name = missingReceipt)]
+    pub fn missing_receipt(&self) -> bool {
+        self.missing_receipt
+    }
+
+    /// The channel the stream's request paid on.
+    #[wasm_bindgen(getter)]
+    pub fn channel(&self) -> String {
+        self.channel.clone()
+    }
+}
+
+/// A PSBT in base64 (BIP 174's text form).
+fn read_psbt(base64_text: &str) -> Result<steps::Funding, JsError> {
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(base64_text.trim())
+        .map_err(|_| error("the PSBT is not base64"))?;
+    psbt::read(&bytes).map_err(|why| error(format!("the PSBT does not parse: {why}")))
+}
+
+/// The body of `POST …/fund` with the signed `funding` and `session`'s first payment; the
+/// session keeps the funding as unacknowledged.
+fn fund_body(
+    session: &mut Session,
+    proposal: u32,
+    funding: Transaction,
+) -> Result<String, JsError> {
+    let payment = session.header().ok_or_else(|| error("no first payment"))?;
+    let funding_tx = serialize_hex(&funding);
+    session.channel.unacknowledged_funding = Some(funding);
+    Ok(to_json(&FundRequest { proposal, funding_tx, payment }))
+}
+
+/// What [`Session::state`] saves: the channel (its transactions in consensus hex, which the
+/// wasm reads and writes anyway; the Rust client's `ClientChannel` spells each one out field
+/// by field, and reading that form would add ~7 KB gzip to the module), its key, and the
+/// budget spent.
 #[derive(Debug, Serialize, Deserialize)]
 struct Saved {
-    channel: ClientChannel,
+    channel: SavedChannel,
     /// The channel key K1 (hex). In IndexedDB: see the threat model in `docs/BROWSER.md`.
     key: String,
     /// Payments and fees spent with this channel, in satoshis.
@@ -417,6 +632,59 @@ struct Saved {
     /// (`LossBound::restore`), so a reload does not hand a lying server `maxPrepaidSat` more.
     #[serde(default)]
     counted_msat: u64,
+}
+
+/// A `ClientChannel` as the page saves it: the same fields, transactions in consensus hex.
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedChannel {
+    channel: paychan::channel::Channel,
+    refund: String,
+    latest: Option<String>,
+    server: String,
+    retired: bool,
+    closed: bool,
+    funding_fee_sat: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    unacknowledged_funding: Option<String>,
+}
+
+impl SavedChannel {
+    fn new(channel: &ClientChannel) -> Self {
+        Self {
+            channel: channel.channel.clone(),
+            refund: serialize_hex(&channel.refund),
+            latest: channel.latest.as_ref().map(serialize_hex),
+            server: channel.server.clone(),
+            retired: channel.retired,
+            closed: channel.closed,
+            funding_fee_sat: channel.funding_fee.to_sat(),
+            unacknowledged_funding: channel.unacknowledged_funding.as_ref().map(serialize_hex),
+        }
+    }
+
+    fn read(self) -> Result<ClientChannel, JsError> {
+        let tx = |hex: &str| -> Result<Transaction, JsError> {
+            deserialize_hex(hex).map_err(|_| error("saved channel: a transaction does not parse"))
+        };
+        let mut channel = ClientChannel::new(self.channel, 0, tx(&self.refund)?);
+        channel.latest = self.latest.as_deref().map(tx).transpose()?;
+        channel.server = self.server;
+        channel.retired = self.retired;
+        channel.closed = self.closed;
+        channel.funding_fee = Amount::from_sat(self.funding_fee_sat);
+        channel.unacknowledged_funding =
+            self.unacknowledged_funding.as_deref().map(tx).transpose()?;
+        Ok(channel)
+    }
+}
+
+/// The payment a request carried, as [`Session::send`] gives it to the page.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Sent {
+    header: String,
+    prev: Option<String>,
+    paid_sat: u64,
 }
 
 /// A funded channel being paid on.
@@ -432,13 +700,15 @@ pub struct Session {
     /// policy's budget (`maxTotalSat`) counts.
     elsewhere: Amount,
     prices: Option<serde_json::Value>,
+    /// What the server says it charged (balances, receipts), judged against the policy.
+    charges: ChargeWatch,
 }
 
 impl Session {
     fn started(
         channel: ClientChannel,
         key: SecretKey,
-        policy: &SpendingPolicy,
+        (policy, require_receipts): (&SpendingPolicy, bool),
         first: Amount,
         terms: &TermsDocument,
     ) -> Result<Session, JsError> {
@@ -448,7 +718,10 @@ impl Session {
         bound.price_list(prices.as_ref().and_then(PriceList::from_terms));
         let spent = channel.funding_fee;
         let elsewhere = Amount::ZERO;
-        Ok(Session { channel, key, policy: policy.clone(), bound, spent, elsewhere, prices })
+        let mut charges = ChargeWatch::new(policy).require_receipts(require_receipts);
+        charges.watch_new(channel.id());
+        let policy = policy.clone();
+        Ok(Session { channel, key, policy, bound, spent, elsewhere, prices, charges })
     }
 
     /// Signs a payment of `total` to the server: the new latest payment.
@@ -477,19 +750,24 @@ impl Session {
     /// When `state` is not a saved session.
     pub fn load(state_json: &str, policy_json: &str) -> Result<Session, JsError> {
         let saved: Saved = json(state_json, "saved channel")?;
-        let policy = policy(policy_json)?;
+        let (policy, require_receipts) = policy_and_receipts(policy_json)?;
         let key = secret(&saved.key)?;
-        if saved.channel.channel.params().client_key != public(&key) {
+        let channel = saved.channel.read()?;
+        if channel.channel.params().client_key != public(&key) {
             return Err(error("the saved key is not the channel's client key"));
         }
         let mut bound = LossBound::new(&policy);
         let counted = MilliSats::from_msat(saved.counted_msat);
-        bound.restore(saved.channel.id(), saved.channel.paid(), counted);
+        bound.restore(channel.id(), channel.paid(), counted);
         bound.price_list(saved.prices.as_ref().and_then(PriceList::from_terms));
+        // A loaded channel is watched from the first balance the server reports (as the Rust
+        // payer after a restart).
+        let charges = ChargeWatch::new(&policy).require_receipts(require_receipts);
         Ok(Session {
+            charges,
             spent: Amount::from_sat(saved.spent_sat),
             elsewhere: Amount::ZERO,
-            channel: saved.channel,
+            channel,
             key,
             policy,
             bound,
@@ -500,7 +778,7 @@ impl Session {
     /// What to save (JSON), before any header this session returned leaves the page.
     pub fn state(&self) -> String {
         to_json(&Saved {
-            channel: self.channel.clone(),
+            channel: SavedChannel::new(&self.channel),
             key: self.key.secret_bytes().to_lower_hex_string(),
             spent_sat: self.spent.to_sat(),
             prices: self.prices.clone(),
@@ -597,11 +875,202 @@ impl Session {
         self.channel.unacknowledged_funding.as_ref().map(serialize_hex)
     }
 
-    /// The server answered `method path` with `status`; `metered` when the answer carried a
-    /// `Payment-Channel-Balance` or a receipt. Counts a served, priced request (the loss
-    /// bound's count).
-    pub fn answered(&mut self, method: &str, path: &str, status: u16, metered: bool) {
-        self.bound.served(self.channel.id(), method, path, status, metered);
+    /// The payment the next request carries, as JSON `{"header", "prev", "paidSat"}`: send
+    /// `header` as `Payment-Channel` and `prev` (when not `null`) as `Payment-Receipt-Prev`,
+    /// the receipt the server's receipt links to; give `paidSat` and `prev` back to
+    /// [`answered`](Self::answered). `undefined` before the first payment.
+    ///
+    /// # Errors
+    ///
+    /// When the server charged more than the policy allows or signed a receipt that does not
+    /// verify or add up: it is paid no more.
+    pub fn send(&mut self) -> Result<Option<String>, JsError> {
+        self.charges.check().map_err(error)?;
+        let Some(header) = self.channel.header() else { return Ok(None) };
+        let id = self.channel.id();
+        self.charges.note_send(id);
+        let prev = self.charges.latest_receipt_digest(id).map(|d| d.to_lower_hex_string());
+        Ok(Some(to_json(&Sent { header, prev, paid_sat: self.channel.paid().to_sat() })))
+    }
+
+    /// The server answered `method path`, sent with the payment of `paid_sat` linking to the
+    /// receipt `prev` (both from [`send`](Self::send)), with `status`, its
+    /// `Payment-Channel-Balance` header `balance` and its `Payment-Receipt` header `receipt`
+    /// (each `undefined` when absent). Counts a served, priced request (the loss bound's
+    /// count), checks the balance and the receipt (the [`ChargeWatch`] of the Rust client).
+    /// Returns why the server is paid no more, or `undefined`.
+    ///
+    /// # Errors
+    ///
+    /// When `paid_sat` or `prev` are not what `send` returned.
+    #[allow(clippy::too_many_arguments)]
+    pub fn answered(
+        &mut self,
+        paid_sat: f64,
+        prev: Option<String>,
+        method: &str,
+        path: &str,
+        status: u16,
+        balance: Option<String>,
+        receipt: Option<String>,
+    ) -> Result<Option<String>, JsError> {
+        let id = self.channel.id();
+        let payment = self.sent_payment(paid_sat)?;
+        let prev = hex32(prev)?;
+        let trusted = self.charges.check().is_ok();
+        // A malformed balance is no balance (as the Rust client).
+        let balance = balance.and_then(|b| b.trim().parse().ok()).map(MilliSats::from_msat);
+        let metered = balance.is_some() || receipt.is_some();
+        let counted = self.bound.served(id, method, path, status, metered).is_some();
+        match receipt {
+            // A replayed answer (neither counted nor with a balance) charged nothing now.
+            Some(receipt) if balance.is_some() || counted => {
+                let request = (method, path);
+                let _checked =
+                    self.charges.note_receipt(&payment, receipt.as_bytes(), request, prev);
+            }
+            Some(_) => {}
+            None if counted => {
+                self.charges.note_missing_receipt("a paid answer without a receipt");
+            }
+            None => {}
+        }
+        if let Some(balance) = balance {
+            let current = self.channel.paid() == payment.paid;
+            self.charges.note_answer(&payment, balance, current);
+        }
+        Ok(match self.charges.check() {
+            Err(why) if trusted => Some(why.to_string()),
+            _ => None,
+        })
+    }
+
+    /// A metered stream answered a request paid on this channel: its `Payment-Channel-Stream`
+    /// header `unit`, its `Content-Type` and its `Payment-Channel-Balance` (msat). A [`Meter`]
+    /// that follows it as the page reads, or `undefined` when it is not a stream the client
+    /// accepts (a unit price beyond `maxPerRequestMsat`, SSE without `text/event-stream`):
+    /// such a body is read as it is.
+    pub fn meter(
+        &mut self,
+        unit: Option<String>,
+        content_type: Option<String>,
+        balance_msat: Option<f64>,
+    ) -> Option<Meter> {
+        let balance = balance_msat.filter(|m| m.is_finite() && *m >= 0.0);
+        let balance = balance.map(|m| MilliSats::from_msat(m as u64));
+        let stream =
+            MeteredStream::new(unit.as_deref(), content_type.as_deref(), &self.policy, balance)?;
+        self.charges.stream_started();
+        let channel = self.channel.id().to_string();
+        Some(Meter { stream, channel, pending: Vec::new(), problem: None, missing_receipt: false })
+    }
+
+    /// A metered stream on the channel delivered units worth `cost_msat` (the page's count,
+    /// from [`Meter::push`]): counted in the loss bound and the charge watch.
+    pub fn streamed(&mut self, cost_msat: f64) {
+        let cost = MilliSats::from_msat(cost_msat.max(0.0) as u64);
+        let id = self.channel.id();
+        self.bound.streamed(id, cost);
+        self.charges.note_streamed(id, cost);
+    }
+
+    /// A metered stream on the channel ended: `early` when the page stopped reading before
+    /// the server ended it (its unread units are allowed once per channel), `missing_receipt`
+    /// when an SSE stream ended without its receipt. Returns why the server is paid no more,
+    /// or `undefined`.
+    #[wasm_bindgen(js_name = streamEnded)]
+    pub fn stream_ended(&mut self, early: bool, missing_receipt: bool) -> Option<String> {
+        let trusted = self.charges.check().is_ok();
+        self.charges.stream_ended(self.channel.id(), early);
+        if missing_receipt {
+            self.charges.note_missing_receipt("a metered stream that ended without a receipt");
+        }
+        match self.charges.check() {
+            Err(why) if trusted => Some(why.to_string()),
+            _ => None,
+        }
+    }
+
+    /// The last `payment-required` event of `meter`'s stream on this channel, adding at most
+    /// `cap_sat` ([`Meter::events`] gives it): the top-up, as for a 402, within the policy and
+    /// the loss bound. Returns the new `Payment-Channel` header to hand over on the payment
+    /// endpoint (save `state()` first), with what it added: `{"header", "addedSat"}`.
+    ///
+    /// # Errors
+    ///
+    /// When the policy or the bound refuses, or the event is not a top-up request of this
+    /// channel.
+    #[wasm_bindgen(js_name = streamTopUp)]
+    pub fn stream_top_up(&mut self, meter: &Meter, cap_sat: f64) -> Result<String, JsError> {
+        self.charges.check().map_err(error)?;
+        let problem = meter.problem.clone().ok_or_else(|| error("the stream asked for nothing"))?;
+        if let Some(price) = problem.price_msat {
+            self.policy.check_price(price).map_err(error)?;
+        }
+        let id = self.channel.id();
+        let snapshot = match &problem.channel {
+            Some(snapshot)
+                if problem.code == ProblemCode::InsufficientBalance
+                    && snapshot.channel == id
+                    && snapshot.min_server_amount_sat.is_some() =>
+            {
+                steps::quoted(*snapshot.clone(), &problem)
+            }
+            _ => return Err(error("not a top-up request of this channel")),
+        };
+        let (before, spent) = (self.channel.paid(), self.budget_spent());
+        let cap = sat(cap_sat, "cap")?;
+        let top_up =
+            steps::top_up(&self.policy, &self.channel.channel, before, spent, &snapshot, Some(cap))
+                .map_err(error)?;
+        if let Some((target, ask)) = top_up {
+            self.pay_within_bound(target, ask)?;
+        }
+        let added = self.channel.paid() - before;
+        Ok(format!(r#"{{"header":{},"addedSat":{}}}"#, to_json(&self.header()), added.to_sat()))
+    }
+
+    /// A metered stream's closing receipt (`value`, the event's data) for `method path`,
+    /// sent with the payment of `paid_sat` linking to `prev` (from [`send`](Self::send)); it
+    /// may state at most `bound_msat` ([`Meter::push`] gives it). Returns why the server is
+    /// paid no more, or `undefined`.
+    ///
+    /// # Errors
+    ///
+    /// When `paid_sat` or `prev` are not what `send` returned.
+    #[wasm_bindgen(js_name = streamReceipt)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn stream_receipt(
+        &mut self,
+        paid_sat: f64,
+        prev: Option<String>,
+        method: &str,
+        path: &str,
+        value: &str,
+        bound_msat: f64,
+    ) -> Result<Option<String>, JsError> {
+        let payment = self.sent_payment(paid_sat)?;
+        let prev = hex32(prev)?;
+        let bound = MilliSats::from_msat(bound_msat.max(0.0) as u64);
+        let request = (method, path);
+        Ok(self
+            .charges
+            .note_stream_receipt(&payment, value.as_bytes(), request, prev, bound)
+            .err()
+            .map(|why| why.to_string()))
+    }
+
+    /// The latest receipt the server signed and this session verified (JSON, the wire form
+    /// of `docs/HTTP.md`): proof of what the channel had been charged when it was issued.
+    #[wasm_bindgen(getter, js_name = latestReceipt)]
+    pub fn latest_receipt(&self) -> Option<String> {
+        self.charges.latest_receipt().map(to_json)
+    }
+
+    /// Receipts verified on the channel since it was opened or loaded.
+    #[wasm_bindgen(getter)]
+    pub fn receipts(&self) -> f64 {
+        self.charges.receipts() as f64
     }
 
     /// The server answered `method path` with a 402 whose body is `problem_json`. Returns
@@ -620,6 +1089,7 @@ impl Session {
         path: &str,
         problem_json: &str,
     ) -> Result<String, JsError> {
+        self.charges.check().map_err(error)?;
         let problem: Problem = json(problem_json, "402 problem")?;
         if let Some(price) = problem.price_msat {
             self.policy.check_price(price).map_err(error)?;
@@ -674,6 +1144,7 @@ impl Session {
     /// When the policy refuses.
     #[wasm_bindgen(js_name = topUpAhead)]
     pub fn top_up_ahead(&mut self, amount_sat: f64) -> Result<Option<String>, JsError> {
+        self.charges.check().map_err(error)?;
         let paid = self.channel.paid();
         let target = paid.checked_add(sat(amount_sat, "amount")?).unwrap_or(Amount::MAX);
         let target = target.min(self.channel.channel.params().max_server_amount());
@@ -771,6 +1242,12 @@ impl Session {
 }
 
 impl Session {
+    /// The payment of `paid_sat` on this channel, as the charge watch judges its answers.
+    fn sent_payment(&self, paid_sat: f64) -> Result<SentPayment, JsError> {
+        let server_key = self.channel.channel.params().server_key.0;
+        Ok(SentPayment::new(self.channel.id(), sat(paid_sat, "paidSat")?, server_key))
+    }
+
     /// What the policy's budget counts: this channel's payments and fees, and the others'.
     fn budget_spent(&self) -> Amount {
         self.spent.checked_add(self.elsewhere).unwrap_or(Amount::MAX)

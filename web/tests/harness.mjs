@@ -14,6 +14,13 @@ export const hear = async (expected) => {
   if (done || value.trim() !== expected) throw new Error(`expected "${expected}" on stdin, got ${done ? 'EOF' : value}`);
 };
 
+/** The next line on stdin, as JSON. */
+export const heard = async () => {
+  const { value, done } = await lines.next();
+  if (done) throw new Error('expected a line on stdin, got EOF');
+  return JSON.parse(value);
+};
+
 export const check = (ok, what) => { if (!ok) throw new Error(`check failed: ${what}`); };
 
 /** Runs `steps(page)` in a new page of headless Chromium, then closes it and stdin. */

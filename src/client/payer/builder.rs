@@ -13,6 +13,7 @@ use http::Uri;
 use super::{Inner, Payer};
 use crate::MilliSats;
 use crate::chain::{ChainBackend, ChainError, ChainTip};
+use crate::client::charges::ChargeWatch;
 use crate::client::{
     ClientError, ClientStore, LossBound, MemoryClientStore, SpendingPolicy, Transport, Wallet,
 };
@@ -230,13 +231,16 @@ impl<S: ClientStore> PayerBuilder<S> {
     pub fn build(mut self) -> Result<Payer<S>, ClientError> {
         self.settings.origin = parse_origin(&self.settings.origin)?;
         let bound = Mutex::new(LossBound::new(&self.settings.policy));
+        let charges = ChargeWatch::new(&self.settings.policy)
+            .require_receipts(self.settings.require_receipts);
         Ok(Payer {
             inner: Arc::new(Inner {
                 settings: self.settings,
                 store: self.store,
                 state: tokio::sync::Mutex::default(),
                 current: RwLock::default(),
-                charges: Mutex::default(),
+                charges: Mutex::new(charges),
+                last_send: Mutex::default(),
                 bound,
             }),
         })

@@ -14,6 +14,7 @@ use http::{Method, Request, Uri};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use super::charges::{ChargeWatch, SentPayment};
 use super::steps::{Misbehavior, MisbehaviorKind};
 use super::transport::Transport;
 use super::{
@@ -84,43 +85,11 @@ struct Inner<S> {
     state: tokio::sync::Mutex<State>,
     current: RwLock<Option<CurrentPayment>>,
     charges: Mutex<ChargeWatch>,
+    /// When the last request left (on any channel), for the idle close.
+    last_send: Mutex<Option<Instant>>,
     /// The client's own count of the current channel, and what it pays at most (the one loss
     /// bound every signing path obeys).
     bound: Mutex<LossBound>,
-}
-
-impl ChargeWatch {
-    /// A fresh watch of `channel` from `baseline`, keeping the verdicts and the last receipt.
-    fn for_channel(&self, channel: ChannelId, baseline: Option<MilliSats>) -> Self {
-        Self {
-            channel: Some(channel),
-            baseline,
-            overcharged: self.overcharged,
-            latest_receipt: self.latest_receipt.clone(),
-            bad_receipt: self.bad_receipt.clone(),
-            open_streams: self.open_streams,
-            last_send: self.last_send,
-            ..Self::default()
-        }
-    }
-
-    /// What the channel may have spent by now, beyond the baseline: `max` for each request
-    /// not receipted, the receipts' prices, what the streams delivered, and `slack` for
-    /// each stream still running. `None` before a baseline.
-    fn allowed_spent(&self, max: MilliSats, prepaid: MilliSats) -> Option<MilliSats> {
-        let baseline = self.baseline?;
-        let unreceipted = self.sends.saturating_sub(self.receipts);
-        Some(
-            baseline
-                .saturating_add(self.slack)
-                .saturating_add(self.receipted)
-                .saturating_add(max.checked_mul(unreceipted).unwrap_or(MilliSats::MAX))
-                .saturating_add(self.streamed)
-                .saturating_add(
-                    prepaid.checked_mul(u64::from(self.open_streams)).unwrap_or(MilliSats::MAX),
-                ),
-        )
-    }
 }
 
 impl State {
@@ -140,46 +109,6 @@ struct State {
     fees: Amount,
     /// When the client opened channels by itself (for the policy's `max_opens`).
     opens: VecDeque<Instant>,
-}
-
-/// What the server charged on the current channel, checked against the policy's
-/// `max_per_request`: the server's reported balance gives a lower bound of what it spent
-/// (`paid by the request's payment − balance`), which may not grow by more than
-/// `max_per_request` per request the client sent on the channel.
-#[derive(Debug, Default)]
-struct ChargeWatch {
-    channel: Option<ChannelId>,
-    /// The spent the judgement starts from: zero for a channel this payer opened, the first
-    /// report for a channel loaded from the store (earlier requests are not known).
-    baseline: Option<MilliSats>,
-    /// Allowed beyond the baseline from the start: `max_prepaid` when the baseline is a
-    /// report (a server of several nodes serving from leases reports what other nodes used
-    /// of theirs only once they settle it, so a first report may miss up to the prepaid
-    /// balance they hold), zero for a channel this payer opened.
-    slack: MilliSats,
-    /// Requests sent on the channel since tracking started.
-    sends: u64,
-    /// Set once the server charged more than the policy allows: the payer stops paying it.
-    overcharged: Option<(MilliSats, MilliSats)>,
-    /// Receipts received on the channel, and the sum of the prices they state.
-    receipts: u64,
-    receipted: MilliSats,
-    /// The last valid receipt, on any channel.
-    latest_receipt: Option<Receipt>,
-    /// The last balance the server reported, with what the payment its request carried paid.
-    reported: Option<(MilliSats, MilliSats)>,
-    /// Set once a receipt did not verify or add up: the payer stops paying the server.
-    bad_receipt: Option<String>,
-    /// Metered streams running (on any channel): each may have been debited up to
-    /// `max_prepaid` beyond what the client has read of it.
-    open_streams: u32,
-    /// What the channel's streams delivered, by the client's own count.
-    streamed: MilliSats,
-    /// Whether a stream on the channel was cut before the server ended it (its unread units
-    /// are allowed once per channel).
-    cut: bool,
-    /// When the last request left (on any channel).
-    last_send: Option<Instant>,
 }
 
 /// The payer's current channel as the caller may want to see it; see [`Payer::status`].
@@ -209,26 +138,10 @@ pub(crate) struct CurrentPayment {
     pub(crate) server_key: bitcoin::secp256k1::PublicKey,
 }
 
-/// A receipt (`value`) that verifies under `sent`'s K2, for its channel and for `method
-/// path_and_query`; or why not.
-pub(super) fn verified_receipt(
-    sent: &CurrentPayment,
-    value: &[u8],
-    method: &str,
-    path_and_query: &str,
-    prev: Option<[u8; 32]>,
-) -> Result<Receipt, String> {
-    let receipt = Receipt::decode(value)
-        .and_then(|receipt| receipt.verify(&sent.server_key).map(|()| receipt))
-        .map_err(|e| e.to_string())?;
-    if receipt.channel != sent.id {
-        Err("the receipt is for another channel".to_owned())
-    } else if !receipt.is_for(method, path_and_query) {
-        Err("the receipt is for another request".to_owned())
-    } else if receipt.prev_digest() != prev || receipt.prev.is_some() != prev.is_some() {
-        Err("the receipt does not link to the receipt the request named".to_owned())
-    } else {
-        Ok(receipt)
+impl CurrentPayment {
+    /// The payment as the charge watch judges its answers.
+    pub(crate) fn watched(&self) -> SentPayment {
+        SentPayment::new(self.id, self.paid, self.server_key)
     }
 }
 
@@ -301,11 +214,7 @@ impl<S: ClientStore> Payer<S> {
             .as_ref()
             .and_then(|tx| tx.output.get(1))
             .map_or(Amount::ZERO, |out| out.value);
-        let charges = self.charges();
-        let balance = charges
-            .reported
-            .filter(|_| charges.channel == Some(channel.id()))
-            .map(|(_, balance)| balance);
+        let balance = self.charges().reported_balance(channel.id());
         Ok(Some(ChannelStatus {
             channel: channel.id(),
             paid: channel.paid(),
@@ -343,91 +252,52 @@ impl<S: ClientStore> Payer<S> {
         self.inner.charges.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Refuses to pay a server that charged more than the policy allows.
+    /// Refuses to pay a server that charged more than the policy allows, or signed a receipt
+    /// that does not verify or add up.
     pub(crate) fn check_trusted(&self) -> Result<(), ClientError> {
-        let charges = self.charges();
-        if let Some((charged, allowed)) = charges.overcharged {
-            return Err(ClientError::Overcharged { charged, allowed });
-        }
-        match &charges.bad_receipt {
-            Some(why) => Err(misbehaved(MisbehaviorKind::BadReceipt, why.clone())),
-            None => Ok(()),
-        }
+        Ok(self.charges().check()?)
     }
 
     /// A request leaves with a payment of `channel`.
     pub(crate) fn note_send(&self, channel: ChannelId) {
-        let mut charges = self.charges();
-        if charges.channel != Some(channel) {
-            *charges = charges.for_channel(channel, None);
-        }
-        charges.sends += 1;
-        charges.last_send = Some(Instant::now());
+        self.charges().note_send(channel);
+        *self.last_send() = Some(Instant::now());
+    }
+
+    fn last_send(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.inner.last_send.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Whether nothing was sent for `idle` since `since` (or the last request, if later) and
     /// no stream runs.
     pub(super) fn idle_since(&self, since: Instant, idle: std::time::Duration) -> bool {
-        let charges = self.charges();
-        let last = charges.last_send.map_or(since, |sent| sent.max(since));
-        charges.open_streams == 0 && last.elapsed() >= idle
+        let streams = self.charges().open_streams();
+        let last = self.last_send().map_or(since, |sent| sent.max(since));
+        streams == 0 && last.elapsed() >= idle
     }
 
     /// The server answered a request that carried `sent` with `balance` left: checks what it
     /// charged since tracking started against `max_per_request` per request sent.
     pub(crate) fn note_answer(&self, sent: &CurrentPayment, balance: MilliSats) {
-        let max = self.inner.settings.policy.max_per_request();
+        let current = self.read_current().as_ref() == Some(sent);
         let mut charges = self.charges();
-        if charges.channel != Some(sent.id) {
-            return;
+        let trusted = charges.check().is_ok();
+        charges.note_answer(&sent.watched(), balance, current);
+        if let (true, Err(why)) = (trusted, charges.check()) {
+            tracing::warn!(%why, "the server charged more than the policy allows");
         }
-        let paid = MilliSats::from_sat(sent.paid).unwrap_or(MilliSats::MAX);
-        charges.reported = Some((paid, balance));
-        let spent = paid.saturating_sub(balance);
-        let baseline = match charges.baseline {
-            Some(baseline) => baseline,
-            // The first report on a channel loaded from the store sets the baseline, but only
-            // from an answer to the current payment: an older one under-reports what was spent.
-            None if self.read_current().as_ref() == Some(sent) => {
-                charges.slack = self.max_prepaid_msat();
-                *charges.baseline.insert(spent)
-            }
-            None => return,
-        };
-        let charged = spent.saturating_sub(baseline);
-        let prepaid = self.max_prepaid_msat();
-        let allowed = max
-            .checked_mul(charges.sends)
-            .unwrap_or(MilliSats::MAX)
-            .saturating_add(charges.slack)
-            .saturating_add(charges.streamed)
-            .saturating_add(
-                prepaid.checked_mul(u64::from(charges.open_streams)).unwrap_or(MilliSats::MAX),
-            );
-        if charged > allowed && charges.overcharged.is_none() {
-            tracing::warn!(%charged, %allowed, "the server charged more than the policy allows");
-            charges.overcharged = Some((charged, allowed));
-        }
-    }
-
-    /// The policy's `max_prepaid`, in msat.
-    pub(super) fn max_prepaid_msat(&self) -> MilliSats {
-        MilliSats::from_sat(self.inner.settings.policy.max_prepaid()).unwrap_or(MilliSats::MAX)
     }
 
     /// Starts watching a channel this payer just opened: nothing spent yet.
     fn watch_new_channel(&self, channel: ChannelId) {
-        let mut charges = self.charges();
-        *charges = charges.for_channel(channel, Some(MilliSats::ZERO));
+        self.charges().watch_new(channel);
         // A new channel is activity: the idle close does not close it at once.
-        charges.last_send = Some(Instant::now());
+        *self.last_send() = Some(Instant::now());
     }
 
-    /// The server answered a request that carried `sent` with the receipt `value`: it must
-    /// verify under the channel's K2, be for this channel, this request and the payment it
-    /// carried, charge at most `max_per_request`, and the channel's spent it states may not
-    /// exceed what the receipts so far charged (plus `max_per_request` for each request not
-    /// receipted yet). Otherwise the payer stops paying the server.
+    /// The server answered a request of `method path_and_query` that carried `sent` with the
+    /// receipt `value` (see
+    /// [`ChargeWatch::note_receipt`](super::charges::ChargeWatch::note_receipt)): a bad one stops the payer.
     pub(crate) fn note_receipt(
         &self,
         sent: &CurrentPayment,
@@ -436,86 +306,36 @@ impl<S: ClientStore> Payer<S> {
         path_and_query: &str,
         prev: Option<[u8; 32]>,
     ) {
-        let max = self.inner.settings.policy.max_per_request();
-        let paid = MilliSats::from_sat(sent.paid).unwrap_or(MilliSats::MAX);
-        let checked =
-            verified_receipt(sent, value, method, path_and_query, prev).and_then(|receipt| {
-                if receipt.paid_msat != paid {
-                    Err(format!(
-                        "the receipt says {} was paid, the request carried {paid}",
-                        receipt.paid_msat
-                    ))
-                } else if receipt.price_msat > max {
-                    Err(format!(
-                        "the receipt charges {}, above the policy's {max}",
-                        receipt.price_msat
-                    ))
-                } else {
-                    Ok(receipt)
-                }
-            });
-        let mut charges = self.charges();
-        let receipt = match checked {
-            Ok(receipt) => receipt,
-            Err(why) => {
-                tracing::warn!(%why, "a receipt that does not verify");
-                charges.bad_receipt.get_or_insert(why);
-                return;
-            }
-        };
-        if charges.channel == Some(sent.id) {
-            charges.receipts += 1;
-            charges.receipted = charges.receipted.saturating_add(receipt.price_msat);
-            if let Some(allowed) = charges.allowed_spent(max, self.max_prepaid_msat())
-                && receipt.spent() > allowed
-            {
-                let why = format!(
-                    "the receipt says {} spent, its receipts add up to {allowed}",
-                    receipt.spent()
-                );
-                tracing::warn!(%why, "receipts that do not add up");
-                charges.bad_receipt.get_or_insert(why);
-                return;
-            }
+        let request = (method, path_and_query);
+        if let Err(why) = self.charges().note_receipt(&sent.watched(), value, request, prev) {
+            tracing::warn!(%why, "a receipt that does not verify or add up");
         }
-        charges.latest_receipt = Some(receipt);
     }
 
     /// A paid answer, or a stream, came without a receipt: with
     /// [`require_receipts`](PayerBuilder::require_receipts) the payer stops paying the server.
     pub(crate) fn note_missing_receipt(&self, what: &str) {
-        if self.inner.settings.require_receipts {
+        if self.charges().note_missing_receipt(what) {
             tracing::warn!(what, "a receipt is required");
-            self.charges()
-                .bad_receipt
-                .get_or_insert_with(|| format!("{what}, and receipts are required"));
         }
     }
 
     /// What the server last reported spent on `channel`: its latest receipt's, or the
     /// payment the answer's request carried minus the balance it reported.
     pub(super) fn reported_spent(&self, channel: ChannelId) -> Option<MilliSats> {
-        let charges = self.charges();
-        if let Some(receipt) = charges.latest_receipt.as_ref().filter(|r| r.channel == channel) {
-            return Some(receipt.spent());
-        }
-        // The balance with the payment of the same answer: a top-up signed since then must
-        // not count as spent.
-        let (paid, balance) = charges.reported.filter(|_| charges.channel == Some(channel))?;
-        Some(paid.saturating_sub(balance))
+        self.charges().reported_spent(channel)
     }
 
     /// The digest of the latest verified receipt on `channel`: what the next request links
     /// its receipt to.
     pub(crate) fn latest_receipt_digest(&self, channel: ChannelId) -> Option<[u8; 32]> {
-        let charges = self.charges();
-        charges.latest_receipt.as_ref().filter(|r| r.channel == channel)?.digest()
+        self.charges().latest_receipt_digest(channel)
     }
 
     /// The last receipt the server signed and this payer verified: proof of what the channel
     /// had been charged when it was issued (see [`Receipt`]).
     pub fn latest_receipt(&self) -> Option<Receipt> {
-        self.charges().latest_receipt.clone()
+        self.charges().latest_receipt().cloned()
     }
 
     /// What the client paid in funding fees, over every channel of its store (part of the

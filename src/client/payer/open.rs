@@ -3,15 +3,14 @@
 use bitcoin::consensus::encode::serialize_hex;
 use bitcoin::hex::FromHex as _;
 use bitcoin::{
-    Amount, CompressedPublicKey, FeeRate, Network, OutPoint, Psbt, ScriptBuf, Transaction, TxOut,
-    ecdsa,
+    Amount, CompressedPublicKey, FeeRate, Network, ScriptBuf, Transaction, TxOut, ecdsa,
 };
 use http::Method;
 use std::time::Instant;
 
 use super::{Payer, State, misbehaved};
 use crate::channel::ChainTip;
-use crate::client::steps::{self, MisbehaviorKind as Kind};
+use crate::client::steps::{self, Funding, MisbehaviorKind as Kind};
 use crate::client::{ClientChannel, ClientError, ClientStore, Transport, WalletError};
 use crate::wire::{
     ChannelId, FundRequest, FundResponse, OpenRequest, OpenResponse, RefundRequest, RefundResponse,
@@ -150,7 +149,7 @@ impl<S: ClientStore> Payer<S> {
         // server and verified before anything else is signed, then saved with the first
         // payment. On failure the wallet gets its coins back.
         let prepared = async {
-            let outpoint = check_funding_psbt(&psbt, &funding_output)?;
+            let outpoint = steps::check_funding(&Funding::from_psbt(&psbt), &funding_output)?;
             // A funding the server may still broadcast must conflict with this one.
             self.check_doubts(&psbt.unsigned_tx).await?;
             // The funding's fee counts in the budget, with the first payment.
@@ -195,7 +194,7 @@ impl<S: ClientStore> Payer<S> {
             }
         };
         let signed = wallet.sign(psbt).await.map_err(ClientError::Wallet)?;
-        let funding = extract_funding(signed.clone(), outpoint)?;
+        let funding = steps::signed_funding(Funding::from_psbt(&signed), outpoint)?;
         // Saved before it leaves: from now on the server may broadcast it, whatever it answers.
         channel.unacknowledged_funding = Some(funding.clone());
         if let Err(e) = self.inner.store.save(&channel).await {
@@ -362,38 +361,4 @@ fn may_retry(error: &ClientError) -> bool {
         ClientError::Rejected { status, .. } => status.is_server_error(),
         _ => false,
     }
-}
-
-/// The funding output's outpoint in the wallet's unsigned PSBT, which must pay the channel
-/// exactly once and spend native SegWit outputs only.
-fn check_funding_psbt(psbt: &Psbt, funding: &TxOut) -> Result<OutPoint, ClientError> {
-    let tx = &psbt.unsigned_tx;
-    let bad = |what: &str| ClientError::Wallet(WalletError::new(what));
-    let mut outputs = tx.output.iter().enumerate().filter(|(_, out)| *out == funding);
-    let (Some((vout, _)), None) = (outputs.next(), outputs.next()) else {
-        return Err(bad("the funding PSBT must pay the channel output exactly once"));
-    };
-    if tx.input.is_empty() || psbt.inputs.len() != tx.input.len() {
-        return Err(bad("the funding PSBT has no inputs"));
-    }
-    let segwit = psbt.inputs.iter().all(|input| {
-        input.witness_utxo.as_ref().is_some_and(|utxo| utxo.script_pubkey.is_witness_program())
-    });
-    if !segwit {
-        return Err(bad(
-            "every funding input must be native SegWit, with its witness_utxo in the PSBT",
-        ));
-    }
-    Ok(OutPoint::new(tx.compute_txid(), vout as u32))
-}
-
-/// The signed funding transaction, which must be the transaction the refund spends.
-fn extract_funding(psbt: Psbt, outpoint: OutPoint) -> Result<Transaction, ClientError> {
-    let tx = psbt.extract_tx().map_err(|e| ClientError::Wallet(WalletError::new(e)))?;
-    if tx.compute_txid() != outpoint.txid {
-        return Err(ClientError::Wallet(WalletError::new(
-            "signing changed the funding transaction's id",
-        )));
-    }
-    Ok(tx)
 }

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use http::{HeaderValue, Method};
 
 use super::top_up::Ask;
-use super::{CurrentPayment, MisbehaviorKind, Payer, misbehaved, verified_receipt};
+use super::{CurrentPayment, MisbehaviorKind, Payer, misbehaved};
 use crate::MilliSats;
 use crate::client::{ClientError, ClientStore, Transport};
 use crate::wire::{ChannelId, PaymentAnswer, Problem, ProblemCode, Receipt};
@@ -193,32 +193,20 @@ impl<S: ClientStore> Payer<S> {
     /// spent than counted (units the server debited and sent that the client has not read
     /// yet).
     pub(crate) fn stream_started(&self) {
-        self.charges().open_streams += 1;
+        self.charges().stream_started();
     }
 
-    /// A metered stream on `sent`'s channel ended. One the client dropped before the server
-    /// ended it may have been debited for units the client never read (the server debits
-    /// before it sends): up to `max_prepaid` of them stay allowed — once per channel, however
-    /// many streams are cut (the payments that covered those units are bounded by the
-    /// channel's [`LossBound`], not per stream).
+    /// A metered stream on `sent`'s channel ended (see
+    /// [`ChargeWatch::stream_ended`](crate::client::charges::ChargeWatch::stream_ended)).
     pub(crate) fn stream_ended(&self, sent: &CurrentPayment, early: bool) {
-        let prepaid = self.max_prepaid_msat();
-        let mut charges = self.charges();
-        charges.open_streams = charges.open_streams.saturating_sub(1);
-        if early && charges.channel == Some(sent.id) && !charges.cut {
-            charges.cut = true;
-            charges.streamed = charges.streamed.saturating_add(prepaid);
-        }
+        self.charges().stream_ended(sent.id, early);
     }
 
     /// A stream on `sent`'s channel delivered units worth `cost` (the client's own count):
     /// the server may have spent that much more than the requests account for.
     pub(crate) fn note_streamed(&self, sent: &CurrentPayment, cost: MilliSats) {
         self.bound().streamed(sent.id, cost);
-        let mut charges = self.charges();
-        if charges.channel == Some(sent.id) {
-            charges.streamed = charges.streamed.saturating_add(cost);
-        }
+        self.charges().note_streamed(sent.id, cost);
     }
 
     /// Starts a metered stream the payer's HTTP integrations do not read themselves — a
@@ -261,44 +249,13 @@ impl<S: ClientStore> Payer<S> {
         prev: Option<[u8; 32]>,
         bound: MilliSats,
     ) -> Result<Receipt, ClientError> {
-        let paid = MilliSats::from_sat(sent.paid).unwrap_or(MilliSats::MAX);
-        let max = self.inner.settings.policy.max_per_request();
+        let request = (method, path_and_query);
         let checked =
-            verified_receipt(sent, value, method, path_and_query, prev).and_then(|receipt| {
-                if receipt.paid_msat < paid {
-                    Err(format!(
-                        "the stream's receipt says {} was paid, less than the request carried",
-                        receipt.paid_msat
-                    ))
-                } else if receipt.price_msat > bound {
-                    Err(format!(
-                        "the stream's receipt charges {}, the client counted at most {bound}",
-                        receipt.price_msat
-                    ))
-                } else {
-                    Ok(receipt)
-                }
-            });
-        let mut charges = self.charges();
-        let allowed = charges.allowed_spent(max, self.max_prepaid_msat());
-        let checked = checked.and_then(|receipt| match allowed {
-            Some(allowed) if receipt.spent() > allowed => Err(format!(
-                "the stream's receipt says {} spent, the receipts and streams add up to {allowed}",
-                receipt.spent()
-            )),
-            _ => Ok(receipt),
-        });
-        match checked {
-            Ok(receipt) => {
-                charges.latest_receipt = Some(receipt.clone());
-                Ok(receipt)
-            }
-            Err(why) => {
-                tracing::warn!(%why, "a stream's receipt that does not verify");
-                charges.bad_receipt.get_or_insert(why.clone());
-                Err(misbehaved(MisbehaviorKind::BadReceipt, why))
-            }
+            self.charges().note_stream_receipt(&sent.watched(), value, request, prev, bound);
+        if let Err(why) = &checked {
+            tracing::warn!(%why, "a stream's receipt that does not verify");
         }
+        Ok(checked?)
     }
 }
 

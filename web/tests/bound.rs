@@ -1,0 +1,397 @@
+//! The browser client's loss bound is the Rust client's, checked by the same cases
+//! (`tests/client_bound_property.rs` drives the Rust `Payer`; this drives the page's
+//! [`Session`], in wasm, as `js/paychan.js` does): random sequences of server answers —
+//! served with and without balance headers and receipts, 402s with arbitrary numbers, prices
+//! beyond the policy, "channel not open", 5xx with and without a balance, forged receipts —
+//! and, here, page reloads (the session saved and loaded again). On no channel does the page
+//! sign a payment that pays the server more than
+//! `max(first payment, what the server served × the quote) + one price + max_prepaid`, plus
+//! one price per reload (`LossBound::restore`).
+//!
+//! The server is modelled in the test: an honest answer debits the route's price from what
+//! the latest payment pays, answers 402 with the least top-up when it runs out, and signs
+//! receipts with K2, as the paywall does. 1 000 cases (the Rust property's count), from a
+//! fixed seed so a failure reproduces; `PAYCHAN_BOUND_SEED` at build time picks another.
+//!
+//! Run: `CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner cargo test -p
+//! paychan-web --target wasm32-unknown-unknown` (in Node.js; `.ci/run` does).
+
+#![cfg(target_arch = "wasm32")]
+
+use bitcoin::absolute::LockTime;
+use bitcoin::consensus::encode::serialize_hex;
+use bitcoin::hashes::Hash;
+use bitcoin::hex::FromHex;
+use bitcoin::secp256k1::{Secp256k1, SecretKey};
+use bitcoin::{Amount, CompressedPublicKey, OutPoint, ScriptBuf, Txid};
+use paychan::MilliSats;
+use paychan::channel::{ChainTip, Terms, server_amount};
+use paychan::wire::{self, ChannelId, Receipt};
+use paychan_web::Session;
+use serde_json::{Value, json};
+use wasm_bindgen_test::wasm_bindgen_test as test;
+
+const QUOTE: MilliSats = MilliSats::from_msat(2_000);
+const PREPAID: Amount = Amount::from_sat(1_000);
+const FIRST: Amount = Amount::from_sat(294);
+const VALUE: Amount = Amount::from_sat(100_000);
+const CASES: u32 = 1_000;
+/// As `js/paychan.js`: how often one request is sent at most.
+const MAX_ATTEMPTS: u32 = 4;
+
+/// xorshift64*: the cases' randomness, reproducible from the seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// How the server answers one paid `/job`.
+#[derive(Debug, Clone, Copy)]
+enum Answer {
+    /// The modelled paywall's answer (served, or its real 402).
+    Honest,
+    /// The paywall's answer without its balance header and receipt.
+    Hidden,
+    /// 402 `insufficient-balance`: spent `spent`‰ of the latest payment, asks `min` and
+    /// `suggested` sat more.
+    Forged { spent_permille: u64, min: u64, suggested: u64 },
+    /// A 402 quoting a price beyond the policy.
+    TooDear,
+    /// 402 `channel-not-open`.
+    NotOpen,
+    /// 500, with or without a balance header.
+    Failed { balance: bool },
+    /// The paywall's answer with a receipt that is not one.
+    BadReceipt,
+    /// A receipt signed by K2 that states more spent than the requests could have cost.
+    InflatedReceipt,
+    /// The page reloads: the session is saved and loaded again before the next request.
+    Reload,
+}
+
+/// The same weights as the Rust property (streams aside: the page meters no streams yet),
+/// plus reloads and inflated receipts.
+fn answer(rng: &mut Rng) -> Answer {
+    match rng.below(20) {
+        0..=5 => Answer::Honest,
+        6..=7 => Answer::Hidden,
+        8..=11 => Answer::Forged {
+            spent_permille: rng.below(2_000),
+            min: rng.below(3_000),
+            suggested: rng.below(10_000),
+        },
+        12 => Answer::TooDear,
+        13 => Answer::NotOpen,
+        14 => Answer::Failed { balance: rng.below(2) == 0 },
+        15 => Answer::BadReceipt,
+        16 => Answer::InflatedReceipt,
+        _ => Answer::Reload,
+    }
+}
+
+fn key(byte: u8) -> SecretKey {
+    SecretKey::from_slice(&[byte; 32]).unwrap()
+}
+
+const POLICY: &str = r#"{"maxPrepaidSat": 1000}"#;
+
+/// A funded channel `n` (its own outpoint) with its first payment of [`FIRST`], as the page
+/// saves it.
+fn session(n: u32) -> Session {
+    let secp = Secp256k1::new();
+    let (client, server) = (key(0x11), key(0x22));
+    let pk = |k: &SecretKey| CompressedPublicKey(k.public_key(&secp));
+    let p2wpkh = |k: &SecretKey| ScriptBuf::new_p2wpkh(&pk(k).wpubkey_hash());
+    let tip = ChainTip { height: 800_000, median_time_past: 1_700_000_000 };
+    let params = Terms::default()
+        .agree(
+            pk(&client),
+            pk(&server),
+            VALUE,
+            LockTime::from_height(801_000).unwrap(),
+            p2wpkh(&client),
+            p2wpkh(&server),
+            tip,
+        )
+        .unwrap();
+    let mut txid = [0u8; 32];
+    txid[..4].copy_from_slice(&n.to_le_bytes());
+    let channel = params.at(OutPoint { txid: Txid::from_byte_array(txid), vout: 0 });
+    let refund = channel.params().build_refund(channel.outpoint(), Amount::from_sat(500));
+    let mut first = channel.build_payment(FIRST).unwrap();
+    channel.sign_payment(&mut first, &client).unwrap();
+    // As `Session::state` saves it: the transactions in consensus hex.
+    let state = json!({
+        "channel": {
+            "channel": channel, "refund": serialize_hex(&refund), "latest": serialize_hex(&first),
+            "server": "http://server.test", "retired": false, "closed": false,
+            "funding_fee_sat": 200,
+        },
+        "key": client.display_secret().to_string(),
+        "spent_sat": FIRST.to_sat(), "counted_msat": 0,
+    });
+    Session::load(&state.to_string(), POLICY).unwrap()
+}
+
+/// The modelled server's ledger of one channel.
+#[derive(Default)]
+struct Ledger {
+    /// What the latest payment it was handed pays it (msat).
+    paid: MilliSats,
+    /// What it debited.
+    spent: MilliSats,
+    /// What it served, valued as the client must count it.
+    served: MilliSats,
+}
+
+struct Reply {
+    status: u16,
+    balance: Option<String>,
+    receipt: Option<String>,
+    problem: Option<Value>,
+}
+
+fn problem(code: &str, extra: Value) -> Reply {
+    let mut document = json!({
+        "type": format!("urn:paychan:problem:{code}"), "title": "refused", "status": 402,
+        "detail": "scripted", "code": code,
+    });
+    if let (Some(document), Some(extra)) = (document.as_object_mut(), extra.as_object()) {
+        document.extend(extra.clone());
+    }
+    Reply { status: 402, balance: None, receipt: None, problem: Some(document) }
+}
+
+fn snapshot(
+    id: ChannelId,
+    paid: MilliSats,
+    spent: MilliSats,
+    min: Amount,
+    suggested: Amount,
+) -> Value {
+    json!({
+        "price_msat": QUOTE.to_msat(),
+        "channel": {
+            "channel": id.to_string(), "state": "open",
+            "paid_msat": paid.to_msat(), "spent_msat": spent.to_msat(),
+            "balance_msat": paid.saturating_sub(spent).to_msat(),
+            "price_msat": QUOTE.to_msat(), "capacity_left_sat": 0,
+            "min_server_amount_sat": min.to_sat(),
+            "suggested_server_amount_sat": suggested.to_sat(),
+            "expiry": 0, "close_by": 0
+        }
+    })
+}
+
+/// The server's answer to `/job` paid with `sent` (from `Session::send`).
+fn serve(ledger: &mut Ledger, id: ChannelId, sent: &Value, answer: Answer) -> Reply {
+    let header = sent["header"].as_str().unwrap();
+    let payment = wire::decode_payment(header.as_bytes()).unwrap();
+    let paid = MilliSats::from_sat(server_amount(&payment)).unwrap();
+    ledger.paid = ledger.paid.max(paid);
+    let prev = sent["prev"].as_str().map(|p| <[u8; 32]>::from_hex(p).unwrap());
+    let receipt = |ledger: &Ledger, price: MilliSats| {
+        let balance = ledger.paid.saturating_sub(ledger.spent);
+        let mut receipt = Receipt::new(id, "GET", "/job", price, paid, balance);
+        if let Some(prev) = prev {
+            receipt = receipt.with_prev(prev);
+        }
+        receipt.sign(&key(0x22)).encode()
+    };
+    match answer {
+        Answer::Honest | Answer::Hidden | Answer::BadReceipt | Answer::InflatedReceipt => {
+            if ledger.paid.saturating_sub(ledger.spent) < QUOTE {
+                let least = ledger.spent.saturating_add(QUOTE).to_sat_ceil();
+                let extra = snapshot(id, ledger.paid, ledger.spent, least, least + PREPAID);
+                return problem("insufficient-balance", extra);
+            }
+            ledger.spent = ledger.spent.saturating_add(QUOTE);
+            ledger.served = ledger.served.saturating_add(QUOTE);
+            let balance = ledger.paid.saturating_sub(ledger.spent);
+            let (balance, receipt) = match answer {
+                Answer::Hidden => (None, None),
+                Answer::BadReceipt => (Some(balance), Some("AAAA".to_owned())),
+                Answer::InflatedReceipt => {
+                    // Claims the whole payment spent, at one price: a receipt that does not
+                    // add up with the requests sent.
+                    let mut lie = Receipt::new(id, "GET", "/job", QUOTE, paid, MilliSats::ZERO);
+                    if let Some(prev) = prev {
+                        lie = lie.with_prev(prev);
+                    }
+                    (Some(MilliSats::ZERO), Some(lie.sign(&key(0x22)).encode()))
+                }
+                _ => (Some(balance), Some(receipt(ledger, QUOTE))),
+            };
+            Reply {
+                status: 200,
+                balance: balance.map(|b| b.to_msat().to_string()),
+                receipt,
+                problem: None,
+            }
+        }
+        Answer::Forged { spent_permille, min, suggested } => {
+            let spent = MilliSats::from_msat(paid.to_msat().saturating_mul(spent_permille) / 1_000);
+            let latest = ledger.paid.to_sat_ceil();
+            let extra = snapshot(
+                id,
+                ledger.paid,
+                spent,
+                latest + Amount::from_sat(min),
+                latest + Amount::from_sat(suggested),
+            );
+            problem("insufficient-balance", extra)
+        }
+        Answer::TooDear => problem("insufficient-balance", json!({ "price_msat": 50_000 })),
+        Answer::NotOpen => problem("channel-not-open", json!({})),
+        Answer::Failed { balance } => {
+            if balance {
+                // A 5xx with a balance says it was paid for: the client counts it.
+                ledger.served = ledger.served.saturating_add(QUOTE);
+            }
+            Reply {
+                status: 500,
+                balance: balance.then(|| "0".to_owned()),
+                receipt: None,
+                problem: None,
+            }
+        }
+        Answer::Reload => unreachable!("a reload is not an answer"),
+    }
+}
+
+/// `Session::answered` for a `/job` sent with `sent` (from `Session::send`), as
+/// `js/paychan.js` calls it.
+fn answered(
+    session: &mut Session,
+    sent: &Value,
+    status: u16,
+    balance: Option<String>,
+    receipt: Option<String>,
+) -> Result<Option<String>, wasm_bindgen::JsError> {
+    let paid = sent["paidSat"].as_f64().unwrap();
+    let prev = sent["prev"].as_str().map(str::to_owned);
+    session.answered(paid, prev, "GET", "/job", status, balance, receipt)
+}
+
+/// One case: `answers` in order, each request retried on 402 as `js/paychan.js` does; a new
+/// channel when the session says so. Checks the bound on every channel.
+fn run(answers: &[Answer], case: u32) {
+    let mut channels = 0;
+    let mut current = session(case * 100 + channels);
+    let mut ledger = Ledger::default();
+    let mut reloads = 0u64;
+    let mut answers = answers.iter().copied();
+    let check = |session: &Session, ledger: &Ledger, reloads: u64| {
+        let paid = Amount::from_sat(session.paid_sat() as u64);
+        let bound = FIRST.max(ledger.served.to_sat_ceil())
+            + (QUOTE.to_sat_ceil() * (1 + reloads))
+            + PREPAID;
+        assert!(
+            paid <= bound,
+            "case {case}: channel {} paid {paid} to a server that served {}: bound {bound}",
+            session.id(),
+            ledger.served
+        );
+    };
+    'requests: while let Some(mut next) = answers.next() {
+        if let Answer::Reload = next {
+            current = Session::load(&current.state(), POLICY).unwrap();
+            reloads += 1;
+            continue;
+        }
+        for attempt in 1..=MAX_ATTEMPTS {
+            let Ok(Some(sent)) = current.send() else { break 'requests };
+            let sent_json: Value = serde_json::from_str(&sent).unwrap();
+            let id: ChannelId = current.id().parse().unwrap();
+            let reply = serve(&mut ledger, id, &sent_json, next);
+            if reply.status != 402 || attempt == MAX_ATTEMPTS {
+                let _ =
+                    answered(&mut current, &sent_json, reply.status, reply.balance, reply.receipt);
+                check(&current, &ledger, reloads);
+                break;
+            }
+            let problem = reply.problem.unwrap().to_string();
+            match current.payment_required("GET", "/job", &problem) {
+                Ok(action) if action.contains(r#""do":"open""#) => {
+                    check(&current, &ledger, reloads);
+                    channels += 1;
+                    current = session(case * 100 + channels);
+                    (ledger, reloads) = (Ledger::default(), 0);
+                }
+                Ok(_) => check(&current, &ledger, reloads),
+                Err(_) => break,
+            }
+            // The retry meets the server's next scripted answer.
+            match answers.next() {
+                Some(Answer::Reload) | None => next = Answer::Honest,
+                Some(answer) => next = answer,
+            }
+        }
+    }
+    check(&current, &ledger, reloads);
+}
+
+#[test]
+fn no_server_answer_takes_the_page_beyond_its_bound() {
+    let seed = option_env!("PAYCHAN_BOUND_SEED")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x9e37_79b9_7f4a_7c15);
+    let mut rng = Rng(seed);
+    let mut distrusted = 0;
+    for case in 0..CASES {
+        let n = 1 + rng.below(30) as usize;
+        let answers: Vec<Answer> = (0..n).map(|_| answer(&mut rng)).collect();
+        run(&answers, case);
+        distrusted += u32::from(answers.iter().any(|a| matches!(a, Answer::BadReceipt)));
+    }
+    // The cases did meet bad receipts (and so the watch's refusals).
+    assert!(distrusted > 100);
+}
+
+#[test]
+fn an_honest_server_is_paid_every_request_and_its_receipts_verify() {
+    let mut current = session(1);
+    let mut ledger = Ledger::default();
+    let mut served = 0;
+    for _ in 0..400 {
+        for attempt in 1..=MAX_ATTEMPTS {
+            let sent = current.send().unwrap().unwrap();
+            let sent_json: Value = serde_json::from_str(&sent).unwrap();
+            let id: ChannelId = current.id().parse().unwrap();
+            let reply = serve(&mut ledger, id, &sent_json, Answer::Honest);
+            if reply.status == 200 {
+                let why =
+                    answered(&mut current, &sent_json, 200, reply.balance, reply.receipt).unwrap();
+                assert_eq!(why, None);
+                served += 1;
+                break;
+            }
+            assert!(attempt < MAX_ATTEMPTS, "an honest server was not paid");
+            let action =
+                current.payment_required("GET", "/job", &reply.problem.unwrap().to_string());
+            assert!(action.unwrap().contains(r#""do":"retry""#));
+        }
+        if served % 100 == 0 && served < 400 {
+            // A reload keeps the channel, and the receipts' chain goes on from a fresh watch.
+            current = Session::load(&current.state(), POLICY).unwrap();
+        }
+    }
+    assert_eq!(served, 400);
+    // Each of the 100 answers since the last reload brought a receipt that verified.
+    assert_eq!(current.receipts(), 100.0);
+    assert!(current.latest_receipt().is_some());
+    // Every request paid, nothing beyond what was served plus the prepaid allowance.
+    let paid = Amount::from_sat(current.paid_sat() as u64);
+    assert!(paid >= ledger.served.to_sat_ceil());
+    assert!(paid <= ledger.served.to_sat_ceil() + QUOTE.to_sat_ceil() + PREPAID);
+}
