@@ -193,6 +193,7 @@ async fn a_page_deposits_opens_pays_reloads_closes_and_keeps_a_refund_core_accep
     // A second channel and its exported refund; then the server vanishes.
     let refund = h.next().await;
     assert_eq!(refund["step"], "refund", "{refund}");
+    assert_eq!(h.next().await["step"], "bench");
     h.done().await;
     h.merchant.take().unwrap().stop();
     h.server.abort();
