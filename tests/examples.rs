@@ -257,7 +257,7 @@ async fn a_client_retry_with_an_idempotency_key_is_replayed_not_charged() {
     use bytes::Bytes;
     use http_body_util::{BodyExt, Full};
     use paychan::client::PaymentLayer;
-    use paychan::server::IDEMPOTENT_REPLAYED;
+    use paychan::wire::IDEMPOTENT_REPLAYED;
     use tower::{Service, ServiceExt};
 
     let chain = SimulatedChain::new();

@@ -16,8 +16,9 @@ use common::Setup;
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use paychan::MilliSats;
-use paychan::server::{IDEMPOTENT_REPLAYED, Idempotency, PaywallLayer};
+use paychan::server::{Idempotency, PaywallLayer};
 use paychan::store::{ChannelRecord, ChannelStore, MemoryStore};
+use paychan::wire::IDEMPOTENT_REPLAYED;
 use paychan::wire::{self, ChannelId, Problem, ProblemCode};
 use tower::ServiceExt;
 

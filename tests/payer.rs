@@ -698,7 +698,7 @@ async fn overcharged(claims_streams: bool) {
             response.headers_mut().insert(paychan::wire::PAYMENT_CHANNEL_STREAM, claim);
             // And that it is a replay, free: a request without an idempotency key is not.
             let replay = http::HeaderValue::from_static("true");
-            response.headers_mut().insert(paychan::server::IDEMPOTENT_REPLAYED, replay);
+            response.headers_mut().insert(paychan::wire::IDEMPOTENT_REPLAYED, replay);
             response
         }))
     };

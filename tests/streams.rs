@@ -17,8 +17,9 @@ use common::Setup;
 use http::{Method, Request, StatusCode, Uri};
 use http_body_util::BodyExt;
 use paychan::MilliSats;
-use paychan::server::{PaywallLayer, RoutePrices, StreamMeter, TOP_UP_EVENT};
+use paychan::server::{PaywallLayer, RoutePrices, StreamMeter};
 use paychan::store::{ChannelRecord, ChannelStore, MemoryStore};
+use paychan::wire::TOP_UP_EVENT;
 use paychan::wire::{self, ChannelId, PaymentAnswer, Problem, ProblemCode, StreamUnit};
 use tower::ServiceExt;
 

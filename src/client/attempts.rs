@@ -55,7 +55,7 @@ impl<'a, St: ClientStore> Retry<'a, St> {
     ) -> Self {
         use http::Method;
         let keyed = matches!(*method, Method::POST | Method::PUT | Method::PATCH | Method::DELETE)
-            && headers.contains_key(crate::server::IDEMPOTENCY_KEY);
+            && headers.contains_key(crate::wire::IDEMPOTENCY_KEY);
         Self {
             payer,
             budget: RetryBudget::default(),
@@ -126,7 +126,7 @@ impl<'a, St: ClientStore> Retry<'a, St> {
         // A replayed answer charged nothing now; its balance and receipt are the first
         // answer's, already noted. Believed only for a request that could be one: an unsafe
         // method with an `Idempotency-Key` (else a server could skip every check).
-        if headers.contains_key(crate::server::IDEMPOTENT_REPLAYED) && self.keyed {
+        if headers.contains_key(crate::wire::IDEMPOTENT_REPLAYED) && self.keyed {
             return;
         }
         let method = self.method.as_str();

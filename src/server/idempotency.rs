@@ -12,13 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::rejection::RejectionKind;
 use crate::store::IdempotencyClaim;
-
-/// The request header naming an operation the client may retry
-/// (draft-ietf-httpapi-idempotency-key-header).
-pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
-
-/// The response header of a replayed response: `true`.
-pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
+use crate::wire::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
 
 /// The longest `Idempotency-Key`.
 const MAX_KEY_LEN: usize = 255;

@@ -66,11 +66,11 @@ mod stream;
 
 pub use chain_view::chain_view;
 pub use future::ResponseFuture;
-pub use idempotency::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, Idempotency};
+pub use idempotency::Idempotency;
 pub use layer::{DEFAULT_BUNDLE, DEFAULT_TERMS_URL, PaywallLayer};
 pub use negotiate::{DEFAULT_PREFIX, Negotiation};
 pub use pricing::{Pricing, RoutePrices, Unlisted};
 pub use receipt::{ActualCost, Paid, ShadowTally};
 pub use rejection::{Rejection, RejectionKind};
 pub use service::Paywall;
-pub use stream::{DEFAULT_HOLD, Exhausted, RECEIPT_EVENT, StreamMeter, TOP_UP_EVENT};
+pub use stream::{DEFAULT_HOLD, Exhausted, StreamMeter};

@@ -18,7 +18,7 @@ use tower::BoxError;
 use crate::MilliSats;
 use crate::wire::{ChannelId, Problem, ProblemCode, Receipt};
 
-pub use crate::wire::{RECEIPT_EVENT, TOP_UP_EVENT};
+use crate::wire::{RECEIPT_EVENT, TOP_UP_EVENT};
 
 /// How long a stream waits for a top-up by default.
 pub const DEFAULT_HOLD: Duration = Duration::from_secs(10);

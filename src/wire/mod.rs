@@ -66,6 +66,13 @@ pub const TOP_UP_EVENT: &str = "payment-required";
 /// request (its price is everything the request was charged, up front and per unit).
 pub const RECEIPT_EVENT: &str = "payment-receipt";
 
+/// The request header naming an operation the client may retry
+/// (draft-ietf-httpapi-idempotency-key-header).
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// The response header of a replayed response: `true`.
+pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
+
 /// The unit of a metered stream and its price: the value of [`PAYMENT_CHANNEL_STREAM`].
 ///
 /// # Examples
