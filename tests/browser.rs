@@ -210,10 +210,6 @@ async fn a_page_deposits_opens_pays_reloads_closes_and_keeps_a_refund_core_accep
     assert!(h.to_deposit(&refund_tx) > 0, "the refund pays the deposit address");
 }
 
-/// Paying for media: a plain `<audio>` element plays the demo's tune while the Service Worker
-/// (`web/js/paychan-sw.js`) pays 1 sat per second fetched on the page's channel; 20 s and more
-/// are played, with a reload mid-stream; the server holds the page's latest payment (none
-/// lost) and charged what the page paid for; the fair close is mined.
 /// A lying media server: whatever a request paid, it asks for one more second and serves
 /// nothing (`/media/liar.wav`, beside the demo's paywall).
 async fn liar(headers: http::HeaderMap) -> axum::response::Response {
@@ -241,6 +237,11 @@ async fn liar(headers: http::HeaderMap) -> axum::response::Response {
     response
 }
 
+/// Paying for media: a plain `<audio>` element plays the demo's tune while the Service Worker
+/// (`web/js/paychan-sw.js`) pays 5 sat per second fetched on the page's channel; 20 s and more
+/// are played, with a reload mid-stream; the worker counts what the server charged; the worker
+/// is killed mid-stream and pays on; a lying media server beside the demo is stopped at the
+/// loss bound; the fair close pays the server what it charged and is mined.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_worker_pays_per_second_for_audio_across_a_reload() {
     let liar = axum::Router::new().route("/media/liar.wav", axum::routing::get(liar));
@@ -296,6 +297,15 @@ async fn a_page_funds_a_channel_by_psbt_and_reads_a_metered_stream() {
         .await;
     h.tell(&serde_json::json!({ "psbt": short["psbt"] }).to_string()).await;
     assert_eq!(h.next().await["step"], "refused-short");
+    // The right funding, signed by the wallet before the page had its refund: refused.
+    let (outputs, options) = funded_psbt(amount);
+    let early = h
+        .node
+        .wallet_rpc("walletcreatefundedpsbt", serde_json::json!([[], outputs, 0, options]))
+        .await;
+    let early = h.node.wallet_rpc("walletprocesspsbt", serde_json::json!([early["psbt"]])).await;
+    h.tell(&serde_json::json!({ "psbt": early["psbt"] }).to_string()).await;
+    assert_eq!(h.next().await["step"], "refused-signed");
 
     let (outputs, options) = funded_psbt(amount);
     let unsigned = h

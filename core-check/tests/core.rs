@@ -244,7 +244,16 @@ fn a_funding_from_deposited_coins_pays_the_channel_and_the_change() {
         steps::signed_funding(funding.clone(), outpoint),
         Err(StepError::InvalidFunding(_))
     ));
+    // Coins sent to the channel's script beside its output would have no refund: refused.
+    let mut twice = funding.clone();
+    twice.tx.output.push(TxOut { value: Amount::from_sat(1_000), ..channel.clone() });
+    assert!(steps::check_funding(&twice, &channel).is_err());
     steps::sign_p2wpkh_inputs(&mut funding, &deposit).unwrap();
+    // Signed before its refund: refused (the server could broadcast it).
+    assert!(matches!(
+        steps::check_funding(&funding, &channel),
+        Err(StepError::InvalidFunding(why)) if why.contains("unsigned")
+    ));
     // Signed, through a PSBT and back: the same transaction, with its witnesses.
     let signed = steps::Funding::from_psbt(&funding.to_psbt().unwrap());
     let tx = steps::signed_funding(signed, outpoint).unwrap();
@@ -284,7 +293,8 @@ fn a_restored_count_gives_a_lying_server_one_price_per_load_not_max_prepaid() {
     // Saved with 300 sat counted and 1 305 sat paid (300 + 5 + 1 000: the bound's most).
     let paid = Amount::from_sat(1_305);
     let mut bound = LossBound::new(&policy);
-    bound.restore(channel, paid, MilliSats::from_msat(300_000));
+    let first = Amount::from_sat(294);
+    bound.restore(channel, paid, MilliSats::from_msat(300_000), first);
     // An honest server asks at most paid + price: allowed.
     assert!(bound.check(channel, paid + Amount::from_sat(5), price, None).is_ok());
     // A liar gets that one price more, not another max_prepaid (`resume` would allow 2 310).
@@ -293,8 +303,25 @@ fn a_restored_count_gives_a_lying_server_one_price_per_load_not_max_prepaid() {
     resumed.resume(channel, paid);
     assert_eq!(resumed.allowed(price), Amount::from_sat(2_310));
     // A count saved above paid − max_prepaid is kept as it is.
-    bound.restore(channel, paid, MilliSats::from_msat(900_000));
+    bound.restore(channel, paid, MilliSats::from_msat(900_000), first);
     assert_eq!(bound.allowed(price), Amount::from_sat(1_905));
+    // A first payment above max_prepaid, nothing served yet: nothing is taken as served (the
+    // first payment would be handed out twice: 294 − 50 counted, then every unit on top).
+    let small = SpendingPolicy::default().with_max_prepaid(Amount::from_sat(50));
+    let mut fresh = LossBound::new(&small);
+    fresh.restore(channel, first, MilliSats::ZERO, first);
+    assert_eq!(fresh.counted(), MilliSats::ZERO);
+    assert_eq!(fresh.allowed(price), Amount::from_sat(294 + 5 + 50));
+    // Paid beyond the first payment: the floor rises to paid − max_prepaid, the count goes on
+    // from the saved count (units on top of it are not added to the floor).
+    fresh.restore(channel, Amount::from_sat(400), MilliSats::from_msat(340_000), first);
+    assert_eq!(fresh.counted(), MilliSats::from_msat(340_000));
+    assert_eq!(fresh.allowed(price), Amount::from_sat(350 + 5 + 50));
+    for _ in 0..2 {
+        fresh.served(channel, "GET", "/job", 200, true);
+    }
+    // Two units at the table-less max_per_request (10 sat): 360 counted, the floor still 350.
+    assert_eq!(fresh.allowed(price), Amount::from_sat(360 + 5 + 50));
 }
 
 #[test]

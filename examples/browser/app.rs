@@ -199,8 +199,8 @@ struct Paced {
 
 impl Pacing {
     /// When second `k` of `channel`'s stream may be served, and what says the stream was
-    /// restarted meanwhile.
-    fn due(&self, channel: ChannelId, k: u32) -> (Instant, Arc<tokio::sync::Notify>) {
+    /// restarted meanwhile (created under the lock: a restart right after is not missed).
+    fn due(&self, channel: ChannelId, k: u32) -> (Instant, tokio::sync::futures::OwnedNotified) {
         let mut streams = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if streams.len() > 10_000 {
             streams.clear(); // a demo's bound on memory
@@ -211,11 +211,12 @@ impl Pacing {
         if k < paced.last || k > paced.last + 8 {
             paced.restarted.notify_waiters();
             *paced = fresh();
-            return (now, Arc::clone(&paced.restarted));
+            return (now, Arc::clone(&paced.restarted).notified_owned());
         }
         paced.last = k;
         let ahead = (k - paced.first).saturating_sub(AHEAD_SECONDS);
-        (paced.origin + Duration::from_millis(u64::from(ahead) * 500), Arc::clone(&paced.restarted))
+        let due = paced.origin + Duration::from_millis(u64::from(ahead) * 500);
+        (due, Arc::clone(&paced.restarted).notified_owned())
     }
 }
 
@@ -237,7 +238,7 @@ async fn tone(pacing: Pacing, paid: Paid, headers: HeaderMap) -> Response {
     let (due, restarted) = pacing.due(paid.channel, start / RATE);
     tokio::select! {
         () = tokio::time::sleep_until(due.into()) => {}
-        () = restarted.notified() => {}
+        () = restarted => {}
     }
     let bytes: Vec<u8> = (start..=end).map(wav_byte).collect();
     (

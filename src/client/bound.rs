@@ -120,16 +120,20 @@ impl LossBound {
         self.counted = MilliSats::from_sat(paid).unwrap_or(MilliSats::MAX);
     }
 
-    /// Counts `channel`, loaded with its latest payment `paid` and the count `counted` saved
-    /// with it (a client that saves its count, as the browser client does with every payment):
-    /// the count goes on from `max(counted, paid − max_prepaid)`. An honest server is never
-    /// stuck (what it may ask, `paid + price`, is allowed); a lying one gets at most one more
-    /// price per load, not [`resume`](Self::resume)'s `max_prepaid`.
-    pub fn restore(&mut self, channel: ChannelId, paid: Amount, counted: MilliSats) {
-        self.start(channel, Amount::ZERO);
+    /// Counts `channel`, which this client opened with a first payment of `first`, loaded with
+    /// its latest payment `paid` and the count `counted` saved with it (a client that saves its
+    /// count, as the browser client does with every payment). The count goes on from
+    /// `counted`; the floor (the first payment's place in the bound) rises to
+    /// `paid − max_prepaid`, as units served after the last save are not in `counted`: the
+    /// bound is `max(first, paid − max_prepaid, count) + price + max_prepaid`. An honest server
+    /// is never stuck (what it may ask, `paid + price`, is allowed); a lying one gets at most
+    /// one more price per load, not [`resume`](Self::resume)'s `max_prepaid`. (Raising the
+    /// count instead would take the first payment as served and add every unit after it on
+    /// top.)
+    pub fn restore(&mut self, channel: ChannelId, paid: Amount, counted: MilliSats, first: Amount) {
         let floor = paid.checked_sub(self.max_prepaid).unwrap_or(Amount::ZERO);
-        let floor = MilliSats::from_sat(floor).unwrap_or(MilliSats::MAX);
-        self.counted = counted.max(floor);
+        self.start(channel, first.max(floor));
+        self.counted = counted;
     }
 
     /// The channel counted, if any.

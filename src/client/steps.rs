@@ -678,8 +678,9 @@ pub fn sign_p2wpkh_inputs(funding: &mut Funding, key: &SecretKey) -> Result<(), 
     Ok(())
 }
 
-/// Checks a wallet's unsigned `funding` for the channel output `output`: it pays it exactly
-/// once, and every input is native SegWit with its coin known (so the signatures cannot
+/// Checks a wallet's unsigned `funding` for the channel output `output`: it pays the channel's
+/// script exactly once and at the channel's value, it is not signed yet (the refund is signed
+/// first), and every input is native SegWit with its coin known (so the signatures cannot
 /// change the transaction's id, which the refund spends). Returns the channel's outpoint.
 ///
 /// # Errors
@@ -687,10 +688,23 @@ pub fn sign_p2wpkh_inputs(funding: &mut Funding, key: &SecretKey) -> Result<(), 
 /// [`StepError::InvalidFunding`].
 pub fn check_funding(funding: &Funding, output: &TxOut) -> Result<OutPoint, StepError> {
     let tx = &funding.tx;
-    let mut outputs = tx.output.iter().enumerate().filter(|(_, out)| *out == output);
-    let (Some((vout, _)), None) = (outputs.next(), outputs.next()) else {
+    // Exactly one output to the channel's script, and at the channel's value: coins sent to
+    // the 2-of-2 beside it would have no refund.
+    let mut outputs =
+        tx.output.iter().enumerate().filter(|(_, out)| out.script_pubkey == output.script_pubkey);
+    let (Some((vout, paid)), None) = (outputs.next(), outputs.next()) else {
         return Err(StepError::InvalidFunding("it must pay the channel output exactly once"));
     };
+    if paid.value != output.value {
+        return Err(StepError::InvalidFunding("it must pay the channel output exactly once"));
+    }
+    // Signed already: the funding would leave (the server could broadcast it) before its
+    // refund is signed.
+    if tx.input.iter().any(|txin| !txin.witness.is_empty()) {
+        return Err(StepError::InvalidFunding(
+            "it is signed: give the unsigned PSBT first (the refund is signed before the funding)",
+        ));
+    }
     if tx.input.is_empty() || funding.coins.len() != tx.input.len() {
         return Err(StepError::InvalidFunding("it has no inputs, or not a coin for each"));
     }
@@ -707,18 +721,27 @@ pub fn check_funding(funding: &Funding, output: &TxOut) -> Result<OutPoint, Step
 }
 
 /// The signed funding out of the wallet's `signed` one: every input has its witness and no
-/// scriptSig, and it is the transaction the refund spends (`outpoint`'s).
+/// scriptSig, it is the transaction the refund spends (`outpoint`'s), and its fee rate is not
+/// absurd (above 100 sat/vB, when its coins are known).
 ///
 /// # Errors
 ///
 /// [`StepError::InvalidFunding`].
 pub fn signed_funding(signed: Funding, outpoint: OutPoint) -> Result<Transaction, StepError> {
-    let tx = signed.tx;
-    if tx.input.iter().any(|txin| txin.witness.is_empty()) {
+    if signed.tx.input.iter().any(|txin| txin.witness.is_empty()) {
         return Err(StepError::InvalidFunding("the wallet did not sign and finalize every input"));
     }
-    if tx.compute_txid() != outpoint.txid {
+    if signed.tx.compute_txid() != outpoint.txid {
         return Err(StepError::InvalidFunding("signing changed the transaction's id"));
     }
-    Ok(tx)
+    // As `Psbt::extract_tx` checks: a fee rate no wallet means to pay.
+    let most = ABSURD_FEE_RATE.fee_wu(signed.tx.weight()).unwrap_or(Amount::MAX);
+    if signed.fee().is_some_and(|fee| fee > most) {
+        return Err(StepError::InvalidFunding("its fee rate is absurdly high"));
+    }
+    Ok(signed.tx)
 }
+
+/// The fee rate above which a funding is refused as a mistake (rust-bitcoin's
+/// `Psbt::DEFAULT_MAX_FEE_RATE`: 25 000 sat/kwu, 100 sat/vB).
+const ABSURD_FEE_RATE: FeeRate = FeeRate::from_sat_per_kwu(25_000);

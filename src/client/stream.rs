@@ -160,20 +160,34 @@ impl Watch {
         for event in events {
             match event {
                 StreamEvent::Delivered(cost) => self.hooks.delivered(cost),
-                StreamEvent::TopUp { problem, cap } => {
-                    if self.top_ups.start() {
-                        self.hooks.top_up(problem, cap, Arc::clone(&self.top_ups));
-                    } else {
-                        tracing::warn!("a stream asked for a top-up while one is on its way");
+                StreamEvent::TopUp { problem, cap } => match self.claim(cap) {
+                    Some(cap) => self.hooks.top_up(problem, cap, Arc::clone(&self.top_ups)),
+                    None => tracing::warn!("a stream asked for a top-up it has no room for"),
+                },
+                StreamEvent::TopUpAhead(amount) => {
+                    if let Some(amount) = self.claim(amount) {
+                        self.hooks.top_up_by(amount, Arc::clone(&self.top_ups));
                     }
                 }
-                StreamEvent::TopUpAhead(amount) if self.top_ups.start() => {
-                    self.hooks.top_up_by(amount, Arc::clone(&self.top_ups));
-                }
-                StreamEvent::TopUpAhead(_) => {}
                 StreamEvent::Receipt { value, bound } => self.hooks.receipt(&value, bound),
             }
         }
+    }
+
+    /// Claims the stream's one top-up for at most `amount`: what it may add now, by what the
+    /// top-ups finished so far added (one may have finished since the chunk was read), or
+    /// `None` when one is on its way or there is no room.
+    fn claim(&mut self, amount: Amount) -> Option<Amount> {
+        if !self.top_ups.start() {
+            return None;
+        }
+        self.stream.top_ups_added(self.top_ups.added());
+        let amount = amount.min(self.stream.room().to_sat_floor());
+        if amount == Amount::ZERO {
+            self.top_ups.done(Amount::ZERO);
+            return None;
+        }
+        Some(amount)
     }
 
     /// A byte stream: tops up ahead when the estimate runs low.

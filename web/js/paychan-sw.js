@@ -20,16 +20,23 @@ import { connect } from './paychan.js';
 
 const settings = new URL(self.location.href).searchParams;
 const prefixes = (settings.get('paid') ?? '').split(',').filter(Boolean);
+const mayOpen = settings.get('open') === 'yes';
 const options = {
   network: settings.get('network'),
   chain: new URL(settings.get('chain') ?? '/chain', self.location.origin).href,
   policy: JSON.parse(settings.get('policy') ?? '{}'),
+  // Not even when the server forgets the channel (a 402 `unknown-channel`): the page opens.
+  open: mayOpen,
 };
-const mayOpen = settings.get('open') === 'yes';
+/** Why the worker last refused to pay (for the page's status). */
+let lastRefusal;
 
 let client;
 function paying() {
-  client ??= connect(self.location.origin, options).catch((e) => {
+  client ??= connect(self.location.origin, options).then((c) => {
+    c.addEventListener('refused', (e) => { lastRefusal = e.detail.reason; });
+    return c;
+  }).catch((e) => {
     client = undefined;
     throw e;
   });
@@ -58,5 +65,5 @@ self.addEventListener('message', async (event) => {
   const c = await paying();
   await c.hasChannel();
   const s = c.session;
-  event.source?.postMessage({ type: 'paychan-status', channel: s?.id, paidSat: s?.paidSat, countedMsat: s?.countedMsat });
+  event.source?.postMessage({ type: 'paychan-status', channel: s?.id, paidSat: s?.paidSat, countedMsat: s?.countedMsat, lastRefusal });
 });

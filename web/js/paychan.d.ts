@@ -81,6 +81,11 @@ export interface ConnectOptions {
   lifetimeBlocks?: number;
   /** The `fetch` to use. */
   fetch?: Fetch;
+  /**
+   * Whether `fetch` may open a channel by itself on a 402 (default true). The Service Worker
+   * passes false unless told `open=yes`.
+   */
+  open?: boolean;
   /** Where the wasm is (see `load`). */
   wasmUrl?: string | URL;
 }
@@ -281,6 +286,8 @@ export class PaychanClient extends EventTarget {
   readonly policy: string;
   /** The channel lifetime asked for, or undefined for the default. */
   readonly lifetimeBlocks: number | undefined;
+  /** Whether `fetch` opens a channel by itself on a 402. */
+  readonly mayOpen: boolean;
   /** The chain view. */
   readonly chain: ChainView;
   /** The deposit: coins sent here fund the channels. */
@@ -306,6 +313,11 @@ export class PaychanClient extends EventTarget {
    * Service Worker may have opened or closed one).
    */
   hasChannel(): Promise<boolean>;
+  /**
+   * Pays the server again after it was caught overcharging or signing a bad receipt (the
+   * verdict is kept in the store, for every tab and the Service Worker, until this).
+   */
+  trustAgain(): Promise<void>;
   /** Opens a channel funded from the deposit (`fetch` does it by itself on a 402); resolves its id. */
   open(): Promise<string>;
   /**

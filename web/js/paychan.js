@@ -150,6 +150,8 @@ function chainView(base, fetchImpl) {
  * @param {object} [options.policy] the spending policy (docs/BROWSER.md); the Rust defaults.
  * @param {number} [options.lifetimeBlocks] the channel lifetime asked for (default 1 008).
  * @param {Function} [options.fetch] the `fetch` to use.
+ * @param {boolean} [options.open] whether `fetch` may open a channel by itself on a 402 (default
+ *   true; the Service Worker passes false unless told `open=yes`).
  * @returns {Promise<PaychanClient>}
  */
 export async function connect(origin, options = {}) {
@@ -179,6 +181,7 @@ export class PaychanClient extends EventTarget {
     this.store = options.store ?? indexedDbStore();
     this.policy = JSON.stringify(options.policy ?? {});
     this.lifetimeBlocks = options.lifetimeBlocks;
+    this.mayOpen = options.open ?? true;
     this._fetch = options.fetch ?? globalThis.fetch.bind(globalThis);
     this.chain = chainView(options.chain, this._fetch);
     /** @type {Session | undefined} */
@@ -227,6 +230,8 @@ export class PaychanClient extends EventTarget {
    * resumed (its payments taken as served, as after a reload).
    */
   async _sync() {
+    // A verdict another context (a tab, the Service Worker) reached holds here too.
+    this._distrusted ||= await this.store.get(`distrusted/${this.origin}`);
     const current = await this.store.get(`current/${this.origin}`);
     if (!current) return;
     const saved = await this.store.get(`channel/${this.origin}/${current}`);
@@ -241,6 +246,29 @@ export class PaychanClient extends EventTarget {
 
   _emit(type, detail) {
     this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+
+  /**
+   * The server is paid no more (it overcharged, or signed a receipt that does not verify or
+   * add up): kept in the store, so a reload, a new channel, another tab and the Service
+   * Worker honour it too, until `trustAgain()`.
+   */
+  async _distrust(reason, channel) {
+    this._distrusted = reason;
+    this._emit('refused', { channel, reason });
+    await this.store.put(`distrusted/${this.origin}`, reason).catch(() => {});
+  }
+
+  /** Throws when the server is not to be paid (see `_distrust`). */
+  async _checkTrusted() {
+    this._distrusted ||= await this.store.get(`distrusted/${this.origin}`).catch(() => undefined);
+    if (this._distrusted) throw new PaychanError(`the server is paid no more: ${this._distrusted} (client.trustAgain() to pay it again)`);
+  }
+
+  /** Pays the server again after it was caught (see the `refused` event's reason). */
+  async trustAgain() {
+    this._distrusted = undefined;
+    await this.store.put(`distrusted/${this.origin}`, null);
   }
 
   /**
@@ -324,7 +352,14 @@ export class PaychanClient extends EventTarget {
     const out = [];
     for (const key of await this.store.keys()) {
       if (typeof key !== 'string' || !key.startsWith(prefix)) continue;
-      const session = Session.load(await this.store.get(key), this.policy);
+      let session;
+      try {
+        session = Session.load(await this.store.get(key), this.policy);
+      } catch (e) {
+        // One record this version cannot read must not stop the others (and their refunds).
+        console.warn(`paychan: ${key} is not readable: ${e.message}`);
+        continue;
+      }
       out.push({
         id: session.id,
         valueSat: session.valueSat,
@@ -364,6 +399,7 @@ export class PaychanClient extends EventTarget {
    * to be funded (free it when done).
    */
   async _begin() {
+    await this._checkTrusted();
     const terms = await this._terms();
     const tip = await this.chain.tip();
     const kept = await this.channels();
@@ -506,8 +542,11 @@ export class PaychanClient extends EventTarget {
     // A replayed answer to a keyed request charged nothing now (its receipt was checked
     // the first time); believed only for a request that could be one.
     const keyed = ['POST', 'PUT', 'PATCH', 'DELETE'].includes(method) && request.headers.has('Idempotency-Key');
+    let waiting;
     for (let attempt = 1; ; attempt++) {
-      const sent = this._send();
+      // Waiting for a pending channel re-sends the same payment: not another request sent.
+      const sent = waiting ?? this._send();
+      waiting = undefined;
       const headers = new Headers(request.headers);
       headers.delete(RECEIPT_PREV);
       if (sent) headers.set(HEADER, sent.header);
@@ -521,6 +560,7 @@ export class PaychanClient extends EventTarget {
         const problem = await response.clone().json().catch(() => null);
         if (problem?.code === 'channel-pending') {
           pending += 1;
+          waiting = sent;
           attempt -= 1; // waiting is not one of the attempts to pay
           await new Promise((r) => setTimeout(r, 1000));
           continue;
@@ -537,6 +577,7 @@ export class PaychanClient extends EventTarget {
       try { problem = await response.clone().json(); } catch { return response; }
       if (problem.code === 'payment-required' && sent) return response; // the header was dropped on the way
       await this._lock(async () => {
+        await this._checkTrusted();
         const current = this.session && !this.session.retired ? this.session.header() : undefined;
         if (current !== sent?.header) return; // another request paid meanwhile: retry with it
         let action = { do: 'open' };
@@ -554,6 +595,8 @@ export class PaychanClient extends EventTarget {
           }
         }
         if (action.do === 'open') {
+          await this._checkTrusted();
+          if (!this.mayOpen) throw new PaychanError('no channel to pay with, and this client opens none by itself', { status: 402, problem });
           if (opened) throw new PaychanError('the server refused the channel just opened', { status: 402, problem });
           opened = true;
           // The old channel first closes fairly, so its prepaid rest comes back (best effort:
@@ -574,13 +617,14 @@ export class PaychanClient extends EventTarget {
    * policy allows or signed a receipt that does not verify: it is paid no more.
    */
   _send() {
+    if (this._distrusted) throw new PaychanError(`the server is paid no more: ${this._distrusted} (client.trustAgain() to pay it again)`);
     const session = this.session;
     if (!session || session.retired) return undefined;
     let json;
     try {
       json = session.send();
     } catch (e) {
-      this._emit('refused', { channel: session.id, reason: e.message });
+      this._distrust(e.message, session.id);
       throw new PaychanError(e.message, { cause: e });
     }
     if (json === undefined) return undefined;
@@ -599,7 +643,7 @@ export class PaychanClient extends EventTarget {
     const receipt = response.headers.get(RECEIPT) ?? undefined;
     const why = session.answered(sent.paidSat, sent.prev ?? undefined, method, path, response.status, balance, receipt);
     if (balance !== undefined) this.lastBalanceMsat = Number(balance);
-    if (why) this._emit('refused', { channel: sent.channel, reason: why });
+    if (why) this._distrust(why, sent.channel);
   }
 
   /** The session in memory when it is still channel `id`'s. */
@@ -649,7 +693,7 @@ export class PaychanClient extends EventTarget {
           }
         } else if (e.receipt !== undefined) {
           const why = this._on(sent.channel)?.streamReceipt(sent.paidSat, sent.prev ?? undefined, method, path, e.receipt, e.boundMsat);
-          if (why) this._emit('refused', { channel: sent.channel, reason: why });
+          if (why) this._distrust(why, sent.channel);
         }
       }
     };
@@ -657,7 +701,7 @@ export class PaychanClient extends EventTarget {
       if (state.ended) return;
       state.ended = true;
       const why = this._on(sent.channel)?.streamEnded(early, meter.missingReceipt);
-      if (why) this._emit('refused', { channel: sent.channel, reason: why });
+      if (why) this._distrust(why, sent.channel);
       // A top-up on its way still reads the meter's problem: it frees it when done.
       if (!state.inFlight) meter.free();
     };
@@ -677,6 +721,8 @@ export class PaychanClient extends EventTarget {
             controller.error(e);
             return;
           }
+          // Cancelled meanwhile: the meter is gone.
+          if (state.ended) return;
           if (next.done) {
             const rest = meter.finish();
             act();
@@ -711,7 +757,7 @@ export class PaychanClient extends EventTarget {
   _streamTopUp(id, sign) {
     return this._lock(async () => {
       const session = this._on(id);
-      if (!session || session.retired) return 0;
+      if (!session || session.retired || this._distrusted) return 0;
       let signed;
       try {
         signed = sign(session);
@@ -719,14 +765,18 @@ export class PaychanClient extends EventTarget {
         this._emit('refused', { channel: id, reason: e.message });
         return 0;
       }
-      if (!signed.header || signed.addedSat === 0) return 0;
-      try {
-        await this._save();
-      } catch (e) {
-        this._emit('refused', { channel: id, reason: e.message });
-        return 0;
+      if (!signed.header) return 0;
+      if (signed.addedSat > 0) {
+        try {
+          await this._save();
+        } catch (e) {
+          this._emit('refused', { channel: id, reason: e.message });
+          return 0;
+        }
+        this._emit('payment', { channel: id, paidSat: session.paidSat });
       }
-      this._emit('payment', { channel: id, paidSat: session.paidSat });
+      // Handed over also when it added nothing: the server may not have the latest payment
+      // (an earlier hand-over failed), and the stream waits for it.
       try {
         const terms = await this._terms();
         await this._json('POST', terms.endpoints.payment, undefined, { [HEADER]: signed.header });

@@ -438,7 +438,9 @@ impl Opening {
             self.first,
             &self.terms,
         )?;
-        session.spent = self.spent;
+        // This channel's spending is its funding fee and its payments; the page's other
+        // channels count for the budget beside it.
+        session.elsewhere = self.spent;
         session.pay_to(self.first)?;
         Ok(session)
     }
@@ -632,6 +634,9 @@ struct Saved {
     /// (`LossBound::restore`), so a reload does not hand a lying server `maxPrepaidSat` more.
     #[serde(default)]
     counted_msat: u64,
+    /// The channel's first payment, in satoshis: the loss bound's floor.
+    #[serde(default)]
+    first_sat: u64,
 }
 
 /// A `ClientChannel` as the page saves it: the same fields, transactions in consensus hex.
@@ -702,6 +707,8 @@ pub struct Session {
     prices: Option<serde_json::Value>,
     /// What the server says it charged (balances, receipts), judged against the policy.
     charges: ChargeWatch,
+    /// The channel's first payment (the loss bound's floor), saved with it.
+    first: Amount,
 }
 
 impl Session {
@@ -721,7 +728,7 @@ impl Session {
         let mut charges = ChargeWatch::new(policy).require_receipts(require_receipts);
         charges.watch_new(channel.id());
         let policy = policy.clone();
-        Ok(Session { channel, key, policy, bound, spent, elsewhere, prices, charges })
+        Ok(Session { channel, key, policy, bound, spent, elsewhere, prices, charges, first })
     }
 
     /// Signs a payment of `total` to the server: the new latest payment.
@@ -758,13 +765,15 @@ impl Session {
         }
         let mut bound = LossBound::new(&policy);
         let counted = MilliSats::from_msat(saved.counted_msat);
-        bound.restore(channel.id(), channel.paid(), counted);
+        let first = Amount::from_sat(saved.first_sat);
+        bound.restore(channel.id(), channel.paid(), counted, first);
         bound.price_list(saved.prices.as_ref().and_then(PriceList::from_terms));
         // A loaded channel is watched from the first balance the server reports (as the Rust
         // payer after a restart).
         let charges = ChargeWatch::new(&policy).require_receipts(require_receipts);
         Ok(Session {
             charges,
+            first,
             spent: Amount::from_sat(saved.spent_sat),
             elsewhere: Amount::ZERO,
             channel,
@@ -783,6 +792,7 @@ impl Session {
             spent_sat: self.spent.to_sat(),
             prices: self.prices.clone(),
             counted_msat: self.bound.counted().to_msat(),
+            first_sat: self.first.to_sat(),
         })
     }
 
@@ -1003,6 +1013,9 @@ impl Session {
     #[wasm_bindgen(js_name = streamTopUp)]
     pub fn stream_top_up(&mut self, meter: &Meter, cap_sat: f64) -> Result<String, JsError> {
         self.charges.check().map_err(error)?;
+        if meter.channel != self.channel.id().to_string() {
+            return Err(error("the stream paid on another channel"));
+        }
         let problem = meter.problem.clone().ok_or_else(|| error("the stream asked for nothing"))?;
         if let Some(price) = problem.price_msat {
             self.policy.check_price(price).map_err(error)?;

@@ -43,14 +43,23 @@ impl<'a> Reader<'a> {
     }
 
     /// The next key-value pair of the current map, `None` at its end: `(key type, key data,
-    /// value)`.
+    /// value)`. A key seen before in the map (`seen`) is refused, as BIP 174 says: a wallet
+    /// that took the first of two unsigned transactions would sign another one than the page
+    /// checked.
     #[allow(clippy::type_complexity)]
-    fn pair(&mut self) -> Result<Option<(u8, &'a [u8], &'a [u8])>, Refusal> {
+    fn pair(
+        &mut self,
+        seen: &mut Vec<&'a [u8]>,
+    ) -> Result<Option<(u8, &'a [u8], &'a [u8])>, Refusal> {
         let key_len = self.size()?;
         if key_len == 0 {
             return Ok(None);
         }
         let key = self.take(key_len)?;
+        if seen.contains(&key) {
+            return Err("a key appears twice in one map");
+        }
+        seen.push(key);
         let value_len = self.size()?;
         let value = self.take(value_len)?;
         Ok(Some((key[0], &key[1..], value)))
@@ -65,7 +74,8 @@ pub(crate) fn read(bytes: &[u8]) -> Result<Funding, Refusal> {
         return Err("not a PSBT (no magic bytes)");
     }
     let mut unsigned: Option<Transaction> = None;
-    while let Some((kind, key, value)) = r.pair()? {
+    let mut seen = Vec::new();
+    while let Some((kind, key, value)) = r.pair(&mut seen)? {
         if kind == GLOBAL_UNSIGNED_TX && key.is_empty() {
             unsigned = Some(deserialize(value).map_err(|_| "its unsigned transaction")?);
         }
@@ -76,7 +86,8 @@ pub(crate) fn read(bytes: &[u8]) -> Result<Funding, Refusal> {
     }
     let mut coins = vec![None; tx.input.len()];
     for (txin, coin) in tx.input.iter_mut().zip(&mut coins) {
-        while let Some((kind, key, value)) = r.pair()? {
+        let mut seen = Vec::new();
+        while let Some((kind, key, value)) = r.pair(&mut seen)? {
             match kind {
                 IN_WITNESS_UTXO if key.is_empty() => {
                     let utxo: TxOut = deserialize(value).map_err(|_| "an input's witness_utxo")?;
@@ -93,7 +104,8 @@ pub(crate) fn read(bytes: &[u8]) -> Result<Funding, Refusal> {
         }
     }
     for _ in 0..tx.output.len() {
-        while r.pair()?.is_some() {}
+        let mut seen = Vec::new();
+        while r.pair(&mut seen)?.is_some() {}
     }
     if !r.bytes.is_empty() {
         return Err("bytes after the PSBT");

@@ -135,11 +135,14 @@ await inChromium(['--autoplay-policy=no-user-gesture-required'], async (page) =>
     }
     return { statuses, worker: await window.demo.status() };
   });
-  // (The liar quotes 1 sat a second.)
-  const bound = Math.max(294, Math.ceil(lie.worker.countedMsat / 1000)) + 1 + PREPAID_SAT;
+  // The bound from what the real server charged (served), not from the worker's own count: a
+  // reload or restart may add one price to the count (`LossBound::restore`); the liar quotes 1
+  // sat.
+  const served = await accounts();
+  const bound = Math.max(294, Math.ceil(served.charged / 1000)) + SECOND_MSAT / 1000 + 1 + PREPAID_SAT;
   check(lie.worker.paidSat <= bound, `the liar got ${lie.worker.paidSat} sat: bound ${bound}`);
-  check(lie.statuses.includes('refused'), `the worker stopped paying the liar: ${lie.statuses}`);
-  say('lied-to', { paidSat: lie.worker.paidSat, bound, statuses: lie.statuses });
+  check(/loss bound/.test(lie.worker.lastRefusal ?? ''), `the worker stopped paying the liar at the loss bound: ${lie.worker.lastRefusal}`);
+  say('lied-to', { paidSat: lie.worker.paidSat, bound, statuses: lie.statuses, reason: lie.worker.lastRefusal });
 
   // What the server charged in all, for the close to pay.
   const final = await accounts();

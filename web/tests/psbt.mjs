@@ -32,6 +32,12 @@ await inChromium([], async (page) => {
   const refused = await page.evaluate((p) => window.demo.client.fundWithPsbt(p).then(() => 'taken', (e) => e.message), short);
   check(refused.includes('exactly once'), `a PSBT that does not pay the channel is refused: ${refused}`);
   say('refused-short', { reason: refused });
+  // A PSBT the wallet has signed already: refused before anything is sent (the server would
+  // hold a funding whose refund it has not signed).
+  const { psbt: early } = await heard();
+  const refusedEarly = await page.evaluate((p) => window.demo.client.fundWithPsbt(p).then(() => 'taken', (e) => e.message), early);
+  check(refusedEarly.includes('give the unsigned PSBT first'), `a signed PSBT is refused at step 2: ${refusedEarly}`);
+  say('refused-signed', { reason: refusedEarly });
 
   const { psbt: unsigned } = await heard();
   const toSign = await page.evaluate((p) => window.demo.client.fundWithPsbt(p), unsigned);
@@ -41,7 +47,7 @@ await inChromium([], async (page) => {
   say('sign-psbt', { psbt: toSign });
   const { psbt: other } = await heard();
   const wrong = await page.evaluate((p) => window.demo.client.completePsbtFunding(p).then(() => 'taken', (e) => e.message), other);
-  check(wrong.includes('another channel') || wrong.includes('id'), `another transaction is refused: ${wrong}`);
+  check(wrong.includes("signing changed the transaction's id"), `another transaction is refused: ${wrong}`);
   const { psbt: signed } = await heard();
   const channel = await page.evaluate((p) => window.demo.client.completePsbtFunding(p), signed);
   say('funded', { channel });
