@@ -71,7 +71,8 @@ pub enum StreamEvent {
 /// let mut events = Vec::new();
 /// let out = stream.push(b"data: a\n\ndata: b\n\n", &mut events);
 /// assert_eq!(out, b"data: a\n\ndata: b\n\n");
-/// assert_eq!(events, [StreamEvent::Delivered(MilliSats::from_msat(1_000)); 2]);
+/// let one = StreamEvent::Delivered(MilliSats::from_msat(1_000));
+/// assert_eq!(events, [one.clone(), one]);
 /// ```
 #[derive(Debug, Clone)]
 pub struct MeteredStream {
@@ -371,7 +372,7 @@ fn ours(lines: &[u8]) -> Option<Found> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn scan(chunks: &[&str]) -> (String, Vec<Found>) {
@@ -419,7 +420,8 @@ mod tests {
         MeteredStream::new(Some(unit), Some(kind), &policy, Some(balance)).unwrap()
     }
 
-    fn ask() -> Vec<u8> {
+    /// An SSE `payment-required` event (the Rust `Watch`'s tests read it too).
+    pub(crate) fn ask() -> Vec<u8> {
         let problem = r#"{"status":402,"code":"insufficient-balance","detail":"more"}"#;
         format!("event: {TOP_UP_EVENT}\ndata: {problem}\n\n").into_bytes()
     }

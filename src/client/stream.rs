@@ -342,7 +342,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::TOP_UP_EVENT;
 
     /// What the hooks were asked to do.
     #[derive(Default)]
@@ -387,8 +386,7 @@ mod tests {
     }
 
     fn ask() -> Bytes {
-        let problem = r#"{"status":402,"code":"insufficient-balance","detail":"more"}"#;
-        Bytes::from(format!("event: {TOP_UP_EVENT}\ndata: {problem}\n\n"))
+        Bytes::from(crate::client::metered::tests::ask())
     }
 
     #[test]

@@ -54,8 +54,11 @@ self.addEventListener('fetch', (event) => {
 
 async function pay(request) {
   const c = await paying();
-  // Without a channel and not allowed to open one: let the 402 through to the element.
-  if (!mayOpen && !(await c.hasChannel())) return fetch(request);
+  // Without a channel and not allowed to open one: let the 402 through to the element. (A
+  // channel in memory is checked when a 402 comes; a lock per request would slow a media
+  // element's burst of range requests.)
+  const current = c.session && !c.session.retired;
+  if (!mayOpen && !current && !(await c.hasChannel())) return fetch(request);
   return c.fetch(request);
 }
 
@@ -65,5 +68,6 @@ self.addEventListener('message', async (event) => {
   const c = await paying();
   await c.hasChannel();
   const s = c.session;
-  event.source?.postMessage({ type: 'paychan-status', channel: s?.id, paidSat: s?.paidSat, countedMsat: s?.countedMsat, lastRefusal });
+  event.source?.postMessage({ type: 'paychan-status', channel: s?.id, paidSat: s?.paidSat, countedMsat: s?.countedMsat,
+    balanceMsat: c.lastBalanceMsat, lastRefusal });
 });
