@@ -121,14 +121,16 @@ impl LossBound {
     }
 
     /// Counts `channel`, which this client opened with a first payment of `first`, loaded with
-    /// its latest payment `paid` and the count `counted` saved with it (a client that saves its
-    /// count, as the browser client does with every payment). The count goes on from
-    /// `counted`; the floor (the first payment's place in the bound) rises to
-    /// `paid − max_prepaid`, as units served after the last save are not in `counted`: the
-    /// bound is `max(first, paid − max_prepaid, count) + price + max_prepaid`. An honest server
-    /// is never stuck (what it may ask, `paid + price`, is allowed); a lying one gets at most
-    /// one more price per load, not [`resume`](Self::resume)'s `max_prepaid`. (Raising the
-    /// count instead would take the first payment as served and add every unit after it on
+    /// its latest payment `paid` and the count `counted` last saved (a client that saves its
+    /// count with every payment and soon after every answer, as the browser client does). The
+    /// count goes on from `counted`; the floor (the first payment's place in the bound) rises
+    /// to `paid − max_prepaid`: the bound is `max(first, paid − max_prepaid, count) + price +
+    /// max_prepaid`. A lying server gets at most one more price per load, not
+    /// [`resume`](Self::resume)'s `max_prepaid`. An honest server may ask `paid + price` at
+    /// once, which is allowed; later it is paid as long as the units the load lost (counted,
+    /// not saved) are worth at most `max_prepaid` — so save the count well within that.
+    /// (Raising the count to `paid − max_prepaid` instead, as `resume` does, is never stuck,
+    /// but takes a first payment above `max_prepaid` as served and adds every later unit on
     /// top.)
     pub fn restore(&mut self, channel: ChannelId, paid: Amount, counted: MilliSats, first: Amount) {
         let floor = paid.checked_sub(self.max_prepaid).unwrap_or(Amount::ZERO);

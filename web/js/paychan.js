@@ -230,14 +230,16 @@ export class PaychanClient extends EventTarget {
    * resumed (its payments taken as served, as after a reload).
    */
   async _sync() {
-    // A verdict another context (a tab, the Service Worker) reached holds here too.
-    this._distrusted ||= await this.store.get(`distrusted/${this.origin}`);
+    // A verdict another context (a tab, the Service Worker) reached holds here too, and so
+    // does its `trustAgain()`.
+    this._distrusted = await this.store.get(`distrusted/${this.origin}`);
     const current = await this.store.get(`current/${this.origin}`);
     if (!current) return;
     const saved = await this.store.get(`channel/${this.origin}/${current}`);
     const latest = (state) => JSON.stringify(JSON.parse(state).channel.latest ?? null);
     if (!saved || (this.session?.id === current && latest(this.session.state()) === latest(saved))) return;
     const next = Session.load(saved, this.policy);
+    this._savedCount = next.countedMsat;
     const others = (await this.channels()).filter((c) => c.id !== current);
     next.spentElsewhereSat = others.reduce((sum, c) => sum + c.spentSat, 0);
     this.session?.free();
@@ -261,14 +263,27 @@ export class PaychanClient extends EventTarget {
 
   /** Throws when the server is not to be paid (see `_distrust`). */
   async _checkTrusted() {
-    this._distrusted ||= await this.store.get(`distrusted/${this.origin}`).catch(() => undefined);
+    this._distrusted = await this.store.get(`distrusted/${this.origin}`).catch(() => this._distrusted);
     if (this._distrusted) throw new PaychanError(`the server is paid no more: ${this._distrusted} (client.trustAgain() to pay it again)`);
   }
 
   /** Pays the server again after it was caught (see the `refused` event's reason). */
-  async trustAgain() {
-    this._distrusted = undefined;
-    await this.store.put(`distrusted/${this.origin}`, null);
+  trustAgain() {
+    return this._lock(async () => {
+      this._distrusted = undefined;
+      await this.store.put(`distrusted/${this.origin}`, null);
+      // The session's own charge watch holds the verdict too: a fresh one, from the store.
+      if (this.session) {
+        const saved = await this.store.get(`channel/${this.origin}/${this.session.id}`);
+        if (saved) {
+          const spentElsewhere = this.session.spentElsewhereSat;
+          this.session.free();
+          this.session = Session.load(saved, this.policy);
+          this.session.spentElsewhereSat = spentElsewhere;
+          this._savedCount = this.session.countedMsat;
+        }
+      }
+    });
   }
 
   /**
@@ -278,13 +293,16 @@ export class PaychanClient extends EventTarget {
   async _save(session = this.session) {
     const key = `channel/${this.origin}/${session.id}`;
     try {
+      const counted = session.countedMsat;
       await this.store.put(key, session.state());
+      if (session === this.session) this._savedCount = counted;
     } catch (e) {
       if (session === this.session) {
         const saved = await this.store.get(key).catch(() => undefined);
         const spentElsewhere = this.session.spentElsewhereSat;
         this.session.free();
         this.session = saved ? Session.load(saved, this.policy) : undefined;
+        this._savedCount = this.session?.countedMsat;
         if (this.session) this.session.spentElsewhereSat = spentElsewhere;
       }
       throw new PaychanError(`the payment could not be saved, so it was not sent: ${e.message}`, { cause: e });
@@ -467,6 +485,7 @@ export class PaychanClient extends EventTarget {
     await this.store.put(`current/${this.origin}`, session.id);
     this.session?.free();
     this.session = session;
+    this._savedCount = session.countedMsat;
     this._emit('open', { channel: session.id, valueSat: session.valueSat, paidSat: session.paidSat });
     return session.id;
   }
@@ -567,7 +586,10 @@ export class PaychanClient extends EventTarget {
         }
       }
       if (response.status !== 402 || attempt >= MAX_ATTEMPTS) {
-        if (sent && !(keyed && response.headers.has(REPLAYED))) this._answered(sent, method, path, response);
+        if (sent && !(keyed && response.headers.has(REPLAYED))) {
+          this._answered(sent, method, path, response);
+          await this._countSaved(sent.channel);
+        }
         if (sent && response.ok && response.body && response.headers.has(STREAM)) {
           return this._metered(response, sent, method, path);
         }
@@ -652,6 +674,36 @@ export class PaychanClient extends EventTarget {
   }
 
   /**
+   * Keeps the loss bound's count in the store close to the count in memory. A reload goes on
+   * from the saved count (`LossBound::restore`), so units counted but not saved are lost to
+   * it; an honest server is stuck once more than `maxPrepaidSat` of them are lost. So: saved
+   * within a second (under the lock, after a read of the store), and before the answer goes
+   * to the caller once half of `maxPrepaidSat` is unsaved.
+   */
+  async _countSaved(id) {
+    const session = this._on(id);
+    if (!session) return;
+    const unsaved = session.countedMsat - (this._savedCount ?? 0);
+    if (unsaved <= 0) return;
+    const save = () => this._lock(async () => {
+      if (this._on(id)) await this._save().catch(() => {});
+    });
+    if (unsaved * 2 >= this._prepaidMsat()) {
+      await save();
+    } else if (!this._countTimer) {
+      this._countTimer = setTimeout(() => {
+        this._countTimer = undefined;
+        save();
+      }, 1000);
+    }
+  }
+
+  /** The policy's `maxPrepaidSat`, in millisatoshis. */
+  _prepaidMsat() {
+    return (JSON.parse(this.policy).maxPrepaidSat ?? 1000) * 1000;
+  }
+
+  /**
    * A metered stream (`Payment-Channel-Stream`) answering a request that paid with `sent`,
    * paid as it is read, as the Rust `PaidBody` does (the same `MeteredStream` decides): an SSE
    * stream's `payment-required` events are answered with a top-up on the payment endpoint and
@@ -661,6 +713,7 @@ export class PaychanClient extends EventTarget {
    * paid body; a stream the client does not accept is returned as it is.
    */
   _metered(response, sent, method, path) {
+    const client = this;
     const session = this._on(sent.channel);
     const balance = response.headers.get(BALANCE);
     const meter = session?.meter(response.headers.get(STREAM), response.headers.get('content-type') ?? undefined,
@@ -733,6 +786,8 @@ export class PaychanClient extends EventTarget {
           }
           const out = meter.push(next.value, state.addedMsat);
           act();
+          await client._countSaved(sent.channel);
+          if (state.ended) return;
           if (out.length) {
             controller.enqueue(out);
             return;

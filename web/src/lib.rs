@@ -749,8 +749,8 @@ impl Session {
 #[wasm_bindgen]
 impl Session {
     /// A channel saved by [`state`](Self::state), paid on under `policy` (JSON). The loss
-    /// bound goes on from the count saved with it, or from what was paid less `maxPrepaidSat`
-    /// when that is more (`LossBound::restore`).
+    /// bound goes on from the count saved with it, its floor raised to what was paid less
+    /// `maxPrepaidSat` (`LossBound::restore`): save the count soon after every answer.
     ///
     /// # Errors
     ///

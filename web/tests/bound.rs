@@ -423,3 +423,58 @@ fn an_honest_server_is_paid_every_request_and_its_receipts_verify() {
     assert!(paid >= ledger.served.to_sat_ceil());
     assert!(paid <= ledger.served.to_sat_ceil() + QUOTE.to_sat_ceil() + prepaid());
 }
+
+/// An honest server is never stuck by reloads that lose the count's last units: the page saves
+/// its channel with every payment and its count at least every `saved_every` answers
+/// (`paychan.js` saves within a second, and before half of `maxPrepaidSat` is unsaved); the
+/// page reloads from what was saved (a crash), every 37 requests. With the default 1 000 sat
+/// and with 50 sat prepaid (below the first payment of 294), every request is served.
+#[test]
+fn an_honest_server_is_not_stuck_by_reloads_that_lose_unsaved_units() {
+    for (prepaid, saved_every) in [(1_000, 10), (1_000, 200), (50, 10)] {
+        PREPAID_SAT.store(prepaid, std::sync::atomic::Ordering::Relaxed);
+        let mut current = session(2);
+        let mut ledger = Ledger::default();
+        let mut saved = current.state();
+        let mut unsaved = 0;
+        for request in 1..=600 {
+            for attempt in 1..=MAX_ATTEMPTS {
+                let sent = current.send().unwrap().unwrap();
+                let sent_json: Value = serde_json::from_str(&sent).unwrap();
+                let id: ChannelId = current.id().parse().unwrap();
+                let reply = serve(&mut ledger, id, &sent_json, Answer::Honest);
+                if reply.status == 200 {
+                    answered(&mut current, &sent_json, 200, reply.balance, reply.receipt).unwrap();
+                    break;
+                }
+                assert!(
+                    attempt < MAX_ATTEMPTS,
+                    "prepaid {prepaid}, saved every {saved_every}: an honest server was not paid \
+                     at request {request}"
+                );
+                let problem = reply.problem.unwrap().to_string();
+                let action = current.payment_required("GET", "/job", &problem);
+                let action = action.unwrap_or_else(|e| {
+                    panic!(
+                        "prepaid {prepaid}, saved every {saved_every}: the page refused an honest \
+                         server at request {request}: {:?}",
+                        wasm_bindgen::JsValue::from(e)
+                    )
+                });
+                assert!(action.contains(r#""do":"retry""#));
+                // A payment is saved before it leaves.
+                (saved, unsaved) = (current.state(), 0);
+            }
+            unsaved += 1;
+            if unsaved >= saved_every {
+                (saved, unsaved) = (current.state(), 0);
+            }
+            if request % 37 == 0 {
+                current = Session::load(&saved, &policy()).unwrap();
+                unsaved = 0;
+            }
+        }
+        let paid = Amount::from_sat(current.paid_sat() as u64);
+        assert!(paid >= ledger.served.to_sat_ceil());
+    }
+}
