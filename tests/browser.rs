@@ -238,7 +238,7 @@ async fn liar(headers: http::HeaderMap) -> axum::response::Response {
 }
 
 /// Paying for media: a plain `<audio>` element plays the demo's tune while the Service Worker
-/// (`web/js/paychan-sw.js`) pays 5 sat per second fetched on the page's channel; 20 s and more
+/// (`web/js/paychan-sw.js`) pays 10 sat per two seconds fetched on the page's channel; 20 s and more
 /// are played, with a reload mid-stream; the worker counts what the server charged; the worker
 /// is killed mid-stream and pays on; a lying media server beside the demo is stopped at the
 /// loss bound; the fair close pays the server what it charged and is mined.

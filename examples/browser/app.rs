@@ -29,10 +29,14 @@ use serde_json::{Value, json};
 /// What one API call costs: 5 sat.
 pub(crate) const PRICE: MilliSats = MilliSats::from_msat(5_000);
 
-/// What one second of audio costs: 5 sat (each media request is answered with one second).
-/// More than the first payment's 294 sat covers within two minutes: a listener's channel is
-/// topped up as it plays.
-pub(crate) const SECOND: MilliSats = MilliSats::from_msat(5_000);
+/// What one media request costs: 10 sat, for the two seconds of audio it is answered with
+/// (5 sat a second). More than the first payment's 294 sat covers within two minutes: a
+/// listener's channel is topped up as it plays.
+pub(crate) const CHUNK: MilliSats = MilliSats::from_msat(10_000);
+
+/// The seconds of audio in one answer (two: a media element asks half as often as for one,
+/// and a reloaded page has its metadata sooner).
+const CHUNK_SECONDS: u32 = 2;
 
 /// What one event of the metered stream `GET /api/ticker` costs, and its price up front: 1 sat.
 pub(crate) const TICK: MilliSats = MilliSats::from_msat(1_000);
@@ -47,7 +51,7 @@ pub(crate) async fn app<C: ChainBackend + Clone + 'static>(
     let prices = RoutePrices::new()
         .route(http::Method::GET, "/api/fortune", PRICE)
         .route(http::Method::GET, "/api/ticker", TICK)
-        .route(http::Method::GET, "/media/{*file}", SECOND);
+        .route(http::Method::GET, "/media/{*file}", CHUNK);
     let master = Xpriv::new_master(Network::Regtest, b"paychan browser demo master seed")
         .expect("a 32-byte seed");
     let payout_key = SecretKey::from_slice(&[0x33; 32]).expect("a demo key");
@@ -220,9 +224,9 @@ impl Pacing {
     }
 }
 
-/// `GET /media/tone.wav`: one second of audio per request, whatever range is asked: a 206 for
-/// the asked range cut to 8 000 bytes, so a media element asks again as it plays, and each
-/// request (one second) is paid; paced to real time ([`Pacing`]). Without a `Range` header:
+/// `GET /media/tone.wav`: two seconds of audio per request, whatever range is asked: a 206 for
+/// the asked range cut to 16 000 bytes, so a media element asks again as it plays, and each
+/// request ([`CHUNK`]) is paid; paced to real time ([`Pacing`]). Without a `Range` header:
 /// 416 (a media element always sends one).
 async fn tone(pacing: Pacing, paid: Paid, headers: HeaderMap) -> Response {
     let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok()).and_then(parse_range);
@@ -234,7 +238,7 @@ async fn tone(pacing: Pacing, paid: Paid, headers: HeaderMap) -> Response {
         )
             .into_response();
     };
-    let end = end.unwrap_or(WAV_LEN - 1).min(WAV_LEN - 1).min(start + RATE - 1);
+    let end = end.unwrap_or(WAV_LEN - 1).min(WAV_LEN - 1).min(start + CHUNK_SECONDS * RATE - 1);
     let (due, restarted) = pacing.due(paid.channel, start / RATE);
     tokio::select! {
         () = tokio::time::sleep_until(due.into()) => {}

@@ -17,8 +17,10 @@
 import { check, hear, inChromium, say } from './harness.mjs';
 
 const base = process.argv[2];
-/** What the demo charges a second of audio (examples/browser/app.rs, SECOND), in msat. */
+/** What the demo charges a second of audio, in msat (examples/browser/app.rs: CHUNK, two
+ * seconds, 10 sat), and what one request (a unit) costs. */
 const SECOND_MSAT = 5_000;
+const UNIT_MSAT = 10_000;
 /** The listen page's maxPrepaidSat (web/demo/listen.html). */
 const PREPAID_SAT = 50;
 const faucet = process.argv.includes('--faucet');
@@ -80,7 +82,7 @@ await inChromium(['--autoplay-policy=no-user-gesture-required'], async (page) =>
   const seconds = snapshot.spent_msat / SECOND_MSAT;
   check(seconds >= total - 1, `at least one paid second per second played: ${seconds} paid for ${total} s`);
   // The loss bound: paid ≤ what was served + one price + maxPrepaidSat.
-  check(after.paidSat <= Math.max(294, snapshot.spent_msat / 1000) + SECOND_MSAT / 1000 + PREPAID_SAT, `within the loss bound: paid ${after.paidSat} for ${seconds} s`);
+  check(after.paidSat <= Math.max(294, snapshot.spent_msat / 1000) + UNIT_MSAT / 1000 + PREPAID_SAT, `within the loss bound: paid ${after.paidSat} for ${seconds} s`);
   // The worker's own count of the seconds it paid for since 10 s, against what the server
   // charged meanwhile: within one unit. (Its count is not the server's from the start: it
   // loaded the channel the page opened, whose first payment it takes as mostly served,
@@ -89,7 +91,7 @@ await inChromium(['--autoplay-policy=no-user-gesture-required'], async (page) =>
   check(worker.channel === channel, 'the worker pays on the page\'s channel');
   const late = await accounts();
   const [counted, charged] = [late.counted - early.counted, late.charged - early.charged];
-  check(Math.abs(counted - charged) <= SECOND_MSAT, `the worker counted ${counted} msat, the server charged ${charged}`);
+  check(Math.abs(counted - charged) <= UNIT_MSAT, `the worker counted ${counted} msat, the server charged ${charged}`);
   const stalls = await page.evaluate(() => window.demo.stalls);
   say('listened', { seconds: total, channel, paidSat: after.paidSat, servedSeconds: seconds,
     workerCountedMsat: counted, serverChargedMsat: charged, resumeMs, stalls: stalls.length, longestStallMs: Math.round(Math.max(0, ...stalls)) });
@@ -139,7 +141,7 @@ await inChromium(['--autoplay-policy=no-user-gesture-required'], async (page) =>
   // reload or restart may add one price to the count (`LossBound::restore`); the liar quotes 1
   // sat.
   const served = await accounts();
-  const bound = Math.max(294, Math.ceil(served.charged / 1000)) + SECOND_MSAT / 1000 + 1 + PREPAID_SAT;
+  const bound = Math.max(294, Math.ceil(served.charged / 1000)) + UNIT_MSAT / 1000 + 1 + PREPAID_SAT;
   check(lie.worker.paidSat <= bound, `the liar got ${lie.worker.paidSat} sat: bound ${bound}`);
   check(/loss bound/.test(lie.worker.lastRefusal ?? ''), `the worker stopped paying the liar at the loss bound: ${lie.worker.lastRefusal}`);
   say('lied-to', { paidSat: lie.worker.paidSat, bound, statuses: lie.statuses, reason: lie.worker.lastRefusal });
