@@ -238,8 +238,12 @@ export class PaychanClient extends EventTarget {
     const saved = await this.store.get(`channel/${this.origin}/${current}`);
     const latest = (state) => JSON.stringify(JSON.parse(state).channel.latest ?? null);
     if (!saved || (this.session?.id === current && latest(this.session.state()) === latest(saved))) return;
-    const next = Session.load(saved, this.policy);
-    this._savedCount = next.countedMsat;
+    // Another context paid on the channel this one pays on: go on from its saved count and
+    // this one's unsaved units (no floor raised); another channel: load it.
+    const same = this.session?.id === current;
+    const unsaved = same ? Math.max(0, this.session.countedMsat - (this._savedCount ?? 0)) : 0;
+    const next = same ? Session.resync(saved, this.policy, unsaved) : Session.load(saved, this.policy);
+    this._savedCount = next.countedMsat - unsaved;
     const others = (await this.channels()).filter((c) => c.id !== current);
     next.spentElsewhereSat = others.reduce((sum, c) => sum + c.spentSat, 0);
     this.session?.free();

@@ -756,6 +756,36 @@ impl Session {
     ///
     /// When `state` is not a saved session.
     pub fn load(state_json: &str, policy_json: &str) -> Result<Session, JsError> {
+        Self::loaded(state_json, policy_json, None)
+    }
+
+    /// The channel saved by another context of the page (a tab, the Service Worker) that paid
+    /// on it since this one last saved, with what this one counted and has not saved yet
+    /// (`unsaved_msat`). That context saved its count with its payment, so the count goes on
+    /// from it and this one's units: the floor is not raised to what was paid less
+    /// `maxPrepaidSat`, as [`load`](Self::load) does after a reload (that would hand a lying
+    /// server one more price each time two contexts take turns).
+    ///
+    /// # Errors
+    ///
+    /// When `state` is not a saved session.
+    pub fn resync(
+        state_json: &str,
+        policy_json: &str,
+        unsaved_msat: f64,
+    ) -> Result<Session, JsError> {
+        let unsaved = MilliSats::from_msat(unsaved_msat.max(0.0) as u64);
+        Self::loaded(state_json, policy_json, Some(unsaved))
+    }
+}
+
+impl Session {
+    /// [`Session::load`], or [`Session::resync`] with `unsaved` counted here.
+    fn loaded(
+        state_json: &str,
+        policy_json: &str,
+        unsaved: Option<MilliSats>,
+    ) -> Result<Session, JsError> {
         let saved: Saved = json(state_json, "saved channel")?;
         let (policy, require_receipts) = policy_and_receipts(policy_json)?;
         let key = secret(&saved.key)?;
@@ -766,7 +796,13 @@ impl Session {
         let mut bound = LossBound::new(&policy);
         let counted = MilliSats::from_msat(saved.counted_msat);
         let first = Amount::from_sat(saved.first_sat);
-        bound.restore(channel.id(), channel.paid(), counted, first);
+        match unsaved {
+            // The floor stays the first payment (`restore` with nothing paid to lift it).
+            Some(unsaved) => {
+                bound.restore(channel.id(), Amount::ZERO, counted.saturating_add(unsaved), first);
+            }
+            None => bound.restore(channel.id(), channel.paid(), counted, first),
+        }
         bound.price_list(saved.prices.as_ref().and_then(PriceList::from_terms));
         // A loaded channel is watched from the first balance the server reports (as the Rust
         // payer after a restart).
@@ -783,7 +819,10 @@ impl Session {
             prices: saved.prices,
         })
     }
+}
 
+#[wasm_bindgen]
+impl Session {
     /// What to save (JSON), before any header this session returned leaves the page.
     pub fn state(&self) -> String {
         to_json(&Saved {

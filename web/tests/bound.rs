@@ -478,3 +478,37 @@ fn an_honest_server_is_not_stuck_by_reloads_that_lose_unsaved_units() {
         assert!(paid >= ledger.served.to_sat_ceil());
     }
 }
+
+/// Two contexts of one page (a tab and its Service Worker) paying on one channel in turn, each
+/// going on from the other's saved payment (`Session::resync`, as `paychan.js` does when it
+/// finds the channel paid on elsewhere), against a server that serves nothing and asks one
+/// more satoshi every time: the channel stays within `max(first, served) + price +
+/// maxPrepaidSat` (a floor raised at every such load gave it a price per turn).
+#[test]
+fn two_contexts_taking_turns_give_a_lying_server_nothing_more() {
+    PREPAID_SAT.store(50, std::sync::atomic::Ordering::Relaxed);
+    let first = session(3);
+    let mut saved = first.state();
+    let mut contexts = [first, Session::load(&saved, &policy()).unwrap()];
+    let mut ledger = Ledger::default();
+    let ask = Answer::Forged { spent_permille: 1_000, min: 1, suggested: 1 };
+    for turn in 0..200 {
+        let context = &mut contexts[turn % 2];
+        if context.state() != saved {
+            *context = Session::resync(&saved, &policy(), 0.0).unwrap();
+        }
+        let sent = context.send().unwrap().unwrap();
+        let sent_json: Value = serde_json::from_str(&sent).unwrap();
+        let id: ChannelId = context.id().parse().unwrap();
+        let reply = serve(&mut ledger, id, &sent_json, ask);
+        let before = context.paid_sat();
+        let problem = reply.problem.unwrap().to_string();
+        if context.payment_required("GET", "/job", &problem).is_ok() && context.paid_sat() > before
+        {
+            saved = context.state();
+        }
+        let paid = Amount::from_sat(context.paid_sat() as u64);
+        let bound = FIRST + QUOTE.to_sat_ceil() + prepaid();
+        assert!(paid <= bound, "turn {turn}: paid {paid} for nothing served: bound {bound}");
+    }
+}
