@@ -37,7 +37,8 @@ pub enum StreamEvent {
     /// in the loss bound and the charge watch.
     Delivered(MilliSats),
     /// The server asked for a top-up (an SSE `payment-required` event): answer `problem` as
-    /// a 402, adding at most `cap` — unless a top-up of the stream is on its way.
+    /// a 402, adding at most `cap` (zero: hand the latest payment over again, adding nothing)
+    /// — unless a top-up of the stream is on its way.
     TopUp {
         /// The server's problem document.
         problem: Problem,
@@ -226,11 +227,11 @@ impl MeteredStream {
             match event {
                 Found::Data => self.count(1, events),
                 Found::TopUp(problem) => {
-                    // None when the stream asked for more than it sent.
+                    // Zero when the stream asked for more than it sent: then the driver only
+                    // hands the latest payment over again (the server may not have it: an
+                    // earlier hand-over failed), adding nothing.
                     let cap = self.room().to_sat_floor();
-                    if cap > Amount::ZERO {
-                        events.push(StreamEvent::TopUp { problem, cap });
-                    }
+                    events.push(StreamEvent::TopUp { problem, cap });
                 }
                 Found::Receipt(value) => {
                     self.receipted = true;
@@ -458,11 +459,13 @@ pub(crate) mod tests {
         let burst: Vec<u8> = (0..10).flat_map(|_| ask()).collect();
         s.push(&burst, &mut events);
         assert_eq!(asked(&events).0, [Amount::from_sat(11); 10]);
-        // It added all of that (the client's own number): nothing more without units.
+        // It added all of that (the client's own number): nothing more without units (the
+        // latest payment is only handed over again).
         s.top_ups_added(MilliSats::from_msat(11_000));
         events.clear();
         s.push(&ask(), &mut events);
-        assert!(asked(&events).0.is_empty());
+        assert_eq!(asked(&events).0, [Amount::ZERO]);
+        events.clear();
         // Three events received earn three units of room.
         s.push(b"data: a\n\ndata: b\n\ndata: c\n\n", &mut events);
         assert_eq!(delivered(&events), MilliSats::from_msat(3_000));

@@ -160,12 +160,12 @@ impl Watch {
         for event in events {
             match event {
                 StreamEvent::Delivered(cost) => self.hooks.delivered(cost),
-                StreamEvent::TopUp { problem, cap } => match self.claim(cap) {
+                StreamEvent::TopUp { problem, cap } => match self.claim(cap, true) {
                     Some(cap) => self.hooks.top_up(problem, cap, Arc::clone(&self.top_ups)),
-                    None => tracing::warn!("a stream asked for a top-up it has no room for"),
+                    None => tracing::warn!("a stream asked for a top-up while one is on its way"),
                 },
                 StreamEvent::TopUpAhead(amount) => {
-                    if let Some(amount) = self.claim(amount) {
+                    if let Some(amount) = self.claim(amount, false) {
                         self.hooks.top_up_by(amount, Arc::clone(&self.top_ups));
                     }
                 }
@@ -176,14 +176,15 @@ impl Watch {
 
     /// Claims the stream's one top-up for at most `amount`: what it may add now, by what the
     /// top-ups finished so far added (one may have finished since the chunk was read), or
-    /// `None` when one is on its way or there is no room.
-    fn claim(&mut self, amount: Amount) -> Option<Amount> {
+    /// `None` when one is on its way, or when there is no room and `zero` (a top-up that only
+    /// hands the latest payment over again) is not wanted.
+    fn claim(&mut self, amount: Amount, zero: bool) -> Option<Amount> {
         if !self.top_ups.start() {
             return None;
         }
         self.stream.top_ups_added(self.top_ups.added());
         let amount = amount.min(self.stream.room().to_sat_floor());
-        if amount == Amount::ZERO {
+        if amount == Amount::ZERO && !zero {
             self.top_ups.done(Amount::ZERO);
             return None;
         }
@@ -396,14 +397,17 @@ mod tests {
         let burst: Vec<u8> = (0..10).flat_map(|_| ask().to_vec()).collect();
         w.data(Bytes::from(burst));
         assert_eq!(hooks.0.lock().unwrap().top_ups, [Amount::from_sat(11)]);
-        // It added all of that (the client's own number): nothing more without units.
+        // It added all of that (the client's own number): nothing more without units, only
+        // the latest payment handed over again.
         w.top_ups.done(Amount::from_sat(11));
         w.data(ask());
-        assert_eq!(hooks.0.lock().unwrap().top_ups.len(), 1);
+        assert_eq!(hooks.0.lock().unwrap().top_ups, [Amount::from_sat(11), Amount::ZERO]);
+        w.top_ups.done(Amount::ZERO);
         // Three events received earn three units of room.
         w.data(Bytes::from_static(b"data: a\n\ndata: b\n\ndata: c\n\n"));
         w.data(ask());
-        assert_eq!(hooks.0.lock().unwrap().top_ups, [Amount::from_sat(11), Amount::from_sat(3)]);
+        let asked = hooks.0.lock().unwrap().top_ups.clone();
+        assert_eq!(asked, [Amount::from_sat(11), Amount::ZERO, Amount::from_sat(3)]);
     }
 
     #[test]

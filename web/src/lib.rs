@@ -1072,6 +1072,11 @@ impl Session {
         };
         let (before, spent) = (self.channel.paid(), self.budget_spent());
         let cap = sat(cap_sat, "cap")?;
+        if cap == Amount::ZERO {
+            // No room: only the latest payment, handed over again (an earlier hand-over may
+            // have failed), adding nothing.
+            return Ok(format!(r#"{{"header":{},"addedSat":0}}"#, to_json(&self.header())));
+        }
         let top_up =
             steps::top_up(&self.policy, &self.channel.channel, before, spent, &snapshot, Some(cap))
                 .map_err(error)?;
