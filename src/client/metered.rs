@@ -408,8 +408,8 @@ pub(crate) mod tests {
     }
 
     /// A stream of an SSE stream (or a byte stream) at 1 sat a unit, `max_prepaid` 10 sat,
-    /// `max_per_request` 5 sat.
-    fn stream(sse: bool, balance: MilliSats) -> MeteredStream {
+    /// `max_per_request` 5 sat (the Rust `Watch`'s tests follow it too).
+    pub(crate) fn stream(sse: bool, balance: MilliSats) -> MeteredStream {
         let policy = SpendingPolicy::default()
             .with_max_prepaid(Amount::from_sat(10))
             .with_max_per_request(MilliSats::from_msat(5_000));

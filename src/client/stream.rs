@@ -374,15 +374,7 @@ mod tests {
     /// A watch of an SSE stream (or a byte stream) at 1 sat a unit, `max_prepaid` 10 sat.
     fn watch(sse: bool, balance: MilliSats) -> (Watch, Recording) {
         let hooks = Recording::default();
-        let policy = SpendingPolicy::default()
-            .with_max_prepaid(Amount::from_sat(10))
-            .with_max_per_request(MilliSats::from_msat(5_000));
-        let (unit, kind) = if sse {
-            ("sse; per-event=1000", "text/event-stream")
-        } else {
-            ("bytes; per-kib=1000", "audio/wav")
-        };
-        let stream = MeteredStream::new(Some(unit), Some(kind), &policy, Some(balance)).unwrap();
+        let stream = crate::client::metered::tests::stream(sse, balance);
         (Watch { hooks: Box::new(hooks.clone()), stream, top_ups: Arc::default() }, hooks)
     }
 
