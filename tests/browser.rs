@@ -154,6 +154,18 @@ impl Harness {
         tx
     }
 
+    /// The funding of `channel` (`txid:vout`) is in Core's mempool or in one of its last
+    /// blocks (`what` says whose).
+    async fn assert_funding_accepted(&self, channel: &str, what: &str) {
+        let funding: Txid = channel.split(':').next().unwrap().parse().unwrap();
+        let recent = self.node.height().await.saturating_sub(3);
+        assert!(
+            self.node.mempool_entry(funding).await.is_some()
+                || self.node.confirmed_at(funding, recent).await.is_some(),
+            "{what}"
+        );
+    }
+
     /// What `tx` pays the page's deposit address.
     fn to_deposit(&self, tx: &Transaction) -> u64 {
         let outputs = tx.output.iter().filter(|o| o.script_pubkey == self.deposit);
@@ -167,13 +179,11 @@ async fn a_page_deposits_opens_pays_reloads_closes_and_keeps_a_refund_core_accep
     let paid = h.next().await;
     assert_eq!(paid["step"], "paid", "{paid}");
     let channel = paid["channel"].as_str().unwrap().to_owned();
-    let funding: Txid = channel.split(':').next().unwrap().parse().unwrap();
-    let recent = h.node.height().await.saturating_sub(3);
-    assert!(
-        h.node.mempool_entry(funding).await.is_some()
-            || h.node.confirmed_at(funding, recent).await.is_some(),
-        "the server broadcast the page's funding and Core accepted it"
-    );
+    h.assert_funding_accepted(
+        &channel,
+        "the server broadcast the page's funding and Core accepted it",
+    )
+    .await;
     let reloaded = h.next().await;
     assert_eq!(reloaded["step"], "reloaded", "{reloaded}");
     assert_eq!(reloaded["channel"], channel.as_str());
@@ -331,13 +341,8 @@ async fn a_page_funds_a_channel_by_psbt_and_reads_a_metered_stream() {
     let funded = h.next().await;
     assert_eq!(funded["step"], "funded", "{funded}");
     let channel = funded["channel"].as_str().unwrap().to_owned();
-    let funding: Txid = channel.split(':').next().unwrap().parse().unwrap();
-    let recent = h.node.height().await.saturating_sub(3);
-    assert!(
-        h.node.mempool_entry(funding).await.is_some()
-            || h.node.confirmed_at(funding, recent).await.is_some(),
-        "the server broadcast the funding Core's wallet signed, and Core accepted it"
-    );
+    let accepted = "the server broadcast the funding Core's wallet signed, and Core accepted it";
+    h.assert_funding_accepted(&channel, accepted).await;
     let paid = h.next().await;
     assert_eq!(paid["step"], "paid", "{paid}");
     assert_eq!(paid["channel"], channel.as_str());

@@ -760,14 +760,15 @@ async fn a_mainnet_config_on_a_regtest_node_does_not_start() {
     .await;
     let log = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{log}");
-    for said in [
-        "wrong network",
-        "Bitcoin Core node at [chain] bitcoind_url is on regtest",
-        "network = \"bitcoin\"",
-        "set network = \"regtest\"",
-    ] {
-        assert!(log.contains(said), "{said:?} in {log}");
-    }
+    assert_says(
+        &log,
+        &[
+            "wrong network",
+            "Bitcoin Core node at [chain] bitcoind_url is on regtest",
+            "network = \"bitcoin\"",
+            "set network = \"regtest\"",
+        ],
+    );
     assert!(!log.contains("proxy started"), "{log}");
     assert!(!dir.join("paychan.db").exists(), "the store is not even opened");
     std::fs::remove_dir_all(&dir).unwrap();
@@ -789,14 +790,15 @@ async fn a_regtest_config_on_a_mainnet_esplora_does_not_start() {
     .await;
     let log = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{log}");
-    for said in [
-        "wrong network",
-        "Esplora server at [chain] esplora_url is on bitcoin",
-        "network = \"regtest\"",
-        "set network = \"bitcoin\"",
-    ] {
-        assert!(log.contains(said), "{said:?} in {log}");
-    }
+    assert_says(
+        &log,
+        &[
+            "wrong network",
+            "Esplora server at [chain] esplora_url is on bitcoin",
+            "network = \"regtest\"",
+            "set network = \"bitcoin\"",
+        ],
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -1011,4 +1013,11 @@ async fn one_clients_silent_connections_do_not_lock_everyone_out() {
     std::fs::remove_dir_all(&site.dir).unwrap();
     let answer = answer.expect("one client's silent connections kept another client out");
     assert_eq!(status_of(&answer), "200", "{answer}");
+}
+
+/// Each of `lines` is in the binary's log `log`.
+fn assert_says(log: &str, lines: &[&str]) {
+    for said in lines {
+        assert!(log.contains(said), "{said:?} in {log}");
+    }
 }

@@ -1070,19 +1070,14 @@ impl Session {
             }
             _ => return Err(error("not a top-up request of this channel")),
         };
-        let (before, spent) = (self.channel.paid(), self.budget_spent());
+        let before = self.channel.paid();
         let cap = sat(cap_sat, "cap")?;
         if cap == Amount::ZERO {
             // No room: only the latest payment, handed over again (an earlier hand-over may
             // have failed), adding nothing.
             return Ok(format!(r#"{{"header":{},"addedSat":0}}"#, to_json(&self.header())));
         }
-        let top_up =
-            steps::top_up(&self.policy, &self.channel.channel, before, spent, &snapshot, Some(cap))
-                .map_err(error)?;
-        if let Some((target, ask)) = top_up {
-            self.pay_within_bound(target, ask)?;
-        }
+        self.top_up(&snapshot, Some(cap))?;
         let added = self.channel.paid() - before;
         Ok(format!(r#"{{"header":{},"addedSat":{}}}"#, to_json(&self.header()), added.to_sat()))
     }
@@ -1161,19 +1156,7 @@ impl Session {
         match (&problem.code, snapshot) {
             (ProblemCode::InsufficientBalance, Some(snapshot)) => {
                 let snapshot: ChannelSnapshot = steps::quoted(snapshot, &problem);
-                let (paid, spent) = (self.channel.paid(), self.budget_spent());
-                let top_up = steps::top_up(
-                    &self.policy,
-                    &self.channel.channel,
-                    paid,
-                    spent,
-                    &snapshot,
-                    None,
-                )
-                .map_err(error)?;
-                if let Some((target, ask)) = top_up {
-                    self.pay_within_bound(target, ask)?;
-                }
+                self.top_up(&snapshot, None)?;
                 Ok(format!(r#"{{"do":"retry","header":{}}}"#, to_json(&self.header())))
             }
             (
@@ -1308,6 +1291,18 @@ impl Session {
     /// What the policy's budget counts: this channel's payments and fees, and the others'.
     fn budget_spent(&self) -> Amount {
         self.spent.checked_add(self.elsewhere).unwrap_or(Amount::MAX)
+    }
+
+    /// The top-up `snapshot` asks for (adding at most `cap`), as the policy and the loss bound
+    /// allow.
+    fn top_up(&mut self, snapshot: &ChannelSnapshot, cap: Option<Amount>) -> Result<(), JsError> {
+        let (paid, spent) = (self.channel.paid(), self.budget_spent());
+        let top_up = steps::top_up(&self.policy, &self.channel.channel, paid, spent, snapshot, cap)
+            .map_err(error)?;
+        match top_up {
+            Some((target, ask)) => self.pay_within_bound(target, ask),
+            None => Ok(()),
+        }
     }
 
     fn pay_within_bound(&mut self, target: Amount, ask: Ask) -> Result<(), JsError> {
