@@ -159,11 +159,11 @@ impl ChannelParams {
         secret: &SecretKey,
         expected: &CompressedPublicKey,
     ) -> Result<ecdsa::Signature, SignError> {
-        if secret.public_key(secp()) != expected.0 {
+        if sig::public_key(secret) != *expected {
             return Err(SignError::WrongKey);
         }
         let msg = self.sighash(tx).ok_or(SignError::NoInput)?;
-        Ok(sig::sign_all(secp(), &msg, secret))
+        Ok(sig::sign_all(&msg, secret))
     }
 
     /// Returns `tx` with the full 2-of-2 witness `[<empty>, sig, sig, witness_script]`, the

@@ -337,8 +337,7 @@ impl Channel {
             .map_err(|items: Vec<Vec<u8>>| PaymentError::WitnessShape { items: items.len() })?;
         let client_sig = sig::parse_sighash_all(&client_sig).map_err(PaymentError::Signature)?;
         let msg = self.params.sighash(payment).ok_or(PaymentError::InputCount { found: 0 })?;
-        sig::verify(super::secp(), &msg, &client_sig, &self.params.client_key)
-            .map_err(PaymentError::Signature)
+        sig::verify(&msg, &client_sig, &self.params.client_key).map_err(PaymentError::Signature)
     }
 
     /// Co-signs a payment the server accepted and returns the complete transaction that

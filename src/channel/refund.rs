@@ -163,7 +163,7 @@ impl ChannelParams {
         let bytes = server_signature.to_vec();
         let parsed = sig::parse_sighash_all(&bytes)?;
         let msg = self.sighash(refund).ok_or(SignatureError::Invalid)?;
-        sig::verify(super::secp(), &msg, &parsed, &self.server_key)
+        sig::verify(&msg, &parsed, &self.server_key)
     }
 
     /// Completes the refund with both signatures (client side), ready to broadcast once its

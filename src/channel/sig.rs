@@ -7,7 +7,7 @@
 use core::fmt;
 
 use bitcoin::ecdsa;
-use bitcoin::secp256k1::{self, Message, Secp256k1, SecretKey, Verification};
+use bitcoin::secp256k1::{self, Message, SecretKey};
 use bitcoin::sighash::EcdsaSighashType;
 
 /// Why a signature (DER bytes followed by one sighash byte) was refused.
@@ -158,24 +158,103 @@ pub fn parse_sighash_all(sig: &[u8]) -> Result<ecdsa::Signature, SignatureError>
     Ok(parsed)
 }
 
-/// Signs `msg` with `key` as a low-S, `SIGHASH_ALL` signature.
-pub(crate) fn sign_all<C: secp256k1::Signing>(
-    secp: &Secp256k1<C>,
+/// The public key of `key`: the one place the crate computes one from a secret key, so that
+/// the `k256` feature moves it off libsecp256k1's precomputed table with signing.
+///
+/// # Examples
+///
+/// ```
+/// use bitcoin::secp256k1::{Secp256k1, SecretKey};
+/// use paychan::channel::sig::public_key;
+///
+/// let key = SecretKey::from_slice(&[1; 32])?;
+/// assert_eq!(public_key(&key).0, key.public_key(&Secp256k1::new()));
+/// # Ok::<(), bitcoin::secp256k1::Error>(())
+/// ```
+pub fn public_key(key: &SecretKey) -> bitcoin::CompressedPublicKey {
+    #[cfg(feature = "k256")]
+    let public = small::public_key(key);
+    #[cfg(not(feature = "k256"))]
+    let public = key.public_key(super::secp());
+    bitcoin::CompressedPublicKey(public)
+}
+
+/// The ECDSA signature of `msg` by `key`: RFC 6979 nonce, low S. libsecp256k1's, or with the
+/// `k256` feature RustCrypto's `k256`, which signs the same bytes (tested below) without
+/// libsecp256k1's 32 KB precomputed signing table, the largest single item of the browser's
+/// wasm.
+pub(crate) fn sign_ecdsa(msg: &Message, key: &SecretKey) -> secp256k1::ecdsa::Signature {
+    #[cfg(feature = "k256")]
+    return small::sign(msg, key);
+    #[cfg(not(feature = "k256"))]
+    super::secp().sign_ecdsa(msg, key)
+}
+
+/// Whether `signature` is a valid, low-S ECDSA signature of `msg` by `key` (both libsecp256k1
+/// and `k256` refuse a high S).
+pub(crate) fn verify_ecdsa(
     msg: &Message,
-    key: &SecretKey,
-) -> ecdsa::Signature {
-    // libsecp256k1 always produces low-S signatures.
-    ecdsa::Signature { signature: secp.sign_ecdsa(msg, key), sighash_type: EcdsaSighashType::All }
+    signature: &secp256k1::ecdsa::Signature,
+    key: &secp256k1::PublicKey,
+) -> bool {
+    #[cfg(feature = "k256")]
+    return small::verify(msg, signature, key);
+    #[cfg(not(feature = "k256"))]
+    super::secp().verify_ecdsa(msg, signature, key).is_ok()
+}
+
+/// Signs `msg` with `key` as a low-S, `SIGHASH_ALL` signature.
+pub(crate) fn sign_all(msg: &Message, key: &SecretKey) -> ecdsa::Signature {
+    ecdsa::Signature { signature: sign_ecdsa(msg, key), sighash_type: EcdsaSighashType::All }
 }
 
 /// Verifies `sig` over `msg` for `key`.
-pub(crate) fn verify<C: Verification>(
-    secp: &Secp256k1<C>,
+pub(crate) fn verify(
     msg: &Message,
     sig: &ecdsa::Signature,
     key: &bitcoin::CompressedPublicKey,
 ) -> Result<(), SignatureError> {
-    secp.verify_ecdsa(msg, &sig.signature, &key.0).map_err(|_| SignatureError::Invalid)
+    if verify_ecdsa(msg, &sig.signature, &key.0) { Ok(()) } else { Err(SignatureError::Invalid) }
+}
+
+/// Signing with RustCrypto's `k256` (feature `k256`; compiled for the tests either way).
+#[cfg(any(feature = "k256", test))]
+mod small {
+    use bitcoin::secp256k1::{self, Message, PublicKey, SecretKey};
+    use k256::ecdsa::SigningKey;
+    use k256::ecdsa::signature::hazmat::{PrehashSigner, PrehashVerifier};
+
+    fn signing_key(key: &SecretKey) -> SigningKey {
+        SigningKey::from_slice(&key.secret_bytes()).expect("a SecretKey is a valid scalar")
+    }
+
+    pub(super) fn public_key(key: &SecretKey) -> PublicKey {
+        let point = signing_key(key).verifying_key().to_encoded_point(true);
+        PublicKey::from_slice(point.as_bytes()).expect("k256 encodes a valid point")
+    }
+
+    pub(super) fn verify(
+        msg: &Message,
+        signature: &secp256k1::ecdsa::Signature,
+        key: &PublicKey,
+    ) -> bool {
+        let Ok(key) = k256::ecdsa::VerifyingKey::from_sec1_bytes(&key.serialize()) else {
+            return false;
+        };
+        let Ok(signature) = k256::ecdsa::Signature::from_slice(&signature.serialize_compact())
+        else {
+            return false;
+        };
+        key.verify_prehash(msg.as_ref(), &signature).is_ok()
+    }
+
+    pub(super) fn sign(msg: &Message, key: &SecretKey) -> secp256k1::ecdsa::Signature {
+        let signature: k256::ecdsa::Signature =
+            signing_key(key).sign_prehash(msg.as_ref()).expect("a 32-byte digest always signs");
+        let signature = signature.normalize_s().unwrap_or(signature);
+        secp256k1::ecdsa::Signature::from_compact(&signature.to_bytes())
+            .expect("k256 signs with 0 < r, s < n")
+    }
 }
 
 /// The witness of a P2WPKH input of `tx` spending `prevout` with `key` (BIP-0143,
@@ -186,28 +265,28 @@ pub(crate) fn p2wpkh_witness(
     prevout: &bitcoin::TxOut,
     key: &SecretKey,
 ) -> Result<bitcoin::Witness, bitcoin::sighash::P2wpkhError> {
-    let secp = super::secp();
     let sighash = bitcoin::sighash::SighashCache::new(tx).p2wpkh_signature_hash(
         input,
         &prevout.script_pubkey,
         prevout.value,
         EcdsaSighashType::All,
     )?;
-    let signature = ecdsa::Signature::sighash_all(secp.sign_ecdsa(&Message::from(sighash), key));
-    Ok(bitcoin::Witness::p2wpkh(&signature, &key.public_key(secp)))
+    let signature = sign_all(&Message::from(sighash), key);
+    Ok(bitcoin::Witness::p2wpkh(&signature, &public_key(key).0))
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use bitcoin::hashes::Hash;
 
+    use bitcoin::secp256k1::Secp256k1;
+
     use super::*;
 
     fn fixture() -> Vec<u8> {
-        let secp = Secp256k1::new();
         let key = SecretKey::from_slice(&[7; 32]).unwrap();
         let msg = Message::from_digest(bitcoin::hashes::sha256::Hash::hash(b"m").to_byte_array());
-        sign_all(&secp, &msg, &key).to_vec()
+        sign_all(&msg, &key).to_vec()
     }
 
     #[test]
@@ -266,5 +345,65 @@ pub(crate) mod tests {
         }
         *sig.last_mut().unwrap() = 0x04;
         assert_eq!(parse_standard(&sig), Err(SignatureError::NotSighashAll { found: 0x04 }));
+    }
+
+    /// The `k256` signer signs exactly what libsecp256k1 signs and derives the same keys, so the
+    /// browser's payments are the native client's byte for byte (`web/tests` checks the test
+    /// vectors too).
+    #[test]
+    fn k256_signs_the_bytes_libsecp256k1_signs() {
+        let secp = Secp256k1::new();
+        let mut seed = bitcoin::hashes::sha256::Hash::hash(b"k256 against libsecp256k1");
+        for _ in 0..500 {
+            seed = bitcoin::hashes::sha256::Hash::hash(seed.as_byte_array());
+            let Ok(key) = SecretKey::from_slice(seed.as_byte_array()) else { continue };
+            seed = bitcoin::hashes::sha256::Hash::hash(seed.as_byte_array());
+            let msg = Message::from_digest(seed.to_byte_array());
+            assert_eq!(small::public_key(&key), key.public_key(&secp));
+            let signature = small::sign(&msg, &key);
+            assert_eq!(signature, secp.sign_ecdsa(&msg, &key));
+            let public = key.public_key(&secp);
+            assert!(small::verify(&msg, &signature, &public));
+            // What libsecp256k1 refuses, k256 refuses: another message, another key, high S.
+            let other = Message::from_digest(seed.to_byte_array().map(|b| b ^ 1));
+            assert!(!small::verify(&other, &signature, &public));
+            assert!(secp.verify_ecdsa(&other, &signature, &public).is_err());
+            let stranger = SecretKey::from_slice(&[9; 32]).unwrap().public_key(&secp);
+            assert!(!small::verify(&msg, &signature, &stranger));
+            let mut compact = signature.serialize_compact();
+            let high = {
+                let s =
+                    secp256k1::Scalar::from_be_bytes(compact[32..].try_into().unwrap()).unwrap();
+                let negated = SecretKey::from_slice(&s.to_be_bytes()).unwrap().negate();
+                negated.secret_bytes()
+            };
+            compact[32..].copy_from_slice(&high);
+            let high_s = secp256k1::ecdsa::Signature::from_compact(&compact).unwrap();
+            assert!(secp.verify_ecdsa(&msg, &high_s, &public).is_err());
+            assert!(!small::verify(&msg, &high_s, &public));
+        }
+        // Digests at and above the group order, and the largest key.
+        let order = secp256k1::constants::CURVE_ORDER;
+        let max_key = {
+            let mut b = order;
+            b[31] -= 1;
+            SecretKey::from_slice(&b).unwrap()
+        };
+        for digest in [order, [0xff; 32], [0; 32], [1; 32]] {
+            let msg = Message::from_digest(digest);
+            for key in [max_key, SecretKey::from_slice(&[1; 32]).unwrap()] {
+                let (ours, theirs) = (small::sign(&msg, &key), secp.sign_ecdsa(&msg, &key));
+                if digest < order {
+                    assert_eq!(ours, theirs, "{digest:?}");
+                } else {
+                    // A digest at or above n (a chance of 2^-128 for a sighash): RFC 6979
+                    // reduces it before drawing the nonce, libsecp256k1 does not, so the two
+                    // signatures differ. Each is valid for the other's verifier.
+                    let public = key.public_key(&secp);
+                    secp.verify_ecdsa(&msg, &ours, &public).unwrap();
+                    assert!(small::verify(&msg, &theirs, &public));
+                }
+            }
+        }
     }
 }

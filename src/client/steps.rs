@@ -663,7 +663,7 @@ pub fn funding_from_coins(
 ///
 /// [`StepError::NotOurCoin`] for an input that is not.
 pub fn sign_p2wpkh_inputs(funding: &mut Funding, key: &SecretKey) -> Result<(), StepError> {
-    let public = CompressedPublicKey(key.public_key(crate::channel::secp()));
+    let public = crate::channel::sig::public_key(key);
     let ours = ScriptBuf::new_p2wpkh(&public.wpubkey_hash());
     for index in 0..funding.tx.input.len() {
         let not_ours = StepError::NotOurCoin { input: index };

@@ -130,7 +130,7 @@ impl fmt::Debug for KeyWallet {
 impl KeyWallet {
     /// An empty wallet of `key`.
     pub fn new(key: SecretKey) -> Self {
-        let public = CompressedPublicKey(key.public_key(crate::channel::secp()));
+        let public = crate::channel::sig::public_key(&key);
         Self { key, public, coins: Arc::default() }
     }
 

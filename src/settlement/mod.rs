@@ -59,7 +59,7 @@ use std::time::Duration;
 use bitcoin::absolute::LockTime;
 use bitcoin::bip32::Xpriv;
 use bitcoin::secp256k1::SecretKey;
-use bitcoin::{CompressedPublicKey, FeeRate, OutPoint, ScriptBuf, Transaction, Txid};
+use bitcoin::{FeeRate, OutPoint, ScriptBuf, Transaction, Txid};
 use tokio::time::Instant;
 use tracing::Instrument as _;
 
@@ -160,7 +160,7 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
     /// rebroadcast.
     #[must_use]
     pub fn with_cpfp_key(mut self, key: SecretKey) -> Self {
-        let public = CompressedPublicKey(key.public_key(crate::channel::secp()));
+        let public = crate::channel::sig::public_key(&key);
         self.cpfp_key = Some((key, ScriptBuf::new_p2wpkh(&public.wpubkey_hash())));
         self
     }

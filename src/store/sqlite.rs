@@ -620,7 +620,7 @@ mod tests {
 
     fn key(byte: u8) -> CompressedPublicKey {
         let secret = SecretKey::from_slice(&[byte; 32]).expect("valid key");
-        CompressedPublicKey(secret.public_key(crate::channel::secp()))
+        crate::channel::sig::public_key(&secret)
     }
 
     #[tokio::test]

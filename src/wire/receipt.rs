@@ -183,7 +183,7 @@ impl Receipt {
     /// Signs the receipt with `key` (the channel's K2).
     pub fn sign(mut self, key: &SecretKey) -> Self {
         if let Some(digest) = self.digest() {
-            let signature = crate::channel::secp().sign_ecdsa(&Message::from_digest(digest), key);
+            let signature = crate::channel::sig::sign_ecdsa(&Message::from_digest(digest), key);
             self.sig = signature.serialize_compact().to_lower_hex_string();
         }
         self
@@ -200,9 +200,11 @@ impl Receipt {
             .ok()
             .and_then(|bytes| Signature::from_compact(&bytes).ok())
             .ok_or(ReceiptError::Signature)?;
-        crate::channel::secp()
-            .verify_ecdsa(&Message::from_digest(digest), &signature, server_key)
-            .map_err(|_| ReceiptError::Signature)
+        let message = Message::from_digest(digest);
+        match crate::channel::sig::verify_ecdsa(&message, &signature, server_key) {
+            true => Ok(()),
+            false => Err(ReceiptError::Signature),
+        }
     }
 
     /// The header value: base64url (no padding) of the JSON document.

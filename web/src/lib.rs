@@ -67,11 +67,7 @@ fn network(name: &str) -> Result<Network, JsError> {
 }
 
 fn public(key: &SecretKey) -> CompressedPublicKey {
-    static SECP: std::sync::OnceLock<bitcoin::secp256k1::Secp256k1<bitcoin::secp256k1::SignOnly>> =
-        std::sync::OnceLock::new();
-    CompressedPublicKey(
-        key.public_key(SECP.get_or_init(bitcoin::secp256k1::Secp256k1::signing_only)),
-    )
+    paychan::channel::sig::public_key(key)
 }
 
 fn p2wpkh(key: &SecretKey) -> ScriptBuf {

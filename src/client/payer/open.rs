@@ -2,9 +2,7 @@
 
 use bitcoin::consensus::encode::serialize_hex;
 use bitcoin::hex::FromHex as _;
-use bitcoin::{
-    Amount, CompressedPublicKey, FeeRate, Network, ScriptBuf, Transaction, TxOut, ecdsa,
-};
+use bitcoin::{Amount, FeeRate, Network, ScriptBuf, Transaction, TxOut, ecdsa};
 use http::Method;
 use std::time::Instant;
 
@@ -108,7 +106,7 @@ impl<S: ClientStore> Payer<S> {
         let wallet = inner.wallet.clone().ok_or(ClientError::NoWallet)?;
         let key_index = self.inner.store.next_key_index().await.map_err(ClientError::Store)?;
         let client_secret = self.derive(key_index)?;
-        let client_key = CompressedPublicKey(client_secret.public_key(crate::channel::secp()));
+        let client_key = crate::channel::sig::public_key(&client_secret);
         let client_script = ScriptBuf::new_p2wpkh(&client_key.wpubkey_hash());
         let expiry = tip.height.saturating_add(lifetime);
         let first = steps::first_payment(&terms, &inner.policy, state.spent())?;

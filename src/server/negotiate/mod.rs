@@ -444,7 +444,6 @@ mod tests {
     use crate::chain::sim::SimulatedChain;
     use crate::store::MemoryStore;
     use crate::wire::TERMS_PATH;
-    use bitcoin::CompressedPublicKey;
     use tower::ServiceExt as _;
 
     /// A negotiation router (regtest, 1 000 opens a minute, 2 proposals a client, configured
@@ -464,7 +463,7 @@ mod tests {
             let master = Xpriv::new_master(Network::Regtest, &[7; 32]).unwrap();
             let key = |byte: u8| {
                 let secret = SecretKey::from_slice(&[byte; 32]).unwrap();
-                CompressedPublicKey(secret.public_key(crate::channel::secp()))
+                crate::channel::sig::public_key(&secret)
             };
             let payout = ScriptBuf::new_p2wpkh(&key(2).wpubkey_hash());
             let negotiation =

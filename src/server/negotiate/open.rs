@@ -71,7 +71,7 @@ pub(super) async fn open<C: ChainBackend, St: ChannelStore>(
     let client_script = hex_script(&req.client_script)?;
     let terms = s.terms().await?;
     let index = s.store.next_key_index().await.map_err(store_problem)?;
-    let server_key = CompressedPublicKey(s.key(index)?.public_key(crate::channel::secp()));
+    let server_key = crate::channel::sig::public_key(&s.key(index)?);
     let params = terms
         .agree(
             client_key,
