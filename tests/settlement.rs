@@ -21,7 +21,7 @@ use paychan::chain::sim::{SimulatedChain, sign_p2wpkh_input};
 use paychan::chain::{ChainBackend, ChainError, ChainTip, TxStatus, Utxo, follow_tip, policy};
 use paychan::channel::{Channel, Terms, channel_key};
 use paychan::server::PaywallLayer;
-use paychan::settlement::{FundingPolicy, Settlement};
+use paychan::settlement::{CloseOutcome, FundingPolicy, Settlement, close_now};
 use paychan::store::{ChannelRecord, ChannelState, ChannelStore, MemoryStore};
 use paychan::wire;
 
@@ -537,6 +537,49 @@ async fn a_settlement_beaten_by_the_refund_marks_the_channel_failed() {
     let report = task.run_once().await.unwrap();
     assert_eq!(report.failed, 1);
     assert_eq!(state(&store, id).await, ChannelState::Failed);
+}
+
+/// `close_now`, what the close endpoint and `paychan close` run, is the task's own procedure:
+/// it closes an open channel with its best payment; answers a closed one with the same close
+/// without a second broadcast; takes a close another node already got mined (its inputs are
+/// missing now) as closed; and fails a channel whose funding was double-spent, where the
+/// endpoint's and the console's own copies used to leave it closing.
+#[tokio::test]
+async fn close_now_runs_the_tasks_procedure_for_the_endpoint_and_the_console() {
+    let (chain, store, funded, id) = one_channel(150, 5_000).await;
+    chain.mine(1);
+    let unknown = wire::ChannelId::new(OutPoint::new(funded.funding.compute_txid(), 7));
+    assert_eq!(close_now(&store, &chain, &master(), unknown).await.unwrap(), None);
+
+    let outcome = close_now(&store, &chain, &master(), id).await.unwrap().unwrap();
+    let CloseOutcome::Closed { close, child: None } = outcome else { panic!("{outcome:?}") };
+    assert_eq!(state(&store, id).await, ChannelState::Closed);
+    assert_eq!(chain.tx_status(&close.compute_txid()), TxStatus::InMempool);
+    assert_eq!(paychan::channel::server_amount(&close), Amount::from_sat(5_000));
+    let again = close_now(&store, &chain, &master(), id).await.unwrap().unwrap();
+    assert_eq!(again, CloseOutcome::Closed { close: close.clone(), child: None });
+
+    // Another node's task got channel 1's close mined while this store still says closing.
+    let other = open_channel(&store, &chain, 1, 150, 2_000).await;
+    let other_id = wire::ChannelId::new(other.channel.outpoint());
+    chain.mine(1);
+    assert!(store.transition(other_id, ChannelState::Open, ChannelState::Closing).await.unwrap());
+    let record = store.load(other_id).await.unwrap().unwrap();
+    chain.submit(&record.close_transaction(&master()).unwrap()).unwrap();
+    chain.mine(1);
+    let outcome = close_now(&store, &chain, &master(), other_id).await.unwrap().unwrap();
+    assert!(matches!(outcome, CloseOutcome::Closed { .. }), "{outcome:?}");
+    assert_eq!(state(&store, other_id).await, ChannelState::Closed);
+
+    // Channel 2's funding never confirmed and its coin was spent elsewhere.
+    let gone = open_channel(&store, &chain, 2, 150, 2_000).await;
+    let gone_id = wire::ChannelId::new(gone.channel.outpoint());
+    chain.mine_double_spend(&spend(gone.coin.clone(), 149_000, 0)).unwrap();
+    let outcome = close_now(&store, &chain, &master(), gone_id).await.unwrap().unwrap();
+    assert_eq!(outcome, CloseOutcome::Failed);
+    assert_eq!(state(&store, gone_id).await, ChannelState::Failed);
+    let outcome = close_now(&store, &chain, &master(), gone_id).await.unwrap().unwrap();
+    assert_eq!(outcome, CloseOutcome::NotClosable(ChannelState::Failed));
 }
 
 /// A memory store on which `late`, a better payment, lands just before the channel moves to

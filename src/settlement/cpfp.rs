@@ -5,6 +5,7 @@ use bitcoin::absolute::LockTime;
 use bitcoin::transaction::Version;
 use bitcoin::{Amount, OutPoint, ScriptBuf, Sequence, Transaction, TxIn, TxOut, Witness};
 
+use super::close::{Closer, Cpfp};
 use super::{PassReport, Settlement};
 use crate::chain::ChainBackend;
 use crate::store::{ChannelRecord, ChannelStore};
@@ -22,7 +23,7 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
         report: &mut PassReport,
     ) {
         let id = record.id();
-        let Some(child) = self.cpfp_child(record, close).await else { return };
+        let Some(child) = self.closer().cpfp_child(record, close).await else { return };
         match self.chain.broadcast(&child).await {
             Ok(txid) => {
                 tracing::info!(%txid, "settlement bumped by CPFP");
@@ -36,13 +37,18 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
             }
         }
     }
+}
 
+impl<St: ChannelStore, C: ChainBackend> Closer<'_, St, C> {
+    /// A child of `close` spending the server's output, so that parent and child together pay
+    /// the backend's current fee estimate (never below the configured floor). `None` without
+    /// a CPFP key, or when the server's output cannot pay for it.
     pub(super) async fn cpfp_child(
         &self,
         record: &ChannelRecord,
         close: &Transaction,
     ) -> Option<Transaction> {
-        let (key, script) = self.cpfp_key.as_ref()?;
+        let Cpfp { key, script, min_fee_rate } = self.cpfp?;
         let server_output = close.output.first()?;
         if server_output.script_pubkey != *script {
             tracing::warn!("the CPFP key does not own the server's payout script");
@@ -51,8 +57,8 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
         // The estimate when the backend has one, never below the configured floor (a node
         // without fee data, as on regtest, has no estimate).
         let rate = match self.chain.estimate_fee_rate(2).await {
-            Ok(rate) => rate.max(self.cpfp_min_fee_rate),
-            Err(_) => self.cpfp_min_fee_rate,
+            Ok(rate) => rate.max(min_fee_rate),
+            Err(_) => min_fee_rate,
         };
         let parent_fee = record
             .channel

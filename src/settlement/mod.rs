@@ -59,11 +59,11 @@ use std::time::Duration;
 use bitcoin::absolute::LockTime;
 use bitcoin::bip32::Xpriv;
 use bitcoin::secp256k1::SecretKey;
-use bitcoin::{FeeRate, OutPoint, ScriptBuf, Transaction, Txid};
+use bitcoin::{FeeRate, ScriptBuf, Txid};
 use tokio::time::Instant;
 use tracing::Instrument as _;
 
-use crate::chain::{ChainBackend, ChainError, ChainTip, RejectReason, TxStatus};
+use crate::chain::{ChainBackend, ChainTip};
 use crate::store::{ChannelRecord, ChannelState, ChannelStore};
 use crate::wire::ChannelId;
 
@@ -71,8 +71,12 @@ use crate::channel::bump_is_due;
 pub use crate::channel::{FundingAction, FundingPolicy};
 pub use report::{PassReport, SettlementError, SettlementMetrics};
 
+mod close;
 mod cpfp;
 mod report;
+
+pub use close::{CloseOutcome, close_now};
+use close::{Closer, Cpfp, Location};
 
 /// A close (or CPFP) waiting to be retried.
 #[derive(Debug, Clone, Copy)]
@@ -112,15 +116,6 @@ const SETTLED_RECOUNT: u64 = 100;
 
 /// How long after its expiry a failed channel is still closed if its funding confirms.
 pub const RESCUE_WINDOW_BLOCKS: u32 = 144;
-
-/// Where a close stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Location {
-    Confirmed,
-    InMempool,
-    /// Neither in the mempool nor (as far as its outputs show) in a block.
-    Missing,
-}
 
 impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
     /// Settles the channels of `store` through `chain`, with server keys derived from
@@ -484,8 +479,20 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
         }
     }
 
-    fn settlement_tx(&self, record: &ChannelRecord) -> Option<Transaction> {
-        record.close_transaction(&self.master).ok()
+    /// The closing procedure with this task's chain, key, CPFP key and metrics.
+    fn closer(&self) -> Closer<'_, St, C> {
+        let cpfp = self.cpfp_key.as_ref().map(|(key, script)| Cpfp {
+            key,
+            script,
+            min_fee_rate: self.cpfp_min_fee_rate,
+        });
+        Closer {
+            store: &self.store,
+            chain: &self.chain,
+            master: &self.master,
+            cpfp,
+            metrics: Some(&self.metrics),
+        }
     }
 
     fn due(&self, id: ChannelId) -> bool {
@@ -502,129 +509,37 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
         self.metric(|m| m.broadcast_failures += 1);
     }
 
+    /// Runs the closing procedure on a closing channel, when its backoff allows.
     async fn close(&mut self, record: &ChannelRecord, report: &mut PassReport) {
         let id = record.id();
         if !self.due(id) {
             return;
         }
-        let Some(close) = self.settlement_tx(record) else {
-            tracing::error!("no payment to settle with, or the key cannot sign: marking failed");
-            self.transition(record, ChannelState::Closing, ChannelState::Failed).await;
-            return;
-        };
-        let outcome = match self.submit(record, &close, report).await {
-            Ok(()) => Ok(()),
-            // Already mined (its outputs spent since), or the funding is gone.
-            Err(error) if error.reject_reason() == Some(RejectReason::MissingInputs) => {
-                match self.locate(record, &close).await {
-                    Some(Location::Confirmed | Location::InMempool) => Ok(()),
-                    Some(Location::Missing) if !self.funding_exists(record).await => {
-                        tracing::error!("the funding output is spent or gone: channel failed");
-                        if self
-                            .transition(record, ChannelState::Closing, ChannelState::Failed)
-                            .await
-                        {
-                            report.failed += 1;
-                        }
-                        return;
-                    }
-                    _ => Err(error),
-                }
-            }
-            Err(error) => Err(error),
-        };
-        match outcome {
-            Ok(()) => {
+        let known_child = self.bumps.get(&id).copied();
+        match self.closer().close(record, known_child).await {
+            Ok(CloseOutcome::Closed { child, .. }) => {
                 self.retries.remove(&id);
-                if self.transition(record, ChannelState::Closing, ChannelState::Closed).await {
-                    tracing::info!(txid = %close.compute_txid(), "settlement broadcast");
-                    report.broadcast += 1;
+                report.broadcast += 1;
+                if let Some(child) = child.filter(|child| known_child != Some(*child)) {
+                    self.bumps.insert(id, child);
+                    report.bumped += 1;
                 }
             }
-            Err(error) => {
+            Ok(CloseOutcome::Queued { error, .. }) => {
                 tracing::warn!(%error, "settlement broadcast failed; retrying with backoff");
                 self.failed(id, report);
             }
+            Ok(CloseOutcome::Failed) => report.failed += 1,
+            Ok(CloseOutcome::NotClosable(_)) => {}
+            Err(error) => tracing::warn!(%error, "store: state change deferred to the next pass"),
         }
-    }
-
-    /// Broadcasts a close. One the mempool refuses for its fee goes out with a CPFP child as a
-    /// package (when the task has the key of the server's output).
-    async fn submit(
-        &mut self,
-        record: &ChannelRecord,
-        close: &Transaction,
-        report: &mut PassReport,
-    ) -> Result<(), ChainError> {
-        let error = match self.chain.broadcast(close).await {
-            Ok(_) => return Ok(()),
-            Err(ChainError::Rejected { reason: RejectReason::AlreadyConfirmed, .. }) => {
-                return Ok(());
-            }
-            Err(error) => error,
-        };
-        if error.reject_reason() != Some(RejectReason::FeeTooLow) {
-            return Err(error);
-        }
-        let Some(child) = self.cpfp_child(record, close).await else {
-            tracing::error!(%error, "the settlement is below the mempool minimum and no CPFP \
-                child can carry it in a package (no CPFP key, or the server's output cannot pay \
-                for one)");
-            self.metric(|m| m.closes_below_mempool_minimum += 1);
-            return Err(error);
-        };
-        let txid = match self.chain.broadcast_package(close, &child).await {
-            Ok(txid) => txid,
-            Err(package_error) if package_error.is_unsupported() => {
-                tracing::error!(%error, %package_error, "the settlement is below the mempool \
-                    minimum and the chain backend has no package relay: configure a package \
-                    relay (a Bitcoin Core node, or an Esplora server with POST /txs/package)");
-                self.metric(|m| m.closes_below_mempool_minimum += 1);
-                return Err(error);
-            }
-            Err(package_error) => return Err(package_error),
-        };
-        tracing::info!(%txid, "settlement broadcast as a package with a CPFP child");
-        self.bumps.insert(record.id(), txid);
-        report.bumped += 1;
-        self.metric(|m| m.cpfp_bumps += 1);
-        Ok(())
-    }
-
-    /// Whether the funding output exists (unspent, in the mempool or a block).
-    async fn funding_exists(&self, record: &ChannelRecord) -> bool {
-        !matches!(self.chain.unspent(&record.channel.outpoint()).await, Ok(None))
-    }
-
-    /// Where a close stands, found without a transaction index: the backend's status of the
-    /// close (a node finds it in its mempool), else an unspent output of it (or of its CPFP
-    /// child) in a block. `None` if the backend did not answer.
-    async fn locate(&self, record: &ChannelRecord, close: &Transaction) -> Option<Location> {
-        let txid = close.compute_txid();
-        match self.chain.tx_status(&txid).await.ok()? {
-            TxStatus::Confirmed { .. } => return Some(Location::Confirmed),
-            TxStatus::InMempool => return Some(Location::InMempool),
-            _ => {}
-        }
-        let mut outputs: Vec<OutPoint> =
-            (0..close.output.len()).map(|vout| OutPoint::new(txid, vout as u32)).collect();
-        if let Some(child) = self.bumps.get(&record.id()) {
-            outputs.push(OutPoint::new(*child, 0));
-        }
-        for outpoint in outputs {
-            if let Some(utxo) = self.chain.unspent(&outpoint).await.ok()?
-                && utxo.confirmations > 0
-            {
-                return Some(Location::Confirmed);
-            }
-        }
-        Some(Location::Missing)
     }
 
     async fn confirm(&mut self, record: &ChannelRecord, tip: ChainTip, report: &mut PassReport) {
         let id = record.id();
-        let Some(close) = self.settlement_tx(record) else { return };
-        let Some(location) = self.locate(record, &close).await else {
+        let closer = self.closer();
+        let Some(close) = closer.build(record) else { return };
+        let Some(location) = closer.locate(&close, self.bumps.get(&id).copied()).await else {
             tracing::warn!("settlement status unknown this pass");
             return;
         };
@@ -639,13 +554,17 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
                 self.retries.remove(&id);
             }
             Location::Missing => {
-                if self.funding_exists(record).await {
+                if self.closer().funding_exists(record).await {
                     // Evicted (or never relayed): broadcast it again.
                     if !self.due(id) {
                         return;
                     }
-                    match self.submit(record, &close, report).await {
-                        Ok(()) => {
+                    match self.closer().submit(record, &close).await {
+                        Ok(child) => {
+                            if let Some(child) = child {
+                                self.bumps.insert(id, child);
+                                report.bumped += 1;
+                            }
                             tracing::warn!("the settlement had left the mempool: broadcast again");
                             self.retries.remove(&id);
                             self.metric(|m| m.rebroadcasts += 1);

@@ -2,7 +2,8 @@
 
 use paychan::MilliSats;
 use paychan::bitcoin::bip32::Xpriv;
-use paychan::chain::{ChainBackend, ChainError, RejectReason};
+use paychan::chain::ChainBackend;
+use paychan::settlement::{CloseOutcome, close_now};
 use paychan::store::{ChannelRecord, ChannelState, ChannelStore};
 use paychan::wire::ChannelId;
 
@@ -47,36 +48,37 @@ pub(crate) async fn channel<St: ChannelStore>(store: &St, id: ChannelId) -> Resu
     Ok(())
 }
 
-/// `paychan close <id>`: queues the close (the proxy's settlement task retries it) and
-/// broadcasts it now.
+/// `paychan close <id>`: runs the closing procedure once (the settlement task's own,
+/// `paychan::settlement::close_now`); a close the chain does not take stays queued, and the
+/// proxy's settlement task retries it.
 pub(crate) async fn close<St: ChannelStore>(
     store: &St,
     chain: &Chain,
     master: &Xpriv,
     id: ChannelId,
 ) -> Result<(), Error> {
-    let record = store.load(id).await?.ok_or_else(|| format!("no channel {id}"))?;
-    if matches!(record.state, ChannelState::Pending | ChannelState::Open) {
-        store.transition(id, record.state, ChannelState::Closing).await?;
-    }
-    // Read again: from `Closing` on the best payment is frozen.
-    let record = store.load(id).await?.ok_or_else(|| format!("no channel {id}"))?;
-    if record.state != ChannelState::Closing {
-        return Err(format!("channel {id} is {}: nothing to close", record.state.as_str()).into());
-    }
-    let close = record.close_transaction(master)?;
-    match chain.broadcast(&close).await {
-        Ok(_) | Err(ChainError::Rejected { reason: RejectReason::AlreadyConfirmed, .. }) => {
-            store.transition(id, ChannelState::Closing, ChannelState::Closed).await?;
-            println!(
-                "closed {id}: {} pays {} sat to the payout address",
-                close.compute_txid(),
-                paychan::channel::server_amount(&close).to_sat()
-            );
-        }
-        Err(error) => {
+    let outcome =
+        close_now(store, chain, master, id).await?.ok_or_else(|| format!("no channel {id}"))?;
+    match outcome {
+        CloseOutcome::Closed { close, .. } => println!(
+            "closed {id}: {} pays {} sat to the payout address",
+            close.compute_txid(),
+            paychan::channel::server_amount(&close).to_sat()
+        ),
+        CloseOutcome::Queued { error, .. } => {
             println!("close of {id} queued ({error}); the proxy's settlement task retries it");
         }
+        CloseOutcome::Failed => {
+            return Err(format!(
+                "channel {id} cannot be closed (no payment to close with, or its funding is \
+                 spent or gone): it is failed"
+            )
+            .into());
+        }
+        CloseOutcome::NotClosable(state) => {
+            return Err(format!("channel {id} is {}: nothing to close", state.as_str()).into());
+        }
+        outcome => return Err(format!("channel {id}: {outcome:?}").into()),
     }
     Ok(())
 }

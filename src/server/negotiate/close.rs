@@ -6,13 +6,13 @@ use axum::Json;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use bitcoin::Transaction;
 use bitcoin::consensus::encode::serialize_hex;
 
 use super::{Shared, bad, broke, store_problem};
 use crate::MilliSats;
-use crate::chain::{ChainBackend, ChainError, RejectReason};
-use crate::channel::{ChannelState, CloseError, PaymentError};
+use crate::chain::ChainBackend;
+use crate::channel::{ChannelState, PaymentError};
+use crate::settlement::{CloseOutcome, close_now};
 use crate::store::{ChannelRecord, ChannelStore};
 use crate::wire::{
     self, ChannelId, ChannelSnapshot, CloseRequest, CloseResponse, PAYMENT_CHANNEL, Problem,
@@ -128,22 +128,24 @@ pub(super) async fn close<C: ChainBackend, St: ChannelStore>(
             }
         }
     }
-    if matches!(record.state, ChannelState::Pending | ChannelState::Open) {
-        s.store.transition(id, record.state, ChannelState::Closing).await.map_err(store_problem)?;
-    }
-    // Read again: from `Closing` on the best payment is frozen, so this close is the one the
-    // settlement task would build (a payment may have landed before the transition).
-    let record = load(&s, id).await?;
-    let close = record.close_transaction(&s.negotiation.master).map_err(|e| match e {
-        CloseError::NoPayment => bad(ProblemCode::NoPayment, "nothing to close"),
-        e => Problem::new(StatusCode::INTERNAL_SERVER_ERROR, ProblemCode::Close, e),
-    })?;
-    let txid = close.compute_txid();
-    // The close is queued (the settlement task retries it); try to broadcast it now.
-    let status = match record.state {
-        ChannelState::Closing => try_broadcast(&s, id, &close).await?,
-        ChannelState::Closed | ChannelState::Settled => StatusCode::OK,
-        state => {
+    // The one closing procedure (the settlement task's): freeze, read again, co-sign the best
+    // payment, broadcast. A close the chain does not take now stays queued for the task.
+    let outcome = close_now(&*s.store, &s.negotiation.chain, &s.negotiation.master, id)
+        .await
+        .map_err(store_problem)?
+        .ok_or_else(|| Problem::new(StatusCode::NOT_FOUND, ProblemCode::UnknownChannel, id))?;
+    let (status, close, state) = match outcome {
+        CloseOutcome::Closed { close, .. } => (StatusCode::OK, close, ChannelState::Closed),
+        CloseOutcome::Queued { close, .. } => (StatusCode::ACCEPTED, close, ChannelState::Closing),
+        CloseOutcome::Failed => {
+            return Err(Problem::new(
+                StatusCode::CONFLICT,
+                ProblemCode::ChannelNotOpen,
+                "the channel cannot be closed (no payment to close with, or its funding is \
+                 spent or gone): it failed",
+            ));
+        }
+        CloseOutcome::NotClosable(state) => {
             return Err(Problem::new(
                 StatusCode::CONFLICT,
                 ProblemCode::ChannelNotOpen,
@@ -151,35 +153,14 @@ pub(super) async fn close<C: ChainBackend, St: ChannelStore>(
             ));
         }
     };
-    let state =
-        if status == StatusCode::ACCEPTED { ChannelState::Closing } else { ChannelState::Closed };
     Ok((
         status,
         Json(CloseResponse {
             channel: id,
-            txid,
-            server_amount_sat: record.paid_amount().to_sat(),
+            txid: close.compute_txid(),
+            server_amount_sat: crate::channel::server_amount(&close).to_sat(),
             close_tx: serialize_hex(&close),
             state,
         }),
     ))
-}
-
-/// Broadcasts a queued close: 200 and `Closed` once the chain took it; 202 when it did not
-/// (the channel stays `Closing` and the settlement task retries with backoff).
-async fn try_broadcast<C: ChainBackend, St: ChannelStore>(
-    s: &Shared<C, St>,
-    id: ChannelId,
-    close: &Transaction,
-) -> Result<StatusCode, Problem> {
-    match s.negotiation.chain.broadcast(close).await {
-        Ok(_) | Err(ChainError::Rejected { reason: RejectReason::AlreadyConfirmed, .. }) => {
-            s.store
-                .transition(id, ChannelState::Closing, ChannelState::Closed)
-                .await
-                .map_err(store_problem)?;
-            Ok(StatusCode::OK)
-        }
-        Err(_) => Ok(StatusCode::ACCEPTED),
-    }
 }
