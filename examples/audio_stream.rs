@@ -28,15 +28,12 @@ use http::{Method, Uri};
 use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use paychan::MilliSats;
-use paychan::chain::follow_tip;
 use paychan::chain::sim::SimulatedChain;
-use paychan::channel::Terms;
 use paychan::client::{KeyWallet, MemoryClientStore, Payer, ServiceTransport, SpendingPolicy};
-use paychan::server::{Negotiation, PaywallLayer, RoutePrices, StreamMeter};
-use paychan::store::MemoryStore;
+use paychan::server::{RoutePrices, StreamMeter};
 use paychan::wire::RECEIPT_EVENT;
 use paychan::wire::{PAYMENT_CHANNEL, Problem, Receipt};
+use paychan::{Merchant, MilliSats};
 use tokio_tungstenite::tungstenite;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
@@ -68,25 +65,24 @@ fn p2wpkh(key: &SecretKey) -> ScriptBuf {
 /// audio as a download, [`TUNE_IN`] up front and [`PER_KIB`] per KiB.
 pub(crate) async fn app(chain: SimulatedChain) -> Router {
     let master = Xpriv::new_master(Network::Regtest, b"paychan radio server").expect("seed");
-    let negotiation = Negotiation::new(
-        Network::Regtest,
-        Terms::default(),
-        master,
-        p2wpkh(&demo_key(0x22)),
-        chain.clone(),
-    );
-    let tip =
-        follow_tip(chain, Duration::from_millis(100)).await.expect("the simulated chain answers");
     let prices = RoutePrices::new().route(Method::GET, "/listen", TUNE_IN).route(
         Method::GET,
         "/track.raw",
         TUNE_IN,
     );
-    Router::new().route("/listen", get(listen)).route("/track.raw", get(download)).layer(
-        PaywallLayer::new(MemoryStore::new(), prices, tip)
-            .with_negotiation(negotiation)
-            .stream_hold(Duration::from_secs(5)),
-    )
+    // The layer, the negotiation endpoints and the settlement task that collects on chain.
+    let paid = Merchant::new(Network::Regtest, master, p2wpkh(&demo_key(0x22)), chain)
+        .with_cpfp_key(demo_key(0x22))
+        .with_prices(prices.describe())
+        // Short passes for the simulated chain; a real node's blocks need the defaults only.
+        .with_intervals(Duration::from_millis(100), Duration::from_secs(1))
+        .start(prices)
+        .await
+        .expect("the simulated chain answers");
+    Router::new()
+        .route("/listen", get(listen))
+        .route("/track.raw", get(download))
+        .layer(paid.layer().stream_hold(Duration::from_secs(5)))
 }
 
 /// The `seconds=N` of a query (10 by default, an hour at most).

@@ -21,16 +21,14 @@ use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use paychan::MilliSats;
+use paychan::chain::TxStatus;
 use paychan::chain::sim::SimulatedChain;
-use paychan::chain::{TxStatus, follow_tip};
-use paychan::channel::Terms;
 use paychan::client::{
     KeyWallet, MemoryClientStore, Payer, PaymentLayer, ServiceTransport, SpendingPolicy,
 };
-use paychan::server::{Negotiation, Paid, PaywallLayer};
-use paychan::store::MemoryStore;
+use paychan::server::Paid;
 use paychan::wire::{PAYMENT_CHANNEL, PAYMENT_CHANNEL_BALANCE};
+use paychan::{Merchant, MilliSats};
 use tower::{Service, ServiceBuilder, ServiceExt};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -53,21 +51,19 @@ fn p2wpkh(key: &SecretKey) -> ScriptBuf {
     ScriptBuf::new_p2wpkh(&public.wpubkey_hash())
 }
 
-/// The API: `GET /joke`, one [`PRICE`] each, with the negotiation endpoints.
+/// The API: `GET /joke`, one [`PRICE`] each, with the negotiation endpoints and the
+/// settlement task (a `Merchant`: it closes every channel on chain before its refund is valid,
+/// whether the client closes it or not).
 pub(crate) async fn app(chain: SimulatedChain) -> Router {
     let master = Xpriv::new_master(Network::Regtest, b"paychan demo server").expect("seed");
-    let negotiation = Negotiation::new(
-        Network::Regtest,
-        Terms::default(),
-        master,
-        p2wpkh(&demo_key(0x22)),
-        chain.clone(),
-    );
-    let tip =
-        follow_tip(chain, Duration::from_millis(100)).await.expect("the simulated chain answers");
-    Router::new()
-        .route("/joke", get(joke))
-        .layer(PaywallLayer::new(MemoryStore::new(), PRICE, tip).with_negotiation(negotiation))
+    let paid = Merchant::new(Network::Regtest, master, p2wpkh(&demo_key(0x22)), chain)
+        .with_cpfp_key(demo_key(0x22))
+        // Short passes for the simulated chain; a real node's blocks need the defaults only.
+        .with_intervals(Duration::from_millis(100), Duration::from_secs(1))
+        .start(PRICE)
+        .await
+        .expect("the simulated chain answers");
+    Router::new().route("/joke", get(joke)).layer(paid.layer())
 }
 
 async fn joke(paid: Paid) -> String {

@@ -6,12 +6,18 @@
 //! - `PAYCHAN_STORE` — `memory` (default), `sqlite:<path>`, `postgres:<url>` or `redis:<url>`;
 //! - `PAYCHAN_REDIS_PREFIX` — the Redis key prefix (default `{paychan}:`);
 //! - `PAYCHAN_LEASES` — set (to anything) to serve debits from leases ([`Leased`]), with
-//!   `PAYCHAN_LEASE_MAX_MSAT`, `PAYCHAN_LEASE_IDLE_MS` and `PAYCHAN_LEASE_TTL_SECS` if set.
+//!   `PAYCHAN_LEASE_MAX_MSAT`, `PAYCHAN_LEASE_IDLE_MS` and `PAYCHAN_LEASE_TTL_SECS` if set;
+//! - `PAYCHAN_NO_SETTLEMENT` — set only by `tests/durability.rs` (its channels are on no
+//!   chain): no settlement task.
 //!
+//! Every node runs the settlement task on the shared store (a `Merchant`): the store's
+//! atomic state changes let several tasks work side by side, and a restarted node closes what
+//! is left to close.
 //! SIGTERM or Ctrl-C stops it gracefully: requests in flight finish, then its leases are given
 //! back.
 //! `GET /paid` costs 100 sat. Every node derives the same keys (a fixed demo master key), so
-//! any node can serve and close any channel. The chain is simulated and per process.
+//! any node can serve and close any channel. The chain is simulated and per process; real nodes
+//! share one Bitcoin Core (or Esplora) backend.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -21,34 +27,43 @@ use axum::routing::get;
 use bitcoin::bip32::Xpriv;
 use bitcoin::secp256k1::{Secp256k1, SecretKey};
 use bitcoin::{CompressedPublicKey, Network, ScriptBuf};
-use paychan::MilliSats;
-use paychan::chain::follow_tip;
 use paychan::chain::sim::SimulatedChain;
-use paychan::channel::Terms;
-use paychan::server::{Negotiation, Paid, PaywallLayer};
+use paychan::server::Paid;
 use paychan::store::{ChannelStore, LeaseConfig, Leased, MemoryStore};
+use paychan::{Merchant, MilliSats};
 
 /// The price of `GET /paid`.
 pub(crate) const PRICE: MilliSats = MilliSats::from_msat(100_000);
 
 /// The API on `store`.
-pub(crate) async fn app<St: ChannelStore>(store: St, chain: SimulatedChain) -> Router {
+pub(crate) async fn app<St: ChannelStore + Clone>(store: St, chain: SimulatedChain) -> Router {
     let master = Xpriv::new_master(Network::Regtest, b"paychan durable server seed").expect("seed");
     let payout = CompressedPublicKey(
         SecretKey::from_slice(&[0x25; 32]).expect("key").public_key(&Secp256k1::new()),
     );
-    let negotiation = Negotiation::new(
+    // The layer, the negotiation endpoints and the settlement task, all on `store`: a
+    // restarted server picks up the channels it must still close.
+    let paid = Merchant::new(
         Network::Regtest,
-        Terms::default(),
         master,
         ScriptBuf::new_p2wpkh(&payout.wpubkey_hash()),
-        chain.clone(),
-    );
-    let tip =
-        follow_tip(chain, Duration::from_millis(250)).await.expect("the simulated chain answers");
+        chain,
+    )
+    .with_store(store)
+    // Short passes for the simulated chain; a real node's blocks need the defaults only.
+    .with_intervals(Duration::from_millis(250), Duration::from_secs(1))
+    .start(PRICE)
+    .await
+    .expect("the simulated chain answers");
+    let layer = paid.layer();
+    if std::env::var_os("PAYCHAN_NO_SETTLEMENT").is_some() {
+        // Only for tests/durability.rs, which writes channels straight into the store, on no
+        // chain: this node's simulated chain would find no funding and suspend them.
+        paid.stop();
+    }
     Router::new()
         .route("/paid", get(|paid: Paid| async move { paid.balance.to_string() }))
-        .layer(PaywallLayer::new(store, PRICE, tip).with_negotiation(negotiation))
+        .layer(layer)
 }
 
 /// Serves the API on `store` (through leases when `PAYCHAN_LEASES` is set) until SIGTERM or

@@ -15,12 +15,10 @@ use bitcoin::secp256k1::{Secp256k1, SecretKey};
 use bitcoin::{CompressedPublicKey, Network, ScriptBuf};
 use http::Request;
 use http::header::CONTENT_LENGTH;
-use paychan::MilliSats;
-use paychan::chain::follow_tip;
 use paychan::chain::sim::SimulatedChain;
-use paychan::channel::Terms;
-use paychan::server::{Negotiation, Paid, PaywallLayer};
+use paychan::server::Paid;
 use paychan::store::{ChannelState, ChannelStore, MemoryStore};
+use paychan::{Merchant, MilliSats};
 use serde_json::{Value, json};
 
 /// 2 sat per call plus 1 msat per byte of request body; `/usage` is free.
@@ -43,23 +41,26 @@ pub(crate) async fn app(chain: SimulatedChain) -> Router {
     let payout = CompressedPublicKey(
         SecretKey::from_slice(&[0x24; 32]).expect("key").public_key(&Secp256k1::new()),
     );
-    let negotiation = Negotiation::new(
+    // The layer, the negotiation endpoints and the settlement task that collects on chain,
+    // on the store the usage report reads.
+    let paid = Merchant::new(
         Network::Regtest,
-        Terms::default(),
         master,
         ScriptBuf::new_p2wpkh(&payout.wpubkey_hash()),
-        chain.clone(),
+        chain,
     )
-    .with_prices(json!({ "per_call_msat": 2_000, "per_body_byte_msat": 1 }));
-    let tip =
-        follow_tip(chain, Duration::from_millis(250)).await.expect("the simulated chain answers");
+    .with_store(store.clone())
+    .with_prices(json!({ "per_call_msat": 2_000, "per_body_byte_msat": 1 }))
+    // Short passes for the simulated chain; a real node's blocks need the defaults only.
+    .with_intervals(Duration::from_millis(250), Duration::from_secs(1))
+    .start(price::<axum::body::Body>)
+    .await
+    .expect("the simulated chain answers");
     Router::new()
         .route("/reports", post(report))
         .route("/usage", get(usage))
-        .with_state(store.clone())
-        .layer(
-            PaywallLayer::new(store, price::<axum::body::Body>, tip).with_negotiation(negotiation),
-        )
+        .with_state(store)
+        .layer(paid.layer())
 }
 
 async fn report(paid: Paid, body: String) -> Json<Value> {

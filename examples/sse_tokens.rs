@@ -26,16 +26,13 @@ use http::{Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use paychan::MilliSats;
-use paychan::chain::follow_tip;
 use paychan::chain::sim::SimulatedChain;
-use paychan::channel::Terms;
 use paychan::client::{
     KeyWallet, MemoryClientStore, Payer, PaymentLayer, ServiceTransport, SpendingPolicy,
 };
-use paychan::server::{Negotiation, PaywallLayer, RoutePrices, StreamMeter};
-use paychan::store::MemoryStore;
+use paychan::server::{RoutePrices, StreamMeter};
 use paychan::wire::Receipt;
+use paychan::{Merchant, MilliSats};
 use tower::{Service, ServiceBuilder, ServiceExt};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -65,21 +62,19 @@ fn p2wpkh(key: &SecretKey) -> ScriptBuf {
 /// The API: `GET /generate?tokens=N`, [`PROMPT`] up front and [`PER_TOKEN`] per SSE event.
 pub(crate) async fn app(chain: SimulatedChain) -> Router {
     let master = Xpriv::new_master(Network::Regtest, b"paychan sse server").expect("seed");
-    let negotiation = Negotiation::new(
-        Network::Regtest,
-        Terms::default(),
-        master,
-        p2wpkh(&demo_key(0x22)),
-        chain.clone(),
-    );
-    let tip =
-        follow_tip(chain, Duration::from_millis(100)).await.expect("the simulated chain answers");
     let prices = RoutePrices::new().route(http::Method::GET, "/generate", PROMPT);
-    Router::new().route("/generate", get(generate)).layer(
-        PaywallLayer::new(MemoryStore::new(), prices, tip)
-            .with_negotiation(negotiation)
-            .stream_hold(Duration::from_secs(5)),
-    )
+    // The layer, the negotiation endpoints and the settlement task that collects on chain.
+    let paid = Merchant::new(Network::Regtest, master, p2wpkh(&demo_key(0x22)), chain)
+        .with_cpfp_key(demo_key(0x22))
+        .with_prices(prices.describe())
+        // Short passes for the simulated chain; a real node's blocks need the defaults only.
+        .with_intervals(Duration::from_millis(100), Duration::from_secs(1))
+        .start(prices)
+        .await
+        .expect("the simulated chain answers");
+    Router::new()
+        .route("/generate", get(generate))
+        .layer(paid.layer().stream_hold(Duration::from_secs(5)))
 }
 
 /// Streams `tokens` words of [`TEXT`], one SSE event each.

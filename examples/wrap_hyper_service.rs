@@ -17,12 +17,10 @@ use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
-use paychan::MilliSats;
-use paychan::chain::follow_tip;
 use paychan::chain::sim::SimulatedChain;
-use paychan::channel::Terms;
-use paychan::server::{Negotiation, Paid, Paywall, PaywallLayer};
+use paychan::server::{Paid, Paywall};
 use paychan::store::MemoryStore;
+use paychan::{Merchant, MilliSats};
 use tower::service_fn;
 use tower::util::ServiceFn;
 
@@ -46,18 +44,19 @@ pub(crate) async fn app(
     let payout = CompressedPublicKey(
         SecretKey::from_slice(&[0x23; 32]).expect("key").public_key(&Secp256k1::new()),
     );
-    let negotiation = Negotiation::new(
+    // The layer, the negotiation endpoints and the settlement task that collects on chain.
+    let paid = Merchant::new(
         Network::Regtest,
-        Terms::default(),
         master,
         ScriptBuf::new_p2wpkh(&payout.wpubkey_hash()),
-        chain.clone(),
-    );
-    let tip =
-        follow_tip(chain, Duration::from_millis(250)).await.expect("the simulated chain answers");
-    let layer = PaywallLayer::new(MemoryStore::new(), MilliSats::from_msat(1_000), tip)
-        .with_negotiation(negotiation);
-    Paywall::new(service_fn(hello as Handler), &layer)
+        chain,
+    )
+    // Short passes for the simulated chain; a real node's blocks need the defaults only.
+    .with_intervals(Duration::from_millis(250), Duration::from_secs(1))
+    .start(MilliSats::from_msat(1_000))
+    .await
+    .expect("the simulated chain answers");
+    Paywall::new(service_fn(hello as Handler), &paid.layer())
 }
 
 #[tokio::main]

@@ -43,6 +43,9 @@ fn spawn_node(env: &[(&str, String)]) -> Node {
     let binary = exe.parent().unwrap().parent().unwrap().join("examples").join("durable_server");
     let mut child = Command::new(&binary)
         .env("PAYCHAN_ADDR", "127.0.0.1:0")
+        // The channels below are written into the store on no chain: the node's settlement
+        // task, on its own simulated chain, would suspend them.
+        .env("PAYCHAN_NO_SETTLEMENT", "1")
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdout(Stdio::piped())
         .spawn()

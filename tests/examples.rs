@@ -1,5 +1,6 @@
 //! Each example's `app()` served on a real loopback socket and driven by a client: open a
-//! channel, pay, run out, top up.
+//! channel, pay, run out, top up; and every server example collects on chain by itself: its
+//! settlement task closes a channel it served, with nobody asking, before the refund is valid.
 
 mod common;
 
@@ -27,11 +28,53 @@ mod sse_tokens;
 #[path = "../examples/audio_stream.rs"]
 mod audio_stream;
 
-use common::client::open_channel;
+#[allow(dead_code)]
+#[path = "../examples/durable_server.rs"]
+mod durable_server;
+
+use bitcoin::Transaction;
+use common::client::{Opened, open_channel};
 use common::http::{call, serve};
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use paychan::chain::sim::SimulatedChain;
+
+/// Mines to the channel's close margin and waits for the example's settlement task to close
+/// it (nobody else does: the client never asks); mines the close and returns it, checked: it
+/// spends the funding with both signatures and pays the server `paid_sat`.
+async fn closed_by_the_server(
+    chain: &SimulatedChain,
+    opened: &Opened,
+    paid_sat: u64,
+) -> Transaction {
+    let funding = opened.channel.outpoint();
+    let params = opened.channel.params();
+    while !params.is_closing(chain.tip()) {
+        chain.mine(1);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let close = loop {
+        let close = chain
+            .mempool_txids()
+            .into_iter()
+            .filter_map(|txid| chain.get_transaction(&txid))
+            .find(|tx| tx.input.iter().any(|input| input.previous_output == funding));
+        if let Some(close) = close {
+            break close;
+        }
+        assert!(std::time::Instant::now() < deadline, "no settlement task closed {funding}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(!params.refund_is_valid(chain.tip()), "closed before the refund is valid");
+    chain.mine(1);
+    assert!(matches!(
+        chain.tx_status(&close.compute_txid()),
+        paychan::chain::TxStatus::Confirmed { .. }
+    ));
+    assert_eq!(close.input[0].witness.len(), 4, "the 2-of-2 witness");
+    assert_eq!(paychan::channel::server_amount(&close).to_sat(), paid_sat);
+    close
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_settles_exactly_what_was_paid() {
@@ -79,6 +122,7 @@ async fn pay_as_you_go_charges_per_route() {
         call(addr, "GET", "/weather", &[("payment-channel", &opened.header(301))], None).await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.header("payment-channel-balance"), Some("500"));
+    closed_by_the_server(&chain, &opened, 301).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -109,6 +153,7 @@ async fn wrap_hyper_service_meters_a_plain_service_fn() {
         call(addr, "GET", "/anything", &[("payment-channel", &header)], None).await.status,
         402
     );
+    closed_by_the_server(&chain, &opened, 294).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -132,6 +177,22 @@ async fn metered_internal_api_reports_usage_per_team() {
     assert_eq!(a["balance_msat"], 1_000_000 - cost);
     let b = teams.iter().find(|t| t["channel"] == team_b.channel.outpoint().to_string()).unwrap();
     assert_eq!(b["spent_msat"], 0);
+    closed_by_the_server(&chain, &team_a, 1_000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_server_serves_from_its_store_and_collects() {
+    let chain = SimulatedChain::new();
+    let store = paychan::store::MemoryStore::new();
+    let addr = serve(durable_server::app(store, chain.clone()).await).await;
+    let opened = open_channel(addr, &chain, 50_000, 300).await;
+    let header = opened.header(300);
+    for left in [200_000, 100_000, 0] {
+        let reply = call(addr, "GET", "/paid", &[("payment-channel", &header)], None).await;
+        assert_eq!((reply.status, reply.body.as_str()), (200, format!("{left} msat").as_str()));
+    }
+    assert_eq!(call(addr, "GET", "/paid", &[("payment-channel", &header)], None).await.status, 402);
+    closed_by_the_server(&chain, &opened, 300).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
