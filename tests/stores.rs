@@ -6,7 +6,21 @@ mod common;
 
 #[allow(unused_imports)]
 use common::stores::*;
-use paychan::store::{ChannelRecord, ChannelState, ChannelStore, MemoryStore, conformance};
+use paychan::store::{ChannelRecord, ChannelState, ChannelStore, Leased, MemoryStore, conformance};
+
+/// The conformance suite ([`conformance::run`]: its model-based check included), on every
+/// backend.
+async fn conforms<S: ChannelStore>(store: S) {
+    conformance::run(Arc::new(store), 0x01).await;
+}
+for_each_store!(store_conforms, conforms);
+
+/// The model-based check through a [`Leased`] node ([`conformance::run_leased`]), on every
+/// backend.
+async fn conforms_leased<S: ChannelStore>(store: S) {
+    conformance::run_leased(&Leased::new(store), 0x05).await;
+}
+for_each_store!(leased_node_conforms, conforms_leased);
 
 /// Asserts that `store` (reopened, or another connection) holds exactly what `memory` holds
 /// after the same operations, and that its key index counter continued: a server key is never
@@ -25,24 +39,12 @@ async fn assert_same_state<S: ChannelStore>(memory: &MemoryStore, store: &S) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn memory_store_conforms() {
-    conformance::run(Arc::new(MemoryStore::new()), 0x01).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn memory_store_handles_share_state() {
     let store = MemoryStore::new();
     let handle = store.clone();
     conformance::run(Arc::new(handle), 0x02).await;
     // The clone saw every write: the first suite's channels are visible here.
     conformance::run(Arc::new(store), 0x03).await;
-}
-
-#[cfg(feature = "sqlite")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sqlite_store_conforms() {
-    let store = paychan::store::SqliteStore::open(temp_db("conforms")).unwrap();
-    conformance::run(Arc::new(store), 0x01).await;
 }
 
 #[cfg(feature = "sqlite")]
@@ -60,14 +62,6 @@ async fn sqlite_store_keeps_everything_across_a_reopen() {
     }
     let reopened = SqliteStore::open(&path).unwrap();
     assert_same_state(&memory, &reopened).await;
-}
-
-#[cfg(feature = "postgres")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn postgres_store_conforms() {
-    let Some(config) = postgres_config("conforms").await else { return };
-    let store = paychan::store::PostgresStore::connect_with(config).await.unwrap();
-    conformance::run(Arc::new(store), 0x01).await;
 }
 
 #[cfg(feature = "postgres")]
@@ -94,13 +88,6 @@ async fn postgres_store_unreachable_is_unavailable() {
         .await
         .expect_err("nothing listens on port 9");
     assert!(matches!(error, paychan::store::StoreError::Unavailable { .. }), "{error:?}");
-}
-
-#[cfg(feature = "redis")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn redis_store_conforms() {
-    let Some(store) = redis_store("conforms").await else { return };
-    conformance::run(Arc::new(store), 0x01).await;
 }
 
 #[cfg(feature = "redis")]

@@ -7,9 +7,14 @@
 //!  (/fund) ──────────▶ Pending ───────────────────────▶ Open ─────────────────────────▶ Closing
 //!                        │  ▲ funding left the mempool   │                                 │
 //!                        │  └────────────────────────────┘                      broadcast │
-//!                        ▼ not confirmed in time                                          ▼
-//!                      Failed ──(funding confirms after all: rescue)──▶ Closing      Closed ──▶ Settled
+//!                        ▼ not confirmed in time (also from Open)                         ▼
+//!                      Failed ──(funding confirms after all: rescue)──▶ Open or Closing   Closed ──▶ Settled
 //! ```
+//!
+//! Pending also moves straight to Closing (a close asked before the confirmations), and
+//! Closing and Closed to Failed (no payment to close with, the funding gone, the refund
+//! mined instead). [`ChannelState::may_move_to`] is the table, and every store refuses any
+//! other move.
 
 use core::fmt;
 
@@ -59,6 +64,28 @@ impl ChannelState {
             Self::Settled => "settled",
             Self::Failed => "failed",
         }
+    }
+
+    /// Whether a channel may move from this state to `to`: the one table of legal moves (see
+    /// the diagram in the [module documentation](self)). Every store refuses any other move
+    /// ([`StoreError::IllegalMove`](crate::store::StoreError::IllegalMove)).
+    ///
+    /// ```
+    /// use paychan::channel::ChannelState::*;
+    /// assert!(Open.may_move_to(Closing) && Closing.may_move_to(Closed));
+    /// assert!(!Closed.may_move_to(Open), "a broadcast close is never undone");
+    /// assert!(!Settled.may_move_to(Failed), "settled is final");
+    /// ```
+    pub const fn may_move_to(self, to: Self) -> bool {
+        use ChannelState::*;
+        matches!(
+            (self, to),
+            (Pending, Open | Closing | Failed)
+                | (Open, Pending | Closing | Failed)
+                | (Closing, Closed | Failed)
+                | (Closed, Settled | Failed)
+                | (Failed, Open | Closing)
+        )
     }
 
     /// Parses a name written by [`as_str`](Self::as_str).

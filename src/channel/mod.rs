@@ -63,6 +63,7 @@ use serde::{Deserialize, Serialize};
 
 mod error;
 mod funding;
+mod ledger;
 mod lifecycle;
 mod params;
 mod payment;
@@ -74,6 +75,7 @@ pub use error::{
     CloseError, ExpiryOutOfBounds, FeeOutOfBounds, FundingError, OpenError, PaymentError,
     RefundError, SignError,
 };
+pub use ledger::Ledger;
 pub use lifecycle::{
     ChannelState, FundingAction, FundingPolicy, ParseChannelStateError, bump_is_due,
 };

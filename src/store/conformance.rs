@@ -26,7 +26,7 @@ use super::{
     IdempotencyRecord, Lease, LeaseId, LeaseRequest, LeaseTake, StoreError, StorePayment,
 };
 use crate::MilliSats;
-use crate::channel::{ChainTip, Channel, CheckedPayment, NewPayment, Terms};
+use crate::channel::{ChainTip, Channel, CheckedPayment, Ledger, NewPayment, Terms};
 use crate::wire::ChannelId;
 
 const CLIENT: [u8; 32] = [0x51; 32];
@@ -65,6 +65,15 @@ impl Fixture {
         let mut txid = [n; 32];
         txid[0] = self.prefix;
         params.at(OutPoint { txid: Txid::from_byte_array(txid), vout: u32::from(n) })
+    }
+
+    /// The `run`th channel of the model-based test: ids no other check uses.
+    fn model_channel(&self, run: u8) -> Channel {
+        let params = self.at_height(0, 900_000).params().clone();
+        let mut txid = [0xee; 32];
+        txid[0] = self.prefix;
+        txid[31] = run;
+        params.at(OutPoint { txid: Txid::from_byte_array(txid), vout: 0xeeee })
     }
 
     fn at_height(&self, n: u8, height: u32) -> Channel {
@@ -118,6 +127,7 @@ pub async fn run<S: ChannelStore>(store: Arc<S>, prefix: u8) {
     a_repeated_take_adds_to_its_lease(&*store, &fx).await;
     leased_and_forfeited_money_is_not_paid_for_again(&*store, &fx).await;
     a_lease_settles_after_the_close(&*store, &fx).await;
+    the_store_agrees_with_the_model(&*store, &fx).await;
     racing_leases_and_debits_never_overspend(store.clone(), &fx).await;
     key_indexes_are_unique(store).await;
 }
@@ -810,4 +820,295 @@ async fn racing_pays_are_exact<S: ChannelStore>(store: Arc<S>, fx: &Fixture) {
     assert_eq!(loaded.spent, msat(100 * served), "every served request is debited, once");
     assert!(loaded.spent <= loaded.paid(), "never served more than was paid");
     assert!(served >= 10, "the first payment alone covers 10 requests: {served}");
+}
+
+/// splitmix64: the model-based test's deterministic randomness.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    /// Up to `most_sat` satoshis, in millisatoshis.
+    fn msat(&mut self, most_sat: u64) -> MilliSats {
+        MilliSats::from_msat(self.below(most_sat * 1_000))
+    }
+
+    /// A payment near `best`: below it, equal or above it.
+    fn near(&mut self, best: u64) -> u64 {
+        (best + self.below(8_000)).saturating_sub(3_000).max(1_000)
+    }
+
+    fn state(&mut self) -> ChannelState {
+        ChannelState::ALL[self.below(ChannelState::ALL.len() as u64) as usize]
+    }
+}
+
+/// The model a store is checked against: the channel's state, its money as [`Ledger`] moves
+/// it, its best payment and its live leases (what each holds and when it lapses).
+#[derive(Debug)]
+struct Model {
+    state: ChannelState,
+    ledger: Ledger,
+    best_sat: u64,
+    leases: std::collections::BTreeMap<LeaseId, (MilliSats, u64)>,
+}
+
+impl Model {
+    fn store(&mut self, sat: u64) -> StorePayment {
+        match self.ledger.pay(msat(sat)).filter(|_| self.state == ChannelState::Open) {
+            Some(ledger) => {
+                (self.ledger, self.best_sat) = (ledger, sat);
+                StorePayment::Stored { balance: ledger.unspent() }
+            }
+            None => StorePayment::Stale { best: Amount::from_sat(self.best_sat) },
+        }
+    }
+
+    fn debit(&mut self, amount: MilliSats) -> Debit {
+        if self.state != ChannelState::Open {
+            return Debit::NotOpen { state: self.state };
+        }
+        match self.ledger.debit(amount) {
+            Some(ledger) => {
+                self.ledger = ledger;
+                Debit::Debited { balance: ledger.unspent() }
+            }
+            None => Debit::Insufficient { balance: self.ledger.unspent() },
+        }
+    }
+
+    fn lease(&mut self, request: LeaseRequest) -> Lease {
+        if let Some((id, used)) = request.settle
+            && let Some((held, _)) = self.leases.remove(&id)
+        {
+            self.ledger = self.ledger.settle(held, used);
+        }
+        let granted = |ledger: Ledger, amount| Lease::Granted {
+            amount,
+            paid: ledger.paid,
+            spent: ledger.spent,
+        };
+        let Some(take) = request.take else { return granted(self.ledger, MilliSats::ZERO) };
+        if self.state != ChannelState::Open {
+            return Lease::NotOpen { state: self.state };
+        }
+        let balance = self.ledger.balance();
+        match take.grant(balance).and_then(|amount| Some((amount, self.ledger.lease(amount)?))) {
+            Some((amount, ledger)) => {
+                self.ledger = ledger;
+                let held = self.leases.entry(take.id).or_insert((MilliSats::ZERO, 0));
+                *held = (held.0.saturating_add(amount), take.expires_at);
+                granted(ledger, amount)
+            }
+            None => Lease::Insufficient { balance },
+        }
+    }
+
+    fn expire(&mut self, now: u64) {
+        let lapsed: Vec<LeaseId> =
+            self.leases.iter().filter(|(_, (_, until))| *until <= now).map(|(id, _)| *id).collect();
+        for id in lapsed {
+            let (held, _) = self.leases.remove(&id).expect("listed");
+            self.ledger = self.ledger.forfeit(held);
+        }
+    }
+
+    fn close_with(&mut self, sat: u64) -> bool {
+        if !matches!(self.state, ChannelState::Open | ChannelState::Pending) {
+            return false;
+        }
+        let Some(ledger) = self.ledger.close_with(msat(sat)) else { return false };
+        (self.state, self.ledger, self.best_sat) = (ChannelState::Closing, ledger, sat);
+        true
+    }
+
+    fn transition(&mut self, from: ChannelState, to: ChannelState) -> Result<bool, StoreError> {
+        super::legal_move(from, to)?;
+        let moves = self.state == from;
+        if moves {
+            self.state = to;
+        }
+        Ok(moves)
+    }
+}
+
+/// Random sequences of every money and state operation, applied to `store` and to the pure
+/// [`Model`] (the [`Ledger`], [`ChannelState::may_move_to`] and each method's documented
+/// rules): every answer, and the stored state and ledger after every step, must agree. The
+/// executable definition the SQL and Lua backends are checked against.
+async fn the_store_agrees_with_the_model<S: ChannelStore>(store: &S, fx: &Fixture) {
+    model_runs(store, fx, None::<&super::Leased<S>>).await;
+}
+
+/// Runs the model-based check ([`run`]'s last) on a [`Leased`](super::Leased) node: its
+/// debits drawn from leases, its credits, payments, fair closes and moves, against the same
+/// pure model. After every step the node gives its leases back
+/// ([`return_all`](super::Leased::return_all)), and the store's state and ledger must then be
+/// the model's exactly; a debit must be granted exactly when the model grants it. The node's
+/// own leases are its business: the raw lease operations are not mixed in, and credits give
+/// back earlier debits, as the trait documents.
+///
+/// ```
+/// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+/// # async fn main() {
+/// use paychan::store::{Leased, MemoryStore, conformance};
+///
+/// conformance::run_leased(&Leased::new(MemoryStore::new()), 0x01).await;
+/// # }
+/// ```
+pub async fn run_leased<S: ChannelStore>(node: &super::Leased<S>, prefix: u8) {
+    let fx = Fixture { client: SecretKey::from_slice(&CLIENT).expect("valid key"), prefix };
+    model_runs(node, &fx, Some(node)).await;
+}
+
+async fn model_runs<S: ChannelStore, L: ChannelStore>(
+    store: &L,
+    fx: &Fixture,
+    leased: Option<&super::Leased<S>>,
+) {
+    const RUNS: u8 = 12;
+    const STEPS: usize = 60;
+    let mut rng = Rng(0x5eed ^ u64::from(fx.prefix));
+    for run in 0..RUNS {
+        let channel = fx.model_channel(run);
+        let first = 10_000 + rng.below(20_000);
+        store.create(fx.record(channel.clone(), first)).await.expect("create");
+        let id = ChannelId::new(channel.outpoint());
+        let mut model = Model {
+            state: ChannelState::Open,
+            ledger: Ledger::paid(msat(first)),
+            best_sat: first,
+            leases: std::collections::BTreeMap::new(),
+        };
+        let mut now = 0_u64;
+        let mut debits: Vec<MilliSats> = Vec::new();
+        for step in 0..STEPS {
+            let mut op = rng.below(9);
+            if leased.is_some() && (4..=6).contains(&op) {
+                op = 3;
+            }
+            let what = match op {
+                0 => {
+                    let sat = rng.near(model.best_sat);
+                    let got = store.store_payment(id, fx.payment(&channel, sat)).await;
+                    assert_eq!(got.expect("store"), model.store(sat), "store_payment {sat} sat");
+                    format!("store_payment {sat} sat")
+                }
+                1 => {
+                    let amount = rng.msat(6_000);
+                    let (got, want) =
+                        (store.debit(id, amount).await.expect("debit"), model.debit(amount));
+                    if matches!(want, Debit::Debited { .. }) {
+                        debits.push(amount);
+                    }
+                    if leased.is_some() {
+                        // A node reports what its lease has left: only the decision must agree.
+                        assert_eq!(
+                            std::mem::discriminant(&got),
+                            std::mem::discriminant(&want),
+                            "debit {amount}: {got:?}, {want:?}"
+                        );
+                    } else {
+                        assert_eq!(got, want, "debit {amount}");
+                    }
+                    format!("debit {amount}")
+                }
+                2 => {
+                    let (sat, amount) = (rng.near(model.best_sat), rng.msat(6_000));
+                    let got = store.pay(id, fx.checked(&channel, sat), amount).await;
+                    let _stored_or_stale = model.store(sat);
+                    let want = model.debit(amount);
+                    if matches!(want, Debit::Debited { .. }) {
+                        debits.push(amount);
+                    }
+                    assert_eq!(got.expect("pay"), want, "pay {sat} sat, {amount}");
+                    format!("pay {sat} sat, {amount}")
+                }
+                3 => {
+                    let amount = match leased {
+                        None => rng.msat(3_000),
+                        Some(_) if debits.is_empty() => MilliSats::ZERO,
+                        Some(_) => debits.swap_remove(rng.below(debits.len() as u64) as usize),
+                    };
+                    let got = store.credit(id, amount).await.expect("credit");
+                    model.ledger = model.ledger.credit(amount);
+                    if leased.is_none() {
+                        assert_eq!(got, model.ledger.unspent(), "credit {amount}");
+                    }
+                    format!("credit {amount}")
+                }
+                4 | 5 => {
+                    let lease = LeaseId::new(1 + rng.below(3));
+                    let mut request = LeaseRequest::default();
+                    if op == 4 {
+                        let least = rng.msat(2_000);
+                        let most = least.saturating_add(rng.msat(4_000));
+                        let until = now + 1 + rng.below(100);
+                        request = LeaseRequest::take(LeaseTake::new(lease, least, most, until));
+                    }
+                    if op == 5 || rng.below(2) == 0 {
+                        request =
+                            request.and_settle(LeaseId::new(1 + rng.below(3)), rng.msat(3_000));
+                    }
+                    let got = store.lease(id, request).await.expect("lease");
+                    assert_eq!(got, model.lease(request), "lease {request:?}");
+                    format!("lease {request:?}")
+                }
+                6 => {
+                    now += rng.below(60);
+                    let _forfeited_anywhere = store.expire_leases(now).await.expect("expire");
+                    model.expire(now);
+                    format!("expire_leases {now}")
+                }
+                7 => {
+                    let committed = model.ledger.committed().to_sat_ceil().to_sat();
+                    let sat = (committed + rng.below(4_000)).saturating_sub(2_000).max(1_000);
+                    let got = store.close_with(id, fx.checked(&channel, sat)).await;
+                    assert_eq!(got.expect("close_with"), model.close_with(sat), "close_with {sat}");
+                    format!("close_with {sat} sat")
+                }
+                _ => {
+                    // Mostly from the channel's state, so that runs reach every state; some
+                    // illegal moves, which every store must refuse.
+                    let from = if rng.below(3) == 0 { rng.state() } else { model.state };
+                    let to = rng.state();
+                    let got = store.transition(id, from, to).await;
+                    match (&got, &model.transition(from, to)) {
+                        (Ok(got), Ok(want)) => {
+                            assert_eq!(got, want, "transition {from:?} → {to:?}")
+                        }
+                        (
+                            Err(StoreError::IllegalMove { .. }),
+                            Err(StoreError::IllegalMove { .. }),
+                        ) => {}
+                        (got, want) => {
+                            panic!(
+                                "transition {from:?} → {to:?}: the store {got:?}, the model {want:?}"
+                            )
+                        }
+                    }
+                    format!("transition {from:?} → {to:?}")
+                }
+            };
+            if let Some(node) = leased {
+                assert_eq!(node.return_all().await, 0, "the node gives its leases back");
+            }
+            let record = store.load(id).await.expect("load").expect("the channel");
+            assert_eq!(
+                (record.state, record.ledger(), record.paid_amount().to_sat()),
+                (model.state, model.ledger, model.best_sat),
+                "run {run}, step {step} ({what}): the store disagrees with the model"
+            );
+        }
+    }
 }

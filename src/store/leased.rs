@@ -907,6 +907,7 @@ impl<S: ChannelStore> ChannelStore for Leased<S> {
     ) -> impl Future<Output = Result<bool, StoreError>> + Send {
         let inner = Arc::clone(&self.inner);
         async move {
+            super::legal_move(from, to)?;
             if from == ChannelState::Open && to != ChannelState::Open {
                 inner.settle(id).await?;
             }

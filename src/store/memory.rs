@@ -11,7 +11,7 @@ use super::{
     IdempotencyRecord, Lease, LeaseId, LeaseRequest, StoreError, StorePayment,
 };
 use crate::MilliSats;
-use crate::channel::CheckedPayment;
+use crate::channel::{CheckedPayment, Ledger};
 use crate::wire::ChannelId;
 
 type Ready<T> = StdReady<Result<T, StoreError>>;
@@ -61,25 +61,22 @@ struct Slot {
     key_index: u32,
     state: ChannelState,
     best: Option<Box<[u8]>>,
+    /// What the best pays the server, in sat (its `paid` in msat).
     paid: bitcoin::Amount,
-    spent: MilliSats,
-    leased: MilliSats,
-    forfeited: MilliSats,
+    /// The money, moved only by [`Ledger`]'s methods.
+    ledger: Ledger,
     funded_at: u32,
 }
 
 impl Slot {
     fn new(record: ChannelRecord) -> Box<Self> {
-        let paid = record.paid_amount();
         Box::new(Self {
             best: record.best.as_ref().map(|tx| bitcoin::consensus::serialize(tx).into()),
+            paid: record.paid_amount(),
+            ledger: record.ledger(),
             channel: record.channel,
             key_index: record.key_index,
             state: record.state,
-            paid,
-            spent: record.spent,
-            leased: record.leased,
-            forfeited: record.forfeited,
             funded_at: record.funded_at,
         })
     }
@@ -94,36 +91,23 @@ impl Slot {
                 .best
                 .as_deref()
                 .and_then(|bytes| bitcoin::consensus::deserialize(bytes).ok()),
-            spent: self.spent,
-            leased: self.leased,
-            forfeited: self.forfeited,
+            spent: self.ledger.spent,
+            leased: self.ledger.leased,
+            forfeited: self.ledger.forfeited,
             funded_at: self.funded_at,
         }
     }
 
-    fn paid(&self) -> MilliSats {
-        MilliSats::from_sat(self.paid).unwrap_or(MilliSats::MAX)
-    }
-
-    /// paid − spent.
-    fn unspent(&self) -> MilliSats {
-        self.paid().saturating_sub(self.spent)
-    }
-
-    /// spent + leased + forfeited.
-    fn committed(&self) -> MilliSats {
-        self.spent.saturating_add(self.leased).saturating_add(self.forfeited)
-    }
-
-    /// paid − spent − leased − forfeited.
-    fn balance(&self) -> MilliSats {
-        self.paid().saturating_sub(self.committed())
-    }
-
-    fn set_best(&mut self, payment: &Transaction) {
+    fn set_best(&mut self, payment: &Transaction, ledger: Ledger) {
         self.paid = crate::channel::server_amount(payment);
         self.best = Some(bitcoin::consensus::serialize(payment).into());
+        self.ledger = ledger;
     }
+}
+
+/// The msat a payment pays the server.
+fn paid_msat(payment: &Transaction) -> MilliSats {
+    MilliSats::from_sat(crate::channel::server_amount(payment)).unwrap_or(MilliSats::MAX)
 }
 
 /// `state`'s place in [`ChannelState::ALL`].
@@ -240,15 +224,14 @@ impl ChannelStore for MemoryStore {
         payment: CheckedPayment,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send {
         self.update(id, move |record| {
-            let covered = MilliSats::from_sat(payment.server_amount())
-                .is_some_and(|paid| record.committed() <= paid);
-            let closes =
-                matches!(record.state, ChannelState::Open | ChannelState::Pending) && covered;
-            if closes {
-                record.state = ChannelState::Closing;
-                record.set_best(payment.transaction());
+            if !matches!(record.state, ChannelState::Open | ChannelState::Pending) {
+                return false;
             }
-            closes
+            let paid = paid_msat(payment.transaction());
+            let Some(ledger) = record.ledger.close_with(paid) else { return false };
+            record.state = ChannelState::Closing;
+            record.set_best(payment.transaction(), ledger);
+            true
         })
     }
 
@@ -308,8 +291,8 @@ impl ChannelStore for MemoryStore {
         amount: MilliSats,
     ) -> impl Future<Output = Result<MilliSats, StoreError>> + Send {
         self.update(id, move |record| {
-            record.spent = record.spent.saturating_sub(amount);
-            record.unspent()
+            record.ledger = record.ledger.credit(amount);
+            record.ledger.unspent()
         })
     }
 
@@ -323,21 +306,23 @@ impl ChannelStore for MemoryStore {
             if let Some((lease, used)) = request.settle
                 && let Some((_, (held, _))) = leases.remove(&(id, lease))
             {
-                record.leased = record.leased.saturating_sub(held);
-                record.spent = record.spent.saturating_add(used.min(held));
+                record.ledger = record.ledger.settle(held, used);
             }
             let granted = |record: &Slot, amount| Lease::Granted {
                 amount,
-                paid: record.paid(),
-                spent: record.spent,
+                paid: record.ledger.paid,
+                spent: record.ledger.spent,
             };
             let Some(take) = request.take else { return granted(record, MilliSats::ZERO) };
             if record.state != ChannelState::Open {
                 return Lease::NotOpen { state: record.state };
             }
-            match take.grant(record.balance()) {
-                Some(amount) => {
-                    record.leased = record.leased.saturating_add(amount);
+            match take
+                .grant(record.ledger.balance())
+                .and_then(|amount| record.ledger.lease(amount).map(|ledger| (amount, ledger)))
+            {
+                Some((amount, ledger)) => {
+                    record.ledger = ledger;
                     leases
                         .entry((id, take.id))
                         .and_modify(|(held, until)| {
@@ -347,7 +332,7 @@ impl ChannelStore for MemoryStore {
                         .or_insert((amount, take.expires_at));
                     granted(record, amount)
                 }
-                None => Lease::Insufficient { balance: record.balance() },
+                None => Lease::Insufficient { balance: record.ledger.balance() },
             }
         })
     }
@@ -368,8 +353,7 @@ impl ChannelStore for MemoryStore {
             let counted = self.update(key.0, |record| {
                 let removed = self.leases.remove_if(&key, |_, (_, until)| *until <= now);
                 removed.map_or(MilliSats::ZERO, |(_, (held, _))| {
-                    record.leased = record.leased.saturating_sub(held);
-                    record.forfeited = record.forfeited.saturating_add(held);
+                    record.ledger = record.ledger.forfeit(held);
                     held
                 })
             });
@@ -386,6 +370,9 @@ impl ChannelStore for MemoryStore {
         from: ChannelState,
         to: ChannelState,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        if let Err(illegal) = super::legal_move(from, to) {
+            return ready(Err(illegal));
+        }
         self.update(id, move |record| {
             let matches = record.state == from;
             if matches {
@@ -421,12 +408,13 @@ impl ChannelStore for MemoryStore {
 
 /// Makes `payment` the best of `record` if it is open and the payment pays more.
 fn store(record: &mut Slot, payment: &Transaction) -> StorePayment {
-    let best = record.paid;
-    if crate::channel::server_amount(payment) <= best || record.state != ChannelState::Open {
-        return StorePayment::Stale { best };
+    let stale = StorePayment::Stale { best: record.paid };
+    if record.state != ChannelState::Open {
+        return stale;
     }
-    record.set_best(payment);
-    StorePayment::Stored { balance: record.unspent() }
+    let Some(ledger) = record.ledger.pay(paid_msat(payment)) else { return stale };
+    record.set_best(payment, ledger);
+    StorePayment::Stored { balance: record.ledger.unspent() }
 }
 
 /// Debits `amount` from `record` if it is open and its balance covers it.
@@ -434,11 +422,11 @@ fn debit(record: &mut Slot, amount: MilliSats) -> Debit {
     if record.state != ChannelState::Open {
         return Debit::NotOpen { state: record.state };
     }
-    match (record.balance().checked_sub(amount), record.spent.checked_add(amount)) {
-        (Some(_), Some(spent)) => {
-            record.spent = spent;
-            Debit::Debited { balance: record.unspent() }
+    match record.ledger.debit(amount) {
+        Some(ledger) => {
+            record.ledger = ledger;
+            Debit::Debited { balance: ledger.unspent() }
         }
-        _ => Debit::Insufficient { balance: record.unspent() },
+        None => Debit::Insufficient { balance: record.ledger.unspent() },
     }
 }

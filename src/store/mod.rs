@@ -28,7 +28,19 @@
 //! Methods return `impl Future + Send` (no `async_trait`). Stores hold public data only —
 //! never private keys: the server's key for a channel is re-derived from its
 //! [`key_index`](ChannelRecord::key_index). Run [`conformance::run`] against a new store in its
-//! tests; every backend of this crate does.
+//! tests; every backend of this crate does, and through a [`Leased`] node too
+//! ([`conformance::run_leased`]).
+//!
+//! # The ledger and the lifecycle, defined once
+//!
+//! A channel's money moves only as [`Ledger`](crate::channel::Ledger)'s methods move it
+//! (paid, spent, leased, forfeited; balance = paid − spent − leased − forfeited), and its state
+//! only along [`ChannelState::may_move_to`] ([`transition`](ChannelStore::transition) refuses
+//! any other move with [`StoreError::IllegalMove`]). The memory store uses the `Ledger`
+//! itself; the SQL and Lua backends restate it in their languages, and the conformance
+//! suite's model-based check holds them to it: random sequences of every operation, applied to
+//! the backend and to a pure model built on `Ledger`, must give the same answers and leave
+//! the same ledger after every step.
 
 use core::fmt;
 use std::future::Future;
@@ -38,8 +50,8 @@ use bitcoin::{Amount, Transaction};
 use serde::{Deserialize, Serialize};
 
 use crate::channel::{
-    ChainTip, Channel, CheckedPayment, CloseError, FundingAction, FundingPolicy, channel_key,
-    server_amount,
+    ChainTip, Channel, CheckedPayment, CloseError, FundingAction, FundingPolicy, Ledger,
+    channel_key, server_amount,
 };
 pub use crate::channel::{ChannelState, ParseChannelStateError};
 use crate::wire::{ChannelId, ChannelSnapshot};
@@ -154,23 +166,36 @@ impl ChannelRecord {
         MilliSats::from_sat(self.paid_amount()).unwrap_or(MilliSats::MAX)
     }
 
-    /// What new requests can draw on: paid − spent − leased − forfeited.
+    /// The channel's money: paid, spent, leased and forfeited ([`Ledger`], whose methods are
+    /// the one definition of how they move).
+    pub fn ledger(&self) -> Ledger {
+        Ledger {
+            paid: self.paid(),
+            spent: self.spent,
+            leased: self.leased,
+            forfeited: self.forfeited,
+        }
+    }
+
+    /// What new requests can draw on: paid − spent − leased − forfeited
+    /// ([`Ledger::balance`]).
     pub fn balance(&self) -> MilliSats {
-        self.paid().saturating_sub(self.committed())
+        self.ledger().balance()
     }
 
     /// What the channel has committed: spent, held in leases (which a node may serve at any
-    /// moment) and forfeited by nodes that died. A fair close must pay at least this.
+    /// moment) and forfeited by nodes that died. A fair close must pay at least this
+    /// ([`Ledger::committed`]).
     pub fn committed(&self) -> MilliSats {
-        self.spent.saturating_add(self.leased).saturating_add(self.forfeited)
+        self.ledger().committed()
     }
 
     /// paid − spent: the balance as the client sees it, leases counted as unspent until a
     /// node settles what it used of them. Never below the channel's true unspent balance,
     /// so a client judging the server's charges by it is never misled into seeing an
-    /// overcharge.
+    /// overcharge ([`Ledger::unspent`]).
     pub fn unspent(&self) -> MilliSats {
-        self.paid().saturating_sub(self.spent)
+        self.ledger().unspent()
     }
 
     /// The channel's state as a client sees it in a refusal of a request costing `price`:
@@ -452,6 +477,14 @@ pub enum StoreError {
         /// What the backend reported.
         source: BackendError,
     },
+    /// [`transition`](ChannelStore::transition) was asked for a move the lifecycle does not
+    /// have ([`ChannelState::may_move_to`]); nothing changed. A bug in the caller.
+    IllegalMove {
+        /// The state the caller expected.
+        from: ChannelState,
+        /// The state it asked for.
+        to: ChannelState,
+    },
 }
 
 impl From<ParseChannelStateError> for StoreError {
@@ -487,6 +520,9 @@ impl fmt::Display for StoreError {
             Self::NotFound => f.write_str("no such channel"),
             Self::AlreadyExists => f.write_str("a channel with this id already exists"),
             Self::Unavailable { source } => write!(f, "channel store unavailable: {source}"),
+            Self::IllegalMove { from, to } => {
+                write!(f, "no channel moves from {} to {}", from.as_str(), to.as_str())
+            }
         }
     }
 }
@@ -623,6 +659,11 @@ pub trait ChannelStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<MilliSats, StoreError>> + Send;
 
     /// Moves the channel from state `from` to `to`; `Ok(false)` if it was not in `from`.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::IllegalMove`], before anything is read, for a move
+    /// [`ChannelState::may_move_to`] does not allow (check it with [`legal_move`]).
     fn transition(
         &self,
         id: ChannelId,
@@ -646,6 +687,16 @@ pub trait ChannelStore: Send + Sync + 'static {
     fn count(&self, state: ChannelState) -> impl Future<Output = Result<usize, StoreError>> + Send {
         async move { Ok(self.list(state).await?.len()) }
     }
+}
+
+/// `Ok` if a channel may move from `from` to `to`, else [`StoreError::IllegalMove`]: what every
+/// backend's [`transition`](ChannelStore::transition) checks first.
+///
+/// # Errors
+///
+/// [`StoreError::IllegalMove`].
+pub fn legal_move(from: ChannelState, to: ChannelState) -> Result<(), StoreError> {
+    if from.may_move_to(to) { Ok(()) } else { Err(StoreError::IllegalMove { from, to }) }
 }
 
 /// Sort key for "earliest expiry first": block heights before timestamps, then by value.

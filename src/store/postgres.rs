@@ -546,6 +546,7 @@ impl ChannelStore for PostgresStore {
         from: ChannelState,
         to: ChannelState,
     ) -> Result<bool, StoreError> {
+        super::legal_move(from, to)?;
         let id = id.to_string();
         let row = self
             .query_opt(

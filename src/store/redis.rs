@@ -542,6 +542,7 @@ impl ChannelStore for RedisStore {
         from: ChannelState,
         to: ChannelState,
     ) -> Result<bool, StoreError> {
+        super::legal_move(from, to)?;
         let code: i64 = self
             .invoke(
                 TRANSITION,

@@ -519,7 +519,9 @@ impl ChannelStore for SqliteStore {
         from: ChannelState,
         to: ChannelState,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        let legal = super::legal_move(from, to);
         self.run(move |tx| {
+            legal?;
             let id = id.to_string();
             money(tx, &id)?;
             let updated = tx

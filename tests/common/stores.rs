@@ -44,3 +44,46 @@ pub async fn redis_store(name: &str) -> Option<paychan::store::RedisStore> {
     let store = paychan::store::RedisStore::connect(&url).await.expect("Redis is reachable");
     Some(store.with_prefix(format!("{{paychan-test-{name}-{}-{nanos}}}:", std::process::id())))
 }
+
+/// One test per built-in backend: `for_each_store!(name, run)` defines a module `name` with
+/// tests `memory`, `sqlite`, `postgres` and `redis` (each behind its feature), which call the
+/// async fn `run` with a fresh store of that backend. The store matrix, written once.
+#[macro_export]
+macro_rules! for_each_store {
+    ($name:ident, $run:path) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn memory() {
+                $run(paychan::store::MemoryStore::new()).await;
+            }
+
+            #[cfg(feature = "sqlite")]
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sqlite() {
+                let path = $crate::common::stores::temp_db(stringify!($name));
+                $run(paychan::store::SqliteStore::open(path).unwrap()).await;
+            }
+
+            #[cfg(feature = "postgres")]
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn postgres() {
+                let name = stringify!($name);
+                let Some(config) = $crate::common::stores::postgres_config(name).await else {
+                    return;
+                };
+                $run(paychan::store::PostgresStore::connect_with(config).await.unwrap()).await;
+            }
+
+            #[cfg(feature = "redis")]
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn redis() {
+                let name = stringify!($name);
+                let Some(store) = $crate::common::stores::redis_store(name).await else { return };
+                $run(store).await;
+            }
+        }
+    };
+}
