@@ -983,132 +983,163 @@ async fn model_runs<S: ChannelStore, L: ChannelStore>(
         let channel = fx.model_channel(run);
         let first = 10_000 + rng.below(20_000);
         store.create(fx.record(channel.clone(), first)).await.expect("create");
-        let id = ChannelId::new(channel.outpoint());
-        let mut model = Model {
-            state: ChannelState::Open,
-            ledger: Ledger::paid(msat(first)),
-            best_sat: first,
-            leases: std::collections::BTreeMap::new(),
+        let mut this = Run {
+            store,
+            fx,
+            id: ChannelId::new(channel.outpoint()),
+            channel,
+            model: Model {
+                state: ChannelState::Open,
+                ledger: Ledger::paid(msat(first)),
+                best_sat: first,
+                leases: std::collections::BTreeMap::new(),
+            },
+            leased: leased.is_some(),
+            now: 0,
+            debits: Vec::new(),
         };
-        let mut now = 0_u64;
-        let mut debits: Vec<MilliSats> = Vec::new();
         for step in 0..STEPS {
-            let mut op = rng.below(9);
-            if leased.is_some() && (4..=6).contains(&op) {
-                op = 3;
-            }
-            let what = match op {
-                0 => {
-                    let sat = rng.near(model.best_sat);
-                    let got = store.store_payment(id, fx.payment(&channel, sat)).await;
-                    assert_eq!(got.expect("store"), model.store(sat), "store_payment {sat} sat");
-                    format!("store_payment {sat} sat")
-                }
-                1 => {
-                    let amount = rng.msat(6_000);
-                    let (got, want) =
-                        (store.debit(id, amount).await.expect("debit"), model.debit(amount));
-                    if matches!(want, Debit::Debited { .. }) {
-                        debits.push(amount);
-                    }
-                    if leased.is_some() {
-                        // A node reports what its lease has left: only the decision must agree.
-                        assert_eq!(
-                            std::mem::discriminant(&got),
-                            std::mem::discriminant(&want),
-                            "debit {amount}: {got:?}, {want:?}"
-                        );
-                    } else {
-                        assert_eq!(got, want, "debit {amount}");
-                    }
-                    format!("debit {amount}")
-                }
-                2 => {
-                    let (sat, amount) = (rng.near(model.best_sat), rng.msat(6_000));
-                    let got = store.pay(id, fx.checked(&channel, sat), amount).await;
-                    let _stored_or_stale = model.store(sat);
-                    let want = model.debit(amount);
-                    if matches!(want, Debit::Debited { .. }) {
-                        debits.push(amount);
-                    }
-                    assert_eq!(got.expect("pay"), want, "pay {sat} sat, {amount}");
-                    format!("pay {sat} sat, {amount}")
-                }
-                3 => {
-                    let amount = match leased {
-                        None => rng.msat(3_000),
-                        Some(_) if debits.is_empty() => MilliSats::ZERO,
-                        Some(_) => debits.swap_remove(rng.below(debits.len() as u64) as usize),
-                    };
-                    let got = store.credit(id, amount).await.expect("credit");
-                    model.ledger = model.ledger.credit(amount);
-                    if leased.is_none() {
-                        assert_eq!(got, model.ledger.unspent(), "credit {amount}");
-                    }
-                    format!("credit {amount}")
-                }
-                4 | 5 => {
-                    let lease = LeaseId::new(1 + rng.below(3));
-                    let mut request = LeaseRequest::default();
-                    if op == 4 {
-                        let least = rng.msat(2_000);
-                        let most = least.saturating_add(rng.msat(4_000));
-                        let until = now + 1 + rng.below(100);
-                        request = LeaseRequest::take(LeaseTake::new(lease, least, most, until));
-                    }
-                    if op == 5 || rng.below(2) == 0 {
-                        request =
-                            request.and_settle(LeaseId::new(1 + rng.below(3)), rng.msat(3_000));
-                    }
-                    let got = store.lease(id, request).await.expect("lease");
-                    assert_eq!(got, model.lease(request), "lease {request:?}");
-                    format!("lease {request:?}")
-                }
-                6 => {
-                    now += rng.below(60);
-                    let _forfeited_anywhere = store.expire_leases(now).await.expect("expire");
-                    model.expire(now);
-                    format!("expire_leases {now}")
-                }
-                7 => {
-                    let committed = model.ledger.committed().to_sat_ceil().to_sat();
-                    let sat = (committed + rng.below(4_000)).saturating_sub(2_000).max(1_000);
-                    let got = store.close_with(id, fx.checked(&channel, sat)).await;
-                    assert_eq!(got.expect("close_with"), model.close_with(sat), "close_with {sat}");
-                    format!("close_with {sat} sat")
-                }
-                _ => {
-                    // Mostly from the channel's state, so that runs reach every state; some
-                    // illegal moves, which every store must refuse.
-                    let from = if rng.below(3) == 0 { rng.state() } else { model.state };
-                    let to = rng.state();
-                    let got = store.transition(id, from, to).await;
-                    match (&got, &model.transition(from, to)) {
-                        (Ok(got), Ok(want)) => {
-                            assert_eq!(got, want, "transition {from:?} → {to:?}")
-                        }
-                        (
-                            Err(StoreError::IllegalMove { .. }),
-                            Err(StoreError::IllegalMove { .. }),
-                        ) => {}
-                        (got, want) => {
-                            panic!(
-                                "transition {from:?} → {to:?}: the store {got:?}, the model {want:?}"
-                            )
-                        }
-                    }
-                    format!("transition {from:?} → {to:?}")
-                }
-            };
+            let what = this.step(&mut rng).await;
             if let Some(node) = leased {
                 assert_eq!(node.return_all().await, 0, "the node gives its leases back");
             }
-            let record = store.load(id).await.expect("load").expect("the channel");
+            let record = store.load(this.id).await.expect("load").expect("the channel");
             assert_eq!(
                 (record.state, record.ledger(), record.paid_amount().to_sat()),
-                (model.state, model.ledger, model.best_sat),
+                (this.model.state, this.model.ledger, this.model.best_sat),
                 "run {run}, step {step} ({what}): the store disagrees with the model"
             );
         }
     }
+}
+
+/// One channel of the model-based check: the store, the model, and what the steps need.
+struct Run<'a, L> {
+    store: &'a L,
+    fx: &'a Fixture,
+    channel: Channel,
+    id: ChannelId,
+    model: Model,
+    /// Through a `Leased` node: no raw lease operations, credits of earlier debits, and only
+    /// the decision of a debit compared (a node reports what its lease has left).
+    leased: bool,
+    /// The leases' clock (milliseconds, small: the suite's other leases are not touched).
+    now: u64,
+    /// Debits granted, for credits through a node.
+    debits: Vec<MilliSats>,
+}
+
+impl<L: ChannelStore> Run<'_, L> {
+    /// One random operation on the store and the model, checked; what it was.
+    async fn step(&mut self, rng: &mut Rng) -> String {
+        match rng.below(9) {
+            0 => self.store_payment(rng.near(self.model.best_sat)).await,
+            1 => self.debit(rng.msat(6_000)).await,
+            2 => self.pay(rng.near(self.model.best_sat), rng.msat(6_000)).await,
+            4..=6 if self.leased => self.credit(rng).await,
+            3 => self.credit(rng).await,
+            4 => {
+                let (least, more) = (rng.msat(2_000), rng.msat(4_000));
+                let until = self.now + 1 + rng.below(100);
+                let take = LeaseTake::new(lease_id(rng), least, least.saturating_add(more), until);
+                let mut request = LeaseRequest::take(take);
+                if rng.below(2) == 0 {
+                    request = request.and_settle(lease_id(rng), rng.msat(3_000));
+                }
+                self.lease(request).await
+            }
+            5 => self.lease(LeaseRequest::settle(lease_id(rng), rng.msat(3_000))).await,
+            6 => {
+                self.now += rng.below(60);
+                let _forfeited_anywhere = self.store.expire_leases(self.now).await.expect("expire");
+                self.model.expire(self.now);
+                format!("expire_leases {}", self.now)
+            }
+            7 => {
+                let committed = self.model.ledger.committed().to_sat_ceil().to_sat();
+                self.close_with((committed + rng.below(4_000)).saturating_sub(2_000).max(1_000))
+                    .await
+            }
+            _ => {
+                // Mostly from the channel's state, so that runs reach every state; some
+                // illegal moves, which every store must refuse.
+                let from = if rng.below(3) == 0 { rng.state() } else { self.model.state };
+                self.transition(from, rng.state()).await
+            }
+        }
+    }
+
+    async fn store_payment(&mut self, sat: u64) -> String {
+        let got = self.store.store_payment(self.id, self.fx.payment(&self.channel, sat)).await;
+        assert_eq!(got.expect("store"), self.model.store(sat), "store_payment {sat} sat");
+        format!("store_payment {sat} sat")
+    }
+
+    async fn debit(&mut self, amount: MilliSats) -> String {
+        let got = self.store.debit(self.id, amount).await.expect("debit");
+        let want = self.model.debit(amount);
+        if matches!(want, Debit::Debited { .. }) {
+            self.debits.push(amount);
+        }
+        if self.leased {
+            let decision = std::mem::discriminant;
+            assert_eq!(decision(&got), decision(&want), "debit {amount}: {got:?}, {want:?}");
+        } else {
+            assert_eq!(got, want, "debit {amount}");
+        }
+        format!("debit {amount}")
+    }
+
+    async fn pay(&mut self, sat: u64, amount: MilliSats) -> String {
+        let got = self.store.pay(self.id, self.fx.checked(&self.channel, sat), amount).await;
+        let _stored_or_stale = self.model.store(sat);
+        let want = self.model.debit(amount);
+        if matches!(want, Debit::Debited { .. }) {
+            self.debits.push(amount);
+        }
+        assert_eq!(got.expect("pay"), want, "pay {sat} sat, {amount}");
+        format!("pay {sat} sat, {amount}")
+    }
+
+    async fn credit(&mut self, rng: &mut Rng) -> String {
+        let amount = match (self.leased, self.debits.len() as u64) {
+            (false, _) => rng.msat(3_000),
+            (true, 0) => MilliSats::ZERO,
+            (true, n) => self.debits.swap_remove(rng.below(n) as usize),
+        };
+        let got = self.store.credit(self.id, amount).await.expect("credit");
+        self.model.ledger = self.model.ledger.credit(amount);
+        if !self.leased {
+            assert_eq!(got, self.model.ledger.unspent(), "credit {amount}");
+        }
+        format!("credit {amount}")
+    }
+
+    async fn lease(&mut self, request: LeaseRequest) -> String {
+        let got = self.store.lease(self.id, request).await.expect("lease");
+        assert_eq!(got, self.model.lease(request), "lease {request:?}");
+        format!("lease {request:?}")
+    }
+
+    async fn close_with(&mut self, sat: u64) -> String {
+        let got = self.store.close_with(self.id, self.fx.checked(&self.channel, sat)).await;
+        assert_eq!(got.expect("close_with"), self.model.close_with(sat), "close_with {sat} sat");
+        format!("close_with {sat} sat")
+    }
+
+    async fn transition(&mut self, from: ChannelState, to: ChannelState) -> String {
+        let got = self.store.transition(self.id, from, to).await;
+        match (&got, &self.model.transition(from, to)) {
+            (Ok(got), Ok(want)) => assert_eq!(got, want, "transition {from:?} → {to:?}"),
+            (Err(StoreError::IllegalMove { .. }), Err(StoreError::IllegalMove { .. })) => {}
+            (got, want) => {
+                panic!("transition {from:?} → {to:?}: the store {got:?}, the model {want:?}")
+            }
+        }
+        format!("transition {from:?} → {to:?}")
+    }
+}
+
+fn lease_id(rng: &mut Rng) -> LeaseId {
+    LeaseId::new(1 + rng.below(3))
 }
