@@ -6,7 +6,10 @@
 //!   `POST /txs/package` (older electrs), with it (newer electrs), and without it but with a
 //!   package relay (another Esplora);
 //! * `BitcoindRpc` against a real Bitcoin Core regtest node (`BITCOIND_EXE`; skipped with one
-//!   `skipped:` line without it, never skipped with `CI=true`).
+//!   `skipped:` line without it, never skipped with `CI=true`);
+//! * `Esplora` against a real electrs (`ELECTRS_EXE`) in front of such a node, alone and with
+//!   the node as its package relay: `#[ignore]`d, CI keeps the fake; run by hand as
+//!   docs/ESPLORA-RUN.md says.
 //!
 //! What it checks: unknown vs in the mempool vs confirmed (`tx_status`, `unspent`), an evicted
 //! transaction reads unknown and is accepted again, rejection codes (conflict, missing inputs,
@@ -22,8 +25,9 @@
 mod common;
 
 use bitcoin::{Amount, FeeRate, OutPoint, Transaction, TxOut, Txid};
+use common::electrs::Electrs;
 use common::esplora_fake::{self, Flavor};
-use common::node::{Node, NodeConfig, btc};
+use common::node::{Node, NodeConfig};
 use common::{p2wpkh, public, secret, spend};
 use paychan::chain::bitcoind::BitcoindRpc;
 use paychan::chain::esplora::{Esplora, PackageRelay};
@@ -43,6 +47,9 @@ trait Harness {
     async fn raise_mempool_minimum(&mut self, rate: FeeRate);
     /// Whether this backend has a package path.
     fn package_relay(&self) -> bool;
+    /// Waits until the backend's view has caught up with what reached its node other than
+    /// through it (a real electrs polls its node: a package submitted to the node beside it).
+    async fn sync(&mut self) {}
 }
 
 fn reason<T: std::fmt::Debug>(result: Result<T, ChainError>) -> RejectReason {
@@ -129,6 +136,8 @@ async fn conformance<H: Harness>(h: &mut H) {
     assert_eq!(reason(h.chain().broadcast(&parent).await), RejectReason::FeeTooLow);
     let parent_id = parent.compute_txid();
     let child = spend((OutPoint::new(parent_id, 0), parent.output[0].clone()), 90_000, 0);
+    // Read back at once, without waiting for electrs to poll its node: after a package, the
+    // backend hands both transactions to electrs's own `POST /tx`, which indexes them now.
     let package = h.chain().broadcast_package(&parent, &child).await;
     if h.package_relay() {
         assert_eq!(package.unwrap(), child.compute_txid());
@@ -244,27 +253,9 @@ impl Harness for Core {
         assert!(self.node.mempool_entry(txid).await.is_some());
         self.node.restart_without_mempool().await;
     }
-    /// Fills the 5 MB mempool with large 3 sat/vB transactions until the node trims it.
+    /// Fills the 5 MB mempool with large transactions until the node trims it.
     async fn raise_mempool_minimum(&mut self, rate: FeeRate) {
-        use serde_json::json;
-        let node = &self.node;
-        let coins = node.wallet_rpc("listunspent", json!([1])).await;
-        let address = node.wallet_rpc("getnewaddress", json!(["", "bech32"])).await;
-        let data = "00".repeat(90_000);
-        let filler_rate = rate.to_sat_per_kwu() / 250 + 1;
-        for coin in coins.as_array().unwrap() {
-            let fee = Amount::from_sat(filler_rate * 90_300);
-            let Some(change) = btc(&coin["amount"]).checked_sub(fee) else { continue };
-            let inputs = json!([{ "txid": coin["txid"], "vout": coin["vout"] }]);
-            let change = change.to_string_in(bitcoin::Denomination::Bitcoin);
-            let outputs = json!([{ "data": data }, { address.as_str().unwrap(): change }]);
-            let raw = node.wallet_rpc("createrawtransaction", json!([inputs, outputs])).await;
-            let signed = node.wallet_rpc("signrawtransactionwithwallet", json!([raw])).await;
-            // Refused once the mempool's minimum passed the filler's rate: it is full.
-            if node.rpc_result("sendrawtransaction", json!([signed["hex"]])).await.is_err() {
-                break;
-            }
-        }
+        self.node.fill_mempool(rate).await;
     }
     fn package_relay(&self) -> bool {
         true
@@ -281,4 +272,82 @@ async fn bitcoin_core_conforms() {
     node.mine(180).await; // mature coins for the wallet and the filler
     let chain = node.chain();
     conformance(&mut Core { node, chain }).await;
+}
+
+/// `Esplora` on a real electrs (`ELECTRS_EXE`) in front of a real Bitcoin Core node; the coins,
+/// blocks, eviction and full mempool are the node's (as for [`Core`]), and electrs is waited
+/// for after each (it polls its node).
+struct RealElectrs {
+    core: Core,
+    electrs: Electrs,
+    esplora: Esplora,
+    package_relay: bool,
+}
+
+impl Harness for RealElectrs {
+    type Chain = Esplora;
+    fn chain(&self) -> &Esplora {
+        &self.esplora
+    }
+    async fn coin(&mut self, amount: Amount) -> (OutPoint, TxOut) {
+        let coin = self.core.coin(amount).await;
+        self.sync().await;
+        coin
+    }
+    async fn mine(&mut self, blocks: u32) {
+        self.core.mine(blocks).await;
+        self.sync().await;
+    }
+    async fn evict(&mut self, txid: Txid) {
+        self.core.evict(txid).await;
+        self.sync().await;
+    }
+    async fn raise_mempool_minimum(&mut self, rate: FeeRate) {
+        self.core.raise_mempool_minimum(rate).await;
+        self.sync().await;
+    }
+    fn package_relay(&self) -> bool {
+        self.package_relay
+    }
+    async fn sync(&mut self) {
+        self.electrs.sync(&self.core.node).await;
+    }
+}
+
+/// A regtest node as [`bitcoin_core_conforms`] starts it (but without `-txindex`: electrs keeps
+/// its own index), electrs on it, and `Esplora` on electrs, with the node as its package relay
+/// if `relay`. `None` without `ELECTRS_EXE` or `BITCOIND_EXE`.
+async fn real_electrs(relay: bool) -> Option<RealElectrs> {
+    let (node, electrs) = common::electrs::node_with_electrs().await?;
+    let endpoint = electrs.has_package_endpoint().await;
+    println!(
+        "electrs at {}: POST /txs/package {}",
+        electrs.url(),
+        ["absent", "present"][usize::from(endpoint)]
+    );
+    let mut esplora = Esplora::new(&electrs.url()).unwrap();
+    if relay {
+        esplora = esplora.with_package_relay(PackageRelay::Bitcoind(node.chain()));
+    }
+    let chain = node.chain();
+    Some(RealElectrs {
+        core: Core { node, chain },
+        electrs,
+        esplora,
+        package_relay: relay || endpoint,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real electrs (ELECTRS_EXE) and Bitcoin Core (BITCOIND_EXE): docs/ESPLORA-RUN.md"]
+async fn esplora_conforms_on_a_real_electrs() {
+    let Some(mut h) = real_electrs(false).await else { return };
+    conformance(&mut h).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real electrs (ELECTRS_EXE) and Bitcoin Core (BITCOIND_EXE): docs/ESPLORA-RUN.md"]
+async fn esplora_conforms_on_a_real_electrs_with_a_core_package_relay() {
+    let Some(mut h) = real_electrs(true).await else { return };
+    conformance(&mut h).await;
 }

@@ -195,87 +195,31 @@ async fn an_https_esplora_is_reached_and_its_certificate_checked() {
 mod settlement {
     use std::time::Duration;
 
-    use bitcoin::absolute::LockTime;
-    use bitcoin::bip32::Xpriv;
-    use bitcoin::{Amount, FeeRate, Network, Transaction, TxOut};
+    use bitcoin::{Amount, FeeRate};
     use paychan::chain::esplora::{Esplora, PackageRelay};
-    use paychan::chain::sim::{SimulatedChain, sign_p2wpkh_input};
+    use paychan::chain::sim::SimulatedChain;
     use paychan::chain::{ChainBackend, TxStatus};
-    use paychan::channel::{Terms, channel_key};
     use paychan::settlement::Settlement;
-    use paychan::store::{ChannelRecord, ChannelState, ChannelStore, MemoryStore};
+    use paychan::store::{ChannelState, MemoryStore};
     use paychan::wire::ChannelId;
 
     use super::common::esplora_fake::{self, Flavor};
+    use super::common::esplora_settle::{
+        ask_close, close_of, funding, master, params, state, store_open, task,
+    };
     use super::common::{p2wpkh, public, secret};
 
-    fn master() -> Xpriv {
-        Xpriv::new_master(Network::Regtest, &[0x5e; 32]).unwrap()
-    }
-
-    fn payout() -> bitcoin::secp256k1::SecretKey {
-        secret(0x22)
-    }
-
-    /// A channel of 100 000 sat and `lifetime` blocks (index `index`), funded and confirmed on
-    /// `chain`, stored open in `store` with `paid` sat paid at the default 2 sat/vB.
+    /// A channel (index `index`) funded and confirmed on `chain`, stored open in `store` with
+    /// `paid` sat paid.
     async fn open(store: &MemoryStore, chain: &SimulatedChain, index: u32, paid: u64) -> ChannelId {
-        let client = secret(100 + index as u8);
-        let server = channel_key(&master(), index).unwrap();
-        let tip = chain.tip();
-        let params = Terms::default()
-            .agree(
-                public(&client),
-                public(&server),
-                Amount::from_sat(100_000),
-                LockTime::from_height(tip.height + 200).unwrap(),
-                p2wpkh(&client),
-                p2wpkh(&payout()),
-                tip,
-            )
-            .unwrap();
-        let (coin, prevout) = chain.faucet_p2wpkh(&public(&secret(3)), Amount::from_sat(150_000));
-        let change = TxOut { value: Amount::from_sat(49_000), script_pubkey: p2wpkh(&secret(3)) };
-        let (mut funding, outpoint) = params.build_funding(&[coin], Some(change));
-        sign_p2wpkh_input(&mut funding, 0, &prevout, &secret(3));
+        let params = params(index, chain.tip());
+        let coin = chain.faucet_p2wpkh(&public(&secret(3)), Amount::from_sat(150_000));
+        let (funding, outpoint) = funding(&params, coin);
         chain.submit(&funding).unwrap();
         chain.mine(1);
-        let channel = params.at(outpoint);
-        let pay = |sat: u64| {
-            let mut tx = channel.build_payment(Amount::from_sat(sat)).unwrap();
-            channel.sign_payment(&mut tx, &client).unwrap();
-            tx
-        };
-        let record = ChannelRecord::open(channel.clone(), index, pay(1_000))
-            .with_funded_at(chain.tip().height);
-        store.create(record).await.unwrap();
-        let id = ChannelId::new(outpoint);
-        let _ = store.store_payment(id, pay(paid)).await.unwrap();
-        id
+        store_open(store, params.at(outpoint), index, chain.tip().height, paid).await
     }
 
-    fn task(store: &MemoryStore, esplora: Esplora) -> Settlement<MemoryStore, Esplora> {
-        Settlement::new(store.clone(), esplora, master())
-            .with_cpfp_key(payout())
-            .with_backoff(Duration::ZERO, Duration::ZERO)
-    }
-
-    async fn close_of(store: &MemoryStore, id: ChannelId) -> Transaction {
-        store.load(id).await.unwrap().unwrap().close_transaction(&master()).unwrap()
-    }
-
-    async fn state(store: &MemoryStore, id: ChannelId) -> ChannelState {
-        store.load(id).await.unwrap().unwrap().state
-    }
-
-    /// A cooperative close asked for: the channel moves to closing, as the close endpoint does.
-    async fn ask_close(store: &MemoryStore, id: ChannelId) {
-        assert!(store.transition(id, ChannelState::Open, ChannelState::Closing).await.unwrap());
-    }
-
-    /// electrs answers `{"confirmed":false}` for the status of a close that left the mempool:
-    /// the task must not read it as "in the mempool". The close is broadcast again (one
-    /// rebroadcast counted) and settles.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_evicted_close_is_broadcast_again_and_settles() {
         let chain = SimulatedChain::new();

@@ -305,7 +305,6 @@ impl ChainBackend for BitcoindRpc {
         parent: &Transaction,
         child: &Transaction,
     ) -> Result<Txid, ChainError> {
-        let txid = child.compute_txid();
         let package = json!([[serialize_hex(parent), serialize_hex(child)]]);
         let answer = match self.call("submitpackage", package).await? {
             Ok(answer) => answer,
@@ -316,7 +315,7 @@ impl ChainBackend for BitcoindRpc {
                 });
             }
         };
-        package_result(&answer, txid)
+        package_result(&answer, parent, child)
     }
 
     async fn has_package_relay(&self) -> Result<bool, ChainError> {

@@ -1,7 +1,7 @@
 //! Bitcoin Core's `sendrawtransaction` errors, as Core and Esplora (which relays them) report
 //! them, mapped to [`RejectReason`].
 
-use bitcoin::Txid;
+use bitcoin::{Transaction, Txid};
 use serde_json::Value;
 
 use super::http::unavailable;
@@ -64,20 +64,29 @@ pub(crate) fn map_broadcast_error(code: i64, message: &str) -> BroadcastError {
 
 /// Reads Bitcoin Core's `submitpackage` answer (as Core returns it, and as Esplora's
 /// `POST /txs/package` relays it): `Ok(child)` if the package is in the mempool.
-pub(crate) fn package_result(answer: &Value, child: Txid) -> Result<Txid, ChainError> {
+pub(crate) fn package_result(
+    answer: &Value,
+    parent: &Transaction,
+    child: &Transaction,
+) -> Result<Txid, ChainError> {
     // Core answers "success" or describes each transaction's fate; a failure of the whole
     // package (a package policy) comes with no per-transaction error at all.
     let message = answer.get("package_msg").and_then(Value::as_str).unwrap_or("no package_msg");
     if message == "success" {
-        return Ok(child);
+        return Ok(child.compute_txid());
     }
-    let errors: Vec<&str> = answer
-        .get("tx-results")
-        .and_then(Value::as_object)
-        .map(|results| {
-            results.values().filter_map(|r| r.get("error").and_then(Value::as_str)).collect()
-        })
-        .unwrap_or_default();
+    // `tx-results` is keyed by wtxid, in no order that says which is the parent: the parent's
+    // error is the reason (a child refused with it only lacks its parent's outputs).
+    let results = answer.get("tx-results").and_then(Value::as_object);
+    let error_of = |wtxid: String| {
+        results.and_then(|r| r.get(&wtxid)).and_then(|r| r.get("error")).and_then(Value::as_str)
+    };
+    let mut errors: Vec<&str> = error_of(parent.compute_wtxid().to_string()).into_iter().collect();
+    errors.extend(error_of(child.compute_wtxid().to_string()));
+    errors.extend(results.into_iter().flat_map(|results| {
+        results.values().filter_map(|r| r.get("error").and_then(Value::as_str))
+    }));
+    let child = child.compute_txid();
     match errors.first() {
         None => Err(unavailable(format!("submitpackage: {message}"))),
         Some(message) => match map_broadcast_error(-26, message) {
@@ -107,6 +116,56 @@ pub(crate) fn relayed_error(text: &str) -> Option<(i64, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two distinct transactions: (parent, child).
+    fn pair() -> (Transaction, Transaction) {
+        let tx = |lock: u32| Transaction {
+            version: bitcoin::transaction::Version::TWO,
+            lock_time: bitcoin::absolute::LockTime::from_consensus(lock),
+            input: vec![],
+            output: vec![],
+        };
+        (tx(1), tx(2))
+    }
+
+    /// A refused package names the parent's reason, whichever wtxid sorts first in
+    /// `tx-results` (the real electrs run found MissingInputs or FeeTooLow by that order).
+    #[test]
+    fn a_refused_package_reports_the_parents_reason() {
+        let (parent, child) = pair();
+        let answer =
+            |first: &Transaction, first_error: &str, second: &Transaction, second_error: &str| {
+                let mut results = serde_json::Map::new();
+                results.insert(
+                    first.compute_wtxid().to_string(),
+                    serde_json::json!({ "error": first_error }),
+                );
+                results.insert(
+                    second.compute_wtxid().to_string(),
+                    serde_json::json!({ "error": second_error }),
+                );
+                serde_json::json!({ "package_msg": "transaction failed", "tx-results": results })
+            };
+        for answer in [
+            answer(
+                &parent,
+                "mempool min fee not met, 100 < 400",
+                &child,
+                "bad-txns-inputs-missingorspent",
+            ),
+            answer(
+                &child,
+                "bad-txns-inputs-missingorspent",
+                &parent,
+                "mempool min fee not met, 100 < 400",
+            ),
+        ] {
+            let error = package_result(&answer, &parent, &child).unwrap_err();
+            assert_eq!(error.reject_reason(), Some(RejectReason::FeeTooLow), "{answer}");
+        }
+        let success = serde_json::json!({ "package_msg": "success" });
+        assert_eq!(package_result(&success, &parent, &child), Ok(child.compute_txid()));
+    }
 
     #[test]
     fn reads_core_errors_relayed_by_esplora() {

@@ -157,7 +157,7 @@ impl Esplora {
         }
         if status == StatusCode::OK {
             let answer: Value = serde_json::from_slice(&answer).map_err(unavailable)?;
-            return package_result(&answer, child.compute_txid());
+            return package_result(&answer, parent, child);
         }
         // Core's error for the whole call (electrs relays it in a 400 body).
         match relayed_error(&text) {
@@ -381,12 +381,23 @@ impl ChainBackend for Esplora {
         parent: &Transaction,
         child: &Transaction,
     ) -> Result<Txid, ChainError> {
-        match (self.submit_package(parent, child).await, &self.package_relay) {
+        let result = match (self.submit_package(parent, child).await, &self.package_relay) {
             (Err(error), Some(relay)) if error.is_unsupported() => {
                 relay.broadcast_package(parent, child).await
             }
             (result, _) => result,
+        };
+        if result.is_ok() {
+            // electrs indexes what reached its node some other way than its own `POST /tx`
+            // (a package, through its endpoint or the relay) only at its next poll of the
+            // node, up to seconds later (docs/ESPLORA-RUN.md): a settlement pass in between
+            // would read the close as unknown and send it again. Both electrs index what
+            // `POST /tx` accepted at once, and the node answers "already in the mempool":
+            // what these two answer does not matter.
+            let _indexed = self.broadcast(parent).await;
+            let _indexed = self.broadcast(child).await;
         }
+        result
     }
 
     /// `true` with a [`PackageRelay`]; else whether the server has `POST /txs/package` (asked

@@ -12,7 +12,9 @@
 //!   spent, existing or not (`Query::lookup_spend`);
 //! * `POST /tx` relays Core's `sendrawtransaction` error in a 400 body: older electrs as
 //!   `sendrawtransaction RPC error: {"code":-26,"message":"…"}`, newer Blockstream electrs (whose
-//!   error kind carries the code) as `sendrawtransaction RPC error -26: …`;
+//!   error kind carries the code) as `sendrawtransaction RPC error -26: …`; in Bitcoin Core
+//!   28+'s words where a run against a real electrs saw them (docs/ESPLORA-RUN.md: a refused
+//!   replacement, outputs already in the UTXO set, the mempool minimum, undecodable hex);
 //! * `POST /txs/package` (Core's `submitpackage`, its JSON answer relayed with 200) exists only
 //!   on newer servers; any route a server does not have answers
 //!   `404 endpoint does not exist "/path"` (the router's last arm);
@@ -31,7 +33,7 @@ use axum::routing::{get, post};
 use bitcoin::consensus::encode::deserialize_hex;
 use bitcoin::{OutPoint, Transaction, Txid};
 use paychan::chain::sim::SimulatedChain;
-use paychan::chain::{ChainBackend, ChainError, TxStatus};
+use paychan::chain::{ChainBackend, ChainError, RejectReason, TxStatus};
 use serde_json::json;
 
 /// Which electrs the fake answers as.
@@ -85,6 +87,11 @@ fn relayed(flavor: Flavor, method: &str, error: &ChainError) -> Response {
         ChainError::Rejected { reason, message } => super::core_error(*reason, message),
         other => return (StatusCode::BAD_REQUEST, other.to_string()).into_response(),
     };
+    relayed_as(flavor, method, code, &message)
+}
+
+/// Core's error relayed as `flavor` relays it: `code` and `message` as given.
+fn relayed_as(flavor: Flavor, method: &str, code: i64, message: &str) -> Response {
     let body = match flavor {
         Flavor::Old => {
             let error = json!({ "code": code, "message": message });
@@ -95,20 +102,73 @@ fn relayed(flavor: Flavor, method: &str, error: &ChainError) -> Response {
     (StatusCode::BAD_REQUEST, body).into_response()
 }
 
+/// The fee `tx` pays, its inputs looked up on the chain (confirmed or in the mempool).
+fn fee_of(chain: &SimulatedChain, tx: &Transaction) -> Option<u64> {
+    let mut inputs = 0u64;
+    for input in &tx.input {
+        let previous = chain.get_transaction(&input.previous_output.txid)?;
+        inputs += previous.output.get(input.previous_output.vout as usize)?.value.to_sat();
+    }
+    inputs.checked_sub(tx.output.iter().map(|o| o.value.to_sat()).sum())
+}
+
+/// A fee rate as Core prints one (`CFeeRate::ToString`): sat per 1 000 vB, in BTC.
+fn btc_per_kvb(fee: u64, vsize: usize) -> String {
+    let per_kvb = fee * 1_000 / vsize as u64;
+    format!("{}.{:08} BTC/kvB", per_kvb / 100_000_000, per_kvb % 100_000_000)
+}
+
+/// What Bitcoin Core 28 and later (full replace-by-fee) answers for `tx` spending an output a
+/// mempool transaction spends, as the real electrs run relayed it (docs/ESPLORA-RUN.md):
+/// `insufficient fee, rejecting replacement <txid>; new feerate … <= old feerate …`. `None`
+/// where Core would have replaced the conflict (the simulated chain never replaces).
+fn replacement_refused(chain: &SimulatedChain, tx: &Transaction) -> Option<String> {
+    let conflict = chain.mempool_txids().into_iter().find_map(|txid| {
+        let other = chain.get_transaction(&txid)?;
+        let spends =
+            |i: &bitcoin::TxIn| tx.input.iter().any(|j| j.previous_output == i.previous_output);
+        other.input.iter().any(spends).then_some(other)
+    })?;
+    let (new, old) = (fee_of(chain, tx)?, fee_of(chain, &conflict)?);
+    let (new_vsize, old_vsize) = (tx.vsize(), conflict.vsize());
+    // new / new_vsize <= old / old_vsize, as Core compares them.
+    (u128::from(new) * old_vsize as u128 <= u128::from(old) * new_vsize as u128).then(|| {
+        format!(
+            "insufficient fee, rejecting replacement {}; new feerate {} <= old feerate {}",
+            conflict.compute_txid(),
+            btc_per_kvb(new, new_vsize),
+            btc_per_kvb(old, old_vsize)
+        )
+    })
+}
+
 async fn broadcast(State(fake): State<Fake>, body: String) -> Response {
-    let tx = match deserialize_hex::<Transaction>(body.trim()) {
-        Ok(tx) => tx,
-        Err(_) => {
-            let error = ChainError::Rejected {
-                reason: paychan::chain::RejectReason::Invalid,
-                message: "TX decode failed".into(),
-            };
-            return relayed(fake.flavor, "sendrawtransaction", &error);
-        }
+    let method = "sendrawtransaction";
+    let Ok(tx) = deserialize_hex::<Transaction>(body.trim()) else {
+        // Core's answer to hex that is no transaction, as the real electrs relayed it.
+        let message = "TX decode failed. Make sure the tx has at least one input.";
+        return relayed_as(fake.flavor, method, -22, message);
     };
     match fake.chain.submit(&tx) {
         Ok(txid) => txid.to_string().into_response(),
-        Err(error) => relayed(fake.flavor, "sendrawtransaction", &error),
+        // Core 28+'s words where the run saw them (the code is the same as `core_error`'s).
+        Err(error @ ChainError::Rejected { reason: RejectReason::Conflict, .. }) => {
+            match replacement_refused(&fake.chain, &tx) {
+                Some(message) => relayed_as(fake.flavor, method, -26, &message),
+                None => relayed(fake.flavor, method, &error),
+            }
+        }
+        Err(ChainError::Rejected { reason: RejectReason::AlreadyConfirmed, .. }) => {
+            relayed_as(fake.flavor, method, -27, "Transaction outputs already in utxo set")
+        }
+        // The simulated chain words a refusal below the mempool minimum as Core does
+        // (`mempool min fee not met, <fee> < <minimum fee>`, in sat).
+        Err(ChainError::Rejected { reason: RejectReason::FeeTooLow, message })
+            if message.starts_with("mempool min fee not met") =>
+        {
+            relayed_as(fake.flavor, method, -26, &message)
+        }
+        Err(error) => relayed(fake.flavor, method, &error),
     }
 }
 
@@ -120,12 +180,37 @@ async fn package(State(fake): State<Fake>, uri: Uri, body: String) -> Response {
     let Ok(hexes) = serde_json::from_str::<Vec<String>>(&body) else {
         return (StatusCode::BAD_REQUEST, "invalid JSON").into_response();
     };
-    let txs: Result<Vec<Transaction>, _> = hexes.iter().map(|h| deserialize_hex(h)).collect();
-    let txs = match txs {
-        // Core refuses an empty package as a whole: electrs answers 400 "RPC error".
-        Ok(txs) if txs.len() == 2 => txs,
-        _ => return (StatusCode::BAD_REQUEST, "RPC error").into_response(),
-    };
+    // mempool/electrs's checks before it asks Core (`src/rest.rs`, the `POST /txs/package`
+    // arm), then Core's refusals of the whole call, as the real run saw them.
+    let refused = |message: String| (StatusCode::BAD_REQUEST, message).into_response();
+    if hexes.len() > 25 {
+        return refused("Exceeded maximum of 25 transactions".into());
+    }
+    for (index, hex) in hexes.iter().enumerate() {
+        if !(120..800_000).contains(&hex.len()) {
+            return refused(format!("Invalid transaction size for item {index}"));
+        }
+        if hex.len() % 2 == 1 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return refused(format!("Invalid transaction hex for item {index}"));
+        }
+    }
+    if hexes.is_empty() {
+        let message = "Array must contain between 1 and 25 transactions.";
+        return relayed_as(fake.flavor, "submitpackage", -8, message);
+    }
+    let mut txs = Vec::new();
+    for hex in &hexes {
+        let Ok(tx) = deserialize_hex::<Transaction>(hex) else {
+            let message =
+                format!("TX decode failed: {hex} Make sure the tx has at least one input.");
+            return relayed_as(fake.flavor, "submitpackage", -22, &message);
+        };
+        txs.push(tx);
+    }
+    // The fake takes one parent and its child (what the backend sends).
+    if txs.len() != 2 {
+        return refused("RPC error".into());
+    }
     let result = |tx: &Transaction, error: Option<String>| {
         let mut entry = json!({ "txid": tx.compute_txid() });
         if let Some(error) = error {

@@ -16,8 +16,12 @@ pub fn now_ms() -> u64 {
     u64::try_from(since.as_millis()).unwrap()
 }
 
+#[cfg(all(feature = "esplora", feature = "bitcoind"))]
+pub mod electrs;
 #[cfg(feature = "esplora")]
 pub mod esplora_fake;
+#[cfg(feature = "esplora")]
+pub mod esplora_settle;
 #[cfg(feature = "bitcoind")]
 pub mod node;
 pub mod stores;

@@ -345,3 +345,29 @@ impl Drop for Node {
         let _ = std::fs::remove_dir_all(&self.datadir);
     }
 }
+
+impl Node {
+    /// Fills the node's mempool (started with `-maxmempool=5 -datacarriersize=100000`) with
+    /// large transactions (90 kB of OP_RETURN each) paying just above `rate`, from its wallet's
+    /// mature coins, until it trims and its minimum fee rate rises above `rate`.
+    pub async fn fill_mempool(&self, rate: bitcoin::FeeRate) {
+        use serde_json::json;
+        let coins = self.wallet_rpc("listunspent", json!([1])).await;
+        let address = self.wallet_rpc("getnewaddress", json!(["", "bech32"])).await;
+        let data = "00".repeat(90_000);
+        let filler_rate = rate.to_sat_per_kwu() / 250 + 1;
+        for coin in coins.as_array().unwrap() {
+            let fee = Amount::from_sat(filler_rate * 90_300);
+            let Some(change) = btc(&coin["amount"]).checked_sub(fee) else { continue };
+            let inputs = json!([{ "txid": coin["txid"], "vout": coin["vout"] }]);
+            let change = change.to_string_in(bitcoin::Denomination::Bitcoin);
+            let outputs = json!([{ "data": data }, { address.as_str().unwrap(): change }]);
+            let raw = self.wallet_rpc("createrawtransaction", json!([inputs, outputs])).await;
+            let signed = self.wallet_rpc("signrawtransactionwithwallet", json!([raw])).await;
+            // Refused once the mempool's minimum passed the filler's rate: it is full.
+            if self.rpc_result("sendrawtransaction", json!([signed["hex"]])).await.is_err() {
+                break;
+            }
+        }
+    }
+}
