@@ -249,11 +249,12 @@ async fn opens_on_the_first_402_tops_up_and_settles_exactly() {
     let view = server_channel(&server, &channel.id().to_string()).await;
     assert_eq!(view["paid_msat"], committed.to_sat() * 1_000);
     assert_eq!(view["spent_msat"], metered.to_sat() * 1_000);
-    // Every answer carried a receipt signed with K2, which the payer verified: the last one
-    // states what the server spent.
+    // Every answer carried a receipt, linked to the one before; the server signs them in
+    // batches (its first on the channel at once), with K2: the last signed one, which the
+    // payer verified, states what the server had spent by then.
     let receipt = payer.latest_receipt().expect("a verified receipt");
     assert_eq!((receipt.channel, receipt.price_msat), (channel.id(), PRICE));
-    assert_eq!(receipt.spent(), MilliSats::from_sat(metered).unwrap());
+    assert!(receipt.spent() <= MilliSats::from_sat(metered).unwrap());
     assert!(receipt.is_for("GET", "/work"));
     let k2 = channel.channel.params().server_key.0;
     assert_eq!(receipt.verify(&k2), Ok(()));
@@ -261,6 +262,15 @@ async fn opens_on_the_first_402_tops_up_and_settles_exactly() {
     // A fair close: the server gets what it metered, the prepaid rest comes back.
     let closed = client.close().await.unwrap();
     assert_eq!(closed.server_amount, metered);
+    // The close's receipt, signed and linked to the last receipt held, is the final proof:
+    // everything the channel was charged.
+    let proof = payer.latest_receipt().expect("the close's receipt");
+    assert!(
+        proof.is_signed()
+            && proof.is_for("POST", &format!("/payment-channel/channels/{}/close", channel.id()))
+    );
+    assert_eq!(proof.spent(), MilliSats::from_sat(metered).unwrap());
+    assert_eq!(proof.verify(&k2), Ok(()));
     server.chain.mine(1);
     assert!(matches!(server.chain.tx_status(&closed.txid), TxStatus::Confirmed { .. }));
     let settlement = server.chain.get_transaction(&closed.txid).unwrap();
@@ -1064,8 +1074,25 @@ async fn a_settlement_that_is_not_the_latest_payment_is_named() {
     }
 }
 
-/// A server whose receipts `lie` rewrites, with the channel's K2 (`None`: not a receipt).
+/// A server whose receipts `lie` rewrites, with the channel's K2 (`None`: not a receipt);
+/// every receipt signed.
 async fn receipt_tampering_server(
+    lie: impl Fn(
+        paychan::wire::Receipt,
+        &paychan::bitcoin::secp256k1::SecretKey,
+    ) -> Option<paychan::wire::Receipt>
+    + Clone
+    + Send
+    + Sync
+    + 'static,
+) -> Server {
+    receipt_server(paychan::server::ReceiptSigning::Every, lie).await
+}
+
+/// A server signing receipts as `signing` says, whose receipts `lie` rewrites (with the
+/// channel's K2; `None`: not a receipt).
+async fn receipt_server(
+    signing: paychan::server::ReceiptSigning,
     lie: impl Fn(
         paychan::wire::Receipt,
         &paychan::bitcoin::secp256k1::SecretKey,
@@ -1104,7 +1131,11 @@ async fn receipt_tampering_server(
     };
     let app = Router::new()
         .route("/work", get(|| async { "done" }))
-        .layer(PaywallLayer::new(store, PRICE, tip).with_negotiation(negotiation))
+        .layer(
+            PaywallLayer::new(store, PRICE, tip)
+                .with_negotiation(negotiation)
+                .receipt_signing(signing),
+        )
         .layer(axum::middleware::from_fn(lying));
     Server { origin: format!("http://{}", serve(app).await), chain }
 }
@@ -1265,6 +1296,82 @@ async fn an_idle_channel_is_closed_fairly_by_the_payer() {
     idle.abort();
 }
 
+/// Receipts signed in batches: every answer carries a receipt linked to the one before, and
+/// the server signs the receipt that would be the batch's last unsigned in a row (by its
+/// count and the client's), or the client's own maximum when it is smaller; the payer
+/// accepts the unsigned ones link by link and keeps the last signed one as its proof. A
+/// server that stops signing is paid no more once the client holds its maximum of unsigned
+/// receipts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_come_signed_in_batches_and_a_server_that_stops_signing_is_paid_no_more() {
+    use paychan::server::ReceiptSigning;
+    use paychan::wire::Receipt;
+
+    let batches = ReceiptSigning::Batched { every: 8, within: Duration::from_secs(3_600) };
+    for (what, max, stops, signed_at) in [
+        ("batches of 8", 128, false, vec![1, 9, 17, 25, 33]),
+        (
+            "the client's max of 3",
+            3,
+            false,
+            vec![1, 4, 7, 10, 13, 16, 19, 22, 25, 28, 31, 34, 37, 40],
+        ),
+        ("a server that stops signing", 3, true, vec![]),
+    ] {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::<Receipt>::new()));
+        let server = receipt_server(batches, {
+            let seen = Arc::clone(&seen);
+            move |mut r: Receipt, _: &paychan::bitcoin::secp256k1::SecretKey| {
+                if stops {
+                    r.sig.clear();
+                }
+                seen.lock().unwrap().push(r.clone());
+                Some(r)
+            }
+        })
+        .await;
+        let wallet = funded_wallet(&server.chain);
+        let payer = payer_with(
+            &server,
+            &wallet,
+            MemoryClientStore::new(),
+            policy().with_max_unsigned_receipts(max),
+        );
+        let (mut client, _) = paying_client(&payer);
+        let mut outcome = Ok(());
+        for _ in 0..40 {
+            if let Err(e) = get_work(&mut client, &server.origin).await {
+                outcome = Err(e);
+                break;
+            }
+        }
+        let seen = seen.lock().unwrap().clone();
+        if stops {
+            // Three unsigned receipts are accepted; the fourth stops the payer, whose next
+            // request fails before it leaves.
+            assert_eq!(seen.len(), 4, "{what}");
+            assert!(
+                matches!(&outcome, Err(ClientError::ServerMisbehaved(m)) if m.kind == MisbehaviorKind::BadReceipt),
+                "{what}: {outcome:?}"
+            );
+            assert!(payer.latest_receipt().is_none(), "{what}: no signed receipt");
+            continue;
+        }
+        assert!(outcome.is_ok(), "{what}: {outcome:?}");
+        let signed: Vec<usize> = (1..=seen.len()).filter(|n| seen[n - 1].is_signed()).collect();
+        assert_eq!(signed, signed_at, "{what}: the receipts signed");
+        for pair in seen.windows(2) {
+            assert_eq!(
+                pair[1].prev_digest(),
+                pair[0].digest(),
+                "{what}: each links to the one before"
+            );
+        }
+        let last_signed = seen[signed_at.last().unwrap() - 1].clone();
+        assert_eq!(payer.latest_receipt(), Some(last_signed), "{what}: the proof kept");
+    }
+}
+
 /// Linked receipts: each request names the digest of the latest receipt the client holds
 /// (`Payment-Receipt-Prev`) and the server signs its receipt with that link, so the client's
 /// receipts form a chain; a server that drops or changes a link is paid no more.
@@ -1347,7 +1454,9 @@ async fn two_leased_nodes_look_like_one_server_to_the_payer() {
             );
             let paywall = PaywallLayer::new(store.clone(), PRICE, tip.clone())
                 .with_bundle(MilliSats::from_sat(Amount::from_sat(3_000)).unwrap())
-                .with_negotiation(negotiation);
+                .with_negotiation(negotiation)
+                // The last receipt is checked against the leases: every one signed.
+                .receipt_signing(paychan::server::ReceiptSigning::Every);
             Router::new().route("/work", get(|| async { "done" })).layer(paywall)
         })
         .collect();

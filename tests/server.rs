@@ -405,3 +405,55 @@ async fn head_is_priced_the_header_is_not_forwarded_and_a_script_sig_is_refused(
     assert_eq!(json(refused).await["code"], "payment-script-sig");
     assert_eq!(api.record().await, before, "the channel is untouched");
 }
+
+/// Who gets signed receipts: a client that does not send `Payment-Receipt-Unsigned` (every
+/// client before batches) gets every receipt signed, and so does a malformed header; one
+/// that sends it gets the node's first signed and then batches (32 by default), signed at
+/// once when it says it holds as many as it accepts; `ReceiptSigning::Every` signs every
+/// receipt whatever the client says. Signed ones verify under the channel's K2.
+#[tokio::test]
+async fn receipts_are_signed_for_any_client_that_does_not_ask_for_batches() {
+    use paychan::server::ReceiptSigning;
+    use paychan::wire::{PAYMENT_RECEIPT, PAYMENT_RECEIPT_UNSIGNED, Receipt};
+
+    let master = bitcoin::bip32::Xpriv::new_master(bitcoin::Network::Regtest, &[9; 32]).unwrap();
+    let k2 = paychan::channel::channel_key(&master, 0).unwrap();
+    let k2 = k2.public_key(&bitcoin::secp256k1::Secp256k1::new());
+    let batched = ReceiptSigning::default();
+    for (signing, said, expected) in [
+        (batched, None, [true; 4]),
+        (batched, Some("garbage"), [true; 4]),
+        (batched, Some("0/128"), [true, false, false, false]),
+        (batched, Some("31/128"), [true; 4]),
+        (batched, Some("2/3"), [true; 4]),
+        (ReceiptSigning::Every, Some("0/128"), [true; 4]),
+    ] {
+        let setup = Setup::new();
+        setup.open();
+        let store = MemoryStore::new();
+        let record = ChannelRecord::open(setup.channel.clone(), 0, setup.pay(10_000));
+        store.create(record).await.unwrap();
+        let (_tip, tip_rx) = watch::channel(setup.tip());
+        let layer =
+            PaywallLayer::new(store, PRICE, tip_rx).with_receipts(master).receipt_signing(signing);
+        let app = Router::new().route("/paid", get(|| async { "ok" })).layer(layer);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let header = wire::encode_payment(&setup.pay(10_000));
+        let mut headers = vec![(wire::PAYMENT_CHANNEL, header.as_str())];
+        headers.extend(said.map(|said| (PAYMENT_RECEIPT_UNSIGNED, said)));
+        let mut signed = [false; 4];
+        for slot in &mut signed {
+            let reply = call(addr, "GET", "/paid", &headers, None).await;
+            assert_eq!(status(&reply), StatusCode::OK);
+            let receipt = Receipt::decode(reply.header(PAYMENT_RECEIPT).unwrap().as_bytes());
+            let receipt = receipt.unwrap();
+            *slot = receipt.is_signed();
+            if receipt.is_signed() {
+                assert_eq!(receipt.verify(&k2), Ok(()), "{said:?}");
+            }
+        }
+        assert_eq!(signed, expected, "{signing:?} for a client that says {said:?}");
+    }
+}

@@ -37,6 +37,8 @@ pub(crate) struct Retry<'a, St> {
     sent: Option<CurrentPayment>,
     /// The digest of the receipt the attempt links to (`Payment-Receipt-Prev`).
     prev: Option<[u8; 32]>,
+    /// What the attempt says of the unsigned receipts (`Payment-Receipt-Unsigned`).
+    unsigned: Option<crate::wire::UnsignedReceipts>,
     /// Whether the request may be answered by a replay: an unsafe method with an
     /// `Idempotency-Key`.
     keyed: bool,
@@ -62,6 +64,7 @@ impl<'a, St: ClientStore> Retry<'a, St> {
             attempt: 0,
             sent: None,
             prev: None,
+            unsigned: None,
             keyed,
             method: method.clone(),
             path: path.to_owned(),
@@ -78,19 +81,31 @@ impl<'a, St: ClientStore> Retry<'a, St> {
         self.payer.check_trusted()?;
         self.attempt += 1;
         self.sent = self.payer.current().await?;
-        self.prev = None;
+        (self.prev, self.unsigned) = (None, None);
         if let Some(sent) = &self.sent {
             self.payer.note_send(sent.id);
             self.prev = self.payer.latest_receipt_digest(sent.id);
+            self.unsigned = Some(self.payer.unsigned_receipts(sent.id));
         }
         Ok(self.sent.as_ref().map(|sent| sent.header.clone()))
     }
 
-    /// The `Payment-Receipt-Prev` value this attempt carries: the digest of the latest
-    /// receipt on its channel, which the server links its receipt to.
-    pub(crate) fn prev_header(&self) -> Option<HeaderValue> {
-        let prev = self.prev?.to_lower_hex_string();
-        HeaderValue::try_from(prev).ok()
+    /// The receipt headers this attempt carries, each with its value or `None` (remove it):
+    /// `Payment-Receipt-Prev`, the digest of the latest receipt on its channel, which the
+    /// server links its receipt to; `Payment-Receipt-Unsigned`, the unsigned receipts held
+    /// since the last signed one, and the most the policy accepts.
+    pub(crate) fn receipt_headers(&self) -> [(&'static str, Option<HeaderValue>); 2] {
+        let value = |text: String| HeaderValue::try_from(text).ok();
+        [
+            (
+                crate::wire::PAYMENT_RECEIPT_PREV,
+                self.prev.map(|p| p.to_lower_hex_string()).and_then(value),
+            ),
+            (
+                crate::wire::PAYMENT_RECEIPT_UNSIGNED,
+                self.unsigned.map(|u| u.to_string()).and_then(value),
+            ),
+        ]
     }
 
     /// The receipt digest this attempt links to.

@@ -15,7 +15,7 @@ use bitcoin::secp256k1::PublicKey;
 use super::SpendingPolicy;
 use super::steps::{Misbehavior, MisbehaviorKind, StepError};
 use crate::MilliSats;
-use crate::wire::{ChannelId, Receipt};
+use crate::wire::{ChannelId, Receipt, UnsignedReceipts};
 
 /// The payment a request carried, as the [`ChargeWatch`] judges its answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +64,12 @@ pub struct ChargeWatch {
     prepaid: MilliSats,
     /// Whether a paid answer without a receipt stops the payments.
     require_receipts: bool,
+    /// The most receipts in a row the server may leave unsigned.
+    max_unsigned: u32,
+    /// Unsigned receipts received on the channel since the last signed one.
+    unsigned: u32,
+    /// The last receipt the server signed (and this watch verified), on any channel.
+    latest_signed: Option<Receipt>,
     pub(crate) channel: Option<ChannelId>,
     /// The spent the judgement starts from: zero for a channel this client opened, the first
     /// report for a channel loaded from a store (earlier requests are not known).
@@ -100,7 +106,9 @@ impl ChargeWatch {
     /// A watch under `policy`, of no channel yet.
     pub fn new(policy: &SpendingPolicy) -> Self {
         let prepaid = MilliSats::from_sat(policy.max_prepaid()).unwrap_or(MilliSats::MAX);
-        Self::empty(policy.max_per_request(), prepaid, false)
+        let mut watch = Self::empty(policy.max_per_request(), prepaid, false);
+        watch.max_unsigned = policy.max_unsigned_receipts();
+        watch
     }
 
     fn empty(max: MilliSats, prepaid: MilliSats, require_receipts: bool) -> Self {
@@ -108,6 +116,9 @@ impl ChargeWatch {
             max,
             prepaid,
             require_receipts,
+            max_unsigned: 0,
+            unsigned: 0,
+            latest_signed: None,
             channel: None,
             baseline: None,
             slack: MilliSats::ZERO,
@@ -136,6 +147,8 @@ impl ChargeWatch {
     /// the streams running.
     fn for_channel(&mut self, channel: ChannelId, baseline: Option<MilliSats>) {
         let mut fresh = Self::empty(self.max, self.prepaid, self.require_receipts);
+        fresh.max_unsigned = self.max_unsigned;
+        fresh.latest_signed = self.latest_signed.take();
         fresh.channel = Some(channel);
         fresh.baseline = baseline;
         fresh.overcharged = self.overcharged;
@@ -255,6 +268,18 @@ impl ChargeWatch {
                 return Err(self.refuse(why));
             }
         }
+        if receipt.is_signed() {
+            self.unsigned = 0;
+            self.latest_signed = Some(receipt.clone());
+        } else if self.unsigned >= self.max_unsigned {
+            let why = format!(
+                "the server left more than {} receipts in a row unsigned, the policy's most",
+                self.max_unsigned
+            );
+            return Err(self.refuse(why));
+        } else {
+            self.unsigned += 1;
+        }
         Ok(self.latest_receipt.insert(receipt))
     }
 
@@ -278,7 +303,9 @@ impl ChargeWatch {
         let paid = sent.paid_msat();
         let allowed = self.allowed_spent();
         let checked = verified(sent, value, method, path_and_query, prev).and_then(|receipt| {
-            if receipt.paid_msat < paid {
+            if !receipt.is_signed() {
+                Err("the stream's closing receipt is not signed".to_owned())
+            } else if receipt.paid_msat < paid {
                 Err(format!(
                     "the stream's receipt says {} was paid, less than the request carried",
                     receipt.paid_msat
@@ -302,6 +329,8 @@ impl ChargeWatch {
         let receipt = self.judged(checked).map_err(|why| {
             StepError::Misbehaved(Misbehavior::new(MisbehaviorKind::BadReceipt, why))
         })?;
+        self.unsigned = 0;
+        self.latest_signed = Some(receipt.clone());
         Ok(self.latest_receipt.insert(receipt).clone())
     }
 
@@ -375,10 +404,24 @@ impl ChargeWatch {
         self.latest_receipt.as_ref().filter(|r| r.channel == channel)?.digest()
     }
 
-    /// The last receipt the server signed and this watch verified: proof of what the channel
-    /// had been charged when it was issued.
+    /// The last receipt received (signed or not) that the watch accepted: what the next
+    /// request links to.
     pub fn latest_receipt(&self) -> Option<&Receipt> {
         self.latest_receipt.as_ref()
+    }
+
+    /// The last receipt the server signed and this watch verified: proof of what the channel
+    /// had been charged when it was issued (it commits to the unsigned receipts before it
+    /// through their links).
+    pub fn latest_signed_receipt(&self) -> Option<&Receipt> {
+        self.latest_signed.as_ref()
+    }
+
+    /// What the next request on `channel` says in `Payment-Receipt-Unsigned`: the unsigned
+    /// receipts held since the last signed one, and the policy's maximum.
+    pub fn unsigned_receipts(&self, channel: ChannelId) -> UnsignedReceipts {
+        let held = if self.channel == Some(channel) { self.unsigned } else { 0 };
+        UnsignedReceipts { held, max: self.max_unsigned }
     }
 
     /// Receipts verified on the current channel.
@@ -421,8 +464,13 @@ fn verified(
     path_and_query: &str,
     prev: Option<[u8; 32]>,
 ) -> Result<Receipt, String> {
+    // An unsigned receipt (the server signs in batches) is checked like any other but for its
+    // signature; the next signed one commits to it through the links.
     let receipt = Receipt::decode(value)
-        .and_then(|receipt| receipt.verify(&sent.server_key).map(|()| receipt))
+        .and_then(|receipt| match receipt.is_signed() {
+            true => receipt.verify(&sent.server_key).map(|()| receipt),
+            false => Ok(receipt),
+        })
         .map_err(|e| e.to_string())?;
     if receipt.channel != sent.channel {
         Err("the receipt is for another channel".to_owned())
@@ -432,5 +480,73 @@ fn verified(
         Err("the receipt does not link to the receipt the request named".to_owned())
     } else {
         Ok(receipt)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bitcoin::secp256k1::{Secp256k1, SecretKey};
+
+    use super::*;
+
+    /// Unsigned receipts are accepted up to the policy's maximum in a row (a signed one starts
+    /// the count again) and then stop the payments; a stream's closing receipt must be signed.
+    #[test]
+    fn unsigned_receipts_count_up_to_the_policy_and_a_stream_ends_signed() {
+        let key = SecretKey::from_slice(&[7; 32]).unwrap();
+        let k2 = key.public_key(&Secp256k1::new());
+        let channel: ChannelId = format!("{}:1", "11".repeat(32)).parse().unwrap();
+        let sent = SentPayment::new(channel, Amount::from_sat(1_000), k2);
+        let policy = SpendingPolicy::default().with_max_unsigned_receipts(2);
+        let mut watch = ChargeWatch::new(&policy);
+        watch.watch_new(channel);
+        let msat = MilliSats::from_msat;
+        let mut spent = 0;
+        let mut answer = |watch: &mut ChargeWatch, sign: bool| {
+            watch.note_send(channel);
+            spent += 1_000;
+            let prev = watch.latest_receipt_digest(channel);
+            let mut receipt = Receipt::new(
+                channel,
+                "GET",
+                "/",
+                msat(1_000),
+                msat(1_000_000),
+                msat(1_000_000 - spent),
+            );
+            if let Some(prev) = prev {
+                receipt = receipt.with_prev(prev);
+            }
+            let receipt = if sign { receipt.sign(&key) } else { receipt };
+            let said = watch.unsigned_receipts(channel);
+            let judged = watch.note_receipt(&sent, receipt.encode().as_bytes(), ("GET", "/"), prev);
+            (judged.is_ok(), said.held)
+        };
+        assert_eq!(answer(&mut watch, true), (true, 0));
+        assert_eq!(answer(&mut watch, false), (true, 0));
+        assert_eq!(answer(&mut watch, false), (true, 1));
+        assert_eq!(answer(&mut watch, true), (true, 2), "a signed one starts the count again");
+        assert_eq!(watch.latest_signed_receipt().unwrap().spent(), msat(4_000));
+        assert_eq!(answer(&mut watch, false), (true, 0));
+        assert_eq!(answer(&mut watch, false), (true, 1));
+        assert_eq!(answer(&mut watch, false), (false, 2), "a third in a row is one too many");
+        assert!(watch.check().is_err());
+
+        let mut watch = ChargeWatch::new(&SpendingPolicy::default());
+        watch.watch_new(channel);
+        watch.note_send(channel);
+        let unsigned =
+            Receipt::new(channel, "GET", "/s", msat(500), msat(1_000_000), msat(999_500));
+        let value = unsigned.encode();
+        let refused =
+            watch.note_stream_receipt(&sent, value.as_bytes(), ("GET", "/s"), None, msat(500));
+        assert!(refused.is_err(), "a stream's closing receipt unsigned");
+        let value = unsigned.sign(&key).encode();
+        let mut watch = ChargeWatch::new(&SpendingPolicy::default());
+        watch.watch_new(channel);
+        watch.note_send(channel);
+        let accepted =
+            watch.note_stream_receipt(&sent, value.as_bytes(), ("GET", "/s"), None, msat(500));
+        assert!(accepted.is_ok(), "{accepted:?}");
     }
 }

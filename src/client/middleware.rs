@@ -11,7 +11,7 @@ use super::payer::CurrentPayment;
 use super::stream::{Hooks, PaidBody};
 use super::transport::MAX_BODY;
 use super::{ClientError, ClientStore, MemoryClientStore, Payer, Transport, TransportFuture};
-use crate::wire::{PAYMENT_CHANNEL, PAYMENT_CHANNEL_STREAM, PAYMENT_RECEIPT_PREV, Problem};
+use crate::wire::{PAYMENT_CHANNEL, PAYMENT_CHANNEL_STREAM, Problem};
 
 /// Adds channel payments to a `reqwest-middleware` client: every request to the [`Payer`]'s
 /// server carries the `Payment-Channel` header, and a 402 is answered by paying (top-up or a
@@ -185,7 +185,7 @@ impl<St: ClientStore + 'static> Middleware for PaymentMiddleware<St> {
                 // A streaming body cannot be sent twice: send it once, as it is; its answer is
                 // counted as any other (the server charged it).
                 let mut request = request;
-                set_header(&mut request, header, retry.prev_header());
+                set_header(&mut request, header, retry.receipt_headers());
                 let response = next.run(request, extensions).await?;
                 let url = response.url();
                 if url.as_str().parse::<Uri>().is_ok_and(|uri| self.payer.applies_to(&uri)) {
@@ -197,7 +197,7 @@ impl<St: ClientStore + 'static> Middleware for PaymentMiddleware<St> {
                 }
                 return Ok(response);
             };
-            set_header(&mut this, header, retry.prev_header());
+            set_header(&mut this, header, retry.receipt_headers());
             let this_method = this.method().clone();
             let response = next.clone().run(this, extensions).await?;
             // Redirected to another origin (reqwest follows redirects): that answer is not the
@@ -238,15 +238,17 @@ impl<St: ClientStore + 'static> Middleware for PaymentMiddleware<St> {
 fn set_header(
     request: &mut reqwest::Request,
     header: Option<http::HeaderValue>,
-    prev: Option<http::HeaderValue>,
+    receipts: [(&'static str, Option<http::HeaderValue>); 2],
 ) {
     request.headers_mut().remove(PAYMENT_CHANNEL);
-    request.headers_mut().remove(PAYMENT_RECEIPT_PREV);
     if let Some(header) = header {
         request.headers_mut().insert(PAYMENT_CHANNEL, header);
     }
-    if let Some(prev) = prev {
-        request.headers_mut().insert(PAYMENT_RECEIPT_PREV, prev);
+    for (name, value) in receipts {
+        request.headers_mut().remove(name);
+        if let Some(value) = value {
+            request.headers_mut().insert(name, value);
+        }
     }
 }
 

@@ -86,6 +86,7 @@ impl<St, P: Clone> PaywallLayer<St, P> {
                 shadow: None,
                 signer: None,
                 no_receipts: false,
+                receipt_signing: super::ReceiptSigning::default(),
                 idempotency: Some(super::Idempotency::default()),
                 stream_hold: super::stream::DEFAULT_HOLD,
                 payment_path: Some(crate::wire::Endpoints::under(super::DEFAULT_PREFIX).payment),
@@ -154,15 +155,29 @@ impl<St, P: Clone> PaywallLayer<St, P> {
         self
     }
 
-    /// Signs a [`Receipt`](crate::wire::Receipt) for every paid response (the
-    /// `Payment-Receipt` header) with the channel's server key K2, derived from `master` (the
+    /// Gives every paid response a [`Receipt`](crate::wire::Receipt) (the `Payment-Receipt`
+    /// header), signed with the channel's server key K2, derived from `master` (the
     /// [`Negotiation`]'s key, which [`with_negotiation`](Self::with_negotiation) sets by
-    /// itself). Costs one ECDSA signature per paid request (and one key derivation per
-    /// channel and node).
+    /// itself), as [`receipt_signing`](Self::receipt_signing) says (by default in batches of
+    /// 32 for clients that accept it: a thirtieth of an ECDSA signature per request).
     pub fn with_receipts(mut self, master: Xpriv) -> Self {
         let meter = self.config_mut();
-        meter.signer = Some(Arc::new(Signer::new(master)));
+        meter.signer = Some(Arc::new(Signer::new(master, meter.receipt_signing)));
         meter.no_receipts = false;
+        self
+    }
+
+    /// When receipts are signed (default [`ReceiptSigning::Batched`] every 32 within 1 s;
+    /// [`ReceiptSigning::Every`] signs every one).
+    ///
+    /// [`ReceiptSigning::Batched`]: super::ReceiptSigning::Batched
+    /// [`ReceiptSigning::Every`]: super::ReceiptSigning::Every
+    pub fn receipt_signing(mut self, signing: super::ReceiptSigning) -> Self {
+        let meter = self.config_mut();
+        meter.receipt_signing = signing;
+        if let Some(signer) = meter.signer.take() {
+            meter.signer = Some(Arc::new(Signer::new(signer.master(), signing)));
+        }
         self
     }
 
@@ -224,7 +239,8 @@ impl<St, P: Clone> PaywallLayer<St, P> {
         let meter = self.config_mut();
         meter.payment_path = Some(crate::wire::Endpoints::under(negotiation.prefix()).payment);
         if !meter.no_receipts {
-            meter.signer.get_or_insert_with(|| Arc::new(Signer::new(master)));
+            let signing = meter.receipt_signing;
+            meter.signer.get_or_insert_with(|| Arc::new(Signer::new(master, signing)));
         }
         self.negotiation = Some(Arc::new(Endpoints {
             prefix: negotiation.prefix().to_owned(),

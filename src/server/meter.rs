@@ -14,7 +14,7 @@ use tower::Service;
 use super::idempotency::{self, Idempotency};
 use super::rejection::{Rejection, RejectionKind};
 use super::stream::{BoxFuture, StreamMeter, Target, Units};
-use super::{ActualCost, Paid, ShadowTally};
+use super::{ActualCost, Paid, ReceiptSigning, ShadowTally};
 use crate::MilliSats;
 use bitcoin::bip32::Xpriv;
 use bitcoin::hex::FromHex;
@@ -29,7 +29,8 @@ use crate::store::{
 };
 use crate::wire::{
     self, ChannelId, PAYMENT_CHANNEL, PAYMENT_CHANNEL_BALANCE, PAYMENT_CHANNEL_STREAM,
-    PAYMENT_RECEIPT, PAYMENT_RECEIPT_PREV, PaymentAnswer, Problem, Receipt,
+    PAYMENT_RECEIPT, PAYMENT_RECEIPT_PREV, PAYMENT_RECEIPT_UNSIGNED, PaymentAnswer, Problem,
+    Receipt, UnsignedReceipts,
 };
 
 /// The header names of the per-request path, parsed once (a `&str` name is parsed and checked
@@ -85,6 +86,8 @@ pub(super) struct Meter<St, P> {
     pub(super) signer: Option<Arc<Signer>>,
     /// Receipts turned off: negotiation endpoints do not turn them on.
     pub(super) no_receipts: bool,
+    /// When receipts are signed.
+    pub(super) receipt_signing: ReceiptSigning,
     /// How the responses of requests with an `Idempotency-Key` are kept (`None`: the header
     /// is ignored).
     pub(super) idempotency: Option<Idempotency>,
@@ -126,15 +129,45 @@ pub(super) enum Charged {
     Held(IdempotencyRecord),
 }
 
-/// The receipts' signer: the master key, and each channel's server key once derived.
+/// The receipts' signer: the master key, each channel's server key once derived, and when
+/// to sign.
 pub(super) struct Signer {
     master: Xpriv,
     keys: dashmap::DashMap<ChannelId, SecretKey>,
+    signing: ReceiptSigning,
+    /// Per channel: the receipts this node left unsigned since it last signed one, and when.
+    batches: dashmap::DashMap<ChannelId, (u32, std::time::Instant)>,
 }
 
 impl Signer {
-    pub(super) fn new(master: Xpriv) -> Self {
-        Self { master, keys: dashmap::DashMap::new() }
+    pub(super) fn new(master: Xpriv, signing: ReceiptSigning) -> Self {
+        let (keys, batches) = (dashmap::DashMap::new(), dashmap::DashMap::new());
+        Self { master, keys, signing, batches }
+    }
+
+    /// Whether the receipt of `channel` for a client that said `unsigned` is signed (see
+    /// [`ReceiptSigning::Batched`]); counts it either way.
+    fn due(&self, channel: ChannelId, unsigned: Option<UnsignedReceipts>) -> bool {
+        let (ReceiptSigning::Batched { every, within }, Some(said)) = (self.signing, unsigned)
+        else {
+            return true;
+        };
+        let now = std::time::Instant::now();
+        if self.batches.len() >= VERIFIED_CACHE_LIMIT && !self.batches.contains_key(&channel) {
+            self.batches.clear();
+        }
+        let mut batch = self.batches.entry(channel).or_insert((u32::MAX, now));
+        let (left, since) = *batch;
+        let due = left == u32::MAX // this node's first receipt of the channel
+            || said.must_sign(every)
+            || left.saturating_add(1) >= every
+            || now.duration_since(since) >= within;
+        *batch = if due { (0, now) } else { (left + 1, since) };
+        due
+    }
+
+    pub(super) fn master(&self) -> Xpriv {
+        self.master
     }
 
     /// Derives and keeps the server key of `record`'s channel.
@@ -165,7 +198,11 @@ impl<St, P: Clone> Clone for Meter<St, P> {
             latest: dashmap::DashMap::new(),
             forward_payment_header: self.forward_payment_header,
             shadow: self.shadow.clone(),
-            signer: self.signer.as_ref().map(|signer| Arc::new(Signer::new(signer.master))),
+            signer: self
+                .signer
+                .as_ref()
+                .map(|signer| Arc::new(Signer::new(signer.master, signer.signing))),
+            receipt_signing: self.receipt_signing,
             no_receipts: self.no_receipts,
             idempotency: self.idempotency,
             stream_hold: self.stream_hold,
@@ -227,6 +264,11 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
                             .get(PAYMENT_RECEIPT_PREV)
                             .and_then(|value| Vec::<u8>::from_hex(value.to_str().ok()?).ok())
                             .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok()),
+                        // A malformed one asks for every receipt signed.
+                        unsigned: request
+                            .headers()
+                            .get(PAYMENT_RECEIPT_UNSIGNED)
+                            .and_then(|value| UnsignedReceipts::parse(value.as_bytes())),
                     })
                 });
                 (claim, target)
@@ -289,7 +331,7 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
             }
             if let Some(target) = target {
                 let receipt = target.receipt(paid.channel, charged, carried, balance);
-                if let Some(signed) = Box::pin(self.sign(receipt)).await
+                if let Some(signed) = Box::pin(self.sign(receipt, target.unsigned)).await
                     && let Ok(value) = HeaderValue::try_from(signed.encode())
                 {
                     headers.insert(PAYMENT_RECEIPT, value);
@@ -426,9 +468,13 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
     }
 
     /// Signs `receipt` with its channel's K2 (derived once per channel; a channel this node
-    /// has not loaded yet is loaded for its key index).
-    async fn sign(&self, receipt: Receipt) -> Option<Receipt> {
+    /// has not loaded yet is loaded for its key index) when it is due for a client that said
+    /// `unsigned` (`None`: always); returns it unsigned otherwise.
+    async fn sign(&self, receipt: Receipt, unsigned: Option<UnsignedReceipts>) -> Option<Receipt> {
         let signer = self.signer.as_ref()?;
+        if !signer.due(receipt.channel, unsigned) {
+            return Some(receipt);
+        }
         if !signer.keys.contains_key(&receipt.channel) {
             let record = self.store.load(receipt.channel).await.ok()??;
             signer.remember(&record);
@@ -639,7 +685,8 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Units for Meter<St, P> {
         Box::pin(async move {
             let record = self.store.load(channel).await.ok()??;
             let receipt = target.receipt(channel, charged, record.paid(), record.unspent());
-            self.sign(receipt).await
+            // The end of a metered stream: always signed.
+            self.sign(receipt, None).await
         })
     }
 }

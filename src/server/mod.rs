@@ -70,7 +70,7 @@ pub use idempotency::Idempotency;
 pub use layer::{DEFAULT_BUNDLE, DEFAULT_TERMS_URL, PaywallLayer};
 pub use negotiate::{DEFAULT_PREFIX, Negotiation};
 pub use pricing::{Pricing, RoutePrices, Unlisted};
-pub use receipt::{ActualCost, Paid, ShadowTally};
+pub use receipt::{ActualCost, Paid, ReceiptSigning, ShadowTally};
 pub use rejection::{Rejection, RejectionKind};
 pub use service::Paywall;
 pub use stream::{DEFAULT_HOLD, Exhausted, StreamMeter};

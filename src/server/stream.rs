@@ -32,6 +32,8 @@ pub(super) struct Target {
     pub(super) method: http::Method,
     pub(super) path: String,
     pub(super) prev: Option<[u8; 32]>,
+    /// What the client said of its unsigned receipts (`None`: it wants every one signed).
+    pub(super) unsigned: Option<crate::wire::UnsignedReceipts>,
 }
 
 impl Target {

@@ -50,7 +50,10 @@ pub use negotiation::{
 pub(crate) use prices::PathPattern;
 pub use prices::PriceList;
 pub use problem::{ChannelSnapshot, PROBLEM_JSON, PROBLEM_TYPE_PREFIX, Problem, ProblemCode};
-pub use receipt::{PAYMENT_RECEIPT, PAYMENT_RECEIPT_PREV, Receipt, ReceiptError, request_digest};
+pub use receipt::{
+    PAYMENT_RECEIPT, PAYMENT_RECEIPT_PREV, PAYMENT_RECEIPT_UNSIGNED, Receipt, ReceiptError,
+    UnsignedReceipts, request_digest,
+};
 
 /// The response header of a metered stream ([`StreamMeter`](crate::server::StreamMeter)):
 /// `sse; per-event=<msat>` for SSE events (watch for the `payment-required` event), or

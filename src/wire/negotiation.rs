@@ -208,6 +208,10 @@ pub struct CloseRequest {
     /// already closing it is ignored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fair_payment: Option<String>,
+    /// The digest (hex) of the latest receipt the client holds on the channel, as
+    /// `Payment-Receipt-Prev` names it: the close's receipt links to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev: Option<String>,
 }
 
 /// The answer to `POST …/channels/{id}/close`.
@@ -223,4 +227,10 @@ pub struct CloseResponse {
     pub close_tx: String,
     /// `closed` once broadcast, `closing` while the server retries the broadcast.
     pub state: ChannelState,
+    /// The close's receipt, always signed: the request `POST <this path>`, price 0, the proof
+    /// payment the request carried and the channel's balance left by what it committed,
+    /// linked to the request's `prev`. It commits to every receipt before it: the client's
+    /// final proof of what the channel was charged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receipt: Option<super::Receipt>,
 }

@@ -20,6 +20,59 @@ pub const PAYMENT_RECEIPT: &str = "payment-receipt";
 /// ([`Receipt::prev`]).
 pub const PAYMENT_RECEIPT_PREV: &str = "payment-receipt-prev";
 
+/// The request header with which a client accepts receipts signed in batches: `<held>/<max>`,
+/// it holds `held` unsigned receipts on the channel since the last signed one and accepts at
+/// most `max` in a row ([`UnsignedReceipts`]). Without it, every receipt is signed.
+pub const PAYMENT_RECEIPT_UNSIGNED: &str = "payment-receipt-unsigned";
+
+/// What a client says in [`PAYMENT_RECEIPT_UNSIGNED`]: it holds `held` unsigned receipts on
+/// the channel since its last signed one, and accepts at most `max` in a row. A signed
+/// receipt commits to every receipt before it through the [`prev`](Receipt::prev) links, so
+/// the client's proof of what it was charged is its last signed receipt; the unsigned ones
+/// after it are checked link by link and add up as any receipt does.
+///
+/// ```
+/// use paychan::wire::UnsignedReceipts;
+///
+/// let said = UnsignedReceipts::parse(b"30/64").unwrap();
+/// assert_eq!(said, UnsignedReceipts { held: 30, max: 64 });
+/// assert_eq!(said.to_string(), "30/64");
+/// // The server signs the receipt that would be the 32nd unsigned in a row (its batch of 32),
+/// // or the client's max, whichever comes first.
+/// assert!(!said.must_sign(32) && UnsignedReceipts { held: 31, max: 64 }.must_sign(32));
+/// assert!(UnsignedReceipts { held: 0, max: 1 }.must_sign(32), "max 1: every receipt");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnsignedReceipts {
+    /// Unsigned receipts the client holds since its last signed one.
+    pub held: u32,
+    /// The most it accepts in a row.
+    pub max: u32,
+}
+
+impl UnsignedReceipts {
+    /// Reads a header value `<held>/<max>` (decimal); `None` for anything else.
+    pub fn parse(value: &[u8]) -> Option<Self> {
+        let text = core::str::from_utf8(value).ok()?;
+        let (held, max) = text.trim().split_once('/')?;
+        let number = |s: &str| s.bytes().all(|b| b.is_ascii_digit()).then(|| s.parse().ok())?;
+        Some(Self { held: number(held)?, max: number(max)? })
+    }
+
+    /// Whether the next receipt must be signed under a server batch of `batch` receipts: it
+    /// would be the `held + 1`th unsigned in a row, and that reaches the smaller of `batch`
+    /// and the client's `max`.
+    pub fn must_sign(&self, batch: u32) -> bool {
+        self.held.saturating_add(1) >= self.max.min(batch)
+    }
+}
+
+impl fmt::Display for UnsignedReceipts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.held, self.max)
+    }
+}
+
 /// The tag of the receipt's signed hash (a BIP-0340 style tagged hash: no Bitcoin
 /// transaction hash, nor any other use of the key, can collide with it).
 const TAG: &[u8] = b"paychan/receipt/v1";
@@ -75,7 +128,10 @@ pub struct Receipt {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prev: Option<String>,
     /// The server's ECDSA signature (compact, 64 bytes, hex) over [`digest`](Self::digest),
-    /// with the channel's server key K2.
+    /// with the channel's server key K2. Empty (absent on the wire) for a receipt the server
+    /// left unsigned, to a client that accepts receipts signed in batches
+    /// ([`UnsignedReceipts`]): the next signed receipt commits to it through its link.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub sig: String,
 }
 
@@ -144,6 +200,12 @@ impl Receipt {
     /// The digest of [`prev`](Self::prev), when there is a valid one.
     pub fn prev_digest(&self) -> Option<[u8; 32]> {
         <[u8; 32]>::try_from(Vec::<u8>::from_hex(self.prev.as_deref()?).ok()?).ok()
+    }
+
+    /// Whether the server signed this receipt ([`sig`](Self::sig) is not empty; whether the
+    /// signature verifies is [`verify`](Self::verify)'s answer).
+    pub fn is_signed(&self) -> bool {
+        !self.sig.is_empty()
     }
 
     /// What the server had spent of the channel: `paid − balance`.
@@ -273,6 +335,32 @@ mod tests {
         assert_eq!(Receipt::decode(linked.encode().as_bytes()), Ok(linked));
     }
 
+    /// An unsigned receipt travels without `sig`, reads back unsigned, and does not verify;
+    /// signing it later signs the same digest (the signature is not part of it).
+    #[test]
+    fn an_unsigned_receipt_has_no_sig_on_the_wire() {
+        let unsigned = receipt().with_prev([5; 32]);
+        let header = unsigned.encode();
+        let json = String::from_utf8(URL_SAFE_NO_PAD.decode(&header).unwrap()).unwrap();
+        assert!(!json.contains("sig"), "{json}");
+        let read = Receipt::decode(header.as_bytes()).unwrap();
+        assert!(!read.is_signed());
+        let key = SecretKey::from_slice(&[7; 32]).unwrap();
+        assert_eq!(read.verify(&key.public_key(&Secp256k1::new())), Err(ReceiptError::Signature));
+        let signed = read.clone().sign(&key);
+        assert!(signed.is_signed());
+        assert_eq!(signed.digest(), read.digest());
+    }
+
+    #[test]
+    fn the_unsigned_header_reads_only_two_decimals() {
+        for bad in ["", "3", "3/", "/4", "-1/4", "3/4/5", "0x3/4", "3/99999999999"] {
+            assert_eq!(UnsignedReceipts::parse(bad.as_bytes()), None, "{bad:?}");
+        }
+        assert_eq!(UnsignedReceipts::parse(b" 0/0 "), Some(UnsignedReceipts { held: 0, max: 0 }));
+        assert!(UnsignedReceipts { held: 0, max: 0 }.must_sign(32), "max 0: every receipt");
+    }
+
     /// The test vector of docs/HTTP.md: key 0x07…07, this receipt, this digest and signature
     /// (RFC 6979 deterministic nonces make the signature reproducible).
     #[test]
@@ -286,5 +374,17 @@ mod tests {
         assert_eq!(vector["receipt"], serde_json::to_value(&signed).unwrap());
         assert_eq!(vector["header"], signed.encode());
         assert_eq!(signed.request, request_digest("GET", "/joke"));
+        // The next receipt, left unsigned (batches), linked to this one.
+        let next = vector["next_unsigned"].clone();
+        let msat = MilliSats::from_msat;
+        let channel = signed.channel;
+        let unsigned =
+            Receipt::new(channel, "GET", "/joke", msat(150_000), msat(2_350_000), msat(400_000))
+                .with_prev(signed.digest().unwrap());
+        assert_eq!(next["receipt"], serde_json::to_value(&unsigned).unwrap());
+        assert_eq!(next["header"], unsigned.encode());
+        assert_eq!(next["digest"], unsigned.digest().unwrap().to_lower_hex_string());
+        assert!(!unsigned.is_signed() && next["receipt"].get("sig").is_none());
+        assert_eq!(next["request_header"], "payment-receipt-unsigned: 0/128");
     }
 }

@@ -21,6 +21,7 @@ const HEADER = 'Payment-Channel';
 const BALANCE = 'Payment-Channel-Balance';
 const RECEIPT = 'Payment-Receipt';
 const RECEIPT_PREV = 'Payment-Receipt-Prev';
+const RECEIPT_UNSIGNED = 'Payment-Receipt-Unsigned';
 const REPLAYED = 'Idempotent-Replayed';
 const STREAM = 'Payment-Channel-Stream';
 /** How often one request is sent at most (first try, after an open, after top-ups). */
@@ -572,8 +573,12 @@ export class PaychanClient extends EventTarget {
       waiting = undefined;
       const headers = new Headers(request.headers);
       headers.delete(RECEIPT_PREV);
+      headers.delete(RECEIPT_UNSIGNED);
       if (sent) headers.set(HEADER, sent.header);
       if (sent?.prev) headers.set(RECEIPT_PREV, sent.prev);
+      // The server may sign receipts in batches: how many unsigned ones the page holds, and
+      // the most it accepts in a row (`maxUnsignedReceipts`).
+      if (sent?.unsigned) headers.set(RECEIPT_UNSIGNED, sent.unsigned);
       const response = await this._fetch(url, {
         method, headers, body, redirect: 'manual', signal: init.signal ?? request.signal,
         credentials: request.credentials, cache: request.cache,
@@ -638,7 +643,7 @@ export class PaychanClient extends EventTarget {
   }
 
   /**
-   * The payment the next request carries (`{header, prev, paidSat, channel}`), or `undefined`
+   * The payment the next request carries (`{header, prev, unsigned, paidSat, channel}`), or `undefined`
    * without a channel. Throws (and emits `refused`) when the server charged more than the
    * policy allows or signed a receipt that does not verify: it is paid no more.
    */
@@ -883,7 +888,7 @@ export class PaychanClient extends EventTarget {
         spent = code === 'payment-below-spent' && tries < 3 ? await readSpent() : undefined;
       }
     }
-    const settlement = JSON.parse(session.checkClose(JSON.stringify(answer), spent));
+    const settlement = JSON.parse(session.checkClose(JSON.stringify(answer), spent, closePath));
     await this._save(session);
     let broadcast;
     try {

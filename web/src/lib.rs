@@ -96,6 +96,7 @@ struct PolicyJson {
     max_locked_sat: Option<u64>,
     /// A paid answer without a receipt stops the payments (the Rust `require_receipts`).
     require_receipts: Option<bool>,
+    max_unsigned_receipts: Option<u32>,
 }
 
 /// The policy, and whether it requires receipts.
@@ -115,6 +116,9 @@ fn policy_and_receipts(text: &str) -> Result<(SpendingPolicy, bool), JsError> {
     }
     if let Some(v) = p.max_prepaid_sat {
         policy = policy.with_max_prepaid(Amount::from_sat(v));
+    }
+    if let Some(v) = p.max_unsigned_receipts {
+        policy = policy.with_max_unsigned_receipts(v);
     }
     if let Some(v) = p.max_lifetime_blocks {
         policy = policy.with_max_lifetime_blocks(v);
@@ -685,6 +689,8 @@ impl SavedChannel {
 struct Sent {
     header: String,
     prev: Option<String>,
+    /// `Payment-Receipt-Unsigned`: the unsigned receipts held, and the most accepted.
+    unsigned: String,
     paid_sat: u64,
 }
 
@@ -920,9 +926,10 @@ impl Session {
         self.channel.unacknowledged_funding.as_ref().map(serialize_hex)
     }
 
-    /// The payment the next request carries, as JSON `{"header", "prev", "paidSat"}`: send
-    /// `header` as `Payment-Channel` and `prev` (when not `null`) as `Payment-Receipt-Prev`,
-    /// the receipt the server's receipt links to; give `paidSat` and `prev` back to
+    /// The payment the next request carries, as JSON `{"header", "prev", "unsigned",
+    /// "paidSat"}`: send `header` as `Payment-Channel`, `prev` (when not `null`) as
+    /// `Payment-Receipt-Prev`, the receipt the server's receipt links to, and `unsigned` as
+    /// `Payment-Receipt-Unsigned` (the server may sign in batches); give `paidSat` and `prev` back to
     /// [`answered`](Self::answered). `undefined` before the first payment.
     ///
     /// # Errors
@@ -935,7 +942,8 @@ impl Session {
         let id = self.channel.id();
         self.charges.note_send(id);
         let prev = self.charges.latest_receipt_digest(id).map(|d| d.to_lower_hex_string());
-        Ok(Some(to_json(&Sent { header, prev, paid_sat: self.channel.paid().to_sat() })))
+        let unsigned = self.charges.unsigned_receipts(id).to_string();
+        Ok(Some(to_json(&Sent { header, prev, unsigned, paid_sat: self.channel.paid().to_sat() })))
     }
 
     /// The server answered `method path`, sent with the payment of `paid_sat` linking to the
@@ -1112,7 +1120,7 @@ impl Session {
     /// of `docs/HTTP.md`): proof of what the channel had been charged when it was issued.
     #[wasm_bindgen(getter, js_name = latestReceipt)]
     pub fn latest_receipt(&self) -> Option<String> {
-        self.charges.latest_receipt().map(to_json)
+        self.charges.latest_signed_receipt().map(to_json)
     }
 
     /// Receipts verified on the channel since it was opened or loaded.
@@ -1202,14 +1210,20 @@ impl Session {
             .filter(|m| m.is_finite() && *m >= 0.0)
             .map(|m| MilliSats::from_msat(m as u64));
         let fair = self.fair(spent)?;
-        Ok(to_json(&CloseRequest { fair_payment: fair.as_ref().map(wire::encode_payment) }))
+        let prev = self.charges.latest_receipt_digest(self.channel.id());
+        Ok(to_json(&CloseRequest {
+            fair_payment: fair.as_ref().map(wire::encode_payment),
+            // The close's receipt links to the latest receipt held (see `check_close`).
+            prev: prev.map(|prev| prev.to_lower_hex_string()),
+        }))
     }
 
-    /// Checks the server's answer to the close (JSON), sent with
+    /// Checks the server's answer to the close (JSON), sent to `path` with
     /// [`close_request`](Self::close_request)`(spent_msat)`: the settlement must be one of
-    /// this client's payments that pays no more than the latest. Retires the channel (marked
-    /// closed when the page sees the settlement on chain). Returns
-    /// `{txid, serverSat, clientSat, feeSat}`.
+    /// this client's payments that pays no more than the latest. The close's signed receipt,
+    /// when there is one, is judged as any receipt (a bad one: the server is paid no more; the
+    /// close stands) and becomes the latest proof. Retires the channel (marked closed when the
+    /// page sees the settlement on chain). Returns `{txid, serverSat, clientSat, feeSat}`.
     ///
     /// # Errors
     ///
@@ -1219,6 +1233,7 @@ impl Session {
         &mut self,
         answer_json: &str,
         spent_msat: Option<f64>,
+        path: Option<String>,
     ) -> Result<String, JsError> {
         let answer: CloseResponse = json(answer_json, "close answer")?;
         let close: Transaction =
@@ -1234,6 +1249,14 @@ impl Session {
         let settlement =
             steps::check_settlement(&self.channel.channel, latest, fair.as_ref(), &close)
                 .map_err(error)?;
+        if let (Some(receipt), Some(path)) = (&answer.receipt, path) {
+            // The proof the close carried: the latest payment.
+            let payment = self.sent_payment(self.channel.paid().to_sat() as f64)?;
+            let prev = self.charges.latest_receipt_digest(payment.channel);
+            let value = receipt.encode();
+            let _verdict_kept =
+                self.charges.note_receipt(&payment, value.as_bytes(), ("POST", &path), prev);
+        }
         self.channel.retired = true;
         Ok(format!(
             r#"{{"txid":"{}","serverSat":{},"clientSat":{},"feeSat":{}}}"#,

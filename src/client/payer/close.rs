@@ -1,6 +1,7 @@
 //! The cooperative close.
 
 use bitcoin::consensus::encode::deserialize_hex;
+use bitcoin::hex::DisplayHex;
 use bitcoin::secp256k1::SecretKey;
 use bitcoin::{Amount, Transaction, Txid};
 use http::Method;
@@ -105,10 +106,15 @@ impl<S: ClientStore> Payer<S> {
             }
         };
         let mut fair = fair_settlement(channel, key, reported)?;
+        // The close's receipt links to the latest receipt held: signed, it is the last proof.
+        let prev = self.latest_receipt_digest(current.id);
         let mut tries = 0;
         let answer: CloseResponse = loop {
             tries += 1;
-            let request = CloseRequest { fair_payment: fair.as_ref().map(wire::encode_payment) };
+            let request = CloseRequest {
+                fair_payment: fair.as_ref().map(wire::encode_payment),
+                prev: prev.map(|prev| prev.to_lower_hex_string()),
+            };
             let sent =
                 self.call(transport, Method::POST, &path, Some(&request), Some(&current.header));
             match sent.await {
@@ -138,6 +144,11 @@ impl<S: ClientStore> Payer<S> {
         let txid = close.compute_txid();
         if answer.txid != txid {
             return Err(misbehaved(Kind::WrongSettlement, "the settlement's txid does not match"));
+        }
+        if let Some(receipt) = &answer.receipt {
+            // Judged as any receipt; a bad one is kept as the server's verdict (it is paid no
+            // more), and the close, checked above, stands.
+            self.note_receipt(&current, receipt.encode().as_bytes(), "POST", &path, prev);
         }
         let closed = Closed {
             channel: current.id,

@@ -332,10 +332,16 @@ impl<S: ClientStore> Payer<S> {
         self.charges().latest_receipt_digest(channel)
     }
 
+    /// What a request on `channel` says in `Payment-Receipt-Unsigned`.
+    pub(crate) fn unsigned_receipts(&self, channel: ChannelId) -> crate::wire::UnsignedReceipts {
+        self.charges().unsigned_receipts(channel)
+    }
+
     /// The last receipt the server signed and this payer verified: proof of what the channel
-    /// had been charged when it was issued (see [`Receipt`]).
+    /// had been charged when it was issued (see [`Receipt`]; it commits to the unsigned
+    /// receipts before it, which a server signing in batches sends in between).
     pub fn latest_receipt(&self) -> Option<Receipt> {
-        self.charges().latest_receipt().cloned()
+        self.charges().latest_signed_receipt().cloned()
     }
 
     /// What the client paid in funding fees, over every channel of its store (part of the

@@ -14,7 +14,7 @@ use crate::client::transport::read_body;
 use crate::client::{
     ClientError, ClientStore, Closed, MemoryClientStore, Payer, ServiceTransport, Transport,
 };
-use crate::wire::{ChannelId, PAYMENT_CHANNEL, PAYMENT_RECEIPT_PREV, Problem};
+use crate::wire::{ChannelId, PAYMENT_CHANNEL, Problem};
 
 /// The service [`PaymentLayer`](super::PaymentLayer) produces.
 ///
@@ -157,12 +157,14 @@ where
         let header = retry.start().await?;
         let mut request = copy(&parts, &body);
         request.headers_mut().remove(PAYMENT_CHANNEL);
-        request.headers_mut().remove(PAYMENT_RECEIPT_PREV);
         if let Some(header) = header {
             request.headers_mut().insert(PAYMENT_CHANNEL, header);
         }
-        if let Some(prev) = retry.prev_header() {
-            request.headers_mut().insert(PAYMENT_RECEIPT_PREV, prev);
+        for (name, value) in retry.receipt_headers() {
+            request.headers_mut().remove(name);
+            if let Some(value) = value {
+                request.headers_mut().insert(name, value);
+            }
         }
         let response = inner.call(request).await.map_err(transport)?;
         if response.status() != StatusCode::PAYMENT_REQUIRED || retry.is_last() {

@@ -4,9 +4,10 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
+use axum::extract::{OriginalUri, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use bitcoin::consensus::encode::serialize_hex;
+use bitcoin::hex::FromHex;
 
 use super::{Shared, bad, broke, store_problem};
 use crate::MilliSats;
@@ -16,7 +17,7 @@ use crate::settlement::{CloseOutcome, close_now};
 use crate::store::{ChannelRecord, ChannelStore};
 use crate::wire::{
     self, ChannelId, ChannelSnapshot, CloseRequest, CloseResponse, PAYMENT_CHANNEL, Problem,
-    ProblemCode,
+    ProblemCode, Receipt,
 };
 
 /// The `{id}` of the path: a percent-decoding failure is a problem document like any other.
@@ -49,6 +50,7 @@ pub(super) async fn status<C: ChainBackend, St: ChannelStore>(
 pub(super) async fn close<C: ChainBackend, St: ChannelStore>(
     State(s): State<Arc<Shared<C, St>>>,
     id: Result<Path<String>, PathRejection>,
+    OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<CloseResponse>), Problem> {
@@ -153,6 +155,8 @@ pub(super) async fn close<C: ChainBackend, St: ChannelStore>(
             ));
         }
     };
+    let prev = request.prev.as_deref().and_then(|hex| <[u8; 32]>::from_hex(hex).ok());
+    let receipt = close_receipt(&s, id, uri.path(), proven, prev).await;
     Ok((
         status,
         Json(CloseResponse {
@@ -161,6 +165,32 @@ pub(super) async fn close<C: ChainBackend, St: ChannelStore>(
             server_amount_sat: crate::channel::server_amount(&close).to_sat(),
             close_tx: serialize_hex(&close),
             state,
+            receipt,
         }),
     ))
+}
+
+/// The close's receipt (see [`CloseResponse::receipt`]): `POST path`, price 0, the proof's
+/// `proven` paid, the balance the channel left after what it committed, linked to `prev`,
+/// signed with the channel's K2. `None` if the channel cannot be read again or its key not
+/// derived (the close stands; the client lacks only its last proof).
+async fn close_receipt<C, St: ChannelStore>(
+    s: &Shared<C, St>,
+    id: ChannelId,
+    path: &str,
+    proven: bitcoin::Amount,
+    prev: Option<[u8; 32]>,
+) -> Option<Receipt> {
+    let record = s.store.load(id).await.ok()??;
+    let key = crate::channel::channel_key(&s.negotiation.master, record.key_index).ok()?;
+    let paid = MilliSats::from_sat(proven)?;
+    let receipt = Receipt::new(
+        id,
+        "POST",
+        path,
+        MilliSats::ZERO,
+        paid,
+        paid.saturating_sub(record.committed()),
+    );
+    Some(prev.map_or(receipt.clone(), |prev| receipt.with_prev(prev)).sign(&key))
 }
