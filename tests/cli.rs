@@ -2,7 +2,8 @@
 //! front of a plain upstream that knows nothing of payments, `pay` through it (funded by Core's
 //! wallet), the operator's `channels`, `report` and `close`, the settlement checked on chain,
 //! an upstream 5xx (charged) and an upstream that is down (nothing charged), SIGTERM, bad
-//! config, the path guard against a logging upstream, and the listener's limits.
+//! config, the path guard against a logging upstream, the listener's limits, a CPFP package
+//! under a full mempool, and `paychan doctor`.
 #![cfg(feature = "cli")]
 
 mod common;
@@ -18,7 +19,7 @@ use axum::Router;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::get;
 use bitcoin::{Address, Amount, Network};
-use common::node::{Node, NodeConfig};
+use common::node::{Node, NodeConfig, btc};
 use serde_json::{Value, json};
 
 const PAYCHAN: &str = env!("CARGO_BIN_EXE_paychan");
@@ -244,8 +245,16 @@ struct Site {
 }
 
 impl Site {
+    /// A site whose payout address is the operator's own (a Core wallet address).
     async fn new(name: &str) -> Option<Site> {
-        let node = Node::start(NodeConfig { txindex: false, extra_args: Vec::new() }).await?;
+        Self::with(name, &[], true).await
+    }
+
+    /// A site on a node started with `node_args`; with `own_payout`, the payout address is a
+    /// Core wallet address given to `init`, else the one `init` chose (the bump key's).
+    async fn with(name: &str, node_args: &[&str], own_payout: bool) -> Option<Site> {
+        let extra_args = node_args.iter().map(|arg| (*arg).to_owned()).collect();
+        let node = Node::start(NodeConfig { txindex: false, extra_args }).await?;
         node.create_wallet("w").await;
         node.mine(101).await;
         let seen = Arc::new(Seen::default());
@@ -255,7 +264,7 @@ impl Site {
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("paychan.toml");
         let payout = node.wallet_rpc("getnewaddress", json!([])).await;
-        let payout = payout.as_str().unwrap().to_owned();
+        let mut payout = payout.as_str().unwrap().to_owned();
         let port = free_port();
         let admin = format!("127.0.0.1:{}", free_port());
 
@@ -270,8 +279,6 @@ impl Site {
             &format!("127.0.0.1:{port}"),
             "--upstream",
             &format!("http://{upstream_addr}"),
-            "--payout-address",
-            &payout,
             "--bitcoind-url",
             &node.url(),
             "--cookie-file",
@@ -281,11 +288,22 @@ impl Site {
             "--admin-listen",
             &admin,
         ]);
+        let mut init = init;
+        if own_payout {
+            init.extend(args(&["--payout-address", &payout]));
+        }
         let out = paychan(init.clone()).await;
         assert!(out.status.success(), "init: {}", text(&out.stderr));
+        if !own_payout {
+            let written = std::fs::read_to_string(&config).unwrap();
+            let line = written.lines().find(|l| l.starts_with("payout_address = ")).unwrap();
+            payout = line.split('"').nth(1).unwrap().to_owned();
+            assert!(text(&out.stdout).contains("the bump key's"), "{}", text(&out.stdout));
+        }
         use std::os::unix::fs::PermissionsExt;
         let mode = |name: &str| std::fs::metadata(dir.join(name)).unwrap().permissions().mode();
         assert_eq!(mode("paychan.key") & 0o777, 0o600);
+        assert_eq!(mode("paychan-bump.key") & 0o777, 0o600);
         assert_eq!(mode("admin.token") & 0o777, 0o600);
         let token = std::fs::read_to_string(dir.join("admin.token")).unwrap().trim().to_owned();
         let again = paychan(init).await;
@@ -506,11 +524,85 @@ async fn the_binary_proxies_pays_closes_and_settles_on_a_real_node() {
         .script_pubkey();
     assert_eq!(node.balance_of_script(&payout_script).await, Amount::from_sat(paid / 1_000));
 
-    // SIGTERM: the proxy stops cleanly.
+    // SIGTERM: the proxy stops cleanly. The payout address is the operator's own: CPFP is
+    // off, and the start says so and how to turn it on.
     let (status, log) = site.stop(proxy, 0).await;
     assert!(status.success(), "{status:?}");
-    assert!(log.contains("proxy stopped"), "{log}");
+    assert_says(&log, &["proxy stopped", "payout_address is not the bump key's address"]);
+    assert!(!log.contains("with_cpfp_key"), "no advice the operator cannot follow: {log}");
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// CPFP from the binary (issue #27 item 6). `init` without `--payout-address` pays to the bump
+/// key's address, and `serve` gives the bump key to its settlement task. The node's mempool
+/// (5 MB) is filled until its minimum is above the channel's fee rate (2 sat/vB): the operator's
+/// `paychan close`, with `serve` stopped, finds the close refused alone and queues it; the
+/// restarted `serve` sends it with a CPFP child as a package (`submitpackage`); both are mined,
+/// and the payout address holds the child's output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_below_the_mempool_minimum_goes_out_with_a_cpfp_child() {
+    let node_args = ["-maxmempool=5", "-datacarriersize=100000"];
+    let Some(site) = Site::with("cpfp", &node_args, false).await else { return };
+    let node = &site.node;
+    node.mine(80).await; // mature coins for the filler
+    // 4 000 sat a request: the server's output can pay for a child.
+    site.edit_config("price_msat = 2000", "price_msat = 4000000");
+    site.edit_config("price_msat = 2000", "price_msat = 4000000");
+    let proxy = site.serve(0).await;
+    for _ in 0..2 {
+        let mut pay = site.client(&["pay"], "client");
+        pay.extend(args(&["--max-per-request-msat", "4000000", "--max-prepaid-sat", "8000"]));
+        pay.push(format!("{}/hello", site.origin));
+        let out = paychan(pay).await;
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    node.mine(1).await; // the funding confirmed, before the mempool fills
+    let (status, log) = site.stop(proxy, 0).await;
+    assert!(status.success(), "{log}");
+    assert_says(&log, &["CPFP on"]);
+    assert!(!log.contains("not the bump key's address"), "{log}");
+
+    node.fill_mempool(bitcoin::FeeRate::from_sat_per_vb_u32(2)).await;
+    let minimum = btc(&node.rpc("getmempoolinfo", json!([])).await["mempoolminfee"]);
+    assert!(minimum > Amount::from_sat(2_000), "the minimum rose above 2 sat/vB: {minimum}/kvB");
+    let config_arg = site.config_arg();
+    let out = paychan(args(&["channels", "--config", &config_arg])).await;
+    let id = text(&out.stdout).split_whitespace().next().expect("a channel").to_owned();
+    let out = paychan(args(&["close", "--config", &config_arg, &id])).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("queued"), "refused alone: {}", text(&out.stdout));
+
+    // The settlement task's first pass sends the close with a child.
+    let proxy = site.serve(1).await;
+    let (funding_txid, vout) = id.split_once(':').unwrap();
+    let spent = json!([[{ "txid": funding_txid, "vout": vout.parse::<u32>().unwrap() }]]);
+    let mut close = None;
+    for _ in 0..300 {
+        let spending = node.rpc("gettxspendingprevout", spent.clone()).await;
+        if let Some(txid) = spending[0]["spendingtxid"].as_str() {
+            close = Some(txid.parse::<bitcoin::Txid>().unwrap());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let close = close.expect("the close reached the mempool within 30 s");
+    let entry = node.mempool_entry(close).await.expect("the close is in the mempool");
+    assert_eq!(entry["descendantcount"], 2, "with its CPFP child: {entry}");
+    let child: bitcoin::Txid = entry["spentby"][0].as_str().unwrap().parse().unwrap();
+    let child_tx = node.mempool_tx(child).await;
+    let (_, metrics) = fetch(&format!("{}/metrics", site.admin), Some(&site.token)).await;
+    assert!(metrics.lines().any(|l| l == "paychan_cpfp_bumps 1"), "{metrics}");
+
+    let height = node.mine(1).await;
+    assert_eq!(node.confirmed_at(close, height).await, Some(height), "the close is mined");
+    assert_eq!(node.confirmed_at(child, height).await, Some(height), "with its child");
+    let payout = site.payout.parse::<Address<_>>().unwrap().require_network(Network::Regtest);
+    let payout = payout.unwrap().script_pubkey();
+    assert_eq!(child_tx.output[0].script_pubkey, payout, "the child pays the payout address");
+    assert_eq!(node.balance_of_script(&payout).await, child_tx.output[0].value);
+    let (status, _) = site.stop(proxy, 1).await;
+    assert!(status.success());
+    std::fs::remove_dir_all(&site.dir).unwrap();
 }
 
 /// SIGTERM while a paid request is in flight: the proxy finishes it (the client gets its
@@ -684,7 +776,7 @@ async fn the_proxy_serves_tls() {
     std::fs::remove_dir_all(&site.dir).unwrap();
 }
 
-/// A config error names its key, and the proxy does not start.
+/// A config error names its file, line and key, and the proxy does not start.
 #[tokio::test]
 async fn a_bad_config_names_its_key() {
     let dir = std::env::temp_dir().join(format!("paychan-cli-bad-{}", std::process::id()));
@@ -697,7 +789,9 @@ async fn a_bad_config_names_its_key() {
     .unwrap();
     let out = paychan(args(&["serve", "--config", config.to_str().unwrap()])).await;
     assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out.stderr).contains("lisen"), "{}", text(&out.stderr));
+    // The file, the line and the key (issue #27 item 5).
+    let at = format!("{}:2: key `lisen`: unknown field", config.display());
+    assert!(text(&out.stderr).contains(&at), "{}", text(&out.stderr));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -705,6 +799,13 @@ async fn a_bad_config_names_its_key() {
 /// a chain backend), then `paychan serve` on it, which must exit within 30 s (a serve that
 /// runs is killed and fails the test): its exit status and its log. The listen port is free.
 async fn init_and_serve(name: &str, extra: &[&str]) -> (Output, PathBuf) {
+    let (config, dir) = init_in(name, extra).await;
+    (serve_until_exit(&config).await, dir)
+}
+
+/// `paychan init` in a fresh folder `name` with `extra` options: the config's path and the
+/// folder.
+async fn init_in(name: &str, extra: &[&str]) -> (String, PathBuf) {
     let dir = std::env::temp_dir().join(format!("paychan-cli-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -716,8 +817,14 @@ async fn init_and_serve(name: &str, extra: &[&str]) -> (Output, PathBuf) {
     init.extend(args(extra));
     let out = paychan(init).await;
     assert!(out.status.success(), "init: {}", text(&out.stderr));
+    (config, dir)
+}
+
+/// `paychan serve` on `config`, which must exit within 30 s (a serve that runs is killed and
+/// fails the test): its exit status and its log.
+async fn serve_until_exit(config: &str) -> Output {
     let mut serve = Command::new(PAYCHAN)
-        .args(["serve", "--config", &config])
+        .args(["serve", "--config", config])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -727,11 +834,81 @@ async fn init_and_serve(name: &str, extra: &[&str]) -> (Output, PathBuf) {
         if started.elapsed() > Duration::from_secs(30) {
             let _ = serve.kill();
             let out = serve.wait_with_output().unwrap();
-            panic!("serve is running on the wrong network: {}", text(&out.stderr));
+            panic!("serve is running on a config it must refuse: {}", text(&out.stderr));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    (serve.wait_with_output().unwrap(), dir)
+    serve.wait_with_output().unwrap()
+}
+
+/// `paychan doctor` (issue #27 item 3) prints every start-up check, ok or FAIL with its
+/// reason. The site's config (regtest, its own payout address) passes, CPFP off as a warning;
+/// a mainnet config on the same regtest node fails, naming both networks; fee rates the node
+/// cannot relay and an unreachable store fail too, and `serve` refuses to start on them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_prints_every_check_and_serve_refuses_what_fails() {
+    let Some(site) = Site::new("doctor").await else { return };
+    let doctor = |config: String| paychan(args(&["doctor", "--config", &config]));
+    let line = |said: &str, verdict: &str, check: &str| {
+        let found = said.lines().find(|l| l.starts_with(verdict) && l.contains(check));
+        found.unwrap_or_else(|| panic!("{verdict} {check} in {said}")).to_owned()
+    };
+    let out = doctor(site.config_arg()).await;
+    let said = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{said}{}", text(&out.stderr));
+    for check in ["config", "payout_address", "key_file", "chain network", "relay fee", "store"] {
+        line(&said, "ok ", check);
+    }
+    line(&said, "warn", "payout_address is not the bump key's address");
+    assert!(!said.contains("FAIL"), "{said}");
+    let network = line(&said, "ok ", "chain network");
+    assert!(network.contains("Bitcoin Core node at [chain] bitcoind_url is on regtest"));
+
+    // A mainnet config (`init --network bitcoin`) on the regtest node.
+    let cookie = site.node.cookie_path();
+    let (mainnet, dir) = init_in(
+        "doctor-mainnet",
+        &[
+            "--network",
+            "bitcoin",
+            "--payout-address",
+            "bc1qw508d6qejxtdg4y5r3zarvary0c5xw7kv8f3t4",
+            "--bitcoind-url",
+            &site.node.url(),
+            "--cookie-file",
+            cookie.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let out = doctor(mainnet).await;
+    let said = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{said}{}", text(&out.stderr));
+    let mismatch = line(&said, "FAIL", "chain network");
+    assert_says(&mismatch, &["wrong network", "is on regtest", "network = \"bitcoin\""]);
+    line(&said, "ok ", "key_file");
+    assert!(said.contains("paychan serve would refuse to start"), "{said}");
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    // Fee rates below the node's relay floor, and a PostgreSQL store nobody listens for.
+    site.edit_config("# min_fee_rate_sat_vb = 2", "min_fee_rate_sat_vb = 0");
+    site.edit_config("# max_fee_rate_sat_vb = 1000", "max_fee_rate_sat_vb = 0");
+    let unreachable = format!("postgres://paychan:hunter2@127.0.0.1:{}/paychan", free_port());
+    site.edit_config("url = \"sqlite:paychan.db\"", &format!("url = \"{unreachable}\""));
+    let out = doctor(site.config_arg()).await;
+    let said = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{said}{}", text(&out.stderr));
+    let fee = line(&said, "FAIL", "relay fee");
+    assert_says(&fee, &["minimum relay fee", "above terms.max_fee_rate_sat_vb = 0"]);
+    let store = line(&said, "FAIL", "store");
+    assert_says(&store, &["cannot be opened", "postgres://paychan:…@127.0.0.1"]);
+    assert!(!said.contains("hunter2"), "the password is never printed: {said}");
+    line(&said, "ok ", "chain network");
+    let out = serve_until_exit(&site.config_arg()).await;
+    let log = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{log}");
+    assert_says(&log, &["terms.max_fee_rate_sat_vb = 0", "refusing to serve"]);
+    assert!(!log.contains("proxy started"), "{log}");
+    std::fs::remove_dir_all(&site.dir).unwrap();
 }
 
 /// A wrong network does not start (issue #27): a mainnet config (a `bc1` payout address, an

@@ -204,7 +204,7 @@ impl<St: ChannelStore, C: ChainBackend> Settlement<St, C> {
         if self.cpfp_key.is_none() {
             tracing::warn!(
                 "settlement without a CPFP key: a close that waits in the mempool cannot be \
-                 bumped (give the payout key with `with_cpfp_key`)"
+                 bumped, and one below the mempool minimum cannot go out in a package"
             );
         }
         let mut interval = tokio::time::interval(every);

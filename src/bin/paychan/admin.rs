@@ -66,6 +66,9 @@ pub(crate) struct Observed {
     store_down: Gauge,
     /// When the current store outage began.
     store_since: Mutex<Option<Instant>>,
+    /// Whether a charge proves the store answered (not with leases: a debit drawn from a
+    /// lease never reaches it).
+    charges_reach_store: bool,
     rebroadcasts: Gauge,
     closes_below_mempool_minimum: Gauge,
     early_closes: Gauge,
@@ -129,6 +132,7 @@ impl Observed {
             store_outages: register(&mut r, "store_outages", outages, Counter::default()),
             store_down: register(&mut r, "store_unavailable", down, Gauge::default()),
             store_since: Mutex::default(),
+            charges_reach_store: true,
             rebroadcasts: register(
                 &mut r,
                 "settlement_rebroadcasts",
@@ -161,8 +165,20 @@ impl Observed {
         }
     }
 
-    /// The store served a request: an outage, if any, is over.
-    fn store_available(&self) {
+    /// Charges are drawn from leases ([`paychan::store::Leased`]): they say nothing of the
+    /// store, so they do not end an outage (`serve` asks the store itself then).
+    pub(crate) fn with_leases(mut self) -> Self {
+        self.charges_reach_store = false;
+        self
+    }
+
+    /// Whether requests found the store unavailable and it has not answered since.
+    pub(crate) fn store_is_down(&self) -> bool {
+        self.store_since.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
+    /// The store answered: an outage, if any, is over.
+    pub(crate) fn store_available(&self) {
         let mut since = self.store_since.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(began) = since.take() {
             self.store_down.set(0);
@@ -170,9 +186,11 @@ impl Observed {
         }
     }
 
-    /// Counts `price` as charged now (its debit reached the store).
+    /// Counts `price` as charged now (its debit reached the store, or a lease).
     pub(crate) fn charge(&self, price: MilliSats) {
-        self.store_available();
+        if self.charges_reach_store {
+            self.store_available();
+        }
         self.charged.inc_by(price.to_msat());
         let hour = now() / 3_600 * 3_600;
         let mut revenue = self.revenue.lock().unwrap_or_else(|p| p.into_inner());
@@ -602,6 +620,26 @@ mod tests {
             assert_eq!(call(TERMS_PATH).await, StatusCode::OK);
         }
         assert_eq!(observed.store_outages.get(), 1, "one outage, the store never came back");
+    }
+
+    /// The other half of that review: a leased node's charges are drawn from its leases, not
+    /// the store, so they do not end an outage; the store answering does.
+    #[test]
+    fn a_leased_nodes_charges_do_not_end_a_store_outage() {
+        let observed = Observed::new().with_leases();
+        observed.store_unavailable();
+        observed.charge(MilliSats::from_msat(1_000));
+        assert!(observed.store_is_down(), "a charge from a lease says nothing of the store");
+        observed.store_unavailable();
+        assert_eq!(observed.store_outages.get(), 1, "still the same outage");
+        observed.store_available();
+        assert!(!observed.store_is_down());
+        assert_eq!(observed.store_down.get(), 0);
+        // Without leases a charge reached the store.
+        let direct = Observed::new();
+        direct.store_unavailable();
+        direct.charge(MilliSats::from_msat(1_000));
+        assert!(!direct.store_is_down());
     }
 
     #[test]

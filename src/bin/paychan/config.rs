@@ -14,23 +14,93 @@ use paychan::server::{RoutePrices, Unlisted};
 use paychan::store::LeaseConfig;
 use serde::Deserialize;
 
-/// A configuration error: the key and what is wrong with it.
+/// A configuration error: the key and what is wrong with it, and where it is when known.
 #[derive(Debug)]
 pub(crate) struct ConfigError {
     pub(crate) key: String,
     pub(crate) message: String,
+    /// The file the key is in.
+    pub(crate) file: Option<PathBuf>,
+    /// The line of the key (from 1).
+    pub(crate) line: Option<usize>,
 }
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "config key `{}`: {}", self.key, self.message)
+        match (&self.file, self.line) {
+            (Some(file), Some(line)) => {
+                write!(f, "{}:{line}: key `{}`: {}", file.display(), self.key, self.message)
+            }
+            (Some(file), None) => {
+                write!(f, "{}: key `{}`: {}", file.display(), self.key, self.message)
+            }
+            (None, _) => write!(f, "config key `{}`: {}", self.key, self.message),
+        }
     }
 }
 
 impl std::error::Error for ConfigError {}
 
 fn bad(key: &str, message: impl fmt::Display) -> ConfigError {
-    ConfigError { key: key.to_owned(), message: message.to_string() }
+    ConfigError { key: key.to_owned(), message: message.to_string(), file: None, line: None }
+}
+
+/// A line's text without its comment (no `#` inside strings in what this reads: keys and
+/// table headers).
+fn code(line: &str) -> &str {
+    line.split('#').next().unwrap_or_default().trim()
+}
+
+/// The line (from 1) where `key` (`a`, `table.a`, `table.array[n].a`, or a table) is set in
+/// `text`, if it can be found.
+fn locate(text: &str, key: &str) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    let is_header = |line: &str| code(line).starts_with('[');
+    let (table, name) = match key.rsplit_once('.') {
+        Some((table, name)) => (Some(table), name),
+        None => (None, key),
+    };
+    let (start, end) = match table {
+        // A top-level key: before the first table.
+        None => (0, lines.iter().position(|l| is_header(l)).unwrap_or(lines.len())),
+        Some(table) => {
+            let (header, nth) = match table.strip_suffix(']').and_then(|t| t.rsplit_once('[')) {
+                Some((array, n)) => (format!("[[{array}]]"), n.parse::<usize>().ok()?),
+                None => (format!("[{table}]"), 0),
+            };
+            let start = lines
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| code(l) == header)
+                .nth(nth)
+                .map(|(n, _)| n + 1)?;
+            let end =
+                lines[start..].iter().position(|l| is_header(l)).map_or(lines.len(), |n| start + n);
+            (start, end)
+        }
+    };
+    let set = |line: &&str| code(line).split_once('=').is_some_and(|(k, _)| k.trim() == name);
+    let own_table = |line: &&str| code(line) == format!("[{key}]");
+    lines[start..end]
+        .iter()
+        .position(set)
+        .map(|n| start + n + 1)
+        .or_else(|| lines.iter().position(own_table).map(|n| n + 1))
+}
+
+/// The key of a TOML error whose span starts at `offset`: the key set on that line, in the
+/// table its section opens (`toml` points at the value of a wrong type, at the key of an
+/// unknown one).
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let line_start = text[..offset].rfind('\n').map_or(0, |n| n + 1);
+    let line = text[line_start..].lines().next().unwrap_or_default();
+    let (name, _) = code(line).split_once('=')?;
+    let table = text[..line_start].lines().rev().map(code).find(|l| l.starts_with('['));
+    let table = table.map(|header| header.trim_matches(|c| c == '[' || c == ']').trim().to_owned());
+    Some(match table {
+        Some(table) => format!("{table}.{}", name.trim()),
+        None => name.trim().to_owned(),
+    })
 }
 
 /// The file as written.
@@ -41,6 +111,8 @@ struct File {
     listen: SocketAddr,
     upstream: String,
     key_file: PathBuf,
+    /// The key of CPFP children; its P2WPKH must be `payout_address` for CPFP to work.
+    bump_key_file: Option<PathBuf>,
     payout_address: String,
     /// Off for a proxy: an upstream's 5xx may carry data or follow side effects.
     #[serde(default)]
@@ -284,7 +356,12 @@ pub(crate) struct Config {
     /// `scheme://authority`, no trailing slash.
     pub(crate) upstream: String,
     pub(crate) key_file: PathBuf,
+    /// The bump key: signs CPFP children, which spend the server's output of a close, so it
+    /// is used only when its P2WPKH is the payout script.
+    pub(crate) bump_key_file: Option<PathBuf>,
     pub(crate) payout_script: ScriptBuf,
+    /// `payout_address` as written (for messages).
+    pub(crate) payout_address: String,
     pub(crate) refund_server_errors: bool,
     /// Serve every request unpaid, counting what it would have been charged.
     pub(crate) shadow: bool,
@@ -314,26 +391,50 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read the config {}: {e}", path.display()))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Ok(Self::parse(&text, base)?)
+        Self::parse(&text, base).map_err(|mut error| {
+            error.line = error.line.or_else(|| locate(&text, &error.key));
+            error.file = Some(path.to_owned());
+            error.into()
+        })
     }
 
     /// Parses and checks a configuration text.
     pub(crate) fn parse(text: &str, base: &Path) -> Result<Self, ConfigError> {
         let file: File = toml::from_str(text).map_err(|e| {
-            // toml names the key (and the line) in its message.
-            let key = e.span().map(|span| text[span].trim().to_owned()).unwrap_or_default();
-            ConfigError { key, message: e.message().to_owned() }
+            // The span is the key of an unknown field, the value of a wrong type.
+            let key = e.span().and_then(|span| {
+                key_at(text, span.start).or_else(|| Some(text[span].trim().to_owned()))
+            });
+            let mut error = bad(&key.unwrap_or_default(), e.message());
+            error.line = e.span().map(|span| text[..span.start].matches('\n').count() + 1);
+            error
         })?;
-        let network = Network::from_core_arg(&file.network)
-            .or_else(|_| file.network.parse::<Network>())
-            .map_err(|_| bad("network", "expected bitcoin, testnet4, signet or regtest"))?;
+        let network = network(&file.network)?;
         let upstream = origin(&file.upstream).map_err(|e| bad("upstream", e))?;
-        let payout = file
-            .payout_address
-            .parse::<Address<_>>()
-            .map_err(|e| bad("payout_address", e))?
-            .require_network(network)
-            .map_err(|e| bad("payout_address", e))?;
+        let payout = file.payout_address.parse::<Address<_>>().map_err(|e| {
+            bad("payout_address", format!("{}: not a Bitcoin address ({e})", file.payout_address))
+        })?;
+        if !payout.is_valid_for_network(network) {
+            // The networks it is valid for: bitcoin; testnet, testnet4 and signet (one kind);
+            // regtest.
+            let (its, set) = [Network::Bitcoin, Network::Testnet4, Network::Regtest]
+                .into_iter()
+                .find(|other| payout.is_valid_for_network(*other))
+                .map_or(("another network", "its network"), |other| match other {
+                    Network::Bitcoin => ("bitcoin (mainnet)", "network = \"bitcoin\""),
+                    Network::Regtest => ("regtest", "network = \"regtest\""),
+                    _ => ("testnet4 or signet", "network = \"testnet4\" or \"signet\""),
+                });
+            return Err(bad(
+                "payout_address",
+                format!(
+                    "network mismatch: {} is an address for {its}, but network = \"{network}\"; \
+                     give an address of {network}, or set {set}",
+                    file.payout_address
+                ),
+            ));
+        }
+        let payout = payout.assume_checked();
         let chain = chain(file.chain, base)?;
         let store_url = store_url(&file.store.url, base)?;
         Ok(Self {
@@ -341,7 +442,9 @@ impl Config {
             listen: file.listen,
             upstream,
             key_file: base.join(file.key_file),
+            bump_key_file: file.bump_key_file.map(|path| base.join(path)),
             payout_script: payout.script_pubkey(),
+            payout_address: file.payout_address,
             refund_server_errors: file.refund_server_errors,
             shadow: file.shadow,
             shutdown: Duration::from_secs(file.shutdown_secs),
@@ -370,6 +473,13 @@ impl Config {
             listener: listener(file.listener)?,
         })
     }
+}
+
+/// The network `name` (`bitcoin`, `testnet4`, `signet`, `regtest`, or Core's `main`, `test`).
+pub(crate) fn network(name: &str) -> Result<Network, ConfigError> {
+    Network::from_core_arg(name)
+        .or_else(|_| name.parse::<Network>())
+        .map_err(|_| bad("network", "expected bitcoin, testnet4, signet or regtest"))
 }
 
 /// `http[s]://host[:port]` (no path): the origin requests are forwarded to.
@@ -518,6 +628,17 @@ pub(crate) fn template(init: &Init) -> String {
             init.cookie_file.display()
         ),
     };
+    let payout = if init.payout_is_bump_key {
+        format!(
+            "payout_address = \"{}\"\n# ^ the bump key's address (init chose it): CPFP works. Its coins are spent with the\n#   bump key (a hot key): sweep them to cold storage. Another address turns CPFP off.",
+            init.payout_address
+        )
+    } else {
+        format!(
+            "payout_address = \"{}\"\n# ^ yours: CPFP is off (a CPFP child spends the payout output, so the bump key must own\n#   it). For CPFP, set it to the bump key's address, {} (new channels only).",
+            init.payout_address, init.bump_address
+        )
+    };
     format!(
         r#"# paychan proxy configuration (https://docs.rs/paychan). Relative paths are relative to
 # this file's folder.
@@ -526,7 +647,8 @@ network = "{network}"            # bitcoin, testnet4, signet or regtest
 listen = "{listen}"          # where paying clients connect
 upstream = "{upstream}"   # the API behind the proxy (http:// or https://)
 key_file = "{key_file}"        # the BIP-0032 master key: secret, mode 0600, back it up
-payout_address = "{payout}"
+bump_key_file = "{bump_key_file}"  # signs CPFP children from the payout output: secret, 0600
+{payout}
 refund_server_errors = false     # true: an upstream 5xx is not charged (an unreachable one never is)
 shadow = false                   # true: serve every request unpaid (unlisted routes too), count what would be charged
 shutdown_secs = 30               # on SIGTERM, requests in flight get this long to finish
@@ -592,7 +714,7 @@ token_file = "admin.token"       # as `Authorization: Bearer …`, Basic auth's 
         listen = init.listen,
         upstream = init.upstream,
         key_file = init.key_file.display(),
-        payout = init.payout_address,
+        bump_key_file = init.bump_key_file.display(),
         store = init.store,
         price = init.price_msat,
         admin_listen = init.admin_listen,
@@ -606,7 +728,13 @@ pub(crate) struct Init {
     pub(crate) listen: SocketAddr,
     pub(crate) upstream: String,
     pub(crate) key_file: PathBuf,
+    pub(crate) bump_key_file: PathBuf,
+    /// The operator's address, or the bump key's.
     pub(crate) payout_address: String,
+    /// Whether `payout_address` is the bump key's (then CPFP works).
+    pub(crate) payout_is_bump_key: bool,
+    /// The bump key's P2WPKH address.
+    pub(crate) bump_address: String,
     pub(crate) bitcoind_url: String,
     pub(crate) cookie_file: PathBuf,
     pub(crate) esplora_url: Option<String>,
@@ -625,7 +753,10 @@ mod tests {
             listen: "127.0.0.1:8402".parse().unwrap(),
             upstream: "http://127.0.0.1:8080".into(),
             key_file: "paychan.key".into(),
+            bump_key_file: "paychan-bump.key".into(),
             payout_address: "bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080".into(),
+            payout_is_bump_key: false,
+            bump_address: "bcrt1qqypqxpq9qcrsszg2pvxq6rs0zqg3yyc5phstwt".into(),
             bitcoind_url: "http://127.0.0.1:18443".into(),
             cookie_file: "/tmp/.cookie".into(),
             esplora_url: None,
@@ -641,6 +772,8 @@ mod tests {
         assert_eq!(config.network, Network::Regtest);
         assert_eq!(config.upstream, "http://127.0.0.1:8080");
         assert_eq!(config.key_file, Path::new("/srv/paychan.key"));
+        assert_eq!(config.bump_key_file.as_deref(), Some(Path::new("/srv/paychan-bump.key")));
+        assert!(template(&init()).contains("bcrt1qqypqxpq9qcrsszg2pvxq6rs0zqg3yyc5phstwt"));
         assert_eq!(config.store_url, "sqlite:/srv/paychan.db");
         assert_eq!(config.terms, Terms::default());
         assert!(!config.refund_server_errors, "a proxy charges an upstream's 5xx by default");
@@ -648,6 +781,13 @@ mod tests {
         assert_eq!(config.listener, Listener::default());
         let shadow = template(&init()).replace("shadow = false", "shadow = true");
         assert!(Config::parse(&shadow, Path::new("/srv")).unwrap().shadow);
+        let chosen = Init {
+            payout_address: "bcrt1qqypqxpq9qcrsszg2pvxq6rs0zqg3yyc5phstwt".into(),
+            payout_is_bump_key: true,
+            ..init()
+        };
+        let chosen = Config::parse(&template(&chosen), Path::new("/srv")).unwrap();
+        assert_eq!(chosen.payout_address, "bcrt1qqypqxpq9qcrsszg2pvxq6rs0zqg3yyc5phstwt");
         let admin = Admin {
             listen: "127.0.0.1:9402".parse().unwrap(),
             token_file: PathBuf::from("/srv/admin.token"),
@@ -730,7 +870,51 @@ mod tests {
             .ttl(Duration::from_secs(60));
         assert_eq!(Config::parse(&on, base).unwrap().leases, Some(expected));
         let typo = on.replace("max_msat = 5000", "max_sat = 5");
-        assert_eq!(Config::parse(&typo, base).unwrap_err().key, "max_sat");
+        assert_eq!(Config::parse(&typo, base).unwrap_err().key, "store.leases.max_sat");
+    }
+
+    #[test]
+    fn errors_name_the_file_the_line_and_the_key() {
+        let dir = std::env::temp_dir().join(format!("paychan-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("paychan.toml");
+        let good = template(&init());
+        let line_of = |text: &str, needle: &str| {
+            text.lines().position(|l| l.starts_with(needle)).unwrap() + 1
+        };
+        for (from, to, key) in [
+            // A wrong type: the key, not the value.
+            ("shutdown_secs = 30", "shutdown_secs = \"soon\"", "shutdown_secs"),
+            ("# max_connections = 512", "max_connections = \"many\"", "listener.max_connections"),
+            // An unknown key, in its table.
+            ("# max_header_bytes = 32768", "max_headers = 1", "listener.max_headers"),
+            // A value checked after parsing.
+            ("url = \"sqlite:paychan.db\"", "url = \"mysql://x\"", "store.url"),
+            ("method = \"GET\"", "method = \"G T\"", "prices.routes[0].method"),
+        ] {
+            let text = good.replacen(from, to, 1);
+            std::fs::write(&path, &text).unwrap();
+            let error = Config::load(&path).unwrap_err().to_string();
+            let line = line_of(&text, to);
+            let at = format!("{}:{line}: key `{key}`: ", path.display());
+            assert!(error.starts_with(&at), "{to}: {error}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_payout_address_of_another_network_is_named_a_network_mismatch() {
+        let mainnet = template(&init()).replace(
+            "bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080",
+            "bc1qw508d6qejxtdg4y5r3zarvary0c5xw7kv8f3t4",
+        );
+        let error = Config::parse(&mainnet, Path::new(".")).unwrap_err().to_string();
+        assert!(
+            error.contains("network mismatch")
+                && error.contains("an address for bitcoin (mainnet)")
+                && error.contains("network = \"regtest\""),
+            "{error}"
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! Key files: one BIP-0032 extended private key in Base58 (`xprv…`/`tprv…`), mode 0600, never
-//! logged.
+//! Key files, mode 0600, never logged: the master key (one BIP-0032 extended private key in
+//! Base58, `xprv…`/`tprv…`) and the bump key (one private key in WIF, whose P2WPKH address is
+//! the payout address when `init` chose it: the key that signs CPFP children).
 
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
@@ -7,7 +8,8 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use paychan::bitcoin::bip32::Xpriv;
-use paychan::bitcoin::{Network, NetworkKind};
+use paychan::bitcoin::secp256k1::{Secp256k1, SecretKey};
+use paychan::bitcoin::{Address, CompressedPublicKey, Network, NetworkKind, PrivateKey};
 
 type Error = Box<dyn std::error::Error>;
 
@@ -55,25 +57,87 @@ pub(crate) fn read_token(path: &Path) -> Result<String, Error> {
     Ok(token)
 }
 
-/// Reads the key at `path`, for `network`. A key file others can read is refused on mainnet
-/// and warned about elsewhere.
-pub(crate) fn read(path: &Path, network: Network) -> Result<Xpriv, Error> {
+/// A fresh bump key for `network` (not written yet: see [`write_bump`]).
+pub(crate) fn new_bump(network: Network) -> Result<PrivateKey, Error> {
+    Ok(PrivateKey::new(SecretKey::from_slice(&random()?)?, network))
+}
+
+/// Writes the bump key `key` to `path` in WIF; refuses if the file exists.
+pub(crate) fn write_bump(path: &Path, key: &PrivateKey) -> Result<(), Error> {
+    write_private(path, &key.to_wif())
+}
+
+/// The P2WPKH address of the bump key: the payout address CPFP works with.
+pub(crate) fn bump_address(key: &PrivateKey, network: Network) -> Address {
+    let public = CompressedPublicKey::from_private_key(&Secp256k1::signing_only(), key)
+        .expect("bump keys are compressed (checked when read)");
+    Address::p2wpkh(&public, network)
+}
+
+/// Reads the bump key at `path` (WIF, compressed), for `network`, with the master key's rules
+/// on permissions.
+pub(crate) fn read_bump(path: &Path, network: Network) -> Result<PrivateKey, Error> {
+    let text = read_private(path, "bump key file", network)?;
+    let key = PrivateKey::from_wif(text.trim())
+        .map_err(|_| format!("bump key file {}: not a private key in WIF", path.display()))?;
+    if key.network != NetworkKind::from(network) {
+        return Err(format!(
+            "bump key file {}: network mismatch: a {} key, but network = \"{network}\" needs {}",
+            path.display(),
+            kind(key.network),
+            kind(NetworkKind::from(network))
+        )
+        .into());
+    }
+    if !key.compressed {
+        return Err(format!(
+            "bump key file {}: an uncompressed key (P2WPKH needs a compressed one)",
+            path.display()
+        )
+        .into());
+    }
+    Ok(key)
+}
+
+/// Which networks a key of `kind` is for.
+fn kind(kind: NetworkKind) -> &'static str {
+    match kind {
+        NetworkKind::Main => "mainnet (bitcoin)",
+        NetworkKind::Test => "test-network (testnet4, signet, regtest)",
+    }
+}
+
+/// The text of a secret file (`what`: its name in messages). One that group or others can read
+/// is refused on mainnet and warned about elsewhere.
+fn read_private(path: &Path, what: &str, network: Network) -> Result<String, Error> {
     let metadata =
-        std::fs::metadata(path).map_err(|e| format!("key file {}: {e}", path.display()))?;
+        std::fs::metadata(path).map_err(|e| format!("{what} {}: {e}", path.display()))?;
     if metadata.permissions().mode() & 0o077 != 0 {
-        let message = format!("key file {} is readable by others (chmod 600 it)", path.display());
+        let message = format!("{what} {} is readable by others (chmod 600 it)", path.display());
         if network == Network::Bitcoin {
             return Err(message.into());
         }
         tracing::warn!("{message}");
     }
-    let text = std::fs::read_to_string(path)?;
+    Ok(std::fs::read_to_string(path).map_err(|e| format!("{what} {}: {e}", path.display()))?)
+}
+
+/// Reads the key at `path`, for `network`. A key file others can read is refused on mainnet
+/// and warned about elsewhere.
+pub(crate) fn read(path: &Path, network: Network) -> Result<Xpriv, Error> {
+    let text = read_private(path, "key file", network)?;
     let key: Xpriv = text
         .trim()
         .parse()
         .map_err(|_| format!("key file {}: not a BIP-0032 extended private key", path.display()))?;
     if key.network != NetworkKind::from(network) {
-        return Err(format!("key file {}: a key for another network", path.display()).into());
+        return Err(format!(
+            "key file {}: network mismatch: a {} key, but network = \"{network}\" needs {}",
+            path.display(),
+            kind(key.network),
+            kind(NetworkKind::from(network))
+        )
+        .into());
     }
     Ok(key)
 }
@@ -97,7 +161,8 @@ mod tests {
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         assert!(create(&path, Network::Regtest).is_err(), "never overwritten");
         assert_eq!(read(&path, Network::Regtest).unwrap(), key);
-        assert!(read(&path, Network::Bitcoin).is_err(), "another network");
+        let other = read(&path, Network::Bitcoin).unwrap_err().to_string();
+        assert!(other.contains("network mismatch: a test-network"), "{other}");
 
         let main = dir.join("main.key");
         let _ = std::fs::remove_file(&main);
@@ -105,6 +170,19 @@ mod tests {
         std::fs::set_permissions(&main, std::fs::Permissions::from_mode(0o644)).unwrap();
         let refused = read(&main, Network::Bitcoin).unwrap_err();
         assert!(refused.to_string().contains("readable by others"), "{refused}");
+
+        let bump = dir.join("bump.key");
+        let _ = std::fs::remove_file(&bump);
+        let key = new_bump(Network::Regtest).unwrap();
+        write_bump(&bump, &key).unwrap();
+        assert_eq!(std::fs::metadata(&bump).unwrap().permissions().mode() & 0o777, 0o600);
+        assert!(write_bump(&bump, &key).is_err(), "never overwritten");
+        assert_eq!(read_bump(&bump, Network::Regtest).unwrap(), key);
+        assert!(bump_address(&key, Network::Regtest).to_string().starts_with("bcrt1q"));
+        let other = read_bump(&bump, Network::Bitcoin).unwrap_err();
+        assert!(other.to_string().contains("network mismatch"), "{other}");
+        let master = read_bump(&path, Network::Regtest).unwrap_err();
+        assert!(master.to_string().contains("not a private key in WIF"), "{master}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

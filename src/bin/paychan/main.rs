@@ -12,6 +12,7 @@ use paychan::wire::ChannelId;
 mod admin;
 mod chain;
 mod config;
+mod doctor;
 mod keys;
 mod net;
 mod operator;
@@ -20,41 +21,53 @@ mod serve;
 
 type Error = Box<dyn std::error::Error>;
 
-/// Opens the store `$url` names and runs `$body` with it bound to `$store`.
+/// Opens (and migrates) the store `$url` names and runs `$body` with it bound to `$store`.
 #[macro_export]
 macro_rules! with_store {
     ($url:expr, $store:ident => $body:expr) => {{
         let url: &str = $url;
+        let cannot = |error| $crate::store_unavailable(url, error);
         if url == "memory" {
             let $store = paychan::store::MemoryStore::new();
             $body
         } else if let Some(path) = url.strip_prefix("sqlite:") {
-            let $store = paychan::store::SqliteStore::open(path)?;
+            let $store = paychan::store::SqliteStore::open(path).map_err(cannot)?;
             $body
         } else if url.starts_with("postgres") {
-            #[cfg(feature = "postgres")]
-            {
-                let $store = paychan::store::PostgresStore::connect(url).await?;
-                $body
-            }
-            #[cfg(not(feature = "postgres"))]
-            {
-                Err("this paychan was built without the postgres feature".into())
-            }
+            let $store = paychan::store::PostgresStore::connect(url).await.map_err(cannot)?;
+            $body
         } else if url.starts_with("redis") {
-            #[cfg(feature = "redis")]
-            {
-                let $store = paychan::store::RedisStore::connect(url).await?;
-                $body
-            }
-            #[cfg(not(feature = "redis"))]
-            {
-                Err("this paychan was built without the redis feature".into())
-            }
+            let $store = paychan::store::RedisStore::connect(url).await.map_err(cannot)?;
+            $body
         } else {
             Err(format!("unknown store {url}").into())
         }
     }};
+}
+
+/// The store at `url` could not be opened: what to check, with the URL's password hidden.
+fn store_unavailable(url: &str, error: paychan::store::StoreError) -> String {
+    let hint = if url.starts_with("postgres") {
+        " (is the server up, and does the database exist? CREATE DATABASE first: PRODUCTION.md)"
+    } else if url.starts_with("redis") {
+        " (is the server up?)"
+    } else {
+        ""
+    };
+    format!("the store at [store] url = \"{}\" cannot be opened: {error}{hint}", redact(url))
+}
+
+/// `url` without the password of its user info (`postgres://user:…@host/db`).
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let (authority, path) = rest.split_once('/').map_or((rest, None), |(a, p)| (a, Some(p)));
+    let Some((user_info, host)) = authority.rsplit_once('@') else { return url.to_owned() };
+    let user = match user_info.split_once(':') {
+        Some((user, _)) => format!("{user}:…"),
+        None => user_info.to_owned(),
+    };
+    let path = path.map(|p| format!("/{p}")).unwrap_or_default();
+    format!("{scheme}://{user}@{host}{path}")
 }
 
 #[derive(Debug, Parser)]
@@ -80,7 +93,8 @@ struct ConfigPath {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Writes a commented configuration and a fresh master key file (mode 0600).
+    /// Writes a commented configuration and fresh key files (mode 0600): the master key and
+    /// the bump key (which signs CPFP children).
     Init {
         #[command(flatten)]
         config: ConfigPath,
@@ -93,9 +107,11 @@ enum Command {
         /// The API behind the proxy.
         #[arg(long, default_value = "http://127.0.0.1:8080")]
         upstream: String,
-        /// Where the proxy's earnings go.
+        /// Where the proxy's earnings go. Without it, the bump key's address: then closes below
+        /// the mempool minimum go out with a CPFP child (the payout is spent with the bump key,
+        /// a hot key). With your own address (a cold wallet), there is no CPFP.
         #[arg(long)]
-        payout_address: String,
+        payout_address: Option<String>,
         /// Bitcoin Core's RPC URL.
         #[arg(long, default_value = "http://127.0.0.1:18443")]
         bitcoind_url: String,
@@ -142,6 +158,13 @@ enum Command {
         config: ConfigPath,
         /// The channel.
         id: ChannelId,
+    },
+    /// Runs every start-up check of `serve` and prints each, ok or FAIL with the reason: the
+    /// chain backend's network, the payout address and the keys, the node's relay fee against
+    /// the terms, the store. Exits with 1 if any fails.
+    Doctor {
+        #[command(flatten)]
+        config: ConfigPath,
     },
     /// Revenue paid and settled, open allocations, channels closing soon.
     Report {
@@ -230,12 +253,19 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
             if path.exists() {
                 return Err(format!("{} exists: never overwritten", path.display()).into());
             }
+            // The bump key's address is the payout address unless the operator gave one.
+            let kind = config::network(&network).map_err(flag_error)?;
+            let bump = keys::new_bump(kind)?;
+            let bump_address = keys::bump_address(&bump, kind).to_string();
             let init = config::Init {
                 network,
                 listen,
                 upstream,
                 key_file: PathBuf::from("paychan.key"),
-                payout_address,
+                bump_key_file: PathBuf::from("paychan-bump.key"),
+                payout_is_bump_key: payout_address.is_none(),
+                payout_address: payout_address.unwrap_or_else(|| bump_address.clone()),
+                bump_address,
                 bitcoind_url,
                 cookie_file: expand_home(cookie_file),
                 esplora_url,
@@ -248,20 +278,39 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
                 .parent()
                 .filter(|p| !p.as_os_str().is_empty())
                 .unwrap_or(std::path::Path::new("."));
-            let checked = Config::parse(&text, base)?;
+            let checked = Config::parse(&text, base).map_err(flag_error)?;
             keys::create(&checked.key_file, checked.network)?;
+            let bump_file = checked.bump_key_file.as_ref().expect("init writes bump_key_file");
+            keys::write_bump(bump_file, &bump)?;
             if let Some(admin) = &checked.admin {
                 keys::create_token(&admin.token_file)?;
             }
             std::fs::write(&path, text)?;
             println!(
-                "wrote {}, the master key {} and the admin token {} (back up the key)",
+                "wrote {}, the master key {}, the bump key {} and the admin token {} (back up \
+                 both keys)",
                 path.display(),
                 checked.key_file.display(),
+                bump_file.display(),
                 checked.admin.as_ref().map_or("-".into(), |a| a.token_file.display().to_string()),
             );
+            if init.payout_is_bump_key {
+                println!(
+                    "payout address {}: the bump key's, so closes can be bumped by CPFP; its \
+                     coins are spent with {} (a hot key): sweep them to cold storage",
+                    init.payout_address,
+                    bump_file.display()
+                );
+            } else {
+                println!(
+                    "payout address {}: yours, so closes cannot be bumped by CPFP (for CPFP, \
+                     set payout_address = \"{}\", the bump key's address)",
+                    init.payout_address, init.bump_address
+                );
+            }
         }
         Command::Serve { config } => serve::serve(Config::load(&config.config)?).await?,
+        Command::Doctor { config } => return Ok(doctor::doctor(&config.config).await),
         Command::Channels { config, state } => {
             let config = Config::load(&config.config)?;
             let state = state.map(|s| ChannelState::from_name(&s)).transpose()?;
@@ -290,6 +339,19 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
         Command::Client(ClientCommand::Refund { options }) => pay::refund(&options).await?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// An error in the config `init` writes comes from one of its flags: named as the flag.
+fn flag_error(error: config::ConfigError) -> Error {
+    let flag = match error.key.as_str() {
+        "network" => "--network",
+        "upstream" => "--upstream",
+        "payout_address" => "--payout-address",
+        "store.url" => "--store",
+        "chain" | "chain.cookie_file" => "--bitcoind-url, --cookie-file or --esplora-url",
+        _ => return error.into(),
+    };
+    format!("{flag}: {}", error.message).into()
 }
 
 /// `~/…` with `$HOME`.

@@ -56,14 +56,25 @@ impl Upstream {
 /// Runs the proxy until SIGTERM or Ctrl-C.
 pub(crate) async fn serve(config: Config) -> Result<(), Error> {
     let master = keys::read(&config.key_file, config.network)?;
+    let bump = match cpfp(&config)? {
+        Cpfp::On(key, reason) => {
+            tracing::info!("{reason}");
+            Some(key)
+        }
+        Cpfp::Off(reason) => {
+            tracing::warn!("{reason}");
+            None
+        }
+    };
     let chain = Chain::new(&config.chain)?;
     // Before the store is opened and the listener bound: a server on another network's chain
     // would take that network's coins as payment.
     check_network(&chain, &config).await?;
+    check_relay_fee(&chain, &config).await.map_err(|e| format!("{e}; refusing to serve"))?;
     with_store!(&config.store_url, store => match config.leases {
         Some(leases) => {
             let store = paychan::store::Leased::with_config(store, leases);
-            let served = run(config, master, chain, store.clone()).await;
+            let served = run(config, master, bump, chain, store.clone()).await;
             // After the last request: what this node holds goes back to the channels.
             let failed = store.return_all().await;
             if failed > 0 {
@@ -71,20 +82,111 @@ pub(crate) async fn serve(config: Config) -> Result<(), Error> {
             }
             served
         }
-        None => run(config, master, chain, store).await,
+        None => run(config, master, bump, chain, store).await,
     })
 }
 
-/// Refuses to serve when the chain backend is on another network than the config's
-/// `network`, saying what to change.
-async fn check_network(chain: &Chain, config: &Config) -> Result<(), Error> {
-    use paychan::chain::ChainError;
-    let (backend, key, kind) = match &config.chain {
+/// Whether the settlement task can bump closes by CPFP, and why (for the log and `doctor`).
+pub(crate) enum Cpfp {
+    /// The bump key, whose P2WPKH is the payout script.
+    On(paychan::bitcoin::secp256k1::SecretKey, String),
+    /// No CPFP: what it costs and how to change it.
+    Off(String),
+}
+
+/// The key the settlement task signs CPFP children with: the bump key, when its P2WPKH is the
+/// payout script (a child spends the server's output of a close). An unreadable bump key, or
+/// one for another network, is an error.
+pub(crate) fn cpfp(config: &Config) -> Result<Cpfp, Error> {
+    let Some(path) = &config.bump_key_file else {
+        return Ok(Cpfp::Off(
+            "no bump_key_file in the config: closes cannot be bumped by CPFP, and one below the \
+             mempool minimum waits (paychan_closes_below_mempool_minimum). `paychan init` \
+             writes one (PRODUCTION.md, \"CPFP: the bump key\")"
+                .to_owned(),
+        ));
+    };
+    let key = keys::read_bump(path, config.network)?;
+    let address = keys::bump_address(&key, config.network);
+    if address.script_pubkey() != config.payout_script {
+        return Ok(Cpfp::Off(format!(
+            "payout_address is not the bump key's address: closes cannot be bumped by CPFP (a \
+             CPFP child spends the payout output, so the bump key must own it), and one below \
+             the mempool minimum waits (paychan_closes_below_mempool_minimum). For CPFP, set \
+             payout_address = \"{address}\", the bump key's address (new channels only)"
+        )));
+    }
+    Ok(Cpfp::On(
+        key.inner,
+        format!(
+            "CPFP on: payout_address is the bump key's address, so a close below the mempool \
+             minimum goes out with a child paid from the payout output ({})",
+            path.display()
+        ),
+    ))
+}
+
+/// `sat/vB` of `rate`, with decimals only when it has them (`1`, `0.1`).
+fn sat_vb(rate: paychan::bitcoin::FeeRate) -> String {
+    let kwu = rate.to_sat_per_kwu();
+    // f64's Display is the shortest form that reads back: 0.1, 2.5.
+    if kwu.is_multiple_of(250) { (kwu / 250).to_string() } else { (kwu as f64 / 250.0).to_string() }
+}
+
+/// Refuses terms whose fee rates the node cannot relay: a minimum relay fee above
+/// `terms.max_fee_rate_sat_vb` (every channel would be agreed above the operator's maximum,
+/// since no close below the floor can be broadcast). The answer when they agree.
+pub(crate) async fn check_relay_fee(chain: &Chain, config: &Config) -> Result<String, Error> {
+    use paychan::chain::ChainBackend as _;
+    let (backend, key, _) = backend(config);
+    let floor = chain.min_relay_fee_rate().await.map_err(|error| {
+        format!("{backend} at [chain] {key}, asked for its minimum relay fee: {error}")
+    })?;
+    let terms = &config.terms;
+    let (min, max) = (sat_vb(terms.min_fee_rate), sat_vb(terms.max_fee_rate));
+    if floor > terms.max_fee_rate {
+        return Err(format!(
+            "fee rates: {backend}'s minimum relay fee is {} sat/vB, above \
+             terms.max_fee_rate_sat_vb = {max}; no close below it can be broadcast, so channels \
+             would be agreed above your maximum. Raise terms.max_fee_rate_sat_vb to at least {}, \
+             or lower the node's -minrelaytxfee",
+            sat_vb(floor),
+            floor.to_sat_per_vb_ceil()
+        )
+        .into());
+    }
+    Ok(if floor > terms.min_fee_rate {
+        format!(
+            "{backend}'s minimum relay fee is {} sat/vB: channels are offered at least that, \
+             above terms.min_fee_rate_sat_vb = {min}",
+            sat_vb(floor)
+        )
+    } else {
+        format!(
+            "{backend}'s minimum relay fee, {} sat/vB, is within the terms' {min} to {max} sat/vB",
+            sat_vb(floor)
+        )
+    })
+}
+
+/// The chain backend in messages: what it is, its config key, and what to call another one.
+fn backend(config: &Config) -> (&'static str, &'static str, &'static str) {
+    match &config.chain {
         ChainSource::Bitcoind { .. } => ("the Bitcoin Core node", "bitcoind_url", "node"),
         ChainSource::Esplora { .. } => ("the Esplora server", "esplora_url", "server"),
-    };
+    }
+}
+
+/// Refuses to serve when the chain backend is on another network than the config's
+/// `network`, saying what to change. The answer when they agree.
+pub(crate) async fn check_network(chain: &Chain, config: &Config) -> Result<String, Error> {
+    use paychan::chain::ChainError;
+    let (backend, key, kind) = backend(config);
     match paychan::chain::check_network(chain, config.network).await {
-        Ok(()) => Ok(()),
+        Ok(()) => Ok(format!(
+            "{backend} at [chain] {key} is on {}, as network = \"{}\"",
+            config.network, config.network
+        )),
         Err(ChainError::WrongNetwork { expected, actual }) => Err(format!(
             "wrong network: {backend} at [chain] {key} is on {actual}, but the config sets \
              network = \"{expected}\"; refusing to serve (clients would pay in {actual} coins). \
@@ -102,6 +204,7 @@ async fn check_network(chain: &Chain, config: &Config) -> Result<(), Error> {
 async fn run<St: ChannelStore + Clone + 'static>(
     config: Config,
     master: paychan::bitcoin::bip32::Xpriv,
+    bump: Option<paychan::bitcoin::secp256k1::SecretKey>,
     chain: Chain,
     store: St,
 ) -> Result<(), Error> {
@@ -124,6 +227,10 @@ async fn run<St: ChannelStore + Clone + 'static>(
         .with_funding_policy(config.funding)
         .with_prices(config.prices.describe())
         .with_intervals(config.tip_every, config.settle_every);
+    let paid = match bump {
+        Some(key) => paid.with_cpfp_key(key),
+        None => paid,
+    };
     // Behind a trusted front proxy every peer is the proxy: the negotiation's per-client
     // limits read the client from the X-Forwarded-For the front appended to.
     let paid = if config.listener.trust_forwarded_for {
@@ -139,7 +246,13 @@ async fn run<St: ChannelStore + Clone + 'static>(
         layer = layer.shadow();
     }
     let paid = Arc::new(paid);
-    let observed = Arc::new(Observed::new());
+    let observed = Arc::new(match config.leases {
+        Some(_) => Observed::new().with_leases(),
+        None => Observed::new(),
+    });
+    // With leases a charge need not reach the store: the store itself says when it is back.
+    let store_watch =
+        config.leases.is_some().then(|| watch_store(store.clone(), Arc::clone(&observed)));
     let upstream = Arc::new(Upstream {
         client: net::client(&[])?,
         origin: config.upstream.clone(),
@@ -190,11 +303,34 @@ async fn run<St: ChannelStore + Clone + 'static>(
     if let Some(task) = admin_task {
         task.await??;
     }
+    if let Some(task) = store_watch {
+        task.abort();
+    }
     if let Ok(paid) = Arc::try_unwrap(paid) {
         paid.stop();
     }
     tracing::info!("paychan proxy stopped: in-flight requests finished");
     Ok(())
+}
+
+/// While requests find the store unavailable, asks it every 5 s for a small read (the pending
+/// channels) and ends the outage when it answers: with leases, charges do not prove it.
+fn watch_store<St: ChannelStore + 'static>(
+    store: St,
+    observed: Arc<Observed>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(5));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            if observed.store_is_down()
+                && store.list(paychan::store::ChannelState::Pending).await.is_ok()
+            {
+                observed.store_available();
+            }
+        }
+    })
 }
 
 /// The connections each client holds (IPv4 by address, IPv6 by /64).
