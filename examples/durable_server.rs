@@ -52,18 +52,15 @@ pub(crate) async fn app<St: ChannelStore + Clone>(store: St, chain: SimulatedCha
     .with_store(store)
     // Short passes for the simulated chain; a real node's blocks need the defaults only.
     .with_intervals(Duration::from_millis(250), Duration::from_secs(1))
+    // Off only for tests/durability.rs, which writes channels straight into the store, on no
+    // chain: this node's simulated chain would find no funding and suspend them.
+    .with_settlement(std::env::var_os("PAYCHAN_NO_SETTLEMENT").is_none())
     .start(PRICE)
     .await
     .expect("the simulated chain answers");
-    let layer = paid.layer();
-    if std::env::var_os("PAYCHAN_NO_SETTLEMENT").is_some() {
-        // Only for tests/durability.rs, which writes channels straight into the store, on no
-        // chain: this node's simulated chain would find no funding and suspend them.
-        paid.stop();
-    }
     Router::new()
         .route("/paid", get(|paid: Paid| async move { paid.balance.to_string() }))
-        .layer(layer)
+        .layer(paid.layer())
 }
 
 /// Serves the API on `store` (through leases when `PAYCHAN_LEASES` is set) until SIGTERM or

@@ -13,7 +13,10 @@
 //! The server runs on one tokio worker thread, the load generator on another. Paths:
 //! - **fast path**: every request carries the channel's current best payment (a verified,
 //!   cached header: one atomic debit in the store), `LOAD_CONNECTIONS` connections;
-//! - **fast path + receipts**: the same, each answer with a signed `Payment-Receipt`;
+//! - **fast path + receipts**: the same, each answer with a `Payment-Receipt` signed in
+//!   batches (the default: every 32nd, or a second after the last; every request says
+//!   `Payment-Receipt-Unsigned: 0/128`, as a batching client does);
+//! - **fast path + every receipt signed**: the same with `ReceiptSigning::Every`;
 //! - **fast path, leased**: the same through [`Leased`] (debits from a lease of the channel's
 //!   balance, one store operation per lease), compared with the fast path on a memory store
 //!   in the same run: what many nodes on a shared store get;
@@ -145,7 +148,10 @@ async fn drive(
             let mut latencies = Vec::new();
             while Instant::now() < deadline {
                 let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let mut request = http::Request::get(path.as_str()).header("host", "load");
+                let mut request = http::Request::get(path.as_str())
+                    .header("host", "load")
+                    // A client that accepts receipts signed in batches (ignored elsewhere).
+                    .header(wire::PAYMENT_RECEIPT_UNSIGNED, "0/128");
                 if let Some(value) = header(n) {
                     request = request.header(wire::PAYMENT_CHANNEL, value);
                 }
@@ -213,6 +219,14 @@ async fn measure<St: ChannelStore + Clone + 'static>(name: &str, store: St) -> R
                 .layer(PaywallLayer::new(store.clone(), price, tip.clone()).with_receipts(master)),
         )
         .nest(
+            "/signed",
+            Router::new().route("/", hello()).layer(
+                PaywallLayer::new(store.clone(), price, tip.clone())
+                    .with_receipts(master)
+                    .receipt_signing(paychan::server::ReceiptSigning::Every),
+            ),
+        )
+        .nest(
             "/leased",
             Router::new().route("/", hello()).layer(PaywallLayer::new(
                 leased.clone(),
@@ -227,7 +241,7 @@ async fn measure<St: ChannelStore + Clone + 'static>(name: &str, store: St) -> R
     let addr = serve(app);
     let header = wire::encode_payment(&best);
     // Warm up: verify the header once on each layer, and the connections.
-    for path in ["/paid", "/receipted", "/leased", "/memory"] {
+    for path in ["/paid", "/receipted", "/signed", "/leased", "/memory"] {
         let header = header.clone();
         drive(addr, path, 1, 0.2, move |_| Some(header.clone())).await?;
     }
@@ -306,6 +320,7 @@ async fn measure<St: ChannelStore + Clone + 'static>(name: &str, store: St) -> R
     }
     let (mut fast, mut receipted, mut bare_last, mut fast_last, mut rcpt_last) =
         (Vec::new(), Vec::new(), None, None, None);
+    let (mut every, mut batched_vs_none, mut every_last) = (Vec::new(), Vec::new(), None);
     let (mut leased_ratio, mut leased_last) = (Vec::new(), None);
     let mut wire_cost = Vec::new();
     for _ in 0..rounds {
@@ -321,16 +336,22 @@ async fn measure<St: ChannelStore + Clone + 'static>(name: &str, store: St) -> R
         let rcpt =
             drive(addr, "/receipted", connections, seconds, move |_| Some(h.clone())).await?;
         let h = header.clone();
+        let signed = drive(addr, "/signed", connections, seconds, move |_| Some(h.clone())).await?;
+        let h = header.clone();
         let mem = drive(addr, "/memory", connections, seconds, move |_| Some(h.clone())).await?;
         let h = header.clone();
         let lease = drive(addr, "/leased", connections, seconds, move |_| Some(h.clone())).await?;
         fast.push(paid.throughput() / bare.throughput());
         receipted.push(rcpt.throughput() / bare.throughput());
+        batched_vs_none.push(rcpt.throughput() / paid.throughput());
+        every.push(signed.throughput() / bare.throughput());
+        every_last = Some(signed);
         leased_ratio.push(lease.throughput() / mem.throughput());
         (bare_last, fast_last, rcpt_last) = (Some(bare), Some(paid), Some(rcpt));
         leased_last = Some((lease, mem));
     }
     let (bare, paid, rcpt) = (bare_last.unwrap(), fast_last.unwrap(), rcpt_last.unwrap());
+    let signed = every_last.unwrap();
     let (lease, mem) = leased_last.unwrap();
     println!("\n{name} store, {connections} connections, {rounds} rounds of {seconds} s each");
     println!("  {:<28} {:>10} {:>8} {:>8}", "path", "req/s", "p50 µs", "p99 µs");
@@ -338,6 +359,7 @@ async fn measure<St: ChannelStore + Clone + 'static>(name: &str, store: St) -> R
         ("bare", &bare),
         ("fast path", &paid),
         ("fast path + receipts", &rcpt),
+        ("fast path + every receipt", &signed),
         ("fast path, leased", &lease),
         ("fast path, memory store", &mem),
     ];
@@ -353,7 +375,9 @@ async fn measure<St: ChannelStore + Clone + 'static>(name: &str, store: St) -> R
         "  fast path / bare:            {:.3} (median of {rounds} paired rounds)",
         median(fast)
     );
-    println!("  fast + receipts / bare:      {:.3}", median(receipted));
+    println!("  fast + receipts / bare:      {:.3} (signed in batches)", median(receipted));
+    println!("  fast + receipts / fast:      {:.3}", median(batched_vs_none));
+    println!("  fast + every receipt / bare: {:.3}", median(every));
     println!("  leased / memory store:       {:.3} (fast paths)", median(leased_ratio));
     let (held, _) = leased.held();
     println!("  (leased: {held} held by this node at the end)");

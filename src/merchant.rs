@@ -63,6 +63,7 @@ struct Config<C> {
     tip_every: Duration,
     settle_every: Duration,
     client_ip_header: Option<http::HeaderName>,
+    settles: bool,
 }
 
 impl<St, C> fmt::Debug for Merchant<St, C> {
@@ -95,6 +96,7 @@ impl<C: ChainBackend + Clone + 'static> Merchant<MemoryStore, C> {
             tip_every: Duration::from_secs(10),
             settle_every: Duration::from_secs(30),
             client_ip_header: None,
+            settles: true,
         };
         Self { config, store: MemoryStore::new() }
     }
@@ -146,6 +148,15 @@ where
         self
     }
 
+    /// Whether this merchant runs the settlement task (default: it does). Several nodes on
+    /// one shared store may run it on some of them only (the store's atomic moves let several
+    /// work side by side, but one is enough); a store that no node settles is collected only
+    /// when clients close, and a channel whose client never does is lost at its expiry.
+    pub fn with_settlement(mut self, runs: bool) -> Self {
+        self.config.settles = runs;
+        self
+    }
+
     /// How often the chain tip is read, and how often the settlement task runs a pass.
     pub fn with_intervals(mut self, tip: Duration, settlement: Duration) -> Self {
         self.config.tip_every = tip;
@@ -188,7 +199,7 @@ where
             settlement = settlement.with_cpfp_key(key);
         }
         let metrics = settlement.metrics();
-        let task = tokio::spawn(settlement.run(config.settle_every));
+        let task = config.settles.then(|| tokio::spawn(settlement.run(config.settle_every)));
         Ok(Started { layer, metrics, task })
     }
 }
@@ -199,7 +210,7 @@ where
 pub struct Started<St, P> {
     layer: PaywallLayer<St, P>,
     metrics: Arc<Mutex<SettlementMetrics>>,
-    task: JoinHandle<()>,
+    task: Option<JoinHandle<()>>,
 }
 
 impl<St, P> fmt::Debug for Started<St, P> {
@@ -223,6 +234,8 @@ impl<St, P> Started<St, P> {
     /// Stops the settlement task (the layer keeps working; channels are closed by the next
     /// merchant that runs on the same store).
     pub fn stop(self) {
-        self.task.abort();
+        if let Some(task) = self.task {
+            task.abort();
+        }
     }
 }

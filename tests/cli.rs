@@ -1198,3 +1198,22 @@ fn assert_says(log: &str, lines: &[&str]) {
         assert!(log.contains(said), "{said:?} in {log}");
     }
 }
+
+/// On mainnet, `init` does not choose a hot payout by itself: without `--payout-address` it
+/// refuses, naming both choices, and writes nothing; `--payout-to-bump-key` makes the choice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mainnet_init_asks_where_the_earnings_go() {
+    let dir = std::env::temp_dir().join(format!("paychan-cli-hot-payout-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("paychan.toml").to_str().unwrap().to_owned();
+    let out = paychan(args(&["init", "--config", &config, "--network", "bitcoin"])).await;
+    assert!(!out.status.success());
+    assert_says(&text(&out.stderr), &["--payout-address", "--payout-to-bump-key", "hot key"]);
+    assert!(!dir.join("paychan.toml").exists() && !dir.join("paychan-bump.key").exists());
+    let chosen =
+        args(&["init", "--config", &config, "--network", "bitcoin", "--payout-to-bump-key"]);
+    let out = paychan(chosen).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(dir.join("paychan-bump.key").exists());
+}

@@ -859,3 +859,33 @@ async fn a_fair_close_settles_at_what_was_metered() {
     let out = chain.utxo(&OutPoint::new(settled.compute_txid(), 0)).unwrap();
     assert_eq!(out.value, Amount::from_sat(3_000));
 }
+
+/// `Merchant::with_settlement(false)` starts the layer without a settlement task: a channel at
+/// its close margin stays open (nobody closes it), where the default merchant closes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merchant_without_settlement_closes_nothing_and_one_with_it_closes() {
+    for settles in [false, true] {
+        let (chain, store, funded, id) = one_channel(150, 5_000).await;
+        chain.mine(1);
+        while !funded.channel.params().is_closing(chain.tip()) {
+            chain.mine(1);
+        }
+        let merchant = paychan::Merchant::new(Network::Regtest, master(), p2wpkh(&payout()), chain)
+            .with_store(store.clone())
+            .with_intervals(Duration::from_millis(20), Duration::from_millis(20))
+            .with_settlement(settles)
+            .start(MilliSats::from_msat(1_000))
+            .await
+            .unwrap();
+        let mut closed = false;
+        for _ in 0..50 {
+            closed = state(&store, id).await != ChannelState::Open;
+            if closed {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(closed, settles, "settlement task running: {settles}");
+        merchant.stop();
+    }
+}

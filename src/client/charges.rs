@@ -283,6 +283,28 @@ impl ChargeWatch {
         Ok(self.latest_receipt.insert(receipt))
     }
 
+    /// The receipt of a cooperative close (`POST path`), sent with `sent` (the proof): judged
+    /// as [`note_receipt`](Self::note_receipt) judges any, and it must be signed (the server
+    /// signs every close's receipt: it is the final proof).
+    ///
+    /// # Errors
+    ///
+    /// Why the receipt was refused.
+    pub fn note_close_receipt(
+        &mut self,
+        sent: &SentPayment,
+        value: &[u8],
+        path: &str,
+        prev: Option<[u8; 32]>,
+    ) -> Result<&Receipt, String> {
+        match Receipt::decode(value) {
+            Ok(receipt) if !receipt.is_signed() => {
+                Err(self.refuse("the close's receipt is not signed".to_owned()))
+            }
+            _ => self.note_receipt(sent, value, ("POST", path), prev),
+        }
+    }
+
     /// The receipt that ends a metered stream of `method path_and_query`, sent with `sent`:
     /// it must verify under K2, be for this channel and this request, state a payment at
     /// least the one the request carried, charge at most `bound` (what the client counted),
@@ -411,8 +433,8 @@ impl ChargeWatch {
     }
 
     /// The last receipt the server signed and this watch verified: proof of what the channel
-    /// had been charged when it was issued (it commits to the unsigned receipts before it
-    /// through their links).
+    /// had been charged when it was issued (it states the channel's whole spent; the unsigned
+    /// receipts after it are claims).
     pub fn latest_signed_receipt(&self) -> Option<&Receipt> {
         self.latest_signed.as_ref()
     }
@@ -465,7 +487,7 @@ fn verified(
     prev: Option<[u8; 32]>,
 ) -> Result<Receipt, String> {
     // An unsigned receipt (the server signs in batches) is checked like any other but for its
-    // signature; the next signed one commits to it through the links.
+    // signature; the next signed one states the whole spent again.
     let receipt = Receipt::decode(value)
         .and_then(|receipt| match receipt.is_signed() {
             true => receipt.verify(&sent.server_key).map(|()| receipt),

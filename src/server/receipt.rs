@@ -132,10 +132,10 @@ pub struct ActualCost(pub MilliSats);
 
 /// When the layer signs the receipt of a paid response ([`PaywallLayer::receipt_signing`]).
 ///
-/// Every paid response carries a receipt, linked to the one before it; a signed receipt
-/// commits to all of them through the links, so what a client can prove is its last signed
-/// receipt, whichever mode. Signing costs one ECDSA signature (about 30 µs here); batches make
-/// it a thirtieth of that per request.
+/// Every paid response carries a receipt, linked to the one before it, each stating the
+/// channel's whole spent; what a client can prove is its last signed receipt, whichever mode.
+/// Signing costs one ECDSA signature (about 30 µs here); batches make it a small share of
+/// that per request.
 ///
 /// [`PaywallLayer::receipt_signing`]: super::PaywallLayer::receipt_signing
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -228,9 +228,9 @@ pub struct CloseResponse {
     /// `closed` once broadcast, `closing` while the server retries the broadcast.
     pub state: ChannelState,
     /// The close's receipt, always signed: the request `POST <this path>`, price 0, the proof
-    /// payment the request carried and the channel's balance left by what it committed,
-    /// linked to the request's `prev`. It commits to every receipt before it: the client's
-    /// final proof of what the channel was charged.
+    /// payment the request carried and the channel's balance as every receipt states it (paid
+    /// − spent), linked to the request's `prev`: the client's final proof of what the
+    /// channel was charged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub receipt: Option<super::Receipt>,
 }

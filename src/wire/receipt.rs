@@ -26,10 +26,12 @@ pub const PAYMENT_RECEIPT_PREV: &str = "payment-receipt-prev";
 pub const PAYMENT_RECEIPT_UNSIGNED: &str = "payment-receipt-unsigned";
 
 /// What a client says in [`PAYMENT_RECEIPT_UNSIGNED`]: it holds `held` unsigned receipts on
-/// the channel since its last signed one, and accepts at most `max` in a row. A signed
-/// receipt commits to every receipt before it through the [`prev`](Receipt::prev) links, so
-/// the client's proof of what it was charged is its last signed receipt; the unsigned ones
-/// after it are checked link by link and add up as any receipt does.
+/// the channel since its last signed one, and accepts at most `max` in a row. Every receipt
+/// states the channel's whole spent, so the client's proof of what it was charged is its last
+/// signed receipt; the unsigned ones after it are claims, checked link by link and added up
+/// as any receipt is. (A signed receipt's [`prev`](Receipt::prev) fixes the order in which the
+/// client held the receipts before it; the server signs the digest the client names without
+/// knowing it, so the links prove that order, not what unsigned receipts said.)
 ///
 /// ```
 /// use paychan::wire::UnsignedReceipts;
@@ -130,7 +132,7 @@ pub struct Receipt {
     /// The server's ECDSA signature (compact, 64 bytes, hex) over [`digest`](Self::digest),
     /// with the channel's server key K2. Empty (absent on the wire) for a receipt the server
     /// left unsigned, to a client that accepts receipts signed in batches
-    /// ([`UnsignedReceipts`]): the next signed receipt commits to it through its link.
+    /// ([`UnsignedReceipts`]): the next signed receipt states the whole spent again.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub sig: String,
 }

@@ -888,7 +888,9 @@ export class PaychanClient extends EventTarget {
         spent = code === 'payment-below-spent' && tries < 3 ? await readSpent() : undefined;
       }
     }
-    const settlement = JSON.parse(session.checkClose(JSON.stringify(answer), spent, closePath));
+    // The path as the request went (`_json` resolves it against the origin): the receipt's.
+    const sentPath = new URL(closePath, this.origin);
+    const settlement = JSON.parse(session.checkClose(JSON.stringify(answer), spent, sentPath.pathname + sentPath.search));
     await this._save(session);
     let broadcast;
     try {

@@ -1255,7 +1255,7 @@ impl Session {
             let prev = self.charges.latest_receipt_digest(payment.channel);
             let value = receipt.encode();
             let _verdict_kept =
-                self.charges.note_receipt(&payment, value.as_bytes(), ("POST", &path), prev);
+                self.charges.note_close_receipt(&payment, value.as_bytes(), &path, prev);
         }
         self.channel.retired = true;
         Ok(format!(

@@ -60,14 +60,45 @@ fn store_unavailable(url: &str, error: paychan::store::StoreError) -> String {
 /// `url` without the password of its user info (`postgres://user:…@host/db`).
 fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
-    let (authority, path) = rest.split_once('/').map_or((rest, None), |(a, p)| (a, Some(p)));
-    let Some((user_info, host)) = authority.rsplit_once('@') else { return url.to_owned() };
-    let user = match user_info.split_once(':') {
-        Some((user, _)) => format!("{user}:…"),
-        None => user_info.to_owned(),
+    // The user info ends at the last `@` before the query: a password may hold `/` or `@`.
+    let (address, query) = rest.split_at(rest.find('?').unwrap_or(rest.len()));
+    let address = match address.rsplit_once('@') {
+        Some((user_info, host)) => match user_info.split_once(':') {
+            Some((user, _)) => format!("{user}:…@{host}"),
+            None => format!("{user_info}@{host}"),
+        },
+        None => address.to_owned(),
     };
-    let path = path.map(|p| format!("/{p}")).unwrap_or_default();
-    format!("{scheme}://{user}@{host}{path}")
+    // `?password=…` (libpq's form) too.
+    let query: Vec<String> = query
+        .split_terminator(['?', '&'])
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=…"),
+            _ => pair.to_owned(),
+        })
+        .collect();
+    let query = if query.is_empty() { String::new() } else { format!("?{}", query.join("&")) };
+    format!("{scheme}://{address}{query}")
+}
+
+#[cfg(test)]
+mod redact_tests {
+    #[test]
+    fn no_password_is_shown_in_any_form() {
+        for (url, shown) in [
+            ("postgres://u:secret@db/x", "postgres://u:…@db/x"),
+            ("postgres://u:se/cr@et@db:5432/x", "postgres://u:…@db:5432/x"),
+            ("postgres://db/x?user=u&password=secret", "postgres://db/x?user=u&password=…"),
+            ("redis://:secret@cache:6379/0", "redis://:…@cache:6379/0"),
+            ("sqlite:/var/lib/paychan.db", "sqlite:/var/lib/paychan.db"),
+            ("postgres://u@db/x", "postgres://u@db/x"),
+        ] {
+            let redacted = super::redact(url);
+            assert_eq!(redacted, shown, "{url}");
+            assert!(!redacted.contains("secret") && !redacted.contains("cr@et"), "{redacted}");
+        }
+    }
 }
 
 #[derive(Debug, Parser)]
@@ -112,6 +143,11 @@ enum Command {
         /// a hot key). With your own address (a cold wallet), there is no CPFP.
         #[arg(long)]
         payout_address: Option<String>,
+        /// On mainnet, pay the earnings to the bump key's address (CPFP on; the earnings sit on
+        /// a hot key until swept) when no `--payout-address` is given: the choice must be
+        /// explicit there.
+        #[arg(long, conflicts_with = "payout_address")]
+        payout_to_bump_key: bool,
         /// Bitcoin Core's RPC URL.
         #[arg(long, default_value = "http://127.0.0.1:18443")]
         bitcoind_url: String,
@@ -242,6 +278,7 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
             listen,
             upstream,
             payout_address,
+            payout_to_bump_key,
             bitcoind_url,
             cookie_file,
             esplora_url,
@@ -255,6 +292,16 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
             }
             // The bump key's address is the payout address unless the operator gave one.
             let kind = config::network(&network).map_err(flag_error)?;
+            if kind == paychan::bitcoin::Network::Bitcoin
+                && payout_address.is_none()
+                && !payout_to_bump_key
+            {
+                return Err("on mainnet, say where the earnings go: --payout-address <a cold \
+                    address> (closes cannot be bumped by CPFP), or --payout-to-bump-key (CPFP on; \
+                    the earnings sit on the bump key, a hot key on this host, until you sweep \
+                    them)"
+                    .into());
+            }
             let bump = keys::new_bump(kind)?;
             let bump_address = keys::bump_address(&bump, kind).to_string();
             let init = config::Init {

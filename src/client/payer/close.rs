@@ -148,7 +148,14 @@ impl<S: ClientStore> Payer<S> {
         if let Some(receipt) = &answer.receipt {
             // Judged as any receipt; a bad one is kept as the server's verdict (it is paid no
             // more), and the close, checked above, stands.
-            self.note_receipt(&current, receipt.encode().as_bytes(), "POST", &path, prev);
+            let value = receipt.encode();
+            let judged = self
+                .charges()
+                .note_close_receipt(&current.watched(), value.as_bytes(), &path, prev)
+                .err();
+            if let Some(why) = judged {
+                tracing::warn!(%why, "the close's receipt does not verify or add up");
+            }
         }
         let closed = Closed {
             channel: current.id,

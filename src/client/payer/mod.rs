@@ -338,8 +338,8 @@ impl<S: ClientStore> Payer<S> {
     }
 
     /// The last receipt the server signed and this payer verified: proof of what the channel
-    /// had been charged when it was issued (see [`Receipt`]; it commits to the unsigned
-    /// receipts before it, which a server signing in batches sends in between).
+    /// had been charged when it was issued (see [`Receipt`]; a server signing in batches
+    /// sends unsigned receipts in between, which state the same but prove nothing).
     pub fn latest_receipt(&self) -> Option<Receipt> {
         self.charges().latest_signed_receipt().cloned()
     }

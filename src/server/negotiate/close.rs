@@ -171,7 +171,8 @@ pub(super) async fn close<C: ChainBackend, St: ChannelStore>(
 }
 
 /// The close's receipt (see [`CloseResponse::receipt`]): `POST path`, price 0, the proof's
-/// `proven` paid, the balance the channel left after what it committed, linked to `prev`,
+/// `proven` paid, the balance as every receipt states it (paid − spent: what live leases hold
+/// counts as unspent until settled, so no receipt overstates the spent), linked to `prev`,
 /// signed with the channel's K2. `None` if the channel cannot be read again or its key not
 /// derived (the close stands; the client lacks only its last proof).
 async fn close_receipt<C, St: ChannelStore>(
@@ -184,13 +185,7 @@ async fn close_receipt<C, St: ChannelStore>(
     let record = s.store.load(id).await.ok()??;
     let key = crate::channel::channel_key(&s.negotiation.master, record.key_index).ok()?;
     let paid = MilliSats::from_sat(proven)?;
-    let receipt = Receipt::new(
-        id,
-        "POST",
-        path,
-        MilliSats::ZERO,
-        paid,
-        paid.saturating_sub(record.committed()),
-    );
+    let receipt =
+        Receipt::new(id, "POST", path, MilliSats::ZERO, paid, paid.saturating_sub(record.spent));
     Some(prev.map_or(receipt.clone(), |prev| receipt.with_prev(prev)).sign(&key))
 }
