@@ -408,8 +408,8 @@ async fn head_is_priced_the_header_is_not_forwarded_and_a_script_sig_is_refused(
 
 /// Who gets signed receipts: a client that does not send `Payment-Receipt-Unsigned` (every
 /// client before batches) gets every receipt signed, and so does a malformed header; one
-/// that sends it gets the node's first signed and then batches (32 by default), signed at
-/// once when it says it holds as many as it accepts; `ReceiptSigning::Every` signs every
+/// that sends it gets the node's first signed and then batches, signed at once when it says
+/// it holds half as many as it accepts (or its max is 1 or less); `ReceiptSigning::Every` signs every
 /// receipt whatever the client says. Signed ones verify under the channel's K2.
 #[tokio::test]
 async fn receipts_are_signed_for_any_client_that_does_not_ask_for_batches() {
@@ -424,7 +424,7 @@ async fn receipts_are_signed_for_any_client_that_does_not_ask_for_batches() {
         (batched, None, [true; 4]),
         (batched, Some("garbage"), [true; 4]),
         (batched, Some("0/128"), [true, false, false, false]),
-        (batched, Some("31/128"), [true; 4]),
+        (batched, Some("63/128"), [true; 4]),
         (batched, Some("2/3"), [true; 4]),
         (ReceiptSigning::Every, Some("0/128"), [true; 4]),
     ] {

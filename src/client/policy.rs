@@ -43,7 +43,7 @@ impl Default for SpendingPolicy {
     /// prepaid beyond a request's price, channels locked for at most 4 320 blocks (about 30
     /// days); fee rates the server sets (funding, refund, payments) of at most 100 sat/vB;
     /// opening channels automatically allowed, at most 3 times an hour per server; at most
-    /// 1 000 000 sat locked in channels whose money is not back yet; at most 128 receipts in a
+    /// 1 000 000 sat locked in channels whose money is not back yet; at most 256 receipts in a
     /// row left unsigned. The budget (`max_total`) counts what was paid to servers and the
     /// fees of the funding transactions.
     fn default() -> Self {
@@ -57,15 +57,16 @@ impl Default for SpendingPolicy {
             auto_open: true,
             max_opens: (3, Duration::from_secs(3_600)),
             max_locked: Amount::from_sat(1_000_000),
-            max_unsigned_receipts: 128,
+            max_unsigned_receipts: 256,
         }
     }
 }
 
 impl SpendingPolicy {
     /// The most receipts in a row the server may leave unsigned (it signs in batches: see
-    /// `Payment-Receipt-Unsigned` in docs/HTTP.md); a server that leaves more is paid no more.
-    /// 0 asks for every receipt signed.
+    /// `Payment-Receipt-Unsigned` in docs/HTTP.md; an honest server signs by the time the
+    /// client holds half of them, the other half being room for requests in flight); a server
+    /// that leaves more is paid no more. 0 or 1 asks for every receipt signed.
     pub fn with_max_unsigned_receipts(mut self, max: u32) -> Self {
         self.max_unsigned_receipts = max;
         self

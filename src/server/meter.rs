@@ -331,8 +331,14 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
             }
             if let Some(target) = target {
                 let receipt = target.receipt(paid.channel, charged, carried, balance);
-                if let Some(signed) = Box::pin(self.sign(receipt, target.unsigned)).await
-                    && let Ok(value) = HeaderValue::try_from(signed.encode())
+                // Most receipts in a batch go unsigned: no signing future to box for them.
+                let receipt = match self.signer.as_ref() {
+                    Some(signer) if !signer.due(paid.channel, target.unsigned) => Some(receipt),
+                    Some(_) => Box::pin(self.sign_now(receipt)).await,
+                    None => None,
+                };
+                if let Some(receipt) = receipt
+                    && let Ok(value) = HeaderValue::try_from(receipt.encode())
                 {
                     headers.insert(PAYMENT_RECEIPT, value);
                 }
@@ -468,13 +474,9 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
     }
 
     /// Signs `receipt` with its channel's K2 (derived once per channel; a channel this node
-    /// has not loaded yet is loaded for its key index) when it is due for a client that said
-    /// `unsigned` (`None`: always); returns it unsigned otherwise.
-    async fn sign(&self, receipt: Receipt, unsigned: Option<UnsignedReceipts>) -> Option<Receipt> {
+    /// has not loaded yet is loaded for its key index).
+    async fn sign_now(&self, receipt: Receipt) -> Option<Receipt> {
         let signer = self.signer.as_ref()?;
-        if !signer.due(receipt.channel, unsigned) {
-            return Some(receipt);
-        }
         if !signer.keys.contains_key(&receipt.channel) {
             let record = self.store.load(receipt.channel).await.ok()??;
             signer.remember(&record);
@@ -686,7 +688,7 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Units for Meter<St, P> {
             let record = self.store.load(channel).await.ok()??;
             let receipt = target.receipt(channel, charged, record.paid(), record.unspent());
             // The end of a metered stream: always signed.
-            self.sign(receipt, None).await
+            self.sign_now(receipt).await
         })
     }
 }

@@ -147,8 +147,8 @@ pub enum ReceiptSigning {
     /// `Payment-Receipt-Unsigned`, [`UnsignedReceipts`](crate::wire::UnsignedReceipts); to any
     /// other client every receipt is signed). This node signs a channel's receipt when it
     /// would be the `every`-th unsigned in a row (by the client's count or this node's), when
-    /// it reaches the client's own maximum, when `within` passed since this node last signed
-    /// one of the channel's (and on its first), and at the end of every metered stream.
+    /// it reaches half the client's own maximum, when `within` passed since this node last
+    /// signed one of the channel's (and on its first), and at the end of every metered stream.
     Batched {
         /// The longest run of unsigned receipts.
         every: u32,
@@ -158,11 +158,13 @@ pub enum ReceiptSigning {
 }
 
 impl Default for ReceiptSigning {
-    /// Batches of 32 within 1 second: a thirtieth of a signature per request at full speed,
-    /// and at low rates a proof at most a second old. The client's default limit
+    /// Batches of 256 within 1 second. The default client
     /// ([`SpendingPolicy::max_unsigned_receipts`](crate::client::SpendingPolicy::max_unsigned_receipts),
-    /// 128) leaves room for requests answered out of order and for several nodes.
+    /// 256) asks for a signature by the time it holds 128 unsigned (half its maximum, the
+    /// other half room for requests in flight), so at full speed one signature in 128
+    /// requests (~0.3 µs a request here, against ~35 µs to sign each); the node's own count of
+    /// 256 covers clients that do not count; at low rates a proof is at most a second old.
     fn default() -> Self {
-        Self::Batched { every: 32, within: Duration::from_secs(1) }
+        Self::Batched { every: 256, within: Duration::from_secs(1) }
     }
 }
