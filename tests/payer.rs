@@ -1540,3 +1540,41 @@ async fn two_leased_nodes_look_like_one_server_to_the_payer() {
     let record = shared.load(closed.channel).await.unwrap().unwrap();
     assert_eq!((record.spent, record.leased), (metered, MilliSats::ZERO));
 }
+
+/// A server that asks for another scheme (an L402 or MPP challenge, an x402 body) gets a clear
+/// refusal naming it, and nothing is paid: no channel is opened, no wallet coin spent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_402_of_another_payment_scheme_is_named_and_nothing_is_paid() {
+    use axum::http::header::WWW_AUTHENTICATE;
+    use axum::response::IntoResponse;
+
+    for (challenge, body, scheme) in [
+        (Some(r#"L402 macaroon="AGIAJEem", invoice="lnbcrt10u1p""#), "", "L402"),
+        (Some(r#"Payment method="tempo", intent="charge""#), "", r#"Payment method="tempo""#),
+        (None, r#"{"x402Version":1,"error":"X-PAYMENT header is required","accepts":[]}"#, "x402"),
+    ] {
+        let app = Router::new().route(
+            "/work",
+            get(move || async move {
+                let mut response = (StatusCode::PAYMENT_REQUIRED, body).into_response();
+                if let Some(challenge) = challenge {
+                    response.headers_mut().insert(WWW_AUTHENTICATE, challenge.parse().unwrap());
+                }
+                response
+            }),
+        );
+        let chain = SimulatedChain::new();
+        let server = Server { origin: format!("http://{}", serve(app).await), chain };
+        let wallet = funded_wallet(&server.chain);
+        let payer = payer_with(&server, &wallet, MemoryClientStore::new(), policy());
+        let (mut client, _) = paying_client(&payer);
+        let error = get_work(&mut client, &server.origin).await.unwrap_err();
+        assert!(
+            matches!(&error, ClientError::ForeignScheme { scheme: s } if s == scheme),
+            "{error:?}"
+        );
+        assert!(error.to_string().contains("paychan pays bitcoin-channel"), "{error}");
+        assert!(payer.channel().await.unwrap().is_none(), "no channel opened");
+        assert_eq!(payer.committed().await.unwrap(), Amount::ZERO, "nothing paid");
+    }
+}

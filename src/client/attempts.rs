@@ -173,8 +173,14 @@ impl<'a, St: ClientStore> Retry<'a, St> {
     pub(crate) async fn payment_required<T: Transport + ?Sized>(
         &mut self,
         negotiation: &T,
-        problem: Problem,
+        status: http::StatusCode,
+        headers: &http::HeaderMap,
+        body: &[u8],
     ) -> Result<(), ClientError> {
+        if let Some(scheme) = foreign_scheme(headers, body) {
+            return Err(ClientError::ForeignScheme { scheme });
+        }
+        let problem = Problem::from_body(status, body);
         if let Some(price) = problem.price_msat {
             self.payer.note_quote(self.method.as_str(), &self.path, price);
         }
@@ -189,4 +195,71 @@ impl<'a, St: ClientStore> Retry<'a, St> {
 pub(crate) fn balance(headers: &http::HeaderMap) -> Option<MilliSats> {
     let value = headers.get(crate::wire::PAYMENT_CHANNEL_BALANCE)?;
     value.to_str().ok()?.parse().ok().map(MilliSats::from_msat)
+}
+
+/// The payment scheme a 402 asks for when it is not paychan's (`bitcoin-channel`): `L402` (or
+/// `LSAT`, Lightning macaroons), `x402` (a JSON body with `x402Version`), or another `Payment`
+/// method (`MPP`'s `Payment method="…"` challenges). `None` for a paychan 402, or one that
+/// names no scheme (then it is read as a problem document).
+pub(crate) fn foreign_scheme(headers: &http::HeaderMap, body: &[u8]) -> Option<String> {
+    let challenges: Vec<&str> = headers
+        .get_all(http::header::WWW_AUTHENTICATE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .collect();
+    let method = |challenge: &str| {
+        let (_, rest) = challenge.split_once("method=")?;
+        Some(rest.trim_start_matches('"').split(['"', ',', ' ']).next()?.to_owned())
+    };
+    let ours = |challenge: &&str| method(challenge).as_deref() == Some("bitcoin-channel");
+    if challenges.iter().any(ours) {
+        return None;
+    }
+    for challenge in &challenges {
+        let scheme = challenge.split_whitespace().next().unwrap_or("");
+        if scheme.eq_ignore_ascii_case("L402") || scheme.eq_ignore_ascii_case("LSAT") {
+            return Some("L402".to_owned());
+        }
+        if scheme.eq_ignore_ascii_case("Payment") {
+            let method = method(challenge).unwrap_or_else(|| "unnamed".to_owned());
+            return Some(format!("Payment method=\"{method}\""));
+        }
+    }
+    let x402 = serde_json::from_slice::<serde_json::Value>(body)
+        .is_ok_and(|json| json.get("x402Version").is_some());
+    x402.then(|| "x402".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::foreign_scheme;
+
+    #[test]
+    fn a_402_of_another_scheme_is_named() {
+        let with = |challenge: &str| {
+            let mut headers = http::HeaderMap::new();
+            headers.append(http::header::WWW_AUTHENTICATE, challenge.parse().unwrap());
+            headers
+        };
+        let none = http::HeaderMap::new();
+        let ours = r#"Payment method="bitcoin-channel", intent="session", terms="/t""#;
+        assert_eq!(foreign_scheme(&with(ours), b""), None);
+        assert_eq!(
+            foreign_scheme(&with(r#"L402 macaroon="AGI", invoice="lnbc1""#), b"").as_deref(),
+            Some("L402")
+        );
+        assert_eq!(
+            foreign_scheme(&with(r#"LSAT macaroon="AGI", invoice="lnbc1""#), b"").as_deref(),
+            Some("L402")
+        );
+        assert_eq!(
+            foreign_scheme(&with(r#"Payment method="tempo", intent="charge""#), b"").as_deref(),
+            Some(r#"Payment method="tempo""#)
+        );
+        let x402 = br#"{"x402Version":1,"accepts":[{"scheme":"exact","network":"base"}]}"#;
+        assert_eq!(foreign_scheme(&none, x402).as_deref(), Some("x402"));
+        let problem = br#"{"type":"urn:paychan:problem:payment-required","status":402}"#;
+        assert_eq!(foreign_scheme(&none, problem), None, "a paychan problem without a challenge");
+        assert_eq!(foreign_scheme(&none, b"not json"), None);
+    }
 }

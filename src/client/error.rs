@@ -79,6 +79,12 @@ pub enum ClientError {
     /// client counted served, one price and `max_prepaid` (see
     /// [`LossBound`](super::LossBound)). Nothing was signed.
     BoundExceeded(BoundExceeded),
+    /// The server's 402 asks for another payment scheme than paychan's `bitcoin-channel`
+    /// (`L402`, `x402`, another `Payment` method): nothing was paid.
+    ForeignScheme {
+        /// The scheme it asks for.
+        scheme: String,
+    },
     /// The reqwest client under `PaymentMiddleware` is not known to keep redirects on the
     /// payer's origin, so the payment header was not sent: build it with
     /// `PaymentMiddleware::client` (or declare it with `PaymentMiddleware::redirects_checked`).
@@ -121,6 +127,11 @@ impl fmt::Display for ClientError {
             }
             Self::Key(e) => write!(f, "key derivation: {e}"),
             Self::BoundExceeded(e) => write!(f, "loss bound: {e}"),
+            Self::ForeignScheme { scheme } => write!(
+                f,
+                "this server asks for {scheme}; paychan pays bitcoin-channel (payment channels): \
+                 nothing was paid"
+            ),
             Self::RedirectsNotChecked => f.write_str(
                 "the reqwest client may follow a redirect off the payer's origin with the payment \
                  header: build it with PaymentMiddleware::client",

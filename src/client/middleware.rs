@@ -11,7 +11,7 @@ use super::payer::CurrentPayment;
 use super::stream::{Hooks, PaidBody};
 use super::transport::MAX_BODY;
 use super::{ClientError, ClientStore, MemoryClientStore, Payer, Transport, TransportFuture};
-use crate::wire::{PAYMENT_CHANNEL, PAYMENT_CHANNEL_STREAM, Problem};
+use crate::wire::{PAYMENT_CHANNEL, PAYMENT_CHANNEL_STREAM};
 
 /// Adds channel payments to a `reqwest-middleware` client: every request to the [`Payer`]'s
 /// server carries the `Payment-Channel` header, and a 402 is answered by paying (top-up or a
@@ -223,12 +223,12 @@ impl<St: ClientStore + 'static> Middleware for PaymentMiddleware<St> {
                     _ => response,
                 });
             }
-            let status = response.status();
+            let (status, headers) = (response.status(), response.headers().clone());
             let body = read_limited(response)
                 .await
                 .map_err(|e| middleware_error(ClientError::Transport(e)))?;
             retry
-                .payment_required(&negotiation, Problem::from_body(status, &body))
+                .payment_required(&negotiation, status, &headers, &body)
                 .await
                 .map_err(middleware_error)?;
         }

@@ -14,7 +14,7 @@ use crate::client::transport::read_body;
 use crate::client::{
     ClientError, ClientStore, Closed, MemoryClientStore, Payer, ServiceTransport, Transport,
 };
-use crate::wire::{ChannelId, PAYMENT_CHANNEL, Problem};
+use crate::wire::{ChannelId, PAYMENT_CHANNEL};
 
 /// The service [`PaymentLayer`](super::PaymentLayer) produces.
 ///
@@ -196,7 +196,8 @@ where
         }
         let status = response.status();
         let response = read_body(response).await.map_err(ClientError::Transport)?;
-        retry.payment_required(&negotiation, Problem::from_body(status, response.body())).await?;
+        let (headers, body) = (response.headers(), response.body());
+        retry.payment_required(&negotiation, status, headers, body).await?;
         inner.ready().await.map_err(transport)?;
     }
 }
