@@ -152,32 +152,7 @@ async fn retries_never_pay_twice<S: ChannelStore + Clone>(store: S) {
     assert_eq!((calls_now(), spent(&store, id).await), (7, PRICE.checked_mul(5).unwrap()));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retries_never_pay_twice_on_memory() {
-    retries_never_pay_twice(MemoryStore::new()).await;
-}
-
-#[cfg(feature = "sqlite")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retries_never_pay_twice_on_sqlite() {
-    let store = paychan::store::SqliteStore::open(common::stores::temp_db("idempotency")).unwrap();
-    retries_never_pay_twice(store).await;
-}
-
-#[cfg(feature = "postgres")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retries_never_pay_twice_on_postgres() {
-    let Some(config) = common::stores::postgres_config("idempotency").await else { return };
-    retries_never_pay_twice(paychan::store::PostgresStore::connect_with(config).await.unwrap())
-        .await;
-}
-
-#[cfg(feature = "redis")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retries_never_pay_twice_on_redis() {
-    let Some(store) = common::stores::redis_store("idempotency").await else { return };
-    retries_never_pay_twice(store).await;
-}
+for_each_store!(retries_never_pay_twice_on, retries_never_pay_twice);
 
 #[tokio::test]
 async fn a_refused_request_claims_nothing_and_its_paid_retry_runs() {

@@ -284,30 +284,7 @@ async fn every_check<S: ChannelStore + Clone>(store: S) {
     a_channel_out_of_open_is_served_from_no_lease_after_a_pass(store).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn leases_on_memory() {
-    every_check(MemoryStore::new()).await;
-}
-
-#[cfg(feature = "sqlite")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn leases_on_sqlite() {
-    every_check(paychan::store::SqliteStore::open(temp_db("leases")).unwrap()).await;
-}
-
-#[cfg(feature = "postgres")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn leases_on_postgres() {
-    let Some(config) = postgres_config("leases").await else { return };
-    every_check(paychan::store::PostgresStore::connect_with(config).await.unwrap()).await;
-}
-
-#[cfg(feature = "redis")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn leases_on_redis() {
-    let Some(store) = redis_store("leases").await else { return };
-    every_check(store).await;
-}
+for_each_store!(leases_on, every_check);
 
 /// A lease operation that happened in the store but whose reply was lost: the node never
 /// draws from the lease it was settling again (the store gave its rest back), and the grant

@@ -440,29 +440,15 @@ async fn a_suspension_stops_every_nodes_lease_by_the_next_pass<S: ChannelStore +
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_suspension_stops_every_nodes_lease_on_memory() {
-    a_suspension_stops_every_nodes_lease_by_the_next_pass(MemoryStore::new(), false).await;
+/// The suspension on every backend, the chain up.
+async fn a_suspension_stops_every_nodes_lease<S: ChannelStore + Clone>(store: S) {
+    a_suspension_stops_every_nodes_lease_by_the_next_pass(store, false).await;
 }
+for_each_store!(a_suspension_stops_every_nodes_lease_on, a_suspension_stops_every_nodes_lease);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_suspension_stops_a_nodes_lease_by_a_pass_without_the_chain() {
     a_suspension_stops_every_nodes_lease_by_the_next_pass(MemoryStore::new(), true).await;
-}
-
-#[cfg(feature = "postgres")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_suspension_stops_every_nodes_lease_on_postgres() {
-    let Some(config) = common::stores::postgres_config("suspended_leases").await else { return };
-    let store = paychan::store::PostgresStore::connect_with(config).await.unwrap();
-    a_suspension_stops_every_nodes_lease_by_the_next_pass(store, false).await;
-}
-
-#[cfg(feature = "redis")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_suspension_stops_every_nodes_lease_on_redis() {
-    let Some(store) = common::stores::redis_store("suspended_leases").await else { return };
-    a_suspension_stops_every_nodes_lease_by_the_next_pass(store, false).await;
 }
 
 #[tokio::test]

@@ -274,32 +274,7 @@ async fn concurrent_streams_are_served_exactly_what_was_paid<S: ChannelStore + C
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_streams_on_memory() {
-    concurrent_streams_are_served_exactly_what_was_paid(MemoryStore::new()).await;
-}
-
-#[cfg(feature = "sqlite")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_streams_on_sqlite() {
-    let store = paychan::store::SqliteStore::open(common::stores::temp_db("streams")).unwrap();
-    concurrent_streams_are_served_exactly_what_was_paid(store).await;
-}
-
-#[cfg(feature = "postgres")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_streams_on_postgres() {
-    let Some(config) = common::stores::postgres_config("streams").await else { return };
-    let store = paychan::store::PostgresStore::connect_with(config).await.unwrap();
-    concurrent_streams_are_served_exactly_what_was_paid(store).await;
-}
-
-#[cfg(feature = "redis")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_streams_on_redis() {
-    let Some(store) = common::stores::redis_store("streams").await else { return };
-    concurrent_streams_are_served_exactly_what_was_paid(store).await;
-}
+for_each_store!(concurrent_streams_on, concurrent_streams_are_served_exactly_what_was_paid);
 
 #[tokio::test]
 async fn the_payment_endpoint_stores_a_better_payment_and_charges_nothing() {
