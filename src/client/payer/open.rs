@@ -14,6 +14,18 @@ use crate::wire::{
     ChannelId, FundRequest, FundResponse, OpenRequest, OpenResponse, RefundRequest, RefundResponse,
 };
 
+/// A channel proposed by the server and checked ([`Payer::propose`]).
+struct Proposed {
+    terms: crate::wire::TermsDocument,
+    proposal: u32,
+    params: crate::channel::ChannelParams,
+    key_index: u32,
+    client_secret: bitcoin::secp256k1::SecretKey,
+    /// The first payment.
+    first: Amount,
+    funding_fee_rate: FeeRate,
+}
+
 /// How many times `/fund` is sent (it is idempotent) before the funding is left in doubt.
 const FUND_TRIES: u32 = 3;
 
@@ -70,12 +82,59 @@ impl<S: ClientStore> Payer<S> {
         self.open_locked(transport, &mut state, false).await
     }
 
+    /// Opens a channel in named steps: [`propose`](Self::propose) (terms, policy, keys, the
+    /// server's proposal), the wallet's unsigned funding, [`secure`](Self::secure) (the refund
+    /// signed and verified, the first payment, both saved before the funding is signed), the
+    /// wallet's signature, [`fund_channel`](Self::fund_channel) (the funding saved, then sent).
     pub(super) async fn open_locked<T: Transport + ?Sized>(
         &self,
         transport: &T,
         state: &mut State,
         automatic: bool,
     ) -> Result<ChannelId, ClientError> {
+        let proposed = self.propose(transport, state, automatic).await?;
+        let wallet = self.inner.settings.wallet.clone().ok_or(ClientError::NoWallet)?;
+        let funding_output = TxOut {
+            value: proposed.params.value,
+            script_pubkey: proposed.params.funding_script_pubkey(),
+        };
+        let psbt = wallet
+            .fund(funding_output.clone(), proposed.funding_fee_rate)
+            .await
+            .map_err(ClientError::Wallet)?;
+        // Between the wallet's unsigned funding and its signature; on failure the wallet gets
+        // its coins back.
+        let (channel, header, outpoint) =
+            match self.secure(transport, state, &proposed, &psbt, &funding_output).await {
+                Ok(secured) => secured,
+                Err(e) => {
+                    wallet.release(&psbt);
+                    return Err(e);
+                }
+            };
+        let signed = wallet.sign(psbt).await.map_err(ClientError::Wallet)?;
+        self.fund_channel(
+            transport,
+            state,
+            &proposed,
+            &*wallet,
+            (channel, header),
+            signed,
+            outpoint,
+        )
+        .await
+    }
+
+    /// The proposal: the terms read and checked against the policy (an automatic open counted
+    /// and the previous channel closed first), the tip the lock time counts from (the client's
+    /// own when it has a chain view: C1), a fresh key, the lock checked, and the server's
+    /// proposal for it checked.
+    async fn propose<T: Transport + ?Sized>(
+        &self,
+        transport: &T,
+        state: &mut State,
+        automatic: bool,
+    ) -> Result<Proposed, ClientError> {
         let inner = &self.inner.settings;
         let terms = self.terms(transport).await?;
         let plan = steps::plan_open(
@@ -91,7 +150,6 @@ impl<S: ClientStore> Payer<S> {
             self.count_open(state)?;
             self.close_before_rollover(transport, state).await;
         }
-        // The lock time counts from the client's own tip when it has one (C1).
         let tip = match &inner.chain {
             Some(chain) => {
                 let own = chain.tip().await.map_err(ClientError::Chain)?;
@@ -103,7 +161,9 @@ impl<S: ClientStore> Payer<S> {
             None if inner.network == Network::Regtest || inner.trust_server_tip => terms.tip,
             None => return Err(ClientError::NoChainView),
         };
-        let wallet = inner.wallet.clone().ok_or(ClientError::NoWallet)?;
+        if inner.wallet.is_none() {
+            return Err(ClientError::NoWallet);
+        }
         let key_index = self.inner.store.next_key_index().await.map_err(ClientError::Store)?;
         let client_secret = self.derive(key_index)?;
         let client_key = crate::channel::sig::public_key(&client_secret);
@@ -130,68 +190,89 @@ impl<S: ClientStore> Payer<S> {
             expiry,
             &client_script,
         )?;
-
-        // The unsigned funding, from the wallet.
-        let funding_output =
-            TxOut { value: params.value, script_pubkey: params.funding_script_pubkey() };
-        let fee_rate = FeeRate::from_sat_per_vb(terms.funding_min_fee_rate_sat_per_vb)
+        let funding_fee_rate = FeeRate::from_sat_per_vb(terms.funding_min_fee_rate_sat_per_vb)
             .ok_or_else(|| misbehaved(Kind::InvalidTerms, "funding fee rate"))?;
         // Fee rates the server sets: the funding's, and the channel's (every payment and the
         // refund pay it).
-        let policy = &inner.policy;
-        policy.check_fee_rate(fee_rate).map_err(ClientError::Policy)?;
-        policy.check_fee_rate(params.min_fee_rate).map_err(ClientError::Policy)?;
-        let psbt =
-            wallet.fund(funding_output.clone(), fee_rate).await.map_err(ClientError::Wallet)?;
-        // Between the wallet's unsigned funding and its signature: the refund, signed by the
-        // server and verified before anything else is signed, then saved with the first
-        // payment. On failure the wallet gets its coins back.
-        let prepared = async {
-            let outpoint = steps::check_funding(&Funding::from_psbt(&psbt), &funding_output)?;
-            // A funding the server may still broadcast must conflict with this one.
-            self.check_doubts(&psbt.unsigned_tx).await?;
-            // The funding's fee counts in the budget, with the first payment.
-            let funding_fee = psbt.fee().map_err(|e| ClientError::Wallet(WalletError::new(e)))?;
-            let cost = first.checked_add(funding_fee).unwrap_or(Amount::MAX);
-            policy.check_spend(state.spent(), cost).map_err(ClientError::Policy)?;
+        inner.policy.check_fee_rate(funding_fee_rate).map_err(ClientError::Policy)?;
+        inner.policy.check_fee_rate(params.min_fee_rate).map_err(ClientError::Policy)?;
+        Ok(Proposed {
+            terms,
+            proposal: proposal.proposal,
+            params,
+            key_index,
+            client_secret,
+            first,
+            funding_fee_rate,
+        })
+    }
 
-            // The refund, signed by the server and verified before anything else is signed.
-            let refund = params.build_refund(outpoint, params.refund_fee());
-            let request = RefundRequest {
-                proposal: proposal.proposal,
-                funding_tx: serialize_hex(&psbt.unsigned_tx),
-                refund_tx: serialize_hex(&refund),
-            };
-            let signed: RefundResponse = self
-                .call(transport, Method::POST, &terms.endpoints.refund, Some(&request), None)
-                .await?;
-            let signature = Vec::<u8>::from_hex(&signed.signature)
-                .ok()
-                .and_then(|bytes| ecdsa::Signature::from_slice(&bytes).ok())
-                .ok_or(ClientError::InvalidRefundSignature)?;
-            params
-                .verify_refund_signature(&refund, &signature)
-                .map_err(|_| ClientError::InvalidRefundSignature)?;
-            let refund = params
-                .complete_refund(&refund, &client_secret, &signature)
-                .map_err(ClientError::Sign)?;
+    /// Before the funding is signed: its output checked, no funding in doubt left unconflicted,
+    /// the budget checked with its fee, the refund signed by the server and verified, and the
+    /// refund and the first payment saved.
+    async fn secure<T: Transport + ?Sized>(
+        &self,
+        transport: &T,
+        state: &State,
+        proposed: &Proposed,
+        psbt: &bitcoin::Psbt,
+        funding_output: &TxOut,
+    ) -> Result<(ClientChannel, String, bitcoin::OutPoint), ClientError> {
+        let Proposed { terms, params, client_secret, first, .. } = proposed;
+        let outpoint = steps::check_funding(&Funding::from_psbt(psbt), funding_output)?;
+        // A funding the server may still broadcast must conflict with this one.
+        self.check_doubts(&psbt.unsigned_tx).await?;
+        // The funding's fee counts in the budget, with the first payment.
+        let funding_fee = psbt.fee().map_err(|e| ClientError::Wallet(WalletError::new(e)))?;
+        let cost = first.checked_add(funding_fee).unwrap_or(Amount::MAX);
+        let policy = &self.inner.settings.policy;
+        policy.check_spend(state.spent(), cost).map_err(ClientError::Policy)?;
 
-            // The refund and the first payment are saved before T1 is signed or leaves.
-            let mut channel = ClientChannel::new(params.at(outpoint), key_index, refund);
-            channel.server = inner.origin.clone();
-            channel.funding_fee = funding_fee;
-            let header = channel.pay(&self.inner.store, &client_secret, first).await?;
-            Ok::<_, ClientError>((channel, header, outpoint))
-        }
-        .await;
-        let (mut channel, header, outpoint) = match prepared {
-            Ok(prepared) => prepared,
-            Err(e) => {
-                wallet.release(&psbt);
-                return Err(e);
-            }
+        // The refund, signed by the server and verified before anything else is signed.
+        let refund = params.build_refund(outpoint, params.refund_fee());
+        let request = RefundRequest {
+            proposal: proposed.proposal,
+            funding_tx: serialize_hex(&psbt.unsigned_tx),
+            refund_tx: serialize_hex(&refund),
         };
-        let signed = wallet.sign(psbt).await.map_err(ClientError::Wallet)?;
+        let signed: RefundResponse = self
+            .call(transport, Method::POST, &terms.endpoints.refund, Some(&request), None)
+            .await?;
+        let signature = Vec::<u8>::from_hex(&signed.signature)
+            .ok()
+            .and_then(|bytes| ecdsa::Signature::from_slice(&bytes).ok())
+            .ok_or(ClientError::InvalidRefundSignature)?;
+        params
+            .verify_refund_signature(&refund, &signature)
+            .map_err(|_| ClientError::InvalidRefundSignature)?;
+        let refund = params
+            .complete_refund(&refund, client_secret, &signature)
+            .map_err(ClientError::Sign)?;
+
+        // The refund and the first payment are saved before T1 is signed or leaves.
+        let mut channel =
+            ClientChannel::new(params.clone().at(outpoint), proposed.key_index, refund);
+        channel.server = self.inner.settings.origin.clone();
+        channel.funding_fee = funding_fee;
+        let header = channel.pay(&self.inner.store, client_secret, *first).await?;
+        Ok((channel, header, outpoint))
+    }
+
+    /// The signed funding saved as unacknowledged, then handed to the server with the first
+    /// payment (`/fund` is idempotent: retried on a failure or a lost answer); it counts from
+    /// then on, acknowledged or not. Unacknowledged, the channel is kept for its refund and
+    /// retired; acknowledged, it becomes the payer's channel.
+    #[allow(clippy::too_many_arguments, reason = "the steps' own values, handed on")]
+    async fn fund_channel<T: Transport + ?Sized>(
+        &self,
+        transport: &T,
+        state: &mut State,
+        proposed: &Proposed,
+        wallet: &dyn crate::client::Wallet,
+        (mut channel, header): (ClientChannel, String),
+        signed: bitcoin::Psbt,
+        outpoint: bitcoin::OutPoint,
+    ) -> Result<ChannelId, ClientError> {
         let funding = steps::signed_funding(Funding::from_psbt(&signed), outpoint)?;
         // Saved before it leaves: from now on the server may broadcast it, whatever it answers.
         channel.unacknowledged_funding = Some(funding.clone());
@@ -200,18 +281,18 @@ impl<S: ClientStore> Payer<S> {
             return Err(ClientError::Store(e));
         }
         let request = FundRequest {
-            proposal: proposal.proposal,
+            proposal: proposed.proposal,
             funding_tx: serialize_hex(&funding),
             payment: header.clone(),
         };
-        // `/fund` is idempotent: a failure or a lost answer is retried with the same funding.
         let mut tries = 0;
         let funded = loop {
             tries += 1;
+            let fund = &proposed.terms.endpoints.fund;
             let sent = self.call::<_, _, FundResponse>(
                 transport,
                 Method::POST,
-                &terms.endpoints.fund,
+                fund,
                 Some(&request),
                 None,
             );
@@ -224,7 +305,7 @@ impl<S: ClientStore> Payer<S> {
         };
         // The server holds the signed funding and the first payment: they count, acknowledged
         // or not.
-        state.committed += first;
+        state.committed += proposed.first;
         state.fees += channel.funding_fee;
         if let Err(e) = funded {
             // In doubt: the channel is kept (its refund, counted as locked) but not paid on,
@@ -242,7 +323,7 @@ impl<S: ClientStore> Payer<S> {
         self.settle_doubts(&funding).await?;
         self.retire(state, false).await?;
         let id = channel.id();
-        self.set_channel(state, Some((channel, client_secret)), Some(header));
+        self.set_channel(state, Some((channel, proposed.client_secret)), Some(header));
         self.watch_new_channel(id);
         Ok(id)
     }
