@@ -67,68 +67,9 @@ pub(super) async fn close<C: ChainBackend, St: ChannelStore>(
         None => None,
     };
     let record = load(&s, id).await?;
-    let proof = headers.get(PAYMENT_CHANNEL).ok_or_else(|| {
-        Problem::new(
-            StatusCode::UNAUTHORIZED,
-            ProblemCode::PaymentRequired,
-            "send a payment of this channel",
-        )
-    })?;
-    let proof = wire::decode_payment(proof.as_bytes()).map_err(|e| broke(e.code(), e))?;
-    match proof.input.first().map(|i| i.previous_output) {
-        Some(outpoint) if outpoint == id.outpoint() => {}
-        Some(found) => {
-            let e = PaymentError::WrongOutpoint { found };
-            return Err(broke(e.code(), e));
-        }
-        None => {
-            let e = PaymentError::InputCount { found: 0 };
-            return Err(broke(e.code(), e));
-        }
-    }
-    record.channel.verify_client_signature(&proof).map_err(|e| broke(e.code(), e))?;
-    // Only the client's latest payment closes: an old header someone captured does not.
-    let best = record.paid_amount();
-    let proven = crate::channel::server_amount(&proof);
-    if best > proven {
-        return Err(Problem::new(
-            StatusCode::FORBIDDEN,
-            ProblemCode::StaleProof,
-            format_args!("the payment pays {proven}, the latest {best}: send the latest to close"),
-        ));
-    }
-    let fair_problem = |record: &ChannelRecord, e: PaymentError| {
-        let status = match e {
-            PaymentError::BelowSpent { .. } => StatusCode::CONFLICT,
-            _ => StatusCode::BAD_REQUEST,
-        };
-        Problem::new(status, ProblemCode::from_static(e.code()), e)
-            .with_channel(Some(record.snapshot(MilliSats::ZERO, MilliSats::ZERO)))
-    };
-    // A fair settlement moves the channel to closing with it in one atomic store operation,
-    // which also requires that it covers what was spent then: a bad or short one is refused
-    // with the channel untouched. On a channel already closing it is ignored (its close may
-    // be out already): the close is at the best payment.
-    if let Some(fair) = fair
-        && matches!(record.state, ChannelState::Pending | ChannelState::Open)
-    {
-        let checked = record
-            .channel
-            .check_fair_payment(fair, record.spent)
-            .map_err(|e| fair_problem(&record, e))?;
-        let found = checked.server_amount();
-        if found < record.paid_amount()
-            && !s.store.close_with(id, checked).await.map_err(store_problem)?
-        {
-            // Not closed: it spent more meanwhile, or another close moved it on.
-            let now = load(&s, id).await?;
-            if matches!(now.state, ChannelState::Pending | ChannelState::Open) {
-                let min = now.channel.params().min_server_amount();
-                // What is leased counts: a node may serve it until it is given back.
-                let needed = now.committed().to_sat_ceil().max(min);
-                return Err(fair_problem(&now, PaymentError::BelowSpent { needed, found }));
-            }
-        }
+    let proven = proof(&record, &headers)?;
+    if let Some(fair) = fair {
+        fair_close(&s, record, fair).await?;
     }
     // The one closing procedure (the settlement task's): freeze, read again, co-sign the best
     // payment, broadcast. A close the chain does not take now stays queued for the task.
@@ -168,6 +109,83 @@ pub(super) async fn close<C: ChainBackend, St: ChannelStore>(
             receipt,
         }),
     ))
+}
+
+/// The caller's proof that it is the client: a payment of this channel in `Payment-Channel`,
+/// signed with K1, paying at least the best (an old header someone captured does not close).
+/// What it pays the server.
+fn proof(record: &ChannelRecord, headers: &HeaderMap) -> Result<bitcoin::Amount, Problem> {
+    let proof = headers.get(PAYMENT_CHANNEL).ok_or_else(|| {
+        Problem::new(
+            StatusCode::UNAUTHORIZED,
+            ProblemCode::PaymentRequired,
+            "send a payment of this channel",
+        )
+    })?;
+    let proof = wire::decode_payment(proof.as_bytes()).map_err(|e| broke(e.code(), e))?;
+    match proof.input.first().map(|i| i.previous_output) {
+        Some(outpoint) if outpoint == record.channel.outpoint() => {}
+        Some(found) => {
+            let e = PaymentError::WrongOutpoint { found };
+            return Err(broke(e.code(), e));
+        }
+        None => {
+            let e = PaymentError::InputCount { found: 0 };
+            return Err(broke(e.code(), e));
+        }
+    }
+    record.channel.verify_client_signature(&proof).map_err(|e| broke(e.code(), e))?;
+    let best = record.paid_amount();
+    let proven = crate::channel::server_amount(&proof);
+    if best > proven {
+        return Err(Problem::new(
+            StatusCode::FORBIDDEN,
+            ProblemCode::StaleProof,
+            format_args!("the payment pays {proven}, the latest {best}: send the latest to close"),
+        ));
+    }
+    Ok(proven)
+}
+
+/// A fair settlement moves the channel to closing with it in one atomic store operation,
+/// which also requires that it covers what was spent then: a bad or short one is refused with
+/// the channel untouched. On a channel already closing it is ignored (its close may be out
+/// already): the close is at the best payment.
+async fn fair_close<C, St: ChannelStore>(
+    s: &Shared<C, St>,
+    record: ChannelRecord,
+    fair: bitcoin::Transaction,
+) -> Result<(), Problem> {
+    if !matches!(record.state, ChannelState::Pending | ChannelState::Open) {
+        return Ok(());
+    }
+    let fair_problem = |record: &ChannelRecord, e: PaymentError| {
+        let status = match e {
+            PaymentError::BelowSpent { .. } => StatusCode::CONFLICT,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        Problem::new(status, ProblemCode::from_static(e.code()), e)
+            .with_channel(Some(record.snapshot(MilliSats::ZERO, MilliSats::ZERO)))
+    };
+    let checked = record
+        .channel
+        .check_fair_payment(fair, record.spent)
+        .map_err(|e| fair_problem(&record, e))?;
+    let found = checked.server_amount();
+    let id = record.id();
+    if found < record.paid_amount()
+        && !s.store.close_with(id, checked).await.map_err(store_problem)?
+    {
+        // Not closed: it spent more meanwhile, or another close moved it on.
+        let now = load(s, id).await?;
+        if matches!(now.state, ChannelState::Pending | ChannelState::Open) {
+            let min = now.channel.params().min_server_amount();
+            // What is leased counts: a node may serve it until it is given back.
+            let needed = now.committed().to_sat_ceil().max(min);
+            return Err(fair_problem(&now, PaymentError::BelowSpent { needed, found }));
+        }
+    }
+    Ok(())
 }
 
 /// The close's receipt (see [`CloseResponse::receipt`]): `POST path`, price 0, the proof's
