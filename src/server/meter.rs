@@ -237,41 +237,9 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
             // Out of the request, which (its body need not be `Sync`) is not borrowed across an
             // await.
             let header = self.payment_header(&mut request);
-            let (claim, target) = {
-                // The path the client sent: axum's `nest` strips its prefix from the URI the
-                // layer sees and keeps the original.
-                let uri = request
-                    .extensions()
-                    .get::<axum::extract::OriginalUri>()
-                    .map_or(request.uri(), |original| &original.0);
-                let path = uri.path_and_query().map_or("/", |p| p.as_str());
-                let claim = match self.idempotency.as_ref().map(|keep| keep.claim(&request, path)) {
-                    Some(Err(kind)) => {
-                        return Ok(Rejection::new(kind, None).into_response(&self.terms_url));
-                    }
-                    // Boxed, as the target and the unfinished claim below: they are rare, and the
-                    // future of every paid request stays small.
-                    Some(Ok(claim)) => claim.map(Box::new),
-                    None => None,
-                };
-                let target = self.signer.is_some().then(|| {
-                    Box::new(Target {
-                        method: request.method().clone(),
-                        path: path.to_owned(),
-                        // A malformed link is no link: the client sees the receipt unlinked.
-                        prev: request
-                            .headers()
-                            .get(PAYMENT_RECEIPT_PREV)
-                            .and_then(|value| Vec::<u8>::from_hex(value.to_str().ok()?).ok())
-                            .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok()),
-                        // A malformed one asks for every receipt signed.
-                        unsigned: request
-                            .headers()
-                            .get(PAYMENT_RECEIPT_UNSIGNED)
-                            .and_then(|value| UnsignedReceipts::parse(value.as_bytes())),
-                    })
-                });
-                (claim, target)
+            let (claim, target) = match self.claim_and_target(&request) {
+                Ok(parts) => parts,
+                Err(refused) => return Ok(refused),
             };
             let (paid, carried) = match self.charge(header, price, claim.as_deref()).await {
                 Ok(Charged::Paid(paid, carried)) => (paid, carried),
@@ -299,14 +267,7 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
             request.extensions_mut().insert(paid);
             request.extensions_mut().insert(stream.clone());
             let mut response = inner.call(request).await?;
-            let give_back = if self.refund_server_errors && response.status().is_server_error() {
-                price
-            } else {
-                response
-                    .extensions()
-                    .get::<ActualCost>()
-                    .map_or(MilliSats::ZERO, |ActualCost(cost)| price.saturating_sub(*cost))
-            };
+            let give_back = self.give_back(&response, price);
             // Units the handler charged through the stream meter before answering count too.
             let extra = stream.charged().saturating_sub(price);
             let (mut balance, mut charged) = (paid.balance, price.saturating_add(extra));
@@ -329,19 +290,11 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
             if let Some(unit) = stream.stream_header() {
                 headers.insert(PAYMENT_CHANNEL_STREAM, unit);
             }
-            if let Some(target) = target {
-                let receipt = target.receipt(paid.channel, charged, carried, balance);
-                // Most receipts in a batch go unsigned: no signing future to box for them.
-                let receipt = match self.signer.as_ref() {
-                    Some(signer) if !signer.due(paid.channel, target.unsigned) => Some(receipt),
-                    Some(_) => Box::pin(self.sign_now(receipt)).await,
-                    None => None,
-                };
-                if let Some(receipt) = receipt
-                    && let Ok(value) = HeaderValue::try_from(receipt.encode())
-                {
-                    headers.insert(PAYMENT_RECEIPT, value);
-                }
+            if let Some(target) = target
+                && let Some(value) =
+                    self.receipt_header(&target, paid.channel, charged, carried, balance).await
+            {
+                headers.insert(PAYMENT_RECEIPT, value);
             }
             match claim {
                 Some(claim) => {
@@ -357,6 +310,75 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
                 None => Ok(response),
             }
         }
+    }
+
+    /// The request's idempotency claim (refused: the problem's response) and the target of
+    /// its receipt (when the layer gives receipts), from the path the client sent (axum's
+    /// `nest` strips its prefix from the URI the layer sees and keeps the original). Boxed:
+    /// they are rare, and the future of every paid request stays small.
+    #[allow(clippy::type_complexity, reason = "the two parts and the refusal, once")]
+    fn claim_and_target<B, ResBody: From<String>>(
+        &self,
+        request: &Request<B>,
+    ) -> Result<(Option<Box<IdempotencyClaim>>, Option<Box<Target>>), Response<ResBody>> {
+        let uri = request
+            .extensions()
+            .get::<axum::extract::OriginalUri>()
+            .map_or(request.uri(), |original| &original.0);
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        let claim = match self.idempotency.as_ref().map(|keep| keep.claim(request, path)) {
+            Some(Err(kind)) => {
+                return Err(Rejection::new(kind, None).into_response(&self.terms_url));
+            }
+            Some(Ok(claim)) => claim.map(Box::new),
+            None => None,
+        };
+        let headers = request.headers();
+        let target = self.signer.is_some().then(|| {
+            Box::new(Target {
+                method: request.method().clone(),
+                path: path.to_owned(),
+                // A malformed link is no link: the client sees the receipt unlinked.
+                prev: headers
+                    .get(PAYMENT_RECEIPT_PREV)
+                    .and_then(|value| Vec::<u8>::from_hex(value.to_str().ok()?).ok())
+                    .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok()),
+                // A malformed one asks for every receipt signed.
+                unsigned: headers
+                    .get(PAYMENT_RECEIPT_UNSIGNED)
+                    .and_then(|value| UnsignedReceipts::parse(value.as_bytes())),
+            })
+        });
+        Ok((claim, target))
+    }
+
+    /// What the answer gives back of `price`: all of it for a server error (when configured),
+    /// else what the handler's [`ActualCost`] did not use.
+    fn give_back<ResBody>(&self, response: &Response<ResBody>, price: MilliSats) -> MilliSats {
+        if self.refund_server_errors && response.status().is_server_error() {
+            return price;
+        }
+        let cost = response.extensions().get::<ActualCost>();
+        cost.map_or(MilliSats::ZERO, |ActualCost(cost)| price.saturating_sub(*cost))
+    }
+
+    /// The `Payment-Receipt` value of a request on `channel` to `target`, charged `charged`,
+    /// carrying a payment of `carried`, `balance` left: signed when due (most receipts in a
+    /// batch go unsigned, with no signing future to box).
+    async fn receipt_header(
+        &self,
+        target: &Target,
+        channel: ChannelId,
+        charged: MilliSats,
+        carried: MilliSats,
+        balance: MilliSats,
+    ) -> Option<HeaderValue> {
+        let receipt = target.receipt(channel, charged, carried, balance);
+        let receipt = match self.signer.as_ref()? {
+            signer if !signer.due(channel, target.unsigned) => receipt,
+            _ => Box::pin(self.sign_now(receipt)).await?,
+        };
+        HeaderValue::try_from(receipt.encode()).ok()
     }
 
     /// The request's `Payment-Channel` header. A bearer proof of the channel: unless told to
