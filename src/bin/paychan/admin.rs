@@ -470,29 +470,7 @@ td:first-child,th:first-child{{text-align:left;font-family:ui-monospace,monospac
     if revenue.is_empty() {
         html.push_str("<tr><td colspan=\"3\">nothing charged yet</td></tr>");
     }
-    html.push_str("</table><h2>Channels</h2><table id=\"channels\"><tr><th>channel</th><th>state</th><th>paid (sat)</th><th>spent (sat)</th><th>balance (sat)</th><th>expiry</th><th>blocks to close</th></tr>");
-    for record in channels.iter().take(500) {
-        let close_by = record.snapshot(MilliSats::ZERO, MilliSats::ZERO).close_by;
-        let left = match tip {
-            Some(tip) if record.channel.params().expiry.is_block_height() => {
-                (i64::from(close_by) - i64::from(tip)).to_string()
-            }
-            _ => "–".to_owned(),
-        };
-        let _ = write!(
-            html,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{left}</td></tr>",
-            esc(&record.id().to_string()),
-            record.state.as_str(),
-            sat(record.paid()),
-            sat(record.spent),
-            sat(record.balance()),
-            record.channel.params().expiry,
-        );
-    }
-    if channels.is_empty() {
-        html.push_str("<tr><td colspan=\"7\">no channels yet</td></tr>");
-    }
+    html.push_str(&channel_rows(channels, tip));
     html.push_str("</table><h2>Settlements pending</h2><table><tr><th>channel</th><th>state</th><th>pays (sat)</th></tr>");
     for record in
         channels.iter().filter(|r| matches!(r.state, ChannelState::Closing | ChannelState::Closed))
@@ -509,6 +487,38 @@ td:first-child,th:first-child{{text-align:left;font-family:ui-monospace,monospac
         html.push_str("<tr><td colspan=\"3\">none</td></tr>");
     }
     html.push_str("</table></body></html>");
+    html
+}
+
+/// The channels table (the first 500). A channel past open (closing, closed, settled,
+/// failed) has no live balance nor blocks to close: `–` there, and the state says why.
+fn channel_rows(channels: &[ChannelRecord], tip: Option<u32>) -> String {
+    let mut html = String::from(
+        "</table><h2>Channels</h2><table id=\"channels\"><tr><th>channel</th><th>state</th><th>paid (sat)</th><th>spent (sat)</th><th>balance (sat)</th><th>expiry</th><th>blocks to close</th></tr>",
+    );
+    for record in channels.iter().take(500) {
+        let live = matches!(record.state, ChannelState::Open | ChannelState::Pending);
+        let close_by = record.snapshot(MilliSats::ZERO, MilliSats::ZERO).close_by;
+        let left = match tip {
+            Some(tip) if live && record.channel.params().expiry.is_block_height() => {
+                (i64::from(close_by) - i64::from(tip)).to_string()
+            }
+            _ => "–".to_owned(),
+        };
+        let balance = if live { sat(record.balance()) } else { "–".to_owned() };
+        let _ = write!(
+            html,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{balance}</td><td>{}</td><td>{left}</td></tr>",
+            esc(&record.id().to_string()),
+            record.state.as_str(),
+            sat(record.paid()),
+            sat(record.spent),
+            record.channel.params().expiry,
+        );
+    }
+    if channels.is_empty() {
+        html.push_str("<tr><td colspan=\"7\">no channels yet</td></tr>");
+    }
     html
 }
 
@@ -531,6 +541,49 @@ fn hour_text(unix: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A settled (or closing, closed, failed) channel shows no balance nor blocks to close: it
+    /// has neither any more; an open one shows both.
+    #[test]
+    fn only_live_channels_show_a_balance_and_blocks_to_close() {
+        use paychan::bitcoin::secp256k1::{Secp256k1, SecretKey};
+        use paychan::bitcoin::{Amount, CompressedPublicKey, OutPoint, ScriptBuf, absolute};
+        use paychan::channel::{ChainTip, Terms};
+        let key = |b: u8| SecretKey::from_slice(&[b; 32]).unwrap();
+        let public = |b: u8| CompressedPublicKey(key(b).public_key(&Secp256k1::new()));
+        let script = |b: u8| ScriptBuf::new_p2wpkh(&public(b).wpubkey_hash());
+        let tip = ChainTip { height: 100, median_time_past: 0 };
+        let expiry = absolute::LockTime::from_height(1_100).unwrap();
+        let params = Terms::default()
+            .agree(
+                public(1),
+                public(2),
+                Amount::from_sat(100_000),
+                expiry,
+                script(1),
+                script(2),
+                tip,
+            )
+            .unwrap();
+        let channel = params.at(OutPoint::null());
+        let mut first = channel.build_payment(Amount::from_sat(5_000)).unwrap();
+        channel.sign_payment(&mut first, &key(1)).unwrap();
+        let open = ChannelRecord::open(channel, 0, first);
+        let rows = |record: ChannelRecord| channel_rows(&[record], Some(100));
+        let live = rows(open.clone());
+        assert!(live.contains("<td>5000.000</td><td>0.000</td><td>5000.000</td>"), "{live}");
+        assert!(!live.contains("–"), "{live}");
+        for state in [
+            ChannelState::Closing,
+            ChannelState::Closed,
+            ChannelState::Settled,
+            ChannelState::Failed,
+        ] {
+            let row = rows(open.clone().with_state(state));
+            assert!(row.contains("<td>5000.000</td><td>0.000</td><td>–</td>"), "{state:?}: {row}");
+            assert!(row.ends_with("<td>–</td></tr>"), "{state:?}: {row}");
+        }
+    }
 
     #[test]
     fn the_token_is_read_from_bearer_basic_or_the_query() {
