@@ -1115,12 +1115,26 @@ async fn receipt_server(
         let store = store.clone();
         move |request: Request, next: Next| {
             let (store, lie) = (store.clone(), lie.clone());
+            // What a compact unsigned receipt leaves out, as the client knows it: the payment
+            // the request carried and the receipt it named.
+            let payment = request
+                .headers()
+                .get(paychan::wire::PAYMENT_CHANNEL)
+                .and_then(|v| paychan::wire::decode_payment(v.as_bytes()).ok());
+            let prev = request.headers().get(paychan::wire::PAYMENT_RECEIPT_PREV).and_then(|v| {
+                <[u8; 32] as paychan::bitcoin::hex::FromHex>::from_hex(v.to_str().ok()?).ok()
+            });
             async move {
                 let mut response = next.run(request).await;
                 let Some(value) = response.headers().get(PAYMENT_RECEIPT) else {
                     return response;
                 };
-                let receipt = Receipt::decode(value.as_bytes()).unwrap();
+                let payment = payment.expect("a paid request");
+                let channel = paychan::wire::ChannelId::new(payment.input[0].previous_output);
+                let paid = MilliSats::from_sat(paychan::channel::server_amount(&payment)).unwrap();
+                let request = ("GET", "/work");
+                let receipt =
+                    Receipt::decode_for(value.as_bytes(), channel, request, paid, prev).unwrap();
                 let record = store.load(receipt.channel).await.unwrap().unwrap();
                 let k2 = channel_key(&master, record.key_index).unwrap();
                 let value = lie(receipt, &k2).map_or("bm90IGEgcmVjZWlwdA".into(), |r| r.encode());

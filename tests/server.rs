@@ -447,8 +447,14 @@ async fn receipts_are_signed_for_any_client_that_does_not_ask_for_batches() {
         for slot in &mut signed {
             let reply = call(addr, "GET", "/paid", &headers, None).await;
             assert_eq!(status(&reply), StatusCode::OK);
-            let receipt = Receipt::decode(reply.header(PAYMENT_RECEIPT).unwrap().as_bytes());
+            let value = reply.header(PAYMENT_RECEIPT).unwrap();
+            // An unsigned one comes in the compact form, which the client completes.
+            let (channel, paid) = (setup.channel.outpoint(), MilliSats::from_msat(10_000_000));
+            let channel = wire::ChannelId::new(channel);
+            let receipt =
+                Receipt::decode_for(value.as_bytes(), channel, ("GET", "/paid"), paid, None);
             let receipt = receipt.unwrap();
+            assert_eq!(value.starts_with("u1,"), !receipt.is_signed(), "{value}");
             *slot = receipt.is_signed();
             if receipt.is_signed() {
                 assert_eq!(receipt.verify(&k2), Ok(()), "{said:?}");

@@ -487,8 +487,10 @@ fn verified(
     prev: Option<[u8; 32]>,
 ) -> Result<Receipt, String> {
     // An unsigned receipt (the server signs in batches) is checked like any other but for its
-    // signature; the next signed one states the whole spent again.
-    let receipt = Receipt::decode(value)
+    // signature; the next signed one states the whole spent again. Its compact form is
+    // completed from what the request was (`Receipt::decode_for`).
+    let request = (method, path_and_query);
+    let receipt = Receipt::decode_for(value, sent.channel, request, sent.paid_msat(), prev)
         .and_then(|receipt| match receipt.is_signed() {
             true => receipt.verify(&sent.server_key).map(|()| receipt),
             false => Ok(receipt),

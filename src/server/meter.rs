@@ -373,11 +373,13 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
         carried: MilliSats,
         balance: MilliSats,
     ) -> Option<HeaderValue> {
+        let signer = self.signer.as_ref()?;
+        if !signer.due(channel, target.unsigned) {
+            // The compact form: the client completes it from its request (`Receipt::decode_for`).
+            return HeaderValue::try_from(Receipt::encode_unsigned(charged, balance)).ok();
+        }
         let receipt = target.receipt(channel, charged, carried, balance);
-        let receipt = match self.signer.as_ref()? {
-            signer if !signer.due(channel, target.unsigned) => receipt,
-            _ => Box::pin(self.sign_now(receipt)).await?,
-        };
+        let receipt = Box::pin(self.sign_now(receipt)).await?;
         HeaderValue::try_from(receipt.encode()).ok()
     }
 

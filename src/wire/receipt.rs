@@ -306,6 +306,59 @@ impl Receipt {
         URL_SAFE_NO_PAD.encode(json)
     }
 
+    /// The compact form of an unsigned receipt: `u1,<price_msat>,<balance_msat>`. Everything
+    /// else an unsigned receipt states, the client knows: the channel and the payment its
+    /// request carried, the request, and the `prev` it named. So the server sends only what
+    /// it charged and the balance; [`decode_for`](Self::decode_for) completes the receipt, and
+    /// its [`digest`](Self::digest) is the full form's.
+    ///
+    /// ```
+    /// use paychan::MilliSats;
+    /// use paychan::wire::{ChannelId, Receipt};
+    ///
+    /// let channel: ChannelId = format!("{}:0", "ab".repeat(32)).parse().unwrap();
+    /// let msat = MilliSats::from_msat;
+    /// let value = Receipt::encode_unsigned(msat(2_000), msat(48_000));
+    /// assert_eq!(value, "u1,2000,48000");
+    /// let read = Receipt::decode_for(value.as_bytes(), channel, ("GET", "/w"), msat(50_000), None).unwrap();
+    /// let full = Receipt::new(channel, "GET", "/w", msat(2_000), msat(50_000), msat(48_000));
+    /// assert_eq!((read.digest(), read.is_signed()), (full.digest(), false));
+    /// ```
+    pub fn encode_unsigned(price: MilliSats, balance: MilliSats) -> String {
+        format!("u1,{},{}", price.to_msat(), balance.to_msat())
+    }
+
+    /// Reads a `Payment-Receipt` value in either form, for the request `method path_and_query`
+    /// on `channel` that carried a payment of `paid` and named `prev`: the full form
+    /// ([`decode`](Self::decode); the caller checks it states these), or the compact form of
+    /// an unsigned receipt ([`encode_unsigned`](Self::encode_unsigned)), completed from them.
+    ///
+    /// # Errors
+    ///
+    /// [`ReceiptError::Malformed`].
+    pub fn decode_for(
+        value: &[u8],
+        channel: ChannelId,
+        (method, path_and_query): (&str, &str),
+        paid: MilliSats,
+        prev: Option<[u8; 32]>,
+    ) -> Result<Self, ReceiptError> {
+        let Some(compact) = value.strip_prefix(b"u1,") else { return Self::decode(value) };
+        let number = |digits: &[u8]| {
+            let text = core::str::from_utf8(digits).ok()?;
+            let all_digits = !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit());
+            all_digits.then(|| text.parse().ok().map(MilliSats::from_msat)).flatten()
+        };
+        let mut fields = compact.split(|b| *b == b',');
+        let (Some(price), Some(balance), None) = (fields.next(), fields.next(), fields.next())
+        else {
+            return Err(ReceiptError::Malformed);
+        };
+        let (price, balance) = number(price).zip(number(balance)).ok_or(ReceiptError::Malformed)?;
+        let receipt = Self::new(channel, method, path_and_query, price, paid, balance);
+        Ok(prev.map_or(receipt.clone(), |prev| receipt.with_prev(prev)))
+    }
+
     /// Reads a header value written by [`encode`](Self::encode) (the signature is not
     /// checked: see [`verify`](Self::verify)).
     ///
@@ -403,6 +456,32 @@ mod tests {
         }
     }
 
+    /// The compact form reads exactly two decimal amounts, nothing else.
+    #[test]
+    fn a_malformed_compact_receipt_is_refused() {
+        let channel = receipt().channel;
+        let msat = MilliSats::from_msat;
+        for bad in [
+            "u1,",
+            "u1,1",
+            "u1,1,",
+            "u1,,1",
+            "u1,1,2,3",
+            "u1,-1,2",
+            "u1,1,2x",
+            "u1,99999999999999999999,1",
+            "u2,1,2",
+        ] {
+            let read = Receipt::decode_for(bad.as_bytes(), channel, ("GET", "/"), msat(1), None);
+            assert_eq!(read, Err(ReceiptError::Malformed), "{bad:?}");
+        }
+        let read = Receipt::decode_for(b"u1,0,5", channel, ("GET", "/"), msat(5), None).unwrap();
+        assert_eq!(
+            (read.price_msat, read.balance_msat, read.paid_msat),
+            (msat(0), msat(5), msat(5))
+        );
+    }
+
     #[test]
     fn the_unsigned_header_reads_only_two_decimals() {
         for bad in ["", "3", "3/", "/4", "-1/4", "3/4/5", "0x3/4", "3/99999999999"] {
@@ -436,6 +515,17 @@ mod tests {
         assert_eq!(next["header"], unsigned.encode());
         assert_eq!(next["digest"], unsigned.digest().unwrap().to_lower_hex_string());
         assert!(!unsigned.is_signed() && next["receipt"].get("sig").is_none());
+        // On the wire an unsigned receipt is its compact form, completed by the client.
+        assert_eq!(next["compact"], Receipt::encode_unsigned(msat(150_000), msat(400_000)));
+        let completed = Receipt::decode_for(
+            next["compact"].as_str().unwrap().as_bytes(),
+            channel,
+            ("GET", "/joke"),
+            msat(2_350_000),
+            signed.digest(),
+        )
+        .unwrap();
+        assert_eq!(completed, unsigned);
         assert_eq!(next["request_header"], "payment-receipt-unsigned: 0/128");
     }
 }
