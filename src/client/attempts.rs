@@ -197,37 +197,17 @@ pub(crate) fn balance(headers: &http::HeaderMap) -> Option<MilliSats> {
     value.to_str().ok()?.parse().ok().map(MilliSats::from_msat)
 }
 
-/// The payment scheme a 402 asks for when it is not paychan's (`bitcoin-channel`): `L402` (or
-/// `LSAT`, Lightning macaroons), `x402` (a JSON body with `x402Version`), or another `Payment`
-/// method (`MPP`'s `Payment method="…"` challenges). `None` for a paychan 402, or one that
-/// names no scheme (then it is read as a problem document).
+/// The payment scheme a 402 asks for when it is not paychan's ([`steps::foreign_scheme`]),
+/// from its `WWW-Authenticate` challenges and its body.
+///
+/// [`steps::foreign_scheme`]: crate::client::steps::foreign_scheme
 pub(crate) fn foreign_scheme(headers: &http::HeaderMap, body: &[u8]) -> Option<String> {
     let challenges: Vec<&str> = headers
         .get_all(http::header::WWW_AUTHENTICATE)
         .iter()
         .filter_map(|value| value.to_str().ok())
         .collect();
-    let method = |challenge: &str| {
-        let (_, rest) = challenge.split_once("method=")?;
-        Some(rest.trim_start_matches('"').split(['"', ',', ' ']).next()?.to_owned())
-    };
-    let ours = |challenge: &&str| method(challenge).as_deref() == Some("bitcoin-channel");
-    if challenges.iter().any(ours) {
-        return None;
-    }
-    for challenge in &challenges {
-        let scheme = challenge.split_whitespace().next().unwrap_or("");
-        if scheme.eq_ignore_ascii_case("L402") || scheme.eq_ignore_ascii_case("LSAT") {
-            return Some("L402".to_owned());
-        }
-        if scheme.eq_ignore_ascii_case("Payment") {
-            let method = method(challenge).unwrap_or_else(|| "unnamed".to_owned());
-            return Some(format!("Payment method=\"{method}\""));
-        }
-    }
-    let x402 = serde_json::from_slice::<serde_json::Value>(body)
-        .is_ok_and(|json| json.get("x402Version").is_some());
-    x402.then(|| "x402".to_owned())
+    crate::client::steps::foreign_scheme(&challenges, body)
 }
 
 #[cfg(test)]
@@ -244,6 +224,9 @@ mod tests {
         let none = http::HeaderMap::new();
         let ours = r#"Payment method="bitcoin-channel", intent="session", terms="/t""#;
         assert_eq!(foreign_scheme(&with(ours), b""), None);
+        // Several offered, joined as a browser joins them: ours among them is enough.
+        let joined = r#"Payment method="tempo", intent="charge", Payment method="bitcoin-channel""#;
+        assert_eq!(foreign_scheme(&with(joined), b""), None);
         assert_eq!(
             foreign_scheme(&with(r#"L402 macaroon="AGI", invoice="lnbc1""#), b"").as_deref(),
             Some("L402")

@@ -745,3 +745,39 @@ pub fn signed_funding(signed: Funding, outpoint: OutPoint) -> Result<Transaction
 /// The fee rate above which a funding is refused as a mistake (rust-bitcoin's
 /// `Psbt::DEFAULT_MAX_FEE_RATE`: 25 000 sat/kwu, 100 sat/vB).
 const ABSURD_FEE_RATE: FeeRate = FeeRate::from_sat_per_kwu(25_000);
+
+/// The payment scheme a 402 asks for when it is not paychan's (`bitcoin-channel`): `L402` (or
+/// `LSAT`, Lightning macaroons), `x402` (a JSON body with `x402Version`), or another `Payment`
+/// method (`MPP`'s `Payment method="…"` challenges). `None` for a paychan 402, or one that
+/// names no scheme (then it is read as a problem document).
+///
+/// `challenges` are the `WWW-Authenticate` values (a browser's `Headers.get` joins several into
+/// one: it is read the same way).
+pub fn foreign_scheme(challenges: &[&str], body: &[u8]) -> Option<String> {
+    let method = |challenge: &str| {
+        let (_, rest) = challenge.split_once("method=")?;
+        Some(rest.trim_start_matches('"').split(['"', ',', ' ']).next()?.to_owned())
+    };
+    // Any `method=bitcoin-channel` (quoted or not) among them: a server may offer several.
+    let ours = |challenge: &&str| {
+        challenge.split("method=").skip(1).any(|rest| {
+            rest.trim_start_matches('"').split(['"', ',', ' ']).next() == Some("bitcoin-channel")
+        })
+    };
+    if challenges.iter().any(ours) {
+        return None;
+    }
+    for challenge in challenges {
+        let scheme = challenge.split_whitespace().next().unwrap_or("");
+        if scheme.eq_ignore_ascii_case("L402") || scheme.eq_ignore_ascii_case("LSAT") {
+            return Some("L402".to_owned());
+        }
+        if scheme.eq_ignore_ascii_case("Payment") {
+            let method = method(challenge).unwrap_or_else(|| "unnamed".to_owned());
+            return Some(format!("Payment method=\"{method}\""));
+        }
+    }
+    let x402 = serde_json::from_slice::<serde_json::Value>(body)
+        .is_ok_and(|json| json.get("x402Version").is_some());
+    x402.then(|| "x402".to_owned())
+}

@@ -11,7 +11,7 @@
 // the chain view, IndexedDB, and it saves every signed payment before it leaves the page.
 // The API and the threat model: docs/BROWSER.md.
 
-import init, { Opening, Session, depositAddress, depositScript, publicKey } from '../pkg/paychan_web.js';
+import init, { Opening, Session, depositAddress, depositScript, foreignScheme, publicKey } from '../pkg/paychan_web.js';
 
 export { Session };
 
@@ -604,6 +604,10 @@ export class PaychanClient extends EventTarget {
         }
         return response;
       }
+      // A 402 of another scheme (L402, x402, another Payment method) is named, never paid.
+      const bodyText = await response.clone().text().catch(() => '');
+      const scheme = foreignScheme(response.headers.get('www-authenticate') ?? '', bodyText);
+      if (scheme) throw new PaychanError(`this server asks for ${scheme}; paychan pays bitcoin-channel: nothing was paid`, { status: 402 });
       let problem;
       try { problem = await response.clone().json(); } catch { return response; }
       if (problem.code === 'payment-required' && sent) return response; // the header was dropped on the way

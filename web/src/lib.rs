@@ -82,6 +82,16 @@ fn sat(amount: f64, what: &str) -> Result<Amount, JsError> {
     }
 }
 
+/// The payment scheme a 402 asks for when it is not paychan's (`L402`, `x402`, another
+/// `Payment` method), from its `WWW-Authenticate` value (`""` when absent) and its body; `undefined`
+/// for a paychan 402 (the Rust client's rule, `client::steps::foreign_scheme`).
+#[wasm_bindgen(js_name = foreignScheme)]
+pub fn foreign_scheme(www_authenticate: &str, body: &str) -> Option<String> {
+    let challenges: Vec<&str> =
+        Some(www_authenticate).filter(|value| !value.is_empty()).into_iter().collect();
+    steps::foreign_scheme(&challenges, body.as_bytes())
+}
+
 /// The spending policy, in the page's words: every field optional, the Rust client's
 /// defaults otherwise (`SpendingPolicy::default`).
 #[derive(Debug, Default, Deserialize)]
