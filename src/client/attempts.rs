@@ -227,6 +227,16 @@ mod tests {
         // Several offered, joined as a browser joins them: ours among them is enough.
         let joined = r#"Payment method="tempo", intent="charge", Payment method="bitcoin-channel""#;
         assert_eq!(foreign_scheme(&with(joined), b""), None);
+        for spelled in [
+            r#"Payment METHOD="bitcoin-channel""#,
+            r#"Payment method = "bitcoin-channel""#,
+            "Payment method=bitcoin-channel",
+        ] {
+            assert_eq!(foreign_scheme(&with(spelled), b""), None, "{spelled}");
+        }
+        // A paychan problem document is ours whatever the header says.
+        let ours_body = br#"{"type":"urn:paychan:problem:payment-required","status":402}"#;
+        assert_eq!(foreign_scheme(&with(r#"L402 macaroon="x""#), ours_body), None);
         assert_eq!(
             foreign_scheme(&with(r#"L402 macaroon="AGI", invoice="lnbc1""#), b"").as_deref(),
             Some("L402")

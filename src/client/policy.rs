@@ -66,7 +66,7 @@ impl SpendingPolicy {
     /// The most receipts in a row the server may leave unsigned (it signs in batches: see
     /// `Payment-Receipt-Unsigned` in docs/HTTP.md; an honest server signs by the time the
     /// client holds half of them, the other half being room for requests in flight); a server
-    /// that leaves more is paid no more. 0 or 1 asks for every receipt signed.
+    /// that leaves more is paid no more. 0 to 3 ask for every receipt signed.
     pub fn with_max_unsigned_receipts(mut self, max: u32) -> Self {
         self.max_unsigned_receipts = max;
         self

@@ -754,17 +754,15 @@ const ABSURD_FEE_RATE: FeeRate = FeeRate::from_sat_per_kwu(25_000);
 /// `challenges` are the `WWW-Authenticate` values (a browser's `Headers.get` joins several into
 /// one: it is read the same way).
 pub fn foreign_scheme(challenges: &[&str], body: &[u8]) -> Option<String> {
-    let method = |challenge: &str| {
-        let (_, rest) = challenge.split_once("method=")?;
-        Some(rest.trim_start_matches('"').split(['"', ',', ' ']).next()?.to_owned())
-    };
-    // Any `method=bitcoin-channel` (quoted or not) among them: a server may offer several.
-    let ours = |challenge: &&str| {
-        challenge.split("method=").skip(1).any(|rest| {
-            rest.trim_start_matches('"').split(['"', ',', ' ']).next() == Some("bitcoin-channel")
-        })
-    };
-    if challenges.iter().any(ours) {
+    // A paychan problem document is ours, whatever the headers say.
+    let json = serde_json::from_slice::<serde_json::Value>(body).ok();
+    let problem_type = json.as_ref().and_then(|json| json.get("type")?.as_str());
+    if problem_type.is_some_and(|t| t.starts_with(crate::wire::PROBLEM_TYPE_PREFIX)) {
+        return None;
+    }
+    // Any `method` parameter that is `bitcoin-channel` (any case of `method`, spaces around
+    // `=`, quoted or not) among them: a server may offer several schemes.
+    if challenges.iter().flat_map(|c| methods(c)).any(|m| m == "bitcoin-channel") {
         return None;
     }
     for challenge in challenges {
@@ -773,11 +771,30 @@ pub fn foreign_scheme(challenges: &[&str], body: &[u8]) -> Option<String> {
             return Some("L402".to_owned());
         }
         if scheme.eq_ignore_ascii_case("Payment") {
-            let method = method(challenge).unwrap_or_else(|| "unnamed".to_owned());
+            let method = methods(challenge).into_iter().next();
+            let method = method.unwrap_or_else(|| "unnamed".to_owned());
             return Some(format!("Payment method=\"{method}\""));
         }
     }
-    let x402 = serde_json::from_slice::<serde_json::Value>(body)
-        .is_ok_and(|json| json.get("x402Version").is_some());
+    let x402 = json.is_some_and(|json| json.get("x402Version").is_some());
     x402.then(|| "x402".to_owned())
+}
+
+/// The values of every `method` parameter in a challenge (the name in any case, spaces around
+/// `=`, the value quoted or not).
+fn methods(challenge: &str) -> Vec<String> {
+    let lower = challenge.to_ascii_lowercase();
+    let mut found = Vec::new();
+    let mut from = 0;
+    while let Some(at) = lower[from..].find("method").map(|at| at + from) {
+        from = at + "method".len();
+        let starts_a_name = at == 0 || matches!(lower.as_bytes()[at - 1], b' ' | b',' | b'\t');
+        let rest = challenge[from..].trim_start();
+        if let (true, Some(value)) = (starts_a_name, rest.strip_prefix('=')) {
+            let value = value.trim_start().trim_start_matches('"');
+            let value = value.split(['"', ',', ' ', '\t']).next().unwrap_or("");
+            found.push(value.to_owned());
+        }
+    }
+    found
 }

@@ -39,8 +39,8 @@ pub const PAYMENT_RECEIPT_UNSIGNED: &str = "payment-receipt-unsigned";
 /// let said = UnsignedReceipts::parse(b"30/64").unwrap();
 /// assert_eq!(said, UnsignedReceipts { held: 30, max: 64 });
 /// assert_eq!(said.to_string(), "30/64");
-/// // The server signs the receipt that would be the 32nd unsigned in a row (its batch of 32),
-/// // or reach half the client's max (the other half is room for requests in flight),
+/// // The server signs the receipt that would reach its batch (256 by default, 8 below) or
+/// // half the client's max in a row (the other half is room for requests in flight),
 /// // whichever comes first.
 /// assert!(!said.must_sign(256) && UnsignedReceipts { held: 31, max: 64 }.must_sign(256));
 /// assert!(UnsignedReceipts { held: 7, max: 64 }.must_sign(8), "the server's batch of 8");
@@ -344,10 +344,15 @@ impl Receipt {
         prev: Option<[u8; 32]>,
     ) -> Result<Self, ReceiptError> {
         let Some(compact) = value.strip_prefix(b"u1,") else { return Self::decode(value) };
+        // Two u64 in decimal at most: 20 digits each, no leading zero but a lone `0`.
+        if compact.len() > 41 {
+            return Err(ReceiptError::Malformed);
+        }
         let number = |digits: &[u8]| {
             let text = core::str::from_utf8(digits).ok()?;
             let all_digits = !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit());
-            all_digits.then(|| text.parse().ok().map(MilliSats::from_msat)).flatten()
+            let canonical = all_digits && (text == "0" || !text.starts_with('0'));
+            canonical.then(|| text.parse().ok().map(MilliSats::from_msat)).flatten()
         };
         let mut fields = compact.split(|b| *b == b',');
         let (Some(price), Some(balance), None) = (fields.next(), fields.next(), fields.next())
@@ -356,7 +361,10 @@ impl Receipt {
         };
         let (price, balance) = number(price).zip(number(balance)).ok_or(ReceiptError::Malformed)?;
         let receipt = Self::new(channel, method, path_and_query, price, paid, balance);
-        Ok(prev.map_or(receipt.clone(), |prev| receipt.with_prev(prev)))
+        Ok(match prev {
+            Some(prev) => receipt.with_prev(prev),
+            None => receipt,
+        })
     }
 
     /// Reads a header value written by [`encode`](Self::encode) (the signature is not
@@ -461,7 +469,12 @@ mod tests {
     fn a_malformed_compact_receipt_is_refused() {
         let channel = receipt().channel;
         let msat = MilliSats::from_msat;
+        let long = format!("u1,{}1,2", "0".repeat(100_000));
         for bad in [
+            long.as_str(),
+            "u1,01,2",
+            "u1,1, 2",
+            "u1,+1,2",
             "u1,",
             "u1,1",
             "u1,1,",

@@ -40,7 +40,7 @@ macro_rules! with_store {
             let $store = paychan::store::RedisStore::connect(url).await.map_err(cannot)?;
             $body
         } else {
-            Err(format!("unknown store {url}").into())
+            Err(format!("unknown store {}", $crate::redact(url)).into())
         }
     }};
 }
@@ -60,21 +60,22 @@ fn store_unavailable(url: &str, error: paychan::store::StoreError) -> String {
 /// `url` without the password of its user info (`postgres://user:…@host/db`).
 fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
-    // The user info ends at the last `@` before the query: a password may hold `/` or `@`.
-    let (address, query) = rest.split_at(rest.find('?').unwrap_or(rest.len()));
-    let address = match address.rsplit_once('@') {
-        Some((user_info, host)) => match user_info.split_once(':') {
-            Some((user, _)) => format!("{user}:…@{host}"),
-            None => format!("{user_info}@{host}"),
+    // The user info ends at the last `@`: a password may hold `/`, `?` or `@`.
+    let (user, rest) = match rest.rsplit_once('@') {
+        Some((user_info, after)) => match user_info.split_once(':') {
+            Some((user, _)) => (format!("{user}:…@"), after),
+            None => (format!("{user_info}@"), after),
         },
-        None => address.to_owned(),
+        None => (String::new(), rest),
     };
-    // `?password=…` (libpq's form) too.
+    let (address, query) = rest.split_at(rest.find('?').unwrap_or(rest.len()));
+    let address = format!("{user}{address}");
+    // `?password=…` (libpq's form) and any `…password=` (`sslpassword`) too.
     let query: Vec<String> = query
         .split_terminator(['?', '&'])
         .filter(|pair| !pair.is_empty())
         .map(|pair| match pair.split_once('=') {
-            Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=…"),
+            Some((key, _)) if key.to_ascii_lowercase().ends_with("password") => format!("{key}=…"),
             _ => pair.to_owned(),
         })
         .collect();
@@ -90,6 +91,8 @@ mod redact_tests {
             ("postgres://u:secret@db/x", "postgres://u:…@db/x"),
             ("postgres://u:se/cr@et@db:5432/x", "postgres://u:…@db:5432/x"),
             ("postgres://db/x?user=u&password=secret", "postgres://db/x?user=u&password=…"),
+            ("postgres://u:p?secret@db/x", "postgres://u:…@db/x"),
+            ("postgres://db/x?sslpassword=secret", "postgres://db/x?sslpassword=…"),
             ("redis://:secret@cache:6379/0", "redis://:…@cache:6379/0"),
             ("sqlite:/var/lib/paychan.db", "sqlite:/var/lib/paychan.db"),
             ("postgres://u@db/x", "postgres://u@db/x"),
