@@ -15,7 +15,9 @@
 //! fixed seed so a failure reproduces; `PAYCHAN_BOUND_SEED` at build time picks another.
 //!
 //! Run: `CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner cargo test -p
-//! paychan-web --target wasm32-unknown-unknown` (in Node.js; `.ci/run` does).
+//! paychan-web --target wasm32-unknown-unknown` (in Node.js; `.ci/run` does, and in Chromium
+//! with `WASM_BINDGEN_USE_BROWSER=1` and `WASM_BINDGEN_TEST_TIMEOUT=300`: the cases take about
+//! 50 s there, past the runner's default of 20).
 
 #![cfg(target_arch = "wasm32")]
 
@@ -33,6 +35,19 @@ use serde_json::{Value, json};
 use wasm_bindgen_test::wasm_bindgen_test as test;
 
 const QUOTE: MilliSats = MilliSats::from_msat(2_000);
+
+/// Hands the event loop back (a `setTimeout(0)` promise, in Node.js and in the browser): in
+/// Chromium, wasm-bindgen-test-runner polls the page through WebDriver, and a test that keeps
+/// the page busy for 20 s fails on the poll's timeout, not on anything it checks.
+async fn breathe() {
+    let promise = js_sys::Promise::new(&mut |resolve, _| {
+        let global = js_sys::global();
+        let set_timeout = js_sys::Reflect::get(&global, &"setTimeout".into()).unwrap();
+        let set_timeout: js_sys::Function = set_timeout.into();
+        set_timeout.call2(&global, &resolve, &0.into()).unwrap();
+    });
+    wasm_bindgen_futures::JsFuture::from(promise).await.unwrap();
+}
 /// The policy's `maxPrepaidSat` of the cases running: 1 000 (the default), then 50 (below the
 /// first payment, where a load must not take the first payment as served).
 static PREPAID_SAT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1_000);
@@ -366,13 +381,16 @@ fn run(answers: &[Answer], case: u32) -> bool {
 }
 
 #[test]
-fn no_server_answer_takes_the_page_beyond_its_bound() {
+async fn no_server_answer_takes_the_page_beyond_its_bound() {
     let seed = option_env!("PAYCHAN_BOUND_SEED")
         .and_then(|s| s.parse().ok())
         .unwrap_or(0x9e37_79b9_7f4a_7c15);
     let mut rng = Rng(seed);
     let mut distrusted = 0;
     for (case, prepaid) in (0..CASES).zip([1_000, 50].into_iter().cycle()) {
+        if case % 20 == 0 {
+            breathe().await;
+        }
         PREPAID_SAT.store(prepaid, std::sync::atomic::Ordering::Relaxed);
         // Longer cases when the prepayment is small: enough served units to pass the first
         // payment, where a load that took it as served would show.
@@ -408,12 +426,15 @@ fn honest_job(current: &mut Session, ledger: &mut Ledger) -> Result<Option<Strin
 }
 
 #[test]
-fn an_honest_server_is_paid_every_request_and_its_receipts_verify() {
+async fn an_honest_server_is_paid_every_request_and_its_receipts_verify() {
     PREPAID_SAT.store(1_000, std::sync::atomic::Ordering::Relaxed);
     let mut current = session(1);
     let mut ledger = Ledger::default();
     let mut served = 0;
-    for _ in 0..400 {
+    for request in 0..400 {
+        if request % 50 == 0 {
+            breathe().await;
+        }
         let why = honest_job(&mut current, &mut ledger).expect("an honest server is paid");
         assert_eq!(why, None, "its receipts verify");
         served += 1;
@@ -438,7 +459,7 @@ fn an_honest_server_is_paid_every_request_and_its_receipts_verify() {
 /// page reloads from what was saved (a crash), every 37 requests. With the default 1 000 sat
 /// and with 50 sat prepaid (below the first payment of 294), every request is served.
 #[test]
-fn an_honest_server_is_not_stuck_by_reloads_that_lose_unsaved_units() {
+async fn an_honest_server_is_not_stuck_by_reloads_that_lose_unsaved_units() {
     for (prepaid, saved_every) in [(1_000, 10), (1_000, 200), (50, 10)] {
         PREPAID_SAT.store(prepaid, std::sync::atomic::Ordering::Relaxed);
         let mut current = session(2);
@@ -446,6 +467,9 @@ fn an_honest_server_is_not_stuck_by_reloads_that_lose_unsaved_units() {
         let mut saved = current.state();
         let mut unsaved = 0;
         for request in 1..=600 {
+            if request % 50 == 0 {
+                breathe().await;
+            }
             let before = current.paid_sat();
             if let Err(why) = honest_job(&mut current, &mut ledger) {
                 panic!("prepaid {prepaid}, saved every {saved_every}, request {request}: {why}");
@@ -471,7 +495,7 @@ fn an_honest_server_is_not_stuck_by_reloads_that_lose_unsaved_units() {
 /// more satoshi every time: the channel stays within `max(first, served) + price +
 /// maxPrepaidSat` (a floor raised at every such load gave it a price per turn).
 #[test]
-fn two_contexts_taking_turns_give_a_lying_server_nothing_more() {
+async fn two_contexts_taking_turns_give_a_lying_server_nothing_more() {
     PREPAID_SAT.store(50, std::sync::atomic::Ordering::Relaxed);
     let first = session(3);
     let mut saved = first.state();
@@ -479,6 +503,9 @@ fn two_contexts_taking_turns_give_a_lying_server_nothing_more() {
     let mut ledger = Ledger::default();
     let ask = Answer::Forged { spent_permille: 1_000, min: 1, suggested: 1 };
     for turn in 0..200 {
+        if turn % 50 == 0 {
+            breathe().await;
+        }
         let context = &mut contexts[turn % 2];
         if context.state() != saved {
             *context = Session::resync(&saved, &policy(), 0.0).unwrap();
