@@ -13,8 +13,10 @@
 
 use crate::MilliSats;
 
-/// A channel's money: what was paid, spent, leased and forfeited. See the [module
-/// documentation](self).
+/// A channel's money: what was paid, spent, leased and forfeited; the balance new requests
+/// can draw on is paid − spent − leased − forfeited. Every store moves these four numbers only
+/// as these methods do (the memory store through this type; the SQL and Lua backends are held
+/// to it by the store conformance suite's model-based check).
 ///
 /// # Examples
 ///

@@ -67,7 +67,7 @@ impl ChannelState {
     }
 
     /// Whether a channel may move from this state to `to`: the one table of legal moves (see
-    /// the diagram in the [module documentation](self)). Every store refuses any other move
+    /// the lifecycle diagram in `src/channel/lifecycle.rs`). Every store refuses any other move
     /// ([`StoreError::IllegalMove`](crate::store::StoreError::IllegalMove)).
     ///
     /// ```

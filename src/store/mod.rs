@@ -33,7 +33,7 @@
 //!
 //! # The ledger and the lifecycle, defined once
 //!
-//! A channel's money moves only as [`Ledger`](crate::channel::Ledger)'s methods move it
+//! A channel's money moves only as [`Ledger`]'s methods move it
 //! (paid, spent, leased, forfeited; balance = paid − spent − leased − forfeited), and its state
 //! only along [`ChannelState::may_move_to`] ([`transition`](ChannelStore::transition) refuses
 //! any other move with [`StoreError::IllegalMove`]). The memory store uses the `Ledger`
