@@ -1074,21 +1074,6 @@ async fn a_settlement_that_is_not_the_latest_payment_is_named() {
     }
 }
 
-/// A server whose receipts `lie` rewrites, with the channel's K2 (`None`: not a receipt);
-/// every receipt signed.
-async fn receipt_tampering_server(
-    lie: impl Fn(
-        paychan::wire::Receipt,
-        &paychan::bitcoin::secp256k1::SecretKey,
-    ) -> Option<paychan::wire::Receipt>
-    + Clone
-    + Send
-    + Sync
-    + 'static,
-) -> Server {
-    receipt_server(paychan::server::ReceiptSigning::Every, lie).await
-}
-
 /// A server signing receipts as `signing` says, whose receipts `lie` rewrites (with the
 /// channel's K2; `None`: not a receipt).
 async fn receipt_server(
@@ -1187,7 +1172,7 @@ async fn receipts_that_do_not_verify_or_add_up_stop_the_payer() {
         ("an understated price", understated),
         ("not a receipt", garbage),
     ] {
-        let server = receipt_tampering_server(lie).await;
+        let server = receipt_server(paychan::server::ReceiptSigning::Every, lie).await;
         let wallet = funded_wallet(&server.chain);
         let payer = payer_with(&server, &wallet, MemoryClientStore::new(), policy());
         let (mut client, _) = paying_client(&payer);
@@ -1408,7 +1393,9 @@ async fn receipts_link_to_the_previous_one_and_a_broken_link_stops_the_payer() {
         r.sign(k2)
     };
     for (what, lie) in [("honest", honest), ("unlinked", unlinked), ("relinked", relinked)] {
-        let server = receipt_tampering_server(move |r, k2| Some(lie(r, k2))).await;
+        let server =
+            receipt_server(paychan::server::ReceiptSigning::Every, move |r, k2| Some(lie(r, k2)))
+                .await;
         let wallet = funded_wallet(&server.chain);
         let payer = payer_with(&server, &wallet, MemoryClientStore::new(), policy());
         let (mut client, _) = paying_client(&payer);
