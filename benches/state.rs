@@ -10,10 +10,11 @@ use bitcoin::bip32::Xpriv;
 use bitcoin::hashes::{Hash, sha256d};
 use bitcoin::{Amount, Network, OutPoint, Transaction, Txid};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use paychan::Settlement;
 use paychan::chain::sim::SimulatedChain;
 use paychan::channel::ChannelParams;
-use paychan::store::{ChannelRecord, ChannelState, ChannelStore, MemoryStore};
+use paychan::channel::ChannelState;
+use paychan::settlement::Settlement;
+use paychan::store::{ChannelRecord, ChannelStore, MemoryStore};
 use paychan::wire::ChannelId;
 
 mod common;

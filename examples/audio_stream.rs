@@ -82,7 +82,7 @@ pub(crate) async fn app(chain: SimulatedChain) -> Router {
     Router::new()
         .route("/listen", get(listen))
         .route("/track.raw", get(download))
-        .layer(paid.layer().stream_hold(Duration::from_secs(5)))
+        .layer(paid.layer().with_stream_hold(Duration::from_secs(5)))
 }
 
 /// The `seconds=N` of a query (10 by default, an hour at most).

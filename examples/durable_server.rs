@@ -76,13 +76,13 @@ async fn serve<St: ChannelStore + Clone>(
     let number = |name: &str| std::env::var(name).ok().and_then(|value| value.parse::<u64>().ok());
     let mut config = LeaseConfig::default();
     if let Some(msat) = number("PAYCHAN_LEASE_MAX_MSAT") {
-        config = config.max_lease(MilliSats::from_msat(msat));
+        config = config.with_max_lease(MilliSats::from_msat(msat));
     }
     if let Some(ms) = number("PAYCHAN_LEASE_IDLE_MS") {
-        config = config.idle(Duration::from_millis(ms));
+        config = config.with_idle(Duration::from_millis(ms));
     }
     if let Some(secs) = number("PAYCHAN_LEASE_TTL_SECS") {
-        config = config.ttl(Duration::from_secs(secs));
+        config = config.with_ttl(Duration::from_secs(secs));
     }
     let leased = Leased::with_config(store, config);
     let served = listen(app(leased.clone(), chain).await, addr).await;

@@ -224,7 +224,7 @@ async fn measure<St: ChannelStore + Clone + 'static>(name: &str, store: St) -> R
             Router::new().route("/", hello()).layer(
                 PaywallLayer::new(store.clone(), price, tip.clone())
                     .with_receipts(master)
-                    .receipt_signing(paychan::server::ReceiptSigning::Every),
+                    .with_receipt_signing(paychan::server::ReceiptSigning::Every),
             ),
         )
         .nest(

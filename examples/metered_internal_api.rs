@@ -16,8 +16,9 @@ use bitcoin::{CompressedPublicKey, Network, ScriptBuf};
 use http::Request;
 use http::header::CONTENT_LENGTH;
 use paychan::chain::sim::SimulatedChain;
+use paychan::channel::ChannelState;
 use paychan::server::Paid;
-use paychan::store::{ChannelState, ChannelStore, MemoryStore};
+use paychan::store::{ChannelStore, MemoryStore};
 use paychan::{Merchant, MilliSats};
 use serde_json::{Value, json};
 

@@ -14,8 +14,9 @@ use axum::{Json, Router};
 use http::Method;
 use paychan::bitcoin::{CompressedPublicKey, Network, ScriptBuf, bip32::Xpriv, secp256k1};
 use paychan::chain::sim::SimulatedChain;
+use paychan::server::Paid;
 use paychan::server::RoutePrices;
-use paychan::{Merchant, MilliSats, Paid};
+use paychan::{Merchant, MilliSats};
 use serde_json::{Value, json};
 
 /// The API: `GET /weather` (0.5 sat), `POST /translate` (20 sat), `GET /health` (free).

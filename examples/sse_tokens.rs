@@ -74,7 +74,7 @@ pub(crate) async fn app(chain: SimulatedChain) -> Router {
         .expect("the simulated chain answers");
     Router::new()
         .route("/generate", get(generate))
-        .layer(paid.layer().stream_hold(Duration::from_secs(5)))
+        .layer(paid.layer().with_stream_hold(Duration::from_secs(5)))
 }
 
 /// Streams `tokens` words of [`TEXT`], one SSE event each.

@@ -62,10 +62,3 @@ pub use msat::{MilliSats, ParseMilliSatsError};
 /// The rust-bitcoin this crate is built on: use its types through this path so that your
 /// transactions, keys and amounts are the ones the crate takes.
 pub use bitcoin;
-
-#[cfg(feature = "runtime")]
-pub use client::{Payer, PaymentLayer};
-#[cfg(feature = "runtime")]
-pub use server::{Negotiation, Paid, PaywallLayer};
-#[cfg(feature = "runtime")]
-pub use settlement::{FundingPolicy, Settlement};

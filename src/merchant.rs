@@ -28,7 +28,7 @@ use crate::store::{ChannelStore, MemoryStore};
 ///
 /// ```
 /// use axum::{Router, routing::get};
-/// use paychan::{Merchant, MilliSats, Paid, bitcoin::{Network, ScriptBuf, bip32::Xpriv}};
+/// use paychan::{Merchant, MilliSats, bitcoin::{Network, ScriptBuf, bip32::Xpriv}, server::Paid};
 /// # use paychan::chain::sim::SimulatedChain;
 ///
 /// # #[tokio::main(flavor = "current_thread")]

@@ -239,7 +239,7 @@ async fn run(answers: Vec<Answer>) -> Result<(), TestCaseError> {
     let negotiation = common::negotiation(&chain, 0x5e);
     let tip = follow_tip(chain.clone(), Duration::from_secs(60)).await.unwrap();
     let paywall = PaywallLayer::new(MemoryStore::new(), QUOTE, tip)
-        .with_bundle(MilliSats::from_sat(PREPAID).unwrap())
+        .with_prepaid_top_up(MilliSats::from_sat(PREPAID).unwrap())
         .with_negotiation(negotiation);
     let n = answers.len();
     let script = Arc::new(Mutex::new(Script { answers: answers.into(), ..Script::default() }));

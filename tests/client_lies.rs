@@ -16,7 +16,7 @@ use axum::routing::get;
 use bitcoin::bip32::Xpriv;
 use bitcoin::consensus::encode::deserialize_hex;
 use bitcoin::{Amount, Network, Transaction};
-use common::counting::{Counting, http_client};
+use common::counting::{Counting, get_work, http_client};
 use common::http::serve;
 use common::{p2wpkh, secret};
 use http::StatusCode;
@@ -32,7 +32,7 @@ use paychan::client::{
 use paychan::server::{Negotiation, PaywallLayer};
 use paychan::store::MemoryStore;
 use serde_json::Value;
-use tower::{Service, ServiceBuilder, ServiceExt};
+use tower::ServiceBuilder;
 
 const PRICE: MilliSats = MilliSats::from_msat(150_000);
 const WALLET: Amount = Amount::from_sat(500_000);
@@ -76,17 +76,6 @@ fn builder(server: &Server, wallet: &KeyWallet) -> PayerBuilder<MemoryClientStor
 fn paying_client<S: ClientStore + 'static>(payer: &Payer<S>) -> PaymentService<Counting, S> {
     let inner = Counting { http: http_client(), refusals: Arc::default() };
     ServiceBuilder::new().layer(PaymentLayer::new(payer.clone())).service(inner)
-}
-
-async fn get_work<S: ClientStore + 'static>(
-    client: &mut PaymentService<Counting, S>,
-    origin: &str,
-) -> Result<(StatusCode, String), ClientError> {
-    let request = http::Request::get(format!("{origin}/work")).body(Full::default()).unwrap();
-    let response = client.ready().await?.call(request).await?;
-    let status = response.status();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 // --- 1. `/fund` failing or timing out ---------------------------------------------------------
@@ -362,7 +351,7 @@ async fn far_tip_server(network: Network) -> Server {
         Negotiation::new(network, Terms::default(), master, p2wpkh(&secret(2)), chain.clone());
     let tip = follow_tip(chain.clone(), Duration::from_millis(50)).await.unwrap();
     let paywall = PaywallLayer::new(MemoryStore::new(), PRICE, tip)
-        .with_bundle(MilliSats::from_sat(Amount::from_sat(1_000)).unwrap())
+        .with_prepaid_top_up(MilliSats::from_sat(Amount::from_sat(1_000)).unwrap())
         .with_negotiation(negotiation);
     let app = Router::new()
         .route("/work", get(|| async { "done" }))

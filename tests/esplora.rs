@@ -199,13 +199,14 @@ mod settlement {
     use paychan::chain::esplora::{Esplora, PackageRelay};
     use paychan::chain::sim::SimulatedChain;
     use paychan::chain::{ChainBackend, TxStatus};
+    use paychan::channel::ChannelState;
     use paychan::settlement::Settlement;
-    use paychan::store::{ChannelState, MemoryStore};
+    use paychan::store::MemoryStore;
     use paychan::wire::ChannelId;
 
     use super::common::esplora_fake::{self, Flavor};
     use super::common::esplora_settle::{
-        ask_close, close_of, funding, master, params, state, store_open, task,
+        ask_close, close_into_mempool, close_of, funding, master, params, state, store_open, task,
     };
     use super::common::{p2wpkh, public, secret};
 
@@ -227,11 +228,7 @@ mod settlement {
         let id = open(&store, &chain, 0, 20_000).await;
         let esplora = Esplora::new(&esplora_fake::serve(chain.clone(), Flavor::Old).await).unwrap();
         let mut task = task(&store, esplora.clone());
-        ask_close(&store, id).await;
-        assert_eq!(task.run_once().await.unwrap().broadcast, 1);
-        let close = close_of(&store, id).await.compute_txid();
-        assert_eq!(state(&store, id).await, ChannelState::Closed);
-        assert_eq!(esplora.tx_status(&close).await.unwrap(), TxStatus::InMempool);
+        let close = close_into_mempool(&store, id, &mut task, &esplora).await;
 
         // The node restarted without its mempool: the close is gone, the funding unspent.
         chain.drop_from_mempool(&close);

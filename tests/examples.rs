@@ -390,7 +390,7 @@ async fn a_websocket_that_asks_without_sending_gets_a_bounded_top_up() {
     let app = axum::Router::new().route("/drain", axum::routing::get(drain)).layer(
         PaywallLayer::new(paychan::store::MemoryStore::new(), prices, tip)
             .with_negotiation(negotiation)
-            .stream_hold(std::time::Duration::from_millis(500)),
+            .with_stream_hold(std::time::Duration::from_millis(500)),
     );
     let addr = serve(app).await;
     let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())

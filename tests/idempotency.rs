@@ -43,7 +43,7 @@ fn app<S: ChannelStore + Clone>(store: S, setup: &Setup, calls: &Arc<AtomicUsize
         }
     });
     let layer = PaywallLayer::new(store, PRICE, tip)
-        .idempotency(Idempotency::default().max_response(1_024));
+        .with_idempotency(Idempotency::default().with_max_response(1_024));
     Router::new().route("/work", handler).layer(layer)
 }
 

@@ -16,15 +16,16 @@ use common::hooked::{Hooked, Op};
 use common::{Setup, secret};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
+use paychan::MilliSats;
 use paychan::bitcoin::{Amount, Network, bip32::Xpriv};
 use paychan::chain::follow_tip;
 use paychan::chain::sim::SimulatedChain;
 use paychan::channel::ChainTip;
 use paychan::client::{KeyWallet, Payer, PaymentLayer, SpendingPolicy};
+use paychan::server::Paid;
 use paychan::server::{PaywallLayer, RoutePrices, Unlisted};
 use paychan::store::{ChannelRecord, ChannelStore, MemoryStore};
 use paychan::wire::{self, Problem, ProblemCode};
-use paychan::{MilliSats, Paid};
 use tower::{Service, ServiceBuilder, ServiceExt};
 
 const PRICE: MilliSats = MilliSats::from_msat(100_000);
@@ -97,7 +98,7 @@ async fn shadow_mode_serves_unpaid_and_counts_what_it_would_charge() {
         debit: AtomicBool::new(true),
     };
     let store = failing(&Arc::new(script));
-    let layer = PaywallLayer::new(store, prices, tip).shadow();
+    let layer = PaywallLayer::new(store, prices, tip).with_shadow_mode();
     let tally = layer.shadow_tally().expect("shadow mode");
     let handler = get(|request: axum::extract::Request| async move {
         let paid = request.extensions().get::<Paid>().copied();
@@ -229,7 +230,7 @@ async fn the_client_pays_and_retries_against_the_router_in_process() {
     let calls = Arc::new(AtomicUsize::new(0));
     let router = Router::new().route("/work", counted(&calls)).layer(
         PaywallLayer::new(store.clone(), PRICE, tip)
-            .with_bundle(MilliSats::from_msat(500_000))
+            .with_prepaid_top_up(MilliSats::from_msat(500_000))
             .with_negotiation(negotiation),
     );
     let (sent, refused) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));

@@ -12,10 +12,9 @@ use std::time::Duration;
 use common::stores::*;
 use common::{Setup, now_ms};
 use paychan::MilliSats;
+use paychan::channel::ChannelState;
 use paychan::channel::{NewPayment, Terms};
-use paychan::store::{
-    ChannelRecord, ChannelState, ChannelStore, Debit, LeaseConfig, Leased, MemoryStore,
-};
+use paychan::store::{ChannelRecord, ChannelStore, Debit, LeaseConfig, Leased, MemoryStore};
 use paychan::wire::ChannelId;
 
 const PRICE: MilliSats = MilliSats::from_msat(70_000);
@@ -30,7 +29,7 @@ async fn open<S: ChannelStore>(store: &S, setup: &Setup, sat: u64) -> ChannelId 
 }
 
 fn config() -> LeaseConfig {
-    LeaseConfig::default().max_lease(MAX_LEASE).idle(Duration::from_secs(60))
+    LeaseConfig::default().with_max_lease(MAX_LEASE).with_idle(Duration::from_secs(60))
 }
 
 /// A node over `store` (a hook around `memory`), and a fresh channel in `memory` whose best
@@ -145,7 +144,7 @@ async fn nodes_serve_exactly_what_was_paid<S: ChannelStore + Clone>(store: S) {
 async fn a_dead_nodes_lease_is_forfeited<S: ChannelStore + Clone>(store: S) {
     let setup = Setup::with(12, 2, Terms::default(), None);
     let id = open(&store, &setup, 10_000).await;
-    let config = config().ttl(LeaseConfig::MIN_TTL);
+    let config = config().with_ttl(LeaseConfig::MIN_TTL);
     let (doomed, survivor) =
         (Leased::with_config(store.clone(), config), Leased::new(store.clone()));
     let died_serving = hammer(&[&doomed], id, 4, 5).await[0];
@@ -195,7 +194,7 @@ async fn a_credit_returns_to_the_lease<S: ChannelStore + Clone>(store: S) {
 async fn a_fair_close_counts_every_lease<S: ChannelStore + Clone>(store: S) {
     let setup = Setup::with(14, 2, Terms::default(), None);
     let id = open(&store, &setup, 10_000).await;
-    let idle = config().idle(Duration::from_millis(150));
+    let idle = config().with_idle(Duration::from_millis(150));
     let (here, there) =
         (Leased::with_config(store.clone(), idle), Leased::with_config(store.clone(), config()));
     hammer(&[&here], id, 1, 10).await;
@@ -253,26 +252,7 @@ async fn a_channel_out_of_open_is_served_from_no_lease_after_a_pass<S: ChannelSt
             assert!(a.list(to).await.unwrap().iter().any(|record| record.id() == id));
         }
         assert!(a.list(ChannelState::Open).await.unwrap().iter().all(|record| record.id() != id));
-        let mut after = 0;
-        for node in [&a, &b] {
-            for _ in 0..10 {
-                match node.debit(id, PRICE).await.unwrap() {
-                    Debit::Debited { .. } => after += 1,
-                    Debit::NotOpen { state } => assert_eq!(state, to),
-                    other @ Debit::Insufficient { .. } => panic!("{other:?}"),
-                }
-            }
-        }
-        assert_eq!(after, 0, "{after} requests served from a lease of a {to:?} channel");
-        for node in [&a, &b] {
-            assert_eq!(node.return_all().await, 0);
-        }
-        let record = store.load(id).await.unwrap().unwrap();
-        assert_eq!(
-            (record.spent, record.leased, record.forfeited),
-            (served, MilliSats::ZERO, MilliSats::ZERO),
-            "what was served is spent, to the msat"
-        );
+        common::assert_no_lease_serves(&store, [&a, &b], id, PRICE, (to, 10), served).await;
     }
 }
 

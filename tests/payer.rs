@@ -17,7 +17,7 @@ use bitcoin::bip32::Xpriv;
 use bitcoin::secp256k1::{Message, Secp256k1};
 use bitcoin::{Amount, Network, OutPoint};
 use bytes::Bytes;
-use common::counting::{Counting, Http, http_client};
+use common::counting::{Counting, Http, get_work, http_client};
 use common::http::serve;
 use common::{p2wpkh, secret};
 use http::StatusCode;
@@ -112,7 +112,7 @@ async fn server_priced_with<P: Pricing<Body>>(
         Negotiation::new(Network::Regtest, terms, master, p2wpkh(&secret(2)), chain.clone());
     let tip = follow_tip(chain.clone(), Duration::from_millis(50)).await.unwrap();
     let paywall = PaywallLayer::new(MemoryStore::new(), pricing, tip)
-        .with_bundle(MilliSats::from_sat(bundle).unwrap())
+        .with_prepaid_top_up(MilliSats::from_sat(bundle).unwrap())
         .with_negotiation(negotiation);
     let app = Router::new()
         .route("/work", get(|| async { "done" }))
@@ -162,17 +162,6 @@ fn paying_client<S: ClientStore + 'static>(
     let refusals = Arc::new(AtomicUsize::new(0));
     let inner = Counting { http: http_client(), refusals: Arc::clone(&refusals) };
     (ServiceBuilder::new().layer(PaymentLayer::new(payer.clone())).service(inner), refusals)
-}
-
-async fn get_work<S: ClientStore + 'static>(
-    client: &mut PaymentService<Counting, S>,
-    origin: &str,
-) -> Result<(StatusCode, String), ClientError> {
-    let request = http::Request::get(format!("{origin}/work")).body(Full::default()).unwrap();
-    let response = client.ready().await?.call(request).await?;
-    let status = response.status();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 /// Requests `/work` until one is not served (at most `most` served): how many were served, and
@@ -1133,7 +1122,7 @@ async fn receipt_server(
         .layer(
             PaywallLayer::new(store, PRICE, tip)
                 .with_negotiation(negotiation)
-                .receipt_signing(signing),
+                .with_receipt_signing(signing),
         )
         .layer(axum::middleware::from_fn(lying));
     Server { origin: format!("http://{}", serve(app).await), chain }
@@ -1432,15 +1421,16 @@ async fn receipts_link_to_the_previous_one_and_a_broken_link_stops_the_payer() {
 /// pays exactly what was served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_leased_nodes_look_like_one_server_to_the_payer() {
-    use paychan::store::{ChannelState, ChannelStore, LeaseConfig, Leased};
+    use paychan::channel::ChannelState;
+    use paychan::store::{ChannelStore, LeaseConfig, Leased};
     let chain = SimulatedChain::new();
     let master = Xpriv::new_master(Network::Regtest, &[0x5e; 32]).unwrap();
     let tip = follow_tip(chain.clone(), Duration::from_millis(50)).await.unwrap();
     let shared = MemoryStore::new();
     // Leases of up to four requests, given back after 100 ms unused.
     let config = LeaseConfig::default()
-        .max_lease(PRICE.checked_mul(4).unwrap())
-        .idle(Duration::from_millis(100));
+        .with_max_lease(PRICE.checked_mul(4).unwrap())
+        .with_idle(Duration::from_millis(100));
     let nodes =
         [Leased::with_config(shared.clone(), config), Leased::with_config(shared.clone(), config)];
     let routers: Vec<Router> = nodes
@@ -1454,10 +1444,10 @@ async fn two_leased_nodes_look_like_one_server_to_the_payer() {
                 chain.clone(),
             );
             let paywall = PaywallLayer::new(store.clone(), PRICE, tip.clone())
-                .with_bundle(MilliSats::from_sat(Amount::from_sat(3_000)).unwrap())
+                .with_prepaid_top_up(MilliSats::from_sat(Amount::from_sat(3_000)).unwrap())
                 .with_negotiation(negotiation)
                 // The last receipt is checked against the leases: every one signed.
-                .receipt_signing(paychan::server::ReceiptSigning::Every);
+                .with_receipt_signing(paychan::server::ReceiptSigning::Every);
             Router::new().route("/work", get(|| async { "done" })).layer(paywall)
         })
         .collect();

@@ -8,12 +8,15 @@
 mod common;
 
 use bitcoin::Amount;
-use common::esplora_settle::{ask_close, close_of, funding, params, state, store_open, task};
+use common::esplora_settle::{
+    ask_close, close_into_mempool, close_of, funding, params, state, store_open, task,
+};
 use common::node::Node;
 use common::{p2wpkh, secret};
 use paychan::chain::esplora::{Esplora, PackageRelay};
 use paychan::chain::{ChainBackend, TxStatus};
-use paychan::store::{ChannelState, MemoryStore};
+use paychan::channel::ChannelState;
+use paychan::store::MemoryStore;
 use paychan::wire::ChannelId;
 use serde_json::json;
 
@@ -48,11 +51,7 @@ async fn an_evicted_close_is_broadcast_again_and_settles_on_a_real_electrs() {
     electrs.sync(&node).await;
     let esplora = Esplora::new(&electrs.url()).unwrap();
     let mut task = task(&store, esplora.clone());
-    ask_close(&store, id).await;
-    assert_eq!(task.run_once().await.unwrap().broadcast, 1);
-    let close = close_of(&store, id).await.compute_txid();
-    assert_eq!(state(&store, id).await, ChannelState::Closed);
-    assert_eq!(esplora.tx_status(&close).await.unwrap(), TxStatus::InMempool);
+    let close = close_into_mempool(&store, id, &mut task, &esplora).await;
     assert!(node.mempool_entry(close).await.is_some(), "the node has it");
 
     node.restart_without_mempool().await;

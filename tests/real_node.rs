@@ -27,15 +27,18 @@ use http::StatusCode;
 use http_body_util::{BodyExt, Full};
 use paychan::MilliSats;
 use paychan::chain::bitcoind::BitcoindRpc;
-use paychan::chain::{ChainError, ChainTip, RejectReason, follow_tip};
+use paychan::chain::{ChainError, RejectReason, follow_tip};
+use paychan::channel::ChainTip;
+use paychan::channel::ChannelState;
+use paychan::channel::FundingPolicy;
 use paychan::channel::{Terms, channel_key};
 use paychan::client::{
     ClientChannel, ClientError, KeyWallet, MemoryClientStore, Payer, PaymentLayer, PaymentService,
     ServiceTransport, SpendingPolicy,
 };
 use paychan::server::{Negotiation, PaywallLayer};
-use paychan::settlement::{FundingPolicy, Settlement};
-use paychan::store::{ChannelState, ChannelStore, MemoryStore};
+use paychan::settlement::Settlement;
+use paychan::store::{ChannelStore, MemoryStore};
 use paychan::wire::{self, PAYMENT_CHANNEL};
 use serde_json::Value;
 use tokio::sync::{oneshot, watch};

@@ -14,8 +14,9 @@ use common::http::{Reply, call};
 use common::{Setup, p2wpkh, secret};
 use http::{Method, StatusCode};
 use paychan::MilliSats;
+use paychan::channel::ChannelState;
 use paychan::server::{ActualCost, Paid, PaywallLayer, RoutePrices};
-use paychan::store::{ChannelRecord, ChannelState, ChannelStore, MemoryStore};
+use paychan::store::{ChannelRecord, ChannelStore, MemoryStore};
 use paychan::wire::{self, ChannelId};
 use serde_json::Value;
 use tokio::sync::watch;
@@ -386,7 +387,7 @@ async fn head_is_priced_the_header_is_not_forwarded_and_a_script_sig_is_refused(
                 RoutePrices::new().route(Method::GET, "/echo", PRICE),
                 tip_rx,
             )
-            .forward_payment_header(true),
+            .with_payment_header_forwarded(true),
         );
     let forwarding = common::http::serve(forwarding).await;
     let better = api.pay(1_500);
@@ -434,8 +435,9 @@ async fn receipts_are_signed_for_any_client_that_does_not_ask_for_batches() {
         let record = ChannelRecord::open(setup.channel.clone(), 0, setup.pay(10_000));
         store.create(record).await.unwrap();
         let (_tip, tip_rx) = watch::channel(setup.tip());
-        let layer =
-            PaywallLayer::new(store, PRICE, tip_rx).with_receipts(master).receipt_signing(signing);
+        let layer = PaywallLayer::new(store, PRICE, tip_rx)
+            .with_receipts(master)
+            .with_receipt_signing(signing);
         let app = Router::new().route("/paid", get(|| async { "ok" })).layer(layer);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -18,11 +18,14 @@ use common::http::{call, serve};
 use common::{p2wpkh, public, secret, spend};
 use paychan::MilliSats;
 use paychan::chain::sim::{SimulatedChain, sign_p2wpkh_input};
-use paychan::chain::{ChainBackend, ChainError, ChainTip, TxStatus, Utxo, follow_tip, policy};
+use paychan::chain::{ChainBackend, ChainError, TxStatus, Utxo, follow_tip, policy};
+use paychan::channel::ChainTip;
+use paychan::channel::ChannelState;
+use paychan::channel::FundingPolicy;
 use paychan::channel::{Channel, Terms, channel_key};
 use paychan::server::PaywallLayer;
-use paychan::settlement::{CloseOutcome, FundingPolicy, Settlement, close_now};
-use paychan::store::{ChannelRecord, ChannelState, ChannelStore, MemoryStore};
+use paychan::settlement::{CloseOutcome, Settlement, close_now};
+use paychan::store::{ChannelRecord, ChannelStore, MemoryStore};
 use paychan::wire;
 
 const VALUE: Amount = Amount::from_sat(100_000);
@@ -347,16 +350,17 @@ async fn a_stuck_settlement_is_bumped_by_a_valid_cpfp_child() {
     check_settled_tx(&chain, &funded, close.compute_txid(), 20_000);
 }
 
+/// `GET /paid` at 1 sat behind a paywall on `store`, following `chain`'s tip.
+async fn serve_paid(store: &MemoryStore, chain: &SimulatedChain) -> std::net::SocketAddr {
+    let tip = follow_tip(chain.clone(), Duration::from_millis(20)).await.unwrap();
+    let paywall = PaywallLayer::new(store.clone(), MilliSats::from_msat(1_000), tip);
+    serve(Router::new().route("/paid", get(|| async { "ok" })).layer(paywall)).await
+}
+
 #[tokio::test]
 async fn a_double_spent_funding_fails_the_channel_and_nothing_is_served() {
     let (chain, store, funded, id) = one_channel(200, 3_000).await;
-    let tip = follow_tip(chain.clone(), Duration::from_millis(20)).await.unwrap();
-    let app = Router::new().route("/paid", get(|| async { "ok" })).layer(PaywallLayer::new(
-        store.clone(),
-        MilliSats::from_msat(1_000),
-        tip,
-    ));
-    let addr = serve(app).await;
+    let addr = serve_paid(&store, &chain).await;
     let header = wire::encode_payment(&payment(&funded, 0, 3_000));
     assert_eq!(call(addr, "GET", "/paid", &[("payment-channel", &header)], None).await.status, 200);
 
@@ -394,8 +398,8 @@ async fn a_suspension_stops_every_nodes_lease_by_the_next_pass<S: ChannelStore +
     let funded = open_channel(&store, &chain, 0, 200, 3_000).await;
     let id = wire::ChannelId::new(funded.channel.outpoint());
     let config = LeaseConfig::default()
-        .max_lease(MilliSats::from_msat(200_000))
-        .idle(Duration::from_secs(60));
+        .with_max_lease(MilliSats::from_msat(200_000))
+        .with_idle(Duration::from_secs(60));
     let (a, b) =
         (Leased::with_config(store.clone(), config), Leased::with_config(store.clone(), config));
     let down = Flaky { chain: chain.clone(), failures: Arc::default(), tip_down: chain_down };
@@ -418,26 +422,8 @@ async fn a_suspension_stops_every_nodes_lease_by_the_next_pass<S: ChannelStore +
         Ok(report) => assert!(!chain_down && report.suspended == 0, "A's pass finds it pending"),
         Err(_) => assert!(chain_down, "A's pass cannot read the chain"),
     }
-    let mut after = 0;
-    for node in [&a, &b] {
-        for _ in 0..20 {
-            match node.debit(id, price).await.unwrap() {
-                Debit::Debited { .. } => after += 1,
-                Debit::NotOpen { state } => assert_eq!(state, ChannelState::Pending),
-                other @ Debit::Insufficient { .. } => panic!("{other:?}"),
-            }
-        }
-    }
-    assert_eq!(after, 0, "{after} requests served from a lease of a suspended channel");
-    for node in [&a, &b] {
-        assert_eq!(node.return_all().await, 0);
-    }
-    let record = store.load(id).await.unwrap().unwrap();
-    assert_eq!(
-        (record.spent, record.leased, record.forfeited),
-        (served, MilliSats::ZERO, MilliSats::ZERO),
-        "what was served is spent, to the msat"
-    );
+    let pending = (ChannelState::Pending, 20);
+    common::assert_no_lease_serves(&store, [&a, &b], id, price, pending, served).await;
 }
 
 /// The suspension on every backend, the chain up.
@@ -487,13 +473,7 @@ async fn a_funding_that_never_confirms_fails_and_a_pending_channel_opens_when_co
     store.create(record).await.unwrap();
     let policy = FundingPolicy::default().with_min_confirmations(2);
     let mut task = settlement(store.clone(), chain.clone()).with_funding_policy(policy);
-    let tip = follow_tip(chain.clone(), Duration::from_millis(20)).await.unwrap();
-    let app = Router::new().route("/paid", get(|| async { "ok" })).layer(PaywallLayer::new(
-        store.clone(),
-        MilliSats::from_msat(1_000),
-        tip,
-    ));
-    let addr = serve(app).await;
+    let addr = serve_paid(&store, &chain).await;
     let header = wire::encode_payment(&payment(&funded, 1, 1_000));
     let reply = call(addr, "GET", "/paid", &[("payment-channel", &header)], None).await;
     assert_eq!((reply.status, reply.json()["code"].as_str()), (409, Some("channel-pending")));
@@ -616,7 +596,7 @@ async fn the_margin_close_includes_a_payment_stored_after_the_pass_listed_the_ch
 /// neither in the mempool nor in the UTXO set), the record and the tip.
 #[test]
 fn the_funding_watch_fails_a_channel_only_at_its_deadline() {
-    use paychan::settlement::FundingAction::{Close, Fail, Keep, Open, Suspend};
+    use paychan::channel::FundingAction::{Close, Fail, Keep, Open, Suspend};
     let chain = SimulatedChain::new();
     let funded = fund(&chain, 0, 300, false);
     let funded_at = chain.tip().height;

@@ -6,7 +6,8 @@ mod common;
 
 #[allow(unused_imports)]
 use common::stores::*;
-use paychan::store::{ChannelRecord, ChannelState, ChannelStore, Leased, MemoryStore, conformance};
+use paychan::channel::ChannelState;
+use paychan::store::{ChannelRecord, ChannelStore, Leased, MemoryStore, conformance};
 
 /// The conformance suite ([`conformance::run`]: its model-based check included), on every
 /// backend.

@@ -65,7 +65,7 @@ fn app<S: ChannelStore + Clone>(store: S, setup: &Setup, hold: Duration) -> Rout
                 Body::from_stream(meter.bytes(futures_util::stream::iter(chunks), PER_KIB))
             }),
         )
-        .layer(PaywallLayer::new(store, prices, tip).stream_hold(hold))
+        .layer(PaywallLayer::new(store, prices, tip).with_stream_hold(hold))
 }
 
 /// A channel in `store` whose best payment pays `paid_sat`; its payment headers.
@@ -325,7 +325,7 @@ async fn shadow_mode_streams_everything_and_counts_every_unit() {
     let setup = Setup::new();
     let (_tip_tx, tip) = tokio::sync::watch::channel(setup.tip());
     let prices = RoutePrices::new().route(Method::GET, "/tokens", PROMPT);
-    let layer = PaywallLayer::new(MemoryStore::new(), prices, tip).shadow();
+    let layer = PaywallLayer::new(MemoryStore::new(), prices, tip).with_shadow_mode();
     let tally = layer.shadow_tally().unwrap();
     let app: Router = Router::new()
         .route(

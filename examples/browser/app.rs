@@ -20,10 +20,11 @@ use paychan::bitcoin::bip32::Xpriv;
 use paychan::bitcoin::secp256k1::{Secp256k1, SecretKey};
 use paychan::bitcoin::{CompressedPublicKey, Network, ScriptBuf};
 use paychan::chain::{ChainBackend, ChainError};
+use paychan::server::Paid;
 use paychan::server::{RoutePrices, StreamMeter, chain_view};
 use paychan::store::MemoryStore;
 use paychan::wire::ChannelId;
-use paychan::{Merchant, MilliSats, Paid, Started};
+use paychan::{Merchant, MilliSats, Started};
 use serde_json::{Value, json};
 
 /// What one API call costs: 5 sat.

@@ -11,7 +11,7 @@ use std::future::Future;
 use bitcoin::{FeeRate, Network, OutPoint, Script, Transaction, TxOut, Txid};
 
 use crate::BackendError;
-pub use crate::channel::ChainTip;
+use crate::channel::ChainTip;
 
 #[cfg(feature = "bitcoind")]
 pub mod bitcoind;

@@ -238,6 +238,34 @@ impl Channel {
         if best == Some(payment) {
             return Ok(PaymentCheck::Repeat);
         }
+        let (server, change) = self.check_form(input, payment)?;
+        if self.params.is_closing(tip) {
+            return Err(PaymentError::Closing { expiry: self.params.expiry });
+        }
+        self.check_amounts(payment, server, change)?;
+        let previous = best.map_or(Amount::ZERO, server_amount);
+        // Only a payment that does not pay more can be a repeat: hash only then.
+        let repeat = server.value <= previous
+            && best.is_some_and(|best| best.compute_txid() == payment.compute_txid());
+        if server.value <= previous && !repeat {
+            return Err(PaymentError::NotAnIncrease { best: previous, found: server.value });
+        }
+        self.verify_client_signature(payment)?;
+        Ok(if repeat {
+            PaymentCheck::Repeat
+        } else {
+            PaymentCheck::Increase { previous, server_amount: server.value }
+        })
+    }
+
+    /// [`check_payment`](Self::check_payment)'s rules of form: the input spends the funding
+    /// outpoint; version 2, final sequence, lock time 0; one or two outputs, server first,
+    /// exactly the agreed scripts. Returns the server output and the change.
+    fn check_form<'a>(
+        &self,
+        input: &TxIn,
+        payment: &'a Transaction,
+    ) -> Result<(&'a TxOut, Option<&'a TxOut>), PaymentError> {
         let params = &self.params;
         if input.previous_output != self.outpoint {
             return Err(PaymentError::WrongOutpoint { found: input.previous_output });
@@ -262,9 +290,19 @@ impl Channel {
         if change.is_some_and(|change| change.script_pubkey != params.client_script) {
             return Err(PaymentError::WrongChangeScript);
         }
-        if params.is_closing(tip) {
-            return Err(PaymentError::Closing { expiry: params.expiry });
-        }
+        Ok((server, change))
+    }
+
+    /// [`check_payment`](Self::check_payment)'s rules of amounts: no value creation; no dust
+    /// outputs, and change omitted only when it would be dust; the fee within the agreed
+    /// rates at the co-signed size (no upper bound when the change was omitted).
+    fn check_amounts(
+        &self,
+        payment: &Transaction,
+        server: &TxOut,
+        change: Option<&TxOut>,
+    ) -> Result<(), PaymentError> {
+        let params = &self.params;
         let change_value = change.map_or(Amount::ZERO, |change| change.value);
         let fee = server
             .value
@@ -300,19 +338,7 @@ impl Channel {
                 return Err(PaymentError::ChangeOmitted { would_be });
             }
         }
-        let previous = best.map_or(Amount::ZERO, server_amount);
-        // Only a payment that does not pay more can be a repeat: hash only then.
-        let repeat = server.value <= previous
-            && best.is_some_and(|best| best.compute_txid() == payment.compute_txid());
-        if server.value <= previous && !repeat {
-            return Err(PaymentError::NotAnIncrease { best: previous, found: server.value });
-        }
-        self.verify_client_signature(payment)?;
-        Ok(if repeat {
-            PaymentCheck::Repeat
-        } else {
-            PaymentCheck::Increase { previous, server_amount: server.value }
-        })
+        Ok(())
     }
 
     /// Verifies only the client's signature of a payment (witness shape, encoding, validity).

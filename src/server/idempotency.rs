@@ -18,18 +18,18 @@ use crate::wire::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
 const MAX_KEY_LEN: usize = 255;
 
 /// How the layer keeps the responses of requests with an `Idempotency-Key` (see
-/// [`PaywallLayer::idempotency`](super::PaywallLayer::idempotency)).
+/// [`PaywallLayer::with_idempotency`](super::PaywallLayer::with_idempotency)).
 ///
 /// A priced `POST`, `PUT`, `PATCH` or `DELETE` with an `Idempotency-Key` claims the key on its
 /// channel in the same atomic store operation as its debit. The response is kept for
-/// [`ttl`](Self::ttl) when it is at most [`max_response`](Self::max_response) bytes with a
+/// [`ttl`](Self::with_ttl) when it is at most [`max_response`](Self::with_max_response) bytes with a
 /// known length; a retry with the same key gets it again, marked `Idempotent-Replayed: true`,
 /// and pays nothing. A retry while the first request is still being served, or a request that
 /// reuses the key with another method, path, `Content-Type`, `Content-Length` or
 /// `Content-Digest`, gets **409**. A response that was not kept (too large, or streamed) is
 /// never served again: its retry gets 409 `idempotent-response-unavailable`. A request whose
 /// charge was given back (a 5xx) releases its key. A claim whose request never finished (the
-/// node died) lapses after [`in_progress`](Self::in_progress); a retry then runs, and pays,
+/// node died) lapses after [`in_progress`](Self::with_in_progress); a retry then runs, and pays,
 /// again.
 ///
 /// The layer does not read request bodies: a client that wants the body in the fingerprint
@@ -41,7 +41,7 @@ const MAX_KEY_LEN: usize = 255;
 /// use std::time::Duration;
 /// use paychan::server::Idempotency;
 ///
-/// let keep = Idempotency::default().ttl(Duration::from_secs(3_600)).max_response(64 * 1024);
+/// let keep = Idempotency::default().with_ttl(Duration::from_secs(3_600)).with_max_response(64 * 1024);
 /// assert_eq!(keep.max_response_len(), 64 * 1024);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,19 +65,19 @@ impl Default for Idempotency {
 
 impl Idempotency {
     /// How long a response is kept for replay.
-    pub fn ttl(mut self, ttl: Duration) -> Self {
+    pub fn with_ttl(mut self, ttl: Duration) -> Self {
         self.ttl = ttl;
         self
     }
 
     /// The largest response body kept, in bytes.
-    pub fn max_response(mut self, bytes: usize) -> Self {
+    pub fn with_max_response(mut self, bytes: usize) -> Self {
         self.max_response = bytes;
         self
     }
 
     /// How long a claim holds while its request is being served.
-    pub fn in_progress(mut self, lapse: Duration) -> Self {
+    pub fn with_in_progress(mut self, lapse: Duration) -> Self {
         self.in_progress = lapse;
         self
     }

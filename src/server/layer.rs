@@ -17,7 +17,7 @@ use crate::store::ChannelStore;
 pub const DEFAULT_TERMS_URL: &str = "/.well-known/payment-channel";
 
 /// How much a 402's suggested top-up prepays beyond the minimum: 1 000 sat.
-pub const DEFAULT_BUNDLE: MilliSats = MilliSats::from_msat(1_000_000);
+pub const DEFAULT_PREPAID_TOP_UP: MilliSats = MilliSats::from_msat(1_000_000);
 
 /// Applies [`Paywall`] to a service: every priced request must be paid through a channel.
 ///
@@ -77,11 +77,10 @@ impl<St, P: Clone> PaywallLayer<St, P> {
                 store: Arc::new(store),
                 pricing,
                 tip,
-                bundle: DEFAULT_BUNDLE,
-                refund_server_errors: true,
+                prepaid_top_up: DEFAULT_PREPAID_TOP_UP,
+                credit_server_errors: true,
                 terms_url: DEFAULT_TERMS_URL.to_owned(),
-                verified: dashmap::DashMap::new(),
-                latest: dashmap::DashMap::new(),
+                verified: Default::default(),
                 forward_payment_header: false,
                 shadow: None,
                 signer: None,
@@ -111,7 +110,7 @@ impl<St, P: Clone> PaywallLayer<St, P> {
 
     /// Sets how responses to requests with an `Idempotency-Key` are kept for replay (on by
     /// default, with [`Idempotency::default`](super::Idempotency)): a retry never pays twice.
-    pub fn idempotency(mut self, keep: super::Idempotency) -> Self {
+    pub fn with_idempotency(mut self, keep: super::Idempotency) -> Self {
         self.config_mut().idempotency = Some(keep);
         self
     }
@@ -124,15 +123,15 @@ impl<St, P: Clone> PaywallLayer<St, P> {
 
     /// Sets how long a metered stream holds, waiting for a top-up, when the balance runs out
     /// (default [`DEFAULT_HOLD`](super::DEFAULT_HOLD), 10 s); see [`StreamMeter`](super::StreamMeter).
-    pub fn stream_hold(mut self, hold: std::time::Duration) -> Self {
+    pub fn with_stream_hold(mut self, hold: std::time::Duration) -> Self {
         self.config_mut().stream_hold = hold;
         self
     }
 
     /// Sets how much a 402's suggested top-up prepays beyond the minimum
-    /// (default [`DEFAULT_BUNDLE`]).
-    pub fn with_bundle(mut self, bundle: MilliSats) -> Self {
-        self.config_mut().bundle = bundle;
+    /// (default [`DEFAULT_PREPAID_TOP_UP`]).
+    pub fn with_prepaid_top_up(mut self, amount: MilliSats) -> Self {
+        self.config_mut().prepaid_top_up = amount;
         self
     }
 
@@ -140,7 +139,7 @@ impl<St, P: Clone> PaywallLayer<St, P> {
     /// layer removes it from every request it passes on, paid or free, so a proxy or a log
     /// never sees it). An outer layer in front of another `PaywallLayer` (each pricing its
     /// own routes) must forward it, or the inner one never sees a payment.
-    pub fn forward_payment_header(mut self, forward: bool) -> Self {
+    pub fn with_payment_header_forwarded(mut self, forward: bool) -> Self {
         self.config_mut().forward_payment_header = forward;
         self
     }
@@ -150,16 +149,16 @@ impl<St, P: Clone> PaywallLayer<St, P> {
     /// The body of a 5xx answer still reaches the client: with this on, a handler must not
     /// put the paid-for content in a 5xx answer, or a client that can provoke one (an upstream
     /// timeout behind a proxy) is served for free. Turn it off for such services.
-    pub fn refund_server_errors(mut self, refund: bool) -> Self {
-        self.config_mut().refund_server_errors = refund;
+    pub fn with_server_errors_credited(mut self, credit: bool) -> Self {
+        self.config_mut().credit_server_errors = credit;
         self
     }
 
     /// Gives every paid response a [`Receipt`](crate::wire::Receipt) (the `Payment-Receipt`
     /// header), signed with the channel's server key K2, derived from `master` (the
     /// [`Negotiation`]'s key, which [`with_negotiation`](Self::with_negotiation) sets by
-    /// itself), as [`receipt_signing`](Self::receipt_signing) says (by default in batches of
-    /// 32 for clients that accept it: a thirtieth of an ECDSA signature per request).
+    /// itself), as [`with_receipt_signing`](Self::with_receipt_signing) says (by default in
+    /// batches for clients that accept them: a fraction of an ECDSA signature per request).
     pub fn with_receipts(mut self, master: Xpriv) -> Self {
         let meter = self.config_mut();
         meter.signer = Some(Arc::new(Signer::new(master, meter.receipt_signing)));
@@ -167,12 +166,12 @@ impl<St, P: Clone> PaywallLayer<St, P> {
         self
     }
 
-    /// When receipts are signed (default [`ReceiptSigning::Batched`] every 32 within 1 s;
+    /// When receipts are signed (default [`ReceiptSigning::Batched`], every 256 within 1 s;
     /// [`ReceiptSigning::Every`] signs every one).
     ///
     /// [`ReceiptSigning::Batched`]: super::ReceiptSigning::Batched
     /// [`ReceiptSigning::Every`]: super::ReceiptSigning::Every
-    pub fn receipt_signing(mut self, signing: super::ReceiptSigning) -> Self {
+    pub fn with_receipt_signing(mut self, signing: super::ReceiptSigning) -> Self {
         let meter = self.config_mut();
         meter.receipt_signing = signing;
         if let Some(signer) = meter.signer.take() {
@@ -201,15 +200,15 @@ impl<St, P: Clone> PaywallLayer<St, P> {
     ///
     /// ```
     /// use paychan::MilliSats;
-    /// use paychan::chain::ChainTip;
+    /// use paychan::channel::ChainTip;
     /// use paychan::server::PaywallLayer;
     /// use paychan::store::MemoryStore;
     ///
     /// let (_, tip) = tokio::sync::watch::channel(ChainTip { height: 100, median_time_past: 0 });
-    /// let layer = PaywallLayer::new(MemoryStore::new(), MilliSats::from_msat(2_000), tip).shadow();
+    /// let layer = PaywallLayer::new(MemoryStore::new(), MilliSats::from_msat(2_000), tip).with_shadow_mode();
     /// assert_eq!(layer.shadow_tally().unwrap().requests(), 0);
     /// ```
-    pub fn shadow(mut self) -> Self {
+    pub fn with_shadow_mode(mut self) -> Self {
         self.config_mut().shadow = Some(Arc::default());
         self
     }
@@ -260,8 +259,8 @@ impl<St, P> Clone for PaywallLayer<St, P> {
 impl<St, P> fmt::Debug for PaywallLayer<St, P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PaywallLayer")
-            .field("bundle", &self.meter.bundle)
-            .field("refund_server_errors", &self.meter.refund_server_errors)
+            .field("prepaid_top_up", &self.meter.prepaid_top_up)
+            .field("credit_server_errors", &self.meter.credit_server_errors)
             .field("terms_url", &self.meter.terms_url)
             .field("negotiation", &self.negotiation.as_ref().map(|endpoints| &endpoints.prefix))
             .finish_non_exhaustive()
@@ -294,10 +293,13 @@ mod tests {
     fn configuring_a_clone_leaves_the_original_as_it_was() {
         let (_tx, tip) = watch::channel(ChainTip { height: 1, median_time_past: 0 });
         let layer = PaywallLayer::new(MemoryStore::new(), MilliSats::from_msat(1), tip);
-        let copy = layer.clone().with_bundle(MilliSats::from_msat(5)).forward_payment_header(true);
-        assert_eq!(copy.meter.bundle, MilliSats::from_msat(5));
+        let copy = layer
+            .clone()
+            .with_prepaid_top_up(MilliSats::from_msat(5))
+            .with_payment_header_forwarded(true);
+        assert_eq!(copy.meter.prepaid_top_up, MilliSats::from_msat(5));
         assert!(copy.meter.forward_payment_header);
-        assert_eq!(layer.meter.bundle, DEFAULT_BUNDLE);
+        assert_eq!(layer.meter.prepaid_top_up, DEFAULT_PREPAID_TOP_UP);
         assert!(!layer.meter.forward_payment_header);
         assert!(Arc::ptr_eq(&layer.meter.store, &copy.meter.store), "one store");
     }

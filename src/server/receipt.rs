@@ -30,7 +30,7 @@ pub struct Paid {
     pub price: MilliSats,
     /// The channel's balance after the charge.
     pub balance: MilliSats,
-    /// Set when the layer is in [shadow mode](super::PaywallLayer::shadow): nothing was
+    /// Set when the layer is in [shadow mode](super::PaywallLayer::with_shadow_mode): nothing was
     /// charged, `price` is what would have been, `channel` is the null outpoint and `balance`
     /// zero.
     pub shadow: bool,
@@ -44,7 +44,7 @@ impl Paid {
     }
 }
 
-/// What a layer in [shadow mode](super::PaywallLayer::shadow) would have charged since it was
+/// What a layer in [shadow mode](super::PaywallLayer::with_shadow_mode) would have charged since it was
 /// built. Cheap to read at any time; shared by every clone of the layer.
 #[derive(Debug, Default)]
 pub struct ShadowTally {
@@ -130,14 +130,14 @@ impl<S: Send + Sync> FromRequestParts<S> for Paid {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ActualCost(pub MilliSats);
 
-/// When the layer signs the receipt of a paid response ([`PaywallLayer::receipt_signing`]).
+/// When the layer signs the receipt of a paid response ([`PaywallLayer::with_receipt_signing`]).
 ///
 /// Every paid response carries a receipt, linked to the one before it, each stating the
 /// channel's whole spent; what a client can prove is its last signed receipt, whichever mode.
 /// Signing costs one ECDSA signature (about 30 µs here); batches make it a small share of
 /// that per request.
 ///
-/// [`PaywallLayer::receipt_signing`]: super::PaywallLayer::receipt_signing
+/// [`PaywallLayer::with_receipt_signing`]: super::PaywallLayer::with_receipt_signing
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ReceiptSigning {

@@ -13,6 +13,7 @@ use super::layer::Endpoints;
 use super::meter::Meter;
 use super::rejection::{Rejection, RejectionKind};
 use super::{Paid, PaywallLayer, Pricing};
+use crate::MilliSats;
 use crate::store::ChannelStore;
 
 /// Middleware that charges every priced request to a payment channel. See the
@@ -82,56 +83,101 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        if let Some(path) = &self.meter.payment_path
-            && request.method() == http::Method::POST
-            && request.uri().path() == path
+        match self.route(&request) {
+            Route::TopUp => {
+                let header = request.headers().get(crate::wire::PAYMENT_CHANNEL).cloned();
+                let meter = self.meter.clone();
+                ResponseFuture::metered(async move { Ok(meter.accept_payment(header).await) })
+            }
+            Route::Negotiation(router) => ResponseFuture::metered(negotiate(router, request)),
+            Route::NotPriced => {
+                let refusal = Rejection::new(RejectionKind::RouteNotPriced, None)
+                    .into_response(&self.meter.terms_url);
+                ResponseFuture::metered(std::future::ready(Ok(refusal)))
+            }
+            Route::Free => ResponseFuture::free(self.call_unpaid(request, None)),
+            Route::Shadow(price) => ResponseFuture::free(self.call_unpaid(request, Some(price))),
+            Route::Paid(price) => {
+                // Use the service that was driven to readiness; leave a fresh clone in its
+                // place (https://docs.rs/tower/latest/tower/trait.Service.html#be-careful-when-cloning-inner-services).
+                let clone = self.inner.clone();
+                let inner = std::mem::replace(&mut self.inner, clone);
+                ResponseFuture::metered(self.meter.clone().serve(inner, request, price))
+            }
+        }
+    }
+}
+
+/// Where a request goes: the paywall's one decision, made before any work.
+enum Route {
+    /// `POST` to the payment path: a better payment without a request to pay for.
+    TopUp,
+    /// A negotiation endpoint (the terms, open, close…): the crate's own router.
+    Negotiation(axum::Router),
+    /// Not priced, and the pricing refuses what it does not price: 404 `route-not-priced`.
+    NotPriced,
+    /// Not priced: served free.
+    Free,
+    /// Priced, in shadow mode: counted and served unpaid.
+    Shadow(MilliSats),
+    /// Priced: the meter charges it.
+    Paid(MilliSats),
+}
+
+impl<S, St: ChannelStore, P: Send + Sync + 'static> Paywall<S, St, P> {
+    /// Routes `request`: the top-up endpoint, the negotiation endpoints, then by its price.
+    fn route<B>(&self, request: &Request<B>) -> Route
+    where
+        P: Pricing<B>,
+    {
+        let path = request.uri().path();
+        if request.method() == http::Method::POST
+            && self.meter.payment_path.as_deref() == Some(path)
         {
-            let header = request.headers().get(crate::wire::PAYMENT_CHANNEL).cloned();
-            let meter = self.meter.clone();
-            return ResponseFuture::metered(async move { Ok(meter.accept_payment(header).await) });
+            return Route::TopUp;
         }
         if let Some(endpoints) = &self.negotiation
             && let (prefix, router) = endpoints.get(&self.meter)
-            && is_negotiation(request.uri().path(), prefix, &self.meter.terms_url)
+            && is_negotiation(path, prefix, &self.meter.terms_url)
         {
-            let router = router.clone();
-            return ResponseFuture::metered(negotiate(router, request));
+            return Route::Negotiation(router.clone());
         }
-        let Some(price) = self.meter.pricing.price(&request) else {
-            if self.meter.pricing.refuses(&request) {
-                let refusal = Rejection::new(RejectionKind::RouteNotPriced, None)
-                    .into_response(&self.meter.terms_url);
-                return ResponseFuture::metered(std::future::ready(Ok(refusal)));
-            }
-            // A bearer proof of the channel (clients send it with every request to the
-            // origin): a free route's service has no more business with it than a paid one's.
-            let mut request = request;
-            let _removed = self.meter.payment_header(&mut request);
-            return ResponseFuture::free(self.inner.call(request));
-        };
-        if let Some(tally) = &self.meter.shadow {
+        match self.meter.pricing.price(request) {
+            None if self.meter.pricing.refuses(request) => Route::NotPriced,
+            None => Route::Free,
+            Some(price) if self.meter.shadow.is_some() => Route::Shadow(price),
+            Some(price) => Route::Paid(price),
+        }
+    }
+
+    /// Calls the inner service with a request that is not charged: free, or (`shadow`)
+    /// priced in shadow mode, counted and given what a handler of a paid request finds.
+    /// The payment header, a bearer proof of the channel, is removed either way: the service
+    /// of a request not charged has no more business with it than a paid one's.
+    fn call_unpaid<ReqBody>(
+        &mut self,
+        mut request: Request<ReqBody>,
+        shadow: Option<MilliSats>,
+    ) -> S::Future
+    where
+        S: Service<Request<ReqBody>>,
+    {
+        if let (Some(price), Some(tally)) = (shadow, &self.meter.shadow) {
             tally.record(price);
             tracing::info!(%price, method = %request.method(), path = request.uri().path(), "shadow mode: served unpaid");
-            let mut request = request;
             let paid = Paid::shadow(price);
             let units: Arc<dyn super::stream::Units> = tally.clone();
-            let hold = self.meter.stream_hold;
             request.extensions_mut().insert(paid);
             request.extensions_mut().insert(super::StreamMeter::new(
                 units,
                 paid.channel,
-                hold,
+                self.meter.stream_hold,
                 None,
                 price,
             ));
-            let _removed = self.meter.payment_header(&mut request);
-            return ResponseFuture::free(self.inner.call(request));
         }
-        // Use the service that was driven to readiness; leave a fresh clone in its place
-        // (https://docs.rs/tower/latest/tower/trait.Service.html#be-careful-when-cloning-inner-services).
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture::metered(self.meter.clone().serve(inner, request, price))
+        let _removed = self.meter.payment_header(&mut request);
+        self.inner.call(request)
     }
 }
 

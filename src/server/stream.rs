@@ -196,7 +196,7 @@ impl StreamMeter {
     }
 
     /// How long [`wait_and_charge`](Self::wait_and_charge) waits for a top-up
-    /// ([`PaywallLayer::stream_hold`](super::PaywallLayer::stream_hold)).
+    /// ([`PaywallLayer::with_stream_hold`](super::PaywallLayer::with_stream_hold)).
     pub fn hold(&self) -> Duration {
         self.hold
     }

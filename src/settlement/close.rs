@@ -16,7 +16,8 @@ use bitcoin::{FeeRate, OutPoint, ScriptBuf, Transaction, Txid};
 
 use super::SettlementMetrics;
 use crate::chain::{ChainBackend, ChainError, RejectReason, TxStatus};
-use crate::store::{ChannelRecord, ChannelState, ChannelStore, StoreError};
+use crate::channel::ChannelState;
+use crate::store::{ChannelRecord, ChannelStore, StoreError};
 use crate::wire::ChannelId;
 
 /// What closing a channel did.

@@ -63,12 +63,14 @@ use bitcoin::{FeeRate, ScriptBuf, Txid};
 use tokio::time::Instant;
 use tracing::Instrument as _;
 
-use crate::chain::{ChainBackend, ChainTip};
-use crate::store::{ChannelRecord, ChannelState, ChannelStore};
+use crate::chain::ChainBackend;
+use crate::channel::ChainTip;
+use crate::channel::ChannelState;
+use crate::store::{ChannelRecord, ChannelStore};
 use crate::wire::ChannelId;
 
 use crate::channel::bump_is_due;
-pub use crate::channel::{FundingAction, FundingPolicy};
+use crate::channel::{FundingAction, FundingPolicy};
 pub use report::{PassReport, SettlementError, SettlementMetrics};
 
 mod close;

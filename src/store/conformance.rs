@@ -120,6 +120,7 @@ pub async fn run<S: ChannelStore>(store: Arc<S>, prefix: u8) {
     racing_pays_are_exact(store.clone(), &fx).await;
     a_fair_close_is_one_atomic_step(&*store, &fx).await;
     idempotency_keys_are_claimed_once(&*store, &fx).await;
+    a_lapsed_claim_is_taken_over(&*store, &fx).await;
     racing_claims_debit_once(store.clone(), &fx).await;
     leases_reserve_and_settle_exactly(&*store, &fx).await;
     leases_count_in_a_fair_close(&*store, &fx).await;
@@ -444,31 +445,6 @@ async fn idempotency_keys_are_claimed_once<S: ChannelStore>(store: &S, fx: &Fixt
         Ok(DebitOnce::Debit(Debit::Debited { .. }))
     ));
 
-    // A claim never finished lapses (the node that served it died): a retry runs again.
-    let lapsing = claim("k4", 5, 50);
-    assert!(matches!(
-        store.debit_once(id, price, &lapsing).await,
-        Ok(DebitOnce::Debit(Debit::Debited { .. }))
-    ));
-    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
-    let taking_over = claim("k4", 6, minute);
-    assert!(matches!(
-        store.debit_once(id, price, &taking_over).await,
-        Ok(DebitOnce::Debit(Debit::Debited { .. }))
-    ));
-    assert_eq!(spent_of(store, id).await, msat(600));
-    // The request whose claim lapsed finishes late: it neither answers for the request that
-    // took the key over nor releases it.
-    store.finish_once(id, &lapsing, Some(b"late".to_vec()), now_ms() + minute).await.unwrap();
-    store.finish_once(id, &lapsing, None, now_ms() + minute).await.unwrap();
-    let held = store.debit_once(id, price, &claim("k4", 6, minute)).await;
-    assert_eq!(held, Ok(DebitOnce::Claimed(IdempotencyRecord::new([6; 32], None))), "in progress");
-    store.finish_once(id, &taking_over, Some(b"own".to_vec()), now_ms() + minute).await.unwrap();
-    let kept = IdempotencyRecord::new([6; 32], Some(b"own".to_vec()));
-    let replay = store.debit_once(id, price, &claim("k4", 6, minute)).await;
-    assert_eq!(replay, Ok(DebitOnce::Claimed(kept)), "its own response");
-    assert_eq!(spent_of(store, id).await, msat(600));
-
     // Keys are per channel; a channel that is not open debits nothing and claims nothing.
     let other = fx.record(fx.at_height(41, 900_000), 2_000);
     let other_id = other.id();
@@ -486,6 +462,38 @@ async fn idempotency_keys_are_claimed_once<S: ChannelStore>(store: &S, fx: &Fixt
         store.debit_once(unknown, price, &claim("k6", 8, minute)).await,
         Err(StoreError::NotFound)
     );
+}
+
+/// A claim never finished lapses (the node that served it died): a retry runs again, and the
+/// request whose claim lapsed, finishing late, answers for nothing.
+async fn a_lapsed_claim_is_taken_over<S: ChannelStore>(store: &S, fx: &Fixture) {
+    let record = fx.record(fx.at_height(44, 900_000), 2_000);
+    let id = record.id();
+    store.create(record).await.expect("create");
+    let (price, minute) = (msat(100), 60_000);
+    let lapsing = claim("k4", 5, 50);
+    assert!(matches!(
+        store.debit_once(id, price, &lapsing).await,
+        Ok(DebitOnce::Debit(Debit::Debited { .. }))
+    ));
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    let taking_over = claim("k4", 6, minute);
+    assert!(matches!(
+        store.debit_once(id, price, &taking_over).await,
+        Ok(DebitOnce::Debit(Debit::Debited { .. }))
+    ));
+    assert_eq!(spent_of(store, id).await, msat(200));
+    // The request whose claim lapsed finishes late: it neither answers for the request that
+    // took the key over nor releases it.
+    store.finish_once(id, &lapsing, Some(b"late".to_vec()), now_ms() + minute).await.unwrap();
+    store.finish_once(id, &lapsing, None, now_ms() + minute).await.unwrap();
+    let held = store.debit_once(id, price, &claim("k4", 6, minute)).await;
+    assert_eq!(held, Ok(DebitOnce::Claimed(IdempotencyRecord::new([6; 32], None))), "in progress");
+    store.finish_once(id, &taking_over, Some(b"own".to_vec()), now_ms() + minute).await.unwrap();
+    let kept = IdempotencyRecord::new([6; 32], Some(b"own".to_vec()));
+    let replay = store.debit_once(id, price, &claim("k4", 6, minute)).await;
+    assert_eq!(replay, Ok(DebitOnce::Claimed(kept)), "its own response");
+    assert_eq!(spent_of(store, id).await, msat(200));
 }
 
 async fn racing_claims_debit_once<S: ChannelStore>(store: Arc<S>, fx: &Fixture) {

@@ -27,9 +27,9 @@ use crate::wire::ChannelId;
 /// use paychan::store::LeaseConfig;
 ///
 /// let config = LeaseConfig::default()
-///     .horizon(Duration::from_millis(250))
-///     .max_lease(MilliSats::from_msat(20_000));
-/// assert_eq!(config.max_lease_amount(), MilliSats::from_msat(20_000));
+///     .with_horizon(Duration::from_millis(250))
+///     .with_max_lease(MilliSats::from_msat(20_000));
+/// assert_eq!(config.max_lease(), MilliSats::from_msat(20_000));
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LeaseConfig {
@@ -61,7 +61,7 @@ impl LeaseConfig {
     /// A lease covers about this much of the channel's traffic on this node, measured from
     /// how fast it used its last lease: one store operation per `horizon` per busy channel.
     #[must_use]
-    pub fn horizon(mut self, horizon: Duration) -> Self {
+    pub fn with_horizon(mut self, horizon: Duration) -> Self {
         self.horizon = horizon;
         self
     }
@@ -69,7 +69,7 @@ impl LeaseConfig {
     /// No lease holds more than this (unless one request costs more): what a node crash can
     /// leave unserved of a channel's balance, per node.
     #[must_use]
-    pub fn max_lease(mut self, max: MilliSats) -> Self {
+    pub fn with_max_lease(mut self, max: MilliSats) -> Self {
         self.max_lease = max;
         self
     }
@@ -78,7 +78,7 @@ impl LeaseConfig {
     /// again, and a fair close need not pay for it (a fair close waits up to twice this,
     /// at most a minute, for other nodes' leases).
     #[must_use]
-    pub fn idle(mut self, idle: Duration) -> Self {
+    pub fn with_idle(mut self, idle: Duration) -> Self {
         self.idle = idle;
         self
     }
@@ -88,18 +88,18 @@ impl LeaseConfig {
     /// of it, so the nodes' clocks must agree within a third of it. Between 10 seconds and a
     /// day; a store call on a lease is given up after a quarter of it.
     #[must_use]
-    pub fn ttl(mut self, ttl: Duration) -> Self {
+    pub fn with_ttl(mut self, ttl: Duration) -> Self {
         self.ttl = ttl.clamp(Self::MIN_TTL, Self::MAX_TTL);
         self
     }
 
     /// The largest lease.
-    pub fn max_lease_amount(&self) -> MilliSats {
+    pub fn max_lease(&self) -> MilliSats {
         self.max_lease
     }
 
     /// How long a lease lives unsettled.
-    pub fn ttl_duration(&self) -> Duration {
+    pub fn ttl(&self) -> Duration {
         self.ttl
     }
 }
@@ -117,17 +117,17 @@ impl LeaseConfig {
 ///   it (settling is idempotent) and takes the lease of unknown outcome again under the same
 ///   id, so a grant the node did not hear of is given back, not lapsed.
 /// - **Sized by traffic.** A lease is what the channel used on this node in
-///   [`horizon`](LeaseConfig::horizon) (measured from the last lease), at least the request
-///   and at most [`max_lease`](LeaseConfig::max_lease) — and at most half the channel's free
+///   [`horizon`](LeaseConfig::with_horizon) (measured from the last lease), at least the request
+///   and at most [`max_lease`](LeaseConfig::with_max_lease) — and at most half the channel's free
 ///   balance, so one node never holds it all while another node's request finds none. A
 ///   request may still be refused (402) while part of the balance sits in another node's
 ///   lease: the client tops up, or the lease comes back when idle.
 /// - **Given back.** A lease is settled (what was used becomes spent, the rest is free again)
-///   when it no longer covers a request, after [`idle`](LeaseConfig::idle) unused, after a
-///   third of its [`ttl`](LeaseConfig::ttl) (renewed), when this node closes the channel,
+///   when it no longer covers a request, after [`idle`](LeaseConfig::with_idle) unused, after a
+///   third of its [`ttl`](LeaseConfig::with_ttl) (renewed), when this node closes the channel,
 ///   and by [`return_all`](Self::return_all) on shutdown.
 /// - **A crash** leaves the dead node's leases unsettled: after their
-///   [`ttl`](LeaseConfig::ttl) any node **forfeits** each
+///   [`ttl`](LeaseConfig::with_ttl) any node **forfeits** each
 ///   ([`expire_leases`](ChannelStore::expire_leases)): what the dead node served of it
 ///   cannot be known, so all of it is kept from the balance for good (never served unpaid),
 ///   though not reported as spent. A crash costs each channel at most one lease per dead
@@ -141,7 +141,7 @@ impl LeaseConfig {
 ///   refusal's snapshot counts what is leased and forfeited in `spent_msat` (and reports it
 ///   as `leased_msat`): a fair close must pay for it, unless the leases are given back
 ///   first — a close on this node settles its own lease and waits up to twice
-///   [`idle`](LeaseConfig::idle) for the others'.
+///   [`idle`](LeaseConfig::with_idle) for the others'.
 /// - **Stops with its channel.** A node draws on its lease of a channel only until it sees
 ///   the channel out of [`Open`](ChannelState::Open): suspended (a zero-conf funding left
 ///   the mempool), closing or failed. It sees that at once when it moves the channel itself
@@ -157,8 +157,8 @@ impl LeaseConfig {
 ///   change** (a pass during which the store failed may not count; one whose chain backend is
 ///   down still lists the open channels) — within one pass
 ///   interval of the change, plus the pass itself. Until its pass a node may serve from the
-///   lease it holds (at most one per node, ≤ [`max_lease`](LeaseConfig::max_lease)), and
-///   from none taken more than about a third of the [`ttl`](LeaseConfig::ttl) before (the
+///   lease it holds (at most one per node, ≤ [`max_lease`](LeaseConfig::with_max_lease)), and
+///   from none taken more than about a third of the [`ttl`](LeaseConfig::with_ttl) before (the
 ///   background task gives it back then, and the store grants nothing on a channel that is
 ///   not open). None of this costs the fast path anything: no store round trip per request.
 ///
@@ -261,6 +261,66 @@ impl Local {
         self.used = self.used.saturating_add(amount);
         self.last = Some(now);
         Some(self.balance())
+    }
+
+    /// Takes in the store's answer to a lease `take` (drawing `amount` at once) that settled
+    /// `settle` of `old`, the slot as it was before: the slot after it and the debit to
+    /// report.
+    fn granted(
+        &mut self,
+        lease: Lease,
+        old: Local,
+        settle: Option<(LeaseId, MilliSats)>,
+        take: LeaseId,
+        amount: MilliSats,
+        now: Instant,
+    ) -> Debit {
+        let (paid, spent) = (self.paid, self.spent);
+        // Refused: the old lease was settled; a take of unknown outcome may still hold a
+        // grant, settled (unused) by the next operation.
+        let refused = Local {
+            paid,
+            spent: spent.saturating_add(settle.map_or(MilliSats::ZERO, |(_, used)| used)),
+            last: Some(now),
+            unsettled: old.retake.map(|lease| (lease, MilliSats::ZERO)),
+            ..Local::default()
+        };
+        match (lease, self.stopped) {
+            // The channel was seen out of open while the lease was taken: the grant is
+            // given back unused (by the next operation) and the request refused, as the
+            // store would refuse it now.
+            (Lease::Granted { paid: now_paid, spent, .. }, Some(state)) => {
+                *self = Local {
+                    paid: paid.max(now_paid),
+                    spent,
+                    last: Some(now),
+                    unsettled: Some((take, MilliSats::ZERO)),
+                    ..Local::default()
+                };
+                Debit::NotOpen { state }
+            }
+            (Lease::Granted { amount: held, paid: now_paid, spent }, None) => {
+                *self = Local {
+                    lease: Some(take),
+                    held,
+                    used: amount,
+                    paid: paid.max(now_paid),
+                    spent,
+                    taken: Some(now),
+                    last: Some(now),
+                    ..Local::default()
+                };
+                Debit::Debited { balance: self.balance() }
+            }
+            (Lease::Insufficient { balance }, _) => {
+                *self = refused;
+                Debit::Insufficient { balance }
+            }
+            (Lease::NotOpen { state }, _) => {
+                *self = refused;
+                Debit::NotOpen { state }
+            }
+        }
     }
 
     /// The balance to report: paid − spent − what this node used (other nodes' unsettled
@@ -382,7 +442,7 @@ impl<S: ChannelStore> Leased<S> {
 
     /// Settles every lease this node holds: call it on shutdown, after the last request was
     /// served. Returns how many channels' leases could not be settled (the store failed):
-    /// those lapse after the [`ttl`](LeaseConfig::ttl), forfeited.
+    /// those lapse after the [`ttl`](LeaseConfig::with_ttl), forfeited.
     pub async fn return_all(&self) -> usize {
         let ids: Vec<ChannelId> = self.inner.slots.iter().map(|slot| *slot.key()).collect();
         let mut failed = 0;
@@ -539,52 +599,8 @@ impl<S: ChannelStore> Inner<S> {
                     return Err(error);
                 }
             };
-            let (owed, paid, spent) = (local.owed, local.paid, local.spent);
-            // Refused: the old lease was settled; a take of unknown outcome may still hold a
-            // grant, settled (unused) by the next operation.
-            let refused = Local {
-                paid,
-                spent: spent.saturating_add(settle.map_or(MilliSats::ZERO, |(_, used)| used)),
-                last: Some(now),
-                unsettled: old.retake.map(|lease| (lease, MilliSats::ZERO)),
-                ..Local::default()
-            };
-            let outcome = match (lease, local.stopped) {
-                // The channel was seen out of open while the lease was taken: the grant is
-                // given back unused (by the next operation) and the request refused, as the
-                // store would refuse it now.
-                (Lease::Granted { paid: now_paid, spent, .. }, Some(state)) => {
-                    *local = Local {
-                        paid: paid.max(now_paid),
-                        spent,
-                        last: Some(now),
-                        unsettled: Some((take.id, MilliSats::ZERO)),
-                        ..Local::default()
-                    };
-                    Debit::NotOpen { state }
-                }
-                (Lease::Granted { amount: held, paid: now_paid, spent }, None) => {
-                    *local = Local {
-                        lease: Some(take.id),
-                        held,
-                        used: amount,
-                        paid: paid.max(now_paid),
-                        spent,
-                        taken: Some(now),
-                        last: Some(now),
-                        ..Local::default()
-                    };
-                    Debit::Debited { balance: local.balance() }
-                }
-                (Lease::Insufficient { balance }, _) => {
-                    *local = refused;
-                    Debit::Insufficient { balance }
-                }
-                (Lease::NotOpen { state }, _) => {
-                    *local = refused;
-                    Debit::NotOpen { state }
-                }
-            };
+            let owed = local.owed;
+            let outcome = local.granted(lease, old, settle, take.id, amount, now);
             (outcome, owed)
         };
         in_flight.done();
@@ -793,7 +809,7 @@ impl<S: ChannelStore> ChannelStore for Leased<S> {
     }
 
     /// Settles this node's lease of the channel first, then waits (up to twice
-    /// [`idle`](LeaseConfig::idle)) for other nodes to give theirs back while `payment`
+    /// [`idle`](LeaseConfig::with_idle)) for other nodes to give theirs back while `payment`
     /// covers what was spent but not what is leased.
     fn close_with(
         &self,

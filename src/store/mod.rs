@@ -53,7 +53,7 @@ use crate::channel::{
     ChainTip, Channel, CheckedPayment, CloseError, FundingAction, FundingPolicy, Ledger,
     channel_key, server_amount,
 };
-pub use crate::channel::{ChannelState, ParseChannelStateError};
+use crate::channel::{ChannelState, ParseChannelStateError};
 use crate::wire::{ChannelId, ChannelSnapshot};
 use crate::{BackendError, MilliSats};
 

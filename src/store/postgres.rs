@@ -172,7 +172,27 @@ impl PostgresStore {
         let best = u64::try_from(row.get::<_, i64>(2)).unwrap_or(0);
         Ok((ChannelState::from_name(row.get(0))?, msat(row.get(1)), Amount::from_sat(best)))
     }
+
+    /// Why [`DEBIT`] changed nothing, from a fresh read: the channel is not open, or its
+    /// balance does not cover the amount.
+    async fn refused(&self, id: &str) -> Result<Debit, StoreError> {
+        let (state, balance, _) = self.state_and_balance(id).await?;
+        Ok(if state == ChannelState::Open {
+            Debit::Insufficient { balance }
+        } else {
+            Debit::NotOpen { state }
+        })
+    }
 }
+
+/// The debit, the one statement [`ChannelStore::debit`] and [`ChannelStore::debit_once`] run:
+/// `$1` msat from channel `$2` if it is open and its balance (paid − spent − leased −
+/// forfeited, [`Ledger`](crate::channel::Ledger)'s rule) covers them. Returns the unspent
+/// balance after it, or no row when it changed nothing.
+const DEBIT: &str = "UPDATE paychan_channels SET spent_msat = spent_msat + $1
+     WHERE id = $2 AND state = 'open'
+     AND best_sat * 1000 - spent_msat - leased_msat - forfeited_msat >= $1
+     RETURNING best_sat * 1000 - spent_msat";
 
 impl ChannelStore for PostgresStore {
     async fn create(&self, record: ChannelRecord) -> Result<(), StoreError> {
@@ -252,25 +272,10 @@ impl ChannelStore for PostgresStore {
     async fn debit(&self, id: ChannelId, amount: MilliSats) -> Result<Debit, StoreError> {
         let id = id.to_string();
         let amount_sql = to_i64(amount.to_msat())?;
-        let row = self
-            .query_opt(
-                "UPDATE paychan_channels SET spent_msat = spent_msat + $1
-                 WHERE id = $2 AND state = 'open'
-                 AND best_sat * 1000 - spent_msat - leased_msat - forfeited_msat >= $1
-                 RETURNING best_sat * 1000 - spent_msat",
-                &[&amount_sql, &id],
-            )
-            .await?;
-        if let Some(row) = row {
-            return Ok(Debit::Debited { balance: msat(row.get(0)) });
+        match self.query_opt(DEBIT, &[&amount_sql, &id]).await? {
+            Some(row) => Ok(Debit::Debited { balance: msat(row.get(0)) }),
+            None => self.refused(&id).await,
         }
-        // Refused: report why, from a fresh read (nothing was changed).
-        let (state, balance, _) = self.state_and_balance(&id).await?;
-        Ok(if state == ChannelState::Open {
-            Debit::Insufficient { balance }
-        } else {
-            Debit::NotOpen { state }
-        })
     }
 
     async fn pay(
@@ -356,27 +361,13 @@ impl ChannelStore for PostgresStore {
                 .map_err(|_| unavailable("an idempotency fingerprint that is not 32 bytes"))?;
             return Ok(DebitOnce::Claimed(IdempotencyRecord::new(fingerprint, row.get(1))));
         }
-        let debited = tx
-            .query_opt(
-                "UPDATE paychan_channels SET spent_msat = spent_msat + $1
-                 WHERE id = $2 AND state = 'open'
-                 AND best_sat * 1000 - spent_msat - leased_msat - forfeited_msat >= $1
-                 RETURNING best_sat * 1000 - spent_msat",
-                &[&amount, &id],
-            )
-            .await
-            .map_err(unavailable)?;
+        let debited = tx.query_opt(DEBIT, &[&amount, &id]).await.map_err(unavailable)?;
         let Some(row) = debited else {
             // Refused: the claim is rolled back with the transaction; report why (on another
             // connection: this one goes back to the pool first).
             drop(tx);
             drop(client);
-            let (state, balance, _) = self.state_and_balance(&id).await?;
-            return Ok(DebitOnce::Debit(if state == ChannelState::Open {
-                Debit::Insufficient { balance }
-            } else {
-                Debit::NotOpen { state }
-            }));
+            return self.refused(&id).await.map(DebitOnce::Debit);
         };
         // A few expired records go with every claim.
         tx.execute(

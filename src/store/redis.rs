@@ -52,39 +52,61 @@ if tonumber(h[1]) >= tonumber(ARGV[2]) or h[3] ~= 'open' then return {0, h[1]} e
 redis.call('HSET', KEYS[1], 'best', ARGV[1], 'best_sat', ARGV[2])
 return {1, string.format('%.0f', tonumber(ARGV[2]) * 1000 - tonumber(h[2]))}";
 
-const DEBIT: &str = r"
-local h = redis.call('HMGET', KEYS[1], 'state', 'best_sat', 'spent_msat', 'leased_msat',
-  'forfeited_msat')
-if not h[1] then return {-1, '0'} end
-local balance = tonumber(h[2]) * 1000 - tonumber(h[3])
-if h[1] ~= 'open' then return {2, h[1]} end
-local amount = tonumber(ARGV[1])
-if balance - tonumber(h[4] or '0') - tonumber(h[5] or '0') < amount then
-  return {0, string.format('%.0f', balance)}
+/// The debit, written once and prepended to the scripts that debit: `channel(key)` reads a
+/// channel's state and ledger (nil when it does not exist); `debit(key, h, paid_sat, amount)`
+/// debits `amount` msat if the balance (paid − spent − leased − forfeited,
+/// [`Ledger`](crate::channel::Ledger)'s rule) covers it, and replies `{1, balance after}` or
+/// `{0, balance}` (the balance unspent, as every debit reports it).
+macro_rules! debit_lua {
+    () => {
+        r"
+local function fmt(n) return string.format('%.0f', n) end
+local function channel(key)
+  return redis.call('HMGET', key, 'state', 'best_sat', 'spent_msat', 'leased_msat',
+    'forfeited_msat')
 end
-redis.call('HSET', KEYS[1], 'spent_msat', string.format('%.0f', tonumber(h[3]) + amount))
-return {1, string.format('%.0f', balance - amount)}";
+local function debit(key, h, paid_sat, amount)
+  local balance = paid_sat * 1000 - tonumber(h[3])
+  if balance - tonumber(h[4] or '0') - tonumber(h[5] or '0') < amount then
+    return {0, fmt(balance)}
+  end
+  redis.call('HSET', key, 'spent_msat', fmt(tonumber(h[3]) + amount))
+  return {1, fmt(balance - amount)}
+end
+"
+    };
+}
+
+/// Debits ARGV[1] msat from channel KEYS[1]. Replies `{code, value}`: -1 not found, 2 not
+/// open (`value` the state), else as `debit`.
+const DEBIT: &str = concat!(
+    debit_lua!(),
+    r"
+local h = channel(KEYS[1])
+if not h[1] then return {-1, '0'} end
+if h[1] ~= 'open' then return {2, h[1]} end
+return debit(KEYS[1], h, tonumber(h[2]), tonumber(ARGV[1]))"
+);
 
 /// `DEBIT` and the claim of an idempotency key in one script, unless the key is held: KEYS[1]
 /// the channel, KEYS[2] the key's record (a hash that expires by itself); ARGV the amount in
 /// msat, the fingerprint, and when the claim lapses (ms since the epoch). Replies
 /// `{code, value, fingerprint, response}`: code 3 when the key is held.
-const DEBIT_ONCE: &str = r"
+const DEBIT_ONCE: &str = concat!(
+    debit_lua!(),
+    r"
 local held = redis.call('HMGET', KEYS[2], 'fp', 'resp')
 if held[1] then return {3, '', held[1], held[2]} end
-local h = redis.call('HMGET', KEYS[1], 'state', 'best_sat', 'spent_msat', 'leased_msat',
-  'forfeited_msat')
+local h = channel(KEYS[1])
 if not h[1] then return {-1, '0', false, false} end
-local balance = tonumber(h[2]) * 1000 - tonumber(h[3])
 if h[1] ~= 'open' then return {2, h[1], false, false} end
-local amount = tonumber(ARGV[1])
-if balance - tonumber(h[4] or '0') - tonumber(h[5] or '0') < amount then
-  return {0, string.format('%.0f', balance), false, false}
+local debited = debit(KEYS[1], h, tonumber(h[2]), tonumber(ARGV[1]))
+if debited[1] == 1 then
+  redis.call('HSET', KEYS[2], 'fp', ARGV[2], 'claim', ARGV[3])
+  redis.call('PEXPIREAT', KEYS[2], ARGV[3])
 end
-redis.call('HSET', KEYS[1], 'spent_msat', string.format('%.0f', tonumber(h[3]) + amount))
-redis.call('HSET', KEYS[2], 'fp', ARGV[2], 'claim', ARGV[3])
-redis.call('PEXPIREAT', KEYS[2], ARGV[3])
-return {1, string.format('%.0f', balance - amount), false, false}";
+return {debited[1], debited[2], false, false}"
+);
 
 /// Finishes a claim still in progress: KEYS[1] the key's record; ARGV[1] when the claim
 /// lapses (which identifies it), then `keep` with the response and when it expires, or
@@ -102,9 +124,10 @@ return 1";
 
 /// `STORE_PAYMENT` then `DEBIT` in one script: KEYS[1] the channel; ARGV the payment, its
 /// server amount in sat, and the amount to debit in msat.
-const PAY: &str = r"
-local h = redis.call('HMGET', KEYS[1], 'state', 'best_sat', 'spent_msat', 'leased_msat',
-  'forfeited_msat')
+const PAY: &str = concat!(
+    debit_lua!(),
+    r"
+local h = channel(KEYS[1])
 if not h[1] then return {-1, '0'} end
 if h[1] ~= 'open' then return {2, h[1]} end
 local best = tonumber(h[2])
@@ -112,13 +135,8 @@ if tonumber(ARGV[2]) > best then
   best = tonumber(ARGV[2])
   redis.call('HSET', KEYS[1], 'best', ARGV[1], 'best_sat', ARGV[2])
 end
-local balance = best * 1000 - tonumber(h[3])
-local amount = tonumber(ARGV[3])
-if balance - tonumber(h[4] or '0') - tonumber(h[5] or '0') < amount then
-  return {0, string.format('%.0f', balance)}
-end
-redis.call('HSET', KEYS[1], 'spent_msat', string.format('%.0f', tonumber(h[3]) + amount))
-return {1, string.format('%.0f', balance - amount)}";
+return debit(KEYS[1], h, best, tonumber(ARGV[3]))"
+);
 
 /// Moves an open or pending channel to closing with a settlement that covers its spent and
 /// leased: KEYS[1] the channel, KEYS[2..4] the open, pending and closing sets; ARGV the

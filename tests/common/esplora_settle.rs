@@ -10,9 +10,10 @@ use bitcoin::secp256k1::SecretKey;
 use bitcoin::{Amount, Network, OutPoint, Transaction, TxOut};
 use paychan::chain::ChainBackend;
 use paychan::chain::sim::sign_p2wpkh_input;
+use paychan::channel::ChannelState;
 use paychan::channel::{ChainTip, Channel, ChannelParams, Terms, channel_key};
 use paychan::settlement::Settlement;
-use paychan::store::{ChannelRecord, ChannelState, ChannelStore, MemoryStore};
+use paychan::store::{ChannelRecord, ChannelStore, MemoryStore};
 use paychan::wire::ChannelId;
 
 use super::{p2wpkh, public, secret};
@@ -93,4 +94,20 @@ pub async fn state(store: &MemoryStore, id: ChannelId) -> ChannelState {
 /// A cooperative close asked for: the channel moves to closing, as the close endpoint does.
 pub async fn ask_close(store: &MemoryStore, id: ChannelId) {
     assert!(store.transition(id, ChannelState::Open, ChannelState::Closing).await.unwrap());
+}
+
+/// A close asked for on channel `id` and broadcast by one pass of `task`: the channel is
+/// closed and `esplora` sees the close in the mempool. Returns its txid.
+pub async fn close_into_mempool(
+    store: &MemoryStore,
+    id: ChannelId,
+    task: &mut Settlement<MemoryStore, paychan::chain::esplora::Esplora>,
+    esplora: &paychan::chain::esplora::Esplora,
+) -> bitcoin::Txid {
+    ask_close(store, id).await;
+    assert_eq!(task.run_once().await.unwrap().broadcast, 1);
+    let close = close_of(store, id).await.compute_txid();
+    assert_eq!(state(store, id).await, ChannelState::Closed);
+    assert_eq!(esplora.tx_status(&close).await.unwrap(), paychan::chain::TxStatus::InMempool);
+    close
 }

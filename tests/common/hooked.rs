@@ -8,10 +8,11 @@ use std::sync::Arc;
 
 use bitcoin::Transaction;
 use paychan::MilliSats;
+use paychan::channel::ChannelState;
 use paychan::channel::CheckedPayment;
 use paychan::store::{
-    ChannelRecord, ChannelState, ChannelStore, Debit, DebitOnce, IdempotencyClaim, Lease,
-    LeaseRequest, MemoryStore, StoreError, StorePayment,
+    ChannelRecord, ChannelStore, Debit, DebitOnce, IdempotencyClaim, Lease, LeaseRequest,
+    MemoryStore, StoreError, StorePayment,
 };
 use paychan::wire::ChannelId;
 

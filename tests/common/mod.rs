@@ -26,6 +26,40 @@ pub mod esplora_settle;
 pub mod node;
 pub mod stores;
 
+/// Asks each node `tries` times for a debit of `price` on channel `id`, which left open (for
+/// `state`): none may be served, every node's lease must go back, and what was served before
+/// (`served`) must be spent in the store, to the msat, with nothing leased or forfeited.
+pub async fn assert_no_lease_serves<S: paychan::store::ChannelStore + Clone + 'static>(
+    store: &S,
+    nodes: [&paychan::store::Leased<S>; 2],
+    id: paychan::wire::ChannelId,
+    price: paychan::MilliSats,
+    (state, tries): (paychan::channel::ChannelState, usize),
+    served: paychan::MilliSats,
+) {
+    use paychan::store::{ChannelStore as _, Debit};
+    let mut after = 0;
+    for node in nodes {
+        for _ in 0..tries {
+            match node.debit(id, price).await.unwrap() {
+                Debit::Debited { .. } => after += 1,
+                Debit::NotOpen { state: now } => assert_eq!(now, state),
+                other @ Debit::Insufficient { .. } => panic!("{other:?}"),
+            }
+        }
+    }
+    assert_eq!(after, 0, "{after} requests served from a lease of a {state:?} channel");
+    for node in nodes {
+        assert_eq!(node.return_all().await, 0, "every lease goes back");
+    }
+    let record = store.load(id).await.unwrap().unwrap();
+    assert_eq!(
+        (record.spent, record.leased, record.forfeited),
+        (served, paychan::MilliSats::ZERO, paychan::MilliSats::ZERO),
+        "what was served is spent, to the msat"
+    );
+}
+
 pub const CHANNEL_VALUE: Amount = Amount::from_sat(100_000);
 pub const FAUCET_VALUE: Amount = Amount::from_sat(250_000);
 pub const FUNDING_FEE: Amount = Amount::from_sat(1_000);
@@ -490,6 +524,20 @@ pub mod counting {
             })
         }
     }
+
+    /// `GET {origin}/work` through a paying `client`: the status and the body.
+    pub async fn get_work<S: paychan::client::ClientStore + 'static>(
+        client: &mut paychan::client::PaymentService<Counting, S>,
+        origin: &str,
+    ) -> Result<(StatusCode, String), paychan::client::ClientError> {
+        use http_body_util::BodyExt as _;
+        use tower::{Service as _, ServiceExt as _};
+        let request = http::Request::get(format!("{origin}/work")).body(Full::default()).unwrap();
+        let response = client.ready().await?.call(request).await?;
+        let status = response.status();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    }
 }
 
 /// The tests' paying server stack on `chain`: the negotiation of [`negotiation`] (seed
@@ -504,6 +552,6 @@ pub async fn paywall(
         .await
         .unwrap();
     paychan::server::PaywallLayer::new(paychan::store::MemoryStore::new(), price, tip)
-        .with_bundle(paychan::MilliSats::from_sat(bundle).unwrap())
+        .with_prepaid_top_up(paychan::MilliSats::from_sat(bundle).unwrap())
         .with_negotiation(negotiation(chain, 0x5e))
 }

@@ -3,7 +3,8 @@
 use paychan::bitcoin::{FeeRate, Network, OutPoint, Script, Transaction, Txid};
 use paychan::chain::bitcoind::BitcoindRpc;
 use paychan::chain::esplora::Esplora;
-use paychan::chain::{ChainBackend, ChainError, ChainTip, TxStatus, Utxo};
+use paychan::chain::{ChainBackend, ChainError, TxStatus, Utxo};
+use paychan::channel::ChainTip;
 
 use crate::config::ChainSource;
 

@@ -280,16 +280,16 @@ struct LeasesFile {
 fn leases(file: LeasesFile) -> LeaseConfig {
     let mut config = LeaseConfig::default();
     if let Some(max) = file.max_msat {
-        config = config.max_lease(MilliSats::from_msat(max));
+        config = config.with_max_lease(MilliSats::from_msat(max));
     }
     if let Some(ms) = file.horizon_ms {
-        config = config.horizon(Duration::from_millis(ms));
+        config = config.with_horizon(Duration::from_millis(ms));
     }
     if let Some(ms) = file.idle_ms {
-        config = config.idle(Duration::from_millis(ms));
+        config = config.with_idle(Duration::from_millis(ms));
     }
     if let Some(secs) = file.ttl_secs {
-        config = config.ttl(Duration::from_secs(secs));
+        config = config.with_ttl(Duration::from_secs(secs));
     }
     config
 }
@@ -866,8 +866,8 @@ mod tests {
             .replace("# max_msat = 100000", "max_msat = 5000")
             .replace("# ttl_secs = 30", "ttl_secs = 60");
         let expected = LeaseConfig::default()
-            .max_lease(MilliSats::from_msat(5_000))
-            .ttl(Duration::from_secs(60));
+            .with_max_lease(MilliSats::from_msat(5_000))
+            .with_ttl(Duration::from_secs(60));
         assert_eq!(Config::parse(&on, base).unwrap().leases, Some(expected));
         let typo = on.replace("max_msat = 5000", "max_sat = 5");
         assert_eq!(Config::parse(&typo, base).unwrap_err().key, "store.leases.max_sat");

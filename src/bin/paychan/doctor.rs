@@ -5,7 +5,8 @@ use std::fmt;
 use std::path::Path;
 use std::process::ExitCode;
 
-use paychan::store::{ChannelState, ChannelStore};
+use paychan::channel::ChannelState;
+use paychan::store::ChannelStore;
 
 use crate::chain::Chain;
 use crate::config::Config;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use paychan::store::ChannelState;
+use paychan::channel::ChannelState;
 use paychan::wire::ChannelId;
 
 mod admin;

@@ -3,8 +3,9 @@
 use paychan::MilliSats;
 use paychan::bitcoin::bip32::Xpriv;
 use paychan::chain::ChainBackend;
+use paychan::channel::ChannelState;
 use paychan::settlement::{CloseOutcome, close_now};
-use paychan::store::{ChannelRecord, ChannelState, ChannelStore};
+use paychan::store::{ChannelRecord, ChannelStore};
 use paychan::wire::ChannelId;
 
 use crate::Error;

@@ -15,9 +15,10 @@ use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use paychan::server::ActualCost;
+use paychan::server::Paid;
 use paychan::store::ChannelStore;
 use paychan::wire::{PAYMENT_CHANNEL, Problem, ProblemCode};
-use paychan::{Merchant, MilliSats, Paid};
+use paychan::{Merchant, MilliSats};
 use tokio::net::TcpListener;
 use tower::ServiceExt as _;
 
@@ -240,10 +241,10 @@ async fn run<St: ChannelStore + Clone + 'static>(
     };
     let paid =
         paid.start(config.prices.clone()).await.map_err(|e| format!("the chain backend: {e}"))?;
-    let mut layer = paid.layer().refund_server_errors(config.refund_server_errors);
+    let mut layer = paid.layer().with_server_errors_credited(config.refund_server_errors);
     if config.shadow {
         tracing::warn!("shadow mode: every request is served unpaid, unlisted routes too");
-        layer = layer.shadow();
+        layer = layer.with_shadow_mode();
     }
     let paid = Arc::new(paid);
     let observed = Arc::new(match config.leases {
@@ -325,7 +326,7 @@ fn watch_store<St: ChannelStore + 'static>(
         loop {
             every.tick().await;
             if observed.store_is_down()
-                && store.list(paychan::store::ChannelState::Pending).await.is_ok()
+                && store.list(paychan::channel::ChannelState::Pending).await.is_ok()
             {
                 observed.store_available();
             }

@@ -12,7 +12,8 @@ use http::Uri;
 
 use super::{Inner, Payer};
 use crate::MilliSats;
-use crate::chain::{ChainBackend, ChainError, ChainTip};
+use crate::chain::{ChainBackend, ChainError};
+use crate::channel::ChainTip;
 use crate::client::charges::ChargeWatch;
 use crate::client::{
     ClientError, ClientStore, LossBound, MemoryClientStore, SpendingPolicy, Transport, Wallet,

@@ -100,10 +100,7 @@ impl<S: ClientStore> Payer<S> {
         // payment, so the server's word can only lower what it gets.
         let reported = match self.reported_spent(current.id) {
             Some(spent) => Some(spent),
-            None => {
-                let snapshot = self.call(transport, Method::GET, &status, None::<&()>, None).await;
-                snapshot.ok().map(|snapshot: ChannelSnapshot| snapshot.spent_msat)
-            }
+            None => self.asked_spent(transport, &status).await.ok(),
         };
         let mut fair = fair_settlement(channel, key, reported)?;
         // The close's receipt links to the latest receipt held: signed, it is the last proof.
@@ -121,9 +118,8 @@ impl<S: ClientStore> Payer<S> {
                 Err(ClientError::Rejected { code, .. })
                     if code == "payment-below-spent" && fair.is_some() && tries < 3 =>
                 {
-                    let snapshot: ChannelSnapshot =
-                        self.call(transport, Method::GET, &status, None::<&()>, None).await?;
-                    let exact = fair_settlement(channel, key, Some(snapshot.spent_msat))?;
+                    let spent = self.asked_spent(transport, &status).await?;
+                    let exact = fair_settlement(channel, key, Some(spent))?;
                     fair = exact.filter(|exact| Some(exact) != fair.as_ref());
                 }
                 // The server refused the fair settlement itself: close at the latest payment.
@@ -135,37 +131,31 @@ impl<S: ClientStore> Payer<S> {
                 answer => break answer?,
             }
         };
-        let close: Transaction = deserialize_hex(&answer.close_tx)
-            .map_err(|_| misbehaved(Kind::InvalidAnswer, "close: no close_tx"))?;
-        let latest = channel.latest.as_ref().ok_or(ClientError::NoChannel)?;
-        // The settlement must be one of our payments that pays the server no more than the
-        // latest.
-        let settlement = steps::check_settlement(&channel.channel, latest, fair.as_ref(), &close)?;
-        let txid = close.compute_txid();
-        if answer.txid != txid {
-            return Err(misbehaved(Kind::WrongSettlement, "the settlement's txid does not match"));
-        }
+        let closed = checked_close(current.id, channel, fair.as_ref(), &answer)?;
         if let Some(receipt) = &answer.receipt {
             // Judged as any receipt; a bad one is kept as the server's verdict (it is paid no
             // more), and the close, checked above, stands.
             let value = receipt.encode();
-            let judged = self
-                .charges()
-                .note_close_receipt(&current.watched(), value.as_bytes(), &path, prev)
-                .err();
-            if let Some(why) = judged {
+            let mut charges = self.charges();
+            let judged =
+                charges.note_close_receipt(&current.watched(), value.as_bytes(), &path, prev);
+            if let Err(why) = judged {
                 tracing::warn!(%why, "the close's receipt does not verify or add up");
             }
         }
-        let closed = Closed {
-            channel: current.id,
-            txid,
-            server_amount: settlement.server_amount,
-            client_amount: settlement.client_amount,
-            fee: settlement.fee,
-        };
         self.retire(state, mark_closed).await?;
         Ok(closed)
+    }
+
+    /// What the server reports spent on the channel whose status is at `status`.
+    async fn asked_spent<T: Transport + ?Sized>(
+        &self,
+        transport: &T,
+        status: &str,
+    ) -> Result<MilliSats, ClientError> {
+        let snapshot: ChannelSnapshot =
+            self.call(transport, Method::GET, status, None::<&()>, None).await?;
+        Ok(snapshot.spent_msat)
     }
 
     /// Broadcasts, through the payer's chain view, the refund of every channel in its store
@@ -258,4 +248,32 @@ impl<S: ClientStore> Payer<S> {
             }
         }
     }
+}
+
+/// The server's answer to a close of channel `id`, checked: its settlement is one of
+/// `channel`'s payments (`fair`, or the latest) that pays the server no more than the latest,
+/// named by its txid. The answer's own `channel` is not believed.
+fn checked_close(
+    id: ChannelId,
+    channel: &ClientChannel,
+    fair: Option<&Transaction>,
+    answer: &CloseResponse,
+) -> Result<Closed, ClientError> {
+    let close: Transaction = deserialize_hex(&answer.close_tx)
+        .map_err(|_| misbehaved(Kind::InvalidAnswer, "close: no close_tx"))?;
+    let latest = channel.latest.as_ref().ok_or(ClientError::NoChannel)?;
+    // The settlement must be one of our payments that pays the server no more than the
+    // latest.
+    let settlement = steps::check_settlement(&channel.channel, latest, fair, &close)?;
+    let txid = close.compute_txid();
+    if answer.txid != txid {
+        return Err(misbehaved(Kind::WrongSettlement, "the settlement's txid does not match"));
+    }
+    Ok(Closed {
+        channel: id,
+        txid,
+        server_amount: settlement.server_amount,
+        client_amount: settlement.client_amount,
+        fee: settlement.fee,
+    })
 }

@@ -10,14 +10,14 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::{Extension, Json};
 use bitcoin::absolute::LockTime;
 use bitcoin::hex::DisplayHex as _;
-use bitcoin::{Amount, CompressedPublicKey, Transaction, TxOut};
+use bitcoin::{Amount, CompressedPublicKey, OutPoint, Transaction, TxOut};
 
 use super::{
     MAX_FUNDING_INPUTS, Proposal, Shared, bad, body, broke, chain_problem, hex_script, hex_tx,
     store_problem, unknown_proposal,
 };
 use crate::chain::ChainBackend;
-use crate::channel::ChannelState;
+use crate::channel::{ChannelParams, ChannelState};
 use crate::store::{ChannelRecord, ChannelStore};
 use crate::wire::{
     self, ChannelId, Endpoints, FundRequest, FundResponse, OpenRequest, OpenResponse, Problem,
@@ -168,9 +168,32 @@ pub(super) async fn fund<C: ChainBackend, St: ChannelStore>(
     if let Err(e) = channel.check_payment(None, &payment, s.tip()) {
         return Err(broke(e.code(), e));
     }
+    let state = funding_state(&*s, &params, outpoint, &funding).await?;
+    let record = ChannelRecord::open(channel, req.proposal, payment)
+        .with_funded_at(s.tip().height)
+        .with_state(state);
+    let id = record.id();
+    let balance = record.balance();
+    match s.store.create(record).await {
+        Ok(()) | Err(crate::store::StoreError::AlreadyExists) => {}
+        Err(e) => return Err(store_problem(e)),
+    }
+    s.pending.remove(&req.proposal);
+    Ok((StatusCode::CREATED, Json(FundResponse { channel: id, balance_msat: balance })))
+}
+
+/// The state a funded channel starts in: broadcasts `funding` after checking it against its
+/// inputs, or, when its output is already on the chain (a retried `/fund` whose record could
+/// not be stored), checks only that output.
+async fn funding_state<C: ChainBackend, St: ChannelStore>(
+    s: &Shared<C, St>,
+    params: &ChannelParams,
+    outpoint: OutPoint,
+    funding: &Transaction,
+) -> Result<ChannelState, Problem> {
     let chain = &s.negotiation.chain;
     let policy = &s.negotiation.funding;
-    let state = match chain.unspent(&outpoint).await.map_err(chain_problem)? {
+    Ok(match chain.unspent(&outpoint).await.map_err(chain_problem)? {
         // Already broadcast (a /fund whose record could not be stored, retried): the node
         // took the funding, so only its output is left to check.
         Some(utxo) => {
@@ -199,24 +222,13 @@ pub(super) async fn fund<C: ChainBackend, St: ChannelStore>(
                 depths.push(utxo.confirmations);
             }
             params
-                .check_funding(&s.terms().await?, outpoint, &funding, &prevouts)
+                .check_funding(&s.terms().await?, outpoint, funding, &prevouts)
                 .map_err(|e| broke(e.code(), e))?;
             // Broadcast before the channel exists: a channel is never open without its funding.
-            chain.broadcast(&funding).await.map_err(chain_problem)?;
-            policy.initial_state(params.value, &funding, &depths)
+            chain.broadcast(funding).await.map_err(chain_problem)?;
+            policy.initial_state(params.value, funding, &depths)
         }
-    };
-    let record = ChannelRecord::open(channel, req.proposal, payment)
-        .with_funded_at(s.tip().height)
-        .with_state(state);
-    let id = record.id();
-    let balance = record.balance();
-    match s.store.create(record).await {
-        Ok(()) | Err(crate::store::StoreError::AlreadyExists) => {}
-        Err(e) => return Err(store_problem(e)),
-    }
-    s.pending.remove(&req.proposal);
-    Ok((StatusCode::CREATED, Json(FundResponse { channel: id, balance_msat: balance })))
+    })
 }
 
 /// The answer to a repeated `/fund` of a channel that exists: same funding, same first

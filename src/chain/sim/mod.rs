@@ -34,7 +34,6 @@ use std::collections::{HashMap, HashSet};
 use std::future::{Future, ready};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use bitcoin::absolute::LockTime;
 use bitcoin::secp256k1::SecretKey;
 use bitcoin::{
     Amount, CompressedPublicKey, FeeRate, OutPoint, Script, ScriptBuf, Sequence, Transaction, TxIn,
@@ -42,6 +41,12 @@ use bitcoin::{
 };
 
 use super::{ChainBackend, ChainError, ChainTip, RejectReason, TxStatus, Utxo, policy};
+
+mod blocks;
+mod mempool;
+mod state;
+
+use state::{Coin, State};
 
 /// Height of the simulated chain's tip when it is created.
 pub const START_HEIGHT: u32 = 200;
@@ -51,61 +56,6 @@ pub const GENESIS_TIME: u32 = 1_700_000_000;
 
 /// Bitcoin Core's default `maxfeerate` for `sendrawtransaction`: 0.1 BTC/kvB.
 pub const MAX_FEE_RATE: FeeRate = FeeRate::from_sat_per_kwu(2_500_000);
-
-/// All consensus script flags libbitcoinconsensus knows (its `VERIFY_ALL`): P2SH, DERSIG,
-/// NULLDUMMY, CHECKLOCKTIMEVERIFY, CHECKSEQUENCEVERIFY and WITNESS.
-const VERIFY_ALL: u32 = 0x0E15;
-
-/// BIP-0068 fields of `nSequence`, as Bitcoin Core names them.
-const SEQUENCE_DISABLE_FLAG: u32 = 1 << 31;
-const SEQUENCE_TYPE_FLAG: u32 = 1 << 22;
-const SEQUENCE_LOCKTIME_MASK: u32 = 0x0000_ffff;
-
-#[derive(Debug, Clone)]
-struct Coin {
-    output: TxOut,
-    /// Confirmation height; `None` while the creating transaction is in the mempool.
-    height: Option<u32>,
-}
-
-#[derive(Debug)]
-struct State {
-    /// Block timestamps, indexed by height.
-    times: Vec<u32>,
-    /// Unspent outputs, confirmed or created by mempool transactions.
-    coins: HashMap<OutPoint, Coin>,
-    /// Outpoints spent by mempool transactions.
-    mempool_spent: HashSet<OutPoint>,
-    /// Mempool transactions in arrival order.
-    mempool: Vec<Transaction>,
-    /// The fee of every mempool transaction.
-    fees: HashMap<Txid, Amount>,
-    /// The lowest ancestor-package fee rate a block takes.
-    block_min_fee_rate: FeeRate,
-    /// The lowest fee rate the mempool takes a transaction (or a package) at.
-    mempool_min_fee_rate: FeeRate,
-    /// Whether packages are accepted as packages (`submitpackage`).
-    package_relay: bool,
-    /// Confirmed transactions and their heights.
-    confirmed: HashMap<Txid, (u32, Transaction)>,
-    fee_rate: FeeRate,
-    faucet_counter: u32,
-}
-
-impl State {
-    fn tip(&self) -> ChainTip {
-        let height = u32::try_from(self.times.len() - 1).expect("fewer than 2^32 blocks");
-        ChainTip { height, median_time_past: self.median_time_past(height) }
-    }
-
-    /// Bitcoin Core's `GetMedianTimePast`: the median of the last 11 block times.
-    fn median_time_past(&self, height: u32) -> u32 {
-        let end = height as usize + 1;
-        let mut times: Vec<u32> = self.times[end.saturating_sub(11)..end].to_vec();
-        times.sort_unstable();
-        times[times.len() / 2]
-    }
-}
 
 /// The simulated chain. Cloning it gives another handle to the same chain.
 #[derive(Debug, Clone)]
@@ -189,7 +139,7 @@ impl SimulatedChain {
     pub fn submit(&self, tx: &Transaction) -> Result<Txid, ChainError> {
         let mut state = self.lock();
         let floor = state.mempool_min_fee_rate;
-        Self::accept(&mut state, tx, floor)
+        mempool::accept(&mut state, tx, floor)
     }
 
     /// Submits `parent` and `child` as a package, as Bitcoin Core's `submitpackage`: each
@@ -210,10 +160,10 @@ impl SimulatedChain {
         let floor = state.mempool_min_fee_rate;
         let parent_id = parent.compute_txid();
         let parent_known = state.mempool.iter().any(|m| m.compute_txid() == parent_id);
-        Self::accept(&mut state, parent, policy::MIN_RELAY_FEE_RATE)?;
+        mempool::accept(&mut state, parent, policy::MIN_RELAY_FEE_RATE)?;
         // A parent already in the mempool is not part of the package: the child stands alone.
         let child_floor = if parent_known { floor } else { policy::MIN_RELAY_FEE_RATE };
-        let child_result = Self::accept(&mut state, child, child_floor);
+        let child_result = mempool::accept(&mut state, child, child_floor);
         let ids = [parent_id, child.compute_txid()];
         let package_fee: Amount = ids.iter().filter_map(|id| state.fees.get(id)).copied().sum();
         let weight = parent.weight() + child.weight();
@@ -233,7 +183,7 @@ impl SimulatedChain {
         match refused {
             Some(error) => {
                 if !parent_known {
-                    evict(&mut state, parent_id);
+                    mempool::evict(&mut state, parent_id);
                 }
                 Err(error)
             }
@@ -244,7 +194,7 @@ impl SimulatedChain {
     /// Removes `txid` (and its descendants) from the mempool, as a node that restarted without
     /// its mempool or trimmed it: the inputs are unspent again, the outputs gone.
     pub fn drop_from_mempool(&self, txid: &Txid) {
-        evict(&mut self.lock(), *txid);
+        mempool::evict(&mut self.lock(), *txid);
     }
 
     /// Sets the lowest fee rate the mempool takes a transaction at (default
@@ -266,92 +216,6 @@ impl SimulatedChain {
         self.lock().package_relay = on;
     }
 
-    fn accept(state: &mut State, tx: &Transaction, floor: FeeRate) -> Result<Txid, ChainError> {
-        let txid = tx.compute_txid();
-        if state.mempool.iter().any(|m| m.compute_txid() == txid) {
-            return Ok(txid);
-        }
-        if state.confirmed.contains_key(&txid) {
-            return Err(ChainError::rejected(
-                RejectReason::AlreadyConfirmed,
-                "transaction already in block chain",
-            ));
-        }
-        let mut seen = HashSet::new();
-        if tx.input.is_empty() || tx.output.is_empty() {
-            return Err(ChainError::rejected(
-                RejectReason::Invalid,
-                "bad-txns-vin-empty or bad-txns-vout-empty",
-            ));
-        }
-        if !tx.input.iter().all(|i| seen.insert(i.previous_output)) {
-            return Err(ChainError::rejected(RejectReason::Invalid, "bad-txns-inputs-duplicate"));
-        }
-        let mut coins = Vec::with_capacity(tx.input.len());
-        for input in &tx.input {
-            if state.mempool_spent.contains(&input.previous_output) {
-                return Err(ChainError::rejected(RejectReason::Conflict, "txn-mempool-conflict"));
-            }
-            let coin = state.coins.get(&input.previous_output).cloned().ok_or_else(|| {
-                ChainError::rejected(RejectReason::MissingInputs, "bad-txns-inputs-missingorspent")
-            })?;
-            coins.push(coin);
-        }
-        let prevouts: Vec<TxOut> = coins.iter().map(|c| c.output.clone()).collect();
-        let fee = sum(&prevouts)
-            .zip(sum(&tx.output))
-            .and_then(|(inputs, outputs)| inputs.checked_sub(outputs))
-            .ok_or_else(|| {
-                ChainError::rejected(RejectReason::ValueCreation, "bad-txns-in-belowout")
-            })?;
-        let tip = state.tip();
-        if !is_final(tx, tip.height + 1, tip.median_time_past) {
-            return Err(ChainError::rejected(RejectReason::NonFinal, "non-final"));
-        }
-        if !sequence_locks_satisfied(state, tx, &coins) {
-            return Err(ChainError::rejected(RejectReason::NonBip68Final, "non-BIP68-final"));
-        }
-        policy::check_standard(tx, &prevouts).map_err(|e| {
-            let reason = match e {
-                policy::PolicyError::FeeTooLow { .. } => RejectReason::FeeTooLow,
-                _ => RejectReason::NonStandard,
-            };
-            ChainError::rejected(reason, format!("{}: {e}", e.code()))
-        })?;
-        let min_fee = floor.fee_vb(tx.vsize() as u64).unwrap_or(Amount::MAX);
-        if floor > policy::MIN_RELAY_FEE_RATE && fee < min_fee {
-            return Err(ChainError::rejected(
-                RejectReason::FeeTooLow,
-                format!("mempool min fee not met, {} < {}", fee.to_sat(), min_fee.to_sat()),
-            ));
-        }
-        let max_fee = MAX_FEE_RATE.fee_vb(tx.vsize() as u64).unwrap_or(Amount::MAX);
-        if fee > max_fee {
-            return Err(ChainError::rejected(RejectReason::FeeTooHigh, "max-fee-exceeded"));
-        }
-        let spent = |op: &OutPoint| {
-            tx.input.iter().position(|i| i.previous_output == *op).map(|i| prevouts[i].clone())
-        };
-        tx.verify_with_flags(spent, VERIFY_ALL).map_err(|e| {
-            ChainError::rejected(
-                RejectReason::ScriptFailure,
-                format!("mandatory-script-verify-flag-failed ({e})"),
-            )
-        })?;
-        for input in &tx.input {
-            state.mempool_spent.insert(input.previous_output);
-        }
-        for (vout, output) in tx.output.iter().enumerate() {
-            let vout = u32::try_from(vout).expect("fewer than 2^32 outputs");
-            state
-                .coins
-                .insert(OutPoint { txid, vout }, Coin { output: output.clone(), height: None });
-        }
-        state.mempool.push(tx.clone());
-        state.fees.insert(txid, fee);
-        Ok(txid)
-    }
-
     /// Mines `n` blocks, 600 seconds apart. Each block takes the mempool transactions that are
     /// final for it and whose ancestor package (the transaction with its unconfirmed mempool
     /// ancestors, as Bitcoin Core's ancestor-score mining) pays at least the
@@ -365,7 +229,7 @@ impl SimulatedChain {
             let time = state.times.last().copied().unwrap_or(GENESIS_TIME) + 600;
             let mtp = state.tip().median_time_past;
             state.times.push(time);
-            for tx in select_block(&state, height, mtp) {
+            for tx in blocks::select(&state, height, mtp) {
                 let txid = tx.compute_txid();
                 state.mempool.retain(|m| m.compute_txid() != txid);
                 state.fees.remove(&txid);
@@ -413,7 +277,7 @@ impl SimulatedChain {
                 .map(Transaction::compute_txid)
                 .collect();
             for txid in conflicts {
-                evict(&mut state, txid);
+                mempool::evict(&mut state, txid);
             }
         }
         let txid = self.submit(tx)?;
@@ -465,127 +329,6 @@ impl SimulatedChain {
     pub fn set_fee_rate(&self, rate: FeeRate) {
         self.lock().fee_rate = rate;
     }
-}
-
-/// Removes a mempool transaction and, first, its mempool descendants.
-fn evict(state: &mut State, txid: Txid) {
-    let Some(position) = state.mempool.iter().position(|m| m.compute_txid() == txid) else {
-        return;
-    };
-    let tx = state.mempool[position].clone();
-    let children: Vec<Txid> = state
-        .mempool
-        .iter()
-        .filter(|m| m.input.iter().any(|i| i.previous_output.txid == txid))
-        .map(Transaction::compute_txid)
-        .collect();
-    for child in children {
-        evict(state, child);
-    }
-    state.mempool.retain(|m| m.compute_txid() != txid);
-    state.fees.remove(&txid);
-    for input in &tx.input {
-        state.mempool_spent.remove(&input.previous_output);
-    }
-    for vout in 0..tx.output.len() {
-        let vout = u32::try_from(vout).expect("fewer than 2^32 outputs");
-        state.coins.remove(&OutPoint { txid, vout });
-    }
-}
-
-/// The transactions of the next block, parents before children: repeatedly the final
-/// transaction whose not-yet-selected mempool ancestor package has the best fee rate, with
-/// that package, while the rate reaches the block minimum.
-fn select_block(state: &State, height: u32, mtp: u32) -> Vec<Transaction> {
-    let by_id: HashMap<Txid, &Transaction> =
-        state.mempool.iter().map(|tx| (tx.compute_txid(), tx)).collect();
-    let mut selected: HashSet<Txid> = HashSet::new();
-    let mut block = Vec::new();
-    loop {
-        let mut best: Option<(FeeRate, Vec<Txid>)> = None;
-        for tx in &state.mempool {
-            let txid = tx.compute_txid();
-            if selected.contains(&txid) {
-                continue;
-            }
-            // The package: the transaction and its unselected mempool ancestors.
-            let mut package = vec![txid];
-            let mut index = 0;
-            while index < package.len() {
-                for input in &by_id[&package[index]].input {
-                    let parent = input.previous_output.txid;
-                    if by_id.contains_key(&parent)
-                        && !selected.contains(&parent)
-                        && !package.contains(&parent)
-                    {
-                        package.push(parent);
-                    }
-                }
-                index += 1;
-            }
-            if !package.iter().all(|id| is_final(by_id[id], height, mtp)) {
-                continue;
-            }
-            let fee: Amount = package.iter().filter_map(|id| state.fees.get(id)).copied().sum();
-            let weight: bitcoin::Weight = package.iter().map(|id| by_id[id].weight()).sum();
-            let rate = FeeRate::from_sat_per_kwu(fee.to_sat() * 1_000 / weight.to_wu().max(1));
-            if best.as_ref().is_none_or(|(b, _)| rate > *b) {
-                best = Some((rate, package));
-            }
-        }
-        match best {
-            Some((rate, package)) if rate >= state.block_min_fee_rate => {
-                selected.extend(package.iter().copied());
-            }
-            _ => break,
-        }
-    }
-    // Arrival order keeps parents before children.
-    for tx in &state.mempool {
-        if selected.contains(&tx.compute_txid()) {
-            block.push(tx.clone());
-        }
-    }
-    block
-}
-
-fn sum(outputs: &[TxOut]) -> Option<Amount> {
-    outputs.iter().try_fold(Amount::ZERO, |acc, o| acc.checked_add(o.value))
-}
-
-/// Bitcoin Core's `IsFinalTx` for a block at `height` whose lock-time clock is `time`.
-fn is_final(tx: &Transaction, height: u32, time: u32) -> bool {
-    let lock = tx.lock_time.to_consensus_u32();
-    if lock == 0 {
-        return true;
-    }
-    let now = if matches!(tx.lock_time, LockTime::Blocks(_)) { height } else { time };
-    lock < now || tx.input.iter().all(|i| i.sequence == Sequence::MAX)
-}
-
-/// Bitcoin Core's `CalculateSequenceLocks` + `EvaluateSequenceLocks` for the next block.
-fn sequence_locks_satisfied(state: &State, tx: &Transaction, coins: &[Coin]) -> bool {
-    if tx.version.0 < 2 {
-        return true;
-    }
-    let tip = state.tip();
-    let next = tip.height + 1;
-    let (mut min_height, mut min_time) = (-1i64, -1i64);
-    for (input, coin) in tx.input.iter().zip(coins) {
-        let seq = input.sequence.to_consensus_u32();
-        if seq & SEQUENCE_DISABLE_FLAG != 0 {
-            continue;
-        }
-        let coin_height = coin.height.unwrap_or(next);
-        let value = i64::from(seq & SEQUENCE_LOCKTIME_MASK);
-        if seq & SEQUENCE_TYPE_FLAG != 0 {
-            let base = state.median_time_past(coin_height.saturating_sub(1).min(tip.height));
-            min_time = min_time.max(i64::from(base) + (value << 9) - 1);
-        } else {
-            min_height = min_height.max(i64::from(coin_height) + value - 1);
-        }
-    }
-    min_height < i64::from(next) && min_time < i64::from(tip.median_time_past)
 }
 
 impl ChainBackend for SimulatedChain {
@@ -690,6 +433,7 @@ mod tests {
     use bitcoin::secp256k1::Secp256k1;
 
     use super::*;
+    use bitcoin::absolute::LockTime;
 
     fn wallet() -> (SecretKey, CompressedPublicKey) {
         let secret = SecretKey::from_slice(&[5; 32]).unwrap();
@@ -742,7 +486,7 @@ mod tests {
         // Replaced by a child paying 2 000 sat: the package reaches 10 sat/vB and both confirm.
         {
             let mut state = chain.lock();
-            evict(&mut state, weak_id);
+            mempool::evict(&mut state, weak_id);
         }
         let strong = spend(coin, 97_000, 0, Sequence::MAX);
         let strong_id = chain.submit(&strong).unwrap();
