@@ -1,21 +1,8 @@
-//! The pay-and-retry loop, shared by every HTTP client integration: send with the current
-//! payment; on a 402 pay (top up or open, within the policy) and send again.
-//!
-//! The integrations own the sending (a tower service, a reqwest middleware chain) and drive
-//! a [`Retry`]:
-//!
-//! ```text
-//! let mut retry = Retry::new(&payer);
-//! loop {
-//!     let header = retry.start().await?;          // the current payment, if any
-//!     let response = send(request with header);
-//!     if response is not a 402 || retry.is_last() {
-//!         retry.answered(headers of response, method, path).await;
-//!         return response;
-//!     }
-//!     retry.payment_required(&negotiation, problem of response).await?;   // pays, or fails
-//! }
-//! ```
+//! The client's one pay-and-retry loop, [`pay`], shared by every HTTP client integration:
+//! send with the current payment; on a 402 from the payer's server pay (top up or open,
+//! within the policy) and send again; count and check the final answer. The integrations
+//! (a tower service, a reqwest middleware chain) only say how a request is sent and how its
+//! answer is read and handed back ([`Exchange`]); [`Retry`] keeps one request's attempts.
 
 use bitcoin::hex::DisplayHex;
 use http::HeaderValue;
@@ -188,6 +175,111 @@ impl<'a, St: ClientStore> Retry<'a, St> {
             return Err(problem.into());
         }
         self.payer.handle_402(negotiation, self.sent.as_ref(), problem, &mut self.budget).await
+    }
+}
+
+/// One request as an HTTP client integration sends it: what the shared [`pay`] loop needs of
+/// a tower service or a reqwest middleware chain.
+pub(crate) trait Exchange {
+    /// The integration's response as sent.
+    type Response;
+    /// The response handed to the caller.
+    type Output;
+    /// The integration's error.
+    type Error;
+
+    /// Sends the request (again) with the attempt's payment headers: the response, and
+    /// whether the request could be sent once more (not when its body cannot be copied: then
+    /// this answer is final).
+    async fn send(&mut self, payment: &Attempt) -> Result<(Self::Response, bool), Self::Error>;
+
+    /// The response's status and headers.
+    fn head(response: &Self::Response) -> (http::StatusCode, &http::HeaderMap);
+
+    /// The path and query of the request that `response` answers when it came from the
+    /// payer's origin; `None` when it did not (a redirect followed elsewhere).
+    fn answered_at(&self, response: &Self::Response) -> Option<String>;
+
+    /// Reads a 402's body (bounded).
+    async fn read_body(response: Self::Response) -> Result<bytes::Bytes, Self::Error>;
+
+    /// The response handed to the caller, with what its request paid when it came from the
+    /// payer's server and carried a payment (a metered stream is paid as it is read).
+    fn finish(&self, response: Self::Response, paid: Option<PaidAnswer>) -> Self::Output;
+
+    /// The integration's error for a refusal of the client.
+    fn error(error: ClientError) -> Self::Error;
+}
+
+/// What the request a final answer answers paid with.
+pub(crate) struct PaidAnswer {
+    /// The payment it carried.
+    pub(crate) sent: CurrentPayment,
+    /// The receipt it linked to.
+    pub(crate) prev: Option<[u8; 32]>,
+    /// Its path and query.
+    pub(crate) path: String,
+}
+
+/// The payment headers of one attempt.
+pub(crate) struct Attempt {
+    /// The `Payment-Channel` header, if the client has a channel.
+    pub(crate) channel: Option<HeaderValue>,
+    /// The receipt headers, each with its value or `None` (removed).
+    pub(crate) receipts: [(&'static str, Option<HeaderValue>); 2],
+}
+
+impl Attempt {
+    /// Sets the attempt's headers on `headers`, replacing any the caller set.
+    pub(crate) fn apply(&self, headers: &mut http::HeaderMap) {
+        headers.remove(crate::wire::PAYMENT_CHANNEL);
+        if let Some(header) = &self.channel {
+            headers.insert(crate::wire::PAYMENT_CHANNEL, header.clone());
+        }
+        for (name, value) in &self.receipts {
+            headers.remove(*name);
+            if let Some(value) = value {
+                headers.insert(*name, value.clone());
+            }
+        }
+    }
+}
+
+/// The client's one pay loop: sends the request with the current payment; on a 402 from the
+/// payer's origin pays (top-up or open, within the policy, through `negotiation`) and sends
+/// it again; counts and checks the final answer. An answer from another origin (a redirect
+/// followed) drives no payment and is returned as it is.
+pub(crate) async fn pay<St, E, T>(
+    payer: &Payer<St>,
+    request: (&http::Method, &str, &http::HeaderMap),
+    mut exchange: E,
+    negotiation: &T,
+) -> Result<E::Output, E::Error>
+where
+    St: ClientStore,
+    E: Exchange,
+    T: Transport + ?Sized,
+{
+    let (method, path, headers) = request;
+    let mut retry = Retry::new(payer, method, path, headers);
+    loop {
+        let channel = retry.start().await.map_err(E::error)?;
+        let attempt = Attempt { channel, receipts: retry.receipt_headers() };
+        let (response, again) = exchange.send(&attempt).await?;
+        // The origin guard: only the payer's server's answers are counted or paid.
+        let Some(at) = exchange.answered_at(&response) else {
+            return Ok(exchange.finish(response, None));
+        };
+        let (status, headers) = E::head(&response);
+        if status != http::StatusCode::PAYMENT_REQUIRED || retry.is_last() || !again {
+            let (sent, prev) = (retry.sent().cloned(), retry.prev());
+            retry.answered(status, headers, &at).await;
+            let paid = sent.map(|sent| PaidAnswer { sent, prev, path: at });
+            return Ok(exchange.finish(response, paid));
+        }
+        let headers = headers.clone();
+        let body = E::read_body(response).await?;
+        retry.payment_required(negotiation, status, &headers, &body).await.map_err(E::error)?;
     }
 }
 

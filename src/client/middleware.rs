@@ -6,12 +6,12 @@ use reqwest_middleware::{Middleware, Next};
 
 use reqwest::ResponseBuilderExt as _;
 
-use super::attempts::{Retry, balance};
+use super::attempts::{self, Attempt, Exchange, PaidAnswer, balance};
 use super::payer::CurrentPayment;
 use super::stream::{Hooks, PaidBody};
 use super::transport::MAX_BODY;
 use super::{ClientError, ClientStore, MemoryClientStore, Payer, Transport, TransportFuture};
-use crate::wire::{PAYMENT_CHANNEL, PAYMENT_CHANNEL_STREAM};
+use crate::wire::PAYMENT_CHANNEL_STREAM;
 
 /// Adds channel payments to a `reqwest-middleware` client: every request to the [`Payer`]'s
 /// server carries the `Payment-Channel` header, and a 402 is answered by paying (top-up or a
@@ -156,6 +156,13 @@ impl<St: ClientStore + 'static> PaymentMiddleware<St> {
     }
 }
 
+impl<St: ClientStore> PaymentMiddleware<St> {
+    /// Whether `url` is on the payer's origin.
+    fn at_home(&self, url: &reqwest::Url) -> bool {
+        url.as_str().parse::<Uri>().is_ok_and(|uri| self.payer.applies_to(&uri))
+    }
+}
+
 fn middleware_error(error: ClientError) -> reqwest_middleware::Error {
     reqwest_middleware::Error::middleware(error)
 }
@@ -168,87 +175,88 @@ impl<St: ClientStore + 'static> Middleware for PaymentMiddleware<St> {
         extensions: &mut Extensions,
         next: Next<'_>,
     ) -> reqwest_middleware::Result<reqwest::Response> {
-        let applies =
-            request.url().as_str().parse::<Uri>().is_ok_and(|uri| self.payer.applies_to(&uri));
-        if !applies {
+        if !self.at_home(request.url()) {
             return next.run(request, extensions).await;
         }
         if !self.redirects_checked {
             return Err(middleware_error(ClientError::RedirectsNotChecked));
         }
         let negotiation = NextTransport { next: next.clone() };
-        let mut retry =
-            Retry::new(&self.payer, request.method(), request.url().path(), request.headers());
-        loop {
-            let header = retry.start().await.map_err(middleware_error)?;
-            let Some(mut this) = request.try_clone() else {
-                // A streaming body cannot be sent twice: send it once, as it is; its answer is
-                // counted as any other (the server charged it).
-                let mut request = request;
-                set_header(&mut request, header, retry.receipt_headers());
-                let response = next.run(request, extensions).await?;
-                let url = response.url();
-                if url.as_str().parse::<Uri>().is_ok_and(|uri| self.payer.applies_to(&uri)) {
-                    let path = match url.query() {
-                        Some(query) => format!("{}?{query}", url.path()),
-                        None => url.path().to_owned(),
-                    };
-                    retry.answered(response.status(), response.headers(), &path).await;
-                }
-                return Ok(response);
-            };
-            set_header(&mut this, header, retry.receipt_headers());
-            let this_method = this.method().clone();
-            let response = next.clone().run(this, extensions).await?;
-            // Redirected to another origin (reqwest follows redirects): that answer is not the
-            // server's, so its 402 drives no payment and its balance is not the channel's.
-            let same_origin =
-                response.url().as_str().parse::<Uri>().is_ok_and(|uri| self.payer.applies_to(&uri));
-            if !same_origin {
-                return Ok(response);
-            }
-            if response.status() != StatusCode::PAYMENT_REQUIRED || retry.is_last() {
-                // The answer's URL: the request charged last, after same-origin redirects.
-                let url = response.url();
-                let path = match url.query() {
-                    Some(query) => format!("{}?{query}", url.path()),
-                    None => url.path().to_owned(),
-                };
-                let (sent, prev) = (retry.sent().cloned(), retry.prev());
-                retry.answered(response.status(), response.headers(), &path).await;
-                return Ok(match sent {
-                    Some(sent) if response.headers().contains_key(PAYMENT_CHANNEL_STREAM) => {
-                        self.paid_stream(response, sent, prev, this_method.as_str(), path)
-                    }
-                    _ => response,
-                });
-            }
-            let (status, headers) = (response.status(), response.headers().clone());
-            let body = read_limited(response)
-                .await
-                .map_err(|e| middleware_error(ClientError::Transport(e)))?;
-            retry
-                .payment_required(&negotiation, status, &headers, &body)
-                .await
-                .map_err(middleware_error)?;
-        }
+        let (method, path, headers) =
+            (request.method().clone(), request.url().path().to_owned(), request.headers().clone());
+        let exchange = ReqwestExchange {
+            middleware: self,
+            request: Some(request),
+            next,
+            extensions,
+            method: method.clone(),
+        };
+        attempts::pay(&self.payer, (&method, &path, &headers), exchange, &negotiation).await
     }
 }
 
-fn set_header(
-    request: &mut reqwest::Request,
-    header: Option<http::HeaderValue>,
-    receipts: [(&'static str, Option<http::HeaderValue>); 2],
-) {
-    request.headers_mut().remove(PAYMENT_CHANNEL);
-    if let Some(header) = header {
-        request.headers_mut().insert(PAYMENT_CHANNEL, header);
+/// A request through the rest of a reqwest middleware chain: the shared pay loop's
+/// [`Exchange`].
+struct ReqwestExchange<'a, 'e, St> {
+    middleware: &'a PaymentMiddleware<St>,
+    /// The request as the caller made it; taken by its last send when its body cannot be
+    /// copied (a stream is sent once, as it is; its answer is counted as any other).
+    request: Option<reqwest::Request>,
+    next: Next<'a>,
+    extensions: &'e mut Extensions,
+    method: http::Method,
+}
+
+impl<St: ClientStore + 'static> Exchange for ReqwestExchange<'_, '_, St> {
+    type Response = reqwest::Response;
+    type Output = reqwest::Response;
+    type Error = reqwest_middleware::Error;
+
+    async fn send(
+        &mut self,
+        attempt: &Attempt,
+    ) -> reqwest_middleware::Result<(reqwest::Response, bool)> {
+        let copy = self.request.as_ref().and_then(reqwest::Request::try_clone);
+        let again = copy.is_some();
+        let Some(mut request) = copy.or_else(|| self.request.take()) else {
+            return Err(middleware_error(ClientError::Transport("the request was sent".into())));
+        };
+        attempt.apply(request.headers_mut());
+        Ok((self.next.clone().run(request, self.extensions).await?, again))
     }
-    for (name, value) in receipts {
-        request.headers_mut().remove(name);
-        if let Some(value) = value {
-            request.headers_mut().insert(name, value);
+
+    fn head(response: &reqwest::Response) -> (StatusCode, &http::HeaderMap) {
+        (response.status(), response.headers())
+    }
+
+    /// The answer's URL: the request charged last, after the redirects reqwest followed; an
+    /// answer from another origin is not the server's (its 402 drives no payment, its
+    /// balance is not the channel's).
+    fn answered_at(&self, response: &reqwest::Response) -> Option<String> {
+        let url = response.url();
+        self.middleware.at_home(url).then(|| match url.query() {
+            Some(query) => format!("{}?{query}", url.path()),
+            None => url.path().to_owned(),
+        })
+    }
+
+    async fn read_body(response: reqwest::Response) -> reqwest_middleware::Result<Bytes> {
+        read_limited(response).await.map_err(|e| middleware_error(ClientError::Transport(e)))
+    }
+
+    fn finish(&self, response: reqwest::Response, paid: Option<PaidAnswer>) -> reqwest::Response {
+        match paid {
+            Some(PaidAnswer { sent, prev, path })
+                if response.headers().contains_key(PAYMENT_CHANNEL_STREAM) =>
+            {
+                self.middleware.paid_stream(response, sent, prev, self.method.as_str(), path)
+            }
+            _ => response,
         }
+    }
+
+    fn error(error: ClientError) -> reqwest_middleware::Error {
+        middleware_error(error)
     }
 }
 

@@ -8,13 +8,13 @@ use tower::{BoxError, Service, ServiceExt};
 
 use std::sync::Arc;
 
-use crate::client::attempts::{Retry, balance};
+use crate::client::attempts::{self, Attempt, Exchange, PaidAnswer, balance};
 use crate::client::stream::{Hooks, PaidBody};
 use crate::client::transport::read_body;
 use crate::client::{
     ClientError, ClientStore, Closed, MemoryClientStore, Payer, ServiceTransport, Transport,
 };
-use crate::wire::{ChannelId, PAYMENT_CHANNEL};
+use crate::wire::ChannelId;
 
 /// The service [`PaymentLayer`](super::PaymentLayer) produces.
 ///
@@ -134,7 +134,7 @@ fn copy<B: Clone>(parts: &http::request::Parts, body: &B) -> Request<B> {
 
 async fn pay_and_send<S, St, ReqBody, ResBody>(
     payer: Payer<St>,
-    mut inner: S,
+    inner: S,
     request: Request<ReqBody>,
 ) -> Result<Response<PaidBody<ResBody>>, ClientError>
 where
@@ -147,57 +147,87 @@ where
     ResBody::Data: Send,
     ResBody::Error: Into<BoxError>,
 {
+    let mut inner = inner;
     if !payer.applies_to(request.uri()) {
         return inner.call(request).await.map(|r| r.map(PaidBody::plain)).map_err(transport);
     }
     let (parts, body) = request.into_parts();
     let negotiation = ServiceTransport::new(inner.clone());
-    let mut retry = Retry::new(&payer, &parts.method, parts.uri.path(), &parts.headers);
-    loop {
-        let header = retry.start().await?;
-        let mut request = copy(&parts, &body);
-        request.headers_mut().remove(PAYMENT_CHANNEL);
-        if let Some(header) = header {
-            request.headers_mut().insert(PAYMENT_CHANNEL, header);
+    let path = parts.uri.path().to_owned();
+    let (method, headers) = (parts.method.clone(), parts.headers.clone());
+    let exchange = TowerExchange { payer: payer.clone(), inner, parts, body, called: false };
+    attempts::pay(&payer, (&method, &path, &headers), exchange, &negotiation).await
+}
+
+/// A request through a tower service: the shared pay loop's [`Exchange`].
+struct TowerExchange<S, St, B> {
+    payer: Payer<St>,
+    inner: S,
+    parts: http::request::Parts,
+    body: B,
+    /// Whether `inner` was called: it is readied again before the next call.
+    called: bool,
+}
+
+impl<S, St, ReqBody, ResBody> Exchange for TowerExchange<S, St, ReqBody>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError>,
+    St: ClientStore + 'static,
+    ReqBody: From<Bytes> + Clone + Send + 'static,
+    ResBody: http_body::Body + Send + 'static,
+    ResBody::Data: Send,
+    ResBody::Error: Into<BoxError>,
+{
+    type Response = Response<ResBody>;
+    type Output = Response<PaidBody<ResBody>>;
+    type Error = ClientError;
+
+    async fn send(&mut self, attempt: &Attempt) -> Result<(Self::Response, bool), ClientError> {
+        if self.called {
+            self.inner.ready().await.map_err(transport)?;
         }
-        for (name, value) in retry.receipt_headers() {
-            request.headers_mut().remove(name);
-            if let Some(value) = value {
-                request.headers_mut().insert(name, value);
+        self.called = true;
+        let mut request = copy(&self.parts, &self.body);
+        attempt.apply(request.headers_mut());
+        Ok((self.inner.call(request).await.map_err(transport)?, true))
+    }
+
+    fn head(response: &Self::Response) -> (StatusCode, &http::HeaderMap) {
+        (response.status(), response.headers())
+    }
+
+    /// A tower service follows no redirect: the answer is the request's.
+    fn answered_at(&self, _: &Self::Response) -> Option<String> {
+        Some(self.parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned())
+    }
+
+    async fn read_body(response: Self::Response) -> Result<Bytes, ClientError> {
+        Ok(read_body(response).await.map_err(ClientError::Transport)?.into_body())
+    }
+
+    fn finish(&self, response: Self::Response, paid: Option<PaidAnswer>) -> Self::Output {
+        let (head, body) = response.into_parts();
+        let body = match paid {
+            Some(PaidAnswer { sent, prev, path }) => {
+                let hooks = Hooks {
+                    payer: self.payer.clone(),
+                    transport: Arc::new(ServiceTransport::new(self.inner.clone())),
+                    sent,
+                    method: self.parts.method.to_string(),
+                    path,
+                    prev,
+                };
+                let balance = balance(&head.headers);
+                PaidBody::paid(body, &head.headers, hooks, self.payer.policy(), balance)
             }
-        }
-        let response = inner.call(request).await.map_err(transport)?;
-        if response.status() != StatusCode::PAYMENT_REQUIRED || retry.is_last() {
-            let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-            let (sent, prev) = (retry.sent().cloned(), retry.prev());
-            retry.answered(response.status(), response.headers(), path).await;
-            let (head, body) = response.into_parts();
-            let body = match sent {
-                Some(sent) => {
-                    let hooks = Hooks {
-                        payer: payer.clone(),
-                        transport: Arc::new(negotiation),
-                        sent,
-                        method: parts.method.to_string(),
-                        path: path.to_owned(),
-                        prev,
-                    };
-                    PaidBody::paid(
-                        body,
-                        &head.headers,
-                        hooks,
-                        payer.policy(),
-                        balance(&head.headers),
-                    )
-                }
-                _ => PaidBody::plain(body),
-            };
-            return Ok(Response::from_parts(head, body));
-        }
-        let status = response.status();
-        let response = read_body(response).await.map_err(ClientError::Transport)?;
-        let (headers, body) = (response.headers(), response.body());
-        retry.payment_required(&negotiation, status, headers, body).await?;
-        inner.ready().await.map_err(transport)?;
+            None => PaidBody::plain(body),
+        };
+        Response::from_parts(head, body)
+    }
+
+    fn error(error: ClientError) -> ClientError {
+        error
     }
 }
