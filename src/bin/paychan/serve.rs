@@ -240,6 +240,13 @@ async fn run<St: ChannelStore + Clone + 'static>(
     };
     let paid =
         paid.start(config.prices.clone()).await.map_err(|e| format!("the chain backend: {e}"))?;
+    // The billing event log: a task of its own that reads the store, never in a request's way.
+    let events = match &config.events {
+        Some(events) => {
+            crate::events::spawn(events, config.network, store.clone(), chain.clone(), master)?
+        }
+        None => Vec::new(),
+    };
     let mut layer = paid.layer().refund_server_errors(config.refund_server_errors);
     if config.shadow {
         tracing::warn!("shadow mode: every request is served unpaid, unlisted routes too");
@@ -304,6 +311,9 @@ async fn run<St: ChannelStore + Clone + 'static>(
         task.await??;
     }
     if let Some(task) = store_watch {
+        task.abort();
+    }
+    for task in events {
         task.abort();
     }
     if let Ok(paid) = Arc::try_unwrap(paid) {
