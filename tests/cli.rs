@@ -355,7 +355,8 @@ impl Site {
             std::fs::write(&secret, format!("{HOOK_SECRET}\n")).unwrap();
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
-            config.push_str(&format!("webhook_url = \"{url}\"\nsecret_file = \"webhook.secret\"\n"));
+            config
+                .push_str(&format!("webhook_url = \"{url}\"\nsecret_file = \"webhook.secret\"\n"));
         }
         std::fs::write(&self.config, config).unwrap();
         self.dir.join("events.jsonl")
@@ -1265,7 +1266,7 @@ struct Hook {
 /// A webhook receiver that checks each POST's `Paychan-Signature` as PRODUCTION.md says,
 /// answers 500 to an event's first attempt and 200 to the next; its URL.
 async fn hook_receiver(hook: Arc<Hook>) -> String {
-    use bitcoin::hashes::{HashEngine as _, hmac, sha256};
+    use bitcoin::hashes::{Hash as _, HashEngine as _, hmac, sha256};
     async fn receive(
         axum::extract::State(hook): axum::extract::State<Arc<Hook>>,
         headers: HeaderMap,
@@ -1340,16 +1341,22 @@ async fn channel_events_are_logged_once_signed_delivered_and_reported() {
     let hook = Arc::new(Hook::default());
     let log = site.enable_events(Some(&hook_receiver(Arc::clone(&hook)).await));
     let proxy = site.serve(0).await;
-    for _ in 0..3 {
+    let pay = async || {
         let out = paychan(site.pay("client", "/hello")).await;
         assert!(out.status.success(), "{}", text(&out.stderr));
-    }
+    };
+    pay().await;
+    let id = site.client_paid("client").await[0].0.clone();
+    let events =
+        |kind: &'static str| wait_for_events(&log, &id, move |kinds| kinds.contains(&kind));
+    // Opened (and open at once: a zero-conf funding), then two more requests: usage.
+    let funded = events("funded").await;
+    pay().await;
+    pay().await;
     site.node.mine(1).await;
-    let (id, paid_sat) = site.client_paid("client").await[0].clone();
+    let (_, paid_sat) = site.client_paid("client").await[0].clone();
     let spent = channel_json(&site.config, &id).await["spent_msat"].as_u64().unwrap();
     assert_eq!(spent, 6_000, "three requests at 2 sat");
-    let events = |kind: &'static str| wait_for_events(&log, &id, move |kinds| kinds.contains(&kind));
-    let funded = events("funded").await;
     wait_for_events(&log, &id, |_| logged(&log).last().unwrap()["spent_msat"] == spent).await;
     // Stopped once the webhook has them all (a stop cutting a POST short would send that event
     // again after the restart: at least once, with the same id).
@@ -1357,35 +1364,42 @@ async fn channel_events_are_logged_once_signed_delivered_and_reported() {
     let (status, _) = site.stop(proxy, 0).await;
     assert!(status.success());
     let before = logged(&log).len();
-    assert_eq!(&funded[..2].iter().map(|e| e["kind"].clone()).collect::<Vec<_>>(), &["opened", "funded"]);
+    assert_eq!(
+        &funded[..2].iter().map(|e| e["kind"].clone()).collect::<Vec<_>>(),
+        &["opened", "funded"]
+    );
 
     // Closed by the operator while the proxy is down; the proxy back catches up.
     let out = paychan(args(&["close", "--config", &site.config_arg(), &id])).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let close = text(&out.stdout).split_whitespace().nth(2).unwrap().trim_end_matches(':').to_owned();
+    let close =
+        text(&out.stdout).split_whitespace().nth(2).unwrap().trim_end_matches(':').to_owned();
     let proxy = site.serve(1).await;
     events("closed").await;
     site.node.mine(1).await;
     let all = events("settled").await;
     let kinds: Vec<&str> = all.iter().map(|e| e["kind"].as_str().unwrap()).collect();
     assert_eq!(kinds[kinds.len() - 3..], ["closing", "closed", "settled"], "{kinds:?}");
-    assert!(
-        kinds[2..kinds.len() - 3].iter().all(|k| ["topped_up", "usage"].contains(k)),
-        "{kinds:?}"
-    );
+    let middle = &kinds[2..kinds.len() - 3];
+    assert!(middle.contains(&"usage"), "{kinds:?}");
+    assert!(middle.iter().all(|k| ["topped_up", "usage"].contains(k)), "{kinds:?}");
     assert!(logged(&log).len() > before);
     // Once each, numbered in order, ids distinct, across the restart.
     for (n, event) in all.iter().enumerate() {
         assert_eq!(event["seq"], n, "{all:?}");
     }
-    let ids: std::collections::HashSet<&str> = all.iter().map(|e| e["id"].as_str().unwrap()).collect();
+    let ids: std::collections::HashSet<&str> =
+        all.iter().map(|e| e["id"].as_str().unwrap()).collect();
     assert_eq!(ids.len(), all.len());
     let paid_msat = paid_sat * 1_000;
     for event in &all[all.len() - 2..] {
         assert_eq!(event["txid"], close.as_str(), "{event}");
     }
     let settled = all.last().unwrap();
-    assert_eq!((settled["paid_msat"].as_u64(), settled["spent_msat"].as_u64()), (Some(paid_msat), Some(spent)));
+    assert_eq!(
+        (settled["paid_msat"].as_u64(), settled["spent_msat"].as_u64()),
+        (Some(paid_msat), Some(spent))
+    );
     let client_key = settled["client_key"].as_str().unwrap();
     assert!(all.iter().all(|e| e["client_key"] == client_key));
 
@@ -1411,7 +1425,10 @@ async fn channel_events_are_logged_once_signed_delivered_and_reported() {
     let row = &json["rows"][0];
     assert_eq!(json["rows"].as_array().unwrap().len(), 1, "{json}");
     assert_eq!(row["client_key"], client_key);
-    assert_eq!((row["channels"].as_u64(), row["opened"].as_u64(), row["settled"].as_u64()), (Some(1), Some(1), Some(1)));
+    assert_eq!(
+        (row["channels"].as_u64(), row["opened"].as_u64(), row["settled"].as_u64()),
+        (Some(1), Some(1), Some(1))
+    );
     assert_eq!(row["paid_msat"], paid_msat, "what the client paid: {json}");
     assert_eq!(row["charged_msat"], spent, "{json}");
     assert_eq!(row["settled_msat"], paid_msat, "{json}");

@@ -271,7 +271,8 @@ fn events(file: EventsFile, base: &Path) -> Result<Events, ConfigError> {
     };
     let webhook = match (file.webhook_url, file.secret_file) {
         (Some(url), Some(secret)) => {
-            let uri: Uri = url.parse().map_err(|e| bad("events.webhook_url", format!("{url}: {e}")))?;
+            let uri: Uri =
+                url.parse().map_err(|e| bad("events.webhook_url", format!("{url}: {e}")))?;
             if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
                 return Err(bad("events.webhook_url", format!("{url}: expected http[s]://…")));
             }
@@ -280,7 +281,9 @@ fn events(file: EventsFile, base: &Path) -> Result<Events, ConfigError> {
         (Some(_), None) => {
             return Err(bad("events.secret_file", "needed with webhook_url: it signs each POST"));
         }
-        (None, Some(_)) => return Err(bad("events.webhook_url", "secret_file without a webhook_url")),
+        (None, Some(_)) => {
+            return Err(bad("events.webhook_url", "secret_file without a webhook_url"));
+        }
         (None, None) => None,
     };
     Ok(Events { settings, webhook })
@@ -947,7 +950,10 @@ mod tests {
         assert_eq!(Config::parse(&hook, base).unwrap_err().key, "events.secret_file");
         let hook = hook.replace("# secret_file", "secret_file");
         let (url, secret) = Config::parse(&hook, base).unwrap().events.unwrap().webhook.unwrap();
-        assert_eq!((url.to_string(), secret), ("https://billing.example/paychan".into(), "/srv/webhook.secret".into()));
+        assert_eq!(
+            (url.to_string(), secret),
+            ("https://billing.example/paychan".into(), "/srv/webhook.secret".into())
+        );
         for (from, to, key) in [
             ("https://billing.example/paychan", "ftp://x", "events.webhook_url"),
             ("interval_secs = 2", "interval_secs = 0", "events.interval_secs"),

@@ -212,7 +212,8 @@ fn changes(seen: Option<&Seen>, now: &Observed, usage_due: bool) -> Vec<Kind> {
 
 /// The events of `kinds` for `now`: the first carries the change since `seen`.
 fn events(seen: Option<&Seen>, now: &Observed, kinds: &[Kind], time: u64) -> Vec<Event> {
-    let (mut paid, mut spent) = seen.map_or((MilliSats::ZERO, MilliSats::ZERO), |s| (s.paid, s.spent));
+    let (mut paid, mut spent) =
+        seen.map_or((MilliSats::ZERO, MilliSats::ZERO), |s| (s.paid, s.spent));
     let first = seen.map_or(0, |seen| seen.next_seq);
     let mut events = Vec::with_capacity(kinds.len());
     for (seq, kind) in (first..).zip(kinds.iter().copied()) {
@@ -359,7 +360,7 @@ impl<St: ChannelStore, C: ChainBackend> Reconciler<St, C> {
     /// Lists the channels, appends the events of what changed; returns how many.
     pub(crate) async fn pass(&mut self) -> Result<usize, Error> {
         let states: &[ChannelState] =
-            if self.passes % FULL_EVERY == 0 { &ChannelState::ALL } else { &ACTIVE };
+            if self.passes.is_multiple_of(FULL_EVERY) { &ChannelState::ALL } else { &ACTIVE };
         self.passes += 1;
         let mut records: HashMap<ChannelId, ChannelRecord> = HashMap::new();
         for state in states {
@@ -462,7 +463,8 @@ where
     if let Some((url, secret_file)) = &events.webhook {
         let secret = crate::keys::read_secret(secret_file, network)?;
         let log = settings.log_file.clone();
-        let webhook = crate::webhook::Webhook::new(url.clone(), secret, log, appended, settings.interval)?;
+        let webhook =
+            crate::webhook::Webhook::new(url.clone(), secret, log, appended, settings.interval)?;
         tasks.push(tokio::spawn(webhook.run()));
     }
     Ok(tasks)

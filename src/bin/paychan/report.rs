@@ -87,7 +87,9 @@ pub(crate) fn csv(rows: &[Row], by: By) -> String {
         By::Client => "client_key,channels",
     }
     .to_owned();
-    text.push_str(",opened,top_ups,closed,settled,refunded,failed,paid_msat,charged_msat,settled_msat\n");
+    text.push_str(
+        ",opened,top_ups,closed,settled,refunded,failed,paid_msat,charged_msat,settled_msat\n",
+    );
     for row in rows {
         let key = match (by, row.channel) {
             (By::Channel, Some(channel)) => format!("{channel},{}", row.client_key),
@@ -176,8 +178,16 @@ mod tests {
     use paychan::MilliSats;
     use paychan::store::ChannelState;
 
-    fn event(channel: u8, client: &str, kind: Kind, time: u64, paid: (u64, i64), spent: (u64, i64)) -> Event {
-        let channel: ChannelId = format!("{}:0", format!("{channel:02x}").repeat(32)).parse().unwrap();
+    fn event(
+        channel: u8,
+        client: &str,
+        kind: Kind,
+        time: u64,
+        paid: (u64, i64),
+        spent: (u64, i64),
+    ) -> Event {
+        let channel: ChannelId =
+            format!("{}:0", format!("{channel:02x}").repeat(32)).parse().unwrap();
         Event {
             id: format!("{channel}/{time}"),
             kind,
@@ -210,7 +220,10 @@ mod tests {
         assert_eq!(all.len(), 3);
         let first = &all[0];
         assert_eq!((first.opened, first.top_ups, first.closed, first.settled), (1, 1, 0, 1));
-        assert_eq!((first.paid_msat, first.charged_msat, first.settled_msat), (9_000, 7_000, 7_000));
+        assert_eq!(
+            (first.paid_msat, first.charged_msat, first.settled_msat),
+            (9_000, 7_000, 7_000)
+        );
         let clients = usage(&log, 0, u64::MAX, By::Client);
         let alice = &clients[0];
         assert_eq!((alice.client_key.as_str(), alice.channels, alice.opened), ("alice", 2, 2));
@@ -230,7 +243,13 @@ mod tests {
                 "bob,1,1,0,0,0,0,0,4000,0,0",
             ]
         );
-        assert!(csv(&all, By::Channel).lines().nth(1).unwrap().starts_with(&format!("{},alice,", all[0].channel.unwrap())));
+        assert!(
+            csv(&all, By::Channel)
+                .lines()
+                .nth(1)
+                .unwrap()
+                .starts_with(&format!("{},alice,", all[0].channel.unwrap()))
+        );
     }
 
     #[test]
@@ -240,7 +259,9 @@ mod tests {
         assert_eq!(parse_time("2026-01-01"), Ok(1_767_225_600));
         assert_eq!(parse_time("2024-02-29T12:30:01Z"), Ok(1_709_209_801));
         assert_eq!(parse_time("2000-03-01T00:00:00"), Ok(951_868_800));
-        for bad in ["", "yesterday", "2026-13-01", "2026-01-01T25:00:00", "2026-01", "-5", "1969-12-31"] {
+        for bad in
+            ["", "yesterday", "2026-13-01", "2026-01-01T25:00:00", "2026-01", "-5", "1969-12-31"]
+        {
             assert!(parse_time(bad).is_err(), "{bad}");
         }
     }

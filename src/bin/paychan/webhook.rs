@@ -276,7 +276,8 @@ mod tests {
         deliverer.deliver().await.unwrap();
         let attempts = received.attempts.lock().unwrap().clone();
         let expected = [("a", true), ("a", true), ("b", true), ("b", true)];
-        let attempts: Vec<(&str, bool)> = attempts.iter().map(|(id, v)| (id.as_str(), *v)).collect();
+        let attempts: Vec<(&str, bool)> =
+            attempts.iter().map(|(id, v)| (id.as_str(), *v)).collect();
         assert_eq!(attempts, expected, "each event refused once, then accepted, in order");
         let cursor = std::fs::read_to_string(cursor_path(&log)).unwrap();
         assert_eq!(cursor.trim(), (lines[0].len() + lines[1].len() + 2).to_string());
