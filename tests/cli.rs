@@ -898,6 +898,23 @@ async fn doctor_prints_every_check_and_serve_refuses_what_fails() {
     let network = line(&said, "ok ", "chain network");
     assert!(network.contains("Bitcoin Core node at [chain] bitcoind_url is on regtest"));
 
+    // [events]: a log line that does not parse and a missing webhook secret fail (serve
+    // refuses them); fixed, both are ok.
+    let log = site.enable_events(Some("http://127.0.0.1:9/hook"));
+    let secret = std::fs::read(site.dir.join("webhook.secret")).unwrap();
+    std::fs::remove_file(site.dir.join("webhook.secret")).unwrap();
+    std::fs::write(&log, "{\"kind\":\n").unwrap();
+    let out = doctor(site.config_arg()).await;
+    let said = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert_says(&line(&said, "FAIL", "events"), &["events.jsonl:1"]);
+    assert_says(&line(&said, "FAIL", "webhook"), &["webhook.secret"]);
+    std::fs::write(&log, "").unwrap();
+    std::fs::write(site.dir.join("webhook.secret"), secret).unwrap();
+    let said = text(&doctor(site.config_arg()).await.stdout);
+    line(&said, "ok ", "events");
+    line(&said, "ok ", "webhook");
+
     // A mainnet config (`init --network bitcoin`) on the regtest node.
     let cookie = site.node.cookie_path();
     let (mainnet, dir) = init_in(
