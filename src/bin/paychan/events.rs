@@ -12,17 +12,17 @@
 //!
 //! What the store says, and the event it becomes:
 //!
-//! | event        | when the task sees                                                   |
-//! | ------------ | -------------------------------------------------------------------- |
-//! | `opened`     | a channel it did not know (funded by the client, first payment taken) |
-//! | `funded`     | the channel open: its funding has the confirmations asked for        |
-//! | `topped_up`  | what the client's best payment pays grew (top-ups between two passes are one event) |
-//! | `usage`      | what requests consumed grew, at most every `usage_interval_secs`     |
-//! | `closing`    | the channel closing (asked by the client or the operator, or its margin) |
-//! | `closed`     | the close broadcast (`txid`)                                          |
-//! | `settled`    | the close confirmed (`txid`)                                          |
-//! | `refunded`   | the channel failed while the client's refund is valid (after its expiry): the funding was spent by the refund |
-//! | `failed`     | the channel failed before its expiry: the funding did not confirm in time or is gone |
+//! | event       | when the task sees                                                 |
+//! | ----------- | ------------------------------------------------------------------ |
+//! | `opened`    | a channel it did not know (funded, its first payment taken)        |
+//! | `funded`    | the channel open: its funding has the confirmations asked for      |
+//! | `topped_up` | the best payment pays more (top-ups between two passes: one event) |
+//! | `usage`     | what requests consumed changed, at most every `usage_interval_secs` |
+//! | `closing`   | the channel closing (the client, the operator, or its margin)      |
+//! | `closed`    | the close broadcast (`txid`)                                       |
+//! | `settled`   | the close confirmed (`txid`)                                       |
+//! | `refunded`  | the channel failed where its refund is valid: the refund spent it  |
+//! | `failed`    | the channel failed before its expiry: its funding never confirmed  |
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -270,7 +270,8 @@ impl EventLog {
         let file = OpenOptions::new().create(true).append(true).open(path).map_err(cannot)?;
         if cut > 0 {
             let length = file.metadata().map_err(cannot)?.len();
-            tracing::warn!(path = %path.display(), bytes = cut, "events log: removing a line cut by a crash");
+            let path = path.display();
+            tracing::warn!(%path, bytes = cut, "events log: removing a line cut by a crash");
             file.set_len(length - cut).map_err(cannot)?;
         }
         Ok((Self { file: Arc::new(Mutex::new(file)) }, events))
@@ -420,7 +421,9 @@ impl<St: ChannelStore, C: ChainBackend> Reconciler<St, C> {
             match tip.as_ref()? {
                 Ok(tip) => record.channel.params().refund_is_valid(*tip),
                 Err(error) => {
-                    tracing::warn!(%error, channel = %id, "events: the chain's tip is unknown; the failure is recorded later");
+                    let reason =
+                        "events: the chain's tip is unknown; the failure is recorded later";
+                    tracing::warn!(%error, channel = %id, "{reason}");
                     return None;
                 }
             }
@@ -458,7 +461,8 @@ where
     let settings = &events.settings;
     let appended = Arc::new(Notify::new());
     let reconciler = Reconciler::new(settings, store, chain, master, Arc::clone(&appended))?;
-    tracing::info!(log = %settings.log_file.display(), channels = reconciler.seen.len(), "events: log opened");
+    let (log, channels) = (settings.log_file.display(), reconciler.seen.len());
+    tracing::info!(%log, channels, "events: log opened");
     let mut tasks = vec![tokio::spawn(reconciler.run(settings.interval))];
     if let Some((url, secret_file)) = &events.webhook {
         let secret = crate::keys::read_secret(secret_file, network)?;

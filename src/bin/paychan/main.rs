@@ -224,7 +224,8 @@ enum Command {
         /// The usage export's format.
         #[arg(long, value_enum)]
         format: Option<report::Format>,
-        /// A row per channel or per client key (the customer).
+        /// A row per channel, or per client key (the paychan client uses a fresh key for each
+        /// channel: PRODUCTION.md, "Billing events").
         #[arg(long, value_enum)]
         by: Option<report::By>,
     },

@@ -238,7 +238,8 @@ mod tests {
         assert_eq!(
             text.lines().collect::<Vec<_>>(),
             [
-                "client_key,channels,opened,top_ups,closed,settled,refunded,failed,paid_msat,charged_msat,settled_msat",
+                "client_key,channels,opened,top_ups,closed,settled,refunded,failed,paid_msat,\
+                 charged_msat,settled_msat",
                 "alice,2,1,1,0,0,0,0,7000,7000,0",
                 "bob,1,1,0,0,0,0,0,4000,0,0",
             ]

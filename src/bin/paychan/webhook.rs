@@ -171,7 +171,8 @@ impl Webhook {
                     if self.read_cursor().ok() != before {
                         backoff = FIRST_BACKOFF;
                     }
-                    tracing::warn!(%error, url = %self.url, retry_in = ?backoff, "webhook: delivery failed");
+                    let url = &self.url;
+                    tracing::warn!(%error, %url, retry_in = ?backoff, "webhook: delivery failed");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
