@@ -460,17 +460,21 @@ where
 {
     let settings = &events.settings;
     let appended = Arc::new(Notify::new());
-    let reconciler = Reconciler::new(settings, store, chain, master, Arc::clone(&appended))?;
+    // Everything that can fail, before any task starts.
+    let webhook = match &events.webhook {
+        Some((url, secret_file)) => {
+            let secret = crate::keys::read_secret(secret_file, network)?;
+            let (log, interval) = (settings.log_file.clone(), settings.interval);
+            let appended = Arc::clone(&appended);
+            Some(crate::webhook::Webhook::new(url.clone(), secret, log, appended, interval)?)
+        }
+        None => None,
+    };
+    let reconciler = Reconciler::new(settings, store, chain, master, appended)?;
     let (log, channels) = (settings.log_file.display(), reconciler.seen.len());
     tracing::info!(%log, channels, "events: log opened");
     let mut tasks = vec![tokio::spawn(reconciler.run(settings.interval))];
-    if let Some((url, secret_file)) = &events.webhook {
-        let secret = crate::keys::read_secret(secret_file, network)?;
-        let log = settings.log_file.clone();
-        let webhook =
-            crate::webhook::Webhook::new(url.clone(), secret, log, appended, settings.interval)?;
-        tasks.push(tokio::spawn(webhook.run()));
-    }
+    tasks.extend(webhook.map(|webhook| tokio::spawn(webhook.run())));
     Ok(tasks)
 }
 

@@ -46,7 +46,6 @@ pub(crate) fn signature(secret: &[u8], t: u64, body: &[u8]) -> String {
 }
 
 /// The deliverer: the log's lines from the cursor on, one POST each.
-#[derive(Debug)]
 pub(crate) struct Webhook {
     url: Uri,
     secret: Vec<u8>,
@@ -56,6 +55,16 @@ pub(crate) struct Webhook {
     /// Woken by the reconciler after an append; the log is also read every `interval`.
     appended: Arc<Notify>,
     interval: Duration,
+}
+
+impl std::fmt::Debug for Webhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Webhook")
+            .field("url", &self.url)
+            .field("secret", &"<redacted>")
+            .field("log", &self.log)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Where the delivery of the log at `log` stands.
