@@ -1378,9 +1378,27 @@ async fn channel_events_are_logged_once_signed_delivered_and_reported() {
     // Stopped once the webhook has them all (a stop cutting a POST short would send that event
     // again after the restart: at least once, with the same id).
     delivered(&hook, &log).await;
+    let before = logged(&log).len();
+    // The metrics say so (once the deliverer counted the last 2xx it got).
+    let expected = [
+        format!("paychan_events_logged_total {before}"),
+        format!("paychan_webhook_delivered_total {before}"),
+        format!("paychan_webhook_failures_total {before}"),
+        "paychan_webhook_pending 0".to_owned(),
+    ];
+    let mut metrics = String::new();
+    for _ in 0..100 {
+        metrics = fetch(&format!("{}/metrics", site.admin), Some(&site.token)).await.1;
+        if metrics.lines().any(|line| line == expected[1]) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for line in &expected {
+        assert!(metrics.lines().any(|l| l == line), "{line} in {metrics}");
+    }
     let (status, _) = site.stop(proxy, 0).await;
     assert!(status.success());
-    let before = logged(&log).len();
     assert_eq!(
         &funded[..2].iter().map(|e| e["kind"].clone()).collect::<Vec<_>>(),
         &["opened", "funded"]

@@ -299,6 +299,16 @@ impl EventLog {
     }
 }
 
+/// What the event tasks count, for `/metrics` (clones share the values).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Metrics {
+    pub(crate) logged: prometheus_client::metrics::counter::Counter,
+    pub(crate) delivered: prometheus_client::metrics::counter::Counter,
+    pub(crate) failures: prometheus_client::metrics::counter::Counter,
+    /// Complete lines after the webhook's cursor, at its last read, less those sent since.
+    pub(crate) pending: prometheus_client::metrics::gauge::Gauge,
+}
+
 /// The `[events]` settings the tasks need.
 #[derive(Debug, Clone)]
 pub(crate) struct Settings {
@@ -326,6 +336,7 @@ pub(crate) struct Reconciler<St, C> {
     usage_every: u64,
     passes: u64,
     appended: Arc<Notify>,
+    metrics: Metrics,
 }
 
 impl<St: ChannelStore, C: ChainBackend> Reconciler<St, C> {
@@ -336,6 +347,7 @@ impl<St: ChannelStore, C: ChainBackend> Reconciler<St, C> {
         chain: C,
         master: Xpriv,
         appended: Arc<Notify>,
+        metrics: Metrics,
     ) -> Result<Self, Error> {
         let (log, events) = EventLog::open(&settings.log_file)?;
         let mut seen: HashMap<ChannelId, Seen> = HashMap::new();
@@ -343,7 +355,7 @@ impl<St: ChannelStore, C: ChainBackend> Reconciler<St, C> {
             seen.entry(event.channel).or_default().apply(event);
         }
         let usage_every = settings.usage_every.as_secs();
-        Ok(Self { store, chain, master, log, seen, usage_every, passes: 0, appended })
+        Ok(Self { store, chain, master, log, seen, usage_every, passes: 0, appended, metrics })
     }
 
     /// Runs a pass every `interval`, forever.
@@ -401,6 +413,7 @@ impl<St: ChannelStore, C: ChainBackend> Reconciler<St, C> {
             self.seen.entry(event.channel).or_default().apply(event);
         }
         self.appended.notify_one();
+        self.metrics.logged.inc_by(batch.len() as u64);
         Ok(batch.len())
     }
 
@@ -453,6 +466,7 @@ pub(crate) fn spawn<St, C>(
     store: St,
     chain: C,
     master: Xpriv,
+    metrics: &Metrics,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, Error>
 where
     St: ChannelStore + 'static,
@@ -465,12 +479,14 @@ where
         Some((url, secret_file)) => {
             let secret = crate::keys::read_secret(secret_file, network)?;
             let (log, interval) = (settings.log_file.clone(), settings.interval);
-            let appended = Arc::clone(&appended);
-            Some(crate::webhook::Webhook::new(url.clone(), secret, log, appended, interval)?)
+            let (appended, metrics) = (Arc::clone(&appended), metrics.clone());
+            let webhook =
+                crate::webhook::Webhook::new(url.clone(), secret, log, appended, interval);
+            Some(webhook?.with_metrics(metrics))
         }
         None => None,
     };
-    let reconciler = Reconciler::new(settings, store, chain, master, appended)?;
+    let reconciler = Reconciler::new(settings, store, chain, master, appended, metrics.clone())?;
     let (log, channels) = (settings.log_file.display(), reconciler.seen.len());
     tracing::info!(%log, channels, "events: log opened");
     let mut tasks = vec![tokio::spawn(reconciler.run(settings.interval))];

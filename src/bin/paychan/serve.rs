@@ -241,9 +241,11 @@ async fn run<St: ChannelStore + Clone + 'static>(
     let paid =
         paid.start(config.prices.clone()).await.map_err(|e| format!("the chain backend: {e}"))?;
     // The billing event log: a task of its own that reads the store, never in a request's way.
+    let event_metrics = crate::events::Metrics::default();
     let events = match &config.events {
         Some(events) => {
-            crate::events::spawn(events, config.network, store.clone(), chain.clone(), master)?
+            let (store, chain) = (store.clone(), chain.clone());
+            crate::events::spawn(events, config.network, store, chain, master, &event_metrics)?
         }
         None => Vec::new(),
     };
@@ -253,9 +255,13 @@ async fn run<St: ChannelStore + Clone + 'static>(
         layer = layer.shadow();
     }
     let paid = Arc::new(paid);
-    let observed = Arc::new(match config.leases {
+    let observed = match config.leases {
         Some(_) => Observed::new().with_leases(),
         None => Observed::new(),
+    };
+    let observed = Arc::new(match config.events {
+        Some(_) => observed.with_events(&event_metrics),
+        None => observed,
     });
     // With leases a charge need not reach the store: the store itself says when it is back.
     let store_watch =

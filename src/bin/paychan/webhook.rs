@@ -55,6 +55,7 @@ pub(crate) struct Webhook {
     /// Woken by the reconciler after an append; the log is also read every `interval`.
     appended: Arc<Notify>,
     interval: Duration,
+    metrics: crate::events::Metrics,
 }
 
 impl std::fmt::Debug for Webhook {
@@ -83,7 +84,15 @@ impl Webhook {
         interval: Duration,
     ) -> Result<Self, Error> {
         let cursor = cursor_path(&log);
-        Ok(Self { url, secret, log, cursor, client: net::client(&[])?, appended, interval })
+        let client = net::client(&[])?;
+        let metrics = crate::events::Metrics::default();
+        Ok(Self { url, secret, log, cursor, client, appended, interval, metrics })
+    }
+
+    /// Counts deliveries, failures and what waits in `metrics`.
+    pub(crate) fn with_metrics(mut self, metrics: crate::events::Metrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// The byte offset of the first undelivered line (0 without a cursor file).
@@ -193,10 +202,16 @@ impl Webhook {
     async fn deliver(&self) -> Result<(), Error> {
         let mut offset = self.read_cursor()?;
         let lines = self.lines_from(offset).await?;
+        self.metrics.pending.set(i64::try_from(lines.len()).unwrap_or(i64::MAX));
         for line in lines {
             offset += line.len() as u64 + 1;
-            self.post(line).await?;
+            if let Err(error) = self.post(line).await {
+                self.metrics.failures.inc();
+                return Err(error.into());
+            }
             self.write_cursor(offset)?;
+            self.metrics.delivered.inc();
+            self.metrics.pending.dec();
         }
         Ok(())
     }
