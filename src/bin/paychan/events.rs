@@ -601,6 +601,103 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// A channel of 100 000 sat whose first payment pays the server `sat`, at `vout`.
+    fn record(vout: u32, sat: u64) -> ChannelRecord {
+        use paychan::bitcoin::absolute::LockTime;
+        use paychan::bitcoin::secp256k1::{Secp256k1, SecretKey};
+        use paychan::bitcoin::{Amount, CompressedPublicKey, OutPoint, ScriptBuf};
+        let secp = Secp256k1::new();
+        let key =
+            |b| CompressedPublicKey(SecretKey::from_slice(&[b; 32]).unwrap().public_key(&secp));
+        let script = |b| ScriptBuf::new_p2wpkh(&key(b).wpubkey_hash());
+        let params = paychan::channel::Terms::default()
+            .agree(
+                key(1),
+                key(2),
+                Amount::from_sat(100_000),
+                LockTime::from_height(2_008).unwrap(),
+                script(1),
+                script(2),
+                ChainTip { height: 1_000, median_time_past: 0 },
+            )
+            .unwrap();
+        let channel = params.at(OutPoint { txid: Txid::all_zeros(), vout });
+        ChannelRecord::open(channel, 0, payment(sat))
+    }
+
+    /// A payment paying the server `sat` (the store only compares amounts).
+    fn payment(sat: u64) -> paychan::bitcoin::Transaction {
+        use paychan::bitcoin::{Amount, ScriptBuf, Transaction, TxOut, absolute, transaction};
+        let output = TxOut { value: Amount::from_sat(sat), script_pubkey: ScriptBuf::new() };
+        Transaction {
+            version: transaction::Version::TWO,
+            lock_time: absolute::LockTime::ZERO,
+            input: Vec::new(),
+            output: vec![output],
+        }
+    }
+
+    /// The reconciler against a real store: a restart (a new reconciler on the same log)
+    /// appends exactly what changed while it was down, a pass that is not a full listing
+    /// still finds a channel that left the active states, and nothing is written twice.
+    #[tokio::test]
+    async fn a_restart_appends_only_what_changed_meanwhile() {
+        use paychan::store::MemoryStore;
+        let dir = std::env::temp_dir().join(format!("paychan-reconcile-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let settings = Settings {
+            log_file: dir.join("events.jsonl"),
+            interval: Duration::from_secs(1),
+            usage_every: Duration::ZERO,
+        };
+        let store = MemoryStore::new();
+        let master = Xpriv::new_master(paychan::bitcoin::Network::Regtest, &[7; 32]).unwrap();
+        let reconciler = || {
+            let chain = paychan::chain::sim::SimulatedChain::new();
+            let (appended, metrics) = (Arc::default(), Metrics::default());
+            Reconciler::new(&settings, store.clone(), chain, master, appended, metrics).unwrap()
+        };
+        let (a, b) = (record(0, 2), record(1, 3));
+        let (a_id, b_id) = (a.id(), b.id());
+        store.create(a).await.unwrap();
+        let mut first = reconciler();
+        assert_eq!(first.pass().await.unwrap(), 2, "opened, funded");
+        assert_eq!(first.pass().await.unwrap(), 0);
+        let _ = store.debit(a_id, MilliSats::from_msat(1_500)).await.unwrap();
+        assert_eq!(first.pass().await.unwrap(), 1, "usage");
+        drop(first);
+
+        // While down: a top-up and the whole close of a; b opened.
+        let _ = store.store_payment(a_id, payment(5)).await.unwrap();
+        use ChannelState as S;
+        for (from, to) in [(S::Open, S::Closing), (S::Closing, S::Closed), (S::Closed, S::Settled)]
+        {
+            assert!(store.transition(a_id, from, to).await.unwrap());
+        }
+        store.create(b).await.unwrap();
+        let mut second = reconciler();
+        assert_eq!(second.pass().await.unwrap(), 6, "topped_up, closing, closed, settled; b");
+        assert_eq!(second.pass().await.unwrap(), 0, "a settled channel is not seen again");
+        // b fails before its expiry: found by the active listing's miss, not a full one.
+        assert!(store.transition(b_id, S::Open, S::Failed).await.unwrap());
+        assert_eq!(second.pass().await.unwrap(), 1);
+        assert_eq!(second.passes % FULL_EVERY, 3, "not a full listing");
+
+        let (events, _) = read(&settings.log_file).unwrap();
+        let kinds = |id| -> Vec<Kind> {
+            events.iter().filter(|e| e.channel == id).map(|e| e.kind).collect()
+        };
+        use Kind::*;
+        assert_eq!(kinds(a_id), [Opened, Funded, Usage, ToppedUp, Closing, Closed, Settled]);
+        assert_eq!(kinds(b_id), [Opened, Funded, Failed]);
+        let ids: std::collections::HashSet<&str> = events.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(ids.len(), events.len());
+        let top_up = events.iter().find(|e| e.kind == ToppedUp).unwrap();
+        assert_eq!((top_up.paid_delta_msat, top_up.paid_msat.to_msat()), (3_000, 5_000));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     fn read_log_len(path: &Path) -> usize {
         let (events, cut) = read(path).unwrap();
         assert_eq!(cut, 0);
