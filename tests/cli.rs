@@ -342,6 +342,26 @@ impl Site {
         std::fs::write(&self.config, config.replacen(from, to, 1)).unwrap();
     }
 
+    /// Turns the event log on (`events.jsonl`, compared with the store every second), with
+    /// a webhook to `url` signed with [`HOOK_SECRET`]; the settlement task runs every second.
+    fn enable_events(&self, url: Option<&str>) -> PathBuf {
+        self.edit_config("# interval_secs = 30", "interval_secs = 1");
+        let mut config = std::fs::read_to_string(&self.config).unwrap();
+        config.push_str(
+            "\n[events]\nlog_file = \"events.jsonl\"\ninterval_secs = 1\nusage_interval_secs = 1\n",
+        );
+        if let Some(url) = url {
+            let secret = self.dir.join("webhook.secret");
+            std::fs::write(&secret, format!("{HOOK_SECRET}\n")).unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+            config
+                .push_str(&format!("webhook_url = \"{url}\"\nsecret_file = \"webhook.secret\"\n"));
+        }
+        std::fs::write(&self.config, config).unwrap();
+        self.dir.join("events.jsonl")
+    }
+
     /// Lists `GET /public/{*rest}` as free.
     fn free_public(&self) {
         let route =
@@ -744,6 +764,20 @@ async fn the_client_closes_and_refunds_by_itself() {
     assert!(site.node.mempool_entry(txid.parse().unwrap()).await.is_some(), "{refunded}");
     let out = refund().await;
     assert!(text(&out.stdout).contains("0 refund(s)"), "only once: {}", text(&out.stdout));
+
+    // The server comes back, with the event log on: the refund (mined after the expiry) is
+    // its channel's `refunded` event, carrying what the client had paid and never settled.
+    site.node.mine(1).await;
+    let log = site.enable_events(None);
+    let proxy = site.serve(1).await;
+    let paid = site.client_paid("refunder").await[0].1;
+    let ended = wait_for_events(&log, channel, |kinds| kinds.last() == Some(&"refunded")).await;
+    let kinds: Vec<&str> = ended.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds.first(), Some(&"opened"), "{kinds:?}");
+    assert!(!kinds.contains(&"failed") && !kinds.contains(&"settled"), "{kinds:?}");
+    assert_eq!(ended.last().unwrap()["paid_msat"], paid * 1_000);
+    let (status, _) = site.stop(proxy, 1).await;
+    assert!(status.success());
     std::fs::remove_dir_all(&site.dir).unwrap();
 }
 
@@ -863,6 +897,23 @@ async fn doctor_prints_every_check_and_serve_refuses_what_fails() {
     assert!(!said.contains("FAIL"), "{said}");
     let network = line(&said, "ok ", "chain network");
     assert!(network.contains("Bitcoin Core node at [chain] bitcoind_url is on regtest"));
+
+    // [events]: a log line that does not parse and a missing webhook secret fail (serve
+    // refuses them); fixed, both are ok.
+    let log = site.enable_events(Some("http://127.0.0.1:9/hook"));
+    let secret = std::fs::read(site.dir.join("webhook.secret")).unwrap();
+    std::fs::remove_file(site.dir.join("webhook.secret")).unwrap();
+    std::fs::write(&log, "{\"kind\":\n").unwrap();
+    let out = doctor(site.config_arg()).await;
+    let said = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert_says(&line(&said, "FAIL", "events"), &["events.jsonl:1"]);
+    assert_says(&line(&said, "FAIL", "webhook"), &["webhook.secret"]);
+    std::fs::write(&log, "").unwrap();
+    std::fs::write(site.dir.join("webhook.secret"), secret).unwrap();
+    let said = text(&doctor(site.config_arg()).await.stdout);
+    line(&said, "ok ", "events");
+    line(&said, "ok ", "webhook");
 
     // A mainnet config (`init --network bitcoin`) on the regtest node.
     let cookie = site.node.cookie_path();
@@ -1216,4 +1267,212 @@ async fn mainnet_init_asks_where_the_earnings_go() {
     let out = paychan(chosen).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(dir.join("paychan-bump.key").exists());
+}
+
+/// The webhook's signing secret in the tests.
+const HOOK_SECRET: &str = "test-webhook-secret-0123456789";
+
+/// What the test's webhook receiver saw: every attempt (its event id and whether its
+/// signature held), and the events it accepted, in order.
+#[derive(Default)]
+struct Hook {
+    attempts: std::sync::Mutex<Vec<(String, bool)>>,
+    accepted: std::sync::Mutex<Vec<Value>>,
+}
+
+/// A webhook receiver that checks each POST's `Paychan-Signature` as PRODUCTION.md says,
+/// answers 500 to an event's first attempt and 200 to the next; its URL.
+async fn hook_receiver(hook: Arc<Hook>) -> String {
+    use bitcoin::hashes::{Hash as _, HashEngine as _, hmac, sha256};
+    async fn receive(
+        axum::extract::State(hook): axum::extract::State<Arc<Hook>>,
+        headers: HeaderMap,
+        body: axum::body::Bytes,
+    ) -> StatusCode {
+        let signature = headers["paychan-signature"].to_str().unwrap();
+        let (t, v1) = signature.split_once(",v1=").unwrap();
+        let t = t.strip_prefix("t=").unwrap();
+        let mut engine = hmac::HmacEngine::<sha256::Hash>::new(HOOK_SECRET.as_bytes());
+        engine.input(format!("{t}.").as_bytes());
+        engine.input(&body);
+        let valid = hmac::Hmac::from_engine(engine).to_string() == v1;
+        let event: Value = serde_json::from_slice(&body).unwrap();
+        let id = event["id"].as_str().unwrap().to_owned();
+        let mut attempts = hook.attempts.lock().unwrap();
+        let first = !attempts.iter().any(|(seen, _)| *seen == id);
+        attempts.push((id, valid));
+        if first || !valid {
+            return StatusCode::INTERNAL_SERVER_ERROR;
+        }
+        hook.accepted.lock().unwrap().push(event);
+        StatusCode::OK
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let app = Router::new().route("/hook", axum::routing::post(receive)).with_state(hook);
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    url
+}
+
+/// Waits (up to two minutes) until `hook` accepted as many events as the log at `log` has.
+async fn delivered(hook: &Hook, log: &Path) {
+    for _ in 0..1_200 {
+        if hook.accepted.lock().unwrap().len() >= logged(log).len() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the webhook did not get every event: {:?}", hook.attempts.lock().unwrap());
+}
+
+/// The events of the log at `path`, in order.
+fn logged(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines().map(|line| serde_json::from_str(line).unwrap()).collect()
+}
+
+/// Waits (up to a minute) until the events of `channel` in the log at `path` satisfy `done`
+/// (given their kinds); returns them.
+async fn wait_for_events(path: &Path, channel: &str, done: impl Fn(&[&str]) -> bool) -> Vec<Value> {
+    for _ in 0..600 {
+        let events: Vec<Value> =
+            logged(path).into_iter().filter(|e| e["channel"] == channel).collect();
+        let kinds: Vec<&str> = events.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+        if done(&kinds) {
+            return events;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the events of {channel} never got there: {:?}", logged(path));
+}
+
+/// The billing event log (issue #27 item 7) on a real node: a channel opened and paid, the
+/// proxy stopped, the operator's close while it is down, the proxy back: the log has each of
+/// the channel's events once, in order (the close caught up after the restart), the close's
+/// txid on `closed` and `settled`; the webhook got each event signed, refused once (500) and
+/// accepted on the retry, in the log's order; `paychan report` gives what the client paid and
+/// what its requests were charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_events_are_logged_once_signed_delivered_and_reported() {
+    let Some(site) = Site::new("events").await else { return };
+    let hook = Arc::new(Hook::default());
+    let log = site.enable_events(Some(&hook_receiver(Arc::clone(&hook)).await));
+    let proxy = site.serve(0).await;
+    let pay = async || {
+        let out = paychan(site.pay("client", "/hello")).await;
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    };
+    pay().await;
+    let id = site.client_paid("client").await[0].0.clone();
+    let events =
+        |kind: &'static str| wait_for_events(&log, &id, move |kinds| kinds.contains(&kind));
+    // Opened (and open at once: a zero-conf funding), then two more requests: usage.
+    let funded = events("funded").await;
+    pay().await;
+    pay().await;
+    site.node.mine(1).await;
+    let (_, paid_sat) = site.client_paid("client").await[0].clone();
+    let spent = channel_json(&site.config, &id).await["spent_msat"].as_u64().unwrap();
+    assert_eq!(spent, 6_000, "three requests at 2 sat");
+    wait_for_events(&log, &id, |_| logged(&log).last().unwrap()["spent_msat"] == spent).await;
+    // Stopped once the webhook has them all (a stop cutting a POST short would send that event
+    // again after the restart: at least once, with the same id).
+    delivered(&hook, &log).await;
+    let before = logged(&log).len();
+    // The metrics say so (once the deliverer counted the last 2xx it got).
+    let expected = [
+        format!("paychan_events_logged_total {before}"),
+        format!("paychan_webhook_delivered_total {before}"),
+        format!("paychan_webhook_failures_total {before}"),
+        "paychan_webhook_pending 0".to_owned(),
+    ];
+    let mut metrics = String::new();
+    for _ in 0..100 {
+        metrics = fetch(&format!("{}/metrics", site.admin), Some(&site.token)).await.1;
+        if metrics.lines().any(|line| line == expected[1]) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for line in &expected {
+        assert!(metrics.lines().any(|l| l == line), "{line} in {metrics}");
+    }
+    let (status, _) = site.stop(proxy, 0).await;
+    assert!(status.success());
+    assert_eq!(
+        &funded[..2].iter().map(|e| e["kind"].clone()).collect::<Vec<_>>(),
+        &["opened", "funded"]
+    );
+
+    // Closed by the operator while the proxy is down; the proxy back catches up.
+    let out = paychan(args(&["close", "--config", &site.config_arg(), &id])).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let close =
+        text(&out.stdout).split_whitespace().nth(2).unwrap().trim_end_matches(':').to_owned();
+    let proxy = site.serve(1).await;
+    events("closed").await;
+    site.node.mine(1).await;
+    let all = events("settled").await;
+    let kinds: Vec<&str> = all.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds[kinds.len() - 3..], ["closing", "closed", "settled"], "{kinds:?}");
+    let middle = &kinds[2..kinds.len() - 3];
+    assert!(middle.contains(&"usage"), "{kinds:?}");
+    assert!(middle.iter().all(|k| ["topped_up", "usage"].contains(k)), "{kinds:?}");
+    assert!(logged(&log).len() > before);
+    // Once each, numbered in order, ids distinct, across the restart.
+    for (n, event) in all.iter().enumerate() {
+        assert_eq!(event["seq"], n, "{all:?}");
+    }
+    let ids: std::collections::HashSet<&str> =
+        all.iter().map(|e| e["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), all.len());
+    let paid_msat = paid_sat * 1_000;
+    for event in &all[all.len() - 2..] {
+        assert_eq!(event["txid"], close.as_str(), "{event}");
+    }
+    let settled = all.last().unwrap();
+    assert_eq!(
+        (settled["paid_msat"].as_u64(), settled["spent_msat"].as_u64()),
+        (Some(paid_msat), Some(spent))
+    );
+    let client_key = settled["client_key"].as_str().unwrap();
+    assert!(all.iter().all(|e| e["client_key"] == client_key));
+
+    // The webhook: every event of the log, in its order, each refused once then accepted.
+    delivered(&hook, &log).await;
+    let count = logged(&log).len();
+    let (status, _) = site.stop(proxy, 1).await;
+    assert!(status.success());
+    assert_eq!(*hook.accepted.lock().unwrap(), logged(&log), "each event once, in order");
+    let attempts = hook.attempts.lock().unwrap().clone();
+    assert!(attempts.iter().all(|(_, valid)| *valid), "every signature holds");
+    assert_eq!(attempts.len(), 2 * count, "one 500 and one retry each: {attempts:?}");
+
+    // The usage export: what the client paid, what its requests were charged.
+    let report = |extra: &[&str]| {
+        let mut all = args(&["report", "--config", &site.config_arg()]);
+        all.extend(args(extra));
+        paychan(all)
+    };
+    let out = report(&["--format", "json", "--by", "client"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = &json["rows"][0];
+    assert_eq!(json["rows"].as_array().unwrap().len(), 1, "{json}");
+    assert_eq!(row["client_key"], client_key);
+    assert_eq!(
+        (row["channels"].as_u64(), row["opened"].as_u64(), row["settled"].as_u64()),
+        (Some(1), Some(1), Some(1))
+    );
+    assert_eq!(row["paid_msat"], paid_msat, "what the client paid: {json}");
+    assert_eq!(row["charged_msat"], spent, "{json}");
+    assert_eq!(row["settled_msat"], paid_msat, "{json}");
+    let out = report(&["--from", "2000-01-01", "--format", "csv"]).await;
+    let csv = text(&out.stdout);
+    let line = csv.lines().nth(1).unwrap_or_default();
+    assert!(line.starts_with(&format!("{id},{client_key},1,")), "{csv}");
+    assert!(line.ends_with(&format!(",{paid_msat},{spent},{paid_msat}")), "{csv}");
+    let out = report(&["--to", "2000-01-01"]).await;
+    assert_eq!(text(&out.stdout).lines().count(), 1, "only the header before the log began");
+    std::fs::remove_dir_all(&site.dir).unwrap();
 }

@@ -173,6 +173,20 @@ impl Observed {
         self
     }
 
+    /// The billing events' metrics (`[events]`), registered with the others.
+    pub(crate) fn with_events(mut self, events: &crate::events::Metrics) -> Self {
+        let r = &mut self.registry;
+        let logged = "Billing events appended to the event log";
+        let delivered = "Billing events the webhook accepted (2xx)";
+        let failures = "Webhook attempts that failed (each is retried, in order)";
+        let pending = "Billing events in the log not yet accepted by the webhook";
+        register(r, "events_logged", logged, events.logged.clone());
+        register(r, "webhook_delivered", delivered, events.delivered.clone());
+        register(r, "webhook_failures", failures, events.failures.clone());
+        register(r, "webhook_pending", pending, events.pending.clone());
+        self
+    }
+
     /// Whether requests found the store unavailable and it has not answered since.
     pub(crate) fn store_is_down(&self) -> bool {
         self.store_since.lock().unwrap_or_else(|p| p.into_inner()).is_some()

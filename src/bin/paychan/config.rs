@@ -137,6 +137,7 @@ struct File {
     listener: ListenerFile,
     admin: Option<AdminFile>,
     tls: Option<TlsFile>,
+    events: Option<EventsFile>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -238,6 +239,54 @@ pub(crate) struct Admin {
     pub(crate) token_file: PathBuf,
     /// Where Prometheus scrapes (default `/metrics`).
     pub(crate) metrics_path: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsFile {
+    log_file: PathBuf,
+    interval_secs: Option<u64>,
+    usage_interval_secs: Option<u64>,
+    webhook_url: Option<String>,
+    secret_file: Option<PathBuf>,
+}
+
+/// The billing event log and its webhook (`[events]`).
+#[derive(Debug, Clone)]
+pub(crate) struct Events {
+    pub(crate) settings: crate::events::Settings,
+    /// Where events are POSTed, and the file of the secret that signs them.
+    pub(crate) webhook: Option<(Uri, PathBuf)>,
+}
+
+fn events(file: EventsFile, base: &Path) -> Result<Events, ConfigError> {
+    let secs = |key: &str, secs: Option<u64>, default: u64| match secs.unwrap_or(default) {
+        0 => Err(bad(key, "at least 1")),
+        secs => Ok(Duration::from_secs(secs)),
+    };
+    let settings = crate::events::Settings {
+        log_file: base.join(file.log_file),
+        interval: secs("events.interval_secs", file.interval_secs, 5)?,
+        usage_every: secs("events.usage_interval_secs", file.usage_interval_secs, 60)?,
+    };
+    let webhook = match (file.webhook_url, file.secret_file) {
+        (Some(url), Some(secret)) => {
+            let uri: Uri =
+                url.parse().map_err(|e| bad("events.webhook_url", format!("{url}: {e}")))?;
+            if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
+                return Err(bad("events.webhook_url", format!("{url}: expected http[s]://…")));
+            }
+            Some((uri, base.join(secret)))
+        }
+        (Some(_), None) => {
+            return Err(bad("events.secret_file", "needed with webhook_url: it signs each POST"));
+        }
+        (None, Some(_)) => {
+            return Err(bad("events.webhook_url", "secret_file without a webhook_url"));
+        }
+        (None, None) => None,
+    };
+    Ok(Events { settings, webhook })
 }
 
 fn shutdown_secs() -> u64 {
@@ -383,6 +432,8 @@ pub(crate) struct Config {
     pub(crate) tls: Option<(PathBuf, PathBuf)>,
     /// The listener's limits.
     pub(crate) listener: Listener,
+    /// The billing event log (`[events]`).
+    pub(crate) events: Option<Events>,
 }
 
 impl Config {
@@ -471,6 +522,7 @@ impl Config {
             },
             tls: file.tls.map(|tls| (base.join(tls.cert_file), base.join(tls.key_file))),
             listener: listener(file.listener)?,
+            events: file.events.map(|events_file| events(events_file, base)).transpose()?,
         })
     }
 }
@@ -709,6 +761,13 @@ price_msat = {price}
 listen = "{admin_listen}"        # keep it private; every request needs the token
 token_file = "admin.token"       # as `Authorization: Bearer …`, Basic auth's password, or ?token=
 # metrics_path = "/metrics"
+
+# [events]                       # billing: every channel event in a JSON-lines log (PRODUCTION.md)
+# log_file = "events.jsonl"      # appended and fsync'd; `paychan report --from … --to …` reads it
+# interval_secs = 5              # how often the store is compared with the log
+# usage_interval_secs = 60       # a `usage` event per channel at most this often
+# webhook_url = "https://billing.example/paychan"   # each event POSTed, signed, retried
+# secret_file = "webhook.secret" # the HMAC-SHA256 key (mode 0600): openssl rand -hex 32
 "#,
         network = init.network,
         listen = init.listen,
@@ -871,6 +930,38 @@ mod tests {
         assert_eq!(Config::parse(&on, base).unwrap().leases, Some(expected));
         let typo = on.replace("max_msat = 5000", "max_sat = 5");
         assert_eq!(Config::parse(&typo, base).unwrap_err().key, "store.leases.max_sat");
+    }
+
+    #[test]
+    fn events_are_off_unless_configured_and_a_webhook_needs_its_secret() {
+        let base = Path::new("/srv");
+        assert!(Config::parse(&template(&init()), base).unwrap().events.is_none());
+        // The template's commented-out example, turned on.
+        let on = template(&init())
+            .replace("# [events]", "[events]")
+            .replace("# log_file", "log_file")
+            .replace("# interval_secs = 5", "interval_secs = 2");
+        let events = Config::parse(&on, base).unwrap().events.unwrap();
+        assert_eq!(events.settings.log_file, Path::new("/srv/events.jsonl"));
+        assert_eq!(events.settings.interval, Duration::from_secs(2));
+        assert_eq!(events.settings.usage_every, Duration::from_secs(60));
+        assert!(events.webhook.is_none());
+        let hook = on.replace("# webhook_url", "webhook_url");
+        assert_eq!(Config::parse(&hook, base).unwrap_err().key, "events.secret_file");
+        let hook = hook.replace("# secret_file", "secret_file");
+        let (url, secret) = Config::parse(&hook, base).unwrap().events.unwrap().webhook.unwrap();
+        assert_eq!(
+            (url.to_string(), secret),
+            ("https://billing.example/paychan".into(), "/srv/webhook.secret".into())
+        );
+        for (from, to, key) in [
+            ("https://billing.example/paychan", "ftp://x", "events.webhook_url"),
+            ("interval_secs = 2", "interval_secs = 0", "events.interval_secs"),
+            ("interval_secs = 2", "intervals = 2", "events.intervals"),
+        ] {
+            let error = Config::parse(&hook.replacen(from, to, 1), base).unwrap_err();
+            assert_eq!(error.key, key, "{to}: {error}");
+        }
     }
 
     #[test]

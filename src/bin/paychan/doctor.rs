@@ -130,4 +130,21 @@ async fn run(config: &Config, checks: &mut Checks) {
             crate::redact(&config.store_url)
         )
     });
+    if let Some(events) = &config.events {
+        events_check(config, events, checks);
+    }
+}
+
+/// `[events]`: the log reads back (a line cut by a crash is fine: `serve` removes it), the
+/// webhook's secret is readable.
+fn events_check(config: &Config, events: &crate::config::Events, checks: &mut Checks) {
+    let log = &events.settings.log_file;
+    checks.result("events", crate::events::read(log), |(events, _)| {
+        format!("{}: {} events", log.display(), events.len())
+    });
+    if let Some((url, secret)) = &events.webhook {
+        let read = keys::read_secret(secret, config.network);
+        checks.result("webhook", read, |_| format!("{url}, signed with {}", secret.display()));
+        private(checks, "webhook", secret);
+    }
 }

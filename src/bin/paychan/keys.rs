@@ -122,6 +122,17 @@ fn read_private(path: &Path, what: &str, network: Network) -> Result<String, Err
     Ok(std::fs::read_to_string(path).map_err(|e| format!("{what} {}: {e}", path.display()))?)
 }
 
+/// Reads the webhook's signing secret at `path` (its text, trimmed: at least 16 characters).
+/// A file others can read is refused on mainnet and warned about elsewhere.
+pub(crate) fn read_secret(path: &Path, network: Network) -> Result<Vec<u8>, Error> {
+    let text = read_private(path, "webhook secret", network)?;
+    let secret = text.trim();
+    if secret.len() < 16 {
+        return Err(format!("webhook secret {}: shorter than 16 characters", path.display()).into());
+    }
+    Ok(secret.as_bytes().to_vec())
+}
+
 /// Reads the key at `path`, for `network`. A key file others can read is refused on mainnet
 /// and warned about elsewhere.
 pub(crate) fn read(path: &Path, network: Network) -> Result<Xpriv, Error> {

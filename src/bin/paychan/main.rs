@@ -13,11 +13,14 @@ mod admin;
 mod chain;
 mod config;
 mod doctor;
+mod events;
 mod keys;
 mod net;
 mod operator;
 mod pay;
+mod report;
 mod serve;
+mod webhook;
 
 type Error = Box<dyn std::error::Error>;
 
@@ -205,10 +208,26 @@ enum Command {
         #[command(flatten)]
         config: ConfigPath,
     },
-    /// Revenue paid and settled, open allocations, channels closing soon.
+    /// Revenue paid and settled, open allocations, channels closing soon. With `--from`,
+    /// `--to`, `--format` or `--by`: the usage export instead, per channel or per client key,
+    /// read from the event log (`[events]`).
     Report {
         #[command(flatten)]
         config: ConfigPath,
+        /// The period's start: Unix seconds, YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ (UTC),
+        /// included. Default: the log's beginning.
+        #[arg(long, value_parser = report::parse_time)]
+        from: Option<u64>,
+        /// The period's end, excluded. Default: now.
+        #[arg(long, value_parser = report::parse_time)]
+        to: Option<u64>,
+        /// The usage export's format.
+        #[arg(long, value_enum)]
+        format: Option<report::Format>,
+        /// A row per channel, or per client key (the paychan client uses a fresh key for each
+        /// channel: PRODUCTION.md, "Billing events").
+        #[arg(long, value_enum)]
+        by: Option<report::By>,
     },
     /// Sends a request like curl and pays for it over a channel.
     Pay(pay::PayArgs),
@@ -376,10 +395,21 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
             let chain = chain::Chain::new(&config.chain)?;
             with_store!(&config.store_url, store => operator::close(&store, &chain, &master, id).await)?;
         }
-        Command::Report { config } => {
+        Command::Report { config, from: None, to: None, format: None, by: None } => {
             let config = Config::load(&config.config)?;
             let chain = chain::Chain::new(&config.chain)?;
             with_store!(&config.store_url, store => operator::report(&store, Some(&chain)).await)?;
+        }
+        Command::Report { config, from, to, format, by } => {
+            let config = Config::load(&config.config)?;
+            let events = config.events.ok_or(
+                "the usage report reads the event log: set [events] log_file in the config \
+                 (PRODUCTION.md, \"Billing events\")",
+            )?;
+            let (from, to) = (from.unwrap_or(0), to.unwrap_or_else(|| events::unix_now() + 1));
+            let format = format.unwrap_or(report::Format::Csv);
+            let by = by.unwrap_or(report::By::Channel);
+            report::report(&events.settings.log_file, from, to, format, by)?;
         }
         Command::Pay(args) => return pay::pay(args).await,
         Command::Client(ClientCommand::Channels { options }) => pay::channels(&options).await?,

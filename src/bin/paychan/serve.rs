@@ -241,15 +241,28 @@ async fn run<St: ChannelStore + Clone + 'static>(
     };
     let paid =
         paid.start(config.prices.clone()).await.map_err(|e| format!("the chain backend: {e}"))?;
+    // The billing event log: a task of its own that reads the store, never in a request's way.
+    let event_metrics = crate::events::Metrics::default();
+    let events = match &config.events {
+        Some(events) => {
+            let (store, chain) = (store.clone(), chain.clone());
+            crate::events::spawn(events, config.network, store, chain, master, &event_metrics)?
+        }
+        None => Vec::new(),
+    };
     let mut layer = paid.layer().with_server_errors_credited(config.refund_server_errors);
     if config.shadow {
         tracing::warn!("shadow mode: every request is served unpaid, unlisted routes too");
         layer = layer.with_shadow_mode();
     }
     let paid = Arc::new(paid);
-    let observed = Arc::new(match config.leases {
+    let observed = match config.leases {
         Some(_) => Observed::new().with_leases(),
         None => Observed::new(),
+    };
+    let observed = Arc::new(match config.events {
+        Some(_) => observed.with_events(&event_metrics),
+        None => observed,
     });
     // With leases a charge need not reach the store: the store itself says when it is back.
     let store_watch =
@@ -305,6 +318,9 @@ async fn run<St: ChannelStore + Clone + 'static>(
         task.await??;
     }
     if let Some(task) = store_watch {
+        task.abort();
+    }
+    for task in events {
         task.abort();
     }
     if let Ok(paid) = Arc::try_unwrap(paid) {
