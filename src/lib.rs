@@ -36,6 +36,18 @@
 //! * `bitcoind`, `esplora` — the Bitcoin Core JSON-RPC and Esplora chain backends.
 //! * `reqwest` — `client::PaymentMiddleware` for `reqwest-middleware` (reqwest without TLS:
 //!   enable the TLS you want on your own reqwest dependency).
+//!
+//! # Conventions
+//!
+//! * A value configured by chaining takes `with_*` (and `without_*` to turn a default off):
+//!   `PaywallLayer::with_prepaid_top_up`, `Settlement::with_cpfp_key`,
+//!   `SpendingPolicy::with_max_total`. Only `*Builder` types take bare names
+//!   (`PayerBuilder::wallet`), as std's `thread::Builder`. Getters are bare nouns.
+//! * Every public type has one path: its module (`server::PaywallLayer`,
+//!   `channel::ChannelState`); only [`Merchant`], [`MilliSats`] and [`bitcoin`] live at the
+//!   root.
+//! * Money is [`MilliSats`] or [`bitcoin::Amount`]; "refund" always means T2, the client's
+//!   time-locked refund transaction (a charge given back is a *credit*).
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 #[cfg(feature = "runtime")]

@@ -14,7 +14,8 @@ use common::{Setup, now_ms};
 use paychan::MilliSats;
 use paychan::channel::ChannelState;
 use paychan::channel::{NewPayment, Terms};
-use paychan::store::{ChannelRecord, ChannelStore, Debit, LeaseConfig, Leased, MemoryStore};
+use paychan::store::ops::Debit;
+use paychan::store::{ChannelRecord, ChannelStore, LeaseConfig, Leased, MemoryStore};
 use paychan::wire::ChannelId;
 
 const PRICE: MilliSats = MilliSats::from_msat(70_000);

@@ -392,7 +392,8 @@ async fn a_suspension_stops_every_nodes_lease_by_the_next_pass<S: ChannelStore +
     store: S,
     chain_down: bool,
 ) {
-    use paychan::store::{Debit, LeaseConfig, Leased};
+    use paychan::store::ops::Debit;
+    use paychan::store::{LeaseConfig, Leased};
     let price = MilliSats::from_msat(10_000);
     let chain = SimulatedChain::new();
     let funded = open_channel(&store, &chain, 0, 200, 3_000).await;

@@ -67,7 +67,7 @@ impl std::error::Error for SignatureError {}
 /// // R with a superfluous leading zero byte.
 /// assert!(!is_strict_der(&[0x30, 0x07, 0x02, 0x02, 0x00, 0x01, 0x02, 0x01, 0x01, 0x01]));
 /// ```
-pub fn is_strict_der(sig: &[u8]) -> bool {
+pub(crate) fn is_strict_der(sig: &[u8]) -> bool {
     // Format: 0x30 [total-length] 0x02 [R-length] [R] 0x02 [S-length] [S] [sighash]
     let len = sig.len();
     if !(9..=73).contains(&len) {
@@ -109,7 +109,7 @@ pub fn is_strict_der(sig: &[u8]) -> bool {
 ///
 /// [`SignatureError::NotStrictDer`] or [`SignatureError::HighS`]; an undefined sighash byte is
 /// reported as [`SignatureError::NotSighashAll`].
-pub fn parse_standard(sig: &[u8]) -> Result<ecdsa::Signature, SignatureError> {
+pub(crate) fn parse_standard(sig: &[u8]) -> Result<ecdsa::Signature, SignatureError> {
     if !is_strict_der(sig) {
         return Err(SignatureError::NotStrictDer);
     }
@@ -150,7 +150,7 @@ pub fn parse_standard(sig: &[u8]) -> Result<ecdsa::Signature, SignatureError> {
 /// # Errors
 ///
 /// Any [`SignatureError`] but [`SignatureError::Invalid`].
-pub fn parse_sighash_all(sig: &[u8]) -> Result<ecdsa::Signature, SignatureError> {
+pub(crate) fn parse_sighash_all(sig: &[u8]) -> Result<ecdsa::Signature, SignatureError> {
     let parsed = parse_standard(sig)?;
     if parsed.sighash_type != EcdsaSighashType::All {
         return Err(SignatureError::NotSighashAll { found: parsed.sighash_type as u8 });

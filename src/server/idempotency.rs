@@ -11,7 +11,7 @@ use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 
 use super::rejection::RejectionKind;
-use crate::store::IdempotencyClaim;
+use crate::store::ops::IdempotencyClaim;
 use crate::wire::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
 
 /// The longest `Idempotency-Key`.

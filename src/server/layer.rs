@@ -4,7 +4,7 @@ use std::sync::{Arc, OnceLock};
 use tokio::sync::watch;
 use tower::Layer;
 
-use super::meter::{Meter, Signer};
+use super::meter::{Meter, MeterConfig};
 use super::{Negotiation, Paywall};
 use bitcoin::bip32::Xpriv;
 
@@ -37,7 +37,11 @@ pub const DEFAULT_PREPAID_TOP_UP: MilliSats = MilliSats::from_msat(1_000_000);
 /// ```
 #[must_use]
 pub struct PaywallLayer<St, P> {
-    pub(super) meter: Arc<Meter<St, P>>,
+    /// The configuration, copied on write.
+    config: Arc<MeterConfig<St, P>>,
+    /// The meter of this configuration, built when the layer makes its first service and
+    /// shared by every service it (or a clone not configured since) makes.
+    meter: Arc<OnceLock<Arc<Meter<St, P>>>>,
     /// The negotiation endpoints, built once on the first [`Layer::layer`] from the layer's
     /// final configuration (so builder calls may come in any order) and shared by every
     /// service the layer makes (one table of pending proposals).
@@ -58,7 +62,7 @@ pub(super) struct Endpoints<St> {
 
 impl<St> Endpoints<St> {
     /// The prefix and the router, built on first use from `meter`'s configuration.
-    pub(super) fn get<P>(&self, meter: &Meter<St, P>) -> (&str, &axum::Router) {
+    pub(super) fn get<P>(&self, meter: &MeterConfig<St, P>) -> (&str, &axum::Router) {
         let router = self
             .router
             .get_or_init(|| (self.build)(meter.store.clone(), meter.tip.clone(), &meter.terms_url));
@@ -73,17 +77,17 @@ impl<St, P: Clone> PaywallLayer<St, P> {
     pub fn new(store: St, pricing: P, tip: watch::Receiver<ChainTip>) -> Self {
         Self {
             negotiation: None,
-            meter: Arc::new(Meter {
+            meter: Arc::default(),
+            config: Arc::new(MeterConfig {
                 store: Arc::new(store),
                 pricing,
                 tip,
                 prepaid_top_up: DEFAULT_PREPAID_TOP_UP,
                 credit_server_errors: true,
                 terms_url: DEFAULT_TERMS_URL.to_owned(),
-                verified: Default::default(),
                 forward_payment_header: false,
                 shadow: None,
-                signer: None,
+                receipts: None,
                 no_receipts: false,
                 receipt_signing: super::ReceiptSigning::default(),
                 idempotency: Some(super::Idempotency::default()),
@@ -95,7 +99,7 @@ impl<St, P: Clone> PaywallLayer<St, P> {
 
     /// The configuration to change: a layer configured after it was cloned gets its own copy
     /// (the clones keep theirs).
-    fn config_mut(&mut self) -> &mut Meter<St, P> {
+    fn config_mut(&mut self) -> &mut MeterConfig<St, P> {
         // The router is built again for the new configuration (clones keep theirs, built or
         // not).
         if let Some(endpoints) = &mut self.negotiation {
@@ -105,7 +109,9 @@ impl<St, P: Clone> PaywallLayer<St, P> {
                 router: OnceLock::new(),
             });
         }
-        Arc::make_mut(&mut self.meter)
+        // A new configuration, a new meter (with its own caches) once it makes a service.
+        self.meter = Arc::default();
+        Arc::make_mut(&mut self.config)
     }
 
     /// Sets how responses to requests with an `Idempotency-Key` are kept for replay (on by
@@ -161,7 +167,7 @@ impl<St, P: Clone> PaywallLayer<St, P> {
     /// batches for clients that accept them: a fraction of an ECDSA signature per request).
     pub fn with_receipts(mut self, master: Xpriv) -> Self {
         let meter = self.config_mut();
-        meter.signer = Some(Arc::new(Signer::new(master, meter.receipt_signing)));
+        meter.receipts = Some(master);
         meter.no_receipts = false;
         self
     }
@@ -172,11 +178,7 @@ impl<St, P: Clone> PaywallLayer<St, P> {
     /// [`ReceiptSigning::Batched`]: super::ReceiptSigning::Batched
     /// [`ReceiptSigning::Every`]: super::ReceiptSigning::Every
     pub fn with_receipt_signing(mut self, signing: super::ReceiptSigning) -> Self {
-        let meter = self.config_mut();
-        meter.receipt_signing = signing;
-        if let Some(signer) = meter.signer.take() {
-            meter.signer = Some(Arc::new(Signer::new(signer.master(), signing)));
-        }
+        self.config_mut().receipt_signing = signing;
         self
     }
 
@@ -184,7 +186,7 @@ impl<St, P: Clone> PaywallLayer<St, P> {
     /// path; the client then checks the balance header only).
     pub fn without_receipts(mut self) -> Self {
         let meter = self.config_mut();
-        meter.signer = None;
+        meter.receipts = None;
         meter.no_receipts = true;
         self
     }
@@ -215,7 +217,7 @@ impl<St, P: Clone> PaywallLayer<St, P> {
 
     /// What the layer would have charged, in shadow mode (`None` otherwise).
     pub fn shadow_tally(&self) -> Option<Arc<super::ShadowTally>> {
-        self.meter.shadow.clone()
+        self.config.shadow.clone()
     }
 
     /// Sets the terms URL that 402 challenges point to, and where the terms are served
@@ -238,8 +240,7 @@ impl<St, P: Clone> PaywallLayer<St, P> {
         let meter = self.config_mut();
         meter.payment_path = Some(crate::wire::Endpoints::under(negotiation.prefix()).payment);
         if !meter.no_receipts {
-            let signing = meter.receipt_signing;
-            meter.signer.get_or_insert_with(|| Arc::new(Signer::new(master, signing)));
+            meter.receipts.get_or_insert(master);
         }
         self.negotiation = Some(Arc::new(Endpoints {
             prefix: negotiation.prefix().to_owned(),
@@ -252,16 +253,20 @@ impl<St, P: Clone> PaywallLayer<St, P> {
 
 impl<St, P> Clone for PaywallLayer<St, P> {
     fn clone(&self) -> Self {
-        Self { meter: self.meter.clone(), negotiation: self.negotiation.clone() }
+        Self {
+            config: Arc::clone(&self.config),
+            meter: Arc::clone(&self.meter),
+            negotiation: self.negotiation.clone(),
+        }
     }
 }
 
 impl<St, P> fmt::Debug for PaywallLayer<St, P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PaywallLayer")
-            .field("prepaid_top_up", &self.meter.prepaid_top_up)
-            .field("credit_server_errors", &self.meter.credit_server_errors)
-            .field("terms_url", &self.meter.terms_url)
+            .field("prepaid_top_up", &self.config.prepaid_top_up)
+            .field("credit_server_errors", &self.config.credit_server_errors)
+            .field("terms_url", &self.config.terms_url)
             .field("negotiation", &self.negotiation.as_ref().map(|endpoints| &endpoints.prefix))
             .finish_non_exhaustive()
     }
@@ -276,10 +281,15 @@ impl<S, St, P> Layer<S> for PaywallLayer<St, P> {
 }
 
 impl<St, P> PaywallLayer<St, P> {
+    /// The meter of the layer's configuration, built now if no service was made yet.
+    pub(super) fn meter(&self) -> Arc<Meter<St, P>> {
+        Arc::clone(self.meter.get_or_init(|| Arc::new(Meter::new(Arc::clone(&self.config)))))
+    }
+
     /// The negotiation endpoints, their router built now (once) from the final configuration.
     pub(super) fn endpoints(&self) -> Option<Arc<Endpoints<St>>> {
         let endpoints = self.negotiation.as_ref()?;
-        let _built = endpoints.get(&self.meter);
+        let _built = endpoints.get(&self.config);
         Some(Arc::clone(endpoints))
     }
 }
@@ -297,10 +307,10 @@ mod tests {
             .clone()
             .with_prepaid_top_up(MilliSats::from_msat(5))
             .with_payment_header_forwarded(true);
-        assert_eq!(copy.meter.prepaid_top_up, MilliSats::from_msat(5));
-        assert!(copy.meter.forward_payment_header);
-        assert_eq!(layer.meter.prepaid_top_up, DEFAULT_PREPAID_TOP_UP);
-        assert!(!layer.meter.forward_payment_header);
-        assert!(Arc::ptr_eq(&layer.meter.store, &copy.meter.store), "one store");
+        assert_eq!(copy.config.prepaid_top_up, MilliSats::from_msat(5));
+        assert!(copy.config.forward_payment_header);
+        assert_eq!(layer.config.prepaid_top_up, DEFAULT_PREPAID_TOP_UP);
+        assert!(!layer.config.forward_payment_header);
+        assert!(Arc::ptr_eq(&layer.config.store, &copy.config.store), "one store");
     }
 }

@@ -27,7 +27,7 @@ pub struct Paywall<S, St, P> {
 impl<S, St, P> Paywall<S, St, P> {
     /// Wraps `inner` with the configuration of `layer`.
     pub fn new(inner: S, layer: &PaywallLayer<St, P>) -> Self {
-        Self { inner, meter: layer.meter.clone(), negotiation: layer.endpoints() }
+        Self { inner, meter: layer.meter(), negotiation: layer.endpoints() }
     }
 
     /// Returns a reference to the inner service.
@@ -92,7 +92,7 @@ where
             Route::Negotiation(router) => ResponseFuture::metered(negotiate(router, request)),
             Route::NotPriced => {
                 let refusal = Rejection::new(RejectionKind::RouteNotPriced, None)
-                    .into_response(&self.meter.terms_url);
+                    .into_response(&self.meter.config.terms_url);
                 ResponseFuture::metered(std::future::ready(Ok(refusal)))
             }
             Route::Free => ResponseFuture::free(self.call_unpaid(request, None)),
@@ -132,20 +132,20 @@ impl<S, St: ChannelStore, P: Send + Sync + 'static> Paywall<S, St, P> {
     {
         let path = request.uri().path();
         if request.method() == http::Method::POST
-            && self.meter.payment_path.as_deref() == Some(path)
+            && self.meter.config.payment_path.as_deref() == Some(path)
         {
             return Route::TopUp;
         }
         if let Some(endpoints) = &self.negotiation
-            && let (prefix, router) = endpoints.get(&self.meter)
-            && is_negotiation(path, prefix, &self.meter.terms_url)
+            && let (prefix, router) = endpoints.get(&self.meter.config)
+            && is_negotiation(path, prefix, &self.meter.config.terms_url)
         {
             return Route::Negotiation(router.clone());
         }
-        match self.meter.pricing.price(request) {
-            None if self.meter.pricing.refuses(request) => Route::NotPriced,
+        match self.meter.config.pricing.price(request) {
+            None if self.meter.config.pricing.refuses(request) => Route::NotPriced,
             None => Route::Free,
-            Some(price) if self.meter.shadow.is_some() => Route::Shadow(price),
+            Some(price) if self.meter.config.shadow.is_some() => Route::Shadow(price),
             Some(price) => Route::Paid(price),
         }
     }
@@ -162,7 +162,7 @@ impl<S, St: ChannelStore, P: Send + Sync + 'static> Paywall<S, St, P> {
     where
         S: Service<Request<ReqBody>>,
     {
-        if let (Some(price), Some(tally)) = (shadow, &self.meter.shadow) {
+        if let (Some(price), Some(tally)) = (shadow, &self.meter.config.shadow) {
             tally.record(price);
             tracing::info!(%price, method = %request.method(), path = request.uri().path(), "shadow mode: served unpaid");
             let paid = Paid::shadow(price);
@@ -171,7 +171,7 @@ impl<S, St: ChannelStore, P: Send + Sync + 'static> Paywall<S, St, P> {
             request.extensions_mut().insert(super::StreamMeter::new(
                 units,
                 paid.channel,
-                self.meter.stream_hold,
+                self.meter.config.stream_hold,
                 None,
                 price,
             ));

@@ -122,7 +122,7 @@ pub struct StreamMeter {
 
 /// What the clones of one request's meter share.
 struct Shared {
-    target: Option<Target>,
+    target: Option<Arc<Target>>,
     charged: AtomicU64,
     /// Set by [`sse`](StreamMeter::sse) or [`bytes`](StreamMeter::bytes): the
     /// `Payment-Channel-Stream` header the layer adds to the response.
@@ -182,7 +182,7 @@ impl StreamMeter {
         units: Arc<dyn Units>,
         channel: ChannelId,
         hold: Duration,
-        target: Option<Target>,
+        target: Option<Arc<Target>>,
         up_front: MilliSats,
     ) -> Self {
         let charged = AtomicU64::new(up_front.to_msat());

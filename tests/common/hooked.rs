@@ -10,10 +10,13 @@ use bitcoin::Transaction;
 use paychan::MilliSats;
 use paychan::channel::ChannelState;
 use paychan::channel::CheckedPayment;
-use paychan::store::{
-    ChannelRecord, ChannelStore, Debit, DebitOnce, IdempotencyClaim, Lease, LeaseRequest,
-    MemoryStore, StoreError, StorePayment,
-};
+use paychan::store::ops::Debit;
+use paychan::store::ops::DebitOnce;
+use paychan::store::ops::IdempotencyClaim;
+use paychan::store::ops::Lease;
+use paychan::store::ops::LeaseRequest;
+use paychan::store::ops::StorePayment;
+use paychan::store::{ChannelRecord, ChannelStore, MemoryStore, StoreError};
 use paychan::wire::ChannelId;
 
 /// The operation a hook is about to let through.

@@ -37,7 +37,8 @@ pub async fn assert_no_lease_serves<S: paychan::store::ChannelStore + Clone + 's
     (state, tries): (paychan::channel::ChannelState, usize),
     served: paychan::MilliSats,
 ) {
-    use paychan::store::{ChannelStore as _, Debit};
+    use paychan::store::ChannelStore as _;
+    use paychan::store::ops::Debit;
     let mut after = 0;
     for node in nodes {
         for _ in 0..tries {

@@ -13,9 +13,11 @@ use crate::channel::{CheckedPayment, PaymentCheck, PaymentError, server_amount};
 use crate::server::Paid;
 use crate::server::rejection::{Rejection, RejectionKind};
 use crate::server::stream::{BoxFuture, Target, Units};
-use crate::store::{
-    ChannelRecord, ChannelStore, Debit, DebitOnce, IdempotencyClaim, IdempotencyRecord, StoreError,
-};
+use crate::store::ops::Debit;
+use crate::store::ops::DebitOnce;
+use crate::store::ops::IdempotencyClaim;
+use crate::store::ops::IdempotencyRecord;
+use crate::store::{ChannelRecord, ChannelStore, StoreError};
 use crate::wire::{self, ChannelId, PaymentAnswer, Problem, Receipt};
 
 /// What [`Meter::charge`] did.
@@ -51,10 +53,9 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
                 response
             }
             // Without a claim, nothing is ever held.
-            Ok(Charged::Held(_)) => {
-                Rejection::new(RejectionKind::StoreUnavailable, None).into_response(&self.terms_url)
-            }
-            Err(rejection) => rejection.into_response(&self.terms_url),
+            Ok(Charged::Held(_)) => Rejection::new(RejectionKind::StoreUnavailable, None)
+                .into_response(&self.config.terms_url),
+            Err(rejection) => rejection.into_response(&self.config.terms_url),
         }
     }
 
@@ -79,7 +80,7 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
             return Box::pin(self.debit(id, price, None, claim, carried)).await;
         }
         // The fast path: a verified header, one atomic debit.
-        let debit = self.store.debit(id, price).await;
+        let debit = self.config.store.debit(id, price).await;
         if let Ok(Debit::Debited { balance }) = debit {
             return Ok(Charged::Paid(Paid { channel: id, price, balance, shadow: false }, carried));
         }
@@ -95,7 +96,7 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
         claim: Option<&IdempotencyClaim>,
     ) -> Result<Charged, Rejection> {
         let reject = |kind, record: Option<&ChannelRecord>| {
-            Rejection::new(kind, record.map(|r| r.snapshot(price, self.prepaid_top_up)))
+            Rejection::new(kind, record.map(|r| r.snapshot(price, self.config.prepaid_top_up)))
                 .with_price(price)
         };
         let payment = wire::decode_payment(header.as_bytes())
@@ -107,6 +108,7 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
         let id = ChannelId::new(outpoint);
         let carried = MilliSats::from_sat(server_amount(&payment)).unwrap_or(MilliSats::MAX);
         let record = self
+            .config
             .store
             .load(id)
             .await
@@ -122,7 +124,7 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
             }
             state => return Err(reject(RejectionKind::ChannelNotOpen(state), Some(&record))),
         }
-        let tip = *self.tip.borrow();
+        let tip = *self.config.tip.borrow();
         let is_best = record.best.as_ref() == Some(&payment);
         let cache = match record.channel.check_payment(record.best.as_ref(), &payment, tip) {
             // Stale means a concurrent request stored an even better payment: fine.
@@ -131,7 +133,7 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
             // was not stored must come through this check again, or it would never be.
             Ok(PaymentCheck::Increase { .. }) if claim.is_none() => {
                 let payment = CheckedPayment::checked(payment);
-                let debit = self.store.pay(id, payment, price).await;
+                let debit = self.config.store.pay(id, payment, price).await;
                 if matches!(debit, Ok(Debit::Debited { .. } | Debit::Insufficient { .. })) {
                     self.verified.remember(id, header, carried);
                 }
@@ -142,6 +144,7 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
             // channel), then the debit claims the key.
             Ok(PaymentCheck::Increase { .. }) => {
                 let _stored_or_stale = self
+                    .config
                     .store
                     .store_payment(id, payment)
                     .await
@@ -177,8 +180,8 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
         carried: MilliSats,
     ) -> Result<Charged, Rejection> {
         let debit = match claim {
-            None => self.store.debit(id, price).await,
-            Some(claim) => match self.store.debit_once(id, price, claim).await {
+            None => self.config.store.debit(id, price).await,
+            Some(claim) => match self.config.store.debit_once(id, price, claim).await {
                 Ok(DebitOnce::Claimed(held)) => return Ok(Charged::Held(held)),
                 Ok(DebitOnce::Debit(debit)) => Ok(debit),
                 Err(e) => Err(e),
@@ -203,11 +206,11 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
             Debit::NotOpen { state: ChannelState::Pending } => RejectionKind::ChannelPending,
             Debit::NotOpen { state } => RejectionKind::ChannelNotOpen(state),
         };
-        let record = Box::pin(self.store.load(id))
+        let record = Box::pin(self.config.store.load(id))
             .await
             .map_err(|e| Rejection::from(e).with_price(price))?
             .or(record);
-        Err(Rejection::new(kind, record.map(|r| r.snapshot(price, self.prepaid_top_up)))
+        Err(Rejection::new(kind, record.map(|r| r.snapshot(price, self.config.prepaid_top_up)))
             .with_price(price))
     }
 }
@@ -218,17 +221,17 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Units for Meter<St, P> {
         amount: MilliSats,
     ) -> BoxFuture<'_, Result<MilliSats, Problem>> {
         Box::pin(async move {
-            let debit = self.store.debit(channel, amount).await;
+            let debit = self.config.store.debit(channel, amount).await;
             match self.debited(channel, amount, debit, None).await {
                 Ok(paid) => Ok(paid.balance),
-                Err(rejection) => Err(rejection.problem(&self.terms_url)),
+                Err(rejection) => Err(rejection.problem(&self.config.terms_url)),
             }
         })
     }
 
     fn try_debit(&self, channel: ChannelId, amount: MilliSats) -> BoxFuture<'_, Option<MilliSats>> {
         Box::pin(async move {
-            match self.store.debit(channel, amount).await {
+            match self.config.store.debit(channel, amount).await {
                 Ok(Debit::Debited { balance }) => Some(balance),
                 _ => None,
             }
@@ -243,7 +246,7 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Units for Meter<St, P> {
     ) -> BoxFuture<'_, Option<Receipt>> {
         let target = target.clone();
         Box::pin(async move {
-            let record = self.store.load(channel).await.ok()??;
+            let record = self.config.store.load(channel).await.ok()??;
             let receipt = target.receipt(channel, charged, record.paid(), record.unspent());
             // The end of a metered stream: always signed.
             self.sign_now(receipt).await

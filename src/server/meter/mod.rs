@@ -17,10 +17,12 @@ use super::rejection::Rejection;
 use super::stream::{StreamMeter, Target};
 use super::{ActualCost, Paid, ReceiptSigning, ShadowTally};
 use crate::MilliSats;
+use bitcoin::bip32::Xpriv;
 use bitcoin::hex::FromHex;
 
 use crate::channel::ChainTip;
-use crate::store::{ChannelStore, IdempotencyClaim};
+use crate::store::ChannelStore;
+use crate::store::ops::IdempotencyClaim;
 use crate::wire::{
     PAYMENT_CHANNEL, PAYMENT_CHANNEL_BALANCE, PAYMENT_CHANNEL_STREAM, PAYMENT_RECEIPT,
     PAYMENT_RECEIPT_PREV, PAYMENT_RECEIPT_UNSIGNED, UnsignedReceipts,
@@ -38,62 +40,79 @@ mod receipts;
 
 use cache::VerifiedHeaders;
 use charge::Charged;
-pub(in crate::server) use receipts::Signer;
+use receipts::Signer;
 
-/// The meter behind [`Paywall`](super::Paywall): prices a request, identifies its channel,
-/// stores a better payment and debits the price in one atomic store operation, and credits
-/// back what the inner service did not use. It owns the store, the chain tip and the
-/// fast-path cache of verified payment headers.
-pub(super) struct Meter<St, P> {
-    pub(super) store: Arc<St>,
-    pub(super) pricing: P,
-    pub(super) tip: watch::Receiver<ChainTip>,
-    pub(super) prepaid_top_up: MilliSats,
-    pub(super) credit_server_errors: bool,
-    pub(super) terms_url: String,
-    /// The fast path's cache of verified payment headers.
-    pub(super) verified: VerifiedHeaders,
+/// A paywall's configuration: what [`PaywallLayer`](super::PaywallLayer)'s builder sets.
+/// Copied on write by a layer configured after it was cloned; it holds no runtime state.
+pub(in crate::server) struct MeterConfig<St, P> {
+    pub(in crate::server) store: Arc<St>,
+    pub(in crate::server) pricing: P,
+    pub(in crate::server) tip: watch::Receiver<ChainTip>,
+    pub(in crate::server) prepaid_top_up: MilliSats,
+    pub(in crate::server) credit_server_errors: bool,
+    pub(in crate::server) terms_url: String,
     /// Whether the inner service sees the `Payment-Channel` header.
-    pub(super) forward_payment_header: bool,
-    /// Shadow mode: price, count and serve without asking for payment.
-    pub(super) shadow: Option<Arc<ShadowTally>>,
-    /// Signs a [`Receipt`] for every paid response, with each channel's K2.
-    pub(super) signer: Option<Arc<Signer>>,
+    pub(in crate::server) forward_payment_header: bool,
+    /// Shadow mode: price, count and serve without asking for payment. (The tally is a
+    /// handle the operator reads from the layer, shared by its services.)
+    pub(in crate::server) shadow: Option<Arc<ShadowTally>>,
+    /// The master key receipts are signed with (each channel's K2 derives from it), if the
+    /// layer gives receipts.
+    pub(in crate::server) receipts: Option<Xpriv>,
     /// Receipts turned off: negotiation endpoints do not turn them on.
-    pub(super) no_receipts: bool,
+    pub(in crate::server) no_receipts: bool,
     /// When receipts are signed.
-    pub(super) receipt_signing: ReceiptSigning,
+    pub(in crate::server) receipt_signing: ReceiptSigning,
     /// How the responses of requests with an `Idempotency-Key` are kept (`None`: the header
     /// is ignored).
-    pub(super) idempotency: Option<Idempotency>,
+    pub(in crate::server) idempotency: Option<Idempotency>,
     /// How long a [`StreamMeter`] waits for a top-up.
-    pub(super) stream_hold: Duration,
+    pub(in crate::server) stream_hold: Duration,
     /// Where clients hand over a better payment without a request to pay for (`POST`, the
     /// payment in `Payment-Channel`): under the negotiation endpoints' prefix.
-    pub(super) payment_path: Option<String>,
+    pub(in crate::server) payment_path: Option<String>,
 }
 
-impl<St, P: Clone> Clone for Meter<St, P> {
-    /// A copy of the configuration with empty caches (see
-    /// [`PaywallLayer::config_mut`](super::PaywallLayer)).
+impl<St, P: Clone> Clone for MeterConfig<St, P> {
     fn clone(&self) -> Self {
         Self {
-            store: self.store.clone(),
+            store: Arc::clone(&self.store),
             pricing: self.pricing.clone(),
             tip: self.tip.clone(),
             prepaid_top_up: self.prepaid_top_up,
             credit_server_errors: self.credit_server_errors,
             terms_url: self.terms_url.clone(),
-            verified: VerifiedHeaders::default(),
             forward_payment_header: self.forward_payment_header,
             shadow: self.shadow.clone(),
-            signer: self.signer.as_ref().map(|signer| Arc::new(signer.fresh())),
-            receipt_signing: self.receipt_signing,
+            receipts: self.receipts,
             no_receipts: self.no_receipts,
+            receipt_signing: self.receipt_signing,
             idempotency: self.idempotency,
             stream_hold: self.stream_hold,
             payment_path: self.payment_path.clone(),
         }
+    }
+}
+
+/// The meter behind [`Paywall`](super::Paywall): prices a request, identifies its channel,
+/// stores a better payment and debits the price in one atomic store operation, and credits
+/// back what the inner service did not use. Built once per layer configuration, when the
+/// layer makes its first service, and shared by every service it makes: the configuration
+/// and the runtime state its services share (the fast path's cache, the receipts' keys and
+/// batches).
+pub(in crate::server) struct Meter<St, P> {
+    pub(in crate::server) config: Arc<MeterConfig<St, P>>,
+    /// The fast path's cache of verified payment headers.
+    verified: VerifiedHeaders,
+    /// Signs a [`Receipt`](crate::wire::Receipt) for paid responses, with each channel's K2.
+    signer: Option<Signer>,
+}
+
+impl<St, P> Meter<St, P> {
+    /// The runtime of `config`: empty caches.
+    pub(in crate::server) fn new(config: Arc<MeterConfig<St, P>>) -> Self {
+        let signer = config.receipts.map(|master| Signer::new(master, config.receipt_signing));
+        Self { config, verified: VerifiedHeaders::default(), signer }
     }
 }
 
@@ -126,14 +145,14 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
             let (paid, carried) = match self.charge(header, price, claim.as_deref()).await {
                 Ok(Charged::Paid(paid, carried)) => (paid, carried),
                 Ok(Charged::Held(record)) => return Ok(self.held(&record, claim.as_deref())),
-                Err(rejection) => return Ok(rejection.into_response(&self.terms_url)),
+                Err(rejection) => return Ok(rejection.into_response(&self.config.terms_url)),
             };
             let mut unfinished = self.unfinished(claim.as_deref(), paid.channel);
             let stream = StreamMeter::new(
                 self.clone(),
                 paid.channel,
-                self.stream_hold,
-                target.as_deref().cloned(),
+                self.config.stream_hold,
+                target.clone(),
                 price,
             );
             request.extensions_mut().insert(paid);
@@ -185,12 +204,12 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
             // channel's money is safe either way.
             // Rare paths are boxed (here and below): the future of every paid request stays
             // small, which the fast path pays for in copies.
-            if let Ok(after) = Box::pin(self.store.credit(paid.channel, give_back)).await {
+            if let Ok(after) = Box::pin(self.config.store.credit(paid.channel, give_back)).await {
                 balance = after;
                 charged = charged.saturating_sub(give_back);
             }
         } else if extra > MilliSats::ZERO
-            && let Ok(Some(record)) = Box::pin(self.store.load(paid.channel)).await
+            && let Ok(Some(record)) = Box::pin(self.config.store.load(paid.channel)).await
         {
             balance = record.unspent();
         }
@@ -199,35 +218,35 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
 
     /// The request's idempotency claim (refused: the problem's response) and the target of
     /// its receipt (when the layer gives receipts), from the path the client sent (axum's
-    /// `nest` strips its prefix from the URI the layer sees and keeps the original). Boxed:
-    /// they are rare, and the future of every paid request stays small.
+    /// `nest` strips its prefix from the URI the layer sees and keeps the original). Behind
+    /// pointers, so the future of every paid request stays small; the target is shared with
+    /// the request's stream meter, not copied.
     #[allow(clippy::type_complexity, reason = "the two parts and the refusal, once")]
     fn claim_and_target<B, ResBody: From<String>>(
         &self,
         request: &Request<B>,
-    ) -> Result<(Option<Box<IdempotencyClaim>>, Option<Box<Target>>), Response<ResBody>> {
+    ) -> Result<(Option<Box<IdempotencyClaim>>, Option<Arc<Target>>), Response<ResBody>> {
         let uri = request
             .extensions()
             .get::<axum::extract::OriginalUri>()
             .map_or(request.uri(), |original| &original.0);
         let path = uri.path_and_query().map_or("/", |p| p.as_str());
-        let claim = match self.idempotency.as_ref().map(|keep| keep.claim(request, path)) {
+        let claim = match self.config.idempotency.as_ref().map(|keep| keep.claim(request, path)) {
             Some(Err(kind)) => {
-                return Err(Rejection::new(kind, None).into_response(&self.terms_url));
+                return Err(Rejection::new(kind, None).into_response(&self.config.terms_url));
             }
             Some(Ok(claim)) => claim.map(Box::new),
             None => None,
         };
         let headers = request.headers();
         let target = self.signer.is_some().then(|| {
-            Box::new(Target {
+            Arc::new(Target {
                 method: request.method().clone(),
                 path: path.to_owned(),
                 // A malformed link is no link: the client sees the receipt unlinked.
                 prev: headers
                     .get(PAYMENT_RECEIPT_PREV)
-                    .and_then(|value| Vec::<u8>::from_hex(value.to_str().ok()?).ok())
-                    .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok()),
+                    .and_then(|value| <[u8; 32]>::from_hex(value.to_str().ok()?).ok()),
                 // A malformed one asks for every receipt signed.
                 unsigned: headers
                     .get(PAYMENT_RECEIPT_UNSIGNED)
@@ -240,7 +259,7 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
     /// What the answer gives back of `price`: all of it for a server error (when configured),
     /// else what the handler's [`ActualCost`] did not use.
     fn give_back<ResBody>(&self, response: &Response<ResBody>, price: MilliSats) -> MilliSats {
-        if self.credit_server_errors && response.status().is_server_error() {
+        if self.config.credit_server_errors && response.status().is_server_error() {
             return price;
         }
         let cost = response.extensions().get::<ActualCost>();
@@ -251,7 +270,7 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
     /// forward it, the inner service (a proxy, a logger) has no business with it, paid or
     /// free, so it is taken out of the request rather than copied.
     pub(super) fn payment_header<B>(&self, request: &mut Request<B>) -> Option<HeaderValue> {
-        if self.forward_payment_header {
+        if self.config.forward_payment_header {
             request.headers().get(CHANNEL_HEADER).cloned()
         } else {
             request.headers_mut().remove(CHANNEL_HEADER)

@@ -13,7 +13,9 @@ use super::Meter;
 use crate::MilliSats;
 use crate::server::idempotency;
 use crate::server::rejection::{Rejection, RejectionKind};
-use crate::store::{ChannelStore, IdempotencyClaim, IdempotencyRecord};
+use crate::store::ChannelStore;
+use crate::store::ops::IdempotencyClaim;
+use crate::store::ops::IdempotencyRecord;
 use crate::wire::ChannelId;
 
 /// A claimed idempotency key whose request has not been finished yet; dropped unfinished,
@@ -48,9 +50,9 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
         claim: Option<&IdempotencyClaim>,
         channel: ChannelId,
     ) -> Option<Box<Unfinished<St>>> {
-        let (claim, keep) = claim.zip(self.idempotency.as_ref())?;
+        let (claim, keep) = claim.zip(self.config.idempotency.as_ref())?;
         Some(Box::new(Unfinished {
-            store: Arc::clone(&self.store),
+            store: Arc::clone(&self.config.store),
             channel,
             claim: Some(claim.clone()),
             until: keep.keep_until(),
@@ -73,7 +75,7 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
                 Err(kind) => kind,
             },
         };
-        Rejection::new(kind, None).into_response(&self.terms_url)
+        Rejection::new(kind, None).into_response(&self.config.terms_url)
     }
 
     /// Finishes `claim` with `response`: kept for replay when it was charged for and fits;
@@ -90,9 +92,10 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
         B: HttpBody<Data = Bytes> + From<Bytes> + From<String>,
         B::Error: Into<BoxError>,
     {
-        let Some(keep) = &self.idempotency else { return response };
+        let Some(keep) = &self.config.idempotency else { return response };
         let finish = async |stored: Option<Vec<u8>>| {
-            let finished = self.store.finish_once(channel, claim, stored, keep.keep_until()).await;
+            let finished =
+                self.config.store.finish_once(channel, claim, stored, keep.keep_until()).await;
             if let Err(error) = finished {
                 // The claim lapses by itself; until then a retry is told to wait.
                 tracing::warn!(%error, "an idempotency key could not be finished");
@@ -120,7 +123,7 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
             }
             None => {
                 // The response failed after it was charged: give the charge back.
-                let _ = self.store.credit(channel, charged).await;
+                let _ = self.config.store.credit(channel, charged).await;
                 finish(None).await;
                 let mut failed = Response::new(B::from("the response failed".to_owned()));
                 *failed.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;

@@ -15,7 +15,7 @@ use crate::wire::{ChannelId, Receipt, UnsignedReceipts};
 
 /// The receipts' signer: the master key, each channel's server key once derived, and when
 /// to sign.
-pub(in crate::server) struct Signer {
+pub(super) struct Signer {
     master: Xpriv,
     keys: dashmap::DashMap<ChannelId, SecretKey>,
     signing: ReceiptSigning,
@@ -24,7 +24,7 @@ pub(in crate::server) struct Signer {
 }
 
 impl Signer {
-    pub(in crate::server) fn new(master: Xpriv, signing: ReceiptSigning) -> Self {
+    pub(super) fn new(master: Xpriv, signing: ReceiptSigning) -> Self {
         let (keys, batches) = (dashmap::DashMap::new(), dashmap::DashMap::new());
         Self { master, keys, signing, batches }
     }
@@ -48,15 +48,6 @@ impl Signer {
             || now.duration_since(since) >= within;
         *batch = if due { (0, now) } else { (left + 1, since) };
         due
-    }
-
-    /// A signer with the same key and rule that remembers nothing yet.
-    pub(super) fn fresh(&self) -> Self {
-        Self::new(self.master, self.signing)
-    }
-
-    pub(in crate::server) fn master(&self) -> Xpriv {
-        self.master
     }
 
     /// Derives and keeps the server key of `record`'s channel.
@@ -99,7 +90,7 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
     pub(super) async fn sign_now(&self, receipt: Receipt) -> Option<Receipt> {
         let signer = self.signer.as_ref()?;
         if !signer.keys.contains_key(&receipt.channel) {
-            let record = self.store.load(receipt.channel).await.ok()??;
+            let record = self.config.store.load(receipt.channel).await.ok()??;
             signer.remember(&record);
         }
         let key = *signer.keys.get(&receipt.channel)?;
