@@ -12,11 +12,13 @@ use paychan::wire::ChannelId;
 mod admin;
 mod chain;
 mod config;
+mod console;
 mod doctor;
 mod keys;
 mod net;
 mod operator;
 mod pay;
+mod prices;
 mod serve;
 
 type Error = Box<dyn std::error::Error>;
@@ -359,7 +361,9 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
                 );
             }
         }
-        Command::Serve { config } => serve::serve(Config::load(&config.config)?).await?,
+        Command::Serve { config } => {
+            serve::serve(Config::load(&config.config)?, config.config).await?
+        }
         Command::Doctor { config } => return Ok(doctor::doctor(&config.config).await),
         Command::Channels { config, state } => {
             let config = Config::load(&config.config)?;
