@@ -152,19 +152,22 @@ mod tests {
         Request::get(path).body(()).unwrap()
     }
 
-    fn dir(name: &str) -> PathBuf {
+    /// A config in a fresh folder with `GET /hello` at 1 000 msat, its live prices and their
+    /// reloader.
+    fn live(name: &str) -> (PathBuf, LivePrices, Reloader) {
         let dir =
             std::env::temp_dir().join(format!("paychan-prices-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        dir
+        let path = test_config(&dir, 1_000, false);
+        let live = LivePrices::new(Config::load(&path).unwrap().prices);
+        let reloader = Reloader::new(path.clone(), false, live.clone());
+        (path, live, reloader)
     }
 
     #[test]
     fn a_reload_swaps_the_table_and_its_description() {
-        let dir = dir("swap");
-        let path = test_config(&dir, 1_000, false);
-        let live = LivePrices::new(Config::load(&path).unwrap().prices);
-        let reloader = Reloader::new(path.clone(), false, live.clone());
+        let (path, live, reloader) = live("swap");
+        let dir = path.parent().unwrap().to_owned();
         assert_eq!(live.price(&get("/hello")), Some(MilliSats::from_msat(1_000)));
         test_config(&dir, 3_000, false);
         let done = reloader.reload("test").unwrap();
@@ -178,10 +181,8 @@ mod tests {
 
     #[test]
     fn a_bad_file_changes_nothing_and_says_why() {
-        let dir = dir("bad");
-        let path = test_config(&dir, 1_000, false);
-        let live = LivePrices::new(Config::load(&path).unwrap().prices);
-        let reloader = Reloader::new(path.clone(), false, live.clone());
+        let (path, live, reloader) = live("bad");
+        let dir = path.parent().unwrap().to_owned();
         let before = live.describe();
         let good = std::fs::read_to_string(&path).unwrap();
         for (bad, says) in [
