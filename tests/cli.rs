@@ -970,6 +970,7 @@ async fn the_proxy_serves_tls() {
         "{}",
         text(&untrusted.stderr)
     );
+    assert!(text(&untrusted.stderr).contains("with --cacert"), "{}", text(&untrusted.stderr));
     let mut trusted = site.client(&["pay", "--cacert", cert.to_str().unwrap()], "client");
     trusted.push(format!("{}/hello", site.origin));
     for _ in 0..2 {
@@ -981,6 +982,38 @@ async fn the_proxy_serves_tls() {
     let (status, log) = site.stop(proxy, 0).await;
     assert!(status.success(), "{log}");
     assert!(log.contains("proxy stopped"), "{log}");
+    std::fs::remove_dir_all(&site.dir).unwrap();
+}
+
+/// `paychan pay`'s wallet errors say what fixes them (issue #27 item 5): without a wallet, the
+/// flags that give one; with a Core wallet short of funds, what it has and what the channel
+/// needs, and the flags.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pay_names_the_flag_when_the_wallet_is_missing_or_short() {
+    let Some(site) = Site::new("wallets").await else { return };
+    let proxy = site.serve(0).await;
+    let url = format!("{}/hello", site.origin);
+    let node = &site.node;
+    let mut walletless = site.client(&["pay"], "walletless");
+    let at = walletless.iter().position(|arg| arg == "--wallet-url").unwrap();
+    walletless.drain(at..at + 2);
+    walletless.push(url.clone());
+    let out = paychan(walletless).await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert_says(&text(&out.stderr), &["there is no wallet", "--wallet-url", "--wallet-key"]);
+
+    node.create_wallet("empty").await;
+    let mut short = site.client(&["pay"], "short");
+    let wallet = short.iter().position(|arg| arg.ends_with("/wallet/w")).unwrap();
+    short[wallet] = format!("{}/wallet/empty", node.url());
+    short.push(url);
+    let out = paychan(short).await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let (has, needs) = (Amount::ZERO, Amount::from_sat(50_000));
+    let says = format!("insufficient funds: {has} cannot pay {needs} and the fee");
+    assert_says(&text(&out.stderr), &[&says, "/wallet/empty", "--channel-value-sat (now 50000)"]);
+    let (status, _) = site.stop(proxy, 0).await;
+    assert!(status.success());
     std::fs::remove_dir_all(&site.dir).unwrap();
 }
 
