@@ -36,12 +36,12 @@ pub(crate) fn csrf_value(token: &str) -> String {
 /// Why a `POST` is refused as forged, or `None`: a browser's word that it comes from another
 /// site, or a CSRF value missing or not the token's.
 fn forged(token: &str, headers: &HeaderMap, csrf: Option<&str>) -> Option<&'static str> {
-    let header = |name| headers.get(name).map(|v| v.to_str().unwrap_or("?"));
-    if header("sec-fetch-site").is_some_and(|site| !matches!(site, "same-origin" | "none")) {
+    let value = |name| headers.get(name).map(|v| v.to_str().unwrap_or("?"));
+    if value("sec-fetch-site").is_some_and(|site| !matches!(site, "same-origin" | "none")) {
         return Some("the browser says this request comes from another site (Sec-Fetch-Site)");
     }
-    if let Some(origin) = header(header::ORIGIN.as_str()) {
-        let host = header(header::HOST.as_str()).unwrap_or_default();
+    if let Some(origin) = value(header::ORIGIN.as_str()) {
+        let host = value(header::HOST.as_str()).unwrap_or_default();
         let same = origin
             .strip_prefix("http://")
             .or_else(|| origin.strip_prefix("https://"))
