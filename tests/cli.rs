@@ -670,6 +670,17 @@ async fn the_binary_proxies_pays_closes_and_settles_on_a_real_node() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// Waits until `done` answers true (checked every 50 ms, for 30 s at most: then `what` failed).
+async fn until(what: &str, mut done: impl AsyncFnMut() -> bool) {
+    for _ in 0..600 {
+        if done().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("not within 30 s: {what}");
+}
+
 /// Prices reload on SIGHUP while requests keep flowing (issue #27 item 7): a client pays
 /// `/hello` in a loop while the config's price changes from 2 to 3 sat and the proxy gets a
 /// SIGHUP; every request is served, the terms publish the new price, and a request after it
@@ -697,11 +708,7 @@ async fn sighup_reloads_the_prices_while_requests_keep_flowing() {
     };
     let flowed = |at_least: usize| {
         let served = Arc::clone(&served);
-        async move {
-            while served.load(Ordering::SeqCst) < at_least {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
+        until("requests kept flowing", async move || served.load(Ordering::SeqCst) >= at_least)
     };
     flowed(2).await;
     assert_eq!(price_of(&site, "/{*rest}").await, Some(2_000));
@@ -710,9 +717,10 @@ async fn sighup_reloads_the_prices_while_requests_keep_flowing() {
     }
     let hup = |pid: u32| Command::new("kill").args(["-HUP", &pid.to_string()]).status().unwrap();
     assert!(hup(proxy.id()).success());
-    while price_of(&site, "/{*rest}").await != Some(3_000) {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until("the terms publish the new price", async || {
+        price_of(&site, "/{*rest}").await == Some(3_000)
+    })
+    .await;
     let after = served.load(Ordering::SeqCst);
     flowed(after + 2).await;
     stop.store(true, Ordering::SeqCst);
@@ -727,9 +735,10 @@ async fn sighup_reloads_the_prices_while_requests_keep_flowing() {
     site.edit_config("price_msat = 3000", "price_msat = -1");
     assert!(hup(proxy.id()).success());
     let log = site.dir.join("proxy-0.log");
-    while !std::fs::read_to_string(&log).unwrap().contains("prices not reloaded") {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until("the log says the reload was refused", async || {
+        std::fs::read_to_string(&log).unwrap().contains("prices not reloaded")
+    })
+    .await;
     assert_eq!(price_of(&site, "/{*rest}").await, Some(3_000));
     let site = Arc::into_inner(site).unwrap();
     let (status, log) = site.stop(proxy, 0).await;
