@@ -11,7 +11,7 @@ use tokio::task::JoinHandle;
 
 use crate::chain::{ChainBackend, ChainError, check_network, follow_tip};
 use crate::channel::{FundingPolicy, Terms};
-use crate::server::{Negotiation, PaywallLayer};
+use crate::server::{DescribePrices, Negotiation, PaywallLayer};
 use crate::settlement::{Settlement, SettlementMetrics};
 use crate::store::{ChannelStore, MemoryStore};
 
@@ -59,7 +59,7 @@ struct Config<C> {
     terms: Terms,
     funding: FundingPolicy,
     cpfp_key: Option<SecretKey>,
-    prices: serde_json::Value,
+    prices: DescribePrices,
     tip_every: Duration,
     settle_every: Duration,
     client_ip_header: Option<http::HeaderName>,
@@ -92,7 +92,7 @@ impl<C: ChainBackend + Clone + 'static> Merchant<MemoryStore, C> {
             terms: Terms::default(),
             funding: FundingPolicy::default(),
             cpfp_key: None,
-            prices: serde_json::Value::Null,
+            prices: DescribePrices::fixed(serde_json::Value::Null),
             tip_every: Duration::from_secs(10),
             settle_every: Duration::from_secs(30),
             client_ip_header: None,
@@ -135,7 +135,18 @@ where
     /// Publishes `prices` in the terms document (for example
     /// [`RoutePrices::describe`](crate::server::RoutePrices::describe)).
     pub fn with_prices(mut self, prices: serde_json::Value) -> Self {
-        self.config.prices = prices;
+        self.config.prices = DescribePrices::fixed(prices);
+        self
+    }
+
+    /// Publishes what `describe` answers, asked on every terms request (see
+    /// [`Negotiation::with_prices_from`]): for prices reloaded while the merchant runs, with a
+    /// pricing that reads the same table.
+    pub fn with_prices_from(
+        mut self,
+        describe: impl Fn() -> serde_json::Value + Send + Sync + 'static,
+    ) -> Self {
+        self.config.prices = DescribePrices::from_fn(describe);
         self
     }
 
@@ -187,7 +198,7 @@ where
             config.chain.clone(),
         )
         .with_funding_policy(config.funding)
-        .with_prices(config.prices);
+        .with_described_prices(config.prices);
         let negotiation = match config.client_ip_header {
             Some(header) => negotiation.with_client_ip_header(header),
             None => negotiation,

@@ -170,57 +170,189 @@ async fn fetch(url: &str, token: Option<&str>) -> (StatusCode, String) {
     (status, text(&body))
 }
 
-/// Loads the admin page in headless Chromium: the DOM it rendered shows the channel, and a
-/// screenshot is taken (into `PAYCHAN_SCREENSHOT` when set, for the docs). Without Chromium
-/// (outside CI) this prints one `skipped:` line.
-async fn admin_page_in_chromium(admin: &str, token: &str, id: &str, dir: &Path) {
-    let chromium = std::env::var_os("CHROMIUM")
-        .map_or_else(|| PathBuf::from("/usr/bin/chromium"), PathBuf::from);
-    if !chromium.exists() {
-        assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "CI must have Chromium");
-        println!("skipped: Chromium is not installed (the admin page's browser check)");
-        return;
+/// Headless Chromium driven by chromedriver (WebDriver), on a page of the admin listener.
+struct Browser {
+    driver: Child,
+    /// `http://127.0.0.1:port/session/id`.
+    session: String,
+}
+
+impl Browser {
+    /// Starts chromedriver and a headless Chromium session; `None` (and a `skipped:` line)
+    /// without them outside CI.
+    async fn start(dir: &Path) -> Option<Browser> {
+        let chromium = std::env::var_os("CHROMIUM")
+            .map_or_else(|| PathBuf::from("/usr/bin/chromium"), PathBuf::from);
+        let chromedriver = std::env::var_os("CHROMEDRIVER")
+            .map_or_else(|| PathBuf::from("/usr/bin/chromedriver"), PathBuf::from);
+        if !chromium.exists() || !chromedriver.exists() {
+            assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "CI must have Chromium");
+            println!("skipped: Chromium or chromedriver is not installed (the admin console)");
+            return None;
+        }
+        let port = free_port();
+        let driver = Command::new(chromedriver)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let base = format!("http://127.0.0.1:{port}");
+        let mut ready = false;
+        for _ in 0..100 {
+            if let Ok((StatusCode::OK, _)) = try_fetch(&format!("{base}/status")).await {
+                ready = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(ready, "chromedriver did not start");
+        let profile = dir.join("chromium-profile");
+        let capabilities = json!({ "capabilities": { "alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": chromium,
+                "args": [
+                    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                    "--no-first-run", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync", "--hide-scrollbars",
+                    "--window-size=1280,1100", format!("--user-data-dir={}", profile.display()),
+                ],
+            },
+        }}});
+        let mut browser = Browser { driver, session: format!("{base}/session") };
+        let session = browser.command("POST", "", capabilities).await;
+        let id = session["sessionId"].as_str().expect("a session").to_owned();
+        browser.session = format!("{base}/session/{id}");
+        Some(browser)
     }
-    let url = format!("{admin}/?token={token}");
-    let screenshot =
-        std::env::var_os("PAYCHAN_SCREENSHOT").map_or_else(|| dir.join("admin.png"), PathBuf::from);
-    let browse = |extra: Vec<String>| {
-        let chromium = chromium.clone();
-        let profile = dir.join(format!("chromium-{}", extra.len()));
-        let url = url.clone();
-        tokio::task::spawn_blocking(move || {
-            Command::new(chromium)
-                .args([
-                    "--headless",
-                    "--no-sandbox",
-                    "--disable-gpu",
-                    "--disable-quic",
-                    "--no-first-run",
-                    "--disable-background-networking",
-                    "--disable-component-update",
-                    "--disable-sync",
-                    &format!("--user-data-dir={}", profile.display()),
-                ])
-                .args(extra)
-                .arg(url)
-                .output()
-                .unwrap()
-        })
-    };
-    let dom = browse(vec!["--dump-dom".to_owned()]).await.unwrap();
-    let dom = text(&dom.stdout);
-    assert!(dom.contains(id), "the page lists the channel: {dom}");
-    assert!(dom.contains("id=\"count-open\">1<"), "{dom}");
-    assert!(dom.contains("id=\"charged\">12.000 sat<"), "{dom}");
-    let shot = browse(vec![
-        format!("--screenshot={}", screenshot.display()),
-        "--window-size=1280,900".to_owned(),
-        "--hide-scrollbars".to_owned(),
-    ])
-    .await
-    .unwrap();
-    let png = std::fs::read(&screenshot).unwrap_or_else(|e| panic!("{e}: {}", text(&shot.stderr)));
+
+    /// A WebDriver command: its `value`.
+    async fn command(&self, method: &str, path: &str, body: Value) -> Value {
+        use http_body_util::BodyExt;
+        let request = http::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.session))
+            .header("content-type", "application/json")
+            .body(match body {
+                Value::Null => http_body_util::Full::default(),
+                body => http_body_util::Full::from(body.to_string()),
+            })
+            .unwrap();
+        let response = common::counting::http_client().request(request).await.unwrap();
+        let status = response.status();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let answer: Value = serde_json::from_slice(&body).unwrap();
+        assert!(status.is_success(), "{method} {path}: {status} {answer}");
+        answer["value"].clone()
+    }
+
+    async fn open(&self, url: &str) {
+        self.command("POST", "/url", json!({ "url": url })).await;
+    }
+
+    async fn source(&self) -> String {
+        self.command("GET", "/source", Value::Null).await.as_str().unwrap().to_owned()
+    }
+
+    /// Clicks the button `css` names, accepts its confirmation, and returns the page it
+    /// led to once `shows` is in it.
+    async fn click_and_confirm(&self, css: &str, shows: &str) -> String {
+        let found = json!({ "using": "css selector", "value": css });
+        let element = self.command("POST", "/element", found).await;
+        let element = element.as_object().unwrap().values().next().unwrap().as_str().unwrap();
+        self.command("POST", &format!("/element/{element}/click"), json!({})).await;
+        self.command("POST", "/alert/accept", json!({})).await;
+        for _ in 0..100 {
+            let page = self.source().await;
+            if page.contains(shows) {
+                return page;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the page never showed {shows}: {}", self.source().await);
+    }
+
+    /// A screenshot of the window (PNG).
+    async fn screenshot(&self) -> Vec<u8> {
+        use base64::Engine as _;
+        let png = self.command("GET", "/screenshot", Value::Null).await;
+        base64::engine::general_purpose::STANDARD.decode(png.as_str().unwrap()).unwrap()
+    }
+
+    async fn stop(mut self) {
+        let _ = self.command("DELETE", "", Value::Null).await;
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+/// GET `url`: the status and the body, or the connection error.
+async fn try_fetch(url: &str) -> Result<(StatusCode, String), String> {
+    use http_body_util::BodyExt;
+    let request = http::Request::get(url).body(http_body_util::Full::default()).unwrap();
+    let response =
+        common::counting::http_client().request(request).await.map_err(|e| e.to_string())?;
+    let status = response.status();
+    let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok((status, text(&body)))
+}
+
+/// The admin console in headless Chromium (issue #27 item 8): the page lists the channel
+/// with its funding txid linked to the explorer and its client; clicking its close button
+/// runs the closing procedure (the page shows the close's txid, which is what the chain has
+/// in its mempool); clicking "reload prices" after the config's price changed reloads it
+/// (the terms publish the new price). A screenshot of the page is taken (into
+/// `PAYCHAN_SCREENSHOT` when set, for the docs). Returns the close's txid.
+async fn admin_console_in_chromium(site: &Site, id: &str) -> Option<bitcoin::Txid> {
+    let browser = Browser::start(&site.dir).await?;
+    let page_url = format!("{}/?token={}", site.admin, site.token);
+    browser.open(&page_url).await;
+    let page = browser.source().await;
+    let funding = id.split(':').next().unwrap();
+    assert!(page.contains(id), "the page lists the channel: {page}");
+    assert!(page.contains("id=\"count-open\">1<"), "{page}");
+    assert!(page.contains("id=\"charged\">12.000 sat<"), "{page}");
+    assert!(page.contains(&format!("href=\"https://mempool.space/tx/{funding}\"")), "{page}");
+    assert!(page.contains("<table id=\"clients\">"), "{page}");
+    assert!(page.contains("<td>1</td><td>") && page.contains("<td>6</td></tr>"), "{page}");
+    let screenshot = std::env::var_os("PAYCHAN_SCREENSHOT")
+        .map_or_else(|| site.dir.join("admin.png"), PathBuf::from);
+    let png = browser.screenshot().await;
     assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "a real screenshot");
+    std::fs::write(&screenshot, png).unwrap();
+
+    // Close, from the page.
+    let closed =
+        browser.click_and_confirm("#channels form[action^='/close'] button", "id=\"notice\"").await;
+    let notice = closed.split("id=\"notice\">").nth(1).unwrap().split('<').next().unwrap();
+    assert!(notice.starts_with(&format!("closed {id}: ")), "{closed}");
+    let txid: bitcoin::Txid = notice.split_whitespace().nth(2).unwrap().parse().unwrap();
+    assert!(site.node.mempool_entry(txid).await.is_some(), "the close is in the mempool");
+    assert!(closed.contains(&format!("href=\"https://mempool.space/tx/{txid}\"")), "{closed}");
+
+    // Reload the prices, from the page: 2 sat a GET becomes 3.
+    for _ in 0..2 {
+        site.edit_config("price_msat = 2000", "price_msat = 3000");
+    }
+    browser.open(&page_url).await;
+    let reloaded =
+        browser.click_and_confirm("form[action^='/reload-prices'] button", "id=\"notice\"").await;
+    assert!(reloaded.contains("id=\"notice\">prices reloaded"), "{reloaded}");
+    assert_eq!(price_of(site, "/{*rest}").await, Some(3_000));
+    browser.stop().await;
+    Some(txid)
+}
+
+/// What the terms document says the route `GET path` costs, in msat (`path` as listed:
+/// `init` prices `/` and `/{*rest}`).
+async fn price_of(site: &Site, path: &str) -> Option<u64> {
+    let (status, terms) =
+        try_fetch(&format!("{}/.well-known/payment-channel", site.origin)).await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{terms}");
+    let terms: Value = serde_json::from_str(&terms).unwrap();
+    let routes = terms["prices"]["routes"].as_array()?;
+    routes.iter().find(|r| r["path"] == path && r["method"] == "GET")?["price_msat"].as_u64()
 }
 
 /// The channel the operator sees, as JSON.
@@ -445,6 +577,7 @@ async fn the_binary_proxies_pays_closes_and_settles_on_a_real_node() {
     let Some(site) = Site::new("main").await else { return };
     let Site { node, seen, dir, config, admin, token, payout, .. } = &site;
     let config_arg = site.config_arg();
+    site.edit_config("# explorer = ", "explorer = ");
     let proxy = site.serve(0).await;
 
     // pay: five requests, each its own process; the first opens a channel funded by Core.
@@ -527,14 +660,18 @@ async fn the_binary_proxies_pays_closes_and_settles_on_a_real_node() {
     );
     assert!(metrics.contains("paychan_channels{state=\"open\"}"), "{metrics}");
 
-    // The admin page, in a real browser.
-    admin_page_in_chromium(admin, token, &id, dir).await;
-
-    // The operator closes; the settlement pays the payout address what the client paid.
+    // The console, in a real browser: the operator closes the channel there, and reloads
+    // the prices. `paychan close` runs the same procedure: after the page's close it shows
+    // that close, broadcast once (without a browser it closes); the settlement pays the
+    // payout address what the client paid.
     let paid = channel_json(config, &id).await["paid_msat"].as_u64().unwrap();
+    let clicked = admin_console_in_chromium(&site, &id).await;
     let out = paychan(args(&["close", "--config", &config_arg, &id])).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).starts_with("closed"), "{}", text(&out.stdout));
+    if let Some(txid) = clicked {
+        assert!(text(&out.stdout).contains(&txid.to_string()), "{}", text(&out.stdout));
+    }
     node.mine(1).await;
     let payout_script = payout
         .parse::<Address<_>>()
@@ -551,6 +688,86 @@ async fn the_binary_proxies_pays_closes_and_settles_on_a_real_node() {
     assert_says(&log, &["proxy stopped", "payout_address is not the bump key's address"]);
     assert!(!log.contains("with_cpfp_key"), "no advice the operator cannot follow: {log}");
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Waits until `done` answers true (checked every 50 ms, for 30 s at most: then `what` failed).
+async fn until(what: &str, mut done: impl AsyncFnMut() -> bool) {
+    for _ in 0..600 {
+        if done().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("not within 30 s: {what}");
+}
+
+/// Prices reload on SIGHUP while requests keep flowing (issue #27 item 7): a client pays
+/// `/hello` in a loop while the config's price changes from 2 to 3 sat and the proxy gets a
+/// SIGHUP; every request is served, the terms publish the new price, and a request after it
+/// is charged 3 sat. Then a config with an error, and a SIGHUP: nothing changes, and the log
+/// says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_prices_while_requests_keep_flowing() {
+    let Some(site) = Site::new("sighup").await else { return };
+    let site = Arc::new(site);
+    let proxy = site.serve(0).await;
+    let out = paychan(site.pay("client", "/hello")).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let id = site.client_paid("client").await[0].0.clone();
+    let served = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flow = {
+        let (site, served, stop) = (Arc::clone(&site), Arc::clone(&served), Arc::clone(&stop));
+        tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                let out = paychan(site.pay("client", "/hello")).await;
+                assert!(out.status.success(), "a request failed: {}", text(&out.stderr));
+                served.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    let flowed = |at_least: usize| {
+        let served = Arc::clone(&served);
+        until("requests kept flowing", async move || served.load(Ordering::SeqCst) >= at_least)
+    };
+    flowed(2).await;
+    assert_eq!(price_of(&site, "/{*rest}").await, Some(2_000));
+    for _ in 0..2 {
+        site.edit_config("price_msat = 2000", "price_msat = 3000");
+    }
+    let hup = |pid: u32| Command::new("kill").args(["-HUP", &pid.to_string()]).status().unwrap();
+    assert!(hup(proxy.id()).success());
+    until("the terms publish the new price", async || {
+        price_of(&site, "/{*rest}").await == Some(3_000)
+    })
+    .await;
+    let after = served.load(Ordering::SeqCst);
+    flowed(after + 2).await;
+    stop.store(true, Ordering::SeqCst);
+    flow.await.expect("every request was served");
+    let spent = channel_json(&site.config, &id).await["spent_msat"].as_u64().unwrap();
+    let out = paychan(site.pay("client", "/hello")).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let charged = channel_json(&site.config, &id).await["spent_msat"].as_u64().unwrap() - spent;
+    assert_eq!(charged, 3_000, "a request after the reload costs the new price");
+
+    // A bad file: nothing changes, the log says why.
+    site.edit_config("price_msat = 3000", "price_msat = -1");
+    assert!(hup(proxy.id()).success());
+    let log = site.dir.join("proxy-0.log");
+    until("the log says the reload was refused", async || {
+        std::fs::read_to_string(&log).unwrap().contains("prices not reloaded")
+    })
+    .await;
+    assert_eq!(price_of(&site, "/{*rest}").await, Some(3_000));
+    let site = Arc::into_inner(site).unwrap();
+    let (status, log) = site.stop(proxy, 0).await;
+    assert!(status.success(), "{log}");
+    assert_says(
+        &log,
+        &["prices reloaded", "(SIGHUP)", "prices not reloaded, nothing changed", "price_msat"],
+    );
+    std::fs::remove_dir_all(&site.dir).unwrap();
 }
 
 /// CPFP from the binary (issue #27 item 6). `init` without `--payout-address` pays to the bump
@@ -796,6 +1013,7 @@ async fn the_proxy_serves_tls() {
         "{}",
         text(&untrusted.stderr)
     );
+    assert!(text(&untrusted.stderr).contains("with --cacert"), "{}", text(&untrusted.stderr));
     let mut trusted = site.client(&["pay", "--cacert", cert.to_str().unwrap()], "client");
     trusted.push(format!("{}/hello", site.origin));
     for _ in 0..2 {
@@ -807,6 +1025,38 @@ async fn the_proxy_serves_tls() {
     let (status, log) = site.stop(proxy, 0).await;
     assert!(status.success(), "{log}");
     assert!(log.contains("proxy stopped"), "{log}");
+    std::fs::remove_dir_all(&site.dir).unwrap();
+}
+
+/// `paychan pay`'s wallet errors say what fixes them (issue #27 item 5): without a wallet, the
+/// flags that give one; with a Core wallet short of funds, what it has and what the channel
+/// needs, and the flags.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pay_names_the_flag_when_the_wallet_is_missing_or_short() {
+    let Some(site) = Site::new("wallets").await else { return };
+    let proxy = site.serve(0).await;
+    let url = format!("{}/hello", site.origin);
+    let node = &site.node;
+    let mut walletless = site.client(&["pay"], "walletless");
+    let at = walletless.iter().position(|arg| arg == "--wallet-url").unwrap();
+    walletless.drain(at..at + 2);
+    walletless.push(url.clone());
+    let out = paychan(walletless).await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert_says(&text(&out.stderr), &["there is no wallet", "--wallet-url", "--wallet-key"]);
+
+    node.create_wallet("empty").await;
+    let mut short = site.client(&["pay"], "short");
+    let wallet = short.iter().position(|arg| arg.ends_with("/wallet/w")).unwrap();
+    short[wallet] = format!("{}/wallet/empty", node.url());
+    short.push(url);
+    let out = paychan(short).await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let (has, needs) = (Amount::ZERO, Amount::from_sat(50_000));
+    let says = format!("insufficient funds: {has} cannot pay {needs} and the fee");
+    assert_says(&text(&out.stderr), &[&says, "/wallet/empty", "--channel-value-sat (now 50000)"]);
+    let (status, _) = site.stop(proxy, 0).await;
+    assert!(status.success());
     std::fs::remove_dir_all(&site.dir).unwrap();
 }
 

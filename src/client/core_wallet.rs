@@ -2,10 +2,12 @@
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use bitcoin::{Address, Denomination, FeeRate, Network, Psbt, TxOut};
+use bitcoin::{Address, Amount, Denomination, FeeRate, Network, Psbt, TxOut};
 use serde_json::{Value, json};
 
+use super::steps::StepError;
 use super::{Wallet, WalletError, WalletFuture};
+use crate::chain::ChainError;
 use crate::chain::bitcoind::BitcoindRpc;
 
 /// A [`Wallet`] backed by a Bitcoin Core wallet over JSON-RPC (feature `bitcoind`): point the
@@ -43,6 +45,22 @@ impl CoreWallet {
     pub fn new(rpc: BitcoindRpc, network: Network) -> Self {
         Self { rpc, network }
     }
+
+    /// Core's "Insufficient funds", with what the wallet has (`getbalances`, its trusted
+    /// coins: confirmed, and its own unconfirmed change) and what the channel needs, as
+    /// [`KeyWallet`](super::KeyWallet) says it; Core's words if the balance cannot be read.
+    async fn insufficient(&self, needed: Amount, error: ChainError) -> WalletError {
+        let balances = self.rpc.call_ok("getbalances", json!([])).await;
+        // An f64 of BTC (8 decimals) reads back exactly.
+        let trusted = balances
+            .ok()
+            .and_then(|balances| balances["mine"]["trusted"].as_f64())
+            .and_then(|btc| Amount::from_btc(btc).ok());
+        match trusted {
+            Some(available) => WalletError::new(StepError::InsufficientFunds { available, needed }),
+            None => WalletError::new(error),
+        }
+    }
 }
 
 fn psbt_from(answer: &Value) -> Result<Psbt, WalletError> {
@@ -65,11 +83,13 @@ impl Wallet for CoreWallet {
                 "add_inputs": true,
             });
             let params = json!([[], [{ address.to_string(): amount }], 0, options, true]);
-            let answer = self
-                .rpc
-                .call_ok("walletcreatefundedpsbt", params)
-                .await
-                .map_err(WalletError::new)?;
+            let answer = match self.rpc.call_ok("walletcreatefundedpsbt", params).await {
+                Ok(answer) => answer,
+                Err(error) if error.to_string().contains("Insufficient funds") => {
+                    return Err(self.insufficient(output.value, error).await);
+                }
+                Err(error) => return Err(WalletError::new(error)),
+            };
             psbt_from(&answer)
         })
     }

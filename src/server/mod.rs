@@ -68,6 +68,7 @@ pub use chain_view::chain_view;
 pub use future::ResponseFuture;
 pub use idempotency::Idempotency;
 pub use layer::{DEFAULT_PREPAID_TOP_UP, DEFAULT_TERMS_URL, PaywallLayer};
+pub(crate) use negotiate::DescribePrices;
 pub use negotiate::{DEFAULT_PREFIX, Negotiation};
 pub use pricing::{Pricing, RoutePrices, Unlisted};
 pub use receipt::{ActualCost, Paid, ReceiptSigning, ShadowTally};

@@ -1,7 +1,8 @@
-//! The admin listener: Prometheus metrics (`/metrics`) and a read-only page (`/`), both behind
-//! the admin token; and the middleware that observes every request of the proxy.
+//! The admin listener: Prometheus metrics (`/metrics`) and the console (`/`, its actions in
+//! [`crate::console`]), all behind the admin token; and the middleware that observes every
+//! request of the proxy.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -12,14 +13,15 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{any, get};
 use base64::Engine as _;
 use paychan::MilliSats;
+use paychan::bitcoin::bip32::Xpriv;
 use paychan::chain::ChainBackend;
 use paychan::channel::ChannelState;
 use paychan::settlement::SettlementMetrics;
 use paychan::store::{ChannelRecord, ChannelStore};
-use paychan::wire::{PROBLEM_JSON, TERMS_PATH};
+use paychan::wire::{ChannelId, PROBLEM_JSON, Problem, ProblemCode, TERMS_PATH};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -28,6 +30,8 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Metric, Registry};
 
 use crate::chain::Chain;
+use crate::console::{self, Forms};
+use crate::prices::Reloader;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -75,6 +79,8 @@ pub(crate) struct Observed {
     early_closes: Gauge,
     /// (hour start, msat charged in it), the last 48 hours.
     revenue: Mutex<VecDeque<(u64, u64)>>,
+    /// Requests charged per channel since the proxy started (the store does not count them).
+    by_channel: Mutex<HashMap<ChannelId, u64>>,
 }
 
 impl std::fmt::Debug for Observed {
@@ -148,6 +154,7 @@ impl Observed {
             ),
             early_closes: register(&mut r, "early_closes", early, Gauge::default()),
             revenue: Mutex::default(),
+            by_channel: Mutex::default(),
             registry: r,
         }
     }
@@ -216,6 +223,16 @@ impl Observed {
         while revenue.len() > 48 {
             revenue.pop_front();
         }
+    }
+
+    /// Counts a request charged on `channel`.
+    pub(crate) fn charged_on(&self, channel: ChannelId) {
+        *self.by_channel.lock().unwrap_or_else(|p| p.into_inner()).entry(channel).or_default() += 1;
+    }
+
+    /// The requests charged per channel since the proxy started.
+    pub(crate) fn requests_by_channel(&self) -> HashMap<ChannelId, u64> {
+        self.by_channel.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Counts `price` as what shadow mode would have charged.
@@ -305,17 +322,23 @@ pub(crate) async fn observe(
     Response::from_parts(parts, Body::from(bytes))
 }
 
-/// What the admin routes read.
+/// What the admin routes read and act on.
 pub(crate) struct Admin<St> {
     pub(crate) store: St,
     pub(crate) chain: Chain,
+    /// The master key: the close action signs with it.
+    pub(crate) master: Xpriv,
     pub(crate) observed: Arc<Observed>,
     pub(crate) settlement: Box<dyn Fn() -> SettlementMetrics + Send + Sync>,
     pub(crate) token: String,
     pub(crate) title: String,
+    /// A block explorer's transaction page, `{txid}` in it.
+    pub(crate) explorer: Option<String>,
+    pub(crate) reloader: Arc<Reloader>,
 }
 
-/// The admin router: the metrics at `metrics_path` and the page at `/`, behind the token.
+/// The admin router: the metrics at `metrics_path`, the page at `/` and its actions (`POST
+/// /close`, `POST /reload-prices`), behind the token.
 pub(crate) fn router<St: ChannelStore + 'static>(
     admin: Arc<Admin<St>>,
     metrics_path: &str,
@@ -323,11 +346,25 @@ pub(crate) fn router<St: ChannelStore + 'static>(
     Router::new()
         .route(metrics_path, get(metrics::<St>))
         .route("/", get(page::<St>))
+        .route("/close", any(console::close::<St>))
+        .route("/reload-prices", any(console::reload::<St>))
+        .fallback(|| async {
+            Problem::new(
+                StatusCode::NOT_FOUND,
+                ProblemCode::from_static("not-found"),
+                "no such page",
+            )
+        })
         .with_state(admin)
 }
 
+/// The token of `?token=…`, as written.
+pub(crate) fn query_token(query: Option<&str>) -> Option<String> {
+    query.and_then(|q| q.split('&').find_map(|pair| pair.strip_prefix("token=")).map(str::to_owned))
+}
+
 /// The token, from `Authorization: Bearer …`, Basic auth's password, or `?token=…`.
-fn authorized(expected: &str, headers: &HeaderMap, query: Option<&str>) -> bool {
+pub(crate) fn authorized(expected: &str, headers: &HeaderMap, query: Option<&str>) -> bool {
     let from_header =
         headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|value| {
             match value.split_once(' ') {
@@ -340,26 +377,26 @@ fn authorized(expected: &str, headers: &HeaderMap, query: Option<&str>) -> bool 
                 _ => None,
             }
         });
-    let from_query = query
-        .and_then(|q| q.split('&').find_map(|pair| pair.strip_prefix("token=")).map(str::to_owned));
-    [from_header, from_query]
+    [from_header, query_token(query)]
         .into_iter()
         .flatten()
         .any(|given| same(given.as_bytes(), expected.as_bytes()))
 }
 
 /// Compares without an early exit on the first differing byte.
-fn same(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn unauthorized() -> Response {
-    (
-        StatusCode::UNAUTHORIZED,
-        [(header::WWW_AUTHENTICATE, "Basic realm=\"paychan admin\"")],
-        "the admin token is required",
-    )
-        .into_response()
+pub(crate) fn unauthorized() -> Response {
+    let code = ProblemCode::from_static("admin-token-required");
+    let problem = Problem::new(StatusCode::UNAUTHORIZED, code, "the admin token is required");
+    let mut response = problem.into_response();
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Basic realm=\"paychan admin\""),
+    );
+    response
 }
 
 async fn metrics<St: ChannelStore>(
@@ -379,11 +416,15 @@ async fn metrics<St: ChannelStore>(
 }
 
 /// Escapes text for HTML.
-fn esc(text: &str) -> String {
-    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+pub(crate) fn esc(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
 }
 
-fn sat(msat: MilliSats) -> String {
+pub(crate) fn sat(msat: MilliSats) -> String {
     format!("{:.3}", msat.to_msat() as f64 / 1_000.0)
 }
 
@@ -391,6 +432,33 @@ async fn page<St: ChannelStore>(State(admin): State<Arc<Admin<St>>>, request: Re
     if !authorized(&admin.token, request.headers(), request.uri().query()) {
         return unauthorized();
     }
+    let token = query_token(request.uri().query()).unwrap_or_default();
+    page_html(&admin, &token, None).await
+}
+
+/// What the page shows: the books, and the channels with their txids and actions.
+struct View<'a> {
+    title: &'a str,
+    tip: Option<u32>,
+    by_state: Vec<(ChannelState, usize)>,
+    channels: Vec<ChannelRecord>,
+    settlement: SettlementMetrics,
+    allocated: MilliSats,
+    charged: MilliSats,
+    /// The result of the action this page answers, if any.
+    notice: Option<Result<String, String>>,
+    /// How the last price reload went.
+    reloaded: Option<Result<String, String>>,
+    forms: Forms<'a>,
+}
+
+/// The page, with the result of an action on top (`notice`). `token` is the token of the
+/// page's URL (`?token=…`), if it came there, for the forms' actions.
+pub(crate) async fn page_html<St: ChannelStore>(
+    admin: &Admin<St>,
+    token: &str,
+    notice: Option<Result<String, String>>,
+) -> Response {
     let tip = admin.chain.tip().await.ok().map(|tip| tip.height);
     let mut by_state = Vec::new();
     let mut channels: Vec<ChannelRecord> = Vec::new();
@@ -401,46 +469,54 @@ async fn page<St: ChannelStore>(State(admin): State<Arc<Admin<St>>>, request: Re
                 channels.extend(records);
             }
             Err(error) => {
-                return (StatusCode::SERVICE_UNAVAILABLE, format!("store: {error}"))
-                    .into_response();
+                let code = ProblemCode::StoreUnavailable;
+                let problem = Problem::new(StatusCode::SERVICE_UNAVAILABLE, code, error);
+                return problem.into_response();
             }
         }
     }
-    let settlement = (admin.settlement)();
     let allocated = channels
         .iter()
         .filter(|r| matches!(r.state, ChannelState::Open | ChannelState::Pending))
         .fold(MilliSats::ZERO, |sum, r| sum.saturating_add(r.unspent()));
-    let charged = MilliSats::from_msat(admin.observed.charged.get());
-    Html(render(
-        &admin.title,
+    let auth = if token.is_empty() { String::new() } else { format!("?token={token}") };
+    let view = View {
+        title: &admin.title,
         tip,
-        &by_state,
-        &channels,
-        &settlement,
+        by_state,
+        channels,
+        settlement: (admin.settlement)(),
         allocated,
-        charged,
-        &admin.observed,
-    ))
-    .into_response()
+        charged: MilliSats::from_msat(admin.observed.charged.get()),
+        notice,
+        reloaded: admin.reloader.last(),
+        forms: Forms {
+            explorer: admin.explorer.as_deref(),
+            csrf: console::csrf_value(&admin.token),
+            auth,
+        },
+    };
+    // No framing (the page has buttons), no caching, no referrer to other sites (its URL may
+    // hold the token). Not `no-referrer`: browsers then send `Origin: null` with the page's
+    // own forms, which the actions refuse.
+    let headers = [
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::CONTENT_SECURITY_POLICY, "frame-ancestors 'none'"),
+        (header::CACHE_CONTROL, "no-store"),
+        (header::REFERRER_POLICY, "same-origin"),
+    ];
+    (headers, Html(render(&view, &admin.observed))).into_response()
 }
 
-#[allow(clippy::too_many_arguments)]
-fn render(
-    title: &str,
-    tip: Option<u32>,
-    by_state: &[(ChannelState, usize)],
-    channels: &[ChannelRecord],
-    settlement: &SettlementMetrics,
-    allocated: MilliSats,
-    charged: MilliSats,
-    observed: &Observed,
-) -> String {
+fn render(view: &View<'_>, observed: &Observed) -> String {
     let mut html = String::new();
-    let tip_text = tip.map_or("unknown".to_owned(), |t| t.to_string());
+    let tip_text = view.tip.map_or("unknown".to_owned(), |t| t.to_string());
+    // An action's answer is not refreshed: a refresh would post it again.
+    let refresh =
+        if view.notice.is_none() { r#"<meta http-equiv="refresh" content="30">"# } else { "" };
     let _ = write!(
         html,
-        r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="30">
+        r#"<!doctype html><html lang="en"><head><meta charset="utf-8">{refresh}<meta name="referrer" content="same-origin">
 <title>paychan admin</title><style>
 body{{font:14px system-ui,sans-serif;margin:2rem;color:#1d2330;background:#f7f8fa}}
 h1{{font-size:1.4rem;margin:0 0 .2rem}} .sub{{color:#5b6475;margin-bottom:1.5rem}}
@@ -450,10 +526,17 @@ h1{{font-size:1.4rem;margin:0 0 .2rem}} .sub{{color:#5b6475;margin-bottom:1.5rem
 th,td{{border-bottom:1px solid #e6e9ef;padding:.35rem .6rem;text-align:right}} th{{background:#eef1f6}}
 td:first-child,th:first-child{{text-align:left;font-family:ui-monospace,monospace}}
 .bar{{background:#f2a900;height:.8rem;display:inline-block}} h2{{font-size:1.1rem}}
-</style></head><body><h1>paychan</h1><div class="sub">{title} · chain tip {tip_text}</div><div class="cards">"#,
-        title = esc(title),
+.tx{{font-family:ui-monospace,monospace}} form{{margin:0}} .err{{color:#a11}}
+.notice{{border-radius:8px;padding:.7rem 1rem;margin-bottom:1.5rem;border:1px solid}}
+.notice.ok{{background:#eaf7ee;border-color:#9bd3ad}} .notice.err{{background:#fdeceb;border-color:#e9a29c;color:#a11}}
+</style></head><body><h1>paychan</h1><div class="sub">{title} · chain tip {tip_text}</div>"#,
+        title = esc(view.title),
     );
-    for (state, count) in by_state {
+    if let Some(notice) = &view.notice {
+        html.push_str(&console::notice(notice));
+    }
+    html.push_str(r#"<div class="cards">"#);
+    for (state, count) in &view.by_state {
         let _ = write!(
             html,
             r#"<div class="card">{}<b id="count-{0}">{count}</b></div>"#,
@@ -463,13 +546,26 @@ td:first-child,th:first-child{{text-align:left;font-family:ui-monospace,monospac
     let _ = write!(
         html,
         r#"<div class="card">charged since start<b id="charged">{} sat</b></div><div class="card">would have charged (shadow)<b id="shadow">{} sat</b></div><div class="card">settled since start<b>{} sat</b></div><div class="card">open allocations<b>{} sat</b></div><div class="card">closes pending<b>{}</b></div></div>"#,
-        sat(charged),
+        sat(view.charged),
         sat(MilliSats::from_msat(observed.shadow.get())),
-        settlement.sats_settled.to_sat(),
-        sat(allocated),
-        settlement.closes_pending,
+        view.settlement.sats_settled.to_sat(),
+        sat(view.allocated),
+        view.settlement.closes_pending,
     );
-    html.push_str("<h2>Revenue per hour (charged, since the proxy started)</h2><table><tr><th>hour (UTC)</th><th>sat</th><th style=\"width:50%\"></th></tr>");
+    html.push_str(&revenue_rows(observed));
+    html.push_str(&channel_rows(&view.channels, view.tip, &view.forms));
+    html.push_str(&console::client_rows(&view.channels, observed));
+    html.push_str(&settlement_rows(&view.channels, &view.forms));
+    html.push_str(&view.forms.prices(view.reloaded.as_ref()));
+    html.push_str("</body></html>");
+    html
+}
+
+/// The revenue per hour, since the proxy started.
+fn revenue_rows(observed: &Observed) -> String {
+    let mut html = String::from(
+        "<h2>Revenue per hour (charged, since the proxy started)</h2><table><tr><th>hour (UTC)</th><th>sat</th><th style=\"width:50%\"></th></tr>",
+    );
     let revenue: Vec<(u64, u64)> =
         observed.revenue.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().collect();
     let most = revenue.iter().map(|(_, msat)| *msat).max().unwrap_or(1).max(1);
@@ -485,31 +581,47 @@ td:first-child,th:first-child{{text-align:left;font-family:ui-monospace,monospac
     if revenue.is_empty() {
         html.push_str("<tr><td colspan=\"3\">nothing charged yet</td></tr>");
     }
-    html.push_str(&channel_rows(channels, tip));
-    html.push_str("</table><h2>Settlements pending</h2><table><tr><th>channel</th><th>state</th><th>pays (sat)</th></tr>");
-    for record in
-        channels.iter().filter(|r| matches!(r.state, ChannelState::Closing | ChannelState::Closed))
-    {
-        let _ = write!(
-            html,
-            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
-            esc(&record.id().to_string()),
-            record.state.as_str(),
-            sat(record.paid()),
-        );
-    }
-    if !channels.iter().any(|r| matches!(r.state, ChannelState::Closing | ChannelState::Closed)) {
-        html.push_str("<tr><td colspan=\"3\">none</td></tr>");
-    }
-    html.push_str("</table></body></html>");
+    html.push_str("</table>");
     html
 }
 
-/// The channels table (the first 500). A channel past open (closing, closed, settled,
-/// failed) has no live balance nor blocks to close: `–` there, and the state says why.
-fn channel_rows(channels: &[ChannelRecord], tip: Option<u32>) -> String {
+/// The closes broadcast and not yet confirmed (closing: not yet out).
+fn settlement_rows(channels: &[ChannelRecord], forms: &Forms<'_>) -> String {
     let mut html = String::from(
-        "</table><h2>Channels</h2><table id=\"channels\"><tr><th>channel</th><th>state</th><th>paid (sat)</th><th>spent (sat)</th><th>balance (sat)</th><th>expiry</th><th>blocks to close</th></tr>",
+        "<h2>Settlements pending</h2><table><tr><th>channel</th><th>state</th><th>pays (sat)</th><th>close txid</th></tr>",
+    );
+    let pending = channels
+        .iter()
+        .filter(|r| matches!(r.state, ChannelState::Closing | ChannelState::Closed))
+        .collect::<Vec<_>>();
+    for record in &pending {
+        let _ = write!(
+            html,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"tx\">{}</td></tr>",
+            esc(&record.id().to_string()),
+            record.state.as_str(),
+            sat(record.paid()),
+            close_cell(record, forms),
+        );
+    }
+    if pending.is_empty() {
+        html.push_str("<tr><td colspan=\"4\">none</td></tr>");
+    }
+    html.push_str("</table>");
+    html
+}
+
+/// A channel's close txid (linked), or `–` when the store has none.
+fn close_cell(record: &ChannelRecord, forms: &Forms<'_>) -> String {
+    console::close_txid(record).map_or("–".to_owned(), |txid| forms.txid(txid, &txid.to_string()))
+}
+
+/// The channels table (the first 500): the funding and close txids, and a close button. A
+/// channel past open (closing, closed, settled, failed) has no live balance nor blocks to
+/// close: `–` there, and the state says why.
+fn channel_rows(channels: &[ChannelRecord], tip: Option<u32>, forms: &Forms<'_>) -> String {
+    let mut html = String::from(
+        "<h2>Channels</h2><table id=\"channels\"><tr><th>channel (funding)</th><th>state</th><th>paid (sat)</th><th>spent (sat)</th><th>balance (sat)</th><th>expiry</th><th>blocks to close</th><th>close txid</th><th></th></tr>",
     );
     for record in channels.iter().take(500) {
         let live = matches!(record.state, ChannelState::Open | ChannelState::Pending);
@@ -521,19 +633,23 @@ fn channel_rows(channels: &[ChannelRecord], tip: Option<u32>) -> String {
             _ => "–".to_owned(),
         };
         let balance = if live { sat(record.balance()) } else { "–".to_owned() };
+        let funding = record.channel.outpoint();
         let _ = write!(
             html,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{balance}</td><td>{}</td><td>{left}</td></tr>",
-            esc(&record.id().to_string()),
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{balance}</td><td>{}</td><td>{left}</td><td class=\"tx\">{}</td><td>{}</td></tr>",
+            forms.txid(funding.txid, &record.id().to_string()),
             record.state.as_str(),
             sat(record.paid()),
             sat(record.spent),
             record.channel.params().expiry,
+            close_cell(record, forms),
+            forms.close_button(record),
         );
     }
     if channels.is_empty() {
-        html.push_str("<tr><td colspan=\"7\">no channels yet</td></tr>");
+        html.push_str("<tr><td colspan=\"9\">no channels yet</td></tr>");
     }
+    html.push_str("</table>");
     html
 }
 
@@ -583,11 +699,15 @@ mod tests {
         let channel = params.at(OutPoint::null());
         let mut first = channel.build_payment(Amount::from_sat(5_000)).unwrap();
         channel.sign_payment(&mut first, &key(1)).unwrap();
+        let close_txid = first.compute_txid().to_string();
         let open = ChannelRecord::open(channel, 0, first);
-        let rows = |record: ChannelRecord| channel_rows(&[record], Some(100));
+        let forms = Forms { explorer: None, csrf: "c5rf".into(), auth: String::new() };
+        let rows = |record: ChannelRecord| channel_rows(&[record], Some(100), &forms);
         let live = rows(open.clone());
         assert!(live.contains("<td>5000.000</td><td>0.000</td><td>5000.000</td>"), "{live}");
-        assert!(!live.contains("–"), "{live}");
+        assert!(!live.contains("<td>–</td>"), "{live}");
+        assert!(live.contains("<td class=\"tx\">–</td>"), "no close yet: {live}");
+        assert!(live.contains("action=\"/close\"") && live.contains("value=\"c5rf\""), "{live}");
         for state in [
             ChannelState::Closing,
             ChannelState::Closed,
@@ -596,7 +716,11 @@ mod tests {
         ] {
             let row = rows(open.clone().with_state(state));
             assert!(row.contains("<td>5000.000</td><td>0.000</td><td>–</td>"), "{state:?}: {row}");
-            assert!(row.ends_with("<td>–</td></tr>"), "{state:?}: {row}");
+            assert!(row.contains("<td>–</td><td class=\"tx\">"), "{state:?}: {row}");
+            let closed = matches!(state, ChannelState::Closed | ChannelState::Settled);
+            assert_eq!(row.contains(&close_txid), closed, "{state:?}: the close txid: {row}");
+            let closable = state == ChannelState::Closing;
+            assert_eq!(row.contains("action=\"/close\""), closable, "{state:?}: {row}");
         }
     }
 

@@ -226,6 +226,8 @@ struct AdminFile {
     token_file: PathBuf,
     #[serde(default = "metrics_path")]
     metrics_path: String,
+    /// A block explorer's page of a transaction, `{txid}` in it.
+    explorer: Option<String>,
 }
 
 fn metrics_path() -> String {
@@ -239,6 +241,9 @@ pub(crate) struct Admin {
     pub(crate) token_file: PathBuf,
     /// Where Prometheus scrapes (default `/metrics`).
     pub(crate) metrics_path: String,
+    /// A block explorer's transaction page, such as `https://mempool.space/tx/{txid}`: the
+    /// page links each txid there.
+    pub(crate) explorer: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -507,24 +512,40 @@ impl Config {
             funding: funding(file.funding),
             settle_every: Duration::from_secs(file.settlement.interval_secs.unwrap_or(30).max(1)),
             tip_every: Duration::from_secs(file.settlement.tip_interval_secs.unwrap_or(5).max(1)),
-            admin: match file.admin {
-                Some(admin)
-                    if !admin.metrics_path.starts_with('/') || admin.metrics_path == "/" =>
-                {
-                    return Err(bad("admin.metrics_path", "a path such as /metrics (not /)"));
-                }
-                Some(admin) => Some(Admin {
-                    listen: admin.listen,
-                    token_file: base.join(admin.token_file),
-                    metrics_path: admin.metrics_path,
-                }),
-                None => None,
-            },
+            admin: file.admin.map(|admin| self::admin(admin, base)).transpose()?,
             tls: file.tls.map(|tls| (base.join(tls.cert_file), base.join(tls.key_file))),
             listener: listener(file.listener)?,
             events: file.events.map(|events_file| events(events_file, base)).transpose()?,
         })
     }
+}
+
+fn admin(file: AdminFile, base: &Path) -> Result<Admin, ConfigError> {
+    let taken = matches!(file.metrics_path.as_str(), "/" | "/close" | "/reload-prices");
+    if !file.metrics_path.starts_with('/') || taken {
+        return Err(bad(
+            "admin.metrics_path",
+            "a path such as /metrics (not /, /close nor /reload-prices: the page's)",
+        ));
+    }
+    if let Some(explorer) = &file.explorer {
+        let web = explorer.starts_with("https://") || explorer.starts_with("http://");
+        if !web || !explorer.contains("{txid}") {
+            return Err(bad(
+                "admin.explorer",
+                format!(
+                    "{explorer}: an http(s) URL with {{txid}} in it, such as \
+                     \"https://mempool.space/tx/{{txid}}\""
+                ),
+            ));
+        }
+    }
+    Ok(Admin {
+        listen: file.listen,
+        token_file: base.join(file.token_file),
+        metrics_path: file.metrics_path,
+        explorer: file.explorer,
+    })
 }
 
 /// The network `name` (`bitcoin`, `testnet4`, `signet`, `regtest`, or Core's `main`, `test`).
@@ -757,10 +778,11 @@ price_msat = {price}
 # cert_file = "cert.pem"         # the certificate chain, PEM
 # key_file = "key.pem"           # its private key, PEM
 
-[admin]                          # Prometheus metrics at /metrics and a read-only page at /
+[admin]                          # Prometheus metrics at /metrics, the console at /
 listen = "{admin_listen}"        # keep it private; every request needs the token
 token_file = "admin.token"       # as `Authorization: Bearer …`, Basic auth's password, or ?token=
 # metrics_path = "/metrics"
+# explorer = "https://mempool.space/tx/{{txid}}"  # the console links txids there
 
 # [events]                       # billing: every channel event in a JSON-lines log (PRODUCTION.md)
 # log_file = "events.jsonl"      # appended and fsync'd; `paychan report --from … --to …` reads it
@@ -851,8 +873,19 @@ mod tests {
             listen: "127.0.0.1:9402".parse().unwrap(),
             token_file: PathBuf::from("/srv/admin.token"),
             metrics_path: "/metrics".into(),
+            explorer: None,
         };
         assert_eq!(config.admin, Some(admin));
+        let explorer = "https://mempool.space/tx/{txid}";
+        let with = template(&init()).replace("# explorer = ", "explorer = ");
+        let with = Config::parse(&with, Path::new("/srv")).unwrap();
+        assert_eq!(with.admin.unwrap().explorer.as_deref(), Some(explorer));
+        let without_txid = template(&init()).replace(
+            &format!("# explorer = \"{explorer}\""),
+            "explorer = \"https://mempool.space/tx/\"",
+        );
+        let error = Config::parse(&without_txid, Path::new("/srv")).unwrap_err();
+        assert_eq!(error.key, "admin.explorer");
         let routes: Vec<_> =
             config.prices.iter().map(|(m, p, price)| (m.clone(), p.to_owned(), price)).collect();
         let price = MilliSats::from_msat(1_000);

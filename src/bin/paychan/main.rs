@@ -12,12 +12,14 @@ use paychan::wire::ChannelId;
 mod admin;
 mod chain;
 mod config;
+mod console;
 mod doctor;
 mod events;
 mod keys;
 mod net;
 mod operator;
 mod pay;
+mod prices;
 mod report;
 mod serve;
 mod webhook;
@@ -275,20 +277,25 @@ async fn main() -> ExitCode {
     match run(cli.command).await {
         Ok(code) => code,
         Err(error) => {
-            // The whole chain: "http: client error (Connect): invalid peer certificate: …".
-            let mut message = error.to_string();
-            let mut source = error.source();
-            while let Some(cause) = source {
-                let cause_text = cause.to_string();
-                if !message.contains(&cause_text) {
-                    message = format!("{message}: {cause_text}");
-                }
-                source = cause.source();
-            }
-            eprintln!("paychan: {message}");
+            eprintln!("paychan: {}", chain_text(&*error));
             ExitCode::from(2)
         }
     }
+}
+
+/// The error and its sources in one line: "http: client error (Connect): invalid peer
+/// certificate: …" (a source already in the text is not repeated).
+fn chain_text(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !message.contains(&cause_text) {
+            message = format!("{message}: {cause_text}");
+        }
+        source = cause.source();
+    }
+    message
 }
 
 async fn run(command: Command) -> Result<ExitCode, Error> {
@@ -378,7 +385,9 @@ async fn run(command: Command) -> Result<ExitCode, Error> {
                 );
             }
         }
-        Command::Serve { config } => serve::serve(Config::load(&config.config)?).await?,
+        Command::Serve { config } => {
+            serve::serve(Config::load(&config.config)?, config.config).await?
+        }
         Command::Doctor { config } => return Ok(doctor::doctor(&config.config).await),
         Command::Channels { config, state } => {
             let config = Config::load(&config.config)?;

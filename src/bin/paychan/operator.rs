@@ -58,30 +58,39 @@ pub(crate) async fn close<St: ChannelStore>(
     master: &Xpriv,
     id: ChannelId,
 ) -> Result<(), Error> {
+    println!("{}", close_once(store, chain, master, id).await?);
+    Ok(())
+}
+
+/// Runs the closing procedure once on channel `id` (`paychan close`, and the admin page's
+/// close): what it did, or why the channel cannot be closed.
+pub(crate) async fn close_once<St: ChannelStore>(
+    store: &St,
+    chain: &Chain,
+    master: &Xpriv,
+    id: ChannelId,
+) -> Result<String, Error> {
     let outcome =
         close_now(store, chain, master, id).await?.ok_or_else(|| format!("no channel {id}"))?;
     match outcome {
-        CloseOutcome::Closed { close, .. } => println!(
+        CloseOutcome::Closed { close, .. } => Ok(format!(
             "closed {id}: {} pays {} sat to the payout address",
             close.compute_txid(),
             paychan::channel::server_amount(&close).to_sat()
-        ),
+        )),
         CloseOutcome::Queued { error, .. } => {
-            println!("close of {id} queued ({error}); the proxy's settlement task retries it");
+            Ok(format!("close of {id} queued ({error}); the proxy's settlement task retries it"))
         }
-        CloseOutcome::Failed => {
-            return Err(format!(
-                "channel {id} cannot be closed (no payment to close with, or its funding is \
-                 spent or gone): it is failed"
-            )
-            .into());
-        }
+        CloseOutcome::Failed => Err(format!(
+            "channel {id} cannot be closed (no payment to close with, or its funding is spent or \
+             gone): it is failed"
+        )
+        .into()),
         CloseOutcome::NotClosable(state) => {
-            return Err(format!("channel {id} is {}: nothing to close", state.as_str()).into());
+            Err(format!("channel {id} is {}: nothing to close", state.as_str()).into())
         }
-        outcome => return Err(format!("channel {id}: {outcome:?}").into()),
+        outcome => Err(format!("channel {id}: {outcome:?}").into()),
     }
-    Ok(())
 }
 
 /// `paychan report`: channels by state, revenue paid and settled, open allocations, and the

@@ -11,8 +11,8 @@ use paychan::MilliSats;
 use paychan::bitcoin::{Amount, Network};
 use paychan::chain::bitcoind::{Auth, BitcoindRpc};
 use paychan::client::{
-    ClientStore, CoreWallet, FileClientStore, KeyWallet, Payer, PaymentLayer, ServiceTransport,
-    SpendingPolicy,
+    ClientError, ClientStore, CoreWallet, FileClientStore, KeyWallet, Payer, PaymentLayer,
+    ServiceTransport, SpendingPolicy,
 };
 use tower::{ServiceBuilder, ServiceExt};
 
@@ -104,6 +104,39 @@ impl ClientOptions {
         Ok(FileClientStore::open(self.state_dir.join("channels"))?)
     }
 
+    /// `error` in one line, with the flag that fixes it when there is one: no wallet, a
+    /// wallet short of funds, a server certificate no CA here signed (a self-signed one).
+    fn explain(&self, error: &ClientError) -> String {
+        let text = crate::chain_text(error);
+        let hint = match error {
+            ClientError::NoWallet => "give the wallet that funds channels: --wallet-url \
+                http://HOST:PORT/wallet/NAME (a Bitcoin Core wallet, with --rpc-cookie or \
+                --rpc-user), or --wallet-key FILE (the coins of a key, found through --chain-url)"
+                .to_owned(),
+            ClientError::Wallet(_) if text.to_lowercase().contains("insufficient funds") => {
+                let wallet = match (&self.wallet_url, &self.wallet_key) {
+                    (Some(url), _) => format!("the wallet at --wallet-url {}", crate::redact(url)),
+                    (None, Some(path)) => format!("the key wallet --wallet-key {}", path.display()),
+                    (None, None) => "the wallet".to_owned(),
+                };
+                format!(
+                    "fund {wallet}, or open smaller channels with --channel-value-sat (now {})",
+                    self.channel_value_sat
+                )
+            }
+            ClientError::Transport(_)
+                if text.contains("CaUsedAsEndEntity") || text.contains("UnknownIssuer") =>
+            {
+                "the server's certificate is not signed by a CA this client trusts (a \
+                 self-signed certificate?): give that CA's certificate, or the self-signed \
+                 certificate itself, with --cacert FILE.pem"
+                    .to_owned()
+            }
+            _ => return text,
+        };
+        format!("{text}; {hint}")
+    }
+
     /// A payer for `origin`, with its wallet, chain view and policy.
     async fn payer(&self, origin: &str) -> Result<Payer<FileClientStore>, Error> {
         let store = self.store()?;
@@ -187,7 +220,10 @@ pub(crate) async fn pay(args: PayArgs) -> Result<ExitCode, Error> {
     let request = request.body(Full::new(Bytes::from(args.data.unwrap_or_default())))?;
     let http = args.client.http()?;
     let client = ServiceBuilder::new().layer(PaymentLayer::new(payer.clone())).service(http);
-    let response = client.oneshot(request).await?;
+    let response = match client.oneshot(request).await {
+        Ok(response) => response,
+        Err(error) => return Err(args.client.explain(&error).into()),
+    };
     let status = response.status();
     let body = response.into_body().collect().await?.to_bytes();
     match &args.output {

@@ -1,6 +1,7 @@
 //! `paychan serve`: the paying reverse proxy.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +26,7 @@ use tower::ServiceExt as _;
 use crate::admin::{self, Observed};
 use crate::chain::Chain;
 use crate::config::{ChainSource, Config, Listener};
+use crate::prices::{LivePrices, Reloader};
 use crate::{Error, keys, net, with_store};
 
 /// What the proxy handler needs.
@@ -48,14 +50,17 @@ impl Upstream {
         let refunded = gives_back || (self.refund_server_errors && status.is_server_error());
         match paid.filter(|_| !refunded) {
             Some(paid) if paid.shadow => self.observed.shadow(paid.price),
-            Some(paid) => self.observed.charge(paid.price),
+            Some(paid) => {
+                self.observed.charge(paid.price);
+                self.observed.charged_on(paid.channel);
+            }
             None => {}
         }
     }
 }
 
-/// Runs the proxy until SIGTERM or Ctrl-C.
-pub(crate) async fn serve(config: Config) -> Result<(), Error> {
+/// Runs the proxy until SIGTERM or Ctrl-C; SIGHUP reloads the prices from `path`.
+pub(crate) async fn serve(config: Config, path: PathBuf) -> Result<(), Error> {
     let master = keys::read(&config.key_file, config.network)?;
     let bump = match cpfp(&config)? {
         Cpfp::On(key, reason) => {
@@ -75,7 +80,7 @@ pub(crate) async fn serve(config: Config) -> Result<(), Error> {
     with_store!(&config.store_url, store => match config.leases {
         Some(leases) => {
             let store = paychan::store::Leased::with_config(store, leases);
-            let served = run(config, master, bump, chain, store.clone()).await;
+            let served = run(config, &path, master, bump, chain, store.clone()).await;
             // After the last request: what this node holds goes back to the channels.
             let failed = store.return_all().await;
             if failed > 0 {
@@ -83,7 +88,7 @@ pub(crate) async fn serve(config: Config) -> Result<(), Error> {
             }
             served
         }
-        None => run(config, master, bump, chain, store).await,
+        None => run(config, &path, master, bump, chain, store).await,
     })
 }
 
@@ -204,6 +209,7 @@ pub(crate) async fn check_network(chain: &Chain, config: &Config) -> Result<Stri
 
 async fn run<St: ChannelStore + Clone + 'static>(
     config: Config,
+    path: &Path,
     master: paychan::bitcoin::bip32::Xpriv,
     bump: Option<paychan::bitcoin::secp256k1::SecretKey>,
     chain: Chain,
@@ -218,15 +224,21 @@ async fn run<St: ChannelStore + Clone + 'static>(
             let listener = tokio::net::TcpListener::bind(admin.listen)
                 .await
                 .map_err(|e| format!("admin listen {}: {e}", admin.listen))?;
-            Some((listener, token, admin.metrics_path.clone()))
+            Some((listener, token, admin.clone()))
         }
         None => None,
     };
+    // The price table and its description in the terms, reloaded together (SIGHUP, the
+    // admin page).
+    let prices = LivePrices::new(config.prices.clone());
+    let reloader = Arc::new(Reloader::new(path.to_owned(), config.shadow, prices.clone()));
+    let hangups = crate::prices::on_sighup(Arc::clone(&reloader))?;
+    let described = prices.clone();
     let paid = Merchant::new(config.network, master, config.payout_script.clone(), chain.clone())
         .with_store(store.clone())
         .with_terms(config.terms.clone())
         .with_funding_policy(config.funding)
-        .with_prices(config.prices.describe())
+        .with_prices_from(move || described.describe())
         .with_intervals(config.tip_every, config.settle_every);
     let paid = match bump {
         Some(key) => paid.with_cpfp_key(key),
@@ -239,8 +251,7 @@ async fn run<St: ChannelStore + Clone + 'static>(
     } else {
         paid
     };
-    let paid =
-        paid.start(config.prices.clone()).await.map_err(|e| format!("the chain backend: {e}"))?;
+    let paid = paid.start(prices).await.map_err(|e| format!("the chain backend: {e}"))?;
     // The billing event log: a task of its own that reads the store, never in a request's way.
     let event_metrics = crate::events::Metrics::default();
     let events = match &config.events {
@@ -282,16 +293,20 @@ async fn run<St: ChannelStore + Clone + 'static>(
         .layer(axum::middleware::from_fn(guard_paths))
         .layer(axum::middleware::from_fn_with_state(Arc::clone(&observed), admin::observe));
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let admin_task = admin.map(|(listener, token, metrics_path)| {
+    let admin_task = admin.map(|(listener, token, settings)| {
         let settlement = Arc::clone(&paid);
         let state = Arc::new(admin::Admin {
             store,
             chain,
+            master,
             observed: Arc::clone(&observed),
             settlement: Box::new(move || settlement.metrics()),
             token,
             title: format!("{} → {}", config.network, config.upstream),
+            explorer: settings.explorer,
+            reloader,
         });
+        let metrics_path = settings.metrics_path;
         let mut stopped = stopped.clone();
         tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin listener");
         tokio::spawn(async move {
@@ -323,6 +338,7 @@ async fn run<St: ChannelStore + Clone + 'static>(
     for task in events {
         task.abort();
     }
+    hangups.abort();
     if let Ok(paid) = Arc::try_unwrap(paid) {
         paid.stop();
     }
@@ -575,7 +591,7 @@ fn upper_case(method: &http::Method) -> bool {
 
 /// `text` with its `%XX` escapes decoded (bytes that are not UTF-8 become U+FFFD); a `%` not
 /// followed by two hex digits is kept.
-fn percent_decode(text: &str) -> String {
+pub(crate) fn percent_decode(text: &str) -> String {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

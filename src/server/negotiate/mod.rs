@@ -58,8 +58,35 @@ pub struct Negotiation<C> {
     max_pending_per_network: usize,
     proposal_ttl: Duration,
     client_ip_header: Option<http::HeaderName>,
-    prices: Value,
+    prices: DescribePrices,
     funding: FundingPolicy,
+}
+
+/// What the terms document publishes as `prices`, asked on every terms request.
+#[derive(Clone)]
+pub(crate) struct DescribePrices(Arc<dyn Fn() -> Value + Send + Sync>);
+
+impl DescribePrices {
+    /// `prices`, always.
+    pub(crate) fn fixed(prices: Value) -> Self {
+        Self(Arc::new(move || prices.clone()))
+    }
+
+    /// What `describe` answers when asked.
+    pub(crate) fn from_fn(describe: impl Fn() -> Value + Send + Sync + 'static) -> Self {
+        Self(Arc::new(describe))
+    }
+
+    /// The description now.
+    pub(crate) fn get(&self) -> Value {
+        (self.0)()
+    }
+}
+
+impl fmt::Debug for DescribePrices {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DescribePrices(<fn>)")
+    }
 }
 
 /// The most inputs a funding transaction may have (each is looked up on the chain backend).
@@ -97,7 +124,7 @@ impl<C: ChainBackend + Clone + 'static> Negotiation<C> {
             max_pending_per_network: 100,
             proposal_ttl: Duration::from_secs(600),
             client_ip_header: None,
-            prices: Value::Null,
+            prices: DescribePrices::fixed(Value::Null),
             funding: FundingPolicy::default(),
         }
     }
@@ -114,6 +141,22 @@ impl<C: ChainBackend + Clone + 'static> Negotiation<C> {
     ///
     /// [`RoutePrices::describe`]: super::RoutePrices::describe
     pub fn with_prices(mut self, prices: Value) -> Self {
+        self.prices = DescribePrices::fixed(prices);
+        self
+    }
+
+    /// Publishes what `describe` answers, asked on every terms request: for a price table
+    /// that changes while the server runs (a reload), so the terms never lag behind it.
+    pub fn with_prices_from(
+        mut self,
+        describe: impl Fn() -> Value + Send + Sync + 'static,
+    ) -> Self {
+        self.prices = DescribePrices::from_fn(describe);
+        self
+    }
+
+    /// The description [`Merchant`](crate::Merchant) was given.
+    pub(crate) fn with_described_prices(mut self, prices: DescribePrices) -> Self {
         self.prices = prices;
         self
     }

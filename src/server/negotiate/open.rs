@@ -33,7 +33,7 @@ pub(super) async fn terms<C: ChainBackend, St: ChannelStore>(
         version: 1,
         scheme: "bitcoin-channel".to_owned(),
         network: n.network.to_core_arg().to_owned(),
-        prices: n.prices.clone(),
+        prices: n.prices.get(),
         min_value_sat: t.min_value.to_sat(),
         max_value_sat: t.max_value.to_sat(),
         lifetime_blocks: t.blocks,
