@@ -531,6 +531,26 @@ impl Site {
         (status, std::fs::read_to_string(self.dir.join(format!("proxy-{n}.log"))).unwrap())
     }
 
+    /// Runs `refund` (`paychan client refund` for one client) twice: the first broadcasts one
+    /// refund, which the node's mempool has; the second finds nothing left to refund.
+    async fn refunds_once(&self, refund: &impl AsyncFn() -> std::process::Output) {
+        let out = refund().await;
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let refunded = text(&out.stdout);
+        assert!(refunded.contains("1 refund(s)"), "{refunded}");
+        let txid = refunded.lines().next().unwrap().rsplit(' ').next().unwrap();
+        assert!(self.node.mempool_entry(txid.parse().unwrap()).await.is_some(), "{refunded}");
+        let out = refund().await;
+        assert!(text(&out.stdout).contains("0 refund(s)"), "only once: {}", text(&out.stdout));
+    }
+
+    /// Stops the proxy (its `n`th run), which must exit cleanly, and removes the site.
+    async fn finish(self, proxy: Child, n: u32) {
+        let (status, log) = self.stop(proxy, n).await;
+        assert!(status.success(), "{status:?}: {log}");
+        std::fs::remove_dir_all(&self.dir).unwrap();
+    }
+
     /// `paychan pay URL` for the client whose state is in `state`, funded by Core's wallet.
     fn pay(&self, state: &str, path: &str) -> Vec<String> {
         let mut args = self.client(&["pay"], state);
@@ -614,7 +634,7 @@ async fn the_binary_proxies_pays_closes_and_settles_on_a_real_node() {
     assert_eq!(text(&filtered("closed").await.stdout), "");
     assert_eq!(filtered("opened").await.status.code(), Some(2), "an unknown state is an error");
 
-    // An upstream 5xx is passed on and charged (`refund_server_errors = false`, the proxy's
+    // An upstream 5xx is passed on and charged (`credit_server_errors = false`, the proxy's
     // default: the upstream may have done the work).
     let out = paychan(client("/boom")).await;
     assert_eq!(out.status.code(), Some(22), "{}", text(&out.stderr));
@@ -837,9 +857,7 @@ async fn a_close_below_the_mempool_minimum_goes_out_with_a_cpfp_child() {
     let payout = payout.unwrap().script_pubkey();
     assert_eq!(child_tx.output[0].script_pubkey, payout, "the child pays the payout address");
     assert_eq!(node.balance_of_script(&payout).await, child_tx.output[0].value);
-    let (status, _) = site.stop(proxy, 1).await;
-    assert!(status.success());
-    std::fs::remove_dir_all(&site.dir).unwrap();
+    site.finish(proxy, 1).await;
 }
 
 /// SIGTERM while a paid request is in flight: the proxy finishes it (the client gets its
@@ -883,9 +901,7 @@ async fn sigterm_mid_request_loses_no_payment() {
         assert!(out.status.success(), "{client} after the restart: {}", text(&out.stderr));
         assert_eq!(site.client_paid(client).await.len(), 1, "{client}: still one channel");
     }
-    let (status, _) = site.stop(proxy, 1).await;
-    assert!(status.success());
-    std::fs::remove_dir_all(&site.dir).unwrap();
+    site.finish(proxy, 1).await;
 }
 
 /// A request that never finishes (a hung upstream) holds a shutdown only until
@@ -973,14 +989,7 @@ async fn the_client_closes_and_refunds_by_itself() {
     let out = refund().await;
     assert!(text(&out.stdout).contains("0 refund(s)"), "not yet: {}", text(&out.stdout));
     site.node.mine(150).await;
-    let out = refund().await;
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let refunded = text(&out.stdout);
-    assert!(refunded.contains("1 refund(s)"), "{refunded}");
-    let txid = refunded.lines().next().unwrap().rsplit(' ').next().unwrap();
-    assert!(site.node.mempool_entry(txid.parse().unwrap()).await.is_some(), "{refunded}");
-    let out = refund().await;
-    assert!(text(&out.stdout).contains("0 refund(s)"), "only once: {}", text(&out.stdout));
+    site.refunds_once(&refund).await;
 
     // The server comes back, with the event log on: the refund (mined after the expiry) is
     // its channel's `refunded` event, carrying what the client had paid and never settled.
@@ -993,9 +1002,7 @@ async fn the_client_closes_and_refunds_by_itself() {
     assert_eq!(kinds.first(), Some(&"opened"), "{kinds:?}");
     assert!(!kinds.contains(&"failed") && !kinds.contains(&"settled"), "{kinds:?}");
     assert_eq!(ended.last().unwrap()["paid_msat"], paid * 1_000);
-    let (status, _) = site.stop(proxy, 1).await;
-    assert!(status.success());
-    std::fs::remove_dir_all(&site.dir).unwrap();
+    site.finish(proxy, 1).await;
 }
 
 /// With `[tls]` the proxy itself serves HTTPS: `pay --cacert` pays through it (and the
@@ -1055,9 +1062,7 @@ async fn pay_names_the_flag_when_the_wallet_is_missing_or_short() {
     let (has, needs) = (Amount::ZERO, Amount::from_sat(50_000));
     let says = format!("insufficient funds: {has} cannot pay {needs} and the fee");
     assert_says(&text(&out.stderr), &[&says, "/wallet/empty", "--channel-value-sat (now 50000)"]);
-    let (status, _) = site.stop(proxy, 0).await;
-    assert!(status.success());
-    std::fs::remove_dir_all(&site.dir).unwrap();
+    site.finish(proxy, 0).await;
 }
 
 /// A config error names its file, line and key, and the proxy does not start.
@@ -1311,14 +1316,7 @@ async fn client_refund_asks_the_chain_not_the_closed_mark() {
     assert!(status.success());
     site.node.mine(150).await;
     let refund = || paychan(site.client(&["client", "refund"], "marked"));
-    let out = refund().await;
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let refunded = text(&out.stdout);
-    assert!(refunded.contains("1 refund(s)"), "{refunded}");
-    let txid = refunded.lines().next().unwrap().rsplit(' ').next().unwrap();
-    assert!(site.node.mempool_entry(txid.parse().unwrap()).await.is_some(), "{refunded}");
-    let out = refund().await;
-    assert!(text(&out.stdout).contains("0 refund(s)"), "only once: {}", text(&out.stdout));
+    site.refunds_once(&refund).await;
     std::fs::remove_dir_all(&site.dir).unwrap();
 }
 
@@ -1390,9 +1388,7 @@ async fn the_proxy_forwards_only_what_it_priced() {
         [format!("GET /public/~x {own}"), format!("GET /public/h {own}")],
         "the upstream saw the priced path and only the proxy's forwarding headers"
     );
-    let (status, _) = site.stop(proxy, 0).await;
-    assert!(status.success());
-    std::fs::remove_dir_all(&site.dir).unwrap();
+    site.finish(proxy, 0).await;
 }
 
 /// Waits (45 s at most: far beyond the 1 s header timeout) for the answer to a request sent
@@ -1457,9 +1453,7 @@ async fn slow_and_large_headers_are_cut_on_plain_http() {
     trickle.join().unwrap();
     let log = site.seen.log.lock().unwrap().clone();
     assert!(log.iter().all(|line| !line.contains("/public/slow")), "{log:?}");
-    let (status, _) = site.stop(proxy, 0).await;
-    assert!(status.success());
-    std::fs::remove_dir_all(&site.dir).unwrap();
+    site.finish(proxy, 0).await;
 }
 
 /// Review 2026-12 (server side): one client holding silent connections kept every other client
@@ -1486,9 +1480,7 @@ async fn one_clients_silent_connections_do_not_lock_everyone_out() {
     )
     .await;
     drop(held);
-    let (status, _) = site.stop(proxy, 0).await;
-    assert!(status.success());
-    std::fs::remove_dir_all(&site.dir).unwrap();
+    site.finish(proxy, 0).await;
     let answer = answer.expect("one client's silent connections kept another client out");
     assert_eq!(status_of(&answer), "200", "{answer}");
 }

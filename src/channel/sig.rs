@@ -56,17 +56,6 @@ impl std::error::Error for SignatureError {}
 
 /// Returns whether `sig` (DER plus sighash byte) passes Bitcoin Core's
 /// `IsValidSignatureEncoding` (BIP-0066).
-///
-/// # Examples
-///
-/// ```
-/// use paychan::channel::sig::is_strict_der;
-///
-/// // A DER signature with one-byte R and S, followed by SIGHASH_ALL.
-/// assert!(is_strict_der(&[0x30, 0x06, 0x02, 0x01, 0x01, 0x02, 0x01, 0x01, 0x01]));
-/// // R with a superfluous leading zero byte.
-/// assert!(!is_strict_der(&[0x30, 0x07, 0x02, 0x02, 0x00, 0x01, 0x02, 0x01, 0x01, 0x01]));
-/// ```
 pub(crate) fn is_strict_der(sig: &[u8]) -> bool {
     // Format: 0x30 [total-length] 0x02 [R-length] [R] 0x02 [S-length] [S] [sighash]
     let len = sig.len();
@@ -128,24 +117,6 @@ pub(crate) fn parse_standard(sig: &[u8]) -> Result<ecdsa::Signature, SignatureEr
 
 /// Parses a witness signature that must be standard (see [`parse_standard`]) and exactly
 /// `SIGHASH_ALL`.
-///
-/// # Examples
-///
-/// ```
-/// use bitcoin::secp256k1::{Message, Secp256k1, SecretKey};
-/// use bitcoin::sighash::EcdsaSighashType;
-/// use paychan::channel::sig::{SignatureError, parse_sighash_all};
-///
-/// let secp = Secp256k1::new();
-/// let key = SecretKey::from_slice(&[1; 32])?;
-/// let signature = secp.sign_ecdsa(&Message::from_digest([7; 32]), &key);
-/// let mut bytes = signature.serialize_der().to_vec();
-/// bytes.push(EcdsaSighashType::All as u8);
-/// assert!(parse_sighash_all(&bytes).is_ok());
-/// *bytes.last_mut().unwrap() = EcdsaSighashType::Single as u8;
-/// assert_eq!(parse_sighash_all(&bytes), Err(SignatureError::NotSighashAll { found: 0x03 }));
-/// # Ok::<(), bitcoin::secp256k1::Error>(())
-/// ```
 ///
 /// # Errors
 ///
@@ -282,6 +253,26 @@ pub(crate) mod tests {
     use bitcoin::secp256k1::Secp256k1;
 
     use super::*;
+
+    #[test]
+    fn strict_der_is_bitcoin_cores_encoding_rule() {
+        // A DER signature with one-byte R and S, followed by SIGHASH_ALL.
+        assert!(is_strict_der(&[0x30, 0x06, 0x02, 0x01, 0x01, 0x02, 0x01, 0x01, 0x01]));
+        // R with a superfluous leading zero byte.
+        assert!(!is_strict_der(&[0x30, 0x07, 0x02, 0x02, 0x00, 0x01, 0x02, 0x01, 0x01, 0x01]));
+    }
+
+    #[test]
+    fn only_sighash_all_is_accepted() {
+        use bitcoin::sighash::EcdsaSighashType;
+        let key = SecretKey::from_slice(&[1; 32]).unwrap();
+        let signature = sign_ecdsa(&Message::from_digest([7; 32]), &key);
+        let mut bytes = signature.serialize_der().to_vec();
+        bytes.push(EcdsaSighashType::All as u8);
+        assert!(parse_sighash_all(&bytes).is_ok());
+        *bytes.last_mut().unwrap() = EcdsaSighashType::Single as u8;
+        assert_eq!(parse_sighash_all(&bytes), Err(SignatureError::NotSighashAll { found: 0x03 }));
+    }
 
     fn fixture() -> Vec<u8> {
         let key = SecretKey::from_slice(&[7; 32]).unwrap();

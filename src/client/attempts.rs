@@ -188,6 +188,9 @@ pub(crate) trait Exchange {
     /// The integration's error.
     type Error;
 
+    /// Waits until the request can be sent (again): before the attempt counts as a send.
+    async fn ready(&mut self) -> Result<(), Self::Error>;
+
     /// Sends the request (again) with the attempt's payment headers: the response, and
     /// whether the request could be sent once more (not when its body cannot be copied: then
     /// this answer is final).
@@ -263,6 +266,9 @@ where
     let (method, path, headers) = request;
     let mut retry = Retry::new(payer, method, path, headers);
     loop {
+        // Ready first: an attempt counts as a send (the overcharge check allows so much per
+        // send), so one that could not be sent must not start.
+        exchange.ready().await?;
         let channel = retry.start().await.map_err(E::error)?;
         let attempt = Attempt { channel, receipts: retry.receipt_headers() };
         let (response, again) = exchange.send(&attempt).await?;

@@ -212,6 +212,11 @@ impl<St: ClientStore + 'static> Exchange for ReqwestExchange<'_, '_, St> {
     type Output = reqwest::Response;
     type Error = reqwest_middleware::Error;
 
+    /// A middleware chain is always ready.
+    async fn ready(&mut self) -> reqwest_middleware::Result<()> {
+        Ok(())
+    }
+
     async fn send(
         &mut self,
         attempt: &Attempt,

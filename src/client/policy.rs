@@ -106,7 +106,7 @@ impl SpendingPolicy {
     }
 
     /// The most a top-up pays beyond what the refused request needs (servers suggest prepaying
-    /// a bundle; this bounds it).
+    /// a top-up; this bounds it).
     pub fn with_max_prepaid(mut self, max: Amount) -> Self {
         self.max_prepaid = max;
         self

@@ -37,7 +37,8 @@
 //! use bitcoin::Network;
 //! use bitcoin::bip32::Xpriv;
 //! use paychan::chain::sim::SimulatedChain;
-//! use paychan::settlement::{FundingPolicy, Settlement};
+//! use paychan::channel::FundingPolicy;
+//! use paychan::settlement::Settlement;
 //! use paychan::store::MemoryStore;
 //!
 //! # #[tokio::main(flavor = "current_thread")]

@@ -117,17 +117,17 @@ impl LeaseConfig {
 ///   it (settling is idempotent) and takes the lease of unknown outcome again under the same
 ///   id, so a grant the node did not hear of is given back, not lapsed.
 /// - **Sized by traffic.** A lease is what the channel used on this node in
-///   [`horizon`](LeaseConfig::with_horizon) (measured from the last lease), at least the request
-///   and at most [`max_lease`](LeaseConfig::with_max_lease) — and at most half the channel's free
+///   [`with_horizon`](LeaseConfig::with_horizon) (measured from the last lease), at least the request
+///   and at most [`with_max_lease`](LeaseConfig::with_max_lease) — and at most half the channel's free
 ///   balance, so one node never holds it all while another node's request finds none. A
 ///   request may still be refused (402) while part of the balance sits in another node's
 ///   lease: the client tops up, or the lease comes back when idle.
 /// - **Given back.** A lease is settled (what was used becomes spent, the rest is free again)
-///   when it no longer covers a request, after [`idle`](LeaseConfig::with_idle) unused, after a
-///   third of its [`ttl`](LeaseConfig::with_ttl) (renewed), when this node closes the channel,
+///   when it no longer covers a request, after [`with_idle`](LeaseConfig::with_idle) unused, after a
+///   third of its [`with_ttl`](LeaseConfig::with_ttl) (renewed), when this node closes the channel,
 ///   and by [`return_all`](Self::return_all) on shutdown.
 /// - **A crash** leaves the dead node's leases unsettled: after their
-///   [`ttl`](LeaseConfig::with_ttl) any node **forfeits** each
+///   [`with_ttl`](LeaseConfig::with_ttl) any node **forfeits** each
 ///   ([`expire_leases`](ChannelStore::expire_leases)): what the dead node served of it
 ///   cannot be known, so all of it is kept from the balance for good (never served unpaid),
 ///   though not reported as spent. A crash costs each channel at most one lease per dead
@@ -141,7 +141,7 @@ impl LeaseConfig {
 ///   refusal's snapshot counts what is leased and forfeited in `spent_msat` (and reports it
 ///   as `leased_msat`): a fair close must pay for it, unless the leases are given back
 ///   first — a close on this node settles its own lease and waits up to twice
-///   [`idle`](LeaseConfig::with_idle) for the others'.
+///   [`with_idle`](LeaseConfig::with_idle) for the others'.
 /// - **Stops with its channel.** A node draws on its lease of a channel only until it sees
 ///   the channel out of [`Open`](ChannelState::Open): suspended (a zero-conf funding left
 ///   the mempool), closing or failed. It sees that at once when it moves the channel itself
@@ -157,8 +157,8 @@ impl LeaseConfig {
 ///   change** (a pass during which the store failed may not count; one whose chain backend is
 ///   down still lists the open channels) — within one pass
 ///   interval of the change, plus the pass itself. Until its pass a node may serve from the
-///   lease it holds (at most one per node, ≤ [`max_lease`](LeaseConfig::with_max_lease)), and
-///   from none taken more than about a third of the [`ttl`](LeaseConfig::with_ttl) before (the
+///   lease it holds (at most one per node, ≤ [`with_max_lease`](LeaseConfig::with_max_lease)), and
+///   from none taken more than about a third of the [`with_ttl`](LeaseConfig::with_ttl) before (the
 ///   background task gives it back then, and the store grants nothing on a channel that is
 ///   not open). None of this costs the fast path anything: no store round trip per request.
 ///
@@ -442,7 +442,7 @@ impl<S: ChannelStore> Leased<S> {
 
     /// Settles every lease this node holds: call it on shutdown, after the last request was
     /// served. Returns how many channels' leases could not be settled (the store failed):
-    /// those lapse after the [`ttl`](LeaseConfig::with_ttl), forfeited.
+    /// those lapse after the [`with_ttl`](LeaseConfig::with_ttl), forfeited.
     pub async fn return_all(&self) -> usize {
         let ids: Vec<ChannelId> = self.inner.slots.iter().map(|slot| *slot.key()).collect();
         let mut failed = 0;
@@ -809,7 +809,7 @@ impl<S: ChannelStore> ChannelStore for Leased<S> {
     }
 
     /// Settles this node's lease of the channel first, then waits (up to twice
-    /// [`idle`](LeaseConfig::with_idle)) for other nodes to give theirs back while `payment`
+    /// [`with_idle`](LeaseConfig::with_idle)) for other nodes to give theirs back while `payment`
     /// covers what was spent but not what is leased.
     fn close_with(
         &self,

@@ -218,7 +218,7 @@ pub struct ChannelSnapshot {
         skip_serializing_if = "Option::is_none"
     )]
     pub min_server_amount_sat: Option<Amount>,
-    /// A server amount that also prepays the configured bundle, in sat.
+    /// A server amount that also prepays the configured top-up (`PaywallLayer::with_prepaid_top_up`), in sat.
     #[serde(
         default,
         with = "bitcoin::amount::serde::as_sat::opt",

@@ -102,12 +102,14 @@ await inChromium(['--autoplay-policy=no-user-gesture-required'], async (page) =>
   await cdp.send('ServiceWorker.enable');
   await cdp.send('ServiceWorker.stopAllWorkers');
   const killedAt = Date.now();
-  // Played until the restarted worker has paid (a top-up), 25 s at most.
+  // Played until the restarted worker has paid (a top-up), 60 s at most: what was prepaid
+  // before the kill lasts ~30 s of play here (the server answers at twice real time), and
+  // less or more depending on how far ahead the element had read when the worker died.
   const resumedAt = await page.evaluate(async (paidSat) => {
     const { player } = window.demo;
     await player.play();
-    const until = player.currentTime + 25;
-    while ((await window.demo.status()).paidSat <= paidSat && player.currentTime < until) {
+    const until = player.currentTime + 60;
+    while ((await window.demo.status()).paidSat <= paidSat && player.currentTime < until && !player.ended) {
       if (player.error) throw new Error(`the player failed: ${player.error.message}`);
       await new Promise((r) => setTimeout(r, 250));
     }

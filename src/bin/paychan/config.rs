@@ -114,9 +114,10 @@ struct File {
     /// The key of CPFP children; its P2WPKH must be `payout_address` for CPFP to work.
     bump_key_file: Option<PathBuf>,
     payout_address: String,
-    /// Off for a proxy: an upstream's 5xx may carry data or follow side effects.
-    #[serde(default)]
-    refund_server_errors: bool,
+    /// Off for a proxy: an upstream's 5xx may carry data or follow side effects. Its name
+    /// until 2026-12, `refund_server_errors`, is still read ("refund" is T2's word).
+    #[serde(default, alias = "refund_server_errors")]
+    credit_server_errors: bool,
     #[serde(default)]
     shadow: bool,
     /// How long a shutdown (SIGTERM) waits for the requests in flight.
@@ -416,7 +417,7 @@ pub(crate) struct Config {
     pub(crate) payout_script: ScriptBuf,
     /// `payout_address` as written (for messages).
     pub(crate) payout_address: String,
-    pub(crate) refund_server_errors: bool,
+    pub(crate) credit_server_errors: bool,
     /// Serve every request unpaid, counting what it would have been charged.
     pub(crate) shadow: bool,
     /// How long a shutdown waits for the requests in flight before it closes their
@@ -501,7 +502,7 @@ impl Config {
             bump_key_file: file.bump_key_file.map(|path| base.join(path)),
             payout_script: payout.script_pubkey(),
             payout_address: file.payout_address,
-            refund_server_errors: file.refund_server_errors,
+            credit_server_errors: file.credit_server_errors,
             shadow: file.shadow,
             shutdown: Duration::from_secs(file.shutdown_secs),
             chain,
@@ -713,84 +714,8 @@ pub(crate) fn template(init: &Init) -> String {
         )
     };
     format!(
-        r#"# paychan proxy configuration (https://docs.rs/paychan). Relative paths are relative to
-# this file's folder.
-
-network = "{network}"            # bitcoin, testnet4, signet or regtest
-listen = "{listen}"          # where paying clients connect
-upstream = "{upstream}"   # the API behind the proxy (http:// or https://)
-key_file = "{key_file}"        # the BIP-0032 master key: secret, mode 0600, back it up
-bump_key_file = "{bump_key_file}"  # signs CPFP children from the payout output: secret, 0600
-{payout}
-refund_server_errors = false     # true: an upstream 5xx is not charged (an unreachable one never is)
-shadow = false                   # true: serve every request unpaid (unlisted routes too), count what would be charged
-shutdown_secs = 30               # on SIGTERM, requests in flight get this long to finish
-
-[chain]
-{chain}
-[store]
-url = "{store}"       # sqlite:PATH, postgres://…, redis://…, or memory (lost on restart)
-# [store.leases]                 # several nodes on one store: debit from leases (see docs)
-# max_msat = 100000              # the most one lease holds: what a node crash can cost a channel
-# horizon_ms = 100               # a lease covers this much of a channel's traffic on the node
-# idle_ms = 1000                 # an unused lease is given back after this
-# ttl_secs = 30                  # a dead node's lease lapses (forfeited) after this; >= 10
-
-[prices]
-unlisted = "refuse"              # routes not listed: "refuse" (404), "free", or a price in msat
-[[prices.routes]]                # patterns: {{name}} one segment, {{*name}} the rest; 0 is free
-method = "GET"
-path = "/"
-price_msat = {price}
-[[prices.routes]]
-method = "GET"
-path = "/{{*rest}}"
-price_msat = {price}
-
-[terms]                          # what channels the proxy accepts (defaults shown)
-# min_value_sat = 10000
-# max_value_sat = 10000000
-# min_lifetime_blocks = 144
-# max_lifetime_blocks = 4320
-# close_margin_blocks = 36
-# min_fee_rate_sat_vb = 2
-# max_fee_rate_sat_vb = 1000
-# funding_min_fee_rate_sat_vb = 1
-
-[funding]
-# min_confirmations = 1
-# zero_conf_max_value_sat = 100000   # served before confirmation when the funding is safe
-# confirm_within_blocks = 144
-
-[settlement]
-# interval_secs = 30
-# tip_interval_secs = 5
-
-[listener]                       # limits on the proxy's own listener (defaults shown)
-# header_timeout_secs = 30       # headers must arrive within this; idle connections close after it
-# max_header_bytes = 32768       # request line and headers; 431 beyond
-# max_connections = 512          # served at once (each may hold a second socket to the upstream)
-# max_connections_per_client = 32  # of them, one client's (IPv4 address, IPv6 /64); 0: no share
-#                                # (the default with trust_forwarded_for: all are the front's)
-# trust_forwarded_for = false    # true only behind your own proxy that replaces X-Forwarded-For
-
-# [tls]                          # TLS on the proxy's own listener (or put a TLS proxy in front)
-# cert_file = "cert.pem"         # the certificate chain, PEM
-# key_file = "key.pem"           # its private key, PEM
-
-[admin]                          # Prometheus metrics at /metrics, the console at /
-listen = "{admin_listen}"        # keep it private; every request needs the token
-token_file = "admin.token"       # as `Authorization: Bearer …`, Basic auth's password, or ?token=
-# metrics_path = "/metrics"
-# explorer = "https://mempool.space/tx/{{txid}}"  # the console links txids there
-
-# [events]                       # billing: every channel event in a JSON-lines log (PRODUCTION.md)
-# log_file = "events.jsonl"      # appended and fsync'd; `paychan report --from … --to …` reads it
-# interval_secs = 5              # how often the store is compared with the log
-# usage_interval_secs = 60       # a `usage` event per channel at most this often
-# webhook_url = "https://billing.example/paychan"   # each event POSTed, signed, retried
-# secret_file = "webhook.secret" # the HMAC-SHA256 key (mode 0600): openssl rand -hex 32
-"#,
+        // The configuration `init` writes, its `{…}` filled in (`{{…}}` is a literal brace).
+        include_str!("paychan.toml.in"),
         network = init.network,
         listen = init.listen,
         upstream = init.upstream,
@@ -799,6 +724,8 @@ token_file = "admin.token"       # as `Authorization: Bearer …`, Basic auth's 
         store = init.store,
         price = init.price_msat,
         admin_listen = init.admin_listen,
+        payout = payout,
+        chain = chain,
     )
 }
 
@@ -857,7 +784,7 @@ mod tests {
         assert!(template(&init()).contains("bcrt1qqypqxpq9qcrsszg2pvxq6rs0zqg3yyc5phstwt"));
         assert_eq!(config.store_url, "sqlite:/srv/paychan.db");
         assert_eq!(config.terms, Terms::default());
-        assert!(!config.refund_server_errors, "a proxy charges an upstream's 5xx by default");
+        assert!(!config.credit_server_errors, "a proxy charges an upstream's 5xx by default");
         assert!(!config.shadow);
         assert_eq!(config.listener, Listener::default());
         let shadow = template(&init()).replace("shadow = false", "shadow = true");
@@ -898,11 +825,13 @@ mod tests {
     #[test]
     fn without_the_key_upstream_server_errors_are_charged() {
         let good = template(&init());
-        let line = good.lines().find(|l| l.starts_with("refund_server_errors")).unwrap();
+        let line = good.lines().find(|l| l.starts_with("credit_server_errors")).unwrap();
         let without = good.replace(line, "");
-        assert!(!Config::parse(&without, Path::new("/srv")).unwrap().refund_server_errors);
-        let on = good.replace(line, "refund_server_errors = true");
-        assert!(Config::parse(&on, Path::new("/srv")).unwrap().refund_server_errors);
+        assert!(!Config::parse(&without, Path::new("/srv")).unwrap().credit_server_errors);
+        let on = good.replace(line, "credit_server_errors = true");
+        assert!(Config::parse(&on, Path::new("/srv")).unwrap().credit_server_errors);
+        let old_name = good.replace(line, "refund_server_errors = true");
+        assert!(Config::parse(&old_name, Path::new("/srv")).unwrap().credit_server_errors);
     }
 
     #[test]

@@ -38,7 +38,7 @@ struct Upstream {
     proto: &'static str,
     observed: Arc<Observed>,
     /// Whether the layer gives a 5xx's price back (then it is not revenue).
-    refund_server_errors: bool,
+    credit_server_errors: bool,
     /// Whether the peer is a front proxy whose `X-Forwarded-For` is kept (appended to).
     trust_forwarded_for: bool,
 }
@@ -47,7 +47,7 @@ impl Upstream {
     /// Counts what the layer charged for a request answered with `status` (nothing if the
     /// layer `gives_back` its price).
     fn count(&self, paid: Option<Paid>, status: StatusCode, gives_back: bool) {
-        let refunded = gives_back || (self.refund_server_errors && status.is_server_error());
+        let refunded = gives_back || (self.credit_server_errors && status.is_server_error());
         match paid.filter(|_| !refunded) {
             Some(paid) if paid.shadow => self.observed.shadow(paid.price),
             Some(paid) => {
@@ -219,13 +219,7 @@ async fn run<St: ChannelStore + Clone + 'static>(
         .await
         .map_err(|e| format!("listen {}: {e}", config.listen))?;
     let admin = match &config.admin {
-        Some(admin) => {
-            let token = keys::read_token(&admin.token_file)?;
-            let listener = tokio::net::TcpListener::bind(admin.listen)
-                .await
-                .map_err(|e| format!("admin listen {}: {e}", admin.listen))?;
-            Some((listener, token, admin.clone()))
-        }
+        Some(admin) => Some(bind_admin(admin).await?),
         None => None,
     };
     // The price table and its description in the terms, reloaded together (SIGHUP, the
@@ -233,24 +227,7 @@ async fn run<St: ChannelStore + Clone + 'static>(
     let prices = LivePrices::new(config.prices.clone());
     let reloader = Arc::new(Reloader::new(path.to_owned(), config.shadow, prices.clone()));
     let hangups = crate::prices::on_sighup(Arc::clone(&reloader))?;
-    let described = prices.clone();
-    let paid = Merchant::new(config.network, master, config.payout_script.clone(), chain.clone())
-        .with_store(store.clone())
-        .with_terms(config.terms.clone())
-        .with_funding_policy(config.funding)
-        .with_prices_from(move || described.describe())
-        .with_intervals(config.tip_every, config.settle_every);
-    let paid = match bump {
-        Some(key) => paid.with_cpfp_key(key),
-        None => paid,
-    };
-    // Behind a trusted front proxy every peer is the proxy: the negotiation's per-client
-    // limits read the client from the X-Forwarded-For the front appended to.
-    let paid = if config.listener.trust_forwarded_for {
-        paid.with_client_ip_header(http::header::HeaderName::from_static("x-forwarded-for"))
-    } else {
-        paid
-    };
+    let paid = merchant(&config, master, bump, &chain, &store, &prices);
     let paid = paid.start(prices).await.map_err(|e| format!("the chain backend: {e}"))?;
     // The billing event log: a task of its own that reads the store, never in a request's way.
     let event_metrics = crate::events::Metrics::default();
@@ -261,37 +238,17 @@ async fn run<St: ChannelStore + Clone + 'static>(
         }
         None => Vec::new(),
     };
-    let mut layer = paid.layer().with_server_errors_credited(config.refund_server_errors);
+    let mut layer = paid.layer().with_server_errors_credited(config.credit_server_errors);
     if config.shadow {
         tracing::warn!("shadow mode: every request is served unpaid, unlisted routes too");
         layer = layer.with_shadow_mode();
     }
     let paid = Arc::new(paid);
-    let observed = match config.leases {
-        Some(_) => Observed::new().with_leases(),
-        None => Observed::new(),
-    };
-    let observed = Arc::new(match config.events {
-        Some(_) => observed.with_events(&event_metrics),
-        None => observed,
-    });
+    let observed = observed(&config, &event_metrics);
     // With leases a charge need not reach the store: the store itself says when it is back.
     let store_watch =
         config.leases.is_some().then(|| watch_store(store.clone(), Arc::clone(&observed)));
-    let upstream = Arc::new(Upstream {
-        client: net::client(&[])?,
-        origin: config.upstream.clone(),
-        proto: if config.tls.is_some() { "https" } else { "http" },
-        observed: Arc::clone(&observed),
-        refund_server_errors: config.refund_server_errors,
-        trust_forwarded_for: config.listener.trust_forwarded_for,
-    });
-    let app = Router::new()
-        .fallback(forward)
-        .with_state(upstream)
-        .layer(layer)
-        .layer(axum::middleware::from_fn(guard_paths))
-        .layer(axum::middleware::from_fn_with_state(Arc::clone(&observed), admin::observe));
+    let app = proxy(&config, layer, &observed)?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let admin_task = admin.map(|(listener, token, settings)| {
         let settlement = Arc::clone(&paid);
@@ -306,16 +263,7 @@ async fn run<St: ChannelStore + Clone + 'static>(
             explorer: settings.explorer,
             reloader,
         });
-        let metrics_path = settings.metrics_path;
-        let mut stopped = stopped.clone();
-        tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin listener");
-        tokio::spawn(async move {
-            let app = admin::router(state, &metrics_path);
-            let until = async move {
-                let _ = stopped.wait_for(|stop| *stop).await;
-            };
-            axum::serve(listener, app).with_graceful_shutdown(until).await
-        })
+        spawn_admin(listener, state, settings.metrics_path, stopped.clone())
     });
     tracing::info!(
         listen = %listener.local_addr()?,
@@ -323,27 +271,113 @@ async fn run<St: ChannelStore + Clone + 'static>(
         network = %config.network,
         "paychan proxy started"
     );
-    let tls = match &config.tls {
-        Some((cert, key)) => Some(net::server_config(cert, key)?),
-        None => None,
-    };
+    let tls = config.tls.as_ref().map(|(cert, key)| net::server_config(cert, key)).transpose()?;
     serve_connections(listener, app, tls, config.listener.clone(), config.shutdown).await;
     let _ = stop.send(true);
     if let Some(task) = admin_task {
         task.await??;
     }
-    if let Some(task) = store_watch {
-        task.abort();
-    }
-    for task in events {
-        task.abort();
-    }
-    hangups.abort();
+    // The background tasks of this process: the store watch, the event log, SIGHUP.
+    store_watch.into_iter().chain(events).chain([hangups]).for_each(|task| task.abort());
     if let Ok(paid) = Arc::try_unwrap(paid) {
         paid.stop();
     }
     tracing::info!("paychan proxy stopped: in-flight requests finished");
     Ok(())
+}
+
+/// The merchant of `config` on `store` and `chain` (negotiation, layer and settlement task),
+/// its terms describing `prices` as they are when asked.
+fn merchant<St: ChannelStore + Clone + 'static>(
+    config: &Config,
+    master: paychan::bitcoin::bip32::Xpriv,
+    bump: Option<paychan::bitcoin::secp256k1::SecretKey>,
+    chain: &Chain,
+    store: &St,
+    prices: &LivePrices,
+) -> Merchant<St, Chain> {
+    let described = prices.clone();
+    let paid = Merchant::new(config.network, master, config.payout_script.clone(), chain.clone())
+        .with_store(store.clone())
+        .with_terms(config.terms.clone())
+        .with_funding_policy(config.funding)
+        .with_prices_from(move || described.describe())
+        .with_intervals(config.tip_every, config.settle_every);
+    let paid = match bump {
+        Some(key) => paid.with_cpfp_key(key),
+        None => paid,
+    };
+    // Behind a trusted front proxy every peer is the proxy: the negotiation's per-client
+    // limits read the client from the X-Forwarded-For the front appended to.
+    if config.listener.trust_forwarded_for {
+        paid.with_client_ip_header(http::header::HeaderName::from_static("x-forwarded-for"))
+    } else {
+        paid
+    }
+}
+
+/// What the proxy counts for the metrics and the page.
+fn observed(config: &Config, events: &crate::events::Metrics) -> Arc<Observed> {
+    let observed = match config.leases {
+        Some(_) => Observed::new().with_leases(),
+        None => Observed::new(),
+    };
+    Arc::new(match config.events {
+        Some(_) => observed.with_events(events),
+        None => observed,
+    })
+}
+
+/// The proxy: the upstream behind the paywall `layer`, the path guard in front, every request
+/// observed.
+fn proxy<St: ChannelStore>(
+    config: &Config,
+    layer: paychan::server::PaywallLayer<St, LivePrices>,
+    observed: &Arc<Observed>,
+) -> Result<Router, Error> {
+    let upstream = Arc::new(Upstream {
+        client: net::client(&[])?,
+        origin: config.upstream.clone(),
+        proto: if config.tls.is_some() { "https" } else { "http" },
+        observed: Arc::clone(observed),
+        credit_server_errors: config.credit_server_errors,
+        trust_forwarded_for: config.listener.trust_forwarded_for,
+    });
+    Ok(Router::new()
+        .fallback(forward)
+        .with_state(upstream)
+        .layer(layer)
+        .layer(axum::middleware::from_fn(guard_paths))
+        .layer(axum::middleware::from_fn_with_state(Arc::clone(observed), admin::observe)))
+}
+
+/// The admin listener of `admin`, bound, with its token and settings.
+async fn bind_admin(
+    admin: &crate::config::Admin,
+) -> Result<(tokio::net::TcpListener, String, crate::config::Admin), Error> {
+    let token = keys::read_token(&admin.token_file)?;
+    let listener = tokio::net::TcpListener::bind(admin.listen)
+        .await
+        .map_err(|e| format!("admin listen {}: {e}", admin.listen))?;
+    Ok((listener, token, admin.clone()))
+}
+
+/// Serves the admin listener (`state`'s page and actions, metrics at `metrics_path`) until
+/// `stopped`.
+fn spawn_admin<St: ChannelStore + Clone + 'static>(
+    listener: tokio::net::TcpListener,
+    state: Arc<admin::Admin<St>>,
+    metrics_path: String,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin listener");
+    tokio::spawn(async move {
+        let app = admin::router(state, &metrics_path);
+        let until = async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        };
+        axum::serve(listener, app).with_graceful_shutdown(until).await
+    })
 }
 
 /// While requests find the store unavailable, asks it every 5 s for a small read (the pending
@@ -467,35 +501,47 @@ async fn serve_connections(
             drop((tcp, slot));
             continue;
         };
-        let (acceptor, app, builder, watcher) =
-            (acceptor.clone(), app.clone(), builder.clone(), graceful.watcher());
+        let (acceptor, app, builder) = (acceptor.clone(), app.clone(), builder.clone());
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
             // The share is given back before the slot, so the next connection the slot lets in
             // never finds this one still counted.
             let _slot = (share, slot);
-            let app = app.map_request(move |mut request: http::Request<Incoming>| {
-                request.extensions_mut().insert(ConnectInfo(peer));
-                request
-            });
-            let service = TowerToHyperService::new(app);
-            match acceptor {
-                Some(acceptor) => {
-                    let handshake =
-                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp));
-                    let Ok(Ok(tls)) = handshake.await else { return };
-                    let connection = builder.serve_connection(TokioIo::new(tls), service);
-                    let _ = watcher.watch(connection).await;
-                }
-                None => {
-                    let connection = builder.serve_connection(TokioIo::new(tcp), service);
-                    let _ = watcher.watch(connection).await;
-                }
-            }
+            serve_connection(tcp, peer, acceptor, app, builder, watcher).await;
         });
     }
     // Requests in flight finish, within the deadline.
     if tokio::time::timeout(deadline, graceful.shutdown()).await.is_err() {
         tracing::warn!("connections still open after {deadline:?}: closing them");
+    }
+}
+
+/// Serves one connection from `peer` (after its TLS handshake, within 10 s, with `acceptor`)
+/// until it closes or the graceful shutdown `watcher` ends it.
+async fn serve_connection(
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    app: Router,
+    builder: hyper::server::conn::http1::Builder,
+    watcher: hyper_util::server::graceful::Watcher,
+) {
+    let app = app.map_request(move |mut request: http::Request<Incoming>| {
+        request.extensions_mut().insert(ConnectInfo(peer));
+        request
+    });
+    let service = TowerToHyperService::new(app);
+    match acceptor {
+        Some(acceptor) => {
+            let handshake = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp));
+            let Ok(Ok(tls)) = handshake.await else { return };
+            let connection = builder.serve_connection(TokioIo::new(tls), service);
+            let _ = watcher.watch(connection).await;
+        }
+        None => {
+            let connection = builder.serve_connection(TokioIo::new(tcp), service);
+            let _ = watcher.watch(connection).await;
+        }
     }
 }
 
@@ -757,7 +803,7 @@ async fn forward(
         Err(error) => {
             tracing::warn!(%error, "upstream unreachable");
             // Not connected: the request never left, nothing was served, the price goes back
-            // whatever `refund_server_errors` says. Any later failure (a reset, an answer that
+            // whatever `credit_server_errors` says. Any later failure (a reset, an answer that
             // does not parse) may follow the upstream's work: a 5xx like the upstream's own.
             let unsent = error.is_connect();
             upstream.count(paid, StatusCode::BAD_GATEWAY, unsent);
@@ -877,7 +923,7 @@ mod tests {
                 origin: format!("http://{origin}"),
                 proto: "http",
                 observed: Arc::new(Observed::new()),
-                refund_server_errors: false,
+                credit_server_errors: false,
                 trust_forwarded_for: false,
             });
             let app = Router::new().fallback(forward).with_state(upstream);

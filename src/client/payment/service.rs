@@ -184,10 +184,15 @@ where
     type Output = Response<PaidBody<ResBody>>;
     type Error = ClientError;
 
-    async fn send(&mut self, attempt: &Attempt) -> Result<(Self::Response, bool), ClientError> {
+    /// The first call uses the service the caller readied; the next are readied again.
+    async fn ready(&mut self) -> Result<(), ClientError> {
         if self.called {
             self.inner.ready().await.map_err(transport)?;
         }
+        Ok(())
+    }
+
+    async fn send(&mut self, attempt: &Attempt) -> Result<(Self::Response, bool), ClientError> {
         self.called = true;
         let mut request = copy(&self.parts, &self.body);
         attempt.apply(request.headers_mut());
