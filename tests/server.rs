@@ -125,6 +125,40 @@ async fn free_routes_pass_and_priced_routes_need_a_channel() {
     assert_eq!(body["status"], 402);
 }
 
+/// A pricing whose table changes between its two answers (a reload that lists a route the old
+/// table refused): asked `price` then `refuses`, the request would be neither priced nor
+/// refused, and served free. The layer asks `priced`, one answer from one view.
+#[tokio::test]
+async fn the_layer_prices_and_refuses_from_one_answer() {
+    use paychan::server::{Priced, Pricing};
+    #[derive(Clone)]
+    struct Reloading(Arc<std::sync::atomic::AtomicBool>);
+    impl<B> Pricing<B> for Reloading {
+        // The old table: unlisted; the reload lands right after.
+        fn price(&self, _: &http::Request<B>) -> Option<MilliSats> {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+            None
+        }
+        fn refuses(&self, _: &http::Request<B>) -> bool {
+            !self.0.load(std::sync::atomic::Ordering::SeqCst)
+        }
+        // One snapshot: the old table, which refuses it.
+        fn priced(&self, _: &http::Request<B>) -> Priced {
+            Priced::Refused
+        }
+    }
+    let (_tx, tip) =
+        watch::channel(paychan::channel::ChainTip { height: 100, median_time_past: 0 });
+    let pricing = Reloading(Arc::default());
+    let layer = PaywallLayer::new(MemoryStore::new(), pricing, tip);
+    let app =
+        common::http::serve(Router::new().route("/new", get(|| async { "served" })).layer(layer))
+            .await;
+    let reply = get_with(&app, "/new", None).await;
+    assert_eq!(status(&reply), StatusCode::NOT_FOUND, "refused, never served free");
+    assert_eq!(json(reply).await["code"], "route-not-priced");
+}
+
 #[tokio::test]
 async fn pays_until_the_allocation_runs_out_then_tops_up() {
     let api = api(1_000);

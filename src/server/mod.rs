@@ -70,7 +70,7 @@ pub use idempotency::Idempotency;
 pub use layer::{DEFAULT_PREPAID_TOP_UP, DEFAULT_TERMS_URL, PaywallLayer};
 pub(crate) use negotiate::DescribePrices;
 pub use negotiate::{DEFAULT_PREFIX, Negotiation};
-pub use pricing::{Pricing, RoutePrices, Unlisted};
+pub use pricing::{Priced, Pricing, RoutePrices, Unlisted};
 pub use receipt::{ActualCost, Paid, ReceiptSigning, ShadowTally};
 pub use rejection::{Rejection, RejectionKind};
 pub use service::Paywall;

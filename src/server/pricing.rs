@@ -39,6 +39,30 @@ pub trait Pricing<B>: Clone + Send + Sync + 'static {
         let _ = request;
         false
     }
+
+    /// [`price`](Self::price) and, for a request it leaves unpriced,
+    /// [`refuses`](Self::refuses), answered from one view of the prices: what the layer asks.
+    /// The default calls the two. A pricing whose table can change between two calls (one
+    /// reloaded while it serves) answers both from one snapshot: else a request could be
+    /// found unpriced by the old table, not refused by the new one, and served free.
+    fn priced(&self, request: &Request<B>) -> Priced {
+        match self.price(request) {
+            Some(price) => Priced::Price(price),
+            None if self.refuses(request) => Priced::Refused,
+            None => Priced::Free,
+        }
+    }
+}
+
+/// What a [`Pricing`] says of a request: its price, free, or refused (404 `route-not-priced`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Priced {
+    /// Charged this much.
+    Price(MilliSats),
+    /// Served free, unmetered.
+    Free,
+    /// Refused: not in the table, and the table refuses what it does not list.
+    Refused,
 }
 
 impl<B> Pricing<B> for MilliSats {

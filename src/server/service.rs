@@ -12,7 +12,7 @@ use super::future::ResponseFuture;
 use super::layer::Endpoints;
 use super::meter::Meter;
 use super::rejection::{Rejection, RejectionKind};
-use super::{Paid, PaywallLayer, Pricing};
+use super::{Paid, PaywallLayer, Priced, Pricing};
 use crate::MilliSats;
 use crate::store::ChannelStore;
 
@@ -142,11 +142,11 @@ impl<S, St: ChannelStore, P: Send + Sync + 'static> Paywall<S, St, P> {
         {
             return Route::Negotiation(router.clone());
         }
-        match self.meter.config.pricing.price(request) {
-            None if self.meter.config.pricing.refuses(request) => Route::NotPriced,
-            None => Route::Free,
-            Some(price) if self.meter.config.shadow.is_some() => Route::Shadow(price),
-            Some(price) => Route::Paid(price),
+        match self.meter.config.pricing.priced(request) {
+            Priced::Refused => Route::NotPriced,
+            Priced::Free => Route::Free,
+            Priced::Price(price) if self.meter.config.shadow.is_some() => Route::Shadow(price),
+            Priced::Price(price) => Route::Paid(price),
         }
     }
 

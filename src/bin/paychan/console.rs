@@ -186,7 +186,10 @@ impl Forms<'_> {
             return String::new();
         }
         let id = record.id().to_string();
-        let confirm = "Close this channel now? Its client can no longer pay on it.";
+        // Not a fair close: the server settles at the best payment and keeps what was prepaid
+        // but not served (SECURITY.md).
+        let confirm = "Close this channel now at its best payment? Its client can no longer pay \
+            on it, and what it prepaid but was not served stays with the server.";
         self.form("/close", &[("channel", id)], "close", confirm)
     }
 

@@ -46,15 +46,11 @@ pub(crate) fn create_token(path: &Path) -> Result<(), Error> {
     write_private(path, &token)
 }
 
-/// Reads the admin token at `path`.
-pub(crate) fn read_token(path: &Path) -> Result<String, Error> {
-    let token = std::fs::read_to_string(path)
-        .map_err(|e| format!("admin token {}: {e}", path.display()))?;
-    let token = token.trim().to_owned();
-    if token.len() < 16 {
-        return Err(format!("admin token {}: shorter than 16 characters", path.display()).into());
-    }
-    Ok(token)
+/// Reads the admin token at `path` (its text, trimmed: at least 16 characters). It can close
+/// every channel from the console: a file others can read is refused on mainnet and warned
+/// about elsewhere, as the keys are.
+pub(crate) fn read_token(path: &Path, network: Network) -> Result<String, Error> {
+    Ok(String::from_utf8(read_trimmed(path, "admin token", network)?)?)
 }
 
 /// A fresh bump key for `network` (not written yet: see [`write_bump`]).
@@ -125,10 +121,16 @@ fn read_private(path: &Path, what: &str, network: Network) -> Result<String, Err
 /// Reads the webhook's signing secret at `path` (its text, trimmed: at least 16 characters).
 /// A file others can read is refused on mainnet and warned about elsewhere.
 pub(crate) fn read_secret(path: &Path, network: Network) -> Result<Vec<u8>, Error> {
-    let text = read_private(path, "webhook secret", network)?;
+    read_trimmed(path, "webhook secret", network)
+}
+
+/// The text of the secret `what` at `path`, trimmed, at least 16 characters, with the keys'
+/// rules on permissions.
+fn read_trimmed(path: &Path, what: &str, network: Network) -> Result<Vec<u8>, Error> {
+    let text = read_private(path, what, network)?;
     let secret = text.trim();
     if secret.len() < 16 {
-        return Err(format!("webhook secret {}: shorter than 16 characters", path.display()).into());
+        return Err(format!("{what} {}: shorter than 16 characters", path.display()).into());
     }
     Ok(secret.as_bytes().to_vec())
 }
@@ -194,6 +196,16 @@ mod tests {
         assert!(other.to_string().contains("network mismatch"), "{other}");
         let master = read_bump(&path, Network::Regtest).unwrap_err();
         assert!(master.to_string().contains("not a private key in WIF"), "{master}");
+
+        // The admin token closes channels: the keys' rules.
+        let token = dir.join("admin.token");
+        let _ = std::fs::remove_file(&token);
+        create_token(&token).unwrap();
+        assert_eq!(read_token(&token, Network::Bitcoin).unwrap().len(), 64);
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let refused = read_token(&token, Network::Bitcoin).unwrap_err();
+        assert!(refused.to_string().contains("admin token"), "{refused}");
+        assert!(read_token(&token, Network::Regtest).is_ok(), "a warning off mainnet");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

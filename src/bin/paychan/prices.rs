@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use http::Request;
 use paychan::MilliSats;
-use paychan::server::{Pricing, RoutePrices};
+use paychan::server::{Priced, Pricing, RoutePrices};
 use serde_json::Value;
 
 use crate::config::Config;
@@ -58,6 +58,12 @@ impl<B> Pricing<B> for LivePrices {
 
     fn refuses(&self, request: &Request<B>) -> bool {
         self.current().refuses(request)
+    }
+
+    /// One snapshot for both answers: a reload between them could leave a request unpriced by
+    /// the old table and not refused by the new one (served free).
+    fn priced(&self, request: &Request<B>) -> Priced {
+        self.current().priced(request)
     }
 }
 
@@ -119,14 +125,15 @@ impl Reloader {
 }
 
 /// Reloads on every SIGHUP until the proxy stops.
-pub(crate) fn on_sighup(reloader: Arc<Reloader>) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hangups = signal(SignalKind::hangup())?;
-    Ok(tokio::spawn(async move {
+pub(crate) fn on_sighup(
+    reloader: Arc<Reloader>,
+    mut hangups: tokio::signal::unix::Signal,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
         while hangups.recv().await.is_some() {
             let _ = reloader.reload("SIGHUP");
         }
-    }))
+    })
 }
 
 /// A config with `GET /hello` at `msat`, written to `dir` (for tests).

@@ -129,9 +129,16 @@ pub(crate) fn parse_time(text: &str) -> Result<u64, String> {
     let (&[year, month, day], &[hour, minute, second]) = (date.as_slice(), time.as_slice()) else {
         return Err(bad());
     };
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let days_in_month = match month {
+        2 if leap => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    };
     if !(1970..=9999).contains(&year)
         || !(1..=12).contains(&month)
-        || !(1..=31).contains(&day)
+        || !(1..=days_in_month).contains(&day)
         || hour > 23
         || minute > 59
         || second > 59
@@ -160,6 +167,11 @@ pub(crate) fn report(
     format: Format,
     by: By,
 ) -> Result<(), Error> {
+    if from >= to {
+        return Err(
+            format!("--from ({from}) must be before --to ({to}): the period is empty").into()
+        );
+    }
     let (events, _cut) = crate::events::read(log)?;
     let rows = usage(&events, from, to, by);
     match format {
@@ -260,9 +272,18 @@ mod tests {
         assert_eq!(parse_time("2026-01-01"), Ok(1_767_225_600));
         assert_eq!(parse_time("2024-02-29T12:30:01Z"), Ok(1_709_209_801));
         assert_eq!(parse_time("2000-03-01T00:00:00"), Ok(951_868_800));
-        for bad in
-            ["", "yesterday", "2026-13-01", "2026-01-01T25:00:00", "2026-01", "-5", "1969-12-31"]
-        {
+        for bad in [
+            "",
+            "yesterday",
+            "2026-13-01",
+            "2026-01-01T25:00:00",
+            "2026-01",
+            "-5",
+            "1969-12-31",
+            "2026-02-29",
+            "2026-04-31",
+            "2026-02-31",
+        ] {
             assert!(parse_time(bad).is_err(), "{bad}");
         }
     }

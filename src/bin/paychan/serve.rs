@@ -61,6 +61,9 @@ impl Upstream {
 
 /// Runs the proxy until SIGTERM or Ctrl-C; SIGHUP reloads the prices from `path`.
 pub(crate) async fn serve(config: Config, path: PathBuf) -> Result<(), Error> {
+    // SIGHUP reloads the prices once serving; caught from the start (its default ends the
+    // process), a hangup during start-up is taken as a reload once the prices are live.
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let master = keys::read(&config.key_file, config.network)?;
     let bump = match cpfp(&config)? {
         Cpfp::On(key, reason) => {
@@ -80,7 +83,7 @@ pub(crate) async fn serve(config: Config, path: PathBuf) -> Result<(), Error> {
     with_store!(&config.store_url, store => match config.leases {
         Some(leases) => {
             let store = paychan::store::Leased::with_config(store, leases);
-            let served = run(config, &path, master, bump, chain, store.clone()).await;
+            let served = run(config, (&path, hangups), master, bump, chain, store.clone()).await;
             // After the last request: what this node holds goes back to the channels.
             let failed = store.return_all().await;
             if failed > 0 {
@@ -88,7 +91,7 @@ pub(crate) async fn serve(config: Config, path: PathBuf) -> Result<(), Error> {
             }
             served
         }
-        None => run(config, &path, master, bump, chain, store).await,
+        None => run(config, (&path, hangups), master, bump, chain, store).await,
     })
 }
 
@@ -209,7 +212,7 @@ pub(crate) async fn check_network(chain: &Chain, config: &Config) -> Result<Stri
 
 async fn run<St: ChannelStore + Clone + 'static>(
     config: Config,
-    path: &Path,
+    (path, hangups): (&Path, tokio::signal::unix::Signal),
     master: paychan::bitcoin::bip32::Xpriv,
     bump: Option<paychan::bitcoin::secp256k1::SecretKey>,
     chain: Chain,
@@ -219,14 +222,14 @@ async fn run<St: ChannelStore + Clone + 'static>(
         .await
         .map_err(|e| format!("listen {}: {e}", config.listen))?;
     let admin = match &config.admin {
-        Some(admin) => Some(bind_admin(admin).await?),
+        Some(admin) => Some(bind_admin(admin, config.network).await?),
         None => None,
     };
     // The price table and its description in the terms, reloaded together (SIGHUP, the
     // admin page).
     let prices = LivePrices::new(config.prices.clone());
     let reloader = Arc::new(Reloader::new(path.to_owned(), config.shadow, prices.clone()));
-    let hangups = crate::prices::on_sighup(Arc::clone(&reloader))?;
+    let hangups = crate::prices::on_sighup(Arc::clone(&reloader), hangups);
     let paid = merchant(&config, master, bump, &chain, &store, &prices);
     let paid = paid.start(prices).await.map_err(|e| format!("the chain backend: {e}"))?;
     // The billing event log: a task of its own that reads the store, never in a request's way.
@@ -354,8 +357,9 @@ fn proxy<St: ChannelStore>(
 /// The admin listener of `admin`, bound, with its token and settings.
 async fn bind_admin(
     admin: &crate::config::Admin,
+    network: paychan::bitcoin::Network,
 ) -> Result<(tokio::net::TcpListener, String, crate::config::Admin), Error> {
-    let token = keys::read_token(&admin.token_file)?;
+    let token = keys::read_token(&admin.token_file, network)?;
     let listener = tokio::net::TcpListener::bind(admin.listen)
         .await
         .map_err(|e| format!("admin listen {}: {e}", admin.listen))?;
