@@ -87,7 +87,11 @@ pub(crate) struct Event {
     pub(crate) seq: u64,
     /// The client's key of the channel (compressed, hex): the customer.
     pub(crate) client_key: String,
-    /// The channel's state in the store when the event was recorded.
+    /// The channel's state after this event's step: `funded` open, `closing` closing, `closed`
+    /// closed, `settled` settled, `refunded`/`failed` failed; `opened`, `topped_up` and
+    /// `usage` the state before the pass's later steps (pending for a new channel), else the
+    /// store's. Not always the store's state at `time`: a log cut after any line rebuilds
+    /// what the next pass needs to emit the rest.
     pub(crate) state: ChannelState,
     /// What the client's best payment pays the server, then.
     pub(crate) paid_msat: MilliSats,
@@ -212,21 +216,49 @@ fn changes(seen: Option<&Seen>, now: &Observed, usage_due: bool) -> Vec<Kind> {
     kinds
 }
 
-/// The events of `kinds` for `now`: the first carries the change since `seen`.
+/// The state a channel is in after the step of `kind`: a step's own state (`funded`: open,
+/// `closing`, `closed`, `settled`, `refunded` and `failed`: failed); `opened`, `topped_up` and
+/// `usage` keep the state before the pass's steps (`before`, pending for a new channel) when
+/// one follows in the pass (`steps_follow`), else they carry `now`. So a log cut after any
+/// line of a pass rebuilds a [`Seen`] from which the next pass emits exactly the lines cut.
+fn state_after(
+    kind: Kind,
+    before: Option<ChannelState>,
+    now: ChannelState,
+    steps_follow: bool,
+) -> ChannelState {
+    match kind {
+        Kind::Funded => ChannelState::Open,
+        Kind::Closing => ChannelState::Closing,
+        Kind::Closed => ChannelState::Closed,
+        Kind::Settled => ChannelState::Settled,
+        Kind::Refunded | Kind::Failed => ChannelState::Failed,
+        Kind::Opened | Kind::ToppedUp | Kind::Usage if steps_follow => {
+            before.unwrap_or(ChannelState::Pending)
+        }
+        Kind::Opened | Kind::ToppedUp | Kind::Usage => now,
+    }
+}
+
+/// The events of `kinds` for `now`: the first carries the change since `seen`, each the state
+/// after its own step ([`state_after`]).
 fn events(seen: Option<&Seen>, now: &Observed, kinds: &[Kind], time: u64) -> Vec<Event> {
     let (mut paid, mut spent) =
         seen.map_or((MilliSats::ZERO, MilliSats::ZERO), |s| (s.paid, s.spent));
     let first = seen.map_or(0, |seen| seen.next_seq);
+    let before = seen.and_then(|seen| seen.state);
+    let is_step = |kind: &Kind| !matches!(kind, Kind::Opened | Kind::ToppedUp | Kind::Usage);
     let mut events = Vec::with_capacity(kinds.len());
-    for (seq, kind) in (first..).zip(kinds.iter().copied()) {
+    for (n, (seq, kind)) in (first..).zip(kinds.iter().copied()).enumerate() {
         let txid = matches!(kind, Kind::Closed | Kind::Settled).then_some(now.close).flatten();
+        let steps_follow = kinds[n + 1..].iter().any(is_step);
         events.push(Event {
             id: event_id(now.id, seq, kind),
             kind,
             channel: now.id,
             seq,
             client_key: now.client_key.clone(),
-            state: now.state,
+            state: state_after(kind, before, now.state, steps_follow),
             paid_msat: now.paid,
             spent_msat: now.spent,
             paid_delta_msat: delta(now.paid, paid),
@@ -577,6 +609,42 @@ mod tests {
         let fair = observed(Closing, 1_500, 0);
         assert_eq!(changes(seen.as_ref(), &fair, true), [Kind::Closing]);
         assert_eq!(events(seen.as_ref(), &fair, &[Kind::Closing], 9)[0].paid_delta_msat, -500);
+    }
+
+    /// A pass's events cut after any line (a crash before the fsync): the log read back, the
+    /// next pass emits exactly the lines cut, with the ids and values the uncut log has.
+    #[test]
+    fn a_pass_cut_after_any_line_is_completed_by_the_next() {
+        use ChannelState::*;
+        let mut open = None;
+        step(&mut open, &observed(Open, 2_000, 0), false);
+        let mut failed = open.clone();
+        step(&mut failed, &observed(Failed, 2_000, 0), false);
+        let mut settled = observed(Settled, 9_000, 4_000);
+        settled.close = Some(Txid::all_zeros());
+        let mut refunded = observed(Failed, 2_000, 0);
+        refunded.refund_valid = true;
+        let passes = [
+            (None, observed(Open, 2_000, 0), 2),
+            (None, settled.clone(), 4),
+            (None, refunded, 2),
+            (open, settled, 4),
+            (failed, observed(Open, 5_000, 1_000), 2),
+        ];
+        for (before, now, count) in passes {
+            let kinds = changes(before.as_ref(), &now, false);
+            let whole = events(before.as_ref(), &now, &kinds, 9);
+            assert_eq!(whole.len(), count, "{kinds:?}");
+            for cut in 1..whole.len() {
+                let mut seen = before.clone();
+                for event in &whole[..cut] {
+                    seen.get_or_insert_with(Seen::default).apply(event);
+                }
+                let rest = changes(seen.as_ref(), &now, false);
+                let rest = events(seen.as_ref(), &now, &rest, 9);
+                assert_eq!(rest, whole[cut..], "{kinds:?} cut after {cut}");
+            }
+        }
     }
 
     #[tokio::test]
