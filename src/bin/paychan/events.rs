@@ -28,6 +28,7 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -293,6 +294,10 @@ pub(crate) fn read(path: &Path) -> Result<(Vec<Event>, u64), Error> {
 #[derive(Debug, Clone)]
 pub(crate) struct EventLog {
     file: Arc<Mutex<File>>,
+    /// The log's length on disk: what is synced (set at open and after each synced append).
+    /// The deliverer reads no further, so it never sends a line a failed sync (or a power
+    /// loss) takes back.
+    synced: Arc<AtomicU64>,
 }
 
 impl EventLog {
@@ -302,13 +307,20 @@ impl EventLog {
         let (events, cut) = read(path)?;
         let cannot = |e: std::io::Error| format!("events log {}: {e}", path.display());
         let file = OpenOptions::new().create(true).append(true).open(path).map_err(cannot)?;
+        let mut length = file.metadata().map_err(cannot)?.len();
         if cut > 0 {
-            let length = file.metadata().map_err(cannot)?.len();
             let path = path.display();
             tracing::warn!(%path, bytes = cut, "events log: removing a line cut by a crash");
-            file.set_len(length - cut).map_err(cannot)?;
+            length -= cut;
+            file.set_len(length).and_then(|()| file.sync_data()).map_err(cannot)?;
         }
-        Ok((Self { file: Arc::new(Mutex::new(file)) }, events))
+        let synced = Arc::new(AtomicU64::new(length));
+        Ok((Self { file: Arc::new(Mutex::new(file)), synced }, events))
+    }
+
+    /// The log's synced length, kept up to date by [`append`](Self::append).
+    pub(crate) fn synced(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.synced)
     }
 
     /// Appends `events`, one JSON line each, and syncs them to disk; on failure the log is
@@ -319,13 +331,16 @@ impl EventLog {
             text.push_str(&serde_json::to_string(event)?);
             text.push('\n');
         }
-        let file = Arc::clone(&self.file);
+        let (file, synced) = (Arc::clone(&self.file), Arc::clone(&self.synced));
         let written = tokio::task::spawn_blocking(move || {
             let mut file = file.lock().unwrap_or_else(|p| p.into_inner());
             let length = file.seek(SeekFrom::End(0))?;
             let written = file.write_all(text.as_bytes()).and_then(|()| file.sync_data());
-            if written.is_err() {
-                let _ = file.set_len(length);
+            match written {
+                Ok(()) => synced.store(length + text.len() as u64, Ordering::Release),
+                Err(_) => {
+                    let _ = file.set_len(length);
+                }
             }
             written
         });
@@ -508,19 +523,21 @@ where
 {
     let settings = &events.settings;
     let appended = Arc::new(Notify::new());
-    // Everything that can fail, before any task starts.
+    // Everything that can fail, before any task starts (the deliverer checks its cursor
+    // against the log as opened, before a pass appends).
+    let reconciler =
+        Reconciler::new(settings, store, chain, master, Arc::clone(&appended), metrics.clone())?;
     let webhook = match &events.webhook {
         Some((url, secret_file)) => {
             let secret = crate::keys::read_secret(secret_file, network)?;
             let (log, interval) = (settings.log_file.clone(), settings.interval);
-            let (appended, metrics) = (Arc::clone(&appended), metrics.clone());
+            let synced = reconciler.log.synced();
             let webhook =
-                crate::webhook::Webhook::new(url.clone(), secret, log, appended, interval);
-            Some(webhook?.with_metrics(metrics))
+                crate::webhook::Webhook::new(url.clone(), secret, log, synced, appended, interval);
+            Some(webhook?.with_metrics(metrics.clone()))
         }
         None => None,
     };
-    let reconciler = Reconciler::new(settings, store, chain, master, appended, metrics.clone())?;
     let (log, channels) = (settings.log_file.display(), reconciler.seen.len());
     tracing::info!(%log, channels, "events: log opened");
     let mut tasks = vec![tokio::spawn(reconciler.run(settings.interval))];
@@ -663,8 +680,11 @@ mod tests {
         file.write_all(b"{\"id\":\"cut").unwrap();
         let (log, read) = EventLog::open(&path).unwrap();
         assert_eq!(read, written);
+        let length = || std::fs::metadata(&path).unwrap().len();
+        assert_eq!(log.synced().load(Ordering::Acquire), length(), "the cut line is not synced");
         log.append(&written[..1]).await.unwrap();
         assert_eq!(read_log_len(&path), 3, "appended after the cut line, which is gone");
+        assert_eq!(log.synced().load(Ordering::Acquire), length(), "published after the sync");
         std::fs::write(&path, "{}\n").unwrap();
         let error = EventLog::open(&path).unwrap_err().to_string();
         assert!(error.contains("events.jsonl:1"), "{error}");
