@@ -34,7 +34,6 @@ use std::time::Duration;
 
 use paychan::MilliSats;
 use paychan::bitcoin::Txid;
-use paychan::bitcoin::bip32::Xpriv;
 use paychan::bitcoin::hashes::{Hash as _, sha256};
 use paychan::chain::ChainBackend;
 use paychan::channel::ChainTip;
@@ -366,9 +365,14 @@ pub(crate) struct Settings {
     pub(crate) usage_every: Duration,
 }
 
-/// Full listings (every state) every this many passes; in between, the settled and failed
-/// channels are not read, only those the log last saw active.
-const FULL_EVERY: u64 = 60;
+/// Full listings (every state) at start and every this many passes (1 h at the default 5 s);
+/// in between, the settled and failed channels are not read, only those the log last saw
+/// active (each loaded by id when the active listing misses it). Rare because a full listing
+/// reads every channel that ever settled or failed, and on SQLite it holds the one
+/// connection that requests' debits queue behind; it only catches a channel that left the
+/// settled or failed states without the log seeing it active (a failed channel rescued and
+/// closed between two passes).
+const FULL_EVERY: u64 = 720;
 
 /// The states a pass lists every time.
 const ACTIVE: [ChannelState; 4] =
@@ -379,7 +383,6 @@ const ACTIVE: [ChannelState; 4] =
 pub(crate) struct Reconciler<St, C> {
     store: St,
     chain: C,
-    master: Xpriv,
     log: EventLog,
     seen: HashMap<ChannelId, Seen>,
     usage_every: u64,
@@ -394,7 +397,6 @@ impl<St: ChannelStore, C: ChainBackend> Reconciler<St, C> {
         settings: &Settings,
         store: St,
         chain: C,
-        master: Xpriv,
         appended: Arc<Notify>,
         metrics: Metrics,
     ) -> Result<Self, Error> {
@@ -404,7 +406,7 @@ impl<St: ChannelStore, C: ChainBackend> Reconciler<St, C> {
             seen.entry(event.channel).or_default().apply(event);
         }
         let usage_every = settings.usage_every.as_secs();
-        Ok(Self { store, chain, master, log, seen, usage_every, passes: 0, appended, metrics })
+        Ok(Self { store, chain, log, seen, usage_every, passes: 0, appended, metrics })
     }
 
     /// Runs a pass every `interval`, forever.
@@ -492,9 +494,9 @@ impl<St: ChannelStore, C: ChainBackend> Reconciler<St, C> {
         } else {
             false
         };
-        let close = matches!(record.state, ChannelState::Closed | ChannelState::Settled)
-            .then(|| record.close_transaction(&self.master).ok().map(|tx| tx.compute_txid()))
-            .flatten();
+        // The best payment's txid: the close's, without signing it (the signatures are not
+        // part of a txid).
+        let close = crate::console::close_txid(record);
         Some(Observed {
             id,
             client_key: record.channel.params().client_key.to_string(),
@@ -514,7 +516,6 @@ pub(crate) fn spawn<St, C>(
     network: paychan::bitcoin::Network,
     store: St,
     chain: C,
-    master: Xpriv,
     metrics: &Metrics,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, Error>
 where
@@ -526,7 +527,7 @@ where
     // Everything that can fail, before any task starts (the deliverer checks its cursor
     // against the log as opened, before a pass appends).
     let reconciler =
-        Reconciler::new(settings, store, chain, master, Arc::clone(&appended), metrics.clone())?;
+        Reconciler::new(settings, store, chain, Arc::clone(&appended), metrics.clone())?;
     let webhook = match &events.webhook {
         Some((url, secret_file)) => {
             let secret = crate::keys::read_secret(secret_file, network)?;
@@ -742,11 +743,10 @@ mod tests {
             usage_every: Duration::ZERO,
         };
         let store = MemoryStore::new();
-        let master = Xpriv::new_master(paychan::bitcoin::Network::Regtest, &[7; 32]).unwrap();
         let reconciler = || {
             let chain = paychan::chain::sim::SimulatedChain::new();
             let (appended, metrics) = (Arc::default(), Metrics::default());
-            Reconciler::new(&settings, store.clone(), chain, master, appended, metrics).unwrap()
+            Reconciler::new(&settings, store.clone(), chain, appended, metrics).unwrap()
         };
         let (a, b) = (record(0, 2), record(1, 3));
         let (a_id, b_id) = (a.id(), b.id());
@@ -786,6 +786,44 @@ mod tests {
         let top_up = events.iter().find(|e| e.kind == ToppedUp).unwrap();
         assert_eq!((top_up.paid_delta_msat, top_up.paid_msat.to_msat()), (3_000, 5_000));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The close's txid is the best payment's: the reconciler need not sign the close.
+    #[test]
+    fn the_close_txid_is_the_best_payments() {
+        use paychan::bitcoin::absolute::LockTime;
+        use paychan::bitcoin::bip32::Xpriv;
+        use paychan::bitcoin::secp256k1::{Secp256k1, SecretKey};
+        use paychan::bitcoin::{Amount, CompressedPublicKey, OutPoint, ScriptBuf};
+        let secp = Secp256k1::new();
+        let master = Xpriv::new_master(paychan::bitcoin::Network::Regtest, &[7; 32]).unwrap();
+        let (client, server) = (
+            SecretKey::from_slice(&[1; 32]).unwrap(),
+            paychan::channel::channel_key(&master, 0).unwrap(),
+        );
+        let key = |k: &SecretKey| CompressedPublicKey(k.public_key(&secp));
+        let script = |k: &SecretKey| ScriptBuf::new_p2wpkh(&key(k).wpubkey_hash());
+        let tip = ChainTip { height: 1_000, median_time_past: 0 };
+        let expiry = LockTime::from_height(2_008).unwrap();
+        let params = paychan::channel::Terms::default()
+            .agree(
+                key(&client),
+                key(&server),
+                Amount::from_sat(100_000),
+                expiry,
+                script(&client),
+                script(&server),
+                tip,
+            )
+            .unwrap();
+        let channel = params.at(OutPoint { txid: Txid::all_zeros(), vout: 0 });
+        let mut best = channel.build_payment(Amount::from_sat(1_000)).unwrap();
+        channel.sign_payment(&mut best, &client).unwrap();
+        let mut record = ChannelRecord::open(channel, 0, best);
+        assert_eq!(crate::console::close_txid(&record), None, "open: no close");
+        record.state = ChannelState::Closed;
+        let signed = record.close_transaction(&master).unwrap().compute_txid();
+        assert_eq!(crate::console::close_txid(&record), Some(signed));
     }
 
     fn read_log_len(path: &Path) -> usize {
