@@ -728,13 +728,12 @@ mod tests {
         }
     }
 
-    /// The reconciler against a real store: a restart (a new reconciler on the same log)
-    /// appends exactly what changed while it was down, a pass that is not a full listing
-    /// still finds a channel that left the active states, and nothing is written twice.
-    #[tokio::test]
-    async fn a_restart_appends_only_what_changed_meanwhile() {
-        use paychan::store::MemoryStore;
-        let dir = std::env::temp_dir().join(format!("paychan-reconcile-{}", std::process::id()));
+    type TestReconciler =
+        Reconciler<paychan::store::MemoryStore, paychan::chain::sim::SimulatedChain>;
+
+    /// A fresh folder `name` for a log, its settings, an empty store.
+    fn fixture(name: &str) -> (PathBuf, Settings, paychan::store::MemoryStore) {
+        let dir = std::env::temp_dir().join(format!("paychan-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let settings = Settings {
@@ -742,12 +741,56 @@ mod tests {
             interval: Duration::from_secs(1),
             usage_every: Duration::ZERO,
         };
-        let store = MemoryStore::new();
-        let reconciler = || {
-            let chain = paychan::chain::sim::SimulatedChain::new();
-            let (appended, metrics) = (Arc::default(), Metrics::default());
-            Reconciler::new(&settings, store.clone(), chain, appended, metrics).unwrap()
+        (dir, settings, paychan::store::MemoryStore::new())
+    }
+
+    /// A reconciler (as after a restart) on the log of `settings`.
+    fn reconciler(settings: &Settings, store: &paychan::store::MemoryStore) -> TestReconciler {
+        let chain = paychan::chain::sim::SimulatedChain::new();
+        let (appended, metrics) = (Arc::default(), Metrics::default());
+        Reconciler::new(settings, store.clone(), chain, appended, metrics).unwrap()
+    }
+
+    /// The reconciler on a log whose last pass lost its tail in a crash (only its first line
+    /// kept): the next pass writes exactly the lines lost, with the uncut log's ids.
+    #[tokio::test]
+    async fn a_pass_cut_by_a_crash_is_completed_after_the_restart() {
+        use ChannelState as S;
+        let (dir, settings, store) = fixture("cut-pass");
+        let a = record(0, 2);
+        let a_id = a.id();
+        store.create(a).await.unwrap();
+        let ids = || -> Vec<String> {
+            read(&settings.log_file).unwrap().0.into_iter().map(|e| e.id).collect()
         };
+        let mut kept = 0;
+        for (moves, count) in [
+            (&[][..], 2),
+            (&[(S::Open, S::Closing), (S::Closing, S::Closed), (S::Closed, S::Settled)][..], 3),
+        ] {
+            for (from, to) in moves {
+                assert!(store.transition(a_id, *from, *to).await.unwrap());
+            }
+            assert_eq!(reconciler(&settings, &store).pass().await.unwrap(), count);
+            let uncut = ids();
+            // The pass's first line kept, the rest lost before the fsync.
+            let text = std::fs::read_to_string(&settings.log_file).unwrap();
+            let first_line: usize = text.split_inclusive('\n').take(kept + 1).map(str::len).sum();
+            std::fs::write(&settings.log_file, &text[..first_line]).unwrap();
+            assert_eq!(reconciler(&settings, &store).pass().await.unwrap(), count - 1);
+            assert_eq!(ids(), uncut);
+            kept += count;
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The reconciler against a real store: a restart (a new reconciler on the same log)
+    /// appends exactly what changed while it was down, a pass that is not a full listing
+    /// still finds a channel that left the active states, and nothing is written twice.
+    #[tokio::test]
+    async fn a_restart_appends_only_what_changed_meanwhile() {
+        let (dir, settings, store) = fixture("reconcile");
+        let reconciler = || reconciler(&settings, &store);
         let (a, b) = (record(0, 2), record(1, 3));
         let (a_id, b_id) = (a.id(), b.id());
         store.create(a).await.unwrap();
