@@ -277,10 +277,12 @@ fn events(file: EventsFile, base: &Path) -> Result<Events, ConfigError> {
     };
     let webhook = match (file.webhook_url, file.secret_file) {
         (Some(url), Some(secret)) => {
+            // The URL may carry a secret: errors show it redacted.
+            let shown = crate::redact(&url);
             let uri: Uri =
-                url.parse().map_err(|e| bad("events.webhook_url", format!("{url}: {e}")))?;
+                url.parse().map_err(|e| bad("events.webhook_url", format!("{shown}: {e}")))?;
             if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
-                return Err(bad("events.webhook_url", format!("{url}: expected http[s]://…")));
+                return Err(bad("events.webhook_url", format!("{shown}: expected http[s]://…")));
             }
             Some((uri, base.join(secret)))
         }

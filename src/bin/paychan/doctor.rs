@@ -144,6 +144,7 @@ fn events_check(config: &Config, events: &crate::config::Events, checks: &mut Ch
     });
     if let Some((url, secret)) = &events.webhook {
         let read = keys::read_secret(secret, config.network);
+        let url = crate::webhook::shown(url);
         checks.result("webhook", read, |_| format!("{url}, signed with {}", secret.display()));
         private(checks, "webhook", secret);
     }

@@ -28,12 +28,12 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use paychan::MilliSats;
 use paychan::bitcoin::Txid;
-use paychan::bitcoin::bip32::Xpriv;
 use paychan::bitcoin::hashes::{Hash as _, sha256};
 use paychan::chain::ChainBackend;
 use paychan::channel::ChainTip;
@@ -87,7 +87,11 @@ pub(crate) struct Event {
     pub(crate) seq: u64,
     /// The client's key of the channel (compressed, hex): the customer.
     pub(crate) client_key: String,
-    /// The channel's state in the store when the event was recorded.
+    /// The channel's state after this event's step: `funded` open, `closing` closing, `closed`
+    /// closed, `settled` settled, `refunded`/`failed` failed; `opened`, `topped_up` and
+    /// `usage` the state before the pass's later steps (pending for a new channel), else the
+    /// store's. Not always the store's state at `time`: a log cut after any line rebuilds
+    /// what the next pass needs to emit the rest.
     pub(crate) state: ChannelState,
     /// What the client's best payment pays the server, then.
     pub(crate) paid_msat: MilliSats,
@@ -212,21 +216,49 @@ fn changes(seen: Option<&Seen>, now: &Observed, usage_due: bool) -> Vec<Kind> {
     kinds
 }
 
-/// The events of `kinds` for `now`: the first carries the change since `seen`.
+/// The state a channel is in after the step of `kind`: a step's own state (`funded`: open,
+/// `closing`, `closed`, `settled`, `refunded` and `failed`: failed); `opened`, `topped_up` and
+/// `usage` keep the state before the pass's steps (`before`, pending for a new channel) when
+/// one follows in the pass (`steps_follow`), else they carry `now`. So a log cut after any
+/// line of a pass rebuilds a [`Seen`] from which the next pass emits exactly the lines cut.
+fn state_after(
+    kind: Kind,
+    before: Option<ChannelState>,
+    now: ChannelState,
+    steps_follow: bool,
+) -> ChannelState {
+    match kind {
+        Kind::Funded => ChannelState::Open,
+        Kind::Closing => ChannelState::Closing,
+        Kind::Closed => ChannelState::Closed,
+        Kind::Settled => ChannelState::Settled,
+        Kind::Refunded | Kind::Failed => ChannelState::Failed,
+        Kind::Opened | Kind::ToppedUp | Kind::Usage if steps_follow => {
+            before.unwrap_or(ChannelState::Pending)
+        }
+        Kind::Opened | Kind::ToppedUp | Kind::Usage => now,
+    }
+}
+
+/// The events of `kinds` for `now`: the first carries the change since `seen`, each the state
+/// after its own step ([`state_after`]).
 fn events(seen: Option<&Seen>, now: &Observed, kinds: &[Kind], time: u64) -> Vec<Event> {
     let (mut paid, mut spent) =
         seen.map_or((MilliSats::ZERO, MilliSats::ZERO), |s| (s.paid, s.spent));
     let first = seen.map_or(0, |seen| seen.next_seq);
+    let before = seen.and_then(|seen| seen.state);
+    let is_step = |kind: &Kind| !matches!(kind, Kind::Opened | Kind::ToppedUp | Kind::Usage);
     let mut events = Vec::with_capacity(kinds.len());
-    for (seq, kind) in (first..).zip(kinds.iter().copied()) {
+    for (n, (seq, kind)) in (first..).zip(kinds.iter().copied()).enumerate() {
         let txid = matches!(kind, Kind::Closed | Kind::Settled).then_some(now.close).flatten();
+        let steps_follow = kinds[n + 1..].iter().any(is_step);
         events.push(Event {
             id: event_id(now.id, seq, kind),
             kind,
             channel: now.id,
             seq,
             client_key: now.client_key.clone(),
-            state: now.state,
+            state: state_after(kind, before, now.state, steps_follow),
             paid_msat: now.paid,
             spent_msat: now.spent,
             paid_delta_msat: delta(now.paid, paid),
@@ -261,6 +293,10 @@ pub(crate) fn read(path: &Path) -> Result<(Vec<Event>, u64), Error> {
 #[derive(Debug, Clone)]
 pub(crate) struct EventLog {
     file: Arc<Mutex<File>>,
+    /// The log's length on disk: what is synced (set at open and after each synced append).
+    /// The deliverer reads no further, so it never sends a line a failed sync (or a power
+    /// loss) takes back.
+    synced: Arc<AtomicU64>,
 }
 
 impl EventLog {
@@ -270,13 +306,20 @@ impl EventLog {
         let (events, cut) = read(path)?;
         let cannot = |e: std::io::Error| format!("events log {}: {e}", path.display());
         let file = OpenOptions::new().create(true).append(true).open(path).map_err(cannot)?;
+        let mut length = file.metadata().map_err(cannot)?.len();
         if cut > 0 {
-            let length = file.metadata().map_err(cannot)?.len();
             let path = path.display();
             tracing::warn!(%path, bytes = cut, "events log: removing a line cut by a crash");
-            file.set_len(length - cut).map_err(cannot)?;
+            length -= cut;
+            file.set_len(length).and_then(|()| file.sync_data()).map_err(cannot)?;
         }
-        Ok((Self { file: Arc::new(Mutex::new(file)) }, events))
+        let synced = Arc::new(AtomicU64::new(length));
+        Ok((Self { file: Arc::new(Mutex::new(file)), synced }, events))
+    }
+
+    /// The log's synced length, kept up to date by [`append`](Self::append).
+    pub(crate) fn synced(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.synced)
     }
 
     /// Appends `events`, one JSON line each, and syncs them to disk; on failure the log is
@@ -287,13 +330,16 @@ impl EventLog {
             text.push_str(&serde_json::to_string(event)?);
             text.push('\n');
         }
-        let file = Arc::clone(&self.file);
+        let (file, synced) = (Arc::clone(&self.file), Arc::clone(&self.synced));
         let written = tokio::task::spawn_blocking(move || {
             let mut file = file.lock().unwrap_or_else(|p| p.into_inner());
             let length = file.seek(SeekFrom::End(0))?;
             let written = file.write_all(text.as_bytes()).and_then(|()| file.sync_data());
-            if written.is_err() {
-                let _ = file.set_len(length);
+            match written {
+                Ok(()) => synced.store(length + text.len() as u64, Ordering::Release),
+                Err(_) => {
+                    let _ = file.set_len(length);
+                }
             }
             written
         });
@@ -319,9 +365,14 @@ pub(crate) struct Settings {
     pub(crate) usage_every: Duration,
 }
 
-/// Full listings (every state) every this many passes; in between, the settled and failed
-/// channels are not read, only those the log last saw active.
-const FULL_EVERY: u64 = 60;
+/// Full listings (every state) at start and every this many passes (1 h at the default 5 s);
+/// in between, the settled and failed channels are not read, only those the log last saw
+/// active (each loaded by id when the active listing misses it). Rare because a full listing
+/// reads every channel that ever settled or failed, and on SQLite it holds the one
+/// connection that requests' debits queue behind; it only catches a channel that left the
+/// settled or failed states without the log seeing it active (a failed channel rescued and
+/// closed between two passes).
+const FULL_EVERY: u64 = 720;
 
 /// The states a pass lists every time.
 const ACTIVE: [ChannelState; 4] =
@@ -332,7 +383,6 @@ const ACTIVE: [ChannelState; 4] =
 pub(crate) struct Reconciler<St, C> {
     store: St,
     chain: C,
-    master: Xpriv,
     log: EventLog,
     seen: HashMap<ChannelId, Seen>,
     usage_every: u64,
@@ -347,7 +397,6 @@ impl<St: ChannelStore, C: ChainBackend> Reconciler<St, C> {
         settings: &Settings,
         store: St,
         chain: C,
-        master: Xpriv,
         appended: Arc<Notify>,
         metrics: Metrics,
     ) -> Result<Self, Error> {
@@ -357,7 +406,7 @@ impl<St: ChannelStore, C: ChainBackend> Reconciler<St, C> {
             seen.entry(event.channel).or_default().apply(event);
         }
         let usage_every = settings.usage_every.as_secs();
-        Ok(Self { store, chain, master, log, seen, usage_every, passes: 0, appended, metrics })
+        Ok(Self { store, chain, log, seen, usage_every, passes: 0, appended, metrics })
     }
 
     /// Runs a pass every `interval`, forever.
@@ -445,9 +494,9 @@ impl<St: ChannelStore, C: ChainBackend> Reconciler<St, C> {
         } else {
             false
         };
-        let close = matches!(record.state, ChannelState::Closed | ChannelState::Settled)
-            .then(|| record.close_transaction(&self.master).ok().map(|tx| tx.compute_txid()))
-            .flatten();
+        // The best payment's txid: the close's, without signing it (the signatures are not
+        // part of a txid).
+        let close = crate::console::close_txid(record);
         Some(Observed {
             id,
             client_key: record.channel.params().client_key.to_string(),
@@ -467,7 +516,6 @@ pub(crate) fn spawn<St, C>(
     network: paychan::bitcoin::Network,
     store: St,
     chain: C,
-    master: Xpriv,
     metrics: &Metrics,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, Error>
 where
@@ -476,19 +524,21 @@ where
 {
     let settings = &events.settings;
     let appended = Arc::new(Notify::new());
-    // Everything that can fail, before any task starts.
+    // Everything that can fail, before any task starts (the deliverer checks its cursor
+    // against the log as opened, before a pass appends).
+    let reconciler =
+        Reconciler::new(settings, store, chain, Arc::clone(&appended), metrics.clone())?;
     let webhook = match &events.webhook {
         Some((url, secret_file)) => {
             let secret = crate::keys::read_secret(secret_file, network)?;
             let (log, interval) = (settings.log_file.clone(), settings.interval);
-            let (appended, metrics) = (Arc::clone(&appended), metrics.clone());
+            let synced = reconciler.log.synced();
             let webhook =
-                crate::webhook::Webhook::new(url.clone(), secret, log, appended, interval);
-            Some(webhook?.with_metrics(metrics))
+                crate::webhook::Webhook::new(url.clone(), secret, log, synced, appended, interval);
+            Some(webhook?.with_metrics(metrics.clone()))
         }
         None => None,
     };
-    let reconciler = Reconciler::new(settings, store, chain, master, appended, metrics.clone())?;
     let (log, channels) = (settings.log_file.display(), reconciler.seen.len());
     tracing::info!(%log, channels, "events: log opened");
     let mut tasks = vec![tokio::spawn(reconciler.run(settings.interval))];
@@ -579,6 +629,42 @@ mod tests {
         assert_eq!(events(seen.as_ref(), &fair, &[Kind::Closing], 9)[0].paid_delta_msat, -500);
     }
 
+    /// A pass's events cut after any line (a crash before the fsync): the log read back, the
+    /// next pass emits exactly the lines cut, with the ids and values the uncut log has.
+    #[test]
+    fn a_pass_cut_after_any_line_is_completed_by_the_next() {
+        use ChannelState::*;
+        let mut open = None;
+        step(&mut open, &observed(Open, 2_000, 0), false);
+        let mut failed = open.clone();
+        step(&mut failed, &observed(Failed, 2_000, 0), false);
+        let mut settled = observed(Settled, 9_000, 4_000);
+        settled.close = Some(Txid::all_zeros());
+        let mut refunded = observed(Failed, 2_000, 0);
+        refunded.refund_valid = true;
+        let passes = [
+            (None, observed(Open, 2_000, 0), 2),
+            (None, settled.clone(), 4),
+            (None, refunded, 2),
+            (open, settled, 4),
+            (failed, observed(Open, 5_000, 1_000), 2),
+        ];
+        for (before, now, count) in passes {
+            let kinds = changes(before.as_ref(), &now, false);
+            let whole = events(before.as_ref(), &now, &kinds, 9);
+            assert_eq!(whole.len(), count, "{kinds:?}");
+            for cut in 1..whole.len() {
+                let mut seen = before.clone();
+                for event in &whole[..cut] {
+                    seen.get_or_insert_with(Seen::default).apply(event);
+                }
+                let rest = changes(seen.as_ref(), &now, false);
+                let rest = events(seen.as_ref(), &now, &rest, 9);
+                assert_eq!(rest, whole[cut..], "{kinds:?} cut after {cut}");
+            }
+        }
+    }
+
     #[tokio::test]
     async fn a_line_cut_by_a_crash_is_removed_and_the_log_read_back() {
         let dir = std::env::temp_dir().join(format!("paychan-events-{}", std::process::id()));
@@ -595,8 +681,11 @@ mod tests {
         file.write_all(b"{\"id\":\"cut").unwrap();
         let (log, read) = EventLog::open(&path).unwrap();
         assert_eq!(read, written);
+        let length = || std::fs::metadata(&path).unwrap().len();
+        assert_eq!(log.synced().load(Ordering::Acquire), length(), "the cut line is not synced");
         log.append(&written[..1]).await.unwrap();
         assert_eq!(read_log_len(&path), 3, "appended after the cut line, which is gone");
+        assert_eq!(log.synced().load(Ordering::Acquire), length(), "published after the sync");
         std::fs::write(&path, "{}\n").unwrap();
         let error = EventLog::open(&path).unwrap_err().to_string();
         assert!(error.contains("events.jsonl:1"), "{error}");
@@ -639,13 +728,12 @@ mod tests {
         }
     }
 
-    /// The reconciler against a real store: a restart (a new reconciler on the same log)
-    /// appends exactly what changed while it was down, a pass that is not a full listing
-    /// still finds a channel that left the active states, and nothing is written twice.
-    #[tokio::test]
-    async fn a_restart_appends_only_what_changed_meanwhile() {
-        use paychan::store::MemoryStore;
-        let dir = std::env::temp_dir().join(format!("paychan-reconcile-{}", std::process::id()));
+    type TestReconciler =
+        Reconciler<paychan::store::MemoryStore, paychan::chain::sim::SimulatedChain>;
+
+    /// A fresh folder `name` for a log, its settings, an empty store.
+    fn fixture(name: &str) -> (PathBuf, Settings, paychan::store::MemoryStore) {
+        let dir = std::env::temp_dir().join(format!("paychan-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let settings = Settings {
@@ -653,13 +741,56 @@ mod tests {
             interval: Duration::from_secs(1),
             usage_every: Duration::ZERO,
         };
-        let store = MemoryStore::new();
-        let master = Xpriv::new_master(paychan::bitcoin::Network::Regtest, &[7; 32]).unwrap();
-        let reconciler = || {
-            let chain = paychan::chain::sim::SimulatedChain::new();
-            let (appended, metrics) = (Arc::default(), Metrics::default());
-            Reconciler::new(&settings, store.clone(), chain, master, appended, metrics).unwrap()
+        (dir, settings, paychan::store::MemoryStore::new())
+    }
+
+    /// A reconciler (as after a restart) on the log of `settings`.
+    fn reconciler(settings: &Settings, store: &paychan::store::MemoryStore) -> TestReconciler {
+        let chain = paychan::chain::sim::SimulatedChain::new();
+        let (appended, metrics) = (Arc::default(), Metrics::default());
+        Reconciler::new(settings, store.clone(), chain, appended, metrics).unwrap()
+    }
+
+    /// The reconciler on a log whose last pass lost its tail in a crash (only its first line
+    /// kept): the next pass writes exactly the lines lost, with the uncut log's ids.
+    #[tokio::test]
+    async fn a_pass_cut_by_a_crash_is_completed_after_the_restart() {
+        use ChannelState as S;
+        let (dir, settings, store) = fixture("cut-pass");
+        let a = record(0, 2);
+        let a_id = a.id();
+        store.create(a).await.unwrap();
+        let ids = || -> Vec<String> {
+            read(&settings.log_file).unwrap().0.into_iter().map(|e| e.id).collect()
         };
+        let mut kept = 0;
+        for (moves, count) in [
+            (&[][..], 2),
+            (&[(S::Open, S::Closing), (S::Closing, S::Closed), (S::Closed, S::Settled)][..], 3),
+        ] {
+            for (from, to) in moves {
+                assert!(store.transition(a_id, *from, *to).await.unwrap());
+            }
+            assert_eq!(reconciler(&settings, &store).pass().await.unwrap(), count);
+            let uncut = ids();
+            // The pass's first line kept, the rest lost before the fsync.
+            let text = std::fs::read_to_string(&settings.log_file).unwrap();
+            let first_line: usize = text.split_inclusive('\n').take(kept + 1).map(str::len).sum();
+            std::fs::write(&settings.log_file, &text[..first_line]).unwrap();
+            assert_eq!(reconciler(&settings, &store).pass().await.unwrap(), count - 1);
+            assert_eq!(ids(), uncut);
+            kept += count;
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The reconciler against a real store: a restart (a new reconciler on the same log)
+    /// appends exactly what changed while it was down, a pass that is not a full listing
+    /// still finds a channel that left the active states, and nothing is written twice.
+    #[tokio::test]
+    async fn a_restart_appends_only_what_changed_meanwhile() {
+        let (dir, settings, store) = fixture("reconcile");
+        let reconciler = || reconciler(&settings, &store);
         let (a, b) = (record(0, 2), record(1, 3));
         let (a_id, b_id) = (a.id(), b.id());
         store.create(a).await.unwrap();
@@ -698,6 +829,44 @@ mod tests {
         let top_up = events.iter().find(|e| e.kind == ToppedUp).unwrap();
         assert_eq!((top_up.paid_delta_msat, top_up.paid_msat.to_msat()), (3_000, 5_000));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The close's txid is the best payment's: the reconciler need not sign the close.
+    #[test]
+    fn the_close_txid_is_the_best_payments() {
+        use paychan::bitcoin::absolute::LockTime;
+        use paychan::bitcoin::bip32::Xpriv;
+        use paychan::bitcoin::secp256k1::{Secp256k1, SecretKey};
+        use paychan::bitcoin::{Amount, CompressedPublicKey, OutPoint, ScriptBuf};
+        let secp = Secp256k1::new();
+        let master = Xpriv::new_master(paychan::bitcoin::Network::Regtest, &[7; 32]).unwrap();
+        let (client, server) = (
+            SecretKey::from_slice(&[1; 32]).unwrap(),
+            paychan::channel::channel_key(&master, 0).unwrap(),
+        );
+        let key = |k: &SecretKey| CompressedPublicKey(k.public_key(&secp));
+        let script = |k: &SecretKey| ScriptBuf::new_p2wpkh(&key(k).wpubkey_hash());
+        let tip = ChainTip { height: 1_000, median_time_past: 0 };
+        let expiry = LockTime::from_height(2_008).unwrap();
+        let params = paychan::channel::Terms::default()
+            .agree(
+                key(&client),
+                key(&server),
+                Amount::from_sat(100_000),
+                expiry,
+                script(&client),
+                script(&server),
+                tip,
+            )
+            .unwrap();
+        let channel = params.at(OutPoint { txid: Txid::all_zeros(), vout: 0 });
+        let mut best = channel.build_payment(Amount::from_sat(1_000)).unwrap();
+        channel.sign_payment(&mut best, &client).unwrap();
+        let mut record = ChannelRecord::open(channel, 0, best);
+        assert_eq!(crate::console::close_txid(&record), None, "open: no close");
+        record.state = ChannelState::Closed;
+        let signed = record.close_transaction(&master).unwrap().compute_txid();
+        assert_eq!(crate::console::close_txid(&record), Some(signed));
     }
 
     fn read_log_len(path: &Path) -> usize {

@@ -237,7 +237,7 @@ async fn run<St: ChannelStore + Clone + 'static>(
     let events = match &config.events {
         Some(events) => {
             let (store, chain) = (store.clone(), chain.clone());
-            crate::events::spawn(events, config.network, store, chain, master, &event_metrics)?
+            crate::events::spawn(events, config.network, store, chain, &event_metrics)?
         }
         None => Vec::new(),
     };

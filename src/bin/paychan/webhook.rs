@@ -6,12 +6,19 @@
 //! crash between the 2xx and the cursor's write sends that event again, with the same id.
 //! Receivers dedupe by `id` (or `Paychan-Event-Id`).
 //!
+//! Only the log's **synced** length is read (the event log publishes it after each fsync):
+//! a line written but not yet on disk, which a failed sync or a power loss can take back, is
+//! never sent. A cursor beyond the log at start (its tail lost in a crash, or the log
+//! replaced) restarts delivery at the log's end, with a warning: the events lost are written
+//! again by the next pass, with the same ids, and sent again (at least once).
+//!
 //! The signature, `Paychan-Signature: t=<unix seconds>,v1=<hex>`, is
 //! `HMAC-SHA256(secret, "<t>.<body>")`: the receiver recomputes it over the raw body, compares
 //! in constant time, and refuses a `t` too far from its clock (a replay).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -51,6 +58,8 @@ pub(crate) struct Webhook {
     secret: Vec<u8>,
     log: PathBuf,
     cursor: PathBuf,
+    /// The log's synced length ([`crate::events::EventLog::synced`]): read no further.
+    synced: Arc<AtomicU64>,
     client: net::HttpClient<Full<Bytes>>,
     /// Woken by the reconciler after an append; the log is also read every `interval`.
     appended: Arc<Notify>,
@@ -61,11 +70,21 @@ pub(crate) struct Webhook {
 impl std::fmt::Debug for Webhook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Webhook")
-            .field("url", &self.url)
+            .field("url", &shown(&self.url))
             .field("secret", &"<redacted>")
             .field("log", &self.log)
             .finish_non_exhaustive()
     }
+}
+
+/// `url` as logged and printed: webhook URLs often carry a secret (a token in the path or the
+/// query, a password), so only the scheme and host are shown ([`crate::redact`] on them).
+pub(crate) fn shown(url: &Uri) -> String {
+    let scheme = url.scheme_str().unwrap_or("http");
+    let host = url.authority().map_or("", http::uri::Authority::as_str);
+    let rest = url.path_and_query().map_or("", |p| p.as_str());
+    let rest = if rest.is_empty() || rest == "/" { rest } else { "/…" };
+    format!("{}{rest}", crate::redact(&format!("{scheme}://{host}")))
 }
 
 /// Where the delivery of the log at `log` stands.
@@ -76,17 +95,33 @@ fn cursor_path(log: &Path) -> PathBuf {
 }
 
 impl Webhook {
+    /// The deliverer of `log`, whose synced length is `synced`; a cursor beyond it (the log
+    /// cut by a crash) is moved back to it, with a warning.
     pub(crate) fn new(
         url: Uri,
         secret: Vec<u8>,
         log: PathBuf,
+        synced: Arc<AtomicU64>,
         appended: Arc<Notify>,
         interval: Duration,
     ) -> Result<Self, Error> {
         let cursor = cursor_path(&log);
         let client = net::client(&[])?;
         let metrics = crate::events::Metrics::default();
-        Ok(Self { url, secret, log, cursor, client, appended, interval, metrics })
+        let webhook =
+            Self { url, secret, log, cursor, synced, client, appended, interval, metrics };
+        let length = webhook.synced.load(Ordering::Acquire);
+        if let Ok(delivered) = webhook.read_cursor()
+            && delivered > length
+        {
+            let (log, cursor) = (webhook.log.display(), webhook.cursor.display());
+            let reason = "webhook: the cursor is beyond the log (its end lost in a crash, or \
+                          the log replaced): delivery restarts at the log's end; events \
+                          written again are sent again, with the same ids";
+            tracing::warn!(%log, %cursor, delivered, length, "{reason}");
+            webhook.write_cursor(length)?;
+        }
+        Ok(webhook)
     }
 
     /// Counts deliveries, failures and what waits in `metrics`.
@@ -118,14 +153,14 @@ impl Webhook {
         Ok(())
     }
 
-    /// The complete lines of the log from `offset` on.
+    /// The complete lines of the log from `offset` to its synced length.
     async fn lines_from(&self, offset: u64) -> Result<Vec<Bytes>, Error> {
         let mut file = match tokio::fs::File::open(&self.log).await {
             Ok(file) => file,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(error) => return Err(error.into()),
         };
-        let length = file.metadata().await?.len();
+        let length = self.synced.load(Ordering::Acquire);
         if offset > length {
             return Err(format!(
                 "{} says {offset} bytes were delivered, but {} has {length}: was the log \
@@ -137,7 +172,7 @@ impl Webhook {
         }
         file.seek(std::io::SeekFrom::Start(offset)).await?;
         let mut text = Vec::new();
-        file.read_to_end(&mut text).await?;
+        file.take(length - offset).read_to_end(&mut text).await?;
         let complete = text.iter().rposition(|b| *b == b'\n').map_or(0, |end| end + 1);
         let text = Bytes::from(text).slice(..complete);
         let mut lines = Vec::new();
@@ -189,7 +224,7 @@ impl Webhook {
                     if self.read_cursor().ok() != before {
                         backoff = FIRST_BACKOFF;
                     }
-                    let url = &self.url;
+                    let url = shown(&self.url);
                     tracing::warn!(%error, %url, retry_in = ?backoff, "webhook: delivery failed");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -257,6 +292,33 @@ mod tests {
     }
 
     #[test]
+    fn the_url_is_shown_without_its_secrets() {
+        for (url, expected) in [
+            ("https://billing.example/", "https://billing.example/"),
+            (
+                "https://u:pw@billing.example:8443/hook/T0K3N?key=s3cr3t",
+                "https://u:…@billing.example:8443/…",
+            ),
+        ] {
+            let url: Uri = url.parse().unwrap();
+            assert_eq!(shown(&url), expected);
+            let debug = format!(
+                "{:?}",
+                Webhook::new(
+                    url,
+                    Vec::new(),
+                    "x".into(),
+                    Arc::default(),
+                    Arc::default(),
+                    Duration::ZERO
+                )
+                .unwrap()
+            );
+            assert!(!debug.contains("T0K3N") && !debug.contains("pw@"), "{debug}");
+        }
+    }
+
+    #[test]
     fn the_signature_is_hmac_sha256_of_time_dot_body() {
         // RFC 4231 test case 2: HMAC-SHA256("Jefe", "what do ya want for nothing?").
         let mut engine = hmac::HmacEngine::<sha256::Hash>::new(b"Jefe");
@@ -288,16 +350,23 @@ mod tests {
             .route("/hook", axum::routing::post(receive))
             .with_state(Arc::clone(&received));
         tokio::spawn(async move { axum::serve(listener, app).await });
-        let webhook = || {
-            let notify = Arc::new(Notify::new());
+        let webhook = |synced_len: usize| {
+            let (notify, synced) = (Arc::new(Notify::new()), Arc::new(AtomicU64::new(0)));
+            synced.store(synced_len as u64, Ordering::Release);
             let secret = b"whsec-test-secret".to_vec();
-            Webhook::new(url.clone(), secret, log.clone(), notify, Duration::from_secs(3600))
-                .unwrap()
+            let day = Duration::from_secs(3600);
+            let webhook = Webhook::new(url.clone(), secret, log.clone(), synced, notify, day);
+            webhook.unwrap()
         };
-        // What `run` does between its waits: deliver until the first failure.
-        let deliverer = webhook();
+        // What `run` does between its waits: deliver until the first failure. Only the synced
+        // length is read: b, written but not yet synced, waits.
+        let a_len = lines[0].len() + 1;
+        let deliverer = webhook(a_len);
         assert!(deliverer.deliver().await.is_err(), "a: 500");
-        assert!(deliverer.deliver().await.is_err(), "a: 200, b: 500");
+        deliverer.deliver().await.unwrap();
+        assert_eq!(received.attempts.lock().unwrap().len(), 2, "a: 200; b not synced");
+        deliverer.synced.store((a_len + lines[1].len() + 1) as u64, Ordering::Release);
+        assert!(deliverer.deliver().await.is_err(), "b: 500");
         deliverer.deliver().await.unwrap();
         let attempts = received.attempts.lock().unwrap().clone();
         let expected = [("a", true), ("a", true), ("b", true), ("b", true)];
@@ -307,8 +376,16 @@ mod tests {
         let cursor = std::fs::read_to_string(cursor_path(&log)).unwrap();
         assert_eq!(cursor.trim(), (lines[0].len() + lines[1].len() + 2).to_string());
         // A restarted deliverer sends nothing that was accepted.
-        webhook().deliver().await.unwrap();
+        let whole = std::fs::metadata(&log).unwrap().len() as usize;
+        webhook(whole).deliver().await.unwrap();
         assert_eq!(received.attempts.lock().unwrap().len(), 4);
+        // The log's end lost in a crash (b gone): the cursor goes back to the log's end, and
+        // b written again is sent again, with its id.
+        let deliverer = webhook(a_len);
+        assert_eq!(deliverer.read_cursor().unwrap(), a_len as u64);
+        deliverer.synced.store((a_len + lines[1].len() + 1) as u64, Ordering::Release);
+        assert!(deliverer.deliver().await.is_ok(), "b again: 200");
+        assert_eq!(received.attempts.lock().unwrap().last().unwrap().0, "b");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
