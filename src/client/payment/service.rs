@@ -113,8 +113,24 @@ where
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         // The readied service handles this request; a clone stays for the next one.
         let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(pay_and_send(self.payer.clone(), inner, request))
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let payer = self.payer.clone();
+        Box::pin(async move {
+            if !payer.applies_to(request.uri()) {
+                return inner
+                    .call(request)
+                    .await
+                    .map(|r| r.map(PaidBody::plain))
+                    .map_err(transport);
+            }
+            let (parts, body) = request.into_parts();
+            let negotiation = ServiceTransport::new(inner.clone());
+            let path = parts.uri.path().to_owned();
+            let (method, headers) = (parts.method.clone(), parts.headers.clone());
+            let exchange =
+                TowerExchange { payer: payer.clone(), inner, parts, body, called: false };
+            attempts::pay(&payer, (&method, &path, &headers), exchange, &negotiation).await
+        })
     }
 }
 
@@ -132,33 +148,6 @@ fn copy<B: Clone>(parts: &http::request::Parts, body: &B) -> Request<B> {
     request
 }
 
-async fn pay_and_send<S, St, ReqBody, ResBody>(
-    payer: Payer<St>,
-    inner: S,
-    request: Request<ReqBody>,
-) -> Result<Response<PaidBody<ResBody>>, ClientError>
-where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
-    S::Future: Send,
-    S::Error: Into<BoxError>,
-    St: ClientStore + 'static,
-    ReqBody: From<Bytes> + Clone + Send + 'static,
-    ResBody: http_body::Body + Send + 'static,
-    ResBody::Data: Send,
-    ResBody::Error: Into<BoxError>,
-{
-    let mut inner = inner;
-    if !payer.applies_to(request.uri()) {
-        return inner.call(request).await.map(|r| r.map(PaidBody::plain)).map_err(transport);
-    }
-    let (parts, body) = request.into_parts();
-    let negotiation = ServiceTransport::new(inner.clone());
-    let path = parts.uri.path().to_owned();
-    let (method, headers) = (parts.method.clone(), parts.headers.clone());
-    let exchange = TowerExchange { payer: payer.clone(), inner, parts, body, called: false };
-    attempts::pay(&payer, (&method, &path, &headers), exchange, &negotiation).await
-}
-
 /// A request through a tower service: the shared pay loop's [`Exchange`].
 struct TowerExchange<S, St, B> {
     payer: Payer<St>,
@@ -169,16 +158,17 @@ struct TowerExchange<S, St, B> {
     called: bool,
 }
 
+/// Bounds: what the adapter itself uses; the `Send` the boxed future needs is the service's
+/// (see the [`Service`] impl above).
 impl<S, St, ReqBody, ResBody> Exchange for TowerExchange<S, St, ReqBody>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
-    S::Future: Send,
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + 'static,
     S::Error: Into<BoxError>,
     St: ClientStore + 'static,
-    ReqBody: From<Bytes> + Clone + Send + 'static,
-    ResBody: http_body::Body + Send + 'static,
-    ResBody::Data: Send,
+    ReqBody: Clone + 'static,
+    ResBody: http_body::Body,
     ResBody::Error: Into<BoxError>,
+    ServiceTransport<S, ReqBody>: Transport,
 {
     type Response = Response<ResBody>;
     type Output = Response<PaidBody<ResBody>>;
