@@ -252,9 +252,10 @@ impl Attempt {
 /// payer's origin pays (top-up or open, within the policy, through `negotiation`) and sends
 /// it again; counts and checks the final answer. An answer from another origin (a redirect
 /// followed) drives no payment and is returned as it is.
+/// `retry` holds the request's attempts (made from its method, path and headers before they
+/// were handed to `exchange`).
 pub(crate) async fn pay<St, E, T>(
-    payer: &Payer<St>,
-    request: (&http::Method, &str, &http::HeaderMap),
+    mut retry: Retry<'_, St>,
     mut exchange: E,
     negotiation: &T,
 ) -> Result<E::Output, E::Error>
@@ -263,8 +264,6 @@ where
     E: Exchange,
     T: Transport + ?Sized,
 {
-    let (method, path, headers) = request;
-    let mut retry = Retry::new(payer, method, path, headers);
     loop {
         // Ready first: an attempt counts as a send (the overcharge check allows so much per
         // send), so one that could not be sent must not start.

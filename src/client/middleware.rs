@@ -6,7 +6,7 @@ use reqwest_middleware::{Middleware, Next};
 
 use reqwest::ResponseBuilderExt as _;
 
-use super::attempts::{self, Attempt, Exchange, PaidAnswer, balance};
+use super::attempts::{self, Attempt, Exchange, PaidAnswer, Retry, balance};
 use super::payer::CurrentPayment;
 use super::stream::{Hooks, PaidBody};
 use super::transport::MAX_BODY;
@@ -100,13 +100,11 @@ impl<St: ClientStore> PaymentMiddleware<St> {
         St: 'static,
     {
         let payer = payer.clone();
-        let at_home = move |url: &reqwest::Url| {
-            url.as_str().parse::<Uri>().is_ok_and(|uri| payer.applies_to(&uri))
-        };
+        let home = move |url: &reqwest::Url| at_home(&payer, url);
         reqwest::redirect::Policy::custom(move |attempt| {
             if attempt.previous().len() > 10 {
                 attempt.error("too many redirects")
-            } else if attempt.previous().last().is_some_and(&at_home) && !at_home(attempt.url()) {
+            } else if attempt.previous().last().is_some_and(&home) && !home(attempt.url()) {
                 attempt.stop()
             } else {
                 attempt.follow()
@@ -156,11 +154,9 @@ impl<St: ClientStore + 'static> PaymentMiddleware<St> {
     }
 }
 
-impl<St: ClientStore> PaymentMiddleware<St> {
-    /// Whether `url` is on the payer's origin.
-    fn at_home(&self, url: &reqwest::Url) -> bool {
-        url.as_str().parse::<Uri>().is_ok_and(|uri| self.payer.applies_to(&uri))
-    }
+/// Whether `url` is on `payer`'s origin.
+fn at_home<St: ClientStore>(payer: &Payer<St>, url: &reqwest::Url) -> bool {
+    url.as_str().parse::<Uri>().is_ok_and(|uri| payer.applies_to(&uri))
 }
 
 fn middleware_error(error: ClientError) -> reqwest_middleware::Error {
@@ -175,23 +171,19 @@ impl<St: ClientStore + 'static> Middleware for PaymentMiddleware<St> {
         extensions: &mut Extensions,
         next: Next<'_>,
     ) -> reqwest_middleware::Result<reqwest::Response> {
-        if !self.at_home(request.url()) {
+        if !at_home(&self.payer, request.url()) {
             return next.run(request, extensions).await;
         }
         if !self.redirects_checked {
             return Err(middleware_error(ClientError::RedirectsNotChecked));
         }
         let negotiation = NextTransport { next: next.clone() };
-        let (method, path, headers) =
-            (request.method().clone(), request.url().path().to_owned(), request.headers().clone());
-        let exchange = ReqwestExchange {
-            middleware: self,
-            request: Some(request),
-            next,
-            extensions,
-            method: method.clone(),
-        };
-        attempts::pay(&self.payer, (&method, &path, &headers), exchange, &negotiation).await
+        let retry =
+            Retry::new(&self.payer, request.method(), request.url().path(), request.headers());
+        let method = request.method().clone();
+        let exchange =
+            ReqwestExchange { middleware: self, request: Some(request), next, extensions, method };
+        attempts::pay(retry, exchange, &negotiation).await
     }
 }
 
@@ -239,7 +231,7 @@ impl<St: ClientStore + 'static> Exchange for ReqwestExchange<'_, '_, St> {
     /// balance is not the channel's).
     fn answered_at(&self, response: &reqwest::Response) -> Option<String> {
         let url = response.url();
-        self.middleware.at_home(url).then(|| match url.query() {
+        at_home(&self.middleware.payer, url).then(|| match url.query() {
             Some(query) => format!("{}?{query}", url.path()),
             None => url.path().to_owned(),
         })

@@ -76,15 +76,7 @@ pub(crate) fn read_bump(path: &Path, network: Network) -> Result<PrivateKey, Err
     let text = read_private(path, "bump key file", network)?;
     let key = PrivateKey::from_wif(text.trim())
         .map_err(|_| format!("bump key file {}: not a private key in WIF", path.display()))?;
-    if key.network != NetworkKind::from(network) {
-        return Err(format!(
-            "bump key file {}: network mismatch: a {} key, but network = \"{network}\" needs {}",
-            path.display(),
-            kind(key.network),
-            kind(NetworkKind::from(network))
-        )
-        .into());
-    }
+    same_network("bump key file", path, key.network, network)?;
     if !key.compressed {
         return Err(format!(
             "bump key file {}: an uncompressed key (P2WPKH needs a compressed one)",
@@ -135,6 +127,26 @@ fn read_trimmed(path: &Path, what: &str, network: Network) -> Result<Vec<u8>, Er
     Ok(secret.as_bytes().to_vec())
 }
 
+/// `Ok` if a key of `found` (read from `what` at `path`) is for `network`, else a network
+/// mismatch naming both.
+fn same_network(
+    what: &str,
+    path: &Path,
+    found: NetworkKind,
+    network: Network,
+) -> Result<(), Error> {
+    if found == NetworkKind::from(network) {
+        return Ok(());
+    }
+    Err(format!(
+        "{what} {}: network mismatch: a {} key, but network = \"{network}\" needs {}",
+        path.display(),
+        kind(found),
+        kind(NetworkKind::from(network))
+    )
+    .into())
+}
+
 /// Reads the key at `path`, for `network`. A key file others can read is refused on mainnet
 /// and warned about elsewhere.
 pub(crate) fn read(path: &Path, network: Network) -> Result<Xpriv, Error> {
@@ -143,15 +155,7 @@ pub(crate) fn read(path: &Path, network: Network) -> Result<Xpriv, Error> {
         .trim()
         .parse()
         .map_err(|_| format!("key file {}: not a BIP-0032 extended private key", path.display()))?;
-    if key.network != NetworkKind::from(network) {
-        return Err(format!(
-            "key file {}: network mismatch: a {} key, but network = \"{network}\" needs {}",
-            path.display(),
-            kind(key.network),
-            kind(NetworkKind::from(network))
-        )
-        .into());
-    }
+    same_network("key file", path, key.network, network)?;
     Ok(key)
 }
 

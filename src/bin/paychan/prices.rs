@@ -36,9 +36,9 @@ impl LivePrices {
         Self(Arc::new(RwLock::new(Table::new(prices))))
     }
 
-    /// The table now (cheap: its routes are shared).
-    fn current(&self) -> RoutePrices {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).prices.clone()
+    /// Asks the table now, under the read lock (no copy on the per-request path).
+    fn ask<T>(&self, question: impl FnOnce(&RoutePrices) -> T) -> T {
+        question(&self.0.read().unwrap_or_else(|p| p.into_inner()).prices)
     }
 
     /// The terms document's `prices` now.
@@ -53,17 +53,17 @@ impl LivePrices {
 
 impl<B> Pricing<B> for LivePrices {
     fn price(&self, request: &Request<B>) -> Option<MilliSats> {
-        self.current().price(request)
+        self.ask(|table| table.price(request))
     }
 
     fn refuses(&self, request: &Request<B>) -> bool {
-        self.current().refuses(request)
+        self.ask(|table| table.refuses(request))
     }
 
     /// One snapshot for both answers: a reload between them could leave a request unpriced by
     /// the old table and not refused by the new one (served free).
     fn priced(&self, request: &Request<B>) -> Priced {
-        self.current().priced(request)
+        self.ask(|table| table.priced(request))
     }
 }
 

@@ -8,7 +8,7 @@ use tower::{BoxError, Service, ServiceExt};
 
 use std::sync::Arc;
 
-use crate::client::attempts::{self, Attempt, Exchange, PaidAnswer, balance};
+use crate::client::attempts::{self, Attempt, Exchange, PaidAnswer, Retry, balance};
 use crate::client::stream::{Hooks, PaidBody};
 use crate::client::transport::read_body;
 use crate::client::{
@@ -125,11 +125,10 @@ where
             }
             let (parts, body) = request.into_parts();
             let negotiation = ServiceTransport::new(inner.clone());
-            let path = parts.uri.path().to_owned();
-            let (method, headers) = (parts.method.clone(), parts.headers.clone());
+            let retry = Retry::new(&payer, &parts.method, parts.uri.path(), &parts.headers);
             let exchange =
                 TowerExchange { payer: payer.clone(), inner, parts, body, called: false };
-            attempts::pay(&payer, (&method, &path, &headers), exchange, &negotiation).await
+            attempts::pay(retry, exchange, &negotiation).await
         })
     }
 }
