@@ -59,15 +59,22 @@ fn server(c: &mut Criterion) {
     let bare: Router = Router::new().route("/", get(|| async { "ok" }));
     let layered =
         bare.clone().layer(PaywallLayer::new(store.clone(), MilliSats::from_msat(1), tip.clone()));
-    // The same with signed receipts (one ECDSA signature per paid request).
+    // The same with receipts: for a client that does not ask for batches, one ECDSA signature
+    // per paid request.
     let master = bitcoin::bip32::Xpriv::new_master(bitcoin::Network::Regtest, &[5; 32]).unwrap();
     let receipted = bare.clone().layer(
         PaywallLayer::new(store.clone(), MilliSats::from_msat(1), tip.clone())
             .with_receipts(master),
     );
     let best_header = wire::encode_payment(&best);
+    // Every request carries what a paychan client sends by default besides its payment: it
+    // accepts receipts in batches (the server's count of 1 024 decides) and links each to the
+    // one before. Routes without receipts ignore both.
+    let prev = "ab".repeat(32);
     let request = |header: Option<&str>| {
-        let mut r = Request::get("/");
+        let mut r = Request::get("/")
+            .header(wire::PAYMENT_RECEIPT_UNSIGNED, "0/2048")
+            .header(wire::PAYMENT_RECEIPT_PREV, &prev);
         if let Some(h) = header {
             r = r.header(wire::PAYMENT_CHANNEL, h);
         }
@@ -85,6 +92,16 @@ fn server(c: &mut Criterion) {
             assert_eq!(response.status(), 200);
         })
     });
+    group.bench_function("layered_fast_path_every_receipt_signed", |b| {
+        b.iter(|| {
+            let mut request = request(Some(&best_header));
+            // A client that does not ask for batches: every receipt signed.
+            request.headers_mut().remove(wire::PAYMENT_RECEIPT_UNSIGNED);
+            let response = rt.block_on(receipted.clone().oneshot(request)).unwrap();
+            assert!(response.headers().contains_key(wire::PAYMENT_RECEIPT));
+        })
+    });
+    // The default: receipts signed in batches.
     group.bench_function("layered_fast_path_with_receipts", |b| {
         b.iter(|| {
             let response =

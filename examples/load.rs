@@ -14,9 +14,9 @@
 //! - **fast path**: every request carries the channel's current best payment (a verified,
 //!   cached header: one atomic debit in the store), `LOAD_CONNECTIONS` connections;
 //! - **fast path + receipts**: the same, each answer with a `Payment-Receipt` signed in
-//!   batches (the default: every 256th, or a second after the last; every request says
-//!   `Payment-Receipt-Unsigned: 0/256`: the node's count of 256 decides; a real client asks
-//!   at 128, half its default maximum);
+//!   batches (the defaults: every request says `Payment-Receipt-Unsigned: <held>/2048`,
+//!   counted as paychan's clients count, and links its receipt with `Payment-Receipt-Prev`;
+//!   the server signs every 1 024th, or a second after the last);
 //! - **fast path + every receipt signed**: the same with `ReceiptSigning::Every`;
 //! - **fast path, leased**: the same through [`Leased`] (debits from a lease of the channel's
 //!   balance, one store operation per lease), compared with the fast path on a memory store
@@ -27,7 +27,10 @@
 //! `LOAD_PROFILE=fast` (or `bare`, `receipts`, `new`, `leased`) drives one path only, for a profiler: the
 //! server's thread is named `server` (`perf record -g …; perf report --comm server`).
 //! `LOAD_PROFILE=pairs` runs `LOAD_ROUNDS` pairs of bare and fast path (in alternating order)
-//! and prints the median, quartiles and range of their ratios. `LOAD_STORES=memory,sqlite,
+//! and prints the median, quartiles and range of their ratios; `LOAD_PROFILE=receipt-pairs`
+//! the same for the fast path and the fast path with receipts in batches, `same-pairs` the
+//! fast path against itself (the machine's noise when nothing differs). They print the
+//! ratios of throughput and of the server's CPU time per request (Linux). `LOAD_STORES=memory,sqlite,
 //! postgres,redis` picks the stores (default: all that are built and configured).
 //!
 //! Not a test: numbers depend on the machine; docs/PERFORMANCE.md has this machine's.
@@ -105,6 +108,9 @@ fn serve(app: Router) -> SocketAddr {
     rx.recv().unwrap()
 }
 
+/// A receipt digest (hex) for `Payment-Receipt-Prev`.
+const PREV: &str = "5e1f0c2b9a8d7e6f5e1f0c2b9a8d7e6f5e1f0c2b9a8d7e6f5e1f0c2b9a8d7e6f";
+
 /// Latencies of one measurement, in microseconds.
 struct Sample {
     latencies: Vec<u32>,
@@ -135,11 +141,16 @@ async fn drive(
 ) -> Result<Sample, Error> {
     let header = std::sync::Arc::new(header);
     let counter = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // The unsigned receipts held since the last signed one, counted as paychan's clients
+    // count them (one count per channel, shared by its connections).
+    let held = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let max = paychan::client::SpendingPolicy::default().max_unsigned_receipts();
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let start = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..connections {
         let (header, counter, path) = (header.clone(), counter.clone(), path.to_owned());
+        let held = held.clone();
         tasks.push(tokio::spawn(async move {
             let stream = tokio::net::TcpStream::connect(addr).await?;
             stream.set_nodelay(true)?;
@@ -151,8 +162,13 @@ async fn drive(
                 let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let mut request = http::Request::get(path.as_str())
                     .header("host", "load")
-                    // A client that accepts receipts signed in batches (ignored elsewhere).
-                    .header(wire::PAYMENT_RECEIPT_UNSIGNED, "0/256");
+                    // A client that accepts receipts signed in batches and links each
+                    // receipt to the one before, as paychan's do (ignored elsewhere).
+                    .header(
+                        wire::PAYMENT_RECEIPT_UNSIGNED,
+                        format!("{}/{max}", held.load(std::sync::atomic::Ordering::Relaxed)),
+                    )
+                    .header(wire::PAYMENT_RECEIPT_PREV, PREV);
                 if let Some(value) = header(n) {
                     request = request.header(wire::PAYMENT_CHANNEL, value);
                 }
@@ -161,6 +177,12 @@ async fn drive(
                 sender.ready().await?;
                 let response = sender.send_request(request).await?;
                 let status = response.status();
+                if let Some(receipt) = response.headers().get(wire::PAYMENT_RECEIPT) {
+                    match receipt.as_bytes().starts_with(b"u1,") {
+                        true => held.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                        false => held.swap(0, std::sync::atomic::Ordering::Relaxed),
+                    };
+                }
                 response.into_body().collect().await?;
                 if status != http::StatusCode::OK {
                     return Err(format!("{path}: {status}").into());
@@ -175,6 +197,64 @@ async fn drive(
         latencies.extend(task.await??);
     }
     Ok(Sample { latencies, elapsed: start.elapsed() })
+}
+
+/// `LOAD_ROUNDS` pairs of `base` and `with`, in an order that alternates (so that a drift of
+/// the machine during a pair favours neither), and the median, quartiles and range of their
+/// ratios `with / base`: the spread says whether a target is met beyond the noise.
+async fn pairs(
+    name: &str,
+    addr: SocketAddr,
+    (base, with): (&str, &str),
+    header: &str,
+) -> Result<(), Error> {
+    let (seconds, rounds) = (env("LOAD_SECONDS", 2) as f64, env("LOAD_ROUNDS", 5) as usize);
+    let connections = env("LOAD_CONNECTIONS", 32);
+    let (mut ratios, mut cpu_ratios) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let (mut throughput, mut cpu) = ([0.0; 2], [0.0; 2]);
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for at in order {
+            let h = header.to_owned();
+            let path = [base, with][at];
+            let before = server_cpu();
+            let sample = drive(addr, path, connections, seconds, move |_| Some(h.clone())).await?;
+            throughput[at] = sample.throughput();
+            cpu[at] = (server_cpu() - before) / sample.latencies.len() as f64;
+        }
+        ratios.push(throughput[1] / throughput[0]);
+        cpu_ratios.push(cpu[0] / cpu[1]);
+    }
+    for (what, mut ratios) in [("throughput", ratios), ("server CPU per request", cpu_ratios)] {
+        ratios.sort_by(f64::total_cmp);
+        let at = |q: f64| ratios[((ratios.len() - 1) as f64 * q).round() as usize];
+        println!(
+            "{name}: {with} / {base}, {what}, {rounds} pairs: median {:.3}, quartiles {:.3} to {:.3}, range {:.3} to {:.3}",
+            at(0.5),
+            at(0.25),
+            at(0.75),
+            at(0.0),
+            at(1.0)
+        );
+    }
+    Ok(())
+}
+
+/// The CPU time the server's threads have run, in nanoseconds (Linux: their `schedstat`; 0
+/// elsewhere). Per request, it is what the server spends apart from the load generator, which
+/// shares the machine: less noisy than throughput, and the same ratio when the server is
+/// the bottleneck.
+fn server_cpu() -> f64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return 0.0 };
+    let mut total = 0.0;
+    for task in tasks.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() == "server" {
+            let stat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+            total += stat.split_whitespace().next().and_then(|ns| ns.parse().ok()).unwrap_or(0.0);
+        }
+    }
+    total
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -202,6 +282,9 @@ async fn measure<St: ChannelStore + Clone + 'static>(name: &str, store: St) -> R
     let master = bitcoin::bip32::Xpriv::new_master(bitcoin::Network::Regtest, &[5; 32])?;
     let price = MilliSats::from_msat(1);
     let hello = || get(|| async { "hello" });
+    // The limit of a new payment in the server's own context: a handler that does only the
+    // raw work of one (its sighash and verification), of the next payment put here.
+    let to_verify = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     // Every route nested alike, so the comparison is the layer's alone.
     let app = Router::new()
         .nest("/bare", Router::new().route("/", hello()))
@@ -238,7 +321,8 @@ async fn measure<St: ChannelStore + Clone + 'static>(name: &str, store: St) -> R
         .nest(
             "/memory",
             Router::new().route("/", hello()).layer(PaywallLayer::new(memory, price, tip)),
-        );
+        )
+        .nest("/verify", Router::new().route("/", raw_route(&to_verify, &channel, &k1)));
     let addr = serve(app);
     let header = wire::encode_payment(&best);
     // Warm up: verify the header once on each layer, and the connections.
@@ -252,67 +336,57 @@ async fn measure<St: ChannelStore + Clone + 'static>(name: &str, store: St) -> R
         Ok("fast") => {
             let h = header.clone();
             let paid = drive(addr, "/paid", connections, seconds, move |_| Some(h.clone())).await?;
-            println!("{name}: fast path only, {:.0} req/s", paid.throughput());
+            println!(
+                "{name}: fast path only, {:.0} req/s ({} requests)",
+                paid.throughput(),
+                paid.latencies.len()
+            );
             return Ok(());
         }
         Ok("receipts") => {
             let h = header.clone();
             let paid =
                 drive(addr, "/receipted", connections, seconds, move |_| Some(h.clone())).await?;
-            println!("{name}: fast path with receipts only, {:.0} req/s", paid.throughput());
+            println!(
+                "{name}: fast path with receipts only, {:.0} req/s ({} requests)",
+                paid.throughput(),
+                paid.latencies.len()
+            );
             return Ok(());
         }
         Ok("leased") => {
             let h = header.clone();
             let paid =
                 drive(addr, "/leased", connections, seconds, move |_| Some(h.clone())).await?;
-            println!("{name}: leased fast path only, {:.0} req/s", paid.throughput());
+            println!(
+                "{name}: leased fast path only, {:.0} req/s ({} requests)",
+                paid.throughput(),
+                paid.latencies.len()
+            );
             return Ok(());
         }
         Ok("bare") => {
             let h = header.clone();
             let bare = drive(addr, "/bare", connections, seconds, move |_| Some(h.clone())).await?;
-            println!("{name}: bare only, {:.0} req/s", bare.throughput());
+            println!(
+                "{name}: bare only, {:.0} req/s ({} requests)",
+                bare.throughput(),
+                bare.latencies.len()
+            );
             return Ok(());
         }
         Ok("pairs") => {
-            // Bare and fast path only, many short pairs whose order alternates (so that a
-            // drift of the machine during a pair favours neither): the spread of the ratios
-            // says whether a target is met beyond the noise.
-            let mut ratios = Vec::new();
-            for round in 0..rounds {
-                let (h1, h2) = (header.clone(), header.clone());
-                let (bare, paid) = if round % 2 == 0 {
-                    let bare =
-                        drive(addr, "/bare", connections, seconds, move |_| Some(h1.clone()));
-                    let bare = bare.await?;
-                    (
-                        bare,
-                        drive(addr, "/paid", connections, seconds, move |_| Some(h2.clone()))
-                            .await?,
-                    )
-                } else {
-                    let paid =
-                        drive(addr, "/paid", connections, seconds, move |_| Some(h2.clone()));
-                    let paid = paid.await?;
-                    (
-                        drive(addr, "/bare", connections, seconds, move |_| Some(h1.clone()))
-                            .await?,
-                        paid,
-                    )
-                };
-                ratios.push(paid.throughput() / bare.throughput());
-            }
-            ratios.sort_by(f64::total_cmp);
-            let at = |q: f64| ratios[((ratios.len() - 1) as f64 * q).round() as usize];
-            println!(
-                "{name}: fast path / bare over {rounds} pairs: median {:.3}, quartiles {:.3} to {:.3}, range {:.3} to {:.3}",
-                at(0.5),
-                at(0.25),
-                at(0.75),
-                at(0.0),
-                at(1.0)
-            );
+            pairs(name, addr, ("/bare", "/paid"), &header).await?;
+            return Ok(());
+        }
+        Ok("receipt-pairs") => {
+            pairs(name, addr, ("/paid", "/receipted"), &header).await?;
+            return Ok(());
+        }
+        Ok("same-pairs") => {
+            // The fast path against itself: the spread of ratios the machine gives when
+            // nothing differs.
+            pairs(name, addr, ("/paid", "/paid"), &header).await?;
             return Ok(());
         }
         Ok("new") => {
@@ -398,21 +472,45 @@ async fn measure<St: ChannelStore + Clone + 'static>(name: &str, store: St) -> R
 
     // New payment every request, one connection, in order: bare, then paid with fresh
     // payments (signed beforehand), alternating.
-    let mut extra = Vec::new();
+    let (mut extra, mut ratios) = (Vec::new(), Vec::new());
     let mut next = 990_000_001;
+    let mut payments = |count: usize| {
+        let made: Vec<Transaction> =
+            (0..count as u64).map(|i| pay(&channel, &k1, next + i)).collect();
+        next += count as u64;
+        made
+    };
     for _ in 0..rounds {
-        // Bare carries a header of the same size too: the difference is the layer's work.
-        let h = header.clone();
-        let bare = drive(addr, "/bare", 1, seconds, move |_| Some(h.clone())).await?;
+        // Each carries a header of the same size: the differences are the layer's work and
+        // the raw work.
+        let run = |path: &'static str, headers: std::sync::Arc<Vec<String>>| async move {
+            let before = server_cpu();
+            let sample = drive(addr, path, 1, seconds, move |i| {
+                headers.get(i.min(headers.len() - 1)).cloned()
+            })
+            .await?;
+            let cpu = (server_cpu() - before) / 1e3 / sample.latencies.len() as f64;
+            Ok::<_, Error>((sample, cpu))
+        };
+        let (bare, bare_cpu) = run("/bare", std::sync::Arc::new(vec![header.clone()])).await?;
         // Enough payments for the round: at most as many requests as bare served.
         let count = bare.latencies.len() + 1_000;
-        let payments: Vec<String> = (0..count as u64)
-            .map(|i| wire::encode_payment(&pay(&channel, &k1, next + i)))
-            .collect();
-        next += count as u64;
-        let payments = std::sync::Arc::new(payments);
-        let new = drive(addr, "/paid", 1, seconds, move |i| payments.get(i).cloned()).await?;
-        extra.push(f64::from(new.percentile(0.5)) - f64::from(bare.percentile(0.5)));
+        *to_verify.lock().unwrap() = payments(count);
+        let fresh = std::sync::Arc::new(payments(count).iter().map(wire::encode_payment).collect());
+        // In an order that alternates, so that a drift of the machine favours neither.
+        let ((new, new_cpu), (_, raw_cpu)) = if extra.len() % 2 == 0 {
+            let raw = run("/verify", std::sync::Arc::new(vec![header.clone()])).await?;
+            (run("/paid", fresh).await?, raw)
+        } else {
+            let new = run("/paid", fresh).await?;
+            (new, run("/verify", std::sync::Arc::new(vec![header.clone()])).await?)
+        };
+        extra.push((
+            f64::from(new.percentile(0.5)) - f64::from(bare.percentile(0.5)),
+            new_cpu - bare_cpu,
+            raw_cpu - bare_cpu,
+        ));
+        ratios.push((new_cpu - bare_cpu) / (raw_cpu - bare_cpu));
         if extra.len() == rounds {
             println!(
                 "  new payment (1 connection):  p50 {} µs vs bare {} µs, p99 {} µs",
@@ -422,8 +520,52 @@ async fn measure<St: ChannelStore + Clone + 'static>(name: &str, store: St) -> R
             );
         }
     }
-    println!("  new payment − bare, p50:     {:.0} µs (median of {rounds} rounds)", median(extra));
+    let at = |pick: fn(&(f64, f64, f64)) -> f64| median(extra.iter().map(pick).collect());
+    println!(
+        "  new payment − bare:          {:.1} µs of server CPU a request ({:.0} µs of p50 latency); the raw sighash + verify in a handler − bare: {:.1} µs",
+        at(|e| e.1),
+        at(|e| e.0),
+        at(|e| e.2)
+    );
+    println!(
+        "  new payment / raw work:      {:.2}× (median of {rounds} rounds; target ≤ 1.15×)",
+        median(ratios)
+    );
     Ok(())
+}
+
+/// A route doing the raw work a new payment cannot avoid (the BIP-0143 sighash and one ECDSA
+/// verification, as the `raw_sighash_and_verify_*` benches) on the next payment put in
+/// `payments`, and nothing else: the limit, measured where the server measures a new payment.
+fn raw_route(
+    payments: &std::sync::Arc<std::sync::Mutex<Vec<Transaction>>>,
+    channel: &Channel,
+    k1: &SecretKey,
+) -> axum::routing::MethodRouter {
+    use bitcoin::secp256k1::Message;
+    use bitcoin::sighash::{EcdsaSighashType, SighashCache};
+    let verifier = Secp256k1::verification_only();
+    let client_key = k1.public_key(&Secp256k1::new());
+    let (script, value) = (channel.params().witness_script(), channel.params().value);
+    let payments = payments.clone();
+    get(move || {
+        let payment = payments.lock().unwrap().pop();
+        let verified = payment.is_some_and(|payment| {
+            let witness = payment.input[0].witness.nth(0).expect("a signed payment");
+            let signature = bitcoin::ecdsa::Signature::from_slice(witness).expect("a signature");
+            let sighash = SighashCache::new(&payment)
+                .p2wsh_signature_hash(0, &script, value, EcdsaSighashType::All)
+                .expect("input 0");
+            let message = Message::from(sighash);
+            verifier.verify_ecdsa(&message, &signature.signature, &client_key).is_ok()
+        });
+        async move {
+            match verified {
+                true => http::StatusCode::OK,
+                false => http::StatusCode::INTERNAL_SERVER_ERROR,
+            }
+        }
+    })
 }
 
 fn main() -> Result<(), Error> {

@@ -56,6 +56,8 @@ pub mod channel;
 pub mod client;
 mod error;
 #[cfg(feature = "runtime")]
+mod maps;
+#[cfg(feature = "runtime")]
 mod merchant;
 mod msat;
 #[cfg(feature = "runtime")]

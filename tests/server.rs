@@ -441,6 +441,53 @@ async fn head_is_priced_the_header_is_not_forwarded_and_a_script_sig_is_refused(
     assert_eq!(api.record().await, before, "the channel is untouched");
 }
 
+/// The receipt links to the digest the request names in `Payment-Receipt-Prev`, whatever
+/// the case of its hex; a malformed one (not 64 hex digits) is no link: the receipt comes
+/// unlinked, and the request is served and charged as any other.
+#[tokio::test]
+async fn a_receipt_links_to_the_named_digest_and_a_malformed_one_is_no_link() {
+    use paychan::server::ReceiptSigning;
+    use paychan::wire::{PAYMENT_RECEIPT, PAYMENT_RECEIPT_PREV, Receipt};
+
+    let master = bitcoin::bip32::Xpriv::new_master(bitcoin::Network::Regtest, &[9; 32]).unwrap();
+    let setup = Setup::new();
+    setup.open();
+    let store = MemoryStore::new();
+    store.create(ChannelRecord::open(setup.channel.clone(), 0, setup.pay(10_000))).await.unwrap();
+    let (_tip, tip_rx) = watch::channel(setup.tip());
+    let layer = PaywallLayer::new(store.clone(), PRICE, tip_rx)
+        .with_receipts(master)
+        .with_receipt_signing(ReceiptSigning::Every);
+    let app = Router::new().route("/paid", get(|| async { "ok" })).layer(layer);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let header = wire::encode_payment(&setup.pay(10_000));
+    let digest = [0xab_u8; 32];
+    let lower = "ab".repeat(32);
+    let upper = lower.to_uppercase();
+    let short = "ab".repeat(31);
+    let not_hex = format!("{}zz", "ab".repeat(31));
+    for (prev, expected) in [
+        (Some(lower.as_str()), Some(digest)),
+        (Some(upper.as_str()), Some(digest)),
+        (Some(short.as_str()), None),
+        (Some(not_hex.as_str()), None),
+        (None, None),
+    ] {
+        let mut headers = vec![(wire::PAYMENT_CHANNEL, header.as_str())];
+        headers.extend(prev.map(|prev| (PAYMENT_RECEIPT_PREV, prev)));
+        let id = wire::ChannelId::new(setup.channel.outpoint());
+        let before = store.load(id).await.unwrap().unwrap().unspent();
+        let reply = call(addr, "GET", "/paid", &headers, None).await;
+        assert_eq!(status(&reply), StatusCode::OK, "{prev:?}");
+        let receipt = Receipt::decode(reply.header(PAYMENT_RECEIPT).unwrap().as_bytes()).unwrap();
+        assert_eq!(receipt.prev_digest(), expected, "{prev:?}");
+        let after = store.load(id).await.unwrap().unwrap().unspent();
+        assert_eq!(after, before.saturating_sub(PRICE), "charged the price, {prev:?}");
+    }
+}
+
 /// Who gets signed receipts: a client that does not send `Payment-Receipt-Unsigned` (every
 /// client before batches) gets every receipt signed, and so does a malformed header; one
 /// that sends it gets the node's first signed and then batches, signed at once when it says

@@ -43,8 +43,8 @@ impl Default for SpendingPolicy {
     /// prepaid beyond a request's price, channels locked for at most 4 320 blocks (about 30
     /// days); fee rates the server sets (funding, refund, payments) of at most 100 sat/vB;
     /// opening channels automatically allowed, at most 3 times an hour per server; at most
-    /// 1 000 000 sat locked in channels whose money is not back yet; at most 256 receipts in a
-    /// row left unsigned. The budget (`max_total`) counts what was paid to servers and the
+    /// 1 000 000 sat locked in channels whose money is not back yet; at most 2 048 receipts in
+    /// a row left unsigned (the default server signs every 1 024 or every second). The budget (`max_total`) counts what was paid to servers and the
     /// fees of the funding transactions.
     fn default() -> Self {
         Self {
@@ -57,7 +57,7 @@ impl Default for SpendingPolicy {
             auto_open: true,
             max_opens: (3, Duration::from_secs(3_600)),
             max_locked: Amount::from_sat(1_000_000),
-            max_unsigned_receipts: 256,
+            max_unsigned_receipts: 2_048,
         }
     }
 }

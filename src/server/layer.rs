@@ -172,7 +172,7 @@ impl<St, P: Clone> PaywallLayer<St, P> {
         self
     }
 
-    /// When receipts are signed (default [`ReceiptSigning::Batched`], every 256 within 1 s;
+    /// When receipts are signed (default [`ReceiptSigning::Batched`], every 1 024 within 1 s;
     /// [`ReceiptSigning::Every`] signs every one).
     ///
     /// [`ReceiptSigning::Batched`]: super::ReceiptSigning::Batched

@@ -158,13 +158,16 @@ pub enum ReceiptSigning {
 }
 
 impl Default for ReceiptSigning {
-    /// Batches of 256 within 1 second. The default client
+    /// Batches of 1 024 within 1 second: a client's proof is at most a second or 1 024
+    /// receipts old, whichever comes first. The second binds below 1 024 requests a second
+    /// on a channel; above, one signature serves 1 024 requests (~35 µs to sign: ~0.03 µs a
+    /// request, under 1 % of a bare HTTP request here, where a batch of 128 cost ~0.3 µs).
+    /// The default client
     /// ([`SpendingPolicy::max_unsigned_receipts`](crate::client::SpendingPolicy::max_unsigned_receipts),
-    /// 256) asks for a signature by the time it holds 128 unsigned (half its maximum, the
-    /// other half room for requests in flight), so at full speed one signature in 128
-    /// requests (~0.3 µs a request here, against ~35 µs to sign each); the node's own count of
-    /// 256 covers clients that do not count; at low rates a proof is at most a second old.
+    /// 2 048) asks for a signature by the time it holds 1 024 unsigned (half its maximum, the
+    /// other half room for requests in flight); the node's own count covers clients that do
+    /// not count.
     fn default() -> Self {
-        Self::Batched { every: 256, within: Duration::from_secs(1) }
+        Self::Batched { every: 1_024, within: Duration::from_secs(1) }
     }
 }

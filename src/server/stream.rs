@@ -26,17 +26,28 @@ pub const DEFAULT_HOLD: Duration = Duration::from_secs(10);
 pub(super) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// The request a receipt is for: its method and path, and the receipt the client linked it
-/// to (`Payment-Receipt-Prev`).
+/// to (`Payment-Receipt-Prev`). Taken from every paid request when the layer gives receipts,
+/// so it copies nothing (the path and the link share the request's bytes) and decodes the
+/// link only for a full receipt: most receipts go unsigned, in the compact form, which
+/// states neither.
 #[derive(Debug, Clone)]
 pub(super) struct Target {
     pub(super) method: http::Method,
-    pub(super) path: String,
-    pub(super) prev: Option<[u8; 32]>,
+    pub(super) path: http::uri::PathAndQuery,
+    /// The client's `Payment-Receipt-Prev`, as sent.
+    pub(super) prev: Option<http::HeaderValue>,
     /// What the client said of its unsigned receipts (`None`: it wants every one signed).
     pub(super) unsigned: Option<crate::wire::UnsignedReceipts>,
 }
 
 impl Target {
+    /// The digest the client linked its request to; a malformed link is no link (the client
+    /// sees the receipt unlinked).
+    fn prev(&self) -> Option<[u8; 32]> {
+        use bitcoin::hex::FromHex as _;
+        <[u8; 32]>::from_hex(self.prev.as_ref()?.to_str().ok()?).ok()
+    }
+
     /// The unsigned receipt of this request on `channel`.
     pub(super) fn receipt(
         &self,
@@ -45,8 +56,9 @@ impl Target {
         paid: MilliSats,
         balance: MilliSats,
     ) -> Receipt {
-        let receipt = Receipt::new(channel, self.method.as_str(), &self.path, price, paid, balance);
-        match self.prev {
+        let receipt =
+            Receipt::new(channel, self.method.as_str(), self.path.as_str(), price, paid, balance);
+        match self.prev() {
             Some(prev) => receipt.with_prev(prev),
             None => receipt,
         }
@@ -122,7 +134,8 @@ pub struct StreamMeter {
 
 /// What the clones of one request's meter share.
 struct Shared {
-    target: Option<Arc<Target>>,
+    /// In the one allocation, not behind its own.
+    target: Option<Target>,
     charged: AtomicU64,
     /// Set by [`sse`](StreamMeter::sse) or [`bytes`](StreamMeter::bytes): the
     /// `Payment-Channel-Stream` header the layer adds to the response.
@@ -182,12 +195,17 @@ impl StreamMeter {
         units: Arc<dyn Units>,
         channel: ChannelId,
         hold: Duration,
-        target: Option<Arc<Target>>,
+        target: Option<Target>,
         up_front: MilliSats,
     ) -> Self {
         let charged = AtomicU64::new(up_front.to_msat());
         let shared = Arc::new(Shared { target, charged, metered: OnceLock::new() });
         Self { units, channel, hold, shared }
+    }
+
+    /// The request's receipt target, when the layer gives receipts.
+    pub(super) fn target(&self) -> Option<&Target> {
+        self.shared.target.as_ref()
     }
 
     /// The channel charged.

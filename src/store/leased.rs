@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use bitcoin::Transaction;
-use dashmap::DashMap;
 
 use super::{
     ChannelRecord, ChannelState, ChannelStore, Debit, DebitOnce, IdempotencyClaim, Lease, LeaseId,
@@ -15,6 +14,7 @@ use super::{
 };
 use crate::MilliSats;
 use crate::channel::CheckedPayment;
+use crate::maps::FastMap;
 use crate::wire::ChannelId;
 
 /// How a [`Leased`] store sizes its leases and when it gives them back.
@@ -194,7 +194,7 @@ impl<S> Clone for Leased<S> {
 struct Inner<S> {
     store: S,
     config: LeaseConfig,
-    slots: DashMap<ChannelId, Arc<Slot>>,
+    slots: FastMap<ChannelId, Arc<Slot>>,
     /// The background task, started with the first lease.
     task: std::sync::OnceLock<tokio::task::AbortHandle>,
 }
@@ -415,7 +415,7 @@ impl<S: ChannelStore> Leased<S> {
     /// Wraps `store` with `config`.
     pub fn with_config(store: S, config: LeaseConfig) -> Self {
         let inner =
-            Inner { store, config, slots: DashMap::new(), task: std::sync::OnceLock::new() };
+            Inner { store, config, slots: FastMap::default(), task: std::sync::OnceLock::new() };
         Self { inner: Arc::new(inner) }
     }
 

@@ -12,6 +12,7 @@ use super::{
 };
 use crate::MilliSats;
 use crate::channel::{CheckedPayment, Ledger};
+use crate::maps::FastMap;
 use crate::wire::ChannelId;
 
 type Ready<T> = StdReady<Result<T, StoreError>>;
@@ -36,7 +37,7 @@ type Ready<T> = StdReady<Result<T, StoreError>>;
 /// ```
 #[derive(Debug, Clone)]
 pub struct MemoryStore {
-    channels: Arc<DashMap<ChannelId, Box<Slot>>>,
+    channels: Arc<FastMap<ChannelId, Box<Slot>>>,
     key_index: Arc<AtomicU32>,
     /// Idempotency records by channel and key, with when each expires (ms since the epoch).
     /// Changed under the channel's shard lock (taken first), so a claim is atomic with its

@@ -42,6 +42,9 @@ mod prices;
 mod problem;
 mod receipt;
 
+#[cfg(feature = "runtime")]
+pub(crate) use receipt::Compact;
+
 pub use negotiation::{
     CloseRequest, CloseResponse, Endpoints, FundRequest, FundResponse, OpenRequest, OpenResponse,
     PaymentAnswer, RefundRequest, RefundResponse, TERMS_PATH, TermsDocument,

@@ -57,10 +57,17 @@ pub struct UnsignedReceipts {
 impl UnsignedReceipts {
     /// Reads a header value `<held>/<max>` (decimal); `None` for anything else.
     pub fn parse(value: &[u8]) -> Option<Self> {
-        let text = core::str::from_utf8(value).ok()?;
-        let (held, max) = text.trim().split_once('/')?;
-        let number = |s: &str| s.bytes().all(|b| b.is_ascii_digit()).then(|| s.parse().ok())?;
-        Some(Self { held: number(held)?, max: number(max)? })
+        // Read on every paid request that asks for batches: bytes, no `str` parsing.
+        let value = value.trim_ascii();
+        let slash = value.iter().position(|b| *b == b'/')?;
+        let number = |digits: &[u8]| {
+            digits.first()?;
+            digits.iter().try_fold(0u32, |n, b| match b {
+                b'0'..=b'9' => n.checked_mul(10)?.checked_add(u32::from(b - b'0')),
+                _ => None,
+            })
+        };
+        Some(Self { held: number(&value[..slash])?, max: number(&value[slash + 1..])? })
     }
 
     /// Whether the next receipt must be signed under a server batch of `batch` receipts: it
@@ -75,6 +82,38 @@ impl UnsignedReceipts {
 impl fmt::Display for UnsignedReceipts {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.held, self.max)
+    }
+}
+
+/// The compact form of an unsigned receipt ([`Receipt::encode_unsigned`]) written on the
+/// stack: the server writes one on most paid responses, with no `String` to allocate.
+pub(crate) struct Compact {
+    bytes: [u8; Self::MAX],
+    len: usize,
+}
+
+impl Compact {
+    /// `u1,` and two `u64` in decimal (20 digits at most each) with a comma between.
+    const MAX: usize = 3 + 20 + 1 + 20;
+
+    pub(crate) fn new(price: MilliSats, balance: MilliSats) -> Self {
+        let mut compact = Self { bytes: [0; Self::MAX], len: 0 };
+        let (mut price_digits, mut balance_digits) = (itoa::Buffer::new(), itoa::Buffer::new());
+        for part in [
+            b"u1,",
+            price_digits.format(price.to_msat()).as_bytes(),
+            b",",
+            balance_digits.format(balance.to_msat()).as_bytes(),
+        ] {
+            compact.bytes[compact.len..compact.len + part.len()].copy_from_slice(part);
+            compact.len += part.len();
+        }
+        compact
+    }
+
+    /// ASCII: `u1,`, digits and a comma.
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
     }
 }
 
@@ -325,7 +364,7 @@ impl Receipt {
     /// assert_eq!((read.digest(), read.is_signed()), (full.digest(), false));
     /// ```
     pub fn encode_unsigned(price: MilliSats, balance: MilliSats) -> String {
-        format!("u1,{},{}", price.to_msat(), balance.to_msat())
+        String::from_utf8_lossy(Compact::new(price, balance).as_bytes()).into_owned()
     }
 
     /// Reads a `Payment-Receipt` value in either form, for the request `method path_and_query`
@@ -496,11 +535,30 @@ mod tests {
     }
 
     #[test]
+    fn the_compact_form_writes_any_amount_and_reads_back() {
+        let channel = receipt().channel;
+        for (price, balance) in [(0, 0), (1, 9), (10, 1_000_000), (u64::MAX, u64::MAX)] {
+            let (price, balance) = (MilliSats::from_msat(price), MilliSats::from_msat(balance));
+            let value = Receipt::encode_unsigned(price, balance);
+            assert_eq!(value, format!("u1,{},{}", price.to_msat(), balance.to_msat()));
+            let read = Receipt::decode_for(value.as_bytes(), channel, ("GET", "/"), balance, None);
+            let read = read.unwrap();
+            assert_eq!((read.price_msat, read.balance_msat), (price, balance), "{value}");
+        }
+    }
+
+    #[test]
     fn the_unsigned_header_reads_only_two_decimals() {
-        for bad in ["", "3", "3/", "/4", "-1/4", "3/4/5", "0x3/4", "3/99999999999"] {
+        for bad in ["", "3", "3/", "/4", "-1/4", "+1/4", "3/4/5", "0x3/4", "3/99999999999"] {
             assert_eq!(UnsignedReceipts::parse(bad.as_bytes()), None, "{bad:?}");
         }
-        assert_eq!(UnsignedReceipts::parse(b" 0/0 "), Some(UnsignedReceipts { held: 0, max: 0 }));
+        for bad in [&b"4294967296/1"[..], b"1/4294967296", b"\xff/1", b"1 /2", b"1/\t2x"] {
+            assert_eq!(UnsignedReceipts::parse(bad), None, "{bad:?}");
+        }
+        let said = |held, max| Some(UnsignedReceipts { held, max });
+        assert_eq!(UnsignedReceipts::parse(b" 0/0 "), said(0, 0));
+        assert_eq!(UnsignedReceipts::parse(b"\t017/2048"), said(17, 2_048));
+        assert_eq!(UnsignedReceipts::parse(b"4294967295/4294967295"), said(u32::MAX, u32::MAX));
         assert!(UnsignedReceipts { held: 0, max: 0 }.must_sign(32), "max 0: every receipt");
     }
 

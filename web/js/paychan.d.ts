@@ -38,7 +38,7 @@ export interface SpendingPolicy {
   maxLockedSat?: number;
   /** A paid answer without a receipt stops the payments. Default false. */
   requireReceipts?: boolean;
-  /** The most receipts in a row the server may leave unsigned (it signs in batches). Default 256; 0 to 3: every one signed. */
+  /** The most receipts in a row the server may leave unsigned (it signs in batches). Default 2048; 0 to 3: every one signed. */
   maxUnsignedReceipts?: number;
 }
 

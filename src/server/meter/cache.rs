@@ -1,9 +1,9 @@
 //! The fast path's cache of verified payment headers.
 
-use dashmap::DashMap;
 use http::HeaderValue;
 
 use crate::MilliSats;
+use crate::maps::FastMap;
 use crate::wire::ChannelId;
 
 /// A verified `Payment-Channel` header value, as the fast-path cache's key. Equal when the
@@ -39,8 +39,8 @@ pub(super) const VERIFIED_CACHE_LIMIT: usize = 100_000;
 /// out.
 #[derive(Default)]
 pub(in crate::server) struct VerifiedHeaders {
-    by_value: DashMap<VerifiedHeader, (ChannelId, MilliSats)>,
-    by_channel: DashMap<ChannelId, VerifiedHeader>,
+    by_value: FastMap<VerifiedHeader, (ChannelId, MilliSats)>,
+    by_channel: FastMap<ChannelId, VerifiedHeader>,
 }
 
 impl VerifiedHeaders {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::uri::PathAndQuery;
 use http::{HeaderName, HeaderValue, Request, Response};
 use http_body::Body as HttpBody;
 use tokio::sync::watch;
@@ -18,7 +19,6 @@ use super::stream::{StreamMeter, Target};
 use super::{ActualCost, Paid, ReceiptSigning, ShadowTally};
 use crate::MilliSats;
 use bitcoin::bip32::Xpriv;
-use bitcoin::hex::FromHex;
 
 use crate::channel::ChainTip;
 use crate::store::ChannelStore;
@@ -32,6 +32,9 @@ use crate::wire::{
 /// on every use).
 const CHANNEL_HEADER: HeaderName = HeaderName::from_static(PAYMENT_CHANNEL);
 const BALANCE_HEADER: HeaderName = HeaderName::from_static(PAYMENT_CHANNEL_BALANCE);
+const RECEIPT_HEADER: HeaderName = HeaderName::from_static(PAYMENT_RECEIPT);
+const RECEIPT_PREV_HEADER: HeaderName = HeaderName::from_static(PAYMENT_RECEIPT_PREV);
+const RECEIPT_UNSIGNED_HEADER: HeaderName = HeaderName::from_static(PAYMENT_RECEIPT_UNSIGNED);
 
 mod cache;
 mod charge;
@@ -40,7 +43,7 @@ mod receipts;
 
 use cache::VerifiedHeaders;
 use charge::Charged;
-use receipts::Signer;
+use receipts::{ReceiptValue, Signer};
 
 /// A paywall's configuration: what [`PaywallLayer`](super::PaywallLayer)'s builder sets.
 /// Copied on write by a layer configured after it was cloned; it holds no runtime state.
@@ -148,13 +151,8 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
                 Err(rejection) => return Ok(rejection.into_response(&self.config.terms_url)),
             };
             let mut unfinished = self.unfinished(claim.as_deref(), paid.channel);
-            let stream = StreamMeter::new(
-                self.clone(),
-                paid.channel,
-                self.config.stream_hold,
-                target.clone(),
-                price,
-            );
+            let hold = self.config.stream_hold;
+            let stream = StreamMeter::new(self.clone(), paid.channel, hold, target, price);
             request.extensions_mut().insert(paid);
             request.extensions_mut().insert(stream.clone());
             let mut response = inner.call(request).await?;
@@ -165,11 +163,18 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
             if let Some(unit) = stream.stream_header() {
                 headers.insert(PAYMENT_CHANNEL_STREAM, unit);
             }
-            if let Some(target) = target
-                && let Some(value) =
-                    self.receipt_header(&target, paid.channel, charged, carried, balance).await
-            {
-                headers.insert(PAYMENT_RECEIPT, value);
+            if let Some(target) = stream.target() {
+                let value =
+                    match self.receipt_header(target, paid.channel, charged, carried, balance) {
+                        Some(ReceiptValue::Unsigned(value)) => Some(value),
+                        Some(ReceiptValue::Due(receipt)) => {
+                            Box::pin(self.signed_header(receipt)).await
+                        }
+                        None => None,
+                    };
+                if let Some(value) = value {
+                    headers.insert(RECEIPT_HEADER, value);
+                }
             }
             match claim {
                 Some(claim) => {
@@ -219,19 +224,24 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
     /// The request's idempotency claim (refused: the problem's response) and the target of
     /// its receipt (when the layer gives receipts), from the path the client sent (axum's
     /// `nest` strips its prefix from the URI the layer sees and keeps the original). Behind
-    /// pointers, so the future of every paid request stays small; the target is shared with
-    /// the request's stream meter, not copied.
+    /// a pointer (the claim) or in the request's stream meter (the target), so the future of
+    /// every paid request stays small.
     #[allow(clippy::type_complexity, reason = "the two parts and the refusal, once")]
     fn claim_and_target<B, ResBody: From<String>>(
         &self,
         request: &Request<B>,
-    ) -> Result<(Option<Box<IdempotencyClaim>>, Option<Arc<Target>>), Response<ResBody>> {
+    ) -> Result<(Option<Box<IdempotencyClaim>>, Option<Target>), Response<ResBody>> {
         let uri = request
             .extensions()
             .get::<axum::extract::OriginalUri>()
             .map_or(request.uri(), |original| &original.0);
-        let path = uri.path_and_query().map_or("/", |p| p.as_str());
-        let claim = match self.config.idempotency.as_ref().map(|keep| keep.claim(request, path)) {
+        let path = uri.path_and_query();
+        let claim = match self
+            .config
+            .idempotency
+            .as_ref()
+            .map(|keep| keep.claim(request, path.map_or("/", |p| p.as_str())))
+        {
             Some(Err(kind)) => {
                 return Err(Rejection::new(kind, None).into_response(&self.config.terms_url));
             }
@@ -239,19 +249,14 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
             None => None,
         };
         let headers = request.headers();
-        let target = self.signer.is_some().then(|| {
-            Arc::new(Target {
-                method: request.method().clone(),
-                path: path.to_owned(),
-                // A malformed link is no link: the client sees the receipt unlinked.
-                prev: headers
-                    .get(PAYMENT_RECEIPT_PREV)
-                    .and_then(|value| <[u8; 32]>::from_hex(value.to_str().ok()?).ok()),
-                // A malformed one asks for every receipt signed.
-                unsigned: headers
-                    .get(PAYMENT_RECEIPT_UNSIGNED)
-                    .and_then(|value| UnsignedReceipts::parse(value.as_bytes())),
-            })
+        let target = self.signer.is_some().then(|| Target {
+            method: request.method().clone(),
+            path: path.cloned().unwrap_or_else(|| PathAndQuery::from_static("/")),
+            prev: headers.get(RECEIPT_PREV_HEADER).cloned(),
+            // A malformed one asks for every receipt signed.
+            unsigned: headers
+                .get(RECEIPT_UNSIGNED_HEADER)
+                .and_then(|value| UnsignedReceipts::parse(value.as_bytes())),
         });
         Ok((claim, target))
     }

@@ -8,46 +8,54 @@ use super::Meter;
 use super::cache::VERIFIED_CACHE_LIMIT;
 use crate::MilliSats;
 use crate::channel::channel_key;
+use crate::maps::FastMap;
 use crate::server::ReceiptSigning;
 use crate::server::stream::Target;
 use crate::store::{ChannelRecord, ChannelStore};
-use crate::wire::{ChannelId, Receipt, UnsignedReceipts};
+use crate::wire::{ChannelId, Compact, Receipt, UnsignedReceipts};
 
 /// The receipts' signer: the master key, each channel's server key once derived, and when
 /// to sign.
 pub(super) struct Signer {
     master: Xpriv,
-    keys: dashmap::DashMap<ChannelId, SecretKey>,
+    keys: FastMap<ChannelId, SecretKey>,
     signing: ReceiptSigning,
     /// Per channel: the receipts this node left unsigned since it last signed one, and when.
-    batches: dashmap::DashMap<ChannelId, (u32, std::time::Instant)>,
+    batches: FastMap<ChannelId, (u32, std::time::Instant)>,
 }
 
 impl Signer {
     pub(super) fn new(master: Xpriv, signing: ReceiptSigning) -> Self {
-        let (keys, batches) = (dashmap::DashMap::new(), dashmap::DashMap::new());
+        let (keys, batches) = (FastMap::default(), FastMap::default());
         Self { master, keys, signing, batches }
     }
 
     /// Whether the receipt of `channel` for a client that said `unsigned` is signed (see
-    /// [`ReceiptSigning::Batched`]); counts it either way.
+    /// [`ReceiptSigning::Batched`]); counts it either way. One map lookup per request.
     fn due(&self, channel: ChannelId, unsigned: Option<UnsignedReceipts>) -> bool {
         let (ReceiptSigning::Batched { every, within }, Some(said)) = (self.signing, unsigned)
         else {
             return true;
         };
         let now = std::time::Instant::now();
-        if self.batches.len() >= VERIFIED_CACHE_LIMIT && !self.batches.contains_key(&channel) {
+        let count = |batch: &mut (u32, std::time::Instant)| {
+            let (left, since) = *batch;
+            let due = left == u32::MAX // this node's first receipt of the channel
+                || said.must_sign(every)
+                || left.saturating_add(1) >= every
+                || now.duration_since(since) >= within;
+            *batch = if due { (0, now) } else { (left + 1, since) };
+            due
+        };
+        if let Some(mut batch) = self.batches.get_mut(&channel) {
+            return count(&mut batch);
+        }
+        // A channel this node has not counted yet (its size is read with no entry held:
+        // `len` locks every shard).
+        if self.batches.len() >= VERIFIED_CACHE_LIMIT {
             self.batches.clear();
         }
-        let mut batch = self.batches.entry(channel).or_insert((u32::MAX, now));
-        let (left, since) = *batch;
-        let due = left == u32::MAX // this node's first receipt of the channel
-            || said.must_sign(every)
-            || left.saturating_add(1) >= every
-            || now.duration_since(since) >= within;
-        *batch = if due { (0, now) } else { (left + 1, since) };
-        due
+        count(&mut self.batches.entry(channel).or_insert((u32::MAX, now)))
     }
 
     /// Derives and keeps the server key of `record`'s channel.
@@ -63,26 +71,39 @@ impl Signer {
     }
 }
 
+/// A paid response's receipt, before it goes in the `Payment-Receipt` header.
+pub(super) enum ReceiptValue {
+    /// Unsigned, in the compact form: the header's value.
+    Unsigned(HeaderValue),
+    /// Due a signature ([`Meter::signed_header`]).
+    Due(Receipt),
+}
+
 impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
     /// The `Payment-Receipt` value of a request on `channel` to `target`, charged `charged`,
-    /// carrying a payment of `carried`, `balance` left: signed when due (most receipts in a
-    /// batch go unsigned, with no signing future to box).
-    pub(super) async fn receipt_header(
+    /// carrying a payment of `carried`, `balance` left: the compact unsigned form, written
+    /// at once (most receipts of a batch), or the receipt due a signature
+    /// ([`signed_header`](Self::signed_header)).
+    pub(super) fn receipt_header(
         &self,
         target: &Target,
         channel: ChannelId,
         charged: MilliSats,
         carried: MilliSats,
         balance: MilliSats,
-    ) -> Option<HeaderValue> {
+    ) -> Option<ReceiptValue> {
         let signer = self.signer.as_ref()?;
         if !signer.due(channel, target.unsigned) {
-            // The compact form: the client completes it from its request (`Receipt::decode_for`).
-            return HeaderValue::try_from(Receipt::encode_unsigned(charged, balance)).ok();
+            // The client completes it from its request (`Receipt::decode_for`).
+            let compact = Compact::new(charged, balance);
+            return HeaderValue::from_bytes(compact.as_bytes()).ok().map(ReceiptValue::Unsigned);
         }
-        let receipt = target.receipt(channel, charged, carried, balance);
-        let receipt = Box::pin(self.sign_now(receipt)).await?;
-        HeaderValue::try_from(receipt.encode()).ok()
+        Some(ReceiptValue::Due(target.receipt(channel, charged, carried, balance)))
+    }
+
+    /// The `Payment-Receipt` value of `receipt`, signed.
+    pub(super) async fn signed_header(&self, receipt: Receipt) -> Option<HeaderValue> {
+        HeaderValue::try_from(self.sign_now(receipt).await?.encode()).ok()
     }
 
     /// Signs `receipt` with its channel's K2 (derived once per channel; a channel this node
