@@ -2,8 +2,10 @@
 
 /// A concurrent map of the per-request path (the fast path's cache, the receipts' batches,
 /// the memory store's channels, the leases), hashed with `foldhash`: a few nanoseconds per
-/// key where the standard SipHash took a tenth of the fast path's own cost. Its seed is
-/// random per process. Only for keys a client must pay for before one is inserted (a funded
-/// channel, a verified payment): a client who chooses keys for free (an idempotency key)
-/// gets the standard hasher, which resists collisions chosen to slow the map.
+/// key where the standard SipHash took a tenth of the fast path's own cost. foldhash seeds
+/// itself per process (from addresses and the time) but does not claim to resist keys
+/// chosen to collide, so this map is only for keys that cost money to insert: a funded
+/// channel, a payment verified against one. Keys a client chooses for free (an idempotency
+/// key, a pending proposal, a client address) stay with the standard hasher, which resists
+/// them.
 pub(crate) type FastMap<K, V> = dashmap::DashMap<K, V, foldhash::fast::RandomState>;

@@ -442,12 +442,86 @@ async fn head_is_priced_the_header_is_not_forwarded_and_a_script_sig_is_refused(
 }
 
 /// The receipt links to the digest the request names in `Payment-Receipt-Prev`, whatever
-/// the case of its hex; a malformed one (not 64 hex digits) is no link: the receipt comes
-/// unlinked, and the request is served and charged as any other.
+/// the case of its hex, on every path that signs one: every receipt signed, a receipt of a
+/// batch that comes due (a client that accepts at most 2 in a row gets each signed), and the
+/// receipt that ends a metered stream. A malformed link (not 64 hex digits) is no link: the
+/// receipt comes unlinked, and the request is served and charged as any other.
 #[tokio::test]
 async fn a_receipt_links_to_the_named_digest_and_a_malformed_one_is_no_link() {
+    use axum::response::sse::{Event, Sse};
+    use paychan::server::{ReceiptSigning, StreamMeter};
+    use paychan::wire::{PAYMENT_RECEIPT, PAYMENT_RECEIPT_PREV, PAYMENT_RECEIPT_UNSIGNED, Receipt};
+
+    let master = bitcoin::bip32::Xpriv::new_master(bitcoin::Network::Regtest, &[9; 32]).unwrap();
+    let digest = [0xab_u8; 32];
+    let lower = "ab".repeat(32);
+    let upper = lower.to_uppercase();
+    let short = "ab".repeat(31);
+    let not_hex = format!("{}zz", "ab".repeat(31));
+    let links = [
+        (Some(lower.as_str()), Some(digest)),
+        (Some(upper.as_str()), Some(digest)),
+        (Some(short.as_str()), None),
+        (Some(not_hex.as_str()), None),
+        (None, None),
+    ];
+    for (signing, said) in [(ReceiptSigning::Every, None), (ReceiptSigning::default(), Some("0/2"))]
+    {
+        let setup = Setup::new();
+        setup.open();
+        let store = MemoryStore::new();
+        let record = ChannelRecord::open(setup.channel.clone(), 0, setup.pay(10_000));
+        store.create(record).await.unwrap();
+        let id = wire::ChannelId::new(setup.channel.outpoint());
+        let (_tip, tip_rx) = watch::channel(setup.tip());
+        let layer = PaywallLayer::new(store.clone(), PRICE, tip_rx)
+            .with_receipts(master)
+            .with_receipt_signing(signing);
+        let tokens = |meter: StreamMeter| async move {
+            let events =
+                ["a", "b"].map(|w| Ok::<_, std::convert::Infallible>(Event::default().data(w)));
+            Sse::new(meter.sse(futures_util::stream::iter(events), MilliSats::from_msat(1_000)))
+        };
+        let app = Router::new()
+            .route("/paid", get(|| async { "ok" }))
+            .route("/tokens", get(tokens))
+            .layer(layer);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let header = wire::encode_payment(&setup.pay(10_000));
+        for (prev, expected) in links {
+            let mut headers = vec![(wire::PAYMENT_CHANNEL, header.as_str())];
+            headers.extend(prev.map(|prev| (PAYMENT_RECEIPT_PREV, prev)));
+            headers.extend(said.map(|said| (PAYMENT_RECEIPT_UNSIGNED, said)));
+            let before = store.load(id).await.unwrap().unwrap().unspent();
+            let reply = call(addr, "GET", "/paid", &headers, None).await;
+            assert_eq!(status(&reply), StatusCode::OK, "{prev:?}");
+            let value = reply.header(PAYMENT_RECEIPT).unwrap();
+            let receipt = Receipt::decode(value.as_bytes()).unwrap();
+            assert!(receipt.is_signed(), "{signing:?}: {value}");
+            assert_eq!(receipt.prev_digest(), expected, "{signing:?}, {prev:?}");
+            let after = store.load(id).await.unwrap().unwrap().unspent();
+            assert_eq!(after, before.saturating_sub(PRICE), "charged the price, {prev:?}");
+            // The stream's closing receipt, its last event, links to the same digest.
+            let reply = call(addr, "GET", "/tokens", &headers, None).await;
+            assert_eq!(status(&reply), StatusCode::OK, "{prev:?}");
+            let closing = reply.body.split("event: payment-receipt\ndata: ").nth(1);
+            let closing = closing.and_then(|rest| rest.lines().next()).expect("a closing receipt");
+            let closing = Receipt::decode(closing.as_bytes()).unwrap();
+            assert!(closing.is_signed());
+            assert_eq!(closing.prev_digest(), expected, "the stream's, {signing:?}, {prev:?}");
+        }
+    }
+}
+
+/// A client that sends a stale or fixed count of the unsigned receipts it holds (here always
+/// 0, of at most 256) still gets no more in a row than half what it accepts: the node's own
+/// count stops there too, whatever its batch (1 024 by default).
+#[tokio::test]
+async fn a_client_that_does_not_count_gets_no_more_unsigned_than_it_accepts() {
     use paychan::server::ReceiptSigning;
-    use paychan::wire::{PAYMENT_RECEIPT, PAYMENT_RECEIPT_PREV, Receipt};
+    use paychan::wire::{PAYMENT_RECEIPT, PAYMENT_RECEIPT_UNSIGNED};
 
     let master = bitcoin::bip32::Xpriv::new_master(bitcoin::Network::Regtest, &[9; 32]).unwrap();
     let setup = Setup::new();
@@ -455,37 +529,29 @@ async fn a_receipt_links_to_the_named_digest_and_a_malformed_one_is_no_link() {
     let store = MemoryStore::new();
     store.create(ChannelRecord::open(setup.channel.clone(), 0, setup.pay(10_000))).await.unwrap();
     let (_tip, tip_rx) = watch::channel(setup.tip());
-    let layer = PaywallLayer::new(store.clone(), PRICE, tip_rx)
+    let within = std::time::Duration::from_secs(3_600);
+    let batches = ReceiptSigning::Batched { every: 1_024, within };
+    let layer = PaywallLayer::new(store, MilliSats::from_msat(1_000), tip_rx)
         .with_receipts(master)
-        .with_receipt_signing(ReceiptSigning::Every);
+        .with_receipt_signing(batches);
     let app = Router::new().route("/paid", get(|| async { "ok" })).layer(layer);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     let header = wire::encode_payment(&setup.pay(10_000));
-    let digest = [0xab_u8; 32];
-    let lower = "ab".repeat(32);
-    let upper = lower.to_uppercase();
-    let short = "ab".repeat(31);
-    let not_hex = format!("{}zz", "ab".repeat(31));
-    for (prev, expected) in [
-        (Some(lower.as_str()), Some(digest)),
-        (Some(upper.as_str()), Some(digest)),
-        (Some(short.as_str()), None),
-        (Some(not_hex.as_str()), None),
-        (None, None),
-    ] {
-        let mut headers = vec![(wire::PAYMENT_CHANNEL, header.as_str())];
-        headers.extend(prev.map(|prev| (PAYMENT_RECEIPT_PREV, prev)));
-        let id = wire::ChannelId::new(setup.channel.outpoint());
-        let before = store.load(id).await.unwrap().unwrap().unspent();
+    let headers = [(wire::PAYMENT_CHANNEL, header.as_str()), (PAYMENT_RECEIPT_UNSIGNED, "0/256")];
+    let (mut run, mut longest, mut signed) = (0, 0, 0);
+    for _ in 0..300 {
         let reply = call(addr, "GET", "/paid", &headers, None).await;
-        assert_eq!(status(&reply), StatusCode::OK, "{prev:?}");
-        let receipt = Receipt::decode(reply.header(PAYMENT_RECEIPT).unwrap().as_bytes()).unwrap();
-        assert_eq!(receipt.prev_digest(), expected, "{prev:?}");
-        let after = store.load(id).await.unwrap().unwrap().unspent();
-        assert_eq!(after, before.saturating_sub(PRICE), "charged the price, {prev:?}");
+        assert_eq!(status(&reply), StatusCode::OK);
+        match reply.header(PAYMENT_RECEIPT).unwrap().starts_with("u1,") {
+            true => run += 1,
+            false => (run, signed) = (0, signed + 1),
+        }
+        longest = longest.max(run);
     }
+    assert_eq!(longest, 127, "at most half of 256 in a row, less the one signed");
+    assert_eq!(signed, 3, "the first, then every 128th");
 }
 
 /// Who gets signed receipts: a client that does not send `Payment-Receipt-Unsigned` (every

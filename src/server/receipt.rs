@@ -146,8 +146,8 @@ pub enum ReceiptSigning {
     /// Receipts are signed in batches, for clients that accept it (they send
     /// `Payment-Receipt-Unsigned`, [`UnsignedReceipts`](crate::wire::UnsignedReceipts); to any
     /// other client every receipt is signed). This node signs a channel's receipt when it
-    /// would be the `every`-th unsigned in a row (by the client's count or this node's), when
-    /// it reaches half the client's own maximum, when `within` passed since this node last
+    /// would be the `every`-th unsigned in a row, or reach half the client's own maximum, by
+    /// the client's count or this node's, when `within` passed since this node last
     /// signed one of the channel's (and on its first), and at the end of every metered stream.
     Batched {
         /// The longest run of unsigned receipts.

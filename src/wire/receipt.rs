@@ -39,10 +39,10 @@ pub const PAYMENT_RECEIPT_UNSIGNED: &str = "payment-receipt-unsigned";
 /// let said = UnsignedReceipts::parse(b"30/64").unwrap();
 /// assert_eq!(said, UnsignedReceipts { held: 30, max: 64 });
 /// assert_eq!(said.to_string(), "30/64");
-/// // The server signs the receipt that would reach its batch (256 by default, 8 below) or
+/// // The server signs the receipt that would reach its batch (1 024 by default, 8 below) or
 /// // half the client's max in a row (the other half is room for requests in flight),
 /// // whichever comes first.
-/// assert!(!said.must_sign(256) && UnsignedReceipts { held: 31, max: 64 }.must_sign(256));
+/// assert!(!said.must_sign(1_024) && UnsignedReceipts { held: 31, max: 64 }.must_sign(1_024));
 /// assert!(UnsignedReceipts { held: 7, max: 64 }.must_sign(8), "the server's batch of 8");
 /// assert!(UnsignedReceipts { held: 0, max: 1 }.must_sign(32), "max 1: every receipt");
 /// ```
@@ -55,7 +55,8 @@ pub struct UnsignedReceipts {
 }
 
 impl UnsignedReceipts {
-    /// Reads a header value `<held>/<max>` (decimal); `None` for anything else.
+    /// Reads a header value `<held>/<max>` (decimal, ASCII whitespace around it); `None` for
+    /// anything else.
     pub fn parse(value: &[u8]) -> Option<Self> {
         // Read on every paid request that asks for batches: bytes, no `str` parsing.
         let value = value.trim_ascii();
@@ -552,9 +553,11 @@ mod tests {
         for bad in ["", "3", "3/", "/4", "-1/4", "+1/4", "3/4/5", "0x3/4", "3/99999999999"] {
             assert_eq!(UnsignedReceipts::parse(bad.as_bytes()), None, "{bad:?}");
         }
+        let nbsp = "\u{a0}3/4";
         for bad in [&b"4294967296/1"[..], b"1/4294967296", b"\xff/1", b"1 /2", b"1/\t2x"] {
             assert_eq!(UnsignedReceipts::parse(bad), None, "{bad:?}");
         }
+        assert_eq!(UnsignedReceipts::parse(nbsp.as_bytes()), None, "only ASCII whitespace");
         let said = |held, max| Some(UnsignedReceipts { held, max });
         assert_eq!(UnsignedReceipts::parse(b" 0/0 "), said(0, 0));
         assert_eq!(UnsignedReceipts::parse(b"\t017/2048"), said(17, 2_048));

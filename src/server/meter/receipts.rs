@@ -40,9 +40,11 @@ impl Signer {
         let now = std::time::Instant::now();
         let count = |batch: &mut (u32, std::time::Instant)| {
             let (left, since) = *batch;
+            // The node's own count stops at the client's half too: a client that sends a
+            // stale `held` still gets no more in a row than it said it accepts.
             let due = left == u32::MAX // this node's first receipt of the channel
                 || said.must_sign(every)
-                || left.saturating_add(1) >= every
+                || left.saturating_add(1) >= every.min(said.max / 2)
                 || now.duration_since(since) >= within;
             *batch = if due { (0, now) } else { (left + 1, since) };
             due
