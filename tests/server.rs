@@ -441,6 +441,34 @@ async fn head_is_priced_the_header_is_not_forwarded_and_a_script_sig_is_refused(
     assert_eq!(api.record().await, before, "the channel is untouched");
 }
 
+/// The master key the receipt tests' layers sign with (each channel's K2 derives from it).
+fn receipts_master() -> bitcoin::bip32::Xpriv {
+    bitcoin::bip32::Xpriv::new_master(bitcoin::Network::Regtest, &[9; 32]).unwrap()
+}
+
+/// `setup`'s channel open on a fresh memory store, and `routes` behind a layer charging
+/// `price` that gives receipts signed as `signing` says, served on loopback.
+async fn serve_with_receipts(
+    setup: &Setup,
+    routes: Router,
+    price: MilliSats,
+    signing: paychan::server::ReceiptSigning,
+) -> (MemoryStore, std::net::SocketAddr) {
+    setup.open();
+    let store = MemoryStore::new();
+    store.create(ChannelRecord::open(setup.channel.clone(), 0, setup.pay(10_000))).await.unwrap();
+    let (tip, tip_rx) = watch::channel(setup.tip());
+    std::mem::forget(tip); // the tip stays where it is for the test's life
+    let layer = PaywallLayer::new(store.clone(), price, tip_rx)
+        .with_receipts(receipts_master())
+        .with_receipt_signing(signing);
+    let app = routes.layer(layer);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (store, addr)
+}
+
 /// The receipt links to the digest the request names in `Payment-Receipt-Prev`, whatever
 /// the case of its hex, on every path that signs one: every receipt signed, a receipt of a
 /// batch that comes due (a client that accepts at most 2 in a row gets each signed), and the
@@ -452,7 +480,6 @@ async fn a_receipt_links_to_the_named_digest_and_a_malformed_one_is_no_link() {
     use paychan::server::{ReceiptSigning, StreamMeter};
     use paychan::wire::{PAYMENT_RECEIPT, PAYMENT_RECEIPT_PREV, PAYMENT_RECEIPT_UNSIGNED, Receipt};
 
-    let master = bitcoin::bip32::Xpriv::new_master(bitcoin::Network::Regtest, &[9; 32]).unwrap();
     let digest = [0xab_u8; 32];
     let lower = "ab".repeat(32);
     let upper = lower.to_uppercase();
@@ -467,28 +494,16 @@ async fn a_receipt_links_to_the_named_digest_and_a_malformed_one_is_no_link() {
     ];
     for (signing, said) in [(ReceiptSigning::Every, None), (ReceiptSigning::default(), Some("0/2"))]
     {
-        let setup = Setup::new();
-        setup.open();
-        let store = MemoryStore::new();
-        let record = ChannelRecord::open(setup.channel.clone(), 0, setup.pay(10_000));
-        store.create(record).await.unwrap();
-        let id = wire::ChannelId::new(setup.channel.outpoint());
-        let (_tip, tip_rx) = watch::channel(setup.tip());
-        let layer = PaywallLayer::new(store.clone(), PRICE, tip_rx)
-            .with_receipts(master)
-            .with_receipt_signing(signing);
         let tokens = |meter: StreamMeter| async move {
             let events =
                 ["a", "b"].map(|w| Ok::<_, std::convert::Infallible>(Event::default().data(w)));
             Sse::new(meter.sse(futures_util::stream::iter(events), MilliSats::from_msat(1_000)))
         };
-        let app = Router::new()
-            .route("/paid", get(|| async { "ok" }))
-            .route("/tokens", get(tokens))
-            .layer(layer);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let routes =
+            Router::new().route("/paid", get(|| async { "ok" })).route("/tokens", get(tokens));
+        let setup = Setup::new();
+        let (store, addr) = serve_with_receipts(&setup, routes, PRICE, signing).await;
+        let id = wire::ChannelId::new(setup.channel.outpoint());
         let header = wire::encode_payment(&setup.pay(10_000));
         for (prev, expected) in links {
             let mut headers = vec![(wire::PAYMENT_CHANNEL, header.as_str())];
@@ -523,21 +538,11 @@ async fn a_client_that_does_not_count_gets_no_more_unsigned_than_it_accepts() {
     use paychan::server::ReceiptSigning;
     use paychan::wire::{PAYMENT_RECEIPT, PAYMENT_RECEIPT_UNSIGNED};
 
-    let master = bitcoin::bip32::Xpriv::new_master(bitcoin::Network::Regtest, &[9; 32]).unwrap();
-    let setup = Setup::new();
-    setup.open();
-    let store = MemoryStore::new();
-    store.create(ChannelRecord::open(setup.channel.clone(), 0, setup.pay(10_000))).await.unwrap();
-    let (_tip, tip_rx) = watch::channel(setup.tip());
     let within = std::time::Duration::from_secs(3_600);
     let batches = ReceiptSigning::Batched { every: 1_024, within };
-    let layer = PaywallLayer::new(store, MilliSats::from_msat(1_000), tip_rx)
-        .with_receipts(master)
-        .with_receipt_signing(batches);
-    let app = Router::new().route("/paid", get(|| async { "ok" })).layer(layer);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let setup = Setup::new();
+    let routes = Router::new().route("/paid", get(|| async { "ok" }));
+    let (_, addr) = serve_with_receipts(&setup, routes, MilliSats::from_msat(1_000), batches).await;
     let header = wire::encode_payment(&setup.pay(10_000));
     let headers = [(wire::PAYMENT_CHANNEL, header.as_str()), (PAYMENT_RECEIPT_UNSIGNED, "0/256")];
     let (mut run, mut longest, mut signed) = (0, 0, 0);
@@ -564,8 +569,7 @@ async fn receipts_are_signed_for_any_client_that_does_not_ask_for_batches() {
     use paychan::server::ReceiptSigning;
     use paychan::wire::{PAYMENT_RECEIPT, PAYMENT_RECEIPT_UNSIGNED, Receipt};
 
-    let master = bitcoin::bip32::Xpriv::new_master(bitcoin::Network::Regtest, &[9; 32]).unwrap();
-    let k2 = paychan::channel::channel_key(&master, 0).unwrap();
+    let k2 = paychan::channel::channel_key(&receipts_master(), 0).unwrap();
     let k2 = k2.public_key(&bitcoin::secp256k1::Secp256k1::new());
     let batched = ReceiptSigning::default();
     for (signing, said, expected) in [
@@ -577,18 +581,8 @@ async fn receipts_are_signed_for_any_client_that_does_not_ask_for_batches() {
         (ReceiptSigning::Every, Some("0/128"), [true; 4]),
     ] {
         let setup = Setup::new();
-        setup.open();
-        let store = MemoryStore::new();
-        let record = ChannelRecord::open(setup.channel.clone(), 0, setup.pay(10_000));
-        store.create(record).await.unwrap();
-        let (_tip, tip_rx) = watch::channel(setup.tip());
-        let layer = PaywallLayer::new(store, PRICE, tip_rx)
-            .with_receipts(master)
-            .with_receipt_signing(signing);
-        let app = Router::new().route("/paid", get(|| async { "ok" })).layer(layer);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let routes = Router::new().route("/paid", get(|| async { "ok" }));
+        let (_, addr) = serve_with_receipts(&setup, routes, PRICE, signing).await;
         let header = wire::encode_payment(&setup.pay(10_000));
         let mut headers = vec![(wire::PAYMENT_CHANNEL, header.as_str())];
         headers.extend(said.map(|said| (PAYMENT_RECEIPT_UNSIGNED, said)));
