@@ -8,15 +8,11 @@ use http::{HeaderValue, Response};
 use super::cache::VerifiedHeader;
 use super::{BALANCE_HEADER, Meter};
 use crate::MilliSats;
-use crate::channel::ChannelState;
-use crate::channel::{CheckedPayment, PaymentCheck, PaymentError, server_amount};
+use crate::channel::{ChannelState, CheckedPayment, PaymentCheck, PaymentError, server_amount};
 use crate::server::Paid;
 use crate::server::rejection::{Rejection, RejectionKind};
 use crate::server::stream::{BoxFuture, Target, Units};
-use crate::store::ops::Debit;
-use crate::store::ops::DebitOnce;
-use crate::store::ops::IdempotencyClaim;
-use crate::store::ops::IdempotencyRecord;
+use crate::store::ops::{Debit, DebitOnce, IdempotencyClaim, IdempotencyRecord};
 use crate::store::{ChannelRecord, ChannelStore, StoreError};
 use crate::wire::{self, ChannelId, PaymentAnswer, Problem, Receipt};
 

@@ -14,8 +14,7 @@ use crate::MilliSats;
 use crate::server::idempotency;
 use crate::server::rejection::{Rejection, RejectionKind};
 use crate::store::ChannelStore;
-use crate::store::ops::IdempotencyClaim;
-use crate::store::ops::IdempotencyRecord;
+use crate::store::ops::{IdempotencyClaim, IdempotencyRecord};
 use crate::wire::ChannelId;
 
 /// A claimed idempotency key whose request has not been finished yet; dropped unfinished,
