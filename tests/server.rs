@@ -374,6 +374,81 @@ async fn an_unreachable_store_fails_closed_and_recovers() {
     assert_eq!(balance(&reply), 1_000_000 - 2 * 250_000, "nothing was charged during the outage");
 }
 
+/// Issue #28: a new payment on a channel this node has verified a payment of is checked
+/// against the terms it kept and costs **one** store operation (`pay`: stored if better,
+/// debited if open, atomically); an older payment that raced it is served without
+/// displacing the better one from the fast path; and the refusals on that path are the
+/// loaded path's, with the channel untouched.
+#[tokio::test]
+async fn a_new_payment_on_a_known_channel_is_one_store_operation() {
+    use common::hooked::{Hooked, Op};
+    let api = api(1_000);
+    let ops = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = ops.clone();
+    let store = Hooked::new(api.store.clone(), move |op| {
+        seen.lock().unwrap().push(op);
+        Box::pin(std::future::ready(Ok(())))
+    });
+    let (tip_tx, tip) = watch::channel(api.setup.tip());
+    let app = Router::new()
+        .route("/priced", get(|| async { "served" }))
+        .layer(PaywallLayer::new(store, PRICE, tip));
+    let addr = common::http::serve(app).await;
+    let request = async |header: &str| {
+        ops.lock().unwrap().clear();
+        let reply = get_with(&addr, "/priced", Some(header)).await;
+        (reply, std::mem::take(&mut *ops.lock().unwrap()))
+    };
+
+    let (first, second) = (api.pay(2_000), api.pay(3_000));
+    let (reply, ops) = request(&first).await;
+    assert_eq!((reply.status, ops), (200, vec![Op::Load, Op::Pay]), "first contact: loaded");
+    let (reply, ops) = request(&second).await;
+    assert_eq!((reply.status, ops), (200, vec![Op::Pay]), "known terms: one operation");
+    assert_eq!(balance(&reply), 3_000_000 - 2 * 250_000);
+    let (reply, ops) = request(&second).await;
+    assert_eq!((reply.status, ops), (200, vec![Op::Debit]), "verified: the fast path");
+
+    // The older payment (a request that raced the top-up): served, nothing downgraded, and
+    // the better payment keeps its place on the fast path.
+    let (reply, ops) = request(&first).await;
+    assert_eq!((reply.status, ops), (200, vec![Op::Pay]));
+    assert_eq!(balance(&reply), 3_000_000 - 4 * 250_000);
+    assert_eq!(api.record().await.paid_amount().to_sat(), 3_000, "the best payment is kept");
+    let (reply, ops) = request(&second).await;
+    assert_eq!((reply.status, ops), (200, vec![Op::Debit]), "still the fast path");
+
+    // Refusals on known terms: the channel's state loaded for the problem, nothing changed.
+    let before = api.record().await;
+    let mut forged = api.setup.pay(5_000);
+    forged.input[0].witness = api.setup.pay(6_000).input[0].witness.clone();
+    let (reply, ops) = request(&api.header(&forged)).await;
+    assert_eq!((reply.status, ops), (400, vec![Op::Load]));
+    let body = reply.json();
+    assert_eq!(body["code"], "payment-signature");
+    assert_eq!(body["channel"]["state"], "open", "with the channel's state");
+    assert_eq!(api.record().await, before);
+
+    let mut closing = api.setup.tip();
+    closing.height = api.setup.params.expiry.to_consensus_u32() - api.setup.params.close_margin;
+    tip_tx.send(closing).unwrap();
+    let (reply, _) = request(&api.pay(5_000)).await;
+    assert_eq!(reply.status, 402);
+    assert_eq!(reply.json()["code"], "payment-channel-closing");
+    assert_eq!(api.record().await, before);
+    tip_tx.send(api.setup.tip()).unwrap();
+
+    api.store.transition(api.id, ChannelState::Open, ChannelState::Closing).await.unwrap();
+    let before = api.record().await;
+    let (reply, ops) = request(&api.pay(5_000)).await;
+    assert_eq!(reply.status, 402);
+    assert_eq!(ops[0], Op::Pay, "known terms: the store refuses");
+    let body = reply.json();
+    assert_eq!(body["code"], "channel-not-open");
+    assert_eq!(body["channel"]["state"], "closing");
+    assert_eq!(api.record().await, before, "a closing channel's best never changes");
+}
+
 /// Security review S9, S11 and S1 over HTTP: `HEAD` runs the `GET` handler, so it is priced
 /// like `GET`; the inner service never sees the bearer header; a payment padded with a
 /// scriptSig is refused with the books untouched.

@@ -58,7 +58,7 @@ use std::sync::OnceLock;
 
 use bitcoin::secp256k1::{All, Message, Secp256k1, SecretKey};
 use bitcoin::sighash::{EcdsaSighashType, SighashCache};
-use bitcoin::{CompressedPublicKey, OutPoint, Transaction, Witness, ecdsa};
+use bitcoin::{CompressedPublicKey, OutPoint, Script, Transaction, Witness, ecdsa};
 use serde::{Deserialize, Serialize};
 
 mod error;
@@ -83,6 +83,8 @@ pub use params::{
     ChannelParams, FUNDING_SPEND_WITNESS_WEIGHT, LifetimeBounds, TX_VERSION, Terms,
     is_standard_payout,
 };
+#[cfg(feature = "runtime")]
+pub(crate) use payment::PaymentChecker;
 pub use payment::{CheckedPayment, NewPayment, PaymentCheck, server_amount};
 pub use refund::{CheckedRefund, REFUND_SEQUENCE};
 pub use tip::ChainTip;
@@ -148,8 +150,17 @@ impl ChannelParams {
     /// The BIP-0143 `SIGHASH_ALL` message for input 0 of `tx` spending the funding output;
     /// `None` if `tx` has no input.
     pub(crate) fn sighash(&self, tx: &Transaction) -> Option<Message> {
+        self.sighash_with(tx, &self.witness_script())
+    }
+
+    /// [`sighash`](Self::sighash) with the channel's witness script, built by the caller.
+    pub(crate) fn sighash_with(
+        &self,
+        tx: &Transaction,
+        witness_script: &Script,
+    ) -> Option<Message> {
         let sighash = SighashCache::new(tx)
-            .p2wsh_signature_hash(0, &self.witness_script(), self.value, EcdsaSighashType::All)
+            .p2wsh_signature_hash(0, witness_script, self.value, EcdsaSighashType::All)
             .ok()?;
         Some(Message::from(sighash))
     }

@@ -1,6 +1,5 @@
 use bitcoin::absolute::LockTime;
-use bitcoin::opcodes::all::OP_CHECKMULTISIG;
-use bitcoin::script::Builder;
+use bitcoin::opcodes::all::{OP_CHECKMULTISIG, OP_PUSHBYTES_33, OP_PUSHNUM_2};
 use bitcoin::transaction::Version;
 use bitcoin::{
     Address, Amount, CompressedPublicKey, FeeRate, Network, OutPoint, ScriptBuf, Weight,
@@ -17,6 +16,10 @@ pub const TX_VERSION: Version = Version::TWO;
 /// marker and flag (2), item count (1), the empty dummy (1), two signatures of at most 72
 /// bytes with their length bytes (2 × 73) and the 71-byte witness script with its length byte.
 pub const FUNDING_SPEND_WITNESS_WEIGHT: u64 = 2 + 1 + 1 + 2 * 73 + 72;
+
+/// The 2-of-2 witness script's length: two small-integer opcodes, two 33-byte pushes and
+/// `OP_CHECKMULTISIG`.
+const WITNESS_SCRIPT_LEN: usize = 1 + 2 * (1 + 33) + 2;
 
 /// Bounds on a channel's lifetime in one lock-time unit (blocks or seconds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -218,16 +221,21 @@ impl ChannelParams {
         }
     }
 
-    /// Returns the 2-of-2 witness script `OP_2 <Ka> <Kb> OP_2 OP_CHECKMULTISIG`.
+    /// Returns the 2-of-2 witness script `OP_2 <Ka> <Kb> OP_2 OP_CHECKMULTISIG`, the keys in
+    /// [`sorted_keys`](Self::sorted_keys)' order.
     pub fn witness_script(&self) -> ScriptBuf {
-        let [a, b] = self.sorted_keys();
-        Builder::new()
-            .push_int(2)
-            .push_slice(a.to_bytes())
-            .push_slice(b.to_bytes())
-            .push_int(2)
-            .push_opcode(OP_CHECKMULTISIG)
-            .into_script()
+        // Each key serialized once, the script written into one allocation of its final size:
+        // the BIP-0143 sighash of every new payment builds it (issue #28).
+        let (client, server) = (self.client_key.to_bytes(), self.server_key.to_bytes());
+        let (a, b) = if client <= server { (client, server) } else { (server, client) };
+        let mut script = Vec::with_capacity(WITNESS_SCRIPT_LEN);
+        script.push(OP_PUSHNUM_2.to_u8());
+        for key in [a, b] {
+            script.push(OP_PUSHBYTES_33.to_u8());
+            script.extend_from_slice(&key);
+        }
+        script.extend_from_slice(&[OP_PUSHNUM_2.to_u8(), OP_CHECKMULTISIG.to_u8()]);
+        ScriptBuf::from_bytes(script)
     }
 
     /// Returns the funding output's script: P2WSH of [`witness_script`](Self::witness_script).

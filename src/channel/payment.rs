@@ -1,6 +1,6 @@
 use bitcoin::absolute::LockTime;
 use bitcoin::secp256k1::SecretKey;
-use bitcoin::{Amount, ScriptBuf, Sequence, Transaction, TxIn, TxOut, Witness};
+use bitcoin::{Amount, Script, ScriptBuf, Sequence, Transaction, TxIn, TxOut, Witness};
 
 use super::error::{CloseError, FeeOutOfBounds, PaymentError, SignError};
 use super::params::{TX_VERSION, fee_at, funding_spend_weight};
@@ -36,32 +36,96 @@ pub fn server_amount(payment: &Transaction) -> Amount {
 /// knew. Only the protocol core builds one, so a store that takes it
 /// ([`ChannelStore::pay`](crate::store::ChannelStore::pay)) holds checked payments only; the
 /// store still decides, atomically, whether it pays more than its own best.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CheckedPayment(Transaction);
+#[derive(Debug, Clone)]
+pub struct CheckedPayment {
+    payment: Transaction,
+    /// Its consensus serialization, when the checker decoded it from one: what a store keeps,
+    /// without serializing the payment again.
+    #[cfg_attr(not(feature = "runtime"), allow(dead_code))]
+    encoded: Option<Vec<u8>>,
+}
+
+impl PartialEq for CheckedPayment {
+    fn eq(&self, other: &Self) -> bool {
+        self.payment == other.payment
+    }
+}
+
+impl Eq for CheckedPayment {}
 
 impl CheckedPayment {
+    fn new(payment: Transaction) -> Self {
+        Self { payment, encoded: None }
+    }
+
     /// `payment`, which [`Channel::check_payment`] found to be an increase (for callers that
-    /// checked it by reference and keep it for other uses).
+    /// checked it by reference and keep it for other uses), decoded from `encoded`, its
+    /// consensus serialization ([`wire::decode_payment_encoded`](crate::wire)).
     #[cfg(feature = "runtime")]
-    pub(crate) fn checked(payment: Transaction) -> Self {
-        Self(payment)
+    pub(crate) fn checked(payment: Transaction, encoded: Vec<u8>) -> Self {
+        debug_assert_eq!(bitcoin::consensus::serialize(&payment), encoded);
+        Self { payment, encoded: Some(encoded) }
+    }
+
+    /// The payment's consensus serialization.
+    #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+    pub(crate) fn encoded(&self) -> std::borrow::Cow<'_, [u8]> {
+        match &self.encoded {
+            Some(encoded) => encoded.into(),
+            None => bitcoin::consensus::serialize(&self.payment).into(),
+        }
+    }
+
+    /// The payment's consensus serialization, owned.
+    #[cfg(feature = "runtime")]
+    pub(crate) fn into_encoded(self) -> Vec<u8> {
+        self.encoded.unwrap_or_else(|| bitcoin::consensus::serialize(&self.payment))
     }
 }
 
 impl CheckedPayment {
     /// The payment.
     pub fn transaction(&self) -> &Transaction {
-        &self.0
+        &self.payment
     }
 
     /// The payment, owned.
     pub fn into_transaction(self) -> Transaction {
-        self.0
+        self.payment
     }
 
     /// What it pays the server.
     pub fn server_amount(&self) -> Amount {
-        server_amount(&self.0)
+        server_amount(&self.payment)
+    }
+}
+
+/// A channel's terms with its witness script, built once: checks payments as
+/// [`Channel::check_payment`] does, without rebuilding the script (two public keys
+/// serialized) for every payment's sighash. What the server keeps of a channel it has
+/// verified a payment of.
+#[cfg(feature = "runtime")]
+#[derive(Debug)]
+pub(crate) struct PaymentChecker {
+    channel: Channel,
+    witness_script: ScriptBuf,
+}
+
+#[cfg(feature = "runtime")]
+impl PaymentChecker {
+    pub(crate) fn new(channel: Channel) -> Self {
+        let witness_script = channel.params.witness_script();
+        Self { channel, witness_script }
+    }
+
+    /// [`Channel::check_payment`].
+    pub(crate) fn check_payment(
+        &self,
+        best: Option<&Transaction>,
+        payment: &Transaction,
+        tip: ChainTip,
+    ) -> Result<PaymentCheck, PaymentError> {
+        self.channel.check_payment_with(best, payment, tip, Some(&self.witness_script))
     }
 }
 
@@ -169,7 +233,7 @@ impl Channel {
         tip: ChainTip,
     ) -> Result<NewPayment, PaymentError> {
         Ok(match self.check_payment(best, &payment, tip)? {
-            PaymentCheck::Increase { .. } => NewPayment::Increase(CheckedPayment(payment)),
+            PaymentCheck::Increase { .. } => NewPayment::Increase(CheckedPayment::new(payment)),
             PaymentCheck::Repeat => NewPayment::Repeat,
         })
     }
@@ -199,7 +263,7 @@ impl Channel {
         if found < needed {
             return Err(PaymentError::BelowSpent { needed, found });
         }
-        Ok(CheckedPayment(payment))
+        Ok(CheckedPayment::new(payment))
     }
 
     /// Checks a client-signed payment (server side, seed step 9) against the channel and its
@@ -227,6 +291,18 @@ impl Channel {
         payment: &Transaction,
         tip: ChainTip,
     ) -> Result<PaymentCheck, PaymentError> {
+        self.check_payment_with(best, payment, tip, None)
+    }
+
+    /// [`check_payment`](Self::check_payment), with the channel's witness script when the
+    /// caller keeps it ([`PaymentChecker`]).
+    fn check_payment_with(
+        &self,
+        best: Option<&Transaction>,
+        payment: &Transaction,
+        tip: ChainTip,
+        witness_script: Option<&Script>,
+    ) -> Result<PaymentCheck, PaymentError> {
         let [input] = payment.input.as_slice() else {
             return Err(PaymentError::InputCount { found: payment.input.len() });
         };
@@ -250,7 +326,7 @@ impl Channel {
         if server.value <= previous && !repeat {
             return Err(PaymentError::NotAnIncrease { best: previous, found: server.value });
         }
-        self.verify_client_signature(payment)?;
+        self.verify_signature_with(payment, witness_script)?;
         Ok(if repeat {
             PaymentCheck::Repeat
         } else {
@@ -352,17 +428,30 @@ impl Channel {
     /// [`PaymentError::InputCount`] without an input, [`PaymentError::ScriptSig`],
     /// [`PaymentError::WitnessShape`] or [`PaymentError::Signature`].
     pub fn verify_client_signature(&self, payment: &Transaction) -> Result<(), PaymentError> {
+        self.verify_signature_with(payment, None)
+    }
+
+    /// [`verify_client_signature`](Self::verify_client_signature), with the channel's witness
+    /// script if the caller has it.
+    fn verify_signature_with(
+        &self,
+        payment: &Transaction,
+        witness_script: Option<&Script>,
+    ) -> Result<(), PaymentError> {
         let input = payment.input.first().ok_or(PaymentError::InputCount { found: 0 })?;
         if !input.script_sig.is_empty() {
             return Err(PaymentError::ScriptSig);
         }
         let witness = &input.witness;
-        let [client_sig] = witness
-            .to_vec()
-            .try_into()
-            .map_err(|items: Vec<Vec<u8>>| PaymentError::WitnessShape { items: items.len() })?;
-        let client_sig = sig::parse_sighash_all(&client_sig).map_err(PaymentError::Signature)?;
-        let msg = self.params.sighash(payment).ok_or(PaymentError::InputCount { found: 0 })?;
+        let (Some(client_sig), 1) = (witness.nth(0), witness.len()) else {
+            return Err(PaymentError::WitnessShape { items: witness.len() });
+        };
+        let client_sig = sig::parse_sighash_all(client_sig).map_err(PaymentError::Signature)?;
+        let msg = match witness_script {
+            Some(script) => self.params.sighash_with(payment, script),
+            None => self.params.sighash(payment),
+        };
+        let msg = msg.ok_or(PaymentError::InputCount { found: 0 })?;
         sig::verify(&msg, &client_sig, &self.params.client_key).map_err(PaymentError::Signature)
     }
 

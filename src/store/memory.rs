@@ -11,7 +11,7 @@ use super::{
     IdempotencyRecord, Lease, LeaseId, LeaseRequest, StoreError, StorePayment,
 };
 use crate::MilliSats;
-use crate::channel::{CheckedPayment, Ledger};
+use crate::channel::{CheckedPayment, Ledger, server_amount};
 use crate::maps::FastMap;
 use crate::wire::ChannelId;
 
@@ -99,16 +99,17 @@ impl Slot {
         }
     }
 
-    fn set_best(&mut self, payment: &Transaction, ledger: Ledger) {
-        self.paid = crate::channel::server_amount(payment);
-        self.best = Some(bitcoin::consensus::serialize(payment).into());
+    /// Makes the payment `encoded`, paying the server `paid`, the best, with `ledger`.
+    fn set_best(&mut self, paid: bitcoin::Amount, encoded: Vec<u8>, ledger: Ledger) {
+        self.paid = paid;
+        self.best = Some(encoded.into());
         self.ledger = ledger;
     }
 }
 
-/// The msat a payment pays the server.
-fn paid_msat(payment: &Transaction) -> MilliSats {
-    MilliSats::from_sat(crate::channel::server_amount(payment)).unwrap_or(MilliSats::MAX)
+/// `paid` in msat.
+fn msat(paid: bitcoin::Amount) -> MilliSats {
+    MilliSats::from_sat(paid).unwrap_or(MilliSats::MAX)
 }
 
 /// `state`'s place in [`ChannelState::ALL`].
@@ -196,7 +197,9 @@ impl ChannelStore for MemoryStore {
         id: ChannelId,
         payment: Transaction,
     ) -> impl Future<Output = Result<StorePayment, StoreError>> + Send {
-        self.update(id, move |record| store(record, &payment))
+        self.update(id, move |record| {
+            store(record, server_amount(&payment), || bitcoin::consensus::serialize(&payment))
+        })
     }
 
     fn debit(
@@ -214,7 +217,8 @@ impl ChannelStore for MemoryStore {
         amount: MilliSats,
     ) -> impl Future<Output = Result<Debit, StoreError>> + Send {
         self.update(id, move |record| {
-            let _stored_or_stale = store(record, payment.transaction());
+            let _stored_or_stale =
+                store(record, payment.server_amount(), || payment.into_encoded());
             debit(record, amount)
         })
     }
@@ -228,10 +232,10 @@ impl ChannelStore for MemoryStore {
             if !matches!(record.state, ChannelState::Open | ChannelState::Pending) {
                 return false;
             }
-            let paid = paid_msat(payment.transaction());
-            let Some(ledger) = record.ledger.close_with(paid) else { return false };
+            let paid = payment.server_amount();
+            let Some(ledger) = record.ledger.close_with(msat(paid)) else { return false };
             record.state = ChannelState::Closing;
-            record.set_best(payment.transaction(), ledger);
+            record.set_best(paid, payment.into_encoded(), ledger);
             true
         })
     }
@@ -408,13 +412,17 @@ impl ChannelStore for MemoryStore {
 }
 
 /// Makes `payment` the best of `record` if it is open and the payment pays more.
-fn store(record: &mut Slot, payment: &Transaction) -> StorePayment {
+fn store(
+    record: &mut Slot,
+    paid: bitcoin::Amount,
+    encoded: impl FnOnce() -> Vec<u8>,
+) -> StorePayment {
     let stale = StorePayment::Stale { best: record.paid };
     if record.state != ChannelState::Open {
         return stale;
     }
-    let Some(ledger) = record.ledger.pay(paid_msat(payment)) else { return stale };
-    record.set_best(payment, ledger);
+    let Some(ledger) = record.ledger.pay(msat(paid)) else { return stale };
+    record.set_best(paid, encoded(), ledger);
     StorePayment::Stored { balance: record.ledger.unspent() }
 }
 

@@ -259,7 +259,7 @@ impl ChannelStore for PostgresStore {
                  WHERE id = $3 AND state IN ('open', 'pending')
                  AND spent_msat + leased_msat + forfeited_msat <= $2::bigint * 1000
                  RETURNING 1",
-                &[&serialize(payment.transaction()), &offered, &id],
+                &[&payment.encoded().as_ref(), &offered, &id],
             )
             .await?;
         if row.is_none() {
@@ -286,7 +286,7 @@ impl ChannelStore for PostgresStore {
     ) -> Result<Debit, StoreError> {
         let id = id.to_string();
         let offered = to_i64(payment.server_amount().to_sat())?;
-        let payment = payment.into_transaction();
+        let payment = payment.into_encoded();
         let amount = to_i64(amount.to_msat())?;
         // One statement: the row is locked and read (`old`), then the better payment and
         // the debit are written together from that read. The balance the debit sees is the
@@ -309,7 +309,7 @@ impl ChannelStore for PostgresStore {
                                        ELSE c.spent_msat END
                  FROM next WHERE c.id = $3
                  RETURNING next.covers, c.best_sat * 1000 - c.spent_msat",
-                &[&serialize(&payment), &offered, &id, &amount],
+                &[&payment, &offered, &id, &amount],
             )
             .await?;
         match row {

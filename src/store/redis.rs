@@ -452,8 +452,7 @@ impl ChannelStore for RedisStore {
         amount: MilliSats,
     ) -> Result<Debit, StoreError> {
         let offered = payment.server_amount();
-        let payment = payment.into_transaction();
-        let args = [serialize(&payment), arg(offered.to_sat()), arg(amount.to_msat())];
+        let args = [payment.into_encoded(), arg(offered.to_sat()), arg(amount.to_msat())];
         debit_reply(self.invoke(PAY, &[self.channel_key(id)], &args).await?)
     }
 
@@ -495,8 +494,7 @@ impl ChannelStore for RedisStore {
     }
 
     async fn close_with(&self, id: ChannelId, payment: CheckedPayment) -> Result<bool, StoreError> {
-        let args =
-            [serialize(payment.transaction()), arg(payment.server_amount().to_sat()), arg(id)];
+        let args = [payment.encoded().into_owned(), arg(payment.server_amount().to_sat()), arg(id)];
         let keys = [
             self.channel_key(id),
             self.state_key(ChannelState::Open),

@@ -403,7 +403,7 @@ impl ChannelStore for SqliteStore {
                     "UPDATE channels SET state = 'closing', best = ?1, best_sat = ?2
                      WHERE id = ?3 AND state IN ('open', 'pending')
                      AND spent_msat + leased_msat + forfeited_msat <= ?2 * 1000",
-                    params![serialize(payment.transaction()), offered, id],
+                    params![payment.encoded().as_ref(), offered, id],
                 )
                 .map_err(unavailable)?;
             if updated == 0 {

@@ -203,11 +203,19 @@ pub fn encode_payment(payment: &Transaction) -> String {
 /// [`DecodeError`]: too long, not base64, or not exactly one transaction (trailing bytes are
 /// refused).
 pub fn decode_payment(value: &[u8]) -> Result<Transaction, DecodeError> {
+    decode_payment_encoded(value).map(|(payment, _encoded)| payment)
+}
+
+/// [`decode_payment`], keeping the payment's consensus serialization (the header's bytes):
+/// decoding is strict (no trailing bytes, minimal integers, no empty witness record), so
+/// they are exactly what serializing the payment would give.
+pub(crate) fn decode_payment_encoded(value: &[u8]) -> Result<(Transaction, Vec<u8>), DecodeError> {
     if value.len() > MAX_HEADER_LEN {
         return Err(DecodeError::TooLong { len: value.len() });
     }
     let bytes = STANDARD.decode(value).map_err(|_| DecodeError::Base64)?;
-    consensus::deserialize(&bytes).map_err(|_| DecodeError::Transaction)
+    let payment = consensus::deserialize(&bytes).map_err(|_| DecodeError::Transaction)?;
+    Ok((payment, bytes))
 }
 
 /// A channel's id: its funding outpoint, written `txid:vout`.
@@ -326,6 +334,44 @@ mod tests {
             decode_payment(STANDARD.encode(trailing).as_bytes()),
             Err(DecodeError::Transaction)
         );
+    }
+
+    /// What `decode_payment_encoded` keeps is what a store stores in place of serializing the
+    /// payment: a header decodes only from the canonical serialization, so the two agree.
+    #[test]
+    fn a_payment_decodes_only_from_its_canonical_serialization() {
+        let mut input = bitcoin::TxIn::default();
+        input.witness.push([0x30; 71]);
+        let tx = Transaction {
+            version: bitcoin::transaction::Version::TWO,
+            lock_time: bitcoin::absolute::LockTime::ZERO,
+            input: vec![input],
+            output: vec![bitcoin::TxOut {
+                value: bitcoin::Amount::from_sat(1_000),
+                script_pubkey: bitcoin::ScriptBuf::from_bytes(vec![0x51]),
+            }],
+        };
+        let canonical = consensus::serialize(&tx);
+        let (decoded, encoded) =
+            decode_payment_encoded(STANDARD.encode(&canonical).as_bytes()).unwrap();
+        assert_eq!((decoded, &encoded), (tx.clone(), &canonical));
+        // The input count (after version, marker and flag) as a non-minimal compact size.
+        let mut padded = canonical[..6].to_vec();
+        padded.extend_from_slice(&[0xfd, 0x01, 0x00]);
+        padded.extend_from_slice(&canonical[7..]);
+        // The segwit marker and flag with no witness at all.
+        let mut bare = tx;
+        bare.input[0].witness.clear();
+        let mut flagged = consensus::serialize(&bare);
+        flagged.splice(4..4, [0x00, 0x01]);
+        let at = flagged.len() - 4;
+        flagged.insert(at, 0x00);
+        for other in [padded, flagged] {
+            assert_eq!(
+                decode_payment_encoded(STANDARD.encode(&other).as_bytes()),
+                Err(DecodeError::Transaction)
+            );
+        }
     }
 
     #[test]

@@ -1,8 +1,12 @@
 //! The fast path's cache of verified payment headers.
 
+use std::sync::Arc;
+
+use dashmap::mapref::entry::Entry;
 use http::HeaderValue;
 
 use crate::MilliSats;
+use crate::channel::PaymentChecker;
 use crate::maps::FastMap;
 use crate::wire::ChannelId;
 
@@ -32,15 +36,34 @@ impl std::hash::Hash for VerifiedHeader {
 /// over.
 pub(super) const VERIFIED_CACHE_LIMIT: usize = 100_000;
 
-/// Header values already verified as payments of a channel, with what they pay the server.
+/// Header values already verified as payments of a channel, with what they pay the server,
+/// and the terms of the channels they pay on.
+///
 /// A verified payment stays a valid proof of its channel forever, so a hit skips decoding and
 /// verification; the atomic debit still enforces the balance and the channel's state. At most
-/// one header per channel (a new best replaces the old), so no client can crowd the others
-/// out.
+/// one header per channel, the one paying the most this node has seen (a better one replaces
+/// it), so no client can crowd the others out.
+///
+/// A channel's terms ([`Channel`](crate::channel::Channel)) never change once its record is created (no store
+/// operation changes them), so a new payment on a channel this node has verified a payment of
+/// is checked against the terms kept here and stored in **one** store operation
+/// ([`ChannelStore::pay`](crate::store::ChannelStore::pay), which stores it only if it pays
+/// more and the channel is open): no load first. Up to [`VERIFIED_CACHE_LIMIT`] channels'
+/// terms (a few hundred bytes each) are kept.
 #[derive(Default)]
 pub(in crate::server) struct VerifiedHeaders {
     by_value: FastMap<VerifiedHeader, (ChannelId, MilliSats)>,
-    by_channel: FastMap<ChannelId, VerifiedHeader>,
+    by_channel: FastMap<ChannelId, Known>,
+}
+
+/// What the cache knows of one channel.
+struct Known {
+    /// Its verified header paying the most.
+    header: VerifiedHeader,
+    /// What that header's payment pays the server.
+    carried: MilliSats,
+    /// The channel's terms, ready to check payments.
+    channel: Arc<PaymentChecker>,
 }
 
 impl VerifiedHeaders {
@@ -49,17 +72,36 @@ impl VerifiedHeaders {
         self.by_value.get(header).map(|entry| *entry)
     }
 
-    /// Caches `header` as channel `id`'s verified best, in place of its previous best.
-    pub(super) fn remember(&self, id: ChannelId, header: HeaderValue, carried: MilliSats) {
+    /// The terms of channel `id`, if a payment of it was verified here.
+    pub(super) fn terms(&self, id: ChannelId) -> Option<Arc<PaymentChecker>> {
+        self.by_channel.get(&id).map(|known| Arc::clone(&known.channel))
+    }
+
+    /// Caches `header`, a verified payment of `channel` (`id`) the store holds (or a better
+    /// one), paying the server `carried`: as the channel's header, unless the one cached pays
+    /// at least as much (a payment that raced a top-up identifies its channel, but does not
+    /// displace the better one from the fast path).
+    pub(super) fn remember(
+        &self,
+        id: ChannelId,
+        header: HeaderValue,
+        carried: MilliSats,
+        channel: Arc<PaymentChecker>,
+    ) {
         let header = VerifiedHeader(header);
         if self.by_value.len() >= VERIFIED_CACHE_LIMIT {
             self.by_value.clear();
             self.by_channel.clear();
         }
-        if let Some(previous) = self.by_channel.insert(id, header.clone())
-            && previous != header
-        {
-            self.by_value.remove(&previous);
+        match self.by_channel.entry(id) {
+            Entry::Occupied(known) if known.get().carried >= carried => return,
+            Entry::Occupied(mut known) => {
+                let previous = known.insert(Known { header: header.clone(), carried, channel });
+                self.by_value.remove(&previous.header);
+            }
+            Entry::Vacant(vacant) => {
+                vacant.insert(Known { header: header.clone(), carried, channel });
+            }
         }
         self.by_value.insert(header, (id, carried));
     }

@@ -8,7 +8,9 @@ use http::{HeaderValue, Response};
 use super::cache::VerifiedHeader;
 use super::{BALANCE_HEADER, Meter};
 use crate::MilliSats;
-use crate::channel::{ChannelState, CheckedPayment, PaymentCheck, PaymentError, server_amount};
+use crate::channel::{
+    ChannelState, CheckedPayment, PaymentCheck, PaymentChecker, PaymentError, server_amount,
+};
 use crate::server::Paid;
 use crate::server::rejection::{Rejection, RejectionKind};
 use crate::server::stream::{BoxFuture, Target, Units};
@@ -84,7 +86,8 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
     }
 
     /// [`charge`](Self::charge) for a header that is not a cached, verified payment: decodes
-    /// and checks it, and stores it if it is a better payment.
+    /// and checks it, and stores it if it is a better payment. On a channel this node knows
+    /// the terms of, that is one store operation; otherwise the channel is loaded first.
     async fn charge_new(
         &self,
         header: HeaderValue,
@@ -95,7 +98,7 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
             Rejection::new(kind, record.map(|r| r.snapshot(price, self.config.prepaid_top_up)))
                 .with_price(price)
         };
-        let payment = wire::decode_payment(header.as_bytes())
+        let (payment, encoded) = wire::decode_payment_encoded(header.as_bytes())
             .map_err(|e| reject(RejectionKind::Header(e), None))?;
         let outpoint =
             payment.input.first().map(|input| input.previous_output).ok_or_else(|| {
@@ -103,6 +106,21 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
             })?;
         let id = ChannelId::new(outpoint);
         let carried = MilliSats::from_sat(server_amount(&payment)).unwrap_or(MilliSats::MAX);
+        let tip = *self.config.tip.borrow();
+        // Known terms: checked against them alone. Whether the payment pays more than the
+        // best, and whether the channel is open, the store's `pay` decides atomically (it
+        // stores only a better payment, debits only an open channel).
+        if claim.is_none()
+            && let Some(channel) = self.verified.terms(id)
+        {
+            if let Err(e) = channel.check_payment(None, &payment, tip) {
+                // Refused as on a loaded channel: with its state.
+                let record = Box::pin(self.config.store.load(id)).await.ok().flatten();
+                return Err(reject(RejectionKind::Payment(e), record.as_ref()));
+            }
+            let payment = CheckedPayment::checked(payment, encoded);
+            return self.pay(id, header, payment, price, carried, channel).await;
+        }
         let record = self
             .config
             .store
@@ -120,21 +138,13 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
             }
             state => return Err(reject(RejectionKind::ChannelNotOpen(state), Some(&record))),
         }
-        let tip = *self.config.tip.borrow();
         let is_best = record.best.as_ref() == Some(&payment);
         let cache = match record.channel.check_payment(record.best.as_ref(), &payment, tip) {
             // Stale means a concurrent request stored an even better payment: fine.
-            // Stored and debited in one store operation.
-            // Cached only once the store holds it (or a better one): a header whose payment
-            // was not stored must come through this check again, or it would never be.
             Ok(PaymentCheck::Increase { .. }) if claim.is_none() => {
-                let payment = CheckedPayment::checked(payment);
-                let debit = self.config.store.pay(id, payment, price).await;
-                if matches!(debit, Ok(Debit::Debited { .. } | Debit::Insufficient { .. })) {
-                    self.verified.remember(id, header, carried);
-                }
-                let paid = self.debited(id, price, debit, Some(record)).await?;
-                return Ok(Charged::Paid(paid, carried));
+                let channel = Arc::new(PaymentChecker::new(record.channel.clone()));
+                let payment = CheckedPayment::checked(payment, encoded);
+                return self.pay(id, header, payment, price, carried, channel).await;
             }
             // With an idempotency key: the payment is stored first (it only ever grows the
             // channel), then the debit claims the key.
@@ -160,9 +170,30 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
             Err(e) => return Err(reject(RejectionKind::Payment(e), Some(&record))),
         };
         if cache {
-            self.verified.remember(id, header, carried);
+            let channel = Arc::new(PaymentChecker::new(record.channel.clone()));
+            self.verified.remember(id, header, carried, channel);
         }
         self.debit(id, price, Some(record), claim, carried).await
+    }
+
+    /// Stores `payment` (checked against channel `id`'s terms, `channel`) if it pays more,
+    /// and debits `price`, in one store operation.
+    async fn pay(
+        &self,
+        id: ChannelId,
+        header: HeaderValue,
+        payment: CheckedPayment,
+        price: MilliSats,
+        carried: MilliSats,
+        channel: Arc<PaymentChecker>,
+    ) -> Result<Charged, Rejection> {
+        let debit = self.config.store.pay(id, payment, price).await;
+        // Cached only once the store holds it (or a better one): a header whose payment was
+        // not stored must come through this check again, or it would never be.
+        if matches!(debit, Ok(Debit::Debited { .. } | Debit::Insufficient { .. })) {
+            self.verified.remember(id, header, carried, channel);
+        }
+        Ok(Charged::Paid(self.debited(id, price, debit, None).await?, carried))
     }
 
     /// Debits `price` (claiming `claim`'s key with it); on refusal, reports the channel's
