@@ -127,6 +127,14 @@ impl PaymentChecker {
     ) -> Result<PaymentCheck, PaymentError> {
         self.channel.check_payment_with(best, payment, tip, Some(&self.witness_script))
     }
+
+    /// [`Channel::verify_client_signature`].
+    pub(crate) fn verify_client_signature(
+        &self,
+        payment: &Transaction,
+    ) -> Result<(), PaymentError> {
+        self.channel.verify_signature_with(payment, Some(&self.witness_script))
+    }
 }
 
 /// The outcome of [`Channel::check_new_payment`]: a checked payment that pays more, or the

@@ -26,7 +26,7 @@ use super::{
     IdempotencyRecord, Lease, LeaseId, LeaseRequest, LeaseTake, StoreError, StorePayment,
 };
 use crate::MilliSats;
-use crate::channel::{ChainTip, Channel, CheckedPayment, Ledger, NewPayment, Terms};
+use crate::channel::{ChainTip, Channel, CheckedPayment, Ledger, NewPayment, PaymentCheck, Terms};
 use crate::wire::ChannelId;
 
 const CLIENT: [u8; 32] = [0x51; 32];
@@ -93,6 +93,18 @@ impl Fixture {
             Ok(NewPayment::Increase(payment)) => payment,
             other => panic!("fixture payment: {other:?}"),
         }
+    }
+
+    /// [`checked`](Self::checked), as the layer makes it: decoded from its header, with the
+    /// header's bytes (what a store keeps without serializing the payment).
+    fn decoded(&self, channel: &Channel, sat: u64) -> CheckedPayment {
+        let header = crate::wire::encode_payment(&self.payment(channel, sat));
+        let (payment, encoded) =
+            crate::wire::decode_payment_encoded(header.as_bytes()).expect("decodes");
+        let tip = ChainTip { height: 800_000, median_time_past: 1_700_000_000 };
+        let check = channel.check_payment(None, &payment, tip);
+        assert!(matches!(check, Ok(PaymentCheck::Increase { .. })), "fixture payment: {check:?}");
+        CheckedPayment::checked(payment, encoded)
     }
 
     fn record(&self, channel: Channel, sat: u64) -> ChannelRecord {
@@ -731,7 +743,8 @@ async fn pay_stores_then_debits<S: ChannelStore>(store: &S, fx: &Fixture) {
     let record = fx.record(channel.clone(), 1_000);
     let id = record.id();
     store.create(record).await.expect("create");
-    let better = fx.checked(&channel, 3_000);
+    // Decoded from a header, as the layer stores it; the others built as a caller would.
+    let better = fx.decoded(&channel, 3_000);
     assert_eq!(
         store.pay(id, better.clone(), msat(2_500)).await,
         Ok(Debit::Debited { balance: msat(500) }),
@@ -748,7 +761,7 @@ async fn pay_stores_then_debits<S: ChannelStore>(store: &S, fx: &Fixture) {
         Some(better.transaction()),
         "the stale payment did not replace the best"
     );
-    let slightly_better = fx.checked(&channel, 3_100);
+    let slightly_better = fx.decoded(&channel, 3_100);
     assert_eq!(
         store.pay(id, slightly_better.clone(), msat(1_000)).await,
         Ok(Debit::Insufficient { balance: msat(200) }),

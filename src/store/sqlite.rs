@@ -287,7 +287,10 @@ impl ChannelStore for SqliteStore {
         id: ChannelId,
         payment: Transaction,
     ) -> impl Future<Output = Result<StorePayment, StoreError>> + Send {
-        self.run(move |tx| store_payment(tx, &id.to_string(), &payment))
+        self.run(move |tx| {
+            let paid = crate::channel::server_amount(&payment);
+            store_payment(tx, &id.to_string(), paid, &serialize(&payment))
+        })
     }
 
     fn debit(
@@ -306,7 +309,8 @@ impl ChannelStore for SqliteStore {
     ) -> impl Future<Output = Result<Debit, StoreError>> + Send {
         self.run(move |tx| {
             let id = id.to_string();
-            let _stored_or_stale = store_payment(tx, &id, payment.transaction())?;
+            let paid = payment.server_amount();
+            let _stored_or_stale = store_payment(tx, &id, paid, &payment.encoded())?;
             debit(tx, &id, amount)
         })
     }
@@ -577,14 +581,15 @@ impl ChannelStore for SqliteStore {
 fn store_payment(
     tx: &rusqlite::Transaction<'_>,
     id: &str,
-    payment: &Transaction,
+    paid: bitcoin::Amount,
+    encoded: &[u8],
 ) -> Result<StorePayment, StoreError> {
-    let offered = sql_u64(crate::channel::server_amount(payment).to_sat())?;
+    let offered = sql_u64(paid.to_sat())?;
     let updated = tx
         .execute(
             "UPDATE channels SET best = ?1, best_sat = ?2
              WHERE id = ?3 AND best_sat < ?2 AND state = 'open'",
-            params![serialize(payment), offered, id],
+            params![encoded, offered, id],
         )
         .map_err(unavailable)?;
     let money = money(tx, id)?;

@@ -72,37 +72,48 @@ impl VerifiedHeaders {
         self.by_value.get(header).map(|entry| *entry)
     }
 
-    /// The terms of channel `id`, if a payment of it was verified here.
-    pub(super) fn terms(&self, id: ChannelId) -> Option<Arc<PaymentChecker>> {
-        self.by_channel.get(&id).map(|known| Arc::clone(&known.channel))
+    /// The terms of channel `id` and what its cached header pays, if a payment of it was
+    /// verified here.
+    pub(super) fn terms(&self, id: ChannelId) -> Option<(Arc<PaymentChecker>, MilliSats)> {
+        self.by_channel.get(&id).map(|known| (Arc::clone(&known.channel), known.carried))
     }
 
     /// Caches `header`, a verified payment of `channel` (`id`) the store holds (or a better
     /// one), paying the server `carried`: as the channel's header, unless the one cached pays
     /// at least as much (a payment that raced a top-up identifies its channel, but does not
-    /// displace the better one from the fast path).
+    /// displace the better one from the fast path). The value is copied out of the request:
+    /// a header from hyper shares the connection's whole read buffer.
     pub(super) fn remember(
         &self,
         id: ChannelId,
-        header: HeaderValue,
+        header: &HeaderValue,
         carried: MilliSats,
         channel: Arc<PaymentChecker>,
     ) {
-        let header = VerifiedHeader(header);
         if self.by_value.len() >= VERIFIED_CACHE_LIMIT {
             self.by_value.clear();
             self.by_channel.clear();
         }
+        let copied = || {
+            let bytes = bytes::Bytes::copy_from_slice(header.as_bytes());
+            // A header's value is a valid value: the copy is too.
+            VerifiedHeader(HeaderValue::from_maybe_shared(bytes).unwrap_or_else(|_| header.clone()))
+        };
+        // Both maps change under the channel's entry: one channel's header in `by_value` at a
+        // time, whatever the races.
         match self.by_channel.entry(id) {
-            Entry::Occupied(known) if known.get().carried >= carried => return,
+            Entry::Occupied(known) if known.get().carried >= carried => {}
             Entry::Occupied(mut known) => {
-                let previous = known.insert(Known { header: header.clone(), carried, channel });
+                let header = copied();
+                self.by_value.insert(header.clone(), (id, carried));
+                let previous = known.insert(Known { header, carried, channel });
                 self.by_value.remove(&previous.header);
             }
             Entry::Vacant(vacant) => {
-                vacant.insert(Known { header: header.clone(), carried, channel });
+                let header = copied();
+                self.by_value.insert(header.clone(), (id, carried));
+                vacant.insert(Known { header, carried, channel });
             }
         }
-        self.by_value.insert(header, (id, carried));
     }
 }

@@ -111,15 +111,19 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
         // best, and whether the channel is open, the store's `pay` decides atomically (it
         // stores only a better payment, debits only an open channel).
         if claim.is_none()
-            && let Some(channel) = self.verified.terms(id)
+            && let Some((checker, cached)) = self.verified.terms(id)
         {
-            if let Err(e) = channel.check_payment(None, &payment, tip) {
-                // Refused as on a loaded channel: with its state.
-                let record = Box::pin(self.config.store.load(id)).await.ok().flatten();
-                return Err(reject(RejectionKind::Payment(e), record.as_ref()));
+            if let Err(e) = checker.check_payment(None, &payment, tip) {
+                return Err(Box::pin(self.refuse_known(id, RejectionKind::Payment(e), price)).await);
+            }
+            // Paying no more than the header cached for the channel (which the store holds,
+            // or a better one): it identifies the channel, and storing it would change
+            // nothing.
+            if carried <= cached {
+                return self.debit(id, price, None, None, carried).await;
             }
             let payment = CheckedPayment::checked(payment, encoded);
-            return self.pay(id, header, payment, price, carried, channel).await;
+            return self.pay(id, &header, payment, price, carried, checker).await;
         }
         let record = self
             .config
@@ -131,20 +135,16 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
         if let Some(signer) = &self.signer {
             signer.remember(&record);
         }
-        match record.state {
-            ChannelState::Open => {}
-            ChannelState::Pending => {
-                return Err(reject(RejectionKind::ChannelPending, Some(&record)));
-            }
-            state => return Err(reject(RejectionKind::ChannelNotOpen(state), Some(&record))),
+        if let Some(kind) = state_refusal(record.state) {
+            return Err(reject(kind, Some(&record)));
         }
+        let checker = Arc::new(PaymentChecker::new(record.channel.clone()));
         let is_best = record.best.as_ref() == Some(&payment);
-        let cache = match record.channel.check_payment(record.best.as_ref(), &payment, tip) {
+        let cache = match checker.check_payment(record.best.as_ref(), &payment, tip) {
             // Stale means a concurrent request stored an even better payment: fine.
             Ok(PaymentCheck::Increase { .. }) if claim.is_none() => {
-                let channel = Arc::new(PaymentChecker::new(record.channel.clone()));
                 let payment = CheckedPayment::checked(payment, encoded);
-                return self.pay(id, header, payment, price, carried, channel).await;
+                return self.pay(id, &header, payment, price, carried, checker).await;
             }
             // With an idempotency key: the payment is stored first (it only ever grows the
             // channel), then the debit claims the key.
@@ -161,8 +161,7 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
             Ok(PaymentCheck::Repeat) => is_best,
             // An older payment of this channel (it raced a top-up): identification only.
             Err(PaymentError::NotAnIncrease { .. }) => {
-                record
-                    .channel
+                checker
                     .verify_client_signature(&payment)
                     .map_err(|e| reject(RejectionKind::Payment(e), Some(&record)))?;
                 false
@@ -170,28 +169,45 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
             Err(e) => return Err(reject(RejectionKind::Payment(e), Some(&record))),
         };
         if cache {
-            let channel = Arc::new(PaymentChecker::new(record.channel.clone()));
-            self.verified.remember(id, header, carried, channel);
+            self.verified.remember(id, &header, carried, checker);
         }
         self.debit(id, price, Some(record), claim, carried).await
     }
 
-    /// Stores `payment` (checked against channel `id`'s terms, `channel`) if it pays more,
+    /// The refusal of a payment on a channel whose terms this node knows, as on a loaded
+    /// channel: the channel's state first (a channel that is not open is refused for that),
+    /// then `kind`, with the channel's state in the problem.
+    async fn refuse_known(
+        &self,
+        id: ChannelId,
+        kind: RejectionKind,
+        price: MilliSats,
+    ) -> Rejection {
+        let record = match self.config.store.load(id).await {
+            Ok(record) => record,
+            Err(e) => return Rejection::from(e).with_price(price),
+        };
+        let kind = record.as_ref().and_then(|r| state_refusal(r.state)).unwrap_or(kind);
+        Rejection::new(kind, record.map(|r| r.snapshot(price, self.config.prepaid_top_up)))
+            .with_price(price)
+    }
+
+    /// Stores `payment` (checked against channel `id`'s terms, `checker`) if it pays more,
     /// and debits `price`, in one store operation.
     async fn pay(
         &self,
         id: ChannelId,
-        header: HeaderValue,
+        header: &HeaderValue,
         payment: CheckedPayment,
         price: MilliSats,
         carried: MilliSats,
-        channel: Arc<PaymentChecker>,
+        checker: Arc<PaymentChecker>,
     ) -> Result<Charged, Rejection> {
         let debit = self.config.store.pay(id, payment, price).await;
         // Cached only once the store holds it (or a better one): a header whose payment was
         // not stored must come through this check again, or it would never be.
         if matches!(debit, Ok(Debit::Debited { .. } | Debit::Insufficient { .. })) {
-            self.verified.remember(id, header, carried, channel);
+            self.verified.remember(id, header, carried, checker);
         }
         Ok(Charged::Paid(self.debited(id, price, debit, None).await?, carried))
     }
@@ -278,5 +294,14 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Units for Meter<St, P> {
             // The end of a metered stream: always signed.
             self.sign_now(receipt).await
         })
+    }
+}
+
+/// Why a channel in `state` takes no payment and serves nothing: `None` when it is open.
+fn state_refusal(state: ChannelState) -> Option<RejectionKind> {
+    match state {
+        ChannelState::Open => None,
+        ChannelState::Pending => Some(RejectionKind::ChannelPending),
+        state => Some(RejectionKind::ChannelNotOpen(state)),
     }
 }
