@@ -33,7 +33,8 @@ pub fn server_amount(payment: &Transaction) -> Amount {
 
 /// A payment that passed every rule of its channel ([`Channel::check_new_payment`]): the
 /// client's signature, the shape, the outputs, the fees, and more than the best the checker
-/// knew. Only the protocol core builds one, so a store that takes it
+/// knew, if it knew one (the server checks a payment on a channel whose terms it keeps
+/// against the terms alone). Only the protocol core builds one, so a store that takes it
 /// ([`ChannelStore::pay`](crate::store::ChannelStore::pay)) holds checked payments only; the
 /// store still decides, atomically, whether it pays more than its own best.
 #[derive(Debug, Clone)]
@@ -401,8 +402,9 @@ impl Channel {
         if change.is_some() && change_value < threshold {
             return Err(PaymentError::ChangeDust { value: change_value, threshold });
         }
-        let scripts: Vec<usize> = payment.output.iter().map(|o| o.script_pubkey.len()).collect();
-        let weight = funding_spend_weight(&scripts);
+        // One or two outputs (`check_form`): their script lengths without an allocation.
+        let lengths = [server.script_pubkey.len(), change.map_or(0, |c| c.script_pubkey.len())];
+        let weight = funding_spend_weight(&lengths[..payment.output.len().min(2)]);
         let required = fee_at(params.min_fee_rate, weight);
         if fee < required {
             return Err(PaymentError::Fee(FeeOutOfBounds::TooLow { fee, required }));

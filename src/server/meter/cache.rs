@@ -1,6 +1,7 @@
 //! The fast path's cache of verified payment headers.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use dashmap::mapref::entry::Entry;
 use http::HeaderValue;
@@ -54,6 +55,9 @@ pub(super) const VERIFIED_CACHE_LIMIT: usize = 100_000;
 pub(in crate::server) struct VerifiedHeaders {
     by_value: FastMap<VerifiedHeader, (ChannelId, MilliSats)>,
     by_channel: FastMap<ChannelId, Known>,
+    /// How many channels were added since the cache last started over (`DashMap::len` locks
+    /// every shard: too dear for every new payment).
+    channels: AtomicUsize,
 }
 
 /// What the cache knows of one channel.
@@ -90,7 +94,8 @@ impl VerifiedHeaders {
         carried: MilliSats,
         channel: Arc<PaymentChecker>,
     ) {
-        if self.by_value.len() >= VERIFIED_CACHE_LIMIT {
+        if self.channels.load(Ordering::Relaxed) >= VERIFIED_CACHE_LIMIT {
+            self.channels.store(0, Ordering::Relaxed);
             self.by_value.clear();
             self.by_channel.clear();
         }
@@ -113,7 +118,72 @@ impl VerifiedHeaders {
                 let header = copied();
                 self.by_value.insert(header.clone(), (id, carried));
                 vacant.insert(Known { header, carried, channel });
+                self.channels.fetch_add(1, Ordering::Relaxed);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bitcoin::absolute::LockTime;
+    use bitcoin::hashes::Hash;
+    use bitcoin::secp256k1::{Secp256k1, SecretKey};
+    use bitcoin::{Amount, CompressedPublicKey, OutPoint, ScriptBuf, Txid};
+
+    use super::*;
+    use crate::channel::{ChainTip, Terms};
+
+    fn checker() -> Arc<PaymentChecker> {
+        let secp = Secp256k1::new();
+        let key = |byte| {
+            CompressedPublicKey(SecretKey::from_slice(&[byte; 32]).unwrap().public_key(&secp))
+        };
+        let script = |byte| ScriptBuf::new_p2wpkh(&key(byte).wpubkey_hash());
+        let tip = ChainTip { height: 800_000, median_time_past: 1_700_000_000 };
+        let lock = LockTime::from_height(801_000).unwrap();
+        let channel = Terms::default()
+            .agree(key(1), key(2), Amount::from_sat(1_000_000), lock, script(1), script(2), tip)
+            .unwrap()
+            .at(OutPoint { txid: Txid::from_byte_array([3; 32]), vout: 0 });
+        Arc::new(PaymentChecker::new(channel))
+    }
+
+    fn id(n: u32) -> ChannelId {
+        ChannelId::new(OutPoint { txid: Txid::from_byte_array([7; 32]), vout: n })
+    }
+
+    fn header(n: u64) -> HeaderValue {
+        HeaderValue::from(n)
+    }
+
+    #[test]
+    fn keeps_the_header_paying_the_most_per_channel() {
+        let (cache, checker) = (VerifiedHeaders::default(), checker());
+        let msat = MilliSats::from_msat;
+        cache.remember(id(0), &header(2), msat(2), checker.clone());
+        cache.remember(id(0), &header(1), msat(1), checker.clone());
+        let cached = |n| cache.get(&VerifiedHeader(header(n)));
+        assert_eq!((cached(2), cached(1)), (Some((id(0), msat(2))), None), "an older one waits");
+        cache.remember(id(0), &header(3), msat(3), checker.clone());
+        assert_eq!((cached(3), cached(2)), (Some((id(0), msat(3))), None), "a better one replaces");
+        assert_eq!(cache.terms(id(0)).map(|(_, carried)| carried), Some(msat(3)));
+        assert!(cache.terms(id(1)).is_none());
+    }
+
+    #[test]
+    fn starts_over_past_its_limit_of_channels() {
+        let (cache, checker) = (VerifiedHeaders::default(), checker());
+        for n in 0..VERIFIED_CACHE_LIMIT as u32 {
+            cache.remember(id(n), &header(n.into()), MilliSats::from_msat(1), checker.clone());
+        }
+        assert!(cache.terms(id(0)).is_some());
+        assert_eq!(cache.by_value.len(), VERIFIED_CACHE_LIMIT);
+        let last = VERIFIED_CACHE_LIMIT as u32;
+        cache.remember(id(last), &header(last.into()), MilliSats::from_msat(1), checker);
+        assert!(cache.terms(id(0)).is_none(), "started over");
+        assert_eq!(cache.by_value.len(), 1);
+        assert_eq!(cache.by_channel.len(), 1);
+        assert!(cache.terms(id(last)).is_some());
     }
 }
