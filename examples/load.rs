@@ -586,7 +586,8 @@ async fn new_payments(
     );
     // The same, with the three interleaved request by request on one connection: a drift of
     // the machine (this one's is ±15 % between one-second windows) reaches all three alike.
-    // Compared by latency: the server's work is the only difference.
+    // Compared by latency, which leaves out what the server does after writing a response
+    // (about the same for the three routes).
     let mut ratios = Vec::new();
     for _ in 0..rounds {
         let count = (seconds * 10_000.0) as usize + 1_000;

@@ -437,6 +437,14 @@ async fn a_new_payment_on_a_known_channel_is_one_store_operation() {
     assert_eq!((reply.status, ops), (402, vec![Op::Load]));
     assert_eq!(reply.json()["code"], "payment-channel-closing");
     assert_eq!(api.record().await, before);
+    // The best payment, stored by another node on the same store, sent here inside the
+    // margin: served, as a loaded channel serves its best itself (only the record can tell
+    // a repeat).
+    let elsewhere = api.setup.pay(4_000);
+    let stored = api.store.store_payment(api.id, elsewhere.clone()).await.unwrap();
+    assert!(matches!(stored, paychan::store::ops::StorePayment::Stored { .. }));
+    let (reply, ops) = request(&api.header(&elsewhere)).await;
+    assert_eq!((reply.status, ops), (200, vec![Op::Load, Op::Debit]));
     tip_tx.send(api.setup.tip()).unwrap();
 
     api.store.transition(api.id, ChannelState::Open, ChannelState::Closing).await.unwrap();

@@ -321,3 +321,47 @@ pub(crate) fn fee_at(rate: FeeRate, weight: Weight) -> Amount {
     let vbytes = weight.to_wu().div_ceil(4);
     rate.fee_vb(vbytes).unwrap_or(Amount::MAX)
 }
+
+#[cfg(test)]
+mod tests {
+    use bitcoin::script::Builder;
+    use bitcoin::secp256k1::{Secp256k1, SecretKey};
+
+    use super::*;
+
+    /// The script written by hand is the one `Builder` writes, in both key orders.
+    #[test]
+    fn the_witness_script_is_the_sorted_2_of_2() {
+        let secp = Secp256k1::new();
+        let key = |byte| {
+            CompressedPublicKey(SecretKey::from_slice(&[byte; 32]).unwrap().public_key(&secp))
+        };
+        let script = |byte| ScriptBuf::new_p2wpkh(&key(byte).wpubkey_hash());
+        let tip = ChainTip { height: 800_000, median_time_past: 1_700_000_000 };
+        let lock = LockTime::from_height(801_000).unwrap();
+        for (client, server) in [(1, 2), (2, 1)] {
+            let params = Terms::default()
+                .agree(
+                    key(client),
+                    key(server),
+                    Amount::from_sat(1_000_000),
+                    lock,
+                    script(1),
+                    script(2),
+                    tip,
+                )
+                .unwrap();
+            let [a, b] = params.sorted_keys();
+            assert!(a.to_bytes() < b.to_bytes());
+            let built = Builder::new()
+                .push_opcode(OP_PUSHNUM_2)
+                .push_slice(a.to_bytes())
+                .push_slice(b.to_bytes())
+                .push_opcode(OP_PUSHNUM_2)
+                .push_opcode(OP_CHECKMULTISIG)
+                .into_script();
+            assert_eq!(params.witness_script(), built);
+            assert_eq!(params.witness_script().len(), WITNESS_SCRIPT_LEN);
+        }
+    }
+}

@@ -104,8 +104,10 @@ impl VerifiedHeaders {
             // A header's value is a valid value: the copy is too.
             VerifiedHeader(HeaderValue::from_maybe_shared(bytes).unwrap_or_else(|_| header.clone()))
         };
-        // Both maps change under the channel's entry: one channel's header in `by_value` at a
-        // time, whatever the races.
+        // Both maps change under the channel's entry: one header of a channel in `by_value`
+        // at a time, whatever the races between these calls. (A clear racing one can leave a
+        // verified header in `by_value` without its channel entry, until the next clear: a
+        // valid proof all the same.)
         match self.by_channel.entry(id) {
             Entry::Occupied(known) if known.get().carried >= carried => {}
             Entry::Occupied(mut known) => {

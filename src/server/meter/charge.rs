@@ -14,7 +14,7 @@ use crate::channel::{
 use crate::server::Paid;
 use crate::server::rejection::{Rejection, RejectionKind};
 use crate::server::stream::{BoxFuture, Target, Units};
-use crate::store::ops::{Debit, DebitOnce, IdempotencyClaim, IdempotencyRecord};
+use crate::store::ops::{Debit, DebitOnce, IdempotencyClaim, IdempotencyRecord, StorePayment};
 use crate::store::{ChannelRecord, ChannelStore, StoreError};
 use crate::wire::{self, ChannelId, PaymentAnswer, Problem, Receipt};
 
@@ -113,17 +113,25 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
         if claim.is_none()
             && let Some((checker, cached)) = self.verified.terms(id)
         {
-            if let Err(e) = checker.check_payment(None, &payment, tip) {
-                return Err(Box::pin(self.refuse_known(id, RejectionKind::Payment(e), price)).await);
+            match checker.check_payment(None, &payment, tip) {
+                // Paying no more than the header cached for the channel (which the store
+                // holds, or a better one): it identifies the channel, and storing it would
+                // change nothing.
+                Ok(_) if carried <= cached => {
+                    return self.debit(id, price, None, None, carried).await;
+                }
+                Ok(_) => {
+                    let payment = CheckedPayment::checked(payment, encoded);
+                    return self.pay(id, &header, payment, price, carried, checker).await;
+                }
+                // Inside the close margin the channel's best itself is still served (a
+                // repeat, which only the record can tell): decided as on a loaded channel.
+                Err(PaymentError::Closing { .. }) => {}
+                Err(e) => {
+                    let kind = RejectionKind::Payment(e);
+                    return Err(Box::pin(self.refuse_known(id, kind, price)).await);
+                }
             }
-            // Paying no more than the header cached for the channel (which the store holds,
-            // or a better one): it identifies the channel, and storing it would change
-            // nothing.
-            if carried <= cached {
-                return self.debit(id, price, None, None, carried).await;
-            }
-            let payment = CheckedPayment::checked(payment, encoded);
-            return self.pay(id, &header, payment, price, carried, checker).await;
         }
         let record = self
             .config
@@ -148,14 +156,19 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
             }
             // With an idempotency key: the payment is stored first (it only ever grows the
             // channel), then the debit claims the key.
-            Ok(PaymentCheck::Increase { .. }) => {
-                let _stored_or_stale = self
+            // Cached only if the store holds it or a better one (not if the channel stopped
+            // being open meanwhile).
+            Ok(PaymentCheck::Increase { server_amount: paid, .. }) => {
+                let stored = self
                     .config
                     .store
                     .store_payment(id, payment)
                     .await
                     .map_err(|e| Rejection::from(e).with_price(price))?;
-                true
+                match stored {
+                    StorePayment::Stored { .. } => true,
+                    StorePayment::Stale { best } => best >= paid,
+                }
             }
             // The best payment itself is cached; a re-signed copy of it is not.
             Ok(PaymentCheck::Repeat) => is_best,
@@ -187,7 +200,10 @@ impl<St: ChannelStore, P: Send + Sync + 'static> Meter<St, P> {
             Ok(record) => record,
             Err(e) => return Rejection::from(e).with_price(price),
         };
-        let kind = record.as_ref().and_then(|r| state_refusal(r.state)).unwrap_or(kind);
+        let kind = match &record {
+            Some(record) => state_refusal(record.state).unwrap_or(kind),
+            None => RejectionKind::UnknownChannel,
+        };
         Rejection::new(kind, record.map(|r| r.snapshot(price, self.config.prepaid_top_up)))
             .with_price(price)
     }
