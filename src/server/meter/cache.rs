@@ -45,12 +45,12 @@ pub(super) const VERIFIED_CACHE_LIMIT: usize = 100_000;
 /// one header per channel, the one paying the most this node has seen (a better one replaces
 /// it), so no client can crowd the others out.
 ///
-/// A channel's terms ([`Channel`](crate::channel::Channel)) never change once its record is created (no store
-/// operation changes them), so a new payment on a channel this node has verified a payment of
-/// is checked against the terms kept here and stored in **one** store operation
-/// ([`ChannelStore::pay`](crate::store::ChannelStore::pay), which stores it only if it pays
-/// more and the channel is open): no load first. Up to [`VERIFIED_CACHE_LIMIT`] channels'
-/// terms (a few hundred bytes each) are kept.
+/// A channel's terms ([`Channel`](crate::channel::Channel)) never change once its record is
+/// created (no store operation changes them), so a new payment on a channel this node has
+/// verified a payment of is checked against the terms kept here and stored in **one** store
+/// operation ([`ChannelStore::pay`](crate::store::ChannelStore::pay), which stores it only if
+/// it pays more and the channel is open): no load first. Up to [`VERIFIED_CACHE_LIMIT`]
+/// channels' terms (a few hundred bytes each) are kept.
 #[derive(Default)]
 pub(in crate::server) struct VerifiedHeaders {
     by_value: FastMap<VerifiedHeader, (ChannelId, MilliSats)>,
