@@ -398,9 +398,8 @@ async fn measure<St: ChannelStore + Clone + 'static>(name: &str, store: St) -> R
                 .map(|i| wire::encode_payment(&pay(&channel, &k1, 990_000_001 + i)))
                 .collect();
             let payments = std::sync::Arc::new(payments);
-            let before = server_cpu();
-            let new = drive(addr, "/paid", 1, seconds, move |i| payments.get(i).cloned()).await?;
-            let cpu = (server_cpu() - before) / 1e3 / new.latencies.len() as f64;
+            let (new, cpu) =
+                timed(addr, "/paid", seconds, move |i| payments.get(i).cloned()).await?;
             println!(
                 "{name}: new payment only, p50 {} µs, server CPU {cpu:.1} µs a request ({} requests)",
                 new.percentile(0.5),
@@ -416,9 +415,7 @@ async fn measure<St: ChannelStore + Clone + 'static>(name: &str, store: St) -> R
             *to_verify.lock().unwrap() =
                 (0..200_000u64).map(|i| pay(&channel, &k1, 990_000_001 + i)).collect();
             let h = header.clone();
-            let before = server_cpu();
-            let raw = drive(addr, "/verify", 1, seconds, move |_| Some(h.clone())).await?;
-            let cpu = (server_cpu() - before) / 1e3 / raw.latencies.len() as f64;
+            let (raw, cpu) = timed(addr, "/verify", seconds, move |_| Some(h.clone())).await?;
             println!(
                 "{name}: the raw work only, p50 {} µs, server CPU {cpu:.1} µs a request ({} requests)",
                 raw.percentile(0.5),
@@ -527,18 +524,14 @@ async fn new_payments(
     for _ in 0..rounds {
         // Each carries a header of the same size: the differences are the layer's work and
         // the raw work.
-        let run = |path: &'static str, headers: std::sync::Arc<Vec<String>>| async move {
-            let before = server_cpu();
-            let sample = drive(addr, path, 1, seconds, move |i| {
+        let run = |path: &'static str, headers: std::sync::Arc<Vec<String>>| {
+            timed(addr, path, seconds, move |i| {
                 // One header for every request, or one each (past the end, none: a 402).
                 match headers.len() {
                     1 => headers.first().cloned(),
                     _ => headers.get(i).cloned(),
                 }
             })
-            .await?;
-            let cpu = (server_cpu() - before) / 1e3 / sample.latencies.len() as f64;
-            Ok::<_, Error>((sample, cpu))
         };
         let (bare, bare_cpu) = run("/bare", std::sync::Arc::new(vec![header.clone()])).await?;
         // Enough payments for the round: twice as many as bare served (a new payment is slower).
@@ -606,6 +599,19 @@ async fn new_payments(
         at(0.75)
     );
     Ok(())
+}
+
+/// [`drive`] on one connection, with the server's CPU a request in microseconds.
+async fn timed(
+    addr: SocketAddr,
+    path: &str,
+    seconds: f64,
+    header: impl Fn(usize) -> Option<String> + Send + Sync + 'static,
+) -> Result<(Sample, f64), Error> {
+    let before = server_cpu();
+    let sample = drive(addr, path, 1, seconds, header).await?;
+    let cpu = (server_cpu() - before) / 1e3 / sample.latencies.len() as f64;
+    Ok((sample, cpu))
 }
 
 /// Requests on one connection for `seconds`, in turn to `/bare` (with `header`), `/paid` (the

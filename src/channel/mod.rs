@@ -79,6 +79,8 @@ pub use ledger::Ledger;
 pub use lifecycle::{
     ChannelState, FundingAction, FundingPolicy, ParseChannelStateError, bump_is_due,
 };
+#[cfg(test)]
+pub(crate) use params::test_params;
 pub use params::{
     ChannelParams, FUNDING_SPEND_WITNESS_WEIGHT, LifetimeBounds, TX_VERSION, Terms,
     is_standard_payout,

@@ -322,35 +322,34 @@ pub(crate) fn fee_at(rate: FeeRate, weight: Weight) -> Amount {
     rate.fee_vb(vbytes).unwrap_or(Amount::MAX)
 }
 
+/// Agreed terms for tests: keys from the secret bytes `client` and `server`, 0.01 BTC, a
+/// lock time of height 801 000 at a tip of 800 000.
+#[cfg(test)]
+pub(crate) fn test_params(client: u8, server: u8) -> ChannelParams {
+    use bitcoin::secp256k1::{Secp256k1, SecretKey};
+    let secp = Secp256k1::new();
+    let key =
+        |byte| CompressedPublicKey(SecretKey::from_slice(&[byte; 32]).unwrap().public_key(&secp));
+    let script = |byte| ScriptBuf::new_p2wpkh(&key(byte).wpubkey_hash());
+    let tip = ChainTip { height: 800_000, median_time_past: 1_700_000_000 };
+    let lock = LockTime::from_height(801_000).unwrap();
+    let value = Amount::from_sat(1_000_000);
+    Terms::default()
+        .agree(key(client), key(server), value, lock, script(client), script(server), tip)
+        .unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use bitcoin::script::Builder;
-    use bitcoin::secp256k1::{Secp256k1, SecretKey};
 
     use super::*;
 
     /// The script written by hand is the one `Builder` writes, in both key orders.
     #[test]
     fn the_witness_script_is_the_sorted_2_of_2() {
-        let secp = Secp256k1::new();
-        let key = |byte| {
-            CompressedPublicKey(SecretKey::from_slice(&[byte; 32]).unwrap().public_key(&secp))
-        };
-        let script = |byte| ScriptBuf::new_p2wpkh(&key(byte).wpubkey_hash());
-        let tip = ChainTip { height: 800_000, median_time_past: 1_700_000_000 };
-        let lock = LockTime::from_height(801_000).unwrap();
         for (client, server) in [(1, 2), (2, 1)] {
-            let params = Terms::default()
-                .agree(
-                    key(client),
-                    key(server),
-                    Amount::from_sat(1_000_000),
-                    lock,
-                    script(1),
-                    script(2),
-                    tip,
-                )
-                .unwrap();
+            let params = test_params(client, server);
             let [a, b] = params.sorted_keys();
             assert!(a.to_bytes() < b.to_bytes());
             let built = Builder::new()

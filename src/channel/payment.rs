@@ -126,7 +126,7 @@ impl PaymentChecker {
         payment: &Transaction,
         tip: ChainTip,
     ) -> Result<PaymentCheck, PaymentError> {
-        self.channel.check_payment_with(best, payment, tip, Some(&self.witness_script))
+        self.channel.check_payment_with(best, payment, tip, &self.witness_script)
     }
 
     /// [`Channel::verify_client_signature`].
@@ -134,7 +134,7 @@ impl PaymentChecker {
         &self,
         payment: &Transaction,
     ) -> Result<(), PaymentError> {
-        self.channel.verify_signature_with(payment, Some(&self.witness_script))
+        self.channel.verify_signature_with(payment, &self.witness_script)
     }
 }
 
@@ -300,17 +300,17 @@ impl Channel {
         payment: &Transaction,
         tip: ChainTip,
     ) -> Result<PaymentCheck, PaymentError> {
-        self.check_payment_with(best, payment, tip, None)
+        self.check_payment_with(best, payment, tip, &self.params.witness_script())
     }
 
-    /// [`check_payment`](Self::check_payment), with the channel's witness script when the
-    /// caller keeps it ([`PaymentChecker`]).
+    /// [`check_payment`](Self::check_payment), with the channel's witness script (built by
+    /// the caller, or kept: [`PaymentChecker`]).
     fn check_payment_with(
         &self,
         best: Option<&Transaction>,
         payment: &Transaction,
         tip: ChainTip,
-        witness_script: Option<&Script>,
+        witness_script: &Script,
     ) -> Result<PaymentCheck, PaymentError> {
         let [input] = payment.input.as_slice() else {
             return Err(PaymentError::InputCount { found: payment.input.len() });
@@ -438,15 +438,15 @@ impl Channel {
     /// [`PaymentError::InputCount`] without an input, [`PaymentError::ScriptSig`],
     /// [`PaymentError::WitnessShape`] or [`PaymentError::Signature`].
     pub fn verify_client_signature(&self, payment: &Transaction) -> Result<(), PaymentError> {
-        self.verify_signature_with(payment, None)
+        self.verify_signature_with(payment, &self.params.witness_script())
     }
 
     /// [`verify_client_signature`](Self::verify_client_signature), with the channel's witness
-    /// script if the caller has it.
+    /// script.
     fn verify_signature_with(
         &self,
         payment: &Transaction,
-        witness_script: Option<&Script>,
+        witness_script: &Script,
     ) -> Result<(), PaymentError> {
         let input = payment.input.first().ok_or(PaymentError::InputCount { found: 0 })?;
         if !input.script_sig.is_empty() {
@@ -457,11 +457,10 @@ impl Channel {
             return Err(PaymentError::WitnessShape { items: witness.len() });
         };
         let client_sig = sig::parse_sighash_all(client_sig).map_err(PaymentError::Signature)?;
-        let msg = match witness_script {
-            Some(script) => self.params.sighash_with(payment, script),
-            None => self.params.sighash(payment),
-        };
-        let msg = msg.ok_or(PaymentError::InputCount { found: 0 })?;
+        let msg = self
+            .params
+            .sighash_with(payment, witness_script)
+            .ok_or(PaymentError::InputCount { found: 0 })?;
         sig::verify(&msg, &client_sig, &self.params.client_key).map_err(PaymentError::Signature)
     }
 

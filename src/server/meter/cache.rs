@@ -128,27 +128,14 @@ impl VerifiedHeaders {
 
 #[cfg(test)]
 mod tests {
-    use bitcoin::absolute::LockTime;
     use bitcoin::hashes::Hash;
-    use bitcoin::secp256k1::{Secp256k1, SecretKey};
-    use bitcoin::{Amount, CompressedPublicKey, OutPoint, ScriptBuf, Txid};
+    use bitcoin::{OutPoint, Txid};
 
     use super::*;
-    use crate::channel::{ChainTip, Terms};
 
     fn checker() -> Arc<PaymentChecker> {
-        let secp = Secp256k1::new();
-        let key = |byte| {
-            CompressedPublicKey(SecretKey::from_slice(&[byte; 32]).unwrap().public_key(&secp))
-        };
-        let script = |byte| ScriptBuf::new_p2wpkh(&key(byte).wpubkey_hash());
-        let tip = ChainTip { height: 800_000, median_time_past: 1_700_000_000 };
-        let lock = LockTime::from_height(801_000).unwrap();
-        let channel = Terms::default()
-            .agree(key(1), key(2), Amount::from_sat(1_000_000), lock, script(1), script(2), tip)
-            .unwrap()
-            .at(OutPoint { txid: Txid::from_byte_array([3; 32]), vout: 0 });
-        Arc::new(PaymentChecker::new(channel))
+        let outpoint = OutPoint { txid: Txid::from_byte_array([3; 32]), vout: 0 };
+        Arc::new(PaymentChecker::new(crate::channel::test_params(1, 2).at(outpoint)))
     }
 
     fn id(n: u32) -> ChannelId {
